@@ -1,0 +1,125 @@
+"""Write a compiled artifact directory, atomically.
+
+Everything goes into a hidden temp folder beside the destination; ``manifest.json`` is
+written last, then the folder is renamed into place. A killed compile leaves only the
+temp folder, which no loader accepts (no manifest, hidden name).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import __version__
+from ..errors import ArtifactError
+from ..ir.core import Param, Program
+from .codegen import generate_model_py
+from .safetensors_io import ShardWriter, to_storage
+
+FORMAT_VERSION = 1
+SHARD_BYTES = 2 << 30
+SOURCE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                "chat_template.json", "generation_config.json", "preprocessor_config.json",
+                "processor_config.json", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def materialize(p: Param, read: Callable) -> np.ndarray:
+    """Apply a param's pending transforms to its source tensors (float32 math)."""
+    arrays = [read(ref) for ref in p.sources]
+    x = arrays[0] if len(arrays) == 1 else None
+    for name, opts in p.transforms:
+        if name == "concat":
+            x = np.concatenate(arrays, axis=opts.get("axis", 0))
+        elif name == "reshape":
+            x = x.reshape(opts["shape"])
+        elif name == "transpose":
+            x = x.transpose(opts["axes"])
+        elif name == "add":
+            x = x.astype(np.float32) + opts["value"]
+        elif name == "scale":
+            x = x.astype(np.float32) * opts["value"]
+        else:
+            raise ValueError(f"unknown weight transform {name!r}")
+    if x is None:
+        raise ValueError(f"param {p.name} has several sources but no concat transform")
+    if tuple(x.shape) != tuple(p.shape):
+        raise ValueError(f"param {p.name}: transforms give shape {x.shape}, IR says {p.shape}")
+    return x
+
+
+def _plan_shards(params: list[Param]) -> list[list[Param]]:
+    shards, cur, size = [], [], 0
+    for p in params:
+        if cur and size + p.nbytes > SHARD_BYTES:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(p)
+        size += p.nbytes
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def write_artifact(prog: Program, out: Path, *, read: Callable, source_folder: Path,
+                   extra_files: dict[str, Any], target: str, progress: Callable | None = None) -> Path:
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
+        raise ArtifactError(f"{out} exists and is not a vlmc artifact; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        params = sorted(prog.params.values(), key=lambda p: p.name)
+        shards = _plan_shards(params)
+        tensors: dict[str, dict[str, Any]] = {}
+        done = 0
+        for si, shard in enumerate(shards):
+            fname = f"weights-{si + 1:05d}-of-{len(shards):05d}.safetensors"
+            writer = ShardWriter(tmp / fname, [(p.name, p.shape, p.dtype) for p in shard])
+            for p in shard:
+                writer.write(p.name, to_storage(materialize(p, read), p.dtype))
+                tensors[p.name] = {"file": fname, "shape": list(p.shape), "dtype": p.dtype}
+                done += 1
+                if progress:
+                    progress(done, len(params), p.nbytes)
+            writer.close()
+        (tmp / "model.py").write_text(generate_model_py(prog, __version__))
+        copied = []
+        for name in SOURCE_FILES:
+            if (source_folder / name).is_file():
+                shutil.copyfile(source_folder / name, tmp / name)
+                copied.append(name)
+        for name, data in extra_files.items():
+            (tmp / name).write_text(json.dumps(data, indent=1))
+        manifest = {
+            "format": "vlmc-artifact", "format_version": FORMAT_VERSION, "vlmc_version": __version__,
+            "name": prog.name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "target": target, "dtype": prog.meta.get("dtype", "float32"),
+            "source": prog.meta.get("source", {}), "passes": prog.history,
+            "entry_points": list(prog.functions),
+            "kv_plan": {name: blk.layers for name, blk in prog.blocks.items() if name == "text_layer"},
+            "meta": {k: v for k, v in prog.meta.items() if k != "source"},
+            "files": sorted(copied + list(extra_files) + ["model.py"]),
+            "tensors": tensors, "param_bytes": prog.param_bytes(), "param_count": prog.param_count(),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

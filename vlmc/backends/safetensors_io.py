@@ -1,0 +1,57 @@
+"""Streaming safetensors writer: header first (sizes are known from the IR), then one
+tensor at a time, so writing never holds more than one materialized weight."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+_ST = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int32": "I32", "int64": "I64",
+       "uint32": "U32", "uint8": "U8", "bool": "BOOL"}
+_ITEM = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int64": 8, "uint32": 4, "uint8": 1,
+         "bool": 1}
+
+
+def to_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 array -> the bytes-ready array of ``dtype`` (bfloat16 as uint16, rounded
+    to nearest even like torch)."""
+    if dtype == "bfloat16":
+        u = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
+        rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+        return rounded.astype(np.uint16)
+    return np.ascontiguousarray(arr.astype({"float32": np.float32, "float16": np.float16, "int32": np.int32,
+                                            "int64": np.int64, "uint32": np.uint32, "uint8": np.uint8,
+                                            "bool": np.bool_}[dtype]))
+
+
+class ShardWriter:
+    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...], str]]):
+        header, offset = {}, 0
+        for name, shape, dtype in entries:
+            n = int(np.prod(shape, dtype=np.int64)) * _ITEM[dtype]
+            header[name] = {"dtype": _ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        header["__metadata__"] = {"format": "mlx"}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(blob)))
+        self._f.write(blob)
+        self._expected = [(n, header[n]) for n, _, _ in entries]
+        self._i = 0
+
+    def write(self, name: str, data: np.ndarray) -> None:
+        exp_name, info = self._expected[self._i]
+        assert name == exp_name, (name, exp_name)
+        raw = data.tobytes()
+        assert len(raw) == info["data_offsets"][1] - info["data_offsets"][0], name
+        self._f.write(raw)
+        self._i += 1
+
+    def close(self) -> None:
+        self._f.flush()
+        import os
+        os.fsync(self._f.fileno())
+        self._f.close()

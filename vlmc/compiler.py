@@ -1,0 +1,105 @@
+"""checkpoint -> IR -> passes -> artifact, and the content-addressed compile cache."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .backends.artifact import FORMAT_VERSION, write_artifact
+from .errors import SourceError, VlmcError
+from .frontend import Checkpoint, import_checkpoint, open_checkpoint
+from .frontend.source import read_json
+from .passes import PRESETS, run_passes
+from .passes.dtype import FLOAT_DTYPES
+
+TARGETS = ("cpu", "metal", "cuda")
+
+
+def default_target() -> str:
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "metal"
+    try:
+        import mlx.core as mx
+        if mx.cuda.is_available():  # type: ignore[attr-defined]
+            return "cuda"
+    except Exception:
+        pass
+    return "cpu"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VLMC_CACHE", Path.home() / ".cache" / "vlmc")).expanduser()
+
+
+def _options(dtype: str, target: str, preset: str) -> dict[str, Any]:
+    if dtype not in FLOAT_DTYPES:
+        raise VlmcError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+    if target not in TARGETS:
+        raise VlmcError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if preset not in PRESETS:
+        raise VlmcError(f"unknown pass preset {preset!r}; known: {', '.join(PRESETS)}")
+    return {"dtype": dtype, "target": target, "preset": preset}
+
+
+def cache_key(ckpt: Checkpoint, options: dict[str, Any]) -> str:
+    h = hashlib.sha256(json.dumps({"fingerprint": ckpt.fingerprint, "options": options,
+                                   "format": FORMAT_VERSION, "vlmc": __version__}, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def compile(src: str | os.PathLike, out: str | os.PathLike | None = None, *, dtype: str = "float32",
+            target: str | None = None, preset: str = "default", progress: bool = False) -> Path:
+    """Compile a checkpoint folder or hub id. Without ``out`` the artifact goes to the
+    compile cache and an existing one for the same source and options is reused."""
+    options = _options(dtype, target or default_target(), preset)
+    ckpt = open_checkpoint(src, progress=progress)
+    if out is None:
+        out = cache_dir() / "artifacts" / cache_key(ckpt, options)
+        if (Path(out) / "manifest.json").is_file():
+            return Path(out)
+    prog = import_checkpoint(ckpt)
+    names = PRESETS[preset]
+    pass_options = {"storage_dtype": {"dtype": dtype}} if "storage_dtype" in names else {}
+    prog = run_passes(prog, names, pass_options)
+    prog.meta["target"] = options["target"]
+    return write_artifact(prog, Path(out), read=ckpt.store.read, source_folder=ckpt.folder,
+                          extra_files=_runtime_files(ckpt, prog.meta), target=options["target"],
+                          progress=_progress_bar(prog) if progress else None)
+
+
+def _runtime_files(ckpt: Checkpoint, meta: dict[str, Any]) -> dict[str, Any]:
+    """processor.json (the image preprocessing spec) and generation.json (stop ids, defaults)."""
+    from .runtime.preprocess import spec_from_preprocessor_config
+    pre = read_json(ckpt.folder / "preprocessor_config.json", required=False)
+    if pre is None:
+        raise SourceError(f"{ckpt.folder} has no preprocessor_config.json; vlmc needs it to prepare images")
+    extra = {"tokens_per_image": meta["vision"]["tokens_per_image"]} if meta.get("processor_kind") == "clip" else {}
+    spec = spec_from_preprocessor_config(pre, meta["processor_kind"], **extra)
+    gen = read_json(ckpt.folder / "generation_config.json", required=False) or {}
+    eos: list[int] = []
+    for src in (gen.get("eos_token_id"), ckpt.config.get("eos_token_id"),
+                (ckpt.config.get("text_config") or {}).get("eos_token_id")):
+        for e in ([src] if isinstance(src, int) else (src or [])):
+            if e not in eos:
+                eos.append(int(e))
+    defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if k in gen}
+    return {"processor.json": spec, "generation.json": {"eos_token_ids": eos, "defaults": defaults}}
+
+
+def _progress_bar(prog):
+    total_bytes = prog.param_bytes()
+    state = {"bytes": 0}
+
+    def report(done: int, total: int, nbytes: int) -> None:
+        state["bytes"] += nbytes
+        pct = 100 * state["bytes"] / max(total_bytes, 1)
+        sys.stderr.write(f"\rwriting weights {pct:5.1f}% ({done}/{total} tensors)")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return report

@@ -1,0 +1,139 @@
+"""The vlmc intermediate representation.
+
+A Program is what a frontend importer produces and what passes rewrite:
+
+- ``params``: name -> Param, a *lazy* reference to checkpoint tensors plus pending
+  transforms (transpose, reshape, concat, add, cast). Passes rewrite params without
+  loading them; the backend materializes each one exactly once when it writes shards.
+- ``blocks``: a repeated layer is one Block (a Function over per-layer params named
+  relative to ``param_prefix``) plus a per-layer attribute table, not N copies.
+- ``functions``: the entry points (``vision_encode``, ``embed``, ``prefill``,
+  ``decode``); each is a list of Ops over typed Values with symbolic dims ("B", "L", ...).
+- ``meta``: host-side facts the runtime needs (token ids, position scheme, vision plan,
+  KV plan) -- plain JSON, copied into the manifest.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+Dim = Union[int, str]
+DTYPES = ("float32", "bfloat16", "float16", "int32", "int64", "uint32", "uint8", "bool")
+
+
+@dataclass(frozen=True)
+class TensorType:
+    shape: tuple[Dim, ...]
+    dtype: str
+
+    def __str__(self) -> str:
+        dims = ",".join(str(d) for d in self.shape)
+        return f"{self.dtype}[{dims}]"
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor stored in a checkpoint file."""
+
+    file: str
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Param:
+    """A weight the program uses: sources + transforms applied at compile time.
+
+    ``transforms`` is a list of (name, options) applied in order to the source tensor(s)
+    (several sources are combined by a leading ``concat``). ``shape``/``dtype`` describe
+    the tensor after all transforms. ``attrs`` carries pass decisions (e.g. quantization).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    sources: list[TensorRef]
+    transforms: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * dtype_size(self.dtype)
+
+
+@dataclass
+class Op:
+    op: str
+    inputs: list[str | None]
+    outputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Function:
+    """A straight-line list of ops. Inputs and params are values like any other.
+
+    Names starting with ``%`` are values; ``@name`` in inputs refers to a param (in a
+    Block: a per-layer param relative to the layer's prefix).
+    """
+
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    ops: list[Op] = field(default_factory=list)
+    types: dict[str, TensorType] = field(default_factory=dict)
+    doc: str = ""
+
+
+@dataclass
+class Block:
+    """A repeated layer: one body Function, instantiated once per row of ``layers``.
+
+    ``param_prefix`` is a format string over the layer index (``"text.layers.{i}."``);
+    ``param_shapes`` lists the per-layer params (relative names) and their types;
+    ``layers`` is the per-layer attribute table, e.g. ``{"index": 3, "mask": "window"}``.
+    """
+
+    name: str
+    body: Function
+    param_prefix: str
+    param_shapes: dict[str, TensorType]
+    layers: list[dict[str, Any]]
+
+
+@dataclass
+class Program:
+    name: str
+    params: dict[str, Param] = field(default_factory=dict)
+    blocks: dict[str, Block] = field(default_factory=dict)
+    functions: dict[str, Function] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # passes that ran
+
+    def clone(self) -> "Program":
+        return copy.deepcopy(self)
+
+    def param_bytes(self) -> int:
+        return sum(p.nbytes for p in self.params.values())
+
+    def param_count(self) -> int:
+        total = 0
+        for p in self.params.values():
+            n = 1
+            for d in p.shape:
+                n *= d
+            total += n
+        return total
+
+
+_DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int64": 8,
+                "uint32": 4, "uint8": 1, "bool": 1}
+
+
+def dtype_size(dtype: str) -> int:
+    return _DTYPE_SIZES[dtype]

@@ -1,0 +1,44 @@
+"""Compact text form of a Program (what ``vlmc inspect`` prints)."""
+from __future__ import annotations
+
+from .core import Function, Program
+
+
+def _fmt_attrs(attrs: dict) -> str:
+    parts = []
+    for k, v in attrs.items():
+        if isinstance(v, float):
+            v = f"{v:.6g}"
+        parts.append(f"{k}={v}")
+    return (" {" + ", ".join(parts) + "}") if parts else ""
+
+
+def format_function(fn: Function, title: str) -> list[str]:
+    ins = ", ".join(f"{v}: {fn.types[v]}" for v in fn.inputs)
+    lines = [f"{title} {fn.name}({ins}):"]
+    if fn.doc:
+        lines.append(f"  # {fn.doc}")
+    for op in fn.ops:
+        outs = ", ".join(f"{o}: {fn.types[o]}" for o in op.outputs)
+        args = ", ".join(v if v is not None else "_" for v in op.inputs)
+        lines.append(f"  {outs} = {op.op}({args}){_fmt_attrs(op.attrs)}")
+    lines.append(f"  return {', '.join(fn.outputs)}")
+    return lines
+
+
+def format_program(prog: Program) -> str:
+    mb = prog.param_bytes() / 2**20
+    lines = [f"program {prog.name}: {prog.param_count():,} params, {mb:,.1f} MiB"]
+    for h in prog.history:
+        lines.append(f"  pass {h['name']}: {h.get('summary', '')}")
+    for blk in prog.blocks.values():
+        lines.append("")
+        lines.extend(format_function(blk.body, f"block[{len(blk.layers)}x {blk.param_prefix}]"))
+        varying = sorted({k for layer in blk.layers for k in layer if k != "index"})
+        for key in varying:
+            vals = [str(layer.get(key)) for layer in blk.layers]
+            lines.append(f"  per-layer {key}: {' '.join(vals)}")
+    for fn in prog.functions.values():
+        lines.append("")
+        lines.extend(format_function(fn, "entry"))
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""Reference MLX implementation of every IR op (same names as ``vlmc.ir.ops``).
+
+Generated ``model.py`` files call these; custom kernels (Metal/CUDA) are checked against
+them. They are written for clarity and float32 parity with transformers.
+"""
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+
+def linear(x: mx.array, w: mx.array, b: mx.array | None = None) -> mx.array:
+    y = x @ w.T
+    return y + b if b is not None else y
+
+
+def embedding(ids: mx.array, table: mx.array) -> mx.array:
+    return table[ids]
+
+
+def rms_norm(x: mx.array, w: mx.array, eps: float) -> mx.array:
+    return mx.fast.rms_norm(x, w, eps)
+
+
+def layer_norm(x: mx.array, w: mx.array, b: mx.array | None, eps: float) -> mx.array:
+    return mx.fast.layer_norm(x, w, b, eps)
+
+
+def add(a: mx.array, b: mx.array) -> mx.array:
+    return a + b
+
+
+def mul(a: mx.array, b: mx.array) -> mx.array:
+    return a * b
+
+
+def act(x: mx.array, kind: str) -> mx.array:
+    if kind == "silu":
+        return x * mx.sigmoid(x)
+    if kind == "gelu":
+        return 0.5 * x * (1.0 + mx.erf(x / math.sqrt(2.0)))
+    if kind == "gelu_tanh":
+        return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+    if kind == "quick_gelu":
+        return x * mx.sigmoid(1.702 * x)
+    if kind == "relu":
+        return mx.maximum(x, 0)
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+def glu(gate: mx.array, up: mx.array, kind: str) -> mx.array:
+    return act(gate, kind) * up
+
+
+def reshape(x: mx.array, shape: list) -> mx.array:
+    return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])
+
+
+def transpose(x: mx.array, axes: list[int]) -> mx.array:
+    return x.transpose(axes)
+
+
+def split(x: mx.array, sizes: list[int], axis: int) -> list[mx.array]:
+    bounds, acc = [], 0
+    for s in sizes[:-1]:
+        acc += s
+        bounds.append(acc)
+    return mx.split(x, bounds, axis=axis)
+
+
+def concat(*xs: mx.array, axis: int, dim=None) -> mx.array:
+    return mx.concatenate(xs, axis=axis)
+
+
+def take(x: mx.array, idx: mx.array, axis: int) -> mx.array:
+    return mx.take(x, idx, axis=axis)
+
+
+def slice_axis(x: mx.array, axis: int, start: int, stop: int | None = None) -> mx.array:
+    index = [slice(None)] * x.ndim
+    index[axis] = slice(start, stop)
+    return x[tuple(index)]
+
+
+def broadcast_to(x: mx.array, shape: list) -> mx.array:
+    return mx.broadcast_to(x, shape)
+
+
+def cast(x: mx.array, dtype: str) -> mx.array:
+    return x.astype(getattr(mx, dtype))
+
+
+def _inv_freq(theta: float, dim: int) -> mx.array:
+    # Same float32 arithmetic as transformers: base ** (arange(0, dim, 2) / dim).
+    exponents = mx.arange(0, dim, 2, dtype=mx.float32) / dim
+    return 1.0 / (mx.array(theta, dtype=mx.float32) ** exponents)
+
+
+def rope_freqs(positions: mx.array, kind: str, dim: int, theta: float,
+               sections: list[int] | None = None) -> tuple[mx.array, mx.array]:
+    pos = positions.astype(mx.float32)
+    if kind == "default":
+        freqs = pos[..., None] * _inv_freq(theta, dim)            # [B, L, D/2]
+        freqs = freqs[:, None]                                     # [B, 1, L, D/2]
+    elif kind == "mrope":
+        f = pos[..., None] * _inv_freq(theta, dim)                 # [3, B, L, D/2]
+        parts, start = [], 0
+        for i, sec in enumerate(sections):
+            parts.append(f[i % 3, ..., start:start + sec])
+            start += sec
+        freqs = mx.concatenate(parts, axis=-1)[:, None]            # [B, 1, L, D/2]
+    elif kind == "axial2d":
+        f = pos[..., None] * _inv_freq(theta, dim // 2)            # [N, 2, D/4]
+        freqs = mx.concatenate([f[:, 0], f[:, 1]], axis=-1)[:, None]  # [N, 1, D/2]
+    else:
+        raise ValueError(f"unknown rope kind {kind!r}")
+    emb = mx.concatenate([freqs, freqs], axis=-1)
+    return mx.cos(emb), mx.sin(emb)
+
+
+def rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    half = x.shape[-1] // 2
+    rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x.astype(mx.float32) * cos + rotated.astype(mx.float32) * sin
+    return out.astype(x.dtype)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None, *,
+              scale: float) -> mx.array:
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.array | None = None,
+                     *, scale: float) -> mx.array:
+    keys, values = cache.update(k, v)
+    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+
+
+def prepend(x: mx.array, row: mx.array) -> mx.array:
+    first = mx.broadcast_to(row.astype(x.dtype), (x.shape[0], 1, x.shape[2]))
+    return mx.concatenate([first, x], axis=1)
+
+
+def patchify(x: mx.array, patch: int) -> mx.array:
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // patch, patch, w // patch, patch)
+    x = x.transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(n, (h // patch) * (w // patch), c * patch * patch)
+
+
+def merge_features(embeds: mx.array, ids: mx.array, features: mx.array, token_id: int) -> mx.array:
+    is_image = ids == token_id
+    order = mx.maximum(mx.cumsum(is_image.reshape(-1).astype(mx.int32)) - 1, 0)
+    gathered = features[order].reshape(embeds.shape).astype(embeds.dtype)
+    return mx.where(is_image[..., None], gathered, embeds)

@@ -1,0 +1,87 @@
+"""Load a compiled artifact: manifest, weights, generated model, tokenizer, processor.
+
+Needs only mlx, numpy, tokenizers, jinja2 and pillow (never torch or transformers).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from ..errors import ArtifactError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Artifact:
+    path: Path
+    manifest: dict[str, Any]
+    model: Any                 # the generated Model instance
+    processor_spec: dict[str, Any]
+    generation: dict[str, Any]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.manifest["meta"]
+
+
+def is_artifact(path: str | Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    mpath = path / "manifest.json"
+    if not mpath.is_file():
+        raise ArtifactError(f"{path} is not a vlmc artifact (no manifest.json)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{mpath} is corrupt: {e}") from None
+    if manifest.get("format") != "vlmc-artifact":
+        raise ArtifactError(f"{path} is not a vlmc artifact")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path} has artifact format {manifest.get('format_version')}; this vlmc reads "
+                            f"format {FORMAT_VERSION}: recompile it")
+    return manifest
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    path = Path(path).expanduser().resolve()
+    manifest = read_manifest(path)
+    params: dict[str, mx.array] = {}
+    for fname in sorted({t["file"] for t in manifest["tensors"].values()}):
+        fpath = path / fname
+        if not fpath.is_file():
+            raise ArtifactError(f"{path} is incomplete: weight shard {fname} is missing")
+        try:
+            params.update(mx.load(str(fpath)))
+        except Exception as e:
+            raise ArtifactError(f"cannot read {fpath}: {e}") from None
+    for name, info in manifest["tensors"].items():
+        arr = params.get(name)
+        if arr is None or list(arr.shape) != info["shape"]:
+            raise ArtifactError(f"{path} is corrupt: tensor {name} is missing or mis-shaped")
+    module = _import_model(path)
+    try:
+        processor_spec = json.loads((path / "processor.json").read_text())
+        generation = json.loads((path / "generation.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is incomplete: {e}") from None
+    return Artifact(path, manifest, module.Model(params), processor_spec, generation)
+
+
+def _import_model(path: Path):
+    name = f"vlmc_artifact_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path / "model.py")
+    if spec is None or spec.loader is None:
+        raise ArtifactError(f"{path} has no model.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

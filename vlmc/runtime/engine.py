@@ -1,0 +1,272 @@
+"""Generation over a loaded artifact: prompt building, vision, prefill, decode, streaming.
+
+The loop is written for a batch of sequences from the start: prompts are left-padded,
+each sequence keeps its own positions, M-RoPE delta and start offset (arrays the mask
+reads), so continuous batching can reuse it. A single request is a batch of one.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import InputError
+from ..kernels.reference import merge_features
+from .artifact import Artifact
+from .chat import normalize_messages, render_chat
+from .detokenizer import StopStringMatcher, StreamingDetokenizer
+from .images import load_image
+from .kv_cache import attention_mask, make_caches
+from .positions import mrope_positions
+from .preprocess import ProcessedImages, make_image_processor
+from .sampling import Sampler, SamplingParams
+from .tokenizer import Tokenizer, find_chat_template
+from .vision_plan import plan_qwen_vision
+
+
+@dataclass
+class Prompt:
+    """One request, ready for the model: expanded token ids and its preprocessed images."""
+
+    ids: list[int]
+    images: ProcessedImages | None = None
+    text: str = ""
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str            # "stop" (EOS or stop string) | "length"
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    peak_memory_gb: float
+
+
+@dataclass
+class StreamChunk:
+    text: str
+    token: int | None
+    finish_reason: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class VLM:
+    """A compiled vision-language model, ready to generate."""
+
+    def __init__(self, artifact: Artifact):
+        self.artifact = artifact
+        self.model = artifact.model
+        self.meta = artifact.meta
+        self.tokenizer = Tokenizer.from_dir(artifact.path)
+        self.chat_template = find_chat_template(artifact.path)
+        self.processor = make_image_processor(artifact.processor_spec)
+        self.eos_ids = set(artifact.generation.get("eos_token_ids") or []) | set(self.tokenizer.eos_token_ids)
+        self.max_context = int(self.meta["text"]["max_position_embeddings"])
+        self.image_token_id = self.meta.get("image_token_id")
+
+    # ------------------------------------------------------------------ prompt building
+    def build_prompt(self, prompt: str | None = None, *, images: Sequence[Any] | None = None,
+                     messages: list[dict[str, Any]] | None = None, system: str | None = None,
+                     image_limits: dict[str, Any] | None = None) -> Prompt:
+        """Render the chat template and expand each image placeholder to its token count.
+
+        Either ``prompt`` (+ ``images``, placed before the text, + ``system``) or full
+        OpenAI-style ``messages``; images in messages are used in order of appearance, and
+        ``images`` fill image parts that carry no reference. Nothing given is ignored.
+        """
+        images = list(images or [])
+        if messages is None:
+            if prompt is None:
+                raise InputError("give a prompt or messages")
+            content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+            content.append({"type": "text", "text": prompt})
+            messages = ([{"role": "system", "content": system}] if system else []) + \
+                [{"role": "user", "content": content}]
+            refs: list[Any] = list(images)
+            tmpl_messages, _ = normalize_messages(messages, require_image_refs=False)
+        else:
+            if prompt is not None or system is not None:
+                raise InputError("give either messages or prompt/system, not both")
+            tmpl_messages, refs = normalize_messages(messages, require_image_refs=False)
+            extra = iter(images)
+            refs = [r if r is not None else next(extra, None) for r in refs]
+            if any(r is None for r in refs):
+                raise InputError("an image part in the messages has no image and no images were left to fill it")
+            leftover = list(extra)
+            if leftover:
+                raise InputError(f"{len(leftover)} image(s) given that no image part in the messages uses")
+        if refs and self.image_token_id is None:
+            raise InputError("this model takes no images")
+        if self.chat_template is None:
+            raise InputError("this model ships no chat template; pass a raw prompt with generate_ids()")
+        text = render_chat(self.chat_template, tmpl_messages, add_generation_prompt=True,
+                           bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token)
+        ids = self.tokenizer.encode(text)
+        processed = None
+        if refs:
+            pil = [load_image(r, **(image_limits or {})) for r in refs]
+            processed = self.processor.process(pil)
+        return Prompt(self._expand(ids, processed), processed, text)
+
+    def _expand(self, ids: list[int], processed: ProcessedImages | None) -> list[int]:
+        tok = self.image_token_id
+        n_slots = sum(1 for i in ids if i == tok) if tok is not None else 0
+        n_images = 0 if processed is None else len(processed.num_tokens)
+        if n_slots != n_images:
+            raise InputError(f"the prompt has {n_slots} image placeholder(s) but {n_images} image(s) were given")
+        if not n_images:
+            return ids
+        out: list[int] = []
+        k = 0
+        for i in ids:
+            if i == tok:
+                out.extend([tok] * processed.num_tokens[k])
+                k += 1
+            else:
+                out.append(i)
+        return out
+
+    # ------------------------------------------------------------------ model stages
+    def encode_images(self, processed: ProcessedImages) -> mx.array:
+        """Vision tower + projector: one feature row per image token, all images in order."""
+        vision = self.meta["vision"]
+        pixels = mx.array(processed.pixel_values)
+        if vision["plan"] == "fixed":
+            return self.model.vision_encode(pixels=pixels)
+        plan = plan_qwen_vision(processed.grid_thw, vision)
+        return self.model.vision_encode(patches=pixels, **plan)
+
+    def _positions(self, prompt: Prompt) -> tuple[np.ndarray, int]:
+        if self.meta["positions"] == "mrope":
+            grids = [] if prompt.images is None else [tuple(g) for g in prompt.images.grid_thw.tolist()]
+            return mrope_positions(prompt.ids, self.image_token_id, grids, self.meta["vision"]["merge_size"])
+        return np.arange(len(prompt.ids))[None], 0
+
+    def _check_length(self, prompts: Sequence[Prompt]) -> None:
+        for p in prompts:
+            if not p.ids:
+                raise InputError("the prompt is empty")
+            if len(p.ids) >= self.max_context:
+                raise InputError(f"the prompt is {len(p.ids)} tokens; the model's context is {self.max_context} "
+                                 f"tokens (room is needed for at least one new token)")
+
+    def generate_steps(self, prompts: Sequence[Prompt], sampler: Sampler, max_tokens: int,
+                       stats: dict[str, Any] | None = None) -> Iterator[tuple[mx.array, mx.array]]:
+        """Prefill a batch, then decode: yields (tokens [B], logits [B, V]) per step.
+        The caller decides when to stop (it owns EOS/stop-string logic)."""
+        self._check_length(prompts)
+        t0 = time.perf_counter()
+        B = len(prompts)
+        lengths = [len(p.ids) for p in prompts]
+        width = max(lengths)
+        starts = mx.array([width - n for n in lengths], dtype=mx.int32)
+        rows, pos_rows, deltas = [], [], []
+        for p in prompts:
+            ids_row = mx.array([p.ids], dtype=mx.int32)
+            emb = self.model.embed(ids=ids_row)
+            if p.images is not None:
+                emb = merge_features(emb, ids_row, self.encode_images(p.images), self.image_token_id)
+            pad = width - len(p.ids)
+            if pad:
+                emb = mx.concatenate([mx.zeros((1, pad, emb.shape[-1]), emb.dtype), emb], axis=1)
+            rows.append(emb)
+            pos, delta = self._positions(p)
+            pos_rows.append(np.pad(pos, [(0, 0), (pad, 0)]))
+            deltas.append(delta)
+        embeds = mx.concatenate(rows, axis=0)
+        mrope = self.meta["positions"] == "mrope"
+        positions = np.stack(pos_rows, axis=1 if mrope else 0)
+        if not mrope:
+            positions = positions[:, 0]
+        text = self.meta["text"]
+        caches = make_caches(text["num_layers"], B, text["num_kv_heads"], text["head_dim"], embeds.dtype)
+        mask = attention_mask(starts, 0, width)
+        logits = self.model.prefill(embeds=embeds, positions=mx.array(positions, dtype=mx.int32), mask=mask,
+                                    caches=caches)[:, -1]
+        history = [list(p.ids) for p in prompts]
+        tokens = sampler(logits, history if sampler.params.repetition_penalty != 1.0 else None)
+        mx.eval(tokens, logits)
+        if stats is not None:
+            stats["prompt_time"] = time.perf_counter() - t0
+            stats["prompt_tokens"] = sum(lengths)
+        steps = 0
+        budget = min(max_tokens, self.max_context - width)
+        next_pos = np.array([n + d for n, d in zip(lengths, deltas)])
+        t1 = time.perf_counter()
+        while True:
+            yield tokens, logits
+            steps += 1
+            if stats is not None:
+                stats["decode_time"] = time.perf_counter() - t1
+                stats["generation_tokens"] = steps
+            if steps >= budget:
+                return
+            tok_list = tokens.tolist()
+            for h, t in zip(history, tok_list):
+                h.append(t)
+            pos = next_pos + (steps - 1)
+            pos_arr = np.broadcast_to(pos[None, :, None], (3, B, 1)) if mrope else pos[:, None]
+            mask = attention_mask(starts, caches[0].offset, 1)
+            logits = self.model.decode(ids=tokens[:, None], positions=mx.array(pos_arr, dtype=mx.int32),
+                                       mask=mask, caches=caches)[:, -1]
+            tokens = sampler(logits, history if sampler.params.repetition_penalty != 1.0 else None)
+            mx.eval(tokens, logits)
+
+    # ------------------------------------------------------------------ user API
+    def stream_generate(self, prompt: str | None = None, *, images: Sequence[Any] | None = None,
+                        messages: list[dict[str, Any]] | None = None, system: str | None = None,
+                        max_tokens: int = 256, stop: Sequence[str] | None = None,
+                        sampling: SamplingParams | None = None, **sampling_kw: Any) -> Iterator[StreamChunk]:
+        """Yield text as it is generated (never a split multi-byte character); the last
+        chunk carries finish_reason and the stats (tokens, tok/s, peak memory)."""
+        if max_tokens < 1:
+            raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
+        params = sampling or SamplingParams(**sampling_kw)
+        p = self.build_prompt(prompt, images=images, messages=messages, system=system)
+        detok = StreamingDetokenizer(self.tokenizer, skip_special_tokens=True)
+        stops = StopStringMatcher(stop)
+        stats: dict[str, Any] = {}
+        mx.reset_peak_memory()
+        finish = "length"
+        tokens_out: list[int] = []
+        for tokens, _ in self.generate_steps([p], Sampler(params), max_tokens, stats):
+            tok = int(tokens[0].item())
+            if tok in self.eos_ids:
+                finish = "stop"
+                break
+            tokens_out.append(tok)
+            piece = stops.feed(detok.add(tok))
+            if piece.stopped:
+                finish = "stop"
+                yield StreamChunk(piece.text, tok)
+                break
+            if piece.text:
+                yield StreamChunk(piece.text, tok)
+        tail = "" if stops.stopped else stops.feed(detok.flush()).text + stops.flush()
+        yield StreamChunk(tail, None, finish, self._stats(stats, len(tokens_out)))
+
+    def generate(self, prompt: str | None = None, **kw: Any) -> GenerationResult:
+        text, ids, last = [], [], None
+        for chunk in self.stream_generate(prompt, **kw):
+            text.append(chunk.text)
+            if chunk.token is not None:
+                ids.append(chunk.token)
+            last = chunk
+        s = last.stats
+        return GenerationResult("".join(text), ids, last.finish_reason, s["prompt_tokens"], s["generation_tokens"],
+                                s["prompt_tps"], s["generation_tps"], s["peak_memory_gb"])
+
+    @staticmethod
+    def _stats(stats: dict[str, Any], n_tokens: int) -> dict[str, Any]:
+        pt, dt = stats.get("prompt_time", 0.0), stats.get("decode_time", 0.0)
+        decode_steps = max(stats.get("generation_tokens", 1) - 1, 0)
+        return {"prompt_tokens": stats.get("prompt_tokens", 0), "generation_tokens": n_tokens,
+                "prompt_tps": stats.get("prompt_tokens", 0) / pt if pt else 0.0,
+                "generation_tps": decode_steps / dt if dt else 0.0,
+                "peak_memory_gb": mx.get_peak_memory() / 1e9}
