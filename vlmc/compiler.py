@@ -92,14 +92,18 @@ def _runtime_files(ckpt: Checkpoint, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _progress_bar(prog):
+    """Percent of weight bytes written, on one self-updating line (a final line when not a tty)."""
     total_bytes = prog.param_bytes()
-    state = {"bytes": 0}
+    state = {"bytes": 0, "shown": -1}
+    tty = sys.stderr.isatty()
 
     def report(done: int, total: int, nbytes: int) -> None:
         state["bytes"] += nbytes
-        pct = 100 * state["bytes"] / max(total_bytes, 1)
-        sys.stderr.write(f"\rwriting weights {pct:5.1f}% ({done}/{total} tensors)")
+        pct = int(100 * state["bytes"] / max(total_bytes, 1))
         if done == total:
-            sys.stderr.write("\n")
+            sys.stderr.write(f"{chr(13) if tty else ''}wrote {total} tensors, {total_bytes / 2**20:.1f} MiB\n")
+        elif tty and pct != state["shown"]:
+            sys.stderr.write(f"\rwriting weights {pct:3d}% ({done}/{total} tensors)")
+        state["shown"] = pct
         sys.stderr.flush()
     return report

@@ -19,6 +19,7 @@ import numpy as np
 from .. import __version__
 from ..errors import ArtifactError
 from ..ir.core import Param, Program
+from ..ir.printer import format_program
 from .codegen import generate_model_py
 from .safetensors_io import ShardWriter, to_storage
 
@@ -89,6 +90,7 @@ def write_artifact(prog: Program, out: Path, *, read: Callable, source_folder: P
                     progress(done, len(params), p.nbytes)
             writer.close()
         (tmp / "model.py").write_text(generate_model_py(prog, __version__))
+        (tmp / "program.ir").write_text(format_program(prog) + "\n")
         copied = []
         for name in SOURCE_FILES:
             if (source_folder / name).is_file():
@@ -104,7 +106,7 @@ def write_artifact(prog: Program, out: Path, *, read: Callable, source_folder: P
             "entry_points": list(prog.functions),
             "kv_plan": {name: blk.layers for name, blk in prog.blocks.items() if name == "text_layer"},
             "meta": {k: v for k, v in prog.meta.items() if k != "source"},
-            "files": sorted(copied + list(extra_files) + ["model.py"]),
+            "files": sorted(copied + list(extra_files) + ["model.py", "program.ir"]),
             "tensors": tensors, "param_bytes": prog.param_bytes(), "param_count": prog.param_count(),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))

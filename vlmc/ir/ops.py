@@ -103,6 +103,29 @@ def _glu(t, a):
     return [TensorType(broadcast(t[0].shape, t[1].shape), t[0].dtype)]
 
 
+def _infer_dim(src: tuple[Dim, ...], known: list[Dim]) -> Dim:
+    """The -1 of a reshape: exact when all dims are ints, else a symbol scaled by the
+    ratio of the known int dims (e.g. [S, 32] -> [-1, 4, 32] gives S/4)."""
+    sym_src = [d for d in src if isinstance(d, str)]
+    sym_out = [d for d in known if isinstance(d, str)]
+    num = 1
+    for d in src:
+        num *= d if isinstance(d, int) else 1
+    den = 1
+    for d in known:
+        den *= d if isinstance(d, int) else 1
+    if not sym_src and not sym_out:
+        if num % den:
+            raise ShapeError(f"reshape: {num} elements do not split into {den}s")
+        return num // den
+    rest = [d for d in sym_src if d not in sym_out or sym_out.remove(d)]
+    if len(rest) != 1:
+        return "?"
+    if num == den:
+        return rest[0]
+    return f"{rest[0]}*{num // den}" if num % den == 0 else f"{rest[0]}/{den // num}"
+
+
 @rule("reshape")
 def _reshape(t, a):
     """shape entries: n > 0 literal, 0 = keep the input's dim at that index, -1 = infer."""
@@ -113,14 +136,7 @@ def _reshape(t, a):
     if out.count(-1) > 1:
         raise ShapeError("reshape: at most one -1")
     if -1 in out:
-        known = [d for d in out if d != -1]
-        total = 1
-        for d in src:
-            total = total * d if isinstance(d, int) and isinstance(total, int) else "?"
-        part = 1
-        for d in known:
-            part = part * d if isinstance(d, int) and isinstance(part, int) else "?"
-        out[out.index(-1)] = total // part if isinstance(total, int) and isinstance(part, int) else "R"
+        out[out.index(-1)] = _infer_dim(src, [d for d in out if d != -1])
     return [TensorType(tuple(out), t[0].dtype)]
 
 
