@@ -223,8 +223,9 @@ class VLM:
                         messages: list[dict[str, Any]] | None = None, system: str | None = None,
                         max_tokens: int = 256, stop: Sequence[str] | None = None,
                         sampling: SamplingParams | None = None, **sampling_kw: Any) -> Iterator[StreamChunk]:
-        """Yield text as it is generated (never a split multi-byte character); the last
-        chunk carries finish_reason and the stats (tokens, tok/s, peak memory)."""
+        """Yield one chunk per generated token with the text that became final (never a split
+        multi-byte character; empty while text is held back), then a last chunk with no token
+        that carries the remaining text, finish_reason and the stats (tokens, tok/s, memory)."""
         if max_tokens < 1:
             raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
         params = sampling or SamplingParams(**sampling_kw)
@@ -242,12 +243,10 @@ class VLM:
                 break
             tokens_out.append(tok)
             piece = stops.feed(detok.add(tok))
+            yield StreamChunk(piece.text, tok)  # one chunk per token; text may be empty (held back)
             if piece.stopped:
                 finish = "stop"
-                yield StreamChunk(piece.text, tok)
                 break
-            if piece.text:
-                yield StreamChunk(piece.text, tok)
         tail = "" if stops.stopped else stops.feed(detok.flush()).text + stops.flush()
         yield StreamChunk(tail, None, finish, self._stats(stats, len(tokens_out)))
 
