@@ -50,6 +50,9 @@ def open_checkpoint(src: str | os.PathLike, *, progress: bool = True) -> Checkpo
     folder = resolve_source(src, progress=progress)
     config = read_json(folder / "config.json")
     mt = config.get("model_type")
+    if mt is None:
+        raise UnsupportedModelError(
+            f"{folder / 'config.json'} has no model_type; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     if mt not in IMPORTERS:
         raise UnsupportedModelError(
             f"model type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")

@@ -69,7 +69,7 @@ def decoder_layer(w: Weights, tc: TextConfig, prefix_fmt: str = "text.layers.{i}
     n = fb.op("rms_norm", x, fb.param("post_attention_layernorm.weight"), eps=tc.rms_norm_eps, name="norm")
     g = _lin(fb, n, "mlp.gate_proj", bias=tc.mlp_bias)
     u = _lin(fb, n, "mlp.up_proj", bias=tc.mlp_bias)
-    m = fb.op("glu", g, u, kind=_act_kind(tc.hidden_act), name="mlp")
+    m = fb.op("glu", g, u, kind=act_kind(tc.hidden_act), name="mlp")
     x = fb.op("add", x, _lin(fb, m, "mlp.down_proj", bias=tc.mlp_bias), name="x")
     body = fb.output(x)
     layers = [{"index": i, "kv": "dense"} for i in range(tc.num_layers)]
@@ -81,11 +81,11 @@ def text_entry_points(prog: Program, w: Weights, tc: TextConfig, block: Block) -
     h, v = tc.hidden_size, tc.vocab_size
     w.add("text.embed_tokens.weight", (v, h))
     w.add("text.norm.weight", (h,))
-    if w.has("lm_head.weight") and not tc.tie_word_embeddings:
+    if tc.tie_word_embeddings:
+        head = "text.embed_tokens.weight"  # tied: the artifact stores the matrix once
+    else:
         w.add("lm_head.weight", (v, h))
         head = "lm_head.weight"
-    else:
-        head = "text.embed_tokens.weight"  # tied: the artifact stores the matrix once
     types = w.types()
 
     fb = FunctionBuilder("embed", types, doc="token ids -> input embeddings")
@@ -117,7 +117,7 @@ def text_entry_points(prog: Program, w: Weights, tc: TextConfig, block: Block) -
         prog.functions[name] = fb.output(fb.op("linear", x, fb.param(head), name="logits"))
 
 
-def _act_kind(hf_name: str) -> str:
+def act_kind(hf_name: str) -> str:
     kinds = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
              "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu"}
     if hf_name not in kinds:
@@ -125,8 +125,6 @@ def _act_kind(hf_name: str) -> str:
         raise UnsupportedModelError(f"activation {hf_name!r} is not supported")
     return kinds[hf_name]
 
-
-act_kind = _act_kind
 
 
 # -------------------------------------------------------------------------- vision
@@ -209,10 +207,3 @@ def vit_layer(w: Weights, *, name: str, prefix_fmt: str, n_layers: int, dim: int
     x = fb.op("add", x, y, name="x")
     return make_block(name, fb.output(x), prefix_fmt, ptypes, layers)
 
-
-def call_block_inputs(block: Block) -> list[str]:
-    return block.body.inputs
-
-
-def function_params(fn: Function) -> list[str]:
-    return [v[1:] for v in fn.types if v.startswith("@")]

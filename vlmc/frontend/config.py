@@ -61,8 +61,6 @@ def text_config(raw: dict[str, Any], *, nested: bool, text_type: str | None = No
     """Build a TextConfig. ``nested`` means the text fields live in raw["text_config"]
     (always for LLaVA; for Qwen-VL only in the v5 layout, detected by the caller)."""
     cfg = dict(raw.get("text_config") or {}) if nested else dict(raw)
-    if nested and "text_config" in raw and not cfg:
-        cfg = {}
     mt = text_type or cfg.get("model_type") or raw.get("model_type")
     mt = {"qwen2_vl_text": "qwen2_vl", "qwen2_5_vl_text": "qwen2_5_vl"}.get(mt, mt)
     if mt not in _TEXT_DEFAULTS:
@@ -76,8 +74,24 @@ def text_config(raw: dict[str, Any], *, nested: bool, text_type: str | None = No
                 return src[key]
         return d.get(key, default)
 
-    hidden = int(get("hidden_size"))
-    heads = int(get("num_attention_heads"))
+    def need(key: str, kind: type = int) -> Any:
+        """A field the model cannot be built without: present and a positive number."""
+        value = get(key)
+        where = "text_config" if nested else "config.json"
+        if value is None:
+            raise UnsupportedModelError(f"{where} lacks the required field {key!r}")
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or isinstance(value, bool) or number <= 0:
+            raise UnsupportedModelError(f"{where} field {key!r} must be a positive number, got {value!r}")
+        return number
+
+    hidden = need("hidden_size")
+    heads = need("num_attention_heads")
+    for key in ("num_hidden_layers", "intermediate_size", "vocab_size", "max_position_embeddings"):
+        need(key)
     theta, rope_type, rope = rope_settings(cfg if ("rope_parameters" in cfg or "rope_scaling" in cfg
                                                   or "rope_theta" in cfg) else raw, d["rope_theta"])
     sections = rope.get("mrope_section")
@@ -90,7 +104,7 @@ def text_config(raw: dict[str, Any], *, nested: bool, text_type: str | None = No
         raise UnsupportedModelError(f"rope type {rope_type!r} is not supported yet (only default and mrope)")
     tie = raw.get("tie_word_embeddings")
     if tie is None:
-        tie = cfg.get("tie_word_embeddings", mt != "llama")
+        tie = cfg.get("tie_word_embeddings", False)
     qwen_like = mt in ("qwen2", "qwen2_vl", "qwen2_5_vl")
     return TextConfig(
         model_type=mt, hidden_size=hidden, num_layers=int(get("num_hidden_layers")),

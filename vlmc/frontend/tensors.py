@@ -60,19 +60,27 @@ class TensorStore:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise WeightError(f"{path.name} has a corrupt safetensors header") from None
+        if not isinstance(header, dict):
+            raise WeightError(f"{path.name} has a corrupt safetensors header (not a JSON object)")
         data_start = 8 + n
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            dtype = _ST_DTYPES.get(info.get("dtype"))
+            try:
+                dtype = _ST_DTYPES.get(info.get("dtype"))
+                begin, end = (int(o) for o in info["data_offsets"])
+                shape = tuple(int(d) for d in info["shape"])
+            except (AttributeError, KeyError, TypeError, ValueError):
+                raise WeightError(f"{path.name} has a corrupt safetensors header (bad entry for tensor {key})") \
+                    from None
             if dtype is None:
                 raise WeightError(f"{path.name}: tensor {key} has unsupported dtype {info.get('dtype')}")
-            begin, end = info["data_offsets"]
+            if not 0 <= begin <= end or any(d < 0 for d in shape):
+                raise WeightError(f"{path.name} has a corrupt safetensors header (bad entry for tensor {key})")
             if data_start + end > size:
                 raise WeightError(
                     f"{path.name} is truncated: tensor {key} ends at byte {data_start + end} "
-                    f"but the file has {size} bytes")
-            shape = tuple(int(d) for d in info["shape"])
+                    f"but the file has {size} bytes (an interrupted download? fetch it again)")
             if int(np.prod(shape, dtype=np.int64)) * np.dtype(_NP[dtype]).itemsize != end - begin:
                 raise WeightError(f"{path.name}: tensor {key} byte size does not match its shape")
             self.refs[key] = TensorRef(path.name, key, shape, dtype)

@@ -166,6 +166,7 @@ class VLM:
         lengths = [len(p.ids) for p in prompts]
         width = max(lengths)
         starts = mx.array([width - n for n in lengths], dtype=mx.int32)
+        padded = min(lengths) < width
         rows, pos_rows, deltas = [], [], []
         for p in prompts:
             ids_row = mx.array([p.ids], dtype=mx.int32)
@@ -186,7 +187,7 @@ class VLM:
             positions = positions[:, 0]
         text = self.meta["text"]
         caches = make_caches(text["num_layers"], B, text["num_kv_heads"], text["head_dim"], embeds.dtype)
-        mask = attention_mask(starts, 0, width)
+        mask = attention_mask(starts, 0, width, padded)
         logits = self.model.prefill(embeds=embeds, positions=mx.array(positions, dtype=mx.int32), mask=mask,
                                     caches=caches)[:, -1]
         history = [list(p.ids) for p in prompts]
@@ -212,7 +213,7 @@ class VLM:
                 h.append(t)
             pos = next_pos + (steps - 1)
             pos_arr = np.broadcast_to(pos[None, :, None], (3, B, 1)) if mrope else pos[:, None]
-            mask = attention_mask(starts, caches[0].offset, 1)
+            mask = attention_mask(starts, caches[0].offset, 1, padded)
             logits = self.model.decode(ids=tokens[:, None], positions=mx.array(pos_arr, dtype=mx.int32),
                                        mask=mask, caches=caches)[:, -1]
             tokens = sampler(logits, history if sampler.params.repetition_penalty != 1.0 else None)

@@ -59,12 +59,12 @@ def make_caches(n_layers: int, batch: int, kv_heads: int, head_dim: int, dtype=m
     return [KVCache(batch, kv_heads, head_dim, dtype) for _ in range(n_layers)]
 
 
-def attention_mask(starts: mx.array, offset: int, length: int) -> mx.array | None:
+def attention_mask(starts: mx.array, offset: int, length: int, padded: bool) -> mx.array | None:
     """Boolean mask [B, 1, L, offset+L]: causal over the cache, and blind to each sequence's
     left padding (keys before ``starts[b]``). None when nothing needs masking (a single
-    decode step with no padding)."""
+    decode step and no sequence is padded)."""
     total = offset + length
-    if length == 1 and not bool(mx.any(starts > 0).item()):
+    if length == 1 and not padded:
         return None
     q = mx.arange(offset, total)[:, None]
     k = mx.arange(total)[None, :]
