@@ -7,7 +7,7 @@ and run on the same chats as transformers. For each case we require:
 * the expanded prompt ids equal the transformers processor's ``input_ids``;
 * pixel tensors within 1e-5 (Qwen: the flattened patches, and ``grid_thw`` equal);
 * logits within 1e-4 (absolute; logits have std ~4) at the last prompt position and at
-  each of the first 8 greedy steps;
+  each of the 16 greedy steps;
 * the 16 greedy tokens identical.
 
 Beyond the v5 checkpoints that ``save_pretrained`` writes, the same references must be
@@ -46,7 +46,8 @@ from vlmc.runtime.sampling import Sampler, SamplingParams  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 GREEDY_STEPS = 16
-LOGIT_STEPS = 8
+LOGIT_STEPS = 16  # logits compared at every greedy step (the brief asks for >= 8)
+MIN_MARGIN = 1e-3  # fixture cases must not hinge on a near-tie (10x the logits tolerance)
 LOGIT_ATOL = 1e-4
 PIXEL_ATOL = 1e-5
 
@@ -159,13 +160,13 @@ def store(tmp_path_factory):
 # --------------------------------------------------------------------------------------
 
 
-def run_vlmc(m, prompts, steps=GREEDY_STEPS):
-    """Greedy-generate ``steps`` tokens for a batch; returns (tokens [B, steps], logits
-    [B, min(steps, LOGIT_STEPS), V]) as numpy."""
+def run_vlmc(m, prompts, steps=GREEDY_STEPS, *, sampler=None, logit_steps=LOGIT_STEPS):
+    """Generate ``steps`` tokens for a batch (greedy unless ``sampler``); returns (tokens
+    [B, steps], logits [B, min(steps, logit_steps), V]) as numpy float32."""
     toks, logits = [], []
-    for k, (t, lg) in enumerate(m.generate_steps(prompts, Sampler(SamplingParams()), steps)):
+    for k, (t, lg) in enumerate(m.generate_steps(prompts, sampler or Sampler(SamplingParams()), steps)):
         toks.append(np.array(t))
-        if k < LOGIT_STEPS:
+        if k < logit_steps:
             logits.append(np.array(lg.astype(mx.float32)))
     return np.stack(toks, 1).astype(np.int64), np.stack(logits, 1)
 
@@ -196,6 +197,11 @@ def check_inputs(p, ref, family):
 
 def check_outputs(tokens, logits, ref, what=""):
     """tokens [steps], logits [n, V] of one sequence against a reference."""
+    top2 = np.sort(ref["greedy_logits"], -1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    # A precondition on the fixture, not on vlmc: with a top-2 margin below ~2x the
+    # tolerance, identical greedy tokens would be luck. Pick another case if this fires.
+    assert margin.min() >= MIN_MARGIN, f"{what}: reference top-2 margins too small: {margin.round(5)}"
     diffs = [float(np.abs(logits[0] - ref["prompt_logits_last"]).max())]
     n = min(len(logits), len(ref["greedy_logits"]))
     diffs += [float(np.abs(logits[k] - ref["greedy_logits"][k]).max()) for k in range(n)]
@@ -253,7 +259,7 @@ def test_checkpoint_layouts(store, family, variant, layout):
     if kw.get("layout") == "v4" and family != "llava":
         assert "text_config" not in info["config"]
     m = store.vlm(info)
-    for case in ("one_image", "two_images", "multi_turn"):
+    for case in CASE_NAMES:
         assert_parity(m, store.ref(base, case), case, family, f"{family}-{variant}/{layout}/{case}")
 
 
@@ -263,25 +269,50 @@ def test_bfloat16_checkpoint(store, family, variant):
     weights; a bfloat16 artifact runs and mostly agrees with the float32 one."""
     info = store.ckpt(family, variant, dtype="bfloat16")
     m32 = store.vlm(info, "float32")
-    for case in ("text", "one_image"):
+    for case in ("text", "wide"):
         assert_parity(m32, store.ref(info, case), case, family, f"{family}-{variant}/bf16-ckpt/{case}")
 
     m16 = store.vlm(info, "bfloat16")
     manifest = json.loads((store.artifact(info, "bfloat16") / "manifest.json").read_text())
     assert manifest["dtype"] == "bfloat16"
     assert any(t["dtype"] == "bfloat16" for t in manifest["tensors"].values())
-    for case, min_agree in (("text", 12), ("one_image", 8)):
-        p = build_prompt(m16, case)
-        t16, l16 = run_vlmc(m16, [p])
-        t32, l32 = run_vlmc(m32, [build_prompt(m32, case)])
+    for case in ("text", "wide"):
+        t32, l32 = run_vlmc(m32, [build_prompt(m32, case)], logit_steps=GREEDY_STEPS)
+        # Teacher-forced on the float32 artifact's greedy tokens, so one flipped choice
+        # does not derail the rest of the comparison.
+        _, l16 = run_vlmc(m16, [build_prompt(m16, case)], sampler=ForcedSampler(t32[0]), logit_steps=GREEDY_STEPS)
+        l32, l16, t32 = l32[0], l16[0], t32[0]
         assert np.isfinite(l16).all()
-        agree = int((t16[0] == t32[0]).sum())
-        # bf16 compute diverges once one greedy choice flips; the first token and most
-        # of the 16 must still agree.
-        assert t16[0, 0] == t32[0, 0], (case, t16[0], t32[0])
-        assert agree >= min_agree, f"{family}-{variant}/{case}: bf16 agrees on {agree}/16: {t16[0]} vs {t32[0]}"
-        # the prompt's logits stay close to the float32 ones (bf16 has ~3 significant digits)
-        assert float(np.abs(l16[0, 0] - l32[0, 0]).max()) < 0.5
+        what = f"{family}-{variant}/bf16-artifact/{case}"
+        # bf16 keeps ~3 significant digits; measured max |diff| 0.08-0.37 (logits std ~4)
+        diff = np.abs(l16 - l32).max(-1)
+        assert diff.max() < 0.5, f"{what}: max |logits diff| per step {diff.round(3)}"
+        top2 = np.sort(l32, -1)[:, -2:]
+        margin = top2[:, 1] - top2[:, 0]
+        agree = l16.argmax(-1) == t32
+        # a choice may flip only where float32's own top-2 margin is within bf16 noise
+        assert agree[margin > 0.25].all(), f"{what}: flips at margins {margin[~agree].round(3)}"
+        assert agree.sum() >= 14, f"{what}: bf16 argmax agrees on {agree.sum()}/16 steps"
+        # Free-running greedy decoding is not compared token for token: this fixture's
+        # float32 top-2 margin is 0.03 at step 3 of the qwen2_vl text prompt, so bf16
+        # (like transformers in bf16) legitimately takes another path from there.
+        t16_free, _ = run_vlmc(m16, [build_prompt(m16, case)])
+        assert t16_free[0, 0] == t32[0]
+
+
+class ForcedSampler:
+    """Returns given tokens in order (batch of one), ignoring the logits."""
+
+    params = SamplingParams()
+
+    def __init__(self, tokens):
+        self.tokens = [int(t) for t in tokens]
+        self.k = 0
+
+    def __call__(self, logits, history=None):
+        tok = mx.array([self.tokens[self.k]], dtype=mx.int32)
+        self.k += 1
+        return tok
 
 
 BATCHES = {
@@ -300,7 +331,7 @@ def test_batched_matches_single(store, family, variant, batch):
     cases = BATCHES[batch]
     prompts = [build_prompt(m, c) for c in cases]
     lengths = [len(p.ids) for p in prompts]
-    assert len(set(lengths)) > 1 or batch == "wide+tall"
+    assert len(set(lengths)) == len(lengths), lengths  # ragged: every row padded differently
     toks, logits = run_vlmc(m, prompts)
     for i, (c, p) in enumerate(zip(cases, prompts)):
         t1, l1 = run_vlmc(m, [p])
