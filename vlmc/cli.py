@@ -101,7 +101,7 @@ def run_cmd(src: str, prompt: str, images: tuple[str, ...], system: str | None, 
 @_user_errors
 def inspect_cmd(src: str, as_json: bool) -> None:
     """Print the IR, parameter counts and memory of an artifact or a checkpoint."""
-    from .runtime.artifact import is_artifact, read_manifest
+    from .runtime.artifact import is_artifact, read_manifest, reject_unfinished
     if is_artifact(src):
         manifest = read_manifest(Path(src))
         if as_json:
@@ -110,6 +110,7 @@ def inspect_cmd(src: str, as_json: bool) -> None:
         click.echo((Path(src) / "program.ir").read_text())
         click.echo(_memory_summary(manifest["tensors"]))
         return
+    reject_unfinished(src)
     from .frontend import import_checkpoint, open_checkpoint
     from .ir.printer import format_program
     from .passes import PRESETS, run_passes

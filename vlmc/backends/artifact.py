@@ -70,10 +70,12 @@ def _plan_shards(params: list[Param]) -> list[list[Param]]:
 def write_artifact(prog: Program, out: Path, *, read: Callable, source_folder: Path,
                    extra_files: dict[str, Any], target: str, progress: Callable | None = None) -> Path:
     out = Path(out).expanduser().resolve()
-    if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
-        raise ArtifactError(f"{out} exists and is not a vlmc artifact; refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _check_destination(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise ArtifactError(f"cannot create the artifact folder {out}: {_os_reason(e)}") from None
     try:
         params = sorted(prog.params.values(), key=lambda p: p.name)
         shards = _plan_shards(params)
@@ -111,10 +113,37 @@ def write_artifact(prog: Program, out: Path, *, read: Callable, source_folder: P
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         _swap_into_place(tmp, out)
+    except OSError as e:  # disk full, permissions, a vanished folder: nothing is left half-written
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(f"cannot write the artifact {out}: {_os_reason(e)}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_destination(out: Path) -> None:
+    """Only an empty folder or an earlier vlmc artifact may be replaced; never a file or a
+    folder of something else (a stray ``manifest.json`` does not make one an artifact)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ArtifactError(f"{out} is a file; the artifact is a folder: pick another output path")
+    if not any(out.iterdir()):
+        return
+    try:
+        is_vlmc = json.loads((out / "manifest.json").read_text()).get("format") == "vlmc-artifact"
+    except (OSError, ValueError, AttributeError):
+        is_vlmc = False
+    if not is_vlmc:
+        raise ArtifactError(f"{out} exists and is not a vlmc artifact; refusing to overwrite it "
+                            f"(pick another output folder, or remove it first)")
+
+
+def _os_reason(e: OSError) -> str:
+    if e.strerror and e.filename:
+        return f"{e.strerror}: {e.filename}"
+    return e.strerror or str(e)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

@@ -35,6 +35,16 @@ def is_artifact(path: str | Path) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
+def reject_unfinished(path: str | Path) -> None:
+    """Raise for a folder that holds artifact files but no manifest.json (written last): a
+    compile that was killed. Without this it would be reported as a bad checkpoint folder."""
+    p = Path(path).expanduser()
+    if (p.is_dir() and not (p / "manifest.json").is_file() and not (p / "config.json").is_file()
+            and ((p / "model.py").is_file() or any(p.glob("weights-*.safetensors")))):
+        raise ArtifactError(f"{p} is an unfinished vlmc artifact (no manifest.json: its compile was "
+                            f"interrupted); delete it and compile again")
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     mpath = path / "manifest.json"
     if not mpath.is_file():

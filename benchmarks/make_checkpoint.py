@@ -1,0 +1,116 @@
+"""Random-weight checkpoints with the real shapes of published VLMs, for benchmarks.
+
+    python benchmarks/make_checkpoint.py qwen2_vl /tmp/qwen2vl-2b-shapes [--dtype bfloat16]
+
+The shapes come from ``reference_configs/<family>.json`` (published config values of
+Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct, llava-interleave-qwen-0.5b). Tensor names
+and shapes are read from transformers' model class instantiated on the meta device (no
+memory); weights are drawn with numpy one tensor at a time and streamed to safetensors
+shards, so a 2B model needs no more RAM than its largest tensor. The tokenizer is the
+test suite's small BPE with the family's special tokens and chat template (token ids in
+config.json are rewritten to match it); vocab_size keeps the real value so the embedding
+and LM head have their real cost.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent))
+
+from fixtures.checkpoints import build_tokenizer  # noqa: E402
+from vlmc.backends.safetensors_io import ShardWriter, to_storage  # noqa: E402
+
+SHARD_BYTES = 2 << 30
+FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+            "llava": "LlavaForConditionalGeneration"}
+
+
+def _shapes(family: str, config: dict) -> dict[str, tuple[int, ...]]:
+    import torch
+    import transformers
+    cls = getattr(transformers, FAMILIES[family])
+    cfg = cls.config_class.from_dict(config)
+    with torch.device("meta"):
+        model = cls(cfg)
+    tied = bool(config.get("tie_word_embeddings", False))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k.endswith("lm_head.weight"))}
+
+
+def _tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if name.endswith(".bias"):
+        return np.zeros(shape, np.float32)
+    if len(shape) == 1 and ("norm" in name or "ln_" in name):
+        return np.ones(shape, np.float32)
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+
+
+def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
+    ref = json.loads((HERE / "reference_configs" / f"{family}.json").read_text())
+    config = dict(ref["config.json"])
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out, "llava" if family == "llava" else family)
+    ids = tok["special_token_ids"]
+    if family == "llava":
+        config["image_token_index"] = ids["<image>"]
+        config["text_config"] = {**config["text_config"], "eos_token_id": ids["<|im_end|>"],
+                                 "bos_token_id": ids["<|endoftext|>"]}
+    else:
+        config.update(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                      vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                      vision_token_id=ids["<|vision_pad|>"], eos_token_id=ids["<|im_end|>"],
+                      bos_token_id=ids["<|endoftext|>"])
+    shapes = _shapes(family, config)
+    rng = np.random.default_rng(seed)
+    item = 2 if dtype in ("bfloat16", "float16") else 4
+    shards, cur, size = [], [], 0
+    for name, shape in shapes.items():
+        n = int(np.prod(shape)) * item
+        if cur and size + n > SHARD_BYTES:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(name)
+        size += n
+    shards.append(cur)
+    weight_map = {}
+    for i, names in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        writer = ShardWriter(out / fname, [(n, shapes[n], dtype) for n in names])
+        for n in names:
+            writer.write(n, to_storage(_tensor(n, shapes[n], rng), dtype))
+            weight_map[n] = fname
+        writer.close()
+        print(f"wrote {fname}", file=sys.stderr)
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config["torch_dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    pre = dict(ref["preprocessor_config.json"])
+    if family == "llava":
+        (out / "processor_config.json").write_text(json.dumps(
+            {"processor_class": "LlavaProcessor", "patch_size": config["vision_config"]["patch_size"],
+             "vision_feature_select_strategy": config.get("vision_feature_select_strategy", "full"),
+             "num_additional_image_tokens": 0}))
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=1))
+    eos = ids["<|im_end|>"]
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos], "bos_token_id": ids["<|endoftext|>"]}))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("family", choices=sorted(FAMILIES))
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    print(make_checkpoint(a.family, a.out, a.dtype, a.seed))
+
+
+if __name__ == "__main__":
+    main()
