@@ -46,12 +46,46 @@ TARGET = click.Choice(["cpu", "metal", "cuda"])
 @click.option("--dtype", type=DTYPE, default="float32", show_default=True, help="Weight storage dtype.")
 @click.option("--target", type=TARGET, default=None, help="Target backend (default: this machine's).")
 @click.option("--passes", "preset", default="default", show_default=True, help="Pass preset: default or none.")
+@click.option("-q", "--quantize", default=None, help="Weight scheme: q2 q3 q4 q5 q6 q8 mxfp4 mxfp8 nvfp4.")
+@click.option("--group-size", default=64, show_default=True, type=int, help="Affine group size: 32, 64, 128.")
+@click.option("--quantize-vision/--no-quantize-vision", default=True, show_default=True,
+              help="Quantize the vision tower and projector too.")
+@click.option("--head", default="auto", show_default=True,
+              help="Scheme for embeddings and LM head: auto (q8 below 8 bits), none (float), or a scheme.")
+@click.option("--recipe", type=click.Choice(["uniform", "mixed"]), default="uniform", show_default=True,
+              help="mixed: first/last decoder layers, v_proj and down_proj at 6 bits (8 for q2/q3).")
+@click.option("--no-fuse", "no_fuse", multiple=True, type=click.Choice(["qkv", "gate_up"]),
+              help="Turn a fusion off (repeatable), e.g. to measure its effect.")
 @_user_errors
-def compile_cmd(src: str, out: Path | None, dtype: str, target: str | None, preset: str) -> None:
+def compile_cmd(src: str, out: Path | None, dtype: str, target: str | None, preset: str, quantize: str | None,
+                group_size: int, quantize_vision: bool, head: str, recipe: str, no_fuse: tuple[str, ...]) -> None:
     """Compile SRC (a checkpoint folder or Hugging Face hub id) into an MLX artifact."""
     from .compiler import compile as compile_checkpoint
-    path = compile_checkpoint(src, out, dtype=dtype, target=target, preset=preset, progress=True)
+    path = compile_checkpoint(src, out, dtype=dtype, target=target, preset=preset, quantize=quantize,
+                              group_size=group_size, quantize_vision=quantize_vision, head=head, recipe=recipe,
+                              no_fuse=no_fuse, progress=True)
     click.echo(str(path))
+
+
+@main.command("quality")
+@click.argument("candidate")
+@click.option("--reference", required=True, help="The artifact to compare against (usually the float32 one).")
+@click.option("--steps", default=32, show_default=True, type=int, help="Teacher-forced positions per prompt.")
+@_user_errors
+def quality_cmd(candidate: str, reference: str, steps: int) -> None:
+    """Top-1 agreement and KL of CANDIDATE vs REFERENCE on fixed prompts, plus per-layer
+    weight reconstruction error of quantized weights."""
+    from .api import load
+    from .quality import compare
+    cand, ref = load(candidate), load(reference)
+    report = compare(ref, cand, steps=steps)
+    quantized = cand.artifact.manifest.get("quantized", {})
+    if quantized:
+        click.echo(f"{'weight':<56} {'scheme':<7} {'rel.err':>8}")
+        for name, q in sorted(quantized.items(), key=lambda kv: -kv[1]["rel_error"]):
+            click.echo(f"{name:<56} {q['scheme']:<7} {q['rel_error']:>8.4f}")
+    click.echo(f"positions {report.positions}  top-1 agreement {100 * report.top1_agreement:.2f}%  "
+               f"mean KL {report.mean_kl:.5f}  max KL {report.max_kl:.5f}")
 
 
 @main.command("run")
@@ -98,8 +132,9 @@ def run_cmd(src: str, prompt: str, images: tuple[str, ...], system: str | None, 
 @main.command("inspect")
 @click.argument("src")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest (artifacts) as JSON.")
+@click.option("--layers", is_flag=True, help="List every quantized weight with its scheme, size and error.")
 @_user_errors
-def inspect_cmd(src: str, as_json: bool) -> None:
+def inspect_cmd(src: str, as_json: bool, layers: bool) -> None:
     """Print the IR, parameter counts and memory of an artifact or a checkpoint."""
     from .runtime.artifact import is_artifact, read_manifest, reject_unfinished
     if is_artifact(src):
@@ -108,7 +143,8 @@ def inspect_cmd(src: str, as_json: bool) -> None:
             click.echo(json.dumps(manifest, indent=1))
             return
         click.echo((Path(src) / "program.ir").read_text())
-        click.echo(_memory_summary(manifest["tensors"]))
+        click.echo(_memory_summary(manifest["tensors"], manifest.get("quantized", {})))
+        click.echo(_quant_summary(manifest, layers))
         return
     reject_unfinished(src)
     from .frontend import import_checkpoint, open_checkpoint
@@ -118,15 +154,22 @@ def inspect_cmd(src: str, as_json: bool) -> None:
     click.echo(format_program(prog))
 
 
-def _memory_summary(tensors: dict) -> str:
+def _memory_summary(tensors: dict, quantized: dict) -> str:
+    """Parameters (logical, before packing) and stored bytes per top-level group."""
     from .ir.core import dtype_size
     groups: dict[str, list[int]] = {}
     for name, t in tensors.items():
         n = 1
         for d in t["shape"]:
             n *= d
+        if name.endswith((".scales", ".biases")) and name.rsplit(".", 1)[0] in quantized:
+            n_params = 0
+        elif name in quantized:
+            n_params = n * 32 // quantized[name]["bits"]
+        else:
+            n_params = n
         g = groups.setdefault(name.split(".")[0], [0, 0])
-        g[0] += n
+        g[0] += n_params
         g[1] += n * dtype_size(t["dtype"])
     lines = ["", "weights:"]
     for g, (n, b) in sorted(groups.items()):
@@ -135,6 +178,33 @@ def _memory_summary(tensors: dict) -> str:
     total_b = sum(v[1] for v in groups.values())
     lines.append(f"  {'total':<10} {total_n:>14,} params {total_b / 2**20:>10.1f} MiB")
     return "\n".join(lines)
+
+
+def _quant_summary(manifest: dict, per_layer: bool) -> str:
+    quantized = manifest.get("quantized", {})
+    if not quantized:
+        return ""
+    lines = ["", "quantization:"]
+    by: dict[str, list[int]] = {}
+    for name, q in quantized.items():
+        b = by.setdefault(q["scheme"], [0, 0])
+        b[0] += 1
+        b[1] += q["bytes"]
+    for scheme, (n, b) in sorted(by.items()):
+        lines.append(f"  {scheme:<6} {n:>5} weights {b / 2**20:>10.1f} MiB")
+    kept = manifest["meta"].get("quantization", {}).get("kept_float", [])
+    if kept:
+        lines.append(f"  kept float (group size does not divide): {', '.join(kept)}")
+    if per_layer:
+        for name, q in sorted(quantized.items()):
+            lines.append(f"  {name:<60} {q['scheme']:<6} g{q['group_size']:<4} {q['bytes'] / 2**20:8.2f} MiB "
+                         f"err {q['rel_error']:.4f}")
+    return "\n".join(lines)
+
+
+from .bench import bench_cmd  # noqa: E402 - `vlmc bench` lives with the benchmark code
+
+main.add_command(bench_cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover

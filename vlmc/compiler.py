@@ -16,6 +16,8 @@ from .frontend import Checkpoint, import_checkpoint, open_checkpoint
 from .frontend.source import read_json
 from .passes import PRESETS, run_passes
 from .passes.dtype import FLOAT_DTYPES
+from .passes.fuse import FUSIONS
+from .passes.quantize import SCHEMES
 
 TARGETS = ("cpu", "metal", "cuda")
 
@@ -36,14 +38,35 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VLMC_CACHE", Path.home() / ".cache" / "vlmc")).expanduser()
 
 
-def _options(dtype: str, target: str, preset: str) -> dict[str, Any]:
+def _options(dtype: str, target: str, preset: str, quantize: str | None, group_size: int, quantize_vision: bool,
+             head: str, recipe: str, no_fuse: tuple[str, ...]) -> dict[str, Any]:
     if dtype not in FLOAT_DTYPES:
         raise VlmcError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
     if target not in TARGETS:
         raise VlmcError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     if preset not in PRESETS:
         raise VlmcError(f"unknown pass preset {preset!r}; known: {', '.join(PRESETS)}")
-    return {"dtype": dtype, "target": target, "preset": preset}
+    if quantize is not None and quantize not in SCHEMES:
+        raise VlmcError(f"--quantize must be one of {', '.join(SCHEMES)}, got {quantize!r}")
+    if head not in ("auto", "none") and head not in SCHEMES:
+        raise VlmcError(f"--head must be auto, none or one of {', '.join(SCHEMES)}, got {head!r}")
+    if recipe not in ("uniform", "mixed"):
+        raise VlmcError(f"--recipe must be uniform or mixed, got {recipe!r}")
+    if group_size not in (32, 64, 128):
+        raise VlmcError(f"--group-size must be 32, 64 or 128, got {group_size}")
+    bad = set(no_fuse) - set(FUSIONS)
+    if bad:
+        raise VlmcError(f"--no-fuse takes {', '.join(FUSIONS)}; got {', '.join(sorted(bad))}")
+    return {"dtype": dtype, "target": target, "preset": preset, "quantize": quantize, "group_size": group_size,
+            "quantize_vision": quantize_vision, "head": head, "recipe": recipe, "no_fuse": sorted(no_fuse)}
+
+
+def _pass_options(o: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {"fuse": {"disable": o["no_fuse"]} if o["no_fuse"] else {},
+            "storage_dtype": {"dtype": o["dtype"]},
+            "quantize": {"scheme": o["quantize"], "group_size": o["group_size"], "vision": o["quantize_vision"],
+                         "head": o["head"], "recipe": o["recipe"]} if o["quantize"] else {},
+            "lower": {"target": o["target"]}}
 
 
 def cache_key(ckpt: Checkpoint, options: dict[str, Any]) -> str:
@@ -53,10 +76,13 @@ def cache_key(ckpt: Checkpoint, options: dict[str, Any]) -> str:
 
 
 def compile(src: str | os.PathLike, out: str | os.PathLike | None = None, *, dtype: str = "float32",
-            target: str | None = None, preset: str = "default", progress: bool = False) -> Path:
+            target: str | None = None, preset: str = "default", quantize: str | None = None, group_size: int = 64,
+            quantize_vision: bool = True, head: str = "auto", recipe: str = "uniform",
+            no_fuse: tuple[str, ...] | list[str] = (), progress: bool = False) -> Path:
     """Compile a checkpoint folder or hub id. Without ``out`` the artifact goes to the
     compile cache and an existing one for the same source and options is reused."""
-    options = _options(dtype, target or default_target(), preset)
+    options = _options(dtype, target or default_target(), preset, quantize, group_size, quantize_vision, head,
+                       recipe, tuple(no_fuse))
     ckpt = open_checkpoint(src, progress=progress)
     if out is None:
         out = cache_dir() / "artifacts" / cache_key(ckpt, options)
@@ -64,8 +90,8 @@ def compile(src: str | os.PathLike, out: str | os.PathLike | None = None, *, dty
             return Path(out)
     prog = import_checkpoint(ckpt)
     names = PRESETS[preset]
-    pass_options = {"storage_dtype": {"dtype": dtype}} if "storage_dtype" in names else {}
-    prog = run_passes(prog, names, pass_options)
+    all_options = _pass_options(options)
+    prog = run_passes(prog, names, {n: all_options[n] for n in names if n in all_options})
     prog.meta["target"] = options["target"]
     return write_artifact(prog, Path(out), read=ckpt.store.read, source_folder=ckpt.folder,
                           extra_files=_runtime_files(ckpt, prog.meta), target=options["target"],

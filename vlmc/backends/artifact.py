@@ -54,6 +54,41 @@ def materialize(p: Param, read: Callable) -> np.ndarray:
     return x
 
 
+def stored_tensors(p: Param) -> list[tuple[str, tuple[int, ...], str]]:
+    """The (name, shape, dtype) tensors a param becomes in the artifact."""
+    q = p.attrs.get("quant")
+    if not q:
+        return [(p.name, tuple(p.shape), p.dtype)]
+    n, k = p.shape
+    groups = k // q["group_size"]
+    out = [(p.name, (n, k * q["bits"] // 32), "uint32")]
+    if q["mode"] == "affine":
+        out += [(p.name + ".scales", (n, groups), p.dtype), (p.name + ".biases", (n, groups), p.dtype)]
+    else:
+        out += [(p.name + ".scales", (n, groups), "uint8")]
+    return out
+
+
+def encode(p: Param, x: np.ndarray, report: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A materialized float32 param -> its stored arrays (quantized when the IR says so)."""
+    q = p.attrs.get("quant")
+    if not q:
+        return {p.name: to_storage(x, p.dtype)}
+    import mlx.core as mx
+    from ..kernels.quant import quantize_array
+    w = mx.array(x)
+    qw = quantize_array(w, bits=q["bits"], group_size=q["group_size"], mode=q["mode"])
+    err = float(mx.sqrt(mx.sum(mx.square(qw.dequantize() - w)) / mx.maximum(mx.sum(mx.square(w)), 1e-30)).item())
+    report[p.name] = {**q, "rel_error": round(err, 6), "bytes": p.nbytes}
+    out = {p.name: np.asarray(qw.weight)}
+    if q["mode"] == "affine":
+        out[p.name + ".scales"] = to_storage(np.asarray(qw.scales.astype(mx.float32)), p.dtype)
+        out[p.name + ".biases"] = to_storage(np.asarray(qw.biases.astype(mx.float32)), p.dtype)
+    else:
+        out[p.name + ".scales"] = np.asarray(qw.scales)
+    return out
+
+
 def _plan_shards(params: list[Param]) -> list[list[Param]]:
     shards, cur, size = [], [], 0
     for p in params:
@@ -80,13 +115,16 @@ def write_artifact(prog: Program, out: Path, *, read: Callable, source_folder: P
         params = sorted(prog.params.values(), key=lambda p: p.name)
         shards = _plan_shards(params)
         tensors: dict[str, dict[str, Any]] = {}
+        quant_report: dict[str, dict[str, Any]] = {}
         done = 0
         for si, shard in enumerate(shards):
             fname = f"weights-{si + 1:05d}-of-{len(shards):05d}.safetensors"
-            writer = ShardWriter(tmp / fname, [(p.name, p.shape, p.dtype) for p in shard])
+            writer = ShardWriter(tmp / fname, [t for p in shard for t in stored_tensors(p)])
             for p in shard:
-                writer.write(p.name, to_storage(materialize(p, read), p.dtype))
-                tensors[p.name] = {"file": fname, "shape": list(p.shape), "dtype": p.dtype}
+                for (name, shape, dtype), (_, arr) in zip(stored_tensors(p), encode(p, materialize(p, read),
+                                                                                   quant_report).items()):
+                    writer.write(name, arr)
+                    tensors[name] = {"file": fname, "shape": list(shape), "dtype": dtype}
                 done += 1
                 if progress:
                     progress(done, len(params), p.nbytes)
@@ -109,7 +147,7 @@ def write_artifact(prog: Program, out: Path, *, read: Callable, source_folder: P
             "kv_plan": {name: blk.layers for name, blk in prog.blocks.items() if name == "text_layer"},
             "meta": {k: v for k, v in prog.meta.items() if k != "source"},
             "files": sorted(copied + list(extra_files) + ["model.py", "program.ir"]),
-            "tensors": tensors, "param_bytes": prog.param_bytes(), "param_count": prog.param_count(),
+            "quantized": quant_report, "tensors": tensors, "param_bytes": prog.param_bytes(), "param_count": prog.param_count(),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         _swap_into_place(tmp, out)

@@ -60,10 +60,17 @@ class Param:
 
     @property
     def nbytes(self) -> int:
+        """Stored bytes: packed codes plus scales/biases when quantized."""
         n = 1
         for d in self.shape:
             n *= d
-        return n * dtype_size(self.dtype)
+        q = self.attrs.get("quant")
+        if not q:
+            return n * dtype_size(self.dtype)
+        groups = n // q["group_size"]
+        if q["mode"] == "affine":
+            return n * q["bits"] // 8 + 2 * groups * dtype_size(self.dtype)
+        return n * q["bits"] // 8 + groups  # one uint8 scale per group
 
 
 @dataclass

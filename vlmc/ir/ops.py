@@ -58,6 +58,17 @@ def _linear(t, a):
     return [TensorType(x.shape[:-1] + (w.shape[0],), x.dtype)]
 
 
+@rule("qlinear")
+def _qlinear(t, a):
+    """linear with a quantized weight; the scheme travels with the weight (QuantWeight)."""
+    return _linear(t, a)
+
+
+@rule("qembedding")
+def _qembedding(t, a):
+    return _embedding(t, a)
+
+
 @rule("embedding")
 def _embedding(t, a):
     ids, table = t

@@ -154,3 +154,19 @@ def merge_features(embeds: mx.array, ids: mx.array, features: mx.array, token_id
     order = mx.maximum(mx.cumsum(is_image.reshape(-1).astype(mx.int32)) - 1, 0)
     gathered = features[order].reshape(embeds.shape).astype(embeds.dtype)
     return mx.where(is_image[..., None], gathered, embeds)
+
+
+def qlinear(x: mx.array, w, b: mx.array | None = None) -> mx.array:
+    """x @ dequant(w).T (+ b) for a QuantWeight ``w``."""
+    y = mx.quantized_matmul(x, w.weight, w.scales, w.biases, transpose=True, group_size=w.group_size,
+                            bits=w.bits, mode=w.mode)
+    return y + b if b is not None else y
+
+
+def qembedding(ids: mx.array, table) -> mx.array:
+    """Rows of a quantized table, dequantized."""
+    flat = ids.reshape(-1)
+    rows = mx.dequantize(table.weight[flat], table.scales[flat],
+                         None if table.biases is None else table.biases[flat],
+                         group_size=table.group_size, bits=table.bits, mode=table.mode)
+    return rows.reshape(*ids.shape, rows.shape[-1])

@@ -14,6 +14,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import ArtifactError
+from ..kernels.quant import QuantWeight
 
 FORMAT_VERSION = 1
 
@@ -77,6 +78,9 @@ def load_artifact(path: str | Path) -> Artifact:
         arr = params.get(name)
         if arr is None or list(arr.shape) != info["shape"]:
             raise ArtifactError(f"{path} is corrupt: tensor {name} is missing or mis-shaped")
+    for name, q in manifest.get("quantized", {}).items():
+        params[name] = QuantWeight(params[name], params.pop(name + ".scales"), params.pop(name + ".biases", None),
+                                   q["bits"], q["group_size"], q["mode"])
     module = _import_model(path)
     try:
         processor_spec = json.loads((path / "processor.json").read_text())

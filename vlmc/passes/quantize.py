@@ -1,0 +1,128 @@
+"""Weight quantization: named schemes, a per-layer policy, every decision recorded.
+
+Schemes: affine ``q2 q3 q4 q5 q6 q8`` (group size 32/64/128, scale+bias per group) and the
+microscaling formats ``mxfp4 mxfp8 nvfp4`` (fixed groups). The pass only decides: it
+marks params with ``attrs["quant"]`` and rewrites their uses (``linear`` -> ``qlinear``,
+``embedding`` -> ``qembedding``); the backend quantizes each weight once when it writes
+the artifact and records its reconstruction error in the manifest.
+
+Policy:
+- text decoder projections get the scheme;
+- the vision tower and projector too unless ``vision=False``;
+- embeddings and the LM head get ``head`` (default: 8-bit for schemes below 8 bits, a
+  choice since a tied head is read every token; ``"none"`` keeps them in float);
+- ``recipe="mixed"`` raises sensitive weights (first and last decoder layers, the q/k/v
+  projection that holds v_proj, down_proj) to 6 bits (8 for q2/q3);
+- a weight whose input dimension does not split into groups stays float and is reported.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..ir.core import Function, Param, Program
+from .manager import register
+
+AFFINE = {"q2": 2, "q3": 3, "q4": 4, "q5": 5, "q6": 6, "q8": 8}
+MICROSCALING = {"mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}
+SCHEMES = tuple(AFFINE) + tuple(MICROSCALING)
+
+
+def scheme_spec(scheme: str, group_size: int) -> dict[str, Any]:
+    if scheme in AFFINE:
+        if group_size not in (32, 64, 128):
+            raise ValueError(f"group size must be 32, 64 or 128, got {group_size}")
+        return {"scheme": scheme, "mode": "affine", "bits": AFFINE[scheme], "group_size": group_size}
+    if scheme in MICROSCALING:
+        bits, group = MICROSCALING[scheme]
+        return {"scheme": scheme, "mode": scheme, "bits": bits, "group_size": group}
+    raise ValueError(f"unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+
+
+def _uses(fn: Function, prefixes: list[str]) -> dict[str, str]:
+    """param name -> "linear" | "embedding" for weights used as a matmul/table operand."""
+    out: dict[str, str] = {}
+    for op in fn.ops:
+        if op.op in ("linear", "embedding") and op.inputs[1].startswith("@"):
+            for pre in prefixes:
+                out[pre + op.inputs[1][1:]] = op.op
+    return out
+
+
+def _rewrite(fn: Function, is_quantized) -> None:
+    """linear/embedding over a quantized weight -> qlinear/qembedding. The scheme travels with
+    the weight (the runtime loads it as a QuantWeight), so layers of one block may differ."""
+    for op in fn.ops:
+        if op.op in ("linear", "embedding") and op.inputs[1].startswith("@") and is_quantized(op.inputs[1][1:]):
+            op.op = "qlinear" if op.op == "linear" else "qembedding"
+
+
+def _sensitive(name: str, last_layer: int) -> bool:
+    if name.startswith("text.layers."):
+        idx = int(name.split(".")[2])
+        if idx in (0, last_layer):
+            return True
+    leaf = name.rsplit(".", 2)[-2]
+    return "v_proj" in leaf or "down_proj" in leaf
+
+
+@register("quantize")
+def quantize(prog: Program, scheme: str | None = None, group_size: int = 64, vision: bool = True,
+             head: str | None = "auto", recipe: str = "uniform") -> tuple[Program, str]:
+    if scheme is None:
+        return prog, "off"
+    base = scheme_spec(scheme, group_size)
+    if recipe not in ("uniform", "mixed"):
+        raise ValueError(f"recipe must be uniform or mixed, got {recipe!r}")
+    if head == "auto":
+        head = None if base["bits"] >= 8 else "q8"
+    head_spec = None if head in (None, "none") else scheme_spec(head, group_size if head in AFFINE else 0)
+    raised = scheme_spec("q8" if base["bits"] <= 3 else "q6", group_size) if base["mode"] == "affine" \
+        else scheme_spec("mxfp8", 0)
+    if raised["bits"] <= base["bits"]:
+        raised = base  # already at or above the sensitive-layer precision
+
+    uses: dict[str, str] = {}
+    for blk in prog.blocks.values():
+        uses.update(_uses(blk.body, [blk.param_prefix.format(i=i) for i in range(len(blk.layers))]))
+    for fn in prog.functions.values():
+        uses.update(_uses(fn, [""]))
+    last_layer = prog.meta.get("text", {}).get("num_layers", 0) - 1
+    decided: dict[str, dict[str, Any]] = {}
+    kept: list[str] = []
+    for name, use in sorted(uses.items()):
+        p: Param = prog.params[name]
+        if len(p.shape) != 2:
+            continue
+        is_head = use == "embedding" or name.startswith("lm_head.")
+        if is_head:
+            spec = head_spec
+        elif name.startswith(("vision.", "projector.")):
+            spec = base if vision else None
+        else:
+            spec = raised if recipe == "mixed" and _sensitive(name, last_layer) else base
+        if spec is None:
+            continue
+        if p.shape[1] % spec["group_size"]:
+            kept.append(f"{name} (in={p.shape[1]})")
+            continue
+        p.attrs["quant"] = dict(spec)
+        decided[name] = spec
+
+    for blk in prog.blocks.values():
+        for rel in blk.param_shapes:
+            marks = {blk.param_prefix.format(i=i) + rel in decided for i in range(len(blk.layers))}
+            if len(marks) > 1:  # a block body is shared: its layers must all be quantized or none
+                raise ValueError(f"{blk.name}: {rel} is quantized in some layers only")
+        first = blk.param_prefix.format(i=0)
+        _rewrite(blk.body, lambda rel, first=first: first + rel in decided)
+    for fn in prog.functions.values():
+        _rewrite(fn, lambda name: name in decided)
+    counts: dict[str, int] = {}
+    for spec in decided.values():
+        counts[spec["scheme"]] = counts.get(spec["scheme"], 0) + 1
+    prog.meta["quantization"] = {"scheme": scheme, "group_size": base["group_size"], "vision": vision,
+                                 "head": head, "recipe": recipe, "kept_float": kept}
+    summary = ", ".join(f"{v} weights {k}" for k, v in sorted(counts.items()))
+    if kept:
+        summary += f"; {len(kept)} kept float (group size does not divide): {', '.join(kept[:4])}"
+    return prog, summary
