@@ -9,7 +9,7 @@ the artifact and records its reconstruction error in the manifest.
 Policy:
 - text decoder projections get the scheme;
 - the vision tower and projector too unless ``vision=False``;
-- embeddings and the LM head get ``head`` (default: 8-bit for schemes below 8 bits, a
+- embeddings and the LM head get ``head`` (default: q8 / mxfp8 for schemes below 8 bits, a
   choice since a tied head is read every token; ``"none"`` keeps them in float);
 - ``recipe="mixed"`` raises sensitive weights (first and last decoder layers, the q/k/v
   projection that holds v_proj, down_proj) to 6 bits (8 for q2/q3);
@@ -38,14 +38,13 @@ def scheme_spec(scheme: str, group_size: int) -> dict[str, Any]:
     raise ValueError(f"unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}")
 
 
-def _uses(fn: Function, prefixes: list[str]) -> dict[str, str]:
-    """param name -> "linear" | "embedding" for weights used as a matmul/table operand."""
-    out: dict[str, str] = {}
+def _uses(fn: Function, prefixes: list[str], out: dict[str, set[str]]) -> None:
+    """Collect param name -> {"linear", "embedding"} for weights used as matmul/table operands
+    (a tied embedding is both)."""
     for op in fn.ops:
         if op.op in ("linear", "embedding") and op.inputs[1].startswith("@"):
             for pre in prefixes:
-                out[pre + op.inputs[1][1:]] = op.op
-    return out
+                out.setdefault(pre + op.inputs[1][1:], set()).add(op.op)
 
 
 def _rewrite(fn: Function, is_quantized) -> None:
@@ -74,18 +73,18 @@ def quantize(prog: Program, scheme: str | None = None, group_size: int = 64, vis
     if recipe not in ("uniform", "mixed"):
         raise ValueError(f"recipe must be uniform or mixed, got {recipe!r}")
     if head == "auto":
-        head = None if base["bits"] >= 8 else "q8"
+        head = None if base["bits"] >= 8 else ("q8" if base["mode"] == "affine" else "mxfp8")
     head_spec = None if head in (None, "none") else scheme_spec(head, group_size if head in AFFINE else 0)
     raised = scheme_spec("q8" if base["bits"] <= 3 else "q6", group_size) if base["mode"] == "affine" \
         else scheme_spec("mxfp8", 0)
     if raised["bits"] <= base["bits"]:
         raised = base  # already at or above the sensitive-layer precision
 
-    uses: dict[str, str] = {}
+    uses: dict[str, set[str]] = {}
     for blk in prog.blocks.values():
-        uses.update(_uses(blk.body, [blk.param_prefix.format(i=i) for i in range(len(blk.layers))]))
+        _uses(blk.body, [blk.param_prefix.format(i=i) for i in range(len(blk.layers))], uses)
     for fn in prog.functions.values():
-        uses.update(_uses(fn, [""]))
+        _uses(fn, [""], uses)
     last_layer = prog.meta.get("text", {}).get("num_layers", 0) - 1
     decided: dict[str, dict[str, Any]] = {}
     kept: list[str] = []
@@ -93,7 +92,7 @@ def quantize(prog: Program, scheme: str | None = None, group_size: int = 64, vis
         p: Param = prog.params[name]
         if len(p.shape) != 2:
             continue
-        is_head = use == "embedding" or name.startswith("lm_head.")
+        is_head = "embedding" in use or name.startswith("lm_head.")
         if is_head:
             spec = head_spec
         elif name.startswith(("vision.", "projector.")):
