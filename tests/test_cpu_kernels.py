@@ -1,0 +1,282 @@
+"""The CPU kernels (vlmc.kernels.cpu) against MLX's own ops.
+
+Tolerances, as max |ours - reference| / max |reference| over the output:
+- float32 and bfloat16 weights vs ``reference.linear``: 1e-5 (both compute in float32;
+  only the summation order differs);
+- affine-quantized weights vs ``mx.quantized_matmul``: 1e-4 (we use
+  s*sum(q*x) + b*sum(x) per group instead of sum((s*q + b)*x));
+- dequantize vs ``mx.dequantize`` with float32 scales: 1e-6.
+Every path is exercised: GEMV (rows <= 8, with N not a multiple of the row blocks or the
+thread split, K chunked or not), numpy GEMM (rows > 8), the portable scalar build, and
+the MLX fallbacks.
+"""
+from __future__ import annotations
+
+import types
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from vlmc.kernels import cpu, reference
+from vlmc.kernels.cpu import build
+
+pytestmark = pytest.mark.skipif(cpu._get_lib() is None, reason="no C compiler: CPU kernels unavailable")
+
+DENSE_TOL = 1e-5
+QUANT_TOL = 1e-4
+SHAPES = [(37, 64), (133, 320), (259, 1536), (67, 4096), (23, 4608)]  # (N, K): N odd; K 64..4608
+ROWS = [1, 3, 8, 17]  # 17 takes the GEMM path (GEMV_MAX_ROWS = 16)
+
+
+def rel_err(a: mx.array, b: mx.array) -> float:
+    a = np.asarray(a.astype(mx.float32))
+    b = np.asarray(b.astype(mx.float32))
+    assert a.shape == b.shape
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def rand(*shape, scale=1.0):
+    return mx.random.normal(shape, scale=scale)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    mx.random.seed(1234)
+
+
+# ---- dense -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_linear_matches_reference(dtype, N, K):
+    w = rand(N, K, scale=0.05).astype(dtype)
+    b = rand(N)
+    for M in ROWS:
+        x = rand(M, K)
+        for bias in (None, b):
+            y = cpu.linear(x, w, bias)
+            ref = reference.linear(x, w, bias)
+            assert y.dtype == ref.dtype and y.shape == ref.shape
+            assert rel_err(y, ref) < DENSE_TOL, (M, N, K, dtype, bias is not None)
+
+
+def test_linear_leading_dims_bias_dtype_and_views():
+    w = rand(96, 128)
+    x = rand(2, 3, 128)
+    b = rand(96).astype(mx.bfloat16)
+    assert rel_err(cpu.linear(x, w, b), reference.linear(x, w, b)) < DENSE_TOL
+    assert cpu.linear(x, w, b).shape == (2, 3, 96)
+    wt = rand(128, 96).T  # a non-contiguous view
+    assert rel_err(cpu.linear(x[0], wt), reference.linear(x[0], wt)) < DENSE_TOL
+    xb = x.astype(mx.bfloat16)  # bf16 activations: computed in f32, output dtype as MLX's
+    y, ref = cpu.linear(xb, w), reference.linear(xb, w)
+    assert y.dtype == ref.dtype and rel_err(y, ref) < 1e-2
+
+
+def test_threads_do_not_change_results(monkeypatch):
+    w = rand(1000, 512).astype(mx.bfloat16)
+    x = rand(2, 512)
+    monkeypatch.setattr(cpu, "n_threads", 1)
+    y1 = np.asarray(cpu.linear(x, w))
+    monkeypatch.setattr(cpu, "n_threads", 3)
+    y3 = np.asarray(cpu.linear(x, w))
+    assert np.array_equal(y1, y3)  # each output row is computed by one thread, same order
+
+
+# ---- quantized ---------------------------------------------------------------------------
+
+def quantized(N, K, bits, gs, sdtype):
+    w = rand(N, K, scale=0.05).astype(sdtype)
+    return mx.quantize(w, group_size=gs, bits=bits)
+
+
+def qref(x, wq, s, b, bits, gs, bias=None):
+    y = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=gs, bits=bits)
+    return y + bias if bias is not None else y
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("sdtype", [mx.float32, mx.bfloat16])
+def test_qlinear_simd_bits(bits, gs, sdtype):
+    # K = 384 with gs 32/128 leaves no remainder; K = 160 (gs 32) exercises the 4-bit
+    # kernel's half-span tail (K % 64 == 32); 4096 is chunked in K for several rows.
+    # K = 4608 with one row takes the long-row kernels (several weight rows per x load).
+    for N, K in [(77, 384), (259, 1536), (35, 4096), (23, 4608)] + ([(45, 160)] if gs == 32 else []):
+        wq, s, b = quantized(N, K, bits, gs, sdtype)
+        bias = rand(N)
+        for M in ROWS:
+            x = rand(M, K)
+            for bb in (None, bias):
+                y = cpu.qlinear(x, wq, s, b, bb, bits=bits, group_size=gs)
+                ref = qref(x, wq, s, b, bits, gs, bb)
+                assert y.dtype == ref.dtype and y.shape == ref.shape
+                assert rel_err(y, ref) < QUANT_TOL, (bits, gs, sdtype, N, K, M, bb is not None)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 6])
+def test_qlinear_other_bits(bits):
+    for gs, sdtype in [(32, mx.float32), (64, mx.bfloat16), (128, mx.float32)]:
+        N, K = 53, 512
+        wq, s, b = quantized(N, K, bits, gs, sdtype)
+        for M in (1, 5, 17):
+            x = rand(M, K)
+            assert rel_err(cpu.qlinear(x, wq, s, b, bits=bits, group_size=gs),
+                           qref(x, wq, s, b, bits, gs)) < QUANT_TOL, (bits, gs, M)
+
+
+def test_qlinear_quant_weight_object_and_leading_dims():
+    wq, s, b = quantized(70, 256, 4, 64, mx.bfloat16)
+    qw = types.SimpleNamespace(weight=wq, scales=s, biases=b, bits=4, group_size=64, mode="affine")
+    x = rand(2, 3, 256)
+    bias = rand(70)
+    y = cpu.qlinear(x, qw, bias)
+    assert y.shape == (2, 3, 70)
+    assert rel_err(y, qref(x, wq, s, b, 4, 64, bias)) < QUANT_TOL
+
+
+def test_qlinear_mixed_scale_dtypes_and_many_rows_through_gemv(monkeypatch):
+    wq, s, b = quantized(90, 320, 8, 32, mx.float32)
+    b16 = b.astype(mx.bfloat16)
+    x = rand(11, 320)
+    monkeypatch.setattr(cpu, "GEMV_MAX_ROWS", 16)  # M = 11: the C side slices x into 8 + 3 rows
+    ref = mx.quantized_matmul(x, wq, s, b16.astype(mx.float32), transpose=True, group_size=32, bits=8)
+    assert rel_err(cpu.qlinear(x, wq, s, b16, bits=8, group_size=32), ref) < QUANT_TOL
+    y = cpu.linear(x, rand(90, 320))  # dense GEMV with M > 8 as well
+    assert y.shape == (11, 90)
+
+
+def test_qlinear_unsupported_modes_fall_back():
+    w = rand(64, 128, scale=0.05)
+    try:
+        wq, s = mx.quantize(w, group_size=32, bits=4, mode="mxfp4")[:2]
+    except (ValueError, RuntimeError):
+        pytest.skip("this MLX has no mxfp4")
+    x = rand(2, 128)
+    y = cpu.qlinear(x, wq, s, None, bits=4, group_size=32, mode="mxfp4")
+    ref = mx.quantized_matmul(x, wq, s, None, transpose=True, group_size=32, bits=4, mode="mxfp4")
+    assert rel_err(y, ref) < 1e-6
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_dequantize_matches_mlx(bits):
+    for gs, sdtype in [(32, mx.float32), (64, mx.bfloat16), (128, mx.bfloat16)]:
+        wq, s, b = quantized(19, 256, bits, gs, sdtype)
+        ours = cpu.dequantize(wq, s, b, bits=bits, group_size=gs)
+        ref = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=gs, bits=bits)
+        assert ours.dtype == mx.float32
+        assert rel_err(ours, ref) < 1e-6, (bits, gs, sdtype)
+
+
+@pytest.mark.parametrize("bits,gs,sdtype", [(4, 64, mx.bfloat16), (8, 32, mx.float32), (3, 128, mx.float32)])
+def test_qembedding_matches_reference(bits, gs, sdtype):
+    wq, s, b = quantized(50, 256, bits, gs, sdtype)
+    ids = mx.array([[3, 0, 49], [7, 7, 1]])
+    table = types.SimpleNamespace(weight=wq, scales=s, biases=b, bits=bits, group_size=gs, mode="affine")
+    ref = reference.qembedding(ids, table) if hasattr(reference, "qembedding") else \
+        mx.dequantize(wq[ids.reshape(-1)], s[ids.reshape(-1)], b[ids.reshape(-1)], group_size=gs,
+                      bits=bits).reshape(2, 3, 256)
+    for got in (cpu.qembedding(ids, table), cpu.qembedding(ids, wq, s, b, bits=bits, group_size=gs)):
+        assert got.shape == (2, 3, 256) and got.dtype == ref.dtype
+        assert rel_err(got, ref) < (1e-6 if sdtype == mx.float32 else 1e-2)
+
+
+# ---- build, cache, fallbacks -------------------------------------------------------------
+
+def test_portable_build_matches(monkeypatch, tmp_path):
+    """The scalar (no AVX2) variant computes the same things."""
+    monkeypatch.setenv("VLMC_CACHE", str(tmp_path))
+    lib, path, compiled = build.build(native=False)
+    assert compiled and path.exists() and lib.vlmc_simd() == 0
+    monkeypatch.setattr(cpu, "_lib", lib)
+    monkeypatch.setattr(cpu, "_qplans", {})
+    x = rand(3, 320)
+    w = rand(45, 320, scale=0.05)
+    assert rel_err(cpu.linear(x, w.astype(mx.bfloat16)), reference.linear(x, w.astype(mx.bfloat16))) < DENSE_TOL
+    for bits, gs in [(4, 32), (8, 64), (3, 32)]:
+        wq, s, b = mx.quantize(w.astype(mx.bfloat16), group_size=gs, bits=bits)
+        assert rel_err(cpu.qlinear(x, wq, s, b, bits=bits, group_size=gs), qref(x, wq, s, b, bits, gs)) < QUANT_TOL
+        ref = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=gs, bits=bits)
+        assert rel_err(cpu.dequantize(wq, s, b, bits=bits, group_size=gs), ref) < 1e-6
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(" avx2 " not in _cpu_flags() or " fma " not in _cpu_flags(), reason="needs AVX2+FMA")
+def test_avx2_only_build_matches(monkeypatch):
+    """The AVX2 variant with 16 vector registers (other kernel configurations than an
+    AVX-512 machine's -march=native build), every kernel shape and M."""
+    try:
+        lib = build.build(flags=build.AVX2_FLAGS)[0]  # cached in the user cache after the first run
+    except RuntimeError as e:
+        pytest.skip(f"compiler cannot target AVX2: {e}")
+    assert lib.vlmc_simd() == 1
+    monkeypatch.setattr(cpu, "_lib", lib)
+    monkeypatch.setattr(cpu, "_qplans", {})
+    for N, K in [(45, 384), (21, 4608)]:  # short and long rows
+        w = rand(N, K, scale=0.05)
+        b = rand(N)
+        quants = [(bits, gs, mx.quantize(w.astype(mx.bfloat16), group_size=gs, bits=bits))
+                  for bits, gs in [(4, 32), (8, 64), (4, 128)]]
+        for M in range(1, 9):
+            x = rand(M, K)
+            for wd in (w, w.astype(mx.bfloat16)):
+                assert rel_err(cpu.linear(x, wd, b), reference.linear(x, wd, b)) < DENSE_TOL, (N, K, M)
+            for bits, gs, (wq, s, bq) in quants:
+                assert rel_err(cpu.qlinear(x, wq, s, bq, b, bits=bits, group_size=gs),
+                               qref(x, wq, s, bq, bits, gs, b)) < QUANT_TOL, (N, K, M, bits, gs)
+
+
+def test_padded_rows_5_to_7():
+    """M = 5..7 runs the 8-row kernels on zero-padded activations."""
+    w = rand(83, 640, scale=0.05)
+    wq, s, b = mx.quantize(w, group_size=64, bits=4)
+    wq8, s8, b8 = mx.quantize(w, group_size=32, bits=8)
+    for M in (5, 6, 7):
+        x = rand(M, 640)
+        assert rel_err(cpu.linear(x, w), reference.linear(x, w)) < DENSE_TOL
+        assert rel_err(cpu.linear(x, w.astype(mx.bfloat16)), reference.linear(x, w.astype(mx.bfloat16))) < DENSE_TOL
+        assert rel_err(cpu.qlinear(x, wq, s, b, bits=4, group_size=64), qref(x, wq, s, b, 4, 64)) < QUANT_TOL
+        assert rel_err(cpu.qlinear(x, wq8, s8, b8, bits=8, group_size=32), qref(x, wq8, s8, b8, 8, 32)) < QUANT_TOL
+
+
+def test_build_cache_is_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("VLMC_CACHE", str(tmp_path))
+    lib1, path1, compiled1 = build.build(native=False)
+    lib2, path2, compiled2 = build.build(native=False)
+    assert compiled1 and not compiled2 and path1 == path2
+    assert path1.parent == tmp_path / "kernels"
+    assert [p.name for p in path1.parent.iterdir()] == [path1.name]  # no temp files left behind
+
+
+def test_disabled_by_env_uses_mlx(monkeypatch):
+    monkeypatch.setenv("VLMC_CPU_KERNELS", "0")
+    cpu.refresh()
+    try:
+        assert not cpu.available()
+        w, x = rand(40, 64), rand(2, 64)
+        assert np.array_equal(np.asarray(cpu.linear(x, w)), np.asarray(reference.linear(x, w)))
+        wq, s, b = quantized(40, 64, 4, 32, mx.float32)
+        assert np.array_equal(np.asarray(cpu.qlinear(x, wq, s, b, bits=4, group_size=32)),
+                              np.asarray(qref(x, wq, s, b, 4, 32)))
+    finally:
+        monkeypatch.delenv("VLMC_CPU_KERNELS")
+        cpu.refresh()
+    assert cpu.available()
+
+
+def test_no_compiler_warns_once_and_returns_none(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("VLMC_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "compiler", lambda: None)
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setattr(build, "_warned", False)
+    assert build.load() is None and build.load(native=False) is None
+    err = capsys.readouterr().err
+    assert err.count("CPU kernels unavailable") == 1 and "no C compiler" in err

@@ -1,0 +1,159 @@
+"""Compile ``gemv.c`` once per machine into the vlmc cache and load it with ctypes.
+
+The shared library lives at ``$VLMC_CACHE/kernels/`` (default ``~/.cache/vlmc/kernels/``)
+under a name hashed from the C source, the compiler command and the machine (CPU model
+and flags), so an edited kernel, another compiler or another CPU never loads a stale
+build. It is written to a temporary file and renamed into place, so concurrent first
+uses (several processes, pytest-xdist) never see a half-written library.
+
+``load()`` returns None when the kernels are disabled (``VLMC_CPU_KERNELS=0``), when no
+C compiler is found, or when compiling or loading fails; the caller then uses the MLX
+reference ops. The reason is printed to stderr once per process.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("gemv.c")
+ABI_VERSION = 3  # must match VLMC_ABI in gemv.c
+
+NATIVE_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+PORTABLE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread"]
+# The AVX2 code path with AVX2's 16 vector registers, on a machine that also has
+# AVX-512 (what most x86 users run; the tests build it to cover those configurations).
+AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-mno-avx512f", "-shared", "-fPIC", "-pthread"]
+
+_loaded: dict[tuple, ctypes.CDLL | None] = {}
+_warned = False
+
+
+def enabled() -> bool:
+    return os.environ.get("VLMC_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("VLMC_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "vlmc"
+    return base / "kernels"
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _machine_id() -> str:
+    """CPU identity for the cache key: -march=native code must not move to another CPU."""
+    parts = [platform.system(), platform.machine()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU implementer", "CPU part"):
+                    parts.append(line.strip())
+                if line.strip() == "":
+                    break  # the first processor is enough
+    except OSError:
+        parts.append(platform.processor())
+    return "\n".join(parts)
+
+
+def library_path(cc: str, flags: list[str]) -> Path:
+    h = hashlib.sha256()
+    h.update(SOURCE.read_bytes())
+    h.update("\0".join([cc, *flags]).encode())
+    h.update(_machine_id().encode())
+    return cache_dir() / f"vlmc_cpu_{h.hexdigest()[:20]}.so"
+
+
+def _compile(cc: str, flags: list[str], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *flags, "-o", tmp, str(SOURCE)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)  # atomic on POSIX
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.vlmc_abi_version.restype = I
+    lib.vlmc_abi_version.argtypes = []
+    lib.vlmc_simd.restype = I
+    lib.vlmc_simd.argtypes = []
+    lib.vlmc_gemv_f32.restype = I
+    lib.vlmc_gemv_f32.argtypes = [P, I, I, P, I, P, P, I]
+    lib.vlmc_gemv_bf16.restype = I
+    lib.vlmc_gemv_bf16.argtypes = [P, I, I, P, I, P, P, I]
+    lib.vlmc_gemv_q.restype = I
+    lib.vlmc_gemv_q.argtypes = [P, I, I, P, P, P, I, I, I, I, P, P, I]
+    lib.vlmc_dequantize.restype = I
+    lib.vlmc_dequantize.argtypes = [P, P, P, I, I, I, I, I, P, I]
+    lib.vlmc_bf16_to_f32.restype = None
+    lib.vlmc_bf16_to_f32.argtypes = [P, L, P, I]
+    lib.vlmc_stream_read.restype = ctypes.c_float
+    lib.vlmc_stream_read.argtypes = [P, L, I]
+    lib.vlmc_set_spin_us.restype = None
+    lib.vlmc_set_spin_us.argtypes = [I]
+    if lib.vlmc_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"kernel ABI {lib.vlmc_abi_version()} != expected {ABI_VERSION}")
+    return lib
+
+
+def build(native: bool = True, *, flags: list[str] | None = None,
+          force: bool = False) -> tuple[ctypes.CDLL, Path, bool]:
+    """Compile (unless cached) and load. Returns (library, path, compiled_now).
+
+    ``native=True`` tries ``-march=native`` first and falls back to the portable flags;
+    ``native=False`` builds only the portable (scalar, no AVX2) variant; ``flags`` builds
+    exactly that. Raises on failure.
+    """
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install cc/gcc/clang)")
+    errors = []
+    candidates = [flags] if flags else [NATIVE_FLAGS, PORTABLE_FLAGS] if native else [PORTABLE_FLAGS]
+    for flags in candidates:
+        path = library_path(cc, flags)
+        compiled = False
+        try:
+            if force or not path.exists():
+                _compile(cc, flags, path)
+                compiled = True
+            return _declare(ctypes.CDLL(str(path))), path, compiled
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            errors.append(str(e))
+    raise RuntimeError("; ".join(errors))
+
+
+def load(native: bool = True) -> ctypes.CDLL | None:
+    """The kernel library, or None (kernels disabled or unavailable: use the MLX ops)."""
+    global _warned
+    if not enabled():
+        return None
+    key = (native,)
+    if key not in _loaded:
+        try:
+            _loaded[key] = build(native)[0]
+        except Exception as e:  # noqa: BLE001 - any failure means: fall back, say why once
+            _loaded[key] = None
+            if not _warned:
+                _warned = True
+                print(f"vlmc: CPU kernels unavailable, using the slower MLX ops ({e})", file=sys.stderr)
+    return _loaded[key]

@@ -1,0 +1,940 @@
+/* vlmc CPU kernels: y[M, N] = x[M, K] @ W[N, K]^T (+ bias) for small M (decode).
+ *
+ * Decode is bound by the bytes of W read per token, so W stays in its stored form
+ * (float32, bfloat16, or MLX affine-quantized codes + per-group scales/biases) and is
+ * streamed once; x (M <= 8 rows, float32) stays in cache. All arithmetic is float32.
+ *
+ * Quantized layout (MLX "affine", verified against mx.quantize/mx.dequantize for bits
+ * 2, 3, 4, 5, 6, 8): each row of W is one little-endian bit stream of K codes, `bits`
+ * bits each, stored as uint32 words; code k occupies stream bits [k*bits, (k+1)*bits)
+ * (codes of 3/5/6 bits straddle word and byte boundaries). Row stride is K*bits/32
+ * words. scales/biases are [N, K/group_size]; w = scale*q + bias.
+ *
+ * For a group g the kernels use  sum_k x_k (s_g q_k + b_g) = s_g sum_k x_k q_k
+ * + b_g sum_k x_k : the group sums of x are computed once per call, so the inner loop
+ * only converts codes to float and multiplies by x.
+ *
+ * AVX2+FMA paths are used when the compiler targets them (-march=native on a machine
+ * that has them); otherwise a portable scalar path computes the same thing.
+ * Work is split over output rows between the caller's thread and a small persistent
+ * pthread pool (workers spin briefly, then sleep on a condition variable).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define VLMC_SIMD 1
+#else
+#define VLMC_SIMD 0
+#endif
+
+#define VLMC_ABI 3
+#define ALWAYS __attribute__((always_inline)) inline
+#define UNROLL _Pragma("GCC unroll 16")
+
+enum { ST_F32 = 0, ST_BF16 = 1, ST_F16 = 2 };
+
+int vlmc_abi_version(void) { return VLMC_ABI; }
+int vlmc_simd(void) { return VLMC_SIMD; }
+
+/* ------------------------------------------------------------------------------------ */
+/* scalar helpers                                                                        */
+
+static ALWAYS float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+    if (exp == 0) {
+        if (man == 0) {
+            u = sign;
+        } else { /* subnormal: renormalize */
+            int e = -1;
+            do { man <<= 1; e++; } while (!(man & 0x400));
+            u = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else {
+        u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* element i of a scales/biases array of type st */
+static ALWAYS float ld_param(const void *p, size_t i, int st) {
+    if (st == ST_F32) return ((const float *)p)[i];
+    if (st == ST_BF16) return bf16_to_f32(((const uint16_t *)p)[i]);
+    return f16_to_f32(((const uint16_t *)p)[i]);
+}
+
+/* Decode codes [k0, k0+n) (k0, n multiples of 8) of one packed row into float codes
+ * (not scaled). Eight codes always span exactly `bits` bytes. */
+static void decode_codes(const uint8_t *row, int bits, int k0, int n, float *out) {
+    const uint64_t mask = (1u << bits) - 1;
+    const uint8_t *p = row + (size_t)k0 / 8 * bits;
+    for (int c = 0; c < n; c += 8, p += bits) {
+        uint64_t v = 0;
+        memcpy(&v, p, bits); /* little-endian host */
+        for (int i = 0; i < 8; i++) out[c + i] = (float)((v >> (i * bits)) & mask);
+    }
+}
+
+/* one row dequantized to float32 (any bits) */
+static void dequant_row_generic(const uint8_t *row, int K, int bits, int gs, const void *sc,
+                                const void *bi, int st, size_t goff, float *out) {
+    decode_codes(row, bits, 0, K, out);
+    for (int g = 0; g < K / gs; g++) {
+        float s = ld_param(sc, goff + g, st), b = ld_param(bi, goff + g, st);
+        float *o = out + (size_t)g * gs;
+        for (int i = 0; i < gs; i++) o[i] = s * o[i] + b;
+    }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* thread pool                                                                           */
+
+#define MAXTH 64
+typedef void (*task_fn)(void *ctx, int ith, int nth);
+
+static struct {
+    pthread_mutex_t job_mu; /* one job at a time (callers from several Python threads) */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int nworkers;
+    pid_t pid;
+    _Atomic unsigned gen;
+    _Atomic int pending;
+    task_fn fn;
+    void *ctx;
+    int nth;
+    long spin_ns;
+} P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0,
+       0, 0, 0, 200000};
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static ALWAYS void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+typedef struct { int ith; unsigned gen0; } worker_arg;
+
+static void *worker_main(void *argp) {
+    worker_arg a = *(worker_arg *)argp;
+    free(argp);
+    unsigned seen = a.gen0;
+    for (;;) {
+        unsigned g = atomic_load_explicit(&P.gen, memory_order_acquire);
+        if (g == seen) {
+            long t0 = now_ns();
+            for (int i = 0;; i++) {
+                cpu_relax();
+                g = atomic_load_explicit(&P.gen, memory_order_acquire);
+                if (g != seen) break;
+                if ((i & 63) == 63 && now_ns() - t0 > P.spin_ns) break;
+            }
+            if (g == seen) {
+                pthread_mutex_lock(&P.mu);
+                while ((g = atomic_load_explicit(&P.gen, memory_order_acquire)) == seen)
+                    pthread_cond_wait(&P.cv, &P.mu);
+                pthread_mutex_unlock(&P.mu);
+            }
+        }
+        seen = g;
+        if (a.ith < P.nth) P.fn(P.ctx, a.ith, P.nth);
+        atomic_fetch_sub_explicit(&P.pending, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+void vlmc_set_spin_us(int us) { P.spin_ns = (long)us * 1000; }
+
+/* fork(): hold the job lock across it so the child never inherits it locked mid-job;
+ * the child has no workers (threads do not survive fork) and starts new ones. */
+static void atfork_prepare(void) { pthread_mutex_lock(&P.job_mu); }
+static void atfork_parent(void) { pthread_mutex_unlock(&P.job_mu); }
+static void atfork_child(void) {
+    P.nworkers = 0;
+    P.pid = getpid();
+    pthread_mutex_init(&P.mu, NULL);
+    pthread_cond_init(&P.cv, NULL);
+    pthread_mutex_init(&P.job_mu, NULL);
+}
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static void install_atfork(void) { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); }
+
+/* Run fn(ctx, i, nth) for i in [0, nth): i = 0 on the calling thread. */
+static void run_parallel(task_fn fn, void *ctx, int nth) {
+    if (nth > MAXTH) nth = MAXTH;
+    if (nth <= 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    pthread_once(&atfork_once, install_atfork);
+    pthread_mutex_lock(&P.job_mu);
+    if (P.pid != getpid()) { /* first use */
+        P.pid = getpid();
+        P.nworkers = 0;
+    }
+    while (P.nworkers < nth - 1) {
+        worker_arg *a = malloc(sizeof *a);
+        pthread_t t;
+        if (!a) break;
+        a->ith = P.nworkers + 1;
+        a->gen0 = atomic_load(&P.gen);
+        if (pthread_create(&t, NULL, worker_main, a) != 0) {
+            free(a);
+            break;
+        }
+        pthread_detach(t);
+        P.nworkers++;
+    }
+    if (nth > P.nworkers + 1) nth = P.nworkers + 1;
+    if (nth <= 1) {
+        pthread_mutex_unlock(&P.job_mu);
+        fn(ctx, 0, 1);
+        return;
+    }
+    P.fn = fn;
+    P.ctx = ctx;
+    P.nth = nth;
+    atomic_store_explicit(&P.pending, P.nworkers, memory_order_relaxed);
+    pthread_mutex_lock(&P.mu);
+    atomic_fetch_add_explicit(&P.gen, 1, memory_order_release);
+    pthread_cond_broadcast(&P.cv);
+    pthread_mutex_unlock(&P.mu);
+    fn(ctx, 0, nth);
+    for (int i = 0; atomic_load_explicit(&P.pending, memory_order_acquire) != 0; i++) {
+        if (i < 20000) cpu_relax();
+        else sched_yield();
+    }
+    pthread_mutex_unlock(&P.job_mu);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* GEMV job description and dynamic row scheduling                                       */
+
+#define CHUNK_MAX 128 /* rows per scheduling chunk (sizes the partial-sum buffer) */
+#ifndef CHUNK_MIN_M
+#define CHUNK_MIN_M 2
+#endif
+#ifndef X_CHUNK_FLOATS
+#define X_CHUNK_FLOATS 4096 /* M x kc floats of x kept in L1 per K chunk (16 KiB) */
+#endif
+
+typedef struct {
+    int kind;          /* 0 f32, 1 bf16, 2 quantized */
+    int M, N, K;
+    const float *x;    /* [M, K] natural layout */
+    const float *xq;   /* quantized: x permuted for the 4-bit kernel, else == x */
+    const float *xs;   /* quantized: [M, G] group sums of x */
+    const void *w;
+    const void *sc, *bi;
+    int st;            /* scales/biases type */
+    int bits, gs, G;
+    const float *bias; /* [N] or NULL */
+    float *y;          /* [M, N] */
+    int kc;            /* K elements per chunk (x chunk stays in L1) */
+    int kmain;         /* K covered by the SIMD blocks (4-bit: whole 64-spans) */
+    int long_rows;     /* M x K floats of x exceed X_CHUNK_FLOATS (pick the long-row tables) */
+    size_t rowbytes;   /* bytes of one weight row */
+    int chunk;
+    _Atomic int next;
+} job_t;
+
+static ALWAYS int grab(job_t *J, int *n0, int *n1) {
+    int s = atomic_fetch_add_explicit(&J->next, J->chunk, memory_order_relaxed);
+    if (s >= J->N) return 0;
+    *n0 = s;
+    *n1 = s + J->chunk < J->N ? s + J->chunk : J->N;
+    return 1;
+}
+
+/* sum_g biases[n, g] * xs[m, g] */
+/* sum_{g < G} p[n, g] * xs[m, g] for the per-group parameters p (biases or scales) */
+__attribute__((unused)) static float group_dot(const job_t *J, const void *p, int n, int m, int G) {
+    const size_t off = (size_t)n * J->G;
+    const float *xs = J->xs + (size_t)m * J->G;
+    int g = 0;
+    float s = 0.f;
+#if VLMC_SIMD
+    __m256 acc = _mm256_setzero_ps();
+    if (J->st == ST_F32) {
+        const float *b = (const float *)p + off;
+        for (; g + 8 <= G; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(b + g), _mm256_loadu_ps(xs + g), acc);
+    } else if (J->st == ST_BF16) {
+        const uint16_t *b = (const uint16_t *)p + off;
+        for (; g + 8 <= G; g += 8) {
+            __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(b + g)));
+            acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(h, 16)), _mm256_loadu_ps(xs + g), acc);
+        }
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    s = _mm_cvtss_f32(h);
+#endif
+    for (; g < G; g++) s += ld_param(p, off + g, J->st) * xs[g];
+    return s;
+}
+
+static ALWAYS void store_out(const job_t *J, int n, int m, float v) {
+    if (J->bias) v += J->bias[n];
+    J->y[(size_t)m * J->N + n] = v;
+}
+
+#if VLMC_SIMD
+/* Software prefetch of the weight stream (quantized formats: their decode is long
+ * enough that the hardware prefetcher alone falls behind). */
+#ifndef PF_DIST
+#define PF_DIST 1024
+#endif
+static ALWAYS void pf(const void *p, size_t off) {
+    if (PF_DIST > 0) _mm_prefetch((const char *)p + off, _MM_HINT_T0);
+}
+
+static ALWAYS float hsum(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+static ALWAYS __m256 ld8_bf16(const uint16_t *p) {
+    __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+
+/* Every block function below adds, for R weight rows n.. and M activation rows, the
+ * partial dot products over k in [k0, k1) to part[r * M + m]. The range drivers walk
+ * K in chunks (J->kc) so that the x chunk stays in L1 while many weight rows pass. */
+
+/* ---- float32 / bfloat16 weights: P accumulators per (row, activation) -------------- */
+static ALWAYS void dense_block(const int R, const int M, const int P, const int BF, const job_t *J, int n,
+                               int k0, int k1, float *part, size_t pfo) {
+    const int K = J->K;
+    __m256 acc[4][8][4];
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) UNROLL for (int p = 0; p < P; p++)
+        acc[r][m][p] = _mm256_setzero_ps();
+    const float *wf = (const float *)J->w + (size_t)n * K;
+    const uint16_t *wh = (const uint16_t *)J->w + (size_t)n * K;
+    int k = k0;
+    for (; k + 8 * P <= k1; k += 8 * P) {
+        if (pfo)
+            UNROLL for (int r = 0; r < R; r++)
+                pf(BF ? (const void *)(wh + (size_t)r * K + k) : (const void *)(wf + (size_t)r * K + k), pfo);
+        UNROLL for (int p = 0; p < P; p++) {
+            __m256 wv[4];
+            UNROLL for (int r = 0; r < R; r++)
+                wv[r] = BF ? ld8_bf16(wh + (size_t)r * K + k + 8 * p) : _mm256_loadu_ps(wf + (size_t)r * K + k + 8 * p);
+            UNROLL for (int m = 0; m < M; m++) {
+                __m256 xv = _mm256_loadu_ps(J->x + (size_t)m * K + k + 8 * p);
+                UNROLL for (int r = 0; r < R; r++) acc[r][m][p] = _mm256_fmadd_ps(wv[r], xv, acc[r][m][p]);
+            }
+        }
+    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) {
+        __m256 a = acc[r][m][0];
+        UNROLL for (int p = 1; p < P; p++) a = _mm256_add_ps(a, acc[r][m][p]);
+        float s = hsum(a);
+        for (int kk = k; kk < k1; kk++)
+            s += (BF ? bf16_to_f32(wh[(size_t)r * K + kk]) : wf[(size_t)r * K + kk]) * J->x[(size_t)m * K + kk];
+        part[r * M + m] += s;
+    }
+}
+
+/* scale vector for 64 consecutive codes of group `off` (gs == 32: groups off, off+1) */
+static ALWAYS __m256 scale_vec(const int ST, const job_t *J, size_t off, int two) {
+    if (two) {
+        float s0 = ld_param(J->sc, off, ST), s1 = ld_param(J->sc, off + 1, ST);
+        return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(s0)), _mm_set1_ps(s1), 1);
+    }
+    return _mm256_set1_ps(ld_param(J->sc, off, ST));
+}
+
+/* ---- 4-bit: a 32-byte load holds 8 words = 64 codes; nibble j of word l is code 8l+j.
+ * x is pre-permuted per 64-block so that xq[8j + l] = x[8l + j]: shifting the whole
+ * vector by 4j and masking then yields 8 codes that pair with 8 contiguous floats.
+ * FOLD: accumulate q*x over a span (64 codes, or one group if larger) and apply the
+ * scale once per span (small M); otherwise scale the codes first (fewer registers).
+ * Covers whole spans only; the last half-span (gs == 32, K % 64 == 32) is done by
+ * q_finish. ------------------------------------------------------------------------- */
+static ALWAYS void q4_block(const int R, const int M, const int P, const int FOLD, const int ST, const job_t *J,
+                            int n, int k0, int k1, float *part, size_t pfo) {
+    const int K = J->K, gs = J->gs, G = J->G;
+    const int span = gs < 64 ? 64 : gs, two = gs < 64;
+    const size_t ws = (size_t)K / 8; /* words per row */
+    const uint32_t *w = (const uint32_t *)J->w + (size_t)n * ws;
+    const __m256i mask = _mm256_set1_epi32(0xF);
+    __m256 tot[4][8];
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) tot[r][m] = _mm256_setzero_ps();
+    for (int ks = k0; ks < k1; ks += span) {
+        __m256 sv[4], acc[4][8][4];
+        UNROLL for (int r = 0; r < R; r++) sv[r] = scale_vec(ST, J, (size_t)(n + r) * G + (size_t)ks / gs, two);
+        if (FOLD)
+            UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) UNROLL for (int p = 0; p < P; p++)
+                acc[r][m][p] = _mm256_setzero_ps();
+        for (int kb = ks; kb < ks + span; kb += 64) {
+            __m256i v[4];
+            const uint32_t *wb = w + ((unsigned)kb >> 3);
+            UNROLL for (int r = 0; r < R; r++) {
+                pf(wb + r * ws, pfo);
+                v[r] = _mm256_loadu_si256((const __m256i *)(wb + r * ws));
+            }
+            UNROLL for (int j = 0; j < 8; j++) {
+                __m256 q[4];
+                UNROLL for (int r = 0; r < R; r++) {
+                    __m256i t = j ? _mm256_srli_epi32(v[r], 4 * j) : v[r];
+                    if (j < 7) t = _mm256_and_si256(t, mask);
+                    q[r] = _mm256_cvtepi32_ps(t);
+                    if (!FOLD) q[r] = _mm256_mul_ps(q[r], sv[r]);
+                }
+                UNROLL for (int m = 0; m < M; m++) {
+                    __m256 xv = _mm256_loadu_ps(J->xq + (size_t)m * K + kb + 8 * j);
+                    UNROLL for (int r = 0; r < R; r++) {
+                        if (FOLD) acc[r][m][j % P] = _mm256_fmadd_ps(q[r], xv, acc[r][m][j % P]);
+                        else tot[r][m] = _mm256_fmadd_ps(q[r], xv, tot[r][m]);
+                    }
+                }
+            }
+        }
+        if (FOLD)
+            UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) {
+                __m256 a = acc[r][m][0];
+                UNROLL for (int p = 1; p < P; p++) a = _mm256_add_ps(a, acc[r][m][p]);
+                tot[r][m] = _mm256_fmadd_ps(a, sv[r], tot[r][m]);
+            }
+    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) part[r * M + m] += hsum(tot[r][m]);
+}
+
+/* ---- 8-bit: 8 bytes -> 8 codes in natural order (vpmovzxbd) ------------------------- */
+static ALWAYS void q8_block(const int R, const int M, const int P, const int FOLD, const int ST, const job_t *J,
+                            int n, int k0, int k1, float *part, size_t pfo) {
+    const int K = J->K, gs = J->gs, G = J->G;
+    const uint8_t *w = (const uint8_t *)J->w + (size_t)n * K;
+    __m256 tot[4][8];
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) tot[r][m] = _mm256_setzero_ps();
+    for (int ks = k0; ks < k1; ks += gs) {
+        __m256 sv[4], acc[4][8][4];
+        UNROLL for (int r = 0; r < R; r++) sv[r] = _mm256_set1_ps(ld_param(J->sc, (size_t)(n + r) * G + ks / gs, ST));
+        if (FOLD)
+            UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) UNROLL for (int p = 0; p < P; p++)
+                acc[r][m][p] = _mm256_setzero_ps();
+        for (int c = ks; c < ks + gs; c += 8 * P) {
+            if ((c & 63) == 0) UNROLL for (int r = 0; r < R; r++) pf(w + (size_t)r * K + c, pfo);
+            UNROLL for (int p = 0; p < P; p++) {
+                __m256 q[4];
+                UNROLL for (int r = 0; r < R; r++) {
+                    __m128i b8 = _mm_loadl_epi64((const __m128i *)(w + (size_t)r * K + c + 8 * p));
+                    q[r] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b8));
+                    if (!FOLD) q[r] = _mm256_mul_ps(q[r], sv[r]);
+                }
+                UNROLL for (int m = 0; m < M; m++) {
+                    __m256 xv = _mm256_loadu_ps(J->x + (size_t)m * K + c + 8 * p);
+                    UNROLL for (int r = 0; r < R; r++) {
+                        if (FOLD) acc[r][m][p] = _mm256_fmadd_ps(q[r], xv, acc[r][m][p]);
+                        else tot[r][m] = _mm256_fmadd_ps(q[r], xv, tot[r][m]);
+                    }
+                }
+            }
+        }
+        if (FOLD)
+            UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) {
+                __m256 a = acc[r][m][0];
+                UNROLL for (int p = 1; p < P; p++) a = _mm256_add_ps(a, acc[r][m][p]);
+                tot[r][m] = _mm256_fmadd_ps(a, sv[r], tot[r][m]);
+            }
+    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) part[r * M + m] += hsum(tot[r][m]);
+}
+
+/* bias terms, the 4-bit half-span tail, and the store */
+static void q_finish(const job_t *J, int n, const float *part) {
+    const int K = J->K, G = J->G;
+    for (int m = 0; m < J->M; m++) {
+        float s = part[m] + group_dot(J, J->bi, n, m, G);
+        if (J->bits == 4 && J->kmain < K) {
+            const uint32_t *w = (const uint32_t *)J->w + (size_t)n * (K / 8);
+            float t = 0.f;
+            for (int k = J->kmain; k < K; k++)
+                t += (float)((w[k / 8] >> (4 * (k % 8))) & 0xF) * J->x[(size_t)m * K + k];
+            s += t * ld_param(J->sc, (size_t)n * G + G - 1, J->st);
+        }
+        store_out(J, n, m, s);
+    }
+}
+
+/* Row range [n0, n1): K chunks outside, blocks of R rows inside, then the epilogue. */
+#define DEFINE_RANGE(name, CALL, QUANT)                                                                  \
+    static ALWAYS void name##_range(const int R, const int M, const int P, const int F, const int ST,   \
+                                    const job_t *J, int n0, int n1) {                                  \
+        float part[CHUNK_MAX * 8];                                                                     \
+        memset(part, 0, sizeof(float) * (size_t)(n1 - n0) * M);                                        \
+        (void)F;                                                                                       \
+        (void)ST;                                                                                      \
+        for (int k0 = 0; k0 < J->kmain; k0 += J->kc) {                                                 \
+            const int k1 = k0 + J->kc < J->kmain ? k0 + J->kc : J->kmain;                              \
+            const size_t pfo = J->kc < J->kmain ? (size_t)2 * R * J->rowbytes                           \
+                               : R > 1 || QUANT ? PF_DIST : 0; /* one dense stream: hardware suffices */ \
+            int n = n0;                                                                                \
+            for (; n + R <= n1; n += R) CALL(R, M, P, F, ST, J, n, k0, k1, part + (n - n0) * M, pfo);  \
+            for (; n < n1; n++) CALL(1, M, P, F, ST, J, n, k0, k1, part + (n - n0) * M, pfo);          \
+        }                                                                                              \
+        for (int n = n0; n < n1; n++) {                                                                \
+            if (QUANT) q_finish(J, n, part + (n - n0) * M);                                            \
+            else for (int m = 0; m < M; m++) store_out(J, n, m, part[(n - n0) * M + m]);               \
+        }                                                                                              \
+    }
+#define CALL_F32(R, M, P, F, ST, J, n, k0, k1, part, pfo) dense_block(R, M, P, 0, J, n, k0, k1, part, pfo)
+#define CALL_BF16(R, M, P, F, ST, J, n, k0, k1, part, pfo) dense_block(R, M, P, 1, J, n, k0, k1, part, pfo)
+DEFINE_RANGE(f32, CALL_F32, 0)
+DEFINE_RANGE(bf16, CALL_BF16, 0)
+DEFINE_RANGE(q4, q4_block, 1)
+DEFINE_RANGE(q8, q8_block, 1)
+
+/* Kernel configurations (R weight rows per block, P accumulators, FOLD) per M in
+ * {1, 2, 3, 4, 8}; M = 5..7 runs the M = 8 kernel on zero-padded x (gemv_sliced), which
+ * keeps the number of instantiations (and the compile time) down. Chosen by timing on
+ * Zen 4, whose AVX-512VL gives 32 vector registers; with AVX2's 16 the configurations
+ * keep accumulators + temporaries within 16.
+ * Two tables: short rows (M x K floats of x fit in L1: one weight row at a time, so
+ * consecutive rows form one sequential stream that the hardware prefetcher follows) and
+ * long rows (several rows share each x load; x would otherwise be re-read from L2). */
+#if defined(__AVX512VL__)
+#define WIDE_REGS 1
+#else
+#define WIDE_REGS 0
+#endif
+
+#define KFN(name, R, M, P, F) name##_k##R##_##M##_##P##_##F
+#define DEFK(name, R, M, P, F)                                                                     \
+    static __attribute__((noinline)) void KFN(name, R, M, P, F)(const job_t *J, int n0, int n1) { \
+        name##_range(R, M, P, F, ST_F32, J, n0, n1);                                               \
+    }
+/* quantized kernels: one instance per scales/biases type (float32 or bfloat16) */
+#define DEFQ(name, R, M, P, F)                                                                     \
+    static __attribute__((noinline)) void KFN(name, R, M, P, F)(const job_t *J, int n0, int n1) { \
+        if (J->st == ST_BF16) name##_range(R, M, P, F, ST_BF16, J, n0, n1);                       \
+        else name##_range(R, M, P, F, ST_F32, J, n0, n1);                                          \
+    }
+#define DEFQ_(args) DEFQ args
+#define DEFK_(args) DEFK args
+#define KFN_(args) KFN args
+
+/* dense (f32 and bf16 share the tables) */
+#define D_S1 1, 1, 4, 0
+#define D_S2 1, 2, 2, 0
+#define D_S3 1, 3, 2, 0
+#define D_S4 1, 4, 1, 0
+#define D_L1 4, 1, 2, 0
+#define D_L2 2, 2, 2, 0
+#define D_L3 2, 3, 1, 0
+#if WIDE_REGS
+#define D_L4 4, 4, 1, 0
+#define D_8 2, 8, 1, 0
+#else
+#define D_L4 2, 4, 1, 0
+#define D_8 1, 8, 1, 0
+#endif
+/* quantized (4- and 8-bit share the tables but for M = 1 and 4) */
+#define Q_S1 1, 1, 4, 1
+#define Q_2 1, 2, 2, 1
+#define Q_3 1, 3, 1, 1
+#define Q_8 1, 8, 1, 0
+#if WIDE_REGS
+#define Q4_L1 4, 1, 1, 1
+#define Q4_4 4, 4, 1, 0
+#define Q8_4 2, 4, 1, 1
+#else
+#define Q4_L1 2, 1, 2, 1
+#define Q4_4 1, 4, 1, 1
+#define Q8_4 1, 4, 1, 1
+#endif
+#define Q8_L1 2, 1, 2, 1
+
+#define DEF_DENSE(name)                                                                          \
+    DEFK_((name, D_S1)) DEFK_((name, D_S2)) DEFK_((name, D_S3)) DEFK_((name, D_S4))              \
+    DEFK_((name, D_L1)) DEFK_((name, D_L2)) DEFK_((name, D_L3)) DEFK_((name, D_L4))              \
+    DEFK_((name, D_8))                                                                           \
+    static void name##_rows(const job_t *J, int n0, int n1) {                                    \
+        const int L = J->long_rows;                                                              \
+        switch (J->M) {                                                                          \
+        case 1: (L ? KFN_((name, D_L1)) : KFN_((name, D_S1)))(J, n0, n1); break;                 \
+        case 2: (L ? KFN_((name, D_L2)) : KFN_((name, D_S2)))(J, n0, n1); break;                 \
+        case 3: (L ? KFN_((name, D_L3)) : KFN_((name, D_S3)))(J, n0, n1); break;                 \
+        case 4: (L ? KFN_((name, D_L4)) : KFN_((name, D_S4)))(J, n0, n1); break;                 \
+        default: KFN_((name, D_8))(J, n0, n1); break;                                            \
+        }                                                                                        \
+    }
+DEF_DENSE(f32)
+DEF_DENSE(bf16)
+
+DEFQ_((q4, Q_S1)) DEFQ_((q4, Q4_L1)) DEFQ_((q4, Q_2)) DEFQ_((q4, Q_3)) DEFQ_((q4, Q4_4)) DEFQ_((q4, Q_8))
+DEFQ_((q8, Q_S1)) DEFQ_((q8, Q8_L1)) DEFQ_((q8, Q_2)) DEFQ_((q8, Q_3)) DEFQ_((q8, Q8_4)) DEFQ_((q8, Q_8))
+
+static void q4_rows(const job_t *J, int n0, int n1) {
+    switch (J->M) {
+    case 1: (J->long_rows ? KFN_((q4, Q4_L1)) : KFN_((q4, Q_S1)))(J, n0, n1); break;
+    case 2: KFN_((q4, Q_2))(J, n0, n1); break;
+    case 3: KFN_((q4, Q_3))(J, n0, n1); break;
+    case 4: KFN_((q4, Q4_4))(J, n0, n1); break;
+    default: KFN_((q4, Q_8))(J, n0, n1); break;
+    }
+}
+static void q8_rows(const job_t *J, int n0, int n1) {
+    switch (J->M) {
+    case 1: (J->long_rows ? KFN_((q8, Q8_L1)) : KFN_((q8, Q_S1)))(J, n0, n1); break;
+    case 2: KFN_((q8, Q_2))(J, n0, n1); break;
+    case 3: KFN_((q8, Q_3))(J, n0, n1); break;
+    case 4: KFN_((q8, Q8_4))(J, n0, n1); break;
+    default: KFN_((q8, Q_8))(J, n0, n1); break;
+    }
+}
+#endif /* VLMC_SIMD */
+
+/* ---- portable paths (and any bit width): decode a row to float, then dot ----------- */
+static float dot_f32(const float *a, const float *b, int K) {
+    float s = 0.f;
+    int k = 0;
+#if VLMC_SIMD
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; k + 16 <= K; k += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), a1);
+    }
+    s = hsum(_mm256_add_ps(a0, a1));
+#endif
+    for (; k < K; k++) s += a[k] * b[k];
+    return s;
+}
+
+static void generic_rows(const job_t *J, int n0, int n1, float *buf) {
+    const int K = J->K;
+    for (int n = n0; n < n1; n++) {
+        const float *wr;
+        if (J->kind == 0) {
+            wr = (const float *)J->w + (size_t)n * K;
+        } else if (J->kind == 1) {
+            const uint16_t *h = (const uint16_t *)J->w + (size_t)n * K;
+            for (int k = 0; k < K; k++) buf[k] = bf16_to_f32(h[k]);
+            wr = buf;
+        } else {
+            const uint8_t *row = (const uint8_t *)J->w + (size_t)n * K / 8 * J->bits;
+            dequant_row_generic(row, K, J->bits, J->gs, J->sc, J->bi, J->st, (size_t)n * J->G, buf);
+            wr = buf;
+        }
+        for (int m = 0; m < J->M; m++) store_out(J, n, m, dot_f32(wr, J->x + (size_t)m * K, K));
+    }
+}
+
+/* the SIMD kernels cover float32/bfloat16 weights and 4/8-bit codes with float32 or
+ * bfloat16 scales; everything else takes the portable path */
+static int simd_ok(const job_t *J) {
+    return VLMC_SIMD && (J->kind != 2 || ((J->bits == 4 || J->bits == 8) && J->st != ST_F16));
+}
+
+static void gemv_task(void *ctx, int ith, int nth) {
+    (void)ith;
+    (void)nth;
+    job_t *J = ctx;
+    int n0, n1;
+#if VLMC_SIMD
+    if (simd_ok(J)) {
+        while (grab(J, &n0, &n1)) {
+            if (J->kind == 0) f32_rows(J, n0, n1);
+            else if (J->kind == 1) bf16_rows(J, n0, n1);
+            else if (J->bits == 4) q4_rows(J, n0, n1);
+            else q8_rows(J, n0, n1);
+        }
+        return;
+    }
+#endif
+    float *buf = J->kind == 0 ? NULL : malloc(sizeof(float) * (size_t)J->K);
+    if (J->kind != 0 && !buf) return; /* caller checks nothing; output left as is */
+    while (grab(J, &n0, &n1)) generic_rows(J, n0, n1, buf);
+    free(buf);
+}
+
+/* rows per scheduling chunk: multiple of 4, ~8 chunks per thread, >= 16 rows */
+static int pick_chunk(int N, int nth) {
+    int c = N / (nth * 8);
+    if (c < 16) c = 16;
+    if (c > CHUNK_MAX) c = CHUNK_MAX;
+    return (c + 3) & ~3;
+}
+
+/* K chunking: kc a multiple of the kernel's unit (16, the 4-bit span, or gs) */
+static void plan_k(job_t *J) {
+    const int K = J->K;
+    int unit = 16;
+    J->kmain = K;
+    if (J->kind == 0) J->rowbytes = (size_t)K * 4;
+    else if (J->kind == 1) J->rowbytes = (size_t)K * 2;
+    else {
+        J->rowbytes = (size_t)K * J->bits / 8;
+        unit = J->bits == 4 ? (J->gs < 64 ? 64 : J->gs) : J->gs;
+        if (J->bits == 4) J->kmain = K / unit * unit;
+    }
+    int kc = X_CHUNK_FLOATS / J->M / unit * unit;
+    J->kc = kc < unit ? unit : kc;
+    J->long_rows = (long)J->M * K > X_CHUNK_FLOATS;
+    if (J->M < CHUNK_MIN_M) J->kc = J->kmain; /* one x row: keep the weight stream sequential */
+}
+
+/* bytes of W below which threading costs more than it saves */
+#define MIN_BYTES_PER_THREAD (96 * 1024)
+
+static int eff_threads(int n_threads, double wbytes, int N) {
+    int nth = n_threads < 1 ? 1 : n_threads;
+    int by_size = (int)(wbytes / MIN_BYTES_PER_THREAD);
+    if (by_size < 1) by_size = 1;
+    if (nth > by_size) nth = by_size;
+    if (nth > (N + 15) / 16) nth = (N + 15) / 16;
+    return nth < 1 ? 1 : nth;
+}
+
+static void run_gemv(job_t *J, double wbytes, int n_threads) {
+    int nth = eff_threads(n_threads, wbytes, J->N);
+    J->chunk = pick_chunk(J->N, nth);
+    plan_k(J);
+    atomic_store(&J->next, 0);
+    run_parallel(gemv_task, J, nth);
+}
+
+/* The SIMD kernels exist for M in {1, 2, 3, 4, 8}: M = 5..7 runs as 8 on zero-padded
+ * copies of x (the extra outputs are dropped). Returns nonzero when out of memory. */
+static int gemv_padded(job_t *J, double wbytes, int n_threads) {
+    const int M = J->M, K = J->K, N = J->N, G = J->G;
+    float *buf = calloc((size_t)8 * (2 * (size_t)K + G) + (size_t)8 * N, sizeof(float));
+    if (!buf) return -5;
+    float *x8 = buf, *xq8 = x8 + (size_t)8 * K, *xs8 = xq8 + (size_t)8 * K, *y8 = xs8 + (size_t)8 * G;
+    const float *x = J->x, *xq = J->xq, *xs = J->xs;
+    float *y = J->y;
+    memcpy(x8, x, sizeof(float) * (size_t)M * K);
+    memcpy(xq8, xq, sizeof(float) * (size_t)M * K);
+    if (xs) memcpy(xs8, xs, sizeof(float) * (size_t)M * G);
+    J->M = 8;
+    J->x = x8;
+    J->xq = xq == x ? x8 : xq8;
+    J->xs = xs ? xs8 : NULL;
+    J->y = y8;
+    run_gemv(J, wbytes, n_threads);
+    memcpy(y, y8, sizeof(float) * (size_t)M * N);
+    free(buf);
+    return 0;
+}
+
+/* Larger M: process x in slices of 8 rows (W is re-read per slice). */
+static int gemv_sliced(job_t *J, double wbytes, int n_threads) {
+    const int M = J->M, N = J->N;
+    const float *x = J->x, *xq = J->xq, *xs = J->xs;
+    float *y = J->y;
+    int rc = 0;
+    for (int m0 = 0; m0 < M && !rc; m0 += 8) {
+        J->M = M - m0 < 8 ? M - m0 : 8;
+        J->x = x + (size_t)m0 * J->K;
+        J->xq = xq + (size_t)m0 * J->K;
+        J->xs = xs ? xs + (size_t)m0 * J->G : NULL;
+        J->y = y + (size_t)m0 * N;
+        if (simd_ok(J) && J->M > 4 && J->M < 8) rc = gemv_padded(J, wbytes, n_threads);
+        else run_gemv(J, wbytes, n_threads);
+    }
+    return rc;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* public API. Return 0 on success, a negative code for bad arguments or no memory.      */
+
+int vlmc_gemv_f32(const float *x, int M, int K, const float *w, int N, const float *bias, float *y,
+                  int n_threads) {
+    if (M < 1 || K < 1 || N < 1) return -1;
+    job_t J = {.kind = 0, .M = M, .N = N, .K = K, .x = x, .xq = x, .w = w, .bias = bias, .y = y};
+    return gemv_sliced(&J, 4.0 * N * K, n_threads);
+}
+
+int vlmc_gemv_bf16(const float *x, int M, int K, const uint16_t *w, int N, const float *bias, float *y,
+                   int n_threads) {
+    if (M < 1 || K < 1 || N < 1) return -1;
+    job_t J = {.kind = 1, .M = M, .N = N, .K = K, .x = x, .xq = x, .w = w, .bias = bias, .y = y};
+    return gemv_sliced(&J, 2.0 * N * K, n_threads);
+}
+
+static int check_q(int K, int N, int bits, int gs, int st) {
+    if (K < 1 || N < 1) return -1;
+    if (bits < 2 || bits > 8 || bits == 7) return -2;
+    if (gs < 8 || gs % 8 || K % gs) return -3;
+    if ((size_t)K * bits % 32) return -3;
+    if (st < 0 || st > 2) return -4;
+    return 0;
+}
+
+int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *scales, const void *biases,
+                int st, int N, int bits, int gs, const float *bias, float *y, int n_threads) {
+    int rc = check_q(K, N, bits, gs, st);
+    if (rc || M < 1) return rc ? rc : -1;
+    const int G = K / gs;
+    float *xs = malloc(sizeof(float) * (size_t)M * G);
+    float *xq = NULL;
+    if (!xs) return -5;
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < G; g++) {
+            float s = 0.f;
+            for (int i = 0; i < gs; i++) s += x[(size_t)m * K + (size_t)g * gs + i];
+            xs[(size_t)m * G + g] = s;
+        }
+    if (VLMC_SIMD && bits == 4 && st != ST_F16) { /* the 4-bit kernel's x permutation (see q4_block) */
+        xq = malloc(sizeof(float) * (size_t)M * K);
+        if (!xq) { free(xs); return -5; }
+        const int span = gs < 64 ? 64 : gs, full = K / span * span;
+        for (int m = 0; m < M; m++) {
+            const float *xr = x + (size_t)m * K;
+            float *o = xq + (size_t)m * K;
+            for (int kb = 0; kb < full; kb += 64)
+                for (int l = 0; l < 8; l++)
+                    for (int j = 0; j < 8; j++) o[kb + 8 * j + l] = xr[kb + 8 * l + j];
+            memcpy(o + full, xr + full, sizeof(float) * (size_t)(K - full));
+        }
+    }
+    job_t J = {.kind = 2, .M = M, .N = N, .K = K, .x = x, .xq = xq ? xq : x, .xs = xs, .w = w,
+               .sc = scales, .bi = biases, .st = st, .bits = bits, .gs = gs, .G = G, .bias = bias, .y = y};
+    rc = gemv_sliced(&J, (double)N * K * bits / 8, n_threads);
+    free(xq);
+    free(xs);
+    return rc;
+}
+
+/* ---- dequantize: out[N, K] float32 --------------------------------------------------- */
+typedef struct {
+    const uint32_t *w;
+    const void *sc, *bi;
+    int st, N, K, bits, gs;
+    float *out;
+    int chunk;
+    _Atomic int next;
+} dq_t;
+
+static void dequant_rows(const dq_t *D, int n0, int n1) {
+    const int K = D->K, gs = D->gs, G = K / gs, bits = D->bits;
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *row = (const uint8_t *)D->w + (size_t)n * K / 8 * bits;
+        float *o = D->out + (size_t)n * K;
+#if VLMC_SIMD
+        if (bits == 4 || bits == 8) {
+            const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), mask = _mm256_set1_epi32(0xF);
+            for (int g = 0; g < G; g++) {
+                const __m256 s = _mm256_set1_ps(ld_param(D->sc, (size_t)n * G + g, D->st));
+                const __m256 b = _mm256_set1_ps(ld_param(D->bi, (size_t)n * G + g, D->st));
+                for (int k = g * gs; k < (g + 1) * gs; k += 8) {
+                    __m256i q;
+                    if (bits == 8) {
+                        q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + k)));
+                    } else {
+                        uint32_t word;
+                        memcpy(&word, row + k / 2, 4);
+                        q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), sh), mask);
+                    }
+                    _mm256_storeu_ps(o + k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, b));
+                }
+            }
+            continue;
+        }
+#endif
+        dequant_row_generic(row, K, bits, gs, D->sc, D->bi, D->st, (size_t)n * G, o);
+    }
+}
+
+static void dequant_task(void *ctx, int ith, int nth) {
+    (void)ith;
+    (void)nth;
+    dq_t *D = ctx;
+    for (;;) {
+        int s = atomic_fetch_add(&D->next, D->chunk);
+        if (s >= D->N) return;
+        dequant_rows(D, s, s + D->chunk < D->N ? s + D->chunk : D->N);
+    }
+}
+
+int vlmc_dequantize(const uint32_t *w, const void *scales, const void *biases, int st, int N, int K, int bits,
+                    int gs, float *out, int n_threads) {
+    int rc = check_q(K, N, bits, gs, st);
+    if (rc) return rc;
+    dq_t D = {.w = w, .sc = scales, .bi = biases, .st = st, .N = N, .K = K, .bits = bits, .gs = gs, .out = out};
+    int nth = eff_threads(n_threads, 4.0 * N * K, N);
+    D.chunk = pick_chunk(N, nth);
+    atomic_store(&D.next, 0);
+    run_parallel(dequant_task, &D, nth);
+    return 0;
+}
+
+/* ---- bfloat16 -> float32 (the prefill GEMM upcasts bf16 weights per call) ----------- */
+typedef struct { const uint16_t *src; float *dst; int64_t n; } cvt_t;
+
+static void cvt_task(void *ctx, int ith, int nth) {
+    cvt_t *C = ctx;
+    int64_t per = ((C->n + nth - 1) / nth + 63) & ~(int64_t)63, i0 = per * ith, i1 = i0 + per < C->n ? i0 + per : C->n;
+    int64_t i = i0;
+#if VLMC_SIMD
+    for (; i + 8 <= i1; i += 8) _mm256_storeu_ps(C->dst + i, ld8_bf16(C->src + i));
+#endif
+    for (; i < i1; i++) C->dst[i] = bf16_to_f32(C->src[i]);
+}
+
+void vlmc_bf16_to_f32(const uint16_t *src, int64_t n, float *dst, int n_threads) {
+    cvt_t C = {src, dst, n};
+    int nth = eff_threads(n_threads, 2.0 * n, (int)(n / 1024 + 1));
+    run_parallel(cvt_task, &C, nth);
+}
+
+/* ---- streaming read of a buffer (measures the machine's read bandwidth) -------------- */
+typedef struct { const float *p; int64_t n; float part[MAXTH]; } rd_t;
+
+static void read_task(void *ctx, int ith, int nth) {
+    rd_t *R = ctx;
+    int64_t per = ((R->n + nth - 1) / nth + 63) & ~(int64_t)63, i0 = per * ith, i1 = i0 + per < R->n ? i0 + per : R->n;
+    float s = 0.f;
+    int64_t i = i0;
+#if VLMC_SIMD
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 32 <= i1; i += 32) {
+        a0 = _mm256_add_ps(a0, _mm256_loadu_ps(R->p + i));
+        a1 = _mm256_add_ps(a1, _mm256_loadu_ps(R->p + i + 8));
+        a2 = _mm256_add_ps(a2, _mm256_loadu_ps(R->p + i + 16));
+        a3 = _mm256_add_ps(a3, _mm256_loadu_ps(R->p + i + 24));
+    }
+    s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+    for (; i < i1; i++) s += R->p[i];
+    R->part[ith] = s;
+}
+
+float vlmc_stream_read(const float *p, int64_t n, int n_threads) {
+    rd_t R = {p, n, {0}};
+    int nth = n_threads < 1 ? 1 : n_threads > MAXTH ? MAXTH : n_threads;
+    run_parallel(read_task, &R, nth);
+    float s = 0.f;
+    for (int i = 0; i < nth; i++) s += R.part[i];
+    return s;
+}
