@@ -61,6 +61,16 @@ def test_linear_matches_reference(dtype, N, K):
             assert rel_err(y, ref) < DENSE_TOL, (M, N, K, dtype, bias is not None)
 
 
+def test_linear_odd_k():
+    """K not a multiple of the SIMD width: scalar tails (and K chunks for several rows)."""
+    for N, K in [(29, 203), (11, 5001)]:
+        w = rand(N, K, scale=0.05)
+        for M in (1, 2, 6, 8, 17):
+            x = rand(M, K)
+            for wd in (w, w.astype(mx.bfloat16)):
+                assert rel_err(cpu.linear(x, wd), reference.linear(x, wd)) < DENSE_TOL, (N, K, M)
+
+
 def test_linear_leading_dims_bias_dtype_and_views():
     w = rand(96, 128)
     x = rand(2, 3, 128)
@@ -210,6 +220,7 @@ def _cpu_flags() -> str:
 
 
 @pytest.mark.skipif(" avx2 " not in _cpu_flags() or " fma " not in _cpu_flags(), reason="needs AVX2+FMA")
+@pytest.mark.skipif(" avx512vl " not in _cpu_flags(), reason="the native build already is the AVX2 variant")
 def test_avx2_only_build_matches(monkeypatch):
     """The AVX2 variant with 16 vector registers (other kernel configurations than an
     AVX-512 machine's -march=native build), every kernel shape and M."""

@@ -134,6 +134,7 @@ def build(native: bool = True, *, flags: list[str] | None = None,
         compiled = False
         try:
             if force or not path.exists():
+                print(f"vlmc: compiling the CPU kernels into {path.parent} (once per machine)", file=sys.stderr)
                 _compile(cc, flags, path)
                 compiled = True
             return _declare(ctypes.CDLL(str(path))), path, compiled
