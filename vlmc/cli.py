@@ -88,8 +88,15 @@ def quality_cmd(candidate: str, reference: str, steps: int) -> None:
                f"mean KL {report.mean_kl:.5f}  max KL {report.max_kl:.5f}")
 
 
+def _default_model() -> str:
+    from .demo import MODEL_DIR
+    if not (MODEL_DIR / "config.json").is_file():
+        raise VlmcError(f"the bundled demo model is missing from this install ({MODEL_DIR}); pass a model")
+    return str(MODEL_DIR)
+
+
 @main.command("run")
-@click.argument("src")
+@click.argument("src", required=False)
 @click.option("-p", "--prompt", required=True, help="The user message.")
 @click.option("-i", "--image", "images", multiple=True, help="Image path, http(s) URL or data: URI (repeatable).")
 @click.option("--system", default=None, help="System message.")
@@ -109,8 +116,9 @@ def run_cmd(src: str, prompt: str, images: tuple[str, ...], system: str | None, 
             temperature: float, top_p: float, top_k: int, min_p: float, repetition_penalty: float,
             seed: int | None, stops: tuple[str, ...], dtype: str, verbose: bool) -> None:
     """Generate a reply from SRC (an artifact, a checkpoint folder or a hub id; checkpoints
-    are compiled once and cached)."""
+    are compiled once and cached). Without SRC, the bundled demo model (synthetic shapes)."""
     from .api import load
+    src = src or _default_model()
     from .runtime.sampling import SamplingParams
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                             repetition_penalty=repetition_penalty, seed=seed)
@@ -127,6 +135,32 @@ def run_cmd(src: str, prompt: str, images: tuple[str, ...], system: str | None, 
         click.echo(f"prompt: {s['prompt_tokens']} tokens, {s['prompt_tps']:.1f} tok/s | generation: "
                    f"{s['generation_tokens']} tokens, {s['generation_tps']:.1f} tok/s | peak memory "
                    f"{s['peak_memory_gb']:.3f} GB | finish: {last.finish_reason}", err=True)
+
+
+@main.command("eval")
+@click.argument("src", required=False)
+@click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Images to use (default: the whole split).")
+@click.option("--dtype", type=DTYPE, default="float32", show_default=True)
+@click.option("-q", "--quantize", default=None, help="Compile with this weight scheme first (see compile).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the result here.")
+@_user_errors
+def eval_cmd(src: str | None, split: str, limit: int | None, dtype: str, quantize: str | None,
+             json_out: Path | None) -> None:
+    """Exact-match accuracy on the demo task's held-out split (SRC: the demo model by default,
+    or an artifact / checkpoint trained on it)."""
+    from .api import load
+    from .compiler import compile as compile_checkpoint
+    from .evaluate import evaluate
+    from .runtime.artifact import is_artifact
+    src = src or _default_model()
+    if quantize and not is_artifact(src):
+        src = str(compile_checkpoint(src, dtype=dtype, quantize=quantize, progress=True))
+    result = evaluate(load(src, dtype=dtype), split=split, limit=limit, progress=True)
+    kinds = "  ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in result["per_kind"].items())
+    click.echo(f"{split}: {100 * result['accuracy']:.2f}% exact match ({result['correct']}/{result['n']})  {kinds}")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1))
 
 
 @main.command("inspect")
