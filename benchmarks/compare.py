@@ -87,6 +87,11 @@ def image_messages() -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": IMAGE_PROMPT}]}]
 
 
+def _vocab_size(checkpoint: Path) -> int | None:
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    return cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+
+
 def _checkpoint_dtype(checkpoint: Path) -> str:
     cfg = json.loads((checkpoint / "config.json").read_text())
     d = cfg.get("torch_dtype") or cfg.get("dtype") or (cfg.get("text_config") or {}).get("dtype") or "float32"
@@ -237,6 +242,14 @@ def worker_mlx_vlm(spec: dict[str, Any]) -> dict[str, Any]:
     # Fixed token counts: stream_generate stops when tokenizer.stopping_criteria(token) is
     # true (the hook mlx_vlm.generate(stopping_criteria=...) sets); make it never fire.
     tokenizer.stopping_criteria = lambda _token: False
+    # Random weights sample ids past the benchmark tokenizer's last token (the vocab keeps
+    # its real size, the tokenizer is small); mlx-vlm's BPE streaming detokenizer indexes a
+    # list as long as the tokenizer and raises IndexError on them. Give those ids a
+    # one-character entry: the detokenizer does the same work per token, nothing else changes.
+    tokenmap = getattr(getattr(processor, "detokenizer", None), "tokenmap", None)
+    vocab = _vocab_size(Path(spec["checkpoint"]))
+    if isinstance(tokenmap, list) and vocab and len(tokenmap) < vocab:
+        tokenmap.extend(["!"] * (vocab - len(tokenmap)))
     image = _image(spec, "image")
     ids = mx.array([spec["ids"]], dtype=mx.int32)
 

@@ -41,6 +41,10 @@ from typing import Any
 
 import numpy as np
 
+# Idle OpenMP threads must sleep, not spin: on a shared 2-core machine a spinning thread waits
+# for a descheduled peer and a training step took 5-20x longer (measured). Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
@@ -103,7 +107,8 @@ PIXELS = S.IMAGE_SIZE * S.IMAGE_SIZE  # min_pixels = max_pixels: any image -> ab
 
 
 def _corpus() -> list[str]:
-    """The task's text: every question template filled in every way, answers, descriptions."""
+    """The task's text: every question template filled in every way, the questions and answers
+    of 2000 training scenes, and the bare answer words."""
     lines = [S.Q_SHAPE, S.Q_COUNT, S.Q_DESCRIBE, *S.NUMBER_WORDS, "left", "right"]
     for shape in S.SHAPES:
         lines.append(S.Q_COLOR.format(shape=shape))
@@ -113,10 +118,15 @@ def _corpus() -> list[str]:
                 for c2 in S.COLORS:
                     if s2 != shape:
                         lines.append(S.Q_POSITION.format(c1=c1, s1=shape, c2=c2, s2=s2))
-    for seed in S.split_seeds("train", 2000):
+    for seed in S.split_seeds("train", 2000):  # questions and answers as frequent as in training
         shapes, _ = S.make_scene(seed)
-        lines.append(S.describe(shapes))
-    lines += ["user", "assistant", "system", "Picture 1: ", "You are a helpful assistant."]
+        for q, a in S.questions(shapes, seed):
+            lines += [q, a]
+    lines += ["user\n", "assistant\n", "system\n"] * 20 + ["Picture 1: ", "You are a helpful assistant."]
+    # Answers start a reply, with no leading space: repeat them bare so each is one token
+    # ("orange", not "o" "r" "ange"), and an answer's first token is the whole decision.
+    answers = [*S.COLORS, *S.SHAPES, *S.NUMBER_WORDS[1:], "left", "right"]
+    lines += answers * 20
     return lines
 
 
@@ -535,7 +545,8 @@ def train(args: argparse.Namespace) -> None:
     diff = check_equivalence(model, processor, packer, val_samples[:3])
     log(f"packed rows = single-turn examples (max logit difference {diff:.1e})")
     aux = AuxHead(model, args.text_hidden)
-    decay, no_decay = list(aux.parameters()), []
+    word_aux = WordAuxHead(model, processor.tokenizer, args.text_hidden, args.word_aux_layer)
+    decay, no_decay = list(aux.parameters()) + list(word_aux.parameters()), []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name or "embed" in name else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -552,7 +563,7 @@ def train(args: argparse.Namespace) -> None:
     history = []
     t_train = time.time()
     cpu_train = time.process_time()
-    run_loss, run_aux, run_hits, run_n, questions_seen = 0.0, 0.0, 0, 0, 0
+    run_loss, run_aux, run_word, run_hits, run_n, questions_seen = 0.0, 0.0, 0.0, 0, 0, 0
     for step in range(args.steps):
         if not order:
             order = epoch_batches(train_samples, args.batch_size, rng)
@@ -560,24 +571,28 @@ def train(args: argparse.Namespace) -> None:
         rows = [(s.image, s.qas) for s in batch]
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        loss, hits = loss_and_hits(model, *packer(rows))
-        aux_weight = args.aux_weight * max(0.0, 1 - step / max(1, args.aux_steps))
+        packed = packer(rows)
+        loss, hits = loss_and_hits(model, *packed)
+        decay_factor = max(0.0, 1 - step / max(1, args.aux_steps))
         aux_loss = aux.loss(batch)
+        word_loss = word_aux.loss(batch, packed[0]["input_ids"])
         opt.zero_grad(set_to_none=True)
-        (loss + aux_weight * aux_loss).backward()
+        (loss + decay_factor * (args.aux_weight * aux_loss + args.word_aux_weight * word_loss)).backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         n_q = sum(len(s.qas) for s in batch)
         questions_seen += n_q
         run_loss += loss.item()
         run_aux += aux_loss.item()
+        run_word += word_loss.item()
         run_hits += sum(int(hits[b, :len(s.qas)].sum()) for b, s in enumerate(batch))
         run_n += n_q
         if (step + 1) % args.log_every == 0:
             log(f"step {step + 1}/{args.steps} loss {run_loss / args.log_every:.4f} aux {run_aux / args.log_every:.3f} "
+                f"word {run_word / args.log_every:.3f} "
                 f"train-acc {run_hits / run_n:.3f} lr {lr_at(step):.2e} "
                 f"({(time.time() - t_train) / (step + 1):.2f} s/step, cpu {time.process_time() - cpu_train:.0f} s)")
-            run_loss, run_aux, run_hits, run_n = 0.0, 0.0, 0, 0
+            run_loss, run_aux, run_word, run_hits, run_n = 0.0, 0.0, 0.0, 0, 0
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             acc = teacher_forced_accuracy(model, packer, val_monitor)
             history.append({"step": step + 1, "seconds": round(time.time() - t_train, 1), **acc})
@@ -607,7 +622,7 @@ def train(args: argparse.Namespace) -> None:
         "model": {"params": n_params, "vision_params": n_vision, "dtype": args.dtype,
                   "vocab_size": config.text_config.vocab_size, "tokenizer_size": ids["__size__"]},
         "hyperparameters": {k: getattr(args, k) for k in (
-            "steps", "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "aux_weight", "aux_steps", "vocab", "text_hidden",
+            "steps", "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "aux_weight", "aux_steps", "word_aux_weight", "word_aux_layer", "vocab", "text_hidden",
             "text_layers", "text_heads", "text_kv_heads", "text_intermediate", "vision_dim", "vision_depth",
             "vision_heads", "vision_mlp_ratio", "threads")},
         "images_seen": args.steps * args.batch_size,
@@ -698,6 +713,49 @@ class AuxHead:
         if covered.any():
             loss = loss + 4 * F.mse_loss(x[covered, 0], labels[covered, -1])
         return loss / (len(AUX_CLASSES) + 1)
+
+
+class WordAuxHead:
+    """A linear probe on a middle decoder layer at every shape word of the text (" circle" in
+    "What color is the circle?"), trained to predict that shape's color and center x: dense
+    supervision for the decoder's step from a word to the image tokens it names. Dropped
+    when saving."""
+
+    def __init__(self, model, tokenizer, hidden: int, layer: int):
+        import torch
+
+        self.linear = torch.nn.Linear(hidden, len(S.COLORS) + 1)
+        self.word_ids = {tokenizer.convert_tokens_to_ids("Ġ" + k): k for k in S.SHAPES}
+        assert all(isinstance(i, int) and i >= 0 for i in self.word_ids), self.word_ids
+        self.hidden = None
+        model.model.language_model.layers[layer - 1].register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        self.hidden = output[0] if isinstance(output, tuple) else output
+
+    def parameters(self):
+        return self.linear.parameters()
+
+    def loss(self, samples: list[S.Sample], ids):
+        import torch
+        import torch.nn.functional as F
+
+        rows, cols, colors, xs = [], [], [], []
+        color_index = {c: i for i, c in enumerate(S.COLORS)}
+        for b, s in enumerate(samples):
+            by_kind = {sh.kind: sh for sh in s.shapes}
+            for t, tok in enumerate(ids[b].tolist()):
+                kind = self.word_ids.get(tok)
+                if kind is not None and kind in by_kind:
+                    rows.append(b)
+                    cols.append(t)
+                    colors.append(color_index[by_kind[kind].color])
+                    xs.append(2 * by_kind[kind].cx / S.IMAGE_SIZE - 1)
+        hidden, self.hidden = self.hidden, None
+        if not rows:
+            return torch.zeros(())
+        out = self.linear(hidden[torch.tensor(rows), torch.tensor(cols)])
+        return (F.cross_entropy(out[:, :-1], torch.tensor(colors)) + 4 * F.mse_loss(out[:, -1], torch.tensor(xs).float())) / 2
 
 
 def epoch_batches(samples: list[S.Sample], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -870,13 +928,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-images", type=int, default=S.TEST_IMAGES)
     p.add_argument("--monitor-images", type=int, default=100, help="validation images checked during training")
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=8, help="images per step (each with all its questions)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step (each with all its questions)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.02)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--aux-weight", type=float, default=1.0, help="auxiliary vision loss weight at step 0")
     p.add_argument("--aux-steps", type=int, default=None, help="steps over which it decays to 0 (default: all)")
+    p.add_argument("--word-aux-weight", type=float, default=0.0, help="decoder shape-word probe loss weight")
+    p.add_argument("--word-aux-layer", type=int, default=2, help="decoder layer whose output it probes")
     p.add_argument("--vocab", type=int, default=400, help="BPE vocabulary before special tokens")
     p.add_argument("--text-hidden", type=int, default=192)
     p.add_argument("--text-layers", type=int, default=4)
