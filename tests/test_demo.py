@@ -1,7 +1,6 @@
 """The bundled demo model and its synthetic task (vlmc.demo, vlmc.evaluate, examples/)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
