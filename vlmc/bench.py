@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 import click
 
-from .errors import InputError, VlmcError
+from .errors import InputError, exit_on_user_error
 
 DEFAULT_PROMPT_LENGTHS = (128, 512, 2048)
 IMAGE_PROMPT = "Describe this image."
@@ -396,20 +396,14 @@ def _lengths(_ctx: Any, _param: Any, value: str) -> list[int]:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write every number (and the machine's load) to this JSON file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final table.")
+@exit_on_user_error
 def bench_cmd(src: str, dtype: str, prompt_lengths: list[int], decode_tokens: int, decode_context: int | None,
               image_size: int, runs: int, warmup: bool, json_path: Path | None, quiet: bool) -> None:
     """Measure prefill and decode tok/s, one-image TTFT, peak memory and the decode roofline
     of SRC (an artifact, a checkpoint folder or a hub id)."""
     log = None if quiet else (lambda m: click.echo(m, err=True))
-    try:
-        result = bench(src, dtype=dtype, log=log, prompt_lengths=prompt_lengths, decode_tokens=decode_tokens,
-                       decode_context=decode_context, image_size=image_size, runs=runs, warmup=warmup)
-    except VlmcError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    result = bench(src, dtype=dtype, log=log, prompt_lengths=prompt_lengths, decode_tokens=decode_tokens,
+                   decode_context=decode_context, image_size=image_size, runs=runs, warmup=warmup)
     click.echo(format_report(result))
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=1))

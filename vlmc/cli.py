@@ -5,28 +5,13 @@ one ``error:`` line and exit 1; only bugs in vlmc show a traceback.
 """
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from .errors import VlmcError
-
-
-def _user_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except VlmcError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-    return wrapper
+from .errors import VlmcError, exit_on_user_error
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,7 +41,7 @@ TARGET = click.Choice(["cpu", "metal", "cuda"])
               help="mixed: first/last decoder layers, v_proj and down_proj at 6 bits (8 for q2/q3).")
 @click.option("--no-fuse", "no_fuse", multiple=True, type=click.Choice(["qkv", "gate_up"]),
               help="Turn a fusion off (repeatable), e.g. to measure its effect.")
-@_user_errors
+@exit_on_user_error
 def compile_cmd(src: str, out: Path | None, dtype: str, target: str | None, preset: str, quantize: str | None,
                 group_size: int, quantize_vision: bool, head: str, recipe: str, no_fuse: tuple[str, ...]) -> None:
     """Compile SRC (a checkpoint folder or Hugging Face hub id) into an MLX artifact."""
@@ -71,7 +56,7 @@ def compile_cmd(src: str, out: Path | None, dtype: str, target: str | None, pres
 @click.argument("candidate")
 @click.option("--reference", required=True, help="The artifact to compare against (usually the float32 one).")
 @click.option("--steps", default=32, show_default=True, type=int, help="Teacher-forced positions per prompt.")
-@_user_errors
+@exit_on_user_error
 def quality_cmd(candidate: str, reference: str, steps: int) -> None:
     """Top-1 agreement and KL of CANDIDATE vs REFERENCE on fixed prompts, plus per-layer
     weight reconstruction error of quantized weights."""
@@ -111,7 +96,7 @@ def _default_model() -> str:
 @click.option("--dtype", type=DTYPE, default="float32", show_default=True,
               help="Weight dtype when SRC must be compiled first.")
 @click.option("-v", "--verbose", is_flag=True, help="Print token counts, speeds and peak memory.")
-@_user_errors
+@exit_on_user_error
 def run_cmd(src: str, prompt: str, images: tuple[str, ...], system: str | None, max_tokens: int,
             temperature: float, top_p: float, top_k: int, min_p: float, repetition_penalty: float,
             seed: int | None, stops: tuple[str, ...], dtype: str, verbose: bool) -> None:
@@ -144,7 +129,7 @@ def run_cmd(src: str, prompt: str, images: tuple[str, ...], system: str | None, 
 @click.option("--dtype", type=DTYPE, default="float32", show_default=True)
 @click.option("-q", "--quantize", default=None, help="Compile with this weight scheme first (see compile).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the result here.")
-@_user_errors
+@exit_on_user_error
 def eval_cmd(src: str | None, split: str, limit: int | None, dtype: str, quantize: str | None,
              json_out: Path | None) -> None:
     """Exact-match accuracy on the demo task's held-out split (SRC: the demo model by default,
@@ -167,7 +152,7 @@ def eval_cmd(src: str | None, split: str, limit: int | None, dtype: str, quantiz
 @click.argument("src")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest (artifacts) as JSON.")
 @click.option("--layers", is_flag=True, help="List every quantized weight with its scheme, size and error.")
-@_user_errors
+@exit_on_user_error
 def inspect_cmd(src: str, as_json: bool, layers: bool) -> None:
     """Print the IR, parameter counts and memory of an artifact or a checkpoint."""
     from .runtime.artifact import is_artifact, read_manifest, reject_unfinished

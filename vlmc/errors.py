@@ -4,6 +4,10 @@ Anything that is *not* a VlmcError reaching the CLI is a bug in vlmc and keeps i
 """
 
 
+import functools
+import sys
+
+
 class VlmcError(Exception):
     """Base class: a clear, user-facing failure."""
 
@@ -26,3 +30,18 @@ class InputError(VlmcError):
 
 class ArtifactError(VlmcError):
     """A compiled artifact is missing, incomplete or from an incompatible vlmc version."""
+
+
+def exit_on_user_error(fn):
+    """For CLI commands: a VlmcError prints one ``error:`` line and exits 1; Ctrl-C exits 130."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VlmcError as e:
+            sys.stderr.write(f"error: {e}\n")
+            sys.exit(1)
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted\n")
+            sys.exit(130)
+    return wrapper
