@@ -198,7 +198,6 @@ def _summarize(text_runs: list[dict[str, float]], image_runs: list[dict[str, Any
 def worker_vlmc(spec: dict[str, Any]) -> dict[str, Any]:
     sys.path.insert(0, str(REPO))
     import mlx.core as mx
-    from PIL import Image
 
     import vlmc
     from vlmc.bench import time_generation, time_image_request, weight_roofline
@@ -233,7 +232,6 @@ def worker_vlmc(spec: dict[str, Any]) -> dict[str, Any]:
 def worker_mlx_vlm(spec: dict[str, Any]) -> dict[str, Any]:
     import mlx.core as mx
     import mlx_vlm
-    from PIL import Image
 
     t = time.perf_counter()
     model, processor = mlx_vlm.load(spec["checkpoint"])
@@ -320,7 +318,6 @@ def worker_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "tests"))
     import torch
     import transformers
-    from PIL import Image
     from transformers.generation.streamers import BaseStreamer
 
     from fixtures.checkpoints import _model_class, hf_processor  # torchvision-free processor
@@ -490,6 +487,25 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def print_merged(paths: list[Path], out: Path | None) -> None:
+    rows: dict[str, dict[str, Any]] = {}
+    metas = []
+    for p in paths:
+        data = json.loads(p.read_text())
+        metas.append(data["meta"])
+        for r in data["results"]:
+            if "error" not in r or r["label"] not in rows:
+                rows[r["label"]] = r
+    keys = ("checkpoint", "prompt_tokens", "decode_tokens", "image_size", "runs")
+    if any(tuple(m[k] for k in keys) != tuple(metas[0][k] for k in keys) for m in metas):
+        sys.exit("error: these files were measured with different settings: " + str([{k: m[k] for k in keys}
+                                                                                     for m in metas]))
+    print(format_table(list(rows.values()), metas[0]))
+    if out:
+        out.write_text(json.dumps({"meta": metas[0], "merged_from": [str(p) for p in paths],
+                                   "results": list(rows.values())}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -511,12 +527,18 @@ def main() -> None:
                     help="Where to write the hub-named copy if CHECKPOINT needs one (default: CHECKPOINT-hub).")
     ap.add_argument("--timeout", type=float, default=3600, help="Seconds per framework.")
     ap.add_argument("--json", type=Path, default=None, help="Write every number to this file.")
+    ap.add_argument("--from-json", action="append", default=[], type=Path,
+                    help="Print one table from earlier --json files (repeatable) instead of running; "
+                         "a failed run is replaced by a later successful one with the same label.")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         worker_main(a.worker, a.spec, a.out)
+        return
+    if a.from_json:
+        print_merged(a.from_json, a.json)
         return
     if a.checkpoint is None:
         ap.error("CHECKPOINT is required")
