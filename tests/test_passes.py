@@ -38,22 +38,31 @@ def _trace(model, steps=12, image=True):
     return toks, np.stack(logits)
 
 
-def _text_block_linears(art) -> list[str]:
+def _text_block(art) -> str:
     src = (art / "model.py").read_text()
     body = src[src.index("def text_layer"):]
-    body = body[:body.index("\n    def ", 10)]
-    return [line for line in body.splitlines() if "ops.linear(" in line or "ops.qlinear(" in line]
+    return body[:body.index("\n    def ", 10)]
+
+
+def _text_block_linears(art) -> list[str]:
+    return [line for line in _text_block(art).splitlines() if "ops.linear(" in line or "ops.qlinear(" in line]
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava"])
 def test_fusion_really_fuses_and_keeps_the_tokens(ckpts, tmp_path, family):
     fused = compile(ckpts[family], tmp_path / "fused")
-    plain = compile(ckpts[family], tmp_path / "plain", no_fuse=["qkv", "gate_up"])
+    plain = compile(ckpts[family], tmp_path / "plain", no_fuse=["qkv", "gate_up", "add_norm"])
     # one qkv matmul and one gate/up matmul per layer instead of five separate ones
     assert len(_text_block_linears(fused)) == 4
     assert len(_text_block_linears(plain)) == 7
     assert "q_proj+k_proj+v_proj" in (fused / "model.py").read_text()
     assert _manifest(fused)["meta"]["fusions"]["qkv"] >= 2
+    # the residual add and post-attention norm of every text layer: one op, no separate norm
+    text_layer = _text_block(fused)
+    assert text_layer.count("ops.add_rms_norm(") == 1 and text_layer.count("ops.rms_norm(") == 1
+    assert _text_block(plain).count("ops.add_rms_norm(") == 0
+    # 2 text layers; Qwen2.5-VL's 4 vision layers use RMSNorm too (the others LayerNorm)
+    assert _manifest(fused)["meta"]["fusions"]["add_norm"] == {"qwen2_5_vl": 6}.get(family, 2)
     t1, l1 = _trace(vlmc.load(fused))
     t2, l2 = _trace(vlmc.load(plain))
     assert t1 == t2
@@ -61,10 +70,13 @@ def test_fusion_really_fuses_and_keeps_the_tokens(ckpts, tmp_path, family):
 
 
 def test_each_fusion_switches_off_alone(ckpts, tmp_path):
-    only_qkv = compile(ckpts["qwen2_vl"], tmp_path / "a", no_fuse=["gate_up"])
+    only_qkv = compile(ckpts["qwen2_vl"], tmp_path / "a", no_fuse=["gate_up", "add_norm"])
     src = (only_qkv / "model.py").read_text()
-    assert "q_proj+k_proj+v_proj" in src and "gate_proj+up_proj" not in src
+    assert "q_proj+k_proj+v_proj" in src and "gate_proj+up_proj" not in src and "add_rms_norm" not in src
     assert len(_text_block_linears(only_qkv)) == 5
+    only_norm = compile(ckpts["qwen2_vl"], tmp_path / "b", no_fuse=["gate_up", "qkv"])
+    src = (only_norm / "model.py").read_text()
+    assert "add_rms_norm" in src and "+" not in "".join(_text_block_linears(only_norm))
 
 
 @pytest.mark.parametrize("scheme,bits", [("q4", 4), ("q8", 8), ("q3", 3)])
@@ -132,9 +144,19 @@ def test_lowering_picks_the_op_library_and_compute_dtype(ckpts, tmp_path):
     metal = compile(ckpts["qwen2_vl"], tmp_path / "metal", dtype="bfloat16", target="metal")
     assert "from vlmc.kernels import cpu_ops as ops" in (cpu / "model.py").read_text()
     assert "ops.cast(" in (cpu / "model.py").read_text()          # bf16 table -> f32 activations
-    assert "from vlmc.kernels import reference as ops" in (metal / "model.py").read_text()
+    assert "from vlmc.kernels import gpu_ops as ops" in (metal / "model.py").read_text()
     assert _manifest(cpu)["meta"]["compute_dtype"] == "float32"
     assert _manifest(metal)["meta"]["compute_dtype"] == "bfloat16"
+
+
+def test_gpu_artifact_runs_on_a_machine_without_that_gpu(ckpts, tmp_path):
+    """The GPU op library falls back to the MLX reference ops (fused ones included)."""
+    cuda = compile(ckpts["qwen2_vl"], tmp_path / "cuda", target="cuda")
+    cpu = compile(ckpts["qwen2_vl"], tmp_path / "cpu", target="cpu")
+    assert "ops.add_rms_norm(" in (cuda / "model.py").read_text()
+    t1, l1 = _trace(vlmc.load(cuda))
+    t2, l2 = _trace(vlmc.load(cpu))
+    assert t1 == t2 and np.abs(l1 - l2).max() < 1e-4
 
 
 def test_bad_pass_options_are_user_errors(ckpts, tmp_path):

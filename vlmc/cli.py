@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from .errors import VlmcError, exit_on_user_error
+from .passes.fuse import FUSIONS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,7 +40,7 @@ TARGET = click.Choice(["cpu", "metal", "cuda"])
               help="Scheme for embeddings and LM head: auto (q8 below 8 bits), none (float), or a scheme.")
 @click.option("--recipe", type=click.Choice(["uniform", "mixed"]), default="uniform", show_default=True,
               help="mixed: first/last decoder layers, v_proj and down_proj at 6 bits (8 for q2/q3).")
-@click.option("--no-fuse", "no_fuse", multiple=True, type=click.Choice(["qkv", "gate_up"]),
+@click.option("--no-fuse", "no_fuse", multiple=True, type=click.Choice(list(FUSIONS)),
               help="Turn a fusion off (repeatable), e.g. to measure its effect.")
 @exit_on_user_error
 def compile_cmd(src: str, out: Path | None, dtype: str, target: str | None, preset: str, quantize: str | None,

@@ -8,7 +8,7 @@ dependencies), because ``vlmc.evaluate`` runs it without torch.
 A scene holds one to three shapes of *different* kinds (circle, square, triangle, star),
 each with one of six colors (colors may repeat), a size and a position. Shapes never
 overlap, and every pair's centers are at least ``MIN_DX`` pixels apart horizontally, so
-"left or right" and the left-to-right order of a description are always well defined.
+"left or right" is always well defined.
 Backgrounds are solid light colors, light gradients, either with or without light noise.
 
 Questions (``KINDS``) and their canonical answers::
@@ -18,7 +18,7 @@ Questions (``KINDS``) and their canonical answers::
     count     "How many shapes are there?"                  "two"
     position  "Is the red circle left or right of the blue square?"   "left"  (one per pair)
     describe  "Describe the image."                          "A red circle and a blue square."
-              (shapes listed left to right)
+              (shapes listed in the fixed order circle, square, triangle, star)
 
 Splits come from disjoint seed ranges (``SPLIT_SEEDS``); ``check_disjoint`` also hashes
 every image so no identical image (hence no identical image+question pair) crosses splits.
@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 112          # pixels; the processor resizes any user image to about this area
 SUPERSAMPLE = 4           # shapes are drawn at 4x and downsampled (anti-aliased edges)
-MIN_SIZE, MAX_SIZE = 24, 38   # shape size (bounding width of a circle), pixels
+MIN_SIZE, MAX_SIZE = 28, 40   # shape size (bounding width of a circle), pixels
 MIN_DX = 16               # minimum horizontal distance between two shapes' centers
 GAP = 4                   # minimum gap between two shapes' bounding circles
 
@@ -144,7 +144,7 @@ def make_scene(seed: int) -> tuple[list[Shape], dict]:
         color = names[int(rng.integers(len(names)))]
         jitter = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3)
         rgb = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLORS[color], jitter))
-        angle = float(rng.uniform(0, 72)) if kind == "star" else float(rng.uniform(-15, 15))
+        angle = float(rng.uniform(0, 72)) if kind == "star" else float(rng.uniform(-10, 10))
         shapes.append(Shape(kind, color, rgb, cx, cy, size, angle))
     shapes.sort(key=lambda s: s.cx)
 
@@ -228,8 +228,10 @@ def render(shapes: list[Shape], background: dict) -> Image.Image:
 
 
 def describe(shapes: list[Shape]) -> str:
-    """One canonical sentence, shapes left to right: "A red circle, a blue square and a green star."."""
-    parts = [f"{'an' if s.color[0] in 'aeiou' else 'a'} {s.color} {s.kind}" for s in shapes]
+    """One canonical sentence listing the shapes in the fixed order of ``SHAPES`` (circle,
+    square, triangle, star), whatever their places: "A red circle, a blue square and a green star."."""
+    ordered = sorted(shapes, key=lambda s: SHAPES.index(s.kind))
+    parts = [f"{'an' if s.color[0] in 'aeiou' else 'a'} {s.color} {s.kind}" for s in ordered]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text[0].upper() + text[1:] + "."
 

@@ -92,6 +92,14 @@ def _add(t, a):
     return [TensorType(broadcast(t[0].shape, t[1].shape), t[0].dtype)]
 
 
+@rule("add_rms_norm")
+def _add_rms_norm(t, a):
+    """(a + b, rms_norm(a + b, w)): the residual add fused with the norm that reads it."""
+    _same_dim(t[0].shape[-1], t[2].shape[-1], "add_rms_norm weight")
+    h = TensorType(broadcast(t[0].shape, t[1].shape), t[0].dtype)
+    return [h, h]
+
+
 @rule("mul")
 def _mul(t, a):
     return [TensorType(broadcast(t[0].shape, t[1].shape), t[0].dtype)]

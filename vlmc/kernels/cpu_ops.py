@@ -1,8 +1,25 @@
 """The op library of the ``cpu`` target: the reference ops, with matmuls replaced by the
 CPU kernels (``vlmc.kernels.cpu``): compact-weight GEMV for decode, float32 BLAS GEMM for
-prefill. Same names and signatures as ``reference``; results agree within the tolerances
-stated in tests/test_cpu_kernels.py."""
+prefill, and BLAS attention for many query rows (prefill, vision). Same names and
+signatures as ``reference``; results agree within the tolerances stated in
+tests/test_cpu_kernels.py."""
 from __future__ import annotations
 
+import mlx.core as mx
+
 from .reference import *  # noqa: F401,F403  (every op not overridden below)
+
+from . import cpu as _cpu
 from .cpu import linear, qembedding, qlinear  # noqa: F401
+from .cpu.attention import attention as _blas_attention
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None, *,
+              scale: float) -> mx.array:
+    return _blas_attention(q, k, v, mask, scale=scale, enabled=_cpu.enabled())
+
+
+def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.array | None = None,
+                     *, scale: float) -> mx.array:
+    keys, values = cache.update(k, v)
+    return attention(q, keys, values, mask, scale=scale)

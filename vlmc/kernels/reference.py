@@ -31,6 +31,12 @@ def add(a: mx.array, b: mx.array) -> mx.array:
     return a + b
 
 
+def add_rms_norm(a: mx.array, b: mx.array, w: mx.array, eps: float) -> tuple[mx.array, mx.array]:
+    """The residual add and the next norm (``fuse`` pass ``add_norm``): (a + b, rms_norm(a + b))."""
+    h = a + b
+    return h, mx.fast.rms_norm(h, w, eps)
+
+
 def mul(a: mx.array, b: mx.array) -> mx.array:
     return a * b
 

@@ -2,8 +2,11 @@
 
 - ``qkv``: q/k/v (or any non-MLP projections) reading the same normalized input.
 - ``gate_up``: an MLP's gate and up projections.
+- ``add_norm``: a residual add and the RMSNorm that reads its sum become one
+  ``add_rms_norm`` op (a single pass over the row with vlmc's GPU kernel; on the CPU
+  target the same two MLX ops).
 
-Each fused group becomes ``linear(x, W_cat, b_cat) -> split`` whose outputs keep the
+Each fused projection group becomes ``linear(x, W_cat, b_cat) -> split`` whose outputs keep the
 original value names, so nothing downstream changes. Fewer, larger matmuls cut the
 per-call overhead that dominates decode on every backend. A group is skipped (and
 reported) when its parts cannot be concatenated (a pending transform, mixed biases).
@@ -13,7 +16,7 @@ from __future__ import annotations
 from ..ir.core import Function, Op, Param, Program, TensorType
 from .manager import register
 
-FUSIONS = ("qkv", "gate_up")
+FUSIONS = ("qkv", "gate_up", "add_norm")
 
 
 def _kind(weights: list[str]) -> str:
@@ -74,6 +77,24 @@ def _fuse_function(fn: Function, enabled: set[str], param_of, make_param) -> tup
     return counts, skipped
 
 
+def _fuse_add_norm(fn: Function) -> int:
+    """``h = add(a, b); n = rms_norm(h, @w)`` -> ``h, n = add_rms_norm(a, b, @w)`` where a and
+    b have the sum's shape (the kernel does not broadcast); h keeps its other readers."""
+    sums = {op.outputs[0]: op for op in fn.ops if op.op == "add"}
+    fused = 0
+    for norm in [op for op in fn.ops if op.op == "rms_norm"]:
+        add = sums.pop(norm.inputs[0], None)
+        if add is None or not norm.inputs[1].startswith("@"):
+            continue
+        if not (fn.types[add.inputs[0]].shape == fn.types[add.inputs[1]].shape == fn.types[add.outputs[0]].shape):
+            continue
+        fn.ops[fn.ops.index(add)] = Op("add_rms_norm", [add.inputs[0], add.inputs[1], norm.inputs[1]],
+                                       [add.outputs[0], norm.outputs[0]], dict(norm.attrs))
+        fn.ops.remove(norm)
+        fused += 1
+    return fused
+
+
 @register("fuse")
 def fuse(prog: Program, disable: list[str] | tuple[str, ...] = ()) -> tuple[Program, str]:
     unknown = set(disable) - set(FUSIONS)
@@ -104,12 +125,16 @@ def fuse(prog: Program, disable: list[str] | tuple[str, ...] = ()) -> tuple[Prog
 
         counts, sk = _fuse_function(blk.body, enabled, lambda rel, blk=blk: blk.param_shapes[rel],
                                     make_block_param)
+        if "add_norm" in enabled and (n := _fuse_add_norm(blk.body)):
+            counts["add_norm"] = n
         for k, v in counts.items():
             total[k] = total.get(k, 0) + v * len(blk.layers)
         skipped += sk
     for fn in prog.functions.values():
         counts, sk = _fuse_function(fn, enabled, lambda n: prog.params[n],
                                     lambda n, parts: concat_param(n, parts) is not None)
+        if "add_norm" in enabled and (n := _fuse_add_norm(fn)):
+            counts["add_norm"] = n
         for k, v in counts.items():
             total[k] = total.get(k, 0) + v
         skipped += sk

@@ -3,8 +3,8 @@
 - ``cpu``: activations in float32 (MLX's CPU backend is slow in bf16/fp16), matmuls
   through ``vlmc.kernels.cpu_ops`` (compact-weight GEMV kernels for decode, float32 BLAS
   GEMM for prefill). Weights stay stored as compiled (bf16 / quantized).
-- ``metal`` / ``cuda``: MLX's own kernels (``vlmc.kernels.reference``); activations in
-  the storage dtype.
+- ``metal`` / ``cuda``: MLX's own kernels plus vlmc's GPU kernels (``vlmc.kernels.gpu_ops``:
+  Metal and CUDA sources in ``vlmc/kernels/gpu/``); activations in the storage dtype.
 
 Embedding outputs are cast to the compute dtype when the table is stored differently.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..ir.core import Op, Program, TensorType
 from .manager import register
 
-LIBRARIES = {"cpu": "cpu_ops", "metal": "reference", "cuda": "reference"}
+LIBRARIES = {"cpu": "cpu_ops", "metal": "gpu_ops", "cuda": "gpu_ops"}
 
 
 @register("lower")

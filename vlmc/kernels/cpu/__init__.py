@@ -31,7 +31,7 @@ import numpy as np
 from .. import reference as _reference
 from . import build as _build
 
-__all__ = ["linear", "qlinear", "qembedding", "dequantize", "available", "n_threads"]
+__all__ = ["linear", "qlinear", "qembedding", "dequantize", "enabled", "available", "n_threads"]
 
 # x rows up to which the GEMV kernels (in passes of 8 rows) beat convert + OpenBLAS GEMM:
 # measured crossover on a 2-core Zen 4 at 16-32 rows for every weight format.
@@ -68,6 +68,11 @@ def refresh() -> None:
     _enabled = _build.enabled()
     n_threads = _default_threads()
     _qplans.clear()  # plans remember whether the kernels were available
+
+
+def enabled() -> bool:
+    """False when ``VLMC_CPU_KERNELS=0`` asks for the pure MLX reference ops."""
+    return _enabled
 
 
 def available() -> bool:

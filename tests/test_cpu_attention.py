@@ -1,0 +1,98 @@
+"""BLAS attention (vlmc.kernels.cpu.attention) against MLX's scaled_dot_product_attention.
+
+Tolerance: 1e-5 of the output's scale (both float32; only the summation order differs).
+Left-padding query rows of a ragged batch see no key at all: there we give zeros and
+MLX the mean of v; neither is ever read, so those rows are excluded and checked finite.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from vlmc.kernels import cpu_ops, reference
+from vlmc.kernels.cpu import attention as blas
+
+TOL = 1e-5
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def qkv(B, H, Hk, L, S, D, dtype=mx.float32):
+    mx.random.seed(B * 1000 + H * 100 + L)
+    return tuple(mx.random.normal(s).astype(dtype) for s in ((B, H, L, D), (B, Hk, S, D), (B, Hk, S, D)))
+
+
+def causal_padded(L: int, S: int, starts: list[int]) -> mx.array:
+    q = mx.arange(S - L, S)[:, None]
+    k = mx.arange(S)[None, :]
+    return ((k <= q)[None] & (k[None] >= mx.array(starts).reshape(-1, 1, 1)))[:, None]
+
+
+@pytest.mark.parametrize("B,H,Hk,L,S,D", [(1, 16, 16, 256, 256, 80), (2, 12, 2, 40, 40, 64), (1, 6, 3, 17, 50, 32)])
+def test_unmasked_and_gqa(B, H, Hk, L, S, D):
+    q, k, v = qkv(B, H, Hk, L, S, D)
+    out = blas.attention(q, k, v, None, scale=D ** -0.5)
+    assert out.shape == (B, H, L, D)
+    assert rel_err(out, reference.attention(q, k, v, None, scale=D ** -0.5)) < TOL
+
+
+def test_causal_ragged_batch_over_a_cache():
+    """Prefill of 24 rows after 16 cached ones, sequence 1 left-padded by 5."""
+    q, k, v = qkv(2, 4, 2, 24, 40, 32)
+    mask = causal_padded(24, 40, [0, 5])
+    out = blas.attention(q, k, v, mask, scale=0.2)
+    ref = reference.attention(q, k, v, mask, scale=0.2)
+    assert rel_err(out, ref) < TOL  # rows 16.. of every sequence see keys: all comparable
+    padded = causal_padded(24, 24, [0, 5])
+    q2, k2, v2 = qkv(2, 4, 2, 24, 24, 32)
+    out2 = np.asarray(blas.attention(q2, k2, v2, padded, scale=0.2))
+    ref2 = np.asarray(reference.attention(q2, k2, v2, padded, scale=0.2))
+    assert np.isfinite(out2).all()
+    assert (out2[1, :, :5] == 0).all()  # no key visible: zeros
+    np.testing.assert_allclose(out2[1, :, 5:], ref2[1, :, 5:], atol=TOL * np.abs(ref2).max())
+    np.testing.assert_allclose(out2[0], ref2[0], atol=TOL * np.abs(ref2).max())
+
+
+def test_segment_mask_shared_by_the_batch_and_score_blocks(monkeypatch):
+    """A [1, 1, L, S] mask (vision: one block per image) over a batch, with the score
+    matrix split into blocks of 7 query rows."""
+    seg = mx.array([0] * 30 + [1] * 20 + [2] * 14)
+    mask = (seg[:, None] == seg[None, :])[None, None]
+    q, k, v = qkv(2, 4, 4, 64, 64, 16)
+    whole = blas.attention(q, k, v, mask, scale=0.25)
+    monkeypatch.setattr(blas, "SCORE_BLOCK_ELEMS", 7 * 64)
+    blocked = blas.attention(q, k, v, mask, scale=0.25)
+    ref = reference.attention(q, k, v, mask, scale=0.25)
+    assert rel_err(whole, ref) < TOL
+    assert rel_err(blocked, ref) < TOL
+
+
+def test_bfloat16_inputs_keep_their_dtype():
+    q, k, v = qkv(1, 2, 2, 32, 32, 16, mx.bfloat16)
+    out = blas.attention(q, k, v, None, scale=0.25)
+    assert out.dtype == mx.bfloat16
+    ref = reference.attention(*(a.astype(mx.float32) for a in (q, k, v)), None, scale=0.25)
+    assert rel_err(out.astype(mx.float32), ref) < 1e-2  # the bf16 rounding of the output
+
+
+def test_decode_rows_and_disabled_use_mlx(monkeypatch):
+    called = []
+    monkeypatch.setattr(blas._reference, "attention", lambda *a, **kw: called.append(a[0].shape[2]) or a[0])
+    q, k, v = qkv(1, 2, 2, 1, 30, 16)
+    blas.attention(q, k, v, None, scale=0.25)
+    q, k, v = qkv(1, 2, 2, 32, 32, 16)
+    blas.attention(q, k, v, None, scale=0.25, enabled=False)
+    assert called == [1, 32]
+
+
+def test_cpu_target_routes_attention_through_blas(monkeypatch):
+    seen = []
+    real = blas.attention
+    monkeypatch.setattr(cpu_ops, "_blas_attention", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    q, k, v = qkv(1, 2, 2, 32, 32, 16)
+    cpu_ops.attention(q, k, v, None, scale=0.25)
+    assert seen and seen[0]["scale"] == 0.25

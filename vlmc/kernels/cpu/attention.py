@@ -1,0 +1,66 @@
+"""Attention over many query rows (prefill, vision) on the CPU through numpy's BLAS.
+
+MLX's CPU backend runs ``scaled_dot_product_attention`` on its reference matmul: one
+1024-token, 16-head vision layer took 1.96 s there against 0.59 s this way (measured on
+this 2-core machine, float32). Decode (a few query rows) stays on MLX, where the cost is
+reading the cache, not arithmetic.
+
+Per (sequence, KV head) the queries of every head sharing that KV head are stacked, so
+grouped-query attention is one GEMM ``[group * L, D] @ [D, S]`` per block of query rows;
+blocks bound the score matrix to ``SCORE_BLOCK_ELEMS`` floats. Semantics are those of
+``mx.fast.scaled_dot_product_attention`` with a boolean mask (True = attend) or none.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from .. import reference as _reference
+
+# Query rows from which the BLAS path beats MLX's SDPA (decode steps stay on MLX).
+MIN_QUERY_ROWS = 16
+SCORE_BLOCK_ELEMS = 16 * 1024 * 1024  # float32 scores held at once (64 MB)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None, *,
+              scale: float, enabled: bool = True) -> mx.array:
+    """softmax(q k^T * scale, masked) v for q [B, H, L, D], k/v [B, Hkv, S, D(v)]."""
+    B, H, L, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    if (not enabled or L < MIN_QUERY_ROWS or q.ndim != 4 or H % Hk
+            or (mask is not None and (mask.dtype != mx.bool_ or mask.ndim != 4 or mask.shape[1] != 1))):
+        return _reference.attention(q, k, v, mask, scale=scale)
+    out_dtype = q.dtype
+    qn, kn, vn = (np.asarray(a.astype(mx.float32)) for a in (q, k, v))
+    mn = None if mask is None else np.asarray(mask)  # [B or 1, 1, L or 1, S]
+    group = H // Hk
+    Dv = vn.shape[-1]
+    out = np.empty((B, H, L, Dv), np.float32)
+    rows = max(1, SCORE_BLOCK_ELEMS // max(1, group * S))
+    for b in range(B):
+        keep = None if mn is None else np.broadcast_to(mn[b if mn.shape[0] > 1 else 0, 0], (L, S))
+        for r0 in range(0, L, rows):
+            r1 = min(L, r0 + rows)
+            bias = None if keep is None else np.where(keep[r0:r1], np.float32(0), np.float32(-np.inf))
+            for h in range(Hk):
+                heads = slice(h * group, (h + 1) * group)
+                s = (qn[b, heads, r0:r1].reshape(-1, D) @ kn[b, h].T).reshape(group, r1 - r0, S)
+                s *= scale
+                if bias is not None:
+                    s += bias
+                _softmax_rows(s)
+                out[b, heads, r0:r1] = (s.reshape(-1, S) @ vn[b, h]).reshape(group, r1 - r0, Dv)
+    y = mx.array(out)
+    return y if out_dtype == mx.float32 else y.astype(out_dtype)
+
+
+def _softmax_rows(s: np.ndarray) -> None:
+    """In place along the last axis. A fully masked row (a left-padding query of a ragged
+    batch) gives zeros where MLX gives the mean of v: both finite, and no result reads it."""
+    m = s.max(-1, keepdims=True)
+    np.maximum(m, np.float32(-3.0e38), out=m)  # all -inf -> finite, so exp gives 0, not NaN
+    s -= m
+    np.exp(s, out=s)
+    total = s.sum(-1, keepdims=True)
+    np.maximum(total, np.float32(1e-30), out=total)
+    s /= total
