@@ -14,11 +14,20 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from vlmc.kernels import gpu, gpu_ops, reference
+from vlmc.kernels import gpu, gpu_ops, kv_quant, reference
+from vlmc.runtime.kv_cache import attention_mask, make_caches
 
 GPU = gpu.backend()
 needs_gpu = pytest.mark.skipif(GPU is None, reason="no MLX GPU backend (CUDA or Metal) on this machine")
-KERNELS = {"add_rms_norm": (("a", "b", "w", "eps"), ("h", "y"), ("T", "N", "BLOCK"))}
+KERNELS = {
+    "add_rms_norm": (("a", "b", "w", "eps"), ("h", "y"), ("T", "N", "BLOCK")),
+    "kv_affine_decode": (("q", "k_codes", "k_scales", "k_biases", "v_codes", "v_scales", "v_biases", "starts",
+                          "held", "scale"), ("out", "scores"), ("H", "HKV", "D", "BITS", "GROUP", "BLOCK")),
+    "kv_turbo_decode": (("q_rot", "k_codes", "k_norms", "v_codes", "v_norms", "k_codebook", "v_codebook",
+                         "starts", "held", "scale"), ("out", "scores"), ("H", "HKV", "D", "KBITS", "VBITS", "BLOCK")),
+}
+KV_LAYOUTS = [{"layout": "quantized", "bits": b, "group_size": g} for b, g in ((8, 64), (4, 32), (3, 16), (2, 64))] + \
+    [{"layout": "turboquant", "k_bits": k, "v_bits": v} for k, v in ((3, 4), (2, 2), (4, 4))]
 
 
 def _close(out, ref, dtype):
@@ -38,7 +47,9 @@ def test_both_sources_exist_and_use_the_same_names(name):
         src = gpu.source(name, be)
         for ident in (*inputs, *outputs, *template):
             assert re.search(rf"\b{ident}\b", src), f"{name}.{be} does not use {ident}"
-    assert callable(getattr(reference, name)) and getattr(gpu_ops, name) is getattr(gpu, name)
+    ref = getattr(reference, name, None) or getattr(kv_quant, name)
+    assert callable(ref) and callable(getattr(gpu, name))
+    assert gpu_ops.add_rms_norm is gpu.add_rms_norm and gpu_ops.cached_attention is gpu.cached_attention
 
 
 def test_reference_add_rms_norm_is_add_then_norm():
@@ -68,3 +79,63 @@ def test_add_rms_norm_kernel_matches_reference(dtype, shape):
     assert h.dtype == y.dtype == dtype and h.shape == y.shape == a.shape
     assert mx.array_equal(h, rh)  # the same rounded sum
     _close(y, ry, dtype)
+
+
+def _filled_caches(spec, B=2, HKV=2, D=64, n=75, starts=(0, 9), seed=0):
+    """Two identical caches of ``spec`` holding n tokens (capacity above n), sequence 1
+    left-padded by starts[1]; and the decode step's q, k, v and mask."""
+    mx.random.seed(seed)
+    caches = [make_caches([{"index": 0, "kv": spec}], B, HKV, D)[0] for _ in range(2)]
+    k = mx.random.normal((B, HKV, n, D)) * (1 + 3 * (mx.arange(D) % 13 == 0))
+    v = mx.random.normal((B, HKV, n, D))
+    for c in caches:
+        c.update(k, v)
+    q = mx.random.normal((B, 2 * HKV, 1, D))
+    k1, v1 = mx.random.normal((B, HKV, 1, D)), mx.random.normal((B, HKV, 1, D))
+    mask = attention_mask(mx.array(list(starts)), n, 1, True)
+    return caches, q, k1, v1, mask
+
+
+@pytest.mark.parametrize("spec", KV_LAYOUTS, ids=str)
+def test_kv_decode_path_matches_the_reference_attention(spec):
+    """gpu.cached_attention (the codes read in place: the kernel on a GPU, its kv_quant
+    reference here) against reference.cached_attention (decode the cache, then SDPA)."""
+    (a, b), q, k, v, mask = _filled_caches(spec)
+    out = gpu.cached_attention(q, k, v, a, mask, scale=0.125)
+    ref = reference.cached_attention(q, k, v, b, mask, scale=0.125)
+    assert out.shape == ref.shape == q.shape
+    assert float(mx.abs(out - ref).max()) <= 2e-5 * max(float(mx.abs(ref).max()), 1.0)
+    assert a.offset == b.offset == 76
+
+
+def test_kv_decode_leaves_prefill_and_dense_caches_to_the_reference(monkeypatch):
+    called = []
+    monkeypatch.setattr(gpu, "kv_affine_decode", lambda *a, **k: called.append(1))
+    (a, _), q, k, v, mask = _filled_caches("dense")
+    gpu.cached_attention(q, k, v, a, mask, scale=0.125)
+    (a, _), q, k, v, _ = _filled_caches({"layout": "quantized", "bits": 4, "group_size": 32})
+    gpu.cached_attention(mx.concatenate([q, q], 2), mx.concatenate([k, k], 2), mx.concatenate([v, v], 2), a,
+                         attention_mask(mx.array([0, 9]), 75, 2, True), scale=0.125)
+    assert called == []
+
+
+@needs_gpu
+@pytest.mark.parametrize("spec", KV_LAYOUTS, ids=str)
+def test_kv_decode_kernel_matches_its_reference(spec):
+    (cache, _), q, k, v, _ = _filled_caches(spec, n=300)
+    cache.append(k, v)
+    kb, vb = cache.buffers["k"], cache.buffers["v"]
+    starts = mx.array([0, 9], mx.int32)
+    if spec["layout"] == "quantized":
+        args = (q[:, :, 0], kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"], vb["biases"],
+                starts, cache.held)
+        kw = dict(scale=0.125, bits=spec["bits"], group_size=spec["group_size"])
+        out, ref = gpu.kv_affine_decode(*args, **kw), kv_quant.kv_affine_decode(*args, **kw)
+    else:
+        kc, vc = cache.codecs["k"], cache.codecs["v"]
+        args = (q[:, :, 0] @ kc.rotation, kb["codes"], kb["norms"], vb["codes"], vb["norms"], kc.codebook,
+                vc.codebook, starts, cache.held)
+        kw = dict(scale=0.125, k_bits=kc.bits, v_bits=vc.bits)
+        out, ref = gpu.kv_turbo_decode(*args, **kw), kv_quant.kv_turbo_decode(*args, **kw)
+    assert cache.capacity > cache.held  # the kernel reads only the held tokens of a larger buffer
+    assert float(mx.abs(out - ref).max()) <= 1e-4 * max(float(mx.abs(ref).max()), 1.0)

@@ -25,6 +25,66 @@ DTYPE = click.Choice(["float32", "bfloat16", "float16"])
 TARGET = click.Choice(["cpu", "metal", "cuda"])
 
 
+def _parse_bytes(text: str | None) -> int | None:
+    """'1500000', '512M', '2G', '1.5GiB' -> bytes (K/M/G/T are powers of 1024)."""
+    if text is None:
+        return None
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = 1
+    if t and t[-1] in "KMGT":
+        scale, t = 1024 ** ("KMGT".index(t[-1]) + 1), t[:-1]
+    try:
+        value = float(t) * scale
+    except ValueError:
+        raise VlmcError(f"--kv-memory-budget must be a byte count such as 2000000000, 512M or 2G, got {text!r}")
+    if value < 1:
+        raise VlmcError(f"--kv-memory-budget must be positive, got {text!r}")
+    return int(value)
+
+
+KV_FLAGS = [
+    click.option("--kv-bits", type=float, default=None,
+                 help="Quantize the KV cache: 2, 3, 4 or 8 bits (uniform), or 2-4 in steps of 0.5 "
+                      "(turboquant; 3.5 = 3-bit keys, 4-bit values)."),
+    click.option("--kv-quant-scheme", type=click.Choice(["uniform", "turboquant"]), default="uniform",
+                 show_default=True, help="uniform: affine codes per group; turboquant: rotation + codebook."),
+    click.option("--kv-group-size", type=int, default=None,
+                 help="Values per scale for uniform KV codes: 16, 32, 64, 128 (default: 64 if it divides the head dim)."),
+    click.option("--max-kv-size", type=click.IntRange(min=1), default=None,
+                 help="Cap every layer's KV cache to a window of this many tokens (older ones are forgotten)."),
+    click.option("--kv-memory-budget", default=None,
+                 help="Bytes the KV cache may take at --kv-context tokens (e.g. 2G): picks the least compression that fits."),
+    click.option("--kv-context", type=click.IntRange(min=1), default=None,
+                 help="Context length the KV plan and budget are for (default: the model's maximum)."),
+    click.option("--kv-quantize-last", is_flag=True, help="Quantize the last full-attention layer too (dense by default)."),
+]
+
+
+def kv_flags(fn):
+    for option in reversed(KV_FLAGS):
+        fn = option(fn)
+    return fn
+
+
+def pop_kv(kwargs: dict) -> dict:
+    """The KV flags of a command as ``vlmc.load`` options (unset ones left out)."""
+    kv = {"kv_bits": kwargs.pop("kv_bits"), "kv_quant_scheme": kwargs.pop("kv_quant_scheme"),
+          "kv_group_size": kwargs.pop("kv_group_size"), "max_kv_size": kwargs.pop("max_kv_size"),
+          "kv_memory_budget": _parse_bytes(kwargs.pop("kv_memory_budget")), "context": kwargs.pop("kv_context"),
+          "quantize_last": kwargs.pop("kv_quantize_last")}
+    if kv["kv_quant_scheme"] == "uniform":
+        del kv["kv_quant_scheme"]
+    if not kv["quantize_last"]:
+        del kv["quantize_last"]
+    return {k: v for k, v in kv.items() if v is not None}
+
+
+def compile_kv(kv: dict) -> dict:
+    """``vlmc.load`` KV option names -> ``vlmc.compile`` ones."""
+    return {("kv_context" if k == "context" else "kv_quantize_last" if k == "quantize_last" else k): v
+            for k, v in kv.items()}
+
+
 @main.command("compile")
 @click.argument("src")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
@@ -42,14 +102,16 @@ TARGET = click.Choice(["cpu", "metal", "cuda"])
               help="mixed: first/last decoder layers, v_proj and down_proj at 6 bits (8 for q2/q3).")
 @click.option("--no-fuse", "no_fuse", multiple=True, type=click.Choice(list(FUSIONS)),
               help="Turn a fusion off (repeatable), e.g. to measure its effect.")
+@kv_flags
 @exit_on_user_error
 def compile_cmd(src: str, out: Path | None, dtype: str, target: str | None, preset: str, quantize: str | None,
-                group_size: int, quantize_vision: bool, head: str, recipe: str, no_fuse: tuple[str, ...]) -> None:
+                group_size: int, quantize_vision: bool, head: str, recipe: str, no_fuse: tuple[str, ...],
+                **kv_kw) -> None:
     """Compile SRC (a checkpoint folder or Hugging Face hub id) into an MLX artifact."""
     from .compiler import compile as compile_checkpoint
     path = compile_checkpoint(src, out, dtype=dtype, target=target, preset=preset, quantize=quantize,
                               group_size=group_size, quantize_vision=quantize_vision, head=head, recipe=recipe,
-                              no_fuse=no_fuse, progress=True)
+                              no_fuse=no_fuse, progress=True, **compile_kv(pop_kv(kv_kw)))
     click.echo(str(path))
 
 
@@ -97,10 +159,11 @@ def _default_model() -> str:
 @click.option("--dtype", type=DTYPE, default="float32", show_default=True,
               help="Weight dtype when SRC must be compiled first.")
 @click.option("-v", "--verbose", is_flag=True, help="Print token counts, speeds and peak memory.")
+@kv_flags
 @exit_on_user_error
 def run_cmd(src: str, prompt: str, images: tuple[str, ...], system: str | None, max_tokens: int,
             temperature: float, top_p: float, top_k: int, min_p: float, repetition_penalty: float,
-            seed: int | None, stops: tuple[str, ...], dtype: str, verbose: bool) -> None:
+            seed: int | None, stops: tuple[str, ...], dtype: str, verbose: bool, **kv_kw) -> None:
     """Generate a reply from SRC (an artifact, a checkpoint folder or a hub id; checkpoints
     are compiled once and cached). Without SRC, the bundled demo model (synthetic shapes)."""
     from .api import load
@@ -108,7 +171,7 @@ def run_cmd(src: str, prompt: str, images: tuple[str, ...], system: str | None, 
     from .runtime.sampling import SamplingParams
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                             repetition_penalty=repetition_penalty, seed=seed)
-    model = load(src, dtype=dtype, progress=True)
+    model = load(src, dtype=dtype, progress=True, **pop_kv(kv_kw))
     last = None
     for chunk in model.stream_generate(prompt, images=list(images), system=system, max_tokens=max_tokens,
                                        stop=list(stops), sampling=params):
@@ -130,9 +193,10 @@ def run_cmd(src: str, prompt: str, images: tuple[str, ...], system: str | None, 
 @click.option("--dtype", type=DTYPE, default="float32", show_default=True)
 @click.option("-q", "--quantize", default=None, help="Compile with this weight scheme first (see compile).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the result here.")
+@kv_flags
 @exit_on_user_error
 def eval_cmd(src: str | None, split: str, limit: int | None, dtype: str, quantize: str | None,
-             json_out: Path | None) -> None:
+             json_out: Path | None, **kv_kw) -> None:
     """Exact-match accuracy on the demo task's held-out split (SRC: the demo model by default,
     or an artifact / checkpoint trained on it)."""
     from .api import load
@@ -142,7 +206,7 @@ def eval_cmd(src: str | None, split: str, limit: int | None, dtype: str, quantiz
     src = src or _default_model()
     if quantize and not is_artifact(src):
         src = str(compile_checkpoint(src, dtype=dtype, quantize=quantize, progress=True))
-    result = evaluate(load(src, dtype=dtype), split=split, limit=limit, progress=True)
+    result = evaluate(load(src, dtype=dtype, **pop_kv(kv_kw)), split=split, limit=limit, progress=True)
     kinds = "  ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in result["per_kind"].items())
     click.echo(f"{split}: {100 * result['accuracy']:.2f}% exact match ({result['correct']}/{result['n']})  {kinds}")
     if json_out:
@@ -165,6 +229,7 @@ def inspect_cmd(src: str, as_json: bool, layers: bool) -> None:
         click.echo((Path(src) / "program.ir").read_text())
         click.echo(_memory_summary(manifest["tensors"], manifest.get("quantized", {})))
         click.echo(_quant_summary(manifest, layers))
+        click.echo(_kv_summary(manifest))
         return
     reject_unfinished(src)
     from .frontend import import_checkpoint, open_checkpoint
@@ -172,6 +237,30 @@ def inspect_cmd(src: str, as_json: bool, layers: bool) -> None:
     from .passes import PRESETS, run_passes
     prog = run_passes(import_checkpoint(open_checkpoint(src)), PRESETS["default"])
     click.echo(format_program(prog))
+
+
+def _kv_summary(manifest: dict) -> str:
+    """The KV-cache plan: layout and bytes per token of each layer, total at the context."""
+    from .kvplan import describe
+    layers = (manifest.get("kv_plan") or {}).get("text_layer") or []
+    plan = manifest["meta"].get("kv_plan")
+    if not plan:
+        return "\nkv cache: dense (no plan recorded)"
+    lines = ["", f"kv cache (batch 1): {plan['bytes_per_token']:,} B/token = {plan['ratio_to_dense_bfloat16']:.3f}x "
+                 f"dense bf16; {plan['bytes_at_context'] / 2**20:,.1f} MiB at {plan['context']:,} tokens"]
+    runs: list[list] = []
+    for layer in layers:
+        spec = layer["kv"] if isinstance(layer["kv"], dict) else {"layout": layer["kv"]}
+        key = (describe(spec), spec.get("bytes_per_token"))
+        if runs and runs[-1][0] == key:
+            runs[-1][2] = layer["index"]
+        else:
+            runs.append([key, layer["index"], layer["index"]])
+    for (what, bpt), first, last in runs:
+        span = f"layer {first}" if first == last else f"layers {first}-{last}"
+        lines.append(f"  {span:<14} {what:<28} {bpt or 0:>8,} B/token")
+    lines += [f"  note: {n}" for n in plan.get("notes", [])]
+    return "\n".join(lines)
 
 
 def _memory_summary(tensors: dict, quantized: dict) -> str:

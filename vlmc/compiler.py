@@ -66,7 +66,22 @@ def _pass_options(o: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "storage_dtype": {"dtype": o["dtype"]},
             "quantize": {"scheme": o["quantize"], "group_size": o["group_size"], "vision": o["quantize_vision"],
                          "head": o["head"], "recipe": o["recipe"]} if o["quantize"] else {},
-            "lower": {"target": o["target"]}}
+            "lower": {"target": o["target"]},
+            "kv_layout": o.get("kv", {})}
+
+
+def kv_options(**given: Any) -> dict[str, Any]:
+    """The KV-plan options that differ from the defaults, checked early (a bad value is a
+    user error before any weight is read)."""
+    from .kvplan import requested_spec
+    defaults = {"kv_quant_scheme": "uniform", "quantize_last": False}
+    out = {k: v for k, v in given.items() if v is not None and defaults.get(k, None) != v}
+    if given.get("kv_bits") is not None:
+        requested_spec(float(given["kv_bits"]), given.get("kv_quant_scheme") or "uniform", given.get("kv_group_size"))
+    for key in ("max_kv_size", "kv_memory_budget", "context"):
+        if key in out and int(out[key]) < 1:
+            raise VlmcError(f"{key.replace('_', '-')} must be a positive number, got {out[key]}")
+    return out
 
 
 def cache_key(ckpt: Checkpoint, options: dict[str, Any]) -> str:
@@ -78,11 +93,18 @@ def cache_key(ckpt: Checkpoint, options: dict[str, Any]) -> str:
 def compile(src: str | os.PathLike, out: str | os.PathLike | None = None, *, dtype: str = "float32",
             target: str | None = None, preset: str = "default", quantize: str | None = None, group_size: int = 64,
             quantize_vision: bool = True, head: str = "auto", recipe: str = "uniform",
-            no_fuse: tuple[str, ...] | list[str] = (), progress: bool = False) -> Path:
+            no_fuse: tuple[str, ...] | list[str] = (), kv_bits: float | None = None,
+            kv_quant_scheme: str = "uniform", kv_group_size: int | None = None, max_kv_size: int | None = None,
+            kv_memory_budget: int | None = None, kv_context: int | None = None, kv_quantize_last: bool = False,
+            progress: bool = False) -> Path:
     """Compile a checkpoint folder or hub id. Without ``out`` the artifact goes to the
-    compile cache and an existing one for the same source and options is reused."""
+    compile cache and an existing one for the same source and options is reused.
+    The ``kv_*`` / ``max_kv_size`` options plan the KV caches (``vlmc.kvplan``)."""
     options = _options(dtype, target or default_target(), preset, quantize, group_size, quantize_vision, head,
                        recipe, tuple(no_fuse))
+    options["kv"] = kv_options(kv_bits=kv_bits, kv_quant_scheme=kv_quant_scheme, kv_group_size=kv_group_size,
+                               max_kv_size=max_kv_size, kv_memory_budget=kv_memory_budget, context=kv_context,
+                               quantize_last=kv_quantize_last)
     ckpt = open_checkpoint(src, progress=progress)
     if out is None:
         out = cache_dir() / "artifacts" / cache_key(ckpt, options)

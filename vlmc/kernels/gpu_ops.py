@@ -3,4 +3,4 @@
 from __future__ import annotations
 
 from .reference import *  # noqa: F401,F403  (every op not overridden below)
-from .gpu import add_rms_norm  # noqa: F401,E402
+from .gpu import add_rms_norm, cached_attention  # noqa: F401,E402

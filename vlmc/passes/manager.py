@@ -16,7 +16,7 @@ PASSES: dict[str, PassFn] = {}
 # Presets name an ordered list of passes; options come from the compile call.
 PRESETS: dict[str, list[str]] = {
     "none": [],
-    "default": ["fuse", "cleanup", "fold_transforms", "storage_dtype", "quantize", "lower"],
+    "default": ["fuse", "cleanup", "fold_transforms", "storage_dtype", "quantize", "lower", "kv_layout"],
 }
 
 
@@ -40,4 +40,4 @@ def run_passes(prog: Program, names: list[str], options: dict[str, dict[str, Any
     return prog
 
 
-from . import cleanup, dtype, fuse, lower, quantize  # noqa: E402,F401  (register the built-in passes)
+from . import cleanup, dtype, fuse, kv_layout, lower, quantize  # noqa: E402,F401  (register the built-in passes)

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .. import kvplan
 from ..errors import InputError
 from ..kernels.reference import merge_features
 from .artifact import Artifact
@@ -59,7 +60,10 @@ class StreamChunk:
 class VLM:
     """A compiled vision-language model, ready to generate."""
 
-    def __init__(self, artifact: Artifact):
+    def __init__(self, artifact: Artifact, kv: dict[str, Any] | None = None):
+        """``kv``: KV-plan options (``vlmc.kvplan.plan``: kv_bits, kv_quant_scheme,
+        kv_group_size, max_kv_size, kv_memory_budget, context, quantize_last) that re-plan
+        the artifact's caches; without them the compiled plan is used."""
         self.artifact = artifact
         self.model = artifact.model
         self.meta = artifact.meta
@@ -69,6 +73,18 @@ class VLM:
         self.eos_ids = set(artifact.generation.get("eos_token_ids") or []) | set(self.tokenizer.eos_token_ids)
         self.max_context = int(self.meta["text"]["max_position_embeddings"])
         self.image_token_id = self.meta.get("image_token_id")
+        self.kv_layers, self.kv_plan = self._kv_plan(kv)
+
+    def _kv_plan(self, kv: dict[str, Any] | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        text = self.meta["text"]
+        layers = (self.artifact.manifest.get("kv_plan") or {}).get("text_layer") or \
+            [{"index": i, "kv": "dense"} for i in range(text["num_layers"])]
+        if not kv:
+            return layers, self.meta.get("kv_plan", {})
+        specs, summary, _ = kvplan.plan(layers, kv_heads=text["num_kv_heads"], head_dim=text["head_dim"],
+                                        compute=self.meta.get("compute_dtype", "float32"),
+                                        max_context=self.max_context, **kv)
+        return [{**layer, "kv": spec} for layer, spec in zip(layers, specs)], summary
 
     # ------------------------------------------------------------------ prompt building
     def build_prompt(self, prompt: str | None = None, *, images: Sequence[Any] | None = None,
@@ -186,7 +202,7 @@ class VLM:
         if not mrope:
             positions = positions[:, 0]
         text = self.meta["text"]
-        caches = make_caches(text["num_layers"], B, text["num_kv_heads"], text["head_dim"], embeds.dtype)
+        caches = make_caches(self.kv_layers, B, text["num_kv_heads"], text["head_dim"], embeds.dtype)
         mask = attention_mask(starts, 0, width, padded)
         logits = self.model.prefill(embeds=embeds, positions=mx.array(positions, dtype=mx.int32), mask=mask,
                                     caches=caches)[:, -1]

@@ -1,62 +1,190 @@
-"""Preallocated, batch-ready KV caches.
+"""Preallocated, batch-ready KV caches, one per attention layer, in the layout the
+``kv_layout`` pass planned (the artifact manifest's ``kv_plan``).
 
-Buffers grow in steps of ``step`` tokens (a new buffer, one copy) and are never
-concatenated per decode step. All sequences of a batch share the write index; each
-sequence's own start (left padding) lives in an array that the attention mask reads,
-so ragged prompts and, later, continuous batching need no different cache.
+Every cache stores what its codecs (``kv_codecs``) make of each token's keys and values:
+the vectors (dense), packed affine codes or TurboQuant codes. Buffers grow in steps of
+``step`` tokens (a new buffer, one copy), never by concatenation per decode step. All
+sequences of a batch share the write index; each sequence's own start (left padding)
+lives in an array that the attention mask reads, so ragged prompts and continuous
+batching need no different cache.
+
+Every cache can ``trim`` its last tokens (speculative decoding rewinds this way) and
+``export_blocks`` / ``import_blocks`` whole blocks of tokens in their stored form (prefix
+caching stores them); a rotating cache can do both only for tokens it still holds.
 """
 from __future__ import annotations
 
 import mlx.core as mx
 
+from .kv_codecs import Dense, make_codec
+
 
 class KVCache:
     step = 256
 
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype=mx.float32):
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype=mx.float32, k_codec=None, v_codec=None):
         self.batch, self.kv_heads, self.head_dim, self.dtype = batch, kv_heads, head_dim, dtype
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
-        self.offset = 0
+        self.codecs = {"k": k_codec or Dense(dtype), "v": v_codec or Dense(dtype)}
+        self.buffers: dict[str, dict[str, mx.array]] | None = None
+        self.offset = 0      # tokens seen (absolute position of the next one)
+        self.start = 0       # absolute position of the first token held (rotating caches drop old ones)
+
+    # ---------------------------------------------------------------- storage
+    @property
+    def held(self) -> int:
+        return self.offset - self.start
 
     @property
     def capacity(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        return 0 if self.buffers is None else next(iter(self.buffers["k"].values())).shape[2]
+
+    @property
+    def layout(self) -> str:
+        return self.codecs["k"].kind
 
     def _reserve(self, n: int) -> None:
-        need = self.offset + n
+        need = self.held + n
         if need <= self.capacity:
             return
-        size = ((need + self.step - 1) // self.step) * self.step
-        shape = (self.batch, self.kv_heads, size, self.head_dim)
-        keys, values = mx.zeros(shape, self.dtype), mx.zeros(shape, self.dtype)
-        if self.keys is not None and self.offset:
-            keys[:, :, : self.offset] = self.keys[:, :, : self.offset]
-            values[:, :, : self.offset] = self.values[:, :, : self.offset]
-        self.keys, self.values = keys, values
+        size = (need + self.step - 1) // self.step * self.step
+        fresh = {}
+        for which, codec in self.codecs.items():
+            fresh[which] = {}
+            for name, (width, dtype) in codec.widths(self.head_dim).items():
+                buf = mx.zeros((self.batch, self.kv_heads, size, width), dtype)
+                if self.buffers is not None and self.held:
+                    buf[:, :, :self.held] = self.buffers[which][name][:, :, :self.held]
+                fresh[which][name] = buf
+        self.buffers = fresh
 
-    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        """Write this step's keys/values [B, Hkv, L, D]; return everything cached so far."""
+    def _write(self, which: str, parts: dict[str, mx.array]) -> None:
+        n = next(iter(parts.values())).shape[2]
+        for name, arr in parts.items():
+            self.buffers[which][name][:, :, self.held:self.held + n] = arr
+
+    def append(self, k: mx.array, v: mx.array) -> None:
+        """Store this step's keys/values [B, Hkv, L, D]."""
         n = k.shape[2]
         self._reserve(n)
-        self.keys[:, :, self.offset: self.offset + n] = k.astype(self.dtype)
-        self.values[:, :, self.offset: self.offset + n] = v.astype(self.dtype)
+        self._write("k", self.codecs["k"].encode(k))
+        self._write("v", self.codecs["v"].encode(v))
         self.offset += n
-        return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
 
+    def parts(self, which: str) -> dict[str, mx.array]:
+        """The stored form of every held token's keys (``"k"``) or values."""
+        return {name: buf[:, :, :self.held] for name, buf in self.buffers[which].items()}
+
+    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Store this step's keys/values; return every held key and value, decoded to the
+        cache dtype (the reference attention reads these)."""
+        self.append(k, v)
+        return (self.codecs["k"].decode(self.parts("k"), self.dtype),
+                self.codecs["v"].decode(self.parts("v"), self.dtype))
+
+    def mask_for(self, mask: mx.array | None, queries: int) -> mx.array | None:
+        """The attention mask over the held keys (the engine's mask covers all positions)."""
+        return mask
+
+    # ---------------------------------------------------------------- rewinding and blocks
     def trim(self, n: int) -> int:
-        """Forget the last ``n`` tokens (speculative decoding rewinds this way)."""
-        n = min(n, self.offset)
+        """Forget the last ``n`` tokens (at most those held); returns how many."""
+        n = min(n, self.held)
         self.offset -= n
         return n
 
+    def export_blocks(self, block_size: int, first: int = 0) -> list[dict[str, mx.array]]:
+        """Whole blocks of ``block_size`` tokens from block ``first`` on, in stored form:
+        {"k.NAME": [B, Hkv, block_size, w], "v.NAME": ...}."""
+        if self.start:
+            raise ValueError("this cache has dropped its oldest tokens; it cannot export from position 0")
+        blocks = []
+        for b in range(first, self.offset // block_size):
+            lo, hi = b * block_size, (b + 1) * block_size
+            blocks.append({f"{w}.{name}": buf[:, :, lo:hi] for w in ("k", "v")
+                           for name, buf in self.buffers[w].items()})
+        return blocks
+
+    def import_blocks(self, blocks: list[dict[str, mx.array]]) -> None:
+        """Append blocks made by ``export_blocks`` of a cache with the same layout."""
+        for block in blocks:
+            n = next(iter(block.values())).shape[2]
+            self._reserve(n)
+            for w in ("k", "v"):
+                expected = set(self.codecs[w].widths(self.head_dim))
+                got = {key.split(".", 1)[1] for key in block if key.startswith(w + ".")}
+                if got != expected:
+                    raise ValueError(f"block holds {sorted(got)} for {w}; this cache stores {sorted(expected)}")
+                self._write(w, {name: block[f"{w}.{name}"] for name in expected})
+            self.offset += n
+
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else 2 * self.keys.nbytes
+        """Bytes of the allocated buffers."""
+        if self.buffers is None:
+            return 0
+        return sum(buf.nbytes for parts in self.buffers.values() for buf in parts.values())
+
+    def bytes_per_token(self) -> int:
+        """Stored bytes per token over all sequences of the batch."""
+        return self.batch * self.kv_heads * sum(
+            width * dtype.size for codec in self.codecs.values() for width, dtype in codec.widths(self.head_dim).values())
 
 
-def make_caches(n_layers: int, batch: int, kv_heads: int, head_dim: int, dtype=mx.float32) -> list[KVCache]:
-    return [KVCache(batch, kv_heads, head_dim, dtype) for _ in range(n_layers)]
+class RotatingKVCache(KVCache):
+    """A sliding window of ``window`` tokens: each query sees itself and the ``window - 1``
+    tokens before it. Holds at most ``window - 1 + slack`` tokens (dropping the oldest in
+    one copy when it has more), so up to ``slack`` tokens can be trimmed."""
+
+    slack = 32
+
+    def __init__(self, batch, kv_heads, head_dim, dtype=mx.float32, window: int = 4096, k_codec=None, v_codec=None):
+        super().__init__(batch, kv_heads, head_dim, dtype, k_codec, v_codec)
+        if window < 1:
+            raise ValueError(f"a rotating KV window must hold at least 1 token, not {window}")
+        self.window = window
+        self._queries = 0
+
+    def append(self, k: mx.array, v: mx.array) -> None:
+        keep = self.window - 1 + self.slack
+        if self.held > keep:  # drop the oldest tokens before growing
+            drop = self.held - (self.window - 1)
+            for parts in self.buffers.values():
+                for name, buf in parts.items():
+                    moved = buf[:, :, drop:self.held]
+                    buf[:, :, :moved.shape[2]] = moved
+            self.start += drop
+        super().append(k, v)
+
+    def mask_for(self, mask: mx.array | None, queries: int) -> mx.array | None:
+        q_pos = mx.arange(self.offset - queries, self.offset)[:, None]
+        k_pos = mx.arange(self.start, self.offset)[None, :]
+        window = (k_pos > q_pos - self.window) & (k_pos <= q_pos)
+        if mask is None:
+            return window[None, None]
+        return mask[..., self.start:] & window
+
+    def trim(self, n: int) -> int:
+        if self.start and n > self.held - (self.window - 1):
+            raise ValueError(f"a rotating cache can rewind only {self.held - (self.window - 1)} tokens now, not {n}")
+        return super().trim(n)
+
+
+def make_caches(plan: list[dict] | int, batch: int, kv_heads: int, head_dim: int,
+                dtype=mx.float32) -> list[KVCache]:
+    """One cache per layer of ``plan`` (the manifest's ``kv_plan`` layer entries, each with a
+    ``kv`` layout), or ``plan`` dense caches when given a layer count."""
+    if isinstance(plan, int):
+        return [KVCache(batch, kv_heads, head_dim, dtype) for _ in range(plan)]
+    caches: list[KVCache] = []
+    for i, layer in enumerate(plan):
+        spec = layer.get("kv", "dense")
+        spec = {"layout": spec} if isinstance(spec, str) else spec
+        codecs = dict(k_codec=make_codec(spec, "k", head_dim, dtype, i), v_codec=make_codec(spec, "v", head_dim, dtype, i))
+        if spec.get("window"):
+            caches.append(RotatingKVCache(batch, kv_heads, head_dim, dtype, window=int(spec["window"]), **codecs))
+        else:
+            caches.append(KVCache(batch, kv_heads, head_dim, dtype, **codecs))
+    return caches
 
 
 def attention_mask(starts: mx.array, offset: int, length: int, padded: bool) -> mx.array | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .. import kv_quant as _kv_quant
 from .. import reference as _reference
 
 SOURCES = Path(__file__).resolve().parent
@@ -28,15 +29,21 @@ def backend() -> str | None:
     return None
 
 
+BODY_MARKER = "// @body\n"
+
+
 def source(name: str, backend_name: str) -> str:
     return (SOURCES / f"{name}.{'cu' if backend_name == 'cuda' else 'metal'}").read_text()
 
 
 @lru_cache(maxsize=None)
 def _kernel(name: str, backend_name: str, inputs: tuple[str, ...], outputs: tuple[str, ...]):
+    """The compiled-on-first-use kernel; text above a ``// @body`` line is its header
+    (helper functions), the rest the body MLX wraps in the generated signature."""
     make = mx.fast.cuda_kernel if backend_name == "cuda" else mx.fast.metal_kernel
-    return make(name=name, input_names=list(inputs), output_names=list(outputs),
-                source=source(name, backend_name))
+    text = source(name, backend_name)
+    header, body = text.split(BODY_MARKER, 1) if BODY_MARKER in text else ("", text)
+    return make(name=name, input_names=list(inputs), output_names=list(outputs), source=body, header=header)
 
 
 def _block(n: int) -> int:
@@ -58,3 +65,77 @@ def add_rms_norm(a: mx.array, b: mx.array, w: mx.array, eps: float) -> tuple[mx.
                   grid=(a.size // n * block, 1, 1), threadgroup=(block, 1, 1),
                   output_shapes=[a.shape, a.shape], output_dtypes=[a.dtype, a.dtype])
     return h, y
+
+
+KV_BLOCK = 256  # threads per (sequence, head) in the KV decode kernels
+
+
+def _kv_common(q: mx.array, codes: mx.array) -> tuple[int, int, int, int, int] | None:
+    if q.ndim != 3 or codes.ndim != 4 or q.shape[0] != codes.shape[0] or q.shape[1] % codes.shape[1]:
+        return None
+    B, H, D = q.shape
+    return B, H, codes.shape[1], D, codes.shape[2]
+
+
+def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts, held: int, *,
+                     scale: float, bits: int, group_size: int) -> mx.array:
+    """Decode-step attention over affine KV codes in place (``kernels.kv_quant`` reference)."""
+    be, dims = backend(), _kv_common(q, k_codes)
+    if be is None or dims is None or bits not in (2, 3, 4, 8) or q.shape[-1] % group_size:
+        return _kv_quant.kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts,
+                                          held, scale=scale, bits=bits, group_size=group_size)
+    B, H, HKV, D, cap = dims
+    kernel = _kernel("kv_affine_decode", be, ("q", "k_codes", "k_scales", "k_biases", "v_codes", "v_scales",
+                                              "v_biases", "starts", "held", "scale"), ("out", "scores"))
+    out, _ = kernel(inputs=[q.astype(mx.float32), k_codes, k_scales, k_biases, v_codes, v_scales, v_biases,
+                            starts.astype(mx.int32), mx.array([held], mx.int32), mx.array([scale], mx.float32)],
+                    template=[("H", H), ("HKV", HKV), ("D", D), ("BITS", bits), ("GROUP", group_size),
+                              ("BLOCK", KV_BLOCK)],
+                    grid=(B * H * KV_BLOCK, 1, 1), threadgroup=(KV_BLOCK, 1, 1),
+                    output_shapes=[(B, H, D), (B, H, cap)], output_dtypes=[mx.float32, mx.float32])
+    return out
+
+
+def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook, starts, held: int, *,
+                    scale: float, k_bits: int, v_bits: int) -> mx.array:
+    """Decode-step attention over TurboQuant KV codes in place, in the rotated space."""
+    be, dims = backend(), _kv_common(q_rot, k_codes)
+    if be is None or dims is None or q_rot.shape[-1] % 8 or not {k_bits, v_bits} <= {2, 3, 4}:
+        return _kv_quant.kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook, starts,
+                                         held, scale=scale, k_bits=k_bits, v_bits=v_bits)
+    B, H, HKV, D, cap = dims
+    kernel = _kernel("kv_turbo_decode", be, ("q_rot", "k_codes", "k_norms", "v_codes", "v_norms", "k_codebook",
+                                             "v_codebook", "starts", "held", "scale"), ("out", "scores"))
+    out, _ = kernel(inputs=[q_rot.astype(mx.float32), k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook,
+                            starts.astype(mx.int32), mx.array([held], mx.int32), mx.array([scale], mx.float32)],
+                    template=[("H", H), ("HKV", HKV), ("D", D), ("KBITS", k_bits), ("VBITS", v_bits),
+                              ("BLOCK", KV_BLOCK)],
+                    grid=(B * H * KV_BLOCK, 1, 1), threadgroup=(KV_BLOCK, 1, 1),
+                    output_shapes=[(B, H, D), (B, H, cap)], output_dtypes=[mx.float32, mx.float32])
+    return out
+
+
+def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.array | None = None,
+                     *, scale: float) -> mx.array:
+    """Decode steps over a quantized or TurboQuant cache read the codes in place (the
+    kernels above); everything else is the reference (decode the held tokens, then SDPA)."""
+    layout = getattr(cache, "layout", "dense")
+    if layout not in ("affine", "turboquant") or q.shape[2] != 1 or getattr(cache, "start", 0):
+        return _reference.cached_attention(q, k, v, cache, mask, scale=scale)
+    cache.append(k, v)
+    B = q.shape[0]
+    # each sequence's first valid key: the first True of its mask row (left padding)
+    starts = mx.zeros((B,), mx.int32) if mask is None else \
+        mx.argmax(mx.broadcast_to(mask[:, 0, -1], (B, mask.shape[-1])).astype(mx.int32), axis=-1).astype(mx.int32)
+    kb, vb = cache.buffers["k"], cache.buffers["v"]
+    if layout == "affine":
+        codec = cache.codecs["k"]
+        out = kv_affine_decode(q[:, :, 0], kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"],
+                               vb["biases"], starts, cache.held, scale=scale, bits=codec.bits,
+                               group_size=codec.group_size)
+    else:
+        kc, vc = cache.codecs["k"], cache.codecs["v"]
+        out = kv_turbo_decode(q[:, :, 0].astype(mx.float32) @ kc.rotation, kb["codes"], kb["norms"], vb["codes"],
+                              vb["norms"], kc.codebook, vc.codebook, starts, cache.held, scale=scale,
+                              k_bits=kc.bits, v_bits=vc.bits) @ vc.rotation.T
+    return out[:, :, None].astype(q.dtype)
