@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 
 import click
 
+from .cli_options import kv_flags, pop_kv
 from .errors import InputError, exit_on_user_error
 
 DEFAULT_PROMPT_LENGTHS = (128, 512, 2048)
@@ -313,17 +314,73 @@ def run_bench(vlm: Any, *, prompt_lengths: Sequence[int] = DEFAULT_PROMPT_LENGTH
     return out
 
 
+def run_context_bench(vlm: Any, contexts: Sequence[int], *, decode_tokens: int = 32,
+                      log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Decode speed and KV memory at long contexts, in the model's planned KV layout.
+
+    The caches are filled with random keys/values for ``context`` tokens (a prefill that
+    long would take this CPU many minutes and computes nothing a decode step depends on
+    but the cache's size and layout), then ``decode_tokens`` real decode steps run."""
+    import mlx.core as mx
+    import numpy as np
+    from .runtime.kv_cache import make_caches
+
+    say = log or (lambda _m: None)
+    text = vlm.meta["text"]
+    dtype = getattr(mx, vlm.meta.get("compute_dtype", "float32"))
+    mrope = vlm.meta.get("positions") == "mrope"
+    results = []
+    for n in sorted({int(c) for c in contexts}):
+        if n + decode_tokens + 1 >= vlm.max_context:
+            raise InputError(f"a {n}-token context does not fit the model's {vlm.max_context}-token context")
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        say(f"{_clock()} context {n}: filling the KV cache with random keys/values")
+        caches = make_caches(vlm.kv_layers, 1, text["num_kv_heads"], text["head_dim"], dtype)
+        for c in caches:
+            for lo in range(0, n, 2048):
+                m = min(2048, n - lo)
+                shape = (1, text["num_kv_heads"], m, text["head_dim"])
+                c.append(mx.random.normal(shape).astype(dtype), mx.random.normal(shape).astype(dtype))
+                mx.eval([a for parts in c.buffers.values() for a in parts.values()])
+        kv_bytes = sum(c.nbytes for c in caches)
+        token = mx.array([[synthetic_ids(vlm.tokenizer, 1)[0]]], dtype=mx.int32)
+        times = []
+        for step in range(decode_tokens + 1):
+            pos = np.full((3, 1, 1) if mrope else (1, 1), n + step, np.int32)
+            t = time.perf_counter()
+            logits = vlm.model.decode(ids=token, positions=mx.array(pos), mask=None, caches=caches)[:, -1]
+            token = mx.argmax(logits, axis=-1).astype(mx.int32)[:, None]
+            mx.eval(token)
+            times.append(time.perf_counter() - t)
+        dt = sum(times[1:])  # the first step compiles/warms
+        r = {"context": n, "decode_tps": decode_tokens / dt, "ms_per_token": dt * 1e3 / decode_tokens,
+             "kv_bytes": kv_bytes, "kv_bytes_per_token": kv_bytes / (n + decode_tokens + 1),
+             "kv_plan_bytes_per_token": (vlm.kv_plan or {}).get("bytes_per_token"),
+             "peak_memory_bytes": mx.get_peak_memory()}
+        say(f"{_clock()}   {r['decode_tps']:.2f} tok/s, KV {kv_bytes / 2**20:.1f} MiB allocated, "
+            f"peak {r['peak_memory_bytes'] / 2**30:.2f} GiB")
+        results.append(r)
+        del caches
+    return results
+
+
 def bench(src: str, *, dtype: str = "float32", log: Callable[[str], None] | None = None,
-          **kwargs: Any) -> dict[str, Any]:
-    """Load ``src`` (artifact, checkpoint or hub id) and run :func:`run_bench` on it."""
+          kv: dict[str, Any] | None = None, contexts: Sequence[int] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Load ``src`` (artifact, checkpoint or hub id, with KV-plan options ``kv``) and run
+    :func:`run_bench` on it, or only :func:`run_context_bench` when ``contexts`` are given."""
     from .api import load
     info = system_info()
     t = time.perf_counter()
-    vlm = load(src, dtype=dtype, progress=log is not None)
+    vlm = load(src, dtype=dtype, progress=log is not None, **(kv or {}))
     load_s = time.perf_counter() - t
     result = {"source": str(src), "artifact": str(vlm.artifact.path), "name": vlm.artifact.manifest.get("name"),
               "dtype": vlm.artifact.manifest.get("dtype") or vlm.meta.get("dtype"), "target": vlm.meta.get("target"), "family": vlm.meta.get("family"),
-              "load_s": load_s, "system": info}
+              "load_s": load_s, "system": info, "kv_plan": vlm.kv_plan, "kv_options": kv or {}}
+    if contexts:
+        result["contexts"] = run_context_bench(vlm, contexts, decode_tokens=kwargs.get("decode_tokens", 32), log=log)
+        result["system"]["load_average_after"] = load_average()
+        return result
     result.update(run_bench(vlm, log=log, **kwargs))
     result["system"]["load_average_after"] = load_average()
     return result
@@ -334,7 +391,20 @@ def _gb(b: float) -> str:
     return f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.2f} MB"
 
 
+def format_context_report(r: dict[str, Any]) -> str:
+    plan = r.get("kv_plan") or {}
+    lines = [f"vlmc bench --context: {r['source']} ({r.get('family')}, {r.get('dtype')}, {r['system']['device']}); "
+             f"KV plan {plan.get('bytes_per_token', '?')} B/token = {plan.get('ratio_to_dense_bfloat16', '?')}x dense bf16",
+             f"{'context':>8}{'tok/s':>10}{'ms/token':>10}{'KV MiB':>10}{'B/token':>10}{'peak GiB':>10}"]
+    for c in r["contexts"]:
+        lines.append(f"{c['context']:>8}{c['decode_tps']:>10.2f}{c['ms_per_token']:>10.1f}{c['kv_bytes'] / 2**20:>10.1f}"
+                     f"{c['kv_bytes_per_token']:>10.0f}{c['peak_memory_bytes'] / 2**30:>10.2f}")
+    return "\n".join(lines)
+
+
 def format_report(r: dict[str, Any]) -> str:
+    if "contexts" in r:
+        return format_context_report(r)
     s = r["system"]
     la = lambda v: " ".join(f"{x:.2f}" for x in v) if v else "n/a"  # noqa: E731
     lines = [f"vlmc bench: {r['source']}  ({r.get('family')}, {r.get('dtype')}, {s['device']}, "
@@ -396,14 +466,21 @@ def _lengths(_ctx: Any, _param: Any, value: str) -> list[int]:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write every number (and the machine's load) to this JSON file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final table.")
+@click.option("--context", "contexts", default=None, callback=lambda c, p, v: _lengths(c, p, v) if v else None,
+              help="Comma-separated context lengths: instead of the default runs, decode tok/s and KV "
+                   "memory with a cache filled to each length (random keys/values), e.g. 4096,16384,32768.")
+@kv_flags
 @exit_on_user_error
 def bench_cmd(src: str, dtype: str, prompt_lengths: list[int], decode_tokens: int, decode_context: int | None,
-              image_size: int, runs: int, warmup: bool, json_path: Path | None, quiet: bool) -> None:
+              image_size: int, runs: int, warmup: bool, json_path: Path | None, quiet: bool,
+              contexts: list[int] | None, **kv_kw) -> None:
     """Measure prefill and decode tok/s, one-image TTFT, peak memory and the decode roofline
-    of SRC (an artifact, a checkpoint folder or a hub id)."""
+    of SRC (an artifact, a checkpoint folder or a hub id); or, with --context, decode speed
+    and KV memory at long contexts in the planned (or --kv-*) KV layout."""
     log = None if quiet else (lambda m: click.echo(m, err=True))
-    result = bench(src, dtype=dtype, log=log, prompt_lengths=prompt_lengths, decode_tokens=decode_tokens,
-                   decode_context=decode_context, image_size=image_size, runs=runs, warmup=warmup)
+    result = bench(src, dtype=dtype, log=log, kv=pop_kv(kv_kw), contexts=contexts, prompt_lengths=prompt_lengths,
+                   decode_tokens=decode_tokens, decode_context=decode_context, image_size=image_size, runs=runs,
+                   warmup=warmup)
     click.echo(format_report(result))
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=1))

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# GPU checks for vlmc's CUDA kernels with MLX's CUDA backend (run on a machine with an
+# NVIDIA GPU, from the repository root; results under $OUT, default ./gpu-check).
+#
+#   MLX_WHEELS="mlx-*.whl mlx_cuda_13-*.whl" benchmarks/gpu_check.sh
+#
+# 1. installs the given MLX wheels (offline) unless `import mlx` already sees CUDA;
+# 2. runs tests/test_gpu_kernels.py (every kernel against its MLX reference);
+# 3. times the kernels (benchmarks/gpu_kernels.py);
+# 4. end to end, if time allows: a Qwen2-VL-2B-shaped random checkpoint compiled for
+#    --target cuda in bf16, `vlmc bench` with and without the add_norm fusion, and
+#    `vlmc bench --context` for dense, 4-bit and TurboQuant 3.5-bit KV caches.
+set -u
+OUT=${OUT:-gpu-check}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/run.log") 2>&1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PY:-python3}
+echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null)"
+if ! $PY -c "import mlx.core as mx, sys; sys.exit(0 if mx.cuda.is_available() else 1)" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile ${MLX_WHEELS:?set MLX_WHEELS to the MLX CUDA wheels} || exit 1
+fi
+$PY -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device(), mx.device_info())" || exit 1
+echo "== kernel tests"
+$PY -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py -rs 2>&1 | tee "$OUT/pytest.txt" | tail -25
+echo "== kernel timings"
+$PY benchmarks/gpu_kernels.py --json "$OUT/gpu_kernels.json"
+[ "${SKIP_E2E:-0}" = 1 ] && exit 0
+echo "== end to end: Qwen2-VL-2B shapes, bf16, --target cuda"
+CK=/tmp/vlmc-ck ART=/tmp/vlmc-art
+${TF_PY:-$PY} benchmarks/make_checkpoint.py qwen2_vl "$CK" --dtype bfloat16 || exit 1
+$PY -m vlmc.cli compile "$CK" -o "$ART" --target cuda --dtype bfloat16 || exit 1
+$PY -m vlmc.cli compile "$CK" -o "$ART-nofuse" --target cuda --dtype bfloat16 --no-fuse add_norm || exit 1
+for a in "$ART:fused" "$ART-nofuse:nofuse"; do
+  $PY -m vlmc.cli bench "${a%%:*}" --prompt-lengths 128,2048 --decode-tokens 64 --runs 3 --json "$OUT/bench-${a##*:}.json"
+done
+$PY -m vlmc.cli bench "$ART" --context 4096,16384,32768 --decode-tokens 32 --json "$OUT/ctx-dense.json"
+$PY -m vlmc.cli bench "$ART" --context 4096,16384,32768 --decode-tokens 32 --kv-bits 4 --json "$OUT/ctx-q4.json"
+$PY -m vlmc.cli bench "$ART" --context 4096,16384,32768 --decode-tokens 32 --kv-bits 3.5 \
+  --kv-quant-scheme turboquant --json "$OUT/ctx-turbo3.5.json"
+echo "== done $(date -u +%FT%TZ)"
