@@ -8,8 +8,9 @@
 # 2. runs tests/test_gpu_kernels.py (every kernel against its MLX reference);
 # 3. times the kernels (benchmarks/gpu_kernels.py);
 # 4. end to end, if time allows: a Qwen2-VL-2B-shaped random checkpoint compiled for
-#    --target cuda in bf16, `vlmc bench` with and without the add_norm fusion, and
-#    `vlmc bench --context` for dense, 4-bit and TurboQuant 3.5-bit KV caches.
+#    --target cuda in bf16, `vlmc bench` without and with the (opt-in) add_norm fusion, and
+#    `vlmc bench --context` for dense, 4-bit and TurboQuant 3.5-bit KV caches (32000, not
+#    32768: the model's maximum context must also hold the decode steps).
 set -u
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
@@ -30,12 +31,12 @@ echo "== end to end: Qwen2-VL-2B shapes, bf16, --target cuda"
 CK=/tmp/vlmc-ck ART=/tmp/vlmc-art
 ${TF_PY:-$PY} benchmarks/make_checkpoint.py qwen2_vl "$CK" --dtype bfloat16 || exit 1
 $PY -m vlmc.cli compile "$CK" -o "$ART" --target cuda --dtype bfloat16 || exit 1
-$PY -m vlmc.cli compile "$CK" -o "$ART-nofuse" --target cuda --dtype bfloat16 --no-fuse add_norm || exit 1
-for a in "$ART:fused" "$ART-nofuse:nofuse"; do
+$PY -m vlmc.cli compile "$CK" -o "$ART-addnorm" --target cuda --dtype bfloat16 --fuse add_norm || exit 1
+for a in "$ART:default" "$ART-addnorm:addnorm"; do
   $PY -m vlmc.cli bench "${a%%:*}" --prompt-lengths 128,2048 --decode-tokens 64 --runs 3 --json "$OUT/bench-${a##*:}.json"
 done
-$PY -m vlmc.cli bench "$ART" --context 4096,16384,32768 --decode-tokens 32 --json "$OUT/ctx-dense.json"
-$PY -m vlmc.cli bench "$ART" --context 4096,16384,32768 --decode-tokens 32 --kv-bits 4 --json "$OUT/ctx-q4.json"
-$PY -m vlmc.cli bench "$ART" --context 4096,16384,32768 --decode-tokens 32 --kv-bits 3.5 \
+$PY -m vlmc.cli bench "$ART" --context 4096,16384,32000 --decode-tokens 32 --json "$OUT/ctx-dense.json"
+$PY -m vlmc.cli bench "$ART" --context 4096,16384,32000 --decode-tokens 32 --kv-bits 4 --json "$OUT/ctx-q4.json"
+$PY -m vlmc.cli bench "$ART" --context 4096,16384,32000 --decode-tokens 32 --kv-bits 3.5 \
   --kv-quant-scheme turboquant --json "$OUT/ctx-turbo3.5.json"
 echo "== done $(date -u +%FT%TZ)"

@@ -2,7 +2,8 @@
 
 On a machine without MLX's CUDA or Metal backend only the fallbacks and the source
 files are checked; with one (run on a GPU machine: ``pytest tests/test_gpu_kernels.py``)
-every kernel is compared with the reference. Tolerances: float32 1e-5 relative;
+every kernel is compared with the reference. Tolerances: float32 1e-5 relative (1e-3 where
+a TurboQuant rotation, a float32 matmul, runs at TF32 precision on an NVIDIA GPU);
 bfloat16/float16 outputs within 2 units in the last place of the output type (the
 kernel and MLX round the same float32 value, possibly after different summation orders).
 """
@@ -20,7 +21,7 @@ from vlmc.runtime.kv_cache import attention_mask, make_caches
 GPU = gpu.backend()
 needs_gpu = pytest.mark.skipif(GPU is None, reason="no MLX GPU backend (CUDA or Metal) on this machine")
 KERNELS = {
-    "add_rms_norm": (("a", "b", "w", "eps"), ("h", "y"), ("T", "N", "BLOCK")),
+    "add_rms_norm": (("a", "b", "w", "eps"), ("h", "y"), ("T", "N", "BLOCK", "PER")),
     "kv_affine_decode": (("q", "k_codes", "k_scales", "k_biases", "v_codes", "v_scales", "v_biases", "starts",
                           "held", "scale"), ("out", "scores"), ("H", "HKV", "D", "BITS", "GROUP", "BLOCK")),
     "kv_turbo_decode": (("q_rot", "k_codes", "k_norms", "v_codes", "v_norms", "k_codebook", "v_codebook",
@@ -104,7 +105,9 @@ def test_kv_decode_path_matches_the_reference_attention(spec):
     out = gpu.cached_attention(q, k, v, a, mask, scale=0.125)
     ref = reference.cached_attention(q, k, v, b, mask, scale=0.125)
     assert out.shape == ref.shape == q.shape
-    assert float(mx.abs(out - ref).max()) <= 2e-5 * max(float(mx.abs(ref).max()), 1.0)
+    # on an NVIDIA GPU MLX runs float32 matmuls (TurboQuant's rotations) at TF32 precision
+    tol = 1e-3 if GPU == "cuda" and spec["layout"] == "turboquant" else 2e-5
+    assert float(mx.abs(out - ref).max()) <= tol * max(float(mx.abs(ref).max()), 1.0)
     assert a.offset == b.offset == 76
 
 

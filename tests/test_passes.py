@@ -50,7 +50,7 @@ def _text_block_linears(art) -> list[str]:
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava"])
 def test_fusion_really_fuses_and_keeps_the_tokens(ckpts, tmp_path, family):
-    fused = compile(ckpts[family], tmp_path / "fused")
+    fused = compile(ckpts[family], tmp_path / "fused", fuse=["add_norm"])
     plain = compile(ckpts[family], tmp_path / "plain", no_fuse=["qkv", "gate_up", "add_norm"])
     # one qkv matmul and one gate/up matmul per layer instead of five separate ones
     assert len(_text_block_linears(fused)) == 4
@@ -74,7 +74,8 @@ def test_each_fusion_switches_off_alone(ckpts, tmp_path):
     src = (only_qkv / "model.py").read_text()
     assert "q_proj+k_proj+v_proj" in src and "gate_proj+up_proj" not in src and "add_rms_norm" not in src
     assert len(_text_block_linears(only_qkv)) == 5
-    only_norm = compile(ckpts["qwen2_vl"], tmp_path / "b", no_fuse=["gate_up", "qkv"])
+    only_norm = compile(ckpts["qwen2_vl"], tmp_path / "b", no_fuse=["gate_up", "qkv"], fuse=["add_norm"])
+    assert "add_rms_norm" not in (compile(ckpts["qwen2_vl"], tmp_path / "c") / "model.py").read_text()  # opt-in
     src = (only_norm / "model.py").read_text()
     assert "add_rms_norm" in src and "+" not in "".join(_text_block_linears(only_norm))
 
@@ -151,7 +152,7 @@ def test_lowering_picks_the_op_library_and_compute_dtype(ckpts, tmp_path):
 
 def test_gpu_artifact_runs_on_a_machine_without_that_gpu(ckpts, tmp_path):
     """The GPU op library falls back to the MLX reference ops (fused ones included)."""
-    cuda = compile(ckpts["qwen2_vl"], tmp_path / "cuda", target="cuda")
+    cuda = compile(ckpts["qwen2_vl"], tmp_path / "cuda", target="cuda", fuse=["add_norm"])
     cpu = compile(ckpts["qwen2_vl"], tmp_path / "cpu", target="cpu")
     assert "ops.add_rms_norm(" in (cuda / "model.py").read_text()
     t1, l1 = _trace(vlmc.load(cuda))

@@ -13,7 +13,7 @@ import click
 
 from .errors import VlmcError, exit_on_user_error
 from .cli_options import compile_kv, kv_flags, pop_kv
-from .passes.fuse import FUSIONS
+from .passes.fuse import FUSIONS, OPT_IN
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,16 +43,18 @@ TARGET = click.Choice(["cpu", "metal", "cuda"])
               help="mixed: first/last decoder layers, v_proj and down_proj at 6 bits (8 for q2/q3).")
 @click.option("--no-fuse", "no_fuse", multiple=True, type=click.Choice(list(FUSIONS)),
               help="Turn a fusion off (repeatable), e.g. to measure its effect.")
+@click.option("--fuse", "fuse", multiple=True, type=click.Choice(list(OPT_IN)),
+              help="Turn on a fusion that is off by default (repeatable).")
 @kv_flags
 @exit_on_user_error
 def compile_cmd(src: str, out: Path | None, dtype: str, target: str | None, preset: str, quantize: str | None,
                 group_size: int, quantize_vision: bool, head: str, recipe: str, no_fuse: tuple[str, ...],
-                **kv_kw) -> None:
+                fuse: tuple[str, ...], **kv_kw) -> None:
     """Compile SRC (a checkpoint folder or Hugging Face hub id) into an MLX artifact."""
     from .compiler import compile as compile_checkpoint
     path = compile_checkpoint(src, out, dtype=dtype, target=target, preset=preset, quantize=quantize,
                               group_size=group_size, quantize_vision=quantize_vision, head=head, recipe=recipe,
-                              no_fuse=no_fuse, progress=True, **compile_kv(pop_kv(kv_kw)))
+                              no_fuse=no_fuse, fuse=fuse, progress=True, **compile_kv(pop_kv(kv_kw)))
     click.echo(str(path))
 
 

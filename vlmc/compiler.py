@@ -39,7 +39,7 @@ def cache_dir() -> Path:
 
 
 def _options(dtype: str, target: str, preset: str, quantize: str | None, group_size: int, quantize_vision: bool,
-             head: str, recipe: str, no_fuse: tuple[str, ...]) -> dict[str, Any]:
+             head: str, recipe: str, no_fuse: tuple[str, ...], fuse: tuple[str, ...] = ()) -> dict[str, Any]:
     if dtype not in FLOAT_DTYPES:
         raise VlmcError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
     if target not in TARGETS:
@@ -54,15 +54,19 @@ def _options(dtype: str, target: str, preset: str, quantize: str | None, group_s
         raise VlmcError(f"--recipe must be uniform or mixed, got {recipe!r}")
     if group_size not in (32, 64, 128):
         raise VlmcError(f"--group-size must be 32, 64 or 128, got {group_size}")
-    bad = set(no_fuse) - set(FUSIONS)
+    bad = (set(no_fuse) | set(fuse)) - set(FUSIONS)
     if bad:
-        raise VlmcError(f"--no-fuse takes {', '.join(FUSIONS)}; got {', '.join(sorted(bad))}")
+        raise VlmcError(f"--fuse/--no-fuse take {', '.join(FUSIONS)}; got {', '.join(sorted(bad))}")
     return {"dtype": dtype, "target": target, "preset": preset, "quantize": quantize, "group_size": group_size,
-            "quantize_vision": quantize_vision, "head": head, "recipe": recipe, "no_fuse": sorted(no_fuse)}
+            "quantize_vision": quantize_vision, "head": head, "recipe": recipe, "no_fuse": sorted(no_fuse),
+            "fuse": sorted(fuse)}
 
 
 def _pass_options(o: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {"fuse": {"disable": o["no_fuse"]} if o["no_fuse"] else {},
+    fusing = {"disable": o["no_fuse"]} if o["no_fuse"] else {}
+    if o.get("fuse"):
+        fusing["enable"] = o["fuse"]
+    return {"fuse": fusing,
             "storage_dtype": {"dtype": o["dtype"]},
             "quantize": {"scheme": o["quantize"], "group_size": o["group_size"], "vision": o["quantize_vision"],
                          "head": o["head"], "recipe": o["recipe"]} if o["quantize"] else {},
@@ -93,7 +97,7 @@ def cache_key(ckpt: Checkpoint, options: dict[str, Any]) -> str:
 def compile(src: str | os.PathLike, out: str | os.PathLike | None = None, *, dtype: str = "float32",
             target: str | None = None, preset: str = "default", quantize: str | None = None, group_size: int = 64,
             quantize_vision: bool = True, head: str = "auto", recipe: str = "uniform",
-            no_fuse: tuple[str, ...] | list[str] = (), kv_bits: float | None = None,
+            no_fuse: tuple[str, ...] | list[str] = (), fuse: tuple[str, ...] | list[str] = (), kv_bits: float | None = None,
             kv_quant_scheme: str = "uniform", kv_group_size: int | None = None, max_kv_size: int | None = None,
             kv_memory_budget: int | None = None, kv_context: int | None = None, kv_quantize_last: bool = False,
             progress: bool = False) -> Path:
@@ -101,7 +105,7 @@ def compile(src: str | os.PathLike, out: str | os.PathLike | None = None, *, dty
     compile cache and an existing one for the same source and options is reused.
     The ``kv_*`` / ``max_kv_size`` options plan the KV caches (``vlmc.kvplan``)."""
     options = _options(dtype, target or default_target(), preset, quantize, group_size, quantize_vision, head,
-                       recipe, tuple(no_fuse))
+                       recipe, tuple(no_fuse), tuple(fuse))
     options["kv"] = kv_options(kv_bits=kv_bits, kv_quant_scheme=kv_quant_scheme, kv_group_size=kv_group_size,
                                max_kv_size=max_kv_size, kv_memory_budget=kv_memory_budget, context=kv_context,
                                quantize_last=kv_quantize_last)

@@ -47,8 +47,14 @@ def _kernel(name: str, backend_name: str, inputs: tuple[str, ...], outputs: tupl
 
 
 def _block(n: int) -> int:
-    """Threads per row: about 4 elements each, a multiple of 32, at most 1024."""
+    """Threads per row: about 4 elements each (8 for long rows), a multiple of 32, at most 1024."""
     return min(1024, max(32, (n // 4 + 31) // 32 * 32))
+
+
+@lru_cache(maxsize=64)
+def _scalar(value: float) -> mx.array:
+    """A float32 [1] array per value, made once (not a host-to-device copy per call)."""
+    return mx.array([value], mx.float32)
 
 
 def add_rms_norm(a: mx.array, b: mx.array, w: mx.array, eps: float) -> tuple[mx.array, mx.array]:
@@ -60,8 +66,8 @@ def add_rms_norm(a: mx.array, b: mx.array, w: mx.array, eps: float) -> tuple[mx.
     n = a.shape[-1]
     block = _block(n)
     kernel = _kernel("add_rms_norm", be, ("a", "b", "w", "eps"), ("h", "y"))
-    h, y = kernel(inputs=[a, b, w.astype(a.dtype), mx.array([eps], mx.float32)],
-                  template=[("T", a.dtype), ("N", n), ("BLOCK", block)],
+    h, y = kernel(inputs=[a, b, w if w.dtype == a.dtype else w.astype(a.dtype), _scalar(float(eps))],
+                  template=[("T", a.dtype), ("N", n), ("BLOCK", block), ("PER", -(-n // block))],
                   grid=(a.size // n * block, 1, 1), threadgroup=(block, 1, 1),
                   output_shapes=[a.shape, a.shape], output_dtypes=[a.dtype, a.dtype])
     return h, y
@@ -88,7 +94,7 @@ def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases
     kernel = _kernel("kv_affine_decode", be, ("q", "k_codes", "k_scales", "k_biases", "v_codes", "v_scales",
                                               "v_biases", "starts", "held", "scale"), ("out", "scores"))
     out, _ = kernel(inputs=[q.astype(mx.float32), k_codes, k_scales, k_biases, v_codes, v_scales, v_biases,
-                            starts.astype(mx.int32), mx.array([held], mx.int32), mx.array([scale], mx.float32)],
+                            starts.astype(mx.int32), mx.array([held], mx.int32), _scalar(float(scale))],
                     template=[("H", H), ("HKV", HKV), ("D", D), ("BITS", bits), ("GROUP", group_size),
                               ("BLOCK", KV_BLOCK)],
                     grid=(B * H * KV_BLOCK, 1, 1), threadgroup=(KV_BLOCK, 1, 1),
@@ -107,7 +113,7 @@ def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_cod
     kernel = _kernel("kv_turbo_decode", be, ("q_rot", "k_codes", "k_norms", "v_codes", "v_norms", "k_codebook",
                                              "v_codebook", "starts", "held", "scale"), ("out", "scores"))
     out, _ = kernel(inputs=[q_rot.astype(mx.float32), k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook,
-                            starts.astype(mx.int32), mx.array([held], mx.int32), mx.array([scale], mx.float32)],
+                            starts.astype(mx.int32), mx.array([held], mx.int32), _scalar(float(scale))],
                     template=[("H", H), ("HKV", HKV), ("D", D), ("KBITS", k_bits), ("VBITS", v_bits),
                               ("BLOCK", KV_BLOCK)],
                     grid=(B * H * KV_BLOCK, 1, 1), threadgroup=(KV_BLOCK, 1, 1),

@@ -1,24 +1,26 @@
 // add_rms_norm (Metal body for mx.fast.metal_kernel): h = a + b; y = rms_norm(h) * w.
-// One threadgroup of BLOCK threads per row of N elements; float32 accumulation.
-// Inputs a, b [rows, N] (T), w [N] (T), eps [1] (float32); outputs h, y [rows, N] (T).
-// Template: T (element type), N (row length), BLOCK (threads per row, a multiple of 32).
-// Same semantics as vlmc.kernels.reference.add_rms_norm and add_rms_norm.cu.
+// Same inputs, outputs, template (T, N, BLOCK, PER) and semantics as add_rms_norm.cu:
+// one threadgroup per row, each thread keeping its PER elements of h in registers.
 constexpr int WARPS = BLOCK / 32;
 threadgroup float partial[WARPS];
 const uint row = threadgroup_position_in_grid.x;
-const uint t = thread_position_in_threadgroup.x;
+const int t = int(thread_position_in_threadgroup.x);
 const uint lane = thread_index_in_simdgroup;
 const uint warp = simdgroup_index_in_threadgroup;
 const device T* ar = a + row * N;
 const device T* br = b + row * N;
 device T* hr = h + row * N;
 device T* yr = y + row * N;
+float hv[PER];
 float ss = 0.0f;
-for (uint i = t; i < uint(N); i += BLOCK) {
-  T v = static_cast<T>(static_cast<float>(ar[i]) + static_cast<float>(br[i]));
-  hr[i] = v;
-  float f = static_cast<float>(v);
-  ss += f * f;
+for (int k = 0; k < PER; ++k) {
+  const int i = t + k * BLOCK;
+  if (i < N) {
+    T v = static_cast<T>(static_cast<float>(ar[i]) + static_cast<float>(br[i]));
+    hr[i] = v;
+    hv[k] = static_cast<float>(v);
+    ss += hv[k] * hv[k];
+  }
 }
 ss = simd_sum(ss);
 if (lane == 0) partial[warp] = ss;
@@ -30,6 +32,7 @@ if (warp == 0) {
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 const float inv = metal::rsqrt(partial[0] / N + eps[0]);
-for (uint i = t; i < uint(N); i += BLOCK) {
-  yr[i] = static_cast<T>(static_cast<float>(hr[i]) * inv * static_cast<float>(w[i]));
+for (int k = 0; k < PER; ++k) {
+  const int i = t + k * BLOCK;
+  if (i < N) yr[i] = static_cast<T>(hv[k] * inv * static_cast<float>(w[i]));
 }

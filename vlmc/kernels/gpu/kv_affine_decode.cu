@@ -42,7 +42,7 @@ auto block_reduce = [&](float v, bool is_max) -> float {
 };
 for (int i = t; i < D; i += BLOCK) qs[i] = q[(size_t)bh * D + i] * scale[0];
 __syncthreads();
-float m = -inf;
+float m = __int_as_float(0xff800000);  // -infinity
 for (int i = first + t; i < n; i += BLOCK) {
   const uint8_t* row = k_codes + (base + i) * ROW;
   float acc = 0.0f;

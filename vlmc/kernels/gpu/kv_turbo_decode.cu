@@ -46,7 +46,7 @@ for (int i = t; i < D; i += BLOCK) qs[i] = q_rot[(size_t)bh * D + i] * scale[0];
 for (int i = t; i < (1 << KBITS); i += BLOCK) kcb[i] = k_codebook[i];
 for (int i = t; i < (1 << VBITS); i += BLOCK) vcb[i] = v_codebook[i];
 __syncthreads();
-float m = -inf;
+float m = __int_as_float(0xff800000);  // -infinity
 for (int i = first + t; i < n; i += BLOCK) {
   const uint8_t* row = k_codes + (base + i) * KROW;
   float dot = 0.0f;
