@@ -225,3 +225,55 @@ def test_group_size_that_does_not_divide_the_head_dim_is_refused():
                     kv_group_size=64)
     specs, _, _ = kvplan.plan(layers(4), kv_heads=2, head_dim=48, compute="float32", max_context=1024, kv_bits=4)
     assert specs[0]["group_size"] == 16  # the automatic choice divides 48
+
+
+# ---------------------------------------------------------------- end to end, through the CLI
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from fixtures.checkpoints import build_checkpoint
+    folder = tmp_path_factory.mktemp("kvck") / "qwen2_vl"
+    build_checkpoint(folder, "qwen2_vl")
+    return folder
+
+
+def _cli(*args, env=None):
+    from click.testing import CliRunner
+    from vlmc.cli import main
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_compile_records_the_plan_and_inspect_shows_it(tiny_checkpoint, tmp_path):
+    out = tmp_path / "art"
+    res = _cli("compile", tiny_checkpoint, "-o", out, "--kv-bits", "3.5", "--kv-quant-scheme", "turboquant")
+    assert res.exit_code == 0, res.output
+    import json
+    manifest = json.loads((out / "manifest.json").read_text())
+    layers = manifest["kv_plan"]["text_layer"]
+    assert layers[0]["kv"]["layout"] == "turboquant" and layers[-1]["kv"]["layout"] == "dense"
+    assert manifest["meta"]["kv_plan"]["bytes_per_token"] == sum(L["kv"]["bytes_per_token"] for L in layers)
+    shown = _cli("inspect", out).output
+    assert "kv cache (batch 1)" in shown and "turboquant k3/v4" in shown
+
+
+def test_run_and_bench_take_kv_options_and_the_cache_is_smaller(tiny_checkpoint, tmp_path):
+    import vlmc
+    art = vlmc.compile(tiny_checkpoint, tmp_path / "art")
+    res = _cli("run", art, "-p", "Hello", "--max-tokens", "4", "--kv-bits", "8")
+    assert res.exit_code == 0, res.output
+    from vlmc.bench import bench
+    dense = bench(str(art), contexts=[200], decode_tokens=2)["contexts"][0]
+    q4 = bench(str(art), kv={"kv_bits": 4, "quantize_last": True}, contexts=[200],
+                          decode_tokens=2)["contexts"][0]
+    assert q4["kv_bytes"] < 0.5 * dense["kv_bytes"] and q4["decode_tps"] > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--kv-bits", "5"], "2, 3, 4 or 8 bits"),
+    (["--kv-memory-budget", "lots"], "byte count"),
+    (["--kv-memory-budget", "1K"], "no KV layout fits"),
+])
+def test_kv_flag_mistakes_are_one_clear_error(tiny_checkpoint, tmp_path, args, message):
+    res = _cli("compile", tiny_checkpoint, "-o", tmp_path / "x", *args)
+    assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "x").exists()

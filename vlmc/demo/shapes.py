@@ -62,7 +62,7 @@ EXAMPLE_SEEDS = range(3_000_000, 3_100_000)
 # examples/*.png: picked from EXAMPLE_SEEDS (the first seed with the wanted look), outside every split.
 EXAMPLES = {
     "shapes-1.png": 3_000_091,  # a yellow square left of a green circle (solid background)
-    "shapes-2.png": 3_000_034,  # a green circle, a red triangle and a yellow star (gradient)
+    "shapes-2.png": 3_000_034,  # a red circle, a yellow triangle and a yellow star (gradient)
     "shapes-3.png": 3_000_021,  # one purple star (gradient + noise)
 }
 # The canonical sizes (images; every question of each) of the held-out splits.
