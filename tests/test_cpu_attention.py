@@ -96,3 +96,12 @@ def test_cpu_target_routes_attention_through_blas(monkeypatch):
     q, k, v = qkv(1, 2, 2, 32, 32, 16)
     cpu_ops.attention(q, k, v, None, scale=0.25)
     assert seen and seen[0]["scale"] == 0.25
+
+
+def test_decode_over_a_long_cache_takes_the_blas_path_and_matches(monkeypatch):
+    q, k, v = qkv(2, 12, 2, 1, blas.MIN_KEYS + 5, 64)
+    mask = causal_padded(1, blas.MIN_KEYS + 5, [0, 7])
+    ref = reference.attention(q, k, v, mask, scale=0.125)
+    monkeypatch.setattr(blas._reference, "attention", lambda *a, **kw: pytest.fail("took MLX's path"))
+    out = blas.attention(q, k, v, mask, scale=0.125)
+    assert rel_err(out, ref) < TOL

@@ -21,5 +21,5 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
 
 def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.array | None = None,
                      *, scale: float) -> mx.array:
-    keys, values = cache.update(k, v)
-    return attention(q, keys, values, cache.mask_for(mask, q.shape[2]), scale=scale)
+    q, keys, values, finish = cache.attention_inputs(q, k, v)
+    return finish(attention(q, keys, values, cache.mask_for(mask, q.shape[2]), scale=scale))

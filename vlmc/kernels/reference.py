@@ -139,8 +139,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
 
 def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.array | None = None,
                      *, scale: float) -> mx.array:
-    keys, values = cache.update(k, v)  # every held token, decoded from the cache's layout
-    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=cache.mask_for(mask, q.shape[2]))
+    q, keys, values, finish = cache.attention_inputs(q, k, v)  # every held token, from the cache's layout
+    return finish(mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale,
+                                                       mask=cache.mask_for(mask, q.shape[2])))
 
 
 def prepend(x: mx.array, row: mx.array) -> mx.array:

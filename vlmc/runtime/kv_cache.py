@@ -81,6 +81,23 @@ class KVCache:
         return (self.codecs["k"].decode(self.parts("k"), self.dtype),
                 self.codecs["v"].decode(self.parts("v"), self.dtype))
 
+    def attention_inputs(self, q: mx.array, k: mx.array, v: mx.array):
+        """Store this step's keys/values; return (q', keys, values, finish) such that
+        ``finish(attention(q', keys, values))`` is attention over every held token.
+
+        TurboQuant layouts stay in their rotated space (q·k = qR·kR for orthogonal R): q is
+        rotated in and the output rotated back, so the cache is never rotated back per
+        step. Every other layout decodes its held tokens (``update``)."""
+        kc, vc = self.codecs["k"], self.codecs["v"]
+        if not hasattr(kc, "decode_rotated"):
+            keys, values = self.update(k, v)
+            return q, keys, values, lambda out: out
+        self.append(k, v)
+        q_rot = (q.astype(mx.float32) @ kc.rotation).astype(q.dtype)
+        keys = kc.decode_rotated(self.parts("k")).astype(self.dtype)
+        values = vc.decode_rotated(self.parts("v")).astype(self.dtype)
+        return q_rot, keys, values, lambda out: (out.astype(mx.float32) @ vc.rotation.T).astype(q.dtype)
+
     def mask_for(self, mask: mx.array | None, queries: int) -> mx.array | None:
         """The attention mask over the held keys (the engine's mask covers all positions)."""
         return mask
