@@ -201,6 +201,7 @@ def worker_vlmc(spec: dict[str, Any]) -> dict[str, Any]:
 
     import vlmc
     from vlmc.bench import time_generation, time_image_request, weight_roofline
+    from vlmc.runtime.artifact import cpu_widening
     from vlmc.runtime.engine import Prompt
 
     t = time.perf_counter()
@@ -225,7 +226,7 @@ def worker_vlmc(spec: dict[str, Any]) -> dict[str, Any]:
     out.update(framework="vlmc", version=vlmc.__version__, mlx=mx.__version__, load_s=load_s,
                dtype=manifest.get("dtype") or vlm.meta.get("dtype"), artifact=str(vlm.artifact.path),
                passes=[p["name"] for p in manifest.get("passes", [])],
-               mlx_peak_bytes=mx.get_peak_memory(), roofline=weight_roofline(manifest))
+               mlx_peak_bytes=mx.get_peak_memory(), roofline=weight_roofline(manifest, cpu_widening(manifest)))
     return out
 
 

@@ -291,3 +291,40 @@ def test_no_compiler_warns_once_and_returns_none(monkeypatch, tmp_path, capsys):
     assert build.load() is None and build.load(native=False) is None
     err = capsys.readouterr().err
     assert err.count("CPU kernels unavailable") == 1 and "no C compiler" in err
+
+
+@pytest.mark.parametrize("bits,wider", [(2, 4), (3, 4), (5, 8), (6, 8)])
+def test_widen_repacks_codes_exactly(bits, wider):
+    from vlmc.kernels.quant import quantize_array, widen
+    q = quantize_array(rand(19, 256), bits=bits, group_size=64, mode="affine")
+    w = widen(q, wider)
+    assert w.bits == wider and w.weight.shape == (19, 256 * wider // 32)
+    assert w.scales is q.scales and w.biases is q.biases
+    assert mx.array_equal(w.dequantize(), q.dequantize())
+    with pytest.raises(ValueError):
+        widen(w, bits)
+
+
+def test_cpu_artifacts_widen_odd_bit_widths_at_load(tmp_path, monkeypatch):
+    """A q3 artifact (head at q6) loads with 4- and 8-bit codes on the cpu target, computing
+    the same logits as the unwidened weights through MLX's own quantized matmul."""
+    import vlmc
+    from fixtures.checkpoints import build_checkpoint
+    ck = tmp_path / "ck"
+    build_checkpoint(ck, "qwen2_vl")
+    art = vlmc.compile(ck, tmp_path / "q3", quantize="q3", group_size=32)
+    widened = vlmc.load(art)
+    bits = {w.bits for w in widened.model.params.values() if hasattr(w, "bits")}
+    assert bits == {4, 8}  # q3 -> 4, the q6 head -> 8
+    monkeypatch.setenv("VLMC_CPU_KERNELS", "0")
+    cpu.refresh()
+    try:
+        plain = vlmc.load(art)
+        assert {w.bits for w in plain.model.params.values() if hasattr(w, "bits")} == {3, 6}
+        ids = mx.array([[1, 5, 9, 2]], dtype=mx.int32)
+        a = plain.model.embed(ids=ids)
+    finally:
+        monkeypatch.delenv("VLMC_CPU_KERNELS")
+        cpu.refresh()
+    b = widened.model.embed(ids=ids)
+    assert rel_err(b, a) < 1e-6

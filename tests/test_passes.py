@@ -113,7 +113,7 @@ def test_mixed_recipe_raises_sensitive_weights(ckpts, tmp_path):
     assert q["text.layers.0.mlp.gate_proj+up_proj.weight"]["bits"] == 6      # first layer: raised
     assert q["text.layers.1.mlp.down_proj.weight"]["bits"] == 6              # down_proj: raised
     assert q["text.layers.1.self_attn.q_proj+k_proj+v_proj.weight"]["bits"] == 6  # holds v_proj
-    assert q["text.embed_tokens.weight"]["bits"] == 8                        # head default for q4
+    assert q["text.embed_tokens.weight"]["bits"] == 6                        # head default for q4
 
 
 def test_vision_can_stay_float(ckpts, tmp_path):

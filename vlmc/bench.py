@@ -86,17 +86,23 @@ def _tensor_bytes(info: dict[str, Any]) -> int:
     return n * dtype_size(info["dtype"])
 
 
-def weight_roofline(manifest: dict[str, Any]) -> dict[str, Any]:
+def weight_roofline(manifest: dict[str, Any], widened: dict[int, int] | None = None) -> dict[str, Any]:
     """Weight bytes one decode step must read, from the artifact's manifest.
 
     Every decoder weight is read once per token; of the embedding only one row per token
     (negligible), unless the LM head is tied to it: then the whole matrix is read by the
-    final projection. The vision tower and projector are not used by decode.
+    final projection. The vision tower and projector are not used by decode. ``widened``
+    (bits -> bits, see ``runtime.artifact``) counts codes the runtime repacked at load at
+    their wider size: that is what each step reads.
     """
     groups = {"decoder": 0, "embedding": 0, "lm_head": 0, "vision": 0}
     has_lm_head = False
+    quantized = manifest.get("quantized", {})
     for name, info in manifest["tensors"].items():
         b = _tensor_bytes(info)
+        q = quantized.get(name)
+        if widened and q and q.get("mode") == "affine" and q["bits"] in widened:
+            b = b * widened[q["bits"]] // q["bits"]
         if name.startswith(("vision.", "projector.")):
             groups["vision"] += b
         elif name.startswith("lm_head."):
@@ -302,7 +308,8 @@ def run_bench(vlm: Any, *, prompt_lengths: Sequence[int] = DEFAULT_PROMPT_LENGTH
         phase_peak()
 
     manifest = vlm.artifact.manifest
-    roof = weight_roofline(manifest)
+    from .runtime.artifact import cpu_widening
+    roof = weight_roofline(manifest, cpu_widening(manifest))
     emb = manifest["tensors"].get("text.embed_tokens.weight", {})
     itemsize = 4 if (manifest.get("dtype") or emb.get("dtype")) == "float32" else 2  # the cache's dtype
     roof["kv_bytes_per_token_at_context"] = kv_bytes_per_token(vlm.meta, ctx, itemsize)

@@ -38,7 +38,7 @@ TARGET = click.Choice(["cpu", "metal", "cuda"])
 @click.option("--quantize-vision/--no-quantize-vision", default=True, show_default=True,
               help="Quantize the vision tower and projector too.")
 @click.option("--head", default="auto", show_default=True,
-              help="Scheme for embeddings and LM head: auto (q8 below 8 bits), none (float), or a scheme.")
+              help="Scheme for embeddings and LM head: auto (q6 under q2-q4, q8 under q5-q6, mxfp8 under mxfp4/nvfp4), none (float), or a scheme.")
 @click.option("--recipe", type=click.Choice(["uniform", "mixed"]), default="uniform", show_default=True,
               help="mixed: first/last decoder layers, v_proj and down_proj at 6 bits (8 for q2/q3).")
 @click.option("--no-fuse", "no_fuse", multiple=True, type=click.Choice(list(FUSIONS)),

@@ -33,3 +33,24 @@ def quantize_array(w: mx.array, *, bits: int, group_size: int, mode: str) -> Qua
     parts = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
     biases = parts[2] if mode == "affine" else None
     return QuantWeight(parts[0], parts[1], biases, bits, group_size, mode)
+
+
+# Affine widths the CPU target's SIMD kernels read, and the wider one each other width is
+# repacked into at load (``widen``): codes and group scales/biases are unchanged, so the
+# result is exactly the same matrix.
+SIMD_BITS = (4, 8)
+WIDER = {2: 4, 3: 4, 5: 8, 6: 8}
+
+
+def widen(q: QuantWeight, bits: int) -> QuantWeight:
+    """The same affine weight with its codes stored at ``bits`` (4 or 8) per value: exact,
+    since a narrower code fits a wider one and the group scales and biases stay."""
+    if q.mode != "affine" or bits <= q.bits or bits not in SIMD_BITS:
+        raise ValueError(f"cannot widen {q.mode} {q.bits}-bit codes to {bits} bits")
+    n, k = q.shape
+    ones = mx.ones(q.scales.shape, mx.float32)
+    codes = mx.dequantize(q.weight, ones, mx.zeros_like(ones), group_size=q.group_size, bits=q.bits)
+    codes = codes.astype(mx.uint32).reshape(n, k * bits // 32, 32 // bits)
+    shifts = mx.arange(32 // bits, dtype=mx.uint32) * bits
+    packed = mx.sum(codes << shifts, axis=-1).astype(mx.uint32)
+    return QuantWeight(packed, q.scales, q.biases, bits, q.group_size, q.mode)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import ArtifactError
-from ..kernels.quant import QuantWeight
+from ..kernels.quant import WIDER, QuantWeight, widen
 
 FORMAT_VERSION = 1
 
@@ -62,6 +63,17 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def cpu_widening(manifest: dict[str, Any]) -> dict[int, int]:
+    """On the cpu target with the compiled kernels, affine widths the SIMD GEMV does not read
+    (2, 3, 5, 6 bits) are repacked at load into 4 or 8 bits (exact; the artifact on disk
+    stays compact). Without it a q6 LM head alone took Qwen2-VL-2B's q4 decode from 9.9 to
+    3.2 tok/s (the generic path unpacks a row at a time)."""
+    if manifest.get("meta", {}).get("target") != "cpu" or os.environ.get("VLMC_CPU_KERNELS") == "0":
+        return {}
+    from ..kernels import cpu
+    return dict(WIDER) if cpu.available() else {}
+
+
 def load_artifact(path: str | Path) -> Artifact:
     path = Path(path).expanduser().resolve()
     manifest = read_manifest(path)
@@ -78,9 +90,12 @@ def load_artifact(path: str | Path) -> Artifact:
         arr = params.get(name)
         if arr is None or list(arr.shape) != info["shape"]:
             raise ArtifactError(f"{path} is corrupt: tensor {name} is missing or mis-shaped")
+    widen_to = cpu_widening(manifest)
     for name, q in manifest.get("quantized", {}).items():
         params[name] = QuantWeight(params[name], params.pop(name + ".scales"), params.pop(name + ".biases", None),
                                    q["bits"], q["group_size"], q["mode"])
+        if q["mode"] == "affine" and q["bits"] in widen_to:
+            params[name] = widen(params[name], widen_to[q["bits"]])
     module = _import_model(path)
     try:
         processor_spec = json.loads((path / "processor.json").read_text())
