@@ -9,7 +9,7 @@ Per decoder layer (the ``kv`` entry of the text block's layer table):
 - ``rotating``: a sliding window of ``window`` tokens: always for sliding-window layers,
   and for every layer under ``max_kv_size`` (then tokens older than the window are
   forgotten: a cap on memory, not the model's own attention);
-- ``quantized``: uniform affine codes of ``bits`` (2-8) per ``group_size`` values;
+- ``quantized``: uniform affine codes of ``bits`` (2, 3, 4 or 8) per ``group_size`` values;
 - ``turboquant``: rotated, codebook-coded vectors with ``k_bits``/``v_bits`` (2-4); a
   fractional ``kv_bits`` such as 3.5 means 3-bit keys and 4-bit values.
 
