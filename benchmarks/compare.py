@@ -99,7 +99,7 @@ def _checkpoint_dtype(checkpoint: Path) -> str:
 
 
 # ---------------------------------------------------------------------- hub-name copy
-_TO_HUB = {
+TO_HUB = {
     "qwen": [("model.language_model.", "model."), ("model.visual.", "visual.")],
     "llava": [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
               ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector.")],
@@ -130,7 +130,7 @@ def hub_named_copy(ckpt: Path, out: Path, log: Callable[[str], None]) -> Path:
     if (out / ".complete").is_file():
         return out
     cfg = json.loads((ckpt / "config.json").read_text())
-    rules = _TO_HUB["llava" if cfg.get("model_type") == "llava" else "qwen"]
+    rules = TO_HUB["llava" if cfg.get("model_type") == "llava" else "qwen"]
 
     def rename(k: str) -> str:
         for old, new in rules:

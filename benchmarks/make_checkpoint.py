@@ -23,8 +23,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 from fixtures.checkpoints import build_tokenizer  # noqa: E402
+from compare import TO_HUB  # noqa: E402  (one table of hub names; compare.py renames older checkpoints)
 from vlmc.backends.safetensors_io import ShardWriter, to_storage  # noqa: E402
 
 SHARD_BYTES = 2 << 30
@@ -41,6 +43,15 @@ def _shapes(family: str, config: dict) -> dict[str, tuple[int, ...]]:
         model = cls(cfg)
     tied = bool(config.get("tie_word_embeddings", False))
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k.endswith("lm_head.weight"))}
+
+
+def hub_name(name: str, family: str) -> str:
+    """transformers' in-memory (v5 module) name -> the name published checkpoints use,
+    which every framework (mlx-vlm included) reads."""
+    for old, new in TO_HUB["llava" if family == "llava" else "qwen"]:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
 
 
 def _tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -66,7 +77,7 @@ def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int =
                       vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
                       vision_token_id=ids["<|vision_pad|>"], eos_token_id=ids["<|im_end|>"],
                       bos_token_id=ids["<|endoftext|>"])
-    shapes = _shapes(family, config)
+    shapes = {hub_name(k, family): v for k, v in _shapes(family, config).items()}
     rng = np.random.default_rng(seed)
     item = 2 if dtype in ("bfloat16", "float16") else 4
     shards, cur, size = [], [], 0
