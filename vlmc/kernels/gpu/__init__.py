@@ -47,7 +47,8 @@ def _kernel(name: str, backend_name: str, inputs: tuple[str, ...], outputs: tupl
 
 
 def _block(n: int) -> int:
-    """Threads per row: about 4 elements each (8 for long rows), a multiple of 32, at most 1024."""
+    """Threads per row: about 4 elements each, a multiple of 32, at most 1024 (longer rows
+    give each thread more: PER = ceil(n / block) elements held in registers)."""
     return min(1024, max(32, (n // 4 + 31) // 32 * 32))
 
 
