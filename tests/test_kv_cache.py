@@ -309,3 +309,29 @@ def test_no_degenerate_repetition_in_long_greedy_runs(tiny_checkpoint, tmp_path_
             checked += 1
             assert not degenerate(runs[1]), (text, runs[1][-24:])
     assert checked >= 1  # the comparison happened for at least one prompt
+
+
+@pytest.mark.parametrize("bits,gs,dim", [(4, 64, 128), (8, 32, 64), (4, 16, 48)])
+def test_cpu_kernel_reads_affine_codes_like_the_reference(bits, gs, dim, monkeypatch):
+    """The C decode kernel over packed codes (the cpu target's decode path) against the MLX
+    reference, with a left-padded sequence and a buffer larger than the held tokens; and the
+    cpu op library really routes affine decode steps to it."""
+    from vlmc.kernels import cpu, cpu_ops, kv_quant
+    from vlmc.kernels.cpu.kv_decode import kv_affine_decode
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    cache = cache_for({"layout": "quantized", "bits": bits, "group_size": gs}, dim=dim)
+    k, v = kv(300, 13, dim=dim)
+    cache.append(k, v)
+    q = mx.random.normal((B, H, dim))
+    kb, vb = cache.buffers["k"], cache.buffers["v"]
+    args = (q, kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"], vb["biases"],
+            mx.array([0, 11], mx.int32), cache.held)
+    kw = dict(scale=dim ** -0.5, bits=bits, group_size=gs)
+    out, ref = kv_affine_decode(*args, **kw), kv_quant.kv_affine_decode(*args, **kw)
+    assert cache.capacity > cache.held
+    assert float(mx.abs(out - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
+    calls = []
+    monkeypatch.setattr(cpu_ops, "_kv_affine_decode", lambda *a, **kw: calls.append(1) or kv_affine_decode(*a, **kw))
+    step = cpu_ops.cached_attention(q[:, :, None], k[:, :, :1], v[:, :, :1], cache, None, scale=0.125)
+    assert calls == [1] and step.shape == (B, H, 1, dim)

@@ -94,3 +94,35 @@ def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_cod
         return codebook[unpack(codes, bits, d)] * (norms.astype(mx.float32) / d ** 0.5)
     return _attend(q_rot, decode(k_codes, k_norms, k_codebook, k_bits), decode(v_codes, v_norms, v_codebook, v_bits),
                    starts, held, scale)
+
+
+def starts_from_mask(mask: mx.array | None, batch: int) -> mx.array:
+    """Each sequence's first visible key in a decode step's mask [B, 1, 1, S] (left padding)."""
+    if mask is None:
+        return mx.zeros((batch,), mx.int32)
+    row = mx.broadcast_to(mask[:, 0, -1], (batch, mask.shape[-1]))
+    return mx.argmax(row.astype(mx.int32), axis=-1).astype(mx.int32)
+
+
+def coded_decode_step(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.array | None, *, scale: float,
+                      affine=None, turbo=None) -> mx.array | None:
+    """A decode step (one query row) over a coded cache through the given kernels (functions
+    with the signatures of ``kv_affine_decode`` / ``kv_turbo_decode``): stores k, v and
+    returns the attention [B, H, 1, D]; None (nothing stored) when no kernel applies."""
+    layout = getattr(cache, "layout", "dense")
+    kernel = {"affine": affine, "turboquant": turbo}.get(layout)
+    if kernel is None or q.shape[2] != 1 or getattr(cache, "start", 0):
+        return None
+    cache.append(k, v)
+    starts = starts_from_mask(mask, q.shape[0])
+    kb, vb = cache.buffers["k"], cache.buffers["v"]
+    if layout == "affine":
+        codec = cache.codecs["k"]
+        out = kernel(q[:, :, 0], kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"], vb["biases"],
+                     starts, cache.held, scale=scale, bits=codec.bits, group_size=codec.group_size)
+    else:
+        kc, vc = cache.codecs["k"], cache.codecs["v"]
+        out = kernel(q[:, :, 0].astype(mx.float32) @ kc.rotation, kb["codes"], kb["norms"], vb["codes"],
+                     vb["norms"], kc.codebook, vc.codebook, starts, cache.held, scale=scale, k_bits=kc.bits,
+                     v_bits=vc.bits) @ vc.rotation.T
+    return out[:, :, None].astype(q.dtype)

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("gemv.c")
-ABI_VERSION = 3  # must match VLMC_ABI in gemv.c
+ABI_VERSION = 4  # must match VLMC_ABI in gemv.c
 
 NATIVE_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
 PORTABLE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread"]
@@ -81,7 +81,7 @@ def _compile(cc: str, flags: list[str], out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cc, *flags, "-o", tmp, str(SOURCE)]
+        cmd = [cc, *flags, "-o", tmp, str(SOURCE), "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.strip()[-2000:]}")
@@ -109,6 +109,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.vlmc_bf16_to_f32.argtypes = [P, L, P, I]
     lib.vlmc_stream_read.restype = ctypes.c_float
     lib.vlmc_stream_read.argtypes = [P, L, I]
+    lib.vlmc_kv_affine_decode.restype = I
+    lib.vlmc_kv_affine_decode.argtypes = [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, I]
     lib.vlmc_set_spin_us.restype = None
     lib.vlmc_set_spin_us.argtypes = [I]
     if lib.vlmc_abi_version() != ABI_VERSION:

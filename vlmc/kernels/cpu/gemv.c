@@ -31,6 +31,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -47,7 +48,7 @@
 #define VLMC_SIMD 0
 #endif
 
-#define VLMC_ABI 3
+#define VLMC_ABI 4
 #define ALWAYS __attribute__((always_inline)) inline
 #define UNROLL _Pragma("GCC unroll 16")
 
@@ -951,4 +952,107 @@ float vlmc_stream_read(const float *p, int64_t n, int n_threads) {
     float s = 0.f;
     for (int i = 0; i < nth; i++) s += R.part[i];
     return s;
+}
+
+/* ---- one decode step's attention over affine-coded KV (vlmc.runtime.kv_codecs.Affine) --
+ * The same computation as vlmc.kernels.kv_quant.kv_affine_decode, reading the packed
+ * codes in place: per (sequence, head) scores from the key codes, softmax, values
+ * accumulated from the value codes. Codes: uint8 rows of D * bits / 8 bytes (8-bit: one
+ * byte each; 4-bit: byte b holds codes 2b (low nibble) and 2b + 1); scales and minimums:
+ * bfloat16 [.., D / gs]. Buffers are [B, HKV, cap, *]; keys starts[b] <= i < held count. */
+typedef struct {
+    const float *q;
+    const uint8_t *kc, *vc;
+    const uint16_t *ks, *kb, *vs, *vb;
+    const int32_t *starts;
+    int B, H, HKV, D, cap, held, bits, gs;
+    float scale;
+    float *out;
+    _Atomic int next;
+} kvd_t;
+
+/* codes of one row as floats (a short loop the compiler vectorizes, then plain dots) */
+static ALWAYS void kvd_codes(const uint8_t *c, int D, int bits, float *cf) {
+    if (bits == 8) {
+        for (int j = 0; j < D; j++) cf[j] = (float)c[j];
+    } else {
+        for (int b = 0; b < D / 2; b++) {
+            cf[2 * b] = (float)(c[b] & 15);
+            cf[2 * b + 1] = (float)(c[b] >> 4);
+        }
+    }
+}
+
+static void kvd_one(const kvd_t *J, int bh, float *sc, float *qg, float *cf) {
+    const int D = J->D, gs = J->gs, G = D / gs, b = bh / J->H, hk = (bh % J->H) / (J->H / J->HKV);
+    const int row = D * J->bits / 8, first = J->starts[b], n = J->held;
+    const size_t base = ((size_t)b * J->HKV + hk) * J->cap;
+    const float *q = J->q + (size_t)bh * D;
+    float *out = J->out + (size_t)bh * D;
+    for (int g = 0; g < G; g++) {
+        float s = 0.f;
+        for (int j = g * gs; j < (g + 1) * gs; j++) s += q[j];
+        qg[g] = s;
+    }
+    float m = -3.0e38f;
+    for (int i = first; i < n; i++) {
+        const uint8_t *c = J->kc + (base + i) * row;
+        const uint16_t *ks = J->ks + (base + i) * G, *kb = J->kb + (base + i) * G;
+        kvd_codes(c, D, J->bits, cf);
+        float acc = 0.f;
+        for (int g = 0; g < G; g++) {
+            float dot = 0.f;
+            for (int j = g * gs; j < (g + 1) * gs; j++) dot += q[j] * cf[j];
+            acc += bf16_to_f32(ks[g]) * dot + bf16_to_f32(kb[g]) * qg[g];
+        }
+        acc *= J->scale;
+        sc[i] = acc;
+        if (acc > m) m = acc;
+    }
+    float total = 0.f;
+    for (int i = first; i < n; i++) {
+        sc[i] = expf(sc[i] - m);
+        total += sc[i];
+    }
+    for (int d = 0; d < D; d++) out[d] = 0.f;
+    for (int i = first; i < n; i++) {
+        const uint8_t *c = J->vc + (base + i) * row;
+        const uint16_t *vs = J->vs + (base + i) * G, *vb = J->vb + (base + i) * G;
+        const float p = sc[i] / total;
+        kvd_codes(c, D, J->bits, cf);
+        for (int g = 0; g < G; g++) {
+            const float s = p * bf16_to_f32(vs[g]), o = p * bf16_to_f32(vb[g]);
+            for (int j = g * gs; j < (g + 1) * gs; j++) out[j] += s * cf[j] + o;
+        }
+    }
+}
+
+static void kvd_task(void *ctx, int ith, int nth) {
+    (void)ith;
+    (void)nth;
+    kvd_t *J = ctx;
+    float *sc = malloc(sizeof(float) * ((size_t)J->cap + 2 * (size_t)J->D));
+    if (!sc) return;
+    for (;;) {
+        int bh = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
+        if (bh >= J->B * J->H) break;
+        kvd_one(J, bh, sc, sc + J->cap, sc + J->cap + J->D);
+    }
+    free(sc);
+}
+
+int vlmc_kv_affine_decode(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
+                          const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const int32_t *starts,
+                          int B, int H, int HKV, int D, int cap, int held, int bits, int gs, float scale,
+                          float *out, int n_threads) {
+    if (B < 1 || H < 1 || HKV < 1 || H % HKV || D < 2 || held < 0 || held > cap) return -1;
+    if ((bits != 4 && bits != 8) || gs < 2 || D % gs || gs % 2) return -2;
+    kvd_t J = {.q = q, .kc = kc, .vc = vc, .ks = ks, .kb = kb, .vs = vs, .vb = vb, .starts = starts, .B = B,
+               .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held, .bits = bits, .gs = gs, .scale = scale,
+               .out = out};
+    atomic_store(&J.next, 0);
+    int nth = n_threads < 1 ? 1 : n_threads;
+    if (nth > B * H) nth = B * H;
+    run_parallel(kvd_task, &J, nth);
+    return 0;
 }

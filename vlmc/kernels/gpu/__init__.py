@@ -126,23 +126,6 @@ def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.arra
                      *, scale: float) -> mx.array:
     """Decode steps over a quantized or TurboQuant cache read the codes in place (the
     kernels above); everything else is the reference (decode the held tokens, then SDPA)."""
-    layout = getattr(cache, "layout", "dense")
-    if layout not in ("affine", "turboquant") or q.shape[2] != 1 or getattr(cache, "start", 0):
-        return _reference.cached_attention(q, k, v, cache, mask, scale=scale)
-    cache.append(k, v)
-    B = q.shape[0]
-    # each sequence's first valid key: the first True of its mask row (left padding)
-    starts = mx.zeros((B,), mx.int32) if mask is None else \
-        mx.argmax(mx.broadcast_to(mask[:, 0, -1], (B, mask.shape[-1])).astype(mx.int32), axis=-1).astype(mx.int32)
-    kb, vb = cache.buffers["k"], cache.buffers["v"]
-    if layout == "affine":
-        codec = cache.codecs["k"]
-        out = kv_affine_decode(q[:, :, 0], kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"],
-                               vb["biases"], starts, cache.held, scale=scale, bits=codec.bits,
-                               group_size=codec.group_size)
-    else:
-        kc, vc = cache.codecs["k"], cache.codecs["v"]
-        out = kv_turbo_decode(q[:, :, 0].astype(mx.float32) @ kc.rotation, kb["codes"], kb["norms"], vb["codes"],
-                              vb["norms"], kc.codebook, vc.codebook, starts, cache.held, scale=scale,
-                              k_bits=kc.bits, v_bits=vc.bits) @ vc.rotation.T
-    return out[:, :, None].astype(q.dtype)
+    out = _kv_quant.coded_decode_step(q, k, v, cache, mask, scale=scale, affine=kv_affine_decode,
+                                      turbo=kv_turbo_decode)
+    return out if out is not None else _reference.cached_attention(q, k, v, cache, mask, scale=scale)
