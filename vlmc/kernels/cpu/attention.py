@@ -27,9 +27,11 @@ SCORE_BLOCK_ELEMS = 16 * 1024 * 1024  # float32 scores held at once (64 MB)
 def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None, *,
               scale: float, enabled: bool = True) -> mx.array:
     """softmax(q k^T * scale, masked) v for q [B, H, L, D], k/v [B, Hkv, S, D(v)]."""
+    if q.ndim != 4 or k.ndim != 4:
+        return _reference.attention(q, k, v, mask, scale=scale)
     B, H, L, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
-    if (not enabled or (L < MIN_QUERY_ROWS and S < MIN_KEYS) or q.ndim != 4 or H % Hk
+    if (not enabled or (L < MIN_QUERY_ROWS and S < MIN_KEYS) or H % Hk
             or (mask is not None and (mask.dtype != mx.bool_ or mask.ndim != 4 or mask.shape[1] != 1))):
         return _reference.attention(q, k, v, mask, scale=scale)
     out_dtype = q.dtype
