@@ -65,8 +65,33 @@ def main() -> None:
                 mx.eval(gpu.cached_attention(q, k, k, c, None, scale=D ** -0.5))
                 c.trim(1)
 
+        def append_eval_each():
+            for c in caches:
+                c.append(k, k)
+                mx.eval([x for parts in c.buffers.values() for x in parts.values()])
+                c.trim(1)
+
+        def kernel_eval_each():  # the attention alone, over the cache as it is
+            for c in caches:
+                if c.layout == "dense":
+                    mx.eval(mx.fast.scaled_dot_product_attention(q, *c.update(k[:, :, :0], k[:, :, :0]), scale=0.1))
+                    continue
+                kb, vb = c.buffers["k"], c.buffers["v"]
+                starts = mx.zeros((1,), mx.int32)
+                if c.layout == "affine":
+                    mx.eval(gpu.kv_affine_decode(q[:, :, 0], kb["codes"], kb["scales"], kb["biases"], vb["codes"],
+                                                 vb["scales"], vb["biases"], starts, c.held, scale=0.1,
+                                                 bits=c.codecs["k"].bits, group_size=c.codecs["k"].group_size))
+                else:
+                    mx.eval(gpu.kv_turbo_decode(q[:, :, 0].astype(mx.float32), kb["codes"], kb["norms"], vb["codes"],
+                                                vb["norms"], c.codecs["k"].codebook, c.codecs["v"].codebook, starts,
+                                                c.held, scale=0.1, k_bits=c.codecs["k"].bits,
+                                                v_bits=c.codecs["v"].bits))
+
         r = {"append_ms": per_step(append_only), "cached_attention_ms": per_step(attend),
-             "cached_attention_eval_per_layer_ms": per_step(attend_eval_each)}
+             "cached_attention_eval_per_layer_ms": per_step(attend_eval_each),
+             "append_eval_per_layer_ms": per_step(append_eval_each),
+             "kernel_eval_per_layer_ms": per_step(kernel_eval_each)}
         out[name] = {k2: round(v, 3) for k2, v in r.items()}
         print(name, out[name], flush=True)
     if a.json:

@@ -142,3 +142,33 @@ def test_kv_decode_kernel_matches_its_reference(spec):
         out, ref = gpu.kv_turbo_decode(*args, **kw), kv_quant.kv_turbo_decode(*args, **kw)
     assert cache.capacity > cache.held  # the kernel reads only the held tokens of a larger buffer
     assert float(mx.abs(out - ref).max()) <= 1e-4 * max(float(mx.abs(ref).max()), 1.0)
+
+
+@pytest.mark.parametrize("spec", [KV_LAYOUTS[1], KV_LAYOUTS[4]], ids=str)
+def test_kv_kernel_launch_wiring(spec, monkeypatch):
+    """Without a GPU: the loader hands MLX the shared helpers as header, the body, the inputs
+    in the kernel's declared order and the template names the source uses."""
+    seen = {}
+
+    def fake_make(name, input_names, output_names, source, header):
+        seen.update(name=name, inputs=input_names, outputs=output_names, source=source, header=header)
+
+        def run(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+            seen.update(template=dict(template), grid=grid, threadgroup=threadgroup, shapes=output_shapes)
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+        return run
+
+    gpu._kernel.cache_clear()
+    monkeypatch.setattr(gpu, "backend", lambda: "cuda")
+    monkeypatch.setattr(mx.fast, "cuda_kernel", fake_make)
+    try:
+        (cache, _), q, k, v, mask = _filled_caches(spec)
+        out = gpu.cached_attention(q, k, v, cache, mask, scale=0.125)
+    finally:
+        gpu._kernel.cache_clear()
+    name = "kv_affine_decode" if spec["layout"] == "quantized" else "kv_turbo_decode"
+    inputs, outputs, template = KERNELS[name]
+    assert seen["name"] == name and tuple(seen["inputs"]) == inputs and tuple(seen["outputs"]) == outputs
+    assert "kv_block_reduce" in seen["header"] and "kv_code" in seen["header"]
+    assert set(seen["template"]) == set(template) and seen["threadgroup"] == (gpu.KV_BLOCK, 1, 1)
+    assert seen["grid"] == (2 * 4 * gpu.KV_BLOCK, 1, 1) and out.shape == q.shape

@@ -36,6 +36,10 @@ def source(name: str, backend_name: str) -> str:
     return (SOURCES / f"{name}.{'cu' if backend_name == 'cuda' else 'metal'}").read_text()
 
 
+# Kernels that share helper files (put in front of their header).
+SHARED_HELPERS = {"kv_affine_decode": "kv_common", "kv_turbo_decode": "kv_common"}
+
+
 @lru_cache(maxsize=None)
 def _kernel(name: str, backend_name: str, inputs: tuple[str, ...], outputs: tuple[str, ...]):
     """The compiled-on-first-use kernel; text above a ``// @body`` line is its header
@@ -43,6 +47,8 @@ def _kernel(name: str, backend_name: str, inputs: tuple[str, ...], outputs: tupl
     make = mx.fast.cuda_kernel if backend_name == "cuda" else mx.fast.metal_kernel
     text = source(name, backend_name)
     header, body = text.split(BODY_MARKER, 1) if BODY_MARKER in text else ("", text)
+    if name in SHARED_HELPERS:
+        header = source(SHARED_HELPERS[name], backend_name) + "\n" + header
     return make(name=name, input_names=list(inputs), output_names=list(outputs), source=body, header=header)
 
 
@@ -84,6 +90,22 @@ def _kv_common(q: mx.array, codes: mx.array) -> tuple[int, int, int, int, int] |
     return B, H, codes.shape[1], D, codes.shape[2]
 
 
+def _launch_kv(name: str, dims: tuple[int, int, int, int, int], held: int, scale: float,
+               arrays: dict[str, mx.array], template: list[tuple[str, int]]) -> mx.array:
+    """One (sequence, head) threadgroup of KV_BLOCK threads per output row; inputs in the
+    kernel's order, then starts (int32), held and scale; outputs out [B, H, D] and the
+    scores scratch [B, H, cap]."""
+    B, H, HKV, D, cap = dims
+    arrays = {**arrays, "starts": arrays["starts"].astype(mx.int32), "held": mx.array([held], mx.int32),
+              "scale": _scalar(float(scale))}
+    kernel = _kernel(name, backend(), tuple(arrays), ("out", "scores"))
+    out, _ = kernel(inputs=list(arrays.values()),
+                    template=[("H", H), ("HKV", HKV), ("D", D), *template, ("BLOCK", KV_BLOCK)],
+                    grid=(B * H * KV_BLOCK, 1, 1), threadgroup=(KV_BLOCK, 1, 1),
+                    output_shapes=[(B, H, D), (B, H, cap)], output_dtypes=[mx.float32, mx.float32])
+    return out
+
+
 def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts, held: int, *,
                      scale: float, bits: int, group_size: int) -> mx.array:
     """Decode-step attention over affine KV codes in place (``kernels.kv_quant`` reference)."""
@@ -91,16 +113,10 @@ def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases
     if be is None or dims is None or bits not in (2, 3, 4, 8) or q.shape[-1] % group_size:
         return _kv_quant.kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts,
                                           held, scale=scale, bits=bits, group_size=group_size)
-    B, H, HKV, D, cap = dims
-    kernel = _kernel("kv_affine_decode", be, ("q", "k_codes", "k_scales", "k_biases", "v_codes", "v_scales",
-                                              "v_biases", "starts", "held", "scale"), ("out", "scores"))
-    out, _ = kernel(inputs=[q.astype(mx.float32), k_codes, k_scales, k_biases, v_codes, v_scales, v_biases,
-                            starts.astype(mx.int32), mx.array([held], mx.int32), _scalar(float(scale))],
-                    template=[("H", H), ("HKV", HKV), ("D", D), ("BITS", bits), ("GROUP", group_size),
-                              ("BLOCK", KV_BLOCK)],
-                    grid=(B * H * KV_BLOCK, 1, 1), threadgroup=(KV_BLOCK, 1, 1),
-                    output_shapes=[(B, H, D), (B, H, cap)], output_dtypes=[mx.float32, mx.float32])
-    return out
+    return _launch_kv("kv_affine_decode", dims, held, scale,
+                      {"q": q.astype(mx.float32), "k_codes": k_codes, "k_scales": k_scales, "k_biases": k_biases,
+                       "v_codes": v_codes, "v_scales": v_scales, "v_biases": v_biases, "starts": starts},
+                      [("BITS", bits), ("GROUP", group_size)])
 
 
 def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook, starts, held: int, *,
@@ -110,16 +126,10 @@ def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_cod
     if be is None or dims is None or q_rot.shape[-1] % 8 or not {k_bits, v_bits} <= {2, 3, 4}:
         return _kv_quant.kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook, starts,
                                          held, scale=scale, k_bits=k_bits, v_bits=v_bits)
-    B, H, HKV, D, cap = dims
-    kernel = _kernel("kv_turbo_decode", be, ("q_rot", "k_codes", "k_norms", "v_codes", "v_norms", "k_codebook",
-                                             "v_codebook", "starts", "held", "scale"), ("out", "scores"))
-    out, _ = kernel(inputs=[q_rot.astype(mx.float32), k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook,
-                            starts.astype(mx.int32), mx.array([held], mx.int32), _scalar(float(scale))],
-                    template=[("H", H), ("HKV", HKV), ("D", D), ("KBITS", k_bits), ("VBITS", v_bits),
-                              ("BLOCK", KV_BLOCK)],
-                    grid=(B * H * KV_BLOCK, 1, 1), threadgroup=(KV_BLOCK, 1, 1),
-                    output_shapes=[(B, H, D), (B, H, cap)], output_dtypes=[mx.float32, mx.float32])
-    return out
+    return _launch_kv("kv_turbo_decode", dims, held, scale,
+                      {"q_rot": q_rot.astype(mx.float32), "k_codes": k_codes, "k_norms": k_norms, "v_codes": v_codes,
+                       "v_norms": v_norms, "k_codebook": k_codebook, "v_codebook": v_codebook, "starts": starts},
+                      [("KBITS", k_bits), ("VBITS", v_bits)])
 
 
 def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.array | None = None,

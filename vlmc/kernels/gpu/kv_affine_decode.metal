@@ -1,15 +1,5 @@
 // kv_affine_decode (Metal, for mx.fast.metal_kernel): same inputs, outputs, template and
-// semantics as kv_affine_decode.cu (see there). Helpers above the body marker go into the
-// kernel's header.
-template <int BITS>
-inline float kv_code(const device uint8_t* row, int j) {
-  if (BITS == 8) return float(row[j]);
-  const device uint8_t* g = row + (j >> 3) * BITS;
-  uint w = uint(g[0]) | (uint(g[1]) << 8);
-  if (BITS > 2) w |= uint(g[2]) << 16;
-  if (BITS > 3) w |= uint(g[3]) << 24;
-  return float((w >> ((j & 7) * BITS)) & ((1u << BITS) - 1));
-}
+// semantics as kv_affine_decode.cu (see there). Helpers: kv_common.metal.
 // @body
 constexpr int WARPS = BLOCK / 32;
 constexpr int ROW = D * BITS / 8;
@@ -36,7 +26,7 @@ for (int i = first + t; i < n; i += BLOCK) {
   for (int g = 0; g < GROUPS; ++g) {
     float dot = 0.0f, qsum = 0.0f;
     for (int j = g * GROUP; j < (g + 1) * GROUP; ++j) {
-      dot += qs[j] * kv_code<BITS>(row, j);
+      dot += qs[j] * float(kv_code(row, j, BITS));
       qsum += qs[j];
     }
     acc += float(k_scales[(base + i) * GROUPS + g]) * dot + float(k_biases[(base + i) * GROUPS + g]) * qsum;
@@ -66,7 +56,7 @@ for (int d = t; d < D; d += BLOCK) {
   float acc = 0.0f;
   for (int i = first; i < n; ++i) {
     const size_t r = base + i;
-    acc += sc[i] * (float(v_scales[r * GROUPS + g]) * kv_code<BITS>(v_codes + r * ROW, d) + float(v_biases[r * GROUPS + g]));
+    acc += sc[i] * (float(v_scales[r * GROUPS + g]) * float(kv_code(v_codes + r * ROW, d, BITS)) + float(v_biases[r * GROUPS + g]));
   }
   out[size_t(bh) * D + d] = n > first ? acc / total : 0.0f;
 }

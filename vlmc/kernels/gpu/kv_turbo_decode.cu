@@ -5,7 +5,7 @@
 // [2**KBITS], v_codebook [2**VBITS] float32; starts [B] int32; held [1] int32; scale [1]
 // float32. Outputs: out [B, H, D] float32 (rotated: multiply by R^T); scores [B, H, CAP]
 // float32 (scratch). Template: H, HKV, D, KBITS, VBITS (2-4), BLOCK (a multiple of 32).
-// Reference: vlmc.kernels.kv_quant.kv_turbo_decode.
+// Reference: vlmc.kernels.kv_quant.kv_turbo_decode. Helpers: kv_common.cu.
 constexpr int WARPS = BLOCK / 32;
 constexpr int KROW = D * KBITS / 8;
 constexpr int VROW = D * VBITS / 8;
@@ -23,25 +23,6 @@ const int first = starts[b];
 const size_t base = ((size_t)b * HKV + hk) * cap;
 const float unit = rsqrtf((float)D);
 float* sc = scores + (size_t)bh * cap;
-auto code = [](const uint8_t* row, int j, int bits) -> int {
-  const uint8_t* g = row + (j >> 3) * bits;
-  uint32_t w = g[0] | ((uint32_t)g[1] << 8);
-  if (bits > 2) w |= (uint32_t)g[2] << 16;
-  if (bits > 3) w |= (uint32_t)g[3] << 24;
-  return (int)((w >> ((j & 7) * bits)) & ((1u << bits) - 1));
-};
-auto block_reduce = [&](float v, bool is_max) -> float {
-  for (int o = 16; o > 0; o >>= 1) {
-    float other = __shfl_xor_sync(0xffffffffu, v, o);
-    v = is_max ? fmaxf(v, other) : v + other;
-  }
-  __syncthreads();
-  if ((t & 31) == 0) red[t >> 5] = v;
-  __syncthreads();
-  v = red[0];
-  for (int w = 1; w < WARPS; ++w) v = is_max ? fmaxf(v, red[w]) : v + red[w];
-  return v;
-};
 for (int i = t; i < D; i += BLOCK) qs[i] = q_rot[(size_t)bh * D + i] * scale[0];
 for (int i = t; i < (1 << KBITS); i += BLOCK) kcb[i] = k_codebook[i];
 for (int i = t; i < (1 << VBITS); i += BLOCK) vcb[i] = v_codebook[i];
@@ -50,23 +31,23 @@ float m = __int_as_float(0xff800000);  // -infinity
 for (int i = first + t; i < n; i += BLOCK) {
   const uint8_t* row = k_codes + (base + i) * KROW;
   float dot = 0.0f;
-  for (int j = 0; j < D; ++j) dot += qs[j] * kcb[code(row, j, KBITS)];
+  for (int j = 0; j < D; ++j) dot += qs[j] * kcb[kv_code(row, j, KBITS)];
   const float s = dot * k_norms[base + i] * unit;
   sc[i] = s;
   m = fmaxf(m, s);
 }
-m = block_reduce(m, true);
+m = kv_block_reduce<WARPS>(m, true, red, t);
 float total = 0.0f;
 for (int i = first + t; i < n; i += BLOCK) {
   float e = expf(sc[i] - m);
   sc[i] = e;
   total += e;
 }
-total = block_reduce(total, false);  // its barriers also publish every sc[i]
+total = kv_block_reduce<WARPS>(total, false, red, t);  // its barriers also publish every sc[i]
 for (int d = t; d < D; d += BLOCK) {
   float acc = 0.0f;
   for (int i = first; i < n; ++i) {
-    acc += sc[i] * v_norms[base + i] * vcb[code(v_codes + (base + i) * VROW, d, VBITS)];
+    acc += sc[i] * v_norms[base + i] * vcb[kv_code(v_codes + (base + i) * VROW, d, VBITS)];
   }
   out[(size_t)bh * D + d] = n > first ? acc * unit / total : 0.0f;
 }

@@ -1,13 +1,5 @@
 // kv_turbo_decode (Metal, for mx.fast.metal_kernel): same inputs, outputs, template and
-// semantics as kv_turbo_decode.cu (see there). Helpers above the body marker go into the
-// kernel's header.
-inline int turbo_code(const device uint8_t* row, int j, int bits) {
-  const device uint8_t* g = row + (j >> 3) * bits;
-  uint w = uint(g[0]) | (uint(g[1]) << 8);
-  if (bits > 2) w |= uint(g[2]) << 16;
-  if (bits > 3) w |= uint(g[3]) << 24;
-  return int((w >> ((j & 7) * bits)) & ((1u << bits) - 1));
-}
+// semantics as kv_turbo_decode.cu (see there). Helpers: kv_common.metal.
 // @body
 constexpr int WARPS = BLOCK / 32;
 constexpr int KROW = D * KBITS / 8;
@@ -36,7 +28,7 @@ float m = -INFINITY;
 for (int i = first + t; i < n; i += BLOCK) {
   const device uint8_t* row = k_codes + (base + i) * KROW;
   float dot = 0.0f;
-  for (int j = 0; j < D; ++j) dot += qs[j] * kcb[turbo_code(row, j, KBITS)];
+  for (int j = 0; j < D; ++j) dot += qs[j] * kcb[kv_code(row, j, KBITS)];
   const float s = dot * k_norms[base + i] * unit;
   sc[i] = s;
   m = max(m, s);
@@ -61,7 +53,7 @@ for (int w = 1; w < WARPS; ++w) total += red[w];
 for (int d = t; d < D; d += BLOCK) {
   float acc = 0.0f;
   for (int i = first; i < n; ++i) {
-    acc += sc[i] * v_norms[base + i] * vcb[turbo_code(v_codes + (base + i) * VROW, d, VBITS)];
+    acc += sc[i] * v_norms[base + i] * vcb[kv_code(v_codes + (base + i) * VROW, d, VBITS)];
   }
   out[size_t(bh) * D + d] = n > first ? acc * unit / total : 0.0f;
 }
