@@ -983,46 +983,55 @@ static ALWAYS void kvd_codes(const uint8_t *c, int D, int bits, float *cf) {
     }
 }
 
-static void kvd_one(const kvd_t *J, int bh, float *sc, float *qg, float *cf) {
-    const int D = J->D, gs = J->gs, G = D / gs, b = bh / J->H, hk = (bh % J->H) / (J->H / J->HKV);
-    const int row = D * J->bits / 8, first = J->starts[b], n = J->held;
-    const size_t base = ((size_t)b * J->HKV + hk) * J->cap;
-    const float *q = J->q + (size_t)bh * D;
-    float *out = J->out + (size_t)bh * D;
-    for (int g = 0; g < G; g++) {
-        float s = 0.f;
-        for (int j = g * gs; j < (g + 1) * gs; j++) s += q[j];
-        qg[g] = s;
-    }
-    float m = -3.0e38f;
-    for (int i = first; i < n; i++) {
-        const uint8_t *c = J->kc + (base + i) * row;
-        const uint16_t *ks = J->ks + (base + i) * G, *kb = J->kb + (base + i) * G;
-        kvd_codes(c, D, J->bits, cf);
-        float acc = 0.f;
+/* One (sequence, KV head): its R = H / HKV query heads share every decoded row, so each
+ * key and value row is unpacked once for all of them. sc: R * cap floats; qg: R * G; cf: D. */
+static void kvd_group(const kvd_t *J, int bk, float *sc, float *qg, float *cf) {
+    const int D = J->D, gs = J->gs, G = D / gs, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV;
+    const int row = D * J->bits / 8, first = J->starts[b], n = J->held, cap = J->cap;
+    const size_t base = ((size_t)b * J->HKV + hk) * cap;
+    const float *q0 = J->q + ((size_t)b * J->H + (size_t)hk * R) * D;
+    float *out0 = J->out + ((size_t)b * J->H + (size_t)hk * R) * D;
+    for (int h = 0; h < R; h++)
         for (int g = 0; g < G; g++) {
-            float dot = 0.f;
-            for (int j = g * gs; j < (g + 1) * gs; j++) dot += q[j] * cf[j];
-            acc += bf16_to_f32(ks[g]) * dot + bf16_to_f32(kb[g]) * qg[g];
+            float s = 0.f;
+            for (int j = g * gs; j < (g + 1) * gs; j++) s += q0[(size_t)h * D + j];
+            qg[h * G + g] = s;
         }
-        acc *= J->scale;
-        sc[i] = acc;
-        if (acc > m) m = acc;
-    }
-    float total = 0.f;
     for (int i = first; i < n; i++) {
-        sc[i] = expf(sc[i] - m);
-        total += sc[i];
+        kvd_codes(J->kc + (base + i) * row, D, J->bits, cf);
+        const uint16_t *ks = J->ks + (base + i) * G, *kb = J->kb + (base + i) * G;
+        for (int h = 0; h < R; h++) {
+            const float *q = q0 + (size_t)h * D;
+            float acc = 0.f;
+            for (int g = 0; g < G; g++) {
+                float dot = 0.f;
+                for (int j = g * gs; j < (g + 1) * gs; j++) dot += q[j] * cf[j];
+                acc += bf16_to_f32(ks[g]) * dot + bf16_to_f32(kb[g]) * qg[h * G + g];
+            }
+            sc[(size_t)h * cap + i] = acc * J->scale;
+        }
     }
-    for (int d = 0; d < D; d++) out[d] = 0.f;
+    for (int h = 0; h < R; h++) {
+        float *s = sc + (size_t)h * cap, m = -3.0e38f, total = 0.f;
+        for (int i = first; i < n; i++) m = s[i] > m ? s[i] : m;
+        for (int i = first; i < n; i++) {
+            s[i] = expf(s[i] - m);
+            total += s[i];
+        }
+        const float inv = total > 0.f ? 1.f / total : 0.f;
+        for (int i = first; i < n; i++) s[i] *= inv;
+        for (int d = 0; d < D; d++) out0[(size_t)h * D + d] = 0.f;
+    }
     for (int i = first; i < n; i++) {
-        const uint8_t *c = J->vc + (base + i) * row;
+        kvd_codes(J->vc + (base + i) * row, D, J->bits, cf);
         const uint16_t *vs = J->vs + (base + i) * G, *vb = J->vb + (base + i) * G;
-        const float p = sc[i] / total;
-        kvd_codes(c, D, J->bits, cf);
-        for (int g = 0; g < G; g++) {
-            const float s = p * bf16_to_f32(vs[g]), o = p * bf16_to_f32(vb[g]);
-            for (int j = g * gs; j < (g + 1) * gs; j++) out[j] += s * cf[j] + o;
+        for (int h = 0; h < R; h++) {
+            const float p = sc[(size_t)h * cap + i];
+            float *out = out0 + (size_t)h * D;
+            for (int g = 0; g < G; g++) {
+                const float a = p * bf16_to_f32(vs[g]), o = p * bf16_to_f32(vb[g]);
+                for (int j = g * gs; j < (g + 1) * gs; j++) out[j] += a * cf[j] + o;
+            }
         }
     }
 }
@@ -1031,12 +1040,13 @@ static void kvd_task(void *ctx, int ith, int nth) {
     (void)ith;
     (void)nth;
     kvd_t *J = ctx;
-    float *sc = malloc(sizeof(float) * ((size_t)J->cap + 2 * (size_t)J->D));
+    const int R = J->H / J->HKV, G = J->D / J->gs;
+    float *sc = malloc(sizeof(float) * ((size_t)R * J->cap + (size_t)R * G + (size_t)J->D));
     if (!sc) return;
     for (;;) {
-        int bh = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
-        if (bh >= J->B * J->H) break;
-        kvd_one(J, bh, sc, sc + J->cap, sc + J->cap + J->D);
+        int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
+        if (bk >= J->B * J->HKV) break;
+        kvd_group(J, bk, sc, sc + (size_t)R * J->cap, sc + (size_t)R * J->cap + (size_t)R * G);
     }
     free(sc);
 }
@@ -1052,7 +1062,7 @@ int vlmc_kv_affine_decode(const float *q, const uint8_t *kc, const uint16_t *ks,
                .out = out};
     atomic_store(&J.next, 0);
     int nth = n_threads < 1 ? 1 : n_threads;
-    if (nth > B * H) nth = B * H;
+    if (nth > B * HKV) nth = B * HKV;
     run_parallel(kvd_task, &J, nth);
     return 0;
 }
