@@ -9,14 +9,12 @@ import mlx.core as mx
 import numpy as np
 
 from .. import kv_quant as _kv_quant
-from . import _check, _get_lib
+from . import _check, _get_lib, _to_numpy
 
 
-def _np(a: mx.array, dtype=None) -> np.ndarray:
-    if a.dtype == mx.bfloat16:
-        a = a.view(mx.uint16)
-    n = np.asarray(a)
-    return n if n.flags.c_contiguous else np.ascontiguousarray(n)
+def _np(a: mx.array) -> np.ndarray:
+    """A C-contiguous numpy view (bf16 as raw uint16) of an evaluated array."""
+    return np.ascontiguousarray(_to_numpy(a))
 
 
 def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts, held: int, *,
