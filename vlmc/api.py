@@ -16,7 +16,7 @@ def load(src: str | os.PathLike, *, dtype: str = "float32", target: str | None =
     KV-cache options (``kv_bits``, ``kv_quant_scheme``, ``kv_group_size``, ``max_kv_size``,
     ``kv_memory_budget``, ``context``, ``quantize_last``; see ``vlmc.kvplan``) re-plan an
     artifact's caches at load, or are compiled into a checkpoint's artifact."""
-    from .kvplan import OPTIONS
+    from .kvplan import OPTIONS, compile_options
     unknown = set(kv) - set(OPTIONS)
     if unknown:
         raise TypeError(f"load() got unknown option(s) {sorted(unknown)}; KV options: {', '.join(OPTIONS)}")
@@ -25,9 +25,8 @@ def load(src: str | os.PathLike, *, dtype: str = "float32", target: str | None =
         return VLM(load_artifact(src), kv=kv or None)
     reject_unfinished(src)
     from .compiler import compile as compile_checkpoint  # only needed for checkpoints
-    compile_kv = {("kv_context" if k == "context" else "kv_quantize_last" if k == "quantize_last" else k): v
-                  for k, v in kv.items()}
-    return VLM(load_artifact(compile_checkpoint(src, dtype=dtype, target=target, progress=progress, **compile_kv)))
+    return VLM(load_artifact(compile_checkpoint(src, dtype=dtype, target=target, progress=progress,
+                                                **compile_options(kv))))
 
 
 __all__ = ["load", "Path"]

@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 
 from .errors import VlmcError, exit_on_user_error
-from .cli_options import compile_kv, kv_flags, pop_kv
+from .cli_options import kv_flags, pop_kv
+from .kvplan import compile_options
 from .passes.fuse import FUSIONS, OPT_IN
 
 
@@ -54,7 +55,7 @@ def compile_cmd(src: str, out: Path | None, dtype: str, target: str | None, pres
     from .compiler import compile as compile_checkpoint
     path = compile_checkpoint(src, out, dtype=dtype, target=target, preset=preset, quantize=quantize,
                               group_size=group_size, quantize_vision=quantize_vision, head=head, recipe=recipe,
-                              no_fuse=no_fuse, fuse=fuse, progress=True, **compile_kv(pop_kv(kv_kw)))
+                              no_fuse=no_fuse, fuse=fuse, progress=True, **compile_options(pop_kv(kv_kw)))
     click.echo(str(path))
 
 

@@ -58,9 +58,3 @@ def pop_kv(kwargs: dict) -> dict:
     if not kv["quantize_last"]:
         del kv["quantize_last"]
     return {k: v for k, v in kv.items() if v is not None}
-
-
-def compile_kv(kv: dict) -> dict:
-    """``vlmc.load`` KV option names -> ``vlmc.compile`` ones."""
-    return {("kv_context" if k == "context" else "kv_quantize_last" if k == "quantize_last" else k): v
-            for k, v in kv.items()}

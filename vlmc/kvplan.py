@@ -46,6 +46,12 @@ OPTIONS = ("kv_bits", "kv_quant_scheme", "kv_group_size", "max_kv_size", "kv_mem
            "quantize_last")
 
 
+def compile_options(kv: dict[str, Any]) -> dict[str, Any]:
+    """``vlmc.load`` / ``plan`` KV option names -> ``vlmc.compile`` keyword names."""
+    renamed = {"context": "kv_context", "quantize_last": "kv_quantize_last"}
+    return {renamed.get(k, k): v for k, v in kv.items()}
+
+
 class KVLayoutError(VlmcError, ValueError):
     """A KV option the model cannot honour, or a budget nothing fits."""
 

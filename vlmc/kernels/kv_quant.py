@@ -59,6 +59,19 @@ def rotation(dim: int, seed: int) -> np.ndarray:
     return (q * np.sign(np.diag(r))).astype(np.float32)
 
 
+def affine_decode(codes: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
+    """float32 values of affine codes: code * scale + minimum, per group of ``group_size``."""
+    *lead, groups = scales.shape
+    x = unpack(codes, bits, groups * group_size).astype(mx.float32).reshape(*lead, groups, group_size)
+    x = x * scales.astype(mx.float32)[..., None] + biases.astype(mx.float32)[..., None]
+    return x.reshape(*lead, groups * group_size)
+
+
+def turbo_decode_rotated(codes: mx.array, norms: mx.array, codebook: mx.array, bits: int, dim: int) -> mx.array:
+    """float32 TurboQuant vectors in the rotated space: codebook level * norm / sqrt(dim)."""
+    return codebook[unpack(codes, bits, dim)] * (norms.astype(mx.float32) / dim ** 0.5)
+
+
 def _valid(starts: mx.array, held: int, capacity: int) -> mx.array:
     """[B, 1, 1, capacity] True for keys ``starts[b] <= i < held``."""
     i = mx.arange(capacity)[None, :]
@@ -76,12 +89,8 @@ def _attend(q: mx.array, keys: mx.array, values: mx.array, starts: mx.array, hel
 def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts, held: int, *,
                      scale: float, bits: int, group_size: int) -> mx.array:
     """One decode step's attention over affine-coded keys/values (float32 [B, H, D])."""
-    def decode(codes, scales, biases):
-        *lead, groups = scales.shape
-        x = unpack(codes, bits, groups * group_size).astype(mx.float32).reshape(*lead, groups, group_size)
-        x = x * scales.astype(mx.float32)[..., None] + biases.astype(mx.float32)[..., None]
-        return x.reshape(*lead, groups * group_size)
-    return _attend(q, decode(k_codes, k_scales, k_biases), decode(v_codes, v_scales, v_biases), starts, held, scale)
+    return _attend(q, affine_decode(k_codes, k_scales, k_biases, bits, group_size),
+                   affine_decode(v_codes, v_scales, v_biases, bits, group_size), starts, held, scale)
 
 
 def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook, starts, held: int, *,
@@ -89,11 +98,8 @@ def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_cod
     """One decode step's attention over TurboQuant-coded keys/values, all in the rotated
     space: ``q_rot = q @ R``; the result is ``out @ R`` (multiply by R^T to return)."""
     d = q_rot.shape[-1]
-
-    def decode(codes, norms, codebook, bits):
-        return codebook[unpack(codes, bits, d)] * (norms.astype(mx.float32) / d ** 0.5)
-    return _attend(q_rot, decode(k_codes, k_norms, k_codebook, k_bits), decode(v_codes, v_norms, v_codebook, v_bits),
-                   starts, held, scale)
+    return _attend(q_rot, turbo_decode_rotated(k_codes, k_norms, k_codebook, k_bits, d),
+                   turbo_decode_rotated(v_codes, v_norms, v_codebook, v_bits, d), starts, held, scale)
 
 
 def starts_from_mask(mask: mx.array | None, batch: int) -> mx.array:

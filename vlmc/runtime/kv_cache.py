@@ -159,7 +159,6 @@ class RotatingKVCache(KVCache):
         if window < 1:
             raise ValueError(f"a rotating KV window must hold at least 1 token, not {window}")
         self.window = window
-        self._queries = 0
 
     def append(self, k: mx.array, v: mx.array) -> None:
         keep = self.window - 1 + self.slack

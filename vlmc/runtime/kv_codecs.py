@@ -22,7 +22,7 @@ import math
 
 import mlx.core as mx
 
-from ..kernels.kv_quant import lloyd_max, pack, rotation, unpack
+from ..kernels.kv_quant import affine_decode, lloyd_max, pack, rotation, turbo_decode_rotated
 
 AFFINE_BITS = (2, 3, 4, 8)
 TURBO_BITS = (2, 3, 4)
@@ -78,12 +78,7 @@ class Affine:
                 "scales": scales, "biases": biases}
 
     def decode(self, parts: dict[str, mx.array], dtype) -> mx.array:
-        scales = parts["scales"]
-        *lead, groups = scales.shape
-        d = groups * self.group_size
-        codes = unpack(parts["codes"], self.bits, d).astype(mx.float32).reshape(*lead, groups, self.group_size)
-        x = codes * scales.astype(mx.float32)[..., None] + parts["biases"].astype(mx.float32)[..., None]
-        return x.reshape(*lead, d).astype(dtype)
+        return affine_decode(parts["codes"], parts["scales"], parts["biases"], self.bits, self.group_size).astype(dtype)
 
 
 class Turbo:
@@ -111,8 +106,7 @@ class Turbo:
 
     def decode_rotated(self, parts: dict[str, mx.array]) -> mx.array:
         """The vectors in the rotated space (x @ R), float32."""
-        codes = unpack(parts["codes"], self.bits, self.dim)
-        return self.codebook[codes] * (parts["norms"] / math.sqrt(self.dim))
+        return turbo_decode_rotated(parts["codes"], parts["norms"], self.codebook, self.bits, self.dim)
 
     def decode(self, parts: dict[str, mx.array], dtype) -> mx.array:
         return (self.decode_rotated(parts) @ self.rotation.T).astype(dtype)
