@@ -22,7 +22,7 @@ import math
 
 import mlx.core as mx
 
-from ..kernels.kv_quant import affine_decode, lloyd_max, pack, rotation, turbo_decode_rotated
+from ..kernels.kv_quant import affine_decode, lloyd_max, pack, rotation, turbo_decode_rotated, unpack  # noqa: F401  (pack/unpack: the codecs' packing)
 
 AFFINE_BITS = (2, 3, 4, 8)
 TURBO_BITS = (2, 3, 4)
