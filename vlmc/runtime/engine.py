@@ -75,6 +75,17 @@ class VLM:
         self.image_token_id = self.meta.get("image_token_id")
         self.kv_layers, self.kv_plan = self._kv_plan(kv)
 
+    def materialize(self) -> None:
+        """Read every weight now. MLX ties an unevaluated array to the thread that made it,
+        so a model that another thread (a server's generation loop) runs must be loaded here."""
+        arrays = []
+        for value in self.model.params.values():
+            if isinstance(value, mx.array):
+                arrays.append(value)
+            else:  # QuantWeight
+                arrays.extend(a for a in (value.weight, value.scales, value.biases) if a is not None)
+        mx.eval(arrays)
+
     def _kv_plan(self, kv: dict[str, Any] | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         text = self.meta["text"]
         layers = (self.artifact.manifest.get("kv_plan") or {}).get("text_layer") or \
@@ -89,12 +100,16 @@ class VLM:
     # ------------------------------------------------------------------ prompt building
     def build_prompt(self, prompt: str | None = None, *, images: Sequence[Any] | None = None,
                      messages: list[dict[str, Any]] | None = None, system: str | None = None,
-                     image_limits: dict[str, Any] | None = None) -> Prompt:
+                     image_limits: dict[str, Any] | None = None,
+                     template_vars: dict[str, Any] | None = None, loaded_images: Sequence[Any] | None = None) -> Prompt:
         """Render the chat template and expand each image placeholder to its token count.
 
         Either ``prompt`` (+ ``images``, placed before the text, + ``system``) or full
         OpenAI-style ``messages``; images in messages are used in order of appearance, and
         ``images`` fill image parts that carry no reference. Nothing given is ignored.
+        ``template_vars`` (tools, enable_thinking, ...) reach the chat template.
+        ``loaded_images``: when given, the already-decoded PIL images for the references
+        (a server loads them itself, under its own media policy), in the same order.
         """
         images = list(images or [])
         if messages is None:
@@ -122,11 +137,15 @@ class VLM:
         if self.chat_template is None:
             raise InputError("this model ships no chat template; pass a raw prompt with generate_ids()")
         text = render_chat(self.chat_template, tmpl_messages, add_generation_prompt=True,
-                           bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token)
+                           bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token,
+                           **(template_vars or {}))
         ids = self.tokenizer.encode(text)
         processed = None
+        if loaded_images is not None and len(loaded_images) != len(refs):
+            raise ValueError(f"{len(loaded_images)} loaded image(s) for {len(refs)} reference(s)")
         if refs:
-            pil = [load_image(r, **(image_limits or {})) for r in refs]
+            pil = list(loaded_images) if loaded_images is not None else \
+                [load_image(r, **(image_limits or {})) for r in refs]
             processed = self.processor.process(pil)
         return Prompt(self._expand(ids, processed), processed, text)
 
@@ -158,6 +177,19 @@ class VLM:
         plan = plan_qwen_vision(processed.grid_thw, vision)
         return self.model.vision_encode(patches=pixels, **plan)
 
+    def prompt_inputs(self, p: Prompt, features: mx.array | None = None) -> tuple[mx.array, np.ndarray, int]:
+        """(embeddings [1, L, D] with image features merged in, positions [3, L] or [1, L],
+        M-RoPE delta) for one prompt; ``features`` are the images' encodings when the caller
+        already has them (the vision feature cache)."""
+        ids_row = mx.array([p.ids], dtype=mx.int32)
+        emb = self.model.embed(ids=ids_row)
+        if p.images is not None:
+            if features is None:
+                features = self.encode_images(p.images)
+            emb = merge_features(emb, ids_row, features, self.image_token_id)
+        pos, delta = self._positions(p)
+        return emb, pos, delta
+
     def _positions(self, prompt: Prompt) -> tuple[np.ndarray, int]:
         if self.meta["positions"] == "mrope":
             grids = [] if prompt.images is None else [tuple(g) for g in prompt.images.grid_thw.tolist()]
@@ -185,15 +217,11 @@ class VLM:
         padded = min(lengths) < width
         rows, pos_rows, deltas = [], [], []
         for p in prompts:
-            ids_row = mx.array([p.ids], dtype=mx.int32)
-            emb = self.model.embed(ids=ids_row)
-            if p.images is not None:
-                emb = merge_features(emb, ids_row, self.encode_images(p.images), self.image_token_id)
+            emb, pos, delta = self.prompt_inputs(p)
             pad = width - len(p.ids)
             if pad:
                 emb = mx.concatenate([mx.zeros((1, pad, emb.shape[-1]), emb.dtype), emb], axis=1)
             rows.append(emb)
-            pos, delta = self._positions(p)
             pos_rows.append(np.pad(pos, [(0, 0), (pad, 0)]))
             deltas.append(delta)
         embeds = mx.concatenate(rows, axis=0)

@@ -102,6 +102,55 @@ class KVCache:
         """The attention mask over the held keys (the engine's mask covers all positions)."""
         return mask
 
+    # ---------------------------------------------------------------- batch reshaping (continuous batching)
+    def pad_left(self, n: int) -> None:
+        """Put ``n`` empty columns before every held token, so this batch's write index
+        matches a batch it is about to join (the mask hides the columns via ``starts``)."""
+        if n <= 0 or self.buffers is None:
+            self.offset += max(n, 0)
+            return
+        held = self.held
+        size = (held + n + self.step - 1) // self.step * self.step
+        for parts in self.buffers.values():
+            for name, buf in parts.items():
+                fresh = mx.zeros((buf.shape[0], buf.shape[1], size, buf.shape[3]), buf.dtype)
+                fresh[:, :, n:n + held] = buf[:, :, :held]
+                parts[name] = fresh
+        self.offset += n
+
+    def drop_left(self, n: int) -> None:
+        """Forget the ``n`` oldest columns (padding no remaining sequence reads)."""
+        n = min(n, self.held)
+        if n <= 0:
+            return
+        keep = self.held - n
+        for parts in self.buffers.values():
+            for name, buf in parts.items():
+                buf[:, :, :keep] = buf[:, :, n:n + keep]
+        self.offset -= n
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only these sequences (in this order)."""
+        if self.buffers is not None:
+            index = mx.array(rows, dtype=mx.int32)
+            for parts in self.buffers.values():
+                for name, buf in parts.items():
+                    parts[name] = buf[index]
+        self.batch = len(rows)
+
+    def concat(self, other: "KVCache") -> None:
+        """Append ``other``'s sequences as new rows; both must hold the same columns."""
+        if (other.offset, other.start) != (self.offset, self.start) or other.layout != self.layout:
+            raise ValueError("caches joined into one batch must be aligned and share a layout")
+        if self.buffers is None or other.buffers is None:
+            raise ValueError("only caches that hold tokens can be joined")
+        width = max(self.capacity, other.capacity)
+        for which, parts in self.buffers.items():
+            for name, buf in parts.items():
+                theirs = other.buffers[which][name]
+                parts[name] = mx.concatenate([_widen(buf, width), _widen(theirs, width)], axis=0)
+        self.batch += other.batch
+
     # ---------------------------------------------------------------- rewinding and blocks
     def trim(self, n: int) -> int:
         """Forget the last ``n`` tokens (at most those held); returns how many."""
@@ -183,6 +232,12 @@ class RotatingKVCache(KVCache):
         if self.start and n > self.held - (self.window - 1):
             raise ValueError(f"a rotating cache can rewind only {self.held - (self.window - 1)} tokens now, not {n}")
         return super().trim(n)
+
+
+def _widen(buf: mx.array, width: int) -> mx.array:
+    if buf.shape[2] == width:
+        return buf
+    return mx.pad(buf, [(0, 0), (0, 0), (0, width - buf.shape[2]), (0, 0)])
 
 
 def make_caches(plan: list[dict] | int, batch: int, kv_heads: int, head_dim: int,

@@ -1,0 +1,417 @@
+"""Continuous batching: one generation loop serving many requests at once.
+
+Every iteration of the loop does at most one prefill chunk of the request being admitted
+and one decode step of the running batch, so a long prompt never stalls the sequences
+already decoding, and a new request joins the batch as soon as its prompt is in the
+cache, without waiting for the batch to drain.
+
+A request is prefilled alone (a batch of one, in chunks of ``prefill_chunk`` tokens), then
+its caches are joined to the running batch: the side with fewer columns is padded on the
+left so both share the write index, and each sequence's first real column lives in
+``starts``, which the attention mask reads. When sequences finish their rows are dropped,
+and columns that only padding occupies are cut. Positions, sampling, stop strings,
+constraints and thinking budgets are per sequence.
+
+All MLX work happens on the loop's thread; other threads only ``submit`` and ``cancel``.
+Events reach the request's ``emit`` callback on the loop thread.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .detokenizer import StopStringMatcher, StreamingDetokenizer
+from .engine import VLM, Prompt
+from .kv_cache import attention_mask, make_caches
+from .sampling import Sampler, SamplingParams
+from .vision_cache import VisionFeatureCache
+
+
+class QueueFull(Exception):
+    """The waiting queue is at ``max_queue``; retry later."""
+
+
+@dataclass
+class Thinking:
+    """A thinking budget: after ``budget`` tokens inside thinking, ``end_ids`` are forced."""
+    budget: int
+    start: str
+    end: str
+    end_ids: list[int]
+    inside: bool = False       # the prompt already opened thinking
+
+
+@dataclass
+class TokenEvent:
+    token: int
+    text: str                          # text that became final with this token (may be "")
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class FinishEvent:
+    reason: str                        # stop | length | cancelled | error
+    text: str                          # held-back text released at the end
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Job:
+    """One request for the loop."""
+    prompt: Prompt
+    emit: Callable[[Any], None]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 256
+    stop: Sequence[str] = ()
+    logprobs: int | None = None        # None: no logprobs; k >= 0: chosen token + top k
+    constraint: Any = None             # .mask() -> bool[V], .advance(id), .done
+    thinking: Thinking | None = None
+    presence_penalty: float = 0.0      # OpenAI's: subtracted once from every generated token's logit
+    frequency_penalty: float = 0.0     # ... and once per time it was generated
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Row:
+    """A job inside the loop: its sampler, text state and position."""
+
+    def __init__(self, job: Job, vlm: VLM, max_context: int):
+        self.job = job
+        self.sampler = Sampler(job.params)
+        self.detok = StreamingDetokenizer(vlm.tokenizer, skip_special_tokens=True)
+        self.stops = StopStringMatcher(job.stop)
+        self.history = list(job.prompt.ids)
+        self.budget = max(0, min(job.max_tokens, max_context - len(job.prompt.ids)))
+        self.generated = 0
+        self.next_pos = 0
+        self.last = 0
+        self.forced: collections.deque[int] = collections.deque()
+        self.think_inside = bool(job.thinking and job.thinking.inside)
+        self.think_count = 0
+        self.think_text = ""
+        self.finished = False
+
+
+class Batcher:
+    def __init__(self, vlm: VLM, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
+                 vision_cache: VisionFeatureCache | None = None):
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
+        vlm.materialize()
+        self.vlm = vlm
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.vision_cache = vision_cache or VisionFeatureCache(0)
+        self.mrope = vlm.meta["positions"] == "mrope"
+        self._pending: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._active: list[_Row] = []
+        self._caches: list | None = None
+        self._starts = np.zeros(0, dtype=np.int64)
+        self._prefill: dict[str, Any] | None = None
+        self._admitting: Job | None = None
+        self._live: set[_Row] = set()           # every admitted row not yet finished
+        self._stop = False
+        self.error: str | None = None           # what killed the loop, if it died
+        self.counters = collections.Counter()
+        self.decode_time = 0.0
+        self._thread = threading.Thread(target=self._run, name="vlmc-generation", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ other threads
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stop:
+                raise RuntimeError("the generation loop is shut down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are already waiting")
+            self._pending.append(job)
+            self.counters["requests"] += 1
+            self._cond.notify()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def load(self) -> dict[str, int]:
+        with self._cond:
+            return {"queue_depth": len(self._pending), "batch_size": len(self._active),
+                    "prefilling": int(self._prefill is not None)}
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._pending and not self._active and self._prefill is None
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Cancel everything and stop the loop (its caches are freed with it)."""
+        with self._cond:
+            self._stop = True
+            for job in self._pending:
+                job.cancel()
+            for row in self._active:
+                row.job.cancel()
+            if self._prefill is not None:
+                self._prefill["row"].job.cancel()
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._stop or self._pending or self._active or self._prefill):
+                        self._cond.wait()
+                    if self._stop and not (self._active or self._prefill or self._pending):
+                        return
+                try:
+                    self._step()
+                except Exception as e:  # a bug hit these requests: fail them, keep serving
+                    self.counters["loop_errors"] += 1
+                    traceback.print_exc()
+                    self._fail_all(f"{type(e).__name__}: {e}")
+        except BaseException as e:  # the loop is dead: /health says so
+            self.error = f"{type(e).__name__}: {e}"
+            raise
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        if self._prefill is None:
+            with self._cond:
+                job = self._pending.popleft() if self._pending and len(self._active) < self.max_batch else None
+            if job is not None:
+                self._admitting = job
+                self._begin_prefill(job)
+                self._admitting = None
+        if self._prefill is not None:
+            self._prefill_chunk()
+        if self._active:
+            self._decode_step()
+
+    def _fail_all(self, message: str) -> None:
+        failed = [(r.job, r.generated) for r in self._live]
+        if self._admitting is not None:
+            failed.append((self._admitting, 0))
+        for row in self._live:
+            row.finished = True
+        self._live.clear()
+        self._active, self._caches, self._prefill, self._admitting = [], None, None, None
+        self._starts = np.zeros(0, dtype=np.int64)
+        for job, generated in failed:
+            job.emit(FinishEvent("error", "", len(job.prompt.ids), generated, error=message))
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            gone = [j for j in self._pending if j.cancelled]
+            for j in gone:
+                self._pending.remove(j)
+        for j in gone:
+            j.emit(FinishEvent("cancelled", "", len(j.prompt.ids), 0))
+        if self._prefill is not None and self._prefill["row"].job.cancelled:
+            row = self._prefill["row"]
+            self._prefill = None
+            self._finish(row, "cancelled")
+        for row in self._active:
+            if row.job.cancelled and not row.finished:
+                self._finish(row, "cancelled")
+        self._compact()
+
+    # ------------------------------------------------------------------ prefill
+    def _begin_prefill(self, job: Job) -> None:
+        vlm = self.vlm
+        row = _Row(job, vlm, vlm.max_context)
+        self._live.add(row)
+        features = None
+        if job.prompt.images is not None:
+            features = self.vision_cache.features(vlm.encode_images, job.prompt.images)
+        emb, pos, delta = vlm.prompt_inputs(job.prompt, features)
+        text = vlm.meta["text"]
+        caches = make_caches(vlm.kv_layers, 1, text["num_kv_heads"], text["head_dim"], emb.dtype)
+        row.next_pos = len(job.prompt.ids) + delta
+        self._prefill = {"row": row, "embeds": emb, "positions": pos, "caches": caches, "done": 0,
+                         "t0": time.perf_counter()}
+
+    def _prefill_chunk(self) -> None:
+        pf = self._prefill
+        row, emb, caches = pf["row"], pf["embeds"], pf["caches"]
+        total = emb.shape[1]
+        lo, hi = pf["done"], min(emb.shape[1], pf["done"] + self.prefill_chunk)
+        pos = pf["positions"][:, lo:hi]
+        pos = pos[:, None] if self.mrope else pos
+        mask = attention_mask(mx.zeros((1,), mx.int32), lo, hi - lo, False)
+        logits = self.vlm.model.prefill(embeds=emb[:, lo:hi], positions=mx.array(pos, dtype=mx.int32), mask=mask,
+                                        caches=caches)[:, -1]
+        mx.eval(logits)
+        pf["done"] = hi
+        if hi < total:
+            return
+        self._prefill = None
+        self.counters["prompt_tokens"] += total
+        token, info = self._sample([row], logits)
+        self._accept(row, token[0], info[0])
+        if row.finished:
+            return
+        self._join(row, caches)
+
+    def _join(self, row: _Row, caches: list) -> None:
+        if not self._active:
+            self._active, self._caches = [row], caches
+            self._starts = np.zeros(1, dtype=np.int64)
+            return
+        ours, theirs = self._caches[0].offset, caches[0].offset
+        width = max(ours, theirs)
+        for mine, new in zip(self._caches, caches):
+            mine.pad_left(width - ours)
+            new.pad_left(width - theirs)
+            mine.concat(new)
+        self._starts = np.append(self._starts + (width - ours), width - theirs)
+        self._active.append(row)
+
+    # ------------------------------------------------------------------ decode
+    def _decode_step(self) -> None:
+        t0 = time.perf_counter()
+        rows = self._active
+        B = len(rows)
+        ids = mx.array([[r.last] for r in rows], dtype=mx.int32)
+        pos = np.array([r.next_pos for r in rows], dtype=np.int64)
+        pos = np.broadcast_to(pos[None, :, None], (3, B, 1)) if self.mrope else pos[:, None]
+        padded = bool(self._starts.any())
+        mask = attention_mask(mx.array(self._starts, dtype=mx.int32), self._caches[0].offset, 1, padded)
+        logits = self.vlm.model.decode(ids=ids, positions=mx.array(pos, dtype=mx.int32), mask=mask,
+                                       caches=self._caches)[:, -1]
+        tokens, infos = self._sample(rows, logits)
+        for row, token, info in zip(rows, tokens, infos):
+            self._accept(row, token, info)
+        self.counters["decode_steps"] += 1
+        self.counters["batched_tokens"] += B
+        self.decode_time += time.perf_counter() - t0
+        self._compact()
+
+    def _sample(self, rows: list[_Row], logits: mx.array) -> tuple[list[int], list[Any]]:
+        """One next token per row, each with its own sampler, constraint and forced tokens."""
+        picks, lps = [], []
+        for i, row in enumerate(rows):
+            row_logits = logits[i:i + 1]
+            if row.forced:
+                picks.append(mx.array([row.forced[0]], dtype=mx.int32))
+            else:
+                if row.job.constraint is not None:
+                    allowed = mx.array(row.job.constraint.mask()[None])
+                    row_logits = mx.where(allowed, row_logits.astype(mx.float32), float("-inf"))
+                if row.job.presence_penalty or row.job.frequency_penalty:
+                    row_logits = self._penalize(row, row_logits)
+                penalty = row.sampler.params.repetition_penalty != 1.0
+                picks.append(row.sampler(row_logits, [row.history] if penalty else None))
+            lps.append(None if row.job.logprobs is None else
+                       logits[i].astype(mx.float32) - mx.logsumexp(logits[i].astype(mx.float32)))
+        tokens = mx.concatenate(picks)
+        mx.eval(tokens, *[lp for lp in lps if lp is not None])
+        tokens = tokens.tolist()
+        infos = []
+        for row, token, lp in zip(rows, tokens, lps):
+            if lp is None:
+                infos.append(None)
+                continue
+            k = row.job.logprobs
+            top = []
+            if k:
+                order = mx.argpartition(-lp, k - 1)[:k] if k < lp.shape[0] else mx.arange(lp.shape[0])
+                vals = lp[order]
+                top = sorted(zip(order.tolist(), vals.tolist()), key=lambda t: -t[1])[:k]
+            infos.append((float(lp[token].item()), top))
+        return tokens, infos
+
+    @staticmethod
+    def _penalize(row: _Row, logits: mx.array) -> mx.array:
+        generated = row.history[len(row.job.prompt.ids):]
+        if not generated:
+            return logits
+        counts = np.bincount(np.asarray(generated), minlength=logits.shape[-1])[:logits.shape[-1]]
+        shift = row.job.frequency_penalty * counts + row.job.presence_penalty * (counts > 0)
+        return logits.astype(mx.float32) - mx.array(shift.astype(np.float32))[None]
+
+    # ------------------------------------------------------------------ per-token bookkeeping
+    def _accept(self, row: _Row, token: int, info: Any) -> None:
+        job = row.job
+        forced = bool(row.forced)
+        if forced:
+            row.forced.popleft()
+        row.last = token
+        if token in self.vlm.eos_ids and not forced:
+            constraint = job.constraint
+            if constraint is None or constraint.done or bool(constraint.mask()[token]):
+                self._finish(row, "stop")
+                return
+        if job.constraint is not None:
+            job.constraint.advance(token)
+        row.generated += 1
+        row.history.append(token)
+        row.next_pos += 1
+        self.counters["generation_tokens"] += 1
+        piece = row.stops.feed(row.detok.add(token))
+        self._track_thinking(row, piece.text)
+        lp, top = info if info is not None else (None, None)
+        job.emit(TokenEvent(token, piece.text, lp, top))
+        if piece.stopped or (job.constraint is not None and job.constraint.done):
+            self._finish(row, "stop")
+        elif row.generated >= row.budget:
+            self._finish(row, "length")
+
+    def _track_thinking(self, row: _Row, text: str) -> None:
+        spec = row.job.thinking
+        if spec is None or row.forced:
+            return
+        row.think_text = (row.think_text + text)[-256:]
+        if not row.think_inside:
+            cut = row.think_text.rfind(spec.start)
+            if cut >= 0 and spec.end not in row.think_text[cut:]:
+                row.think_inside, row.think_count, row.think_text = True, 0, ""
+            return
+        if spec.end in row.think_text:
+            row.think_inside, row.think_text = False, ""
+            return
+        row.think_count += 1
+        if row.think_count >= spec.budget:
+            row.forced.extend(spec.end_ids)
+            row.think_inside, row.think_text = False, ""
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        if row.finished:
+            return
+        row.finished = True
+        self._live.discard(row)
+        tail = ""
+        if reason in ("stop", "length") and not row.stops.stopped:
+            tail = row.stops.feed(row.detok.flush()).text + row.stops.flush()
+        self.counters[f"finish_{reason}"] += 1
+        row.job.emit(FinishEvent(reason, tail, len(row.job.prompt.ids), row.generated))
+
+    def _compact(self) -> None:
+        """Drop finished rows from the batch and the columns only padding holds."""
+        if not any(r.finished for r in self._active):
+            return
+        keep = [i for i, r in enumerate(self._active) if not r.finished]
+        if not keep:
+            self._active, self._caches = [], None
+            self._starts = np.zeros(0, dtype=np.int64)
+            return
+        self._active = [self._active[i] for i in keep]
+        self._starts = self._starts[keep]
+        cut = int(self._starts.min())
+        for cache in self._caches:
+            cache.select(keep)
+            cache.drop_left(cut)
+        self._starts -= cut
