@@ -262,3 +262,43 @@ main.add_command(bench_cmd)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@main.command("serve")
+@click.argument("models", nargs=-1)
+@click.option("--model", "model_opt", default=None, help="Model to preload (same as the first MODEL).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--lazy", is_flag=True, help="Load the model on the first request instead of at start.")
+@click.option("--api-key", default=None, envvar="VLMC_API_KEY", help="Require 'Authorization: Bearer KEY' (env VLMC_API_KEY).")
+@click.option("--cors-origin", "cors", multiple=True, help="Allow browser requests from this origin (repeatable).")
+@click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Requests that may wait for a batch slot; more get 429.")
+@click.option("--prefill-chunk", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-tokens", "default_max_tokens", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Reply length when a request gives none.")
+@click.option("--max-prompt-tokens", default=None, type=click.IntRange(min=1), help="Default: the model's context.")
+@click.option("--max-body-bytes", default=32 * 2**20, show_default=True, type=click.IntRange(min=1024))
+@click.option("--max-images", default=8, show_default=True, type=click.IntRange(min=0))
+@click.option("--max-image-bytes", default=20 * 2**20, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-image-pixels", default=40_000_000, show_default=True, type=click.IntRange(min=1))
+@click.option("--fetch-timeout", default=10.0, show_default=True, type=float, help="Seconds to fetch an image URL.")
+@click.option("--allowed-local-media-path", default=None, help="Folder whose images requests may name by path.")
+@click.option("--vision-cache-bytes", default=512 * 2**20, show_default=True, type=click.IntRange(min=0))
+@click.option("--top-logprobs-k", default=5, show_default=True, type=click.IntRange(0, 20))
+@click.option("--enable-thinking/--disable-thinking", default=None, help="Default for requests that do not say.")
+@click.option("--thinking-budget", default=None, type=click.IntRange(min=1))
+@click.option("--thinking-start-token", default="<think>", show_default=True)
+@click.option("--thinking-end-token", default="</think>", show_default=True)
+@click.option("--dtype", type=DTYPE, default="float32", show_default=True,
+              help="Weight dtype when a MODEL must be compiled first.")
+@kv_flags
+@exit_on_user_error
+def serve_cmd(models: tuple[str, ...], model_opt: str | None, **kw) -> None:
+    """OpenAI-compatible HTTP server. MODELS: artifacts, checkpoint folders or hub ids; the
+    first is served (preloaded unless --lazy), the others are swapped in when a request
+    names them. Without MODELS, the bundled demo model."""
+    from .serve.server import serve
+    sources = ([model_opt] if model_opt else []) + [m for m in models if m != model_opt]
+    serve(sources or [_default_model()], kv=pop_kv(kw), **kw)

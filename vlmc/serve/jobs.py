@@ -1,0 +1,228 @@
+"""From an API request to a job for the generation loop, and back as events.
+
+Everything that can fail because of the request (images, template, prompt length,
+sampling values, schemas) fails here, in a worker thread, before the job is queued, so
+a bad request costs the running batch nothing and gets a 4xx.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..runtime.batcher import FinishEvent, Job, Thinking, TokenEvent
+from ..runtime.chat import normalize_messages
+from ..runtime.engine import Prompt
+from ..runtime.sampling import SamplingParams
+from .media import MediaLimits, load_request_images
+from .models import Resident
+from .parsers import OutputParser
+from .protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat
+
+
+@dataclass
+class Settings:
+    """Server-wide defaults and limits (the ``vlmc serve`` flags)."""
+    default_max_tokens: int = 512
+    top_logprobs_k: int = 5
+    max_prompt_tokens: int | None = None
+    enable_thinking: bool | None = None
+    thinking_budget: int | None = None
+    think_start: str = "<think>"
+    think_end: str = "</think>"
+    media: MediaLimits = field(default_factory=MediaLimits)
+
+
+@dataclass
+class Plan:
+    """A prepared request: the job's inputs and how to shape its output."""
+    prompt: Prompt
+    params: SamplingParams
+    max_tokens: int
+    stop: list[str]
+    logprobs: int | None
+    constraint: Any
+    thinking: Thinking | None
+    parser: dict[str, Any]          # OutputParser keyword arguments
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 16:
+        raise InputError(f"stop takes at most 16 strings, got {len(stops)}")
+    if any(not s for s in stops):
+        raise InputError("stop strings must not be empty")
+    return stops
+
+
+def sampling(req: Any) -> SamplingParams:
+    def pick(name: str, default: Any) -> Any:
+        value = getattr(req, name, None)
+        return default if value is None else value
+    return SamplingParams(temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=pick("top_k", 0),
+                          min_p=pick("min_p", 0.0), repetition_penalty=pick("repetition_penalty", 1.0),
+                          seed=getattr(req, "seed", None))
+
+
+def _constraint(resident: Resident, fmt: ResponseFormat | None) -> Any:
+    if fmt is None or fmt.type == "text":
+        return None
+    grammar = resident.grammar()
+    if fmt.type == "json_object":
+        return grammar.json(None)
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise InputError("response_format json_schema needs json_schema.schema")
+    return grammar.json(fmt.json_schema.schema_)
+
+
+def _max_tokens(requested: int | None, prompt_len: int, context: int, settings: Settings) -> int:
+    room = context - prompt_len
+    return min(requested or settings.default_max_tokens, room)
+
+
+def check_prompt(prompt: Prompt, resident: Resident, settings: Settings) -> None:
+    n, context = len(prompt.ids), resident.vlm.max_context
+    limit = min(context - 1, settings.max_prompt_tokens or context)
+    if n > limit:
+        raise InputError(f"the prompt is {n} tokens; this server takes at most {limit} "
+                         f"(the model's context is {context} tokens, and room is needed for the reply)")
+
+
+def plan_chat(resident: Resident, req: ChatCompletionRequest, settings: Settings) -> Plan:
+    vlm = resident.vlm
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    tmpl_messages, refs = normalize_messages(messages)
+    images = load_request_images(refs, settings.media)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    choice = req.tool_choice
+    if choice is not None and not tools:
+        raise InputError("tool_choice needs tools")
+    if choice == "none":
+        tools = None
+    names = None
+    if isinstance(choice, dict) or hasattr(choice, "function"):
+        name = choice.function.name
+        if name not in {t["function"]["name"] for t in tools}:
+            raise InputError(f"tool_choice names {name!r}, which is not among the tools")
+        names = [name]
+    thinking = settings.enable_thinking if req.enable_thinking is None else req.enable_thinking
+    template_vars: dict[str, Any] = dict(req.chat_template_kwargs or {})
+    if "enable_thinking" in template_vars and req.enable_thinking is not None:
+        raise InputError("give enable_thinking once (top level or in chat_template_kwargs)")
+    thinking = template_vars.pop("enable_thinking", thinking)
+    if thinking is not None:
+        template_vars["enable_thinking"] = bool(thinking)
+    if tools:
+        template_vars["tools"] = tools
+    prompt = vlm.build_prompt(messages=messages, loaded_images=images, template_vars=template_vars)
+    check_prompt(prompt, resident, settings)
+    starts_inside = bool(thinking) and prompt.text.rstrip().endswith(settings.think_start)
+    budget = req.thinking_budget or settings.thinking_budget
+    think = None
+    if budget and thinking:
+        think = Thinking(budget, settings.think_start, settings.think_end,
+                         vlm.tokenizer.encode(settings.think_end), inside=starts_inside)
+    if req.response_format is not None and req.response_format.type != "text" and (choice in ("required",) or names):
+        raise InputError("response_format and a forced tool_choice cannot be combined")
+    constraint = _constraint(resident, req.response_format)
+    if tools and (choice == "required" or names):
+        constraint = resident.grammar().tool_call(tools, names)
+    logprobs = None
+    if req.logprobs:
+        logprobs = _top_k(req.top_logprobs or 0, settings)
+    elif req.top_logprobs is not None:
+        raise InputError("top_logprobs needs logprobs: true")
+    requested = req.max_completion_tokens or req.max_tokens
+    if req.max_completion_tokens and req.max_tokens and req.max_completion_tokens != req.max_tokens:
+        raise InputError("max_tokens and max_completion_tokens disagree; give one")
+    return Plan(prompt, sampling(req), _max_tokens(requested, len(prompt.ids), vlm.max_context, settings),
+                _stops(req.stop), logprobs, constraint, think,
+                dict(tools=tools, thinking=bool(thinking), think_start=settings.think_start,
+                     think_end=settings.think_end, starts_in_thinking=starts_inside),
+                req.presence_penalty or 0.0, req.frequency_penalty or 0.0)
+
+
+def _top_k(k: int, settings: Settings) -> int:
+    if k > settings.top_logprobs_k:
+        raise InputError(f"top_logprobs is {k}; this server returns at most {settings.top_logprobs_k} "
+                         f"(--top-logprobs-k)")
+    return k
+
+
+def plan_completion(resident: Resident, req: CompletionRequest, settings: Settings) -> Plan:
+    vlm = resident.vlm
+    if req.echo:
+        raise InputError("echo is not supported")
+    prompt_in = req.prompt
+    if isinstance(prompt_in, list) and prompt_in and all(isinstance(p, str) for p in prompt_in):
+        if len(prompt_in) != 1:
+            raise InputError("only one prompt per request is supported (got a list of several)")
+        prompt_in = prompt_in[0]
+    if isinstance(prompt_in, str):
+        if not prompt_in:
+            raise InputError("the prompt is empty")
+        ids = vlm.tokenizer.encode(prompt_in)
+        text = prompt_in
+    else:
+        ids = list(prompt_in)
+        vocab = vlm.tokenizer.vocab_size
+        if not ids or any(not isinstance(i, int) or not 0 <= i < vocab for i in ids):
+            raise InputError(f"a token-id prompt must be a non-empty list of ids in [0, {vocab})")
+        text = vlm.tokenizer.decode(ids)
+    if vlm.image_token_id is not None and vlm.image_token_id in ids:
+        raise InputError("the prompt contains image placeholder tokens; send images through /v1/chat/completions")
+    prompt = Prompt(ids, None, text)
+    check_prompt(prompt, resident, settings)
+    logprobs = None if req.logprobs is None else _top_k(req.logprobs, settings)
+    return Plan(prompt, sampling(req), _max_tokens(req.max_tokens, len(ids), vlm.max_context, settings),
+                _stops(req.stop), logprobs, _constraint(resident, req.response_format), None,
+                dict(tools=None, thinking=False), req.presence_penalty or 0.0, req.frequency_penalty or 0.0)
+
+
+class Running:
+    """A submitted job seen from the event loop: its events arrive on an asyncio queue."""
+
+    def __init__(self, resident: Resident, plan: Plan):
+        self.resident, self.plan = resident, plan
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.parser = OutputParser(**plan.parser)
+        self.created = int(time.time())
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        loop = asyncio.get_running_loop()
+        self.job = Job(plan.prompt, lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev),
+                       plan.params, plan.max_tokens, plan.stop, plan.logprobs, plan.constraint, plan.thinking,
+                       presence_penalty=plan.presence_penalty, frequency_penalty=plan.frequency_penalty)
+
+    def submit(self) -> None:
+        self.resident.batcher.submit(self.job)
+
+    async def events(self):
+        """TokenEvents, then one FinishEvent; cancels the job if the consumer goes away."""
+        try:
+            while True:
+                ev = await self.queue.get()
+                if isinstance(ev, TokenEvent) and self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                yield ev
+                if isinstance(ev, FinishEvent):
+                    return
+        finally:
+            self.job.cancel()
+
+    def token_text(self, token: int) -> str:
+        return self.resident.vlm.tokenizer.decode([token])
+
+
+def media_root(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise InputError(f"--allowed-local-media-path {path}: not a folder")
+    return root.resolve()

@@ -1,0 +1,40 @@
+"""``vlmc serve``: build the served models and the app, then run uvicorn."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from ..errors import VlmcError
+from .app import create_app
+from .jobs import Settings, media_root
+from .media import MediaLimits
+from .models import Models
+
+
+def serve(sources: list[str], *, kv: dict[str, Any], host: str, port: int, lazy: bool, api_key: str | None,
+          cors: tuple[str, ...], max_batch_size: int, max_queue: int, prefill_chunk: int, default_max_tokens: int,
+          max_prompt_tokens: int | None, max_body_bytes: int, max_images: int, max_image_bytes: int,
+          max_image_pixels: int, fetch_timeout: float, allowed_local_media_path: str | None,
+          vision_cache_bytes: int, top_logprobs_k: int, enable_thinking: bool | None,
+          thinking_budget: int | None, thinking_start_token: str, thinking_end_token: str, dtype: str) -> None:
+    import uvicorn
+    media = MediaLimits(max_images=max_images, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
+                        fetch_timeout=fetch_timeout, allowed_local_dir=media_root(allowed_local_media_path))
+    settings = Settings(default_max_tokens=default_max_tokens, top_logprobs_k=top_logprobs_k,
+                        max_prompt_tokens=max_prompt_tokens, enable_thinking=enable_thinking,
+                        thinking_budget=thinking_budget, think_start=thinking_start_token,
+                        think_end=thinking_end_token, media=media)
+    models = Models(sources, load_options={"dtype": dtype, **kv}, max_batch=max_batch_size, max_queue=max_queue,
+                    prefill_chunk=prefill_chunk, vision_cache_bytes=vision_cache_bytes)
+    if not lazy:
+        models.load_now()  # (no reference kept here: /unload must be able to free it)
+        print(f"vlmc: serving {models.resident.id} (context {models.resident.vlm.max_context} tokens)",
+              file=sys.stderr)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"vlmc: warning: listening on {host} without --api-key", file=sys.stderr)
+    app = create_app(models, settings, api_key=api_key, cors_origins=list(cors), max_body_bytes=max_body_bytes)
+    print(f"vlmc: listening on http://{host}:{port}/v1", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    except OSError as e:
+        raise VlmcError(f"cannot listen on {host}:{port}: {e}") from None
