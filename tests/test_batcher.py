@@ -185,3 +185,15 @@ def test_cache_join_select_and_drop(layout):
     a.select([0])
     a.drop_left(4)
     assert a.offset == 5 and mx.array_equal(a.codecs["k"].decode(a.parts("k"), mx.float32), ref_a)
+
+
+def test_a_dead_loop_reports_it(demo):
+    """Something escaping the loop (not an ordinary exception) kills it; /health reads this."""
+    b = Batcher(demo)
+
+    def emit(ev):
+        raise SystemExit("gone")
+
+    b.submit(Job(demo.build_prompt("hi"), emit, max_tokens=2))
+    b._thread.join(30)
+    assert not b.alive and "SystemExit" in b.error

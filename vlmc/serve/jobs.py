@@ -61,6 +61,8 @@ def _stops(stop: str | list[str] | None) -> list[str]:
 
 
 def sampling(req: Any) -> SamplingParams:
+    if getattr(req, "stream_options", None) is not None and not req.stream:
+        raise InputError("stream_options is only allowed with stream: true")
     def pick(name: str, default: Any) -> Any:
         value = getattr(req, name, None)
         return default if value is None else value

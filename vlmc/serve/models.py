@@ -95,7 +95,7 @@ class Models:
             if current is not None and current.id == mid and current.batcher.alive:
                 return current
             if current is not None:
-                while not current.batcher.idle():  # let its requests finish first
+                while current.batcher.alive and not current.batcher.idle():  # let its requests finish first
                     await asyncio.sleep(0.05)
                 await asyncio.to_thread(self._free)
             self.resident = await asyncio.to_thread(self._load, mid)

@@ -120,7 +120,6 @@ class ResponsesRequest(Strict):
     max_output_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     seed: Optional[int] = Field(default=None, ge=0, lt=2**63)
     stream: bool = False
     text: Optional[ResponsesText] = None

@@ -61,8 +61,6 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
             raise InputError(f"{where}: unsupported input item type {kind!r}")
     fields: dict[str, Any] = {"model": req.model, "messages": messages, "temperature": req.temperature,
                               "top_p": req.top_p, "seed": req.seed, "max_tokens": req.max_output_tokens}
-    if req.top_logprobs is not None:
-        fields.update(logprobs=True, top_logprobs=req.top_logprobs)
     fmt = (req.text.format if req.text else None) or None
     if fmt and fmt.get("type") != "text":
         if fmt.get("type") == "json_schema":
