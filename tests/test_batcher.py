@@ -197,3 +197,16 @@ def test_a_dead_loop_reports_it(demo):
     b.submit(Job(demo.build_prompt("hi"), emit, max_tokens=2))
     b._thread.join(30)
     assert not b.alive and "SystemExit" in b.error
+
+
+def test_min_tokens_holds_eos_back(demo):
+    p = demo.build_prompt("What color is the circle?", images=[str(EXAMPLES / "shapes-1.png")])
+    b = Batcher(demo)
+    try:
+        free = run_jobs(b, [dict(prompt=p, max_tokens=12)])
+        held = run_jobs(b, [dict(prompt=p, max_tokens=12, min_tokens=12)])
+    finally:
+        b.shutdown()
+    assert free.finish[0].reason == "stop" and len(free.tokens[0]) < 12
+    assert held.finish[0].reason == "length" and len(held.tokens[0]) == 12
+    assert held.tokens[0][:len(free.tokens[0])] == free.tokens[0]

@@ -77,6 +77,7 @@ class Job:
     logprobs: int | None = None        # None: no logprobs; k >= 0: chosen token + top k
     constraint: Any = None             # .mask() -> bool[V], .advance(id), .done
     thinking: Thinking | None = None
+    min_tokens: int = 0                # EOS is masked until this many tokens were generated
     presence_penalty: float = 0.0      # OpenAI's: subtracted once from every generated token's logit
     frequency_penalty: float = 0.0     # ... and once per time it was generated
     cancelled: bool = False
@@ -173,6 +174,8 @@ class Batcher:
         try:
             while True:
                 with self._cond:
+                    if not (self._stop or self._pending or self._active or self._prefill):
+                        mx.clear_cache()  # idle: hand buffers cached for varying shapes back to the system
                     while not (self._stop or self._pending or self._active or self._prefill):
                         self._cond.wait()
                     if self._stop and not (self._active or self._prefill or self._pending):
@@ -311,6 +314,8 @@ class Batcher:
                 if row.job.constraint is not None:
                     allowed = mx.array(row.job.constraint.mask()[None])
                     row_logits = mx.where(allowed, row_logits.astype(mx.float32), float("-inf"))
+                if row.generated < row.job.min_tokens:
+                    row_logits = self._mask_eos(row_logits)
                 if row.job.presence_penalty or row.job.frequency_penalty:
                     row_logits = self._penalize(row, row_logits)
                 penalty = row.sampler.params.repetition_penalty != 1.0
@@ -333,6 +338,14 @@ class Batcher:
                 top = sorted(zip(order.tolist(), vals.tolist()), key=lambda t: -t[1])[:k]
             infos.append((float(lp[token].item()), top))
         return tokens, infos
+
+    def _mask_eos(self, logits: mx.array) -> mx.array:
+        eos = [i for i in self.vlm.eos_ids if i < logits.shape[-1]]
+        if not eos:
+            return logits
+        hide = np.zeros(logits.shape[-1], dtype=bool)
+        hide[eos] = True
+        return mx.where(mx.array(hide)[None], float("-inf"), logits.astype(mx.float32))
 
     @staticmethod
     def _penalize(row: _Row, logits: mx.array) -> mx.array:

@@ -49,6 +49,7 @@ class Plan:
     parser: dict[str, Any]          # OutputParser keyword arguments
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    min_tokens: int = 0
 
 
 def _stops(stop: str | list[str] | None) -> list[str]:
@@ -146,7 +147,14 @@ def plan_chat(resident: Resident, req: ChatCompletionRequest, settings: Settings
                 _stops(req.stop), logprobs, constraint, think,
                 dict(tools=tools, thinking=bool(thinking), think_start=settings.think_start,
                      think_end=settings.think_end, starts_in_thinking=starts_inside),
-                req.presence_penalty or 0.0, req.frequency_penalty or 0.0)
+                req.presence_penalty or 0.0, req.frequency_penalty or 0.0, _min_tokens(req))
+
+
+def _min_tokens(req: Any) -> int:
+    limit = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    if limit is not None and req.min_tokens > limit:
+        raise InputError(f"min_tokens ({req.min_tokens}) is larger than max_tokens ({limit})")
+    return req.min_tokens
 
 
 def _top_k(k: int, settings: Settings) -> int:
@@ -183,7 +191,8 @@ def plan_completion(resident: Resident, req: CompletionRequest, settings: Settin
     logprobs = None if req.logprobs is None else _top_k(req.logprobs, settings)
     return Plan(prompt, sampling(req), _max_tokens(req.max_tokens, len(ids), vlm.max_context, settings),
                 _stops(req.stop), logprobs, _constraint(resident, req.response_format), None,
-                dict(tools=None, thinking=False), req.presence_penalty or 0.0, req.frequency_penalty or 0.0)
+                dict(tools=None, thinking=False), req.presence_penalty or 0.0, req.frequency_penalty or 0.0,
+                _min_tokens(req))
 
 
 class Running:
@@ -199,7 +208,8 @@ class Running:
         loop = asyncio.get_running_loop()
         self.job = Job(plan.prompt, lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev),
                        plan.params, plan.max_tokens, plan.stop, plan.logprobs, plan.constraint, plan.thinking,
-                       presence_penalty=plan.presence_penalty, frequency_penalty=plan.frequency_penalty)
+                       min_tokens=plan.min_tokens, presence_penalty=plan.presence_penalty,
+                       frequency_penalty=plan.frequency_penalty)
 
     def submit(self) -> None:
         self.resident.batcher.submit(self.job)

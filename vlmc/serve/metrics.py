@@ -68,6 +68,7 @@ class Metrics:
             "vision_cache": cache,
             "generation_loop": loop,
             "mlx_active_memory_bytes": mx.get_active_memory(),
+            "mlx_cache_memory_bytes": mx.get_cache_memory(),
             "resident_memory_bytes": resident_memory_bytes(),
         }
 

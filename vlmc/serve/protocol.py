@@ -77,6 +77,7 @@ class Sampling(Strict):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
+    min_tokens: int = Field(default=0, ge=0, description="vlmc/vLLM extension: no EOS before this many tokens")
 
 
 class ChatCompletionRequest(Sampling):
