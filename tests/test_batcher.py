@@ -210,3 +210,19 @@ def test_min_tokens_holds_eos_back(demo):
     assert free.finish[0].reason == "stop" and len(free.tokens[0]) < 12
     assert held.finish[0].reason == "length" and len(held.tokens[0]) == 12
     assert held.tokens[0][:len(free.tokens[0])] == free.tokens[0]
+
+
+def test_a_failing_image_encode_fails_only_its_request(demo):
+    """Images are encoded on the vision thread; a failure there ends that request alone."""
+    from dataclasses import replace
+    good = demo.build_prompt("What color is the circle?", images=[str(EXAMPLES / "shapes-1.png")])
+    broken = replace(good, images=replace(good.images, pixel_values=good.images.pixel_values[:, :7]))
+    b = Batcher(demo)
+    try:
+        c = run_jobs(b, [dict(prompt=broken, max_tokens=5), dict(prompt=good, max_tokens=5),
+                         dict(prompt=demo.build_prompt("hi"), max_tokens=3)])
+        assert c.finish[0].reason == "error" and c.tokens[0] == []
+        assert demo.tokenizer.decode(c.tokens[1]) == "green" and c.finish[2].reason == "length"
+        assert b.alive and b.idle() and b.load()["encoding_images"] == 0
+    finally:
+        b.shutdown()

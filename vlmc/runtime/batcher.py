@@ -12,8 +12,11 @@ left so both share the write index, and each sequence's first real column lives 
 and columns that only padding occupies are cut. Positions, sampling, stop strings,
 constraints and thinking budgets are per sequence.
 
-All MLX work happens on the loop's thread; other threads only ``submit`` and ``cancel``.
-Events reach the request's ``emit`` callback on the loop thread.
+Images go through the vision tower on a thread of their own before their request queues
+for prefill, so a large image does not stop the running batch's decoding (both threads
+share the cores; MLX evaluates on per-thread streams). Other threads only ``submit`` and
+``cancel``. Events reach the request's ``emit`` callback on the loop thread (the vision
+thread emits only a failure or a cancellation of a request it holds).
 """
 from __future__ import annotations
 
@@ -82,6 +85,7 @@ class Job:
     frequency_penalty: float = 0.0     # ... and once per time it was generated
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    features: Any = None               # the images' encodings, once the vision thread made them
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -117,7 +121,9 @@ class Batcher:
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.vision_cache = vision_cache or VisionFeatureCache(0)
         self.mrope = vlm.meta["positions"] == "mrope"
-        self._pending: collections.deque[Job] = collections.deque()
+        self._pending: collections.deque[Job] = collections.deque()     # ready to prefill
+        self._to_encode: collections.deque[Job] = collections.deque()   # waiting for the vision tower
+        self._encoding: Job | None = None
         self._cond = threading.Condition()
         self._active: list[_Row] = []
         self._caches: list | None = None
@@ -131,17 +137,23 @@ class Batcher:
         self.decode_time = 0.0
         self._thread = threading.Thread(target=self._run, name="vlmc-generation", daemon=True)
         self._thread.start()
+        self._vision = threading.Thread(target=self._run_vision, name="vlmc-vision", daemon=True)
+        self._vision.start()
 
     # ------------------------------------------------------------------ other threads
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._stop:
                 raise RuntimeError("the generation loop is shut down")
-            if len(self._pending) >= self.max_queue:
-                raise QueueFull(f"{len(self._pending)} requests are already waiting")
-            self._pending.append(job)
+            waiting = len(self._pending) + len(self._to_encode) + (self._encoding is not None)
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are already waiting")
+            if job.prompt.images is not None and job.features is None:
+                self._to_encode.append(job)
+            else:
+                self._pending.append(job)
             self.counters["requests"] += 1
-            self._cond.notify()
+            self._cond.notify_all()
 
     @property
     def alive(self) -> bool:
@@ -149,25 +161,27 @@ class Batcher:
 
     def load(self) -> dict[str, int]:
         with self._cond:
-            return {"queue_depth": len(self._pending), "batch_size": len(self._active),
-                    "prefilling": int(self._prefill is not None)}
+            return {"queue_depth": len(self._pending) + len(self._to_encode) + (self._encoding is not None),
+                    "batch_size": len(self._active), "prefilling": int(self._prefill is not None),
+                    "encoding_images": len(self._to_encode) + (self._encoding is not None)}
 
     def idle(self) -> bool:
         with self._cond:
-            return not self._pending and not self._active and self._prefill is None
+            return not (self._pending or self._to_encode or self._encoding or self._active or self._prefill)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Cancel everything and stop the loop (its caches are freed with it)."""
         with self._cond:
             self._stop = True
-            for job in self._pending:
+            for job in [*self._pending, *self._to_encode]:
                 job.cancel()
             for row in self._active:
                 row.job.cancel()
             if self._prefill is not None:
                 self._prefill["row"].job.cancel()
-            self._cond.notify()
+            self._cond.notify_all()
         self._thread.join(timeout)
+        self._vision.join(timeout)
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
@@ -189,6 +203,37 @@ class Batcher:
         except BaseException as e:  # the loop is dead: /health says so
             self.error = f"{type(e).__name__}: {e}"
             raise
+
+    def _run_vision(self) -> None:
+        """Encode queued requests' images, then hand the requests to the loop."""
+        while True:
+            with self._cond:
+                while not (self._stop or self._to_encode):
+                    self._cond.wait()
+                if self._stop and not self._to_encode:
+                    return
+                job = self._encoding = self._to_encode.popleft()
+            try:
+                if job.cancelled:
+                    job.emit(FinishEvent("cancelled", "", len(job.prompt.ids), 0))
+                    continue
+                features = self.vision_cache.features(self.vlm.encode_images, job.prompt.images)
+                mx.eval(features)  # an array left lazy here could not be evaluated on the loop's thread
+                job.features = features
+                with self._cond:
+                    handed = not self._stop
+                    if handed:
+                        self._pending.append(job)
+                        self._cond.notify_all()
+                if not handed:
+                    job.emit(FinishEvent("cancelled", "", len(job.prompt.ids), 0))
+            except Exception as e:  # this request's images failed; the others go on
+                self.counters["loop_errors"] += 1
+                traceback.print_exc()
+                job.emit(FinishEvent("error", "", len(job.prompt.ids), 0, error=f"{type(e).__name__}: {e}"))
+            finally:
+                with self._cond:
+                    self._encoding = None
 
     def _step(self) -> None:
         self._drop_cancelled()
@@ -237,8 +282,8 @@ class Batcher:
         vlm = self.vlm
         row = _Row(job, vlm, vlm.max_context)
         self._live.add(row)
-        features = None
-        if job.prompt.images is not None:
+        features = job.features
+        if job.prompt.images is not None and features is None:
             features = self.vision_cache.features(vlm.encode_images, job.prompt.images)
         emb, pos, delta = vlm.prompt_inputs(job.prompt, features)
         text = vlm.meta["text"]
