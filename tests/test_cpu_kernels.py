@@ -328,3 +328,22 @@ def test_cpu_artifacts_widen_odd_bit_widths_at_load(tmp_path, monkeypatch):
         cpu.refresh()
     b = widened.model.embed(ids=ids)
     assert rel_err(b, a) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["silu", "quick_gelu"])
+def test_numpy_activations_match_reference(kind):
+    """Large activations run through numpy (cpu_ops.act/glu); small ones stay on MLX."""
+    from vlmc.kernels import cpu_ops
+    rng = np.random.default_rng(3)
+    x = mx.array((rng.standard_normal((300, 512)) * 6).astype(np.float32))
+    x[0, :4] = mx.array([-1e4, 1e4, 0.0, -90.0])  # exp overflow and zero stay finite and exact
+    up = mx.array(rng.standard_normal((300, 512)).astype(np.float32))
+    assert x.size >= cpu_ops.NUMPY_ACT_MIN_ELEMS and cpu_ops._numpy_act_ok(x, kind) == cpu.enabled()
+    got, ref = cpu_ops.act(x, kind), reference.act(x, kind)
+    assert got.dtype == mx.float32 and bool(mx.all(mx.isfinite(got)))
+    np.testing.assert_allclose(np.array(got), np.array(ref), rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(np.array(cpu_ops.glu(x, up, kind)), np.array(reference.glu(x, up, kind)),
+                               rtol=2e-6, atol=1e-6)
+    small = x[:2, :8]
+    assert not cpu_ops._numpy_act_ok(small, kind)
+    assert mx.array_equal(cpu_ops.act(small, kind), reference.act(small, kind))
