@@ -144,7 +144,7 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(_chat_stream(running, rid, include_usage, metrics))
+            return _sse(running, _chat_stream(running, rid, include_usage, metrics))
         events = await _collect(running, request, metrics)
         return _chat_body(running, rid, events)
 
@@ -155,7 +155,7 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
         rid = f"cmpl-{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(_completion_stream(running, rid, include_usage, metrics))
+            return _sse(running, _completion_stream(running, rid, include_usage, metrics))
         events = await _collect(running, request, metrics)
         return _completion_body(running, rid, events)
 
@@ -166,7 +166,7 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
         running = await start(req.model, plan_chat, chat)
         rid = f"resp_{uuid.uuid4().hex}"
         if req.stream:
-            return _sse(responses_api.stream(running, rid, req, metrics), events=True)
+            return _sse(running, responses_api.stream(running, rid, req, metrics), events=True)
         events = await _collect(running, request, metrics)
         return responses_api.body(running, rid, req, events)
 
@@ -258,13 +258,16 @@ def _chat_body(running: Running, rid: str, events: list[Any]) -> dict[str, Any]:
             "usage": usage(finish)}
 
 
-def _sse(chunks: AsyncIterator[Any], events: bool = False) -> StreamingResponse:
+def _sse(running: Running, chunks: AsyncIterator[Any], events: bool = False) -> StreamingResponse:
     async def body():
-        async for item in chunks:
-            if events:
-                yield f"event: {item['type']}\ndata: {json.dumps(item)}\n\n"
-            else:
-                yield f"data: {item if isinstance(item, str) else json.dumps(item)}\n\n"
+        try:
+            async for item in chunks:
+                if events:
+                    yield f"event: {item['type']}\ndata: {json.dumps(item)}\n\n"
+                else:
+                    yield f"data: {item if isinstance(item, str) else json.dumps(item)}\n\n"
+        finally:  # the client went away (Starlette closes this generator): free the slot now
+            running.job.cancel()
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
