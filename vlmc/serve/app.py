@@ -137,27 +137,23 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
         running.submit()
         return running
 
+    async def generate(req, request: Request, plan_fn, prefix: str, stream_fn, body_fn):
+        running = await start(req.model, plan_fn, req)
+        rid = f"{prefix}{uuid.uuid4().hex}"
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(running, stream_fn(running, rid, include_usage, metrics))
+        return body_fn(running, rid, await _collect(running, request, metrics))
+
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions", include_in_schema=False)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        running = await start(req.model, plan_chat, req)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(running, _chat_stream(running, rid, include_usage, metrics))
-        events = await _collect(running, request, metrics)
-        return _chat_body(running, rid, events)
+        return await generate(req, request, plan_chat, "chatcmpl-", _chat_stream, _chat_body)
 
     @app.post("/v1/completions")
     @app.post("/completions", include_in_schema=False)
     async def completions(req: CompletionRequest, request: Request):
-        running = await start(req.model, plan_completion, req)
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(running, _completion_stream(running, rid, include_usage, metrics))
-        events = await _collect(running, request, metrics)
-        return _completion_body(running, rid, events)
+        return await generate(req, request, plan_completion, "cmpl-", _completion_stream, _completion_body)
 
     @app.post("/v1/responses")
     @app.post("/responses", include_in_schema=False)

@@ -305,20 +305,10 @@ def _merged(deltas: list[dict]) -> list[dict]:
     return merged
 
 
-def parse_output(
-    text: str,
-    *,
-    tools: list[dict] | None = None,
-    thinking: bool = False,
-    think_start: str = "<think>",
-    think_end: str = "</think>",
-    starts_in_thinking: bool = False,
-    strip: bool = True,
-) -> ParsedOutput:
-    """Non-streaming parse: the whole reply at once, same rules as ``OutputParser``."""
-    parser = OutputParser(tools=tools, thinking=thinking, think_start=think_start,
-                          think_end=think_end, starts_in_thinking=starts_in_thinking,
-                          strip=strip)
+def parse_output(text: str, **options: Any) -> ParsedOutput:
+    """Non-streaming parse: the whole reply at once, same rules (and keyword options) as
+    ``OutputParser``."""
+    parser = OutputParser(**options)
     parser.feed(text)
     parser.finish()
     return parser.result()
