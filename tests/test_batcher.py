@@ -226,3 +226,40 @@ def test_a_failing_image_encode_fails_only_its_request(demo):
         assert b.alive and b.idle() and b.load()["encoding_images"] == 0
     finally:
         b.shutdown()
+
+
+@pytest.mark.parametrize("kv_bits", [None, 4])
+def test_prefix_cache_reuses_blocks_and_changes_nothing(demo, kv_bits):
+    """A second turn over the same image reuses the first turn's KV blocks; a different
+    image behind the same placeholder ids does not; outputs equal runs without the cache."""
+    from vlmc.demo import MODEL_DIR
+    from vlmc.runtime.prefix_cache import PrefixCache
+    m = demo if kv_bits is None else vlmc.load(MODEL_DIR, kv_bits=kv_bits)
+    one, two = str(EXAMPLES / "shapes-1.png"), str(EXAMPLES / "shapes-2.png")
+
+    def turn(image, question):
+        return m.build_prompt(messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                         {"type": "text", "text": "What color is the circle?"}]},
+            {"role": "assistant", "content": "green"},
+            {"role": "user", "content": question}])
+
+    prompts = [turn(one, "How many shapes are there?"), turn(one, "Describe the image."),
+               turn(two, "Describe the image.")]
+    plain, cached = Batcher(m), Batcher(m, prefix_cache=PrefixCache(block_size=8))
+    try:
+        ref = [run_jobs(plain, [dict(prompt=p, max_tokens=20)]) for p in prompts]
+        got = [run_jobs(cached, [dict(prompt=p, max_tokens=20)]) for p in prompts]
+    finally:
+        plain.shutdown()
+        cached.shutdown()
+    for r, g in zip(ref, got):
+        assert g.tokens == r.tokens
+    hits = [g.finish[0].cached_tokens for g in got]
+    image_end = max(i for i, t in enumerate(prompts[0].ids) if t == m.image_token_id) + 1
+    assert hits[0] == 0
+    assert hits[1] >= image_end and hits[1] % 8 == 0 and hits[1] < len(prompts[1].ids)
+    first_image = prompts[2].ids.index(m.image_token_id)
+    assert hits[2] <= first_image  # the other image's blocks are not the first one's
+    stats = cached.prefix_cache.stats()
+    assert stats["hit_tokens"] == sum(hits) and stats["blocks"] > 0 and stats["bytes"] > 0

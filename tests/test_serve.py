@@ -139,6 +139,19 @@ def test_tool_call_is_parsed(client):
     assert calls and calls[0].function.name == "get_color"
 
 
+def test_prefix_cache_serves_the_shared_start_of_a_conversation(server):
+    first = image_message("What color is the circle?", IMG[3])
+    status, a = server.post("/v1/chat/completions", {"model": "vlmc-demo", "messages": first, "max_tokens": 8})
+    assert status == 200
+    follow = first + [{"role": "assistant", "content": a["choices"][0]["message"]["content"]},
+                      {"role": "user", "content": "How many shapes are there?"}]
+    before = server.metrics()["prefix_cache"]["hit_tokens"]
+    status, b = server.post("/v1/chat/completions", {"model": "vlmc-demo", "messages": follow, "max_tokens": 8})
+    cached = b["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert status == 200 and 0 < cached < b["usage"]["prompt_tokens"] and cached % 32 == 0
+    assert server.metrics()["prefix_cache"]["hit_tokens"] - before == cached
+
+
 # ---------------------------------------------------------------------- batching
 def test_concurrent_greedy_requests_match_one_at_a_time(server):
     questions = ["What color is the circle?", "Describe the image.", "How many shapes are there?",

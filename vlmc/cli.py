@@ -286,6 +286,10 @@ if __name__ == "__main__":  # pragma: no cover
 @click.option("--fetch-timeout", default=10.0, show_default=True, type=float, help="Seconds to fetch an image URL.")
 @click.option("--allowed-local-media-path", default=None, help="Folder whose images requests may name by path.")
 @click.option("--vision-cache-bytes", default=512 * 2**20, show_default=True, type=click.IntRange(min=0))
+@click.option("--prefix-cache-bytes", default=2**30, show_default=True, type=click.IntRange(min=0),
+              help="KV blocks of earlier prompts kept for reuse (0 turns prefix caching off).")
+@click.option("--prefix-block-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per prefix-cache block.")
 @click.option("--top-logprobs-k", default=5, show_default=True, type=click.IntRange(0, 20))
 @click.option("--enable-thinking/--disable-thinking", default=None, help="Default for requests that do not say.")
 @click.option("--thinking-budget", default=None, type=click.IntRange(min=1))

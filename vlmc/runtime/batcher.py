@@ -34,6 +34,7 @@ from .detokenizer import StopStringMatcher, StreamingDetokenizer
 from .engine import VLM, Prompt
 from .kv_cache import attention_mask, make_caches
 from .sampling import Sampler, SamplingParams
+from .prefix_cache import PrefixCache, block_keys, image_spans
 from .vision_cache import VisionFeatureCache
 
 
@@ -109,17 +110,19 @@ class _Row:
         self.think_count = 0
         self.think_text = ""
         self.finished = False
+        self.cached = 0            # prompt tokens whose KV came from the prefix cache
 
 
 class Batcher:
     def __init__(self, vlm: VLM, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
-                 vision_cache: VisionFeatureCache | None = None):
+                 vision_cache: VisionFeatureCache | None = None, prefix_cache: PrefixCache | None = None):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         vlm.materialize()
         self.vlm = vlm
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.vision_cache = vision_cache or VisionFeatureCache(0)
+        self.prefix_cache = prefix_cache
         self.mrope = vlm.meta["positions"] == "mrope"
         self._pending: collections.deque[Job] = collections.deque()     # ready to prefill
         self._to_encode: collections.deque[Job] = collections.deque()   # waiting for the vision tower
@@ -289,8 +292,25 @@ class Batcher:
         text = vlm.meta["text"]
         caches = make_caches(vlm.kv_layers, 1, text["num_kv_heads"], text["head_dim"], emb.dtype)
         row.next_pos = len(job.prompt.ids) + delta
-        self._prefill = {"row": row, "embeds": emb, "positions": pos, "caches": caches, "done": 0,
-                         "t0": time.perf_counter()}
+        keys, done = self._reuse_prefix(job, caches)
+        row.cached = done
+        self._prefill = {"row": row, "embeds": emb, "positions": pos, "caches": caches, "done": done,
+                         "keys": keys, "t0": time.perf_counter()}
+
+    def _reuse_prefix(self, job: Job, caches: list) -> tuple[list[str], int]:
+        """Import the longest cached run of this prompt's leading blocks; tokens covered."""
+        pc = self.prefix_cache
+        if pc is None or pc.max_bytes <= 0:
+            return [], 0
+        ids = job.prompt.ids
+        spans = image_spans(ids, self.vlm.image_token_id, job.prompt.images)
+        keys = block_keys(ids, spans, pc.block_size, salt=str(self.vlm.artifact.path))
+        found = pc.lookup(keys, usable=(len(ids) - 1) // pc.block_size)  # >= 1 token left to prefill
+        for layer, cache in enumerate(caches):
+            cache.import_blocks([blocks[layer] for blocks in found])
+        done = len(found) * pc.block_size
+        pc.count(done, len(ids))
+        return keys, done
 
     def _prefill_chunk(self) -> None:
         pf = self._prefill
@@ -308,6 +328,8 @@ class Batcher:
             return
         self._prefill = None
         self.counters["prompt_tokens"] += total
+        if self.prefix_cache is not None and pf["keys"]:
+            self.prefix_cache.store(pf["keys"], caches, first=row.cached // self.prefix_cache.block_size)
         token, info = self._sample([row], logits)
         self._accept(row, token[0], info[0])
         if row.finished:
@@ -455,7 +477,7 @@ class Batcher:
         if reason in ("stop", "length") and not row.stops.stopped:
             tail = row.stops.feed(row.detok.flush()).text + row.stops.flush()
         self.counters[f"finish_{reason}"] += 1
-        row.job.emit(FinishEvent(reason, tail, len(row.job.prompt.ids), row.generated))
+        row.job.emit(FinishEvent(reason, tail, len(row.job.prompt.ids), row.generated, row.cached))
 
     def _compact(self) -> None:
         """Drop finished rows from the batch and the columns only padding holds."""

@@ -42,12 +42,14 @@ class Metrics:
         resident = models.resident
         loop: dict[str, Any] = {"alive": False}
         cache: dict[str, Any] = {}
+        prefix: dict[str, Any] = {}
         counters: dict[str, Any] = {}
         if resident is not None:
             b = resident.batcher
             loop = {"alive": b.alive, **b.load(), "decode_seconds": round(b.decode_time, 3)}
             counters = dict(b.counters)
             cache = resident.vision_cache.stats()
+            prefix = resident.prefix_cache.stats()
         with self._lock:
             by_route = [{"route": r, "status": s, "count": c} for (r, s), c in sorted(self.requests.items())]
             ttft = sorted(self.ttft)
@@ -66,6 +68,7 @@ class Metrics:
             "mean_batch_size": round(counters.get("batched_tokens", 0) / max(counters.get("decode_steps", 0), 1), 3),
             "ttft_seconds_p50": round(ttft[len(ttft) // 2], 4) if ttft else None,
             "vision_cache": cache,
+            "prefix_cache": prefix,
             "generation_loop": loop,
             "mlx_active_memory_bytes": mx.get_active_memory(),
             "mlx_cache_memory_bytes": mx.get_cache_memory(),
@@ -101,6 +104,11 @@ def prometheus(snap: dict[str, Any]) -> str:
     metric("vision_cache_hits_total", "counter", cache.get("hits", 0), "images whose features came from the cache")
     metric("vision_cache_misses_total", "counter", cache.get("misses", 0), "images encoded by the vision tower")
     metric("vision_cache_bytes", "gauge", cache.get("bytes", 0), "bytes of cached vision features")
+    prefix = snap["prefix_cache"]
+    metric("prefix_cache_hit_tokens_total", "counter", prefix.get("hit_tokens", 0),
+           "prompt tokens whose KV came from the prefix cache")
+    metric("prefix_cache_miss_tokens_total", "counter", prefix.get("miss_tokens", 0), "prompt tokens prefilled")
+    metric("prefix_cache_bytes", "gauge", prefix.get("bytes", 0), "bytes of cached KV blocks")
     metric("generation_loop_alive", "gauge", int(bool(snap["generation_loop"].get("alive"))),
            "1 while the generation loop runs")
     metric("mlx_active_memory_bytes", "gauge", snap["mlx_active_memory_bytes"], "MLX memory in use")

@@ -18,6 +18,7 @@ import mlx.core as mx
 
 from ..runtime.batcher import Batcher
 from ..runtime.engine import VLM
+from ..runtime.prefix_cache import PrefixCache
 from ..runtime.vision_cache import VisionFeatureCache
 
 
@@ -40,6 +41,7 @@ class Resident:
     vlm: VLM
     batcher: Batcher
     vision_cache: VisionFeatureCache
+    prefix_cache: PrefixCache
     loaded_at: float = field(default_factory=time.time)
     _grammar: Any = None
 
@@ -55,7 +57,7 @@ class Resident:
 class Models:
     def __init__(self, sources: list[str], *, load_options: dict[str, Any] | None = None,
                  max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
-                 vision_cache_bytes: int = 512 * 2**20):
+                 vision_cache_bytes: int = 512 * 2**20, prefix_cache_bytes: int = 2**30, prefix_block_size: int = 32):
         if not sources:
             raise ValueError("at least one model source is needed")
         self.sources = {model_id(s): s for s in sources}
@@ -63,6 +65,7 @@ class Models:
         self.load_options = load_options or {}
         self.batch_options = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
         self.vision_cache_bytes = vision_cache_bytes
+        self.prefix_cache_bytes, self.prefix_block_size = prefix_cache_bytes, prefix_block_size
         self.resident: Resident | None = None
         self._lock = asyncio.Lock()
         self.loads = 0
@@ -74,9 +77,10 @@ class Models:
         from ..api import load
         vlm = load(self.sources[mid], **self.load_options)
         cache = VisionFeatureCache(self.vision_cache_bytes)
-        batcher = Batcher(vlm, vision_cache=cache, **self.batch_options)
+        prefix = PrefixCache(self.prefix_cache_bytes, self.prefix_block_size)
+        batcher = Batcher(vlm, vision_cache=cache, prefix_cache=prefix, **self.batch_options)
         self.loads += 1
-        return Resident(mid, vlm, batcher, cache)
+        return Resident(mid, vlm, batcher, cache, prefix)
 
     def load_now(self, mid: str | None = None) -> Resident:
         """Load synchronously (at startup, before serving)."""
@@ -113,6 +117,7 @@ class Models:
             return
         resident.batcher.shutdown()
         resident.vision_cache.clear()
+        resident.prefix_cache.clear()
         del resident
         gc.collect()
         mx.clear_cache()
