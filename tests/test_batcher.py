@@ -263,3 +263,16 @@ def test_prefix_cache_reuses_blocks_and_changes_nothing(demo, kv_bits):
     assert hits[2] <= first_image  # the other image's blocks are not the first one's
     stats = cached.prefix_cache.stats()
     assert stats["hit_tokens"] == sum(hits) and stats["blocks"] > 0 and stats["bytes"] > 0
+
+
+def test_submit_refuses_prompts_with_no_room(demo):
+    from vlmc.errors import InputError
+    b = Batcher(demo)
+    try:
+        with pytest.raises(InputError, match="context"):
+            b.submit(Job(Prompt([1] * demo.max_context, None, ""), lambda ev: None))
+        with pytest.raises(InputError, match="empty"):
+            b.submit(Job(Prompt([], None, ""), lambda ev: None))
+        assert b.load()["queue_depth"] == 0
+    finally:
+        b.shutdown()

@@ -145,6 +145,7 @@ class Batcher:
 
     # ------------------------------------------------------------------ other threads
     def submit(self, job: Job) -> None:
+        self.vlm._check_length([job.prompt])  # InputError: empty, or no room left in the context
         with self._cond:
             if self._stop:
                 raise RuntimeError("the generation loop is shut down")
