@@ -276,3 +276,34 @@ def test_submit_refuses_prompts_with_no_room(demo):
         assert b.load()["queue_depth"] == 0
     finally:
         b.shutdown()
+
+
+def test_prefix_cache_disk_tier_outlives_the_loop(demo, tmp_path):
+    """Blocks evicted from memory go to disk; a fresh cache on the same folder (a restarted
+    server) reuses them with unchanged outputs; a corrupt block file is dropped, not used."""
+    from vlmc.runtime.prefix_cache import DiskTier, PrefixCache
+    system = "Answer with one word. " * 12
+    first = demo.build_prompt("What color is the circle?", images=[str(EXAMPLES / "shapes-1.png")], system=system)
+    again = demo.build_prompt("How many shapes are there?", images=[str(EXAMPLES / "shapes-1.png")], system=system)
+    plain = Batcher(demo)
+    ref = run_jobs(plain, [dict(prompt=again, max_tokens=10)]).tokens[0]
+    plain.shutdown()
+
+    tiny_memory = PrefixCache(max_bytes=1, block_size=8, disk=DiskTier(tmp_path))  # every block spills to disk
+    b = Batcher(demo, prefix_cache=tiny_memory)
+    run_jobs(b, [dict(prompt=first, max_tokens=3)])
+    b.shutdown()
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert files and tiny_memory.stats()["blocks"] == 0
+
+    restarted = PrefixCache(block_size=8, disk=DiskTier(tmp_path))
+    b = Batcher(demo, prefix_cache=restarted)
+    try:
+        c = run_jobs(b, [dict(prompt=again, max_tokens=10)])
+    finally:
+        b.shutdown()
+    assert c.tokens[0] == ref and c.finish[0].cached_tokens >= 8 and restarted.disk.hits > 0
+
+    files[0].write_bytes(b"not a safetensors file")
+    broken = DiskTier(tmp_path)
+    assert broken.get(files[0].stem) is None and not files[0].exists()

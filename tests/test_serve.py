@@ -311,3 +311,26 @@ def test_full_queue_is_429_and_big_body_413(small_server):
     assert busy["error"]["type"] == "rate_limit_error"
     status, body = s.post("/v1/chat/completions", ask("x" * 5000))
     assert status == 413 and "max-body-bytes" in body["error"]["message"]
+
+
+def test_prefix_cache_disk_tier_survives_a_restart(tmp_path):
+    """SIGTERM flushes the prefix cache to --prefix-cache-dir; the next server reuses it."""
+    system = {"role": "system", "content": "Answer with one word. " * 12}
+    ask_one = {"model": "vlmc-demo", "max_tokens": 4, "temperature": 0,
+               "messages": [system, *image_message("What color is the circle?", IMG[1])]}
+    args = ("--prefix-cache-dir", str(tmp_path), "--prefix-block-size", "16")
+    s = LiveServer(*args)
+    try:
+        status, body = s.post("/v1/chat/completions", ask_one)
+        assert status == 200 and body["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    finally:
+        s.stop()
+    assert list(tmp_path.glob("*.safetensors"))
+    s = LiveServer(*args)
+    try:
+        ask_two = {**ask_one, "messages": [system, *image_message("How many shapes are there?", IMG[1])]}
+        status, body = s.post("/v1/chat/completions", ask_two)
+        assert status == 200 and body["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
+        assert s.metrics()["prefix_cache"]["disk_hits"] > 0
+    finally:
+        s.stop()

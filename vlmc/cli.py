@@ -290,6 +290,9 @@ if __name__ == "__main__":  # pragma: no cover
               help="KV blocks of earlier prompts kept for reuse (0 turns prefix caching off).")
 @click.option("--prefix-block-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Tokens per prefix-cache block.")
+@click.option("--prefix-cache-dir", default=None,
+              help="Disk tier: blocks evicted from memory (and all of them at shutdown) are kept here.")
+@click.option("--prefix-cache-disk-bytes", default=10 * 2**30, show_default=True, type=click.IntRange(min=0))
 @click.option("--top-logprobs-k", default=5, show_default=True, type=click.IntRange(0, 20))
 @click.option("--enable-thinking/--disable-thinking", default=None, help="Default for requests that do not say.")
 @click.option("--thinking-budget", default=None, type=click.IntRange(min=1))

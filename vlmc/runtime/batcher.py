@@ -21,6 +21,7 @@ thread emits only a failure or a cancellation of a request it holds).
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import time
 import traceback
@@ -123,6 +124,9 @@ class Batcher:
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.vision_cache = vision_cache or VisionFeatureCache(0)
         self.prefix_cache = prefix_cache
+        # blocks are only valid for this artifact and KV layout (the disk tier outlives us)
+        self._prefix_salt = json.dumps([str(vlm.artifact.path), vlm.artifact.manifest.get("source", {}),
+                                        vlm.kv_layers], sort_keys=True, default=str)
         self.mrope = vlm.meta["positions"] == "mrope"
         self._pending: collections.deque[Job] = collections.deque()     # ready to prefill
         self._to_encode: collections.deque[Job] = collections.deque()   # waiting for the vision tower
@@ -305,7 +309,7 @@ class Batcher:
             return [], 0
         ids = job.prompt.ids
         spans = image_spans(ids, self.vlm.image_token_id, job.prompt.images)
-        keys = block_keys(ids, spans, pc.block_size, salt=str(self.vlm.artifact.path))
+        keys = block_keys(ids, spans, pc.block_size, salt=self._prefix_salt)
         found = pc.lookup(keys, usable=(len(ids) - 1) // pc.block_size)  # >= 1 token left to prefill
         for layer, cache in enumerate(caches):
             cache.import_blocks([blocks[layer] for blocks in found])

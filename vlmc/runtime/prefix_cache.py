@@ -6,12 +6,16 @@ its token ids and the content keys of the images whose placeholder tokens fall i
 match). A new prompt imports the longest run of leading blocks found, in their stored
 form (any KV layout), and prefills only the rest. At least one prompt token is always
 prefilled, since the logits of the last one are needed. Entries are dropped least
-recently used first beyond ``max_bytes``.
+recently used first beyond ``max_bytes``; with a disk folder they go there instead (and
+every block goes there on ``flush``), so a later lookup, or a restarted server with the same
+model and KV layout, can still use them.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+from pathlib import Path
 from collections import OrderedDict
 from typing import Any
 
@@ -51,11 +55,78 @@ def block_keys(ids: list[int], spans: list[tuple[int, int, str]], block_size: in
     return keys
 
 
+class DiskTier:
+    """Blocks as safetensors files (one per block, written atomically), oldest-used
+    files deleted beyond ``max_bytes``. A file that does not load is deleted, not used."""
+
+    def __init__(self, folder: str | os.PathLike, max_bytes: int = 10 << 30):
+        self.folder = Path(folder).expanduser()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = int(max_bytes)
+        self.hits = 0
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def has(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def put(self, key: str, layers: list[dict]) -> None:
+        if self.has(key):
+            return
+        arrays = {f"{i}.{name}": a for i, layer in enumerate(layers) for name, a in layer.items()}
+        tmp = self.folder / f".{key}.{os.getpid()}.{threading.get_ident()}.safetensors"
+        try:
+            mx.save_safetensors(str(tmp), arrays)
+            os.replace(tmp, self._path(key))
+        except OSError:  # a full or read-only disk costs the cache, never the request
+            tmp.unlink(missing_ok=True)
+            return
+        self._trim()
+
+    def get(self, key: str) -> list[dict] | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            arrays = mx.load(str(path))
+            mx.eval(list(arrays.values()))
+            os.utime(path)
+        except Exception:
+            path.unlink(missing_ok=True)
+            return None
+        layers: dict[int, dict] = {}
+        for name, a in arrays.items():
+            i, part = name.split(".", 1)
+            layers.setdefault(int(i), {})[part] = a
+        self.hits += 1
+        return [layers[i] for i in sorted(layers)]
+
+    def _trim(self) -> None:
+        files = []
+        for f in self.folder.glob("*.safetensors"):
+            if not f.name.startswith("."):
+                try:
+                    st = f.stat()
+                except OSError:
+                    continue
+                files.append((st.st_mtime, st.st_size, f))
+        total = sum(size for _, size, _ in files)
+        for _, size, f in sorted(files):
+            if total <= self.max_bytes:
+                break
+            f.unlink(missing_ok=True)
+            total -= size
+
+    def bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.folder.glob("*.safetensors") if not f.name.startswith("."))
+
+
 class PrefixCache:
-    def __init__(self, max_bytes: int = 1 << 30, block_size: int = 32):
+    def __init__(self, max_bytes: int = 1 << 30, block_size: int = 32, disk: DiskTier | None = None):
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
-        self.max_bytes, self.block_size = int(max_bytes), block_size
+        self.max_bytes, self.block_size, self.disk = int(max_bytes), block_size, disk
         self._blocks: OrderedDict[str, tuple[list[dict], int]] = OrderedDict()
         self._lock = threading.Lock()
         self.bytes = 0
@@ -63,15 +134,20 @@ class PrefixCache:
         self.miss_tokens = 0
 
     def lookup(self, keys: list[str], usable: int) -> list[list[dict]]:
-        """Per-layer blocks of the longest cached run among the first ``usable`` keys."""
+        """Per-layer blocks of the longest cached run among the first ``usable`` keys
+        (memory first, then the disk tier, whose blocks come back into memory)."""
         found = []
-        with self._lock:
-            for key in keys[:usable]:
+        for key in keys[:usable]:
+            with self._lock:
                 entry = self._blocks.get(key)
-                if entry is None:
-                    break
-                self._blocks.move_to_end(key)
-                found.append(entry[0])
+                if entry is not None:
+                    self._blocks.move_to_end(key)
+            layers = entry[0] if entry is not None else (self.disk.get(key) if self.disk else None)
+            if layers is None:
+                break
+            if entry is None:
+                self._insert([(key, layers)])
+            found.append(layers)
         return found
 
     def count(self, hit: int, total: int) -> None:
@@ -93,16 +169,33 @@ class PrefixCache:
                 # "* 1": a block of its own, not a view that would keep the whole cache buffer alive
                 fresh.append((key, [{name: a * 1 for name, a in blocks[i].items()} for blocks in per_layer]))
         mx.eval([a for _, layers in fresh for layer in layers for a in layer.values()])
+        self._insert(fresh)
+
+    def _insert(self, entries: list[tuple[str, list[dict]]]) -> None:
+        evicted = []
         with self._lock:
-            for key, layers in fresh:
+            for key, layers in entries:
                 if key in self._blocks:
                     continue
                 size = sum(a.nbytes for layer in layers for a in layer.values())
                 self._blocks[key] = (layers, size)
                 self.bytes += size
             while self.bytes > self.max_bytes and self._blocks:
-                _, (_, size) = self._blocks.popitem(last=False)
+                key, (layers, size) = self._blocks.popitem(last=False)
                 self.bytes -= size
+                evicted.append((key, layers))
+        if self.disk is not None:
+            for key, layers in evicted:
+                self.disk.put(key, layers)
+
+    def flush(self) -> None:
+        """Write every block held in memory to the disk tier (at shutdown)."""
+        if self.disk is None:
+            return
+        with self._lock:
+            entries = [(key, layers) for key, (layers, _) in self._blocks.items()]
+        for key, layers in entries:
+            self.disk.put(key, layers)
 
     def clear(self) -> None:
         with self._lock:
@@ -111,5 +204,8 @@ class PrefixCache:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"blocks": len(self._blocks), "block_size": self.block_size, "bytes": self.bytes,
-                    "max_bytes": self.max_bytes, "hit_tokens": self.hit_tokens, "miss_tokens": self.miss_tokens}
+            out = {"blocks": len(self._blocks), "block_size": self.block_size, "bytes": self.bytes,
+                   "max_bytes": self.max_bytes, "hit_tokens": self.hit_tokens, "miss_tokens": self.miss_tokens}
+        if self.disk is not None:
+            out.update(disk_bytes=self.disk.bytes(), disk_max_bytes=self.disk.max_bytes, disk_hits=self.disk.hits)
+        return out

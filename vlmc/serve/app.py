@@ -10,6 +10,7 @@ runs on the generation loop's thread (``runtime.batcher``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import traceback
@@ -39,7 +40,12 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
                cors_origins: list[str] | None = None, max_body_bytes: int = 32 * 2**20) -> Any:
     settings = settings or Settings()
     metrics = Metrics()
-    app = FastAPI(title="vlmc", version=__version__,
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(models.close)  # shutdown: stop the loop, flush the prefix cache
+
+    app = FastAPI(title="vlmc", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible server for vision-language models compiled by vlmc")
     app.state.models, app.state.settings, app.state.metrics = models, settings, metrics
 

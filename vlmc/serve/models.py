@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from ..runtime.batcher import Batcher
 from ..runtime.engine import VLM
-from ..runtime.prefix_cache import PrefixCache
+from ..runtime.prefix_cache import DiskTier, PrefixCache
 from ..runtime.vision_cache import VisionFeatureCache
 
 
@@ -57,7 +57,8 @@ class Resident:
 class Models:
     def __init__(self, sources: list[str], *, load_options: dict[str, Any] | None = None,
                  max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
-                 vision_cache_bytes: int = 512 * 2**20, prefix_cache_bytes: int = 2**30, prefix_block_size: int = 32):
+                 vision_cache_bytes: int = 512 * 2**20, prefix_cache_bytes: int = 2**30, prefix_block_size: int = 32,
+                 prefix_cache_dir: str | None = None, prefix_cache_disk_bytes: int = 10 * 2**30):
         if not sources:
             raise ValueError("at least one model source is needed")
         self.sources = {model_id(s): s for s in sources}
@@ -66,6 +67,7 @@ class Models:
         self.batch_options = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
         self.vision_cache_bytes = vision_cache_bytes
         self.prefix_cache_bytes, self.prefix_block_size = prefix_cache_bytes, prefix_block_size
+        self.prefix_cache_dir, self.prefix_cache_disk_bytes = prefix_cache_dir, prefix_cache_disk_bytes
         self.resident: Resident | None = None
         self._lock = asyncio.Lock()
         self.loads = 0
@@ -77,7 +79,8 @@ class Models:
         from ..api import load
         vlm = load(self.sources[mid], **self.load_options)
         cache = VisionFeatureCache(self.vision_cache_bytes)
-        prefix = PrefixCache(self.prefix_cache_bytes, self.prefix_block_size)
+        disk = DiskTier(self.prefix_cache_dir, self.prefix_cache_disk_bytes) if self.prefix_cache_dir else None
+        prefix = PrefixCache(self.prefix_cache_bytes, self.prefix_block_size, disk)
         batcher = Batcher(vlm, vision_cache=cache, prefix_cache=prefix, **self.batch_options)
         self.loads += 1
         return Resident(mid, vlm, batcher, cache, prefix)
@@ -105,6 +108,10 @@ class Models:
             self.resident = await asyncio.to_thread(self._load, mid)
             return self.resident
 
+    def close(self) -> None:
+        """At server shutdown: stop the loop and keep the prefix cache on disk."""
+        self._free()
+
     async def unload(self) -> str | None:
         async with self._lock:
             gone = self.resident.id if self.resident else None
@@ -117,6 +124,7 @@ class Models:
             return
         resident.batcher.shutdown()
         resident.vision_cache.clear()
+        resident.prefix_cache.flush()  # to the disk tier, if there is one
         resident.prefix_cache.clear()
         del resident
         gc.collect()
