@@ -208,6 +208,7 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server, missing_url):
         "huge image": (chat, ask("hi", data_uri(_huge_png(20000, 20000))), 400, "pixels"),
         "too many images": (chat, ask("hi", *[IMG[1]] * 4), 400, "at most 3"),
         "prompt over context": (chat, ask("circle " * 1500), 400, "context"),
+        "reply over context": (chat, ask("hi", max_tokens=5000), 400, "leaves room"),
         "unknown field": (chat, {**ask("hi"), "frobnicate": True}, 400, "frobnicate"),
         "local path outside": (chat, ask("hi", "/etc/hostname"), 400, "outside"),
         "bad sampling value": (chat, {**ask("hi"), "top_p": 7}, 400, "top_p"),

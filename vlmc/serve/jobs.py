@@ -84,7 +84,12 @@ def _constraint(resident: Resident, fmt: ResponseFormat | None) -> Any:
 
 
 def _max_tokens(requested: int | None, prompt_len: int, context: int, settings: Settings) -> int:
+    """The reply budget: the request's own (refused if the context cannot hold it, as
+    vLLM does, rather than silently cut), or the server default cut to the room left."""
     room = context - prompt_len
+    if requested is not None and requested > room:
+        raise InputError(f"max_tokens is {requested}, but the prompt ({prompt_len} tokens) leaves room for "
+                         f"{room} in the model's context of {context} tokens")
     return min(requested or settings.default_max_tokens, room)
 
 
