@@ -335,3 +335,58 @@ def test_prefix_cache_disk_tier_survives_a_restart(tmp_path):
         assert s.metrics()["prefix_cache"]["disk_hits"] > 0
     finally:
         s.stop()
+
+
+def test_mixed_valid_bad_and_abandoned_requests_leave_the_server_healthy():
+    """60 requests from 12 threads: valid, constrained, bad, streamed, streams dropped after
+    two chunks, over-full queue. Nothing may be a 5xx, and afterwards nothing is left
+    running and a plain request is answered correctly."""
+    import random
+    s = LiveServer("--max-batch-size", "4", "--max-queue", "6")
+    rng = random.Random(0)
+    schema = {"type": "object", "properties": {"c": {"enum": ["red", "green"]}}, "required": ["c"]}
+    plain = {"model": "vlmc-demo", "messages": [{"role": "user", "content": "hi"}]}
+
+    def stream(body: dict, chunks: int | None) -> int:
+        raw = json.dumps({**body, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", s.port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+            got = b""
+            while (chunks is None or got.count(b"data:") < chunks) and b"[DONE]" not in got:
+                piece = sock.recv(65536)
+                if not piece:
+                    break
+                got += piece
+        return int(got.split(b" ")[1])
+
+    def one(i):
+        kind = rng.choice(["ok", "img", "json", "bad", "drop", "stream", "stop"])
+        base = {**plain, "temperature": rng.choice([0, 0.7]), "seed": i, "max_tokens": 20}
+        if kind == "img":
+            return kind, s.post("/v1/chat/completions", {**base, "messages": image_message("Color?", IMG[1])})[0]
+        if kind == "json":
+            return kind, s.post("/v1/chat/completions", {**base, "max_tokens": 30, "response_format": {
+                "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})[0]
+        if kind == "bad":
+            return kind, s.post("/v1/chat/completions", rng.choice([b"{", {"messages": []}, {**plain, "model": "x"}]))[0]
+        if kind == "stop":
+            return kind, s.post("/v1/chat/completions", {**base, "stop": ["e", "o"]})[0]
+        if kind in ("drop", "stream"):
+            return kind, stream({**base, "max_tokens": 200}, 2 if kind == "drop" else None)
+        return kind, s.post("/v1/chat/completions", base)[0]
+
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(one, range(60)))
+        assert all(status < 500 for _, status in results), results
+        assert {status for _, status in results} >= {200, 400}
+        deadline = time.time() + 30
+        while time.time() < deadline and (s.metrics()["batch_size"] or s.metrics()["queue_depth"]):
+            time.sleep(0.1)
+        m = s.metrics()
+        assert m["batch_size"] == 0 and m["queue_depth"] == 0 and m["generation_loop"]["alive"]
+        status, body = s.post("/v1/chat/completions", ask("What color is the circle?", IMG[1]))
+        assert status == 200 and body["choices"][0]["message"]["content"] == "green"
+    finally:
+        s.stop()
