@@ -69,8 +69,10 @@ def test_joined_batches_match_one_at_a_time(demo, kv_bits):
     b = Batcher(m, max_batch=8, prefill_chunk=48)   # the long prompt is prefilled in chunks between decode steps
     try:
         alone = [run_jobs(b, [j]) for j in jobs]
+        batches = b.counters["prefill_batches"]
         together = run_jobs(b, jobs * 3)
         assert b.counters["decode_steps"] < b.counters["batched_tokens"]  # rows shared steps
+        assert b.counters["prefill_batches"] - batches < 15  # and waiting prompts shared prefills
     finally:
         b.shutdown()
     for i, t in enumerate(together.tokens):

@@ -275,7 +275,10 @@ if __name__ == "__main__":  # pragma: no cover
 @click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
               help="Requests that may wait for a batch slot; more get 429.")
-@click.option("--prefill-chunk", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--prefill-chunk", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Prompt tokens per prefill step (decode steps of the running batch come between).")
+@click.option("--prefill-batch-tokens", default=2048, show_default=True, type=click.IntRange(min=1),
+              help="Waiting prompts are prefilled together up to this many (padded) tokens.")
 @click.option("--max-tokens", "default_max_tokens", default=512, show_default=True, type=click.IntRange(min=1),
               help="Reply length when a request gives none.")
 @click.option("--max-prompt-tokens", default=None, type=click.IntRange(min=1), help="Default: the model's context.")

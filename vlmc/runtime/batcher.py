@@ -116,12 +116,14 @@ class _Row:
 
 class Batcher:
     def __init__(self, vlm: VLM, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
-                 vision_cache: VisionFeatureCache | None = None, prefix_cache: PrefixCache | None = None):
+                 vision_cache: VisionFeatureCache | None = None, prefix_cache: PrefixCache | None = None,
+                 prefill_batch_tokens: int = 2048):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         vlm.materialize()
         self.vlm = vlm
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.prefill_batch_tokens = prefill_batch_tokens
         self.vision_cache = vision_cache or VisionFeatureCache(0)
         self.prefix_cache = prefix_cache
         # blocks are only valid for this artifact and KV layout (the disk tier outlives us)
@@ -136,7 +138,7 @@ class Batcher:
         self._caches: list | None = None
         self._starts = np.zeros(0, dtype=np.int64)
         self._prefill: dict[str, Any] | None = None
-        self._admitting: Job | None = None
+        self._admitting: list[Job] = []         # jobs being turned into prefill rows
         self._live: set[_Row] = set()           # every admitted row not yet finished
         self._stop = False
         self.error: str | None = None           # what killed the loop, if it died
@@ -186,7 +188,8 @@ class Batcher:
             for row in self._active:
                 row.job.cancel()
             if self._prefill is not None:
-                self._prefill["row"].job.cancel()
+                for row in self._prefill["rows"]:
+                    row.job.cancel()
             self._cond.notify_all()
         self._thread.join(timeout)
         self._vision.join(timeout)
@@ -246,12 +249,11 @@ class Batcher:
     def _step(self) -> None:
         self._drop_cancelled()
         if self._prefill is None:
-            with self._cond:
-                job = self._pending.popleft() if self._pending and len(self._active) < self.max_batch else None
-            if job is not None:
-                self._admitting = job
-                self._begin_prefill(job)
-                self._admitting = None
+            jobs = self._admit()
+            if jobs:
+                self._admitting = jobs
+                self._begin_prefill(jobs)
+                self._admitting = []
         if self._prefill is not None:
             self._prefill_chunk()
         if self._active:
@@ -259,12 +261,12 @@ class Batcher:
 
     def _fail_all(self, message: str) -> None:
         failed = [(r.job, r.generated) for r in self._live]
-        if self._admitting is not None:
-            failed.append((self._admitting, 0))
+        live_jobs = {id(r.job) for r in self._live}
+        failed += [(job, 0) for job in self._admitting if id(job) not in live_jobs]
         for row in self._live:
             row.finished = True
         self._live.clear()
-        self._active, self._caches, self._prefill, self._admitting = [], None, None, None
+        self._active, self._caches, self._prefill, self._admitting = [], None, None, []
         self._starts = np.zeros(0, dtype=np.int64)
         for job, generated in failed:
             job.emit(FinishEvent("error", "", len(job.prompt.ids), generated, error=message))
@@ -276,55 +278,101 @@ class Batcher:
                 self._pending.remove(j)
         for j in gone:
             j.emit(FinishEvent("cancelled", "", len(j.prompt.ids), 0))
-        if self._prefill is not None and self._prefill["row"].job.cancelled:
-            row = self._prefill["row"]
+        if self._prefill is not None and all(r.job.cancelled for r in self._prefill["rows"]):
+            rows = self._prefill["rows"]
             self._prefill = None
-            self._finish(row, "cancelled")
+            for row in rows:
+                self._finish(row, "cancelled")
         for row in self._active:
             if row.job.cancelled and not row.finished:
                 self._finish(row, "cancelled")
         self._compact()
 
     # ------------------------------------------------------------------ prefill
-    def _begin_prefill(self, job: Job) -> None:
-        vlm = self.vlm
-        row = _Row(job, vlm, vlm.max_context)
-        self._live.add(row)
-        features = job.features
-        if job.prompt.images is not None and features is None:
-            features = self.vision_cache.features(vlm.encode_images, job.prompt.images)
-        emb, pos, delta = vlm.prompt_inputs(job.prompt, features)
-        text = vlm.meta["text"]
-        caches = make_caches(vlm.kv_layers, 1, text["num_kv_heads"], text["head_dim"], emb.dtype)
-        row.next_pos = len(job.prompt.ids) + delta
-        keys, done = self._reuse_prefix(job, caches)
-        row.cached = done
-        self._prefill = {"row": row, "embeds": emb, "positions": pos, "caches": caches, "done": done,
-                         "keys": keys, "t0": time.perf_counter()}
+    def _admit(self) -> list[Job]:
+        """The next waiting jobs to prefill together: the first one, plus those behind it
+        while batch slots and ``prefill_batch_tokens`` (padded) allow. One bigger prefill
+        runs the GEMMs at a better rate than several small ones (float32 BLAS on this CPU:
+        133 GFLOP/s at 75 rows, 201 at 600) and dequantizes compact weights once. A job
+        that finds its start in the prefix cache is prefilled alone."""
+        with self._cond:
+            slots = self.max_batch - len(self._active)
+            if not self._pending or slots < 1:
+                return []
+            jobs = [self._pending.popleft()]
+            if self._prefix_hit(jobs[0]):
+                return jobs
+            width = len(jobs[0].prompt.ids)
+            while self._pending and len(jobs) < slots:
+                nxt = self._pending[0]
+                wider = max(width, len(nxt.prompt.ids))
+                if wider * (len(jobs) + 1) > self.prefill_batch_tokens or self._prefix_hit(nxt):
+                    break
+                jobs.append(self._pending.popleft())
+                width = wider
+            return jobs
 
-    def _reuse_prefix(self, job: Job, caches: list) -> tuple[list[str], int]:
-        """Import the longest cached run of this prompt's leading blocks; tokens covered."""
+    def _prefix_hit(self, job: Job) -> bool:
         pc = self.prefix_cache
         if pc is None or pc.max_bytes <= 0:
-            return [], 0
+            return False
+        keys = self._block_keys(job)
+        return bool(pc.lookup(keys, usable=min(1, (len(job.prompt.ids) - 1) // pc.block_size)))
+
+    def _block_keys(self, job: Job) -> list[str]:
         ids = job.prompt.ids
         spans = image_spans(ids, self.vlm.image_token_id, job.prompt.images)
-        keys = block_keys(ids, spans, pc.block_size, salt=self._prefix_salt)
-        found = pc.lookup(keys, usable=(len(ids) - 1) // pc.block_size)  # >= 1 token left to prefill
+        return block_keys(ids, spans, self.prefix_cache.block_size, salt=self._prefix_salt)
+
+    def _begin_prefill(self, jobs: list[Job]) -> None:
+        vlm = self.vlm
+        rows, embeds, positions = [], [], []
+        for job in jobs:
+            row = _Row(job, vlm, vlm.max_context)
+            self._live.add(row)
+            features = job.features
+            if job.prompt.images is not None and features is None:
+                features = self.vision_cache.features(vlm.encode_images, job.prompt.images)
+            emb, pos, delta = vlm.prompt_inputs(job.prompt, features)
+            row.next_pos = len(job.prompt.ids) + delta
+            rows.append(row)
+            embeds.append(emb)
+            positions.append(pos)
+        width = max(e.shape[1] for e in embeds)
+        starts = np.array([width - e.shape[1] for e in embeds], dtype=np.int64)
+        if len(jobs) > 1:  # left-pad to one width; the mask reads ``starts``
+            embeds = [mx.pad(e, [(0, 0), (int(p), 0), (0, 0)]) if p else e for e, p in zip(embeds, starts)]
+            positions = [np.pad(pos, [(0, 0), (int(p), 0)]) for pos, p in zip(positions, starts)]
+        text = vlm.meta["text"]
+        caches = make_caches(vlm.kv_layers, len(jobs), text["num_kv_heads"], text["head_dim"], embeds[0].dtype)
+        keys, done = [[] for _ in jobs], 0
+        if self.prefix_cache is not None and self.prefix_cache.max_bytes > 0:
+            keys = [self._block_keys(job) for job in jobs]
+            if len(jobs) == 1:
+                done = self._reuse_prefix(jobs[0], keys[0], caches)
+                rows[0].cached = done
+        self._prefill = {"rows": rows, "embeds": mx.concatenate(embeds, axis=0) if len(embeds) > 1 else embeds[0],
+                         "positions": np.stack(positions, axis=1), "starts": starts, "caches": caches,
+                         "done": done, "keys": keys}
+
+    def _reuse_prefix(self, job: Job, keys: list[str], caches: list) -> int:
+        """Import the longest cached run of this prompt's leading blocks; tokens covered."""
+        pc = self.prefix_cache
+        found = pc.lookup(keys, usable=(len(job.prompt.ids) - 1) // pc.block_size)  # >= 1 token left to prefill
         for layer, cache in enumerate(caches):
             cache.import_blocks([blocks[layer] for blocks in found])
         done = len(found) * pc.block_size
-        pc.count(done, len(ids))
-        return keys, done
+        pc.count(done, len(job.prompt.ids))
+        return done
 
     def _prefill_chunk(self) -> None:
         pf = self._prefill
-        row, emb, caches = pf["row"], pf["embeds"], pf["caches"]
+        rows, emb, caches, starts = pf["rows"], pf["embeds"], pf["caches"], pf["starts"]
         total = emb.shape[1]
-        lo, hi = pf["done"], min(emb.shape[1], pf["done"] + self.prefill_chunk)
-        pos = pf["positions"][:, lo:hi]
-        pos = pos[:, None] if self.mrope else pos
-        mask = attention_mask(mx.zeros((1,), mx.int32), lo, hi - lo, False)
+        lo, hi = pf["done"], min(total, pf["done"] + self.prefill_chunk)
+        pos = pf["positions"][..., lo:hi]                     # [3, B, L] or [1, B, L]
+        pos = pos if self.mrope else pos[0]
+        mask = attention_mask(mx.array(starts, dtype=mx.int32), lo, hi - lo, bool(starts.any()))
         logits = self.vlm.model.prefill(embeds=emb[:, lo:hi], positions=mx.array(pos, dtype=mx.int32), mask=mask,
                                         caches=caches)[:, -1]
         mx.eval(logits)
@@ -332,19 +380,25 @@ class Batcher:
         if hi < total:
             return
         self._prefill = None
-        self.counters["prompt_tokens"] += total
-        if self.prefix_cache is not None and pf["keys"]:
-            self.prefix_cache.store(pf["keys"], caches, first=row.cached // self.prefix_cache.block_size)
-        token, info = self._sample([row], logits)
-        self._accept(row, token[0], info[0])
-        if row.finished:
-            return
-        self._join(row, caches)
+        self.counters["prompt_tokens"] += sum(len(r.job.prompt.ids) for r in rows)
+        self.counters["prefill_batches"] += 1
+        if self.prefix_cache is not None:
+            if len(rows) > 1:  # (a lone prompt was counted when it looked its prefix up)
+                for r in rows:
+                    self.prefix_cache.count(0, len(r.job.prompt.ids))
+            for i, (row, keys) in enumerate(zip(rows, pf["keys"])):
+                if keys:
+                    self.prefix_cache.store(keys, caches, first=row.cached // self.prefix_cache.block_size,
+                                            row=i, start=int(starts[i]))
+        tokens, infos = self._sample(rows, logits)
+        for row, token, info in zip(rows, tokens, infos):
+            self._accept(row, token, info)
+        self._join(rows, caches, starts)
+        self._compact()  # rows that finished on their first token leave again
 
-    def _join(self, row: _Row, caches: list) -> None:
+    def _join(self, rows: list[_Row], caches: list, starts: np.ndarray) -> None:
         if not self._active:
-            self._active, self._caches = [row], caches
-            self._starts = np.zeros(1, dtype=np.int64)
+            self._active, self._caches, self._starts = list(rows), caches, starts.copy()
             return
         ours, theirs = self._caches[0].offset, caches[0].offset
         width = max(ours, theirs)
@@ -352,8 +406,8 @@ class Batcher:
             mine.pad_left(width - ours)
             new.pad_left(width - theirs)
             mine.concat(new)
-        self._starts = np.append(self._starts + (width - ours), width - theirs)
-        self._active.append(row)
+        self._starts = np.concatenate([self._starts + (width - ours), starts + (width - theirs)])
+        self._active.extend(rows)
 
     # ------------------------------------------------------------------ decode
     def _decode_step(self) -> None:

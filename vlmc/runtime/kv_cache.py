@@ -158,15 +158,18 @@ class KVCache:
         self.offset -= n
         return n
 
-    def export_blocks(self, block_size: int, first: int = 0) -> list[dict[str, mx.array]]:
+    def export_blocks(self, block_size: int, first: int = 0, *, row: int | None = None,
+                      start: int = 0) -> list[dict[str, mx.array]]:
         """Whole blocks of ``block_size`` tokens from block ``first`` on, in stored form:
-        {"k.NAME": [B, Hkv, block_size, w], "v.NAME": ...}."""
+        {"k.NAME": [B, Hkv, block_size, w], "v.NAME": ...}. With ``row``, only that
+        sequence's ([1, ...]), whose tokens begin at column ``start`` (its left padding)."""
         if self.start:
             raise ValueError("this cache has dropped its oldest tokens; it cannot export from position 0")
+        rows = slice(None) if row is None else slice(row, row + 1)
         blocks = []
-        for b in range(first, self.offset // block_size):
-            lo, hi = b * block_size, (b + 1) * block_size
-            blocks.append({f"{w}.{name}": buf[:, :, lo:hi] for w in ("k", "v")
+        for b in range(first, (self.offset - start) // block_size):
+            lo, hi = start + b * block_size, start + (b + 1) * block_size
+            blocks.append({f"{w}.{name}": buf[rows, :, lo:hi] for w in ("k", "v")
                            for name, buf in self.buffers[w].items()})
         return blocks
 

@@ -155,12 +155,13 @@ class PrefixCache:
             self.hit_tokens += hit
             self.miss_tokens += total - hit
 
-    def store(self, keys: list[str], caches: list, first: int) -> None:
-        """Keep blocks ``first`` .. ``len(keys)`` of a one-sequence cache list."""
+    def store(self, keys: list[str], caches: list, first: int, *, row: int = 0, start: int = 0) -> None:
+        """Keep blocks ``first`` .. ``len(keys)`` of sequence ``row`` of a cache list, whose
+        tokens begin at column ``start`` (left padding of a batch prefilled together)."""
         if self.max_bytes <= 0 or first >= len(keys):
             return
         try:
-            per_layer = [c.export_blocks(self.block_size, first) for c in caches]
+            per_layer = [c.export_blocks(self.block_size, first, row=row, start=start) for c in caches]
         except ValueError:  # a rotating cache that has already dropped tokens
             return
         fresh = []

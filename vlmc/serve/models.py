@@ -56,7 +56,7 @@ class Resident:
 
 class Models:
     def __init__(self, sources: list[str], *, load_options: dict[str, Any] | None = None,
-                 max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
+                 max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512, prefill_batch_tokens: int = 2048,
                  vision_cache_bytes: int = 512 * 2**20, prefix_cache_bytes: int = 2**30, prefix_block_size: int = 32,
                  prefix_cache_dir: str | None = None, prefix_cache_disk_bytes: int = 10 * 2**30):
         if not sources:
@@ -64,7 +64,8 @@ class Models:
         self.sources = {model_id(s): s for s in sources}
         self.default = model_id(sources[0])
         self.load_options = load_options or {}
-        self.batch_options = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
+        self.batch_options = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                                  prefill_batch_tokens=prefill_batch_tokens)
         self.vision_cache_bytes = vision_cache_bytes
         self.prefix_cache_bytes, self.prefix_block_size = prefix_cache_bytes, prefix_block_size
         self.prefix_cache_dir, self.prefix_cache_disk_bytes = prefix_cache_dir, prefix_cache_disk_bytes

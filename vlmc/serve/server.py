@@ -12,7 +12,8 @@ from .models import Models
 
 
 def serve(sources: list[str], *, kv: dict[str, Any], host: str, port: int, lazy: bool, api_key: str | None,
-          cors: tuple[str, ...], max_batch_size: int, max_queue: int, prefill_chunk: int, default_max_tokens: int,
+          cors: tuple[str, ...], max_batch_size: int, max_queue: int, prefill_chunk: int, prefill_batch_tokens: int,
+          default_max_tokens: int,
           max_prompt_tokens: int | None, max_body_bytes: int, max_images: int, max_image_bytes: int,
           max_image_pixels: int, fetch_timeout: float, allowed_local_media_path: str | None,
           vision_cache_bytes: int, prefix_cache_bytes: int, prefix_block_size: int, prefix_cache_dir: str | None,
@@ -27,7 +28,8 @@ def serve(sources: list[str], *, kv: dict[str, Any], host: str, port: int, lazy:
                         thinking_budget=thinking_budget, think_start=thinking_start_token,
                         think_end=thinking_end_token, media=media)
     models = Models(sources, load_options={"dtype": dtype, **kv}, max_batch=max_batch_size, max_queue=max_queue,
-                    prefill_chunk=prefill_chunk, vision_cache_bytes=vision_cache_bytes,
+                    prefill_chunk=prefill_chunk, prefill_batch_tokens=prefill_batch_tokens,
+                    vision_cache_bytes=vision_cache_bytes,
                     prefix_cache_bytes=prefix_cache_bytes, prefix_block_size=prefix_block_size,
                     prefix_cache_dir=prefix_cache_dir, prefix_cache_disk_bytes=prefix_cache_disk_bytes)
     if not lazy:
