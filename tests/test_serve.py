@@ -230,6 +230,16 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server, missing_url):
     assert ok == 200 and body["choices"][0]["message"]["content"] == "green"  # allowed local path
 
 
+def test_chat_page(server):
+    status, headers, page = server.get("/ui", headers={"Authorization": ""})  # the page needs no key
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    text = page.decode()
+    for needed in ("/v1/chat/completions", "/v1/models", "stream_options", "image_url", "AbortController"):
+        assert needed in text
+    status, headers, _ = server.request("GET", "/", headers={"Authorization": ""})
+    assert status == 200  # urllib followed the redirect to the page
+
+
 def test_cors_is_off_by_default(server):
     _, headers, _ = server.request("OPTIONS", "/v1/models", headers={
         "Origin": "http://evil.example", "Access-Control-Request-Method": "GET"})

@@ -15,6 +15,7 @@ import json
 import time
 import traceback
 import uuid
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -22,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 
 from .. import __version__
 from ..errors import InputError, VlmcError
@@ -105,6 +106,17 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
             return JSONResponse({"status": "unhealthy", "error": f"generation loop died: {resident.batcher.error}"},
                                 status_code=503)
         return {"status": "ok", "model": resident.id if resident else None}
+
+    ui_page = (Path(__file__).parent / "ui.html").read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def root():
+        return RedirectResponse("/ui")
+
+    @app.get("/ui", include_in_schema=False)
+    async def ui():
+        """A chat page over this API (static; the API key, if any, is typed into it)."""
+        return HTMLResponse(ui_page)
 
     @app.get("/v1/models")
     @app.get("/models", include_in_schema=False)

@@ -47,8 +47,11 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{where}: {e.get('msg', 'invalid value')}" if where else e.get("msg", "invalid request"), where
 
 
+OPEN_PATHS = {"/health", "/", "/ui"}  # no data behind them: the chat page asks for the key itself
+
+
 class Guard:
-    """API key (Bearer) on every route but /health, and a cap on request body bytes."""
+    """API key (Bearer) on every route but ``OPEN_PATHS``, and a cap on request body bytes."""
 
     def __init__(self, app, *, api_key: str | None, max_body_bytes: int):
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
@@ -56,7 +59,7 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.api_key and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+        if self.api_key and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
             headers = dict(scope.get("headers") or [])
             auth = headers.get(b"authorization", b"").decode("latin-1")
             given = auth[7:] if auth.lower().startswith("bearer ") else ""
