@@ -400,3 +400,30 @@ def test_mixed_valid_bad_and_abandoned_requests_leave_the_server_healthy():
         assert status == 200 and body["choices"][0]["message"]["content"] == "green"
     finally:
         s.stop()
+
+
+def test_thinking_budget_and_reasoning_split_end_to_end():
+    """A server whose thinking start is the end of the demo template's prompt: every reply
+    starts inside thinking, the budget forces the end tag after 3 tokens, and the reply
+    comes back split into reasoning_content and content (streamed the same way)."""
+    s = LiveServer("--enable-thinking", "--thinking-budget", "3",
+                   "--thinking-start-token", "<|im_start|>assistant", "--thinking-end-token", "</think>")
+    try:
+        req = {"model": "vlmc-demo", "temperature": 0, "max_tokens": 16, "min_tokens": 16,
+               "messages": [{"role": "user", "content": "Tell me about shapes"}]}
+        status, body = s.post("/v1/chat/completions", req)
+        assert status == 200, body
+        msg = body["choices"][0]["message"]
+        assert msg["reasoning_content"] and "</think>" not in msg["reasoning_content"] + msg["content"]
+        assert msg["content"]
+        status, off = s.post("/v1/chat/completions", {**req, "enable_thinking": False})
+        assert "reasoning_content" not in off["choices"][0]["message"]
+        client = openai.OpenAI(base_url=s.base + "/v1", api_key="x", max_retries=0)
+        plain = {k: v for k, v in req.items() if k != "min_tokens"}
+        chunks = list(client.chat.completions.create(stream=True, extra_body={"min_tokens": 16}, **plain))
+        deltas = [c.choices[0].delta.model_dump() for c in chunks if c.choices]
+        reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
+        content = "".join(d.get("content") or "" for d in deltas)
+        assert (reasoning, content) == (msg["reasoning_content"], msg["content"])
+    finally:
+        s.stop()
