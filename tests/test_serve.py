@@ -93,6 +93,27 @@ def test_responses_api(client):
     assert deltas == events[-1].response.output_text and events[-1].response.status == "incomplete"
 
 
+def test_responses_api_tool_calls_stream_as_items(client):
+    tools = [{"type": "function", "name": "get_color", "description": "color of a shape",
+              "parameters": {"type": "object", "properties": {"shape": {"enum": ["circle", "square"]}},
+                             "required": ["shape"], "additionalProperties": False}}]
+    kw = dict(model="vlmc-demo", temperature=0, max_output_tokens=80, tools=tools,
+              tool_choice={"type": "function", "name": "get_color"},
+              input=[{"role": "user", "content": [{"type": "input_image", "image_url": IMG[1]},
+                                                   {"type": "input_text", "text": "What color is the circle?"}]}])
+    whole = client.responses.create(**kw)
+    calls = [item for item in whole.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_color"
+    assert json.loads(calls[0].arguments)["shape"] in ("circle", "square")
+    events = list(client.responses.create(stream=True, **kw))
+    kinds = [e.type for e in events]
+    assert "response.function_call_arguments.done" in kinds and kinds[-1] == "response.completed"
+    done = [e for e in events if e.type == "response.output_item.done"]
+    assert [d.item.type for d in done] == [item.type for item in events[-1].response.output]
+    streamed = [item for item in events[-1].response.output if item.type == "function_call"]
+    assert streamed[0].arguments == calls[0].arguments
+
+
 def test_models_listing(client):
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {"vlmc-demo", "demo-copy"}

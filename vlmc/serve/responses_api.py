@@ -127,42 +127,107 @@ def body(running, rid: str, req: ResponsesRequest, events: list[Any]) -> dict[st
     return _response(running, rid, req, "completed", _output_items(parsed, f"msg_{uuid.uuid4().hex}"), finish)
 
 
+class _StreamState:
+    """Output items as they form while a Responses stream runs, and the events for them."""
+
+    def __init__(self):
+        self.seq = 0
+        self.output: list[dict[str, Any]] = []
+        self.reasoning: list[str] = []
+        self.reasoning_done = False
+        self.msg: dict[str, Any] | None = None     # the open message item: id, index, pieces
+
+    def event(self, kind: str, **data: Any) -> dict[str, Any]:
+        self.seq += 1
+        return {"type": kind, "sequence_number": self.seq - 1, **data}
+
+    def close_reasoning(self) -> list[dict[str, Any]]:
+        if not self.reasoning or self.reasoning_done:
+            return []
+        self.reasoning_done = True
+        item = {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex}", "status": "completed", "summary": [],
+                "content": [{"type": "reasoning_text", "text": "".join(self.reasoning)}]}
+        index = len(self.output)
+        self.output.append(item)
+        return [self.event("response.output_item.added", output_index=index, item={**item, "status": "in_progress"}),
+                self.event("response.output_item.done", output_index=index, item=item)]
+
+    def open_message(self) -> list[dict[str, Any]]:
+        msg_id = f"msg_{uuid.uuid4().hex}"
+        self.msg = {"id": msg_id, "index": len(self.output), "pieces": []}
+        self.output.append(_message(msg_id, "", "in_progress"))
+        return [self.event("response.output_item.added", output_index=self.msg["index"],
+                           item=_message(msg_id, "", "in_progress")),
+                self.event("response.content_part.added", item_id=msg_id, output_index=self.msg["index"],
+                           content_index=0, part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
+
+    def text(self, piece: str) -> list[dict[str, Any]]:
+        events = self.open_message() if self.msg is None else []
+        self.msg["pieces"].append(piece)
+        return events + [self.event("response.output_text.delta", item_id=self.msg["id"],
+                                    output_index=self.msg["index"], content_index=0, delta=piece, logprobs=[])]
+
+    def close_message(self) -> list[dict[str, Any]]:
+        if self.msg is None:
+            return []
+        msg, self.msg = self.msg, None
+        text = "".join(msg["pieces"])
+        done = _message(msg["id"], text, "completed")
+        self.output[msg["index"]] = done
+        where = dict(item_id=msg["id"], output_index=msg["index"], content_index=0)
+        return [self.event("response.output_text.done", text=text, logprobs=[], **where),
+                self.event("response.content_part.done", part=done["content"][0], **where),
+                self.event("response.output_item.done", output_index=msg["index"], item=done)]
+
+    def tool_call(self, call: dict[str, Any]) -> list[dict[str, Any]]:
+        events = self.close_message()
+        item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
+                "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"}
+        index = len(self.output)
+        self.output.append(item)
+        return events + [
+            self.event("response.output_item.added", output_index=index,
+                       item={**item, "arguments": "", "status": "in_progress"}),
+            self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                       delta=item["arguments"]),
+            self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                       arguments=item["arguments"]),
+            self.event("response.output_item.done", output_index=index, item=item)]
+
+
 async def stream(running, rid: str, req: ResponsesRequest, metrics):
-    """The Responses streaming events: created, text deltas, then completed with the
-    whole response (tool calls and reasoning appear as output items there)."""
-    seq = 0
-
-    def event(kind: str, **data: Any) -> dict[str, Any]:
-        nonlocal seq
-        seq += 1
-        return {"type": kind, "sequence_number": seq - 1, **data}
-
-    msg_id = f"msg_{uuid.uuid4().hex}"
-    yield event("response.created", response=_response(running, rid, req, "in_progress", [], None))
-    yield event("response.in_progress", response=_response(running, rid, req, "in_progress", [], None))
-    yield event("response.output_item.added", output_index=0, item=_message(msg_id, "", "in_progress"))
-    yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
-                part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
-    parser, pieces = running.parser, []
+    """The Responses streaming events, item by item: reasoning (whole, once it ends), the
+    message's text deltas, each function call once its closing tag arrives; then
+    ``response.completed`` with the same output a non-streaming request returns."""
+    st = _StreamState()
+    yield st.event("response.created", response=_response(running, rid, req, "in_progress", [], None))
+    yield st.event("response.in_progress", response=_response(running, rid, req, "in_progress", [], None))
+    parser = running.parser
     async for ev in running.events():
-        deltas = parser.feed(ev.text) if isinstance(ev, TokenEvent) else parser.feed(ev.text) + parser.finish()
-        if isinstance(ev, TokenEvent):
+        finished = isinstance(ev, FinishEvent)
+        if finished and ev.reason == "error":
+            yield st.event("error", code="server_error", message=f"generation failed: {ev.error}", param=None)
+            return
+        if not finished:
             metrics.tokens()
-        for delta in deltas:
+        for delta in parser.feed(ev.text) + (parser.finish() if finished else []):
+            if delta.get("reasoning_content"):
+                st.reasoning.append(delta["reasoning_content"])
+                continue
+            for out in st.close_reasoning():
+                yield out
             if delta.get("content"):
-                pieces.append(delta["content"])
-                yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
-                            delta=delta["content"], logprobs=[])
-        if isinstance(ev, FinishEvent):
-            if ev.reason == "error":
-                yield event("error", code="server_error", message=f"generation failed: {ev.error}", param=None)
-                return
-            text = "".join(pieces)
-            yield event("response.output_text.done", item_id=msg_id, output_index=0, content_index=0, text=text,
-                        logprobs=[])
-            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-            yield event("response.content_part.done", item_id=msg_id, output_index=0, content_index=0, part=part)
-            yield event("response.output_item.done", output_index=0, item=_message(msg_id, text, "completed"))
-            output = _output_items(parser.result(), msg_id)
-            yield event("response.completed", response=_response(running, rid, req, "completed", output, ev))
+                for out in st.text(delta["content"]):
+                    yield out
+            for call in delta.get("tool_calls") or []:
+                for out in st.tool_call(call):
+                    yield out
+        if finished:
+            tail = st.close_reasoning()
+            if st.msg is None and not any(item["type"] == "function_call" for item in st.output):
+                tail += st.open_message()  # an empty reply is still one (empty) message, as in the body
+            tail += st.close_message()
+            for out in tail:
+                yield out
+            yield st.event("response.completed", response=_response(running, rid, req, "completed", st.output, ev))
             return
