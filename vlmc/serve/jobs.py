@@ -104,7 +104,7 @@ def check_prompt(prompt: Prompt, resident: Resident, settings: Settings) -> None
 def plan_chat(resident: Resident, req: ChatCompletionRequest, settings: Settings) -> Plan:
     vlm = resident.vlm
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    tmpl_messages, refs = normalize_messages(messages)
+    _, refs = normalize_messages(messages)  # the image references, in order of appearance
     images = load_request_images(refs, settings.media)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     choice = req.tool_choice
@@ -130,6 +130,8 @@ def plan_chat(resident: Resident, req: ChatCompletionRequest, settings: Settings
     prompt = vlm.build_prompt(messages=messages, loaded_images=images, template_vars=template_vars)
     check_prompt(prompt, resident, settings)
     starts_inside = bool(thinking) and prompt.text.rstrip().endswith(settings.think_start)
+    if req.thinking_budget is not None and not thinking:
+        raise InputError("thinking_budget needs thinking on (enable_thinking: true, or the server's --enable-thinking)")
     budget = req.thinking_budget or settings.thinking_budget
     think = None
     if budget and thinking:
