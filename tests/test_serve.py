@@ -235,6 +235,8 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server, missing_url):
         "bad sampling value": (chat, {**ask("hi"), "top_p": 7}, 400, "top_p"),
         "n > 1": (chat, {**ask("hi"), "n": 2}, 400, "n"),
         "thinking budget, thinking off": (chat, {**ask("hi"), "thinking_budget": 8}, 400, "thinking_budget"),
+        "tools the template drops": (chat, {**ask("hi"), "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object"}}}]}, 400, "ignores tools"),
         "empty messages": (chat, {"messages": []}, 400, "messages"),
         "bad completion prompt": ("/v1/completions", {"prompt": [10**9]}, 400, "ids"),
     }

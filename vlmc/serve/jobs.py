@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..runtime.batcher import FinishEvent, Job, Thinking, TokenEvent
-from ..runtime.chat import normalize_messages
+from ..runtime.chat import normalize_messages, render_chat
 from ..runtime.engine import Prompt
 from ..runtime.sampling import SamplingParams
 from .media import MediaLimits, load_request_images
@@ -127,6 +127,8 @@ def plan_chat(resident: Resident, req: ChatCompletionRequest, settings: Settings
         template_vars["enable_thinking"] = bool(thinking)
     if tools:
         template_vars["tools"] = tools
+        if choice in (None, "auto"):
+            _check_template_takes_tools(vlm, messages, template_vars)
     prompt = vlm.build_prompt(messages=messages, loaded_images=images, template_vars=template_vars)
     check_prompt(prompt, resident, settings)
     starts_inside = bool(thinking) and prompt.text.rstrip().endswith(settings.think_start)
@@ -155,6 +157,21 @@ def plan_chat(resident: Resident, req: ChatCompletionRequest, settings: Settings
                 dict(tools=tools, thinking=bool(thinking), think_start=settings.think_start,
                      think_end=settings.think_end, starts_in_thinking=starts_inside),
                 req.presence_penalty or 0.0, req.frequency_penalty or 0.0, _min_tokens(req))
+
+
+def _check_template_takes_tools(vlm: Any, messages: list[dict], template_vars: dict[str, Any]) -> None:
+    """With tool_choice auto the model only learns of the tools through its chat template;
+    a template that renders the same text without them would drop them silently."""
+    if vlm.chat_template is None:
+        return  # build_prompt reports the missing template
+    def render(variables: dict[str, Any]) -> str:
+        return render_chat(vlm.chat_template, messages, bos_token=vlm.tokenizer.bos_token,
+                           eos_token=vlm.tokenizer.eos_token, **variables)
+    without = {k: v for k, v in template_vars.items() if k != "tools"}
+    if render(template_vars) == render(without):
+        raise InputError("this model's chat template ignores tools, so with tool_choice 'auto' the model would "
+                         "never see them; use tool_choice 'required' or a named function (the reply is then "
+                         "constrained to a call), or leave tools out")
 
 
 def _min_tokens(req: Any) -> int:
