@@ -309,3 +309,23 @@ def test_prefix_cache_disk_tier_outlives_the_loop(demo, tmp_path):
     files[0].write_bytes(b"not a safetensors file")
     broken = DiskTier(tmp_path)
     assert broken.get(files[0].stem) is None and not files[0].exists()
+
+
+def test_batch_generate_api(demo):
+    img = str(EXAMPLES / "shapes-1.png")
+    reqs = [{"prompt": "What color is the circle?", "images": [img]},
+            {"prompt": "Describe the image.", "images": [str(EXAMPLES / "shapes-2.png")], "max_tokens": 30},
+            "Tell me about shapes",
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": img}},
+                                                       {"type": "text", "text": "How many shapes are there?"}]}]}]
+    results = demo.batch_generate(reqs, max_tokens=12, temperature=0)
+    assert [r.text for r in results][0] == "green"
+    for i in (0, 1, 3):  # the image questions the model was trained on (text-only output is near-tie noise)
+        kw = dict(reqs[i])
+        one = demo.generate(**{"max_tokens": 12, **kw})
+        got = results[i]
+        assert got.token_ids == one.token_ids and got.text == one.text and got.finish_reason == one.finish_reason
+    assert results[2].finish_reason == "length" and results[2].generation_tokens == 12
+    from vlmc.errors import InputError
+    with pytest.raises(InputError):
+        demo.batch_generate([{"prompt": "hi", "max_tokens": 0}])

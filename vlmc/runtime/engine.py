@@ -6,6 +6,7 @@ reads), so continuous batching can reuse it. A single request is a batch of one.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -305,6 +306,63 @@ class VLM:
         s = last.stats
         return GenerationResult("".join(text), ids, last.finish_reason, s["prompt_tokens"], s["generation_tokens"],
                                 s["prompt_tps"], s["generation_tps"], s["peak_memory_gb"])
+
+    def batch_generate(self, requests: Sequence[str | dict[str, Any]], *, max_tokens: int = 256,
+                       max_batch: int = 8, stop: Sequence[str] | None = None,
+                       sampling: SamplingParams | None = None, **sampling_kw: Any) -> list[GenerationResult]:
+        """Generate replies to many requests at once through the continuous-batching loop
+        (the server's): each request is a prompt string or a dict of ``build_prompt``
+        arguments (``prompt``, ``images``, ``messages``, ``system``) plus optional
+        ``max_tokens`` and ``stop``. Results come back in request order; tok/s are over
+        the whole batch's time. Batched matmuls round differently from single ones, so a
+        greedy reply can differ from ``generate``'s where two tokens are nearly tied."""
+        from .batcher import Batcher, FinishEvent, Job  # the batcher builds on this module
+        params = sampling or SamplingParams(**sampling_kw)
+        jobs, texts, tokens, finishes = [], [], [], []
+        done = threading.Event()
+        left = [len(requests)]
+        for i, req in enumerate(requests):
+            req = {"prompt": req} if isinstance(req, str) else dict(req)
+            limit = int(req.pop("max_tokens", max_tokens))
+            stops = list(req.pop("stop", stop) or [])
+            if limit < 1:
+                raise InputError(f"request {i}: max_tokens must be >= 1, got {limit}")
+            prompt = self.build_prompt(**req)
+            texts.append([])
+            tokens.append([])
+            finishes.append(None)
+
+            def emit(ev, i=i):
+                if isinstance(ev, FinishEvent):
+                    texts[i].append(ev.text)
+                    finishes[i] = ev
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set()
+                else:
+                    texts[i].append(ev.text)
+                    tokens[i].append(ev.token)
+            jobs.append(Job(prompt, emit, params, limit, stops))
+        if not jobs:
+            return []
+        batcher = Batcher(self, max_batch=max_batch, max_queue=len(jobs))
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        try:
+            for job in jobs:
+                batcher.submit(job)
+            done.wait()
+        finally:
+            batcher.shutdown()
+        seconds = time.perf_counter() - t0
+        peak = mx.get_peak_memory() / 1e9
+        out = []
+        for i, f in enumerate(finishes):
+            if f.reason == "error":
+                raise RuntimeError(f"request {i} failed: {f.error}")
+            out.append(GenerationResult("".join(texts[i]), tokens[i], f.reason, f.prompt_tokens, f.completion_tokens,
+                                        f.prompt_tokens / seconds, f.completion_tokens / seconds, peak))
+        return out
 
     @staticmethod
     def _stats(stats: dict[str, Any], n_tokens: int) -> dict[str, Any]:
