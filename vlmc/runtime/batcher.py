@@ -151,7 +151,7 @@ class Batcher:
 
     # ------------------------------------------------------------------ other threads
     def submit(self, job: Job) -> None:
-        self.vlm._check_length([job.prompt])  # InputError: empty, or no room left in the context
+        self.vlm.check_length([job.prompt])  # InputError: empty, or no room left in the context
         with self._cond:
             if self._stop:
                 raise RuntimeError("the generation loop is shut down")
@@ -167,7 +167,8 @@ class Batcher:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """Both threads run (a request can be served)."""
+        return self._thread.is_alive() and self._vision.is_alive()
 
     def load(self) -> dict[str, int]:
         with self._cond:
@@ -216,6 +217,13 @@ class Batcher:
             raise
 
     def _run_vision(self) -> None:
+        try:
+            self._vision_loop()
+        except BaseException as e:  # the vision thread is dead: /health says so
+            self.error = f"vision thread: {type(e).__name__}: {e}"
+            raise
+
+    def _vision_loop(self) -> None:
         """Encode queued requests' images, then hand the requests to the loop."""
         while True:
             with self._cond:

@@ -197,7 +197,7 @@ class VLM:
             return mrope_positions(prompt.ids, self.image_token_id, grids, self.meta["vision"]["merge_size"])
         return np.arange(len(prompt.ids))[None], 0
 
-    def _check_length(self, prompts: Sequence[Prompt]) -> None:
+    def check_length(self, prompts: Sequence[Prompt]) -> None:
         for p in prompts:
             if not p.ids:
                 raise InputError("the prompt is empty")
@@ -209,7 +209,7 @@ class VLM:
                        stats: dict[str, Any] | None = None) -> Iterator[tuple[mx.array, mx.array]]:
         """Prefill a batch, then decode: yields (tokens [B], logits [B, V]) per step.
         The caller decides when to stop (it owns EOS/stop-string logic)."""
-        self._check_length(prompts)
+        self.check_length(prompts)
         t0 = time.perf_counter()
         B = len(prompts)
         lengths = [len(p.ids) for p in prompts]
