@@ -245,6 +245,8 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server, missing_url):
         assert got == status, (name, got, body)
         assert text in body["error"]["message"], (name, body)
         assert body["error"]["type"]
+    for over in (ask("circle " * 1500), ask("hi", max_tokens=5000)):
+        assert server.post(chat, over)[1]["error"]["code"] == "context_length_exceeded"
     got, body = server.post(chat, ask("hi"), headers={"Authorization": "Bearer wrong"})
     assert got == 401 and body["error"]["code"] == "invalid_api_key"
     got, _, _ = server.request("GET", "/v1/models", headers={"Authorization": ""})
@@ -274,6 +276,7 @@ def test_cors_is_off_by_default(server):
 def test_metrics_json_and_prometheus(server):
     m = server.metrics()
     assert m["generation_loop"]["alive"] and m["generation_tokens_total"] > 0
+    assert m["requests_in_flight"] == 0  # streams and non-streamed requests all ended
     assert m["vision_cache"]["hits"] > 0 and m["vision_cache"]["misses"] >= 3
     _, _, text = server.get("/metrics?format=prometheus")
     lines = text.decode().splitlines()

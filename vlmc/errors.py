@@ -28,6 +28,10 @@ class InputError(VlmcError):
     """A request input is bad: a broken image, an unreachable URL, an over-long prompt."""
 
 
+class ContextLengthError(InputError):
+    """The prompt, or the prompt plus the requested reply, does not fit the context."""
+
+
 class ArtifactError(VlmcError):
     """A compiled artifact is missing, incomplete or from an incompatible vlmc version."""
 

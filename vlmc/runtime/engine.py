@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import kvplan
-from ..errors import InputError
+from ..errors import ContextLengthError, InputError
 from ..kernels.reference import merge_features
 from .artifact import Artifact
 from .chat import normalize_messages, render_chat
@@ -202,7 +202,7 @@ class VLM:
             if not p.ids:
                 raise InputError("the prompt is empty")
             if len(p.ids) >= self.max_context:
-                raise InputError(f"the prompt is {len(p.ids)} tokens; the model's context is {self.max_context} "
+                raise ContextLengthError(f"the prompt is {len(p.ids)} tokens; the model's context is {self.max_context} "
                                  f"tokens (room is needed for at least one new token)")
 
     def generate_steps(self, prompts: Sequence[Prompt], sampler: Sampler, max_tokens: int,

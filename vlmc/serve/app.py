@@ -26,7 +26,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 
 from .. import __version__
-from ..errors import InputError, VlmcError
+from ..errors import ContextLengthError, InputError, VlmcError
 from ..runtime.batcher import FinishEvent, QueueFull, TokenEvent
 from . import responses_api
 from .errors import BodyTooLarge, Guard, error_response, validation_message
@@ -41,6 +41,7 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
                cors_origins: list[str] | None = None, max_body_bytes: int = 32 * 2**20) -> Any:
     settings = settings or Settings()
     metrics = Metrics()
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -58,7 +59,7 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
 
     @app.exception_handler(InputError)
     async def _bad_input(request: Request, exc: InputError):
-        code = "context_length_exceeded" if "context" in str(exc) and "tokens" in str(exc) else None
+        code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else None
         return error_response(400, str(exc), code=code)
 
     @app.exception_handler(VlmcError)
@@ -90,11 +91,7 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
 
     @app.middleware("http")
     async def _count(request: Request, call_next):
-        metrics.in_flight += 1
-        try:
-            response = await call_next(request)
-        finally:
-            metrics.in_flight -= 1
+        response = await call_next(request)
         metrics.record(request.url.path, response.status_code)
         return response
 
@@ -153,6 +150,7 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
         plan = await run_in_threadpool(plan_fn, resident, req, settings)
         running = Running(resident, plan)
         running.submit()
+        metrics.in_flight += 1  # until its events end (_collect, or the stream closing)
         return running
 
     async def generate(req, request: Request, plan_fn, prefix: str, stream_fn, body_fn):
@@ -160,7 +158,7 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
         rid = f"{prefix}{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(running, stream_fn(running, rid, include_usage, metrics))
+            return _sse(running, metrics, stream_fn(running, rid, include_usage, metrics))
         return body_fn(running, rid, await _collect(running, request, metrics))
 
     @app.post("/v1/chat/completions")
@@ -180,7 +178,7 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
         running = await start(req.model, plan_chat, chat)
         rid = f"resp_{uuid.uuid4().hex}"
         if req.stream:
-            return _sse(running, responses_api.stream(running, rid, req, metrics), events=True)
+            return _sse(running, metrics, responses_api.stream(running, rid, req, metrics), events=True)
         events = await _collect(running, request, metrics)
         return responses_api.body(running, rid, req, events)
 
@@ -228,6 +226,7 @@ async def _collect(running: Running, request: Request, metrics: Metrics) -> list
             events.append(ev)
     finally:
         watcher.cancel()
+        metrics.in_flight -= 1
     _record_ttft(running, metrics)
     finish = events[-1]
     if finish.reason == "error":
@@ -272,7 +271,7 @@ def _chat_body(running: Running, rid: str, events: list[Any]) -> dict[str, Any]:
             "usage": usage(finish)}
 
 
-def _sse(running: Running, chunks: AsyncIterator[Any], events: bool = False) -> StreamingResponse:
+def _sse(running: Running, metrics: Metrics, chunks: AsyncIterator[Any], events: bool = False) -> StreamingResponse:
     async def body():
         try:
             async for item in chunks:
@@ -280,8 +279,9 @@ def _sse(running: Running, chunks: AsyncIterator[Any], events: bool = False) -> 
                     yield f"event: {item['type']}\ndata: {json.dumps(item)}\n\n"
                 else:
                     yield f"data: {item if isinstance(item, str) else json.dumps(item)}\n\n"
-        finally:  # the client went away (Starlette closes this generator): free the slot now
+        finally:  # done, or the client went away (Starlette closes this generator): free the slot now
             running.job.cancel()
+            metrics.in_flight -= 1
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

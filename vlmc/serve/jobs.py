@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import ContextLengthError, InputError
 from ..runtime.batcher import FinishEvent, Job, Thinking, TokenEvent
 from ..runtime.chat import normalize_messages, render_chat
 from ..runtime.engine import Prompt
@@ -88,7 +88,7 @@ def _max_tokens(requested: int | None, prompt_len: int, context: int, settings: 
     vLLM does, rather than silently cut), or the server default cut to the room left."""
     room = context - prompt_len
     if requested is not None and requested > room:
-        raise InputError(f"max_tokens is {requested}, but the prompt ({prompt_len} tokens) leaves room for "
+        raise ContextLengthError(f"max_tokens is {requested}, but the prompt ({prompt_len} tokens) leaves room for "
                          f"{room} in the model's context of {context} tokens")
     return min(requested or settings.default_max_tokens, room)
 
@@ -97,7 +97,7 @@ def check_prompt(prompt: Prompt, resident: Resident, settings: Settings) -> None
     n, context = len(prompt.ids), resident.vlm.max_context
     limit = min(context - 1, settings.max_prompt_tokens or context)
     if n > limit:
-        raise InputError(f"the prompt is {n} tokens; this server takes at most {limit} "
+        raise ContextLengthError(f"the prompt is {n} tokens; this server takes at most {limit} "
                          f"(the model's context is {context} tokens, and room is needed for the reply)")
 
 

@@ -91,7 +91,7 @@ def prometheus(snap: dict[str, Any]) -> str:
     for row in snap["requests"]:
         metric("requests_total", "counter", row["count"], "HTTP requests by route and status",
                f'{{route="{row["route"]}",status="{row["status"]}"}}')
-    metric("requests_in_flight", "gauge", snap["requests_in_flight"], "requests being served")
+    metric("requests_in_flight", "gauge", snap["requests_in_flight"], "generation requests not finished yet")
     metric("prompt_tokens_total", "counter", snap["prompt_tokens_total"], "prompt tokens prefilled")
     metric("generation_tokens_total", "counter", snap["generation_tokens_total"], "tokens generated")
     metric("generation_tokens_per_second", "gauge", snap["generation_tokens_per_second"],
