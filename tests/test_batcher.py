@@ -60,10 +60,10 @@ def prompts(m):
     return [m.build_prompt(q, images=[str(EXAMPLES / im)] if im else None) for im, q in qs]
 
 
-@pytest.mark.parametrize("kv_bits", [None, 8])
-def test_joined_batches_match_one_at_a_time(demo, kv_bits):
+@pytest.mark.parametrize("kv", [None, {"kv_bits": 8}, {"max_kv_size": 48}], ids=["dense", "kv8", "window48"])
+def test_joined_batches_match_one_at_a_time(demo, kv):
     from vlmc.demo import MODEL_DIR
-    m = demo if kv_bits is None else vlmc.load(MODEL_DIR, kv_bits=kv_bits)
+    m = demo if kv is None else vlmc.load(MODEL_DIR, **kv)
     ps = prompts(m)
     jobs = [dict(prompt=p, max_tokens=12 + 7 * i) for i, p in enumerate(ps)]
     b = Batcher(m, max_batch=8, prefill_chunk=48)   # the long prompt is prefilled in chunks between decode steps
@@ -79,7 +79,7 @@ def test_joined_batches_match_one_at_a_time(demo, kv_bits):
         assert t == alone[i % len(jobs)].tokens[0], i
         assert together.finish[i].reason == alone[i % len(jobs)].finish[0].reason
     assert {a.finish[0].reason for a in alone} == {"stop", "length"}
-    if kv_bits is None:  # and the unbatched engine agrees on an image prompt
+    if kv != {"kv_bits": 8}:  # and the unbatched engine agrees on an image prompt
         r = m.generate("What color is the circle?", images=[str(EXAMPLES / "shapes-1.png")], max_tokens=12)
         assert r.token_ids == alone[0].tokens[0]
 

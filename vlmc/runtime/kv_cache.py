@@ -138,12 +138,29 @@ class KVCache:
                     parts[name] = buf[index]
         self.batch = len(rows)
 
+    def _extend_front(self, k: int) -> None:
+        """Hold ``k`` more (empty) columns before the first held one (a rotating cache
+        that forgot fewer columns than the batch it joins)."""
+        if k <= 0:
+            return
+        held = self.held
+        size = (held + k + self.step - 1) // self.step * self.step
+        for parts in self.buffers.values():
+            for name, buf in parts.items():
+                fresh = mx.zeros((buf.shape[0], buf.shape[1], size, buf.shape[3]), buf.dtype)
+                fresh[:, :, k:k + held] = buf[:, :, :held]
+                parts[name] = fresh
+        self.start -= k
+
     def concat(self, other: "KVCache") -> None:
-        """Append ``other``'s sequences as new rows; both must hold the same columns."""
-        if (other.offset, other.start) != (self.offset, self.start) or other.layout != self.layout:
+        """Append ``other``'s sequences as new rows; both must share the write index."""
+        if other.offset != self.offset or other.layout != self.layout:
             raise ValueError("caches joined into one batch must be aligned and share a layout")
         if self.buffers is None or other.buffers is None:
             raise ValueError("only caches that hold tokens can be joined")
+        first = min(self.start, other.start)
+        self._extend_front(self.start - first)
+        other._extend_front(other.start - first)
         width = max(self.capacity, other.capacity)
         for which, parts in self.buffers.items():
             for name, buf in parts.items():
@@ -230,6 +247,19 @@ class RotatingKVCache(KVCache):
         if mask is None:
             return window[None, None]
         return mask[..., self.start:] & window
+
+    def pad_left(self, n: int) -> None:
+        if self.start and n > 0:  # the new columns fall among the forgotten ones: re-index only
+            self.start += n
+            self.offset += n
+            return
+        super().pad_left(n)
+
+    def drop_left(self, n: int) -> None:
+        forgotten = min(max(n, 0), self.start)  # columns already dropped: re-index only
+        self.start -= forgotten
+        self.offset -= forgotten
+        super().drop_left(n - forgotten)
 
     def trim(self, n: int) -> int:
         if self.start and n > self.held - (self.window - 1):
