@@ -311,6 +311,18 @@ def test_swap_and_unload(server):
     assert status == 200 and body["model"] == "vlmc-demo"  # loaded again on request
 
 
+def test_unload_cancels_running_requests_with_503(server):
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(server.post, "/v1/chat/completions", ask("Tell me about shapes", max_tokens=900))
+        deadline = time.time() + 30
+        while time.time() < deadline and not server.metrics()["batch_size"]:
+            time.sleep(0.05)
+        assert server.post("/unload", {})[0] == 200
+        status, body = running.result(60)
+    assert status == 503 and "cancelled" in body["error"]["message"]
+    assert server.post("/v1/chat/completions", ask("What color is the circle?", IMG[1]))[0] == 200
+
+
 # ---------------------------------------------------------------------- a one-slot server
 @pytest.fixture(scope="module")
 def small_server():

@@ -29,8 +29,8 @@ from .. import __version__
 from ..errors import ContextLengthError, InputError, VlmcError
 from ..runtime.batcher import FinishEvent, QueueFull, TokenEvent
 from . import responses_api
-from .errors import BodyTooLarge, Guard, error_response, validation_message
-from .jobs import Running, Settings, plan_chat, plan_completion
+from .errors import BodyTooLarge, Guard, error_body, error_response, validation_message
+from .jobs import GenerationFailed, Running, Settings, generation_failure, plan_chat, plan_completion
 from .metrics import Metrics, prometheus
 from .models import Models, UnknownModel
 from .parsers import parse_output
@@ -79,6 +79,10 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
     @app.exception_handler(BodyTooLarge)
     async def _too_big(request: Request, exc: BodyTooLarge):
         return error_response(413, f"the request body is over {max_body_bytes} bytes (--max-body-bytes)")
+
+    @app.exception_handler(GenerationFailed)
+    async def _failed(request: Request, exc: GenerationFailed):
+        return error_response(exc.args[0], exc.args[1])
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -228,10 +232,11 @@ async def _collect(running: Running, request: Request, metrics: Metrics) -> list
         watcher.cancel()
         metrics.in_flight -= 1
     _record_ttft(running, metrics)
-    finish = events[-1]
-    if finish.reason == "error":
-        raise RuntimeError(f"generation failed: {finish.error}")
+    failure = generation_failure(events[-1])
+    if failure is not None:
+        raise GenerationFailed(*failure)
     return events
+
 
 
 def _record_ttft(running: Running, metrics: Metrics) -> None:
@@ -308,8 +313,9 @@ async def _chat_stream(running: Running, rid: str, include_usage: bool, metrics:
                 yield chunk(delta, logprobs=lp if i == 0 else None)
             continue
         _record_ttft(running, metrics)
-        if ev.reason == "error":
-            yield {"error": {"message": f"generation failed: {ev.error}", "type": "server_error"}}
+        failure = generation_failure(ev)
+        if failure is not None:
+            yield error_body(*failure)
             return
         for delta in parser.feed(ev.text) + parser.finish():
             saw_tools |= "tool_calls" in delta
@@ -350,8 +356,9 @@ async def _completion_stream(running: Running, rid: str, include_usage: bool, me
             yield {**base, "choices": [{"index": 0, "text": ev.text, "logprobs": lp, "finish_reason": None}]}
             continue
         _record_ttft(running, metrics)
-        if ev.reason == "error":
-            yield {"error": {"message": f"generation failed: {ev.error}", "type": "server_error"}}
+        failure = generation_failure(ev)
+        if failure is not None:
+            yield error_body(*failure)
             return
         yield {**base, "choices": [{"index": 0, "text": ev.text, "logprobs": None,
                                     "finish_reason": _finish_reason(ev, False)}]}

@@ -219,6 +219,19 @@ def plan_completion(resident: Resident, req: CompletionRequest, settings: Settin
                 _min_tokens(req))
 
 
+class GenerationFailed(Exception):
+    """A job that ended without a reply: a bug hit it (500), or the server cancelled it (503)."""
+
+
+def generation_failure(finish: FinishEvent) -> tuple[int, str] | None:
+    """(HTTP status, message) for a job that ended without a reply; None if it has one."""
+    if finish.reason == "error":
+        return 500, f"generation failed: {finish.error}"
+    if finish.reason == "cancelled":
+        return 503, "the request was cancelled: the model was unloaded or swapped out, or the server is stopping"
+    return None
+
+
 class Running:
     """A submitted job seen from the event loop: its events arrive on an asyncio queue."""
 

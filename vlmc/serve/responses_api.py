@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from ..errors import InputError
 from ..runtime.batcher import FinishEvent, TokenEvent
+from .jobs import generation_failure
 from .parsers import parse_output
 from .protocol import ChatCompletionRequest, ResponsesRequest
 
@@ -205,8 +206,9 @@ async def stream(running, rid: str, req: ResponsesRequest, metrics):
     parser = running.parser
     async for ev in running.events():
         finished = isinstance(ev, FinishEvent)
-        if finished and ev.reason == "error":
-            yield st.event("error", code="server_error", message=f"generation failed: {ev.error}", param=None)
+        failure = generation_failure(ev) if finished else None
+        if failure is not None:
+            yield st.event("error", code="server_error", message=failure[1], param=None)
             return
         if not finished:
             metrics.tokens()
