@@ -109,14 +109,18 @@ class KVCache:
         if n <= 0 or self.buffers is None:
             self.offset += max(n, 0)
             return
+        self._shift_right(n)
+        self.offset += n
+
+    def _shift_right(self, k: int) -> None:
+        """Move the held tokens ``k`` columns right in fresh buffers (empty columns before)."""
         held = self.held
-        size = (held + n + self.step - 1) // self.step * self.step
+        size = (held + k + self.step - 1) // self.step * self.step
         for parts in self.buffers.values():
             for name, buf in parts.items():
                 fresh = mx.zeros((buf.shape[0], buf.shape[1], size, buf.shape[3]), buf.dtype)
-                fresh[:, :, n:n + held] = buf[:, :, :held]
+                fresh[:, :, k:k + held] = buf[:, :, :held]
                 parts[name] = fresh
-        self.offset += n
 
     def drop_left(self, n: int) -> None:
         """Forget the ``n`` oldest columns (padding no remaining sequence reads)."""
@@ -143,13 +147,7 @@ class KVCache:
         that forgot fewer columns than the batch it joins)."""
         if k <= 0:
             return
-        held = self.held
-        size = (held + k + self.step - 1) // self.step * self.step
-        for parts in self.buffers.values():
-            for name, buf in parts.items():
-                fresh = mx.zeros((buf.shape[0], buf.shape[1], size, buf.shape[3]), buf.dtype)
-                fresh[:, :, k:k + held] = buf[:, :, :held]
-                parts[name] = fresh
+        self._shift_right(k)
         self.start -= k
 
     def concat(self, other: "KVCache") -> None:
