@@ -189,6 +189,7 @@ def test_cache_join_select_and_drop(layout):
     assert a.offset == 5 and mx.array_equal(a.codecs["k"].decode(a.parts("k"), mx.float32), ref_a)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread dies on purpose
 def test_a_dead_loop_reports_it(demo):
     """Something escaping the loop (not an ordinary exception) kills it; /health reads this."""
     b = Batcher(demo)
