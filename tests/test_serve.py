@@ -277,11 +277,13 @@ def test_metrics_json_and_prometheus(server):
     m = server.metrics()
     assert m["generation_loop"]["alive"] and m["generation_tokens_total"] > 0
     assert m["requests_in_flight"] == 0  # streams and non-streamed requests all ended
+    assert 0 < m["ttft_seconds_p50"] <= m["ttft_seconds_p99"] <= m["latency_seconds_p99"]
     assert m["vision_cache"]["hits"] > 0 and m["vision_cache"]["misses"] >= 3
     _, _, text = server.get("/metrics?format=prometheus")
     lines = text.decode().splitlines()
     assert any(line.startswith("vlmc_generation_tokens_total ") for line in lines)
     assert "# TYPE vlmc_queue_depth gauge" in lines
+    assert any(line.startswith("vlmc_latency_seconds_p99 ") for line in lines)
     status, _, raw = server.get("/openapi.json")
     assert status == 200 and "/v1/chat/completions" in json.loads(raw)["paths"]
 

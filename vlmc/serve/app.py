@@ -231,17 +231,12 @@ async def _collect(running: Running, request: Request, metrics: Metrics) -> list
     finally:
         watcher.cancel()
         metrics.in_flight -= 1
-    _record_ttft(running, metrics)
+    metrics.finished(running.started, running.first_token_at)
     failure = generation_failure(events[-1])
     if failure is not None:
         raise GenerationFailed(*failure)
     return events
 
-
-
-def _record_ttft(running: Running, metrics: Metrics) -> None:
-    if running.first_token_at is not None:
-        metrics.ttft.append(running.first_token_at - running.started)
 
 
 def _finish_reason(finish: FinishEvent, tool_calls: bool) -> str:
@@ -312,7 +307,7 @@ async def _chat_stream(running: Running, rid: str, include_usage: bool, metrics:
                 saw_tools |= "tool_calls" in delta
                 yield chunk(delta, logprobs=lp if i == 0 else None)
             continue
-        _record_ttft(running, metrics)
+        metrics.finished(running.started, running.first_token_at)
         failure = generation_failure(ev)
         if failure is not None:
             yield error_body(*failure)
@@ -355,7 +350,7 @@ async def _completion_stream(running: Running, rid: str, include_usage: bool, me
             lp = _completion_logprobs(running, [ev]) if running.plan.logprobs is not None else None
             yield {**base, "choices": [{"index": 0, "text": ev.text, "logprobs": lp, "finish_reason": None}]}
             continue
-        _record_ttft(running, metrics)
+        metrics.finished(running.started, running.first_token_at)
         failure = generation_failure(ev)
         if failure is not None:
             yield error_body(*failure)

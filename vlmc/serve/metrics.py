@@ -18,7 +18,15 @@ class Metrics:
         self.requests: collections.Counter = collections.Counter()   # (route, status) -> count
         self.in_flight = 0
         self._recent: collections.deque = collections.deque()          # (time, tokens) for tok/s
-        self.ttft: collections.deque = collections.deque(maxlen=1000)
+        self.ttft: collections.deque = collections.deque(maxlen=1000)     # seconds, last 1000 requests
+        self.latency: collections.deque = collections.deque(maxlen=1000)  # request start to last token
+
+    def finished(self, started: float, first_token_at: float | None) -> None:
+        """A generation request ended (``time.perf_counter`` stamps)."""
+        with self._lock:
+            if first_token_at is not None:
+                self.ttft.append(first_token_at - started)
+            self.latency.append(time.perf_counter() - started)
 
     def record(self, route: str, status: int) -> None:
         with self._lock:
@@ -52,7 +60,7 @@ class Metrics:
             prefix = resident.prefix_cache.stats()
         with self._lock:
             by_route = [{"route": r, "status": s, "count": c} for (r, s), c in sorted(self.requests.items())]
-            ttft = sorted(self.ttft)
+            ttft, latency = sorted(self.ttft), sorted(self.latency)
         return {
             "uptime_seconds": round(time.time() - self.started, 1),
             "model": resident.id if resident else None,
@@ -66,7 +74,10 @@ class Metrics:
             "batch_size": loop.get("batch_size", 0),
             "decode_steps_total": counters.get("decode_steps", 0),
             "mean_batch_size": round(counters.get("batched_tokens", 0) / max(counters.get("decode_steps", 0), 1), 3),
-            "ttft_seconds_p50": round(ttft[len(ttft) // 2], 4) if ttft else None,
+            "ttft_seconds_p50": _quantile(ttft, 0.50),
+            "ttft_seconds_p99": _quantile(ttft, 0.99),
+            "latency_seconds_p50": _quantile(latency, 0.50),
+            "latency_seconds_p99": _quantile(latency, 0.99),
             "vision_cache": cache,
             "prefix_cache": prefix,
             "generation_loop": loop,
@@ -99,7 +110,10 @@ def prometheus(snap: dict[str, Any]) -> str:
     metric("queue_depth", "gauge", snap["queue_depth"], "requests waiting for a batch slot")
     metric("batch_size", "gauge", snap["batch_size"], "sequences in the running decode batch")
     metric("decode_steps_total", "counter", snap["decode_steps_total"], "batched decode steps")
-    metric("ttft_seconds_p50", "gauge", snap["ttft_seconds_p50"], "median time to first token (last 1000)")
+    for q in ("p50", "p99"):
+        metric(f"ttft_seconds_{q}", "gauge", snap[f"ttft_seconds_{q}"], f"time to first token, {q} of the last 1000")
+        metric(f"latency_seconds_{q}", "gauge", snap[f"latency_seconds_{q}"],
+               f"request start to its last token, {q} of the last 1000")
     cache = snap["vision_cache"]
     metric("vision_cache_hits_total", "counter", cache.get("hits", 0), "images whose features came from the cache")
     metric("vision_cache_misses_total", "counter", cache.get("misses", 0), "images encoded by the vision tower")
@@ -114,3 +128,10 @@ def prometheus(snap: dict[str, Any]) -> str:
     metric("mlx_active_memory_bytes", "gauge", snap["mlx_active_memory_bytes"], "MLX memory in use")
     metric("resident_memory_bytes", "gauge", snap["resident_memory_bytes"], "process resident set size")
     return "\n".join(lines) + "\n"
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    """The q-quantile of sorted ``values`` (nearest rank), None if empty."""
+    if not values:
+        return None
+    return round(values[min(len(values) - 1, int(q * len(values)))], 4)

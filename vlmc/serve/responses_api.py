@@ -206,6 +206,8 @@ async def stream(running, rid: str, req: ResponsesRequest, metrics):
     parser = running.parser
     async for ev in running.events():
         finished = isinstance(ev, FinishEvent)
+        if finished:
+            metrics.finished(running.started, running.first_token_at)
         failure = generation_failure(ev) if finished else None
         if failure is not None:
             yield st.event("error", code="server_error", message=failure[1], param=None)
