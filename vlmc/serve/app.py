@@ -37,6 +37,9 @@ from .parsers import parse_output
 from .protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 
 
+PREPARE_CONCURRENCY = 4
+
+
 def create_app(models: Models, settings: Settings | None = None, *, api_key: str | None = None,
                cors_origins: list[str] | None = None, max_body_bytes: int = 32 * 2**20) -> Any:
     settings = settings or Settings()
@@ -149,9 +152,16 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
         return snap
 
     # ------------------------------------------------------------------ generation routes
+    # Preparing a request decodes its images (up to --max-image-pixels each): a few at a time,
+    # so a burst of large images cannot hold dozens of decoded pictures in memory at once.
+    preparing = asyncio.Semaphore(PREPARE_CONCURRENCY)
+
     async def start(model: str | None, plan_fn, req) -> Running:
         resident = await models.get(model)
-        plan = await run_in_threadpool(plan_fn, resident, req, settings)
+        if resident.batcher.load()["queue_depth"] >= resident.batcher.max_queue:
+            raise QueueFull("the queue is full")  # before spending any work on this request
+        async with preparing:
+            plan = await run_in_threadpool(plan_fn, resident, req, settings)
         running = Running(resident, plan)
         running.submit()
         metrics.in_flight += 1  # until its events end (_collect, or the stream closing)
