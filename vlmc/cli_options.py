@@ -37,7 +37,9 @@ KV_FLAGS = [
                  help="Bytes the KV cache may take at --kv-context tokens (e.g. 2G): picks the least compression that fits."),
     click.option("--kv-context", type=click.IntRange(min=1), default=None,
                  help="Context length the KV plan and budget are for (default: the model's maximum)."),
-    click.option("--kv-quantize-last", is_flag=True, help="Quantize the last full-attention layer too (dense by default)."),
+    click.option("--kv-quantize-last", is_flag=True,
+                 help="Quantize the last full-attention layer like the others (by default it is spared: "
+                      "dense next to 8-bit codes, 8-bit codes next to fewer bits)."),
 ]
 
 
