@@ -88,6 +88,7 @@ class Job:
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     features: Any = None               # the images' encodings, once the vision thread made them
+    prefix_keys: list[str] | None = None  # the prompt's prefix-cache block keys, once computed
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -130,6 +131,7 @@ class Batcher:
         self._prefix_salt = json.dumps([str(vlm.artifact.path), vlm.artifact.manifest.get("source", {}),
                                         vlm.kv_layers], sort_keys=True, default=str)
         self.mrope = vlm.meta["positions"] == "mrope"
+        self._eos_mask: mx.array | None = None   # [1, V]: where min_tokens hides EOS
         self._pending: collections.deque[Job] = collections.deque()     # ready to prefill
         self._to_encode: collections.deque[Job] = collections.deque()   # waiting for the vision tower
         self._encoding: Job | None = None
@@ -328,9 +330,11 @@ class Batcher:
         return bool(pc.lookup(keys, usable=min(1, (len(job.prompt.ids) - 1) // pc.block_size)))
 
     def _block_keys(self, job: Job) -> list[str]:
-        ids = job.prompt.ids
-        spans = image_spans(ids, self.vlm.image_token_id, job.prompt.images)
-        return block_keys(ids, spans, self.prefix_cache.block_size, salt=self._prefix_salt)
+        if job.prefix_keys is None:  # admission checks a job for hits, then prefills it: hash once
+            ids = job.prompt.ids
+            spans = image_spans(ids, self.vlm.image_token_id, job.prompt.images)
+            job.prefix_keys = block_keys(ids, spans, self.prefix_cache.block_size, salt=self._prefix_salt)
+        return job.prefix_keys
 
     def _begin_prefill(self, jobs: list[Job]) -> None:
         vlm = self.vlm
@@ -474,12 +478,12 @@ class Batcher:
         return tokens, infos
 
     def _mask_eos(self, logits: mx.array) -> mx.array:
-        eos = [i for i in self.vlm.eos_ids if i < logits.shape[-1]]
-        if not eos:
-            return logits
-        hide = np.zeros(logits.shape[-1], dtype=bool)
-        hide[eos] = True
-        return mx.where(mx.array(hide)[None], float("-inf"), logits.astype(mx.float32))
+        vocab = logits.shape[-1]
+        if self._eos_mask is None or self._eos_mask.shape[-1] != vocab:  # built once, not per step
+            hide = np.zeros(vocab, dtype=bool)
+            hide[[i for i in self.vlm.eos_ids if i < vocab]] = True
+            self._eos_mask = mx.array(hide)[None]
+        return mx.where(self._eos_mask, float("-inf"), logits.astype(mx.float32))
 
     @staticmethod
     def _penalize(row: _Row, logits: mx.array) -> mx.array:

@@ -42,11 +42,15 @@ class KVCache:
     def layout(self) -> str:
         return self.codecs["k"].kind
 
+    def _rounded(self, n: int) -> int:
+        """Buffer columns for ``n`` tokens: whole steps, so growth copies rarely."""
+        return (n + self.step - 1) // self.step * self.step
+
     def _reserve(self, n: int) -> None:
         need = self.held + n
         if need <= self.capacity:
             return
-        size = (need + self.step - 1) // self.step * self.step
+        size = self._rounded(need)
         fresh = {}
         for which, codec in self.codecs.items():
             fresh[which] = {}
@@ -115,7 +119,7 @@ class KVCache:
     def _shift_right(self, k: int) -> None:
         """Move the held tokens ``k`` columns right in fresh buffers (empty columns before)."""
         held = self.held
-        size = (held + k + self.step - 1) // self.step * self.step
+        size = self._rounded(held + k)
         for parts in self.buffers.values():
             for name, buf in parts.items():
                 fresh = mx.zeros((buf.shape[0], buf.shape[1], size, buf.shape[3]), buf.dtype)

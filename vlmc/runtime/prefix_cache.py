@@ -22,7 +22,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .vision_cache import content_key, split_images
+from .vision_cache import image_keys
 
 
 def image_spans(ids: list[int], image_token: int | None, images: Any) -> list[tuple[int, int, str]]:
@@ -32,9 +32,9 @@ def image_spans(ids: list[int], image_token: int | None, images: Any) -> list[tu
     arr = np.asarray(ids)
     where = np.flatnonzero(arr == image_token)
     spans, at = [], 0
-    for image, n in zip(split_images(images), images.num_tokens):
+    for key, n in zip(image_keys(images), images.num_tokens):
         start = int(where[at])
-        spans.append((start, start + n, content_key(image)))
+        spans.append((start, start + n, key))
         at += n
     return spans
 

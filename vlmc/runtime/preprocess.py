@@ -258,12 +258,15 @@ class ProcessedImages:
     grid_thw: int64 (n, 3) patch grid per image (qwen2_vl), else None.
     num_tokens: how many placeholder tokens each image occupies in the prompt.
     image_sizes: (height, width) of each image as given, before resizing.
+    content_keys: per-image content hashes, filled on first use by
+        ``vision_cache.image_keys`` (the vision and prefix caches both key on them).
     """
 
     pixel_values: np.ndarray
     grid_thw: np.ndarray | None
     num_tokens: list[int]
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    content_keys: list[str] | None = field(default=None, repr=False, compare=False)
 
 
 class ImageProcessor:

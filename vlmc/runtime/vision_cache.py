@@ -45,6 +45,13 @@ def content_key(image: ProcessedImages) -> str:
     return h.hexdigest()
 
 
+def image_keys(processed: ProcessedImages) -> list[str]:
+    """The content key of every image of ``processed``, hashed once and kept on it."""
+    if processed.content_keys is None:
+        processed.content_keys = [content_key(image) for image in split_images(processed)]
+    return processed.content_keys
+
+
 class VisionFeatureCache:
     """At most ``max_bytes`` of image features, least recently used dropped first.
     ``max_bytes=0`` disables it (every image is encoded, and counted as a miss)."""
@@ -61,8 +68,7 @@ class VisionFeatureCache:
         """Feature rows for every image of ``processed``, in order; ``encode`` maps a
         single-image ProcessedImages to its features (``VLM.encode_images``)."""
         rows = []
-        for image in split_images(processed):
-            key = content_key(image)
+        for image, key in zip(split_images(processed), image_keys(processed)):
             with self._lock:
                 found = self._items.get(key)
                 if found is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 import traceback
 import uuid
 from pathlib import Path
@@ -30,7 +29,7 @@ from ..errors import ContextLengthError, InputError, VlmcError
 from ..runtime.batcher import FinishEvent, QueueFull, TokenEvent
 from . import responses_api
 from .errors import BodyTooLarge, Guard, error_body, error_response, validation_message
-from .jobs import GenerationFailed, Running, Settings, generation_failure, plan_chat, plan_completion
+from .jobs import GenerationFailed, Running, Settings, plan_chat, plan_completion
 from .metrics import Metrics, prometheus
 from .models import Models, UnknownModel
 from .parsers import parse_output
@@ -241,8 +240,7 @@ async def _collect(running: Running, request: Request, metrics: Metrics) -> list
     finally:
         watcher.cancel()
         metrics.in_flight -= 1
-    metrics.finished(running.started, running.first_token_at)
-    failure = generation_failure(events[-1])
+    failure = running.ended(events[-1], metrics)
     if failure is not None:
         raise GenerationFailed(*failure)
     return events
@@ -317,8 +315,7 @@ async def _chat_stream(running: Running, rid: str, include_usage: bool, metrics:
                 saw_tools |= "tool_calls" in delta
                 yield chunk(delta, logprobs=lp if i == 0 else None)
             continue
-        metrics.finished(running.started, running.first_token_at)
-        failure = generation_failure(ev)
+        failure = running.ended(ev, metrics)
         if failure is not None:
             yield error_body(*failure)
             return
@@ -360,8 +357,7 @@ async def _completion_stream(running: Running, rid: str, include_usage: bool, me
             lp = _completion_logprobs(running, [ev]) if running.plan.logprobs is not None else None
             yield {**base, "choices": [{"index": 0, "text": ev.text, "logprobs": lp, "finish_reason": None}]}
             continue
-        metrics.finished(running.started, running.first_token_at)
-        failure = generation_failure(ev)
+        failure = running.ended(ev, metrics)
         if failure is not None:
             yield error_body(*failure)
             return

@@ -264,6 +264,12 @@ class Running:
         finally:
             self.job.cancel()
 
+    def ended(self, finish: FinishEvent, metrics: Any) -> tuple[int, str] | None:
+        """Record this request's TTFT and latency; (HTTP status, message) if it ended
+        without a reply (every route's end, streamed or not)."""
+        metrics.finished(self.started, self.first_token_at)
+        return generation_failure(finish)
+
     def token_text(self, token: int) -> str:
         return self.resident.vlm.tokenizer.decode([token])
 

@@ -13,8 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..errors import InputError
-from ..runtime.batcher import FinishEvent, TokenEvent
-from .jobs import generation_failure
+from ..runtime.batcher import FinishEvent
 from .parsers import parse_output
 from .protocol import ChatCompletionRequest, ResponsesRequest
 
@@ -206,9 +205,7 @@ async def stream(running, rid: str, req: ResponsesRequest, metrics):
     parser = running.parser
     async for ev in running.events():
         finished = isinstance(ev, FinishEvent)
-        if finished:
-            metrics.finished(running.started, running.first_token_at)
-        failure = generation_failure(ev) if finished else None
+        failure = running.ended(ev, metrics) if finished else None
         if failure is not None:
             yield st.event("error", code="server_error", message=failure[1], param=None)
             return
