@@ -358,7 +358,12 @@ def test_full_queue_is_429_and_big_body_413(small_server):
     s = small_server
     long = ask("Tell me about shapes", max_tokens=600)
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda _: s.post("/v1/chat/completions", long), range(4)))
+        first = pool.submit(s.post, "/v1/chat/completions", long)
+        deadline = time.time() + 30  # the first holds the only batch slot before the others come
+        while time.time() < deadline and not s.metrics()["batch_size"]:
+            time.sleep(0.02)
+        results = [first] + [pool.submit(s.post, "/v1/chat/completions", long) for _ in range(3)]
+        results = [r.result() for r in results]
     statuses = sorted(r[0] for r in results)
     assert statuses.count(200) >= 2 and 429 in statuses
     status, _, _ = s.request("POST", "/v1/chat/completions", json.dumps(long).encode())
