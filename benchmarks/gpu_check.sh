@@ -11,6 +11,8 @@
 #    --target cuda in bf16, `vlmc bench` without and with the (opt-in) add_norm fusion, and
 #    `vlmc bench --context` for dense, 4-bit and TurboQuant 3.5-bit KV caches (32000, not
 #    32768: the model's maximum context must also hold the decode steps).
+# KV_ONLY=1 keeps to the KV-cache work: kernel tests, gpu_kv_step.py at 32k, and the
+# --context benches (no kernel timings, no add_norm builds).
 set -u
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
@@ -24,17 +26,24 @@ fi
 $PY -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device(), mx.device_info())" || exit 1
 echo "== kernel tests"
 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py -rs 2>&1 | tee "$OUT/pytest.txt" | tail -25
-echo "== kernel timings"
-$PY benchmarks/gpu_kernels.py --json "$OUT/gpu_kernels.json"
+if [ "${KV_ONLY:-0}" = 1 ]; then
+  echo "== KV step at 32000 tokens"
+  $PY benchmarks/gpu_kv_step.py --context 32000 --json "$OUT/kv_step.json"
+else
+  echo "== kernel timings"
+  $PY benchmarks/gpu_kernels.py --json "$OUT/gpu_kernels.json"
+fi
 [ "${SKIP_E2E:-0}" = 1 ] && exit 0
 echo "== end to end: Qwen2-VL-2B shapes, bf16, --target cuda"
 CK=/tmp/vlmc-ck ART=/tmp/vlmc-art
 ${TF_PY:-$PY} benchmarks/make_checkpoint.py qwen2_vl "$CK" --dtype bfloat16 || exit 1
 $PY -m vlmc.cli compile "$CK" -o "$ART" --target cuda --dtype bfloat16 || exit 1
-$PY -m vlmc.cli compile "$CK" -o "$ART-addnorm" --target cuda --dtype bfloat16 --fuse add_norm || exit 1
-for a in "$ART:default" "$ART-addnorm:addnorm"; do
-  $PY -m vlmc.cli bench "${a%%:*}" --prompt-lengths 128,2048 --decode-tokens 64 --runs 3 --json "$OUT/bench-${a##*:}.json"
-done
+if [ "${KV_ONLY:-0}" != 1 ]; then
+  $PY -m vlmc.cli compile "$CK" -o "$ART-addnorm" --target cuda --dtype bfloat16 --fuse add_norm || exit 1
+  for a in "$ART:default" "$ART-addnorm:addnorm"; do
+    $PY -m vlmc.cli bench "${a%%:*}" --prompt-lengths 128,2048 --decode-tokens 64 --runs 3 --json "$OUT/bench-${a##*:}.json"
+  done
+fi
 $PY -m vlmc.cli bench "$ART" --context 4096,16384,32000 --decode-tokens 32 --json "$OUT/ctx-dense.json"
 $PY -m vlmc.cli bench "$ART" --context 4096,16384,32000 --decode-tokens 32 --kv-bits 4 --json "$OUT/ctx-q4.json"
 $PY -m vlmc.cli bench "$ART" --context 4096,16384,32000 --decode-tokens 32 --kv-bits 3.5 \

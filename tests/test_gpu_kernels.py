@@ -23,9 +23,10 @@ needs_gpu = pytest.mark.skipif(GPU is None, reason="no MLX GPU backend (CUDA or 
 KERNELS = {
     "add_rms_norm": (("a", "b", "w", "eps"), ("h", "y"), ("T", "N", "BLOCK", "PER")),
     "kv_affine_decode": (("q", "k_codes", "k_scales", "k_biases", "v_codes", "v_scales", "v_biases", "starts",
-                          "held", "scale"), ("out", "scores"), ("H", "HKV", "D", "BITS", "GROUP", "BLOCK")),
+                          "held", "scale"), ("partial", "stats"), ("H", "HKV", "D", "BITS", "GROUP", "CHUNK", "BLOCK")),
     "kv_turbo_decode": (("q_rot", "k_codes", "k_norms", "v_codes", "v_norms", "k_codebook", "v_codebook",
-                         "starts", "held", "scale"), ("out", "scores"), ("H", "HKV", "D", "KBITS", "VBITS", "BLOCK")),
+                         "starts", "held", "scale"), ("partial", "stats"),
+                        ("H", "HKV", "D", "KBITS", "VBITS", "CHUNK", "BLOCK")),
 }
 KV_LAYOUTS = [{"layout": "quantized", "bits": b, "group_size": g} for b, g in ((8, 64), (4, 32), (3, 16), (2, 64))] + \
     [{"layout": "turboquant", "k_bits": k, "v_bits": v} for k, v in ((3, 4), (2, 2), (4, 4))]
@@ -122,26 +123,69 @@ def test_kv_decode_leaves_prefill_and_dense_caches_to_the_reference(monkeypatch)
     assert called == []
 
 
-@needs_gpu
-@pytest.mark.parametrize("spec", KV_LAYOUTS, ids=str)
-def test_kv_decode_kernel_matches_its_reference(spec):
-    (cache, _), q, k, v, _ = _filled_caches(spec, n=300)
-    cache.append(k, v)
+def _kernel_args(cache, q, starts):
+    """The decode kernels' arguments over a filled cache, and the kernel name."""
     kb, vb = cache.buffers["k"], cache.buffers["v"]
-    starts = mx.array([0, 9], mx.int32)
-    if spec["layout"] == "quantized":
-        args = (q[:, :, 0], kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"], vb["biases"],
-                starts, cache.held)
-        kw = dict(scale=0.125, bits=spec["bits"], group_size=spec["group_size"])
-        out, ref = gpu.kv_affine_decode(*args, **kw), kv_quant.kv_affine_decode(*args, **kw)
-    else:
-        kc, vc = cache.codecs["k"], cache.codecs["v"]
-        args = (q[:, :, 0] @ kc.rotation, kb["codes"], kb["norms"], vb["codes"], vb["norms"], kc.codebook,
-                vc.codebook, starts, cache.held)
-        kw = dict(scale=0.125, k_bits=kc.bits, v_bits=vc.bits)
-        out, ref = gpu.kv_turbo_decode(*args, **kw), kv_quant.kv_turbo_decode(*args, **kw)
+    if cache.layout == "affine":
+        codec = cache.codecs["k"]
+        return "kv_affine_decode", (q[:, :, 0], kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"],
+                                    vb["biases"], starts, cache.held), \
+            dict(scale=0.125, bits=codec.bits, group_size=codec.group_size)
+    kc, vc = cache.codecs["k"], cache.codecs["v"]
+    return "kv_turbo_decode", (q[:, :, 0] @ kc.rotation, kb["codes"], kb["norms"], vb["codes"], vb["norms"],
+                               kc.codebook, vc.codebook, starts, cache.held), \
+        dict(scale=0.125, k_bits=kc.bits, v_bits=vc.bits)
+
+
+@needs_gpu
+@pytest.mark.parametrize("n, starts", [(300, (0, 9)), (300, (0, 130)), (4100, (7, 2050))], ids=str)
+@pytest.mark.parametrize("spec", KV_LAYOUTS, ids=str)
+def test_kv_decode_kernel_matches_its_reference(spec, n, starts):
+    """Chunked kernels against the whole-cache reference: one chunk or many, and sequences
+    whose left padding empties whole chunks."""
+    (cache, _), q, k, v, _ = _filled_caches(spec, n=n)
+    cache.append(k, v)
+    name, args, kw = _kernel_args(cache, q, mx.array(starts, mx.int32))
+    out, ref = getattr(gpu, name)(*args, **kw), getattr(kv_quant, name)(*args, **kw)
     assert cache.capacity > cache.held  # the kernel reads only the held tokens of a larger buffer
     assert float(mx.abs(out - ref).max()) <= 1e-4 * max(float(mx.abs(ref).max()), 1.0)
+
+
+def _chunk_partials(q, keys, values, starts, held, scale, chunk):
+    """What the kernels write per chunk of ``chunk`` cached tokens, computed plainly:
+    partial [B, H, C, D] = sum of exp(s - m) * v over the chunk's visible keys, stats
+    [B, H, C, 2] = (m, sum of exp(s - m)), (-1e30, 0) for a chunk with no visible key."""
+    B, H, D = q.shape
+    rep = H // keys.shape[1]
+    keys, values = mx.repeat(keys[:, :, :held], rep, axis=1), mx.repeat(values[:, :, :held], rep, axis=1)
+    s = (q[:, :, None] * scale * keys).sum(-1)                               # [B, H, held]
+    visible = mx.arange(held)[None, None] >= mx.array(starts).reshape(-1, 1, 1)
+    parts, stats = [], []
+    for lo in range(0, held, chunk):
+        sc = mx.where(visible[..., lo:lo + chunk], s[..., lo:lo + chunk], -mx.inf)
+        m = sc.max(-1)
+        e = mx.where(visible[..., lo:lo + chunk], mx.exp(sc - m[..., None]), 0.0)
+        parts.append((e[..., None] * values[:, :, lo:lo + chunk]).sum(-2))
+        stats.append(mx.stack([mx.where(mx.isinf(m), -1e30, m), e.sum(-1)], -1))
+    return mx.stack(parts, 2), mx.stack(stats, 2)
+
+
+@pytest.mark.parametrize("starts", [(0, 9), (0, 70), (3, 75)], ids=str)
+def test_merging_chunk_partials_is_exact_softmax_attention(starts):
+    """The kernels' contract, checked without a GPU: merging per-chunk partial outputs
+    and statistics (kv_quant.merge_chunks) equals attention over the whole cache, also
+    when left padding empties chunks and when a sequence sees no key (zeros)."""
+    mx.random.seed(3)
+    B, H, HKV, D, held = 2, 6, 2, 32, 75
+    q = mx.random.normal((B, H, D))
+    keys, values = mx.random.normal((B, HKV, 96, D)) * 3, mx.random.normal((B, HKV, 96, D))
+    merged = kv_quant.merge_chunks(*_chunk_partials(q, keys, values, starts, held, 0.3, 16))
+    ref = kv_quant._attend(q, keys, values, mx.array(starts), held, 0.3)
+    for b, start in enumerate(starts):
+        if start < held:
+            assert float(mx.abs(merged[b] - ref[b]).max()) <= 1e-5
+        else:
+            assert float(mx.abs(merged[b]).max()) == 0.0
 
 
 @pytest.mark.parametrize("spec", [KV_LAYOUTS[1], KV_LAYOUTS[4]], ids=str)
@@ -169,6 +213,9 @@ def test_kv_kernel_launch_wiring(spec, monkeypatch):
     name = "kv_affine_decode" if spec["layout"] == "quantized" else "kv_turbo_decode"
     inputs, outputs, template = KERNELS[name]
     assert seen["name"] == name and tuple(seen["inputs"]) == inputs and tuple(seen["outputs"]) == outputs
-    assert "kv_block_reduce" in seen["header"] and "kv_code" in seen["header"]
+    assert "kv_code" in seen["header"]
     assert set(seen["template"]) == set(template) and seen["threadgroup"] == (gpu.KV_BLOCK, 1, 1)
-    assert seen["grid"] == (2 * 4 * gpu.KV_BLOCK, 1, 1) and out.shape == q.shape
+    assert "kv_chunk_softmax" in seen["header"] and seen["template"]["CHUNK"] == gpu.KV_CHUNK
+    chunks = -(-cache.held // gpu.KV_CHUNK)  # 76 held tokens: 2 chunks
+    assert seen["grid"] == (2 * 2 * chunks * gpu.KV_BLOCK, 1, 1) and chunks == 2
+    assert seen["shapes"] == [(2, 4, chunks, 64), (2, 4, chunks, 2)] and out.shape == q.shape

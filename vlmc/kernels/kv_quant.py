@@ -102,6 +102,17 @@ def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_cod
                    turbo_decode_rotated(v_codes, v_norms, v_codebook, v_bits, d), starts, held, scale)
 
 
+def merge_chunks(partial: mx.array, stats: mx.array) -> mx.array:
+    """Attention output [B, H, D] from per-chunk partial results (the GPU kernels' split over
+    the cached tokens): ``partial`` [B, H, C, D] is each chunk's sum of exp(s - m) * v and
+    ``stats`` [B, H, C, 2] its (m, sum of exp(s - m)). Rescaling every chunk to the largest
+    m is exact softmax; a row with no visible key gives zeros."""
+    m, total = stats[..., 0], stats[..., 1]
+    w = mx.exp(m - m.max(axis=-1, keepdims=True))
+    norm = mx.maximum((w * total).sum(axis=-1), 1e-30)
+    return (w[..., None] * partial).sum(axis=-2) / norm[..., None]
+
+
 def starts_from_mask(mask: mx.array | None, batch: int) -> mx.array:
     """Each sequence's first visible key in a decode step's mask [B, 1, 1, S] (left padding)."""
     if mask is None:

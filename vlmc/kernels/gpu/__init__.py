@@ -80,37 +80,50 @@ def add_rms_norm(a: mx.array, b: mx.array, w: mx.array, eps: float) -> tuple[mx.
     return h, y
 
 
-KV_BLOCK = 256  # threads per (sequence, head) in the KV decode kernels
+KV_BLOCK = 128  # threads per (sequence, KV head, chunk) block in the KV decode kernels
+KV_CHUNK = 64   # cached tokens per block: a 32k-token cache spreads over 500 blocks per KV head
 
 
-def _kv_common(q: mx.array, codes: mx.array) -> tuple[int, int, int, int, int] | None:
+def _kv_common(q: mx.array, codes: mx.array) -> tuple[int, int, int, int] | None:
     if q.ndim != 3 or codes.ndim != 4 or q.shape[0] != codes.shape[0] or q.shape[1] % codes.shape[1]:
         return None
     B, H, D = q.shape
-    return B, H, codes.shape[1], D, codes.shape[2]
+    return B, H, codes.shape[1], D
 
 
-def _launch_kv(name: str, dims: tuple[int, int, int, int, int], held: int, scale: float,
+def _kv_fits(dims: tuple[int, int, int, int] | None, held: int) -> bool:
+    """Whether the kernels take this call: something cached, and the block's query rows
+    and scores ([G, D] + [G, KV_CHUNK] float32) within 32 KB of shared memory."""
+    if dims is None or held <= 0:
+        return False
+    _, H, HKV, D = dims
+    return H // HKV * (D + KV_CHUNK) * 4 <= 32 * 1024
+
+
+def _launch_kv(name: str, dims: tuple[int, int, int, int], held: int, scale: float,
                arrays: dict[str, mx.array], template: list[tuple[str, int]]) -> mx.array:
-    """One (sequence, head) threadgroup of KV_BLOCK threads per output row; inputs in the
-    kernel's order, then starts (int32), held and scale; outputs out [B, H, D] and the
-    scores scratch [B, H, cap]."""
-    B, H, HKV, D, cap = dims
+    """One block of KV_BLOCK threads per (sequence, KV head, chunk of KV_CHUNK cached
+    tokens); inputs in the kernel's order, then starts (int32), held and scale. The
+    kernel's per-chunk partial outputs and softmax statistics are merged here."""
+    B, H, HKV, D = dims
+    chunks = -(-held // KV_CHUNK)
     arrays = {**arrays, "starts": arrays["starts"].astype(mx.int32), "held": mx.array([held], mx.int32),
               "scale": _scalar(float(scale))}
-    kernel = _kernel(name, backend(), tuple(arrays), ("out", "scores"))
-    out, _ = kernel(inputs=list(arrays.values()),
-                    template=[("H", H), ("HKV", HKV), ("D", D), *template, ("BLOCK", KV_BLOCK)],
-                    grid=(B * H * KV_BLOCK, 1, 1), threadgroup=(KV_BLOCK, 1, 1),
-                    output_shapes=[(B, H, D), (B, H, cap)], output_dtypes=[mx.float32, mx.float32])
-    return out
+    kernel = _kernel(name, backend(), tuple(arrays), ("partial", "stats"))
+    partial, stats = kernel(inputs=list(arrays.values()),
+                            template=[("H", H), ("HKV", HKV), ("D", D), *template, ("CHUNK", KV_CHUNK),
+                                      ("BLOCK", KV_BLOCK)],
+                            grid=(B * HKV * chunks * KV_BLOCK, 1, 1), threadgroup=(KV_BLOCK, 1, 1),
+                            output_shapes=[(B, H, chunks, D), (B, H, chunks, 2)],
+                            output_dtypes=[mx.float32, mx.float32])
+    return _kv_quant.merge_chunks(partial, stats)
 
 
 def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts, held: int, *,
                      scale: float, bits: int, group_size: int) -> mx.array:
     """Decode-step attention over affine KV codes in place (``kernels.kv_quant`` reference)."""
     be, dims = backend(), _kv_common(q, k_codes)
-    if be is None or dims is None or bits not in (2, 3, 4, 8) or q.shape[-1] % group_size:
+    if be is None or not _kv_fits(dims, held) or bits not in (2, 3, 4, 8) or q.shape[-1] % group_size:
         return _kv_quant.kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts,
                                           held, scale=scale, bits=bits, group_size=group_size)
     return _launch_kv("kv_affine_decode", dims, held, scale,
@@ -123,7 +136,7 @@ def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_cod
                     scale: float, k_bits: int, v_bits: int) -> mx.array:
     """Decode-step attention over TurboQuant KV codes in place, in the rotated space."""
     be, dims = backend(), _kv_common(q_rot, k_codes)
-    if be is None or dims is None or q_rot.shape[-1] % 8 or not {k_bits, v_bits} <= {2, 3, 4}:
+    if be is None or not _kv_fits(dims, held) or q_rot.shape[-1] % 8 or not {k_bits, v_bits} <= {2, 3, 4}:
         return _kv_quant.kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook, starts,
                                          held, scale=scale, k_bits=k_bits, v_bits=v_bits)
     return _launch_kv("kv_turbo_decode", dims, held, scale,

@@ -1,59 +1,57 @@
-// kv_turbo_decode (Metal, for mx.fast.metal_kernel): same inputs, outputs, template and
-// semantics as kv_turbo_decode.cu (see there). Helpers: kv_common.metal.
+// kv_turbo_decode (Metal, for mx.fast.metal_kernel): same inputs, outputs, template, grid
+// and semantics as kv_turbo_decode.cu (see there). Helpers: kv_common.metal.
 // @body
+constexpr int G = H / HKV;
 constexpr int WARPS = BLOCK / 32;
 constexpr int KROW = D * KBITS / 8;
 constexpr int VROW = D * VBITS / 8;
-threadgroup float qs[D];
-threadgroup float red[WARPS];
+threadgroup float qs[G * D];
+threadgroup float p[G * CHUNK];
 threadgroup float kcb[1 << KBITS];
 threadgroup float vcb[1 << VBITS];
-const int bh = int(threadgroup_position_in_grid.x);
-const int b = bh / H;
-const int hk = (bh % H) / (H / HKV);
-const int t = int(thread_position_in_threadgroup.x);
-const uint lane = thread_index_in_simdgroup;
-const uint warp = simdgroup_index_in_threadgroup;
 const int n = held[0];
+const int nch = (n + CHUNK - 1) / CHUNK;
+const int blk = int(threadgroup_position_in_grid.x);
+const int c = blk % nch;
+const int bk = blk / nch;  // sequence * HKV + KV head
+const int b = bk / HKV;
+const int t = int(thread_position_in_threadgroup.x);
+const int lane = int(thread_index_in_simdgroup), warp = int(simdgroup_index_in_threadgroup);
 const int cap = k_codes_shape[2];
-const int first = starts[b];
-const size_t base = (size_t(b) * HKV + hk) * cap;
+const int c0 = c * CHUNK;
+const int lo = max(c0, starts[b]), hi = min(c0 + CHUNK, n);
+const size_t base = size_t(bk) * cap;
+const size_t row = size_t(b) * H + (bk % HKV) * G;  // first query head served
 const float unit = metal::rsqrt(float(D));
-device float* sc = scores + size_t(bh) * cap;
-for (int i = t; i < D; i += BLOCK) qs[i] = q_rot[size_t(bh) * D + i] * scale[0];
+for (int i = t; i < G * D; i += BLOCK) qs[i] = q_rot[row * D + i] * scale[0];
 for (int i = t; i < (1 << KBITS); i += BLOCK) kcb[i] = k_codebook[i];
 for (int i = t; i < (1 << VBITS); i += BLOCK) vcb[i] = v_codebook[i];
 threadgroup_barrier(mem_flags::mem_threadgroup);
-float m = -INFINITY;
-for (int i = first + t; i < n; i += BLOCK) {
-  const device uint8_t* row = k_codes + (base + i) * KROW;
-  float dot = 0.0f;
-  for (int j = 0; j < D; ++j) dot += qs[j] * kcb[kv_code(row, j, KBITS)];
-  const float s = dot * k_norms[base + i] * unit;
-  sc[i] = s;
-  m = max(m, s);
-}
-m = simd_max(m);
-if (lane == 0) red[warp] = m;
-threadgroup_barrier(mem_flags::mem_threadgroup | mem_flags::mem_device);
-m = red[0];
-for (int w = 1; w < WARPS; ++w) m = max(m, red[w]);
-threadgroup_barrier(mem_flags::mem_threadgroup);
-float total = 0.0f;
-for (int i = first + t; i < n; i += BLOCK) {
-  float e = metal::exp(sc[i] - m);
-  sc[i] = e;
-  total += e;
-}
-total = simd_sum(total);
-if (lane == 0) red[warp] = total;
-threadgroup_barrier(mem_flags::mem_threadgroup | mem_flags::mem_device);
-total = red[0];
-for (int w = 1; w < WARPS; ++w) total += red[w];
-for (int d = t; d < D; d += BLOCK) {
-  float acc = 0.0f;
-  for (int i = first; i < n; ++i) {
-    acc += sc[i] * v_norms[base + i] * vcb[kv_code(v_codes + (base + i) * VROW, d, VBITS)];
+for (int i = c0 + warp; i < c0 + CHUNK; i += WARPS) {  // scores: a simdgroup per key, lanes along D
+  float s[G];
+  for (int h = 0; h < G; ++h) s[h] = 0.0f;
+  if (i >= lo && i < hi) {
+    const device uint8_t* codes = k_codes + (base + i) * KROW;
+    for (int j = lane; j < D; j += 32) {
+      const float k = kcb[kv_code(codes, j, KBITS)];
+      for (int h = 0; h < G; ++h) s[h] += qs[h * D + j] * k;
+    }
+    const float norm = k_norms[base + i] * unit;
+    for (int h = 0; h < G; ++h) s[h] = simd_sum(s[h]) * norm;
   }
-  out[size_t(bh) * D + d] = n > first ? acc * unit / total : 0.0f;
+  if (lane == 0) {
+    for (int h = 0; h < G; ++h) p[h * CHUNK + i - c0] = (i >= lo && i < hi) ? s[h] : -INFINITY;
+  }
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+kv_chunk_softmax<G, CHUNK, WARPS>(p, stats, row, nch, c, lane, warp);
+threadgroup_barrier(mem_flags::mem_threadgroup);
+for (int d = t; d < D; d += BLOCK) {  // values: a thread per coordinate, every head at once
+  float acc[G];
+  for (int h = 0; h < G; ++h) acc[h] = 0.0f;
+  for (int i = lo; i < hi; ++i) {
+    const float v = v_norms[base + i] * vcb[kv_code(v_codes + (base + i) * VROW, d, VBITS)];
+    for (int h = 0; h < G; ++h) acc[h] += p[h * CHUNK + i - c0] * v;
+  }
+  for (int h = 0; h < G; ++h) partial[((row + h) * nch + c) * D + d] = acc[h] * unit;
 }
