@@ -113,12 +113,23 @@ def merge_chunks(partial: mx.array, stats: mx.array) -> mx.array:
     return (w[..., None] * partial).sum(axis=-2) / norm[..., None]
 
 
+_last_starts: tuple = (None, 0, None)  # (mask, batch, starts) of the latest call
+
+
 def starts_from_mask(mask: mx.array | None, batch: int) -> mx.array:
-    """Each sequence's first visible key in a decode step's mask [B, 1, 1, S] (left padding)."""
+    """Each sequence's first visible key in a decode step's mask [B, 1, 1, S] (left padding).
+    Every layer of a step passes the same mask object, so the answer is kept for it."""
+    global _last_starts
+    seen, seen_batch, starts = _last_starts
+    if mask is not None and seen is mask and seen_batch == batch:
+        return starts
     if mask is None:
-        return mx.zeros((batch,), mx.int32)
-    row = mx.broadcast_to(mask[:, 0, -1], (batch, mask.shape[-1]))
-    return mx.argmax(row.astype(mx.int32), axis=-1).astype(mx.int32)
+        starts = mx.zeros((batch,), mx.int32)
+    else:
+        row = mx.broadcast_to(mask[:, 0, -1], (batch, mask.shape[-1]))
+        starts = mx.argmax(row.astype(mx.int32), axis=-1).astype(mx.int32)
+    _last_starts = (mask, batch, starts)
+    return starts
 
 
 def coded_decode_step(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.array | None, *, scale: float,

@@ -45,7 +45,20 @@ class Dense:
         return parts["x"].astype(dtype)
 
 
-class Affine:
+class _Codec:
+    """Encoding runs through ``mx.compile`` for one-token (decode-step) inputs: the ~20
+    small ops per codec become a few fused kernels, one graph per batch size. Prompts
+    (other lengths) run eagerly, so prompt lengths do not pile up compiled graphs."""
+
+    def encode(self, x: mx.array) -> dict[str, mx.array]:
+        if x.ndim != 4 or x.shape[2] != 1:
+            return self._encode(x)
+        if getattr(self, "_compiled", None) is None:
+            self._compiled = mx.compile(self._encode)
+        return self._compiled(x)
+
+
+class Affine(_Codec):
     """Per group of ``group_size`` values: codes = round((x - min) / scale), scale =
     (max - min) / (2**bits - 1), with bfloat16 scale and minimum (the codes are computed
     against the rounded ones). Codes packed by ``pack`` (any group size that divides D,
@@ -65,7 +78,7 @@ class Affine:
         return {"codes": (dim * self.bits // 8, mx.uint8), "scales": (groups, mx.bfloat16),
                 "biases": (groups, mx.bfloat16)}
 
-    def encode(self, x: mx.array) -> dict[str, mx.array]:
+    def _encode(self, x: mx.array) -> dict[str, mx.array]:
         *lead, d = x.shape
         g = x.astype(mx.float32).reshape(*lead, d // self.group_size, self.group_size)
         lo, hi = g.min(-1), g.max(-1)
@@ -81,7 +94,7 @@ class Affine:
         return affine_decode(parts["codes"], parts["scales"], parts["biases"], self.bits, self.group_size).astype(dtype)
 
 
-class Turbo:
+class Turbo(_Codec):
     kind = "turboquant"
 
     def __init__(self, bits: int, dim: int, seed: int = 0):
@@ -97,7 +110,7 @@ class Turbo:
     def widths(self, dim: int) -> dict[str, tuple[int, mx.Dtype]]:
         return {"codes": (dim * self.bits // 8, mx.uint8), "norms": (1, mx.float32)}
 
-    def encode(self, x: mx.array) -> dict[str, mx.array]:
+    def _encode(self, x: mx.array) -> dict[str, mx.array]:
         x = x.astype(mx.float32)
         norms = mx.sqrt(mx.sum(x * x, axis=-1, keepdims=True))
         unit = (x @ self.rotation) * (math.sqrt(self.dim) / mx.maximum(norms, 1e-30))

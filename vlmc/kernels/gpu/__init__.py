@@ -91,6 +91,15 @@ def _kv_common(q: mx.array, codes: mx.array) -> tuple[int, int, int, int] | None
     return B, H, codes.shape[1], D
 
 
+@lru_cache(maxsize=256)
+def _int32(value: int) -> mx.array:
+    """An int32 [1] array per value, made once: every layer of a decode step passes the same."""
+    return mx.array([value], mx.int32)
+
+
+_merge_chunks = mx.compile(_kv_quant.merge_chunks)  # ~9 small ops per layer fused
+
+
 def _kv_fits(dims: tuple[int, int, int, int] | None, held: int) -> bool:
     """Whether the kernels take this call: something cached, and the block's query rows
     and scores ([G, D] + [G, KV_CHUNK] float32) within 32 KB of shared memory."""
@@ -107,7 +116,7 @@ def _launch_kv(name: str, dims: tuple[int, int, int, int], held: int, scale: flo
     kernel's per-chunk partial outputs and softmax statistics are merged here."""
     B, H, HKV, D = dims
     chunks = -(-held // KV_CHUNK)
-    arrays = {**arrays, "starts": arrays["starts"].astype(mx.int32), "held": mx.array([held], mx.int32),
+    arrays = {**arrays, "starts": arrays["starts"].astype(mx.int32), "held": _int32(held),
               "scale": _scalar(float(scale))}
     kernel = _kernel(name, backend(), tuple(arrays), ("partial", "stats"))
     partial, stats = kernel(inputs=list(arrays.values()),
@@ -116,7 +125,7 @@ def _launch_kv(name: str, dims: tuple[int, int, int, int], held: int, scale: flo
                             grid=(B * HKV * chunks * KV_BLOCK, 1, 1), threadgroup=(KV_BLOCK, 1, 1),
                             output_shapes=[(B, H, chunks, D), (B, H, chunks, 2)],
                             output_dtypes=[mx.float32, mx.float32])
-    return _kv_quant.merge_chunks(partial, stats)
+    return _merge_chunks(partial, stats)
 
 
 def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts, held: int, *,
