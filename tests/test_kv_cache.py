@@ -316,6 +316,38 @@ def test_no_degenerate_repetition_in_long_greedy_runs(tiny_checkpoint, tmp_path_
     assert checked >= 1  # the comparison happened for at least one prompt
 
 
+@pytest.mark.parametrize("k_bits,v_bits,dim", [(3, 4, 128), (2, 2, 64), (4, 4, 48), (4, 3, 16)])
+def test_cpu_kernel_reads_turboquant_codes_like_the_reference(k_bits, v_bits, dim, monkeypatch):
+    """The C decode kernel over TurboQuant codes (rotated space) against the MLX reference,
+    with a left-padded sequence and a buffer larger than the held tokens; and the cpu op
+    library routes TurboQuant decode steps to it, rotating in and out."""
+    from vlmc.kernels import cpu, cpu_ops, kv_quant
+    from vlmc.kernels.cpu.kv_decode import kv_turbo_decode
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    cache = cache_for({"layout": "turboquant", "k_bits": k_bits, "v_bits": v_bits}, dim=dim)
+    k, v = kv(300, 13, dim=dim)
+    cache.append(k, v)
+    kc, vc = cache.codecs["k"], cache.codecs["v"]
+    q_rot = mx.random.normal((B, H, dim)) @ kc.rotation
+    kb, vb = cache.buffers["k"], cache.buffers["v"]
+    args = (q_rot, kb["codes"], kb["norms"], vb["codes"], vb["norms"], kc.codebook, vc.codebook,
+            mx.array([0, 11], mx.int32), cache.held)
+    kw = dict(scale=dim ** -0.5, k_bits=k_bits, v_bits=v_bits)
+    out, ref = kv_turbo_decode(*args, **kw), kv_quant.kv_turbo_decode(*args, **kw)
+    assert cache.capacity > cache.held
+    assert float(mx.abs(out - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
+    calls = []
+    monkeypatch.setattr(cpu_ops, "_kv_turbo_decode", lambda *a, **kw: calls.append(1) or kv_turbo_decode(*a, **kw))
+    twin = cache_for({"layout": "turboquant", "k_bits": k_bits, "v_bits": v_bits}, dim=dim)
+    twin.append(k, v)
+    q = mx.random.normal((B, H, 1, dim))
+    step = cpu_ops.cached_attention(q, k[:, :, :1], v[:, :, :1], cache, None, scale=0.125)
+    whole = reference.cached_attention(q, k[:, :, :1], v[:, :, :1], twin, None, scale=0.125)
+    assert calls == [1] and step.shape == (B, H, 1, dim)
+    assert float(mx.abs(step - whole).max()) <= 1e-4 * float(mx.abs(whole).max())
+
+
 @pytest.mark.parametrize("bits,gs,dim", [(4, 64, 128), (8, 32, 64), (4, 16, 48)])
 def test_cpu_kernel_reads_affine_codes_like_the_reference(bits, gs, dim, monkeypatch):
     """The C decode kernel over packed codes (the cpu target's decode path) against the MLX

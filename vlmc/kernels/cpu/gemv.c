@@ -48,7 +48,7 @@
 #define VLMC_SIMD 0
 #endif
 
-#define VLMC_ABI 4
+#define VLMC_ABI 5
 #define ALWAYS __attribute__((always_inline)) inline
 #define UNROLL _Pragma("GCC unroll 16")
 
@@ -1064,5 +1064,103 @@ int vlmc_kv_affine_decode(const float *q, const uint8_t *kc, const uint16_t *ks,
     int nth = n_threads < 1 ? 1 : n_threads;
     if (nth > B * HKV) nth = B * HKV;
     run_parallel(kvd_task, &J, nth);
+    return 0;
+}
+
+/* ---- one decode step's attention over TurboQuant-coded KV (vlmc.runtime.kv_codecs.Turbo) --
+ * The same computation as vlmc.kernels.kv_quant.kv_turbo_decode, in the rotated space
+ * (q_rot = q R; the caller rotates the output back): each coordinate is a codebook level
+ * times the vector's norm / sqrt(D). Codes packed as vlmc.kernels.kv_quant.pack (8 codes in
+ * `bits` bytes, code i at bit i * bits of their little-endian word); norms float32
+ * [B, HKV, cap]; codebooks float32 [2**bits]. Keys starts[b] <= i < held count. */
+typedef struct {
+    const float *q;
+    const uint8_t *kc, *vc;
+    const float *kn, *vn, *kcb, *vcb;
+    const int32_t *starts;
+    int B, H, HKV, D, cap, held, kbits, vbits;
+    float scale;
+    float *out;
+    _Atomic int next;
+} kvt_t;
+
+/* the codebook levels of one packed row (D a multiple of 8) */
+static ALWAYS void kvt_levels(const uint8_t *c, int D, int bits, const float *cb, float *x) {
+    const uint32_t mask = (1u << bits) - 1;
+    for (int g = 0; g < D / 8; g++, c += bits) {
+        uint32_t w = c[0] | ((uint32_t)c[1] << 8);
+        if (bits > 2) w |= (uint32_t)c[2] << 16;
+        if (bits > 3) w |= (uint32_t)c[3] << 24;
+        for (int i = 0; i < 8; i++) x[g * 8 + i] = cb[(w >> (i * bits)) & mask];
+    }
+}
+
+/* One (sequence, KV head), its R query heads sharing every decoded row (as kvd_group). */
+static void kvt_group(const kvt_t *J, int bk, float *sc, float *x) {
+    const int D = J->D, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV;
+    const int krow = D * J->kbits / 8, vrow = D * J->vbits / 8, first = J->starts[b], n = J->held, cap = J->cap;
+    const size_t base = ((size_t)b * J->HKV + hk) * cap;
+    const float unit = 1.f / sqrtf((float)D);
+    const float *q0 = J->q + ((size_t)b * J->H + (size_t)hk * R) * D;
+    float *out0 = J->out + ((size_t)b * J->H + (size_t)hk * R) * D;
+    for (int i = first; i < n; i++) {
+        kvt_levels(J->kc + (base + i) * krow, D, J->kbits, J->kcb, x);
+        const float f = J->kn[base + i] * unit * J->scale;
+        for (int h = 0; h < R; h++) {
+            const float *q = q0 + (size_t)h * D;
+            float dot = 0.f;
+            for (int j = 0; j < D; j++) dot += q[j] * x[j];
+            sc[(size_t)h * cap + i] = dot * f;
+        }
+    }
+    for (int h = 0; h < R; h++) {
+        float *s = sc + (size_t)h * cap, m = -3.0e38f, total = 0.f;
+        for (int i = first; i < n; i++) m = s[i] > m ? s[i] : m;
+        for (int i = first; i < n; i++) {
+            s[i] = expf(s[i] - m);
+            total += s[i];
+        }
+        const float inv = total > 0.f ? 1.f / total : 0.f;
+        for (int i = first; i < n; i++) s[i] *= inv;
+        for (int d = 0; d < D; d++) out0[(size_t)h * D + d] = 0.f;
+    }
+    for (int i = first; i < n; i++) {
+        kvt_levels(J->vc + (base + i) * vrow, D, J->vbits, J->vcb, x);
+        const float f = J->vn[base + i] * unit;
+        for (int h = 0; h < R; h++) {
+            const float p = sc[(size_t)h * cap + i] * f;
+            float *out = out0 + (size_t)h * D;
+            for (int j = 0; j < D; j++) out[j] += p * x[j];
+        }
+    }
+}
+
+static void kvt_task(void *ctx, int ith, int nth) {
+    (void)ith;
+    (void)nth;
+    kvt_t *J = ctx;
+    const int R = J->H / J->HKV;
+    float *sc = malloc(sizeof(float) * ((size_t)R * J->cap + (size_t)J->D));
+    if (!sc) return;
+    for (;;) {
+        int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
+        if (bk >= J->B * J->HKV) break;
+        kvt_group(J, bk, sc, sc + (size_t)R * J->cap);
+    }
+    free(sc);
+}
+
+int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
+                         const float *kcb, const float *vcb, const int32_t *starts, int B, int H, int HKV, int D,
+                         int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads) {
+    if (B < 1 || H < 1 || HKV < 1 || H % HKV || D < 8 || D % 8 || held < 0 || held > cap) return -1;
+    if (kbits < 2 || kbits > 4 || vbits < 2 || vbits > 4) return -2;
+    kvt_t J = {.q = q, .kc = kc, .vc = vc, .kn = kn, .vn = vn, .kcb = kcb, .vcb = vcb, .starts = starts, .B = B,
+               .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held, .kbits = kbits, .vbits = vbits,
+               .scale = scale, .out = out};
+    atomic_store(&J.next, 0);
+    int nth = n_threads < 1 ? 1 : n_threads;
+    if (nth > B * HKV) nth = B * HKV;
+    run_parallel(kvt_task, &J, nth);
     return 0;
 }

@@ -1,8 +1,9 @@
-"""One decode step's attention over an affine-coded KV cache, on the CPU, reading the
-packed codes in place (``vlmc_kv_affine_decode`` in gemv.c): the CPU counterpart of the
-GPU kernel ``kv_affine_decode``, with the same arguments and the same reference
-(``vlmc.kernels.kv_quant.kv_affine_decode``). Decoding the whole cache to floats every
-step (the reference) reads and writes several times the bytes the codes take."""
+"""One decode step's attention over an affine- or TurboQuant-coded KV cache, on the CPU,
+reading the packed codes in place (``vlmc_kv_affine_decode`` / ``vlmc_kv_turbo_decode`` in
+gemv.c): the CPU counterparts of the GPU kernels of the same names, with the same
+arguments and the same references (``vlmc.kernels.kv_quant``). Decoding the whole cache
+to floats every step (the references) reads and writes several times the bytes the codes
+take."""
 from __future__ import annotations
 
 import mlx.core as mx
@@ -35,4 +36,27 @@ def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases
     _check(lib.vlmc_kv_affine_decode(qn.ctypes.data, *(a.ctypes.data for a in arrays), st.ctypes.data, B, H,
                                      k_codes.shape[1], D, k_codes.shape[2], held, bits, group_size, scale,
                                      out.ctypes.data, n_threads), "kv_affine_decode")
+    return mx.array(out)
+
+
+def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook, starts, held: int, *,
+                    scale: float, k_bits: int, v_bits: int) -> mx.array:
+    """float32 [B, H, D] attention of q_rot [B, H, D] over the first ``held`` TurboQuant-coded
+    tokens, in the rotated space (the caller rotates the result back)."""
+    lib = _get_lib()
+    B, H, D = q_rot.shape
+    if (lib is None or not {k_bits, v_bits} <= {2, 3, 4} or D % 8 or k_codes.ndim != 4
+            or H % k_codes.shape[1]):
+        return _kv_quant.kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook,
+                                         starts, held, scale=scale, k_bits=k_bits, v_bits=v_bits)
+    mx.eval(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook, starts)
+    qn = _np(q_rot.astype(mx.float32))
+    arrays = [_np(a) for a in (k_codes, k_norms.astype(mx.float32), v_codes, v_norms.astype(mx.float32),
+                               k_codebook.astype(mx.float32), v_codebook.astype(mx.float32))]
+    st = _np(starts.astype(mx.int32))
+    out = np.empty((B, H, D), np.float32)
+    from . import n_threads
+    _check(lib.vlmc_kv_turbo_decode(qn.ctypes.data, *(a.ctypes.data for a in arrays), st.ctypes.data, B, H,
+                                    k_codes.shape[1], D, k_codes.shape[2], held, k_bits, v_bits, scale,
+                                    out.ctypes.data, n_threads), "kv_turbo_decode")
     return mx.array(out)
