@@ -954,6 +954,22 @@ float vlmc_stream_read(const float *p, int64_t n, int n_threads) {
     return s;
 }
 
+/* Softmax over keys first <= i < n of each of R score rows (stride cap), in place, and
+ * zero the R output rows of D floats that the value pass accumulates into. */
+static void kv_softmax_rows(float *sc, int R, int cap, int first, int n, float *out0, int D) {
+    for (int h = 0; h < R; h++) {
+        float *s = sc + (size_t)h * cap, m = -3.0e38f, total = 0.f;
+        for (int i = first; i < n; i++) m = s[i] > m ? s[i] : m;
+        for (int i = first; i < n; i++) {
+            s[i] = expf(s[i] - m);
+            total += s[i];
+        }
+        const float inv = total > 0.f ? 1.f / total : 0.f;
+        for (int i = first; i < n; i++) s[i] *= inv;
+        for (int d = 0; d < D; d++) out0[(size_t)h * D + d] = 0.f;
+    }
+}
+
 /* ---- one decode step's attention over affine-coded KV (vlmc.runtime.kv_codecs.Affine) --
  * The same computation as vlmc.kernels.kv_quant.kv_affine_decode, reading the packed
  * codes in place: per (sequence, head) scores from the key codes, softmax, values
@@ -971,67 +987,55 @@ typedef struct {
     _Atomic int next;
 } kvd_t;
 
-/* codes of one row as floats (a short loop the compiler vectorizes, then plain dots) */
-static ALWAYS void kvd_codes(const uint8_t *c, int D, int bits, float *cf) {
+/* a . b over n floats with 16 independent partial sums: without -ffast-math a single
+ * running sum must stay sequential, and these dots are most of a coded decode step */
+static ALWAYS float dot16(const float *a, const float *b, int n) {
+    float acc[16] = {0};
+    int j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int l = 0; l < 16; l++) acc[l] += a[j + l] * b[j + l];
+    float s = 0.f;
+    for (; j < n; j++) s += a[j] * b[j];
+    for (int l = 0; l < 16; l++) s += acc[l];
+    return s;
+}
+
+/* the values of one coded row: code * scale + minimum per group of gs */
+static ALWAYS void kvd_values(const uint8_t *c, const uint16_t *sc, const uint16_t *mn, int D, int bits, int gs,
+                              float *x) {
     if (bits == 8) {
-        for (int j = 0; j < D; j++) cf[j] = (float)c[j];
+        for (int j = 0; j < D; j++) x[j] = (float)c[j];
     } else {
         for (int b = 0; b < D / 2; b++) {
-            cf[2 * b] = (float)(c[b] & 15);
-            cf[2 * b + 1] = (float)(c[b] >> 4);
+            x[2 * b] = (float)(c[b] & 15);
+            x[2 * b + 1] = (float)(c[b] >> 4);
         }
+    }
+    for (int g = 0; g < D / gs; g++) {
+        const float a = bf16_to_f32(sc[g]), o = bf16_to_f32(mn[g]);
+        for (int j = g * gs; j < (g + 1) * gs; j++) x[j] = x[j] * a + o;
     }
 }
 
 /* One (sequence, KV head): its R = H / HKV query heads share every decoded row, so each
- * key and value row is unpacked once for all of them. sc: R * cap floats; qg: R * G; cf: D. */
-static void kvd_group(const kvd_t *J, int bk, float *sc, float *qg, float *cf) {
+ * key and value row is unpacked once for all of them. sc: R * cap floats; x: D. */
+static void kvd_group(const kvd_t *J, int bk, float *sc, float *x) {
     const int D = J->D, gs = J->gs, G = D / gs, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV;
     const int row = D * J->bits / 8, first = J->starts[b], n = J->held, cap = J->cap;
     const size_t base = ((size_t)b * J->HKV + hk) * cap;
     const float *q0 = J->q + ((size_t)b * J->H + (size_t)hk * R) * D;
     float *out0 = J->out + ((size_t)b * J->H + (size_t)hk * R) * D;
-    for (int h = 0; h < R; h++)
-        for (int g = 0; g < G; g++) {
-            float s = 0.f;
-            for (int j = g * gs; j < (g + 1) * gs; j++) s += q0[(size_t)h * D + j];
-            qg[h * G + g] = s;
-        }
     for (int i = first; i < n; i++) {
-        kvd_codes(J->kc + (base + i) * row, D, J->bits, cf);
-        const uint16_t *ks = J->ks + (base + i) * G, *kb = J->kb + (base + i) * G;
-        for (int h = 0; h < R; h++) {
-            const float *q = q0 + (size_t)h * D;
-            float acc = 0.f;
-            for (int g = 0; g < G; g++) {
-                float dot = 0.f;
-                for (int j = g * gs; j < (g + 1) * gs; j++) dot += q[j] * cf[j];
-                acc += bf16_to_f32(ks[g]) * dot + bf16_to_f32(kb[g]) * qg[h * G + g];
-            }
-            sc[(size_t)h * cap + i] = acc * J->scale;
-        }
+        kvd_values(J->kc + (base + i) * row, J->ks + (base + i) * G, J->kb + (base + i) * G, D, J->bits, gs, x);
+        for (int h = 0; h < R; h++) sc[(size_t)h * cap + i] = dot16(q0 + (size_t)h * D, x, D) * J->scale;
     }
-    for (int h = 0; h < R; h++) {
-        float *s = sc + (size_t)h * cap, m = -3.0e38f, total = 0.f;
-        for (int i = first; i < n; i++) m = s[i] > m ? s[i] : m;
-        for (int i = first; i < n; i++) {
-            s[i] = expf(s[i] - m);
-            total += s[i];
-        }
-        const float inv = total > 0.f ? 1.f / total : 0.f;
-        for (int i = first; i < n; i++) s[i] *= inv;
-        for (int d = 0; d < D; d++) out0[(size_t)h * D + d] = 0.f;
-    }
+    kv_softmax_rows(sc, R, cap, first, n, out0, D);
     for (int i = first; i < n; i++) {
-        kvd_codes(J->vc + (base + i) * row, D, J->bits, cf);
-        const uint16_t *vs = J->vs + (base + i) * G, *vb = J->vb + (base + i) * G;
+        kvd_values(J->vc + (base + i) * row, J->vs + (base + i) * G, J->vb + (base + i) * G, D, J->bits, gs, x);
         for (int h = 0; h < R; h++) {
             const float p = sc[(size_t)h * cap + i];
             float *out = out0 + (size_t)h * D;
-            for (int g = 0; g < G; g++) {
-                const float a = p * bf16_to_f32(vs[g]), o = p * bf16_to_f32(vb[g]);
-                for (int j = g * gs; j < (g + 1) * gs; j++) out[j] += a * cf[j] + o;
-            }
+            for (int j = 0; j < D; j++) out[j] += p * x[j];
         }
     }
 }
@@ -1040,13 +1044,13 @@ static void kvd_task(void *ctx, int ith, int nth) {
     (void)ith;
     (void)nth;
     kvd_t *J = ctx;
-    const int R = J->H / J->HKV, G = J->D / J->gs;
-    float *sc = malloc(sizeof(float) * ((size_t)R * J->cap + (size_t)R * G + (size_t)J->D));
+    const int R = J->H / J->HKV;
+    float *sc = malloc(sizeof(float) * ((size_t)R * J->cap + (size_t)J->D));
     if (!sc) return;
     for (;;) {
         int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
         if (bk >= J->B * J->HKV) break;
-        kvd_group(J, bk, sc, sc + (size_t)R * J->cap, sc + (size_t)R * J->cap + (size_t)R * G);
+        kvd_group(J, bk, sc, sc + (size_t)R * J->cap);
     }
     free(sc);
 }
@@ -1106,24 +1110,9 @@ static void kvt_group(const kvt_t *J, int bk, float *sc, float *x) {
     for (int i = first; i < n; i++) {
         kvt_levels(J->kc + (base + i) * krow, D, J->kbits, J->kcb, x);
         const float f = J->kn[base + i] * unit * J->scale;
-        for (int h = 0; h < R; h++) {
-            const float *q = q0 + (size_t)h * D;
-            float dot = 0.f;
-            for (int j = 0; j < D; j++) dot += q[j] * x[j];
-            sc[(size_t)h * cap + i] = dot * f;
-        }
+        for (int h = 0; h < R; h++) sc[(size_t)h * cap + i] = dot16(q0 + (size_t)h * D, x, D) * f;
     }
-    for (int h = 0; h < R; h++) {
-        float *s = sc + (size_t)h * cap, m = -3.0e38f, total = 0.f;
-        for (int i = first; i < n; i++) m = s[i] > m ? s[i] : m;
-        for (int i = first; i < n; i++) {
-            s[i] = expf(s[i] - m);
-            total += s[i];
-        }
-        const float inv = total > 0.f ? 1.f / total : 0.f;
-        for (int i = first; i < n; i++) s[i] *= inv;
-        for (int d = 0; d < D; d++) out0[(size_t)h * D + d] = 0.f;
-    }
+    kv_softmax_rows(sc, R, cap, first, n, out0, D);
     for (int i = first; i < n; i++) {
         kvt_levels(J->vc + (base + i) * vrow, D, J->vbits, J->vcb, x);
         const float f = J->vn[base + i] * unit;
