@@ -316,6 +316,36 @@ def test_no_degenerate_repetition_in_long_greedy_runs(tiny_checkpoint, tmp_path_
     assert checked >= 1  # the comparison happened for at least one prompt
 
 
+@pytest.mark.parametrize("dim", [128, 48, 20])
+def test_cpu_kernel_reads_dense_buffers_like_the_reference(dim, monkeypatch):
+    """The C decode kernel over a dense float32 cache (read in place, no slice copy) against
+    the MLX reference, with left padding and spare capacity; the cpu op library routes
+    dense decode steps to it but leaves windowed caches to the masked path."""
+    from vlmc.kernels import cpu, cpu_ops, kv_quant
+    from vlmc.kernels.cpu.kv_decode import kv_dense_decode
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    cache = cache_for("dense", dim=dim)
+    k, v = kv(300, 13, dim=dim)
+    cache.append(k, v)
+    q = mx.random.normal((B, H, dim))
+    args = (q, cache.buffers["k"]["x"], cache.buffers["v"]["x"], mx.array([0, 11], mx.int32), cache.held)
+    out, ref = kv_dense_decode(*args, scale=dim ** -0.5), kv_quant.kv_dense_decode(*args, scale=dim ** -0.5)
+    assert cache.capacity > cache.held
+    assert float(mx.abs(out - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
+    calls = []
+    monkeypatch.setattr(cpu_ops, "_kv_dense_decode", lambda *a, **kw: calls.append(1) or kv_dense_decode(*a, **kw))
+    twin = cache_for("dense", dim=dim)
+    twin.append(k, v)
+    step = cpu_ops.cached_attention(q[:, :, None], k[:, :, :1], v[:, :, :1], cache, None, scale=0.125)
+    whole = reference.cached_attention(q[:, :, None], k[:, :, :1], v[:, :, :1], twin, None, scale=0.125)
+    assert calls == [1] and float(mx.abs(step - whole).max()) <= 1e-5 * float(mx.abs(whole).max())
+    window = RotatingKVCache(B, HKV, dim, window=64)
+    window.append(k[:, :, :50], v[:, :, :50])  # start 0, but its mask_for still hides tokens
+    cpu_ops.cached_attention(q[:, :, None], k[:, :, :1], v[:, :, :1], window, None, scale=0.125)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("k_bits,v_bits,dim", [(3, 4, 128), (2, 2, 64), (4, 4, 48), (4, 3, 16)])
 def test_cpu_kernel_reads_turboquant_codes_like_the_reference(k_bits, v_bits, dim, monkeypatch):
     """The C decode kernel over TurboQuant codes (rotated space) against the MLX reference,

@@ -15,7 +15,8 @@ from . import cpu as _cpu
 from .cpu import linear, qembedding, qlinear  # noqa: F401
 from . import kv_quant as _kv_quant
 from .cpu.attention import attention as _blas_attention
-from .cpu.kv_decode import kv_affine_decode as _kv_affine_decode, kv_turbo_decode as _kv_turbo_decode
+from .cpu.kv_decode import kv_affine_decode as _kv_affine_decode, kv_dense_decode as _kv_dense_decode, \
+    kv_turbo_decode as _kv_turbo_decode
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None, *,
@@ -25,9 +26,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
 
 def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.array | None = None,
                      *, scale: float) -> mx.array:
-    if _cpu.enabled():  # decode steps read 4/8-bit affine or TurboQuant codes in place (C kernels)
+    if _cpu.enabled():  # decode steps read the cache in place: dense, affine or TurboQuant (C kernels)
         out = _kv_quant.coded_decode_step(q, k, v, cache, mask, scale=scale, affine=_kv_affine_decode,
-                                          turbo=_kv_turbo_decode)
+                                          turbo=_kv_turbo_decode, dense=_kv_dense_decode)
         if out is not None:
             return out
     q, keys, values, finish = cache.attention_inputs(q, k, v)

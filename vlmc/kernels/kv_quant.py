@@ -9,6 +9,7 @@ tokens are read), and each sequence's first valid key in ``starts``.
 """
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache
 
 import mlx.core as mx
@@ -93,6 +94,12 @@ def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases
                    affine_decode(v_codes, v_scales, v_biases, bits, group_size), starts, held, scale)
 
 
+def kv_dense_decode(q, keys, values, starts, held: int, *, scale: float) -> mx.array:
+    """One decode step's attention over a dense cache's buffers (float32 [B, H, D]): the
+    reference of the CPU kernel that reads the buffers in place."""
+    return _attend(q, keys.astype(mx.float32), values.astype(mx.float32), starts, held, scale)
+
+
 def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook, starts, held: int, *,
                     scale: float, k_bits: int, v_bits: int) -> mx.array:
     """One decode step's attention over TurboQuant-coded keys/values, all in the rotated
@@ -113,38 +120,42 @@ def merge_chunks(partial: mx.array, stats: mx.array) -> mx.array:
     return (w[..., None] * partial).sum(axis=-2) / norm[..., None]
 
 
-_last_starts: tuple = (None, 0, None)  # (mask, batch, starts) of the latest call
+_starts_by_mask: dict[tuple[int, int], mx.array] = {}  # live masks only (entries leave with their mask)
 
 
 def starts_from_mask(mask: mx.array | None, batch: int) -> mx.array:
     """Each sequence's first visible key in a decode step's mask [B, 1, 1, S] (left padding).
-    Every layer of a step passes the same mask object, so the answer is kept for it."""
-    global _last_starts
-    seen, seen_batch, starts = _last_starts
-    if mask is not None and seen is mask and seen_batch == batch:
-        return starts
+    Every layer of a step passes the same mask object, so the answer is kept while that
+    mask lives (and dropped with it: nothing outlives the step, e.g. after an unload)."""
     if mask is None:
-        starts = mx.zeros((batch,), mx.int32)
-    else:
+        return mx.zeros((batch,), mx.int32)
+    key = (id(mask), batch)
+    starts = _starts_by_mask.get(key)
+    if starts is None:
         row = mx.broadcast_to(mask[:, 0, -1], (batch, mask.shape[-1]))
         starts = mx.argmax(row.astype(mx.int32), axis=-1).astype(mx.int32)
-    _last_starts = (mask, batch, starts)
+        _starts_by_mask[key] = starts
+        weakref.finalize(mask, _starts_by_mask.pop, key, None)
     return starts
 
 
 def coded_decode_step(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.array | None, *, scale: float,
-                      affine=None, turbo=None) -> mx.array | None:
-    """A decode step (one query row) over a coded cache through the given kernels (functions
-    with the signatures of ``kv_affine_decode`` / ``kv_turbo_decode``): stores k, v and
-    returns the attention [B, H, 1, D]; None (nothing stored) when no kernel applies."""
+                      affine=None, turbo=None, dense=None) -> mx.array | None:
+    """A decode step (one query row) over a cache through the given kernels (functions with
+    the signatures of ``kv_affine_decode`` / ``kv_turbo_decode`` / ``kv_dense_decode``) that
+    read its buffers in place: stores k, v and returns the attention [B, H, 1, D]; None
+    (nothing stored) when no kernel applies. Windowed caches, whose mask also hides old
+    tokens still held, always take the caller's other path."""
     layout = getattr(cache, "layout", "dense")
-    kernel = {"affine": affine, "turboquant": turbo}.get(layout)
-    if kernel is None or q.shape[2] != 1 or getattr(cache, "start", 0):
+    kernel = {"affine": affine, "turboquant": turbo, "dense": dense}.get(layout)
+    if kernel is None or q.shape[2] != 1 or getattr(cache, "start", 0) or getattr(cache, "window", None):
         return None
     cache.append(k, v)
     starts = starts_from_mask(mask, q.shape[0])
     kb, vb = cache.buffers["k"], cache.buffers["v"]
-    if layout == "affine":
+    if layout == "dense":
+        out = kernel(q[:, :, 0], kb["x"], vb["x"], starts, cache.held, scale=scale)
+    elif layout == "affine":
         codec = cache.codecs["k"]
         out = kernel(q[:, :, 0], kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"], vb["biases"],
                      starts, cache.held, scale=scale, bits=codec.bits, group_size=codec.group_size)

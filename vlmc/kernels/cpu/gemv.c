@@ -48,7 +48,7 @@
 #define VLMC_SIMD 0
 #endif
 
-#define VLMC_ABI 5
+#define VLMC_ABI 6
 #define ALWAYS __attribute__((always_inline)) inline
 #define UNROLL _Pragma("GCC unroll 16")
 
@@ -1151,5 +1151,65 @@ int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, con
     int nth = n_threads < 1 ? 1 : n_threads;
     if (nth > B * HKV) nth = B * HKV;
     run_parallel(kvt_task, &J, nth);
+    return 0;
+}
+
+/* ---- one decode step's attention over a dense float32 KV cache, read in place ----------
+ * The reference is vlmc.kernels.kv_quant.kv_dense_decode. Buffers [B, HKV, cap, D]; keys
+ * starts[b] <= i < held count. Same work split as the coded kernels: one (sequence, KV
+ * head) at a time, its R query heads sharing each row while it is in cache. */
+typedef struct {
+    const float *q, *k, *v;
+    const int32_t *starts;
+    int B, H, HKV, D, cap, held;
+    float scale;
+    float *out;
+    _Atomic int next;
+} kvf_t;
+
+static void kvf_group(const kvf_t *J, int bk, float *sc) {
+    const int D = J->D, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV;
+    const int first = J->starts[b], n = J->held, cap = J->cap;
+    const size_t base = ((size_t)b * J->HKV + hk) * cap;
+    const float *q0 = J->q + ((size_t)b * J->H + (size_t)hk * R) * D;
+    float *out0 = J->out + ((size_t)b * J->H + (size_t)hk * R) * D;
+    for (int i = first; i < n; i++) {
+        const float *x = J->k + (base + i) * D;
+        for (int h = 0; h < R; h++) sc[(size_t)h * cap + i] = dot16(q0 + (size_t)h * D, x, D) * J->scale;
+    }
+    kv_softmax_rows(sc, R, cap, first, n, out0, D);
+    for (int i = first; i < n; i++) {
+        const float *x = J->v + (base + i) * D;
+        for (int h = 0; h < R; h++) {
+            const float p = sc[(size_t)h * cap + i];
+            float *out = out0 + (size_t)h * D;
+            for (int j = 0; j < D; j++) out[j] += p * x[j];
+        }
+    }
+}
+
+static void kvf_task(void *ctx, int ith, int nth) {
+    (void)ith;
+    (void)nth;
+    kvf_t *J = ctx;
+    float *sc = malloc(sizeof(float) * (size_t)(J->H / J->HKV) * J->cap);
+    if (!sc) return;
+    for (;;) {
+        int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
+        if (bk >= J->B * J->HKV) break;
+        kvf_group(J, bk, sc);
+    }
+    free(sc);
+}
+
+int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const int32_t *starts, int B, int H,
+                         int HKV, int D, int cap, int held, float scale, float *out, int n_threads) {
+    if (B < 1 || H < 1 || HKV < 1 || H % HKV || D < 1 || held < 0 || held > cap) return -1;
+    kvf_t J = {.q = q, .k = k, .v = v, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .cap = cap,
+               .held = held, .scale = scale, .out = out};
+    atomic_store(&J.next, 0);
+    int nth = n_threads < 1 ? 1 : n_threads;
+    if (nth > B * HKV) nth = B * HKV;
+    run_parallel(kvf_task, &J, nth);
     return 0;
 }

@@ -1,9 +1,10 @@
-"""One decode step's attention over an affine- or TurboQuant-coded KV cache, on the CPU,
-reading the packed codes in place (``vlmc_kv_affine_decode`` / ``vlmc_kv_turbo_decode`` in
-gemv.c): the CPU counterparts of the GPU kernels of the same names, with the same
-arguments and the same references (``vlmc.kernels.kv_quant``). Decoding the whole cache
-to floats every step (the references) reads and writes several times the bytes the codes
-take."""
+"""One decode step's attention over a KV cache on the CPU, reading its buffers in place:
+affine or TurboQuant codes (``vlmc_kv_affine_decode`` / ``vlmc_kv_turbo_decode`` in gemv.c,
+the CPU counterparts of the GPU kernels of the same names, with the same arguments and
+references in ``vlmc.kernels.kv_quant``) and dense float32 (``vlmc_kv_dense_decode``).
+Decoding the whole cache to floats every step (the coded references) reads and writes
+several times the bytes the codes take; slicing the held tokens out of a dense buffer
+for BLAS copies them every step."""
 from __future__ import annotations
 
 import mlx.core as mx
@@ -59,4 +60,22 @@ def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_cod
     _check(lib.vlmc_kv_turbo_decode(qn.ctypes.data, *(a.ctypes.data for a in arrays), st.ctypes.data, B, H,
                                     k_codes.shape[1], D, k_codes.shape[2], held, k_bits, v_bits, scale,
                                     out.ctypes.data, n_threads), "kv_turbo_decode")
+    return mx.array(out)
+
+
+def kv_dense_decode(q, keys, values, starts, held: int, *, scale: float) -> mx.array:
+    """float32 [B, H, D] attention of q [B, H, D] over the first ``held`` tokens of float32
+    buffers [B, HKV, cap, D]."""
+    lib = _get_lib()
+    B, H, D = q.shape
+    if lib is None or keys.dtype != mx.float32 or values.dtype != mx.float32 or keys.ndim != 4 or H % keys.shape[1]:
+        return _kv_quant.kv_dense_decode(q, keys, values, starts, held, scale=scale)
+    mx.eval(q, keys, values, starts)
+    qn, kn, vn = _np(q.astype(mx.float32)), _np(keys), _np(values)
+    st = _np(starts.astype(mx.int32))
+    out = np.empty((B, H, D), np.float32)
+    from . import n_threads
+    _check(lib.vlmc_kv_dense_decode(qn.ctypes.data, kn.ctypes.data, vn.ctypes.data, st.ctypes.data, B, H,
+                                    keys.shape[1], D, keys.shape[2], held, scale, out.ctypes.data, n_threads),
+           "kv_dense_decode")
     return mx.array(out)
