@@ -5,7 +5,10 @@ Tolerances, as max |ours - reference| / max |reference| over the output:
   only the summation order differs);
 - affine-quantized weights vs ``mx.quantized_matmul``: 1e-4 (we use
   s*sum(q*x) + b*sum(x) per group instead of sum((s*q + b)*x));
-- dequantize vs ``mx.dequantize`` with float32 scales: 1e-6.
+- dequantize vs ``mx.dequantize`` with float32 scales: 1e-6;
+- 4-bit weights with int8 activations (one-row GEMVs on AVX512-VNNI machines, the
+  default there): 2e-2, and relative L2 error 1e-2 (measured max 0.4-1.3%, L2 about
+  0.6%: x rounded to int8 per 64 values). The exact 4-bit tests run with it turned off.
 Every path is exercised: GEMV (rows <= 8, with N not a multiple of the row blocks or the
 thread split, K chunked or not), numpy GEMM (rows > 8), the portable scalar build, and
 the MLX fallbacks.
@@ -34,6 +37,16 @@ def rel_err(a: mx.array, b: mx.array) -> float:
     b = np.asarray(b.astype(mx.float32))
     assert a.shape == b.shape
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@pytest.fixture
+def float_activations(monkeypatch):
+    """4-bit GEMVs with float32 x (VLMC_CPU_INT8_ACTIVATIONS=0) for the exact tests."""
+    monkeypatch.setenv("VLMC_CPU_INT8_ACTIVATIONS", "0")
+    cpu.refresh()
+    yield
+    monkeypatch.undo()
+    cpu.refresh()
 
 
 def rand(*shape, scale=1.0):
@@ -109,7 +122,7 @@ def qref(x, wq, s, b, bits, gs, bias=None):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("gs", [32, 64, 128])
 @pytest.mark.parametrize("sdtype", [mx.float32, mx.bfloat16])
-def test_qlinear_simd_bits(bits, gs, sdtype):
+def test_qlinear_simd_bits(bits, gs, sdtype, float_activations):
     # K = 384 with gs 32/128 leaves no remainder; K = 160 (gs 32) exercises the 4-bit
     # kernel's half-span tail (K % 64 == 32); 4096 is chunked in K for several rows.
     # K = 4608 with one row takes the long-row kernels (several weight rows per x load).
@@ -123,6 +136,35 @@ def test_qlinear_simd_bits(bits, gs, sdtype):
                 ref = qref(x, wq, s, b, bits, gs, bb)
                 assert y.dtype == ref.dtype and y.shape == ref.shape
                 assert rel_err(y, ref) < QUANT_TOL, (bits, gs, sdtype, N, K, M, bb is not None)
+
+
+@pytest.mark.parametrize("gs", [64, 128])
+@pytest.mark.parametrize("sdtype", [mx.float32, mx.bfloat16])
+def test_qlinear_int8_activations(gs, sdtype):
+    """One-row 4-bit GEMVs with x rounded to int8 per 64 values (the default where the CPU
+    has AVX512-VNNI): within the stated tolerance, really taken (results differ from the
+    float path), and off with VLMC_CPU_INT8_ACTIVATIONS=0. The relative L2 error must stay
+    near that of W @ (x_int8 - x) (~0.6%): computing the bias terms from the unrounded x
+    instead doubles it, because the codes' mean (7.5) then no longer cancels."""
+    if not cpu.int8_activations():
+        pytest.skip("no AVX512-VNNI on this CPU (or turned off)")
+    for N, K in [(259, 1536), (35, 4096), (23, 4608), (77, 384), (1536, 8960)]:
+        wq, s, b = mx.quantize(mx.random.normal((N, K), scale=0.02).astype(sdtype), group_size=gs, bits=4)
+        x = rand(1, K)
+        y = np.asarray(cpu.qlinear(x, wq, s, b, bits=4, group_size=gs).astype(mx.float32))
+        ref = qref(x, wq, s, b, 4, gs)
+        r = np.asarray(ref.astype(mx.float32))
+        l2 = float(np.linalg.norm(y - r) / np.linalg.norm(r))
+        assert 1e-6 < l2 < 1e-2 and rel_err(mx.array(y), ref) < 2e-2, (N, K, l2)
+    import os
+    os.environ["VLMC_CPU_INT8_ACTIVATIONS"] = "0"
+    try:
+        cpu.refresh()
+        assert not cpu.int8_activations()
+        assert rel_err(cpu.qlinear(x, wq, s, b, bits=4, group_size=gs), ref) < QUANT_TOL
+    finally:
+        del os.environ["VLMC_CPU_INT8_ACTIVATIONS"]
+        cpu.refresh()
 
 
 @pytest.mark.parametrize("bits", [2, 3, 5, 6])

@@ -59,14 +59,30 @@ def _get_lib() -> ctypes.CDLL | None:
     if not _lib_checked:
         _lib = _build.load()
         _lib_checked = True
+        _apply_int8_activations()
     return _lib
 
 
+def int8_activations() -> bool:
+    """Whether one-row 4-bit GEMVs quantize x to int8 per 64 values (AVX512-VNNI machines
+    only): about 2x the speed for ~0.6% relative output error, against ~10% from the
+    4-bit weights themselves. ``VLMC_CPU_INT8_ACTIVATIONS=0`` keeps float32 x."""
+    flag = os.environ.get("VLMC_CPU_INT8_ACTIVATIONS", "1").strip().lower()
+    return flag not in ("0", "false", "no", "off") and _lib is not None and bool(_lib.vlmc_q4_int8_x_available())
+
+
+def _apply_int8_activations() -> None:
+    if _lib is not None:
+        _lib.vlmc_set_q4_int8_x(int(int8_activations()))
+
+
 def refresh() -> None:
-    """Re-read ``VLMC_CPU_KERNELS`` / ``VLMC_CPU_THREADS`` (read once at import)."""
+    """Re-read ``VLMC_CPU_KERNELS`` / ``VLMC_CPU_THREADS`` / ``VLMC_CPU_INT8_ACTIVATIONS``
+    (read once at import)."""
     global _enabled, n_threads
     _enabled = _build.enabled()
     n_threads = _default_threads()
+    _apply_int8_activations()
     _qplans.clear()  # plans remember whether the kernels were available
 
 
