@@ -6,7 +6,7 @@ Tolerances, as max |ours - reference| / max |reference| over the output:
 - affine-quantized weights vs ``mx.quantized_matmul``: 1e-4 (we use
   s*sum(q*x) + b*sum(x) per group instead of sum((s*q + b)*x));
 - dequantize vs ``mx.dequantize`` with float32 scales: 1e-6;
-- 4-bit weights with int8 activations (one-row GEMVs on AVX512-VNNI machines, the
+- 4-bit weights with int8 activations (GEMVs of up to 16 rows on AVX512-VNNI machines, the
   default there): 2e-2, and relative L2 error 1e-2 (measured max 0.4-1.3%, L2 about
   0.6%: x rounded to int8 per 64 values). The exact 4-bit tests run with it turned off.
 Every path is exercised: GEMV (rows <= 8, with N not a multiple of the row blocks or the
@@ -141,16 +141,17 @@ def test_qlinear_simd_bits(bits, gs, sdtype, float_activations):
 @pytest.mark.parametrize("gs", [64, 128])
 @pytest.mark.parametrize("sdtype", [mx.float32, mx.bfloat16])
 def test_qlinear_int8_activations(gs, sdtype):
-    """One-row 4-bit GEMVs with x rounded to int8 per 64 values (the default where the CPU
+    """4-bit GEMVs (up to 16 rows) with x rounded to int8 per 64 values (the default where the CPU
     has AVX512-VNNI): within the stated tolerance, really taken (results differ from the
     float path), and off with VLMC_CPU_INT8_ACTIVATIONS=0. The relative L2 error must stay
     near that of W @ (x_int8 - x) (~0.6%): computing the bias terms from the unrounded x
     instead doubles it, because the codes' mean (7.5) then no longer cancels."""
     if not cpu.int8_activations():
         pytest.skip("no AVX512-VNNI on this CPU (or turned off)")
-    for N, K in [(259, 1536), (35, 4096), (23, 4608), (77, 384), (1536, 8960)]:
+    for (N, K), M in zip([(259, 1536), (35, 4096), (23, 4608), (77, 384), (1536, 8960), (130, 640)],
+                         [1, 1, 3, 8, 1, 13]):  # 13 rows: slices of 8 and 5 (no zero padding)
         wq, s, b = mx.quantize(mx.random.normal((N, K), scale=0.02).astype(sdtype), group_size=gs, bits=4)
-        x = rand(1, K)
+        x = rand(M, K)
         y = np.asarray(cpu.qlinear(x, wq, s, b, bits=4, group_size=gs).astype(mx.float32))
         ref = qref(x, wq, s, b, 4, gs)
         r = np.asarray(ref.astype(mx.float32))
@@ -178,7 +179,7 @@ def test_qlinear_other_bits(bits):
                            qref(x, wq, s, b, bits, gs)) < QUANT_TOL, (bits, gs, M)
 
 
-def test_qlinear_quant_weight_object_and_leading_dims():
+def test_qlinear_quant_weight_object_and_leading_dims(float_activations):
     wq, s, b = quantized(70, 256, 4, 64, mx.bfloat16)
     qw = types.SimpleNamespace(weight=wq, scales=s, biases=b, bits=4, group_size=64, mode="affine")
     x = rand(2, 3, 256)
@@ -287,7 +288,7 @@ def test_avx2_only_build_matches(monkeypatch):
                                qref(x, wq, s, bq, bits, gs, b)) < QUANT_TOL, (N, K, M, bits, gs)
 
 
-def test_padded_rows_5_to_7():
+def test_padded_rows_5_to_7(float_activations):
     """M = 5..7 runs the 8-row kernels on zero-padded activations."""
     w = rand(83, 640, scale=0.05)
     wq, s, b = mx.quantize(w, group_size=64, bits=4)

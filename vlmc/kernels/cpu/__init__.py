@@ -64,9 +64,10 @@ def _get_lib() -> ctypes.CDLL | None:
 
 
 def int8_activations() -> bool:
-    """Whether one-row 4-bit GEMVs quantize x to int8 per 64 values (AVX512-VNNI machines
-    only): about 2x the speed for ~0.6% relative output error, against ~10% from the
-    4-bit weights themselves. ``VLMC_CPU_INT8_ACTIVATIONS=0`` keeps float32 x."""
+    """Whether 4-bit GEMVs (decode: up to GEMV_MAX_ROWS rows) quantize x to int8 per 64
+    values (AVX512-VNNI machines only): 1.7-2.9x the kernel speed for ~0.6% relative output
+    error, against 4-10% from the 4-bit weights themselves. Prefill keeps float32 (the
+    BLAS GEMM was as fast at 128 rows). ``VLMC_CPU_INT8_ACTIVATIONS=0`` keeps float32 x."""
     flag = os.environ.get("VLMC_CPU_INT8_ACTIVATIONS", "1").strip().lower()
     return flag not in ("0", "false", "no", "off") and _lib is not None and bool(_lib.vlmc_q4_int8_x_available())
 

@@ -445,37 +445,39 @@ static ALWAYS void q4_block(const int R, const int M, const int P, const int FOL
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define VLMC_VNNI 1
-/* ---- 4-bit x int8 activations (one activation row; AVX512-VNNI): per 64-block, x is
+/* ---- 4-bit x int8 activations (up to 8 activation rows per pass; AVX512-VNNI): per 64-block, x is
  * quantized to int8 with its own scale (x8s) and stored as 32 bytes pairing with the low
  * nibbles of the block's 32 code bytes, then 32 pairing with the high nibbles. Two
  * vpdpbusd then give the block's integer dot in 8 lanes, which one FMA scales by the
  * weight group's scale times x's block scale: about 10 instructions per 64 codes where
  * the float kernel needs 33, so the kernel is no longer bound by its own arithmetic. The
  * bias terms stay exact (q_finish, float group sums of x). Needs gs % 64 == 0. */
-static ALWAYS void q4v_block(const int R, const int ST, const job_t *J, int n, int k0, int k1, float *part,
-                             size_t pfo) {
-    const int K = J->K, gs = J->gs, G = J->G;
+static ALWAYS void q4v_block(const int R, const int M, const int ST, const job_t *J, int n, int k0, int k1,
+                             float *part, size_t pfo) {
+    const int K = J->K, gs = J->gs, G = J->G, nb = K / 64;
     const size_t ws = (size_t)K / 8;
     const uint32_t *w = (const uint32_t *)J->w + (size_t)n * ws;
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256 tot[4];
-    UNROLL for (int r = 0; r < R; r++) tot[r] = _mm256_setzero_ps();
+    __m256 tot[4][8];
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) tot[r][m] = _mm256_setzero_ps();
     for (int kb = k0; kb < k1; kb += 64) {
-        const __m256i xlo = _mm256_loadu_si256((const __m256i *)(J->x8 + kb));
-        const __m256i xhi = _mm256_loadu_si256((const __m256i *)(J->x8 + kb + 32));
-        const float xsc = J->x8s[kb >> 6];
         const size_t g = (size_t)kb / gs;
         UNROLL for (int r = 0; r < R; r++) {
             const uint32_t *wb = w + r * ws + ((unsigned)kb >> 3);
             pf(wb, pfo);
             const __m256i v = _mm256_loadu_si256((const __m256i *)wb);
-            __m256i a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(v, m4), xlo);
-            a = _mm256_dpbusd_epi32(a, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), xhi);
-            const float s = ld_param(J->sc, (size_t)(n + r) * G + g, ST) * xsc;
-            tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(s), tot[r]);
+            const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            const float s = ld_param(J->sc, (size_t)(n + r) * G + g, ST);
+            UNROLL for (int m = 0; m < M; m++) {
+                const int8_t *xb = J->x8 + (size_t)m * K + kb;
+                __m256i a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i *)xb));
+                a = _mm256_dpbusd_epi32(a, hi, _mm256_loadu_si256((const __m256i *)(xb + 32)));
+                tot[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a),
+                                            _mm256_set1_ps(s * J->x8s[(size_t)m * nb + (kb >> 6)]), tot[r][m]);
+            }
         }
     }
-    UNROLL for (int r = 0; r < R; r++) part[r] += hsum(tot[r]);
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) part[r * M + m] += hsum(tot[r][m]);
 }
 #else
 #define VLMC_VNNI 0
@@ -566,7 +568,7 @@ DEFINE_RANGE(bf16, CALL_BF16, 0)
 DEFINE_RANGE(q4, q4_block, 1)
 DEFINE_RANGE(q8, q8_block, 1)
 #if VLMC_VNNI
-#define CALL_Q4V(R, M, P, F, ST, J, n, k0, k1, part, pfo) q4v_block(R, ST, J, n, k0, k1, part, pfo)
+#define CALL_Q4V(R, M, P, F, ST, J, n, k0, k1, part, pfo) q4v_block(R, M, ST, J, n, k0, k1, part, pfo)
 DEFINE_RANGE(q4v, CALL_Q4V, 1)
 #endif
 
@@ -651,12 +653,25 @@ DEFQ_((q4, Q_S1)) DEFQ_((q4, Q4_L1)) DEFQ_((q4, Q_2)) DEFQ_((q4, Q_3)) DEFQ_((q4
 DEFQ_((q8, Q_S1)) DEFQ_((q8, Q8_L1)) DEFQ_((q8, Q_2)) DEFQ_((q8, Q_3)) DEFQ_((q8, Q8_4)) DEFQ_((q8, Q_8))
 
 #if VLMC_VNNI
-DEFQ(q4v, 1, 1, 1, 1) DEFQ(q4v, 4, 1, 1, 1)
+DEFQ(q4v, 1, 1, 1, 1) DEFQ(q4v, 4, 1, 1, 1) DEFQ(q4v, 2, 2, 1, 1) DEFQ(q4v, 2, 3, 1, 1) DEFQ(q4v, 2, 4, 1, 1)
+DEFQ(q4v, 1, 5, 1, 1) DEFQ(q4v, 1, 6, 1, 1) DEFQ(q4v, 1, 7, 1, 1) DEFQ(q4v, 1, 8, 1, 1)
+static void q4v_rows(const job_t *J, int n0, int n1) {
+    switch (J->M) {
+    case 1: (J->long_rows ? KFN(q4v, 4, 1, 1, 1) : KFN(q4v, 1, 1, 1, 1))(J, n0, n1); break;
+    case 2: KFN(q4v, 2, 2, 1, 1)(J, n0, n1); break;
+    case 3: KFN(q4v, 2, 3, 1, 1)(J, n0, n1); break;
+    case 4: KFN(q4v, 2, 4, 1, 1)(J, n0, n1); break;
+    case 5: KFN(q4v, 1, 5, 1, 1)(J, n0, n1); break;
+    case 6: KFN(q4v, 1, 6, 1, 1)(J, n0, n1); break;
+    case 7: KFN(q4v, 1, 7, 1, 1)(J, n0, n1); break;
+    default: KFN(q4v, 1, 8, 1, 1)(J, n0, n1); break;
+    }
+}
 #endif
 static void q4_rows(const job_t *J, int n0, int n1) {
 #if VLMC_VNNI
     if (J->x8) {
-        (J->long_rows ? KFN(q4v, 4, 1, 1, 1) : KFN(q4v, 1, 1, 1, 1))(J, n0, n1);
+        q4v_rows(J, n0, n1);
         return;
     }
 #endif
@@ -818,6 +833,8 @@ static int gemv_padded(job_t *J, double wbytes, int n_threads) {
 static int gemv_sliced(job_t *J, double wbytes, int n_threads) {
     const int M = J->M, N = J->N;
     const float *x = J->x, *xq = J->xq, *xs = J->xs;
+    const int8_t *x8 = J->x8;
+    const float *x8s = J->x8s;
     float *y = J->y;
     int rc = 0;
     for (int m0 = 0; m0 < M && !rc; m0 += 8) {
@@ -826,7 +843,11 @@ static int gemv_sliced(job_t *J, double wbytes, int n_threads) {
         J->xq = xq + (size_t)m0 * J->K;
         J->xs = xs ? xs + (size_t)m0 * J->G : NULL;
         J->y = y + (size_t)m0 * N;
-        if (simd_ok(J) && J->M > 4 && J->M < 8) rc = gemv_padded(J, wbytes, n_threads);
+        if (x8) {
+            J->x8 = x8 + (size_t)m0 * J->K;
+            J->x8s = x8s + (size_t)m0 * (J->K / 64);
+        }
+        if (simd_ok(J) && J->M > 4 && J->M < 8 && !x8) rc = gemv_padded(J, wbytes, n_threads);
         else run_gemv(J, wbytes, n_threads);
     }
     return rc;
@@ -861,7 +882,7 @@ static int check_q(int K, int N, int bits, int gs, int st) {
 #ifndef VLMC_VNNI
 #define VLMC_VNNI 0
 #endif
-/* 4-bit GEMV with int8 activations (VNNI, one activation row); vlmc_set_q4_int8_x(0) turns it off */
+/* 4-bit GEMV with int8 activations (VNNI); vlmc_set_q4_int8_x(0) turns it off */
 static int q4_int8_x = 1;
 void vlmc_set_q4_int8_x(int on) { q4_int8_x = on; }
 int vlmc_q4_int8_x_available(void) { return VLMC_VNNI; }
@@ -899,26 +920,31 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
     int8_t *x8 = NULL;
     float *x8s = NULL;
 #if VLMC_VNNI
-    if (bits == 4 && M == 1 && gs % 64 == 0 && q4_int8_x && simd_ok(&J)) { /* see q4v_block */
-        x8 = malloc((size_t)K);
-        x8s = malloc(sizeof(float) * (size_t)(K / 64));
+    if (bits == 4 && gs % 64 == 0 && q4_int8_x && simd_ok(&J)) { /* see q4v_block */
+        x8 = malloc((size_t)M * K);
+        x8s = malloc(sizeof(float) * (size_t)M * (K / 64));
         if (!x8 || !x8s) { free(x8); free(x8s); free(xq); free(xs); return -5; }
-        for (int kb = 0; kb < K; kb += 64) {
-            float amax = 0.f;
-            for (int i = 0; i < 64; i++) amax = fmaxf(amax, fabsf(x[kb + i]));
-            const float sc = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-            x8s[kb / 64] = sc;
-            int sum = 0;
-            for (int b = 0; b < 32; b++) {
-                const int k = kb + 8 * (b >> 2) + 2 * (b & 3);
-                x8[kb + b] = (int8_t)lrintf(x[k] * inv);
-                x8[kb + 32 + b] = (int8_t)lrintf(x[k + 1] * inv);
-                sum += x8[kb + b] + x8[kb + 32 + b];
+        for (int m = 0; m < M; m++) {
+            const float *xr = x + (size_t)m * K;
+            int8_t *q = x8 + (size_t)m * K;
+            float *xg = xs + (size_t)m * G;
+            for (int kb = 0; kb < K; kb += 64) {
+                float amax = 0.f;
+                for (int i = 0; i < 64; i++) amax = fmaxf(amax, fabsf(xr[kb + i]));
+                const float sc = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+                x8s[(size_t)m * (K / 64) + kb / 64] = sc;
+                int sum = 0;
+                for (int b = 0; b < 32; b++) {
+                    const int k = kb + 8 * (b >> 2) + 2 * (b & 3);
+                    q[kb + b] = (int8_t)lrintf(xr[k] * inv);
+                    q[kb + 32 + b] = (int8_t)lrintf(xr[k + 1] * inv);
+                    sum += q[kb + b] + q[kb + 32 + b];
+                }
+                /* the bias terms must see the same (quantized) x as the codes: the minimum
+                 * and the codes' mean cancel, and with exact x here the rounding would not */
+                if (kb % gs == 0) xg[kb / gs] = 0.f;
+                xg[kb / gs] += sc * (float)sum;
             }
-            /* the bias terms must see the same (quantized) x as the codes: the minimum and
-             * the codes' mean cancel, and with exact x here the rounding would not */
-            if (kb % gs == 0) xs[kb / gs] = 0.f;
-            xs[kb / gs] += sc * (float)sum;
         }
         J.x8 = x8;
         J.x8s = x8s;
