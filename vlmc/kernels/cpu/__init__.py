@@ -67,7 +67,7 @@ def int8_activations() -> bool:
     """Whether 4-bit GEMVs (decode: up to GEMV_MAX_ROWS rows) quantize x to int8 per 64
     values (AVX512-VNNI machines only): 1.7-2.9x the kernel speed for ~0.6% relative output
     error, against 4-10% from the 4-bit weights themselves. Prefill keeps float32 (the
-    BLAS GEMM was as fast at 128 rows). ``VLMC_CPU_INT8_ACTIVATIONS=0`` keeps float32 x."""
+    BLAS GEMM path was about as fast at 128 rows). ``VLMC_CPU_INT8_ACTIVATIONS=0`` keeps float32 x."""
     flag = os.environ.get("VLMC_CPU_INT8_ACTIVATIONS", "1").strip().lower()
     return flag not in ("0", "false", "no", "off") and _lib is not None and bool(_lib.vlmc_q4_int8_x_available())
 

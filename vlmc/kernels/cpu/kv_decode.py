@@ -3,8 +3,10 @@ affine or TurboQuant codes (``vlmc_kv_affine_decode`` / ``vlmc_kv_turbo_decode``
 the CPU counterparts of the GPU kernels of the same names, with the same arguments and
 references in ``vlmc.kernels.kv_quant``) and dense float32 (``vlmc_kv_dense_decode``).
 Decoding the whole cache to floats every step (the coded references) reads and writes
-several times the bytes the codes take; slicing the held tokens out of a dense buffer
-for BLAS copies them every step."""
+several times the bytes the codes take. For dense caches the kernel replaced the BLAS
+attention path in decode steps: 3.13 / 2.83 / 2.20 -> 6.33 / 5.22 / 3.33 tok/s at 4k /
+16k / 32k cached tokens (Qwen2-VL-2B q4, 2-core CPU; the held slice reached numpy without
+a copy, so the gain is in the attention itself)."""
 from __future__ import annotations
 
 import mlx.core as mx
