@@ -36,6 +36,10 @@ __all__ = ["linear", "qlinear", "qembedding", "dequantize", "enabled", "availabl
 # x rows up to which the GEMV kernels (in passes of 8 rows) beat convert + OpenBLAS GEMM:
 # measured crossover on a 2-core Zen 4 at 16-32 rows for every weight format.
 GEMV_MAX_ROWS = 16
+# 4-bit weights times int8 x for more rows (prefill, vision; AVX512-VNNI, see gemv.c): from
+# this many multiply-adds on, where it measured 1.5-2.8x the dequantize + OpenBLAS path on
+# Qwen2-VL-2B shapes; below it the fixed costs (rounding x, threads) do not pay.
+INT8_GEMM_MIN_MACS = 1 << 24
 GEMM_SLICE_ELEMS = 4 * 1024 * 1024  # float32 elements of weight converted per GEMM slice
 # Threads converting GEMM slices. One: the slices alternate with OpenBLAS's GEMM, whose
 # threads keep spinning after each call and would fight our workers for the cores.
@@ -64,10 +68,10 @@ def _get_lib() -> ctypes.CDLL | None:
 
 
 def int8_activations() -> bool:
-    """Whether 4-bit GEMVs (decode: up to GEMV_MAX_ROWS rows) quantize x to int8 per 64
-    values (AVX512-VNNI machines only): 1.7-2.9x the kernel speed for ~0.6% relative output
-    error, against 4-10% from the 4-bit weights themselves. Prefill keeps float32 (the
-    BLAS GEMM path was about as fast at 128 rows). ``VLMC_CPU_INT8_ACTIVATIONS=0`` keeps float32 x."""
+    """Whether 4-bit matmuls quantize x to int8 per 64 values (AVX512-VNNI machines only):
+    GEMVs of up to GEMV_MAX_ROWS rows (decode) run 1.7-2.9x faster, larger products
+    (prefill, the vision tower) 1.5-2.8x, for ~0.6% relative output error, against 4-10%
+    from the 4-bit weights themselves. ``VLMC_CPU_INT8_ACTIVATIONS=0`` keeps float32 x."""
     flag = os.environ.get("VLMC_CPU_INT8_ACTIVATIONS", "1").strip().lower()
     return flag not in ("0", "false", "no", "off") and _lib is not None and bool(_lib.vlmc_q4_int8_x_available())
 
@@ -324,6 +328,14 @@ def qlinear(x: mx.array, w, scales=None, biases=None, b: mx.array | None = None,
         _check(lib.vlmc_gemv_q(xn.ctypes.data, M, K, wh.ptr, sh.ptr, bh_.ptr, st, N, bits, group_size,
                                bias.ptr if bias else None, y.ctypes.data, n_threads), "gemv_q")
         return _finish(y, lead, out_dtype)
+    if (bits == 4 and group_size % 64 == 0 and M * N * K >= INT8_GEMM_MIN_MACS and st in (0, 1)
+            and int8_activations() and lib.vlmc_gemm_q4_i8_available()):
+        y = np.empty((M, N), np.float32)
+        rc = lib.vlmc_gemm_q4_i8(xn.ctypes.data, M, K, wh.ptr, sh.ptr, bh_.ptr, st, N, group_size,
+                                 bias.ptr if bias else None, y.ctypes.data, n_threads)
+        if rc != -6:  # -6: a shape the kernel does not cover; the float GEMM below does
+            _check(rc, "gemm_q4_i8")
+            return _finish(y, lead, out_dtype)
     G = K // group_size
     words = w.shape[1]
 

@@ -48,7 +48,7 @@
 #define VLMC_SIMD 0
 #endif
 
-#define VLMC_ABI 7
+#define VLMC_ABI 8
 #define ALWAYS __attribute__((always_inline)) inline
 #define UNROLL _Pragma("GCC unroll 16")
 
@@ -1329,4 +1329,150 @@ int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const i
     if (nth > B * HKV) nth = B * HKV;
     run_parallel(kvf_task, &J, nth);
     return 0;
+}
+
+/* ---- 4-bit weights x int8 activations, many rows (prefill, vision; AVX512-VNNI) --------
+ * y[M, N] = x @ dequantize(w)^T (+ bias). x is rounded to int8 per 64 values of a row
+ * (scale amax / 127), as in the GEMV. Output columns go in panels of 16: a thread unpacks
+ * the panel's 16 weight rows into int8 codes laid out [K / 4][16][4], so one 64-byte load
+ * feeds vpdpbusd for 16 columns x 4 k, against a broadcast of 4 bytes of an x row. Eight x
+ * rows at a time keep 8 integer and 8 float accumulators; every 64 k the integer sums are
+ * scaled by the weight group's scales (a vector over the panel) times the x block's scale.
+ * The bias terms use group sums of the rounded x (see q4v_block). Needs gs % 64 == 0. */
+#if VLMC_VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
+#define VLMC_GEMM_I8 1
+typedef struct {
+    const int8_t *x8;      /* [Mp, K] rounded x, Mp = M rounded up to 8 (zero rows) */
+    const float *xsc;      /* [Mp, K / 64] x block scales */
+    const float *xsum;     /* [Mp, G] group sums of the rounded x */
+    const uint32_t *w;
+    const void *sc, *bi;
+    const float *bias;
+    float *y;
+    int st, M, Mp, N, K, gs, G;
+    _Atomic int next;
+} gi8_t;
+
+/* codes of weight row n in natural order, one byte each (K bytes) */
+static ALWAYS void gi8_unpack_row(const uint32_t *wr, int K, uint8_t *out) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int k = 0; k < K; k += 64) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(wr + k / 8));
+        const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);
+        _mm256_storeu_si256((__m256i *)(out + k), _mm256_permute2x128_si256(a, b, 0x20));
+        _mm256_storeu_si256((__m256i *)(out + k + 32), _mm256_permute2x128_si256(a, b, 0x31));
+    }
+}
+
+static void gi8_panel(const gi8_t *J, int n0, uint32_t *pk, float *ps, float *pb, uint8_t *row) {
+    const int K = J->K, G = J->G, K4 = K / 4, nb = K / 64, cols = J->N - n0 < 16 ? J->N - n0 : 16;
+    for (int c = 0; c < 16; c++) {
+        if (c < cols) {
+            gi8_unpack_row(J->w + (size_t)(n0 + c) * (K / 8), K, row);
+            const uint32_t *r32 = (const uint32_t *)row;
+            for (int k4 = 0; k4 < K4; k4++) pk[(size_t)k4 * 16 + c] = r32[k4];
+            for (int g = 0; g < G; g++) {
+                ps[g * 16 + c] = ld_param(J->sc, (size_t)(n0 + c) * G + g, J->st);
+                pb[g * 16 + c] = ld_param(J->bi, (size_t)(n0 + c) * G + g, J->st);
+            }
+        } else {
+            for (int k4 = 0; k4 < K4; k4++) pk[(size_t)k4 * 16 + c] = 0;
+            for (int g = 0; g < G; g++) ps[g * 16 + c] = pb[g * 16 + c] = 0.f;
+        }
+    }
+    const int bpg = J->gs / 64; /* x blocks per weight group */
+    for (int m0 = 0; m0 < J->Mp; m0 += 8) {
+        __m512 facc[8];
+        UNROLL for (int i = 0; i < 8; i++) facc[i] = _mm512_setzero_ps();
+        for (int g = 0; g < G; g++) {
+            const __m512 sv = _mm512_loadu_ps(ps + g * 16), bv = _mm512_loadu_ps(pb + g * 16);
+            for (int xb = 0; xb < bpg; xb++) {
+                const int b = g * bpg + xb, k40 = b * 16;
+                __m512i iacc[8];
+                UNROLL for (int i = 0; i < 8; i++) iacc[i] = _mm512_setzero_si512();
+                for (int k4 = k40; k4 < k40 + 16; k4++) {
+                    const __m512i wv = _mm512_loadu_si512((const void *)(pk + (size_t)k4 * 16));
+                    UNROLL for (int i = 0; i < 8; i++) {
+                        const __m512i xv = _mm512_set1_epi32(*(const int32_t *)(J->x8 + (size_t)(m0 + i) * K + 4 * k4));
+                        iacc[i] = _mm512_dpbusd_epi32(iacc[i], wv, xv);
+                    }
+                }
+                UNROLL for (int i = 0; i < 8; i++)
+                    facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i]),
+                                              _mm512_mul_ps(sv, _mm512_set1_ps(J->xsc[(size_t)(m0 + i) * nb + b])), facc[i]);
+            }
+            UNROLL for (int i = 0; i < 8; i++)
+                facc[i] = _mm512_fmadd_ps(bv, _mm512_set1_ps(J->xsum[(size_t)(m0 + i) * G + g]), facc[i]);
+        }
+        for (int i = 0; i < 8 && m0 + i < J->M; i++) {
+            float out[16];
+            _mm512_storeu_ps(out, facc[i]);
+            float *yr = J->y + (size_t)(m0 + i) * J->N + n0;
+            for (int c = 0; c < cols; c++) yr[c] = out[c] + (J->bias ? J->bias[n0 + c] : 0.f);
+        }
+    }
+}
+
+static void gi8_task(void *ctx, int ith, int nth) {
+    (void)ith;
+    (void)nth;
+    gi8_t *J = ctx;
+    const int K = J->K, G = J->G;
+    uint8_t *buf = malloc((size_t)16 * K + sizeof(float) * 32 * (size_t)G + (size_t)K + 64);
+    if (!buf) return;
+    uint32_t *pk = (uint32_t *)buf;
+    float *ps = (float *)(buf + (size_t)16 * K), *pb = ps + 16 * (size_t)G;
+    uint8_t *row = (uint8_t *)(pb + 16 * (size_t)G);
+    for (;;) {
+        const int p = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
+        if (p * 16 >= J->N) break;
+        gi8_panel(J, p * 16, pk, ps, pb, row);
+    }
+    free(buf);
+}
+#else
+#define VLMC_GEMM_I8 0
+#endif
+
+int vlmc_gemm_q4_i8_available(void) { return VLMC_GEMM_I8; }
+
+/* Returns -6 where the machine or the shape is not covered (the caller uses the GEMM). */
+int vlmc_gemm_q4_i8(const float *x, int M, int K, const uint32_t *w, const void *scales, const void *biases, int st,
+                    int N, int gs, const float *bias, float *y, int n_threads) {
+#if VLMC_GEMM_I8
+    if (M < 1 || N < 1 || K < 64 || K % 64 || gs < 64 || gs % 64 || K % gs || st < 0 || st > 1) return -6;
+    const int Mp = (M + 7) / 8 * 8, nb = K / 64, G = K / gs;
+    int8_t *x8 = calloc((size_t)Mp * K, 1);
+    float *xsc = calloc((size_t)Mp * nb, sizeof(float)), *xsum = calloc((size_t)Mp * G, sizeof(float));
+    if (!x8 || !xsc || !xsum) { free(x8); free(xsc); free(xsum); return -5; }
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < nb; b++) {
+            const float *xr = x + (size_t)m * K + b * 64;
+            float amax = 0.f;
+            for (int i = 0; i < 64; i++) amax = fmaxf(amax, fabsf(xr[i]));
+            const float sc = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+            int sum = 0;
+            int8_t *q = x8 + (size_t)m * K + b * 64;
+            for (int i = 0; i < 64; i++) {
+                q[i] = (int8_t)lrintf(xr[i] * inv);
+                sum += q[i];
+            }
+            xsc[(size_t)m * nb + b] = sc;
+            xsum[(size_t)m * G + b * 64 / gs] += sc * (float)sum;
+        }
+    gi8_t J = {.x8 = x8, .xsc = xsc, .xsum = xsum, .w = w, .sc = scales, .bi = biases, .bias = bias, .y = y,
+               .st = st, .M = M, .Mp = Mp, .N = N, .K = K, .gs = gs, .G = G};
+    atomic_store(&J.next, 0);
+    int nth = n_threads < 1 ? 1 : n_threads;
+    run_parallel(gi8_task, &J, nth);
+    free(x8);
+    free(xsc);
+    free(xsum);
+    return 0;
+#else
+    (void)x; (void)M; (void)K; (void)w; (void)scales; (void)biases; (void)st; (void)N; (void)gs; (void)bias;
+    (void)y; (void)n_threads;
+    return -6;
+#endif
 }
