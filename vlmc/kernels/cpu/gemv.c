@@ -1071,6 +1071,32 @@ float vlmc_stream_read(const float *p, int64_t n, int n_threads) {
     return s;
 }
 
+/* ---- one decode step's attention over a KV cache, read in place -----------------------
+ * The same computation as vlmc.kernels.kv_quant.kv_{dense,affine,turbo}_decode: per
+ * (sequence, KV head), scores of its R = H / HKV query heads against every held key,
+ * softmax, then the values accumulated. Buffers are [B, HKV, cap, *]; keys starts[b] <= i
+ * < held count. One driver serves every layout (instantiated per layout, KV_TASK); a layout
+ * only says how to turn one stored row into floats (kv_row_fn), and each row is decoded
+ * once for all R query heads. */
+typedef struct kv_job kv_job;
+/* Row r of the keys (v = 0) or values (v = 1) as D floats: either x, filled, or a pointer
+ * into the cache; *f is a factor the row's dot products or weights are multiplied by. */
+typedef const float *(*kv_row_fn)(const kv_job *J, int v, size_t r, float *x, float *f);
+struct kv_job {
+    const float *q;
+    const int32_t *starts;
+    int B, H, HKV, D, cap, held;
+    float scale;
+    float *out;
+    /* layout data: dense float32 rows; affine codes (bf16 scales/minimums); TurboQuant codes */
+    const float *k, *v;
+    const uint8_t *kc, *vc;
+    const uint16_t *ks, *kb, *vs, *vb;
+    const float *kn, *vn, *kcb, *vcb;
+    int bits, gs, kbits, vbits;
+    _Atomic int next;
+};
+
 /* Softmax over keys first <= i < n of each of R score rows (stride cap), in place, and
  * zero the R output rows of D floats that the value pass accumulates into. */
 static void kv_softmax_rows(float *sc, int R, int cap, int first, int n, float *out0, int D) {
@@ -1087,25 +1113,8 @@ static void kv_softmax_rows(float *sc, int R, int cap, int first, int n, float *
     }
 }
 
-/* ---- one decode step's attention over affine-coded KV (vlmc.runtime.kv_codecs.Affine) --
- * The same computation as vlmc.kernels.kv_quant.kv_affine_decode, reading the packed
- * codes in place: per (sequence, head) scores from the key codes, softmax, values
- * accumulated from the value codes. Codes: uint8 rows of D * bits / 8 bytes (8-bit: one
- * byte each; 4-bit: byte b holds codes 2b (low nibble) and 2b + 1); scales and minimums:
- * bfloat16 [.., D / gs]. Buffers are [B, HKV, cap, *]; keys starts[b] <= i < held count. */
-typedef struct {
-    const float *q;
-    const uint8_t *kc, *vc;
-    const uint16_t *ks, *kb, *vs, *vb;
-    const int32_t *starts;
-    int B, H, HKV, D, cap, held, bits, gs;
-    float scale;
-    float *out;
-    _Atomic int next;
-} kvd_t;
-
 /* a . b over n floats with 16 independent partial sums: without -ffast-math a single
- * running sum must stay sequential, and these dots are most of a coded decode step */
+ * running sum must stay sequential, and these dots are most of a decode step's attention */
 static ALWAYS float dot16(const float *a, const float *b, int n) {
     float acc[16] = {0};
     int j = 0;
@@ -1117,10 +1126,69 @@ static ALWAYS float dot16(const float *a, const float *b, int n) {
     return s;
 }
 
-/* the values of one coded row: code * scale + minimum per group of gs */
-static ALWAYS void kvd_values(const uint8_t *c, const uint16_t *sc, const uint16_t *mn, int D, int bits, int gs,
-                              float *x) {
-    if (bits == 8) {
+/* One (sequence, KV head). sc: R * cap floats; x: D floats of scratch. */
+static ALWAYS void kv_group(const kv_job *J, kv_row_fn row, int bk, float *sc, float *x) {
+    const int D = J->D, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV;
+    const int first = J->starts[b], n = J->held, cap = J->cap;
+    const size_t base = ((size_t)b * J->HKV + hk) * cap;
+    const float *q0 = J->q + ((size_t)b * J->H + (size_t)hk * R) * D;
+    float *out0 = J->out + ((size_t)b * J->H + (size_t)hk * R) * D;
+    for (int i = first; i < n; i++) {
+        float f;
+        const float *k = row(J, 0, base + i, x, &f);
+        f *= J->scale;
+        for (int h = 0; h < R; h++) sc[(size_t)h * cap + i] = dot16(q0 + (size_t)h * D, k, D) * f;
+    }
+    kv_softmax_rows(sc, R, cap, first, n, out0, D);
+    for (int i = first; i < n; i++) {
+        float f;
+        const float *v = row(J, 1, base + i, x, &f);
+        for (int h = 0; h < R; h++) {
+            const float p = sc[(size_t)h * cap + i] * f;
+            float *out = out0 + (size_t)h * D;
+            for (int j = 0; j < D; j++) out[j] += p * v[j];
+        }
+    }
+}
+
+/* the work loop, instantiated per layout below so that its row function is inlined */
+static ALWAYS void kv_task(kv_job *J, kv_row_fn row) {
+    const int R = J->H / J->HKV;
+    float *sc = malloc(sizeof(float) * ((size_t)R * J->cap + (size_t)J->D));
+    if (!sc) return;
+    for (;;) {
+        int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
+        if (bk >= J->B * J->HKV) break;
+        kv_group(J, row, bk, sc, sc + (size_t)R * J->cap);
+    }
+    free(sc);
+}
+
+static int kv_run(kv_job *J, task_fn task, int n_threads) {
+    if (J->B < 1 || J->H < 1 || J->HKV < 1 || J->H % J->HKV || J->D < 1 || J->held < 0 || J->held > J->cap)
+        return -1;
+    atomic_store(&J->next, 0);
+    int nth = n_threads < 1 ? 1 : n_threads;
+    if (nth > J->B * J->HKV) nth = J->B * J->HKV;
+    run_parallel(task, J, nth);
+    return 0;
+}
+
+/* dense float32 rows: the cache itself */
+static const float *kv_row_dense(const kv_job *J, int v, size_t r, float *x, float *f) {
+    (void)x;
+    *f = 1.f;
+    return (v ? J->v : J->k) + r * J->D;
+}
+
+/* affine codes (vlmc.runtime.kv_codecs.Affine): uint8 rows of D * bits / 8 bytes (8-bit:
+ * one byte each; 4-bit: byte b holds codes 2b (low nibble) and 2b + 1), code * scale +
+ * minimum per group of gs with bfloat16 scales and minimums [.., D / gs] */
+static const float *kv_row_affine(const kv_job *J, int v, size_t r, float *x, float *f) {
+    const int D = J->D, G = D / J->gs;
+    const uint8_t *c = (v ? J->vc : J->kc) + r * (size_t)(D * J->bits / 8);
+    const uint16_t *sc = (v ? J->vs : J->ks) + r * G, *mn = (v ? J->vb : J->kb) + r * G;
+    if (J->bits == 8) {
         for (int j = 0; j < D; j++) x[j] = (float)c[j];
     } else {
         for (int b = 0; b < D / 2; b++) {
@@ -1128,85 +1196,21 @@ static ALWAYS void kvd_values(const uint8_t *c, const uint16_t *sc, const uint16
             x[2 * b + 1] = (float)(c[b] >> 4);
         }
     }
-    for (int g = 0; g < D / gs; g++) {
+    for (int g = 0; g < G; g++) {
         const float a = bf16_to_f32(sc[g]), o = bf16_to_f32(mn[g]);
-        for (int j = g * gs; j < (g + 1) * gs; j++) x[j] = x[j] * a + o;
+        for (int j = g * J->gs; j < (g + 1) * J->gs; j++) x[j] = x[j] * a + o;
     }
+    *f = 1.f;
+    return x;
 }
 
-/* One (sequence, KV head): its R = H / HKV query heads share every decoded row, so each
- * key and value row is unpacked once for all of them. sc: R * cap floats; x: D. */
-static void kvd_group(const kvd_t *J, int bk, float *sc, float *x) {
-    const int D = J->D, gs = J->gs, G = D / gs, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV;
-    const int row = D * J->bits / 8, first = J->starts[b], n = J->held, cap = J->cap;
-    const size_t base = ((size_t)b * J->HKV + hk) * cap;
-    const float *q0 = J->q + ((size_t)b * J->H + (size_t)hk * R) * D;
-    float *out0 = J->out + ((size_t)b * J->H + (size_t)hk * R) * D;
-    for (int i = first; i < n; i++) {
-        kvd_values(J->kc + (base + i) * row, J->ks + (base + i) * G, J->kb + (base + i) * G, D, J->bits, gs, x);
-        for (int h = 0; h < R; h++) sc[(size_t)h * cap + i] = dot16(q0 + (size_t)h * D, x, D) * J->scale;
-    }
-    kv_softmax_rows(sc, R, cap, first, n, out0, D);
-    for (int i = first; i < n; i++) {
-        kvd_values(J->vc + (base + i) * row, J->vs + (base + i) * G, J->vb + (base + i) * G, D, J->bits, gs, x);
-        for (int h = 0; h < R; h++) {
-            const float p = sc[(size_t)h * cap + i];
-            float *out = out0 + (size_t)h * D;
-            for (int j = 0; j < D; j++) out[j] += p * x[j];
-        }
-    }
-}
-
-static void kvd_task(void *ctx, int ith, int nth) {
-    (void)ith;
-    (void)nth;
-    kvd_t *J = ctx;
-    const int R = J->H / J->HKV;
-    float *sc = malloc(sizeof(float) * ((size_t)R * J->cap + (size_t)J->D));
-    if (!sc) return;
-    for (;;) {
-        int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
-        if (bk >= J->B * J->HKV) break;
-        kvd_group(J, bk, sc, sc + (size_t)R * J->cap);
-    }
-    free(sc);
-}
-
-int vlmc_kv_affine_decode(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
-                          const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const int32_t *starts,
-                          int B, int H, int HKV, int D, int cap, int held, int bits, int gs, float scale,
-                          float *out, int n_threads) {
-    if (B < 1 || H < 1 || HKV < 1 || H % HKV || D < 2 || held < 0 || held > cap) return -1;
-    if ((bits != 4 && bits != 8) || gs < 2 || D % gs || gs % 2) return -2;
-    kvd_t J = {.q = q, .kc = kc, .vc = vc, .ks = ks, .kb = kb, .vs = vs, .vb = vb, .starts = starts, .B = B,
-               .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held, .bits = bits, .gs = gs, .scale = scale,
-               .out = out};
-    atomic_store(&J.next, 0);
-    int nth = n_threads < 1 ? 1 : n_threads;
-    if (nth > B * HKV) nth = B * HKV;
-    run_parallel(kvd_task, &J, nth);
-    return 0;
-}
-
-/* ---- one decode step's attention over TurboQuant-coded KV (vlmc.runtime.kv_codecs.Turbo) --
- * The same computation as vlmc.kernels.kv_quant.kv_turbo_decode, in the rotated space
- * (q_rot = q R; the caller rotates the output back): each coordinate is a codebook level
- * times the vector's norm / sqrt(D). Codes packed as vlmc.kernels.kv_quant.pack (8 codes in
- * `bits` bytes, code i at bit i * bits of their little-endian word); norms float32
- * [B, HKV, cap]; codebooks float32 [2**bits]. Keys starts[b] <= i < held count. */
-typedef struct {
-    const float *q;
-    const uint8_t *kc, *vc;
-    const float *kn, *vn, *kcb, *vcb;
-    const int32_t *starts;
-    int B, H, HKV, D, cap, held, kbits, vbits;
-    float scale;
-    float *out;
-    _Atomic int next;
-} kvt_t;
-
-/* the codebook levels of one packed row (D a multiple of 8) */
-static ALWAYS void kvt_levels(const uint8_t *c, int D, int bits, const float *cb, float *x) {
+/* TurboQuant codes (vlmc.runtime.kv_codecs.Turbo), in the rotated space: codebook levels
+ * packed as vlmc.kernels.kv_quant.pack (8 codes in `bits` bytes, code i at bit i * bits of
+ * their little-endian word), times the row's float32 norm / sqrt(D) */
+static const float *kv_row_turbo(const kv_job *J, int v, size_t r, float *x, float *f) {
+    const int D = J->D, bits = v ? J->vbits : J->kbits;
+    const uint8_t *c = (v ? J->vc : J->kc) + r * (size_t)(D * bits / 8);
+    const float *cb = v ? J->vcb : J->kcb;
     const uint32_t mask = (1u << bits) - 1;
     for (int g = 0; g < D / 8; g++, c += bits) {
         uint32_t w = c[0] | ((uint32_t)c[1] << 8);
@@ -1214,121 +1218,46 @@ static ALWAYS void kvt_levels(const uint8_t *c, int D, int bits, const float *cb
         if (bits > 3) w |= (uint32_t)c[3] << 24;
         for (int i = 0; i < 8; i++) x[g * 8 + i] = cb[(w >> (i * bits)) & mask];
     }
+    *f = (v ? J->vn : J->kn)[r] / sqrtf((float)D);
+    return x;
 }
 
-/* One (sequence, KV head), its R query heads sharing every decoded row (as kvd_group). */
-static void kvt_group(const kvt_t *J, int bk, float *sc, float *x) {
-    const int D = J->D, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV;
-    const int krow = D * J->kbits / 8, vrow = D * J->vbits / 8, first = J->starts[b], n = J->held, cap = J->cap;
-    const size_t base = ((size_t)b * J->HKV + hk) * cap;
-    const float unit = 1.f / sqrtf((float)D);
-    const float *q0 = J->q + ((size_t)b * J->H + (size_t)hk * R) * D;
-    float *out0 = J->out + ((size_t)b * J->H + (size_t)hk * R) * D;
-    for (int i = first; i < n; i++) {
-        kvt_levels(J->kc + (base + i) * krow, D, J->kbits, J->kcb, x);
-        const float f = J->kn[base + i] * unit * J->scale;
-        for (int h = 0; h < R; h++) sc[(size_t)h * cap + i] = dot16(q0 + (size_t)h * D, x, D) * f;
+#define KV_TASK(layout)                                                  \
+    static void kv_task_##layout(void *ctx, int ith, int nth) {          \
+        (void)ith;                                                       \
+        (void)nth;                                                       \
+        kv_task((kv_job *)ctx, kv_row_##layout);                         \
     }
-    kv_softmax_rows(sc, R, cap, first, n, out0, D);
-    for (int i = first; i < n; i++) {
-        kvt_levels(J->vc + (base + i) * vrow, D, J->vbits, J->vcb, x);
-        const float f = J->vn[base + i] * unit;
-        for (int h = 0; h < R; h++) {
-            const float p = sc[(size_t)h * cap + i] * f;
-            float *out = out0 + (size_t)h * D;
-            for (int j = 0; j < D; j++) out[j] += p * x[j];
-        }
-    }
+KV_TASK(dense)
+KV_TASK(affine)
+KV_TASK(turbo)
+
+int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const int32_t *starts, int B, int H,
+                         int HKV, int D, int cap, int held, float scale, float *out, int n_threads) {
+    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held,
+                .scale = scale, .out = out, .k = k, .v = v};
+    return kv_run(&J, kv_task_dense, n_threads);
 }
 
-static void kvt_task(void *ctx, int ith, int nth) {
-    (void)ith;
-    (void)nth;
-    kvt_t *J = ctx;
-    const int R = J->H / J->HKV;
-    float *sc = malloc(sizeof(float) * ((size_t)R * J->cap + (size_t)J->D));
-    if (!sc) return;
-    for (;;) {
-        int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
-        if (bk >= J->B * J->HKV) break;
-        kvt_group(J, bk, sc, sc + (size_t)R * J->cap);
-    }
-    free(sc);
+int vlmc_kv_affine_decode(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
+                          const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const int32_t *starts,
+                          int B, int H, int HKV, int D, int cap, int held, int bits, int gs, float scale,
+                          float *out, int n_threads) {
+    if ((bits != 4 && bits != 8) || gs < 2 || D % gs || gs % 2) return -2;
+    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held,
+                .scale = scale, .out = out, .kc = kc, .vc = vc, .ks = ks, .kb = kb, .vs = vs, .vb = vb,
+                .bits = bits, .gs = gs};
+    return kv_run(&J, kv_task_affine, n_threads);
 }
 
 int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
                          const float *kcb, const float *vcb, const int32_t *starts, int B, int H, int HKV, int D,
                          int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads) {
-    if (B < 1 || H < 1 || HKV < 1 || H % HKV || D < 8 || D % 8 || held < 0 || held > cap) return -1;
-    if (kbits < 2 || kbits > 4 || vbits < 2 || vbits > 4) return -2;
-    kvt_t J = {.q = q, .kc = kc, .vc = vc, .kn = kn, .vn = vn, .kcb = kcb, .vcb = vcb, .starts = starts, .B = B,
-               .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held, .kbits = kbits, .vbits = vbits,
-               .scale = scale, .out = out};
-    atomic_store(&J.next, 0);
-    int nth = n_threads < 1 ? 1 : n_threads;
-    if (nth > B * HKV) nth = B * HKV;
-    run_parallel(kvt_task, &J, nth);
-    return 0;
-}
-
-/* ---- one decode step's attention over a dense float32 KV cache, read in place ----------
- * The reference is vlmc.kernels.kv_quant.kv_dense_decode. Buffers [B, HKV, cap, D]; keys
- * starts[b] <= i < held count. Same work split as the coded kernels: one (sequence, KV
- * head) at a time, its R query heads sharing each row while it is in cache. */
-typedef struct {
-    const float *q, *k, *v;
-    const int32_t *starts;
-    int B, H, HKV, D, cap, held;
-    float scale;
-    float *out;
-    _Atomic int next;
-} kvf_t;
-
-static void kvf_group(const kvf_t *J, int bk, float *sc) {
-    const int D = J->D, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV;
-    const int first = J->starts[b], n = J->held, cap = J->cap;
-    const size_t base = ((size_t)b * J->HKV + hk) * cap;
-    const float *q0 = J->q + ((size_t)b * J->H + (size_t)hk * R) * D;
-    float *out0 = J->out + ((size_t)b * J->H + (size_t)hk * R) * D;
-    for (int i = first; i < n; i++) {
-        const float *x = J->k + (base + i) * D;
-        for (int h = 0; h < R; h++) sc[(size_t)h * cap + i] = dot16(q0 + (size_t)h * D, x, D) * J->scale;
-    }
-    kv_softmax_rows(sc, R, cap, first, n, out0, D);
-    for (int i = first; i < n; i++) {
-        const float *x = J->v + (base + i) * D;
-        for (int h = 0; h < R; h++) {
-            const float p = sc[(size_t)h * cap + i];
-            float *out = out0 + (size_t)h * D;
-            for (int j = 0; j < D; j++) out[j] += p * x[j];
-        }
-    }
-}
-
-static void kvf_task(void *ctx, int ith, int nth) {
-    (void)ith;
-    (void)nth;
-    kvf_t *J = ctx;
-    float *sc = malloc(sizeof(float) * (size_t)(J->H / J->HKV) * J->cap);
-    if (!sc) return;
-    for (;;) {
-        int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
-        if (bk >= J->B * J->HKV) break;
-        kvf_group(J, bk, sc);
-    }
-    free(sc);
-}
-
-int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const int32_t *starts, int B, int H,
-                         int HKV, int D, int cap, int held, float scale, float *out, int n_threads) {
-    if (B < 1 || H < 1 || HKV < 1 || H % HKV || D < 1 || held < 0 || held > cap) return -1;
-    kvf_t J = {.q = q, .k = k, .v = v, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .cap = cap,
-               .held = held, .scale = scale, .out = out};
-    atomic_store(&J.next, 0);
-    int nth = n_threads < 1 ? 1 : n_threads;
-    if (nth > B * HKV) nth = B * HKV;
-    run_parallel(kvf_task, &J, nth);
-    return 0;
+    if (D < 8 || D % 8 || kbits < 2 || kbits > 4 || vbits < 2 || vbits > 4) return -2;
+    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held,
+                .scale = scale, .out = out, .kc = kc, .vc = vc, .kn = kn, .vn = vn, .kcb = kcb, .vcb = vcb,
+                .kbits = kbits, .vbits = vbits};
+    return kv_run(&J, kv_task_turbo, n_threads);
 }
 
 /* ---- 4-bit weights x int8 activations, many rows (prefill, vision; AVX512-VNNI) --------
