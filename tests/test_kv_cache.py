@@ -57,6 +57,19 @@ def test_pack_unpack_round_trip(bits):
     assert mx.array_equal(C.unpack(packed, bits, 48), codes)
 
 
+@pytest.mark.parametrize("codec", [C.Affine(4, 64), C.Affine(8, 32), C.Affine(2, 16), C.Turbo(3, 128),
+                                   C.Turbo(4, 64)], ids=lambda c: f"{c.kind}{c.bits}")
+def test_compiled_one_token_encode_is_bit_identical(codec):
+    """Decode steps encode through mx.compile (fused ops); the codes, scales and norms must be
+    exactly those of the eager encode, at every batch size the batcher may use."""
+    dim = getattr(codec, "dim", 128)
+    for batch in (1, 3, 16):
+        x = (mx.random.normal((batch, 2, 1, dim)) * 4).astype(mx.bfloat16)
+        eager, compiled = codec._encode(x), codec.encode(x)
+        assert codec._compiled is not None and eager.keys() == compiled.keys()
+        assert all(mx.array_equal(eager[k], compiled[k]).item() for k in eager)
+
+
 @pytest.mark.parametrize("bits,bound", [(2, 0.1175), (3, 0.03454), (4, 0.009497)])
 def test_turbo_codec_error_is_the_lloyd_max_distortion(bits, bound):
     codec = C.Turbo(bits, 128, seed=1)
