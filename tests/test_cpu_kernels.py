@@ -6,7 +6,7 @@ Tolerances, as max |ours - reference| / max |reference| over the output:
 - affine-quantized weights vs ``mx.quantized_matmul``: 1e-4 (we use
   s*sum(q*x) + b*sum(x) per group instead of sum((s*q + b)*x));
 - dequantize vs ``mx.dequantize`` with float32 scales: 1e-6;
-- 4-bit weights with int8 activations (GEMVs of up to 16 rows on AVX512-VNNI machines, the
+- 4- and 8-bit weights with int8 activations (GEMVs of up to 16 rows on AVX512-VNNI machines, the
   default there): 2e-2, and relative L2 error 1e-2 (measured max 0.4-1.3%, L2 about
   0.6%: x rounded to int8 per 64 values). The exact 4-bit tests run with it turned off.
 Every path is exercised: GEMV (rows <= 8, with N not a multiple of the row blocks or the
@@ -138,22 +138,23 @@ def test_qlinear_simd_bits(bits, gs, sdtype, float_activations):
                 assert rel_err(y, ref) < QUANT_TOL, (bits, gs, sdtype, N, K, M, bb is not None)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("gs", [64, 128])
 @pytest.mark.parametrize("sdtype", [mx.float32, mx.bfloat16])
-def test_qlinear_int8_activations(gs, sdtype):
-    """4-bit GEMVs (up to 16 rows) with x rounded to int8 per 64 values (the default where the CPU
+def test_qlinear_int8_activations(gs, sdtype, bits):
+    """4- and 8-bit GEMVs (up to 16 rows) with x rounded to int8 per 64 values (the default where the CPU
     has AVX512-VNNI): within the stated tolerance, really taken (results differ from the
     float path), and off with VLMC_CPU_INT8_ACTIVATIONS=0. The relative L2 error must stay
     near that of W @ (x_int8 - x) (~0.6%): computing the bias terms from the unrounded x
-    instead doubles it, because the codes' mean (7.5) then no longer cancels."""
+    instead doubles it, because the codes' mean (7.5 at 4 bits) then no longer cancels."""
     if not cpu.int8_activations():
         pytest.skip("no AVX512-VNNI on this CPU (or turned off)")
     for (N, K), M in zip([(259, 1536), (35, 4096), (23, 4608), (77, 384), (1536, 8960), (130, 640)],
                          [1, 1, 3, 8, 1, 13]):  # 13 rows: slices of 8 and 5 (no zero padding)
-        wq, s, b = mx.quantize(mx.random.normal((N, K), scale=0.02).astype(sdtype), group_size=gs, bits=4)
+        wq, s, b = mx.quantize(mx.random.normal((N, K), scale=0.02).astype(sdtype), group_size=gs, bits=bits)
         x = rand(M, K)
-        y = np.asarray(cpu.qlinear(x, wq, s, b, bits=4, group_size=gs).astype(mx.float32))
-        ref = qref(x, wq, s, b, 4, gs)
+        y = np.asarray(cpu.qlinear(x, wq, s, b, bits=bits, group_size=gs).astype(mx.float32))
+        ref = qref(x, wq, s, b, bits, gs)
         r = np.asarray(ref.astype(mx.float32))
         l2 = float(np.linalg.norm(y - r) / np.linalg.norm(r))
         assert 1e-6 < l2 < 1e-2 and rel_err(mx.array(y), ref) < 2e-2, (N, K, l2)
@@ -162,7 +163,7 @@ def test_qlinear_int8_activations(gs, sdtype):
     try:
         cpu.refresh()
         assert not cpu.int8_activations()
-        assert rel_err(cpu.qlinear(x, wq, s, b, bits=4, group_size=gs), ref) < QUANT_TOL
+        assert rel_err(cpu.qlinear(x, wq, s, b, bits=bits, group_size=gs), ref) < QUANT_TOL
     finally:
         del os.environ["VLMC_CPU_INT8_ACTIVATIONS"]
         cpu.refresh()

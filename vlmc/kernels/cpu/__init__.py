@@ -68,10 +68,11 @@ def _get_lib() -> ctypes.CDLL | None:
 
 
 def int8_activations() -> bool:
-    """Whether 4-bit matmuls quantize x to int8 per 64 values (AVX512-VNNI machines only):
-    GEMVs of up to GEMV_MAX_ROWS rows (decode) run 1.7-2.9x faster, larger products
-    (prefill, the vision tower) 1.5-2.8x, for ~0.6% relative output error, against 4-10%
-    from the 4-bit weights themselves. ``VLMC_CPU_INT8_ACTIVATIONS=0`` keeps float32 x."""
+    """Whether quantized matmuls round x to int8 per 64 values (AVX512-VNNI machines only):
+    4-bit GEMVs of up to GEMV_MAX_ROWS rows (decode) run 1.7-2.9x faster, 8-bit ones
+    1.1-2.2x, larger 4-bit products (prefill, the vision tower) 1.5-2.8x, for ~0.6% relative
+    output error, against 4-10% from 4-bit weights themselves. ``VLMC_CPU_INT8_ACTIVATIONS=0``
+    keeps float32 x."""
     flag = os.environ.get("VLMC_CPU_INT8_ACTIVATIONS", "1").strip().lower()
     return flag not in ("0", "false", "no", "off") and _lib is not None and bool(_lib.vlmc_q4_int8_x_available())
 

@@ -479,6 +479,34 @@ static ALWAYS void q4v_block(const int R, const int M, const int ST, const job_t
     }
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) part[r * M + m] += hsum(tot[r][m]);
 }
+/* ---- 8-bit x int8 activations (AVX512-VNNI): the codes are bytes already, so x is
+ * rounded to int8 per 64 values in natural order and two vpdpbusd cover 64 codes of a
+ * row (same scaling and bias handling as q4v_block). Needs gs % 64 == 0. */
+static ALWAYS void q8v_block(const int R, const int M, const int ST, const job_t *J, int n, int k0, int k1,
+                             float *part, size_t pfo) {
+    const int K = J->K, gs = J->gs, G = J->G, nb = K / 64;
+    const uint8_t *w = (const uint8_t *)J->w + (size_t)n * K;
+    __m256 tot[4][8];
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) tot[r][m] = _mm256_setzero_ps();
+    for (int kb = k0; kb < k1; kb += 64) {
+        const size_t g = (size_t)kb / gs;
+        UNROLL for (int r = 0; r < R; r++) {
+            const uint8_t *wb = w + (size_t)r * K + kb;
+            pf(wb, pfo);
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)wb);
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(wb + 32));
+            const float s = ld_param(J->sc, (size_t)(n + r) * G + g, ST);
+            UNROLL for (int m = 0; m < M; m++) {
+                const int8_t *xb = J->x8 + (size_t)m * K + kb;
+                __m256i a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v0, _mm256_loadu_si256((const __m256i *)xb));
+                a = _mm256_dpbusd_epi32(a, v1, _mm256_loadu_si256((const __m256i *)(xb + 32)));
+                tot[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a),
+                                            _mm256_set1_ps(s * J->x8s[(size_t)m * nb + (kb >> 6)]), tot[r][m]);
+            }
+        }
+    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) part[r * M + m] += hsum(tot[r][m]);
+}
 #else
 #define VLMC_VNNI 0
 #endif
@@ -569,7 +597,9 @@ DEFINE_RANGE(q4, q4_block, 1)
 DEFINE_RANGE(q8, q8_block, 1)
 #if VLMC_VNNI
 #define CALL_Q4V(R, M, P, F, ST, J, n, k0, k1, part, pfo) q4v_block(R, M, ST, J, n, k0, k1, part, pfo)
+#define CALL_Q8V(R, M, P, F, ST, J, n, k0, k1, part, pfo) q8v_block(R, M, ST, J, n, k0, k1, part, pfo)
 DEFINE_RANGE(q4v, CALL_Q4V, 1)
+DEFINE_RANGE(q8v, CALL_Q8V, 1)
 #endif
 
 /* Kernel configurations (R weight rows per block, P accumulators, FOLD) per M in
@@ -653,20 +683,25 @@ DEFQ_((q4, Q_S1)) DEFQ_((q4, Q4_L1)) DEFQ_((q4, Q_2)) DEFQ_((q4, Q_3)) DEFQ_((q4
 DEFQ_((q8, Q_S1)) DEFQ_((q8, Q8_L1)) DEFQ_((q8, Q_2)) DEFQ_((q8, Q_3)) DEFQ_((q8, Q8_4)) DEFQ_((q8, Q_8))
 
 #if VLMC_VNNI
-DEFQ(q4v, 1, 1, 1, 1) DEFQ(q4v, 4, 1, 1, 1) DEFQ(q4v, 2, 2, 1, 1) DEFQ(q4v, 2, 3, 1, 1) DEFQ(q4v, 2, 4, 1, 1)
-DEFQ(q4v, 1, 5, 1, 1) DEFQ(q4v, 1, 6, 1, 1) DEFQ(q4v, 1, 7, 1, 1) DEFQ(q4v, 1, 8, 1, 1)
-static void q4v_rows(const job_t *J, int n0, int n1) {
-    switch (J->M) {
-    case 1: (J->long_rows ? KFN(q4v, 4, 1, 1, 1) : KFN(q4v, 1, 1, 1, 1))(J, n0, n1); break;
-    case 2: KFN(q4v, 2, 2, 1, 1)(J, n0, n1); break;
-    case 3: KFN(q4v, 2, 3, 1, 1)(J, n0, n1); break;
-    case 4: KFN(q4v, 2, 4, 1, 1)(J, n0, n1); break;
-    case 5: KFN(q4v, 1, 5, 1, 1)(J, n0, n1); break;
-    case 6: KFN(q4v, 1, 6, 1, 1)(J, n0, n1); break;
-    case 7: KFN(q4v, 1, 7, 1, 1)(J, n0, n1); break;
-    default: KFN(q4v, 1, 8, 1, 1)(J, n0, n1); break;
+/* the int8-activation kernels: (R weight rows, M x rows) per M, as the float tables */
+#define DEF_INT8X(name)                                                                                  \
+    DEFQ(name, 1, 1, 1, 1) DEFQ(name, 4, 1, 1, 1) DEFQ(name, 2, 2, 1, 1) DEFQ(name, 2, 3, 1, 1)          \
+    DEFQ(name, 2, 4, 1, 1) DEFQ(name, 1, 5, 1, 1) DEFQ(name, 1, 6, 1, 1) DEFQ(name, 1, 7, 1, 1)          \
+    DEFQ(name, 1, 8, 1, 1)                                                                               \
+    static void name##_rows(const job_t *J, int n0, int n1) {                                            \
+        switch (J->M) {                                                                                  \
+        case 1: (J->long_rows ? KFN(name, 4, 1, 1, 1) : KFN(name, 1, 1, 1, 1))(J, n0, n1); break;        \
+        case 2: KFN(name, 2, 2, 1, 1)(J, n0, n1); break;                                                 \
+        case 3: KFN(name, 2, 3, 1, 1)(J, n0, n1); break;                                                 \
+        case 4: KFN(name, 2, 4, 1, 1)(J, n0, n1); break;                                                 \
+        case 5: KFN(name, 1, 5, 1, 1)(J, n0, n1); break;                                                 \
+        case 6: KFN(name, 1, 6, 1, 1)(J, n0, n1); break;                                                 \
+        case 7: KFN(name, 1, 7, 1, 1)(J, n0, n1); break;                                                 \
+        default: KFN(name, 1, 8, 1, 1)(J, n0, n1); break;                                                \
+        }                                                                                                \
     }
-}
+DEF_INT8X(q4v)
+DEF_INT8X(q8v)
 #endif
 static void q4_rows(const job_t *J, int n0, int n1) {
 #if VLMC_VNNI
@@ -684,6 +719,12 @@ static void q4_rows(const job_t *J, int n0, int n1) {
     }
 }
 static void q8_rows(const job_t *J, int n0, int n1) {
+#if VLMC_VNNI
+    if (J->x8) {
+        q8v_rows(J, n0, n1);
+        return;
+    }
+#endif
     switch (J->M) {
     case 1: (J->long_rows ? KFN_((q8, Q8_L1)) : KFN_((q8, Q_S1)))(J, n0, n1); break;
     case 2: KFN_((q8, Q_2))(J, n0, n1); break;
@@ -882,7 +923,7 @@ static int check_q(int K, int N, int bits, int gs, int st) {
 #ifndef VLMC_VNNI
 #define VLMC_VNNI 0
 #endif
-/* 4-bit GEMV with int8 activations (VNNI); vlmc_set_q4_int8_x(0) turns it off */
+/* 4- and 8-bit GEMVs with int8 activations (VNNI); vlmc_set_q4_int8_x(0) turns them off */
 static int q4_int8_x = 1;
 void vlmc_set_q4_int8_x(int on) { q4_int8_x = on; }
 int vlmc_q4_int8_x_available(void) { return VLMC_VNNI; }
@@ -920,7 +961,7 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
     int8_t *x8 = NULL;
     float *x8s = NULL;
 #if VLMC_VNNI
-    if (bits == 4 && gs % 64 == 0 && q4_int8_x && simd_ok(&J)) { /* see q4v_block */
+    if ((bits == 4 || bits == 8) && gs % 64 == 0 && q4_int8_x && simd_ok(&J)) { /* see q4v_block, q8v_block */
         x8 = malloc((size_t)M * K);
         x8s = malloc(sizeof(float) * (size_t)M * (K / 64));
         if (!x8 || !x8s) { free(x8); free(x8s); free(xq); free(xs); return -5; }
@@ -934,11 +975,18 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
                 const float sc = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
                 x8s[(size_t)m * (K / 64) + kb / 64] = sc;
                 int sum = 0;
-                for (int b = 0; b < 32; b++) {
-                    const int k = kb + 8 * (b >> 2) + 2 * (b & 3);
-                    q[kb + b] = (int8_t)lrintf(xr[k] * inv);
-                    q[kb + 32 + b] = (int8_t)lrintf(xr[k + 1] * inv);
-                    sum += q[kb + b] + q[kb + 32 + b];
+                if (bits == 8) { /* natural order */
+                    for (int i = 0; i < 64; i++) {
+                        q[kb + i] = (int8_t)lrintf(xr[kb + i] * inv);
+                        sum += q[kb + i];
+                    }
+                } else { /* 4-bit: pairs with the low, then the high nibbles of 32 code bytes */
+                    for (int b = 0; b < 32; b++) {
+                        const int k = kb + 8 * (b >> 2) + 2 * (b & 3);
+                        q[kb + b] = (int8_t)lrintf(xr[k] * inv);
+                        q[kb + 32 + b] = (int8_t)lrintf(xr[k + 1] * inv);
+                        sum += q[kb + b] + q[kb + 32 + b];
+                    }
                 }
                 /* the bias terms must see the same (quantized) x as the codes: the minimum
                  * and the codes' mean cancel, and with exact x here the rounding would not */
