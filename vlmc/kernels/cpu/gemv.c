@@ -1330,6 +1330,13 @@ typedef struct {
     _Atomic int next;
 } gi8_t;
 
+/* 4 bytes as one int32 (memcpy: one load, without reading int8 data through an int32 lvalue) */
+static ALWAYS int32_t ld_i32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
 /* codes of weight row n in natural order, one byte each (K bytes) */
 static ALWAYS void gi8_unpack_row(const uint32_t *wr, int K, uint8_t *out) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -1347,8 +1354,7 @@ static void gi8_panel(const gi8_t *J, int n0, uint32_t *pk, float *ps, float *pb
     for (int c = 0; c < 16; c++) {
         if (c < cols) {
             gi8_unpack_row(J->w + (size_t)(n0 + c) * (K / 8), K, row);
-            const uint32_t *r32 = (const uint32_t *)row;
-            for (int k4 = 0; k4 < K4; k4++) pk[(size_t)k4 * 16 + c] = r32[k4];
+            for (int k4 = 0; k4 < K4; k4++) pk[(size_t)k4 * 16 + c] = (uint32_t)ld_i32(row + 4 * (size_t)k4);
             for (int g = 0; g < G; g++) {
                 ps[g * 16 + c] = ld_param(J->sc, (size_t)(n0 + c) * G + g, J->st);
                 pb[g * 16 + c] = ld_param(J->bi, (size_t)(n0 + c) * G + g, J->st);
@@ -1371,7 +1377,7 @@ static void gi8_panel(const gi8_t *J, int n0, uint32_t *pk, float *ps, float *pb
                 for (int k4 = k40; k4 < k40 + 16; k4++) {
                     const __m512i wv = _mm512_loadu_si512((const void *)(pk + (size_t)k4 * 16));
                     UNROLL for (int i = 0; i < 8; i++) {
-                        const __m512i xv = _mm512_set1_epi32(*(const int32_t *)(J->x8 + (size_t)(m0 + i) * K + 4 * k4));
+                        const __m512i xv = _mm512_set1_epi32(ld_i32(J->x8 + (size_t)(m0 + i) * K + 4 * k4));
                         iacc[i] = _mm512_dpbusd_epi32(iacc[i], wv, xv);
                     }
                 }
