@@ -74,12 +74,12 @@ def int8_activations() -> bool:
     output error, against 4-10% from 4-bit weights themselves. ``VLMC_CPU_INT8_ACTIVATIONS=0``
     keeps float32 x."""
     flag = os.environ.get("VLMC_CPU_INT8_ACTIVATIONS", "1").strip().lower()
-    return flag not in ("0", "false", "no", "off") and _lib is not None and bool(_lib.vlmc_q4_int8_x_available())
+    return flag not in ("0", "false", "no", "off") and _lib is not None and bool(_lib.vlmc_int8_x_available())
 
 
 def _apply_int8_activations() -> None:
     if _lib is not None:
-        _lib.vlmc_set_q4_int8_x(int(int8_activations()))
+        _lib.vlmc_set_int8_x(int(int8_activations()))
 
 
 def refresh() -> None:

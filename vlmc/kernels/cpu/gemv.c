@@ -48,7 +48,7 @@
 #define VLMC_SIMD 0
 #endif
 
-#define VLMC_ABI 8
+#define VLMC_ABI 9
 #define ALWAYS __attribute__((always_inline)) inline
 #define UNROLL _Pragma("GCC unroll 16")
 
@@ -923,10 +923,10 @@ static int check_q(int K, int N, int bits, int gs, int st) {
 #ifndef VLMC_VNNI
 #define VLMC_VNNI 0
 #endif
-/* 4- and 8-bit GEMVs with int8 activations (VNNI); vlmc_set_q4_int8_x(0) turns them off */
-static int q4_int8_x = 1;
-void vlmc_set_q4_int8_x(int on) { q4_int8_x = on; }
-int vlmc_q4_int8_x_available(void) { return VLMC_VNNI; }
+/* 4- and 8-bit GEMVs with int8 activations (VNNI); vlmc_set_int8_x(0) turns them off */
+static int int8_x = 1;
+void vlmc_set_int8_x(int on) { int8_x = on; }
+int vlmc_int8_x_available(void) { return VLMC_VNNI; }
 
 int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *scales, const void *biases,
                 int st, int N, int bits, int gs, const float *bias, float *y, int n_threads) {
@@ -961,7 +961,7 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
     int8_t *x8 = NULL;
     float *x8s = NULL;
 #if VLMC_VNNI
-    if ((bits == 4 || bits == 8) && gs % 64 == 0 && q4_int8_x && simd_ok(&J)) { /* see q4v_block, q8v_block */
+    if ((bits == 4 || bits == 8) && gs % 64 == 0 && int8_x && simd_ok(&J)) { /* see q4v_block, q8v_block */
         x8 = malloc((size_t)M * K);
         x8s = malloc(sizeof(float) * (size_t)M * (K / 64));
         if (!x8 || !x8s) { free(x8); free(x8s); free(xq); free(xs); return -5; }
