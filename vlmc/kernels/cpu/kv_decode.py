@@ -21,6 +21,21 @@ def _np(a: mx.array) -> np.ndarray:
     return np.ascontiguousarray(_to_numpy(a))
 
 
+def _run(fn, name: str, q: mx.array, buffers: tuple, starts: mx.array, shape: tuple, held: int, *params):
+    """Call C kernel ``fn`` with the arguments every KV decode kernel takes: host pointers
+    to q (float32), the cache buffers and starts (int32), then B, H, HKV, D, capacity, held,
+    the layout's own ``params``, the output and the thread count."""
+    q, starts = q.astype(mx.float32), starts.astype(mx.int32)
+    mx.eval(q, starts, *buffers)
+    B, H, D = q.shape
+    hosts = [_np(a) for a in (q, *buffers, starts)]
+    out = np.empty((B, H, D), np.float32)
+    from . import n_threads  # the current setting (refresh() may change it)
+    _check(fn(*(h.ctypes.data for h in hosts), B, H, shape[1], D, shape[2], held, *params, out.ctypes.data,
+              n_threads), name)
+    return mx.array(out)
+
+
 def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts, held: int, *,
                      scale: float, bits: int, group_size: int) -> mx.array:
     """float32 [B, H, D] attention of q [B, H, D] over the first ``held`` coded tokens."""
@@ -30,16 +45,9 @@ def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases
             or k_codes.ndim != 4 or H % k_codes.shape[1]):
         return _kv_quant.kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts,
                                           held, scale=scale, bits=bits, group_size=group_size)
-    mx.eval(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts)
-    qn = _np(q.astype(mx.float32))
-    arrays = [_np(a) for a in (k_codes, k_scales, k_biases, v_codes, v_scales, v_biases)]
-    st = _np(starts.astype(mx.int32))
-    out = np.empty((B, H, D), np.float32)
-    from . import n_threads  # the current setting (refresh() may change it)
-    _check(lib.vlmc_kv_affine_decode(qn.ctypes.data, *(a.ctypes.data for a in arrays), st.ctypes.data, B, H,
-                                     k_codes.shape[1], D, k_codes.shape[2], held, bits, group_size, scale,
-                                     out.ctypes.data, n_threads), "kv_affine_decode")
-    return mx.array(out)
+    return _run(lib.vlmc_kv_affine_decode, "kv_affine_decode", q,
+                (k_codes, k_scales, k_biases, v_codes, v_scales, v_biases), starts, k_codes.shape, held,
+                bits, group_size, scale)
 
 
 def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook, starts, held: int, *,
@@ -52,17 +60,10 @@ def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_cod
             or H % k_codes.shape[1]):
         return _kv_quant.kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook,
                                          starts, held, scale=scale, k_bits=k_bits, v_bits=v_bits)
-    mx.eval(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook, starts)
-    qn = _np(q_rot.astype(mx.float32))
-    arrays = [_np(a) for a in (k_codes, k_norms.astype(mx.float32), v_codes, v_norms.astype(mx.float32),
-                               k_codebook.astype(mx.float32), v_codebook.astype(mx.float32))]
-    st = _np(starts.astype(mx.int32))
-    out = np.empty((B, H, D), np.float32)
-    from . import n_threads
-    _check(lib.vlmc_kv_turbo_decode(qn.ctypes.data, *(a.ctypes.data for a in arrays), st.ctypes.data, B, H,
-                                    k_codes.shape[1], D, k_codes.shape[2], held, k_bits, v_bits, scale,
-                                    out.ctypes.data, n_threads), "kv_turbo_decode")
-    return mx.array(out)
+    f32 = [a.astype(mx.float32) for a in (k_norms, v_norms, k_codebook, v_codebook)]
+    return _run(lib.vlmc_kv_turbo_decode, "kv_turbo_decode", q_rot,
+                (k_codes, f32[0], v_codes, f32[1], f32[2], f32[3]), starts, k_codes.shape, held,
+                k_bits, v_bits, scale)
 
 
 def kv_dense_decode(q, keys, values, starts, held: int, *, scale: float) -> mx.array:
@@ -72,12 +73,4 @@ def kv_dense_decode(q, keys, values, starts, held: int, *, scale: float) -> mx.a
     B, H, D = q.shape
     if lib is None or keys.dtype != mx.float32 or values.dtype != mx.float32 or keys.ndim != 4 or H % keys.shape[1]:
         return _kv_quant.kv_dense_decode(q, keys, values, starts, held, scale=scale)
-    mx.eval(q, keys, values, starts)
-    qn, kn, vn = _np(q.astype(mx.float32)), _np(keys), _np(values)
-    st = _np(starts.astype(mx.int32))
-    out = np.empty((B, H, D), np.float32)
-    from . import n_threads
-    _check(lib.vlmc_kv_dense_decode(qn.ctypes.data, kn.ctypes.data, vn.ctypes.data, st.ctypes.data, B, H,
-                                    keys.shape[1], D, keys.shape[2], held, scale, out.ctypes.data, n_threads),
-           "kv_dense_decode")
-    return mx.array(out)
+    return _run(lib.vlmc_kv_dense_decode, "kv_dense_decode", q, (keys, values), starts, keys.shape, held, scale)
