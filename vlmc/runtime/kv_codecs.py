@@ -50,10 +50,12 @@ class _Codec:
     small ops per codec become a few fused kernels, one graph per batch size. Prompts
     (other lengths) run eagerly, so prompt lengths do not pile up compiled graphs."""
 
+    _compiled = None  # mx.compile(self._encode), made on the first decode step
+
     def encode(self, x: mx.array) -> dict[str, mx.array]:
         if x.ndim != 4 or x.shape[2] != 1:
             return self._encode(x)
-        if getattr(self, "_compiled", None) is None:
+        if self._compiled is None:
             self._compiled = mx.compile(self._encode)
         return self._compiled(x)
 

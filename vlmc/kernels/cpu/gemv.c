@@ -261,7 +261,7 @@ typedef struct {
     const float *x;    /* [M, K] natural layout */
     const float *xq;   /* quantized: x permuted for the 4-bit kernel, else == x */
     const float *xs;   /* quantized: [M, G] group sums of x */
-    const int8_t *x8;  /* 4-bit, M = 1, VNNI: x as int8 per 64-block, in nibble order (see q4v_block) */
+    const int8_t *x8;  /* 4/8-bit, VNNI: x as int8 per 64-block, in the codes' order (see qv_block) */
     const float *x8s;  /* its scale per 64-block */
     const void *w;
     const void *sc, *bi;
@@ -445,61 +445,41 @@ static ALWAYS void q4_block(const int R, const int M, const int P, const int FOL
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define VLMC_VNNI 1
-/* ---- 4-bit x int8 activations (up to 8 activation rows per pass; AVX512-VNNI): per 64-block, x is
- * quantized to int8 with its own scale (x8s) and stored as 32 bytes pairing with the low
- * nibbles of the block's 32 code bytes, then 32 pairing with the high nibbles. Two
- * vpdpbusd then give the block's integer dot in 8 lanes, which one FMA scales by the
- * weight group's scale times x's block scale: about 10 instructions per 64 codes where
- * the float kernel needs 33, so the kernel is no longer bound by its own arithmetic. The
- * bias terms stay exact (q_finish, float group sums of x). Needs gs % 64 == 0. */
-static ALWAYS void q4v_block(const int R, const int M, const int ST, const job_t *J, int n, int k0, int k1,
-                             float *part, size_t pfo) {
+/* ---- 4- or 8-bit codes x int8 activations (up to 8 activation rows per pass;
+ * AVX512-VNNI). Per 64-block, x is rounded to int8 with its own scale (x8s), as 64 bytes
+ * that pair with the block's codes: for 8-bit codes in natural order; for 4-bit codes,
+ * 32 bytes for the low nibbles of the block's 32 code bytes, then 32 for the high ones.
+ * Two vpdpbusd give the block's integer dot in 8 lanes, which one FMA scales by the weight
+ * group's scale times x's block scale: about 10 instructions per 64 4-bit codes where the
+ * float kernel needs 33. The bias terms (q_finish) use group sums of the rounded x, so
+ * the minimum and the codes' mean cancel as they do without rounding. Needs gs % 64 == 0. */
+static ALWAYS void qv_block(const int BITS, const int R, const int M, const int ST, const job_t *J, int n,
+                            int k0, int k1, float *part, size_t pfo) {
     const int K = J->K, gs = J->gs, G = J->G, nb = K / 64;
-    const size_t ws = (size_t)K / 8;
-    const uint32_t *w = (const uint32_t *)J->w + (size_t)n * ws;
+    const size_t row = (size_t)K * BITS / 8; /* bytes per weight row */
+    const uint8_t *w = (const uint8_t *)J->w + (size_t)n * row;
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256 tot[4][8];
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) tot[r][m] = _mm256_setzero_ps();
     for (int kb = k0; kb < k1; kb += 64) {
         const size_t g = (size_t)kb / gs;
         UNROLL for (int r = 0; r < R; r++) {
-            const uint32_t *wb = w + r * ws + ((unsigned)kb >> 3);
+            const uint8_t *wb = w + r * row + (size_t)kb * BITS / 8;
             pf(wb, pfo);
-            const __m256i v = _mm256_loadu_si256((const __m256i *)wb);
-            const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-            const float s = ld_param(J->sc, (size_t)(n + r) * G + g, ST);
-            UNROLL for (int m = 0; m < M; m++) {
-                const int8_t *xb = J->x8 + (size_t)m * K + kb;
-                __m256i a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i *)xb));
-                a = _mm256_dpbusd_epi32(a, hi, _mm256_loadu_si256((const __m256i *)(xb + 32)));
-                tot[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a),
-                                            _mm256_set1_ps(s * J->x8s[(size_t)m * nb + (kb >> 6)]), tot[r][m]);
+            __m256i c0, c1; /* the 64 codes as bytes, in x8's order */
+            if (BITS == 4) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)wb);
+                c0 = _mm256_and_si256(v, m4);
+                c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            } else {
+                c0 = _mm256_loadu_si256((const __m256i *)wb);
+                c1 = _mm256_loadu_si256((const __m256i *)(wb + 32));
             }
-        }
-    }
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) part[r * M + m] += hsum(tot[r][m]);
-}
-/* ---- 8-bit x int8 activations (AVX512-VNNI): the codes are bytes already, so x is
- * rounded to int8 per 64 values in natural order and two vpdpbusd cover 64 codes of a
- * row (same scaling and bias handling as q4v_block). Needs gs % 64 == 0. */
-static ALWAYS void q8v_block(const int R, const int M, const int ST, const job_t *J, int n, int k0, int k1,
-                             float *part, size_t pfo) {
-    const int K = J->K, gs = J->gs, G = J->G, nb = K / 64;
-    const uint8_t *w = (const uint8_t *)J->w + (size_t)n * K;
-    __m256 tot[4][8];
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) tot[r][m] = _mm256_setzero_ps();
-    for (int kb = k0; kb < k1; kb += 64) {
-        const size_t g = (size_t)kb / gs;
-        UNROLL for (int r = 0; r < R; r++) {
-            const uint8_t *wb = w + (size_t)r * K + kb;
-            pf(wb, pfo);
-            const __m256i v0 = _mm256_loadu_si256((const __m256i *)wb);
-            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(wb + 32));
             const float s = ld_param(J->sc, (size_t)(n + r) * G + g, ST);
             UNROLL for (int m = 0; m < M; m++) {
                 const int8_t *xb = J->x8 + (size_t)m * K + kb;
-                __m256i a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v0, _mm256_loadu_si256((const __m256i *)xb));
-                a = _mm256_dpbusd_epi32(a, v1, _mm256_loadu_si256((const __m256i *)(xb + 32)));
+                __m256i a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), c0, _mm256_loadu_si256((const __m256i *)xb));
+                a = _mm256_dpbusd_epi32(a, c1, _mm256_loadu_si256((const __m256i *)(xb + 32)));
                 tot[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a),
                                             _mm256_set1_ps(s * J->x8s[(size_t)m * nb + (kb >> 6)]), tot[r][m]);
             }
@@ -596,8 +576,8 @@ DEFINE_RANGE(bf16, CALL_BF16, 0)
 DEFINE_RANGE(q4, q4_block, 1)
 DEFINE_RANGE(q8, q8_block, 1)
 #if VLMC_VNNI
-#define CALL_Q4V(R, M, P, F, ST, J, n, k0, k1, part, pfo) q4v_block(R, M, ST, J, n, k0, k1, part, pfo)
-#define CALL_Q8V(R, M, P, F, ST, J, n, k0, k1, part, pfo) q8v_block(R, M, ST, J, n, k0, k1, part, pfo)
+#define CALL_Q4V(R, M, P, F, ST, J, n, k0, k1, part, pfo) qv_block(4, R, M, ST, J, n, k0, k1, part, pfo)
+#define CALL_Q8V(R, M, P, F, ST, J, n, k0, k1, part, pfo) qv_block(8, R, M, ST, J, n, k0, k1, part, pfo)
 DEFINE_RANGE(q4v, CALL_Q4V, 1)
 DEFINE_RANGE(q8v, CALL_Q8V, 1)
 #endif
@@ -961,7 +941,7 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
     int8_t *x8 = NULL;
     float *x8s = NULL;
 #if VLMC_VNNI
-    if ((bits == 4 || bits == 8) && gs % 64 == 0 && int8_x && simd_ok(&J)) { /* see q4v_block, q8v_block */
+    if ((bits == 4 || bits == 8) && gs % 64 == 0 && int8_x && simd_ok(&J)) { /* see qv_block */
         x8 = malloc((size_t)M * K);
         x8s = malloc(sizeof(float) * (size_t)M * (K / 64));
         if (!x8 || !x8s) { free(x8); free(x8s); free(xq); free(xs); return -5; }
@@ -1310,12 +1290,12 @@ int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, con
 
 /* ---- 4-bit weights x int8 activations, many rows (prefill, vision; AVX512-VNNI) --------
  * y[M, N] = x @ dequantize(w)^T (+ bias). x is rounded to int8 per 64 values of a row
- * (scale amax / 127), as in the GEMV. Output columns go in panels of 16: a thread unpacks
+ * (scale amax / 127), as in the GEMV (qv_block). Output columns go in panels of 16: a thread unpacks
  * the panel's 16 weight rows into int8 codes laid out [K / 4][16][4], so one 64-byte load
  * feeds vpdpbusd for 16 columns x 4 k, against a broadcast of 4 bytes of an x row. Eight x
  * rows at a time keep 8 integer and 8 float accumulators; every 64 k the integer sums are
  * scaled by the weight group's scales (a vector over the panel) times the x block's scale.
- * The bias terms use group sums of the rounded x (see q4v_block). Needs gs % 64 == 0. */
+ * The bias terms use group sums of the rounded x (see qv_block). Needs gs % 64 == 0. */
 #if VLMC_VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
 #define VLMC_GEMM_I8 1
 typedef struct {
