@@ -23,7 +23,8 @@ from ..ir.printer import format_program
 from .codegen import generate_model_py
 from .safetensors_io import ShardWriter, to_storage
 
-FORMAT_VERSION = 1
+# 2: entry points return through ops.result (op libraries may pass host arrays between ops)
+FORMAT_VERSION = 2
 SHARD_BYTES = 2 << 30
 SOURCE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                 "chat_template.json", "generation_config.json", "preprocessor_config.json",

@@ -2,8 +2,19 @@
 CPU kernels (``vlmc.kernels.cpu``): compact-weight GEMV for decode, float32 BLAS GEMM for
 prefill, and BLAS attention for many query rows (prefill, vision). Same names and
 signatures as ``reference``; results agree within the tolerances stated in
-tests/test_cpu_kernels.py."""
+tests/test_cpu_kernels.py.
+
+Host arrays: the kernels compute in numpy buffers, so their outputs stay there, as float32
+numpy arrays, and the ops between kernels (norms, rope, residual adds, activations,
+reshapes) run on them in numpy (``cpu.host``). Handing each kernel output to MLX cost one
+copy (``mx.array``) and every small MLX op ~40-60 us of scheduling on this 2-core machine:
+a Qwen2-VL-2B q4 decode step spent ~37 of its 85 ms outside the GEMVs that way. Any op
+accepts mx.arrays or host arrays; an op with no host version gets its host inputs as
+mx.arrays. Entry points hand their outputs to MLX through ``result``.
+"""
 from __future__ import annotations
+
+import functools
 
 import mlx.core as mx
 import numpy as np
@@ -12,58 +23,160 @@ from . import reference as _reference
 from .reference import *  # noqa: F401,F403  (every op not overridden below)
 
 from . import cpu as _cpu
-from .cpu import linear, qembedding, qlinear  # noqa: F401
+from .cpu import host as _h
+from .cpu import qembedding  # noqa: F401
 from . import kv_quant as _kv_quant
 from .cpu.attention import attention as _blas_attention
 from .cpu.kv_decode import kv_affine_decode as _kv_affine_decode, kv_dense_decode as _kv_dense_decode, \
     kv_turbo_decode as _kv_turbo_decode
 
-
-def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None, *,
-              scale: float) -> mx.array:
-    return _blas_attention(q, k, v, mask, scale=scale, enabled=_cpu.enabled())
+_is_host = _h.is_host
 
 
-def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.array | None = None,
-                     *, scale: float) -> mx.array:
+def _mx(a):
+    return mx.array(a) if type(a) is np.ndarray else a
+
+
+def _host_out(a) -> np.ndarray:
+    """An op's result as a host array (float32 results only; others stay MLX)."""
+    if type(a) is np.ndarray or a.dtype != mx.float32:
+        return a
+    return np.asarray(a)
+
+
+def result(x):
+    """An entry point's output, as an mx.array (one copy of a host array)."""
+    return mx.array(x) if type(x) is np.ndarray else x
+
+
+def _on_mlx(name: str):
+    """The reference op, its host-array inputs (also inside lists) given as mx.arrays."""
+    ref = getattr(_reference, name)
+
+    @functools.wraps(ref)
+    def op(*args, **kwargs):
+        args = [_mx(a) if type(a) is not list else [_mx(b) for b in a] for a in args]
+        return ref(*args, **{k: _mx(v) for k, v in kwargs.items()})
+    return op
+
+
+for _name in ("embedding", "take", "broadcast_to", "rope_freqs", "prepend", "patchify", "merge_features"):
+    globals()[_name] = _on_mlx(_name)
+
+
+# ---- matmuls: the kernels' outputs are host arrays -----------------------------------
+
+def linear(x, w: mx.array, b: mx.array | None = None):
+    return _cpu.linear(x, w, b, host=True)
+
+
+def qlinear(x, w, scales=None, biases=None, b: mx.array | None = None, **kw):
+    return _cpu.qlinear(x, w, scales, biases, b, host=True, **kw)
+
+
+def attention(q, k, v, mask: mx.array | None = None, *, scale: float):
+    return _blas_attention(q, k, v, mask, scale=scale, enabled=_cpu.enabled(), host=_is_host(q))
+
+
+def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: float):
+    host = _is_host(q)
+    k, v = _mx(k), _mx(v)  # the cache stores mx.arrays
     if _cpu.enabled():  # decode steps read the cache in place: dense, affine or TurboQuant (C kernels)
         out = _kv_quant.coded_decode_step(q, k, v, cache, mask, scale=scale, affine=_kv_affine_decode,
                                           turbo=_kv_turbo_decode, dense=_kv_dense_decode)
         if out is not None:
-            return out
-    q, keys, values, finish = cache.attention_inputs(q, k, v)
-    return finish(attention(q, keys, values, cache.mask_for(mask, q.shape[2]), scale=scale))
+            return _host_out(out) if host else _mx(out)
+    qm = _mx(q)
+    q2, keys, values, finish = cache.attention_inputs(qm, k, v)
+    if q2 is qm:  # no rotation to undo (TurboQuant's finish rotates back in MLX)
+        return attention(q, keys, values, cache.mask_for(mask, q2.shape[2]), scale=scale)
+    out = finish(attention(q2, keys, values, cache.mask_for(mask, q2.shape[2]), scale=scale))
+    return _host_out(out) if host else out
 
+
+# ---- elementwise and shape ops: numpy on host arrays ---------------------------------
 
 # MLX's CPU backend computes sigmoid/exp elementwise at ~90 ms for a [1024, 5120] float32
-# array, numpy in ~14 ms (measured on this 2-core machine): a vision layer's activation and
-# a prefill's gated MLP go through numpy from this many elements on; decode stays on MLX.
+# array, numpy in ~14 ms (measured on this 2-core machine): mx.array activations (not
+# host arrays) of this many elements on go through numpy too.
 NUMPY_ACT_MIN_ELEMS = 1 << 15
-_SIGMOID_SCALE = {"silu": 1.0, "quick_gelu": 1.702}
 
 
-def _numpy_act_ok(x: mx.array, kind: str) -> bool:
-    return _cpu.enabled() and kind in _SIGMOID_SCALE and x.dtype == mx.float32 and x.size >= NUMPY_ACT_MIN_ELEMS
+def _numpy_act_ok(x, kind: str) -> bool:
+    if _is_host(x):
+        return True
+    return _cpu.enabled() and kind in _h.SIGMOID_SCALE and x.dtype == mx.float32 and x.size >= NUMPY_ACT_MIN_ELEMS
 
 
-def _sigmoid_gate(xn: np.ndarray, kind: str) -> np.ndarray:
-    """x * sigmoid(a x) = x / (1 + exp(-a x)), in one fresh array."""
-    with np.errstate(over="ignore"):  # exp overflows to inf for very negative x: x / inf = -0, as wanted
-        e = np.exp(xn * np.float32(-_SIGMOID_SCALE[kind]))
-    e += np.float32(1.0)
-    np.divide(xn, e, out=e)
-    return e
-
-
-def act(x: mx.array, kind: str) -> mx.array:
+def act(x, kind: str):
     if not _numpy_act_ok(x, kind):
         return _reference.act(x, kind)
-    return mx.array(_sigmoid_gate(np.asarray(x), kind))
+    out = _h.act(_h.table(x), kind)
+    return out if _is_host(x) else mx.array(out)
 
 
-def glu(gate: mx.array, up: mx.array, kind: str) -> mx.array:
+def glu(gate, up, kind: str):
+    if _is_host(gate) or _is_host(up):
+        return _h.glu(_h.table(gate), _h.table(up), kind)
     if not _numpy_act_ok(gate, kind) or up.shape != gate.shape or up.dtype != mx.float32:
         return _reference.glu(gate, up, kind)
-    out = _sigmoid_gate(np.asarray(gate), kind)
-    out *= np.asarray(up)
-    return mx.array(out)
+    return mx.array(_h.glu(np.asarray(gate), np.asarray(up), kind))
+
+
+def rms_norm(x, w: mx.array, eps: float):
+    return _h.rms_norm(x, w, eps) if _is_host(x) else _reference.rms_norm(x, w, eps)
+
+
+def layer_norm(x, w: mx.array, b: mx.array | None, eps: float):
+    return _h.layer_norm(x, w, b, eps) if _is_host(x) else _reference.layer_norm(x, w, b, eps)
+
+
+def add(a, b):
+    if _is_host(a) or _is_host(b):
+        return np.add(_h.table(a), _h.table(b))
+    return _reference.add(a, b)
+
+
+def mul(a, b):
+    if _is_host(a) or _is_host(b):
+        return np.multiply(_h.table(a), _h.table(b))
+    return _reference.mul(a, b)
+
+
+def add_rms_norm(a, b, w: mx.array, eps: float):
+    if _is_host(a) or _is_host(b):
+        h = add(a, b)
+        return h, _h.rms_norm(h, w, eps)
+    return _reference.add_rms_norm(a, b, w, eps)
+
+
+def rope(x, cos: mx.array, sin: mx.array):
+    return _h.rope(x, cos, sin) if _is_host(x) else _reference.rope(x, cos, sin)
+
+
+def reshape(x, shape: list):
+    return _h.reshape(x, shape) if _is_host(x) else _reference.reshape(x, shape)
+
+
+def transpose(x, axes: list[int]):
+    return x.transpose(axes) if _is_host(x) else _reference.transpose(x, axes)
+
+
+def split(x, sizes: list[int], axis: int):
+    return _h.split(x, sizes, axis) if _is_host(x) else _reference.split(x, sizes, axis)
+
+
+def slice_axis(x, axis: int, start: int, stop: int | None = None):
+    return _h.slice_axis(x, axis, start, stop) if _is_host(x) else _reference.slice_axis(x, axis, start, stop)
+
+
+def concat(*xs, axis: int, dim=None):
+    if xs and all(_is_host(x) for x in xs):
+        return np.concatenate(xs, axis=axis)
+    return _reference.concat(*(_mx(x) for x in xs), axis=axis, dim=dim)
+
+
+def cast(x, dtype: str):
+    if _is_host(x):
+        return x if dtype == "float32" else mx.array(x).astype(getattr(mx, dtype))
+    return _reference.cast(x, dtype)

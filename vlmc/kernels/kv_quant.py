@@ -145,7 +145,8 @@ def coded_decode_step(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.arr
     the signatures of ``kv_affine_decode`` / ``kv_turbo_decode`` / ``kv_dense_decode``) that
     read its buffers in place: stores k, v and returns the attention [B, H, 1, D]; None
     (nothing stored) when no kernel applies. Windowed caches, whose mask also hides old
-    tokens still held, always take the caller's other path."""
+    tokens still held, always take the caller's other path. q may be a float32 numpy
+    array (the cpu target's host arrays); the result then comes from the kernel as is."""
     layout = getattr(cache, "layout", "dense")
     kernel = {"affine": affine, "turboquant": turbo, "dense": dense}.get(layout)
     if kernel is None or q.shape[2] != 1 or getattr(cache, "start", 0) or getattr(cache, "window", None):
@@ -161,7 +162,9 @@ def coded_decode_step(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.arr
                      starts, cache.held, scale=scale, bits=codec.bits, group_size=codec.group_size)
     else:
         kc, vc = cache.codecs["k"], cache.codecs["v"]
-        out = kernel(q[:, :, 0].astype(mx.float32) @ kc.rotation, kb["codes"], kb["norms"], vb["codes"],
+        q0 = q[:, :, 0] if isinstance(q, mx.array) else mx.array(q[:, :, 0])
+        out = kernel(q0.astype(mx.float32) @ kc.rotation, kb["codes"], kb["norms"], vb["codes"],
                      vb["norms"], kc.codebook, vc.codebook, starts, cache.held, scale=scale, k_bits=kc.bits,
                      v_bits=vc.bits) @ vc.rotation.T
-    return out[:, :, None].astype(q.dtype)
+    out = out[:, :, None]
+    return out.astype(q.dtype) if isinstance(q, mx.array) and isinstance(out, mx.array) else out

@@ -177,3 +177,9 @@ def qembedding(ids: mx.array, table) -> mx.array:
                          None if table.biases is None else table.biases[flat],
                          group_size=table.group_size, bits=table.bits, mode=table.mode)
     return rows.reshape(*ids.shape, rows.shape[-1])
+
+
+def result(x: mx.array) -> mx.array:
+    """An entry point's output. The identity here; op libraries whose ops pass other
+    array types between them (the cpu target's host arrays) return an mx.array."""
+    return x

@@ -17,7 +17,7 @@ import mlx.core as mx
 from ..errors import ArtifactError
 from ..kernels.quant import WIDER, QuantWeight, widen
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the format vlmc.backends.artifact writes
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Fast CPU matmuls for the ``cpu`` target: mx.array in, mx.array out.
+"""Fast CPU matmuls for the ``cpu`` target: mx.array in, mx.array out (or, with
+``host=True``, a float32 numpy array out; x may be a numpy array too).
 
 MLX's CPU backend links a reference BLAS and has no fast bf16 or quantized matmul, so:
 
@@ -168,28 +169,42 @@ def _host(a: mx.array, *, as_f32: bool = False, cache: bool = True) -> _Host:
     return h
 
 
-def _x2d(x: mx.array, K: int) -> np.ndarray:
-    """Activations as a C-contiguous float32 [M, K] numpy array (evaluates x)."""
-    if x.dtype != _F32:
-        x = x.astype(_F32)
-    n = np.asarray(x)
-    if not n.flags.c_contiguous:
-        n = np.ascontiguousarray(n)
+def _x2d(x, K: int) -> np.ndarray:
+    """Activations (an mx.array, or a float32 numpy array) as a C-contiguous float32
+    [M, K] numpy array (evaluates an mx.array)."""
+    if type(x) is np.ndarray:
+        n = np.ascontiguousarray(x, dtype=np.float32)
+    else:
+        n = np.asarray(x if x.dtype == _F32 else x.astype(_F32))
+        if not n.flags.c_contiguous:
+            n = np.ascontiguousarray(n)
     return n if n.ndim == 2 else n.reshape(-1, K)
 
 
-def _finish(y: np.ndarray, lead: tuple, dtype) -> mx.array:
+def _finish(y: np.ndarray, lead: tuple, dtype, host: bool = False):
+    """The [M, N] result with x's leading dims: as a numpy array when ``host`` and the
+    result is float32, else as an mx.array (one copy)."""
+    if host and dtype == _F32:
+        return y if len(lead) == 1 else y.reshape(*lead, y.shape[-1])
     out = mx.array(y)
     if len(lead) != 1:
         out = out.reshape(*lead, y.shape[-1])
     return out if dtype == _F32 else out.astype(dtype)
 
 
-def _out_dtype(x: mx.array, w_or_scales: mx.array, b: mx.array | None):
-    """MLX's promotion of (x, weight-or-scales, bias) without a call when all are f32/bf16."""
-    if x.dtype == _F32 and w_or_scales.dtype in _DENSE and (b is None or b.dtype in _DENSE):
+def _out_dtype(x, w_or_scales: mx.array, b: mx.array | None):
+    """MLX's promotion of (x, weight-or-scales, bias) without a call when all are f32/bf16
+    (a numpy x is float32)."""
+    x_dtype = _F32 if type(x) is np.ndarray else x.dtype
+    if x_dtype == _F32 and w_or_scales.dtype in _DENSE and (b is None or b.dtype in _DENSE):
         return _F32
+    if type(x) is np.ndarray:
+        x = mx.array(x[:0])  # only its dtype takes part
     return mx.result_type(x, w_or_scales) if b is None else mx.result_type(x, w_or_scales, b)
+
+
+def _as_mx(x):
+    return mx.array(x) if type(x) is np.ndarray else x
 
 
 def _check(rc: int, what: str) -> None:
@@ -199,10 +214,10 @@ def _check(rc: int, what: str) -> None:
 
 # ---- dense linear ----------------------------------------------------------------------
 
-def linear(x: mx.array, w: mx.array, b: mx.array | None = None) -> mx.array:
+def linear(x: mx.array, w: mx.array, b: mx.array | None = None, *, host: bool = False) -> mx.array:
     """``x @ w.T (+ b)`` for a float32 or bfloat16 weight ``w`` [N, K]."""
     if not _enabled or w.ndim != 2 or w.dtype not in _DENSE or x.shape[-1] != w.shape[1]:
-        return _reference.linear(x, w, b)
+        return _reference.linear(_as_mx(x), w, b)
     lib = _get_lib()
     N, K = w.shape
     out_dtype = _out_dtype(x, w, b)
@@ -217,14 +232,14 @@ def linear(x: mx.array, w: mx.array, b: mx.array | None = None) -> mx.array:
         y = np.empty((M, N), np.float32)
         fn = lib.vlmc_gemv_f32 if w.dtype == mx.float32 else lib.vlmc_gemv_bf16
         _check(fn(xn.ctypes.data, M, K, wh.ptr, N, bh.ptr if bh else None, y.ctypes.data, n_threads), "gemv")
-        return _finish(y, lead, out_dtype)
+        return _finish(y, lead, out_dtype, host)
     if w.dtype == mx.float32:
         y = xn @ wh.arr.T
     else:
         y = _sliced_gemm(xn, N, K, lambda n0, n1, out: _bf16_rows(lib, wh, n0, n1, K, out))
     if bh is not None:
         y += bh.arr
-    return _finish(y, lead, out_dtype)
+    return _finish(y, lead, out_dtype, host)
 
 
 def _bf16_rows(lib, wh: _Host, n0: int, n1: int, K: int, out: np.ndarray) -> None:
@@ -300,12 +315,14 @@ def _qplan(w, scales, biases, bits, group_size, mode) -> tuple:
 
 
 def qlinear(x: mx.array, w, scales=None, biases=None, b: mx.array | None = None, *,
-            bits: int | None = None, group_size: int | None = None, mode: str = "affine") -> mx.array:
+            bits: int | None = None, group_size: int | None = None, mode: str = "affine",
+            host: bool = False) -> mx.array:
     """``x @ dequantize(w).T (+ b)``, as ``mx.quantized_matmul(..., transpose=True)``.
 
     Called either as ``qlinear(x, w, scales, biases, b, bits=, group_size=, mode=)`` with
     MLX's packed uint32 codes, or as ``qlinear(x, quant_weight, b)`` with an object that has
     ``weight, scales, biases, bits, group_size, mode`` (``vlmc.kernels.quant.QuantWeight``).
+    ``host=True`` returns a float32 result as a numpy array (no copy into MLX).
     """
     w, scales, biases, b, bits, group_size, mode = _unpack(w, scales, biases, b, bits, group_size, mode)
     plan = _qplans.get(id(w))
@@ -313,7 +330,7 @@ def qlinear(x: mx.array, w, scales=None, biases=None, b: mx.array | None = None,
             or plan[3] != group_size or plan[4] != mode:
         plan = _qplan(w, scales, biases, bits, group_size, mode)
     if plan[5] is None or x.shape[-1] != plan[6]:
-        y = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits,
+        y = mx.quantized_matmul(_as_mx(x), w, scales, biases, transpose=True, group_size=group_size, bits=bits,
                                 mode=mode)
         return y + b if b is not None else y
     lib, K, N, wh, sh, bh_, st = plan[5:]
@@ -328,7 +345,7 @@ def qlinear(x: mx.array, w, scales=None, biases=None, b: mx.array | None = None,
         y = np.empty((M, N), np.float32)
         _check(lib.vlmc_gemv_q(xn.ctypes.data, M, K, wh.ptr, sh.ptr, bh_.ptr, st, N, bits, group_size,
                                bias.ptr if bias else None, y.ctypes.data, n_threads), "gemv_q")
-        return _finish(y, lead, out_dtype)
+        return _finish(y, lead, out_dtype, host)
     if (bits == 4 and group_size % 64 == 0 and M * N * K >= INT8_GEMM_MIN_MACS and st in (0, 1)
             and int8_activations() and lib.vlmc_gemm_q4_i8_available()):
         y = np.empty((M, N), np.float32)
@@ -336,7 +353,7 @@ def qlinear(x: mx.array, w, scales=None, biases=None, b: mx.array | None = None,
                                  bias.ptr if bias else None, y.ctypes.data, n_threads)
         if rc != -6:  # -6: a shape the kernel does not cover; the float GEMM below does
             _check(rc, "gemm_q4_i8")
-            return _finish(y, lead, out_dtype)
+            return _finish(y, lead, out_dtype, host)
     G = K // group_size
     words = w.shape[1]
 
@@ -348,7 +365,7 @@ def qlinear(x: mx.array, w, scales=None, biases=None, b: mx.array | None = None,
     y = _sliced_gemm(xn, N, K, fill)
     if bias is not None:
         y += bias.arr
-    return _finish(y, lead, out_dtype)
+    return _finish(y, lead, out_dtype, host)
 
 
 def dequantize(w: mx.array, scales: mx.array, biases: mx.array, *, bits: int, group_size: int,

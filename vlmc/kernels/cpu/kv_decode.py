@@ -21,19 +21,31 @@ def _np(a: mx.array) -> np.ndarray:
     return np.ascontiguousarray(_to_numpy(a))
 
 
-def _run(fn, name: str, q: mx.array, buffers: tuple, starts: mx.array, shape: tuple, held: int, *params):
+def _mx(a):
+    return mx.array(a) if type(a) is np.ndarray else a
+
+
+def _run(fn, name: str, q, buffers: tuple, starts: mx.array, shape: tuple, held: int, *params):
     """Call C kernel ``fn`` with the arguments every KV decode kernel takes: host pointers
     to q (float32), the cache buffers and starts (int32), then B, H, HKV, D, capacity, held,
-    the layout's own ``params``, the output and the thread count."""
-    q, starts = q.astype(mx.float32), starts.astype(mx.int32)
-    mx.eval(q, starts, *buffers)
+    the layout's own ``params``, the output and the thread count. A numpy q (the cpu op
+    library's host arrays) gets a numpy result, an mx.array q an mx.array."""
+    host = type(q) is np.ndarray
+    starts = starts.astype(mx.int32)
+    if host:
+        mx.eval(starts, *buffers)
+        qn = np.ascontiguousarray(q, dtype=np.float32)
+    else:
+        q = q.astype(mx.float32)
+        mx.eval(q, starts, *buffers)
+        qn = _np(q)
     B, H, D = q.shape
-    hosts = [_np(a) for a in (q, *buffers, starts)]
+    hosts = [qn] + [_np(a) for a in (*buffers, starts)]
     out = np.empty((B, H, D), np.float32)
     from . import n_threads  # the current setting (refresh() may change it)
     _check(fn(*(h.ctypes.data for h in hosts), B, H, shape[1], D, shape[2], held, *params, out.ctypes.data,
               n_threads), name)
-    return mx.array(out)
+    return out if host else mx.array(out)
 
 
 def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts, held: int, *,
@@ -43,7 +55,7 @@ def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases
     B, H, D = q.shape
     if (lib is None or bits not in (4, 8) or k_scales.dtype != mx.bfloat16 or D % group_size
             or k_codes.ndim != 4 or H % k_codes.shape[1]):
-        return _kv_quant.kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts,
+        return _kv_quant.kv_affine_decode(_mx(q), k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts,
                                           held, scale=scale, bits=bits, group_size=group_size)
     return _run(lib.vlmc_kv_affine_decode, "kv_affine_decode", q,
                 (k_codes, k_scales, k_biases, v_codes, v_scales, v_biases), starts, k_codes.shape, held,
@@ -72,5 +84,5 @@ def kv_dense_decode(q, keys, values, starts, held: int, *, scale: float) -> mx.a
     lib = _get_lib()
     B, H, D = q.shape
     if lib is None or keys.dtype != mx.float32 or values.dtype != mx.float32 or keys.ndim != 4 or H % keys.shape[1]:
-        return _kv_quant.kv_dense_decode(q, keys, values, starts, held, scale=scale)
+        return _kv_quant.kv_dense_decode(_mx(q), keys, values, starts, held, scale=scale)
     return _run(lib.vlmc_kv_dense_decode, "kv_dense_decode", q, (keys, values), starts, keys.shape, held, scale)

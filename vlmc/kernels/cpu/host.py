@@ -1,0 +1,118 @@
+"""The reference ops on host arrays: float32 numpy arrays, the form activations keep
+between ops on the ``cpu`` target (see ``vlmc.kernels.cpu_ops``).
+
+Each function matches the ``vlmc.kernels.reference`` op of the same name on float32
+inputs. Parameters (norm weights, rope tables) may be mx.arrays: they are read through
+host views (weights cached per array, as the matmul kernels do).
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from . import _host
+
+F32 = np.float32
+# x * sigmoid(a x) activations: their scale a
+SIGMOID_SCALE = {"silu": 1.0, "quick_gelu": 1.702}
+
+
+def is_host(a) -> bool:
+    return type(a) is np.ndarray
+
+
+def param(a) -> np.ndarray:
+    """A float32 host view of a parameter (cached while it lives) or of a host array."""
+    if type(a) is np.ndarray:
+        return a if a.dtype == F32 else a.astype(F32)
+    return _host(a, as_f32=True).arr
+
+
+def table(a) -> np.ndarray:
+    """A float32 host view of a per-call array (rope tables): evaluated, not cached."""
+    if type(a) is np.ndarray:
+        return a
+    return np.asarray(a if a.dtype == mx.float32 else a.astype(mx.float32))
+
+
+def _inv_rms(x: np.ndarray, eps: float) -> np.ndarray:
+    ms = np.einsum("...i,...i->...", x, x)[..., None]
+    ms *= F32(1.0 / x.shape[-1])
+    ms += F32(eps)
+    np.sqrt(ms, out=ms)
+    return ms
+
+
+def rms_norm(x: np.ndarray, w, eps: float) -> np.ndarray:
+    out = x / _inv_rms(x, eps)
+    out *= param(w)
+    return out
+
+
+def layer_norm(x: np.ndarray, w, b, eps: float) -> np.ndarray:
+    out = x - x.mean(-1, keepdims=True, dtype=F32)
+    out /= _inv_rms(out, eps)
+    if w is not None:
+        out *= param(w)
+    if b is not None:
+        out += param(b)
+    return out
+
+
+def sigmoid_gate(x: np.ndarray, kind: str) -> np.ndarray:
+    """x * sigmoid(a x) = x / (1 + exp(-a x)), in one fresh array."""
+    with np.errstate(over="ignore"):  # exp overflows to inf for very negative x: x / inf = -0, as wanted
+        e = np.exp(x * F32(-SIGMOID_SCALE[kind]))
+    e += F32(1.0)
+    np.divide(x, e, out=e)
+    return e
+
+
+def act(x: np.ndarray, kind: str) -> np.ndarray:
+    if kind in SIGMOID_SCALE:
+        return sigmoid_gate(x, kind)
+    if kind == "relu":
+        return np.maximum(x, F32(0))
+    if kind == "gelu_tanh":
+        c = F32(np.sqrt(2.0 / np.pi))
+        return F32(0.5) * x * (F32(1.0) + np.tanh(c * (x + F32(0.044715) * x * x * x)))
+    # gelu needs erf, which numpy lacks: MLX's (one copy each way; used once per projector)
+    from .. import reference
+    return np.asarray(reference.act(mx.array(x), kind))
+
+
+def glu(gate: np.ndarray, up: np.ndarray, kind: str) -> np.ndarray:
+    out = act(gate, kind)
+    out *= up
+    return out
+
+
+def reshape(x: np.ndarray, shape: list) -> np.ndarray:
+    return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])
+
+
+def split(x: np.ndarray, sizes: list[int], axis: int) -> list[np.ndarray]:
+    out, start = [], 0
+    index = [slice(None)] * x.ndim
+    for s in sizes:
+        index[axis] = slice(start, start + s)
+        out.append(x[tuple(index)])
+        start += s
+    return out
+
+
+def slice_axis(x: np.ndarray, axis: int, start: int, stop: int | None = None) -> np.ndarray:
+    index = [slice(None)] * x.ndim
+    index[axis] = slice(start, stop)
+    return x[tuple(index)]
+
+
+def rope(x: np.ndarray, cos, sin) -> np.ndarray:
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1] (the same products and
+    sums as the reference, so the same float32 result)."""
+    half = x.shape[-1] // 2
+    c, s = table(cos), table(sin)
+    out = x * c
+    out[..., :half] -= x[..., half:] * s[..., :half]
+    out[..., half:] += x[..., :half] * s[..., half:]
+    return out
