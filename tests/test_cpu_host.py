@@ -171,3 +171,42 @@ def test_decode_step_runs_on_host_arrays(tmp_path, monkeypatch):
         monkeypatch.delenv("VLMC_CPU_KERNELS")
         cpu.refresh()
     assert float(mx.abs(got - ref).max()) <= 1e-4 * float(mx.abs(ref).max())
+
+
+@pytest.mark.parametrize("kind", ["silu", "quick_gelu"])
+def test_sigmoid_gate_kernel_on_column_slices(rng, kind):
+    """The C gate (vectorized exp, rows split across threads) on the column halves of a
+    fused gate_up output, without copying them, against float64 numpy; extreme inputs
+    give what numpy gives (0 * inf never appears: x / (1 + inf) = -0)."""
+    gate_up = arr(rng, 300, 2 * 520, scale=5.0)  # 156k elements per half: the threaded path
+    gate_up[0, :5] = [-1e4, 1e4, 0.0, -95.0, 95.0]
+    gate, up = cpu_ops.split(gate_up, sizes=[520, 520], axis=-1)
+    assert not gate.flags.c_contiguous
+    a = {"silu": 1.0, "quick_gelu": 1.702}[kind]
+    g64 = gate.astype(np.float64)
+    with np.errstate(over="ignore"):
+        ref = g64 / (1.0 + np.exp(-a * g64))
+    got = cpu_ops.glu(gate, up, kind)
+    assert type(got) is np.ndarray and got.shape == gate.shape
+    np.testing.assert_allclose(got, ref * up, rtol=5e-6, atol=1e-6 * np.abs(ref * up).max())
+    alone = cpu_ops.act(gate, kind)
+    np.testing.assert_allclose(alone, ref, rtol=5e-6, atol=1e-6 * np.abs(ref).max())
+    assert alone[0, 1] == 1e4 and alone[0, 0] == 0.0 and alone[0, 2] == 0.0
+
+
+def test_masked_softmax_kernel_matches_numpy(rng):
+    """The C softmax (scale folded in, mask shared by blocks of rows, threads) against the
+    numpy path; a row with nothing visible gives zeros."""
+    from vlmc.kernels.cpu import attention
+    s = arr(rng, 4 * 70, 301, scale=8.0)
+    keep = rng.random((70, 301)) > 0.4
+    keep[3] = False
+    got, ref = s.copy(), s.copy()
+    attention._masked_softmax(got, 0.3, keep)
+    ref *= np.float32(0.3)
+    ref.reshape(4, 70, 301)[...] += np.where(keep, np.float32(0), np.float32(-np.inf))
+    attention._softmax_rows(ref)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+    assert not got.reshape(4, 70, 301)[:, 3].any()
+    assert not got.reshape(4, 70, 301)[:, ~keep].any()  # masked keys get exactly 0
+    np.testing.assert_allclose(got.sum(-1)[np.tile(keep.any(-1), 4)], 1.0, rtol=1e-5)

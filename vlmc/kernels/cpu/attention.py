@@ -54,19 +54,34 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
         keep = None if mn is None else np.broadcast_to(mn[b if mn.shape[0] > 1 else 0, 0], (L, S))
         for r0 in range(0, L, rows):
             r1 = min(L, r0 + rows)
-            bias = None if keep is None else np.where(keep[r0:r1], np.float32(0), np.float32(-np.inf))
+            block_keep = None if keep is None else np.ascontiguousarray(keep[r0:r1])
             for h in range(Hk):
                 heads = slice(h * group, (h + 1) * group)
-                s = (qn[b, heads, r0:r1].reshape(-1, D) @ kn[b, h].T).reshape(group, r1 - r0, S)
-                s *= scale
-                if bias is not None:
-                    s += bias
-                _softmax_rows(s)
-                out[b, heads, r0:r1] = (s.reshape(-1, S) @ vn[b, h]).reshape(group, r1 - r0, Dv)
+                s = qn[b, heads, r0:r1].reshape(-1, D) @ kn[b, h].T  # [group * rows, S]
+                _masked_softmax(s, scale, block_keep)
+                out[b, heads, r0:r1] = (s @ vn[b, h]).reshape(group, r1 - r0, Dv)
     if host and out_dtype == mx.float32:
         return out
     y = mx.array(out)
     return y if out_dtype == mx.float32 else y.astype(out_dtype)
+
+
+def _masked_softmax(s: np.ndarray, scale: float, keep: np.ndarray | None) -> None:
+    """softmax(scale * s) in place along rows of s [n * R, S], where ``keep`` [R, S] (True =
+    attend) masks each block of R rows: the C kernel (threads, one exp pass) or numpy."""
+    from . import _get_lib, n_threads
+    lib = _get_lib()
+    if lib is not None and s.flags.c_contiguous and s.dtype == np.float32 and scale > 0:
+        rc = lib.vlmc_softmax_rows(s.ctypes.data, s.shape[0], s.shape[1], scale,
+                                   None if keep is None else keep.view(np.uint8).ctypes.data,
+                                   0 if keep is None else keep.shape[0], n_threads)
+        if rc == 0:
+            return
+    s *= np.float32(scale)
+    if keep is not None:
+        blocks = s.reshape(-1, *keep.shape)
+        blocks += np.where(keep, np.float32(0), np.float32(-np.inf))
+    _softmax_rows(s)
 
 
 def _softmax_rows(s: np.ndarray) -> None:

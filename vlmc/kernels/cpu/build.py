@@ -22,8 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("gemv.c")
-ABI_VERSION = 9  # must match VLMC_ABI in gemv.c
+SOURCE = Path(__file__).with_name("gemv.c")  # the translation unit; it includes the other .c files here
+ABI_VERSION = 10  # must match VLMC_ABI in gemv.c
 
 NATIVE_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
 PORTABLE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread"]
@@ -70,7 +70,8 @@ def _machine_id() -> str:
 
 def library_path(cc: str, flags: list[str]) -> Path:
     h = hashlib.sha256()
-    h.update(SOURCE.read_bytes())
+    for src in sorted(SOURCE.parent.glob("*.c")):
+        h.update(src.read_bytes())
     h.update("\0".join([cc, *flags]).encode())
     h.update(_machine_id().encode())
     return cache_dir() / f"vlmc_cpu_{h.hexdigest()[:20]}.so"
@@ -123,6 +124,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.vlmc_gemm_q4_i8_available.argtypes = []
     lib.vlmc_gemm_q4_i8.restype = I
     lib.vlmc_gemm_q4_i8.argtypes = [P, I, I, P, P, P, I, I, I, P, P, I]
+    lib.vlmc_softmax_rows.restype = I
+    lib.vlmc_softmax_rows.argtypes = [P, L, L, ctypes.c_float, P, L, I]
+    lib.vlmc_sigmoid_gate.restype = I
+    lib.vlmc_sigmoid_gate.argtypes = [P, L, P, L, P, L, L, ctypes.c_float, I]
     lib.vlmc_set_spin_us.restype = None
     lib.vlmc_set_spin_us.argtypes = [I]
     if lib.vlmc_abi_version() != ABI_VERSION:

@@ -1,0 +1,176 @@
+/* vlmc CPU kernels: the exp-based elementwise ops of the host path (included by gemv.c,
+ * after its thread pool):
+ *
+ *   vlmc_softmax_rows   in place, softmax(scale * s) along rows, with an optional keep
+ *                       mask shared by blocks of rows (attention scores);
+ *   vlmc_sigmoid_gate   out = x * sigmoid(a x) [* up]  (silu, quick_gelu, their GLUs).
+ *
+ * numpy evaluates these one pass per operation on one core (a 1024-token vision layer's
+ * [1024, 5120] quick_gelu took ~14 ms, each head's [1024, 1024] softmax ~1.5 ms); here
+ * they are one or two passes over L1-sized rows, split across the pool's threads.
+ *
+ * exp: Cephes-style, e^x = 2^n e^r with |r| <= ln2/2 and a degree-6 polynomial for e^r
+ * (~1 ulp over the float range); x below -87.3 gives 0 (the true value is under 2^-126,
+ * flushed as numpy's denormals would barely differ), x above 88.7 gives inf (as expf). */
+
+#define EXP_HI 88.7f
+#define EXP_LO (-87.3f)
+
+static ALWAYS float exp_poly(float r) {
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    return y * r * r + r + 1.0f;
+}
+
+static ALWAYS float exp1(float x) {
+    if (!(x >= EXP_LO)) return x != x ? x : 0.f; /* NaN stays NaN */
+    if (x > EXP_HI) return INFINITY;
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    union { uint32_t u; float f; } p;
+    if (n > 127.f) { /* 2^n overflows the exponent field: e^x is over FLT_MAX or just under */
+        p.u = (uint32_t)(127 + 127) << 23;
+        return exp_poly(r) * p.f * 2.f;
+    }
+    p.u = (uint32_t)((int)n + 127) << 23;
+    return exp_poly(r) * p.f;
+}
+
+#if VLMC_SIMD
+static ALWAYS __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(EXP_LO), hi = _mm256_set1_ps(EXP_HI);
+    const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);          /* false for NaN too */
+    const __m256 over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
+    const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(_mm256_mul_ps(y, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* 2^n as two halves, so n = 128 (inputs just under the overflow point) stays finite */
+    const __m256i ni = _mm256_cvtps_epi32(n);
+    const __m256i h1 = _mm256_srai_epi32(ni, 1), h2 = _mm256_sub_epi32(ni, h1);
+    const __m256i b = _mm256_set1_epi32(127);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h1, b), 23)));
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h2, b), 23)));
+    y = _mm256_and_ps(y, keep);
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), over);
+    return _mm256_blendv_ps(y, x, nan);
+}
+#endif
+
+/* ---- softmax rows ----------------------------------------------------------------- */
+
+typedef struct {
+    float *s;
+    long rows, cols;
+    float scale;
+    const uint8_t *keep; /* [keep_rows, cols] (1 = attend) or NULL; row r reads keep row r % keep_rows */
+    long keep_rows;
+} softmax_job;
+
+static void softmax_row(float *s, long cols, float scale, const uint8_t *keep) {
+    float m = -INFINITY;
+    for (long c = 0; c < cols; c++)
+        if ((!keep || keep[c]) && s[c] > m) m = s[c];
+    if (m == -INFINITY) { /* nothing visible (a left-padding query row): zeros, no NaN */
+        memset(s, 0, sizeof(float) * (size_t)cols);
+        return;
+    }
+    const float ms = m * scale;
+    float total = 0.f;
+    long c = 0;
+#if VLMC_SIMD
+    const __m256 sv = _mm256_set1_ps(scale), msv = _mm256_set1_ps(ms);
+    __m256 acc = _mm256_setzero_ps();
+    for (; c + 8 <= cols; c += 8) {
+        __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(s + c), sv, msv));
+        if (keep) {
+            const __m128i k8 = _mm_loadl_epi64((const __m128i *)(keep + c));
+            const __m256i k32 = _mm256_cvtepu8_epi32(k8);
+            e = _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_cmpgt_epi32(k32, _mm256_setzero_si256())));
+        }
+        _mm256_storeu_ps(s + c, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    total = hsum(acc);
+#endif
+    for (; c < cols; c++) {
+        const float e = (!keep || keep[c]) ? exp1(s[c] * scale - ms) : 0.f;
+        s[c] = e;
+        total += e;
+    }
+    const float inv = 1.f / total;
+    for (c = 0; c < cols; c++) s[c] *= inv;
+}
+
+static void softmax_task(void *ctx, int ith, int nth) {
+    const softmax_job *J = (const softmax_job *)ctx;
+    const long r0 = J->rows * ith / nth, r1 = J->rows * (ith + 1) / nth;
+    for (long r = r0; r < r1; r++)
+        softmax_row(J->s + r * J->cols, J->cols, J->scale,
+                    J->keep ? J->keep + (r % J->keep_rows) * J->cols : NULL);
+}
+
+/* s [rows, cols] in place; scale > 0. Returns 0, or -1 for bad arguments. */
+int vlmc_softmax_rows(float *s, int64_t rows, int64_t cols, float scale, const uint8_t *keep, int64_t keep_rows,
+                      int n_threads) {
+    if (!s || rows < 0 || cols < 1 || !(scale > 0.f) || (keep && keep_rows < 1)) return -1;
+    softmax_job J = {s, rows, cols, scale, keep, keep_rows};
+    const long work = rows * cols;
+    run_parallel(softmax_task, &J, work < (1L << 15) || rows < 2 ? 1 : n_threads);
+    return 0;
+}
+
+/* ---- x * sigmoid(a x) [* up] -------------------------------------------------------- */
+
+typedef struct {
+    const float *x, *up;
+    float *out;
+    long rows, cols, x_ld, up_ld; /* row strides in elements (x and up may be column slices) */
+    float a;
+} gate_job;
+
+static void gate_row(const float *x, const float *up, float *out, long cols, float a) {
+    long i = 0;
+#if VLMC_SIMD
+    const __m256 na = _mm256_set1_ps(-a), one = _mm256_set1_ps(1.f);
+    for (; i + 8 <= cols; i += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + i);
+        __m256 g = _mm256_div_ps(xv, _mm256_add_ps(one, exp8(_mm256_mul_ps(xv, na))));
+        if (up) g = _mm256_mul_ps(g, _mm256_loadu_ps(up + i));
+        _mm256_storeu_ps(out + i, g);
+    }
+#endif
+    for (; i < cols; i++) {
+        const float g = x[i] / (1.f + exp1(-a * x[i]));
+        out[i] = up ? g * up[i] : g;
+    }
+}
+
+static void gate_task(void *ctx, int ith, int nth) {
+    const gate_job *J = (const gate_job *)ctx;
+    const long r0 = J->rows * ith / nth, r1 = J->rows * (ith + 1) / nth;
+    for (long r = r0; r < r1; r++)
+        gate_row(J->x + r * J->x_ld, J->up ? J->up + r * J->up_ld : NULL, J->out + r * J->cols, J->cols, J->a);
+}
+
+/* out [rows, cols] = x / (1 + exp(-a x)) (* up when up is not NULL), x and up read with
+ * row strides x_ld / up_ld; out may alias x or up when their strides are cols. */
+int vlmc_sigmoid_gate(const float *x, int64_t x_ld, const float *up, int64_t up_ld, float *out, int64_t rows,
+                      int64_t cols, float a, int n_threads) {
+    if (!x || !out || rows < 0 || cols < 0 || x_ld < cols || (up && up_ld < cols)) return -1;
+    gate_job J = {x, up, out, rows, cols, x_ld, up_ld, a};
+    run_parallel(gate_task, &J, rows * cols < (1L << 16) || rows < 2 ? 1 : n_threads);
+    return 0;
+}
