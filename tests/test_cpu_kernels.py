@@ -369,6 +369,23 @@ def test_widen_repacks_codes_exactly(bits, wider):
         widen(w, bits)
 
 
+def test_widen_works_in_row_blocks(monkeypatch):
+    """Widening goes block by block (exact across block edges, including a short last
+    block), so its float32/uint32 temporaries stay the size of one block: peak MLX memory
+    above the inputs measured 5.0x the widened codes here (blocks of 1/8 of the rows; the
+    blocks and their concatenation are 2x of it), the whole matrix at once 33x."""
+    from vlmc.kernels import quant
+    q = quant.quantize_array(rand(8192 + 40, 1024), bits=6, group_size=64, mode="affine")
+    mx.eval(q.weight, q.scales, q.biases)
+    monkeypatch.setattr(quant, "WIDEN_ROWS", 1024)
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    w = quant.widen(q, 8)
+    mx.eval(w.weight)
+    assert mx.get_peak_memory() - before < 6 * w.weight.nbytes
+    assert mx.array_equal(w.dequantize(), q.dequantize())
+
+
 def test_cpu_artifacts_widen_odd_bit_widths_at_load(tmp_path, monkeypatch):
     """A q3 artifact (head at q6) loads with 4- and 8-bit codes on the cpu target, computing
     the same logits as the unwidened weights through MLX's own quantized matmul."""
