@@ -358,13 +358,17 @@ def test_no_compiler_warns_once_and_returns_none(monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bits,wider", [(2, 4), (3, 4), (5, 8), (6, 8)])
-def test_widen_repacks_codes_exactly(bits, wider):
+def test_widen_repacks_codes_exactly(bits, wider, monkeypatch):
+    from vlmc.kernels import quant
     from vlmc.kernels.quant import quantize_array, widen
     q = quantize_array(rand(19, 256), bits=bits, group_size=64, mode="affine")
     w = widen(q, wider)
     assert w.bits == wider and w.weight.shape == (19, 256 * wider // 32)
     assert w.scales is q.scales and w.biases is q.biases
     assert mx.array_equal(w.dequantize(), q.dequantize())
+    monkeypatch.setattr(quant, "widen", None)  # the load-time path must not fall back to it
+    fast = cpu.widen(q, wider)  # C dequantize with unit scales
+    assert fast.bits == wider and mx.array_equal(fast.weight, w.weight)
     with pytest.raises(ValueError):
         widen(w, bits)
 
@@ -384,6 +388,7 @@ def test_widen_works_in_row_blocks(monkeypatch):
     mx.eval(w.weight)
     assert mx.get_peak_memory() - before < 6 * w.weight.nbytes
     assert mx.array_equal(w.dequantize(), q.dequantize())
+    assert mx.array_equal(cpu.widen(q, 8).weight, w.weight)  # the C path, same blocks
 
 
 def test_cpu_artifacts_widen_odd_bit_widths_at_load(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import ArtifactError
-from ..kernels.quant import WIDER, QuantWeight, widen
+from ..kernels.quant import WIDER, QuantWeight
 
 FORMAT_VERSION = 2  # the format vlmc.backends.artifact writes
 
@@ -95,7 +95,8 @@ def load_artifact(path: str | Path) -> Artifact:
         params[name] = QuantWeight(params[name], params.pop(name + ".scales"), params.pop(name + ".biases", None),
                                    q["bits"], q["group_size"], q["mode"])
         if q["mode"] == "affine" and q["bits"] in widen_to:
-            params[name] = widen(params[name], widen_to[q["bits"]])
+            from ..kernels import cpu  # widening happens on the cpu target only
+            params[name] = cpu.widen(params[name], widen_to[q["bits"]])
     module = _import_model(path)
     try:
         processor_spec = json.loads((path / "processor.json").read_text())
