@@ -461,7 +461,44 @@ static ALWAYS void qv_block(const int BITS, const int R, const int M, const int 
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256 tot[4][8];
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) tot[r][m] = _mm256_setzero_ps();
-    for (int kb = k0; kb < k1; kb += 64) {
+    int kb = k0;
+    if (M == 1 && gs == 64)
+        /* One x row, one weight group per block: 8 blocks' integer dots are reduced into
+         * one vector (lane i = block i) and scaled by the 8 groups' scales times x's block
+         * scales with one FMA, where the loop below spends a convert, a broadcast, two
+         * scalar loads and an FMA on every block. */
+        for (; kb + 512 <= k1; kb += 512) {
+            const __m256 xs = _mm256_loadu_ps(J->x8s + (kb >> 6));
+            UNROLL for (int r = 0; r < R; r++) {
+                const uint8_t *wb = w + r * row + (size_t)kb * BITS / 8;
+                UNROLL for (int l = 0; l < BITS; l++) pf(wb, pfo + 64 * l); /* the 8 blocks' BITS cache lines */
+                __m256i a[8];
+                UNROLL for (int i = 0; i < 8; i++) {
+                    __m256i c0, c1;
+                    if (BITS == 4) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(wb + 32 * i));
+                        c0 = _mm256_and_si256(v, m4);
+                        c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                    } else {
+                        c0 = _mm256_loadu_si256((const __m256i *)(wb + 64 * i));
+                        c1 = _mm256_loadu_si256((const __m256i *)(wb + 64 * i + 32));
+                    }
+                    const int8_t *xb = J->x8 + kb + 64 * i;
+                    a[i] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), c0, _mm256_loadu_si256((const __m256i *)xb));
+                    a[i] = _mm256_dpbusd_epi32(a[i], c1, _mm256_loadu_si256((const __m256i *)(xb + 32)));
+                }
+                const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+                const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
+                const __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
+                                                     _mm256_permute2x128_si256(u0, u1, 0x31));
+                const size_t so = (size_t)(n + r) * G + (kb >> 6);
+                const __m256 sv = ST == ST_F32 ? _mm256_loadu_ps((const float *)J->sc + so)
+                                               : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                                                     _mm_loadu_si128((const __m128i *)((const uint16_t *)J->sc + so))), 16));
+                tot[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(sv, xs), tot[r][0]);
+            }
+        }
+    for (; kb < k1; kb += 64) {
         const size_t g = (size_t)kb / gs;
         UNROLL for (int r = 0; r < R; r++) {
             const uint8_t *wb = w + r * row + (size_t)kb * BITS / 8;
@@ -908,6 +945,39 @@ static int int8_x = 1;
 void vlmc_set_int8_x(int on) { int8_x = on; }
 int vlmc_int8_x_available(void) { return VLMC_VNNI; }
 
+#if VLMC_VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
+#define VLMC_X8_SIMD 1
+/* 64 values of x to int8 with scale amax / 127 (cvtps rounds to nearest even, as lrintf):
+ * in natural order, or for 4-bit codes the even-indexed values then the odd ones (the low
+ * and high nibbles of the block's 32 code bytes hold codes 2b and 2b + 1). */
+static ALWAYS float x8_block(const float *xr, int nibbles, int8_t *q, int *sum) {
+    __m512 v[4], a = _mm512_setzero_ps();
+    UNROLL for (int i = 0; i < 4; i++) {
+        v[i] = _mm512_loadu_ps(xr + 16 * i);
+        a = _mm512_max_ps(a, _mm512_abs_ps(v[i]));
+    }
+    const float amax = _mm512_reduce_max_ps(a), inv = amax > 0.f ? 127.f / amax : 0.f;
+    if (nibbles) {
+        const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+        const __m512 e0 = _mm512_permutex2var_ps(v[0], ev, v[1]), e1 = _mm512_permutex2var_ps(v[2], ev, v[3]);
+        const __m512 o0 = _mm512_permutex2var_ps(v[0], od, v[1]), o1 = _mm512_permutex2var_ps(v[2], od, v[3]);
+        v[0] = e0, v[1] = e1, v[2] = o0, v[3] = o1;
+    }
+    const __m512 iv = _mm512_set1_ps(inv);
+    __m512i s = _mm512_setzero_si512();
+    UNROLL for (int i = 0; i < 4; i++) {
+        const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], iv));
+        s = _mm512_add_epi32(s, qi);
+        _mm_storeu_si128((__m128i *)(q + 16 * i), _mm512_cvtepi32_epi8(qi));
+    }
+    *sum = _mm512_reduce_add_epi32(s);
+    return amax / 127.f;
+}
+#else
+#define VLMC_X8_SIMD 0
+#endif
+
 int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *scales, const void *biases,
                 int st, int N, int bits, int gs, const float *bias, float *y, int n_threads) {
     int rc = check_q(K, N, bits, gs, st);
@@ -916,58 +986,59 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
     float *xs = malloc(sizeof(float) * (size_t)M * G);
     float *xq = NULL;
     if (!xs) return -5;
-    for (int m = 0; m < M; m++)
-        for (int g = 0; g < G; g++) {
-            float s = 0.f;
-            for (int i = 0; i < gs; i++) s += x[(size_t)m * K + (size_t)g * gs + i];
-            xs[(size_t)m * G + g] = s;
-        }
     job_t J = {.kind = 2, .M = M, .N = N, .K = K, .x = x, .xq = x, .xs = xs, .w = w, .sc = scales,
                .bi = biases, .st = st, .bits = bits, .gs = gs, .G = G, .bias = bias, .y = y};
-    if (bits == 4 && simd_ok(&J)) { /* the 4-bit kernel's x permutation (see q4_block) */
-        xq = malloc(sizeof(float) * (size_t)M * K);
-        if (!xq) { free(xs); return -5; }
-        const int span = gs < 64 ? 64 : gs, full = K / span * span;
-        for (int m = 0; m < M; m++) {
-            const float *xr = x + (size_t)m * K;
-            float *o = xq + (size_t)m * K;
-            for (int kb = 0; kb < full; kb += 64)
-                for (int l = 0; l < 8; l++)
-                    for (int j = 0; j < 8; j++) o[kb + 8 * j + l] = xr[kb + 8 * l + j];
-            memcpy(o + full, xr + full, sizeof(float) * (size_t)(K - full));
+    const int use8 = VLMC_VNNI && (bits == 4 || bits == 8) && gs % 64 == 0 && int8_x && simd_ok(&J);
+    if (!use8) { /* float x: its group sums (bias terms) and, for 4 bits, the permuted copy */
+        for (int m = 0; m < M; m++)
+            for (int g = 0; g < G; g++) {
+                float s = 0.f;
+                for (int i = 0; i < gs; i++) s += x[(size_t)m * K + (size_t)g * gs + i];
+                xs[(size_t)m * G + g] = s;
+            }
+        if (bits == 4 && simd_ok(&J)) { /* the 4-bit kernel's x permutation (see q4_block) */
+            xq = malloc(sizeof(float) * (size_t)M * K);
+            if (!xq) { free(xs); return -5; }
+            const int span = gs < 64 ? 64 : gs, full = K / span * span;
+            for (int m = 0; m < M; m++) {
+                const float *xr = x + (size_t)m * K;
+                float *o = xq + (size_t)m * K;
+                for (int kb = 0; kb < full; kb += 64)
+                    for (int l = 0; l < 8; l++)
+                        for (int j = 0; j < 8; j++) o[kb + 8 * j + l] = xr[kb + 8 * l + j];
+                memcpy(o + full, xr + full, sizeof(float) * (size_t)(K - full));
+            }
+            J.xq = xq;
         }
     }
-    if (xq) J.xq = xq;
     int8_t *x8 = NULL;
     float *x8s = NULL;
 #if VLMC_VNNI
-    if ((bits == 4 || bits == 8) && gs % 64 == 0 && int8_x && simd_ok(&J)) { /* see qv_block */
+    if (use8) { /* see qv_block */
         x8 = malloc((size_t)M * K);
         x8s = malloc(sizeof(float) * (size_t)M * (K / 64));
-        if (!x8 || !x8s) { free(x8); free(x8s); free(xq); free(xs); return -5; }
+        if (!x8 || !x8s) { free(x8); free(x8s); free(xs); return -5; }
         for (int m = 0; m < M; m++) {
             const float *xr = x + (size_t)m * K;
             int8_t *q = x8 + (size_t)m * K;
             float *xg = xs + (size_t)m * G;
             for (int kb = 0; kb < K; kb += 64) {
+                int sum = 0;
+                float sc;
+#if VLMC_X8_SIMD
+                sc = x8_block(xr + kb, bits == 4, q + kb, &sum);
+#else
                 float amax = 0.f;
                 for (int i = 0; i < 64; i++) amax = fmaxf(amax, fabsf(xr[kb + i]));
-                const float sc = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-                x8s[(size_t)m * (K / 64) + kb / 64] = sc;
-                int sum = 0;
-                if (bits == 8) { /* natural order */
-                    for (int i = 0; i < 64; i++) {
-                        q[kb + i] = (int8_t)lrintf(xr[kb + i] * inv);
-                        sum += q[kb + i];
-                    }
-                } else { /* 4-bit: pairs with the low, then the high nibbles of 32 code bytes */
-                    for (int b = 0; b < 32; b++) {
-                        const int k = kb + 8 * (b >> 2) + 2 * (b & 3);
-                        q[kb + b] = (int8_t)lrintf(xr[k] * inv);
-                        q[kb + 32 + b] = (int8_t)lrintf(xr[k + 1] * inv);
-                        sum += q[kb + b] + q[kb + 32 + b];
-                    }
+                sc = amax / 127.f;
+                const float inv = amax > 0.f ? 127.f / amax : 0.f;
+                for (int b = 0; b < 64; b++) { /* 4-bit: even values pair with the low nibbles, odd with the high */
+                    const int k = bits == 8 ? b : b < 32 ? 2 * b : 2 * (b - 32) + 1;
+                    q[kb + b] = (int8_t)lrintf(xr[kb + k] * inv);
+                    sum += q[kb + b];
                 }
+#endif
+                x8s[(size_t)m * (K / 64) + kb / 64] = sc;
                 /* the bias terms must see the same (quantized) x as the codes: the minimum
                  * and the codes' mean cancel, and with exact x here the rounding would not */
                 if (kb % gs == 0) xg[kb / gs] = 0.f;
