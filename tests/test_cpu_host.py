@@ -210,3 +210,14 @@ def test_masked_softmax_kernel_matches_numpy(rng):
     assert not got.reshape(4, 70, 301)[:, 3].any()
     assert not got.reshape(4, 70, 301)[:, ~keep].any()  # masked keys get exactly 0
     np.testing.assert_allclose(got.sum(-1)[np.tile(keep.any(-1), 4)], 1.0, rtol=1e-5)
+
+
+def test_sigmoid_gate_reads_broadcasts_and_transposes(rng):
+    """Inputs the kernel cannot read as strided rows (a broadcast up, a transposed gate)
+    are copied first, not misread."""
+    gate = arr(rng, 40, 24)
+    up = np.broadcast_to(arr(rng, 24), (40, 24))
+    ref = reference.glu(mx.array(gate), mx.array(np.ascontiguousarray(up)), "silu")
+    close(cpu_ops.glu(gate, up, "silu"), ref, 5e-6)
+    close(cpu_ops.glu(gate.T.copy().T, up, "silu"), ref, 5e-6)
+    close(cpu_ops.act(np.ascontiguousarray(gate.T).T, "quick_gelu"), reference.act(mx.array(gate), "quick_gelu"), 5e-6)

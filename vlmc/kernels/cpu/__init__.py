@@ -5,15 +5,18 @@ MLX's CPU backend links a reference BLAS and has no fast bf16 or quantized matmu
 
 - few rows (decode, x with <= ``GEMV_MAX_ROWS`` rows): C GEMV kernels (``gemv.c``) that
   stream the weight in its stored form (float32, bfloat16, or MLX affine 2-8 bit codes)
-  once, at close to memory bandwidth, computing in float32;
-- many rows (prefill, vision): numpy's bundled OpenBLAS float32 GEMM; bf16 or quantized
-  weights are converted to float32 per call in slices of rows (no persistent copy).
+  once, computing in float32 (4- and 8-bit codes with int8 x on AVX512-VNNI machines,
+  see ``int8_activations``);
+- many rows (prefill, vision): for 4-bit codes on AVX512-VNNI machines the int8 GEMM
+  (``vlmc_gemm_q4_i8``); otherwise numpy's bundled OpenBLAS float32 GEMM, with bf16 or
+  quantized weights converted to float32 per call in slices of rows (no persistent copy).
 
 Semantics are those of ``vlmc.kernels.reference`` (``x @ w.T + b``) and of
 ``mx.quantized_matmul(x, w, scales, biases, transpose=True, ...)`` / ``mx.dequantize``;
-the output dtype follows MLX's promotion rules. Only the float32 summation order differs:
-float32 weights agree with MLX within ~1e-5 relative, bf16/quantized weights within
-~1e-4 of the output's scale (see tests/test_cpu_kernels.py).
+the output dtype follows MLX's promotion rules. With float x only the float32 summation
+order differs: float32 weights agree with MLX within ~1e-5 relative, bf16/quantized
+weights within ~1e-4 of the output's scale; int8 x adds ~0.6% relative L2 error (see
+tests/test_cpu_kernels.py).
 
 ``VLMC_CPU_KERNELS=0`` turns all of this off (pure MLX reference ops).
 ``VLMC_CPU_THREADS`` sets the thread count (default: the CPUs this process may use).

@@ -65,13 +65,14 @@ def _rows(a: np.ndarray):
     if a.dtype != F32 or a.ndim == 0:
         a = np.ascontiguousarray(a, dtype=F32)
     cols = a.shape[-1] if a.ndim else 1
+    rows = a.size // cols if cols else 0
     st = a.strides
-    ok = st[-1] == 4 and all(st[i] == st[i + 1] * a.shape[i + 1] for i in range(a.ndim - 2))
+    ok = (st[-1] == 4 and all(st[i] == st[i + 1] * a.shape[i + 1] for i in range(a.ndim - 2))
+          and (rows <= 1 or st[-2] >= 4 * cols))  # no overlapping rows (broadcasts)
     if not ok:
         a = np.ascontiguousarray(a)
         st = a.strides
-    rows = a.size // cols if cols else 0
-    return a, rows, cols, (st[-2] // 4 if a.ndim > 1 else cols)
+    return a, rows, cols, (st[-2] // 4 if a.ndim > 1 and rows > 1 else cols)
 
 
 def sigmoid_gate(x: np.ndarray, kind: str, up: np.ndarray | None = None) -> np.ndarray:
