@@ -37,14 +37,17 @@ def arr(rng, *shape, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-def test_norms_match_reference(rng):
-    x = arr(rng, 2, 5, 96, scale=3.0)
-    w = mx.array(arr(rng, 96)).astype(mx.bfloat16)  # parameters may be stored in bfloat16
-    b = mx.array(arr(rng, 96))
-    close(cpu_ops.rms_norm(x, w, eps=1e-6), reference.rms_norm(mx.array(x), w, 1e-6))
-    close(cpu_ops.layer_norm(x, w, b, eps=1e-5), reference.layer_norm(mx.array(x), w, b, 1e-5))
-    close(cpu_ops.layer_norm(x, w, None, eps=1e-5), reference.layer_norm(mx.array(x), w, None, 1e-5))
-    a = arr(rng, 2, 5, 96)
+@pytest.mark.parametrize("shape,eps", [((2, 5, 96), 1e-6), ((300, 260), 0.5)])  # 78k values: threads
+def test_norms_match_reference(rng, shape, eps):
+    x = arr(rng, *shape, scale=3.0) + 1.5  # a mean for LayerNorm to remove
+    x[0] *= 0.01  # a row where eps matters
+    w = mx.array(arr(rng, shape[-1])).astype(mx.bfloat16)  # parameters may be stored in bfloat16
+    b = mx.array(arr(rng, shape[-1]))
+    close(cpu_ops.rms_norm(x, w, eps=eps), reference.rms_norm(mx.array(x), w, eps))
+    close(cpu_ops.layer_norm(x, w, b, eps=eps), reference.layer_norm(mx.array(x), w, b, eps))
+    close(cpu_ops.layer_norm(x, w, None, eps=eps), reference.layer_norm(mx.array(x), w, None, eps))
+    close(cpu_ops.layer_norm(x.T.copy().T, w, b, eps=eps), reference.layer_norm(mx.array(x), w, b, eps))
+    a = arr(rng, *x.shape)
     h, n = cpu_ops.add_rms_norm(x, mx.array(a), w, eps=1e-6)
     rh, rn = reference.add_rms_norm(mx.array(x), mx.array(a), w, 1e-6)
     close(h, rh)

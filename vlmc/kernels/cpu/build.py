@@ -128,6 +128,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.vlmc_softmax_rows.argtypes = [P, L, L, ctypes.c_float, P, L, I]
     lib.vlmc_sigmoid_gate.restype = I
     lib.vlmc_sigmoid_gate.argtypes = [P, L, P, L, P, L, L, ctypes.c_float, I]
+    lib.vlmc_norm.restype = I
+    lib.vlmc_norm.argtypes = [P, L, L, P, P, ctypes.c_float, I, P, I]
+    lib.vlmc_rope.restype = I
+    lib.vlmc_rope.argtypes = [P, L, L, L, L, L, L, L, P, P, L, L, P, I]
     lib.vlmc_set_spin_us.restype = None
     lib.vlmc_set_spin_us.argtypes = [I]
     if lib.vlmc_abi_version() != ABI_VERSION:

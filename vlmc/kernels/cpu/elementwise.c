@@ -1,9 +1,11 @@
-/* vlmc CPU kernels: the exp-based elementwise ops of the host path (included by gemv.c,
- * after its thread pool):
+/* vlmc CPU kernels: the elementwise ops of the host path (included by gemv.c, after its
+ * thread pool):
  *
  *   vlmc_softmax_rows   in place, softmax(scale * s) along rows, with an optional keep
  *                       mask shared by blocks of rows (attention scores);
- *   vlmc_sigmoid_gate   out = x * sigmoid(a x) [* up]  (silu, quick_gelu, their GLUs).
+ *   vlmc_sigmoid_gate   out = x * sigmoid(a x) [* up]  (silu, quick_gelu, their GLUs);
+ *   vlmc_norm           RMSNorm / LayerNorm of rows;
+ *   vlmc_rope           rotary embedding of strided rows.
  *
  * numpy evaluates these one pass per operation on one core (a 1024-token vision layer's
  * [1024, 5120] quick_gelu took ~14 ms, each head's [1024, 1024] softmax ~1.5 ms); here
@@ -172,5 +174,104 @@ int vlmc_sigmoid_gate(const float *x, int64_t x_ld, const float *up, int64_t up_
     if (!x || !out || rows < 0 || cols < 0 || x_ld < cols || (up && up_ld < cols)) return -1;
     gate_job J = {x, up, out, rows, cols, x_ld, up_ld, a};
     run_parallel(gate_task, &J, rows * cols < (1L << 16) || rows < 2 ? 1 : n_threads);
+    return 0;
+}
+
+/* ---- norms -------------------------------------------------------------------------- */
+
+typedef struct {
+    const float *x, *w, *b;
+    float *out;
+    long rows, cols;
+    float eps;
+    int layer; /* 0: RMSNorm x * w / rms(x); 1: LayerNorm (x - mean) * w / std + b */
+} norm_job;
+
+static void norm_task(void *ctx, int ith, int nth) {
+    const norm_job *J = (const norm_job *)ctx;
+    const long r0 = J->rows * ith / nth, r1 = J->rows * (ith + 1) / nth, n = J->cols;
+    for (long r = r0; r < r1; r++) {
+        const float *x = J->x + r * n;
+        float *o = J->out + r * n;
+        float mean = 0.f;
+        if (J->layer) {
+            float s[16] = {0};
+            long i = 0;
+            for (; i + 16 <= n; i += 16)
+                for (int l = 0; l < 16; l++) s[l] += x[i + l];
+            for (int w = 8; w >= 1; w /= 2)
+                for (int l = 0; l < w; l++) s[l] += s[l + w];
+            for (; i < n; i++) s[0] += x[i];
+            mean = s[0] / (float)n;
+        }
+        float q[16] = {0};
+        long i = 0;
+        for (; i + 16 <= n; i += 16)
+            for (int l = 0; l < 16; l++) {
+                const float d = x[i + l] - mean;
+                q[l] += d * d;
+            }
+        for (int w = 8; w >= 1; w /= 2)
+            for (int l = 0; l < w; l++) q[l] += q[l + w];
+        for (; i < n; i++) q[0] += (x[i] - mean) * (x[i] - mean);
+        const float inv = 1.f / sqrtf(q[0] / (float)n + J->eps);
+        for (i = 0; i < n; i++) {
+            float v = (x[i] - mean) * inv;
+            if (J->w) v *= J->w[i];
+            o[i] = J->b ? v + J->b[i] : v;
+        }
+    }
+}
+
+/* out [rows, cols] = norm of each row of x (contiguous), scaled by w (NULL: 1) and, for
+ * LayerNorm, shifted by b (NULL: 0). */
+int vlmc_norm(const float *x, int64_t rows, int64_t cols, const float *w, const float *b, float eps, int layer,
+              float *out, int n_threads) {
+    if (!x || !out || rows < 0 || cols < 1) return -1;
+    norm_job J = {x, w, b, out, rows, cols, eps, layer};
+    run_parallel(norm_task, &J, rows * cols < (1L << 16) || rows < 2 ? 1 : n_threads);
+    return 0;
+}
+
+/* ---- rotary embedding ----------------------------------------------------------------- */
+
+typedef struct {
+    const float *x, *cs, *sn;
+    float *out;
+    long A, H, L, D, sa, sh, sl, ca, cl;
+} rope_job;
+
+/* no fused multiply-add here: the products and the sum round separately, as in the
+ * reference (MLX's multiply and add kernels), so the result is the same float32 */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+static void rope_task(void *ctx, int ith, int nth) {
+    const rope_job *J = (const rope_job *)ctx;
+    const long rows = J->A * J->H * J->L, r0 = rows * ith / nth, r1 = rows * (ith + 1) / nth, D = J->D, h2 = D / 2;
+    for (long r = r0; r < r1; r++) {
+        const long a = r / (J->H * J->L), h = r / J->L % J->H, l = r % J->L;
+        const float *x = J->x + a * J->sa + h * J->sh + l * J->sl;
+        const float *c = J->cs + a * J->ca + l * J->cl, *s = J->sn + a * J->ca + l * J->cl;
+        float *o = J->out + r * D;
+        /* the reference's x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1] */
+        for (long i = 0; i < h2; i++) {
+            const float p = x[i] * c[i], q = -x[i + h2] * s[i];
+            o[i] = p + q;
+        }
+        for (long i = h2; i < D; i++) {
+            const float p = x[i] * c[i], q = x[i - h2] * s[i];
+            o[i] = p + q;
+        }
+    }
+}
+
+/* out [A, H, L, D] (contiguous) = rope of x, whose rows are read at a*sa + h*sh + l*sl
+ * (element strides; D contiguous), with cos/sin rows at a*ca + l*cl (ca = 0: shared). */
+int vlmc_rope(const float *x, int64_t A, int64_t H, int64_t L, int64_t D, int64_t sa, int64_t sh, int64_t sl,
+              const float *cs, const float *sn, int64_t ca, int64_t cl, float *out, int n_threads) {
+    if (!x || !cs || !sn || !out || A < 0 || H < 0 || L < 0 || D < 2 || D % 2) return -1;
+    rope_job J = {x, cs, sn, out, A, H, L, D, sa, sh, sl, ca, cl};
+    run_parallel(rope_task, &J, A * H * L * D < (1L << 16) ? 1 : n_threads);
     return 0;
 }

@@ -35,6 +35,28 @@ def table(a) -> np.ndarray:
     return np.asarray(a if a.dtype == mx.float32 else a.astype(mx.float32))
 
 
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise ValueError(f"vlmc cpu kernel {what} rejected its arguments (code {rc})")
+
+
+def _norm_kernel(x: np.ndarray, w, b, eps: float, layer: int) -> np.ndarray | None:
+    """RMSNorm (layer=0) / LayerNorm (1) of x's rows through the C kernel, or None."""
+    lib = _get_lib()
+    cols = x.shape[-1] if x.ndim else 0
+    wv = None if w is None else param(w)
+    bv = None if b is None else param(b)
+    if lib is None or not x.size or any(v is not None and (v.shape != (cols,) or not v.flags.c_contiguous)
+                                        for v in (wv, bv)):
+        return None
+    from . import n_threads
+    xc = np.ascontiguousarray(x, dtype=F32)
+    out = np.empty(x.shape, F32)
+    _check(lib.vlmc_norm(xc.ctypes.data, x.size // cols, cols, None if wv is None else wv.ctypes.data,
+                         None if bv is None else bv.ctypes.data, eps, layer, out.ctypes.data, n_threads), "norm")
+    return out
+
+
 def _inv_rms(x: np.ndarray, eps: float) -> np.ndarray:
     ms = np.einsum("...i,...i->...", x, x)[..., None]
     ms *= F32(1.0 / x.shape[-1])
@@ -44,12 +66,18 @@ def _inv_rms(x: np.ndarray, eps: float) -> np.ndarray:
 
 
 def rms_norm(x: np.ndarray, w, eps: float) -> np.ndarray:
+    out = _norm_kernel(x, w, None, eps, 0)
+    if out is not None:
+        return out
     out = x / _inv_rms(x, eps)
     out *= param(w)
     return out
 
 
 def layer_norm(x: np.ndarray, w, b, eps: float) -> np.ndarray:
+    out = _norm_kernel(x, w, b, eps, 1)
+    if out is not None:
+        return out
     out = x - x.mean(-1, keepdims=True, dtype=F32)
     out /= _inv_rms(out, eps)
     if w is not None:
@@ -84,10 +112,8 @@ def sigmoid_gate(x: np.ndarray, kind: str, up: np.ndarray | None = None) -> np.n
         xa, rows, cols, x_ld = _rows(x)
         ua, _, _, up_ld = _rows(up) if up is not None else (None, 0, 0, 0)
         out = np.empty(x.shape, F32)
-        rc = lib.vlmc_sigmoid_gate(xa.ctypes.data, x_ld, None if ua is None else ua.ctypes.data, up_ld,
-                                   out.ctypes.data, rows, cols, SIGMOID_SCALE[kind], n_threads)
-        if rc != 0:
-            raise ValueError(f"vlmc cpu kernel sigmoid_gate rejected its arguments (code {rc})")
+        _check(lib.vlmc_sigmoid_gate(xa.ctypes.data, x_ld, None if ua is None else ua.ctypes.data, up_ld,
+                                     out.ctypes.data, rows, cols, SIGMOID_SCALE[kind], n_threads), "sigmoid_gate")
         return out
     with np.errstate(over="ignore"):  # exp overflows to inf for very negative x: x / inf = -0, as wanted
         e = np.exp(x * F32(-SIGMOID_SCALE[kind]))
@@ -139,11 +165,38 @@ def slice_axis(x: np.ndarray, axis: int, start: int, stop: int | None = None) ->
     return x[tuple(index)]
 
 
+def _rope_kernel(x: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray | None:
+    """The C rope for x [A, H, L, D] with tables [A or 1, 1, L or 1, D], or x [A, H, D] with
+    tables [A or 1, 1, D] (the text and vision layouts); None for anything else."""
+    lib = _get_lib()
+    nd = x.ndim
+    if (lib is None or nd not in (3, 4) or c.shape != s.shape or c.strides != s.strides or c.ndim != nd
+            or x.dtype != F32 or c.dtype != F32 or s.dtype != F32 or x.strides[-1] != 4 or c.strides[-1] != 4
+            or c.shape[1] != 1 or c.shape[-1] != x.shape[-1] or not x.size):
+        return None
+    A, H = x.shape[0], x.shape[1]
+    L = x.shape[2] if nd == 4 else 1
+    if c.shape[0] not in (1, A) or (nd == 4 and c.shape[2] not in (1, L)):
+        return None
+    sa, sh = x.strides[0] // 4, x.strides[1] // 4
+    sl = x.strides[2] // 4 if nd == 4 else 0
+    ca = c.strides[0] // 4 if c.shape[0] > 1 else 0
+    cl = c.strides[2] // 4 if nd == 4 and c.shape[2] > 1 else 0
+    from . import n_threads
+    out = np.empty(x.shape, F32)
+    _check(lib.vlmc_rope(x.ctypes.data, A, H, L, x.shape[-1], sa, sh, sl, c.ctypes.data, s.ctypes.data, ca, cl,
+                         out.ctypes.data, n_threads), "rope")
+    return out
+
+
 def rope(x: np.ndarray, cos, sin) -> np.ndarray:
     """x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1] (the same products and
     sums as the reference, so the same float32 result)."""
-    half = x.shape[-1] // 2
     c, s = table(cos), table(sin)
+    out = _rope_kernel(x, c, s)
+    if out is not None:
+        return out
+    half = x.shape[-1] // 2
     out = x * c
     out[..., :half] -= x[..., half:] * s[..., :half]
     out[..., half:] += x[..., :half] * s[..., half:]
