@@ -331,3 +331,25 @@ def test_batch_generate_api(demo):
     from vlmc.errors import InputError
     with pytest.raises(InputError):
         demo.batch_generate([{"prompt": "hi", "max_tokens": 0}])
+
+
+def test_an_idle_loop_hands_memory_back(demo, monkeypatch):
+    """When the queue empties the loop releases MLX's buffer cache and, on glibc, the heap's
+    free pages (the cpu target's activations are malloc'd numpy arrays)."""
+    import platform
+    from vlmc.runtime import memory
+    if platform.libc_ver()[0] == "glibc":
+        assert memory._trim is not None
+    calls = []
+    real = memory.release
+    monkeypatch.setattr(memory, "release", lambda: calls.append(1) or real())
+    b = Batcher(demo)
+    try:
+        before = len(calls)
+        run_jobs(b, [dict(prompt=demo.build_prompt("Tell me about shapes"), max_tokens=4)])
+        deadline = time.time() + 10
+        while len(calls) <= before and time.time() < deadline:
+            time.sleep(0.01)
+        assert len(calls) > before
+    finally:
+        b.shutdown()

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
+from . import memory
 from .detokenizer import StopStringMatcher, StreamingDetokenizer
 from .engine import VLM, Prompt
 from .kv_cache import attention_mask, make_caches
@@ -203,7 +204,7 @@ class Batcher:
             while True:
                 with self._cond:
                     if not (self._stop or self._pending or self._active or self._prefill):
-                        mx.clear_cache()  # idle: hand buffers cached for varying shapes back to the system
+                        memory.release()  # idle: hand cached and freed buffers back to the system
                     while not (self._stop or self._pending or self._active or self._prefill):
                         self._cond.wait()
                     if self._stop and not (self._active or self._prefill or self._pending):

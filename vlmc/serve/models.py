@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-
+from ..runtime import memory
 from ..runtime.batcher import Batcher
 from ..runtime.engine import VLM
 from ..runtime.prefix_cache import DiskTier, PrefixCache
@@ -129,7 +128,7 @@ class Models:
         resident.prefix_cache.clear()
         del resident
         gc.collect()
-        mx.clear_cache()
+        memory.release()
 
 
 def resident_memory_bytes() -> int:
