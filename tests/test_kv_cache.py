@@ -359,6 +359,27 @@ def test_cpu_kernel_reads_dense_buffers_like_the_reference(dim, monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("heads,dim", [(16, 64), (14, 48), (2, 16)])
+def test_cpu_dense_kernel_head_groups_and_blocks(heads, dim):
+    """The AVX-512 dense path (D % 16 == 0) takes query heads in passes of up to 6 and
+    values in blocks of 128 rows: 8 and 7 heads per KV head (two passes), one head, 300
+    held tokens (three blocks, the last partial) with one sequence starting at 299 and one
+    that sees no token at all (zeros)."""
+    from vlmc.kernels import cpu, kv_quant
+    from vlmc.kernels.cpu.kv_decode import kv_dense_decode
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    mx.random.seed(5)
+    keys = mx.random.normal((3, HKV, 320, dim))
+    values = mx.random.normal((3, HKV, 320, dim))
+    q = mx.random.normal((3, heads, dim))
+    starts = mx.array([0, 299, 300], mx.int32)
+    out = kv_dense_decode(q, keys, values, starts, 300, scale=dim ** -0.5)
+    ref = kv_quant.kv_dense_decode(q, keys, values, starts, 300, scale=dim ** -0.5)
+    assert float(mx.abs(out[:2] - ref[:2]).max()) <= 1e-5 * float(mx.abs(ref[:2]).max())
+    assert not bool(mx.any(out[2] != 0))
+
+
 @pytest.mark.parametrize("k_bits,v_bits,dim", [(3, 4, 128), (2, 2, 64), (4, 4, 48), (4, 3, 16)])
 def test_cpu_kernel_reads_turboquant_codes_like_the_reference(k_bits, v_bits, dim, monkeypatch):
     """The C decode kernel over TurboQuant codes (rotated space) against the MLX reference,
