@@ -13,6 +13,12 @@
  *
  * exp1 / exp8 come from vexp.c. */
 
+/* threads for an elementwise job: one below 64k values or for a single row (the pool's
+ * handoff costs more than it saves there), else all */
+static int ew_threads(long rows, long cols, int n_threads) {
+    return rows * cols < (1L << 16) || rows < 2 ? 1 : n_threads;
+}
+
 /* ---- softmax rows ----------------------------------------------------------------- */
 
 typedef struct {
@@ -71,8 +77,7 @@ int vlmc_softmax_rows(float *s, int64_t rows, int64_t cols, float scale, const u
                       int n_threads) {
     if (!s || rows < 0 || cols < 1 || !(scale > 0.f) || (keep && keep_rows < 1)) return -1;
     softmax_job J = {s, rows, cols, scale, keep, keep_rows};
-    const long work = rows * cols;
-    run_parallel(softmax_task, &J, work < (1L << 15) || rows < 2 ? 1 : n_threads);
+    run_parallel(softmax_task, &J, ew_threads(rows, cols, n_threads));
     return 0;
 }
 
@@ -115,7 +120,7 @@ int vlmc_sigmoid_gate(const float *x, int64_t x_ld, const float *up, int64_t up_
                       int64_t cols, float a, int n_threads) {
     if (!x || !out || rows < 0 || cols < 0 || x_ld < cols || (up && up_ld < cols)) return -1;
     gate_job J = {x, up, out, rows, cols, x_ld, up_ld, a};
-    run_parallel(gate_task, &J, rows * cols < (1L << 16) || rows < 2 ? 1 : n_threads);
+    run_parallel(gate_task, &J, ew_threads(rows, cols, n_threads));
     return 0;
 }
 
@@ -171,7 +176,7 @@ int vlmc_norm(const float *x, int64_t rows, int64_t cols, const float *w, const 
               float *out, int n_threads) {
     if (!x || !out || rows < 0 || cols < 1) return -1;
     norm_job J = {x, w, b, out, rows, cols, eps, layer};
-    run_parallel(norm_task, &J, rows * cols < (1L << 16) || rows < 2 ? 1 : n_threads);
+    run_parallel(norm_task, &J, ew_threads(rows, cols, n_threads));
     return 0;
 }
 
@@ -214,6 +219,6 @@ int vlmc_rope(const float *x, int64_t A, int64_t H, int64_t L, int64_t D, int64_
               const float *cs, const float *sn, int64_t ca, int64_t cl, float *out, int n_threads) {
     if (!x || !cs || !sn || !out || A < 0 || H < 0 || L < 0 || D < 2 || D % 2) return -1;
     rope_job J = {x, cs, sn, out, A, H, L, D, sa, sh, sl, ca, cl};
-    run_parallel(rope_task, &J, A * H * L * D < (1L << 16) ? 1 : n_threads);
+    run_parallel(rope_task, &J, ew_threads(A * H * L, D, n_threads));
     return 0;
 }
