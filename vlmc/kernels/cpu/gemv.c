@@ -1331,44 +1331,87 @@ static const float *kv_row_turbo(const kv_job *J, int v, size_t r, float *x, flo
         (void)nth;                                                       \
         kv_task((kv_job *)ctx, kv_row_##layout);                         \
     }
-KV_TASK(affine)
 KV_TASK(turbo)
 
 #if defined(__AVX512F__)
 #define KVD_SIMD 1
-#define KVD_HB 6 /* query heads per pass (a 7:1 or wider group takes two) */
-#define KVD_ROWS 128
-/* Dense float32 rows, D % 16 == 0: the query heads of a KV head in passes of up to 6. Per
- * key row one 16-float load feeds an FMA for every head (6 accumulator chains); the value
- * pass keeps 6 heads x 64 output floats in 24 registers across all rows; the softmax uses
- * exp8. The generic driver spends a scalar expf per score and re-reads and re-writes the
- * output rows for every cached token. One thread, 6:1 groups, D = 128, 4000 tokens (in
- * L3): 167 -> 45 ns per (token, KV head); from DRAM, inside a decode step, the kernel
- * then reads 15-21 GB/s. */
-static void kv_dense_group16(const kv_job *J, int bk, float *sc) {
+#define KVD_HB 6     /* query heads per pass (a 7:1 or wider group takes two) */
+#define KVD_ROWS 128 /* cached rows per block */
+/* Rows i0 .. i0 + nr - 1 of the keys (v = 0) or values (v = 1) of the KV head at cache row
+ * `base`, as nr x D contiguous floats: a pointer into the cache (dense) or rows decoded
+ * into buf. */
+typedef const float *(*kv_rows_fn)(const kv_job *J, int v, size_t base, int i0, int nr, float *buf);
+
+static const float *kv_rows_dense(const kv_job *J, int v, size_t base, int i0, int nr, float *buf) {
+    (void)nr;
+    (void)buf;
+    return (v ? J->v : J->k) + (base + (size_t)i0) * J->D;
+}
+
+/* affine codes (kv_row_affine's layout) with D % 16 == 0 and gs % 16 == 0: 16 codes per
+ * step, nibbles interleaved back into natural order, then code * scale + minimum */
+static const float *kv_rows_affine(const kv_job *J, int v, size_t base, int i0, int nr, float *buf) {
+    const int D = J->D, G = D / J->gs, rb = D * J->bits / 8;
+    const __m512i lo_hi = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i lo_hi2 = _mm512_add_epi32(lo_hi, _mm512_set1_epi32(8));
+    for (int r = 0; r < nr; r++) {
+        const size_t row = base + (size_t)i0 + r;
+        const uint8_t *c = (v ? J->vc : J->kc) + row * (size_t)rb;
+        const uint16_t *sc = (v ? J->vs : J->ks) + row * G, *mn = (v ? J->vb : J->kb) + row * G;
+        float *x = buf + (size_t)r * D;
+        if (J->bits == 8) {
+            for (int j = 0; j < D; j += 16)
+                _mm512_storeu_ps(x + j, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + j)))));
+        } else {
+            for (int j = 0; j < D; j += 32) { /* 16 bytes: codes j .. j + 31 */
+                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + j / 2)));
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+                _mm512_storeu_ps(x + j, _mm512_permutex2var_ps(lo, lo_hi, hi));
+                _mm512_storeu_ps(x + j + 16, _mm512_permutex2var_ps(lo, lo_hi2, hi));
+            }
+        }
+        for (int j = 0; j < D; j += 16) {
+            const int g = j / J->gs;
+            _mm512_storeu_ps(x + j, _mm512_fmadd_ps(_mm512_loadu_ps(x + j), _mm512_set1_ps(bf16_to_f32(sc[g])),
+                                                    _mm512_set1_ps(bf16_to_f32(mn[g]))));
+        }
+    }
+    return buf;
+}
+
+/* One (sequence, KV head) for D % 16 == 0, the query heads in passes of up to 6, the cache
+ * in blocks of KVD_ROWS rows. Per key row one 16-float load feeds an FMA for every head (6
+ * accumulator chains); the value pass keeps 6 heads x 64 output floats in 24 registers
+ * across a block; the softmax uses exp8. The generic driver spends a scalar expf per score
+ * and re-reads and re-writes the output rows for every cached token. Dense, one thread,
+ * 6:1 groups, D = 128, 4000 tokens (in L3): 167 -> 45 ns per (token, KV head); from DRAM,
+ * inside a decode step, it then reads 15-21 GB/s. sc: R * cap floats; buf: KVD_ROWS * D. */
+static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv_rows_fn rows) {
     const int D = J->D, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV, nz = D / 16;
     const int first = J->starts[b], n = J->held, cap = J->cap;
     const size_t base = ((size_t)b * J->HKV + hk) * cap;
     const float *q0 = J->q + ((size_t)b * J->H + (size_t)hk * R) * D;
-    const float *K = J->k + base * D, *V = J->v + base * D;
     float *out0 = J->out + ((size_t)b * J->H + (size_t)hk * R) * D;
-    if (first >= n) { /* nothing visible: zeros, as the generic driver gives */
-        memset(out0, 0, sizeof(float) * (size_t)R * D);
-        return;
-    }
-    for (int h0 = 0; h0 < R; h0 += KVD_HB) {
-        const int hb = R - h0 < KVD_HB ? R - h0 : KVD_HB;
-        for (int i = first; i < n; i++) {
-            const float *k = K + (size_t)i * D;
-            __m512 acc[KVD_HB];
-            UNROLL for (int h = 0; h < KVD_HB; h++) acc[h] = _mm512_setzero_ps();
-            for (int z = 0; z < nz; z++) {
-                const __m512 kv = _mm512_loadu_ps(k + 16 * z);
+    memset(out0, 0, sizeof(float) * (size_t)R * D);
+    if (first >= n) return; /* nothing visible: zeros, as the generic driver gives */
+    for (int i0 = first; i0 < n; i0 += KVD_ROWS) {
+        const int nr = n - i0 < KVD_ROWS ? n - i0 : KVD_ROWS;
+        const float *K = rows(J, 0, base, i0, nr, buf);
+        for (int h0 = 0; h0 < R; h0 += KVD_HB) {
+            const int hb = R - h0 < KVD_HB ? R - h0 : KVD_HB;
+            for (int r = 0; r < nr; r++) {
+                const float *k = K + (size_t)r * D;
+                __m512 acc[KVD_HB];
+                UNROLL for (int h = 0; h < KVD_HB; h++) acc[h] = _mm512_setzero_ps();
+                for (int z = 0; z < nz; z++) {
+                    const __m512 kv = _mm512_loadu_ps(k + 16 * z);
+                    UNROLL for (int h = 0; h < KVD_HB; h++)
+                        if (h < hb) acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + (size_t)(h0 + h) * D + 16 * z), kv, acc[h]);
+                }
                 UNROLL for (int h = 0; h < KVD_HB; h++)
-                    if (h < hb) acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + (size_t)(h0 + h) * D + 16 * z), kv, acc[h]);
+                    if (h < hb) sc[(size_t)(h0 + h) * cap + i0 + r] = _mm512_reduce_add_ps(acc[h]) * J->scale;
             }
-            UNROLL for (int h = 0; h < KVD_HB; h++)
-                if (h < hb) sc[(size_t)(h0 + h) * cap + i] = _mm512_reduce_add_ps(acc[h]) * J->scale;
         }
     }
     for (int h = 0; h < R; h++) { /* softmax over [first, n) */
@@ -1393,11 +1436,9 @@ static void kv_dense_group16(const kv_job *J, int bk, float *sc) {
         const float inv = total > 0.f ? 1.f / total : 0.f;
         for (i = first; i < n; i++) s[i] *= inv;
     }
-    memset(out0, 0, sizeof(float) * (size_t)R * D);
-    /* values in blocks of KVD_ROWS rows (64 KiB at D = 128, kept in L2 while every
-     * 64-float slice of the output passes over them) */
     for (int i0 = first; i0 < n; i0 += KVD_ROWS) {
-        const int i1 = n - i0 < KVD_ROWS ? n : i0 + KVD_ROWS;
+        const int nr = n - i0 < KVD_ROWS ? n - i0 : KVD_ROWS;
+        const float *V = rows(J, 1, base, i0, nr, buf);
         for (int h0 = 0; h0 < R; h0 += KVD_HB) {
             const int hb = R - h0 < KVD_HB ? R - h0 : KVD_HB;
             for (int z0 = 0; z0 < nz; z0 += 4) {
@@ -1406,13 +1447,13 @@ static void kv_dense_group16(const kv_job *J, int bk, float *sc) {
                 UNROLL for (int h = 0; h < KVD_HB; h++) UNROLL for (int z = 0; z < 4; z++)
                     o[h][z] = h < hb && z < zb ? _mm512_loadu_ps(out0 + (size_t)(h0 + h) * D + 16 * (z0 + z))
                                                : _mm512_setzero_ps();
-                for (int i = i0; i < i1; i++) {
-                    const float *v = V + (size_t)i * D + 16 * z0;
+                for (int r = 0; r < nr; r++) {
+                    const float *vr = V + (size_t)r * D + 16 * z0;
                     __m512 vv[4];
-                    UNROLL for (int z = 0; z < 4; z++) vv[z] = z < zb ? _mm512_loadu_ps(v + 16 * z) : _mm512_setzero_ps();
+                    UNROLL for (int z = 0; z < 4; z++) vv[z] = z < zb ? _mm512_loadu_ps(vr + 16 * z) : _mm512_setzero_ps();
                     UNROLL for (int h = 0; h < KVD_HB; h++)
                         if (h < hb) {
-                            const __m512 p = _mm512_set1_ps(sc[(size_t)(h0 + h) * cap + i]);
+                            const __m512 p = _mm512_set1_ps(sc[(size_t)(h0 + h) * cap + i0 + r]);
                             UNROLL for (int z = 0; z < 4; z++) o[h][z] = _mm512_fmadd_ps(p, vv[z], o[h][z]);
                         }
                 }
@@ -1424,6 +1465,19 @@ static void kv_dense_group16(const kv_job *J, int bk, float *sc) {
         }
     }
 }
+
+/* the work loop of the AVX-512 path, per row provider */
+static ALWAYS void kv_task16(kv_job *J, kv_rows_fn rows) {
+    const int R = J->H / J->HKV;
+    float *sc = malloc(sizeof(float) * ((size_t)R * J->cap + (size_t)KVD_ROWS * J->D));
+    if (!sc) return;
+    for (;;) {
+        const int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
+        if (bk >= J->B * J->HKV) break;
+        kv_group16(J, bk, sc, sc + (size_t)R * J->cap, rows);
+    }
+    free(sc);
+}
 #else
 #define KVD_SIMD 0
 #endif
@@ -1434,18 +1488,24 @@ static void kv_task_dense(void *ctx, int ith, int nth) {
     kv_job *J = (kv_job *)ctx;
 #if KVD_SIMD
     if (J->D % 16 == 0) {
-        float *sc = malloc(sizeof(float) * (size_t)(J->H / J->HKV) * J->cap);
-        if (!sc) return;
-        for (;;) {
-            const int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
-            if (bk >= J->B * J->HKV) break;
-            kv_dense_group16(J, bk, sc);
-        }
-        free(sc);
+        kv_task16(J, kv_rows_dense);
         return;
     }
 #endif
     kv_task(J, kv_row_dense);
+}
+
+static void kv_task_affine(void *ctx, int ith, int nth) {
+    (void)ith;
+    (void)nth;
+    kv_job *J = (kv_job *)ctx;
+#if KVD_SIMD
+    if (J->D % 32 == 0 && J->gs % 16 == 0) {
+        kv_task16(J, kv_rows_affine);
+        return;
+    }
+#endif
+    kv_task(J, kv_row_affine);
 }
 
 int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const int32_t *starts, int B, int H,
