@@ -380,7 +380,7 @@ def test_cpu_dense_kernel_head_groups_and_blocks(heads, dim):
     assert not bool(mx.any(out[2] != 0))
 
 
-@pytest.mark.parametrize("k_bits,v_bits,dim", [(3, 4, 128), (2, 2, 64), (4, 4, 48), (4, 3, 16)])
+@pytest.mark.parametrize("k_bits,v_bits,dim", [(3, 4, 128), (2, 2, 64), (4, 4, 48), (4, 3, 16), (3, 3, 24)])
 def test_cpu_kernel_reads_turboquant_codes_like_the_reference(k_bits, v_bits, dim, monkeypatch):
     """The C decode kernel over TurboQuant codes (rotated space) against the MLX reference,
     with a left-padded sequence and a buffer larger than the held tokens; and the cpu op

@@ -1178,9 +1178,10 @@ float vlmc_stream_read(const float *p, int64_t n, int n_threads) {
  * The same computation as vlmc.kernels.kv_quant.kv_{dense,affine,turbo}_decode: per
  * (sequence, KV head), scores of its R = H / HKV query heads against every held key,
  * softmax, then the values accumulated. Buffers are [B, HKV, cap, *]; keys starts[b] <= i
- * < held count. One driver serves every layout (instantiated per layout, KV_TASK); a layout
- * only says how to turn one stored row into floats (kv_row_fn), and each row is decoded
- * once for all R query heads. */
+ * < held count. Two drivers serve every layout, each instantiated per layout (kv_task_*):
+ * with AVX-512 and D % 16 == 0 (affine 4-bit: D % 32), kv_group16 takes blocks of rows
+ * (kv_rows_fn); otherwise kv_group takes one row at a time (kv_row_fn). A layout only says
+ * how to turn stored rows into floats, and each row is decoded once for all R query heads. */
 typedef struct kv_job kv_job;
 /* Row r of the keys (v = 0) or values (v = 1) as D floats: either x, filled, or a pointer
  * into the cache; *f is a factor the row's dot products or weights are multiplied by. */
@@ -1325,14 +1326,6 @@ static const float *kv_row_turbo(const kv_job *J, int v, size_t r, float *x, flo
     return x;
 }
 
-#define KV_TASK(layout)                                                  \
-    static void kv_task_##layout(void *ctx, int ith, int nth) {          \
-        (void)ith;                                                       \
-        (void)nth;                                                       \
-        kv_task((kv_job *)ctx, kv_row_##layout);                         \
-    }
-KV_TASK(turbo)
-
 #if defined(__AVX512F__)
 #define KVD_SIMD 1
 #define KVD_HB 6     /* query heads per pass (a 7:1 or wider group takes two) */
@@ -1375,6 +1368,36 @@ static const float *kv_rows_affine(const kv_job *J, int v, size_t base, int i0, 
             const int g = j / J->gs;
             _mm512_storeu_ps(x + j, _mm512_fmadd_ps(_mm512_loadu_ps(x + j), _mm512_set1_ps(bf16_to_f32(sc[g])),
                                                     _mm512_set1_ps(bf16_to_f32(mn[g]))));
+        }
+    }
+    return buf;
+}
+
+/* TurboQuant codes (kv_row_turbo's layout: 8 codes of `bits` bits in `bits` bytes), D %
+ * 16 == 0, at most 16 levels: 16 codes per step through a codebook held in one register,
+ * times the row's norm / sqrt(D) */
+static const float *kv_rows_turbo(const kv_job *J, int v, size_t base, int i0, int nr, float *buf) {
+    const int D = J->D, bits = v ? J->vbits : J->kbits;
+    const float *cb = v ? J->vcb : J->kcb, *nrm = v ? J->vn : J->kn;
+    float levels[16] = {0};
+    memcpy(levels, cb, sizeof(float) * ((size_t)1 << bits));
+    const __m512 cbv = _mm512_loadu_ps(levels);
+    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+    const __m512i shifts = _mm512_mullo_epi32(_mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(bits));
+    const float inv_sqrt_d = 1.f / sqrtf((float)D);
+    for (int r = 0; r < nr; r++) {
+        const size_t row = base + (size_t)i0 + r;
+        const uint8_t *c = (v ? J->vc : J->kc) + row * (size_t)(D * bits / 8);
+        const __m512 f = _mm512_set1_ps(nrm[row] * inv_sqrt_d);
+        float *x = buf + (size_t)r * D;
+        for (int j = 0; j < D; j += 16, c += 2 * bits) {
+            uint32_t w0 = 0, w1 = 0;
+            memcpy(&w0, c, (size_t)bits);
+            memcpy(&w1, c + bits, (size_t)bits);
+            const __m512i w = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32((int)w0), _mm512_set1_epi32((int)w1));
+            const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(w, shifts), mask);
+            _mm512_storeu_ps(x + j, _mm512_mul_ps(_mm512_permutexvar_ps(idx, cbv), f));
         }
     }
     return buf;
@@ -1493,6 +1516,19 @@ static void kv_task_dense(void *ctx, int ith, int nth) {
     }
 #endif
     kv_task(J, kv_row_dense);
+}
+
+static void kv_task_turbo(void *ctx, int ith, int nth) {
+    (void)ith;
+    (void)nth;
+    kv_job *J = (kv_job *)ctx;
+#if KVD_SIMD
+    if (J->D % 16 == 0 && J->kbits <= 4 && J->vbits <= 4) {
+        kv_task16(J, kv_rows_turbo);
+        return;
+    }
+#endif
+    kv_task(J, kv_row_turbo);
 }
 
 static void kv_task_affine(void *ctx, int ith, int nth) {
