@@ -259,7 +259,7 @@ def test_qembedding_matches_reference(bits, gs, sdtype):
 # ---- build, cache, fallbacks -------------------------------------------------------------
 
 def test_portable_build_matches(monkeypatch, tmp_path):
-    """The scalar (no AVX2) variant computes the same things."""
+    """The scalar (no AVX2) variant computes the same things, host-path and KV kernels too."""
     monkeypatch.setenv("VLMC_CACHE", str(tmp_path))
     lib, path, compiled = build.build(native=False)
     assert compiled and path.exists() and lib.vlmc_simd() == 0
@@ -273,6 +273,54 @@ def test_portable_build_matches(monkeypatch, tmp_path):
         assert rel_err(cpu.qlinear(x, wq, s, b, bits=bits, group_size=gs), qref(x, wq, s, b, bits, gs)) < QUANT_TOL
         ref = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=gs, bits=bits)
         assert rel_err(cpu.dequantize(wq, s, b, bits=bits, group_size=gs), ref) < 1e-6
+    _host_kernels_match()
+
+
+def _host_kernels_match() -> None:
+    """The elementwise and KV decode kernels of the library now loaded (the SIMD paths, or
+    the scalar and AVX2 ones of the other builds) against the MLX references."""
+    from vlmc.kernels import cpu_ops, kv_quant
+    from vlmc.kernels.cpu.kv_decode import kv_affine_decode, kv_dense_decode, kv_turbo_decode
+    from vlmc.runtime.kv_cache import make_caches
+
+    def close(got, ref, tol=5e-6):
+        ref = np.asarray(ref)
+        assert float(np.abs(np.asarray(got) - ref).max()) <= tol * float(np.abs(ref).max())
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((300, 256)) * 4).astype(np.float32)  # threaded sizes
+    xm, w = mx.array(x), mx.array(rng.standard_normal(256).astype(np.float32))
+    for kind in ("silu", "quick_gelu"):
+        close(cpu_ops.act(x, kind), reference.act(xm, kind))
+    close(cpu_ops.rms_norm(x, w, eps=1e-5), reference.rms_norm(xm, w, 1e-5))
+    close(cpu_ops.layer_norm(x, w, w, eps=1e-5), reference.layer_norm(xm, w, w, 1e-5))
+    cos, sin = reference.rope_freqs(mx.array(rng.integers(0, 99, (1, 300)), mx.int32), "default", dim=64,
+                                    theta=1e4)
+    q = x.reshape(1, 300, 4, 64).transpose(0, 2, 1, 3)
+    np.testing.assert_array_equal(cpu_ops.rope(q, cos, sin), np.asarray(reference.rope(mx.array(q), cos, sin)))
+    mask = mx.array(np.tril(np.ones((300, 300), bool)))[None, None]
+    k = x.reshape(1, 300, 4, 64)[:, :, :2].transpose(0, 2, 1, 3)
+    close(cpu_ops.attention(q, k, k, mask, scale=0.125),
+          reference.attention(mx.array(q), mx.array(np.repeat(k, 2, 1)), mx.array(np.repeat(k, 2, 1)), mask,
+                              scale=0.125), 1e-5)
+    kv = mx.random.normal((2, 2, 200, 64))
+    qd, starts = mx.random.normal((2, 8, 64)), mx.array([0, 37], mx.int32)
+    close(kv_dense_decode(qd, kv, kv, starts, 200, scale=0.125), kv_quant.kv_dense_decode(qd, kv, kv, starts, 200,
+                                                                                         scale=0.125), 1e-5)
+    for spec in ({"layout": "quantized", "bits": 4, "group_size": 32},
+                 {"layout": "turboquant", "k_bits": 3, "v_bits": 4}):
+        cache = make_caches([{"index": 0, "kv": spec}], 2, 2, 64)[0]
+        cache.append(kv, kv)
+        kb, vb = cache.buffers["k"], cache.buffers["v"]
+        if spec["layout"] == "quantized":
+            args = (qd, kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"], vb["biases"], starts, 200)
+            kw = dict(scale=0.125, bits=4, group_size=32)
+            close(kv_affine_decode(*args, **kw), kv_quant.kv_affine_decode(*args, **kw), 1e-5)
+        else:
+            kc, vc = cache.codecs["k"], cache.codecs["v"]
+            args = (qd, kb["codes"], kb["norms"], vb["codes"], vb["norms"], kc.codebook, vc.codebook, starts, 200)
+            kw = dict(scale=0.125, k_bits=3, v_bits=4)
+            close(kv_turbo_decode(*args, **kw), kv_quant.kv_turbo_decode(*args, **kw), 1e-5)
 
 
 def _cpu_flags() -> str:
@@ -287,7 +335,8 @@ def _cpu_flags() -> str:
 @pytest.mark.skipif(" avx512vl " not in _cpu_flags(), reason="the native build already is the AVX2 variant")
 def test_avx2_only_build_matches(monkeypatch):
     """The AVX2 variant with 16 vector registers (other kernel configurations than an
-    AVX-512 machine's -march=native build), every kernel shape and M."""
+    AVX-512 machine's -march=native build), every kernel shape and M; its host-path and KV
+    kernels take their non-AVX-512 paths."""
     try:
         lib = build.build(flags=build.AVX2_FLAGS)[0]  # cached in the user cache after the first run
     except RuntimeError as e:
@@ -307,6 +356,7 @@ def test_avx2_only_build_matches(monkeypatch):
             for bits, gs, (wq, s, bq) in quants:
                 assert rel_err(cpu.qlinear(x, wq, s, bq, b, bits=bits, group_size=gs),
                                qref(x, wq, s, bq, bits, gs, b)) < QUANT_TOL, (N, K, M, bits, gs)
+    _host_kernels_match()
 
 
 def test_padded_rows_5_to_7(float_activations):

@@ -1505,44 +1505,26 @@ static ALWAYS void kv_task16(kv_job *J, kv_rows_fn rows) {
 #define KVD_SIMD 0
 #endif
 
-static void kv_task_dense(void *ctx, int ith, int nth) {
-    (void)ith;
-    (void)nth;
-    kv_job *J = (kv_job *)ctx;
 #if KVD_SIMD
-    if (J->D % 16 == 0) {
-        kv_task16(J, kv_rows_dense);
-        return;
-    }
+#define KV_BLOCKS(J, rows) kv_task16(J, rows)
+#else
+#define KV_BLOCKS(J, rows) ((void)0)
 #endif
-    kv_task(J, kv_row_dense);
-}
-
-static void kv_task_turbo(void *ctx, int ith, int nth) {
-    (void)ith;
-    (void)nth;
-    kv_job *J = (kv_job *)ctx;
-#if KVD_SIMD
-    if (J->D % 16 == 0 && J->kbits <= 4 && J->vbits <= 4) {
-        kv_task16(J, kv_rows_turbo);
-        return;
+/* kv_task_<layout>: the block driver where the layout's rows fit it, else row by row */
+#define KV_TASK(layout, fits)                                            \
+    static void kv_task_##layout(void *ctx, int ith, int nth) {          \
+        (void)ith;                                                       \
+        (void)nth;                                                       \
+        kv_job *J = (kv_job *)ctx;                                       \
+        if (KVD_SIMD && (fits)) {                                        \
+            KV_BLOCKS(J, kv_rows_##layout);                              \
+            return;                                                      \
+        }                                                                \
+        kv_task(J, kv_row_##layout);                                     \
     }
-#endif
-    kv_task(J, kv_row_turbo);
-}
-
-static void kv_task_affine(void *ctx, int ith, int nth) {
-    (void)ith;
-    (void)nth;
-    kv_job *J = (kv_job *)ctx;
-#if KVD_SIMD
-    if (J->D % 32 == 0 && J->gs % 16 == 0) {
-        kv_task16(J, kv_rows_affine);
-        return;
-    }
-#endif
-    kv_task(J, kv_row_affine);
-}
+KV_TASK(dense, J->D % 16 == 0)
+KV_TASK(affine, J->D % 32 == 0 && J->gs % 16 == 0)
+KV_TASK(turbo, J->D % 16 == 0 && J->kbits <= 4 && J->vbits <= 4)
 
 int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const int32_t *starts, int B, int H,
                          int HKV, int D, int cap, int held, float scale, float *out, int n_threads) {
