@@ -23,7 +23,7 @@ from . import reference as _reference
 from .reference import *  # noqa: F401,F403  (every op not overridden below)
 
 from . import cpu as _cpu
-from .cpu import host as _h
+from .cpu import _as_mx, host as _h
 from .cpu import qembedding  # noqa: F401
 from . import kv_quant as _kv_quant
 from .cpu.attention import attention as _blas_attention
@@ -31,10 +31,6 @@ from .cpu.kv_decode import kv_affine_decode as _kv_affine_decode, kv_dense_decod
     kv_turbo_decode as _kv_turbo_decode
 
 _is_host = _h.is_host
-
-
-def _mx(a):
-    return mx.array(a) if type(a) is np.ndarray else a
 
 
 def _host_out(a) -> np.ndarray:
@@ -55,8 +51,8 @@ def _on_mlx(name: str):
 
     @functools.wraps(ref)
     def op(*args, **kwargs):
-        args = [_mx(a) if type(a) is not list else [_mx(b) for b in a] for a in args]
-        return ref(*args, **{k: _mx(v) for k, v in kwargs.items()})
+        args = [_as_mx(a) if type(a) is not list else [_as_mx(b) for b in a] for a in args]
+        return ref(*args, **{k: _as_mx(v) for k, v in kwargs.items()})
     return op
 
 
@@ -80,13 +76,13 @@ def attention(q, k, v, mask: mx.array | None = None, *, scale: float):
 
 def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: float):
     host = _is_host(q)
-    k, v = _mx(k), _mx(v)  # the cache stores mx.arrays
+    k, v = _as_mx(k), _as_mx(v)  # the cache stores mx.arrays
     if _cpu.enabled():  # decode steps read the cache in place: dense, affine or TurboQuant (C kernels)
         out = _kv_quant.coded_decode_step(q, k, v, cache, mask, scale=scale, affine=_kv_affine_decode,
                                           turbo=_kv_turbo_decode, dense=_kv_dense_decode)
         if out is not None:
-            return _host_out(out) if host else _mx(out)
-    qm = _mx(q)
+            return _host_out(out) if host else _as_mx(out)
+    qm = _as_mx(q)
     q2, keys, values, finish = cache.attention_inputs(qm, k, v)
     if q2 is qm:  # no rotation to undo (TurboQuant's finish rotates back in MLX)
         return attention(q, keys, values, cache.mask_for(mask, q2.shape[2]), scale=scale)
@@ -173,7 +169,7 @@ def slice_axis(x, axis: int, start: int, stop: int | None = None):
 def concat(*xs, axis: int, dim=None):
     if xs and all(_is_host(x) for x in xs):
         return np.concatenate(xs, axis=axis)
-    return _reference.concat(*(_mx(x) for x in xs), axis=axis, dim=dim)
+    return _reference.concat(*(_as_mx(x) for x in xs), axis=axis, dim=dim)
 
 
 def cast(x, dtype: str):

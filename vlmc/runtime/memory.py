@@ -3,15 +3,15 @@ a model unloaded)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 import mlx.core as mx
 
 
 def _malloc_trim():
-    """glibc's malloc_trim, or None (other C libraries)."""
+    """glibc's malloc_trim, or None (other C libraries). Looked up among the symbols the
+    process already has (ctypes.util.find_library would run ldconfig at import)."""
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        fn = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int

@@ -71,19 +71,27 @@ def _get_lib() -> ctypes.CDLL | None:
     return _lib
 
 
+_int8 = False  # int8 x in effect: set when the library loads and by refresh()
+
+
 def int8_activations() -> bool:
     """Whether quantized matmuls round x to int8 per 64 values (AVX512-VNNI machines only):
     4-bit GEMVs of up to GEMV_MAX_ROWS rows (decode) run 1.7-2.9x faster, 8-bit ones
     1.1-2.2x, larger 4-bit products (prefill, the vision tower) 1.5-2.8x, for ~0.6% relative
     output error, against 4-10% from 4-bit weights themselves. ``VLMC_CPU_INT8_ACTIVATIONS=0``
     keeps float32 x."""
-    flag = os.environ.get("VLMC_CPU_INT8_ACTIVATIONS", "1").strip().lower()
-    return flag not in ("0", "false", "no", "off") and _lib is not None and bool(_lib.vlmc_int8_x_available())
+    _get_lib()
+    return _int8
 
 
 def _apply_int8_activations() -> None:
+    """Read ``VLMC_CPU_INT8_ACTIVATIONS`` once for the GEMVs (a flag in the library) and the
+    int8 GEMM (``_int8``), so both follow the same setting."""
+    global _int8
+    flag = os.environ.get("VLMC_CPU_INT8_ACTIVATIONS", "1").strip().lower()
+    _int8 = flag not in ("0", "false", "no", "off") and _lib is not None and bool(_lib.vlmc_int8_x_available())
     if _lib is not None:
-        _lib.vlmc_set_int8_x(int(int8_activations()))
+        _lib.vlmc_set_int8_x(int(_int8))
 
 
 def refresh() -> None:
@@ -207,6 +215,7 @@ def _out_dtype(x, w_or_scales: mx.array, b: mx.array | None):
 
 
 def _as_mx(x):
+    """An mx.array for a host (numpy) array; anything else as it is."""
     return mx.array(x) if type(x) is np.ndarray else x
 
 
@@ -350,7 +359,7 @@ def qlinear(x: mx.array, w, scales=None, biases=None, b: mx.array | None = None,
                                bias.ptr if bias else None, y.ctypes.data, n_threads), "gemv_q")
         return _finish(y, lead, out_dtype, host)
     if (bits == 4 and group_size % 64 == 0 and M * N * K >= INT8_GEMM_MIN_MACS and st in (0, 1)
-            and int8_activations() and lib.vlmc_gemm_q4_i8_available()):
+            and _int8 and lib.vlmc_gemm_q4_i8_available()):
         y = np.empty((M, N), np.float32)
         rc = lib.vlmc_gemm_q4_i8(xn.ctypes.data, M, K, wh.ptr, sh.ptr, bh_.ptr, st, N, group_size,
                                  bias.ptr if bias else None, y.ctypes.data, n_threads)

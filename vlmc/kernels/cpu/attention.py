@@ -17,6 +17,8 @@ import mlx.core as mx
 import numpy as np
 
 from .. import reference as _reference
+from . import _as_mx
+from .host import table
 
 # Query rows, or cached keys, from which the BLAS path beats MLX's SDPA.
 MIN_QUERY_ROWS = 16
@@ -24,27 +26,19 @@ MIN_KEYS = 1024
 SCORE_BLOCK_ELEMS = 16 * 1024 * 1024  # float32 scores held at once (64 MB)
 
 
-def _mx(a):
-    return mx.array(a) if type(a) is np.ndarray else a
-
-
-def _f32(a) -> np.ndarray:
-    return a if type(a) is np.ndarray and a.dtype == np.float32 else np.asarray(_mx(a).astype(mx.float32))
-
-
 def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None, *,
               scale: float, enabled: bool = True, host: bool = False) -> mx.array:
     """softmax(q k^T * scale, masked) v for q [B, H, L, D], k/v [B, Hkv, S, D(v)].
     q, k, v may be float32 numpy arrays; ``host=True`` returns a float32 result as one."""
     if q.ndim != 4 or k.ndim != 4:
-        return _reference.attention(_mx(q), _mx(k), _mx(v), mask, scale=scale)
+        return _reference.attention(_as_mx(q), _as_mx(k), _as_mx(v), mask, scale=scale)
     B, H, L, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     if (not enabled or (L < MIN_QUERY_ROWS and S < MIN_KEYS) or H % Hk
             or (mask is not None and (mask.dtype != mx.bool_ or mask.ndim != 4 or mask.shape[1] != 1))):
-        return _reference.attention(_mx(q), _mx(k), _mx(v), mask, scale=scale)
+        return _reference.attention(_as_mx(q), _as_mx(k), _as_mx(v), mask, scale=scale)
     out_dtype = mx.float32 if type(q) is np.ndarray else q.dtype
-    qn, kn, vn = (_f32(a) for a in (q, k, v))
+    qn, kn, vn = (table(a) for a in (q, k, v))
     mn = None if mask is None else np.asarray(mask)  # [B or 1, 1, L or 1, S]
     group = H // Hk
     Dv = vn.shape[-1]

@@ -465,44 +465,7 @@ static ALWAYS void qv_block(const int BITS, const int R, const int M, const int 
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256 tot[4][8];
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) tot[r][m] = _mm256_setzero_ps();
-    int kb = k0;
-    if (M == 1 && gs == 64)
-        /* One x row, one weight group per block: 8 blocks' integer dots are reduced into
-         * one vector (lane i = block i) and scaled by the 8 groups' scales times x's block
-         * scales with one FMA, where the loop below spends a convert, a broadcast, two
-         * scalar loads and an FMA on every block. */
-        for (; kb + 512 <= k1; kb += 512) {
-            const __m256 xs = _mm256_loadu_ps(J->x8s + (kb >> 6));
-            UNROLL for (int r = 0; r < R; r++) {
-                const uint8_t *wb = w + r * row + (size_t)kb * BITS / 8;
-                UNROLL for (int l = 0; l < BITS; l++) pf(wb, pfo + 64 * l); /* the 8 blocks' BITS cache lines */
-                __m256i a[8];
-                UNROLL for (int i = 0; i < 8; i++) {
-                    __m256i c0, c1;
-                    if (BITS == 4) {
-                        const __m256i v = _mm256_loadu_si256((const __m256i *)(wb + 32 * i));
-                        c0 = _mm256_and_si256(v, m4);
-                        c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                    } else {
-                        c0 = _mm256_loadu_si256((const __m256i *)(wb + 64 * i));
-                        c1 = _mm256_loadu_si256((const __m256i *)(wb + 64 * i + 32));
-                    }
-                    const int8_t *xb = J->x8 + kb + 64 * i;
-                    a[i] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), c0, _mm256_loadu_si256((const __m256i *)xb));
-                    a[i] = _mm256_dpbusd_epi32(a[i], c1, _mm256_loadu_si256((const __m256i *)(xb + 32)));
-                }
-                const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
-                const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
-                const __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
-                                                     _mm256_permute2x128_si256(u0, u1, 0x31));
-                const size_t so = (size_t)(n + r) * G + (kb >> 6);
-                const __m256 sv = ST == ST_F32 ? _mm256_loadu_ps((const float *)J->sc + so)
-                                               : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
-                                                     _mm_loadu_si128((const __m128i *)((const uint16_t *)J->sc + so))), 16));
-                tot[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(sv, xs), tot[r][0]);
-            }
-        }
-    for (; kb < k1; kb += 64) {
+    for (int kb = k0; kb < k1; kb += 64) {
         const size_t g = (size_t)kb / gs;
         UNROLL for (int r = 0; r < R; r++) {
             const uint8_t *wb = w + r * row + (size_t)kb * BITS / 8;
@@ -1593,32 +1556,16 @@ static ALWAYS int32_t ld_i32(const void *p) {
     return v;
 }
 
-/* rows [M ith / nth, M (ith + 1) / nth) of x to int8 per 64-block; cvtps rounds to nearest
- * even, as lrintf does */
+/* rows [M ith / nth, M (ith + 1) / nth) of x to int8 per 64-block, in natural order */
 static void gi8_quant_task(void *ctx, int ith, int nth) {
     gi8_t *J = ctx;
     const int K = J->K, nb = K / 64, m0 = (int)((long)J->M * ith / nth), m1 = (int)((long)J->M * (ith + 1) / nth);
-    const __m512 zero = _mm512_setzero_ps();
     for (int m = m0; m < m1; m++)
         for (int b = 0; b < nb; b++) {
-            const float *xr = J->x + (size_t)m * K + b * 64;
-            __m512 v[4], a = zero;
-            UNROLL for (int i = 0; i < 4; i++) {
-                v[i] = _mm512_loadu_ps(xr + 16 * i);
-                a = _mm512_max_ps(a, _mm512_abs_ps(v[i]));
-            }
-            const float amax = _mm512_reduce_max_ps(a);
-            const float sc = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-            const __m512 iv = _mm512_set1_ps(inv);
-            __m512i sum = _mm512_setzero_si512();
-            int8_t *q = J->x8 + (size_t)m * K + b * 64;
-            UNROLL for (int i = 0; i < 4; i++) {
-                const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], iv));
-                sum = _mm512_add_epi32(sum, qi);
-                _mm_storeu_si128((__m128i *)(q + 16 * i), _mm512_cvtepi32_epi8(qi));
-            }
+            int sum;
+            const float sc = x8_block(J->x + (size_t)m * K + b * 64, 0, J->x8 + (size_t)m * K + b * 64, &sum);
             J->xsc[(size_t)m * nb + b] = sc;
-            J->xsum[(size_t)m * J->G + b * 64 / J->gs] += sc * (float)_mm512_reduce_add_epi32(sum);
+            J->xsum[(size_t)m * J->G + b * 64 / J->gs] += sc * (float)sum;
         }
 }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from . import _get_lib, _host
+from . import _check, _get_lib, _host
 
 F32 = np.float32
 # x * sigmoid(a x) activations: their scale a
@@ -33,11 +33,6 @@ def table(a) -> np.ndarray:
     if type(a) is np.ndarray:
         return a
     return np.asarray(a if a.dtype == mx.float32 else a.astype(mx.float32))
-
-
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        raise ValueError(f"vlmc cpu kernel {what} rejected its arguments (code {rc})")
 
 
 def _norm_kernel(x: np.ndarray, w, b, eps: float, layer: int) -> np.ndarray | None:

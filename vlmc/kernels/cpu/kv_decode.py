@@ -13,16 +13,12 @@ import mlx.core as mx
 import numpy as np
 
 from .. import kv_quant as _kv_quant
-from . import _check, _get_lib, _to_numpy
+from . import _as_mx, _check, _get_lib, _to_numpy
 
 
 def _np(a: mx.array) -> np.ndarray:
     """A C-contiguous numpy view (bf16 as raw uint16) of an evaluated array."""
     return np.ascontiguousarray(_to_numpy(a))
-
-
-def _mx(a):
-    return mx.array(a) if type(a) is np.ndarray else a
 
 
 def _run(fn, name: str, q, buffers: tuple, starts: mx.array, shape: tuple, held: int, *params):
@@ -31,7 +27,8 @@ def _run(fn, name: str, q, buffers: tuple, starts: mx.array, shape: tuple, held:
     the layout's own ``params``, the output and the thread count. A numpy q (the cpu op
     library's host arrays) gets a numpy result, an mx.array q an mx.array."""
     host = type(q) is np.ndarray
-    starts = starts.astype(mx.int32)
+    if starts.dtype != mx.int32:
+        starts = starts.astype(mx.int32)
     if host:
         mx.eval(starts, *buffers)
         qn = np.ascontiguousarray(q, dtype=np.float32)
@@ -55,7 +52,7 @@ def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases
     B, H, D = q.shape
     if (lib is None or bits not in (4, 8) or k_scales.dtype != mx.bfloat16 or D % group_size
             or k_codes.ndim != 4 or H % k_codes.shape[1]):
-        return _kv_quant.kv_affine_decode(_mx(q), k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts,
+        return _kv_quant.kv_affine_decode(_as_mx(q), k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts,
                                           held, scale=scale, bits=bits, group_size=group_size)
     return _run(lib.vlmc_kv_affine_decode, "kv_affine_decode", q,
                 (k_codes, k_scales, k_biases, v_codes, v_scales, v_biases), starts, k_codes.shape, held,
@@ -84,5 +81,5 @@ def kv_dense_decode(q, keys, values, starts, held: int, *, scale: float) -> mx.a
     lib = _get_lib()
     B, H, D = q.shape
     if lib is None or keys.dtype != mx.float32 or values.dtype != mx.float32 or keys.ndim != 4 or H % keys.shape[1]:
-        return _kv_quant.kv_dense_decode(_mx(q), keys, values, starts, held, scale=scale)
+        return _kv_quant.kv_dense_decode(_as_mx(q), keys, values, starts, held, scale=scale)
     return _run(lib.vlmc_kv_dense_decode, "kv_dense_decode", q, (keys, values), starts, keys.shape, held, scale)
