@@ -412,3 +412,16 @@ def test_prompt_longer_than_context(env, ckpt, tmp_path):
     res = vlmc(env, "run", art, "-p", "tell me about the river " * 20)
     error_line(res, "prompt is", "context is 64 tokens")
     assert res.stdout.strip() == ""
+
+
+def test_artifact_from_an_older_format_asks_for_a_recompile(env, artifact, tmp_path):
+    """Format 2 changed what generated entry points return (ops.result): an artifact written
+    in format 1 is refused with one line saying to recompile, not run with the new ops."""
+    import json
+    import shutil
+    old = tmp_path / "old.vlmc"
+    shutil.copytree(artifact, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    error_line(vlmc(env, "run", old, "-p", "hi", "--max-tokens", "2"), "format 1", "format 2", "recompile")
