@@ -169,6 +169,57 @@ def test_qlinear_int8_activations(gs, sdtype, bits):
         cpu.refresh()
 
 
+def int8x_ref(x, wq, s, b, bits, gs):
+    """What the int8-activation GEMV computes, in float64: x rounded to int8 per 64 values
+    (scale amax / 127, float32 arithmetic, ties to even), exact integer dots per 64-block,
+    scaled by the weight group's scale and the block's scale, plus each group's bias times
+    the group sum of the rounded x."""
+    x = np.asarray(x, np.float32)
+    M, K = x.shape
+    blocks = x.reshape(M, K // 64, 64)
+    amax = np.abs(blocks).max(axis=2, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(blocks * inv).astype(np.int64)  # [M, nb, 64]
+    xsc = (amax / np.float32(127)).astype(np.float64)[..., 0]  # [M, nb]
+    words = np.asarray(wq).astype(np.uint64)
+    per = 32 // bits
+    codes = ((words[:, :, None] >> (bits * np.arange(per, dtype=np.uint64))) & ((1 << bits) - 1))
+    codes = codes.reshape(words.shape[0], K).astype(np.int64).reshape(-1, K // 64, 64)  # [N, nb, 64]
+    dots = np.einsum("mbk,nbk->mnb", q, codes).astype(np.float64)  # exact
+    sc = np.asarray(s.astype(mx.float32), np.float64)
+    bi = np.asarray(b.astype(mx.float32), np.float64)
+    g_of_block = np.arange(K // 64) * 64 // gs
+    y = np.einsum("mnb,nb,mb->mn", dots, sc[:, g_of_block], xsc)
+    xsum = q.sum(axis=2) * xsc  # [M, nb]: sums of the rounded x per block
+    return y + np.einsum("nb,mb->mn", bi[:, g_of_block], xsum)
+
+
+@pytest.mark.parametrize("bits,gs,sdtype", [(4, 64, mx.bfloat16), (4, 64, mx.float32), (4, 128, mx.bfloat16),
+                                            (4, 192, mx.float32), (4, 256, mx.bfloat16), (8, 64, mx.bfloat16)])
+def test_qlinear_int8_activations_exact(bits, gs, sdtype):
+    """The int8-activation GEMV against its own arithmetic done exactly (int8x_ref): only
+    float summation order may differ. K covers the 4-bit kernel's cases: whole 512-code
+    steps, 128-code pairs after them, a last unpaired 64-block (K % 128 == 64), and K
+    chunks that split a 512-step (M = 3); gs 192 and 256 take the scale path with no fast
+    load (random codes and parameters: MLX quantizes only to groups of 32, 64 and 128)."""
+    if not cpu.int8_activations():
+        pytest.skip("no AVX512-VNNI on this CPU (or turned off)")
+    for K in (192, 576, 640, 1536, 8960, 1024):
+        if K % gs:
+            continue
+        for M in (1, 3, 8, 13):
+            N = 37 if M > 1 else 131
+            wq = mx.random.randint(0, 1 << 31, (N, K * bits // 32)).astype(mx.uint32) * 2 + (mx.arange(N)[:, None] % 2).astype(mx.uint32)
+            s = rand(N, K // gs, scale=0.01).astype(sdtype)
+            b = rand(N, K // gs, scale=0.05).astype(sdtype)
+            x = rand(M, K)
+            x = mx.where(mx.arange(K) % 97 == 0, 4.0 * x, x)  # a few larger values per block
+            y = np.asarray(cpu.qlinear(x, wq, s, b, bits=bits, group_size=gs).astype(mx.float32), np.float64)
+            ref = int8x_ref(x, wq, s, b, bits, gs)
+            err = np.abs(y - ref).max() / np.abs(ref).max()
+            assert err < 2e-6, (K, M, err)
+
+
 @pytest.mark.parametrize("gs,sdtype", [(64, mx.bfloat16), (128, mx.float32)])
 def test_qlinear_int8_gemm_for_many_rows(gs, sdtype, monkeypatch):
     """Products of more than GEMV_MAX_ROWS rows from INT8_GEMM_MIN_MACS multiply-adds on

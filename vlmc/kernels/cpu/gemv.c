@@ -272,6 +272,7 @@ typedef struct {
     int kc;            /* K elements per chunk (x chunk stays in L1) */
     int kmain;         /* K covered by the SIMD blocks (4-bit: whole 64-spans) */
     int long_rows;     /* M x K floats of x exceed X_CHUNK_FLOATS (pick the long-row tables) */
+    int bias_folded;   /* the block kernel adds the bias terms itself (qv_block), not q_finish */
     size_t rowbytes;   /* bytes of one weight row */
     int chunk;
     _Atomic int next;
@@ -447,16 +448,91 @@ static ALWAYS void q4_block(const int R, const int M, const int P, const int FOL
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) part[r * M + m] += hsum(tot[r][m]);
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #define VLMC_VNNI 1
 /* ---- 4- or 8-bit codes x int8 activations (up to 8 activation rows per pass;
- * AVX512-VNNI). Per 64-block, x is rounded to int8 with its own scale (x8s), as 64 bytes
- * that pair with the block's codes: for 8-bit codes in natural order; for 4-bit codes,
- * 32 bytes for the low nibbles of the block's 32 code bytes, then 32 for the high ones.
- * Two vpdpbusd give the block's integer dot in 8 lanes, which one FMA scales by the weight
- * group's scale times x's block scale: about 10 instructions per 64 4-bit codes where the
- * float kernel needs 33. The bias terms (q_finish) use group sums of the rounded x, so
- * the minimum and the codes' mean cancel as they do without rounding. Needs gs % 64 == 0. */
+ * AVX512-VNNI). Per 64-block, x is rounded to int8 with its own scale (x8s). For 8-bit
+ * codes x8 is in natural order. For 4-bit codes the low nibbles of a block's 32 code
+ * bytes hold its even codes and the high nibbles its odd ones, so x8 holds each block's
+ * even values, then its odd values; two blocks that share a 128-aligned pair interleave
+ * those halves (A even, B even, A odd, B odd: x8_offsets), so one 64-byte load of codes
+ * (two blocks) pairs with two 64-byte loads of x. vpdpbusd leaves each block's integer
+ * dot in 8 lanes; per 8 blocks a transpose-add folds them into one vector of 8 dots that
+ * one FMA scales by (weight group scale x x's block scale): ~6 instructions per 64 codes
+ * and one FMA dependency per 512 codes, where the per-block form needed ~13 and one FMA
+ * per block (that chain, 4 cycles per 32 bytes, was what bounded it from cache). The bias
+ * terms (q_finish) use group sums of the rounded x, so the minimum and the codes' mean
+ * cancel as they do without rounding. Needs gs % 64 == 0. */
+
+/* where block kb's even and odd halves of x8 start (4-bit codes), see above */
+static ALWAYS size_t x8_even(int kb, int K) {
+    const int base = kb & ~127;
+    return base + 128 <= K ? (size_t)base + (kb & 64 ? 32 : 0) : (size_t)kb;
+}
+static ALWAYS size_t x8_odd_gap(int kb, int K) { return (kb & ~127) + 128 <= K ? 64 : 32; }
+
+/* the 8 weight-group scales of blocks kb .. kb + 448 of row n */
+static ALWAYS __m256 scale8(const int ST, const job_t *J, int n, int kb) {
+    const size_t off = (size_t)n * J->G + (size_t)kb / J->gs;
+    if (J->gs == 64) return ST == ST_BF16 ? ld8_bf16((const uint16_t *)J->sc + off) : _mm256_loadu_ps((const float *)J->sc + off);
+    if (J->gs == 128) {
+        const __m128 v = ST == ST_BF16 ? _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)((const uint16_t *)J->sc + off))), 16))
+                                       : _mm_loadu_ps((const float *)J->sc + off);
+        return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    }
+    float t[8];
+    for (int i = 0; i < 8; i++) t[i] = ld_param(J->sc, (size_t)n * J->G + (size_t)(kb + 64 * i) / J->gs, ST);
+    return _mm256_loadu_ps(t);
+}
+
+/* p[i] (i < 4): int32 lanes 0-7 belong to block 2i, lanes 8-15 to block 2i + 1; returns
+ * the 8 block sums in block order */
+static ALWAYS __m256i fold8(__m512i p0, __m512i p1, __m512i p2, __m512i p3) {
+    const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(p0, p1), _mm512_unpackhi_epi32(p0, p1));
+    const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(p2, p3), _mm512_unpackhi_epi32(p2, p3));
+    /* per 128-bit lane j: the sums of lane j's four values of p0, p1, p2, p3 */
+    const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+    /* lane 0 + lane 1: blocks 0, 2, 4, 6; lane 2 + lane 3: blocks 1, 3, 5, 7 */
+    const __m512i v = _mm512_add_epi32(u, _mm512_shuffle_i32x4(u, u, _MM_SHUFFLE(2, 3, 0, 1)));
+    const __m512i idx = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_castsi512_si256(_mm512_permutexvar_epi32(idx, v));
+}
+
+/* 8 blocks (512 codes) from kb, 4-bit codes, kb % 128 == 0 */
+static ALWAYS void qv4_wide(const int R, const int M, const int ST, const job_t *J, int n, int kb,
+                            __m256 tot[4][8], size_t pfo) {
+    const int K = J->K, nb = K / 64;
+    const size_t row = (size_t)K / 2;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), z = _mm512_setzero_si512();
+    UNROLL for (int r = 0; r < R; r++) {
+        const uint8_t *wb = (const uint8_t *)J->w + (size_t)(n + r) * row + (size_t)kb / 2;
+        __m512i lo[4], hi[4];
+        UNROLL for (int i = 0; i < 4; i++) {
+            pf(wb + 64 * i, pfo);
+            const __m512i v = _mm512_loadu_si512((const void *)(wb + 64 * i));
+            lo[i] = _mm512_and_si512(v, m4);
+            hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        }
+        const __m256 sv = scale8(ST, J, n + r, kb);
+        const size_t bo = (size_t)(n + r) * J->G + (size_t)kb / 64; /* gs == 64 when folding */
+        const __m256 bv = !J->bias_folded ? _mm256_setzero_ps()
+                          : ST == ST_BF16 ? ld8_bf16((const uint16_t *)J->bi + bo) : _mm256_loadu_ps((const float *)J->bi + bo);
+        UNROLL for (int m = 0; m < M; m++) {
+            const int8_t *xb = J->x8 + (size_t)m * K + kb;
+            __m512i a[4];
+            UNROLL for (int i = 0; i < 4; i++) {
+                a[i] = _mm512_dpbusd_epi32(z, lo[i], _mm512_loadu_si512((const void *)(xb + 128 * i)));
+                a[i] = _mm512_dpbusd_epi32(a[i], hi[i], _mm512_loadu_si512((const void *)(xb + 128 * i + 64)));
+            }
+            const __m256 d = _mm256_cvtepi32_ps(fold8(a[0], a[1], a[2], a[3]));
+            const __m256 xs = _mm256_loadu_ps(J->x8s + (size_t)m * nb + (kb >> 6));
+            tot[r][m] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, xs), tot[r][m]);
+            if (J->bias_folded) /* sum_g b_g * (group sum of rounded x), 8 groups */
+                tot[r][m] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(J->xs + (size_t)m * J->G + (kb >> 6)), tot[r][m]);
+        }
+    }
+}
+
 static ALWAYS void qv_block(const int BITS, const int R, const int M, const int ST, const job_t *J, int n,
                             int k0, int k1, float *part, size_t pfo) {
     const int K = J->K, gs = J->gs, G = J->G, nb = K / 64;
@@ -465,8 +541,12 @@ static ALWAYS void qv_block(const int BITS, const int R, const int M, const int 
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256 tot[4][8];
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) tot[r][m] = _mm256_setzero_ps();
-    for (int kb = k0; kb < k1; kb += 64) {
+    int kb = k0;
+    if (BITS == 4) /* k0 is 128-aligned (plan_k) */
+        for (; kb + 512 <= k1; kb += 512) qv4_wide(R, M, ST, J, n, kb, tot, pfo);
+    for (; kb < k1; kb += 64) {
         const size_t g = (size_t)kb / gs;
+        const size_t xe = BITS == 4 ? x8_even(kb, K) : (size_t)kb, xo = xe + (BITS == 4 ? x8_odd_gap(kb, K) : 32);
         UNROLL for (int r = 0; r < R; r++) {
             const uint8_t *wb = w + r * row + (size_t)kb * BITS / 8;
             pf(wb, pfo);
@@ -480,10 +560,12 @@ static ALWAYS void qv_block(const int BITS, const int R, const int M, const int 
                 c1 = _mm256_loadu_si256((const __m256i *)(wb + 32));
             }
             const float s = ld_param(J->sc, (size_t)(n + r) * G + g, ST);
+            const float b = J->bias_folded ? ld_param(J->bi, (size_t)(n + r) * G + g, ST) : 0.f;
             UNROLL for (int m = 0; m < M; m++) {
-                const int8_t *xb = J->x8 + (size_t)m * K + kb;
-                __m256i a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), c0, _mm256_loadu_si256((const __m256i *)xb));
-                a = _mm256_dpbusd_epi32(a, c1, _mm256_loadu_si256((const __m256i *)(xb + 32)));
+                const int8_t *xm = J->x8 + (size_t)m * K;
+                if (J->bias_folded) part[r * M + m] += b * J->xs[(size_t)m * G + g];
+                __m256i a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), c0, _mm256_loadu_si256((const __m256i *)(xm + xe)));
+                a = _mm256_dpbusd_epi32(a, c1, _mm256_loadu_si256((const __m256i *)(xm + xo)));
                 tot[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a),
                                             _mm256_set1_ps(s * J->x8s[(size_t)m * nb + (kb >> 6)]), tot[r][m]);
             }
@@ -540,7 +622,7 @@ static ALWAYS void q8_block(const int R, const int M, const int P, const int FOL
 static void q_finish(const job_t *J, int n, const float *part) {
     const int K = J->K, G = J->G;
     for (int m = 0; m < J->M; m++) {
-        float s = part[m] + group_dot(J, J->bi, n, m, G);
+        float s = part[m] + (J->bias_folded ? 0.f : group_dot(J, J->bi, n, m, G));
         if (J->bits == 4 && J->kmain < K) {
             const uint32_t *w = (const uint32_t *)J->w + (size_t)n * (K / 8);
             float t = 0.f;
@@ -803,11 +885,15 @@ static void plan_k(job_t *J) {
     else {
         J->rowbytes = (size_t)K * J->bits / 8;
         unit = J->bits == 4 ? (J->gs < 64 ? 64 : J->gs) : J->gs;
-        if (J->bits == 4) J->kmain = K / unit * unit;
+        if (J->bits == 4 && J->x8) unit = unit % 128 ? 2 * unit : unit; /* whole pairs of x8 (qv_block) */
+        else if (J->bits == 4) J->kmain = K / unit * unit;
     }
     int kc = X_CHUNK_FLOATS / J->M / unit * unit;
     J->kc = kc < unit ? unit : kc;
-    J->long_rows = (long)J->M * K > X_CHUNK_FLOATS;
+    /* bytes of x (int8 or float32) vs 16 KiB: with int8 x, Qwen2-VL's down_proj (K = 8960)
+     * runs one row at a time like the short rows (26.5 GB/s, was 19.8 with 4 rows) */
+    J->long_rows = (long)J->M * K * (J->x8 ? 1 : 4) > X_CHUNK_FLOATS * 4;
+    J->bias_folded = J->x8 && J->bits == 4 && J->gs == 64;
     if (J->M < CHUNK_MIN_M) J->kc = J->kmain; /* one x row: keep the weight stream sequential */
 }
 
@@ -915,9 +1001,10 @@ int vlmc_int8_x_available(void) { return VLMC_VNNI; }
 #if VLMC_VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
 #define VLMC_X8_SIMD 1
 /* 64 values of x to int8 with scale amax / 127 (cvtps rounds to nearest even, as lrintf):
- * in natural order, or for 4-bit codes the even-indexed values then the odd ones (the low
- * and high nibbles of the block's 32 code bytes hold codes 2b and 2b + 1). */
-static ALWAYS float x8_block(const float *xr, int nibbles, int8_t *q, int *sum) {
+ * in natural order (odd = 32), or for 4-bit codes the 32 even-indexed values at q and the
+ * odd ones at q + odd (the low and high nibbles of the block's 32 code bytes hold codes
+ * 2b and 2b + 1; see qv_block for where the halves go). */
+static ALWAYS float x8_block(const float *xr, int nibbles, int8_t *q, size_t odd, int *sum) {
     __m512 v[4], a = _mm512_setzero_ps();
     UNROLL for (int i = 0; i < 4; i++) {
         v[i] = _mm512_loadu_ps(xr + 16 * i);
@@ -936,7 +1023,7 @@ static ALWAYS float x8_block(const float *xr, int nibbles, int8_t *q, int *sum) 
     UNROLL for (int i = 0; i < 4; i++) {
         const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], iv));
         s = _mm512_add_epi32(s, qi);
-        _mm_storeu_si128((__m128i *)(q + 16 * i), _mm512_cvtepi32_epi8(qi));
+        _mm_storeu_si128((__m128i *)(q + (i < 2 ? 16 * i : odd + 16 * (i - 2))), _mm512_cvtepi32_epi8(qi));
     }
     *sum = _mm512_reduce_add_epi32(s);
     return amax / 127.f;
@@ -992,8 +1079,9 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
             for (int kb = 0; kb < K; kb += 64) {
                 int sum = 0;
                 float sc;
+                const size_t e = bits == 4 ? x8_even(kb, K) : (size_t)kb, gap = bits == 4 ? x8_odd_gap(kb, K) : 32;
 #if VLMC_X8_SIMD
-                sc = x8_block(xr + kb, bits == 4, q + kb, &sum);
+                sc = x8_block(xr + kb, bits == 4, q + e, gap, &sum);
 #else
                 float amax = 0.f;
                 for (int i = 0; i < 64; i++) amax = fmaxf(amax, fabsf(xr[kb + i]));
@@ -1001,8 +1089,9 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
                 const float inv = amax > 0.f ? 127.f / amax : 0.f;
                 for (int b = 0; b < 64; b++) { /* 4-bit: even values pair with the low nibbles, odd with the high */
                     const int k = bits == 8 ? b : b < 32 ? 2 * b : 2 * (b - 32) + 1;
-                    q[kb + b] = (int8_t)lrintf(xr[kb + k] * inv);
-                    sum += q[kb + b];
+                    const int8_t v = (int8_t)lrintf(xr[kb + k] * inv);
+                    q[e + (b < 32 ? (size_t)b : gap + b - 32)] = v;
+                    sum += v;
                 }
 #endif
                 x8s[(size_t)m * (K / 64) + kb / 64] = sc;
@@ -1563,7 +1652,7 @@ static void gi8_quant_task(void *ctx, int ith, int nth) {
     for (int m = m0; m < m1; m++)
         for (int b = 0; b < nb; b++) {
             int sum;
-            const float sc = x8_block(J->x + (size_t)m * K + b * 64, 0, J->x8 + (size_t)m * K + b * 64, &sum);
+            const float sc = x8_block(J->x + (size_t)m * K + b * 64, 0, J->x8 + (size_t)m * K + b * 64, 32, &sum);
             J->xsc[(size_t)m * nb + b] = sc;
             J->xsum[(size_t)m * J->G + b * 64 / J->gs] += sc * (float)sum;
         }
