@@ -380,6 +380,72 @@ def test_cpu_dense_kernel_head_groups_and_blocks(heads, dim):
     assert not bool(mx.any(out[2] != 0))
 
 
+@pytest.mark.parametrize("dim", [64, 24])
+@pytest.mark.parametrize("before", [1, 127, 128, 256])
+def test_cpu_dense_kernel_extra_row(dim, before):
+    """This step's keys/values as the kernel's extra last row ([B, HKV, D], not in the
+    cache): the same attention as a cache holding them, when the row ends a 128-row block,
+    starts one, or lies past a full buffer (before == capacity); D = 24 takes the
+    row-at-a-time driver."""
+    from vlmc.kernels import cpu, kv_quant
+    from vlmc.kernels.cpu.kv_decode import kv_dense_decode
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    mx.random.seed(before)
+    cap = 256
+    keys, values = mx.random.normal((B, HKV, cap, dim)), mx.random.normal((B, HKV, cap, dim))
+    nk, nv = mx.random.normal((B, HKV, dim)), mx.random.normal((B, HKV, dim))
+    q = mx.random.normal((B, H, dim))
+    starts = mx.array([0, min(5, before - 1)], mx.int32)
+    whole_k = mx.concatenate([keys[:, :, :before], nk[:, :, None]], axis=2)
+    whole_v = mx.concatenate([values[:, :, :before], nv[:, :, None]], axis=2)
+    ref = kv_quant.kv_dense_decode(q, whole_k, whole_v, starts, before + 1, scale=dim ** -0.5)
+    out = kv_dense_decode(np.asarray(q), keys, values, starts, before + 1, scale=dim ** -0.5,
+                          new_k=np.asarray(nk), new_v=np.asarray(nv))
+    assert isinstance(out, np.ndarray)
+    assert float(np.abs(out - np.asarray(ref)).max()) <= 1e-5 * float(mx.abs(ref).max())
+    plain = kv_dense_decode(q, keys, values, starts, before, scale=dim ** -0.5)  # no extra row: unchanged
+    ref0 = kv_quant.kv_dense_decode(q, keys, values, starts, before, scale=dim ** -0.5)
+    assert float(mx.abs(plain - ref0).max()) <= 1e-5 * float(mx.abs(ref0).max())
+
+
+def test_cpu_host_decode_defers_cache_writes(monkeypatch):
+    """Decode steps on host arrays over a dense cache: each layer attends over its cache plus
+    the step's k/v (the kernel's extra row) and leaves the write lazy; the next read of any
+    deferred cache evaluates all of them at once. Outputs and stored tokens match the MLX
+    reference path step by step, across two caches (two layers) and a buffer that grows."""
+    from vlmc.kernels import cpu, cpu_ops
+    from vlmc.kernels.cpu import kv_decode
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    dim = 64
+    caches = [cache_for("dense", dim=dim) for _ in range(2)]
+    twins = [cache_for("dense", dim=dim) for _ in range(2)]
+    k, v = kv(254, 0, dim=dim)
+    for c in caches + twins:
+        c.append(k, v)
+    evals = []
+    real_eval = kv_decode.mx.eval
+    monkeypatch.setattr(kv_decode.mx, "eval", lambda *a: evals.append(len(a)) or real_eval(*a))
+    for step in range(4):  # 254 + 4 tokens: the buffers grow past 256 on the way
+        nk, nv = kv(1, 0, dim=dim)
+        q = mx.random.normal((B, H, 1, dim))
+        for c, t in zip(caches, twins):
+            out = cpu_ops.cached_attention(np.asarray(q), np.asarray(nk), np.asarray(nv), c, None, scale=0.125)
+            ref = reference.cached_attention(q, nk, nv, t, None, scale=0.125)
+            assert isinstance(out, np.ndarray) and out.shape == (B, H, 1, dim)
+            assert float(np.abs(out - np.asarray(ref)).max()) <= 1e-5 * float(mx.abs(ref).max())
+        assert all(id(c) in kv_decode._unsettled for c in caches)  # both writes still lazy
+    # one evaluation of every deferred write per step (the first layer's read), not per layer
+    assert sum(1 for n in evals if n == 4) == 3, evals
+    kv_decode.settle()
+    assert not kv_decode._unsettled
+    for c, t in zip(caches, twins):
+        assert c.held == t.held == 258 and c.capacity >= 258
+        assert mx.array_equal(c.buffers["k"]["x"][:, :, :258], t.buffers["k"]["x"][:, :, :258])
+        assert mx.array_equal(c.buffers["v"]["x"][:, :, :258], t.buffers["v"]["x"][:, :, :258])
+
+
 @pytest.mark.parametrize("k_bits,v_bits,dim", [(3, 4, 128), (2, 2, 64), (4, 4, 48), (4, 3, 16), (3, 3, 24)])
 def test_cpu_kernel_reads_turboquant_codes_like_the_reference(k_bits, v_bits, dim, monkeypatch):
     """The C decode kernel over TurboQuant codes (rotated space) against the MLX reference,

@@ -27,8 +27,8 @@ from .cpu import _as_mx, host as _h
 from .cpu import qembedding  # noqa: F401
 from . import kv_quant as _kv_quant
 from .cpu.attention import attention as _blas_attention
-from .cpu.kv_decode import kv_affine_decode as _kv_affine_decode, kv_dense_decode as _kv_dense_decode, \
-    kv_turbo_decode as _kv_turbo_decode
+from .cpu.kv_decode import host_dense_step as _host_dense_step, kv_affine_decode as _kv_affine_decode, \
+    kv_dense_decode as _kv_dense_decode, kv_turbo_decode as _kv_turbo_decode
 
 _is_host = _h.is_host
 
@@ -76,6 +76,10 @@ def attention(q, k, v, mask: mx.array | None = None, *, scale: float):
 
 def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: float):
     host = _is_host(q)
+    if host and _cpu.enabled():
+        out = _host_dense_step(q, k, v, cache, mask, scale=scale)
+        if out is not None:
+            return out
     k, v = _as_mx(k), _as_mx(v)  # the cache stores mx.arrays
     if _cpu.enabled():  # decode steps read the cache in place: dense, affine or TurboQuant (C kernels)
         out = _kv_quant.coded_decode_step(q, k, v, cache, mask, scale=scale, affine=_kv_affine_decode,

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("gemv.c")  # the translation unit; it includes the other .c files here
-ABI_VERSION = 10  # must match VLMC_ABI in gemv.c
+ABI_VERSION = 11  # must match VLMC_ABI in gemv.c
 
 NATIVE_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
 PORTABLE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread"]
@@ -115,7 +115,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.vlmc_kv_turbo_decode.restype = I
     lib.vlmc_kv_turbo_decode.argtypes = [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, I]
     lib.vlmc_kv_dense_decode.restype = I
-    lib.vlmc_kv_dense_decode.argtypes = [P, P, P, P, I, I, I, I, I, I, ctypes.c_float, P, I]
+    lib.vlmc_kv_dense_decode.argtypes = [P, P, P, P, P, P, I, I, I, I, I, I, ctypes.c_float, P, I]
     lib.vlmc_set_int8_x.restype = None
     lib.vlmc_set_int8_x.argtypes = [I]
     lib.vlmc_int8_x_available.restype = I

@@ -48,7 +48,7 @@
 #define VLMC_SIMD 0
 #endif
 
-#define VLMC_ABI 10
+#define VLMC_ABI 11
 #define ALWAYS __attribute__((always_inline)) inline
 #define UNROLL _Pragma("GCC unroll 16")
 
@@ -123,6 +123,9 @@ static void dequant_row_generic(const uint8_t *row, int K, int bits, int gs, con
 #define MAXTH 64
 typedef void (*task_fn)(void *ctx, int ith, int nth);
 
+#ifndef SPIN_NS
+#define SPIN_NS 200000
+#endif
 static struct {
     pthread_mutex_t job_mu; /* one job at a time (callers from several Python threads) */
     pthread_mutex_t mu;
@@ -136,7 +139,7 @@ static struct {
     int nth;
     long spin_ns;
 } P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0,
-       0, 0, 0, 200000};
+       0, 0, 0, SPIN_NS};
 
 static long now_ns(void) {
     struct timespec t;
@@ -160,8 +163,9 @@ static void *worker_main(void *argp) {
         unsigned g = atomic_load_explicit(&P.gen, memory_order_acquire);
         if (g == seen) {
             long t0 = now_ns();
-            for (int i = 0;; i++) {
-                cpu_relax();
+            for (int i = 0;; i++) { /* pause, then yield: a thread that wants this core gets it */
+                if (i < 4096) cpu_relax();
+                else sched_yield();
                 g = atomic_load_explicit(&P.gen, memory_order_acquire);
                 if (g != seen) break;
                 if ((i & 63) == 63 && now_ns() - t0 > P.spin_ns) break;
@@ -524,7 +528,11 @@ static ALWAYS void qv4_wide(const int R, const int M, const int ST, const job_t 
                 a[i] = _mm512_dpbusd_epi32(z, lo[i], _mm512_loadu_si512((const void *)(xb + 128 * i)));
                 a[i] = _mm512_dpbusd_epi32(a[i], hi[i], _mm512_loadu_si512((const void *)(xb + 128 * i + 64)));
             }
+#ifdef NOFOLD
+            const __m256 d = _mm256_cvtepi32_ps(_mm512_castsi512_si256(_mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]))));
+#else
             const __m256 d = _mm256_cvtepi32_ps(fold8(a[0], a[1], a[2], a[3]));
+#endif
             const __m256 xs = _mm256_loadu_ps(J->x8s + (size_t)m * nb + (kb >> 6));
             tot[r][m] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, xs), tot[r][m]);
             if (J->bias_folded) /* sum_g b_g * (group sum of rounded x), 8 groups */
@@ -1242,10 +1250,12 @@ struct kv_job {
     const float *q;
     const int32_t *starts;
     int B, H, HKV, D, cap, held;
+    int sst;           /* stride of the score rows: max(cap, held) */
     float scale;
     float *out;
     /* layout data: dense float32 rows; affine codes (bf16 scales/minimums); TurboQuant codes */
     const float *k, *v;
+    const float *xk, *xv; /* row held - 1 of every (sequence, KV head) from here, [B, HKV, D], not the cache (vlmc_kv_dense_decode) */
     const uint8_t *kc, *vc;
     const uint16_t *ks, *kb, *vs, *vb;
     const float *kn, *vn, *kcb, *vcb;
@@ -1253,11 +1263,11 @@ struct kv_job {
     _Atomic int next;
 };
 
-/* Softmax over keys first <= i < n of each of R score rows (stride cap), in place, and
+/* Softmax over keys first <= i < n of each of R score rows (stride sst), in place, and
  * zero the R output rows of D floats that the value pass accumulates into. */
-static void kv_softmax_rows(float *sc, int R, int cap, int first, int n, float *out0, int D) {
+static void kv_softmax_rows(float *sc, int R, int sst, int first, int n, float *out0, int D) {
     for (int h = 0; h < R; h++) {
-        float *s = sc + (size_t)h * cap, m = -3.0e38f, total = 0.f;
+        float *s = sc + (size_t)h * sst, m = -3.0e38f, total = 0.f;
         for (int i = first; i < n; i++) m = s[i] > m ? s[i] : m;
         for (int i = first; i < n; i++) {
             s[i] = expf(s[i] - m);
@@ -1282,25 +1292,26 @@ static ALWAYS float dot16(const float *a, const float *b, int n) {
     return s;
 }
 
-/* One (sequence, KV head). sc: R * cap floats; x: D floats of scratch. */
+/* One (sequence, KV head). sc: R * sst floats; x: D floats of scratch. */
 static ALWAYS void kv_group(const kv_job *J, kv_row_fn row, int bk, float *sc, float *x) {
     const int D = J->D, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV;
-    const int first = J->starts[b], n = J->held, cap = J->cap;
+    const int first = J->starts[b], n = J->held, cap = J->cap, sst = J->sst;
     const size_t base = ((size_t)b * J->HKV + hk) * cap;
     const float *q0 = J->q + ((size_t)b * J->H + (size_t)hk * R) * D;
     float *out0 = J->out + ((size_t)b * J->H + (size_t)hk * R) * D;
+    const int xi = J->xk ? n - 1 : n; /* the extra row (dense), not in the cache */
     for (int i = first; i < n; i++) {
-        float f;
-        const float *k = row(J, 0, base + i, x, &f);
+        float f = 1.f;
+        const float *k = i == xi ? J->xk + (size_t)bk * D : row(J, 0, base + i, x, &f);
         f *= J->scale;
-        for (int h = 0; h < R; h++) sc[(size_t)h * cap + i] = dot16(q0 + (size_t)h * D, k, D) * f;
+        for (int h = 0; h < R; h++) sc[(size_t)h * sst + i] = dot16(q0 + (size_t)h * D, k, D) * f;
     }
-    kv_softmax_rows(sc, R, cap, first, n, out0, D);
+    kv_softmax_rows(sc, R, sst, first, n, out0, D);
     for (int i = first; i < n; i++) {
-        float f;
-        const float *v = row(J, 1, base + i, x, &f);
+        float f = 1.f;
+        const float *v = i == xi ? J->xv + (size_t)bk * D : row(J, 1, base + i, x, &f);
         for (int h = 0; h < R; h++) {
-            const float p = sc[(size_t)h * cap + i] * f;
+            const float p = sc[(size_t)h * sst + i] * f;
             float *out = out0 + (size_t)h * D;
             for (int j = 0; j < D; j++) out[j] += p * v[j];
         }
@@ -1310,19 +1321,20 @@ static ALWAYS void kv_group(const kv_job *J, kv_row_fn row, int bk, float *sc, f
 /* the work loop, instantiated per layout below so that its row function is inlined */
 static ALWAYS void kv_task(kv_job *J, kv_row_fn row) {
     const int R = J->H / J->HKV;
-    float *sc = malloc(sizeof(float) * ((size_t)R * J->cap + (size_t)J->D));
+    float *sc = malloc(sizeof(float) * ((size_t)R * J->sst + (size_t)J->D));
     if (!sc) return;
     for (;;) {
         int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
         if (bk >= J->B * J->HKV) break;
-        kv_group(J, row, bk, sc, sc + (size_t)R * J->cap);
+        kv_group(J, row, bk, sc, sc + (size_t)R * J->sst);
     }
     free(sc);
 }
 
 static int kv_run(kv_job *J, task_fn task, int n_threads) {
-    if (J->B < 1 || J->H < 1 || J->HKV < 1 || J->H % J->HKV || J->D < 1 || J->held < 0 || J->held > J->cap)
+    if (J->B < 1 || J->H < 1 || J->HKV < 1 || J->H % J->HKV || J->D < 1 || J->held < 0 || J->held - (J->xk != NULL) > J->cap)
         return -1;
+    J->sst = J->held > J->cap ? J->held : J->cap;
     atomic_store(&J->next, 0);
     int nth = n_threads < 1 ? 1 : n_threads;
     if (nth > J->B * J->HKV) nth = J->B * J->HKV;
@@ -1388,9 +1400,12 @@ static const float *kv_row_turbo(const kv_job *J, int v, size_t r, float *x, flo
 typedef const float *(*kv_rows_fn)(const kv_job *J, int v, size_t base, int i0, int nr, float *buf);
 
 static const float *kv_rows_dense(const kv_job *J, int v, size_t base, int i0, int nr, float *buf) {
-    (void)nr;
-    (void)buf;
-    return (v ? J->v : J->k) + (base + (size_t)i0) * J->D;
+    const float *rows = (v ? J->v : J->k) + (base + (size_t)i0) * J->D;
+    if (!J->xk || i0 + nr < J->held) return rows;
+    /* the block ends with the extra row: the cached ones, then it, into buf */
+    memcpy(buf, rows, sizeof(float) * (size_t)(nr - 1) * J->D);
+    memcpy(buf + (size_t)(nr - 1) * J->D, (v ? J->xv : J->xk) + base / J->cap * J->D, sizeof(float) * J->D);
+    return buf;
 }
 
 /* affine codes (kv_row_affine's layout) with D % 16 == 0 and gs % 16 == 0: 16 codes per
@@ -1461,10 +1476,10 @@ static const float *kv_rows_turbo(const kv_job *J, int v, size_t base, int i0, i
  * across a block; the softmax uses exp8. The generic driver spends a scalar expf per score
  * and re-reads and re-writes the output rows for every cached token. Dense, one thread,
  * 6:1 groups, D = 128, 4000 tokens (in L3): 167 -> 45 ns per (token, KV head); from DRAM,
- * inside a decode step, it then reads 15-21 GB/s. sc: R * cap floats; buf: KVD_ROWS * D. */
+ * inside a decode step, it then reads 15-21 GB/s. sc: R * sst floats; buf: KVD_ROWS * D. */
 static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv_rows_fn rows) {
     const int D = J->D, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV, nz = D / 16;
-    const int first = J->starts[b], n = J->held, cap = J->cap;
+    const int first = J->starts[b], n = J->held, cap = J->cap, sst = J->sst;
     const size_t base = ((size_t)b * J->HKV + hk) * cap;
     const float *q0 = J->q + ((size_t)b * J->H + (size_t)hk * R) * D;
     float *out0 = J->out + ((size_t)b * J->H + (size_t)hk * R) * D;
@@ -1485,12 +1500,12 @@ static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv
                         if (h < hb) acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + (size_t)(h0 + h) * D + 16 * z), kv, acc[h]);
                 }
                 UNROLL for (int h = 0; h < KVD_HB; h++)
-                    if (h < hb) sc[(size_t)(h0 + h) * cap + i0 + r] = _mm512_reduce_add_ps(acc[h]) * J->scale;
+                    if (h < hb) sc[(size_t)(h0 + h) * sst + i0 + r] = _mm512_reduce_add_ps(acc[h]) * J->scale;
             }
         }
     }
     for (int h = 0; h < R; h++) { /* softmax over [first, n) */
-        float *s = sc + (size_t)h * cap;
+        float *s = sc + (size_t)h * sst;
         __m512 mv = _mm512_set1_ps(-3.0e38f);
         int i = first;
         for (; i + 16 <= n; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
@@ -1528,7 +1543,7 @@ static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv
                     UNROLL for (int z = 0; z < 4; z++) vv[z] = z < zb ? _mm512_loadu_ps(vr + 16 * z) : _mm512_setzero_ps();
                     UNROLL for (int h = 0; h < KVD_HB; h++)
                         if (h < hb) {
-                            const __m512 p = _mm512_set1_ps(sc[(size_t)(h0 + h) * cap + i0 + r]);
+                            const __m512 p = _mm512_set1_ps(sc[(size_t)(h0 + h) * sst + i0 + r]);
                             UNROLL for (int z = 0; z < 4; z++) o[h][z] = _mm512_fmadd_ps(p, vv[z], o[h][z]);
                         }
                 }
@@ -1544,12 +1559,12 @@ static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv
 /* the work loop of the AVX-512 path, per row provider */
 static ALWAYS void kv_task16(kv_job *J, kv_rows_fn rows) {
     const int R = J->H / J->HKV;
-    float *sc = malloc(sizeof(float) * ((size_t)R * J->cap + (size_t)KVD_ROWS * J->D));
+    float *sc = malloc(sizeof(float) * ((size_t)R * J->sst + (size_t)KVD_ROWS * J->D));
     if (!sc) return;
     for (;;) {
         const int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
         if (bk >= J->B * J->HKV) break;
-        kv_group16(J, bk, sc, sc + (size_t)R * J->cap, rows);
+        kv_group16(J, bk, sc, sc + (size_t)R * J->sst, rows);
     }
     free(sc);
 }
@@ -1578,10 +1593,15 @@ KV_TASK(dense, J->D % 16 == 0)
 KV_TASK(affine, J->D % 32 == 0 && J->gs % 16 == 0)
 KV_TASK(turbo, J->D % 16 == 0 && J->kbits <= 4 && J->vbits <= 4)
 
-int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const int32_t *starts, int B, int H,
-                         int HKV, int D, int cap, int held, float scale, float *out, int n_threads) {
+/* xk, xv (NULL: none): this step's keys and values [B, HKV, D], as row held - 1 of every
+ * (sequence, KV head), so the caller can store them in the cache afterwards (lazily) and
+ * the cache holds only the held - 1 rows before them (k/v may then be NULL when held is 1) */
+int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const float *xk, const float *xv,
+                         const int32_t *starts, int B, int H, int HKV, int D, int cap, int held, float scale,
+                         float *out, int n_threads) {
+    if ((xk == NULL) != (xv == NULL) || (xk && held < 1)) return -1;
     kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held,
-                .scale = scale, .out = out, .k = k, .v = v};
+                .scale = scale, .out = out, .k = k, .v = v, .xk = xk, .xv = xv};
     return kv_run(&J, kv_task_dense, n_threads);
 }
 

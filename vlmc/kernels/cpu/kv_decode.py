@@ -9,6 +9,8 @@ attention path in decode steps: 3.13 / 2.83 / 2.20 -> 6.33 / 5.22 / 3.33 tok/s a
 a copy, so the gain is in the attention itself)."""
 from __future__ import annotations
 
+import weakref
+
 import mlx.core as mx
 import numpy as np
 
@@ -16,8 +18,10 @@ from .. import kv_quant as _kv_quant
 from . import _as_mx, _check, _get_lib, _to_numpy
 
 
-def _np(a: mx.array) -> np.ndarray:
-    """A C-contiguous numpy view (bf16 as raw uint16) of an evaluated array."""
+def _np(a) -> np.ndarray:
+    """A C-contiguous numpy view (bf16 as raw uint16) of an evaluated array, or a numpy one."""
+    if type(a) is np.ndarray:
+        return np.ascontiguousarray(a)
     return np.ascontiguousarray(_to_numpy(a))
 
 
@@ -27,21 +31,23 @@ def _run(fn, name: str, q, buffers: tuple, starts: mx.array, shape: tuple, held:
     the layout's own ``params``, the output and the thread count. A numpy q (the cpu op
     library's host arrays) gets a numpy result, an mx.array q an mx.array."""
     host = type(q) is np.ndarray
-    if starts.dtype != mx.int32:
+    if type(starts) is np.ndarray:
+        starts = np.ascontiguousarray(starts, dtype=np.int32)
+    elif starts.dtype != mx.int32:
         starts = starts.astype(mx.int32)
     if host:
-        mx.eval(starts, *buffers)
+        mx.eval(*(a for a in (starts, *buffers) if isinstance(a, mx.array)))
         qn = np.ascontiguousarray(q, dtype=np.float32)
     else:
         q = q.astype(mx.float32)
-        mx.eval(q, starts, *buffers)
+        mx.eval(q, *(a for a in (starts, *buffers) if isinstance(a, mx.array)))
         qn = _np(q)
     B, H, D = q.shape
-    hosts = [qn] + [_np(a) for a in (*buffers, starts)]
+    hosts = [qn] + [None if a is None else _np(a) for a in (*buffers, starts)]
     out = np.empty((B, H, D), np.float32)
     from . import n_threads  # the current setting (refresh() may change it)
-    _check(fn(*(h.ctypes.data for h in hosts), B, H, shape[1], D, shape[2], held, *params, out.ctypes.data,
-              n_threads), name)
+    _check(fn(*(None if h is None else h.ctypes.data for h in hosts), B, H, shape[1], D, shape[2], held, *params,
+              out.ctypes.data, n_threads), name)
     return out if host else mx.array(out)
 
 
@@ -75,11 +81,58 @@ def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_cod
                 k_bits, v_bits, scale)
 
 
-def kv_dense_decode(q, keys, values, starts, held: int, *, scale: float) -> mx.array:
+def kv_dense_decode(q, keys, values, starts, held: int, *, scale: float, new_k=None, new_v=None) -> mx.array:
     """float32 [B, H, D] attention of q [B, H, D] over the first ``held`` tokens of float32
-    buffers [B, HKV, cap, D]."""
+    buffers [B, HKV, cap, D]; with ``new_k, new_v`` ([B, HKV, D]) the last of those tokens
+    is that pair instead, and the buffers hold only the ``held - 1`` before it."""
     lib = _get_lib()
     B, H, D = q.shape
     if lib is None or keys.dtype != mx.float32 or values.dtype != mx.float32 or keys.ndim != 4 or H % keys.shape[1]:
+        if new_k is not None:
+            keys = mx.concatenate([keys[:, :, :held - 1], _as_mx(new_k)[:, :, None]], axis=2)
+            values = mx.concatenate([values[:, :, :held - 1], _as_mx(new_v)[:, :, None]], axis=2)
         return _kv_quant.kv_dense_decode(_as_mx(q), keys, values, starts, held, scale=scale)
-    return _run(lib.vlmc_kv_dense_decode, "kv_dense_decode", q, (keys, values), starts, keys.shape, held, scale)
+    if new_k is not None:
+        new_k, new_v = (np.asarray(a if type(a) is np.ndarray else _as_mx(a).astype(mx.float32), np.float32)
+                        for a in (new_k, new_v))
+    return _run(lib.vlmc_kv_dense_decode, "kv_dense_decode", q, (keys, values, new_k, new_v), starts, keys.shape,
+                held, scale)
+
+
+# Caches whose last decode step's writes are still lazy MLX slice updates (host_dense_step):
+# evaluated together when one of them is read next, i.e. once per decode step for all
+# layers instead of one evaluation per layer (~0.1 ms each on this 2-core machine).
+_unsettled: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+
+
+def settle(cache=None) -> None:
+    """Evaluate the deferred writes of every cache (or only if ``cache`` has some)."""
+    if cache is not None and id(cache) not in _unsettled:
+        return
+    caches = list(_unsettled.values())
+    _unsettled.clear()
+    mx.eval(*(buf for c in caches if c.buffers for parts in c.buffers.values() for buf in parts.values()))
+
+
+def host_dense_step(q: np.ndarray, k, v, cache, mask, *, scale: float) -> np.ndarray | None:
+    """A decode step of the cpu target's host arrays over a dense float32 cache: attention
+    over the held tokens plus this step's k, v read from the host arrays (the kernel's
+    extra row), then k, v stored in the cache as a lazy write that ``settle`` evaluates with
+    every other layer's. None when this path does not apply (the caller's path then runs)."""
+    if (type(q) is not np.ndarray or q.shape[2] != 1 or getattr(cache, "layout", None) != "dense"
+            or cache.start or getattr(cache, "window", None) or cache.buffers is None or not cache.held
+            or _get_lib() is None):
+        return None
+    settle(cache)
+    kb, vb = cache.buffers["k"]["x"], cache.buffers["v"]["x"]
+    if kb.dtype != mx.float32 or vb.dtype != mx.float32 or q.shape[1] % kb.shape[1]:
+        return None
+    kn, vn = (np.asarray(a, np.float32) if type(a) is np.ndarray else np.asarray(a.astype(mx.float32))
+              for a in (k, v))
+    # no mask (one sequence): numpy zeros, as a fresh mx.array cost each layer an evaluation (~60 us)
+    starts = np.zeros(q.shape[0], np.int32) if mask is None else _kv_quant.starts_from_mask(mask, q.shape[0])
+    out = kv_dense_decode(q[:, :, 0], kb, vb, starts, cache.held + 1, scale=scale, new_k=kn[:, :, 0],
+                          new_v=vn[:, :, 0])
+    cache.append(_as_mx(kn), _as_mx(vn))
+    _unsettled[id(cache)] = cache
+    return out[:, :, None]
