@@ -123,9 +123,6 @@ static void dequant_row_generic(const uint8_t *row, int K, int bits, int gs, con
 #define MAXTH 64
 typedef void (*task_fn)(void *ctx, int ith, int nth);
 
-#ifndef SPIN_NS
-#define SPIN_NS 200000
-#endif
 static struct {
     pthread_mutex_t job_mu; /* one job at a time (callers from several Python threads) */
     pthread_mutex_t mu;
@@ -139,7 +136,7 @@ static struct {
     int nth;
     long spin_ns;
 } P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0,
-       0, 0, 0, SPIN_NS};
+       0, 0, 0, 200000};
 
 static long now_ns(void) {
     struct timespec t;
@@ -163,9 +160,8 @@ static void *worker_main(void *argp) {
         unsigned g = atomic_load_explicit(&P.gen, memory_order_acquire);
         if (g == seen) {
             long t0 = now_ns();
-            for (int i = 0;; i++) { /* pause, then yield: a thread that wants this core gets it */
-                if (i < 4096) cpu_relax();
-                else sched_yield();
+            for (int i = 0;; i++) {
+                cpu_relax();
                 g = atomic_load_explicit(&P.gen, memory_order_acquire);
                 if (g != seen) break;
                 if ((i & 63) == 63 && now_ns() - t0 > P.spin_ns) break;
@@ -528,11 +524,7 @@ static ALWAYS void qv4_wide(const int R, const int M, const int ST, const job_t 
                 a[i] = _mm512_dpbusd_epi32(z, lo[i], _mm512_loadu_si512((const void *)(xb + 128 * i)));
                 a[i] = _mm512_dpbusd_epi32(a[i], hi[i], _mm512_loadu_si512((const void *)(xb + 128 * i + 64)));
             }
-#ifdef NOFOLD
-            const __m256 d = _mm256_cvtepi32_ps(_mm512_castsi512_si256(_mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]))));
-#else
             const __m256 d = _mm256_cvtepi32_ps(fold8(a[0], a[1], a[2], a[3]));
-#endif
             const __m256 xs = _mm256_loadu_ps(J->x8s + (size_t)m * nb + (kb >> 6));
             tot[r][m] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, xs), tot[r][m]);
             if (J->bias_folded) /* sum_g b_g * (group sum of rounded x), 8 groups */
