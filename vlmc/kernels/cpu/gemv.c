@@ -247,7 +247,12 @@ static void run_parallel(task_fn fn, void *ctx, int nth) {
 /* ------------------------------------------------------------------------------------ */
 /* GEMV job description and dynamic row scheduling                                       */
 
-#define CHUNK_MAX 128 /* rows per scheduling chunk (sizes the partial-sum buffer) */
+/* rows per scheduling chunk (sizes the partial-sum buffer). Long sequential runs per thread
+ * stream faster: 2048 over 128 gave Qwen2-VL-2B's 4-bit gate_up 23.9 -> 25.6 GB/s and its
+ * 8-bit head 29.5 -> 31.0 GB/s (same-process A/B, 2-core Zen 4) */
+#ifndef CHUNK_MAX
+#define CHUNK_MAX 2048
+#endif
 #ifndef CHUNK_MIN_M
 #define CHUNK_MIN_M 2
 #endif
@@ -321,9 +326,10 @@ static ALWAYS void store_out(const job_t *J, int n, int m, float v) {
 
 #if VLMC_SIMD
 /* Software prefetch of the weight stream (quantized formats: their decode is long
- * enough that the hardware prefetcher alone falls behind). */
+ * enough that the hardware prefetcher alone falls behind). 2048 bytes ahead measured 2-4%
+ * faster than 1024 on the 4-bit decode GEMVs; 512 and 0 slower. */
 #ifndef PF_DIST
-#define PF_DIST 1024
+#define PF_DIST 2048
 #endif
 static ALWAYS void pf(const void *p, size_t off) {
     if (PF_DIST > 0) _mm_prefetch((const char *)p + off, _MM_HINT_T0);
