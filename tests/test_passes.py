@@ -80,6 +80,85 @@ def test_each_fusion_switches_off_alone(ckpts, tmp_path):
     assert "add_rms_norm" in src and "+" not in "".join(_text_block_linears(only_norm))
 
 
+@pytest.mark.parametrize("family,quantize", [("qwen2_vl", "q4"), ("qwen2_5_vl", None), ("llava", "q8")])
+def test_decode_layer_fast_path(ckpts, tmp_path, family, quantize, monkeypatch):
+    """The cpu target's decode_layer lowering: every text layer gets one guarded fast-path
+    call (no vision layer, no GPU target, off with --no-fuse decode_layer); it really runs
+    in decode steps (all but the first layer, whose input is the embedding's mx.array) and
+    gives the op-by-op logits to the last bit, for one sequence with an image and for a
+    left-padded batch of two (a mask, starts > 0)."""
+    from vlmc.kernels import cpu, cpu_ops
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    kw = {"quantize": quantize} if quantize else {}
+    fast = compile(ckpts[family], tmp_path / "fast", target="cpu", **kw)
+    plain = compile(ckpts[family], tmp_path / "plain", target="cpu", no_fuse=["decode_layer"], **kw)
+    src = (fast / "model.py").read_text()
+    assert _text_block(fast).count("fast = ops.decode_layer(") == 1 and src.count("ops.decode_layer(") == 1
+    assert "decode_layer" not in (plain / "model.py").read_text()
+    layers = len(vlmc.load(fast).model.text_layer_params)
+    assert _manifest(fast)["meta"]["fusions"]["decode_layer"] == layers  # every text layer
+    assert "decode_layer" not in (compile(ckpts[family], tmp_path / "metal", target="metal") / "model.py").read_text()
+    ran = []
+    real = cpu_ops._decode_layer
+    monkeypatch.setattr(cpu_ops, "_decode_layer", lambda *a, **k: _count(ran, real, *a, **k))
+    t_fast, l_fast = _trace(vlmc.load(fast), steps=8)
+    decode_calls = ran.count(True)
+    assert decode_calls == 7 * (layers - 1)  # 7 decode steps x every layer but the first
+    t_plain, l_plain = _trace(vlmc.load(plain), steps=8)
+    assert t_fast == t_plain and np.array_equal(l_fast, l_plain)
+    outs = []
+    for art in (fast, plain):
+        m = vlmc.load(art)
+        prompts = [m.build_prompt("Describe a cat."), m.build_prompt("A much longer question about shapes and colors?")]
+        outs.append(np.stack([np.array(lg) for _, lg in m.generate_steps(prompts, Sampler(SamplingParams()), 6)]))
+    assert ran.count(True) > decode_calls  # the batched steps took the fast path too
+    assert np.array_equal(outs[0], outs[1])
+
+
+def _count(ran, real, *a, **k):
+    out = real(*a, **k)
+    ran.append(out is not None)
+    return out
+
+
+def test_decode_layer_falls_back_to_the_ops(ckpts, tmp_path):
+    """Where the one-call path does not apply it returns None and the layer's ops run:
+    an mx.array input, several tokens, a sliding-window cache, a 4-bit KV cache, more
+    sequences than the GEMV kernels take."""
+    import mlx.core as mx
+    from vlmc.kernels import cpu, cpu_ops
+    from vlmc.runtime import kv_codecs
+    from vlmc.runtime.kv_cache import KVCache, RotatingKVCache
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    art = compile(ckpts["qwen2_vl"], tmp_path / "a", target="cpu")
+    m = vlmc.load(art).model
+    src = (art / "model.py").read_text()
+    line = next(ln for ln in src.splitlines() if "fast = ops.decode_layer(" in ln)
+    p = m.text_layer_params[1]
+    call = eval("lambda ops, p, x, cos, sin, mask, cache: " + line.split("=", 1)[1].strip())  # the generated call
+    hkv, d = [int(line.split(f"{k}=")[1].split(",")[0]) for k in ("kv_heads", "head_dim")]
+    hidden = m.params["text.norm.weight"].shape[0]
+    cos = mx.ones((1, 1, 1, d))
+
+    def cache_with(c):
+        c.append(mx.zeros((c.batch, hkv, 3, d)), mx.zeros((c.batch, hkv, 3, d)))
+        return c
+
+    x = np.ones((1, 1, hidden), np.float32)
+    assert call(cpu_ops, p, x, cos, cos, None, cache_with(KVCache(1, hkv, d))) is not None
+    assert call(cpu_ops, p, mx.array(x), cos, cos, None, cache_with(KVCache(1, hkv, d))) is None
+    x3 = np.ones((1, 3, hidden), np.float32)
+    assert call(cpu_ops, p, x3, mx.ones((1, 1, 3, d)), mx.ones((1, 1, 3, d)), None,
+                cache_with(KVCache(1, hkv, d))) is None
+    assert call(cpu_ops, p, x, cos, cos, None, cache_with(RotatingKVCache(1, hkv, d, window=8))) is None
+    kv4 = KVCache(1, hkv, d, k_codec=kv_codecs.Affine(4, d), v_codec=kv_codecs.Affine(4, d))
+    assert call(cpu_ops, p, x, cos, cos, None, cache_with(kv4)) is None
+    x17 = np.ones((17, 1, hidden), np.float32)
+    assert call(cpu_ops, p, x17, cos, cos, None, cache_with(KVCache(17, hkv, d))) is None
+
+
 @pytest.mark.parametrize("scheme,bits", [("q4", 4), ("q8", 8), ("q3", 3)])
 def test_quantized_artifact_stores_packed_codes(ckpts, tmp_path, scheme, bits):
     art = compile(ckpts["qwen2_vl"], tmp_path / scheme, quantize=scheme, head="none")

@@ -70,7 +70,7 @@ def _pass_options(o: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "storage_dtype": {"dtype": o["dtype"]},
             "quantize": {"scheme": o["quantize"], "group_size": o["group_size"], "vision": o["quantize_vision"],
                          "head": o["head"], "recipe": o["recipe"]} if o["quantize"] else {},
-            "lower": {"target": o["target"]},
+            "lower": {"target": o["target"], "decode_layer": "decode_layer" not in o["no_fuse"]},
             "kv_layout": o.get("kv", {})}
 
 

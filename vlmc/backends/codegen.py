@@ -102,6 +102,13 @@ def generate_model_py(prog: Program, version: str) -> str:
         sig = ", ".join(["self", "p", "L"] + [_py(v) for v in blk.body.inputs])
         out.append(f"    def {blk.name}(self, {sig[6:]}):")
         out.append(f'        """{blk.body.doc} (one of {len(blk.layers)} layers)."""')
+        if blk.fast_path is not None:  # one call that returns None when it does not apply
+            fp = blk.fast_path
+            args = [em.arg(v, True, blk.body) for v in fp.inputs]
+            args += [f"{k}={v!r}" for k, v in fp.attrs.items()]
+            out.append(f"        fast = ops.{fp.op}({', '.join(args)})")
+            out.append("        if fast is not None:")
+            out.append("            return fast")
         out.extend("        " + line for line in em.body(blk.body, in_block=True))
         out.append("")
     for fn in prog.functions.values():

@@ -103,7 +103,9 @@ class Block:
 
     ``param_prefix`` is a format string over the layer index (``"text.layers.{i}."``);
     ``param_shapes`` lists the per-layer params (relative names) and their types;
-    ``layers`` is the per-layer attribute table, e.g. ``{"index": 3, "mask": "window"}``.
+    ``layers`` is the per-layer attribute table, e.g. ``{"index": 3, "mask": "window"}``;
+    ``fast_path``: an optional op over the body's inputs and params that computes the body's
+    output in one call when it can and returns None otherwise (the body then runs).
     """
 
     name: str
@@ -111,6 +113,7 @@ class Block:
     param_prefix: str
     param_shapes: dict[str, TensorType]
     layers: list[dict[str, Any]]
+    fast_path: Op | None = None
 
 
 @dataclass

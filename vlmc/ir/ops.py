@@ -100,6 +100,12 @@ def _add_rms_norm(t, a):
     return [h, h]
 
 
+@rule("decode_layer")
+def _decode_layer(t, a):
+    """A block's fast path (``Block.fast_path``): the layer output, x's type."""
+    return [t[0]]
+
+
 @rule("mul")
 def _mul(t, a):
     return [TensorType(broadcast(t[0].shape, t[1].shape), t[0].dtype)]

@@ -34,6 +34,10 @@ def format_program(prog: Program) -> str:
     for blk in prog.blocks.values():
         lines.append("")
         lines.extend(format_function(blk.body, f"block[{len(blk.layers)}x {blk.param_prefix}]"))
+        if blk.fast_path is not None:
+            fp = blk.fast_path
+            args = ", ".join(v if v is not None else "_" for v in fp.inputs)
+            lines.append(f"  fast path (the body runs when it returns None): {fp.op}({args}){_fmt_attrs(fp.attrs)}")
         varying = sorted({k for layer in blk.layers for k in layer if k != "index"})
         for key in varying:
             vals = [str(layer.get(key)) for layer in blk.layers]

@@ -75,6 +75,10 @@ def verify(prog: Program) -> None:
                     raise VerifyError(f"block {name} layer {i}: param {prefix + rel} shape {p.shape} != {t.shape}")
         _check_function(blk.body, {k: v for k, v in blk.param_shapes.items()}, f"block {name}",
                         prog.blocks, attrs)
+        if blk.fast_path is not None:
+            for v in blk.fast_path.inputs:
+                if v is not None and v not in blk.body.inputs and not (v.startswith("@") and v[1:] in blk.param_shapes):
+                    raise VerifyError(f"block {name}: fast path {blk.fast_path.op} reads {v}, not an input or param")
     for name, fn in prog.functions.items():
         _check_function(fn, ptypes, f"function {name}", prog.blocks)
     for name, p in prog.params.items():

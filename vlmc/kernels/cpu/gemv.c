@@ -48,7 +48,7 @@
 #define VLMC_SIMD 0
 #endif
 
-#define VLMC_ABI 11
+#define VLMC_ABI 12
 #define ALWAYS __attribute__((always_inline)) inline
 #define UNROLL _Pragma("GCC unroll 16")
 
@@ -1809,3 +1809,4 @@ int vlmc_gemm_q4_i8(const float *x, int M, int K, const uint32_t *w, const void 
 /* ------------------------------------------------------------------------------------ */
 /* the host path's exp-based elementwise ops (they use the thread pool above)             */
 #include "elementwise.c"
+#include "decode_layer.c"

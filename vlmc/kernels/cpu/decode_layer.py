@@ -1,0 +1,125 @@
+"""A whole pre-norm decoder layer's decode step in one C call (``vlmc_decode_layer`` in
+``decode_layer.c``), the cpu target's fast path for the ``decode_layer`` lowering.
+
+The layer's ops stay in the generated code and compute the same thing; this runs instead
+of them when it applies (one token per sequence, up to GEMV_MAX_ROWS sequences, a dense
+float32 cache that is not a sliding window, weights the GEMV kernels read) and returns
+None otherwise. It calls the same kernels in the same order, so the result is the op-by-op path's to
+the last bit (the first layer, whose input is the embedding's mx.array, takes the ops:
+their first norm is then MLX's). This step's keys and
+values are stored in the cache as a lazy write, settled with every other layer's
+(``kv_decode.settle``)."""
+from __future__ import annotations
+
+import ctypes
+import weakref
+
+import mlx.core as mx
+import numpy as np
+
+from .. import kv_quant as _kv_quant
+from . import GEMV_MAX_ROWS, _get_lib, _host, _qplan, _qplans, enabled
+from .host import SIGMOID_SCALE, param
+from .kv_decode import _unsettled, settle
+
+_I, _F, _P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+
+
+class _Proj(ctypes.Structure):
+    _fields_ = [("kind", _I), ("N", _I), ("K", _I), ("bits", _I), ("gs", _I), ("st", _I),
+                ("w", _P), ("scales", _P), ("biases", _P), ("bias", _P)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("hidden", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I), ("inter", _I),
+                ("eps1", _F), ("eps2", _F), ("scale", _F), ("act_a", _F), ("norm1", _P), ("norm2", _P),
+                ("qkv", _Proj), ("o", _Proj), ("gate_up", _Proj), ("down", _Proj)]
+
+
+def _proj(w, b) -> _Proj | None:
+    """The kernel's view of a projection, or None when the GEMVs do not read it."""
+    bias = None if b is None else _host(b, as_f32=True).ptr
+    if hasattr(w, "scales") and hasattr(w, "weight"):
+        plan = _qplans.get(id(w.weight))
+        if plan is None or plan[0] is not w.scales or plan[1] is not w.biases:
+            plan = _qplan(w.weight, w.scales, w.biases, w.bits, w.group_size, w.mode)
+        if plan[5] is None:
+            return None
+        K, N, wh, sh, bh, st = plan[6:]
+        return _Proj(2, N, K, w.bits, w.group_size, st, wh.ptr, sh.ptr, bh.ptr, bias)
+    if not isinstance(w, mx.array) or w.ndim != 2 or w.dtype not in (mx.float32, mx.bfloat16):
+        return None
+    kind = 0 if w.dtype == mx.float32 else 1
+    return _Proj(kind, w.shape[0], w.shape[1], 0, 0, 0, _host(w).ptr, None, None, bias)
+
+
+# id(norm1 weight) -> (the other weights, attrs, _Layer or None). The entry leaves with that
+# norm weight; it holds the layer's other weights, which the same layer owns anyway.
+_layers: dict[int, tuple] = {}
+
+
+def _layer(weights: tuple, attrs: tuple) -> _Layer | None:
+    if not isinstance(weights[0], mx.array):
+        return None
+    key = id(weights[0])
+    hit = _layers.get(key)
+    if hit is not None and len(hit[0]) == len(weights) - 1 and all(a is b for a, b in zip(hit[0], weights[1:])) \
+            and hit[1] == attrs:
+        return hit[2]
+    norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b = weights
+    eps1, eps2, heads, kv_heads, head_dim, inter, scale, act = attrs
+    projs = [_proj(qkv_w, qkv_b), _proj(o_w, o_b), _proj(gu_w, gu_b), _proj(d_w, d_b)]
+    if any(p is None for p in projs) or act not in SIGMOID_SCALE:
+        layer = None
+    else:
+        layer = _Layer(heads * head_dim, heads, kv_heads, head_dim, inter, eps1, eps2, scale, SIGMOID_SCALE[act],
+                       param(norm1).ctypes.data, param(norm2).ctypes.data, *projs)
+    if hit is None:
+        weakref.finalize(norm1, _layers.pop, key, None)
+    _layers[key] = (weights[1:], attrs, layer)
+    return layer
+
+
+def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b, *,
+                 eps1: float, eps2: float, heads: int, kv_heads: int, head_dim: int, inter: int, scale: float,
+                 act: str):
+    """The layer's output [B, 1, hidden] as a host array, or None (the caller runs the ops)."""
+    lib = _get_lib()
+    # x must be a host array: an mx.array x (the first layer's, from the embedding) takes the
+    # ops, whose first norm then is MLX's, so the result stays the ops' to the last bit
+    if (lib is None or not enabled() or type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != 3
+            or x.shape[1] != 1 or not 1 <= x.shape[0] <= GEMV_MAX_ROWS):
+        return None
+    if (getattr(cache, "layout", None) != "dense" or cache.start or getattr(cache, "window", None)
+            or cache.buffers is None or not cache.held or cache.kv_heads != kv_heads or cache.head_dim != head_dim):
+        return None
+    B, hidden = x.shape[0], x.shape[2]
+    c, s = (np.asarray(t if t.dtype == mx.float32 else t.astype(mx.float32)) if isinstance(t, mx.array)
+            else np.asarray(t, np.float32) for t in (cos, sin))
+    if c.shape != s.shape or c.ndim != 4 or c.shape[0] not in (1, B) or c.shape[1:] != (1, 1, head_dim):
+        return None
+    layer = _layer((norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b),
+                   (eps1, eps2, heads, kv_heads, head_dim, inter, scale, act))
+    if layer is None or layer.hidden != hidden:
+        return None
+    settle(cache)
+    kb, vb = cache.buffers["k"]["x"], cache.buffers["v"]["x"]
+    if kb.dtype != mx.float32 or vb.dtype != mx.float32:
+        return None
+    xn = np.ascontiguousarray(x)
+    c, s = np.ascontiguousarray(c), np.ascontiguousarray(s)
+    starts = np.zeros(B, np.int32) if mask is None else np.asarray(_kv_quant.starts_from_mask(mask, B), np.int32)
+    kn, vn = np.asarray(kb), np.asarray(vb)
+    new_k = np.empty((B, kv_heads, 1, head_dim), np.float32)
+    new_v = np.empty((B, kv_heads, 1, head_dim), np.float32)
+    out = np.empty((B, 1, hidden), np.float32)
+    from . import n_threads  # the current setting (refresh() may change it)
+    rc = lib.vlmc_decode_layer(ctypes.byref(layer), xn.ctypes.data, B, c.ctypes.data, s.ctypes.data,
+                               head_dim if c.shape[0] > 1 else 0, kn.ctypes.data, vn.ctypes.data,
+                               starts.ctypes.data, kb.shape[2], cache.held, new_k.ctypes.data, new_v.ctypes.data,
+                               out.ctypes.data, n_threads)
+    if rc != 0:
+        raise ValueError(f"vlmc cpu kernel decode_layer rejected its arguments (code {rc})")
+    cache.append(mx.array(new_k), mx.array(new_v))
+    _unsettled[id(cache)] = cache
+    return out
