@@ -16,7 +16,9 @@ What is measured (see ``benchmarks/README.md`` for how to read the numbers):
   RSS (``getrusage``).
 * **roofline**: decode reads every text-decoder weight once per token, plus the LM head
   (the whole embedding matrix when it is tied); bytes/token x tok/s is the memory
-  bandwidth the measured decode speed implies.
+  bandwidth the measured decode speed implies. On the cpu target the machine's read
+  bandwidth is measured at the end of the same run (``read_bandwidth_gbs``) and the
+  implied bandwidth is given as a fraction of it.
 
 One small warm-up pass (a 16-token prompt, two decode steps, a 56x56 image: every kernel
 runs once and every weight is read into memory) comes before anything is timed; with
@@ -78,6 +80,29 @@ def system_info() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- roofline
+READ_BYTES = 256 << 20  # 8x a 32 MiB L3: the read streams from DRAM
+
+
+def read_bandwidth_gbs(reps: int = 5) -> float | None:
+    """This machine's read bandwidth as the cpu kernels' threads see it: the median of
+    ``reps`` streaming sums (C, ``vlmc_stream_read``) over READ_BYTES, in GB/s; None
+    without the compiled kernels. Measured in the same run as the decode it is compared
+    with: on a shared VM it moves by 10-15% from one run to the next."""
+    import numpy as np
+    from .kernels import cpu
+    lib = cpu._get_lib()
+    if lib is None:
+        return None
+    buf = np.ones(READ_BYTES // 4, np.float32)
+    lib.vlmc_stream_read(buf.ctypes.data, buf.size, cpu.n_threads)  # pages touched, threads started
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        lib.vlmc_stream_read(buf.ctypes.data, buf.size, cpu.n_threads)
+        times.append(time.perf_counter() - t)
+    return buf.nbytes / _median(times) / 1e9
+
+
 def _tensor_bytes(info: dict[str, Any]) -> int:
     from .ir.core import dtype_size
     n = 1
@@ -317,6 +342,11 @@ def run_bench(vlm: Any, *, prompt_lengths: Sequence[int] = DEFAULT_PROMPT_LENGTH
     out["roofline"] = roof
     out["memory"] = {"mlx_peak_bytes": max(peaks) if peaks else mx.get_peak_memory(),
                      "mlx_active_after_warmup_bytes": resident, "max_rss_bytes": max_rss_bytes()}
+    if vlm.meta.get("target") == "cpu":  # after the memory figures: its buffer is not the model's
+        bw = read_bandwidth_gbs()
+        if bw:
+            roof["read_bandwidth_gbs"] = bw
+            roof["fraction_of_read_bandwidth"] = roof["implied_bandwidth_gbs"] / bw
     out["bench_s"] = time.perf_counter() - t_start
     return out
 
@@ -440,7 +470,9 @@ def format_report(r: dict[str, Any]) -> str:
               f"{_gb(ro['decoder_bytes'])} + LM head {_gb(ro['lm_head_bytes'])}"
               f"{', tied to the embedding' if ro['lm_head_tied'] else ''}; KV cache "
               f"{ro['kv_bytes_per_token_at_context'] / 1e6:.1f} MB at {d['context']} tokens) x "
-              f"{d['decode_tps']:.2f} tok/s = {ro['implied_bandwidth_gbs']:.2f} GB/s"]
+              f"{d['decode_tps']:.2f} tok/s = {ro['implied_bandwidth_gbs']:.2f} GB/s"
+              + (f", {ro['fraction_of_read_bandwidth']:.0%} of the {ro['read_bandwidth_gbs']:.1f} GB/s this machine "
+                 f"reads (C streaming sum, same run)" if "read_bandwidth_gbs" in ro else "")]
     return "\n".join(lines)
 
 

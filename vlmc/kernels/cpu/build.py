@@ -133,7 +133,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.vlmc_rope.restype = I
     lib.vlmc_rope.argtypes = [P, L, L, L, L, L, L, L, P, P, L, L, P, I]
     lib.vlmc_decode_layer.restype = I
-    lib.vlmc_decode_layer.argtypes = [P, P, I, P, P, L, P, P, P, I, I, P, P, P, I]
+    lib.vlmc_decode_layer.argtypes = [P, P, P, I, P, P, L, P, P, P, I, I, P, P, P, I]
     lib.vlmc_set_spin_us.restype = None
     lib.vlmc_set_spin_us.argtypes = [I]
     if lib.vlmc_abi_version() != ABI_VERSION:

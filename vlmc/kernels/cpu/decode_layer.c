@@ -36,11 +36,13 @@ static int proj_run(const vlmc_proj *p, const float *x, int M, float *y, int n_t
     }
 }
 
-/* x, out [B, hidden]; cos, sin [B or 1, head_dim] (ca: their row stride, 0 = shared);
+/* x, out [B, hidden]; normed: rms_norm(x) already computed (the caller's own, e.g. MLX's
+ * for an mx.array x), or NULL; cos, sin [B or 1, head_dim] (ca: their row stride, 0 = shared);
  * the cache's dense float32 keys/values [B, kv_heads, cap, head_dim] hold `held` tokens
  * (held >= 1); new_k, new_v [B, kv_heads, head_dim] receive this step's roped keys and
  * values for the caller to store. starts: each sequence's first visible key. */
-int vlmc_decode_layer(const vlmc_layer *L, const float *x, int B, const float *cs, const float *sn, int64_t ca,
+int vlmc_decode_layer(const vlmc_layer *L, const float *x, const float *normed, int B, const float *cs, const float *sn,
+                      int64_t ca,
                       const float *kcache, const float *vcache, const int32_t *starts, int cap, int held,
                       float *new_k, float *new_v, float *out, int n_threads) {
     const int hid = L->hidden, H = L->heads, HKV = L->kv_heads, D = L->head_dim, I = L->inter;
@@ -53,7 +55,9 @@ int vlmc_decode_layer(const vlmc_layer *L, const float *x, int B, const float *c
     if (!buf) return -5;
     float *n1 = buf, *qkv = n1 + (size_t)B * hid, *q = qkv + (size_t)B * QKV, *att = q + (size_t)B * H * D;
     float *h = att + (size_t)B * hid, *gu = h + (size_t)B * hid, *m = gu + (size_t)B * 2 * I;
-    int rc = vlmc_norm(x, B, hid, L->norm1, NULL, L->eps1, 0, n1, n_threads);
+    int rc = 0;
+    if (normed) memcpy(n1, normed, sizeof(float) * (size_t)B * hid);
+    else rc = vlmc_norm(x, B, hid, L->norm1, NULL, L->eps1, 0, n1, n_threads);
     if (!rc) rc = proj_run(&L->qkv, n1, B, qkv, n_threads);
     /* rope of q and k straight from the qkv rows ([B, 1 position, heads, D] views) */
     if (!rc) rc = vlmc_rope(qkv, B, H, 1, D, QKV, D, 0, cs, sn, ca, 0, q, n_threads);

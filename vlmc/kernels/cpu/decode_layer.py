@@ -5,8 +5,8 @@ The layer's ops stay in the generated code and compute the same thing; this runs
 of them when it applies (one token per sequence, up to GEMV_MAX_ROWS sequences, a dense
 float32 cache that is not a sliding window, weights the GEMV kernels read) and returns
 None otherwise. It calls the same kernels in the same order, so the result is the op-by-op path's to
-the last bit (the first layer, whose input is the embedding's mx.array, takes the ops:
-their first norm is then MLX's). This step's keys and
+the last bit (for the first layer, whose input is the embedding's mx.array, the ops' first
+norm is MLX's: so it is here too). This step's keys and
 values are stored in the cache as a lazy write, settled with every other layer's
 (``kv_decode.settle``)."""
 from __future__ import annotations
@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import kv_quant as _kv_quant
+from .. import reference as _reference
 from . import GEMV_MAX_ROWS, _get_lib, _host, _qplan, _qplans, enabled
 from .host import SIGMOID_SCALE, param
 from .kv_decode import _unsettled, settle
@@ -85,10 +86,8 @@ def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2,
                  act: str):
     """The layer's output [B, 1, hidden] as a host array, or None (the caller runs the ops)."""
     lib = _get_lib()
-    # x must be a host array: an mx.array x (the first layer's, from the embedding) takes the
-    # ops, whose first norm then is MLX's, so the result stays the ops' to the last bit
-    if (lib is None or not enabled() or type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != 3
-            or x.shape[1] != 1 or not 1 <= x.shape[0] <= GEMV_MAX_ROWS):
+    f32 = x.dtype == np.float32 if type(x) is np.ndarray else isinstance(x, mx.array) and x.dtype == mx.float32
+    if lib is None or not enabled() or not f32 or x.ndim != 3 or x.shape[1] != 1 or not 1 <= x.shape[0] <= GEMV_MAX_ROWS:
         return None
     if (getattr(cache, "layout", None) != "dense" or cache.start or getattr(cache, "window", None)
             or cache.buffers is None or not cache.held or cache.kv_heads != kv_heads or cache.head_dim != head_dim):
@@ -106,7 +105,11 @@ def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2,
     kb, vb = cache.buffers["k"]["x"], cache.buffers["v"]["x"]
     if kb.dtype != mx.float32 or vb.dtype != mx.float32:
         return None
-    xn = np.ascontiguousarray(x)
+    normed = None
+    if isinstance(x, mx.array):  # the first layer's input (the embedding): the ops' first norm is MLX's
+        normed = np.ascontiguousarray(np.asarray(_reference.rms_norm(x, norm1, eps1)), dtype=np.float32)
+        x = np.asarray(x)
+    xn = np.ascontiguousarray(x, dtype=np.float32)
     c, s = np.ascontiguousarray(c), np.ascontiguousarray(s)
     starts = np.zeros(B, np.int32) if mask is None else np.asarray(_kv_quant.starts_from_mask(mask, B), np.int32)
     kn, vn = np.asarray(kb), np.asarray(vb)
@@ -114,7 +117,8 @@ def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2,
     new_v = np.empty((B, kv_heads, 1, head_dim), np.float32)
     out = np.empty((B, 1, hidden), np.float32)
     from . import n_threads  # the current setting (refresh() may change it)
-    rc = lib.vlmc_decode_layer(ctypes.byref(layer), xn.ctypes.data, B, c.ctypes.data, s.ctypes.data,
+    rc = lib.vlmc_decode_layer(ctypes.byref(layer), xn.ctypes.data, None if normed is None else normed.ctypes.data,
+                               B, c.ctypes.data, s.ctypes.data,
                                head_dim if c.shape[0] > 1 else 0, kn.ctypes.data, vn.ctypes.data,
                                starts.ctypes.data, kb.shape[2], cache.held, new_k.ctypes.data, new_v.ctypes.data,
                                out.ctypes.data, n_threads)
