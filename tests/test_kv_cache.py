@@ -409,11 +409,13 @@ def test_cpu_dense_kernel_extra_row(dim, before):
     assert float(mx.abs(plain - ref0).max()) <= 1e-5 * float(mx.abs(ref0).max())
 
 
-def test_cpu_host_decode_defers_cache_writes(monkeypatch):
+def test_cpu_host_decode_stores_in_place_or_defers(monkeypatch):
     """Decode steps on host arrays over a dense cache: each layer attends over its cache plus
-    the step's k/v (the kernel's extra row) and leaves the write lazy; the next read of any
-    deferred cache evaluates all of them at once. Outputs and stored tokens match the MLX
-    reference path step by step, across two caches (two layers) and a buffer that grows."""
+    the step's k/v (the kernel's extra row), then stores them in the buffer's memory in
+    place while there is room (KVCache.write_host), else as a lazy write that the next read
+    of any deferred cache evaluates for all of them at once. Outputs and stored tokens match
+    the MLX reference path step by step, across two caches (two layers) and a buffer that
+    grows (254 -> 258 tokens, capacity 256 -> 512)."""
     from vlmc.kernels import cpu, cpu_ops
     from vlmc.kernels.cpu import kv_decode
     if cpu._get_lib() is None:
@@ -424,10 +426,8 @@ def test_cpu_host_decode_defers_cache_writes(monkeypatch):
     k, v = kv(254, 0, dim=dim)
     for c in caches + twins:
         c.append(k, v)
-    evals = []
-    real_eval = kv_decode.mx.eval
-    monkeypatch.setattr(kv_decode.mx, "eval", lambda *a: evals.append(len(a)) or real_eval(*a))
-    for step in range(4):  # 254 + 4 tokens: the buffers grow past 256 on the way
+    deferred = []
+    for step in range(4):
         nk, nv = kv(1, 0, dim=dim)
         q = mx.random.normal((B, H, 1, dim))
         for c, t in zip(caches, twins):
@@ -435,15 +435,33 @@ def test_cpu_host_decode_defers_cache_writes(monkeypatch):
             ref = reference.cached_attention(q, nk, nv, t, None, scale=0.125)
             assert isinstance(out, np.ndarray) and out.shape == (B, H, 1, dim)
             assert float(np.abs(out - np.asarray(ref)).max()) <= 1e-5 * float(mx.abs(ref).max())
-        assert all(id(c) in kv_decode._unsettled for c in caches)  # both writes still lazy
-    # one evaluation of every deferred write per step (the first layer's read), not per layer
-    assert sum(1 for n in evals if n == 4) == 3, evals
+        deferred.append([id(c) in kv_decode._unsettled for c in caches])
+    # in place at 254 and 255; the 257th token needs a bigger buffer (deferred); then in place
+    assert deferred == [[False, False], [False, False], [True, True], [False, False]]
     kv_decode.settle()
-    assert not kv_decode._unsettled
     for c, t in zip(caches, twins):
         assert c.held == t.held == 258 and c.capacity >= 258
         assert mx.array_equal(c.buffers["k"]["x"][:, :, :258], t.buffers["k"]["x"][:, :, :258])
         assert mx.array_equal(c.buffers["v"]["x"][:, :, :258], t.buffers["v"]["x"][:, :, :258])
+
+
+def test_write_host_never_writes_where_an_array_can_see():
+    """In-place stores only past the held tokens, within the capacity, and past every
+    exported block; a view taken before a store keeps its values."""
+    cache = cache_for("dense")
+    assert not cache.write_host(np.ones((B, HKV, 1, D), np.float32), np.ones((B, HKV, 1, D), np.float32))  # no buffer
+    k, v = kv(16, 0)
+    cache.append(k, v)
+    seen = cache.buffers["k"]["x"][:, :, :16]
+    before = np.array(seen)
+    assert cache.write_host(np.full((B, HKV, 1, D), 7, np.float32), np.full((B, HKV, 1, D), 8, np.float32))
+    assert cache.held == 17 and np.array_equal(np.array(seen), before)
+    assert np.all(np.asarray(cache.buffers["k"]["x"])[:, :, 16] == 7)
+    blocks = cache.export_blocks(8)
+    assert len(blocks) == 2 and cache.exported == 16
+    cache.trim(2)  # back to 15 held: column 15 was exported, so no in-place store there
+    assert not cache.write_host(np.zeros((B, HKV, 1, D), np.float32), np.zeros((B, HKV, 1, D), np.float32))
+    assert cache.held == 15 and float(mx.abs(blocks[1]["k.x"] - k[:, :, 8:16]).max()) == 0
 
 
 @pytest.mark.parametrize("k_bits,v_bits,dim", [(3, 4, 128), (2, 2, 64), (4, 4, 48), (4, 3, 16), (3, 3, 24)])

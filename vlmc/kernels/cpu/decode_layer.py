@@ -7,8 +7,8 @@ float32 cache that is not a sliding window, weights the GEMV kernels read) and r
 None otherwise. It calls the same kernels in the same order, so the result is the op-by-op path's to
 the last bit (for the first layer, whose input is the embedding's mx.array, the ops' first
 norm is MLX's: so it is here too). This step's keys and
-values are stored in the cache as a lazy write, settled with every other layer's
-(``kv_decode.settle``)."""
+values go into the cache's memory in place (``KVCache.write_host``) or, where that is not
+safe, as a lazy write settled with every other layer's (``kv_decode.settle``)."""
 from __future__ import annotations
 
 import ctypes
@@ -81,6 +81,23 @@ def _layer(weights: tuple, attrs: tuple) -> _Layer | None:
     return layer
 
 
+# every layer of a step passes the same rope tables: (weak refs to them, their host copies)
+_last_tables: list = [lambda: None, lambda: None, None]
+
+
+def _tables(cos, sin) -> tuple[np.ndarray, np.ndarray]:
+    """Contiguous float32 host copies of a step's rope tables, converted once per step."""
+    if _last_tables[0]() is cos and _last_tables[1]() is sin:
+        return _last_tables[2]
+    out = tuple(np.ascontiguousarray(np.asarray(t if t.dtype == mx.float32 else t.astype(mx.float32))
+                                     if isinstance(t, mx.array) else t, dtype=np.float32) for t in (cos, sin))
+    try:
+        _last_tables[:] = [weakref.ref(cos), weakref.ref(sin), out]
+    except TypeError:  # numpy tables: not cached
+        pass
+    return out
+
+
 def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b, *,
                  eps1: float, eps2: float, heads: int, kv_heads: int, head_dim: int, inter: int, scale: float,
                  act: str):
@@ -93,8 +110,7 @@ def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2,
             or cache.buffers is None or not cache.held or cache.kv_heads != kv_heads or cache.head_dim != head_dim):
         return None
     B, hidden = x.shape[0], x.shape[2]
-    c, s = (np.asarray(t if t.dtype == mx.float32 else t.astype(mx.float32)) if isinstance(t, mx.array)
-            else np.asarray(t, np.float32) for t in (cos, sin))
+    c, s = _tables(cos, sin)
     if c.shape != s.shape or c.ndim != 4 or c.shape[0] not in (1, B) or c.shape[1:] != (1, 1, head_dim):
         return None
     layer = _layer((norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b),
@@ -110,7 +126,6 @@ def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2,
         normed = np.ascontiguousarray(np.asarray(_reference.rms_norm(x, norm1, eps1)), dtype=np.float32)
         x = np.asarray(x)
     xn = np.ascontiguousarray(x, dtype=np.float32)
-    c, s = np.ascontiguousarray(c), np.ascontiguousarray(s)
     starts = np.zeros(B, np.int32) if mask is None else np.asarray(_kv_quant.starts_from_mask(mask, B), np.int32)
     kn, vn = np.asarray(kb), np.asarray(vb)
     new_k = np.empty((B, kv_heads, 1, head_dim), np.float32)
@@ -124,6 +139,7 @@ def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2,
                                out.ctypes.data, n_threads)
     if rc != 0:
         raise ValueError(f"vlmc cpu kernel decode_layer rejected its arguments (code {rc})")
-    cache.append(mx.array(new_k), mx.array(new_v))
-    _unsettled[id(cache)] = cache
+    if not cache.write_host(new_k, new_v):
+        cache.append(mx.array(new_k), mx.array(new_v))
+        _unsettled[id(cache)] = cache
     return out

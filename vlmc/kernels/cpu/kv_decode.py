@@ -133,6 +133,7 @@ def host_dense_step(q: np.ndarray, k, v, cache, mask, *, scale: float) -> np.nda
     starts = np.zeros(q.shape[0], np.int32) if mask is None else _kv_quant.starts_from_mask(mask, q.shape[0])
     out = kv_dense_decode(q[:, :, 0], kb, vb, starts, cache.held + 1, scale=scale, new_k=kn[:, :, 0],
                           new_v=vn[:, :, 0])
-    cache.append(_as_mx(kn), _as_mx(vn))
-    _unsettled[id(cache)] = cache
+    if not cache.write_host(kn, vn):
+        cache.append(_as_mx(kn), _as_mx(vn))
+        _unsettled[id(cache)] = cache
     return out[:, :, None]
