@@ -4,11 +4,11 @@
 The layer's ops stay in the generated code and compute the same thing; this runs instead
 of them when it applies (one token per sequence, up to GEMV_MAX_ROWS sequences, a dense
 float32 cache that is not a sliding window, weights the GEMV kernels read) and returns
-None otherwise. It calls the same kernels in the same order, so the result is the op-by-op path's to
-the last bit (for the first layer, whose input is the embedding's mx.array, the ops' first
-norm is MLX's: so it is here too). This step's keys and
-values go into the cache's memory in place (``KVCache.write_host``) or, where that is not
-safe, as a lazy write settled with every other layer's (``kv_decode.settle``)."""
+None otherwise. It calls the same kernels in the same order, so the result is the op-by-op
+path's to the last bit (for the first layer, whose input is the embedding's mx.array, the
+ops' first norm is MLX's: so it is here too). This step's keys and values go into the
+cache's memory in place (``KVCache.write_host``) or, where that is not safe, as a lazy
+write settled with every other layer's (``kv_decode.settle``)."""
 from __future__ import annotations
 
 import ctypes
@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import kv_quant as _kv_quant
 from .. import reference as _reference
-from . import GEMV_MAX_ROWS, _get_lib, _host, _qplan, _qplans, enabled
+from . import GEMV_MAX_ROWS, _check, _get_lib, _host, _qplan, _qplans, enabled
 from .host import SIGMOID_SCALE, param
 from .kv_decode import _unsettled, settle
 
@@ -137,8 +137,7 @@ def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2,
                                head_dim if c.shape[0] > 1 else 0, kn.ctypes.data, vn.ctypes.data,
                                starts.ctypes.data, kb.shape[2], cache.held, new_k.ctypes.data, new_v.ctypes.data,
                                out.ctypes.data, n_threads)
-    if rc != 0:
-        raise ValueError(f"vlmc cpu kernel decode_layer rejected its arguments (code {rc})")
+    _check(rc, "decode_layer")
     if not cache.write_host(new_k, new_v):
         cache.append(mx.array(new_k), mx.array(new_v))
         _unsettled[id(cache)] = cache

@@ -99,7 +99,8 @@ def kv_dense_decode(q, keys, values, starts, held: int, *, scale: float, new_k=N
                 held, scale)
 
 
-# Caches whose last decode step's writes are still lazy MLX slice updates (host_dense_step):
+# Caches whose last decode step's writes are still lazy MLX slice updates (host_dense_step,
+# decode_layer, where KVCache.write_host could not store them in place):
 # evaluated together when one of them is read next, i.e. once per decode step for all
 # layers instead of one evaluation per layer (~0.1 ms each on this 2-core machine).
 _unsettled: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
@@ -117,8 +118,9 @@ def settle(cache=None) -> None:
 def host_dense_step(q: np.ndarray, k, v, cache, mask, *, scale: float) -> np.ndarray | None:
     """A decode step of the cpu target's host arrays over a dense float32 cache: attention
     over the held tokens plus this step's k, v read from the host arrays (the kernel's
-    extra row), then k, v stored in the cache as a lazy write that ``settle`` evaluates with
-    every other layer's. None when this path does not apply (the caller's path then runs)."""
+    extra row), then k, v stored in the cache: in place (``KVCache.write_host``) or, where
+    that is not safe, as a lazy write that ``settle`` evaluates with every other layer's.
+    None when this path does not apply (the caller's path then runs)."""
     if (type(q) is not np.ndarray or q.shape[2] != 1 or getattr(cache, "layout", None) != "dense"
             or cache.start or getattr(cache, "window", None) or cache.buffers is None or not cache.held
             or _get_lib() is None):
