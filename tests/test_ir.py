@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fixtures.checkpoints import build_checkpoint
+from vlmc import compiler
 from vlmc.compiler import cache_dir, compile
 from vlmc.frontend import import_checkpoint, open_checkpoint
 from vlmc.ir.builder import FunctionBuilder
@@ -159,3 +160,6 @@ def test_compile_cache_reuses_artifacts(qwen, tmp_path, monkeypatch):
     assert compile(qwen) == first
     assert (first / "manifest.json").stat().st_mtime_ns == stamp
     assert compile(qwen, dtype="bfloat16") != first
+    from vlmc.backends import codegen
+    monkeypatch.setattr(compiler, "CODEGEN_REVISION", codegen.CODEGEN_REVISION + 1)  # newer generated code
+    assert compile(qwen) != first
