@@ -78,6 +78,8 @@ def test_each_fusion_switches_off_alone(ckpts, tmp_path):
     assert "add_rms_norm" not in (compile(ckpts["qwen2_vl"], tmp_path / "c") / "model.py").read_text()  # opt-in
     src = (only_norm / "model.py").read_text()
     assert "add_rms_norm" in src and "+" not in "".join(_text_block_linears(only_norm))
+    # the decode_layer fast path needs the plain fused layer: none for these bodies
+    assert not any("decode_layer" in (a / "model.py").read_text() for a in (only_qkv, only_norm))
 
 
 @pytest.mark.parametrize("family,quantize", [("qwen2_vl", "q4"), ("qwen2_5_vl", None), ("llava", "q8")])

@@ -177,14 +177,15 @@ def decode_layer_fast_path(fn: Function) -> Op | None:
         return None
     made = {o: op for op in ops for o in op.outputs}
 
-    def source(v: str, hops: int) -> str | None:
-        """v's value before ``hops`` reshape/transpose ops (None if another op is in the way)."""
-        for _ in range(hops):
-            op = made.get(v)
-            if op is None or op.op not in ("reshape", "transpose"):
-                return None
-            v = op.inputs[0]
-        return v
+    def heads_of(v: str, n: int) -> str | None:
+        """The [B, L, n*D] value that v is [B, n, L, D] heads of (reshape [0, 0, n, D], then
+        transpose [0, 2, 1, 3]), or None."""
+        t = made.get(v)
+        r = made.get(t.inputs[0]) if t is not None and t.op == "transpose" else None
+        if r is None or r.op != "reshape" or t.attrs.get("axes") != [0, 2, 1, 3] \
+                or r.attrs.get("shape") != [0, 0, n, d]:
+            return None
+        return r.inputs[0]
 
     def proj(op: Op, x_in: str) -> tuple[str, str | None] | None:
         if op.inputs[0] != x_in or not op.inputs[1].startswith("@"):
@@ -208,9 +209,11 @@ def decode_layer_fast_path(fn: Function) -> Op | None:
     checks = (
         n1.inputs[0] == x and n1.inputs[1].startswith("@") and sp.inputs[0] == qkv.outputs[0],
         rq.inputs[1:] == [cos, sin] and rk.inputs[1:] == [cos, sin],
-        source(rq.inputs[0], 2) == q_s and source(rk.inputs[0], 2) == k_s,
-        att.inputs[:5] == [rq.outputs[0], rk.outputs[0], att.inputs[2], cache, mask] and source(att.inputs[2], 2) == v_s,
-        source(r_out.outputs[0], 2) == att.outputs[0] and fn.types[att.outputs[0]].shape[1] == heads,
+        heads_of(rq.inputs[0], heads) == q_s and heads_of(rk.inputs[0], kv_heads) == k_s,
+        att.inputs[:5] == [rq.outputs[0], rk.outputs[0], att.inputs[2], cache, mask]
+        and heads_of(att.inputs[2], kv_heads) == v_s,
+        t_out.inputs[0] == att.outputs[0] and t_out.attrs.get("axes") == [0, 2, 1, 3]
+        and r_out.inputs[0] == t_out.outputs[0] and r_out.attrs.get("shape") == [0, 0, heads * d],
         sorted(add1.inputs) == sorted([x, o.outputs[0]]),
         n2.inputs[0] == h and n2.inputs[1].startswith("@") and sp2.inputs[0] == gu.outputs[0],
         sp2.attrs.get("sizes") == [inter, inter] and isinstance(inter, int),
