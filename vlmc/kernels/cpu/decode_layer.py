@@ -89,8 +89,9 @@ def _tables(cos, sin) -> tuple[np.ndarray, np.ndarray]:
     """Contiguous float32 host copies of a step's rope tables, converted once per step."""
     if _last_tables[0]() is cos and _last_tables[1]() is sin:
         return _last_tables[2]
-    out = tuple(np.ascontiguousarray(np.asarray(t if t.dtype == mx.float32 else t.astype(mx.float32))
-                                     if isinstance(t, mx.array) else t, dtype=np.float32) for t in (cos, sin))
+    # copies (np.array, not a view): a view would keep the step's mx.arrays alive in this cache
+    out = tuple(np.array(t if not isinstance(t, mx.array) else t if t.dtype == mx.float32 else t.astype(mx.float32),
+                         dtype=np.float32, copy=True, order="C") for t in (cos, sin))
     try:
         _last_tables[:] = [weakref.ref(cos), weakref.ref(sin), out]
     except TypeError:  # numpy tables: not cached
