@@ -462,6 +462,9 @@ def test_write_host_never_writes_where_an_array_can_see():
     cache.trim(2)  # back to 15 held: column 15 was exported, so no in-place store there
     assert not cache.write_host(np.zeros((B, HKV, 1, D), np.float32), np.zeros((B, HKV, 1, D), np.float32))
     assert cache.held == 15 and float(mx.abs(blocks[1]["k.x"] - k[:, :, 8:16]).max()) == 0
+    window = RotatingKVCache(B, HKV, D, window=8)
+    window.append(k, v)  # its own append drops old tokens: never the in-place path
+    assert not window.write_host(np.ones((B, HKV, 1, D), np.float32), np.ones((B, HKV, 1, D), np.float32))
 
 
 @pytest.mark.parametrize("k_bits,v_bits,dim", [(3, 4, 128), (2, 2, 64), (4, 4, 48), (4, 3, 16), (3, 3, 24)])
