@@ -85,18 +85,27 @@ def _layer(weights: tuple, attrs: tuple) -> _Layer | None:
 _last_tables: list = [lambda: None, lambda: None, None]
 
 
-def _tables(cos, sin) -> tuple[np.ndarray, np.ndarray]:
-    """Contiguous float32 host copies of a step's rope tables, converted once per step."""
+def _tables(cos, sin) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Contiguous float32 host copies of a step's rope tables and their addresses, converted
+    once per step."""
     if _last_tables[0]() is cos and _last_tables[1]() is sin:
         return _last_tables[2]
     # copies (np.array, not a view): a view would keep the step's mx.arrays alive in this cache
-    out = tuple(np.array(t if not isinstance(t, mx.array) else t if t.dtype == mx.float32 else t.astype(mx.float32),
-                         dtype=np.float32, copy=True, order="C") for t in (cos, sin))
+    c, s = (np.array(t if not isinstance(t, mx.array) else t if t.dtype == mx.float32 else t.astype(mx.float32),
+                     dtype=np.float32, copy=True, order="C") for t in (cos, sin))
+    out = (c, s, c.ctypes.data, s.ctypes.data)
     try:
         _last_tables[:] = [weakref.ref(cos), weakref.ref(sin), out]
     except TypeError:  # numpy tables: not cached
         pass
     return out
+
+
+_zero_starts: dict[int, tuple[np.ndarray, int]] = {}  # batch -> (zeros, address): one sequence per row, no mask
+
+
+def _with_ptr(a: np.ndarray) -> tuple[np.ndarray, int]:
+    return a, a.ctypes.data
 
 
 def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b, *,
@@ -111,7 +120,7 @@ def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2,
             or cache.buffers is None or not cache.held or cache.kv_heads != kv_heads or cache.head_dim != head_dim):
         return None
     B, hidden = x.shape[0], x.shape[2]
-    c, s = _tables(cos, sin)
+    c, s, c_ptr, s_ptr = _tables(cos, sin)
     if c.shape != s.shape or c.ndim != 4 or c.shape[0] not in (1, B) or c.shape[1:] != (1, 1, head_dim):
         return None
     layer = _layer((norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b),
@@ -126,19 +135,20 @@ def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2,
     if isinstance(x, mx.array):  # the first layer's input (the embedding): the ops' first norm is MLX's
         normed = np.ascontiguousarray(np.asarray(_reference.rms_norm(x, norm1, eps1)), dtype=np.float32)
         x = np.asarray(x)
-    xn = np.ascontiguousarray(x, dtype=np.float32)
-    starts = np.zeros(B, np.int32) if mask is None else np.asarray(_kv_quant.starts_from_mask(mask, B), np.int32)
-    kn, vn = np.asarray(kb), np.asarray(vb)
-    new_k = np.empty((B, kv_heads, 1, head_dim), np.float32)
-    new_v = np.empty((B, kv_heads, 1, head_dim), np.float32)
+    xn = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    if mask is None:
+        starts, starts_ptr = _zero_starts.get(B) or _zero_starts.setdefault(B, _with_ptr(np.zeros(B, np.int32)))
+    else:
+        starts, starts_ptr = _with_ptr(np.asarray(_kv_quant.starts_from_mask(mask, B), np.int32))
+    new_kv = np.empty((2, B, kv_heads, 1, head_dim), np.float32)
     out = np.empty((B, 1, hidden), np.float32)
+    kv_ptr, n = new_kv.ctypes.data, B * kv_heads * head_dim * 4
     from . import n_threads  # the current setting (refresh() may change it)
-    rc = lib.vlmc_decode_layer(ctypes.byref(layer), xn.ctypes.data, None if normed is None else normed.ctypes.data,
-                               B, c.ctypes.data, s.ctypes.data,
-                               head_dim if c.shape[0] > 1 else 0, kn.ctypes.data, vn.ctypes.data,
-                               starts.ctypes.data, kb.shape[2], cache.held, new_k.ctypes.data, new_v.ctypes.data,
-                               out.ctypes.data, n_threads)
-    _check(rc, "decode_layer")
+    _check(lib.vlmc_decode_layer(ctypes.byref(layer), xn.ctypes.data, None if normed is None else normed.ctypes.data,
+                                 B, c_ptr, s_ptr, head_dim if c.shape[0] > 1 else 0, np.asarray(kb).ctypes.data,
+                                 np.asarray(vb).ctypes.data, starts_ptr, kb.shape[2], cache.held, kv_ptr, kv_ptr + n,
+                                 out.ctypes.data, n_threads), "decode_layer")
+    new_k, new_v = new_kv
     if not cache.write_host(new_k, new_v):
         cache.append(mx.array(new_k), mx.array(new_v))
         _unsettled[id(cache)] = cache
