@@ -326,6 +326,15 @@ def _qplan(w, scales, biases, bits, group_size, mode) -> tuple:
     return plan
 
 
+def qplan(w, scales, biases, bits: int, group_size: int, mode: str) -> tuple:
+    """The cached ``_qplan`` of a quantized weight (rebuilt when its parts changed)."""
+    plan = _qplans.get(id(w))
+    if plan is None or plan[0] is not scales or plan[1] is not biases or plan[2] != bits \
+            or plan[3] != group_size or plan[4] != mode:
+        plan = _qplan(w, scales, biases, bits, group_size, mode)
+    return plan
+
+
 def qlinear(x: mx.array, w, scales=None, biases=None, b: mx.array | None = None, *,
             bits: int | None = None, group_size: int | None = None, mode: str = "affine",
             host: bool = False) -> mx.array:
@@ -337,10 +346,7 @@ def qlinear(x: mx.array, w, scales=None, biases=None, b: mx.array | None = None,
     ``host=True`` returns a float32 result as a numpy array (no copy into MLX).
     """
     w, scales, biases, b, bits, group_size, mode = _unpack(w, scales, biases, b, bits, group_size, mode)
-    plan = _qplans.get(id(w))
-    if plan is None or plan[0] is not scales or plan[1] is not biases or plan[2] != bits \
-            or plan[3] != group_size or plan[4] != mode:
-        plan = _qplan(w, scales, biases, bits, group_size, mode)
+    plan = qplan(w, scales, biases, bits, group_size, mode)
     if plan[5] is None or x.shape[-1] != plan[6]:
         y = mx.quantized_matmul(_as_mx(x), w, scales, biases, transpose=True, group_size=group_size, bits=bits,
                                 mode=mode)

@@ -7,8 +7,7 @@ float32 cache that is not a sliding window, weights the GEMV kernels read) and r
 None otherwise. It calls the same kernels in the same order, so the result is the op-by-op
 path's to the last bit (for the first layer, whose input is the embedding's mx.array, the
 ops' first norm is MLX's: so it is here too). This step's keys and values go into the
-cache's memory in place (``KVCache.write_host``) or, where that is not safe, as a lazy
-write settled with every other layer's (``kv_decode.settle``)."""
+cache as ``kv_decode.store`` keeps them (in place where that is safe)."""
 from __future__ import annotations
 
 import ctypes
@@ -17,11 +16,10 @@ import weakref
 import mlx.core as mx
 import numpy as np
 
-from .. import kv_quant as _kv_quant
 from .. import reference as _reference
-from . import GEMV_MAX_ROWS, _check, _get_lib, _host, _qplan, _qplans, enabled
+from . import GEMV_MAX_ROWS, _check, _get_lib, _host, _unpack, enabled, qplan
 from .host import SIGMOID_SCALE, param
-from .kv_decode import _unsettled, settle
+from .kv_decode import dense_buffers, host_starts, store
 
 _I, _F, _P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 
@@ -40,14 +38,13 @@ class _Layer(ctypes.Structure):
 def _proj(w, b) -> _Proj | None:
     """The kernel's view of a projection, or None when the GEMVs do not read it."""
     bias = None if b is None else _host(b, as_f32=True).ptr
-    if hasattr(w, "scales") and hasattr(w, "weight"):
-        plan = _qplans.get(id(w.weight))
-        if plan is None or plan[0] is not w.scales or plan[1] is not w.biases:
-            plan = _qplan(w.weight, w.scales, w.biases, w.bits, w.group_size, w.mode)
+    if hasattr(w, "scales") and hasattr(w, "weight"):  # a QuantWeight
+        w, scales, biases, _, bits, gs, mode = _unpack(w, None, None, None, None, None, "affine")
+        plan = qplan(w, scales, biases, bits, gs, mode)
         if plan[5] is None:
             return None
         K, N, wh, sh, bh, st = plan[6:]
-        return _Proj(2, N, K, w.bits, w.group_size, st, wh.ptr, sh.ptr, bh.ptr, bias)
+        return _Proj(2, N, K, bits, gs, st, wh.ptr, sh.ptr, bh.ptr, bias)
     if not isinstance(w, mx.array) or w.ndim != 2 or w.dtype not in (mx.float32, mx.bfloat16):
         return None
     kind = 0 if w.dtype == mx.float32 else 1
@@ -101,23 +98,19 @@ def _tables(cos, sin) -> tuple[np.ndarray, np.ndarray, int, int]:
     return out
 
 
-_zero_starts: dict[int, tuple[np.ndarray, int]] = {}  # batch -> (zeros, address): one sequence per row, no mask
-
-
-def _with_ptr(a: np.ndarray) -> tuple[np.ndarray, int]:
-    return a, a.ctypes.data
-
-
 def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b, *,
                  eps1: float, eps2: float, heads: int, kv_heads: int, head_dim: int, inter: int, scale: float,
                  act: str):
     """The layer's output [B, 1, hidden] as a host array, or None (the caller runs the ops)."""
     lib = _get_lib()
     f32 = x.dtype == np.float32 if type(x) is np.ndarray else isinstance(x, mx.array) and x.dtype == mx.float32
-    if lib is None or not enabled() or not f32 or x.ndim != 3 or x.shape[1] != 1 or not 1 <= x.shape[0] <= GEMV_MAX_ROWS:
+    if (lib is None or not enabled() or not f32 or x.ndim != 3 or x.shape[1] != 1
+            or not 1 <= x.shape[0] <= GEMV_MAX_ROWS):
         return None
-    if (getattr(cache, "layout", None) != "dense" or cache.start or getattr(cache, "window", None)
-            or cache.buffers is None or not cache.held or cache.kv_heads != kv_heads or cache.head_dim != head_dim):
+    if getattr(cache, "kv_heads", None) != kv_heads or getattr(cache, "head_dim", None) != head_dim:
+        return None
+    buffers = dense_buffers(cache)
+    if buffers is None:
         return None
     B, hidden = x.shape[0], x.shape[2]
     c, s, c_ptr, s_ptr = _tables(cos, sin)
@@ -127,29 +120,20 @@ def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2,
                    (eps1, eps2, heads, kv_heads, head_dim, inter, scale, act))
     if layer is None or layer.hidden != hidden:
         return None
-    settle(cache)
-    kb, vb = cache.buffers["k"]["x"], cache.buffers["v"]["x"]
-    if kb.dtype != mx.float32 or vb.dtype != mx.float32:
-        return None
+    kb, vb = buffers
     normed = None
     if isinstance(x, mx.array):  # the first layer's input (the embedding): the ops' first norm is MLX's
         normed = np.ascontiguousarray(np.asarray(_reference.rms_norm(x, norm1, eps1)), dtype=np.float32)
         x = np.asarray(x)
     xn = x if x.flags.c_contiguous else np.ascontiguousarray(x)
-    if mask is None:
-        starts, starts_ptr = _zero_starts.get(B) or _zero_starts.setdefault(B, _with_ptr(np.zeros(B, np.int32)))
-    else:
-        starts, starts_ptr = _with_ptr(np.asarray(_kv_quant.starts_from_mask(mask, B), np.int32))
+    starts = host_starts(mask, B)
     new_kv = np.empty((2, B, kv_heads, 1, head_dim), np.float32)
     out = np.empty((B, 1, hidden), np.float32)
     kv_ptr, n = new_kv.ctypes.data, B * kv_heads * head_dim * 4
     from . import n_threads  # the current setting (refresh() may change it)
     _check(lib.vlmc_decode_layer(ctypes.byref(layer), xn.ctypes.data, None if normed is None else normed.ctypes.data,
                                  B, c_ptr, s_ptr, head_dim if c.shape[0] > 1 else 0, np.asarray(kb).ctypes.data,
-                                 np.asarray(vb).ctypes.data, starts_ptr, kb.shape[2], cache.held, kv_ptr, kv_ptr + n,
-                                 out.ctypes.data, n_threads), "decode_layer")
-    new_k, new_v = new_kv
-    if not cache.write_host(new_k, new_v):
-        cache.append(mx.array(new_k), mx.array(new_v))
-        _unsettled[id(cache)] = cache
+                                 np.asarray(vb).ctypes.data, starts.ctypes.data, kb.shape[2], cache.held, kv_ptr,
+                                 kv_ptr + n, out.ctypes.data, n_threads), "decode_layer")
+    store(cache, *new_kv)
     return out

@@ -115,27 +115,54 @@ def settle(cache=None) -> None:
     mx.eval(*(buf for c in caches if c.buffers for parts in c.buffers.values() for buf in parts.values()))
 
 
-def host_dense_step(q: np.ndarray, k, v, cache, mask, *, scale: float) -> np.ndarray | None:
-    """A decode step of the cpu target's host arrays over a dense float32 cache: attention
-    over the held tokens plus this step's k, v read from the host arrays (the kernel's
-    extra row), then k, v stored in the cache: in place (``KVCache.write_host``) or, where
-    that is not safe, as a lazy write that ``settle`` evaluates with every other layer's.
-    None when this path does not apply (the caller's path then runs)."""
-    if (type(q) is not np.ndarray or q.shape[2] != 1 or getattr(cache, "layout", None) != "dense"
-            or cache.start or getattr(cache, "window", None) or cache.buffers is None or not cache.held
-            or _get_lib() is None):
+def dense_buffers(cache) -> tuple[mx.array, mx.array] | None:
+    """The key and value buffers of a dense float32 cache that a decode step's kernels can
+    read in place and then store into (no sliding window, some tokens held), its deferred
+    writes settled; None for any other cache."""
+    if (getattr(cache, "layout", None) != "dense" or cache.start or getattr(cache, "window", None)
+            or cache.buffers is None or not cache.held):
         return None
     settle(cache)
     kb, vb = cache.buffers["k"]["x"], cache.buffers["v"]["x"]
-    if kb.dtype != mx.float32 or vb.dtype != mx.float32 or q.shape[1] % kb.shape[1]:
+    return (kb, vb) if kb.dtype == mx.float32 and vb.dtype == mx.float32 else None
+
+
+_zero_starts: dict[int, np.ndarray] = {}
+
+
+def host_starts(mask, batch: int) -> np.ndarray:
+    """Each sequence's first visible key (int32 numpy); without a mask, one zeros array per
+    batch size (a fresh mx.zeros had cost each layer an evaluation, ~60 us)."""
+    if mask is None:
+        zeros = _zero_starts.get(batch)
+        if zeros is None:
+            zeros = _zero_starts[batch] = np.zeros(batch, np.int32)
+        return zeros
+    return np.asarray(_kv_quant.starts_from_mask(mask, batch), np.int32)
+
+
+def store(cache, k: np.ndarray, v: np.ndarray) -> None:
+    """Keep a decode step's keys/values [B, Hkv, 1, D]: in place (``KVCache.write_host``)
+    or, where that is not safe, as a lazy write that ``settle`` evaluates with every other
+    layer's."""
+    if not cache.write_host(k, v):
+        cache.append(mx.array(k), mx.array(v))
+        _unsettled[id(cache)] = cache
+
+
+def host_dense_step(q: np.ndarray, k, v, cache, mask, *, scale: float) -> np.ndarray | None:
+    """A decode step of the cpu target's host arrays over a dense float32 cache: attention
+    over the held tokens plus this step's k, v read from the host arrays (the kernel's
+    extra row), then k, v stored (``store``). None when this path does not apply (the
+    caller's path then runs)."""
+    if type(q) is not np.ndarray or q.shape[2] != 1 or _get_lib() is None:
+        return None
+    buffers = dense_buffers(cache)
+    if buffers is None or q.shape[1] % buffers[0].shape[1]:
         return None
     kn, vn = (np.asarray(a, np.float32) if type(a) is np.ndarray else np.asarray(a.astype(mx.float32))
               for a in (k, v))
-    # no mask (one sequence): numpy zeros, as a fresh mx.array cost each layer an evaluation (~60 us)
-    starts = np.zeros(q.shape[0], np.int32) if mask is None else _kv_quant.starts_from_mask(mask, q.shape[0])
-    out = kv_dense_decode(q[:, :, 0], kb, vb, starts, cache.held + 1, scale=scale, new_k=kn[:, :, 0],
-                          new_v=vn[:, :, 0])
-    if not cache.write_host(kn, vn):
-        cache.append(_as_mx(kn), _as_mx(vn))
-        _unsettled[id(cache)] = cache
+    out = kv_dense_decode(q[:, :, 0], *buffers, host_starts(mask, q.shape[0]), cache.held + 1, scale=scale,
+                          new_k=kn[:, :, 0], new_v=vn[:, :, 0])
+    store(cache, kn, vn)
     return out[:, :, None]
