@@ -200,7 +200,8 @@ def test_qlinear_int8_activations_exact(bits, gs, sdtype):
     """The int8-activation GEMV against its own arithmetic done exactly (int8x_ref): only
     float summation order may differ. K covers the 4-bit kernel's cases: whole 512-code
     steps, 128-code pairs after them, a last unpaired 64-block (K % 128 == 64), and K
-    chunks that split a 512-step (M = 3); gs 192 and 256 take the scale path with no fast
+    chunks that split a 512-step (M = 3); N = 131 rows for one x row (8-row groups and a
+    rest); gs 192 and 256 take the scale path with no fast
     load (random codes and parameters: MLX quantizes only to groups of 32, 64 and 128)."""
     if not cpu.int8_activations():
         pytest.skip("no AVX512-VNNI on this CPU (or turned off)")
@@ -214,8 +215,9 @@ def test_qlinear_int8_activations_exact(bits, gs, sdtype):
             b = rand(N, K // gs, scale=0.05).astype(sdtype)
             x = rand(M, K)
             x = mx.where(mx.arange(K) % 97 == 0, 4.0 * x, x)  # a few larger values per block
-            y = np.asarray(cpu.qlinear(x, wq, s, b, bits=bits, group_size=gs).astype(mx.float32), np.float64)
-            ref = int8x_ref(x, wq, s, b, bits, gs)
+            bias = rand(N) if M == 1 else None  # M = 1, gs 64: 8 rows summed and biased as one vector
+            y = np.asarray(cpu.qlinear(x, wq, s, b, bias, bits=bits, group_size=gs).astype(mx.float32), np.float64)
+            ref = int8x_ref(x, wq, s, b, bits, gs) + (0.0 if bias is None else np.asarray(bias, np.float64))
             err = np.abs(y - ref).max() / np.abs(ref).max()
             assert err < 2e-6, (K, M, err)
 
