@@ -85,10 +85,12 @@ def test_each_fusion_switches_off_alone(ckpts, tmp_path):
 @pytest.mark.parametrize("family,quantize", [("qwen2_vl", "q4"), ("qwen2_5_vl", None), ("llava", "q8")])
 def test_decode_layer_fast_path(ckpts, tmp_path, family, quantize, monkeypatch):
     """The cpu target's decode_layer lowering: every text layer gets one guarded fast-path
-    call (no vision layer, no GPU target, off with --no-fuse decode_layer); it really runs
-    in every layer of every decode step (the first layer's input is the embedding's
-    mx.array) and gives the op-by-op logits to the last bit, for one sequence with an image
-    and for a left-padded batch of two (a mask, starts > 0)."""
+    call and the loop over the text layers one guarded call for the whole stack
+    (decode_layers; no vision layer, no GPU target, off with --no-fuse decode_layer). The
+    stack call really runs in every decode step, and where it declines the per-layer call
+    runs in every layer (the first layer's input is the embedding's mx.array); both give
+    the op-by-op logits to the last bit, for one sequence with an image and for a
+    left-padded batch of two (a mask, starts > 0)."""
     from vlmc.kernels import cpu, cpu_ops
     if cpu._get_lib() is None:
         pytest.skip("no C compiler")
@@ -97,24 +99,30 @@ def test_decode_layer_fast_path(ckpts, tmp_path, family, quantize, monkeypatch):
     plain = compile(ckpts[family], tmp_path / "plain", target="cpu", no_fuse=["decode_layer"], **kw)
     src = (fast / "model.py").read_text()
     assert _text_block(fast).count("fast = ops.decode_layer(") == 1 and src.count("ops.decode_layer(") == 1
+    assert src.count("= ops.decode_layers(") == 2  # before the loops of prefill and decode
     assert "decode_layer" not in (plain / "model.py").read_text()
     layers = len(vlmc.load(fast).model.text_layer_params)
     assert _manifest(fast)["meta"]["fusions"]["decode_layer"] == layers  # every text layer
     assert "decode_layer" not in (compile(ckpts[family], tmp_path / "metal", target="metal") / "model.py").read_text()
-    ran = []
-    real = cpu_ops._decode_layer
-    monkeypatch.setattr(cpu_ops, "_decode_layer", lambda *a, **k: _count(ran, real, *a, **k))
+    per_layer, stack = [], []
+    real, real_stack = cpu_ops._decode_layer, cpu_ops._decode_layers
+    monkeypatch.setattr(cpu_ops, "_decode_layer", lambda *a, **k: _count(per_layer, real, *a, **k))
+    monkeypatch.setattr(cpu_ops, "_decode_layers", lambda *a, **k: _count(stack, real_stack, *a, **k))
     t_fast, l_fast = _trace(vlmc.load(fast), steps=8)
-    decode_calls = ran.count(True)
-    assert decode_calls == 7 * layers  # 7 decode steps x every layer
+    assert stack.count(True) == 7 and per_layer.count(True) == 0  # 7 decode steps, all in the stack call
     t_plain, l_plain = _trace(vlmc.load(plain), steps=8)
     assert t_fast == t_plain and np.array_equal(l_fast, l_plain)
+    monkeypatch.setattr(cpu_ops, "_decode_layers", lambda *a, **k: None)  # the stack call declines
+    t_layer, l_layer = _trace(vlmc.load(fast), steps=8)
+    assert per_layer.count(True) == 7 * layers  # 7 decode steps x every layer
+    assert t_layer == t_plain and np.array_equal(l_layer, l_plain)
+    monkeypatch.setattr(cpu_ops, "_decode_layers", lambda *a, **k: _count(stack, real_stack, *a, **k))
     outs = []
     for art in (fast, plain):
         m = vlmc.load(art)
         prompts = [m.build_prompt("Describe a cat."), m.build_prompt("A much longer question about shapes and colors?")]
         outs.append(np.stack([np.array(lg) for _, lg in m.generate_steps(prompts, Sampler(SamplingParams()), 6)]))
-    assert ran.count(True) > decode_calls  # the batched steps took the fast path too
+    assert stack.count(True) > 7  # the batched steps took the fast path too
     assert np.array_equal(outs[0], outs[1])
 
 
@@ -161,6 +169,19 @@ def test_decode_layer_falls_back_to_the_ops(ckpts, tmp_path):
     assert call(cpu_ops, p, x, cos, cos, None, cache_with(kv4)) is None
     x17 = np.ones((17, 1, hidden), np.float32)
     assert call(cpu_ops, p, x17, cos, cos, None, cache_with(KVCache(17, hkv, d))) is None
+    # the stack call is all or nothing: one cache it cannot use and no layer runs or stores
+    line = [ln for ln in src.splitlines() if "= ops.decode_layers(" in ln][-1]  # decode's
+    call_src = line.split("=", 1)[1].strip()
+    names = ", ".join(a.strip() for a in call_src.split("(", 1)[1].split(",")[:4])  # x, cos, sin, mask
+    stack = eval(f"lambda ops, self, {names}, caches: " + call_src)
+    layers = len(m.text_layer_params)
+    caches = [cache_with(KVCache(1, hkv, d)) for _ in range(layers)]
+    assert stack(cpu_ops, m, x, cos, cos, None, caches) is not None
+    assert [c.held for c in caches] == [4] * layers
+    caches[-1] = cache_with(RotatingKVCache(1, hkv, d, window=8))
+    assert stack(cpu_ops, m, x, cos, cos, None, caches) is None
+    assert [c.held for c in caches] == [4] * (layers - 1) + [3]
+    assert stack(cpu_ops, m, x3, mx.ones((1, 1, 3, d)), mx.ones((1, 1, 3, d)), None, caches[:-1] + [caches[0]]) is None
 
 
 @pytest.mark.parametrize("scheme,bits", [("q4", 4), ("q8", 8), ("q3", 3)])

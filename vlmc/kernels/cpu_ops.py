@@ -27,7 +27,7 @@ from .cpu import _as_mx, host as _h
 from .cpu import qembedding  # noqa: F401
 from . import kv_quant as _kv_quant
 from .cpu.attention import attention as _blas_attention
-from .cpu.decode_layer import decode_layer as _decode_layer
+from .cpu.decode_layer import decode_layer as _decode_layer, decode_layers as _decode_layers
 from .cpu.kv_decode import host_dense_step as _host_dense_step, kv_affine_decode as _kv_affine_decode, \
     kv_dense_decode as _kv_dense_decode, kv_turbo_decode as _kv_turbo_decode
 
@@ -77,6 +77,10 @@ def attention(q, k, v, mask: mx.array | None = None, *, scale: float):
 
 def decode_layer(x, cos, sin, mask, cache, *weights, **attrs):
     return _decode_layer(x, cos, sin, mask, cache, *weights, **attrs)
+
+
+def decode_layers(x, cos, sin, mask, caches, layers, **attrs):
+    return _decode_layers(x, cos, sin, mask, caches, layers, **attrs)
 
 
 def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: float):

@@ -143,6 +143,12 @@ def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2,
     return None
 
 
+def decode_layers(x, cos, sin, mask, caches, layers, **attrs):
+    """The same for a whole stack of such layers (layers[i]: layer i's weights in
+    decode_layer's order); the generated loop over the layers runs when this returns None."""
+    return None
+
+
 def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.array | None = None,
                      *, scale: float) -> mx.array:
     q, keys, values, finish = cache.attention_inputs(q, k, v)  # every held token, from the cache's layout

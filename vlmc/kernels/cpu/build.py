@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("gemv.c")  # the translation unit; it includes the other .c files here
-ABI_VERSION = 12  # must match VLMC_ABI in gemv.c
+ABI_VERSION = 13  # must match VLMC_ABI in gemv.c
 
 NATIVE_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
 PORTABLE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread"]
@@ -134,6 +134,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.vlmc_rope.argtypes = [P, L, L, L, L, L, L, L, P, P, L, L, P, I]
     lib.vlmc_decode_layer.restype = I
     lib.vlmc_decode_layer.argtypes = [P, P, P, I, P, P, L, P, P, P, I, I, P, P, P, I]
+    lib.vlmc_decode_layers.restype = I
+    lib.vlmc_decode_layers.argtypes = [P, I, P, P, I, P, P, L, P, P, P, P, P, P, P, I]
     lib.vlmc_set_spin_us.restype = None
     lib.vlmc_set_spin_us.argtypes = [I]
     if lib.vlmc_abi_version() != ABI_VERSION:

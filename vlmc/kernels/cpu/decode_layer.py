@@ -98,42 +98,98 @@ def _tables(cos, sin) -> tuple[np.ndarray, np.ndarray, int, int]:
     return out
 
 
-def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b, *,
-                 eps1: float, eps2: float, heads: int, kv_heads: int, head_dim: int, inter: int, scale: float,
-                 act: str):
-    """The layer's output [B, 1, hidden] as a host array, or None (the caller runs the ops)."""
+def _step_inputs(x, cos, sin, head_dim: int):
+    """(library, B, hidden, cos/sin addresses and row stride) when a step with this x and
+    these rope tables can take the C path, else None."""
     lib = _get_lib()
     f32 = x.dtype == np.float32 if type(x) is np.ndarray else isinstance(x, mx.array) and x.dtype == mx.float32
     if (lib is None or not enabled() or not f32 or x.ndim != 3 or x.shape[1] != 1
             or not 1 <= x.shape[0] <= GEMV_MAX_ROWS):
         return None
-    if getattr(cache, "kv_heads", None) != kv_heads or getattr(cache, "head_dim", None) != head_dim:
-        return None
-    buffers = dense_buffers(cache)
-    if buffers is None:
-        return None
-    B, hidden = x.shape[0], x.shape[2]
+    B = x.shape[0]
     c, s, c_ptr, s_ptr = _tables(cos, sin)
     if c.shape != s.shape or c.ndim != 4 or c.shape[0] not in (1, B) or c.shape[1:] != (1, 1, head_dim):
         return None
+    return lib, B, x.shape[2], c_ptr, s_ptr, head_dim if c.shape[0] > 1 else 0
+
+
+def _cache_buffers(cache, kv_heads: int, head_dim: int):
+    if getattr(cache, "kv_heads", None) != kv_heads or getattr(cache, "head_dim", None) != head_dim:
+        return None
+    return dense_buffers(cache)
+
+
+def _host_input(x, norm1, eps1: float):
+    """x as a contiguous host array, and the first norm where the ops compute it with MLX
+    (x is the embedding's mx.array: the first layer), else None."""
+    normed = None
+    if isinstance(x, mx.array):
+        normed = np.ascontiguousarray(np.asarray(_reference.rms_norm(x, norm1, eps1)), dtype=np.float32)
+        x = np.asarray(x)
+    return (x if x.flags.c_contiguous else np.ascontiguousarray(x)), normed
+
+
+def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b, *,
+                 eps1: float, eps2: float, heads: int, kv_heads: int, head_dim: int, inter: int, scale: float,
+                 act: str):
+    """The layer's output [B, 1, hidden] as a host array, or None (the caller runs the ops)."""
+    step = _step_inputs(x, cos, sin, head_dim)
+    buffers = None if step is None else _cache_buffers(cache, kv_heads, head_dim)
+    if buffers is None:
+        return None
+    lib, B, hidden, c_ptr, s_ptr, ca = step
     layer = _layer((norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b),
                    (eps1, eps2, heads, kv_heads, head_dim, inter, scale, act))
     if layer is None or layer.hidden != hidden:
         return None
     kb, vb = buffers
-    normed = None
-    if isinstance(x, mx.array):  # the first layer's input (the embedding): the ops' first norm is MLX's
-        normed = np.ascontiguousarray(np.asarray(_reference.rms_norm(x, norm1, eps1)), dtype=np.float32)
-        x = np.asarray(x)
-    xn = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    xn, normed = _host_input(x, norm1, eps1)
     starts = host_starts(mask, B)
     new_kv = np.empty((2, B, kv_heads, 1, head_dim), np.float32)
     out = np.empty((B, 1, hidden), np.float32)
     kv_ptr, n = new_kv.ctypes.data, B * kv_heads * head_dim * 4
     from . import n_threads  # the current setting (refresh() may change it)
     _check(lib.vlmc_decode_layer(ctypes.byref(layer), xn.ctypes.data, None if normed is None else normed.ctypes.data,
-                                 B, c_ptr, s_ptr, head_dim if c.shape[0] > 1 else 0, np.asarray(kb).ctypes.data,
-                                 np.asarray(vb).ctypes.data, starts.ctypes.data, kb.shape[2], cache.held, kv_ptr,
-                                 kv_ptr + n, out.ctypes.data, n_threads), "decode_layer")
+                                 B, c_ptr, s_ptr, ca, np.asarray(kb).ctypes.data, np.asarray(vb).ctypes.data,
+                                 starts.ctypes.data, kb.shape[2], cache.held, kv_ptr, kv_ptr + n, out.ctypes.data,
+                                 n_threads), "decode_layer")
     store(cache, *new_kv)
+    return out
+
+
+def decode_layers(x, cos, sin, mask, caches, layers, *, eps1: float, eps2: float, heads: int, kv_heads: int,
+                  head_dim: int, inter: int, scale: float, act: str):
+    """A stack of such layers in one C call (``vlmc_decode_layers``): layers[i] holds layer
+    i's weights as decode_layer takes them, caches[i] its cache. The last layer's output,
+    or None when any layer could not take the C path (the caller then runs the layers one by
+    one; nothing has been computed or stored)."""
+    if not layers or len(layers) != len(caches):
+        return None
+    step = _step_inputs(x, cos, sin, head_dim)
+    if step is None:
+        return None
+    lib, B, hidden, c_ptr, s_ptr, ca = step
+    attrs = (eps1, eps2, heads, kv_heads, head_dim, inter, scale, act)
+    structs = [_layer(w, attrs) for w in layers]
+    if any(lay is None or lay.hidden != hidden for lay in structs):
+        return None
+    buffers = [_cache_buffers(c, kv_heads, head_dim) for c in caches]
+    if any(b is None for b in buffers):
+        return None
+    nl = len(layers)
+    ptrs = np.array([[np.asarray(kb).ctypes.data for kb, _ in buffers], [np.asarray(vb).ctypes.data for _, vb in buffers],
+                     [ctypes.addressof(lay) for lay in structs]], np.uintp)
+    sizes = np.array([[kb.shape[2] for kb, _ in buffers], [c.held for c in caches]], np.int32)
+    xn, normed = _host_input(x, layers[0][0], eps1)
+    starts = host_starts(mask, B)
+    new_kv = np.empty((nl, 2, B, kv_heads, 1, head_dim), np.float32)
+    out = np.empty((B, 1, hidden), np.float32)
+    from . import n_threads  # the current setting (refresh() may change it)
+    _check(lib.vlmc_decode_layers(ptrs[2].ctypes.data, nl, xn.ctypes.data,
+                                  None if normed is None else normed.ctypes.data, B, c_ptr, s_ptr, ca,
+                                  ptrs[0].ctypes.data, ptrs[1].ctypes.data, starts.ctypes.data, sizes[0].ctypes.data,
+                                  sizes[1].ctypes.data, new_kv.ctypes.data, out.ctypes.data, n_threads),
+           "decode_layers")
+    for cache, (k, v) in zip(caches, new_kv):
+        store(cache, k, v)
     return out

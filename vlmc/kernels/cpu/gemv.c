@@ -48,7 +48,7 @@
 #define VLMC_SIMD 0
 #endif
 
-#define VLMC_ABI 12
+#define VLMC_ABI 13
 #define ALWAYS __attribute__((always_inline)) inline
 #define UNROLL _Pragma("GCC unroll 16")
 
