@@ -156,7 +156,7 @@ def test_decode_layer_falls_back_to_the_ops(ckpts, tmp_path):
         c.append(mx.zeros((c.batch, hkv, 3, d)), mx.zeros((c.batch, hkv, 3, d)))
         return c
 
-    x = np.ones((1, 1, hidden), np.float32)
+    x = np.random.default_rng(0).normal(size=(1, 1, hidden)).astype(np.float32)
     assert call(cpu_ops, p, x, cos, cos, None, cache_with(KVCache(1, hkv, d))) is not None
     host = call(cpu_ops, p, x, cos, cos, None, cache_with(KVCache(1, hkv, d)))
     from_mx = call(cpu_ops, p, mx.array(x), cos, cos, None, cache_with(KVCache(1, hkv, d)))
@@ -176,8 +176,17 @@ def test_decode_layer_falls_back_to_the_ops(ckpts, tmp_path):
     stack = eval(f"lambda ops, self, {names}, caches: " + call_src)
     layers = len(m.text_layer_params)
     caches = [cache_with(KVCache(1, hkv, d)) for _ in range(layers)]
-    assert stack(cpu_ops, m, x, cos, cos, None, caches) is not None
-    assert [c.held for c in caches] == [4] * layers
+    out = stack(cpu_ops, m, x, cos, cos, None, caches)
+    assert out is not None and [c.held for c in caches] == [4] * layers
+    # keys/values written in place by the kernel equal the lazy MLX writes where that is not safe
+    lazy = [cache_with(KVCache(1, hkv, d)) for _ in range(layers)]
+    for c in lazy[1:]:
+        c.exported = c.held + 1  # as if its next column had been exported: no in-place write
+    assert np.array_equal(stack(cpu_ops, m, x, cos, cos, None, lazy), out)
+    for a, b in zip(caches, lazy):
+        assert np.array_equal(np.asarray(a.buffers["k"]["x"][:, :, :4]), np.asarray(b.buffers["k"]["x"][:, :, :4]))
+        assert np.array_equal(np.asarray(a.buffers["v"]["x"][:, :, :4]), np.asarray(b.buffers["v"]["x"][:, :, :4]))
+        assert np.abs(np.asarray(a.buffers["v"]["x"][:, :, 3])).max() > 0
     caches[-1] = cache_with(RotatingKVCache(1, hkv, d, window=8))
     assert stack(cpu_ops, m, x, cos, cos, None, caches) is None
     assert [c.held for c in caches] == [4] * (layers - 1) + [3]

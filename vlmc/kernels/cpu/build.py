@@ -135,7 +135,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.vlmc_decode_layer.restype = I
     lib.vlmc_decode_layer.argtypes = [P, P, P, I, P, P, L, P, P, P, I, I, P, P, P, I]
     lib.vlmc_decode_layers.restype = I
-    lib.vlmc_decode_layers.argtypes = [P, I, P, P, I, P, P, L, P, P, P, P, P, P, P, I]
+    lib.vlmc_decode_layers.argtypes = [P, I, P, P, I, P, P, L, P, P, P, P, P, P, P, P, I]
     lib.vlmc_set_spin_us.restype = None
     lib.vlmc_set_spin_us.argtypes = [I]
     if lib.vlmc_abi_version() != ABI_VERSION:

@@ -87,10 +87,11 @@ int vlmc_decode_layer(const vlmc_layer *L, const float *x, const float *normed, 
  * result is theirs to the last bit; what goes away is the Python between the layers (~80
  * us per layer once 26 MB of weights have gone through the caches). normed: as above, for
  * layer 0. kc[i], vc[i], cap[i], held[i]: layer i's cache; new_kv: [nl, 2, B, kv_heads,
- * head_dim], each layer's new keys then values. */
+ * head_dim], each layer's new keys then values; where inplace[i], they also go into the
+ * cache's column held[i] (the caller has checked that no array can see it). */
 int vlmc_decode_layers(const vlmc_layer *const *L, int nl, const float *x, const float *normed, int B, const float *cs,
-                       const float *sn, int64_t ca, const float *const *kc, const float *const *vc,
-                       const int32_t *starts, const int32_t *cap, const int32_t *held, float *new_kv, float *out,
+                       const float *sn, int64_t ca, float *const *kc, float *const *vc, const int32_t *starts,
+                       const int32_t *cap, const int32_t *held, const int32_t *inplace, float *new_kv, float *out,
                        int n_threads) {
     if (nl < 1 || B < 1) return -1;
     const int hid = L[0]->hidden;
@@ -103,8 +104,17 @@ int vlmc_decode_layers(const vlmc_layer *const *L, int nl, const float *x, const
     int rc = 0;
     for (int i = 0; i < nl && !rc; i++) {
         float *dst = i == nl - 1 ? out : buf + (size_t)(i % 2) * B * hid;
+        float *nk = new_kv + 2 * n * i, *nv = nk + n;
         rc = vlmc_decode_layer(L[i], cur, i == 0 ? normed : NULL, B, cs, sn, ca, kc[i], vc[i], starts, cap[i], held[i],
-                               new_kv + 2 * n * i, new_kv + 2 * n * i + n, dst, n_threads);
+                               nk, nv, dst, n_threads);
+        if (!rc && inplace[i]) { /* rows (b, h) of D floats, at column held of [B, HKV, cap, D] */
+            const size_t D = L[i]->head_dim, rows = (size_t)B * L[i]->kv_heads;
+            for (size_t r = 0; r < rows; r++) {
+                const size_t at = (r * cap[i] + held[i]) * D;
+                memcpy(kc[i] + at, nk + r * D, sizeof(float) * D);
+                memcpy(vc[i] + at, nv + r * D, sizeof(float) * D);
+            }
+        }
         cur = dst;
     }
     free(buf);

@@ -19,7 +19,7 @@ import numpy as np
 from .. import reference as _reference
 from . import GEMV_MAX_ROWS, _check, _get_lib, _host, _unpack, enabled, qplan
 from .host import SIGMOID_SCALE, param
-from .kv_decode import dense_buffers, host_starts, store
+from .kv_decode import dense_buffers, host_starts, mark_unsettled, store
 
 _I, _F, _P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 
@@ -177,9 +177,11 @@ def decode_layers(x, cos, sin, mask, caches, layers, *, eps1: float, eps2: float
     if any(b is None for b in buffers):
         return None
     nl = len(layers)
-    ptrs = np.array([[np.asarray(kb).ctypes.data for kb, _ in buffers], [np.asarray(vb).ctypes.data for _, vb in buffers],
+    # cached host views: a buffer written in place stays the same array from step to step
+    ptrs = np.array([[_host(kb).ptr for kb, _ in buffers], [_host(vb).ptr for _, vb in buffers],
                      [ctypes.addressof(lay) for lay in structs]], np.uintp)
-    sizes = np.array([[kb.shape[2] for kb, _ in buffers], [c.held for c in caches]], np.int32)
+    inplace = [c.host_writable() for c in caches]
+    sizes = np.array([[kb.shape[2] for kb, _ in buffers], [c.held for c in caches], inplace], np.int32)
     xn, normed = _host_input(x, layers[0][0], eps1)
     starts = host_starts(mask, B)
     new_kv = np.empty((nl, 2, B, kv_heads, 1, head_dim), np.float32)
@@ -188,8 +190,12 @@ def decode_layers(x, cos, sin, mask, caches, layers, *, eps1: float, eps2: float
     _check(lib.vlmc_decode_layers(ptrs[2].ctypes.data, nl, xn.ctypes.data,
                                   None if normed is None else normed.ctypes.data, B, c_ptr, s_ptr, ca,
                                   ptrs[0].ctypes.data, ptrs[1].ctypes.data, starts.ctypes.data, sizes[0].ctypes.data,
-                                  sizes[1].ctypes.data, new_kv.ctypes.data, out.ctypes.data, n_threads),
-           "decode_layers")
-    for cache, (k, v) in zip(caches, new_kv):
-        store(cache, k, v)
+                                  sizes[1].ctypes.data, sizes[2].ctypes.data, new_kv.ctypes.data, out.ctypes.data,
+                                  n_threads), "decode_layers")
+    for cache, (k, v), written in zip(caches, new_kv, inplace):
+        if written:
+            cache.advance_host()
+        else:  # a lazy write (settled at the next read)
+            cache.append(mx.array(k), mx.array(v))
+            mark_unsettled(cache)
     return out

@@ -147,7 +147,12 @@ def store(cache, k: np.ndarray, v: np.ndarray) -> None:
     layer's."""
     if not cache.write_host(k, v):
         cache.append(mx.array(k), mx.array(v))
-        _unsettled[id(cache)] = cache
+        mark_unsettled(cache)
+
+
+def mark_unsettled(cache) -> None:
+    """cache's last write is a lazy MLX update: evaluate it with the others (settle)."""
+    _unsettled[id(cache)] = cache
 
 
 def host_dense_step(q: np.ndarray, k, v, cache, mask, *, scale: float) -> np.ndarray | None:
