@@ -333,13 +333,15 @@ static ALWAYS void store_out(const job_t *J, int n, int m, float v) {
 #endif
 /* The 4-bit one-x-row kernel (qv_m1_range) computes faster and reaches further ahead,
  * into L2: 8192 bytes into L2 measured 8-11% over 4096 into L1 on Qwen2-VL-2B's decode
- * GEMVs (4096 had been 3-5% over 2048). Offsets beyond PF_DIST go to L2. */
+ * GEMVs (4096 had been 3-5% over 2048). */
 #ifndef PF_M1
 #define PF_M1 8192
 #endif
 static ALWAYS void pf(const void *p, size_t off) {
-    if (PF_DIST > 0 && off > PF_DIST) _mm_prefetch((const char *)p + off, _MM_HINT_T1);
-    else if (PF_DIST > 0 && off > 0) _mm_prefetch((const char *)p + off, _MM_HINT_T0);
+    if (PF_DIST > 0 && off > 0) _mm_prefetch((const char *)p + off, _MM_HINT_T0);
+}
+static ALWAYS void pf_l2(const void *p, size_t off) {
+    if (PF_DIST > 0 && off > 0) _mm_prefetch((const char *)p + off, _MM_HINT_T1);
 }
 
 static ALWAYS float hsum(__m256 v) {
@@ -512,7 +514,7 @@ static ALWAYS __m256i fold8(__m512i p0, __m512i p1, __m512i p2, __m512i p3) {
 }
 
 /* 8 blocks (512 codes) from kb, 4-bit codes, kb % 128 == 0 */
-static ALWAYS void qv4_wide(const int R, const int M, const int ST, const job_t *J, int n, int kb,
+static ALWAYS void qv4_wide(const int R, const int M, const int ST, const int L2, const job_t *J, int n, int kb,
                             __m256 tot[4][8], size_t pfo) {
     const int K = J->K, nb = K / 64;
     const size_t row = (size_t)K / 2;
@@ -521,7 +523,8 @@ static ALWAYS void qv4_wide(const int R, const int M, const int ST, const job_t 
         const uint8_t *wb = (const uint8_t *)J->w + (size_t)(n + r) * row + (size_t)kb / 2;
         __m512i lo[4], hi[4];
         UNROLL for (int i = 0; i < 4; i++) {
-            pf(wb + 64 * i, pfo);
+            if (L2) pf_l2(wb + 64 * i, pfo);
+            else pf(wb + 64 * i, pfo);
             const __m512i v = _mm512_loadu_si512((const void *)(wb + 64 * i));
             lo[i] = _mm512_and_si512(v, m4);
             hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
@@ -581,7 +584,7 @@ static ALWAYS void qv8_wide(const int R, const int M, const int ST, const job_t 
 
 /* Rows n .. n + R - 1, codes k0 .. k1: the dot products accumulate in tot (lanes to be
  * summed) and part (scalar bias terms of blocks outside whole 512-steps). */
-static ALWAYS void qv_acc(const int BITS, const int R, const int M, const int ST, const job_t *J, int n,
+static ALWAYS void qv_acc(const int BITS, const int R, const int M, const int ST, const int L2, const job_t *J, int n,
                           int k0, int k1, __m256 tot[4][8], float *part, size_t pfo) {
     const int K = J->K, gs = J->gs, G = J->G, nb = K / 64;
     const size_t row = (size_t)K * BITS / 8; /* bytes per weight row */
@@ -589,15 +592,16 @@ static ALWAYS void qv_acc(const int BITS, const int R, const int M, const int ST
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     int kb = k0;
     if (BITS == 4) /* k0 is 128-aligned (plan_k) */
-        for (; kb + 512 <= k1; kb += 512) qv4_wide(R, M, ST, J, n, kb, tot, pfo);
-    else
+        for (; kb + 512 <= k1; kb += 512) qv4_wide(R, M, ST, L2, J, n, kb, tot, pfo);
+    else if (M == 1) /* several x rows: two to four times slower this way (M = 2 and 4, the LM head) */
         for (; kb + 512 <= k1; kb += 512) qv8_wide(R, M, ST, J, n, kb, tot, pfo);
     for (; kb < k1; kb += 64) {
         const size_t g = (size_t)kb / gs;
         const size_t xe = BITS == 4 ? x8_even(kb, K) : (size_t)kb, xo = xe + (BITS == 4 ? x8_odd_gap(kb, K) : 32);
         UNROLL for (int r = 0; r < R; r++) {
             const uint8_t *wb = w + r * row + (size_t)kb * BITS / 8;
-            pf(wb, pfo);
+            if (L2) pf_l2(wb, pfo);
+            else pf(wb, pfo);
             __m256i c0, c1; /* the 64 codes as bytes, in x8's order */
             if (BITS == 4) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)wb);
@@ -625,7 +629,7 @@ static ALWAYS void qv_block(const int BITS, const int R, const int M, const int 
                             int k0, int k1, float *part, size_t pfo) {
     __m256 tot[4][8];
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) tot[r][m] = _mm256_setzero_ps();
-    qv_acc(BITS, R, M, ST, J, n, k0, k1, tot, part, pfo);
+    qv_acc(BITS, R, M, ST, 0, J, n, k0, k1, tot, part, pfo);
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) part[r * M + m] += hsum(tot[r][m]);
 }
 
@@ -651,7 +655,7 @@ static ALWAYS void qv_m1_range(const int BITS, const int ST, const job_t *J, int
         UNROLL for (int j = 0; j < 8; j++) {
             __m256 tot[4][8];
             tot[0][0] = _mm256_setzero_ps();
-            qv_acc(BITS, 1, 1, ST, J, n + j, 0, K, tot, p + j, pfo);
+            qv_acc(BITS, 1, 1, ST, 1, J, n + j, 0, K, tot, p + j, pfo);
             t[j] = tot[0][0];
         }
         __m256 y = _mm256_add_ps(hsum8x8(t), _mm256_loadu_ps(p));
@@ -996,7 +1000,7 @@ static void plan_k(job_t *J) {
     /* bytes of x (int8 or float32) vs 16 KiB: with int8 x, Qwen2-VL's down_proj (K = 8960)
      * runs one row at a time like the short rows (26.5 GB/s, was 19.8 with 4 rows) */
     J->long_rows = (long)J->M * K * (J->x8 ? 1 : 4) > X_CHUNK_FLOATS * 4;
-    J->bias_folded = J->x8 && (J->bits == 4 || J->bits == 8) && J->gs == 64;
+    J->bias_folded = J->x8 && J->gs == 64 && (J->bits == 4 || (J->bits == 8 && J->M == 1));
     if (J->M < CHUNK_MIN_M) J->kc = J->kmain; /* one x row: keep the weight stream sequential */
 }
 
