@@ -437,13 +437,20 @@ def qembedding(ids: mx.array, w, scales=None, biases=None, *, bits: int | None =
     """
     w, scales, biases, _, bits, group_size, mode = _unpack(w, scales, biases, None, bits, group_size, mode)
     flat = ids.reshape(-1)
-    rows_w, rows_s = w[flat], scales[flat]
-    rows_b = None if biases is None else biases[flat]
-    lib = _get_lib()
-    if _q_supported(lib, w, scales, biases, bits, group_size, mode):
-        rows = dequantize(rows_w, rows_s, rows_b, bits=bits, group_size=group_size, cache=False)
+    plan = qplan(w, scales, biases, bits, group_size, mode) if biases is not None else (None,) * 6
+    if plan[5] is not None:
+        # the rows gathered from the table's cached host views: three MLX gathers, each
+        # evaluated on its own, had cost a decode step ~0.3 ms
+        lib, K, _, wh, sh, bh, st = plan[5:]
+        idx = np.asarray(flat, dtype=np.int64)
+        rw, rs, rb = (np.ascontiguousarray(h.arr[idx]) for h in (wh, sh, bh))
+        out = np.empty((idx.size, K), np.float32)
+        _check(lib.vlmc_dequantize(rw.ctypes.data, rs.ctypes.data, rb.ctypes.data, st, idx.size, K, bits, group_size,
+                                   out.ctypes.data, n_threads), "dequantize")
+        rows = mx.array(out)
         if scales.dtype != mx.float32:
             rows = rows.astype(scales.dtype)
     else:
-        rows = mx.dequantize(rows_w, rows_s, rows_b, group_size=group_size, bits=bits, mode=mode)
+        rows_b = None if biases is None else biases[flat]
+        rows = mx.dequantize(w[flat], scales[flat], rows_b, group_size=group_size, bits=bits, mode=mode)
     return rows.reshape(*ids.shape, rows.shape[-1])

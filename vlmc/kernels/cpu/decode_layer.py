@@ -7,7 +7,10 @@ float32 cache that is not a sliding window, weights the GEMV kernels read) and r
 None otherwise. It calls the same kernels in the same order, so the result is the op-by-op
 path's to the last bit (for the first layer, whose input is the embedding's mx.array, the
 ops' first norm is MLX's: so it is here too). This step's keys and values go into the
-cache as ``kv_decode.store`` keeps them (in place where that is safe)."""
+cache as ``kv_decode.store`` keeps them (in place where that is safe).
+
+``decode_layers`` runs a whole stack of such layers in one C call (the generated code tries
+it before its loop over the layers): all of them or, returning None, none."""
 from __future__ import annotations
 
 import ctypes
