@@ -513,10 +513,26 @@ static ALWAYS __m256i fold8(__m512i p0, __m512i p1, __m512i p2, __m512i p3) {
     return _mm512_castsi512_si256(_mm512_permutexvar_epi32(idx, v));
 }
 
+/* the folded bias terms' 8 group biases of row n from block kb (gs == 64), else zeros */
+static ALWAYS __m256 bias8(const int ST, const job_t *J, int n, int kb) {
+    const size_t bo = (size_t)n * J->G + (size_t)kb / 64;
+    return !J->bias_folded ? _mm256_setzero_ps()
+           : ST == ST_BF16 ? ld8_bf16((const uint16_t *)J->bi + bo) : _mm256_loadu_ps((const float *)J->bi + bo);
+}
+
+/* tot + 8 blocks' integer dots x (weight scale x x's block scale) + their bias terms, x row m */
+static ALWAYS __m256 acc8(const job_t *J, int m, int kb, __m256i dots, __m256 sv, __m256 bv, __m256 tot) {
+    const __m256 xs = _mm256_loadu_ps(J->x8s + (size_t)m * (J->K / 64) + (kb >> 6));
+    tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(sv, xs), tot);
+    if (J->bias_folded) /* sum_g b_g * (group sum of rounded x), 8 groups */
+        tot = _mm256_fmadd_ps(bv, _mm256_loadu_ps(J->xs + (size_t)m * J->G + (kb >> 6)), tot);
+    return tot;
+}
+
 /* 8 blocks (512 codes) from kb, 4-bit codes, kb % 128 == 0 */
 static ALWAYS void qv4_wide(const int R, const int M, const int ST, const int L2, const job_t *J, int n, int kb,
                             __m256 tot[4][8], size_t pfo) {
-    const int K = J->K, nb = K / 64;
+    const int K = J->K;
     const size_t row = (size_t)K / 2;
     const __m512i m4 = _mm512_set1_epi8(0x0F), z = _mm512_setzero_si512();
     UNROLL for (int r = 0; r < R; r++) {
@@ -529,10 +545,7 @@ static ALWAYS void qv4_wide(const int R, const int M, const int ST, const int L2
             lo[i] = _mm512_and_si512(v, m4);
             hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
         }
-        const __m256 sv = scale8(ST, J, n + r, kb);
-        const size_t bo = (size_t)(n + r) * J->G + (size_t)kb / 64; /* gs == 64 when folding */
-        const __m256 bv = !J->bias_folded ? _mm256_setzero_ps()
-                          : ST == ST_BF16 ? ld8_bf16((const uint16_t *)J->bi + bo) : _mm256_loadu_ps((const float *)J->bi + bo);
+        const __m256 sv = scale8(ST, J, n + r, kb), bv = bias8(ST, J, n + r, kb);
         UNROLL for (int m = 0; m < M; m++) {
             const int8_t *xb = J->x8 + (size_t)m * K + kb;
             __m512i a[4];
@@ -540,11 +553,7 @@ static ALWAYS void qv4_wide(const int R, const int M, const int ST, const int L2
                 a[i] = _mm512_dpbusd_epi32(z, lo[i], _mm512_loadu_si512((const void *)(xb + 128 * i)));
                 a[i] = _mm512_dpbusd_epi32(a[i], hi[i], _mm512_loadu_si512((const void *)(xb + 128 * i + 64)));
             }
-            const __m256 d = _mm256_cvtepi32_ps(fold8(a[0], a[1], a[2], a[3]));
-            const __m256 xs = _mm256_loadu_ps(J->x8s + (size_t)m * nb + (kb >> 6));
-            tot[r][m] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, xs), tot[r][m]);
-            if (J->bias_folded) /* sum_g b_g * (group sum of rounded x), 8 groups */
-                tot[r][m] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(J->xs + (size_t)m * J->G + (kb >> 6)), tot[r][m]);
+            tot[r][m] = acc8(J, m, kb, fold8(a[0], a[1], a[2], a[3]), sv, bv, tot[r][m]);
         }
     }
 }
@@ -553,17 +562,14 @@ static ALWAYS void qv4_wide(const int R, const int M, const int ST, const int L2
  * each block's 16 lanes are first halved into 8, two blocks per vector, for fold8. */
 static ALWAYS void qv8_wide(const int R, const int M, const int ST, const job_t *J, int n, int kb,
                             __m256 tot[4][8], size_t pfo) {
-    const int K = J->K, nb = K / 64;
+    const int K = J->K;
     const __m512i z = _mm512_setzero_si512();
     UNROLL for (int r = 0; r < R; r++) {
         const uint8_t *wb = (const uint8_t *)J->w + (size_t)(n + r) * K + kb;
         __m512i c[8];
         (void)pfo; /* no software prefetch: with it the LM head streamed at 23-30 GB/s, without 30-37 */
         UNROLL for (int i = 0; i < 8; i++) c[i] = _mm512_loadu_si512((const void *)(wb + 64 * i));
-        const __m256 sv = scale8(ST, J, n + r, kb);
-        const size_t bo = (size_t)(n + r) * J->G + (size_t)kb / 64; /* gs == 64 when folding */
-        const __m256 bv = !J->bias_folded ? _mm256_setzero_ps()
-                          : ST == ST_BF16 ? ld8_bf16((const uint16_t *)J->bi + bo) : _mm256_loadu_ps((const float *)J->bi + bo);
+        const __m256 sv = scale8(ST, J, n + r, kb), bv = bias8(ST, J, n + r, kb);
         UNROLL for (int m = 0; m < M; m++) {
             const int8_t *xb = J->x8 + (size_t)m * K + kb;
             __m512i a[4];
@@ -573,11 +579,7 @@ static ALWAYS void qv8_wide(const int R, const int M, const int ST, const job_t 
                 a[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(p0, p1, _MM_SHUFFLE(1, 0, 1, 0)),
                                         _mm512_shuffle_i32x4(p0, p1, _MM_SHUFFLE(3, 2, 3, 2)));
             }
-            const __m256 d = _mm256_cvtepi32_ps(fold8(a[0], a[1], a[2], a[3]));
-            const __m256 xs = _mm256_loadu_ps(J->x8s + (size_t)m * nb + (kb >> 6));
-            tot[r][m] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, xs), tot[r][m]);
-            if (J->bias_folded)
-                tot[r][m] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(J->xs + (size_t)m * J->G + (kb >> 6)), tot[r][m]);
+            tot[r][m] = acc8(J, m, kb, fold8(a[0], a[1], a[2], a[3]), sv, bv, tot[r][m]);
         }
     }
 }
