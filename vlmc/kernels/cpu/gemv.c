@@ -1495,6 +1495,11 @@ static const float *kv_row_turbo(const kv_job *J, int v, size_t r, float *x, flo
 #define KVD_SIMD 1
 #define KVD_HB 6     /* query heads per pass (a 7:1 or wider group takes two) */
 #define KVD_ROWS 128 /* cached rows per block */
+/* Prefetch n floats of a cached row 4096 bytes ahead: Qwen2-VL-2B's 28 attention calls at
+ * 2048 keys went 7.79 -> 6.36 ms (2048 ahead: 6.51, 8192: 6.68; attab.py, same process) */
+static ALWAYS void kv_pf(const float *row, int n) {
+    for (int z = 0; z < n; z += 16) _mm_prefetch((const char *)(row + z) + 4096, _MM_HINT_T0);
+}
 /* Rows i0 .. i0 + nr - 1 of the keys (v = 0) or values (v = 1) of the KV head at cache row
  * `base`, as nr x D contiguous floats: a pointer into the cache (dense) or rows decoded
  * into buf. */
@@ -1593,6 +1598,7 @@ static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv
             const int hb = R - h0 < KVD_HB ? R - h0 : KVD_HB;
             for (int r = 0; r < nr; r++) {
                 const float *k = K + (size_t)r * D;
+                if (h0 == 0) kv_pf(k, D);
                 __m512 acc[KVD_HB];
                 UNROLL for (int h = 0; h < KVD_HB; h++) acc[h] = _mm512_setzero_ps();
                 for (int z = 0; z < nz; z++) {
@@ -1640,6 +1646,7 @@ static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv
                                                : _mm512_setzero_ps();
                 for (int r = 0; r < nr; r++) {
                     const float *vr = V + (size_t)r * D + 16 * z0;
+                    if (h0 == 0) kv_pf(vr, 16 * zb);
                     __m512 vv[4];
                     UNROLL for (int z = 0; z < 4; z++) vv[z] = z < zb ? _mm512_loadu_ps(vr + 16 * z) : _mm512_setzero_ps();
                     UNROLL for (int h = 0; h < KVD_HB; h++)
