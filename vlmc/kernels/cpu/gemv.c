@@ -665,9 +665,11 @@ static ALWAYS void qv_m1_range(const int BITS, const int ST, const job_t *J, int
         _mm256_storeu_ps(J->y + n, y);
     }
     for (; n < n1; n++) {
+        __m256 tot[4][8];
         float p = 0.f;
-        qv_block(BITS, 1, 1, ST, J, n, 0, K, &p, pfo);
-        store_out(J, n, 0, p);
+        tot[0][0] = _mm256_setzero_ps();
+        qv_acc(BITS, 1, 1, ST, 1, J, n, 0, K, tot, &p, pfo);
+        store_out(J, n, 0, p + hsum(tot[0][0]));
     }
 }
 #else
