@@ -536,3 +536,16 @@ def test_numpy_activations_match_reference(kind):
     small = x[:2, :8]
     assert not cpu_ops._numpy_act_ok(small, kind)
     assert mx.array_equal(cpu_ops.act(small, kind), reference.act(small, kind))
+
+
+def test_qembedding_rejects_ids_outside_the_table():
+    """The host gather says which id is out of range (a clear InputError, not an IndexError)."""
+    from vlmc.errors import InputError
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    wq, s, b = mx.quantize(mx.random.normal((40, 128), scale=0.02), group_size=64, bits=4)
+    rows = cpu.qembedding(mx.array([[3, 39]]), wq, s, b, bits=4, group_size=64)
+    assert rows.shape == (1, 2, 128)
+    for bad in (40, -1):
+        with pytest.raises(InputError, match=f"token id {bad} is outside the embedding table's 40 rows"):
+            cpu.qembedding(mx.array([[3, bad]]), wq, s, b, bits=4, group_size=64)

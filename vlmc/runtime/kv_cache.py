@@ -274,7 +274,7 @@ class RotatingKVCache(KVCache):
             self.start += drop
         super().append(k, v)
 
-    def write_host(self, k, v) -> bool:
+    def host_writable(self) -> bool:
         return False  # its append may drop the oldest tokens first
 
     def mask_for(self, mask: mx.array | None, queries: int) -> mx.array | None:

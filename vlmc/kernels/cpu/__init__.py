@@ -32,6 +32,7 @@ import weakref
 import mlx.core as mx
 import numpy as np
 
+from ...errors import InputError
 from .. import reference as _reference
 from . import build as _build
 
@@ -443,6 +444,9 @@ def qembedding(ids: mx.array, w, scales=None, biases=None, *, bits: int | None =
         # evaluated on its own, had cost a decode step ~0.3 ms
         lib, K, _, wh, sh, bh, st = plan[5:]
         idx = np.asarray(flat, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= wh.arr.shape[0]):
+            bad = int(idx.max() if idx.max() >= wh.arr.shape[0] else idx.min())
+            raise InputError(f"token id {bad} is outside the embedding table's {wh.arr.shape[0]} rows")
         rw, rs, rb = (np.ascontiguousarray(h.arr[idx]) for h in (wh, sh, bh))
         out = np.empty((idx.size, K), np.float32)
         _check(lib.vlmc_dequantize(rw.ctypes.data, rs.ctypes.data, rb.ctypes.data, st, idx.size, K, bits, group_size,

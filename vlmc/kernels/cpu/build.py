@@ -132,8 +132,6 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.vlmc_norm.argtypes = [P, L, L, P, P, ctypes.c_float, I, P, I]
     lib.vlmc_rope.restype = I
     lib.vlmc_rope.argtypes = [P, L, L, L, L, L, L, L, P, P, L, L, P, I]
-    lib.vlmc_decode_layer.restype = I
-    lib.vlmc_decode_layer.argtypes = [P, P, P, I, P, P, L, P, P, P, I, I, P, P, P, I]
     lib.vlmc_decode_layers.restype = I
     lib.vlmc_decode_layers.argtypes = [P, I, P, P, I, P, P, L, P, P, P, P, P, P, P, P, I]
     lib.vlmc_set_spin_us.restype = None

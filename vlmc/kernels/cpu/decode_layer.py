@@ -7,10 +7,11 @@ float32 cache that is not a sliding window, weights the GEMV kernels read) and r
 None otherwise. It calls the same kernels in the same order, so the result is the op-by-op
 path's to the last bit (for the first layer, whose input is the embedding's mx.array, the
 ops' first norm is MLX's: so it is here too). This step's keys and values go into the
-cache as ``kv_decode.store`` keeps them (in place where that is safe).
+cache in place where that is safe (``KVCache.host_writable``), else as a lazy write.
 
 ``decode_layers`` runs a whole stack of such layers in one C call (the generated code tries
-it before its loop over the layers): all of them or, returning None, none."""
+it before its loop over the layers): all of them or, returning None, none; ``decode_layer``
+is the same call for one layer."""
 from __future__ import annotations
 
 import ctypes
@@ -22,7 +23,7 @@ import numpy as np
 from .. import reference as _reference
 from . import GEMV_MAX_ROWS, _check, _get_lib, _host, _unpack, enabled, qplan
 from .host import SIGMOID_SCALE, param
-from .kv_decode import dense_buffers, host_starts, mark_unsettled, store
+from .kv_decode import dense_buffers, host_starts, mark_unsettled
 
 _I, _F, _P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 
@@ -132,32 +133,10 @@ def _host_input(x, norm1, eps1: float):
     return (x if x.flags.c_contiguous else np.ascontiguousarray(x)), normed
 
 
-def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b, *,
-                 eps1: float, eps2: float, heads: int, kv_heads: int, head_dim: int, inter: int, scale: float,
-                 act: str):
-    """The layer's output [B, 1, hidden] as a host array, or None (the caller runs the ops)."""
-    step = _step_inputs(x, cos, sin, head_dim)
-    buffers = None if step is None else _cache_buffers(cache, kv_heads, head_dim)
-    if buffers is None:
-        return None
-    lib, B, hidden, c_ptr, s_ptr, ca = step
-    layer = _layer((norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b),
-                   (eps1, eps2, heads, kv_heads, head_dim, inter, scale, act))
-    if layer is None or layer.hidden != hidden:
-        return None
-    kb, vb = buffers
-    xn, normed = _host_input(x, norm1, eps1)
-    starts = host_starts(mask, B)
-    new_kv = np.empty((2, B, kv_heads, 1, head_dim), np.float32)
-    out = np.empty((B, 1, hidden), np.float32)
-    kv_ptr, n = new_kv.ctypes.data, B * kv_heads * head_dim * 4
-    from . import n_threads  # the current setting (refresh() may change it)
-    _check(lib.vlmc_decode_layer(ctypes.byref(layer), xn.ctypes.data, None if normed is None else normed.ctypes.data,
-                                 B, c_ptr, s_ptr, ca, np.asarray(kb).ctypes.data, np.asarray(vb).ctypes.data,
-                                 starts.ctypes.data, kb.shape[2], cache.held, kv_ptr, kv_ptr + n, out.ctypes.data,
-                                 n_threads), "decode_layer")
-    store(cache, *new_kv)
-    return out
+def decode_layer(x, cos, sin, mask, cache, *weights, **attrs):
+    """The layer's output [B, 1, hidden] as a host array, or None (the caller runs the ops):
+    ``decode_layers`` over this one layer."""
+    return decode_layers(x, cos, sin, mask, [cache], [weights], **attrs)
 
 
 def decode_layers(x, cos, sin, mask, caches, layers, *, eps1: float, eps2: float, heads: int, kv_heads: int,
