@@ -219,3 +219,54 @@ def test_kv_kernel_launch_wiring(spec, monkeypatch):
     chunks = -(-cache.held // gpu.KV_CHUNK)  # 76 held tokens: 2 chunks
     assert seen["grid"] == (2 * 2 * chunks * gpu.KV_BLOCK, 1, 1) and chunks == 2
     assert seen["shapes"] == [(2, 4, chunks, 64), (2, 4, chunks, 2)] and out.shape == q.shape
+
+
+
+@pytest.mark.parametrize("mode", ["mxfp8", "nvfp4"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 256), (2, 3, 128), (1, 1, 1536)])
+def test_qqlinear_rounds_activations_to_the_weight_format(mode, dtype, shape):
+    """gpu_ops.qqlinear (qqmm on a GPU with block-scaled tensor cores, else the reference's
+    emulation): x is rounded block by block as numpy's oracle rounds it
+    (fixtures.block_formats), then multiplied by the weight as reference.qlinear does."""
+    from fixtures.block_formats import is_rounded
+    from vlmc.kernels.quant import quantize_array
+    mx.random.seed(sum(shape))
+    # rows of very different magnitudes, so that blocks get different scales
+    x = (mx.random.normal(shape) * mx.exp(2 * mx.random.normal((*shape[:-1], 1)))).astype(dtype)
+    w = quantize_array(mx.random.normal((96, shape[-1])) / 8, bits={"mxfp8": 8, "nvfp4": 4}[mode],
+                       group_size={"mxfp8": 32, "nvfp4": 16}[mode], mode=mode)
+    b = mx.random.normal((96,)).astype(dtype)
+    rounded = reference.quantize_activations(x, w)
+    assert rounded.dtype == dtype
+    assert is_rounded(np.asarray(rounded.astype(mx.float32), np.float64),
+                      np.asarray(x.astype(mx.float32), np.float64), mode)
+    expect = reference.qlinear(rounded, w, b)
+    out = gpu_ops.qqlinear(x, w, b)
+    assert out.shape == expect.shape and out.dtype == dtype
+    if gpu_ops.block_scaled_matmul(mode):  # tensor-core sums: another order, float32 accumulation
+        _close(out, expect, dtype) if dtype != mx.float32 else \
+            np.testing.assert_allclose(np.asarray(out), np.asarray(expect), atol=1e-4 * float(mx.abs(expect).max()))
+    else:
+        assert mx.array_equal(out, expect)
+    # and the activations really were rounded: the unrounded product is measurably elsewhere
+    plain = reference.qlinear(x, w, b).astype(mx.float32)
+    assert float(mx.abs(plain - expect.astype(mx.float32)).max()) > 1e-3 * float(mx.abs(expect).max())
+
+
+def test_block_format_oracle_tells_the_tie_rules_apart():
+    """The oracle's tie rules differ where they must (and so can catch a wrong rounding)."""
+    from fixtures.block_formats import round_to_format
+    x = np.zeros((1, 16))
+    x[0, :8] = [6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]
+    assert round_to_format(x, "nvfp4")[0, :8].tolist() == [6, 0, 1, 1, 2, 2, 4, 4]
+    assert round_to_format(x, "nvfp4", value_ties="zero")[0, :8].tolist() == [6, 0, 0.5, 1, 1.5, 2, 3, 4]
+
+
+def test_block_scaled_matmul_needs_a_cuda_gpu(monkeypatch):
+    gpu_ops.block_scaled_matmul.cache_clear()
+    monkeypatch.setattr(gpu_ops, "backend", lambda: None)
+    try:
+        assert gpu_ops.block_scaled_matmul("mxfp8") is False
+    finally:
+        gpu_ops.block_scaled_matmul.cache_clear()

@@ -220,6 +220,48 @@ def test_microscaling_schemes_run(ckpts, tmp_path):
         assert np.isfinite(_trace(vlmc.load(art), steps=3, image=False)[1]).all()
 
 
+def test_quantized_activations_reach_every_quantized_linear_but_the_head(ckpts, tmp_path):
+    weights = compile(ckpts["qwen2_vl"], tmp_path / "w", quantize="nvfp4", target="cuda")
+    acts = compile(ckpts["qwen2_vl"], tmp_path / "wa", quantize="nvfp4", target="cuda", quantize_activations=True)
+    block = _text_block(acts)
+    assert block.count("ops.qqlinear(") == 4 and "ops.qlinear(" not in block  # qkv, o, gate_up, down
+    assert "ops.qqlinear(" not in (weights / "model.py").read_text()
+    m = _manifest(acts)
+    assert m["meta"]["quantization"]["activations"] is True
+    q = m["quantized"]
+    assert q["text.layers.0.mlp.down_proj.weight"]["activations"] == "nvfp4"
+    assert "activations" not in q["text.embed_tokens.weight"]  # the head (mxfp8) keeps float inputs
+    assert any(k.startswith("vision.") and v.get("activations") for k, v in q.items())
+    # the same weights; only the rounding of the inputs differs, and it shows in the logits
+    assert {k: v["rel_error"] for k, v in q.items()} == \
+        {k: v["rel_error"] for k, v in _manifest(weights)["quantized"].items()}
+    _, lw = _trace(vlmc.load(weights), steps=3)
+    _, la = _trace(vlmc.load(acts), steps=3)
+    assert np.isfinite(la).all() and np.abs(la - lw).max() > 1e-3
+
+
+def test_quantized_activations_need_a_block_format_and_the_cuda_target(ckpts, tmp_path):
+    for kw in ({"quantize": "q4"}, {"quantize": "mxfp4"}, {}, {"quantize": "mxfp8", "target": "cpu"}):
+        with pytest.raises(VlmcError, match="--quantize-activations"):
+            compile(ckpts["qwen2_vl"], tmp_path / "x", quantize_activations=True, **{"target": "cuda", **kw})
+
+
+def test_compile_cli_quantizes_activations_and_inspect_shows_it(ckpts, tmp_path):
+    from click.testing import CliRunner
+    from vlmc.cli import main
+    run = CliRunner().invoke
+    out = tmp_path / "art"
+    res = run(main, ["compile", str(ckpts["llava"]), "-o", str(out), "-q", "mxfp8", "--target", "cuda",
+                     "--quantize-activations"])
+    assert res.exit_code == 0, res.output
+    shown = run(main, ["inspect", str(out), "--layers"]).output
+    assert "mxfp8+act" in shown
+    bad = run(main, ["compile", str(ckpts["llava"]), "-o", str(tmp_path / "bad"), "-q", "q8", "--target", "cuda",
+                     "--quantize-activations"])
+    assert bad.exit_code != 0 and "--quantize-activations needs --quantize mxfp8 or nvfp4" in bad.output
+    assert not (tmp_path / "bad").exists()
+
+
 def test_mixed_recipe_raises_sensitive_weights(ckpts, tmp_path):
     q = _manifest(compile(ckpts["qwen2_5_vl"], tmp_path / "mixed", quantize="q4", recipe="mixed"))["quantized"]
     assert q["text.layers.1.mlp.gate_proj+up_proj.weight"]["bits"] == 4      # middle layer: the scheme

@@ -42,6 +42,9 @@ TARGET = click.Choice(["cpu", "metal", "cuda"])
               help="Scheme for embeddings and LM head: auto (q6 under q2-q4, q8 under q5-q6, mxfp8 under mxfp4/nvfp4), none (float), or a scheme.")
 @click.option("--recipe", type=click.Choice(["uniform", "mixed"]), default="uniform", show_default=True,
               help="mixed: first/last decoder layers, v_proj and down_proj at 6 bits (8 for q2/q3).")
+@click.option("--quantize-activations", is_flag=True,
+              help="With -q mxfp8/nvfp4 and --target cuda: round each quantized linear layer's input to its "
+                   "weight's format too (block-scaled tensor cores; emulated where the GPU has none).")
 @click.option("--no-fuse", "no_fuse", multiple=True, type=click.Choice(list(FUSIONS)),
               help="Turn a fusion off (repeatable), e.g. to measure its effect.")
 @click.option("--fuse", "fuse", multiple=True, type=click.Choice(list(OPT_IN)),
@@ -49,13 +52,14 @@ TARGET = click.Choice(["cpu", "metal", "cuda"])
 @kv_flags
 @exit_on_user_error
 def compile_cmd(src: str, out: Path | None, dtype: str, target: str | None, preset: str, quantize: str | None,
-                group_size: int, quantize_vision: bool, head: str, recipe: str, no_fuse: tuple[str, ...],
-                fuse: tuple[str, ...], **kv_kw) -> None:
+                group_size: int, quantize_vision: bool, head: str, recipe: str, quantize_activations: bool,
+                no_fuse: tuple[str, ...], fuse: tuple[str, ...], **kv_kw) -> None:
     """Compile SRC (a checkpoint folder or Hugging Face hub id) into an MLX artifact."""
     from .compiler import compile as compile_checkpoint
     path = compile_checkpoint(src, out, dtype=dtype, target=target, preset=preset, quantize=quantize,
                               group_size=group_size, quantize_vision=quantize_vision, head=head, recipe=recipe,
-                              no_fuse=no_fuse, fuse=fuse, progress=True, **compile_options(pop_kv(kv_kw)))
+                              no_fuse=no_fuse, fuse=fuse, quantize_activations=quantize_activations, progress=True,
+                              **compile_options(pop_kv(kv_kw)))
     click.echo(str(path))
 
 
@@ -73,9 +77,9 @@ def quality_cmd(candidate: str, reference: str, steps: int) -> None:
     report = compare(ref, cand, steps=steps)
     quantized = cand.artifact.manifest.get("quantized", {})
     if quantized:
-        click.echo(f"{'weight':<56} {'scheme':<7} {'rel.err':>8}")
+        click.echo(f"{'weight':<56} {'scheme':<9} {'rel.err':>8}")
         for name, q in sorted(quantized.items(), key=lambda kv: -kv[1]["rel_error"]):
-            click.echo(f"{name:<56} {q['scheme']:<7} {q['rel_error']:>8.4f}")
+            click.echo(f"{name:<56} {_scheme_label(q):<9} {q['rel_error']:>8.4f}")
     click.echo(f"positions {report.positions}  top-1 agreement {100 * report.top1_agreement:.2f}%  "
                f"mean KL {report.mean_kl:.5f}  max KL {report.max_kl:.5f}")
 
@@ -233,6 +237,11 @@ def _memory_summary(tensors: dict, quantized: dict) -> str:
     return "\n".join(lines)
 
 
+def _scheme_label(q: dict) -> str:
+    """A weight's scheme, with "+act" where its layer's input is quantized to the same format."""
+    return q["scheme"] + ("+act" if q.get("activations") else "")
+
+
 def _quant_summary(manifest: dict, per_layer: bool) -> str:
     quantized = manifest.get("quantized", {})
     if not quantized:
@@ -240,17 +249,17 @@ def _quant_summary(manifest: dict, per_layer: bool) -> str:
     lines = ["", "quantization:"]
     by: dict[str, list[int]] = {}
     for name, q in quantized.items():
-        b = by.setdefault(q["scheme"], [0, 0])
+        b = by.setdefault(_scheme_label(q), [0, 0])
         b[0] += 1
         b[1] += q["bytes"]
     for scheme, (n, b) in sorted(by.items()):
-        lines.append(f"  {scheme:<6} {n:>5} weights {b / 2**20:>10.1f} MiB")
+        lines.append(f"  {scheme:<8} {n:>5} weights {b / 2**20:>10.1f} MiB")
     kept = manifest["meta"].get("quantization", {}).get("kept_float", [])
     if kept:
         lines.append(f"  kept float (group size does not divide): {', '.join(kept)}")
     if per_layer:
         for name, q in sorted(quantized.items()):
-            lines.append(f"  {name:<60} {q['scheme']:<6} g{q['group_size']:<4} {q['bytes'] / 2**20:8.2f} MiB "
+            lines.append(f"  {name:<60} {_scheme_label(q):<8} g{q['group_size']:<4} {q['bytes'] / 2**20:8.2f} MiB "
                          f"err {q['rel_error']:.4f}")
     return "\n".join(lines)
 

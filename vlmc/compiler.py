@@ -18,7 +18,7 @@ from .frontend.source import read_json
 from .passes import PRESETS, run_passes
 from .passes.dtype import FLOAT_DTYPES
 from .passes.fuse import FUSIONS
-from .passes.quantize import SCHEMES
+from .passes.quantize import ACTIVATION_MODES, SCHEMES
 
 TARGETS = ("cpu", "metal", "cuda")
 
@@ -40,7 +40,8 @@ def cache_dir() -> Path:
 
 
 def _options(dtype: str, target: str, preset: str, quantize: str | None, group_size: int, quantize_vision: bool,
-             head: str, recipe: str, no_fuse: tuple[str, ...], fuse: tuple[str, ...] = ()) -> dict[str, Any]:
+             head: str, recipe: str, no_fuse: tuple[str, ...], fuse: tuple[str, ...] = (),
+             quantize_activations: bool = False) -> dict[str, Any]:
     if dtype not in FLOAT_DTYPES:
         raise VlmcError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
     if target not in TARGETS:
@@ -55,12 +56,18 @@ def _options(dtype: str, target: str, preset: str, quantize: str | None, group_s
         raise VlmcError(f"--recipe must be uniform or mixed, got {recipe!r}")
     if group_size not in (32, 64, 128):
         raise VlmcError(f"--group-size must be 32, 64 or 128, got {group_size}")
+    if quantize_activations and quantize not in ACTIVATION_MODES:
+        raise VlmcError(f"--quantize-activations needs --quantize {' or '.join(ACTIVATION_MODES)} "
+                        f"(the block formats both operands of a matmul can take), got {quantize or 'none'}")
+    if quantize_activations and target != "cuda":
+        raise VlmcError("--quantize-activations is for --target cuda: block-scaled tensor cores multiply the "
+                        "quantized operands there (an artifact for cuda also runs elsewhere, emulating them)")
     bad = (set(no_fuse) | set(fuse)) - set(FUSIONS)
     if bad:
         raise VlmcError(f"--fuse/--no-fuse take {', '.join(FUSIONS)}; got {', '.join(sorted(bad))}")
     return {"dtype": dtype, "target": target, "preset": preset, "quantize": quantize, "group_size": group_size,
             "quantize_vision": quantize_vision, "head": head, "recipe": recipe, "no_fuse": sorted(no_fuse),
-            "fuse": sorted(fuse)}
+            "fuse": sorted(fuse), **({"quantize_activations": True} if quantize_activations else {})}
 
 
 def _pass_options(o: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -70,7 +77,8 @@ def _pass_options(o: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {"fuse": fusing,
             "storage_dtype": {"dtype": o["dtype"]},
             "quantize": {"scheme": o["quantize"], "group_size": o["group_size"], "vision": o["quantize_vision"],
-                         "head": o["head"], "recipe": o["recipe"]} if o["quantize"] else {},
+                         "head": o["head"], "recipe": o["recipe"],
+                         "activations": o.get("quantize_activations", False)} if o["quantize"] else {},
             "lower": {"target": o["target"], "decode_layer": "decode_layer" not in o["no_fuse"]},
             "kv_layout": o.get("kv", {})}
 
@@ -102,12 +110,13 @@ def compile(src: str | os.PathLike, out: str | os.PathLike | None = None, *, dty
             no_fuse: tuple[str, ...] | list[str] = (), fuse: tuple[str, ...] | list[str] = (), kv_bits: float | None = None,
             kv_quant_scheme: str = "uniform", kv_group_size: int | None = None, max_kv_size: int | None = None,
             kv_memory_budget: int | None = None, kv_context: int | None = None, kv_quantize_last: bool = False,
-            progress: bool = False) -> Path:
+            quantize_activations: bool = False, progress: bool = False) -> Path:
     """Compile a checkpoint folder or hub id. Without ``out`` the artifact goes to the
     compile cache and an existing one for the same source and options is reused.
-    The ``kv_*`` / ``max_kv_size`` options plan the KV caches (``vlmc.kvplan``)."""
+    The ``kv_*`` / ``max_kv_size`` options plan the KV caches (``vlmc.kvplan``);
+    ``quantize_activations`` (mxfp8/nvfp4, cuda target) rounds linear inputs to the weights' format."""
     options = _options(dtype, target or default_target(), preset, quantize, group_size, quantize_vision, head,
-                       recipe, tuple(no_fuse), tuple(fuse))
+                       recipe, tuple(no_fuse), tuple(fuse), quantize_activations)
     options["kv"] = kv_options(kv_bits=kv_bits, kv_quant_scheme=kv_quant_scheme, kv_group_size=kv_group_size,
                                max_kv_size=max_kv_size, kv_memory_budget=kv_memory_budget, context=kv_context,
                                quantize_last=kv_quantize_last)

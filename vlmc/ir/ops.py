@@ -64,6 +64,12 @@ def _qlinear(t, a):
     return _linear(t, a)
 
 
+@rule("qqlinear")
+def _qqlinear(t, a):
+    """qlinear whose input is rounded to the weight's block format first (mxfp8 / nvfp4)."""
+    return _linear(t, a)
+
+
 @rule("qembedding")
 def _qembedding(t, a):
     return _embedding(t, a)

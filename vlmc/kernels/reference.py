@@ -182,6 +182,25 @@ def qlinear(x: mx.array, w, b: mx.array | None = None) -> mx.array:
     return y + b if b is not None else y
 
 
+def quantize_activations(x: mx.array, w) -> mx.array:
+    """``x`` rounded to ``w``'s block format along its last axis, back in x's dtype: mxfp8 =
+    e4m3 values with a power-of-two scale per 32, nvfp4 = e2m1 values with an e4m3 scale per
+    16 (no per-tensor scale: groups whose largest value is above 6 x 448 saturate). The
+    scales and the division run in float32 (MLX's bf16 path would round x / scale to bf16
+    before rounding it to e2m1); the rounded values are exact in x's dtype."""
+    flat = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+    codes, scales = mx.quantize(flat, group_size=w.group_size, bits=w.bits, mode=w.mode)[:2]
+    rounded = mx.dequantize(codes, scales, group_size=w.group_size, bits=w.bits, mode=w.mode, dtype=x.dtype)
+    return rounded.reshape(x.shape)
+
+
+def qqlinear(x: mx.array, w, b: mx.array | None = None) -> mx.array:
+    """qlinear with x quantized to w's block format (mxfp8 / nvfp4) first: the product of two
+    block-quantized operands that MLX's ``qqmm`` computes on block-scaled tensor cores,
+    here emulated (the rounded values are exact in x's dtype, the sum runs in float32)."""
+    return qlinear(quantize_activations(x, w), w, b)
+
+
 def qembedding(ids: mx.array, table) -> mx.array:
     """Rows of a quantized table, dequantized."""
     flat = ids.reshape(-1)

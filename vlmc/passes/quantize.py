@@ -14,7 +14,11 @@ Policy:
   them in float);
 - ``recipe="mixed"`` raises sensitive weights (first and last decoder layers, the q/k/v
   projection that holds v_proj, down_proj) to 6 bits (8 for q2/q3);
-- a weight whose input dimension does not split into groups stays float and is reported.
+- a weight whose input dimension does not split into groups stays float and is reported;
+- ``activations=True`` (mxfp8 / nvfp4 only) also rounds the inputs of the linear layers that
+  carry a block-floating scheme (not the embeddings/LM head) to their weight's format:
+  ``linear`` -> ``qqlinear``, the product MLX's ``qqmm`` computes on block-scaled tensor
+  cores. Each such weight's record says ``"activations": mode``.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from .manager import register
 
 AFFINE = {"q2": 2, "q3": 3, "q4": 4, "q5": 5, "q6": 6, "q8": 8}
 MICROSCALING = {"mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}
+ACTIVATION_MODES = ("mxfp8", "nvfp4")  # the block formats MLX's qqmm takes for both operands
 SCHEMES = tuple(AFFINE) + tuple(MICROSCALING)
 
 
@@ -48,12 +53,19 @@ def _uses(fn: Function, prefixes: list[str], out: dict[str, set[str]]) -> None:
                 out.setdefault(pre + op.inputs[1][1:], set()).add(op.op)
 
 
-def _rewrite(fn: Function, is_quantized) -> None:
-    """linear/embedding over a quantized weight -> qlinear/qembedding. The scheme travels with
-    the weight (the runtime loads it as a QuantWeight), so layers of one block may differ."""
+def _rewrite(fn: Function, spec_of) -> None:
+    """linear/embedding over a quantized weight -> qlinear/qembedding (qqlinear where the
+    activations are quantized too). The scheme travels with the weight (the runtime loads it
+    as a QuantWeight), so layers of one block may differ."""
     for op in fn.ops:
-        if op.op in ("linear", "embedding") and op.inputs[1].startswith("@") and is_quantized(op.inputs[1][1:]):
-            op.op = "qlinear" if op.op == "linear" else "qembedding"
+        if op.op in ("linear", "embedding") and op.inputs[1].startswith("@"):
+            spec = spec_of(op.inputs[1][1:])
+            if spec is None:
+                continue
+            if op.op == "embedding":
+                op.op = "qembedding"
+            else:
+                op.op = "qqlinear" if spec.get("activations") else "qlinear"
 
 
 def _sensitive(name: str, last_layer: int) -> bool:
@@ -79,10 +91,14 @@ def auto_head(base: dict[str, Any]) -> str | None:
 
 @register("quantize")
 def quantize(prog: Program, scheme: str | None = None, group_size: int = 64, vision: bool = True,
-             head: str | None = "auto", recipe: str = "uniform") -> tuple[Program, str]:
+             head: str | None = "auto", recipe: str = "uniform", activations: bool = False) -> tuple[Program, str]:
     if scheme is None:
+        if activations:
+            raise ValueError("quantized activations need a weight scheme (mxfp8 or nvfp4)")
         return prog, "off"
     base = scheme_spec(scheme, group_size)
+    if activations and base["mode"] not in ACTIVATION_MODES:
+        raise ValueError(f"activations can be quantized under {' or '.join(ACTIVATION_MODES)} only, not {scheme}")
     if recipe not in ("uniform", "mixed"):
         raise ValueError(f"recipe must be uniform or mixed, got {recipe!r}")
     if head == "auto":
@@ -117,6 +133,8 @@ def quantize(prog: Program, scheme: str | None = None, group_size: int = 64, vis
         if p.shape[1] % spec["group_size"]:
             kept.append(f"{name} (in={p.shape[1]})")
             continue
+        if activations and not is_head and spec["mode"] in ACTIVATION_MODES and use == {"linear"}:
+            spec = {**spec, "activations": spec["mode"]}
         p.attrs["quant"] = dict(spec)
         decided[name] = spec
 
@@ -125,15 +143,20 @@ def quantize(prog: Program, scheme: str | None = None, group_size: int = 64, vis
             marks = {blk.param_prefix.format(i=i) + rel in decided for i in range(len(blk.layers))}
             if len(marks) > 1:  # a block body is shared: its layers must all be quantized or none
                 raise ValueError(f"{blk.name}: {rel} is quantized in some layers only")
+            acts = {bool(decided.get(blk.param_prefix.format(i=i) + rel, {}).get("activations"))
+                    for i in range(len(blk.layers))}
+            if len(acts) > 1:
+                raise ValueError(f"{blk.name}: {rel} has quantized activations in some layers only")
         first = blk.param_prefix.format(i=0)
-        _rewrite(blk.body, lambda rel, first=first: first + rel in decided)
+        _rewrite(blk.body, lambda rel, first=first: decided.get(first + rel))
     for fn in prog.functions.values():
-        _rewrite(fn, lambda name: name in decided)
+        _rewrite(fn, decided.get)
     counts: dict[str, int] = {}
     for spec in decided.values():
-        counts[spec["scheme"]] = counts.get(spec["scheme"], 0) + 1
+        key = spec["scheme"] + (" (activations too)" if spec.get("activations") else "")
+        counts[key] = counts.get(key, 0) + 1
     prog.meta["quantization"] = {"scheme": scheme, "group_size": base["group_size"], "vision": vision,
-                                 "head": head, "recipe": recipe, "kept_float": kept}
+                                 "head": head, "recipe": recipe, "activations": activations, "kept_float": kept}
     summary = ", ".join(f"{v} weights {k}" for k, v in sorted(counts.items()))
     if kept:
         summary += f"; {len(kept)} kept float (group size does not divide): {', '.join(kept[:4])}"
