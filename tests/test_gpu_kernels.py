@@ -261,6 +261,7 @@ def test_block_format_oracle_tells_the_tie_rules_apart():
     x[0, :8] = [6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]
     assert round_to_format(x, "nvfp4")[0, :8].tolist() == [6, 0, 1, 1, 2, 2, 4, 4]
     assert round_to_format(x, "nvfp4", value_ties="zero")[0, :8].tolist() == [6, 0, 0.5, 1, 1.5, 2, 3, 4]
+    assert round_to_format(x, "nvfp4", value_ties="away")[0, :8].tolist() == [6, 0.5, 1, 1.5, 2, 3, 4, 6]
 
 
 def test_block_scaled_matmul_needs_a_cuda_gpu(monkeypatch):

@@ -44,7 +44,7 @@ TARGET = click.Choice(["cpu", "metal", "cuda"])
               help="mixed: first/last decoder layers, v_proj and down_proj at 6 bits (8 for q2/q3).")
 @click.option("--quantize-activations", is_flag=True,
               help="With -q mxfp8/nvfp4 and --target cuda: round each quantized linear layer's input to its "
-                   "weight's format too (block-scaled tensor cores; emulated where the GPU has none).")
+                   "weight's format too (MLX's qqmm on the GPU; emulated where it cannot run).")
 @click.option("--no-fuse", "no_fuse", multiple=True, type=click.Choice(list(FUSIONS)),
               help="Turn a fusion off (repeatable), e.g. to measure its effect.")
 @click.option("--fuse", "fuse", multiple=True, type=click.Choice(list(OPT_IN)),

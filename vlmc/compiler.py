@@ -60,8 +60,8 @@ def _options(dtype: str, target: str, preset: str, quantize: str | None, group_s
         raise VlmcError(f"--quantize-activations needs --quantize {' or '.join(ACTIVATION_MODES)} "
                         f"(the block formats both operands of a matmul can take), got {quantize or 'none'}")
     if quantize_activations and target != "cuda":
-        raise VlmcError("--quantize-activations is for --target cuda: block-scaled tensor cores multiply the "
-                        "quantized operands there (an artifact for cuda also runs elsewhere, emulating them)")
+        raise VlmcError("--quantize-activations is for --target cuda, where MLX's qqmm multiplies the two "
+                        "quantized operands (an artifact for cuda also runs elsewhere, emulating it)")
     bad = (set(no_fuse) | set(fuse)) - set(FUSIONS)
     if bad:
         raise VlmcError(f"--fuse/--no-fuse take {', '.join(FUSIONS)}; got {', '.join(sorted(bad))}")

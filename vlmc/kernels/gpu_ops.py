@@ -13,9 +13,10 @@ from .gpu import add_rms_norm, backend, cached_attention  # noqa: F401,E402
 
 @lru_cache(maxsize=None)
 def block_scaled_matmul(mode: str) -> bool:
-    """Whether MLX's ``qqmm`` (both operands in ``mode``, on block-scaled tensor cores) runs
-    on this machine: CUDA GPUs of compute capability 10.0 and up. An unsupported device
-    only fails when the product is evaluated, so this evaluates one small product once."""
+    """Whether MLX's ``qqmm`` (both operands in ``mode``) runs on this machine's GPU. Some
+    MLX builds refuse GPUs below compute capability 10.0 (no block-scaled tensor cores),
+    and only when the product is evaluated, so this evaluates one small product once.
+    (MLX 0.32.4 ran it on an H100, sm_90, bitwise equal to ``reference.qqlinear``.)"""
     if backend() != "cuda" or not hasattr(mx, "qqmm"):
         return False
     try:
@@ -28,7 +29,7 @@ def block_scaled_matmul(mode: str) -> bool:
 
 def qqlinear(x: mx.array, w, b: mx.array | None = None) -> mx.array:
     """``reference.qqlinear`` (x rounded to w's block format, then x @ w.T): through
-    ``mx.qqmm`` where the GPU multiplies block-quantized operands itself, else emulated."""
+    ``mx.qqmm`` where MLX runs it on this GPU, else emulated."""
     if not block_scaled_matmul(w.mode):
         return _reference.qqlinear(x, w, b)
     y = mx.qqmm(x.reshape(-1, x.shape[-1]), w.weight, w.scales, group_size=w.group_size, bits=w.bits, mode=w.mode)

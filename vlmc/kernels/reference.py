@@ -196,8 +196,8 @@ def quantize_activations(x: mx.array, w) -> mx.array:
 
 def qqlinear(x: mx.array, w, b: mx.array | None = None) -> mx.array:
     """qlinear with x quantized to w's block format (mxfp8 / nvfp4) first: the product of two
-    block-quantized operands that MLX's ``qqmm`` computes on block-scaled tensor cores,
-    here emulated (the rounded values are exact in x's dtype, the sum runs in float32)."""
+    block-quantized operands that MLX's ``qqmm`` computes, here emulated (the rounded values
+    are exact in x's dtype)."""
     return qlinear(quantize_activations(x, w), w, b)
 
 

@@ -17,8 +17,8 @@ Policy:
 - a weight whose input dimension does not split into groups stays float and is reported;
 - ``activations=True`` (mxfp8 / nvfp4 only) also rounds the inputs of the linear layers that
   carry a block-floating scheme (not the embeddings/LM head) to their weight's format:
-  ``linear`` -> ``qqlinear``, the product MLX's ``qqmm`` computes on block-scaled tensor
-  cores. Each such weight's record says ``"activations": mode``.
+  ``linear`` -> ``qqlinear``, the product of two block-quantized operands that MLX's
+  ``qqmm`` computes. Each such weight's record says ``"activations": mode``.
 """
 from __future__ import annotations
 
