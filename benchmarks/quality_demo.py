@@ -42,6 +42,9 @@ CONFIGS: dict[str, tuple[dict, dict, tuple[str, float] | None]] = {
     "mxfp8": ({"quantize": "mxfp8"}, {}, None),
     "mxfp4": ({"quantize": "mxfp4"}, {}, None),
     "nvfp4": ({"quantize": "nvfp4"}, {}, None),
+    # activations rounded too (a cuda-target artifact; here its rounding is emulated)
+    "mxfp8+act": ({"quantize": "mxfp8", "target": "cuda", "quantize_activations": True}, {}, None),
+    "nvfp4+act": ({"quantize": "nvfp4", "target": "cuda", "quantize_activations": True}, {}, None),
     "kv8": ({}, {"kv_bits": 8}, ("top1", 0.99)),
     "kv4": ({}, {"kv_bits": 4}, ("top1", 0.95)),
     "kv4-all": ({}, {"kv_bits": 4, "quantize_last": True}, ("top1", 0.95)),

@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from vlmc.kernels import cpu, reference
+from vlmc.kernels import cpu, cpu_ops, reference
 from vlmc.kernels.cpu import build
 
 pytestmark = pytest.mark.skipif(cpu._get_lib() is None, reason="no C compiler: CPU kernels unavailable")
@@ -307,6 +307,11 @@ def test_qembedding_matches_reference(bits, gs, sdtype):
     for got in (cpu.qembedding(ids, table), cpu.qembedding(ids, wq, s, b, bits=bits, group_size=gs)):
         assert got.shape == (2, 3, 256) and got.dtype == ref.dtype
         assert rel_err(got, ref) < (1e-6 if sdtype == mx.float32 else 1e-2)
+    # host rows (the cpu target's op): float32 arrays holding exactly the rows' values
+    host = cpu_ops.qembedding(ids, table)
+    if cpu._get_lib() is not None and bits in (4, 8):
+        assert type(host) is np.ndarray and host.dtype == np.float32 and host.shape == (2, 3, 256)
+        assert np.array_equal(host, np.asarray(cpu.qembedding(ids, table).astype(mx.float32)))
 
 
 # ---- build, cache, fallbacks -------------------------------------------------------------

@@ -24,7 +24,6 @@ from .reference import *  # noqa: F401,F403  (every op not overridden below)
 
 from . import cpu as _cpu
 from .cpu import _as_mx, host as _h
-from .cpu import qembedding  # noqa: F401
 from . import kv_quant as _kv_quant
 from .cpu.attention import attention as _blas_attention
 from .cpu.decode_layer import decode_layer as _decode_layer, decode_layers as _decode_layers
@@ -69,6 +68,13 @@ def linear(x, w: mx.array, b: mx.array | None = None):
 
 def qlinear(x, w, scales=None, biases=None, b: mx.array | None = None, **kw):
     return _cpu.qlinear(x, w, scales, biases, b, host=True, **kw)
+
+
+def qembedding(ids, w, scales=None, biases=None, **kw):
+    """The rows as a host array where the kernel gathers them (their values as the table's
+    dtype holds them): the first layer's norm then runs on the host in both the ops and the
+    decode_layers path."""
+    return _cpu.qembedding(_as_mx(ids), w, scales, biases, host=True, **kw)
 
 
 def attention(q, k, v, mask: mx.array | None = None, *, scale: float):

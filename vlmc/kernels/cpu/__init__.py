@@ -429,12 +429,26 @@ def widen(q, bits: int):
     return _quant.QuantWeight(mx.array(out.view(np.uint32)), q.scales, q.biases, bits, q.group_size, q.mode)
 
 
+def _round_to(a: np.ndarray, dtype) -> np.ndarray:
+    """float32 ``a`` rounded in place to ``dtype``'s nearest values (ties to even, as MLX's
+    astype rounds), kept in float32."""
+    if dtype == mx.bfloat16:
+        u = a.view(np.uint32)
+        u += np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+        u &= np.uint32(0xFFFF0000)
+    elif dtype == mx.float16:
+        a[...] = a.astype(np.float16)
+    return a
+
+
 def qembedding(ids: mx.array, w, scales=None, biases=None, *, bits: int | None = None,
-               group_size: int | None = None, mode: str = "affine") -> mx.array:
+               group_size: int | None = None, mode: str = "affine", host: bool = False):
     """Rows ``ids`` of a quantized table, dequantized (dtype of ``scales``, as mx.dequantize).
 
     Called as ``qembedding(ids, w, scales, biases, bits=, group_size=, mode=)`` or
-    ``qembedding(ids, quant_weight)``.
+    ``qembedding(ids, quant_weight)``. ``host=True``: where the kernel gathers the rows, a
+    float32 host array holding the same values (rounded to bf16/fp16 as that dtype would),
+    so that a decode step's first ops run on the host too.
     """
     w, scales, biases, _, bits, group_size, mode = _unpack(w, scales, biases, None, bits, group_size, mode)
     flat = ids.reshape(-1)
@@ -451,6 +465,8 @@ def qembedding(ids: mx.array, w, scales=None, biases=None, *, bits: int | None =
         out = np.empty((idx.size, K), np.float32)
         _check(lib.vlmc_dequantize(rw.ctypes.data, rs.ctypes.data, rb.ctypes.data, st, idx.size, K, bits, group_size,
                                    out.ctypes.data, n_threads), "dequantize")
+        if host:
+            return _round_to(out, scales.dtype).reshape(*ids.shape, K)
         rows = mx.array(out)
         if scales.dtype != mx.float32:
             rows = rows.astype(scales.dtype)
