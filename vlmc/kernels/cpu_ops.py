@@ -64,7 +64,8 @@ _rope_freqs_mlx = _on_mlx("rope_freqs")
 
 @functools.lru_cache(maxsize=16)
 def _inv_freq(theta: float, dim: int) -> np.ndarray:
-    return np.asarray(_reference._inv_freq(theta, dim))  # the reference's float32 values
+    # the reference's float32 values, copied: a view would hold MLX memory after an unload
+    return np.array(_reference._inv_freq(theta, dim), copy=True)
 
 
 def rope_freqs(positions, kind: str, dim: int, theta: float, sections: list[int] | None = None):
