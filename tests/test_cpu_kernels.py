@@ -119,7 +119,7 @@ def qref(x, wq, s, b, bits, gs, bias=None):
     return y + bias if bias is not None else y
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 6, 8])
 @pytest.mark.parametrize("gs", [32, 64, 128])
 @pytest.mark.parametrize("sdtype", [mx.float32, mx.bfloat16])
 def test_qlinear_simd_bits(bits, gs, sdtype, float_activations):
@@ -138,7 +138,7 @@ def test_qlinear_simd_bits(bits, gs, sdtype, float_activations):
                 assert rel_err(y, ref) < QUANT_TOL, (bits, gs, sdtype, N, K, M, bb is not None)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 6, 8])
 @pytest.mark.parametrize("gs", [64, 128])
 @pytest.mark.parametrize("sdtype", [mx.float32, mx.bfloat16])
 def test_qlinear_int8_activations(gs, sdtype, bits):
@@ -169,6 +169,14 @@ def test_qlinear_int8_activations(gs, sdtype, bits):
         cpu.refresh()
 
 
+def unpack_codes(wq, bits: int, K: int) -> np.ndarray:
+    """MLX's packed codes [N, K * bits / 32] as int64 [N, K]: a little-endian bit stream
+    (6-bit codes straddle the uint32 words)."""
+    stream = np.unpackbits(np.asarray(wq).view(np.uint8), axis=1, bitorder="little")
+    fields = stream[:, :K * bits].reshape(-1, K, bits).astype(np.int64)
+    return (fields << np.arange(bits, dtype=np.int64)).sum(axis=2)
+
+
 def int8x_ref(x, wq, s, b, bits, gs):
     """What the int8-activation GEMV computes, in float64: x rounded to int8 per 64 values
     (scale amax / 127, float32 arithmetic, ties to even), exact integer dots per 64-block,
@@ -181,10 +189,7 @@ def int8x_ref(x, wq, s, b, bits, gs):
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     q = np.rint(blocks * inv).astype(np.int64)  # [M, nb, 64]
     xsc = (amax / np.float32(127)).astype(np.float64)[..., 0]  # [M, nb]
-    words = np.asarray(wq).astype(np.uint64)
-    per = 32 // bits
-    codes = ((words[:, :, None] >> (bits * np.arange(per, dtype=np.uint64))) & ((1 << bits) - 1))
-    codes = codes.reshape(words.shape[0], K).astype(np.int64).reshape(-1, K // 64, 64)  # [N, nb, 64]
+    codes = unpack_codes(wq, bits, K).reshape(-1, K // 64, 64)  # [N, nb, 64]
     dots = np.einsum("mbk,nbk->mnb", q, codes).astype(np.float64)  # exact
     sc = np.asarray(s.astype(mx.float32), np.float64)
     bi = np.asarray(b.astype(mx.float32), np.float64)
@@ -195,7 +200,8 @@ def int8x_ref(x, wq, s, b, bits, gs):
 
 
 @pytest.mark.parametrize("bits,gs,sdtype", [(4, 64, mx.bfloat16), (4, 64, mx.float32), (4, 128, mx.bfloat16),
-                                            (4, 192, mx.float32), (4, 256, mx.bfloat16), (8, 64, mx.bfloat16)])
+                                            (4, 192, mx.float32), (4, 256, mx.bfloat16), (8, 64, mx.bfloat16),
+                                            (6, 64, mx.bfloat16), (6, 128, mx.float32)])
 def test_qlinear_int8_activations_exact(bits, gs, sdtype):
     """The int8-activation GEMV against its own arithmetic done exactly (int8x_ref): only
     float summation order may differ. K covers the 4-bit kernel's cases: whole 512-code
@@ -242,7 +248,7 @@ def test_qlinear_int8_gemm_for_many_rows(gs, sdtype, monkeypatch):
     assert rel_err(cpu.qlinear(x, wq, s, b, bias, bits=4, group_size=gs), qref(x, wq, s, b, 4, gs, bias)) < QUANT_TOL
 
 
-@pytest.mark.parametrize("bits", [2, 3, 5, 6])
+@pytest.mark.parametrize("bits", [2, 3, 5])
 def test_qlinear_other_bits(bits):
     for gs, sdtype in [(32, mx.float32), (64, mx.bfloat16), (128, mx.float32)]:
         N, K = 53, 512
@@ -500,8 +506,8 @@ def test_widen_works_in_row_blocks(monkeypatch):
 
 
 def test_cpu_artifacts_widen_odd_bit_widths_at_load(tmp_path, monkeypatch):
-    """A q3 artifact (head at q6) loads with 4- and 8-bit codes on the cpu target, computing
-    the same logits as the unwidened weights through MLX's own quantized matmul."""
+    """A q3 artifact (head at q6) loads with 4- and 6-bit codes on the cpu target, computing
+    the same embeddings as the unwidened weights through MLX's own ops."""
     import vlmc
     from fixtures.checkpoints import build_checkpoint
     ck = tmp_path / "ck"
@@ -509,7 +515,16 @@ def test_cpu_artifacts_widen_odd_bit_widths_at_load(tmp_path, monkeypatch):
     art = vlmc.compile(ck, tmp_path / "q3", quantize="q3", group_size=32)
     widened = vlmc.load(art)
     bits = {w.bits for w in widened.model.params.values() if hasattr(w, "bits")}
-    assert bits == {4, 8}  # q3 -> 4, the q6 head -> 8
+    # q3 -> 4; the q6 head stays 6 where the kernels widen its codes in registers, else -> 8
+    assert bits == ({4, 6} if cpu.reads_6bit_codes() else {4, 8})
+    monkeypatch.setenv("VLMC_CPU_INT8_ACTIVATIONS", "0")  # float x: widening at load is faster
+    cpu.refresh()
+    try:
+        assert not cpu.reads_6bit_codes()
+        assert {w.bits for w in vlmc.load(art).model.params.values() if hasattr(w, "bits")} == {4, 8}
+    finally:
+        monkeypatch.delenv("VLMC_CPU_INT8_ACTIVATIONS")
+        cpu.refresh()
     monkeypatch.setenv("VLMC_CPU_KERNELS", "0")
     cpu.refresh()
     try:

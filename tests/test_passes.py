@@ -82,13 +82,15 @@ def test_each_fusion_switches_off_alone(ckpts, tmp_path):
     assert not any("decode_layer" in (a / "model.py").read_text() for a in (only_qkv, only_norm))
 
 
-@pytest.mark.parametrize("family,quantize", [("qwen2_vl", "q4"), ("qwen2_5_vl", None), ("llava", "q8")])
+@pytest.mark.parametrize("family,quantize", [("qwen2_vl", "q4"), ("qwen2_5_vl", None), ("llava", "q8"),
+                                             ("qwen2_vl", "q6")])
 def test_decode_layer_fast_path(ckpts, tmp_path, family, quantize, monkeypatch):
     """The cpu target's decode_layer lowering: every text layer gets one guarded fast-path
     call and the loop over the text layers one guarded call for the whole stack
     (decode_layers; no vision layer, no GPU target, off with --no-fuse decode_layer). The
     stack call really runs in every decode step, and where it declines the per-layer call
-    runs in every layer (the first layer's input is the embedding's mx.array); both give
+    runs in every layer (the first layer's input is the embedding: a host array from a
+    quantized table, else an mx.array); both give
     the op-by-op logits to the last bit, for one sequence with an image and for a
     left-padded batch of two (a mask, starts > 0)."""
     from vlmc.kernels import cpu, cpu_ops

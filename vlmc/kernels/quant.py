@@ -35,11 +35,12 @@ def quantize_array(w: mx.array, *, bits: int, group_size: int, mode: str) -> Qua
     return QuantWeight(parts[0], parts[1], biases, bits, group_size, mode)
 
 
-# Affine widths the CPU target's SIMD kernels read, and the wider one each other width is
-# repacked into at load (``widen``): codes and group scales/biases are unchanged, so the
-# result is exactly the same matrix.
-SIMD_BITS = (4, 8)
-WIDER = {2: 4, 3: 4, 5: 8, 6: 8}
+# Affine widths the CPU target's SIMD kernels read (6-bit rows are widened to bytes a few
+# at a time inside the kernels), and the wider one each other width is repacked into at
+# load (``widen``): codes and group scales/biases are unchanged, so the result is exactly
+# the same matrix.
+SIMD_BITS = (4, 6, 8)
+WIDER = {2: 4, 3: 4, 5: 8}
 
 
 WIDEN_ROWS = 4096  # rows widened at a time (temporaries of 8 x WIDEN_ROWS x K bytes)
@@ -52,7 +53,7 @@ def widen(q: QuantWeight, bits: int) -> QuantWeight:
     Done (and evaluated) in blocks of ``WIDEN_ROWS`` rows: the codes pass through float32
     and uint32 temporaries of 4 bytes per value, which for a whole 151936 x 1536 LM head
     raised a load's peak resident memory from 1.1 to 6.4 GB."""
-    if q.mode != "affine" or bits <= q.bits or bits not in SIMD_BITS:
+    if q.mode != "affine" or bits <= q.bits or bits not in (4, 8):
         raise ValueError(f"cannot widen {q.mode} {q.bits}-bit codes to {bits} bits")
     n, k = q.shape
     shifts = mx.arange(32 // bits, dtype=mx.uint32) * bits

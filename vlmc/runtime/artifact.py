@@ -65,13 +65,16 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 def cpu_widening(manifest: dict[str, Any]) -> dict[int, int]:
     """On the cpu target with the compiled kernels, affine widths the SIMD GEMV does not read
-    (2, 3, 5, 6 bits) are repacked at load into 4 or 8 bits (exact; the artifact on disk
-    stays compact). Without it a q6 LM head alone took Qwen2-VL-2B's q4 decode from 9.9 to
-    3.2 tok/s (the generic path unpacks a row at a time)."""
+    (2, 3, 5 bits; 6 where it reads them slower than 8, ``cpu.reads_6bit_codes``) are
+    repacked at load into 4 or 8 bits (exact; the artifact on disk stays compact). Without
+    it a q6 LM head alone had taken Qwen2-VL-2B's q4 decode from 9.9 to 3.2 tok/s (the
+    generic path unpacks a row at a time)."""
     if manifest.get("meta", {}).get("target") != "cpu" or os.environ.get("VLMC_CPU_KERNELS") == "0":
         return {}
     from ..kernels import cpu
-    return dict(WIDER) if cpu.available() else {}
+    if not cpu.available():
+        return {}
+    return dict(WIDER) if cpu.reads_6bit_codes() else {**WIDER, 6: 8}
 
 
 def load_artifact(path: str | Path) -> Artifact:

@@ -48,7 +48,7 @@
 #define VLMC_SIMD 0
 #endif
 
-#define VLMC_ABI 13
+#define VLMC_ABI 14
 #define ALWAYS __attribute__((always_inline)) inline
 #define UNROLL _Pragma("GCC unroll 16")
 
@@ -114,6 +114,41 @@ static void dequant_row_generic(const uint8_t *row, int K, int bits, int gs, con
         float s = ld_param(sc, goff + g, st), b = ld_param(bi, goff + g, st);
         float *o = out + (size_t)g * gs;
         for (int i = 0; i < gs; i++) o[i] = s * o[i] + b;
+    }
+}
+
+/* 6-bit codes (MLX's packing: a little-endian bit stream, 4 codes per 3 bytes) of one row
+ * widened to one byte each, K a multiple of 64. The 6-bit GEMV and dequantize run the
+ * 8-bit kernels on rows widened this way a few at a time: a q6 LM head then streams 0.75x
+ * the bytes of the 8-bit copy it was repacked into at load. */
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#define VLMC_CODES6 1
+/* each qword of the result gathers the 6 bytes of 8 codes; multishift then picks bits
+ * 6j .. 6j + 7 of it for code j */
+static const uint8_t CODES6_IDX[64] = {0,  1,  2,  3,  4,  5,  5,  5,  6,  7,  8,  9,  10, 11, 11, 11,
+                                       12, 13, 14, 15, 16, 17, 17, 17, 18, 19, 20, 21, 22, 23, 23, 23,
+                                       24, 25, 26, 27, 28, 29, 29, 29, 30, 31, 32, 33, 34, 35, 35, 35,
+                                       36, 37, 38, 39, 40, 41, 41, 41, 42, 43, 44, 45, 46, 47, 47, 47};
+/* the 64 codes in the 48 bytes at p, one per byte */
+static ALWAYS __m512i codes6(const uint8_t *p) {
+    const __m512i v = _mm512_maskz_loadu_epi8(0x0000FFFFFFFFFFFFULL, p);
+    const __m512i c = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x2A241E18120C0600LL),
+                                                   _mm512_permutexvar_epi8(_mm512_loadu_si512((const void *)CODES6_IDX), v));
+    return _mm512_and_si512(c, _mm512_set1_epi8(0x3F));
+}
+#else
+#define VLMC_CODES6 0
+#endif
+
+static void expand6(const uint8_t *src, uint8_t *dst, int K) {
+    int k = 0;
+#if VLMC_CODES6
+    for (; k + 64 <= K; k += 64) _mm512_storeu_si512((void *)(dst + k), codes6(src + (size_t)k / 8 * 6));
+#endif
+    for (; k < K; k += 8) {
+        uint64_t v = 0;
+        memcpy(&v, src + (size_t)k / 8 * 6, 6);
+        for (int i = 0; i < 8; i++) dst[k + i] = (uint8_t)((v >> (6 * i)) & 63);
     }
 }
 
@@ -584,6 +619,37 @@ static ALWAYS void qv8_wide(const int R, const int M, const int ST, const job_t 
     }
 }
 
+#if VLMC_CODES6
+/* qv8_wide on 6-bit codes, widened in registers (8 x 48 bytes per step), prefetched into
+ * L2 like the 4-bit one-row kernel: they stream from memory at 0.75 bytes per code */
+static ALWAYS void qv6_wide(const int R, const int M, const int ST, const int L2, const job_t *J, int n, int kb,
+                            __m256 tot[4][8], size_t pfo) {
+    const int K = J->K;
+    const __m512i z = _mm512_setzero_si512();
+    UNROLL for (int r = 0; r < R; r++) {
+        const uint8_t *wb = (const uint8_t *)J->w + (size_t)(n + r) * (K / 8 * 6) + (size_t)kb / 8 * 6;
+        UNROLL for (int i = 0; i < 6; i++) {
+            if (L2) pf_l2(wb + 64 * i, pfo);
+            else pf(wb + 64 * i, pfo);
+        }
+        __m512i c[8];
+        UNROLL for (int i = 0; i < 8; i++) c[i] = codes6(wb + 48 * i);
+        const __m256 sv = scale8(ST, J, n + r, kb), bv = bias8(ST, J, n + r, kb);
+        UNROLL for (int m = 0; m < M; m++) {
+            const int8_t *xb = J->x8 + (size_t)m * K + kb;
+            __m512i a[4];
+            UNROLL for (int i = 0; i < 4; i++) {
+                const __m512i p0 = _mm512_dpbusd_epi32(z, c[2 * i], _mm512_loadu_si512((const void *)(xb + 128 * i)));
+                const __m512i p1 = _mm512_dpbusd_epi32(z, c[2 * i + 1], _mm512_loadu_si512((const void *)(xb + 128 * i + 64)));
+                a[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(p0, p1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                        _mm512_shuffle_i32x4(p0, p1, _MM_SHUFFLE(3, 2, 3, 2)));
+            }
+            tot[r][m] = acc8(J, m, kb, fold8(a[0], a[1], a[2], a[3]), sv, bv, tot[r][m]);
+        }
+    }
+}
+#endif
+
 /* Rows n .. n + R - 1, codes k0 .. k1: the dot products accumulate in tot (lanes to be
  * summed) and part (scalar bias terms of blocks outside whole 512-steps). */
 static ALWAYS void qv_acc(const int BITS, const int R, const int M, const int ST, const int L2, const job_t *J, int n,
@@ -595,7 +661,11 @@ static ALWAYS void qv_acc(const int BITS, const int R, const int M, const int ST
     int kb = k0;
     if (BITS == 4) /* k0 is 128-aligned (plan_k) */
         for (; kb + 512 <= k1; kb += 512) qv4_wide(R, M, ST, L2, J, n, kb, tot, pfo);
-    else if (M == 1) /* several x rows: two to four times slower this way (M = 2 and 4, the LM head) */
+#if VLMC_CODES6
+    else if (BITS == 6 && M == 1)
+        for (; kb + 512 <= k1; kb += 512) qv6_wide(R, M, ST, L2, J, n, kb, tot, pfo);
+#endif
+    else if (BITS == 8 && M == 1) /* several x rows: two to four times slower this way (M = 2 and 4, the LM head) */
         for (; kb + 512 <= k1; kb += 512) qv8_wide(R, M, ST, J, n, kb, tot, pfo);
     for (; kb < k1; kb += 64) {
         const size_t g = (size_t)kb / gs;
@@ -609,6 +679,12 @@ static ALWAYS void qv_acc(const int BITS, const int R, const int M, const int ST
                 const __m256i v = _mm256_loadu_si256((const __m256i *)wb);
                 c0 = _mm256_and_si256(v, m4);
                 c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+#if VLMC_CODES6
+            } else if (BITS == 6) {
+                const __m512i v = codes6(wb);
+                c0 = _mm512_castsi512_si256(v);
+                c1 = _mm512_extracti64x4_epi64(v, 1);
+#endif
             } else {
                 c0 = _mm256_loadu_si256((const __m256i *)wb);
                 c1 = _mm256_loadu_si256((const __m256i *)(wb + 32));
@@ -649,7 +725,7 @@ static ALWAYS __m256 hsum8x8(const __m256 t[8]) {
  * thread: 42 -> 32 cycles per 512 codes). */
 static ALWAYS void qv_m1_range(const int BITS, const int ST, const job_t *J, int n0, int n1) {
     const int K = J->K;
-    const size_t pfo = BITS == 4 ? PF_M1 : 0;
+    const size_t pfo = BITS == 8 ? 0 : PF_M1;
     int n = n0;
     for (; n + 8 <= n1; n += 8) {
         __m256 t[8];
@@ -765,6 +841,10 @@ DEFINE_RANGE(q8, q8_block, 1)
 #define CALL_Q8V(R, M, P, F, ST, J, n, k0, k1, part, pfo) qv_block(8, R, M, ST, J, n, k0, k1, part, pfo)
 DEFINE_RANGE(q4v, CALL_Q4V, 1)
 DEFINE_RANGE(q8v, CALL_Q8V, 1)
+#if VLMC_CODES6
+#define CALL_Q6V(R, M, P, F, ST, J, n, k0, k1, part, pfo) qv_block(6, R, M, ST, J, n, k0, k1, part, pfo)
+DEFINE_RANGE(q6v, CALL_Q6V, 1)
+#endif
 #endif
 
 /* Kernel configurations (R weight rows per block, P accumulators, FOLD) per M in
@@ -867,6 +947,9 @@ DEFQ_((q8, Q_S1)) DEFQ_((q8, Q8_L1)) DEFQ_((q8, Q_2)) DEFQ_((q8, Q_3)) DEFQ_((q8
     }
 DEF_INT8X(q4v)
 DEF_INT8X(q8v)
+#if VLMC_CODES6
+DEF_INT8X(q6v)
+#endif
 static __attribute__((noinline)) void q4v_m1(const job_t *J, int n0, int n1) {
     if (J->st == ST_BF16) qv_m1_range(4, ST_BF16, J, n0, n1);
     else qv_m1_range(4, ST_F32, J, n0, n1);
@@ -875,6 +958,12 @@ static __attribute__((noinline)) void q8v_m1(const job_t *J, int n0, int n1) {
     if (J->st == ST_BF16) qv_m1_range(8, ST_BF16, J, n0, n1);
     else qv_m1_range(8, ST_F32, J, n0, n1);
 }
+#if VLMC_CODES6
+static __attribute__((noinline)) void q6v_m1(const job_t *J, int n0, int n1) {
+    if (J->st == ST_BF16) qv_m1_range(6, ST_BF16, J, n0, n1);
+    else qv_m1_range(6, ST_F32, J, n0, n1);
+}
+#endif
 /* whether qv_m1_range computes this job: nothing left for q_finish, one K chunk */
 static int qv_m1_ok(const job_t *J) { return J->M == 1 && !J->long_rows && J->bias_folded && J->kmain == J->K && J->kc >= J->K; }
 #endif
@@ -953,8 +1042,41 @@ static int simd_ok(const job_t *J) {
     if (!VLMC_SIMD) return 0;
     if (J->kind != 2) return 1;
     if (J->st == ST_F16 || J->gs % 32) return 0; /* group loops step by up to 32 codes */
+    if (J->bits == 6) return J->K % 64 == 0; /* widened to 8 bits, 64 codes at a time (q6_rows) */
     return J->bits == 8 || (J->bits == 4 && (J->gs == 32 || J->gs % 64 == 0)); /* 64-code blocks */
 }
+
+#if VLMC_SIMD
+/* 6-bit rows: with int8 x (VNNI) straight from the codes, widened in registers (codes6);
+ * with float x a few rows at a time widened into scratch (kept in L1/L2), then the 8-bit
+ * kernels on that copy (J8 is J with 8-bit rows, row n at scratch + (n - s) * K). For
+ * one x row, widening into scratch had left the stream idle while the kernel read the
+ * copy: the LM head streamed 16 GB/s. */
+#ifndef WIDEN6_BYTES
+#define WIDEN6_BYTES 24576
+#endif
+static void q6_rows(const job_t *J, int n0, int n1, uint8_t *scratch, int rows) {
+#if VLMC_VNNI && VLMC_CODES6
+    if (J->x8) { /* int8 x: the codes widened in registers (codes6) */
+        if (qv_m1_ok(J)) q6v_m1(J, n0, n1);
+        else q6v_rows(J, n0, n1);
+        return;
+    }
+#endif
+    const int K = J->K;
+    const size_t rb = (size_t)K / 8 * 6;
+    job_t J8;
+    memcpy(&J8, J, sizeof J8); /* the kernels read J8's fields only */
+    J8.bits = 8;
+    J8.rowbytes = (size_t)K;
+    for (int s = n0; s < n1; s += rows) {
+        const int e = s + rows < n1 ? s + rows : n1;
+        for (int n = s; n < e; n++) expand6((const uint8_t *)J->w + (size_t)n * rb, scratch + (size_t)(n - s) * K, K);
+        J8.w = (const void *)((uintptr_t)scratch - (uintptr_t)s * (uintptr_t)K);
+        q8_rows(&J8, s, e);
+    }
+}
+#endif
 
 static void gemv_task(void *ctx, int ith, int nth) {
     (void)ith;
@@ -963,12 +1085,22 @@ static void gemv_task(void *ctx, int ith, int nth) {
     int n0, n1;
 #if VLMC_SIMD
     if (simd_ok(J)) {
+        uint8_t *scratch = NULL;
+        int rows = 0;
+        if (J->kind == 2 && J->bits == 6) {
+            rows = (WIDEN6_BYTES / J->K) & ~7;
+            if (rows < 8) rows = 8;
+            scratch = malloc((size_t)rows * J->K);
+            if (!scratch) return; /* out of memory: output left as is (as the portable path) */
+        }
         while (grab(J, &n0, &n1)) {
             if (J->kind == 0) f32_rows(J, n0, n1);
             else if (J->kind == 1) bf16_rows(J, n0, n1);
             else if (J->bits == 4) q4_rows(J, n0, n1);
+            else if (J->bits == 6) q6_rows(J, n0, n1, scratch, rows);
             else q8_rows(J, n0, n1);
         }
+        free(scratch);
         return;
     }
 #endif
@@ -1004,7 +1136,7 @@ static void plan_k(job_t *J) {
     /* bytes of x (int8 or float32) vs 16 KiB: with int8 x, Qwen2-VL's down_proj (K = 8960)
      * runs one row at a time like the short rows (26.5 GB/s, was 19.8 with 4 rows) */
     J->long_rows = (long)J->M * K * (J->x8 ? 1 : 4) > X_CHUNK_FLOATS * 4;
-    J->bias_folded = J->x8 && J->gs == 64 && (J->bits == 4 || (J->bits == 8 && J->M == 1));
+    J->bias_folded = J->x8 && J->gs == 64 && (J->bits == 4 || (J->bits >= 6 && J->M == 1)); /* 6: run as 8 */
     if (J->M < CHUNK_MIN_M) J->kc = J->kmain; /* one x row: keep the weight stream sequential */
 }
 
@@ -1108,6 +1240,9 @@ static int check_q(int K, int N, int bits, int gs, int st) {
 static int int8_x = 1;
 void vlmc_set_int8_x(int on) { int8_x = on; }
 int vlmc_int8_x_available(void) { return VLMC_VNNI; }
+/* whether 6-bit codes with int8 x are read in place (codes6: AVX512-VBMI), as fast as the
+ * 8-bit copy per byte; otherwise widening them to 8 bits at load is faster */
+int vlmc_q6_direct(void) { return VLMC_VNNI && VLMC_CODES6; }
 
 #if VLMC_VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
 #define VLMC_X8_SIMD 1
@@ -1153,7 +1288,7 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
     if (!xs) return -5;
     job_t J = {.kind = 2, .M = M, .N = N, .K = K, .x = x, .xq = x, .xs = xs, .w = w, .sc = scales,
                .bi = biases, .st = st, .bits = bits, .gs = gs, .G = G, .bias = bias, .y = y};
-    const int use8 = VLMC_VNNI && (bits == 4 || bits == 8) && gs % 64 == 0 && int8_x && simd_ok(&J);
+    const int use8 = VLMC_VNNI && (bits == 4 || bits == 6 || bits == 8) && gs % 64 == 0 && int8_x && simd_ok(&J);
     if (!use8) { /* float x: its group sums (bias terms) and, for 4 bits, the permuted copy */
         for (int m = 0; m < M; m++)
             for (int g = 0; g < G; g++) {
@@ -1236,18 +1371,23 @@ typedef struct {
 
 static void dequant_rows(const dq_t *D, int n0, int n1) {
     const int K = D->K, gs = D->gs, G = K / gs, bits = D->bits;
+    uint8_t *wide = VLMC_SIMD && bits == 6 && K % 64 == 0 ? malloc((size_t)K) : NULL;
     for (int n = n0; n < n1; n++) {
         const uint8_t *row = (const uint8_t *)D->w + (size_t)n * K / 8 * bits;
         float *o = D->out + (size_t)n * K;
 #if VLMC_SIMD
-        if (bits == 4 || bits == 8) {
+        if (bits == 4 || bits == 8 || wide) {
+            if (wide) { /* 6-bit codes widened to bytes, then as 8-bit */
+                expand6(row, wide, K);
+                row = wide;
+            }
             const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), mask = _mm256_set1_epi32(0xF);
             for (int g = 0; g < G; g++) {
                 const __m256 s = _mm256_set1_ps(ld_param(D->sc, (size_t)n * G + g, D->st));
                 const __m256 b = _mm256_set1_ps(ld_param(D->bi, (size_t)n * G + g, D->st));
                 for (int k = g * gs; k < (g + 1) * gs; k += 8) {
                     __m256i q;
-                    if (bits == 8) {
+                    if (bits != 4) {
                         q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + k)));
                     } else {
                         uint32_t word;
@@ -1262,6 +1402,7 @@ static void dequant_rows(const dq_t *D, int n0, int n1) {
 #endif
         dequant_row_generic(row, K, bits, gs, D->sc, D->bi, D->st, (size_t)n * G, o);
     }
+    free(wide);
 }
 
 static void dequant_task(void *ctx, int ith, int nth) {
