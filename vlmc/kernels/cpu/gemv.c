@@ -1047,17 +1047,23 @@ static int simd_ok(const job_t *J) {
 }
 
 #if VLMC_SIMD
-/* 6-bit rows: with int8 x (VNNI) straight from the codes, widened in registers (codes6);
- * with float x a few rows at a time widened into scratch (kept in L1/L2), then the 8-bit
+/* 6-bit rows: with int8 x (VNNI) and up to 4 x rows straight from the codes, widened in
+ * registers (codes6); otherwise a few rows at a time widened into scratch (kept in L1/L2), then the 8-bit
  * kernels on that copy (J8 is J with 8-bit rows, row n at scratch + (n - s) * K). For
  * one x row, widening into scratch had left the stream idle while the kernel read the
  * copy: the LM head streamed 16 GB/s. */
+/* from this many int8 x rows the widening into scratch is shared by enough rows to beat
+ * widening in registers: Qwen2-VL-2B's LM head at 8 rows 30.2 (8-bit copy) / 25.5 ms,
+ * where in-register widening had been 30.6 ms; at 1-4 rows in-register wins */
+#ifndef Q6_SCRATCH_M
+#define Q6_SCRATCH_M 5
+#endif
 #ifndef WIDEN6_BYTES
 #define WIDEN6_BYTES 24576
 #endif
 static void q6_rows(const job_t *J, int n0, int n1, uint8_t *scratch, int rows) {
 #if VLMC_VNNI && VLMC_CODES6
-    if (J->x8) { /* int8 x: the codes widened in registers (codes6) */
+    if (J->x8 && J->M < Q6_SCRATCH_M) { /* int8 x: the codes widened in registers (codes6) */
         if (qv_m1_ok(J)) q6v_m1(J, n0, n1);
         else q6v_rows(J, n0, n1);
         return;
