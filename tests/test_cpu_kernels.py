@@ -332,7 +332,7 @@ def test_portable_build_matches(monkeypatch, tmp_path):
     x = rand(3, 320)
     w = rand(45, 320, scale=0.05)
     assert rel_err(cpu.linear(x, w.astype(mx.bfloat16)), reference.linear(x, w.astype(mx.bfloat16))) < DENSE_TOL
-    for bits, gs in [(4, 32), (8, 64), (3, 32)]:
+    for bits, gs in [(4, 32), (8, 64), (3, 32), (6, 64)]:
         wq, s, b = mx.quantize(w.astype(mx.bfloat16), group_size=gs, bits=bits)
         assert rel_err(cpu.qlinear(x, wq, s, b, bits=bits, group_size=gs), qref(x, wq, s, b, bits, gs)) < QUANT_TOL
         ref = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=gs, bits=bits)
