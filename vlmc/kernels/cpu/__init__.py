@@ -98,7 +98,7 @@ def _apply_int8_activations() -> None:
 def reads_6bit_codes() -> bool:
     """Whether 6-bit weights are best kept as they are: with int8 x the kernels widen their
     codes in registers (AVX512-VBMI), 0.75x the bytes of an 8-bit copy (Qwen2-VL-2B's q6
-    LM head 9.3 -> 7.6 ms per decode step). With float x they widen rows into a buffer,
+    LM head 8.9 -> 7.4 ms per decode step). With float x they widen rows into a buffer,
     1.35-1.85x slower than reading an 8-bit copy (1-4 rows), so the loader widens them instead."""
     return _get_lib() is not None and _int8 and bool(_lib.vlmc_q6_direct())
 
