@@ -593,29 +593,36 @@ static ALWAYS void qv4_wide(const int R, const int M, const int ST, const int L2
     }
 }
 
-/* 8 blocks (512 codes) from kb, 8-bit codes (natural order, one block per 64-byte load):
- * each block's 16 lanes are first halved into 8, two blocks per vector, for fold8. */
+/* tot[m] += 8 blocks' (512 codes from kb, one byte each in c[0..7], natural order) int8
+ * dots with x row m, scaled, with row n's folded bias terms: each block's 16 lanes are
+ * first halved into 8, two blocks per vector, for fold8 */
+static ALWAYS void bytes_dots(const int M, const int ST, const job_t *J, int n, int kb, const __m512i c[8],
+                              __m256 tot[8]) {
+    const __m512i z = _mm512_setzero_si512();
+    const __m256 sv = scale8(ST, J, n, kb), bv = bias8(ST, J, n, kb);
+    UNROLL for (int m = 0; m < M; m++) {
+        const int8_t *xb = J->x8 + (size_t)m * J->K + kb;
+        __m512i a[4];
+        UNROLL for (int i = 0; i < 4; i++) {
+            const __m512i p0 = _mm512_dpbusd_epi32(z, c[2 * i], _mm512_loadu_si512((const void *)(xb + 128 * i)));
+            const __m512i p1 = _mm512_dpbusd_epi32(z, c[2 * i + 1], _mm512_loadu_si512((const void *)(xb + 128 * i + 64)));
+            a[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(p0, p1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_i32x4(p0, p1, _MM_SHUFFLE(3, 2, 3, 2)));
+        }
+        tot[m] = acc8(J, m, kb, fold8(a[0], a[1], a[2], a[3]), sv, bv, tot[m]);
+    }
+}
+
+/* 8 blocks (512 codes) from kb, 8-bit codes (natural order, one block per 64-byte load) */
 static ALWAYS void qv8_wide(const int R, const int M, const int ST, const job_t *J, int n, int kb,
                             __m256 tot[4][8], size_t pfo) {
     const int K = J->K;
-    const __m512i z = _mm512_setzero_si512();
     UNROLL for (int r = 0; r < R; r++) {
         const uint8_t *wb = (const uint8_t *)J->w + (size_t)(n + r) * K + kb;
         __m512i c[8];
         (void)pfo; /* no software prefetch: with it the LM head streamed at 23-30 GB/s, without 30-37 */
         UNROLL for (int i = 0; i < 8; i++) c[i] = _mm512_loadu_si512((const void *)(wb + 64 * i));
-        const __m256 sv = scale8(ST, J, n + r, kb), bv = bias8(ST, J, n + r, kb);
-        UNROLL for (int m = 0; m < M; m++) {
-            const int8_t *xb = J->x8 + (size_t)m * K + kb;
-            __m512i a[4];
-            UNROLL for (int i = 0; i < 4; i++) {
-                const __m512i p0 = _mm512_dpbusd_epi32(z, c[2 * i], _mm512_loadu_si512((const void *)(xb + 128 * i)));
-                const __m512i p1 = _mm512_dpbusd_epi32(z, c[2 * i + 1], _mm512_loadu_si512((const void *)(xb + 128 * i + 64)));
-                a[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(p0, p1, _MM_SHUFFLE(1, 0, 1, 0)),
-                                        _mm512_shuffle_i32x4(p0, p1, _MM_SHUFFLE(3, 2, 3, 2)));
-            }
-            tot[r][m] = acc8(J, m, kb, fold8(a[0], a[1], a[2], a[3]), sv, bv, tot[r][m]);
-        }
+        bytes_dots(M, ST, J, n + r, kb, c, tot[r]);
     }
 }
 
@@ -625,7 +632,6 @@ static ALWAYS void qv8_wide(const int R, const int M, const int ST, const job_t 
 static ALWAYS void qv6_wide(const int R, const int M, const int ST, const int L2, const job_t *J, int n, int kb,
                             __m256 tot[4][8], size_t pfo) {
     const int K = J->K;
-    const __m512i z = _mm512_setzero_si512();
     UNROLL for (int r = 0; r < R; r++) {
         const uint8_t *wb = (const uint8_t *)J->w + (size_t)(n + r) * (K / 8 * 6) + (size_t)kb / 8 * 6;
         UNROLL for (int i = 0; i < 6; i++) {
@@ -634,18 +640,7 @@ static ALWAYS void qv6_wide(const int R, const int M, const int ST, const int L2
         }
         __m512i c[8];
         UNROLL for (int i = 0; i < 8; i++) c[i] = codes6(wb + 48 * i);
-        const __m256 sv = scale8(ST, J, n + r, kb), bv = bias8(ST, J, n + r, kb);
-        UNROLL for (int m = 0; m < M; m++) {
-            const int8_t *xb = J->x8 + (size_t)m * K + kb;
-            __m512i a[4];
-            UNROLL for (int i = 0; i < 4; i++) {
-                const __m512i p0 = _mm512_dpbusd_epi32(z, c[2 * i], _mm512_loadu_si512((const void *)(xb + 128 * i)));
-                const __m512i p1 = _mm512_dpbusd_epi32(z, c[2 * i + 1], _mm512_loadu_si512((const void *)(xb + 128 * i + 64)));
-                a[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(p0, p1, _MM_SHUFFLE(1, 0, 1, 0)),
-                                        _mm512_shuffle_i32x4(p0, p1, _MM_SHUFFLE(3, 2, 3, 2)));
-            }
-            tot[r][m] = acc8(J, m, kb, fold8(a[0], a[1], a[2], a[3]), sv, bv, tot[r][m]);
-        }
+        bytes_dots(M, ST, J, n + r, kb, c, tot[r]);
     }
 }
 #endif
