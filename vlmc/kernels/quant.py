@@ -35,11 +35,10 @@ def quantize_array(w: mx.array, *, bits: int, group_size: int, mode: str) -> Qua
     return QuantWeight(parts[0], parts[1], biases, bits, group_size, mode)
 
 
-# Affine widths the CPU target's SIMD kernels read (6-bit rows are widened to bytes a few
-# at a time inside the kernels), and the wider one each other width is repacked into at
-# load (``widen``): codes and group scales/biases are unchanged, so the result is exactly
-# the same matrix.
-SIMD_BITS = (4, 6, 8)
+# Affine widths the CPU target's SIMD kernels do not read, and the width each is repacked
+# into at load (``widen``): codes and group scales/biases are unchanged, so the result is
+# exactly the same matrix. The kernels read 4 and 8 bits, and 6 where they widen the codes
+# in registers; elsewhere 6 is repacked into 8 too (``runtime.artifact.cpu_widening``).
 WIDER = {2: 4, 3: 4, 5: 8}
 
 

@@ -117,10 +117,11 @@ static void dequant_row_generic(const uint8_t *row, int K, int bits, int gs, con
     }
 }
 
-/* 6-bit codes (MLX's packing: a little-endian bit stream, 4 codes per 3 bytes) of one row
- * widened to one byte each, K a multiple of 64. The 6-bit GEMV and dequantize run the
- * 8-bit kernels on rows widened this way a few at a time: a q6 LM head then streams 0.75x
- * the bytes of the 8-bit copy it was repacked into at load. */
+/* 6-bit codes (MLX's packing: a little-endian bit stream, 4 codes per 3 bytes) widened to
+ * one byte each: in registers, 64 at a time (codes6, AVX512-VBMI; the int8-x GEMVs of 1-4
+ * x rows read the codes this way), or a row into a buffer (expand6, K a multiple of 64;
+ * dequantize, and the GEMV with float x or 5+ x rows, which then runs the 8-bit kernels).
+ * A q6 LM head so streams 0.75x the bytes of the 8-bit copy it used to be repacked into. */
 #if defined(__AVX512VBMI__) && defined(__AVX512BW__)
 #define VLMC_CODES6 1
 /* each qword of the result gathers the 6 bytes of 8 codes; multishift then picks bits
