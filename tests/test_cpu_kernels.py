@@ -412,7 +412,7 @@ def test_avx2_only_build_matches(monkeypatch):
         w = rand(N, K, scale=0.05)
         b = rand(N)
         quants = [(bits, gs, mx.quantize(w.astype(mx.bfloat16), group_size=gs, bits=bits))
-                  for bits, gs in [(4, 32), (8, 64), (4, 128)]]
+                  for bits, gs in [(4, 32), (8, 64), (4, 128), (6, 64)]]
         for M in range(1, 9):
             x = rand(M, K)
             for wd in (w, w.astype(mx.bfloat16)):
