@@ -14,13 +14,17 @@ _ITEM = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int64": 8, "uin
          "bool": 1}
 
 
+def bf16_bits(arr: np.ndarray) -> np.ndarray:
+    """float32 values -> their nearest bfloat16 values' bits (uint16, ties to even, as torch
+    and MLX round)."""
+    u = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
 def to_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 array -> the bytes-ready array of ``dtype`` (bfloat16 as uint16, rounded
-    to nearest even like torch)."""
+    """float32 array -> the bytes-ready array of ``dtype`` (bfloat16 as uint16)."""
     if dtype == "bfloat16":
-        u = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
-        rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-        return rounded.astype(np.uint16)
+        return bf16_bits(arr)
     return np.ascontiguousarray(arr.astype({"float32": np.float32, "float16": np.float16, "int32": np.int32,
                                             "int64": np.int64, "uint32": np.uint32, "uint8": np.uint8,
                                             "bool": np.bool_}[dtype]))

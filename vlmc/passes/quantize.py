@@ -53,6 +53,11 @@ def _uses(fn: Function, prefixes: list[str], out: dict[str, set[str]]) -> None:
                 out.setdefault(pre + op.inputs[1][1:], set()).add(op.op)
 
 
+def _op_kind(spec: dict[str, Any] | None) -> str:
+    """What a linear over a weight with this decision becomes (see _rewrite)."""
+    return "float" if spec is None else "quantized with its activations" if spec.get("activations") else "quantized"
+
+
 def _rewrite(fn: Function, spec_of) -> None:
     """linear/embedding over a quantized weight -> qlinear/qembedding (qqlinear where the
     activations are quantized too). The scheme travels with the weight (the runtime loads it
@@ -140,13 +145,11 @@ def quantize(prog: Program, scheme: str | None = None, group_size: int = 64, vis
 
     for blk in prog.blocks.values():
         for rel in blk.param_shapes:
-            marks = {blk.param_prefix.format(i=i) + rel in decided for i in range(len(blk.layers))}
-            if len(marks) > 1:  # a block body is shared: its layers must all be quantized or none
-                raise ValueError(f"{blk.name}: {rel} is quantized in some layers only")
-            acts = {bool(decided.get(blk.param_prefix.format(i=i) + rel, {}).get("activations"))
-                    for i in range(len(blk.layers))}
-            if len(acts) > 1:
-                raise ValueError(f"{blk.name}: {rel} has quantized activations in some layers only")
+            # a block body is shared: its layers must all take the same op (float, quantized
+            # weight, or quantized weight and activations)
+            kinds = {_op_kind(decided.get(blk.param_prefix.format(i=i) + rel)) for i in range(len(blk.layers))}
+            if len(kinds) > 1:
+                raise ValueError(f"{blk.name}: {rel} is {' in some layers, '.join(sorted(kinds))} in others")
         first = blk.param_prefix.format(i=0)
         _rewrite(blk.body, lambda rel, first=first: decided.get(first + rel))
     for fn in prog.functions.values():

@@ -33,6 +33,7 @@ import mlx.core as mx
 import numpy as np
 
 from ...errors import InputError
+from ...backends.safetensors_io import bf16_bits
 from .. import reference as _reference
 from . import build as _build
 
@@ -441,9 +442,7 @@ def _round_to(a: np.ndarray, dtype) -> np.ndarray:
     """float32 ``a`` rounded in place to ``dtype``'s nearest values (ties to even, as MLX's
     astype rounds), kept in float32."""
     if dtype == mx.bfloat16:
-        u = a.view(np.uint32)
-        u += np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
-        u &= np.uint32(0xFFFF0000)
+        a.view(np.uint32)[...] = bf16_bits(a).astype(np.uint32) << np.uint32(16)
     elif dtype == mx.float16:
         a[...] = a.astype(np.float16)
     return a

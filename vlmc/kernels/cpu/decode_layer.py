@@ -5,8 +5,8 @@ The layer's ops stay in the generated code and compute the same thing; this runs
 of them when it applies (one token per sequence, up to GEMV_MAX_ROWS sequences, a dense
 float32 cache that is not a sliding window, weights the GEMV kernels read) and returns
 None otherwise. It calls the same kernels in the same order, so the result is the op-by-op
-path's to the last bit (for the first layer, whose input is the embedding's mx.array, the
-ops' first norm is MLX's: so it is here too). This step's keys and values go into the
+path's to the last bit (where the first layer's input is an mx.array, from an embedding
+table the kernels do not gather, the ops' first norm is MLX's: so it is here too). This step's keys and values go into the
 cache in place where that is safe (``KVCache.host_writable``), else as a lazy write.
 
 ``decode_layers`` runs a whole stack of such layers in one C call (the generated code tries
@@ -23,7 +23,7 @@ import numpy as np
 from .. import reference as _reference
 from . import GEMV_MAX_ROWS, _check, _get_lib, _host, _unpack, enabled, qplan
 from .host import SIGMOID_SCALE, param
-from .kv_decode import dense_buffers, host_starts, mark_unsettled
+from .kv_decode import append_lazy, dense_buffers, host_starts
 
 _I, _F, _P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 
@@ -125,7 +125,7 @@ def _cache_buffers(cache, kv_heads: int, head_dim: int):
 
 def _host_input(x, norm1, eps1: float):
     """x as a contiguous host array, and the first norm where the ops compute it with MLX
-    (x is the embedding's mx.array: the first layer), else None."""
+    (x is an mx.array: the first layer's input from an embedding MLX gathered), else None."""
     normed = None
     if isinstance(x, mx.array):
         normed = np.ascontiguousarray(np.asarray(_reference.rms_norm(x, norm1, eps1)), dtype=np.float32)
@@ -177,7 +177,6 @@ def decode_layers(x, cos, sin, mask, caches, layers, *, eps1: float, eps2: float
     for cache, (k, v), written in zip(caches, new_kv, inplace):
         if written:
             cache.advance_host()
-        else:  # a lazy write (settled at the next read)
-            cache.append(mx.array(k), mx.array(v))
-            mark_unsettled(cache)
+        else:
+            append_lazy(cache, k, v)
     return out

@@ -146,12 +146,13 @@ def store(cache, k: np.ndarray, v: np.ndarray) -> None:
     or, where that is not safe, as a lazy write that ``settle`` evaluates with every other
     layer's."""
     if not cache.write_host(k, v):
-        cache.append(mx.array(k), mx.array(v))
-        mark_unsettled(cache)
+        append_lazy(cache, k, v)
 
 
-def mark_unsettled(cache) -> None:
-    """cache's last write is a lazy MLX update: evaluate it with the others (settle)."""
+def append_lazy(cache, k: np.ndarray, v: np.ndarray) -> None:
+    """Append one step's keys/values as a lazy MLX update, evaluated with the others at the
+    next read (settle)."""
+    cache.append(mx.array(k), mx.array(v))
     _unsettled[id(cache)] = cache
 
 
