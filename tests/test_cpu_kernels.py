@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from vlmc.kernels import cpu, cpu_ops, reference
+from vlmc.kernels import cpu, cpu_ops, quant, reference
 from vlmc.kernels.cpu import build
 
 pytestmark = pytest.mark.skipif(cpu._get_lib() is None, reason="no C compiler: CPU kernels unavailable")
@@ -119,13 +119,15 @@ def qref(x, wq, s, b, bits, gs, bias=None):
     return y + bias if bias is not None else y
 
 
-@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("gs", [32, 64, 128])
 @pytest.mark.parametrize("sdtype", [mx.float32, mx.bfloat16])
 def test_qlinear_simd_bits(bits, gs, sdtype, float_activations):
     # K = 384 with gs 32/128 leaves no remainder; K = 160 (gs 32) exercises the 4-bit
-    # kernel's half-span tail (K % 64 == 32); 4096 is chunked in K for several rows.
+    # kernel's half-span tail (K % 64 == 32) and, for 2/3/5/6 bits, the portable path
+    # (they are widened 64 codes at a time); 4096 is chunked in K for several rows.
     # K = 4608 with one row takes the long-row kernels (several weight rows per x load).
+    # 2/3/5/6-bit rows are widened into scratch for the 8-bit kernels (float x).
     for N, K in [(77, 384), (259, 1536), (35, 4096), (23, 4608)] + ([(45, 160)] if gs == 32 else []):
         wq, s, b = quantized(N, K, bits, gs, sdtype)
         bias = rand(N)
@@ -138,11 +140,11 @@ def test_qlinear_simd_bits(bits, gs, sdtype, float_activations):
                 assert rel_err(y, ref) < QUANT_TOL, (bits, gs, sdtype, N, K, M, bb is not None)
 
 
-@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("gs", [64, 128])
 @pytest.mark.parametrize("sdtype", [mx.float32, mx.bfloat16])
 def test_qlinear_int8_activations(gs, sdtype, bits):
-    """4- and 8-bit GEMVs (up to 16 rows) with x rounded to int8 per 64 values (the default where the CPU
+    """2- to 8-bit GEMVs (up to 16 rows) with x rounded to int8 per 64 values (the default where the CPU
     has AVX512-VNNI): within the stated tolerance, really taken (results differ from the
     float path), and off with VLMC_CPU_INT8_ACTIVATIONS=0. The relative L2 error must stay
     near that of W @ (x_int8 - x) (~0.6%): computing the bias terms from the unrounded x
@@ -201,7 +203,8 @@ def int8x_ref(x, wq, s, b, bits, gs):
 
 @pytest.mark.parametrize("bits,gs,sdtype", [(4, 64, mx.bfloat16), (4, 64, mx.float32), (4, 128, mx.bfloat16),
                                             (4, 192, mx.float32), (4, 256, mx.bfloat16), (8, 64, mx.bfloat16),
-                                            (6, 64, mx.bfloat16), (6, 128, mx.float32)])
+                                            (6, 64, mx.bfloat16), (6, 128, mx.float32), (5, 64, mx.bfloat16),
+                                            (3, 64, mx.float32), (3, 128, mx.bfloat16), (2, 64, mx.bfloat16)])
 def test_qlinear_int8_activations_exact(bits, gs, sdtype):
     """The int8-activation GEMV against its own arithmetic done exactly (int8x_ref): only
     float summation order may differ. K covers the 4-bit kernel's cases: whole 512-code
@@ -246,17 +249,6 @@ def test_qlinear_int8_gemm_for_many_rows(gs, sdtype, monkeypatch):
         assert 1e-6 < l2 < 1e-2 and rel_err(mx.array(y), mx.array(ref)) < 2e-2, (M, N, K, l2)
     monkeypatch.setattr(cpu, "INT8_GEMM_MIN_MACS", 1 << 40)  # below the threshold: the exact float path
     assert rel_err(cpu.qlinear(x, wq, s, b, bias, bits=4, group_size=gs), qref(x, wq, s, b, 4, gs, bias)) < QUANT_TOL
-
-
-@pytest.mark.parametrize("bits", [2, 3, 5])
-def test_qlinear_other_bits(bits):
-    for gs, sdtype in [(32, mx.float32), (64, mx.bfloat16), (128, mx.float32)]:
-        N, K = 53, 512
-        wq, s, b = quantized(N, K, bits, gs, sdtype)
-        for M in (1, 5, 17):
-            x = rand(M, K)
-            assert rel_err(cpu.qlinear(x, wq, s, b, bits=bits, group_size=gs),
-                           qref(x, wq, s, b, bits, gs)) < QUANT_TOL, (bits, gs, M)
 
 
 def test_qlinear_quant_weight_object_and_leading_dims(float_activations):
@@ -332,7 +324,7 @@ def test_portable_build_matches(monkeypatch, tmp_path):
     x = rand(3, 320)
     w = rand(45, 320, scale=0.05)
     assert rel_err(cpu.linear(x, w.astype(mx.bfloat16)), reference.linear(x, w.astype(mx.bfloat16))) < DENSE_TOL
-    for bits, gs in [(4, 32), (8, 64), (3, 32), (6, 64)]:
+    for bits, gs in [(4, 32), (8, 64), (3, 32), (6, 64), (5, 64), (2, 64)]:
         wq, s, b = mx.quantize(w.astype(mx.bfloat16), group_size=gs, bits=bits)
         assert rel_err(cpu.qlinear(x, wq, s, b, bits=bits, group_size=gs), qref(x, wq, s, b, bits, gs)) < QUANT_TOL
         ref = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=gs, bits=bits)
@@ -412,7 +404,7 @@ def test_avx2_only_build_matches(monkeypatch):
         w = rand(N, K, scale=0.05)
         b = rand(N)
         quants = [(bits, gs, mx.quantize(w.astype(mx.bfloat16), group_size=gs, bits=bits))
-                  for bits, gs in [(4, 32), (8, 64), (4, 128), (6, 64)]]
+                  for bits, gs in [(4, 32), (8, 64), (4, 128), (6, 64), (5, 128), (3, 64)]]
         for M in range(1, 9):
             x = rand(M, K)
             for wd in (w, w.astype(mx.bfloat16)):
@@ -506,8 +498,9 @@ def test_widen_works_in_row_blocks(monkeypatch):
 
 
 def test_cpu_artifacts_widen_odd_bit_widths_at_load(tmp_path, monkeypatch):
-    """A q3 artifact (head at q6) loads with 4- and 6-bit codes on the cpu target, computing
-    the same embeddings as the unwidened weights through MLX's own ops."""
+    """A q3 artifact with groups of 32 (head at q6) loads with 4- and 8-bit codes on the cpu
+    target (groups of 32 keep x in float32, where 6-bit codes are read faster widened),
+    computing the same embeddings as the unwidened weights through MLX's own ops."""
     import vlmc
     from fixtures.checkpoints import build_checkpoint
     ck = tmp_path / "ck"
@@ -515,12 +508,12 @@ def test_cpu_artifacts_widen_odd_bit_widths_at_load(tmp_path, monkeypatch):
     art = vlmc.compile(ck, tmp_path / "q3", quantize="q3", group_size=32)
     widened = vlmc.load(art)
     bits = {w.bits for w in widened.model.params.values() if hasattr(w, "bits")}
-    # q3 -> 4; the q6 head stays 6 where the kernels widen its codes in registers, else -> 8
-    assert bits == ({4, 6} if cpu.reads_6bit_codes() else {4, 8})
+    # q3 -> 4, and the q6 head (groups of 32: float x) -> 8
+    assert bits == {4, 8}
     monkeypatch.setenv("VLMC_CPU_INT8_ACTIVATIONS", "0")  # float x: widening at load is faster
     cpu.refresh()
     try:
-        assert not cpu.reads_6bit_codes()
+        assert cpu.load_width(6, 64) == 8 and cpu.load_width(5, 128) == 8
         assert {w.bits for w in vlmc.load(art).model.params.values() if hasattr(w, "bits")} == {4, 8}
     finally:
         monkeypatch.delenv("VLMC_CPU_INT8_ACTIVATIONS")
@@ -537,6 +530,32 @@ def test_cpu_artifacts_widen_odd_bit_widths_at_load(tmp_path, monkeypatch):
         cpu.refresh()
     b = widened.model.embed(ids=ids)
     assert rel_err(b, a) < 1e-6
+
+
+def test_cpu_artifacts_keep_5_and_6_bit_codes_where_read_in_place(tmp_path, monkeypatch):
+    """q5 layers (head at q8) with groups of 64 stay 5-bit on machines whose kernels widen
+    codes in registers (AVX512-VBMI, int8 x) and give the same logits, bit for bit, as the
+    8-bit copy the loader makes elsewhere; 2 and 3 bits are always widened to 4."""
+    import vlmc
+    from fixtures.checkpoints import build_checkpoint
+    from vlmc.quality import _trace
+    from vlmc.runtime.sampling import Sampler, SamplingParams
+    assert cpu.load_width(3, 64) == 4 and cpu.load_width(2, 128) == 4 and cpu.load_width(4, 64) is None
+    if not cpu.int8_activations() or not cpu._get_lib().vlmc_packed_direct():
+        pytest.skip("no AVX512-VBMI/VNNI on this CPU (or int8 x turned off): 5 and 6 bits are widened")
+    assert cpu.load_width(5, 64) is None and cpu.load_width(6, 128) is None and cpu.load_width(5, 32) == 8
+    ck = tmp_path / "ck"
+    build_checkpoint(ck, "qwen2_vl")
+    art = vlmc.compile(ck, tmp_path / "q5", quantize="q5", quantize_vision=False)
+    direct = vlmc.load(art)
+    assert {w.bits for w in direct.model.params.values() if hasattr(w, "bits")} == {5, 8}
+    monkeypatch.setattr(cpu, "load_width", lambda bits, gs: quant.WIDER.get(bits))
+    copy = vlmc.load(art)
+    assert {w.bits for w in copy.model.params.values() if hasattr(w, "bits")} == {8}
+    prompt = direct.build_prompt("The small robot walked across the kitchen.")
+    toks, lp_direct = _trace(direct, prompt, Sampler(SamplingParams()), 6)
+    _, lp_copy = _trace(copy, prompt, Sampler(SamplingParams()), 6)
+    assert all(np.array_equal(a, b) for a, b in zip(lp_direct, lp_copy))
 
 
 @pytest.mark.parametrize("kind", ["silu", "quick_gelu"])

@@ -111,13 +111,13 @@ def _tensor_bytes(info: dict[str, Any]) -> int:
     return n * dtype_size(info["dtype"])
 
 
-def weight_roofline(manifest: dict[str, Any], widened: dict[int, int] | None = None) -> dict[str, Any]:
+def weight_roofline(manifest: dict[str, Any], widened: dict[str, int] | None = None) -> dict[str, Any]:
     """Weight bytes one decode step must read, from the artifact's manifest.
 
     Every decoder weight is read once per token; of the embedding only one row per token
     (negligible), unless the LM head is tied to it: then the whole matrix is read by the
     final projection. The vision tower and projector are not used by decode. ``widened``
-    (bits -> bits, see ``runtime.artifact``) counts codes the runtime repacked at load at
+    (tensor name -> bits, ``runtime.artifact.cpu_widening``) counts codes the runtime repacked at load at
     their wider size: that is what each step reads.
     """
     groups = {"decoder": 0, "embedding": 0, "lm_head": 0, "vision": 0}
@@ -126,8 +126,8 @@ def weight_roofline(manifest: dict[str, Any], widened: dict[int, int] | None = N
     for name, info in manifest["tensors"].items():
         b = _tensor_bytes(info)
         q = quantized.get(name)
-        if widened and q and q.get("mode") == "affine" and q["bits"] in widened:
-            b = b * widened[q["bits"]] // q["bits"]
+        if widened and q and name in widened:
+            b = b * widened[name] // q["bits"]
         if name.startswith(("vision.", "projector.")):
             groups["vision"] += b
         elif name.startswith("lm_head."):

@@ -35,11 +35,10 @@ def quantize_array(w: mx.array, *, bits: int, group_size: int, mode: str) -> Qua
     return QuantWeight(parts[0], parts[1], biases, bits, group_size, mode)
 
 
-# Affine widths the CPU target's SIMD kernels do not read, and the width each is repacked
-# into at load (``widen``): codes and group scales/biases are unchanged, so the result is
-# exactly the same matrix. The kernels read 4 and 8 bits, and 6 where they widen the codes
-# in registers; elsewhere 6 is repacked into 8 too (``runtime.artifact.cpu_widening``).
-WIDER = {2: 4, 3: 4, 5: 8}
+# Affine widths the CPU target may repack at load (``widen``), and the width each becomes:
+# codes and group scales/biases are unchanged, so the result is exactly the same matrix.
+# Which of them are repacked on a given machine: ``runtime.artifact.cpu_widening``.
+WIDER = {2: 4, 3: 4, 5: 8, 6: 8}
 
 
 WIDEN_ROWS = 4096  # rows widened at a time (temporaries of 8 x WIDEN_ROWS x K bytes)

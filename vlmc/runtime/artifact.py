@@ -15,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import ArtifactError
-from ..kernels.quant import WIDER, QuantWeight
+from ..kernels.quant import QuantWeight
 
 FORMAT_VERSION = 2  # the format vlmc.backends.artifact writes
 
@@ -63,18 +63,23 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def cpu_widening(manifest: dict[str, Any]) -> dict[int, int]:
-    """On the cpu target with the compiled kernels, affine widths the SIMD GEMV does not read
-    (2, 3, 5 bits; 6 where it reads them slower than 8, ``cpu.reads_6bit_codes``) are
-    repacked at load into 4 or 8 bits (exact; the artifact on disk stays compact). Without
-    it a q6 LM head alone had taken Qwen2-VL-2B's q4 decode from 9.9 to 3.2 tok/s (the
-    generic path unpacks a row at a time)."""
+def cpu_widening(manifest: dict[str, Any]) -> dict[str, int]:
+    """The quantized tensors the cpu target repacks at load into 4 or 8 bits (name -> bits;
+    exact, and the artifact on disk stays compact): affine weights whose width the compiled
+    kernels read faster as a wider copy (``cpu.load_width``: 2 and 3 bits always, 5 and 6
+    unless read in place). Without it a q6 LM head alone had taken Qwen2-VL-2B's q4 decode
+    from 9.9 to 3.2 tok/s (the portable path unpacks a row at a time)."""
     if manifest.get("meta", {}).get("target") != "cpu" or os.environ.get("VLMC_CPU_KERNELS") == "0":
         return {}
     from ..kernels import cpu
     if not cpu.available():
         return {}
-    return dict(WIDER) if cpu.reads_6bit_codes() else {**WIDER, 6: 8}
+    out = {}
+    for name, q in manifest.get("quantized", {}).items():
+        wider = cpu.load_width(q["bits"], q["group_size"]) if q["mode"] == "affine" else None
+        if wider:
+            out[name] = wider
+    return out
 
 
 def load_artifact(path: str | Path) -> Artifact:
@@ -97,9 +102,9 @@ def load_artifact(path: str | Path) -> Artifact:
     for name, q in manifest.get("quantized", {}).items():
         params[name] = QuantWeight(params[name], params.pop(name + ".scales"), params.pop(name + ".biases", None),
                                    q["bits"], q["group_size"], q["mode"])
-        if q["mode"] == "affine" and q["bits"] in widen_to:
+        if name in widen_to:
             from ..kernels import cpu  # widening happens on the cpu target only
-            params[name] = cpu.widen(params[name], widen_to[q["bits"]])
+            params[name] = cpu.widen(params[name], widen_to[name])
     module = _import_model(path)
     try:
         processor_spec = json.loads((path / "processor.json").read_text())

@@ -34,6 +34,7 @@ import numpy as np
 
 from ...errors import InputError
 from ...backends.safetensors_io import bf16_bits
+from .. import quant as _quant
 from .. import reference as _reference
 from . import build as _build
 
@@ -96,12 +97,21 @@ def _apply_int8_activations() -> None:
         _lib.vlmc_set_int8_x(int(_int8))
 
 
-def reads_6bit_codes() -> bool:
-    """Whether 6-bit weights are best kept as they are: with int8 x the kernels widen their
-    codes in registers (AVX512-VBMI), 0.75x the bytes of an 8-bit copy (Qwen2-VL-2B's q6
-    LM head 8.9 -> 7.4 ms per decode step). With float x they widen rows into a buffer,
-    1.35-1.85x slower than reading an 8-bit copy (1-4 rows), so the loader widens them instead."""
-    return _get_lib() is not None and _int8 and bool(_lib.vlmc_q6_direct())
+def load_width(bits: int, group_size: int) -> int | None:
+    """The width an affine weight of ``bits`` is repacked into at load (``widen``, exact),
+    or None where the kernels read it fastest as it is.
+
+    5 and 6 bits stay where, with int8 x (groups of a multiple of 64), the kernels widen
+    codes in registers (AVX512-VBMI) and so stream 5/8 or 6/8 of the bytes of an 8-bit copy
+    (Qwen2-VL-2B's LM head, one x row: q5 10.8 -> 7.3 ms, q6 8.9 -> 7.4 ms). 2 and 3 bits
+    computed that way were 1.1-1.9x slower than their 4-bit copy, whose kernel needs no
+    widening; with float x every such width is widened into a buffer per call, 1.35-1.85x
+    slower than reading an 8-bit copy (6 bits, 1-4 x rows)."""
+    if bits not in _quant.WIDER:
+        return None
+    in_place = (bits in (5, 6) and group_size % 64 == 0 and _get_lib() is not None and _int8
+                and bool(_lib.vlmc_packed_direct()))
+    return None if in_place else _quant.WIDER[bits]
 
 
 def refresh() -> None:
@@ -417,7 +427,6 @@ def widen(q, bits: int):
     """``vlmc.kernels.quant.widen`` (the same codes at 4 or 8 bits per value, exact) through
     the threaded C dequantize with unit scales: 0.5 s where MLX's ops took 5 s for a
     151936 x 1536 q6 LM head at load."""
-    from .. import quant as _quant
     lib = _get_lib()
     if (lib is None or q.mode != "affine" or bits not in (4, 8) or bits <= q.bits or q.biases is None
             or not _q_supported(lib, q.weight, q.scales, q.biases, q.bits, q.group_size, "affine")):

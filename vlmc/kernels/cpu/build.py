@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("gemv.c")  # the translation unit; it includes the other .c files here
-ABI_VERSION = 14  # must match VLMC_ABI in gemv.c
+ABI_VERSION = 15  # must match VLMC_ABI in gemv.c
 
 NATIVE_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
 PORTABLE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread"]
@@ -120,8 +120,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.vlmc_set_int8_x.argtypes = [I]
     lib.vlmc_int8_x_available.restype = I
     lib.vlmc_int8_x_available.argtypes = []
-    lib.vlmc_q6_direct.restype = I
-    lib.vlmc_q6_direct.argtypes = []
+    lib.vlmc_packed_direct.restype = I
+    lib.vlmc_packed_direct.argtypes = []
     lib.vlmc_gemm_q4_i8_available.restype = I
     lib.vlmc_gemm_q4_i8_available.argtypes = []
     lib.vlmc_gemm_q4_i8.restype = I

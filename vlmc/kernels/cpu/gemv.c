@@ -17,8 +17,9 @@
  * AVX2+FMA paths are used when the compiler targets them (-march=native on a machine
  * that has them; with AVX-512VL the same intrinsics get 32 registers and wider kernel
  * configurations); otherwise a portable scalar path computes the same thing. The SIMD
- * kernels cover float32/bfloat16 weights and 4/8-bit codes; 2/3/5/6-bit codes decode
- * a row at a time into a float buffer (scalar) and then take a SIMD dot.
+ * kernels cover float32/bfloat16 weights and 4/8-bit codes; 2/3/5/6-bit codes are
+ * widened to bytes (in registers with AVX512-VBMI, else a few rows into a buffer) for the
+ * 8-bit kernels; the portable path decodes a row at a time into a float buffer.
  *
  * What made the difference when measuring (2-core Zen 4 VM, ~30 GB/s read bandwidth):
  * - one weight row at a time when x fits in L1, so consecutive rows form a single
@@ -48,7 +49,7 @@
 #define VLMC_SIMD 0
 #endif
 
-#define VLMC_ABI 14
+#define VLMC_ABI 15
 #define ALWAYS __attribute__((always_inline)) inline
 #define UNROLL _Pragma("GCC unroll 16")
 
@@ -117,39 +118,67 @@ static void dequant_row_generic(const uint8_t *row, int K, int bits, int gs, con
     }
 }
 
-/* 6-bit codes (MLX's packing: a little-endian bit stream, 4 codes per 3 bytes) widened to
- * one byte each: in registers, 64 at a time (codes6, AVX512-VBMI; the int8-x GEMVs of 1-4
- * x rows read the codes this way), or a row into a buffer (expand6, K a multiple of 64;
- * dequantize, and the GEMV with float x or 5+ x rows, which then runs the 8-bit kernels).
- * A q6 LM head so streams 0.75x the bytes of the 8-bit copy it used to be repacked into. */
+/* 2-, 3-, 5- and 6-bit codes ("packed": MLX's layout puts every 8 codes in `bits` bytes
+ * of the row's little-endian bit stream) widened to one byte each: in registers, 64 at
+ * a time (codes_packed, AVX512-VBMI; the int8-x GEMVs of 1-4 x rows read the codes this
+ * way), or a row into a buffer (expand_packed, K a multiple of 64; dequantize, and the
+ * GEMV with float x or 5+ x rows, which then runs the 8-bit kernels). A q6 LM head so
+ * streams 0.75x the bytes of the 8-bit copy it used to be repacked into, q3 layers 0.75x
+ * those of a 4-bit copy. */
+static ALWAYS int is_packed(int bits) { return bits == 2 || bits == 3 || bits == 5 || bits == 6; }
+
+/* the constants of codes_packed for one width: qword j of the widened vector gathers the
+ * `bits` bytes of codes 8j .. 8j + 7 (byte t of it: byte bits*j + min(t, bits - 1) of
+ * the source; bytes past `bits` are masked away below), then multishift picks bits
+ * bits*i .. bits*i + 7 of the qword for its code i */
+typedef struct {
+    uint8_t idx[64];
+    uint64_t shift;   /* byte i: bits * i */
+    uint64_t load;    /* mask of the 8 * bits source bytes of 64 codes */
+    uint8_t mask;     /* (1 << bits) - 1 */
+    int bits;
+} packed_t;
+
+static void packed_init(packed_t *u, int bits) {
+    u->bits = bits;
+    u->shift = 0;
+    for (int i = 0; i < 8; i++) u->shift |= (uint64_t)(bits * i) << (8 * i);
+    for (int b = 0; b < 64; b++) u->idx[b] = (uint8_t)(bits * (b >> 3) + ((b & 7) < bits ? (b & 7) : bits - 1));
+    u->load = (1ULL << (8 * bits)) - 1; /* bits <= 6: at most 48 bytes */
+    u->mask = (uint8_t)((1u << bits) - 1);
+}
+
 #if defined(__AVX512VBMI__) && defined(__AVX512BW__)
-#define VLMC_CODES6 1
-/* each qword of the result gathers the 6 bytes of 8 codes; multishift then picks bits
- * 6j .. 6j + 7 of it for code j */
-static const uint8_t CODES6_IDX[64] = {0,  1,  2,  3,  4,  5,  5,  5,  6,  7,  8,  9,  10, 11, 11, 11,
-                                       12, 13, 14, 15, 16, 17, 17, 17, 18, 19, 20, 21, 22, 23, 23, 23,
-                                       24, 25, 26, 27, 28, 29, 29, 29, 30, 31, 32, 33, 34, 35, 35, 35,
-                                       36, 37, 38, 39, 40, 41, 41, 41, 42, 43, 44, 45, 46, 47, 47, 47};
-/* the 64 codes in the 48 bytes at p, one per byte */
-static ALWAYS __m512i codes6(const uint8_t *p) {
-    const __m512i v = _mm512_maskz_loadu_epi8(0x0000FFFFFFFFFFFFULL, p);
-    const __m512i c = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x2A241E18120C0600LL),
-                                                   _mm512_permutexvar_epi8(_mm512_loadu_si512((const void *)CODES6_IDX), v));
-    return _mm512_and_si512(c, _mm512_set1_epi8(0x3F));
+#define VLMC_CODES_PACKED 1
+/* packed_t in registers */
+typedef struct {
+    __m512i idx, shift, mask;
+    __mmask64 load;
+} packed_v;
+static ALWAYS packed_v packed_regs(const packed_t *u) {
+    return (packed_v){_mm512_loadu_si512((const void *)u->idx), _mm512_set1_epi64((long long)u->shift),
+                      _mm512_set1_epi8((char)u->mask), (__mmask64)u->load};
+}
+/* the 64 codes in the 8 * bits bytes at p, one per byte */
+static ALWAYS __m512i codes_packed(const packed_v *u, const uint8_t *p) {
+    const __m512i v = _mm512_maskz_loadu_epi8(u->load, p);
+    return _mm512_and_si512(_mm512_multishift_epi64_epi8(u->shift, _mm512_permutexvar_epi8(u->idx, v)), u->mask);
 }
 #else
-#define VLMC_CODES6 0
+#define VLMC_CODES_PACKED 0
 #endif
 
-static void expand6(const uint8_t *src, uint8_t *dst, int K) {
+static void expand_packed(const packed_t *u, const uint8_t *src, uint8_t *dst, int K) {
+    const int bits = u->bits;
     int k = 0;
-#if VLMC_CODES6
-    for (; k + 64 <= K; k += 64) _mm512_storeu_si512((void *)(dst + k), codes6(src + (size_t)k / 8 * 6));
+#if VLMC_CODES_PACKED
+    const packed_v r = packed_regs(u);
+    for (; k + 64 <= K; k += 64) _mm512_storeu_si512((void *)(dst + k), codes_packed(&r, src + (size_t)k / 8 * bits));
 #endif
     for (; k < K; k += 8) {
         uint64_t v = 0;
-        memcpy(&v, src + (size_t)k / 8 * 6, 6);
-        for (int i = 0; i < 8; i++) dst[k + i] = (uint8_t)((v >> (6 * i)) & 63);
+        memcpy(&v, src + (size_t)k / 8 * bits, (size_t)bits); /* little-endian host */
+        for (int i = 0; i < 8; i++) dst[k + i] = (uint8_t)((v >> (bits * i)) & u->mask);
     }
 }
 
@@ -308,6 +337,7 @@ typedef struct {
     const void *sc, *bi;
     int st;            /* scales/biases type */
     int bits, gs, G;
+    packed_t pk;       /* 2/3/5/6-bit codes: how to widen them (packed_init) */
     const float *bias; /* [N] or NULL */
     float *y;          /* [M, N] */
     int kc;            /* K elements per chunk (x chunk stays in L1) */
@@ -501,6 +531,7 @@ static ALWAYS void q4_block(const int R, const int M, const int P, const int FOL
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #define VLMC_VNNI 1
+#define BITS_PACKED 0 /* qv kernels' BITS for 2/3/5/6-bit codes (the width is J->bits) */
 /* ---- 4- or 8-bit codes x int8 activations (up to 8 activation rows per pass;
  * AVX512-VNNI). Per 64-block, x is rounded to int8 with its own scale (x8s). For 8-bit
  * codes x8 is in natural order. For 4-bit codes the low nibbles of a block's 32 code
@@ -627,39 +658,44 @@ static ALWAYS void qv8_wide(const int R, const int M, const int ST, const job_t 
     }
 }
 
-#if VLMC_CODES6
-/* qv8_wide on 6-bit codes, widened in registers (8 x 48 bytes per step), prefetched into
- * L2 like the 4-bit one-row kernel: they stream from memory at 0.75 bytes per code */
-static ALWAYS void qv6_wide(const int R, const int M, const int ST, const int L2, const job_t *J, int n, int kb,
-                            __m256 tot[4][8], size_t pfo) {
-    const int K = J->K;
+#if VLMC_CODES_PACKED
+/* qv8_wide on packed (2/3/5/6-bit) codes, widened in registers (8 x 8 * bits bytes per
+ * step), prefetched into L2 like the 4-bit one-row kernel: they stream from memory at
+ * bits / 8 bytes per code */
+static ALWAYS void qvp_wide(const int R, const int M, const int ST, const int L2, const job_t *J, const packed_v *u,
+                            int n, int kb, __m256 tot[4][8], size_t pfo) {
+    const int K = J->K, bits = J->bits;
     UNROLL for (int r = 0; r < R; r++) {
-        const uint8_t *wb = (const uint8_t *)J->w + (size_t)(n + r) * (K / 8 * 6) + (size_t)kb / 8 * 6;
-        UNROLL for (int i = 0; i < 6; i++) {
+        const uint8_t *wb = (const uint8_t *)J->w + (size_t)(n + r) * (K / 8 * bits) + (size_t)kb / 8 * bits;
+        for (int i = 0; i < bits; i++) { /* 512 codes: `bits` cache lines */
             if (L2) pf_l2(wb + 64 * i, pfo);
             else pf(wb + 64 * i, pfo);
         }
         __m512i c[8];
-        UNROLL for (int i = 0; i < 8; i++) c[i] = codes6(wb + 48 * i);
+        UNROLL for (int i = 0; i < 8; i++) c[i] = codes_packed(u, wb + 8 * bits * i);
         bytes_dots(M, ST, J, n + r, kb, c, tot[r]);
     }
 }
 #endif
 
 /* Rows n .. n + R - 1, codes k0 .. k1: the dot products accumulate in tot (lanes to be
- * summed) and part (scalar bias terms of blocks outside whole 512-steps). */
+ * summed) and part (scalar bias terms of blocks outside whole 512-steps). BITS: 4, 8 or
+ * BITS_PACKED (2/3/5/6-bit codes widened in registers; the width is J->bits). */
 static ALWAYS void qv_acc(const int BITS, const int R, const int M, const int ST, const int L2, const job_t *J, int n,
                           int k0, int k1, __m256 tot[4][8], float *part, size_t pfo) {
-    const int K = J->K, gs = J->gs, G = J->G, nb = K / 64;
-    const size_t row = (size_t)K * BITS / 8; /* bytes per weight row */
+    const int K = J->K, gs = J->gs, G = J->G, nb = K / 64, B = BITS == BITS_PACKED ? J->bits : BITS;
+    const size_t row = (size_t)K * B / 8; /* bytes per weight row */
     const uint8_t *w = (const uint8_t *)J->w + (size_t)n * row;
     const __m256i m4 = _mm256_set1_epi8(0x0F);
+#if VLMC_CODES_PACKED
+    const packed_v u = packed_regs(&J->pk);
+#endif
     int kb = k0;
     if (BITS == 4) /* k0 is 128-aligned (plan_k) */
         for (; kb + 512 <= k1; kb += 512) qv4_wide(R, M, ST, L2, J, n, kb, tot, pfo);
-#if VLMC_CODES6
-    else if (BITS == 6 && M == 1)
-        for (; kb + 512 <= k1; kb += 512) qv6_wide(R, M, ST, L2, J, n, kb, tot, pfo);
+#if VLMC_CODES_PACKED
+    else if (BITS == BITS_PACKED && M == 1)
+        for (; kb + 512 <= k1; kb += 512) qvp_wide(R, M, ST, L2, J, &u, n, kb, tot, pfo);
 #endif
     else if (BITS == 8 && M == 1) /* several x rows: two to four times slower this way (M = 2 and 4, the LM head) */
         for (; kb + 512 <= k1; kb += 512) qv8_wide(R, M, ST, J, n, kb, tot, pfo);
@@ -667,7 +703,7 @@ static ALWAYS void qv_acc(const int BITS, const int R, const int M, const int ST
         const size_t g = (size_t)kb / gs;
         const size_t xe = BITS == 4 ? x8_even(kb, K) : (size_t)kb, xo = xe + (BITS == 4 ? x8_odd_gap(kb, K) : 32);
         UNROLL for (int r = 0; r < R; r++) {
-            const uint8_t *wb = w + r * row + (size_t)kb * BITS / 8;
+            const uint8_t *wb = w + r * row + (size_t)kb * B / 8;
             if (L2) pf_l2(wb, pfo);
             else pf(wb, pfo);
             __m256i c0, c1; /* the 64 codes as bytes, in x8's order */
@@ -675,9 +711,9 @@ static ALWAYS void qv_acc(const int BITS, const int R, const int M, const int ST
                 const __m256i v = _mm256_loadu_si256((const __m256i *)wb);
                 c0 = _mm256_and_si256(v, m4);
                 c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-#if VLMC_CODES6
-            } else if (BITS == 6) {
-                const __m512i v = codes6(wb);
+#if VLMC_CODES_PACKED
+            } else if (BITS == BITS_PACKED) {
+                const __m512i v = codes_packed(&u, wb);
                 c0 = _mm512_castsi512_si256(v);
                 c1 = _mm512_extracti64x4_epi64(v, 1);
 #endif
@@ -837,9 +873,9 @@ DEFINE_RANGE(q8, q8_block, 1)
 #define CALL_Q8V(R, M, P, F, ST, J, n, k0, k1, part, pfo) qv_block(8, R, M, ST, J, n, k0, k1, part, pfo)
 DEFINE_RANGE(q4v, CALL_Q4V, 1)
 DEFINE_RANGE(q8v, CALL_Q8V, 1)
-#if VLMC_CODES6
-#define CALL_Q6V(R, M, P, F, ST, J, n, k0, k1, part, pfo) qv_block(6, R, M, ST, J, n, k0, k1, part, pfo)
-DEFINE_RANGE(q6v, CALL_Q6V, 1)
+#if VLMC_CODES_PACKED
+#define CALL_QPV(R, M, P, F, ST, J, n, k0, k1, part, pfo) qv_block(BITS_PACKED, R, M, ST, J, n, k0, k1, part, pfo)
+DEFINE_RANGE(qpv, CALL_QPV, 1)
 #endif
 #endif
 
@@ -943,8 +979,8 @@ DEFQ_((q8, Q_S1)) DEFQ_((q8, Q8_L1)) DEFQ_((q8, Q_2)) DEFQ_((q8, Q_3)) DEFQ_((q8
     }
 DEF_INT8X(q4v)
 DEF_INT8X(q8v)
-#if VLMC_CODES6
-DEF_INT8X(q6v)
+#if VLMC_CODES_PACKED
+DEF_INT8X(qpv)
 #endif
 static __attribute__((noinline)) void q4v_m1(const job_t *J, int n0, int n1) {
     if (J->st == ST_BF16) qv_m1_range(4, ST_BF16, J, n0, n1);
@@ -954,10 +990,10 @@ static __attribute__((noinline)) void q8v_m1(const job_t *J, int n0, int n1) {
     if (J->st == ST_BF16) qv_m1_range(8, ST_BF16, J, n0, n1);
     else qv_m1_range(8, ST_F32, J, n0, n1);
 }
-#if VLMC_CODES6
-static __attribute__((noinline)) void q6v_m1(const job_t *J, int n0, int n1) {
-    if (J->st == ST_BF16) qv_m1_range(6, ST_BF16, J, n0, n1);
-    else qv_m1_range(6, ST_F32, J, n0, n1);
+#if VLMC_CODES_PACKED
+static __attribute__((noinline)) void qpv_m1(const job_t *J, int n0, int n1) {
+    if (J->st == ST_BF16) qv_m1_range(BITS_PACKED, ST_BF16, J, n0, n1);
+    else qv_m1_range(BITS_PACKED, ST_F32, J, n0, n1);
 }
 #endif
 /* whether qv_m1_range computes this job: nothing left for q_finish, one K chunk */
@@ -1032,48 +1068,49 @@ static void generic_rows(const job_t *J, int n0, int n1, float *buf) {
     }
 }
 
-/* the SIMD kernels cover float32/bfloat16 weights and 4/8-bit codes with float32 or
+/* the SIMD kernels cover float32/bfloat16 weights and 2-8-bit codes with float32 or
  * bfloat16 scales; everything else takes the portable path */
 static int simd_ok(const job_t *J) {
     if (!VLMC_SIMD) return 0;
     if (J->kind != 2) return 1;
     if (J->st == ST_F16 || J->gs % 32) return 0; /* group loops step by up to 32 codes */
-    if (J->bits == 6) return J->K % 64 == 0; /* widened to 8 bits, 64 codes at a time (q6_rows) */
+    if (is_packed(J->bits)) return J->K % 64 == 0; /* widened to bytes, 64 codes at a time (packed_rows) */
     return J->bits == 8 || (J->bits == 4 && (J->gs == 32 || J->gs % 64 == 0)); /* 64-code blocks */
 }
 
 #if VLMC_SIMD
-/* 6-bit rows: with int8 x (VNNI) and up to 4 x rows straight from the codes, widened in
- * registers (codes6); otherwise a few rows at a time widened into scratch (kept in L1/L2), then the 8-bit
- * kernels on that copy (J8 is J with 8-bit rows, row n at scratch + (n - s) * K). For
- * one x row, widening into scratch had left the stream idle while the kernel read the
- * copy: the LM head streamed 16 GB/s. */
+/* 2/3/5/6-bit rows: with int8 x (VNNI) and up to 4 x rows straight from the codes,
+ * widened in registers (codes_packed); otherwise a few rows at a time widened into scratch
+ * (kept in L1/L2), then the 8-bit kernels on that copy (J8 is J with 8-bit rows, row n at
+ * scratch + (n - s) * K). For one x row, widening into scratch had left the stream idle
+ * while the kernel read the copy: a q6 LM head streamed 16 GB/s. */
 /* from this many int8 x rows the widening into scratch is shared by enough rows to beat
- * widening in registers: Qwen2-VL-2B's LM head at 8 rows 30.2 (8-bit copy) / 25.5 ms,
- * where in-register widening had been 30.6 ms; at 1-4 rows in-register wins */
-#ifndef Q6_SCRATCH_M
-#define Q6_SCRATCH_M 5
+ * widening in registers: Qwen2-VL-2B's q6 LM head at 8 rows 30.2 (8-bit copy) / 25.5 ms,
+ * where in-register widening had been 30.6 ms; at 1-4 rows in-register wins (the
+ * widening costs the same per code at every width) */
+#ifndef PACKED_SCRATCH_M
+#define PACKED_SCRATCH_M 5
 #endif
-#ifndef WIDEN6_BYTES
-#define WIDEN6_BYTES 24576
+#ifndef WIDEN_BYTES
+#define WIDEN_BYTES 24576
 #endif
-static void q6_rows(const job_t *J, int n0, int n1, uint8_t *scratch, int rows) {
-#if VLMC_VNNI && VLMC_CODES6
-    if (J->x8 && J->M < Q6_SCRATCH_M) { /* int8 x: the codes widened in registers (codes6) */
-        if (qv_m1_ok(J)) q6v_m1(J, n0, n1);
-        else q6v_rows(J, n0, n1);
+static void packed_rows(const job_t *J, int n0, int n1, uint8_t *scratch, int rows) {
+#if VLMC_VNNI && VLMC_CODES_PACKED
+    if (J->x8 && J->M < PACKED_SCRATCH_M) { /* int8 x: the codes widened in registers */
+        if (qv_m1_ok(J)) qpv_m1(J, n0, n1);
+        else qpv_rows(J, n0, n1);
         return;
     }
 #endif
     const int K = J->K;
-    const size_t rb = (size_t)K / 8 * 6;
+    const size_t rb = (size_t)K / 8 * J->bits;
     job_t J8;
     memcpy(&J8, J, sizeof J8); /* the kernels read J8's fields only */
     J8.bits = 8;
     J8.rowbytes = (size_t)K;
     for (int s = n0; s < n1; s += rows) {
         const int e = s + rows < n1 ? s + rows : n1;
-        for (int n = s; n < e; n++) expand6((const uint8_t *)J->w + (size_t)n * rb, scratch + (size_t)(n - s) * K, K);
+        for (int n = s; n < e; n++) expand_packed(&J->pk, (const uint8_t *)J->w + (size_t)n * rb, scratch + (size_t)(n - s) * K, K);
         J8.w = (const void *)((uintptr_t)scratch - (uintptr_t)s * (uintptr_t)K);
         q8_rows(&J8, s, e);
     }
@@ -1089,8 +1126,8 @@ static void gemv_task(void *ctx, int ith, int nth) {
     if (simd_ok(J)) {
         uint8_t *scratch = NULL;
         int rows = 0;
-        if (J->kind == 2 && J->bits == 6) {
-            rows = (WIDEN6_BYTES / J->K) & ~7;
+        if (J->kind == 2 && is_packed(J->bits)) {
+            rows = (WIDEN_BYTES / J->K) & ~7;
             if (rows < 8) rows = 8;
             scratch = malloc((size_t)rows * J->K);
             if (!scratch) return; /* out of memory: output left as is (as the portable path) */
@@ -1099,7 +1136,7 @@ static void gemv_task(void *ctx, int ith, int nth) {
             if (J->kind == 0) f32_rows(J, n0, n1);
             else if (J->kind == 1) bf16_rows(J, n0, n1);
             else if (J->bits == 4) q4_rows(J, n0, n1);
-            else if (J->bits == 6) q6_rows(J, n0, n1, scratch, rows);
+            else if (is_packed(J->bits)) packed_rows(J, n0, n1, scratch, rows);
             else q8_rows(J, n0, n1);
         }
         free(scratch);
@@ -1138,7 +1175,7 @@ static void plan_k(job_t *J) {
     /* bytes of x (int8 or float32) vs 16 KiB: with int8 x, Qwen2-VL's down_proj (K = 8960)
      * runs one row at a time like the short rows (26.5 GB/s, was 19.8 with 4 rows) */
     J->long_rows = (long)J->M * K * (J->x8 ? 1 : 4) > X_CHUNK_FLOATS * 4;
-    J->bias_folded = J->x8 && J->gs == 64 && (J->bits == 4 || (J->bits >= 6 && J->M == 1)); /* 6: run as 8 */
+    J->bias_folded = J->x8 && J->gs == 64 && (J->bits == 4 || J->M == 1); /* 2-8 bits: bytes_dots */
     if (J->M < CHUNK_MIN_M) J->kc = J->kmain; /* one x row: keep the weight stream sequential */
 }
 
@@ -1242,9 +1279,9 @@ static int check_q(int K, int N, int bits, int gs, int st) {
 static int int8_x = 1;
 void vlmc_set_int8_x(int on) { int8_x = on; }
 int vlmc_int8_x_available(void) { return VLMC_VNNI; }
-/* whether 6-bit codes with int8 x are read in place (codes6: AVX512-VBMI), as fast as the
- * 8-bit copy per byte; otherwise widening them to 8 bits at load is faster */
-int vlmc_q6_direct(void) { return VLMC_VNNI && VLMC_CODES6; }
+/* whether 2/3/5/6-bit codes with int8 x are read in place (codes_packed: AVX512-VBMI),
+ * at the speed per byte of the 4- or 8-bit copy they would otherwise be widened into at load */
+int vlmc_packed_direct(void) { return VLMC_VNNI && VLMC_CODES_PACKED; }
 
 #if VLMC_VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
 #define VLMC_X8_SIMD 1
@@ -1290,7 +1327,8 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
     if (!xs) return -5;
     job_t J = {.kind = 2, .M = M, .N = N, .K = K, .x = x, .xq = x, .xs = xs, .w = w, .sc = scales,
                .bi = biases, .st = st, .bits = bits, .gs = gs, .G = G, .bias = bias, .y = y};
-    const int use8 = VLMC_VNNI && (bits == 4 || bits == 6 || bits == 8) && gs % 64 == 0 && int8_x && simd_ok(&J);
+    if (is_packed(bits)) packed_init(&J.pk, bits);
+    const int use8 = VLMC_VNNI && gs % 64 == 0 && int8_x && simd_ok(&J);
     if (!use8) { /* float x: its group sums (bias terms) and, for 4 bits, the permuted copy */
         for (int m = 0; m < M; m++)
             for (int g = 0; g < G; g++) {
@@ -1336,7 +1374,7 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
                 sc = amax / 127.f;
                 const float inv = amax > 0.f ? 127.f / amax : 0.f;
                 for (int b = 0; b < 64; b++) { /* 4-bit: even values pair with the low nibbles, odd with the high */
-                    const int k = bits == 8 ? b : b < 32 ? 2 * b : 2 * (b - 32) + 1;
+                    const int k = bits != 4 ? b : b < 32 ? 2 * b : 2 * (b - 32) + 1;
                     const int8_t v = (int8_t)lrintf(xr[kb + k] * inv);
                     q[e + (b < 32 ? (size_t)b : gap + b - 32)] = v;
                     sum += v;
@@ -1373,14 +1411,16 @@ typedef struct {
 
 static void dequant_rows(const dq_t *D, int n0, int n1) {
     const int K = D->K, gs = D->gs, G = K / gs, bits = D->bits;
-    uint8_t *wide = VLMC_SIMD && bits == 6 && K % 64 == 0 ? malloc((size_t)K) : NULL;
+    uint8_t *wide = VLMC_SIMD && is_packed(bits) && K % 64 == 0 ? malloc((size_t)K) : NULL;
+    packed_t pk;
+    if (wide) packed_init(&pk, bits);
     for (int n = n0; n < n1; n++) {
         const uint8_t *row = (const uint8_t *)D->w + (size_t)n * K / 8 * bits;
         float *o = D->out + (size_t)n * K;
 #if VLMC_SIMD
         if (bits == 4 || bits == 8 || wide) {
-            if (wide) { /* 6-bit codes widened to bytes, then as 8-bit */
-                expand6(row, wide, K);
+            if (wide) { /* 2/3/5/6-bit codes widened to bytes, then as 8-bit */
+                expand_packed(&pk, row, wide, K);
                 row = wide;
             }
             const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), mask = _mm256_set1_epi32(0xF);
