@@ -231,24 +231,30 @@ def test_qlinear_int8_activations_exact(bits, gs, sdtype):
             assert err < 2e-6, (K, M, err)
 
 
-@pytest.mark.parametrize("gs,sdtype", [(64, mx.bfloat16), (128, mx.float32)])
-def test_qlinear_int8_gemm_for_many_rows(gs, sdtype, monkeypatch):
+@pytest.mark.parametrize("bits,gs,sdtype", [(4, 64, mx.bfloat16), (4, 128, mx.float32), (8, 64, mx.bfloat16),
+                                            (6, 128, mx.float32), (5, 64, mx.float32), (3, 64, mx.bfloat16),
+                                            (2, 128, mx.bfloat16)])
+def test_qlinear_int8_gemm_for_many_rows(bits, gs, sdtype, monkeypatch):
     """Products of more than GEMV_MAX_ROWS rows from INT8_GEMM_MIN_MACS multiply-adds on
     (prefill, vision) take the int8 GEMM where the CPU has AVX512-VNNI: same tolerance as
     the GEMV (x rounded per 64 values), with row counts that are not multiples of 8, column
-    counts that are not multiples of 16, and a bias; smaller products keep the float path."""
-    if not cpu.int8_activations() or not cpu._get_lib().vlmc_gemm_q4_i8_available():
+    counts that are not multiples of 16, and a bias; smaller products keep the float path.
+    Every code width is unpacked to bytes per panel (4 bits: nibbles, 8: as stored, 2/3/5/6:
+    expand_packed)."""
+    if not cpu.int8_activations() or not cpu._get_lib().vlmc_gemm_q_i8_available():
         pytest.skip("no AVX512-VNNI on this CPU (or turned off)")
     for M, N, K in [(37, 517, 1024), (64, 512, 512), (19, 1536, 1280)]:
         assert M * N * K >= cpu.INT8_GEMM_MIN_MACS and M > cpu.GEMV_MAX_ROWS
-        wq, s, b = mx.quantize(mx.random.normal((N, K), scale=0.02).astype(sdtype), group_size=gs, bits=4)
+        wq, s, b = mx.quantize(mx.random.normal((N, K), scale=0.02).astype(sdtype), group_size=gs, bits=bits)
         x, bias = rand(M, K), rand(N)
-        y = np.asarray(cpu.qlinear(x, wq, s, b, bias, bits=4, group_size=gs))
-        ref = np.asarray(qref(x, wq, s, b, 4, gs, bias))
+        y = np.asarray(cpu.qlinear(x, wq, s, b, bias, bits=bits, group_size=gs))
+        ref = np.asarray(qref(x, wq, s, b, bits, gs, bias))
         l2 = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
         assert 1e-6 < l2 < 1e-2 and rel_err(mx.array(y), mx.array(ref)) < 2e-2, (M, N, K, l2)
+        exact = int8x_ref(x, wq, s, b, bits, gs) + np.asarray(bias, np.float64)  # its own arithmetic, exactly
+        assert np.abs(y - exact).max() / np.abs(exact).max() < 2e-6, (M, N, K)
     monkeypatch.setattr(cpu, "INT8_GEMM_MIN_MACS", 1 << 40)  # below the threshold: the exact float path
-    assert rel_err(cpu.qlinear(x, wq, s, b, bias, bits=4, group_size=gs), qref(x, wq, s, b, 4, gs, bias)) < QUANT_TOL
+    assert rel_err(cpu.qlinear(x, wq, s, b, bias, bits=bits, group_size=gs), qref(x, wq, s, b, bits, gs, bias)) < QUANT_TOL
 
 
 def test_qlinear_quant_weight_object_and_leading_dims(float_activations):

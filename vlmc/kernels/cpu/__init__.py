@@ -5,10 +5,10 @@ MLX's CPU backend links a reference BLAS and has no fast bf16 or quantized matmu
 
 - few rows (decode, x with <= ``GEMV_MAX_ROWS`` rows): C GEMV kernels (``gemv.c``) that
   stream the weight in its stored form (float32, bfloat16, or MLX affine 2-8 bit codes)
-  once, computing in float32 (4- and 8-bit codes with int8 x on AVX512-VNNI machines,
-  see ``int8_activations``);
-- many rows (prefill, vision): for 4-bit codes on AVX512-VNNI machines the int8 GEMM
-  (``vlmc_gemm_q4_i8``); otherwise numpy's bundled OpenBLAS float32 GEMM, with bf16 or
+  once, computing in float32 (codes with int8 x on AVX512-VNNI machines, see
+  ``int8_activations``);
+- many rows (prefill, vision): for affine codes on AVX512-VNNI machines the int8 GEMM
+  (``vlmc_gemm_q_i8``); otherwise numpy's bundled OpenBLAS float32 GEMM, with bf16 or
   quantized weights converted to float32 per call in slices of rows (no persistent copy).
 
 Semantics are those of ``vlmc.kernels.reference`` (``x @ w.T + b``) and of
@@ -43,9 +43,10 @@ __all__ = ["linear", "qlinear", "qembedding", "dequantize", "widen", "enabled", 
 # x rows up to which the GEMV kernels (in passes of 8 rows) beat convert + OpenBLAS GEMM:
 # measured crossover on a 2-core Zen 4 at 16-32 rows for every weight format.
 GEMV_MAX_ROWS = 16
-# 4-bit weights times int8 x for more rows (prefill, vision; AVX512-VNNI, see gemv.c): from
-# this many multiply-adds on, where it measured 1.5-2.8x the dequantize + OpenBLAS path on
-# Qwen2-VL-2B shapes; below it the fixed costs (rounding x, threads) do not pay.
+# Affine-quantized weights times int8 x for more rows (prefill, vision; AVX512-VNNI, see
+# gemv.c): from this many multiply-adds on, where it measured 1.5-2.8x (4-bit) and 1.35-3.2x
+# (5/6/8-bit) the dequantize + OpenBLAS path on Qwen2-VL-2B shapes; below it the fixed
+# costs (rounding x, threads) do not pay.
 INT8_GEMM_MIN_MACS = 1 << 24
 GEMM_SLICE_ELEMS = 4 * 1024 * 1024  # float32 elements of weight converted per GEMM slice
 # Threads converting GEMM slices. One: the slices alternate with OpenBLAS's GEMM, whose
@@ -80,7 +81,7 @@ _int8 = False  # int8 x in effect: set when the library loads and by refresh()
 def int8_activations() -> bool:
     """Whether quantized matmuls round x to int8 per 64 values (AVX512-VNNI machines only):
     4-bit GEMVs of up to GEMV_MAX_ROWS rows (decode) run 1.7-2.9x faster, 8-bit ones
-    1.1-2.2x, larger 4-bit products (prefill, the vision tower) 1.5-2.8x, for ~0.6% relative
+    1.1-2.2x, larger products (prefill, the vision tower) 1.35-3.2x, for ~0.6% relative
     output error, against 4-10% from 4-bit weights themselves. ``VLMC_CPU_INT8_ACTIVATIONS=0``
     keeps float32 x."""
     _get_lib()
@@ -384,13 +385,13 @@ def qlinear(x: mx.array, w, scales=None, biases=None, b: mx.array | None = None,
         _check(lib.vlmc_gemv_q(xn.ctypes.data, M, K, wh.ptr, sh.ptr, bh_.ptr, st, N, bits, group_size,
                                bias.ptr if bias else None, y.ctypes.data, n_threads), "gemv_q")
         return _finish(y, lead, out_dtype, host)
-    if (bits == 4 and group_size % 64 == 0 and M * N * K >= INT8_GEMM_MIN_MACS and st in (0, 1)
-            and _int8 and lib.vlmc_gemm_q4_i8_available()):
+    if (group_size % 64 == 0 and M * N * K >= INT8_GEMM_MIN_MACS and st in (0, 1)
+            and _int8 and lib.vlmc_gemm_q_i8_available()):
         y = np.empty((M, N), np.float32)
-        rc = lib.vlmc_gemm_q4_i8(xn.ctypes.data, M, K, wh.ptr, sh.ptr, bh_.ptr, st, N, group_size,
-                                 bias.ptr if bias else None, y.ctypes.data, n_threads)
+        rc = lib.vlmc_gemm_q_i8(xn.ctypes.data, M, K, wh.ptr, sh.ptr, bh_.ptr, st, N, bits, group_size,
+                                bias.ptr if bias else None, y.ctypes.data, n_threads)
         if rc != -6:  # -6: a shape the kernel does not cover; the float GEMM below does
-            _check(rc, "gemm_q4_i8")
+            _check(rc, "gemm_q_i8")
             return _finish(y, lead, out_dtype, host)
     G = K // group_size
     words = w.shape[1]

@@ -122,10 +122,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.vlmc_int8_x_available.argtypes = []
     lib.vlmc_packed_direct.restype = I
     lib.vlmc_packed_direct.argtypes = []
-    lib.vlmc_gemm_q4_i8_available.restype = I
-    lib.vlmc_gemm_q4_i8_available.argtypes = []
-    lib.vlmc_gemm_q4_i8.restype = I
-    lib.vlmc_gemm_q4_i8.argtypes = [P, I, I, P, P, P, I, I, I, P, P, I]
+    lib.vlmc_gemm_q_i8_available.restype = I
+    lib.vlmc_gemm_q_i8_available.argtypes = []
+    lib.vlmc_gemm_q_i8.restype = I
+    lib.vlmc_gemm_q_i8.argtypes = [P, I, I, P, P, P, I, I, I, I, P, P, I]
     lib.vlmc_softmax_rows.restype = I
     lib.vlmc_softmax_rows.argtypes = [P, L, L, ctypes.c_float, P, L, I]
     lib.vlmc_sigmoid_gate.restype = I

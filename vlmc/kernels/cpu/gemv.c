@@ -1919,10 +1919,10 @@ int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, con
     return kv_run(&J, kv_task_turbo, n_threads);
 }
 
-/* ---- 4-bit weights x int8 activations, many rows (prefill, vision; AVX512-VNNI) --------
+/* ---- 2- to 8-bit weights x int8 activations, many rows (prefill, vision; AVX512-VNNI) ---
  * y[M, N] = x @ dequantize(w)^T (+ bias). x is rounded to int8 per 64 values of a row
  * (scale amax / 127), as in the GEMV (qv_block), by all threads. Output columns go in
- * panels of 32: a thread unpacks the panel's 32 weight rows into int8 codes laid out
+ * panels of 32: a thread unpacks the panel's 32 weight rows into uint8 codes laid out
  * [K / 4][32][4], so two 64-byte loads feed vpdpbusd for 32 columns x 4 k, against a
  * broadcast of 4 bytes of an x row. Six x rows at a time keep 12 integer and 12 float
  * accumulators (24 of the 32 vector registers): 12 vpdpbusd per 8 loads, where 16 columns
@@ -1943,11 +1943,12 @@ typedef struct {
     int8_t *x8;            /* [Mp, K] rounded x, Mp = M rounded up to GI8_ROWS (zero rows) */
     float *xsc;            /* [Mp, K / 64] x block scales */
     float *xsum;           /* [Mp, G] group sums of the rounded x */
-    const uint32_t *w;
+    const uint8_t *w;
     const void *sc, *bi;
     const float *bias;
     float *y;
-    int st, M, Mp, N, K, gs, G;
+    int st, M, Mp, N, K, bits, gs, G;
+    packed_t pk;           /* 2/3/5/6 bits */
     _Atomic int next;
 } gi8_t;
 
@@ -1972,10 +1973,20 @@ static void gi8_quant_task(void *ctx, int ith, int nth) {
 }
 
 /* codes of weight row n in natural order, one byte each (K bytes) */
-static ALWAYS void gi8_unpack_row(const uint32_t *wr, int K, uint8_t *out) {
+static ALWAYS void gi8_unpack_row(const gi8_t *J, int n, uint8_t *out) {
+    const int K = J->K;
+    const uint8_t *wr = J->w + (size_t)n * ((size_t)K / 8 * J->bits);
+    if (J->bits == 8) {
+        memcpy(out, wr, (size_t)K);
+        return;
+    }
+    if (J->bits != 4) {
+        expand_packed(&J->pk, wr, out, K);
+        return;
+    }
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (int k = 0; k < K; k += 64) {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(wr + k / 8));
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(wr + k / 2));
         const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
         const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);
         _mm256_storeu_si256((__m256i *)(out + k), _mm256_permute2x128_si256(a, b, 0x20));
@@ -1987,7 +1998,7 @@ static void gi8_panel(const gi8_t *J, int n0, uint32_t *pk, float *ps, float *pb
     const int K = J->K, G = J->G, K4 = K / 4, nb = K / 64, cols = J->N - n0 < GI8_COLS ? J->N - n0 : GI8_COLS;
     for (int c = 0; c < GI8_COLS; c++) {
         if (c < cols) {
-            gi8_unpack_row(J->w + (size_t)(n0 + c) * (K / 8), K, row);
+            gi8_unpack_row(J, n0 + c, row);
             for (int k4 = 0; k4 < K4; k4++) pk[(size_t)k4 * GI8_COLS + c] = (uint32_t)ld_i32(row + 4 * (size_t)k4);
             for (int g = 0; g < G; g++) {
                 ps[g * GI8_COLS + c] = ld_param(J->sc, (size_t)(n0 + c) * G + g, J->st);
@@ -2073,19 +2084,21 @@ static void gi8_task(void *ctx, int ith, int nth) {
 #define VLMC_GEMM_I8 0
 #endif
 
-int vlmc_gemm_q4_i8_available(void) { return VLMC_GEMM_I8; }
+int vlmc_gemm_q_i8_available(void) { return VLMC_GEMM_I8; }
 
 /* Returns -6 where the machine or the shape is not covered (the caller uses the GEMM). */
-int vlmc_gemm_q4_i8(const float *x, int M, int K, const uint32_t *w, const void *scales, const void *biases, int st,
-                    int N, int gs, const float *bias, float *y, int n_threads) {
+int vlmc_gemm_q_i8(const float *x, int M, int K, const uint32_t *w, const void *scales, const void *biases, int st,
+                   int N, int bits, int gs, const float *bias, float *y, int n_threads) {
 #if VLMC_GEMM_I8
     if (M < 1 || N < 1 || K < 64 || K % 64 || gs < 64 || gs % 64 || K % gs || st < 0 || st > 1) return -6;
+    if (bits != 4 && bits != 8 && !is_packed(bits)) return -6;
     const int Mp = (M + GI8_ROWS - 1) / GI8_ROWS * GI8_ROWS, nb = K / 64, G = K / gs;
     int8_t *x8 = calloc((size_t)Mp * K, 1);
     float *xsc = calloc((size_t)Mp * nb, sizeof(float)), *xsum = calloc((size_t)Mp * G, sizeof(float));
     if (!x8 || !xsc || !xsum) { free(x8); free(xsc); free(xsum); return -5; }
-    gi8_t J = {.x = x, .x8 = x8, .xsc = xsc, .xsum = xsum, .w = w, .sc = scales, .bi = biases, .bias = bias,
-               .y = y, .st = st, .M = M, .Mp = Mp, .N = N, .K = K, .gs = gs, .G = G};
+    gi8_t J = {.x = x, .x8 = x8, .xsc = xsc, .xsum = xsum, .w = (const uint8_t *)w, .sc = scales, .bi = biases,
+               .bias = bias, .y = y, .st = st, .M = M, .Mp = Mp, .N = N, .K = K, .bits = bits, .gs = gs, .G = G};
+    if (is_packed(bits)) packed_init(&J.pk, bits);
     atomic_store(&J.next, 0);
     int nth = n_threads < 1 ? 1 : n_threads;
     run_parallel(gi8_quant_task, &J, M < 2 * nth ? 1 : nth);
@@ -2095,7 +2108,7 @@ int vlmc_gemm_q4_i8(const float *x, int M, int K, const uint32_t *w, const void 
     free(xsum);
     return 0;
 #else
-    (void)x; (void)M; (void)K; (void)w; (void)scales; (void)biases; (void)st; (void)N; (void)gs; (void)bias;
+    (void)x; (void)M; (void)K; (void)w; (void)scales; (void)biases; (void)st; (void)N; (void)bits; (void)gs; (void)bias;
     (void)y; (void)n_threads;
     return -6;
 #endif
