@@ -222,6 +222,29 @@ def test_microscaling_schemes_run(ckpts, tmp_path):
         assert np.isfinite(_trace(vlmc.load(art), steps=3, image=False)[1]).all()
 
 
+def test_microscaling_on_the_cpu_target_warns_that_it_is_slow(ckpts, tmp_path):
+    """mxfp4/mxfp8/nvfp4 weights (or head) compiled for the cpu target run on MLX's own
+    quantized matmul there: the compile says so and still writes a working artifact."""
+    import warnings
+    from vlmc.errors import PerformanceWarning
+    with pytest.warns(PerformanceWarning, match="mxfp4/mxfp8 weights on the cpu target.*-q q4 or q8"):
+        art = compile(ckpts["qwen2_vl"], tmp_path / "mx", quantize="mxfp4", target="cpu")  # head: mxfp8 (auto)
+    assert np.isfinite(_trace(vlmc.load(art), steps=2, image=False)[1]).all()
+    with pytest.warns(PerformanceWarning, match="nvfp4 weights"):
+        compile(ckpts["qwen2_vl"], tmp_path / "h", quantize="q4", head="nvfp4", target="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerformanceWarning)
+        compile(ckpts["qwen2_vl"], tmp_path / "q4", quantize="q4", target="cpu")
+        compile(ckpts["qwen2_vl"], tmp_path / "gpu", quantize="mxfp4", target="metal")
+    import subprocess
+    import sys
+    cli = subprocess.run([sys.executable, "-m", "vlmc.cli", "compile", str(ckpts["qwen2_vl"]), "-o",
+                          str(tmp_path / "cli"), "-q", "nvfp4", "--target", "cpu"], capture_output=True, text=True,
+                         timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert "warning: mxfp8/nvfp4 weights on the cpu target" in cli.stderr and "cli.py" not in cli.stderr
+
+
 def test_quantized_activations_reach_every_quantized_linear_but_the_head(ckpts, tmp_path):
     weights = compile(ckpts["qwen2_vl"], tmp_path / "w", quantize="nvfp4", target="cuda")
     acts = compile(ckpts["qwen2_vl"], tmp_path / "wa", quantize="nvfp4", target="cuda", quantize_activations=True)

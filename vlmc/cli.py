@@ -21,6 +21,25 @@ from .passes.fuse import FUSIONS, OPT_IN
 @click.version_option(package_name="vlmc")
 def main() -> None:
     """vlmc: compile vision-language models to MLX artifacts and run them."""
+    _plain_warnings()
+
+
+def _plain_warnings() -> None:
+    """vlmc's own warnings (PerformanceWarning) as one ``warning:`` line on stderr, like
+    errors, instead of Python's file:line form with a source line."""
+    import warnings
+    from .errors import PerformanceWarning
+    default = warnings.showwarning
+    if getattr(default, "vlmc", False):  # installed by an earlier command in this process
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PerformanceWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+    show.vlmc = True
+    warnings.showwarning = show
 
 
 DTYPE = click.Choice(["float32", "bfloat16", "float16"])

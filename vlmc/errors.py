@@ -36,6 +36,10 @@ class ArtifactError(VlmcError):
     """A compiled artifact is missing, incomplete or from an incompatible vlmc version."""
 
 
+class PerformanceWarning(UserWarning):
+    """A choice that works but runs much slower than another on the chosen target."""
+
+
 def exit_on_user_error(fn):
     """For CLI commands: a VlmcError prints one ``error:`` line and exits 1; Ctrl-C exits 130."""
     @functools.wraps(fn)
