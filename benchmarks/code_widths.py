@@ -15,6 +15,10 @@ GEMM (prefill, the vision tower): ms per call with more rows than a GEMV takes, 
 vlmc's int8 GEMM and through dequantize + OpenBLAS (``INT8_GEMM_MIN_MACS`` raised out of
 reach), and the relative L2 difference of the two (x rounded to int8 per 64 values).
 
+Residual (8-bit codes): the GEMV and the GEMM with x's rounding residual (their default
+for 8-bit codes: a second vpdpbusd per 64 codes) against one int8 rounding, with each
+one's relative L2 difference from float x.
+
 The two variants of every comparison alternate in one process, so a change in the
 machine's speed hits both alike. Shapes are Qwen2-VL-2B's (N out x K in).
 """
@@ -112,6 +116,38 @@ def gemm(bits: int, reps: int) -> None:
               f"rel L2 {err:.4f}", flush=True)
 
 
+def residual(reps: int) -> None:
+    lib = cpu._get_lib()
+    default = cpu.INT8_GEMM_MIN_MACS
+    cases = [("GEMV", name, 1, N, K) for name, N, K in GEMV_SHAPES[:3]] + \
+            [("GEMV", "lm_head", 4, 151936, 1536)] + [("GEMM", name, M, N, K) for name, M, N, K in GEMM_SHAPES[:3]]
+    for kind, name, M, N, K in cases:
+        q = weight(N, K, 8)
+        ws = [q] if kind == "GEMM" else [q] + [weight(N, K, 8) for _ in range(max(1, CYCLE_BYTES // nbytes(q)) - 1)]
+        x = mx.random.normal((M, K))
+        mx.eval(x)
+
+        def run(on):
+            def f():
+                lib.vlmc_set_x8_residual(on)
+                try:
+                    return [np.asarray(cpu.qlinear(x, w, host=True)) for w in ws][0]
+                finally:
+                    lib.vlmc_set_x8_residual(1)
+            return f
+        cpu.INT8_GEMM_MIN_MACS = 1 << 62
+        exact = np.asarray(cpu.qlinear(x, q, host=True))  # float x (GEMM: dequantize + OpenBLAS; GEMV: see below)
+        cpu.INT8_GEMM_MIN_MACS = default
+        if kind == "GEMV":
+            exact = np.asarray(mx.quantized_matmul(x, q.weight, q.scales, q.biases, transpose=True, group_size=64,
+                                                   bits=8))
+        errs = [float(np.linalg.norm(run(on)() - exact) / np.linalg.norm(exact)) for on in (1, 0)]
+        a, b = alternate(run(1), run(0), reps)
+        print(f"  {kind} {name:8s} M={M:4d} N={N:6d} K={K:4d}: with residual {a / len(ws):7.3f} ms (rel L2 "
+              f"{errs[0]:.1e})  one rounding {b / len(ws):7.3f} ms (rel L2 {errs[1]:.1e})  ratio {a / b:.2f}",
+              flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bits", default="2,3,5,6", help="code widths (GEMV: 2, 3, 5, 6; GEMM: 2-8)")
@@ -119,19 +155,25 @@ def main() -> None:
     ap.add_argument("--gemv-rows", default="1,4")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-gemm", action="store_true")
+    ap.add_argument("--skip-residual", action="store_true")
+    ap.add_argument("--skip-gemv", action="store_true")
     args = ap.parse_args()
     if not cpu.available():
         sys.exit("the vlmc CPU kernels are not available (no C compiler, or VLMC_CPU_KERNELS=0)")
     lib = cpu._get_lib()
     print(f"int8 x: {cpu.int8_activations()}; codes widened in registers (AVX512-VBMI): "
           f"{bool(lib.vlmc_packed_direct())}; threads: {cpu.n_threads}")
-    print("GEMV, weights as stored vs their load-time copy:")
-    for bits in (int(b) for b in args.bits.split(",")):
-        gemv(bits, [int(m) for m in args.gemv_rows.split(",")], args.reps)
+    if not args.skip_gemv:
+        print("GEMV, weights as stored vs their load-time copy:")
+        for bits in (int(b) for b in args.bits.split(",")):
+            gemv(bits, [int(m) for m in args.gemv_rows.split(",")], args.reps)
     if not args.skip_gemm:
         print("GEMM, int8 GEMM vs dequantize + OpenBLAS:")
         for bits in (int(b) for b in args.gemm_bits.split(",")):
             gemm(bits, args.reps)
+    if not args.skip_residual and cpu.int8_activations():
+        print("8-bit codes, x's rounding residual vs one rounding:")
+        residual(args.reps)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,8 @@ def test_qlinear_int8_activations(gs, sdtype, bits):
         ref = qref(x, wq, s, b, bits, gs)
         r = np.asarray(ref.astype(mx.float32))
         l2 = float(np.linalg.norm(y - r) / np.linalg.norm(r))
-        assert 1e-6 < l2 < 1e-2 and rel_err(mx.array(y), ref) < 2e-2, (N, K, l2)
+        # 8-bit codes also take x's rounding residual: ~2e-5 where one rounding gives ~6e-3
+        assert 1e-6 < l2 < (1e-4 if bits == 8 else 1e-2) and rel_err(mx.array(y), ref) < 2e-2, (N, K, l2)
     import os
     os.environ["VLMC_CPU_INT8_ACTIVATIONS"] = "0"
     try:
@@ -179,18 +180,24 @@ def unpack_codes(wq, bits: int, K: int) -> np.ndarray:
     return (fields << np.arange(bits, dtype=np.int64)).sum(axis=2)
 
 
-def int8x_ref(x, wq, s, b, bits, gs):
+def int8x_ref(x, wq, s, b, bits, gs, residual=None):
     """What the int8-activation GEMV computes, in float64: x rounded to int8 per 64 values
     (scale amax / 127, float32 arithmetic, ties to even), exact integer dots per 64-block,
     scaled by the weight group's scale and the block's scale, plus each group's bias times
-    the group sum of the rounded x."""
+    the group sum of the rounded x. With ``residual`` (the GEMV's default for 8-bit codes)
+    x is 256 q + qr in steps of scale / 256, qr = rint(256 (x / scale - q)) saturated."""
+    residual = bits == 8 if residual is None else residual
     x = np.asarray(x, np.float32)
     M, K = x.shape
     blocks = x.reshape(M, K // 64, 64)
     amax = np.abs(blocks).max(axis=2, keepdims=True)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    q = np.rint(blocks * inv).astype(np.int64)  # [M, nb, 64]
+    t = (blocks * inv).astype(np.float32)
+    q = np.rint(t).astype(np.int64)  # [M, nb, 64]
     xsc = (amax / np.float32(127)).astype(np.float64)[..., 0]  # [M, nb]
+    if residual:
+        qr = np.minimum(np.rint((t - q.astype(np.float32)) * np.float32(256)), 127).astype(np.int64)
+        q, xsc = 256 * q + qr, xsc / 256
     codes = unpack_codes(wq, bits, K).reshape(-1, K // 64, 64)  # [N, nb, 64]
     dots = np.einsum("mbk,nbk->mnb", q, codes).astype(np.float64)  # exact
     sc = np.asarray(s.astype(mx.float32), np.float64)
@@ -250,7 +257,7 @@ def test_qlinear_int8_gemm_for_many_rows(bits, gs, sdtype, monkeypatch):
         y = np.asarray(cpu.qlinear(x, wq, s, b, bias, bits=bits, group_size=gs))
         ref = np.asarray(qref(x, wq, s, b, bits, gs, bias))
         l2 = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
-        assert 1e-6 < l2 < 1e-2 and rel_err(mx.array(y), mx.array(ref)) < 2e-2, (M, N, K, l2)
+        assert 1e-6 < l2 < (1e-4 if bits == 8 else 1e-2) and rel_err(mx.array(y), mx.array(ref)) < 2e-2, (M, N, K, l2)
         exact = int8x_ref(x, wq, s, b, bits, gs) + np.asarray(bias, np.float64)  # its own arithmetic, exactly
         assert np.abs(y - exact).max() / np.abs(exact).max() < 2e-6, (M, N, K)
     monkeypatch.setattr(cpu, "INT8_GEMM_MIN_MACS", 1 << 40)  # below the threshold: the exact float path
@@ -541,7 +548,8 @@ def test_cpu_artifacts_widen_odd_bit_widths_at_load(tmp_path, monkeypatch):
 def test_cpu_artifacts_keep_5_and_6_bit_codes_where_read_in_place(tmp_path, monkeypatch):
     """q5 layers (head at q8) with groups of 64 stay 5-bit on machines whose kernels widen
     codes in registers (AVX512-VBMI, int8 x) and give the same logits, bit for bit, as the
-    8-bit copy the loader makes elsewhere; 2 and 3 bits are always widened to 4."""
+    8-bit copy the loader makes elsewhere (with x rounded alike: 8-bit codes otherwise also
+    get x's rounding residual); 2 and 3 bits are always widened to 4."""
     import vlmc
     from fixtures.checkpoints import build_checkpoint
     from vlmc.quality import _trace
@@ -559,8 +567,13 @@ def test_cpu_artifacts_keep_5_and_6_bit_codes_where_read_in_place(tmp_path, monk
     copy = vlmc.load(art)
     assert {w.bits for w in copy.model.params.values() if hasattr(w, "bits")} == {8}
     prompt = direct.build_prompt("The small robot walked across the kitchen.")
-    toks, lp_direct = _trace(direct, prompt, Sampler(SamplingParams()), 6)
-    _, lp_copy = _trace(copy, prompt, Sampler(SamplingParams()), 6)
+    lib = cpu._get_lib()
+    lib.vlmc_set_x8_residual(0)
+    try:
+        toks, lp_direct = _trace(direct, prompt, Sampler(SamplingParams()), 6)
+        _, lp_copy = _trace(copy, prompt, Sampler(SamplingParams()), 6)
+    finally:
+        lib.vlmc_set_x8_residual(1)
     assert all(np.array_equal(a, b) for a, b in zip(lp_direct, lp_copy))
 
 

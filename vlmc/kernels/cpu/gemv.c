@@ -332,7 +332,8 @@ typedef struct {
     const float *xq;   /* quantized: x permuted for the 4-bit kernel, else == x */
     const float *xs;   /* quantized: [M, G] group sums of x */
     const int8_t *x8;  /* 4/8-bit, VNNI: x as int8 per 64-block, in the codes' order (see qv_block) */
-    const float *x8s;  /* its scale per 64-block */
+    const int8_t *x8r; /* 8-bit codes: x's rounding residual in 1/256 steps (x8_block), or NULL */
+    const float *x8s;  /* its scale per 64-block (with x8r: the scale of 256 x8 + x8r) */
     const void *w;
     const void *sc, *bi;
     int st;            /* scales/biases type */
@@ -633,11 +634,16 @@ static ALWAYS void bytes_dots(const int M, const int ST, const job_t *J, int n, 
     const __m512i z = _mm512_setzero_si512();
     const __m256 sv = scale8(ST, J, n, kb), bv = bias8(ST, J, n, kb);
     UNROLL for (int m = 0; m < M; m++) {
-        const int8_t *xb = J->x8 + (size_t)m * J->K + kb;
+        const int8_t *xb = J->x8 + (size_t)m * J->K + kb, *xrb = J->x8r ? J->x8r + (size_t)m * J->K + kb : NULL;
         __m512i a[4];
         UNROLL for (int i = 0; i < 4; i++) {
-            const __m512i p0 = _mm512_dpbusd_epi32(z, c[2 * i], _mm512_loadu_si512((const void *)(xb + 128 * i)));
-            const __m512i p1 = _mm512_dpbusd_epi32(z, c[2 * i + 1], _mm512_loadu_si512((const void *)(xb + 128 * i + 64)));
+            __m512i p0 = _mm512_dpbusd_epi32(z, c[2 * i], _mm512_loadu_si512((const void *)(xb + 128 * i)));
+            __m512i p1 = _mm512_dpbusd_epi32(z, c[2 * i + 1], _mm512_loadu_si512((const void *)(xb + 128 * i + 64)));
+            if (xrb) { /* 256 x8 + x8r: the residual's dots added in 1/256 steps */
+                p0 = _mm512_dpbusd_epi32(_mm512_slli_epi32(p0, 8), c[2 * i], _mm512_loadu_si512((const void *)(xrb + 128 * i)));
+                p1 = _mm512_dpbusd_epi32(_mm512_slli_epi32(p1, 8), c[2 * i + 1],
+                                         _mm512_loadu_si512((const void *)(xrb + 128 * i + 64)));
+            }
             a[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(p0, p1, _MM_SHUFFLE(1, 0, 1, 0)),
                                     _mm512_shuffle_i32x4(p0, p1, _MM_SHUFFLE(3, 2, 3, 2)));
         }
@@ -728,6 +734,11 @@ static ALWAYS void qv_acc(const int BITS, const int R, const int M, const int ST
                 if (J->bias_folded) part[r * M + m] += b * J->xs[(size_t)m * G + g];
                 __m256i a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), c0, _mm256_loadu_si256((const __m256i *)(xm + xe)));
                 a = _mm256_dpbusd_epi32(a, c1, _mm256_loadu_si256((const __m256i *)(xm + xo)));
+                if (BITS == 8 && J->x8r) { /* 256 x8 + x8r (natural order: xe = kb, xo = kb + 32) */
+                    const int8_t *xr = J->x8r + (size_t)m * K;
+                    a = _mm256_dpbusd_epi32(_mm256_slli_epi32(a, 8), c0, _mm256_loadu_si256((const __m256i *)(xr + xe)));
+                    a = _mm256_dpbusd_epi32(a, c1, _mm256_loadu_si256((const __m256i *)(xr + xo)));
+                }
                 tot[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a),
                                             _mm256_set1_ps(s * J->x8s[(size_t)m * nb + (kb >> 6)]), tot[r][m]);
             }
@@ -1226,7 +1237,7 @@ static int gemv_padded(job_t *J, double wbytes, int n_threads) {
 static int gemv_sliced(job_t *J, double wbytes, int n_threads) {
     const int M = J->M, N = J->N;
     const float *x = J->x, *xq = J->xq, *xs = J->xs;
-    const int8_t *x8 = J->x8;
+    const int8_t *x8 = J->x8, *x8r = J->x8r;
     const float *x8s = J->x8s;
     float *y = J->y;
     int rc = 0;
@@ -1238,6 +1249,7 @@ static int gemv_sliced(job_t *J, double wbytes, int n_threads) {
         J->y = y + (size_t)m0 * N;
         if (x8) {
             J->x8 = x8 + (size_t)m0 * J->K;
+            J->x8r = x8r ? x8r + (size_t)m0 * J->K : NULL;
             J->x8s = x8s + (size_t)m0 * (J->K / 64);
         }
         if (simd_ok(J) && J->M > 4 && J->M < 8 && !x8) rc = gemv_padded(J, wbytes, n_threads);
@@ -1278,18 +1290,23 @@ static int check_q(int K, int N, int bits, int gs, int st) {
 /* 4- and 8-bit GEMVs with int8 activations (VNNI); vlmc_set_int8_x(0) turns them off */
 static int int8_x = 1;
 void vlmc_set_int8_x(int on) { int8_x = on; }
+/* the rounding residual of x for 8-bit codes (x8_block); off only to measure it */
+static int x8_residual = 1;
+void vlmc_set_x8_residual(int on) { x8_residual = on; }
 int vlmc_int8_x_available(void) { return VLMC_VNNI; }
 /* whether 2/3/5/6-bit codes with int8 x are read in place (codes_packed: AVX512-VBMI),
  * at the speed per byte of the 4- or 8-bit copy they would otherwise be widened into at load */
 int vlmc_packed_direct(void) { return VLMC_VNNI && VLMC_CODES_PACKED; }
 
-#if VLMC_VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
-#define VLMC_X8_SIMD 1
+#if VLMC_VNNI
 /* 64 values of x to int8 with scale amax / 127 (cvtps rounds to nearest even, as lrintf):
  * in natural order (odd = 32), or for 4-bit codes the 32 even-indexed values at q and the
  * odd ones at q + odd (the low and high nibbles of the block's 32 code bytes hold codes
- * 2b and 2b + 1; see qv_block for where the halves go). */
-static ALWAYS float x8_block(const float *xr, int nibbles, int8_t *q, size_t odd, int *sum) {
+ * 2b and 2b + 1; see qv_block for where the halves go). With qr (natural order only), the
+ * rounding residual too: t = x / scale, q = rint(t), qr = rint(256 (t - q)) saturated to
+ * int8 (t - q is exact), so x ~ scale (q + qr / 256) to ~1 / 65000 of the block's largest
+ * value; *sum is then the sum of 256 q + qr and the returned scale that of 256 q + qr. */
+static ALWAYS float x8_block(const float *xr, int nibbles, int8_t *q, size_t odd, int8_t *qr, int *sum) {
     __m512 v[4], a = _mm512_setzero_ps();
     UNROLL for (int i = 0; i < 4; i++) {
         v[i] = _mm512_loadu_ps(xr + 16 * i);
@@ -1304,17 +1321,22 @@ static ALWAYS float x8_block(const float *xr, int nibbles, int8_t *q, size_t odd
         v[0] = e0, v[1] = e1, v[2] = o0, v[3] = o1;
     }
     const __m512 iv = _mm512_set1_ps(inv);
-    __m512i s = _mm512_setzero_si512();
+    __m512i s = _mm512_setzero_si512(), sr = _mm512_setzero_si512();
     UNROLL for (int i = 0; i < 4; i++) {
-        const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], iv));
+        const __m512 t = _mm512_mul_ps(v[i], iv);
+        const __m512i qi = _mm512_cvtps_epi32(t);
         s = _mm512_add_epi32(s, qi);
         _mm_storeu_si128((__m128i *)(q + (i < 2 ? 16 * i : odd + 16 * (i - 2))), _mm512_cvtepi32_epi8(qi));
+        if (qr) {
+            __m512i ri = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(t, _mm512_cvtepi32_ps(qi)), _mm512_set1_ps(256.f)));
+            ri = _mm512_min_epi32(ri, _mm512_set1_epi32(127)); /* t - q = +0.5 exactly: 128 */
+            sr = _mm512_add_epi32(sr, ri);
+            _mm_storeu_si128((__m128i *)(qr + 16 * i), _mm512_cvtepi32_epi8(ri));
+        }
     }
-    *sum = _mm512_reduce_add_epi32(s);
-    return amax / 127.f;
+    *sum = _mm512_reduce_add_epi32(s) * (qr ? 256 : 1) + (qr ? _mm512_reduce_add_epi32(sr) : 0);
+    return qr ? amax / 127.f / 256.f : amax / 127.f;
 }
-#else
-#define VLMC_X8_SIMD 0
 #endif
 
 int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *scales, const void *biases,
@@ -1351,35 +1373,26 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
             J.xq = xq;
         }
     }
-    int8_t *x8 = NULL;
+    int8_t *x8 = NULL, *x8r = NULL;
     float *x8s = NULL;
 #if VLMC_VNNI
     if (use8) { /* see qv_block */
-        x8 = malloc((size_t)M * K);
+        /* 8-bit weights also get x's rounding residual: one int8 rounding of x (~0.6%
+         * relative) is as large as their own error (~0.5%), while 2-6-bit weights' own
+         * error (1.3-9%) dwarfs it. It costs a second vpdpbusd per 64 codes. */
+        const int residual = bits == 8 && x8_residual;
+        x8 = malloc((size_t)M * K * (residual ? 2 : 1));
         x8s = malloc(sizeof(float) * (size_t)M * (K / 64));
         if (!x8 || !x8s) { free(x8); free(x8s); free(xs); return -5; }
+        x8r = residual ? x8 + (size_t)M * K : NULL;
         for (int m = 0; m < M; m++) {
             const float *xr = x + (size_t)m * K;
-            int8_t *q = x8 + (size_t)m * K;
+            int8_t *q = x8 + (size_t)m * K, *qr = x8r ? x8r + (size_t)m * K : NULL;
             float *xg = xs + (size_t)m * G;
             for (int kb = 0; kb < K; kb += 64) {
                 int sum = 0;
-                float sc;
                 const size_t e = bits == 4 ? x8_even(kb, K) : (size_t)kb, gap = bits == 4 ? x8_odd_gap(kb, K) : 32;
-#if VLMC_X8_SIMD
-                sc = x8_block(xr + kb, bits == 4, q + e, gap, &sum);
-#else
-                float amax = 0.f;
-                for (int i = 0; i < 64; i++) amax = fmaxf(amax, fabsf(xr[kb + i]));
-                sc = amax / 127.f;
-                const float inv = amax > 0.f ? 127.f / amax : 0.f;
-                for (int b = 0; b < 64; b++) { /* 4-bit: even values pair with the low nibbles, odd with the high */
-                    const int k = bits != 4 ? b : b < 32 ? 2 * b : 2 * (b - 32) + 1;
-                    const int8_t v = (int8_t)lrintf(xr[kb + k] * inv);
-                    q[e + (b < 32 ? (size_t)b : gap + b - 32)] = v;
-                    sum += v;
-                }
-#endif
+                const float sc = x8_block(xr + kb, bits == 4, q + e, gap, qr ? qr + kb : NULL, &sum);
                 x8s[(size_t)m * (K / 64) + kb / 64] = sc;
                 /* the bias terms must see the same (quantized) x as the codes: the minimum
                  * and the codes' mean cancel, and with exact x here the rounding would not */
@@ -1388,6 +1401,7 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
             }
         }
         J.x8 = x8;
+        J.x8r = x8r;
         J.x8s = x8s;
     }
 #endif
@@ -1941,7 +1955,8 @@ int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, con
 typedef struct {
     const float *x;        /* [M, K] */
     int8_t *x8;            /* [Mp, K] rounded x, Mp = M rounded up to GI8_ROWS (zero rows) */
-    float *xsc;            /* [Mp, K / 64] x block scales */
+    int8_t *x8r;           /* [Mp, K] 8-bit codes: x's rounding residual (x8_block), else NULL */
+    float *xsc;            /* [Mp, K / 64] x block scales (with x8r: of 256 x8 + x8r) */
     float *xsum;           /* [Mp, G] group sums of the rounded x */
     const uint8_t *w;
     const void *sc, *bi;
@@ -1966,7 +1981,8 @@ static void gi8_quant_task(void *ctx, int ith, int nth) {
     for (int m = m0; m < m1; m++)
         for (int b = 0; b < nb; b++) {
             int sum;
-            const float sc = x8_block(J->x + (size_t)m * K + b * 64, 0, J->x8 + (size_t)m * K + b * 64, 32, &sum);
+            const float sc = x8_block(J->x + (size_t)m * K + b * 64, 0, J->x8 + (size_t)m * K + b * 64, 32,
+                                      J->x8r ? J->x8r + (size_t)m * K + b * 64 : NULL, &sum);
             J->xsc[(size_t)m * nb + b] = sc;
             J->xsum[(size_t)m * J->G + b * 64 / J->gs] += sc * (float)sum;
         }
@@ -1991,6 +2007,19 @@ static ALWAYS void gi8_unpack_row(const gi8_t *J, int n, uint8_t *out) {
         const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);
         _mm256_storeu_si256((__m256i *)(out + k), _mm256_permute2x128_si256(a, b, 0x20));
         _mm256_storeu_si256((__m256i *)(out + k + 32), _mm256_permute2x128_si256(a, b, 0x31));
+    }
+}
+
+/* iacc += one 64-block's integer dots: 32 columns of codes (pk, from k4 = k40) x GI8_ROWS rows of x */
+static ALWAYS void gi8_block_dots(const uint32_t *pk, const int8_t *xr, int K, int k40, __m512i iacc[GI8_ROWS][2]) {
+    for (int k4 = k40; k4 < k40 + 16; k4++) {
+        const __m512i w0 = _mm512_loadu_si512((const void *)(pk + (size_t)k4 * GI8_COLS));
+        const __m512i w1 = _mm512_loadu_si512((const void *)(pk + (size_t)k4 * GI8_COLS + 16));
+        UNROLL for (int i = 0; i < GI8_ROWS; i++) {
+            const __m512i xv = _mm512_set1_epi32(ld_i32(xr + (size_t)i * K + 4 * k4));
+            iacc[i][0] = _mm512_dpbusd_epi32(iacc[i][0], w0, xv);
+            iacc[i][1] = _mm512_dpbusd_epi32(iacc[i][1], w1, xv);
+        }
     }
 }
 
@@ -2027,14 +2056,13 @@ static void gi8_panel(const gi8_t *J, int n0, uint32_t *pk, float *ps, float *pb
                     const int b = g * bpg + xb, k40 = b * 16;
                     __m512i iacc[GI8_ROWS][2];
                     UNROLL for (int i = 0; i < GI8_ROWS; i++) iacc[i][0] = iacc[i][1] = _mm512_setzero_si512();
-                    for (int k4 = k40; k4 < k40 + 16; k4++) {
-                        const __m512i w0 = _mm512_loadu_si512((const void *)(pk + (size_t)k4 * GI8_COLS));
-                        const __m512i w1 = _mm512_loadu_si512((const void *)(pk + (size_t)k4 * GI8_COLS + 16));
+                    gi8_block_dots(pk, xr, K, k40, iacc);
+                    if (J->x8r) { /* 8-bit codes: 256 x (the dots so far) + the residual's dots */
                         UNROLL for (int i = 0; i < GI8_ROWS; i++) {
-                            const __m512i xv = _mm512_set1_epi32(ld_i32(xr + (size_t)i * K + 4 * k4));
-                            iacc[i][0] = _mm512_dpbusd_epi32(iacc[i][0], w0, xv);
-                            iacc[i][1] = _mm512_dpbusd_epi32(iacc[i][1], w1, xv);
+                            iacc[i][0] = _mm512_slli_epi32(iacc[i][0], 8);
+                            iacc[i][1] = _mm512_slli_epi32(iacc[i][1], 8);
                         }
+                        gi8_block_dots(pk, J->x8r + (size_t)m0 * K, K, k40, iacc);
                     }
                     UNROLL for (int i = 0; i < GI8_ROWS; i++) {
                         const __m512 xs = _mm512_set1_ps(J->xsc[(size_t)(m0 + i) * nb + b]);
@@ -2093,10 +2121,12 @@ int vlmc_gemm_q_i8(const float *x, int M, int K, const uint32_t *w, const void *
     if (M < 1 || N < 1 || K < 64 || K % 64 || gs < 64 || gs % 64 || K % gs || st < 0 || st > 1) return -6;
     if (bits != 4 && bits != 8 && !is_packed(bits)) return -6;
     const int Mp = (M + GI8_ROWS - 1) / GI8_ROWS * GI8_ROWS, nb = K / 64, G = K / gs;
-    int8_t *x8 = calloc((size_t)Mp * K, 1);
+    const int residual = bits == 8 && x8_residual; /* as in vlmc_gemv_q */
+    int8_t *x8 = calloc((size_t)Mp * K * (residual ? 2 : 1), 1);
     float *xsc = calloc((size_t)Mp * nb, sizeof(float)), *xsum = calloc((size_t)Mp * G, sizeof(float));
     if (!x8 || !xsc || !xsum) { free(x8); free(xsc); free(xsum); return -5; }
-    gi8_t J = {.x = x, .x8 = x8, .xsc = xsc, .xsum = xsum, .w = (const uint8_t *)w, .sc = scales, .bi = biases,
+    gi8_t J = {.x = x, .x8 = x8, .x8r = residual ? x8 + (size_t)Mp * K : NULL, .xsc = xsc, .xsum = xsum,
+               .w = (const uint8_t *)w, .sc = scales, .bi = biases,
                .bias = bias, .y = y, .st = st, .M = M, .Mp = Mp, .N = N, .K = K, .bits = bits, .gs = gs, .G = G};
     if (is_packed(bits)) packed_init(&J.pk, bits);
     atomic_store(&J.next, 0);
