@@ -80,10 +80,12 @@ _int8 = False  # int8 x in effect: set when the library loads and by refresh()
 
 def int8_activations() -> bool:
     """Whether quantized matmuls round x to int8 per 64 values (AVX512-VNNI machines only):
-    4-bit GEMVs of up to GEMV_MAX_ROWS rows (decode) run 1.7-2.9x faster, 8-bit ones
-    1.1-2.2x, larger products (prefill, the vision tower) 1.35-3.2x, for ~0.6% relative
-    output error, against 4-10% from 4-bit weights themselves. ``VLMC_CPU_INT8_ACTIVATIONS=0``
-    keeps float32 x."""
+    4-bit GEMVs of up to GEMV_MAX_ROWS rows (decode) run 1.7-2.9x faster than with float x,
+    larger 2-6-bit products (prefill, the vision tower) 1.35-3.2x, for ~0.6% relative
+    output error, against 1.3-10% from 2-6-bit weights themselves. For 8-bit weights, whose
+    own error (~0.5%) one rounding would match, x also carries its rounding residual (a
+    second int8 pass in 1/256 steps): 2.3e-5 relative error, 1.03-1.5x the time of one
+    rounding. ``VLMC_CPU_INT8_ACTIVATIONS=0`` keeps float32 x."""
     _get_lib()
     return _int8
 
