@@ -213,6 +213,40 @@ def test_quantized_artifact_stores_packed_codes(ckpts, tmp_path, scheme, bits):
     assert np.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_affine_codes_are_nearest_for_the_stored_parameters(bits):
+    """With scales and biases stored in bf16, every code is re-chosen as the nearest for the
+    rounded parameters (pack_codes writes MLX's bit stream: it repacks mx.quantize's own
+    codes to the same words), which beats rounding only the parameters, by 46% of the error
+    at 8 bits."""
+    import mlx.core as mx
+    from vlmc.kernels import quant
+    rng = np.random.default_rng(bits)
+    w = mx.array((rng.standard_normal((130, 256)) * 0.02).astype(np.float32))
+    codes, s, b = mx.quantize(w, group_size=64, bits=bits)
+    unit = mx.ones_like(s)
+    raw = np.asarray(mx.dequantize(codes, unit, mx.zeros_like(s), group_size=64, bits=bits)).astype(np.uint32)
+    assert np.array_equal(quant.pack_codes(raw, bits), np.asarray(codes))
+    q = quant.quantize_array(w, bits=bits, group_size=64, mode="affine", param_dtype=mx.bfloat16)
+    assert q.scales.dtype == mx.bfloat16 and q.biases.dtype == mx.bfloat16
+    f32 = mx.float32  # the CPU kernels compute s * q + b in float32 from the stored bf16 parameters
+    deq = np.asarray(mx.dequantize(q.weight, q.scales.astype(f32), q.biases.astype(f32), group_size=64, bits=bits))
+    S = np.repeat(np.asarray(q.scales.astype(mx.float32)), 64, axis=1)
+    B = np.repeat(np.asarray(q.biases.astype(mx.float32)), 64, axis=1)
+    code = np.rint((deq - B) / S)
+    for step in (-1, 1):  # no neighbouring code (inside the range) is nearer
+        inside = (code + step >= 0) & (code + step <= 2 ** bits - 1)
+        alt = (code + step) * S + B
+        worse = np.abs(deq - np.asarray(w)) - np.abs(alt - np.asarray(w))
+        assert np.all(worse[inside] <= 1e-6 * np.abs(S[inside])), (bits, step, worse[inside].max())
+    naive = np.asarray(mx.dequantize(codes, s.astype(mx.bfloat16).astype(f32), b.astype(mx.bfloat16).astype(f32),
+                                     group_size=64, bits=bits))
+    err = lambda d: float(np.linalg.norm(d - np.asarray(w)))
+    assert err(deq) <= err(naive)
+    if bits == 8:
+        assert err(deq) < 0.8 * err(naive)
+
+
 def test_microscaling_schemes_run(ckpts, tmp_path):
     for scheme in ("mxfp4", "mxfp8", "nvfp4"):
         art = compile(ckpts["qwen2_vl"], tmp_path / scheme, quantize=scheme, head="none", target="metal")

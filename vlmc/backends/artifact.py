@@ -78,8 +78,13 @@ def encode(p: Param, x: np.ndarray, report: dict[str, Any]) -> dict[str, np.ndar
     import mlx.core as mx
     from ..kernels.quant import quantize_array
     w = mx.array(x)
-    qw = quantize_array(w, bits=q["bits"], group_size=q["group_size"], mode=q["mode"])
-    err = float(mx.sqrt(mx.sum(mx.square(qw.dequantize() - w)) / mx.maximum(mx.sum(mx.square(w)), 1e-30)).item())
+    qw = quantize_array(w, bits=q["bits"], group_size=q["group_size"], mode=q["mode"],
+                        param_dtype=getattr(mx, p.dtype))
+    # the error of the stored parameters and codes, dequantized in float32 as the CPU kernels do
+    deq = mx.dequantize(qw.weight, qw.scales.astype(mx.float32),
+                        None if qw.biases is None else qw.biases.astype(mx.float32),
+                        group_size=qw.group_size, bits=qw.bits, mode=qw.mode) if qw.mode == "affine" else qw.dequantize()
+    err = float(mx.sqrt(mx.sum(mx.square(deq - w)) / mx.maximum(mx.sum(mx.square(w)), 1e-30)).item())
     report[p.name] = {**q, "rel_error": round(err, 6), "bytes": p.nbytes}
     out = {p.name: np.asarray(qw.weight)}
     if q["mode"] == "affine":

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,10 +30,51 @@ class QuantWeight:
         return w.astype(dtype)
 
 
-def quantize_array(w: mx.array, *, bits: int, group_size: int, mode: str) -> QuantWeight:
+def quantize_array(w: mx.array, *, bits: int, group_size: int, mode: str,
+                   param_dtype: mx.Dtype | None = None) -> QuantWeight:
+    """``mx.quantize``. For affine codes whose scales and biases will be stored in a
+    narrower dtype than float32 (``param_dtype``: a bf16 or f16 artifact), the parameters
+    are rounded to it first and each code re-chosen as the nearest for them: rounding only
+    the parameters after the fact had left 8-bit weights 46% more error (relative 0.0079
+    against 0.0054 on Gaussian rows; 6-bit 3%), since a bias off by 2^-9 of the group's
+    edge moves every value of the group by a quarter of an 8-bit step."""
     parts = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
-    biases = parts[2] if mode == "affine" else None
-    return QuantWeight(parts[0], parts[1], biases, bits, group_size, mode)
+    if mode != "affine":
+        return QuantWeight(parts[0], parts[1], None, bits, group_size, mode)
+    scales, biases = parts[1], parts[2]
+    if param_dtype is None or param_dtype == scales.dtype:
+        return QuantWeight(parts[0], scales, biases, bits, group_size, mode)
+    scales, biases = scales.astype(param_dtype), biases.astype(param_dtype)
+    return QuantWeight(nearest_codes(w, scales, biases, bits, group_size), scales, biases, bits, group_size, mode)
+
+
+def nearest_codes(w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
+    """MLX-packed affine codes of ``w`` [N, K]: per value the code q in [0, 2^bits) whose
+    ``scales * q + biases`` (as given, any sign of scale) is nearest, in blocks of rows."""
+    n, k = w.shape
+    top = (1 << bits) - 1
+    out = []
+    for r0 in range(0, n, WIDEN_ROWS):
+        rows = w[r0:r0 + WIDEN_ROWS].astype(mx.float32).reshape(-1, k // group_size, group_size)
+        s = scales[r0:r0 + WIDEN_ROWS].astype(mx.float32)[..., None]
+        b = biases[r0:r0 + WIDEN_ROWS].astype(mx.float32)[..., None]
+        q = mx.clip(mx.round((rows - b) / mx.where(s == 0, 1, s)), 0, top)
+        out.append(pack_codes(np.asarray(q.astype(mx.uint32)).reshape(rows.shape[0], k), bits))
+    return mx.array(np.concatenate(out) if len(out) > 1 else out[0])
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes [N, K] (K a multiple of 32) as MLX packs them: each row one little-endian bit
+    stream, code k at bits [bits k, bits k + bits), in uint32 words [N, K * bits / 32]."""
+    n, k = codes.shape
+    c = codes.astype(np.uint32).reshape(n, k // 32, 32)
+    words = np.zeros((n, k // 32, bits), np.uint32)  # 32 codes fill exactly `bits` words
+    for i in range(32):
+        j, o = divmod(bits * i, 32)
+        words[..., j] |= c[..., i] << np.uint32(o)
+        if o + bits > 32:  # straddles into the next word
+            words[..., j + 1] |= c[..., i] >> np.uint32(32 - o)
+    return words.reshape(n, k * bits // 32)
 
 
 # Affine widths the CPU target may repack at load (``widen``), and the width each becomes:
