@@ -426,6 +426,26 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array, *, bits: int, gr
     return mx.array(out)
 
 
+def affine_search(w: np.ndarray, bits: int, group_size: int, first: tuple[np.ndarray, np.ndarray],
+                  shrink: tuple[float, ...], refits: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``vlmc.kernels.quant.searched_params`` in C (``affine_search.c``) on a float32 [N, K]
+    array, ``first`` the (scales, biases) to start from: (scales, biases) float32
+    [N, K / group_size], or None without the compiled kernels."""
+    lib = _get_lib()
+    if lib is None or group_size > 256:
+        return None
+    w = np.ascontiguousarray(w, np.float32)
+    s0, b0 = (np.ascontiguousarray(a, np.float32) for a in first)
+    n, k = w.shape
+    sh = np.asarray(shrink, np.float32)
+    scales = np.empty((n, k // group_size), np.float32)
+    biases = np.empty_like(scales)
+    _check(lib.vlmc_affine_search(w.ctypes.data, n, k, group_size, bits, s0.ctypes.data, b0.ctypes.data,
+                                  sh.ctypes.data, sh.size, refits, scales.ctypes.data, biases.ctypes.data,
+                                  n_threads), "affine_search")
+    return scales, biases
+
+
 def widen(q, bits: int):
     """``vlmc.kernels.quant.widen`` (the same codes at 4 or 8 bits per value, exact) through
     the threaded C dequantize with unit scales: 0.5 s where MLX's ops took 5 s for a

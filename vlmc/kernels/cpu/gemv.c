@@ -2148,3 +2148,4 @@ int vlmc_gemm_q_i8(const float *x, int M, int K, const uint32_t *w, const void *
 /* the host path's exp-based elementwise ops (they use the thread pool above)             */
 #include "elementwise.c"
 #include "decode_layer.c"
+#include "affine_search.c"
