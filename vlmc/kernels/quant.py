@@ -137,6 +137,10 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     """Codes [N, K] (K a multiple of 32) as MLX packs them: each row one little-endian bit
     stream, code k at bits [bits k, bits k + bits), in uint32 words [N, K * bits / 32]."""
     n, k = codes.shape
+    if 32 % bits == 0:  # 2, 4, 8 bits: whole codes per word
+        per = 32 // bits
+        shifts = (np.arange(per, dtype=np.uint32) * np.uint32(bits))
+        return np.bitwise_or.reduce(codes.astype(np.uint32).reshape(n, k // per, per) << shifts, axis=-1)
     c = codes.astype(np.uint32).reshape(n, k // 32, 32)
     words = np.zeros((n, k // 32, bits), np.uint32)  # 32 codes fill exactly `bits` words
     for i in range(32):
