@@ -4,9 +4,11 @@
  * first candidate (mx.quantize's), the group's min/max range shrunk about its middle by
  * each factor of `shrink`, then `nrefit`
  * least-squares refits of scale and bias to the chosen codes, each step kept only where
- * it lowered the group's error. ~60x the MLX ops' speed on a 2-core machine, which took
- * a Qwen2-VL-2B q4 compile from 1.5 to 4.7 minutes. Float sums run in another order than
- * MLX's, so where two candidates tie to rounding the two may keep different ones. */
+ * it lowered the group's error. 8x the MLX ops' speed on a 2-core machine (a 17920 x 1536
+ * weight 0.2 s against 1.6 s; with the MLX ops a Qwen2-VL-2B q4 compile took 4.7 minutes,
+ * with this 2.3, without any search 1.5). Float sums run in another order than MLX's, so
+ * where two candidates come within rounding of each other the two may keep different ones
+ * (a quarter of the groups of that weight, for the same total error to 1e-6). */
 
 typedef struct {
     const float *w;
