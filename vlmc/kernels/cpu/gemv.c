@@ -331,7 +331,7 @@ typedef struct {
     const float *x;    /* [M, K] natural layout */
     const float *xq;   /* quantized: x permuted for the 4-bit kernel, else == x */
     const float *xs;   /* quantized: [M, G] group sums of x */
-    const int8_t *x8;  /* 4/8-bit, VNNI: x as int8 per 64-block, in the codes' order (see qv_block) */
+    const int8_t *x8;  /* codes, VNNI: x as int8 per 64-block, in the codes' order (see qv_block) */
     const int8_t *x8r; /* 8-bit codes: x's rounding residual in 1/256 steps (x8_block), or NULL */
     const float *x8s;  /* its scale per 64-block (with x8r: the scale of 256 x8 + x8r) */
     const void *w;
@@ -533,9 +533,10 @@ static ALWAYS void q4_block(const int R, const int M, const int P, const int FOL
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #define VLMC_VNNI 1
 #define BITS_PACKED 0 /* qv kernels' BITS for 2/3/5/6-bit codes (the width is J->bits) */
-/* ---- 4- or 8-bit codes x int8 activations (up to 8 activation rows per pass;
- * AVX512-VNNI). Per 64-block, x is rounded to int8 with its own scale (x8s). For 8-bit
- * codes x8 is in natural order. For 4-bit codes the low nibbles of a block's 32 code
+/* ---- codes x int8 activations (up to 8 activation rows per pass; AVX512-VNNI). Per
+ * 64-block, x is rounded to int8 with its own scale (x8s); for 8-bit codes its rounding
+ * residual too (x8r, x8_block). For byte codes (8-bit, and 2/3/5/6-bit widened in
+ * registers) x8 is in natural order. For 4-bit codes the low nibbles of a block's 32 code
  * bytes hold its even codes and the high nibbles its odd ones, so x8 holds each block's
  * even values, then its odd values; two blocks that share a 128-aligned pair interleave
  * those halves (A even, B even, A odd, B odd: x8_offsets), so one 64-byte load of codes
