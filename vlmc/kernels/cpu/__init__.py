@@ -84,8 +84,9 @@ def int8_activations() -> bool:
     larger 2-6-bit products (prefill, the vision tower) 1.35-3.2x, for ~0.6% relative
     output error, against 1.3-10% from 2-6-bit weights themselves. For 8-bit weights, whose
     own error (~0.5%) one rounding would match, x also carries its rounding residual (a
-    second int8 pass in 1/256 steps): 2.3e-5 relative error, 1.03-1.5x the time of one
-    rounding. ``VLMC_CPU_INT8_ACTIVATIONS=0`` keeps float32 x."""
+    second int8 pass in 1/256 steps): 2.3e-5 relative error, 1.01-1.02x the time of one
+    rounding for one x row, 1.2-2.5x for more. ``VLMC_CPU_INT8_ACTIVATIONS=0`` keeps
+    float32 x."""
     _get_lib()
     return _int8
 

@@ -653,13 +653,17 @@ static ALWAYS void bytes_dots(const int M, const int ST, const job_t *J, int n, 
 }
 
 /* 8 blocks (512 codes) from kb, 8-bit codes (natural order, one block per 64-byte load) */
-static ALWAYS void qv8_wide(const int R, const int M, const int ST, const job_t *J, int n, int kb,
+static ALWAYS void qv8_wide(const int R, const int M, const int ST, const int L2, const job_t *J, int n, int kb,
                             __m256 tot[4][8], size_t pfo) {
     const int K = J->K;
     UNROLL for (int r = 0; r < R; r++) {
         const uint8_t *wb = (const uint8_t *)J->w + (size_t)(n + r) * K + kb;
         __m512i c[8];
-        (void)pfo; /* no software prefetch: with it the LM head streamed at 23-30 GB/s, without 30-37 */
+        /* One x row (qv_m1_range): prefetched PF_M1 bytes ahead into L2, which took 8-bit
+         * GEMVs to 0.82-1.0x the time without (0.68-0.96x with x's rounding residual, whose
+         * doubled x had crowded the L1: the 8960-long down projection ran 1.4x slower). An
+         * earlier prefetch into L1 had slowed the LM head (23-30 GB/s against 30-37). */
+        if (L2) UNROLL for (int i = 0; i < 8; i++) pf_l2(wb + 64 * i, pfo);
         UNROLL for (int i = 0; i < 8; i++) c[i] = _mm512_loadu_si512((const void *)(wb + 64 * i));
         bytes_dots(M, ST, J, n + r, kb, c, tot[r]);
     }
@@ -705,7 +709,7 @@ static ALWAYS void qv_acc(const int BITS, const int R, const int M, const int ST
         for (; kb + 512 <= k1; kb += 512) qvp_wide(R, M, ST, L2, J, &u, n, kb, tot, pfo);
 #endif
     else if (BITS == 8 && M == 1) /* several x rows: two to four times slower this way (M = 2 and 4, the LM head) */
-        for (; kb + 512 <= k1; kb += 512) qv8_wide(R, M, ST, J, n, kb, tot, pfo);
+        for (; kb + 512 <= k1; kb += 512) qv8_wide(R, M, ST, L2, J, n, kb, tot, pfo);
     for (; kb < k1; kb += 64) {
         const size_t g = (size_t)kb / gs;
         const size_t xe = BITS == 4 ? x8_even(kb, K) : (size_t)kb, xo = xe + (BITS == 4 ? x8_odd_gap(kb, K) : 32);
@@ -769,7 +773,7 @@ static ALWAYS __m256 hsum8x8(const __m256 t[8]) {
  * thread: 42 -> 32 cycles per 512 codes). */
 static ALWAYS void qv_m1_range(const int BITS, const int ST, const job_t *J, int n0, int n1) {
     const int K = J->K;
-    const size_t pfo = BITS == 8 ? 0 : PF_M1;
+    const size_t pfo = PF_M1;
     int n = n0;
     for (; n + 8 <= n1; n += 8) {
         __m256 t[8];
