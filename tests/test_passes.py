@@ -239,6 +239,9 @@ def test_affine_codes_are_nearest_for_the_stored_parameters(bits):
         alt = (code + step) * S + B
         worse = np.abs(deq - np.asarray(w)) - np.abs(alt - np.asarray(w))
         assert np.all(worse[inside] <= 1e-6 * np.abs(S[inside])), (bits, step, worse[inside].max())
+    from vlmc.kernels import cpu
+    if cpu.available():  # the C codes (used here) and the MLX fallback's, bit for bit
+        assert mx.array_equal(q.weight, quant._nearest_codes_mlx(w, q.scales, q.biases, bits, 64))
     naive = np.asarray(mx.dequantize(codes, s.astype(mx.bfloat16).astype(f32), b.astype(mx.bfloat16).astype(f32),
                                      group_size=64, bits=bits))
     err = lambda d: float(np.linalg.norm(d - np.asarray(w)))

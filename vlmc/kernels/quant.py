@@ -74,7 +74,7 @@ def searched_params(w: mx.array, bits: int, group_size: int) -> tuple[mx.array, 
     REFITS times refitted by least squares (the scale and bias that best map the chosen
     codes onto the weights), each step kept per group only where it lowered the error.
     Through the C kernels where they are built (``cpu/affine_search.c``: a Qwen2-VL-2B q4
-    compile took 2.3 minutes with it, 4.7 with the MLX ops below, 1.5 without any search),
+    compile took 1.7 minutes with it, 4.7 with the MLX ops below, 1.5 without any search),
     else MLX ops in blocks of rows."""
     from .cpu import affine_search  # the compiled kernels, when this machine has them
     w = w.astype(mx.float32)
@@ -119,7 +119,19 @@ def _searched_params_mlx(w: mx.array, bits: int, group_size: int, s0: mx.array,
 
 def nearest_codes(w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
     """MLX-packed affine codes of ``w`` [N, K]: per value the code q in [0, 2^bits) whose
-    ``scales * q + biases`` (as given, any sign of scale) is nearest, in blocks of rows."""
+    ``scales * q + biases`` (as given, any sign of scale) is nearest. In C where the kernels
+    are built (a 17920 x 1536 weight 0.31 s with the MLX ops and numpy packing below), the
+    same codes."""
+    from .cpu import affine_codes  # the compiled kernels, when this machine has them
+    f32 = mx.float32
+    found = affine_codes(np.asarray(w.astype(f32)), bits, group_size, np.asarray(scales.astype(f32)),
+                         np.asarray(biases.astype(f32)))
+    if found is not None:
+        return mx.array(found)
+    return _nearest_codes_mlx(w, scales, biases, bits, group_size)
+
+
+def _nearest_codes_mlx(w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
     n, k = w.shape
     top = (1 << bits) - 1
     out = []

@@ -447,6 +447,23 @@ def affine_search(w: np.ndarray, bits: int, group_size: int, first: tuple[np.nda
     return scales, biases
 
 
+def affine_codes(w: np.ndarray, bits: int, group_size: int, scales: np.ndarray,
+                 biases: np.ndarray) -> np.ndarray | None:
+    """``vlmc.kernels.quant.nearest_codes`` in C (``affine_search.c``), bit for bit: uint32
+    words [N, K * bits / 32] for a float32 [N, K] array and float32 [N, K / group_size]
+    scales and biases, or None without the compiled kernels."""
+    lib = _get_lib()
+    if lib is None:
+        return None
+    w = np.ascontiguousarray(w, np.float32)
+    s, b = (np.ascontiguousarray(a, np.float32) for a in (scales, biases))
+    n, k = w.shape
+    out = np.empty((n, k * bits // 32), np.uint32)
+    _check(lib.vlmc_affine_codes(w.ctypes.data, n, k, group_size, bits, s.ctypes.data, b.ctypes.data,
+                                 out.ctypes.data, n_threads), "affine_codes")
+    return out
+
+
 def widen(q, bits: int):
     """``vlmc.kernels.quant.widen`` (the same codes at 4 or 8 bits per value, exact) through
     the threaded C dequantize with unit scales: 0.5 s where MLX's ops took 5 s for a

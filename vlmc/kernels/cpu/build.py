@@ -126,6 +126,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.vlmc_set_x8_residual.argtypes = [I]
     lib.vlmc_affine_search.restype = I
     lib.vlmc_affine_search.argtypes = [P, I, I, I, I, P, P, P, I, I, P, P, I]
+    lib.vlmc_affine_codes.restype = I
+    lib.vlmc_affine_codes.argtypes = [P, I, I, I, I, P, P, P, I]
     lib.vlmc_gemm_q_i8_available.restype = I
     lib.vlmc_gemm_q_i8_available.argtypes = []
     lib.vlmc_gemm_q_i8.restype = I
