@@ -162,4 +162,7 @@ def test_compile_cache_reuses_artifacts(qwen, tmp_path, monkeypatch):
     assert compile(qwen, dtype="bfloat16") != first
     from vlmc.backends import codegen
     monkeypatch.setattr(compiler, "CODEGEN_REVISION", codegen.CODEGEN_REVISION + 1)  # newer generated code
-    assert compile(qwen) != first
+    second = compile(qwen)
+    assert second != first
+    monkeypatch.setattr(compiler, "QUANT_REVISION", compiler.QUANT_REVISION + 1)  # newer quantized weights
+    assert compile(qwen) not in (first, second)

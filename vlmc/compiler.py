@@ -12,6 +12,7 @@ from typing import Any
 from . import __version__
 from .backends.artifact import FORMAT_VERSION, write_artifact
 from .backends.codegen import CODEGEN_REVISION
+from .kernels.quant import QUANT_REVISION
 from .errors import SourceError, VlmcError
 from .frontend import Checkpoint, import_checkpoint, open_checkpoint
 from .frontend.source import read_json
@@ -99,7 +100,8 @@ def kv_options(**given: Any) -> dict[str, Any]:
 
 def cache_key(ckpt: Checkpoint, options: dict[str, Any]) -> str:
     h = hashlib.sha256(json.dumps({"fingerprint": ckpt.fingerprint, "options": options,
-                                   "format": FORMAT_VERSION, "codegen": CODEGEN_REVISION, "vlmc": __version__},
+                                   "format": FORMAT_VERSION, "codegen": CODEGEN_REVISION, "quant": QUANT_REVISION,
+                                   "vlmc": __version__},
                                   sort_keys=True).encode())
     return h.hexdigest()[:24]
 

@@ -30,6 +30,13 @@ class QuantWeight:
         return w.astype(dtype)
 
 
+# What quantize_array writes for given options; part of the compile cache's key, so an
+# artifact quantized by older code is rebuilt rather than reused. 1: mx.quantize's codes
+# and parameters; 2: codes nearest for the stored (bf16/f16) parameters, and searched
+# ranges up to SEARCH_BITS.
+QUANT_REVISION = 2
+
+
 def quantize_array(w: mx.array, *, bits: int, group_size: int, mode: str,
                    param_dtype: mx.Dtype | None = None) -> QuantWeight:
     """``w`` [N, K] quantized. Affine codes of up to SEARCH_BITS get each group's range
