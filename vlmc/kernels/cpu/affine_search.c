@@ -2,9 +2,8 @@
  * scale and bias of each group of an affine-quantized weight, searched for low squared
  * error. Same method as vlmc.kernels.quant.searched_params (the MLX fallback): a given
  * first candidate (mx.quantize's), the group's min/max range shrunk about its middle by
- * each factor of `shrink`, then `nrefit`
- * least-squares refits of scale and bias to the chosen codes, each step kept only where
- * it lowered the group's error. 8x the MLX ops' speed on a 2-core machine (a 17920 x 1536
+ * each factor of `shrink`, then `nrefit` least-squares refits of scale and bias to the
+ * chosen codes, each step kept only where it lowered the group's error. 8x the MLX ops' speed on a 2-core machine (a 17920 x 1536
  * weight 0.2 s against 1.6 s; a Qwen2-VL-2B q4 compile took 4.7 minutes with the MLX ops,
  * 1.7 with this and affine_codes below, 1.5 without any search). Float sums run in another
  * order than MLX's, so where two candidates come within rounding of each other the two
