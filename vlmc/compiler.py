@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from . import __version__
 from .backends.artifact import FORMAT_VERSION, write_artifact
 from .backends.codegen import CODEGEN_REVISION
 from .kernels.quant import QUANT_REVISION
-from .errors import SourceError, VlmcError
+from .errors import PerformanceWarning, SourceError, VlmcError
 from .frontend import Checkpoint, import_checkpoint, open_checkpoint
 from .frontend.source import read_json
 from .passes import PRESETS, run_passes
@@ -147,8 +148,6 @@ def _warn_slow_on_target(options: dict[str, Any]) -> None:
         head = auto_head(scheme_spec(scheme, options["group_size"]))
     slow = sorted({s for s in (scheme, head) if s in MICROSCALING})
     if options["target"] == "cpu" and slow:
-        import warnings
-        from .errors import PerformanceWarning
         warnings.warn(f"{'/'.join(slow)} weights on the cpu target run through MLX's own quantized matmul, "
                       f"7-27x slower than vlmc's CPU kernels run q4/q8 (affine) weights; for --target cpu "
                       f"prefer -q q4 or q8", PerformanceWarning, stacklevel=3)

@@ -69,9 +69,14 @@ SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 REFITS = 2
 
 
+def _codes(g: mx.array, s: mx.array, b: mx.array, top: int) -> mx.array:
+    """The nearest code in [0, top] to each value for bias b and scale s (a zero scale
+    divides by 1; as affine_search.c's as_code)."""
+    return mx.clip(mx.round((g - b) / mx.where(s == 0, 1, s)), 0, top)
+
+
 def _group_sse(g: mx.array, s: mx.array, b: mx.array, top: int) -> mx.array:
-    c = mx.clip(mx.round((g - b) / mx.where(s == 0, 1, s)), 0, top)
-    return mx.sum(mx.square(c * s + b - g), axis=-1, keepdims=True)
+    return mx.sum(mx.square(_codes(g, s, b, top) * s + b - g), axis=-1, keepdims=True)
 
 
 def searched_params(w: mx.array, bits: int, group_size: int) -> tuple[mx.array, mx.array]:
@@ -109,7 +114,7 @@ def _searched_params_mlx(w: mx.array, bits: int, group_size: int, s0: mx.array,
             keep = e < best_e
             best_s, best_b, best_e = mx.where(keep, s, best_s), mx.where(keep, b, best_b), mx.where(keep, e, best_e)
         for _ in range(REFITS):
-            c = mx.clip(mx.round((g - best_b) / mx.where(best_s == 0, 1, best_s)), 0, top)
+            c = _codes(g, best_s, best_b, top)
             cm, gm = mx.mean(c, axis=-1, keepdims=True), mx.mean(g, axis=-1, keepdims=True)
             var = mx.sum(mx.square(c - cm), axis=-1, keepdims=True)
             s = mx.where(var > 0, mx.sum((c - cm) * (g - gm), axis=-1, keepdims=True) / mx.where(var > 0, var, 1), best_s)
@@ -146,7 +151,7 @@ def _nearest_codes_mlx(w: mx.array, scales: mx.array, biases: mx.array, bits: in
         rows = w[r0:r0 + WIDEN_ROWS].astype(mx.float32).reshape(-1, k // group_size, group_size)
         s = scales[r0:r0 + WIDEN_ROWS].astype(mx.float32)[..., None]
         b = biases[r0:r0 + WIDEN_ROWS].astype(mx.float32)[..., None]
-        q = mx.clip(mx.round((rows - b) / mx.where(s == 0, 1, s)), 0, top)
+        q = _codes(rows, s, b, top)
         out.append(pack_codes(np.asarray(q.astype(mx.uint32)).reshape(rows.shape[0], k), bits))
     return mx.array(np.concatenate(out) if len(out) > 1 else out[0])
 

@@ -3,12 +3,12 @@
  * error. Same method as vlmc.kernels.quant.searched_params (the MLX fallback): a given
  * first candidate (mx.quantize's), the group's min/max range shrunk about its middle by
  * each factor of `shrink`, then `nrefit` least-squares refits of scale and bias to the
- * chosen codes, each step kept only where it lowered the group's error. 8x the MLX ops' speed on a 2-core machine (a 17920 x 1536
- * weight 0.2 s against 1.6 s; a Qwen2-VL-2B q4 compile took 4.7 minutes with the MLX ops,
- * 1.7 with this and affine_codes below, 1.5 without any search). Float sums run in another
- * order than MLX's, so where two candidates come within rounding of each other the two
- * may keep different ones (a quarter of the groups of that weight, for the same total
- * error to 1e-6). */
+ * chosen codes, each step kept only where it lowered the group's error. 8x the MLX ops'
+ * speed on a 2-core machine (a 17920 x 1536 weight 0.2 s against 1.6 s; a Qwen2-VL-2B q4
+ * compile took 4.7 minutes with the MLX ops, 1.7 with this and affine_codes below, 1.5
+ * without any search). Float sums run in another order than MLX's, so where two
+ * candidates come within rounding of each other the two may keep different ones (a
+ * quarter of the groups of that weight, for the same total error to 1e-6). */
 
 typedef struct {
     const float *w;
@@ -18,13 +18,17 @@ typedef struct {
     int N, K, gs, top, nshrink, nrefit;
 } as_job;
 
+/* the nearest code to x for bias b and scale s (a zero scale divides by 1), as MLX's
+ * round (ties to even) and clip do in vlmc.kernels.quant._codes */
+static inline float as_code(float x, float s, float b, int top) {
+    const float c = rintf((x - b) / (s == 0.f ? 1.f : s));
+    return c < 0.f ? 0.f : c > (float)top ? (float)top : c;
+}
+
 static float as_sse(const float *x, int gs, float s, float b, int top) {
-    const float d = s == 0.f ? 1.f : s;
     float e = 0.f;
     for (int i = 0; i < gs; i++) {
-        float c = rintf((x[i] - b) / d);
-        c = c < 0.f ? 0.f : c > (float)top ? (float)top : c;
-        const float r = c * s + b - x[i];
+        const float r = as_code(x[i], s, b, top) * s + b - x[i];
         e += r * r;
     }
     return e;
@@ -45,12 +49,10 @@ static void as_group(const as_job *J, const float *x, float s0, float b0, float 
         if (e < be) bs = s, bb = b, be = e;
     }
     for (int it = 0; it < J->nrefit; it++) {
-        const float d = bs == 0.f ? 1.f : bs;
         float cm = 0.f, xm = 0.f;
         float c[256];
         for (int i = 0; i < gs; i++) {
-            float q = rintf((x[i] - bb) / d);
-            c[i] = q < 0.f ? 0.f : q > (float)top ? (float)top : q;
+            c[i] = as_code(x[i], bs, bb, top);
             cm += c[i];
             xm += x[i];
         }
@@ -109,13 +111,9 @@ static void ac_task(void *ctx, int ith, int nth) {
         uint8_t *o = J->out + n * rowbytes;
         for (int k = 0; k < J->K; k += 8) {
             const int g = k / J->gs;
-            const float s = J->sc[n * G + g], b = J->bi[n * G + g], d = s == 0.f ? 1.f : s;
+            const float s = J->sc[n * G + g], b = J->bi[n * G + g];
             uint64_t v = 0;
-            for (int i = 0; i < 8; i++) {
-                float c = rintf((x[k + i] - b) / d);
-                c = c < 0.f ? 0.f : c > (float)top ? (float)top : c;
-                v |= (uint64_t)c << (J->bits * i);
-            }
+            for (int i = 0; i < 8; i++) v |= (uint64_t)as_code(x[k + i], s, b, top) << (J->bits * i);
             memcpy(o + (size_t)k / 8 * J->bits, &v, (size_t)J->bits); /* little-endian host */
         }
     }
