@@ -17,7 +17,7 @@ import vlmc  # noqa: E402
 from fixtures.checkpoints import build_checkpoint  # noqa: E402
 from vlmc.quality import compare  # noqa: E402
 
-OPTIONS = [{"kv_bits": 8}, {"kv_bits": 4}, {"kv_bits": 4, "quantize_last": True},
+OPTIONS = [{"kv_bits": 8}, {"kv_bits": 4}, {"kv_bits": 4, "kv_quantize_last": True},
            {"kv_bits": 3.5, "kv_quant_scheme": "turboquant"}]
 
 

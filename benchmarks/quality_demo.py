@@ -47,7 +47,7 @@ CONFIGS: dict[str, tuple[dict, dict, tuple[str, float] | None]] = {
     "nvfp4+act": ({"quantize": "nvfp4", "target": "cuda", "quantize_activations": True}, {}, None),
     "kv8": ({}, {"kv_bits": 8}, ("top1", 0.99)),
     "kv4": ({}, {"kv_bits": 4}, ("top1", 0.95)),
-    "kv4-all": ({}, {"kv_bits": 4, "quantize_last": True}, ("top1", 0.95)),
+    "kv4-all": ({}, {"kv_bits": 4, "kv_quantize_last": True}, ("top1", 0.95)),
     "turbo4": ({}, {"kv_bits": 4, "kv_quant_scheme": "turboquant"}, None),
     "turbo3.5": ({}, {"kv_bits": 3.5, "kv_quant_scheme": "turboquant"}, None),
     "turbo3": ({}, {"kv_bits": 3, "kv_quant_scheme": "turboquant"}, None),

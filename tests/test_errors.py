@@ -415,13 +415,16 @@ def test_prompt_longer_than_context(env, ckpt, tmp_path):
 
 
 def test_artifact_from_an_older_format_asks_for_a_recompile(env, artifact, tmp_path):
-    """Format 2 changed what generated entry points return (ops.result): an artifact written
-    in format 1 is refused with one line saying to recompile, not run with the new ops."""
+    """Each format changed what the runtime reads (format 3: the family's inputs in
+    meta["inputs"]): an artifact written in an older one is refused with one line saying to
+    recompile, not run with the new runtime."""
     import json
     import shutil
+    from vlmc.artifact_format import FORMAT_VERSION
     old = tmp_path / "old.vlmc"
     shutil.copytree(artifact, old)
     manifest = json.loads((old / "manifest.json").read_text())
-    manifest["format_version"] = 1
+    manifest["format_version"] = FORMAT_VERSION - 1
     (old / "manifest.json").write_text(json.dumps(manifest))
-    error_line(vlmc(env, "run", old, "-p", "hi", "--max-tokens", "2"), "format 1", "format 2", "recompile")
+    error_line(vlmc(env, "run", old, "-p", "hi", "--max-tokens", "2"), f"format {FORMAT_VERSION - 1}",
+               f"format {FORMAT_VERSION}", "recompile")

@@ -10,7 +10,8 @@ import pytest
 from fixtures.checkpoints import build_checkpoint
 from vlmc import compiler
 from vlmc.compiler import cache_dir, compile
-from vlmc.frontend import import_checkpoint, open_checkpoint
+from vlmc.frontend import open_checkpoint
+from vlmc.models import import_checkpoint
 from vlmc.ir.builder import FunctionBuilder
 from vlmc.ir.core import Op, Program, TensorType
 from vlmc.ir.ops import OPS, ShapeError
@@ -137,7 +138,7 @@ def test_artifact_records_passes_and_tensors(qwen, tmp_path):
     art = compile(qwen, tmp_path / "art")
     manifest = json.loads((art / "manifest.json").read_text())
     assert [p["name"] for p in manifest["passes"]] == PRESETS["default"]
-    assert manifest["entry_points"] == ["vision_encode", "embed", "prefill", "decode"]
+    assert manifest["entry_points"] == ["vision_encode", "embed", "prefill", "decode", "verify"]
     assert manifest["source"]["fingerprint"]
     assert all((art / t["file"]).is_file() for t in manifest["tensors"].values())
     assert not list(tmp_path.glob(".art.partial-*"))

@@ -1,4 +1,4 @@
-"""KV-cache layouts (vlmc.runtime.kv_codecs / kv_cache) and the plan (vlmc.kvplan).
+"""KV-cache layouts (vlmc.runtime.kv_codecs / kv_cache) and the plan (the kv_layout pass).
 
 Tolerances for the attention output against dense float32 attention over the same
 random keys (with outlier channels, as real models have) and values, as relative RMS
@@ -17,7 +17,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from vlmc import kvplan
+from vlmc.options import KVLayoutError, KVOptions
+from vlmc.passes import kv_layout
 from vlmc.kernels import reference
 from vlmc.runtime import kv_codecs as C
 from vlmc.runtime.kv_cache import KVCache, RotatingKVCache, attention_mask, make_caches
@@ -180,6 +181,13 @@ def test_rotating_window_equals_dense_attention_restricted_to_the_window():
 QWEN2_VL_2B = dict(kv_heads=2, head_dim=128, compute="bfloat16", max_context=32768)
 
 
+def plan_kv(layers, *, kv_heads, head_dim, compute, max_context, context=None, quantize_last=False, **kv):
+    """The kv_layout pass's planning, its options typed as the CLI and API type them."""
+    options = KVOptions(kv_context=context, kv_quantize_last=quantize_last, **kv)
+    return kv_layout.plan(layers, kv_heads=kv_heads, head_dim=head_dim, compute=compute, max_context=max_context,
+                          options=options)
+
+
 def layers(n=28, window_from=None, window=4096):
     return [{"index": i, **({"window": window} if window_from is not None and i >= window_from else {})}
             for i in range(n)]
@@ -191,34 +199,34 @@ def test_plan_bytes_per_token_for_qwen2_vl_2b_shapes(opts, ratio):
     """The whole default plan within the issue's bar: the last layer is spared (dense next
     to 8-bit codes, 8-bit codes next to fewer bits) and still fits; with it quantized too
     the plan is smaller still."""
-    dense_layer = kvplan.bytes_per_token({"layout": "dense"}, 2, 128, "bfloat16")
-    specs, meta, summary = kvplan.plan(layers(), **QWEN2_VL_2B, **opts)
+    dense_layer = kv_layout.bytes_per_token({"layout": "dense"}, 2, 128, "bfloat16")
+    specs, meta, summary = plan_kv(layers(), **QWEN2_VL_2B, **opts)
     spared = {"layout": "dense"} if opts["kv_bits"] == 8 else {"layout": "quantized", "bits": 8, "group_size": 64}
     assert {k: v for k, v in specs[-1].items() if k != "bytes_per_token"} == spared
     assert all(s["layout"] != "dense" for s in specs[:-1])
     assert specs[0]["bytes_per_token"] / dense_layer <= ratio
     assert meta["ratio_to_dense_bfloat16"] <= ratio
     assert meta["bytes_at_context"] == meta["bytes_per_token"] * 32768
-    _, meta_all, _ = kvplan.plan(layers(), **QWEN2_VL_2B, **opts, quantize_last=True)
+    _, meta_all, _ = plan_kv(layers(), **QWEN2_VL_2B, **opts, quantize_last=True)
     assert meta_all["ratio_to_dense_bfloat16"] <= ratio
-    assert kvplan.plan(layers(), **QWEN2_VL_2B)[1]["ratio_to_dense_bfloat16"] == 1.0
+    assert plan_kv(layers(), **QWEN2_VL_2B)[1]["ratio_to_dense_bfloat16"] == 1.0
 
 
 def test_plan_keeps_sliding_layers_rotating_and_reports_it():
-    specs, meta, summary = kvplan.plan(layers(window_from=20), **QWEN2_VL_2B, kv_bits=4)
+    specs, meta, summary = plan_kv(layers(window_from=20), **QWEN2_VL_2B, kv_bits=4)
     assert all(s["layout"] == "rotating" and s["window"] == 4096 for s in specs[20:])
     assert specs[19]["layout"] == "quantized" and specs[19]["bits"] == 8   # the last full-attention layer, spared
     assert any("sliding-window" in n for n in meta["notes"]) and "sliding-window" in summary
 
 
 def test_budget_picks_the_least_compression_that_fits():
-    dense_total = kvplan.plan(layers(), **QWEN2_VL_2B, context=16384)[1]["bytes_at_context"]
+    dense_total = plan_kv(layers(), **QWEN2_VL_2B, context=16384)[1]["bytes_at_context"]
     for budget, layout in ((dense_total, "dense"), (dense_total // 1.5, "quantized"),
                            (dense_total // 3.6, "turboquant")):
-        specs, meta, _ = kvplan.plan(layers(), **QWEN2_VL_2B, context=16384, kv_memory_budget=int(budget))
+        specs, meta, _ = plan_kv(layers(), **QWEN2_VL_2B, context=16384, kv_memory_budget=int(budget))
         assert specs[0]["layout"] == layout and meta["bytes_at_context"] <= budget
-    with pytest.raises(kvplan.KVLayoutError, match="no KV layout fits"):
-        kvplan.plan(layers(), **QWEN2_VL_2B, context=16384, kv_memory_budget=1000)
+    with pytest.raises(KVLayoutError, match="no KV layout fits"):
+        plan_kv(layers(), **QWEN2_VL_2B, context=16384, kv_memory_budget=1000)
 
 
 @pytest.mark.parametrize("opts,match", [
@@ -230,17 +238,17 @@ def test_budget_picks_the_least_compression_that_fits():
     ({"kv_bits": 4, "kv_memory_budget": 10**9}, "not both"), ({"kv_bits": 4, "kv_group_size": 48}, "16, 32, 64 or 128")])
 def test_bad_kv_options_are_clear_errors(opts, match):
     if match is None:
-        kvplan.plan(layers(), **QWEN2_VL_2B, **opts)
+        plan_kv(layers(), **QWEN2_VL_2B, **opts)
         return
-    with pytest.raises(kvplan.KVLayoutError, match=match):
-        kvplan.plan(layers(), **QWEN2_VL_2B, **opts)
+    with pytest.raises(KVLayoutError, match=match):
+        plan_kv(layers(), **QWEN2_VL_2B, **opts)
 
 
 def test_group_size_that_does_not_divide_the_head_dim_is_refused():
-    with pytest.raises(kvplan.KVLayoutError, match="not a multiple of the group size 64"):
-        kvplan.plan(layers(4), kv_heads=2, head_dim=48, compute="float32", max_context=1024, kv_bits=4,
+    with pytest.raises(KVLayoutError, match="not a multiple of the group size 64"):
+        plan_kv(layers(4), kv_heads=2, head_dim=48, compute="float32", max_context=1024, kv_bits=4,
                     kv_group_size=64)
-    specs, _, _ = kvplan.plan(layers(4), kv_heads=2, head_dim=48, compute="float32", max_context=1024, kv_bits=4)
+    specs, _, _ = plan_kv(layers(4), kv_heads=2, head_dim=48, compute="float32", max_context=1024, kv_bits=4)
     assert specs[0]["group_size"] == 16  # the automatic choice divides 48
 
 
@@ -281,7 +289,7 @@ def test_run_and_bench_take_kv_options_and_the_cache_is_smaller(tiny_checkpoint,
     assert res.exit_code == 0, res.output
     from vlmc.bench import bench
     dense = bench(str(art), contexts=[200], decode_tokens=2)["contexts"][0]
-    q4 = bench(str(art), kv={"kv_bits": 4, "quantize_last": True}, contexts=[200],
+    q4 = bench(str(art), kv={"kv_bits": 4, "kv_quantize_last": True}, contexts=[200],
                           decode_tokens=2)["contexts"][0]
     assert q4["kv_bytes"] < 0.5 * dense["kv_bytes"] and q4["decode_tps"] > 0
 

@@ -101,7 +101,7 @@ def test_decode_layer_fast_path(ckpts, tmp_path, family, quantize, monkeypatch):
     plain = compile(ckpts[family], tmp_path / "plain", target="cpu", no_fuse=["decode_layer"], **kw)
     src = (fast / "model.py").read_text()
     assert _text_block(fast).count("fast = ops.decode_layer(") == 1 and src.count("ops.decode_layer(") == 1
-    assert src.count("= ops.decode_layers(") == 2  # before the loops of prefill and decode
+    assert src.count("= ops.decode_layers(") == 3  # before the loops of prefill, decode and verify
     assert "decode_layer" not in (plain / "model.py").read_text()
     layers = len(vlmc.load(fast).model.text_layer_params)
     assert _manifest(fast)["meta"]["fusions"]["decode_layer"] == layers  # every text layer

@@ -3,30 +3,46 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Sequence
 
+from .options import KVOptions
 from .runtime.artifact import is_artifact, load_artifact, reject_unfinished
-from .runtime.engine import VLM
+from .runtime.batcher import batch_generate
+from .runtime.engine import VLM, GenerationResult
+from .runtime.sampling import SamplingParams
+
+
+class Model(VLM):
+    """What ``vlmc.load`` returns: generation on one request (``generate``,
+    ``stream_generate``) and on many through the continuous-batching loop."""
+
+    def batch_generate(self, requests: Sequence[str | dict[str, Any]], *, max_tokens: int = 256,
+                       max_batch: int = 8, stop: Sequence[str] | None = None,
+                       sampling: SamplingParams | None = None, **sampling_kw: Any) -> list[GenerationResult]:
+        """Replies to many requests at once, in request order (``runtime.batcher.batch_generate``)."""
+        return batch_generate(self, requests, max_tokens=max_tokens, max_batch=max_batch, stop=stop,
+                              sampling=sampling, **sampling_kw)
 
 
 def load(src: str | os.PathLike, *, dtype: str = "float32", target: str | None = None,
-         progress: bool = False, **kv) -> VLM:
+         progress: bool = False, **kv: Any) -> Model:
     """Load an artifact folder, or compile a checkpoint folder / hub id first (once: the
     artifact is cached by content, see ``vlmc.compiler.cache_dir``).
 
-    KV-cache options (``kv_bits``, ``kv_quant_scheme``, ``kv_group_size``, ``max_kv_size``,
-    ``kv_memory_budget``, ``context``, ``quantize_last``; see ``vlmc.kvplan``) re-plan an
-    artifact's caches at load, or are compiled into a checkpoint's artifact."""
-    from .kvplan import OPTIONS, compile_options
-    unknown = set(kv) - set(OPTIONS)
-    if unknown:
-        raise TypeError(f"load() got unknown option(s) {sorted(unknown)}; KV options: {', '.join(OPTIONS)}")
-    kv = {k: v for k, v in kv.items() if v is not None}
+    KV-cache options (``vlmc.options.KVOptions``: ``kv_bits``, ``kv_quant_scheme``,
+    ``kv_group_size``, ``max_kv_size``, ``kv_memory_budget``, ``kv_context``,
+    ``kv_quantize_last``) are compiled into a checkpoint's artifact; for an artifact they
+    re-plan its caches, which recompiles its plan and lowering (cached, weights shared)."""
+    options = KVOptions.from_kwargs("load()", **kv)
     if is_artifact(src):
-        return VLM(load_artifact(src), kv=kv or None)
+        if options:
+            from .compiler import replan
+            src = replan(src, options)
+        return Model(load_artifact(src))
     reject_unfinished(src)
     from .compiler import compile as compile_checkpoint  # only needed for checkpoints
-    return VLM(load_artifact(compile_checkpoint(src, dtype=dtype, target=target, progress=progress,
-                                                **compile_options(kv))))
+    return Model(load_artifact(compile_checkpoint(src, dtype=dtype, target=target, progress=progress,
+                                                  **options.changed())))
 
 
-__all__ = ["load", "Path"]
+__all__ = ["load", "Model", "Path"]

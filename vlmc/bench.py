@@ -128,12 +128,13 @@ def weight_roofline(manifest: dict[str, Any], widened: dict[str, int] | None = N
         q = quantized.get(name)
         if widened and q and name in widened:
             b = b * widened[name] // q["bits"]
-        if name.startswith(("vision.", "projector.")):
+        role, part = info.get("role"), info.get("part")
+        if part in ("vision", "projector"):
             groups["vision"] += b
-        elif name.startswith("lm_head."):
+        elif role == "head":
             groups["lm_head"] += b
             has_lm_head = True
-        elif name.startswith("text.embed_tokens."):
+        elif role == "embed":
             groups["embedding"] += b
         else:
             groups["decoder"] += b
@@ -359,13 +360,11 @@ def run_context_bench(vlm: Any, contexts: Sequence[int], *, decode_tokens: int =
     long would take this CPU many minutes and computes nothing a decode step depends on
     but the cache's size and layout), then ``decode_tokens`` real decode steps run."""
     import mlx.core as mx
-    import numpy as np
-    from .runtime.kv_cache import make_caches
+    from .runtime.step import Sequences
 
     say = log or (lambda _m: None)
     text = vlm.meta["text"]
     dtype = getattr(mx, vlm.meta.get("compute_dtype", "float32"))
-    mrope = vlm.meta.get("positions") == "mrope"
     results = []
     for n in sorted({int(c) for c in contexts}):
         if n + decode_tokens + 1 >= vlm.max_context:
@@ -373,7 +372,8 @@ def run_context_bench(vlm: Any, contexts: Sequence[int], *, decode_tokens: int =
         mx.clear_cache()
         mx.reset_peak_memory()
         say(f"{_clock()} context {n}: filling the KV cache with random keys/values")
-        caches = make_caches(vlm.kv_layers, 1, text["num_kv_heads"], text["head_dim"], dtype)
+        seqs = Sequences.empty(vlm.decoder, 1, dtype)
+        caches = seqs.caches
         for c in caches:
             for lo in range(0, n, 2048):
                 m = min(2048, n - lo)
@@ -381,13 +381,12 @@ def run_context_bench(vlm: Any, contexts: Sequence[int], *, decode_tokens: int =
                 c.append(mx.random.normal(shape).astype(dtype), mx.random.normal(shape).astype(dtype))
                 mx.eval([a for parts in c.buffers.values() for a in parts.values()])
         kv_bytes = sum(c.nbytes for c in caches)
-        token = mx.array([[synthetic_ids(vlm.tokenizer, 1)[0]]], dtype=mx.int32)
+        token = mx.array([synthetic_ids(vlm.tokenizer, 1)[0]], dtype=mx.int32)
+        seqs.next_pos[:] = n
         times = []
-        for step in range(decode_tokens + 1):
-            pos = np.full((3, 1, 1) if mrope else (1, 1), n + step, np.int32)
+        for _ in range(decode_tokens + 1):
             t = time.perf_counter()
-            logits = vlm.model.decode(ids=token, positions=mx.array(pos), mask=None, caches=caches)[:, -1]
-            token = mx.argmax(logits, axis=-1).astype(mx.int32)[:, None]
+            token = mx.argmax(seqs.decode(token), axis=-1).astype(mx.int32)
             mx.eval(token)
             times.append(time.perf_counter() - t)
         dt = sum(times[1:])  # the first step compiles/warms
@@ -398,7 +397,7 @@ def run_context_bench(vlm: Any, contexts: Sequence[int], *, decode_tokens: int =
         say(f"{_clock()}   {r['decode_tps']:.2f} tok/s, KV {kv_bytes / 2**20:.1f} MiB allocated, "
             f"peak {r['peak_memory_bytes'] / 2**30:.2f} GiB")
         results.append(r)
-        del caches
+        del caches, seqs
     return results
 
 

@@ -13,8 +13,7 @@ import click
 
 from .errors import VlmcError, exit_on_user_error
 from .cli_options import kv_flags, pop_kv
-from .kvplan import compile_options
-from .passes.fuse import FUSIONS, OPT_IN
+from .options import FUSIONS, OPT_IN_FUSIONS as OPT_IN
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,7 +77,7 @@ def compile_cmd(src: str, out: Path | None, dtype: str, target: str | None, pres
     path = compile_checkpoint(src, out, dtype=dtype, target=target, preset=preset, quantize=quantize,
                               group_size=group_size, quantize_vision=quantize_vision, head=head, recipe=recipe,
                               no_fuse=no_fuse, fuse=fuse, quantize_activations=quantize_activations, progress=True,
-                              **compile_options(pop_kv(kv_kw)))
+                              **pop_kv(kv_kw))
     click.echo(str(path))
 
 
@@ -199,8 +198,9 @@ def inspect_cmd(src: str, as_json: bool, layers: bool) -> None:
         click.echo(_kv_summary(manifest))
         return
     reject_unfinished(src)
-    from .frontend import import_checkpoint, open_checkpoint
+    from .frontend import open_checkpoint
     from .ir.printer import format_program
+    from .models import import_checkpoint
     from .passes import PRESETS, run_passes
     prog = run_passes(import_checkpoint(open_checkpoint(src)), PRESETS["default"])
     click.echo(format_program(prog))
@@ -208,8 +208,8 @@ def inspect_cmd(src: str, as_json: bool, layers: bool) -> None:
 
 def _kv_summary(manifest: dict) -> str:
     """The KV-cache plan: layout and bytes per token of each layer, total at the context."""
-    from .kvplan import describe
-    layers = (manifest.get("kv_plan") or {}).get("text_layer") or []
+    from .passes.kv_layout import describe
+    layers = next(iter((manifest.get("kv_plan") or {}).values()), [])
     plan = manifest["meta"].get("kv_plan")
     if not plan:
         return "\nkv cache: dense (no plan recorded)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from .errors import VlmcError
+from .options import KVOptions
 
 
 def _parse_bytes(text: str | None) -> int | None:
@@ -43,6 +44,10 @@ KV_FLAGS = [
 ]
 
 
+KV_NAMES = ("kv_bits", "kv_quant_scheme", "kv_group_size", "max_kv_size", "kv_memory_budget", "kv_context",
+            "kv_quantize_last")  # the flags above, as KVOptions fields
+
+
 def kv_flags(fn):
     for option in reversed(KV_FLAGS):
         fn = option(fn)
@@ -50,13 +55,8 @@ def kv_flags(fn):
 
 
 def pop_kv(kwargs: dict) -> dict:
-    """The KV flags of a command as ``vlmc.load`` options (unset ones left out)."""
-    kv = {"kv_bits": kwargs.pop("kv_bits"), "kv_quant_scheme": kwargs.pop("kv_quant_scheme"),
-          "kv_group_size": kwargs.pop("kv_group_size"), "max_kv_size": kwargs.pop("max_kv_size"),
-          "kv_memory_budget": _parse_bytes(kwargs.pop("kv_memory_budget")), "context": kwargs.pop("kv_context"),
-          "quantize_last": kwargs.pop("kv_quantize_last")}
-    if kv["kv_quant_scheme"] == "uniform":
-        del kv["kv_quant_scheme"]
-    if not kv["quantize_last"]:
-        del kv["quantize_last"]
-    return {k: v for k, v in kv.items() if v is not None}
+    """The KV flags of a command as ``vlmc.load`` / ``vlmc.compile`` keyword options (the
+    ``KVOptions`` fields that differ from the defaults; a bad value is an error here)."""
+    given = {name: kwargs.pop(name) for name in KV_NAMES}
+    given["kv_memory_budget"] = _parse_bytes(given["kv_memory_budget"])
+    return KVOptions.from_kwargs("the KV flags", **given).changed()

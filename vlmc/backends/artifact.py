@@ -3,6 +3,10 @@
 Everything goes into a hidden temp folder beside the destination; ``manifest.json`` is
 written last, then the folder is renamed into place. A killed compile leaves only the
 temp folder, which no loader accepts (no manifest, hidden name).
+
+``write_artifact`` materializes every weight from the checkpoint; ``write_replanned``
+makes an artifact that differs from an existing one only in its KV plan and lowering,
+sharing that artifact's weight shards (hard links, or copies where links cannot be made).
 """
 from __future__ import annotations
 
@@ -17,18 +21,15 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import __version__
+from ..artifact_format import FORMAT_VERSION, SOURCE_FILES
 from ..errors import ArtifactError
 from ..ir.core import Param, Program
 from ..ir.printer import format_program
+from ..ir.serialize import to_json
 from .codegen import generate_model_py
 from .safetensors_io import ShardWriter, to_storage
 
-# 2: entry points return through ops.result (op libraries may pass host arrays between ops)
-FORMAT_VERSION = 2
 SHARD_BYTES = 2 << 30
-SOURCE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                "chat_template.json", "generation_config.json", "preprocessor_config.json",
-                "processor_config.json", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 def materialize(p: Param, read: Callable) -> np.ndarray:
@@ -108,16 +109,13 @@ def _plan_shards(params: list[Param]) -> list[list[Param]]:
     return shards
 
 
-def write_artifact(prog: Program, out: Path, *, read: Callable, source_folder: Path,
+def write_artifact(prog: Program, out: Path, *, read: Callable, source_folder: Path, pre_plan: Program,
                    extra_files: dict[str, Any], target: str, progress: Callable | None = None) -> Path:
-    out = Path(out).expanduser().resolve()
-    _check_destination(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    except OSError as e:
-        raise ArtifactError(f"cannot create the artifact folder {out}: {_os_reason(e)}") from None
-    try:
+    """The compiled ``prog`` as an artifact folder: its weights materialized from the
+    checkpoint (``read``), generated code, the checkpoint's tokenizer/template files,
+    ``extra_files`` (name -> JSON data) and ``pre_plan`` (the program before KV planning
+    and lowering) as program.json."""
+    def weights(tmp: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
         params = sorted(prog.params.values(), key=lambda p: p.name)
         shards = _plan_shards(params)
         tensors: dict[str, dict[str, Any]] = {}
@@ -130,13 +128,15 @@ def write_artifact(prog: Program, out: Path, *, read: Callable, source_folder: P
                 for (name, shape, dtype), (_, arr) in zip(stored_tensors(p), encode(p, materialize(p, read),
                                                                                    quant_report).items()):
                     writer.write(name, arr)
-                    tensors[name] = {"file": fname, "shape": list(shape), "dtype": dtype}
+                    tensors[name] = {"file": fname, "shape": list(shape), "dtype": dtype,
+                                     "role": p.role, "part": p.part}
                 done += 1
                 if progress:
                     progress(done, len(params), p.nbytes)
             writer.close()
-        (tmp / "model.py").write_text(generate_model_py(prog, __version__))
-        (tmp / "program.ir").write_text(format_program(prog) + "\n")
+        return tensors, quant_report
+
+    def copy_sources(tmp: Path) -> list[str]:
         copied = []
         for name in SOURCE_FILES:
             if (source_folder / name).is_file():
@@ -144,16 +144,66 @@ def write_artifact(prog: Program, out: Path, *, read: Callable, source_folder: P
                 copied.append(name)
         for name, data in extra_files.items():
             (tmp / name).write_text(json.dumps(data, indent=1))
+        return copied + list(extra_files)
+
+    return _write(prog, out, pre_plan, target, weights, copy_sources)
+
+
+def write_replanned(prog: Program, out: Path, *, base: Path, base_manifest: dict[str, Any],
+                    pre_plan: Program) -> Path:
+    """``prog`` (``pre_plan`` re-planned and lowered again) as an artifact that shares the
+    weight shards and every other file of the artifact at ``base``."""
+    generated = {"manifest.json", "model.py", "program.ir", "program.json"}
+
+    def weights(tmp: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        for fname in sorted({t["file"] for t in base_manifest["tensors"].values()}):
+            _link_or_copy(base / fname, tmp / fname)
+        return base_manifest["tensors"], base_manifest.get("quantized", {})
+
+    def copy_sources(tmp: Path) -> list[str]:
+        names = [n for n in base_manifest.get("files", []) if n not in generated and (base / n).is_file()]
+        for name in names:
+            shutil.copyfile(base / name, tmp / name)
+        return names
+
+    return _write(prog, out, pre_plan, base_manifest["target"], weights, copy_sources,
+                  replanned_from=str(base))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed: a copy is as good
+        shutil.copyfile(src, dst)
+
+
+def _write(prog: Program, out: Path, pre_plan: Program, target: str, weights: Callable, copy_sources: Callable,
+           **extra_manifest: Any) -> Path:
+    out = Path(out).expanduser().resolve()
+    _check_destination(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise ArtifactError(f"cannot create the artifact folder {out}: {_os_reason(e)}") from None
+    try:
+        tensors, quant_report = weights(tmp)
+        (tmp / "model.py").write_text(generate_model_py(prog, __version__))
+        (tmp / "program.ir").write_text(format_program(prog) + "\n")
+        (tmp / "program.json").write_text(json.dumps(to_json(pre_plan)))
+        copied = copy_sources(tmp)
         manifest = {
             "format": "vlmc-artifact", "format_version": FORMAT_VERSION, "vlmc_version": __version__,
             "name": prog.name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "target": target, "dtype": prog.meta.get("dtype", "float32"),
             "source": prog.meta.get("source", {}), "passes": prog.history,
             "entry_points": list(prog.functions),
-            "kv_plan": {name: blk.layers for name, blk in prog.blocks.items() if name == "text_layer"},
+            "kv_plan": {name: blk.layers for name, blk in prog.blocks.items()
+                        if any(op.op == "cached_attention" for op in blk.body.ops)},
             "meta": {k: v for k, v in prog.meta.items() if k != "source"},
-            "files": sorted(copied + list(extra_files) + ["model.py", "program.ir"]),
-            "quantized": quant_report, "tensors": tensors, "param_bytes": prog.param_bytes(), "param_count": prog.param_count(),
+            "files": sorted(copied + ["model.py", "program.ir", "program.json"]),
+            "quantized": quant_report, "tensors": tensors, "param_bytes": prog.param_bytes(),
+            "param_count": prog.param_count(), **extra_manifest,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         _swap_into_place(tmp, out)

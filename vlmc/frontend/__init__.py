@@ -1,4 +1,5 @@
-"""Checkpoint -> IR. ``import_checkpoint`` is the one entry point."""
+"""Checkpoint discovery: a folder or hub id -> its config, lazily opened tensors and a
+content fingerprint. The family importers (``vlmc.models``) build the IR from it."""
 from __future__ import annotations
 
 import hashlib
@@ -7,14 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UnsupportedModelError
-from ..ir.core import Program
-from .families import IMPORTERS
 from .source import read_json, resolve_source
 from .tensors import TensorStore
-from .weights import Weights
-
-SUPPORTED_MODEL_TYPES = tuple(sorted(IMPORTERS))
 
 
 @dataclass
@@ -49,18 +44,4 @@ def fingerprint(folder: Path) -> str:
 def open_checkpoint(src: str | os.PathLike, *, progress: bool = True) -> Checkpoint:
     folder = resolve_source(src, progress=progress)
     config = read_json(folder / "config.json")
-    mt = config.get("model_type")
-    if mt is None:
-        raise UnsupportedModelError(
-            f"{folder / 'config.json'} has no model_type; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    if mt not in IMPORTERS:
-        raise UnsupportedModelError(
-            f"model type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return Checkpoint(folder, config, TensorStore(folder), fingerprint(folder))
-
-
-def import_checkpoint(ckpt: Checkpoint) -> Program:
-    weights = Weights(ckpt.store)
-    prog = IMPORTERS[ckpt.config["model_type"]](ckpt.config, weights, ckpt.folder.name)
-    prog.meta["source"] = {"path": str(ckpt.folder), "fingerprint": ckpt.fingerprint}
-    return prog

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import WeightError
-from ..ir.core import Param, TensorRef, TensorType
+from ..ir.core import PARTS, ROLES, Param, TensorRef, TensorType
 from .tensors import TensorStore
 
 # Ordered prefix rewrites; the first match wins.
@@ -60,18 +60,25 @@ class Weights:
             raise WeightError(f"checkpoint is missing weight {name!r} (canonical name)")
         return self.refs[name]
 
-    def add(self, name: str, shape: tuple[int, ...], *, source: str | list[str] | None = None,
-            transforms: list[tuple[str, dict[str, Any]]] | None = None,
+    def add(self, name: str, shape: tuple[int, ...], *, role: str, part: str, layer: int | None = None,
+            source: str | list[str] | None = None, transforms: list[tuple[str, dict[str, Any]]] | None = None,
             source_shape: tuple[int, ...] | None = None) -> Param:
-        """Declare a program param. ``shape`` is its final shape; the source tensor must have
-        ``source_shape`` (default: ``shape``) or the checkpoint is mis-shaped."""
+        """Declare a program param with its role in the model (``ir.core.ROLES``), its part
+        (``ir.core.PARTS``) and, in a repeated layer, the layer index. ``shape`` is its final
+        shape; the source tensor must have ``source_shape`` (default: ``shape``) or the
+        checkpoint is mis-shaped."""
+        if role not in ROLES or part not in PARTS:
+            raise ValueError(f"{name}: unknown role {role!r} or part {part!r}")
         names = [source or name] if not isinstance(source, list) else source
         refs = [self.ref(n) for n in names]
         expect = tuple(source_shape or shape)
         if len(refs) == 1 and tuple(refs[0].shape) != expect:
             raise WeightError(f"weight {names[0]!r} has shape {list(refs[0].shape)}, expected {list(expect)}")
+        attrs: dict[str, Any] = {"role": role, "part": part}
+        if layer is not None:
+            attrs["layer"] = layer
         p = Param(name=name, shape=tuple(shape), dtype="float32", sources=refs,
-                  transforms=list(transforms or []))
+                  transforms=list(transforms or []), attrs=attrs)
         self.params[name] = p
         return p
 

@@ -75,7 +75,7 @@ class FunctionBuilder:
         return self.fn
 
 
-def make_block(name: str, body: Function, param_prefix: str,
-               param_shapes: dict[str, TensorType], layers: list[dict[str, Any]]) -> Block:
-    return Block(name=name, body=body, param_prefix=param_prefix,
-                 param_shapes=param_shapes, layers=layers)
+def make_block(name: str, body: Function, param_prefix: str, param_shapes: dict[str, TensorType],
+               layers: list[dict[str, Any]], param_roles: dict[str, str] | None = None) -> Block:
+    return Block(name=name, body=body, param_prefix=param_prefix, param_shapes=param_shapes, layers=layers,
+                 param_roles=dict(param_roles or {}))

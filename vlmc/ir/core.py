@@ -9,8 +9,13 @@ A Program is what a frontend importer produces and what passes rewrite:
   relative to ``param_prefix``) plus a per-layer attribute table, not N copies.
 - ``functions``: the entry points (``vision_encode``, ``embed``, ``prefill``,
   ``decode``); each is a list of Ops over typed Values with symbolic dims ("B", "L", ...).
-- ``meta``: host-side facts the runtime needs (token ids, position scheme, vision plan,
+- ``meta``: host-side facts the runtime needs (the family and its inputs' settings, the
   KV plan) -- plain JSON, copied into the manifest.
+
+Params carry their role in the model as attributes (``role``: q, k, v, o, gate, up, down,
+embed, head, ...; ``part``: text, vision or projector; ``layer``: the layer index), which
+passes match on instead of names. Values carry real dtypes: ``"float"`` is the compute
+dtype still to be chosen, which ``lower`` fixes per target.
 """
 from __future__ import annotations
 
@@ -20,6 +25,39 @@ from typing import Any, Union
 
 Dim = Union[int, str]
 DTYPES = ("float32", "bfloat16", "float16", "int32", "int64", "uint32", "uint8", "bool")
+FLOATS = ("float32", "bfloat16", "float16")
+COMPUTE = "float"  # an activation in the compute dtype, not chosen yet (``lower`` picks it)
+
+# What a param is to the model, for passes to match on.
+ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2", "norm", "embed", "head",
+         "patch_embed", "pos_embed", "class_embed", "proj")
+PARTS = ("text", "vision", "projector")
+
+# The KV-cache types a layer can have (the ``kv`` entry of a decoder block's layer table)
+# and the fields each one needs.
+KV_LAYOUTS = {"dense": (), "rotating": ("window",), "quantized": ("bits", "group_size"),
+              "turboquant": ("k_bits", "v_bits")}
+
+
+def kv_spec_error(spec) -> str | None:
+    """Why ``spec`` is not a KV-cache type (None when it is one)."""
+    if not isinstance(spec, dict) or spec.get("layout") not in KV_LAYOUTS:
+        return f"{spec!r} is not a KV cache type (layouts: {', '.join(KV_LAYOUTS)})"
+    missing = [f for f in KV_LAYOUTS[spec["layout"]] if not isinstance(spec.get(f), int) or spec[f] < 1]
+    if missing:
+        return f"{spec['layout']} KV cache lacks a positive {', '.join(missing)}"
+    return None
+
+
+def promote(a: str, b: str) -> str:
+    """The dtype MLX gives a binary op of a and b (the float ones; anything else keeps a)."""
+    if a == b or b not in FLOATS + (COMPUTE,):
+        return a
+    if a not in FLOATS + (COMPUTE,):
+        return b
+    if COMPUTE in (a, b):
+        return COMPUTE if "float32" not in (a, b) else "float32"
+    return "float32"  # bf16 with f16, or either with f32
 
 
 @dataclass(frozen=True)
@@ -57,6 +95,14 @@ class Param:
     sources: list[TensorRef]
     transforms: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def role(self) -> str | None:
+        return self.attrs.get("role")
+
+    @property
+    def part(self) -> str | None:
+        return self.attrs.get("part")
 
     @property
     def nbytes(self) -> int:
@@ -102,8 +148,10 @@ class Block:
     """A repeated layer: one body Function, instantiated once per row of ``layers``.
 
     ``param_prefix`` is a format string over the layer index (``"text.layers.{i}."``);
-    ``param_shapes`` lists the per-layer params (relative names) and their types;
-    ``layers`` is the per-layer attribute table, e.g. ``{"index": 3, "mask": "window"}``;
+    ``param_shapes`` lists the per-layer params (relative names) and their types,
+    ``param_roles`` their roles (as each layer's Param says);
+    ``layers`` is the per-layer attribute table, e.g. ``{"index": 3, "mask": "window"}``; a
+    block that caches keys and values has each layer's KV-cache type under ``kv``;
     ``fast_path``: an optional op over the body's inputs and params that computes the body's
     output in one call when it can and returns None otherwise (the body then runs).
     """
@@ -114,6 +162,7 @@ class Block:
     param_shapes: dict[str, TensorType]
     layers: list[dict[str, Any]]
     fast_path: Op | None = None
+    param_roles: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .core import Dim, TensorType
+from .core import Dim, TensorType, promote
 
 Rule = Callable[[list[TensorType], dict[str, Any]], list[TensorType]]
 OPS: dict[str, Rule] = {}
@@ -55,7 +55,7 @@ def _linear(t, a):
     _same_dim(x.shape[-1], w.shape[-1], "linear in-features")
     if len(t) > 2 and t[2] is not None:
         _same_dim(t[2].shape[-1], w.shape[0], "linear bias")
-    return [TensorType(x.shape[:-1] + (w.shape[0],), x.dtype)]
+    return [TensorType(x.shape[:-1] + (w.shape[0],), promote(x.dtype, w.dtype))]
 
 
 @rule("qlinear")
@@ -95,15 +95,32 @@ def _layer_norm(t, a):
 
 @rule("add")
 def _add(t, a):
-    return [TensorType(broadcast(t[0].shape, t[1].shape), t[0].dtype)]
+    return [TensorType(broadcast(t[0].shape, t[1].shape), promote(t[0].dtype, t[1].dtype))]
 
 
 @rule("add_rms_norm")
 def _add_rms_norm(t, a):
     """(a + b, rms_norm(a + b, w)): the residual add fused with the norm that reads it."""
     _same_dim(t[0].shape[-1], t[2].shape[-1], "add_rms_norm weight")
-    h = TensorType(broadcast(t[0].shape, t[1].shape), t[0].dtype)
+    h = TensorType(broadcast(t[0].shape, t[1].shape), promote(t[0].dtype, t[1].dtype))
     return [h, h]
+
+
+# The KV-cache types (``kv`` of a layer, ``ir.core.KV_LAYOUTS``) each fast path reads and
+# writes: a layer whose planned cache is not listed here runs its ops (``lower`` attaches a
+# block's fast path only when every layer's cache is listed). ``quantized`` lists its bits.
+FAST_PATH_KV: dict[str, dict[str, tuple[int, ...] | None]] = {
+    "decode_layer": {"dense": None},
+}
+
+
+def fast_path_reads(op: str, spec: dict) -> bool:
+    """Whether fast path ``op`` handles a layer whose KV cache is ``spec``."""
+    layouts = FAST_PATH_KV.get(op, {})
+    if spec.get("layout") not in layouts:
+        return False
+    bits = layouts[spec["layout"]]
+    return bits is None or spec.get("bits") in bits
 
 
 @rule("decode_layer")
@@ -114,7 +131,7 @@ def _decode_layer(t, a):
 
 @rule("mul")
 def _mul(t, a):
-    return [TensorType(broadcast(t[0].shape, t[1].shape), t[0].dtype)]
+    return [TensorType(broadcast(t[0].shape, t[1].shape), promote(t[0].dtype, t[1].dtype))]
 
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu")
@@ -131,7 +148,7 @@ def _act(t, a):
 def _glu(t, a):
     if a["kind"] not in ACTIVATIONS:
         raise ShapeError(f"unknown activation {a['kind']!r}")
-    return [TensorType(broadcast(t[0].shape, t[1].shape), t[0].dtype)]
+    return [TensorType(broadcast(t[0].shape, t[1].shape), promote(t[0].dtype, t[1].dtype))]
 
 
 def _infer_dim(src: tuple[Dim, ...], known: list[Dim]) -> Dim:
@@ -299,13 +316,6 @@ def _patchify(t, a):
     n, c, h, w = x.shape
     npatch = (h // p) * (w // p) if isinstance(h, int) and isinstance(w, int) else "P"
     return [TensorType((n, npatch, c * p * p), x.dtype)]
-
-
-@rule("merge_features")
-def _merge_features(t, a):
-    """Replace the embeddings at positions where ids == token_id by feature rows, in order."""
-    embeds = t[0]
-    return [embeds]
 
 
 @rule("call_block")

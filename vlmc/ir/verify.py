@@ -1,7 +1,7 @@
 """Structural checks run after import and after every pass."""
 from __future__ import annotations
 
-from .core import Function, Program, TensorType
+from .core import Function, Program, TensorType, kv_spec_error
 from .ops import OPS, ShapeError
 
 
@@ -62,7 +62,7 @@ def _check_function(fn: Function, params: dict[str, TensorType], where: str,
 
 
 def verify(prog: Program) -> None:
-    ptypes = {n: TensorType(p.shape, "float32") for n, p in prog.params.items()}
+    ptypes = {n: TensorType(p.shape, p.dtype) for n, p in prog.params.items()}
     for name, blk in prog.blocks.items():
         attrs = set().union(*[set(layer) for layer in blk.layers]) if blk.layers else set()
         for i, _ in enumerate(blk.layers):
@@ -75,6 +75,11 @@ def verify(prog: Program) -> None:
                     raise VerifyError(f"block {name} layer {i}: param {prefix + rel} shape {p.shape} != {t.shape}")
         _check_function(blk.body, {k: v for k, v in blk.param_shapes.items()}, f"block {name}",
                         prog.blocks, attrs)
+        if any(op.op == "cached_attention" for op in blk.body.ops):
+            for layer in blk.layers:  # every attention layer's cache has a type (dense until planned)
+                why = kv_spec_error(layer.get("kv"))
+                if why is not None:
+                    raise VerifyError(f"block {name} layer {layer.get('index')}: {why}")
         if blk.fast_path is not None:
             for v in blk.fast_path.inputs:
                 if v is not None and v not in blk.body.inputs and not (v.startswith("@") and v[1:] in blk.param_shapes):

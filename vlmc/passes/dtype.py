@@ -6,9 +6,9 @@ and index tensors are never cast. The choice is recorded in ``meta["dtype"]``.
 from __future__ import annotations
 
 from ..ir.core import Program
+from ..ir.infer import infer_types
+from ..options import FLOAT_DTYPES
 from .manager import register
-
-FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @register("storage_dtype")
@@ -21,4 +21,5 @@ def storage_dtype(prog: Program, dtype: str = "float32") -> tuple[Program, str]:
             p.dtype = dtype
             n += 1
     prog.meta["dtype"] = dtype
+    infer_types(prog)
     return prog, f"{n} params stored as {dtype}"

@@ -18,16 +18,16 @@ from __future__ import annotations
 from ..ir.core import Function, Op, Param, Program, TensorType
 from .manager import register
 
-FUSIONS = ("qkv", "gate_up", "add_norm", "decode_layer")
-# decode_layer is applied by the ``lower`` pass (cpu target only; see decode_layer_fast_path)
-# Off unless asked for (``--fuse``): add_norm's kernel measured slower than MLX's own add and
-# rms_norm on an H200 (0.56-0.99x per call; decode 143 vs 202 tok/s, benchmarks/README.md).
-OPT_IN = ("add_norm",)
+from ..options import FUSIONS, OPT_IN_FUSIONS as OPT_IN  # noqa: F401  (decode_layer: applied by ``lower``)
 
 
-def _kind(weights: list[str]) -> str:
-    leaf = [w.rsplit(".", 2)[-2] for w in weights]
-    return "gate_up" if any("gate" in n for n in leaf) and any("up" in n for n in leaf) else "qkv"
+def _kind(roles: list[str | None]) -> str | None:
+    """Which fusion a group of sibling projections is, from their params' roles."""
+    if sorted(roles) == ["gate", "up"]:
+        return "gate_up"
+    if set(roles) <= {"q", "k", "v"} and len(set(roles)) == len(roles):
+        return "qkv"
+    return None
 
 
 def _fused_name(weights: list[str]) -> str:
@@ -45,12 +45,13 @@ def _groups(fn: Function) -> list[list[Op]]:
     return [g for g in by_input.values() if len(g) >= 2]
 
 
-def _fuse_function(fn: Function, enabled: set[str], param_of, make_param) -> tuple[dict[str, int], list[str]]:
+def _fuse_function(fn: Function, enabled: set[str], param_of, role_of,
+                   make_param) -> tuple[dict[str, int], list[str]]:
     counts: dict[str, int] = {}
     skipped: list[str] = []
     for group in _groups(fn):
         weights = [op.inputs[1] for op in group]
-        kind = _kind(weights)
+        kind = _kind([role_of(w[1:]) for w in weights])
         if kind not in enabled:
             continue
         biases = [op.inputs[2] if len(op.inputs) > 2 else None for op in group]
@@ -70,10 +71,11 @@ def _fuse_function(fn: Function, enabled: set[str], param_of, make_param) -> tup
         cat = f"%{fused.rsplit('.', 1)[-1].replace('+', '_')}_{first}"
         out_t = fn.types[group[0].outputs[0]]
         fn.types[cat] = TensorType(out_t.shape[:-1] + (sum(sizes),), out_t.dtype)
-        fn.types["@" + fused + ".weight"] = TensorType((sum(sizes), param_of(weights[0][1:]).shape[1]), "float32")
+        dtype = param_of(weights[0][1:]).dtype
+        fn.types["@" + fused + ".weight"] = TensorType((sum(sizes), param_of(weights[0][1:]).shape[1]), dtype)
         b = "@" + fused + ".bias" if biases[0] is not None else None
         if b:
-            fn.types[b] = TensorType((sum(sizes),), "float32")
+            fn.types[b] = TensorType((sum(sizes),), dtype)
         new_ops = [Op("linear", [x, "@" + fused + ".weight", b], [cat], {}),
                    Op("split", [cat], [op.outputs[0] for op in group], {"sizes": sizes, "axis": -1})]
         for op in group:
@@ -113,11 +115,12 @@ def fuse(prog: Program, disable: list[str] | tuple[str, ...] = (),
 
     def concat_param(name: str, parts: list[str]) -> Param | None:
         srcs = [prog.params[p] for p in parts]
-        if any(s.transforms or len(s.sources) != 1 or s.attrs for s in srcs):
+        if any(s.transforms or len(s.sources) != 1 or "quant" in s.attrs for s in srcs):
             return None
         shape = (sum(s.shape[0] for s in srcs),) + tuple(srcs[0].shape[1:])
+        attrs = {**srcs[0].attrs, "role": "+".join(s.role or "?" for s in srcs)}  # e.g. "q+k+v"
         prog.params[name] = Param(name, shape, srcs[0].dtype, [s.sources[0] for s in srcs],
-                                  [("concat", {"axis": 0})])
+                                  [("concat", {"axis": 0})], attrs)
         return prog.params[name]
 
     for blk in prog.blocks.values():
@@ -127,18 +130,19 @@ def fuse(prog: Program, disable: list[str] | tuple[str, ...] = (),
             made = [concat_param(pre + rel, [pre + p for p in parts]) for pre in prefixes]
             if not all(made):
                 return False
-            blk.param_shapes[rel] = TensorType(made[0].shape, "float32")
+            blk.param_shapes[rel] = TensorType(made[0].shape, made[0].dtype)
+            blk.param_roles[rel] = made[0].role
             return True
 
         counts, sk = _fuse_function(blk.body, enabled, lambda rel, blk=blk: blk.param_shapes[rel],
-                                    make_block_param)
+                                    lambda rel, blk=blk: blk.param_roles.get(rel), make_block_param)
         if "add_norm" in enabled and (n := _fuse_add_norm(blk.body)):
             counts["add_norm"] = n
         for k, v in counts.items():
             total[k] = total.get(k, 0) + v * len(blk.layers)
         skipped += sk
     for fn in prog.functions.values():
-        counts, sk = _fuse_function(fn, enabled, lambda n: prog.params[n],
+        counts, sk = _fuse_function(fn, enabled, lambda n: prog.params[n], lambda n: prog.params[n].role,
                                     lambda n, parts: concat_param(n, parts) is not None)
         if "add_norm" in enabled and (n := _fuse_add_norm(fn)):
             counts["add_norm"] = n

@@ -1,24 +1,181 @@
-"""The ``kv_layout`` pass: plans every decoder layer's KV-cache layout (``vlmc.kvplan``)
-into the text block's layer table (``kv`` entries, which the runtime's caches follow)
-and the manifest's ``meta.kv_plan`` (bytes per token per layer and in total)."""
+"""The ``kv_layout`` pass: how each attention layer's KV cache stores keys and values.
+
+It runs before ``lower``, so fast paths are chosen for the layouts actually planned. Per
+layer of every block with a ``cached_attention`` (the ``kv`` entry of its layer table,
+which the runtime's caches follow):
+
+- ``dense``: keys and values in the compute dtype, preallocated in steps;
+- ``rotating``: a sliding window of ``window`` tokens: always for sliding-window layers,
+  and for every layer under ``max_kv_size`` (then tokens older than the window are
+  forgotten: a cap on memory, not the model's own attention);
+- ``quantized``: uniform affine codes of ``bits`` (2, 3, 4 or 8) per ``group_size`` values;
+- ``turboquant``: rotated, codebook-coded vectors with ``k_bits``/``v_bits`` (2-4); a
+  fractional ``kv_bits`` such as 3.5 means 3-bit keys and 4-bit values.
+
+The last full-attention layer feeds the LM head directly, so it is spared unless
+``kv_quantize_last``: dense next to 8-bit codes, 8-bit codes next to fewer bits (near
+lossless, and within the byte targets). With ``kv_memory_budget`` the pass picks the least
+compression whose cache fits the budget at ``kv_context`` tokens. Requests a layer cannot
+honour (quantizing a sliding-window layer, a head dim the codes do not fit) are reported,
+not silently changed. The plan (bytes per token per layer and in total, at the planned
+context) goes into ``meta["kv_plan"]`` and so the manifest and ``vlmc inspect``.
+"""
 from __future__ import annotations
 
-from ..ir.core import Program
-from ..kvplan import plan
+from typing import Any
+
+from ..ir.core import Block, Program
+from ..options import KVLayoutError, KVOptions
+from .lower import compute_dtype
 from .manager import register
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Compression ladder for --kv-memory-budget, least lossy first.
+LADDER: list[dict[str, Any]] = [
+    {"layout": "dense"},
+    {"layout": "quantized", "bits": 8},
+    {"layout": "quantized", "bits": 4},
+    {"layout": "turboquant", "k_bits": 3, "v_bits": 4},
+    {"layout": "turboquant", "k_bits": 3, "v_bits": 3},
+    {"layout": "turboquant", "k_bits": 2, "v_bits": 3},
+    {"layout": "turboquant", "k_bits": 2, "v_bits": 2},
+]
+
+
+def attention_blocks(prog: Program) -> list[Block]:
+    """The blocks whose layers keep a KV cache (their body has a ``cached_attention``)."""
+    return [b for b in prog.blocks.values() if any(op.op == "cached_attention" for op in b.body.ops)]
 
 
 @register("kv_layout")
-def kv_layout(prog: Program, **options) -> tuple[Program, str]:
-    blk = prog.blocks.get("text_layer")
-    if blk is None:
-        return prog, "no decoder block: nothing to plan"
+def kv_layout(prog: Program, options: KVOptions | None = None, target: str = "cpu") -> tuple[Program, str]:
+    blocks = attention_blocks(prog)
+    if not blocks:
+        return prog, "no attention layers with a KV cache: nothing to plan"
+    if len(blocks) > 1:
+        raise ValueError(f"one decoder block is planned; this program has {len(blocks)}")
+    blk = blocks[0]
     text = prog.meta["text"]
     specs, summary_meta, summary = plan(
         blk.layers, kv_heads=text["num_kv_heads"], head_dim=text["head_dim"],
-        compute=prog.meta.get("compute_dtype", prog.meta.get("dtype", "float32")),
-        max_context=text["max_position_embeddings"], **options)
+        compute=compute_dtype(target, prog.meta.get("dtype", "float32")),
+        max_context=text["max_position_embeddings"], options=options or KVOptions())
     for layer, spec in zip(blk.layers, specs):
         layer["kv"] = spec
     prog.meta["kv_plan"] = summary_meta
     return prog, summary
+
+
+def bytes_per_token(spec: dict[str, Any], kv_heads: int, head_dim: int, compute: str) -> int:
+    """Stored bytes of one token's keys and values in one layer (batch 1)."""
+    layout = spec["layout"]
+    if layout in ("dense", "rotating"):
+        per = head_dim * DTYPE_BYTES[compute] * 2
+    elif layout == "quantized":
+        per = 2 * (head_dim * spec["bits"] // 8 + 2 * 2 * (head_dim // spec["group_size"]))  # codes + bf16 scale, min
+    else:
+        per = sum(head_dim * spec[f"{w}_bits"] // 8 + 4 for w in ("k", "v"))  # codes + float32 norm
+    return per * kv_heads
+
+
+def auto_group_size(head_dim: int) -> int | None:
+    """64 when it divides the head dim, else the largest of 128, 32, 16 that does."""
+    return next((g for g in (64, 128, 32, 16) if head_dim % g == 0), None)
+
+
+def _fits(spec: dict[str, Any], head_dim: int) -> str | None:
+    """Why ``spec`` cannot store vectors of ``head_dim`` (None when it can)."""
+    if spec["layout"] == "quantized" and (spec["group_size"] is None or head_dim % spec["group_size"]):
+        return f"head dim {head_dim} is not a multiple of the group size {spec['group_size'] or 16}"
+    if spec["layout"] == "turboquant" and head_dim % 8:
+        return f"head dim {head_dim} is not a multiple of 8"
+    return None
+
+
+def plan(layers: list[dict[str, Any]], *, kv_heads: int, head_dim: int, compute: str, max_context: int,
+         options: KVOptions) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+    """(one kv spec per layer, the plan summary for the manifest, a one-line description).
+    ``layers`` are the decoder's layer-table entries (``index``, optional ``window``)."""
+    o = options
+    context = int(o.kv_context or max_context)
+    full = [L for L in layers if not L.get("window")]
+    last_full = full[-1]["index"] if full else None
+    notes: list[str] = []
+
+    def plan_with(wanted: dict[str, Any]) -> list[dict[str, Any]]:
+        specs = []
+        for L in layers:
+            if L.get("window"):
+                spec = {"layout": "rotating", "window": int(L["window"])}
+                if wanted["layout"] != "dense":
+                    notes.append(f"layer {L['index']}: sliding-window layer ({L['window']} tokens) kept rotating dense")
+            elif wanted["layout"] != "dense" and L["index"] == last_full and not o.kv_quantize_last:
+                spec = _spared(wanted, head_dim)
+            else:
+                spec = dict(wanted)
+                if spec["layout"] == "quantized" and spec.get("group_size") is None:
+                    spec["group_size"] = auto_group_size(head_dim)
+                if (why := _fits(spec, head_dim)) is not None:
+                    raise KVLayoutError(f"{spec['layout']} KV cannot be used for this model: {why}")
+            if o.max_kv_size is not None and not L.get("window"):
+                if spec["layout"] != "dense":
+                    raise KVLayoutError("--max-kv-size caps layers with a dense rotating window; "
+                                        "it cannot be combined with KV quantization")
+                spec = {"layout": "rotating", "window": o.max_kv_size}
+            spec["bytes_per_token"] = bytes_per_token(spec, kv_heads, head_dim, compute)
+            specs.append(spec)
+        return specs
+
+    def total(specs: list[dict[str, Any]]) -> int:
+        return sum(s["bytes_per_token"] * min(context, s.get("window", context)) for s in specs)
+
+    if o.kv_memory_budget is not None:
+        for wanted in LADDER:
+            if wanted["layout"] == "quantized":
+                wanted = {**wanted, "group_size": o.kv_group_size}
+            notes.clear()
+            specs = plan_with(wanted)
+            if total(specs) <= o.kv_memory_budget:
+                break
+        else:
+            raise KVLayoutError(f"no KV layout fits {o.kv_memory_budget} bytes at {context} tokens: the smallest "
+                                f"needs {total(specs)} bytes; lower --kv-context or raise --kv-memory-budget")
+    else:
+        specs = plan_with(o.requested())
+    dense_bf16 = bytes_per_token({"layout": "dense"}, kv_heads, head_dim, "bfloat16") * len(specs)
+    per_token = sum(s["bytes_per_token"] for s in specs)
+    summary_meta = {
+        "context": context, "bytes_per_token": per_token, "bytes_at_context": total(specs),
+        "dense_bfloat16_bytes_per_token": dense_bf16, "ratio_to_dense_bfloat16": round(per_token / dense_bf16, 4),
+        "budget": o.kv_memory_budget, "notes": sorted(set(notes)),
+    }
+    kinds: dict[str, int] = {}
+    for s in specs:
+        key = describe(s)
+        kinds[key] = kinds.get(key, 0) + 1
+    summary = ", ".join(f"{n} x {k}" for k, n in kinds.items())
+    summary += (f"; {per_token} B/token ({per_token / dense_bf16:.2f}x dense bf16), "
+                f"{total(specs) / 2**20:.1f} MiB at {context} tokens")
+    if notes:
+        summary += "; " + "; ".join(sorted(set(notes))[:3])
+    return specs, summary_meta, summary
+
+
+def _spared(wanted: dict[str, Any], head_dim: int) -> dict[str, Any]:
+    """The last full-attention layer's layout: dense next to 8-bit codes, 8-bit codes next
+    to fewer bits (when 8-bit codes fit the head dim)."""
+    if wanted["layout"] == "quantized" and wanted["bits"] >= 8:
+        return {"layout": "dense"}
+    eight = {"layout": "quantized", "bits": 8, "group_size": auto_group_size(head_dim)}
+    return {"layout": "dense"} if _fits(eight, head_dim) is not None else eight
+
+
+def describe(spec: dict[str, Any]) -> str:
+    layout = spec["layout"]
+    if layout == "quantized":
+        return f"quantized {spec['bits']}-bit g{spec['group_size']}"
+    if layout == "turboquant":
+        return f"turboquant k{spec['k_bits']}/v{spec['v_bits']}"
+    if layout == "rotating":
+        return f"rotating {spec['window']}"
+    return "dense"

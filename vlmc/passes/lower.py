@@ -1,52 +1,76 @@
-"""Per-target lowering: which op library the generated code calls, and the compute dtype.
+"""Per-target lowering: which op library the generated code calls, the compute dtype, and
+the fast paths the target has for the layouts planned before it (``kv_layout`` runs first).
 
 - ``cpu``: activations in float32 (MLX's CPU backend is slow in bf16/fp16), matmuls
   through ``vlmc.kernels.cpu_ops`` (compact-weight GEMV kernels for decode, float32 BLAS
-  GEMM for prefill). Weights stay stored as compiled (bf16 / quantized). Pre-norm decoder
-  layers get a ``decode_layer`` fast path (fuse.decode_layer_fast_path) unless
-  ``--no-fuse decode_layer``.
+  or int8 GEMM for prefill). Weights stay stored as compiled (bf16 / quantized). A
+  pre-norm decoder block gets the ``decode_layer`` fast path (one C call per layer, or per
+  stack of layers, and decode step) unless ``--no-fuse decode_layer``, and only when every
+  layer's planned KV cache is one the fast path reads (``ir.ops.FAST_PATH_KV``).
 - ``metal`` / ``cuda``: MLX's own kernels plus vlmc's GPU kernels (``vlmc.kernels.gpu_ops``:
   Metal and CUDA sources in ``vlmc/kernels/gpu/``); activations in the storage dtype.
 
-Embedding outputs are cast to the compute dtype when the table is stored differently.
+Values typed ``"float"`` (the compute dtype to be chosen) get the target's; embedding
+outputs are cast to it where the table is stored in another dtype; every value's type is
+then re-inferred, so the printed program shows what the emitted code computes.
 """
 from __future__ import annotations
 
-from ..ir.core import Op, Program, TensorType
+from ..ir.core import COMPUTE, Op, Program, TensorType
+from ..ir.infer import infer_types
+from ..ir.ops import fast_path_reads
 from .fuse import decode_layer_fast_path
 from .manager import register
 
 LIBRARIES = {"cpu": "cpu_ops", "metal": "gpu_ops", "cuda": "gpu_ops"}
 
 
+def compute_dtype(target: str, storage: str) -> str:
+    """The activations' dtype on ``target`` for weights stored as ``storage``."""
+    return "float32" if target == "cpu" else storage
+
+
 @register("lower")
 def lower(prog: Program, target: str = "cpu", decode_layer: bool = True) -> tuple[Program, str]:
     if target not in LIBRARIES:
         raise ValueError(f"unknown target {target!r}; known: {', '.join(LIBRARIES)}")
-    fast = 0
-    if target == "cpu" and decode_layer:  # one C call per decoder layer and decode step (--no-fuse decode_layer)
+    notes = []
+    if target == "cpu" and decode_layer:
         for blk in prog.blocks.values():
-            blk.fast_path = decode_layer_fast_path(blk.body)
-            fast += len(blk.layers) if blk.fast_path is not None else 0
-        if fast:
-            prog.meta.setdefault("fusions", {})["decode_layer"] = fast
+            fast = decode_layer_fast_path(blk.body)
+            if fast is None:
+                continue
+            unread = [L["index"] for L in blk.layers if not fast_path_reads(fast.op, L.get("kv", {}))]
+            if unread:  # the planned caches decide: no fast path that could never fire
+                blk.fast_path = None
+                notes.append(f"no {fast.op} fast path: layers {unread[0]}..{unread[-1]} have KV caches it does "
+                             f"not read")
+                continue
+            blk.fast_path = fast
+            prog.meta.setdefault("fusions", {})[fast.op] = len(blk.layers)
+            notes.append(f"{fast.op} fast path for {len(blk.layers)} layers")
     storage = prog.meta.get("dtype", "float32")
-    compute = "float32" if target == "cpu" else storage
+    compute = compute_dtype(target, storage)
     casts = 0
-    if compute != storage:
-        for fn in prog.functions.values():
-            new_ops = []
-            for op in fn.ops:
-                new_ops.append(op)
-                if op.op in ("embedding", "qembedding"):
-                    raw = op.outputs[0]
-                    stored = raw + "_stored"
-                    op.outputs[0] = stored
-                    fn.types[stored] = fn.types[raw]
-                    fn.types[raw] = TensorType(fn.types[raw].shape, compute)
-                    new_ops.append(Op("cast", [stored], [raw], {"dtype": compute}))
-                    casts += 1
-            fn.ops = new_ops
+    for fn in [*prog.functions.values(), *(b.body for b in prog.blocks.values())]:
+        for v, t in fn.types.items():
+            if t.dtype == COMPUTE:
+                fn.types[v] = TensorType(t.shape, compute)
+        new_ops = []
+        for op in fn.ops:
+            new_ops.append(op)
+            table = op.inputs[1] if op.op in ("embedding", "qembedding") else None
+            if table is not None and table.startswith("@") and prog.params[table[1:]].dtype != compute:
+                raw = op.outputs[0]
+                stored = raw + "_stored"
+                op.outputs[0] = stored
+                fn.types[stored] = fn.types[raw]
+                new_ops.append(Op("cast", [stored], [raw], {"dtype": compute}))
+                casts += 1
+        fn.ops = new_ops
+    infer_types(prog)
     prog.meta.update(target=target, compute_dtype=compute, ops_library=LIBRARIES[target])
-    return prog, f"target {target}: ops from vlmc.kernels.{LIBRARIES[target]}, compute in {compute}" + \
-        (f", {casts} casts inserted" if casts else "") + (f", decode_layer fast path for {fast} layers" if fast else "")
+    summary = f"target {target}: ops from vlmc.kernels.{LIBRARIES[target]}, compute in {compute}"
+    if casts:
+        summary += f", {casts} casts inserted"
+    return prog, "; ".join([summary, *notes])

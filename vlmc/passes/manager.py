@@ -5,6 +5,7 @@ Program), and what it did goes into ``program.history`` and so into the manifest
 """
 from __future__ import annotations
 
+from dataclasses import asdict, is_dataclass
 from typing import Any, Callable
 
 from ..ir.core import Program
@@ -16,8 +17,10 @@ PASSES: dict[str, PassFn] = {}
 # Presets name an ordered list of passes; options come from the compile call.
 PRESETS: dict[str, list[str]] = {
     "none": [],
-    "default": ["fuse", "cleanup", "fold_transforms", "storage_dtype", "quantize", "lower", "kv_layout"],
+    "default": ["fuse", "cleanup", "fold_transforms", "storage_dtype", "quantize", "kv_layout", "lower"],
 }
+# The passes a KV re-plan at load runs again, on the program saved before them.
+PLAN_PASSES = ("kv_layout", "lower")
 
 
 def register(name: str):
@@ -36,8 +39,16 @@ def run_passes(prog: Program, names: list[str], options: dict[str, dict[str, Any
         opts = options.get(name, {})
         prog, summary = PASSES[name](prog.clone(), **opts)
         verify(prog)
-        prog.history.append({"name": name, "options": opts, "summary": summary})
+        prog.history.append({"name": name, "options": _recorded(opts), "summary": summary})
     return prog
+
+
+def _recorded(opts: dict[str, Any]) -> dict[str, Any]:
+    """Options as the manifest records them (typed options as their non-default fields)."""
+    out = {}
+    for k, v in opts.items():
+        out[k] = v.changed() if hasattr(v, "changed") else asdict(v) if is_dataclass(v) else v
+    return out
 
 
 from . import cleanup, dtype, fuse, kv_layout, lower, quantize  # noqa: E402,F401  (register the built-in passes)

@@ -25,12 +25,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..ir.core import Function, Param, Program
+from ..options import ACTIVATION_SCHEMES as ACTIVATION_MODES
+from ..options import AFFINE_SCHEMES as AFFINE
+from ..options import MICROSCALING_SCHEMES as MICROSCALING
+from ..options import QUANT_SCHEMES as SCHEMES
 from .manager import register
-
-AFFINE = {"q2": 2, "q3": 3, "q4": 4, "q5": 5, "q6": 6, "q8": 8}
-MICROSCALING = {"mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}
-ACTIVATION_MODES = ("mxfp8", "nvfp4")  # the block formats MLX's qqmm takes for both operands
-SCHEMES = tuple(AFFINE) + tuple(MICROSCALING)
 
 
 def scheme_spec(scheme: str, group_size: int) -> dict[str, Any]:
@@ -73,13 +72,12 @@ def _rewrite(fn: Function, spec_of) -> None:
                 op.op = "qqlinear" if spec.get("activations") else "qlinear"
 
 
-def _sensitive(name: str, last_layer: int) -> bool:
-    if name.startswith("text.layers."):
-        idx = int(name.split(".")[2])
-        if idx in (0, last_layer):
-            return True
-    leaf = name.rsplit(".", 2)[-2]
-    return "v_proj" in leaf or "down_proj" in leaf
+def _sensitive(p: Param, last_layer: int) -> bool:
+    """A decoder weight the mixed recipe keeps at higher precision: the first and last
+    layers', and any projection that holds v or down (fused ones included)."""
+    if p.part != "text":
+        return False
+    return p.attrs.get("layer") in (0, last_layer) or bool({"v", "down"} & set((p.role or "").split("+")))
 
 
 def auto_head(base: dict[str, Any]) -> str | None:
@@ -126,13 +124,13 @@ def quantize(prog: Program, scheme: str | None = None, group_size: int = 64, vis
         p: Param = prog.params[name]
         if len(p.shape) != 2:
             continue
-        is_head = "embedding" in use or name.startswith("lm_head.")
+        is_head = "embedding" in use or p.role in ("embed", "head")
         if is_head:
             spec = head_spec
-        elif name.startswith(("vision.", "projector.")):
+        elif p.part in ("vision", "projector"):
             spec = base if vision else None
         else:
-            spec = raised if recipe == "mixed" and _sensitive(name, last_layer) else base
+            spec = raised if recipe == "mixed" and _sensitive(p, last_layer) else base
         if spec is None:
             continue
         if p.shape[1] % spec["group_size"]:

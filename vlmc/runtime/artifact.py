@@ -14,10 +14,9 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..artifact_format import FORMAT_VERSION
 from ..errors import ArtifactError
 from ..kernels.quant import QuantWeight
-
-FORMAT_VERSION = 2  # the format vlmc.backends.artifact writes
 
 
 @dataclass
@@ -31,6 +30,14 @@ class Artifact:
     @property
     def meta(self) -> dict[str, Any]:
         return self.manifest["meta"]
+
+    @property
+    def kv_layers(self) -> list[dict[str, Any]]:
+        """The decoder layers' table entries with their planned KV caches (``kv``)."""
+        plans = list((self.manifest.get("kv_plan") or {}).values())
+        if plans:
+            return plans[0]
+        return [{"index": i, "kv": {"layout": "dense"}} for i in range(self.meta["text"]["num_layers"])]
 
 
 def is_artifact(path: str | Path) -> bool:

@@ -5,12 +5,11 @@ and one decode step of the running batch, so a long prompt never stalls the sequ
 already decoding, and a new request joins the batch as soon as its prompt is in the
 cache, without waiting for the batch to drain.
 
-A request is prefilled alone (a batch of one, in chunks of ``prefill_chunk`` tokens), then
-its caches are joined to the running batch: the side with fewer columns is padded on the
-left so both share the write index, and each sequence's first real column lives in
-``starts``, which the attention mask reads. When sequences finish their rows are dropped,
-and columns that only padding occupies are cut. Positions, sampling, stop strings,
-constraints and thinking budgets are per sequence.
+Waiting requests are prefilled together (left-padded, in chunks of ``prefill_chunk``
+tokens), then joined to the running batch (``step.Sequences.join``: the side with fewer
+columns is padded on the left so both share the write index). When sequences finish their
+rows are dropped, and columns that only padding occupies are cut. Positions, sampling,
+stop strings, constraints and thinking budgets are per sequence.
 
 Images go through the vision tower on a thread of their own before their request queues
 for prefill, so a large image does not stop the running batch's decoding (both threads
@@ -31,12 +30,13 @@ from typing import Any, Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..errors import InputError
 from . import memory
 from .detokenizer import StopStringMatcher, StreamingDetokenizer
-from .engine import VLM, Prompt
-from .kv_cache import attention_mask, make_caches
+from .engine import VLM, GenerationResult, Prompt
 from .sampling import Sampler, SamplingParams
 from .prefix_cache import PrefixCache, block_keys, image_spans
+from .step import Sequences
 from .vision_cache import VisionFeatureCache
 
 
@@ -106,7 +106,6 @@ class _Row:
         self.history = list(job.prompt.ids)
         self.budget = max(0, min(job.max_tokens, max_context - len(job.prompt.ids)))
         self.generated = 0
-        self.next_pos = 0
         self.last = 0
         self.forced: collections.deque[int] = collections.deque()
         self.think_inside = bool(job.thinking and job.thinking.inside)
@@ -131,15 +130,13 @@ class Batcher:
         # blocks are only valid for this artifact and KV layout (the disk tier outlives us)
         self._prefix_salt = json.dumps([str(vlm.artifact.path), vlm.artifact.manifest.get("source", {}),
                                         vlm.kv_layers], sort_keys=True, default=str)
-        self.mrope = vlm.meta["positions"] == "mrope"
         self._eos_mask: mx.array | None = None   # [1, V]: where min_tokens hides EOS
         self._pending: collections.deque[Job] = collections.deque()     # ready to prefill
         self._to_encode: collections.deque[Job] = collections.deque()   # waiting for the vision tower
         self._encoding: Job | None = None
         self._cond = threading.Condition()
         self._active: list[_Row] = []
-        self._caches: list | None = None
-        self._starts = np.zeros(0, dtype=np.int64)
+        self._batch: Sequences | None = None     # the running batch, one row per active job
         self._prefill: dict[str, Any] | None = None
         self._admitting: list[Job] = []         # jobs being turned into prefill rows
         self._live: set[_Row] = set()           # every admitted row not yet finished
@@ -277,8 +274,7 @@ class Batcher:
         for row in self._live:
             row.finished = True
         self._live.clear()
-        self._active, self._caches, self._prefill, self._admitting = [], None, None, []
-        self._starts = np.zeros(0, dtype=np.int64)
+        self._active, self._batch, self._prefill, self._admitting = [], None, None, []
         for job, generated in failed:
             job.emit(FinishEvent("error", "", len(job.prompt.ids), generated, error=message))
 
@@ -339,58 +335,40 @@ class Batcher:
 
     def _begin_prefill(self, jobs: list[Job]) -> None:
         vlm = self.vlm
-        rows, embeds, positions = [], [], []
+        rows, inputs = [], []
         for job in jobs:
             row = _Row(job, vlm, vlm.max_context)
             self._live.add(row)
             features = job.features
             if job.prompt.images is not None and features is None:
                 features = self.vision_cache.features(vlm.encode_images, job.prompt.images)
-            emb, pos, delta = vlm.prompt_inputs(job.prompt, features)
-            row.next_pos = len(job.prompt.ids) + delta
             rows.append(row)
-            embeds.append(emb)
-            positions.append(pos)
-        width = max(e.shape[1] for e in embeds)
-        starts = np.array([width - e.shape[1] for e in embeds], dtype=np.int64)
-        if len(jobs) > 1:  # left-pad to one width; the mask reads ``starts``
-            embeds = [mx.pad(e, [(0, 0), (int(p), 0), (0, 0)]) if p else e for e, p in zip(embeds, starts)]
-            positions = [np.pad(pos, [(0, 0), (int(p), 0)]) for pos, p in zip(positions, starts)]
-        text = vlm.meta["text"]
-        caches = make_caches(vlm.kv_layers, len(jobs), text["num_kv_heads"], text["head_dim"], embeds[0].dtype)
-        keys, done = [[] for _ in jobs], 0
+            inputs.append(vlm.prompt_inputs(job.prompt, features))
+        seqs = Sequences.start(vlm.decoder, inputs)
+        keys = [[] for _ in jobs]
         if self.prefix_cache is not None and self.prefix_cache.max_bytes > 0:
             keys = [self._block_keys(job) for job in jobs]
             if len(jobs) == 1:
-                done = self._reuse_prefix(jobs[0], keys[0], caches)
-                rows[0].cached = done
-        self._prefill = {"rows": rows, "embeds": mx.concatenate(embeds, axis=0) if len(embeds) > 1 else embeds[0],
-                         "positions": np.stack(positions, axis=1), "starts": starts, "caches": caches,
-                         "done": done, "keys": keys}
+                rows[0].cached = self._reuse_prefix(jobs[0], keys[0], seqs)
+        self._prefill = {"rows": rows, "seqs": seqs, "keys": keys}
 
-    def _reuse_prefix(self, job: Job, keys: list[str], caches: list) -> int:
+    def _reuse_prefix(self, job: Job, keys: list[str], seqs: Sequences) -> int:
         """Import the longest cached run of this prompt's leading blocks; tokens covered."""
         pc = self.prefix_cache
         found = pc.lookup(keys, usable=(len(job.prompt.ids) - 1) // pc.block_size)  # >= 1 token left to prefill
-        for layer, cache in enumerate(caches):
+        for layer, cache in enumerate(seqs.caches):
             cache.import_blocks([blocks[layer] for blocks in found])
         done = len(found) * pc.block_size
+        seqs.skip(done)
         pc.count(done, len(job.prompt.ids))
         return done
 
     def _prefill_chunk(self) -> None:
         pf = self._prefill
-        rows, emb, caches, starts = pf["rows"], pf["embeds"], pf["caches"], pf["starts"]
-        total = emb.shape[1]
-        lo, hi = pf["done"], min(total, pf["done"] + self.prefill_chunk)
-        pos = pf["positions"][..., lo:hi]                     # [3, B, L] or [1, B, L]
-        pos = pos if self.mrope else pos[0]
-        mask = attention_mask(mx.array(starts, dtype=mx.int32), lo, hi - lo, bool(starts.any()))
-        logits = self.vlm.model.prefill(embeds=emb[:, lo:hi], positions=mx.array(pos, dtype=mx.int32), mask=mask,
-                                        caches=caches)[:, -1]
-        mx.eval(logits)
-        pf["done"] = hi
-        if hi < total:
+        rows, seqs = pf["rows"], pf["seqs"]
+        logits = seqs.prefill(self.prefill_chunk)
+        mx.eval(logits)  # this chunk's work now, between the running batch's decode steps
+        if not seqs.prefill_done:
             return
         self._prefill = None
         self.counters["prompt_tokens"] += sum(len(r.job.prompt.ids) for r in rows)
@@ -401,39 +379,24 @@ class Batcher:
                     self.prefix_cache.count(0, len(r.job.prompt.ids))
             for i, (row, keys) in enumerate(zip(rows, pf["keys"])):
                 if keys:
-                    self.prefix_cache.store(keys, caches, first=row.cached // self.prefix_cache.block_size,
-                                            row=i, start=int(starts[i]))
+                    self.prefix_cache.store(keys, seqs.caches, first=row.cached // self.prefix_cache.block_size,
+                                            row=i, start=int(seqs.starts[i]))
         tokens, infos = self._sample(rows, logits)
         for row, token, info in zip(rows, tokens, infos):
             self._accept(row, token, info)
-        self._join(rows, caches, starts)
-        self._compact()  # rows that finished on their first token leave again
-
-    def _join(self, rows: list[_Row], caches: list, starts: np.ndarray) -> None:
         if not self._active:
-            self._active, self._caches, self._starts = list(rows), caches, starts.copy()
-            return
-        ours, theirs = self._caches[0].offset, caches[0].offset
-        width = max(ours, theirs)
-        for mine, new in zip(self._caches, caches):
-            mine.pad_left(width - ours)
-            new.pad_left(width - theirs)
-            mine.concat(new)
-        self._starts = np.concatenate([self._starts + (width - ours), starts + (width - theirs)])
-        self._active.extend(rows)
+            self._active, self._batch = list(rows), seqs
+        else:
+            self._batch.join(seqs)
+            self._active.extend(rows)
+        self._compact()  # rows that finished on their first token leave again
 
     # ------------------------------------------------------------------ decode
     def _decode_step(self) -> None:
         t0 = time.perf_counter()
         rows = self._active
         B = len(rows)
-        ids = mx.array([[r.last] for r in rows], dtype=mx.int32)
-        pos = np.array([r.next_pos for r in rows], dtype=np.int64)
-        pos = np.broadcast_to(pos[None, :, None], (3, B, 1)) if self.mrope else pos[:, None]
-        padded = bool(self._starts.any())
-        mask = attention_mask(mx.array(self._starts, dtype=mx.int32), self._caches[0].offset, 1, padded)
-        logits = self.vlm.model.decode(ids=ids, positions=mx.array(pos, dtype=mx.int32), mask=mask,
-                                       caches=self._caches)[:, -1]
+        logits = self._batch.decode(mx.array([r.last for r in rows], dtype=mx.int32))
         tokens, infos = self._sample(rows, logits)
         for row, token, info in zip(rows, tokens, infos):
             self._accept(row, token, info)
@@ -511,7 +474,6 @@ class Batcher:
             job.constraint.advance(token)
         row.generated += 1
         row.history.append(token)
-        row.next_pos += 1
         self.counters["generation_tokens"] += 1
         piece = row.stops.feed(row.detok.add(token))
         self._track_thinking(row, piece.text)
@@ -557,13 +519,63 @@ class Batcher:
             return
         keep = [i for i, r in enumerate(self._active) if not r.finished]
         if not keep:
-            self._active, self._caches = [], None
-            self._starts = np.zeros(0, dtype=np.int64)
+            self._active, self._batch = [], None
             return
         self._active = [self._active[i] for i in keep]
-        self._starts = self._starts[keep]
-        cut = int(self._starts.min())
-        for cache in self._caches:
-            cache.select(keep)
-            cache.drop_left(cut)
-        self._starts -= cut
+        self._batch.keep(keep)
+
+
+def batch_generate(vlm: VLM, requests: Sequence[str | dict[str, Any]], *, max_tokens: int = 256,
+                   max_batch: int = 8, stop: Sequence[str] | None = None, sampling: SamplingParams | None = None,
+                   **sampling_kw: Any) -> list[GenerationResult]:
+    """Generate replies to many requests at once through the continuous-batching loop
+    (the server's): each request is a prompt string or a dict of ``build_prompt``
+    arguments (``prompt``, ``images``, ``messages``, ``system``) plus optional
+    ``max_tokens`` and ``stop``. Results come back in request order; tok/s are over the
+    whole batch's time. Batched matmuls round differently from single ones, so a greedy
+    reply can differ from ``generate``'s where two tokens are nearly tied."""
+    params = sampling or SamplingParams(**sampling_kw)
+    jobs, texts, tokens, finishes = [], [], [], []
+    done = threading.Event()
+    left = [len(requests)]
+    for i, req in enumerate(requests):
+        req = {"prompt": req} if isinstance(req, str) else dict(req)
+        limit = int(req.pop("max_tokens", max_tokens))
+        stops = list(req.pop("stop", stop) or [])
+        if limit < 1:
+            raise InputError(f"request {i}: max_tokens must be >= 1, got {limit}")
+        prompt = vlm.build_prompt(**req)
+        texts.append([])
+        tokens.append([])
+        finishes.append(None)
+
+        def emit(ev, i=i):
+            texts[i].append(ev.text)
+            if isinstance(ev, FinishEvent):
+                finishes[i] = ev
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+            else:
+                tokens[i].append(ev.token)
+        jobs.append(Job(prompt, emit, params, limit, stops))
+    if not jobs:
+        return []
+    batcher = Batcher(vlm, max_batch=max_batch, max_queue=len(jobs))
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    try:
+        for job in jobs:
+            batcher.submit(job)
+        done.wait()
+    finally:
+        batcher.shutdown()
+    seconds = time.perf_counter() - t0
+    peak = mx.get_peak_memory() / 1e9
+    out = []
+    for i, f in enumerate(finishes):
+        if f.reason == "error":
+            raise RuntimeError(f"request {i} failed: {f.error}")
+        out.append(GenerationResult("".join(texts[i]), tokens[i], f.reason, f.prompt_tokens, f.completion_tokens,
+                                    f.prompt_tokens / seconds, f.completion_tokens / seconds, peak))
+    return out

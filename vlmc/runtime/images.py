@@ -36,6 +36,7 @@ from typing import Union
 from PIL import Image, ImageOps
 
 from vlmc.errors import InputError
+from vlmc.models.common.image_processing import convert_rgb
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
 
@@ -89,21 +90,6 @@ def load_image(
         scheme = src.split("://", 1)[0]
         raise InputError(f"unsupported image URL scheme {scheme!r} in {_short(src)}")
     return _load_path(Path(src), max_pixels)
-
-
-def convert_rgb(image: Image.Image) -> Image.Image:
-    """RGB conversion as transformers' image processors do it.
-
-    Transparent images (an "A" band, or palette/greyscale/RGB with a `transparency`
-    entry) are composited onto opaque white; every other mode is `convert("RGB")`.
-    Always returns a new image.
-    """
-    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 # --------------------------------------------------------------------------- sources

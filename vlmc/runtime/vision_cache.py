@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .preprocess import ProcessedImages
+from ..models.common.image_processing import ProcessedImages
 
 
 def split_images(processed: ProcessedImages) -> list[ProcessedImages]:

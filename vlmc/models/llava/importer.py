@@ -1,4 +1,4 @@
-"""LLaVA: a CLIP or SigLIP vision tower, a chosen hidden layer, an MLP projector and a
+"""LLaVA checkpoints -> IR: a CLIP or SigLIP vision tower, a chosen hidden layer, an MLP projector and a
 Llama/Qwen2/Mistral decoder.
 
 ``vision_feature_layer`` picks hidden_states[k] of the tower (index 0 = the embeddings);
@@ -10,17 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import UnsupportedModelError
+from ...frontend.config import vision_field
+from ...frontend.weights import Weights
 from ...ir.builder import FunctionBuilder
 from ...ir.core import Program
-from ..blocks import act_kind, decoder_layer, text_entry_points, vit_layer
-from ..config import text_config, vision_field
-from .qwen2_vl import finish
-from ..weights import Weights
+from ..common.layers import act_kind, decoder_layer, finish, text_entry_points, vit_layer
+from ..common.text_config import text_config
 
 _TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 
-def import_llava(raw: dict[str, Any], w: Weights, name: str) -> Program:
+def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
     tc = text_config(raw, nested=True)
     vc = raw.get("vision_config") or {}
     tower = vc.get("model_type", "clip_vision_model")
@@ -48,15 +48,16 @@ def import_llava(raw: dict[str, Any], w: Weights, name: str) -> Program:
     depths = [k % (n_layers + 1) for k in sel]  # hidden_states has n_layers + 1 entries
 
     patch_in = chans * patch * patch
-    w.add("vision.embeddings.patch_embedding.weight", (dim, patch_in), source_shape=(dim, chans, patch, patch),
-          transforms=[("reshape", {"shape": [dim, patch_in]})])
+    vis = dict(part="vision")
+    w.add("vision.embeddings.patch_embedding.weight", (dim, patch_in), role="patch_embed", **vis,
+          source_shape=(dim, chans, patch, patch), transforms=[("reshape", {"shape": [dim, patch_in]})])
     if not is_clip:
-        w.add("vision.embeddings.patch_embedding.bias", (dim,))
+        w.add("vision.embeddings.patch_embedding.bias", (dim,), role="patch_embed", **vis)
     else:
-        w.add("vision.embeddings.class_embedding", (dim,))
-        w.add("vision.pre_layrnorm.weight", (dim,))
-        w.add("vision.pre_layrnorm.bias", (dim,))
-    w.add("vision.embeddings.position_embedding.weight", (n_pos, dim))
+        w.add("vision.embeddings.class_embedding", (dim,), role="class_embed", **vis)
+        w.add("vision.pre_layrnorm.weight", (dim,), role="norm", **vis)
+        w.add("vision.pre_layrnorm.bias", (dim,), role="norm", **vis)
+    w.add("vision.embeddings.position_embedding.weight", (n_pos, dim), role="pos_embed", **vis)
 
     names = dict(norm1="layer_norm1", norm2="layer_norm2", q="self_attn.q_proj", k="self_attn.k_proj",
                  v="self_attn.v_proj", out="self_attn.out_proj", fc1="mlp.fc1", fc2="mlp.fc2")
@@ -68,11 +69,12 @@ def import_llava(raw: dict[str, Any], w: Weights, name: str) -> Program:
 
     feat_dim = dim * len(sel)
     bias = bool(raw.get("multimodal_projector_bias", True))
-    w.add("projector.linear_1.weight", (tc.hidden_size, feat_dim))
-    w.add("projector.linear_2.weight", (tc.hidden_size, tc.hidden_size))
+    proj = dict(role="proj", part="projector")
+    w.add("projector.linear_1.weight", (tc.hidden_size, feat_dim), **proj)
+    w.add("projector.linear_2.weight", (tc.hidden_size, tc.hidden_size), **proj)
     if bias:
-        w.add("projector.linear_1.bias", (tc.hidden_size,))
-        w.add("projector.linear_2.bias", (tc.hidden_size,))
+        w.add("projector.linear_1.bias", (tc.hidden_size,), **proj)
+        w.add("projector.linear_2.bias", (tc.hidden_size,), **proj)
 
     fb = FunctionBuilder("vision_encode", w.types(), doc=(
         "images [N, C, H, W] -> projected features, one row per image token"))
@@ -110,11 +112,9 @@ def import_llava(raw: dict[str, Any], w: Weights, name: str) -> Program:
     text_entry_points(prog, w, tc, block)
     tokens = n_patches + (1 if is_clip and strategy == "full" else 0)
     image_token = raw.get("image_token_id", raw.get("image_token_index"))
-    prog.meta.update({
-        "family": "llava",
-        "positions": "default",
+    prog.meta["inputs"] = {
+        "position_streams": 1,
         "image_token_id": int(image_token) if image_token is not None else None,
-        "vision": {"plan": "fixed", "image_size": size, "tokens_per_image": tokens, "tower": tower},
-        "processor_kind": "clip",
-    })
+        "image_size": size, "tokens_per_image": tokens, "tower": tower,
+    }
     return finish(prog, w, tc)

@@ -53,13 +53,15 @@ def window_order(grid_thw: np.ndarray, merge: int, window_size: int, patch: int)
     return np.concatenate(order).astype(np.int32), lengths
 
 
-def plan_qwen_vision(grid_thw: np.ndarray, vision: dict[str, Any]) -> dict[str, Any]:
-    merge = vision["merge_size"]
+def plan_vision(grid_thw: np.ndarray, settings: dict[str, Any]) -> dict[str, Any]:
+    """The vision tower's host-planned inputs (``meta["inputs"]`` settings: merge_size,
+    windowed, window_size, patch_size)."""
+    merge = settings["merge_size"]
     pos = rope_positions(grid_thw, merge)
     frames = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
-    if vision["plan"] == "qwen2_vl":
+    if not settings["windowed"]:
         return {"rope_positions": mx.array(pos), "mask": _segment_mask(frames)}
-    order, win_lengths = window_order(grid_thw, merge, vision["window_size"], vision["patch_size"])
+    order, win_lengths = window_order(grid_thw, merge, settings["window_size"], settings["patch_size"])
     unit = merge * merge
     pos = pos.reshape(-1, unit, 2)[order].reshape(-1, 2)
     return {"rope_positions": mx.array(pos), "mask_full": _segment_mask(frames),

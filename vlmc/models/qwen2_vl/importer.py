@@ -1,4 +1,5 @@
-"""Qwen2-VL and Qwen2.5-VL: dynamic-resolution ViT with 2D rotary, patch merger, M-RoPE decoder.
+"""Qwen2-VL and Qwen2.5-VL checkpoints -> IR: a dynamic-resolution ViT with 2D rotary, a
+patch merger and an M-RoPE decoder.
 
 Qwen2.5-VL differs only in its vision layers (RMSNorm, gated SiLU MLP) and in windowed
 attention: patches are permuted window-major on the host, most layers attend within
@@ -9,18 +10,28 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...frontend.config import vision_field
+from ...frontend.weights import Weights
 from ...ir.builder import FunctionBuilder
 from ...ir.core import Program
-from ..blocks import act_kind, decoder_layer, text_entry_points, vit_layer
-from ..config import text_config, vision_field
-from ..weights import Weights
+from ..common.layers import act_kind, decoder_layer, finish, text_entry_points, vit_layer
+from ..common.text_config import Decoder, text_config
+
+# transformers' Qwen2VLTextConfig / Qwen2_5_VLTextConfig defaults
+_DECODERS = {
+    "qwen2_vl": Decoder(dict(rms_norm_eps=1e-5, rope_theta=1000000.0, hidden_act="silu",
+                             max_position_embeddings=32768), biases="qwen", rope="mrope", mrope_sections=(16, 24, 24)),
+    "qwen2_5_vl": Decoder(dict(rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu",
+                               max_position_embeddings=128000), biases="qwen", rope="mrope",
+                          mrope_sections=(16, 24, 24)),
+}
 
 
-def import_qwen2_vl(raw: dict[str, Any], w: Weights, name: str) -> Program:
+def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
     mt = raw["model_type"]
     is_25 = mt == "qwen2_5_vl"
     nested = isinstance(raw.get("text_config"), dict) and "hidden_size" in raw["text_config"]
-    tc = text_config(raw, nested=nested, text_type=mt)
+    tc = text_config(raw, nested=nested, decoder=_DECODERS[mt], text_type=mt)
     vc = raw.get("vision_config") or {}
     prog = Program(name=name)
 
@@ -47,7 +58,7 @@ def import_qwen2_vl(raw: dict[str, Any], w: Weights, name: str) -> Program:
     # Conv3d with kernel == stride is a matmul over flattened (C, T, P, P) patches:
     # fold the weight into a [E, C*T*P*P] matrix at compile time.
     patch_in = chans * tps * patch * patch
-    w.add("vision.patch_embed.proj.weight", (dim, patch_in),
+    w.add("vision.patch_embed.proj.weight", (dim, patch_in), role="patch_embed", part="vision",
           source_shape=(dim, chans, tps, patch, patch), transforms=[("reshape", {"shape": [dim, patch_in]})])
 
     names = dict(norm1="norm1", norm2="norm2", qkv="attn.qkv", out="attn.proj",
@@ -65,12 +76,12 @@ def import_qwen2_vl(raw: dict[str, Any], w: Weights, name: str) -> Program:
     prog.blocks[vblock.name] = vblock
 
     merged = dim * merge * merge
-    w.add("vision.merger.ln_q.weight", (dim,))
+    w.add("vision.merger.ln_q.weight", (dim,), role="norm", part="projector")
     if not is_25:
-        w.add("vision.merger.ln_q.bias", (dim,))
+        w.add("vision.merger.ln_q.bias", (dim,), role="norm", part="projector")
     for i, shape in (("0", (merged, merged)), ("2", (out_dim, merged))):
-        w.add(f"vision.merger.mlp.{i}.weight", shape)
-        w.add(f"vision.merger.mlp.{i}.bias", (shape[0],))
+        w.add(f"vision.merger.mlp.{i}.weight", shape, role="proj", part="projector")
+        w.add(f"vision.merger.mlp.{i}.bias", (shape[0],), role="proj", part="projector")
 
     fb = FunctionBuilder("vision_encode", w.types(), doc=(
         "packed patches of all images -> one feature row per merged 2x2 patch group; rotary "
@@ -103,33 +114,20 @@ def import_qwen2_vl(raw: dict[str, Any], w: Weights, name: str) -> Program:
 
     block = decoder_layer(w, tc)
     prog.blocks[block.name] = block
-    text_entry_points(prog, w, tc, block)
+    text_entry_points(prog, w, tc, block, position_streams=3)
 
-    def tok(key: str, default: int | None = None) -> int | None:
+    def tok(key: str) -> int | None:
         for src in (raw, raw.get("text_config") or {}):
             if src.get(key) is not None:
                 return int(src[key])
-        return default
+        return None
 
-    prog.meta.update({
-        "family": mt,
-        "positions": "mrope",
+    prog.meta["inputs"] = {
+        "position_streams": 3,
         "image_token_id": tok("image_token_id"),
         "video_token_id": tok("video_token_id"),
         "vision_start_token_id": tok("vision_start_token_id"),
-        "vision": {"plan": "qwen2_5_vl" if is_25 else "qwen2_vl", "patch_size": patch,
-                   "temporal_patch_size": tps, "merge_size": merge, "window_size": int(vc.get("window_size", 0)),
-                   "fullatt_block_indexes": full_layers, "channels": chans},
-        "processor_kind": "qwen2_vl",
-    })
-    return finish(prog, w, tc)
-
-
-def finish(prog: Program, w: Weights, tc) -> Program:
-    prog.params = dict(w.params)
-    prog.meta["text"] = {
-        "num_layers": tc.num_layers, "num_kv_heads": tc.num_kv_heads, "head_dim": tc.head_dim,
-        "hidden_size": tc.hidden_size, "vocab_size": tc.vocab_size,
-        "max_position_embeddings": tc.max_position_embeddings, "model_type": tc.model_type,
+        "windowed": is_25, "patch_size": patch, "temporal_patch_size": tps, "merge_size": merge,
+        "window_size": int(vc.get("window_size", 0)), "fullatt_block_indexes": full_layers, "channels": chans,
     }
-    return prog
+    return finish(prog, w, tc)

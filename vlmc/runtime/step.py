@@ -1,0 +1,169 @@
+"""The step loop: a batch of sequences inside the compiled program.
+
+``Sequences`` is the one place that calls the program's text entry points: the prompt's
+columns through ``prefill`` (in chunks, or all at once), new tokens through ``decode``
+(one per sequence) and ``verify`` (several per sequence, with the logits after each), and
+``trim`` to forget the last tokens again. ``generate``/``stream_generate``, the batching
+loop and ``vlmc bench`` all step through it, so positions, masks and caches are built the
+same way everywhere.
+
+All sequences share the caches' write index. Each one's first real column (its left
+padding) lives in ``starts``, which the attention mask reads, and the position its next
+token takes in ``next_pos``; ``join`` and ``keep`` reshape the batch for continuous
+batching.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .kv_cache import KVCache, attention_mask, make_caches
+
+
+@dataclass
+class PromptInputs:
+    """A prompt ready for the program: embeddings [1, L, D] (image features merged in),
+    rotary positions [streams, L], and ``delta``: the token after it is at L + delta."""
+
+    embeds: mx.array
+    positions: np.ndarray
+    delta: int
+
+
+@dataclass
+class Decoder:
+    """What stepping needs of a loaded artifact: its generated model, the KV plan (one
+    layer-table entry per decoder layer) and the shapes of its caches."""
+
+    model: Any
+    kv_layers: list[dict[str, Any]]
+    kv_heads: int
+    head_dim: int
+    position_streams: int
+
+    def caches(self, batch: int, dtype=mx.float32) -> list[KVCache]:
+        return make_caches(self.kv_layers, batch, self.kv_heads, self.head_dim, dtype)
+
+    def program_positions(self, positions: np.ndarray) -> mx.array:
+        """[streams, B, L] positions as the program takes them ([B, L] for one stream)."""
+        return mx.array(positions[0] if self.position_streams == 1 else positions, dtype=mx.int32)
+
+
+class Sequences:
+    def __init__(self, decoder: Decoder, caches: list[KVCache], starts: np.ndarray, next_pos: np.ndarray):
+        self.decoder = decoder
+        self.caches = caches
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.next_pos = np.asarray(next_pos, dtype=np.int64)
+        self._pending: tuple[mx.array, np.ndarray] | None = None  # prompt columns not yet prefilled
+        self.prefilled = 0
+
+    # ------------------------------------------------------------------ making a batch
+    @classmethod
+    def start(cls, decoder: Decoder, prompts: list[PromptInputs]) -> "Sequences":
+        """A batch whose prompts are still to be prefilled, left-padded to the longest."""
+        width = max(p.embeds.shape[1] for p in prompts)
+        pads = [width - p.embeds.shape[1] for p in prompts]
+        embeds = [mx.pad(p.embeds, [(0, 0), (n, 0), (0, 0)]) if n else p.embeds for p, n in zip(prompts, pads)]
+        positions = np.stack([np.pad(p.positions, [(0, 0), (n, 0)]) for p, n in zip(prompts, pads)], axis=1)
+        seqs = cls(decoder, decoder.caches(len(prompts), embeds[0].dtype), np.array(pads),
+                   np.array([p.embeds.shape[1] + p.delta for p in prompts]))
+        seqs._pending = (mx.concatenate(embeds, axis=0) if len(embeds) > 1 else embeds[0], positions)
+        return seqs
+
+    @classmethod
+    def empty(cls, decoder: Decoder, batch: int, dtype=mx.float32) -> "Sequences":
+        """Sequences with empty caches and nothing to prefill (tests and benchmarks fill the
+        caches themselves and set ``next_pos``)."""
+        return cls(decoder, decoder.caches(batch, dtype), np.zeros(batch), np.zeros(batch))
+
+    @property
+    def batch(self) -> int:
+        return len(self.starts)
+
+    @property
+    def offset(self) -> int:
+        """Columns the caches have seen (the write index, padding included)."""
+        return self.caches[0].offset
+
+    @property
+    def prompt_width(self) -> int:
+        return 0 if self._pending is None else self._pending[0].shape[1]
+
+    @property
+    def prefill_done(self) -> bool:
+        return self._pending is None or self.prefilled >= self.prompt_width
+
+    def _mask(self, queries: int) -> mx.array | None:
+        return attention_mask(mx.array(self.starts, dtype=mx.int32), self.offset, queries, bool(self.starts.any()))
+
+    # ------------------------------------------------------------------ stepping
+    def skip(self, n: int) -> None:
+        """The first ``n`` prompt columns are already in the caches (a prefix-cache hit)."""
+        self.prefilled += n
+
+    def prefill(self, chunk: int | None = None) -> mx.array:
+        """Run the next ``chunk`` prompt columns (all of them without a chunk size): the
+        logits [B, V] after the last column run; once ``prefill_done``, the next-token
+        logits."""
+        embeds, positions = self._pending
+        lo = self.prefilled
+        hi = self.prompt_width if chunk is None else min(self.prompt_width, lo + chunk)
+        logits = self.decoder.model.prefill(embeds=embeds[:, lo:hi],
+                                            positions=self.decoder.program_positions(positions[..., lo:hi]),
+                                            mask=self._mask(hi - lo), caches=self.caches)[:, -1]
+        self.prefilled = hi
+        return logits
+
+    def _new_positions(self, n: int) -> np.ndarray:
+        pos = self.next_pos[:, None] + np.arange(n)[None]                  # [B, n]
+        return np.broadcast_to(pos[None], (self.decoder.position_streams, *pos.shape))
+
+    def decode(self, tokens: mx.array) -> mx.array:
+        """One new token per sequence ([B] or [B, 1]) -> the next-token logits [B, V]."""
+        ids = tokens.reshape(-1, 1).astype(mx.int32)
+        logits = self.decoder.model.decode(ids=ids, positions=self.decoder.program_positions(self._new_positions(1)),
+                                           mask=self._mask(1), caches=self.caches)[:, -1]
+        self.next_pos = self.next_pos + 1
+        return logits
+
+    def verify(self, tokens: mx.array) -> mx.array:
+        """Several new tokens per sequence [B, n] -> the logits after each [B, n, V]."""
+        ids = tokens.astype(mx.int32)
+        n = ids.shape[1]
+        logits = self.decoder.model.verify(ids=ids, positions=self.decoder.program_positions(self._new_positions(n)),
+                                           mask=self._mask(n), caches=self.caches)
+        self.next_pos = self.next_pos + n
+        return logits
+
+    def trim(self, n: int) -> None:
+        """Forget every sequence's last ``n`` tokens (rejected drafts)."""
+        for cache in self.caches:
+            if cache.trim(n) != n:
+                raise ValueError(f"cannot rewind {n} tokens: the caches hold fewer")
+        self.next_pos = self.next_pos - n
+
+    # ------------------------------------------------------------------ continuous batching
+    def join(self, other: "Sequences") -> None:
+        """Append ``other``'s sequences (prefilled) as new rows: the side with fewer columns
+        is padded on the left so both share the write index."""
+        ours, theirs = self.offset, other.offset
+        width = max(ours, theirs)
+        for mine, new in zip(self.caches, other.caches):
+            mine.pad_left(width - ours)
+            new.pad_left(width - theirs)
+            mine.concat(new)
+        self.starts = np.concatenate([self.starts + (width - ours), other.starts + (width - theirs)])
+        self.next_pos = np.concatenate([self.next_pos, other.next_pos])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these sequences (in this order), then cut the columns only padding holds."""
+        self.starts, self.next_pos = self.starts[rows], self.next_pos[rows]
+        cut = int(self.starts.min())
+        for cache in self.caches:
+            cache.select(rows)
+            cache.drop_left(cut)
+        self.starts = self.starts - cut
