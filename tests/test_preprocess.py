@@ -21,7 +21,7 @@ from PIL import Image
 
 from vlmc.errors import ArtifactError, InputError, SourceError
 from vlmc.runtime.images import load_image
-from vlmc.models.common.image_processing import make_image_processor, spec_from_preprocessor_config
+from vlmc.models.common.processors import make_image_processor, spec_from_preprocessor_config
 
 tf_qwen = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
 tf_clip = pytest.importorskip("transformers.models.clip.image_processing_pil_clip")

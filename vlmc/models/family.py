@@ -26,7 +26,8 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import InputError
-from .common.image_processing import ImageProcessor, ProcessedImages, make_image_processor
+from .common.image_processing import ImageProcessor, ProcessedImages
+from .common.processors import make_image_processor
 
 if TYPE_CHECKING:  # the compile half's types, not imported at run time
     from ..frontend.weights import Weights

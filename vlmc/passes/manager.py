@@ -50,5 +50,3 @@ def _recorded(opts: dict[str, Any]) -> dict[str, Any]:
         out[k] = v.changed() if hasattr(v, "changed") else asdict(v) if is_dataclass(v) else v
     return out
 
-
-from . import cleanup, dtype, fuse, kv_layout, lower, quantize  # noqa: E402,F401  (register the built-in passes)

@@ -16,7 +16,7 @@ from PIL import Image
 from ...errors import ArtifactError, InputError, SourceError
 from .image_processing import (COMMON_DEFAULTS, IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN,
                                OPENAI_CLIP_STD, ImageProcessor, ProcessedImages, center_crop, common_fields,
-                               register, take)
+                               take)
 
 CLIP_DEFAULTS: dict[str, Any] = {
     **COMMON_DEFAULTS,
@@ -50,7 +50,6 @@ def _size_dict(value: Any, name: str, square_int: bool) -> dict:
     raise SourceError(f"preprocessor_config.json: cannot understand {name} {value!r}")
 
 
-@register("clip", "siglip")
 class ClipImageProcessor(ImageProcessor):
     """Fixed resolution: resize (shortest edge or exact size), optional center crop."""
 

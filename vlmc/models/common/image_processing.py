@@ -1,11 +1,11 @@
 """Image preprocessing from a processor spec, parity-tested against transformers' PIL processors.
 
 A *processor spec* is a plain, JSON-serialisable dict the compiler stores in the artifact
-(``processor.json``): its ``kind`` names the processor (a shared building block: the
-Qwen-VL dynamic-resolution one in ``qwen_vl_processor``, CLIP/SigLIP fixed-resolution in
-``clip_processor``), and every other field is explicit: ``spec_from_preprocessor_config``
-fills what a checkpoint's ``preprocessor_config.json`` leaves out with the defaults of the
-transformers class that would have read it.
+(``processor.json``): its ``kind`` names the processor (``processors``: the Qwen-VL
+dynamic-resolution one, CLIP/SigLIP fixed-resolution), and every other field is explicit:
+``processors.spec_from_preprocessor_config`` fills what a checkpoint's
+``preprocessor_config.json`` leaves out with the defaults of the transformers class that
+would have read it. This module holds what every processor shares.
 
 How the numbers stay equal to transformers' PIL backend (transformers 5.x):
 
@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from ...errors import ArtifactError, InputError, SourceError
+from ...errors import InputError, SourceError
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -50,46 +50,9 @@ FLAG_FIELDS = ("do_convert_rgb", "do_resize", "do_rescale", "do_normalize")
 COMMON_FIELDS = ("kind", "resample", *FLAG_FIELDS, "rescale_factor", "image_mean", "image_std")
 
 # Config switches for processing steps these kinds do not implement: refuse rather than ignore.
-_UNSUPPORTED_SWITCHES = ("do_pad", "do_pan_and_scan", "do_image_splitting")
-
-# spec kind -> processor class; a config kind may differ from the spec kind it makes
-# ("siglip" configs make "clip" specs). Filled by the processor modules (bottom of this file).
-KINDS: dict[str, type["ImageProcessor"]] = {}
-CONFIG_KINDS: dict[str, type["ImageProcessor"]] = {}
-
-
-def register(*config_kinds: str):
-    """Class decorator: a processor for specs of its ``kind``, made from configs of these kinds."""
-    def deco(cls: type["ImageProcessor"]) -> type["ImageProcessor"]:
-        KINDS[cls.kind] = cls
-        for k in config_kinds:
-            CONFIG_KINDS[k] = cls
-        return cls
-    return deco
-
+UNSUPPORTED_SWITCHES = ("do_pad", "do_pan_and_scan", "do_image_splitting")
 
 # --------------------------------------------------------------------------- spec
-
-
-def spec_from_preprocessor_config(cfg: dict, kind: str, **extra: Any) -> dict:
-    """Normalise a HF ``preprocessor_config.json`` dict into an explicit processor spec of a
-    registered ``kind`` (``KINDS``/``CONFIG_KINDS``). ``extra`` adds or overrides fields (the
-    LLaVA family passes ``tokens_per_image=``). Raises SourceError for a config the
-    processor cannot honour."""
-    cfg = {k: v for k, v in dict(cfg).items() if v is not None}  # null means "class default"
-    for switch in _UNSUPPORTED_SWITCHES:
-        if cfg.get(switch):
-            raise SourceError(f"preprocessor_config.json sets {switch}=true, which vlmc's {kind} preprocessing does not support")
-    cls = CONFIG_KINDS.get(kind)
-    if cls is None:
-        raise SourceError(f"unknown image processor kind {kind!r}; known: {', '.join(sorted(CONFIG_KINDS))}")
-    spec = cls.spec_from_config(cfg, kind)
-    spec.update(extra)
-    try:
-        validate(spec)
-    except ArtifactError as exc:
-        raise SourceError(f"preprocessor_config.json: {exc}") from None
-    return spec
 
 
 def take(cfg: dict, defaults: dict, key: str) -> Any:
@@ -113,33 +76,6 @@ def common_fields(cfg: dict, defaults: dict) -> dict:
     out["image_mean"] = _channels(take(cfg, defaults, "image_mean"), "image_mean")
     out["image_std"] = _channels(take(cfg, defaults, "image_std"), "image_std")
     return out
-
-
-def validate(spec: dict) -> None:
-    """Raise ArtifactError if ``spec`` is not a complete, coherent processor spec."""
-    if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
-        kind = spec.get("kind") if isinstance(spec, dict) else spec
-        raise ArtifactError(f"processor spec has unknown kind {kind!r}; expected one of {', '.join(sorted(KINDS))}")
-    cls = KINDS[spec["kind"]]
-    missing = [key for key in COMMON_FIELDS + cls.fields if key not in spec]
-    if missing:
-        raise ArtifactError(f"{spec['kind']} processor spec is missing {', '.join(missing)}")
-    for key in ("image_mean", "image_std"):
-        if len(spec[key]) != 3:
-            raise ArtifactError(f"processor spec {key} must have 3 values")
-    if any(float(s) == 0.0 for s in spec["image_std"]):
-        raise ArtifactError("processor spec image_std contains 0")
-    try:
-        Image.Resampling(int(spec["resample"]))
-    except ValueError:
-        raise ArtifactError(f"processor spec resample={spec['resample']!r} is not a PIL filter") from None
-    cls.validate_spec(spec)
-
-
-def make_image_processor(spec: dict) -> "ImageProcessor":
-    """Build the processor a spec describes. Raises ArtifactError for an invalid spec."""
-    validate(spec)
-    return KINDS[spec["kind"]](spec)
 
 
 # --------------------------------------------------------------------------- processors
@@ -183,7 +119,6 @@ class ImageProcessor:
         """Raise ArtifactError for a bad value of this kind's own fields."""
 
     def __init__(self, spec: dict) -> None:
-        validate(spec)
         self.spec = dict(spec)
         self.resample = Image.Resampling(int(spec["resample"]))
         self._table = _value_table(spec)
@@ -260,7 +195,3 @@ def center_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     top += pad_top
     left += pad_left
     return canvas[max(0, top) : min(new_h, top + crop_h), max(0, left) : min(new_w, left + crop_w)]
-
-
-# the shared processor kinds register themselves
-from . import clip_processor, qwen_vl_processor  # noqa: E402,F401

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ...errors import ArtifactError, InputError, SourceError
 from .image_processing import (COMMON_DEFAULTS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor, ProcessedImages,
-                               common_fields, register, take)
+                               common_fields, take)
 
 MAX_ASPECT_RATIO = 200
 DEFAULTS = {
@@ -53,7 +53,6 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-@register("qwen2_vl")
 class Qwen2VLImageProcessor(ImageProcessor):
     """Dynamic resolution: resize to multiples of patch*merge, then flatten into patches."""
 

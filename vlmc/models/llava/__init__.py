@@ -16,7 +16,7 @@ class Llava(Family):
         return build_program(config, weights, name)
 
     def processor_spec(self, preprocessor_config: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
-        from ..common.image_processing import spec_from_preprocessor_config
+        from ..common.processors import spec_from_preprocessor_config
         return spec_from_preprocessor_config(preprocessor_config, "clip",
                                              tokens_per_image=meta["inputs"]["tokens_per_image"])
 

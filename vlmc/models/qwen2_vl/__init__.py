@@ -16,7 +16,7 @@ class Qwen2VL(Family):
         return build_program(config, weights, name)
 
     def processor_spec(self, preprocessor_config: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
-        from ..common.image_processing import spec_from_preprocessor_config
+        from ..common.processors import spec_from_preprocessor_config
         return spec_from_preprocessor_config(preprocessor_config, "qwen2_vl")
 
     def inputs(self, meta: dict[str, Any], processor_spec: dict[str, Any]):
