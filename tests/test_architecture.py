@@ -47,7 +47,7 @@ def qwen(tmp_path_factory):
 
 def test_every_family_folder_registers_its_model_types():
     from vlmc.models import families, family, supported_model_types
-    assert supported_model_types() == ("llava", "qwen2_5_vl", "qwen2_vl")
+    assert {"llava", "qwen2_5_vl", "qwen2_vl"} <= set(supported_model_types())
     assert {f.name for f in families().values()} == {p.name for p in (ROOT / "vlmc" / "models").iterdir()
                                                      if (p / "__init__.py").is_file() and p.name != "common"}
     assert family("qwen2_5_vl") is family("qwen2_vl")

@@ -8,12 +8,11 @@ __version__ = "0.1.0"
 
 import os as _os
 
-# numpy's OpenBLAS threads spin for 2^28 cycles (~0.1 s) after each call before they
-# sleep; on the cpu target they then take the cores from vlmc's own kernel threads, as
-# BLAS attention and the int8 GEMMs alternate in every vision layer. A 448x448 image
-# request took 9.9 s with the default and 6.7 s with 2^4 cycles (2-core machine). OpenBLAS
-# reads this when numpy loads it: it applies when vlmc is imported before numpy, and a
-# value the user set wins.
+# numpy's OpenBLAS threads spin for 2^28 cycles after each call before they sleep; on the
+# cpu target they then take the cores from vlmc's own kernel threads, as BLAS attention
+# and the int8 GEMMs alternate in every vision layer (benchmarks/README.md has the image
+# request's time with and without). OpenBLAS reads this when numpy loads it: it applies
+# when vlmc is imported before numpy, and a value the user set wins.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .errors import VlmcError  # noqa: E402,F401

@@ -83,7 +83,7 @@ def _sensitive(p: Param, last_layer: int) -> bool:
 def auto_head(base: dict[str, Any]) -> str | None:
     """The embeddings/LM head scheme for ``head="auto"``: float for 8-bit schemes; q6 under
     affine 2-4 bits (as llama.cpp's Q4_K_M keeps its output layer at 6 bits: a tied head
-    is a large share of a small model, e.g. 8.5 of 31% for Qwen2-VL-2B at q4); q8 for 5-6
+    is a large share of a small model's bytes); q8 for 5-6
     bits; mxfp8 under the microscaling schemes."""
     if base["bits"] >= 8:
         return None

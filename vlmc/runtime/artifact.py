@@ -74,8 +74,8 @@ def cpu_widening(manifest: dict[str, Any]) -> dict[str, int]:
     """The quantized tensors the cpu target repacks at load into 4 or 8 bits (name -> bits;
     exact, and the artifact on disk stays compact): affine weights whose width the compiled
     kernels read faster as a wider copy (``cpu.load_width``: 2 and 3 bits always, 5 and 6
-    unless read in place). Without it a q6 LM head alone had taken Qwen2-VL-2B's q4 decode
-    from 9.9 to 3.2 tok/s (the portable path unpacks a row at a time)."""
+    unless read in place): the portable path would unpack such a weight a row at a time in
+    every decode step."""
     if manifest.get("meta", {}).get("target") != "cpu" or os.environ.get("VLMC_CPU_KERNELS") == "0":
         return {}
     from ..kernels import cpu

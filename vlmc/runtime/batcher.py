@@ -299,8 +299,8 @@ class Batcher:
     def _admit(self) -> list[Job]:
         """The next waiting jobs to prefill together: the first one, plus those behind it
         while batch slots and ``prefill_batch_tokens`` (padded) allow. One bigger prefill
-        runs the GEMMs at a better rate than several small ones (float32 BLAS on this CPU:
-        133 GFLOP/s at 75 rows, 201 at 600) and dequantizes compact weights once. A job
+        runs the GEMMs at a better rate than several small ones and dequantizes compact
+        weights once. A job
         that finds its start in the prefix cache is prefilled alone."""
         with self._cond:
             slots = self.max_batch - len(self._active)
