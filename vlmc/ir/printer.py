@@ -13,6 +13,14 @@ def _fmt_attrs(attrs: dict) -> str:
     return (" {" + ", ".join(parts) + "}") if parts else ""
 
 
+def _fmt_value(v) -> str:
+    """A layer-table value; a KV-cache type as layout(fields), its byte count left out."""
+    if isinstance(v, dict) and "layout" in v:
+        fields = ", ".join(f"{k}={x}" for k, x in v.items() if k not in ("layout", "bytes_per_token"))
+        return f"{v['layout']}({fields})" if fields else v["layout"]
+    return str(v)
+
+
 def format_function(fn: Function, title: str) -> list[str]:
     ins = ", ".join(f"{v}: {fn.types[v]}" for v in fn.inputs)
     lines = [f"{title} {fn.name}({ins}):"]
@@ -40,8 +48,14 @@ def format_program(prog: Program) -> str:
             lines.append(f"  fast path (the body runs when it returns None): {fp.op}({args}){_fmt_attrs(fp.attrs)}")
         varying = sorted({k for layer in blk.layers for k in layer if k != "index"})
         for key in varying:
-            vals = [str(layer.get(key)) for layer in blk.layers]
-            lines.append(f"  per-layer {key}: {' '.join(vals)}")
+            vals = [_fmt_value(layer.get(key)) for layer in blk.layers]
+            runs: list[list] = []
+            for v in vals:
+                if runs and runs[-1][1] == v:
+                    runs[-1][0] += 1
+                else:
+                    runs.append([1, v])
+            lines.append(f"  per-layer {key}: {' '.join(v if n == 1 else f'{n}x {v}' for n, v in runs)}")
     for fn in prog.functions.values():
         lines.append("")
         lines.extend(format_function(fn, "entry"))
