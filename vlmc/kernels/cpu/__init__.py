@@ -44,7 +44,7 @@ __all__ = ["linear", "qlinear", "qembedding", "dequantize", "widen", "enabled", 
 # measured crossover on a 2-core Zen 4 at 16-32 rows for every weight format.
 GEMV_MAX_ROWS = 16
 # Affine-quantized weights times int8 x for more rows (prefill, vision; AVX512-VNNI, see
-# gemv.c): from this many multiply-adds on, where it measured 1.5-2.8x (4-bit) and 1.35-3.2x
+# gemm_i8.c): from this many multiply-adds on, where it measured 1.5-2.8x (4-bit) and 1.35-3.2x
 # (5/6/8-bit) the dequantize + OpenBLAS path on Qwen2-VL-2B shapes; below it the fixed
 # costs (rounding x, threads) do not pay.
 INT8_GEMM_MIN_MACS = 1 << 24

@@ -1,5 +1,4 @@
-/* Compile-time help for the quantize step (included by gemv.c, uses its thread pool): the
- * scale and bias of each group of an affine-quantized weight, searched for low squared
+/* vlmc CPU kernels: compile-time help for the quantize step: the scale and bias of each group of an affine-quantized weight, searched for low squared
  * error. Same method as vlmc.kernels.quant.searched_params (the MLX fallback): a given
  * first candidate (mx.quantize's), the group's min/max range shrunk about its middle by
  * each factor of `shrink`, then `nrefit` least-squares refits of scale and bias to the
@@ -9,6 +8,7 @@
  * without any search). Float sums run in another order than MLX's, so where two
  * candidates come within rounding of each other the two may keep different ones (a
  * quarter of the groups of that weight, for the same total error to 1e-6). */
+#include "vlmc.h"
 
 typedef struct {
     const float *w;

@@ -1,8 +1,9 @@
-"""Compile ``gemv.c`` once per machine into the vlmc cache and load it with ctypes.
+"""Compile the C kernels (every ``*.c`` here, with ``vlmc.h``) once per machine into the
+vlmc cache and load them with ctypes.
 
 The shared library lives at ``$VLMC_CACHE/kernels/`` (default ``~/.cache/vlmc/kernels/``)
-under a name hashed from the C source, the compiler command and the machine (CPU model
-and flags), so an edited kernel, another compiler or another CPU never loads a stale
+under a name hashed from the C sources and header, the compiler command and the machine
+(CPU model and flags), so an edited kernel, another compiler or another CPU never loads a stale
 build. It is written to a temporary file and renamed into place, so concurrent first
 uses (several processes, pytest-xdist) never see a half-written library.
 
@@ -22,8 +23,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("gemv.c")  # the translation unit; it includes the other .c files here
-ABI_VERSION = 15  # must match VLMC_ABI in gemv.c
+SOURCE_DIR = Path(__file__).parent
+
+
+def sources() -> list[Path]:
+    """The library's translation units: one .c file per concern, each including vlmc.h."""
+    return sorted(SOURCE_DIR.glob("*.c"))
+
+ABI_VERSION = 15  # must match VLMC_ABI in vlmc.h
 
 NATIVE_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
 PORTABLE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread"]
@@ -70,7 +77,8 @@ def _machine_id() -> str:
 
 def library_path(cc: str, flags: list[str]) -> Path:
     h = hashlib.sha256()
-    for src in sorted(SOURCE.parent.glob("*.c")):
+    for src in sorted([*SOURCE_DIR.glob("*.c"), *SOURCE_DIR.glob("*.h")]):
+        h.update(src.name.encode())
         h.update(src.read_bytes())
     h.update("\0".join([cc, *flags]).encode())
     h.update(_machine_id().encode())
@@ -82,7 +90,7 @@ def _compile(cc: str, flags: list[str], out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cc, *flags, "-o", tmp, str(SOURCE), "-lm"]
+        cmd = [cc, *flags, "-o", tmp, *map(str, sources()), "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.strip()[-2000:]}")

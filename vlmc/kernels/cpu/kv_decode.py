@@ -1,5 +1,5 @@
 """One decode step's attention over a KV cache on the CPU, reading its buffers in place:
-affine or TurboQuant codes (``vlmc_kv_affine_decode`` / ``vlmc_kv_turbo_decode`` in gemv.c,
+affine or TurboQuant codes (``vlmc_kv_affine_decode`` / ``vlmc_kv_turbo_decode`` in kv_attention.c,
 the CPU counterparts of the GPU kernels of the same names, with the same arguments and
 references in ``vlmc.kernels.kv_quant``) and dense float32 (``vlmc_kv_dense_decode``).
 Decoding the whole cache to floats every step (the coded references) reads and writes
