@@ -450,6 +450,24 @@ def test_build_cache_is_reused(monkeypatch, tmp_path):
     assert [p.name for p in path1.parent.iterdir()] == [path1.name]  # no temp files left behind
 
 
+def test_cache_key_covers_every_source_and_the_header(monkeypatch, tmp_path):
+    """The library is one translation unit per .c file plus vlmc.h: editing any of them
+    (the header too) names another library, so a stale build is never loaded."""
+    import shutil
+    srcs = build.sources()
+    assert {"gemv.c", "threadpool.c", "kv_attention.c", "decode_layer.c"} <= {p.name for p in srcs}
+    cc = build.compiler()
+    before = build.library_path(cc, build.PORTABLE_FLAGS)
+    for name in ("vlmc.h", "threadpool.c"):
+        copy = tmp_path / name
+        shutil.copytree(build.SOURCE_DIR, copy, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+        (copy / name).write_bytes((copy / name).read_bytes() + b"\n/* edited */\n")
+        monkeypatch.setattr(build, "SOURCE_DIR", copy)
+        assert build.library_path(cc, build.PORTABLE_FLAGS) != before, name
+        monkeypatch.undo()
+    assert build.library_path(cc, build.PORTABLE_FLAGS) == before
+
+
 def test_disabled_by_env_uses_mlx(monkeypatch):
     monkeypatch.setenv("VLMC_CPU_KERNELS", "0")
     cpu.refresh()

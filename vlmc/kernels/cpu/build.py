@@ -23,13 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .bindings import declare
+
 SOURCE_DIR = Path(__file__).parent
-
-
-def sources() -> list[Path]:
-    """The library's translation units: one .c file per concern, each including vlmc.h."""
-    return sorted(SOURCE_DIR.glob("*.c"))
-
 ABI_VERSION = 15  # must match VLMC_ABI in vlmc.h
 
 NATIVE_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
@@ -75,6 +71,11 @@ def _machine_id() -> str:
     return "\n".join(parts)
 
 
+def sources() -> list[Path]:
+    """The library's translation units: one .c file per concern, each including vlmc.h."""
+    return sorted(SOURCE_DIR.glob("*.c"))
+
+
 def library_path(cc: str, flags: list[str]) -> Path:
     h = hashlib.sha256()
     for src in sorted([*SOURCE_DIR.glob("*.c"), *SOURCE_DIR.glob("*.h")]):
@@ -100,61 +101,14 @@ def _compile(cc: str, flags: list[str], out: Path) -> None:
             os.unlink(tmp)
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    lib.vlmc_abi_version.restype = I
+def _load(path: Path) -> ctypes.CDLL:
+    """Load a built library, check its ABI number and declare its functions."""
+    lib = ctypes.CDLL(str(path))
+    lib.vlmc_abi_version.restype = ctypes.c_int
     lib.vlmc_abi_version.argtypes = []
-    lib.vlmc_simd.restype = I
-    lib.vlmc_simd.argtypes = []
-    lib.vlmc_gemv_f32.restype = I
-    lib.vlmc_gemv_f32.argtypes = [P, I, I, P, I, P, P, I]
-    lib.vlmc_gemv_bf16.restype = I
-    lib.vlmc_gemv_bf16.argtypes = [P, I, I, P, I, P, P, I]
-    lib.vlmc_gemv_q.restype = I
-    lib.vlmc_gemv_q.argtypes = [P, I, I, P, P, P, I, I, I, I, P, P, I]
-    lib.vlmc_dequantize.restype = I
-    lib.vlmc_dequantize.argtypes = [P, P, P, I, I, I, I, I, P, I]
-    lib.vlmc_bf16_to_f32.restype = None
-    lib.vlmc_bf16_to_f32.argtypes = [P, L, P, I]
-    lib.vlmc_stream_read.restype = ctypes.c_float
-    lib.vlmc_stream_read.argtypes = [P, L, I]
-    lib.vlmc_kv_affine_decode.restype = I
-    lib.vlmc_kv_affine_decode.argtypes = [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, I]
-    lib.vlmc_kv_turbo_decode.restype = I
-    lib.vlmc_kv_turbo_decode.argtypes = [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, I]
-    lib.vlmc_kv_dense_decode.restype = I
-    lib.vlmc_kv_dense_decode.argtypes = [P, P, P, P, P, P, I, I, I, I, I, I, ctypes.c_float, P, I]
-    lib.vlmc_set_int8_x.restype = None
-    lib.vlmc_set_int8_x.argtypes = [I]
-    lib.vlmc_int8_x_available.restype = I
-    lib.vlmc_int8_x_available.argtypes = []
-    lib.vlmc_packed_direct.restype = I
-    lib.vlmc_packed_direct.argtypes = []
-    lib.vlmc_set_x8_residual.restype = None
-    lib.vlmc_set_x8_residual.argtypes = [I]
-    lib.vlmc_affine_search.restype = I
-    lib.vlmc_affine_search.argtypes = [P, I, I, I, I, P, P, P, I, I, P, P, I]
-    lib.vlmc_affine_codes.restype = I
-    lib.vlmc_affine_codes.argtypes = [P, I, I, I, I, P, P, P, I]
-    lib.vlmc_gemm_q_i8_available.restype = I
-    lib.vlmc_gemm_q_i8_available.argtypes = []
-    lib.vlmc_gemm_q_i8.restype = I
-    lib.vlmc_gemm_q_i8.argtypes = [P, I, I, P, P, P, I, I, I, I, P, P, I]
-    lib.vlmc_softmax_rows.restype = I
-    lib.vlmc_softmax_rows.argtypes = [P, L, L, ctypes.c_float, P, L, I]
-    lib.vlmc_sigmoid_gate.restype = I
-    lib.vlmc_sigmoid_gate.argtypes = [P, L, P, L, P, L, L, ctypes.c_float, I]
-    lib.vlmc_norm.restype = I
-    lib.vlmc_norm.argtypes = [P, L, L, P, P, ctypes.c_float, I, P, I]
-    lib.vlmc_rope.restype = I
-    lib.vlmc_rope.argtypes = [P, L, L, L, L, L, L, L, P, P, L, L, P, I]
-    lib.vlmc_decode_layers.restype = I
-    lib.vlmc_decode_layers.argtypes = [P, I, P, P, I, P, P, L, P, P, P, P, P, P, P, P, I]
-    lib.vlmc_set_spin_us.restype = None
-    lib.vlmc_set_spin_us.argtypes = [I]
     if lib.vlmc_abi_version() != ABI_VERSION:
         raise RuntimeError(f"kernel ABI {lib.vlmc_abi_version()} != expected {ABI_VERSION}")
-    return lib
+    return declare(lib)
 
 
 def build(native: bool = True, *, flags: list[str] | None = None,
@@ -178,7 +132,7 @@ def build(native: bool = True, *, flags: list[str] | None = None,
                 print(f"vlmc: compiling the CPU kernels into {path.parent} (once per machine)", file=sys.stderr)
                 _compile(cc, flags, path)
                 compiled = True
-            return _declare(ctypes.CDLL(str(path))), path, compiled
+            return _load(path), path, compiled
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             errors.append(str(e))
     raise RuntimeError("; ".join(errors))
