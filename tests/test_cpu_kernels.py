@@ -468,6 +468,29 @@ def test_cache_key_covers_every_source_and_the_header(monkeypatch, tmp_path):
     assert build.library_path(cc, build.PORTABLE_FLAGS) == before
 
 
+def test_abi_number_has_one_source(monkeypatch, tmp_path):
+    """The ABI number lives in bindings.py: the C refuses to compile without it, the
+    library reports the number it was built with, and a library reporting another one
+    does not load. Every exported function has its ctypes signature declared."""
+    import re
+    import subprocess
+    from vlmc.kernels.cpu import bindings
+    lib = cpu._get_lib()
+    assert lib.vlmc_abi_version() == bindings.ABI_VERSION == build.ABI_VERSION
+    header = (build.SOURCE_DIR / "vlmc.h").read_text()
+    assert not re.search(r"#define\s+VLMC_ABI\s+\d", header)  # no second copy of the number
+    proc = subprocess.run([build.compiler(), "-fsyntax-only", str(build.SOURCE_DIR / "probe.c")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "VLMC_ABI" in proc.stderr
+    exported = set(re.findall(r"^(?:int|void|float) (vlmc_\w+)\(", header, re.M))
+    assert exported == set(bindings.SIGNATURES)
+    monkeypatch.setenv("VLMC_CACHE", str(tmp_path))
+    path = build.build(native=False)[1]
+    monkeypatch.setattr(build, "ABI_VERSION", bindings.ABI_VERSION + 1)
+    with pytest.raises(RuntimeError, match="kernel ABI"):
+        build._load(path)
+
+
 def test_disabled_by_env_uses_mlx(monkeypatch):
     monkeypatch.setenv("VLMC_CPU_KERNELS", "0")
     cpu.refresh()

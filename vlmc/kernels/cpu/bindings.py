@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import ctypes
 
+# The version of the interface below. Change it with any signature or shared struct
+# (vlmc_layer, ...): build.py compiles it into the library (-DVLMC_ABI) and load refuses a
+# library that reports another.
+ABI_VERSION = 15
+
 P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
 # name: (return type, argument types), in the order of vlmc.h

@@ -23,10 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .bindings import declare
+from .bindings import ABI_VERSION, declare
 
 SOURCE_DIR = Path(__file__).parent
-ABI_VERSION = 15  # must match VLMC_ABI in vlmc.h
 
 NATIVE_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
 PORTABLE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread"]
@@ -76,12 +75,18 @@ def sources() -> list[Path]:
     return sorted(SOURCE_DIR.glob("*.c"))
 
 
+def _defines() -> list[str]:
+    """The ABI number the bindings describe, compiled in (vlmc.h refuses to build without it)
+    and checked again at load."""
+    return [f"-DVLMC_ABI={ABI_VERSION}"]
+
+
 def library_path(cc: str, flags: list[str]) -> Path:
     h = hashlib.sha256()
     for src in sorted([*SOURCE_DIR.glob("*.c"), *SOURCE_DIR.glob("*.h")]):
         h.update(src.name.encode())
         h.update(src.read_bytes())
-    h.update("\0".join([cc, *flags]).encode())
+    h.update("\0".join([cc, *flags, *_defines()]).encode())
     h.update(_machine_id().encode())
     return cache_dir() / f"vlmc_cpu_{h.hexdigest()[:20]}.so"
 
@@ -91,7 +96,7 @@ def _compile(cc: str, flags: list[str], out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cc, *flags, "-o", tmp, *map(str, sources()), "-lm"]
+        cmd = [cc, *flags, *_defines(), "-o", tmp, *map(str, sources()), "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.strip()[-2000:]}")

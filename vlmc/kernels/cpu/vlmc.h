@@ -35,7 +35,9 @@
 #define VLMC_CODES_PACKED 0
 #endif
 
-#define VLMC_ABI 15
+#ifndef VLMC_ABI
+#error "VLMC_ABI is not defined: the ABI number comes from vlmc/kernels/cpu/bindings.py (build.py passes -DVLMC_ABI=N)"
+#endif
 #define ALWAYS __attribute__((always_inline)) inline
 #define UNROLL _Pragma("GCC unroll 16")
 #define MAYBE_UNUSED __attribute__((unused))
