@@ -491,6 +491,26 @@ def test_abi_number_has_one_source(monkeypatch, tmp_path):
         build._load(path)
 
 
+def test_kernels_never_import_the_backends():
+    """Dependencies point one way: the backends (artifact writer, compile-time quantization)
+    use the kernels, never the reverse (bf16_bits lives in vlmc.kernels.dtypes). Checked
+    on every import statement of every module under vlmc/kernels."""
+    import ast
+    from pathlib import Path
+    import vlmc.kernels
+    root = Path(vlmc.kernels.__file__).parent
+    for path in root.rglob("*.py"):
+        package = ["vlmc", "kernels", *path.relative_to(root).parts[:-1]]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = node.module or ""
+                if node.level:  # relative: level 1 is this file's package, 2 its parent, ...
+                    target = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+                assert not target.startswith("vlmc.backends"), (path, target)
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("vlmc.backends") for a in node.names), path
+
+
 def test_disabled_by_env_uses_mlx(monkeypatch):
     monkeypatch.setenv("VLMC_CPU_KERNELS", "0")
     cpu.refresh()

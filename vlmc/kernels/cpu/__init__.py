@@ -33,8 +33,8 @@ import mlx.core as mx
 import numpy as np
 
 from ...errors import InputError
-from ...backends.safetensors_io import bf16_bits
 from .. import quant as _quant
+from ..dtypes import bf16_bits
 from .. import reference as _reference
 from . import build as _build
 
