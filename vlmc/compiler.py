@@ -13,7 +13,7 @@ from typing import Any
 from . import __version__
 from .backends.artifact import FORMAT_VERSION, write_artifact
 from .backends.codegen import CODEGEN_REVISION
-from .kernels.quant import QUANT_REVISION
+from .backends.quantize import QUANT_REVISION
 from .errors import PerformanceWarning, SourceError, VlmcError
 from .frontend import Checkpoint, import_checkpoint, open_checkpoint
 from .frontend.source import read_json

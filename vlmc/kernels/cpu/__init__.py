@@ -38,7 +38,8 @@ from ..dtypes import bf16_bits
 from .. import reference as _reference
 from . import build as _build
 
-__all__ = ["linear", "qlinear", "qembedding", "dequantize", "widen", "enabled", "available", "n_threads"]
+__all__ = ["linear", "qlinear", "qembedding", "dequantize", "widen", "enabled", "available", "library",
+           "n_threads"]
 
 # x rows up to which the GEMV kernels (in passes of 8 rows) beat convert + OpenBLAS GEMM:
 # measured crossover on a 2-core Zen 4 at 16-32 rows for every weight format.
@@ -136,6 +137,11 @@ def enabled() -> bool:
 def available() -> bool:
     """True when the compiled kernels are in use."""
     return _get_lib() is not None
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels with their functions declared (``bindings``), or None."""
+    return _get_lib()
 
 
 def _default_threads() -> int:
@@ -425,43 +431,6 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array, *, bits: int, gr
     _check(lib.vlmc_dequantize(wh.ptr, sh.ptr, bh_.ptr, st, N, K, bits, group_size, out.ctypes.data,
                                n_threads), "dequantize")
     return mx.array(out)
-
-
-def affine_search(w: np.ndarray, bits: int, group_size: int, first: tuple[np.ndarray, np.ndarray],
-                  shrink: tuple[float, ...], refits: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """``vlmc.kernels.quant.searched_params`` in C (``affine_search.c``) on a float32 [N, K]
-    array, ``first`` the (scales, biases) to start from: (scales, biases) float32
-    [N, K / group_size], or None without the compiled kernels."""
-    lib = _get_lib()
-    if lib is None or group_size > 256:
-        return None
-    w = np.ascontiguousarray(w, np.float32)
-    s0, b0 = (np.ascontiguousarray(a, np.float32) for a in first)
-    n, k = w.shape
-    sh = np.asarray(shrink, np.float32)
-    scales = np.empty((n, k // group_size), np.float32)
-    biases = np.empty_like(scales)
-    _check(lib.vlmc_affine_search(w.ctypes.data, n, k, group_size, bits, s0.ctypes.data, b0.ctypes.data,
-                                  sh.ctypes.data, sh.size, refits, scales.ctypes.data, biases.ctypes.data,
-                                  n_threads), "affine_search")
-    return scales, biases
-
-
-def affine_codes(w: np.ndarray, bits: int, group_size: int, scales: np.ndarray,
-                 biases: np.ndarray) -> np.ndarray | None:
-    """``vlmc.kernels.quant.nearest_codes`` in C (``affine_search.c``), bit for bit: uint32
-    words [N, K * bits / 32] for a float32 [N, K] array and float32 [N, K / group_size]
-    scales and biases, or None without the compiled kernels."""
-    lib = _get_lib()
-    if lib is None:
-        return None
-    w = np.ascontiguousarray(w, np.float32)
-    s, b = (np.ascontiguousarray(a, np.float32) for a in (scales, biases))
-    n, k = w.shape
-    out = np.empty((n, k * bits // 32), np.uint32)
-    _check(lib.vlmc_affine_codes(w.ctypes.data, n, k, group_size, bits, s.ctypes.data, b.ctypes.data,
-                                 out.ctypes.data, n_threads), "affine_codes")
-    return out
 
 
 def widen(q, bits: int):
