@@ -43,8 +43,8 @@ def widen(q: QuantWeight, bits: int) -> QuantWeight:
     since a narrower code fits a wider one and the group scales and biases stay.
 
     Done (and evaluated) in blocks of ``WIDEN_ROWS`` rows: the codes pass through float32
-    and uint32 temporaries of 4 bytes per value, which for a whole 151936 x 1536 LM head
-    raised a load's peak resident memory from 1.1 to 6.4 GB."""
+    and uint32 temporaries of 4 bytes per value, which for a whole LM head at once would
+    multiply a load's peak resident memory."""
     if q.mode != "affine" or bits <= q.bits or bits not in (4, 8):
         raise ValueError(f"cannot widen {q.mode} {q.bits}-bit codes to {bits} bits")
     n, k = q.shape

@@ -2,8 +2,7 @@
  * kernels the cpu op library calls one by one (vlmc_norm, the GEMVs, vlmc_rope,
  * vlmc_kv_dense_decode with this step's keys/values as its extra row, vlmc_sigmoid_gate)
  * in the same order on the same data, so the result is the same float32; what goes away
- * is ~20 Python op calls per layer (about 10 ms of a 50 ms Qwen2-VL-2B q4 step on a
- * 2-core CPU).
+ * is ~20 Python op calls per layer, a large share of a decode step on a small CPU.
  *
  *   h = x + o_proj(attention(rope(q), rope(k), v; cache + this step))   q,k,v = split(qkv(rms_norm(x)))
  *   out = h + down(act(gate) * up)                                      gate,up = split(gate_up(rms_norm(h)))
@@ -69,8 +68,7 @@ static int decode_layer(const vlmc_layer *L, const float *x, const float *normed
 
 /* The decode step of nl such layers in a row (a model's whole decoder stack): layer i's
  * output is layer i + 1's input, in the same calls as nl vlmc_decode_layer calls, so the
- * result is theirs to the last bit; what goes away is the Python between the layers (~80
- * us per layer once 26 MB of weights have gone through the caches). normed: as above, for
+ * result is theirs to the last bit; what goes away is the Python between the layers. normed: as above, for
  * layer 0. kc[i], vc[i], cap[i], held[i]: layer i's cache; new_kv: [nl, 2, B, kv_heads,
  * head_dim], each layer's new keys then values; where inplace[i], they also go into the
  * cache's column held[i] (the caller has checked that no array can see it). */

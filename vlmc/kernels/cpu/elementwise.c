@@ -6,9 +6,8 @@
  *   vlmc_norm           RMSNorm / LayerNorm of rows;
  *   vlmc_rope           rotary embedding of strided rows.
  *
- * numpy evaluates these one pass per operation on one core (a 1024-token vision layer's
- * [1024, 5120] quick_gelu took ~14 ms, each head's [1024, 1024] softmax ~1.5 ms); here
- * they are one or two passes over L1-sized rows, split across the pool's threads.
+ * numpy evaluates these one pass per operation on one core; here they are one or two
+ * passes over L1-sized rows, split across the pool's threads.
  */
 #include "vlmc.h"
 

@@ -7,9 +7,8 @@
  * [K / 4][32][4], so two 64-byte loads feed vpdpbusd for 32 columns x 4 k, against a
  * broadcast of 4 bytes of an x row. Six x rows at a time keep 12 integer and 12 float
  * accumulators (24 of the 32 vector registers): 12 vpdpbusd per 8 loads, where 16 columns
- * x 8 rows needed 9 loads per 8. K goes in chunks of GI8_KC (partial sums kept per row).
- * Measured on Qwen2-VL-2B's vision and prefill shapes, 2 threads: 310-589 GFLOP/s, 1.3-2.2x
- * the 16x8 version. Every 64 k the integer sums are scaled by the weight group's scales (a
+ * x 8 rows need 9 loads per 8. K goes in chunks of GI8_KC (partial sums kept per row).
+ * Every 64 k the integer sums are scaled by the weight group's scales (a
  * vector over the panel) times the x block's scale. The bias terms use group sums of the
  * rounded x (see qv_block). Needs gs % 64 == 0. */
 #if VLMC_VNNI && defined(__AVX512F__) && defined(__AVX512BW__)

@@ -21,9 +21,9 @@
  * widened to bytes (in registers with AVX512-VBMI, else a few rows into a buffer) for the
  * 8-bit kernels; the portable path decodes a row at a time into a float buffer.
  *
- * What made the difference when measuring (2-core Zen 4 VM, ~30 GB/s read bandwidth):
+ * What keeps the weight stream at memory speed:
  * - one weight row at a time when x fits in L1, so consecutive rows form a single
- *   sequential stream for the hardware prefetcher (2x over 4 interleaved rows);
+ *   sequential stream for the hardware prefetcher (interleaved rows break it up);
  * - several rows per block when x is long (K ~ 9k), sharing each x load;
  * - K chunks of 16 KiB of x for M >= 2 so x stays in L1, with software prefetch of the
  *   weights (the hardware prefetcher falls behind once per-byte compute grows).
@@ -109,15 +109,13 @@ static ALWAYS void store_out(const job_t *J, int n, int m, float v) {
 }
 
 #if VLMC_SIMD
-/* Software prefetch of the weight stream (quantized formats: their decode is long
- * enough that the hardware prefetcher alone falls behind). 2048 bytes ahead measured 2-4%
- * faster than 1024 on the 4-bit decode GEMVs; 512 and 0 slower. */
+/* Software prefetch of the weight stream, this many bytes ahead (quantized formats: their
+ * decode is long enough that the hardware prefetcher alone falls behind). */
 #ifndef PF_DIST
 #define PF_DIST 2048
 #endif
-/* The 4-bit one-x-row kernel (qv_m1_range) computes faster and reaches further ahead,
- * into L2: 8192 bytes into L2 measured 8-11% over 4096 into L1 on Qwen2-VL-2B's decode
- * GEMVs (4096 had been 3-5% over 2048). */
+/* The one-x-row kernel (qv_m1_range) computes faster, so it reaches further ahead, into
+ * L2 (its x and the codes in flight would crowd the L1). */
 #ifndef PF_M1
 #define PF_M1 8192
 #endif
@@ -243,8 +241,8 @@ static ALWAYS void q4_block(const int R, const int M, const int P, const int FOL
  * (two blocks) pairs with two 64-byte loads of x. vpdpbusd leaves each block's integer
  * dot in 8 lanes; per 8 blocks a transpose-add folds them into one vector of 8 dots that
  * one FMA scales by (weight group scale x x's block scale): ~6 instructions per 64 codes
- * and one FMA dependency per 512 codes, where the per-block form needed ~13 and one FMA
- * per block (that chain, 4 cycles per 32 bytes, was what bounded it from cache). The bias
+ * and one FMA dependency per 512 codes, where a per-block form needs ~13 and one FMA per
+ * block (a dependency chain that bounds it when the codes come from cache). The bias
  * terms (q_finish) use group sums of the rounded x, so the minimum and the codes' mean
  * cancel as they do without rounding. Needs gs % 64 == 0. */
 
@@ -359,10 +357,8 @@ static ALWAYS void qv8_wide(const int R, const int M, const int ST, const int L2
     UNROLL for (int r = 0; r < R; r++) {
         const uint8_t *wb = (const uint8_t *)J->w + (size_t)(n + r) * K + kb;
         __m512i c[8];
-        /* One x row (qv_m1_range): prefetched PF_M1 bytes ahead into L2, which took 8-bit
-         * GEMVs to 0.82-1.0x the time without (0.68-0.96x with x's rounding residual, whose
-         * doubled x had crowded the L1: the 8960-long down projection ran 1.4x slower). An
-         * earlier prefetch into L1 had slowed the LM head (23-30 GB/s against 30-37). */
+        /* One x row (qv_m1_range): prefetched PF_M1 bytes ahead into L2, not L1, where
+         * the codes would crowd out x (doubled by its rounding residual for 8-bit codes). */
         if (L2) UNROLL for (int i = 0; i < 8; i++) pf_l2(wb + 64 * i, pfo);
         UNROLL for (int i = 0; i < 8; i++) c[i] = _mm512_loadu_si512((const void *)(wb + 64 * i));
         bytes_dots(M, ST, J, n + r, kb, c, tot[r]);
@@ -408,7 +404,7 @@ static ALWAYS void qv_acc(const int BITS, const int R, const int M, const int ST
     else if (BITS == BITS_PACKED && M == 1)
         for (; kb + 512 <= k1; kb += 512) qvp_wide(R, M, ST, L2, J, &u, n, kb, tot, pfo);
 #endif
-    else if (BITS == 8 && M == 1) /* several x rows: two to four times slower this way (M = 2 and 4, the LM head) */
+    else if (BITS == 8 && M == 1) /* several x rows: the per-block loop below serves them better */
         for (; kb + 512 <= k1; kb += 512) qv8_wide(R, M, ST, L2, J, n, kb, tot, pfo);
     for (; kb < k1; kb += 64) {
         const size_t g = (size_t)kb / gs;
@@ -468,9 +464,8 @@ static ALWAYS __m256 hsum8x8(const __m256 t[8]) {
 
 /* One x row, whole weight rows with their bias terms folded in (q_finish has nothing to
  * add): rows one after another as one sequential stream, but 8 rows' lane sums reduced
- * together and stored as one vector. With K = 1536 (3 x 512 codes per row) the per-row
- * sum and epilogue had cost a quarter of the time from cache (Qwen2-VL-2B qkv, one
- * thread: 42 -> 32 cycles per 512 codes). */
+ * together and stored as one vector: with short rows (K = 1536 is 3 x 512 codes) a
+ * reduction and epilogue per row would be a large share of the work. */
 static ALWAYS void qv_m1_range(const int BITS, const int ST, const job_t *J, int n0, int n1) {
     const int K = J->K;
     const size_t pfo = PF_M1;
@@ -595,9 +590,9 @@ DEFINE_RANGE(qpv, CALL_QPV, 1)
 
 /* Kernel configurations (R weight rows per block, P accumulators, FOLD) per M in
  * {1, 2, 3, 4, 8}; M = 5..7 runs the M = 8 kernel on zero-padded x (gemv_sliced), which
- * keeps the number of instantiations (and the compile time) down. Chosen by timing on
- * Zen 4, whose AVX-512VL gives 32 vector registers; with AVX2's 16 the configurations
- * keep accumulators + temporaries within 16.
+ * keeps the number of instantiations (and the compile time) down. Chosen by timing with
+ * AVX-512VL's 32 vector registers; with AVX2's 16 the configurations keep accumulators +
+ * temporaries within 16.
  * Two tables: short rows (M x K floats of x fit in L1: one weight row at a time, so
  * consecutive rows form one sequential stream that the hardware prefetcher follows) and
  * long rows (several rows share each x load; x would otherwise be re-read from L2). */
@@ -796,12 +791,10 @@ static int simd_ok(const job_t *J) {
 /* 2/3/5/6-bit rows: with int8 x (VNNI) and up to 4 x rows straight from the codes,
  * widened in registers (codes_packed); otherwise a few rows at a time widened into scratch
  * (kept in L1/L2), then the 8-bit kernels on that copy (J8 is J with 8-bit rows, row n at
- * scratch + (n - s) * K). For one x row, widening into scratch had left the stream idle
- * while the kernel read the copy: a q6 LM head streamed 16 GB/s. */
+ * scratch + (n - s) * K). For one x row, widening into scratch would leave the weight
+ * stream idle while the kernel reads the copy. */
 /* from this many int8 x rows the widening into scratch is shared by enough rows to beat
- * widening in registers: Qwen2-VL-2B's q6 LM head at 8 rows 30.2 (8-bit copy) / 25.5 ms,
- * where in-register widening had been 30.6 ms; at 1-4 rows in-register wins (the
- * widening costs the same per code at every width) */
+ * widening in registers, which costs the same per code and x row at every width */
 #ifndef PACKED_SCRATCH_M
 #define PACKED_SCRATCH_M 5
 #endif
@@ -878,8 +871,8 @@ static void plan_k(job_t *J) {
     }
     int kc = X_CHUNK_FLOATS / J->M / unit * unit;
     J->kc = kc < unit ? unit : kc;
-    /* bytes of x (int8 or float32) vs 16 KiB: with int8 x, Qwen2-VL's down_proj (K = 8960)
-     * runs one row at a time like the short rows (26.5 GB/s, was 19.8 with 4 rows) */
+    /* bytes of x (int8 or float32) vs 16 KiB: with int8 x, a K = 8960 down projection still
+     * fits, and runs one weight row at a time like the short rows */
     J->long_rows = (long)J->M * K * (J->x8 ? 1 : 4) > X_CHUNK_FLOATS * 4;
     J->bias_folded = J->x8 && J->gs == 64 && (J->bits == 4 || J->M == 1); /* 2-8 bits: bytes_dots */
     if (J->M < CHUNK_MIN_M) J->kc = J->kmain; /* one x row: keep the weight stream sequential */
@@ -1007,9 +1000,9 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
     float *x8s = NULL;
 #if VLMC_VNNI
     if (use8) { /* see qv_block */
-        /* 8-bit weights also get x's rounding residual: one int8 rounding of x (~0.6%
-         * relative) is as large as their own error (~0.5%), while 2-6-bit weights' own
-         * error (1.3-9%) dwarfs it. It costs a second vpdpbusd per 64 codes. */
+        /* 8-bit weights also get x's rounding residual: one int8 rounding of x is as large
+         * as their own error, while 2-6-bit weights' own error dwarfs it. It costs a second
+         * vpdpbusd per 64 codes. */
         const int residual = bits == 8 && vlmc_x8_residual;
         x8 = malloc((size_t)M * K * (residual ? 2 : 1));
         x8s = malloc(sizeof(float) * (size_t)M * (K / 64));

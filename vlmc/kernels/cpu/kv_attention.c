@@ -160,8 +160,8 @@ static const float *kv_row_turbo(const kv_job *J, int v, size_t r, float *x, flo
 #define KVD_SIMD 1
 #define KVD_HB 6     /* query heads per pass (a 7:1 or wider group takes two) */
 #define KVD_ROWS 128 /* cached rows per block */
-/* Prefetch n floats of a cached row 4096 bytes ahead: Qwen2-VL-2B's 28 attention calls at
- * 2048 keys went 7.79 -> 6.36 ms (2048 ahead: 6.51, 8192: 6.68; attab.py, same process) */
+/* Prefetch n floats of a cached row 4096 bytes ahead: the hardware prefetcher alone falls
+ * behind the per-row arithmetic of every query head */
 static ALWAYS void kv_pf(const float *row, int n) {
     for (int z = 0; z < n; z += 16) _mm_prefetch((const char *)(row + z) + 4096, _MM_HINT_T0);
 }
@@ -245,9 +245,8 @@ static const float *kv_rows_turbo(const kv_job *J, int v, size_t base, int i0, i
  * in blocks of KVD_ROWS rows. Per key row one 16-float load feeds an FMA for every head (6
  * accumulator chains); the value pass keeps 6 heads x 64 output floats in 24 registers
  * across a block; the softmax uses exp8. The generic driver spends a scalar expf per score
- * and re-reads and re-writes the output rows for every cached token. Dense, one thread,
- * 6:1 groups, D = 128, 4000 tokens (in L3): 167 -> 45 ns per (token, KV head); from DRAM,
- * inside a decode step, it then reads 15-21 GB/s. sc: R * sst floats; buf: KVD_ROWS * D. */
+ * and re-reads and re-writes the output rows for every cached token. sc: R * sst floats;
+ * buf: KVD_ROWS * D. */
 static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv_rows_fn rows) {
     const int D = J->D, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV, nz = D / 16;
     const int first = J->starts[b], n = J->held, cap = J->cap, sst = J->sst;

@@ -86,9 +86,8 @@ static ALWAYS float ld_param(const void *p, size_t i, int st) {
  * of the row's little-endian bit stream) widened to one byte each: in registers, 64 at
  * a time (codes_packed, AVX512-VBMI; the int8-x GEMVs of 1-4 x rows read the codes this
  * way), or a row into a buffer (expand_packed, K a multiple of 64; dequantize, and the
- * GEMV with float x or 5+ x rows, which then runs the 8-bit kernels). A q6 LM head so
- * streams 0.75x the bytes of the 8-bit copy it used to be repacked into, q3 layers 0.75x
- * those of a 4-bit copy. */
+ * GEMV with float x or 5+ x rows, which then runs the 8-bit kernels). A 6-bit weight so
+ * streams 6/8 of the bytes of an 8-bit copy, a 3-bit one 3/4 of those of a 4-bit copy. */
 static ALWAYS int is_packed(int bits) { return bits == 2 || bits == 3 || bits == 5 || bits == 6; }
 
 /* the constants of codes_packed for one width: qword j of the widened vector gathers the
@@ -271,9 +270,8 @@ typedef void (*task_fn)(void *ctx, int ith, int nth);
 /* Run fn(ctx, i, nth) for i in [0, nth): i = 0 on the calling thread. */
 VLMC_INTERNAL void run_parallel(task_fn fn, void *ctx, int nth);
 
-/* rows per scheduling chunk (sizes the partial-sum buffer). Long sequential runs per thread
- * stream faster: 2048 over 128 gave Qwen2-VL-2B's 4-bit gate_up 23.9 -> 25.6 GB/s and its
- * 8-bit head 29.5 -> 31.0 GB/s (same-process A/B, 2-core Zen 4) */
+/* most rows per scheduling chunk (sizes gemv.c's partial-sum buffer): long sequential runs
+ * per thread stream faster than many short ones */
 #ifndef CHUNK_MAX
 #define CHUNK_MAX 2048
 #endif
