@@ -450,6 +450,69 @@ def test_build_cache_is_reused(monkeypatch, tmp_path):
     assert [p.name for p in path1.parent.iterdir()] == [path1.name]  # no temp files left behind
 
 
+def test_cache_key_covers_every_source_and_the_header(monkeypatch, tmp_path):
+    """The library is one translation unit per .c file plus vlmc.h: editing any of them
+    (the header too) names another library, so a stale build is never loaded."""
+    import shutil
+    srcs = build.sources()
+    assert {"gemv.c", "threadpool.c", "kv_attention.c", "decode_layer.c"} <= {p.name for p in srcs}
+    cc = build.compiler()
+    before = build.library_path(cc, build.PORTABLE_FLAGS)
+    for name in ("vlmc.h", "threadpool.c"):
+        copy = tmp_path / name
+        shutil.copytree(build.SOURCE_DIR, copy, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+        (copy / name).write_bytes((copy / name).read_bytes() + b"\n/* edited */\n")
+        monkeypatch.setattr(build, "SOURCE_DIR", copy)
+        assert build.library_path(cc, build.PORTABLE_FLAGS) != before, name
+        monkeypatch.undo()
+    assert build.library_path(cc, build.PORTABLE_FLAGS) == before
+
+
+def test_abi_number_has_one_source(monkeypatch, tmp_path):
+    """The ABI number lives in bindings.py: the C refuses to compile without it, the
+    library reports the number it was built with, and a library reporting another one
+    does not load. Every exported function has its ctypes signature declared."""
+    import re
+    import subprocess
+    from vlmc.kernels.cpu import bindings
+    lib = cpu._get_lib()
+    assert lib.vlmc_abi_version() == bindings.ABI_VERSION == build.ABI_VERSION
+    header = (build.SOURCE_DIR / "vlmc.h").read_text()
+    assert not re.search(r"#define\s+VLMC_ABI\s+\d", header)  # no second copy of the number
+    proc = subprocess.run([build.compiler(), "-fsyntax-only", str(build.SOURCE_DIR / "probe.c")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "VLMC_ABI" in proc.stderr
+    exported = set(re.findall(r"^(?:int|void|float) (vlmc_\w+)\(", header, re.M))
+    assert exported == set(bindings.SIGNATURES)
+    monkeypatch.setenv("VLMC_CACHE", str(tmp_path))
+    path = build.build(native=False)[1]
+    monkeypatch.setattr(build, "ABI_VERSION", bindings.ABI_VERSION + 1)
+    with pytest.raises(RuntimeError, match="kernel ABI"):
+        build._load(path)
+
+
+def test_kernels_never_import_the_backends():
+    """Dependencies point one way: the backends (artifact writer, compile-time quantization)
+    use the kernels, never the reverse (bf16_bits lives in vlmc.kernels.dtypes,
+    quantize_array in vlmc.backends.quantize). Checked on the import-time statements of
+    every module under vlmc/kernels; the one later reference is kernels.quant's forwarding
+    of the names that moved, resolved only when a caller asks for one."""
+    import ast
+    from pathlib import Path
+    import vlmc.kernels
+    root = Path(vlmc.kernels.__file__).parent
+    for path in root.rglob("*.py"):
+        package = ["vlmc", "kernels", *path.relative_to(root).parts[:-1]]
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom):
+                target = node.module or ""
+                if node.level:  # relative: level 1 is this file's package, 2 its parent, ...
+                    target = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+                assert not target.startswith("vlmc.backends"), (path, target)
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("vlmc.backends") for a in node.names), path
+
+
 def test_disabled_by_env_uses_mlx(monkeypatch):
     monkeypatch.setenv("VLMC_CPU_KERNELS", "0")
     cpu.refresh()
@@ -478,8 +541,9 @@ def test_no_compiler_warns_once_and_returns_none(monkeypatch, tmp_path, capsys):
 
 @pytest.mark.parametrize("bits,wider", [(2, 4), (3, 4), (5, 8), (6, 8)])
 def test_widen_repacks_codes_exactly(bits, wider, monkeypatch):
+    from vlmc.backends.quantize import quantize_array
     from vlmc.kernels import quant
-    from vlmc.kernels.quant import quantize_array, widen
+    from vlmc.kernels.quant import widen
     q = quantize_array(rand(19, 256), bits=bits, group_size=64, mode="affine")
     w = widen(q, wider)
     assert w.bits == wider and w.weight.shape == (19, 256 * wider // 32)
@@ -497,8 +561,9 @@ def test_widen_works_in_row_blocks(monkeypatch):
     block), so its float32/uint32 temporaries stay the size of one block: peak MLX memory
     above the inputs measured 5.0x the widened codes here (blocks of 1/8 of the rows; the
     blocks and their concatenation are 2x of it), the whole matrix at once 33x."""
+    from vlmc.backends.quantize import quantize_array
     from vlmc.kernels import quant
-    q = quant.quantize_array(rand(8192 + 40, 1024), bits=6, group_size=64, mode="affine")
+    q = quantize_array(rand(8192 + 40, 1024), bits=6, group_size=64, mode="affine")
     mx.eval(q.weight, q.scales, q.biases)
     monkeypatch.setattr(quant, "WIDEN_ROWS", 1024)
     before = mx.get_active_memory()

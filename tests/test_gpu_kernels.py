@@ -230,7 +230,7 @@ def test_qqlinear_rounds_activations_to_the_weight_format(mode, dtype, shape):
     emulation): x is rounded block by block as numpy's oracle rounds it
     (fixtures.block_formats), then multiplied by the weight as reference.qlinear does."""
     from fixtures.block_formats import is_rounded
-    from vlmc.kernels.quant import quantize_array
+    from vlmc.backends.quantize import quantize_array
     mx.random.seed(sum(shape))
     # rows of very different magnitudes, so that blocks get different scales
     x = (mx.random.normal(shape) * mx.exp(2 * mx.random.normal((*shape[:-1], 1)))).astype(dtype)

@@ -16,12 +16,12 @@ from . import __version__
 from .artifact_format import FORMAT_VERSION
 from .backends.artifact import write_artifact, write_replanned
 from .backends.codegen import CODEGEN_REVISION
+from .backends.quantize import QUANT_REVISION
 from .errors import ArtifactError, PerformanceWarning, SourceError
 from .frontend import Checkpoint, open_checkpoint
 from .frontend.source import read_json
 from .ir.core import Program
 from .ir.serialize import from_json
-from .kernels.quant import QUANT_REVISION
 from .models import family, import_checkpoint
 from .options import MICROSCALING_SCHEMES, CompileOptions, KVOptions
 from .passes import PRESETS, run_passes

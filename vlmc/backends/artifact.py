@@ -77,7 +77,7 @@ def encode(p: Param, x: np.ndarray, report: dict[str, Any]) -> dict[str, np.ndar
     if not q:
         return {p.name: to_storage(x, p.dtype)}
     import mlx.core as mx
-    from ..kernels.quant import quantize_array
+    from .quantize import quantize_array
     w = mx.array(x)
     qw = quantize_array(w, bits=q["bits"], group_size=q["group_size"], mode=q["mode"],
                         param_dtype=getattr(mx, p.dtype))

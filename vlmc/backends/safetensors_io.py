@@ -8,17 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..kernels.dtypes import bf16_bits
+
 _ST = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int32": "I32", "int64": "I64",
        "uint32": "U32", "uint8": "U8", "bool": "BOOL"}
 _ITEM = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int64": 8, "uint32": 4, "uint8": 1,
          "bool": 1}
-
-
-def bf16_bits(arr: np.ndarray) -> np.ndarray:
-    """float32 values -> their nearest bfloat16 values' bits (uint16, ties to even, as torch
-    and MLX round)."""
-    u = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
-    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
 
 
 def to_storage(arr: np.ndarray, dtype: str) -> np.ndarray:

@@ -6,9 +6,9 @@ tests/test_cpu_kernels.py.
 
 Host arrays: the kernels compute in numpy buffers, so their outputs stay there, as float32
 numpy arrays, and the ops between kernels (norms, rope, residual adds, activations,
-reshapes) run on them in numpy (``cpu.host``). Handing each kernel output to MLX cost one
-copy (``mx.array``) and every small MLX op ~40-60 us of scheduling on this 2-core machine:
-a Qwen2-VL-2B q4 decode step spent ~37 of its 85 ms outside the GEMVs that way. Any op
+reshapes) run on them in numpy (``cpu.host``): handing each kernel output to MLX would
+cost a copy (``mx.array``) and MLX's per-op scheduling, which outweighs the work of a
+decode step's small ops. Any op
 accepts mx.arrays or host arrays; an op with no host version gets its host inputs as
 mx.arrays. Entry points hand their outputs to MLX through ``result``.
 """
@@ -70,8 +70,8 @@ def _inv_freq(theta: float, dim: int) -> np.ndarray:
 
 def rope_freqs(positions, kind: str, dim: int, theta: float, sections: list[int] | None = None):
     """The text rope tables (default, mrope) as host arrays: the same products as the
-    reference, cos/sin rounded from float64. Through MLX, a decode step's tables had cost
-    an evaluation of about ten small ops, 0.5 ms. Other kinds: the reference's."""
+    reference, cos/sin rounded from float64 (through MLX a decode step's tables would be
+    an evaluation of about ten small ops). Other kinds: the reference's."""
     if kind not in ("default", "mrope"):
         return _rope_freqs_mlx(positions, kind=kind, dim=dim, theta=theta, sections=sections)
     f = np.asarray(positions).astype(np.float32)[..., None] * _inv_freq(theta, dim)
@@ -133,9 +133,8 @@ def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: flo
 
 # ---- elementwise and shape ops: numpy on host arrays ---------------------------------
 
-# MLX's CPU backend computes sigmoid/exp elementwise at ~90 ms for a [1024, 5120] float32
-# array, numpy in ~14 ms (measured on this 2-core machine): mx.array activations (not
-# host arrays) of this many elements on go through numpy too.
+# MLX's CPU backend computes sigmoid/exp elementwise several times slower than numpy:
+# mx.array activations (not host arrays) of this many elements on go through numpy too.
 NUMPY_ACT_MIN_ELEMS = 1 << 15
 
 

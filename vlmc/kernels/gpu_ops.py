@@ -15,8 +15,7 @@ from .gpu import add_rms_norm, backend, cached_attention  # noqa: F401,E402
 def block_scaled_matmul(mode: str) -> bool:
     """Whether MLX's ``qqmm`` (both operands in ``mode``) runs on this machine's GPU. Some
     MLX builds refuse GPUs below compute capability 10.0 (no block-scaled tensor cores),
-    and only when the product is evaluated, so this evaluates one small product once.
-    (MLX 0.32.4 ran it on an H100, sm_90, bitwise equal to ``reference.qqlinear``.)"""
+    and only when the product is evaluated, so this evaluates one small product once."""
     if backend() != "cuda" or not hasattr(mx, "qqmm"):
         return False
     try:

@@ -41,7 +41,7 @@ def unpack(packed: mx.array, bits: int, d: int) -> mx.array:
 @lru_cache(maxsize=None)
 def lloyd_max(bits: int) -> np.ndarray:
     """The 2**bits reconstruction levels minimising the mean squared error of N(0, 1),
-    by Lloyd's iterations on a fine grid (deterministic; about 0.1 s once per bit width)."""
+    by Lloyd's iterations on a fine grid (deterministic; cached per bit width)."""
     grid = np.linspace(-6, 6, 24001)
     pdf = np.exp(-grid ** 2 / 2)
     levels = np.quantile(np.random.default_rng(0).standard_normal(200_000), (np.arange(2 ** bits) + 0.5) / 2 ** bits)

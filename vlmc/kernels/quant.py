@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
-import numpy as np
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,150 +29,6 @@ class QuantWeight:
         return w.astype(dtype)
 
 
-# What quantize_array writes for given options; part of the compile cache's key, so an
-# artifact quantized by older code is rebuilt rather than reused. 1: mx.quantize's codes
-# and parameters; 2: codes nearest for the stored (bf16/f16) parameters, and searched
-# ranges up to SEARCH_BITS.
-QUANT_REVISION = 2
-
-
-def quantize_array(w: mx.array, *, bits: int, group_size: int, mode: str,
-                   param_dtype: mx.Dtype | None = None) -> QuantWeight:
-    """``w`` [N, K] quantized. Affine codes of up to SEARCH_BITS get each group's range
-    searched (``searched_params``); wider ones take ``mx.quantize``'s min/max range. Where
-    the scales and biases will be stored narrower than float32 (``param_dtype``: a bf16 or
-    f16 artifact) they are rounded to it first and each code re-chosen as the nearest for
-    them: rounding only the parameters after the fact had left 8-bit weights 46% more
-    error (relative 0.0079 against 0.0054 on Gaussian rows; 6-bit 3%), since a bias off by
-    2^-9 of the group's edge moves every value of the group by a quarter of an 8-bit step."""
-    if mode == "affine" and bits <= SEARCH_BITS:
-        scales, biases = searched_params(w, bits, group_size)
-        if param_dtype is not None:
-            scales, biases = scales.astype(param_dtype), biases.astype(param_dtype)
-        return QuantWeight(nearest_codes(w, scales, biases, bits, group_size), scales, biases, bits, group_size, mode)
-    parts = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
-    if mode != "affine":
-        return QuantWeight(parts[0], parts[1], None, bits, group_size, mode)
-    scales, biases = parts[1], parts[2]
-    if param_dtype is None or param_dtype == scales.dtype:
-        return QuantWeight(parts[0], scales, biases, bits, group_size, mode)
-    scales, biases = scales.astype(param_dtype), biases.astype(param_dtype)
-    return QuantWeight(nearest_codes(w, scales, biases, bits, group_size), scales, biases, bits, group_size, mode)
-
-
-# Affine widths up to this get a searched range per group, and the range shrink factors
-# tried: relative error 17 / 12 / 8% under mx.quantize's at 2 / 3 / 4 bits on Student-t(4)
-# rows (tests/test_passes.py); at 5 bits and up the gain measured under 2% (Gaussian rows).
-SEARCH_BITS = 4
-SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
-REFITS = 2
-
-
-def _codes(g: mx.array, s: mx.array, b: mx.array, top: int) -> mx.array:
-    """The nearest code in [0, top] to each value for bias b and scale s (a zero scale
-    divides by 1; as affine_search.c's as_code)."""
-    return mx.clip(mx.round((g - b) / mx.where(s == 0, 1, s)), 0, top)
-
-
-def _group_sse(g: mx.array, s: mx.array, b: mx.array, top: int) -> mx.array:
-    return mx.sum(mx.square(_codes(g, s, b, top) * s + b - g), axis=-1, keepdims=True)
-
-
-def searched_params(w: mx.array, bits: int, group_size: int) -> tuple[mx.array, mx.array]:
-    """float32 scales and biases [N, K / group_size] with small squared error: the best of
-    ``mx.quantize``'s own and each group's min/max range shrunk about its middle by the
-    factors of SHRINK (clipping a few extreme values buys finer steps for the rest), then
-    REFITS times refitted by least squares (the scale and bias that best map the chosen
-    codes onto the weights), each step kept per group only where it lowered the error.
-    Through the C kernels where they are built (``cpu/affine_search.c``: a Qwen2-VL-2B q4
-    compile took 1.7 minutes with it, 4.7 with the MLX ops below, 1.5 without any search),
-    else MLX ops in blocks of rows."""
-    from .cpu import affine_search  # the compiled kernels, when this machine has them
-    w = w.astype(mx.float32)
-    _, s0, b0 = mx.quantize(w, group_size=group_size, bits=bits)
-    found = affine_search(np.asarray(w), bits, group_size, (np.asarray(s0), np.asarray(b0)), SHRINK, REFITS)
-    if found is not None:
-        return mx.array(found[0]), mx.array(found[1])
-    return _searched_params_mlx(w, bits, group_size, s0, b0)
-
-
-def _searched_params_mlx(w: mx.array, bits: int, group_size: int, s0: mx.array,
-                         b0: mx.array) -> tuple[mx.array, mx.array]:
-    n, k = w.shape
-    top = (1 << bits) - 1
-    out_s, out_b = [], []
-    for r0 in range(0, n, WIDEN_ROWS):
-        g = w[r0:r0 + WIDEN_ROWS].astype(mx.float32).reshape(-1, k // group_size, group_size)
-        lo, hi = mx.min(g, axis=-1, keepdims=True), mx.max(g, axis=-1, keepdims=True)
-        mid, half = (lo + hi) / 2, (hi - lo) / 2
-        best_s, best_b = s0[r0:r0 + WIDEN_ROWS][..., None], b0[r0:r0 + WIDEN_ROWS][..., None]
-        best_e = _group_sse(g, best_s, best_b, top)
-        for f in SHRINK:
-            s, b = 2 * half * f / top, mid - half * f
-            e = _group_sse(g, s, b, top)
-            keep = e < best_e
-            best_s, best_b, best_e = mx.where(keep, s, best_s), mx.where(keep, b, best_b), mx.where(keep, e, best_e)
-        for _ in range(REFITS):
-            c = _codes(g, best_s, best_b, top)
-            cm, gm = mx.mean(c, axis=-1, keepdims=True), mx.mean(g, axis=-1, keepdims=True)
-            var = mx.sum(mx.square(c - cm), axis=-1, keepdims=True)
-            s = mx.where(var > 0, mx.sum((c - cm) * (g - gm), axis=-1, keepdims=True) / mx.where(var > 0, var, 1), best_s)
-            b = gm - s * cm
-            e = _group_sse(g, s, b, top)
-            keep = e < best_e
-            best_s, best_b, best_e = mx.where(keep, s, best_s), mx.where(keep, b, best_b), mx.where(keep, e, best_e)
-        mx.eval(best_s, best_b)
-        out_s.append(best_s[..., 0])
-        out_b.append(best_b[..., 0])
-    cat = (lambda xs: xs[0] if len(xs) == 1 else mx.concatenate(xs))
-    return cat(out_s), cat(out_b)
-
-
-def nearest_codes(w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
-    """MLX-packed affine codes of ``w`` [N, K]: per value the code q in [0, 2^bits) whose
-    ``scales * q + biases`` (as given, any sign of scale) is nearest. In C where the kernels
-    are built (a 17920 x 1536 weight 0.31 s with the MLX ops and numpy packing below), the
-    same codes."""
-    from .cpu import affine_codes  # the compiled kernels, when this machine has them
-    f32 = mx.float32
-    found = affine_codes(np.asarray(w.astype(f32)), bits, group_size, np.asarray(scales.astype(f32)),
-                         np.asarray(biases.astype(f32)))
-    if found is not None:
-        return mx.array(found)
-    return _nearest_codes_mlx(w, scales, biases, bits, group_size)
-
-
-def _nearest_codes_mlx(w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
-    n, k = w.shape
-    top = (1 << bits) - 1
-    out = []
-    for r0 in range(0, n, WIDEN_ROWS):
-        rows = w[r0:r0 + WIDEN_ROWS].astype(mx.float32).reshape(-1, k // group_size, group_size)
-        s = scales[r0:r0 + WIDEN_ROWS].astype(mx.float32)[..., None]
-        b = biases[r0:r0 + WIDEN_ROWS].astype(mx.float32)[..., None]
-        q = _codes(rows, s, b, top)
-        out.append(pack_codes(np.asarray(q.astype(mx.uint32)).reshape(rows.shape[0], k), bits))
-    return mx.array(np.concatenate(out) if len(out) > 1 else out[0])
-
-
-def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Codes [N, K] (K a multiple of 32) as MLX packs them: each row one little-endian bit
-    stream, code k at bits [bits k, bits k + bits), in uint32 words [N, K * bits / 32]."""
-    n, k = codes.shape
-    if 32 % bits == 0:  # 2, 4, 8 bits: whole codes per word
-        per = 32 // bits
-        shifts = (np.arange(per, dtype=np.uint32) * np.uint32(bits))
-        return np.bitwise_or.reduce(codes.astype(np.uint32).reshape(n, k // per, per) << shifts, axis=-1)
-    c = codes.astype(np.uint32).reshape(n, k // 32, 32)
-    words = np.zeros((n, k // 32, bits), np.uint32)  # 32 codes fill exactly `bits` words
-    for i in range(32):
-        j, o = divmod(bits * i, 32)
-        words[..., j] |= c[..., i] << np.uint32(o)
-        if o + bits > 32:  # straddles into the next word
-            words[..., j + 1] |= c[..., i] >> np.uint32(32 - o)
-    return words.reshape(n, k * bits // 32)
-
-
 # Affine widths the CPU target may repack at load (``widen``), and the width each becomes:
 # codes and group scales/biases are unchanged, so the result is exactly the same matrix.
 # Which of them are repacked on a given machine: ``runtime.artifact.cpu_widening``.
@@ -188,8 +43,8 @@ def widen(q: QuantWeight, bits: int) -> QuantWeight:
     since a narrower code fits a wider one and the group scales and biases stay.
 
     Done (and evaluated) in blocks of ``WIDEN_ROWS`` rows: the codes pass through float32
-    and uint32 temporaries of 4 bytes per value, which for a whole 151936 x 1536 LM head
-    raised a load's peak resident memory from 1.1 to 6.4 GB."""
+    and uint32 temporaries of 4 bytes per value, which for a whole LM head at once would
+    multiply a load's peak resident memory."""
     if q.mode != "affine" or bits <= q.bits or bits not in (4, 8):
         raise ValueError(f"cannot widen {q.mode} {q.bits}-bit codes to {bits} bits")
     n, k = q.shape
@@ -204,3 +59,16 @@ def widen(q: QuantWeight, bits: int) -> QuantWeight:
         mx.eval(parts[-1])
     packed = parts[0] if len(parts) == 1 else mx.concatenate(parts)
     return QuantWeight(packed, q.scales, q.biases, bits, q.group_size, q.mode)
+
+
+# Compile-time quantization moved to vlmc.backends.quantize; these names still resolve
+# here (on use, not at import) for callers not yet updated to import from there.
+_MOVED = frozenset({"QUANT_REVISION", "quantize_array", "SEARCH_BITS", "SHRINK", "REFITS", "searched_params",
+                    "nearest_codes", "pack_codes", "_searched_params_mlx", "_nearest_codes_mlx"})
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        from ..backends import quantize
+        return getattr(quantize, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,20 +33,20 @@ import mlx.core as mx
 import numpy as np
 
 from ...errors import InputError
-from ...backends.safetensors_io import bf16_bits
 from .. import quant as _quant
+from ..dtypes import bf16_bits
 from .. import reference as _reference
 from . import build as _build
 
-__all__ = ["linear", "qlinear", "qembedding", "dequantize", "widen", "enabled", "available", "n_threads"]
+__all__ = ["linear", "qlinear", "qembedding", "dequantize", "widen", "enabled", "available", "library",
+           "n_threads"]
 
-# x rows up to which the GEMV kernels (in passes of 8 rows) beat convert + OpenBLAS GEMM:
-# measured crossover on a 2-core Zen 4 at 16-32 rows for every weight format.
+# x rows up to which the GEMV kernels (in passes of 8 rows) beat convert + OpenBLAS GEMM
+# (the crossover lies at 16-32 rows for every weight format).
 GEMV_MAX_ROWS = 16
 # Affine-quantized weights times int8 x for more rows (prefill, vision; AVX512-VNNI, see
-# gemv.c): from this many multiply-adds on, where it measured 1.5-2.8x (4-bit) and 1.35-3.2x
-# (5/6/8-bit) the dequantize + OpenBLAS path on Qwen2-VL-2B shapes; below it the fixed
-# costs (rounding x, threads) do not pay.
+# gemm_i8.c), faster than dequantize + OpenBLAS, from this many multiply-adds on; below it
+# its fixed costs (rounding x, threads) do not pay.
 INT8_GEMM_MIN_MACS = 1 << 24
 GEMM_SLICE_ELEMS = 4 * 1024 * 1024  # float32 elements of weight converted per GEMM slice
 # Threads converting GEMM slices. One: the slices alternate with OpenBLAS's GEMM, whose
@@ -80,13 +80,11 @@ _int8 = False  # int8 x in effect: set when the library loads and by refresh()
 
 def int8_activations() -> bool:
     """Whether quantized matmuls round x to int8 per 64 values (AVX512-VNNI machines only):
-    4-bit GEMVs of up to GEMV_MAX_ROWS rows (decode) run 1.7-2.9x faster than with float x,
-    larger 2-6-bit products (prefill, the vision tower) 1.35-3.2x, for ~0.6% relative
-    output error, against 1.3-10% from 2-6-bit weights themselves. For 8-bit weights, whose
-    own error (~0.5%) one rounding would match, x also carries its rounding residual (a
-    second int8 pass in 1/256 steps): 2.3e-5 relative error, 1.01-1.02x the time of one
-    rounding for one x row, 1.2-2.5x for more. ``VLMC_CPU_INT8_ACTIVATIONS=0`` keeps
-    float32 x."""
+    decode GEMVs and larger 2-6-bit products (prefill, the vision tower) then run on
+    integer dot products, for ~0.6% relative output error, well under what 2-6-bit weights
+    add themselves. For 8-bit weights, whose own error one rounding would match, x also
+    carries its rounding residual (a second int8 pass in 1/256 steps, ~2e-5 relative
+    error). ``VLMC_CPU_INT8_ACTIVATIONS=0`` keeps float32 x."""
     _get_lib()
     return _int8
 
@@ -106,11 +104,10 @@ def load_width(bits: int, group_size: int) -> int | None:
     or None where the kernels read it fastest as it is.
 
     5 and 6 bits stay where, with int8 x (groups of a multiple of 64), the kernels widen
-    codes in registers (AVX512-VBMI) and so stream 5/8 or 6/8 of the bytes of an 8-bit copy
-    (Qwen2-VL-2B's LM head, one x row: q5 10.8 -> 7.3 ms, q6 8.9 -> 7.4 ms). 2 and 3 bits
-    computed that way were 1.1-1.9x slower than their 4-bit copy, whose kernel needs no
-    widening; with float x every such width is widened into a buffer per call, 1.35-1.85x
-    slower than reading an 8-bit copy (6 bits, 1-4 x rows)."""
+    codes in registers (AVX512-VBMI) and so stream 5/8 or 6/8 of the bytes of an 8-bit copy.
+    2 and 3 bits computed that way are slower than their 4-bit copy, whose kernel needs no
+    widening; with float x every such width would be widened into a buffer per call, slower
+    than reading an 8-bit copy."""
     if bits not in _quant.WIDER:
         return None
     in_place = (bits in (5, 6) and group_size % 64 == 0 and _get_lib() is not None and _int8
@@ -136,6 +133,11 @@ def enabled() -> bool:
 def available() -> bool:
     """True when the compiled kernels are in use."""
     return _get_lib() is not None
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels with their functions declared (``bindings``), or None."""
+    return _get_lib()
 
 
 def _default_threads() -> int:
@@ -427,47 +429,10 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array, *, bits: int, gr
     return mx.array(out)
 
 
-def affine_search(w: np.ndarray, bits: int, group_size: int, first: tuple[np.ndarray, np.ndarray],
-                  shrink: tuple[float, ...], refits: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """``vlmc.kernels.quant.searched_params`` in C (``affine_search.c``) on a float32 [N, K]
-    array, ``first`` the (scales, biases) to start from: (scales, biases) float32
-    [N, K / group_size], or None without the compiled kernels."""
-    lib = _get_lib()
-    if lib is None or group_size > 256:
-        return None
-    w = np.ascontiguousarray(w, np.float32)
-    s0, b0 = (np.ascontiguousarray(a, np.float32) for a in first)
-    n, k = w.shape
-    sh = np.asarray(shrink, np.float32)
-    scales = np.empty((n, k // group_size), np.float32)
-    biases = np.empty_like(scales)
-    _check(lib.vlmc_affine_search(w.ctypes.data, n, k, group_size, bits, s0.ctypes.data, b0.ctypes.data,
-                                  sh.ctypes.data, sh.size, refits, scales.ctypes.data, biases.ctypes.data,
-                                  n_threads), "affine_search")
-    return scales, biases
-
-
-def affine_codes(w: np.ndarray, bits: int, group_size: int, scales: np.ndarray,
-                 biases: np.ndarray) -> np.ndarray | None:
-    """``vlmc.kernels.quant.nearest_codes`` in C (``affine_search.c``), bit for bit: uint32
-    words [N, K * bits / 32] for a float32 [N, K] array and float32 [N, K / group_size]
-    scales and biases, or None without the compiled kernels."""
-    lib = _get_lib()
-    if lib is None:
-        return None
-    w = np.ascontiguousarray(w, np.float32)
-    s, b = (np.ascontiguousarray(a, np.float32) for a in (scales, biases))
-    n, k = w.shape
-    out = np.empty((n, k * bits // 32), np.uint32)
-    _check(lib.vlmc_affine_codes(w.ctypes.data, n, k, group_size, bits, s.ctypes.data, b.ctypes.data,
-                                 out.ctypes.data, n_threads), "affine_codes")
-    return out
-
-
 def widen(q, bits: int):
     """``vlmc.kernels.quant.widen`` (the same codes at 4 or 8 bits per value, exact) through
-    the threaded C dequantize with unit scales: 0.5 s where MLX's ops took 5 s for a
-    151936 x 1536 q6 LM head at load."""
+    the threaded C dequantize with unit scales, which at load is many times faster than
+    MLX's ops on an LM head."""
     lib = _get_lib()
     if (lib is None or q.mode != "affine" or bits not in (4, 8) or bits <= q.bits or q.biases is None
             or not _q_supported(lib, q.weight, q.scales, q.biases, q.bits, q.group_size, "affine")):
@@ -511,8 +476,8 @@ def qembedding(ids: mx.array, w, scales=None, biases=None, *, bits: int | None =
     flat = ids.reshape(-1)
     plan = qplan(w, scales, biases, bits, group_size, mode) if biases is not None else (None,) * 6
     if plan[5] is not None:
-        # the rows gathered from the table's cached host views: three MLX gathers, each
-        # evaluated on its own, had cost a decode step ~0.3 ms
+        # the rows gathered from the table's cached host views, not by three MLX gathers
+        # that would each be evaluated on their own
         lib, K, _, wh, sh, bh, st = plan[5:]
         idx = np.asarray(flat, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= wh.arr.shape[0]):

@@ -1,14 +1,13 @@
-/* Compile-time help for the quantize step (included by gemv.c, uses its thread pool): the
+/* vlmc CPU kernels: compile-time help for the quantize step (vlmc.backends.quantize). The
  * scale and bias of each group of an affine-quantized weight, searched for low squared
- * error. Same method as vlmc.kernels.quant.searched_params (the MLX fallback): a given
+ * error by the method of searched_params there (whose MLX ops are the fallback): a given
  * first candidate (mx.quantize's), the group's min/max range shrunk about its middle by
  * each factor of `shrink`, then `nrefit` least-squares refits of scale and bias to the
- * chosen codes, each step kept only where it lowered the group's error. 8x the MLX ops'
- * speed on a 2-core machine (a 17920 x 1536 weight 0.2 s against 1.6 s; a Qwen2-VL-2B q4
- * compile took 4.7 minutes with the MLX ops, 1.7 with this and affine_codes below, 1.5
- * without any search). Float sums run in another order than MLX's, so where two
- * candidates come within rounding of each other the two may keep different ones (a
- * quarter of the groups of that weight, for the same total error to 1e-6). */
+ * chosen codes, each step kept only where it lowered the group's error. In C because the
+ * MLX ops make a whole model's compile several times slower. Float sums run in another
+ * order than MLX's, so where two candidates come within rounding of each other the two
+ * may keep different ones (for the same total error). */
+#include "vlmc.h"
 
 typedef struct {
     const float *w;
@@ -19,7 +18,7 @@ typedef struct {
 } as_job;
 
 /* the nearest code to x for bias b and scale s (a zero scale divides by 1), as MLX's
- * round (ties to even) and clip do in vlmc.kernels.quant._codes */
+ * round (ties to even) and clip do in vlmc.backends.quantize._codes */
 static inline float as_code(float x, float s, float b, int top) {
     const float c = rintf((x - b) / (s == 0.f ? 1.f : s));
     return c < 0.f ? 0.f : c > (float)top ? (float)top : c;
@@ -94,7 +93,7 @@ int vlmc_affine_search(const float *w, int N, int K, int gs, int bits, const flo
 
 /* codes: the nearest code per value for the given (stored, float32-widened) scales and
  * biases, packed as MLX does (each row a little-endian bit stream, 8 codes in `bits`
- * bytes): vlmc.kernels.quant.nearest_codes, bit for bit (same division, rint ties to even) */
+ * bytes): vlmc.backends.quantize.nearest_codes, bit for bit (same division, rint ties to even) */
 typedef struct {
     const float *w, *sc, *bi;
     uint8_t *out;

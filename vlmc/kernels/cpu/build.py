@@ -1,8 +1,9 @@
-"""Compile ``gemv.c`` once per machine into the vlmc cache and load it with ctypes.
+"""Compile the C kernels (every ``*.c`` here, with ``vlmc.h``) once per machine into the
+vlmc cache and load them with ctypes.
 
 The shared library lives at ``$VLMC_CACHE/kernels/`` (default ``~/.cache/vlmc/kernels/``)
-under a name hashed from the C source, the compiler command and the machine (CPU model
-and flags), so an edited kernel, another compiler or another CPU never loads a stale
+under a name hashed from the C sources and header, the compiler command and the machine
+(CPU model and flags), so an edited kernel, another compiler or another CPU never loads a stale
 build. It is written to a temporary file and renamed into place, so concurrent first
 uses (several processes, pytest-xdist) never see a half-written library.
 
@@ -22,8 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("gemv.c")  # the translation unit; it includes the other .c files here
-ABI_VERSION = 15  # must match VLMC_ABI in gemv.c
+from .bindings import ABI_VERSION, declare
+
+SOURCE_DIR = Path(__file__).parent
 
 NATIVE_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
 PORTABLE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread"]
@@ -68,11 +70,23 @@ def _machine_id() -> str:
     return "\n".join(parts)
 
 
+def sources() -> list[Path]:
+    """The library's translation units: one .c file per concern, each including vlmc.h."""
+    return sorted(SOURCE_DIR.glob("*.c"))
+
+
+def _defines() -> list[str]:
+    """The ABI number the bindings describe, compiled in (vlmc.h refuses to build without it)
+    and checked again at load."""
+    return [f"-DVLMC_ABI={ABI_VERSION}"]
+
+
 def library_path(cc: str, flags: list[str]) -> Path:
     h = hashlib.sha256()
-    for src in sorted(SOURCE.parent.glob("*.c")):
+    for src in sorted([*SOURCE_DIR.glob("*.c"), *SOURCE_DIR.glob("*.h")]):
+        h.update(src.name.encode())
         h.update(src.read_bytes())
-    h.update("\0".join([cc, *flags]).encode())
+    h.update("\0".join([cc, *flags, *_defines()]).encode())
     h.update(_machine_id().encode())
     return cache_dir() / f"vlmc_cpu_{h.hexdigest()[:20]}.so"
 
@@ -82,7 +96,7 @@ def _compile(cc: str, flags: list[str], out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cc, *flags, "-o", tmp, str(SOURCE), "-lm"]
+        cmd = [cc, *flags, *_defines(), "-o", tmp, *map(str, sources()), "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.strip()[-2000:]}")
@@ -92,61 +106,14 @@ def _compile(cc: str, flags: list[str], out: Path) -> None:
             os.unlink(tmp)
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    lib.vlmc_abi_version.restype = I
+def _load(path: Path) -> ctypes.CDLL:
+    """Load a built library, check its ABI number and declare its functions."""
+    lib = ctypes.CDLL(str(path))
+    lib.vlmc_abi_version.restype = ctypes.c_int
     lib.vlmc_abi_version.argtypes = []
-    lib.vlmc_simd.restype = I
-    lib.vlmc_simd.argtypes = []
-    lib.vlmc_gemv_f32.restype = I
-    lib.vlmc_gemv_f32.argtypes = [P, I, I, P, I, P, P, I]
-    lib.vlmc_gemv_bf16.restype = I
-    lib.vlmc_gemv_bf16.argtypes = [P, I, I, P, I, P, P, I]
-    lib.vlmc_gemv_q.restype = I
-    lib.vlmc_gemv_q.argtypes = [P, I, I, P, P, P, I, I, I, I, P, P, I]
-    lib.vlmc_dequantize.restype = I
-    lib.vlmc_dequantize.argtypes = [P, P, P, I, I, I, I, I, P, I]
-    lib.vlmc_bf16_to_f32.restype = None
-    lib.vlmc_bf16_to_f32.argtypes = [P, L, P, I]
-    lib.vlmc_stream_read.restype = ctypes.c_float
-    lib.vlmc_stream_read.argtypes = [P, L, I]
-    lib.vlmc_kv_affine_decode.restype = I
-    lib.vlmc_kv_affine_decode.argtypes = [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, I]
-    lib.vlmc_kv_turbo_decode.restype = I
-    lib.vlmc_kv_turbo_decode.argtypes = [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, I]
-    lib.vlmc_kv_dense_decode.restype = I
-    lib.vlmc_kv_dense_decode.argtypes = [P, P, P, P, P, P, I, I, I, I, I, I, ctypes.c_float, P, I]
-    lib.vlmc_set_int8_x.restype = None
-    lib.vlmc_set_int8_x.argtypes = [I]
-    lib.vlmc_int8_x_available.restype = I
-    lib.vlmc_int8_x_available.argtypes = []
-    lib.vlmc_packed_direct.restype = I
-    lib.vlmc_packed_direct.argtypes = []
-    lib.vlmc_set_x8_residual.restype = None
-    lib.vlmc_set_x8_residual.argtypes = [I]
-    lib.vlmc_affine_search.restype = I
-    lib.vlmc_affine_search.argtypes = [P, I, I, I, I, P, P, P, I, I, P, P, I]
-    lib.vlmc_affine_codes.restype = I
-    lib.vlmc_affine_codes.argtypes = [P, I, I, I, I, P, P, P, I]
-    lib.vlmc_gemm_q_i8_available.restype = I
-    lib.vlmc_gemm_q_i8_available.argtypes = []
-    lib.vlmc_gemm_q_i8.restype = I
-    lib.vlmc_gemm_q_i8.argtypes = [P, I, I, P, P, P, I, I, I, I, P, P, I]
-    lib.vlmc_softmax_rows.restype = I
-    lib.vlmc_softmax_rows.argtypes = [P, L, L, ctypes.c_float, P, L, I]
-    lib.vlmc_sigmoid_gate.restype = I
-    lib.vlmc_sigmoid_gate.argtypes = [P, L, P, L, P, L, L, ctypes.c_float, I]
-    lib.vlmc_norm.restype = I
-    lib.vlmc_norm.argtypes = [P, L, L, P, P, ctypes.c_float, I, P, I]
-    lib.vlmc_rope.restype = I
-    lib.vlmc_rope.argtypes = [P, L, L, L, L, L, L, L, P, P, L, L, P, I]
-    lib.vlmc_decode_layers.restype = I
-    lib.vlmc_decode_layers.argtypes = [P, I, P, P, I, P, P, L, P, P, P, P, P, P, P, P, I]
-    lib.vlmc_set_spin_us.restype = None
-    lib.vlmc_set_spin_us.argtypes = [I]
     if lib.vlmc_abi_version() != ABI_VERSION:
         raise RuntimeError(f"kernel ABI {lib.vlmc_abi_version()} != expected {ABI_VERSION}")
-    return lib
+    return declare(lib)
 
 
 def build(native: bool = True, *, flags: list[str] | None = None,
@@ -170,7 +137,7 @@ def build(native: bool = True, *, flags: list[str] | None = None,
                 print(f"vlmc: compiling the CPU kernels into {path.parent} (once per machine)", file=sys.stderr)
                 _compile(cc, flags, path)
                 compiled = True
-            return _declare(ctypes.CDLL(str(path))), path, compiled
+            return _load(path), path, compiled
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             errors.append(str(e))
     raise RuntimeError("; ".join(errors))

@@ -2,28 +2,12 @@
  * kernels the cpu op library calls one by one (vlmc_norm, the GEMVs, vlmc_rope,
  * vlmc_kv_dense_decode with this step's keys/values as its extra row, vlmc_sigmoid_gate)
  * in the same order on the same data, so the result is the same float32; what goes away
- * is ~20 Python op calls per layer (about 10 ms of a 50 ms Qwen2-VL-2B q4 step on a
- * 2-core CPU). #included by gemv.c after elementwise.c.
+ * is ~20 Python op calls per layer, a large share of a decode step on a small CPU.
  *
  *   h = x + o_proj(attention(rope(q), rope(k), v; cache + this step))   q,k,v = split(qkv(rms_norm(x)))
  *   out = h + down(act(gate) * up)                                      gate,up = split(gate_up(rms_norm(h)))
  */
-
-/* A projection: float32 [N, K], bfloat16 [N, K] (raw uint16) or affine codes with their
- * scales/biases (float32 or bfloat16, st as vlmc_gemv_q); bias [N] float32 or NULL. */
-typedef struct {
-    int kind; /* 0 float32, 1 bfloat16, 2 affine codes */
-    int N, K, bits, gs, st;
-    const void *w, *scales, *biases;
-    const float *bias;
-} vlmc_proj;
-
-typedef struct {
-    int hidden, heads, kv_heads, head_dim, inter; /* inter: the MLP's gate (= up) width */
-    float eps1, eps2, scale, act_a;               /* act_a: SIGMOID_SCALE of the activation */
-    const float *norm1, *norm2;                   /* [hidden] */
-    vlmc_proj qkv, o, gate_up, down;
-} vlmc_layer;
+#include "vlmc.h"
 
 static int proj_run(const vlmc_proj *p, const float *x, int M, float *y, int n_threads) {
     switch (p->kind) {
@@ -41,7 +25,7 @@ static int proj_run(const vlmc_proj *p, const float *x, int M, float *y, int n_t
  * the cache's dense float32 keys/values [B, kv_heads, cap, head_dim] hold `held` tokens
  * (held >= 1); new_k, new_v [B, kv_heads, head_dim] receive this step's roped keys and
  * values for the caller to store. starts: each sequence's first visible key. */
-int vlmc_decode_layer(const vlmc_layer *L, const float *x, const float *normed, int B, const float *cs, const float *sn,
+static int decode_layer(const vlmc_layer *L, const float *x, const float *normed, int B, const float *cs, const float *sn,
                       int64_t ca,
                       const float *kcache, const float *vcache, const int32_t *starts, int cap, int held,
                       float *new_k, float *new_v, float *out, int n_threads) {
@@ -84,8 +68,7 @@ int vlmc_decode_layer(const vlmc_layer *L, const float *x, const float *normed, 
 
 /* The decode step of nl such layers in a row (a model's whole decoder stack): layer i's
  * output is layer i + 1's input, in the same calls as nl vlmc_decode_layer calls, so the
- * result is theirs to the last bit; what goes away is the Python between the layers (~80
- * us per layer once 26 MB of weights have gone through the caches). normed: as above, for
+ * result is theirs to the last bit; what goes away is the Python between the layers. normed: as above, for
  * layer 0. kc[i], vc[i], cap[i], held[i]: layer i's cache; new_kv: [nl, 2, B, kv_heads,
  * head_dim], each layer's new keys then values; where inplace[i], they also go into the
  * cache's column held[i] (the caller has checked that no array can see it). */
@@ -105,7 +88,7 @@ int vlmc_decode_layers(const vlmc_layer *const *L, int nl, const float *x, const
     for (int i = 0; i < nl && !rc; i++) {
         float *dst = i == nl - 1 ? out : buf + (size_t)(i % 2) * B * hid;
         float *nk = new_kv + 2 * n * i, *nv = nk + n;
-        rc = vlmc_decode_layer(L[i], cur, i == 0 ? normed : NULL, B, cs, sn, ca, kc[i], vc[i], starts, cap[i], held[i],
+        rc = decode_layer(L[i], cur, i == 0 ? normed : NULL, B, cs, sn, ca, kc[i], vc[i], starts, cap[i], held[i],
                                nk, nv, dst, n_threads);
         if (!rc && inplace[i]) { /* rows (b, h) of D floats, at column held of [B, HKV, cap, D] */
             const size_t D = L[i]->head_dim, rows = (size_t)B * L[i]->kv_heads;

@@ -1,5 +1,4 @@
-/* vlmc CPU kernels: the elementwise ops of the host path (included by gemv.c, after its
- * thread pool):
+/* vlmc CPU kernels: the elementwise ops of the host path:
  *
  *   vlmc_softmax_rows   in place, softmax(scale * s) along rows, with an optional keep
  *                       mask shared by blocks of rows (attention scores);
@@ -7,11 +6,10 @@
  *   vlmc_norm           RMSNorm / LayerNorm of rows;
  *   vlmc_rope           rotary embedding of strided rows.
  *
- * numpy evaluates these one pass per operation on one core (a 1024-token vision layer's
- * [1024, 5120] quick_gelu took ~14 ms, each head's [1024, 1024] softmax ~1.5 ms); here
- * they are one or two passes over L1-sized rows, split across the pool's threads.
- *
- * exp1 / exp8 come from vexp.c. */
+ * numpy evaluates these one pass per operation on one core; here they are one or two
+ * passes over L1-sized rows, split across the pool's threads.
+ */
+#include "vlmc.h"
 
 /* threads for an elementwise job: one below 64k values or for a single row (the pool's
  * handoff costs more than it saves there), else all */

@@ -21,303 +21,20 @@
  * widened to bytes (in registers with AVX512-VBMI, else a few rows into a buffer) for the
  * 8-bit kernels; the portable path decodes a row at a time into a float buffer.
  *
- * What made the difference when measuring (2-core Zen 4 VM, ~30 GB/s read bandwidth):
+ * What keeps the weight stream at memory speed:
  * - one weight row at a time when x fits in L1, so consecutive rows form a single
- *   sequential stream for the hardware prefetcher (2x over 4 interleaved rows);
+ *   sequential stream for the hardware prefetcher (interleaved rows break it up);
  * - several rows per block when x is long (K ~ 9k), sharing each x load;
  * - K chunks of 16 KiB of x for M >= 2 so x stays in L1, with software prefetch of the
  *   weights (the hardware prefetcher falls behind once per-byte compute grows).
  * Work is split over output rows (dynamic chunks) between the calling thread and a small
  * persistent pthread pool (workers spin ~200 us, then sleep on a condition variable).
  */
-#define _GNU_SOURCE
-#include <errno.h>
-#include <math.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <unistd.h>
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define VLMC_SIMD 1
-#else
-#define VLMC_SIMD 0
-#endif
-
-#define VLMC_ABI 15
-#define ALWAYS __attribute__((always_inline)) inline
-#define UNROLL _Pragma("GCC unroll 16")
-
-enum { ST_F32 = 0, ST_BF16 = 1, ST_F16 = 2 };
-
-int vlmc_abi_version(void) { return VLMC_ABI; }
-int vlmc_simd(void) { return VLMC_SIMD; }
-
-/* ------------------------------------------------------------------------------------ */
-/* scalar helpers                                                                        */
-
-static ALWAYS float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
-    if (exp == 0) {
-        if (man == 0) {
-            u = sign;
-        } else { /* subnormal: renormalize */
-            int e = -1;
-            do { man <<= 1; e++; } while (!(man & 0x400));
-            u = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else {
-        u = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* element i of a scales/biases array of type st */
-static ALWAYS float ld_param(const void *p, size_t i, int st) {
-    if (st == ST_F32) return ((const float *)p)[i];
-    if (st == ST_BF16) return bf16_to_f32(((const uint16_t *)p)[i]);
-    return f16_to_f32(((const uint16_t *)p)[i]);
-}
-
-/* Decode codes [k0, k0+n) (k0, n multiples of 8) of one packed row into float codes
- * (not scaled). Eight codes always span exactly `bits` bytes. */
-static void decode_codes(const uint8_t *row, int bits, int k0, int n, float *out) {
-    const uint64_t mask = (1u << bits) - 1;
-    const uint8_t *p = row + (size_t)k0 / 8 * bits;
-    for (int c = 0; c < n; c += 8, p += bits) {
-        uint64_t v = 0;
-        memcpy(&v, p, bits); /* little-endian host */
-        for (int i = 0; i < 8; i++) out[c + i] = (float)((v >> (i * bits)) & mask);
-    }
-}
-
-/* one row dequantized to float32 (any bits) */
-static void dequant_row_generic(const uint8_t *row, int K, int bits, int gs, const void *sc,
-                                const void *bi, int st, size_t goff, float *out) {
-    decode_codes(row, bits, 0, K, out);
-    for (int g = 0; g < K / gs; g++) {
-        float s = ld_param(sc, goff + g, st), b = ld_param(bi, goff + g, st);
-        float *o = out + (size_t)g * gs;
-        for (int i = 0; i < gs; i++) o[i] = s * o[i] + b;
-    }
-}
-
-/* 2-, 3-, 5- and 6-bit codes ("packed": MLX's layout puts every 8 codes in `bits` bytes
- * of the row's little-endian bit stream) widened to one byte each: in registers, 64 at
- * a time (codes_packed, AVX512-VBMI; the int8-x GEMVs of 1-4 x rows read the codes this
- * way), or a row into a buffer (expand_packed, K a multiple of 64; dequantize, and the
- * GEMV with float x or 5+ x rows, which then runs the 8-bit kernels). A q6 LM head so
- * streams 0.75x the bytes of the 8-bit copy it used to be repacked into, q3 layers 0.75x
- * those of a 4-bit copy. */
-static ALWAYS int is_packed(int bits) { return bits == 2 || bits == 3 || bits == 5 || bits == 6; }
-
-/* the constants of codes_packed for one width: qword j of the widened vector gathers the
- * `bits` bytes of codes 8j .. 8j + 7 (byte t of it: byte bits*j + min(t, bits - 1) of
- * the source; bytes past `bits` are masked away below), then multishift picks bits
- * bits*i .. bits*i + 7 of the qword for its code i */
-typedef struct {
-    uint8_t idx[64];
-    uint64_t shift;   /* byte i: bits * i */
-    uint64_t load;    /* mask of the 8 * bits source bytes of 64 codes */
-    uint8_t mask;     /* (1 << bits) - 1 */
-    int bits;
-} packed_t;
-
-static void packed_init(packed_t *u, int bits) {
-    u->bits = bits;
-    u->shift = 0;
-    for (int i = 0; i < 8; i++) u->shift |= (uint64_t)(bits * i) << (8 * i);
-    for (int b = 0; b < 64; b++) u->idx[b] = (uint8_t)(bits * (b >> 3) + ((b & 7) < bits ? (b & 7) : bits - 1));
-    u->load = (1ULL << (8 * bits)) - 1; /* bits <= 6: at most 48 bytes */
-    u->mask = (uint8_t)((1u << bits) - 1);
-}
-
-#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
-#define VLMC_CODES_PACKED 1
-/* packed_t in registers */
-typedef struct {
-    __m512i idx, shift, mask;
-    __mmask64 load;
-} packed_v;
-static ALWAYS packed_v packed_regs(const packed_t *u) {
-    return (packed_v){_mm512_loadu_si512((const void *)u->idx), _mm512_set1_epi64((long long)u->shift),
-                      _mm512_set1_epi8((char)u->mask), (__mmask64)u->load};
-}
-/* the 64 codes in the 8 * bits bytes at p, one per byte */
-static ALWAYS __m512i codes_packed(const packed_v *u, const uint8_t *p) {
-    const __m512i v = _mm512_maskz_loadu_epi8(u->load, p);
-    return _mm512_and_si512(_mm512_multishift_epi64_epi8(u->shift, _mm512_permutexvar_epi8(u->idx, v)), u->mask);
-}
-#else
-#define VLMC_CODES_PACKED 0
-#endif
-
-static void expand_packed(const packed_t *u, const uint8_t *src, uint8_t *dst, int K) {
-    const int bits = u->bits;
-    int k = 0;
-#if VLMC_CODES_PACKED
-    const packed_v r = packed_regs(u);
-    for (; k + 64 <= K; k += 64) _mm512_storeu_si512((void *)(dst + k), codes_packed(&r, src + (size_t)k / 8 * bits));
-#endif
-    for (; k < K; k += 8) {
-        uint64_t v = 0;
-        memcpy(&v, src + (size_t)k / 8 * bits, (size_t)bits); /* little-endian host */
-        for (int i = 0; i < 8; i++) dst[k + i] = (uint8_t)((v >> (bits * i)) & u->mask);
-    }
-}
-
-/* ------------------------------------------------------------------------------------ */
-/* thread pool                                                                           */
-
-#define MAXTH 64
-typedef void (*task_fn)(void *ctx, int ith, int nth);
-
-static struct {
-    pthread_mutex_t job_mu; /* one job at a time (callers from several Python threads) */
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int nworkers;
-    pid_t pid;
-    _Atomic unsigned gen;
-    _Atomic int pending;
-    task_fn fn;
-    void *ctx;
-    int nth;
-    long spin_ns;
-} P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0,
-       0, 0, 0, 200000};
-
-static long now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec * 1000000000L + t.tv_nsec;
-}
-
-static ALWAYS void cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
-
-typedef struct { int ith; unsigned gen0; } worker_arg;
-
-static void *worker_main(void *argp) {
-    worker_arg a = *(worker_arg *)argp;
-    free(argp);
-    unsigned seen = a.gen0;
-    for (;;) {
-        unsigned g = atomic_load_explicit(&P.gen, memory_order_acquire);
-        if (g == seen) {
-            long t0 = now_ns();
-            for (int i = 0;; i++) {
-                cpu_relax();
-                g = atomic_load_explicit(&P.gen, memory_order_acquire);
-                if (g != seen) break;
-                if ((i & 63) == 63 && now_ns() - t0 > P.spin_ns) break;
-            }
-            if (g == seen) {
-                pthread_mutex_lock(&P.mu);
-                while ((g = atomic_load_explicit(&P.gen, memory_order_acquire)) == seen)
-                    pthread_cond_wait(&P.cv, &P.mu);
-                pthread_mutex_unlock(&P.mu);
-            }
-        }
-        seen = g;
-        if (a.ith < P.nth) P.fn(P.ctx, a.ith, P.nth);
-        atomic_fetch_sub_explicit(&P.pending, 1, memory_order_release);
-    }
-    return NULL;
-}
-
-void vlmc_set_spin_us(int us) { P.spin_ns = (long)us * 1000; }
-
-/* fork(): hold the job lock across it so the child never inherits it locked mid-job;
- * the child has no workers (threads do not survive fork) and starts new ones. */
-static void atfork_prepare(void) { pthread_mutex_lock(&P.job_mu); }
-static void atfork_parent(void) { pthread_mutex_unlock(&P.job_mu); }
-static void atfork_child(void) {
-    P.nworkers = 0;
-    P.pid = getpid();
-    pthread_mutex_init(&P.mu, NULL);
-    pthread_cond_init(&P.cv, NULL);
-    pthread_mutex_init(&P.job_mu, NULL);
-}
-static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
-static void install_atfork(void) { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); }
-
-/* Run fn(ctx, i, nth) for i in [0, nth): i = 0 on the calling thread. */
-static void run_parallel(task_fn fn, void *ctx, int nth) {
-    if (nth > MAXTH) nth = MAXTH;
-    if (nth <= 1) {
-        fn(ctx, 0, 1);
-        return;
-    }
-    pthread_once(&atfork_once, install_atfork);
-    pthread_mutex_lock(&P.job_mu);
-    if (P.pid != getpid()) { /* first use */
-        P.pid = getpid();
-        P.nworkers = 0;
-    }
-    while (P.nworkers < nth - 1) {
-        worker_arg *a = malloc(sizeof *a);
-        pthread_t t;
-        if (!a) break;
-        a->ith = P.nworkers + 1;
-        a->gen0 = atomic_load(&P.gen);
-        if (pthread_create(&t, NULL, worker_main, a) != 0) {
-            free(a);
-            break;
-        }
-        pthread_detach(t);
-        P.nworkers++;
-    }
-    if (nth > P.nworkers + 1) nth = P.nworkers + 1;
-    if (nth <= 1) {
-        pthread_mutex_unlock(&P.job_mu);
-        fn(ctx, 0, 1);
-        return;
-    }
-    P.fn = fn;
-    P.ctx = ctx;
-    P.nth = nth;
-    atomic_store_explicit(&P.pending, P.nworkers, memory_order_relaxed);
-    pthread_mutex_lock(&P.mu);
-    atomic_fetch_add_explicit(&P.gen, 1, memory_order_release);
-    pthread_cond_broadcast(&P.cv);
-    pthread_mutex_unlock(&P.mu);
-    fn(ctx, 0, nth);
-    for (int i = 0; atomic_load_explicit(&P.pending, memory_order_acquire) != 0; i++) {
-        if (i < 20000) cpu_relax();
-        else sched_yield();
-    }
-    pthread_mutex_unlock(&P.job_mu);
-}
+#include "vlmc.h"
 
 /* ------------------------------------------------------------------------------------ */
 /* GEMV job description and dynamic row scheduling                                       */
 
-/* rows per scheduling chunk (sizes the partial-sum buffer). Long sequential runs per thread
- * stream faster: 2048 over 128 gave Qwen2-VL-2B's 4-bit gate_up 23.9 -> 25.6 GB/s and its
- * 8-bit head 29.5 -> 31.0 GB/s (same-process A/B, 2-core Zen 4) */
-#ifndef CHUNK_MAX
-#define CHUNK_MAX 2048
-#endif
 #ifndef CHUNK_MIN_M
 #define CHUNK_MIN_M 2
 #endif
@@ -392,15 +109,13 @@ static ALWAYS void store_out(const job_t *J, int n, int m, float v) {
 }
 
 #if VLMC_SIMD
-/* Software prefetch of the weight stream (quantized formats: their decode is long
- * enough that the hardware prefetcher alone falls behind). 2048 bytes ahead measured 2-4%
- * faster than 1024 on the 4-bit decode GEMVs; 512 and 0 slower. */
+/* Software prefetch of the weight stream, this many bytes ahead (quantized formats: their
+ * decode is long enough that the hardware prefetcher alone falls behind). */
 #ifndef PF_DIST
 #define PF_DIST 2048
 #endif
-/* The 4-bit one-x-row kernel (qv_m1_range) computes faster and reaches further ahead,
- * into L2: 8192 bytes into L2 measured 8-11% over 4096 into L1 on Qwen2-VL-2B's decode
- * GEMVs (4096 had been 3-5% over 2048). */
+/* The one-x-row kernel (qv_m1_range) computes faster, so it reaches further ahead, into
+ * L2 (its x and the codes in flight would crowd the L1). */
 #ifndef PF_M1
 #define PF_M1 8192
 #endif
@@ -409,22 +124,6 @@ static ALWAYS void pf(const void *p, size_t off) {
 }
 static ALWAYS void pf_l2(const void *p, size_t off) {
     if (PF_DIST > 0 && off > 0) _mm_prefetch((const char *)p + off, _MM_HINT_T1);
-}
-
-static ALWAYS float hsum(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
-}
-
-#endif /* VLMC_SIMD (reopened below) */
-#include "vexp.c"
-#if VLMC_SIMD
-
-static ALWAYS __m256 ld8_bf16(const uint16_t *p) {
-    __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
 }
 
 /* Every block function below adds, for R weight rows n.. and M activation rows, the
@@ -530,8 +229,7 @@ static ALWAYS void q4_block(const int R, const int M, const int P, const int FOL
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) part[r * M + m] += hsum(tot[r][m]);
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
-#define VLMC_VNNI 1
+#if VLMC_VNNI
 #define BITS_PACKED 0 /* qv kernels' BITS for 2/3/5/6-bit codes (the width is J->bits) */
 /* ---- codes x int8 activations (up to 8 activation rows per pass; AVX512-VNNI). Per
  * 64-block, x is rounded to int8 with its own scale (x8s); for 8-bit codes its rounding
@@ -543,8 +241,8 @@ static ALWAYS void q4_block(const int R, const int M, const int P, const int FOL
  * (two blocks) pairs with two 64-byte loads of x. vpdpbusd leaves each block's integer
  * dot in 8 lanes; per 8 blocks a transpose-add folds them into one vector of 8 dots that
  * one FMA scales by (weight group scale x x's block scale): ~6 instructions per 64 codes
- * and one FMA dependency per 512 codes, where the per-block form needed ~13 and one FMA
- * per block (that chain, 4 cycles per 32 bytes, was what bounded it from cache). The bias
+ * and one FMA dependency per 512 codes, where a per-block form needs ~13 and one FMA per
+ * block (a dependency chain that bounds it when the codes come from cache). The bias
  * terms (q_finish) use group sums of the rounded x, so the minimum and the codes' mean
  * cancel as they do without rounding. Needs gs % 64 == 0. */
 
@@ -659,10 +357,8 @@ static ALWAYS void qv8_wide(const int R, const int M, const int ST, const int L2
     UNROLL for (int r = 0; r < R; r++) {
         const uint8_t *wb = (const uint8_t *)J->w + (size_t)(n + r) * K + kb;
         __m512i c[8];
-        /* One x row (qv_m1_range): prefetched PF_M1 bytes ahead into L2, which took 8-bit
-         * GEMVs to 0.82-1.0x the time without (0.68-0.96x with x's rounding residual, whose
-         * doubled x had crowded the L1: the 8960-long down projection ran 1.4x slower). An
-         * earlier prefetch into L1 had slowed the LM head (23-30 GB/s against 30-37). */
+        /* One x row (qv_m1_range): prefetched PF_M1 bytes ahead into L2, not L1, where
+         * the codes would crowd out x (doubled by its rounding residual for 8-bit codes). */
         if (L2) UNROLL for (int i = 0; i < 8; i++) pf_l2(wb + 64 * i, pfo);
         UNROLL for (int i = 0; i < 8; i++) c[i] = _mm512_loadu_si512((const void *)(wb + 64 * i));
         bytes_dots(M, ST, J, n + r, kb, c, tot[r]);
@@ -708,7 +404,7 @@ static ALWAYS void qv_acc(const int BITS, const int R, const int M, const int ST
     else if (BITS == BITS_PACKED && M == 1)
         for (; kb + 512 <= k1; kb += 512) qvp_wide(R, M, ST, L2, J, &u, n, kb, tot, pfo);
 #endif
-    else if (BITS == 8 && M == 1) /* several x rows: two to four times slower this way (M = 2 and 4, the LM head) */
+    else if (BITS == 8 && M == 1) /* several x rows: the per-block loop below serves them better */
         for (; kb + 512 <= k1; kb += 512) qv8_wide(R, M, ST, L2, J, n, kb, tot, pfo);
     for (; kb < k1; kb += 64) {
         const size_t g = (size_t)kb / gs;
@@ -768,9 +464,8 @@ static ALWAYS __m256 hsum8x8(const __m256 t[8]) {
 
 /* One x row, whole weight rows with their bias terms folded in (q_finish has nothing to
  * add): rows one after another as one sequential stream, but 8 rows' lane sums reduced
- * together and stored as one vector. With K = 1536 (3 x 512 codes per row) the per-row
- * sum and epilogue had cost a quarter of the time from cache (Qwen2-VL-2B qkv, one
- * thread: 42 -> 32 cycles per 512 codes). */
+ * together and stored as one vector: with short rows (K = 1536 is 3 x 512 codes) a
+ * reduction and epilogue per row would be a large share of the work. */
 static ALWAYS void qv_m1_range(const int BITS, const int ST, const job_t *J, int n0, int n1) {
     const int K = J->K;
     const size_t pfo = PF_M1;
@@ -796,9 +491,7 @@ static ALWAYS void qv_m1_range(const int BITS, const int ST, const job_t *J, int
         store_out(J, n, 0, p + hsum(tot[0][0]));
     }
 }
-#else
-#define VLMC_VNNI 0
-#endif
+#endif /* VLMC_VNNI */
 
 /* ---- 8-bit: 8 bytes -> 8 codes in natural order (vpmovzxbd) ------------------------- */
 static ALWAYS void q8_block(const int R, const int M, const int P, const int FOLD, const int ST, const job_t *J,
@@ -897,9 +590,9 @@ DEFINE_RANGE(qpv, CALL_QPV, 1)
 
 /* Kernel configurations (R weight rows per block, P accumulators, FOLD) per M in
  * {1, 2, 3, 4, 8}; M = 5..7 runs the M = 8 kernel on zero-padded x (gemv_sliced), which
- * keeps the number of instantiations (and the compile time) down. Chosen by timing on
- * Zen 4, whose AVX-512VL gives 32 vector registers; with AVX2's 16 the configurations
- * keep accumulators + temporaries within 16.
+ * keeps the number of instantiations (and the compile time) down. Chosen by timing with
+ * AVX-512VL's 32 vector registers; with AVX2's 16 the configurations keep accumulators +
+ * temporaries within 16.
  * Two tables: short rows (M x K floats of x fit in L1: one weight row at a time, so
  * consecutive rows form one sequential stream that the hardware prefetcher follows) and
  * long rows (several rows share each x load; x would otherwise be re-read from L2). */
@@ -1098,12 +791,10 @@ static int simd_ok(const job_t *J) {
 /* 2/3/5/6-bit rows: with int8 x (VNNI) and up to 4 x rows straight from the codes,
  * widened in registers (codes_packed); otherwise a few rows at a time widened into scratch
  * (kept in L1/L2), then the 8-bit kernels on that copy (J8 is J with 8-bit rows, row n at
- * scratch + (n - s) * K). For one x row, widening into scratch had left the stream idle
- * while the kernel read the copy: a q6 LM head streamed 16 GB/s. */
+ * scratch + (n - s) * K). For one x row, widening into scratch would leave the weight
+ * stream idle while the kernel reads the copy. */
 /* from this many int8 x rows the widening into scratch is shared by enough rows to beat
- * widening in registers: Qwen2-VL-2B's q6 LM head at 8 rows 30.2 (8-bit copy) / 25.5 ms,
- * where in-register widening had been 30.6 ms; at 1-4 rows in-register wins (the
- * widening costs the same per code at every width) */
+ * widening in registers, which costs the same per code and x row at every width */
 #ifndef PACKED_SCRATCH_M
 #define PACKED_SCRATCH_M 5
 #endif
@@ -1165,14 +856,6 @@ static void gemv_task(void *ctx, int ith, int nth) {
     free(buf);
 }
 
-/* rows per scheduling chunk: multiple of 4, ~8 chunks per thread, >= 16 rows */
-static int pick_chunk(int N, int nth) {
-    int c = N / (nth * 8);
-    if (c < 16) c = 16;
-    if (c > CHUNK_MAX) c = CHUNK_MAX;
-    return (c + 3) & ~3;
-}
-
 /* K chunking: kc a multiple of the kernel's unit (16, the 4-bit span, or gs) */
 static void plan_k(job_t *J) {
     const int K = J->K;
@@ -1188,23 +871,11 @@ static void plan_k(job_t *J) {
     }
     int kc = X_CHUNK_FLOATS / J->M / unit * unit;
     J->kc = kc < unit ? unit : kc;
-    /* bytes of x (int8 or float32) vs 16 KiB: with int8 x, Qwen2-VL's down_proj (K = 8960)
-     * runs one row at a time like the short rows (26.5 GB/s, was 19.8 with 4 rows) */
+    /* bytes of x (int8 or float32) vs 16 KiB: with int8 x, a K = 8960 down projection still
+     * fits, and runs one weight row at a time like the short rows */
     J->long_rows = (long)J->M * K * (J->x8 ? 1 : 4) > X_CHUNK_FLOATS * 4;
     J->bias_folded = J->x8 && J->gs == 64 && (J->bits == 4 || J->M == 1); /* 2-8 bits: bytes_dots */
     if (J->M < CHUNK_MIN_M) J->kc = J->kmain; /* one x row: keep the weight stream sequential */
-}
-
-/* bytes of W below which threading costs more than it saves */
-#define MIN_BYTES_PER_THREAD (96 * 1024)
-
-static int eff_threads(int n_threads, double wbytes, int N) {
-    int nth = n_threads < 1 ? 1 : n_threads;
-    int by_size = (int)(wbytes / MIN_BYTES_PER_THREAD);
-    if (by_size < 1) by_size = 1;
-    if (nth > by_size) nth = by_size;
-    if (nth > (N + 15) / 16) nth = (N + 15) / 16;
-    return nth < 1 ? 1 : nth;
 }
 
 static void run_gemv(job_t *J, double wbytes, int n_threads) {
@@ -1280,69 +951,16 @@ int vlmc_gemv_bf16(const float *x, int M, int K, const uint16_t *w, int N, const
     return gemv_sliced(&J, 2.0 * N * K, n_threads);
 }
 
-static int check_q(int K, int N, int bits, int gs, int st) {
-    if (K < 1 || N < 1) return -1;
-    if (bits < 2 || bits > 8 || bits == 7) return -2;
-    if (gs < 8 || gs % 8 || K % gs) return -3;
-    if ((size_t)K * bits % 32) return -3;
-    if (st < 0 || st > 2) return -4;
-    return 0;
-}
-
-#ifndef VLMC_VNNI
-#define VLMC_VNNI 0
-#endif
 /* 4- and 8-bit GEMVs with int8 activations (VNNI); vlmc_set_int8_x(0) turns them off */
 static int int8_x = 1;
 void vlmc_set_int8_x(int on) { int8_x = on; }
 /* the rounding residual of x for 8-bit codes (x8_block); off only to measure it */
-static int x8_residual = 1;
-void vlmc_set_x8_residual(int on) { x8_residual = on; }
+int vlmc_x8_residual = 1;
+void vlmc_set_x8_residual(int on) { vlmc_x8_residual = on; }
 int vlmc_int8_x_available(void) { return VLMC_VNNI; }
 /* whether 2/3/5/6-bit codes with int8 x are read in place (codes_packed: AVX512-VBMI),
  * at the speed per byte of the 4- or 8-bit copy they would otherwise be widened into at load */
 int vlmc_packed_direct(void) { return VLMC_VNNI && VLMC_CODES_PACKED; }
-
-#if VLMC_VNNI
-/* 64 values of x to int8 with scale amax / 127 (cvtps rounds to nearest even, as lrintf):
- * in natural order (odd = 32), or for 4-bit codes the 32 even-indexed values at q and the
- * odd ones at q + odd (the low and high nibbles of the block's 32 code bytes hold codes
- * 2b and 2b + 1; see qv_block for where the halves go). With qr (natural order only), the
- * rounding residual too: t = x / scale, q = rint(t), qr = rint(256 (t - q)) saturated to
- * int8 (t - q is exact), so x ~ scale (q + qr / 256) to ~1 / 65000 of the block's largest
- * value; *sum is then the sum of 256 q + qr and the returned scale that of 256 q + qr. */
-static ALWAYS float x8_block(const float *xr, int nibbles, int8_t *q, size_t odd, int8_t *qr, int *sum) {
-    __m512 v[4], a = _mm512_setzero_ps();
-    UNROLL for (int i = 0; i < 4; i++) {
-        v[i] = _mm512_loadu_ps(xr + 16 * i);
-        a = _mm512_max_ps(a, _mm512_abs_ps(v[i]));
-    }
-    const float amax = _mm512_reduce_max_ps(a), inv = amax > 0.f ? 127.f / amax : 0.f;
-    if (nibbles) {
-        const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-        const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
-        const __m512 e0 = _mm512_permutex2var_ps(v[0], ev, v[1]), e1 = _mm512_permutex2var_ps(v[2], ev, v[3]);
-        const __m512 o0 = _mm512_permutex2var_ps(v[0], od, v[1]), o1 = _mm512_permutex2var_ps(v[2], od, v[3]);
-        v[0] = e0, v[1] = e1, v[2] = o0, v[3] = o1;
-    }
-    const __m512 iv = _mm512_set1_ps(inv);
-    __m512i s = _mm512_setzero_si512(), sr = _mm512_setzero_si512();
-    UNROLL for (int i = 0; i < 4; i++) {
-        const __m512 t = _mm512_mul_ps(v[i], iv);
-        const __m512i qi = _mm512_cvtps_epi32(t);
-        s = _mm512_add_epi32(s, qi);
-        _mm_storeu_si128((__m128i *)(q + (i < 2 ? 16 * i : odd + 16 * (i - 2))), _mm512_cvtepi32_epi8(qi));
-        if (qr) {
-            __m512i ri = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(t, _mm512_cvtepi32_ps(qi)), _mm512_set1_ps(256.f)));
-            ri = _mm512_min_epi32(ri, _mm512_set1_epi32(127)); /* t - q = +0.5 exactly: 128 */
-            sr = _mm512_add_epi32(sr, ri);
-            _mm_storeu_si128((__m128i *)(qr + 16 * i), _mm512_cvtepi32_epi8(ri));
-        }
-    }
-    *sum = _mm512_reduce_add_epi32(s) * (qr ? 256 : 1) + (qr ? _mm512_reduce_add_epi32(sr) : 0);
-    return qr ? amax / 127.f / 256.f : amax / 127.f;
-}
-#endif
 
 int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *scales, const void *biases,
                 int st, int N, int bits, int gs, const float *bias, float *y, int n_threads) {
@@ -1382,10 +1000,10 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
     float *x8s = NULL;
 #if VLMC_VNNI
     if (use8) { /* see qv_block */
-        /* 8-bit weights also get x's rounding residual: one int8 rounding of x (~0.6%
-         * relative) is as large as their own error (~0.5%), while 2-6-bit weights' own
-         * error (1.3-9%) dwarfs it. It costs a second vpdpbusd per 64 codes. */
-        const int residual = bits == 8 && x8_residual;
+        /* 8-bit weights also get x's rounding residual: one int8 rounding of x is as large
+         * as their own error, while 2-6-bit weights' own error dwarfs it. It costs a second
+         * vpdpbusd per 64 codes. */
+        const int residual = bits == 8 && vlmc_x8_residual;
         x8 = malloc((size_t)M * K * (residual ? 2 : 1));
         x8s = malloc(sizeof(float) * (size_t)M * (K / 64));
         if (!x8 || !x8s) { free(x8); free(x8s); free(xs); return -5; }
@@ -1418,739 +1036,3 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
     return rc;
 }
 
-/* ---- dequantize: out[N, K] float32 --------------------------------------------------- */
-typedef struct {
-    const uint32_t *w;
-    const void *sc, *bi;
-    int st, N, K, bits, gs;
-    float *out;
-    int chunk;
-    _Atomic int next;
-} dq_t;
-
-static void dequant_rows(const dq_t *D, int n0, int n1) {
-    const int K = D->K, gs = D->gs, G = K / gs, bits = D->bits;
-    uint8_t *wide = VLMC_SIMD && is_packed(bits) && K % 64 == 0 ? malloc((size_t)K) : NULL;
-    packed_t pk;
-    if (wide) packed_init(&pk, bits);
-    for (int n = n0; n < n1; n++) {
-        const uint8_t *row = (const uint8_t *)D->w + (size_t)n * K / 8 * bits;
-        float *o = D->out + (size_t)n * K;
-#if VLMC_SIMD
-        if (bits == 4 || bits == 8 || wide) {
-            if (wide) { /* 2/3/5/6-bit codes widened to bytes, then as 8-bit */
-                expand_packed(&pk, row, wide, K);
-                row = wide;
-            }
-            const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), mask = _mm256_set1_epi32(0xF);
-            for (int g = 0; g < G; g++) {
-                const __m256 s = _mm256_set1_ps(ld_param(D->sc, (size_t)n * G + g, D->st));
-                const __m256 b = _mm256_set1_ps(ld_param(D->bi, (size_t)n * G + g, D->st));
-                for (int k = g * gs; k < (g + 1) * gs; k += 8) {
-                    __m256i q;
-                    if (bits != 4) {
-                        q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + k)));
-                    } else {
-                        uint32_t word;
-                        memcpy(&word, row + k / 2, 4);
-                        q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), sh), mask);
-                    }
-                    _mm256_storeu_ps(o + k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, b));
-                }
-            }
-            continue;
-        }
-#endif
-        dequant_row_generic(row, K, bits, gs, D->sc, D->bi, D->st, (size_t)n * G, o);
-    }
-    free(wide);
-}
-
-static void dequant_task(void *ctx, int ith, int nth) {
-    (void)ith;
-    (void)nth;
-    dq_t *D = ctx;
-    for (;;) {
-        int s = atomic_fetch_add(&D->next, D->chunk);
-        if (s >= D->N) return;
-        dequant_rows(D, s, s + D->chunk < D->N ? s + D->chunk : D->N);
-    }
-}
-
-int vlmc_dequantize(const uint32_t *w, const void *scales, const void *biases, int st, int N, int K, int bits,
-                    int gs, float *out, int n_threads) {
-    int rc = check_q(K, N, bits, gs, st);
-    if (rc) return rc;
-    dq_t D = {.w = w, .sc = scales, .bi = biases, .st = st, .N = N, .K = K, .bits = bits, .gs = gs, .out = out};
-    int nth = eff_threads(n_threads, 4.0 * N * K, N);
-    D.chunk = pick_chunk(N, nth);
-    atomic_store(&D.next, 0);
-    run_parallel(dequant_task, &D, nth);
-    return 0;
-}
-
-/* ---- bfloat16 -> float32 (the prefill GEMM upcasts bf16 weights per call) ----------- */
-typedef struct { const uint16_t *src; float *dst; int64_t n; } cvt_t;
-
-static void cvt_task(void *ctx, int ith, int nth) {
-    cvt_t *C = ctx;
-    int64_t per = ((C->n + nth - 1) / nth + 63) & ~(int64_t)63, i0 = per * ith, i1 = i0 + per < C->n ? i0 + per : C->n;
-    int64_t i = i0;
-#if VLMC_SIMD
-    for (; i + 8 <= i1; i += 8) _mm256_storeu_ps(C->dst + i, ld8_bf16(C->src + i));
-#endif
-    for (; i < i1; i++) C->dst[i] = bf16_to_f32(C->src[i]);
-}
-
-void vlmc_bf16_to_f32(const uint16_t *src, int64_t n, float *dst, int n_threads) {
-    cvt_t C = {src, dst, n};
-    int nth = eff_threads(n_threads, 2.0 * n, (int)(n / 1024 + 1));
-    run_parallel(cvt_task, &C, nth);
-}
-
-/* ---- streaming read of a buffer (measures the machine's read bandwidth) -------------- */
-typedef struct { const float *p; int64_t n; float part[MAXTH]; } rd_t;
-
-static void read_task(void *ctx, int ith, int nth) {
-    rd_t *R = ctx;
-    int64_t per = ((R->n + nth - 1) / nth + 63) & ~(int64_t)63, i0 = per * ith, i1 = i0 + per < R->n ? i0 + per : R->n;
-    float s = 0.f;
-    int64_t i = i0;
-#if VLMC_SIMD
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 32 <= i1; i += 32) {
-        a0 = _mm256_add_ps(a0, _mm256_loadu_ps(R->p + i));
-        a1 = _mm256_add_ps(a1, _mm256_loadu_ps(R->p + i + 8));
-        a2 = _mm256_add_ps(a2, _mm256_loadu_ps(R->p + i + 16));
-        a3 = _mm256_add_ps(a3, _mm256_loadu_ps(R->p + i + 24));
-    }
-    s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#endif
-    for (; i < i1; i++) s += R->p[i];
-    R->part[ith] = s;
-}
-
-float vlmc_stream_read(const float *p, int64_t n, int n_threads) {
-    rd_t R = {p, n, {0}};
-    int nth = n_threads < 1 ? 1 : n_threads > MAXTH ? MAXTH : n_threads;
-    run_parallel(read_task, &R, nth);
-    float s = 0.f;
-    for (int i = 0; i < nth; i++) s += R.part[i];
-    return s;
-}
-
-/* ---- one decode step's attention over a KV cache, read in place -----------------------
- * The same computation as vlmc.kernels.kv_quant.kv_{dense,affine,turbo}_decode: per
- * (sequence, KV head), scores of its R = H / HKV query heads against every held key,
- * softmax, then the values accumulated. Buffers are [B, HKV, cap, *]; keys starts[b] <= i
- * < held count. Two drivers serve every layout, each instantiated per layout (kv_task_*):
- * with AVX-512 and D % 16 == 0 (affine 4-bit: D % 32), kv_group16 takes blocks of rows
- * (kv_rows_fn); otherwise kv_group takes one row at a time (kv_row_fn). A layout only says
- * how to turn stored rows into floats, and each row is decoded once for all R query heads. */
-typedef struct kv_job kv_job;
-/* Row r of the keys (v = 0) or values (v = 1) as D floats: either x, filled, or a pointer
- * into the cache; *f is a factor the row's dot products or weights are multiplied by. */
-typedef const float *(*kv_row_fn)(const kv_job *J, int v, size_t r, float *x, float *f);
-struct kv_job {
-    const float *q;
-    const int32_t *starts;
-    int B, H, HKV, D, cap, held;
-    int sst;           /* stride of the score rows: max(cap, held) */
-    float scale;
-    float *out;
-    /* layout data: dense float32 rows; affine codes (bf16 scales/minimums); TurboQuant codes */
-    const float *k, *v;
-    const float *xk, *xv; /* row held - 1 of every (sequence, KV head) from here, [B, HKV, D], not the cache (vlmc_kv_dense_decode) */
-    const uint8_t *kc, *vc;
-    const uint16_t *ks, *kb, *vs, *vb;
-    const float *kn, *vn, *kcb, *vcb;
-    int bits, gs, kbits, vbits;
-    _Atomic int next;
-};
-
-/* Softmax over keys first <= i < n of each of R score rows (stride sst), in place, and
- * zero the R output rows of D floats that the value pass accumulates into. */
-static void kv_softmax_rows(float *sc, int R, int sst, int first, int n, float *out0, int D) {
-    for (int h = 0; h < R; h++) {
-        float *s = sc + (size_t)h * sst, m = -3.0e38f, total = 0.f;
-        for (int i = first; i < n; i++) m = s[i] > m ? s[i] : m;
-        for (int i = first; i < n; i++) {
-            s[i] = expf(s[i] - m);
-            total += s[i];
-        }
-        const float inv = total > 0.f ? 1.f / total : 0.f;
-        for (int i = first; i < n; i++) s[i] *= inv;
-        for (int d = 0; d < D; d++) out0[(size_t)h * D + d] = 0.f;
-    }
-}
-
-/* a . b over n floats with 16 independent partial sums: without -ffast-math a single
- * running sum must stay sequential, and these dots are most of a decode step's attention */
-static ALWAYS float dot16(const float *a, const float *b, int n) {
-    float acc[16] = {0};
-    int j = 0;
-    for (; j + 16 <= n; j += 16)
-        for (int l = 0; l < 16; l++) acc[l] += a[j + l] * b[j + l];
-    float s = 0.f;
-    for (; j < n; j++) s += a[j] * b[j];
-    for (int l = 0; l < 16; l++) s += acc[l];
-    return s;
-}
-
-/* One (sequence, KV head). sc: R * sst floats; x: D floats of scratch. */
-static ALWAYS void kv_group(const kv_job *J, kv_row_fn row, int bk, float *sc, float *x) {
-    const int D = J->D, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV;
-    const int first = J->starts[b], n = J->held, cap = J->cap, sst = J->sst;
-    const size_t base = ((size_t)b * J->HKV + hk) * cap;
-    const float *q0 = J->q + ((size_t)b * J->H + (size_t)hk * R) * D;
-    float *out0 = J->out + ((size_t)b * J->H + (size_t)hk * R) * D;
-    const int xi = J->xk ? n - 1 : n; /* the extra row (dense), not in the cache */
-    for (int i = first; i < n; i++) {
-        float f = 1.f;
-        const float *k = i == xi ? J->xk + (size_t)bk * D : row(J, 0, base + i, x, &f);
-        f *= J->scale;
-        for (int h = 0; h < R; h++) sc[(size_t)h * sst + i] = dot16(q0 + (size_t)h * D, k, D) * f;
-    }
-    kv_softmax_rows(sc, R, sst, first, n, out0, D);
-    for (int i = first; i < n; i++) {
-        float f = 1.f;
-        const float *v = i == xi ? J->xv + (size_t)bk * D : row(J, 1, base + i, x, &f);
-        for (int h = 0; h < R; h++) {
-            const float p = sc[(size_t)h * sst + i] * f;
-            float *out = out0 + (size_t)h * D;
-            for (int j = 0; j < D; j++) out[j] += p * v[j];
-        }
-    }
-}
-
-/* the work loop, instantiated per layout below so that its row function is inlined */
-static ALWAYS void kv_task(kv_job *J, kv_row_fn row) {
-    const int R = J->H / J->HKV;
-    float *sc = malloc(sizeof(float) * ((size_t)R * J->sst + (size_t)J->D));
-    if (!sc) return;
-    for (;;) {
-        int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
-        if (bk >= J->B * J->HKV) break;
-        kv_group(J, row, bk, sc, sc + (size_t)R * J->sst);
-    }
-    free(sc);
-}
-
-static int kv_run(kv_job *J, task_fn task, int n_threads) {
-    if (J->B < 1 || J->H < 1 || J->HKV < 1 || J->H % J->HKV || J->D < 1 || J->held < 0 || J->held - (J->xk != NULL) > J->cap)
-        return -1;
-    J->sst = J->held > J->cap ? J->held : J->cap;
-    atomic_store(&J->next, 0);
-    int nth = n_threads < 1 ? 1 : n_threads;
-    if (nth > J->B * J->HKV) nth = J->B * J->HKV;
-    run_parallel(task, J, nth);
-    return 0;
-}
-
-/* dense float32 rows: the cache itself */
-static const float *kv_row_dense(const kv_job *J, int v, size_t r, float *x, float *f) {
-    (void)x;
-    *f = 1.f;
-    return (v ? J->v : J->k) + r * J->D;
-}
-
-/* affine codes (vlmc.runtime.kv_codecs.Affine): uint8 rows of D * bits / 8 bytes (8-bit:
- * one byte each; 4-bit: byte b holds codes 2b (low nibble) and 2b + 1), code * scale +
- * minimum per group of gs with bfloat16 scales and minimums [.., D / gs] */
-static const float *kv_row_affine(const kv_job *J, int v, size_t r, float *x, float *f) {
-    const int D = J->D, G = D / J->gs;
-    const uint8_t *c = (v ? J->vc : J->kc) + r * (size_t)(D * J->bits / 8);
-    const uint16_t *sc = (v ? J->vs : J->ks) + r * G, *mn = (v ? J->vb : J->kb) + r * G;
-    if (J->bits == 8) {
-        for (int j = 0; j < D; j++) x[j] = (float)c[j];
-    } else {
-        for (int b = 0; b < D / 2; b++) {
-            x[2 * b] = (float)(c[b] & 15);
-            x[2 * b + 1] = (float)(c[b] >> 4);
-        }
-    }
-    for (int g = 0; g < G; g++) {
-        const float a = bf16_to_f32(sc[g]), o = bf16_to_f32(mn[g]);
-        for (int j = g * J->gs; j < (g + 1) * J->gs; j++) x[j] = x[j] * a + o;
-    }
-    *f = 1.f;
-    return x;
-}
-
-/* TurboQuant codes (vlmc.runtime.kv_codecs.Turbo), in the rotated space: codebook levels
- * packed as vlmc.kernels.kv_quant.pack (8 codes in `bits` bytes, code i at bit i * bits of
- * their little-endian word), times the row's float32 norm / sqrt(D) */
-static const float *kv_row_turbo(const kv_job *J, int v, size_t r, float *x, float *f) {
-    const int D = J->D, bits = v ? J->vbits : J->kbits;
-    const uint8_t *c = (v ? J->vc : J->kc) + r * (size_t)(D * bits / 8);
-    const float *cb = v ? J->vcb : J->kcb;
-    const uint32_t mask = (1u << bits) - 1;
-    for (int g = 0; g < D / 8; g++, c += bits) {
-        uint32_t w = c[0] | ((uint32_t)c[1] << 8);
-        if (bits > 2) w |= (uint32_t)c[2] << 16;
-        if (bits > 3) w |= (uint32_t)c[3] << 24;
-        for (int i = 0; i < 8; i++) x[g * 8 + i] = cb[(w >> (i * bits)) & mask];
-    }
-    *f = (v ? J->vn : J->kn)[r] / sqrtf((float)D);
-    return x;
-}
-
-#if defined(__AVX512F__)
-#define KVD_SIMD 1
-#define KVD_HB 6     /* query heads per pass (a 7:1 or wider group takes two) */
-#define KVD_ROWS 128 /* cached rows per block */
-/* Prefetch n floats of a cached row 4096 bytes ahead: Qwen2-VL-2B's 28 attention calls at
- * 2048 keys went 7.79 -> 6.36 ms (2048 ahead: 6.51, 8192: 6.68; attab.py, same process) */
-static ALWAYS void kv_pf(const float *row, int n) {
-    for (int z = 0; z < n; z += 16) _mm_prefetch((const char *)(row + z) + 4096, _MM_HINT_T0);
-}
-/* Rows i0 .. i0 + nr - 1 of the keys (v = 0) or values (v = 1) of the KV head at cache row
- * `base`, as nr x D contiguous floats: a pointer into the cache (dense) or rows decoded
- * into buf. */
-typedef const float *(*kv_rows_fn)(const kv_job *J, int v, size_t base, int i0, int nr, float *buf);
-
-static const float *kv_rows_dense(const kv_job *J, int v, size_t base, int i0, int nr, float *buf) {
-    const float *rows = (v ? J->v : J->k) + (base + (size_t)i0) * J->D;
-    if (!J->xk || i0 + nr < J->held) return rows;
-    /* the block ends with the extra row: the cached ones, then it, into buf */
-    memcpy(buf, rows, sizeof(float) * (size_t)(nr - 1) * J->D);
-    memcpy(buf + (size_t)(nr - 1) * J->D, (v ? J->xv : J->xk) + base / J->cap * J->D, sizeof(float) * J->D);
-    return buf;
-}
-
-/* affine codes (kv_row_affine's layout) with D % 16 == 0 and gs % 16 == 0: 16 codes per
- * step, nibbles interleaved back into natural order, then code * scale + minimum */
-static const float *kv_rows_affine(const kv_job *J, int v, size_t base, int i0, int nr, float *buf) {
-    const int D = J->D, G = D / J->gs, rb = D * J->bits / 8;
-    const __m512i lo_hi = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i lo_hi2 = _mm512_add_epi32(lo_hi, _mm512_set1_epi32(8));
-    for (int r = 0; r < nr; r++) {
-        const size_t row = base + (size_t)i0 + r;
-        const uint8_t *c = (v ? J->vc : J->kc) + row * (size_t)rb;
-        const uint16_t *sc = (v ? J->vs : J->ks) + row * G, *mn = (v ? J->vb : J->kb) + row * G;
-        float *x = buf + (size_t)r * D;
-        if (J->bits == 8) {
-            for (int j = 0; j < D; j += 16)
-                _mm512_storeu_ps(x + j, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + j)))));
-        } else {
-            for (int j = 0; j < D; j += 32) { /* 16 bytes: codes j .. j + 31 */
-                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + j / 2)));
-                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-                const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-                _mm512_storeu_ps(x + j, _mm512_permutex2var_ps(lo, lo_hi, hi));
-                _mm512_storeu_ps(x + j + 16, _mm512_permutex2var_ps(lo, lo_hi2, hi));
-            }
-        }
-        for (int j = 0; j < D; j += 16) {
-            const int g = j / J->gs;
-            _mm512_storeu_ps(x + j, _mm512_fmadd_ps(_mm512_loadu_ps(x + j), _mm512_set1_ps(bf16_to_f32(sc[g])),
-                                                    _mm512_set1_ps(bf16_to_f32(mn[g]))));
-        }
-    }
-    return buf;
-}
-
-/* TurboQuant codes (kv_row_turbo's layout: 8 codes of `bits` bits in `bits` bytes), D %
- * 16 == 0, at most 16 levels: 16 codes per step through a codebook held in one register,
- * times the row's norm / sqrt(D) */
-static const float *kv_rows_turbo(const kv_job *J, int v, size_t base, int i0, int nr, float *buf) {
-    const int D = J->D, bits = v ? J->vbits : J->kbits;
-    const float *cb = v ? J->vcb : J->kcb, *nrm = v ? J->vn : J->kn;
-    float levels[16] = {0};
-    memcpy(levels, cb, sizeof(float) * ((size_t)1 << bits));
-    const __m512 cbv = _mm512_loadu_ps(levels);
-    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
-    const __m512i shifts = _mm512_mullo_epi32(_mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(bits));
-    const float inv_sqrt_d = 1.f / sqrtf((float)D);
-    for (int r = 0; r < nr; r++) {
-        const size_t row = base + (size_t)i0 + r;
-        const uint8_t *c = (v ? J->vc : J->kc) + row * (size_t)(D * bits / 8);
-        const __m512 f = _mm512_set1_ps(nrm[row] * inv_sqrt_d);
-        float *x = buf + (size_t)r * D;
-        for (int j = 0; j < D; j += 16, c += 2 * bits) {
-            uint32_t w0 = 0, w1 = 0;
-            memcpy(&w0, c, (size_t)bits);
-            memcpy(&w1, c + bits, (size_t)bits);
-            const __m512i w = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32((int)w0), _mm512_set1_epi32((int)w1));
-            const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(w, shifts), mask);
-            _mm512_storeu_ps(x + j, _mm512_mul_ps(_mm512_permutexvar_ps(idx, cbv), f));
-        }
-    }
-    return buf;
-}
-
-/* One (sequence, KV head) for D % 16 == 0, the query heads in passes of up to 6, the cache
- * in blocks of KVD_ROWS rows. Per key row one 16-float load feeds an FMA for every head (6
- * accumulator chains); the value pass keeps 6 heads x 64 output floats in 24 registers
- * across a block; the softmax uses exp8. The generic driver spends a scalar expf per score
- * and re-reads and re-writes the output rows for every cached token. Dense, one thread,
- * 6:1 groups, D = 128, 4000 tokens (in L3): 167 -> 45 ns per (token, KV head); from DRAM,
- * inside a decode step, it then reads 15-21 GB/s. sc: R * sst floats; buf: KVD_ROWS * D. */
-static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv_rows_fn rows) {
-    const int D = J->D, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV, nz = D / 16;
-    const int first = J->starts[b], n = J->held, cap = J->cap, sst = J->sst;
-    const size_t base = ((size_t)b * J->HKV + hk) * cap;
-    const float *q0 = J->q + ((size_t)b * J->H + (size_t)hk * R) * D;
-    float *out0 = J->out + ((size_t)b * J->H + (size_t)hk * R) * D;
-    memset(out0, 0, sizeof(float) * (size_t)R * D);
-    if (first >= n) return; /* nothing visible: zeros, as the generic driver gives */
-    for (int i0 = first; i0 < n; i0 += KVD_ROWS) {
-        const int nr = n - i0 < KVD_ROWS ? n - i0 : KVD_ROWS;
-        const float *K = rows(J, 0, base, i0, nr, buf);
-        for (int h0 = 0; h0 < R; h0 += KVD_HB) {
-            const int hb = R - h0 < KVD_HB ? R - h0 : KVD_HB;
-            for (int r = 0; r < nr; r++) {
-                const float *k = K + (size_t)r * D;
-                if (h0 == 0) kv_pf(k, D);
-                __m512 acc[KVD_HB];
-                UNROLL for (int h = 0; h < KVD_HB; h++) acc[h] = _mm512_setzero_ps();
-                for (int z = 0; z < nz; z++) {
-                    const __m512 kv = _mm512_loadu_ps(k + 16 * z);
-                    UNROLL for (int h = 0; h < KVD_HB; h++)
-                        if (h < hb) acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + (size_t)(h0 + h) * D + 16 * z), kv, acc[h]);
-                }
-                UNROLL for (int h = 0; h < KVD_HB; h++)
-                    if (h < hb) sc[(size_t)(h0 + h) * sst + i0 + r] = _mm512_reduce_add_ps(acc[h]) * J->scale;
-            }
-        }
-    }
-    for (int h = 0; h < R; h++) { /* softmax over [first, n) */
-        float *s = sc + (size_t)h * sst;
-        __m512 mv = _mm512_set1_ps(-3.0e38f);
-        int i = first;
-        for (; i + 16 <= n; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
-        float m = _mm512_reduce_max_ps(mv);
-        for (; i < n; i++) m = s[i] > m ? s[i] : m;
-        const __m256 m8 = _mm256_set1_ps(m);
-        __m256 tv = _mm256_setzero_ps();
-        for (i = first; i + 8 <= n; i += 8) {
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), m8));
-            _mm256_storeu_ps(s + i, e);
-            tv = _mm256_add_ps(tv, e);
-        }
-        float total = hsum(tv);
-        for (; i < n; i++) {
-            s[i] = exp1(s[i] - m);
-            total += s[i];
-        }
-        const float inv = total > 0.f ? 1.f / total : 0.f;
-        for (i = first; i < n; i++) s[i] *= inv;
-    }
-    for (int i0 = first; i0 < n; i0 += KVD_ROWS) {
-        const int nr = n - i0 < KVD_ROWS ? n - i0 : KVD_ROWS;
-        const float *V = rows(J, 1, base, i0, nr, buf);
-        for (int h0 = 0; h0 < R; h0 += KVD_HB) {
-            const int hb = R - h0 < KVD_HB ? R - h0 : KVD_HB;
-            for (int z0 = 0; z0 < nz; z0 += 4) {
-                const int zb = nz - z0 < 4 ? nz - z0 : 4;
-                __m512 o[KVD_HB][4];
-                UNROLL for (int h = 0; h < KVD_HB; h++) UNROLL for (int z = 0; z < 4; z++)
-                    o[h][z] = h < hb && z < zb ? _mm512_loadu_ps(out0 + (size_t)(h0 + h) * D + 16 * (z0 + z))
-                                               : _mm512_setzero_ps();
-                for (int r = 0; r < nr; r++) {
-                    const float *vr = V + (size_t)r * D + 16 * z0;
-                    if (h0 == 0) kv_pf(vr, 16 * zb);
-                    __m512 vv[4];
-                    UNROLL for (int z = 0; z < 4; z++) vv[z] = z < zb ? _mm512_loadu_ps(vr + 16 * z) : _mm512_setzero_ps();
-                    UNROLL for (int h = 0; h < KVD_HB; h++)
-                        if (h < hb) {
-                            const __m512 p = _mm512_set1_ps(sc[(size_t)(h0 + h) * sst + i0 + r]);
-                            UNROLL for (int z = 0; z < 4; z++) o[h][z] = _mm512_fmadd_ps(p, vv[z], o[h][z]);
-                        }
-                }
-                UNROLL for (int h = 0; h < KVD_HB; h++)
-                    if (h < hb)
-                        UNROLL for (int z = 0; z < 4; z++)
-                            if (z < zb) _mm512_storeu_ps(out0 + (size_t)(h0 + h) * D + 16 * (z0 + z), o[h][z]);
-            }
-        }
-    }
-}
-
-/* the work loop of the AVX-512 path, per row provider */
-static ALWAYS void kv_task16(kv_job *J, kv_rows_fn rows) {
-    const int R = J->H / J->HKV;
-    float *sc = malloc(sizeof(float) * ((size_t)R * J->sst + (size_t)KVD_ROWS * J->D));
-    if (!sc) return;
-    for (;;) {
-        const int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
-        if (bk >= J->B * J->HKV) break;
-        kv_group16(J, bk, sc, sc + (size_t)R * J->sst, rows);
-    }
-    free(sc);
-}
-#else
-#define KVD_SIMD 0
-#endif
-
-#if KVD_SIMD
-#define KV_BLOCKS(J, rows) kv_task16(J, rows)
-#else
-#define KV_BLOCKS(J, rows) ((void)0)
-#endif
-/* kv_task_<layout>: the block driver where the layout's rows fit it, else row by row */
-#define KV_TASK(layout, fits)                                            \
-    static void kv_task_##layout(void *ctx, int ith, int nth) {          \
-        (void)ith;                                                       \
-        (void)nth;                                                       \
-        kv_job *J = (kv_job *)ctx;                                       \
-        if (KVD_SIMD && (fits)) {                                        \
-            KV_BLOCKS(J, kv_rows_##layout);                              \
-            return;                                                      \
-        }                                                                \
-        kv_task(J, kv_row_##layout);                                     \
-    }
-KV_TASK(dense, J->D % 16 == 0)
-KV_TASK(affine, J->D % 32 == 0 && J->gs % 16 == 0)
-KV_TASK(turbo, J->D % 16 == 0 && J->kbits <= 4 && J->vbits <= 4)
-
-/* xk, xv (NULL: none): this step's keys and values [B, HKV, D], as row held - 1 of every
- * (sequence, KV head), so the caller can store them in the cache afterwards (lazily) and
- * the cache holds only the held - 1 rows before them (k/v may then be NULL when held is 1) */
-int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const float *xk, const float *xv,
-                         const int32_t *starts, int B, int H, int HKV, int D, int cap, int held, float scale,
-                         float *out, int n_threads) {
-    if ((xk == NULL) != (xv == NULL) || (xk && held < 1)) return -1;
-    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held,
-                .scale = scale, .out = out, .k = k, .v = v, .xk = xk, .xv = xv};
-    return kv_run(&J, kv_task_dense, n_threads);
-}
-
-int vlmc_kv_affine_decode(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
-                          const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const int32_t *starts,
-                          int B, int H, int HKV, int D, int cap, int held, int bits, int gs, float scale,
-                          float *out, int n_threads) {
-    if ((bits != 4 && bits != 8) || gs < 2 || D % gs || gs % 2) return -2;
-    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held,
-                .scale = scale, .out = out, .kc = kc, .vc = vc, .ks = ks, .kb = kb, .vs = vs, .vb = vb,
-                .bits = bits, .gs = gs};
-    return kv_run(&J, kv_task_affine, n_threads);
-}
-
-int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
-                         const float *kcb, const float *vcb, const int32_t *starts, int B, int H, int HKV, int D,
-                         int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads) {
-    if (D < 8 || D % 8 || kbits < 2 || kbits > 4 || vbits < 2 || vbits > 4) return -2;
-    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held,
-                .scale = scale, .out = out, .kc = kc, .vc = vc, .kn = kn, .vn = vn, .kcb = kcb, .vcb = vcb,
-                .kbits = kbits, .vbits = vbits};
-    return kv_run(&J, kv_task_turbo, n_threads);
-}
-
-/* ---- 2- to 8-bit weights x int8 activations, many rows (prefill, vision; AVX512-VNNI) ---
- * y[M, N] = x @ dequantize(w)^T (+ bias). x is rounded to int8 per 64 values of a row
- * (scale amax / 127), as in the GEMV (qv_block), by all threads. Output columns go in
- * panels of 32: a thread unpacks the panel's 32 weight rows into uint8 codes laid out
- * [K / 4][32][4], so two 64-byte loads feed vpdpbusd for 32 columns x 4 k, against a
- * broadcast of 4 bytes of an x row. Six x rows at a time keep 12 integer and 12 float
- * accumulators (24 of the 32 vector registers): 12 vpdpbusd per 8 loads, where 16 columns
- * x 8 rows needed 9 loads per 8. K goes in chunks of GI8_KC (partial sums kept per row).
- * Measured on Qwen2-VL-2B's vision and prefill shapes, 2 threads: 310-589 GFLOP/s, 1.3-2.2x
- * the 16x8 version. Every 64 k the integer sums are scaled by the weight group's scales (a
- * vector over the panel) times the x block's scale. The bias terms use group sums of the
- * rounded x (see qv_block). Needs gs % 64 == 0. */
-#if VLMC_VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
-#define VLMC_GEMM_I8 1
-#define GI8_COLS 32
-#define GI8_ROWS 6
-#ifndef GI8_KC
-#define GI8_KC 1024 /* k per pass over the rows: the panel's 32 x GI8_KC codes stay in L1 */
-#endif
-typedef struct {
-    const float *x;        /* [M, K] */
-    int8_t *x8;            /* [Mp, K] rounded x, Mp = M rounded up to GI8_ROWS (zero rows) */
-    int8_t *x8r;           /* [Mp, K] 8-bit codes: x's rounding residual (x8_block), else NULL */
-    float *xsc;            /* [Mp, K / 64] x block scales (with x8r: of 256 x8 + x8r) */
-    float *xsum;           /* [Mp, G] group sums of the rounded x */
-    const uint8_t *w;
-    const void *sc, *bi;
-    const float *bias;
-    float *y;
-    int st, M, Mp, N, K, bits, gs, G;
-    packed_t pk;           /* 2/3/5/6 bits */
-    _Atomic int next;
-} gi8_t;
-
-/* 4 bytes as one int32 (memcpy: one load, without reading int8 data through an int32 lvalue) */
-static ALWAYS int32_t ld_i32(const void *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
-/* rows [M ith / nth, M (ith + 1) / nth) of x to int8 per 64-block, in natural order */
-static void gi8_quant_task(void *ctx, int ith, int nth) {
-    gi8_t *J = ctx;
-    const int K = J->K, nb = K / 64, m0 = (int)((long)J->M * ith / nth), m1 = (int)((long)J->M * (ith + 1) / nth);
-    for (int m = m0; m < m1; m++)
-        for (int b = 0; b < nb; b++) {
-            int sum;
-            const float sc = x8_block(J->x + (size_t)m * K + b * 64, 0, J->x8 + (size_t)m * K + b * 64, 32,
-                                      J->x8r ? J->x8r + (size_t)m * K + b * 64 : NULL, &sum);
-            J->xsc[(size_t)m * nb + b] = sc;
-            J->xsum[(size_t)m * J->G + b * 64 / J->gs] += sc * (float)sum;
-        }
-}
-
-/* codes of weight row n in natural order, one byte each (K bytes) */
-static ALWAYS void gi8_unpack_row(const gi8_t *J, int n, uint8_t *out) {
-    const int K = J->K;
-    const uint8_t *wr = J->w + (size_t)n * ((size_t)K / 8 * J->bits);
-    if (J->bits == 8) {
-        memcpy(out, wr, (size_t)K);
-        return;
-    }
-    if (J->bits != 4) {
-        expand_packed(&J->pk, wr, out, K);
-        return;
-    }
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    for (int k = 0; k < K; k += 64) {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(wr + k / 2));
-        const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);
-        _mm256_storeu_si256((__m256i *)(out + k), _mm256_permute2x128_si256(a, b, 0x20));
-        _mm256_storeu_si256((__m256i *)(out + k + 32), _mm256_permute2x128_si256(a, b, 0x31));
-    }
-}
-
-/* iacc += one 64-block's integer dots: 32 columns of codes (pk, from k4 = k40) x GI8_ROWS rows of x */
-static ALWAYS void gi8_block_dots(const uint32_t *pk, const int8_t *xr, int K, int k40, __m512i iacc[GI8_ROWS][2]) {
-    for (int k4 = k40; k4 < k40 + 16; k4++) {
-        const __m512i w0 = _mm512_loadu_si512((const void *)(pk + (size_t)k4 * GI8_COLS));
-        const __m512i w1 = _mm512_loadu_si512((const void *)(pk + (size_t)k4 * GI8_COLS + 16));
-        UNROLL for (int i = 0; i < GI8_ROWS; i++) {
-            const __m512i xv = _mm512_set1_epi32(ld_i32(xr + (size_t)i * K + 4 * k4));
-            iacc[i][0] = _mm512_dpbusd_epi32(iacc[i][0], w0, xv);
-            iacc[i][1] = _mm512_dpbusd_epi32(iacc[i][1], w1, xv);
-        }
-    }
-}
-
-static void gi8_panel(const gi8_t *J, int n0, uint32_t *pk, float *ps, float *pb, uint8_t *row, float *acc) {
-    const int K = J->K, G = J->G, K4 = K / 4, nb = K / 64, cols = J->N - n0 < GI8_COLS ? J->N - n0 : GI8_COLS;
-    for (int c = 0; c < GI8_COLS; c++) {
-        if (c < cols) {
-            gi8_unpack_row(J, n0 + c, row);
-            for (int k4 = 0; k4 < K4; k4++) pk[(size_t)k4 * GI8_COLS + c] = (uint32_t)ld_i32(row + 4 * (size_t)k4);
-            for (int g = 0; g < G; g++) {
-                ps[g * GI8_COLS + c] = ld_param(J->sc, (size_t)(n0 + c) * G + g, J->st);
-                pb[g * GI8_COLS + c] = ld_param(J->bi, (size_t)(n0 + c) * G + g, J->st);
-            }
-        } else {
-            for (int k4 = 0; k4 < K4; k4++) pk[(size_t)k4 * GI8_COLS + c] = 0;
-            for (int g = 0; g < G; g++) ps[g * GI8_COLS + c] = pb[g * GI8_COLS + c] = 0.f;
-        }
-    }
-    const int bpg = J->gs / 64;                                 /* x blocks per weight group */
-    const int gpc = J->gs >= GI8_KC ? 1 : GI8_KC / J->gs;        /* weight groups per K chunk */
-    for (int g0 = 0; g0 < G; g0 += gpc) {
-        const int g1 = g0 + gpc < G ? g0 + gpc : G;
-        for (int m0 = 0; m0 < J->Mp; m0 += GI8_ROWS) {
-            __m512 facc[GI8_ROWS][2];
-            float *ar = acc + (size_t)m0 * GI8_COLS;
-            UNROLL for (int i = 0; i < GI8_ROWS; i++) {
-                facc[i][0] = g0 ? _mm512_loadu_ps(ar + i * GI8_COLS) : _mm512_setzero_ps();
-                facc[i][1] = g0 ? _mm512_loadu_ps(ar + i * GI8_COLS + 16) : _mm512_setzero_ps();
-            }
-            const int8_t *xr = J->x8 + (size_t)m0 * K;
-            for (int g = g0; g < g1; g++) {
-                const __m512 sv0 = _mm512_loadu_ps(ps + g * GI8_COLS), sv1 = _mm512_loadu_ps(ps + g * GI8_COLS + 16);
-                for (int xb = 0; xb < bpg; xb++) {
-                    const int b = g * bpg + xb, k40 = b * 16;
-                    __m512i iacc[GI8_ROWS][2];
-                    UNROLL for (int i = 0; i < GI8_ROWS; i++) iacc[i][0] = iacc[i][1] = _mm512_setzero_si512();
-                    gi8_block_dots(pk, xr, K, k40, iacc);
-                    if (J->x8r) { /* 8-bit codes: 256 x (the dots so far) + the residual's dots */
-                        UNROLL for (int i = 0; i < GI8_ROWS; i++) {
-                            iacc[i][0] = _mm512_slli_epi32(iacc[i][0], 8);
-                            iacc[i][1] = _mm512_slli_epi32(iacc[i][1], 8);
-                        }
-                        gi8_block_dots(pk, J->x8r + (size_t)m0 * K, K, k40, iacc);
-                    }
-                    UNROLL for (int i = 0; i < GI8_ROWS; i++) {
-                        const __m512 xs = _mm512_set1_ps(J->xsc[(size_t)(m0 + i) * nb + b]);
-                        facc[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i][0]), _mm512_mul_ps(sv0, xs), facc[i][0]);
-                        facc[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i][1]), _mm512_mul_ps(sv1, xs), facc[i][1]);
-                    }
-                }
-                const __m512 bv0 = _mm512_loadu_ps(pb + g * GI8_COLS), bv1 = _mm512_loadu_ps(pb + g * GI8_COLS + 16);
-                UNROLL for (int i = 0; i < GI8_ROWS; i++) {
-                    const __m512 xs = _mm512_set1_ps(J->xsum[(size_t)(m0 + i) * G + g]);
-                    facc[i][0] = _mm512_fmadd_ps(bv0, xs, facc[i][0]);
-                    facc[i][1] = _mm512_fmadd_ps(bv1, xs, facc[i][1]);
-                }
-            }
-            UNROLL for (int i = 0; i < GI8_ROWS; i++) {
-                _mm512_storeu_ps(ar + i * GI8_COLS, facc[i][0]);
-                _mm512_storeu_ps(ar + i * GI8_COLS + 16, facc[i][1]);
-            }
-        }
-    }
-    for (int m = 0; m < J->M; m++) {
-        const float *ar = acc + (size_t)m * GI8_COLS;
-        float *yr = J->y + (size_t)m * J->N + n0;
-        for (int c = 0; c < cols; c++) yr[c] = ar[c] + (J->bias ? J->bias[n0 + c] : 0.f);
-    }
-}
-
-static void gi8_task(void *ctx, int ith, int nth) {
-    (void)ith;
-    (void)nth;
-    gi8_t *J = ctx;
-    const int K = J->K, G = J->G;
-    uint8_t *buf = malloc((size_t)GI8_COLS * K + sizeof(float) * GI8_COLS * (2 * (size_t)G + J->Mp) + (size_t)K + 64);
-    if (!buf) return;
-    uint32_t *pk = (uint32_t *)buf;
-    float *ps = (float *)(buf + (size_t)GI8_COLS * K), *pb = ps + GI8_COLS * (size_t)G;
-    float *acc = pb + GI8_COLS * (size_t)G; /* [Mp][32] partial sums across K chunks */
-    uint8_t *row = (uint8_t *)(acc + GI8_COLS * (size_t)J->Mp);
-    for (;;) {
-        const int p = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
-        if (p * GI8_COLS >= J->N) break;
-        gi8_panel(J, p * GI8_COLS, pk, ps, pb, row, acc);
-    }
-    free(buf);
-}
-#else
-#define VLMC_GEMM_I8 0
-#endif
-
-int vlmc_gemm_q_i8_available(void) { return VLMC_GEMM_I8; }
-
-/* Returns -6 where the machine or the shape is not covered (the caller uses the GEMM). */
-int vlmc_gemm_q_i8(const float *x, int M, int K, const uint32_t *w, const void *scales, const void *biases, int st,
-                   int N, int bits, int gs, const float *bias, float *y, int n_threads) {
-#if VLMC_GEMM_I8
-    if (M < 1 || N < 1 || K < 64 || K % 64 || gs < 64 || gs % 64 || K % gs || st < 0 || st > 1) return -6;
-    if (bits != 4 && bits != 8 && !is_packed(bits)) return -6;
-    const int Mp = (M + GI8_ROWS - 1) / GI8_ROWS * GI8_ROWS, nb = K / 64, G = K / gs;
-    const int residual = bits == 8 && x8_residual; /* as in vlmc_gemv_q */
-    int8_t *x8 = calloc((size_t)Mp * K * (residual ? 2 : 1), 1);
-    float *xsc = calloc((size_t)Mp * nb, sizeof(float)), *xsum = calloc((size_t)Mp * G, sizeof(float));
-    if (!x8 || !xsc || !xsum) { free(x8); free(xsc); free(xsum); return -5; }
-    gi8_t J = {.x = x, .x8 = x8, .x8r = residual ? x8 + (size_t)Mp * K : NULL, .xsc = xsc, .xsum = xsum,
-               .w = (const uint8_t *)w, .sc = scales, .bi = biases,
-               .bias = bias, .y = y, .st = st, .M = M, .Mp = Mp, .N = N, .K = K, .bits = bits, .gs = gs, .G = G};
-    if (is_packed(bits)) packed_init(&J.pk, bits);
-    atomic_store(&J.next, 0);
-    int nth = n_threads < 1 ? 1 : n_threads;
-    run_parallel(gi8_quant_task, &J, M < 2 * nth ? 1 : nth);
-    run_parallel(gi8_task, &J, nth);
-    free(x8);
-    free(xsc);
-    free(xsum);
-    return 0;
-#else
-    (void)x; (void)M; (void)K; (void)w; (void)scales; (void)biases; (void)st; (void)N; (void)bits; (void)gs; (void)bias;
-    (void)y; (void)n_threads;
-    return -6;
-#endif
-}
-
-/* ------------------------------------------------------------------------------------ */
-/* the host path's exp-based elementwise ops (they use the thread pool above)             */
-#include "elementwise.c"
-#include "decode_layer.c"
-#include "affine_search.c"

@@ -1,12 +1,11 @@
 """One decode step's attention over a KV cache on the CPU, reading its buffers in place:
-affine or TurboQuant codes (``vlmc_kv_affine_decode`` / ``vlmc_kv_turbo_decode`` in gemv.c,
+affine or TurboQuant codes (``vlmc_kv_affine_decode`` / ``vlmc_kv_turbo_decode`` in kv_attention.c,
 the CPU counterparts of the GPU kernels of the same names, with the same arguments and
 references in ``vlmc.kernels.kv_quant``) and dense float32 (``vlmc_kv_dense_decode``).
 Decoding the whole cache to floats every step (the coded references) reads and writes
-several times the bytes the codes take. For dense caches the kernel replaced the BLAS
-attention path in decode steps: 3.13 / 2.83 / 2.20 -> 6.33 / 5.22 / 3.33 tok/s at 4k /
-16k / 32k cached tokens (Qwen2-VL-2B q4, 2-core CPU; the held slice reached numpy without
-a copy, so the gain is in the attention itself)."""
+several times the bytes the codes take. For dense caches the kernel also beats the BLAS
+attention path in decode steps: one pass over the cached rows, decoded once for all the
+query heads that share them."""
 from __future__ import annotations
 
 import weakref
@@ -102,7 +101,7 @@ def kv_dense_decode(q, keys, values, starts, held: int, *, scale: float, new_k=N
 # Caches whose last decode step's writes are still lazy MLX slice updates (host_dense_step,
 # decode_layer, where KVCache.write_host could not store them in place):
 # evaluated together when one of them is read next, i.e. once per decode step for all
-# layers instead of one evaluation per layer (~0.1 ms each on this 2-core machine).
+# layers instead of one evaluation per layer.
 _unsettled: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
 
 
@@ -132,7 +131,7 @@ _zero_starts: dict[int, np.ndarray] = {}
 
 def host_starts(mask, batch: int) -> np.ndarray:
     """Each sequence's first visible key (int32 numpy); without a mask, one zeros array per
-    batch size (a fresh mx.zeros had cost each layer an evaluation, ~60 us)."""
+    batch size (a fresh mx.zeros would cost each layer an evaluation)."""
     if mask is None:
         zeros = _zero_starts.get(batch)
         if zeros is None:

@@ -1,0 +1,399 @@
+#include "vlmc.h"
+
+/* ---- one decode step's attention over a KV cache, read in place -----------------------
+ * The same computation as vlmc.kernels.kv_quant.kv_{dense,affine,turbo}_decode: per
+ * (sequence, KV head), scores of its R = H / HKV query heads against every held key,
+ * softmax, then the values accumulated. Buffers are [B, HKV, cap, *]; keys starts[b] <= i
+ * < held count. Two drivers serve every layout, each instantiated per layout (kv_task_*):
+ * with AVX-512 and D % 16 == 0 (affine 4-bit: D % 32), kv_group16 takes blocks of rows
+ * (kv_rows_fn); otherwise kv_group takes one row at a time (kv_row_fn). A layout only says
+ * how to turn stored rows into floats, and each row is decoded once for all R query heads. */
+typedef struct kv_job kv_job;
+/* Row r of the keys (v = 0) or values (v = 1) as D floats: either x, filled, or a pointer
+ * into the cache; *f is a factor the row's dot products or weights are multiplied by. */
+typedef const float *(*kv_row_fn)(const kv_job *J, int v, size_t r, float *x, float *f);
+struct kv_job {
+    const float *q;
+    const int32_t *starts;
+    int B, H, HKV, D, cap, held;
+    int sst;           /* stride of the score rows: max(cap, held) */
+    float scale;
+    float *out;
+    /* layout data: dense float32 rows; affine codes (bf16 scales/minimums); TurboQuant codes */
+    const float *k, *v;
+    const float *xk, *xv; /* row held - 1 of every (sequence, KV head) from here, [B, HKV, D], not the cache (vlmc_kv_dense_decode) */
+    const uint8_t *kc, *vc;
+    const uint16_t *ks, *kb, *vs, *vb;
+    const float *kn, *vn, *kcb, *vcb;
+    int bits, gs, kbits, vbits;
+    _Atomic int next;
+};
+
+/* Softmax over keys first <= i < n of each of R score rows (stride sst), in place, and
+ * zero the R output rows of D floats that the value pass accumulates into. */
+static void kv_softmax_rows(float *sc, int R, int sst, int first, int n, float *out0, int D) {
+    for (int h = 0; h < R; h++) {
+        float *s = sc + (size_t)h * sst, m = -3.0e38f, total = 0.f;
+        for (int i = first; i < n; i++) m = s[i] > m ? s[i] : m;
+        for (int i = first; i < n; i++) {
+            s[i] = expf(s[i] - m);
+            total += s[i];
+        }
+        const float inv = total > 0.f ? 1.f / total : 0.f;
+        for (int i = first; i < n; i++) s[i] *= inv;
+        for (int d = 0; d < D; d++) out0[(size_t)h * D + d] = 0.f;
+    }
+}
+
+/* a . b over n floats with 16 independent partial sums: without -ffast-math a single
+ * running sum must stay sequential, and these dots are most of a decode step's attention */
+static ALWAYS float dot16(const float *a, const float *b, int n) {
+    float acc[16] = {0};
+    int j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int l = 0; l < 16; l++) acc[l] += a[j + l] * b[j + l];
+    float s = 0.f;
+    for (; j < n; j++) s += a[j] * b[j];
+    for (int l = 0; l < 16; l++) s += acc[l];
+    return s;
+}
+
+/* One (sequence, KV head). sc: R * sst floats; x: D floats of scratch. */
+static ALWAYS void kv_group(const kv_job *J, kv_row_fn row, int bk, float *sc, float *x) {
+    const int D = J->D, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV;
+    const int first = J->starts[b], n = J->held, cap = J->cap, sst = J->sst;
+    const size_t base = ((size_t)b * J->HKV + hk) * cap;
+    const float *q0 = J->q + ((size_t)b * J->H + (size_t)hk * R) * D;
+    float *out0 = J->out + ((size_t)b * J->H + (size_t)hk * R) * D;
+    const int xi = J->xk ? n - 1 : n; /* the extra row (dense), not in the cache */
+    for (int i = first; i < n; i++) {
+        float f = 1.f;
+        const float *k = i == xi ? J->xk + (size_t)bk * D : row(J, 0, base + i, x, &f);
+        f *= J->scale;
+        for (int h = 0; h < R; h++) sc[(size_t)h * sst + i] = dot16(q0 + (size_t)h * D, k, D) * f;
+    }
+    kv_softmax_rows(sc, R, sst, first, n, out0, D);
+    for (int i = first; i < n; i++) {
+        float f = 1.f;
+        const float *v = i == xi ? J->xv + (size_t)bk * D : row(J, 1, base + i, x, &f);
+        for (int h = 0; h < R; h++) {
+            const float p = sc[(size_t)h * sst + i] * f;
+            float *out = out0 + (size_t)h * D;
+            for (int j = 0; j < D; j++) out[j] += p * v[j];
+        }
+    }
+}
+
+/* the work loop, instantiated per layout below so that its row function is inlined */
+static ALWAYS void kv_task(kv_job *J, kv_row_fn row) {
+    const int R = J->H / J->HKV;
+    float *sc = malloc(sizeof(float) * ((size_t)R * J->sst + (size_t)J->D));
+    if (!sc) return;
+    for (;;) {
+        int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
+        if (bk >= J->B * J->HKV) break;
+        kv_group(J, row, bk, sc, sc + (size_t)R * J->sst);
+    }
+    free(sc);
+}
+
+static int kv_run(kv_job *J, task_fn task, int n_threads) {
+    if (J->B < 1 || J->H < 1 || J->HKV < 1 || J->H % J->HKV || J->D < 1 || J->held < 0 || J->held - (J->xk != NULL) > J->cap)
+        return -1;
+    J->sst = J->held > J->cap ? J->held : J->cap;
+    atomic_store(&J->next, 0);
+    int nth = n_threads < 1 ? 1 : n_threads;
+    if (nth > J->B * J->HKV) nth = J->B * J->HKV;
+    run_parallel(task, J, nth);
+    return 0;
+}
+
+/* dense float32 rows: the cache itself */
+static const float *kv_row_dense(const kv_job *J, int v, size_t r, float *x, float *f) {
+    (void)x;
+    *f = 1.f;
+    return (v ? J->v : J->k) + r * J->D;
+}
+
+/* affine codes (vlmc.runtime.kv_codecs.Affine): uint8 rows of D * bits / 8 bytes (8-bit:
+ * one byte each; 4-bit: byte b holds codes 2b (low nibble) and 2b + 1), code * scale +
+ * minimum per group of gs with bfloat16 scales and minimums [.., D / gs] */
+static const float *kv_row_affine(const kv_job *J, int v, size_t r, float *x, float *f) {
+    const int D = J->D, G = D / J->gs;
+    const uint8_t *c = (v ? J->vc : J->kc) + r * (size_t)(D * J->bits / 8);
+    const uint16_t *sc = (v ? J->vs : J->ks) + r * G, *mn = (v ? J->vb : J->kb) + r * G;
+    if (J->bits == 8) {
+        for (int j = 0; j < D; j++) x[j] = (float)c[j];
+    } else {
+        for (int b = 0; b < D / 2; b++) {
+            x[2 * b] = (float)(c[b] & 15);
+            x[2 * b + 1] = (float)(c[b] >> 4);
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const float a = bf16_to_f32(sc[g]), o = bf16_to_f32(mn[g]);
+        for (int j = g * J->gs; j < (g + 1) * J->gs; j++) x[j] = x[j] * a + o;
+    }
+    *f = 1.f;
+    return x;
+}
+
+/* TurboQuant codes (vlmc.runtime.kv_codecs.Turbo), in the rotated space: codebook levels
+ * packed as vlmc.kernels.kv_quant.pack (8 codes in `bits` bytes, code i at bit i * bits of
+ * their little-endian word), times the row's float32 norm / sqrt(D) */
+static const float *kv_row_turbo(const kv_job *J, int v, size_t r, float *x, float *f) {
+    const int D = J->D, bits = v ? J->vbits : J->kbits;
+    const uint8_t *c = (v ? J->vc : J->kc) + r * (size_t)(D * bits / 8);
+    const float *cb = v ? J->vcb : J->kcb;
+    const uint32_t mask = (1u << bits) - 1;
+    for (int g = 0; g < D / 8; g++, c += bits) {
+        uint32_t w = c[0] | ((uint32_t)c[1] << 8);
+        if (bits > 2) w |= (uint32_t)c[2] << 16;
+        if (bits > 3) w |= (uint32_t)c[3] << 24;
+        for (int i = 0; i < 8; i++) x[g * 8 + i] = cb[(w >> (i * bits)) & mask];
+    }
+    *f = (v ? J->vn : J->kn)[r] / sqrtf((float)D);
+    return x;
+}
+
+#if defined(__AVX512F__)
+#define KVD_SIMD 1
+#define KVD_HB 6     /* query heads per pass (a 7:1 or wider group takes two) */
+#define KVD_ROWS 128 /* cached rows per block */
+/* Prefetch n floats of a cached row 4096 bytes ahead: the hardware prefetcher alone falls
+ * behind the per-row arithmetic of every query head */
+static ALWAYS void kv_pf(const float *row, int n) {
+    for (int z = 0; z < n; z += 16) _mm_prefetch((const char *)(row + z) + 4096, _MM_HINT_T0);
+}
+/* Rows i0 .. i0 + nr - 1 of the keys (v = 0) or values (v = 1) of the KV head at cache row
+ * `base`, as nr x D contiguous floats: a pointer into the cache (dense) or rows decoded
+ * into buf. */
+typedef const float *(*kv_rows_fn)(const kv_job *J, int v, size_t base, int i0, int nr, float *buf);
+
+static const float *kv_rows_dense(const kv_job *J, int v, size_t base, int i0, int nr, float *buf) {
+    const float *rows = (v ? J->v : J->k) + (base + (size_t)i0) * J->D;
+    if (!J->xk || i0 + nr < J->held) return rows;
+    /* the block ends with the extra row: the cached ones, then it, into buf */
+    memcpy(buf, rows, sizeof(float) * (size_t)(nr - 1) * J->D);
+    memcpy(buf + (size_t)(nr - 1) * J->D, (v ? J->xv : J->xk) + base / J->cap * J->D, sizeof(float) * J->D);
+    return buf;
+}
+
+/* affine codes (kv_row_affine's layout) with D % 16 == 0 and gs % 16 == 0: 16 codes per
+ * step, nibbles interleaved back into natural order, then code * scale + minimum */
+static const float *kv_rows_affine(const kv_job *J, int v, size_t base, int i0, int nr, float *buf) {
+    const int D = J->D, G = D / J->gs, rb = D * J->bits / 8;
+    const __m512i lo_hi = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i lo_hi2 = _mm512_add_epi32(lo_hi, _mm512_set1_epi32(8));
+    for (int r = 0; r < nr; r++) {
+        const size_t row = base + (size_t)i0 + r;
+        const uint8_t *c = (v ? J->vc : J->kc) + row * (size_t)rb;
+        const uint16_t *sc = (v ? J->vs : J->ks) + row * G, *mn = (v ? J->vb : J->kb) + row * G;
+        float *x = buf + (size_t)r * D;
+        if (J->bits == 8) {
+            for (int j = 0; j < D; j += 16)
+                _mm512_storeu_ps(x + j, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + j)))));
+        } else {
+            for (int j = 0; j < D; j += 32) { /* 16 bytes: codes j .. j + 31 */
+                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + j / 2)));
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+                _mm512_storeu_ps(x + j, _mm512_permutex2var_ps(lo, lo_hi, hi));
+                _mm512_storeu_ps(x + j + 16, _mm512_permutex2var_ps(lo, lo_hi2, hi));
+            }
+        }
+        for (int j = 0; j < D; j += 16) {
+            const int g = j / J->gs;
+            _mm512_storeu_ps(x + j, _mm512_fmadd_ps(_mm512_loadu_ps(x + j), _mm512_set1_ps(bf16_to_f32(sc[g])),
+                                                    _mm512_set1_ps(bf16_to_f32(mn[g]))));
+        }
+    }
+    return buf;
+}
+
+/* TurboQuant codes (kv_row_turbo's layout: 8 codes of `bits` bits in `bits` bytes), D %
+ * 16 == 0, at most 16 levels: 16 codes per step through a codebook held in one register,
+ * times the row's norm / sqrt(D) */
+static const float *kv_rows_turbo(const kv_job *J, int v, size_t base, int i0, int nr, float *buf) {
+    const int D = J->D, bits = v ? J->vbits : J->kbits;
+    const float *cb = v ? J->vcb : J->kcb, *nrm = v ? J->vn : J->kn;
+    float levels[16] = {0};
+    memcpy(levels, cb, sizeof(float) * ((size_t)1 << bits));
+    const __m512 cbv = _mm512_loadu_ps(levels);
+    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+    const __m512i shifts = _mm512_mullo_epi32(_mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(bits));
+    const float inv_sqrt_d = 1.f / sqrtf((float)D);
+    for (int r = 0; r < nr; r++) {
+        const size_t row = base + (size_t)i0 + r;
+        const uint8_t *c = (v ? J->vc : J->kc) + row * (size_t)(D * bits / 8);
+        const __m512 f = _mm512_set1_ps(nrm[row] * inv_sqrt_d);
+        float *x = buf + (size_t)r * D;
+        for (int j = 0; j < D; j += 16, c += 2 * bits) {
+            uint32_t w0 = 0, w1 = 0;
+            memcpy(&w0, c, (size_t)bits);
+            memcpy(&w1, c + bits, (size_t)bits);
+            const __m512i w = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32((int)w0), _mm512_set1_epi32((int)w1));
+            const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(w, shifts), mask);
+            _mm512_storeu_ps(x + j, _mm512_mul_ps(_mm512_permutexvar_ps(idx, cbv), f));
+        }
+    }
+    return buf;
+}
+
+/* One (sequence, KV head) for D % 16 == 0, the query heads in passes of up to 6, the cache
+ * in blocks of KVD_ROWS rows. Per key row one 16-float load feeds an FMA for every head (6
+ * accumulator chains); the value pass keeps 6 heads x 64 output floats in 24 registers
+ * across a block; the softmax uses exp8. The generic driver spends a scalar expf per score
+ * and re-reads and re-writes the output rows for every cached token. sc: R * sst floats;
+ * buf: KVD_ROWS * D. */
+static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv_rows_fn rows) {
+    const int D = J->D, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV, nz = D / 16;
+    const int first = J->starts[b], n = J->held, cap = J->cap, sst = J->sst;
+    const size_t base = ((size_t)b * J->HKV + hk) * cap;
+    const float *q0 = J->q + ((size_t)b * J->H + (size_t)hk * R) * D;
+    float *out0 = J->out + ((size_t)b * J->H + (size_t)hk * R) * D;
+    memset(out0, 0, sizeof(float) * (size_t)R * D);
+    if (first >= n) return; /* nothing visible: zeros, as the generic driver gives */
+    for (int i0 = first; i0 < n; i0 += KVD_ROWS) {
+        const int nr = n - i0 < KVD_ROWS ? n - i0 : KVD_ROWS;
+        const float *K = rows(J, 0, base, i0, nr, buf);
+        for (int h0 = 0; h0 < R; h0 += KVD_HB) {
+            const int hb = R - h0 < KVD_HB ? R - h0 : KVD_HB;
+            for (int r = 0; r < nr; r++) {
+                const float *k = K + (size_t)r * D;
+                if (h0 == 0) kv_pf(k, D);
+                __m512 acc[KVD_HB];
+                UNROLL for (int h = 0; h < KVD_HB; h++) acc[h] = _mm512_setzero_ps();
+                for (int z = 0; z < nz; z++) {
+                    const __m512 kv = _mm512_loadu_ps(k + 16 * z);
+                    UNROLL for (int h = 0; h < KVD_HB; h++)
+                        if (h < hb) acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + (size_t)(h0 + h) * D + 16 * z), kv, acc[h]);
+                }
+                UNROLL for (int h = 0; h < KVD_HB; h++)
+                    if (h < hb) sc[(size_t)(h0 + h) * sst + i0 + r] = _mm512_reduce_add_ps(acc[h]) * J->scale;
+            }
+        }
+    }
+    for (int h = 0; h < R; h++) { /* softmax over [first, n) */
+        float *s = sc + (size_t)h * sst;
+        __m512 mv = _mm512_set1_ps(-3.0e38f);
+        int i = first;
+        for (; i + 16 <= n; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
+        float m = _mm512_reduce_max_ps(mv);
+        for (; i < n; i++) m = s[i] > m ? s[i] : m;
+        const __m256 m8 = _mm256_set1_ps(m);
+        __m256 tv = _mm256_setzero_ps();
+        for (i = first; i + 8 <= n; i += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), m8));
+            _mm256_storeu_ps(s + i, e);
+            tv = _mm256_add_ps(tv, e);
+        }
+        float total = hsum(tv);
+        for (; i < n; i++) {
+            s[i] = exp1(s[i] - m);
+            total += s[i];
+        }
+        const float inv = total > 0.f ? 1.f / total : 0.f;
+        for (i = first; i < n; i++) s[i] *= inv;
+    }
+    for (int i0 = first; i0 < n; i0 += KVD_ROWS) {
+        const int nr = n - i0 < KVD_ROWS ? n - i0 : KVD_ROWS;
+        const float *V = rows(J, 1, base, i0, nr, buf);
+        for (int h0 = 0; h0 < R; h0 += KVD_HB) {
+            const int hb = R - h0 < KVD_HB ? R - h0 : KVD_HB;
+            for (int z0 = 0; z0 < nz; z0 += 4) {
+                const int zb = nz - z0 < 4 ? nz - z0 : 4;
+                __m512 o[KVD_HB][4];
+                UNROLL for (int h = 0; h < KVD_HB; h++) UNROLL for (int z = 0; z < 4; z++)
+                    o[h][z] = h < hb && z < zb ? _mm512_loadu_ps(out0 + (size_t)(h0 + h) * D + 16 * (z0 + z))
+                                               : _mm512_setzero_ps();
+                for (int r = 0; r < nr; r++) {
+                    const float *vr = V + (size_t)r * D + 16 * z0;
+                    if (h0 == 0) kv_pf(vr, 16 * zb);
+                    __m512 vv[4];
+                    UNROLL for (int z = 0; z < 4; z++) vv[z] = z < zb ? _mm512_loadu_ps(vr + 16 * z) : _mm512_setzero_ps();
+                    UNROLL for (int h = 0; h < KVD_HB; h++)
+                        if (h < hb) {
+                            const __m512 p = _mm512_set1_ps(sc[(size_t)(h0 + h) * sst + i0 + r]);
+                            UNROLL for (int z = 0; z < 4; z++) o[h][z] = _mm512_fmadd_ps(p, vv[z], o[h][z]);
+                        }
+                }
+                UNROLL for (int h = 0; h < KVD_HB; h++)
+                    if (h < hb)
+                        UNROLL for (int z = 0; z < 4; z++)
+                            if (z < zb) _mm512_storeu_ps(out0 + (size_t)(h0 + h) * D + 16 * (z0 + z), o[h][z]);
+            }
+        }
+    }
+}
+
+/* the work loop of the AVX-512 path, per row provider */
+static ALWAYS void kv_task16(kv_job *J, kv_rows_fn rows) {
+    const int R = J->H / J->HKV;
+    float *sc = malloc(sizeof(float) * ((size_t)R * J->sst + (size_t)KVD_ROWS * J->D));
+    if (!sc) return;
+    for (;;) {
+        const int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
+        if (bk >= J->B * J->HKV) break;
+        kv_group16(J, bk, sc, sc + (size_t)R * J->sst, rows);
+    }
+    free(sc);
+}
+#else
+#define KVD_SIMD 0
+#endif
+
+#if KVD_SIMD
+#define KV_BLOCKS(J, rows) kv_task16(J, rows)
+#else
+#define KV_BLOCKS(J, rows) ((void)0)
+#endif
+/* kv_task_<layout>: the block driver where the layout's rows fit it, else row by row */
+#define KV_TASK(layout, fits)                                            \
+    static void kv_task_##layout(void *ctx, int ith, int nth) {          \
+        (void)ith;                                                       \
+        (void)nth;                                                       \
+        kv_job *J = (kv_job *)ctx;                                       \
+        if (KVD_SIMD && (fits)) {                                        \
+            KV_BLOCKS(J, kv_rows_##layout);                              \
+            return;                                                      \
+        }                                                                \
+        kv_task(J, kv_row_##layout);                                     \
+    }
+KV_TASK(dense, J->D % 16 == 0)
+KV_TASK(affine, J->D % 32 == 0 && J->gs % 16 == 0)
+KV_TASK(turbo, J->D % 16 == 0 && J->kbits <= 4 && J->vbits <= 4)
+
+/* xk, xv (NULL: none): this step's keys and values [B, HKV, D], as row held - 1 of every
+ * (sequence, KV head), so the caller can store them in the cache afterwards (lazily) and
+ * the cache holds only the held - 1 rows before them (k/v may then be NULL when held is 1) */
+int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const float *xk, const float *xv,
+                         const int32_t *starts, int B, int H, int HKV, int D, int cap, int held, float scale,
+                         float *out, int n_threads) {
+    if ((xk == NULL) != (xv == NULL) || (xk && held < 1)) return -1;
+    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held,
+                .scale = scale, .out = out, .k = k, .v = v, .xk = xk, .xv = xv};
+    return kv_run(&J, kv_task_dense, n_threads);
+}
+
+int vlmc_kv_affine_decode(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
+                          const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const int32_t *starts,
+                          int B, int H, int HKV, int D, int cap, int held, int bits, int gs, float scale,
+                          float *out, int n_threads) {
+    if ((bits != 4 && bits != 8) || gs < 2 || D % gs || gs % 2) return -2;
+    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held,
+                .scale = scale, .out = out, .kc = kc, .vc = vc, .ks = ks, .kb = kb, .vs = vs, .vb = vb,
+                .bits = bits, .gs = gs};
+    return kv_run(&J, kv_task_affine, n_threads);
+}
+
+int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
+                         const float *kcb, const float *vcb, const int32_t *starts, int B, int H, int HKV, int D,
+                         int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads) {
+    if (D < 8 || D % 8 || kbits < 2 || kbits > 4 || vbits < 2 || vbits > 4) return -2;
+    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held,
+                .scale = scale, .out = out, .kc = kc, .vc = vc, .kn = kn, .vn = vn, .kcb = kcb, .vcb = vcb,
+                .kbits = kbits, .vbits = vbits};
+    return kv_run(&J, kv_task_turbo, n_threads);
+}

@@ -1,0 +1,389 @@
+/* vlmc CPU kernels: what the library's source files share. Each .c file holds one
+ * concern (threadpool.c, gemv.c, dequant.c, kv_attention.c, gemm_i8.c, elementwise.c,
+ * decode_layer.c, affine_search.c, probe.c) and includes this header first; build.py
+ * compiles them into one shared library. Here: the instruction-set switches, the
+ * scalar and SIMD helpers several files inline, the thread pool's interface, and the
+ * prototype of every exported function (vlmc/kernels/cpu/bindings.py declares the same
+ * signatures to ctypes). */
+#ifndef VLMC_H
+#define VLMC_H
+
+#define _GNU_SOURCE
+#include <math.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define VLMC_SIMD 1
+#else
+#define VLMC_SIMD 0
+#endif
+/* codes x int8 activations (gemv.c's qv kernels, gemm_i8.c) */
+#if VLMC_SIMD && defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define VLMC_VNNI 1
+#else
+#define VLMC_VNNI 0
+#endif
+/* 2/3/5/6-bit codes widened in registers (codes_packed) */
+#if VLMC_SIMD && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#define VLMC_CODES_PACKED 1
+#else
+#define VLMC_CODES_PACKED 0
+#endif
+
+#ifndef VLMC_ABI
+#error "VLMC_ABI is not defined: the ABI number comes from vlmc/kernels/cpu/bindings.py (build.py passes -DVLMC_ABI=N)"
+#endif
+#define ALWAYS __attribute__((always_inline)) inline
+#define UNROLL _Pragma("GCC unroll 16")
+#define MAYBE_UNUSED __attribute__((unused))
+/* functions one source file provides to the others, not exported from the library */
+#define VLMC_INTERNAL __attribute__((visibility("hidden")))
+
+enum { ST_F32 = 0, ST_BF16 = 1, ST_F16 = 2 };
+
+/* ---- scalar helpers ------------------------------------------------------------------ */
+
+static ALWAYS float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static MAYBE_UNUSED float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+    if (exp == 0) {
+        if (man == 0) {
+            u = sign;
+        } else { /* subnormal: renormalize */
+            int e = -1;
+            do { man <<= 1; e++; } while (!(man & 0x400));
+            u = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else {
+        u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* element i of a scales/biases array of type st */
+static ALWAYS float ld_param(const void *p, size_t i, int st) {
+    if (st == ST_F32) return ((const float *)p)[i];
+    if (st == ST_BF16) return bf16_to_f32(((const uint16_t *)p)[i]);
+    return f16_to_f32(((const uint16_t *)p)[i]);
+}
+
+/* 2-, 3-, 5- and 6-bit codes ("packed": MLX's layout puts every 8 codes in `bits` bytes
+ * of the row's little-endian bit stream) widened to one byte each: in registers, 64 at
+ * a time (codes_packed, AVX512-VBMI; the int8-x GEMVs of 1-4 x rows read the codes this
+ * way), or a row into a buffer (expand_packed, K a multiple of 64; dequantize, and the
+ * GEMV with float x or 5+ x rows, which then runs the 8-bit kernels). A 6-bit weight so
+ * streams 6/8 of the bytes of an 8-bit copy, a 3-bit one 3/4 of those of a 4-bit copy. */
+static ALWAYS int is_packed(int bits) { return bits == 2 || bits == 3 || bits == 5 || bits == 6; }
+
+/* the constants of codes_packed for one width: qword j of the widened vector gathers the
+ * `bits` bytes of codes 8j .. 8j + 7 (byte t of it: byte bits*j + min(t, bits - 1) of
+ * the source; bytes past `bits` are masked away below), then multishift picks bits
+ * bits*i .. bits*i + 7 of the qword for its code i */
+typedef struct {
+    uint8_t idx[64];
+    uint64_t shift;   /* byte i: bits * i */
+    uint64_t load;    /* mask of the 8 * bits source bytes of 64 codes */
+    uint8_t mask;     /* (1 << bits) - 1 */
+    int bits;
+} packed_t;
+
+static MAYBE_UNUSED void packed_init(packed_t *u, int bits) {
+    u->bits = bits;
+    u->shift = 0;
+    for (int i = 0; i < 8; i++) u->shift |= (uint64_t)(bits * i) << (8 * i);
+    for (int b = 0; b < 64; b++) u->idx[b] = (uint8_t)(bits * (b >> 3) + ((b & 7) < bits ? (b & 7) : bits - 1));
+    u->load = (1ULL << (8 * bits)) - 1; /* bits <= 6: at most 48 bytes */
+    u->mask = (uint8_t)((1u << bits) - 1);
+}
+
+#if VLMC_CODES_PACKED
+/* packed_t in registers */
+typedef struct {
+    __m512i idx, shift, mask;
+    __mmask64 load;
+} packed_v;
+static ALWAYS packed_v packed_regs(const packed_t *u) {
+    return (packed_v){_mm512_loadu_si512((const void *)u->idx), _mm512_set1_epi64((long long)u->shift),
+                      _mm512_set1_epi8((char)u->mask), (__mmask64)u->load};
+}
+/* the 64 codes in the 8 * bits bytes at p, one per byte */
+static ALWAYS __m512i codes_packed(const packed_v *u, const uint8_t *p) {
+    const __m512i v = _mm512_maskz_loadu_epi8(u->load, p);
+    return _mm512_and_si512(_mm512_multishift_epi64_epi8(u->shift, _mm512_permutexvar_epi8(u->idx, v)), u->mask);
+}
+#endif
+
+static MAYBE_UNUSED void expand_packed(const packed_t *u, const uint8_t *src, uint8_t *dst, int K) {
+    const int bits = u->bits;
+    int k = 0;
+#if VLMC_CODES_PACKED
+    const packed_v r = packed_regs(u);
+    for (; k + 64 <= K; k += 64) _mm512_storeu_si512((void *)(dst + k), codes_packed(&r, src + (size_t)k / 8 * bits));
+#endif
+    for (; k < K; k += 8) {
+        uint64_t v = 0;
+        memcpy(&v, src + (size_t)k / 8 * bits, (size_t)bits); /* little-endian host */
+        for (int i = 0; i < 8; i++) dst[k + i] = (uint8_t)((v >> (bits * i)) & u->mask);
+    }
+}
+#if VLMC_SIMD
+static ALWAYS float hsum(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+static ALWAYS __m256 ld8_bf16(const uint16_t *p) {
+    __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+#endif
+
+/* ---- exp for float32, scalar (exp1) and 8 lanes (exp8) --------------------------------
+ * Cephes-style: e^x = 2^n e^r with |r| <= ln2/2 and a degree-6 polynomial for e^r (~1 ulp
+ * over the float range); x below -87.3 gives 0 (the true value is under 2^-126, flushed
+ * where numpy's denormals would barely differ), x above 88.7 gives inf (as expf). */
+
+#define EXP_HI 88.7f
+#define EXP_LO (-87.3f)
+
+static ALWAYS float exp_poly(float r) {
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    return y * r * r + r + 1.0f;
+}
+
+static ALWAYS float exp1(float x) {
+    if (!(x >= EXP_LO)) return x != x ? x : 0.f; /* NaN stays NaN */
+    if (x > EXP_HI) return INFINITY;
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    union { uint32_t u; float f; } p;
+    if (n > 127.f) { /* 2^n overflows the exponent field: e^x is over FLT_MAX or just under */
+        p.u = (uint32_t)(127 + 127) << 23;
+        return exp_poly(r) * p.f * 2.f;
+    }
+    p.u = (uint32_t)((int)n + 127) << 23;
+    return exp_poly(r) * p.f;
+}
+
+#if VLMC_SIMD
+static ALWAYS __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(EXP_LO), hi = _mm256_set1_ps(EXP_HI);
+    const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);          /* false for NaN too */
+    const __m256 over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
+    const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(_mm256_mul_ps(y, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* 2^n as two halves, so n = 128 (inputs just under the overflow point) stays finite */
+    const __m256i ni = _mm256_cvtps_epi32(n);
+    const __m256i h1 = _mm256_srai_epi32(ni, 1), h2 = _mm256_sub_epi32(ni, h1);
+    const __m256i b = _mm256_set1_epi32(127);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h1, b), 23)));
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h2, b), 23)));
+    y = _mm256_and_ps(y, keep);
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), over);
+    return _mm256_blendv_ps(y, x, nan);
+}
+#endif
+
+/* ---- int8 activations ------------------------------------------------------------------ */
+
+/* the rounding residual of x for 8-bit codes (x8_block); off only to measure it (gemv.c) */
+VLMC_INTERNAL extern int vlmc_x8_residual;
+
+#if VLMC_VNNI
+/* 64 values of x to int8 with scale amax / 127 (cvtps rounds to nearest even, as lrintf):
+ * in natural order (odd = 32), or for 4-bit codes the 32 even-indexed values at q and the
+ * odd ones at q + odd (the low and high nibbles of the block's 32 code bytes hold codes
+ * 2b and 2b + 1; see qv_block for where the halves go). With qr (natural order only), the
+ * rounding residual too: t = x / scale, q = rint(t), qr = rint(256 (t - q)) saturated to
+ * int8 (t - q is exact), so x ~ scale (q + qr / 256) to ~1 / 65000 of the block's largest
+ * value; *sum is then the sum of 256 q + qr and the returned scale that of 256 q + qr. */
+static ALWAYS float x8_block(const float *xr, int nibbles, int8_t *q, size_t odd, int8_t *qr, int *sum) {
+    __m512 v[4], a = _mm512_setzero_ps();
+    UNROLL for (int i = 0; i < 4; i++) {
+        v[i] = _mm512_loadu_ps(xr + 16 * i);
+        a = _mm512_max_ps(a, _mm512_abs_ps(v[i]));
+    }
+    const float amax = _mm512_reduce_max_ps(a), inv = amax > 0.f ? 127.f / amax : 0.f;
+    if (nibbles) {
+        const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+        const __m512 e0 = _mm512_permutex2var_ps(v[0], ev, v[1]), e1 = _mm512_permutex2var_ps(v[2], ev, v[3]);
+        const __m512 o0 = _mm512_permutex2var_ps(v[0], od, v[1]), o1 = _mm512_permutex2var_ps(v[2], od, v[3]);
+        v[0] = e0, v[1] = e1, v[2] = o0, v[3] = o1;
+    }
+    const __m512 iv = _mm512_set1_ps(inv);
+    __m512i s = _mm512_setzero_si512(), sr = _mm512_setzero_si512();
+    UNROLL for (int i = 0; i < 4; i++) {
+        const __m512 t = _mm512_mul_ps(v[i], iv);
+        const __m512i qi = _mm512_cvtps_epi32(t);
+        s = _mm512_add_epi32(s, qi);
+        _mm_storeu_si128((__m128i *)(q + (i < 2 ? 16 * i : odd + 16 * (i - 2))), _mm512_cvtepi32_epi8(qi));
+        if (qr) {
+            __m512i ri = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(t, _mm512_cvtepi32_ps(qi)), _mm512_set1_ps(256.f)));
+            ri = _mm512_min_epi32(ri, _mm512_set1_epi32(127)); /* t - q = +0.5 exactly: 128 */
+            sr = _mm512_add_epi32(sr, ri);
+            _mm_storeu_si128((__m128i *)(qr + 16 * i), _mm512_cvtepi32_epi8(ri));
+        }
+    }
+    *sum = _mm512_reduce_add_epi32(s) * (qr ? 256 : 1) + (qr ? _mm512_reduce_add_epi32(sr) : 0);
+    return qr ? amax / 127.f / 256.f : amax / 127.f;
+}
+#endif
+
+
+/* ---- thread pool (threadpool.c) ------------------------------------------------------ */
+
+#define MAXTH 64
+typedef void (*task_fn)(void *ctx, int ith, int nth);
+/* Run fn(ctx, i, nth) for i in [0, nth): i = 0 on the calling thread. */
+VLMC_INTERNAL void run_parallel(task_fn fn, void *ctx, int nth);
+
+/* most rows per scheduling chunk (sizes gemv.c's partial-sum buffer): long sequential runs
+ * per thread stream faster than many short ones */
+#ifndef CHUNK_MAX
+#define CHUNK_MAX 2048
+#endif
+
+/* rows per scheduling chunk: multiple of 4, ~8 chunks per thread, >= 16 rows */
+static MAYBE_UNUSED int pick_chunk(int N, int nth) {
+    int c = N / (nth * 8);
+    if (c < 16) c = 16;
+    if (c > CHUNK_MAX) c = CHUNK_MAX;
+    return (c + 3) & ~3;
+}
+
+/* bytes of W below which threading costs more than it saves */
+#define MIN_BYTES_PER_THREAD (96 * 1024)
+
+static MAYBE_UNUSED int eff_threads(int n_threads, double wbytes, int N) {
+    int nth = n_threads < 1 ? 1 : n_threads;
+    int by_size = (int)(wbytes / MIN_BYTES_PER_THREAD);
+    if (by_size < 1) by_size = 1;
+    if (nth > by_size) nth = by_size;
+    if (nth > (N + 15) / 16) nth = (N + 15) / 16;
+    return nth < 1 ? 1 : nth;
+}
+
+/* the arguments of a quantized weight (gemv.c, dequant.c): 0, or why not */
+static MAYBE_UNUSED int check_q(int K, int N, int bits, int gs, int st) {
+    if (K < 1 || N < 1) return -1;
+    if (bits < 2 || bits > 8 || bits == 7) return -2;
+    if (gs < 8 || gs % 8 || K % gs) return -3;
+    if ((size_t)K * bits % 32) return -3;
+    if (st < 0 || st > 2) return -4;
+    return 0;
+}
+
+/* one row of codes dequantized to float32, any width (dequant.c; the portable GEMV path) */
+VLMC_INTERNAL void dequant_row_generic(const uint8_t *row, int K, int bits, int gs, const void *sc, const void *bi,
+                                       int st, size_t goff, float *out);
+
+/* ---- decode_layer.c's description of a layer ------------------------------------------ */
+
+/* A projection: float32 [N, K], bfloat16 [N, K] (raw uint16) or affine codes with their
+ * scales/biases (float32 or bfloat16, st as vlmc_gemv_q); bias [N] float32 or NULL. */
+typedef struct {
+    int kind; /* 0 float32, 1 bfloat16, 2 affine codes */
+    int N, K, bits, gs, st;
+    const void *w, *scales, *biases;
+    const float *bias;
+} vlmc_proj;
+
+typedef struct {
+    int hidden, heads, kv_heads, head_dim, inter; /* inter: the MLP's gate (= up) width */
+    float eps1, eps2, scale, act_a;               /* act_a: SIGMOID_SCALE of the activation */
+    const float *norm1, *norm2;                   /* [hidden] */
+    vlmc_proj qkv, o, gate_up, down;
+} vlmc_layer;
+
+/* ---- exported functions (0 on success, a negative code for bad arguments or no memory,
+ * unless stated otherwise) ------------------------------------------------------------ */
+
+/* probe.c */
+int vlmc_abi_version(void);
+int vlmc_simd(void);
+float vlmc_stream_read(const float *p, int64_t n, int n_threads);
+/* threadpool.c */
+void vlmc_set_spin_us(int us);
+/* gemv.c */
+int vlmc_gemv_f32(const float *x, int M, int K, const float *w, int N, const float *bias, float *y, int n_threads);
+int vlmc_gemv_bf16(const float *x, int M, int K, const uint16_t *w, int N, const float *bias, float *y,
+                   int n_threads);
+int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *scales, const void *biases, int st,
+                int N, int bits, int gs, const float *bias, float *y, int n_threads);
+void vlmc_set_int8_x(int on);
+void vlmc_set_x8_residual(int on);
+int vlmc_int8_x_available(void);
+int vlmc_packed_direct(void);
+/* dequant.c */
+int vlmc_dequantize(const uint32_t *w, const void *scales, const void *biases, int st, int N, int K, int bits,
+                    int gs, float *out, int n_threads);
+void vlmc_bf16_to_f32(const uint16_t *src, int64_t n, float *dst, int n_threads);
+/* kv_attention.c */
+int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const float *xk, const float *xv,
+                         const int32_t *starts, int B, int H, int HKV, int D, int cap, int held, float scale,
+                         float *out, int n_threads);
+int vlmc_kv_affine_decode(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
+                          const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const int32_t *starts,
+                          int B, int H, int HKV, int D, int cap, int held, int bits, int gs, float scale,
+                          float *out, int n_threads);
+int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
+                         const float *kcb, const float *vcb, const int32_t *starts, int B, int H, int HKV, int D,
+                         int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads);
+/* gemm_i8.c */
+int vlmc_gemm_q_i8_available(void);
+int vlmc_gemm_q_i8(const float *x, int M, int K, const uint32_t *w, const void *scales, const void *biases, int st,
+                   int N, int bits, int gs, const float *bias, float *y, int n_threads);
+/* elementwise.c */
+int vlmc_softmax_rows(float *s, int64_t rows, int64_t cols, float scale, const uint8_t *keep, int64_t keep_rows,
+                      int n_threads);
+int vlmc_sigmoid_gate(const float *x, int64_t x_ld, const float *up, int64_t up_ld, float *out, int64_t rows,
+                      int64_t cols, float a, int n_threads);
+int vlmc_norm(const float *x, int64_t rows, int64_t cols, const float *w, const float *b, float eps, int layer,
+              float *out, int n_threads);
+int vlmc_rope(const float *x, int64_t A, int64_t H, int64_t L, int64_t D, int64_t sa, int64_t sh, int64_t sl,
+              const float *cs, const float *sn, int64_t ca, int64_t cl, float *out, int n_threads);
+/* decode_layer.c */
+int vlmc_decode_layers(const vlmc_layer *const *L, int nl, const float *x, const float *normed, int B, const float *cs,
+                       const float *sn, int64_t ca, float *const *kc, float *const *vc, const int32_t *starts,
+                       const int32_t *cap, const int32_t *held, const int32_t *inplace, float *new_kv, float *out,
+                       int n_threads);
+/* affine_search.c */
+int vlmc_affine_search(const float *w, int N, int K, int gs, int bits, const float *s0, const float *b0,
+                       const float *shrink, int nshrink, int nrefit, float *scales, float *biases, int n_threads);
+int vlmc_affine_codes(const float *w, int N, int K, int gs, int bits, const float *scales, const float *biases,
+                      uint8_t *out, int n_threads);
+
+#endif /* VLMC_H */
