@@ -349,7 +349,7 @@ def _host_kernels_match() -> None:
     """The elementwise and KV decode kernels of the library now loaded (the SIMD paths, or
     the scalar and AVX2 ones of the other builds) against the MLX references."""
     from vlmc.kernels import cpu_ops, kv_quant
-    from vlmc.kernels.cpu.kv_decode import kv_affine_decode, kv_dense_decode, kv_turbo_decode
+    from vlmc.kernels.cpu.kv_decode import kv_affine_decode, kv_affine_encode, kv_dense_decode, kv_turbo_decode
     from vlmc.runtime.kv_cache import make_caches
 
     def close(got, ref, tol=5e-6):
@@ -385,6 +385,13 @@ def _host_kernels_match() -> None:
             args = (qd, kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"], vb["biases"], starts, 200)
             kw = dict(scale=0.125, bits=4, group_size=32)
             close(kv_affine_decode(*args, **kw), kv_quant.kv_affine_decode(*args, **kw), 1e-5)
+            for bits in (4, 8):  # the decode_layer path's encode: the codec's bytes
+                codec, xs = cache.codecs["k"], np.asarray(kv[:, :, :3])
+                codec = type(codec)(bits, 32)
+                ref, got = codec._encode(mx.array(xs)), kv_affine_encode(xs, bits, 32)
+                assert np.array_equal(got["codes"], np.asarray(ref["codes"]))
+                assert np.array_equal(got["scales"], np.asarray(ref["scales"].view(mx.uint16)))
+                assert np.array_equal(got["biases"], np.asarray(ref["biases"].view(mx.uint16)))
         else:
             kc, vc = cache.codecs["k"], cache.codecs["v"]
             args = (qd, kb["codes"], kb["norms"], vb["codes"], vb["norms"], kc.codebook, vc.codebook, starts, 200)

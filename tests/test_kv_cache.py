@@ -531,3 +531,219 @@ def test_cpu_kernel_reads_affine_codes_like_the_reference(bits, gs, dim, monkeyp
     monkeypatch.setattr(cpu_ops, "_kv_affine_decode", lambda *a, **kw: calls.append(1) or kv_affine_decode(*a, **kw))
     step = cpu_ops.cached_attention(q[:, :, None], k[:, :, :1], v[:, :, :1], cache, None, scale=0.125)
     assert calls == [1] and step.shape == (B, H, 1, dim)
+
+
+# ---------------------------------------------------------------- the cpu decode_layer fast path over quantized caches
+
+def _encode_inputs(rng, batch, heads, dim, gs, bits):
+    """Vectors [batch, heads, 1, dim] that probe every rounding of Affine's encode: Gaussian
+    rows of very different magnitudes, exact ties (values at half steps of a power-of-two
+    scale), constant and almost constant groups, signed zeros, all zeros."""
+    shape, groups = (batch, heads, 1, dim), (batch, heads, 1, dim // gs, gs)
+    top = (1 << bits) - 1
+    scale = 2.0 ** rng.integers(-8, 4, (*groups[:-1], 1))
+    steps = rng.integers(0, top, groups) + 0.5 * rng.integers(0, 2, groups)
+    steps[..., 0], steps[..., 1] = 0, top  # the group's range is exactly top steps
+    const = np.repeat(rng.standard_normal((*groups[:-1], 1)), gs, -1)
+    nudged = const.copy()
+    nudged[..., 0] = np.nextafter(nudged[..., 0].astype(np.float32), np.float32(np.inf))
+    zeros = rng.standard_normal(shape)
+    zeros[rng.random(shape) < 0.4] = 0.0
+    zeros[rng.random(shape) < 0.4] = -0.0
+    xs = [rng.standard_normal(shape) * 10.0 ** rng.integers(-20, 20, (batch, heads, 1, 1)),
+          (steps * scale).reshape(shape), const.reshape(shape), nudged.reshape(shape), zeros, np.zeros(shape),
+          1000 + rng.standard_normal(shape)]
+    return [x.astype(np.float32) for x in xs]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("gs,dim", [(16, 16), (16, 48), (32, 64), (64, 128), (128, 128)])
+def test_c_encode_is_the_affine_codecs_byte_for_byte(bits, gs, dim):
+    """The decode_layer path encodes a step's keys and values in C (vlmc_kv_affine_encode):
+    codes, bf16 scales and bf16 minimums equal to kv_codecs.Affine's, compiled (decode
+    steps) and eager, byte for byte, on inputs with ties, constant groups and signed zeros."""
+    from vlmc.kernels import cpu
+    from vlmc.kernels.cpu.kv_decode import kv_affine_encode
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    codec = C.Affine(bits, gs)
+    rng = np.random.default_rng(bits * 1000 + gs + dim)
+    for batch in (1, 3):
+        for x in _encode_inputs(rng, batch, 2, dim, gs, bits):
+            got = kv_affine_encode(x, bits, gs)
+            for ref in (codec.encode(mx.array(x)), codec._encode(mx.array(x))):
+                assert np.array_equal(got["codes"], np.asarray(ref["codes"]))
+                for name in ("scales", "biases"):
+                    assert np.array_equal(got[name], np.asarray(ref[name].view(mx.uint16))), name
+
+
+def _layer_weights(rng, hidden, heads, kv_heads, dim, inter):
+    """One pre-norm layer's weights as the generated code passes them (q4 projections with
+    bf16 scales, a qkv bias), and the op-by-op layer they make (the generated body's ops)."""
+    from vlmc.kernels import cpu_ops
+    from vlmc.kernels.quant import QuantWeight
+
+    def q4(n, k):
+        w = mx.array((rng.standard_normal((n, k)) * 0.5 / np.sqrt(k)).astype(np.float32)).astype(mx.bfloat16)
+        return QuantWeight(*mx.quantize(w, group_size=64, bits=4), 4, 64, "affine")
+    norm1, norm2 = (mx.array((1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32)) for _ in range(2))
+    qkv_w, o_w = q4((heads + 2 * kv_heads) * dim, hidden), q4(hidden, heads * dim)
+    gu_w, d_w = q4(2 * inter, hidden), q4(hidden, inter)
+    qkv_b = mx.array((0.1 * rng.standard_normal((heads + 2 * kv_heads) * dim)).astype(np.float32))
+    weights = (norm1, qkv_w, qkv_b, o_w, None, norm2, gu_w, None, d_w, None)
+    scale = dim ** -0.5
+
+    def ops_layer(x, cos, sin, mask, cache):
+        ops = cpu_ops
+        n1 = ops.rms_norm(x, norm1, eps=1e-6)
+        q, k, v = ops.split(ops.qlinear(n1, qkv_w, qkv_b), sizes=[heads * dim, kv_heads * dim, kv_heads * dim],
+                            axis=-1)
+        q = ops.transpose(ops.reshape(q, shape=[0, 0, heads, dim]), axes=[0, 2, 1, 3])
+        k = ops.transpose(ops.reshape(k, shape=[0, 0, kv_heads, dim]), axes=[0, 2, 1, 3])
+        v = ops.transpose(ops.reshape(v, shape=[0, 0, kv_heads, dim]), axes=[0, 2, 1, 3])
+        attn = ops.cached_attention(ops.rope(q, cos, sin), ops.rope(k, cos, sin), v, cache, mask, scale=scale)
+        attn = ops.reshape(ops.transpose(attn, axes=[0, 2, 1, 3]), shape=[0, 0, heads * dim])
+        h = ops.add(x, ops.qlinear(attn, o_w))
+        gate, up = ops.split(ops.qlinear(ops.rms_norm(h, norm2, eps=1e-6), gu_w), sizes=[inter, inter], axis=-1)
+        return ops.add(h, ops.qlinear(ops.glu(gate, up, kind="silu"), d_w))
+    attrs = dict(eps1=1e-6, eps2=1e-6, heads=heads, kv_heads=kv_heads, head_dim=dim, inter=inter, scale=scale,
+                 act="silu")
+    return weights, ops_layer, attrs
+
+
+STACK = [{"layout": "dense"}, {"layout": "quantized", "bits": 4, "group_size": 32},
+         {"layout": "quantized", "bits": 8, "group_size": 64}, {"layout": "quantized", "bits": 4, "group_size": 16},
+         {"layout": "dense"}]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_layers_over_mixed_caches_equal_the_ops(batch):
+    """decode_layers over a stack mixing dense, 4-bit and 8-bit caches (groups of 16, 32, 64)
+    gives the op-by-op layers' outputs and leaves the same cache bytes, to the last bit,
+    step after step: in place while there is room, appended lazily where the step crosses
+    the capacity (256 -> 512 columns) and where its column was exported; a pinned export
+    makes those lazy writes move the buffer, and the next in-place writes must follow it.
+    batch 3 is left-padded (starts 0, 5, 17)."""
+    from vlmc.kernels import cpu, cpu_ops
+    from vlmc.kernels.cpu import kv_decode
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    rng = np.random.default_rng(batch)
+    hidden, heads, kv_heads, dim, inter = 256, 4, 2, 64, 384
+    layers = [_layer_weights(rng, hidden, heads, kv_heads, dim, inter) for _ in STACK]
+    attrs = layers[0][2]
+    plan = [{"index": i, "kv": spec} for i, spec in enumerate(STACK)]
+    fast, ops = make_caches(plan, batch, kv_heads, dim), make_caches(plan, batch, kv_heads, dim)
+    starts = np.array([0, 5, 17][:batch])
+    prompt = 252
+    for i in range(len(STACK)):
+        k = mx.array(rng.standard_normal((batch, kv_heads, prompt, dim)).astype(np.float32))
+        v = mx.array(rng.standard_normal((batch, kv_heads, prompt, dim)).astype(np.float32))
+        fast[i].append(k, v)
+        ops[i].append(k, v)
+    pinned = []
+    lazy_steps = []
+    for step in range(10):
+        if step == 6:  # export the first whole blocks and keep them (a prefix cache would), then rewind
+            for caches in (fast, ops):
+                for c in caches:
+                    pinned.append(c.export_blocks(16))
+                    c.trim(4)
+        held = fast[0].held
+        x = (rng.standard_normal((batch, 1, hidden)) * 3).astype(np.float32)
+        ang = rng.uniform(0, 6.3, (batch, 1, 1, dim)).astype(np.float32)
+        cos, sin = np.cos(ang), np.sin(ang)
+        mask = attention_mask(mx.array(starts, dtype=mx.int32), held, 1, batch > 1)
+        lazy_steps.append([not c.host_writable() for c in fast])
+        out = cpu_ops.decode_layers(x, cos, sin, mask, fast, [w for w, _, _ in layers], **attrs)
+        assert out is not None, step
+        ref = x
+        for (_, ops_layer, _), c in zip(layers, ops):
+            ref = ops_layer(ref, cos, sin, mask, c)
+        assert np.array_equal(out, np.asarray(ref)), step
+        kv_decode.settle()
+        for a, b in zip(fast, ops):
+            assert a.held == b.held == held + 1
+            for w in ("k", "v"):
+                for name, buf in a.parts(w).items():
+                    assert np.array_equal(np.asarray(buf.view(mx.uint16) if buf.dtype == mx.bfloat16 else buf),
+                                          np.asarray(b.parts(w)[name].view(mx.uint16) if buf.dtype == mx.bfloat16
+                                                     else b.parts(w)[name])), (step, w, name)
+    # lazily where the 257th token needs a bigger buffer and while rewound below the export
+    assert [any(s) for s in lazy_steps] == [False, False, False, False, True, False, True, True, False, False]
+    assert all(all(s) == any(s) for s in lazy_steps)  # every layout takes the same decisions
+
+
+@pytest.mark.parametrize("kv_bits", [4, 8])
+def test_quantized_kv_artifact_decodes_through_the_one_call_path(tiny_checkpoint, tmp_path, kv_bits, monkeypatch):
+    """A compiled model with a quantized KV plan (--kv-bits 4: 4-bit layers and an 8-bit last
+    layer; --kv-bits 8: 8-bit layers and a dense last layer) decodes through decode_layers
+    in every step, with the op-by-op logits to the last bit, for one sequence and for a
+    left-padded batch of three."""
+    import vlmc
+    from vlmc.kernels import cpu, cpu_ops
+    from vlmc.kernels.cpu import decode_layer
+    from vlmc.runtime.sampling import Sampler, SamplingParams
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    art = vlmc.compile(tiny_checkpoint, tmp_path / "a", target="cpu", quantize="q4", kv_bits=kv_bits)
+    import json
+    plan = json.loads((art / "manifest.json").read_text())["kv_plan"]["text_layer"]
+    assert all(decode_layer.supports_kv(layer["kv"]) for layer in plan)
+    kinds = [layer["kv"]["layout"] + str(layer["kv"].get("bits", "")) for layer in plan]
+    assert kinds == (["quantized4", "quantized8"] if kv_bits == 4 else ["quantized8", "dense"])
+    ran, real = [], cpu_ops._decode_layers
+
+    def counted(*a, **k):
+        out = real(*a, **k)
+        ran.append(out is not None)
+        return out
+    prompts = ["Describe a cat.", "A much longer question about shapes and colors?", "Hi"]
+    for batch in (1, 3):
+        outs = []
+        for fast in (True, False):
+            monkeypatch.setattr(cpu_ops, "_decode_layers", counted if fast else (lambda *a, **k: None))
+            monkeypatch.setattr(cpu_ops, "_decode_layer", decode_layer.decode_layer if fast else (lambda *a, **k: None))
+            m = vlmc.load(art)
+            ps = [m.build_prompt(p) for p in prompts[:batch]]
+            outs.append(np.stack([np.array(lg) for _, lg in m.generate_steps(ps, Sampler(SamplingParams()), 6)]))
+        assert ran.count(True) == 5, ran  # every decode step (the first call is the prompt)
+        ran.clear()
+        assert np.array_equal(outs[0], outs[1])
+
+
+def test_supported_kv_layouts_for_the_compiler():
+    """What the lower pass reads to attach the fast path: dense and 4/8-bit affine layouts,
+    never a sliding window or TurboQuant."""
+    from vlmc.kernels.cpu.decode_layer import SUPPORTED_KV, supports_kv
+    assert SUPPORTED_KV == {"dense": None, "quantized": (4, 8)}
+    assert supports_kv("dense") and supports_kv({"layout": "dense"})
+    assert supports_kv({"layout": "quantized", "bits": 4, "group_size": 32}, head_dim=128)
+    assert supports_kv({"layout": "quantized", "bits": 8, "group_size": 64})
+    assert not supports_kv({"layout": "quantized", "bits": 4, "group_size": 64}, head_dim=48)
+    assert not supports_kv({"layout": "quantized", "bits": 2, "group_size": 32})
+    assert not supports_kv({"layout": "turboquant", "k_bits": 4, "v_bits": 4})
+    assert not supports_kv({"layout": "dense", "window": 4096}) and not supports_kv("rotating")
+
+
+def test_host_writable_covers_affine_layouts_with_the_dense_conditions():
+    """Affine caches may be written in place under the same conditions as dense ones (room
+    left, past every export, nothing dropped); write_host itself stores dense floats only."""
+    spec = {"layout": "quantized", "bits": 4, "group_size": 32}
+    cache = cache_for(spec)
+    assert not cache.host_writable()  # no buffer yet
+    k, v = kv(16, 0)
+    cache.append(k, v)
+    assert cache.host_writable()
+    assert not cache.write_host(np.ones((B, HKV, 1, D), np.float32), np.ones((B, HKV, 1, D), np.float32))
+    cache.advance_host()
+    assert cache.held == 17
+    cache.export_blocks(8)
+    cache.trim(2)
+    assert not cache.host_writable()
+    full = cache_for(spec)
+    full.append(*kv(256, 1))
+    assert full.capacity == 256 and not full.host_writable()
+    window = make_caches([{"index": 0, "kv": {**spec, "window": 8}}], B, HKV, D)[0]
+    window.append(k, v)
+    assert not window.host_writable()

@@ -83,7 +83,7 @@ class KVCache:
         past every block ever exported. False when that does not hold (nothing stored: the
         caller then appends). Through MLX, the slice updates cost Qwen2-VL-2B's decode ~1.2
         ms per step to build and ~0.7 ms to evaluate (cProfile, 2-core CPU)."""
-        if k.shape[2] != 1 or not self.host_writable():
+        if k.shape[2] != 1 or self.layout != "dense" or not self.host_writable():
             return False
         kb, vb = self.buffers["k"]["x"], self.buffers["v"]["x"]
         mx.eval(kb, vb)  # pending writes first (a no-op when there are none)
@@ -93,13 +93,21 @@ class KVCache:
         return True
 
     def host_writable(self) -> bool:
-        """Whether one step's keys/values may go into the dense float32 buffers' memory in
-        place at column ``held`` (write_host's conditions; a kernel that wrote them there
-        then calls ``advance_host``)."""
-        if (self.layout != "dense" or self.buffers is None or self.held + 1 > self.capacity or self.start
+        """Whether one step's keys/values may go into the buffers' memory in place at column
+        ``held``: no array can see that column (it lies past every held token, within the
+        capacity, past every exported block, and no oldest tokens were dropped), and the
+        buffers are ones the host kernels write: dense float32, or affine codes (uint8)
+        with bfloat16 scales and minimums. write_host stores dense steps so; a kernel that
+        wrote a step there itself then calls ``advance_host``."""
+        if (self.buffers is None or self.held + 1 > self.capacity or self.start
                 or self.held < self.exported):
             return False
-        return self.buffers["k"]["x"].dtype == mx.float32 and self.buffers["v"]["x"].dtype == mx.float32
+        if self.layout == "dense":
+            return self.buffers["k"]["x"].dtype == mx.float32 and self.buffers["v"]["x"].dtype == mx.float32
+        if self.layout == "affine":
+            return all(parts["codes"].dtype == mx.uint8 and parts["scales"].dtype == mx.bfloat16
+                       and parts["biases"].dtype == mx.bfloat16 for parts in self.buffers.values())
+        return False
 
     def advance_host(self) -> None:
         """Count the step a kernel wrote in place (see host_writable)."""

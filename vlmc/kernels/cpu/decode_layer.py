@@ -1,17 +1,20 @@
-"""A whole pre-norm decoder layer's decode step in one C call (``vlmc_decode_layer`` in
+"""A whole pre-norm decoder layer's decode step in one C call (``vlmc_decode_layers`` in
 ``decode_layer.c``), the cpu target's fast path for the ``decode_layer`` lowering.
 
 The layer's ops stay in the generated code and compute the same thing; this runs instead
-of them when it applies (one token per sequence, up to GEMV_MAX_ROWS sequences, a dense
-float32 cache that is not a sliding window, weights the GEMV kernels read) and returns
-None otherwise. It calls the same kernels in the same order, so the result is the op-by-op
-path's to the last bit (where the first layer's input is an mx.array, from an embedding
-table the kernels do not gather, the ops' first norm is MLX's: so it is here too). This step's keys and values go into the
-cache in place where that is safe (``KVCache.host_writable``), else as a lazy write.
+of them when it applies (one token per sequence, up to GEMV_MAX_ROWS sequences, a cache
+of a layout in ``SUPPORTED_KV`` that is not a sliding window, weights the GEMV kernels
+read) and returns None otherwise. It calls the same kernels in the same order, so the
+result is the op-by-op path's to the last bit (where the first layer's input is an
+mx.array, from an embedding table the kernels do not gather, the ops' first norm is
+MLX's: so it is here too). For an affine-quantized cache the C code encodes this step's
+keys and values as ``kv_codecs.Affine`` does, byte for byte, and attends over the codes,
+as the ops' ``cached_attention`` does. This step's keys and values go into the cache in
+place where that is safe (``KVCache.host_writable``), else as a lazy write.
 
 ``decode_layers`` runs a whole stack of such layers in one C call (the generated code tries
-it before its loop over the layers): all of them or, returning None, none; ``decode_layer``
-is the same call for one layer."""
+it before its loop over the layers): all of them or, returning None, none; dense and
+quantized layers mix freely. ``decode_layer`` is the same call for one layer."""
 from __future__ import annotations
 
 import ctypes
@@ -23,9 +26,33 @@ import numpy as np
 from .. import reference as _reference
 from . import GEMV_MAX_ROWS, _check, _get_lib, _host, _unpack, enabled, qplan
 from .host import SIGMOID_SCALE, param
-from .kv_decode import append_lazy, dense_buffers, host_starts
+from .kv_decode import append_lazy, append_parts_lazy, host_starts, settle
 
 _I, _F, _P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+
+# The KV layouts (kv_plan ``layout``) whose caches this path reads and extends, each with the
+# bit widths it takes (None: any). Sliding windows (a plan entry with a ``window``) never
+# take it. The compiler attaches the fast path only where every layer's layout is here.
+SUPPORTED_KV = {"dense": None, "quantized": (4, 8)}
+
+
+def supports_kv(spec, head_dim: int | None = None) -> bool:
+    """Whether a kv_plan layer entry's ``kv`` (a layout name or its dict) takes this path."""
+    spec = {"layout": spec} if isinstance(spec, str) else spec
+    layout = spec.get("layout", "dense")
+    if layout not in SUPPORTED_KV or spec.get("window"):
+        return False
+    bits = SUPPORTED_KV[layout]
+    if bits is None:
+        return True
+    gs = int(spec.get("group_size", 0))
+    return int(spec.get("bits", 0)) in bits and gs > 0 and (head_dim is None or head_dim % gs == 0)
+
+
+# vlmc_kv (vlmc.h): a layer's cache as the C path reads and extends it
+_KV = np.dtype([(name, np.uintp) for name in ("k", "v", "ks", "kb", "vs", "vb", "nk", "nv", "nks", "nkb", "nvs", "nvb")]
+               + [(name, np.int32) for name in ("layout", "bits", "gs", "cap", "held", "inplace")], align=True)
+_DENSE, _AFFINE = 0, 1
 
 
 class _Proj(ctypes.Structure):
@@ -117,10 +144,84 @@ def _step_inputs(x, cos, sin, head_dim: int):
     return lib, B, x.shape[2], c_ptr, s_ptr, head_dim if c.shape[0] > 1 else 0
 
 
-def _cache_buffers(cache, kv_heads: int, head_dim: int):
-    if getattr(cache, "kv_heads", None) != kv_heads or getattr(cache, "head_dim", None) != head_dim:
+def _cache_view(cache, batch: int, kv_heads: int, head_dim: int):
+    """(layout code, bits, group size, buffers) of a cache this path reads and extends:
+    dense float32 buffers (k, v), or affine codes (k codes, v codes, then bfloat16 k scales,
+    k minimums, v scales, v minimums), no sliding window, some tokens held; else None."""
+    if (getattr(cache, "kv_heads", None) != kv_heads or getattr(cache, "head_dim", None) != head_dim
+            or getattr(cache, "start", 1) or getattr(cache, "window", None) or cache.buffers is None
+            or not cache.held):
         return None
-    return dense_buffers(cache)
+    k, v = cache.buffers["k"], cache.buffers["v"]
+    if cache.layout == "dense":
+        bufs = (k["x"], v["x"])
+        if bufs[0].dtype != mx.float32 or bufs[1].dtype != mx.float32:
+            return None
+        view = (_DENSE, 0, 0, bufs)
+    elif cache.layout == "affine":
+        kc, vc = cache.codecs["k"], cache.codecs["v"]
+        bits, gs = kc.bits, kc.group_size
+        bufs = (k["codes"], v["codes"], k["scales"], k["biases"], v["scales"], v["biases"])
+        if ((vc.bits, vc.group_size) != (bits, gs) or bits not in SUPPORTED_KV["quantized"] or head_dim % gs
+                or bufs[0].dtype != mx.uint8 or bufs[1].dtype != mx.uint8
+                or any(b.dtype != mx.bfloat16 for b in bufs[2:])):
+            return None
+        view = (_AFFINE, bits, gs, bufs)
+    else:
+        return None
+    return view if bufs[0].shape[:2] == (batch, kv_heads) else None
+
+
+def _address(a: mx.array) -> int | None:
+    """The address of an evaluated array's memory, asked afresh (a cache buffer stays the same
+    Python object when a lazy write lands in it, but that write may have moved its memory),
+    or None when it is not one C-contiguous block the kernel could read and write."""
+    view = memoryview(a)
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) if view.c_contiguous else None
+
+
+def _step_kv(views: list, caches: list, B: int, kv_heads: int, head_dim: int):
+    """The vlmc_kv array for these caches, the buffer receiving each layer's keys and values
+    as stored, and each layer's (offset, sizes) in it; None where a buffer is not contiguous."""
+    rows = B * kv_heads
+    layouts, off = [], 0
+    for kind, bits, gs, _ in views:
+        if kind == _DENSE:
+            sizes = (rows * head_dim * 4,) * 2
+        else:
+            cb, gb = rows * head_dim * bits // 8, rows * (head_dim // gs) * 2
+            sizes = (cb, cb, gb, gb, gb, gb)
+        layouts.append((off, sizes))
+        off += sum((n + 63) // 64 * 64 for n in sizes)
+    new = np.empty(off, np.uint8)
+    base = new.ctypes.data
+    mx.eval(*(b for view in views for b in view[3]))
+    records = []
+    for (kind, bits, gs, bufs), cache, (off, sizes) in zip(views, caches, layouts):
+        outs, at = [], base + off
+        for n in sizes:
+            outs.append(at)
+            at += (n + 63) // 64 * 64
+        ptrs = [_address(b) for b in bufs]
+        if None in ptrs:
+            return None
+        if kind == _DENSE:  # k, v, then no scales / minimums
+            ptrs, outs = ptrs + [0] * 4, outs + [0] * 4
+        # outs: k, v, k scales, k minimums, v scales, v minimums (the order of _KV's n* fields)
+        records.append((*ptrs, *outs, kind, bits, gs, bufs[0].shape[2], cache.held, cache.host_writable()))
+    return np.array(records, _KV), new, layouts
+
+
+def _stored_step(new: np.ndarray, kind: int, off: int, sizes: tuple, B: int, kv_heads: int) -> list[np.ndarray]:
+    """Views of one layer's keys and values as stored ([B, kv_heads, 1, width] each: dense
+    k, v float32; affine k codes, v codes, k scales, k minimums, v scales, v minimums)."""
+    out, at = [], off
+    for i, n in enumerate(sizes):
+        dtype = np.float32 if kind == _DENSE else np.uint8 if i < 2 else np.uint16
+        part = new[at:at + n].view(dtype)
+        out.append(part.reshape(B, kv_heads, 1, part.size // (B * kv_heads)))
+        at += (n + 63) // 64 * 64
+    return out
 
 
 def _host_input(x, norm1, eps1: float):
@@ -155,28 +256,33 @@ def decode_layers(x, cos, sin, mask, caches, layers, *, eps1: float, eps2: float
     structs = [_layer(w, attrs) for w in layers]
     if any(lay is None or lay.hidden != hidden for lay in structs):
         return None
-    buffers = [_cache_buffers(c, kv_heads, head_dim) for c in caches]
-    if any(b is None for b in buffers):
+    views = [_cache_view(c, B, kv_heads, head_dim) for c in caches]
+    if any(v is None for v in views):
         return None
     nl = len(layers)
-    # cached host views: a buffer written in place stays the same array from step to step
-    ptrs = np.array([[_host(kb).ptr for kb, _ in buffers], [_host(vb).ptr for _, vb in buffers],
-                     [ctypes.addressof(lay) for lay in structs]], np.uintp)
-    inplace = [c.host_writable() for c in caches]
-    sizes = np.array([[kb.shape[2] for kb, _ in buffers], [c.held for c in caches], inplace], np.int32)
+    for c in caches:
+        settle(c)  # deferred writes of earlier steps, before reading the buffers
+    step_kv = _step_kv(views, caches, B, kv_heads, head_dim)
+    if step_kv is None:
+        return None
+    kv, new, layouts = step_kv
+    ptrs = np.array([ctypes.addressof(lay) for lay in structs], np.uintp)
     xn, normed = _host_input(x, layers[0][0], eps1)
     starts = host_starts(mask, B)
-    new_kv = np.empty((nl, 2, B, kv_heads, 1, head_dim), np.float32)
     out = np.empty((B, 1, hidden), np.float32)
     from . import n_threads  # the current setting (refresh() may change it)
-    _check(lib.vlmc_decode_layers(ptrs[2].ctypes.data, nl, xn.ctypes.data,
+    _check(lib.vlmc_decode_layers(ptrs.ctypes.data, kv.ctypes.data, nl, xn.ctypes.data,
                                   None if normed is None else normed.ctypes.data, B, c_ptr, s_ptr, ca,
-                                  ptrs[0].ctypes.data, ptrs[1].ctypes.data, starts.ctypes.data, sizes[0].ctypes.data,
-                                  sizes[1].ctypes.data, sizes[2].ctypes.data, new_kv.ctypes.data, out.ctypes.data,
-                                  n_threads), "decode_layers")
-    for cache, (k, v), written in zip(caches, new_kv, inplace):
-        if written:
+                                  starts.ctypes.data, out.ctypes.data, n_threads), "decode_layers")
+    for cache, view, rec, (off, sizes) in zip(caches, views, kv, layouts):
+        if rec["inplace"]:
             cache.advance_host()
+            continue
+        parts = _stored_step(new, view[0], off, sizes, B, kv_heads)
+        if view[0] == _DENSE:
+            append_lazy(cache, *parts)
         else:
-            append_lazy(cache, k, v)
+            kc, vc, ks, kb, vs, vb = parts
+            append_parts_lazy(cache, {"k": {"codes": kc, "scales": ks, "biases": kb},
+                                      "v": {"codes": vc, "scales": vs, "biases": vb}})
     return out

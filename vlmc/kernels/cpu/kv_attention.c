@@ -9,9 +9,10 @@
  * (kv_rows_fn); otherwise kv_group takes one row at a time (kv_row_fn). A layout only says
  * how to turn stored rows into floats, and each row is decoded once for all R query heads. */
 typedef struct kv_job kv_job;
-/* Row r of the keys (v = 0) or values (v = 1) as D floats: either x, filled, or a pointer
- * into the cache; *f is a factor the row's dot products or weights are multiplied by. */
-typedef const float *(*kv_row_fn)(const kv_job *J, int v, size_t r, float *x, float *f);
+/* Row i of the keys (v = 0) or values (v = 1) of the (sequence, KV head) whose rows start
+ * at cache row `base`, as D floats: either x, filled, or a pointer into the cache; *f is a
+ * factor the row's dot products or weights are multiplied by. */
+typedef const float *(*kv_row_fn)(const kv_job *J, int v, size_t base, int i, float *x, float *f);
 struct kv_job {
     const float *q;
     const int32_t *starts;
@@ -24,6 +25,7 @@ struct kv_job {
     const float *xk, *xv; /* row held - 1 of every (sequence, KV head) from here, [B, HKV, D], not the cache (vlmc_kv_dense_decode) */
     const uint8_t *kc, *vc;
     const uint16_t *ks, *kb, *vs, *vb;
+    const kv_codes *xkc, *xvc; /* affine: row held - 1 of every (sequence, KV head) from here, not the cache */
     const float *kn, *vn, *kcb, *vcb;
     int bits, gs, kbits, vbits;
     _Atomic int next;
@@ -68,14 +70,14 @@ static ALWAYS void kv_group(const kv_job *J, kv_row_fn row, int bk, float *sc, f
     const int xi = J->xk ? n - 1 : n; /* the extra row (dense), not in the cache */
     for (int i = first; i < n; i++) {
         float f = 1.f;
-        const float *k = i == xi ? J->xk + (size_t)bk * D : row(J, 0, base + i, x, &f);
+        const float *k = i == xi ? J->xk + (size_t)bk * D : row(J, 0, base, i, x, &f);
         f *= J->scale;
         for (int h = 0; h < R; h++) sc[(size_t)h * sst + i] = dot16(q0 + (size_t)h * D, k, D) * f;
     }
     kv_softmax_rows(sc, R, sst, first, n, out0, D);
     for (int i = first; i < n; i++) {
         float f = 1.f;
-        const float *v = i == xi ? J->xv + (size_t)bk * D : row(J, 1, base + i, x, &f);
+        const float *v = i == xi ? J->xv + (size_t)bk * D : row(J, 1, base, i, x, &f);
         for (int h = 0; h < R; h++) {
             const float p = sc[(size_t)h * sst + i] * f;
             float *out = out0 + (size_t)h * D;
@@ -98,7 +100,8 @@ static ALWAYS void kv_task(kv_job *J, kv_row_fn row) {
 }
 
 static int kv_run(kv_job *J, task_fn task, int n_threads) {
-    if (J->B < 1 || J->H < 1 || J->HKV < 1 || J->H % J->HKV || J->D < 1 || J->held < 0 || J->held - (J->xk != NULL) > J->cap)
+    const int extra = J->xk != NULL || J->xkc != NULL;
+    if (J->B < 1 || J->H < 1 || J->HKV < 1 || J->H % J->HKV || J->D < 1 || J->held < extra || J->held - extra > J->cap)
         return -1;
     J->sst = J->held > J->cap ? J->held : J->cap;
     atomic_store(&J->next, 0);
@@ -109,19 +112,33 @@ static int kv_run(kv_job *J, task_fn task, int n_threads) {
 }
 
 /* dense float32 rows: the cache itself */
-static const float *kv_row_dense(const kv_job *J, int v, size_t r, float *x, float *f) {
+static const float *kv_row_dense(const kv_job *J, int v, size_t base, int i, float *x, float *f) {
     (void)x;
     *f = 1.f;
-    return (v ? J->v : J->k) + r * J->D;
+    return (v ? J->v : J->k) + (base + (size_t)i) * J->D;
 }
 
 /* affine codes (vlmc.runtime.kv_codecs.Affine): uint8 rows of D * bits / 8 bytes (8-bit:
  * one byte each; 4-bit: byte b holds codes 2b (low nibble) and 2b + 1), code * scale +
- * minimum per group of gs with bfloat16 scales and minimums [.., D / gs] */
-static const float *kv_row_affine(const kv_job *J, int v, size_t r, float *x, float *f) {
+ * minimum per group of gs with bfloat16 scales and minimums [.., D / gs]. Row i of a
+ * (sequence, KV head) comes from the cache, or, for row held - 1 when the caller passed
+ * this step's rows apart (xkc / xvc), from there (it may lie past the capacity). */
+static ALWAYS kv_codes affine_row(const kv_job *J, int v, size_t base, int i) {
+    const int G = J->D / J->gs;
+    const size_t rb = (size_t)J->D * J->bits / 8, r = base + (size_t)i;
+    const kv_codes *x = v ? J->xvc : J->xkc;
+    if (x && i == J->held - 1) {
+        const size_t bk = base / (size_t)J->cap;
+        return (kv_codes){x->codes + bk * rb, x->scales + bk * G, x->mins + bk * G};
+    }
+    return (kv_codes){(v ? J->vc : J->kc) + r * rb, (v ? J->vs : J->ks) + r * G, (v ? J->vb : J->kb) + r * G};
+}
+
+static const float *kv_row_affine(const kv_job *J, int v, size_t base, int i, float *x, float *f) {
     const int D = J->D, G = D / J->gs;
-    const uint8_t *c = (v ? J->vc : J->kc) + r * (size_t)(D * J->bits / 8);
-    const uint16_t *sc = (v ? J->vs : J->ks) + r * G, *mn = (v ? J->vb : J->kb) + r * G;
+    const kv_codes src = affine_row(J, v, base, i);
+    const uint8_t *c = src.codes;
+    const uint16_t *sc = src.scales, *mn = src.mins;
     if (J->bits == 8) {
         for (int j = 0; j < D; j++) x[j] = (float)c[j];
     } else {
@@ -141,8 +158,9 @@ static const float *kv_row_affine(const kv_job *J, int v, size_t r, float *x, fl
 /* TurboQuant codes (vlmc.runtime.kv_codecs.Turbo), in the rotated space: codebook levels
  * packed as vlmc.kernels.kv_quant.pack (8 codes in `bits` bytes, code i at bit i * bits of
  * their little-endian word), times the row's float32 norm / sqrt(D) */
-static const float *kv_row_turbo(const kv_job *J, int v, size_t r, float *x, float *f) {
+static const float *kv_row_turbo(const kv_job *J, int v, size_t base, int i, float *x, float *f) {
     const int D = J->D, bits = v ? J->vbits : J->kbits;
+    const size_t r = base + (size_t)i;
     const uint8_t *c = (v ? J->vc : J->kc) + r * (size_t)(D * bits / 8);
     const float *cb = v ? J->vcb : J->kcb;
     const uint32_t mask = (1u << bits) - 1;
@@ -182,13 +200,13 @@ static const float *kv_rows_dense(const kv_job *J, int v, size_t base, int i0, i
 /* affine codes (kv_row_affine's layout) with D % 16 == 0 and gs % 16 == 0: 16 codes per
  * step, nibbles interleaved back into natural order, then code * scale + minimum */
 static const float *kv_rows_affine(const kv_job *J, int v, size_t base, int i0, int nr, float *buf) {
-    const int D = J->D, G = D / J->gs, rb = D * J->bits / 8;
+    const int D = J->D;
     const __m512i lo_hi = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i lo_hi2 = _mm512_add_epi32(lo_hi, _mm512_set1_epi32(8));
     for (int r = 0; r < nr; r++) {
-        const size_t row = base + (size_t)i0 + r;
-        const uint8_t *c = (v ? J->vc : J->kc) + row * (size_t)rb;
-        const uint16_t *sc = (v ? J->vs : J->ks) + row * G, *mn = (v ? J->vb : J->kb) + row * G;
+        const kv_codes src = affine_row(J, v, base, i0 + r);
+        const uint8_t *c = src.codes;
+        const uint16_t *sc = src.scales, *mn = src.mins;
         float *x = buf + (size_t)r * D;
         if (J->bits == 8) {
             for (int j = 0; j < D; j += 16)
@@ -381,11 +399,75 @@ int vlmc_kv_affine_decode(const float *q, const uint8_t *kc, const uint16_t *ks,
                           const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const int32_t *starts,
                           int B, int H, int HKV, int D, int cap, int held, int bits, int gs, float scale,
                           float *out, int n_threads) {
+    return kv_affine_decode_x(q, kc, ks, kb, vc, vs, vb, NULL, NULL, starts, B, H, HKV, D, cap, held, bits, gs, scale,
+                              out, n_threads);
+}
+
+int kv_affine_decode_x(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb, const uint8_t *vc,
+                       const uint16_t *vs, const uint16_t *vb, const kv_codes *xk, const kv_codes *xv,
+                       const int32_t *starts, int B, int H, int HKV, int D, int cap, int held, int bits, int gs,
+                       float scale, float *out, int n_threads) {
     if ((bits != 4 && bits != 8) || gs < 2 || D % gs || gs % 2) return -2;
+    if ((xk == NULL) != (xv == NULL)) return -1;
     kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held,
                 .scale = scale, .out = out, .kc = kc, .vc = vc, .ks = ks, .kb = kb, .vs = vs, .vb = vb,
-                .bits = bits, .gs = gs};
+                .xkc = xk, .xvc = xv, .bits = bits, .gs = gs};
     return kv_run(&J, kv_task_affine, n_threads);
+}
+
+/* ---- this step's keys or values as affine codes ------------------------------------------
+ * vlmc.runtime.kv_codecs.Affine._encode in C, its float32 operations one for one, so the
+ * bytes are the same: per group of gs values lo = min, hi = max (the first of equal
+ * values, as MLX's reductions keep: -0.0 and 0.0 stay apart), scale = bf16((hi - lo) /
+ * levels), minimum = bf16(lo), code = clip(rint((x - minimum) / max(scale, 1e-30)), 0,
+ * levels) with rint's ties to even, packed as kv_quant.pack packs (4-bit: code 2b in the
+ * low nibble of byte b). rows: rows of D floats; codes [rows, D * bits / 8], scales and
+ * mins [rows, D / gs] (bfloat16 bits). */
+
+/* float32 -> the nearest bfloat16 (ties to even; NaN -> MLX's quiet NaN) */
+static ALWAYS uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+void kv_affine_encode_rows(const float *x, size_t rows, int D, int bits, int gs, uint8_t *codes, uint16_t *scales,
+                           uint16_t *mins) {
+    const int G = D / gs;
+    const float levels = (float)((1 << bits) - 1);
+    for (size_t r = 0; r < rows; r++) {
+        const float *xr = x + r * D;
+        uint8_t *cr = codes + r * (size_t)(D * bits / 8);
+        for (int g = 0; g < G; g++) {
+            const float *xg = xr + (size_t)g * gs;
+            float lo = xg[0], hi = xg[0];
+            for (int i = 1; i < gs; i++) {
+                if (xg[i] < lo) lo = xg[i];
+                if (xg[i] > hi) hi = xg[i];
+            }
+            const uint16_t s = f32_to_bf16((hi - lo) / levels), m = f32_to_bf16(lo);
+            scales[r * G + g] = s;
+            mins[r * G + g] = m;
+            const float s32 = fmaxf(bf16_to_f32(s), 1e-30f), m32 = bf16_to_f32(m);
+            for (int i = 0; i < gs; i++) {
+                float c = rintf((xg[i] - m32) / s32);
+                c = c > 0.f ? c : 0.f; /* NaN -> 0 */
+                c = c < levels ? c : levels;
+                const int k = g * gs + i;
+                if (bits == 8) cr[k] = (uint8_t)c;
+                else if (k % 2 == 0) cr[k / 2] = (uint8_t)c;
+                else cr[k / 2] |= (uint8_t)((unsigned)c << 4);
+            }
+        }
+    }
+}
+
+int vlmc_kv_affine_encode(const float *x, int64_t rows, int D, int bits, int gs, uint8_t *codes, uint16_t *scales,
+                          uint16_t *mins) {
+    if (rows < 0 || (bits != 4 && bits != 8) || gs < 2 || gs % 2 || D < gs || D % gs) return -2;
+    kv_affine_encode_rows(x, (size_t)rows, D, bits, gs, codes, scales, mins);
+    return 0;
 }
 
 int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,

@@ -64,6 +64,25 @@ def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases
                 bits, group_size, scale)
 
 
+def kv_affine_encode(x: np.ndarray, bits: int, group_size: int) -> dict[str, np.ndarray] | None:
+    """Vectors x [..., D] (float32) as ``kv_codecs.Affine(bits, group_size)`` stores them,
+    computed in C (``vlmc_kv_affine_encode``, the codec's float32 operations one for one):
+    {"codes": uint8 [..., D * bits / 8], "scales", "biases": bfloat16 bits as uint16
+    [..., D / group_size]}; None without the compiled kernels."""
+    lib = _get_lib()
+    if lib is None:
+        return None
+    x = np.ascontiguousarray(x, np.float32)
+    *lead, d = x.shape
+    rows = x.size // d if d else 0
+    out = {"codes": np.empty((*lead, d * bits // 8), np.uint8),
+           "scales": np.empty((*lead, d // group_size), np.uint16),
+           "biases": np.empty((*lead, d // group_size), np.uint16)}
+    _check(lib.vlmc_kv_affine_encode(x.ctypes.data, rows, d, bits, group_size, out["codes"].ctypes.data,
+                                     out["scales"].ctypes.data, out["biases"].ctypes.data), "kv_affine_encode")
+    return out
+
+
 def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook, starts, held: int, *,
                     scale: float, k_bits: int, v_bits: int) -> mx.array:
     """float32 [B, H, D] attention of q_rot [B, H, D] over the first ``held`` TurboQuant-coded
@@ -153,6 +172,22 @@ def append_lazy(cache, k: np.ndarray, v: np.ndarray) -> None:
     next read (settle)."""
     cache.append(mx.array(k), mx.array(v))
     _unsettled[id(cache)] = cache
+
+
+def append_parts_lazy(cache, parts: dict[str, dict[str, np.ndarray]]) -> None:
+    """Append one step's keys/values already in the cache's stored form ({"k": {name:
+    [B, Hkv, 1, width]}, "v": ...}, bfloat16 as its uint16 bits), as a lazy MLX update like
+    ``append_lazy``."""
+    widths = {w: cache.codecs[w].widths(cache.head_dim) for w in ("k", "v")}
+    block = {f"{w}.{name}": _mx_stored(arr, widths[w][name][1]) for w, named in parts.items()
+             for name, arr in named.items()}
+    cache.import_blocks([block])
+    _unsettled[id(cache)] = cache
+
+
+def _mx_stored(a: np.ndarray, dtype) -> mx.array:
+    """A host array of a stored form as an mx.array of ``dtype`` (bfloat16 from its bits)."""
+    return mx.array(a).view(mx.bfloat16) if dtype == mx.bfloat16 else mx.array(a).astype(dtype)
 
 
 def host_dense_step(q: np.ndarray, k, v, cache, mask, *, scale: float) -> np.ndarray | None:

@@ -310,6 +310,25 @@ static MAYBE_UNUSED int check_q(int K, int N, int bits, int gs, int st) {
 VLMC_INTERNAL void dequant_row_generic(const uint8_t *row, int K, int bits, int gs, const void *sc, const void *bi,
                                        int st, size_t goff, float *out);
 
+/* ---- KV caches (kv_attention.c) ------------------------------------------------------- */
+
+/* rows of affine codes with their bfloat16 scales and minimums (vlmc.runtime.kv_codecs.Affine) */
+typedef struct {
+    const uint8_t *codes;
+    const uint16_t *scales, *mins;
+} kv_codes;
+
+/* vlmc_kv_affine_decode with row held - 1 of every (sequence, KV head) taken from xk / xv
+ * ([B, HKV, *] each; both NULL: none), not from the cache, which then holds the held - 1
+ * rows before it */
+VLMC_INTERNAL int kv_affine_decode_x(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
+                                     const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const kv_codes *xk,
+                                     const kv_codes *xv, const int32_t *starts, int B, int H, int HKV, int D, int cap,
+                                     int held, int bits, int gs, float scale, float *out, int n_threads);
+/* vlmc_kv_affine_encode without the argument checks */
+VLMC_INTERNAL void kv_affine_encode_rows(const float *x, size_t rows, int D, int bits, int gs, uint8_t *codes,
+                                         uint16_t *scales, uint16_t *mins);
+
 /* ---- decode_layer.c's description of a layer ------------------------------------------ */
 
 /* A projection: float32 [N, K], bfloat16 [N, K] (raw uint16) or affine codes with their
@@ -327,6 +346,19 @@ typedef struct {
     const float *norm1, *norm2;                   /* [hidden] */
     vlmc_proj qkv, o, gate_up, down;
 } vlmc_layer;
+
+/* A layer's KV cache as vlmc_decode_layers reads and extends it (bindings.py mirrors it) */
+enum { VLMC_KV_DENSE = 0, VLMC_KV_AFFINE = 1 };
+typedef struct {
+    void *k, *v;                      /* dense: float32 [B, HKV, cap, D]; affine: codes [B, HKV, cap, D * bits / 8] */
+    uint16_t *ks, *kb, *vs, *vb;      /* affine: bfloat16 scales and minimums [B, HKV, cap, D / gs] */
+    void *nk, *nv;                    /* out: this step's keys and values as stored, [B, HKV, D] / [B, HKV, D * bits / 8] */
+    uint16_t *nks, *nkb, *nvs, *nvb;  /* out, affine: their scales and minimums [B, HKV, D / gs] */
+    int32_t layout;                   /* VLMC_KV_DENSE or VLMC_KV_AFFINE */
+    int32_t bits, gs;                 /* affine: 4 or 8 bits, groups of gs (dividing D) */
+    int32_t cap, held;                /* buffer columns; tokens held before this step (>= 1) */
+    int32_t inplace;                  /* also write this step into column held */
+} vlmc_kv;
 
 /* ---- exported functions (0 on success, a negative code for bad arguments or no memory,
  * unless stated otherwise) ------------------------------------------------------------ */
@@ -362,6 +394,8 @@ int vlmc_kv_affine_decode(const float *q, const uint8_t *kc, const uint16_t *ks,
 int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
                          const float *kcb, const float *vcb, const int32_t *starts, int B, int H, int HKV, int D,
                          int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads);
+int vlmc_kv_affine_encode(const float *x, int64_t rows, int D, int bits, int gs, uint8_t *codes, uint16_t *scales,
+                          uint16_t *mins);
 /* gemm_i8.c */
 int vlmc_gemm_q_i8_available(void);
 int vlmc_gemm_q_i8(const float *x, int M, int K, const uint32_t *w, const void *scales, const void *biases, int st,
@@ -376,9 +410,8 @@ int vlmc_norm(const float *x, int64_t rows, int64_t cols, const float *w, const 
 int vlmc_rope(const float *x, int64_t A, int64_t H, int64_t L, int64_t D, int64_t sa, int64_t sh, int64_t sl,
               const float *cs, const float *sn, int64_t ca, int64_t cl, float *out, int n_threads);
 /* decode_layer.c */
-int vlmc_decode_layers(const vlmc_layer *const *L, int nl, const float *x, const float *normed, int B, const float *cs,
-                       const float *sn, int64_t ca, float *const *kc, float *const *vc, const int32_t *starts,
-                       const int32_t *cap, const int32_t *held, const int32_t *inplace, float *new_kv, float *out,
+int vlmc_decode_layers(const vlmc_layer *const *L, const vlmc_kv *kv, int nl, const float *x, const float *normed,
+                       int B, const float *cs, const float *sn, int64_t ca, const int32_t *starts, float *out,
                        int n_threads);
 /* affine_search.c */
 int vlmc_affine_search(const float *w, int N, int K, int gs, int bits, const float *s0, const float *b0,
