@@ -206,6 +206,16 @@ def test_a_replan_recompiles_and_picks_fast_paths_for_its_layouts(demo_artifact,
     assert "ops.decode_layers(" in (demo_artifact / "model.py").read_text()  # the dense build has it
 
 
+def test_the_ir_declares_the_kv_layouts_the_fast_path_kernel_reads():
+    from vlmc.ir.ops import FAST_PATH_KV
+    from vlmc.kernels.cpu.decode_layer import SUPPORTED_KV, supports_kv
+    assert FAST_PATH_KV["decode_layer"] == SUPPORTED_KV
+    for spec in ({"layout": "dense"}, {"layout": "quantized", "bits": 4, "group_size": 64},
+                 {"layout": "quantized", "bits": 3, "group_size": 64}, {"layout": "rotating", "window": 8},
+                 {"layout": "turboquant", "k_bits": 3, "v_bits": 4}):
+        assert fast_path_reads("decode_layer", spec) == supports_kv(spec), spec
+
+
 def test_the_verifier_checks_every_layer_has_a_kv_cache_type(qwen):
     from vlmc.frontend import open_checkpoint
     from vlmc.models import import_checkpoint

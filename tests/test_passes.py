@@ -136,8 +136,8 @@ def _count(ran, real, *a, **k):
 
 def test_decode_layer_falls_back_to_the_ops(ckpts, tmp_path):
     """Where the one-call path does not apply it returns None and the layer's ops run:
-    several tokens, a sliding-window cache, a 4-bit KV cache, more sequences than the GEMV
-    kernels take. (An mx.array input applies: its norm is then MLX's, as in the ops.)"""
+    several tokens, a sliding-window cache, a 3-bit or TurboQuant KV cache (it reads dense,
+    4-bit and 8-bit caches), more sequences than the GEMV kernels take. (An mx.array input applies: its norm is then MLX's, as in the ops.)"""
     import mlx.core as mx
     from vlmc.kernels import cpu, cpu_ops
     from vlmc.runtime import kv_codecs
@@ -167,8 +167,12 @@ def test_decode_layer_falls_back_to_the_ops(ckpts, tmp_path):
     assert call(cpu_ops, p, x3, mx.ones((1, 1, 3, d)), mx.ones((1, 1, 3, d)), None,
                 cache_with(KVCache(1, hkv, d))) is None
     assert call(cpu_ops, p, x, cos, cos, None, cache_with(RotatingKVCache(1, hkv, d, window=8))) is None
+    kv3 = KVCache(1, hkv, d, k_codec=kv_codecs.Affine(3, d), v_codec=kv_codecs.Affine(3, d))
+    assert call(cpu_ops, p, x, cos, cos, None, cache_with(kv3)) is None
+    turbo = KVCache(1, hkv, d, k_codec=kv_codecs.Turbo(3, d), v_codec=kv_codecs.Turbo(4, d))
+    assert call(cpu_ops, p, x, cos, cos, None, cache_with(turbo)) is None
     kv4 = KVCache(1, hkv, d, k_codec=kv_codecs.Affine(4, d), v_codec=kv_codecs.Affine(4, d))
-    assert call(cpu_ops, p, x, cos, cos, None, cache_with(kv4)) is None
+    assert call(cpu_ops, p, x, cos, cos, None, cache_with(kv4)) is not None
     x17 = np.ones((17, 1, hidden), np.float32)
     assert call(cpu_ops, p, x17, cos, cos, None, cache_with(KVCache(17, hkv, d))) is None
     # the stack call is all or nothing: one cache it cannot use and no layer runs or stores
