@@ -16,8 +16,8 @@ static void decode_codes(const uint8_t *row, int bits, int k0, int n, float *out
 }
 
 /* one row dequantized to float32 (any bits) */
-void dequant_row_generic(const uint8_t *row, int K, int bits, int gs, const void *sc,
-                                const void *bi, int st, size_t goff, float *out) {
+void dequant_row_generic(const uint8_t *row, int K, int bits, int gs, const void *sc, const void *bi, int st,
+                         size_t goff, float *out) {
     decode_codes(row, bits, 0, K, out);
     for (int g = 0; g < K / gs; g++) {
         float s = ld_param(sc, goff + g, st), b = ld_param(bi, goff + g, st);

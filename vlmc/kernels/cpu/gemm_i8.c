@@ -1,16 +1,16 @@
-#include "vlmc.h"
-
-/* ---- 2- to 8-bit weights x int8 activations, many rows (prefill, vision; AVX512-VNNI) ---
- * y[M, N] = x @ dequantize(w)^T (+ bias). x is rounded to int8 per 64 values of a row
- * (scale amax / 127), as in the GEMV (qv_block), by all threads. Output columns go in
- * panels of 32: a thread unpacks the panel's 32 weight rows into uint8 codes laid out
+/* vlmc CPU kernels: 2- to 8-bit weights x int8 activations, many rows (prefill, vision;
+ * AVX512-VNNI): y[M, N] = x @ dequantize(w)^T (+ bias). x is rounded to int8 per 64 values
+ * of a row (scale amax / 127), as in the GEMV (qv_block), by all threads. Output columns go
+ * in panels of 32: a thread unpacks the panel's 32 weight rows into uint8 codes laid out
  * [K / 4][32][4], so two 64-byte loads feed vpdpbusd for 32 columns x 4 k, against a
  * broadcast of 4 bytes of an x row. Six x rows at a time keep 12 integer and 12 float
  * accumulators (24 of the 32 vector registers): 12 vpdpbusd per 8 loads, where 16 columns
  * x 8 rows need 9 loads per 8. K goes in chunks of GI8_KC (partial sums kept per row).
- * Every 64 k the integer sums are scaled by the weight group's scales (a
- * vector over the panel) times the x block's scale. The bias terms use group sums of the
- * rounded x (see qv_block). Needs gs % 64 == 0. */
+ * Every 64 k the integer sums are scaled by the weight group's scales (a vector over the
+ * panel) times the x block's scale. The bias terms use group sums of the rounded x (see
+ * qv_block). Needs gs % 64 == 0. */
+#include "vlmc.h"
+
 #if VLMC_VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
 #define VLMC_GEMM_I8 1
 #define GI8_COLS 32

@@ -1,13 +1,15 @@
-#include "vlmc.h"
-
-/* ---- one decode step's attention over a KV cache, read in place -----------------------
- * The same computation as vlmc.kernels.kv_quant.kv_{dense,affine,turbo}_decode: per
- * (sequence, KV head), scores of its R = H / HKV query heads against every held key,
+/* vlmc CPU kernels: one decode step's attention over a KV cache, read in place, and the
+ * encoding of a step's keys and values into affine codes (kv_affine_encode_rows).
+ *
+ * The attention computes what vlmc.kernels.kv_quant.kv_{dense,affine,turbo}_decode do:
+ * per (sequence, KV head), scores of its R = H / HKV query heads against every held key,
  * softmax, then the values accumulated. Buffers are [B, HKV, cap, *]; keys starts[b] <= i
  * < held count. Two drivers serve every layout, each instantiated per layout (kv_task_*):
  * with AVX-512 and D % 16 == 0 (affine 4-bit: D % 32), kv_group16 takes blocks of rows
  * (kv_rows_fn); otherwise kv_group takes one row at a time (kv_row_fn). A layout only says
  * how to turn stored rows into floats, and each row is decoded once for all R query heads. */
+#include "vlmc.h"
+
 typedef struct kv_job kv_job;
 /* Row i of the keys (v = 0) or values (v = 1) of the (sequence, KV head) whose rows start
  * at cache row `base`, as D floats: either x, filled, or a pointer into the cache; *f is a

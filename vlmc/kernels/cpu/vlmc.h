@@ -141,6 +141,7 @@ static MAYBE_UNUSED void expand_packed(const packed_t *u, const uint8_t *src, ui
         for (int i = 0; i < 8; i++) dst[k + i] = (uint8_t)((v >> (bits * i)) & u->mask);
     }
 }
+
 #if VLMC_SIMD
 static ALWAYS float hsum(__m256 v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -261,7 +262,6 @@ static ALWAYS float x8_block(const float *xr, int nibbles, int8_t *q, size_t odd
     return qr ? amax / 127.f / 256.f : amax / 127.f;
 }
 #endif
-
 
 /* ---- thread pool (threadpool.c) ------------------------------------------------------ */
 
