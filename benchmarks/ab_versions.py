@@ -67,7 +67,7 @@ def main() -> None:
         for i in range(len(option_sets)):
             for name, tree in order:
                 path = out / f"bench-{i}-{name}-{r}.json"
-                run(tree, ["bench", str(out / name / str(i)), "-q", "--json", str(path), *shlex.split(a.bench)])
+                run(tree, ["bench", str(out / name / str(i)), "--quiet", "--json", str(path), *shlex.split(a.bench)])
                 results.setdefault((i, name), []).append(figures(json.loads(path.read_text())))
     summary = []
     for i, opts in enumerate(option_sets):

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from vlmc.backends.quantize import quantize_array  # noqa: E402
 from vlmc.kernels import cpu, quant  # noqa: E402
 
 CYCLE_BYTES = 160 << 20  # weights cycled through per GEMV measurement: 5x a 32 MiB L3
@@ -45,7 +46,7 @@ GEMM_SHAPES = [("gate_up", 128, 17920, 1536), ("down", 512, 1536, 8960), ("qkv",
 
 def weight(N: int, K: int, bits: int) -> quant.QuantWeight:
     w = (mx.random.normal((N, K)) * 0.02).astype(mx.bfloat16)
-    q = quant.quantize_array(w, bits=bits, group_size=64, mode="affine")
+    q = quantize_array(w, bits=bits, group_size=64, mode="affine")
     mx.eval(q.weight, q.scales, q.biases)
     return q
 

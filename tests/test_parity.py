@@ -56,8 +56,9 @@ FAMILIES = [
     ("qwen2_5_vl", "default"),
     ("llava", "clip"),
     ("llava", "siglip"),
+    ("llava", "llava15"),  # a Llama tokenizer whose post-processor adds the BOS the template leaves out
 ]
-FAMILY_IDS = ["qwen2_vl", "qwen2_5_vl", "llava-clip", "llava-siglip"]
+FAMILY_IDS = ["qwen2_vl", "qwen2_5_vl", "llava-clip", "llava-siglip", "llava-llava15"]
 
 
 def _user(*parts):

@@ -224,7 +224,7 @@ def test_affine_codes_are_nearest_for_the_stored_parameters(bits):
     codes to the same words), which beats rounding only the parameters, by 46% of the error
     at 8 bits."""
     import mlx.core as mx
-    from vlmc.kernels import quant
+    from vlmc.backends import quantize as quant
     rng = np.random.default_rng(bits)
     w = mx.array((rng.standard_normal((130, 256)) * 0.02).astype(np.float32))
     codes, s, b = mx.quantize(w, group_size=64, bits=bits)
@@ -261,7 +261,8 @@ def test_searched_ranges_beat_min_max(bits, gain):
     error lower by ``gain`` on Student-t rows (heavy tails, as trained weights have), and the
     C kernels and the MLX fallback equally good."""
     import mlx.core as mx
-    from vlmc.kernels import cpu, quant
+    from vlmc.backends import quantize as quant
+    from vlmc.kernels import cpu
     rng = np.random.default_rng(bits)
     w = mx.array((rng.standard_t(4, (300, 512)) * 0.02).astype(np.float32))
     g = np.asarray(w).reshape(300, 8, 64)

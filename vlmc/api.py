@@ -25,24 +25,26 @@ class Model(VLM):
 
 
 def load(src: str | os.PathLike, *, dtype: str = "float32", target: str | None = None,
-         progress: bool = False, **kv: Any) -> Model:
+         progress: bool = False, generation_config: str = "auto", **kv: Any) -> Model:
     """Load an artifact folder, or compile a checkpoint folder / hub id first (once: the
     artifact is cached by content, see ``vlmc.compiler.cache_dir``).
 
     KV-cache options (``vlmc.options.KVOptions``: ``kv_bits``, ``kv_quant_scheme``,
     ``kv_group_size``, ``max_kv_size``, ``kv_memory_budget``, ``kv_context``,
     ``kv_quantize_last``) are compiled into a checkpoint's artifact; for an artifact they
-    re-plan its caches, which recompiles its plan and lowering (cached, weights shared)."""
+    re-plan its caches, which recompiles its plan and lowering (cached, weights shared).
+    ``generation_config="auto"`` samples with the checkpoint's generation_config.json
+    defaults where a call leaves a field unset; ``"vlmc"`` ignores them (greedy unless asked)."""
     options = KVOptions.from_kwargs("load()", **kv)
     if is_artifact(src):
         if options:
             from .compiler import replan
             src = replan(src, options)
-        return Model(load_artifact(src))
+        return Model(load_artifact(src), generation_config=generation_config)
     reject_unfinished(src)
     from .compiler import compile as compile_checkpoint  # only needed for checkpoints
     return Model(load_artifact(compile_checkpoint(src, dtype=dtype, target=target, progress=progress,
-                                                  **options.changed())))
+                                                  **options.changed())), generation_config=generation_config)
 
 
 __all__ = ["load", "Model", "Path"]

@@ -251,21 +251,43 @@ def _median(xs: Sequence[float]) -> float:
 
 
 # ---------------------------------------------------------------------- the benchmark
-def run_bench(vlm: Any, *, prompt_lengths: Sequence[int] = DEFAULT_PROMPT_LENGTHS, decode_tokens: int = 32,
+def fitting_lengths(lengths: Sequence[int], max_context: int, decode_tokens: int) -> tuple[list[int], str | None]:
+    """The default prompt lengths a model's context holds (with room for the decode run
+    after the shortest): those that fit, or the longest prompt that does, and a note."""
+    room = max_context - decode_tokens - 2
+    fit = [n for n in lengths if n <= room]
+    if fit == list(lengths):
+        return fit, None
+    fit = fit or [max(room, 1)]
+    return fit, (f"the model's context is {max_context} tokens: prompt lengths {','.join(map(str, fit))} "
+                 f"instead of {','.join(map(str, lengths))} (--prompt-lengths to choose)")
+
+
+def run_bench(vlm: Any, *, prompt_lengths: Sequence[int] | None = None, decode_tokens: int = 32,
               decode_context: int | None = None, image_size: int = 448, runs: int = 1, warmup: bool = True,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure a loaded VLM; returns a JSON-ready dict (see the module docstring)."""
+    """Measure a loaded VLM; returns a JSON-ready dict (see the module docstring). Without
+    ``prompt_lengths`` the defaults that fit the model's context are measured."""
     import mlx.core as mx
     from .runtime.engine import Prompt
 
     say = log or (lambda _m: None)
+    if prompt_lengths is None:
+        prompt_lengths, note = fitting_lengths(DEFAULT_PROMPT_LENGTHS, vlm.max_context, decode_tokens)
+        if note:
+            say(note)
     lengths = sorted({int(n) for n in prompt_lengths})
     if not lengths or lengths[0] < 1:
         raise InputError("prompt lengths must be positive integers")
     ctx = int(decode_context or lengths[0])
+    if lengths[-1] + 1 > vlm.max_context:
+        raise InputError(f"a {lengths[-1]}-token prompt and its first new token need {lengths[-1] + 1} tokens; "
+                         f"the model's context is {vlm.max_context}: lower --prompt-lengths")
+    if ctx + decode_tokens + 1 > vlm.max_context:
+        raise InputError(f"a {ctx}-token prompt and {decode_tokens + 1} new tokens need {ctx + decode_tokens + 1} "
+                         f"tokens; the model's context is {vlm.max_context}: lower --decode-context or "
+                         f"--decode-tokens")
     longest = max(lengths[-1], ctx + decode_tokens + 1)
-    if longest >= vlm.max_context:
-        raise InputError(f"a {longest}-token run does not fit the model's {vlm.max_context}-token context")
     if image_size and vlm.image_token_id is None:
         say("this model takes no images: skipping the image request")
         image_size = 0
@@ -367,8 +389,10 @@ def run_context_bench(vlm: Any, contexts: Sequence[int], *, decode_tokens: int =
     dtype = getattr(mx, vlm.meta.get("compute_dtype", "float32"))
     results = []
     for n in sorted({int(c) for c in contexts}):
-        if n + decode_tokens + 1 >= vlm.max_context:
-            raise InputError(f"a {n}-token context does not fit the model's {vlm.max_context}-token context")
+        if n + decode_tokens + 1 > vlm.max_context:
+            raise InputError(f"a {n}-token context and {decode_tokens + 1} decode steps need "
+                             f"{n + decode_tokens + 1} tokens; the model's context is {vlm.max_context}: "
+                             f"lower --context or --decode-tokens")
         mx.clear_cache()
         mx.reset_peak_memory()
         say(f"{_clock()} context {n}: filling the KV cache with random keys/values")
@@ -476,6 +500,19 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------- CLI
+def write_json(path: Path, data: Any) -> None:
+    """``--json PATH`` of every command: the data as JSON to PATH, or to stdout for '-'."""
+    text = json.dumps(data, indent=1)
+    if str(path) == "-":
+        click.echo(text)
+        return
+    try:
+        path.write_text(text + "\n")
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+    click.echo(f"wrote {path}", err=True)
+
+
 def _lengths(_ctx: Any, _param: Any, value: str) -> list[int]:
     try:
         out = [int(v) for v in value.split(",") if v.strip()]
@@ -490,8 +527,9 @@ def _lengths(_ctx: Any, _param: Any, value: str) -> list[int]:
 @click.argument("src")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="Weight dtype when SRC must be compiled first.")
-@click.option("--prompt-lengths", default=",".join(map(str, DEFAULT_PROMPT_LENGTHS)), show_default=True,
-              callback=_lengths, help="Comma-separated prompt lengths (tokens) to time prefill at.")
+@click.option("--prompt-lengths", default=None, callback=lambda c, p, v: _lengths(c, p, v) if v else None,
+              help="Comma-separated prompt lengths (tokens) to time prefill at [default: "
+                   f"{','.join(map(str, DEFAULT_PROMPT_LENGTHS))}, those the model's context holds].")
 @click.option("--decode-tokens", default=32, show_default=True, type=click.IntRange(min=1),
               help="Decode steps to time (the first generated token is not one of them).")
 @click.option("--decode-context", default=None, type=click.IntRange(min=1),
@@ -501,15 +539,15 @@ def _lengths(_ctx: Any, _param: Any, value: str) -> list[int]:
 @click.option("--runs", default=1, show_default=True, type=click.IntRange(min=1),
               help="Timed runs per measurement (medians are reported).")
 @click.option("--warmup/--no-warmup", default=True, show_default=True, help="One untimed pass first.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write every number (and the machine's load) to this JSON file.")
-@click.option("-q", "--quiet", is_flag=True, help="Print only the final table.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None,
+              help="Also write every number (and the machine's load) as JSON to this file ('-': stdout).")
+@click.option("--quiet", is_flag=True, help="Print only the final table.")
 @click.option("--context", "contexts", default=None, callback=lambda c, p, v: _lengths(c, p, v) if v else None,
               help="Comma-separated context lengths: instead of the default runs, decode tok/s and KV "
                    "memory with a cache filled to each length (random keys/values), e.g. 4096,16384,32768.")
 @kv_flags
 @exit_on_user_error
-def bench_cmd(src: str, dtype: str, prompt_lengths: list[int], decode_tokens: int, decode_context: int | None,
+def bench_cmd(src: str, dtype: str, prompt_lengths: list[int] | None, decode_tokens: int, decode_context: int | None,
               image_size: int, runs: int, warmup: bool, json_path: Path | None, quiet: bool,
               contexts: list[int] | None, **kv_kw) -> None:
     """Measure prefill and decode tok/s, one-image TTFT, peak memory and the decode roofline
@@ -519,7 +557,6 @@ def bench_cmd(src: str, dtype: str, prompt_lengths: list[int], decode_tokens: in
     result = bench(src, dtype=dtype, log=log, kv=pop_kv(kv_kw), contexts=contexts, prompt_lengths=prompt_lengths,
                    decode_tokens=decode_tokens, decode_context=decode_context, image_size=image_size, runs=runs,
                    warmup=warmup)
-    click.echo(format_report(result))
+    click.echo(format_report(result), err=json_path is not None and str(json_path) == "-")
     if json_path is not None:
-        json_path.write_text(json.dumps(result, indent=1))
-        click.echo(f"wrote {json_path}", err=True)
+        write_json(json_path, result)

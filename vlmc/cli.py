@@ -5,7 +5,6 @@ one ``error:`` line and exit 1; only bugs in vlmc show a traceback.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -115,11 +114,15 @@ def _default_model() -> str:
 @click.option("-i", "--image", "images", multiple=True, help="Image path, http(s) URL or data: URI (repeatable).")
 @click.option("--system", default=None, help="System message.")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=float)
-@click.option("--top-k", default=0, show_default=True, type=int)
-@click.option("--min-p", default=0.0, show_default=True, type=float)
-@click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
+@click.option("--temperature", default=None, type=float,
+              help="0 = greedy [default: the checkpoint's generation_config.json, else greedy].")
+@click.option("--top-p", default=None, type=float, help="[default: the checkpoint's, else 1 (off)]")
+@click.option("--top-k", default=None, type=int, help="[default: the checkpoint's, else 0 (off)]")
+@click.option("--min-p", default=None, type=float, help="[default: the checkpoint's, else 0 (off)]")
+@click.option("--repetition-penalty", default=None, type=float, help="[default: the checkpoint's, else 1 (off)]")
+@click.option("--generation-config", type=click.Choice(["auto", "vlmc"]), default="auto", show_default=True,
+              help="auto: sampling fields left unset take the checkpoint's generation_config.json defaults; "
+                   "vlmc: ignore them.")
 @click.option("--seed", default=None, type=int)
 @click.option("--stop", "stops", multiple=True, help="Stop string (repeatable).")
 @click.option("--dtype", type=DTYPE, default="float32", show_default=True,
@@ -128,16 +131,16 @@ def _default_model() -> str:
 @kv_flags
 @exit_on_user_error
 def run_cmd(src: str, prompt: str, images: tuple[str, ...], system: str | None, max_tokens: int,
-            temperature: float, top_p: float, top_k: int, min_p: float, repetition_penalty: float,
-            seed: int | None, stops: tuple[str, ...], dtype: str, verbose: bool, **kv_kw) -> None:
+            temperature: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
+            repetition_penalty: float | None, generation_config: str, seed: int | None, stops: tuple[str, ...],
+            dtype: str, verbose: bool, **kv_kw) -> None:
     """Generate a reply from SRC (an artifact, a checkpoint folder or a hub id; checkpoints
     are compiled once and cached). Without SRC, the bundled demo model (synthetic shapes)."""
     from .api import load
     src = src or _default_model()
-    from .runtime.sampling import SamplingParams
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                            repetition_penalty=repetition_penalty, seed=seed)
-    model = load(src, dtype=dtype, progress=True, **pop_kv(kv_kw))
+    model = load(src, dtype=dtype, progress=True, generation_config=generation_config, **pop_kv(kv_kw))
+    params = model.sampling_params(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                   repetition_penalty=repetition_penalty, seed=seed)
     last = None
     for chunk in model.stream_generate(prompt, images=list(images), system=system, max_tokens=max_tokens,
                                        stop=list(stops), sampling=params):
@@ -146,10 +149,26 @@ def run_cmd(src: str, prompt: str, images: tuple[str, ...], system: str | None, 
         last = chunk
     sys.stdout.write("\n")
     if verbose and last is not None:
-        s = last.stats
-        click.echo(f"prompt: {s['prompt_tokens']} tokens, {s['prompt_tps']:.1f} tok/s | generation: "
-                   f"{s['generation_tokens']} tokens, {s['generation_tps']:.1f} tok/s | peak memory "
-                   f"{s['peak_memory_gb']:.3f} GB | finish: {last.finish_reason}", err=True)
+        click.echo(run_summary(last.stats, last.finish_reason), err=True)
+        source = "the checkpoint's generation_config.json where unset" if generation_config == "auto" and \
+            model.sampling_defaults else "vlmc's defaults where unset"
+        click.echo(f"sampling: {params.describe()} ({source})", err=True)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def run_summary(s: dict, finish: str | None) -> str:
+    """``vlmc run -v``'s line: counts, the rates that were measured, peak memory in a unit
+    that shows it. A reply of one token has no decode steps, so no generation rate."""
+    prompt = _count(s["prompt_tokens"], "token") + (f", {s['prompt_tps']:.1f} tok/s" if s.get("prompt_tps") else "")
+    gen = _count(s["generation_tokens"], "token")
+    if s["generation_tokens"] > 1 and s.get("generation_tps"):
+        gen += f", {s['generation_tps']:.1f} tok/s"
+    gb = s["peak_memory_gb"]
+    memory = f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1000:.1f} MB"
+    return f"prompt: {prompt} | generation: {gen} | peak memory {memory} | finish: {finish}"
 
 
 @main.command("eval")
@@ -158,7 +177,8 @@ def run_cmd(src: str, prompt: str, images: tuple[str, ...], system: str | None, 
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Images to use (default: the whole split).")
 @click.option("--dtype", type=DTYPE, default="float32", show_default=True)
 @click.option("-q", "--quantize", default=None, help="Compile with this weight scheme first (see compile).")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the result here.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None,
+              help="Also write the result as JSON to this file ('-': stdout).")
 @kv_flags
 @exit_on_user_error
 def eval_cmd(src: str | None, split: str, limit: int | None, dtype: str, quantize: str | None,
@@ -174,28 +194,37 @@ def eval_cmd(src: str | None, split: str, limit: int | None, dtype: str, quantiz
         src = str(compile_checkpoint(src, dtype=dtype, quantize=quantize, progress=True))
     result = evaluate(load(src, dtype=dtype, **pop_kv(kv_kw)), split=split, limit=limit, progress=True)
     kinds = "  ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in result["per_kind"].items())
-    click.echo(f"{split}: {100 * result['accuracy']:.2f}% exact match ({result['correct']}/{result['n']})  {kinds}")
+    click.echo(f"{split}: {100 * result['accuracy']:.2f}% exact match ({result['correct']}/{result['n']})  {kinds}",
+               err=json_out is not None and str(json_out) == "-")
     if json_out:
-        json_out.write_text(json.dumps(result, indent=1))
+        from .bench import write_json
+        write_json(json_out, result)
 
 
 @main.command("inspect")
 @click.argument("src")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest (artifacts) as JSON.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None,
+              help="Also write the manifest (an artifact) or the compiled program (a checkpoint) as JSON to "
+                   "this file ('-': stdout, instead of the text).")
 @click.option("--layers", is_flag=True, help="List every quantized weight with its scheme, size and error.")
 @exit_on_user_error
-def inspect_cmd(src: str, as_json: bool, layers: bool) -> None:
-    """Print the IR, parameter counts and memory of an artifact or a checkpoint."""
+def inspect_cmd(src: str, json_out: Path | None, layers: bool) -> None:
+    """Print the IR, parameter counts and memory of an artifact or a checkpoint (or the
+    bundled demo model, vlmc-demo)."""
+    from .bench import write_json
     from .runtime.artifact import is_artifact, read_manifest, reject_unfinished
+    to_stdout = json_out is not None and str(json_out) == "-"
     if is_artifact(src):
         manifest = read_manifest(Path(src))
-        if as_json:
-            click.echo(json.dumps(manifest, indent=1))
+        if json_out is not None:
+            write_json(json_out, manifest)
+        if to_stdout:
             return
         click.echo((Path(src) / "program.ir").read_text())
         click.echo(_memory_summary(manifest["tensors"], manifest.get("quantized", {})))
         click.echo(_quant_summary(manifest, layers))
         click.echo(_kv_summary(manifest))
+        click.echo(_sampling_summary(Path(src)))
         return
     reject_unfinished(src)
     from .frontend import open_checkpoint
@@ -203,7 +232,28 @@ def inspect_cmd(src: str, as_json: bool, layers: bool) -> None:
     from .models import import_checkpoint
     from .passes import PRESETS, run_passes
     prog = run_passes(import_checkpoint(open_checkpoint(src)), PRESETS["default"])
-    click.echo(format_program(prog))
+    if json_out is not None:
+        from .ir.serialize import to_json
+        write_json(json_out, to_json(prog))
+    if not to_stdout:
+        click.echo(format_program(prog))
+
+
+def _sampling_summary(art: Path) -> str:
+    """The sampling defaults the checkpoint's generation_config.json gives (used where a
+    request leaves a field unset, unless --generation-config vlmc)."""
+    import json
+    from .runtime.sampling import checkpoint_defaults, resolve_sampling
+    try:
+        gen = json.loads((art / "generation.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    defaults = checkpoint_defaults(gen.get("defaults") or {})
+    eos = ", ".join(map(str, gen.get("eos_token_ids") or [])) or "none"
+    if not defaults:
+        return f"\nsampling defaults: none in generation_config.json (greedy unless asked); stop ids {eos}"
+    return (f"\nsampling defaults (generation_config.json): {resolve_sampling({}, defaults).describe()}; "
+            f"stop ids {eos}")
 
 
 def _kv_summary(manifest: dict) -> str:
@@ -288,10 +338,6 @@ from .bench import bench_cmd  # noqa: E402 - `vlmc bench` lives with the benchma
 main.add_command(bench_cmd)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 @main.command("serve")
 @click.argument("models", nargs=-1)
 @click.option("--model", "model_opt", default=None, help="Model to preload (same as the first MODEL).")
@@ -331,6 +377,9 @@ if __name__ == "__main__":  # pragma: no cover
 @click.option("--thinking-end-token", default="</think>", show_default=True)
 @click.option("--dtype", type=DTYPE, default="float32", show_default=True,
               help="Weight dtype when a MODEL must be compiled first.")
+@click.option("--generation-config", type=click.Choice(["auto", "vlmc"]), default="auto", show_default=True,
+              help="auto: sampling fields a request leaves unset take the checkpoint's generation_config.json "
+                   "defaults (else temperature 1); vlmc: ignore them.")
 @kv_flags
 @exit_on_user_error
 def serve_cmd(models: tuple[str, ...], model_opt: str | None, **kw) -> None:
@@ -340,3 +389,7 @@ def serve_cmd(models: tuple[str, ...], model_opt: str | None, **kw) -> None:
     from .serve.server import serve
     sources = ([model_opt] if model_opt else []) + [m for m in models if m != model_opt]
     serve(sources or [_default_model()], kv=pop_kv(kw), **kw)
+
+
+if __name__ == "__main__":  # pragma: no cover  (last: after every command is defined)
+    main()

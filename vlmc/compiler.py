@@ -84,7 +84,9 @@ def compile_with(src: str | os.PathLike, out: str | os.PathLike | None, options:
         out = cache_dir() / "artifacts" / cache_key(ckpt, options)
         if (Path(out) / "manifest.json").is_file():
             return Path(out)
-    prog = import_checkpoint(ckpt)
+    prog = import_checkpoint(ckpt)  # (a checkpoint it cannot read fails here, before anything is said)
+    if progress and Path(out).parent == cache_dir() / "artifacts":
+        print(f"vlmc: compiling {src} into the cache {out} (once: later runs reuse it)", file=sys.stderr)
     names = PRESETS[options.preset]
     pass_options = options.pass_options()
     plan_names = [n for n in names if n in PLAN_PASSES]
@@ -147,23 +149,25 @@ def _runtime_files(ckpt: Checkpoint, fam, meta: dict[str, Any]) -> dict[str, Any
         for e in ([src] if isinstance(src, int) else (src or [])):
             if e not in eos:
                 eos.append(int(e))
-    defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if k in gen}
+    # the sampling fields as the checkpoint states them (runtime.sampling.checkpoint_defaults reads them)
+    defaults = {k: gen[k] for k in ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+                if gen.get(k) is not None}
     return {"processor.json": spec, "generation.json": {"eos_token_ids": eos, "defaults": defaults}}
 
 
 def _progress_bar(prog):
-    """Percent of weight bytes written, on one self-updating line (a final line when not a tty)."""
-    total_bytes = prog.param_bytes()
-    state = {"bytes": 0, "shown": -1}
-    tty = sys.stderr.isatty()
+    """Weight bytes written, as a progress bar on a terminal (tqdm; nothing when stderr is
+    a log, where a bar is noise). Made on the first write, after the destination is checked."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    state: dict[str, Any] = {}
 
     def report(done: int, total: int, nbytes: int) -> None:
-        state["bytes"] += nbytes
-        pct = int(100 * state["bytes"] / max(total_bytes, 1))
+        if "bar" not in state:
+            state["bar"] = tqdm(total=prog.param_bytes(), unit="B", unit_scale=True, unit_divisor=1024,
+                                desc="writing weights", file=sys.stderr, leave=False)
+        state["bar"].update(nbytes)
         if done == total:
-            sys.stderr.write(f"{chr(13) if tty else ''}wrote {total} tensors, {total_bytes / 2**20:.1f} MiB\n")
-        elif tty and pct != state["shown"]:
-            sys.stderr.write(f"\rwriting weights {pct:3d}% ({done}/{total} tensors)")
-        state["shown"] = pct
-        sys.stderr.flush()
+            state["bar"].close()
     return report

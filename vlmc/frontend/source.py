@@ -18,7 +18,11 @@ CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model",
 
 
 def resolve_source(src: str | os.PathLike, *, progress: bool = True) -> Path:
+    """A folder (an existing path wins), the bundled demo model's name, or a hub id."""
     path = Path(src).expanduser()
+    from ..demo import MODEL_DIR, NAME
+    if str(src) == NAME and not path.exists():
+        path = MODEL_DIR
     if path.exists():
         if not path.is_dir():
             raise SourceError(f"{path} is a file; expected a checkpoint folder with config.json")
@@ -28,7 +32,8 @@ def resolve_source(src: str | os.PathLike, *, progress: bool = True) -> Path:
     text = str(src)
     if text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1) \
             or not HUB_ID.match(text):
-        raise SourceError(f"no such checkpoint folder: {text}")
+        raise SourceError(f"no such checkpoint folder: {text} (a model is a folder, a hub id such as "
+                          f"Qwen/Qwen2-VL-2B-Instruct, or vlmc-demo for the bundled demo model)")
     return _download(text, progress=progress)
 
 

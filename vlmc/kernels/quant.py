@@ -59,16 +59,3 @@ def widen(q: QuantWeight, bits: int) -> QuantWeight:
         mx.eval(parts[-1])
     packed = parts[0] if len(parts) == 1 else mx.concatenate(parts)
     return QuantWeight(packed, q.scales, q.biases, bits, q.group_size, q.mode)
-
-
-# Compile-time quantization moved to vlmc.backends.quantize; these names still resolve
-# here (on use, not at import) for callers not yet updated to import from there.
-_MOVED = frozenset({"QUANT_REVISION", "quantize_array", "SEARCH_BITS", "SHRINK", "REFITS", "searched_params",
-                    "nearest_codes", "pack_codes", "_searched_params_mlx", "_nearest_codes_mlx"})
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        from ..backends import quantize
-        return getattr(quantize, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -534,7 +534,7 @@ def batch_generate(vlm: VLM, requests: Sequence[str | dict[str, Any]], *, max_to
     ``max_tokens`` and ``stop``. Results come back in request order; tok/s are over the
     whole batch's time. Batched matmuls round differently from single ones, so a greedy
     reply can differ from ``generate``'s where two tokens are nearly tied."""
-    params = sampling or SamplingParams(**sampling_kw)
+    params = sampling or vlm.sampling_params(**sampling_kw)
     jobs, texts, tokens, finishes = [], [], [], []
     done = threading.Event()
     left = [len(requests)]

@@ -20,7 +20,7 @@ from .artifact import Artifact
 from .chat import normalize_messages, render_chat
 from .detokenizer import StopStringMatcher, StreamingDetokenizer
 from .images import load_image
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, checkpoint_defaults, resolve_sampling
 from .step import Decoder, PromptInputs, Sequences
 from .tokenizer import Tokenizer, find_chat_template
 
@@ -57,7 +57,9 @@ class StreamChunk:
 class VLM:
     """A compiled vision-language model, ready to generate."""
 
-    def __init__(self, artifact: Artifact):
+    def __init__(self, artifact: Artifact, *, generation_config: str = "auto"):
+        """``generation_config``: "auto" takes the checkpoint's generation_config.json
+        sampling defaults for every field a call leaves unset; "vlmc" ignores them."""
         self.artifact = artifact
         self.model = artifact.model
         self.meta = artifact.meta
@@ -65,6 +67,9 @@ class VLM:
         self.chat_template = find_chat_template(artifact.path)
         self.inputs = family(self.meta["model_type"]).inputs(self.meta, artifact.processor_spec)
         self.eos_ids = set(artifact.generation.get("eos_token_ids") or []) | set(self.tokenizer.eos_token_ids)
+        self.sampling_defaults = checkpoint_defaults(artifact.generation.get("defaults") or {})
+        self.generation_config = generation_config
+        self.sampling_params()  # a bad mode or checkpoint default is an error at load, not mid-request
         self.max_context = int(self.meta["text"]["max_position_embeddings"])
         self.image_token_id = self.inputs.image_token_id
         self.kv_layers = artifact.kv_layers
@@ -72,6 +77,11 @@ class VLM:
         text = self.meta["text"]
         self.decoder = Decoder(self.model, self.kv_layers, int(text["num_kv_heads"]), int(text["head_dim"]),
                                self.inputs.position_streams)
+
+    def sampling_params(self, *, base: dict[str, Any] | None = None, **given: Any) -> SamplingParams:
+        """The sampler settings for a call: what it sets (None = unset), else the
+        checkpoint's defaults (unless generation_config="vlmc"), else ``base``, else greedy."""
+        return resolve_sampling(given, self.sampling_defaults, base=base, mode=self.generation_config)
 
     def materialize(self) -> None:
         """Read every weight now. MLX ties an unevaluated array to the thread that made it,
@@ -126,7 +136,7 @@ class VLM:
         text = render_chat(self.chat_template, tmpl_messages, add_generation_prompt=True,
                            bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token,
                            **(template_vars or {}))
-        ids = self.tokenizer.encode(text)
+        ids = self.encode_prompt(text)
         processed = None
         if loaded_images is not None and len(loaded_images) != len(refs):
             raise ValueError(f"{len(loaded_images)} loaded image(s) for {len(refs)} reference(s)")
@@ -135,6 +145,13 @@ class VLM:
                 [load_image(r, **(image_limits or {})) for r in refs]
             processed = self.inputs.preprocess(pil)
         return Prompt(self.inputs.expand(ids, processed), processed, text)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A rendered prompt's ids as transformers' processors make them: with what the
+        tokenizer's post-processor adds (e.g. a Llama tokenizer's BOS), unless the prompt
+        already starts with the BOS text (a template that writes it)."""
+        bos = self.tokenizer.bos_token
+        return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
 
     # ------------------------------------------------------------------ model stages
     def encode_images(self, processed: ProcessedImages) -> mx.array:
@@ -205,7 +222,7 @@ class VLM:
         that carries the remaining text, finish_reason and the stats (tokens, tok/s, memory)."""
         if max_tokens < 1:
             raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
-        params = sampling or SamplingParams(**sampling_kw)
+        params = sampling or self.sampling_params(**sampling_kw)
         p = self.build_prompt(prompt, images=images, messages=messages, system=system)
         detok = StreamingDetokenizer(self.tokenizer, skip_special_tokens=True)
         stops = StopStringMatcher(stop)

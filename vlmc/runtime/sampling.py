@@ -76,6 +76,44 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def describe(self) -> str:
+        """The settings that change the distribution, e.g. "greedy, repetition_penalty 1.05"."""
+        parts = ["greedy" if self.greedy else f"temperature {self.temperature:g}"]
+        if not self.greedy:
+            parts += [f"{k} {v:g}" for k, v, off in (("top_p", self.top_p, 1.0), ("top_k", self.top_k, 0),
+                                                     ("min_p", self.min_p, 0.0)) if v != off]
+        if self.repetition_penalty != 1.0:
+            parts.append(f"repetition_penalty {self.repetition_penalty:g}")
+        return ", ".join(parts)
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+GENERATION_CONFIG_MODES = ("auto", "vlmc")
+
+
+def checkpoint_defaults(generation_config: dict) -> dict:
+    """The sampling defaults a checkpoint's generation_config.json sets, as transformers'
+    ``generate`` reads them: its sampling fields, and ``do_sample: false`` meaning greedy
+    (the repetition penalty still applies then)."""
+    out = {k: generation_config[k] for k in SAMPLING_FIELDS if generation_config.get(k) is not None}
+    if generation_config.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
+def resolve_sampling(given: dict, checkpoint: dict, *, base: dict | None = None,
+                     mode: str = "auto") -> SamplingParams:
+    """SamplingParams for a request: the fields it sets (``given``, None = unset), else the
+    checkpoint's defaults (``checkpoint_defaults``; not with ``mode="vlmc"``), else ``base``
+    (the caller's own defaults, e.g. an OpenAI server's temperature 1), else greedy."""
+    if mode not in GENERATION_CONFIG_MODES:
+        raise InputError(f"generation_config must be one of {', '.join(GENERATION_CONFIG_MODES)}, got {mode!r}")
+    fields = dict(base or {})
+    if mode == "auto":
+        fields.update(checkpoint)
+    fields.update({k: v for k, v in given.items() if v is not None})
+    return SamplingParams(**fields)
+
 
 # --------------------------------------------------------------------------------- logits steps
 

@@ -61,15 +61,15 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-def sampling(req: Any) -> SamplingParams:
+def sampling(req: Any, vlm: Any) -> SamplingParams:
+    """The request's sampling fields; those it leaves unset take the checkpoint's
+    generation_config.json defaults (unless --generation-config vlmc), else OpenAI's
+    (temperature 1)."""
     if getattr(req, "stream_options", None) is not None and not req.stream:
         raise InputError("stream_options is only allowed with stream: true")
-    def pick(name: str, default: Any) -> Any:
-        value = getattr(req, name, None)
-        return default if value is None else value
-    return SamplingParams(temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=pick("top_k", 0),
-                          min_p=pick("min_p", 0.0), repetition_penalty=pick("repetition_penalty", 1.0),
-                          seed=getattr(req, "seed", None))
+    given = {name: getattr(req, name, None) for name in ("temperature", "top_p", "top_k", "min_p",
+                                                          "repetition_penalty", "seed")}
+    return vlm.sampling_params(base={"temperature": 1.0}, **given)
 
 
 def _constraint(resident: Resident, fmt: ResponseFormat | None) -> Any:
@@ -152,7 +152,7 @@ def plan_chat(resident: Resident, req: ChatCompletionRequest, settings: Settings
     requested = req.max_completion_tokens or req.max_tokens
     if req.max_completion_tokens and req.max_tokens and req.max_completion_tokens != req.max_tokens:
         raise InputError("max_tokens and max_completion_tokens disagree; give one")
-    return Plan(prompt, sampling(req), _max_tokens(requested, len(prompt.ids), vlm.max_context, settings),
+    return Plan(prompt, sampling(req, vlm), _max_tokens(requested, len(prompt.ids), vlm.max_context, settings),
                 _stops(req.stop), logprobs, constraint, think,
                 dict(tools=tools, thinking=bool(thinking), think_start=settings.think_start,
                      think_end=settings.think_end, starts_in_thinking=starts_inside),
@@ -200,7 +200,7 @@ def plan_completion(resident: Resident, req: CompletionRequest, settings: Settin
     if isinstance(prompt_in, str):
         if not prompt_in:
             raise InputError("the prompt is empty")
-        ids = vlm.tokenizer.encode(prompt_in)
+        ids = vlm.encode_prompt(prompt_in)
         text = prompt_in
     else:
         ids = list(prompt_in)
@@ -213,7 +213,7 @@ def plan_completion(resident: Resident, req: CompletionRequest, settings: Settin
     prompt = Prompt(ids, None, text)
     check_prompt(prompt, resident, settings)
     logprobs = None if req.logprobs is None else _top_k(req.logprobs, settings)
-    return Plan(prompt, sampling(req), _max_tokens(req.max_tokens, len(ids), vlm.max_context, settings),
+    return Plan(prompt, sampling(req, vlm), _max_tokens(req.max_tokens, len(ids), vlm.max_context, settings),
                 _stops(req.stop), logprobs, _constraint(resident, req.response_format), None,
                 dict(tools=None, thinking=False), req.presence_penalty or 0.0, req.frequency_penalty or 0.0,
                 _min_tokens(req))

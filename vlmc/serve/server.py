@@ -1,6 +1,8 @@
 """``vlmc serve``: build the served models and the app, then run uvicorn."""
 from __future__ import annotations
 
+import errno
+import socket
 import sys
 from typing import Any
 
@@ -19,15 +21,17 @@ def serve(sources: list[str], *, kv: dict[str, Any], host: str, port: int, lazy:
           vision_cache_bytes: int, prefix_cache_bytes: int, prefix_block_size: int, prefix_cache_dir: str | None,
           prefix_cache_disk_bytes: int, top_logprobs_k: int,
           enable_thinking: bool | None,
-          thinking_budget: int | None, thinking_start_token: str, thinking_end_token: str, dtype: str) -> None:
+          thinking_budget: int | None, thinking_start_token: str, thinking_end_token: str, dtype: str,
+          generation_config: str = "auto") -> None:
     import uvicorn
+    sock = _bind(host, port)  # before the model loads: a busy port is one error line, at once
     media = MediaLimits(max_images=max_images, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
                         fetch_timeout=fetch_timeout, allowed_local_dir=media_root(allowed_local_media_path))
     settings = Settings(default_max_tokens=default_max_tokens, top_logprobs_k=top_logprobs_k,
                         max_prompt_tokens=max_prompt_tokens, enable_thinking=enable_thinking,
                         thinking_budget=thinking_budget, think_start=thinking_start_token,
                         think_end=thinking_end_token, media=media)
-    models = Models(sources, load_options={"dtype": dtype, **kv}, max_batch=max_batch_size, max_queue=max_queue,
+    models = Models(sources, load_options={"dtype": dtype, "generation_config": generation_config, **kv}, max_batch=max_batch_size, max_queue=max_queue,
                     prefill_chunk=prefill_chunk, prefill_batch_tokens=prefill_batch_tokens,
                     vision_cache_bytes=vision_cache_bytes,
                     prefix_cache_bytes=prefix_cache_bytes, prefix_block_size=prefix_block_size,
@@ -39,8 +43,27 @@ def serve(sources: list[str], *, kv: dict[str, Any], host: str, port: int, lazy:
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"vlmc: warning: listening on {host} without --api-key", file=sys.stderr)
     app = create_app(models, settings, api_key=api_key, cors_origins=list(cors), max_body_bytes=max_body_bytes)
-    print(f"vlmc: listening on http://{host}:{port}/v1", file=sys.stderr)
+    print(f"vlmc: listening on http://{host}:{sock.getsockname()[1]}/v1", file=sys.stderr)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (uvicorn serves on it), or one clear error."""
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise VlmcError(f"cannot listen on {host}:{port}: {e.strerror} (check --host)") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
     except OSError as e:
-        raise VlmcError(f"cannot listen on {host}:{port}: {e}") from None
+        sock.close()
+        hint = " (another server is using it: pick another --port)" if e.errno == errno.EADDRINUSE else \
+            " (ports below 1024 need privileges: pick another --port)" if e.errno == errno.EACCES else ""
+        raise VlmcError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    sock.set_inheritable(True)
+    return sock

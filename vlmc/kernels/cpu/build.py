@@ -134,7 +134,8 @@ def build(native: bool = True, *, flags: list[str] | None = None,
         compiled = False
         try:
             if force or not path.exists():
-                print(f"vlmc: compiling the CPU kernels into {path.parent} (once per machine)", file=sys.stderr)
+                print(f"vlmc: compiling the CPU kernels into {path.parent}: once per machine and vlmc version, "
+                      f"about a minute on 2 cores", file=sys.stderr)
                 _compile(cc, flags, path)
                 compiled = True
             return _load(path), path, compiled
