@@ -25,7 +25,8 @@ class Model(VLM):
 
 
 def load(src: str | os.PathLike, *, dtype: str = "float32", target: str | None = None,
-         progress: bool = False, generation_config: str = "auto", **kv: Any) -> Model:
+         progress: bool = False, generation_config: str = "auto", draft: Any = None,
+         num_draft_tokens: int = 4, **kv: Any) -> Model:
     """Load an artifact folder, or compile a checkpoint folder / hub id first (once: the
     artifact is cached by content, see ``vlmc.compiler.cache_dir``).
 
@@ -34,17 +35,28 @@ def load(src: str | os.PathLike, *, dtype: str = "float32", target: str | None =
     ``kv_quantize_last``) are compiled into a checkpoint's artifact; for an artifact they
     re-plan its caches, which recompiles its plan and lowering (cached, weights shared).
     ``generation_config="auto"`` samples with the checkpoint's generation_config.json
-    defaults where a call leaves a field unset; ``"vlmc"`` ignores them (greedy unless asked)."""
+    defaults where a call leaves a field unset; ``"vlmc"`` ignores them (greedy unless asked).
+    ``draft`` switches speculative decoding on for every call that does not say otherwise:
+    "prompt-lookup", or a draft model (a loaded model, or a source to load) whose tokenizer
+    is the target's, drafting up to ``num_draft_tokens`` per step."""
     options = KVOptions.from_kwargs("load()", **kv)
+    if draft is not None and not isinstance(draft, (VLM, str)) and not hasattr(draft, "propose"):
+        raise TypeError(f"draft must be 'prompt-lookup', a model, a drafter or a source to load, not {type(draft).__name__}")
+    if isinstance(draft, (str, os.PathLike)) and str(draft) != "prompt-lookup":
+        draft = load(draft, dtype=dtype, target=target, progress=progress)  # a bad draft source fails here, first
     if is_artifact(src):
         if options:
             from .compiler import replan
             src = replan(src, options)
-        return Model(load_artifact(src), generation_config=generation_config)
-    reject_unfinished(src)
-    from .compiler import compile as compile_checkpoint  # only needed for checkpoints
-    return Model(load_artifact(compile_checkpoint(src, dtype=dtype, target=target, progress=progress,
-                                                  **options.changed())), generation_config=generation_config)
+        model = Model(load_artifact(src), generation_config=generation_config)
+    else:
+        reject_unfinished(src)
+        from .compiler import compile as compile_checkpoint  # only needed for checkpoints
+        model = Model(load_artifact(compile_checkpoint(src, dtype=dtype, target=target, progress=progress,
+                                                       **options.changed())), generation_config=generation_config)
+    if draft is not None:
+        model.speculation = model.speculation_for(draft, num_draft_tokens)
+    return model
 
 
 __all__ = ["load", "Model", "Path"]

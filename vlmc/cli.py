@@ -124,6 +124,15 @@ def _default_model() -> str:
               help="auto: sampling fields left unset take the checkpoint's generation_config.json defaults; "
                    "vlmc: ignore them.")
 @click.option("--seed", default=None, type=int)
+@click.option("--prompt-lookup", is_flag=True,
+              help="Speculate with prompt lookup: draft the tokens that followed the last n-gram earlier in the "
+                   "prompt or reply, verify them in one step (lossless).")
+@click.option("--ngram", default=3, show_default=True, type=click.IntRange(1, 16),
+              help="Longest n-gram prompt lookup matches.")
+@click.option("--draft-model", default=None,
+              help="Speculate with this smaller model (artifact, checkpoint or hub id) with the same tokenizer.")
+@click.option("--num-draft-tokens", default=4, show_default=True, type=click.IntRange(1, 15),
+              help="Most tokens drafted per step (fewer when the acceptance rate says so).")
 @click.option("--stop", "stops", multiple=True, help="Stop string (repeatable).")
 @click.option("--dtype", type=DTYPE, default="float32", show_default=True,
               help="Weight dtype when SRC must be compiled first.")
@@ -132,7 +141,8 @@ def _default_model() -> str:
 @exit_on_user_error
 def run_cmd(src: str, prompt: str, images: tuple[str, ...], system: str | None, max_tokens: int,
             temperature: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
-            repetition_penalty: float | None, generation_config: str, seed: int | None, stops: tuple[str, ...],
+            repetition_penalty: float | None, generation_config: str, seed: int | None, prompt_lookup: bool,
+            ngram: int, draft_model: str | None, num_draft_tokens: int, stops: tuple[str, ...],
             dtype: str, verbose: bool, **kv_kw) -> None:
     """Generate a reply from SRC (an artifact, a checkpoint folder or a hub id; checkpoints
     are compiled once and cached). Without SRC, the bundled demo model (synthetic shapes)."""
@@ -141,9 +151,18 @@ def run_cmd(src: str, prompt: str, images: tuple[str, ...], system: str | None, 
     model = load(src, dtype=dtype, progress=True, generation_config=generation_config, **pop_kv(kv_kw))
     params = model.sampling_params(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                    repetition_penalty=repetition_penalty, seed=seed)
+    draft = None
+    if draft_model is not None and prompt_lookup:
+        raise VlmcError("give either --draft-model or --prompt-lookup, not both")
+    if draft_model is not None:
+        draft = load(draft_model, dtype=dtype, progress=True)
+    elif prompt_lookup:
+        from .runtime.speculative import PromptLookup
+        draft = PromptLookup(ngram=ngram)
     last = None
     for chunk in model.stream_generate(prompt, images=list(images), system=system, max_tokens=max_tokens,
-                                       stop=list(stops), sampling=params):
+                                       stop=list(stops), sampling=params, draft=draft,
+                                       num_draft_tokens=num_draft_tokens):
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
         last = chunk
@@ -168,7 +187,11 @@ def run_summary(s: dict, finish: str | None) -> str:
         gen += f", {s['generation_tps']:.1f} tok/s"
     gb = s["peak_memory_gb"]
     memory = f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1000:.1f} MB"
-    return f"prompt: {prompt} | generation: {gen} | peak memory {memory} | finish: {finish}"
+    spec = ""
+    if "draft_proposed" in s:
+        spec = (f" | speculation: {s['draft_accepted']}/{s['draft_proposed']} drafted tokens accepted "
+                f"({100 * s['acceptance']:.0f}%), {s['tokens_per_step']:.2f} tokens per step")
+    return f"prompt: {prompt} | generation: {gen}{spec} | peak memory {memory} | finish: {finish}"
 
 
 @main.command("eval")

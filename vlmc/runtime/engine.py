@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import ContextLengthError, InputError
 from ..models import family
@@ -21,6 +22,7 @@ from .chat import normalize_messages, render_chat
 from .detokenizer import StopStringMatcher, StreamingDetokenizer
 from .images import load_image
 from .sampling import Sampler, SamplingParams, checkpoint_defaults, resolve_sampling
+from .speculative import Drafter, Speculation, decide, make_drafter
 from .step import Decoder, PromptInputs, Sequences
 from .tokenizer import Tokenizer, find_chat_template
 
@@ -67,6 +69,7 @@ class VLM:
         self.chat_template = find_chat_template(artifact.path)
         self.inputs = family(self.meta["model_type"]).inputs(self.meta, artifact.processor_spec)
         self.eos_ids = set(artifact.generation.get("eos_token_ids") or []) | set(self.tokenizer.eos_token_ids)
+        self.speculation: Speculation | None = None   # the default for calls that do not say (vlmc.load(draft=...))
         self.sampling_defaults = checkpoint_defaults(artifact.generation.get("defaults") or {})
         self.generation_config = generation_config
         self.sampling_params()  # a bad mode or checkpoint default is an error at load, not mid-request
@@ -212,17 +215,94 @@ class VLM:
             tokens = sampler(logits, history if penalty else None)
             mx.eval(tokens, logits)
 
+    def speculation_for(self, draft: Any = None, num_draft_tokens: int | None = None) -> Speculation | None:
+        """What a call speculates with: ``draft`` is "prompt-lookup", a loaded model (a draft
+        model with a compatible tokenizer), a Drafter, False (no speculation) or None (the
+        model's default, ``self.speculation``)."""
+        if draft is False:
+            return None
+        if draft is None:
+            if self.speculation is None or num_draft_tokens is None:
+                return self.speculation
+            return Speculation(self.speculation.drafter, num_draft_tokens, self.speculation.adaptive)
+        if isinstance(draft, str) and draft != "prompt-lookup":
+            raise InputError(f"draft must be 'prompt-lookup' or a loaded draft model, got {draft!r}")
+        drafter = draft if isinstance(draft, Drafter) else \
+            make_drafter(self, draft=None if isinstance(draft, str) else draft, prompt_lookup=isinstance(draft, str))
+        return Speculation(drafter, num_draft_tokens or 4)
+
+    def speculative_steps(self, prompt: Prompt, sampler: Sampler, max_tokens: int, speculation: Speculation,
+                          stats: dict[str, Any] | None = None) -> Iterator[tuple[mx.array, mx.array]]:
+        """``generate_steps`` for one sequence, speculating: each step verifies a draft in
+        one pass and yields the tokens it decided, one (tokens [1], logits [1, V]) at a time,
+        the same tokens (greedy) or the same distribution (sampling) as without speculation."""
+        self.check_length([prompt])
+        t0 = time.perf_counter()
+        seqs = Sequences.start(self.decoder, [self.prompt_inputs(prompt)])
+        logits = seqs.prefill()
+        params = sampler.params
+        penalty = params.repetition_penalty != 1.0
+        rng = np.random.default_rng(params.seed)
+        context = list(prompt.ids)
+        drafter, length = speculation.drafter, speculation.length()
+        state = drafter.start(prompt.ids, prompt)
+        token, _ = decide(sampler.process(logits, [context] if penalty else None)[0], None, None,
+                          greedy=params.greedy, rng=rng)
+        if stats is not None:
+            stats.update(prompt_time=time.perf_counter() - t0, prompt_tokens=len(prompt.ids), draft_proposed=0,
+                         draft_accepted=0, verify_steps=0, decode_steps=0)
+        budget = min(max_tokens, self.max_context - len(prompt.ids))
+        produced = 1
+        context.append(token)
+        t1 = time.perf_counter()
+        yield mx.array([token], dtype=mx.int32), logits
+        while produced < budget:
+            k = min(length.next(), budget - produced - 1, self.max_context - len(context) - 1)
+            draft = drafter.propose(state, context, k, sampler, rng) if k > 0 else None
+            tokens = draft.tokens[:k] if draft is not None else []
+            if tokens:
+                rows = seqs.verify(mx.array([[context[-1], *tokens]], dtype=mx.int32))[0]
+            else:
+                rows = seqs.decode(mx.array([context[-1]], dtype=mx.int32))
+            accepted = 0
+            for i in range(len(tokens) + 1):
+                candidate = tokens[i] if i < len(tokens) else None
+                q = draft.q[i] if candidate is not None and draft.q is not None else None
+                processed = sampler.process(rows[i:i + 1], [context] if penalty else None)[0]
+                token, ok = decide(processed, candidate, q, greedy=params.greedy, rng=rng)
+                context.append(token)
+                produced += 1
+                if stats is not None:
+                    stats["decode_time"] = time.perf_counter() - t1
+                    stats["generation_tokens"] = produced
+                yield mx.array([token], dtype=mx.int32), rows[i:i + 1]
+                if not ok or produced >= budget:
+                    break
+                accepted += 1
+            if tokens:
+                seqs.trim(len(tokens) - accepted)  # the cache keeps the tokens before the last decided one
+                length.update(len(tokens), accepted)
+            drafter.accepted(state, context[:-1])
+            if stats is not None:
+                key = "verify_steps" if tokens else "decode_steps"
+                stats[key] += 1
+                stats["draft_proposed"] += len(tokens)
+                stats["draft_accepted"] += accepted
+
     # ------------------------------------------------------------------ user API
     def stream_generate(self, prompt: str | None = None, *, images: Sequence[Any] | None = None,
                         messages: list[dict[str, Any]] | None = None, system: str | None = None,
                         max_tokens: int = 256, stop: Sequence[str] | None = None,
-                        sampling: SamplingParams | None = None, **sampling_kw: Any) -> Iterator[StreamChunk]:
+                        sampling: SamplingParams | None = None, draft: Any = None,
+                        num_draft_tokens: int | None = None, **sampling_kw: Any) -> Iterator[StreamChunk]:
         """Yield one chunk per generated token with the text that became final (never a split
         multi-byte character; empty while text is held back), then a last chunk with no token
-        that carries the remaining text, finish_reason and the stats (tokens, tok/s, memory)."""
+        that carries the remaining text, finish_reason and the stats (tokens, tok/s, memory;
+        with speculation, drafted and accepted tokens). ``draft``: see ``speculation_for``."""
         if max_tokens < 1:
             raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
         params = sampling or self.sampling_params(**sampling_kw)
+        speculation = self.speculation_for(draft, num_draft_tokens)
         p = self.build_prompt(prompt, images=images, messages=messages, system=system)
         detok = StreamingDetokenizer(self.tokenizer, skip_special_tokens=True)
         stops = StopStringMatcher(stop)
@@ -230,7 +310,9 @@ class VLM:
         mx.reset_peak_memory()
         finish = "length"
         tokens_out: list[int] = []
-        for tokens, _ in self.generate_steps([p], Sampler(params), max_tokens, stats):
+        steps = self.generate_steps([p], Sampler(params), max_tokens, stats) if speculation is None else \
+            self.speculative_steps(p, Sampler(params), max_tokens, speculation, stats)
+        for tokens, _ in steps:
             tok = int(tokens[0].item())
             if tok in self.eos_ids:
                 finish = "stop"
@@ -259,7 +341,13 @@ class VLM:
     def _stats(stats: dict[str, Any], n_tokens: int) -> dict[str, Any]:
         pt, dt = stats.get("prompt_time", 0.0), stats.get("decode_time", 0.0)
         decode_steps = max(stats.get("generation_tokens", 1) - 1, 0)
-        return {"prompt_tokens": stats.get("prompt_tokens", 0), "generation_tokens": n_tokens,
-                "prompt_tps": stats.get("prompt_tokens", 0) / pt if pt else 0.0,
-                "generation_tps": decode_steps / dt if dt else 0.0,
-                "peak_memory_gb": mx.get_peak_memory() / 1e9}
+        out = {"prompt_tokens": stats.get("prompt_tokens", 0), "generation_tokens": n_tokens,
+               "prompt_tps": stats.get("prompt_tokens", 0) / pt if pt else 0.0,
+               "generation_tps": decode_steps / dt if dt else 0.0,
+               "peak_memory_gb": mx.get_peak_memory() / 1e9}
+        if "draft_proposed" in stats:
+            steps = stats["verify_steps"] + stats["decode_steps"]
+            out.update(draft_proposed=stats["draft_proposed"], draft_accepted=stats["draft_accepted"],
+                       acceptance=stats["draft_accepted"] / stats["draft_proposed"] if stats["draft_proposed"] else 0.0,
+                       tokens_per_step=decode_steps / steps if steps else 0.0)
+        return out

@@ -1,0 +1,157 @@
+"""Speculative decoding: the acceptance rule keeps the target's distribution (checked
+statistically), greedy output is identical with and without speculation on every family,
+KV layout and weight format here, and stops, EOS, max_tokens and bad drafters behave."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import vlmc
+from vlmc.errors import InputError
+from vlmc.runtime.speculative import DraftLength, PromptLookup, decide
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+# ---------------------------------------------------------------- the acceptance rule
+
+def _chi2_ok(counts: np.ndarray, p: np.ndarray) -> bool:
+    """Pearson's chi-square against p at significance 0.001 (df = categories - 1)."""
+    from math import erf, sqrt
+    n = counts.sum()
+    keep = p > 0
+    stat = float((((counts - n * p) ** 2)[keep] / (n * p[keep])).sum())
+    df = int(keep.sum()) - 1
+    # Wilson-Hilferty: chi2(df) -> approximately normal
+    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / sqrt(2 / (9 * df))
+    p_value = 0.5 * (1 - erf(z / sqrt(2)))
+    assert counts[~keep].sum() == 0
+    return p_value > 1e-3
+
+
+@pytest.mark.parametrize("drafter", ["model", "deterministic"])
+def test_accepted_or_resampled_tokens_follow_the_target_distribution(drafter):
+    """Draft x ~ q (or a fixed x), accept with min(1, p/q), else draw from max(0, p - q):
+    the emitted token is distributed as p (10 categories, one of them impossible)."""
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(10))
+    p[3] = 0.0
+    p /= p.sum()
+    q = rng.dirichlet(np.ones(10) * 0.5)
+    logits = mx.array(np.log(np.maximum(p, 1e-300)).astype(np.float32))
+    logits = mx.where(mx.array(p > 0), logits, float("-inf"))
+    counts = np.zeros(10)
+    for _ in range(20000):
+        if drafter == "model":
+            x = int(rng.choice(10, p=q))
+            token, _ = decide(logits, x, q, greedy=False, rng=rng)
+        else:
+            token, _ = decide(logits, 7, None, greedy=False, rng=rng)
+        counts[token] += 1
+    assert _chi2_ok(counts, p)
+
+
+def test_greedy_acceptance_is_the_argmax():
+    logits = mx.array([0.1, 2.0, -1.0, 1.9])
+    assert decide(logits, 1, None, greedy=True, rng=np.random.default_rng(0)) == (1, True)
+    assert decide(logits, 3, None, greedy=True, rng=np.random.default_rng(0)) == (1, False)
+    assert decide(logits, None, None, greedy=True, rng=np.random.default_rng(0)) == (1, False)
+
+
+def test_draft_length_adapts_and_turns_itself_off():
+    length = DraftLength(6, extra_cost=0.15)
+    for _ in range(30):
+        length.update(4, 4)
+    assert length.next() == 6
+    for _ in range(30):
+        length.update(4, 0)
+    assert length.next() == 0            # speculation does not pay: plain decode steps
+    assert max(length.next() for _ in range(20)) == 1   # ... probing again now and then
+    assert DraftLength(3, adaptive=False).next() == 3
+
+
+def test_prompt_lookup_proposes_what_followed_the_last_ngram():
+    pl = PromptLookup(ngram=3)
+    state = pl.start([])
+    ctx = [5, 6, 7, 8, 9, 1, 2, 5, 6, 7]
+    assert pl.propose(state, ctx, 3).tokens == [8, 9, 1]
+    ctx += [8, 9, 1]                                      # the reply repeats: [8, 9, 1] was followed by [2, 5]
+    assert pl.propose(state, ctx, 2).tokens == [2, 5]
+    assert pl.propose(state, ctx + [4], 2).tokens == []  # no earlier [9, 1, 4], [1, 4] or [4]
+    assert pl.propose(pl.start([]), [1, 2, 3], 4).tokens == []
+
+
+# ---------------------------------------------------------------- greedy output is identical
+
+@pytest.fixture(scope="module")
+def demo():
+    return vlmc.load("vlmc-demo")
+
+
+@pytest.mark.parametrize("draft", ["prompt-lookup", "self"])
+def test_greedy_output_is_identical_on_the_demo_model(demo, draft):
+    d = demo if draft == "self" else draft
+    cases = [dict(prompt="Describe the image.", images=[str(EXAMPLES / f"shapes-{i}.png")]) for i in (1, 2, 3)]
+    cases.append(dict(prompt="Repeat: " + "circle square triangle " * 15))
+    for case in cases:
+        plain = demo.generate(max_tokens=48, **case)
+        spec = demo.generate(max_tokens=48, draft=d, **case)
+        assert spec.token_ids == plain.token_ids and spec.text == plain.text
+        assert spec.finish_reason == plain.finish_reason
+
+
+def test_speculation_really_accepts_drafts(demo):
+    chunks = list(demo.stream_generate("Repeat: " + "circle square triangle " * 15, max_tokens=60,
+                                       draft="prompt-lookup"))
+    stats = chunks[-1].stats
+    assert stats["draft_accepted"] > 20 and stats["tokens_per_step"] > 1.5
+
+
+def test_stops_eos_and_max_tokens_are_exact(demo):
+    prompt = "Repeat: " + "circle square triangle " * 15
+    for kw in (dict(max_tokens=7), dict(max_tokens=60, stop=["triangle circle"]), dict(max_tokens=1)):
+        plain = list(demo.stream_generate(prompt, **kw))
+        spec = list(demo.stream_generate(prompt, draft="prompt-lookup", **kw))
+        assert [c.token for c in spec] == [c.token for c in plain]
+        assert "".join(c.text for c in spec) == "".join(c.text for c in plain)
+        assert spec[-1].finish_reason == plain[-1].finish_reason
+
+
+@pytest.fixture(scope="module")
+def fixture_ckpts(tmp_path_factory):
+    from fixtures.checkpoints import build_checkpoint
+    root = tmp_path_factory.mktemp("spec")
+    out = {}
+    for family, variant in (("qwen2_vl", "default"), ("qwen2_5_vl", "default"), ("llava", "clip")):
+        build_checkpoint(root / family, family, variant=variant)
+        out[family] = root / family
+    return out
+
+
+@pytest.mark.parametrize("family,compile_kw,kv", [
+    ("qwen2_vl", {}, {}), ("qwen2_5_vl", {}, {"kv_bits": 4}), ("llava", {}, {"kv_bits": 3.5, "kv_quant_scheme": "turboquant"}),
+    ("qwen2_vl", {"quantize": "q4"}, {"kv_bits": 8}), ("llava", {"quantize": "q8"}, {}), ("qwen2_vl", {}, {"max_kv_size": 24}),
+])
+def test_greedy_output_is_identical_on_every_family_layout_and_format(fixture_ckpts, tmp_path, family, compile_kw, kv):
+    from fixtures.checkpoints import make_test_image
+    art = vlmc.compile(fixture_ckpts[family], tmp_path / "art", **compile_kw)
+    m = vlmc.load(art, **kv)
+    image = make_test_image(100, 70, seed=3)
+    for case in (dict(prompt="Describe the picture.", images=[image]),
+                 dict(prompt="Tell me a short story about the river. " * 3)):
+        plain = m.generate(max_tokens=24, **case)
+        for draft in ("prompt-lookup", m):
+            spec = m.generate(max_tokens=24, draft=draft, **case)
+            assert spec.token_ids == plain.token_ids, (draft, case)
+
+
+def test_a_draft_model_with_another_tokenizer_is_one_clear_error(demo, fixture_ckpts):
+    other = vlmc.load(fixture_ckpts["llava"])
+    with pytest.raises(InputError, match="a draft model needs the (target.s tokenizer|same vocabulary)"):
+        demo.generate("Hi", draft=other, max_tokens=2)
+    with pytest.raises(InputError, match="prompt-lookup"):
+        demo.generate("Hi", draft="ngram", max_tokens=2)
