@@ -155,3 +155,57 @@ def test_a_draft_model_with_another_tokenizer_is_one_clear_error(demo, fixture_c
         demo.generate("Hi", draft=other, max_tokens=2)
     with pytest.raises(InputError, match="prompt-lookup"):
         demo.generate("Hi", draft="ngram", max_tokens=2)
+
+
+# ---------------------------------------------------------------- the batching loop
+
+def _run_jobs(batcher, jobs, timeout=300):
+    import threading
+    from vlmc.runtime.batcher import FinishEvent, Job, TokenEvent
+    tokens = [[] for _ in jobs]
+    logprobs = [[] for _ in jobs]
+    finish = [None] * len(jobs)
+    done, left = threading.Event(), [len(jobs)]
+    for i, kw in enumerate(jobs):
+        def emit(ev, i=i):
+            if isinstance(ev, TokenEvent):
+                tokens[i].append(ev.token)
+                logprobs[i].append(ev.logprob)
+            elif isinstance(ev, FinishEvent):
+                finish[i] = ev.reason
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+        batcher.submit(Job(emit=emit, **kw))
+    assert done.wait(timeout)
+    return tokens, logprobs, finish
+
+
+def test_the_batching_loop_speculates_losslessly(demo):
+    """Rows accept different numbers of drafts per step; the loop keeps the columns all
+    rows need and re-feeds the rest: every greedy reply, stop and log-probability equals
+    the loop's without speculation; a request may opt out."""
+    from vlmc.runtime.batcher import Batcher
+    from vlmc.runtime.sampling import SamplingParams
+    from vlmc.runtime.speculative import PromptLookup, Speculation
+    texts = [("Describe the image.", "shapes-1.png"), ("Repeat: " + "circle square triangle " * 15, None),
+             ("Describe the image.", "shapes-2.png"), ("Repeat: red blue green red blue green red blue", None),
+             ("How many shapes are there?", "shapes-3.png")]
+    prompts = [demo.build_prompt(q, images=[str(EXAMPLES / im)] if im else None) for q, im in texts]
+    jobs = [dict(prompt=p, params=SamplingParams(), max_tokens=12 + 9 * i, logprobs=0) for i, p in enumerate(prompts)]
+    jobs[1]["stop"] = ["triangle circle square triangle"]
+    jobs[3]["speculate"] = False
+    plain = Batcher(demo)
+    try:
+        want = _run_jobs(plain, jobs)
+    finally:
+        plain.shutdown()
+    spec = Batcher(demo, speculation=Speculation(PromptLookup(), 4))
+    try:
+        got = _run_jobs(spec, jobs)
+        assert spec.counters["draft_accepted"] > 5 and spec.counters["speculative_steps"] > 0
+    finally:
+        spec.shutdown()
+    assert got[0] == want[0] and got[2] == want[2]
+    for a, b in zip(got[1], want[1]):
+        np.testing.assert_allclose(a, b, atol=2e-3)

@@ -403,6 +403,10 @@ main.add_command(bench_cmd)
 @click.option("--generation-config", type=click.Choice(["auto", "vlmc"]), default="auto", show_default=True,
               help="auto: sampling fields a request leaves unset take the checkpoint's generation_config.json "
                    "defaults (else temperature 1); vlmc: ignore them.")
+@click.option("--prompt-lookup", is_flag=True, help="Speculate with prompt lookup (lossless; see vlmc run).")
+@click.option("--draft-model", default=None, help="Speculate with this draft model (same tokenizer).")
+@click.option("--num-draft-tokens", default=4, show_default=True, type=click.IntRange(1, 15),
+              help="Most tokens drafted per sequence and step.")
 @kv_flags
 @exit_on_user_error
 def serve_cmd(models: tuple[str, ...], model_opt: str | None, **kw) -> None:
@@ -411,7 +415,11 @@ def serve_cmd(models: tuple[str, ...], model_opt: str | None, **kw) -> None:
     names them. Without MODELS, the bundled demo model."""
     from .serve.server import serve
     sources = ([model_opt] if model_opt else []) + [m for m in models if m != model_opt]
-    serve(sources or [_default_model()], kv=pop_kv(kw), **kw)
+    prompt_lookup, draft_model = kw.pop("prompt_lookup"), kw.pop("draft_model")
+    if prompt_lookup and draft_model:
+        raise VlmcError("give either --draft-model or --prompt-lookup, not both")
+    draft = draft_model or ("prompt-lookup" if prompt_lookup else None)
+    serve(sources or [_default_model()], kv=pop_kv(kw), draft=draft, **kw)
 
 
 if __name__ == "__main__":  # pragma: no cover  (last: after every command is defined)

@@ -36,6 +36,7 @@ from .detokenizer import StopStringMatcher, StreamingDetokenizer
 from .engine import VLM, GenerationResult, Prompt
 from .sampling import Sampler, SamplingParams
 from .prefix_cache import PrefixCache, block_keys, image_spans
+from .speculative import Speculation, decide
 from .step import Sequences
 from .vision_cache import VisionFeatureCache
 
@@ -86,6 +87,7 @@ class Job:
     min_tokens: int = 0                # EOS is masked until this many tokens were generated
     presence_penalty: float = 0.0      # OpenAI's: subtracted once from every generated token's logit
     frequency_penalty: float = 0.0     # ... and once per time it was generated
+    speculate: bool = True             # when the loop speculates: whether this request takes part
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     features: Any = None               # the images' encodings, once the vision thread made them
@@ -107,22 +109,37 @@ class _Row:
         self.budget = max(0, min(job.max_tokens, max_context - len(job.prompt.ids)))
         self.generated = 0
         self.last = 0
+        self.refeed: list[int] = []  # accepted tokens before ``last`` that the caches lost (speculation)
         self.forced: collections.deque[int] = collections.deque()
         self.think_inside = bool(job.thinking and job.thinking.inside)
         self.think_count = 0
         self.think_text = ""
         self.finished = False
         self.cached = 0            # prompt tokens whose KV came from the prefix cache
+        self.draft_state: Any = None
+        self.draft_length: Any = None
+        self.rng = np.random.default_rng(job.params.seed)
+
+    @property
+    def pending(self) -> list[int]:
+        """The accepted tokens the caches do not hold yet: the next step feeds them."""
+        return [*self.refeed, self.last]
 
 
 class Batcher:
     def __init__(self, vlm: VLM, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
                  vision_cache: VisionFeatureCache | None = None, prefix_cache: PrefixCache | None = None,
-                 prefill_batch_tokens: int = 2048):
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
+                 prefill_batch_tokens: int = 2048, speculation: Speculation | None = None,
+                 max_step_tokens: int = 16):
+        """``speculation``: draft and verify tokens for the requests that take part (Job.speculate);
+        ``max_step_tokens``: most tokens a speculative step feeds (rows x tokens per row),
+        the size the decode kernels take in one pass."""
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or max_step_tokens < 1:
+            raise ValueError("max_batch, prefill_chunk and max_step_tokens must be >= 1 and max_queue >= 0")
         vlm.materialize()
         self.vlm = vlm
+        self.speculation = speculation
+        self.max_step_tokens = max_step_tokens
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.prefill_batch_tokens = prefill_batch_tokens
         self.vision_cache = vision_cache or VisionFeatureCache(0)
@@ -396,6 +413,10 @@ class Batcher:
         t0 = time.perf_counter()
         rows = self._active
         B = len(rows)
+        drafts = self._drafts(rows) if self.speculation is not None else None
+        if drafts is not None or any(r.refeed for r in rows):
+            self._speculative_step(rows, drafts or [[] for _ in rows], t0)
+            return
         logits = self._batch.decode(mx.array([r.last for r in rows], dtype=mx.int32))
         tokens, infos = self._sample(rows, logits)
         for row, token, info in zip(rows, tokens, infos):
@@ -405,6 +426,104 @@ class Batcher:
         self.decode_time += time.perf_counter() - t0
         self._compact()
 
+    # ------------------------------------------------------------------ speculation
+    def _drafts(self, rows: list[_Row]) -> list[list[Any]] | None:
+        """Each row's draft (a list of (token, q) pairs), or None when no row drafts this step.
+        A step feeds at most ``max_step_tokens`` tokens: rows x (pending + drafted)."""
+        spec = self.speculation
+        per_row = max(1, self.max_step_tokens // len(rows))
+        out, any_draft = [], False
+        for row in rows:
+            k = 0
+            if row.job.speculate and not row.forced:
+                if row.draft_length is None:
+                    row.draft_length = spec.length()
+                    row.draft_state = spec.drafter.start(row.job.prompt.ids, row.job.prompt)
+                k = min(row.draft_length.next(), row.budget - row.generated - 1, per_row - len(row.pending),
+                        self.vlm.max_context - len(row.history) - 1)
+            draft = spec.drafter.propose(row.draft_state, row.history, k, row.sampler, row.rng) if k > 0 else None
+            pairs = [] if draft is None else \
+                [(t, None if draft.q is None else draft.q[i]) for i, t in enumerate(draft.tokens[:k])]
+            any_draft = any_draft or bool(pairs)
+            out.append(pairs)
+        return out if any_draft else None
+
+    def _speculative_step(self, rows: list[_Row], drafts: list[list[Any]], t0: float) -> None:
+        """Feed every row its pending tokens and its draft in one verify step, accept by the
+        lossless rule position by position (``_accept`` as in a decode step: stops, EOS,
+        constraints, thinking budgets), then keep the columns every row still needs: a row
+        that kept more re-feeds those tokens next step (all rows share one write index)."""
+        fed = [r.pending + [t for t, _ in d] for r, d in zip(rows, drafts)]
+        n = max(len(f) for f in fed)
+        ids = mx.array([f + [f[-1]] * (n - len(f)) for f in fed], dtype=mx.int32)  # pads: trimmed below
+        logits = self._batch.verify(ids)
+        valid, proposed, accepted = [], 0, 0
+        for b, (row, draft) in enumerate(zip(rows, drafts)):
+            first = len(row.pending) - 1                 # the position after the last pending token
+            kept = 0
+            for j in range(len(draft) + 1):
+                candidate, q = draft[j] if j < len(draft) else (None, None)
+                token, ok, info = self._pick(row, logits[b, first + j][None], candidate, q)
+                self._accept(row, token, info)
+                if not ok or row.finished or row.forced:
+                    break
+                kept += 1
+            valid.append(first + 1 + kept)           # fed columns before the last accepted token
+            if draft:
+                row.draft_length.update(len(draft), kept)
+                self.speculation.drafter.accepted(row.draft_state, row.history)
+            proposed += len(draft)
+            accepted += kept
+        live = [v for v, r in zip(valid, rows) if not r.finished]
+        keep = min(live) if live else n
+        for row, f, v in zip(rows, fed, valid):
+            row.refeed = f[keep:v] if not row.finished else []
+        self._batch.trim(n - keep)
+        self.counters["speculative_steps"] += 1
+        self.counters["draft_proposed"] += proposed
+        self.counters["draft_accepted"] += accepted
+        self.counters["batched_tokens"] += len(rows)
+        self.decode_time += time.perf_counter() - t0
+        self._compact()
+
+    def _pick(self, row: _Row, row_logits: mx.array, candidate: int | None, q: Any) -> tuple[int, bool, Any]:
+        """One position of a speculative step: the row's token there (its constraint, EOS
+        hold, penalties and sampler applied as in ``_sample``), whether it is ``candidate``,
+        and its log-probability info."""
+        if row.forced:
+            token, ok = row.forced[0], False
+        else:
+            masked = self._masked(row, row_logits)
+            penalty = row.sampler.params.repetition_penalty != 1.0
+            processed = row.sampler.process(masked, [row.history] if penalty else None)[0]
+            token, ok = decide(processed, candidate, q, greedy=row.sampler.params.greedy, rng=row.rng)
+        info = None
+        if row.job.logprobs is not None:
+            lp = row_logits[0].astype(mx.float32) - mx.logsumexp(row_logits[0].astype(mx.float32))
+            info = self._logprob_info(row, lp, token)
+        return token, ok, info
+
+    def _masked(self, row: _Row, row_logits: mx.array) -> mx.array:
+        """The row's logits under its constraint, min_tokens EOS hold and OpenAI penalties."""
+        if row.job.constraint is not None:
+            allowed = mx.array(row.job.constraint.mask()[None])
+            row_logits = mx.where(allowed, row_logits.astype(mx.float32), float("-inf"))
+        if row.generated < row.job.min_tokens:
+            row_logits = self._mask_eos(row_logits)
+        if row.job.presence_penalty or row.job.frequency_penalty:
+            row_logits = self._penalize(row, row_logits)
+        return row_logits
+
+    @staticmethod
+    def _logprob_info(row: _Row, lp: mx.array, token: int) -> tuple[float, list]:
+        k = row.job.logprobs
+        top = []
+        if k:
+            order = mx.argpartition(-lp, k - 1)[:k] if k < lp.shape[0] else mx.arange(lp.shape[0])
+            vals = lp[order]
+            top = sorted(zip(order.tolist(), vals.tolist()), key=lambda t: -t[1])[:k]
+        return float(lp[token].item()), top
+
     def _sample(self, rows: list[_Row], logits: mx.array) -> tuple[list[int], list[Any]]:
         """One next token per row, each with its own sampler, constraint and forced tokens."""
         picks, lps = [], []
@@ -413,13 +532,7 @@ class Batcher:
             if row.forced:
                 picks.append(mx.array([row.forced[0]], dtype=mx.int32))
             else:
-                if row.job.constraint is not None:
-                    allowed = mx.array(row.job.constraint.mask()[None])
-                    row_logits = mx.where(allowed, row_logits.astype(mx.float32), float("-inf"))
-                if row.generated < row.job.min_tokens:
-                    row_logits = self._mask_eos(row_logits)
-                if row.job.presence_penalty or row.job.frequency_penalty:
-                    row_logits = self._penalize(row, row_logits)
+                row_logits = self._masked(row, row_logits)
                 penalty = row.sampler.params.repetition_penalty != 1.0
                 picks.append(row.sampler(row_logits, [row.history] if penalty else None))
             lps.append(None if row.job.logprobs is None else
@@ -429,16 +542,7 @@ class Batcher:
         tokens = tokens.tolist()
         infos = []
         for row, token, lp in zip(rows, tokens, lps):
-            if lp is None:
-                infos.append(None)
-                continue
-            k = row.job.logprobs
-            top = []
-            if k:
-                order = mx.argpartition(-lp, k - 1)[:k] if k < lp.shape[0] else mx.arange(lp.shape[0])
-                vals = lp[order]
-                top = sorted(zip(order.tolist(), vals.tolist()), key=lambda t: -t[1])[:k]
-            infos.append((float(lp[token].item()), top))
+            infos.append(None if lp is None else self._logprob_info(row, lp, token))
         return tokens, infos
 
     def _mask_eos(self, logits: mx.array) -> mx.array:
@@ -465,6 +569,7 @@ class Batcher:
         if forced:
             row.forced.popleft()
         row.last = token
+        row.refeed = []
         if token in self.vlm.eos_ids and not forced:
             constraint = job.constraint
             if constraint is None or constraint.done or bool(constraint.mask()[token]):

@@ -81,7 +81,8 @@ class Models:
         cache = VisionFeatureCache(self.vision_cache_bytes)
         disk = DiskTier(self.prefix_cache_dir, self.prefix_cache_disk_bytes) if self.prefix_cache_dir else None
         prefix = PrefixCache(self.prefix_cache_bytes, self.prefix_block_size, disk)
-        batcher = Batcher(vlm, vision_cache=cache, prefix_cache=prefix, **self.batch_options)
+        batcher = Batcher(vlm, vision_cache=cache, prefix_cache=prefix, speculation=vlm.speculation,
+                          **self.batch_options)
         self.loads += 1
         return Resident(mid, vlm, batcher, cache, prefix)
 

@@ -22,7 +22,7 @@ def serve(sources: list[str], *, kv: dict[str, Any], host: str, port: int, lazy:
           prefix_cache_disk_bytes: int, top_logprobs_k: int,
           enable_thinking: bool | None,
           thinking_budget: int | None, thinking_start_token: str, thinking_end_token: str, dtype: str,
-          generation_config: str = "auto") -> None:
+          generation_config: str = "auto", draft: str | None = None, num_draft_tokens: int = 4) -> None:
     import uvicorn
     sock = _bind(host, port)  # before the model loads: a busy port is one error line, at once
     media = MediaLimits(max_images=max_images, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
@@ -31,7 +31,10 @@ def serve(sources: list[str], *, kv: dict[str, Any], host: str, port: int, lazy:
                         max_prompt_tokens=max_prompt_tokens, enable_thinking=enable_thinking,
                         thinking_budget=thinking_budget, think_start=thinking_start_token,
                         think_end=thinking_end_token, media=media)
-    models = Models(sources, load_options={"dtype": dtype, "generation_config": generation_config, **kv}, max_batch=max_batch_size, max_queue=max_queue,
+    load_options = {"dtype": dtype, "generation_config": generation_config, **kv}
+    if draft is not None:
+        load_options.update(draft=draft, num_draft_tokens=num_draft_tokens)
+    models = Models(sources, load_options=load_options, max_batch=max_batch_size, max_queue=max_queue,
                     prefill_chunk=prefill_chunk, prefill_batch_tokens=prefill_batch_tokens,
                     vision_cache_bytes=vision_cache_bytes,
                     prefix_cache_bytes=prefix_cache_bytes, prefix_block_size=prefix_block_size,
