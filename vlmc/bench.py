@@ -196,11 +196,14 @@ def _greedy():
     return Sampler(SamplingParams())
 
 
-def time_generation(vlm: Any, prompt: Any, new_tokens: int) -> Timing:
+def time_generation(vlm: Any, prompt: Any, new_tokens: int, speculation: Any = None,
+                    stats: dict[str, Any] | None = None) -> Timing:
     """Generate exactly ``new_tokens`` greedy tokens after ``prompt`` (never stopping at
-    EOS); time the first yield (TTFT) and the steps after it (decode)."""
+    EOS); time the first yield (TTFT) and the steps after it (decode). With
+    ``speculation`` the decode steps speculate (``stats`` receives what was drafted)."""
     t0 = time.perf_counter()
-    steps = vlm.generate_steps([prompt], _greedy(), new_tokens)
+    steps = vlm.generate_steps([prompt], _greedy(), new_tokens) if speculation is None else \
+        vlm.speculative_steps(prompt, _greedy(), new_tokens, speculation, stats)
     n, t_first, t_last = 0, t0, t0
     try:
         for _ in steps:  # each yield is already evaluated (generate_steps calls mx.eval)
@@ -265,7 +268,7 @@ def fitting_lengths(lengths: Sequence[int], max_context: int, decode_tokens: int
 
 def run_bench(vlm: Any, *, prompt_lengths: Sequence[int] | None = None, decode_tokens: int = 32,
               decode_context: int | None = None, image_size: int = 448, runs: int = 1, warmup: bool = True,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None, speculation: Any = None) -> dict[str, Any]:
     """Measure a loaded VLM; returns a JSON-ready dict (see the module docstring). Without
     ``prompt_lengths`` the defaults that fit the model's context are measured."""
     import mlx.core as mx
@@ -324,7 +327,9 @@ def run_bench(vlm: Any, *, prompt_lengths: Sequence[int] | None = None, decode_t
         say(f"{_clock()} prefill {n} tokens" + (f", then {decode_tokens} decode steps" if n == ctx else ""))
         # At the decode context one run gives both: its first yield is that prefill.
         new = decode_tokens + 1 if n == ctx else 1
-        samples = [time_generation(vlm, prompt(n), new) for _ in range(runs)]
+        spec_stats: dict[str, Any] = {}
+        samples = [time_generation(vlm, prompt(n), new, speculation if n == ctx else None, spec_stats)
+                   for _ in range(runs)]
         if n == ctx:
             decode_runs = samples
         ttft = _median([s.ttft_s for s in samples])
@@ -336,12 +341,21 @@ def run_bench(vlm: Any, *, prompt_lengths: Sequence[int] | None = None, decode_t
 
     if not decode_runs:
         say(f"{_clock()} decode: {ctx}-token prompt, then {decode_tokens} decode steps")
-        decode_runs = [time_generation(vlm, prompt(ctx), decode_tokens + 1) for _ in range(runs)]
+        spec_stats = {}
+        decode_runs = [time_generation(vlm, prompt(ctx), decode_tokens + 1, speculation, spec_stats)
+                       for _ in range(runs)]
     dt = _median([s.decode_s for s in decode_runs])
     tps = decode_tokens / dt if dt else 0.0
     out["decode"] = {"context": ctx, "tokens": decode_tokens, "decode_tps": tps,
                      "ms_per_token": dt * 1e3 / decode_tokens, "samples_tps": [s.decode_tps for s in decode_runs],
                      "peak_memory_bytes": mx.get_peak_memory()}
+    if speculation is not None and spec_stats:
+        steps = spec_stats["verify_steps"] + spec_stats["decode_steps"]
+        out["decode"]["speculation"] = {
+            "drafter": speculation.drafter.name, "num_draft_tokens": speculation.num_draft_tokens,
+            "proposed": spec_stats["draft_proposed"], "accepted": spec_stats["draft_accepted"],
+            "acceptance": spec_stats["draft_accepted"] / max(spec_stats["draft_proposed"], 1),
+            "tokens_per_step": decode_tokens / max(steps, 1)}
     say(f"{_clock()}   decode {tps:.3f} tok/s")
     phase_peak()
 
@@ -426,13 +440,15 @@ def run_context_bench(vlm: Any, contexts: Sequence[int], *, decode_tokens: int =
 
 
 def bench(src: str, *, dtype: str = "float32", log: Callable[[str], None] | None = None,
-          kv: dict[str, Any] | None = None, contexts: Sequence[int] | None = None, **kwargs: Any) -> dict[str, Any]:
+          kv: dict[str, Any] | None = None, contexts: Sequence[int] | None = None, draft: Any = None,
+          num_draft_tokens: int = 4, **kwargs: Any) -> dict[str, Any]:
     """Load ``src`` (artifact, checkpoint or hub id, with KV-plan options ``kv``) and run
     :func:`run_bench` on it, or only :func:`run_context_bench` when ``contexts`` are given."""
     from .api import load
     info = system_info()
     t = time.perf_counter()
-    vlm = load(src, dtype=dtype, progress=log is not None, **(kv or {}))
+    vlm = load(src, dtype=dtype, progress=log is not None, draft=draft, num_draft_tokens=num_draft_tokens,
+               **(kv or {}))
     load_s = time.perf_counter() - t
     result = {"source": str(src), "artifact": str(vlm.artifact.path), "name": vlm.artifact.manifest.get("name"),
               "dtype": vlm.artifact.manifest.get("dtype") or vlm.meta.get("dtype"), "target": vlm.meta.get("target"), "family": vlm.meta.get("family"),
@@ -441,7 +457,7 @@ def bench(src: str, *, dtype: str = "float32", log: Callable[[str], None] | None
         result["contexts"] = run_context_bench(vlm, contexts, decode_tokens=kwargs.get("decode_tokens", 32), log=log)
         result["system"]["load_average_after"] = load_average()
         return result
-    result.update(run_bench(vlm, log=log, **kwargs))
+    result.update(run_bench(vlm, log=log, speculation=vlm.speculation, **kwargs))
     result["system"]["load_average_after"] = load_average()
     return result
 
@@ -479,6 +495,11 @@ def format_report(r: dict[str, Any]) -> str:
     d = r["decode"]
     lines.append(f"{'decode':<8}{d['tokens']:>8}{'':>12}{d['decode_tps']:>10.2f}   "
                  f"({d['ms_per_token']:.1f} ms/token after a {d['context']}-token prompt)")
+    if "speculation" in d:
+        sp = d["speculation"]
+        lines.append(f"{'':<8}speculating with {sp['drafter']} (up to {sp['num_draft_tokens']} tokens): "
+                     f"{sp['accepted']}/{sp['proposed']} drafted tokens accepted ({100 * sp['acceptance']:.0f}%), "
+                     f"{sp['tokens_per_step']:.2f} tokens per step")
     if "image" in r:
         i = r["image"]
         rest = i["ttft_ms"] - i["preprocess_ms"] - i["encode_ms"]
@@ -545,16 +566,24 @@ def _lengths(_ctx: Any, _param: Any, value: str) -> list[int]:
 @click.option("--context", "contexts", default=None, callback=lambda c, p, v: _lengths(c, p, v) if v else None,
               help="Comma-separated context lengths: instead of the default runs, decode tok/s and KV "
                    "memory with a cache filled to each length (random keys/values), e.g. 4096,16384,32768.")
+@click.option("--prompt-lookup", is_flag=True, help="Decode speculating with prompt lookup.")
+@click.option("--draft-model", default=None, help="Decode speculating with this draft model.")
+@click.option("--num-draft-tokens", default=4, show_default=True, type=click.IntRange(1, 15))
 @kv_flags
 @exit_on_user_error
 def bench_cmd(src: str, dtype: str, prompt_lengths: list[int] | None, decode_tokens: int, decode_context: int | None,
               image_size: int, runs: int, warmup: bool, json_path: Path | None, quiet: bool,
-              contexts: list[int] | None, **kv_kw) -> None:
+              contexts: list[int] | None, prompt_lookup: bool, draft_model: str | None, num_draft_tokens: int,
+              **kv_kw) -> None:
     """Measure prefill and decode tok/s, one-image TTFT, peak memory and the decode roofline
     of SRC (an artifact, a checkpoint folder or a hub id); or, with --context, decode speed
     and KV memory at long contexts in the planned (or --kv-*) KV layout."""
     log = None if quiet else (lambda m: click.echo(m, err=True))
+    if prompt_lookup and draft_model:
+        raise InputError("give either --draft-model or --prompt-lookup, not both")
+    draft = draft_model or ("prompt-lookup" if prompt_lookup else None)
     result = bench(src, dtype=dtype, log=log, kv=pop_kv(kv_kw), contexts=contexts, prompt_lengths=prompt_lengths,
+                   draft=draft, num_draft_tokens=num_draft_tokens,
                    decode_tokens=decode_tokens, decode_context=decode_context, image_size=image_size, runs=runs,
                    warmup=warmup)
     click.echo(format_report(result), err=json_path is not None and str(json_path) == "-")
