@@ -139,6 +139,7 @@ class Batcher:
         vlm.materialize()
         self.vlm = vlm
         self.speculation = speculation
+        self.step_cost = speculation.cost() if speculation is not None else None
         self.max_step_tokens = max_step_tokens
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.prefill_batch_tokens = prefill_batch_tokens
@@ -417,7 +418,11 @@ class Batcher:
         if drafts is not None or any(r.refeed for r in rows):
             self._speculative_step(rows, drafts or [[] for _ in rows], t0)
             return
+        t_step = time.perf_counter()
         logits = self._batch.decode(mx.array([r.last for r in rows], dtype=mx.int32))
+        if self.step_cost is not None:
+            mx.eval(logits)
+            self.step_cost.observe(B, time.perf_counter() - t_step)
         tokens, infos = self._sample(rows, logits)
         for row, token, info in zip(rows, tokens, infos):
             self._accept(row, token, info)
@@ -431,7 +436,9 @@ class Batcher:
         """Each row's draft (a list of (token, q) pairs), or None when no row drafts this step.
         A step feeds at most ``max_step_tokens`` tokens: rows x (pending + drafted)."""
         spec = self.speculation
-        per_row = max(1, self.max_step_tokens // len(rows))
+        B = len(rows)
+        per_row = max(1, self.max_step_tokens // B)
+        cost = lambda k: self.step_cost.ratio(B * (k + 1), B)  # noqa: E731 - every row drafting k
         out, any_draft = [], False
         for row in rows:
             k = 0
@@ -439,7 +446,7 @@ class Batcher:
                 if row.draft_length is None:
                     row.draft_length = spec.length()
                     row.draft_state = spec.drafter.start(row.job.prompt.ids, row.job.prompt)
-                k = min(row.draft_length.next(), row.budget - row.generated - 1, per_row - len(row.pending),
+                k = min(row.draft_length.next(cost), row.budget - row.generated - 1, per_row - len(row.pending),
                         self.vlm.max_context - len(row.history) - 1)
             draft = spec.drafter.propose(row.draft_state, row.history, k, row.sampler, row.rng) if k > 0 else None
             pairs = [] if draft is None else \
@@ -456,7 +463,10 @@ class Batcher:
         fed = [r.pending + [t for t, _ in d] for r, d in zip(rows, drafts)]
         n = max(len(f) for f in fed)
         ids = mx.array([f + [f[-1]] * (n - len(f)) for f in fed], dtype=mx.int32)  # pads: trimmed below
+        t_step = time.perf_counter()
         logits = self._batch.verify(ids)
+        mx.eval(logits)
+        self.step_cost.observe(len(rows) * n, time.perf_counter() - t_step)
         valid, proposed, accepted = [], 0, 0
         for b, (row, draft) in enumerate(zip(rows, drafts)):
             first = len(row.pending) - 1                 # the position after the last pending token

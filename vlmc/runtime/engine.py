@@ -244,7 +244,7 @@ class VLM:
         penalty = params.repetition_penalty != 1.0
         rng = np.random.default_rng(params.seed)
         context = list(prompt.ids)
-        drafter, length = speculation.drafter, speculation.length()
+        drafter, length, cost = speculation.drafter, speculation.length(), speculation.cost()
         state = drafter.start(prompt.ids, prompt)
         token, _ = decide(sampler.process(logits, [context] if penalty else None)[0], None, None,
                           greedy=params.greedy, rng=rng)
@@ -257,13 +257,17 @@ class VLM:
         t1 = time.perf_counter()
         yield mx.array([token], dtype=mx.int32), logits
         while produced < budget:
-            k = min(length.next(), budget - produced - 1, self.max_context - len(context) - 1)
+            k = min(length.next(lambda k: cost.ratio(k + 1, 1)), budget - produced - 1,
+                    self.max_context - len(context) - 1)
             draft = drafter.propose(state, context, k, sampler, rng) if k > 0 else None
             tokens = draft.tokens[:k] if draft is not None else []
+            t_step = time.perf_counter()
             if tokens:
                 rows = seqs.verify(mx.array([[context[-1], *tokens]], dtype=mx.int32))[0]
             else:
                 rows = seqs.decode(mx.array([context[-1]], dtype=mx.int32))
+            mx.eval(rows)
+            cost.observe(len(tokens) + 1, time.perf_counter() - t_step)
             accepted = 0
             for i in range(len(tokens) + 1):
                 candidate = tokens[i] if i < len(tokens) else None

@@ -69,12 +69,33 @@ def decide(processed: mx.array, candidate: int | None, q: np.ndarray | None, *, 
     return int(rng.choice(p.size, p=residual / total)), False
 
 
+class StepCost:
+    """What a step costs as a function of the tokens it feeds (all rows together), learned
+    from the steps the loop times: a moving average per token count, and the prior
+    ``1 + extra_cost * (n - 1)`` decode steps for counts not seen yet."""
+
+    def __init__(self, extra_cost: float = 0.15):
+        self.extra_cost = extra_cost
+        self.seconds: dict[int, float] = {}
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        old = self.seconds.get(tokens)
+        self.seconds[tokens] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def ratio(self, tokens: int, base: int) -> float:
+        """The cost of a step feeding ``tokens`` relative to one feeding ``base``."""
+        if tokens in self.seconds and base in self.seconds and self.seconds[base] > 0:
+            return self.seconds[tokens] / self.seconds[base]
+        return (1 + self.extra_cost * (tokens - 1)) / (1 + self.extra_cost * (base - 1))
+
+
 class DraftLength:
     """Adaptive draft length: the k in [0, k_max] that maximises expected tokens per unit
     of step cost, from the running acceptance rate r (expected tokens of a k-token draft:
-    (1 - r^(k+1)) / (1 - r)) and the verify cost of each extra token relative to a decode
-    step (``extra_cost``). k = 0 is a plain decode step: speculation turns itself off where
-    it does not pay, and probes again every ``probe`` steps."""
+    (1 - r^(k+1)) / (1 - r)) and the cost of a step feeding k more tokens relative to a
+    decode step (``next(cost)``; by default ``1 + extra_cost * k``). k = 0 is a plain decode
+    step: speculation turns itself off where it does not pay, and probes again every
+    ``probe`` steps."""
 
     def __init__(self, k_max: int, *, extra_cost: float = 0.15, adaptive: bool = True, probe: int = 16):
         if k_max < 1:
@@ -85,13 +106,16 @@ class DraftLength:
         self.accepted = 0
         self._idle = 0
 
-    def next(self) -> int:
+    def next(self, cost=None) -> int:
+        """The draft length for the next step; ``cost(k)``: a step with k drafted tokens
+        relative to a plain one."""
         if not self.adaptive:
             return self.k_max
+        cost = cost or (lambda k: 1 + self.extra_cost * k)
         best, best_gain = 0, 1.0
         r = min(self.rate, 0.999)
         for k in range(1, self.k_max + 1):
-            gain = (1 - r ** (k + 1)) / (1 - r) / (1 + self.extra_cost * k)
+            gain = (1 - r ** (k + 1)) / (1 - r) / cost(k)
             if gain > best_gain:
                 best, best_gain = k, gain
         if best == 0:
@@ -154,7 +178,7 @@ class PromptLookup(Drafter):
 
     name = "prompt-lookup"
 
-    def __init__(self, ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, ngram: int = 3, min_ngram: int = 2):
         if not 1 <= min_ngram <= ngram:
             raise InputError(f"prompt lookup n-gram sizes must satisfy 1 <= min <= max, got {min_ngram}..{ngram}")
         self.ngram, self.min_ngram = ngram, min_ngram
@@ -344,3 +368,6 @@ class Speculation:
 
     def length(self) -> DraftLength:
         return DraftLength(self.num_draft_tokens, extra_cost=self.extra_cost, adaptive=self.adaptive)
+
+    def cost(self) -> StepCost:
+        return StepCost(self.extra_cost)
