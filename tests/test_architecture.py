@@ -275,3 +275,36 @@ def test_options_are_validated_where_they_are_defined():
     assert KVOptions(kv_bits=4).changed() == {"kv_bits": 4}
     assert CompileOptions(no_fuse=["qkv", "qkv"]).no_fuse == ("qkv",)
     assert set(CompileOptions().pass_options()) == {"fuse", "storage_dtype", "quantize", "kv_layout", "lower"}
+
+
+# ---------------------------------------------------------------- bidirectional spans
+
+def test_bidirectional_spans_reach_the_mask_and_chunks_never_cut_them(demo, monkeypatch):
+    """A family's attention spans (image tokens attending to each other both ways, as Gemma 3
+    and PaliGemma need): the prompt's logits change, and a chunked prefill (chunks extended
+    to a span's end) and a left-padded batch give the one-shot prefill's logits."""
+    from vlmc.runtime.step import Sequences
+    p = _prompt(demo)
+    tok = demo.image_token_id
+    first = p.ids.index(tok)
+    last = len(p.ids) - p.ids[::-1].index(tok)
+    causal = Sequences.start(demo.decoder, [demo.prompt_inputs(p)])
+    causal_logits = np.array(causal.prefill())
+    monkeypatch.setattr(demo.inputs, "attention_spans", lambda ids, images: [(first, last)])
+    inputs = demo.prompt_inputs(p)
+    assert inputs.spans == [(first, last)]
+    whole = np.array(Sequences.start(demo.decoder, [inputs]).prefill())
+    assert np.abs(whole - causal_logits).max() > 1e-3
+    chunked = Sequences.start(demo.decoder, [inputs])
+    widths = []
+    while not chunked.prefill_done:
+        before = chunked.prefilled
+        logits = chunked.prefill(first + 3)  # the first chunk would end inside the span: it is extended
+        widths.append(chunked.prefilled - before)
+    assert widths[0] == last and len(widths) >= 2
+    np.testing.assert_allclose(np.array(logits), whole, atol=2e-4)
+    short = demo.build_prompt("Hi")
+    batch = Sequences.start(demo.decoder, [demo.prompt_inputs(short), inputs])  # the short prompt is left-padded
+    batched = np.array(batch.prefill())
+    np.testing.assert_allclose(batched[1], whole[0], atol=2e-4)
+    assert batch.safe_prefix(1, first + 5) == first and batch.safe_prefix(1, last) == last

@@ -15,8 +15,8 @@ Compile half (``vlmc.compiler``):
 
 Runtime half (``vlmc.runtime``): ``inputs(meta, processor_spec)`` -> an ``Inputs``: the
 family's image preprocessing, prompt expansion (image placeholders), rotary positions,
-the vision tower's host-planned inputs and how image features merge into the text
-embeddings. The runtime calls nothing else of a family.
+bidirectional attention spans, the vision tower's host-planned inputs and how image
+features merge into the text embeddings. The runtime calls nothing else of a family.
 """
 from __future__ import annotations
 
@@ -74,6 +74,12 @@ class Inputs:
         """(rotary positions [position_streams, L] of an expanded prompt, delta): the token
         after the prompt's last one is at position len(ids) + delta on every stream."""
         return np.arange(len(ids), dtype=np.int64)[None], 0
+
+    def attention_spans(self, ids: list[int], images: ProcessedImages | None) -> list[tuple[int, int]]:
+        """[start, end) ranges of the expanded prompt whose tokens attend to each other in
+        both directions (e.g. each image's tokens, or a prefix-LM's whole prefix); the rest
+        is causal. The default: none."""
+        return []
 
     def vision_inputs(self, images: ProcessedImages) -> dict[str, mx.array]:
         """The ``vision_encode`` entry point's keyword arguments for these images."""

@@ -374,6 +374,8 @@ class Batcher:
         """Import the longest cached run of this prompt's leading blocks; tokens covered."""
         pc = self.prefix_cache
         found = pc.lookup(keys, usable=(len(job.prompt.ids) - 1) // pc.block_size)  # >= 1 token left to prefill
+        while found and seqs.safe_prefix(0, len(found) * pc.block_size) != len(found) * pc.block_size:
+            found = found[:-1]  # a prefix that ends inside a bidirectional span is not reusable
         for layer, cache in enumerate(seqs.caches):
             cache.import_blocks([blocks[layer] for blocks in found])
         done = len(found) * pc.block_size

@@ -172,7 +172,7 @@ class VLM:
                 features = self.encode_images(p.images)
             emb = self.inputs.merge(emb, ids_row, features)
         pos, delta = self.inputs.positions(p.ids, p.images)
-        return PromptInputs(emb, pos, delta)
+        return PromptInputs(emb, pos, delta, self.inputs.attention_spans(p.ids, p.images))
 
     def check_length(self, prompts: Sequence[Prompt]) -> None:
         for p in prompts:

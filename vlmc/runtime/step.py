@@ -14,7 +14,7 @@ batching.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -26,11 +26,14 @@ from .kv_cache import KVCache, attention_mask, make_caches
 @dataclass
 class PromptInputs:
     """A prompt ready for the program: embeddings [1, L, D] (image features merged in),
-    rotary positions [streams, L], and ``delta``: the token after it is at L + delta."""
+    rotary positions [streams, L], ``delta`` (the token after it is at L + delta) and
+    ``spans``: [start, end) ranges of prompt positions that attend to each other in both
+    directions (a family's image tokens, or a prefix-LM's prefix); causal everywhere else."""
 
     embeds: mx.array
     positions: np.ndarray
     delta: int
+    spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -60,6 +63,7 @@ class Sequences:
         self.next_pos = np.asarray(next_pos, dtype=np.int64)
         self._pending: tuple[mx.array, np.ndarray] | None = None  # prompt columns not yet prefilled
         self.prefilled = 0
+        self.spans: list[list[tuple[int, int]]] = [[] for _ in range(len(self.starts))]
 
     # ------------------------------------------------------------------ making a batch
     @classmethod
@@ -72,6 +76,7 @@ class Sequences:
         seqs = cls(decoder, decoder.caches(len(prompts), embeds[0].dtype), np.array(pads),
                    np.array([p.embeds.shape[1] + p.delta for p in prompts]))
         seqs._pending = (mx.concatenate(embeds, axis=0) if len(embeds) > 1 else embeds[0], positions)
+        seqs.spans = [[(a + n, b + n) for a, b in p.spans] for p, n in zip(prompts, pads)]  # in columns
         return seqs
 
     @classmethod
@@ -98,7 +103,34 @@ class Sequences:
         return self._pending is None or self.prefilled >= self.prompt_width
 
     def _mask(self, queries: int) -> mx.array | None:
-        return attention_mask(mx.array(self.starts, dtype=mx.int32), self.offset, queries, bool(self.starts.any()))
+        mask = attention_mask(mx.array(self.starts, dtype=mx.int32), self.offset, queries, bool(self.starts.any()))
+        lo, hi = self.offset, self.offset + queries
+        blocks = [(b, s, e) for b, row in enumerate(self.spans) for s, e in row if s < hi and e > lo]
+        if not blocks:
+            return mask
+        if mask is None:
+            mask = mx.broadcast_to(attention_mask(mx.zeros(1, mx.int32), lo, queries, True), (self.batch, 1, queries, hi))
+        extra = np.zeros((self.batch, 1, queries, hi), dtype=bool)
+        for b, s, e in blocks:  # a span's queries in this chunk see all its keys so far (the chunk covers it)
+            extra[b, 0, max(s, lo) - lo:min(e, hi) - lo, s:min(e, hi)] = True
+        return mask | mx.array(extra)
+
+    def _chunk_end(self, hi: int) -> int:
+        """A prefill chunk never ends inside a span: its queries need all of the span's keys."""
+        for row in self.spans:
+            for s, e in row:
+                if s < hi < e:
+                    hi = e
+        return hi
+
+    def safe_prefix(self, row: int, columns: int) -> int:
+        """The longest prefix of ``columns`` prompt columns of ``row`` that ends at no span's
+        inside: cached keys and values of a prefix cut inside a span would depend on the
+        span's rest (the prefix cache reuses only such prefixes)."""
+        for s, e in self.spans[row]:
+            if s < columns < e:
+                columns = s
+        return columns
 
     # ------------------------------------------------------------------ stepping
     def skip(self, n: int) -> None:
@@ -111,7 +143,7 @@ class Sequences:
         logits."""
         embeds, positions = self._pending
         lo = self.prefilled
-        hi = self.prompt_width if chunk is None else min(self.prompt_width, lo + chunk)
+        hi = self.prompt_width if chunk is None else self._chunk_end(min(self.prompt_width, lo + chunk))
         logits = self.decoder.model.prefill(embeds=embeds[:, lo:hi],
                                             positions=self.decoder.program_positions(positions[..., lo:hi]),
                                             mask=self._mask(hi - lo), caches=self.caches)[:, -1]
@@ -158,11 +190,15 @@ class Sequences:
             mine.concat(new)
         self.starts = np.concatenate([self.starts + (width - ours), other.starts + (width - theirs)])
         self.next_pos = np.concatenate([self.next_pos, other.next_pos])
+        self.spans = [[(s + width - ours, e + width - ours) for s, e in row] for row in self.spans] + \
+            [[(s + width - theirs, e + width - theirs) for s, e in row] for row in other.spans]
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these sequences (in this order), then cut the columns only padding holds."""
         self.starts, self.next_pos = self.starts[rows], self.next_pos[rows]
+        self.spans = [self.spans[r] for r in rows]
         cut = int(self.starts.min())
+        self.spans = [[(s - cut, e - cut) for s, e in row] for row in self.spans]
         for cache in self.caches:
             cache.select(rows)
             cache.drop_left(cut)
