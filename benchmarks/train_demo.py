@@ -1009,7 +1009,7 @@ Re-measure with vlmc: `python -c "import vlmc; from vlmc.evaluate import evaluat
   auxiliary region labels from the generator (per merged image token: the kind and color of the
   shape covering it, its column, the shape's center x; per patch: the kind). Learning shapes
   through the answers alone was slow (teacher-forced validation stayed under 81% after 1500
-  steps in earlier runs); with this phase the tower's kind probe reaches 99% first.
+  steps without this phase); with it the tower's kind probe reaches 99% first.
 - Phase 2, everything: cross-entropy on the answer tokens and `<|im_end|>`, plus the same
   auxiliary loss and a probe on decoder layer {h.get('word_aux_layer')} (the color and x of the shape a shape word
   names), weights {h.get('aux_weight')} and {h.get('word_aux_weight')}, decaying linearly to 0. The probes are training-only:
