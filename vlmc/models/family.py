@@ -47,6 +47,12 @@ class Inputs:
         self.position_streams: int = int(self.settings.get("position_streams", 1))
         self.processor: ImageProcessor = make_image_processor(processor_spec)
 
+    def prompt_text(self, messages: list[dict[str, Any]], tokenizer: Any) -> str | None:
+        """The prompt for these (normalised) messages when the family formats prompts
+        itself instead of through the checkpoint's chat template (e.g. PaliGemma's
+        "<image>...<bos>text\n"); None: the chat template."""
+        return None
+
     def preprocess(self, images: Sequence[Any]) -> ProcessedImages:
         """PIL images -> pixels and per-image token counts, as transformers' processor makes them."""
         return self.processor.process(images)
@@ -80,6 +86,13 @@ class Inputs:
         both directions (e.g. each image's tokens, or a prefix-LM's whole prefix); the rest
         is causal. The default: none."""
         return []
+
+    def prefill_inputs(self, ids: list[int], images: ProcessedImages, features: Any) -> dict[str, mx.array]:
+        """Extra inputs of the ``prefill`` entry point, each with the prompt's positions on
+        axis -2 ([..., L, D]; the step loop pads and chunks them with the prompt), e.g.
+        Qwen3-VL's DeepStack features placed at the image tokens. ``features``: what
+        ``vision_encode`` returned. The default: none."""
+        return {}
 
     def vision_inputs(self, images: ProcessedImages) -> dict[str, mx.array]:
         """The ``vision_encode`` entry point's keyword arguments for these images."""

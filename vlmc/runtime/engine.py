@@ -134,11 +134,13 @@ class VLM:
                 raise InputError(f"{len(leftover)} image(s) given that no image part in the messages uses")
         if refs and self.image_token_id is None:
             raise InputError("this model takes no images")
-        if self.chat_template is None:
-            raise InputError("this model ships no chat template; pass a raw prompt with generate_ids()")
-        text = render_chat(self.chat_template, tmpl_messages, add_generation_prompt=True,
-                           bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token,
-                           **(template_vars or {}))
+        text = self.inputs.prompt_text(tmpl_messages, self.tokenizer)  # a family's own format, if it has one
+        if text is None:
+            if self.chat_template is None:
+                raise InputError("this model ships no chat template; send a raw prompt to /v1/completions instead")
+            text = render_chat(self.chat_template, tmpl_messages, add_generation_prompt=True,
+                               bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token,
+                               **(template_vars or {}))
         ids = self.encode_prompt(text)
         processed = None
         if loaded_images is not None and len(loaded_images) != len(refs):
@@ -172,7 +174,8 @@ class VLM:
                 features = self.encode_images(p.images)
             emb = self.inputs.merge(emb, ids_row, features)
         pos, delta = self.inputs.positions(p.ids, p.images)
-        return PromptInputs(emb, pos, delta, self.inputs.attention_spans(p.ids, p.images))
+        extra = self.inputs.prefill_inputs(p.ids, p.images, features) if p.images is not None else {}
+        return PromptInputs(emb, pos, delta, self.inputs.attention_spans(p.ids, p.images), extra)
 
     def check_length(self, prompts: Sequence[Prompt]) -> None:
         for p in prompts:
