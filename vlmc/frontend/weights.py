@@ -30,8 +30,10 @@ _PREFIXES = [
 ]
 
 
-def canonical_name(name: str) -> str | None:
-    for old, new in _PREFIXES:
+def canonical_name(name: str, extra: list[tuple[str, str]] | tuple = ()) -> str | None:
+    """The canonical name of a checkpoint tensor (``extra``: a family's own prefix rules,
+    tried first), or None for a tensor no program uses."""
+    for old, new in [*extra, *_PREFIXES]:
         if name.startswith(old):
             rest = name[len(old):]
             if new == "vision." and rest.startswith("vision_model."):
@@ -43,11 +45,12 @@ def canonical_name(name: str) -> str | None:
 class Weights:
     """Canonical name -> TensorRef for one checkpoint, plus Param construction with checks."""
 
-    def __init__(self, store: TensorStore):
+    def __init__(self, store: TensorStore, prefixes: list[tuple[str, str]] | tuple = ()):
+        """``prefixes``: a family's (checkpoint prefix, canonical prefix) rules, before the shared ones."""
         self.store = store
         self.refs: dict[str, TensorRef] = {}
         for key, ref in store.refs.items():
-            canon = canonical_name(key)
+            canon = canonical_name(key, prefixes)
             if canon is not None:
                 self.refs[canon] = ref
         self.params: dict[str, Param] = {}

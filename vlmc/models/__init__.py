@@ -56,7 +56,8 @@ def import_checkpoint(ckpt: "Checkpoint") -> "Program":
     """An opened checkpoint -> its IR program, through its family's importer."""
     from ..frontend.weights import Weights
     mt = ckpt.config.get("model_type")
-    prog = family(mt).build(ckpt.config, Weights(ckpt.store), ckpt.folder.name)
-    prog.meta.update(family=family(mt).name, model_type=mt,
+    fam = family(mt)
+    prog = fam.build(ckpt.config, Weights(ckpt.store, fam.weight_prefixes), ckpt.folder.name)
+    prog.meta.update(family=fam.name, model_type=mt,
                      source={"path": str(ckpt.folder), "fingerprint": ckpt.fingerprint})
     return prog

@@ -110,6 +110,9 @@ class Family:
 
     name = ""
     model_types: tuple[str, ...] = ()
+    # (checkpoint prefix, canonical prefix) rules for this family's weight names, tried
+    # before the shared ones in vlmc.frontend.weights (e.g. ("model.connector.", "projector."))
+    weight_prefixes: tuple[tuple[str, str], ...] = ()
 
     def build(self, config: dict[str, Any], weights: "Weights", name: str) -> "Program":  # pragma: no cover
         raise NotImplementedError
