@@ -247,14 +247,7 @@ class DraftModel(Drafter):
         """Bring the draft's caches to ``text``: rewind to the common prefix, feed the rest;
         the logits after the last token fed (None when nothing had to be fed)."""
         from .step import PromptInputs, Sequences
-        common = 0
-        for a, b in zip(state.fed, text):
-            if a != b:
-                break
-            common += 1
-        if state.seqs is not None and common < len(state.fed):
-            state.seqs.trim(len(state.fed) - common)
-            state.fed = state.fed[:common]
+        self._rewind(state, text)
         todo = text[len(state.fed):]
         if not todo:
             return None
@@ -307,7 +300,11 @@ class DraftModel(Drafter):
 
     def accepted(self, state: "_State", context: Sequence[int]) -> None:
         """Forget drafted tokens the target did not keep (the next propose feeds the rest)."""
-        text = self._text(context)
+        self._rewind(state, self._text(context))
+
+    @staticmethod
+    def _rewind(state: "_State", text: list[int]) -> None:
+        """Trim the draft's caches back to the longest prefix they share with ``text``."""
         common = 0
         for a, b in zip(state.fed, text):
             if a != b:
