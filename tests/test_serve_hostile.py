@@ -65,9 +65,9 @@ def server(media_dir):
 
 # ---------------------------------------------------------------------- 1: a huge prompt
 def test_a_body_cap_sized_prompt_is_refused_without_stalling_the_server(server):
-    """A 30 MB prompt (under the 32 MiB body cap) used to be tokenized in full, holding
-    the GIL for a minute and taking gigabytes. Now /health answers within a second all
-    along, RSS stays within 1 GB of idle, and the reply is a 400 naming the limit."""
+    """A 30 MB prompt (under the 32 MiB body cap), tokenized in full, would hold the GIL
+    for a minute and take gigabytes: /health answers within a second all along, RSS stays
+    within 1 GB of idle, and the reply is a 400 naming the limit."""
     idle = rss_bytes(server.proc.pid)
     huge = "circle square " * (30_000_000 // 14)
     bodies = [(CHAT, plain(huge)), ("/v1/completions", {"prompt": huge, "max_tokens": 2}),
@@ -227,7 +227,7 @@ def test_many_huge_images_in_one_request_are_bounded(server):
     assert peak[0] - idle < 900 * 2**20, (idle, peak[0])
 
 
-# ---------------------------------------------------------------------- 4: inputs that used to be 500s
+# ---------------------------------------------------------------------- 4: inputs that must be 4xx, not 500s
 def test_client_input_errors_are_400s_with_one_message(server, media_dir):
     s = server
     surrogate = '"x\\ud800y"'
