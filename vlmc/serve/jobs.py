@@ -1,8 +1,10 @@
 """From an API request to a job for the generation loop, and back as events.
 
-Everything that can fail because of the request (images, template, prompt length,
-sampling values, schemas) fails here, in a worker thread, before the job is queued, so
-a bad request costs the running batch nothing and gets a 4xx.
+Everything that can fail because of the request (template, prompt length, sampling
+values, schemas; images in ``media``) fails here, in worker threads, before the job is
+queued, so a bad request costs the running batch nothing and gets a 4xx. A chat request
+is checked in two steps: ``draft_chat`` before its images are fetched (so an over-long
+prompt costs no fetch), ``plan_chat`` with them.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from PIL import Image
 from ..errors import InputError
 from ..runtime.images import decode_data_uri, file_url_path, image_size, load_image, read_image_file
 from .fetch import CLIENT_MESSAGE, FetchFailed, Fetcher, FetchPolicy
+from .middleware import release_soon
 
 DECODE_SLOTS = 2  # image decodes at once, server-wide: they are CPU-bound and briefly large
 
@@ -69,32 +70,38 @@ class MediaLoader:
         self.check_count(refs)
         images: list[Image.Image] = []
         budget = self.limits.max_request_pixels
-        for i, ref in enumerate(refs):
-            if not isinstance(ref, str) or not ref.strip():
-                raise InputError(f"image {i + 1}: the reference must be a URL, a data: URI or an allowed local path")
-            ref = ref.strip()
-            remote = ref[:8].lower().startswith(("http://", "https://"))
-            if remote:
-                try:
-                    data = await self.fetcher.get(ref)
-                except FetchFailed:
-                    raise InputError(f"image {i + 1}: {CLIENT_MESSAGE}") from None
-            elif ref[:5].lower() == "data:":
-                data = ref
-            else:
-                data = Path(self._local_path(ref, i))
-            async with self.slot():
-                self.decoding += 1
-                try:
-                    image, pixels = await asyncio.to_thread(self._decode, data, i, budget, remote)
-                finally:
-                    self.decoding -= 1
-            budget -= pixels
-            images.append(image)
+        try:
+            for i, ref in enumerate(refs):
+                images.append(await self._load_one(ref, i, budget))
+                budget -= images[-1].width * images[-1].height
+        finally:
+            if self.limits.max_request_pixels - budget > 4_000_000:
+                release_soon()  # big images' decoding buffers were freed on a worker thread's heap
         return images
 
-    def _decode(self, data: bytes | str | Path, i: int, budget: int, remote: bool) -> tuple[Image.Image, int]:
-        """(RGB image, its pixels); the budget is checked from the header, before decoding."""
+    async def _load_one(self, ref: Any, i: int, budget: int) -> Image.Image:
+        if not isinstance(ref, str) or not ref.strip():
+            raise InputError(f"image {i + 1}: the reference must be a URL, a data: URI or an allowed local path")
+        ref = ref.strip()
+        remote = ref[:8].lower().startswith(("http://", "https://"))
+        if remote:
+            try:
+                data = await self.fetcher.get(ref)
+            except FetchFailed:
+                raise InputError(f"image {i + 1}: {CLIENT_MESSAGE}") from None
+        elif ref[:5].lower() == "data:":
+            data = ref
+        else:
+            data = Path(self._local_path(ref, i))
+        async with self.slot():
+            self.decoding += 1
+            try:
+                return await asyncio.to_thread(self._decode, data, i, budget, remote)
+            finally:
+                self.decoding -= 1
+
+    def _decode(self, data: bytes | str | Path, i: int, budget: int, remote: bool) -> Image.Image:
+        """An RGB image; the request's pixel budget is checked from the header, before decoding."""
         limits = self.limits
         try:
             if isinstance(data, Path):
@@ -111,7 +118,7 @@ class MediaLoader:
             if remote and "pixels" not in str(e):  # what came back from a URL is not described
                 raise InputError(f"image {i + 1}: {CLIENT_MESSAGE}") from None
             raise InputError(f"image {i + 1}: {e}") from None
-        return image, image.width * image.height
+        return image
 
     def _local_path(self, ref: str, i: int) -> str:
         if ref[:7].lower() == "file://":
