@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -38,12 +37,6 @@ def raw(port: int, payload: bytes, timeout: float = 10) -> bytes:
         except socket.timeout:
             pass
         return got
-
-
-def post_raw_json(port: int, path: str, body: bytes, extra: bytes = b"") -> bytes:
-    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            f"Content-Length: {len(body)}\r\n").encode() + extra + b"\r\n"
-    return raw(port, head + body)
 
 
 @pytest.fixture(scope="module")
