@@ -7,6 +7,7 @@
     python benchmarks/serve_load.py --url http://127.0.0.1:8080            # a running server
     python benchmarks/serve_load.py --server vlmc -- --kv-bits 8           # after --: server args
     python benchmarks/serve_load.py --make-padded-copy SRC DST [--pad-vocab N]
+    python benchmarks/serve_load.py --server vlmc --hostile 120            # normal vs normal + hostile
 
 The script starts the server itself (``--server vlmc``: ``vlmc serve MODEL --port P
 --max-batch-size 16``; ``--server mlx-vlm``: ``python -m mlx_vlm.server --model MODEL
@@ -40,6 +41,19 @@ id streams text (see ``make_padded_copy``); the other files are symlinks.
 mlx-vlm (0.7.10) serves with continuous batching too: one generation thread owns a
 ``BatchGenerator`` (up to 32 sequences decode together, prompts are prefilled up to 8 at a
 time); each request's vision tower runs on that thread when the request is admitted.
+
+``--hostile SECONDS``: instead of the levels, two phases of that length each, on one
+server: ``--hostile-normal`` workers (default 4) send normal streaming requests (as above,
+one after another) alone, then the same workers again beside ``--hostile-workers``
+(default 2) that cycle through hostile requests (``HOSTILE``: a prompt of nearly the body
+cap, non-streaming requests whose client hangs up after 0.3 s, image URLs to loopback and
+to a silent port, a FIFO in the media folder, 8 huge PNGs in one request, lone surrogates,
+reserved template kwargs, NUL paths, tiny temperatures, unknown paths with quotes, idle
+and half-sent connections, an over-cap chunked body). It reports the normal requests' p50/p99
+latency in both phases and their ratio, every status the hostile requests got, the 5xx and
+hung requests (no answer within ``--hang-after`` s) of both kinds, and the server's RSS at
+the start, peak and end of each phase. It exits 1 on any 5xx, hang or failed normal request.
+A started vlmc gets ``--allowed-local-media-path`` (a temporary folder holding a FIFO).
 
 Prints a table, writes ``--out FILE`` (JSON), exits 1 if any request failed (2 if the
 server could not be started).
@@ -394,6 +408,234 @@ def summarize(concurrency: int, results: list[dict[str, Any]], wall: float, t0: 
     }
 
 
+# ====================================================================== hostile traffic
+HOSTILE_BODY_BYTES = 30_000_000  # under vlmc's default --max-body-bytes (32 MiB)
+HUNG = -1                        # the status recorded for a hostile request that hung
+
+
+def _png(width: int, height: int) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("1", (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Hostile:
+    """The hostile requests, built once; ``send(kind)`` returns (kind, status or None, seconds)."""
+
+    SLOW = ("idle_connection", "half_body", "silent_url")  # answered only when a server timeout ends them
+
+    def __init__(self, ep: Endpoint, model: str, media_dir: Path | None, hang_after: float):
+        self.ep, self.model, self.media_dir, self.hang_after = ep, model, media_dir, hang_after
+        chat = {"model": model, "temperature": 0, "max_tokens": 8}
+        huge = "circle square " * (HOSTILE_BODY_BYTES // 14)
+        big_png = "data:image/png;base64," + base64.b64encode(_png(6300, 6300)).decode()
+        self.silent_port = self._silent_port()
+        url_msg = lambda url: [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                            {"type": "text", "text": "hi"}]}]
+        self.bodies: dict[str, bytes] = {
+            "huge_prompt": json.dumps({**chat, "messages": [{"role": "user", "content": huge}]}).encode(),
+            "loopback_url": json.dumps({**chat, "messages": url_msg(f"http://127.0.0.1:{ep.port}/health")}).encode(),
+            "silent_url": json.dumps({**chat, "messages": url_msg(f"http://127.0.0.1:{self.silent_port}/x.png")}).encode(),
+            "huge_images": json.dumps({**chat, "messages": [{"role": "user", "content": [
+                *[{"type": "image_url", "image_url": {"url": big_png}}] * 8, {"type": "text", "text": "hi"}]}]}).encode(),
+            "surrogate": b'{"messages":[{"role":"user","content":"x\\ud800y"}],"max_tokens":4}',
+            "template_kwargs": json.dumps({**chat, "messages": [{"role": "user", "content": "hi"}],
+                                           "chat_template_kwargs": {"add_generation_prompt": False}}).encode(),
+            "nul_path": json.dumps({**chat, "messages": url_msg(str(media_dir or "/tmp") + "/a\u0000b.png")}).encode(),
+            "tiny_temperature": json.dumps({**chat, "temperature": 1e-38,
+                                            "messages": [{"role": "user", "content": "hi"}]}).encode(),
+            "hang_up": json.dumps({**chat, "max_tokens": 400,
+                                   "messages": [{"role": "user", "content": "Tell me about shapes"}]}).encode(),
+        }
+        if media_dir is not None:
+            self.bodies["fifo"] = json.dumps({**chat, "messages": url_msg(str(media_dir / "pipe.png"))}).encode()
+        chunk = b"x" * (1 << 20)
+        self.chunked = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                        + b"".join(b"%x\r\n" % len(chunk) + chunk + b"\r\n" for _ in range(40)) + b"0\r\n\r\n")
+        self.kinds = [*self.bodies, "quote_path", "idle_connection", "half_body", "chunked_over_cap"]
+        self.kinds.remove("hang_up")
+        self.kinds += ["hang_up"] * 3  # the one that costs the server work unless it is cancelled
+        self.kinds.remove("huge_prompt")
+        self.kinds.append("huge_prompt")
+
+    @staticmethod
+    def _silent_port() -> int:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        held = []
+
+        def accept():
+            while True:
+                conn, _ = sock.accept()
+                held.append(conn)  # never answered
+
+        threading.Thread(target=accept, daemon=True).start()
+        return sock.getsockname()[1]
+
+    def _raw(self, *payload: bytes, read: bool = True, close_after: float | None = None) -> int | None:
+        with socket.create_connection((self.ep.host, self.ep.port), timeout=self.hang_after) as sock:
+            for part in payload:  # (parts sent one by one: no copy of a 30 MB body per request)
+                sock.sendall(part)
+            if close_after is not None:
+                time.sleep(close_after)
+                return 499
+            if not read:
+                return None
+            head = b""
+            while b"\r\n" not in head:
+                piece = sock.recv(4096)
+                if not piece:
+                    return None
+                head += piece
+            return int(head.split(b" ", 2)[1])
+
+    def _post(self, path: str, body: bytes, **kw) -> int | None:
+        auth = f"Authorization: Bearer {self.ep.api_key}\r\n" if self.ep.api_key else ""
+        head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n{auth}"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        return self._raw(head, body, **kw)
+
+    def send(self, kind: str) -> tuple[str, int | None, float]:
+        t0 = time.perf_counter()
+        try:
+            if kind == "hang_up":
+                status = self._post("/v1/chat/completions", self.bodies[kind], close_after=0.3)
+            elif kind in self.bodies:
+                status = self._post("/v1/chat/completions", self.bodies[kind])
+            elif kind == "quote_path":
+                status = self._raw(b'GET /probe/%22x"y/' + str(time.time_ns()).encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                                   b"Connection: close\r\n\r\n")
+            elif kind == "idle_connection":  # nothing sent: the server must close it (header deadline)
+                status = self._raw(b"")
+            elif kind == "half_body":         # Content-Length, then silence
+                status = self._raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+            else:                             # chunked body over the cap
+                try:
+                    status = self._raw(self.chunked)
+                except (BrokenPipeError, ConnectionResetError):
+                    status = 413  # the server answered and closed while the body was still being sent
+        except socket.timeout:
+            return kind, HUNG, time.perf_counter() - t0    # no answer and not closed within --hang-after
+        except (BrokenPipeError, ConnectionResetError):
+            status = 0                                     # closed by the server (counted, not a hang)
+        return kind, status, time.perf_counter() - t0
+
+
+def _cache_mb(ep: Endpoint) -> dict[str, Any]:
+    """What the server's caches hold (they grow with unique prompts and images, by design)."""
+    try:
+        status, snap = ep.get_json("/metrics", timeout=10)
+    except OSError:
+        return {}
+    if status != 200 or not isinstance(snap, dict):
+        return {}
+    mb = lambda v: None if v is None else round(v / 2**20, 1)  # noqa: E731
+    return {"prefix": mb(snap.get("prefix_cache", {}).get("bytes")), "vision": mb(snap.get("vision_cache", {}).get("bytes")),
+            "mlx_active": mb(snap.get("mlx_active_memory_bytes")), "mlx_cache": mb(snap.get("mlx_cache_memory_bytes"))}
+
+
+def hostile_run(args, ep: Endpoint, maker: "RequestMaker", rss: RssSampler, media_dir: Path | None) -> dict[str, Any]:
+    """Two phases of ``args.hostile`` seconds: normal traffic alone, then with hostile traffic."""
+    hostile = Hostile(ep, maker.model, media_dir, args.hang_after)
+    counter = [0]
+    lock = threading.Lock()
+
+    def phase(with_hostile: bool) -> dict[str, Any]:
+        stop = time.perf_counter() + args.hostile
+        normal: list[dict[str, Any]] = []
+        bad: list[tuple[str, int | None, float]] = []
+        samples: list[int] = []
+
+        def normal_worker():
+            while time.perf_counter() < stop:
+                with lock:
+                    n = counter[0]
+                    counter[0] += 1
+                rec = stream_chat(ep, maker.body(n), args.hang_after)
+                rec["image"] = maker.has_image(n)
+                with lock:
+                    normal.append(rec)
+
+        waiting: list[threading.Thread] = []
+
+        def record(kind: str) -> None:
+            result = hostile.send(kind)
+            with lock:
+                bad.append(result)
+
+        def hostile_worker(k: int):
+            i = k
+            while time.perf_counter() < stop:
+                kind = hostile.kinds[i % len(hostile.kinds)]
+                i += args.hostile_workers
+                if kind in Hostile.SLOW:  # they wait on the server's timeouts: on the side, not in line
+                    t = threading.Thread(target=record, args=(kind,), daemon=True)
+                    t.start()
+                    with lock:
+                        waiting.append(t)
+                else:
+                    record(kind)
+                time.sleep(args.hostile_pause)
+
+        def sample():
+            while time.perf_counter() < stop:
+                samples.append(rss.now() or 0)
+                time.sleep(1.0)
+
+        threads = [threading.Thread(target=normal_worker) for _ in range(args.hostile_normal)]
+        threads.append(threading.Thread(target=sample))
+        if with_hostile:
+            threads += [threading.Thread(target=hostile_worker, args=(k,)) for k in range(args.hostile_workers)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for t in waiting:
+            t.join(args.hang_after + 5)
+        e2e = [r["e2e_s"] for r in normal if r["ok"]]
+        statuses: dict[str, dict[str, int]] = {}
+        for kind, status, _ in bad:
+            statuses.setdefault(kind, {}).setdefault(str(status), 0)
+            statuses[kind][str(status)] += 1
+        return {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "normal_requests": len(normal), "normal_failed": sum(1 for r in normal if not r["ok"]),
+            "normal_5xx": sum(1 for r in normal if (r["status"] or 0) >= 500),
+            "normal_hung": sum(1 for r in normal if r["error"] and "timed out" in r["error"]),
+            "normal_error_samples": sorted({r["error"] for r in normal if r["error"]})[:5],
+            "normal_e2e_p50_ms": None if not e2e else round(1000 * quantile(e2e, 0.5), 1),
+            "normal_e2e_p99_ms": None if not e2e else round(1000 * quantile(e2e, 0.99), 1),
+            "hostile_requests": len(bad), "hostile_statuses": statuses,
+            "hostile_5xx": sum(1 for _, s, _ in bad if s is not None and s >= 500),
+            "hostile_hung": sum(1 for _, s, _ in bad if s == HUNG),
+            "rss_mb": {"start": round(samples[0] / 2**20, 1) if samples else None,
+                       "peak": round(max(samples) / 2**20, 1) if samples else None,
+                       "end": round(samples[-1] / 2**20, 1) if samples else None,
+                       "every_10s": [round(x / 2**20) for x in samples[::10]]},
+            "caches_mb": _cache_mb(ep),
+        }
+
+    print(f"serve_load: hostile mode: {args.hostile:g} s of normal traffic ({args.hostile_normal} workers) ...",
+          file=sys.stderr, flush=True)
+    alone = phase(False)
+    print(f"serve_load:   normal alone: p99 {alone['normal_e2e_p99_ms']} ms over {alone['normal_requests']} requests",
+          file=sys.stderr, flush=True)
+    print(f"serve_load: ... then {args.hostile:g} s with {args.hostile_workers} hostile workers", file=sys.stderr,
+          flush=True)
+    mixed = phase(True)
+    time.sleep(10)  # idle: the server hands freed memory back
+    mixed["rss_mb"]["after_10s_idle"] = round((rss.now() or 0) / 2**20, 1)
+    ratio = (mixed["normal_e2e_p99_ms"] / alone["normal_e2e_p99_ms"]
+             if alone["normal_e2e_p99_ms"] and mixed["normal_e2e_p99_ms"] else None)
+    out = {"alone": alone, "with_hostile": mixed, "normal_p99_ratio": None if ratio is None else round(ratio, 3)}
+    print(json.dumps(out, indent=2))
+    return out
+
+
 # ====================================================================== servers
 def start_server(args, port: int, log_path: Path) -> tuple[subprocess.Popen, list[str]]:
     extra = list(args.server_args)
@@ -403,6 +645,8 @@ def start_server(args, port: int, log_path: Path) -> tuple[subprocess.Popen, lis
             cmd.append(args.model)
         cmd = cmd[:1] + ["serve"] + cmd[1:] + ["--host", "127.0.0.1", "--port", str(port),
                                                "--max-batch-size", str(args.max_batch_size)] + extra
+        if args.media_dir is not None:
+            cmd += ["--allowed-local-media-path", str(args.media_dir)]
     else:
         if not args.model:
             raise SystemExit("serve_load: --server mlx-vlm needs MODEL (a checkpoint folder or hub id)")
@@ -610,6 +854,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--label", default=None, help="name of this run in the table and the JSON")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--per-request", action="store_true", help="keep every request's timings in the JSON")
+    p.add_argument("--hostile", type=float, default=None, metavar="SECONDS",
+                   help="normal traffic alone, then beside hostile traffic, this long each (instead of --levels)")
+    p.add_argument("--hostile-normal", type=int, default=4, help="normal workers in --hostile mode")
+    p.add_argument("--hostile-workers", type=int, default=2, help="hostile workers in --hostile mode")
+    p.add_argument("--hostile-pause", type=float, default=0.25, help="seconds between a hostile worker's requests")
+    p.add_argument("--hang-after", type=float, default=60.0, help="a request unanswered this long is a hang")
     args = p.parse_args(argv)
     args.server_args = server_args
     args.levels = [int(x) for x in args.levels.split(",") if x.strip()]
@@ -625,6 +875,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serve_load: no images match {args.images}: text-only requests", file=sys.stderr)
 
     proc, cmd, log_path = None, None, None
+    args.media_dir = None
+    if args.hostile and args.server == "vlmc":
+        import tempfile
+        args.media_dir = Path(tempfile.mkdtemp(prefix="serve_load-media-"))
+        os.mkfifo(args.media_dir / "pipe.png")
     if args.server:
         port = args.port or free_port()
         log_path = Path(args.server_log or f"/tmp/serve_load-{args.server}-{port}.log")
@@ -687,6 +942,12 @@ def main(argv: list[str] | None = None) -> int:
                 failed += 1
         report["server_rss_after_warmup_mb"] = None if proc is None else round(rss.now() / 2**20, 1)
 
+        if args.hostile:
+            report["hostile"] = hostile_run(args, ep, maker, rss, args.media_dir)
+            for ph in report["hostile"].values():
+                if isinstance(ph, dict):
+                    failed += ph["normal_failed"] + ph["normal_5xx"] + ph["hostile_5xx"] + ph["hostile_hung"]
+            args.levels = []
         for c in args.levels:
             n = args.requests or max(args.requests_factor * c, args.min_requests)
             # keep the image/text alternation of each level the same whatever next_id is

@@ -111,3 +111,44 @@ class NotFoundServer:
 
     def stop(self):
         self.httpd.shutdown()
+
+
+class BlackHole:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (an image
+    host that hangs)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, i: int = 0) -> str:
+        return f"http://127.0.0.1:{self.port}/slow-{i}.png"
+
+    def _accept(self):
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+                self.held.append(conn)
+            except OSError:
+                continue
+
+    def stop(self):
+        self._stop.set()
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (Linux)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0

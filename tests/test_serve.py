@@ -25,7 +25,7 @@ def server(tmp_path_factory):
     copy = tmp_path_factory.mktemp("models") / "demo-copy"
     shutil.copytree(MODEL_DIR, copy)
     s = LiveServer(str(MODEL_DIR), str(copy), "--max-images", "3", "--max-batch-size", "16",
-                   "--allowed-local-media-path", str(EXAMPLES), key=KEY)
+                   "--allowed-local-media-path", str(EXAMPLES), "--allow-private-fetch", key=KEY)
     yield s
     s.stop()
 
@@ -224,7 +224,7 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server, missing_url):
         "malformed json": (chat, b'{"messages": [', 400, "not valid JSON"),
         "unknown model": (chat, ask("hi", model="gpt-9"), 404, "not served"),
         "broken data uri": (chat, ask("hi", "data:image/png;base64,@@@not-base64"), 400, "image 1"),
-        "404 image url": (chat, ask("hi", missing_url), 400, "404"),
+        "404 image url": (chat, ask("hi", missing_url), 400, "could not be fetched"),
         "truncated png": (chat, ask("hi", data_uri(png[:len(png) // 2])), 400, "image 1"),
         "huge image": (chat, ask("hi", data_uri(_huge_png(20000, 20000))), 400, "pixels"),
         "too many images": (chat, ask("hi", *[IMG[1]] * 4), 400, "at most 3"),

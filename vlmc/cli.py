@@ -370,8 +370,8 @@ main.add_command(bench_cmd)
 @click.option("--api-key", default=None, envvar="VLMC_API_KEY", help="Require 'Authorization: Bearer KEY' (env VLMC_API_KEY).")
 @click.option("--cors-origin", "cors", multiple=True, help="Allow browser requests from this origin (repeatable).")
 @click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
-              help="Requests that may wait for a batch slot; more get 429.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Requests that may wait (fetching images, being prepared, or for a batch slot); more get 429.")
 @click.option("--prefill-chunk", default=512, show_default=True, type=click.IntRange(min=1),
               help="Prompt tokens per prefill step (decode steps of the running batch come between).")
 @click.option("--prefill-batch-tokens", default=2048, show_default=True, type=click.IntRange(min=1),
@@ -383,8 +383,21 @@ main.add_command(bench_cmd)
 @click.option("--max-images", default=8, show_default=True, type=click.IntRange(min=0))
 @click.option("--max-image-bytes", default=20 * 2**20, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-image-pixels", default=40_000_000, show_default=True, type=click.IntRange(min=1))
-@click.option("--fetch-timeout", default=10.0, show_default=True, type=float, help="Seconds to fetch an image URL.")
+@click.option("--max-request-pixels", default=80_000_000, show_default=True, type=click.IntRange(min=1),
+              help="Pixels of all of a request's images together (bounds the memory one request takes).")
+@click.option("--fetch-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to fetch an image URL, redirects included.")
+@click.option("--allow-private-fetch", is_flag=True,
+              help="Let image URLs reach loopback, private and link-local addresses (refused by default; "
+                   "cloud metadata addresses stay refused).")
+@click.option("--allow-fetch-network", multiple=True, metavar="CIDR",
+              help="Let image URLs reach this network even if private, e.g. 10.0.5.0/24 (repeatable).")
 @click.option("--allowed-local-media-path", default=None, help="Folder whose images requests may name by path.")
+@click.option("--read-timeout", default=15.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a client may take to send a request's headers, and may stay silent while sending "
+                   "its body.")
+@click.option("--keep-alive-timeout", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Seconds an idle keep-alive connection stays open.")
 @click.option("--vision-cache-bytes", default=512 * 2**20, show_default=True, type=click.IntRange(min=0))
 @click.option("--prefix-cache-bytes", default=2**30, show_default=True, type=click.IntRange(min=0),
               help="KV blocks of earlier prompts kept for reuse (0 turns prefix caching off).")

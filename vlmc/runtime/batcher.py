@@ -35,7 +35,7 @@ from . import memory
 from .detokenizer import StopStringMatcher, StreamingDetokenizer
 from .engine import VLM, GenerationResult, Prompt
 from .sampling import Sampler, SamplingParams
-from .prefix_cache import PrefixCache, block_keys, image_spans
+from .prefix_cache import PrefixCache, block_keys, block_spec, image_spans
 from .speculative import Speculation, decide
 from .step import Sequences
 from .vision_cache import VisionFeatureCache
@@ -43,6 +43,10 @@ from .vision_cache import VisionFeatureCache
 
 class QueueFull(Exception):
     """The waiting queue is at ``max_queue``; retry later."""
+
+
+class LoopStopped(RuntimeError):
+    """The loop was shut down (its model unloaded or swapped out): submit to the next one."""
 
 
 @dataclass
@@ -172,7 +176,7 @@ class Batcher:
         self.vlm.check_length([job.prompt])  # InputError: empty, or no room left in the context
         with self._cond:
             if self._stop:
-                raise RuntimeError("the generation loop is shut down")
+                raise LoopStopped("the generation loop is shut down")
             waiting = len(self._pending) + len(self._to_encode) + (self._encoding is not None)
             if waiting >= self.max_queue:
                 raise QueueFull(f"{waiting} requests are already waiting")
@@ -367,13 +371,18 @@ class Batcher:
         if self.prefix_cache is not None and self.prefix_cache.max_bytes > 0:
             keys = [self._block_keys(job) for job in jobs]
             if len(jobs) == 1:
-                rows[0].cached = self._reuse_prefix(jobs[0], keys[0], seqs)
+                try:
+                    rows[0].cached = self._reuse_prefix(jobs[0], keys[0], seqs)
+                except ValueError:  # blocks this cache cannot take (checked, so not expected): prefill it all
+                    self.prefix_cache.discard(keys[0])
+                    seqs = Sequences.start(vlm.decoder, inputs)
         self._prefill = {"rows": rows, "seqs": seqs, "keys": keys}
 
     def _reuse_prefix(self, job: Job, keys: list[str], seqs: Sequences) -> int:
         """Import the longest cached run of this prompt's leading blocks; tokens covered."""
         pc = self.prefix_cache
-        found = pc.lookup(keys, usable=(len(job.prompt.ids) - 1) // pc.block_size)  # >= 1 token left to prefill
+        found = pc.lookup(keys, usable=(len(job.prompt.ids) - 1) // pc.block_size,  # >= 1 token left to prefill
+                          expect=[block_spec(cache, pc.block_size) for cache in seqs.caches])
         while found and seqs.safe_prefix(0, len(found) * pc.block_size) != len(found) * pc.block_size:
             found = found[:-1]  # a prefix that ends inside a bidirectional span is not reusable
         for layer, cache in enumerate(seqs.caches):

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import io
 import os
 import socket
+import stat
 import time
 import urllib.error
 import urllib.parse
@@ -57,7 +59,8 @@ def load_image(
 
     `timeout` bounds each network operation and, roughly, the whole download (a server
     that trickles bytes is cut off once `timeout` seconds have passed in total).
-    `max_bytes` caps the encoded size of a download, data URI or raw bytes.
+    `max_bytes` caps the encoded size of a download, data URI, file or raw bytes. A local
+    path must name a regular file.
     `max_pixels` caps width*height; it is checked from the header, before any pixel is
     decoded. PIL's own decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, about 179 M
     pixels as a hard error) applies on top of it.
@@ -70,7 +73,7 @@ def load_image(
             raise InputError(f"image bytes are {len(data)} bytes, over the limit of {max_bytes}")
         return _decode(data, "<bytes>", max_pixels)
     if isinstance(src, os.PathLike):
-        return _load_path(Path(src), max_pixels)
+        return _load_path(Path(src), max_pixels, max_bytes)
     if not isinstance(src, str):
         raise InputError(
             f"unsupported image source of type {type(src).__name__}: "
@@ -82,34 +85,79 @@ def load_image(
         data = _download(src, timeout=timeout, max_bytes=max_bytes)
         return _decode(data, src, max_pixels)
     if lowered.startswith("data:"):
-        return _decode(_decode_data_uri(src, max_bytes), _short(src), max_pixels)
+        return _decode(decode_data_uri(src, max_bytes), _short(src), max_pixels)
     if lowered.startswith("file://"):
-        parsed = urllib.parse.urlparse(src)
-        return _load_path(Path(urllib.parse.unquote(parsed.path)), max_pixels)
+        return _load_path(Path(file_url_path(src)), max_pixels, max_bytes)
     if "://" in src[:16]:
         scheme = src.split("://", 1)[0]
         raise InputError(f"unsupported image URL scheme {scheme!r} in {_short(src)}")
-    return _load_path(Path(src), max_pixels)
+    return _load_path(Path(src), max_pixels, max_bytes)
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from the header of encoded image bytes, without decoding pixels;
+    None if they are not an image (``load_image`` then says why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception:  # noqa: BLE001 - untrusted bytes: any parser failure means "not an image"
+        return None
 
 
 # --------------------------------------------------------------------------- sources
 
 
-def _load_path(path: Path, max_pixels: int) -> Image.Image:
-    desc = str(path)
-    if not path.exists():
-        raise InputError(f"image file not found: {desc}")
-    if path.is_dir():
-        raise InputError(f"image path is a directory, not a file: {desc}")
+def file_url_path(url: str) -> str:
+    """The local path of a ``file:`` URL; one naming another host is not local."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise InputError(f"file URL {_short(url)} names the host {parsed.netloc!r}; only local files "
+                         "(file:///path) can be read")
+    return urllib.parse.unquote(parsed.path)
+
+
+def read_image_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``. Anything else (a FIFO, a
+    device, a folder) is refused without blocking on it: a FIFO without a writer would
+    block ``open`` forever, a device like /dev/zero never ends."""
+    desc = _short(str(path), 120)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     try:
-        fh = open(path, "rb")
+        fd = os.open(path, flags)
+    except ValueError:  # a NUL byte in the path
+        raise InputError(f"image path {desc!r} is not a valid path") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise InputError(f"image file not found: {desc}") from None
+        if exc.errno == errno.ENAMETOOLONG:
+            raise InputError(f"image path {desc} is too long") from None
+        raise InputError(f"cannot read image file {desc}: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise InputError(f"image path is a directory, not a file: {desc}")
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"image path {desc} is not a regular file")
+        if info.st_size > max_bytes:
+            raise InputError(f"image file {desc} is {info.st_size} bytes, over the limit of {max_bytes}")
+        with os.fdopen(fd, "rb", closefd=True) as fh:
+            fd = -1
+            data = fh.read(max_bytes + 1)
     except OSError as exc:
         raise InputError(f"cannot read image file {desc}: {exc.strerror or exc}") from None
-    with fh:
-        return _decode(fh, desc, max_pixels)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > max_bytes:  # it grew while being read
+        raise InputError(f"image file {desc} is over the limit of {max_bytes} bytes")
+    return data
 
 
-def _decode_data_uri(uri: str, max_bytes: int) -> bytes:
+def _load_path(path: Path, max_pixels: int, max_bytes: int) -> Image.Image:
+    return _decode(read_image_file(path, max_bytes), str(path), max_pixels)
+
+
+def decode_data_uri(uri: str, max_bytes: int) -> bytes:
     header, sep, payload = uri.partition(",")
     if not sep:
         raise InputError(f"malformed data URI (no ',' after the header): {_short(uri)}")

@@ -9,11 +9,18 @@ prefilled, since the logits of the last one are needed. Entries are dropped leas
 recently used first beyond ``max_bytes``; with a disk folder they go there instead (and
 every block goes there on ``flush``), so a later lookup, or a restarted server with the same
 model and KV layout, can still use them.
+
+A block read back from disk is trusted only if it proves itself: its file's metadata holds a
+SHA-256 of its arrays and their names, shapes and dtypes, checked on load, and the block must
+have the shapes and dtypes the cache it goes into stores (``block_spec``). One that fails is
+deleted and counted (``corrupt_blocks``), and the prompt is prefilled instead.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 import threading
 from pathlib import Path
 from collections import OrderedDict
@@ -55,15 +62,78 @@ def block_keys(ids: list[int], spans: list[tuple[int, int, str]], block_size: in
     return keys
 
 
+Spec = dict[str, tuple[tuple[int, ...], str]]   # array name -> (shape, dtype) of one block of one layer
+FORMAT = "vlmc-prefix-block-1"
+
+
+def block_spec(cache: Any, block_size: int) -> Spec | None:
+    """The arrays one block of ``cache`` holds (``KVCache.export_blocks``' names), with
+    their shapes and dtypes; None for a cache that does not say."""
+    codecs = getattr(cache, "codecs", None)
+    if codecs is None:
+        return None
+    return {f"{w}.{name}": ((1, cache.kv_heads, block_size, width), str(dtype))
+            for w, codec in codecs.items() for name, (width, dtype) in codec.widths(cache.head_dim).items()}
+
+
+def _fits(layers: list[dict], expect: list[Spec | None]) -> bool:
+    if len(layers) != len(expect):
+        return False
+    for layer, spec in zip(layers, expect):
+        if spec is None:
+            continue
+        if set(layer) != set(spec):
+            return False
+        if any(tuple(layer[n].shape) != shape or str(layer[n].dtype) != dtype for n, (shape, dtype) in spec.items()):
+            return False
+    return True
+
+
+def _describe(arrays: dict[str, mx.array]) -> tuple[str, str]:
+    """(JSON of each array's shape and dtype, SHA-256 over names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    shapes = {}
+    for name in sorted(arrays):
+        a = arrays[name]
+        shapes[name] = [list(a.shape), str(a.dtype)]
+        h.update(f"{name}:{a.shape}:{a.dtype};".encode())
+        h.update(bytes(memoryview(a)))
+    return json.dumps(shapes, sort_keys=True), h.hexdigest()
+
+
+def _header_sound(path: Path) -> bool:
+    """Whether a safetensors file's header parses and its tensors lie inside the file
+    (checked before MLX reads it, so a damaged length cannot ask for gigabytes)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(size - 8, 1 << 24):
+                return False
+            header = json.loads(f.read(n))
+        data = size - 8 - n
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            lo, hi = entry["data_offsets"]
+            if not 0 <= lo <= hi <= data:
+                return False
+        return isinstance(header.get("__metadata__"), dict)
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
+
+
 class DiskTier:
     """Blocks as safetensors files (one per block, written atomically), oldest-used
-    files deleted beyond ``max_bytes``. A file that does not load is deleted, not used."""
+    files deleted beyond ``max_bytes``. A file that does not load, or whose checksum or
+    shapes do not match its metadata, is deleted and counted, not used."""
 
     def __init__(self, folder: str | os.PathLike, max_bytes: int = 10 << 30):
         self.folder = Path(folder).expanduser()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_bytes = int(max_bytes)
         self.hits = 0
+        self.corrupt = 0
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"
@@ -75,9 +145,11 @@ class DiskTier:
         if self.has(key):
             return
         arrays = {f"{i}.{name}": a for i, layer in enumerate(layers) for name, a in layer.items()}
+        shapes, digest = _describe(arrays)
         tmp = self.folder / f".{key}.{os.getpid()}.{threading.get_ident()}.safetensors"
         try:
-            mx.save_safetensors(str(tmp), arrays)
+            mx.save_safetensors(str(tmp), arrays, metadata={"format": FORMAT, "key": key, "arrays": shapes,
+                                                            "sha256": digest})
             os.replace(tmp, self._path(key))
         except OSError:  # a full or read-only disk costs the cache, never the request
             tmp.unlink(missing_ok=True)
@@ -89,18 +161,31 @@ class DiskTier:
         if not path.is_file():
             return None
         try:
-            arrays = mx.load(str(path))
+            if not _header_sound(path):
+                raise ValueError("damaged header")
+            arrays, meta = mx.load(str(path), return_metadata=True)
             mx.eval(list(arrays.values()))
+            shapes, digest = _describe(arrays)
+            if meta.get("format") != FORMAT or meta.get("key") != key or meta.get("sha256") != digest \
+                    or json.loads(meta.get("arrays", "null")) != json.loads(shapes):
+                raise ValueError("checksum or shapes differ from the block's metadata")
+            layers: dict[int, dict] = {}
+            for name, a in arrays.items():
+                i, part = name.split(".", 1)
+                layers.setdefault(int(i), {})[part] = a
+            if sorted(layers) != list(range(len(layers))):
+                raise ValueError("layers missing")
             os.utime(path)
-        except Exception:
-            path.unlink(missing_ok=True)
+        except Exception:  # noqa: BLE001 - whatever is wrong with the file, it is not served
+            self.drop(key)
             return None
-        layers: dict[int, dict] = {}
-        for name, a in arrays.items():
-            i, part = name.split(".", 1)
-            layers.setdefault(int(i), {})[part] = a
         self.hits += 1
         return [layers[i] for i in sorted(layers)]
+
+    def drop(self, key: str) -> None:
+        """Delete a block found damaged (or not fitting the model) and count it."""
+        self.corrupt += 1
+        self._path(key).unlink(missing_ok=True)
 
     def _trim(self) -> None:
         files = []
@@ -132,10 +217,13 @@ class PrefixCache:
         self.bytes = 0
         self.hit_tokens = 0
         self.miss_tokens = 0
+        self.corrupt_blocks = 0
 
-    def lookup(self, keys: list[str], usable: int) -> list[list[dict]]:
+    def lookup(self, keys: list[str], usable: int, expect: list[Spec | None] | None = None) -> list[list[dict]]:
         """Per-layer blocks of the longest cached run among the first ``usable`` keys
-        (memory first, then the disk tier, whose blocks come back into memory)."""
+        (memory first, then the disk tier, whose blocks come back into memory). With
+        ``expect`` (one ``block_spec`` per layer), a block of other shapes or dtypes ends
+        the run and is dropped from both tiers."""
         found = []
         for key in keys[:usable]:
             with self._lock:
@@ -145,10 +233,27 @@ class PrefixCache:
             layers = entry[0] if entry is not None else (self.disk.get(key) if self.disk else None)
             if layers is None:
                 break
+            if expect is not None and not _fits(layers, expect):
+                self.discard([key])
+                with self._lock:
+                    self.corrupt_blocks += 1
+                break
             if entry is None:
                 self._insert([(key, layers)])
             found.append(layers)
         return found
+
+    def discard(self, keys: list[str]) -> None:
+        """Forget these blocks in memory and on disk."""
+        with self._lock:
+            for key in keys:
+                entry = self._blocks.pop(key, None)
+                if entry is not None:
+                    self.bytes -= entry[1]
+        if self.disk is not None:
+            for key in keys:
+                if self.disk.has(key):
+                    self.disk.drop(key)
 
     def count(self, hit: int, total: int) -> None:
         with self._lock:
@@ -206,7 +311,9 @@ class PrefixCache:
     def stats(self) -> dict[str, int]:
         with self._lock:
             out = {"blocks": len(self._blocks), "block_size": self.block_size, "bytes": self.bytes,
-                   "max_bytes": self.max_bytes, "hit_tokens": self.hit_tokens, "miss_tokens": self.miss_tokens}
+                   "max_bytes": self.max_bytes, "hit_tokens": self.hit_tokens, "miss_tokens": self.miss_tokens,
+                   "corrupt_blocks": self.corrupt_blocks}
         if self.disk is not None:
-            out.update(disk_bytes=self.disk.bytes(), disk_max_bytes=self.disk.max_bytes, disk_hits=self.disk.hits)
+            out.update(disk_bytes=self.disk.bytes(), disk_max_bytes=self.disk.max_bytes, disk_hits=self.disk.hits,
+                       disk_corrupt_blocks=self.disk.corrupt)
         return out

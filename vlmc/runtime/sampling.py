@@ -21,10 +21,16 @@ from vlmc.errors import InputError
 
 _NEG_INF = float("-inf")
 
+# Temperatures below this sample greedily: dividing float32 logits by a temperature near 0
+# overflows to inf/nan (below ~1e-37 every logit does) and the draw becomes noise, and
+# anything this small is an argmax in all but name (vLLM uses the same cut).
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What a request asks of the sampler. `temperature == 0` means greedy (argmax).
+    """What a request asks of the sampler. `temperature == 0` means greedy (argmax), and so
+    does any temperature below `GREEDY_BELOW` (it is stored as 0).
 
     `top_k == 0`, `top_p == 1`, `min_p == 0` and `repetition_penalty == 1` disable those steps.
     """
@@ -65,7 +71,7 @@ class SamplingParams:
         if not seed_ok:
             raise InputError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         # Normalize types so downstream code can rely on them (frozen: use object.__setattr__).
-        object.__setattr__(self, "temperature", temperature)
+        object.__setattr__(self, "temperature", 0.0 if temperature < GREEDY_BELOW else temperature)
         object.__setattr__(self, "top_p", top_p)
         object.__setattr__(self, "min_p", min_p)
         object.__setattr__(self, "repetition_penalty", penalty)

@@ -40,6 +40,16 @@ NAMED_SPECIAL_TOKENS = (
     "mask_token",
 )
 
+# Texts longer than this (characters) are encoded through `encode_batch`, which releases the
+# GIL while the Rust side works (`encode` holds it): a long prompt in one thread must not
+# stop every other Python thread of a server for the seconds it takes.
+_RELEASE_GIL_CHARS = 4096
+# `exceeds` tokenizes a long text in pieces of about this many characters.
+_PIECE_CHARS = 32768
+# Unicode normalizers that never shrink a text by more than 3 characters to 1 (composition
+# joins at most a base and two marks, or three Hangul jamo); any other may delete text.
+_BOUNDED_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Prepend"}
+
 # Cleanup transformers applies on decode when `clean_up_tokenization_spaces` is set (WordPiece-era).
 _CLEANUP_REPLACEMENTS = (
     (" .", "."),
@@ -110,6 +120,8 @@ class Tokenizer:
         clean_up_tokenization_spaces: bool = False,
     ) -> None:
         self._tok = backend
+        self._max_token_chars: int | None = None
+        self._shrink: int | None = 0  # 0: not yet known (see _normalizer_shrink)
         # The runtime never wants silent truncation or padding from the serialized tokenizer.
         self._tok.no_truncation()
         self._tok.no_padding()
@@ -264,7 +276,54 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        if len(text) > _RELEASE_GIL_CHARS:
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token stands for, at most: its vocabulary entry's
+        length (a byte-level entry has one character per byte it covers, a SentencePiece or
+        WordPiece entry at least one per character it covers, and added tokens are literal)."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_token_chars
+
+    def _normalizer_shrink(self) -> int | None:
+        """By how much the normalizer can shorten a text at most (1: it cannot), or None
+        when it may delete text outright (then no length says a text is long)."""
+        spec = json.loads(self._tok.to_str()).get("normalizer")
+        if spec is None:
+            return 1
+        kinds = [n.get("type") for n in spec.get("normalizers", [])] if spec.get("type") == "Sequence" else [spec.get("type")]
+        return 3 if set(kinds) <= _BOUNDED_NORMALIZERS else None
+
+    def exceeds(self, text: str, limit: int) -> bool:
+        """Whether ``text`` is certainly more than ``limit`` tokens, at a bounded cost: from
+        its length alone when that suffices (over ``limit`` x the longest token x what the
+        normalizer can shrink), else by tokenizing it in pieces and stopping once their
+        tokens pass the limit, so a huge text costs about ``limit`` tokens of work and
+        memory, never its whole length. False means "maybe not": short texts are not
+        tokenized here at all (encoding them in full is cheap)."""
+        if self._shrink == 0:
+            self._shrink = self._normalizer_shrink()
+        if self._shrink is not None and len(text) > limit * self.max_token_chars * self._shrink:
+            return True
+        if len(text) <= _PIECE_CHARS:
+            return False
+        count = pieces = 0
+        start = 0
+        while start < len(text):
+            end = min(len(text), start + _PIECE_CHARS)
+            if end < len(text):  # cut before whitespace, where pre-tokenizers split anyway
+                cut = max(text.rfind(" ", start + _PIECE_CHARS // 2, end), text.rfind("\n", start + _PIECE_CHARS // 2, end))
+                end = cut if cut > start else end
+            count += len(self._tok.encode_batch([text[start:end]], add_special_tokens=False)[0].ids)
+            pieces += 1
+            if count > limit + 8 * pieces:  # (a cut may split what would be one token: a margin per cut)
+                return True
+            start = end
+        return False
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]

@@ -1,57 +1,87 @@
 """The OpenAI-compatible HTTP app (FastAPI on uvicorn).
 
-FastAPI because its pydantic request models give the strict validation this server
-promises (an unknown field is a 400 naming it) and the OpenAPI spec (``/openapi.json``,
-``/docs``) for free, and Starlette's streaming responses cancel the generator when a
-client disconnects, which is how a gone client's batch slot is freed. Generation itself
-never runs on the event loop: request preparation runs in worker threads and the model
-runs on the generation loop's thread (``runtime.batcher``).
+FastAPI for its routing, exception handlers and OpenAPI page (``/docs``); request bodies
+are parsed by pydantic directly (``protocol.parse_body``: strict, and off the event loop
+when large), so an unknown field is a 400 naming it and nothing is coerced. Generation
+never runs on the event loop, and neither does anything long: planning (template,
+tokenizer) and image decoding run in worker threads, image URLs are fetched
+asynchronously, and the model runs on the generation loop's thread (``runtime.batcher``).
+
+A request counts against ``--max-queue`` from the moment it is admitted, while its images
+are fetched and its prompt prepared, not only once it waits for a batch slot, so a burst of
+slow fetches gets 429s instead of an invisible line. A client that disconnects cancels
+its request wherever it is: while preparing, waiting, or generating.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import traceback
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from .. import __version__
 from ..errors import ContextLengthError, InputError, VlmcError
-from ..runtime.batcher import FinishEvent, QueueFull, TokenEvent
+from ..runtime.batcher import FinishEvent, LoopStopped, QueueFull, TokenEvent
 from . import responses_api
-from .errors import BodyTooLarge, Guard, error_body, error_response, validation_message
-from .jobs import GenerationFailed, Running, Settings, plan_chat, plan_completion
+from .errors import error_body, error_response, validation_message
+from .jobs import GenerationFailed, Running, Settings, draft_chat, plan_chat, plan_completion
+from .media import MediaLoader
 from .metrics import Metrics, prometheus
+from .middleware import CLIENT_GONE, Front, Guard, request_id
 from .models import Models, UnknownModel
 from .parsers import parse_output
-from .protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest, parse_body, request_schemas
+
+T = TypeVar("T")
+
+_PARSE_INLINE_BYTES = 1 << 16  # bodies up to this are parsed on the event loop (faster than a thread hop)
 
 
-PREPARE_CONCURRENCY = 4
+class ClientGone(Exception):
+    """The client disconnected before its reply was ready; its work was cancelled."""
 
 
 def create_app(models: Models, settings: Settings | None = None, *, api_key: str | None = None,
-               cors_origins: list[str] | None = None, max_body_bytes: int = 32 * 2**20) -> Any:
+               cors_origins: list[str] | None = None, max_body_bytes: int = 32 * 2**20,
+               read_timeout: float = 15.0) -> Any:
     settings = settings or Settings()
     metrics = Metrics()
+    media = MediaLoader(settings.media)
+    metrics.media = media
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
+        await media.fetcher.close()
         await asyncio.to_thread(models.close)  # shutdown: stop the loop, flush the prefix cache
 
     app = FastAPI(title="vlmc", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible server for vision-language models compiled by vlmc")
     app.state.models, app.state.settings, app.state.metrics = models, settings, metrics
+
+    def openapi() -> dict[str, Any]:
+        """The spec, with the request bodies the routes parse themselves, and the API key
+        scheme so /docs' "Authorize" sends it."""
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(request_schemas())
+            if api_key:
+                spec["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+                spec["security"] = [{"apiKey": []}]
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     # ------------------------------------------------------------------ errors
     @app.exception_handler(RequestValidationError)
@@ -78,31 +108,31 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
         return error_response(429, f"the server is busy ({exc}); retry shortly", code="queue_full",
                               headers={"Retry-After": "1"})
 
-    @app.exception_handler(BodyTooLarge)
-    async def _too_big(request: Request, exc: BodyTooLarge):
-        return error_response(413, f"the request body is over {max_body_bytes} bytes (--max-body-bytes)")
+    @app.exception_handler(LoopStopped)
+    async def _stopped(request: Request, exc: LoopStopped):
+        return error_response(503, "the model was unloaded or swapped out while this request was being prepared; "
+                                   "retry", code="model_unloaded", headers={"Retry-After": "1"})
 
     @app.exception_handler(GenerationFailed)
     async def _failed(request: Request, exc: GenerationFailed):
-        return error_response(exc.args[0], exc.args[1])
+        return error_response(exc.args[0], exc.args[1], headers={"Retry-After": "1"} if exc.args[0] == 503 else None)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone):
+        return Response(status_code=CLIENT_GONE)  # nobody reads it; /metrics counts it
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception):
-        traceback.print_exception(exc)
-        return error_response(500, f"internal error: {type(exc).__name__}")
-
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        response = await call_next(request)
-        metrics.record(request.url.path, response.status_code)
-        return response
+    async def _bug(request: Request, exc: Exception):  # Front writes the log line (this one re-raises to it)
+        rid = request_id.get()
+        return error_response(500, f"internal error (request id {rid}); the server log has the details",
+                              code="internal_error")
 
     # ------------------------------------------------------------------ service routes
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         resident = models.resident
         if resident is not None and not resident.batcher.alive:
@@ -112,11 +142,11 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
 
     ui_page = (Path(__file__).parent / "ui.html").read_text(encoding="utf-8")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def root():
         return RedirectResponse("/ui")
 
-    @app.get("/ui", include_in_schema=False)
+    @app.api_route("/ui", methods=["GET", "HEAD"], include_in_schema=False)
     async def ui():
         """A chat page over this API (static; the API key, if any, is typed into it)."""
         return HTMLResponse(ui_page)
@@ -124,12 +154,14 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
     @app.get("/v1/models")
     @app.get("/models", include_in_schema=False)
     async def list_models():
+        resident = models.resident  # once: an /unload may clear it meanwhile
         data = []
         for mid in models.listing():
+            loaded = resident is not None and resident.id == mid
             entry = {"id": mid, "object": "model", "created": int(metrics.started), "owned_by": "vlmc",
-                     "loaded": models.resident is not None and models.resident.id == mid}
-            if entry["loaded"]:
-                vlm = models.resident.vlm
+                     "loaded": loaded}
+            if loaded:
+                vlm = resident.vlm
                 entry["context_length"] = vlm.max_context
                 entry["input_modalities"] = ["text", "image"] if vlm.image_token_id is not None else ["text"]
             else:
@@ -147,57 +179,122 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
         snap = metrics.snapshot(models)
         accept = request.headers.get("accept", "")
         if format == "prometheus" or (format is None and ("text/plain" in accept or "openmetrics" in accept)):
-            return PlainTextResponse(prometheus(snap), media_type="text/plain; version=0.0.4")
+            return Response(prometheus(snap), media_type="text/plain; version=0.0.4; charset=utf-8")
         return snap
 
     # ------------------------------------------------------------------ generation routes
-    # Preparing a request decodes its images (up to --max-image-pixels each): a few at a time,
-    # so a burst of large images cannot hold dozens of decoded pictures in memory at once.
-    preparing = asyncio.Semaphore(PREPARE_CONCURRENCY)
+    async def body_of(request: Request, model: type[T]) -> T:
+        raw = await request.body()
+        if len(raw) > _PARSE_INLINE_BYTES:
+            return await run_in_threadpool(parse_body, model, raw)
+        return parse_body(model, raw)
 
-    async def start(model: str | None, plan_fn, req) -> Running:
+    async def start(model: str | None, req: Any, chat: bool) -> Running:
+        """Admit, prepare and submit a request: its images fetched and decoded, its prompt
+        built and checked. It counts against --max-queue all along."""
         resident = await models.get(model)
-        if resident.batcher.load()["queue_depth"] >= resident.batcher.max_queue:
-            raise QueueFull("the queue is full")  # before spending any work on this request
-        async with preparing:
-            plan = await run_in_threadpool(plan_fn, resident, req, settings)
-        running = Running(resident, plan)
-        running.submit()
+        waiting = metrics.preparing + resident.batcher.load()["queue_depth"]
+        if waiting >= resident.batcher.max_queue:
+            raise QueueFull(f"{waiting} requests are already waiting")  # before spending any work on this one
+        metrics.preparing += 1
+        try:
+            if chat:
+                draft = await run_in_threadpool(draft_chat, resident, req, settings)
+                images = await media.load(draft.refs) if draft.refs else []
+                async with media.slot() if images else contextlib.nullcontext():  # preprocessing is image work too
+                    plan = await run_in_threadpool(plan_chat, resident, req, settings, draft, images)
+            else:
+                plan = await run_in_threadpool(plan_completion, resident, req, settings)
+            running = Running(resident, plan)
+            running.submit()
+        finally:
+            metrics.preparing -= 1
         metrics.in_flight += 1  # until its events end (_collect, or the stream closing)
         return running
 
-    async def generate(req, request: Request, plan_fn, prefix: str, stream_fn, body_fn):
-        running = await start(req.model, plan_fn, req)
-        rid = f"{prefix}{uuid.uuid4().hex}"
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(running, metrics, stream_fn(running, rid, include_usage, metrics))
-        return body_fn(running, rid, await _collect(running, request, metrics))
+    async def generate(request: Request, req: Any, chat: bool, prefix: str, stream_fn, body_fn,
+                       stream: bool | None = None):
+        if req.stream if stream is None else stream:
+            running = await while_connected(request, start(req.model, req, chat))
+            rid = f"{prefix}{uuid.uuid4().hex}"
+            include_usage = bool(getattr(req, "stream_options", None) and req.stream_options.include_usage)
+            return _sse(running, metrics, stream_fn(running, rid, include_usage, metrics),
+                        events=prefix == "resp_")
 
-    @app.post("/v1/chat/completions")
+        async def whole():
+            running = await start(req.model, req, chat)
+            try:
+                events = await _collect(running, metrics)
+            except asyncio.CancelledError:
+                running.job.cancel()
+                raise
+            return body_fn(running, f"{prefix}{uuid.uuid4().hex}", events)
+
+        return await while_connected(request, whole())
+
+    chat_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/ChatCompletionRequest"}}}}}
+    completion_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/CompletionRequest"}}}}}
+    responses_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/ResponsesRequest"}}}}}
+
+    @app.post("/v1/chat/completions", openapi_extra=chat_body)
     @app.post("/chat/completions", include_in_schema=False)
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
-        return await generate(req, request, plan_chat, "chatcmpl-", _chat_stream, _chat_body)
+    async def chat_completions(request: Request):
+        req = await body_of(request, ChatCompletionRequest)
+        return await generate(request, req, True, "chatcmpl-", _chat_stream, _chat_body)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=completion_body)
     @app.post("/completions", include_in_schema=False)
-    async def completions(req: CompletionRequest, request: Request):
-        return await generate(req, request, plan_completion, "cmpl-", _completion_stream, _completion_body)
+    async def completions(request: Request):
+        req = await body_of(request, CompletionRequest)
+        return await generate(request, req, False, "cmpl-", _completion_stream, _completion_body)
 
-    @app.post("/v1/responses")
+    @app.post("/v1/responses", openapi_extra=responses_body)
     @app.post("/responses", include_in_schema=False)
-    async def responses(req: ResponsesRequest, request: Request):
+    async def responses(request: Request):
+        req = await body_of(request, ResponsesRequest)
         chat = responses_api.to_chat_request(req)
-        running = await start(req.model, plan_chat, chat)
-        rid = f"resp_{uuid.uuid4().hex}"
-        if req.stream:
-            return _sse(running, metrics, responses_api.stream(running, rid, req, metrics), events=True)
-        events = await _collect(running, request, metrics)
-        return responses_api.body(running, rid, req, events)
+        return await generate(request, chat, True, "resp_",
+                              lambda running, rid, _usage, m: responses_api.stream(running, rid, req, m),
+                              lambda running, rid, events: responses_api.body(running, rid, req, events),
+                              stream=req.stream)
 
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
-    return Guard(app, api_key=api_key, max_body_bytes=max_body_bytes)
+    guarded = Guard(app, api_key=api_key, max_body_bytes=max_body_bytes, read_timeout=read_timeout)
+    return Front(guarded, metrics.record)
+
+
+async def while_connected(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, unless the client disconnects first: then ``work`` is cancelled
+    (and with it the request's job) and ClientGone is raised."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        gone.cancel()
+        raise
+    if task.done():
+        gone.cancel()
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ClientGone()
+
+
+async def _disconnected(receive) -> None:
+    """Returns once the client has gone (the body was read already, so the next message
+    the server gives is the disconnect)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        await asyncio.sleep(0)  # (a server that answers with empty body messages must not spin us)
 
 
 def _describe(source: str) -> dict[str, Any]:
@@ -223,14 +320,9 @@ def usage(finish: FinishEvent) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": finish.cached_tokens}}
 
 
-async def _collect(running: Running, request: Request, metrics: Metrics) -> list[Any]:
-    """All events of a non-streaming request; a client that disconnects cancels the job."""
-    async def watch():
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.25)
-        running.job.cancel()
-
-    watcher = asyncio.create_task(watch())
+async def _collect(running: Running, metrics: Metrics) -> list[Any]:
+    """All events of a non-streaming request (``while_connected`` cancels it if its
+    client disconnects)."""
     events = []
     try:
         async for ev in running.events():
@@ -238,7 +330,6 @@ async def _collect(running: Running, request: Request, metrics: Metrics) -> list
                 metrics.tokens()
             events.append(ev)
     finally:
-        watcher.cancel()
         metrics.in_flight -= 1
     failure = running.ended(events[-1], metrics)
     if failure is not None:

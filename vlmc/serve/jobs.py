@@ -1,8 +1,10 @@
 """From an API request to a job for the generation loop, and back as events.
 
-Everything that can fail because of the request (images, template, prompt length,
-sampling values, schemas) fails here, in a worker thread, before the job is queued, so
-a bad request costs the running batch nothing and gets a 4xx.
+Everything that can fail because of the request (template, prompt length, sampling
+values, schemas; images in ``media``) fails here, in worker threads, before the job is
+queued, so a bad request costs the running batch nothing and gets a 4xx. A chat request
+is checked in two steps: ``draft_chat`` before its images are fetched (so an over-long
+prompt costs no fetch), ``plan_chat`` with them.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from ..runtime.batcher import FinishEvent, Job, Thinking, TokenEvent
 from ..runtime.chat import normalize_messages, render_chat
 from ..runtime.engine import Prompt
 from ..runtime.sampling import SamplingParams
-from .media import MediaLimits, load_request_images
+from .media import MediaLimits
 from .models import Resident
 from .parsers import OutputParser
 from .protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat
@@ -93,19 +95,51 @@ def _max_tokens(requested: int | None, prompt_len: int, context: int, settings: 
     return min(requested or settings.default_max_tokens, room)
 
 
+def prompt_limit(resident: Resident, settings: Settings) -> int:
+    context = resident.vlm.max_context
+    return min(context - 1, settings.max_prompt_tokens or context)
+
+
 def check_prompt(prompt: Prompt, resident: Resident, settings: Settings) -> None:
     n, context = len(prompt.ids), resident.vlm.max_context
-    limit = min(context - 1, settings.max_prompt_tokens or context)
+    limit = prompt_limit(resident, settings)
     if n > limit:
         raise ContextLengthError(f"the prompt is {n} tokens; this server takes at most {limit} "
                          f"(the model's context is {context} tokens, and room is needed for the reply)")
 
 
-def plan_chat(resident: Resident, req: ChatCompletionRequest, settings: Settings) -> Plan:
+def guard_text(text: str, resident: Resident, settings: Settings) -> None:
+    """Refuse a text that is certainly over the prompt limit before it is tokenized in
+    full (``Tokenizer.exceeds``: a bounded amount of work whatever its length)."""
+    limit = prompt_limit(resident, settings)
+    if resident.vlm.tokenizer.exceeds(text, limit):
+        raise ContextLengthError(f"the prompt is over {limit} tokens ({len(text)} characters); this server takes at "
+                                 f"most {limit} (--max-prompt-tokens, and the model's context of "
+                                 f"{resident.vlm.max_context} tokens)")
+
+
+# Names the chat template is called with already: a request may not set them through
+# chat_template_kwargs (``tools`` has its own field).
+RESERVED_TEMPLATE_KWARGS = ("template", "messages", "add_generation_prompt", "bos_token", "eos_token", "tools")
+
+
+@dataclass
+class ChatDraft:
+    """What a chat request needs besides its images, checked before any image is fetched."""
+    messages: list[dict[str, Any]]
+    refs: list[Any]                      # image references, in order of appearance
+    template_vars: dict[str, Any]
+    tools: list[dict[str, Any]] | None
+    names: list[str] | None              # the function a tool_choice forces
+    thinking: bool | None
+
+
+def draft_chat(resident: Resident, req: ChatCompletionRequest, settings: Settings) -> ChatDraft:
+    """Everything about a chat request that does not need its images, including the length
+    of the rendered prompt: a request that cannot fit is refused before anything is fetched."""
     vlm = resident.vlm
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    _, refs = normalize_messages(messages)  # the image references, in order of appearance
-    images = load_request_images(refs, settings.media)
+    _, refs = normalize_messages(messages)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     choice = req.tool_choice
     if choice is not None and not tools:
@@ -120,6 +154,10 @@ def plan_chat(resident: Resident, req: ChatCompletionRequest, settings: Settings
         names = [name]
     thinking = settings.enable_thinking if req.enable_thinking is None else req.enable_thinking
     template_vars: dict[str, Any] = dict(req.chat_template_kwargs or {})
+    taken = [k for k in RESERVED_TEMPLATE_KWARGS if k in template_vars]
+    if taken:
+        raise InputError(f"chat_template_kwargs may not set {', '.join(taken)} (the server sets "
+                         f"{'it' if len(taken) == 1 else 'them'}; tools go in the tools field)")
     if "enable_thinking" in template_vars and req.enable_thinking is not None:
         raise InputError("give enable_thinking once (top level or in chat_template_kwargs)")
     thinking = template_vars.pop("enable_thinking", thinking)
@@ -127,9 +165,19 @@ def plan_chat(resident: Resident, req: ChatCompletionRequest, settings: Settings
         template_vars["enable_thinking"] = bool(thinking)
     if tools:
         template_vars["tools"] = tools
-        if choice in (None, "auto"):
-            _check_template_takes_tools(vlm, messages, template_vars)
-    prompt = vlm.build_prompt(messages=messages, loaded_images=images, template_vars=template_vars)
+    if vlm.chat_template is not None:
+        rendered = _render(vlm, messages, template_vars)
+        guard_text(rendered, resident, settings)
+        if tools and choice in (None, "auto"):
+            _check_template_takes_tools(vlm, messages, template_vars, rendered)
+    return ChatDraft(messages, refs, template_vars, tools, names, thinking)
+
+
+def plan_chat(resident: Resident, req: ChatCompletionRequest, settings: Settings, draft: ChatDraft,
+              images: list[Any]) -> Plan:
+    vlm = resident.vlm
+    tools, names, thinking, choice = draft.tools, draft.names, draft.thinking, req.tool_choice
+    prompt = vlm.build_prompt(messages=draft.messages, loaded_images=images, template_vars=draft.template_vars)
     check_prompt(prompt, resident, settings)
     starts_inside = bool(thinking) and prompt.text.rstrip().endswith(settings.think_start)
     if req.thinking_budget is not None and not thinking:
@@ -159,16 +207,17 @@ def plan_chat(resident: Resident, req: ChatCompletionRequest, settings: Settings
                 req.presence_penalty or 0.0, req.frequency_penalty or 0.0, _min_tokens(req))
 
 
-def _check_template_takes_tools(vlm: Any, messages: list[dict], template_vars: dict[str, Any]) -> None:
+def _render(vlm: Any, messages: list[dict], variables: dict[str, Any]) -> str:
+    return render_chat(vlm.chat_template, messages, bos_token=vlm.tokenizer.bos_token,
+                       eos_token=vlm.tokenizer.eos_token, **variables)
+
+
+def _check_template_takes_tools(vlm: Any, messages: list[dict], template_vars: dict[str, Any],
+                                rendered: str) -> None:
     """With tool_choice auto the model only learns of the tools through its chat template;
     a template that renders the same text without them would drop them silently."""
-    if vlm.chat_template is None:
-        return  # build_prompt reports the missing template
-    def render(variables: dict[str, Any]) -> str:
-        return render_chat(vlm.chat_template, messages, bos_token=vlm.tokenizer.bos_token,
-                           eos_token=vlm.tokenizer.eos_token, **variables)
     without = {k: v for k, v in template_vars.items() if k != "tools"}
-    if render(template_vars) == render(without):
+    if rendered == _render(vlm, messages, without):
         raise InputError("this model's chat template ignores tools, so with tool_choice 'auto' the model would "
                          "never see them; use tool_choice 'required' or a named function (the reply is then "
                          "constrained to a call), or leave tools out")
@@ -200,10 +249,12 @@ def plan_completion(resident: Resident, req: CompletionRequest, settings: Settin
     if isinstance(prompt_in, str):
         if not prompt_in:
             raise InputError("the prompt is empty")
+        guard_text(prompt_in, resident, settings)
         ids = vlm.encode_prompt(prompt_in)
         text = prompt_in
     else:
         ids = list(prompt_in)
+        check_prompt(Prompt(ids, None, ""), resident, settings)  # before looking at (or decoding) each id
         vocab = vlm.tokenizer.vocab_size
         if not ids or any(not isinstance(i, int) or not 0 <= i < vocab for i in ids):
             raise InputError(f"a token-id prompt must be a non-empty list of ids in [0, {vocab})")

@@ -1,4 +1,9 @@
-"""Server metrics: one snapshot as JSON, or Prometheus' text exposition format."""
+"""Server metrics: one snapshot as JSON, or Prometheus' text exposition format.
+
+Requests are counted by route template (``/v1/chat/completions``), never by the raw path,
+so probing unknown paths adds no rows: they all count as ``other``. prometheus_client
+writes the exposition format (label escaping, types, ``_total`` names).
+"""
 from __future__ import annotations
 
 import collections
@@ -7,6 +12,8 @@ import time
 from typing import Any
 
 import mlx.core as mx
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .models import Models, resident_memory_bytes
 
@@ -15,8 +22,10 @@ class Metrics:
     def __init__(self) -> None:
         self.started = time.time()
         self._lock = threading.Lock()
-        self.requests: collections.Counter = collections.Counter()   # (route, status) -> count
+        self.requests: collections.Counter = collections.Counter()   # (route template, status) -> count
         self.in_flight = 0
+        self.preparing = 0     # admitted requests not yet in the generation loop's queue (fetching, planning)
+        self.media: Any = None  # the server's MediaLoader (fetches and decodes in progress)
         self._recent: collections.deque = collections.deque()          # (time, tokens) for tok/s
         self.ttft: collections.deque = collections.deque(maxlen=1000)     # seconds, last 1000 requests
         self.latency: collections.deque = collections.deque(maxlen=1000)  # request start to last token
@@ -67,6 +76,9 @@ class Metrics:
             "model_loads": models.loads,
             "requests": by_route,
             "requests_in_flight": self.in_flight,
+            "requests_preparing": self.preparing,
+            "image_fetches_in_flight": self.media.fetcher.in_flight if self.media else 0,
+            "images_decoding": self.media.decoding if self.media else 0,
             "prompt_tokens_total": counters.get("prompt_tokens", 0),
             "generation_tokens_total": counters.get("generation_tokens", 0),
             "generation_tokens_per_second": round(self.tokens_per_second(), 2),
@@ -87,47 +99,70 @@ class Metrics:
         }
 
 
-def prometheus(snap: dict[str, Any]) -> str:
-    lines: list[str] = []
+def prometheus(snap: dict[str, Any]) -> bytes:
+    """The snapshot in Prometheus' text format."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(snap))
+    return generate_latest(registry)
 
-    def metric(name: str, kind: str, value: Any, help_: str, labels: str = "") -> None:
-        if value is None:
-            return
-        if not any(line.startswith(f"# TYPE vlmc_{name} ") for line in lines):
-            lines.append(f"# HELP vlmc_{name} {help_}")
-            lines.append(f"# TYPE vlmc_{name} {kind}")
-        lines.append(f"vlmc_{name}{labels} {float(value):g}" if not isinstance(value, int) else
-                     f"vlmc_{name}{labels} {value}")
 
-    for row in snap["requests"]:
-        metric("requests_total", "counter", row["count"], "HTTP requests by route and status",
-               f'{{route="{row["route"]}",status="{row["status"]}"}}')
-    metric("requests_in_flight", "gauge", snap["requests_in_flight"], "generation requests not finished yet")
-    metric("prompt_tokens_total", "counter", snap["prompt_tokens_total"], "prompt tokens prefilled")
-    metric("generation_tokens_total", "counter", snap["generation_tokens_total"], "tokens generated")
-    metric("generation_tokens_per_second", "gauge", snap["generation_tokens_per_second"],
-           "tokens generated per second over the last 10 s")
-    metric("queue_depth", "gauge", snap["queue_depth"], "requests waiting for a batch slot")
-    metric("batch_size", "gauge", snap["batch_size"], "sequences in the running decode batch")
-    metric("decode_steps_total", "counter", snap["decode_steps_total"], "batched decode steps")
-    for q in ("p50", "p99"):
-        metric(f"ttft_seconds_{q}", "gauge", snap[f"ttft_seconds_{q}"], f"time to first token, {q} of the last 1000")
-        metric(f"latency_seconds_{q}", "gauge", snap[f"latency_seconds_{q}"],
-               f"request start to its last token, {q} of the last 1000")
-    cache = snap["vision_cache"]
-    metric("vision_cache_hits_total", "counter", cache.get("hits", 0), "images whose features came from the cache")
-    metric("vision_cache_misses_total", "counter", cache.get("misses", 0), "images encoded by the vision tower")
-    metric("vision_cache_bytes", "gauge", cache.get("bytes", 0), "bytes of cached vision features")
-    prefix = snap["prefix_cache"]
-    metric("prefix_cache_hit_tokens_total", "counter", prefix.get("hit_tokens", 0),
-           "prompt tokens whose KV came from the prefix cache")
-    metric("prefix_cache_miss_tokens_total", "counter", prefix.get("miss_tokens", 0), "prompt tokens prefilled")
-    metric("prefix_cache_bytes", "gauge", prefix.get("bytes", 0), "bytes of cached KV blocks")
-    metric("generation_loop_alive", "gauge", int(bool(snap["generation_loop"].get("alive"))),
-           "1 while the generation loop runs")
-    metric("mlx_active_memory_bytes", "gauge", snap["mlx_active_memory_bytes"], "MLX memory in use")
-    metric("resident_memory_bytes", "gauge", snap["resident_memory_bytes"], "process resident set size")
-    return "\n".join(lines) + "\n"
+class _Snapshot:
+    def __init__(self, snap: dict[str, Any]):
+        self.snap = snap
+
+    def collect(self):
+        snap = self.snap
+
+        def counter(name: str, value: Any, help_: str):
+            family = CounterMetricFamily(f"vlmc_{name}", help_)
+            family.add_metric([], value or 0)
+            return family
+
+        def gauge(name: str, value: Any, help_: str):
+            if value is None:
+                return None
+            family = GaugeMetricFamily(f"vlmc_{name}", help_)
+            family.add_metric([], float(value))
+            return family
+
+        requests = CounterMetricFamily("vlmc_requests", "HTTP requests by route template and status",
+                                       labels=["route", "status"])
+        for row in snap["requests"]:
+            requests.add_metric([row["route"], str(row["status"])], row["count"])
+        cache, prefix, loop = snap["vision_cache"], snap["prefix_cache"], snap["generation_loop"]
+        families = [
+            requests,
+            gauge("requests_in_flight", snap["requests_in_flight"], "generation requests not finished yet"),
+            gauge("requests_preparing", snap["requests_preparing"],
+                  "admitted requests fetching images or being prepared (they count against --max-queue)"),
+            gauge("image_fetches_in_flight", snap["image_fetches_in_flight"], "image URLs being fetched"),
+            gauge("images_decoding", snap["images_decoding"], "images being decoded"),
+            counter("prompt_tokens", snap["prompt_tokens_total"], "prompt tokens prefilled"),
+            counter("generation_tokens", snap["generation_tokens_total"], "tokens generated"),
+            gauge("generation_tokens_per_second", snap["generation_tokens_per_second"],
+                  "tokens generated per second over the last 10 s"),
+            gauge("queue_depth", snap["queue_depth"], "requests waiting for a batch slot"),
+            gauge("batch_size", snap["batch_size"], "sequences in the running decode batch"),
+            counter("decode_steps", snap["decode_steps_total"], "batched decode steps"),
+            counter("vision_cache_hits", cache.get("hits", 0), "images whose features came from the cache"),
+            counter("vision_cache_misses", cache.get("misses", 0), "images encoded by the vision tower"),
+            gauge("vision_cache_bytes", cache.get("bytes", 0), "bytes of cached vision features"),
+            counter("prefix_cache_hit_tokens", prefix.get("hit_tokens", 0),
+                    "prompt tokens whose KV came from the prefix cache"),
+            counter("prefix_cache_miss_tokens", prefix.get("miss_tokens", 0), "prompt tokens prefilled"),
+            gauge("prefix_cache_bytes", prefix.get("bytes", 0), "bytes of cached KV blocks"),
+            counter("prefix_cache_corrupt_blocks", prefix.get("corrupt_blocks", 0) + prefix.get("disk_corrupt_blocks", 0),
+                    "prefix-cache blocks dropped because they failed their checksum or shape check"),
+            gauge("generation_loop_alive", int(bool(loop.get("alive"))), "1 while the generation loop runs"),
+            gauge("mlx_active_memory_bytes", snap["mlx_active_memory_bytes"], "MLX memory in use"),
+            gauge("resident_memory_bytes", snap["resident_memory_bytes"], "process resident set size"),
+        ]
+        for q in ("p50", "p99"):
+            families.append(gauge(f"ttft_seconds_{q}", snap[f"ttft_seconds_{q}"],
+                                  f"time to first token, {q} of the last 1000"))
+            families.append(gauge(f"latency_seconds_{q}", snap[f"latency_seconds_{q}"],
+                                  f"request start to its last token, {q} of the last 1000"))
+        yield from (f for f in families if f is not None)
 
 
 def _quantile(values: list[float], q: float) -> float | None:

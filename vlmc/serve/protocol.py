@@ -1,15 +1,18 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models.
 
 Every model forbids fields it does not declare, so a parameter vlmc does not implement
-is a 400 that names it rather than something silently ignored. Fields are typed loosely
+is a 400 that names it rather than something silently ignored. Bodies are parsed strictly
+(``parse_body``): ``"stream": "yes"`` or ``true`` as a token id is an error, not a guess,
+and a string holding a lone UTF-16 surrogate is invalid JSON, not a crash further down. Fields are typed loosely
 where the runtime already validates with better messages (message content parts go
 through ``runtime.chat.normalize_messages``; sampling values through ``SamplingParams``).
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class Strict(BaseModel):
@@ -127,3 +130,32 @@ class ResponsesRequest(Strict):
     tools: Optional[list[ResponsesTool]] = None
     tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
     store: Optional[bool] = None
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse_body(model: type[Body], body: bytes) -> Body:
+    """A request body as ``model``, parsed as strict JSON by pydantic (no second parse);
+    every problem is a RequestValidationError, which the app answers with a 400."""
+    if not body.strip():
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "the request body is empty"}])
+    try:
+        return model.model_validate_json(body, strict=True)
+    except ValidationError as e:
+        errors = e.errors(include_url=False, include_input=False)
+        for err in errors:
+            if err.get("type") == "json_invalid" and ("escape" in str(err.get("ctx")) or "code point" in str(err.get("ctx"))):
+                err["ctx"] = {"error": f"{err['ctx']['error']}: strings must be valid Unicode, without lone "
+                                       f"surrogates such as \\ud800"}
+        raise RequestValidationError(errors) from None
+
+
+def request_schemas() -> dict[str, Any]:
+    """JSON schemas of the request bodies (and the models they use), for the OpenAPI spec."""
+    out: dict[str, Any] = {}
+    for model in (ChatCompletionRequest, CompletionRequest, ResponsesRequest):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        out.update(schema.pop("$defs", {}))
+        out[model.__name__] = schema
+    return out

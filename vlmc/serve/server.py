@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
+import logging
 import socket
 import sys
 from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import VlmcError
 from .app import create_app
@@ -18,6 +23,8 @@ def serve(sources: list[str], *, kv: dict[str, Any], host: str, port: int, lazy:
           default_max_tokens: int,
           max_prompt_tokens: int | None, max_body_bytes: int, max_images: int, max_image_bytes: int,
           max_image_pixels: int, fetch_timeout: float, allowed_local_media_path: str | None,
+          max_request_pixels: int = 80_000_000, allow_private_fetch: bool = False,
+          allow_fetch_network: tuple[str, ...] = (), read_timeout: float = 15.0, keep_alive_timeout: int = 5,
           vision_cache_bytes: int, prefix_cache_bytes: int, prefix_block_size: int, prefix_cache_dir: str | None,
           prefix_cache_disk_bytes: int, top_logprobs_k: int,
           enable_thinking: bool | None,
@@ -26,7 +33,10 @@ def serve(sources: list[str], *, kv: dict[str, Any], host: str, port: int, lazy:
     import uvicorn
     sock = _bind(host, port)  # before the model loads: a busy port is one error line, at once
     media = MediaLimits(max_images=max_images, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
-                        fetch_timeout=fetch_timeout, allowed_local_dir=media_root(allowed_local_media_path))
+                        max_request_pixels=max_request_pixels, fetch_timeout=fetch_timeout,
+                        allowed_local_dir=media_root(allowed_local_media_path),
+                        allow_private_fetch=allow_private_fetch, allowed_fetch_networks=_networks(allow_fetch_network))
+    _log_to_stderr()
     settings = Settings(default_max_tokens=default_max_tokens, top_logprobs_k=top_logprobs_k,
                         max_prompt_tokens=max_prompt_tokens, enable_thinking=enable_thinking,
                         thinking_budget=thinking_budget, think_start=thinking_start_token,
@@ -45,10 +55,69 @@ def serve(sources: list[str], *, kv: dict[str, Any], host: str, port: int, lazy:
               file=sys.stderr)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"vlmc: warning: listening on {host} without --api-key", file=sys.stderr)
-    app = create_app(models, settings, api_key=api_key, cors_origins=list(cors), max_body_bytes=max_body_bytes)
+    app = create_app(models, settings, api_key=api_key, cors_origins=list(cors), max_body_bytes=max_body_bytes,
+                     read_timeout=read_timeout)
     print(f"vlmc: listening on http://{host}:{sock.getsockname()[1]}/v1", file=sys.stderr)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    protocol = type("HeaderTimedH11", (HeaderTimedH11,), {"header_timeout": read_timeout})
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                            http=protocol, timeout_keep_alive=keep_alive_timeout)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+class HeaderTimedH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for a request's headers: a connection that
+    sends none, or trickles them, is closed after ``header_timeout`` seconds (uvicorn
+    times out idle keep-alive connections only after a first response). The body's own
+    deadline is the app's (``middleware.Guard``)."""
+
+    header_timeout = 15.0
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE and self._header_deadline is not None:
+            self._header_deadline.cancel()  # the headers are in
+            self._header_deadline = None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE and self._header_deadline is None:
+            self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+        super().connection_lost(exc)
+
+    def _headers_late(self) -> None:
+        self._header_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+def _networks(values: tuple[str, ...]) -> tuple:
+    out = []
+    for value in values:
+        try:
+            out.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            raise VlmcError(f"--allow-fetch-network {value}: not an address or network (e.g. 10.0.5.0/24)") from None
+    return tuple(out)
+
+
+def _log_to_stderr() -> None:
+    """The server's own log lines (failed fetches, internal errors) go to stderr."""
+    log = logging.getLogger("vlmc.serve")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("vlmc: %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def _bind(host: str, port: int) -> socket.socket:
