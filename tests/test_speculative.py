@@ -209,3 +209,40 @@ def test_the_batching_loop_speculates_losslessly(demo):
     assert got[0] == want[0] and got[2] == want[2]
     for a, b in zip(got[1], want[1]):
         np.testing.assert_allclose(a, b, atol=2e-3)
+
+
+def test_the_server_speculates_and_reports_it():
+    """vlmc serve --prompt-lookup: concurrent greedy replies equal the ones of a server that
+    does not speculate, and /metrics counts the drafted and accepted tokens."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+    from serve_helpers import EXAMPLES as EX, LiveServer, data_uri
+    questions = [("Describe the image.", 1), ("How many shapes are there?", 2), ("Describe the image.", 3),
+                 ("What color is the circle?", 1)]
+
+    def body(q, i):
+        return json.dumps({"model": "vlmc-demo", "temperature": 0, "max_tokens": 24, "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(EX / f"shapes-{i}.png")}},
+                                         {"type": "text", "text": q}]}]}).encode()
+
+    def replies(server):
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda qi: server.request("POST", "/v1/chat/completions", body(*qi)), questions))
+        assert all(status == 200 for status, _, _ in outs)
+        return [json.loads(raw)["choices"][0]["message"]["content"] for _, _, raw in outs]
+
+    plain = LiveServer("--max-batch-size", "4")
+    try:
+        want = replies(plain)
+    finally:
+        plain.stop()
+    spec = LiveServer("--max-batch-size", "4", "--prompt-lookup", "--num-draft-tokens", "3")
+    try:
+        assert replies(spec) == want
+        metrics = json.loads(spec.request("GET", "/metrics")[2])
+        assert metrics["speculative_steps_total"] + metrics["decode_steps_total"] > 0
+        assert "draft_tokens_accepted_total" in metrics
+        text = spec.request("GET", "/metrics?format=prometheus")[2].decode()
+        assert "vlmc_draft_tokens_proposed_total" in text
+    finally:
+        spec.stop()
