@@ -41,6 +41,21 @@ def mul(a: mx.array, b: mx.array) -> mx.array:
     return a * b
 
 
+def scale(x: mx.array, value: float) -> mx.array:
+    return x * mx.array(value, dtype=x.dtype)
+
+
+def softcap(x: mx.array, cap: float) -> mx.array:
+    return mx.tanh(x / cap) * cap
+
+
+def avg_pool_tokens(x: mx.array, grid: int, kernel: int) -> mx.array:
+    n, _, e = x.shape
+    side = grid // kernel
+    windows = x.reshape(n, side, kernel, side, kernel, e)
+    return windows.mean(axis=(2, 4)).reshape(n, side * side, e)
+
+
 def act(x: mx.array, kind: str) -> mx.array:
     if kind == "silu":
         return x * mx.sigmoid(x)
@@ -104,10 +119,11 @@ def _inv_freq(theta: float, dim: int) -> mx.array:
 
 
 def rope_freqs(positions: mx.array, kind: str, dim: int, theta: float,
-               sections: list[int] | None = None) -> tuple[mx.array, mx.array]:
+               sections: list[int] | None = None, factor: float = 1.0) -> tuple[mx.array, mx.array]:
     pos = positions.astype(mx.float32)
     if kind == "default":
-        freqs = pos[..., None] * _inv_freq(theta, dim)            # [B, L, D/2]
+        inv = _inv_freq(theta, dim) if factor == 1.0 else _inv_freq(theta, dim) / factor  # linear scaling
+        freqs = pos[..., None] * inv                               # [B, L, D/2]
         freqs = freqs[:, None]                                     # [B, 1, L, D/2]
     elif kind == "mrope":
         f = pos[..., None] * _inv_freq(theta, dim)                 # [3, B, L, D/2]
