@@ -241,3 +241,377 @@ def test_batched_matches_single(store, spans_in_windows, family, batch):
         np.testing.assert_array_equal(toks[i], t1[0], err_msg=f"{case} in batch {batch}")
         assert float(np.abs(logits[i] - l1[0]).max()) <= LOGIT_ATOL
         check_outputs(toks[i], logits[i], store.ref(info, case), f"{family}/batch/{case}")
+
+
+# ------------------------------------------------------------------------------ the new IR ops
+
+
+def test_gemma3_projector_ops_match_the_transformers_module():
+    """avg_pool_tokens, then rms_norm with the folded 1 + w, then linear with the transposed
+    weight: Gemma3MultiModalProjector (reference and cpu op libraries)."""
+    import transformers as tf
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+    from vlmc.kernels import cpu_ops, reference
+
+    cfg = tf.Gemma3Config(text_config=dict(hidden_size=24, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                           num_hidden_layers=1, intermediate_size=32, vocab_size=64),
+                          vision_config=dict(hidden_size=20, image_size=112, patch_size=14, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32), mm_tokens_per_image=4)
+    proj = Gemma3MultiModalProjector(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        proj.mm_input_projection_weight.copy_(torch.randn(20, 24, generator=g))
+        proj.mm_soft_emb_norm.weight.copy_(torch.randn(20, generator=g) * 0.3)
+    x = torch.randn(3, 64, 20, generator=g)
+    with torch.no_grad():
+        want = proj(x).numpy()
+    w_norm = mx.array(proj.mm_soft_emb_norm.weight.detach().numpy() + 1.0)
+    w_proj = mx.array(proj.mm_input_projection_weight.detach().numpy().T.copy())
+    for ops in (reference, cpu_ops):
+        y = ops.avg_pool_tokens(mx.array(x.numpy()), grid=8, kernel=4)
+        y = ops.linear(ops.rms_norm(y, w_norm, eps=1e-6), w_proj)
+        np.testing.assert_allclose(np.asarray(ops.result(y)), want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scale_and_softcap_match_transformers(dtype):
+    """scale: Gemma3TextScaledWordEmbedding (sqrt(hidden) in the table's dtype); softcap: the
+    logit soft-capping transformers' Gemma3ForCausalLM applies."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+    from vlmc.kernels import cpu_ops, reference
+
+    tdt = getattr(torch, dtype)
+    emb = Gemma3TextScaledWordEmbedding(50, 48, 0, embed_scale=48 ** 0.5).to(tdt)
+    ids = torch.tensor([[3, 7, 49, 0]])
+    with torch.no_grad():
+        want = emb(ids).float().numpy()
+    table = mx.array(emb.weight.detach().float().numpy()).astype(getattr(mx, dtype))
+    got = reference.scale(reference.embedding(mx.array(ids.numpy()), table), 48 ** 0.5)
+    assert got.dtype == table.dtype
+    np.testing.assert_array_equal(np.asarray(got.astype(mx.float32)), want)
+
+    logits = torch.randn(2, 5, 40) * 30
+    capped = (torch.tanh(logits / 20.0) * 20.0).numpy()
+    for ops in (reference, cpu_ops):
+        for x in (mx.array(logits.numpy()), logits.numpy()):  # MLX arrays and the cpu target's host arrays
+            got = np.asarray(ops.result(ops.softcap(x, cap=20.0)))
+            np.testing.assert_allclose(got, capped, rtol=0, atol=1e-5)
+        host = cpu_ops.scale(logits.numpy(), 48 ** 0.5)
+        np.testing.assert_array_equal(host, (logits * torch.tensor(48 ** 0.5)).numpy())
+
+
+def test_rope_tables_match_gemma3_rotary_embedding():
+    """rope_freqs for the local table (default) and the global one (linear scaling): the
+    cos/sin of transformers' Gemma3RotaryEmbedding, in both op libraries."""
+    import transformers as tf
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+    from vlmc.kernels import cpu_ops, reference
+
+    cfg = tf.Gemma3TextConfig(head_dim=16, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                              rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                  "rope_theta": 1_000_000.0},
+                                               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    rot = Gemma3RotaryEmbedding(cfg)
+    pos = torch.tensor([[0, 1, 5, 77, 1000, 4095]])
+    for layer_type, attrs in (("full_attention", {"theta": 1_000_000.0, "factor": 8.0}),
+                              ("sliding_attention", {"theta": 10000.0})):
+        cos, sin = rot(torch.zeros(1), pos, layer_type)
+        for ops in (reference, cpu_ops):
+            c, s = ops.rope_freqs(mx.array(pos.numpy().astype(np.int32)), kind="default", dim=16, **attrs)
+            np.testing.assert_allclose(np.asarray(ops.result(c))[:, 0], cos.numpy(), rtol=0, atol=2e-6)
+            np.testing.assert_allclose(np.asarray(ops.result(s))[:, 0], sin.numpy(), rtol=0, atol=2e-6)
+
+
+# ------------------------------------------------------------------------------ KV plan, quantization
+
+
+def test_inspect_shows_the_sliding_window_layers_on_rotating_caches(store):
+    from click.testing import CliRunner
+    from vlmc.cli import main
+
+    art = store.artifact(store.ckpt("gemma3"))
+    manifest = json.loads((art / "manifest.json").read_text())
+    kv = [L["kv"] for L in manifest["kv_plan"]["text_layer"]]
+    assert kv[0]["layout"] == kv[1]["layout"] == "rotating" and kv[0]["window"] == gm.GEMMA3_WINDOW
+    assert kv[2]["layout"] == "dense"
+    shown = CliRunner().invoke(main, ["inspect", str(art)]).output
+    assert f"rotating(window={gm.GEMMA3_WINDOW})" in shown and f"layers 0-1     rotating {gm.GEMMA3_WINDOW}" in shown
+    assert "per-layer cos: 2x %cos_local %cos_global" in shown
+    assert "decode_layer" not in (art / "model.py").read_text()  # the cpu fast path does not match Gemma's layer
+
+
+def _quality_prompts(m):
+    return [m.build_prompt("Describe the picture.", images=[ck.make_test_image(100, 70, seed=10)]),
+            m.build_prompt("Tell me a short story about the river.")]
+
+
+KV_OPTIONS = {"kv8": {"kv_bits": 8}, "kv4": {"kv_bits": 4},
+              "turbo3.5": {"kv_bits": 3.5, "kv_quant_scheme": "turboquant"}}
+
+
+@pytest.mark.parametrize("family", ["gemma3", "paligemma"])
+def test_quantized_kv_caches(store, family):
+    """Every KV layout on the global layers (the last one too), the sliding-window layers kept
+    rotating: 8-bit codes track float32 (top-1 >= 0.9, mean KL < 0.02); coarser codes cost
+    more, never less (random fixtures: their near-flat distributions flip easily)."""
+    from vlmc.quality import compare
+
+    art = store.artifact(store.ckpt(family))
+    base = store.vlm(store.ckpt(family))
+    prompts = _quality_prompts(base)
+    kls = []
+    for name, kw in KV_OPTIONS.items():
+        m = vlmc.load(art, **kw, kv_quantize_last=True)
+        layouts = [L["kv"]["layout"] for L in m.kv_layers]
+        wanted = "turboquant" if "turbo" in name else "quantized"
+        assert layouts == (["rotating", "rotating", wanted] if family == "gemma3" else [wanted, wanted]), layouts
+        report = compare(base, m, prompts, steps=16)
+        kls.append(report.mean_kl)
+        if name == "kv8":
+            assert report.top1_agreement >= 0.9 and report.mean_kl < 0.02, report
+        assert report.mean_kl < 1.5, (name, report)
+    assert kls == sorted(kls), kls
+
+
+@pytest.mark.parametrize("family", ["gemma3", "paligemma"])
+def test_quantized_weights(store, family):
+    """q8 weights track float32 (top-1 >= 0.9, mean KL < 0.02); q4 weights run and cost more."""
+    from vlmc.quality import compare
+
+    info = store.ckpt(family)
+    base = store.vlm(info)
+    prompts = _quality_prompts(base)
+    q8 = compare(base, store.vlm(info, quantize="q8"), prompts, steps=16)
+    q4 = compare(base, store.vlm(info, quantize="q4"), prompts, steps=16)
+    assert q8.top1_agreement >= 0.9 and q8.mean_kl < 0.02, q8
+    assert q8.mean_kl < q4.mean_kl < 1.5, q4
+    manifest = json.loads((store.artifact(info, quantize="q4") / "manifest.json").read_text())
+    assert any(k.startswith("text.layers.0.") for k in manifest["quantized"])
+    assert any(k.startswith(("vision.", "projector.")) for k in manifest["quantized"])
+
+
+# ------------------------------------------------------------------------------ caches and batching
+
+
+def _run_jobs(batcher, jobs, timeout=120):
+    import threading
+
+    from vlmc.runtime.batcher import Job, TokenEvent
+
+    tokens, finish, done = [[] for _ in jobs], [None] * len(jobs), threading.Event()
+
+    def emit(i):
+        def on_event(ev):
+            if isinstance(ev, TokenEvent):
+                tokens[i].append(ev.token)
+            else:
+                finish[i] = ev
+                if all(f is not None for f in finish):
+                    done.set()
+        return on_event
+
+    for i, kw in enumerate(jobs):
+        batcher.submit(Job(emit=emit(i), **kw))
+    assert done.wait(timeout), "jobs did not finish"
+    return tokens, finish
+
+
+def _turn(m, image, question):
+    return m.build_prompt(messages=[
+        _user(IMG, _txt("What is in the image?")),
+        {"role": "assistant", "content": [_txt("A red square and a blue circle.")]},
+        _user(_txt(question))], images=[image])
+
+
+def test_prefix_cache_reuses_gemma3_blocks_up_to_a_span_and_changes_nothing(store):
+    """A second turn over the same image reuses the first's blocks (never a prefix that ends
+    inside the image's bidirectional soft tokens); another image behind the same ids does not."""
+    from vlmc.runtime.batcher import Batcher
+    from vlmc.runtime.prefix_cache import PrefixCache
+
+    m = store.vlm(store.ckpt("gemma3"))
+    one, two = ck.make_test_image(120, 90, seed=10), ck.make_test_image(120, 90, seed=11)
+    prompts = [_turn(m, one, "How many shapes are there?"), _turn(m, one, "Describe the image."),
+               _turn(m, two, "Describe the image.")]
+    plain, cached = Batcher(m), Batcher(m, prefix_cache=PrefixCache(block_size=8))
+    try:
+        ref = [_run_jobs(plain, [dict(prompt=p, max_tokens=12)])[0] for p in prompts]
+        got = [_run_jobs(cached, [dict(prompt=p, max_tokens=12)]) for p in prompts]
+    finally:
+        plain.shutdown()
+        cached.shutdown()
+    assert [g[0] for g in got] == ref
+    hits = [g[1][0].cached_tokens for g in got]
+    (start, end), = m.inputs.attention_spans(prompts[1].ids, prompts[1].images)
+    assert hits[0] == 0 and hits[1] >= end and hits[1] % 8 == 0
+    assert hits[2] <= start and all(not start < h < end for h in hits)
+
+
+def test_prefix_lm_prompts_reuse_nothing_and_change_nothing(store):
+    """PaliGemma's whole prompt is one bidirectional span: no proper prefix is reusable."""
+    from vlmc.runtime.batcher import Batcher
+    from vlmc.runtime.prefix_cache import PrefixCache
+
+    m = store.vlm(store.ckpt("paligemma"))
+    image = ck.make_test_image(120, 90, seed=10)
+    prompts = [m.build_prompt("caption en", images=[image]), m.build_prompt("caption en: what shapes?", images=[image])]
+    plain, cached = Batcher(m), Batcher(m, prefix_cache=PrefixCache(block_size=8))
+    try:
+        ref = [_run_jobs(plain, [dict(prompt=p, max_tokens=8)])[0] for p in prompts]
+        got = [_run_jobs(cached, [dict(prompt=p, max_tokens=8)]) for p in prompts]
+    finally:
+        plain.shutdown()
+        cached.shutdown()
+    assert [g[0] for g in got] == ref and [g[1][0].cached_tokens for g in got] == [0, 0]
+
+
+@pytest.mark.parametrize("family", ["gemma3", "paligemma"])
+def test_batching_loop_with_images_and_text(store, family):
+    """Joined batches of image and text requests (chunked prefills between decode steps,
+    a chunk never ending inside a span) give one-at-a-time outputs; the vision cache serves
+    a repeated image."""
+    from vlmc.runtime.batcher import Batcher
+    from vlmc.runtime.vision_cache import VisionFeatureCache
+
+    m = store.vlm(store.ckpt(family))
+    a, b = ck.make_test_image(100, 70, seed=10), ck.make_test_image(64, 64, seed=11)
+    prompts = [m.build_prompt("Describe the picture.", images=[a]), m.build_prompt("Tell me about shapes"),
+               m.build_prompt("What is on the left side?", images=[b]), m.build_prompt("Compare them.", images=[a, b]),
+               m.build_prompt("circle square " * 20)]
+    jobs = [dict(prompt=p, max_tokens=6 + 3 * i) for i, p in enumerate(prompts)]
+    vision = VisionFeatureCache()
+    batcher = Batcher(m, max_batch=8, prefill_chunk=16, vision_cache=vision)
+    try:
+        alone = [_run_jobs(batcher, [j])[0][0] for j in jobs]
+        together, _ = _run_jobs(batcher, jobs * 2)
+    finally:
+        batcher.shutdown()
+    assert together == alone * 2
+    assert batcher.counters["decode_steps"] < batcher.counters["batched_tokens"]
+    assert vision.hits >= 4 and vision.misses == 2
+    for p, toks in zip(prompts[:2], alone):  # and the engine's own step loop agrees
+        t, _ = run_vlmc(m, [p], steps=len(toks))
+        assert t[0].tolist() == toks
+
+
+# ------------------------------------------------------------------------------ serve, bench, errors
+
+
+def test_serve_answers_gemma3_and_paligemma_image_chats(store, tmp_path):
+    """Both families behind one `vlmc serve`: an image chat answers what the Python API
+    generates for the same messages."""
+    import io
+
+    from serve_helpers import LiveServer, data_uri, image_message
+
+    arts = {f: store.artifact(store.ckpt(f)) for f in ("gemma3", "paligemma")}
+    buf = io.BytesIO()
+    ck.make_test_image(100, 70, seed=10).save(buf, format="PNG")
+    messages = image_message("Describe the picture.", data_uri(buf.getvalue()))
+    server = LiveServer(*(str(a) for a in arts.values()))
+    try:
+        status, models = server.get("/v1/models")[0], json.loads(server.get("/v1/models")[2])
+        ids = [m["id"] for m in models["data"]]
+        assert status == 200 and len(ids) == 2
+        for family, model_id in zip(arts, ids):
+            status, body = server.post("/v1/chat/completions", {"model": model_id, "messages": messages,
+                                                                 "temperature": 0, "max_tokens": 8})
+            assert status == 200, body
+            want = store.vlm(store.ckpt(family)).generate(messages=messages, max_tokens=8, temperature=0)
+            assert body["choices"][0]["message"]["content"] == want.text
+            assert body["usage"]["prompt_tokens"] == want.prompt_tokens
+        bad = server.post("/v1/chat/completions", {"model": ids[1], "max_tokens": 4, "messages": [
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "caption en"}]})
+        assert bad[0] == 400 and "one user message" in json.dumps(bad[1])
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "paligemma"])
+def test_bench_smoke(store, family):
+    from vlmc.bench import bench, format_report
+
+    r = bench(str(store.artifact(store.ckpt(family))), prompt_lengths=[8], decode_tokens=4, image_size=64, runs=1)
+    assert r["family"] == family and r["decode"]["decode_tps"] > 0 and "image" in r
+    assert family in format_report(r)
+
+
+def test_unsupported_model_type_names_the_gemma_families(store, tmp_path):
+    import shutil
+
+    from vlmc.errors import UnsupportedModelError
+
+    src = tmp_path / "other"
+    shutil.copytree(store.ckpt("gemma3")["path"], src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma4"}))
+    with pytest.raises(UnsupportedModelError) as err:
+        vlmc_compile(src, tmp_path / "out")
+    line = str(err.value)
+    assert "\n" not in line and "'gemma4' is not supported" in line
+    assert "gemma3, gemma3_text, llava, paligemma, qwen2_5_vl, qwen2_vl" in line
+
+
+@pytest.mark.parametrize("change,message", [
+    (("preprocessor_config.json", {"do_pan_and_scan": True}), "do_pan_and_scan"),
+    (("config.json", {"text_config": {"attn_logit_softcapping": 50.0}}), "attn_logit_softcapping"),
+    (("config.json", {"text_config": {"use_bidirectional_attention": True}}), "use_bidirectional_attention"),
+    (("config.json", {"mm_tokens_per_image": 9}), "mm_tokens_per_image 9"),
+    (("config.json", {"text_config": {"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0}}}}),
+     "rope type 'yarn'"),
+])
+def test_gemma3_configs_vlmc_cannot_honour_are_refused(store, tmp_path, change, message):
+    import shutil
+
+    from vlmc.errors import VlmcError
+
+    src = tmp_path / "ck"
+    shutil.copytree(store.ckpt("gemma3")["path"], src)
+    name, patch = change
+    cfg = json.loads((src / name).read_text())
+    for key, value in patch.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+    (src / name).write_text(json.dumps(cfg))
+    with pytest.raises(VlmcError, match=message):
+        vlmc_compile(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_paligemma_2_is_refused_with_the_reason(store, tmp_path):
+    import shutil
+
+    from vlmc.errors import UnsupportedModelError
+
+    src = tmp_path / "pg2"
+    shutil.copytree(store.ckpt("paligemma")["path"], src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["text_config"]["model_type"] = "gemma2"
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="soft-capping"):
+        vlmc_compile(src, tmp_path / "out")
+
+
+def test_paligemma_prompts(store):
+    """One user message, images first whatever their place among its parts; anything else
+    is one clear error."""
+    from vlmc.errors import InputError
+
+    m = store.vlm(store.ckpt("paligemma"))
+    img = ck.make_test_image(64, 64, seed=3)
+    p = m.build_prompt(messages=[_user(_txt("caption "), IMG, _txt("en"))], images=[img])
+    assert p.text == "<bos>caption en\n"
+    n = gm.PALIGEMMA_IMAGE_SIZE // 14
+    assert p.ids[:n * n] == [m.image_token_id] * (n * n) and p.ids[n * n] == m.tokenizer.bos_token_id
+    assert m.inputs.positions(p.ids, p.images)[0][0, 0] == 1  # PaliGemma's positions are 1-based
+    with pytest.raises(InputError, match="one user message"):
+        m.build_prompt(messages=[_user(_txt("a")), {"role": "assistant", "content": "b"}, _user(_txt("c"))])
+    with pytest.raises(InputError, match="image token"):
+        m.build_prompt("<image> caption en", images=[img])
+
+
+@pytest.mark.xfail(strict=True, reason="vlmc/compiler.py requires preprocessor_config.json even for a text-only "
+                                       "family; hub gemma3_text checkpoints ship none")
+def test_gemma3_text_checkpoint_without_a_preprocessor_config(store, tmp_path):
+    info = gm.build_gemma_checkpoint(tmp_path / "ck", "gemma3_text", preprocessor=False)
+    m = vlmc.load(vlmc_compile(info["path"], tmp_path / "art"))
+    assert_parity(m, store.ref(store.ckpt("gemma3_text"), "text"), "text", "gemma3_text/no preprocessor")
