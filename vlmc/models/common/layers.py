@@ -1,9 +1,10 @@
 """Shared building blocks for importers: the text decoder and ViT-style vision layers.
 
-Families differ in configuration, not in code: a Llama/Qwen2/Mistral decoder layer and a
-pre-norm ViT layer (LayerNorm or RMSNorm, fused or separate qkv, fc or gated MLP, with or
-without 2D rotary) cover Qwen2-VL, Qwen2.5-VL, CLIP and SigLIP. Every param is declared
-with its role and part, which the passes match on.
+Families differ in configuration, not in code: a Llama/Qwen2/Mistral decoder layer (with
+Gemma's options: QK-norm, sandwich norms, 1 + w norms, per-layer rotary tables and
+windows) and a pre-norm ViT layer (LayerNorm or RMSNorm, fused or separate qkv, fc or
+gated MLP, with or without 2D rotary) cover Qwen2-VL, Qwen2.5-VL, Gemma, CLIP and SigLIP.
+Every param is declared with its role and part, which the passes match on.
 """
 from __future__ import annotations
 
