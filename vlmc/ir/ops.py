@@ -322,10 +322,14 @@ def _attention(t, a):
 @rule("cached_attention")
 def _cached_attention(t, a):
     """Like attention, but k/v of this step are first written into the layer's KV cache
-    (input 3, a runtime cache object) and attention runs over everything cached."""
+    (input 3, a runtime cache object) and attention runs over everything cached.
+    ``softcap`` (optional): the scaled scores soft-capped, cap * tanh(s / cap), before the
+    mask and softmax (Gemma 2's ``attn_logit_softcapping``)."""
     q, v = t[0], t[2]
     if t[3].dtype != "kvcache":
         raise ShapeError("cached_attention input 3 must be a kvcache")
+    if a.get("softcap") is not None and not float(a["softcap"]) > 0:
+        raise ShapeError(f"cached_attention softcap must be positive, got {a['softcap']!r}")
     return [TensorType(q.shape[:-1] + (v.shape[-1],), q.dtype)]
 
 

@@ -113,8 +113,12 @@ def decode_layers(x, cos, sin, mask, caches, layers, **attrs):
     return _decode_layers(x, cos, sin, mask, caches, layers, **attrs)
 
 
-def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: float):
+def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: float,
+                     softcap: float | None = None):
     host = _is_host(q)
+    if softcap is not None:  # soft-capped scores (Gemma 2): the reference, no kernel has the step
+        out = _reference.cached_attention(_as_mx(q), _as_mx(k), _as_mx(v), cache, mask, scale=scale, softcap=softcap)
+        return _host_out(out) if host else out
     if host and _cpu.enabled():
         out = _host_dense_step(q, k, v, cache, mask, scale=scale)
         if out is not None:

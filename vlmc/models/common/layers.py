@@ -58,8 +58,8 @@ def norm_shift(offset: float) -> list | None:
 
 def decoder_layer(w: Weights, tc: TextConfig, prefix_fmt: str = "text.layers.{i}.", *,
                   qk_norm: bool = False, sandwich_norms: bool = False, norm_offset: float = 0.0,
-                  attn_scale: float | None = None, layer_rope: list[str] | None = None,
-                  layer_window: list[int | None] | None = None) -> Block:
+                  attn_scale: float | None = None, attn_softcap: float | None = None,
+                  layer_rope: list[str] | None = None, layer_window: list[int | None] | None = None) -> Block:
     """The decoder layer block: pre-norm attention + gated MLP (Llama/Qwen2/Mistral), with
     options whose defaults keep that layer:
 
@@ -71,6 +71,7 @@ def decoder_layer(w: Weights, tc: TextConfig, prefix_fmt: str = "text.layers.{i}
     - ``norm_offset``: every RMSNorm weight applied as ``offset + w`` (Gemma: 1), folded at
       compile time;
     - ``attn_scale``: the attention scale (default head_dim ** -0.5);
+    - ``attn_softcap``: the scaled attention scores soft-capped at this value (Gemma 2);
     - ``layer_rope``: each layer's rotary table by name (e.g. "global"/"local"); the block
       then takes ``cos_<name>``/``sin_<name>`` for every name and each layer picks its own
       (layer-table ``cos``/``sin``); ``text_entry_points`` computes them;
@@ -130,7 +131,8 @@ def decoder_layer(w: Weights, tc: TextConfig, prefix_fmt: str = "text.layers.{i}
     q = fb.op("rope", heads["q"], cos, sin, name="q")
     k = fb.op("rope", heads["k"], cos, sin, name="k")
     scale = hd ** -0.5 if attn_scale is None else float(attn_scale)
-    a = fb.op("cached_attention", q, k, heads["v"], cache, mask, scale=scale, name="attn")
+    capped = {} if attn_softcap is None else {"softcap": float(attn_softcap)}
+    a = fb.op("cached_attention", q, k, heads["v"], cache, mask, scale=scale, name="attn", **capped)
     a = fb.op("transpose", a, axes=[0, 2, 1, 3], name="attn")
     a = fb.op("reshape", a, shape=[0, 0, nh * hd], name="attn")
     a = linear(fb, a, "self_attn.o_proj", bias=tc.o_bias)

@@ -1,6 +1,6 @@
-"""PaliGemma: a SigLIP tower, one linear projector and a Gemma decoder, prompted as
-"<image>" x N + "<bos>" + text + "\\n" (no chat template) with full attention over that
-prefix and causal attention over what it generates (a prefix-LM)."""
+"""PaliGemma and PaliGemma 2: a SigLIP tower, one linear projector and a Gemma (Gemma 2)
+decoder, prompted as "<image>" x N + "<bos>" + text + "\\n" (no chat template) with full
+attention over that prefix and causal attention over what it generates (a prefix-LM)."""
 from __future__ import annotations
 
 from typing import Any

@@ -1,10 +1,10 @@
 """PaliGemma checkpoints -> IR: SigLIP tower (last hidden state), one linear projector
-(``multi_modal_projector.linear``) and a Gemma decoder.
+(``multi_modal_projector.linear``) and a Gemma (PaliGemma) or Gemma 2 (PaliGemma 2) decoder.
 
 The projected features replace the ``<image>`` tokens unscaled; text embeddings are
-scaled by sqrt(hidden) (transformers 5's scaled word embedding). PaliGemma 2's Gemma 2
-decoder needs attention-logit soft-capping, which vlmc's attention does not do yet: such
-checkpoints are refused with that reason.
+scaled by sqrt(hidden) (transformers 5's scaled word embedding). PaliGemma 2 soft-caps
+its logits (the text config's ``final_logit_softcapping``), as transformers'
+PaliGemmaForConditionalGeneration does.
 """
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ from ..common.layers import finish, siglip_tower
 
 def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
     text_type = (raw.get("text_config") or {}).get("model_type", "gemma")
-    if text_type != "gemma":
-        why = " (PaliGemma 2: attention-logit soft-capping is not supported yet)" if text_type == "gemma2" else ""
-        raise UnsupportedModelError(f"PaliGemma text model {text_type!r} is not supported{why}; supported: gemma")
+    if text_type not in ("gemma", "gemma2"):
+        raise UnsupportedModelError(f"PaliGemma text model {text_type!r} is not supported; supported: gemma, gemma2")
     g = gemma_text(raw, nested=True, prefix_lm=True)
     h = g.tc.hidden_size
     vc = raw.get("vision_config") or {}
