@@ -657,3 +657,32 @@ def test_gemma3_text_checkpoint_without_a_preprocessor_config(store, tmp_path):
     info = gm.build_gemma_checkpoint(tmp_path / "ck", "gemma3_text", preprocessor=False)
     m = vlmc.load(vlmc_compile(info["path"], tmp_path / "art"))
     assert_parity(m, store.ref(store.ckpt("gemma3_text"), "text"), "text", "gemma3_text/no preprocessor")
+
+
+def test_gemma3_artifact_runs_without_torch(store, tmp_path):
+    """The families' runtime halves import nothing of torch or transformers: the CLI runs a
+    Gemma 3 image prompt where importing them fails, and says what the Python API says."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from test_parity import _BLOCKER, REPO_ROOT
+
+    art = store.artifact(store.ckpt("gemma3"))
+    img = tmp_path / "img.png"
+    ck.make_test_image(100, 70, seed=3).save(img)
+    expect = store.vlm(store.ckpt("gemma3")).generate("hi", images=[str(img)], max_tokens=4)
+    cli = _BLOCKER + textwrap.dedent(f"""
+        import runpy
+        sys.argv = ["vlmc", "run", {str(art)!r}, "-p", "hi", "-i", {str(img)!r}, "--max-tokens", "4"]
+        try:
+            runpy.run_module("vlmc.cli", run_name="__main__")
+        except SystemExit as e:
+            assert not e.code, e.code
+        assert not any(k.split(".")[0] in ("torch", "transformers") for k in sys.modules)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "blocked import" not in r.stderr, r.stderr
+    assert r.stdout == expect.text + "\n"
