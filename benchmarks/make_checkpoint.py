@@ -3,7 +3,8 @@
     python benchmarks/make_checkpoint.py qwen2_vl /tmp/qwen2vl-2b-shapes [--dtype bfloat16]
 
 The shapes come from ``reference_configs/<family>.json`` (published config values of
-Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct, llava-interleave-qwen-0.5b). Tensor names
+Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct, llava-interleave-qwen-0.5b, gemma-3-4b-it,
+paligemma-3b-mix-224). Tensor names
 and shapes are read from transformers' model class instantiated on the meta device (no
 memory); weights are drawn with numpy one tensor at a time and streamed to safetensors
 shards, so a 2B model needs no more RAM than its largest tensor. The tokenizer is the
@@ -26,12 +27,17 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from fixtures.checkpoints import build_tokenizer  # noqa: E402
+from fixtures.gemma import build_tokenizer as build_gemma_tokenizer  # noqa: E402
 from compare import TO_HUB  # noqa: E402  (one table of hub names; compare.py renames older checkpoints)
 from vlmc.backends.safetensors_io import ShardWriter, to_storage  # noqa: E402
 
 SHARD_BYTES = 2 << 30
 FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-            "llava": "LlavaForConditionalGeneration"}
+            "llava": "LlavaForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
+            "paligemma": "PaliGemmaForConditionalGeneration"}
+# the hub names of the Gemma families (transformers 4.x): vision_tower.vision_model.*, language_model.model.*
+GEMMA_TO_HUB = [("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower.vision_model."),
+                ("model.multi_modal_projector.", "multi_modal_projector.")]
 
 
 def _shapes(family: str, config: dict) -> dict[str, tuple[int, ...]]:
@@ -41,14 +47,15 @@ def _shapes(family: str, config: dict) -> dict[str, tuple[int, ...]]:
     cfg = cls.config_class.from_dict(config)
     with torch.device("meta"):
         model = cls(cfg)
-    tied = bool(config.get("tie_word_embeddings", False))
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))  # the class default where config.json has none
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k.endswith("lm_head.weight"))}
 
 
 def hub_name(name: str, family: str) -> str:
     """transformers' in-memory (v5 module) name -> the name published checkpoints use,
     which every framework (mlx-vlm included) reads."""
-    for old, new in TO_HUB["llava" if family == "llava" else "qwen"]:
+    rules = GEMMA_TO_HUB if family in ("gemma3", "paligemma") else TO_HUB["llava" if family == "llava" else "qwen"]
+    for old, new in rules:
         if name.startswith(old):
             return new + name[len(old):]
     return name
@@ -66,9 +73,19 @@ def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int =
     ref = json.loads((HERE / "reference_configs" / f"{family}.json").read_text())
     config = dict(ref["config.json"])
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out, "llava" if family == "llava" else family)
+    gemma = family in ("gemma3", "paligemma")
+    tok = (build_gemma_tokenizer if gemma else build_tokenizer)(out, "llava" if family == "llava" else family)
     ids = tok["special_token_ids"]
-    if family == "llava":
+    eos, bos = (ids["<eos>"], ids["<bos>"]) if gemma else (ids["<|im_end|>"], ids["<|endoftext|>"])
+    if gemma:
+        tokens = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=ids["<pad>"])
+        config["text_config"] = {**config["text_config"], **tokens}
+        if family == "gemma3":
+            config.update(boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+                          image_token_index=ids["<image_soft_token>"], eos_token_id=[eos, ids["<end_of_turn>"]])
+        else:
+            config.update(image_token_index=ids["<image>"], **tokens)
+    elif family == "llava":
         config["image_token_index"] = ids["<image>"]
         config["text_config"] = {**config["text_config"], "eos_token_id": ids["<|im_end|>"],
                                  "bos_token_id": ids["<|endoftext|>"]}
@@ -108,8 +125,7 @@ def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int =
              "vision_feature_select_strategy": config.get("vision_feature_select_strategy", "full"),
              "num_additional_image_tokens": 0}))
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=1))
-    eos = ids["<|im_end|>"]
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos], "bos_token_id": ids["<|endoftext|>"]}))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos], "bos_token_id": bos}))
     return out
 
 

@@ -56,7 +56,7 @@ def _on_mlx(name: str):
     return op
 
 
-for _name in ("embedding", "take", "broadcast_to", "prepend", "patchify", "merge_features"):
+for _name in ("embedding", "take", "broadcast_to", "prepend", "patchify", "merge_features", "avg_pool_tokens"):
     globals()[_name] = _on_mlx(_name)
 
 _rope_freqs_mlx = _on_mlx("rope_freqs")
@@ -68,13 +68,15 @@ def _inv_freq(theta: float, dim: int) -> np.ndarray:
     return np.array(_reference._inv_freq(theta, dim), copy=True)
 
 
-def rope_freqs(positions, kind: str, dim: int, theta: float, sections: list[int] | None = None):
+def rope_freqs(positions, kind: str, dim: int, theta: float, sections: list[int] | None = None,
+               factor: float = 1.0):
     """The text rope tables (default, mrope) as host arrays: the same products as the
     reference, cos/sin rounded from float64 (through MLX a decode step's tables would be
     an evaluation of about ten small ops). Other kinds: the reference's."""
     if kind not in ("default", "mrope"):
         return _rope_freqs_mlx(positions, kind=kind, dim=dim, theta=theta, sections=sections)
-    f = np.asarray(positions).astype(np.float32)[..., None] * _inv_freq(theta, dim)
+    inv = _inv_freq(theta, dim) if factor == 1.0 else _inv_freq(theta, dim) / np.float32(factor)
+    f = np.asarray(positions).astype(np.float32)[..., None] * inv
     if kind == "mrope":  # [3, B, L, D/2] -> each section from its own position row
         bounds = np.cumsum([0, *sections])
         f = np.concatenate([f[i % 3, ..., a:b] for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))], axis=-1)
@@ -111,8 +113,12 @@ def decode_layers(x, cos, sin, mask, caches, layers, **attrs):
     return _decode_layers(x, cos, sin, mask, caches, layers, **attrs)
 
 
-def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: float):
+def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: float,
+                     softcap: float | None = None):
     host = _is_host(q)
+    if softcap is not None:  # soft-capped scores (Gemma 2): the reference, no kernel has the step
+        out = _reference.cached_attention(_as_mx(q), _as_mx(k), _as_mx(v), cache, mask, scale=scale, softcap=softcap)
+        return _host_out(out) if host else out
     if host and _cpu.enabled():
         out = _host_dense_step(q, k, v, cache, mask, scale=scale)
         if out is not None:
@@ -171,6 +177,18 @@ def add(a, b):
     if _is_host(a) or _is_host(b):
         return np.add(_h.table(a), _h.table(b))
     return _reference.add(a, b)
+
+
+def scale(x, value: float):
+    if _is_host(x):
+        return np.multiply(x, np.float32(value))
+    return _reference.scale(x, value)
+
+
+def softcap(x, cap: float):
+    if _is_host(x):
+        return np.tanh(x / np.float32(cap)) * np.float32(cap)
+    return _reference.softcap(x, cap)
 
 
 def mul(a, b):
