@@ -12,18 +12,13 @@ prefix and vision caches, the batching loop with image and text requests, ``vlmc
 ``vlmc bench`` and the errors these families add.
 
 Gemma 3's image tokens attend to each other in both directions in every layer, sliding-
-window layers included (transformers: AND(window, OR(causal, image block))). The step
-loop adds the spans to the prefill mask, but ``RotatingKVCache.mask_for`` (vlmc/runtime)
-ANDs the window *and causality* into it, so on its rotating caches the sliding layers
-lose the spans. ``spans_in_windows`` applies the runtime change this needs (the cache
-ANDs only the window's lower bound into the step mask, which is causal already) for the
-image parity tests; ``test_gemma3_images_need_the_rotating_cache_to_keep_spans`` shows
-the runtime as it is diverging (strict xfail: it passes once the runtime has the change,
-and then the fixture and that test go). PaliGemma 2's sliding layers need the same, and
-more where its prefix is longer than the window: transformers keeps the whole prefix
-visible there (OR(AND(window, causal), prefix)), which a mask built from the step mask
-and the window cannot express (``test_paligemma2_prefix_longer_than_the_window``, strict
-xfail); the fixture's window holds the test prompts, not their generated tokens.
+window layers included (transformers: AND(window, OR(causal, image block))): the step
+loop adds the spans to the prefill mask and the rotating caches add only the window's
+lower bound to it. PaliGemma 2 keeps its whole prefix visible across the sliding window
+where the prefix is longer than the window (OR(AND(window, causal), prefix)), which a mask
+built from the step mask and the window cannot express
+(``test_paligemma2_prefix_longer_than_the_window``, strict xfail); the fixture's window
+holds the test prompts, not their generated tokens.
 """
 from __future__ import annotations
 
@@ -63,23 +58,6 @@ PARITY = [(f, c) for f, cases in FAMILY_CASES.items() for c in cases]
 def _case(name):
     messages, sizes = {**CASES, **EXTRA_CASES}[name]
     return messages, [ck.make_test_image(w, h, seed=10 + i) for i, (w, h) in enumerate(sizes)]
-
-
-def _window_mask_for(self, mask, queries):
-    """RotatingKVCache.mask_for as Gemma 3 needs it: the window's lower bound over the held
-    keys, ANDed into the step mask (causal plus bidirectional spans) rather than a causal
-    window that drops the spans."""
-    q_pos = mx.arange(self.offset - queries, self.offset)[:, None]
-    k_pos = mx.arange(self.start, self.offset)[None, :]
-    window = k_pos > q_pos - self.window
-    if mask is None:
-        return (window & (k_pos <= q_pos))[None, None]
-    return mask[..., self.start:] & window
-
-
-@pytest.fixture
-def spans_in_windows(monkeypatch):
-    monkeypatch.setattr(RotatingKVCache, "mask_for", _window_mask_for)
 
 
 class Store:
@@ -159,17 +137,15 @@ def assert_parity(m, ref, case, what):
 
 
 @pytest.mark.parametrize("family,case", PARITY, ids=[f"{f}-{c}" for f, c in PARITY])
-def test_parity(store, spans_in_windows, family, case):
+def test_parity(store, family, case):
     info = store.ckpt(family)
     ref = store.ref(info, case)
     assert_parity(store.vlm(info), ref, case, f"{family}/{case}")
 
 
-@pytest.mark.xfail(strict=True, reason="vlmc/runtime/kv_cache.py RotatingKVCache.mask_for makes the sliding-window "
-                                       "layers causal over image tokens (see the module docstring)")
-def test_gemma3_images_need_the_rotating_cache_to_keep_spans(store):
+def test_gemma3_images_keep_their_spans_in_sliding_window_layers(store):
     info = store.ckpt("gemma3")
-    assert_parity(store.vlm(info), store.ref(info, "one_image"), "one_image", "gemma3/one_image, runtime as it is")
+    assert_parity(store.vlm(info), store.ref(info, "one_image"), "one_image", "gemma3/one_image, rotating caches")
 
 
 def test_gemma3_expands_images_in_the_text(store):
@@ -193,7 +169,7 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("family", list(FAMILY_CASES))
-def test_checkpoint_layouts(store, spans_in_windows, family, layout):
+def test_checkpoint_layouts(store, family, layout):
     """Same seed, other config layout / weight names / shards: the v5 checkpoint's
     transformers references apply."""
     kw = LAYOUTS[layout]
@@ -209,7 +185,7 @@ def test_checkpoint_layouts(store, spans_in_windows, family, layout):
 
 
 @pytest.mark.parametrize("family", list(FAMILY_CASES))
-def test_bfloat16_checkpoint(store, spans_in_windows, family):
+def test_bfloat16_checkpoint(store, family):
     """bf16-stored weights: a float32 artifact matches transformers on the upcast weights; a
     bfloat16 artifact stays close to it (teacher-forced on its tokens)."""
     info = store.ckpt(family, dtype="bfloat16")
@@ -235,7 +211,7 @@ BATCHES = {
 
 @pytest.mark.parametrize("family,batch", [(f, b) for f, bs in BATCHES.items() for b in bs],
                          ids=[f"{f}-{'+'.join(b)}" for f, bs in BATCHES.items() for b in bs])
-def test_batched_matches_single(store, spans_in_windows, family, batch):
+def test_batched_matches_single(store, family, batch):
     """Ragged batches of image and text prompts (left padding moves every span)."""
     info = store.ckpt(family)
     m = store.vlm(info)
@@ -628,7 +604,7 @@ def test_paligemma_with_another_decoder_is_refused(store, tmp_path):
 @pytest.mark.xfail(strict=True, reason="PaliGemma 2 keeps its whole prefix visible across the sliding window "
                                        "(OR(window AND causal, prefix)); a rotating cache's mask cannot tell span "
                                        "keys from causal ones (see the module docstring)")
-def test_paligemma2_prefix_longer_than_the_window(store, spans_in_windows):
+def test_paligemma2_prefix_longer_than_the_window(store):
     info = store.ckpt("paligemma2", window=8)
     assert_parity(store.vlm(info), store.ref(info, "one_image"), "one_image", "paligemma2/window 8")
 
@@ -651,8 +627,6 @@ def test_paligemma_prompts(store):
         m.build_prompt("<image> caption en", images=[img])
 
 
-@pytest.mark.xfail(strict=True, reason="vlmc/compiler.py requires preprocessor_config.json even for a text-only "
-                                       "family; hub gemma3_text checkpoints ship none")
 def test_gemma3_text_checkpoint_without_a_preprocessor_config(store, tmp_path):
     info = gm.build_gemma_checkpoint(tmp_path / "ck", "gemma3_text", preprocessor=False)
     m = vlmc.load(vlmc_compile(info["path"], tmp_path / "art"))

@@ -22,9 +22,9 @@ class Gemma3(Family):
         return spec_from_preprocessor_config(preprocessor_config, "siglip",
                                              tokens_per_image=meta["inputs"]["tokens_per_image"])
 
-    def inputs(self, meta: dict[str, Any], processor_spec: dict[str, Any]):
+    def inputs(self, meta: dict[str, Any], processor_spec: dict[str, Any], tokenizer: Any = None):
         from .inputs import Gemma3Inputs
-        return Gemma3Inputs(meta, processor_spec)
+        return Gemma3Inputs(meta, processor_spec, tokenizer)
 
 
 FAMILY = Gemma3()

@@ -5,9 +5,7 @@ The chat template writes ``<start_of_image>`` for an image; the processor replac
 "\\n\\n<start_of_image>" + ``<image_soft_token>`` x N + "<end_of_image>\\n\\n" in the *text*
 and then tokenizes, so the newlines merge with the text around them ("user\\n" + "\\n\\n"
 is one "\\n\\n\\n" token with Gemma's tokenizer). The expansion therefore re-tokenizes the
-prompt's text with the image sequences in place. ``expand`` gets only ids, so the
-tokenizer is taken from ``prompt_text``, which the runtime calls with it for every prompt
-it builds (an Inputs object serves one artifact and so one tokenizer).
+prompt's text with the image sequences in place, with the artifact's tokenizer.
 """
 from __future__ import annotations
 
@@ -32,15 +30,10 @@ def runs_of(ids: list[int], token: int | None) -> list[tuple[int, int]]:
 
 
 class Gemma3Inputs(Inputs):
-    def __init__(self, meta: dict[str, Any], processor_spec: dict[str, Any]):
-        super().__init__(meta, processor_spec)
+    def __init__(self, meta: dict[str, Any], processor_spec: dict[str, Any], tokenizer: Any = None):
+        super().__init__(meta, processor_spec, tokenizer)
         self.boi_token_id: int | None = self.settings.get("boi_token_id")
         self.eoi_token_id: int | None = self.settings.get("eoi_token_id")
-        self.tokenizer: Any = None
-
-    def prompt_text(self, messages: list[dict[str, Any]], tokenizer: Any) -> str | None:
-        self.tokenizer = tokenizer  # for expand (see the module docstring); the chat template formats
-        return None
 
     def expand(self, ids: list[int], images: ProcessedImages | None) -> list[int]:
         n_images = 0 if images is None else len(images.num_tokens)
@@ -51,7 +44,7 @@ class Gemma3Inputs(Inputs):
             return list(ids)
         tok = self.tokenizer
         if tok is None:
-            raise RuntimeError("Gemma 3 prompts are expanded with the tokenizer prompt_text was given; none was")
+            raise RuntimeError("Gemma 3 prompts are expanded with the artifact's tokenizer; none was given")
         boi, soft, eoi = (tok.id_to_token(t) for t in (self.boi_token_id, self.image_token_id, self.eoi_token_id))
         text = tok.decode(ids, skip_special_tokens=False)
         pieces = text.split(boi)

@@ -21,9 +21,9 @@ class PaliGemma(Family):
         return spec_from_preprocessor_config(preprocessor_config, "siglip",
                                              tokens_per_image=meta["inputs"]["tokens_per_image"])
 
-    def inputs(self, meta: dict[str, Any], processor_spec: dict[str, Any]):
+    def inputs(self, meta: dict[str, Any], processor_spec: dict[str, Any], tokenizer: Any = None):
         from .inputs import PaliGemmaInputs
-        return PaliGemmaInputs(meta, processor_spec)
+        return PaliGemmaInputs(meta, processor_spec, tokenizer)
 
 
 FAMILY = PaliGemma()
