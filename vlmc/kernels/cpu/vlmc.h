@@ -335,13 +335,18 @@ typedef struct {
     const uint16_t *scales, *mins;
 } kv_codes;
 
-/* vlmc_kv_affine_decode with row held - 1 of every (sequence, KV head) taken from xk / xv
- * ([B, HKV, *] each; both NULL: none), not from the cache, which then holds the held - 1
- * rows before it */
+/* vlmc_kv_affine_decode_n with rows held - T .. held - 1 of every (sequence, KV head)
+ * taken from xk / xv ([B, HKV, T, *] each; both NULL: none), not from the cache, which then
+ * holds the held - T rows before them; out [B, T, H, D] where tok_major, else [B, H, T, D] */
 VLMC_INTERNAL int kv_affine_decode_x(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
                                      const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const kv_codes *xk,
-                                     const kv_codes *xv, const int32_t *starts, int B, int H, int HKV, int D, int cap,
-                                     int held, int bits, int gs, float scale, float *out, int n_threads);
+                                     const kv_codes *xv, const int32_t *starts, int B, int H, int HKV, int D, int T,
+                                     int cap, int held, int bits, int gs, float scale, float *out, int tok_major,
+                                     int n_threads);
+/* vlmc_kv_dense_decode_n, out [B, T, H, D] where tok_major */
+VLMC_INTERNAL int kv_dense_decode_t(const float *q, const float *k, const float *v, const float *xk, const float *xv,
+                                    const int32_t *starts, int B, int H, int HKV, int D, int T, int cap, int held,
+                                    float scale, float *out, int tok_major, int n_threads);
 /* vlmc_kv_affine_encode without the argument checks */
 VLMC_INTERNAL void kv_affine_encode_rows(const float *x, size_t rows, int D, int bits, int gs, uint8_t *codes,
                                          uint16_t *scales, uint16_t *mins);
@@ -369,12 +374,12 @@ enum { VLMC_KV_DENSE = 0, VLMC_KV_AFFINE = 1 };
 typedef struct {
     void *k, *v;                      /* dense: float32 [B, HKV, cap, D]; affine: codes [B, HKV, cap, D * bits / 8] */
     uint16_t *ks, *kb, *vs, *vb;      /* affine: bfloat16 scales and minimums [B, HKV, cap, D / gs] */
-    void *nk, *nv;                    /* out: this step's keys and values as stored, [B, HKV, D] / [B, HKV, D * bits / 8] */
-    uint16_t *nks, *nkb, *nvs, *nvb;  /* out, affine: their scales and minimums [B, HKV, D / gs] */
+    void *nk, *nv;                    /* out: this step's keys and values as stored, [B, HKV, T, D] / [B, HKV, T, D * bits / 8] */
+    uint16_t *nks, *nkb, *nvs, *nvb;  /* out, affine: their scales and minimums [B, HKV, T, D / gs] */
     int32_t layout;                   /* VLMC_KV_DENSE or VLMC_KV_AFFINE */
     int32_t bits, gs;                 /* affine: 4 or 8 bits, groups of gs (dividing D) */
     int32_t cap, held;                /* buffer columns; tokens held before this step (>= 1) */
-    int32_t inplace;                  /* also write this step into column held */
+    int32_t inplace;                  /* also write this step's T tokens into columns held .. held + T - 1 */
 } vlmc_kv;
 
 /* ---- exported functions (0 on success, a negative code for bad arguments or no memory,
@@ -413,6 +418,18 @@ int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, con
                          int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads);
 int vlmc_kv_affine_encode(const float *x, int64_t rows, int D, int bits, int gs, uint8_t *codes, uint16_t *scales,
                           uint16_t *mins);
+/* T query tokens per sequence: q [B, H, T, D] -> out [B, H, T, D]; the last T of the held
+ * rows are this step's, and query t sees the keys before row held - T + 1 + t */
+int vlmc_kv_dense_decode_n(const float *q, const float *k, const float *v, const float *xk, const float *xv,
+                           const int32_t *starts, int B, int H, int HKV, int D, int T, int cap, int held,
+                           float scale, float *out, int n_threads);
+int vlmc_kv_affine_decode_n(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
+                            const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const int32_t *starts,
+                            int B, int H, int HKV, int D, int T, int cap, int held, int bits, int gs, float scale,
+                            float *out, int n_threads);
+int vlmc_kv_turbo_decode_n(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
+                           const float *kcb, const float *vcb, const int32_t *starts, int B, int H, int HKV, int D,
+                           int T, int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads);
 /* gemm_i8.c */
 int vlmc_gemm_q_i8_available(void);
 int vlmc_gemm_q_i8(const float *x, int M, int K, const uint32_t *w, const void *scales, const void *biases, int st,
@@ -428,8 +445,8 @@ int vlmc_rope(const float *x, int64_t A, int64_t H, int64_t L, int64_t D, int64_
               const float *cs, const float *sn, int64_t ca, int64_t cl, float *out, int n_threads);
 /* decode_layer.c */
 int vlmc_decode_layers(const vlmc_layer *const *L, const vlmc_kv *kv, int nl, const float *x, const float *normed,
-                       int B, const float *cs, const float *sn, int64_t ca, const int32_t *starts, float *out,
-                       int n_threads);
+                       int B, int T, const float *cs, const float *sn, int64_t ca, int64_t cl, const int32_t *starts,
+                       float *out, int n_threads);
 /* affine_search.c */
 int vlmc_affine_search(const float *w, int N, int K, int gs, int bits, const float *s0, const float *b0,
                        const float *shrink, int nshrink, int nrefit, float *scales, float *biases, int n_threads);
