@@ -6,17 +6,19 @@ of them when it applies (B sequences of T new tokens each with B x T up to
 GEMV_MAX_ROWS: a decode step, or the draft tokens ``verify`` checks; a cache of a layout
 in ``SUPPORTED_KV`` that is not a sliding window and holds some tokens, weights the GEMV
 kernels read) and returns None otherwise. T tokens give, row for row and in the caches,
-what T one-token steps give, to the last bit (which makes speculative decoding lossless). It calls the same kernels in the same order, so the
-result is the op-by-op path's to the last bit (where the first layer's input is an
-mx.array, from an embedding table the kernels do not gather, the ops' first norm is
-MLX's: so it is here too). For an affine-quantized cache the C code encodes this step's
-keys and values as ``kv_codecs.Affine`` does, byte for byte, and attends over the codes,
-as the ops' ``cached_attention`` does. This step's keys and values go into the cache in
-place where that is safe (``KVCache.host_writable``), else as a lazy write.
+what T one-token steps give, to the last bit (which makes speculative decoding lossless).
+It calls the same kernels in the same order, so the result is the op-by-op path's to the
+last bit (where the first layer's input is an mx.array, from an embedding table the
+kernels do not gather, the ops' first norm is MLX's: so it is here too). For an
+affine-quantized cache the C code encodes this step's keys and values as
+``kv_codecs.Affine`` does, byte for byte, and attends over the codes, as the ops'
+``cached_attention`` does. This step's keys and values go into the cache in place where
+that is safe (``KVCache.host_writable`` and T free columns), else as a lazy write.
 
 ``decode_layers`` runs a whole stack of such layers in one C call (the generated code tries
 it before its loop over the layers): all of them or, returning None, none; dense and
-quantized layers mix freely. ``decode_layer`` is the same call for one layer."""
+quantized layers mix freely. ``decode_layer`` is the same call for one layer, one token
+per sequence."""
 from __future__ import annotations
 
 import ctypes
