@@ -124,9 +124,10 @@ def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: flo
         if out is not None:
             return out
     k, v = _as_mx(k), _as_mx(v)  # the cache stores mx.arrays
-    if _cpu.enabled():  # decode steps read the cache in place: dense, affine or TurboQuant (C kernels)
+    if _cpu.enabled():  # decode and verify steps read the cache in place: dense, affine or TurboQuant (C kernels)
         out = _kv_quant.coded_decode_step(q, k, v, cache, mask, scale=scale, affine=_kv_affine_decode,
-                                          turbo=_kv_turbo_decode, dense=_kv_dense_decode)
+                                          turbo=_kv_turbo_decode, dense=_kv_dense_decode,
+                                          max_tokens=_cpu.GEMV_MAX_ROWS)
         if out is not None:
             return _host_out(out) if host else _as_mx(out)
     qm = _as_mx(q)
