@@ -305,6 +305,13 @@ def test_bidirectional_spans_reach_the_mask_and_chunks_never_cut_them(demo, monk
         widths.append(chunked.prefilled - before)
     assert widths[0] == last and len(widths) >= 2
     np.testing.assert_allclose(np.array(logits), whole, atol=2e-4)
+    # a chunk that is exactly the span, onto a non-empty cache: few enough tokens for the cpu
+    # target's one-call layer path, which must decline (it attends causally) and run the ops
+    assert last - first <= 16
+    exact = Sequences.start(demo.decoder, [inputs])
+    exact.prefill(first)
+    exact.prefill(last - first)
+    np.testing.assert_allclose(np.array(exact.prefill()), whole, atol=2e-4)
     short = demo.build_prompt("Hi")
     batch = Sequences.start(demo.decoder, [demo.prompt_inputs(short), inputs])  # the short prompt is left-padded
     batched = np.array(batch.prefill())

@@ -119,12 +119,13 @@ def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: flo
     if softcap is not None:  # soft-capped scores (Gemma 2): the reference, no kernel has the step
         out = _reference.cached_attention(_as_mx(q), _as_mx(k), _as_mx(v), cache, mask, scale=scale, softcap=softcap)
         return _host_out(out) if host else out
-    if host and _cpu.enabled():
+    if host and _cpu.enabled() and _kv_quant.causal_step(mask, q.shape[2]):
         out = _host_dense_step(q, k, v, cache, mask, scale=scale)
         if out is not None:
             return out
     k, v = _as_mx(k), _as_mx(v)  # the cache stores mx.arrays
-    if _cpu.enabled():  # decode and verify steps read the cache in place: dense, affine or TurboQuant (C kernels)
+    if _cpu.enabled() and _kv_quant.causal_step(mask, q.shape[2]):
+        # decode and verify steps read the cache in place: dense, affine or TurboQuant (C kernels)
         out = _kv_quant.coded_decode_step(q, k, v, cache, mask, scale=scale, affine=_kv_affine_decode,
                                           turbo=_kv_turbo_decode, dense=_kv_dense_decode,
                                           max_tokens=_cpu.GEMV_MAX_ROWS)

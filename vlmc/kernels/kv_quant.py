@@ -129,6 +129,16 @@ def merge_chunks(partial: mx.array, stats: mx.array) -> mx.array:
 _starts_by_mask: dict[tuple[int, int], mx.array] = {}  # live masks only (entries leave with their mask)
 
 
+def causal_step(mask: mx.array | None, tokens: int) -> bool:
+    """Whether a step's mask lets none of its ``tokens`` new tokens see a later one: what
+    the KV kernels compute (causal from each sequence's start). A family's bidirectional
+    spans in a prompt chunk break it; the caller then takes the reference path."""
+    if mask is None or tokens <= 1:
+        return True
+    new = mask[..., -tokens:, mask.shape[-1] - tokens:]                    # [B, 1, T, T]
+    return not bool(mx.any(new & mx.triu(mx.ones((tokens, tokens), dtype=mx.bool_), k=1)).item())
+
+
 def starts_from_mask(mask: mx.array | None, batch: int) -> mx.array:
     """Each sequence's first visible key in a decode step's mask [B, 1, 1, S] (left padding).
     Every layer of a step passes the same mask object, so the answer is kept while that

@@ -27,6 +27,7 @@ import weakref
 import mlx.core as mx
 import numpy as np
 
+from .. import kv_quant as _kv_quant
 from .. import reference as _reference
 from . import GEMV_MAX_ROWS, _check, _get_lib, _host, _unpack, enabled, qplan
 from .host import SIGMOID_SCALE, param
@@ -266,6 +267,8 @@ def decode_layers(x, cos, sin, mask, caches, layers, *, eps1: float, eps2: float
     if step is None:
         return None
     lib, B, T, hidden, c_ptr, s_ptr, ca, cl = step
+    if not _kv_quant.causal_step(mask, T):
+        return None  # the kernels attend causally from each sequence's start: not a family's spans
     attrs = (eps1, eps2, heads, kv_heads, head_dim, inter, scale, act)
     structs = [_layer(w, attrs) for w in layers]
     if any(lay is None or lay.hidden != hidden for lay in structs):
