@@ -109,6 +109,7 @@ class ImageProcessor:
 
     kind = ""
     fields: tuple[str, ...] = ()
+    switches: tuple[str, ...] = ()  # UNSUPPORTED_SWITCHES this kind does implement
 
     @classmethod
     def spec_from_config(cls, cfg: dict, kind: str) -> dict:  # pragma: no cover - abstract
