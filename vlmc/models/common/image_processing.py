@@ -2,7 +2,7 @@
 
 A *processor spec* is a plain, JSON-serialisable dict the compiler stores in the artifact
 (``processor.json``): its ``kind`` names the processor (``processors``: the Qwen-VL
-dynamic-resolution one, CLIP/SigLIP fixed-resolution), and every other field is explicit:
+dynamic-resolution one, CLIP/SigLIP fixed-resolution, Idefics3's tiles), and every other field is explicit:
 ``processors.spec_from_preprocessor_config`` fills what a checkpoint's
 ``preprocessor_config.json`` leaves out with the defaults of the transformers class that
 would have read it. This module holds what every processor shares.

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import SourceError, UnsupportedModelError
-from ...frontend.config import vision_field
 from ...frontend.weights import Weights
 from ...ir.builder import FunctionBuilder
 from ...ir.core import Program
