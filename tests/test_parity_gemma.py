@@ -559,7 +559,9 @@ def test_unsupported_model_type_names_the_gemma_families(store, tmp_path):
         vlmc_compile(src, tmp_path / "out")
     line = str(err.value)
     assert "\n" not in line and "'gemma4' is not supported" in line
-    assert "gemma3, gemma3_text, llava, paligemma, qwen2_5_vl, qwen2_vl" in line
+    from vlmc.models import supported_model_types
+    assert {"gemma3", "gemma3_text", "paligemma"} <= set(supported_model_types())
+    assert ", ".join(supported_model_types()) in line
 
 
 @pytest.mark.parametrize("change,message", [

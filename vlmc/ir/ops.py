@@ -160,6 +160,30 @@ def _avg_pool_tokens(t, a):
     return [TensorType((x.shape[0], (grid // kernel) ** 2, x.shape[2]), x.dtype)]
 
 
+@rule("sum_axis")
+def _sum_axis(t, a):
+    """x summed over ``axis``, which is dropped: e.g. the weighted taps of an interpolated
+    position embedding (Qwen3-VL's bilinear resampling of its learned position grid)."""
+    x = t[0]
+    shape = list(x.shape)
+    del shape[a["axis"]]
+    return [TensorType(tuple(shape), x.dtype)]
+
+
+@rule("pad_axis")
+def _pad_axis(t, a):
+    """x with ``before`` and ``after`` zeros along ``axis`` (Qwen3-VL's token embeddings,
+    widened with room for the DeepStack features merged in at image tokens)."""
+    x = t[0]
+    axis, before, after = a["axis"], int(a.get("before", 0)), int(a["after"])
+    if before < 0 or after < 0:
+        raise ShapeError(f"pad_axis: negative padding {before}, {after}")
+    shape = list(x.shape)
+    n = shape[axis]
+    shape[axis] = n + before + after if isinstance(n, int) else f"{n}+{before + after}"
+    return [TensorType(tuple(shape), x.dtype)]
+
+
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu")
 
 
@@ -286,13 +310,16 @@ def _rope_freqs(t, a):
     kind "default": positions [B, L]     -> [B, 1, L, D]
     kind "mrope":   positions [3, B, L]  -> [B, 1, L, D]   (sections pick the stream)
     kind "axial2d": positions [N, 2]     -> [N, 1, D]      (h and w halves)
+    kind "mrope_interleaved": positions [3, B, L] -> [B, 1, L, D]  (Qwen3-VL: frequency j
+        takes stream h where j % 3 == 1 and j < 3 * sections[1], stream w where j % 3 == 2
+        and j < 3 * sections[2], stream t elsewhere)
 
     ``factor`` (default 1): linear rope scaling, the inverse frequencies divided by it.
     """
     pos, dim, kind = t[0], a["dim"], a["kind"]
     if kind == "default":
         shape = (pos.shape[0], 1, pos.shape[1], dim)
-    elif kind == "mrope":
+    elif kind in ("mrope", "mrope_interleaved"):
         if sum(a["sections"]) * 2 != dim:
             raise ShapeError(f"mrope sections {a['sections']} do not cover head dim {dim}")
         shape = (pos.shape[1], 1, pos.shape[2], dim)

@@ -73,13 +73,16 @@ def rope_freqs(positions, kind: str, dim: int, theta: float, sections: list[int]
     """The text rope tables (default, mrope) as host arrays: the same products as the
     reference, cos/sin rounded from float64 (through MLX a decode step's tables would be
     an evaluation of about ten small ops). Other kinds: the reference's."""
-    if kind not in ("default", "mrope"):
+    if kind not in ("default", "mrope", "mrope_interleaved"):
         return _rope_freqs_mlx(positions, kind=kind, dim=dim, theta=theta, sections=sections)
     inv = _inv_freq(theta, dim) if factor == 1.0 else _inv_freq(theta, dim) / np.float32(factor)
     f = np.asarray(positions).astype(np.float32)[..., None] * inv
     if kind == "mrope":  # [3, B, L, D/2] -> each section from its own position row
         bounds = np.cumsum([0, *sections])
         f = np.concatenate([f[i % 3, ..., a:b] for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))], axis=-1)
+    elif kind == "mrope_interleaved":  # each frequency from the stream interleaving assigns it
+        stream = np.asarray(_reference.interleaved_streams(sections, dim // 2))
+        f = np.where(stream == 1, f[1], np.where(stream == 2, f[2], f[0]))
     emb = np.concatenate([f, f], axis=-1)[:, None].astype(np.float64)   # [B, 1, L, D]
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
@@ -191,6 +194,18 @@ def softcap(x, cap: float):
     if _is_host(x):
         return np.tanh(x / np.float32(cap)) * np.float32(cap)
     return _reference.softcap(x, cap)
+
+
+def sum_axis(x, axis: int):
+    return np.sum(x, axis=axis, dtype=np.float32) if _is_host(x) else _reference.sum_axis(x, axis)
+
+
+def pad_axis(x, axis: int, after: int, before: int = 0):
+    if not _is_host(x):
+        return _reference.pad_axis(x, axis, after, before)
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (before, after)
+    return np.pad(x, widths)
 
 
 def mul(a, b):

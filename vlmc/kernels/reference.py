@@ -56,6 +56,16 @@ def avg_pool_tokens(x: mx.array, grid: int, kernel: int) -> mx.array:
     return windows.mean(axis=(2, 4)).reshape(n, side * side, e)
 
 
+def sum_axis(x: mx.array, axis: int) -> mx.array:
+    return mx.sum(x, axis=axis)
+
+
+def pad_axis(x: mx.array, axis: int, after: int, before: int = 0) -> mx.array:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (before, after)
+    return mx.pad(x, widths)
+
+
 def act(x: mx.array, kind: str) -> mx.array:
     if kind == "silu":
         return x * mx.sigmoid(x)
@@ -132,6 +142,10 @@ def rope_freqs(positions: mx.array, kind: str, dim: int, theta: float,
             parts.append(f[i % 3, ..., start:start + sec])
             start += sec
         freqs = mx.concatenate(parts, axis=-1)[:, None]            # [B, 1, L, D/2]
+    elif kind == "mrope_interleaved":
+        f = pos[..., None] * _inv_freq(theta, dim)                 # [3, B, L, D/2]
+        stream = mx.array(interleaved_streams(sections, dim // 2))
+        freqs = mx.where(stream == 1, f[1], mx.where(stream == 2, f[2], f[0]))[:, None]
     elif kind == "axial2d":
         f = pos[..., None] * _inv_freq(theta, dim // 2)            # [N, 2, D/4]
         freqs = mx.concatenate([f[:, 0], f[:, 1]], axis=-1)[:, None]  # [N, 1, D/2]
@@ -139,6 +153,17 @@ def rope_freqs(positions: mx.array, kind: str, dim: int, theta: float,
         raise ValueError(f"unknown rope kind {kind!r}")
     emb = mx.concatenate([freqs, freqs], axis=-1)
     return mx.cos(emb), mx.sin(emb)
+
+
+def interleaved_streams(sections: list[int], half: int) -> list[int]:
+    """The position stream (0 t, 1 h, 2 w) of each of ``half`` rotary frequencies under
+    interleaved M-RoPE, as transformers' Qwen3-VL recomposes them: h at 1, 4, 7, ... below
+    3 * sections[1], w at 2, 5, 8, ... below 3 * sections[2], t elsewhere."""
+    out = [0] * half
+    for stream in (1, 2):
+        for j in range(stream, min(3 * sections[stream], half), 3):
+            out[j] = stream
+    return out
 
 
 def rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:

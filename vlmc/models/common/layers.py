@@ -8,7 +8,7 @@ Every param is declared with its role and part, which the passes match on.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from ...errors import UnsupportedModelError
 from ...frontend.config import vision_field
@@ -162,8 +162,8 @@ def decoder_layer(w: Weights, tc: TextConfig, prefix_fmt: str = "text.layers.{i}
 
 def text_entry_points(prog: Program, w: Weights, tc: TextConfig, block: Block, position_streams: int = 1, *,
                       embed_scale: float | None = None, norm_offset: float = 0.0,
-                      final_softcap: float | None = None, rope_tables: dict[str, dict[str, Any]] | None = None
-                      ) -> None:
+                      final_softcap: float | None = None, rope_tables: dict[str, dict[str, Any]] | None = None,
+                      deepstack: Sequence[int] = ()) -> None:
     """embed / prefill / decode / verify over the decoder block, final norm and LM head.
 
     Positions are [B, L] for one stream of rotary positions, [streams, B, L] for several
@@ -174,8 +174,21 @@ def text_entry_points(prog: Program, w: Weights, tc: TextConfig, block: Block, p
     sqrt(hidden); image features merged into ``embed``'s output are not scaled);
     ``norm_offset`` shifts the final norm's weight as in ``decoder_layer``; ``final_softcap``
     soft-caps the logits; ``rope_tables``: name -> ``rope_freqs`` attributes (kind, theta,
-    factor) of each rotary table a block made with ``layer_rope`` takes."""
+    factor) of each rotary table a block made with ``layer_rope`` takes.
+
+    ``deepstack``: decoder layers after which features are added to the hidden state
+    (Qwen3-VL's DeepStack: level k after layer ``deepstack[k]``). ``embed`` then returns
+    [B, L, (1 + K) * hidden] rows: the token embedding followed by K zero blocks, which
+    ``Inputs.merge`` fills at image tokens with the vision features' K extra blocks; prefill
+    runs the token embedding through the layers and adds block k after layer
+    ``deepstack[k]`` (zeros at text tokens, so every prompt, with images or without, and
+    any batch of them, takes the same prefill). Decode and verify steps take no image
+    tokens and add nothing."""
     h, v = tc.hidden_size, tc.vocab_size
+    deepstack = [int(i) for i in deepstack]
+    if deepstack and (deepstack != sorted(set(deepstack)) or deepstack[0] < 0 or deepstack[-1] >= tc.num_layers):
+        raise ValueError(f"deepstack layers {deepstack} are not increasing decoder layer indices "
+                         f"below {tc.num_layers}")
     w.add("text.embed_tokens.weight", (v, h), role="embed", part="text")
     w.add("text.norm.weight", (h,), role="norm", part="text", transforms=norm_shift(norm_offset))
     if tc.tie_word_embeddings:
@@ -189,12 +202,16 @@ def text_entry_points(prog: Program, w: Weights, tc: TextConfig, block: Block, p
         x = fb.op("embedding", ids, fb.param("text.embed_tokens.weight"), name=name)
         return x if embed_scale is None else fb.op("scale", x, value=float(embed_scale), name=name)
 
-    fb = FunctionBuilder("embed", types, doc="token ids -> input embeddings")
+    fb = FunctionBuilder("embed", types, doc="token ids -> input embeddings" + (
+        f" [token | {len(deepstack)} zero DeepStack blocks]" if deepstack else ""))
     ids = fb.input("ids", ("B", "L"), "int32")
-    prog.functions["embed"] = fb.output(embedding(fb, ids, "embeds"))
+    x = embedding(fb, ids, "embeds")
+    if deepstack:
+        x = fb.op("pad_axis", x, axis=-1, after=len(deepstack) * h, name="embeds")
+    prog.functions["embed"] = fb.output(x)
     pos_shape = ("B", "L") if position_streams == 1 else (position_streams, "B", "L")
     rope_attrs: dict[str, Any] = dict(kind=tc.rope_kind, dim=tc.head_dim, theta=tc.rope_theta)
-    if tc.rope_kind == "mrope":
+    if tc.rope_kind in ("mrope", "mrope_interleaved"):
         rope_attrs["sections"] = list(tc.mrope_sections)
     tables = [i[len("%cos_"):] for i in block.body.inputs if i.startswith("%cos_")]
     if sorted(tables) != sorted(rope_tables or {}):
@@ -204,8 +221,11 @@ def text_entry_points(prog: Program, w: Weights, tc: TextConfig, block: Block, p
             "verify": "several new tokens per sequence -> the logits after each of them"}
     for name, doc in docs.items():
         fb = FunctionBuilder(name, types, doc=doc)
+        wide = None
         if name == "prefill":
-            x = fb.input("embeds", ("B", "L", h), COMPUTE)
+            x = fb.input("embeds", ("B", "L", h * (1 + len(deepstack))), COMPUTE)
+            if deepstack:
+                wide, x = x, fb.op("slice_axis", x, axis=-1, start=0, stop=h, name="x")
         else:
             tok = fb.input("ids", ("B", 1 if name == "decode" else "L"), "int32")
             x = embedding(fb, tok, "x")
@@ -218,8 +238,15 @@ def text_entry_points(prog: Program, w: Weights, tc: TextConfig, block: Block, p
                                    **{"dim": tc.head_dim, **rope_tables[table]})]
         else:
             rope = fb.op("rope_freqs", pos, n_out=2, name="rope", **rope_attrs)
-        x = fb.op("call_block", x, *rope, mask, caches, block=block.name, start=0,
-                  stop=tc.num_layers, name="x")
+        start = 0
+        for k, layer in enumerate(deepstack if wide is not None else []):
+            x = fb.op("call_block", x, *rope, mask, caches, block=block.name, start=start, stop=layer + 1, name="x")
+            feat = fb.op("slice_axis", wide, axis=-1, start=(1 + k) * h, stop=(2 + k) * h, name=f"deepstack{k}_")
+            x = fb.op("add", x, feat, name="x")
+            start = layer + 1
+        if start < tc.num_layers:
+            x = fb.op("call_block", x, *rope, mask, caches, block=block.name, start=start,
+                      stop=tc.num_layers, name="x")
         if name != "verify":
             x = fb.op("slice_axis", x, axis=1, start=-1, name="last")
         x = fb.op("rms_norm", x, fb.param("text.norm.weight"), eps=tc.rms_norm_eps, name="x")
@@ -323,12 +350,17 @@ def vit_layer(w: Weights, *, name: str, prefix_fmt: str, n_layers: int, dim: int
 
 
 def siglip_tower(w: Weights, prog: Program, vc: dict[str, Any], fb: FunctionBuilder,
-                 name: str = "vision_layer") -> tuple[str, dict[str, int]]:
+                 name: str = "vision_layer", *, position_ids: bool = False) -> tuple[str, dict[str, int]]:
     """A SigLIP vision tower up to its ``last_hidden_state`` (post-layernorm, no head), as
     Gemma 3 and PaliGemma read it: declares its params (``vision.*``) and layer block, and
     adds to ``fb`` (a ``vision_encode`` being built) a ``pixels`` [N, C, S, S] input and the
     tower's ops. Returns the [N, patches, dim] value and the tower's sizes (dim,
-    image_size, patch, channels); absent config fields take SiglipVisionConfig's defaults."""
+    image_size, patch, channels); absent config fields take SiglipVisionConfig's defaults.
+
+    ``position_ids``: the tower also takes ``position_ids`` [patches] (int32, planned on the
+    host) and adds the position table's rows at those ids, rather than the whole table in
+    order: Idefics3's NaViT-style embeddings bucket each patch's fractional coordinates,
+    which for some grid sizes is not the identity."""
     dim = int(vision_field(vc, "hidden_size", default=768))
     heads = int(vision_field(vc, "num_attention_heads", default=12))
     n_layers = int(vision_field(vc, "num_hidden_layers", default=12))
@@ -361,7 +393,11 @@ def siglip_tower(w: Weights, prog: Program, vc: dict[str, Any], fb: FunctionBuil
     x = fb.op("patchify", px, patch=patch, name="patches")
     x = fb.op("linear", x, fb.param("vision.embeddings.patch_embedding.weight"),
               fb.param("vision.embeddings.patch_embedding.bias"), name="x")
-    x = fb.op("add", x, fb.param("vision.embeddings.position_embedding.weight"), name="x")
+    table = fb.param("vision.embeddings.position_embedding.weight")
+    if position_ids:
+        ids = fb.input("position_ids", (n_patches,), "int32")
+        table = fb.op("take", table, ids, axis=0, name="positions")
+    x = fb.op("add", x, table, name="x")
     x = fb.op("call_block", x, block=vblock.name, start=0, stop=n_layers, name="x")
     x = fb.op("layer_norm", x, fb.param("vision.post_layernorm.weight"), fb.param("vision.post_layernorm.bias"),
               eps=eps, name="hidden")
