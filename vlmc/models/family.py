@@ -94,13 +94,6 @@ class Inputs:
         is causal. The default: none."""
         return []
 
-    def prefill_inputs(self, ids: list[int], images: ProcessedImages, features: Any) -> dict[str, mx.array]:
-        """Extra inputs of the ``prefill`` entry point, each with the prompt's positions on
-        axis -2 ([..., L, D]; the step loop pads and chunks them with the prompt), e.g.
-        Qwen3-VL's DeepStack features placed at the image tokens. ``features``: what
-        ``vision_encode`` returned. The default: none."""
-        return {}
-
     def vision_inputs(self, images: ProcessedImages) -> dict[str, mx.array]:
         """The ``vision_encode`` entry point's keyword arguments for these images."""
         return {"pixels": mx.array(images.pixel_values)}

@@ -174,8 +174,7 @@ class VLM:
                 features = self.encode_images(p.images)
             emb = self.inputs.merge(emb, ids_row, features)
         pos, delta = self.inputs.positions(p.ids, p.images)
-        extra = self.inputs.prefill_inputs(p.ids, p.images, features) if p.images is not None else {}
-        return PromptInputs(emb, pos, delta, self.inputs.attention_spans(p.ids, p.images), extra)
+        return PromptInputs(emb, pos, delta, self.inputs.attention_spans(p.ids, p.images))
 
     def check_length(self, prompts: Sequence[Prompt]) -> None:
         for p in prompts:
