@@ -149,6 +149,11 @@ def rope_freqs(positions: mx.array, kind: str, dim: int, theta: float,
     elif kind == "axial2d":
         f = pos[..., None] * _inv_freq(theta, dim // 2)            # [N, 2, D/4]
         freqs = mx.concatenate([f[:, 0], f[:, 1]], axis=-1)[:, None]  # [N, 1, D/2]
+    elif kind == "axial2d_alternating":
+        inv = _inv_freq(theta, dim)                                # [D/2] over the whole head dim
+        fh = pos[:, 0:1] * inv[0::2]                               # [N, D/4]: h at the even frequencies
+        fw = pos[:, 1:2] * inv[1::2]                               # [N, D/4]: w at the odd ones
+        freqs = mx.concatenate([fh, fw], axis=-1)[:, None]         # [N, 1, D/2]
     else:
         raise ValueError(f"unknown rope kind {kind!r}")
     emb = mx.concatenate([freqs, freqs], axis=-1)
