@@ -315,13 +315,14 @@ def _quality_prompts(m):
 
 def test_quantized_kv_caches(store):
     """Every KV layout on Mistral 3's windowed layers: 8-bit codes track float32 (top-1 >=
-    0.9, mean KL < 0.02); coarser codes cost more, never less; the cpu decode_layer fast
-    path serves the Mistral layers."""
+    0.9, mean KL < 0.02); coarser codes cost more, never less. The cpu decode_layer fast
+    path serves the unwindowed Mistral layers of the LLaVA checkpoint (it reads no
+    rotating caches)."""
     from vlmc.quality import compare
 
+    assert "decode_layer" in (store.artifact(store.ckpt("llava_pixtral")) / "model.py").read_text()
     info = store.ckpt("mistral3")
     art = store.artifact(info)
-    assert "decode_layer" in (art / "model.py").read_text()
     base = store.vlm(info)
     prompts = _quality_prompts(base)
     kls = []
@@ -520,3 +521,14 @@ def test_literal_image_tokens_in_text_are_refused(store):
         m.build_prompt("[IMG] what is this?", images=[img])
     with pytest.raises(InputError, match="placeholder"):
         m.build_prompt("[IMG] what is this?")
+
+
+def test_registry_lists_the_family(tmp_path):
+    """The registry finds the folder: mistral3 is compiled, and an unknown model type's error
+    lists it among the supported ones."""
+    from vlmc.errors import UnsupportedModelError
+    from vlmc.models import family, supported_model_types
+
+    assert "mistral3" in supported_model_types() and family("mistral3").name == "mistral3"
+    with pytest.raises(UnsupportedModelError, match="mistral3"):
+        family("pixtral")
