@@ -284,6 +284,48 @@ def test_axial_rope_matches_pixtral_rotary_embedding(head_dim, theta):
         np.testing.assert_allclose(got, want[0].numpy(), rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("params", [
+    px.YARN, {**px.YARN, "mscale_all_dim": 0.5}, {k: v for k, v in px.YARN.items() if not k.startswith("mscale")},
+    {**px.YARN, "factor": 8.0, "beta_fast": 16.0, "truncate": False, "rope_theta": 1e6},
+], ids=["ministral", "mscale-ratio", "mscale-from-factor", "untruncated"])
+def test_yarn_rope_matches_ministral3_rotary_embedding(params):
+    """rope_freqs kind yarn (with text_config's attributes): Ministral3RotaryEmbedding's
+    cos/sin (attention factor included) at positions up to 70000, in both op libraries;
+    Llama 4 query scaling caps the context at the original positions."""
+    import transformers as tf
+    from transformers.models.ministral3.modeling_ministral3 import Ministral3RotaryEmbedding
+    from vlmc.kernels import cpu_ops, reference
+    from vlmc.models.common.text_config import text_config
+
+    cfg = tf.Ministral3Config(hidden_size=64, num_attention_heads=4, head_dim=16, max_position_embeddings=65536,
+                              rope_parameters=dict(params))
+    emb = Ministral3RotaryEmbedding(cfg)
+    pos = torch.tensor([[0, 1, 5, 100, 4095, 4096, 9000, 70000]])
+    with torch.no_grad():
+        cos_t, sin_t = emb(torch.zeros(1, 8, 16), pos)
+    tc = text_config({"text_config": cfg.to_dict()}, nested=True)
+    assert tc.rope_kind == "yarn" and tc.max_position_embeddings == 4096
+    for ops in (reference, cpu_ops):
+        cos, sin = ops.rope_freqs(mx.array(pos.numpy().astype(np.int32)), kind="yarn", dim=16,
+                                  theta=tc.rope_theta, **tc.rope_attrs)
+        np.testing.assert_allclose(np.asarray(cos)[:, 0], cos_t.numpy(), rtol=0, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(sin)[:, 0], sin_t.numpy(), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("layout", ["v5", "v4"])
+def test_ministral3_decoder(store, layout):
+    """Mistral 3 with Ministral 3's decoder (YaRN rope, Llama 4 query scaling): parity with
+    transformers in both config layouts (v4: ``rope_scaling`` with ``type`` yarn)."""
+    base = store.ckpt("mistral3", text="ministral3")
+    info = base if layout == "v5" else store.ckpt("mistral3", text="ministral3", layout="v4")
+    if layout == "v4":
+        assert info["config"]["text_config"]["rope_scaling"]["type"] == "yarn"
+    m = store.vlm(info)
+    assert m.meta["text"]["max_position_embeddings"] == 4096
+    for case in ("text", "two_images", "multi_turn"):
+        assert_parity(m, store.ref(base, case), case, f"ministral3/{layout}/{case}", "mistral3")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_image_features_match_transformers(store, family):
     """The compiled vision_encode (tower, and Mistral 3's norm + patch merger + projector)

@@ -318,9 +318,12 @@ def _rope_freqs(t, a):
         and j < 3 * sections[2], stream t elsewhere)
 
     ``factor`` (default 1): linear rope scaling, the inverse frequencies divided by it.
+    kind "yarn": positions [B, L] -> [B, 1, L, D]; YaRN's blend of plain and ``factor``-scaled
+        frequencies (``beta_fast``, ``beta_slow``, ``original_max``, ``truncate``), cos and
+        sin multiplied by ``attention_factor``.
     """
     pos, dim, kind = t[0], a["dim"], a["kind"]
-    if kind == "default":
+    if kind in ("default", "yarn"):
         shape = (pos.shape[0], 1, pos.shape[1], dim)
     elif kind in ("mrope", "mrope_interleaved"):
         if sum(a["sections"]) * 2 != dim:

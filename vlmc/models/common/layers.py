@@ -210,7 +210,7 @@ def text_entry_points(prog: Program, w: Weights, tc: TextConfig, block: Block, p
         x = fb.op("pad_axis", x, axis=-1, after=len(deepstack) * h, name="embeds")
     prog.functions["embed"] = fb.output(x)
     pos_shape = ("B", "L") if position_streams == 1 else (position_streams, "B", "L")
-    rope_attrs: dict[str, Any] = dict(kind=tc.rope_kind, dim=tc.head_dim, theta=tc.rope_theta)
+    rope_attrs: dict[str, Any] = dict(kind=tc.rope_kind, dim=tc.head_dim, theta=tc.rope_theta, **tc.rope_attrs)
     if tc.rope_kind in ("mrope", "mrope_interleaved"):
         rope_attrs["sections"] = list(tc.mrope_sections)
     tables = [i[len("%cos_"):] for i in block.body.inputs if i.startswith("%cos_")]
