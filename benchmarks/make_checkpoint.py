@@ -6,10 +6,8 @@ The shapes come from ``reference_configs/<family>.json`` (published config value
 Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct, llava-interleave-qwen-0.5b, gemma-3-4b-it,
 paligemma-3b-mix-224, Qwen3-VL-2B-Instruct, SmolVLM-256M-Instruct (``idefics3``),
 SmolVLM2-256M-Video-Instruct (``smolvlm``) and Ministral-3-3B-Instruct-2512 (``mistral3``: the
-smallest published Mistral 3, 3.85B parameters, 7.7 GB in bfloat16, about 2 GB as q4; its
-``ministral3`` decoder uses YaRN rope with Llama 4 query scaling, which ``vlmc compile``
-refuses with a clear error until that rope kind is supported, so the preset builds the
-checkpoint for mlx-vlm and transformers comparisons and for that work)). Tensor names
+smallest published Mistral 3, 3.85B parameters, 7.7 GB in bfloat16, about 2 GB as q4; the hub
+repo ships FP8, the preset writes the BF16 layout)). Tensor names
 and shapes are read from transformers' model class instantiated on the meta device (no
 memory); weights are drawn with numpy one tensor at a time and streamed to safetensors
 shards, so a 2B model needs no more RAM than its largest tensor. The tokenizer is the
