@@ -104,3 +104,217 @@ def test_v4_layout(store):
     m = store.vlm(info)
     toks, logits = run_vlmc(m, [build_prompt(m, "one_image")])
     check_outputs(toks[0], logits[0], ref, "qwen3_5/v4/one_image")
+
+
+# ------------------------------------------------------------------------------ the hybrid stack
+
+
+def _hf_logits_token_by_token(model, ids):
+    """transformers' recurrent form: one token at a time through its cache (the linear
+    layers' recurrent kernel and conv update), logits after every token."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.text_config)
+    out = []
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            out.append(model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits[0, -1].numpy())
+    return np.stack(out)
+
+
+def test_hybrid_layers_step_by_step_match_transformers_recurrent_and_chunked(store):
+    """Every prompt position's logits, prefilled one column at a time (the delta rule's step
+    form) and in chunks of 5 (its chunked form, carried across chunks with the conv
+    state), against transformers' token-by-token recurrent form and its chunked form
+    (the whole prompt at once, no cache)."""
+    from vlmc.runtime.step import Sequences
+
+    info = store.ckpt()
+    _, model = store.hf_model(info)
+    m = store.vlm(info)
+    p = m.build_prompt("Tell me a short story about the river and the old mill by the bridge.")
+    ids = torch.tensor([p.ids])
+    recurrent = _hf_logits_token_by_token(model, ids)
+    with torch.no_grad():
+        chunked = model(input_ids=ids, use_cache=False).logits[0].numpy()
+    assert float(np.abs(recurrent - chunked).max()) <= LOGIT_ATOL
+    for chunk in (1, 5):
+        seqs = Sequences.start(m.decoder, [m.prompt_inputs(p, None)])
+        rows, ends = [], []
+        while not seqs.prefill_done:
+            rows.append(np.array(seqs.prefill(chunk)[0]))
+            ends.append(seqs.prefilled - 1)
+        assert len(rows) == -(-len(p.ids) // chunk)
+        for want in (recurrent, chunked):
+            diff = float(np.abs(np.stack(rows) - want[ends]).max())
+            assert diff <= LOGIT_ATOL, f"chunk {chunk}: {diff}"
+
+
+def test_batched_prompts_equal_serial(store):
+    """Two different prompts (one with an image, left padding for the shorter) batched
+    through prefill and decode give what each gives alone; padding columns never reach a
+    recurrent state."""
+    m = store.vlm(store.ckpt())
+    prompts = [build_prompt(m, "one_image"), build_prompt(m, "text")]
+    assert len(prompts[0].ids) != len(prompts[1].ids)
+    toks, logits = run_vlmc(m, prompts)
+    for i, p in enumerate(prompts):
+        t1, l1 = run_vlmc(m, [p])
+        np.testing.assert_array_equal(toks[i], t1[0])
+        assert float(np.abs(logits[i] - l1[0]).max()) <= LOGIT_ATOL
+
+
+def _run_jobs(batcher, jobs, timeout=300):
+    import threading
+
+    from vlmc.runtime.batcher import Job, TokenEvent
+
+    tokens, finish, done = [[] for _ in jobs], [None] * len(jobs), threading.Event()
+
+    def emit(i):
+        def on_event(ev):
+            if isinstance(ev, TokenEvent):
+                tokens[i].append(ev.token)
+            else:
+                finish[i] = ev
+                if all(f is not None for f in finish):
+                    done.set()
+        return on_event
+
+    for i, kw in enumerate(jobs):
+        batcher.submit(Job(emit=emit(i), **kw))
+    assert done.wait(timeout), "jobs did not finish"
+    return tokens, finish
+
+
+def test_batching_loop_joins_and_keeps_rows(store):
+    """The batching loop (chunked prefills joining a running batch, finished rows dropped)
+    gives one-at-a-time outputs."""
+    from vlmc.runtime.batcher import Batcher
+
+    m = store.vlm(store.ckpt())
+    image = ck.make_test_image(100, 70, seed=10)
+    prompts = [m.build_prompt("Describe the picture.", images=[image]), m.build_prompt("Tell me about shapes"),
+               m.build_prompt("circle square " * 12)]
+    jobs = [dict(prompt=p, max_tokens=5 + 4 * i) for i, p in enumerate(prompts)]
+    batcher = Batcher(m, max_batch=8, prefill_chunk=16)
+    try:
+        alone = [_run_jobs(batcher, [j])[0][0] for j in jobs]
+        together, _ = _run_jobs(batcher, jobs * 2)
+    finally:
+        batcher.shutdown()
+    assert together == alone * 2
+    assert batcher.counters["decode_steps"] < batcher.counters["batched_tokens"]
+
+
+def test_speculation_is_lossless(store):
+    """Greedy output with drafts is the output without them. Prompt lookup, and the model
+    drafting for itself (its own hybrid caches rewound over several decode steps), through
+    the engine's loop; and in the batching loop a drafter that proposes the right
+    continuation with every third token wrong, so verify steps keep some tokens and
+    reject others, two rows at a time: the recurrent states are rewound within a step
+    (restored, then recomputed over the kept tokens)."""
+    from vlmc.runtime.batcher import Batcher
+    from vlmc.runtime.speculative import Draft, Drafter, Speculation
+
+    m = store.vlm(store.ckpt())
+    cases = [dict(prompt="the river runs by the mill and the mill turns by the river " * 3),
+             dict(prompt="Describe the picture.", images=[ck.make_test_image(100, 70, seed=3)])]
+    plain = [m.generate(max_tokens=24, **case).token_ids for case in cases]
+    for case, want in zip(cases, plain):
+        for draft in ("prompt-lookup", m):
+            assert m.generate(max_tokens=24, draft=draft, **case).token_ids == want, (draft, case)
+
+    prompts = [m.build_prompt(**case) for case in cases]
+    answers = {tuple(p.ids): want for p, want in zip(prompts, plain)}
+
+    class HalfRight(Drafter):
+        name = "half-right"
+
+        def start(self, prompt_ids, prompt=None):
+            return list(prompt_ids)
+
+        def propose(self, state, context, k, sampler=None, rng=None):
+            done = len(context) - len(state)
+            truth = answers[tuple(state)][done:done + k]
+            return Draft([t if (done + i) % 3 != 2 else (t + 1) % 400 for i, t in enumerate(truth)])
+
+    batcher = Batcher(m, speculation=Speculation(HalfRight(), num_draft_tokens=4, adaptive=False))
+    try:
+        got, _ = _run_jobs(batcher, [dict(prompt=p, max_tokens=24) for p in prompts])
+    finally:
+        batcher.shutdown()
+    assert got == plain
+    c = batcher.counters
+    assert c["draft_proposed"] > c["draft_accepted"] > 0 and c["speculative_steps"] > 0
+
+
+def test_prefix_cache_is_refused_with_its_reason(store):
+    """Prefix blocks cannot hold a recurrent state: a batching loop given a prefix cache
+    says why and does not use it, and answers as without one."""
+    from vlmc.runtime.batcher import Batcher
+    from vlmc.runtime.prefix_cache import PrefixCache
+    from vlmc.runtime.state_cache import PREFIX_REFUSAL
+
+    m = store.vlm(store.ckpt())
+    assert m.decoder.prefix_refusal() == PREFIX_REFUSAL
+    p = m.build_prompt("Tell me a short story about the river. " * 3)
+    with pytest.warns(UserWarning, match="prefix caching is off"):
+        cached = Batcher(m, prefix_cache=PrefixCache(block_size=8))
+    try:
+        assert cached.prefix_cache is None and cached.prefix_refusal == PREFIX_REFUSAL
+        first, fin = _run_jobs(cached, [dict(prompt=p, max_tokens=8)])
+        again, fin2 = _run_jobs(cached, [dict(prompt=p, max_tokens=8)])
+    finally:
+        cached.shutdown()
+    assert first == again and fin2[0].cached_tokens == 0
+    assert first[0] == m.generate(prompt="Tell me a short story about the river. " * 3, max_tokens=8).token_ids
+
+
+# ------------------------------------------------------------------------------ template, plan
+
+
+def test_thinking_is_on_by_default(store):
+    """The template opens a think block unless enable_thinking is false, as transformers
+    renders it."""
+    info = store.ckpt()
+    proc, _ = store.hf_model(info)
+    m = store.vlm(info)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    on = m.build_prompt(messages=messages)
+    off = m.build_prompt(messages=messages, template_vars={"enable_thinking": False})
+    assert on.text.endswith("<|im_start|>assistant\n<think>\n")
+    assert off.text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert on.text == proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert off.text == proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                enable_thinking=False)
+
+
+def test_plan_and_inspect_show_recurrent_states(store):
+    """kv_layout plans a recurrent state per linear-attention layer (bytes per sequence)
+    beside the full-attention layers' KV caches; the manifest lists every decoder layer's
+    cache in order and ``vlmc inspect`` shows both kinds; KV options reach only the
+    full-attention layers."""
+    import json
+
+    from click.testing import CliRunner
+
+    from vlmc.cli import main
+
+    info = store.ckpt()
+    store.vlm(info)
+    art = next(a for k, a in store.arts.items() if k[0] == info["path"])
+    manifest = json.loads((Path(art) / "manifest.json").read_text())
+    layers = manifest["kv_plan"]["decoder"]
+    assert [L["kv"]["layout"] for L in layers] == ["recurrent", "dense", "recurrent", "recurrent", "dense"]
+    per_seq = (4 * 16 * 16) * 4 + 3 * (2 * 2 * 16 + 4 * 16) * 4
+    assert {L["kv"]["bytes_per_sequence"] for L in layers if L["kv"]["layout"] == "recurrent"} == {per_seq}
+    assert manifest["meta"]["kv_plan"]["bytes_per_sequence"] == 3 * per_seq
+    out = CliRunner().invoke(main, ["inspect", str(art)]).output
+    assert "recurrent state 4x16x16 + conv 3" in out and f"{per_seq:,} B/sequence" in out
+    q = vlmc.load(art, kv_bits=8, kv_quantize_last=True)
+    assert [L["kv"]["layout"] for L in q.kv_layers] == ["recurrent", "quantized", "recurrent", "recurrent",
+                                                        "quantized"]
+    p = q.build_prompt("Tell me a short story about the river.")
+    assert len(q.generate(prompt="Tell me a short story about the river.", max_tokens=4).token_ids) == 4
+    assert p.ids
