@@ -318,3 +318,37 @@ def test_plan_and_inspect_show_recurrent_states(store):
     p = q.build_prompt("Tell me a short story about the river.")
     assert len(q.generate(prompt="Tell me a short story about the river.", max_tokens=4).token_ids) == 4
     assert p.ids
+
+
+@pytest.mark.parametrize("kind", ["full_attention", "linear_attention"])
+def test_blocks_match_transformers_decoder_layers(store, kind):
+    """Each compiled block against transformers' decoder layer of that kind on the same
+    hidden states: the gated full-attention layer (output gate, QK-norm, partial
+    interleaved M-RoPE) with its causal mask, and the Gated DeltaNet layer (conv, delta
+    rule, gated norm) from a fresh state."""
+    from vlmc.kernels import reference
+    from vlmc.runtime.kv_cache import KVCache, attention_mask
+    from vlmc.runtime.state_cache import StateCache
+
+    info = store.ckpt()
+    _, model = store.hf_model(info)
+    m = store.vlm(info)
+    layer = q35.LAYER_TYPES.index(kind)
+    n = 9
+    x = torch.randn(1, n, 64, generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(n)[None, None].expand(3, 1, n)
+    lm = model.model.language_model
+    causal = torch.full((n, n), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        want = lm.layers[layer](x, position_embeddings=lm.rotary_emb(x, pos),
+                                attention_mask=causal if kind == "full_attention" else None).numpy()
+    block = "text_attn_layer" if kind == "full_attention" else "text_linear_layer"
+    run = getattr(m.model, block)
+    table = run.__globals__[block.upper()]
+    local = next(i for i, row in enumerate(table) if row["layer"] == layer)
+    cos, sin = reference.rope_freqs(mx.array(pos.numpy()), kind="mrope_interleaved", dim=8, theta=100.0,
+                                    sections=[2, 1, 1])
+    cache = KVCache(1, 2, 16) if kind == "full_attention" else StateCache(1)
+    mask = attention_mask(mx.zeros(1, mx.int32), 0, n, True)
+    got = run(getattr(m.model, f"{block}_params")[local], table[local], mx.array(x.numpy()), cos, sin, mask, cache)
+    np.testing.assert_allclose(np.asarray(got), want, atol=LOGIT_ATOL, rtol=0)
