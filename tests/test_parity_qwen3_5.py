@@ -352,3 +352,15 @@ def test_blocks_match_transformers_decoder_layers(store, kind):
     mask = attention_mask(mx.zeros(1, mx.int32), 0, n, True)
     got = run(getattr(m.model, f"{block}_params")[local], table[local], mx.array(x.numpy()), cos, sin, mask, cache)
     np.testing.assert_allclose(np.asarray(got), want, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_bench_and_long_context_report(store):
+    """``vlmc bench`` runs a hybrid artifact (its cache memory counts the states)."""
+    from vlmc.bench import bench, format_report
+
+    info = store.ckpt()
+    store.vlm(info)
+    art = next(a for k, a in store.arts.items() if k[0] == info["path"])
+    r = bench(str(art), prompt_lengths=[8], decode_tokens=4, image_size=64, runs=1)
+    assert r["family"] == "qwen3_5" and r["decode"]["decode_tps"] > 0 and "image" in r
+    assert "qwen3_5" in format_report(r)
