@@ -118,7 +118,9 @@ def _hf_logits_token_by_token(model, ids):
     out = []
     with torch.no_grad():
         for t in range(ids.shape[1]):
-            out.append(model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits[0, -1].numpy())
+            # explicit positions: the model keeps the last image prompt's M-RoPE delta otherwise
+            out.append(model(input_ids=ids[:, t:t + 1], position_ids=torch.tensor([[t]]), cache=cache,
+                             use_cache=True).logits[0, -1].numpy())
     return np.stack(out)
 
 
@@ -136,7 +138,7 @@ def test_hybrid_layers_step_by_step_match_transformers_recurrent_and_chunked(sto
     ids = torch.tensor([p.ids])
     recurrent = _hf_logits_token_by_token(model, ids)
     with torch.no_grad():
-        chunked = model(input_ids=ids, use_cache=False).logits[0].numpy()
+        chunked = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], use_cache=False).logits[0].numpy()
     assert float(np.abs(recurrent - chunked).max()) <= LOGIT_ATOL
     for chunk in (1, 5):
         seqs = Sequences.start(m.decoder, [m.prompt_inputs(p, None)])
