@@ -9,6 +9,9 @@ import math
 
 import mlx.core as mx
 
+from . import linear_attention as _la
+from .linear_attention import delta_gates, l2_norm, rms_norm_gated  # noqa: F401  (ops of that name)
+
 
 def linear(x: mx.array, w: mx.array, b: mx.array | None = None) -> mx.array:
     y = x @ w.T
@@ -77,6 +80,8 @@ def act(x: mx.array, kind: str) -> mx.array:
         return x * mx.sigmoid(1.702 * x)
     if kind == "relu":
         return mx.maximum(x, 0)
+    if kind == "sigmoid":
+        return mx.sigmoid(x)
     raise ValueError(f"unknown activation {kind!r}")
 
 
@@ -310,3 +315,51 @@ def result(x: mx.array) -> mx.array:
     """An entry point's output. The identity here; op libraries whose ops pass other
     array types between them (the cpu target's host arrays) return an mx.array."""
     return x
+
+
+# ---- linear attention (Gated DeltaNet): the layer's cache is a recurrent state ---------
+
+def zero_padded(x: mx.array, mask: mx.array | None = None) -> mx.array:
+    """x [B, L, E] with the rows of left-padding columns zeroed: a column is padding when the
+    step mask hides it from itself (its diagonal entry). A recurrent layer would otherwise
+    fold whatever the padding rows hold into its state."""
+    if mask is None:
+        return x
+    n = x.shape[1]
+    diag = mx.diagonal(mask[:, 0, :, mask.shape[-1] - n:], axis1=1, axis2=2)     # [B or 1, L]
+    return x * diag[..., None].astype(x.dtype)
+
+
+def causal_conv1d(x: mx.array, w: mx.array, cache, *, activation: str | None = None) -> mx.array:
+    """Depthwise causal conv over time, x [B, L, C], w [C, K], continuing from the K-1 inputs
+    before this step that ``cache`` keeps (zeros for a fresh one), which it then advances."""
+    width = w.shape[1] - 1
+    prev = cache.conv_window(x.shape[0], width, x.shape[2], x.dtype)
+    window = mx.concatenate([prev, x], axis=1)
+    cache.conv_step(prev, x, window[:, window.shape[1] - width:])
+    out = _la.conv1d_apply(window, w.astype(x.dtype), x.shape[1])
+    return out if activation is None else act(out, activation)
+
+
+def gated_delta_rule(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, cache, *,
+                     scale: float, chunk: int = 64) -> mx.array:
+    """Gated delta rule over the step's tokens from the state ``cache`` holds, which it then
+    advances: q, k [B, L, Hk, Dk] (L2-normed), v [B, L, Hv, Dv], g, beta [B, L, Hv] ->
+    [B, L, Hv, Dv]. One token runs the recurrence; several run it in chunks."""
+    groups = v.shape[2] // k.shape[2]
+    qh = _la._heads(q, groups) * scale
+    kh = _la._heads(k, groups)
+    vh = v.astype(mx.float32).transpose(0, 2, 1, 3)
+    gh, bh = g.astype(mx.float32).transpose(0, 2, 1), beta.astype(mx.float32).transpose(0, 2, 1)
+    before = cache.recurrent_state(v.shape[0], v.shape[2], k.shape[3], v.shape[3])
+    if q.shape[1] == 1:
+        out, state = _la.delta_rule_steps(qh, kh, vh, gh, bh, before)
+    else:
+        out, state = _la.delta_rule_chunked(qh, kh, vh, gh, bh, before, chunk)
+    cache.delta_step(before, kh, vh, gh, bh, state)
+    return out.transpose(0, 2, 1, 3).astype(v.dtype)
+
+
+def select_caches(caches: list, layers: list[int]) -> list:
+    """The caches of these decoder layers, in this order (a block's layers in a hybrid stack)."""
+    return [caches[i] for i in layers]
