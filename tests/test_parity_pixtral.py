@@ -574,3 +574,30 @@ def test_registry_lists_the_family(tmp_path):
     assert "mistral3" in supported_model_types() and family("mistral3").name == "mistral3"
     with pytest.raises(UnsupportedModelError, match="mistral3"):
         family("pixtral")
+
+
+def test_runs_without_torch(store, tmp_path):
+    """The artifact's runtime half (the Pixtral processor, row expansion and vision plan)
+    needs neither torch nor transformers: the Python API in a fresh interpreter where
+    importing them fails gives the same tokens."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from test_parity import _BLOCKER, REPO_ROOT
+
+    art = store.artifact(store.ckpt("mistral3"))
+    img_path = tmp_path / "img.png"
+    ck.make_test_image(100, 70, seed=3).save(img_path)
+    expect = store.vlm(store.ckpt("mistral3")).generate("hi", images=[str(img_path)], max_tokens=6)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    api = _BLOCKER + textwrap.dedent(f"""
+        import json, vlmc
+        out = vlmc.load({str(art)!r}).generate("hi", images=[{str(img_path)!r}], max_tokens=6)
+        print(json.dumps(out.token_ids))
+        assert not any(k.split(".")[0] in ("torch", "transformers") for k in sys.modules)
+    """)
+    r = subprocess.run([sys.executable, "-c", api], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == expect.token_ids
