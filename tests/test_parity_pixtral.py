@@ -334,9 +334,8 @@ def test_image_features_match_transformers(store, family):
     proc, model = store.hf_pair(info)
     m = store.vlm(info)
     images = [ck.make_test_image(150, 100, seed=1), ck.make_test_image(40, 64, seed=2)]
-    batch = proc.image_processor(images=images, return_tensors="pt",
-                                 patch_size={"height": px.PATCH * px.merge_size(family)} | {"width": px.PATCH *
-                                                                                          px.merge_size(family)})
+    factor = px.PATCH * px.merge_size(family)  # PixtralProcessor's patch size for its image processor
+    batch = proc.image_processor(images=images, return_tensors="pt", patch_size={"height": factor, "width": factor})
     with torch.no_grad():
         kw = {} if family == "mistral3" else {"vision_feature_select_strategy": "full"}
         feats = model.model.get_image_features(batch["pixel_values"], image_sizes=batch["image_sizes"],
