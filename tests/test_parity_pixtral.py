@@ -600,3 +600,19 @@ def test_runs_without_torch(store, tmp_path):
     r = subprocess.run([sys.executable, "-c", api], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == expect.token_ids
+
+
+def test_head_without_a_tie_setting(store, tmp_path):
+    """A config that names no tie_word_embeddings anywhere: the checkpoint's own LM head is
+    used when it has one (the references hold), the embeddings otherwise."""
+    import shutil
+
+    info = store.ckpt("mistral3", layout="v4")
+    src = tmp_path / "ck"
+    shutil.copytree(info["path"], src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("tie_word_embeddings", None)
+    cfg["text_config"].pop("tie_word_embeddings", None)
+    (src / "config.json").write_text(json.dumps(cfg))
+    m = vlmc.load(vlmc_compile(src, tmp_path / "art"))
+    assert_parity(m, store.ref(store.ckpt("mistral3"), "text"), "text", "mistral3/no-tie-setting", "mistral3")

@@ -34,6 +34,10 @@ def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
     text = raw.get("text_config") or {}
     text_type = text.get("model_type", "mistral")
     tc = text_config(raw, nested=True, decoder=_MISTRAL if text_type == "mistral" else None, text_type=text_type)
+    if raw.get("tie_word_embeddings") is None and text.get("tie_word_embeddings") is None:
+        # configs written by transformers 4.x say nothing (its class defaults differed across
+        # versions): the checkpoint's own head decides
+        tc.tie_word_embeddings = not w.has("lm_head.weight")
     vc = raw.get("vision_config") or {}
     merge = int(raw.get("spatial_merge_size", 2))
     if merge < 1:
