@@ -310,20 +310,28 @@ def _rope_freqs(t, a):
     kind "default": positions [B, L]     -> [B, 1, L, D]
     kind "mrope":   positions [3, B, L]  -> [B, 1, L, D]   (sections pick the stream)
     kind "axial2d": positions [N, 2]     -> [N, 1, D]      (h and w halves)
+    kind "axial2d_alternating": positions [N, 2] -> [N, 1, D]  (Pixtral: the inverse
+        frequencies of the whole head dim, h taking the even ones and w the odd ones,
+        h's then w's in each half)
     kind "mrope_interleaved": positions [3, B, L] -> [B, 1, L, D]  (Qwen3-VL: frequency j
         takes stream h where j % 3 == 1 and j < 3 * sections[1], stream w where j % 3 == 2
         and j < 3 * sections[2], stream t elsewhere)
 
     ``factor`` (default 1): linear rope scaling, the inverse frequencies divided by it.
+    kind "yarn": positions [B, L] -> [B, 1, L, D]; YaRN's blend of plain and ``factor``-scaled
+        frequencies (``beta_fast``, ``beta_slow``, ``original_max``, ``truncate``), cos and
+        sin multiplied by ``attention_factor``.
     """
     pos, dim, kind = t[0], a["dim"], a["kind"]
-    if kind == "default":
+    if kind in ("default", "yarn"):
         shape = (pos.shape[0], 1, pos.shape[1], dim)
     elif kind in ("mrope", "mrope_interleaved"):
         if sum(a["sections"]) * 2 != dim:
             raise ShapeError(f"mrope sections {a['sections']} do not cover head dim {dim}")
         shape = (pos.shape[1], 1, pos.shape[2], dim)
-    elif kind == "axial2d":
+    elif kind in ("axial2d", "axial2d_alternating"):
+        if dim % 4:
+            raise ShapeError(f"2D rope needs a head dim divisible by 4, got {dim}")
         shape = (pos.shape[0], 1, dim)
     else:
         raise ShapeError(f"unknown rope kind {kind!r}")

@@ -133,13 +133,42 @@ def _inv_freq(theta: float, dim: int) -> mx.array:
     return 1.0 / (mx.array(theta, dtype=mx.float32) ** exponents)
 
 
+def yarn_inv_freq(theta: float, dim: int, factor: float, beta_fast: float, beta_slow: float,
+                  original_max: int, truncate: bool = True) -> mx.array:
+    """YaRN's inverse frequencies, in transformers' float32 arithmetic: each frequency a blend
+    of the plain one (fast rotations, kept) and the one divided by ``factor`` (slow ones,
+    interpolated), ramped linearly between the dims where ``beta_fast`` and ``beta_slow``
+    rotations fit in ``original_max`` positions."""
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original_max / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = mx.array(theta, dtype=mx.float32) ** (mx.arange(0, dim, 2, dtype=mx.float32) / dim)
+    ramp = mx.clip((mx.arange(dim // 2, dtype=mx.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+
+
 def rope_freqs(positions: mx.array, kind: str, dim: int, theta: float,
-               sections: list[int] | None = None, factor: float = 1.0) -> tuple[mx.array, mx.array]:
+               sections: list[int] | None = None, factor: float = 1.0, beta_fast: float = 32.0,
+               beta_slow: float = 1.0, original_max: int = 0, truncate: bool = True,
+               attention_factor: float = 1.0) -> tuple[mx.array, mx.array]:
     pos = positions.astype(mx.float32)
-    if kind == "default":
-        inv = _inv_freq(theta, dim) if factor == 1.0 else _inv_freq(theta, dim) / factor  # linear scaling
+    if kind in ("default", "yarn"):
+        if kind == "yarn":
+            inv = yarn_inv_freq(theta, dim, factor, beta_fast, beta_slow, original_max, truncate)
+        else:
+            inv = _inv_freq(theta, dim) if factor == 1.0 else _inv_freq(theta, dim) / factor  # linear scaling
         freqs = pos[..., None] * inv                               # [B, L, D/2]
         freqs = freqs[:, None]                                     # [B, 1, L, D/2]
+        if kind == "yarn":
+            emb = mx.concatenate([freqs, freqs], axis=-1)
+            return mx.cos(emb) * attention_factor, mx.sin(emb) * attention_factor
     elif kind == "mrope":
         f = pos[..., None] * _inv_freq(theta, dim)                 # [3, B, L, D/2]
         parts, start = [], 0
@@ -154,6 +183,11 @@ def rope_freqs(positions: mx.array, kind: str, dim: int, theta: float,
     elif kind == "axial2d":
         f = pos[..., None] * _inv_freq(theta, dim // 2)            # [N, 2, D/4]
         freqs = mx.concatenate([f[:, 0], f[:, 1]], axis=-1)[:, None]  # [N, 1, D/2]
+    elif kind == "axial2d_alternating":
+        inv = _inv_freq(theta, dim)                                # [D/2] over the whole head dim
+        fh = pos[:, 0:1] * inv[0::2]                               # [N, D/4]: h at the even frequencies
+        fw = pos[:, 1:2] * inv[1::2]                               # [N, D/4]: w at the odd ones
+        freqs = mx.concatenate([fh, fw], axis=-1)[:, None]         # [N, 1, D/2]
     else:
         raise ValueError(f"unknown rope kind {kind!r}")
     emb = mx.concatenate([freqs, freqs], axis=-1)

@@ -256,7 +256,8 @@ def text_entry_points(prog: Program, w: Weights, tc: TextConfig, block: Block, p
         x = fb.op("pad_axis", x, axis=-1, after=len(deepstack) * h, name="embeds")
     prog.functions["embed"] = fb.output(x)
     pos_shape = ("B", "L") if position_streams == 1 else (position_streams, "B", "L")
-    rope_attrs: dict[str, Any] = dict(kind=tc.rope_kind, dim=rope_dim or tc.head_dim, theta=tc.rope_theta)
+    rope_attrs: dict[str, Any] = dict(kind=tc.rope_kind, dim=rope_dim or tc.head_dim, theta=tc.rope_theta,
+                                      **tc.rope_attrs)
     if tc.rope_kind in ("mrope", "mrope_interleaved"):
         rope_attrs["sections"] = list(tc.mrope_sections)
     tables = [i[len("%cos_"):] for i in block.body.inputs if i.startswith("%cos_")]
@@ -339,19 +340,21 @@ def finish(prog: Program, w: Weights, tc: TextConfig) -> Program:
 def vit_layer(w: Weights, *, name: str, prefix_fmt: str, n_layers: int, dim: int, heads: int,
               mlp_dim: int, norm: str, eps: float, act: str, fused_qkv: bool, gated_mlp: bool,
               names: dict[str, str], rope: bool, masks: list[str] | None,
-              layers: list[dict[str, Any]]) -> Block:
+              layers: list[dict[str, Any]], bias: bool = True) -> Block:
     """A pre-norm ViT layer on [N, S, E] (or [S, E] when ``rope``: packed patches).
 
     ``names`` maps roles (norm1, norm2, qkv | q/k/v, out, fc1, fc2 | gate/up/down) to the
     checkpoint's relative module names. ``masks``: block inputs a layer may attend with,
-    chosen per layer by the ``mask`` attribute of the layer table.
+    chosen per layer by the ``mask`` attribute of the layer table. ``bias``: whether the
+    projections carry biases (Pixtral's have none).
     """
     hd = dim // heads
     spec: LayerSpec = {}
 
     def module(role: str, shape: tuple[int, ...], ir_role: str) -> None:
         spec[names[role] + ".weight"] = (shape, ir_role)
-        spec[names[role] + ".bias"] = ((shape[0],), ir_role)
+        if bias:
+            spec[names[role] + ".bias"] = ((shape[0],), ir_role)
 
     for role in ("norm1", "norm2"):
         spec[names[role] + ".weight"] = ((dim,), "norm")
@@ -388,10 +391,10 @@ def vit_layer(w: Weights, *, name: str, prefix_fmt: str, n_layers: int, dim: int
 
     n = normed(x, "norm1")
     if fused_qkv:
-        qkv = linear(fb, n, names["qkv"], bias=True)
+        qkv = linear(fb, n, names["qkv"], bias=bias)
         q, k, v = fb.op("split", qkv, sizes=[dim, dim, dim], axis=-1, n_out=3, name="qkv")
     else:
-        q, k, v = (linear(fb, n, names[r], bias=True) for r in ("q", "k", "v"))
+        q, k, v = (linear(fb, n, names[r], bias=bias) for r in ("q", "k", "v"))
     if rope:  # packed [S, E]: heads, rotate, then [1, H, S, hd] for attention
         q, k, v = (fb.op("reshape", t, shape=[0, heads, hd], name=r) for t, r in zip((q, k, v), "qkv"))
         q = fb.op("rope", q, cos, sin, name="q")
@@ -407,16 +410,16 @@ def vit_layer(w: Weights, *, name: str, prefix_fmt: str, n_layers: int, dim: int
     a = fb.op("attention", q, k, v, mask, scale=hd ** -0.5, name="attn")
     a = fb.op("transpose", a, axes=[0, 2, 1, 3], name="attn")
     a = fb.op("reshape", a, shape=[-1, dim] if rope else [0, 0, dim], name="attn")
-    x = fb.op("add", x, linear(fb, a, names["out"], bias=True), name="x")
+    x = fb.op("add", x, linear(fb, a, names["out"], bias=bias), name="x")
     n = normed(x, "norm2")
     if gated_mlp:
-        g = linear(fb, n, names["gate"], bias=True)
-        u = linear(fb, n, names["up"], bias=True)
+        g = linear(fb, n, names["gate"], bias=bias)
+        u = linear(fb, n, names["up"], bias=bias)
         m = fb.op("glu", g, u, kind=act, name="mlp")
-        y = linear(fb, m, names["down"], bias=True)
+        y = linear(fb, m, names["down"], bias=bias)
     else:
-        m = fb.op("act", linear(fb, n, names["fc1"], bias=True), kind=act, name="mlp")
-        y = linear(fb, m, names["fc2"], bias=True)
+        m = fb.op("act", linear(fb, n, names["fc1"], bias=bias), kind=act, name="mlp")
+        y = linear(fb, m, names["fc2"], bias=bias)
     x = fb.op("add", x, y, name="x")
     return make_block(name, fb.output(x), prefix_fmt, ptypes, layers, roles)
 
