@@ -713,22 +713,23 @@ def test_quantized_kv_artifact_decodes_through_the_one_call_path(tiny_checkpoint
 
 
 def test_supported_kv_layouts_for_the_compiler():
-    """What the lower pass reads to attach the fast path: dense and 4/8-bit affine layouts,
-    never a sliding window or TurboQuant."""
+    """What the lower pass reads to attach the fast path: dense layouts (sliding windows
+    too) and 4/8-bit affine ones, never TurboQuant."""
     from vlmc.kernels.cpu.decode_layer import SUPPORTED_KV, supports_kv
-    assert SUPPORTED_KV == {"dense": None, "quantized": (4, 8)}
+    assert SUPPORTED_KV == {"dense": None, "rotating": None, "quantized": (4, 8)}
     assert supports_kv("dense") and supports_kv({"layout": "dense"})
     assert supports_kv({"layout": "quantized", "bits": 4, "group_size": 32}, head_dim=128)
     assert supports_kv({"layout": "quantized", "bits": 8, "group_size": 64})
     assert not supports_kv({"layout": "quantized", "bits": 4, "group_size": 64}, head_dim=48)
     assert not supports_kv({"layout": "quantized", "bits": 2, "group_size": 32})
     assert not supports_kv({"layout": "turboquant", "k_bits": 4, "v_bits": 4})
-    assert not supports_kv({"layout": "dense", "window": 4096}) and not supports_kv("rotating")
+    assert supports_kv({"layout": "rotating", "window": 4096}) and not supports_kv("paged")
 
 
 def test_host_writable_covers_affine_layouts_with_the_dense_conditions():
     """Affine caches may be written in place under the same conditions as dense ones (room
-    left, past every export, nothing dropped); write_host itself stores dense floats only."""
+    left, past every export); write_host itself stores dense floats only. A sliding window
+    may be written so while its next append would drop nothing (make_room drops first)."""
     spec = {"layout": "quantized", "bits": 4, "group_size": 32}
     cache = cache_for(spec)
     assert not cache.host_writable()  # no buffer yet
@@ -746,7 +747,11 @@ def test_host_writable_covers_affine_layouts_with_the_dense_conditions():
     assert full.capacity == 256 and not full.host_writable()
     window = make_caches([{"index": 0, "kv": {**spec, "window": 8}}], B, HKV, D)[0]
     window.append(k, v)
-    assert not window.host_writable()
+    assert window.host_writable()  # 16 held: within window - 1 + slack
+    window.append(*kv(32, 2))
+    assert window.held == 48 and not window.host_writable()  # the next append drops 41 first
+    window.make_room()
+    assert window.held == 7 and window.start == 41 and window.host_writable()
 
 
 # ---------------------------------------------------------------- several tokens per sequence (verify)
