@@ -176,19 +176,22 @@ def test_decode_step_runs_on_host_arrays(tmp_path, monkeypatch):
     assert float(mx.abs(got - ref).max()) <= 1e-4 * float(mx.abs(ref).max())
 
 
-@pytest.mark.parametrize("kind", ["silu", "quick_gelu"])
+@pytest.mark.parametrize("kind", ["silu", "quick_gelu", "gelu_tanh"])
 def test_sigmoid_gate_kernel_on_column_slices(rng, kind):
     """The C gate (vectorized exp, rows split across threads) on the column halves of a
-    fused gate_up output, without copying them, against float64 numpy; extreme inputs
-    give what numpy gives (0 * inf never appears: x / (1 + inf) = -0)."""
+    fused gate_up output, without copying them, against float64 numpy (GELU-tanh: its
+    tanh form, which the kernel computes as x sigmoid(2u)); extreme inputs give what numpy
+    gives (0 * inf never appears: x / (1 + inf) = -0)."""
     gate_up = arr(rng, 300, 2 * 520, scale=5.0)  # 156k elements per half: the threaded path
     gate_up[0, :5] = [-1e4, 1e4, 0.0, -95.0, 95.0]
     gate, up = cpu_ops.split(gate_up, sizes=[520, 520], axis=-1)
     assert not gate.flags.c_contiguous
-    a = {"silu": 1.0, "quick_gelu": 1.702}[kind]
     g64 = gate.astype(np.float64)
     with np.errstate(over="ignore"):
-        ref = g64 / (1.0 + np.exp(-a * g64))
+        if kind == "gelu_tanh":
+            ref = 0.5 * g64 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (g64 + 0.044715 * g64 ** 3)))
+        else:
+            ref = g64 / (1.0 + np.exp(-{"silu": 1.0, "quick_gelu": 1.702}[kind] * g64))
     got = cpu_ops.glu(gate, up, kind)
     assert type(got) is np.ndarray and got.shape == gate.shape
     np.testing.assert_allclose(got, ref * up, rtol=5e-6, atol=1e-6 * np.abs(ref * up).max())

@@ -341,7 +341,8 @@ def test_no_degenerate_repetition_in_long_greedy_runs(tiny_checkpoint, tmp_path_
 def test_cpu_kernel_reads_dense_buffers_like_the_reference(dim, monkeypatch):
     """The C decode kernel over a dense float32 cache (read in place, no slice copy) against
     the MLX reference, with left padding and spare capacity; the cpu op library routes
-    dense decode steps to it but leaves windowed caches to the masked path."""
+    dense decode steps to it, sliding windows too (the kernel's window bound, after the
+    rotating cache dropped what its append drops), each step as the masked reference."""
     from vlmc.kernels import cpu, cpu_ops, kv_quant
     from vlmc.kernels.cpu.kv_decode import kv_dense_decode
     if cpu._get_lib() is None:
@@ -361,10 +362,15 @@ def test_cpu_kernel_reads_dense_buffers_like_the_reference(dim, monkeypatch):
     step = cpu_ops.cached_attention(q[:, :, None], k[:, :, :1], v[:, :, :1], cache, None, scale=0.125)
     whole = reference.cached_attention(q[:, :, None], k[:, :, :1], v[:, :, :1], twin, None, scale=0.125)
     assert calls == [1] and float(mx.abs(step - whole).max()) <= 1e-5 * float(mx.abs(whole).max())
-    window = RotatingKVCache(B, HKV, dim, window=64)
-    window.append(k[:, :, :50], v[:, :, :50])  # start 0, but its mask_for still hides tokens
-    cpu_ops.cached_attention(q[:, :, None], k[:, :, :1], v[:, :, :1], window, None, scale=0.125)
-    assert calls == [1]
+    window, twin = RotatingKVCache(B, HKV, dim, window=16), RotatingKVCache(B, HKV, dim, window=16)
+    for c in (window, twin):
+        c.append(k[:, :, :40], v[:, :, :40])  # start 0, but its mask_for still hides tokens
+    for i in range(20):  # 40 + 20 tokens: past window - 1 + slack, the oldest get dropped
+        kk, vv = k[:, :, 40 + i:41 + i], v[:, :, 40 + i:41 + i]
+        step = cpu_ops.cached_attention(q[:, :, None], kk, vv, window, None, scale=0.125)
+        whole = reference.cached_attention(q[:, :, None], kk, vv, twin, None, scale=0.125)
+        assert float(mx.abs(mx.array(step) - whole).max()) <= 1e-5 * float(mx.abs(whole).max()), i
+    assert calls == [1] * 21 and window.start == twin.start > 0 and window.held == twin.held
 
 
 @pytest.mark.parametrize("heads,dim", [(16, 64), (14, 48), (2, 16)])
@@ -471,7 +477,10 @@ def test_write_host_never_writes_where_an_array_can_see():
     assert not cache.write_host(np.zeros((B, HKV, 1, D), np.float32), np.zeros((B, HKV, 1, D), np.float32))
     assert cache.held == 15 and float(mx.abs(blocks[1]["k.x"] - k[:, :, 8:16]).max()) == 0
     window = RotatingKVCache(B, HKV, D, window=8)
-    window.append(k, v)  # its own append drops old tokens: never the in-place path
+    window.append(k, v)  # in place while its next append would drop nothing (16 <= 7 + slack)
+    assert window.write_host(np.ones((B, HKV, 1, D), np.float32), np.ones((B, HKV, 1, D), np.float32))
+    window.append(*kv(32, 3))
+    assert window.held == 49  # its next append drops old tokens first: not in place
     assert not window.write_host(np.ones((B, HKV, 1, D), np.float32), np.ones((B, HKV, 1, D), np.float32))
 
 
@@ -713,22 +722,23 @@ def test_quantized_kv_artifact_decodes_through_the_one_call_path(tiny_checkpoint
 
 
 def test_supported_kv_layouts_for_the_compiler():
-    """What the lower pass reads to attach the fast path: dense and 4/8-bit affine layouts,
-    never a sliding window or TurboQuant."""
+    """What the lower pass reads to attach the fast path: dense layouts (sliding windows
+    too) and 4/8-bit affine ones, never TurboQuant."""
     from vlmc.kernels.cpu.decode_layer import SUPPORTED_KV, supports_kv
-    assert SUPPORTED_KV == {"dense": None, "quantized": (4, 8)}
+    assert SUPPORTED_KV == {"dense": None, "rotating": None, "quantized": (4, 8)}
     assert supports_kv("dense") and supports_kv({"layout": "dense"})
     assert supports_kv({"layout": "quantized", "bits": 4, "group_size": 32}, head_dim=128)
     assert supports_kv({"layout": "quantized", "bits": 8, "group_size": 64})
     assert not supports_kv({"layout": "quantized", "bits": 4, "group_size": 64}, head_dim=48)
     assert not supports_kv({"layout": "quantized", "bits": 2, "group_size": 32})
     assert not supports_kv({"layout": "turboquant", "k_bits": 4, "v_bits": 4})
-    assert not supports_kv({"layout": "dense", "window": 4096}) and not supports_kv("rotating")
+    assert supports_kv({"layout": "rotating", "window": 4096}) and not supports_kv("paged")
 
 
 def test_host_writable_covers_affine_layouts_with_the_dense_conditions():
     """Affine caches may be written in place under the same conditions as dense ones (room
-    left, past every export, nothing dropped); write_host itself stores dense floats only."""
+    left, past every export); write_host itself stores dense floats only. A sliding window
+    may be written so while its next append would drop nothing (make_room drops first)."""
     spec = {"layout": "quantized", "bits": 4, "group_size": 32}
     cache = cache_for(spec)
     assert not cache.host_writable()  # no buffer yet
@@ -746,7 +756,11 @@ def test_host_writable_covers_affine_layouts_with_the_dense_conditions():
     assert full.capacity == 256 and not full.host_writable()
     window = make_caches([{"index": 0, "kv": {**spec, "window": 8}}], B, HKV, D)[0]
     window.append(k, v)
-    assert not window.host_writable()
+    assert window.host_writable()  # 16 held: within window - 1 + slack
+    window.append(*kv(32, 2))
+    assert window.held == 48 and not window.host_writable()  # the next append drops 41 first
+    window.make_room()
+    assert window.held == 7 and window.start == 41 and window.host_writable()
 
 
 # ---------------------------------------------------------------- several tokens per sequence (verify)

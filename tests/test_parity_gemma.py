@@ -346,7 +346,31 @@ def test_inspect_shows_the_sliding_window_layers_on_rotating_caches(store):
     shown = CliRunner().invoke(main, ["inspect", str(art)]).output
     assert f"rotating(window={gm.GEMMA3_WINDOW})" in shown and f"layers 0-1     rotating {gm.GEMMA3_WINDOW}" in shown
     assert "per-layer cos: 2x %cos_local %cos_global" in shown
-    assert "decode_layer" not in (art / "model.py").read_text()  # the cpu fast path does not match Gemma's layer
+    assert "ops.decode_layers(" in (art / "model.py").read_text()  # the cpu fast path takes Gemma 3's layer
+
+
+@pytest.mark.parametrize("family,options", [("gemma3", {}), ("gemma3", {"quantize": "q4", "kv_bits": 4}),
+                                             ("gemma3_text", {"dtype": "bfloat16"}), ("paligemma", {"quantize": "q8"}),
+                                             ("paligemma2", {})])
+def test_decode_layer_fast_path_is_the_ops(store, family, options, monkeypatch):
+    """The cpu fast path takes every Gemma decoder layer (QK-norm, sandwich norms, GELU-tanh,
+    Gemma 2's soft-capped scores, sliding windows on rotating caches with their own rotary
+    tables; 4-bit caches on Gemma 3's global layers): a batch of an image prompt and a text
+    prompt decodes to the op-by-op logits bit for bit, Gemma 3's past its window plus the
+    rotating caches' slack (the oldest tokens dropped on the way)."""
+    from test_decode_layer_variants import assert_fast_path_is_the_ops
+    from vlmc.kernels import cpu
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    info = store.ckpt(family)
+    fast, plain = store.vlm(info, **options), store.vlm(info, no_fuse=("decode_layer",), **options)
+    assert "ops.decode_layers(" in (store.artifact(info, **options) / "model.py").read_text()
+    text = "Tell me a short story about the river."
+    prompts = [fast.build_prompt(text)] if family == "gemma3_text" else \
+        [fast.build_prompt(messages=_case("one_image")[0], images=_case("one_image")[1]), fast.build_prompt(text)]
+    if family == "paligemma":  # its processor takes an image with every prompt
+        prompts = [fast.build_prompt(messages=_case(c)[0], images=_case(c)[1]) for c in ("one_image", "wide")]
+    assert_fast_path_is_the_ops(fast, plain, prompts, gm.GEMMA3_WINDOW + 36, monkeypatch)
 
 
 def _quality_prompts(m):

@@ -297,6 +297,34 @@ def test_chunked_prefill_matches_whole(store):
     np.testing.assert_allclose(np.array(logits), whole, rtol=0, atol=LOGIT_ATOL)
 
 
+@pytest.mark.parametrize("options", [{}, {"quantize": "q4"}], ids=["f32", "q4"])
+def test_decode_layer_fast_path_is_the_ops(store, options, monkeypatch):
+    """The cpu fast path takes Qwen3's layer (QK-norm): decode steps of an image prompt and a
+    text prompt, and a prefill in chunks of 7 through two images (the stack call split at the
+    DeepStack layers, their features added between the calls), give the op-by-op logits bit
+    for bit."""
+    from test_decode_layer_variants import assert_fast_path_is_the_ops
+    from vlmc.kernels import cpu, cpu_ops
+    from vlmc.runtime.step import Sequences
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    info = store.ckpt()
+    fast, plain = store.vlm(info, **options), store.vlm(info, no_fuse=("decode_layer",), **options)
+    prompts = [build_prompt(fast, "one_image"), fast.build_prompt("Tell me a short story about the river.")]
+    assert_fast_path_is_the_ops(fast, plain, prompts, 12, monkeypatch)
+    ran, real = [], cpu_ops._decode_layers
+    monkeypatch.setattr(cpu_ops, "_decode_layers", lambda *a, **k: ran.append(real(*a, **k)) or ran[-1])
+    chunked = []
+    for m in (fast, plain):
+        p = build_prompt(m, "two_images")
+        seqs = Sequences.start(m.decoder, [m.prompt_inputs(p)])
+        while not seqs.prefill_done:
+            logits = seqs.prefill(7)
+        chunked.append(np.array(logits))
+    assert sum(r is not None for r in ran) > len(q3.DEEPSTACK)  # chunks took the split stack calls
+    assert np.array_equal(chunked[0].view(np.uint32), chunked[1].view(np.uint32))
+
+
 # ------------------------------------------------------------------------------ quantization, caches
 
 

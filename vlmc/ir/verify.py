@@ -81,8 +81,9 @@ def verify(prog: Program) -> None:
                 if why is not None:
                     raise VerifyError(f"block {name} layer {layer.get('index')}: {why}")
         if blk.fast_path is not None:
-            for v in blk.fast_path.inputs:
-                if v is not None and v not in blk.body.inputs and not (v.startswith("@") and v[1:] in blk.param_shapes):
+            for v in blk.fast_path.inputs:  # a block input, a per-layer choice among them ($) or a param
+                if v is not None and v not in blk.body.inputs and not (v.startswith("@") and v[1:] in blk.param_shapes) \
+                        and not (v.startswith("$") and v in blk.body.types and all(v[1:] in L for L in blk.layers)):
                     raise VerifyError(f"block {name}: fast path {blk.fast_path.op} reads {v}, not an input or param")
     for name, fn in prog.functions.items():
         _check_function(fn, ptypes, f"function {name}", prog.blocks)

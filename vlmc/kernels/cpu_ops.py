@@ -137,21 +137,22 @@ def decode_layers(x, cos, sin, mask, caches, layers, **attrs):
 def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: float,
                      softcap: float | None = None):
     host = _is_host(q)
-    if softcap is not None:  # soft-capped scores (Gemma 2): the reference, no kernel has the step
-        out = _reference.cached_attention(_as_mx(q), _as_mx(k), _as_mx(v), cache, mask, scale=scale, softcap=softcap)
-        return _host_out(out) if host else out
+    # decode and verify steps read the cache in place (C kernels): dense, affine or TurboQuant;
+    # sliding windows and soft-capped scores (Gemma 2/3) too, except over TurboQuant codes
     if host and _cpu.enabled() and _kv_quant.causal_step(mask, q.shape[2]):
-        out = _host_dense_step(q, k, v, cache, mask, scale=scale)
+        out = _host_dense_step(q, k, v, cache, mask, scale=scale, softcap=softcap)
         if out is not None:
             return out
     k, v = _as_mx(k), _as_mx(v)  # the cache stores mx.arrays
     if _cpu.enabled() and _kv_quant.causal_step(mask, q.shape[2]):
-        # decode and verify steps read the cache in place: dense, affine or TurboQuant (C kernels)
         out = _kv_quant.coded_decode_step(q, k, v, cache, mask, scale=scale, affine=_kv_affine_decode,
                                           turbo=_kv_turbo_decode, dense=_kv_dense_decode,
-                                          max_tokens=_cpu.GEMV_MAX_ROWS)
+                                          max_tokens=_cpu.GEMV_MAX_ROWS, windows=True, softcap=softcap)
         if out is not None:
             return _host_out(out) if host else _as_mx(out)
+    if softcap is not None:  # soft-capped scores (Gemma 2) elsewhere: the reference
+        out = _reference.cached_attention(_as_mx(q), _as_mx(k), _as_mx(v), cache, mask, scale=scale, softcap=softcap)
+        return _host_out(out) if host else out
     qm = _as_mx(q)
     q2, keys, values, finish = cache.attention_inputs(qm, k, v)
     if q2 is qm:  # no rotation to undo (TurboQuant's finish rotates back in MLX)

@@ -156,32 +156,39 @@ def starts_from_mask(mask: mx.array | None, batch: int) -> mx.array:
 
 
 def coded_decode_step(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.array | None, *, scale: float,
-                      affine=None, turbo=None, dense=None, max_tokens: int = 1) -> mx.array | None:
+                      affine=None, turbo=None, dense=None, max_tokens: int = 1, windows: bool = False,
+                      softcap: float | None = None) -> mx.array | None:
     """A decode step (one query row) over a cache through the given kernels (functions with
     the signatures of ``kv_affine_decode`` / ``kv_turbo_decode`` / ``kv_dense_decode``) that
     read its buffers in place: stores k, v and returns the attention [B, H, 1, D]; None
     (nothing stored) when no kernel applies. Kernels that take several query tokens per
     sequence (q [B, H, T, D]; the cpu ones) take steps of up to ``max_tokens`` tokens on a
     cache that already holds some (speculative decoding's verify; a prompt still goes to
-    the caller's path). Windowed caches, whose mask also hides old tokens still held,
-    always take the caller's other path. q may be a float32 numpy array (the cpu target's
-    host arrays); the result then comes from the kernel as is."""
+    the caller's path). Windowed caches (whose mask also hides old tokens still held) and
+    soft-capped scores take the caller's other path, unless ``windows``: the dense and
+    affine kernels then take ``window`` and ``softcap`` (the cpu ones). q may be a float32
+    numpy array (the cpu target's host arrays); the result then comes from the kernel as is."""
     layout = getattr(cache, "layout", "dense")
     kernel = {"affine": affine, "turboquant": turbo, "dense": dense}.get(layout)
     T = q.shape[2]
-    if (kernel is None or not 1 <= T <= max_tokens or (T > 1 and not cache.held) or getattr(cache, "start", 0)
-            or getattr(cache, "window", None)):
+    window = getattr(cache, "window", None) or 0
+    if kernel is None or not 1 <= T <= max_tokens or (T > 1 and not cache.held):
+        return None
+    if (window or getattr(cache, "start", 0) or softcap) and not (windows and layout in ("dense", "affine")):
         return None
     cache.append(k, v)
     starts = starts_from_mask(mask, q.shape[0])
+    if cache.start:  # the cache's first column holds position start
+        starts = mx.maximum(starts - cache.start, 0)
+    extra = dict(window=window, softcap=softcap or 0.0) if windows and layout != "turboquant" else {}
     kb, vb = cache.buffers["k"], cache.buffers["v"]
     qk = q[:, :, 0] if T == 1 else q
     if layout == "dense":
-        out = kernel(qk, kb["x"], vb["x"], starts, cache.held, scale=scale)
+        out = kernel(qk, kb["x"], vb["x"], starts, cache.held, scale=scale, **extra)
     elif layout == "affine":
         codec = cache.codecs["k"]
         out = kernel(qk, kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"], vb["biases"],
-                     starts, cache.held, scale=scale, bits=codec.bits, group_size=codec.group_size)
+                     starts, cache.held, scale=scale, bits=codec.bits, group_size=codec.group_size, **extra)
     else:
         kc, vc = cache.codecs["k"], cache.codecs["v"]
         q0 = qk if isinstance(qk, mx.array) else mx.array(qk)

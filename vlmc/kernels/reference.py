@@ -217,7 +217,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
-def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b, **attrs):
+def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b, *optional,
+                 **attrs):
     """A decoder layer's optional one-call decode step (the ``decode_layer`` lowering, cpu
     target); the generated layer runs its own ops when this returns None, as here."""
     return None

@@ -6,7 +6,8 @@
   ``add_rms_norm`` op (a single pass over the row with vlmc's GPU kernel; on the CPU
   target the same two MLX ops).
 - ``decode_layer`` (cpu target, applied when lowering): a pre-norm decoder layer gets a
-  fast path, one C call per decode step instead of ~20 op calls (``decode_layer_fast_path``).
+  fast path, one C call per decode step instead of ~20 op calls
+  (``fast_path.decode_layer_fast_path``).
 
 Each fused projection group becomes ``linear(x, W_cat, b_cat) -> split`` whose outputs keep the
 original value names, so nothing downstream changes. Fewer, larger matmuls cut the
@@ -156,76 +157,3 @@ def fuse(prog: Program, disable: list[str] | tuple[str, ...] = (),
     if skipped:
         summary += f"; skipped {len(skipped)}: " + "; ".join(skipped[:3])
     return prog, summary
-
-
-_PROJ = ("linear", "qlinear")
-# the op kinds of a pre-norm decoder layer (Qwen2 style), in order; "proj" is linear/qlinear
-_DECODER = ("rms_norm", "proj", "split", "reshape", "transpose", "reshape", "transpose", "reshape", "transpose",
-            "rope", "rope", "cached_attention", "transpose", "reshape", "proj", "add", "rms_norm", "proj", "split",
-            "glu", "proj", "add")
-
-
-def decode_layer_fast_path(fn: Function) -> Op | None:
-    """A ``decode_layer`` op for a block body that is exactly a pre-norm decoder layer
-    with fused qkv and gate_up projections (what ``fuse`` makes of Qwen2-style layers):
-    x -> rms_norm -> qkv -> split -> q/k/v heads -> rope(q), rope(k) -> cached_attention
-    -> o_proj -> + x -> rms_norm -> gate_up -> split -> glu -> down -> + h. Any other
-    body (or wiring) gets None."""
-    ops = fn.ops
-    if len(ops) != len(_DECODER) or len(fn.inputs) != 5 or len(fn.outputs) != 1:
-        return None
-    if any(op.op != k and not (k == "proj" and op.op in _PROJ) for op, k in zip(ops, _DECODER)):
-        return None
-    x, cos, sin, mask, cache = fn.inputs
-    if fn.types[cache].dtype != "kvcache":
-        return None
-    made = {o: op for op in ops for o in op.outputs}
-
-    def heads_of(v: str, n: int) -> str | None:
-        """The [B, L, n*D] value that v is [B, n, L, D] heads of (reshape [0, 0, n, D], then
-        transpose [0, 2, 1, 3]), or None."""
-        t = made.get(v)
-        r = made.get(t.inputs[0]) if t is not None and t.op == "transpose" else None
-        if r is None or r.op != "reshape" or t.attrs.get("axes") != [0, 2, 1, 3] \
-                or r.attrs.get("shape") != [0, 0, n, d]:
-            return None
-        return r.inputs[0]
-
-    def proj(op: Op, x_in: str) -> tuple[str, str | None] | None:
-        if op.inputs[0] != x_in or not op.inputs[1].startswith("@"):
-            return None
-        b = op.inputs[2] if len(op.inputs) > 2 else None
-        return op.inputs[1], b if b is None or b.startswith("@") else "not a param"
-
-    (n1, qkv, sp, *_heads, rq, rk, att, t_out, r_out, o, add1, n2, gu, sp2, glu, down, add2) = ops
-    p_qkv, p_o, p_gu, p_d = proj(qkv, n1.outputs[0]), proj(o, r_out.outputs[0]), proj(gu, n2.outputs[0]), \
-        proj(down, glu.outputs[0])
-    if None in (p_qkv, p_o, p_gu, p_d) or "not a param" in (p_qkv[1], p_o[1], p_gu[1], p_d[1]):
-        return None
-    q_s, k_s, v_s = sp.outputs
-    sizes = sp.attrs.get("sizes", [])
-    d = fn.types[rq.outputs[0]].shape[-1]
-    heads, kv_heads = fn.types[rq.outputs[0]].shape[1], fn.types[rk.outputs[0]].shape[1]
-    if not all(isinstance(v, int) for v in (d, heads, kv_heads)) or sizes != [heads * d, kv_heads * d, kv_heads * d]:
-        return None
-    inter = sp2.attrs.get("sizes", [None])[0]
-    h = add1.outputs[0]
-    checks = (
-        n1.inputs[0] == x and n1.inputs[1].startswith("@") and sp.inputs[0] == qkv.outputs[0],
-        rq.inputs[1:] == [cos, sin] and rk.inputs[1:] == [cos, sin],
-        heads_of(rq.inputs[0], heads) == q_s and heads_of(rk.inputs[0], kv_heads) == k_s,
-        att.inputs[:5] == [rq.outputs[0], rk.outputs[0], att.inputs[2], cache, mask]
-        and heads_of(att.inputs[2], kv_heads) == v_s,
-        t_out.inputs[0] == att.outputs[0] and t_out.attrs.get("axes") == [0, 2, 1, 3]
-        and r_out.inputs[0] == t_out.outputs[0] and r_out.attrs.get("shape") == [0, 0, heads * d],
-        sorted(add1.inputs) == sorted([x, o.outputs[0]]),
-        n2.inputs[0] == h and n2.inputs[1].startswith("@") and sp2.inputs[0] == gu.outputs[0],
-        sp2.attrs.get("sizes") == [inter, inter] and isinstance(inter, int),
-        glu.inputs == list(sp2.outputs) and glu.attrs.get("kind") in ("silu", "quick_gelu"),
-        sorted(add2.inputs) == sorted([h, down.outputs[0]]) and fn.outputs == [add2.outputs[0]],
-    )
-    if not all(checks):
-        return None
-    return Op("decode_layer", [x, cos, sin, mask, cache, n1.inputs[1], *p_qkv, *p_o, n2.inputs[1], *p_gu, *p_d],
-              ["%fast"], {"eps1": n1.attrs["eps"], "eps2": n2.attrs["eps"], "heads": heads, "kv_heads": kv_heads,
-                          "head_dim": d, "inter": inter, "scale": att.attrs["scale"], "act": glu.attrs["kind"]})

@@ -19,7 +19,7 @@ from __future__ import annotations
 from ..ir.core import COMPUTE, Op, Program, TensorType
 from ..ir.infer import infer_types
 from ..ir.ops import fast_path_reads
-from .fuse import decode_layer_fast_path
+from .fast_path import decode_layer_fast_path
 from .manager import register
 
 LIBRARIES = {"cpu": "cpu_ops", "metal": "gpu_ops", "cuda": "gpu_ops"}

@@ -99,8 +99,7 @@ class KVCache:
         buffers are ones the host kernels write: dense float32, or affine codes (uint8)
         with bfloat16 scales and minimums. write_host stores dense steps so; a kernel that
         wrote a step there itself then calls ``advance_host``."""
-        if (self.buffers is None or self.held + 1 > self.capacity or self.start
-                or self.held < self.exported):
+        if self.buffers is None or self.held + 1 > self.capacity or self.held < self.exported or not self._room():
             return False
         if self.layout == "dense":
             return self.buffers["k"]["x"].dtype == mx.float32 and self.buffers["v"]["x"].dtype == mx.float32
@@ -108,6 +107,10 @@ class KVCache:
             return all(parts["codes"].dtype == mx.uint8 and parts["scales"].dtype == mx.bfloat16
                        and parts["biases"].dtype == mx.bfloat16 for parts in self.buffers.values())
         return False
+
+    def _room(self) -> bool:
+        """Whether the next append writes at column ``held`` without moving held tokens."""
+        return not self.start
 
     def advance_host(self) -> None:
         """Count the step a kernel wrote in place (see host_writable)."""
@@ -272,18 +275,23 @@ class RotatingKVCache(KVCache):
         self.window = window
 
     def append(self, k: mx.array, v: mx.array) -> None:
-        keep = self.window - 1 + self.slack
-        if self.held > keep:  # drop the oldest tokens before growing
+        self.make_room()
+        super().append(k, v)
+
+    def make_room(self) -> None:
+        """Drop the oldest tokens (those no query can see any more) where it holds more than
+        ``window - 1 + slack``: what ``append`` does first, so the cpu kernels that write a
+        step in place (``host_writable``) call it before they read the cache."""
+        if self.held > self.window - 1 + self.slack:
             drop = self.held - (self.window - 1)
             for parts in self.buffers.values():
                 for name, buf in parts.items():
                     moved = buf[:, :, drop:self.held]
                     buf[:, :, :moved.shape[2]] = moved
             self.start += drop
-        super().append(k, v)
 
-    def host_writable(self) -> bool:
-        return False  # its append may drop the oldest tokens first
+    def _room(self) -> bool:
+        return self.held <= self.window - 1 + self.slack  # the next append drops nothing
 
     def mask_for(self, mask: mx.array | None, queries: int) -> mx.array | None:
         """The step's mask over the held keys, limited to the window. The step mask is causal

@@ -11,7 +11,7 @@ import ctypes
 # The version of the interface below. Change it with any signature or shared struct
 # (vlmc_layer, ...): build.py compiles it into the library (-DVLMC_ABI) and load refuses a
 # library that reports another.
-ABI_VERSION = 17
+ABI_VERSION = 18
 
 P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
@@ -35,23 +35,23 @@ SIGNATURES: dict[str, tuple] = {
     "vlmc_dequantize": (I, [P, P, P, I, I, I, I, I, P, I]),
     "vlmc_bf16_to_f32": (None, [P, L, P, I]),
     # kv_attention.c
-    "vlmc_kv_dense_decode": (I, [P, P, P, P, P, P, I, I, I, I, I, I, F, P, I]),
-    "vlmc_kv_affine_decode": (I, [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, F, P, I]),
+    "vlmc_kv_dense_decode": (I, [P, P, P, P, P, P, I, I, I, I, I, I, F, I, F, P, I]),
+    "vlmc_kv_affine_decode": (I, [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, F, I, F, P, I]),
     "vlmc_kv_turbo_decode": (I, [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, F, P, I]),
     "vlmc_kv_affine_encode": (I, [P, L, I, I, I, P, P, P]),
-    "vlmc_kv_dense_decode_n": (I, [P, P, P, P, P, P, I, I, I, I, I, I, I, F, P, I]),
-    "vlmc_kv_affine_decode_n": (I, [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, I, F, P, I]),
+    "vlmc_kv_dense_decode_n": (I, [P, P, P, P, P, P, I, I, I, I, I, I, I, F, I, F, P, I]),
+    "vlmc_kv_affine_decode_n": (I, [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, I, F, I, F, P, I]),
     "vlmc_kv_turbo_decode_n": (I, [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, I, F, P, I]),
     # gemm_i8.c
     "vlmc_gemm_q_i8_available": (I, []),
     "vlmc_gemm_q_i8": (I, [P, I, I, P, P, P, I, I, I, I, P, P, I]),
     # elementwise.c
     "vlmc_softmax_rows": (I, [P, L, L, F, P, L, I]),
-    "vlmc_sigmoid_gate": (I, [P, L, P, L, P, L, L, F, I]),
+    "vlmc_sigmoid_gate": (I, [P, L, P, L, P, L, L, F, F, I]),
     "vlmc_norm": (I, [P, L, L, P, P, F, I, P, I]),
     "vlmc_rope": (I, [P, L, L, L, L, L, L, L, P, P, L, L, P, I]),
     # decode_layer.c
-    "vlmc_decode_layers": (I, [P, P, I, P, P, I, I, P, P, L, L, P, P, I]),
+    "vlmc_decode_layers": (I, [P, P, I, P, P, I, I, P, P, L, L, P, I]),
     # affine_search.c
     "vlmc_affine_search": (I, [P, I, I, I, I, P, P, P, I, I, P, P, I]),
     "vlmc_affine_codes": (I, [P, I, I, I, I, P, P, P, I]),

@@ -1,14 +1,17 @@
-/* One decode step of a pre-norm decoder layer (Qwen2 style) in a single call: the same
- * kernels the cpu op library calls one by one (vlmc_norm, the GEMVs, vlmc_rope, the KV
- * cache's attention with this step's keys/values as its extra row, vlmc_sigmoid_gate) in
- * the same order on the same data, so the result is the same float32; what goes away is
- * ~20 Python op calls per layer, a large share of a decode step on a small CPU. The cache
- * of each layer is dense float32 or affine codes (vlmc.runtime.kv_codecs.Affine, 4 or 8
- * bits): for the latter this step's keys and values are encoded here as the codec encodes
- * them (kv_affine_encode_rows), and the attention reads them as codes, as the ops do.
+/* One decode step of a pre-norm decoder layer (Llama/Qwen2, and the Gemma and Qwen3 options
+ * of vlmc_layer) in a single call: the same kernels the cpu op library calls one by one
+ * (vlmc_norm, the GEMVs, vlmc_rope, the KV cache's attention with this step's keys/values
+ * as its extra row, vlmc_sigmoid_gate) in the same order on the same data, so the result is
+ * the same float32; what goes away is ~20-30 Python op calls per layer, a large share of a
+ * decode step on a small CPU. The cache of each layer is dense float32 or affine codes
+ * (vlmc.runtime.kv_codecs.Affine, 4 or 8 bits), possibly a sliding window: for affine codes
+ * this step's keys and values are encoded here as the codec encodes them
+ * (kv_affine_encode_rows), and the attention reads them as codes, as the ops do.
  *
- *   h = x + o_proj(attention(rope(q), rope(k), v; cache + this step))   q,k,v = split(qkv(rms_norm(x)))
- *   out = h + down(act(gate) * up)                                      gate,up = split(gate_up(rms_norm(h)))
+ *   q,k,v = split(qkv(rms_norm(x)));  q,k = qk_norm(q), qk_norm(k)  (optional, per head)
+ *   h = x + post_attn(o_proj(attention(rope(q), rope(k), v; cache + this step)))
+ *   gate,up = split(gate_up(rms_norm(h)))
+ *   out = h + post_ff(down(act(gate) * up))           post_attn, post_ff: optional norms
  */
 #include "vlmc.h"
 
@@ -26,34 +29,47 @@ static int proj_run(const vlmc_proj *p, const float *x, int M, float *y, int n_t
 /* x, out [B, T, hidden]: T new tokens per sequence (one decode step, or the tokens of a
  * draft being verified); normed: rms_norm(x) already computed (the caller's own, e.g.
  * MLX's for an mx.array x), or NULL; cos, sin: the row of token t of sequence b at b ca +
- * t cl (ca = 0: shared by the sequences); kv: the layer's cache (kv->held >= 1 tokens) and
- * where this step's keys and values go for the caller to store. starts: each sequence's
- * first visible key. Every row of x goes through the same kernels as it would alone (the
+ * t cl (ca = 0: shared by the sequences), unless kv->cs; kv: the layer's cache (kv->held >=
+ * 1 tokens, kv->starts each sequence's first visible key, kv->window its sliding window)
+ * and where this step's keys and values go for the caller to store. Every row of x goes through the same kernels as it would alone (the
  * GEMVs' rows are exact whatever their number, the attention's query t sees the held keys
  * and this step's tokens 0..t), so token t's output is what T one-token steps give. */
+/* each token's heads (n rows of D at offset `at` of its qkv row) RMS-normed in place: the
+ * ops norm the [B, T, n, D] view row by row, with the same arithmetic per row */
+static int heads_norm(float *qkv, int BT, int QKV, size_t at, int n, int D, const float *w, float eps) {
+    int rc = 0;
+    for (int r = 0; r < BT && !rc; r++) {
+        float *row = qkv + (size_t)r * QKV + at;
+        rc = vlmc_norm(row, n, D, w, NULL, eps, 0, row, 1);
+    }
+    return rc;
+}
+
 static int decode_layer(const vlmc_layer *L, const float *x, const float *normed, int B, int T, const float *cs,
-                        const float *sn, int64_t ca, int64_t cl, const vlmc_kv *kv, const int32_t *starts, float *out,
-                        int n_threads) {
+                        const float *sn, int64_t ca, int64_t cl, const vlmc_kv *kv, float *out, int n_threads) {
     const int hid = L->hidden, H = L->heads, HKV = L->kv_heads, D = L->head_dim, I = L->inter, BT = B * T;
     const int QKV = (H + 2 * HKV) * D, held = kv->held, cap = kv->cap, affine = kv->layout == VLMC_KV_AFFINE;
-    if (B < 1 || T < 1 || held < 1 || held > cap || H * D != hid || L->qkv.N != QKV || L->qkv.K != hid
+    if (B < 1 || T < 1 || held < 1 || held > cap || L->qkv.N != QKV || L->qkv.K != hid
         || L->o.K != H * D || L->o.N != hid || L->gate_up.N != 2 * I || L->gate_up.K != hid || L->down.K != I
         || L->down.N != hid)
         return -1;
     if (kv->layout != VLMC_KV_DENSE && !affine) return -2;
     if (affine && ((kv->bits != 4 && kv->bits != 8) || kv->gs < 2 || kv->gs % 2 || D % kv->gs)) return -2;
     const size_t nkv = (size_t)BT * HKV * D;
-    const size_t per = (size_t)hid + QKV + (size_t)H * D + hid + hid + 2 * (size_t)I + I;
+    const size_t per = (size_t)hid + QKV + 2 * (size_t)H * D + hid + 2 * (size_t)I + I;
     float *buf = malloc(sizeof(float) * (per * BT + (affine ? 2 * nkv : 0)));
     if (!buf) return -5;
     float *n1 = buf, *qkv = n1 + (size_t)BT * hid, *q = qkv + (size_t)BT * QKV, *att = q + (size_t)BT * H * D;
-    float *h = att + (size_t)BT * hid, *gu = h + (size_t)BT * hid, *m = gu + (size_t)BT * 2 * I;
+    float *h = att + (size_t)BT * H * D, *gu = h + (size_t)BT * hid, *m = gu + (size_t)BT * 2 * I;
     /* this step's roped keys and values as floats [B, HKV, T, D]: what a dense cache stores, else scratch */
     float *nk = affine ? m + (size_t)BT * I : (float *)kv->nk, *nv = affine ? nk + nkv : (float *)kv->nv;
     int rc = 0;
     if (normed) memcpy(n1, normed, sizeof(float) * (size_t)BT * hid);
     else rc = vlmc_norm(x, BT, hid, L->norm1, NULL, L->eps1, 0, n1, n_threads);
     if (!rc) rc = proj_run(&L->qkv, n1, BT, qkv, n_threads);
+    if (!rc && L->q_norm) rc = heads_norm(qkv, BT, QKV, 0, H, D, L->q_norm, L->eps_q);
+    if (!rc && L->k_norm) rc = heads_norm(qkv, BT, QKV, (size_t)H * D, HKV, D, L->k_norm, L->eps_k);
+    if (kv->cs) cs = kv->cs, sn = kv->sn;
     /* rope of q and k straight from the qkv rows ([B, T positions, heads, D] views): q
      * [B, H, T, D], k [B, HKV, T, D] */
     if (!rc) rc = vlmc_rope(qkv, B, H, T, D, (int64_t)T * QKV, D, QKV, cs, sn, ca, cl, q, n_threads);
@@ -70,20 +86,23 @@ static int decode_layer(const vlmc_layer *L, const float *x, const float *normed
         kv_affine_encode_rows(nk, rows, D, kv->bits, kv->gs, kv->nk, kv->nks, kv->nkb);
         kv_affine_encode_rows(nv, rows, D, kv->bits, kv->gs, kv->nv, kv->nvs, kv->nvb);
         const kv_codes xk = {kv->nk, kv->nks, kv->nkb}, xv = {kv->nv, kv->nvs, kv->nvb};
-        rc = kv_affine_decode_x(q, kv->k, kv->ks, kv->kb, kv->v, kv->vs, kv->vb, &xk, &xv, starts, B, H, HKV, D, T, cap,
-                                held + T, kv->bits, kv->gs, L->scale, att, 1, n_threads);
+        rc = kv_affine_decode_x(q, kv->k, kv->ks, kv->kb, kv->v, kv->vs, kv->vb, &xk, &xv, kv->starts, B, H, HKV, D,
+                                T, cap, held + T, kv->bits, kv->gs, L->scale, kv->window, L->softcap, att, 1,
+                                n_threads);
     } else if (!rc) {
-        rc = kv_dense_decode_t(q, kv->k, kv->v, nk, nv, starts, B, H, HKV, D, T, cap, held + T, L->scale, att, 1,
-                               n_threads);
+        rc = kv_dense_decode_t(q, kv->k, kv->v, nk, nv, kv->starts, B, H, HKV, D, T, cap, held + T, L->scale,
+                               kv->window, L->softcap, att, 1, n_threads);
     }
     if (!rc) rc = proj_run(&L->o, att, BT, h, n_threads);
+    if (!rc && L->post_attn) rc = vlmc_norm(h, BT, hid, L->post_attn, NULL, L->eps_pa, 0, h, n_threads);
     if (!rc) {
         for (size_t i = 0; i < (size_t)BT * hid; i++) h[i] = x[i] + h[i];
         rc = vlmc_norm(h, BT, hid, L->norm2, NULL, L->eps2, 0, n1, n_threads);
     }
     if (!rc) rc = proj_run(&L->gate_up, n1, BT, gu, n_threads);
-    if (!rc) rc = vlmc_sigmoid_gate(gu, 2 * I, gu + I, 2 * I, m, BT, I, L->act_a, n_threads);
+    if (!rc) rc = vlmc_sigmoid_gate(gu, 2 * I, gu + I, 2 * I, m, BT, I, L->act_a, L->act_c, n_threads);
     if (!rc) rc = proj_run(&L->down, m, BT, out, n_threads);
+    if (!rc && L->post_ff) rc = vlmc_norm(out, BT, hid, L->post_ff, NULL, L->eps_pf, 0, out, n_threads);
     if (!rc)
         for (size_t i = 0; i < (size_t)BT * hid; i++) out[i] = h[i] + out[i];
     free(buf);
@@ -120,10 +139,11 @@ static void store_step(const vlmc_kv *kv, size_t rows, int D, int T) {
  * normed: as above, for layer 0. kv[i]: layer i's cache (dense and affine layers mix
  * freely); each layer's keys and values go to kv[i].nk / nv (and scales / minimums),
  * [B, HKV, T, *], and where kv[i].inplace also into the cache's columns kv[i].held .. +
- * T - 1 (the caller has checked that no array can see them). */
+ * T - 1 (the caller has checked that no array can see them). cs, sn: the rotary tables of
+ * the layers whose kv[i].cs is NULL. */
 int vlmc_decode_layers(const vlmc_layer *const *L, const vlmc_kv *kv, int nl, const float *x, const float *normed,
-                       int B, int T, const float *cs, const float *sn, int64_t ca, int64_t cl, const int32_t *starts,
-                       float *out, int n_threads) {
+                       int B, int T, const float *cs, const float *sn, int64_t ca, int64_t cl, float *out,
+                       int n_threads) {
     if (nl < 1 || B < 1 || T < 1) return -1;
     const int hid = L[0]->hidden;
     for (int i = 1; i < nl; i++)
@@ -137,7 +157,7 @@ int vlmc_decode_layers(const vlmc_layer *const *L, const vlmc_kv *kv, int nl, co
     int rc = 0;
     for (int i = 0; i < nl && !rc; i++) {
         float *dst = i == nl - 1 ? out : buf + (size_t)(i % 2) * n;
-        rc = decode_layer(L[i], cur, i == 0 ? normed : NULL, B, T, cs, sn, ca, cl, &kv[i], starts, dst, n_threads);
+        rc = decode_layer(L[i], cur, i == 0 ? normed : NULL, B, T, cs, sn, ca, cl, &kv[i], dst, n_threads);
         if (!rc && kv[i].inplace) store_step(&kv[i], (size_t)B * L[i]->kv_heads, L[i]->head_dim, T);
         cur = dst;
     }

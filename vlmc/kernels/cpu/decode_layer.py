@@ -1,11 +1,15 @@
 """A whole pre-norm decoder layer's decode step in one C call (``vlmc_decode_layers`` in
-``decode_layer.c``), the cpu target's fast path for the ``decode_layer`` lowering.
+``decode_layer.c``), the cpu target's fast path for the ``decode_layer`` lowering: the
+Llama/Qwen2 layer and its Gemma (1, 2, 3) and Qwen3 options (QK-norm, sandwich norms,
+GELU-tanh MLPs, soft-capped attention scores, sliding-window layers with their own rotary
+tables).
 
 The layer's ops stay in the generated code and compute the same thing; this runs instead
 of them when it applies (B sequences of T new tokens each with B x T up to
 GEMV_MAX_ROWS: a decode step, or the draft tokens ``verify`` checks; a cache of a layout
-in ``SUPPORTED_KV`` that is not a sliding window and holds some tokens, weights the GEMV
-kernels read) and returns None otherwise. T tokens give, row for row and in the caches,
+in ``SUPPORTED_KV`` that holds some tokens, weights the GEMV kernels read) and returns
+None otherwise. A rotating (sliding-window) cache first drops the tokens its next append
+would drop (``make_room``), so its step goes in place like any other's. T tokens give, row for row and in the caches,
 what T one-token steps give, to the last bit (which makes speculative decoding lossless).
 It calls the same kernels in the same order, so the result is the op-by-op path's to the
 last bit (where the first layer's input is an mx.array, from an embedding table the
@@ -36,16 +40,16 @@ from .kv_decode import append_lazy, append_parts_lazy, host_starts, settle
 _I, _F, _P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 
 # The KV layouts (kv_plan ``layout``) whose caches this path reads and extends, each with the
-# bit widths it takes (None: any). Sliding windows (a plan entry with a ``window``) never
-# take it. The compiler attaches the fast path only where every layer's layout is here.
-SUPPORTED_KV = {"dense": None, "quantized": (4, 8)}
+# bit widths it takes (None: any); ``rotating`` is a dense sliding window. The compiler
+# attaches the fast path only where every layer's layout is here.
+SUPPORTED_KV = {"dense": None, "rotating": None, "quantized": (4, 8)}
 
 
 def supports_kv(spec, head_dim: int | None = None) -> bool:
     """Whether a kv_plan layer entry's ``kv`` (a layout name or its dict) takes this path."""
     spec = {"layout": spec} if isinstance(spec, str) else spec
     layout = spec.get("layout", "dense")
-    if layout not in SUPPORTED_KV or spec.get("window"):
+    if layout not in SUPPORTED_KV:
         return False
     bits = SUPPORTED_KV[layout]
     if bits is None:
@@ -55,8 +59,9 @@ def supports_kv(spec, head_dim: int | None = None) -> bool:
 
 
 # vlmc_kv (vlmc.h): a layer's cache as the C path reads and extends it
-_KV = np.dtype([(name, np.uintp) for name in ("k", "v", "ks", "kb", "vs", "vb", "nk", "nv", "nks", "nkb", "nvs", "nvb")]
-               + [(name, np.int32) for name in ("layout", "bits", "gs", "cap", "held", "inplace")], align=True)
+_KV = np.dtype([(name, np.uintp) for name in ("k", "v", "ks", "kb", "vs", "vb", "nk", "nv", "nks", "nkb", "nvs", "nvb",
+                                              "cs", "sn", "starts")]
+               + [(name, np.int32) for name in ("layout", "bits", "gs", "cap", "held", "inplace", "window")], align=True)
 _DENSE, _AFFINE = 0, 1
 
 
@@ -67,8 +72,14 @@ class _Proj(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("hidden", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I), ("inter", _I),
-                ("eps1", _F), ("eps2", _F), ("scale", _F), ("act_a", _F), ("norm1", _P), ("norm2", _P),
+                ("eps1", _F), ("eps2", _F), ("scale", _F), ("act_a", _F), ("act_c", _F),
+                ("eps_q", _F), ("eps_k", _F), ("eps_pa", _F), ("eps_pf", _F), ("softcap", _F),
+                ("norm1", _P), ("norm2", _P), ("q_norm", _P), ("k_norm", _P), ("post_attn", _P), ("post_ff", _P),
                 ("qkv", _Proj), ("o", _Proj), ("gate_up", _Proj), ("down", _Proj)]
+
+
+# the optional weights after the ten every layer has: QK-norm, then the sandwich norms
+_OPTIONAL = ("q_norm", "k_norm", "post_attn", "post_ff")
 
 
 def _proj(w, b) -> _Proj | None:
@@ -100,63 +111,80 @@ def _layer(weights: tuple, attrs: tuple) -> _Layer | None:
     if hit is not None and len(hit[0]) == len(weights) - 1 and all(a is b for a, b in zip(hit[0], weights[1:])) \
             and hit[1] == attrs:
         return hit[2]
-    norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b = weights
-    eps1, eps2, heads, kv_heads, head_dim, inter, scale, act = attrs
+    norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b = weights[:10]
+    extra = dict(zip(_OPTIONAL, tuple(weights[10:]) + (None,) * (14 - len(weights))))
+    eps1, eps2, heads, kv_heads, head_dim, inter, scale, act, eps_q, eps_k, eps_pa, eps_pf, softcap = attrs
     projs = [_proj(qkv_w, qkv_b), _proj(o_w, o_b), _proj(gu_w, gu_b), _proj(d_w, d_b)]
-    if any(p is None for p in projs) or act not in SIGMOID_SCALE:
+    hidden = param(norm1).shape[0]  # Gemma's may differ from heads x head_dim
+    sizes = {"q_norm": head_dim, "k_norm": head_dim, "post_attn": hidden, "post_ff": hidden}
+    eps = {"q_norm": eps_q, "k_norm": eps_k, "post_attn": eps_pa, "post_ff": eps_pf}
+    norms = {name: None if w is None else param(w) for name, w in extra.items()}
+    if (any(p is None for p in projs) or act not in SIGMOID_SCALE or len(weights) > 14
+            or any(n is not None and (n.shape != (sizes[k],) or eps[k] is None) for k, n in norms.items())):
         layer = None
     else:
-        layer = _Layer(heads * head_dim, heads, kv_heads, head_dim, inter, eps1, eps2, scale, SIGMOID_SCALE[act],
-                       param(norm1).ctypes.data, param(norm2).ctypes.data, *projs)
+        ptr = {k: None if n is None else n.ctypes.data for k, n in norms.items()}
+        layer = _Layer(hidden, heads, kv_heads, head_dim, inter, eps1, eps2, scale, *SIGMOID_SCALE[act],
+                       *(0.0 if e is None else e for e in (eps_q, eps_k, eps_pa, eps_pf)), softcap or 0.0,
+                       param(norm1).ctypes.data, param(norm2).ctypes.data, *(ptr[k] for k in _OPTIONAL), *projs)
     if hit is None:
         weakref.finalize(norm1, _layers.pop, key, None)
     _layers[key] = (weights[1:], attrs, layer)
     return layer
 
 
-# every layer of a step passes the same rope tables: (weak refs to them, their host copies)
-_last_tables: list = [lambda: None, lambda: None, None]
+# the rope tables of a step (one pair, or one per kind of layer, e.g. Gemma 3's local and
+# global ones): (weak refs to them, their host copies), the last few pairs
+_last_tables: list = []
 
 
 def _tables(cos, sin) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Contiguous float32 host copies of a step's rope tables and their addresses, converted
     once per step."""
-    if _last_tables[0]() is cos and _last_tables[1]() is sin:
-        return _last_tables[2]
+    for wc, ws, out in _last_tables:
+        if wc() is cos and ws() is sin:
+            return out
     # copies (np.array, not a view): a view would keep the step's mx.arrays alive in this cache
     c, s = (np.array(t if not isinstance(t, mx.array) else t if t.dtype == mx.float32 else t.astype(mx.float32),
                      dtype=np.float32, copy=True, order="C") for t in (cos, sin))
     out = (c, s, c.ctypes.data, s.ctypes.data)
     try:
-        _last_tables[:] = [weakref.ref(cos), weakref.ref(sin), out]
+        _last_tables[:] = [(weakref.ref(cos), weakref.ref(sin), out)] + _last_tables[:3]
     except TypeError:  # numpy tables: not cached
         pass
     return out
 
 
-def _step_inputs(x, cos, sin, head_dim: int):
-    """(library, B, T, hidden, cos/sin addresses, their sequence and token row strides) when
-    a step with this x [B, T, hidden] and these rope tables [B or 1, 1, T, head_dim] can
-    take the C path, else None."""
+def _step_inputs(x, cos, sin, head_dim: int, nl: int):
+    """(library, B, T, hidden, each layer's cos/sin addresses, their sequence and token row
+    strides) when a step with this x [B, T, hidden] and these rope tables [B or 1, 1, T,
+    head_dim] (one pair, or a list of nl pairs: each layer's) can take the C path, else None."""
     lib = _get_lib()
     f32 = x.dtype == np.float32 if type(x) is np.ndarray else isinstance(x, mx.array) and x.dtype == mx.float32
     if (lib is None or not enabled() or not f32 or x.ndim != 3 or x.shape[0] < 1 or x.shape[1] < 1
             or x.shape[0] * x.shape[1] > GEMV_MAX_ROWS):
         return None
     B, T = x.shape[:2]
-    c, s, c_ptr, s_ptr = _tables(cos, sin)
-    if c.shape != s.shape or c.ndim != 4 or c.shape[0] not in (1, B) or c.shape[1:] != (1, T, head_dim):
+    per_layer = isinstance(cos, (list, tuple))
+    if per_layer and not (isinstance(sin, (list, tuple)) and len(cos) == len(sin) == nl):
         return None
-    return lib, B, T, x.shape[2], c_ptr, s_ptr, T * head_dim if c.shape[0] > 1 else 0, head_dim
+    tables = [_tables(c, s) for c, s in (zip(cos, sin) if per_layer else [(cos, sin)])]
+    shape = tables[0][0].shape
+    for c, s, _, _ in tables:
+        if c.shape != s.shape or c.shape != shape or c.ndim != 4 or c.shape[0] not in (1, B) \
+                or c.shape[1:] != (1, T, head_dim):
+            return None
+    ptrs = [(c_ptr, s_ptr) for _, _, c_ptr, s_ptr in tables] * (1 if per_layer else nl)
+    return lib, B, T, x.shape[2], ptrs, T * head_dim if shape[0] > 1 else 0, head_dim
 
 
 def _cache_view(cache, batch: int, kv_heads: int, head_dim: int):
     """(layout code, bits, group size, buffers) of a cache this path reads and extends:
     dense float32 buffers (k, v), or affine codes (k codes, v codes, then bfloat16 k scales,
-    k minimums, v scales, v minimums), no sliding window, some tokens held; else None."""
+    k minimums, v scales, v minimums), some tokens held (a sliding window's too); else None."""
     if (getattr(cache, "kv_heads", None) != kv_heads or getattr(cache, "head_dim", None) != head_dim
-            or getattr(cache, "start", 1) or getattr(cache, "window", None) or cache.buffers is None
-            or not cache.held):
+            or not hasattr(cache, "start") or cache.buffers is None or not cache.held
+            or (cache.start and not getattr(cache, "window", None))):
         return None
     k, v = cache.buffers["k"], cache.buffers["v"]
     if cache.layout == "dense":
@@ -186,10 +214,11 @@ def _address(a: mx.array) -> int | None:
     return ctypes.addressof(ctypes.c_char.from_buffer(view)) if view.c_contiguous else None
 
 
-def _step_kv(views: list, caches: list, B: int, T: int, kv_heads: int, head_dim: int):
-    """The vlmc_kv array for these caches, the buffer receiving each layer's keys and values
-    of this step's T tokens as stored, and each layer's (offset, sizes) in it; None where a
-    buffer is not contiguous."""
+def _step_kv(views: list, caches: list, B: int, T: int, kv_heads: int, head_dim: int, tables: list, mask):
+    """The vlmc_kv array for these caches (with each layer's rope tables and first visible
+    keys), the buffer receiving each layer's keys and values of this step's T tokens as
+    stored, each layer's (offset, sizes) in it, and the starts arrays it points to; None
+    where a buffer is not contiguous."""
     rows = B * kv_heads * T
     layouts, off = [], 0
     for kind, bits, gs, _ in views:
@@ -203,8 +232,8 @@ def _step_kv(views: list, caches: list, B: int, T: int, kv_heads: int, head_dim:
     new = np.empty(off, np.uint8)
     base = new.ctypes.data
     mx.eval(*(b for view in views for b in view[3]))
-    records = []
-    for (kind, bits, gs, bufs), cache, (off, sizes) in zip(views, caches, layouts):
+    records, starts = [], []
+    for (kind, bits, gs, bufs), cache, (off, sizes), (c_ptr, s_ptr) in zip(views, caches, layouts, tables):
         outs, at = [], base + off
         for n in sizes:
             outs.append(at)
@@ -217,8 +246,10 @@ def _step_kv(views: list, caches: list, B: int, T: int, kv_heads: int, head_dim:
         # outs: k, v, k scales, k minimums, v scales, v minimums (the order of _KV's n* fields)
         # in place: host_writable() covers one token; T need that many free columns
         inplace = cache.host_writable() and cache.held + T <= bufs[0].shape[2]
-        records.append((*ptrs, *outs, kind, bits, gs, bufs[0].shape[2], cache.held, inplace))
-    return np.array(records, _KV), new, layouts
+        starts.append(host_starts(mask, B, cache.start))
+        records.append((*ptrs, *outs, c_ptr, s_ptr, starts[-1].ctypes.data, kind, bits, gs, bufs[0].shape[2],
+                        cache.held, inplace, getattr(cache, "window", None) or 0))
+    return np.array(records, _KV), new, layouts, starts
 
 
 def _stored_step(new: np.ndarray, kind: int, off: int, sizes: tuple, B: int, T: int,
@@ -254,22 +285,27 @@ def decode_layer(x, cos, sin, mask, cache, *weights, **attrs):
 
 
 def decode_layers(x, cos, sin, mask, caches, layers, *, eps1: float, eps2: float, heads: int, kv_heads: int,
-                  head_dim: int, inter: int, scale: float, act: str):
+                  head_dim: int, inter: int, scale: float, act: str, eps_q: float | None = None,
+                  eps_k: float | None = None, eps_pa: float | None = None, eps_pf: float | None = None,
+                  softcap: float | None = None):
     """A stack of such layers in one C call (``vlmc_decode_layers``): layers[i] holds layer
-    i's weights as decode_layer takes them, caches[i] its cache. The last layer's output,
-    or None when any layer could not take the C path (the caller then runs the layers one by
-    one; nothing has been computed or stored)."""
+    i's weights as decode_layer takes them (norm1, qkv weight and bias, o weight and bias,
+    norm2, gate_up weight and bias, down weight and bias, then optionally q_norm, k_norm,
+    post_attn, post_ff: None where the layer has none), caches[i] its cache; cos, sin: the
+    step's rope tables, or a list of each layer's. The last layer's output, or None when any
+    layer could not take the C path (the caller then runs the layers one by one; nothing
+    has been computed or stored)."""
     # one cache object per layer: a cache given twice would get both layers' keys in one
     # column (the kernel writes each layer's at the cache's current end)
     if not layers or len(layers) != len(caches) or len({id(c) for c in caches}) != len(caches):
         return None
-    step = _step_inputs(x, cos, sin, head_dim)
+    step = _step_inputs(x, cos, sin, head_dim, len(layers))
     if step is None:
         return None
-    lib, B, T, hidden, c_ptr, s_ptr, ca, cl = step
+    lib, B, T, hidden, tables, ca, cl = step
     if not _kv_quant.causal_step(mask, T):
         return None  # the kernels attend causally from each sequence's start: not a family's spans
-    attrs = (eps1, eps2, heads, kv_heads, head_dim, inter, scale, act)
+    attrs = (eps1, eps2, heads, kv_heads, head_dim, inter, scale, act, eps_q, eps_k, eps_pa, eps_pf, softcap)
     structs = [_layer(w, attrs) for w in layers]
     if any(lay is None or lay.hidden != hidden for lay in structs):
         return None
@@ -279,18 +315,19 @@ def decode_layers(x, cos, sin, mask, caches, layers, *, eps1: float, eps2: float
     nl = len(layers)
     for c in caches:
         settle(c)  # deferred writes of earlier steps, before reading the buffers
-    step_kv = _step_kv(views, caches, B, T, kv_heads, head_dim)
+        if getattr(c, "window", None):
+            c.make_room()  # what the ops' append would drop first (one copy every ``slack`` steps)
+    step_kv = _step_kv(views, caches, B, T, kv_heads, head_dim, tables, mask)
     if step_kv is None:
         return None
-    kv, new, layouts = step_kv
+    kv, new, layouts, _starts = step_kv
     ptrs = np.array([ctypes.addressof(lay) for lay in structs], np.uintp)
     xn, normed = _host_input(x, layers[0][0], eps1)
-    starts = host_starts(mask, B)
     out = np.empty((B, T, hidden), np.float32)
     from . import n_threads  # the current setting (refresh() may change it)
     _check(lib.vlmc_decode_layers(ptrs.ctypes.data, kv.ctypes.data, nl, xn.ctypes.data,
-                                  None if normed is None else normed.ctypes.data, B, T, c_ptr, s_ptr, ca, cl,
-                                  starts.ctypes.data, out.ctypes.data, n_threads), "decode_layers")
+                                  None if normed is None else normed.ctypes.data, B, T, tables[0][0], tables[0][1],
+                                  ca, cl, out.ctypes.data, n_threads), "decode_layers")
     for cache, view, rec, (off, sizes) in zip(caches, views, kv, layouts):
         if rec["inplace"]:
             for _ in range(T):

@@ -2,7 +2,7 @@
  *
  *   vlmc_softmax_rows   in place, softmax(scale * s) along rows, with an optional keep
  *                       mask shared by blocks of rows (attention scores);
- *   vlmc_sigmoid_gate   out = x * sigmoid(a x) [* up]  (silu, quick_gelu, their GLUs);
+ *   vlmc_sigmoid_gate   out = x * sigmoid(a (x + c x^3)) [* up]  (silu, quick_gelu, GELU-tanh, their GLUs);
  *   vlmc_norm           RMSNorm / LayerNorm of rows;
  *   vlmc_rope           rotary embedding of strided rows.
  *
@@ -79,28 +79,32 @@ int vlmc_softmax_rows(float *s, int64_t rows, int64_t cols, float scale, const u
     return 0;
 }
 
-/* ---- x * sigmoid(a x) [* up] -------------------------------------------------------- */
+/* ---- x * sigmoid(a (x + c x^3)) [* up] ------------------------------------------------
+ * c = 0: silu (a = 1), quick_gelu (a = 1.702); GELU-tanh is x sigmoid(2 sqrt(2 / pi) (x +
+ * 0.044715 x^3)), 0.5 x (1 + tanh(u)) written with 1 + tanh(u) = 2 sigmoid(2 u). */
 
 typedef struct {
     const float *x, *up;
     float *out;
     long rows, cols, x_ld, up_ld; /* row strides in elements (x and up may be column slices) */
-    float a;
+    float a, c;
 } gate_job;
 
-static void gate_row(const float *x, const float *up, float *out, long cols, float a) {
+static void gate_row(const float *x, const float *up, float *out, long cols, float a, float c) {
     long i = 0;
 #if VLMC_SIMD
-    const __m256 na = _mm256_set1_ps(-a), one = _mm256_set1_ps(1.f);
+    const __m256 na = _mm256_set1_ps(-a), one = _mm256_set1_ps(1.f), cv = _mm256_set1_ps(c);
     for (; i + 8 <= cols; i += 8) {
         const __m256 xv = _mm256_loadu_ps(x + i);
-        __m256 g = _mm256_div_ps(xv, _mm256_add_ps(one, exp8(_mm256_mul_ps(xv, na))));
+        const __m256 u = c == 0.f ? xv : _mm256_add_ps(xv, _mm256_mul_ps(cv, _mm256_mul_ps(_mm256_mul_ps(xv, xv), xv)));
+        __m256 g = _mm256_div_ps(xv, _mm256_add_ps(one, exp8(_mm256_mul_ps(u, na))));
         if (up) g = _mm256_mul_ps(g, _mm256_loadu_ps(up + i));
         _mm256_storeu_ps(out + i, g);
     }
 #endif
     for (; i < cols; i++) {
-        const float g = x[i] / (1.f + exp1(-a * x[i]));
+        const float u = c == 0.f ? x[i] : x[i] + c * (x[i] * x[i] * x[i]);
+        const float g = x[i] / (1.f + exp1(-a * u));
         out[i] = up ? g * up[i] : g;
     }
 }
@@ -109,15 +113,15 @@ static void gate_task(void *ctx, int ith, int nth) {
     const gate_job *J = (const gate_job *)ctx;
     const long r0 = J->rows * ith / nth, r1 = J->rows * (ith + 1) / nth;
     for (long r = r0; r < r1; r++)
-        gate_row(J->x + r * J->x_ld, J->up ? J->up + r * J->up_ld : NULL, J->out + r * J->cols, J->cols, J->a);
+        gate_row(J->x + r * J->x_ld, J->up ? J->up + r * J->up_ld : NULL, J->out + r * J->cols, J->cols, J->a, J->c);
 }
 
-/* out [rows, cols] = x / (1 + exp(-a x)) (* up when up is not NULL), x and up read with
- * row strides x_ld / up_ld; out may alias x or up when their strides are cols. */
+/* out [rows, cols] = x / (1 + exp(-a (x + c x^3))) (* up when up is not NULL), x and up
+ * read with row strides x_ld / up_ld; out may alias x or up when their strides are cols. */
 int vlmc_sigmoid_gate(const float *x, int64_t x_ld, const float *up, int64_t up_ld, float *out, int64_t rows,
-                      int64_t cols, float a, int n_threads) {
+                      int64_t cols, float a, float c, int n_threads) {
     if (!x || !out || rows < 0 || cols < 0 || x_ld < cols || (up && up_ld < cols)) return -1;
-    gate_job J = {x, up, out, rows, cols, x_ld, up_ld, a};
+    gate_job J = {x, up, out, rows, cols, x_ld, up_ld, a, c};
     run_parallel(gate_task, &J, ew_threads(rows, cols, n_threads));
     return 0;
 }

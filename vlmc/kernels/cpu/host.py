@@ -13,8 +13,11 @@ import numpy as np
 from . import _check, _get_lib, _host
 
 F32 = np.float32
-# x * sigmoid(a x) activations: their scale a
-SIGMOID_SCALE = {"silu": 1.0, "quick_gelu": 1.702}
+# x * sigmoid(a (x + c x^3)) activations: their (a, c). GELU-tanh, 0.5 x (1 + tanh(u)), is
+# x sigmoid(2 u) with u = sqrt(2 / pi) (x + 0.044715 x^3): the C gate computes it so (its
+# numpy fallback keeps tanh), and so does the decode_layer fast path, to the same bits.
+SIGMOID_SCALE = {"silu": (1.0, 0.0), "quick_gelu": (1.702, 0.0),
+                 "gelu_tanh": (2.0 * float(np.sqrt(2.0 / np.pi)), 0.044715)}
 
 
 def is_host(a) -> bool:
@@ -99,24 +102,33 @@ def _rows(a: np.ndarray):
 
 
 def sigmoid_gate(x: np.ndarray, kind: str, up: np.ndarray | None = None) -> np.ndarray:
-    """x * sigmoid(a x) (* up), in one fresh array: the C kernel (2 threads, one pass) or
-    numpy as x / (1 + exp(-a x))."""
+    """x * sigmoid(a (x + c x^3)) (* up), in one fresh array: the C kernel (2 threads, one
+    pass) or numpy as x / (1 + exp(-a x)) (GELU-tanh: with tanh)."""
     lib = _get_lib()
+    a, c = SIGMOID_SCALE[kind]
     if lib is not None and x.size and (up is None or up.shape == x.shape):
         from . import n_threads
         xa, rows, cols, x_ld = _rows(x)
         ua, _, _, up_ld = _rows(up) if up is not None else (None, 0, 0, 0)
         out = np.empty(x.shape, F32)
         _check(lib.vlmc_sigmoid_gate(xa.ctypes.data, x_ld, None if ua is None else ua.ctypes.data, up_ld,
-                                     out.ctypes.data, rows, cols, SIGMOID_SCALE[kind], n_threads), "sigmoid_gate")
+                                     out.ctypes.data, rows, cols, a, c, n_threads), "sigmoid_gate")
         return out
+    if c:
+        out = _gelu_tanh(x)
+        return out * up if up is not None else out
     with np.errstate(over="ignore"):  # exp overflows to inf for very negative x: x / inf = -0, as wanted
-        e = np.exp(x * F32(-SIGMOID_SCALE[kind]))
+        e = np.exp(x * F32(-a))
     e += F32(1.0)
     np.divide(x, e, out=e)
     if up is not None:
         e *= up
     return e
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    c = F32(np.sqrt(2.0 / np.pi))
+    return F32(0.5) * x * (F32(1.0) + np.tanh(c * (x + F32(0.044715) * x * x * x)))
 
 
 def act(x: np.ndarray, kind: str) -> np.ndarray:
@@ -127,9 +139,6 @@ def act(x: np.ndarray, kind: str) -> np.ndarray:
     if kind == "sigmoid":
         with np.errstate(over="ignore"):
             return F32(1.0) / (F32(1.0) + np.exp(-x))
-    if kind == "gelu_tanh":
-        c = F32(np.sqrt(2.0 / np.pi))
-        return F32(0.5) * x * (F32(1.0) + np.tanh(c * (x + F32(0.044715) * x * x * x)))
     # gelu needs erf, which numpy lacks: MLX's (one copy each way; used once per projector)
     from .. import reference
     return np.asarray(reference.act(mx.array(x), kind))

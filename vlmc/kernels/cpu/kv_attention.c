@@ -9,6 +9,9 @@
  * the keys before row held - T + 1 + t (causal), and its result is, bit for bit, what the
  * one-token kernel gives at that position: every query row runs the one-token arithmetic
  * over its own keys; the T x R query rows only share the reading and decoding of the rows.
+ * A sliding window (window > 0: a rotating cache's rows, the oldest first) hides the keys
+ * more than window - 1 rows before a query's own; softcap > 0 soft-caps the scaled scores,
+ * softcap * tanh(s / softcap), before the softmax (Gemma 2).
  * Two drivers serve every layout, each instantiated per layout (kv_task_*): with AVX-512
  * and D % 16 == 0 (affine 4-bit: D % 32), kv_group16 takes blocks of rows (kv_rows_fn);
  * otherwise kv_group takes one row at a time (kv_row_fn). A layout only says how to turn
@@ -26,6 +29,8 @@ struct kv_job {
     int B, H, HKV, D, T, cap, held;
     int sst;           /* stride of the score rows: max(cap, held) */
     float scale;
+    int window;        /* > 0: query row j sees no key before q_end - window */
+    float softcap;     /* > 0: scores softcap * tanh(s / softcap) */
     float *out;
     size_t q_sb, q_sh, q_st; /* element strides of q (sequence, head, token; D contiguous) */
     size_t o_sb, o_sh, o_st; /* and of out */
@@ -51,6 +56,13 @@ static ALWAYS float *o_row(const kv_job *J, int b, int hk, int j) {
 }
 /* the keys query row j sees end before this row (its token's own row included) */
 static ALWAYS int q_end(const kv_job *J, int j) { return J->held - J->T + 1 + j % J->T; }
+/* and begin at this row (first: the sequence's first visible key) */
+static ALWAYS int q_begin(const kv_job *J, int j, int first) {
+    const int w = J->window > 0 ? q_end(J, j) - J->window : first;
+    return w > first ? w : first;
+}
+/* a scaled score as the softmax reads it */
+static ALWAYS float kv_cap(const kv_job *J, float s) { return J->softcap > 0.f ? tanhf(s / J->softcap) * J->softcap : s; }
 
 /* Softmax over keys first <= i < n of a score row, in place, and zero the output row of D
  * floats that the value pass accumulates into. */
@@ -95,14 +107,16 @@ static ALWAYS void kv_group(const kv_job *J, kv_row_fn row, int bk, float *sc, f
         const float *k = i >= xi ? x_row(J, 0, bk, i) : row(J, 0, base, i, x, &f);
         f *= J->scale;
         for (int j = 0; j < RT; j++)
-            if (i < q_end(J, j)) sc[(size_t)j * sst + i] = dot16(q_row(J, b, hk, j), k, D) * f;
+            if (i < q_end(J, j) && i >= q_begin(J, j, first))
+                sc[(size_t)j * sst + i] = kv_cap(J, dot16(q_row(J, b, hk, j), k, D) * f);
     }
-    for (int j = 0; j < RT; j++) kv_softmax_row(sc + (size_t)j * sst, first, q_end(J, j), o_row(J, b, hk, j), D);
+    for (int j = 0; j < RT; j++)
+        kv_softmax_row(sc + (size_t)j * sst, q_begin(J, j, first), q_end(J, j), o_row(J, b, hk, j), D);
     for (int i = first; i < n; i++) {
         float f = 1.f;
         const float *v = i >= xi ? x_row(J, 1, bk, i) : row(J, 1, base, i, x, &f);
         for (int j = 0; j < RT; j++) {
-            if (i >= q_end(J, j)) continue;
+            if (i >= q_end(J, j) || i < q_begin(J, j, first)) continue;
             const float p = sc[(size_t)j * sst + i] * f;
             float *out = o_row(J, b, hk, j);
             for (int d = 0; d < D; d++) out[d] += p * v[d];
@@ -297,6 +311,7 @@ static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv
     const int D = J->D, RT = J->H / J->HKV * J->T, b = bk / J->HKV, hk = bk % J->HKV, nz = D / 16;
     const int first = J->starts[b], n = J->held, cap = J->cap, sst = J->sst;
     const int common = n - J->T + 1; /* keys every query row sees end here */
+    const int lo_all = q_begin(J, J->T - 1, first); /* and begin here (a window's bound grows with the token) */
     const size_t base = ((size_t)b * J->HKV + hk) * cap;
     for (int j = 0; j < RT; j++) memset(o_row(J, b, hk, j), 0, sizeof(float) * (size_t)D);
     if (first >= n) return; /* nothing visible: zeros, as the generic driver gives */
@@ -318,22 +333,22 @@ static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv
                         if (h < hb) acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q[h] + 16 * z), kv, acc[h]);
                 }
                 UNROLL for (int h = 0; h < KVD_HB; h++)
-                    if (h < hb) sc[(size_t)(h0 + h) * sst + i0 + r] = _mm512_reduce_add_ps(acc[h]) * J->scale;
+                    if (h < hb) sc[(size_t)(h0 + h) * sst + i0 + r] = kv_cap(J, _mm512_reduce_add_ps(acc[h]) * J->scale);
             }
         }
     }
-    for (int j = 0; j < RT; j++) { /* softmax over [first, its end) */
+    for (int j = 0; j < RT; j++) { /* softmax over [its begin, its end) */
         float *s = sc + (size_t)j * sst;
-        const int e = q_end(J, j);
-        if (first >= e) continue;
+        const int e = q_end(J, j), beg = q_begin(J, j, first);
+        if (beg >= e) continue;
         __m512 mv = _mm512_set1_ps(-3.0e38f);
-        int i = first;
+        int i = beg;
         for (; i + 16 <= e; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
         float m = _mm512_reduce_max_ps(mv);
         for (; i < e; i++) m = s[i] > m ? s[i] : m;
         const __m256 m8 = _mm256_set1_ps(m);
         __m256 tv = _mm256_setzero_ps();
-        for (i = first; i + 8 <= e; i += 8) {
+        for (i = beg; i + 8 <= e; i += 8) {
             const __m256 x = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), m8));
             _mm256_storeu_ps(s + i, x);
             tv = _mm256_add_ps(tv, x);
@@ -344,7 +359,7 @@ static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv
             total += s[i];
         }
         const float inv = total > 0.f ? 1.f / total : 0.f;
-        for (i = first; i < e; i++) s[i] *= inv;
+        for (i = beg; i < e; i++) s[i] *= inv;
     }
     for (int i0 = first; i0 < n; i0 += KVD_ROWS) {
         const int nr = n - i0 < KVD_ROWS ? n - i0 : KVD_ROWS;
@@ -353,10 +368,11 @@ static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv
         for (int h0 = 0; h0 < RT; h0 += KVD_HB) {
             const int hb = RT - h0 < KVD_HB ? RT - h0 : KVD_HB;
             float *o0[KVD_HB];
-            int end[KVD_HB];
+            int end[KVD_HB], beg[KVD_HB];
             UNROLL for (int h = 0; h < KVD_HB; h++) {
                 o0[h] = o_row(J, b, hk, h0 + (h < hb ? h : 0));
                 end[h] = q_end(J, h0 + (h < hb ? h : 0));
+                beg[h] = q_begin(J, h0 + (h < hb ? h : 0), first);
             }
             for (int z0 = 0; z0 < nz; z0 += 4) {
                 const int zb = nz - z0 < 4 ? nz - z0 : 4;
@@ -369,7 +385,7 @@ static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv
                     __m512 vv[4];
                     UNROLL for (int z = 0; z < 4; z++) vv[z] = z < zb ? _mm512_loadu_ps(vr + 16 * z) : _mm512_setzero_ps();
                     UNROLL for (int h = 0; h < KVD_HB; h++)
-                        if (h < hb && (r < nall || i0 + r < end[h])) {
+                        if (h < hb && ((r < nall && i0 + r >= lo_all) || (i0 + r < end[h] && i0 + r >= beg[h]))) {
                             const __m512 p = _mm512_set1_ps(sc[(size_t)(h0 + h) * sst + i0 + r]);
                             UNROLL for (int z = 0; z < 4; z++) o[h][z] = _mm512_fmadd_ps(p, vv[z], o[h][z]);
                         }
@@ -432,10 +448,10 @@ static void kv_shape(kv_job *J, int tok_major) {
 
 int kv_dense_decode_t(const float *q, const float *k, const float *v, const float *xk, const float *xv,
                       const int32_t *starts, int B, int H, int HKV, int D, int T, int cap, int held, float scale,
-                      float *out, int tok_major, int n_threads) {
-    if ((xk == NULL) != (xv == NULL)) return -1;
+                      int window, float softcap, float *out, int tok_major, int n_threads) {
+    if ((xk == NULL) != (xv == NULL) || window < 0 || softcap < 0.f) return -1;
     kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .T = T, .cap = cap, .held = held,
-                .scale = scale, .out = out, .k = k, .v = v, .xk = xk, .xv = xv};
+                .scale = scale, .window = window, .softcap = softcap, .out = out, .k = k, .v = v, .xk = xk, .xv = xv};
     kv_shape(&J, tok_major);
     return kv_run(&J, kv_task_dense, n_threads);
 }
@@ -446,24 +462,26 @@ int kv_dense_decode_t(const float *q, const float *k, const float *v, const floa
  * be NULL when held is T) */
 int vlmc_kv_dense_decode_n(const float *q, const float *k, const float *v, const float *xk, const float *xv,
                            const int32_t *starts, int B, int H, int HKV, int D, int T, int cap, int held,
-                           float scale, float *out, int n_threads) {
-    return kv_dense_decode_t(q, k, v, xk, xv, starts, B, H, HKV, D, T, cap, held, scale, out, 0, n_threads);
+                           float scale, int window, float softcap, float *out, int n_threads) {
+    return kv_dense_decode_t(q, k, v, xk, xv, starts, B, H, HKV, D, T, cap, held, scale, window, softcap, out, 0,
+                             n_threads);
 }
 
 int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const float *xk, const float *xv,
                          const int32_t *starts, int B, int H, int HKV, int D, int cap, int held, float scale,
-                         float *out, int n_threads) {
-    return kv_dense_decode_t(q, k, v, xk, xv, starts, B, H, HKV, D, 1, cap, held, scale, out, 0, n_threads);
+                         int window, float softcap, float *out, int n_threads) {
+    return kv_dense_decode_t(q, k, v, xk, xv, starts, B, H, HKV, D, 1, cap, held, scale, window, softcap, out, 0,
+                             n_threads);
 }
 
 int kv_affine_decode_x(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb, const uint8_t *vc,
                        const uint16_t *vs, const uint16_t *vb, const kv_codes *xk, const kv_codes *xv,
                        const int32_t *starts, int B, int H, int HKV, int D, int T, int cap, int held, int bits, int gs,
-                       float scale, float *out, int tok_major, int n_threads) {
+                       float scale, int window, float softcap, float *out, int tok_major, int n_threads) {
     if ((bits != 4 && bits != 8) || gs < 2 || D % gs || gs % 2) return -2;
-    if ((xk == NULL) != (xv == NULL)) return -1;
+    if ((xk == NULL) != (xv == NULL) || window < 0 || softcap < 0.f) return -1;
     kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .T = T, .cap = cap, .held = held,
-                .scale = scale, .out = out, .kc = kc, .vc = vc, .ks = ks, .kb = kb, .vs = vs, .vb = vb,
+                .scale = scale, .window = window, .softcap = softcap, .out = out, .kc = kc, .vc = vc, .ks = ks, .kb = kb, .vs = vs, .vb = vb,
                 .xkc = xk, .xvc = xv, .bits = bits, .gs = gs};
     kv_shape(&J, tok_major);
     return kv_run(&J, kv_task_affine, n_threads);
@@ -472,17 +490,17 @@ int kv_affine_decode_x(const float *q, const uint8_t *kc, const uint16_t *ks, co
 int vlmc_kv_affine_decode_n(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
                             const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const int32_t *starts,
                             int B, int H, int HKV, int D, int T, int cap, int held, int bits, int gs, float scale,
-                            float *out, int n_threads) {
+                            int window, float softcap, float *out, int n_threads) {
     return kv_affine_decode_x(q, kc, ks, kb, vc, vs, vb, NULL, NULL, starts, B, H, HKV, D, T, cap, held, bits, gs,
-                              scale, out, 0, n_threads);
+                              scale, window, softcap, out, 0, n_threads);
 }
 
 int vlmc_kv_affine_decode(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
                           const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const int32_t *starts,
                           int B, int H, int HKV, int D, int cap, int held, int bits, int gs, float scale,
-                          float *out, int n_threads) {
+                          int window, float softcap, float *out, int n_threads) {
     return vlmc_kv_affine_decode_n(q, kc, ks, kb, vc, vs, vb, starts, B, H, HKV, D, 1, cap, held, bits, gs, scale,
-                                   out, n_threads);
+                                   window, softcap, out, n_threads);
 }
 
 /* ---- this step's keys or values as affine codes ------------------------------------------

@@ -58,19 +58,23 @@ def _n(lib, name: str, q):
 
 
 def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts, held: int, *,
-                     scale: float, bits: int, group_size: int) -> mx.array:
+                     scale: float, bits: int, group_size: int, window: int = 0, softcap: float = 0.0) -> mx.array:
     """float32 [B, H, D] attention of q [B, H, D] over the first ``held`` coded tokens; for q
     [B, H, T, D] (T tokens per sequence, the last T of ``held``; token t sees the keys up to
-    its own) [B, H, T, D], each token's row what the one-token kernel gives at its place."""
+    its own) [B, H, T, D], each token's row what the one-token kernel gives at its place.
+    ``window`` > 0: a query sees no key more than window - 1 rows before its own (the rows
+    of a rotating cache); ``softcap`` > 0: soft-capped scores (both C only)."""
     lib = _get_lib()
     H, D = q.shape[1], q.shape[-1]
     if (lib is None or bits not in (4, 8) or k_scales.dtype != mx.bfloat16 or D % group_size
             or k_codes.ndim != 4 or H % k_codes.shape[1]):
+        if window or softcap:
+            raise ValueError("windowed or soft-capped KV attention needs the C kernels")
         return _kv_quant.kv_affine_decode(_as_mx(q), k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts,
                                           held, scale=scale, bits=bits, group_size=group_size)
     return _run(_n(lib, "vlmc_kv_affine_decode", q), "kv_affine_decode", q,
                 (k_codes, k_scales, k_biases, v_codes, v_scales, v_biases), starts, k_codes.shape, held,
-                bits, group_size, scale)
+                bits, group_size, scale, int(window), float(softcap))
 
 
 def kv_affine_encode(x: np.ndarray, bits: int, group_size: int) -> dict[str, np.ndarray] | None:
@@ -109,16 +113,20 @@ def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_cod
                 k_bits, v_bits, scale)
 
 
-def kv_dense_decode(q, keys, values, starts, held: int, *, scale: float, new_k=None, new_v=None) -> mx.array:
+def kv_dense_decode(q, keys, values, starts, held: int, *, scale: float, new_k=None, new_v=None, window: int = 0,
+                    softcap: float = 0.0) -> mx.array:
     """float32 [B, H, D] attention of q [B, H, D] over the first ``held`` tokens of float32
     buffers [B, HKV, cap, D]; with ``new_k, new_v`` ([B, HKV, D]) the last of those tokens
     is that pair instead, and the buffers hold only the ``held - 1`` before it. For q
     [B, H, T, D] (T tokens per sequence, the last T of ``held``, as ``kv_affine_decode``):
-    [B, H, T, D], and ``new_k, new_v`` [B, HKV, T, D] stand for those T tokens."""
+    [B, H, T, D], and ``new_k, new_v`` [B, HKV, T, D] stand for those T tokens. ``window``,
+    ``softcap``: as ``kv_affine_decode``."""
     lib = _get_lib()
     H = q.shape[1]
     T = 1 if q.ndim == 3 else q.shape[2]
     if lib is None or keys.dtype != mx.float32 or values.dtype != mx.float32 or keys.ndim != 4 or H % keys.shape[1]:
+        if window or softcap:
+            raise ValueError("windowed or soft-capped KV attention needs the C kernels")
         if new_k is not None:
             nk, nv = (_as_mx(a) if q.ndim == 4 else _as_mx(a)[:, :, None] for a in (new_k, new_v))
             keys = mx.concatenate([keys[:, :, :held - T], nk], axis=2)
@@ -128,7 +136,7 @@ def kv_dense_decode(q, keys, values, starts, held: int, *, scale: float, new_k=N
         new_k, new_v = (np.ascontiguousarray(a if type(a) is np.ndarray else _as_mx(a).astype(mx.float32), np.float32)
                         for a in (new_k, new_v))
     return _run(_n(lib, "vlmc_kv_dense_decode", q), "kv_dense_decode", q, (keys, values, new_k, new_v), starts,
-                keys.shape, held, scale)
+                keys.shape, held, scale, int(window), float(softcap))
 
 
 # Caches whose last decode step's writes are still lazy MLX slice updates (host_dense_step,
@@ -149,12 +157,14 @@ def settle(cache=None) -> None:
 
 def dense_buffers(cache) -> tuple[mx.array, mx.array] | None:
     """The key and value buffers of a dense float32 cache that a decode step's kernels can
-    read in place and then store into (no sliding window, some tokens held), its deferred
+    read in place and then store into (some tokens held; a rotating cache's oldest tokens
+    dropped first where its next append would drop them: ``make_room``), its deferred
     writes settled; None for any other cache."""
-    if (getattr(cache, "layout", None) != "dense" or cache.start or getattr(cache, "window", None)
-            or cache.buffers is None or not cache.held):
+    if getattr(cache, "layout", None) != "dense" or cache.buffers is None or not cache.held:
         return None
     settle(cache)
+    if getattr(cache, "window", None):
+        cache.make_room()
     kb, vb = cache.buffers["k"]["x"], cache.buffers["v"]["x"]
     return (kb, vb) if kb.dtype == mx.float32 and vb.dtype == mx.float32 else None
 
@@ -162,15 +172,17 @@ def dense_buffers(cache) -> tuple[mx.array, mx.array] | None:
 _zero_starts: dict[int, np.ndarray] = {}
 
 
-def host_starts(mask, batch: int) -> np.ndarray:
-    """Each sequence's first visible key (int32 numpy); without a mask, one zeros array per
-    batch size (a fresh mx.zeros would cost each layer an evaluation)."""
+def host_starts(mask, batch: int, first: int = 0) -> np.ndarray:
+    """Each sequence's first visible key (int32 numpy) as a column of a cache whose first
+    column holds position ``first`` (a rotating cache's ``start``); without a mask, one zeros
+    array per batch size (a fresh mx.zeros would cost each layer an evaluation)."""
     if mask is None:
         zeros = _zero_starts.get(batch)
         if zeros is None:
             zeros = _zero_starts[batch] = np.zeros(batch, np.int32)
         return zeros
-    return np.asarray(_kv_quant.starts_from_mask(mask, batch), np.int32)
+    starts = np.asarray(_kv_quant.starts_from_mask(mask, batch), np.int32)
+    return np.maximum(starts - first, 0).astype(np.int32) if first else starts
 
 
 def store(cache, k: np.ndarray, v: np.ndarray) -> None:
@@ -204,26 +216,30 @@ def _mx_stored(a: np.ndarray, dtype) -> mx.array:
     return mx.array(a).view(mx.bfloat16) if dtype == mx.bfloat16 else mx.array(a).astype(dtype)
 
 
-def host_dense_step(q: np.ndarray, k, v, cache, mask, *, scale: float) -> np.ndarray | None:
+def host_dense_step(q: np.ndarray, k, v, cache, mask, *, scale: float, softcap: float | None = None) -> np.ndarray | None:
     """A decode step of the cpu target's host arrays over a dense float32 cache: attention
     over the held tokens plus this step's k, v read from the host arrays (the kernel's
     extra rows), then k, v stored (``store``). A step of T <= GEMV_MAX_ROWS tokens per
     sequence (verify) attends causally among them, each token as a one-token step would.
-    None when this path does not apply (the caller's path then runs)."""
+    A rotating cache's window bounds the keys each query sees; ``softcap``: soft-capped
+    scores. None when this path does not apply (the caller's path then runs)."""
     from . import GEMV_MAX_ROWS
     T = q.shape[2] if type(q) is np.ndarray else 0
     if not 1 <= T <= GEMV_MAX_ROWS or _get_lib() is None:
         return None
+    if getattr(cache, "layout", None) != "dense" or cache.buffers is None or q.shape[1] % cache.kv_heads:
+        return None
     buffers = dense_buffers(cache)
-    if buffers is None or q.shape[1] % buffers[0].shape[1]:
+    if buffers is None:
         return None
     kn, vn = (np.asarray(a, np.float32) if type(a) is np.ndarray else np.asarray(a.astype(mx.float32))
               for a in (k, v))
+    starts = host_starts(mask, q.shape[0], cache.start)
+    extra = dict(window=getattr(cache, "window", None) or 0, softcap=softcap or 0.0)
     if T == 1:
-        out = kv_dense_decode(q[:, :, 0], *buffers, host_starts(mask, q.shape[0]), cache.held + 1, scale=scale,
-                              new_k=kn[:, :, 0], new_v=vn[:, :, 0])[:, :, None]
+        out = kv_dense_decode(q[:, :, 0], *buffers, starts, cache.held + 1, scale=scale,
+                              new_k=kn[:, :, 0], new_v=vn[:, :, 0], **extra)[:, :, None]
     else:
-        out = kv_dense_decode(q, *buffers, host_starts(mask, q.shape[0]), cache.held + T, scale=scale, new_k=kn,
-                              new_v=vn)
+        out = kv_dense_decode(q, *buffers, starts, cache.held + T, scale=scale, new_k=kn, new_v=vn, **extra)
     store(cache, kn, vn)
     return out

@@ -341,12 +341,12 @@ typedef struct {
 VLMC_INTERNAL int kv_affine_decode_x(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
                                      const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const kv_codes *xk,
                                      const kv_codes *xv, const int32_t *starts, int B, int H, int HKV, int D, int T,
-                                     int cap, int held, int bits, int gs, float scale, float *out, int tok_major,
-                                     int n_threads);
+                                     int cap, int held, int bits, int gs, float scale, int window, float softcap,
+                                     float *out, int tok_major, int n_threads);
 /* vlmc_kv_dense_decode_n, out [B, T, H, D] where tok_major */
 VLMC_INTERNAL int kv_dense_decode_t(const float *q, const float *k, const float *v, const float *xk, const float *xv,
                                     const int32_t *starts, int B, int H, int HKV, int D, int T, int cap, int held,
-                                    float scale, float *out, int tok_major, int n_threads);
+                                    float scale, int window, float softcap, float *out, int tok_major, int n_threads);
 /* vlmc_kv_affine_encode without the argument checks */
 VLMC_INTERNAL void kv_affine_encode_rows(const float *x, size_t rows, int D, int bits, int gs, uint8_t *codes,
                                          uint16_t *scales, uint16_t *mins);
@@ -362,10 +362,18 @@ typedef struct {
     const float *bias;
 } vlmc_proj;
 
+/* A decoder layer: pre-norm attention and gated MLP (Llama, Qwen2), with the options of the
+ * Gemma and Qwen3 layers: QK-norm (RMSNorm over each query / key head before rotary),
+ * sandwich norms (the attention's and the MLP's outputs normed before their residual adds),
+ * soft-capped attention scores. Norm weights are final (Gemma's 1 + w folded at compile time). */
 typedef struct {
     int hidden, heads, kv_heads, head_dim, inter; /* inter: the MLP's gate (= up) width */
-    float eps1, eps2, scale, act_a;               /* act_a: SIGMOID_SCALE of the activation */
-    const float *norm1, *norm2;                   /* [hidden] */
+    float eps1, eps2, scale, act_a, act_c;        /* act_a, act_c: SIGMOID_SCALE of the activation */
+    float eps_q, eps_k, eps_pa, eps_pf;           /* the optional norms' epsilons */
+    float softcap;                                /* > 0: attention scores soft-capped */
+    const float *norm1, *norm2;                   /* [hidden]: before attention, before the MLP */
+    const float *q_norm, *k_norm;                 /* [head_dim] or NULL: QK-norm */
+    const float *post_attn, *post_ff;             /* [hidden] or NULL: sandwich norms */
     vlmc_proj qkv, o, gate_up, down;
 } vlmc_layer;
 
@@ -376,10 +384,13 @@ typedef struct {
     uint16_t *ks, *kb, *vs, *vb;      /* affine: bfloat16 scales and minimums [B, HKV, cap, D / gs] */
     void *nk, *nv;                    /* out: this step's keys and values as stored, [B, HKV, T, D] / [B, HKV, T, D * bits / 8] */
     uint16_t *nks, *nkb, *nvs, *nvb;  /* out, affine: their scales and minimums [B, HKV, T, D / gs] */
+    const float *cs, *sn;             /* the layer's rotary tables (its own base: Gemma 3's local layers), NULL: the call's */
+    const int32_t *starts;            /* each sequence's first visible key as a column of this cache */
     int32_t layout;                   /* VLMC_KV_DENSE or VLMC_KV_AFFINE */
     int32_t bits, gs;                 /* affine: 4 or 8 bits, groups of gs (dividing D) */
     int32_t cap, held;                /* buffer columns; tokens held before this step (>= 1) */
     int32_t inplace;                  /* also write this step's T tokens into columns held .. held + T - 1 */
+    int32_t window;                   /* > 0: a sliding window (a rotating cache, its oldest rows first) */
 } vlmc_kv;
 
 /* ---- exported functions (0 on success, a negative code for bad arguments or no memory,
@@ -408,25 +419,26 @@ void vlmc_bf16_to_f32(const uint16_t *src, int64_t n, float *dst, int n_threads)
 /* kv_attention.c */
 int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const float *xk, const float *xv,
                          const int32_t *starts, int B, int H, int HKV, int D, int cap, int held, float scale,
-                         float *out, int n_threads);
+                         int window, float softcap, float *out, int n_threads);
 int vlmc_kv_affine_decode(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
                           const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const int32_t *starts,
                           int B, int H, int HKV, int D, int cap, int held, int bits, int gs, float scale,
-                          float *out, int n_threads);
+                          int window, float softcap, float *out, int n_threads);
 int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
                          const float *kcb, const float *vcb, const int32_t *starts, int B, int H, int HKV, int D,
                          int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads);
 int vlmc_kv_affine_encode(const float *x, int64_t rows, int D, int bits, int gs, uint8_t *codes, uint16_t *scales,
                           uint16_t *mins);
 /* T query tokens per sequence: q [B, H, T, D] -> out [B, H, T, D]; the last T of the held
- * rows are this step's, and query t sees the keys before row held - T + 1 + t */
+ * rows are this step's, and query t sees the keys before row held - T + 1 + t (and, with a
+ * window > 0, none before row held - T + 1 + t - window); softcap > 0: soft-capped scores */
 int vlmc_kv_dense_decode_n(const float *q, const float *k, const float *v, const float *xk, const float *xv,
                            const int32_t *starts, int B, int H, int HKV, int D, int T, int cap, int held,
-                           float scale, float *out, int n_threads);
+                           float scale, int window, float softcap, float *out, int n_threads);
 int vlmc_kv_affine_decode_n(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
                             const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const int32_t *starts,
                             int B, int H, int HKV, int D, int T, int cap, int held, int bits, int gs, float scale,
-                            float *out, int n_threads);
+                            int window, float softcap, float *out, int n_threads);
 int vlmc_kv_turbo_decode_n(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
                            const float *kcb, const float *vcb, const int32_t *starts, int B, int H, int HKV, int D,
                            int T, int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads);
@@ -438,15 +450,15 @@ int vlmc_gemm_q_i8(const float *x, int M, int K, const uint32_t *w, const void *
 int vlmc_softmax_rows(float *s, int64_t rows, int64_t cols, float scale, const uint8_t *keep, int64_t keep_rows,
                       int n_threads);
 int vlmc_sigmoid_gate(const float *x, int64_t x_ld, const float *up, int64_t up_ld, float *out, int64_t rows,
-                      int64_t cols, float a, int n_threads);
+                      int64_t cols, float a, float c, int n_threads);
 int vlmc_norm(const float *x, int64_t rows, int64_t cols, const float *w, const float *b, float eps, int layer,
               float *out, int n_threads);
 int vlmc_rope(const float *x, int64_t A, int64_t H, int64_t L, int64_t D, int64_t sa, int64_t sh, int64_t sl,
               const float *cs, const float *sn, int64_t ca, int64_t cl, float *out, int n_threads);
 /* decode_layer.c */
 int vlmc_decode_layers(const vlmc_layer *const *L, const vlmc_kv *kv, int nl, const float *x, const float *normed,
-                       int B, int T, const float *cs, const float *sn, int64_t ca, int64_t cl, const int32_t *starts,
-                       float *out, int n_threads);
+                       int B, int T, const float *cs, const float *sn, int64_t ca, int64_t cl, float *out,
+                       int n_threads);
 /* affine_search.c */
 int vlmc_affine_search(const float *w, int N, int K, int gs, int bits, const float *s0, const float *b0,
                        const float *shrink, int nshrink, int nrefit, float *scales, float *biases, int n_threads);

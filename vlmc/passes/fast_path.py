@@ -1,0 +1,128 @@
+"""The body patterns the cpu target's fast paths replace: ``decode_layer_fast_path`` finds a
+decoder layer (``layers.decoder_layer`` after the ``qkv`` and ``gate_up`` fusions, with any
+of its Gemma and Qwen3 options) by its data flow and gives the ``decode_layer`` op that
+``lower`` attaches to the block (``Block.fast_path``)."""
+from __future__ import annotations
+
+from ..ir.core import Function, Op
+
+_PROJ = ("linear", "qlinear")
+_GATES = ("silu", "quick_gelu", "gelu_tanh")  # the MLP activations the C gate computes
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def decode_layer_fast_path(fn: Function) -> Op | None:
+    """A ``decode_layer`` op for a block body that is exactly a pre-norm decoder layer with
+    fused qkv and gate_up projections (what ``fuse`` makes of ``layers.decoder_layer``):
+    x -> rms_norm -> qkv -> split -> q/k/v heads [-> q_norm, k_norm] -> rope(q), rope(k)
+    -> cached_attention [softcap] -> o_proj [-> post-attention norm] -> + x -> rms_norm
+    -> gate_up -> split -> glu (silu, quick_gelu, gelu_tanh) -> down [-> post-MLP norm]
+    -> + h. The rotary tables may be block inputs or a per-layer choice among them (``$``:
+    Gemma 3's local and global tables). Any other body (or wiring) gets None."""
+    try:
+        return _match(fn)
+    except _NoMatch:
+        return None
+
+
+def _match(fn: Function) -> Op:
+    made = {o: op for op in fn.ops for o in op.outputs}
+    seen: set[int] = set()
+
+    def need(cond) -> None:
+        if not cond:
+            raise _NoMatch
+
+    def prod(v: str, kind: str, **attrs) -> Op:
+        """The op of this kind (proj: linear/qlinear) that makes v, with these attrs."""
+        op = made.get(v)
+        need(op is not None and (op.op == kind or (kind == "proj" and op.op in _PROJ)))
+        need(all(op.attrs.get(k) == a for k, a in attrs.items()))
+        seen.add(id(op))
+        return op
+
+    def param(v: str | None) -> str | None:
+        need(v is None or v.startswith("@"))
+        return v
+
+    def proj(v: str) -> tuple[str, str, str | None]:
+        """(input, weight, bias) of the projection making v."""
+        op = prod(v, "proj")
+        return op.inputs[0], param(op.inputs[1]), param(op.inputs[2] if len(op.inputs) > 2 else None)
+
+    def norm(v: str) -> tuple[str, str, float]:
+        op = prod(v, "rms_norm")
+        return op.inputs[0], param(op.inputs[1]), op.attrs["eps"]
+
+    def maybe_norm(v: str) -> tuple[str, str | None, float | None]:
+        op = made.get(v)
+        return norm(v) if op is not None and op.op == "rms_norm" else (v, None, None)
+
+    need(len(fn.outputs) == 1 and len(fn.inputs) >= 5)
+    x, mask, cache = fn.inputs[0], fn.inputs[-2], fn.inputs[-1]
+    need(fn.types[cache].dtype == "kvcache")
+    add2 = prod(fn.outputs[0], "add")
+    for h, m in (add2.inputs, add2.inputs[::-1]):
+        op = made.get(h)
+        if op is not None and op.op == "add" and x in op.inputs:
+            break
+    else:
+        raise _NoMatch
+    # the MLP: m = [post_ff](down(glu(split(gate_up(norm2(h))))))
+    d_out, post_ff, eps_pf = maybe_norm(m)
+    g, d_w, d_b = proj(d_out)
+    glu = prod(g, "glu")
+    need(glu.attrs.get("kind") in _GATES and len(glu.inputs) == 2)
+    sp2 = prod(glu.inputs[0], "split")
+    inter = sp2.attrs.get("sizes", [None])[0]
+    need(list(sp2.outputs) == glu.inputs and sp2.attrs.get("sizes") == [inter, inter] and isinstance(inter, int))
+    n2, gu_w, gu_b = proj(sp2.inputs[0])
+    h_in, norm2, eps2 = norm(n2)
+    need(h_in == h)
+    # the attention: h = x + [post_attn](o_proj(heads(cached_attention(...))))
+    add1 = prod(h, "add")
+    a = add1.inputs[1] if add1.inputs[0] == x else add1.inputs[0]
+    need(sorted(add1.inputs) == sorted([x, a]))
+    o_out, post_attn, eps_pa = maybe_norm(a)
+    r_out, o_w, o_b = proj(o_out)
+    att = prod(prod(prod(r_out, "reshape").inputs[0], "transpose", axes=[0, 2, 1, 3]).inputs[0], "cached_attention")
+    rq, rk = prod(att.inputs[0], "rope"), prod(att.inputs[1], "rope")
+    d = fn.types[rq.outputs[0]].shape[-1]
+    heads, kv_heads = fn.types[rq.outputs[0]].shape[1], fn.types[rk.outputs[0]].shape[1]
+    need(all(isinstance(n, int) for n in (d, heads, kv_heads)))
+    need(made[r_out].attrs.get("shape") == [0, 0, heads * d])
+    need(att.inputs[3:5] == [cache, mask] and len(att.inputs) == 5)
+    cos, sin = rq.inputs[1:]
+    need(rk.inputs[1:] == [cos, sin] and all(t in fn.inputs or t.startswith("$") for t in (cos, sin)))
+
+    def head_of(v: str, n: int, normed: bool) -> tuple[str, str | None, float | None]:
+        """The split output whose [B, n, L, D] heads v is (reshape, [rms_norm,] transpose)."""
+        t = prod(v, "transpose", axes=[0, 2, 1, 3]).inputs[0]
+        t, w, eps = maybe_norm(t) if normed else (t, None, None)
+        r = prod(t, "reshape", shape=[0, 0, n, d])
+        return r.inputs[0], w, eps
+
+    q_s, q_norm, eps_q = head_of(rq.inputs[0], heads, True)
+    k_s, k_norm, eps_k = head_of(rk.inputs[0], kv_heads, True)
+    v_s, _, _ = head_of(att.inputs[2], kv_heads, False)
+    sp = prod(q_s, "split")
+    need(list(sp.outputs) == [q_s, k_s, v_s] and sp.attrs.get("sizes") == [heads * d, kv_heads * d, kv_heads * d])
+    n1, qkv_w, qkv_b = proj(sp.inputs[0])
+    x_in, norm1, eps1 = norm(n1)
+    need(x_in == x and (q_norm is None) == (k_norm is None))
+    need(len(seen) == len(fn.ops))  # nothing else in the body
+    attrs = {"eps1": eps1, "eps2": eps2, "heads": heads, "kv_heads": kv_heads, "head_dim": d, "inter": inter,
+             "scale": att.attrs["scale"], "act": glu.attrs["kind"]}
+    optional = [q_norm, k_norm, post_attn, post_ff]
+    for name, eps in (("eps_q", eps_q), ("eps_k", eps_k), ("eps_pa", eps_pa), ("eps_pf", eps_pf)):
+        if eps is not None:
+            attrs[name] = eps
+    if att.attrs.get("softcap") is not None:
+        attrs["softcap"] = att.attrs["softcap"]
+    while optional and optional[-1] is None:
+        optional.pop()
+    return Op("decode_layer", [x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b,
+                               *optional], ["%fast"], attrs)
