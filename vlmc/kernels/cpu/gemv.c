@@ -731,14 +731,23 @@ static ALWAYS void qp_panel(const int BITS, const int ST, const job_t *J, int p0
      * prefetcher follows */
     const char *next = (const char *)J->w + (size_t)(p0 + PF_PANELS * QP) * rb;
     const size_t pshare = ((size_t)QP * rb / nb + 63) & ~(size_t)63;
+    /* and the next panel's scales and biases (a contiguous run of 16 rows each, G x 16 x
+     * 2 or 4 bytes: at most one line per block), which qp_params would otherwise wait for */
+    const size_t pb = (size_t)G * (J->st == ST_BF16 ? 2 : 4), plines = (QP * pb + 63) / 64;
+    const char *nsc = (const char *)J->sc + (size_t)(p0 + PF_PANELS * QP) * pb;
+    const char *nbi = (const char *)J->bi + (size_t)(p0 + PF_PANELS * QP) * pb;
     const __m512i m4 = _mm512_set1_epi8(0x0F);
 #if VLMC_CODES_PACKED
     const packed_v u = packed_regs(&J->pk);
 #endif
-    for (int b = 0; b < nb; b++) {
-        const int g = b / bpg;
+    for (int b = 0, g = 0, in_g = 0; b < nb; b++) {
+        const int last = ++in_g == bpg; /* the group's bias term follows, in the same A */
         const size_t off = (size_t)b * bb;
         for (size_t o = (size_t)b * pshare; o < (size_t)(b + 1) * pshare; o += 64) _mm_prefetch(next + o, PF_HINT);
+        if ((size_t)b < plines) {
+            _mm_prefetch(nsc + 64 * (size_t)b, PF_HINT);
+            _mm_prefetch(nbi + 64 * (size_t)b, PF_HINT);
+        }
         __m512i Q[16];
         if (BITS == 4) {
             __m512i v[8];
@@ -771,17 +780,19 @@ static ALWAYS void qp_panel(const int BITS, const int ST, const job_t *J, int p0
             t16x8_regs(z1, Q + 8);
         }
         const __m512 sv = _mm512_loadu_ps(ts + (size_t)g * QP);
-        const int last = (b + 1) % bpg == 0; /* the group's bias term follows, in the same A */
+        /* not a group's last block: a zero bias term (as the one-row kernel adds one) */
         const __m512 bv = last ? _mm512_loadu_ps(tb + (size_t)g * QP) : _mm512_setzero_ps();
+        const int8_t *x8 = J->x8 + 64 * (size_t)b, *x8r = J->x8r ? J->x8r + 64 * (size_t)b : NULL;
+        const float *x8s = J->x8s + b, *xs = J->xs + g;
+        __m512 *A = acc + (b & 7);
         for (int m = 0; m < M; m++) {
-            const int8_t *xm = J->x8 + (size_t)m * K + 64 * (size_t)b;
-            __m512i d = dots16(Q, xm);
-            if (BITS != 4 && J->x8r) /* 256 x8 + x8r: the residual's dots in 1/256 steps */
-                d = _mm512_add_epi32(_mm512_slli_epi32(d, 8), dots16(Q, J->x8r + (size_t)m * K + 64 * (size_t)b));
-            __m512 *A = acc + 8 * m + (b & 7);
-            *A = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sv, _mm512_set1_ps(J->x8s[(size_t)m * nb + b])), *A);
-            if (last) *A = _mm512_fmadd_ps(bv, _mm512_set1_ps(J->xs[(size_t)m * G + g]), *A);
+            __m512i d = dots16(Q, x8 + (size_t)m * K);
+            if (BITS != 4 && x8r) /* 256 x8 + x8r: the residual's dots in 1/256 steps */
+                d = _mm512_add_epi32(_mm512_slli_epi32(d, 8), dots16(Q, x8r + (size_t)m * K));
+            __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sv, _mm512_set1_ps(x8s[(size_t)m * nb])), A[8 * m]);
+            A[8 * m] = _mm512_fmadd_ps(bv, _mm512_set1_ps(xs[(size_t)m * G]), a);
         }
+        if (last) g++, in_g = 0;
     }
     const __mmask16 keep = (__mmask16)(rows == QP ? 0xFFFFu : (1u << rows) - 1);
     const __m512 bias = J->bias ? _mm512_maskz_loadu_ps(keep, J->bias + p0) : _mm512_setzero_ps();
