@@ -434,12 +434,17 @@ DEF_ROWS(q8, Q_1, Q_2, Q_3, Q_4, Q_8)
  *   (8 blocks) per step, vpdpbusd against 64 bytes of x and the 16 lanes of each block's
  *   dot folded into one (fold8): lane i of one vector is A_i, and 8 rows' sums finish
  *   together (hsum8x8), ~6 instructions per 64 codes;
- * - several x rows (qp_panel): 16 weight rows' codes of a block are transposed in
- *   registers so that vpdpbusd multiplies 4 codes of 16 rows by 4 bytes of one x row
- *   broadcast; the transpose is paid once per block for all x rows, and A_i is a vector
- *   over the 16 rows (no horizontal sums; where one x row's fold costs ~13 instructions
- *   per 8 blocks and pair, the panel's per-pair work is its vpdpbusd and three more).
- * Needs gs % 64 == 0. */
+ * - several x rows (qp4_panel for 4-bit codes, qp_panel for the others): 16 weight rows'
+ *   codes of a block are transposed in registers so that vpdpbusd multiplies 4 codes of
+ *   16 rows by 4 bytes of one x row broadcast; the transpose is paid once per block for
+ *   all x rows, and A_i is a vector over the 16 rows (no horizontal sums; where one x
+ *   row's fold costs ~13 instructions per 8 blocks and pair, the panel's per-pair work is
+ *   its 16 vpdpbusd, a multiply and two FMAs).
+ * On Zen 4 vpdpbusd zmm issues 1 per cycle; shuffles, masks, shifts, conversions and
+ * loads run beside it at no cost, while multiplies, FMAs and zmm stores take its cycles
+ * (measured one kind at a time against 16 vpdpbusd): so a pair's block costs 16 + 3
+ * cycles at best, and the kernels keep the transposes out of the vpdpbusd chain's way
+ * and store as little as they can. Needs gs % 64 == 0. */
 #if VLMC_VNNI
 #define BITS_PACKED 0 /* the kernels' BITS for 2/3/5/6-bit codes (the width is J->bits) */
 #ifndef PF_HINT
