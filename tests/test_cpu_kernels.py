@@ -218,10 +218,13 @@ def test_qlinear_int8_activations_exact(bits, gs, sdtype):
     steps, 128-code pairs after them, a last unpaired 64-block (K % 128 == 64), and K
     chunks that split a 512-step (M = 3); N = 131 rows for one x row (8-row groups and a
     rest); gs 192 and 256 take the scale path with no fast
-    load (random codes and parameters: MLX quantizes only to groups of 32, 64 and 128)."""
+    load (random codes and parameters: MLX quantizes only to groups of 32, 64 and 128).
+    The panel kernels' parameter tables: 16 groups a step (bfloat16 in pairs) or 8
+    (float32), a last step overlapping the one before, a last odd group by itself (K = 2240:
+    35 groups of 64)."""
     if not cpu.int8_activations():
         pytest.skip("no AVX512-VNNI on this CPU (or turned off)")
-    for K in (192, 576, 640, 1536, 8960, 1024):
+    for K in (192, 576, 640, 1536, 8960, 1024, 2240):
         if K % gs:
             continue
         for M in (1, 3, 8, 13):

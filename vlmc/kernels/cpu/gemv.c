@@ -434,12 +434,17 @@ DEF_ROWS(q8, Q_1, Q_2, Q_3, Q_4, Q_8)
  *   (8 blocks) per step, vpdpbusd against 64 bytes of x and the 16 lanes of each block's
  *   dot folded into one (fold8): lane i of one vector is A_i, and 8 rows' sums finish
  *   together (hsum8x8), ~6 instructions per 64 codes;
- * - several x rows (qp_panel): 16 weight rows' codes of a block are transposed in
- *   registers so that vpdpbusd multiplies 4 codes of 16 rows by 4 bytes of one x row
- *   broadcast; the transpose is paid once per block for all x rows, and A_i is a vector
- *   over the 16 rows (no horizontal sums; where one x row's fold costs ~13 instructions
- *   per 8 blocks and pair, the panel's per-pair work is its vpdpbusd and three more).
- * Needs gs % 64 == 0. */
+ * - several x rows (qp4_panel for 4-bit codes, qp_panel for the others): 16 weight rows'
+ *   codes of a block are transposed in registers so that vpdpbusd multiplies 4 codes of
+ *   16 rows by 4 bytes of one x row broadcast; the transpose is paid once per block for
+ *   all x rows, and A_i is a vector over the 16 rows (no horizontal sums; where one x
+ *   row's fold costs ~13 instructions per 8 blocks and pair, the panel's per-pair work is
+ *   its 16 vpdpbusd, a multiply and two FMAs).
+ * On Zen 4 vpdpbusd zmm issues 1 per cycle; shuffles, masks, shifts, conversions and
+ * loads run beside it at no cost, while multiplies, FMAs and zmm stores take its cycles
+ * (measured one kind at a time against 16 vpdpbusd): so a pair's block costs 16 + 3
+ * cycles at best, and the kernels keep the transposes out of the vpdpbusd chain's way
+ * and store as little as they can. Needs gs % 64 == 0. */
 #if VLMC_VNNI
 #define BITS_PACKED 0 /* the kernels' BITS for 2/3/5/6-bit codes (the width is J->bits) */
 #ifndef PF_HINT
@@ -676,41 +681,59 @@ static ALWAYS void t16x8(const uint8_t *const *p, size_t off, __m512i v[8]) {
     t16x8_regs(z, v);
 }
 
-/* the panel's scales or biases (float32 or bfloat16, [N, G]) as float32 tab[G][16], for
- * the panel's rows rows[0..15] */
-static void qp_params(const void *par, int st, int G, const int *rows, float *tab) {
+/* the panel's scales or biases ([N, G]) for the panel's rows rows[0..15] as tab: float32
+ * tab[G][16], or bfloat16 kept as stored, groups 2p and 2p + 1 of a row in one dword
+ * (uint32 tab[(G + 1) / 2][16]): half the stores, and qp_pvec widens a group's 16 values
+ * with one instruction where a block uses them */
+static void qp_params(const void *par, int st, int G, const int *rows, void *tab) {
     const size_t rb = (size_t)G * (st == ST_BF16 ? 2 : 4);
     const uint8_t *rp[QP];
     for (int i = 0; i < QP; i++) rp[i] = (const uint8_t *)par + (size_t)rows[i] * rb;
-    if (st == ST_BF16 && G >= 16) { /* 16 groups a step; the last step overlaps the one before */
-        for (int g = 0; g < G; g += 16) {
-            const int g0 = g + 16 <= G ? g : G - 16;
+    int g = 0;
+    if (st == ST_BF16 && G >= 16) { /* 16 groups (8 pairs) a step */
+        uint32_t *t = tab;
+        for (int last = 0; !last && g < G - 1;) {
+            int g0 = g;
+            if (g + 16 > G) g0 = (G - 16) & ~1, last = 1; /* overlaps the step before; whole pairs */
             __m512i v[8];
             t16x8(rp, (size_t)g0 * 2, v);
-            UNROLL for (int d = 0; d < 8; d++) {
-                _mm512_storeu_ps(tab + (size_t)(g0 + 2 * d) * QP, _mm512_castsi512_ps(_mm512_slli_epi32(v[d], 16)));
-                _mm512_storeu_ps(tab + (size_t)(g0 + 2 * d + 1) * QP,
-                                 _mm512_castsi512_ps(_mm512_and_si512(v[d], _mm512_set1_epi32((int)0xFFFF0000u))));
-            }
+            UNROLL for (int d = 0; d < 8; d++) _mm512_storeu_si512((void *)(t + (size_t)(g0 / 2 + d) * QP), v[d]);
+            g = g0 + 16;
         }
     } else if (st == ST_F32 && G >= 8) {
-        for (int g = 0; g < G; g += 8) {
+        float *t = tab;
+        while (g < G) {
             const int g0 = g + 8 <= G ? g : G - 8;
             __m512i v[8];
             t16x8(rp, (size_t)g0 * 4, v);
-            UNROLL for (int d = 0; d < 8; d++) _mm512_storeu_ps(tab + (size_t)(g0 + d) * QP, _mm512_castsi512_ps(v[d]));
+            UNROLL for (int d = 0; d < 8; d++) _mm512_storeu_ps(t + (size_t)(g0 + d) * QP, _mm512_castsi512_ps(v[d]));
+            g = g0 + 8;
         }
-    } else {
-        for (int g = 0; g < G; g++)
-            for (int i = 0; i < QP; i++) tab[(size_t)g * QP + i] = ld_param(par, (size_t)rows[i] * G + g, st);
     }
+    for (; g < G; g++) /* the rest (a last odd group, or all of a short row) one by one */
+        for (int i = 0; i < QP; i++) {
+            const size_t at = (size_t)rows[i] * G + g;
+            if (st == ST_BF16) {
+                uint16_t *t = (uint16_t *)tab + ((size_t)(g / 2) * QP + i) * 2 + g % 2;
+                *t = ((const uint16_t *)par)[at];
+            } else {
+                ((float *)tab)[(size_t)g * QP + i] = ld_param(par, at, st);
+            }
+        }
 }
 
-/* One panel: weight rows p0 .. p0 + 15 (past N: the last row again, not stored), all M x
- * rows (x8 in X8_OCTETS order for 4-bit codes: a dword of codes holds 4 even codes in its
- * low nibbles, then the 4 odd ones in its high nibbles). For each block the 16 rows'
- * codes become Q[q], dword i = codes 4q .. 4q + 3 of row i (in x8's order). tab: 2 G x 16
- * floats; acc: M x 8 vectors (the pairs' A_0 .. A_7). */
+/* the 16 rows' parameters of group g from a qp_params table */
+static ALWAYS __m512 qp_pvec(int st, const void *tab, int g) {
+    if (st != ST_BF16) return _mm512_loadu_ps((const float *)tab + (size_t)g * QP);
+    const __m512i w = _mm512_loadu_si512((const uint32_t *)tab + (size_t)(g / 2) * QP);
+    return _mm512_castsi512_ps(g % 2 ? _mm512_and_si512(w, _mm512_set1_epi32((int)0xFFFF0000u)) : _mm512_slli_epi32(w, 16));
+}
+
+/* One panel of 8-bit or 2/3/5/6-bit codes (4-bit codes: qp4_panel): weight rows p0 ..
+ * p0 + 15 (past N: the last row again, not stored), all M x rows. For each block the 16
+ * rows' codes become Q[q], dword i = codes 4q .. 4q + 3 of row i. tab: the scales' and the
+ * biases' qp_params tables (2 G x 16 floats of room); acc: M x 8 vectors (the pairs'
+ * A_0 .. A_7). */
 static ALWAYS void qp_panel(const int BITS, const int ST, const job_t *J, int p0, float *tab, __m512 *acc) {
     const int K = J->K, M = J->M, N = J->N, G = J->G, nb = K / 64, bpg = J->gs / 64;
     const int bits = BITS == BITS_PACKED ? J->bits : BITS;
@@ -731,23 +754,24 @@ static ALWAYS void qp_panel(const int BITS, const int ST, const job_t *J, int p0
      * prefetcher follows */
     const char *next = (const char *)J->w + (size_t)(p0 + PF_PANELS * QP) * rb;
     const size_t pshare = ((size_t)QP * rb / nb + 63) & ~(size_t)63;
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    /* and the next panel's scales and biases (a contiguous run of 16 rows each, G x 16 x
+     * 2 or 4 bytes: at most one line per block), which qp_params would otherwise wait for */
+    const size_t pb = (size_t)G * (J->st == ST_BF16 ? 2 : 4), plines = (QP * pb + 63) / 64;
+    const char *nsc = (const char *)J->sc + (size_t)(p0 + PF_PANELS * QP) * pb;
+    const char *nbi = (const char *)J->bi + (size_t)(p0 + PF_PANELS * QP) * pb;
 #if VLMC_CODES_PACKED
     const packed_v u = packed_regs(&J->pk);
 #endif
-    for (int b = 0; b < nb; b++) {
-        const int g = b / bpg;
+    for (int b = 0, g = 0, in_g = 0; b < nb; b++) {
+        const int last = ++in_g == bpg; /* the group's bias term follows, in the same A */
         const size_t off = (size_t)b * bb;
         for (size_t o = (size_t)b * pshare; o < (size_t)(b + 1) * pshare; o += 64) _mm_prefetch(next + o, PF_HINT);
+        if ((size_t)b < plines) {
+            _mm_prefetch(nsc + 64 * (size_t)b, PF_HINT);
+            _mm_prefetch(nbi + 64 * (size_t)b, PF_HINT);
+        }
         __m512i Q[16];
-        if (BITS == 4) {
-            __m512i v[8];
-            t16x8(rp, off, v);
-            UNROLL for (int d = 0; d < 8; d++) {
-                Q[2 * d] = _mm512_and_si512(v[d], m4);
-                Q[2 * d + 1] = _mm512_and_si512(_mm512_srli_epi16(v[d], 4), m4);
-            }
-        } else if (BITS == 8) {
+        if (BITS == 8) {
             t16x8(rp, off, Q);
             t16x8(rp, off + 32, Q + 8);
         } else {
@@ -770,18 +794,20 @@ static ALWAYS void qp_panel(const int BITS, const int ST, const job_t *J, int p0
             t16x8_regs(z0, Q);
             t16x8_regs(z1, Q + 8);
         }
-        const __m512 sv = _mm512_loadu_ps(ts + (size_t)g * QP);
-        const int last = (b + 1) % bpg == 0; /* the group's bias term follows, in the same A */
-        const __m512 bv = last ? _mm512_loadu_ps(tb + (size_t)g * QP) : _mm512_setzero_ps();
+        const __m512 sv = qp_pvec(J->st, ts, g);
+        /* not a group's last block: a zero bias term (as the one-row kernel adds one) */
+        const __m512 bv = last ? qp_pvec(J->st, tb, g) : _mm512_setzero_ps();
+        const int8_t *x8 = J->x8 + 64 * (size_t)b, *x8r = J->x8r ? J->x8r + 64 * (size_t)b : NULL;
+        const float *x8s = J->x8s + b, *xs = J->xs + g;
+        __m512 *A = acc + (b & 7);
         for (int m = 0; m < M; m++) {
-            const int8_t *xm = J->x8 + (size_t)m * K + 64 * (size_t)b;
-            __m512i d = dots16(Q, xm);
-            if (BITS != 4 && J->x8r) /* 256 x8 + x8r: the residual's dots in 1/256 steps */
-                d = _mm512_add_epi32(_mm512_slli_epi32(d, 8), dots16(Q, J->x8r + (size_t)m * K + 64 * (size_t)b));
-            __m512 *A = acc + 8 * m + (b & 7);
-            *A = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sv, _mm512_set1_ps(J->x8s[(size_t)m * nb + b])), *A);
-            if (last) *A = _mm512_fmadd_ps(bv, _mm512_set1_ps(J->xs[(size_t)m * G + g]), *A);
+            __m512i d = dots16(Q, x8 + (size_t)m * K);
+            if (BITS != 4 && x8r) /* 256 x8 + x8r: the residual's dots in 1/256 steps */
+                d = _mm512_add_epi32(_mm512_slli_epi32(d, 8), dots16(Q, x8r + (size_t)m * K));
+            __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sv, _mm512_set1_ps(x8s[(size_t)m * nb])), A[8 * m]);
+            A[8 * m] = _mm512_fmadd_ps(bv, _mm512_set1_ps(xs[(size_t)m * G]), a);
         }
+        if (last) g++, in_g = 0;
     }
     const __mmask16 keep = (__mmask16)(rows == QP ? 0xFFFFu : (1u << rows) - 1);
     const __m512 bias = J->bias ? _mm512_maskz_loadu_ps(keep, J->bias + p0) : _mm512_setzero_ps();
@@ -794,9 +820,135 @@ static ALWAYS void qp_panel(const int BITS, const int ST, const job_t *J, int p0
     }
 }
 
+/* ---- 4-bit codes: the transpose of block b + 1 ahead of block b's dots ----------------
+ * The same arithmetic as qp_panel, for 4-bit codes and M a constant. The transpose of a
+ * block (its loads, 24 shuffles, 24 mask and shift instructions) runs on other execution
+ * units than vpdpbusd, but behind a block's M x 16 vpdpbusd in program order it waits
+ * until they drain: each block then paid its transpose's latency. Here block b + 1's
+ * transposed dwords (8 registers; split into low and high nibbles only where used) are
+ * made before block b's dots, which leaves room for the dots of up to 8 x rows at once
+ * (one accumulator each) in the 32 vector registers. */
+
+/* T x rows' integer dots of one block (codes dwords V, x row t's 64 bytes at x + t K) */
+static ALWAYS void qp4_dots(const int T, const __m512i V[8], const int8_t *x, size_t K, __m512i d[]) {
+    const int C = T == 1 ? 4 : T < 4 ? 2 : 1; /* chains per row: at least 4 in flight */
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    __m512i a[8][4];
+    UNROLL for (int t = 0; t < T; t++) UNROLL for (int c = 0; c < C; c++) a[t][c] = _mm512_setzero_si512();
+    UNROLL for (int e = 0; e < 8; e++) {
+        const __m512i lo = _mm512_and_si512(V[e], m4), hi = _mm512_and_si512(_mm512_srli_epi16(V[e], 4), m4);
+        UNROLL for (int t = 0; t < T; t++) {
+            a[t][(2 * e) % C] = dp_bcast(a[t][(2 * e) % C], lo, x + (size_t)t * K + 8 * e);
+            a[t][(2 * e + 1) % C] = dp_bcast(a[t][(2 * e + 1) % C], hi, x + (size_t)t * K + 8 * e + 4);
+        }
+    }
+    UNROLL for (int t = 0; t < T; t++) {
+        if (C == 1) d[t] = a[t][0];
+        else if (C == 2) d[t] = _mm512_add_epi32(a[t][0], a[t][1]);
+        else d[t] = _mm512_add_epi32(_mm512_add_epi32(a[t][0], a[t][1]), _mm512_add_epi32(a[t][2], a[t][3]));
+    }
+}
+
+/* x rows m0 .. m0 + T - 1 of block b (group g): dots, then each pair's float step */
+static ALWAYS void qp4_tile(const int T, const job_t *J, const __m512i V[8], int b, int g, int m0, __m512 sv, __m512 bv,
+                            __m512 *acc) {
+    const size_t K = (size_t)J->K;
+    const int nb = J->K / 64, G = J->G;
+    __m512i d[8];
+    qp4_dots(T, V, J->x8 + (size_t)m0 * K + 64 * (size_t)b, K, d);
+    UNROLL for (int t = 0; t < T; t++) {
+        const int m = m0 + t;
+        __m512 *A = acc + 8 * m + (b & 7);
+        const __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[t]), _mm512_mul_ps(sv, _mm512_set1_ps(J->x8s[(size_t)m * nb + b])), *A);
+        *A = _mm512_fmadd_ps(bv, _mm512_set1_ps(J->xs[(size_t)m * G + g]), a);
+    }
+}
+
+static ALWAYS void qp4_panel(const int M, const job_t *J, int p0, float *tab, __m512 *acc) {
+    const int K = J->K, N = J->N, G = J->G, nb = K / 64, bpg = J->gs / 64;
+    const size_t rb = (size_t)K / 2; /* bytes per row; 32 per block */
+    const int rows = N - p0 < QP ? N - p0 : QP;
+    int idx[QP];
+    const uint8_t *rp[QP];
+    for (int i = 0; i < QP; i++) {
+        idx[i] = p0 + (i < rows ? i : rows - 1);
+        rp[i] = (const uint8_t *)J->w + (size_t)idx[i] * rb;
+    }
+    float *ts = tab, *tb = tab + (size_t)G * QP;
+    qp_params(J->sc, J->st, G, idx, ts);
+    qp_params(J->bi, J->st, G, idx, tb);
+    for (int i = 0; i < 8 * M; i++) acc[i] = _mm512_setzero_ps();
+    const char *next = (const char *)J->w + (size_t)(p0 + PF_PANELS * QP) * rb; /* see qp_panel */
+    const size_t pshare = ((size_t)QP * rb / nb + 63) & ~(size_t)63;
+    const size_t pb = (size_t)G * (J->st == ST_BF16 ? 2 : 4), plines = (QP * pb + 63) / 64;
+    const char *nsc = (const char *)J->sc + (size_t)(p0 + PF_PANELS * QP) * pb;
+    const char *nbi = (const char *)J->bi + (size_t)(p0 + PF_PANELS * QP) * pb;
+    const int nt = (M + 7) / 8; /* tiles of x rows, as even as they come: 9 rows as 5 + 4 */
+    __m512i V[8];
+    t16x8(rp, 0, V);
+    for (int b = 0, g = 0, in_g = 0; b < nb; b++) {
+        const int last = ++in_g == bpg; /* the group's bias term follows, in the same A */
+        __m512i Vn[8];
+        t16x8(rp, (size_t)(b + 1 < nb ? b + 1 : b) * 32, Vn); /* past the last block: that block again */
+        for (size_t o = (size_t)b * pshare; o < (size_t)(b + 1) * pshare; o += 64) _mm_prefetch(next + o, PF_HINT);
+        if ((size_t)b < plines) {
+            _mm_prefetch(nsc + 64 * (size_t)b, PF_HINT);
+            _mm_prefetch(nbi + 64 * (size_t)b, PF_HINT);
+        }
+        const __m512 sv = qp_pvec(J->st, ts, g);
+        /* not a group's last block: a zero bias term (as the one-row kernel adds one) */
+        const __m512 bv = last ? qp_pvec(J->st, tb, g) : _mm512_setzero_ps();
+        UNROLL for (int t = 0; t < nt; t++) {
+            const int m0 = t * M / nt, T = (t + 1) * M / nt - m0;
+            switch (T) {
+            case 1: qp4_tile(1, J, V, b, g, m0, sv, bv, acc); break;
+            case 2: qp4_tile(2, J, V, b, g, m0, sv, bv, acc); break;
+            case 3: qp4_tile(3, J, V, b, g, m0, sv, bv, acc); break;
+            case 4: qp4_tile(4, J, V, b, g, m0, sv, bv, acc); break;
+            case 5: qp4_tile(5, J, V, b, g, m0, sv, bv, acc); break;
+            case 6: qp4_tile(6, J, V, b, g, m0, sv, bv, acc); break;
+            case 7: qp4_tile(7, J, V, b, g, m0, sv, bv, acc); break;
+            default: qp4_tile(8, J, V, b, g, m0, sv, bv, acc); break;
+            }
+        }
+        UNROLL for (int e = 0; e < 8; e++) V[e] = Vn[e];
+        if (last) g++, in_g = 0;
+    }
+    const __mmask16 keep = (__mmask16)(rows == QP ? 0xFFFFu : (1u << rows) - 1);
+    const __m512 bias = J->bias ? _mm512_maskz_loadu_ps(keep, J->bias + p0) : _mm512_setzero_ps();
+    for (int m = 0; m < M; m++) {
+        const __m512 *A = acc + 8 * m;
+        __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(A[0], A[1]), _mm512_add_ps(A[2], A[3])),
+                                 _mm512_add_ps(_mm512_add_ps(A[4], A[5]), _mm512_add_ps(A[6], A[7])));
+        if (J->bias) y = _mm512_add_ps(y, bias);
+        _mm512_mask_storeu_ps(J->y + (size_t)m * N + p0, keep, y);
+    }
+}
+
+#define QP4_M(M)                                                                                   \
+    static __attribute__((noinline)) void qp4_rows_m##M(const job_t *J, int n0, int n1, float *tab, __m512 *acc) { \
+        for (int p = n0; p < n1; p += QP) qp4_panel(M, J, p, tab, acc);                            \
+    }
+QP4_M(1) QP4_M(2) QP4_M(3) QP4_M(4) QP4_M(5) QP4_M(6) QP4_M(7) QP4_M(8)
+QP4_M(9) QP4_M(10) QP4_M(11) QP4_M(12) QP4_M(13) QP4_M(14) QP4_M(15) QP4_M(16)
+static void qp4_rows(const job_t *J, int n0, int n1, float *tab, __m512 *acc) {
+    static void (*const fn[QP_MAX_M + 1])(const job_t *, int, int, float *, __m512 *) = {
+        NULL, qp4_rows_m1, qp4_rows_m2, qp4_rows_m3, qp4_rows_m4, qp4_rows_m5, qp4_rows_m6, qp4_rows_m7,
+        qp4_rows_m8, qp4_rows_m9, qp4_rows_m10, qp4_rows_m11, qp4_rows_m12, qp4_rows_m13, qp4_rows_m14,
+        qp4_rows_m15, qp4_rows_m16};
+    fn[J->M](J, n0, n1, tab, acc);
+}
+
 /* whether the one-row kernel computes this job (4-bit codes: x8 in its order) */
 static int qv_m1_ok(const job_t *J) { return J->M == 1 && (J->bits != 4 || J->x8_order == X8_HALVES); }
 
+/* the one-row kernel of each width; the panel kernels of 8-bit and 2/3/5/6-bit codes
+ * (4-bit codes: qp4_rows above) */
+#define DEF_QV1(name, BITS)                                                                        \
+    static __attribute__((noinline)) void name##_1(const job_t *J, int n0, int n1) {               \
+        if (J->st == ST_BF16) qv_m1_range(BITS, ST_BF16, J, n0, n1);                               \
+        else qv_m1_range(BITS, ST_F32, J, n0, n1);                                                 \
+    }
 #define DEF_QP(name, BITS)                                                                         \
     static __attribute__((noinline)) void name(const job_t *J, int n0, int n1, float *tab, __m512 *acc) { \
         for (int p = n0; p < n1; p += QP) {                                                        \
@@ -804,11 +956,8 @@ static int qv_m1_ok(const job_t *J) { return J->M == 1 && (J->bits != 4 || J->x8
             else qp_panel(BITS, ST_F32, J, p, tab, acc);                                           \
         }                                                                                          \
     }                                                                                              \
-    static __attribute__((noinline)) void name##_1(const job_t *J, int n0, int n1) {               \
-        if (J->st == ST_BF16) qv_m1_range(BITS, ST_BF16, J, n0, n1);                               \
-        else qv_m1_range(BITS, ST_F32, J, n0, n1);                                                 \
-    }
-DEF_QP(qp4_rows, 4)
+    DEF_QV1(name, BITS)
+DEF_QV1(qp4_rows, 4)
 DEF_QP(qp8_rows, 8)
 DEF_QP(qpp_rows, BITS_PACKED)
 #endif /* VLMC_VNNI */
