@@ -23,14 +23,18 @@ from ..models.common.image_processing import ProcessedImages
 def split_images(processed: ProcessedImages) -> list[ProcessedImages]:
     """One ProcessedImages per image, in order."""
     n = len(processed.num_tokens)
+
+    def item(i: int) -> dict:
+        return dict(token_ids=None if processed.token_ids is None else processed.token_ids[i:i + 1],
+                    timing=None if processed.timing is None else processed.timing[i:i + 1])
     if processed.grid_thw is None:
         return [ProcessedImages(processed.pixel_values[i:i + 1], None, [processed.num_tokens[i]],
-                                processed.image_sizes[i:i + 1]) for i in range(n)]
+                                processed.image_sizes[i:i + 1], **item(i)) for i in range(n)]
     out, lo = [], 0
     for i in range(n):
         hi = lo + int(np.prod(processed.grid_thw[i]))
         out.append(ProcessedImages(processed.pixel_values[lo:hi], processed.grid_thw[i:i + 1],
-                                   [processed.num_tokens[i]], processed.image_sizes[i:i + 1]))
+                                   [processed.num_tokens[i]], processed.image_sizes[i:i + 1], **item(i)))
         lo = hi
     return out
 
