@@ -55,6 +55,7 @@ class VideoLimits:
     max_frame_pixels: int = 3840 * 2160   # width * height of one frame
     max_frames: int = 768                 # sampled frames kept
     timeout: float = 30.0                 # seconds to fetch a URL
+    max_sampled_pixels: int | None = None  # kept frames x frame pixels (bounds the decoded frames' memory)
 
 
 def load_video(src: Any, sampler: Sampler | None = None, limits: VideoLimits | None = None) -> Video:
@@ -107,6 +108,9 @@ def decode_video(data: bytes, desc: str, sampler: Sampler, limits: VideoLimits) 
                          "(lower fps or max frames)")
     if indices.size == 0 or indices.min() < 0 or indices.max() >= meta.total_frames:
         raise InputError(f"the sampling settings select no valid frame of video {desc}")
+    if limits.max_sampled_pixels is not None and indices.size * meta.width * meta.height > limits.max_sampled_pixels:
+        raise InputError(f"video {desc} would decode to {indices.size} frames of {meta.width}x{meta.height}, "
+                         f"over the limit of {limits.max_sampled_pixels} pixels (lower fps or max frames)")
     wanted = set(indices.tolist())
     last = int(indices.max())
     kept: dict[int, np.ndarray] = {}
