@@ -1,4 +1,4 @@
-"""Video parity with transformers for Qwen2-VL and Qwen2.5-VL: tiny random-weight
+"""Video parity with transformers for Qwen2-VL, Qwen2.5-VL and Qwen3-VL: tiny random-weight
 checkpoints, clips made with PyAV, and transformers' own video processor (torchvision
 backend) and model as the oracle.
 
@@ -6,7 +6,8 @@ For each case: the expanded prompt ids equal the processor's ``input_ids``; the 
 patches equal ``pixel_values_videos`` and its grid ``video_grid_thw`` (images likewise);
 float32 logits within 1e-4 at the prompt's last position and over 16 greedy steps; the 16
 greedy tokens identical. Qwen2.5-VL's temporal positions depend on the sampled frame rate
-(``second_per_grid_ts``), so its cases sample at rates that give uneven spacing.
+(``second_per_grid_ts``), so its cases sample at rates that give uneven spacing; Qwen3-VL's
+prompt carries each temporal patch's time (``<1.5 seconds>``) and its own frame sampler.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("av")
 
 from fixtures import checkpoints as ck  # noqa: E402
+from fixtures import qwen3_vl as q3  # noqa: E402
 from fixtures.torchvision_loader import import_torchvision  # noqa: E402
 from fixtures.videos import make_clip  # noqa: E402
 
@@ -39,12 +41,21 @@ CASES = {
     "image_then_video": ([(15, 90, 60, 5)], {"fps": 2.0}, [(80, 56)], "iv"),
     "video_image_video": ([(11, 90, 60, 10), (13, 56, 56, 3)], {"fps": 3.0}, [(60, 60)], "viv"),
 }
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
 
 def _hf_processor(ckpt_dir: Path, family: str):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
     pp = json.loads((ckpt_dir / "preprocessor_config.json").read_text())
+    if family == "qwen3_vl":  # its video processor reads the image config's size, as from_pretrained falls back
+        from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+        video = Qwen3VLVideoProcessor(size=pp["size"], patch_size=pp["patch_size"],
+                                      temporal_patch_size=pp["temporal_patch_size"], merge_size=pp["merge_size"],
+                                      image_mean=pp["image_mean"], image_std=pp["image_std"],
+                                      cap_pixels_per_frame=False)
+        return Qwen3VLProcessor(image_processor=q3.hf_image_processor(ckpt_dir),
+                                tokenizer=ck.hf_tokenizer(ckpt_dir), video_processor=video,
+                                chat_template=ck.read_chat_template(ckpt_dir))
     video = Qwen2VLVideoProcessor(
         min_pixels=pp["min_pixels"], max_pixels=pp["max_pixels"], patch_size=pp["patch_size"],
         temporal_patch_size=pp["temporal_patch_size"], merge_size=pp["merge_size"], image_mean=pp["image_mean"],
@@ -66,11 +77,16 @@ def _hf_reference(processor, model, messages, images, clips, sampling: dict):
         videos.append(frames)
         metas.append(meta)
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if "num_frames" in sampling:
+        sampling = {**sampling, "fps": None}  # Qwen3-VL's processor has a default fps that num_frames must clear
     inputs = processor(text=[prompt], images=images or None, return_tensors="pt", videos=videos,
                        video_metadata=metas, do_sample_frames=True, **sampling)
     gen = copy.deepcopy(model.generation_config)
-    gen.update(eos_token_id=None, do_sample=False, max_new_tokens=GREEDY_STEPS, min_new_tokens=None,
-               temperature=None, top_p=None, top_k=None, output_logits=True, return_dict_in_generate=True)
+    for key, value in dict(eos_token_id=None, do_sample=False, max_new_tokens=GREEDY_STEPS, min_new_tokens=None,
+                           temperature=None, top_p=None, top_k=None, output_logits=True,
+                           return_dict_in_generate=True).items():
+        setattr(gen, key, value)  # (update() skips None: EOS must not stop the reference early)
+    model.generation_config.eos_token_id = None  # generate fills unset fields from the model's own config
     with torch.no_grad():
         full = model(**inputs, use_cache=False)
         out = model.generate(**inputs, generation_config=gen)
@@ -82,7 +98,7 @@ def _hf_reference(processor, model, messages, images, clips, sampling: dict):
         "pixel_values_videos": inputs["pixel_values_videos"].numpy(),
         "video_grid_thw": inputs["video_grid_thw"].numpy(),
         "prompt_logits_last": full.logits[0, -1].float().numpy(),
-        "greedy_tokens": out.sequences[0, n:].numpy(),
+        "greedy_tokens": out.sequences[0, n:].numpy(),  # GREEDY_STEPS of them (checked below)
         "greedy_logits": torch.stack([lg[0] for lg in out.logits[:LOGIT_STEPS]]).float().numpy(),
     }
 
@@ -93,10 +109,14 @@ class Store:
 
     def get(self, family):
         if family not in self.items:
-            info = ck.build_checkpoint(self.root / family, family)
+            if family == "qwen3_vl":
+                info = q3.build_qwen3_checkpoint(self.root / family)
+                hf = q3.hf_model(info["path"])
+            else:
+                info = ck.build_checkpoint(self.root / family, family)
+                hf = ck.hf_model(info["path"], family)
             art = vlmc_compile(info["path"], self.root / f"{family}-art", dtype="float32", target="cpu")
-            self.items[family] = (Path(info["path"]), vlmc.load(art), _hf_processor(Path(info["path"]), family),
-                                  ck.hf_model(info["path"], family))
+            self.items[family] = (Path(info["path"]), vlmc.load(art), _hf_processor(Path(info["path"]), family), hf)
         return self.items[family]
 
 
@@ -144,5 +164,6 @@ def test_video_parity(store, tmp_path, family, case):
         image_rows = np.concatenate([p.images.pixel_values[rows[k]:rows[k + 1]] for k, t in enumerate(kinds)
                                      if t == m.image_token_id])
         np.testing.assert_allclose(image_rows, ref["pixel_values"], rtol=0, atol=1e-5)
+    assert len(ref["greedy_tokens"]) == GREEDY_STEPS
     toks, logits = run_vlmc(m, [p])
     check_outputs(toks[0], logits[0], ref, f"{family}/{case}")

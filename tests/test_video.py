@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from vlmc.errors import InputError
-from vlmc.models.common.video import VideoMeta, qwen2_vl_sampler, uniform_sampler
+from vlmc.models.common.video import VideoMeta, qwen2_vl_sampler, qwen3_vl_sampler, uniform_sampler
 from vlmc.models.common.video_resize import resize_frames
 from vlmc.runtime.video import VideoLimits, VideoRef, load_video
 
@@ -116,6 +116,21 @@ def test_qwen2_vl_sampler_matches_transformers(total, video_fps, fps, num, max_f
     want = proc.sample_frames(VideoMetadata(total_num_frames=total, fps=video_fps), fps=fps, num_frames=num,
                               max_frames=max_frames)
     got = qwen2_vl_sampler(fps, num, max_frames=max_frames)(VideoMeta(total, video_fps, 64, 48))
+    np.testing.assert_array_equal(got, np.asarray(want))
+
+
+@pytest.mark.parametrize("total,video_fps,fps,num", [
+    (11, 10.0, 2.0, None), (300, 30.0, 2.0, None), (301, 29.97, 1.0, None), (7, 5.0, 30.0, None),
+    (3, 5.0, 2.0, None), (11, 10.0, None, 5), (50, 10.0, None, 16), (1000, 25.0, 4.0, None), (9, 3.0, 0.5, None)])
+def test_qwen3_vl_sampler_matches_transformers(total, video_fps, fps, num):
+    from fixtures.torchvision_loader import import_torchvision
+    if import_torchvision() is None:
+        pytest.skip("torchvision (the test extra) is not installed")
+    from transformers import Qwen3VLVideoProcessor
+    from transformers.video_utils import VideoMetadata
+    proc = Qwen3VLVideoProcessor()
+    want = proc.sample_frames(VideoMetadata(total_num_frames=total, fps=video_fps), fps=fps, num_frames=num)
+    got = qwen3_vl_sampler(fps, num)(VideoMeta(total, video_fps, 64, 48))
     np.testing.assert_array_equal(got, np.asarray(want))
 
 

@@ -97,7 +97,8 @@ class Inputs:
         """One decoded video -> its rows, its placeholder token and its timing."""
         out = self.video_processor.process([video])
         out.token_ids = [self.video_token_id]
-        out.timing = [{"fps": video.sampled_fps, "timestamps": video.timestamps}]
+        out.timing = [{"fps": video.sampled_fps, "timestamps": video.timestamps, "native_fps": video.meta.fps,
+                       "indices": [int(i) for i in video.indices]}]
         return out
 
     def prompt_text(self, messages: list[dict[str, Any]], tokenizer: Any) -> str | None:

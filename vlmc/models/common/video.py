@@ -111,3 +111,24 @@ def _torch_arange_int(end: int, step: float) -> np.ndarray:
     length = math.ceil(end / step)
     values = (np.arange(length, dtype=np.float64) * np.float64(step)).astype(np.float32)
     return values.astype(np.int64)
+
+
+def qwen3_vl_sampler(fps: float | None = None, num_frames: int | None = None, *, min_frames: int = 4,
+                     max_frames: int = 768) -> Sampler:
+    """Qwen3VLVideoProcessor.sample_frames: ``num_frames`` as given, or ``fps`` frames per
+    second clamped to [min_frames, max_frames] and to the video (every frame, within those
+    bounds, when neither is given), spread by ``linspace(0, total - 1, n).round()``."""
+    if fps is not None and num_frames is not None:
+        raise InputError("give fps or num_frames for a video, not both")
+
+    def sample(meta: VideoMeta) -> np.ndarray:
+        total = meta.total_frames
+        n = num_frames
+        if n is None and fps is not None:
+            n = min(max(int(total / meta.fps * fps), min_frames), max_frames, total)
+        if n is None:
+            n = min(max(total, min_frames), max_frames)
+        if n <= 0:
+            raise InputError(f"the sampling settings select no frame of this {meta.duration:.2f} s video")
+        return np.linspace(0, total - 1, n).round().astype(np.int64)
+    return sample

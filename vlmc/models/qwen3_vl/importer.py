@@ -151,6 +151,7 @@ def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
         "image_token_id": _token(raw, "image_token_id"),
         "video_token_id": _token(raw, "video_token_id"),
         "vision_start_token_id": _token(raw, "vision_start_token_id"),
+        "vision_end_token_id": _token(raw, "vision_end_token_id"),
         "windowed": False, "patch_size": patch, "temporal_patch_size": tps, "merge_size": merge,
         "window_size": 0, "fullatt_block_indexes": [], "channels": chans,
         "position_grid": side, "deepstack_levels": len(taps),
