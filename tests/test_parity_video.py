@@ -11,6 +11,7 @@ prompt carries each temporal patch's time (``<1.5 seconds>``) and its own frame 
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -167,3 +168,82 @@ def test_video_parity(store, tmp_path, family, case):
     assert len(ref["greedy_tokens"]) == GREEDY_STEPS
     toks, logits = run_vlmc(m, [p])
     check_outputs(toks[0], logits[0], ref, f"{family}/{case}")
+
+
+# ------------------------------------------------------------------------------ SmolVLM2
+# (clip frames, width, height, fps), the sampling transformers and vlmc are both given
+SMOL_CASES = {
+    "one_video": ((23, 100, 70, 8), {"fps": 2.0, "num_frames": 6}),
+    "tall_video_many_frames": ((17, 48, 90, 5), {"fps": 3.0, "num_frames": 16}),
+}
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    from fixtures import idefics3 as idf
+    from transformers import SmolVLMProcessor, SmolVLMVideoProcessor
+    root = tmp_path_factory.mktemp("smolvlm-video")
+    info = idf.build_idefics3_checkpoint(root / "ckpt", "smolvlm")
+    path = Path(info["path"])
+    pp = json.loads((path / "preprocessor_config.json").read_text())
+    video = SmolVLMVideoProcessor(size=pp["size"], max_image_size=pp["max_image_size"], resample=pp["resample"],
+                                  image_mean=pp["image_mean"], image_std=pp["image_std"])
+    proc = SmolVLMProcessor(image_processor=idf.hf_image_processor(path, "smolvlm"), tokenizer=ck.hf_tokenizer(path),
+                            video_processor=video, image_seq_len=idf.TILE_TOKENS,
+                            chat_template=ck.read_chat_template(path))
+    art = vlmc_compile(str(path), root / "art", dtype="float32", target="cpu")
+    return vlmc.load(art), proc, idf.hf_model(path, "smolvlm")
+
+
+@pytest.mark.parametrize("case", list(SMOL_CASES))
+def test_smolvlm_video_parity(smol, tmp_path, case):
+    """SmolVLM2: frames as one-tile images after the processor's introduction and timestamps."""
+    from transformers.video_utils import read_video_pyav
+    m, proc, model = smol
+    (n, w, h, fps), sampling = SMOL_CASES[case]
+    clip = make_clip(tmp_path / "clip.mp4", n=n, width=w, height=h, fps=fps)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]}]
+    prompt = proc.tokenizer.apply_chat_template(messages, chat_template=proc.chat_template, add_generation_prompt=True,
+                                                tokenize=False)
+    frames, meta = read_video_pyav(str(clip), sample_indices_fn=lambda metadata, **kw: np.arange(
+        metadata.total_num_frames))
+    inputs = proc(text=[prompt], videos=[frames], video_metadata=[meta], do_sample_frames=True,
+                  return_tensors="pt", **sampling)
+    gen = copy.deepcopy(model.generation_config)
+    for key, value in dict(eos_token_id=None, do_sample=False, max_new_tokens=GREEDY_STEPS, min_new_tokens=None,
+                           temperature=None, top_p=None, top_k=None, output_logits=True,
+                           return_dict_in_generate=True).items():
+        setattr(gen, key, value)
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        full = model(**inputs, use_cache=False)
+        out = model.generate(**inputs, generation_config=gen)
+    k = inputs["input_ids"].shape[1]
+    ref = {"prompt_logits_last": full.logits[0, -1].float().numpy(), "greedy_tokens": out.sequences[0, k:].numpy(),
+           "greedy_logits": torch.stack([lg[0] for lg in out.logits[:LOGIT_STEPS]]).float().numpy()}
+    assert len(ref["greedy_tokens"]) == GREEDY_STEPS
+
+    video = vlmc.VideoRef(clip, fps=sampling["fps"], max_frames=sampling["num_frames"])  # num_frames caps fps here
+    p = m.build_prompt(messages=[{"role": "user", "content": [{"type": "video"}, {"type": "text",
+                                                                                   "text": "What moves?"}]}],
+                       videos=[video])
+    np.testing.assert_array_equal(np.asarray(p.ids), inputs["input_ids"][0].numpy(), err_msg="prompt ids differ")
+    theirs = inputs["pixel_values"][0].numpy()
+    assert p.images.pixel_values.shape == theirs.shape
+    np.testing.assert_allclose(p.images.pixel_values, theirs, rtol=0, atol=1e-6)
+    toks, logits = run_vlmc(m, [p])
+    check_outputs(toks[0], logits[0], ref, f"smolvlm/{case}")
+
+
+def test_llava_and_idefics3_refuse_videos(tmp_path):
+    """LLaVA's and Idefics3's processors take no videos: one clear error, before any decoding."""
+    from fixtures import idefics3 as idf
+    from vlmc.errors import InputError
+    clip = make_clip(tmp_path / "clip.mp4", n=5)
+    for name, build in (("llava", lambda p: ck.build_checkpoint(p, "llava", variant="clip")),
+                        ("idefics3", lambda p: idf.build_idefics3_checkpoint(p, "idefics3"))):
+        info = build(tmp_path / name)
+        m = vlmc.load(vlmc_compile(info["path"], tmp_path / f"{name}-art", dtype="float32", target="cpu"))
+        assert m.inputs.video_processor is None
+        with pytest.raises(InputError, match="takes no videos"):
+            m.generate("What moves?", videos=[clip], max_tokens=1)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from vlmc.errors import InputError
-from vlmc.models.common.video import VideoMeta, qwen2_vl_sampler, qwen3_vl_sampler, uniform_sampler
+from vlmc.models.common.video import VideoMeta, qwen2_vl_sampler, qwen3_vl_sampler, smolvlm_sampler, uniform_sampler
 from vlmc.models.common.video_resize import resize_frames
 from vlmc.runtime.video import VideoLimits, VideoRef, load_video
 
@@ -134,6 +134,20 @@ def test_qwen3_vl_sampler_matches_transformers(total, video_fps, fps, num):
     np.testing.assert_array_equal(got, np.asarray(want))
 
 
+@pytest.mark.parametrize("total,video_fps,fps,num", [
+    (11, 10.0, 2.0, 64), (300, 30.0, 1.0, 64), (3000, 30.0, 1.0, 64), (301, 29.97, 1.0, 8), (7, 5.0, 30.0, 64),
+    (3, 5.0, 0.1, 64), (1000, 25.0, 4.0, 16), (9, 3.0, 0.5, 2)])
+def test_smolvlm_sampler_matches_transformers(total, video_fps, fps, num):
+    from fixtures.torchvision_loader import import_torchvision
+    if import_torchvision() is None:
+        pytest.skip("torchvision (the test extra) is not installed")
+    from transformers import SmolVLMVideoProcessor
+    from transformers.video_utils import VideoMetadata
+    want = SmolVLMVideoProcessor().sample_frames(
+        VideoMetadata(total_num_frames=total, fps=video_fps, duration=total / video_fps), fps=fps, num_frames=num)
+    np.testing.assert_array_equal(smolvlm_sampler(fps, num)(VideoMeta(total, video_fps, 64, 48)), want)
+
+
 def test_resize_matches_torchvision():
     from fixtures.torchvision_loader import import_torchvision
     if import_torchvision() is None:
@@ -144,9 +158,10 @@ def test_resize_matches_torchvision():
     for h, w, nh, nw in [(60, 90, 112, 140), (97, 131, 56, 84), (480, 640, 336, 448), (33, 200, 33, 56),
                          (50, 50, 150, 50), (7, 300, 28, 28)]:
         x = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
-        want = tvF.resize(torch.from_numpy(x).permute(0, 3, 1, 2), [nh, nw],
-                          interpolation=tvF.InterpolationMode.BICUBIC, antialias=True).permute(0, 2, 3, 1).numpy()
-        np.testing.assert_array_equal(resize_frames(x, nh, nw), want)
+        for kind, mode in (("bicubic", tvF.InterpolationMode.BICUBIC), ("lanczos", tvF.InterpolationMode.LANCZOS)):
+            want = tvF.resize(torch.from_numpy(x).permute(0, 3, 1, 2), [nh, nw], interpolation=mode,
+                              antialias=True).permute(0, 2, 3, 1).numpy()
+            np.testing.assert_array_equal(resize_frames(x, nh, nw, kind), want, err_msg=f"{kind} {h}x{w}->{nh}x{nw}")
 
 
 def _open_fds() -> int:
@@ -195,3 +210,10 @@ def test_video_ref_checks_its_settings():
                {"fps": 1.0, "num_frames": 4}):
         with pytest.raises(InputError):
             VideoRef("x.mp4", **kw)
+
+
+def test_frame_count_words_match_num2words():
+    num2words = pytest.importorskip("num2words").num2words
+    from vlmc.models.common.smolvlm_video import number_words
+    for n in list(range(0, 1200)) + [2000, 2005, 2340, 10_001, 123_456, 999_999]:
+        assert number_words(n) == num2words(n), n

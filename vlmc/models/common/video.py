@@ -132,3 +132,21 @@ def qwen3_vl_sampler(fps: float | None = None, num_frames: int | None = None, *,
             raise InputError(f"the sampling settings select no frame of this {meta.duration:.2f} s video")
         return np.linspace(0, total - 1, n).round().astype(np.int64)
     return sample
+
+
+def smolvlm_sampler(fps: float, num_frames: int, skip_secs: float = 1.0) -> Sampler:
+    """SmolVLMVideoProcessor.sample_frames: round(fps x duration) frames, at most
+    ``num_frames``, at least one, spread by ``linspace`` (duplicates dropped) over the clip,
+    less ``skip_secs`` at each end when the clip is long enough."""
+
+    def sample(meta: VideoMeta) -> np.ndarray:
+        total, duration = meta.total_frames, meta.duration
+        desired = max(min(int(round(fps * duration)), num_frames), 1)
+        start, end = 0, total - 1
+        if skip_secs > 0 and (duration - 2 * skip_secs) > (num_frames * fps):
+            start, end = int(skip_secs * meta.fps), int(total - skip_secs * meta.fps)
+        start, end = max(0, start), min(end, total - 1)
+        if start >= end:
+            start, end = 0, total - 1
+        return np.unique(np.linspace(start, end, desired, dtype=int)).astype(np.int64)
+    return sample
