@@ -138,3 +138,47 @@ def test_server_counts_videos(server, clips):
     part = {"type": "video_url", "video_url": {"url": _uri(clips / "clip.mp4")}}
     status, body = _chat(server, part, part, part)
     assert status == 400 and "--max-videos" in body["error"]["message"]
+
+
+def test_second_question_reuses_features_and_prefix_blocks(model, clips):
+    """Through the batching loop (what the server runs): the same video again encodes nothing
+    and imports the KV blocks before the question; the same frames at another sampled rate
+    (other M-RoPE times on Qwen2.5-VL) are another key."""
+    import threading
+
+    from vlmc.runtime.batcher import Batcher, FinishEvent, Job
+    from vlmc.runtime.prefix_cache import PrefixCache
+    from vlmc.runtime.vision_cache import VisionFeatureCache, image_keys
+
+    def ask(batcher, prompt):
+        done, seen = threading.Event(), {}
+
+        def emit(ev):
+            if isinstance(ev, FinishEvent):
+                seen["cached"] = ev.cached_tokens
+                done.set()
+        batcher.submit(Job(prompt, emit, max_tokens=1))
+        assert done.wait(120)
+        return seen["cached"]
+
+    def prompt(question, **sampling):
+        return model.build_prompt(messages=[{"role": "user", "content": [
+            {"type": "video", "video": str(clips / "clip.mp4"), **sampling}, {"type": "text", "text": question}]}])
+
+    vision = VisionFeatureCache()
+    batcher = Batcher(model, vision_cache=vision, prefix_cache=PrefixCache(), max_batch=1)
+    try:
+        first = prompt("What moves first?", fps=2.0)
+        assert ask(batcher, first) == 0 and vision.stats()["misses"] == 1
+        second = prompt("Where does the disc go?", fps=2.0)
+        cached = ask(batcher, second)
+        assert vision.stats()["hits"] == 1 and vision.stats()["misses"] == 1
+        start = second.ids.index(model.inputs.video_token_id)
+        assert cached > start + second.images.num_tokens[0] - 32  # every whole block up to the question
+    finally:
+        batcher.shutdown()
+    # same pixels and grid, another sampled rate: another key
+    other = prompt("?", fps=2.0)
+    other.images.timing = [dict(other.images.timing[0], fps=other.images.timing[0]["fps"] * 2)]
+    other.images.content_keys = None
+    assert image_keys(other.images) != image_keys(first.images)

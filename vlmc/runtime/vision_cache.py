@@ -1,8 +1,9 @@
 """Vision features reused across requests: an LRU keyed by image *content*.
 
 The key is a hash of the preprocessed pixels and their patch grid (what the vision tower
-actually reads), never a path or URL, so a changed file behind the same name is a miss and
-the same picture sent twice (as a URL, then as a data URI) is a hit. Each image is encoded
+actually reads; for a video also its sampled frame rate, which some families' positions
+depend on and the prefix cache keys on), never a path or URL, so a changed file behind the
+same name is a miss and the same picture sent twice (as a URL, then as a data URI) is a hit. Each image is encoded
 and stored on its own; the Qwen-VL tower attends within one image only, and a fixed-size
 (CLIP) tower encodes each image independently, so per-image encoding computes the same
 features as encoding the images together.
@@ -46,6 +47,9 @@ def content_key(image: ProcessedImages) -> str:
     h.update(pixels.data)
     if image.grid_thw is not None:
         h.update(np.ascontiguousarray(image.grid_thw, dtype=np.int64).data)
+    timing = image.item_timing()[0] if len(image.num_tokens) == 1 else None
+    if timing is not None:  # a video: its sampled rate can set positions (prefix-cache blocks follow this key)
+        h.update(f"video:{timing['fps']!r}".encode())
     return h.hexdigest()
 
 
