@@ -4,8 +4,10 @@
 
 The shapes come from ``reference_configs/<family>.json`` (published config values of
 Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct, llava-interleave-qwen-0.5b, gemma-3-4b-it,
-paligemma-3b-mix-224, Qwen3-VL-2B-Instruct, SmolVLM-256M-Instruct (``idefics3``) and
-SmolVLM2-256M-Video-Instruct (``smolvlm``)). Tensor names
+paligemma-3b-mix-224, Qwen3-VL-2B-Instruct, SmolVLM-256M-Instruct (``idefics3``),
+SmolVLM2-256M-Video-Instruct (``smolvlm``) and Ministral-3-3B-Instruct-2512 (``mistral3``: the
+smallest published Mistral 3, 3.85B parameters, 7.7 GB in bfloat16, about 2 GB as q4; the hub
+repo ships FP8, the preset writes the BF16 layout)). Tensor names
 and shapes are read from transformers' model class instantiated on the meta device (no
 memory); weights are drawn with numpy one tensor at a time and streamed to safetensors
 shards, so a 2B model needs no more RAM than its largest tensor. The tokenizer is the
@@ -30,6 +32,7 @@ sys.path.insert(0, str(HERE))
 from fixtures.checkpoints import build_tokenizer  # noqa: E402
 from fixtures.gemma import build_tokenizer as build_gemma_tokenizer  # noqa: E402
 from fixtures.idefics3 import build_tokenizer as build_idefics3_tokenizer  # noqa: E402
+from fixtures.pixtral import build_tokenizer as build_pixtral_tokenizer  # noqa: E402
 from fixtures.qwen3_vl import build_tokenizer as build_qwen3_tokenizer  # noqa: E402
 from compare import TO_HUB  # noqa: E402  (one table of hub names; compare.py renames older checkpoints)
 from vlmc.backends.safetensors_io import ShardWriter, to_storage  # noqa: E402
@@ -38,7 +41,8 @@ SHARD_BYTES = 2 << 30
 FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
             "llava": "LlavaForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
             "paligemma": "PaliGemmaForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
-            "idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}
+            "idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration",
+            "mistral3": "Mistral3ForConditionalGeneration"}
 # families whose transformers 5 module names are the published ones
 SAME_NAMES = ("qwen3_vl", "idefics3", "smolvlm")
 # the hub names of the Gemma families (transformers 4.x): vision_tower.vision_model.*, language_model.model.*
@@ -62,7 +66,8 @@ def hub_name(name: str, family: str) -> str:
     which every framework (mlx-vlm included) reads."""
     if family in SAME_NAMES:
         return name
-    rules = GEMMA_TO_HUB if family in ("gemma3", "paligemma") else TO_HUB["llava" if family == "llava" else "qwen"]
+    rules = GEMMA_TO_HUB if family in ("gemma3", "paligemma") else TO_HUB[
+        "llava" if family in ("llava", "mistral3") else "qwen"]
     for old, new in rules:
         if name.startswith(old):
             return new + name[len(old):]
@@ -86,6 +91,8 @@ def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int =
         tok = build_qwen3_tokenizer(out)
     elif family in ("idefics3", "smolvlm"):
         tok = build_idefics3_tokenizer(out)
+    elif family == "mistral3":
+        tok = build_pixtral_tokenizer(out)
     else:
         tok = (build_gemma_tokenizer if gemma else build_tokenizer)(out, "llava" if family == "llava" else family)
     ids = tok["special_token_ids"]
@@ -93,6 +100,8 @@ def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int =
         eos, bos = ids["<eos>"], ids["<bos>"]
     elif family in ("idefics3", "smolvlm"):
         eos, bos = ids["<end_of_utterance>"], ids["<|im_start|>"]
+    elif family == "mistral3":
+        eos, bos = ids["</s>"], ids["<s>"]
     else:
         eos, bos = ids["<|im_end|>"], ids["<|endoftext|>"]
     if family == "qwen3_vl":
@@ -111,6 +120,10 @@ def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int =
                           image_token_index=ids["<image_soft_token>"], eos_token_id=[eos, ids["<end_of_turn>"]])
         else:
             config.update(image_token_index=ids["<image>"], **tokens)
+    elif family == "mistral3":
+        config["image_token_index"] = ids["[IMG]"]
+        config["text_config"] = {**config["text_config"], "eos_token_id": eos, "bos_token_id": bos,
+                                 "pad_token_id": ids["<pad>"]}
     elif family == "llava":
         config["image_token_index"] = ids["<image>"]
         config["text_config"] = {**config["text_config"], "eos_token_id": ids["<|im_end|>"],
@@ -150,6 +163,8 @@ def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int =
         tile = (vc["image_size"] // vc["patch_size"]) // config["scale_factor"]
         (out / "processor_config.json").write_text(json.dumps(
             {"processor_class": pre["processor_class"], "image_seq_len": tile * tile}))
+    if family == "mistral3":
+        (out / "processor_config.json").write_text(json.dumps(ref["processor_config.json"]))
     if family == "llava":
         (out / "processor_config.json").write_text(json.dumps(
             {"processor_class": "LlavaProcessor", "patch_size": config["vision_config"]["patch_size"],

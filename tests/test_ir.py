@@ -53,6 +53,9 @@ def test_every_op_has_a_reference_implementation():
     ("rope_freqs", [(2, 5)], {"kind": "default", "dim": 8, "theta": 10000.0}),
     ("rope_freqs", [(3, 2, 5)], {"kind": "mrope", "dim": 16, "theta": 10000.0, "sections": [2, 3, 3]}),
     ("rope_freqs", [(6, 2)], {"kind": "axial2d", "dim": 16, "theta": 10000.0}),
+    ("rope_freqs", [(6, 2)], {"kind": "axial2d_alternating", "dim": 16, "theta": 10000.0}),
+    ("rope_freqs", [(2, 5)], {"kind": "yarn", "dim": 16, "theta": 1e6, "factor": 16.0, "original_max": 4096,
+                              "attention_factor": 1.2}),
 ])
 def test_shape_rules_agree_with_reference(opname, inputs, attrs):
     rng = np.random.default_rng(0)

@@ -146,9 +146,14 @@ def weight_roofline(manifest: dict[str, Any], widened: dict[str, int] | None = N
 
 
 def kv_bytes_per_token(meta: dict[str, Any], context: int, itemsize: int) -> int:
-    """KV-cache bytes one decode step reads at a given context length (grows with it)."""
+    """KV-cache bytes one decode step reads at a given context length (grows with it); a
+    hybrid decoder's linear-attention layers read their fixed recurrent state instead."""
     t = meta["text"]
-    return 2 * int(t["num_layers"]) * int(t["num_kv_heads"]) * int(t["head_dim"]) * context * itemsize
+    plan = meta.get("kv_plan") or {}
+    recurrent = int(plan.get("recurrent_layers", 0))
+    attention = int(t["num_layers"]) - recurrent
+    return (2 * attention * int(t["num_kv_heads"]) * int(t["head_dim"]) * context * itemsize
+            + int(plan.get("bytes_per_sequence", 0)))
 
 
 # ---------------------------------------------------------------------- inputs

@@ -330,7 +330,14 @@ def _kv_summary(manifest: dict) -> str:
             runs.append([key, layer["index"], layer["index"]])
     for (what, bpt), first, last in runs:
         span = f"layer {first}" if first == last else f"layers {first}-{last}"
-        lines.append(f"  {span:<14} {what:<28} {bpt or 0:>8,} B/token")
+        if what.startswith("recurrent"):  # a fixed state per sequence, not per token
+            per_seq = next(L["kv"]["bytes_per_sequence"] for L in layers if L["index"] == first)
+            lines.append(f"  {span:<14} {what:<28} {per_seq:>8,} B/sequence")
+        else:
+            lines.append(f"  {span:<14} {what:<28} {bpt or 0:>8,} B/token")
+    if plan.get("bytes_per_sequence"):
+        lines.append(f"  recurrent states: {plan['bytes_per_sequence']:,} B per sequence "
+                     f"({plan['recurrent_layers']} layers)")
     lines += [f"  note: {n}" for n in plan.get("notes", [])]
     return "\n".join(lines)
 

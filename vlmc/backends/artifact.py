@@ -198,8 +198,11 @@ def _write(prog: Program, out: Path, pre_plan: Program, target: str, weights: Ca
             "target": target, "dtype": prog.meta.get("dtype", "float32"),
             "source": prog.meta.get("source", {}), "passes": prog.history,
             "entry_points": list(prog.functions),
-            "kv_plan": {name: blk.layers for name, blk in prog.blocks.items()
-                        if any(op.op == "cached_attention" for op in blk.body.ops)},
+            # every decoder layer's cache in order (a hybrid decoder's blocks together), else
+            # the attention block's layer table
+            "kv_plan": ({"decoder": prog.meta["cache_layers"]} if prog.meta.get("cache_layers") else
+                        {name: blk.layers for name, blk in prog.blocks.items()
+                         if any(op.op == "cached_attention" for op in blk.body.ops)}),
             "meta": {k: v for k, v in prog.meta.items() if k != "source"},
             "files": sorted(copied + ["model.py", "program.ir", "program.json"]),
             "quantized": quant_report, "tensors": tensors, "param_bytes": prog.param_bytes(),

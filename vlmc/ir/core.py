@@ -36,7 +36,9 @@ PARTS = ("text", "vision", "projector")
 # The KV-cache types a layer can have (the ``kv`` entry of a decoder block's layer table)
 # and the fields each one needs.
 KV_LAYOUTS = {"dense": (), "rotating": ("window",), "quantized": ("bits", "group_size"),
-              "turboquant": ("k_bits", "v_bits")}
+              "turboquant": ("k_bits", "v_bits"),
+              # a linear-attention layer's state (not keys and values): sizes per sequence
+              "recurrent": ("heads", "key_dim", "value_dim", "conv_channels", "conv_width")}
 
 
 def kv_spec_error(spec) -> str | None:

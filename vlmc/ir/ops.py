@@ -184,7 +184,7 @@ def _pad_axis(t, a):
     return [TensorType(tuple(shape), x.dtype)]
 
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu", "sigmoid")
 
 
 @rule("act")
@@ -310,20 +310,28 @@ def _rope_freqs(t, a):
     kind "default": positions [B, L]     -> [B, 1, L, D]
     kind "mrope":   positions [3, B, L]  -> [B, 1, L, D]   (sections pick the stream)
     kind "axial2d": positions [N, 2]     -> [N, 1, D]      (h and w halves)
+    kind "axial2d_alternating": positions [N, 2] -> [N, 1, D]  (Pixtral: the inverse
+        frequencies of the whole head dim, h taking the even ones and w the odd ones,
+        h's then w's in each half)
     kind "mrope_interleaved": positions [3, B, L] -> [B, 1, L, D]  (Qwen3-VL: frequency j
         takes stream h where j % 3 == 1 and j < 3 * sections[1], stream w where j % 3 == 2
         and j < 3 * sections[2], stream t elsewhere)
 
     ``factor`` (default 1): linear rope scaling, the inverse frequencies divided by it.
+    kind "yarn": positions [B, L] -> [B, 1, L, D]; YaRN's blend of plain and ``factor``-scaled
+        frequencies (``beta_fast``, ``beta_slow``, ``original_max``, ``truncate``), cos and
+        sin multiplied by ``attention_factor``.
     """
     pos, dim, kind = t[0], a["dim"], a["kind"]
-    if kind == "default":
+    if kind in ("default", "yarn"):
         shape = (pos.shape[0], 1, pos.shape[1], dim)
     elif kind in ("mrope", "mrope_interleaved"):
         if sum(a["sections"]) * 2 != dim:
             raise ShapeError(f"mrope sections {a['sections']} do not cover head dim {dim}")
         shape = (pos.shape[1], 1, pos.shape[2], dim)
-    elif kind == "axial2d":
+    elif kind in ("axial2d", "axial2d_alternating"):
+        if dim % 4:
+            raise ShapeError(f"2D rope needs a head dim divisible by 4, got {dim}")
         shape = (pos.shape[0], 1, dim)
     else:
         raise ShapeError(f"unknown rope kind {kind!r}")
@@ -383,4 +391,77 @@ def _call_block(t, a):
     inputs are shared by every layer (rope tables, masks, caches). Output: the hidden state."""
     if a["stop"] < a["start"]:
         raise ShapeError("call_block: empty or reversed layer range")
+    return [t[0]]
+
+
+# ---- linear attention (Gated DeltaNet) -------------------------------------------------
+
+@rule("l2_norm")
+def _l2_norm(t, a):
+    """x / sqrt(sum(x^2) + eps) over the last axis (Gated DeltaNet's queries and keys)."""
+    return [t[0]]
+
+
+@rule("rms_norm_gated")
+def _rms_norm_gated(t, a):
+    """rms_norm(x, w) * silu(z): x, z [..., D], w [D] (Gated DeltaNet's output norm)."""
+    _same_dim(t[0].shape[-1], t[2].shape[-1], "rms_norm_gated weight")
+    _same_dim(t[0].shape[-1], t[1].shape[-1], "rms_norm_gated gate")
+    return [t[0]]
+
+
+@rule("delta_gates")
+def _delta_gates(t, a):
+    """(a [.., H], b [.., H], A_log [H], dt_bias [H]) -> (g, beta) float32: the log decay
+    -exp(A_log) * softplus(a + dt_bias) and the write rate sigmoid(b)."""
+    _same_dim(t[0].shape[-1], t[2].shape[-1], "delta_gates A_log")
+    _same_dim(t[0].shape[-1], t[3].shape[-1], "delta_gates dt_bias")
+    out = TensorType(t[0].shape, "float32")
+    return [out, out]
+
+
+@rule("zero_padded")
+def _zero_padded(t, a):
+    """x [B, L, E] with left-padding rows (hidden from themselves by mask [B, 1, L, S]) zeroed."""
+    return [t[0]]
+
+
+def _state_cache(t, i: int, op: str) -> None:
+    if t[i].dtype != "kvcache":
+        raise ShapeError(f"{op} input {i} must be a layer cache (a recurrent state)")
+
+
+@rule("causal_conv1d")
+def _causal_conv1d(t, a):
+    """x [B, L, C], w [C, K], cache: depthwise causal conv over time continuing from the
+    K-1 inputs the layer's cache keeps; optional ``activation``."""
+    _same_dim(t[0].shape[-1], t[1].shape[0], "causal_conv1d channels")
+    _state_cache(t, 2, "causal_conv1d")
+    if a.get("activation") is not None and a["activation"] not in ACTIVATIONS:
+        raise ShapeError(f"unknown activation {a['activation']!r}")
+    return [t[0]]
+
+
+@rule("gated_delta_rule")
+def _gated_delta_rule(t, a):
+    """q, k [B, L, Hk, Dk], v [B, L, Hv, Dv], g, beta [B, L, Hv], cache -> [B, L, Hv, Dv]:
+    the gated delta rule from the recurrent state the layer's cache keeps (Hv a multiple
+    of Hk: each key head serves Hv / Hk consecutive value heads)."""
+    q, k, v, g, beta = t[:5]
+    _state_cache(t, 5, "gated_delta_rule")
+    _same_dim(q.shape[-1], k.shape[-1], "gated_delta_rule key dim")
+    _same_dim(q.shape[-2], k.shape[-2], "gated_delta_rule key heads")
+    hk, hv = k.shape[-2], v.shape[-2]
+    if isinstance(hk, int) and isinstance(hv, int) and hv % hk:
+        raise ShapeError(f"gated_delta_rule: {hv} value heads are not a multiple of {hk} key heads")
+    _same_dim(g.shape[-1], hv, "gated_delta_rule decay heads")
+    _same_dim(beta.shape[-1], hv, "gated_delta_rule rate heads")
+    return [TensorType(v.shape, v.dtype)]
+
+
+@rule("select_caches")
+def _select_caches(t, a):
+    """The caches of decoder layers ``layers`` (a hybrid stack's blocks each index their own)."""
+    if t[0].dtype != "kvcache":
+        raise ShapeError("select_caches takes the caches")
     return [t[0]]

@@ -56,7 +56,8 @@ def _on_mlx(name: str):
     return op
 
 
-for _name in ("embedding", "take", "broadcast_to", "prepend", "patchify", "merge_features", "avg_pool_tokens"):
+for _name in ("embedding", "take", "broadcast_to", "prepend", "patchify", "merge_features", "avg_pool_tokens",
+              "l2_norm", "rms_norm_gated", "delta_gates", "zero_padded", "causal_conv1d", "gated_delta_rule"):
     globals()[_name] = _on_mlx(_name)
 
 _rope_freqs_mlx = _on_mlx("rope_freqs")
@@ -69,13 +70,16 @@ def _inv_freq(theta: float, dim: int) -> np.ndarray:
 
 
 def rope_freqs(positions, kind: str, dim: int, theta: float, sections: list[int] | None = None,
-               factor: float = 1.0):
+               factor: float = 1.0, **yarn):
     """The text rope tables (default, mrope) as host arrays: the same products as the
     reference, cos/sin rounded from float64 (through MLX a decode step's tables would be
     an evaluation of about ten small ops). Other kinds: the reference's."""
-    if kind not in ("default", "mrope", "mrope_interleaved"):
+    if kind not in ("default", "mrope", "mrope_interleaved", "yarn"):
         return _rope_freqs_mlx(positions, kind=kind, dim=dim, theta=theta, sections=sections)
-    inv = _inv_freq(theta, dim) if factor == 1.0 else _inv_freq(theta, dim) / np.float32(factor)
+    if kind == "yarn":  # the reference's frequencies; cos/sin then scaled by the attention factor
+        inv = _yarn_inv_freq(theta, dim, factor, *(yarn.get(k, d) for k, d in _YARN_DEFAULTS))
+    else:
+        inv = _inv_freq(theta, dim) if factor == 1.0 else _inv_freq(theta, dim) / np.float32(factor)
     f = np.asarray(positions).astype(np.float32)[..., None] * inv
     if kind == "mrope":  # [3, B, L, D/2] -> each section from its own position row
         bounds = np.cumsum([0, *sections])
@@ -84,7 +88,21 @@ def rope_freqs(positions, kind: str, dim: int, theta: float, sections: list[int]
         stream = np.asarray(_reference.interleaved_streams(sections, dim // 2))
         f = np.where(stream == 1, f[1], np.where(stream == 2, f[2], f[0]))
     emb = np.concatenate([f, f], axis=-1)[:, None].astype(np.float64)   # [B, 1, L, D]
-    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+    cos, sin = np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+    if kind == "yarn" and float(yarn.get("attention_factor", 1.0)) != 1.0:
+        scale = np.float32(yarn["attention_factor"])
+        return cos * scale, sin * scale
+    return cos, sin
+
+
+_YARN_DEFAULTS = (("beta_fast", 32.0), ("beta_slow", 1.0), ("original_max", 0), ("truncate", True))
+
+
+@functools.lru_cache(maxsize=16)
+def _yarn_inv_freq(theta: float, dim: int, factor: float, beta_fast: float, beta_slow: float,
+                   original_max: int, truncate: bool) -> np.ndarray:
+    return np.array(_reference.yarn_inv_freq(theta, dim, factor, beta_fast, beta_slow, original_max, truncate),
+                    copy=True)
 
 
 # ---- matmuls: the kernels' outputs are host arrays -----------------------------------

@@ -9,6 +9,9 @@ import math
 
 import mlx.core as mx
 
+from . import linear_attention as _la
+from .linear_attention import delta_gates, l2_norm, rms_norm_gated  # noqa: F401  (ops of that name)
+
 
 def linear(x: mx.array, w: mx.array, b: mx.array | None = None) -> mx.array:
     y = x @ w.T
@@ -77,6 +80,8 @@ def act(x: mx.array, kind: str) -> mx.array:
         return x * mx.sigmoid(1.702 * x)
     if kind == "relu":
         return mx.maximum(x, 0)
+    if kind == "sigmoid":
+        return mx.sigmoid(x)
     raise ValueError(f"unknown activation {kind!r}")
 
 
@@ -128,13 +133,42 @@ def _inv_freq(theta: float, dim: int) -> mx.array:
     return 1.0 / (mx.array(theta, dtype=mx.float32) ** exponents)
 
 
+def yarn_inv_freq(theta: float, dim: int, factor: float, beta_fast: float, beta_slow: float,
+                  original_max: int, truncate: bool = True) -> mx.array:
+    """YaRN's inverse frequencies, in transformers' float32 arithmetic: each frequency a blend
+    of the plain one (fast rotations, kept) and the one divided by ``factor`` (slow ones,
+    interpolated), ramped linearly between the dims where ``beta_fast`` and ``beta_slow``
+    rotations fit in ``original_max`` positions."""
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original_max / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = mx.array(theta, dtype=mx.float32) ** (mx.arange(0, dim, 2, dtype=mx.float32) / dim)
+    ramp = mx.clip((mx.arange(dim // 2, dtype=mx.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+
+
 def rope_freqs(positions: mx.array, kind: str, dim: int, theta: float,
-               sections: list[int] | None = None, factor: float = 1.0) -> tuple[mx.array, mx.array]:
+               sections: list[int] | None = None, factor: float = 1.0, beta_fast: float = 32.0,
+               beta_slow: float = 1.0, original_max: int = 0, truncate: bool = True,
+               attention_factor: float = 1.0) -> tuple[mx.array, mx.array]:
     pos = positions.astype(mx.float32)
-    if kind == "default":
-        inv = _inv_freq(theta, dim) if factor == 1.0 else _inv_freq(theta, dim) / factor  # linear scaling
+    if kind in ("default", "yarn"):
+        if kind == "yarn":
+            inv = yarn_inv_freq(theta, dim, factor, beta_fast, beta_slow, original_max, truncate)
+        else:
+            inv = _inv_freq(theta, dim) if factor == 1.0 else _inv_freq(theta, dim) / factor  # linear scaling
         freqs = pos[..., None] * inv                               # [B, L, D/2]
         freqs = freqs[:, None]                                     # [B, 1, L, D/2]
+        if kind == "yarn":
+            emb = mx.concatenate([freqs, freqs], axis=-1)
+            return mx.cos(emb) * attention_factor, mx.sin(emb) * attention_factor
     elif kind == "mrope":
         f = pos[..., None] * _inv_freq(theta, dim)                 # [3, B, L, D/2]
         parts, start = [], 0
@@ -149,6 +183,11 @@ def rope_freqs(positions: mx.array, kind: str, dim: int, theta: float,
     elif kind == "axial2d":
         f = pos[..., None] * _inv_freq(theta, dim // 2)            # [N, 2, D/4]
         freqs = mx.concatenate([f[:, 0], f[:, 1]], axis=-1)[:, None]  # [N, 1, D/2]
+    elif kind == "axial2d_alternating":
+        inv = _inv_freq(theta, dim)                                # [D/2] over the whole head dim
+        fh = pos[:, 0:1] * inv[0::2]                               # [N, D/4]: h at the even frequencies
+        fw = pos[:, 1:2] * inv[1::2]                               # [N, D/4]: w at the odd ones
+        freqs = mx.concatenate([fh, fw], axis=-1)[:, None]         # [N, 1, D/2]
     else:
         raise ValueError(f"unknown rope kind {kind!r}")
     emb = mx.concatenate([freqs, freqs], axis=-1)
@@ -283,3 +322,51 @@ def result(x: mx.array) -> mx.array:
     """An entry point's output. The identity here; op libraries whose ops pass other
     array types between them (the cpu target's host arrays) return an mx.array."""
     return x
+
+
+# ---- linear attention (Gated DeltaNet): the layer's cache is a recurrent state ---------
+
+def zero_padded(x: mx.array, mask: mx.array | None = None) -> mx.array:
+    """x [B, L, E] with the rows of left-padding columns zeroed: a column is padding when the
+    step mask hides it from itself (its diagonal entry). A recurrent layer would otherwise
+    fold whatever the padding rows hold into its state."""
+    if mask is None:
+        return x
+    n = x.shape[1]
+    diag = mx.diagonal(mask[:, 0, :, mask.shape[-1] - n:], axis1=1, axis2=2)     # [B or 1, L]
+    return x * diag[..., None].astype(x.dtype)
+
+
+def causal_conv1d(x: mx.array, w: mx.array, cache, *, activation: str | None = None) -> mx.array:
+    """Depthwise causal conv over time, x [B, L, C], w [C, K], continuing from the K-1 inputs
+    before this step that ``cache`` keeps (zeros for a fresh one), which it then advances."""
+    width = w.shape[1] - 1
+    prev = cache.conv_window(x.shape[0], width, x.shape[2], x.dtype)
+    window = mx.concatenate([prev, x], axis=1)
+    cache.conv_step(prev, x, window[:, window.shape[1] - width:])
+    out = _la.conv1d_apply(window, w.astype(x.dtype), x.shape[1])
+    return out if activation is None else act(out, activation)
+
+
+def gated_delta_rule(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, cache, *,
+                     scale: float, chunk: int = 64) -> mx.array:
+    """Gated delta rule over the step's tokens from the state ``cache`` holds, which it then
+    advances: q, k [B, L, Hk, Dk] (L2-normed), v [B, L, Hv, Dv], g, beta [B, L, Hv] ->
+    [B, L, Hv, Dv]. One token runs the recurrence; several run it in chunks."""
+    groups = v.shape[2] // k.shape[2]
+    qh = _la._heads(q, groups) * scale
+    kh = _la._heads(k, groups)
+    vh = v.astype(mx.float32).transpose(0, 2, 1, 3)
+    gh, bh = g.astype(mx.float32).transpose(0, 2, 1), beta.astype(mx.float32).transpose(0, 2, 1)
+    before = cache.recurrent_state(v.shape[0], v.shape[2], k.shape[3], v.shape[3])
+    if q.shape[1] == 1:
+        out, state = _la.delta_rule_steps(qh, kh, vh, gh, bh, before)
+    else:
+        out, state = _la.delta_rule_chunked(qh, kh, vh, gh, bh, before, chunk)
+    cache.delta_step(before, kh, vh, gh, bh, state)
+    return out.transpose(0, 2, 1, 3).astype(v.dtype)
+
+
+def select_caches(caches: list, layers: list[int]) -> list:
+    """The caches of these decoder layers, in this order (a block's layers in a hybrid stack)."""
+    return [caches[i] for i in layers]

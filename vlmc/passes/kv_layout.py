@@ -12,6 +12,13 @@ which the runtime's caches follow):
 - ``turboquant``: rotated, codebook-coded vectors with ``k_bits``/``v_bits`` (2-4); a
   fractional ``kv_bits`` such as 3.5 means 3-bit keys and 4-bit values.
 
+Linear-attention layers (a block with a ``gated_delta_rule``) keep a ``recurrent`` state
+instead: a fixed [heads, key_dim, value_dim] float32 matrix plus the causal convolution's
+last inputs per sequence, planned in bytes per sequence (``bytes_per_sequence``), whatever
+the context. In a hybrid decoder the plan lists every decoder layer in order
+(``meta["cache_layers"]``: each layer's ``kv``), which is the runtime's cache list; the KV
+options apply to the full-attention layers only.
+
 The last full-attention layer feeds the LM head directly, so it is spared unless
 ``kv_quantize_last``: dense next to 8-bit codes, 8-bit codes next to fewer bits (near
 lossless, and within the byte targets). With ``kv_memory_budget`` the pass picks the least
@@ -47,21 +54,49 @@ def attention_blocks(prog: Program) -> list[Block]:
     return [b for b in prog.blocks.values() if any(op.op == "cached_attention" for op in b.body.ops)]
 
 
+def recurrent_blocks(prog: Program) -> list[Block]:
+    """The blocks whose layers keep a recurrent state (their body has a ``gated_delta_rule``)."""
+    return [b for b in prog.blocks.values() if any(op.op == "gated_delta_rule" for op in b.body.ops)]
+
+
+def recurrent_spec(spec: dict[str, Any], compute: str) -> dict[str, Any]:
+    """A linear-attention layer's cache: its sizes and bytes per sequence (the state in
+    float32, the convolution's inputs in the compute dtype)."""
+    state = spec["heads"] * spec["key_dim"] * spec["value_dim"] * 4
+    conv = spec["conv_width"] * spec["conv_channels"] * DTYPE_BYTES[compute]
+    keys = ("heads", "key_dim", "value_dim", "conv_channels", "conv_width")
+    return {"layout": "recurrent", **{k: int(spec[k]) for k in keys}, "bytes_per_token": 0,
+            "bytes_per_sequence": state + conv}
+
+
 @register("kv_layout")
 def kv_layout(prog: Program, options: KVOptions | None = None, target: str = "cpu") -> tuple[Program, str]:
-    blocks = attention_blocks(prog)
+    blocks, states = attention_blocks(prog), recurrent_blocks(prog)
     if not blocks:
         return prog, "no attention layers with a KV cache: nothing to plan"
     if len(blocks) > 1:
         raise ValueError(f"one decoder block is planned; this program has {len(blocks)}")
     blk = blocks[0]
     text = prog.meta["text"]
+    compute = compute_dtype(target, prog.meta.get("dtype", "float32"))
     specs, summary_meta, summary = plan(
-        blk.layers, kv_heads=text["num_kv_heads"], head_dim=text["head_dim"],
-        compute=compute_dtype(target, prog.meta.get("dtype", "float32")),
+        blk.layers, kv_heads=text["num_kv_heads"], head_dim=text["head_dim"], compute=compute,
         max_context=text["max_position_embeddings"], options=options or KVOptions())
     for layer, spec in zip(blk.layers, specs):
         layer["kv"] = spec
+    if states:
+        rows = [L for b in states for L in b.layers]
+        for L in rows:
+            L["kv"] = recurrent_spec(L["kv"], compute)
+        per_seq = sum(L["kv"]["bytes_per_sequence"] for L in rows)
+        order = sorted([*blk.layers, *rows], key=lambda L: L["layer"])
+        if [L["layer"] for L in order] != list(range(text["num_layers"])):
+            raise ValueError("a hybrid decoder's blocks must hold each decoder layer once (layer-table 'layer')")
+        prog.meta["cache_layers"] = [{"index": L["layer"], "kv": L["kv"]} for L in order]
+        summary_meta.update(bytes_per_sequence=per_seq, recurrent_layers=len(rows),
+                            bytes_at_context=summary_meta["bytes_at_context"] + per_seq)
+        summary = (f"{len(rows)} x recurrent state ({per_seq / 2**20:.2f} MiB per sequence), "
+                   f"full-attention layers: {summary}")
     prog.meta["kv_plan"] = summary_meta
     return prog, summary
 
@@ -172,6 +207,8 @@ def _spared(wanted: dict[str, Any], head_dim: int) -> dict[str, Any]:
 
 def describe(spec: dict[str, Any]) -> str:
     layout = spec["layout"]
+    if layout == "recurrent":
+        return f"recurrent state {spec['heads']}x{spec['key_dim']}x{spec['value_dim']} + conv {spec['conv_width']}"
     if layout == "quantized":
         return f"quantized {spec['bits']}-bit g{spec['group_size']}"
     if layout == "turboquant":

@@ -24,6 +24,7 @@ import json
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -148,7 +149,11 @@ class Batcher:
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.prefill_batch_tokens = prefill_batch_tokens
         self.vision_cache = vision_cache or VisionFeatureCache(0)
-        self.prefix_cache = prefix_cache
+        # None, or why this model's prompts skip the prefix cache (it is then not used at all)
+        self.prefix_refusal = vlm.decoder.prefix_refusal() if prefix_cache is not None else None
+        self.prefix_cache = prefix_cache if self.prefix_refusal is None else None
+        if self.prefix_refusal and prefix_cache.max_bytes > 0:
+            warnings.warn(self.prefix_refusal, stacklevel=2)
         # blocks are only valid for this artifact and KV layout (the disk tier outlives us)
         self._prefix_salt = json.dumps([str(vlm.artifact.path), vlm.artifact.manifest.get("source", {}),
                                         vlm.kv_layers], sort_keys=True, default=str)

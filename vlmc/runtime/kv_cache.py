@@ -324,13 +324,18 @@ def _widen(buf: mx.array, width: int) -> mx.array:
 def make_caches(plan: list[dict] | int, batch: int, kv_heads: int, head_dim: int,
                 dtype=mx.float32) -> list[KVCache]:
     """One cache per layer of ``plan`` (the manifest's ``kv_plan`` layer entries, each with a
-    ``kv`` layout), or ``plan`` dense caches when given a layer count."""
+    ``kv`` layout), or ``plan`` dense caches when given a layer count. A ``recurrent``
+    layer (linear attention) gets a ``StateCache``."""
     if isinstance(plan, int):
         return [KVCache(batch, kv_heads, head_dim, dtype) for _ in range(plan)]
     caches: list[KVCache] = []
     for i, layer in enumerate(plan):
         spec = layer.get("kv", "dense")
         spec = {"layout": spec} if isinstance(spec, str) else spec
+        if spec.get("layout") == "recurrent":  # a linear-attention layer: a state, not keys and values
+            from .state_cache import StateCache
+            caches.append(StateCache(batch, dtype))
+            continue
         codecs = dict(k_codec=make_codec(spec, "k", head_dim, dtype, i), v_codec=make_codec(spec, "v", head_dim, dtype, i))
         if spec.get("window"):
             caches.append(RotatingKVCache(batch, kv_heads, head_dim, dtype, window=int(spec["window"]), **codecs))

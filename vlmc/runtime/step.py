@@ -50,6 +50,14 @@ class Decoder:
     def caches(self, batch: int, dtype=mx.float32) -> list[KVCache]:
         return make_caches(self.kv_layers, batch, self.kv_heads, self.head_dim, dtype)
 
+    def prefix_refusal(self) -> str | None:
+        """Why prompt prefixes cannot be reused from the prefix cache (None when they can):
+        a layer whose cache is a recurrent state has no per-token blocks to store."""
+        if any((layer.get("kv") or {}).get("layout") == "recurrent" for layer in self.kv_layers):
+            from .state_cache import PREFIX_REFUSAL
+            return PREFIX_REFUSAL
+        return None
+
     def program_positions(self, positions: np.ndarray) -> mx.array:
         """[streams, B, L] positions as the program takes them ([B, L] for one stream)."""
         return mx.array(positions[0] if self.position_streams == 1 else positions, dtype=mx.int32)

@@ -67,6 +67,8 @@ class Metrics:
             counters = dict(b.counters)
             cache = resident.vision_cache.stats()
             prefix = resident.prefix_cache.stats()
+            if getattr(b, "prefix_refusal", None):
+                prefix["disabled"] = b.prefix_refusal
         with self._lock:
             by_route = [{"route": r, "status": s, "count": c} for (r, s), c in sorted(self.requests.items())]
             ttft, latency = sorted(self.ttft), sorted(self.latency)

@@ -124,6 +124,9 @@ def act(x: np.ndarray, kind: str) -> np.ndarray:
         return sigmoid_gate(x, kind)
     if kind == "relu":
         return np.maximum(x, F32(0))
+    if kind == "sigmoid":
+        with np.errstate(over="ignore"):
+            return F32(1.0) / (F32(1.0) + np.exp(-x))
     if kind == "gelu_tanh":
         c = F32(np.sqrt(2.0 / np.pi))
         return F32(0.5) * x * (F32(1.0) + np.tanh(c * (x + F32(0.044715) * x * x * x)))

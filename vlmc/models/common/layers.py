@@ -22,15 +22,23 @@ LayerSpec = dict[str, tuple[tuple[int, ...], str]]
 
 
 def declare_layer_params(w: Weights, prefix_fmt: str, n_layers: int, spec: LayerSpec,
-                         part: str, transforms: dict[str, list] | None = None
+                         part: str, transforms: dict[str, list] | None = None,
+                         sources: Sequence[int] | None = None, source_fmt: str | None = None,
+                         source_shapes: dict[str, tuple[int, ...]] | None = None
                          ) -> tuple[dict[str, TensorType], dict[str, str]]:
     """Add each layer's params and return the block's relative param types and roles.
     ``transforms``: compile-time weight transforms of some relative names (e.g. Gemma's
-    norm shift, ``[("add", {"value": 1.0})]``)."""
+    norm shift, ``[("add", {"value": 1.0})]``). ``sources``: the checkpoint layer each of
+    the block's layers reads (``source_fmt`` over it; a block holding some of a hybrid
+    decoder's layers), which is also the param's ``layer``; ``source_shapes``: stored shapes
+    of relative names that ``transforms`` reshape."""
     for i in range(n_layers):
         prefix = prefix_fmt.format(i=i)
+        layer = i if sources is None else int(sources[i])
+        src = None if sources is None else (source_fmt or prefix_fmt).format(i=layer)
         for rel, (shape, role) in spec.items():
-            w.add(prefix + rel, shape, role=role, part=part, layer=i, transforms=(transforms or {}).get(rel))
+            w.add(prefix + rel, shape, role=role, part=part, layer=layer, transforms=(transforms or {}).get(rel),
+                  source=None if src is None else src + rel, source_shape=(source_shapes or {}).get(rel))
     types = {rel: TensorType(tuple(shape), "float32") for rel, (shape, _) in spec.items()}
     return types, {rel: role for rel, (_, role) in spec.items()}
 
@@ -59,7 +67,9 @@ def norm_shift(offset: float) -> list | None:
 def decoder_layer(w: Weights, tc: TextConfig, prefix_fmt: str = "text.layers.{i}.", *,
                   qk_norm: bool = False, sandwich_norms: bool = False, norm_offset: float = 0.0,
                   attn_scale: float | None = None, attn_softcap: float | None = None,
-                  layer_rope: list[str] | None = None, layer_window: list[int | None] | None = None) -> Block:
+                  layer_rope: list[str] | None = None, layer_window: list[int | None] | None = None,
+                  output_gate: bool = False, rope_dim: int | None = None, layers: Sequence[int] | None = None,
+                  name: str = "text_layer") -> Block:
     """The decoder layer block: pre-norm attention + gated MLP (Llama/Qwen2/Mistral), with
     options whose defaults keep that layer:
 
@@ -76,13 +86,22 @@ def decoder_layer(w: Weights, tc: TextConfig, prefix_fmt: str = "text.layers.{i}
       then takes ``cos_<name>``/``sin_<name>`` for every name and each layer picks its own
       (layer-table ``cos``/``sin``); ``text_entry_points`` computes them;
     - ``layer_window``: each layer's sliding window (None: full attention), the layer
-      table's ``window``, which ``kv_layout`` plans as a rotating cache.
+      table's ``window``, which ``kv_layout`` plans as a rotating cache;
+    - ``output_gate``: q_proj makes each head's query followed by a gate of the same width,
+      and the attention output is multiplied by sigmoid(gate) before o_proj (Qwen3.5);
+    - ``rope_dim``: only each head's first ``rope_dim`` dims rotate (partial rotary);
+    - ``layers``: the decoder layers this block holds (a hybrid decoder's full-attention
+      layers): its params are ``prefix_fmt`` over the block's own index and read the
+      checkpoint's ``text.layers.<layer>.*``; the layer table's ``layer`` says which.
     """
     h, hd, nh, nkv, ff = tc.hidden_size, tc.head_dim, tc.num_heads, tc.num_kv_heads, tc.intermediate_size
+    rd = rope_dim or hd
+    n_layers = tc.num_layers if layers is None else len(layers)
     mlp_norm = "pre_feedforward_layernorm.weight" if sandwich_norms else "post_attention_layernorm.weight"
     spec: LayerSpec = {
         "input_layernorm.weight": ((h,), "norm"), mlp_norm: ((h,), "norm"),
-        "self_attn.q_proj.weight": ((nh * hd, h), "q"), "self_attn.k_proj.weight": ((nkv * hd, h), "k"),
+        "self_attn.q_proj.weight": ((nh * hd * (2 if output_gate else 1), h), "q"),
+        "self_attn.k_proj.weight": ((nkv * hd, h), "k"),
         "self_attn.v_proj.weight": ((nkv * hd, h), "v"), "self_attn.o_proj.weight": ((h, nh * hd), "o"),
         "mlp.gate_proj.weight": ((ff, h), "gate"), "mlp.up_proj.weight": ((ff, h), "up"),
         "mlp.down_proj.weight": ((h, ff), "down"),
@@ -93,7 +112,7 @@ def decoder_layer(w: Weights, tc: TextConfig, prefix_fmt: str = "text.layers.{i}
     if qk_norm:
         spec.update({"self_attn.q_norm.weight": ((hd,), "norm"), "self_attn.k_norm.weight": ((hd,), "norm")})
     if tc.qkv_bias:
-        spec.update({"self_attn.q_proj.bias": ((nh * hd,), "q"), "self_attn.k_proj.bias": ((nkv * hd,), "k"),
+        spec.update({"self_attn.q_proj.bias": ((nh * hd * (2 if output_gate else 1),), "q"), "self_attn.k_proj.bias": ((nkv * hd,), "k"),
                      "self_attn.v_proj.bias": ((nkv * hd,), "v")})
     if tc.o_bias:
         spec["self_attn.o_proj.bias"] = ((h,), "o")
@@ -101,19 +120,21 @@ def decoder_layer(w: Weights, tc: TextConfig, prefix_fmt: str = "text.layers.{i}
         spec.update({"mlp.gate_proj.bias": ((ff,), "gate"), "mlp.up_proj.bias": ((ff,), "up"),
                      "mlp.down_proj.bias": ((h,), "down")})
     shift = norm_shift(norm_offset)
-    ptypes, roles = declare_layer_params(w, prefix_fmt, tc.num_layers, spec, part="text",
-                                         transforms={rel: shift for rel, (_, role) in spec.items() if role == "norm"})
+    ptypes, roles = declare_layer_params(w, prefix_fmt, n_layers, spec, part="text",
+                                         transforms={rel: shift for rel, (_, role) in spec.items() if role == "norm"},
+                                         sources=layers, source_fmt="text.layers.{i}.")
     tables = list(dict.fromkeys(layer_rope or []))
 
-    fb = FunctionBuilder("text_layer", ptypes, doc="pre-norm decoder layer: attention + gated MLP")
+    fb = FunctionBuilder(name, ptypes, doc="pre-norm decoder layer: attention + gated MLP" + (
+        " (attention output gated)" if output_gate else ""))
     x = fb.input("x", ("B", "L", h), COMPUTE)
     if tables:  # one (cos, sin) pair per rotary table; each layer picks its own
         pairs = [(fb.input(f"cos_{t}", ("B", 1, "L", hd), "float32"), fb.input(f"sin_{t}", ("B", 1, "L", hd), "float32"))
                  for t in tables]
         cos, sin = fb.select_input("cos", [c for c, _ in pairs]), fb.select_input("sin", [s for _, s in pairs])
     else:
-        cos = fb.input("cos", ("B", 1, "L", hd), "float32")
-        sin = fb.input("sin", ("B", 1, "L", hd), "float32")
+        cos = fb.input("cos", ("B", 1, "L", rd), "float32")
+        sin = fb.input("sin", ("B", 1, "L", rd), "float32")
     mask = fb.input("mask", ("B", 1, "L", "S"), "bool")
     cache = fb.input("cache", (), "kvcache")
 
@@ -121,20 +142,33 @@ def decoder_layer(w: Weights, tc: TextConfig, prefix_fmt: str = "text.layers.{i}
         return fb.op("rms_norm", v, fb.param(weight), eps=tc.rms_norm_eps, name="norm")
 
     n = norm(x, "input_layernorm.weight")
-    heads = {}
+    heads, gate = {}, None
     for proj, count in (("q", nh), ("k", nkv), ("v", nkv)):
         y = linear(fb, n, f"self_attn.{proj}_proj", bias=tc.qkv_bias)
-        y = fb.op("reshape", y, shape=[0, 0, count, hd], name=proj)
+        if output_gate and proj == "q":  # per head: the query, then its gate
+            y = fb.op("reshape", y, shape=[0, 0, count, 2 * hd], name=proj)
+            y, gate = fb.op("split", y, sizes=[hd, hd], axis=-1, n_out=2, name="q")
+            gate = fb.op("reshape", gate, shape=[0, 0, nh * hd], name="gate")
+        else:
+            y = fb.op("reshape", y, shape=[0, 0, count, hd], name=proj)
         if qk_norm and proj in ("q", "k"):
             y = fb.op("rms_norm", y, fb.param(f"self_attn.{proj}_norm.weight"), eps=tc.rms_norm_eps, name=proj)
         heads[proj] = fb.op("transpose", y, axes=[0, 2, 1, 3], name=proj)
-    q = fb.op("rope", heads["q"], cos, sin, name="q")
-    k = fb.op("rope", heads["k"], cos, sin, name="k")
+    def rotate(v: str, hint: str) -> str:
+        if rd == hd:
+            return fb.op("rope", v, cos, sin, name=hint)
+        part, rest = fb.op("split", v, sizes=[rd, hd - rd], axis=-1, n_out=2, name=hint)
+        return fb.op("concat", fb.op("rope", part, cos, sin, name=hint), rest, axis=-1, name=hint)
+
+    q = rotate(heads["q"], "q")
+    k = rotate(heads["k"], "k")
     scale = hd ** -0.5 if attn_scale is None else float(attn_scale)
     capped = {} if attn_softcap is None else {"softcap": float(attn_softcap)}
     a = fb.op("cached_attention", q, k, heads["v"], cache, mask, scale=scale, name="attn", **capped)
     a = fb.op("transpose", a, axes=[0, 2, 1, 3], name="attn")
     a = fb.op("reshape", a, shape=[0, 0, nh * hd], name="attn")
+    if gate is not None:
+        a = fb.op("mul", a, fb.op("act", gate, kind="sigmoid", name="gate"), name="attn")
     a = linear(fb, a, "self_attn.o_proj", bias=tc.o_bias)
     if sandwich_norms:
         a = norm(a, "post_attention_layernorm.weight")
@@ -148,22 +182,25 @@ def decoder_layer(w: Weights, tc: TextConfig, prefix_fmt: str = "text.layers.{i}
         m = norm(m, "post_feedforward_layernorm.weight")
     x = fb.op("add", x, m, name="x")
     body = fb.output(x)
-    layers: list[dict[str, Any]] = []
-    for i in range(tc.num_layers):
+    rows: list[dict[str, Any]] = []
+    for i in range(n_layers):
         row: dict[str, Any] = {"index": i}
+        if layers is not None:
+            row["layer"] = int(layers[i])
         if layer_window and layer_window[i]:
             row["window"] = int(layer_window[i])
         if tables:
             row.update(cos=f"%cos_{layer_rope[i]}", sin=f"%sin_{layer_rope[i]}")
         row["kv"] = {"layout": "dense"}
-        layers.append(row)
-    return make_block("text_layer", body, prefix_fmt, ptypes, layers, roles)
+        rows.append(row)
+    return make_block(name, body, prefix_fmt, ptypes, rows, roles)
 
 
 def text_entry_points(prog: Program, w: Weights, tc: TextConfig, block: Block, position_streams: int = 1, *,
                       embed_scale: float | None = None, norm_offset: float = 0.0,
                       final_softcap: float | None = None, rope_tables: dict[str, dict[str, Any]] | None = None,
-                      deepstack: Sequence[int] = ()) -> None:
+                      deepstack: Sequence[int] = (), rope_dim: int | None = None,
+                      stack: Sequence[tuple[Block, Sequence[int]]] = ()) -> None:
     """embed / prefill / decode / verify over the decoder block, final norm and LM head.
 
     Positions are [B, L] for one stream of rotary positions, [streams, B, L] for several
@@ -183,9 +220,18 @@ def text_entry_points(prog: Program, w: Weights, tc: TextConfig, block: Block, p
     runs the token embedding through the layers and adds block k after layer
     ``deepstack[k]`` (zeros at text tokens, so every prompt, with images or without, and
     any batch of them, takes the same prefill). Decode and verify steps take no image
-    tokens and add nothing."""
+    tokens and add nothing.
+
+    ``rope_dim``: the rotary tables' width when only part of each head rotates (default
+    the head dim). ``stack``: a hybrid decoder, its layers split among several blocks
+    (Qwen3.5's linear- and full-attention layers): (block, the decoder layers it runs, in
+    order) per block; each block's layer i gets the cache of its i-th decoder layer
+    (``select_caches``), and the layers run in decoder order. Every block takes ``block``'s
+    inputs (rotary tables, mask, caches), used or not."""
     h, v = tc.hidden_size, tc.vocab_size
     deepstack = [int(i) for i in deepstack]
+    if deepstack and stack:
+        raise ValueError("deepstack features are not supported with a hybrid stack")
     if deepstack and (deepstack != sorted(set(deepstack)) or deepstack[0] < 0 or deepstack[-1] >= tc.num_layers):
         raise ValueError(f"deepstack layers {deepstack} are not increasing decoder layer indices "
                          f"below {tc.num_layers}")
@@ -210,7 +256,8 @@ def text_entry_points(prog: Program, w: Weights, tc: TextConfig, block: Block, p
         x = fb.op("pad_axis", x, axis=-1, after=len(deepstack) * h, name="embeds")
     prog.functions["embed"] = fb.output(x)
     pos_shape = ("B", "L") if position_streams == 1 else (position_streams, "B", "L")
-    rope_attrs: dict[str, Any] = dict(kind=tc.rope_kind, dim=tc.head_dim, theta=tc.rope_theta)
+    rope_attrs: dict[str, Any] = dict(kind=tc.rope_kind, dim=rope_dim or tc.head_dim, theta=tc.rope_theta,
+                                      **tc.rope_attrs)
     if tc.rope_kind in ("mrope", "mrope_interleaved"):
         rope_attrs["sections"] = list(tc.mrope_sections)
     tables = [i[len("%cos_"):] for i in block.body.inputs if i.startswith("%cos_")]
@@ -238,7 +285,9 @@ def text_entry_points(prog: Program, w: Weights, tc: TextConfig, block: Block, p
                                    **{"dim": tc.head_dim, **rope_tables[table]})]
         else:
             rope = fb.op("rope_freqs", pos, n_out=2, name="rope", **rope_attrs)
-        start = 0
+        if stack:
+            x = _hybrid_stack(fb, x, rope, mask, caches, stack, tc.num_layers)
+        start = tc.num_layers if stack else 0
         for k, layer in enumerate(deepstack if wide is not None else []):
             x = fb.op("call_block", x, *rope, mask, caches, block=block.name, start=start, stop=layer + 1, name="x")
             feat = fb.op("slice_axis", wide, axis=-1, start=(1 + k) * h, stop=(2 + k) * h, name=f"deepstack{k}_")
@@ -256,6 +305,30 @@ def text_entry_points(prog: Program, w: Weights, tc: TextConfig, block: Block, p
         prog.functions[name] = fb.output(logits)
 
 
+def _hybrid_stack(fb: FunctionBuilder, x: str, rope: list[str], mask: str, caches: str,
+                  stack: Sequence[tuple[Block, Sequence[int]]], n_layers: int) -> str:
+    """The decoder layers of several blocks in decoder order: one ``select_caches`` per block,
+    one ``call_block`` per run of consecutive layers of the same block."""
+    owner: dict[int, tuple[Block, int]] = {}
+    for blk, layers in stack:
+        for local, layer in enumerate(layers):
+            owner[int(layer)] = (blk, local)
+    if sorted(owner) != list(range(n_layers)):
+        raise ValueError(f"the hybrid stack's blocks cover layers {sorted(owner)}, not 0..{n_layers - 1}")
+    mine = {blk.name: fb.op("select_caches", caches, layers=[int(i) for i in layers], name=f"caches_{blk.name}")
+            for blk, layers in stack}
+    layer = 0
+    while layer < n_layers:
+        blk, first = owner[layer]
+        stop = layer
+        while stop < n_layers and owner[stop][0] is blk:
+            stop += 1
+        x = fb.op("call_block", x, *rope, mask, mine[blk.name], block=blk.name, start=first,
+                  stop=first + stop - layer, name="x")
+        layer = stop
+    return x
+
+
 def finish(prog: Program, w: Weights, tc: TextConfig) -> Program:
     """The program's params and the decoder facts the runtime reads (``meta["text"]``)."""
     prog.params = dict(w.params)
@@ -267,19 +340,21 @@ def finish(prog: Program, w: Weights, tc: TextConfig) -> Program:
 def vit_layer(w: Weights, *, name: str, prefix_fmt: str, n_layers: int, dim: int, heads: int,
               mlp_dim: int, norm: str, eps: float, act: str, fused_qkv: bool, gated_mlp: bool,
               names: dict[str, str], rope: bool, masks: list[str] | None,
-              layers: list[dict[str, Any]]) -> Block:
+              layers: list[dict[str, Any]], bias: bool = True) -> Block:
     """A pre-norm ViT layer on [N, S, E] (or [S, E] when ``rope``: packed patches).
 
     ``names`` maps roles (norm1, norm2, qkv | q/k/v, out, fc1, fc2 | gate/up/down) to the
     checkpoint's relative module names. ``masks``: block inputs a layer may attend with,
-    chosen per layer by the ``mask`` attribute of the layer table.
+    chosen per layer by the ``mask`` attribute of the layer table. ``bias``: whether the
+    projections carry biases (Pixtral's have none).
     """
     hd = dim // heads
     spec: LayerSpec = {}
 
     def module(role: str, shape: tuple[int, ...], ir_role: str) -> None:
         spec[names[role] + ".weight"] = (shape, ir_role)
-        spec[names[role] + ".bias"] = ((shape[0],), ir_role)
+        if bias:
+            spec[names[role] + ".bias"] = ((shape[0],), ir_role)
 
     for role in ("norm1", "norm2"):
         spec[names[role] + ".weight"] = ((dim,), "norm")
@@ -316,10 +391,10 @@ def vit_layer(w: Weights, *, name: str, prefix_fmt: str, n_layers: int, dim: int
 
     n = normed(x, "norm1")
     if fused_qkv:
-        qkv = linear(fb, n, names["qkv"], bias=True)
+        qkv = linear(fb, n, names["qkv"], bias=bias)
         q, k, v = fb.op("split", qkv, sizes=[dim, dim, dim], axis=-1, n_out=3, name="qkv")
     else:
-        q, k, v = (linear(fb, n, names[r], bias=True) for r in ("q", "k", "v"))
+        q, k, v = (linear(fb, n, names[r], bias=bias) for r in ("q", "k", "v"))
     if rope:  # packed [S, E]: heads, rotate, then [1, H, S, hd] for attention
         q, k, v = (fb.op("reshape", t, shape=[0, heads, hd], name=r) for t, r in zip((q, k, v), "qkv"))
         q = fb.op("rope", q, cos, sin, name="q")
@@ -335,16 +410,16 @@ def vit_layer(w: Weights, *, name: str, prefix_fmt: str, n_layers: int, dim: int
     a = fb.op("attention", q, k, v, mask, scale=hd ** -0.5, name="attn")
     a = fb.op("transpose", a, axes=[0, 2, 1, 3], name="attn")
     a = fb.op("reshape", a, shape=[-1, dim] if rope else [0, 0, dim], name="attn")
-    x = fb.op("add", x, linear(fb, a, names["out"], bias=True), name="x")
+    x = fb.op("add", x, linear(fb, a, names["out"], bias=bias), name="x")
     n = normed(x, "norm2")
     if gated_mlp:
-        g = linear(fb, n, names["gate"], bias=True)
-        u = linear(fb, n, names["up"], bias=True)
+        g = linear(fb, n, names["gate"], bias=bias)
+        u = linear(fb, n, names["up"], bias=bias)
         m = fb.op("glu", g, u, kind=act, name="mlp")
-        y = linear(fb, m, names["down"], bias=True)
+        y = linear(fb, m, names["down"], bias=bias)
     else:
-        m = fb.op("act", linear(fb, n, names["fc1"], bias=True), kind=act, name="mlp")
-        y = linear(fb, m, names["fc2"], bias=True)
+        m = fb.op("act", linear(fb, n, names["fc1"], bias=bias), kind=act, name="mlp")
+        y = linear(fb, m, names["fc2"], bias=bias)
     x = fb.op("add", x, y, name="x")
     return make_block(name, fb.output(x), prefix_fmt, ptypes, layers, roles)
 

@@ -10,13 +10,15 @@ from ...errors import ArtifactError, SourceError
 from .clip_processor import ClipImageProcessor
 from .idefics3_processor import Idefics3ImageProcessor
 from .image_processing import COMMON_FIELDS, UNSUPPORTED_SWITCHES, ImageProcessor
+from .pixtral_processor import PixtralImageProcessor
 from .qwen_vl_processor import Qwen2VLImageProcessor
 
 # spec kind -> processor class, and config kind -> the class that makes its spec
 KINDS: dict[str, type[ImageProcessor]] = {"qwen2_vl": Qwen2VLImageProcessor, "clip": ClipImageProcessor,
-                                          "idefics3": Idefics3ImageProcessor}
+                                          "idefics3": Idefics3ImageProcessor, "pixtral": PixtralImageProcessor}
 CONFIG_KINDS: dict[str, type[ImageProcessor]] = {"qwen2_vl": Qwen2VLImageProcessor, "clip": ClipImageProcessor,
-                                                 "siglip": ClipImageProcessor, "idefics3": Idefics3ImageProcessor}
+                                                 "siglip": ClipImageProcessor, "idefics3": Idefics3ImageProcessor,
+                                                 "pixtral": PixtralImageProcessor}
 
 
 def spec_from_preprocessor_config(cfg: dict, kind: str, **extra: Any) -> dict:

@@ -10,6 +10,7 @@ A family that brings its own decoder flavour (defaults, biases, rotary kind) pas
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,8 @@ DECODERS: dict[str, Decoder] = {
     "mistral": Decoder(dict(rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu", max_position_embeddings=32768)),
     "qwen2": Decoder(dict(rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu", max_position_embeddings=32768),
                      biases="qwen"),
+    # Ministral 3: Mistral's layer with YaRN rope and Llama 4 query scaling (see text_config)
+    "ministral3": Decoder(dict(rms_norm_eps=1e-5, rope_theta=1e6, hidden_act="silu", max_position_embeddings=262144)),
 }
 
 
@@ -50,7 +53,7 @@ class TextConfig:
     vocab_size: int
     rms_norm_eps: float
     rope_theta: float
-    rope_kind: str                      # "default" | "mrope" | "mrope_interleaved"
+    rope_kind: str                      # "default" | "mrope" | "mrope_interleaved" | "yarn"
     mrope_sections: list[int] | None
     hidden_act: str
     max_position_embeddings: int
@@ -59,6 +62,7 @@ class TextConfig:
     o_bias: bool
     mlp_bias: bool
     extra: dict[str, Any] = field(default_factory=dict)
+    rope_attrs: dict[str, Any] = field(default_factory=dict)  # the rope kind's own rope_freqs attributes
 
     def meta(self) -> dict[str, Any]:
         """What the runtime needs to know of the decoder (``meta["text"]``)."""
@@ -112,8 +116,14 @@ def text_config(raw: dict[str, Any], *, nested: bool, decoder: Decoder | None = 
         sections = list(rope.get("mrope_section") or decoder.mrope_sections)
     elif rope_type in ("default", None):
         rope_kind = "default"
+    elif rope_type == "yarn":
+        rope_kind = "yarn"
     else:
-        raise UnsupportedModelError(f"rope type {rope_type!r} is not supported yet (only default and mrope)")
+        raise UnsupportedModelError(f"rope type {rope_type!r} is not supported yet (only default, yarn and mrope)")
+    max_pos = int(get("max_position_embeddings"))
+    rope_attrs: dict[str, Any] = {}
+    if rope_kind == "yarn":
+        rope_attrs, max_pos = yarn_attrs(rope, max_pos)
     tie = raw.get("tie_word_embeddings")
     if tie is None:
         tie = cfg.get("tie_word_embeddings", False)
@@ -125,8 +135,37 @@ def text_config(raw: dict[str, Any], *, nested: bool, decoder: Decoder | None = 
         intermediate_size=int(get("intermediate_size")), vocab_size=int(get("vocab_size")),
         rms_norm_eps=float(get("rms_norm_eps")), rope_theta=theta, rope_kind=rope_kind,
         mrope_sections=sections, hidden_act=str(get("hidden_act")),
-        max_position_embeddings=int(get("max_position_embeddings")), tie_word_embeddings=bool(tie),
+        max_position_embeddings=max_pos, tie_word_embeddings=bool(tie),
         qkv_bias=True if qwen_like else bool(get("attention_bias", False)),
         o_bias=False if qwen_like else bool(get("attention_bias", False)),
-        mlp_bias=False if qwen_like else bool(get("mlp_bias", False)),
+        mlp_bias=False if qwen_like else bool(get("mlp_bias", False)), rope_attrs=rope_attrs,
     )
+
+
+def yarn_attrs(rope: dict[str, Any], max_pos: int) -> tuple[dict[str, Any], int]:
+    """``rope_freqs`` attributes of a YaRN rope (transformers' defaults and attention factor),
+    and the context the decoder can serve.
+
+    ``llama_4_scaling_beta`` (Ministral 3) multiplies queries by
+    ``1 + beta * log(1 + floor(position / original_max_position_embeddings))``: exactly 1 below
+    ``original_max_position_embeddings``, so the context is capped there rather than carrying
+    a per-position query scale through every layer."""
+    original = int(rope.get("original_max_position_embeddings") or max_pos)
+    factor = rope.get("factor")
+    factor = float(factor) if factor is not None else max_pos / original
+    if factor <= 0:
+        raise UnsupportedModelError(f"YaRN factor must be positive, got {factor}")
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = rope.get("attention_factor")
+    if attention is None:
+        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    attrs = {"factor": factor, "beta_fast": float(rope.get("beta_fast") or 32.0),
+             "beta_slow": float(rope.get("beta_slow") or 1.0), "original_max": original,
+             "truncate": bool(rope.get("truncate", True)), "attention_factor": float(attention)}
+    if rope.get("llama_4_scaling_beta"):
+        max_pos = min(max_pos, original)
+    return attrs, max_pos

@@ -17,7 +17,7 @@ from ...ir.core import Program
 from ..common.layers import act_kind, decoder_layer, finish, text_entry_points, vit_layer
 from ..common.text_config import text_config
 
-_TOWERS = ("clip_vision_model", "siglip_vision_model")
+_TOWERS = ("clip_vision_model", "siglip_vision_model", "pixtral")
 
 
 def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
@@ -28,6 +28,15 @@ def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
         raise UnsupportedModelError(f"LLaVA vision tower {tower!r} is not supported; supported: {', '.join(_TOWERS)}")
     is_clip = tower == "clip_vision_model"
     prog = Program(name=name)
+    window = (raw.get("text_config") or {}).get("sliding_window")  # Mistral decoders
+    block = decoder_layer(w, tc, layer_window=[int(window)] * tc.num_layers if window else None)
+    if tower == "pixtral":
+        from .pixtral import pixtral_vision
+        inputs = pixtral_vision(raw, w, prog, tc)
+        prog.blocks[block.name] = block
+        text_entry_points(prog, w, tc, block)
+        prog.meta["inputs"] = inputs
+        return finish(prog, w, tc)
     dim = int(vision_field(vc, "hidden_size", default=1024 if is_clip else 768))
     heads = int(vision_field(vc, "num_attention_heads", default=16 if is_clip else 12))
     n_layers = int(vision_field(vc, "num_hidden_layers", default=24 if is_clip else 12))
@@ -107,7 +116,6 @@ def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
     f = fb.op("reshape", f, shape=[-1, tc.hidden_size], name="features")
     prog.functions["vision_encode"] = fb.output(f)
 
-    block = decoder_layer(w, tc)
     prog.blocks[block.name] = block
     text_entry_points(prog, w, tc, block)
     tokens = n_patches + (1 if is_clip and strategy == "full" else 0)

@@ -119,3 +119,9 @@ class Qwen3VLInputs(Inputs):
         rows, weights = position_taps(images.grid_thw, self.settings["position_grid"], self.settings["merge_size"])
         return {"patches": mx.array(images.pixel_values), **plan_vision(images.grid_thw, self.settings),
                 "pos_taps": mx.array(rows), "pos_weights": mx.array(weights)}
+
+
+class Qwen3VLImageInputs(Qwen3VLInputs):
+    """Qwen3-VL's inputs for a family whose videos are not supported yet (Qwen3.5)."""
+
+    derive_video = False

@@ -1,0 +1,368 @@
+"""Qwen3.5 (dense, hybrid linear attention) against transformers, on the tiny checkpoints
+of ``tests/fixtures/qwen3_5.py``.
+
+Parity (as ``test_parity.py``): prompt ids equal to transformers' processor, patches within
+1e-5, float32 logits within 1e-4 at the last prompt position and at each of 16 greedy
+steps, the 16 greedy tokens identical: text, one image, two images, an image in an earlier
+turn, both config layouts. Then the hybrid stack layer by layer against transformers'
+recurrent (token by token) and chunked forms, chunked prefill, ragged batches equal to
+serial runs, greedy decoding with prompt-lookup drafts equal to without (verify steps
+rewound through the recurrent states), the template's thinking default, the plan that
+``vlmc inspect`` shows, and prefix caching refused with its reason.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import mlx.core as mx  # noqa: E402
+
+import vlmc  # noqa: E402
+from fixtures import checkpoints as ck  # noqa: E402
+from fixtures import qwen3_5 as q35  # noqa: E402
+from test_parity import CASES, GREEDY_STEPS, LOGIT_ATOL, check_inputs, check_outputs, run_vlmc  # noqa: E402
+from vlmc.compiler import compile as vlmc_compile  # noqa: E402
+
+CASE_NAMES = ["text", "one_image", "two_images", "multi_turn"]
+
+
+def _case(name):
+    messages, sizes = CASES[name]
+    return messages, [ck.make_test_image(w, h, seed=10 + i) for i, (w, h) in enumerate(sizes)]
+
+
+class Store:
+    def __init__(self, root: Path):
+        self.root = root
+        self.ckpts, self.arts, self.models, self.hf, self.refs = {}, {}, {}, {}, {}
+
+    def ckpt(self, **kw):
+        key = tuple(sorted(kw.items()))
+        if key not in self.ckpts:
+            name = "_".join(["qwen3_5"] + [f"{k}-{v}" for k, v in sorted(kw.items())])
+            self.ckpts[key] = q35.build_qwen3_5_checkpoint(self.root / "ckpt" / name, **kw)
+        return self.ckpts[key]
+
+    def vlm(self, info, **kw):
+        kw = {"target": "cpu", **kw}
+        key = (info["path"], tuple(sorted(kw.items())))
+        if key not in self.models:
+            tag = "-".join(f"{k}{v}" for k, v in sorted(kw.items()))
+            art = vlmc_compile(info["path"], self.root / "art" / f"{Path(info['path']).name}-{tag}", **kw)
+            self.arts[key] = art
+            self.models[key] = vlmc.load(art)
+        return self.models[key]
+
+    def hf_model(self, info):
+        if info["path"] not in self.hf:
+            self.hf[info["path"]] = (q35.hf_processor(info["path"]), q35.hf_model(info["path"]))
+        return self.hf[info["path"]]
+
+    def ref(self, info, case):
+        key = (info["path"], case)
+        if key not in self.refs:
+            proc, model = self.hf_model(info)
+            messages, images = _case(case)
+            self.refs[key] = q35.hf_reference(info["path"], messages, images, greedy_steps=GREEDY_STEPS,
+                                              processor=proc, model=model)
+        return self.refs[key]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    torch.set_num_threads(2)
+    return Store(tmp_path_factory.mktemp("qwen3_5"))
+
+
+def build_prompt(m, case):
+    messages, images = _case(case)
+    return m.build_prompt(messages=messages, images=images)
+
+
+# ------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_parity(store, case):
+    info = store.ckpt()
+    ref = store.ref(info, case)
+    m = store.vlm(info)
+    p = build_prompt(m, case)
+    check_inputs(p, ref, "qwen3_5")
+    toks, logits = run_vlmc(m, [p])
+    check_outputs(toks[0], logits[0], ref, f"qwen3_5/{case}")
+
+
+def test_v4_layout(store):
+    info = store.ckpt(layout="v4")
+    ref = store.ref(store.ckpt(), "one_image")  # the same weights (seed 0)
+    m = store.vlm(info)
+    toks, logits = run_vlmc(m, [build_prompt(m, "one_image")])
+    check_outputs(toks[0], logits[0], ref, "qwen3_5/v4/one_image")
+
+
+# ------------------------------------------------------------------------------ the hybrid stack
+
+
+def _hf_logits_token_by_token(model, ids):
+    """transformers' recurrent form: one token at a time through its cache (the linear
+    layers' recurrent kernel and conv update), logits after every token."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.text_config)
+    out = []
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            # explicit positions: the model keeps the last image prompt's M-RoPE delta otherwise
+            out.append(model(input_ids=ids[:, t:t + 1], position_ids=torch.tensor([[t]]), cache=cache,
+                             use_cache=True).logits[0, -1].numpy())
+    return np.stack(out)
+
+
+def test_hybrid_layers_step_by_step_match_transformers_recurrent_and_chunked(store):
+    """Every prompt position's logits, prefilled one column at a time (the delta rule's step
+    form) and in chunks of 5 (its chunked form, carried across chunks with the conv
+    state), against transformers' token-by-token recurrent form and its chunked form
+    (the whole prompt at once, no cache)."""
+    from vlmc.runtime.step import Sequences
+
+    info = store.ckpt()
+    _, model = store.hf_model(info)
+    m = store.vlm(info)
+    p = m.build_prompt("Tell me a short story about the river and the old mill by the bridge.")
+    ids = torch.tensor([p.ids])
+    recurrent = _hf_logits_token_by_token(model, ids)
+    with torch.no_grad():
+        chunked = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], use_cache=False).logits[0].numpy()
+    assert float(np.abs(recurrent - chunked).max()) <= LOGIT_ATOL
+    for chunk in (1, 5):
+        seqs = Sequences.start(m.decoder, [m.prompt_inputs(p, None)])
+        rows, ends = [], []
+        while not seqs.prefill_done:
+            rows.append(np.array(seqs.prefill(chunk)[0]))
+            ends.append(seqs.prefilled - 1)
+        assert len(rows) == -(-len(p.ids) // chunk)
+        for want in (recurrent, chunked):
+            diff = float(np.abs(np.stack(rows) - want[ends]).max())
+            assert diff <= LOGIT_ATOL, f"chunk {chunk}: {diff}"
+
+
+def test_batched_prompts_equal_serial(store):
+    """Two different prompts (one with an image, left padding for the shorter) batched
+    through prefill and decode give what each gives alone; padding columns never reach a
+    recurrent state."""
+    m = store.vlm(store.ckpt())
+    prompts = [build_prompt(m, "one_image"), build_prompt(m, "text")]
+    assert len(prompts[0].ids) != len(prompts[1].ids)
+    toks, logits = run_vlmc(m, prompts)
+    for i, p in enumerate(prompts):
+        t1, l1 = run_vlmc(m, [p])
+        np.testing.assert_array_equal(toks[i], t1[0])
+        assert float(np.abs(logits[i] - l1[0]).max()) <= LOGIT_ATOL
+
+
+def _run_jobs(batcher, jobs, timeout=300):
+    import threading
+
+    from vlmc.runtime.batcher import Job, TokenEvent
+
+    tokens, finish, done = [[] for _ in jobs], [None] * len(jobs), threading.Event()
+
+    def emit(i):
+        def on_event(ev):
+            if isinstance(ev, TokenEvent):
+                tokens[i].append(ev.token)
+            else:
+                finish[i] = ev
+                if all(f is not None for f in finish):
+                    done.set()
+        return on_event
+
+    for i, kw in enumerate(jobs):
+        batcher.submit(Job(emit=emit(i), **kw))
+    assert done.wait(timeout), "jobs did not finish"
+    return tokens, finish
+
+
+def test_batching_loop_joins_and_keeps_rows(store):
+    """The batching loop (chunked prefills joining a running batch, finished rows dropped)
+    gives one-at-a-time outputs."""
+    from vlmc.runtime.batcher import Batcher
+
+    m = store.vlm(store.ckpt())
+    image = ck.make_test_image(100, 70, seed=10)
+    prompts = [m.build_prompt("Describe the picture.", images=[image]), m.build_prompt("Tell me about shapes"),
+               m.build_prompt("circle square " * 12)]
+    jobs = [dict(prompt=p, max_tokens=5 + 4 * i) for i, p in enumerate(prompts)]
+    batcher = Batcher(m, max_batch=8, prefill_chunk=16)
+    try:
+        alone = [_run_jobs(batcher, [j])[0][0] for j in jobs]
+        together, _ = _run_jobs(batcher, jobs * 2)
+    finally:
+        batcher.shutdown()
+    assert together == alone * 2
+    assert batcher.counters["decode_steps"] < batcher.counters["batched_tokens"]
+
+
+def test_speculation_is_lossless(store):
+    """Greedy output with drafts is the output without them. Prompt lookup, and the model
+    drafting for itself (its own hybrid caches rewound over several decode steps), through
+    the engine's loop; and in the batching loop a drafter that proposes the right
+    continuation with every third token wrong, so verify steps keep some tokens and
+    reject others, two rows at a time: the recurrent states are rewound within a step
+    (restored, then recomputed over the kept tokens)."""
+    from vlmc.runtime.batcher import Batcher
+    from vlmc.runtime.speculative import Draft, Drafter, Speculation
+
+    m = store.vlm(store.ckpt())
+    cases = [dict(prompt="the river runs by the mill and the mill turns by the river " * 3),
+             dict(prompt="Describe the picture.", images=[ck.make_test_image(100, 70, seed=3)])]
+    plain = [m.generate(max_tokens=24, **case).token_ids for case in cases]
+    for case, want in zip(cases, plain):
+        for draft in ("prompt-lookup", m):
+            assert m.generate(max_tokens=24, draft=draft, **case).token_ids == want, (draft, case)
+
+    prompts = [m.build_prompt(**case) for case in cases]
+    answers = {tuple(p.ids): want for p, want in zip(prompts, plain)}
+
+    class HalfRight(Drafter):
+        name = "half-right"
+
+        def start(self, prompt_ids, prompt=None):
+            return list(prompt_ids)
+
+        def propose(self, state, context, k, sampler=None, rng=None):
+            done = len(context) - len(state)
+            truth = answers[tuple(state)][done:done + k]
+            return Draft([t if (done + i) % 3 != 2 else (t + 1) % 400 for i, t in enumerate(truth)])
+
+    batcher = Batcher(m, speculation=Speculation(HalfRight(), num_draft_tokens=4, adaptive=False))
+    try:
+        got, _ = _run_jobs(batcher, [dict(prompt=p, max_tokens=24) for p in prompts])
+    finally:
+        batcher.shutdown()
+    assert got == plain
+    c = batcher.counters
+    assert c["draft_proposed"] > c["draft_accepted"] > 0 and c["speculative_steps"] > 0
+
+
+def test_prefix_cache_is_refused_with_its_reason(store):
+    """Prefix blocks cannot hold a recurrent state: a batching loop given a prefix cache
+    says why and does not use it, and answers as without one."""
+    from vlmc.runtime.batcher import Batcher
+    from vlmc.runtime.prefix_cache import PrefixCache
+    from vlmc.runtime.state_cache import PREFIX_REFUSAL
+
+    m = store.vlm(store.ckpt())
+    assert m.decoder.prefix_refusal() == PREFIX_REFUSAL
+    p = m.build_prompt("Tell me a short story about the river. " * 3)
+    with pytest.warns(UserWarning, match="prefix caching is off"):
+        cached = Batcher(m, prefix_cache=PrefixCache(block_size=8))
+    try:
+        assert cached.prefix_cache is None and cached.prefix_refusal == PREFIX_REFUSAL
+        first, fin = _run_jobs(cached, [dict(prompt=p, max_tokens=8)])
+        again, fin2 = _run_jobs(cached, [dict(prompt=p, max_tokens=8)])
+    finally:
+        cached.shutdown()
+    assert first == again and fin2[0].cached_tokens == 0
+    assert first[0] == m.generate(prompt="Tell me a short story about the river. " * 3, max_tokens=8).token_ids
+
+
+# ------------------------------------------------------------------------------ template, plan
+
+
+def test_thinking_is_on_by_default(store):
+    """The template opens a think block unless enable_thinking is false, as transformers
+    renders it."""
+    info = store.ckpt()
+    proc, _ = store.hf_model(info)
+    m = store.vlm(info)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    on = m.build_prompt(messages=messages)
+    off = m.build_prompt(messages=messages, template_vars={"enable_thinking": False})
+    assert on.text.endswith("<|im_start|>assistant\n<think>\n")
+    assert off.text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert on.text == proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert off.text == proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                enable_thinking=False)
+
+
+def test_plan_and_inspect_show_recurrent_states(store):
+    """kv_layout plans a recurrent state per linear-attention layer (bytes per sequence)
+    beside the full-attention layers' KV caches; the manifest lists every decoder layer's
+    cache in order and ``vlmc inspect`` shows both kinds; KV options reach only the
+    full-attention layers."""
+    import json
+
+    from click.testing import CliRunner
+
+    from vlmc.cli import main
+
+    info = store.ckpt()
+    store.vlm(info)
+    art = next(a for k, a in store.arts.items() if k[0] == info["path"])
+    manifest = json.loads((Path(art) / "manifest.json").read_text())
+    layers = manifest["kv_plan"]["decoder"]
+    assert [L["kv"]["layout"] for L in layers] == ["recurrent", "dense", "recurrent", "recurrent", "dense"]
+    per_seq = (4 * 16 * 16) * 4 + 3 * (2 * 2 * 16 + 4 * 16) * 4
+    assert {L["kv"]["bytes_per_sequence"] for L in layers if L["kv"]["layout"] == "recurrent"} == {per_seq}
+    assert manifest["meta"]["kv_plan"]["bytes_per_sequence"] == 3 * per_seq
+    out = CliRunner().invoke(main, ["inspect", str(art)]).output
+    assert "recurrent state 4x16x16 + conv 3" in out and f"{per_seq:,} B/sequence" in out
+    q = vlmc.load(art, kv_bits=8, kv_quantize_last=True)
+    assert [L["kv"]["layout"] for L in q.kv_layers] == ["recurrent", "quantized", "recurrent", "recurrent",
+                                                        "quantized"]
+    p = q.build_prompt("Tell me a short story about the river.")
+    assert len(q.generate(prompt="Tell me a short story about the river.", max_tokens=4).token_ids) == 4
+    assert p.ids
+
+
+@pytest.mark.parametrize("kind", ["full_attention", "linear_attention"])
+def test_blocks_match_transformers_decoder_layers(store, kind):
+    """Each compiled block against transformers' decoder layer of that kind on the same
+    hidden states: the gated full-attention layer (output gate, QK-norm, partial
+    interleaved M-RoPE) with its causal mask, and the Gated DeltaNet layer (conv, delta
+    rule, gated norm) from a fresh state."""
+    from vlmc.kernels import reference
+    from vlmc.runtime.kv_cache import KVCache, attention_mask
+    from vlmc.runtime.state_cache import StateCache
+
+    info = store.ckpt()
+    _, model = store.hf_model(info)
+    m = store.vlm(info)
+    layer = q35.LAYER_TYPES.index(kind)
+    n = 9
+    x = torch.randn(1, n, 64, generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(n)[None, None].expand(3, 1, n)
+    lm = model.model.language_model
+    causal = torch.full((n, n), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        want = lm.layers[layer](x, position_embeddings=lm.rotary_emb(x, pos),
+                                attention_mask=causal if kind == "full_attention" else None).numpy()
+    block = "text_attn_layer" if kind == "full_attention" else "text_linear_layer"
+    run = getattr(m.model, block)
+    table = run.__globals__[block.upper()]
+    local = next(i for i, row in enumerate(table) if row["layer"] == layer)
+    cos, sin = reference.rope_freqs(mx.array(pos.numpy()), kind="mrope_interleaved", dim=8, theta=100.0,
+                                    sections=[2, 1, 1])
+    cache = KVCache(1, 2, 16) if kind == "full_attention" else StateCache(1)
+    mask = attention_mask(mx.zeros(1, mx.int32), 0, n, True)
+    got = run(getattr(m.model, f"{block}_params")[local], table[local], mx.array(x.numpy()), cos, sin, mask, cache)
+    np.testing.assert_allclose(np.asarray(got), want, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_bench_and_long_context_report(store):
+    """``vlmc bench`` runs a hybrid artifact (its cache memory counts the states)."""
+    from vlmc.bench import bench, format_report
+
+    info = store.ckpt()
+    store.vlm(info)
+    art = next(a for k, a in store.arts.items() if k[0] == info["path"])
+    r = bench(str(art), prompt_lengths=[8], decode_tokens=4, image_size=64, runs=1)
+    assert r["family"] == "qwen3_5" and r["decode"]["decode_tps"] > 0 and "image" in r
+    assert "qwen3_5" in format_report(r)

@@ -1,0 +1,172 @@
+"""The cache of a linear-attention layer (Gated DeltaNet): a fixed-size recurrent state
+[B, H, Dk, Dv] plus the last kernel-1 inputs of its causal convolution [B, K-1, C], per
+sequence, whatever the number of tokens seen. The ``kv_layout`` pass plans it as the
+``recurrent`` layout (bytes per sequence, not per token).
+
+It answers the same batch interface as the KV caches (``offset``, ``pad_left``,
+``drop_left``, ``select``, ``concat``, ``trim``), so ``Sequences`` steps hybrid stacks
+unchanged. Left padding needs nothing here: the layer zeroes padding rows before they
+reach the state (``zero_padded``), and columns put before held tokens are never read.
+
+Rewinding cannot slice a state. Each step records the state it started from and the
+inputs it folded in (conv inputs; keys, values, decays and rates); ``trim`` restores the
+start of the steps it drops whole and recomputes the recurrence over the kept tokens of a
+step it cuts, token by token, as decode would have computed them. Records cover the last
+``history`` tokens (at least the last step), enough for a verify step's rejected drafts.
+
+Prefix caching would need states at block boundaries; ``export_blocks`` refuses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from ..kernels.linear_attention import delta_rule_steps
+
+PREFIX_REFUSAL = ("prefix caching is off for this model: its linear-attention layers keep a recurrent "
+                  "state, not per-token keys and values, and states at block boundaries are not stored")
+
+
+@dataclass
+class _Step:
+    n: int
+    conv_before: mx.array        # [B, K-1, C]
+    rows: mx.array               # [B, n, C] conv inputs
+    state_before: mx.array | None = None   # [B, H, Dk, Dv]
+    k: mx.array | None = None    # [B, H, n, Dk] (heads-first, float32, as the recurrence takes them)
+    v: mx.array | None = None
+    g: mx.array | None = None    # [B, H, n]
+    beta: mx.array | None = None
+
+    def take(self, index: mx.array) -> "_Step":
+        pick = (lambda a: a if a is None else a[index])
+        return _Step(self.n, pick(self.conv_before), pick(self.rows), pick(self.state_before), pick(self.k),
+                     pick(self.v), pick(self.g), pick(self.beta))
+
+
+class StateCache:
+    layout = "recurrent"
+    history = 64
+
+    def __init__(self, batch: int, dtype=mx.float32):
+        self.batch, self.dtype = batch, dtype
+        self.conv: mx.array | None = None
+        self.state: mx.array | None = None
+        self.offset = 0          # columns seen (padding included), as the KV caches count them
+        self.start = 0
+        self._steps: list[_Step] = []
+        self._open: _Step | None = None  # this step's conv record, until its recurrence runs
+
+    # ---------------------------------------------------------------- what the ops call
+    def conv_window(self, batch: int, width: int, channels: int, dtype) -> mx.array:
+        if self.conv is None:
+            return mx.zeros((batch, width, channels), dtype)
+        return self.conv
+
+    def conv_step(self, before: mx.array, rows: mx.array, after: mx.array) -> None:
+        self._open = _Step(rows.shape[1], before, rows)
+        self.conv = after
+
+    def recurrent_state(self, batch: int, heads: int, k_dim: int, v_dim: int) -> mx.array:
+        if self.state is None:
+            return mx.zeros((batch, heads, k_dim, v_dim), mx.float32)
+        return self.state
+
+    def delta_step(self, before: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array,
+                   after: mx.array) -> None:
+        step = self._open
+        if step is None or step.n != k.shape[2]:
+            raise RuntimeError("a recurrent cache's step must run its convolution before its recurrence")
+        step.state_before, step.k, step.v, step.g, step.beta = before, k, v, g, beta
+        self._open = None
+        self.state = after
+        self.offset += step.n
+        self._steps.append(step)
+        kept, total = [], 0
+        for s in reversed(self._steps):  # the last step always, then older ones within the history
+            if kept and total + s.n > self.history:
+                break
+            kept.append(s)
+            total += s.n
+        self._steps = kept[::-1]
+
+    # ---------------------------------------------------------------- rewinding
+    @property
+    def held(self) -> int:
+        return self.offset - self.start
+
+    def rewindable(self) -> int:
+        return sum(s.n for s in self._steps)
+
+    def trim(self, n: int) -> int:
+        """Forget the last ``n`` tokens: the states as they were before them. Returns how many
+        (fewer when the records do not reach back that far: nothing is changed then)."""
+        if n <= 0:
+            return 0
+        if n > self.rewindable():
+            return 0
+        left = n
+        while left:
+            step = self._steps[-1]
+            if left >= step.n:
+                self._steps.pop()
+                self.conv, self.state = step.conv_before, step.state_before
+                left -= step.n
+                continue
+            keep = step.n - left
+            width = step.conv_before.shape[1]
+            window = mx.concatenate([step.conv_before, step.rows[:, :keep]], axis=1)
+            self.conv = window[:, window.shape[1] - width:]
+            _, self.state = delta_rule_steps(None, step.k[:, :, :keep], step.v[:, :, :keep], step.g[:, :, :keep],
+                                             step.beta[:, :, :keep], step.state_before)
+            self._steps[-1] = _Step(keep, step.conv_before, step.rows[:, :keep], step.state_before,
+                                    step.k[:, :, :keep], step.v[:, :, :keep], step.g[:, :, :keep],
+                                    step.beta[:, :, :keep])
+            left = 0
+        self.offset -= n
+        return n
+
+    # ---------------------------------------------------------------- batch reshaping
+    def pad_left(self, n: int) -> None:
+        self.offset += max(n, 0)
+
+    def drop_left(self, n: int) -> None:
+        self.offset -= min(max(n, 0), self.offset)
+
+    def select(self, rows: list[int]) -> None:
+        index = mx.array(rows, dtype=mx.int32)
+        if self.conv is not None:
+            self.conv, self.state = self.conv[index], self.state[index]
+        self._steps = [s.take(index) for s in self._steps]
+        self.batch = len(rows)
+
+    def concat(self, other: "StateCache") -> None:
+        if not isinstance(other, StateCache) or other.offset != self.offset:
+            raise ValueError("caches joined into one batch must be aligned and share a layout")
+        if self.conv is None or other.conv is None:
+            raise ValueError("only caches that hold tokens can be joined")
+        self.conv = mx.concatenate([self.conv, other.conv], axis=0)
+        self.state = mx.concatenate([self.state, other.state], axis=0)
+        self._steps = []  # a rewind never reaches back past a join
+        self.batch += other.batch
+
+    # ---------------------------------------------------------------- prefix caching
+    def export_blocks(self, *args, **kwargs):
+        raise ValueError(PREFIX_REFUSAL)
+
+    def import_blocks(self, blocks) -> None:
+        raise ValueError(PREFIX_REFUSAL)
+
+    def host_writable(self) -> bool:
+        return False
+
+    def write_host(self, k, v) -> bool:
+        return False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.conv, self.state) if a is not None)
+
+    def bytes_per_token(self) -> int:
+        return 0
