@@ -92,7 +92,8 @@ class Transformers:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from fixtures.torchvision_loader import import_torchvision  # torchvision beside CPU torch
         if import_torchvision() is None:
-            raise SystemExit("transformers' video processor needs torchvision (pip install -e '.[test]')")
+            raise SystemExit("transformers' video processor needs torchvision: "
+                             "pip install --no-deps --target .test-deps torchvision==0.28.0")
         from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         pp = json.loads((ckpt / "preprocessor_config.json").read_text())

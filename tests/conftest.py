@@ -6,8 +6,8 @@ from pathlib import Path
 # tests/fixtures is imported as a top-level package by the test modules.
 sys.path.insert(0, str(Path(__file__).parent))
 
-# torchvision (the video processors' parity reference) must be imported through this loader
-# before transformers tries it, or transformers' torchvision-backed classes fail to import.
+# torchvision (the video processors' parity reference) comes from .test-deps through this
+# loader, before transformers looks for it (see the loader's docstring).
 from fixtures.torchvision_loader import import_torchvision  # noqa: E402
 
 import_torchvision()
