@@ -105,3 +105,20 @@ def test_decode_over_a_long_cache_takes_the_blas_path_and_matches(monkeypatch):
     monkeypatch.setattr(blas._reference, "attention", lambda *a, **kw: pytest.fail("took MLX's path"))
     out = blas.attention(q, k, v, mask, scale=0.125)
     assert rel_err(out, ref) < TOL
+
+
+def test_per_frame_blocks_read_only_their_keys(monkeypatch):
+    """A block-diagonal mask (a video's frames, each attending to itself) is computed block by
+    block: no score matrix spans two frames, and the result equals MLX's."""
+    seg = mx.array(sum(([f] * n for f, n in enumerate([40, 40, 40, 33])), []))
+    mask = (seg[:, None] == seg[None, :])[None, None]
+    q, k, v = qkv(1, 4, 2, 153, 153, 16)
+    seen = []
+    real = blas._masked_softmax
+    monkeypatch.setattr(blas, "_masked_softmax", lambda s, scale, keep: (seen.append(s.shape), real(s, scale, keep)))
+    out = blas.attention(q, k, v, mask, scale=0.25)
+    assert rel_err(out, reference.attention(q, k, v, mask, scale=0.25)) < TOL
+    assert max(cols for _, cols in seen) == 40 and sum(rows for rows, _ in seen) == 2 * 2 * 153
+    causal = causal_padded(24, 40, [0, 5])  # rows differ one by one: fixed runs, keys trimmed per run
+    q2, k2, v2 = qkv(2, 4, 2, 24, 40, 32)
+    assert rel_err(blas.attention(q2, k2, v2, causal, scale=0.2), reference.attention(q2, k2, v2, causal, scale=0.2)) < TOL

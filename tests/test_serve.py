@@ -118,7 +118,7 @@ def test_models_listing(client):
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {"vlmc-demo", "demo-copy"}
     demo = models["vlmc-demo"].model_dump()
-    assert demo["context_length"] == 1024 and demo["input_modalities"] == ["text", "image"]
+    assert demo["context_length"] == 1024 and demo["input_modalities"] == ["text", "image", "video"]
 
 
 def test_logprobs(client):

@@ -448,3 +448,24 @@ def test_keyboard_use_and_names_for_screen_readers(browser, server):
     ActionChains(d).send_keys(Keys.ESCAPE).perform()
     reply = last_reply(d)
     assert "stopped" in reply["classes"] and js(d, "return window.__aborted"), reply
+
+
+def test_a_video_file_is_attached_and_sent_as_a_video_part(browser, server):
+    d = browser
+    open_page(d, server)
+    Select(d.find_element(By.ID, "model")).select_by_value("vlmc-demo")
+    wait(d, lambda d: model_state(d).startswith("loaded"))
+    d.find_element(By.ID, "files").send_keys(str(EXAMPLES / "shapes-clip.mp4"))
+    wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#thumbs video")) == 1)
+    box = d.find_element(By.ID, "text")
+    box.send_keys("Which color appears first?")
+    box.send_keys(Keys.ENTER)
+    reply = last_reply(d)
+    assert "error" not in reply["text"] and reply["completion"], reply
+    assert re.search(r"\d+ prompt tokens", reply["stats"]), reply["stats"]
+    sent = json.loads(js(d, "return JSON.stringify(history)"))
+    parts = [p for m in sent if m["role"] == "user" for p in m["content"] if isinstance(m["content"], list)]
+    videos = [p for p in parts if p["type"] == "video_url"]
+    assert len(videos) == 1 and videos[0]["video_url"]["url"].startswith("data:video/mp4;base64,")
+    shown = js(d, "return [...document.querySelectorAll('.user .thumb video')].map((v) => v.getAttribute('aria-label'))")
+    assert shown and "shapes-clip.mp4" in shown[-1]

@@ -26,3 +26,10 @@ def compile(*args, **kwargs):  # noqa: A001 - mirrors the CLI verb
 def load(*args, **kwargs):
     from .api import load as _load
     return _load(*args, **kwargs)
+
+
+def __getattr__(name: str):
+    if name == "VideoRef":  # a video and how to sample it: generate(videos=[vlmc.VideoRef(path, fps=1.0)])
+        from .runtime.video import VideoRef
+        return VideoRef
+    raise AttributeError(f"module 'vlmc' has no attribute {name!r}")

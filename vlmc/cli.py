@@ -108,10 +108,38 @@ def _default_model() -> str:
     return str(MODEL_DIR)
 
 
-@main.command("run")
+class _MediaInOrder(click.Command):
+    """Records the order in which -i/--image and --video were given (click gathers each
+    repeated option into its own tuple), so images and videos reach the prompt as typed."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+            ctx.meta["media_order"] = [p.name for p in order if p.name in ("images", "videos")]
+        except click.ClickException:
+            pass  # the real parse below reports it
+        return super().parse_args(ctx, args)
+
+
+def _media_in_order(images: tuple[str, ...], videos: tuple[str, ...], fps: float | None,
+                    max_frames: int | None) -> list:
+    from .runtime.video import VideoRef
+    order = click.get_current_context().meta.get("media_order") or \
+        ["images"] * len(images) + ["videos"] * len(videos)
+    its = {"images": iter(images), "videos": iter(VideoRef(v, fps=fps, max_frames=max_frames) for v in videos)}
+    return [next(its[name]) for name in order]
+
+
+@main.command("run", cls=_MediaInOrder)
 @click.argument("src", required=False)
 @click.option("-p", "--prompt", required=True, help="The user message.")
 @click.option("-i", "--image", "images", multiple=True, help="Image path, http(s) URL or data: URI (repeatable).")
+@click.option("--video", "videos", multiple=True,
+              help="Video (mp4/webm/mov/gif) path, http(s) URL or data: URI (repeatable; kept in order with -i).")
+@click.option("--fps", default=None, type=click.FloatRange(min=0, min_open=True, max=240),
+              help="Video frames sampled per second [default: the model's video processor, else 2].")
+@click.option("--max-frames", default=None, type=click.IntRange(min=1),
+              help="Most frames sampled from each video [default: the model's video processor].")
 @click.option("--system", default=None, help="System message.")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=None, type=float,
@@ -139,7 +167,8 @@ def _default_model() -> str:
 @click.option("-v", "--verbose", is_flag=True, help="Print token counts, speeds and peak memory.")
 @kv_flags
 @exit_on_user_error
-def run_cmd(src: str, prompt: str, images: tuple[str, ...], system: str | None, max_tokens: int,
+def run_cmd(src: str, prompt: str, images: tuple[str, ...], videos: tuple[str, ...], fps: float | None,
+            max_frames: int | None, system: str | None, max_tokens: int,
             temperature: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
             repetition_penalty: float | None, generation_config: str, seed: int | None, prompt_lookup: bool,
             ngram: int, draft_model: str | None, num_draft_tokens: int, stops: tuple[str, ...],
@@ -160,7 +189,10 @@ def run_cmd(src: str, prompt: str, images: tuple[str, ...], system: str | None, 
         from .runtime.speculative import PromptLookup
         draft = PromptLookup(ngram=ngram)
     last = None
-    for chunk in model.stream_generate(prompt, images=list(images), system=system, max_tokens=max_tokens,
+    if (fps is not None or max_frames is not None) and not videos:
+        raise VlmcError("--fps and --max-frames apply to videos; give one with --video")
+    media = _media_in_order(images, videos, fps, max_frames)
+    for chunk in model.stream_generate(prompt, images=media, system=system, max_tokens=max_tokens,
                                        stop=list(stops), sampling=params, draft=draft,
                                        num_draft_tokens=num_draft_tokens):
         sys.stdout.write(chunk.text)
@@ -401,7 +433,14 @@ main.add_command(bench_cmd)
                    "cloud metadata addresses stay refused).")
 @click.option("--allow-fetch-network", multiple=True, metavar="CIDR",
               help="Let image URLs reach this network even if private, e.g. 10.0.5.0/24 (repeatable).")
-@click.option("--allowed-local-media-path", default=None, help="Folder whose images requests may name by path.")
+@click.option("--allowed-local-media-path", default=None, help="Folder whose images and videos requests may name "
+                                                                  "by path.")
+@click.option("--max-videos", default=2, show_default=True, type=click.IntRange(min=0), help="Videos per request.")
+@click.option("--max-video-bytes", default=64 * 2**20, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-video-frames", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Frames sampled from one video (more is a 400: ask for a lower fps or max_frames).")
+@click.option("--max-video-duration", default=1800.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds of one video.")
 @click.option("--read-timeout", default=15.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds a client may take to send a request's headers, and may stay silent while sending "
                    "its body.")

@@ -141,6 +141,10 @@ def _runtime_files(ckpt: Checkpoint, fam, meta: dict[str, Any]) -> dict[str, Any
     pre = read_json(ckpt.folder / "preprocessor_config.json", required=False)
     if pre is not None:
         spec = fam.processor_spec(pre, meta)
+        video_cfg = read_json(ckpt.folder / "video_preprocessor_config.json", required=False)
+        video = fam.video_spec(pre if video_cfg is None else video_cfg, meta)
+        if video is not None:
+            spec["video"] = video
     elif meta.get("inputs", {}).get("image_token_id") is None:
         spec = {"kind": "none"}  # a text-only model: nothing to prepare
     else:

@@ -270,8 +270,15 @@ def patchify(x: mx.array, patch: int) -> mx.array:
     return x.reshape(n, (h // patch) * (w // patch), c * patch * patch)
 
 
-def merge_features(embeds: mx.array, ids: mx.array, features: mx.array, token_id: int) -> mx.array:
-    is_image = ids == token_id
+def merge_features(embeds: mx.array, ids: mx.array, features: mx.array, token_id: int | tuple[int, ...]) -> mx.array:
+    """Feature rows in order at the placeholder positions (any of ``token_id`` when several:
+    images and videos share one run of features, in prompt order)."""
+    if isinstance(token_id, (tuple, list)):
+        is_image = ids == token_id[0]
+        for t in token_id[1:]:
+            is_image = mx.logical_or(is_image, ids == t)
+    else:
+        is_image = ids == token_id
     order = mx.maximum(mx.cumsum(is_image.reshape(-1).astype(mx.int32)) - 1, 0)
     gathered = features[order].reshape(embeds.shape).astype(embeds.dtype)
     return mx.where(is_image[..., None], gathered, embeds)

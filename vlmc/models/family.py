@@ -26,8 +26,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import InputError
-from .common.image_processing import ImageProcessor, ProcessedImages
-from .common.processors import make_image_processor
+from .common.image_processing import ImageProcessor, ProcessedImages, concat_processed
+from .common.processors import make_image_processor, make_video_processor
+from .common.video import Sampler, Video
 
 if TYPE_CHECKING:  # the compile half's types, not imported at run time
     from ..frontend.weights import Weights
@@ -51,6 +52,54 @@ class Inputs:
         # a text-only model's spec has kind "none": it takes no images (build_prompt says so)
         self.processor: ImageProcessor | None = \
             None if processor_spec.get("kind") == "none" else make_image_processor(processor_spec)
+        video_spec = self.video_spec(processor_spec)
+        self.video_processor: Any = None if video_spec is None else make_video_processor(video_spec)
+        self.video_token_id: int | None = self.settings.get("video_token_id") if self.video_processor else None
+
+    @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        """The token ids whose positions take vision features (images', then videos')."""
+        return tuple(t for t in (self.image_token_id, self.video_token_id) if t is not None)
+
+    def video_spec(self, processor_spec: dict[str, Any]) -> dict[str, Any] | None:
+        """The artifact's video preprocessing spec (``processor.json``'s ``video``), or None
+        for a model that takes no videos."""
+        return processor_spec.get("video")
+
+    def video_sampler(self, fps: float | None = None, max_frames: int | None = None,
+                      num_frames: int | None = None) -> Sampler:
+        """Which frames of a video to decode, as the family's transformers video processor
+        samples them; None settings take the spec's defaults."""
+        if self.video_processor is None:
+            raise InputError("this model takes no videos")
+        return self.video_processor.sampler(fps=fps, max_frames=max_frames, num_frames=num_frames)
+
+    def preprocess_media(self, media: Sequence[Any]) -> ProcessedImages:
+        """Images (PIL) and videos (``Video``) in prompt order -> one ProcessedImages whose
+        items follow that order (``token_ids`` tells which placeholder each item fills)."""
+        if not any(isinstance(m, Video) for m in media):
+            return self.preprocess(media)
+        if self.video_processor is None:
+            raise InputError("this model takes no videos")
+        parts, run = [], []
+        for m in list(media) + [None]:   # consecutive images are processed together
+            if isinstance(m, Video) or m is None:
+                if run:
+                    parts.append(self.preprocess(run))
+                    run = []
+                if m is not None:
+                    parts.append(self.preprocess_video(m))
+            else:
+                run.append(m)
+        return concat_processed(parts, self.image_token_id)
+
+    def preprocess_video(self, video: Video) -> ProcessedImages:
+        """One decoded video -> its rows, its placeholder token and its timing."""
+        out = self.video_processor.process([video])
+        out.token_ids = [self.video_token_id]
+        out.timing = [{"fps": video.sampled_fps, "timestamps": video.timestamps, "native_fps": video.meta.fps,
+                       "indices": [int(i) for i in video.indices]}]
+        return out
 
     def prompt_text(self, messages: list[dict[str, Any]], tokenizer: Any) -> str | None:
         """The prompt for these (normalised) messages when the family formats prompts
@@ -66,18 +115,24 @@ class Inputs:
 
     def expand(self, ids: list[int], images: ProcessedImages | None) -> list[int]:
         """The rendered prompt's ids with each image placeholder repeated to its token count."""
-        tok = self.image_token_id
-        n_slots = sum(1 for i in ids if i == tok) if tok is not None else 0
+        slots = set(self.placeholder_ids)
+        n_slots = sum(1 for i in ids if i in slots)
         n_images = 0 if images is None else len(images.num_tokens)
         if n_slots != n_images:
+            if len(slots) > 1:
+                raise InputError(f"the prompt has {n_slots} image or video placeholder(s) but {n_images} image(s) "
+                                 "and video(s) were given")
             raise InputError(f"the prompt has {n_slots} image placeholder(s) but {n_images} image(s) were given")
         if not n_images:
             return list(ids)
+        kinds = images.item_token_ids(self.image_token_id)
         out: list[int] = []
         k = 0
         for i in ids:
-            if i == tok:
-                out.extend([tok] * images.num_tokens[k])
+            if i in slots:
+                if i != kinds[k]:
+                    raise InputError(f"item {k + 1} of the prompt's images and videos does not match its placeholder")
+                out.extend([i] * images.num_tokens[k])
                 k += 1
             else:
                 out.append(i)
@@ -101,7 +156,8 @@ class Inputs:
     def merge(self, embeds: mx.array, ids: mx.array, features: mx.array) -> mx.array:
         """Text embeddings [B, L, D] with the image features' rows at the placeholders, in order."""
         from ..kernels.reference import merge_features
-        return merge_features(embeds, ids, features, self.image_token_id)
+        slots = self.placeholder_ids
+        return merge_features(embeds, ids, features, slots if len(slots) > 1 else self.image_token_id)
 
 
 class Family:
@@ -119,6 +175,12 @@ class Family:
 
     def processor_spec(self, preprocessor_config: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover
         raise NotImplementedError
+
+    def video_spec(self, video_config: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any] | None:
+        """The video preprocessing spec stored as ``processor.json``'s ``video``, from the
+        checkpoint's ``video_preprocessor_config.json`` (or, where it has none, its
+        ``preprocessor_config.json``, as transformers falls back); None: takes no videos."""
+        return None
 
     def inputs(self, meta: dict[str, Any], processor_spec: dict[str, Any], tokenizer: Any = None) -> Inputs:
         return Inputs(meta, processor_spec, tokenizer)

@@ -356,7 +356,7 @@ class Batcher:
     def _block_keys(self, job: Job) -> list[str]:
         if job.prefix_keys is None:  # admission checks a job for hits, then prefills it: hash once
             ids = job.prompt.ids
-            spans = image_spans(ids, self.vlm.image_token_id, job.prompt.images)
+            spans = image_spans(ids, self.vlm.placeholder_ids, job.prompt.images)
             job.prefix_keys = block_keys(ids, spans, self.prefix_cache.block_size, salt=self._prefix_salt)
         return job.prefix_keys
 

@@ -30,6 +30,7 @@ _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 _TEXT_PART_TYPES = ("text", "input_text", "output_text")
 _IMAGE_PART_TYPES = ("image", "image_url", "input_image")
+_VIDEO_PART_TYPES = ("video", "video_url", "input_video")
 
 
 # --------------------------------------------------------------------------------- environment
@@ -162,6 +163,28 @@ def _image_ref(part: Mapping[str, Any], where: str, required: bool) -> Any:
     return ref
 
 
+def _video_ref(part: Mapping[str, Any], where: str, required: bool) -> Any:
+    """A video content part -> ``VideoRef`` (its source, and the sampling it asks for:
+    ``fps``, ``max_frames``, ``num_frames`` on the part or inside its ``video_url`` object)."""
+    from .video import VideoRef
+    ref: Any = None
+    settings: dict[str, Any] = {}
+    for key in ("video_url", "video", "input_video", "url", "path", "file_id"):
+        if part.get(key) is not None:
+            ref = part[key]
+            break
+    if isinstance(ref, Mapping):  # {"video_url": {"url": ..., "fps": ...}}
+        settings = {k: ref[k] for k in ("fps", "max_frames", "num_frames") if ref.get(k) is not None}
+        ref = ref.get("url")
+    settings.update({k: part[k] for k in ("fps", "max_frames", "num_frames") if part.get(k) is not None})
+    if required and (ref is None or (isinstance(ref, str) and not ref.strip())):
+        raise InputError(f"{where} ({part.get('type')}) has no video URL or data")
+    try:
+        return VideoRef(ref, **settings)
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+
+
 def normalize_messages(
     messages: Any, *, require_image_refs: bool = True
 ) -> tuple[list[dict[str, Any]], list[Any]]:
@@ -169,7 +192,10 @@ def normalize_messages(
 
     Content may be a string or a list of parts: `text` / `input_text` (kept as
     `{"type": "text", "text": ...}`) and `image` / `image_url` / `input_image` (each becomes
-    `{"type": "image"}`; its URL, path, data URI or object is appended to the returned list).
+    `{"type": "image"}`; its URL, path, data URI or object is appended to the returned list),
+    and `video` / `video_url` / `input_video` (each becomes `{"type": "video"}`; a
+    ``vlmc.runtime.video.VideoRef`` is appended, in the same list, so images and videos keep
+    their order).
     Keys whose value is None are dropped, as transformers does (templates test for presence).
     An image part without any reference is an InputError unless `require_image_refs=False`
     (then None is recorded), which lets already-normalized messages pass through again.
@@ -210,10 +236,14 @@ def normalize_messages(
                         where = f"message {m_index}: content part {p_index}"
                         images.append(_image_ref({**part, "type": kind}, where, require_image_refs))
                         parts.append({"type": "image"})
+                    elif kind in _VIDEO_PART_TYPES:
+                        where = f"message {m_index}: content part {p_index}"
+                        images.append(_video_ref({**part, "type": kind}, where, require_image_refs))
+                        parts.append({"type": "video"})
                     else:
                         raise InputError(
                             f"message {m_index}: unsupported content part type {kind!r} "
-                            f"(supported: {', '.join(_TEXT_PART_TYPES + _IMAGE_PART_TYPES)})"
+                            f"(supported: {', '.join(_TEXT_PART_TYPES + _IMAGE_PART_TYPES + _VIDEO_PART_TYPES)})"
                         )
                 new[key] = parts
             elif key == "content" and not isinstance(value, str):

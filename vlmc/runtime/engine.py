@@ -21,6 +21,7 @@ from .artifact import Artifact
 from .chat import normalize_messages, render_chat
 from .detokenizer import StopStringMatcher, StreamingDetokenizer
 from .images import load_image
+from .video import Video, VideoLimits, VideoRef, load_video
 from .sampling import Sampler, SamplingParams, checkpoint_defaults, resolve_sampling
 from .speculative import Drafter, Speculation, decide, make_drafter
 from .step import Decoder, PromptInputs, Sequences
@@ -75,6 +76,7 @@ class VLM:
         self.sampling_params()  # a bad mode or checkpoint default is an error at load, not mid-request
         self.max_context = int(self.meta["text"]["max_position_embeddings"])
         self.image_token_id = self.inputs.image_token_id
+        self.placeholder_ids = self.inputs.placeholder_ids   # image and video placeholder ids
         self.kv_layers = artifact.kv_layers
         self.kv_plan = self.meta.get("kv_plan", {})
         text = self.meta["text"]
@@ -101,21 +103,26 @@ class VLM:
     def build_prompt(self, prompt: str | None = None, *, images: Sequence[Any] | None = None,
                      messages: list[dict[str, Any]] | None = None, system: str | None = None,
                      image_limits: dict[str, Any] | None = None,
-                     template_vars: dict[str, Any] | None = None, loaded_images: Sequence[Any] | None = None) -> Prompt:
-        """Render the chat template and expand each image placeholder to its token count.
+                     template_vars: dict[str, Any] | None = None, loaded_images: Sequence[Any] | None = None,
+                     videos: Sequence[Any] | None = None, video_limits: VideoLimits | None = None) -> Prompt:
+        """Render the chat template and expand each image/video placeholder to its token count.
 
-        Either ``prompt`` (+ ``images``, placed before the text, + ``system``) or full
-        OpenAI-style ``messages``; images in messages are used in order of appearance, and
-        ``images`` fill image parts that carry no reference. Nothing given is ignored.
+        Either ``prompt`` (+ ``images`` and ``videos``, placed before the text in that order,
+        + ``system``) or full OpenAI-style ``messages``; images and videos in messages are
+        used in order of appearance, and ``images`` / ``videos`` fill parts that carry no
+        reference. ``images`` may hold ``VideoRef``s too, to interleave the two in order.
+        A video is a path, URL, data URI, bytes, a decoded ``Video`` or a ``VideoRef`` (with
+        its fps / max_frames / num_frames). Nothing given is ignored.
         ``template_vars`` (tools, enable_thinking, ...) reach the chat template.
-        ``loaded_images``: when given, the already-decoded PIL images for the references
-        (a server loads them itself, under its own media policy), in the same order.
+        ``loaded_images``: when given, the already-loaded images and decoded videos for the
+        references (a server loads them itself, under its own media policy), in the same order.
         """
-        images = list(images or [])
+        images = list(images or []) + [v if isinstance(v, VideoRef) else VideoRef(v) for v in (videos or [])]
         if messages is None:
             if prompt is None:
                 raise InputError("give a prompt or messages")
-            content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+            content: list[dict[str, Any]] = [{"type": "video" if isinstance(r, VideoRef) else "image"}
+                                             for r in images]
             content.append({"type": "text", "text": prompt})
             messages = ([{"role": "system", "content": system}] if system else []) + \
                 [{"role": "user", "content": content}]
@@ -125,15 +132,29 @@ class VLM:
             if prompt is not None or system is not None:
                 raise InputError("give either messages or prompt/system, not both")
             tmpl_messages, refs = normalize_messages(messages, require_image_refs=False)
-            extra = iter(images)
-            refs = [r if r is not None else next(extra, None) for r in refs]
-            if any(r is None for r in refs):
-                raise InputError("an image part in the messages has no image and no images were left to fill it")
-            leftover = list(extra)
+            extra_images = iter([r for r in images if not isinstance(r, VideoRef)])
+            extra_videos = iter([r for r in images if isinstance(r, VideoRef)])
+            filled = []
+            for r in refs:
+                if isinstance(r, VideoRef) and r.source is None:
+                    given = next(extra_videos, None)
+                    r = None if given is None else VideoRef(given.source, r.fps if r.fps is not None else given.fps,
+                                                            r.max_frames or given.max_frames,
+                                                            r.num_frames or given.num_frames)
+                elif r is None:
+                    r = next(extra_images, None)
+                if r is None:
+                    raise InputError("an image or video part in the messages has no source and none was left to "
+                                     "fill it")
+                filled.append(r)
+            refs = filled
+            leftover = list(extra_images) + list(extra_videos)
             if leftover:
-                raise InputError(f"{len(leftover)} image(s) given that no image part in the messages uses")
+                raise InputError(f"{len(leftover)} image(s) or video(s) given that no part in the messages uses")
         if refs and self.image_token_id is None:
             raise InputError("this model takes no images")
+        if any(isinstance(r, VideoRef) for r in refs) and self.inputs.video_processor is None:
+            raise InputError("this model takes no videos")
         text = self.inputs.prompt_text(tmpl_messages, self.tokenizer)  # a family's own format, if it has one
         if text is None:
             if self.chat_template is None:
@@ -146,10 +167,18 @@ class VLM:
         if loaded_images is not None and len(loaded_images) != len(refs):
             raise ValueError(f"{len(loaded_images)} loaded image(s) for {len(refs)} reference(s)")
         if refs:
-            pil = list(loaded_images) if loaded_images is not None else \
-                [load_image(r, **(image_limits or {})) for r in refs]
-            processed = self.inputs.preprocess(pil)
+            media = list(loaded_images) if loaded_images is not None else \
+                [self.load_video(r, video_limits) if isinstance(r, VideoRef) else load_image(r, **(image_limits or {}))
+                 for r in refs]
+            processed = self.inputs.preprocess_media(media)
         return Prompt(self.inputs.expand(ids, processed), processed, text)
+
+    def load_video(self, ref: VideoRef, limits: VideoLimits | None = None) -> Video:
+        """Decode the frames of ``ref`` this model's video processor samples."""
+        if isinstance(ref.source, Video):
+            return ref.source
+        sampler = self.inputs.video_sampler(ref.fps, ref.max_frames, ref.num_frames)
+        return load_video(ref.source, sampler, limits)
 
     def encode_prompt(self, text: str) -> list[int]:
         """A rendered prompt's ids as transformers' processors make them: with what the
@@ -297,7 +326,7 @@ class VLM:
 
     # ------------------------------------------------------------------ user API
     def stream_generate(self, prompt: str | None = None, *, images: Sequence[Any] | None = None,
-                        messages: list[dict[str, Any]] | None = None, system: str | None = None,
+                        videos: Sequence[Any] | None = None, messages: list[dict[str, Any]] | None = None, system: str | None = None,
                         max_tokens: int = 256, stop: Sequence[str] | None = None,
                         sampling: SamplingParams | None = None, draft: Any = None,
                         num_draft_tokens: int | None = None, **sampling_kw: Any) -> Iterator[StreamChunk]:
@@ -309,7 +338,7 @@ class VLM:
             raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
         params = sampling or self.sampling_params(**sampling_kw)
         speculation = self.speculation_for(draft, num_draft_tokens)
-        p = self.build_prompt(prompt, images=images, messages=messages, system=system)
+        p = self.build_prompt(prompt, images=images, videos=videos, messages=messages, system=system)
         detok = StreamingDetokenizer(self.tokenizer, skip_special_tokens=True)
         stops = StopStringMatcher(stop)
         stats: dict[str, Any] = {}

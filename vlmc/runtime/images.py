@@ -82,7 +82,7 @@ def load_image(
 
     lowered = src[:16].lower()
     if lowered.startswith(("http://", "https://")):
-        data = _download(src, timeout=timeout, max_bytes=max_bytes)
+        data = download(src, timeout=timeout, max_bytes=max_bytes)
         return _decode(data, src, max_pixels)
     if lowered.startswith("data:"):
         return _decode(decode_data_uri(src, max_bytes), _short(src), max_pixels)
@@ -116,40 +116,41 @@ def file_url_path(url: str) -> str:
     return urllib.parse.unquote(parsed.path)
 
 
-def read_image_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+def read_image_file(path: str | os.PathLike, max_bytes: int, what: str = "image") -> bytes:
     """The bytes of a regular file of at most ``max_bytes``. Anything else (a FIFO, a
     device, a folder) is refused without blocking on it: a FIFO without a writer would
-    block ``open`` forever, a device like /dev/zero never ends."""
+    block ``open`` forever, a device like /dev/zero never ends. ``what`` names the media
+    in messages ("image", "video")."""
     desc = _short(str(path), 120)
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags)
     except ValueError:  # a NUL byte in the path
-        raise InputError(f"image path {desc!r} is not a valid path") from None
+        raise InputError(f"{what} path {desc!r} is not a valid path") from None
     except OSError as exc:
         if exc.errno == errno.ENOENT:
-            raise InputError(f"image file not found: {desc}") from None
+            raise InputError(f"{what} file not found: {desc}") from None
         if exc.errno == errno.ENAMETOOLONG:
-            raise InputError(f"image path {desc} is too long") from None
-        raise InputError(f"cannot read image file {desc}: {exc.strerror or exc}") from None
+            raise InputError(f"{what} path {desc} is too long") from None
+        raise InputError(f"cannot read {what} file {desc}: {exc.strerror or exc}") from None
     try:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
-            raise InputError(f"image path is a directory, not a file: {desc}")
+            raise InputError(f"{what} path is a directory, not a file: {desc}")
         if not stat.S_ISREG(info.st_mode):
-            raise InputError(f"image path {desc} is not a regular file")
+            raise InputError(f"{what} path {desc} is not a regular file")
         if info.st_size > max_bytes:
-            raise InputError(f"image file {desc} is {info.st_size} bytes, over the limit of {max_bytes}")
+            raise InputError(f"{what} file {desc} is {info.st_size} bytes, over the limit of {max_bytes}")
         with os.fdopen(fd, "rb", closefd=True) as fh:
             fd = -1
             data = fh.read(max_bytes + 1)
     except OSError as exc:
-        raise InputError(f"cannot read image file {desc}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot read {what} file {desc}: {exc.strerror or exc}") from None
     finally:
         if fd >= 0:
             os.close(fd)
     if len(data) > max_bytes:  # it grew while being read
-        raise InputError(f"image file {desc} is over the limit of {max_bytes} bytes")
+        raise InputError(f"{what} file {desc} is over the limit of {max_bytes} bytes")
     return data
 
 
@@ -157,7 +158,7 @@ def _load_path(path: Path, max_pixels: int, max_bytes: int) -> Image.Image:
     return _decode(read_image_file(path, max_bytes), str(path), max_pixels)
 
 
-def decode_data_uri(uri: str, max_bytes: int) -> bytes:
+def decode_data_uri(uri: str, max_bytes: int, what: str = "image") -> bytes:
     header, sep, payload = uri.partition(",")
     if not sep:
         raise InputError(f"malformed data URI (no ',' after the header): {_short(uri)}")
@@ -165,8 +166,8 @@ def decode_data_uri(uri: str, max_bytes: int) -> bytes:
     if "base64" not in (p.strip().lower() for p in params[1:]):
         raise InputError(f"data URI is not base64-encoded (expected ';base64,'): {_short(uri)}")
     mime = params[0].strip().lower()
-    if mime and not mime.startswith("image/"):
-        raise InputError(f"data URI media type {mime!r} is not an image type")
+    if mime and not mime.startswith(f"{what}/") and not (what == "video" and mime == "image/gif"):
+        raise InputError(f"data URI media type {mime!r} is not a{'n' if what[0] in 'aeiou' else ''} {what} type")
     payload = "".join(payload.split())  # line-wrapped base64 is common
     if len(payload) * 3 // 4 > max_bytes:
         raise InputError(f"data URI payload is over the limit of {max_bytes} bytes")
@@ -176,9 +177,9 @@ def decode_data_uri(uri: str, max_bytes: int) -> bytes:
         raise InputError(f"data URI has invalid base64 payload: {exc}") from None
 
 
-def _download(url: str, *, timeout: float, max_bytes: int) -> bytes:
+def download(url: str, *, timeout: float, max_bytes: int, what: str = "image") -> bytes:
     """GET `url` with a per-operation timeout, an overall deadline and a byte cap."""
-    request = urllib.request.Request(url, headers={"User-Agent": "vlmc", "Accept": "image/*"})
+    request = urllib.request.Request(url, headers={"User-Agent": "vlmc", "Accept": f"{what}/*"})
     # A fresh opener per call so proxy environment variables are read now, not at import.
     opener = urllib.request.build_opener()
     deadline = time.monotonic() + timeout
@@ -187,31 +188,31 @@ def _download(url: str, *, timeout: float, max_bytes: int) -> bytes:
             length = resp.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > max_bytes:
                 raise InputError(
-                    f"cannot fetch image {url}: Content-Length {length} is over the limit of {max_bytes} bytes"
+                    f"cannot fetch {what} {url}: Content-Length {length} is over the limit of {max_bytes} bytes"
                 )
             chunks: list[bytes] = []
             total = 0
             while True:
                 if time.monotonic() > deadline:
-                    raise InputError(f"cannot fetch image {url}: timed out after {timeout:g} s")
+                    raise InputError(f"cannot fetch {what} {url}: timed out after {timeout:g} s")
                 chunk = resp.read1(_CHUNK)  # whatever has arrived, so the deadline is checked often
                 if not chunk:
                     break
                 total += len(chunk)
                 if total > max_bytes:
-                    raise InputError(f"cannot fetch image {url}: response is over the limit of {max_bytes} bytes")
+                    raise InputError(f"cannot fetch {what} {url}: response is over the limit of {max_bytes} bytes")
                 chunks.append(chunk)
             return b"".join(chunks)
     except InputError:
         raise
     except urllib.error.HTTPError as exc:
-        raise InputError(f"cannot fetch image {url}: HTTP {exc.code} {exc.reason}") from None
+        raise InputError(f"cannot fetch {what} {url}: HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
-        raise InputError(f"cannot fetch image {url}: {_reason(exc.reason, timeout)}") from None
+        raise InputError(f"cannot fetch {what} {url}: {_reason(exc.reason, timeout)}") from None
     except (TimeoutError, socket.timeout):
-        raise InputError(f"cannot fetch image {url}: timed out after {timeout:g} s") from None
+        raise InputError(f"cannot fetch {what} {url}: timed out after {timeout:g} s") from None
     except (OSError, ValueError) as exc:  # connection reset, malformed URL, bad status line...
-        raise InputError(f"cannot fetch image {url}: {_reason(exc, timeout)}") from None
+        raise InputError(f"cannot fetch {what} {url}: {_reason(exc, timeout)}") from None
 
 
 def _reason(reason: object, timeout: float) -> str:

@@ -32,12 +32,13 @@ import numpy as np
 from .vision_cache import image_keys
 
 
-def image_spans(ids: list[int], image_token: int | None, images: Any) -> list[tuple[int, int, str]]:
-    """(start, end, content key) of each image's placeholder run, in prompt order."""
-    if images is None or image_token is None:
+def image_spans(ids: list[int], image_token: int | tuple[int, ...] | None, images: Any) -> list[tuple[int, int, str]]:
+    """(start, end, content key) of each image's (or video's) placeholder run, in prompt order;
+    ``image_token``: the placeholder id, or all of them (images and videos)."""
+    if images is None or image_token is None or (isinstance(image_token, tuple) and not image_token):
         return []
     arr = np.asarray(ids)
-    where = np.flatnonzero(arr == image_token)
+    where = np.flatnonzero(np.isin(arr, np.asarray(image_token)))
     spans, at = [], 0
     for key, n in zip(image_keys(images), images.num_tokens):
         start = int(where[at])

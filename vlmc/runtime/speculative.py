@@ -230,7 +230,7 @@ class DraftModel(Drafter):
     def __init__(self, draft: Any, target: Any):
         check_tokenizers(draft, target)
         self.vlm = draft
-        self.skip = {t for t in (target.image_token_id, draft.image_token_id) if t is not None}
+        self.skip = {t for m in (target, draft) for t in m.placeholder_ids}
 
     @dataclass
     class _State:

@@ -1,8 +1,9 @@
 """Vision features reused across requests: an LRU keyed by image *content*.
 
 The key is a hash of the preprocessed pixels and their patch grid (what the vision tower
-actually reads), never a path or URL, so a changed file behind the same name is a miss and
-the same picture sent twice (as a URL, then as a data URI) is a hit. Each image is encoded
+actually reads; for a video also its sampled frame rate, which some families' positions
+depend on and the prefix cache keys on), never a path or URL, so a changed file behind the
+same name is a miss and the same picture sent twice (as a URL, then as a data URI) is a hit. Each image is encoded
 and stored on its own; the Qwen-VL tower attends within one image only, and a fixed-size
 (CLIP) tower encodes each image independently, so per-image encoding computes the same
 features as encoding the images together.
@@ -23,14 +24,18 @@ from ..models.common.image_processing import ProcessedImages
 def split_images(processed: ProcessedImages) -> list[ProcessedImages]:
     """One ProcessedImages per image, in order."""
     n = len(processed.num_tokens)
+
+    def item(i: int) -> dict:
+        return dict(token_ids=None if processed.token_ids is None else processed.token_ids[i:i + 1],
+                    timing=None if processed.timing is None else processed.timing[i:i + 1])
     if processed.grid_thw is None:
         return [ProcessedImages(processed.pixel_values[i:i + 1], None, [processed.num_tokens[i]],
-                                processed.image_sizes[i:i + 1]) for i in range(n)]
+                                processed.image_sizes[i:i + 1], **item(i)) for i in range(n)]
     out, lo = [], 0
     for i in range(n):
         hi = lo + int(np.prod(processed.grid_thw[i]))
         out.append(ProcessedImages(processed.pixel_values[lo:hi], processed.grid_thw[i:i + 1],
-                                   [processed.num_tokens[i]], processed.image_sizes[i:i + 1]))
+                                   [processed.num_tokens[i]], processed.image_sizes[i:i + 1], **item(i)))
         lo = hi
     return out
 
@@ -42,6 +47,9 @@ def content_key(image: ProcessedImages) -> str:
     h.update(pixels.data)
     if image.grid_thw is not None:
         h.update(np.ascontiguousarray(image.grid_thw, dtype=np.int64).data)
+    timing = image.item_timing()[0] if len(image.num_tokens) == 1 else None
+    if timing is not None:  # a video: its sampled rate can set positions (prefix-cache blocks follow this key)
+        h.update(f"video:{timing['fps']!r}".encode())
     return h.hexdigest()
 
 

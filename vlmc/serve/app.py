@@ -163,7 +163,8 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
             if loaded:
                 vlm = resident.vlm
                 entry["context_length"] = vlm.max_context
-                entry["input_modalities"] = ["text", "image"] if vlm.image_token_id is not None else ["text"]
+                entry["input_modalities"] = ["text"] + (["image"] if vlm.image_token_id is not None else []) + \
+                    (["video"] if vlm.inputs.video_processor is not None else [])
             else:
                 entry.update(_describe(models.sources[mid]))
             data.append(entry)
@@ -200,7 +201,9 @@ def create_app(models: Models, settings: Settings | None = None, *, api_key: str
         try:
             if chat:
                 draft = await run_in_threadpool(draft_chat, resident, req, settings)
-                images = await media.load(draft.refs) if draft.refs else []
+                vlm_inputs = resident.vlm.inputs
+                images = await media.load(draft.refs, video_sampler=vlm_inputs.video_sampler
+                                           if vlm_inputs.video_processor is not None else None) if draft.refs else []
                 async with media.slot() if images else contextlib.nullcontext():  # preprocessing is image work too
                     plan = await run_in_threadpool(plan_chat, resident, req, settings, draft, images)
             else:

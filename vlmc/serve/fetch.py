@@ -92,23 +92,27 @@ class Fetcher:
         if self._client is not None:
             await self._client.aclose()
 
-    async def get(self, url: str) -> bytes:
-        """The body of ``url``, or FetchFailed (logged here with the request id)."""
+    async def get(self, url: str, *, max_bytes: int | None = None, what: str = "image",
+                  timeout: float | None = None) -> bytes:
+        """The body of ``url``, or FetchFailed (logged here with the request id).
+        ``max_bytes``/``timeout`` override the policy's (videos are larger than images)."""
         self.in_flight += 1
+        cap = self.policy.max_bytes if max_bytes is None else max_bytes
+        timeout = self.policy.timeout if timeout is None else timeout
         try:
-            return await asyncio.wait_for(self._follow(url), self.policy.timeout)
+            return await asyncio.wait_for(self._follow(url, cap, what), timeout)
         except asyncio.TimeoutError:
-            reason = f"timed out after {self.policy.timeout:g} s"
+            reason = f"timed out after {timeout:g} s"
         except FetchFailed as e:
             reason = str(e)
         except Exception as e:  # noqa: BLE001 - whatever a remote host makes go wrong is its failure, not ours
             reason = f"{type(e).__name__}: {e}"
         finally:
             self.in_flight -= 1
-        log.warning("%s image fetch failed: %s: %s", request_id.get(), _shown(url), reason)
+        log.warning("%s %s fetch failed: %s: %s", request_id.get(), what, _shown(url), reason)
         raise FetchFailed(reason)
 
-    async def _follow(self, url: str) -> bytes:
+    async def _follow(self, url: str, max_bytes: int, what: str) -> bytes:
         for _ in range(self.policy.max_redirects + 1):
             target = httpx2.URL(url)
             if target.scheme not in ("http", "https"):
@@ -120,7 +124,7 @@ class Fetcher:
             addresses = await self._resolve(host, port)
             for i, address in enumerate(addresses):  # the next one only if this one cannot be reached
                 try:
-                    got = await self._hop(target, host, address)
+                    got = await self._hop(target, host, address, max_bytes, what)
                     break
                 except httpx2.ConnectError:
                     if i == len(addresses) - 1:
@@ -130,11 +134,11 @@ class Fetcher:
             url = got
         raise FetchFailed(f"more than {self.policy.max_redirects} redirects")
 
-    async def _hop(self, target: httpx2.URL, host: str, address: str) -> bytes | str:
+    async def _hop(self, target: httpx2.URL, host: str, address: str, max_bytes: int, what: str) -> bytes | str:
         """GET ``target`` from ``address``: its body, or the URL it redirects to."""
         pinned = target.copy_with(host=address)
         headers = {"Host": target.netloc.decode("ascii"), "User-Agent": "vlmc",
-                   "Accept": "image/*", "Accept-Encoding": "identity"}
+                   "Accept": f"{what}/*", "Accept-Encoding": "identity"}
         extensions: dict[str, Any] = {}
         if target.scheme == "https" and not _is_literal(host):
             extensions["sni_hostname"] = host  # TLS checks the certificate against the name, not the address
@@ -149,13 +153,13 @@ class Fetcher:
             if resp.headers.get("content-encoding", "identity").lower() != "identity":
                 raise FetchFailed(f"a compressed response ({resp.headers['content-encoding']})")
             length = resp.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > self.policy.max_bytes:
-                raise FetchFailed(f"Content-Length {length} is over --max-image-bytes ({self.policy.max_bytes})")
+            if length is not None and length.isdigit() and int(length) > max_bytes:
+                raise FetchFailed(f"Content-Length {length} is over --max-{what}-bytes ({max_bytes})")
             chunks, total = [], 0
             async for chunk in resp.aiter_raw():
                 total += len(chunk)
-                if total > self.policy.max_bytes:
-                    raise FetchFailed(f"the response is over --max-image-bytes ({self.policy.max_bytes})")
+                if total > max_bytes:
+                    raise FetchFailed(f"the response is over --max-{what}-bytes ({max_bytes})")
                 chunks.append(chunk)
             return b"".join(chunks)
 

@@ -259,7 +259,7 @@ def plan_completion(resident: Resident, req: CompletionRequest, settings: Settin
         if not ids or any(not isinstance(i, int) or not 0 <= i < vocab for i in ids):
             raise InputError(f"a token-id prompt must be a non-empty list of ids in [0, {vocab})")
         text = vlm.tokenizer.decode(ids)
-    if vlm.image_token_id is not None and vlm.image_token_id in ids:
+    if any(t in ids for t in vlm.placeholder_ids):
         raise InputError("the prompt contains image placeholder tokens; send images through /v1/chat/completions")
     prompt = Prompt(ids, None, text)
     check_prompt(prompt, resident, settings)

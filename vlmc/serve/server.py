@@ -29,13 +29,17 @@ def serve(sources: list[str], *, kv: dict[str, Any], host: str, port: int, lazy:
           prefix_cache_disk_bytes: int, top_logprobs_k: int,
           enable_thinking: bool | None,
           thinking_budget: int | None, thinking_start_token: str, thinking_end_token: str, dtype: str,
-          generation_config: str = "auto", draft: str | None = None, num_draft_tokens: int = 4) -> None:
+          generation_config: str = "auto", draft: str | None = None, num_draft_tokens: int = 4,
+          max_videos: int = 2, max_video_bytes: int = 64 * 2**20, max_video_frames: int = 256,
+          max_video_duration: float = 1800.0) -> None:
     import uvicorn
     sock = _bind(host, port)  # before the model loads: a busy port is one error line, at once
     media = MediaLimits(max_images=max_images, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
                         max_request_pixels=max_request_pixels, fetch_timeout=fetch_timeout,
                         allowed_local_dir=media_root(allowed_local_media_path),
-                        allow_private_fetch=allow_private_fetch, allowed_fetch_networks=_networks(allow_fetch_network))
+                        allow_private_fetch=allow_private_fetch, allowed_fetch_networks=_networks(allow_fetch_network),
+                        max_videos=max_videos, max_video_bytes=max_video_bytes, max_video_frames=max_video_frames,
+                        max_video_duration=max_video_duration)
     _log_to_stderr()
     settings = Settings(default_max_tokens=default_max_tokens, top_logprobs_k=top_logprobs_k,
                         max_prompt_tokens=max_prompt_tokens, enable_thinking=enable_thinking,

@@ -8,7 +8,9 @@ memory speed.
 
 Per (sequence, KV head) the queries of every head sharing that KV head are stacked, so
 grouped-query attention is one GEMM ``[group * L, D] @ [D, S]`` per block of query rows;
-blocks bound the score matrix to ``SCORE_BLOCK_ELEMS`` floats. Semantics are those of
+blocks bound the score matrix to ``SCORE_BLOCK_ELEMS`` floats, and each block reads only the
+keys its rows attend to (per-image and per-frame masks: a video's frames cost their own
+blocks, not the whole clip squared). Semantics are those of
 ``mx.fast.scaled_dot_product_attention`` with a boolean mask (True = attend) or none.
 """
 from __future__ import annotations
@@ -43,21 +45,52 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
     group = H // Hk
     Dv = vn.shape[-1]
     out = np.empty((B, H, L, Dv), np.float32)
-    rows = max(1, SCORE_BLOCK_ELEMS // max(1, group * S))
     for b in range(B):
         keep = None if mn is None else np.broadcast_to(mn[b if mn.shape[0] > 1 else 0, 0], (L, S))
-        for r0 in range(0, L, rows):
-            r1 = min(L, r0 + rows)
-            block_keep = None if keep is None else np.ascontiguousarray(keep[r0:r1])
+        for r0, r1, k0, k1 in _blocks(keep, L, S, group):
+            if k0 >= k1:  # these query rows see no key (left padding): zeros
+                out[b, :, r0:r1] = 0
+                continue
+            block_keep = None if keep is None else keep[r0:r1, k0:k1]
+            if block_keep is not None:
+                block_keep = None if block_keep.all() else np.ascontiguousarray(block_keep)
             for h in range(Hk):
                 heads = slice(h * group, (h + 1) * group)
-                s = qn[b, heads, r0:r1].reshape(-1, D) @ kn[b, h].T  # [group * rows, S]
+                s = qn[b, heads, r0:r1].reshape(-1, D) @ kn[b, h, k0:k1].T  # [group * rows, keys]
                 _masked_softmax(s, scale, block_keep)
-                out[b, heads, r0:r1] = (s @ vn[b, h]).reshape(group, r1 - r0, Dv)
+                out[b, heads, r0:r1] = (s @ vn[b, h, k0:k1]).reshape(group, r1 - r0, Dv)
     if host and out_dtype == mx.float32:
         return out
     y = mx.array(out)
     return y if out_dtype == mx.float32 else y.astype(out_dtype)
+
+
+def _blocks(keep: np.ndarray | None, L: int, S: int, group: int) -> list[tuple[int, int, int, int]]:
+    """(row start, row end, key start, key end) blocks covering the query rows: each block's
+    keys are the span its rows attend to (a block-diagonal mask, one block per image or video
+    frame, then costs its blocks, not L x S), and its score matrix fits SCORE_BLOCK_ELEMS.
+    Rows are grouped by the key span they attend to where such groups are long (masks made of
+    segments), else in fixed runs."""
+    if keep is None:
+        rows = max(1, SCORE_BLOCK_ELEMS // max(1, group * S))
+        return [(r0, min(L, r0 + rows), 0, S) for r0 in range(0, L, rows)]
+    any_key = keep.any(axis=1)
+    first = np.where(any_key, keep.argmax(axis=1), S)
+    last = np.where(any_key, S - keep[:, ::-1].argmax(axis=1), 0)  # exclusive
+    change = np.flatnonzero((first[1:] != first[:-1]) | (last[1:] != last[:-1])) + 1
+    if len(change) + 1 <= max(1, L // 16):
+        groups = list(zip([0, *change.tolist()], [*change.tolist(), L]))
+    else:
+        groups = [(0, L)]
+    out = []
+    for g0, g1 in groups:
+        span = max(1, int(last[g0:g1].max()) - int(first[g0:g1].min()))
+        rows = max(1, SCORE_BLOCK_ELEMS // max(1, group * span))
+        for r0 in range(g0, g1, rows):
+            r1 = min(g1, r0 + rows)
+            k0, k1 = int(first[r0:r1].min()), int(last[r0:r1].max())
+            out.append((r0, r1, k0, max(k0, k1)))
+    return out
 
 
 def _masked_softmax(s: np.ndarray, scale: float, keep: np.ndarray | None) -> None:

@@ -92,6 +92,10 @@ class ProcessedImages:
     image_sizes: (height, width) of each image as given, before resizing.
     content_keys: per-image content hashes, filled on first use by
         ``vision_cache.image_keys`` (the vision and prefix caches both key on them).
+    token_ids: each item's placeholder token id when the items mix images and videos (a
+        video is one item whose rows are its frames); None: every item is an image.
+    timing: per item, None for an image; for a video its sampling ({"fps": the sampled
+        frames' rate, "timestamps": seconds of each sampled frame}).
     """
 
     pixel_values: np.ndarray
@@ -99,6 +103,32 @@ class ProcessedImages:
     num_tokens: list[int]
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     content_keys: list[str] | None = field(default=None, repr=False, compare=False)
+    token_ids: list[int] | None = None
+    timing: list[dict[str, Any] | None] | None = None
+
+    def item_token_ids(self, image_token_id: int | None) -> list[int | None]:
+        """The placeholder token of every item, in order."""
+        return list(self.token_ids) if self.token_ids is not None else [image_token_id] * len(self.num_tokens)
+
+    def item_timing(self) -> list[dict[str, Any] | None]:
+        return list(self.timing) if self.timing is not None else [None] * len(self.num_tokens)
+
+
+def concat_processed(parts: Sequence[ProcessedImages], image_token_id: int | None) -> ProcessedImages:
+    """Items of several ProcessedImages, in order, as one (rows concatenated)."""
+    if len(parts) == 1:
+        return parts[0]
+    grids = [p.grid_thw for p in parts]
+    if any(g is None for g in grids) and not all(g is None for g in grids):
+        raise InputError("images and videos of this model cannot be mixed in one prompt")
+    return ProcessedImages(
+        pixel_values=np.concatenate([p.pixel_values for p in parts]),
+        grid_thw=None if grids[0] is None else np.concatenate(grids),
+        num_tokens=[n for p in parts for n in p.num_tokens],
+        image_sizes=[s for p in parts for s in p.image_sizes],
+        token_ids=[t for p in parts for t in p.item_token_ids(image_token_id)],
+        timing=[t for p in parts for t in p.item_timing()],
+    )
 
 
 class ImageProcessor:

@@ -67,3 +67,14 @@ def make_image_processor(spec: dict) -> ImageProcessor:
     """Build the processor a spec describes. Raises ArtifactError for an invalid spec."""
     validate(spec)
     return KINDS[spec["kind"]](spec)
+
+
+def make_video_processor(spec: dict) -> Any:
+    """The video processor a ``processor.json`` ``video`` spec describes."""
+    from .qwen_vl_video import Qwen3VideoProcessor, QwenVideoProcessor
+    from .smolvlm_video import SmolVLMVideoProcessor
+    kinds = {"qwen2_vl": QwenVideoProcessor, "qwen3_vl": Qwen3VideoProcessor, "smolvlm": SmolVLMVideoProcessor}
+    if not isinstance(spec, dict) or spec.get("kind") not in kinds:
+        kind = spec.get("kind") if isinstance(spec, dict) else spec
+        raise ArtifactError(f"video processor spec has unknown kind {kind!r}; expected one of {', '.join(kinds)}")
+    return kinds[spec["kind"]](spec)

@@ -23,6 +23,13 @@ class Idefics3(Family):
         from .importer import processor_spec
         return processor_spec(preprocessor_config, meta)
 
+    def video_spec(self, video_config: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any] | None:
+        """SmolVLM2 (``smolvlm``) reads videos; Idefics3's processor takes none."""
+        if meta.get("model_type") != "smolvlm":
+            return None
+        from ..common.smolvlm_video import video_spec_from_config
+        return video_spec_from_config(video_config, meta["inputs"]["tile_tokens"])
+
     def inputs(self, meta: dict[str, Any], processor_spec: dict[str, Any], tokenizer: Any = None):
         from .inputs import Idefics3Inputs
         return Idefics3Inputs(meta, processor_spec, tokenizer)

@@ -9,17 +9,27 @@ replace it in the *text* with, for an image cut into R x C tiles,
 without its leading newline), and then tokenize; the newlines may merge with each other
 or with the text around them. The expansion therefore re-tokenizes the prompt's text
 with the sequences in place, with the artifact's tokenizer.
+
+SmolVLM2 videos: the template writes ``<video>`` (plain text); SmolVLMProcessor replaces it
+with an introduction, then per sampled frame its time and the frame as a one-tile image
+(``common.smolvlm_video``). A video is one item whose rows are its frames.
 """
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from ...errors import InputError
+from ..common.idefics3_processor import TiledImages
 from ..common.image_processing import ProcessedImages
+from ..common.smolvlm_video import video_prompt
+from ..common.video import Video
 from ..family import Inputs
+
+VIDEO_TEXT = "<video>"
 
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
 GLOBAL_IMAGE_TOKEN = "<global-img>"
@@ -68,7 +78,32 @@ class Idefics3Inputs(Inputs):
         s = self.settings
         self.position_ids = bucket_positions(s["tile_size"] // s["patch_size"], s["position_grid"])
 
+    def preprocess_media(self, media: Sequence[Any]) -> ProcessedImages:
+        """Images as tiles, videos as one tile per frame, in order."""
+        if not any(isinstance(m, Video) for m in media):
+            return self.preprocess(media)
+        if self.video_processor is None:
+            raise InputError("this model takes no videos")
+        parts: list[TiledImages] = []
+        tile_tokens = int(self.settings["tile_tokens"])
+        for m in media:
+            if not isinstance(m, Video):
+                parts.append(self.preprocess([m]))
+                continue
+            pixels = self.video_processor.frames(m)
+            n = pixels.shape[0]
+            parts.append(TiledImages(pixels, np.array([[n, 1, 1]], dtype=np.int64), [n * tile_tokens],
+                                     [m.frames.shape[1:3]], grids=[(0, 0)], timing=[{
+                                         "fps": m.sampled_fps, "timestamps": m.timestamps, "native_fps": m.meta.fps,
+                                         "indices": [int(i) for i in m.indices], "duration": m.meta.duration}]))
+        return TiledImages(np.concatenate([p.pixel_values for p in parts]), np.concatenate([p.grid_thw for p in parts]),
+                           [n for p in parts for n in p.num_tokens], [s for p in parts for s in p.image_sizes],
+                           timing=[t for p in parts for t in p.item_timing()],
+                           grids=[g for p in parts for g in p.grids])
+
     def expand(self, ids: list[int], images: ProcessedImages | None) -> list[int]:
+        if images is not None and any(t is not None for t in images.item_timing()):
+            return self._expand_with_videos(ids, images)
         tok_id = self.image_token_id
         n_slots = sum(1 for i in ids if i == tok_id) if tok_id is not None else 0
         n_images = 0 if images is None else len(images.num_tokens)
@@ -90,6 +125,31 @@ class Idefics3Inputs(Inputs):
             out += image_sequence(rows, cols, per_tile, image) + piece
         expanded = tok.encode(out, add_special_tokens=False)
         if sum(1 for t in expanded if t == tok_id) != sum(images.num_tokens):
+            raise InputError(f"the prompt's text holds {image!r} itself; images go in image parts")
+        return expanded
+
+    def _expand_with_videos(self, ids: list[int], images: TiledImages) -> list[int]:
+        tok = self.tokenizer
+        if tok is None:
+            raise RuntimeError("Idefics3 prompts are expanded with the artifact's tokenizer; none was given")
+        image = tok.id_to_token(self.image_token_id)
+        per_tile = int(self.settings["tile_tokens"])
+        pieces = re.split(f"({re.escape(image)}|{re.escape(VIDEO_TEXT)})", tok.decode(ids, skip_special_tokens=False))
+        markers, timing = pieces[1::2], images.item_timing()
+        want = [VIDEO_TEXT if t is not None else image for t in timing]
+        if markers != want:
+            raise InputError(f"the prompt's image/video placeholders ({', '.join(markers) or 'none'}) do not match "
+                             f"the images and videos given ({', '.join(want)})")
+        frame = image_sequence(0, 0, per_tile, image)
+        out = pieces[0]
+        for k, (t, (rows, cols)) in enumerate(zip(timing, images.grids)):
+            if t is None:
+                out += image_sequence(rows, cols, per_tile, image)
+            else:
+                out += video_prompt([i / t["native_fps"] for i in t["indices"]], t["duration"], frame)
+            out += pieces[2 * k + 2]
+        expanded = tok.encode(out, add_special_tokens=False)
+        if sum(1 for t in expanded if t == self.image_token_id) != sum(images.num_tokens):
             raise InputError(f"the prompt's text holds {image!r} itself; images go in image parts")
         return expanded
 

@@ -19,6 +19,10 @@ class Qwen2VL(Family):
         from ..common.processors import spec_from_preprocessor_config
         return spec_from_preprocessor_config(preprocessor_config, "qwen2_vl")
 
+    def video_spec(self, video_config: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any] | None:
+        from ..common.qwen_vl_video import video_spec_from_config
+        return video_spec_from_config(video_config) if meta["inputs"].get("video_token_id") is not None else None
+
     def inputs(self, meta: dict[str, Any], processor_spec: dict[str, Any], tokenizer: Any = None):
         from .inputs import QwenInputs
         return QwenInputs(meta, processor_spec, tokenizer)

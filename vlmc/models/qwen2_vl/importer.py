@@ -130,4 +130,6 @@ def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
         "windowed": is_25, "patch_size": patch, "temporal_patch_size": tps, "merge_size": merge,
         "window_size": int(vc.get("window_size", 0)), "fullatt_block_indexes": full_layers, "channels": chans,
     }
+    if is_25:  # M-RoPE temporal positions of videos advance this many per second
+        prog.meta["inputs"]["tokens_per_second"] = int(vision_field(vc, "tokens_per_second", default=4))
     return finish(prog, w, tc)

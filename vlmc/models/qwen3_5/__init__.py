@@ -22,8 +22,8 @@ class Qwen35(Family):
         return processor_spec(preprocessor_config, meta)
 
     def inputs(self, meta: dict[str, Any], processor_spec: dict[str, Any], tokenizer: Any = None):
-        from ..qwen3_vl.inputs import Qwen3VLInputs
-        return Qwen3VLInputs(meta, processor_spec, tokenizer)
+        from ..qwen3_vl.inputs import Qwen3VLImageInputs  # (no video yet)
+        return Qwen3VLImageInputs(meta, processor_spec, tokenizer)
 
 
 FAMILY = Qwen35()

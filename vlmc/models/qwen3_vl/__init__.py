@@ -21,6 +21,11 @@ class Qwen3VL(Family):
         from .importer import processor_spec
         return processor_spec(preprocessor_config, meta)
 
+    def video_spec(self, video_config: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any] | None:
+        from ..common.qwen_vl_video import video_spec_from_config
+        return video_spec_from_config(video_config, "qwen3_vl") if meta["inputs"].get("video_token_id") is not None \
+            else None
+
     def inputs(self, meta: dict[str, Any], processor_spec: dict[str, Any], tokenizer: Any = None):
         from .inputs import Qwen3VLInputs
         return Qwen3VLInputs(meta, processor_spec, tokenizer)

@@ -61,6 +61,7 @@ def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
         "image_token_id": _token(raw, "image_token_id"),
         "video_token_id": _token(raw, "video_token_id"),
         "vision_start_token_id": _token(raw, "vision_start_token_id"),
+        "vision_end_token_id": _token(raw, "vision_end_token_id"),
         **vision,
     }
     return finish(prog, w, tc)
