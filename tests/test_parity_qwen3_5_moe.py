@@ -23,9 +23,10 @@ pytest.importorskip("transformers")
 import mlx.core as mx  # noqa: E402
 
 import vlmc  # noqa: E402
+from fixtures import checkpoints as ck  # noqa: E402
 from fixtures import qwen3_5 as q35  # noqa: E402
 from fixtures import qwen3_5_moe as qm  # noqa: E402
-from test_parity import GREEDY_STEPS, LOGIT_ATOL, MIN_MARGIN, check_inputs, check_outputs, run_vlmc  # noqa: E402
+from test_parity import GREEDY_STEPS, LOGIT_ATOL, check_inputs, check_outputs, run_vlmc  # noqa: E402
 from test_parity_qwen3_5 import _case, build_prompt  # noqa: E402
 from vlmc.compiler import compile as vlmc_compile  # noqa: E402
 
@@ -188,14 +189,14 @@ def test_moe_shape_rules():
 # ------------------------------------------------------------------------------ routing
 
 
-def _record_routes(monkeypatch, ops_module):
-    """Every moe_route call's experts, in call order."""
+def _record_routes(monkeypatch, ops_module):  # (a MonkeyPatch or one of its contexts)
+    """Every moe_route call's (router logits, experts), in call order."""
     seen = []
     original = ops_module.moe_route
 
-    def recording(*a, **kw):
-        w, e = original(*a, **kw)
-        seen.append(np.asarray(e))
+    def recording(logits, **kw):
+        w, e = original(logits, **kw)
+        seen.append((np.asarray(logits), np.asarray(e)))
         return w, e
     monkeypatch.setattr(ops_module, "moe_route", recording)
     return seen
@@ -204,8 +205,9 @@ def _record_routes(monkeypatch, ops_module):
 @pytest.mark.parametrize("case", ["text", "one_image"])
 def test_routing_matches_transformers_router(store, monkeypatch, case):
     """For every prompt token (image tokens included) and every layer, the experts vlmc's
-    prefill routes to are the ones transformers' router picks; the fixture's top-k choice
-    is clear of near-ties (a precondition, checked on the router logits)."""
+    prefill routes to are the ones transformers' router picks, its router logits within
+    1e-4 of transformers'; the fixture's top-k choice is clear of near-ties (a
+    precondition: margins above 10x the router logits' measured difference)."""
     from vlmc.kernels import cpu_ops
     from vlmc.runtime.step import Sequences
 
@@ -220,9 +222,9 @@ def test_routing_matches_transformers_router(store, monkeypatch, case):
     for r in routers:
         def hook(mod, args, out):
             logits = torch.nn.functional.linear(args[0].reshape(-1, mod.weight.shape[1]), mod.weight)
-            logits = logits.sort(-1, descending=True).values
-            margins.append(float((logits[:, qm.TOP_K - 1] - logits[:, qm.TOP_K]).min()))
-            want.append(out[2].numpy())
+            ranked = logits.sort(-1, descending=True).values
+            margins.append(float((ranked[:, qm.TOP_K - 1] - ranked[:, qm.TOP_K]).min()))
+            want.append((logits.numpy(), out[2].numpy()))
         hooks.append(r.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -230,16 +232,18 @@ def test_routing_matches_transformers_router(store, monkeypatch, case):
     finally:
         for h in hooks:
             h.remove()
-    # a precondition on the fixture: the k-th and (k+1)-th router logits of every token
-    # apart by 10x the logits tolerance
-    assert min(margins) >= MIN_MARGIN, f"near-tie in the fixture's routing: {margins}"
     seen = _record_routes(monkeypatch, cpu_ops)
     p = build_prompt(m, case)
     seqs = Sequences.start(m.decoder, [m.prompt_inputs(p, None)])
     while not seqs.prefill_done:
         seqs.prefill(len(p.ids))
     assert len(seen) == len(routers) == len(q35.LAYER_TYPES)
-    for layer, (got, hf) in enumerate(zip(seen, want)):
+    err = max(float(np.abs(got.reshape(hf.shape) - hf).max()) for (got, _), (hf, _) in zip(seen, want))
+    assert err <= LOGIT_ATOL, f"router logits differ by {err}"
+    # a precondition on the fixture: every token's k-th and (k+1)-th router logits apart by
+    # 10x what the two implementations differ by, so identical choices are not luck
+    assert min(margins) >= 10 * err, f"near-tie in the fixture's routing: {margins} (router logits differ by {err})"
+    for layer, ((_, got), (_, hf)) in enumerate(zip(seen, want)):
         np.testing.assert_array_equal(np.sort(got.reshape(-1, qm.TOP_K), -1), np.sort(hf, -1),
                                       err_msg=f"layer {layer}: experts differ")
 
@@ -279,46 +283,85 @@ def test_decode_reads_only_the_routed_experts(store, monkeypatch):
 # ------------------------------------------------------------------------------ weights, batching
 
 
-def _kl(p_logits, q_logits):
-    p = np.exp(p_logits - p_logits.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    lq = q_logits - q_logits.max(-1, keepdims=True)
-    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
-    lp = np.log(p)
-    return float((p * (lp - lq)).sum(-1).mean())
+def _routed_trace(monkeypatch, m, prompt, sampler, steps, forced_routes=None):
+    """quality._trace (the next-token log-probs of each step) and every moe_route call's
+    experts in call order. ``forced_routes``: the experts each call must choose instead
+    (a reference trace's, in the same call order), weighted by this model's own router
+    probabilities of them."""
+    from vlmc.kernels import cpu_ops
+    from vlmc.quality import _trace
+
+    with monkeypatch.context() as mp:
+        if forced_routes is not None:
+            calls = iter(forced_routes)
+
+            def forced(logits, *, top_k, normalize=True):
+                experts = mx.array(next(calls))
+                probs = mx.softmax(mx.array(np.asarray(logits)).astype(mx.float32), axis=-1)
+                w = mx.take_along_axis(probs, experts.reshape(*probs.shape[:-1], top_k), axis=-1)
+                return w / mx.sum(w, axis=-1, keepdims=True), experts
+            mp.setattr(cpu_ops, "moe_route", forced)
+        seen = _record_routes(mp, cpu_ops)
+        toks, logps = _trace(m, prompt, sampler, steps)
+    return toks, logps, [e for _, e in seen]
 
 
-@pytest.mark.parametrize("scheme,max_kl", [("q8", 1e-3), ("q4", 5e-2)])
-def test_quantized_weights_run_and_stay_close(store, scheme, max_kl):
-    """Compiled with q8 / q4 (group 32) weights: the stacked experts are stored quantized per
-    expert ([experts, out, in / group] scales), the router stays float; logits over the
-    prompt's last position and 8 greedy steps (teacher-forced on the float32 tokens) stay
-    within a mean KL of ``max_kl`` of float32, and greedy tokens differ only where
-    float32's own top-2 margin is small."""
-    from vlmc.runtime.step import Sequences
+def _kls(ref_lp, lp) -> list[float]:
+    return [float(np.sum(np.exp(r) * (r - c))) for r, c in zip(ref_lp, lp)]
+
+
+FLAT = 0.25
+
+
+def test_quantized_weights_run_and_stay_close(store, monkeypatch):
+    """Compiled with q8 and q4 weights (group 64): the stacked experts are stored quantized
+    per expert ([experts, out, in / 64] scales and biases), the routers stay float.
+
+    Judged teacher-forced (``vlmc.quality``: float32's 16 greedy tokens fed to both, an
+    image prompt and a text prompt). A routed model's output jumps wherever a rounding
+    flips a near-tied routing choice, and on this fixture q8 already flips some in each
+    prompt; so the weights are judged with the routing forced to float32's choices (each
+    call's experts replayed, weighted by the quantized model's own router): q8 within the
+    other families' q8 bound (mean KL < 0.02), its top-1 changes only at near-flat
+    positions (float32's top token below ``FLAT`` probability: the fixture's random
+    distributions are mostly that flat), q4 running and costing more (mean KL above q8's,
+    below 1.5). Free-running, q8 stays below q4."""
+    from vlmc.quality import _Forced
+    from vlmc.runtime.sampling import Sampler, SamplingParams
 
     info = store.ckpt()
-    ref = store.vlm(info)
-    q = store.vlm(info, quantize=scheme, group_size=32)
-    art = next(a for k, a in store.arts.items() if k[0] == info["path"] and ("quantize", scheme) in k[1])
-    manifest = json.loads((Path(art) / "manifest.json").read_text())
-    name = "text.attn_layers.0.mlp.experts.gate_up_proj"
-    assert manifest["quantized"][name]["bits"] == {"q8": 8, "q4": 4}[scheme]
-    assert manifest["tensors"][name + ".scales"]["shape"] == [qm.EXPERTS, 2 * qm.EXPERT_DIM, 64 // 32]
-    assert "text.attn_layers.0.mlp.gate.weight" not in manifest["quantized"]
-    p = build_prompt(ref, "one_image")
-    toks, want = run_vlmc(ref, [p], steps=8)
-    # teacher-forced: the quantized model fed the float32 tokens
-    seqs = Sequences.start(q.decoder, [q.prompt_inputs(p, None)])
-    got = [np.array(seqs.prefill(len(p.ids))[0])]
-    for t in toks[0][:7]:
-        got.append(np.array(seqs.decode([int(t)])[0]))
-    got = np.stack(got)
-    kl = _kl(want[0], got)
-    assert kl < max_kl, kl
-    top2 = np.sort(want[0], -1)[:, -2:]
-    flips = got.argmax(-1) != want[0].argmax(-1)
-    assert np.all(top2[flips, 1] - top2[flips, 0] < 1.0), (kl, flips)
+    base = store.vlm(info)
+    prompts = [base.build_prompt("Describe the picture.", images=[ck.make_test_image(100, 70, seed=10)]),
+               base.build_prompt("Tell me a short story about the river.")]
+    traces = [_routed_trace(monkeypatch, base, p, Sampler(SamplingParams()), 16) for p in prompts]
+    forced, free, agree, flips = {}, {}, {}, {}
+    for scheme, bits in (("q8", 8), ("q4", 4)):
+        q = store.vlm(info, quantize=scheme)
+        art = next(a for k, a in store.arts.items() if k[0] == info["path"] and ("quantize", scheme) in k[1])
+        manifest = json.loads((Path(art) / "manifest.json").read_text())
+        for layer in ("attn_layers.0", "linear_layers.2"):
+            name = f"text.{layer}.mlp.experts.gate_up_proj"
+            assert manifest["quantized"][name]["bits"] == bits
+            assert manifest["tensors"][name + ".scales"]["shape"] == [qm.EXPERTS, 2 * qm.EXPERT_DIM, 1]
+            assert manifest["tensors"][f"text.{layer}.mlp.experts.down_proj"]["shape"] == \
+                [qm.EXPERTS, 64, qm.EXPERT_DIM * bits // 32]
+            assert f"text.{layer}.mlp.gate.weight" not in manifest["quantized"]
+        forced[scheme], free[scheme], agree[scheme], flips[scheme] = [], [], [], 0
+        for p, (toks, ref_lp, ref_routes) in zip(prompts, traces):
+            _, lp, _ = _routed_trace(monkeypatch, q, p, _Forced(toks), 16, forced_routes=ref_routes)
+            forced[scheme] += _kls(ref_lp, lp)
+            # top-1 disagreements, each with float32's probability of its own top token
+            agree[scheme] += [float(np.exp(r.max())) for r, c in zip(ref_lp, lp) if np.argmax(r) != np.argmax(c)]
+            _, lp, routes = _routed_trace(monkeypatch, q, p, _Forced(toks), 16)
+            free[scheme] += _kls(ref_lp, lp)
+            flips[scheme] += sum(int(np.sum(np.sort(a, -1) != np.sort(b, -1)) > 0)
+                                 for a, b in zip(ref_routes, routes))
+    summary = {s: dict(forced_kl=float(np.mean(forced[s])), top1_flips=len(agree[s]),
+                       free_kl=float(np.mean(free[s])), route_calls_that_differ=flips[s]) for s in forced}
+    assert np.mean(forced["q8"]) < 0.02, summary
+    assert all(p < FLAT for p in agree["q8"]), (agree["q8"], summary)
+    assert np.mean(forced["q8"]) < np.mean(forced["q4"]) < 1.5, summary
+    assert np.mean(free["q8"]) < np.mean(free["q4"]) and np.all(np.isfinite(free["q4"])), summary
 
 
 def test_batched_prompts_equal_serial(store):
@@ -353,7 +396,9 @@ def test_expert_bytes_per_token_of_a_published_config():
     got = expert_bytes_per_token(c)
     assert got["routed"] == c["num_hidden_layers"] * (8 * per_expert + shared + router)
     assert got["all_experts"] == c["num_hidden_layers"] * (256 * per_expert + shared + router)
-    assert 25 < got["ratio"] < 27
+    assert got["ratio"] == got["all_experts"] / got["routed"]
+    q4 = expert_bytes_per_token(c, bits_per_weight=4.5)  # the router stays bf16
+    assert q4["routed"] == c["num_hidden_layers"] * ((8 * per_expert + shared) * 4.5 / 16 + router)
 
 
 def test_bench_roofline_counts_routed_experts_only(store):
