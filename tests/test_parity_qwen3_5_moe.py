@@ -377,6 +377,25 @@ def test_batched_prompts_equal_serial(store):
         assert float(np.abs(logits[i] - l1[0]).max()) <= LOGIT_ATOL
 
 
+def test_reference_op_library_matches_cpu_target(store):
+    """An artifact for a GPU target, run here through the MLX reference ops (gather_mm over
+    the stacked experts), gives the cpu target's greedy tokens and logits (within 1e-4);
+    bfloat16 weights run on the cpu target and keep its first greedy token."""
+    info = store.ckpt()
+    cpu = store.vlm(info)
+    p = build_prompt(cpu, "one_image")
+    toks, logits = run_vlmc(cpu, [p], steps=8)
+    ref = store.vlm(info, target="cuda")
+    assert "from vlmc.kernels import gpu_ops as ops" in (Path(store.arts[(info["path"], (("target", "cuda"),))])
+                                                        / "model.py").read_text()
+    t2, l2 = run_vlmc(ref, [build_prompt(ref, "one_image")], steps=8)
+    np.testing.assert_array_equal(t2, toks)
+    assert float(np.abs(l2 - logits).max()) <= LOGIT_ATOL
+    bf16 = store.vlm(info, dtype="bfloat16")
+    t3, l3 = run_vlmc(bf16, [build_prompt(bf16, "one_image")], steps=2)
+    assert np.all(np.isfinite(l3)) and t3[0, 0] == toks[0, 0]
+
+
 # ------------------------------------------------------------------------------ bytes per token
 
 # Qwen/Qwen3.5-35B-A3B's text config (the published sizes; transformers' defaults)
