@@ -113,14 +113,19 @@ def _stacked(block):
     return (mx.array(block.experts.gate_up_proj.detach().numpy()), mx.array(block.experts.down_proj.detach().numpy()))
 
 
-def _quantized(w: mx.array, bits: int):
+def _quantized(w: mx.array, scheme: str):
+    """Stacked [E, out, in] weights quantized as MLX packs them (groups of 32 along ``in``)."""
     from vlmc.kernels.quant import QuantWeight
+    if scheme == "mxfp4":
+        codes, scales = mx.quantize(w, group_size=32, bits=4, mode="mxfp4")
+        return QuantWeight(codes, scales, None, 4, 32, "mxfp4")
+    bits = int(scheme[1:])
     codes, scales, biases = mx.quantize(w, group_size=32, bits=bits)
     return QuantWeight(codes, scales, biases, bits, 32, "affine")
 
 
 def _dequantized(q) -> mx.array:
-    return mx.dequantize(q.weight, q.scales, q.biases, group_size=q.group_size, bits=q.bits)
+    return mx.dequantize(q.weight, q.scales, q.biases, group_size=q.group_size, bits=q.bits, mode=q.mode)
 
 
 def _moe_forward(ops, block, x, gate_up, down):
@@ -153,16 +158,16 @@ def test_moe_ops_match_transformers_sparse_block(store, library):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("scheme", ["q4", "q8", "mxfp4"])
 @pytest.mark.parametrize("library", ["reference", "cpu_ops"])
-def test_quantized_experts_compute_their_dequantized_weights(store, library, bits):
-    """qmoe_experts over stacked experts quantized per expert (group 32) equals moe_experts
-    over the same weights dequantized, through gather_qmm (reference) and the per-expert
-    compact-weight kernels (cpu_ops)."""
+def test_quantized_experts_compute_their_dequantized_weights(store, library, scheme):
+    """qmoe_experts over stacked experts quantized per expert (group 32; affine 4 and 8
+    bits, mxfp4) equals moe_experts over the same weights dequantized, through gather_qmm
+    (reference) and the per-expert compact-weight kernels (cpu_ops)."""
     from vlmc.kernels import cpu_ops, reference
     ops = {"reference": reference, "cpu_ops": cpu_ops}[library]
     block = _sparse_block(store, layer=1)
-    gate_up, down = (_quantized(w, bits) for w in _stacked(block))
+    gate_up, down = (_quantized(w, scheme) for w in _stacked(block))
     assert gate_up.scales.shape == (qm.EXPERTS, 2 * qm.EXPERT_DIM, 64 // 32)
     x = mx.array(np.random.default_rng(3).standard_normal((1, 5, 64)).astype(np.float32))
     got, _ = _moe_forward(ops, block, x, gate_up, down)
@@ -362,6 +367,15 @@ def test_quantized_weights_run_and_stay_close(store, monkeypatch):
     assert all(p < FLAT for p in agree["q8"]), (agree["q8"], summary)
     assert np.mean(forced["q8"]) < np.mean(forced["q4"]) < 1.5, summary
     assert np.mean(free["q8"]) < np.mean(free["q4"]) and np.all(np.isfinite(free["q4"])), summary
+
+
+def test_speculation_is_lossless(store):
+    """Greedy output with prompt-lookup drafts (verify steps routing several tokens at once,
+    rejected ones rewound) is the output without them."""
+    m = store.vlm(store.ckpt())
+    prompt = "the river runs by the mill and the mill turns by the river " * 3
+    want = m.generate(prompt=prompt, max_tokens=24).token_ids
+    assert m.generate(prompt=prompt, max_tokens=24, draft="prompt-lookup").token_ids == want
 
 
 def test_batched_prompts_equal_serial(store):
