@@ -175,6 +175,43 @@ def test_quantized_experts_compute_their_dequantized_weights(store, library, sch
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
 
 
+def test_moe_route_with_and_without_renormalisation():
+    """moe_route's weights are the top-k softmax probabilities (most probable first),
+    renormalised only when asked (Qwen3.5-MoE always is; Qwen3-MoE's ``norm_topk_prob``)."""
+    from vlmc.kernels import reference
+
+    logits = mx.array(np.random.default_rng(0).standard_normal((3, 5, 8)).astype(np.float32))
+    probs = np.asarray(mx.softmax(logits, axis=-1))
+    want = np.argsort(-probs, axis=-1)[..., :3]
+    for normalize in (True, False):
+        w, e = reference.moe_route(logits, top_k=3, normalize=normalize)
+        np.testing.assert_array_equal(np.asarray(e), want)
+        top = np.take_along_axis(probs, want, axis=-1)
+        np.testing.assert_allclose(np.asarray(w), top / top.sum(-1, keepdims=True) if normalize else top, rtol=1e-6)
+
+
+def test_refused_and_misshapen_checkpoints(store, tmp_path):
+    """A config asking for un-renormalised routing is refused, and an expert tensor of the
+    wrong shape is named, each in one error."""
+    import shutil
+
+    from vlmc.errors import UnsupportedModelError, WeightError
+
+    src = Path(store.ckpt()["path"])
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["text_config"]["norm_topk_prob"] = False
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="renormalised"):
+        vlmc_compile(bad, tmp_path / "a1", target="cpu")
+    cfg["text_config"]["norm_topk_prob"] = True
+    cfg["text_config"]["moe_intermediate_size"] = 2 * qm.EXPERT_DIM
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightError, match=r"mlp\.experts\.0\.gate_proj\.weight"):
+        vlmc_compile(bad, tmp_path / "a2", target="cpu")
+
+
 def test_moe_shape_rules():
     from vlmc.ir.core import TensorType as T
     from vlmc.ir.ops import OPS, ShapeError

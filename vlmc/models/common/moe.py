@@ -73,9 +73,7 @@ class SparseMoe:
                 w.add(prefix + rel, shape, role=role, part="text", layer=layer, source=src + rel)
             for rel, (shape, role) in stacked.items():
                 names, transforms = self._expert_sources(w, src, rel, h)
-                p = w.add(prefix + rel, shape, role=role, part="text", layer=layer, source=names,
-                          transforms=transforms)
-                p.attrs["experts"] = e
+                w.add(prefix + rel, shape, role=role, part="text", layer=layer, source=names, transforms=transforms)
         both = {**dense, **stacked}
         return ({rel: TensorType(shape, "float32") for rel, (shape, _) in both.items()},
                 {rel: role for rel, (_, role) in both.items()})
