@@ -118,9 +118,14 @@ def weight_roofline(manifest: dict[str, Any], widened: dict[str, int] | None = N
     (negligible), unless the LM head is tied to it: then the whole matrix is read by the
     final projection. The vision tower and projector are not used by decode. ``widened``
     (tensor name -> bits, ``runtime.artifact.cpu_widening``) counts codes the runtime repacked at load at
-    their wider size: that is what each step reads.
+    their wider size: that is what each step reads. A mixture-of-experts decoder
+    (``meta["moe"]``) reads top_k / experts of its routed experts' weights per token
+    (``routed_expert_bytes``, beside ``all_expert_bytes`` and the dense equivalent that
+    would read them all).
     """
     groups = {"decoder": 0, "embedding": 0, "lm_head": 0, "vision": 0}
+    moe = manifest.get("meta", {}).get("moe")
+    experts = 0  # the routed experts' stacked weights (all of them)
     has_lm_head = False
     quantized = manifest.get("quantized", {})
     for name, info in manifest["tensors"].items():
@@ -136,13 +141,22 @@ def weight_roofline(manifest: dict[str, Any], widened: dict[str, int] | None = N
             has_lm_head = True
         elif role == "embed":
             groups["embedding"] += b
+        elif moe and role in ("experts_gate_up", "experts_down"):
+            experts += b
         else:
             groups["decoder"] += b
     tied = not has_lm_head
     head = groups["embedding"] if tied else groups["lm_head"]
+    out: dict[str, Any] = {}
+    if moe:  # a token reads only its top_k routed experts per layer (plus the shared one)
+        routed = experts * int(moe["top_k"]) // int(moe["experts"])
+        out = {"routed_expert_bytes": routed, "all_expert_bytes": experts,
+               "dense_equivalent_decoder_bytes": groups["decoder"] + experts}
+        groups["decoder"] += routed
+    total = sum(groups.values()) + experts - out.get("routed_expert_bytes", 0)
     return {"decode_bytes_per_token": groups["decoder"] + head, "decoder_bytes": groups["decoder"],
             "lm_head_bytes": head, "lm_head_tied": tied, "embedding_bytes": groups["embedding"],
-            "vision_bytes": groups["vision"], "total_bytes": sum(groups.values())}
+            "vision_bytes": groups["vision"], "total_bytes": total, **out}
 
 
 def kv_bytes_per_token(meta: dict[str, Any], context: int, itemsize: int) -> int:
@@ -517,7 +531,9 @@ def format_report(r: dict[str, Any]) -> str:
               f"{_gb(m['mlx_active_after_warmup_bytes'])}), max RSS {_gb(m['max_rss_bytes'])}",
               f"roofline: {_gb(ro['decode_bytes_per_token'])} of weights read per decode token (decoder "
               f"{_gb(ro['decoder_bytes'])} + LM head {_gb(ro['lm_head_bytes'])}"
-              f"{', tied to the embedding' if ro['lm_head_tied'] else ''}; KV cache "
+              f"{', tied to the embedding' if ro['lm_head_tied'] else ''}"
+              + (f"; routed experts {_gb(ro['routed_expert_bytes'])} of {_gb(ro['all_expert_bytes'])}"
+                 if "routed_expert_bytes" in ro else "") + "; KV cache "
               f"{ro['kv_bytes_per_token_at_context'] / 1e6:.1f} MB at {d['context']} tokens) x "
               f"{d['decode_tps']:.2f} tok/s = {ro['implied_bandwidth_gbs']:.2f} GB/s"
               + (f", {ro['fraction_of_read_bandwidth']:.0%} of the {ro['read_bandwidth_gbs']:.1f} GB/s this machine "

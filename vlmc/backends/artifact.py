@@ -39,6 +39,8 @@ def materialize(p: Param, read: Callable) -> np.ndarray:
     for name, opts in p.transforms:
         if name == "concat":
             x = np.concatenate(arrays, axis=opts.get("axis", 0))
+        elif name == "stack":  # per-expert tensors -> one [experts, ...] tensor
+            x = np.stack(arrays, axis=opts.get("axis", 0))
         elif name == "reshape":
             x = x.reshape(opts["shape"])
         elif name == "transpose":
@@ -50,7 +52,7 @@ def materialize(p: Param, read: Callable) -> np.ndarray:
         else:
             raise ValueError(f"unknown weight transform {name!r}")
     if x is None:
-        raise ValueError(f"param {p.name} has several sources but no concat transform")
+        raise ValueError(f"param {p.name} has several sources but no concat or stack transform")
     if tuple(x.shape) != tuple(p.shape):
         raise ValueError(f"param {p.name}: transforms give shape {x.shape}, IR says {p.shape}")
     return x
@@ -61,13 +63,13 @@ def stored_tensors(p: Param) -> list[tuple[str, tuple[int, ...], str]]:
     q = p.attrs.get("quant")
     if not q:
         return [(p.name, tuple(p.shape), p.dtype)]
-    n, k = p.shape
-    groups = k // q["group_size"]
-    out = [(p.name, (n, k * q["bits"] // 32), "uint32")]
+    *rows, k = p.shape   # [N, K], or stacked experts [E, N, K] (each row quantized on its own)
+    rows, groups = tuple(rows), k // q["group_size"]
+    out = [(p.name, rows + (k * q["bits"] // 32,), "uint32")]
     if q["mode"] == "affine":
-        out += [(p.name + ".scales", (n, groups), p.dtype), (p.name + ".biases", (n, groups), p.dtype)]
+        out += [(p.name + ".scales", rows + (groups,), p.dtype), (p.name + ".biases", rows + (groups,), p.dtype)]
     else:
-        out += [(p.name + ".scales", (n, groups), "uint8")]
+        out += [(p.name + ".scales", rows + (groups,), "uint8")]
     return out
 
 
@@ -78,7 +80,8 @@ def encode(p: Param, x: np.ndarray, report: dict[str, Any]) -> dict[str, np.ndar
         return {p.name: to_storage(x, p.dtype)}
     import mlx.core as mx
     from .quantize import quantize_array
-    w = mx.array(x)
+    lead = x.shape[:-1]   # stacked experts quantize as their rows: groups never cross a row
+    w = mx.array(x.reshape(-1, x.shape[-1]))
     qw = quantize_array(w, bits=q["bits"], group_size=q["group_size"], mode=q["mode"],
                         param_dtype=getattr(mx, p.dtype))
     # the error of the stored parameters and codes, dequantized in float32 as the CPU kernels do
@@ -87,12 +90,15 @@ def encode(p: Param, x: np.ndarray, report: dict[str, Any]) -> dict[str, np.ndar
                         group_size=qw.group_size, bits=qw.bits, mode=qw.mode) if qw.mode == "affine" else qw.dequantize()
     err = float(mx.sqrt(mx.sum(mx.square(deq - w)) / mx.maximum(mx.sum(mx.square(w)), 1e-30)).item())
     report[p.name] = {**q, "rel_error": round(err, 6), "bytes": p.nbytes}
-    out = {p.name: np.asarray(qw.weight)}
+    def shaped(a: np.ndarray) -> np.ndarray:
+        return a.reshape(*lead, a.shape[-1])
+
+    out = {p.name: shaped(np.asarray(qw.weight))}
     if q["mode"] == "affine":
-        out[p.name + ".scales"] = to_storage(np.asarray(qw.scales.astype(mx.float32)), p.dtype)
-        out[p.name + ".biases"] = to_storage(np.asarray(qw.biases.astype(mx.float32)), p.dtype)
+        out[p.name + ".scales"] = shaped(to_storage(np.asarray(qw.scales.astype(mx.float32)), p.dtype))
+        out[p.name + ".biases"] = shaped(to_storage(np.asarray(qw.biases.astype(mx.float32)), p.dtype))
     else:
-        out[p.name + ".scales"] = np.asarray(qw.scales)
+        out[p.name + ".scales"] = shaped(np.asarray(qw.scales))
     return out
 
 

@@ -30,7 +30,10 @@ COMPUTE = "float"  # an activation in the compute dtype, not chosen yet (``lower
 
 # What a param is to the model, for passes to match on.
 ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2", "norm", "embed", "head",
-         "patch_embed", "pos_embed", "class_embed", "proj")
+         "patch_embed", "pos_embed", "class_embed", "proj",
+         # mixture of experts: the router (and a shared expert's scalar gate), and the routed
+         # experts' stacked [experts, out, in] gate+up and down projections
+         "router", "experts_gate_up", "experts_down")
 PARTS = ("text", "vision", "projector")
 
 # The KV-cache types a layer can have (the ``kv`` entry of a decoder block's layer table)

@@ -465,3 +465,51 @@ def _select_caches(t, a):
     if t[0].dtype != "kvcache":
         raise ShapeError("select_caches takes the caches")
     return [t[0]]
+
+
+# ---- mixture of experts ------------------------------------------------------------------
+
+@rule("moe_route")
+def _moe_route(t, a):
+    """Router logits [.., E] -> (weights [.., K] float32, experts [.., K] int32): softmax over
+    the experts in float32, the ``top_k`` most probable (most probable first), their
+    probabilities renormalised to sum to 1 when ``normalize`` (default true)."""
+    k = int(a["top_k"])
+    e = t[0].shape[-1]
+    if k < 1 or (isinstance(e, int) and k > e):
+        raise ShapeError(f"moe_route: top_k {k} is not in 1..{e} experts")
+    lead = t[0].shape[:-1]
+    return [TensorType(lead + (k,), "float32"), TensorType(lead + (k,), "int32")]
+
+
+def _moe_experts_rule(t, a, op: str):
+    x, weights, experts, gate_up, down = t[:5]
+    if experts.dtype != "int32":
+        raise ShapeError(f"{op}: expert indices must be int32, got {experts.dtype}")
+    _same_dim(weights.shape[-1], experts.shape[-1], f"{op} top-k")
+    if len(gate_up.shape) != 3 or len(down.shape) != 3:
+        raise ShapeError(f"{op}: expert weights must be stacked [experts, out, in]")
+    _same_dim(gate_up.shape[0], down.shape[0], f"{op} experts")
+    _same_dim(x.shape[-1], gate_up.shape[-1], f"{op} gate_up in-features")
+    _same_dim(x.shape[-1], down.shape[1], f"{op} down out-features")
+    if isinstance(gate_up.shape[1], int) and isinstance(down.shape[2], int) and gate_up.shape[1] != 2 * down.shape[2]:
+        raise ShapeError(f"{op}: gate_up has {gate_up.shape[1]} rows, not twice down's {down.shape[2]} inputs")
+    if a["kind"] not in ACTIVATIONS:
+        raise ShapeError(f"unknown activation {a['kind']!r}")
+    return [TensorType(x.shape, promote(x.dtype, down.dtype))]
+
+
+@rule("moe_experts")
+def _moe_experts(t, a):
+    """(x [.., H], weights [.., K], experts [.., K], gate_up [E, 2I, H], down [E, H, I]) ->
+    [.., H]: each token through its K selected experts' SwiGLU (act(gate) * up, then down;
+    gate the first I rows of gate_up), summed with its routing weights. Only the selected
+    experts' weights are read."""
+    return _moe_experts_rule(t, a, "moe_experts")
+
+
+@rule("qmoe_experts")
+def _qmoe_experts(t, a):
+    """moe_experts with quantized expert weights (each expert quantized on its own rows; the
+    scheme travels with the weight)."""
+    return _moe_experts_rule(t, a, "qmoe_experts")

@@ -26,6 +26,7 @@ from . import cpu as _cpu
 from .cpu import _as_mx, host as _h
 from . import kv_quant as _kv_quant
 from .cpu.attention import attention as _blas_attention
+from .cpu.moe import routed_experts as _routed_experts
 from .cpu.decode_layer import decode_layer as _decode_layer, decode_layers as _decode_layers
 from .cpu.kv_decode import host_dense_step as _host_dense_step, kv_affine_decode as _kv_affine_decode, \
     kv_dense_decode as _kv_dense_decode, kv_turbo_decode as _kv_turbo_decode
@@ -57,7 +58,8 @@ def _on_mlx(name: str):
 
 
 for _name in ("embedding", "take", "broadcast_to", "prepend", "patchify", "merge_features", "avg_pool_tokens",
-              "l2_norm", "rms_norm_gated", "delta_gates", "zero_padded", "causal_conv1d", "gated_delta_rule"):
+              "l2_norm", "rms_norm_gated", "delta_gates", "zero_padded", "causal_conv1d", "gated_delta_rule",
+              "moe_route"):
     globals()[_name] = _on_mlx(_name)
 
 _rope_freqs_mlx = _on_mlx("rope_freqs")
@@ -270,3 +272,16 @@ def cast(x, dtype: str):
     if _is_host(x):
         return x if dtype == "float32" else mx.array(x).astype(getattr(mx, dtype))
     return _reference.cast(x, dtype)
+
+
+# ---- mixture of experts: a loop over the selected experts through the matmul kernels ----
+
+def moe_experts(x, weights, experts, gate_up, down, *, kind: str):
+    """``reference.moe_experts`` reading only the selected experts (``cpu/moe.py``); a host array."""
+    if not _cpu.enabled():
+        return _reference.moe_experts(_as_mx(x), _as_mx(weights), _as_mx(experts), gate_up, down, kind=kind)
+    return _routed_experts(x, weights, experts, gate_up, down, glu=lambda g, u: glu(g, u, kind),
+                           linear=linear, qlinear=qlinear)
+
+
+qmoe_experts = moe_experts  # the weight's type picks the kernel

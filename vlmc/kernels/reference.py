@@ -11,6 +11,8 @@ import mlx.core as mx
 
 from . import linear_attention as _la
 from .linear_attention import delta_gates, l2_norm, rms_norm_gated  # noqa: F401  (ops of that name)
+from . import moe as _moe
+from .moe import moe_route  # noqa: F401  (the op of that name)
 
 
 def linear(x: mx.array, w: mx.array, b: mx.array | None = None) -> mx.array:
@@ -371,3 +373,16 @@ def gated_delta_rule(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: m
 def select_caches(caches: list, layers: list[int]) -> list:
     """The caches of these decoder layers, in this order (a block's layers in a hybrid stack)."""
     return [caches[i] for i in layers]
+
+
+# ---- mixture of experts: stacked expert weights, only the selected experts read ---------
+
+def moe_experts(x: mx.array, weights: mx.array, experts: mx.array, gate_up, down, *, kind: str) -> mx.array:
+    """Each token through its K selected experts' gated MLP, weighted by ``weights`` and
+    summed (``kernels/moe.py``); gate_up [E, 2I, H], down [E, H, I]."""
+    return _moe.experts_swiglu(x, weights, experts, gate_up, down, lambda v: act(v, kind))
+
+
+def qmoe_experts(x: mx.array, weights: mx.array, experts: mx.array, gate_up, down, *, kind: str) -> mx.array:
+    """moe_experts with quantized (QuantWeight) expert weights, read through ``gather_qmm``."""
+    return moe_experts(x, weights, experts, gate_up, down, kind=kind)

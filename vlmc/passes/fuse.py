@@ -51,6 +51,10 @@ def _fuse_function(fn: Function, enabled: set[str], param_of, role_of,
     counts: dict[str, int] = {}
     skipped: list[str] = []
     for group in _groups(fn):
+        # a router reads the same input (a MoE layer's shared expert) but is never fused
+        group = [op for op in group if role_of(op.inputs[1][1:]) != "router"]
+        if len(group) < 2:
+            continue
         weights = [op.inputs[1] for op in group]
         kind = _kind([role_of(w[1:]) for w in weights])
         if kind not in enabled:

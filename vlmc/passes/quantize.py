@@ -15,6 +15,10 @@ Policy:
 - ``recipe="mixed"`` raises sensitive weights (first and last decoder layers, the q/k/v
   projection that holds v_proj, down_proj) to 6 bits (8 for q2/q3);
 - a weight whose input dimension does not split into groups stays float and is reported;
+- routed experts' stacked [experts, out, in] weights get the scheme like any projection,
+  each expert's rows quantized on their own (``moe_experts`` -> ``qmoe_experts``); the
+  router and a shared expert's scalar gate (role ``router``) stay float: they choose
+  experts, and a rounding there changes which experts run;
 - ``activations=True`` (mxfp8 / nvfp4 only) also rounds the inputs of the linear layers that
   carry a block-floating scheme (not the embeddings/LM head) to their weight's format:
   ``linear`` -> ``qqlinear``, the product of two block-quantized operands that MLX's
@@ -50,6 +54,10 @@ def _uses(fn: Function, prefixes: list[str], out: dict[str, set[str]]) -> None:
         if op.op in ("linear", "embedding") and op.inputs[1].startswith("@"):
             for pre in prefixes:
                 out.setdefault(pre + op.inputs[1][1:], set()).add(op.op)
+        if op.op == "moe_experts":
+            for w in op.inputs[3:5]:
+                for pre in prefixes:
+                    out.setdefault(pre + w[1:], set()).add("experts")
 
 
 def _op_kind(spec: dict[str, Any] | None) -> str:
@@ -60,8 +68,11 @@ def _op_kind(spec: dict[str, Any] | None) -> str:
 def _rewrite(fn: Function, spec_of) -> None:
     """linear/embedding over a quantized weight -> qlinear/qembedding (qqlinear where the
     activations are quantized too). The scheme travels with the weight (the runtime loads it
-    as a QuantWeight), so layers of one block may differ."""
+    as a QuantWeight), so layers of one block may differ. moe_experts with a quantized
+    expert weight -> qmoe_experts (each of its two weights float or quantized)."""
     for op in fn.ops:
+        if op.op == "moe_experts" and any(spec_of(w[1:]) is not None for w in op.inputs[3:5]):
+            op.op = "qmoe_experts"
         if op.op in ("linear", "embedding") and op.inputs[1].startswith("@"):
             spec = spec_of(op.inputs[1][1:])
             if spec is None:
@@ -77,7 +88,8 @@ def _sensitive(p: Param, last_layer: int) -> bool:
     layers', and any projection that holds v or down (fused ones included)."""
     if p.part != "text":
         return False
-    return p.attrs.get("layer") in (0, last_layer) or bool({"v", "down"} & set((p.role or "").split("+")))
+    return p.attrs.get("layer") in (0, last_layer) or \
+        bool({"v", "down", "experts_down"} & set((p.role or "").split("+")))
 
 
 def auto_head(base: dict[str, Any]) -> str | None:
@@ -122,7 +134,7 @@ def quantize(prog: Program, scheme: str | None = None, group_size: int = 64, vis
     kept: list[str] = []
     for name, use in sorted(uses.items()):
         p: Param = prog.params[name]
-        if len(p.shape) != 2:
+        if len(p.shape) != (3 if use == {"experts"} else 2) or p.role == "router":
             continue
         is_head = "embedding" in use or p.role in ("embed", "head")
         if is_head:
@@ -133,8 +145,8 @@ def quantize(prog: Program, scheme: str | None = None, group_size: int = 64, vis
             spec = raised if recipe == "mixed" and _sensitive(p, last_layer) else base
         if spec is None:
             continue
-        if p.shape[1] % spec["group_size"]:
-            kept.append(f"{name} (in={p.shape[1]})")
+        if p.shape[-1] % spec["group_size"]:
+            kept.append(f"{name} (in={p.shape[-1]})")
             continue
         if activations and not is_head and spec["mode"] in ACTIVATION_MODES and use == {"linear"}:
             spec = {**spec, "activations": spec["mode"]}

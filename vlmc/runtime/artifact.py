@@ -83,6 +83,8 @@ def cpu_widening(manifest: dict[str, Any]) -> dict[str, int]:
         return {}
     out = {}
     for name, q in manifest.get("quantized", {}).items():
+        if len(manifest["tensors"][name]["shape"]) != 2:
+            continue  # stacked experts: read per expert at their stored width
         wider = cpu.load_width(q["bits"], q["group_size"]) if q["mode"] == "affine" else None
         if wider:
             out[name] = wider

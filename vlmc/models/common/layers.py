@@ -69,7 +69,7 @@ def decoder_layer(w: Weights, tc: TextConfig, prefix_fmt: str = "text.layers.{i}
                   attn_scale: float | None = None, attn_softcap: float | None = None,
                   layer_rope: list[str] | None = None, layer_window: list[int | None] | None = None,
                   output_gate: bool = False, rope_dim: int | None = None, layers: Sequence[int] | None = None,
-                  name: str = "text_layer") -> Block:
+                  ffn: Any = None, name: str = "text_layer") -> Block:
     """The decoder layer block: pre-norm attention + gated MLP (Llama/Qwen2/Mistral), with
     options whose defaults keep that layer:
 
@@ -92,7 +92,10 @@ def decoder_layer(w: Weights, tc: TextConfig, prefix_fmt: str = "text.layers.{i}
     - ``rope_dim``: only each head's first ``rope_dim`` dims rotate (partial rotary);
     - ``layers``: the decoder layers this block holds (a hybrid decoder's full-attention
       layers): its params are ``prefix_fmt`` over the block's own index and read the
-      checkpoint's ``text.layers.<layer>.*``; the layer table's ``layer`` says which.
+      checkpoint's ``text.layers.<layer>.*``; the layer table's ``layer`` says which;
+    - ``ffn``: the feed-forward part in place of the gated MLP, an object with
+      ``declare(w, hidden, prefix_fmt, layers, source_fmt)`` (its params' types and roles)
+      and ``apply(fb, normed, hidden_act)`` (its output), e.g. ``common.moe.SparseMoe``.
     """
     h, hd, nh, nkv, ff = tc.hidden_size, tc.head_dim, tc.num_heads, tc.num_kv_heads, tc.intermediate_size
     rd = rope_dim or hd
@@ -103,9 +106,10 @@ def decoder_layer(w: Weights, tc: TextConfig, prefix_fmt: str = "text.layers.{i}
         "self_attn.q_proj.weight": ((nh * hd * (2 if output_gate else 1), h), "q"),
         "self_attn.k_proj.weight": ((nkv * hd, h), "k"),
         "self_attn.v_proj.weight": ((nkv * hd, h), "v"), "self_attn.o_proj.weight": ((h, nh * hd), "o"),
-        "mlp.gate_proj.weight": ((ff, h), "gate"), "mlp.up_proj.weight": ((ff, h), "up"),
-        "mlp.down_proj.weight": ((h, ff), "down"),
     }
+    if ffn is None:
+        spec.update({"mlp.gate_proj.weight": ((ff, h), "gate"), "mlp.up_proj.weight": ((ff, h), "up"),
+                     "mlp.down_proj.weight": ((h, ff), "down")})
     if sandwich_norms:
         spec.update({"post_attention_layernorm.weight": ((h,), "norm"),
                      "post_feedforward_layernorm.weight": ((h,), "norm")})
@@ -116,13 +120,17 @@ def decoder_layer(w: Weights, tc: TextConfig, prefix_fmt: str = "text.layers.{i}
                      "self_attn.v_proj.bias": ((nkv * hd,), "v")})
     if tc.o_bias:
         spec["self_attn.o_proj.bias"] = ((h,), "o")
-    if tc.mlp_bias:
+    if tc.mlp_bias and ffn is None:
         spec.update({"mlp.gate_proj.bias": ((ff,), "gate"), "mlp.up_proj.bias": ((ff,), "up"),
                      "mlp.down_proj.bias": ((h,), "down")})
     shift = norm_shift(norm_offset)
     ptypes, roles = declare_layer_params(w, prefix_fmt, n_layers, spec, part="text",
                                          transforms={rel: shift for rel, (_, role) in spec.items() if role == "norm"},
                                          sources=layers, source_fmt="text.layers.{i}.")
+    if ffn is not None:
+        more_types, more_roles = ffn.declare(w, h, prefix_fmt, range(n_layers) if layers is None else layers,
+                                             prefix_fmt if layers is None else "text.layers.{i}.")
+        ptypes, roles = {**ptypes, **more_types}, {**roles, **more_roles}
     tables = list(dict.fromkeys(layer_rope or []))
 
     fb = FunctionBuilder(name, ptypes, doc="pre-norm decoder layer: attention + gated MLP" + (
@@ -174,10 +182,13 @@ def decoder_layer(w: Weights, tc: TextConfig, prefix_fmt: str = "text.layers.{i}
         a = norm(a, "post_attention_layernorm.weight")
     x = fb.op("add", x, a, name="x")
     n = norm(x, mlp_norm)
-    g = linear(fb, n, "mlp.gate_proj", bias=tc.mlp_bias)
-    u = linear(fb, n, "mlp.up_proj", bias=tc.mlp_bias)
-    m = fb.op("glu", g, u, kind=act_kind(tc.hidden_act), name="mlp")
-    m = linear(fb, m, "mlp.down_proj", bias=tc.mlp_bias)
+    if ffn is None:
+        g = linear(fb, n, "mlp.gate_proj", bias=tc.mlp_bias)
+        u = linear(fb, n, "mlp.up_proj", bias=tc.mlp_bias)
+        m = fb.op("glu", g, u, kind=act_kind(tc.hidden_act), name="mlp")
+        m = linear(fb, m, "mlp.down_proj", bias=tc.mlp_bias)
+    else:
+        m = ffn.apply(fb, n, tc.hidden_act)
     if sandwich_norms:
         m = norm(m, "post_feedforward_layernorm.weight")
     x = fb.op("add", x, m, name="x")

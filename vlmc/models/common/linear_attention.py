@@ -57,9 +57,10 @@ class LinearAttention:
 
 def gated_deltanet_layer(w: Weights, tc: TextConfig, la: LinearAttention, layers: Sequence[int], *,
                          prefix_fmt: str = "text.linear_layers.{i}.", norm_offset: float = 0.0,
-                         name: str = "text_linear_layer") -> Block:
+                         ffn: Any = None, name: str = "text_linear_layer") -> Block:
     """The block of a hybrid decoder's linear-attention layers (``layers``: the decoder
-    layers it holds, whose checkpoint params ``text.layers.<layer>.*`` it reads)."""
+    layers it holds, whose checkpoint params ``text.layers.<layer>.*`` it reads). ``ffn``:
+    a feed-forward part in place of the gated MLP, as ``decoder_layer``'s."""
     h, ff = tc.hidden_size, tc.intermediate_size
     hk, hv, dk, dv, kern = la.key_heads, la.value_heads, la.key_dim, la.value_dim, la.conv_kernel
     chans = la.conv_channels
@@ -74,15 +75,19 @@ def gated_deltanet_layer(w: Weights, tc: TextConfig, la: LinearAttention, layers
         "linear_attn.dt_bias": ((hv,), "proj"),
         "linear_attn.norm.weight": ((dv,), "norm"),
         "linear_attn.out_proj.weight": ((h, hv * dv), "o"),
-        "mlp.gate_proj.weight": ((ff, h), "gate"), "mlp.up_proj.weight": ((ff, h), "up"),
-        "mlp.down_proj.weight": ((h, ff), "down"),
     }
+    if ffn is None:
+        spec.update({"mlp.gate_proj.weight": ((ff, h), "gate"), "mlp.up_proj.weight": ((ff, h), "up"),
+                     "mlp.down_proj.weight": ((h, ff), "down")})
     shift = norm_shift(norm_offset)
     transforms = {"input_layernorm.weight": shift, "post_attention_layernorm.weight": shift,
                   "linear_attn.conv1d.weight": [("reshape", {"shape": [chans, kern]})]}
     ptypes, roles = declare_layer_params(w, prefix_fmt, len(layers), spec, part="text", transforms=transforms,
                                          sources=layers, source_fmt="text.layers.{i}.",
                                          source_shapes={"linear_attn.conv1d.weight": (chans, 1, kern)})
+    if ffn is not None:
+        more_types, more_roles = ffn.declare(w, h, prefix_fmt, layers, "text.layers.{i}.")
+        ptypes, roles = {**ptypes, **more_types}, {**roles, **more_roles}
 
     fb = FunctionBuilder(name, ptypes, doc="pre-norm Gated DeltaNet layer: linear attention + gated MLP")
     x = fb.input("x", ("B", "L", h), COMPUTE)
@@ -112,9 +117,13 @@ def gated_deltanet_layer(w: Weights, tc: TextConfig, la: LinearAttention, layers
     o = fb.op("reshape", o, shape=[0, 0, hv * dv], name="delta")
     x = fb.op("add", x, linear(fb, o, "linear_attn.out_proj", bias=False), name="x")
     n = norm(x, "post_attention_layernorm.weight")
-    m = fb.op("glu", linear(fb, n, "mlp.gate_proj", bias=False), linear(fb, n, "mlp.up_proj", bias=False),
-              kind=act_kind(tc.hidden_act), name="mlp")
-    x = fb.op("add", x, linear(fb, m, "mlp.down_proj", bias=False), name="x")
+    if ffn is None:
+        m = fb.op("glu", linear(fb, n, "mlp.gate_proj", bias=False), linear(fb, n, "mlp.up_proj", bias=False),
+                  kind=act_kind(tc.hidden_act), name="mlp")
+        m = linear(fb, m, "mlp.down_proj", bias=False)
+    else:
+        m = ffn.apply(fb, n, tc.hidden_act)
+    x = fb.op("add", x, m, name="x")
     rows = [{"index": i, "layer": int(layer), "kv": {"layout": "recurrent", **la.state()}}
             for i, layer in enumerate(layers)]
     return make_block(name, fb.output(x), prefix_fmt, ptypes, rows, roles)

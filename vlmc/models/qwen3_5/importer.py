@@ -51,11 +51,15 @@ def layer_types(text: dict[str, Any], n_layers: int) -> list[str]:
     return types
 
 
-def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
+def build_program(raw: dict[str, Any], w: Weights, name: str, *, ffn: Any = None,
+                  decoder: Decoder = _DECODER, text_type: str = "qwen3_5_text") -> Program:
+    """The program of a Qwen3.5 checkpoint; ``ffn`` replaces every layer's gated MLP (the
+    MoE variant's ``SparseMoe``), ``decoder`` and ``text_type`` are the text config's
+    defaults and model type."""
     text = raw.get("text_config")
     if not isinstance(text, dict) or "hidden_size" not in text:
         raise UnsupportedModelError("a Qwen3.5 config.json needs a text_config with the decoder's sizes")
-    tc = text_config(raw, nested=True, decoder=_DECODER, text_type=text.get("model_type") or "qwen3_5_text")
+    tc = text_config(raw, nested=True, decoder=decoder, text_type=text.get("model_type") or text_type)
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
     if rope.get("rope_type", "default") != "default":
         raise UnsupportedModelError(f"Qwen3.5 rope type {rope['rope_type']!r} is not supported yet (only default)")
@@ -81,10 +85,10 @@ def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
         raise UnsupportedModelError("Qwen3.5 vision towers with DeepStack mergers are not supported")
 
     attn = decoder_layer(w, tc, "text.attn_layers.{i}.", qk_norm=True, norm_offset=1.0, output_gate=True,
-                         rope_dim=rope_dim, layers=full, name="text_attn_layer")
+                         rope_dim=rope_dim, layers=full, ffn=ffn, name="text_attn_layer")
     stack = [(attn, full)]
     if linear:
-        lin = gated_deltanet_layer(w, tc, la, linear, norm_offset=1.0)
+        lin = gated_deltanet_layer(w, tc, la, linear, norm_offset=1.0, ffn=ffn)
         prog.blocks[lin.name] = lin
         stack.append((lin, linear))
     prog.blocks[attn.name] = attn
