@@ -477,13 +477,15 @@ def run_worker(python: str, name: str, spec: dict[str, Any], tmp: Path, timeout:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     except subprocess.TimeoutExpired:
-        return {"label": label, "framework": name, "error": f"timed out after {timeout:.0f} s"}
+        log(f"[{label}] timed out after {timeout:.0f} s (load average {_loadavg()})")
+        return {"label": label, "framework": name, "error": f"timed out after {timeout:.0f} s",
+                "round": spec.get("round", 0)}
     elapsed = time.perf_counter() - t
     if proc.returncode != 0 or not out_path.is_file():
         tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
         log(f"[{label}] failed (exit {proc.returncode}) after {elapsed:.0f} s:\n{tail}")
         return {"label": label, "framework": name, "error": tail.splitlines()[-1] if tail else "failed",
-                "process_s": elapsed}
+                "process_s": elapsed, "round": spec.get("round", 0)}
     result = json.loads(out_path.read_text())
     result["process_s"] = elapsed
     log(f"[{label}] done in {elapsed:.0f} s")
@@ -505,7 +507,7 @@ def merge_rounds(results: list[dict[str, Any]], spec: dict[str, Any]) -> dict[st
         if any(r.get(key) is not None for r in ok):
             row[key] = max(r.get(key) or 0 for r in ok)
     row.update(load_s=_median([r["load_s"] for r in ok]), process_s=sum(r.get("process_s", 0) for r in ok),
-               rounds=len(ok), failed_rounds=[r["error"] for r in results if "error" in r],
+               rounds=len(ok), failed_rounds=[f"round {r.get('round')}: {r['error']}" for r in results if "error" in r],
                round_decode_tps=[r["decode_tps"] for r in ok],
                load_average_before=[r.get("load_average_before") for r in ok],
                load_average_after=[r.get("load_average_after") for r in ok])
@@ -544,6 +546,9 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
               for r in rows if r.get("round_decode_tps")]
     if spread:
         lines.append("decode tok/s by round: " + "; ".join(spread))
+    failed = [f"{r['label']} {f}" for r in rows for f in r.get("failed_rounds", [])]
+    if failed:
+        lines.append("failed rounds (left out of the medians): " + "; ".join(failed))
     ok = [r for r in rows if "error" not in r]
     ours = [r for r in ok if r["framework"] == "vlmc"]
     others = [r for r in ok if r["framework"] != "vlmc"]
