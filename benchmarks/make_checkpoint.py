@@ -18,6 +18,7 @@ and LM head have their real cost.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -125,7 +126,9 @@ def make_checkpoint(name: str, out: Path, dtype: str = "bfloat16", seed: int = 0
                       vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
                       vision_token_id=ids["<|vision_pad|>"], eos_token_id=ids["<|im_end|>"],
                       bos_token_id=ids["<|endoftext|>"])
-    shapes = {hub_name(k, family): v for k, v in _shapes(family, config).items()}
+    # transformers' from_dict rewrites nested dicts in place (Qwen3-VL's vision model_type
+    # "qwen3_vl" becomes "qwen3_vl_vision", which mlx-vlm refuses): give it a copy
+    shapes = {hub_name(k, family): v for k, v in _shapes(family, copy.deepcopy(config)).items()}
     rng = np.random.default_rng(seed)
     item = 2 if dtype in ("bfloat16", "float16") else 4
     shards, cur, size = [], [], 0
