@@ -525,8 +525,10 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"checkpoint {meta['checkpoint']}  |  {meta['prompt_tokens']} prompt tokens, {meta['decode_tokens']} "
              f"decode tokens (no EOS stop), "
              + (f"{meta['image_size']}x{meta['image_size']} image, " if meta['image_size'] else "no image, ")
-             + f"{meta['runs']} run(s) ({meta.get('image_runs', meta['runs'])} with the image) after 1 warm-up, "
-             f"x {meta.get('rounds', 1)} round(s) ({meta.get('image_rounds', 1)} with the image)  |  "
+             + f"{meta['runs']} run(s)"
+             + (f" ({meta.get('image_runs', meta['runs'])} with the image)" if meta['image_size'] else "")
+             + f" after 1 warm-up, x {meta.get('rounds', 1)} round(s)"
+             + (f" ({meta.get('image_rounds', 1)} with the image)" if meta['image_size'] else "") + "  |  "
              f"{meta['cpu_count']} cpus", head, "-" * len(head)]
     for r in rows:
         if "error" in r:
