@@ -116,7 +116,14 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         return json.loads(f.read(n)), 8 + n
 
 
+# families whose transformers 5 in-memory names differ from the published ones (Qwen3-VL,
+# Idefics3/SmolVLM publish the in-memory names; make_checkpoint.py writes Gemma's hub names)
+RENAMED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava")
+
+
 def uses_module_names(ckpt: Path) -> bool:
+    if json.loads((ckpt / "config.json").read_text()).get("model_type") not in RENAMED_FAMILIES:
+        return False
     for f in _weight_files(ckpt):
         header, _ = _read_header(f)
         if any(k.startswith(("model.language_model.", "model.visual.", "model.vision_tower.")) for k in header):
@@ -217,7 +224,7 @@ def worker_vlmc(spec: dict[str, Any]) -> dict[str, Any]:
     for _ in range(spec["runs"]):
         tm = time_generation(vlm, prompt, spec["decode_tokens"] + 1)
         text_runs.append({"ttft_s": tm.ttft_s, "decode_s": tm.decode_s})
-    for _ in range(spec["runs"] if image is not None else 0):
+    for _ in range(spec.get("image_runs", spec["runs"]) if image is not None else 0):
         r = time_image_request(vlm, image)
         image_runs.append({"ttft_ms": r["ttft_ms"], "vision_ms": r["encode_ms"], "prompt_tokens": r["prompt_tokens"],
                            "preprocess_ms": r["preprocess_ms"]})
@@ -285,9 +292,10 @@ def worker_mlx_vlm(spec: dict[str, Any]) -> dict[str, Any]:
             return out
 
     timed = None
-    if hasattr(model, "vision_tower"):
-        timed = TimedTower(model.vision_tower)
-        object.__setattr__(model, "vision_tower", timed)   # an instance attribute wins over the module's entry
+    tower_attr = next((a for a in ("vision_tower", "vision_model") if hasattr(model, a)), None)
+    if tower_attr is not None:
+        timed = TimedTower(getattr(model, tower_attr))
+        object.__setattr__(model, tower_attr, timed)   # an instance attribute wins over the module's entry
 
     def run_image(img: Any) -> dict[str, Any]:
         if timed is not None:
@@ -306,7 +314,7 @@ def worker_mlx_vlm(spec: dict[str, Any]) -> dict[str, Any]:
         run_image(_image(spec, "warmup_image"))
     mx.reset_peak_memory()
     text_runs = [run_text(spec["decode_tokens"] + 1) for _ in range(spec["runs"])]
-    image_runs = [run_image(image) for _ in range(spec["runs"] if image is not None else 0)]
+    image_runs = [run_image(image) for _ in range(spec.get("image_runs", spec["runs"]) if image is not None else 0)]
     out = _summarize(text_runs, image_runs, spec)
     from mlx.utils import tree_flatten
     dtypes = sorted({str(v.dtype).replace("mlx.core.", "") for _, v in tree_flatten(model.parameters())})
@@ -315,19 +323,67 @@ def worker_mlx_vlm(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _hf_family(ckpt: Path, family: str) -> tuple[Any, Any, Callable[[Any], Any]]:
+    """(model class, processor, PIL image -> model inputs of the image request) for
+    transformers. Processors are built directly (AutoProcessor wants torchvision for the
+    video processors); token counts per image come from the checkpoint's own files."""
+    import transformers as tf
+
+    from fixtures import checkpoints as ck
+
+    messages = image_messages()
+
+    def chat(processor: Any) -> Callable[[Any], Any]:
+        return lambda img: processor(text=[processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                                         tokenize=False)],
+                                     images=[img], return_tensors="pt")
+
+    if family in RENAMED_FAMILIES:
+        processor = ck.hf_processor(ckpt, family)
+        return ck._model_class(family), processor, chat(processor)
+    if family == "qwen3_vl":
+        from fixtures import qwen3_vl
+        processor = qwen3_vl.hf_processor(ckpt)
+        return tf.Qwen3VLForConditionalGeneration, processor, chat(processor)
+    if family in ("idefics3", "smolvlm"):
+        from fixtures import idefics3
+        tiles = json.loads((ckpt / "processor_config.json").read_text())["image_seq_len"]
+        kw = dict(image_processor=idefics3.hf_image_processor(ckpt, family), tokenizer=ck.hf_tokenizer(ckpt),
+                  image_seq_len=tiles, chat_template=ck.read_chat_template(ckpt))
+        if family == "idefics3":
+            processor, cls = tf.Idefics3Processor(**kw), tf.Idefics3ForConditionalGeneration
+        else:
+            processor, cls = ck._without_video(tf.SmolVLMProcessor)(video_processor=None, **kw), \
+                tf.SmolVLMForConditionalGeneration
+        # the tokenizer renders the template (SmolVLMProcessor's own reads its video settings)
+        text = processor.tokenizer.apply_chat_template(messages, chat_template=processor.chat_template,
+                                                       add_generation_prompt=True, tokenize=False)
+        return cls, processor, lambda img: processor(text=[text], images=[[img]], return_tensors="pt")
+    if family == "gemma3":
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+        pp = json.loads((ckpt / "preprocessor_config.json").read_text())
+        seq = pp.pop("image_seq_length")
+        kw = {k: v for k, v in pp.items() if k not in ("image_processor_type", "processor_class") and v is not None}
+        processor = tf.Gemma3Processor(image_processor=Gemma3ImageProcessorPil(**kw), tokenizer=ck.hf_tokenizer(ckpt),
+                                       chat_template=ck.read_chat_template(ckpt), image_seq_length=seq)
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        bos = not text.startswith(processor.tokenizer.bos_token)   # the template writes <bos> itself
+        return tf.Gemma3ForConditionalGeneration, processor, \
+            lambda img: processor(text=[text], images=[img], add_special_tokens=bos, return_tensors="pt")
+    raise SystemExit(f"compare.py has no transformers setup for model_type {family!r}")
+
+
 def worker_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "tests"))
     import torch
     import transformers
     from transformers.generation.streamers import BaseStreamer
 
-    from fixtures.checkpoints import _model_class, hf_processor  # torchvision-free processor
-
     ckpt = Path(spec["checkpoint"])
     family = json.loads((ckpt / "config.json").read_text())["model_type"]
     t = time.perf_counter()
-    model = _model_class(family).from_pretrained(str(ckpt), dtype=torch.float32).eval()
-    processor = hf_processor(ckpt, family)
+    model_class, processor, image_inputs = _hf_family(ckpt, family)
+    model = model_class.from_pretrained(str(ckpt), dtype=torch.float32).eval()
     load_s = time.perf_counter() - t
     image = _image(spec, "image")
     eos = model.generation_config.eos_token_id
@@ -364,7 +420,8 @@ def worker_transformers(spec: dict[str, Any]) -> dict[str, Any]:
 
     # Time the vision tower inside the request with forward hooks (torch is eager, so
     # they measure exactly the tower's forward and change nothing else).
-    tower = getattr(model.model, "visual", None) or getattr(model.model, "vision_tower", None)
+    tower = next((getattr(model.model, a) for a in ("visual", "vision_tower", "vision_model")
+                  if getattr(model.model, a, None) is not None), None)
     vision_s: list[float] = []
     started: list[float] = []
     if tower is not None:
@@ -374,8 +431,7 @@ def worker_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     def run_image(img: Any) -> dict[str, Any]:
         vision_s.clear()
         t0 = time.perf_counter()
-        text = processor.apply_chat_template(image_messages(), add_generation_prompt=True, tokenize=False)
-        inputs = processor(text=[text], images=[img], return_tensors="pt")
+        inputs = image_inputs(img)
         clock = Clock()
         with torch.inference_mode():
             model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False, streamer=clock,
@@ -387,7 +443,7 @@ def worker_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     if image is not None:
         run_image(_image(spec, "warmup_image"))
     text_runs = [run_text(spec["decode_tokens"] + 1) for _ in range(spec["runs"])]
-    image_runs = [run_image(image) for _ in range(spec["runs"] if image is not None else 0)]
+    image_runs = [run_image(image) for _ in range(spec.get("image_runs", spec["runs"]) if image is not None else 0)]
     out = _summarize(text_runs, image_runs, spec)
     out.update(framework="transformers", version=transformers.__version__, torch=torch.__version__,
                torch_threads=torch.get_num_threads(), load_s=load_s, dtype="float32")
@@ -411,7 +467,7 @@ def worker_main(name: str, spec_path: Path, out_path: Path) -> None:
 def run_worker(python: str, name: str, spec: dict[str, Any], tmp: Path, timeout: float,
                log: Callable[[str], None]) -> dict[str, Any]:
     label = spec.get("label", name)
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in label) + f".r{spec.get('round', 0)}"
     spec_path, out_path = tmp / f"{slug}.spec.json", tmp / f"{slug}.out.json"
     spec_path.write_text(json.dumps(spec))
     cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--spec", str(spec_path), "--out", str(out_path)]
@@ -421,17 +477,41 @@ def run_worker(python: str, name: str, spec: dict[str, Any], tmp: Path, timeout:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     except subprocess.TimeoutExpired:
-        return {"label": label, "framework": name, "error": f"timed out after {timeout:.0f} s"}
+        log(f"[{label}] timed out after {timeout:.0f} s (load average {_loadavg()})")
+        return {"label": label, "framework": name, "error": f"timed out after {timeout:.0f} s",
+                "round": spec.get("round", 0)}
     elapsed = time.perf_counter() - t
     if proc.returncode != 0 or not out_path.is_file():
         tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
         log(f"[{label}] failed (exit {proc.returncode}) after {elapsed:.0f} s:\n{tail}")
         return {"label": label, "framework": name, "error": tail.splitlines()[-1] if tail else "failed",
-                "process_s": elapsed}
+                "process_s": elapsed, "round": spec.get("round", 0)}
     result = json.loads(out_path.read_text())
     result["process_s"] = elapsed
     log(f"[{label}] done in {elapsed:.0f} s")
     return result
+
+
+def merge_rounds(results: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, Any]:
+    """One row per framework from its rounds: medians over every round's samples, the
+    largest memory figures, and each round's own decode tok/s and load average."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[-1]
+    if len(results) == 1:
+        return ok[0]
+    text = [s for r in ok for s in r["text_samples"]]
+    images = [s for r in ok for s in r.get("image_samples", [])]
+    row = {**ok[0], **_summarize(text, images, spec)}
+    for key in ("mlx_peak_bytes", "max_rss_bytes"):
+        if any(r.get(key) is not None for r in ok):
+            row[key] = max(r.get(key) or 0 for r in ok)
+    row.update(load_s=_median([r["load_s"] for r in ok]), process_s=sum(r.get("process_s", 0) for r in ok),
+               rounds=len(ok), failed_rounds=[f"round {r.get('round')}: {r['error']}" for r in results if "error" in r],
+               round_decode_tps=[r["decode_tps"] for r in ok],
+               load_average_before=[r.get("load_average_before") for r in ok],
+               load_average_after=[r.get("load_average_after") for r in ok])
+    return row
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -445,8 +525,11 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"checkpoint {meta['checkpoint']}  |  {meta['prompt_tokens']} prompt tokens, {meta['decode_tokens']} "
              f"decode tokens (no EOS stop), "
              + (f"{meta['image_size']}x{meta['image_size']} image, " if meta['image_size'] else "no image, ")
-             + f"{meta['runs']} run(s) "
-             f"after 1 warm-up  |  {meta['cpu_count']} cpus", head, "-" * len(head)]
+             + f"{meta['runs']} run(s)"
+             + (f" ({meta.get('image_runs', meta['runs'])} with the image)" if meta['image_size'] else "")
+             + f" after 1 warm-up, x {meta.get('rounds', 1)} round(s)"
+             + (f" ({meta.get('image_rounds', 1)} with the image)" if meta['image_size'] else "") + "  |  "
+             f"{meta['cpu_count']} cpus", head, "-" * len(head)]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['label']:<22}error: {r['error']}")
@@ -461,6 +544,13 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     loads = [f"{r['label']}: {r.get('load_average_before')} -> {r.get('load_average_after')}"
              for r in rows if "error" not in r]
     lines += ["", "load average (1/5/15 min) before -> after each run: " + "; ".join(loads)]
+    spread = [f"{r['label']}: {', '.join(f'{x:.2f}' for x in r['round_decode_tps'] if x)}"
+              for r in rows if r.get("round_decode_tps")]
+    if spread:
+        lines.append("decode tok/s by round: " + "; ".join(spread))
+    failed = [f"{r['label']} {f}" for r in rows for f in r.get("failed_rounds", [])]
+    if failed:
+        lines.append("failed rounds (left out of the medians): " + "; ".join(failed))
     ok = [r for r in rows if "error" not in r]
     ours = [r for r in ok if r["framework"] == "vlmc"]
     others = [r for r in ok if r["framework"] != "vlmc"]
@@ -523,7 +613,13 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=448, help="Synthetic image side (0: no image request).")
-    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=1, help="Timed runs per worker process (medians).")
+    ap.add_argument("--image-runs", type=int, default=None, help="Timed image requests per worker (default: --runs).")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="Run every framework this many times in fresh processes, alternating their order; "
+                         "medians over all rounds' samples.")
+    ap.add_argument("--image-rounds", type=int, default=None,
+                    help="Rounds that include the image request (default: all; the rest time text only).")
     ap.add_argument("--hub-copy", type=Path, default=None,
                     help="Where to write the hub-named copy if CHECKPOINT needs one (default: CHECKPOINT-hub).")
     ap.add_argument("--timeout", type=float, default=3600, help="Seconds per framework.")
@@ -543,8 +639,11 @@ def main() -> None:
         return
     if a.checkpoint is None:
         ap.error("CHECKPOINT is required")
-    if a.prompt_tokens < 1 or a.decode_tokens < 1 or a.runs < 1 or 0 < a.image_size < 28:
-        ap.error("--prompt-tokens, --decode-tokens and --runs must be >= 1, --image-size 0 (none) or >= 28")
+    a.image_runs = a.runs if a.image_runs is None else a.image_runs
+    a.image_rounds = a.rounds if a.image_rounds is None else a.image_rounds
+    if min(a.prompt_tokens, a.decode_tokens, a.runs, a.rounds, a.image_runs, a.image_rounds) < 1 or 0 < a.image_size < 28:
+        ap.error("--prompt-tokens, --decode-tokens, --runs, --image-runs, --rounds and --image-rounds must be >= 1, "
+                 "--image-size 0 (none) or >= 28")
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     t_all = time.perf_counter()
     ckpt = a.checkpoint.expanduser().resolve()
@@ -566,7 +665,7 @@ def main() -> None:
         synthetic_image(min(a.image_size, WARMUP_IMAGE), seed=1).save(warm_png)
     base = {"checkpoint": str(ckpt), "ids": prompt_ids(ckpt, a.prompt_tokens), "decode_tokens": a.decode_tokens,
             "image": str(png) if a.image_size else None,
-            "warmup_image": str(warm_png) if a.image_size else None, "runs": a.runs}
+            "warmup_image": str(warm_png) if a.image_size else None, "runs": a.runs, "image_runs": a.image_runs}
     jobs: list[tuple[str, str, dict[str, Any]]] = []
     if "vlmc" not in a.skip:
         if a.vlmc_artifact:
@@ -584,9 +683,19 @@ def main() -> None:
     if "transformers" not in a.skip:
         jobs.append((a.transformers_python, "transformers", {**base, "label": "transformers f32"}))
 
-    rows = [run_worker(py, name, spec, tmp, a.timeout, log) for py, name, spec in jobs]
+    per_label: dict[str, list[dict[str, Any]]] = {}
+    for r in range(a.rounds):
+        # alternate the order so no framework always runs first (or after the same neighbour)
+        for py, name, spec in (jobs if r % 2 == 0 else jobs[::-1]):
+            spec = {**spec, "round": r}
+            if r >= a.image_rounds:
+                spec.update(image=None, warmup_image=None)
+            per_label.setdefault(spec["label"], []).append(run_worker(py, name, spec, tmp, a.timeout, log))
+    rows = [merge_rounds(results, base) for results in per_label.values()]
     meta = {"checkpoint": str(ckpt), "prompt_tokens": a.prompt_tokens, "decode_tokens": a.decode_tokens,
-            "image_size": a.image_size, "runs": a.runs, "cpu_count": os.cpu_count(), "total_s": time.perf_counter() - t_all}
+            "image_size": a.image_size, "runs": a.runs, "image_runs": a.image_runs, "rounds": a.rounds,
+            "image_rounds": min(a.image_rounds, a.rounds), "cpu_count": os.cpu_count(),
+            "total_s": time.perf_counter() - t_all}
     print(format_table(rows, meta))
     if a.json:
         a.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))

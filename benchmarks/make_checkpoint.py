@@ -1,13 +1,15 @@
 """Random-weight checkpoints with the real shapes of published VLMs, for benchmarks.
 
     python benchmarks/make_checkpoint.py qwen2_vl /tmp/qwen2vl-2b-shapes [--dtype bfloat16]
+    python benchmarks/make_checkpoint.py smolvlm_500m /tmp/smolvlm-500m-shapes
 
 The shapes come from ``reference_configs/<family>.json`` (published config values of
 Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct, llava-interleave-qwen-0.5b, gemma-3-4b-it,
 paligemma-3b-mix-224, Qwen3-VL-2B-Instruct, SmolVLM-256M-Instruct (``idefics3``),
 SmolVLM2-256M-Video-Instruct (``smolvlm``) and Ministral-3-3B-Instruct-2512 (``mistral3``: the
 smallest published Mistral 3, 3.85B parameters, 7.7 GB in bfloat16, about 2 GB as q4; the hub
-repo ships FP8, the preset writes the BF16 layout)). Tensor names
+repo ships FP8, the preset writes the BF16 layout)), plus named sizes of a family
+(``smolvlm_500m``: SmolVLM-500M-Instruct, an ``idefics3`` checkpoint). Tensor names
 and shapes are read from transformers' model class instantiated on the meta device (no
 memory); weights are drawn with numpy one tensor at a time and streamed to safetensors
 shards, so a 2B model needs no more RAM than its largest tensor. The tokenizer is the
@@ -18,6 +20,7 @@ and LM head have their real cost.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -43,6 +46,8 @@ FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_
             "paligemma": "PaliGemmaForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
             "idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration",
             "mistral3": "Mistral3ForConditionalGeneration"}
+# other published sizes of a family: reference_configs/<name>.json, built as that family
+SIZES = {"smolvlm_500m": "idefics3"}
 # families whose transformers 5 module names are the published ones
 SAME_NAMES = ("qwen3_vl", "idefics3", "smolvlm")
 # the hub names of the Gemma families (transformers 4.x): vision_tower.vision_model.*, language_model.model.*
@@ -82,8 +87,9 @@ def _tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.n
     return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
 
 
-def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
-    ref = json.loads((HERE / "reference_configs" / f"{family}.json").read_text())
+def make_checkpoint(name: str, out: Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
+    ref = json.loads((HERE / "reference_configs" / f"{name}.json").read_text())
+    family = SIZES.get(name, name)
     config = dict(ref["config.json"])
     out.mkdir(parents=True, exist_ok=True)
     gemma = family in ("gemma3", "paligemma")
@@ -133,16 +139,18 @@ def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int =
                       vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
                       vision_token_id=ids["<|vision_pad|>"], eos_token_id=ids["<|im_end|>"],
                       bos_token_id=ids["<|endoftext|>"])
-    shapes = {hub_name(k, family): v for k, v in _shapes(family, config).items()}
+    # transformers' from_dict rewrites nested dicts in place (Qwen3-VL's vision model_type
+    # "qwen3_vl" becomes "qwen3_vl_vision", which mlx-vlm refuses): give it a copy
+    shapes = {hub_name(k, family): v for k, v in _shapes(family, copy.deepcopy(config)).items()}
     rng = np.random.default_rng(seed)
     item = 2 if dtype in ("bfloat16", "float16") else 4
     shards, cur, size = [], [], 0
-    for name, shape in shapes.items():
+    for tensor, shape in shapes.items():
         n = int(np.prod(shape)) * item
         if cur and size + n > SHARD_BYTES:
             shards.append(cur)
             cur, size = [], 0
-        cur.append(name)
+        cur.append(tensor)
         size += n
     shards.append(cur)
     weight_map = {}
@@ -177,7 +185,7 @@ def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int =
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("family", choices=sorted(FAMILIES))
+    ap.add_argument("family", choices=sorted([*FAMILIES, *SIZES]))
     ap.add_argument("out", type=Path)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--seed", type=int, default=0)
