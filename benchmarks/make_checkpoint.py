@@ -3,7 +3,9 @@
     python benchmarks/make_checkpoint.py qwen2_vl /tmp/qwen2vl-2b-shapes [--dtype bfloat16]
 
 The shapes come from ``reference_configs/<family>.json`` (published config values of
-Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct, llava-interleave-qwen-0.5b). Tensor names
+Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct, llava-interleave-qwen-0.5b, gemma-3-4b-it,
+paligemma-3b-mix-224, Qwen3-VL-2B-Instruct, SmolVLM-256M-Instruct (``idefics3``) and
+SmolVLM2-256M-Video-Instruct (``smolvlm``)). Tensor names
 and shapes are read from transformers' model class instantiated on the meta device (no
 memory); weights are drawn with numpy one tensor at a time and streamed to safetensors
 shards, so a 2B model needs no more RAM than its largest tensor. The tokenizer is the
@@ -26,12 +28,22 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from fixtures.checkpoints import build_tokenizer  # noqa: E402
+from fixtures.gemma import build_tokenizer as build_gemma_tokenizer  # noqa: E402
+from fixtures.idefics3 import build_tokenizer as build_idefics3_tokenizer  # noqa: E402
+from fixtures.qwen3_vl import build_tokenizer as build_qwen3_tokenizer  # noqa: E402
 from compare import TO_HUB  # noqa: E402  (one table of hub names; compare.py renames older checkpoints)
 from vlmc.backends.safetensors_io import ShardWriter, to_storage  # noqa: E402
 
 SHARD_BYTES = 2 << 30
 FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-            "llava": "LlavaForConditionalGeneration"}
+            "llava": "LlavaForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
+            "paligemma": "PaliGemmaForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+            "idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}
+# families whose transformers 5 module names are the published ones
+SAME_NAMES = ("qwen3_vl", "idefics3", "smolvlm")
+# the hub names of the Gemma families (transformers 4.x): vision_tower.vision_model.*, language_model.model.*
+GEMMA_TO_HUB = [("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower.vision_model."),
+                ("model.multi_modal_projector.", "multi_modal_projector.")]
 
 
 def _shapes(family: str, config: dict) -> dict[str, tuple[int, ...]]:
@@ -41,14 +53,17 @@ def _shapes(family: str, config: dict) -> dict[str, tuple[int, ...]]:
     cfg = cls.config_class.from_dict(config)
     with torch.device("meta"):
         model = cls(cfg)
-    tied = bool(config.get("tie_word_embeddings", False))
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))  # the class default where config.json has none
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k.endswith("lm_head.weight"))}
 
 
 def hub_name(name: str, family: str) -> str:
     """transformers' in-memory (v5 module) name -> the name published checkpoints use,
     which every framework (mlx-vlm included) reads."""
-    for old, new in TO_HUB["llava" if family == "llava" else "qwen"]:
+    if family in SAME_NAMES:
+        return name
+    rules = GEMMA_TO_HUB if family in ("gemma3", "paligemma") else TO_HUB["llava" if family == "llava" else "qwen"]
+    for old, new in rules:
         if name.startswith(old):
             return new + name[len(old):]
     return name
@@ -66,9 +81,37 @@ def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int =
     ref = json.loads((HERE / "reference_configs" / f"{family}.json").read_text())
     config = dict(ref["config.json"])
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out, "llava" if family == "llava" else family)
+    gemma = family in ("gemma3", "paligemma")
+    if family == "qwen3_vl":
+        tok = build_qwen3_tokenizer(out)
+    elif family in ("idefics3", "smolvlm"):
+        tok = build_idefics3_tokenizer(out)
+    else:
+        tok = (build_gemma_tokenizer if gemma else build_tokenizer)(out, "llava" if family == "llava" else family)
     ids = tok["special_token_ids"]
-    if family == "llava":
+    if gemma:
+        eos, bos = ids["<eos>"], ids["<bos>"]
+    elif family in ("idefics3", "smolvlm"):
+        eos, bos = ids["<end_of_utterance>"], ids["<|im_start|>"]
+    else:
+        eos, bos = ids["<|im_end|>"], ids["<|endoftext|>"]
+    if family == "qwen3_vl":
+        config.update(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                      vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        config["text_config"] = {**config["text_config"], "eos_token_id": eos, "bos_token_id": bos}
+    elif family in ("idefics3", "smolvlm"):
+        config["image_token_id"] = ids["<image>"]
+        config["text_config"] = {**config["text_config"], "eos_token_id": eos, "bos_token_id": bos,
+                                 "pad_token_id": ids["<|endoftext|>"]}
+    elif gemma:
+        tokens = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=ids["<pad>"])
+        config["text_config"] = {**config["text_config"], **tokens}
+        if family == "gemma3":
+            config.update(boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+                          image_token_index=ids["<image_soft_token>"], eos_token_id=[eos, ids["<end_of_turn>"]])
+        else:
+            config.update(image_token_index=ids["<image>"], **tokens)
+    elif family == "llava":
         config["image_token_index"] = ids["<image>"]
         config["text_config"] = {**config["text_config"], "eos_token_id": ids["<|im_end|>"],
                                  "bos_token_id": ids["<|endoftext|>"]}
@@ -102,14 +145,18 @@ def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int =
     config["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(config, indent=1))
     pre = dict(ref["preprocessor_config.json"])
+    if family in ("idefics3", "smolvlm"):
+        vc = config["vision_config"]
+        tile = (vc["image_size"] // vc["patch_size"]) // config["scale_factor"]
+        (out / "processor_config.json").write_text(json.dumps(
+            {"processor_class": pre["processor_class"], "image_seq_len": tile * tile}))
     if family == "llava":
         (out / "processor_config.json").write_text(json.dumps(
             {"processor_class": "LlavaProcessor", "patch_size": config["vision_config"]["patch_size"],
              "vision_feature_select_strategy": config.get("vision_feature_select_strategy", "full"),
              "num_additional_image_tokens": 0}))
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=1))
-    eos = ids["<|im_end|>"]
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos], "bos_token_id": ids["<|endoftext|>"]}))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos], "bos_token_id": bos}))
     return out
 
 

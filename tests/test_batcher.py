@@ -353,3 +353,34 @@ def test_an_idle_loop_hands_memory_back(demo, monkeypatch):
         assert len(calls) > before
     finally:
         b.shutdown()
+
+
+def test_prefill_chunks_are_a_token_budget_over_all_rows(demo):
+    """Prompts prefilled together share --prefill-chunk: each step runs about that many
+    prompt tokens over all their rows, so a decode step of the running batch never waits
+    for rows x chunk tokens; the replies are the unchunked ones."""
+    m = demo
+    ps = [m.build_prompt("circle square " * n) for n in (30, 50, 70)]
+    jobs = [dict(prompt=p, max_tokens=6) for p in ps]
+    b = Batcher(m, max_batch=8, prefill_chunk=48, prefill_batch_tokens=4096)
+    try:
+        with b._cond:  # (reentrant) the loop admits all three at once
+            together = Collector(len(jobs))
+            for i, kw in enumerate(jobs):
+                b.submit(Job(emit=together.emit(i), **kw))
+        assert together.done.wait(120)
+        width = max(len(p.ids) for p in ps)
+        assert b.counters["prefill_batches"] == 1
+        assert b.counters["prefill_steps"] >= width // (48 // 3)  # 16 columns x 3 rows per step
+    finally:
+        b.shutdown()
+    for p, got in zip(ps, together.tokens):
+        assert got == run_alone(m, p)
+
+
+def run_alone(m, p):
+    b = Batcher(m, max_batch=1, prefill_chunk=4096)
+    try:
+        return run_jobs(b, [dict(prompt=p, max_tokens=6)]).tokens[0]
+    finally:
+        b.shutdown()

@@ -325,6 +325,55 @@ def test_qembedding_matches_reference(bits, gs, sdtype):
         assert np.array_equal(host, np.asarray(cpu.qembedding(ids, table).astype(mx.float32)))
 
 
+# ---- row exactness ------------------------------------------------------------------------
+
+def _assert_rows_exact(seed: int, widths=(2, 3, 4, 5, 6, 8), group_sizes=(64, 128)) -> None:
+    """Every output row of a GEMV of M = 1..16 x rows is, bit for bit, that row computed
+    alone (M = 1), at whatever position among the rows it comes, for the K of Qwen2-VL-2B's
+    projections (1536: 3 whole 512-code steps; 8960: 17 and a half; 576: a lone last
+    64-block) and N not a multiple of the kernels' row blocks; float32, bfloat16 and every
+    code width, with and without a bias."""
+    rng = np.random.default_rng(seed)
+    for K in (1536, 8960, 576):
+        N = int(rng.integers(20, 60))
+        w = mx.array(rng.standard_normal((N, K)).astype(np.float32) * 0.02)
+        bias = mx.array(rng.standard_normal(N).astype(np.float32))
+        x = rng.standard_normal((16, K)).astype(np.float32) * rng.uniform(0.1, 10, (16, 1)).astype(np.float32)
+        x[:, rng.integers(0, K, 9)] *= 20  # a few outliers per row (int8 x: block scales differ)
+        calls = [lambda xs, b, w=w: cpu.linear(mx.array(xs), w, b),
+                 lambda xs, b, w=w.astype(mx.bfloat16): cpu.linear(mx.array(xs), w, b)]
+        for bits in widths:
+            gs = group_sizes[bits % len(group_sizes)] if K % 128 == 0 else 64
+            wq, s, bq = mx.quantize(w.astype(mx.bfloat16), group_size=gs, bits=bits)
+            calls.append(lambda xs, b, q=(wq, s, bq, bits, gs): cpu.qlinear(mx.array(xs), *q[:3], b, bits=q[3],
+                                                                              group_size=q[4]))
+        for i, call in enumerate(calls):
+            for b in (None, bias) if i % 2 else (bias,):
+                alone = np.concatenate([np.asarray(call(x[r:r + 1], b)) for r in range(16)])
+                for M in range(2, 17):
+                    rows = rng.permutation(16)[:M]
+                    got = np.asarray(call(x[rows], b))
+                    assert np.array_equal(got.view(np.uint32), alone[rows].view(np.uint32)), (K, i, M)
+
+
+@pytest.mark.parametrize("int8", [True, False])
+def test_gemv_rows_are_exact_for_any_row_count(int8, monkeypatch):
+    """Speculative decoding checks a draft's n tokens in one call of B x n rows and must
+    get the logits n one-token steps give, so a row's result may not depend on the other
+    rows of its call. With int8 x (x rounded per 64 values, each row by itself) and with
+    float32 x."""
+    if int8 and not cpu.int8_activations():
+        pytest.skip("no AVX512-VNNI on this CPU (or turned off)")
+    monkeypatch.setenv("VLMC_CPU_INT8_ACTIVATIONS", "1" if int8 else "0")
+    cpu.refresh()
+    try:
+        assert cpu.int8_activations() == int8
+        _assert_rows_exact(3 if int8 else 4)
+    finally:
+        monkeypatch.undo()
+        cpu.refresh()
+
+
 # ---- build, cache, fallbacks -------------------------------------------------------------
 
 def test_portable_build_matches(monkeypatch, tmp_path):
@@ -432,6 +481,7 @@ def test_avx2_only_build_matches(monkeypatch):
             for bits, gs, (wq, s, bq) in quants:
                 assert rel_err(cpu.qlinear(x, wq, s, bq, b, bits=bits, group_size=gs),
                                qref(x, wq, s, bq, bits, gs, b)) < QUANT_TOL, (N, K, M, bits, gs)
+    _assert_rows_exact(5, widths=(4, 8, 6))  # float x only: this build has no VNNI
     _host_kernels_match()
 
 

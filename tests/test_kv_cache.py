@@ -747,3 +747,204 @@ def test_host_writable_covers_affine_layouts_with_the_dense_conditions():
     window = make_caches([{"index": 0, "kv": {**spec, "window": 8}}], B, HKV, D)[0]
     window.append(k, v)
     assert not window.host_writable()
+
+
+# ---------------------------------------------------------------- several tokens per sequence (verify)
+
+def _bits(a) -> np.ndarray:
+    return np.asarray(a, np.float32).view(np.uint32)
+
+
+@pytest.mark.parametrize("layout", ["dense", "dense_rows", "affine4", "affine8", "turbo3.5"])
+@pytest.mark.parametrize("heads,dim", [(4, 64), (14, 48), (4, 24)])
+def test_kv_kernels_take_several_query_tokens_exactly(layout, heads, dim):
+    """T query tokens per sequence through one call of the KV decode kernels (q [B, H, T,
+    D]): token t sees the held keys and this step's tokens 0..t, and its row is, bit for
+    bit, what the one-token kernel gives at its place (the cache holding the tokens before
+    it). Rows cross the drivers' 128-row blocks, sequences are left-padded (one sees only
+    this step's tokens, one from its last token on), 7 heads per KV head take two passes,
+    D = 24 (affine: 48) takes the row-at-a-time driver; "dense_rows" passes this step's keys and values
+    apart ([B, HKV, T, D], as decode_layer does). Against the MLX reference too."""
+    from vlmc.kernels import cpu, kv_quant
+    from vlmc.kernels.cpu.kv_decode import kv_affine_decode, kv_dense_decode, kv_turbo_decode
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    if layout.startswith("affine") and dim % 16:
+        pytest.skip("affine KV groups are 16-128 wide (D = 48 takes the row-at-a-time driver for them)")
+    gs = 16
+    spec = {"dense": "dense", "dense_rows": "dense", "affine4": {"layout": "quantized", "bits": 4, "group_size": gs},
+            "affine8": {"layout": "quantized", "bits": 8, "group_size": gs}, "turbo3.5": LAYOUTS["turbo3.5"][0]}[layout]
+    rng = np.random.default_rng(heads * dim)
+    batch = 3
+    for before, T in [(120, 13), (1, 16), (250, 5), (128, 1)]:
+        cache = cache_for(spec, batch=batch, dim=dim)
+        k, v = kv(before + T, before + T, batch=batch, dim=dim)
+        cache.append(k, v)
+        q = mx.array(rng.standard_normal((batch, heads, T, dim)).astype(np.float32))
+        starts = mx.array([0, before, before + T - 1], mx.int32)
+        held, scale = before + T, dim ** -0.5
+        bufs = cache.buffers
+
+        def run(qq, n, extra=None):
+            if layout.startswith("dense"):
+                return kv_dense_decode(qq, bufs["k"]["x"], bufs["v"]["x"], starts, n, scale=scale,
+                                       **({} if extra is None else dict(new_k=extra[0], new_v=extra[1])))
+            if layout.startswith("affine"):
+                kb, vb, c = bufs["k"], bufs["v"], cache.codecs["k"]
+                return kv_affine_decode(qq, kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"],
+                                        vb["biases"], starts, n, scale=scale, bits=c.bits, group_size=c.group_size)
+            kc, vc, kb, vb = cache.codecs["k"], cache.codecs["v"], bufs["k"], bufs["v"]
+            return kv_turbo_decode(qq, kb["codes"], kb["norms"], vb["codes"], vb["norms"], kc.codebook, vc.codebook,
+                                   starts, n, scale=scale, k_bits=kc.bits, v_bits=vc.bits)
+        rows = layout == "dense_rows"
+        new = (np.asarray(k[:, :, before:]), np.asarray(v[:, :, before:])) if rows else None
+        out = run(q, held, new)
+        assert out.shape == (batch, heads, T, dim)
+        for t in range(T):
+            one = run(q[:, :, t], before + t + 1, None if not rows else (new[0][:, :, t], new[1][:, :, t]))
+            assert np.array_equal(_bits(out[:, :, t]), _bits(one)), (before, T, t)
+        assert not np.any(np.asarray(out)[2, :, :T - 1])  # tokens before a sequence's start see nothing
+        if layout == "dense":  # (the reference's rows that see nothing are not zeros)
+            r = kv_quant.kv_dense_decode(q, bufs["k"]["x"], bufs["v"]["x"], starts, held, scale=scale)
+            assert float(mx.abs(mx.array(out)[:2] - r[:2]).max()) <= 1e-5 * float(mx.abs(r[:2]).max())
+
+
+def _verify_round(rng, batch, T, hidden, starts, held, fast, seq, layers, attrs):
+    """T tokens per sequence through decode_layers in one call (caches ``fast``) and through
+    T one-token calls (``seq``): the outputs row for row and the caches, bit for bit."""
+    from vlmc.kernels import cpu_ops
+    from vlmc.kernels.cpu import kv_decode
+    x = (rng.standard_normal((batch, T, hidden)) * 3).astype(np.float32)
+    ang = rng.uniform(0, 6.3, (batch, 1, T, attrs["head_dim"])).astype(np.float32)
+    cos, sin = np.cos(ang), np.sin(ang)
+    mask = attention_mask(mx.array(starts, dtype=mx.int32), held, T, batch > 1)
+    weights = [w for w, _, _ in layers]
+    out = cpu_ops.decode_layers(x, cos, sin, mask, fast, weights, **attrs)
+    assert out is not None and out.shape == (batch, T, hidden)
+    for t in range(T):
+        m1 = attention_mask(mx.array(starts, dtype=mx.int32), held + t, 1, batch > 1)
+        one = cpu_ops.decode_layers(np.ascontiguousarray(x[:, t:t + 1]), np.ascontiguousarray(cos[:, :, t:t + 1]),
+                                    np.ascontiguousarray(sin[:, :, t:t + 1]), m1, seq, weights, **attrs)
+        assert one is not None
+        assert np.array_equal(_bits(out[:, t]), _bits(one[:, 0])), (T, t)
+    kv_decode.settle()
+    for a, b in zip(fast, seq):
+        assert a.held == b.held == held + T
+        for w in ("k", "v"):
+            for name, buf in a.parts(w).items():
+                other = b.parts(w)[name]
+                if buf.dtype == mx.bfloat16:
+                    buf, other = buf.view(mx.uint16), other.view(mx.uint16)
+                assert np.array_equal(np.asarray(buf), np.asarray(other)), (T, w, name)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_layers_with_several_tokens_equal_one_token_steps(batch):
+    """decode_layers with T tokens per sequence (x [B, T, hidden], B T <= 16: the verify
+    step of speculative decoding) over a stack mixing dense, 4-bit and 8-bit caches: each
+    layer's output row t and every cache byte equal T one-token calls one after another, to
+    the last bit, round after round: in place while T columns are free, appended lazily
+    where the tokens cross the capacity (256 columns) or an exported block; batch 3 is
+    left-padded (starts 0, 5, 17). That equality is what makes speculation lossless."""
+    from vlmc.kernels import cpu
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    rng = np.random.default_rng(10 + batch)
+    hidden, heads, kv_heads, dim, inter = 256, 4, 2, 64, 384
+    layers = [_layer_weights(rng, hidden, heads, kv_heads, dim, inter) for _ in STACK]
+    attrs = layers[0][2]
+    plan = [{"index": i, "kv": spec} for i, spec in enumerate(STACK)]
+    fast, seq = make_caches(plan, batch, kv_heads, dim), make_caches(plan, batch, kv_heads, dim)
+    starts = np.array([0, 5, 17][:batch])
+    for caches in (fast, seq):
+        for c in caches:
+            k = mx.array(rng.standard_normal((batch, kv_heads, 240, dim)).astype(np.float32))
+            c.append(k, k * 0.5)
+    for c, d in zip(fast, seq):  # the same prompt in both
+        for w in ("k", "v"):
+            for name in c.buffers[w]:
+                d.buffers[w][name] = mx.array(c.buffers[w][name])
+    pinned, lazy_rounds = [], []
+    tokens = [4, 16 // batch, 1, 5, 3, 16 // batch, 2, 16 // batch]  # crosses 256 columns on the way
+    for r, T in enumerate(tokens):
+        if r == 5:  # export whole blocks (as a prefix cache does) and rewind below them
+            for caches in (fast, seq):
+                for c in caches:
+                    pinned.append(c.export_blocks(16))
+                    c.trim(c.held % 16 + 3)
+        lazy = [not (c.host_writable() and c.held + T <= c.capacity) for c in fast]
+        assert len(set(lazy)) == 1  # every layout decides alike
+        lazy_rounds.append(lazy[0] and r < 5)
+        if r == 5:
+            assert lazy[0]  # below the exported columns
+        _verify_round(rng, batch, T, hidden, starts, fast[0].held, fast, seq, layers, attrs)
+    assert any(lazy_rounds)  # the round that needed a bigger buffer
+
+
+@pytest.mark.parametrize("path", ["one_call", "ops"])
+@pytest.mark.parametrize("kv", [{}, {"kv_bits": 4}, {"kv_bits": 3.5, "kv_quant_scheme": "turboquant"}],
+                         ids=["dense", "kv4", "turbo3.5"])
+def test_verify_entry_point_equals_decode_steps(tiny_checkpoint, tmp_path, kv, path, monkeypatch):
+    """A compiled q4 model's ``verify`` entry point (ids [B, n] -> logits [B, n, V], as
+    speculative decoding calls it) gives, bit for bit, the logits of n ``decode`` steps one
+    after another, and leaves the same caches (the next decode step's logits agree): through
+    decode_layers in one call (dense and 4/8-bit caches), and op by op (the GEMVs' rows and
+    the KV kernels' query tokens are exact; TurboQuant caches always go this way). One
+    sequence and a left-padded batch of three."""
+    import vlmc
+    from vlmc.kernels import cpu, cpu_ops
+    from vlmc.runtime.step import Sequences
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    if path == "one_call" and kv.get("kv_quant_scheme") == "turboquant":
+        pytest.skip("TurboQuant caches have no one-call path")
+    art = vlmc.compile(tiny_checkpoint, tmp_path / "a", target="cpu", quantize="q4", **kv)
+    m = vlmc.load(art)
+    ran, real = [], cpu_ops._decode_layers
+
+    def counted(x, *a, **k):
+        out = real(x, *a, **k) if path == "one_call" else None
+        ran.append((x.shape[1], out is not None))
+        return out
+    monkeypatch.setattr(cpu_ops, "_decode_layers", counted)
+    if path == "ops":
+        monkeypatch.setattr(cpu_ops, "_decode_layer", lambda *a, **k: None)
+    prompts = ["Describe a cat.", "A much longer question about shapes and colors?", "Hi"]
+    rng = np.random.default_rng(0)
+    for batch, n in ((1, 6), (3, 4)):
+        ps = [m.prompt_inputs(m.build_prompt(p)) for p in prompts[:batch]]
+        draft = mx.array(rng.integers(0, 200, (batch, n)), mx.int32)
+        one = Sequences.start(m.decoder, ps)
+        one.prefill()
+        steps = [np.array(one.decode(draft[:, i])) for i in range(n)]
+        after = np.array(one.decode(draft[:, 0]))
+        ran.clear()
+        many = Sequences.start(m.decoder, ps)
+        many.prefill()
+        out = np.array(many.verify(draft))
+        assert ((n, True) in ran) == (path == "one_call"), ran
+        for i in range(n):
+            assert np.array_equal(out[:, i].view(np.uint32), steps[i].view(np.uint32)), (batch, i)
+        assert np.array_equal(np.array(many.decode(draft[:, 0])).view(np.uint32), after.view(np.uint32))
+
+
+def test_decode_layers_refuses_a_cache_given_for_two_layers():
+    """The one-call path writes each layer's keys at its cache's end before any cache
+    advances, so one cache object passed for two layers would get both layers' keys in one
+    column (the ops append them one after the other): it returns None and stores nothing."""
+    from vlmc.kernels import cpu, cpu_ops
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    rng = np.random.default_rng(3)
+    hidden, heads, kv_heads, dim, inter = 128, 2, 1, 64, 192
+    layers = [_layer_weights(rng, hidden, heads, kv_heads, dim, inter) for _ in range(2)]
+    cache = make_caches([{"index": 0, "kv": "dense"}], 1, kv_heads, dim)[0]
+    cache.append(mx.zeros((1, kv_heads, 3, dim)), mx.zeros((1, kv_heads, 3, dim)))
+    x = rng.standard_normal((1, 2, hidden)).astype(np.float32)
+    cos = np.ones((1, 1, 2, dim), np.float32)
+    assert cpu_ops.decode_layers(x, cos, cos, None, [cache, cache], [w for w, _, _ in layers], **layers[0][2]) is None
+    assert cache.held == 3
+    other = make_caches([{"index": 0, "kv": "dense"}], 1, kv_heads, dim)[0]
+    other.append(mx.zeros((1, kv_heads, 3, dim)), mx.zeros((1, kv_heads, 3, dim)))
+    assert cpu_ops.decode_layers(x, cos, cos, None, [cache, other], [w for w, _, _ in layers], **layers[0][2]) is not None
+    assert cache.held == other.held == 5

@@ -136,8 +136,10 @@ def _count(ran, real, *a, **k):
 
 def test_decode_layer_falls_back_to_the_ops(ckpts, tmp_path):
     """Where the one-call path does not apply it returns None and the layer's ops run:
-    several tokens, a sliding-window cache, a 3-bit or TurboQuant KV cache (it reads dense,
-    4-bit and 8-bit caches), more sequences than the GEMV kernels take. (An mx.array input applies: its norm is then MLX's, as in the ops.)"""
+    several tokens in one layer's call (the stack call takes them), a sliding-window cache, a
+    3-bit or TurboQuant KV cache (it reads dense, 4-bit and 8-bit caches), more rows than the
+    GEMV kernels take, one cache given for two layers. (An mx.array input applies: its norm
+    is then MLX's, as in the ops.)"""
     import mlx.core as mx
     from vlmc.kernels import cpu, cpu_ops
     from vlmc.runtime import kv_codecs
@@ -196,6 +198,11 @@ def test_decode_layer_falls_back_to_the_ops(ckpts, tmp_path):
     caches[-1] = cache_with(RotatingKVCache(1, hkv, d, window=8))
     assert stack(cpu_ops, m, x, cos, cos, None, caches) is None
     assert [c.held for c in caches] == [4] * (layers - 1) + [3]
+    # several tokens per sequence take the stack call (verify steps) up to 16 rows in all; more decline
+    x17 = np.ones((1, 17, hidden), np.float32)
+    fresh = [cache_with(KVCache(1, hkv, d)) for _ in range(layers)]
+    assert stack(cpu_ops, m, x17, mx.ones((1, 1, 17, d)), mx.ones((1, 1, 17, d)), None, fresh) is None
+    assert [c.held for c in fresh] == [3] * layers
     assert stack(cpu_ops, m, x3, mx.ones((1, 1, 3, d)), mx.ones((1, 1, 3, d)), None, caches[:-1] + [caches[0]]) is None
 
 

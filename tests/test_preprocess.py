@@ -213,7 +213,7 @@ def test_unsupported_config_is_refused():
     with pytest.raises(SourceError, match="size"):
         spec_from_preprocessor_config({"size": {"longest_edge": 10}}, "clip", tokens_per_image=1)
     with pytest.raises(SourceError, match="kind"):
-        spec_from_preprocessor_config({}, "idefics3")
+        spec_from_preprocessor_config({}, "no_such_kind")
     with pytest.raises(ArtifactError, match="kind"):
         make_image_processor({"kind": "nope"})
 

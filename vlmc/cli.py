@@ -373,7 +373,9 @@ main.add_command(bench_cmd)
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=1),
               help="Requests that may wait (fetching images, being prepared, or for a batch slot); more get 429.")
 @click.option("--prefill-chunk", default=512, show_default=True, type=click.IntRange(min=1),
-              help="Prompt tokens per prefill step (decode steps of the running batch come between).")
+              help="Prompt tokens per prefill step, over all prompts prefilled together (a decode step of the "
+                   "running batch comes between steps): larger gives new requests a shorter TTFT, smaller keeps "
+                   "running requests' token latency steadier.")
 @click.option("--prefill-batch-tokens", default=2048, show_default=True, type=click.IntRange(min=1),
               help="Waiting prompts are prefilled together up to this many (padded) tokens.")
 @click.option("--max-tokens", "default_max_tokens", default=512, show_default=True, type=click.IntRange(min=1),

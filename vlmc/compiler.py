@@ -139,9 +139,12 @@ def _warn_slow_on_target(options: CompileOptions) -> None:
 def _runtime_files(ckpt: Checkpoint, fam, meta: dict[str, Any]) -> dict[str, Any]:
     """processor.json (the family's image preprocessing spec) and generation.json (stop ids, defaults)."""
     pre = read_json(ckpt.folder / "preprocessor_config.json", required=False)
-    if pre is None:
+    if pre is not None:
+        spec = fam.processor_spec(pre, meta)
+    elif meta.get("inputs", {}).get("image_token_id") is None:
+        spec = {"kind": "none"}  # a text-only model: nothing to prepare
+    else:
         raise SourceError(f"{ckpt.folder} has no preprocessor_config.json; vlmc needs it to prepare images")
-    spec = fam.processor_spec(pre, meta)
     gen = read_json(ckpt.folder / "generation_config.json", required=False) or {}
     eos: list[int] = []
     for src in (gen.get("eos_token_id"), ckpt.config.get("eos_token_id"),

@@ -48,7 +48,9 @@ class _Emitter:
             return f'{"p" if in_block else "P"}[{v[1:]!r}]'
         if v.startswith("$"):
             attr = v[1:]
-            choices = [i for i in fn.inputs if fn.types[i] == fn.types[v] and i.startswith("%mask")]
+            # the block inputs the layer table can name: those of the choice's type (masks,
+            # per-layer rotary tables)
+            choices = [i for i in fn.inputs if fn.types[i] == fn.types[v]]
             table = ", ".join(f"{c!r}: {_py(c)}" for c in choices)
             return f"{{{table}}}[L[{attr!r}]]"
         return _py(v)

@@ -134,6 +134,56 @@ def _mul(t, a):
     return [TensorType(broadcast(t[0].shape, t[1].shape), promote(t[0].dtype, t[1].dtype))]
 
 
+@rule("scale")
+def _scale(t, a):
+    """x times a constant ``value``, rounded to x's dtype first (Gemma's embedding scale,
+    sqrt(hidden), which transformers multiplies in the embedding's dtype)."""
+    return [t[0]]
+
+
+@rule("softcap")
+def _softcap(t, a):
+    """cap * tanh(x / cap): soft-capped logits (Gemma 2, Gemma 3 text ``final_logit_softcapping``)."""
+    if not float(a["cap"]) > 0:
+        raise ShapeError(f"softcap cap must be positive, got {a['cap']!r}")
+    return [t[0]]
+
+
+@rule("avg_pool_tokens")
+def _avg_pool_tokens(t, a):
+    """[N, G*G, E] tokens of a G x G patch grid (row-major) -> [N, (G/K)^2, E]: the mean of
+    each K x K window, windows row-major (Gemma 3's projector: AvgPool2d over the grid)."""
+    x, grid, kernel = t[0], a["grid"], a["kernel"]
+    if kernel < 1 or grid % kernel:
+        raise ShapeError(f"avg_pool_tokens: kernel {kernel} does not tile a {grid}x{grid} grid")
+    _same_dim(x.shape[1], grid * grid, "avg_pool_tokens tokens")
+    return [TensorType((x.shape[0], (grid // kernel) ** 2, x.shape[2]), x.dtype)]
+
+
+@rule("sum_axis")
+def _sum_axis(t, a):
+    """x summed over ``axis``, which is dropped: e.g. the weighted taps of an interpolated
+    position embedding (Qwen3-VL's bilinear resampling of its learned position grid)."""
+    x = t[0]
+    shape = list(x.shape)
+    del shape[a["axis"]]
+    return [TensorType(tuple(shape), x.dtype)]
+
+
+@rule("pad_axis")
+def _pad_axis(t, a):
+    """x with ``before`` and ``after`` zeros along ``axis`` (Qwen3-VL's token embeddings,
+    widened with room for the DeepStack features merged in at image tokens)."""
+    x = t[0]
+    axis, before, after = a["axis"], int(a.get("before", 0)), int(a["after"])
+    if before < 0 or after < 0:
+        raise ShapeError(f"pad_axis: negative padding {before}, {after}")
+    shape = list(x.shape)
+    n = shape[axis]
+    shape[axis] = n + before + after if isinstance(n, int) else f"{n}+{before + after}"
+    return [TensorType(tuple(shape), x.dtype)]
+
+
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu")
 
 
@@ -260,11 +310,16 @@ def _rope_freqs(t, a):
     kind "default": positions [B, L]     -> [B, 1, L, D]
     kind "mrope":   positions [3, B, L]  -> [B, 1, L, D]   (sections pick the stream)
     kind "axial2d": positions [N, 2]     -> [N, 1, D]      (h and w halves)
+    kind "mrope_interleaved": positions [3, B, L] -> [B, 1, L, D]  (Qwen3-VL: frequency j
+        takes stream h where j % 3 == 1 and j < 3 * sections[1], stream w where j % 3 == 2
+        and j < 3 * sections[2], stream t elsewhere)
+
+    ``factor`` (default 1): linear rope scaling, the inverse frequencies divided by it.
     """
     pos, dim, kind = t[0], a["dim"], a["kind"]
     if kind == "default":
         shape = (pos.shape[0], 1, pos.shape[1], dim)
-    elif kind == "mrope":
+    elif kind in ("mrope", "mrope_interleaved"):
         if sum(a["sections"]) * 2 != dim:
             raise ShapeError(f"mrope sections {a['sections']} do not cover head dim {dim}")
         shape = (pos.shape[1], 1, pos.shape[2], dim)
@@ -294,10 +349,14 @@ def _attention(t, a):
 @rule("cached_attention")
 def _cached_attention(t, a):
     """Like attention, but k/v of this step are first written into the layer's KV cache
-    (input 3, a runtime cache object) and attention runs over everything cached."""
+    (input 3, a runtime cache object) and attention runs over everything cached.
+    ``softcap`` (optional): the scaled scores soft-capped, cap * tanh(s / cap), before the
+    mask and softmax (Gemma 2's ``attn_logit_softcapping``)."""
     q, v = t[0], t[2]
     if t[3].dtype != "kvcache":
         raise ShapeError("cached_attention input 3 must be a kvcache")
+    if a.get("softcap") is not None and not float(a["softcap"]) > 0:
+        raise ShapeError(f"cached_attention softcap must be positive, got {a['softcap']!r}")
     return [TensorType(q.shape[:-1] + (v.shape[-1],), q.dtype)]
 
 

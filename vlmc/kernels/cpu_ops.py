@@ -56,7 +56,7 @@ def _on_mlx(name: str):
     return op
 
 
-for _name in ("embedding", "take", "broadcast_to", "prepend", "patchify", "merge_features"):
+for _name in ("embedding", "take", "broadcast_to", "prepend", "patchify", "merge_features", "avg_pool_tokens"):
     globals()[_name] = _on_mlx(_name)
 
 _rope_freqs_mlx = _on_mlx("rope_freqs")
@@ -68,16 +68,21 @@ def _inv_freq(theta: float, dim: int) -> np.ndarray:
     return np.array(_reference._inv_freq(theta, dim), copy=True)
 
 
-def rope_freqs(positions, kind: str, dim: int, theta: float, sections: list[int] | None = None):
+def rope_freqs(positions, kind: str, dim: int, theta: float, sections: list[int] | None = None,
+               factor: float = 1.0):
     """The text rope tables (default, mrope) as host arrays: the same products as the
     reference, cos/sin rounded from float64 (through MLX a decode step's tables would be
     an evaluation of about ten small ops). Other kinds: the reference's."""
-    if kind not in ("default", "mrope"):
+    if kind not in ("default", "mrope", "mrope_interleaved"):
         return _rope_freqs_mlx(positions, kind=kind, dim=dim, theta=theta, sections=sections)
-    f = np.asarray(positions).astype(np.float32)[..., None] * _inv_freq(theta, dim)
+    inv = _inv_freq(theta, dim) if factor == 1.0 else _inv_freq(theta, dim) / np.float32(factor)
+    f = np.asarray(positions).astype(np.float32)[..., None] * inv
     if kind == "mrope":  # [3, B, L, D/2] -> each section from its own position row
         bounds = np.cumsum([0, *sections])
         f = np.concatenate([f[i % 3, ..., a:b] for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))], axis=-1)
+    elif kind == "mrope_interleaved":  # each frequency from the stream interleaving assigns it
+        stream = np.asarray(_reference.interleaved_streams(sections, dim // 2))
+        f = np.where(stream == 1, f[1], np.where(stream == 2, f[2], f[0]))
     emb = np.concatenate([f, f], axis=-1)[:, None].astype(np.float64)   # [B, 1, L, D]
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
@@ -111,16 +116,22 @@ def decode_layers(x, cos, sin, mask, caches, layers, **attrs):
     return _decode_layers(x, cos, sin, mask, caches, layers, **attrs)
 
 
-def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: float):
+def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: float,
+                     softcap: float | None = None):
     host = _is_host(q)
-    if host and _cpu.enabled():
+    if softcap is not None:  # soft-capped scores (Gemma 2): the reference, no kernel has the step
+        out = _reference.cached_attention(_as_mx(q), _as_mx(k), _as_mx(v), cache, mask, scale=scale, softcap=softcap)
+        return _host_out(out) if host else out
+    if host and _cpu.enabled() and _kv_quant.causal_step(mask, q.shape[2]):
         out = _host_dense_step(q, k, v, cache, mask, scale=scale)
         if out is not None:
             return out
     k, v = _as_mx(k), _as_mx(v)  # the cache stores mx.arrays
-    if _cpu.enabled():  # decode steps read the cache in place: dense, affine or TurboQuant (C kernels)
+    if _cpu.enabled() and _kv_quant.causal_step(mask, q.shape[2]):
+        # decode and verify steps read the cache in place: dense, affine or TurboQuant (C kernels)
         out = _kv_quant.coded_decode_step(q, k, v, cache, mask, scale=scale, affine=_kv_affine_decode,
-                                          turbo=_kv_turbo_decode, dense=_kv_dense_decode)
+                                          turbo=_kv_turbo_decode, dense=_kv_dense_decode,
+                                          max_tokens=_cpu.GEMV_MAX_ROWS)
         if out is not None:
             return _host_out(out) if host else _as_mx(out)
     qm = _as_mx(q)
@@ -171,6 +182,30 @@ def add(a, b):
     if _is_host(a) or _is_host(b):
         return np.add(_h.table(a), _h.table(b))
     return _reference.add(a, b)
+
+
+def scale(x, value: float):
+    if _is_host(x):
+        return np.multiply(x, np.float32(value))
+    return _reference.scale(x, value)
+
+
+def softcap(x, cap: float):
+    if _is_host(x):
+        return np.tanh(x / np.float32(cap)) * np.float32(cap)
+    return _reference.softcap(x, cap)
+
+
+def sum_axis(x, axis: int):
+    return np.sum(x, axis=axis, dtype=np.float32) if _is_host(x) else _reference.sum_axis(x, axis)
+
+
+def pad_axis(x, axis: int, after: int, before: int = 0):
+    if not _is_host(x):
+        return _reference.pad_axis(x, axis, after, before)
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (before, after)
+    return np.pad(x, widths)
 
 
 def mul(a, b):

@@ -73,30 +73,36 @@ def turbo_decode_rotated(codes: mx.array, norms: mx.array, codebook: mx.array, b
     return codebook[unpack(codes, bits, dim)] * (norms.astype(mx.float32) / dim ** 0.5)
 
 
-def _valid(starts: mx.array, held: int, capacity: int) -> mx.array:
-    """[B, 1, 1, capacity] True for keys ``starts[b] <= i < held``."""
-    i = mx.arange(capacity)[None, :]
-    return ((i >= starts.reshape(-1, 1)) & (i < held))[:, None, None, :]
+def _valid(starts: mx.array, held: int, capacity: int, tokens: int = 1) -> mx.array:
+    """[B, 1, tokens, capacity] True for the keys query t of this step's ``tokens`` sees:
+    ``starts[b] <= i < held - tokens + 1 + t`` (the last ``tokens`` held are this step's)."""
+    i = mx.arange(capacity)[None, None, :]
+    end = held - tokens + 1 + mx.arange(tokens)[None, :, None]
+    return ((i >= starts.reshape(-1, 1, 1)) & (i < end))[:, None]
 
 
 def _attend(q: mx.array, keys: mx.array, values: mx.array, starts: mx.array, held: int, scale: float) -> mx.array:
-    """q [B, H, D] over keys/values [B, Hkv, cap, D] (float32) -> [B, H, D]."""
-    B, H, D = q.shape
-    out = mx.fast.scaled_dot_product_attention(q[:, :, None].astype(mx.float32), keys, values, scale=scale,
-                                               mask=_valid(starts, held, keys.shape[2]))
-    return out[:, :, 0]
+    """q [B, H, D] over keys/values [B, Hkv, cap, D] (float32) -> [B, H, D]; or q [B, H, T, D]
+    (T tokens of one step, causal among themselves) -> [B, H, T, D]."""
+    one = q.ndim == 3
+    qt = q[:, :, None] if one else q
+    out = mx.fast.scaled_dot_product_attention(qt.astype(mx.float32), keys, values, scale=scale,
+                                               mask=_valid(starts, held, keys.shape[2], qt.shape[2]))
+    return out[:, :, 0] if one else out
 
 
 def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts, held: int, *,
                      scale: float, bits: int, group_size: int) -> mx.array:
-    """One decode step's attention over affine-coded keys/values (float32 [B, H, D])."""
+    """One decode step's attention over affine-coded keys/values (float32 [B, H, D], or
+    [B, H, T, D] for q [B, H, T, D]: T tokens per sequence, the last T of ``held``)."""
     return _attend(q, affine_decode(k_codes, k_scales, k_biases, bits, group_size),
                    affine_decode(v_codes, v_scales, v_biases, bits, group_size), starts, held, scale)
 
 
 def kv_dense_decode(q, keys, values, starts, held: int, *, scale: float) -> mx.array:
-    """One decode step's attention over a dense cache's buffers (float32 [B, H, D]): the
-    reference of the CPU kernel that reads the buffers in place."""
+    """One decode step's attention over a dense cache's buffers (float32 [B, H, D], or
+    [B, H, T, D] for T tokens per sequence as ``kv_affine_decode``): the reference of the
+    CPU kernel that reads the buffers in place."""
     return _attend(q, keys.astype(mx.float32), values.astype(mx.float32), starts, held, scale)
 
 
@@ -123,6 +129,16 @@ def merge_chunks(partial: mx.array, stats: mx.array) -> mx.array:
 _starts_by_mask: dict[tuple[int, int], mx.array] = {}  # live masks only (entries leave with their mask)
 
 
+def causal_step(mask: mx.array | None, tokens: int) -> bool:
+    """Whether a step's mask lets none of its ``tokens`` new tokens see a later one: what
+    the KV kernels compute (causal from each sequence's start). A family's bidirectional
+    spans in a prompt chunk break it; the caller then takes the reference path."""
+    if mask is None or tokens <= 1:
+        return True
+    new = mask[..., -tokens:, mask.shape[-1] - tokens:]                    # [B, 1, T, T]
+    return not bool(mx.any(new & mx.triu(mx.ones((tokens, tokens), dtype=mx.bool_), k=1)).item())
+
+
 def starts_from_mask(mask: mx.array | None, batch: int) -> mx.array:
     """Each sequence's first visible key in a decode step's mask [B, 1, 1, S] (left padding).
     Every layer of a step passes the same mask object, so the answer is kept while that
@@ -140,31 +156,38 @@ def starts_from_mask(mask: mx.array | None, batch: int) -> mx.array:
 
 
 def coded_decode_step(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.array | None, *, scale: float,
-                      affine=None, turbo=None, dense=None) -> mx.array | None:
+                      affine=None, turbo=None, dense=None, max_tokens: int = 1) -> mx.array | None:
     """A decode step (one query row) over a cache through the given kernels (functions with
     the signatures of ``kv_affine_decode`` / ``kv_turbo_decode`` / ``kv_dense_decode``) that
     read its buffers in place: stores k, v and returns the attention [B, H, 1, D]; None
-    (nothing stored) when no kernel applies. Windowed caches, whose mask also hides old
-    tokens still held, always take the caller's other path. q may be a float32 numpy
-    array (the cpu target's host arrays); the result then comes from the kernel as is."""
+    (nothing stored) when no kernel applies. Kernels that take several query tokens per
+    sequence (q [B, H, T, D]; the cpu ones) take steps of up to ``max_tokens`` tokens on a
+    cache that already holds some (speculative decoding's verify; a prompt still goes to
+    the caller's path). Windowed caches, whose mask also hides old tokens still held,
+    always take the caller's other path. q may be a float32 numpy array (the cpu target's
+    host arrays); the result then comes from the kernel as is."""
     layout = getattr(cache, "layout", "dense")
     kernel = {"affine": affine, "turboquant": turbo, "dense": dense}.get(layout)
-    if kernel is None or q.shape[2] != 1 or getattr(cache, "start", 0) or getattr(cache, "window", None):
+    T = q.shape[2]
+    if (kernel is None or not 1 <= T <= max_tokens or (T > 1 and not cache.held) or getattr(cache, "start", 0)
+            or getattr(cache, "window", None)):
         return None
     cache.append(k, v)
     starts = starts_from_mask(mask, q.shape[0])
     kb, vb = cache.buffers["k"], cache.buffers["v"]
+    qk = q[:, :, 0] if T == 1 else q
     if layout == "dense":
-        out = kernel(q[:, :, 0], kb["x"], vb["x"], starts, cache.held, scale=scale)
+        out = kernel(qk, kb["x"], vb["x"], starts, cache.held, scale=scale)
     elif layout == "affine":
         codec = cache.codecs["k"]
-        out = kernel(q[:, :, 0], kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"], vb["biases"],
+        out = kernel(qk, kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"], vb["biases"],
                      starts, cache.held, scale=scale, bits=codec.bits, group_size=codec.group_size)
     else:
         kc, vc = cache.codecs["k"], cache.codecs["v"]
-        q0 = q[:, :, 0] if isinstance(q, mx.array) else mx.array(q[:, :, 0])
+        q0 = qk if isinstance(qk, mx.array) else mx.array(qk)
         out = kernel(q0.astype(mx.float32) @ kc.rotation, kb["codes"], kb["norms"], vb["codes"],
                      vb["norms"], kc.codebook, vc.codebook, starts, cache.held, scale=scale, k_bits=kc.bits,
                      v_bits=vc.bits) @ vc.rotation.T
-    out = out[:, :, None]
+    if T == 1:
+        out = out[:, :, None]
     return out.astype(q.dtype) if isinstance(q, mx.array) and isinstance(out, mx.array) else out

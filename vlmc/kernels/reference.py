@@ -41,6 +41,31 @@ def mul(a: mx.array, b: mx.array) -> mx.array:
     return a * b
 
 
+def scale(x: mx.array, value: float) -> mx.array:
+    return x * mx.array(value, dtype=x.dtype)
+
+
+def softcap(x: mx.array, cap: float) -> mx.array:
+    return mx.tanh(x / cap) * cap
+
+
+def avg_pool_tokens(x: mx.array, grid: int, kernel: int) -> mx.array:
+    n, _, e = x.shape
+    side = grid // kernel
+    windows = x.reshape(n, side, kernel, side, kernel, e)
+    return windows.mean(axis=(2, 4)).reshape(n, side * side, e)
+
+
+def sum_axis(x: mx.array, axis: int) -> mx.array:
+    return mx.sum(x, axis=axis)
+
+
+def pad_axis(x: mx.array, axis: int, after: int, before: int = 0) -> mx.array:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (before, after)
+    return mx.pad(x, widths)
+
+
 def act(x: mx.array, kind: str) -> mx.array:
     if kind == "silu":
         return x * mx.sigmoid(x)
@@ -104,10 +129,11 @@ def _inv_freq(theta: float, dim: int) -> mx.array:
 
 
 def rope_freqs(positions: mx.array, kind: str, dim: int, theta: float,
-               sections: list[int] | None = None) -> tuple[mx.array, mx.array]:
+               sections: list[int] | None = None, factor: float = 1.0) -> tuple[mx.array, mx.array]:
     pos = positions.astype(mx.float32)
     if kind == "default":
-        freqs = pos[..., None] * _inv_freq(theta, dim)            # [B, L, D/2]
+        inv = _inv_freq(theta, dim) if factor == 1.0 else _inv_freq(theta, dim) / factor  # linear scaling
+        freqs = pos[..., None] * inv                               # [B, L, D/2]
         freqs = freqs[:, None]                                     # [B, 1, L, D/2]
     elif kind == "mrope":
         f = pos[..., None] * _inv_freq(theta, dim)                 # [3, B, L, D/2]
@@ -116,6 +142,10 @@ def rope_freqs(positions: mx.array, kind: str, dim: int, theta: float,
             parts.append(f[i % 3, ..., start:start + sec])
             start += sec
         freqs = mx.concatenate(parts, axis=-1)[:, None]            # [B, 1, L, D/2]
+    elif kind == "mrope_interleaved":
+        f = pos[..., None] * _inv_freq(theta, dim)                 # [3, B, L, D/2]
+        stream = mx.array(interleaved_streams(sections, dim // 2))
+        freqs = mx.where(stream == 1, f[1], mx.where(stream == 2, f[2], f[0]))[:, None]
     elif kind == "axial2d":
         f = pos[..., None] * _inv_freq(theta, dim // 2)            # [N, 2, D/4]
         freqs = mx.concatenate([f[:, 0], f[:, 1]], axis=-1)[:, None]  # [N, 1, D/2]
@@ -123,6 +153,17 @@ def rope_freqs(positions: mx.array, kind: str, dim: int, theta: float,
         raise ValueError(f"unknown rope kind {kind!r}")
     emb = mx.concatenate([freqs, freqs], axis=-1)
     return mx.cos(emb), mx.sin(emb)
+
+
+def interleaved_streams(sections: list[int], half: int) -> list[int]:
+    """The position stream (0 t, 1 h, 2 w) of each of ``half`` rotary frequencies under
+    interleaved M-RoPE, as transformers' Qwen3-VL recomposes them: h at 1, 4, 7, ... below
+    3 * sections[1], w at 2, 5, 8, ... below 3 * sections[2], t elsewhere."""
+    out = [0] * half
+    for stream in (1, 2):
+        for j in range(stream, min(3 * sections[stream], half), 3):
+            out[j] = stream
+    return out
 
 
 def rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
@@ -150,10 +191,31 @@ def decode_layers(x, cos, sin, mask, caches, layers, **attrs):
 
 
 def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.array | None = None,
-                     *, scale: float) -> mx.array:
+                     *, scale: float, softcap: float | None = None) -> mx.array:
     q, keys, values, finish = cache.attention_inputs(q, k, v)  # every held token, from the cache's layout
-    return finish(mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale,
-                                                       mask=cache.mask_for(mask, q.shape[2])))
+    mask = cache.mask_for(mask, q.shape[2])
+    if softcap is not None:
+        return finish(softcapped_attention(q, keys, values, mask, scale=scale, softcap=softcap))
+    return finish(mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask))
+
+
+def softcapped_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None, *, scale: float,
+                         softcap: float) -> mx.array:
+    """Attention whose scaled scores are soft-capped before the mask (transformers' eager
+    Gemma 2 attention; SDPA has no such step): q [B, H, L, D], k/v [B, Hkv, S, D]."""
+    b, h, n, d = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(b, kv, h // kv, n, d)
+    scores = (qg @ k[:, :, None].swapaxes(-1, -2)) * scale
+    scores = mx.tanh(scores / softcap) * softcap
+    if mask is not None:  # [B or 1, 1 or H, L, S] -> the grouped heads' [B, Hkv, H/Hkv, L, S]
+        m = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(mask.shape[0], kv, h // kv, *mask.shape[2:])
+        # a finite floor, as transformers' additive mask: a row with no key (left padding)
+        # gets finite weights, not NaN that would reach the later rows through its values
+        floor = mx.array(mx.finfo(scores.dtype).min, dtype=scores.dtype)
+        scores = mx.where(m, scores, floor) if m.dtype == mx.bool_ else scores + m
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
+    return (weights @ v[:, :, None]).reshape(b, h, n, v.shape[-1])
 
 
 def prepend(x: mx.array, row: mx.array) -> mx.array:

@@ -13,7 +13,7 @@ Compile half (``vlmc.compiler``):
 - ``processor_spec(preprocessor_config, meta)``: the image preprocessing spec stored as
   ``processor.json``.
 
-Runtime half (``vlmc.runtime``): ``inputs(meta, processor_spec)`` -> an ``Inputs``: the
+Runtime half (``vlmc.runtime``): ``inputs(meta, processor_spec, tokenizer)`` -> an ``Inputs``: the
 family's image preprocessing, prompt expansion (image placeholders), rotary positions,
 bidirectional attention spans, the vision tower's host-planned inputs and how image
 features merge into the text embeddings. The runtime calls nothing else of a family.
@@ -41,11 +41,16 @@ class Inputs:
     placeholder id and whose decoder has one stream of rotary positions (LLaVA); a family
     overrides what it does differently."""
 
-    def __init__(self, meta: dict[str, Any], processor_spec: dict[str, Any]):
+    def __init__(self, meta: dict[str, Any], processor_spec: dict[str, Any], tokenizer: Any = None):
+        """``tokenizer``: the artifact's (``vlmc.runtime.tokenizer.Tokenizer``), for families
+        whose placeholder expansion works on text, as their processors do."""
         self.settings = dict(meta["inputs"])
+        self.tokenizer = tokenizer
         self.image_token_id: int | None = self.settings.get("image_token_id")
         self.position_streams: int = int(self.settings.get("position_streams", 1))
-        self.processor: ImageProcessor = make_image_processor(processor_spec)
+        # a text-only model's spec has kind "none": it takes no images (build_prompt says so)
+        self.processor: ImageProcessor | None = \
+            None if processor_spec.get("kind") == "none" else make_image_processor(processor_spec)
 
     def prompt_text(self, messages: list[dict[str, Any]], tokenizer: Any) -> str | None:
         """The prompt for these (normalised) messages when the family formats prompts
@@ -55,6 +60,8 @@ class Inputs:
 
     def preprocess(self, images: Sequence[Any]) -> ProcessedImages:
         """PIL images -> pixels and per-image token counts, as transformers' processor makes them."""
+        if self.processor is None:
+            raise InputError("this model takes no images")
         return self.processor.process(images)
 
     def expand(self, ids: list[int], images: ProcessedImages | None) -> list[int]:
@@ -87,13 +94,6 @@ class Inputs:
         is causal. The default: none."""
         return []
 
-    def prefill_inputs(self, ids: list[int], images: ProcessedImages, features: Any) -> dict[str, mx.array]:
-        """Extra inputs of the ``prefill`` entry point, each with the prompt's positions on
-        axis -2 ([..., L, D]; the step loop pads and chunks them with the prompt), e.g.
-        Qwen3-VL's DeepStack features placed at the image tokens. ``features``: what
-        ``vision_encode`` returned. The default: none."""
-        return {}
-
     def vision_inputs(self, images: ProcessedImages) -> dict[str, mx.array]:
         """The ``vision_encode`` entry point's keyword arguments for these images."""
         return {"pixels": mx.array(images.pixel_values)}
@@ -120,5 +120,5 @@ class Family:
     def processor_spec(self, preprocessor_config: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover
         raise NotImplementedError
 
-    def inputs(self, meta: dict[str, Any], processor_spec: dict[str, Any]) -> Inputs:
-        return Inputs(meta, processor_spec)
+    def inputs(self, meta: dict[str, Any], processor_spec: dict[str, Any], tokenizer: Any = None) -> Inputs:
+        return Inputs(meta, processor_spec, tokenizer)

@@ -5,8 +5,8 @@ and one decode step of the running batch, so a long prompt never stalls the sequ
 already decoding, and a new request joins the batch as soon as its prompt is in the
 cache, without waiting for the batch to drain.
 
-Waiting requests are prefilled together (left-padded, in chunks of ``prefill_chunk``
-tokens), then joined to the running batch (``step.Sequences.join``: the side with fewer
+Waiting requests are prefilled together (left-padded, in chunks of at most
+``prefill_chunk`` prompt tokens over all of their rows), then joined to the running batch (``step.Sequences.join``: the side with fewer
 columns is padded on the left so both share the write index). When sequences finish their
 rows are dropped, and columns that only padding occupies are cut. Positions, sampling,
 stop strings, constraints and thinking budgets are per sequence.
@@ -395,7 +395,10 @@ class Batcher:
     def _prefill_chunk(self) -> None:
         pf = self._prefill
         rows, seqs = pf["rows"], pf["seqs"]
-        logits = seqs.prefill(self.prefill_chunk)
+        # a budget of prompt tokens per loop iteration over all the rows prefilled together, so
+        # the running batch's next decode step waits for about the same work however many join
+        logits = seqs.prefill(max(1, self.prefill_chunk // seqs.batch))
+        self.counters["prefill_steps"] += 1
         mx.eval(logits)  # this chunk's work now, between the running batch's decode steps
         if not seqs.prefill_done:
             return

@@ -67,7 +67,7 @@ class VLM:
         self.meta = artifact.meta
         self.tokenizer = Tokenizer.from_dir(artifact.path)
         self.chat_template = find_chat_template(artifact.path)
-        self.inputs = family(self.meta["model_type"]).inputs(self.meta, artifact.processor_spec)
+        self.inputs = family(self.meta["model_type"]).inputs(self.meta, artifact.processor_spec, self.tokenizer)
         self.eos_ids = set(artifact.generation.get("eos_token_ids") or []) | set(self.tokenizer.eos_token_ids)
         self.speculation: Speculation | None = None   # the default for calls that do not say (vlmc.load(draft=...))
         self.sampling_defaults = checkpoint_defaults(artifact.generation.get("defaults") or {})
@@ -174,8 +174,7 @@ class VLM:
                 features = self.encode_images(p.images)
             emb = self.inputs.merge(emb, ids_row, features)
         pos, delta = self.inputs.positions(p.ids, p.images)
-        extra = self.inputs.prefill_inputs(p.ids, p.images, features) if p.images is not None else {}
-        return PromptInputs(emb, pos, delta, self.inputs.attention_spans(p.ids, p.images), extra)
+        return PromptInputs(emb, pos, delta, self.inputs.attention_spans(p.ids, p.images))
 
     def check_length(self, prompts: Sequence[Prompt]) -> None:
         for p in prompts:

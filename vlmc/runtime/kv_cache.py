@@ -286,11 +286,14 @@ class RotatingKVCache(KVCache):
         return False  # its append may drop the oldest tokens first
 
     def mask_for(self, mask: mx.array | None, queries: int) -> mx.array | None:
+        """The step's mask over the held keys, limited to the window. The step mask is causal
+        already, with a family's bidirectional spans: only the window's lower bound is added
+        to it, so image tokens keep attending to each other in sliding-window layers too."""
         q_pos = mx.arange(self.offset - queries, self.offset)[:, None]
         k_pos = mx.arange(self.start, self.offset)[None, :]
-        window = (k_pos > q_pos - self.window) & (k_pos <= q_pos)
+        window = k_pos > q_pos - self.window
         if mask is None:
-            return window[None, None]
+            return (window & (k_pos <= q_pos))[None, None]
         return mask[..., self.start:] & window
 
     def pad_left(self, n: int) -> None:

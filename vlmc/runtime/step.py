@@ -34,7 +34,6 @@ class PromptInputs:
     positions: np.ndarray
     delta: int
     spans: list[tuple[int, int]] = field(default_factory=list)
-    extra: dict[str, mx.array] = field(default_factory=dict)  # more prefill inputs, positions on axis -2
 
 
 @dataclass
@@ -65,7 +64,6 @@ class Sequences:
         self._pending: tuple[mx.array, np.ndarray] | None = None  # prompt columns not yet prefilled
         self.prefilled = 0
         self.spans: list[list[tuple[int, int]]] = [[] for _ in range(len(self.starts))]
-        self._extra: dict[str, mx.array] = {}
 
     # ------------------------------------------------------------------ making a batch
     @classmethod
@@ -79,17 +77,6 @@ class Sequences:
                    np.array([p.embeds.shape[1] + p.delta for p in prompts]))
         seqs._pending = (mx.concatenate(embeds, axis=0) if len(embeds) > 1 else embeds[0], positions)
         seqs.spans = [[(a + n, b + n) for a, b in p.spans] for p, n in zip(prompts, pads)]  # in columns
-        names = {k for p in prompts for k in p.extra}
-        for name in names:  # batch axis first, positions on axis -2, left-padded like the embeddings
-            parts = []
-            for p, n in zip(prompts, pads):
-                if name not in p.extra:
-                    raise ValueError(f"prefill input {name!r} is given for some prompts of the batch, not all")
-                x = p.extra[name]
-                pad = [(0, 0)] * x.ndim
-                pad[-2] = (n, 0)
-                parts.append(mx.pad(x, pad) if n else x)
-            seqs._extra[name] = mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
         return seqs
 
     @classmethod
@@ -157,10 +144,9 @@ class Sequences:
         embeds, positions = self._pending
         lo = self.prefilled
         hi = self.prompt_width if chunk is None else self._chunk_end(min(self.prompt_width, lo + chunk))
-        extra = {k: v[..., lo:hi, :] for k, v in self._extra.items()}
         logits = self.decoder.model.prefill(embeds=embeds[:, lo:hi],
                                             positions=self.decoder.program_positions(positions[..., lo:hi]),
-                                            mask=self._mask(hi - lo), caches=self.caches, **extra)[:, -1]
+                                            mask=self._mask(hi - lo), caches=self.caches)[:, -1]
         self.prefilled = hi
         return logits
 

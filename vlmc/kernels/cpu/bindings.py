@@ -11,7 +11,7 @@ import ctypes
 # The version of the interface below. Change it with any signature or shared struct
 # (vlmc_layer, ...): build.py compiles it into the library (-DVLMC_ABI) and load refuses a
 # library that reports another.
-ABI_VERSION = 16
+ABI_VERSION = 17
 
 P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
@@ -39,6 +39,9 @@ SIGNATURES: dict[str, tuple] = {
     "vlmc_kv_affine_decode": (I, [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, F, P, I]),
     "vlmc_kv_turbo_decode": (I, [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, F, P, I]),
     "vlmc_kv_affine_encode": (I, [P, L, I, I, I, P, P, P]),
+    "vlmc_kv_dense_decode_n": (I, [P, P, P, P, P, P, I, I, I, I, I, I, I, F, P, I]),
+    "vlmc_kv_affine_decode_n": (I, [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, I, F, P, I]),
+    "vlmc_kv_turbo_decode_n": (I, [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, I, F, P, I]),
     # gemm_i8.c
     "vlmc_gemm_q_i8_available": (I, []),
     "vlmc_gemm_q_i8": (I, [P, I, I, P, P, P, I, I, I, I, P, P, I]),
@@ -48,7 +51,7 @@ SIGNATURES: dict[str, tuple] = {
     "vlmc_norm": (I, [P, L, L, P, P, F, I, P, I]),
     "vlmc_rope": (I, [P, L, L, L, L, L, L, L, P, P, L, L, P, I]),
     # decode_layer.c
-    "vlmc_decode_layers": (I, [P, P, I, P, P, I, P, P, L, P, P, I]),
+    "vlmc_decode_layers": (I, [P, P, I, P, P, I, I, P, P, L, L, P, P, I]),
     # affine_search.c
     "vlmc_affine_search": (I, [P, I, I, I, I, P, P, P, I, I, P, P, I]),
     "vlmc_affine_codes": (I, [P, I, I, I, I, P, P, P, I]),

@@ -23,106 +23,122 @@ static int proj_run(const vlmc_proj *p, const float *x, int M, float *y, int n_t
     }
 }
 
-/* x, out [B, hidden]; normed: rms_norm(x) already computed (the caller's own, e.g. MLX's
- * for an mx.array x), or NULL; cos, sin [B or 1, head_dim] (ca: their row stride, 0 = shared);
- * kv: the layer's cache (kv->held >= 1 tokens) and where this step's keys and values go
- * for the caller to store. starts: each sequence's first visible key. */
-static int decode_layer(const vlmc_layer *L, const float *x, const float *normed, int B, const float *cs, const float *sn,
-                        int64_t ca, const vlmc_kv *kv, const int32_t *starts, float *out, int n_threads) {
-    const int hid = L->hidden, H = L->heads, HKV = L->kv_heads, D = L->head_dim, I = L->inter;
+/* x, out [B, T, hidden]: T new tokens per sequence (one decode step, or the tokens of a
+ * draft being verified); normed: rms_norm(x) already computed (the caller's own, e.g.
+ * MLX's for an mx.array x), or NULL; cos, sin: the row of token t of sequence b at b ca +
+ * t cl (ca = 0: shared by the sequences); kv: the layer's cache (kv->held >= 1 tokens) and
+ * where this step's keys and values go for the caller to store. starts: each sequence's
+ * first visible key. Every row of x goes through the same kernels as it would alone (the
+ * GEMVs' rows are exact whatever their number, the attention's query t sees the held keys
+ * and this step's tokens 0..t), so token t's output is what T one-token steps give. */
+static int decode_layer(const vlmc_layer *L, const float *x, const float *normed, int B, int T, const float *cs,
+                        const float *sn, int64_t ca, int64_t cl, const vlmc_kv *kv, const int32_t *starts, float *out,
+                        int n_threads) {
+    const int hid = L->hidden, H = L->heads, HKV = L->kv_heads, D = L->head_dim, I = L->inter, BT = B * T;
     const int QKV = (H + 2 * HKV) * D, held = kv->held, cap = kv->cap, affine = kv->layout == VLMC_KV_AFFINE;
-    if (B < 1 || held < 1 || held > cap || H * D != hid || L->qkv.N != QKV || L->qkv.K != hid || L->o.K != H * D
-        || L->o.N != hid || L->gate_up.N != 2 * I || L->gate_up.K != hid || L->down.K != I || L->down.N != hid)
+    if (B < 1 || T < 1 || held < 1 || held > cap || H * D != hid || L->qkv.N != QKV || L->qkv.K != hid
+        || L->o.K != H * D || L->o.N != hid || L->gate_up.N != 2 * I || L->gate_up.K != hid || L->down.K != I
+        || L->down.N != hid)
         return -1;
     if (kv->layout != VLMC_KV_DENSE && !affine) return -2;
     if (affine && ((kv->bits != 4 && kv->bits != 8) || kv->gs < 2 || kv->gs % 2 || D % kv->gs)) return -2;
-    const size_t nkv = (size_t)B * HKV * D;
+    const size_t nkv = (size_t)BT * HKV * D;
     const size_t per = (size_t)hid + QKV + (size_t)H * D + hid + hid + 2 * (size_t)I + I;
-    float *buf = malloc(sizeof(float) * (per * B + (affine ? 2 * nkv : 0)));
+    float *buf = malloc(sizeof(float) * (per * BT + (affine ? 2 * nkv : 0)));
     if (!buf) return -5;
-    float *n1 = buf, *qkv = n1 + (size_t)B * hid, *q = qkv + (size_t)B * QKV, *att = q + (size_t)B * H * D;
-    float *h = att + (size_t)B * hid, *gu = h + (size_t)B * hid, *m = gu + (size_t)B * 2 * I;
-    /* this step's roped keys and values as floats: what a dense cache stores, else scratch */
-    float *nk = affine ? m + (size_t)B * I : (float *)kv->nk, *nv = affine ? nk + nkv : (float *)kv->nv;
+    float *n1 = buf, *qkv = n1 + (size_t)BT * hid, *q = qkv + (size_t)BT * QKV, *att = q + (size_t)BT * H * D;
+    float *h = att + (size_t)BT * hid, *gu = h + (size_t)BT * hid, *m = gu + (size_t)BT * 2 * I;
+    /* this step's roped keys and values as floats [B, HKV, T, D]: what a dense cache stores, else scratch */
+    float *nk = affine ? m + (size_t)BT * I : (float *)kv->nk, *nv = affine ? nk + nkv : (float *)kv->nv;
     int rc = 0;
-    if (normed) memcpy(n1, normed, sizeof(float) * (size_t)B * hid);
-    else rc = vlmc_norm(x, B, hid, L->norm1, NULL, L->eps1, 0, n1, n_threads);
-    if (!rc) rc = proj_run(&L->qkv, n1, B, qkv, n_threads);
-    /* rope of q and k straight from the qkv rows ([B, 1 position, heads, D] views) */
-    if (!rc) rc = vlmc_rope(qkv, B, H, 1, D, QKV, D, 0, cs, sn, ca, 0, q, n_threads);
-    if (!rc) rc = vlmc_rope(qkv + (size_t)H * D, B, HKV, 1, D, QKV, D, 0, cs, sn, ca, 0, nk, n_threads);
+    if (normed) memcpy(n1, normed, sizeof(float) * (size_t)BT * hid);
+    else rc = vlmc_norm(x, BT, hid, L->norm1, NULL, L->eps1, 0, n1, n_threads);
+    if (!rc) rc = proj_run(&L->qkv, n1, BT, qkv, n_threads);
+    /* rope of q and k straight from the qkv rows ([B, T positions, heads, D] views): q
+     * [B, H, T, D], k [B, HKV, T, D] */
+    if (!rc) rc = vlmc_rope(qkv, B, H, T, D, (int64_t)T * QKV, D, QKV, cs, sn, ca, cl, q, n_threads);
+    if (!rc) rc = vlmc_rope(qkv + (size_t)H * D, B, HKV, T, D, (int64_t)T * QKV, D, QKV, cs, sn, ca, cl, nk, n_threads);
     if (!rc)
         for (int b = 0; b < B; b++)
-            memcpy(nv + (size_t)b * HKV * D, qkv + (size_t)b * QKV + (size_t)(H + HKV) * D, sizeof(float) * HKV * D);
+            for (int g = 0; g < HKV; g++)
+                for (int t = 0; t < T; t++)
+                    memcpy(nv + (((size_t)b * HKV + g) * T + t) * D,
+                           qkv + ((size_t)b * T + t) * QKV + (size_t)(H + HKV + g) * D, sizeof(float) * D);
+    /* attention into [B, T, H, D]: the output projection's rows */
     if (!rc && affine) {
-        const size_t rows = (size_t)B * HKV;
+        const size_t rows = (size_t)BT * HKV;
         kv_affine_encode_rows(nk, rows, D, kv->bits, kv->gs, kv->nk, kv->nks, kv->nkb);
         kv_affine_encode_rows(nv, rows, D, kv->bits, kv->gs, kv->nv, kv->nvs, kv->nvb);
         const kv_codes xk = {kv->nk, kv->nks, kv->nkb}, xv = {kv->nv, kv->nvs, kv->nvb};
-        rc = kv_affine_decode_x(q, kv->k, kv->ks, kv->kb, kv->v, kv->vs, kv->vb, &xk, &xv, starts, B, H, HKV, D, cap,
-                                held + 1, kv->bits, kv->gs, L->scale, att, n_threads);
+        rc = kv_affine_decode_x(q, kv->k, kv->ks, kv->kb, kv->v, kv->vs, kv->vb, &xk, &xv, starts, B, H, HKV, D, T, cap,
+                                held + T, kv->bits, kv->gs, L->scale, att, 1, n_threads);
     } else if (!rc) {
-        rc = vlmc_kv_dense_decode(q, kv->k, kv->v, nk, nv, starts, B, H, HKV, D, cap, held + 1, L->scale, att,
-                                  n_threads);
+        rc = kv_dense_decode_t(q, kv->k, kv->v, nk, nv, starts, B, H, HKV, D, T, cap, held + T, L->scale, att, 1,
+                               n_threads);
     }
-    if (!rc) rc = proj_run(&L->o, att, B, h, n_threads);
+    if (!rc) rc = proj_run(&L->o, att, BT, h, n_threads);
     if (!rc) {
-        for (size_t i = 0; i < (size_t)B * hid; i++) h[i] = x[i] + h[i];
-        rc = vlmc_norm(h, B, hid, L->norm2, NULL, L->eps2, 0, n1, n_threads);
+        for (size_t i = 0; i < (size_t)BT * hid; i++) h[i] = x[i] + h[i];
+        rc = vlmc_norm(h, BT, hid, L->norm2, NULL, L->eps2, 0, n1, n_threads);
     }
-    if (!rc) rc = proj_run(&L->gate_up, n1, B, gu, n_threads);
-    if (!rc) rc = vlmc_sigmoid_gate(gu, 2 * I, gu + I, 2 * I, m, B, I, L->act_a, n_threads);
-    if (!rc) rc = proj_run(&L->down, m, B, out, n_threads);
+    if (!rc) rc = proj_run(&L->gate_up, n1, BT, gu, n_threads);
+    if (!rc) rc = vlmc_sigmoid_gate(gu, 2 * I, gu + I, 2 * I, m, BT, I, L->act_a, n_threads);
+    if (!rc) rc = proj_run(&L->down, m, BT, out, n_threads);
     if (!rc)
-        for (size_t i = 0; i < (size_t)B * hid; i++) out[i] = h[i] + out[i];
+        for (size_t i = 0; i < (size_t)BT * hid; i++) out[i] = h[i] + out[i];
     free(buf);
     return rc;
 }
 
-/* rows of `width` bytes from src into column `held` of the [rows, cap, width] buffer dst */
-static void store_column(void *dst, const void *src, size_t rows, size_t width, int cap, int held) {
+/* rows of T x `width` bytes (T columns each) from src into columns held .. held + T - 1
+ * of the [rows, cap, width] buffer dst */
+static void store_columns(void *dst, const void *src, size_t rows, size_t width, int cap, int held, int T) {
     for (size_t r = 0; r < rows; r++)
-        memcpy((uint8_t *)dst + (r * cap + held) * width, (const uint8_t *)src + r * width, width);
+        memcpy((uint8_t *)dst + (r * cap + held) * width, (const uint8_t *)src + r * T * width, T * width);
 }
 
-/* This step's keys and values, as stored, into column kv->held of the cache's buffers. */
-static void store_step(const vlmc_kv *kv, size_t rows, int D) {
+/* This step's keys and values, as stored, into columns kv->held .. + T - 1 of the cache's
+ * buffers. */
+static void store_step(const vlmc_kv *kv, size_t rows, int D, int T) {
     if (kv->layout == VLMC_KV_DENSE) {
-        store_column(kv->k, kv->nk, rows, sizeof(float) * D, kv->cap, kv->held);
-        store_column(kv->v, kv->nv, rows, sizeof(float) * D, kv->cap, kv->held);
+        store_columns(kv->k, kv->nk, rows, sizeof(float) * D, kv->cap, kv->held, T);
+        store_columns(kv->v, kv->nv, rows, sizeof(float) * D, kv->cap, kv->held, T);
         return;
     }
     const size_t rb = (size_t)D * kv->bits / 8, gb = sizeof(uint16_t) * (D / kv->gs);
-    store_column(kv->k, kv->nk, rows, rb, kv->cap, kv->held);
-    store_column(kv->v, kv->nv, rows, rb, kv->cap, kv->held);
-    store_column(kv->ks, kv->nks, rows, gb, kv->cap, kv->held);
-    store_column(kv->kb, kv->nkb, rows, gb, kv->cap, kv->held);
-    store_column(kv->vs, kv->nvs, rows, gb, kv->cap, kv->held);
-    store_column(kv->vb, kv->nvb, rows, gb, kv->cap, kv->held);
+    store_columns(kv->k, kv->nk, rows, rb, kv->cap, kv->held, T);
+    store_columns(kv->v, kv->nv, rows, rb, kv->cap, kv->held, T);
+    store_columns(kv->ks, kv->nks, rows, gb, kv->cap, kv->held, T);
+    store_columns(kv->kb, kv->nkb, rows, gb, kv->cap, kv->held, T);
+    store_columns(kv->vs, kv->nvs, rows, gb, kv->cap, kv->held, T);
+    store_columns(kv->vb, kv->nvb, rows, gb, kv->cap, kv->held, T);
 }
 
-/* The decode step of nl such layers in a row (a model's whole decoder stack): layer i's
- * output is layer i + 1's input, in the same calls as nl one-layer calls, so the result is
- * theirs to the last bit; what goes away is the Python between the layers. normed: as
- * above, for layer 0. kv[i]: layer i's cache (dense and affine layers mix freely); each
- * layer's keys and values go to kv[i].nk / nv (and scales / minimums), and where
- * kv[i].inplace also into the cache's column kv[i].held (the caller has checked that no
- * array can see it). */
+/* The step of nl such layers in a row (a model's whole decoder stack): layer i's output is
+ * layer i + 1's input, in the same calls as nl one-layer calls, so the result is theirs to
+ * the last bit; what goes away is the Python between the layers. x, out [B, T, hidden];
+ * normed: as above, for layer 0. kv[i]: layer i's cache (dense and affine layers mix
+ * freely); each layer's keys and values go to kv[i].nk / nv (and scales / minimums),
+ * [B, HKV, T, *], and where kv[i].inplace also into the cache's columns kv[i].held .. +
+ * T - 1 (the caller has checked that no array can see them). */
 int vlmc_decode_layers(const vlmc_layer *const *L, const vlmc_kv *kv, int nl, const float *x, const float *normed,
-                       int B, const float *cs, const float *sn, int64_t ca, const int32_t *starts, float *out,
-                       int n_threads) {
-    if (nl < 1 || B < 1) return -1;
+                       int B, int T, const float *cs, const float *sn, int64_t ca, int64_t cl, const int32_t *starts,
+                       float *out, int n_threads) {
+    if (nl < 1 || B < 1 || T < 1) return -1;
     const int hid = L[0]->hidden;
     for (int i = 1; i < nl; i++)
         if (L[i]->hidden != hid) return -1;
-    float *buf = nl > 1 ? malloc(sizeof(float) * 2 * (size_t)B * hid) : NULL;
+    for (int i = 0; i < nl; i++)
+        if (kv[i].inplace && kv[i].held + T > kv[i].cap) return -1;
+    const size_t n = (size_t)B * T * hid;
+    float *buf = nl > 1 ? malloc(sizeof(float) * 2 * n) : NULL;
     if (nl > 1 && !buf) return -5;
     const float *cur = x;
     int rc = 0;
     for (int i = 0; i < nl && !rc; i++) {
-        float *dst = i == nl - 1 ? out : buf + (size_t)(i % 2) * B * hid;
-        rc = decode_layer(L[i], cur, i == 0 ? normed : NULL, B, cs, sn, ca, &kv[i], starts, dst, n_threads);
-        if (!rc && kv[i].inplace) store_step(&kv[i], (size_t)B * L[i]->kv_heads, L[i]->head_dim);
+        float *dst = i == nl - 1 ? out : buf + (size_t)(i % 2) * n;
+        rc = decode_layer(L[i], cur, i == 0 ? normed : NULL, B, T, cs, sn, ca, cl, &kv[i], starts, dst, n_threads);
+        if (!rc && kv[i].inplace) store_step(&kv[i], (size_t)B * L[i]->kv_heads, L[i]->head_dim, T);
         cur = dst;
     }
     free(buf);

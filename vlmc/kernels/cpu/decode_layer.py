@@ -2,19 +2,23 @@
 ``decode_layer.c``), the cpu target's fast path for the ``decode_layer`` lowering.
 
 The layer's ops stay in the generated code and compute the same thing; this runs instead
-of them when it applies (one token per sequence, up to GEMV_MAX_ROWS sequences, a cache
-of a layout in ``SUPPORTED_KV`` that is not a sliding window, weights the GEMV kernels
-read) and returns None otherwise. It calls the same kernels in the same order, so the
-result is the op-by-op path's to the last bit (where the first layer's input is an
-mx.array, from an embedding table the kernels do not gather, the ops' first norm is
-MLX's: so it is here too). For an affine-quantized cache the C code encodes this step's
-keys and values as ``kv_codecs.Affine`` does, byte for byte, and attends over the codes,
-as the ops' ``cached_attention`` does. This step's keys and values go into the cache in
-place where that is safe (``KVCache.host_writable``), else as a lazy write.
+of them when it applies (B sequences of T new tokens each with B x T up to
+GEMV_MAX_ROWS: a decode step, or the draft tokens ``verify`` checks; a cache of a layout
+in ``SUPPORTED_KV`` that is not a sliding window and holds some tokens, weights the GEMV
+kernels read) and returns None otherwise. T tokens give, row for row and in the caches,
+what T one-token steps give, to the last bit (which makes speculative decoding lossless).
+It calls the same kernels in the same order, so the result is the op-by-op path's to the
+last bit (where the first layer's input is an mx.array, from an embedding table the
+kernels do not gather, the ops' first norm is MLX's: so it is here too). For an
+affine-quantized cache the C code encodes this step's keys and values as
+``kv_codecs.Affine`` does, byte for byte, and attends over the codes, as the ops'
+``cached_attention`` does. This step's keys and values go into the cache in place where
+that is safe (``KVCache.host_writable`` and T free columns), else as a lazy write.
 
 ``decode_layers`` runs a whole stack of such layers in one C call (the generated code tries
 it before its loop over the layers): all of them or, returning None, none; dense and
-quantized layers mix freely. ``decode_layer`` is the same call for one layer."""
+quantized layers mix freely. ``decode_layer`` is the same call for one layer, one token
+per sequence."""
 from __future__ import annotations
 
 import ctypes
@@ -23,6 +27,7 @@ import weakref
 import mlx.core as mx
 import numpy as np
 
+from .. import kv_quant as _kv_quant
 from .. import reference as _reference
 from . import GEMV_MAX_ROWS, _check, _get_lib, _host, _unpack, enabled, qplan
 from .host import SIGMOID_SCALE, param
@@ -130,18 +135,19 @@ def _tables(cos, sin) -> tuple[np.ndarray, np.ndarray, int, int]:
 
 
 def _step_inputs(x, cos, sin, head_dim: int):
-    """(library, B, hidden, cos/sin addresses and row stride) when a step with this x and
-    these rope tables can take the C path, else None."""
+    """(library, B, T, hidden, cos/sin addresses, their sequence and token row strides) when
+    a step with this x [B, T, hidden] and these rope tables [B or 1, 1, T, head_dim] can
+    take the C path, else None."""
     lib = _get_lib()
     f32 = x.dtype == np.float32 if type(x) is np.ndarray else isinstance(x, mx.array) and x.dtype == mx.float32
-    if (lib is None or not enabled() or not f32 or x.ndim != 3 or x.shape[1] != 1
-            or not 1 <= x.shape[0] <= GEMV_MAX_ROWS):
+    if (lib is None or not enabled() or not f32 or x.ndim != 3 or x.shape[0] < 1 or x.shape[1] < 1
+            or x.shape[0] * x.shape[1] > GEMV_MAX_ROWS):
         return None
-    B = x.shape[0]
+    B, T = x.shape[:2]
     c, s, c_ptr, s_ptr = _tables(cos, sin)
-    if c.shape != s.shape or c.ndim != 4 or c.shape[0] not in (1, B) or c.shape[1:] != (1, 1, head_dim):
+    if c.shape != s.shape or c.ndim != 4 or c.shape[0] not in (1, B) or c.shape[1:] != (1, T, head_dim):
         return None
-    return lib, B, x.shape[2], c_ptr, s_ptr, head_dim if c.shape[0] > 1 else 0
+    return lib, B, T, x.shape[2], c_ptr, s_ptr, T * head_dim if c.shape[0] > 1 else 0, head_dim
 
 
 def _cache_view(cache, batch: int, kv_heads: int, head_dim: int):
@@ -180,10 +186,11 @@ def _address(a: mx.array) -> int | None:
     return ctypes.addressof(ctypes.c_char.from_buffer(view)) if view.c_contiguous else None
 
 
-def _step_kv(views: list, caches: list, B: int, kv_heads: int, head_dim: int):
+def _step_kv(views: list, caches: list, B: int, T: int, kv_heads: int, head_dim: int):
     """The vlmc_kv array for these caches, the buffer receiving each layer's keys and values
-    as stored, and each layer's (offset, sizes) in it; None where a buffer is not contiguous."""
-    rows = B * kv_heads
+    of this step's T tokens as stored, and each layer's (offset, sizes) in it; None where a
+    buffer is not contiguous."""
+    rows = B * kv_heads * T
     layouts, off = [], 0
     for kind, bits, gs, _ in views:
         if kind == _DENSE:
@@ -208,18 +215,21 @@ def _step_kv(views: list, caches: list, B: int, kv_heads: int, head_dim: int):
         if kind == _DENSE:  # k, v, then no scales / minimums
             ptrs, outs = ptrs + [0] * 4, outs + [0] * 4
         # outs: k, v, k scales, k minimums, v scales, v minimums (the order of _KV's n* fields)
-        records.append((*ptrs, *outs, kind, bits, gs, bufs[0].shape[2], cache.held, cache.host_writable()))
+        # in place: host_writable() covers one token; T need that many free columns
+        inplace = cache.host_writable() and cache.held + T <= bufs[0].shape[2]
+        records.append((*ptrs, *outs, kind, bits, gs, bufs[0].shape[2], cache.held, inplace))
     return np.array(records, _KV), new, layouts
 
 
-def _stored_step(new: np.ndarray, kind: int, off: int, sizes: tuple, B: int, kv_heads: int) -> list[np.ndarray]:
-    """Views of one layer's keys and values as stored ([B, kv_heads, 1, width] each: dense
+def _stored_step(new: np.ndarray, kind: int, off: int, sizes: tuple, B: int, T: int,
+                 kv_heads: int) -> list[np.ndarray]:
+    """Views of one layer's keys and values as stored ([B, kv_heads, T, width] each: dense
     k, v float32; affine k codes, v codes, k scales, k minimums, v scales, v minimums)."""
     out, at = [], off
     for i, n in enumerate(sizes):
         dtype = np.float32 if kind == _DENSE else np.uint8 if i < 2 else np.uint16
         part = new[at:at + n].view(dtype)
-        out.append(part.reshape(B, kv_heads, 1, part.size // (B * kv_heads)))
+        out.append(part.reshape(B, kv_heads, T, part.size // (B * kv_heads * T)))
         at += (n + 63) // 64 * 64
     return out
 
@@ -236,7 +246,10 @@ def _host_input(x, norm1, eps1: float):
 
 def decode_layer(x, cos, sin, mask, cache, *weights, **attrs):
     """The layer's output [B, 1, hidden] as a host array, or None (the caller runs the ops):
-    ``decode_layers`` over this one layer."""
+    ``decode_layers`` over this one layer, for one token per sequence (several take the
+    stack call, which the generated code tries first, or the ops)."""
+    if getattr(x, "ndim", 0) != 3 or x.shape[1] != 1:
+        return None
     return decode_layers(x, cos, sin, mask, [cache], [weights], **attrs)
 
 
@@ -246,12 +259,16 @@ def decode_layers(x, cos, sin, mask, caches, layers, *, eps1: float, eps2: float
     i's weights as decode_layer takes them, caches[i] its cache. The last layer's output,
     or None when any layer could not take the C path (the caller then runs the layers one by
     one; nothing has been computed or stored)."""
-    if not layers or len(layers) != len(caches):
+    # one cache object per layer: a cache given twice would get both layers' keys in one
+    # column (the kernel writes each layer's at the cache's current end)
+    if not layers or len(layers) != len(caches) or len({id(c) for c in caches}) != len(caches):
         return None
     step = _step_inputs(x, cos, sin, head_dim)
     if step is None:
         return None
-    lib, B, hidden, c_ptr, s_ptr, ca = step
+    lib, B, T, hidden, c_ptr, s_ptr, ca, cl = step
+    if not _kv_quant.causal_step(mask, T):
+        return None  # the kernels attend causally from each sequence's start: not a family's spans
     attrs = (eps1, eps2, heads, kv_heads, head_dim, inter, scale, act)
     structs = [_layer(w, attrs) for w in layers]
     if any(lay is None or lay.hidden != hidden for lay in structs):
@@ -262,23 +279,24 @@ def decode_layers(x, cos, sin, mask, caches, layers, *, eps1: float, eps2: float
     nl = len(layers)
     for c in caches:
         settle(c)  # deferred writes of earlier steps, before reading the buffers
-    step_kv = _step_kv(views, caches, B, kv_heads, head_dim)
+    step_kv = _step_kv(views, caches, B, T, kv_heads, head_dim)
     if step_kv is None:
         return None
     kv, new, layouts = step_kv
     ptrs = np.array([ctypes.addressof(lay) for lay in structs], np.uintp)
     xn, normed = _host_input(x, layers[0][0], eps1)
     starts = host_starts(mask, B)
-    out = np.empty((B, 1, hidden), np.float32)
+    out = np.empty((B, T, hidden), np.float32)
     from . import n_threads  # the current setting (refresh() may change it)
     _check(lib.vlmc_decode_layers(ptrs.ctypes.data, kv.ctypes.data, nl, xn.ctypes.data,
-                                  None if normed is None else normed.ctypes.data, B, c_ptr, s_ptr, ca,
+                                  None if normed is None else normed.ctypes.data, B, T, c_ptr, s_ptr, ca, cl,
                                   starts.ctypes.data, out.ctypes.data, n_threads), "decode_layers")
     for cache, view, rec, (off, sizes) in zip(caches, views, kv, layouts):
         if rec["inplace"]:
-            cache.advance_host()
+            for _ in range(T):
+                cache.advance_host()
             continue
-        parts = _stored_step(new, view[0], off, sizes, B, kv_heads)
+        parts = _stored_step(new, view[0], off, sizes, B, T, kv_heads)
         if view[0] == _DENSE:
             append_lazy(cache, *parts)
         else:

@@ -33,13 +33,6 @@ typedef struct {
     _Atomic int next;
 } gi8_t;
 
-/* 4 bytes as one int32 (memcpy: one load, without reading int8 data through an int32 lvalue) */
-static ALWAYS int32_t ld_i32(const void *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
 /* rows [M ith / nth, M (ith + 1) / nth) of x to int8 per 64-block, in natural order */
 static void gi8_quant_task(void *ctx, int ith, int nth) {
     gi8_t *J = ctx;
@@ -47,7 +40,7 @@ static void gi8_quant_task(void *ctx, int ith, int nth) {
     for (int m = m0; m < m1; m++)
         for (int b = 0; b < nb; b++) {
             int sum;
-            const float sc = x8_block(J->x + (size_t)m * K + b * 64, 0, J->x8 + (size_t)m * K + b * 64, 32,
+            const float sc = x8_block(J->x + (size_t)m * K + b * 64, X8_NATURAL, J->x8 + (size_t)m * K + b * 64, 32,
                                       J->x8r ? J->x8r + (size_t)m * K + b * 64 : NULL, &sum);
             J->xsc[(size_t)m * nb + b] = sc;
             J->xsum[(size_t)m * J->G + b * 64 / J->gs] += sc * (float)sum;

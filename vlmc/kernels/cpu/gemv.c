@@ -1,34 +1,35 @@
-/* vlmc CPU kernels: y[M, N] = x[M, K] @ W[N, K]^T (+ bias) for small M (decode).
+/* vlmc CPU kernels: y[M, N] = x[M, K] @ W[N, K]^T (+ bias) for small M (decode, and the
+ * verification of several draft tokens per sequence).
  *
  * Decode is bound by the bytes of W read per token, so W stays in its stored form
  * (float32, bfloat16, or MLX affine-quantized codes + per-group scales/biases) and is
- * streamed once; x (M <= 8 rows, float32) stays in cache. All arithmetic is float32.
+ * streamed once for all M rows of x.
  *
  * Quantized layout (MLX "affine", verified against mx.quantize/mx.dequantize for bits
  * 2, 3, 4, 5, 6, 8): each row of W is one little-endian bit stream of K codes, `bits`
  * bits each, stored as uint32 words; code k occupies stream bits [k*bits, (k+1)*bits)
  * (codes of 3/5/6 bits straddle word and byte boundaries). Row stride is K*bits/32
- * words. scales/biases are [N, K/group_size]; w = scale*q + bias.
+ * words. scales/biases are [N, K/group_size]; w = scale*q + bias. For a group g the
+ * kernels use  sum_k x_k (s_g q_k + b_g) = s_g sum_k x_k q_k + b_g sum_k x_k.
  *
- * For a group g the kernels use  sum_k x_k (s_g q_k + b_g) = s_g sum_k x_k q_k
- * + b_g sum_k x_k : the group sums of x are computed once per call, so the inner loop
- * only converts codes to float and multiplies by x.
+ * Row exactness: output y[m, n] is the same float32, bit for bit, whatever M is and
+ * whichever other rows share the call (speculative decoding checks a draft's tokens in
+ * one call and must get what one-token steps would have). So every kernel computes each
+ * (weight row, x row) pair as one fixed sequence of operations: the number of weight
+ * rows a kernel configuration takes at once, the x rows beside it, K chunks and threads
+ * change only which pairs run together, never an accumulation order.
  *
- * AVX2+FMA paths are used when the compiler targets them (-march=native on a machine
- * that has them; with AVX-512VL the same intrinsics get 32 registers and wider kernel
- * configurations); otherwise a portable scalar path computes the same thing. The SIMD
- * kernels cover float32/bfloat16 weights and 4/8-bit codes; 2/3/5/6-bit codes are
- * widened to bytes (in registers with AVX512-VBMI, else a few rows into a buffer) for the
- * 8-bit kernels; the portable path decodes a row at a time into a float buffer.
- *
- * What keeps the weight stream at memory speed:
- * - one weight row at a time when x fits in L1, so consecutive rows form a single
- *   sequential stream for the hardware prefetcher (interleaved rows break it up);
- * - several rows per block when x is long (K ~ 9k), sharing each x load;
- * - K chunks of 16 KiB of x for M >= 2 so x stays in L1, with software prefetch of the
- *   weights (the hardware prefetcher falls behind once per-byte compute grows).
- * Work is split over output rows (dynamic chunks) between the calling thread and a small
- * persistent pthread pool (workers spin ~200 us, then sleep on a condition variable).
+ * Two families of kernels:
+ * - codes x int8 activations (AVX512-VNNI, the default where present): one x row reads
+ *   each weight row as one sequential stream (qv_m1_range); several x rows take panels
+ *   of 16 weight rows whose codes are transposed in registers once per block for all of
+ *   them (qp_panel). Both do the same float arithmetic per pair (see there).
+ * - float32 x (float/bfloat16 weights; codes where int8 x is off or unavailable):
+ *   weight rows against x rows with fixed accumulators per pair, carried across K chunks
+ *   (x chunk kept in L1 for M >= 2), summed horizontally once at the end.
+ * Both walk rows in dynamic chunks shared by the calling thread and a small persistent
+ * pthread pool (threadpool.c). Without AVX2+FMA a portable scalar path computes the same
+ * arithmetic up to summation order.
  */
 #include "vlmc.h"
 
@@ -41,14 +42,18 @@
 #ifndef X_CHUNK_FLOATS
 #define X_CHUNK_FLOATS 4096 /* M x kc floats of x kept in L1 per K chunk (16 KiB) */
 #endif
+#define DENSE_SEG 512 /* float32 / bfloat16 weights: elements per segment (dense_block) */
+#define QP 16 /* weight rows per panel of the int8-x kernels (lanes of a vector) */
+#define QP_MAX_M 16 /* x rows per pass of the panel kernels */
 
 typedef struct {
     int kind;          /* 0 f32, 1 bf16, 2 quantized */
     int M, N, K;
     const float *x;    /* [M, K] natural layout */
-    const float *xq;   /* quantized: x permuted for the 4-bit kernel, else == x */
-    const float *xs;   /* quantized: [M, G] group sums of x */
-    const int8_t *x8;  /* codes, VNNI: x as int8 per 64-block, in the codes' order (see qv_block) */
+    const float *xq;   /* quantized, float x: x permuted for the 4-bit kernel, else == x */
+    const float *xs;   /* quantized: [M, G] group sums of x (int8 x: of the rounded x) */
+    const int8_t *x8;  /* int8 x: x per 64-block (x8_block, in the order x8_order) */
+    int x8_order;      /* X8_NATURAL, or for 4-bit codes X8_OCTETS / X8_HALVES (one x row) */
     const int8_t *x8r; /* 8-bit codes: x's rounding residual in 1/256 steps (x8_block), or NULL */
     const float *x8s;  /* its scale per 64-block (with x8r: the scale of 256 x8 + x8r) */
     const void *w;
@@ -58,10 +63,9 @@ typedef struct {
     packed_t pk;       /* 2/3/5/6-bit codes: how to widen them (packed_init) */
     const float *bias; /* [N] or NULL */
     float *y;          /* [M, N] */
-    int kc;            /* K elements per chunk (x chunk stays in L1) */
-    int kmain;         /* K covered by the SIMD blocks (4-bit: whole 64-spans) */
-    int long_rows;     /* M x K floats of x exceed X_CHUNK_FLOATS (pick the long-row tables) */
-    int bias_folded;   /* the block kernel adds the bias terms itself (qv_block), not q_finish */
+    int kc;            /* float x: K elements per chunk (x chunk stays in L1) */
+    int kmain;         /* float x: K covered by the SIMD blocks (the rest: the finish) */
+    int long_rows;     /* float x: M x K floats of x exceed X_CHUNK_FLOATS (x re-read from L2) */
     size_t rowbytes;   /* bytes of one weight row */
     int chunk;
     _Atomic int next;
@@ -75,8 +79,7 @@ static ALWAYS int grab(job_t *J, int *n0, int *n1) {
     return 1;
 }
 
-/* sum_g biases[n, g] * xs[m, g] */
-/* sum_{g < G} p[n, g] * xs[m, g] for the per-group parameters p (biases or scales) */
+/* sum_{g < G} p[n, g] * xs[m, g] for the per-group parameters p (biases) */
 __attribute__((unused)) static float group_dot(const job_t *J, const void *p, int n, int m, int G) {
     const size_t off = (size_t)n * J->G;
     const float *xs = J->xs + (size_t)m * J->G;
@@ -89,15 +92,9 @@ __attribute__((unused)) static float group_dot(const job_t *J, const void *p, in
         for (; g + 8 <= G; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(b + g), _mm256_loadu_ps(xs + g), acc);
     } else if (J->st == ST_BF16) {
         const uint16_t *b = (const uint16_t *)p + off;
-        for (; g + 8 <= G; g += 8) {
-            __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(b + g)));
-            acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(h, 16)), _mm256_loadu_ps(xs + g), acc);
-        }
+        for (; g + 8 <= G; g += 8) acc = _mm256_fmadd_ps(ld8_bf16(b + g), _mm256_loadu_ps(xs + g), acc);
     }
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    s = _mm_cvtss_f32(h);
+    s = hsum(acc);
 #endif
     for (; g < G; g++) s += ld_param(p, off + g, J->st) * xs[g];
     return s;
@@ -114,56 +111,144 @@ static ALWAYS void store_out(const job_t *J, int n, int m, float v) {
 #ifndef PF_DIST
 #define PF_DIST 2048
 #endif
-/* The one-x-row kernel (qv_m1_range) computes faster, so it reaches further ahead, into
- * L2 (its x and the codes in flight would crowd the L1). */
-#ifndef PF_M1
-#define PF_M1 8192
-#endif
 static ALWAYS void pf(const void *p, size_t off) {
     if (PF_DIST > 0 && off > 0) _mm_prefetch((const char *)p + off, _MM_HINT_T0);
 }
-static ALWAYS void pf_l2(const void *p, size_t off) {
-    if (PF_DIST > 0 && off > 0) _mm_prefetch((const char *)p + off, _MM_HINT_T1);
+
+/* ==== float32 x ====================================================================== *
+ * Each pair (weight row, x row) has one accumulator vector for all of K (carried in
+ * `part` between K chunks), then one horizontal sum and the scalar terms (finish_pair).
+ * How many weight rows and x rows a block takes changes only which pairs run side by
+ * side. */
+
+/* the scalar terms of a pair after its vector sum s: the dense tail (k >= kmain), or the
+ * bias terms and the 4-bit half-span tail; then the store */
+static void finish_pair(const job_t *J, int n, int m, float s) {
+    const int K = J->K, G = J->G;
+    if (J->kind != 2) {
+        const float *xr = J->x + (size_t)m * K;
+        for (int k = J->kmain; k < K; k++)
+            s += (J->kind == 1 ? bf16_to_f32(((const uint16_t *)J->w)[(size_t)n * K + k])
+                               : ((const float *)J->w)[(size_t)n * K + k]) * xr[k];
+        store_out(J, n, m, s);
+        return;
+    }
+    s += group_dot(J, J->bi, n, m, G);
+    if (J->bits == 4 && J->kmain < K) {
+        const uint32_t *w = (const uint32_t *)J->w + (size_t)n * (K / 8);
+        float t = 0.f;
+        for (int k = J->kmain; k < K; k++) t += (float)((w[k / 8] >> (4 * (k % 8))) & 0xF) * J->x[(size_t)m * K + k];
+        s += t * ld_param(J->sc, (size_t)n * G + G - 1, J->st);
+    }
+    store_out(J, n, m, s);
 }
 
-/* Every block function below adds, for R weight rows n.. and M activation rows, the
- * partial dot products over k in [k0, k1) to part[r * M + m]. The range drivers walk
- * K in chunks (J->kc) so that the x chunk stays in L1 while many weight rows pass. */
+/* ---- float32 / bfloat16 weights: R weight rows against up to DENSE_MG x rows. Per pair,
+ * per segment of DENSE_SEG elements: DV_P accumulator vectors, element k to vector
+ * (k / DV_W) % DV_P, summed (a0 + a1, or (a0 + a1) + (a2 + a3)) and added to the pair's
+ * sum; the elements past the last whole 32 (K % 32) follow its horizontal sum one by one
+ * (finish_pair). One x row takes one weight row at a time: the weights are then one
+ * sequential stream, which the hardware prefetcher follows at memory speed, and DV_P
+ * chains per pair hide the FMA latency. k0 is a multiple of DENSE_SEG, k1 too or
+ * J->kmain. ----------------------------------------------------------------------------- */
+#if defined(__AVX512F__)
+typedef __m512 dvec;
+#define DV_W 16
+#define DV_P 2
+#define DENSE_MG 8 /* 16 accumulators of 32 registers */
+static ALWAYS dvec dv_zero(void) { return _mm512_setzero_ps(); }
+static ALWAYS dvec dv_ld(const float *p) { return _mm512_loadu_ps(p); }
+static ALWAYS dvec dv_ldbf(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static ALWAYS dvec dv_fma(dvec a, dvec b, dvec c) { return _mm512_fmadd_ps(a, b, c); }
+static ALWAYS dvec dv_add(dvec a, dvec b) { return _mm512_add_ps(a, b); }
+static ALWAYS void dv_st(float *p, dvec v) { _mm512_storeu_ps(p, v); }
+static ALWAYS float dv_hsum(dvec v) { return _mm512_reduce_add_ps(v); }
+#else
+typedef __m256 dvec;
+#define DV_W 8
+#define DV_P 4
+#define DENSE_MG 2 /* 8 accumulators of 16 registers */
+static ALWAYS dvec dv_zero(void) { return _mm256_setzero_ps(); }
+static ALWAYS dvec dv_ld(const float *p) { return _mm256_loadu_ps(p); }
+static ALWAYS dvec dv_ldbf(const uint16_t *p) { return ld8_bf16(p); }
+static ALWAYS dvec dv_fma(dvec a, dvec b, dvec c) { return _mm256_fmadd_ps(a, b, c); }
+static ALWAYS dvec dv_add(dvec a, dvec b) { return _mm256_add_ps(a, b); }
+static ALWAYS void dv_st(float *p, dvec v) { _mm256_storeu_ps(p, v); }
+static ALWAYS float dv_hsum(dvec v) { return hsum(v); }
+#endif
+#define PART_W 16 /* floats per pair in the range functions' partial sums (>= DV_W, 8) */
 
-/* ---- float32 / bfloat16 weights: P accumulators per (row, activation) -------------- */
-static ALWAYS void dense_block(const int R, const int M, const int P, const int BF, const job_t *J, int n,
-                               int k0, int k1, float *part, size_t pfo) {
-    const int K = J->K;
-    __m256 acc[4][8][4];
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) UNROLL for (int p = 0; p < P; p++)
-        acc[r][m][p] = _mm256_setzero_ps();
+static ALWAYS void dense_block(const int R, const int MG, const int BF, const job_t *J, int n, int m0, int k0, int k1,
+                               float *part, size_t pfo) {
+    const int K = J->K, M = J->M;
     const float *wf = (const float *)J->w + (size_t)n * K;
     const uint16_t *wh = (const uint16_t *)J->w + (size_t)n * K;
-    int k = k0;
-    for (; k + 8 * P <= k1; k += 8 * P) {
-        if (pfo)
-            UNROLL for (int r = 0; r < R; r++)
-                pf(BF ? (const void *)(wh + (size_t)r * K + k) : (const void *)(wf + (size_t)r * K + k), pfo);
-        UNROLL for (int p = 0; p < P; p++) {
-            __m256 wv[4];
-            UNROLL for (int r = 0; r < R; r++)
-                wv[r] = BF ? ld8_bf16(wh + (size_t)r * K + k + 8 * p) : _mm256_loadu_ps(wf + (size_t)r * K + k + 8 * p);
-            UNROLL for (int m = 0; m < M; m++) {
-                __m256 xv = _mm256_loadu_ps(J->x + (size_t)m * K + k + 8 * p);
-                UNROLL for (int r = 0; r < R; r++) acc[r][m][p] = _mm256_fmadd_ps(wv[r], xv, acc[r][m][p]);
+    dvec tot[4][DENSE_MG];
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < MG; m++)
+        tot[r][m] = dv_ld(part + ((size_t)r * M + m0 + m) * PART_W);
+    for (int s0 = k0; s0 < k1; s0 += DENSE_SEG) {
+        const int s1 = s0 + DENSE_SEG < k1 ? s0 + DENSE_SEG : k1;
+        dvec acc[4][DENSE_MG][DV_P];
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < MG; m++) UNROLL for (int p = 0; p < DV_P; p++)
+            acc[r][m][p] = dv_zero();
+        for (int k = s0; k < s1; k += 32) {
+            if (pfo)
+                UNROLL for (int r = 0; r < R; r++) {
+                    pf(BF ? (const void *)(wh + (size_t)r * K + k) : (const void *)(wf + (size_t)r * K + k), pfo);
+                    if (!BF) pf(wf + (size_t)r * K + k + 16, pfo);
+                }
+            UNROLL for (int p = 0; p < DV_P; p++) {
+                dvec wv[4];
+                UNROLL for (int r = 0; r < R; r++)
+                    wv[r] = BF ? dv_ldbf(wh + (size_t)r * K + k + DV_W * p) : dv_ld(wf + (size_t)r * K + k + DV_W * p);
+                UNROLL for (int m = 0; m < MG; m++) {
+                    const dvec xv = dv_ld(J->x + (size_t)(m0 + m) * K + k + DV_W * p);
+                    UNROLL for (int r = 0; r < R; r++) acc[r][m][p] = dv_fma(wv[r], xv, acc[r][m][p]);
+                }
+            }
+        }
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < MG; m++) {
+            const dvec seg = DV_P == 2 ? dv_add(acc[r][m][0], acc[r][m][1])
+                                       : dv_add(dv_add(acc[r][m][0], acc[r][m][1]), dv_add(acc[r][m][DV_P - 2], acc[r][m][DV_P - 1]));
+            tot[r][m] = dv_add(tot[r][m], seg);
+        }
+    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < MG; m++)
+        dv_st(part + ((size_t)r * M + m0 + m) * PART_W, tot[r][m]);
+}
+
+/* Row range [n0, n1) of a dense weight for M x rows (a compile-time constant): one x row
+ * takes each weight row whole, several take K in chunks (x chunk in L1) across the rows;
+ * either way every pair runs the same segments in order. */
+static ALWAYS void dense_range(const int M, const int BF, const job_t *J, int n0, int n1, float *part) {
+    memset(part, 0, sizeof(float) * PART_W * (size_t)(n1 - n0) * M);
+    /* one long x row is re-read from L2 for every weight row: 4 rows share each x load */
+    const int R4 = M == 1 && J->long_rows;
+    for (int k0 = 0; k0 < J->kmain; k0 += J->kc) {
+        const int k1 = k0 + J->kc < J->kmain ? k0 + J->kc : J->kmain;
+        /* chunks: each row's chunk is a stream of its own (prefetch the rows after it);
+         * 4 rows at once: prefetch ahead in each */
+        const size_t pfo = J->kc < J->kmain ? (size_t)2 * J->rowbytes : R4 ? PF_DIST : 0;
+        int n = n0;
+        if (R4)
+            for (; n + 4 <= n1; n += 4) dense_block(4, 1, BF, J, n, 0, k0, k1, part + (size_t)(n - n0) * M * PART_W, pfo);
+        for (; n < n1; n++) {
+            float *pn = part + (size_t)(n - n0) * M * PART_W;
+            UNROLL for (int m0 = 0; m0 < M; m0 += DENSE_MG) {
+                if (M - m0 >= DENSE_MG) dense_block(1, DENSE_MG, BF, J, n, m0, k0, k1, pn, pfo);
+                else dense_block(1, M - m0 < DENSE_MG ? M - m0 : DENSE_MG, BF, J, n, m0, k0, k1, pn, pfo);
             }
         }
     }
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) {
-        __m256 a = acc[r][m][0];
-        UNROLL for (int p = 1; p < P; p++) a = _mm256_add_ps(a, acc[r][m][p]);
-        float s = hsum(a);
-        for (int kk = k; kk < k1; kk++)
-            s += (BF ? bf16_to_f32(wh[(size_t)r * K + kk]) : wf[(size_t)r * K + kk]) * J->x[(size_t)m * K + kk];
-        part[r * M + m] += s;
-    }
+    for (int n = n0; n < n1; n++)
+        for (int m = 0; m < M; m++) finish_pair(J, n, m, dv_hsum(dv_ld(part + ((size_t)(n - n0) * M + m) * PART_W)));
 }
 
+/* Row range [n0, n1): K chunks outside, blocks of R rows inside (the rest one by one),
+ * each pair's accumulator kept in part ([n1 - n0][M][8] floats) between chunks; then the
+ * horizontal sums and finish_pair. */
 /* scale vector for 64 consecutive codes of group `off` (gs == 32: groups off, off+1) */
 static ALWAYS __m256 scale_vec(const int ST, const job_t *J, size_t off, int two) {
     if (two) {
@@ -173,33 +258,36 @@ static ALWAYS __m256 scale_vec(const int ST, const job_t *J, size_t off, int two
     return _mm256_set1_ps(ld_param(J->sc, off, ST));
 }
 
-/* ---- 4-bit: a 32-byte load holds 8 words = 64 codes; nibble j of word l is code 8l+j.
- * x is pre-permuted per 64-block so that xq[8j + l] = x[8l + j]: shifting the whole
- * vector by 4j and masking then yields 8 codes that pair with 8 contiguous floats.
- * FOLD: accumulate q*x over a span (64 codes, or one group if larger) and apply the
- * scale once per span (small M); otherwise scale the codes first (fewer registers).
- * Covers whole spans only; the last half-span (gs == 32, K % 64 == 32) is done by
- * q_finish. ------------------------------------------------------------------------- */
-static ALWAYS void q4_block(const int R, const int M, const int P, const int FOLD, const int ST, const job_t *J,
-                            int n, int k0, int k1, float *part, size_t pfo) {
+/* ---- codes with float x. Every block function continues, for R weight rows n.. and M x
+ * rows, the pairs' accumulator vectors (8 floats each, in part[(r * M + m) * PART_W])
+ * over k in [k0, k1): per group or 4-bit span an inner accumulator of q * x, 8 codes at a
+ * time in k order, then scaled into the outer one; the same for every R and M. At the end
+ * (the range's finish) one horizontal sum and the scalar terms. */
+
+/* 4-bit: a 32-byte load holds 8 words = 64 codes; nibble j of word l is code 8l+j. x is
+ * pre-permuted per 64-block so that xq[8j + l] = x[8l + j]: shifting the whole vector by
+ * 4j and masking then yields 8 codes that pair with 8 contiguous floats. A span is 64
+ * codes, or one group if larger. Covers whole spans only; the last half-span (gs == 32,
+ * K % 64 == 32) is the finish's. */
+static ALWAYS void q4_block(const int R, const int M, const int ST, const job_t *J, int n, int k0, int k1,
+                            float *part, size_t pfo) {
     const int K = J->K, gs = J->gs, G = J->G;
     const int span = gs < 64 ? 64 : gs, two = gs < 64;
     const size_t ws = (size_t)K / 8; /* words per row */
     const uint32_t *w = (const uint32_t *)J->w + (size_t)n * ws;
     const __m256i mask = _mm256_set1_epi32(0xF);
     __m256 tot[4][8];
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) tot[r][m] = _mm256_setzero_ps();
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++)
+        tot[r][m] = _mm256_loadu_ps(part + (size_t)(r * M + m) * PART_W);
     for (int ks = k0; ks < k1; ks += span) {
-        __m256 sv[4], acc[4][8][4];
+        __m256 sv[4], acc[4][8];
         UNROLL for (int r = 0; r < R; r++) sv[r] = scale_vec(ST, J, (size_t)(n + r) * G + (size_t)ks / gs, two);
-        if (FOLD)
-            UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) UNROLL for (int p = 0; p < P; p++)
-                acc[r][m][p] = _mm256_setzero_ps();
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) acc[r][m] = _mm256_setzero_ps();
         for (int kb = ks; kb < ks + span; kb += 64) {
             __m256i v[4];
             const uint32_t *wb = w + ((unsigned)kb >> 3);
             UNROLL for (int r = 0; r < R; r++) {
-                pf(wb + r * ws, pfo);
+                if (kb & 64) pf(wb + r * ws, pfo); /* one prefetch per 64 bytes */
                 v[r] = _mm256_loadu_si256((const __m256i *)(wb + r * ws));
             }
             UNROLL for (int j = 0; j < 8; j++) {
@@ -208,64 +296,164 @@ static ALWAYS void q4_block(const int R, const int M, const int P, const int FOL
                     __m256i t = j ? _mm256_srli_epi32(v[r], 4 * j) : v[r];
                     if (j < 7) t = _mm256_and_si256(t, mask);
                     q[r] = _mm256_cvtepi32_ps(t);
-                    if (!FOLD) q[r] = _mm256_mul_ps(q[r], sv[r]);
                 }
                 UNROLL for (int m = 0; m < M; m++) {
-                    __m256 xv = _mm256_loadu_ps(J->xq + (size_t)m * K + kb + 8 * j);
-                    UNROLL for (int r = 0; r < R; r++) {
-                        if (FOLD) acc[r][m][j % P] = _mm256_fmadd_ps(q[r], xv, acc[r][m][j % P]);
-                        else tot[r][m] = _mm256_fmadd_ps(q[r], xv, tot[r][m]);
-                    }
+                    const __m256 xv = _mm256_loadu_ps(J->xq + (size_t)m * K + kb + 8 * j);
+                    UNROLL for (int r = 0; r < R; r++) acc[r][m] = _mm256_fmadd_ps(q[r], xv, acc[r][m]);
                 }
             }
         }
-        if (FOLD)
-            UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) {
-                __m256 a = acc[r][m][0];
-                UNROLL for (int p = 1; p < P; p++) a = _mm256_add_ps(a, acc[r][m][p]);
-                tot[r][m] = _mm256_fmadd_ps(a, sv[r], tot[r][m]);
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++)
+            tot[r][m] = _mm256_fmadd_ps(acc[r][m], sv[r], tot[r][m]);
+    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++)
+        _mm256_storeu_ps(part + (size_t)(r * M + m) * PART_W, tot[r][m]);
+}
+
+/* 8-bit: 8 bytes -> 8 codes in natural order (vpmovzxbd), per group */
+static ALWAYS void q8_block(const int R, const int M, const int ST, const job_t *J, int n, int k0, int k1,
+                            float *part, size_t pfo) {
+    const int K = J->K, gs = J->gs, G = J->G;
+    const uint8_t *w = (const uint8_t *)J->w + (size_t)n * K;
+    __m256 tot[4][8];
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++)
+        tot[r][m] = _mm256_loadu_ps(part + (size_t)(r * M + m) * PART_W);
+    for (int ks = k0; ks < k1; ks += gs) {
+        __m256 sv[4], acc[4][8];
+        UNROLL for (int r = 0; r < R; r++) sv[r] = _mm256_set1_ps(ld_param(J->sc, (size_t)(n + r) * G + ks / gs, ST));
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) acc[r][m] = _mm256_setzero_ps();
+        for (int c = ks; c < ks + gs; c += 8) {
+            if ((c & 63) == 0) UNROLL for (int r = 0; r < R; r++) pf(w + (size_t)r * K + c, pfo);
+            __m256 q[4];
+            UNROLL for (int r = 0; r < R; r++)
+                q[r] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + (size_t)r * K + c))));
+            UNROLL for (int m = 0; m < M; m++) {
+                const __m256 xv = _mm256_loadu_ps(J->x + (size_t)m * K + c);
+                UNROLL for (int r = 0; r < R; r++) acc[r][m] = _mm256_fmadd_ps(q[r], xv, acc[r][m]);
             }
+        }
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++)
+            tot[r][m] = _mm256_fmadd_ps(acc[r][m], sv[r], tot[r][m]);
     }
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) part[r * M + m] += hsum(tot[r][m]);
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++)
+        _mm256_storeu_ps(part + (size_t)(r * M + m) * PART_W, tot[r][m]);
 }
 
+/* Row range [n0, n1): K chunks outside, blocks of R rows inside (the rest one by one),
+ * each pair's accumulator kept in part between chunks; then the horizontal sums and
+ * finish_pair. */
+#define DEFINE_RANGE(name, CALL)                                                                         \
+    static ALWAYS void name##_range(const int R, const int M, const int ST, const job_t *J, int n0,     \
+                                    int n1, float *part) {                                              \
+        memset(part, 0, sizeof(float) * PART_W * (size_t)(n1 - n0) * M);                                \
+        (void)ST;                                                                                       \
+        for (int k0 = 0; k0 < J->kmain; k0 += J->kc) {                                                  \
+            const int k1 = k0 + J->kc < J->kmain ? k0 + J->kc : J->kmain;                               \
+            const size_t pfo = J->kc < J->kmain ? (size_t)2 * R * J->rowbytes : PF_DIST;                \
+            int n = n0;                                                                                 \
+            for (; n + R <= n1; n += R) CALL(R, M, ST, J, n, k0, k1, part + (size_t)(n - n0) * M * PART_W, pfo); \
+            for (; n < n1; n++) CALL(1, M, ST, J, n, k0, k1, part + (size_t)(n - n0) * M * PART_W, pfo); \
+        }                                                                                               \
+        for (int n = n0; n < n1; n++)                                                                   \
+            for (int m = 0; m < M; m++)                                                                 \
+                finish_pair(J, n, m, hsum(_mm256_loadu_ps(part + ((size_t)(n - n0) * M + m) * PART_W))); \
+    }
+DEFINE_RANGE(q4, q4_block)
+DEFINE_RANGE(q8, q8_block)
+
+/* Kernel configurations of the codes with float x: R weight rows per block for each M in
+ * {1, 2, 3, 4, 8} (M = 5..7 runs as 8 on zero-padded x, M > 8 in slices of 8:
+ * gemv_sliced; the dense kernels likewise). R only sets how many accumulators are in
+ * flight (R x M chains, of one FMA latency per 8 codes each), which the 32 vector
+ * registers of AVX-512VL allow more of than AVX2's 16. */
+#if defined(__AVX512VL__)
+#define WIDE_REGS 1
+#else
+#define WIDE_REGS 0
+#endif
+
+#define KFN(name, R, M) name##_k##R##_##M
+#define DEFK(name, R, M)                                                                           \
+    static __attribute__((noinline)) void KFN(name, R, M)(const job_t *J, int n0, int n1, float *part) { \
+        if (J->st == ST_BF16) name##_range(R, M, ST_BF16, J, n0, n1, part);                       \
+        else name##_range(R, M, ST_F32, J, n0, n1, part);                                          \
+    }
+#define DEFK_(args) DEFK args
+#define KFN_(args) KFN args
+
+#if WIDE_REGS
+#define Q_1 4, 1
+#define Q_2 2, 2
+#define Q_3 2, 3
+#define Q_4 2, 4
+#define Q_8 1, 8
+#else
+#define Q_1 2, 1
+#define Q_2 2, 2
+#define Q_3 1, 3
+#define Q_4 1, 4
+#define Q_8 1, 8
+#endif
+
+#define DEF_ROWS(name, C1, C2, C3, C4, C8)                                                       \
+    DEFK_((name, C1)) DEFK_((name, C2)) DEFK_((name, C3)) DEFK_((name, C4)) DEFK_((name, C8))    \
+    static void name##_rows(const job_t *J, int n0, int n1, float *part) {                       \
+        switch (J->M) {                                                                          \
+        case 1: KFN_((name, C1))(J, n0, n1, part); break;                                        \
+        case 2: KFN_((name, C2))(J, n0, n1, part); break;                                        \
+        case 3: KFN_((name, C3))(J, n0, n1, part); break;                                        \
+        case 4: KFN_((name, C4))(J, n0, n1, part); break;                                        \
+        default: KFN_((name, C8))(J, n0, n1, part); break;                                       \
+        }                                                                                        \
+    }
+#define DEF_DENSE(name, BF)                                                                      \
+    static __attribute__((noinline)) void name##_rows(const job_t *J, int n0, int n1, float *part) { \
+        switch (J->M) {                                                                          \
+        case 1: dense_range(1, BF, J, n0, n1, part); break;                                      \
+        case 2: dense_range(2, BF, J, n0, n1, part); break;                                      \
+        case 3: dense_range(3, BF, J, n0, n1, part); break;                                      \
+        case 4: dense_range(4, BF, J, n0, n1, part); break;                                      \
+        default: dense_range(8, BF, J, n0, n1, part); break;                                     \
+        }                                                                                        \
+    }
+DEF_DENSE(f32, 0)
+DEF_DENSE(bf16, 1)
+DEF_ROWS(q4, Q_1, Q_2, Q_3, Q_4, Q_8)
+DEF_ROWS(q8, Q_1, Q_2, Q_3, Q_4, Q_8)
+
+/* ==== codes x int8 x (AVX512-VNNI) ==================================================== *
+ * Per 64-block, x is rounded to int8 with its own scale (x8s); for 8-bit codes its
+ * rounding residual too (x8r, x8_block); vpdpbusd gives each block's dot exactly, as an
+ * integer. Per pair (weight row, x row) the float work is then fixed: eight partial sums
+ * A_0 .. A_7, block b adding to A_(b mod 8):  A += float(dot_b) x (s_g x xs_b)  (g its
+ * group), and right after the last block of each group, to the same A, the bias term
+ * b_g x (group sum of the rounded x) (the rounded x's group sums make the minimum and the
+ * codes' mean cancel as they do without rounding); finally y = ((A_0 + A_1) + (A_2 +
+ * A_3)) + ((A_4 + A_5) + (A_6 + A_7)) (+ bias). Two kernels compute it:
+ * - one x row (qv_m1_range): each weight row's codes are one sequential stream, 512 codes
+ *   (8 blocks) per step, vpdpbusd against 64 bytes of x and the 16 lanes of each block's
+ *   dot folded into one (fold8): lane i of one vector is A_i, and 8 rows' sums finish
+ *   together (hsum8x8), ~6 instructions per 64 codes;
+ * - several x rows (qp_panel): 16 weight rows' codes of a block are transposed in
+ *   registers so that vpdpbusd multiplies 4 codes of 16 rows by 4 bytes of one x row
+ *   broadcast; the transpose is paid once per block for all x rows, and A_i is a vector
+ *   over the 16 rows (no horizontal sums; where one x row's fold costs ~13 instructions
+ *   per 8 blocks and pair, the panel's per-pair work is its vpdpbusd and three more).
+ * Needs gs % 64 == 0. */
 #if VLMC_VNNI
-#define BITS_PACKED 0 /* qv kernels' BITS for 2/3/5/6-bit codes (the width is J->bits) */
-/* ---- codes x int8 activations (up to 8 activation rows per pass; AVX512-VNNI). Per
- * 64-block, x is rounded to int8 with its own scale (x8s); for 8-bit codes its rounding
- * residual too (x8r, x8_block). For byte codes (8-bit, and 2/3/5/6-bit widened in
- * registers) x8 is in natural order. For 4-bit codes the low nibbles of a block's 32 code
- * bytes hold its even codes and the high nibbles its odd ones, so x8 holds each block's
- * even values, then its odd values; two blocks that share a 128-aligned pair interleave
- * those halves (A even, B even, A odd, B odd: x8_offsets), so one 64-byte load of codes
- * (two blocks) pairs with two 64-byte loads of x. vpdpbusd leaves each block's integer
- * dot in 8 lanes; per 8 blocks a transpose-add folds them into one vector of 8 dots that
- * one FMA scales by (weight group scale x x's block scale): ~6 instructions per 64 codes
- * and one FMA dependency per 512 codes, where a per-block form needs ~13 and one FMA per
- * block (a dependency chain that bounds it when the codes come from cache). The bias
- * terms (q_finish) use group sums of the rounded x, so the minimum and the codes' mean
- * cancel as they do without rounding. Needs gs % 64 == 0. */
+#define BITS_PACKED 0 /* the kernels' BITS for 2/3/5/6-bit codes (the width is J->bits) */
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T1 /* the next panel into L2 (a panel of long rows would crowd L1) */
+#endif
+#ifndef PF_PANELS
+#define PF_PANELS 1
+#endif
+#ifndef PF_M1
+#define PF_M1 8192 /* one x row: bytes ahead, into L2 (codes in flight would crowd x out of L1) */
+#endif
+static ALWAYS void pf_l2(const void *p, size_t off) { _mm_prefetch((const char *)p + off, _MM_HINT_T1); }
 
-/* where block kb's even and odd halves of x8 start (4-bit codes), see above */
-static ALWAYS size_t x8_even(int kb, int K) {
-    const int base = kb & ~127;
-    return base + 128 <= K ? (size_t)base + (kb & 64 ? 32 : 0) : (size_t)kb;
-}
-static ALWAYS size_t x8_odd_gap(int kb, int K) { return (kb & ~127) + 128 <= K ? 64 : 32; }
-
-/* the 8 weight-group scales of blocks kb .. kb + 448 of row n */
-static ALWAYS __m256 scale8(const int ST, const job_t *J, int n, int kb) {
-    const size_t off = (size_t)n * J->G + (size_t)kb / J->gs;
-    if (J->gs == 64) return ST == ST_BF16 ? ld8_bf16((const uint16_t *)J->sc + off) : _mm256_loadu_ps((const float *)J->sc + off);
-    if (J->gs == 128) {
-        const __m128 v = ST == ST_BF16 ? _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)((const uint16_t *)J->sc + off))), 16))
-                                       : _mm_loadu_ps((const float *)J->sc + off);
-        return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
-    }
-    float t[8];
-    for (int i = 0; i < 8; i++) t[i] = ld_param(J->sc, (size_t)n * J->G + (size_t)(kb + 64 * i) / J->gs, ST);
-    return _mm256_loadu_ps(t);
-}
+/* ---- one x row ------------------------------------------------------------------------ */
 
 /* p[i] (i < 4): int32 lanes 0-7 belong to block 2i, lanes 8-15 to block 2i + 1; returns
  * the 8 block sums in block order */
@@ -280,466 +468,350 @@ static ALWAYS __m256i fold8(__m512i p0, __m512i p1, __m512i p2, __m512i p3) {
     return _mm512_castsi512_si256(_mm512_permutexvar_epi32(idx, v));
 }
 
-/* the folded bias terms' 8 group biases of row n from block kb (gs == 64), else zeros */
-static ALWAYS __m256 bias8(const int ST, const job_t *J, int n, int kb) {
-    const size_t bo = (size_t)n * J->G + (size_t)kb / 64;
-    return !J->bias_folded ? _mm256_setzero_ps()
-           : ST == ST_BF16 ? ld8_bf16((const uint16_t *)J->bi + bo) : _mm256_loadu_ps((const float *)J->bi + bo);
+/* the blocks of the 512-code step from kb that lie below K (1 .. 8) */
+static ALWAYS int step_blocks(const job_t *J, int kb) { return (J->K - kb) / 64 < 8 ? (J->K - kb) / 64 : 8; }
+
+/* 8 consecutive float32 or bfloat16 parameters from element off (0 from the nbk-th on) */
+static ALWAYS __m256 ld8_param(const int ST, const void *p, size_t off, int nbk) {
+    if (nbk == 8) return ST == ST_BF16 ? ld8_bf16((const uint16_t *)p + off) : _mm256_loadu_ps((const float *)p + off);
+    const __mmask8 k = (__mmask8)((1u << nbk) - 1);
+    if (ST == ST_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(k, (const uint16_t *)p + off)), 16));
+    return _mm256_maskz_loadu_ps(k, (const float *)p + off);
 }
 
-/* tot + 8 blocks' integer dots x (weight scale x x's block scale) + their bias terms, x row m */
-static ALWAYS __m256 acc8(const job_t *J, int m, int kb, __m256i dots, __m256 sv, __m256 bv, __m256 tot) {
-    const __m256 xs = _mm256_loadu_ps(J->x8s + (size_t)m * (J->K / 64) + (kb >> 6));
-    tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(sv, xs), tot);
-    if (J->bias_folded) /* sum_g b_g * (group sum of rounded x), 8 groups */
-        tot = _mm256_fmadd_ps(bv, _mm256_loadu_ps(J->xs + (size_t)m * J->G + (kb >> 6)), tot);
-    return tot;
+/* row n's weight-group scales of blocks kb / 64 .. + 7 (0 past the row's last block) */
+static ALWAYS __m256 scale8(const int ST, const job_t *J, int n, int kb, int nbk) {
+    const size_t off = (size_t)n * J->G + (size_t)kb / J->gs;
+    if (J->gs == 64) return ld8_param(ST, J->sc, off, nbk);
+    float t[8];
+    for (int i = 0; i < 8; i++) t[i] = i < nbk ? ld_param(J->sc, (size_t)n * J->G + (size_t)(kb + 64 * i) / J->gs, ST) : 0.f;
+    return _mm256_loadu_ps(t);
 }
 
-/* 8 blocks (512 codes) from kb, 4-bit codes, kb % 128 == 0 */
-static ALWAYS void qv4_wide(const int R, const int M, const int ST, const int L2, const job_t *J, int n, int kb,
-                            __m256 tot[4][8], size_t pfo) {
-    const int K = J->K;
-    const size_t row = (size_t)K / 2;
+/* tot + the 8 blocks' dots of row n x (scale x x's block scale) + the bias terms of the
+ * groups whose last block is among them (in that block's lane) */
+static ALWAYS __m256 acc8(const int ST, const job_t *J, int n, int kb, int nbk, __m256i dots, __m256 tot) {
+    const __m256 xs = ld8_param(ST_F32, J->x8s, (size_t)kb >> 6, nbk);
+    tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(scale8(ST, J, n, kb, nbk), xs), tot);
+    __m256 bv, xg;
+    if (J->gs == 64) {
+        bv = ld8_param(ST, J->bi, (size_t)n * J->G + (kb >> 6), nbk);
+        xg = ld8_param(ST_F32, J->xs, (size_t)kb >> 6, nbk);
+    } else {
+        float b[8], s[8];
+        const int bpg = J->gs / 64;
+        for (int i = 0; i < 8; i++) {
+            const int blk = kb / 64 + i, last = i < nbk && (blk + 1) % bpg == 0;
+            b[i] = last ? ld_param(J->bi, (size_t)n * J->G + blk / bpg, ST) : 0.f;
+            s[i] = last ? J->xs[blk / bpg] : 0.f;
+        }
+        bv = _mm256_loadu_ps(b);
+        xg = _mm256_loadu_ps(s);
+    }
+    return _mm256_fmadd_ps(bv, xg, tot);
+}
+
+/* 8 blocks (512 codes) from kb, 4-bit codes; x8 in X8_HALVES order, so a 64-byte load of
+ * codes (blocks A, B) meets A's and B's even values, then their odd ones */
+static ALWAYS __m256i dots_q4(const job_t *J, const uint8_t *w, int kb, int nbk) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), z = _mm512_setzero_si512();
-    UNROLL for (int r = 0; r < R; r++) {
-        const uint8_t *wb = (const uint8_t *)J->w + (size_t)(n + r) * row + (size_t)kb / 2;
-        __m512i lo[4], hi[4];
-        UNROLL for (int i = 0; i < 4; i++) {
-            if (L2) pf_l2(wb + 64 * i, pfo);
-            else pf(wb + 64 * i, pfo);
-            const __m512i v = _mm512_loadu_si512((const void *)(wb + 64 * i));
-            lo[i] = _mm512_and_si512(v, m4);
-            hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    const uint8_t *wb = w + kb / 2;
+    __m512i a[4];
+    UNROLL for (int i = 0; i < 4; i++) {
+        if (2 * i >= nbk) {
+            a[i] = z;
+            continue;
         }
-        const __m256 sv = scale8(ST, J, n + r, kb), bv = bias8(ST, J, n + r, kb);
-        UNROLL for (int m = 0; m < M; m++) {
-            const int8_t *xb = J->x8 + (size_t)m * K + kb;
-            __m512i a[4];
-            UNROLL for (int i = 0; i < 4; i++) {
-                a[i] = _mm512_dpbusd_epi32(z, lo[i], _mm512_loadu_si512((const void *)(xb + 128 * i)));
-                a[i] = _mm512_dpbusd_epi32(a[i], hi[i], _mm512_loadu_si512((const void *)(xb + 128 * i + 64)));
-            }
-            tot[r][m] = acc8(J, m, kb, fold8(a[0], a[1], a[2], a[3]), sv, bv, tot[r][m]);
-        }
+        const __mmask64 mk = 2 * i + 1 < nbk ? ~(__mmask64)0 : (__mmask64)0xFFFFFFFFu; /* a lone last block */
+        pf_l2(wb + 64 * i, PF_M1);
+        const __m512i v = _mm512_maskz_loadu_epi8(mk, wb + 64 * i);
+        const int8_t *xe = J->x8 + kb + 128 * i;
+        const size_t gap = kb + 128 * i + 128 <= J->K ? 64 : 32;
+        a[i] = _mm512_dpbusd_epi32(z, _mm512_and_si512(v, m4), _mm512_maskz_loadu_epi8(mk, xe));
+        a[i] = _mm512_dpbusd_epi32(a[i], _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), _mm512_maskz_loadu_epi8(mk, xe + gap));
     }
+    return fold8(a[0], a[1], a[2], a[3]);
 }
 
-/* tot[m] += 8 blocks' (512 codes from kb, one byte each in c[0..7], natural order) int8
- * dots with x row m, scaled, with row n's folded bias terms: each block's 16 lanes are
- * first halved into 8, two blocks per vector, for fold8 */
-static ALWAYS void bytes_dots(const int M, const int ST, const job_t *J, int n, int kb, const __m512i c[8],
-                              __m256 tot[8]) {
+/* 8 blocks from kb of byte codes c[0..7] (natural order): each block's 16 lanes halved
+ * into 8, two blocks per vector, for fold8 */
+static ALWAYS __m256i dots_bytes(const job_t *J, int kb, int nbk, const __m512i c[8]) {
     const __m512i z = _mm512_setzero_si512();
-    const __m256 sv = scale8(ST, J, n, kb), bv = bias8(ST, J, n, kb);
-    UNROLL for (int m = 0; m < M; m++) {
-        const int8_t *xb = J->x8 + (size_t)m * J->K + kb, *xrb = J->x8r ? J->x8r + (size_t)m * J->K + kb : NULL;
-        __m512i a[4];
-        UNROLL for (int i = 0; i < 4; i++) {
-            __m512i p0 = _mm512_dpbusd_epi32(z, c[2 * i], _mm512_loadu_si512((const void *)(xb + 128 * i)));
-            __m512i p1 = _mm512_dpbusd_epi32(z, c[2 * i + 1], _mm512_loadu_si512((const void *)(xb + 128 * i + 64)));
-            if (xrb) { /* 256 x8 + x8r: the residual's dots added in 1/256 steps */
-                p0 = _mm512_dpbusd_epi32(_mm512_slli_epi32(p0, 8), c[2 * i], _mm512_loadu_si512((const void *)(xrb + 128 * i)));
-                p1 = _mm512_dpbusd_epi32(_mm512_slli_epi32(p1, 8), c[2 * i + 1],
-                                         _mm512_loadu_si512((const void *)(xrb + 128 * i + 64)));
-            }
-            a[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(p0, p1, _MM_SHUFFLE(1, 0, 1, 0)),
-                                    _mm512_shuffle_i32x4(p0, p1, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512i a[4];
+    UNROLL for (int i = 0; i < 4; i++) {
+        __m512i p[2] = {z, z};
+        UNROLL for (int h = 0; h < 2; h++) {
+            if (2 * i + h >= nbk) continue;
+            const size_t k = (size_t)kb + 128 * i + 64 * h;
+            p[h] = _mm512_dpbusd_epi32(z, c[2 * i + h], _mm512_loadu_si512((const void *)(J->x8 + k)));
+            if (J->x8r) /* 256 x8 + x8r: the residual's dots in 1/256 steps */
+                p[h] = _mm512_dpbusd_epi32(_mm512_slli_epi32(p[h], 8), c[2 * i + h], _mm512_loadu_si512((const void *)(J->x8r + k)));
         }
-        tot[m] = acc8(J, m, kb, fold8(a[0], a[1], a[2], a[3]), sv, bv, tot[m]);
+        a[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(p[0], p[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                _mm512_shuffle_i32x4(p[0], p[1], _MM_SHUFFLE(3, 2, 3, 2)));
     }
+    return fold8(a[0], a[1], a[2], a[3]);
 }
 
-/* 8 blocks (512 codes) from kb, 8-bit codes (natural order, one block per 64-byte load) */
-static ALWAYS void qv8_wide(const int R, const int M, const int ST, const int L2, const job_t *J, int n, int kb,
-                            __m256 tot[4][8], size_t pfo) {
-    const int K = J->K;
-    UNROLL for (int r = 0; r < R; r++) {
-        const uint8_t *wb = (const uint8_t *)J->w + (size_t)(n + r) * K + kb;
-        __m512i c[8];
-        /* One x row (qv_m1_range): prefetched PF_M1 bytes ahead into L2, not L1, where
-         * the codes would crowd out x (doubled by its rounding residual for 8-bit codes). */
-        if (L2) UNROLL for (int i = 0; i < 8; i++) pf_l2(wb + 64 * i, pfo);
-        UNROLL for (int i = 0; i < 8; i++) c[i] = _mm512_loadu_si512((const void *)(wb + 64 * i));
-        bytes_dots(M, ST, J, n + r, kb, c, tot[r]);
-    }
-}
-
-#if VLMC_CODES_PACKED
-/* qv8_wide on packed (2/3/5/6-bit) codes, widened in registers (8 x 8 * bits bytes per
- * step), prefetched into L2 like the 4-bit one-row kernel: they stream from memory at
- * bits / 8 bytes per code */
-static ALWAYS void qvp_wide(const int R, const int M, const int ST, const int L2, const job_t *J, const packed_v *u,
-                            int n, int kb, __m256 tot[4][8], size_t pfo) {
-    const int K = J->K, bits = J->bits;
-    UNROLL for (int r = 0; r < R; r++) {
-        const uint8_t *wb = (const uint8_t *)J->w + (size_t)(n + r) * (K / 8 * bits) + (size_t)kb / 8 * bits;
-        for (int i = 0; i < bits; i++) { /* 512 codes: `bits` cache lines */
-            if (L2) pf_l2(wb + 64 * i, pfo);
-            else pf(wb + 64 * i, pfo);
+/* the integer dots of the step's blocks (0 past K) of weight row w */
+static ALWAYS __m256i step_dots(const int BITS, const job_t *J, const uint8_t *w, const void *pu, int kb, int nbk) {
+    if (BITS == 4) return dots_q4(J, w, kb, nbk);
+    const int bits = BITS == BITS_PACKED ? J->bits : BITS;
+    __m512i c[8];
+    UNROLL for (int j = 0; j < 8; j++) {
+        if (j >= nbk) {
+            c[j] = _mm512_setzero_si512();
+            continue;
         }
-        __m512i c[8];
-        UNROLL for (int i = 0; i < 8; i++) c[i] = codes_packed(u, wb + 8 * bits * i);
-        bytes_dots(M, ST, J, n + r, kb, c, tot[r]);
-    }
-}
-#endif
-
-/* Rows n .. n + R - 1, codes k0 .. k1: the dot products accumulate in tot (lanes to be
- * summed) and part (scalar bias terms of blocks outside whole 512-steps). BITS: 4, 8 or
- * BITS_PACKED (2/3/5/6-bit codes widened in registers; the width is J->bits). */
-static ALWAYS void qv_acc(const int BITS, const int R, const int M, const int ST, const int L2, const job_t *J, int n,
-                          int k0, int k1, __m256 tot[4][8], float *part, size_t pfo) {
-    const int K = J->K, gs = J->gs, G = J->G, nb = K / 64, B = BITS == BITS_PACKED ? J->bits : BITS;
-    const size_t row = (size_t)K * B / 8; /* bytes per weight row */
-    const uint8_t *w = (const uint8_t *)J->w + (size_t)n * row;
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
+        const uint8_t *wb = w + (size_t)(kb + 64 * j) / 8 * bits;
 #if VLMC_CODES_PACKED
-    const packed_v u = packed_regs(&J->pk);
-#endif
-    int kb = k0;
-    if (BITS == 4) /* k0 is 128-aligned (plan_k) */
-        for (; kb + 512 <= k1; kb += 512) qv4_wide(R, M, ST, L2, J, n, kb, tot, pfo);
-#if VLMC_CODES_PACKED
-    else if (BITS == BITS_PACKED && M == 1)
-        for (; kb + 512 <= k1; kb += 512) qvp_wide(R, M, ST, L2, J, &u, n, kb, tot, pfo);
-#endif
-    else if (BITS == 8 && M == 1) /* several x rows: the per-block loop below serves them better */
-        for (; kb + 512 <= k1; kb += 512) qv8_wide(R, M, ST, L2, J, n, kb, tot, pfo);
-    for (; kb < k1; kb += 64) {
-        const size_t g = (size_t)kb / gs;
-        const size_t xe = BITS == 4 ? x8_even(kb, K) : (size_t)kb, xo = xe + (BITS == 4 ? x8_odd_gap(kb, K) : 32);
-        UNROLL for (int r = 0; r < R; r++) {
-            const uint8_t *wb = w + r * row + (size_t)kb * B / 8;
-            if (L2) pf_l2(wb, pfo);
-            else pf(wb, pfo);
-            __m256i c0, c1; /* the 64 codes as bytes, in x8's order */
-            if (BITS == 4) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)wb);
-                c0 = _mm256_and_si256(v, m4);
-                c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-#if VLMC_CODES_PACKED
-            } else if (BITS == BITS_PACKED) {
-                const __m512i v = codes_packed(&u, wb);
-                c0 = _mm512_castsi512_si256(v);
-                c1 = _mm512_extracti64x4_epi64(v, 1);
-#endif
-            } else {
-                c0 = _mm256_loadu_si256((const __m256i *)wb);
-                c1 = _mm256_loadu_si256((const __m256i *)(wb + 32));
-            }
-            const float s = ld_param(J->sc, (size_t)(n + r) * G + g, ST);
-            const float b = J->bias_folded ? ld_param(J->bi, (size_t)(n + r) * G + g, ST) : 0.f;
-            UNROLL for (int m = 0; m < M; m++) {
-                const int8_t *xm = J->x8 + (size_t)m * K;
-                if (J->bias_folded) part[r * M + m] += b * J->xs[(size_t)m * G + g];
-                __m256i a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), c0, _mm256_loadu_si256((const __m256i *)(xm + xe)));
-                a = _mm256_dpbusd_epi32(a, c1, _mm256_loadu_si256((const __m256i *)(xm + xo)));
-                if (BITS == 8 && J->x8r) { /* 256 x8 + x8r (natural order: xe = kb, xo = kb + 32) */
-                    const int8_t *xr = J->x8r + (size_t)m * K;
-                    a = _mm256_dpbusd_epi32(_mm256_slli_epi32(a, 8), c0, _mm256_loadu_si256((const __m256i *)(xr + xe)));
-                    a = _mm256_dpbusd_epi32(a, c1, _mm256_loadu_si256((const __m256i *)(xr + xo)));
-                }
-                tot[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a),
-                                            _mm256_set1_ps(s * J->x8s[(size_t)m * nb + (kb >> 6)]), tot[r][m]);
-            }
+        if (BITS == BITS_PACKED) {
+            if (j == 0) /* the step's 8 x bits bytes: `bits` cache lines */
+                for (int l = 0; l < bits; l++) pf_l2(wb + 64 * l, PF_M1);
+            c[j] = codes_packed((const packed_v *)pu, wb);
+            continue;
         }
+#endif
+        (void)pu;
+        pf_l2(wb, PF_M1);
+        c[j] = _mm512_loadu_si512((const void *)wb);
     }
+    return dots_bytes(J, kb, nbk, c);
 }
 
-static ALWAYS void qv_block(const int BITS, const int R, const int M, const int ST, const job_t *J, int n,
-                            int k0, int k1, float *part, size_t pfo) {
-    __m256 tot[4][8];
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) tot[r][m] = _mm256_setzero_ps();
-    qv_acc(BITS, R, M, ST, 0, J, n, k0, k1, tot, part, pfo);
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) part[r * M + m] += hsum(tot[r][m]);
-}
-
-/* the 8 lane sums of each of t[0..7], in that order */
+/* the 8 lane sums of each of t[0..7], in that order, each as ((l0 + l1) + (l2 + l3)) +
+ * ((l4 + l5) + (l6 + l7)) */
 static ALWAYS __m256 hsum8x8(const __m256 t[8]) {
     const __m256 b0 = _mm256_hadd_ps(_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3]));
     const __m256 b1 = _mm256_hadd_ps(_mm256_hadd_ps(t[4], t[5]), _mm256_hadd_ps(t[6], t[7]));
     return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
 }
 
-/* One x row, whole weight rows with their bias terms folded in (q_finish has nothing to
- * add): rows one after another as one sequential stream, but 8 rows' lane sums reduced
- * together and stored as one vector: with short rows (K = 1536 is 3 x 512 codes) a
- * reduction and epilogue per row would be a large share of the work. */
+/* Rows n0 .. n1 - 1 for one x row, 8 at a time (a last group of fewer repeats its last
+ * row, not stored), each row's codes one after the other. */
 static ALWAYS void qv_m1_range(const int BITS, const int ST, const job_t *J, int n0, int n1) {
     const int K = J->K;
-    const size_t pfo = PF_M1;
-    int n = n0;
-    for (; n + 8 <= n1; n += 8) {
+    const size_t rb = (size_t)K / 8 * (BITS == BITS_PACKED ? J->bits : BITS);
+    const void *pu = NULL;
+#if VLMC_CODES_PACKED
+    const packed_v u = packed_regs(&J->pk);
+    pu = &u;
+#endif
+    for (int n = n0; n < n1; n += 8) {
+        const int rows = n1 - n < 8 ? n1 - n : 8;
         __m256 t[8];
-        float p[8] = {0};
         UNROLL for (int j = 0; j < 8; j++) {
-            __m256 tot[4][8];
-            tot[0][0] = _mm256_setzero_ps();
-            qv_acc(BITS, 1, 1, ST, 1, J, n + j, 0, K, tot, p + j, pfo);
-            t[j] = tot[0][0];
+            const int r = n + (j < rows ? j : rows - 1);
+            const uint8_t *w = (const uint8_t *)J->w + (size_t)r * rb;
+            __m256 tot = _mm256_setzero_ps();
+            int kb = 0;
+            for (; kb + 512 <= K; kb += 512) tot = acc8(ST, J, r, kb, 8, step_dots(BITS, J, w, pu, kb, 8), tot);
+            if (kb < K) { /* a last step of fewer blocks */
+                const int nbk = step_blocks(J, kb);
+                tot = acc8(ST, J, r, kb, nbk, step_dots(BITS, J, w, pu, kb, nbk), tot);
+            }
+            t[j] = tot;
         }
-        __m256 y = _mm256_add_ps(hsum8x8(t), _mm256_loadu_ps(p));
-        if (J->bias) y = _mm256_add_ps(y, _mm256_loadu_ps(J->bias + n));
-        _mm256_storeu_ps(J->y + n, y);
-    }
-    for (; n < n1; n++) {
-        __m256 tot[4][8];
-        float p = 0.f;
-        tot[0][0] = _mm256_setzero_ps();
-        qv_acc(BITS, 1, 1, ST, 1, J, n, 0, K, tot, &p, pfo);
-        store_out(J, n, 0, p + hsum(tot[0][0]));
+        const __mmask8 keep = (__mmask8)((1u << rows) - 1);
+        __m256 y = hsum8x8(t);
+        if (J->bias) y = _mm256_add_ps(y, _mm256_maskz_loadu_ps(keep, J->bias + n));
+        _mm256_mask_storeu_ps(J->y + n, keep, y);
     }
 }
+
+/* ---- several x rows: panels of 16 weight rows ------------------------------------------ */
+
+/* 8 x 8 dword transposes in both 256-bit halves: z[i] holds dwords 0..7 of row i in its
+ * low half and of row i + 8 in its high half; v[d] gets dword d of rows 0..15 */
+static ALWAYS void t16x8_regs(const __m512i z[8], __m512i v[8]) {
+    __m512i t[8], u[8];
+    UNROLL for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(z[2 * i], z[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(z[2 * i], z[2 * i + 1]);
+    }
+    UNROLL for (int h = 0; h < 2; h++) { /* rows 0-3 / 8-11 (h = 0), rows 4-7 / 12-15 */
+        u[4 * h] = _mm512_unpacklo_epi64(t[4 * h], t[4 * h + 2]);         /* dwords 0 and 4 */
+        u[4 * h + 1] = _mm512_unpackhi_epi64(t[4 * h], t[4 * h + 2]);     /* 1, 5 */
+        u[4 * h + 2] = _mm512_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]); /* 2, 6 */
+        u[4 * h + 3] = _mm512_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]); /* 3, 7 */
+    }
+    const __m512i lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    UNROLL for (int d = 0; d < 4; d++) {
+        v[d] = _mm512_permutex2var_epi64(u[d], lo, u[4 + d]);
+        v[d + 4] = _mm512_permutex2var_epi64(u[d], hi, u[4 + d]);
+    }
+}
+
+/* 4 bytes of x in every dword (read through a may_alias type: the compiler then folds the
+ * load into vpdpbusd's broadcast operand) */
+typedef int32_t __attribute__((may_alias, aligned(1))) i32_alias;
+static ALWAYS __m512i bcast4(const int8_t *p) { return _mm512_set1_epi32(*(const i32_alias *)p); }
+/* acc + vpdpbusd(q, 4 bytes at p in every dword), the broadcast as the instruction's own
+ * memory operand ({1to16}: no separate broadcast instruction) */
+static ALWAYS __m512i dp_bcast(__m512i acc, __m512i q, const int8_t *p) {
+#if defined(__GNUC__) && !defined(VLMC_NO_ASM)
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(q), "m"(*(const i32_alias *)p));
+    return acc;
+#else
+    return _mm512_dpbusd_epi32(acc, q, bcast4(p));
+#endif
+}
+
+/* the 16 rows' integer dots of one 64-block with the x8 bytes at x (4 chains: an integer
+ * sum, so their split changes nothing) */
+static ALWAYS __m512i dots16(const __m512i Q[16], const int8_t *x) {
+    __m512i a[4];
+    UNROLL for (int c = 0; c < 4; c++) a[c] = _mm512_setzero_si512();
+    UNROLL for (int q = 0; q < 16; q++) a[q & 3] = dp_bcast(a[q & 3], Q[q], x + 4 * q);
+    return _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
+}
+
+/* v[d]: dword d of the 32 bytes at p[i] + off, for rows i = 0..15 */
+static ALWAYS void t16x8(const uint8_t *const *p, size_t off, __m512i v[8]) {
+    __m512i z[8];
+    UNROLL for (int i = 0; i < 8; i++)
+        z[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p[i] + off))),
+                                  _mm256_loadu_si256((const __m256i *)(p[i + 8] + off)), 1);
+    t16x8_regs(z, v);
+}
+
+/* the panel's scales or biases (float32 or bfloat16, [N, G]) as float32 tab[G][16], for
+ * the panel's rows rows[0..15] */
+static void qp_params(const void *par, int st, int G, const int *rows, float *tab) {
+    const size_t rb = (size_t)G * (st == ST_BF16 ? 2 : 4);
+    const uint8_t *rp[QP];
+    for (int i = 0; i < QP; i++) rp[i] = (const uint8_t *)par + (size_t)rows[i] * rb;
+    if (st == ST_BF16 && G >= 16) { /* 16 groups a step; the last step overlaps the one before */
+        for (int g = 0; g < G; g += 16) {
+            const int g0 = g + 16 <= G ? g : G - 16;
+            __m512i v[8];
+            t16x8(rp, (size_t)g0 * 2, v);
+            UNROLL for (int d = 0; d < 8; d++) {
+                _mm512_storeu_ps(tab + (size_t)(g0 + 2 * d) * QP, _mm512_castsi512_ps(_mm512_slli_epi32(v[d], 16)));
+                _mm512_storeu_ps(tab + (size_t)(g0 + 2 * d + 1) * QP,
+                                 _mm512_castsi512_ps(_mm512_and_si512(v[d], _mm512_set1_epi32((int)0xFFFF0000u))));
+            }
+        }
+    } else if (st == ST_F32 && G >= 8) {
+        for (int g = 0; g < G; g += 8) {
+            const int g0 = g + 8 <= G ? g : G - 8;
+            __m512i v[8];
+            t16x8(rp, (size_t)g0 * 4, v);
+            UNROLL for (int d = 0; d < 8; d++) _mm512_storeu_ps(tab + (size_t)(g0 + d) * QP, _mm512_castsi512_ps(v[d]));
+        }
+    } else {
+        for (int g = 0; g < G; g++)
+            for (int i = 0; i < QP; i++) tab[(size_t)g * QP + i] = ld_param(par, (size_t)rows[i] * G + g, st);
+    }
+}
+
+/* One panel: weight rows p0 .. p0 + 15 (past N: the last row again, not stored), all M x
+ * rows (x8 in X8_OCTETS order for 4-bit codes: a dword of codes holds 4 even codes in its
+ * low nibbles, then the 4 odd ones in its high nibbles). For each block the 16 rows'
+ * codes become Q[q], dword i = codes 4q .. 4q + 3 of row i (in x8's order). tab: 2 G x 16
+ * floats; acc: M x 8 vectors (the pairs' A_0 .. A_7). */
+static ALWAYS void qp_panel(const int BITS, const int ST, const job_t *J, int p0, float *tab, __m512 *acc) {
+    const int K = J->K, M = J->M, N = J->N, G = J->G, nb = K / 64, bpg = J->gs / 64;
+    const int bits = BITS == BITS_PACKED ? J->bits : BITS;
+    const size_t rb = (size_t)K / 8 * bits, bb = (size_t)8 * bits; /* bytes per row, per 64-block */
+    const int rows = N - p0 < QP ? N - p0 : QP;
+    int idx[QP];
+    const uint8_t *rp[QP];
+    for (int i = 0; i < QP; i++) {
+        idx[i] = p0 + (i < rows ? i : rows - 1);
+        rp[i] = (const uint8_t *)J->w + (size_t)idx[i] * rb;
+    }
+    float *ts = tab, *tb = tab + (size_t)G * QP;
+    qp_params(J->sc, ST, G, idx, ts);
+    qp_params(J->bi, ST, G, idx, tb);
+    for (int i = 0; i < 8 * M; i++) acc[i] = _mm512_setzero_ps();
+    /* the next panel (16 rows: one contiguous run) as one sequential stream, a block's
+     * share of it per block: 16 row streams a panel apart are more than the hardware
+     * prefetcher follows */
+    const char *next = (const char *)J->w + (size_t)(p0 + PF_PANELS * QP) * rb;
+    const size_t pshare = ((size_t)QP * rb / nb + 63) & ~(size_t)63;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+#if VLMC_CODES_PACKED
+    const packed_v u = packed_regs(&J->pk);
+#endif
+    for (int b = 0; b < nb; b++) {
+        const int g = b / bpg;
+        const size_t off = (size_t)b * bb;
+        for (size_t o = (size_t)b * pshare; o < (size_t)(b + 1) * pshare; o += 64) _mm_prefetch(next + o, PF_HINT);
+        __m512i Q[16];
+        if (BITS == 4) {
+            __m512i v[8];
+            t16x8(rp, off, v);
+            UNROLL for (int d = 0; d < 8; d++) {
+                Q[2 * d] = _mm512_and_si512(v[d], m4);
+                Q[2 * d + 1] = _mm512_and_si512(_mm512_srli_epi16(v[d], 4), m4);
+            }
+        } else if (BITS == 8) {
+            t16x8(rp, off, Q);
+            t16x8(rp, off + 32, Q + 8);
+        } else {
+            __m512i z0[8], z1[8]; /* rows i and i + 8 widened, their halves paired */
+            UNROLL for (int i = 0; i < 8; i++) {
+                __m512i a, c;
+#if VLMC_CODES_PACKED
+                a = codes_packed(&u, rp[i] + off);
+                c = codes_packed(&u, rp[i + 8] + off);
+#else
+                uint8_t ea[64], ec[64];
+                expand_packed(&J->pk, rp[i] + off, ea, 64);
+                expand_packed(&J->pk, rp[i + 8] + off, ec, 64);
+                a = _mm512_loadu_si512((const void *)ea);
+                c = _mm512_loadu_si512((const void *)ec);
+#endif
+                z0[i] = _mm512_inserti64x4(a, _mm512_castsi512_si256(c), 1);
+                z1[i] = _mm512_shuffle_i64x2(a, c, _MM_SHUFFLE(3, 2, 3, 2));
+            }
+            t16x8_regs(z0, Q);
+            t16x8_regs(z1, Q + 8);
+        }
+        const __m512 sv = _mm512_loadu_ps(ts + (size_t)g * QP);
+        const int last = (b + 1) % bpg == 0; /* the group's bias term follows, in the same A */
+        const __m512 bv = last ? _mm512_loadu_ps(tb + (size_t)g * QP) : _mm512_setzero_ps();
+        for (int m = 0; m < M; m++) {
+            const int8_t *xm = J->x8 + (size_t)m * K + 64 * (size_t)b;
+            __m512i d = dots16(Q, xm);
+            if (BITS != 4 && J->x8r) /* 256 x8 + x8r: the residual's dots in 1/256 steps */
+                d = _mm512_add_epi32(_mm512_slli_epi32(d, 8), dots16(Q, J->x8r + (size_t)m * K + 64 * (size_t)b));
+            __m512 *A = acc + 8 * m + (b & 7);
+            *A = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sv, _mm512_set1_ps(J->x8s[(size_t)m * nb + b])), *A);
+            if (last) *A = _mm512_fmadd_ps(bv, _mm512_set1_ps(J->xs[(size_t)m * G + g]), *A);
+        }
+    }
+    const __mmask16 keep = (__mmask16)(rows == QP ? 0xFFFFu : (1u << rows) - 1);
+    const __m512 bias = J->bias ? _mm512_maskz_loadu_ps(keep, J->bias + p0) : _mm512_setzero_ps();
+    for (int m = 0; m < M; m++) {
+        const __m512 *A = acc + 8 * m;
+        __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(A[0], A[1]), _mm512_add_ps(A[2], A[3])),
+                                 _mm512_add_ps(_mm512_add_ps(A[4], A[5]), _mm512_add_ps(A[6], A[7])));
+        if (J->bias) y = _mm512_add_ps(y, bias);
+        _mm512_mask_storeu_ps(J->y + (size_t)m * N + p0, keep, y);
+    }
+}
+
+/* whether the one-row kernel computes this job (4-bit codes: x8 in its order) */
+static int qv_m1_ok(const job_t *J) { return J->M == 1 && (J->bits != 4 || J->x8_order == X8_HALVES); }
+
+#define DEF_QP(name, BITS)                                                                         \
+    static __attribute__((noinline)) void name(const job_t *J, int n0, int n1, float *tab, __m512 *acc) { \
+        for (int p = n0; p < n1; p += QP) {                                                        \
+            if (J->st == ST_BF16) qp_panel(BITS, ST_BF16, J, p, tab, acc);                         \
+            else qp_panel(BITS, ST_F32, J, p, tab, acc);                                           \
+        }                                                                                          \
+    }                                                                                              \
+    static __attribute__((noinline)) void name##_1(const job_t *J, int n0, int n1) {               \
+        if (J->st == ST_BF16) qv_m1_range(BITS, ST_BF16, J, n0, n1);                               \
+        else qv_m1_range(BITS, ST_F32, J, n0, n1);                                                 \
+    }
+DEF_QP(qp4_rows, 4)
+DEF_QP(qp8_rows, 8)
+DEF_QP(qpp_rows, BITS_PACKED)
 #endif /* VLMC_VNNI */
-
-/* ---- 8-bit: 8 bytes -> 8 codes in natural order (vpmovzxbd) ------------------------- */
-static ALWAYS void q8_block(const int R, const int M, const int P, const int FOLD, const int ST, const job_t *J,
-                            int n, int k0, int k1, float *part, size_t pfo) {
-    const int K = J->K, gs = J->gs, G = J->G;
-    const uint8_t *w = (const uint8_t *)J->w + (size_t)n * K;
-    __m256 tot[4][8];
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) tot[r][m] = _mm256_setzero_ps();
-    for (int ks = k0; ks < k1; ks += gs) {
-        __m256 sv[4], acc[4][8][4];
-        UNROLL for (int r = 0; r < R; r++) sv[r] = _mm256_set1_ps(ld_param(J->sc, (size_t)(n + r) * G + ks / gs, ST));
-        if (FOLD)
-            UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) UNROLL for (int p = 0; p < P; p++)
-                acc[r][m][p] = _mm256_setzero_ps();
-        for (int c = ks; c < ks + gs; c += 8 * P) {
-            if ((c & 63) == 0) UNROLL for (int r = 0; r < R; r++) pf(w + (size_t)r * K + c, pfo);
-            UNROLL for (int p = 0; p < P; p++) {
-                __m256 q[4];
-                UNROLL for (int r = 0; r < R; r++) {
-                    __m128i b8 = _mm_loadl_epi64((const __m128i *)(w + (size_t)r * K + c + 8 * p));
-                    q[r] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b8));
-                    if (!FOLD) q[r] = _mm256_mul_ps(q[r], sv[r]);
-                }
-                UNROLL for (int m = 0; m < M; m++) {
-                    __m256 xv = _mm256_loadu_ps(J->x + (size_t)m * K + c + 8 * p);
-                    UNROLL for (int r = 0; r < R; r++) {
-                        if (FOLD) acc[r][m][p] = _mm256_fmadd_ps(q[r], xv, acc[r][m][p]);
-                        else tot[r][m] = _mm256_fmadd_ps(q[r], xv, tot[r][m]);
-                    }
-                }
-            }
-        }
-        if (FOLD)
-            UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) {
-                __m256 a = acc[r][m][0];
-                UNROLL for (int p = 1; p < P; p++) a = _mm256_add_ps(a, acc[r][m][p]);
-                tot[r][m] = _mm256_fmadd_ps(a, sv[r], tot[r][m]);
-            }
-    }
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int m = 0; m < M; m++) part[r * M + m] += hsum(tot[r][m]);
-}
-
-/* bias terms, the 4-bit half-span tail, and the store */
-static void q_finish(const job_t *J, int n, const float *part) {
-    const int K = J->K, G = J->G;
-    for (int m = 0; m < J->M; m++) {
-        float s = part[m] + (J->bias_folded ? 0.f : group_dot(J, J->bi, n, m, G));
-        if (J->bits == 4 && J->kmain < K) {
-            const uint32_t *w = (const uint32_t *)J->w + (size_t)n * (K / 8);
-            float t = 0.f;
-            for (int k = J->kmain; k < K; k++)
-                t += (float)((w[k / 8] >> (4 * (k % 8))) & 0xF) * J->x[(size_t)m * K + k];
-            s += t * ld_param(J->sc, (size_t)n * G + G - 1, J->st);
-        }
-        store_out(J, n, m, s);
-    }
-}
-
-/* Row range [n0, n1): K chunks outside, blocks of R rows inside, then the epilogue. */
-#define DEFINE_RANGE(name, CALL, QUANT)                                                                  \
-    static ALWAYS void name##_range(const int R, const int M, const int P, const int F, const int ST,   \
-                                    const job_t *J, int n0, int n1) {                                  \
-        float part[CHUNK_MAX * 8];                                                                     \
-        memset(part, 0, sizeof(float) * (size_t)(n1 - n0) * M);                                        \
-        (void)F;                                                                                       \
-        (void)ST;                                                                                      \
-        for (int k0 = 0; k0 < J->kmain; k0 += J->kc) {                                                 \
-            const int k1 = k0 + J->kc < J->kmain ? k0 + J->kc : J->kmain;                              \
-            const size_t pfo = J->kc < J->kmain ? (size_t)2 * R * J->rowbytes                           \
-                               : R > 1 || QUANT ? PF_DIST : 0; /* one dense stream: hardware suffices */ \
-            int n = n0;                                                                                \
-            for (; n + R <= n1; n += R) CALL(R, M, P, F, ST, J, n, k0, k1, part + (n - n0) * M, pfo);  \
-            for (; n < n1; n++) CALL(1, M, P, F, ST, J, n, k0, k1, part + (n - n0) * M, pfo);          \
-        }                                                                                              \
-        for (int n = n0; n < n1; n++) {                                                                \
-            if (QUANT) q_finish(J, n, part + (n - n0) * M);                                            \
-            else for (int m = 0; m < M; m++) store_out(J, n, m, part[(n - n0) * M + m]);               \
-        }                                                                                              \
-    }
-#define CALL_F32(R, M, P, F, ST, J, n, k0, k1, part, pfo) dense_block(R, M, P, 0, J, n, k0, k1, part, pfo)
-#define CALL_BF16(R, M, P, F, ST, J, n, k0, k1, part, pfo) dense_block(R, M, P, 1, J, n, k0, k1, part, pfo)
-DEFINE_RANGE(f32, CALL_F32, 0)
-DEFINE_RANGE(bf16, CALL_BF16, 0)
-DEFINE_RANGE(q4, q4_block, 1)
-DEFINE_RANGE(q8, q8_block, 1)
-#if VLMC_VNNI
-#define CALL_Q4V(R, M, P, F, ST, J, n, k0, k1, part, pfo) qv_block(4, R, M, ST, J, n, k0, k1, part, pfo)
-#define CALL_Q8V(R, M, P, F, ST, J, n, k0, k1, part, pfo) qv_block(8, R, M, ST, J, n, k0, k1, part, pfo)
-DEFINE_RANGE(q4v, CALL_Q4V, 1)
-DEFINE_RANGE(q8v, CALL_Q8V, 1)
-#if VLMC_CODES_PACKED
-#define CALL_QPV(R, M, P, F, ST, J, n, k0, k1, part, pfo) qv_block(BITS_PACKED, R, M, ST, J, n, k0, k1, part, pfo)
-DEFINE_RANGE(qpv, CALL_QPV, 1)
-#endif
-#endif
-
-/* Kernel configurations (R weight rows per block, P accumulators, FOLD) per M in
- * {1, 2, 3, 4, 8}; M = 5..7 runs the M = 8 kernel on zero-padded x (gemv_sliced), which
- * keeps the number of instantiations (and the compile time) down. Chosen by timing with
- * AVX-512VL's 32 vector registers; with AVX2's 16 the configurations keep accumulators +
- * temporaries within 16.
- * Two tables: short rows (M x K floats of x fit in L1: one weight row at a time, so
- * consecutive rows form one sequential stream that the hardware prefetcher follows) and
- * long rows (several rows share each x load; x would otherwise be re-read from L2). */
-#if defined(__AVX512VL__)
-#define WIDE_REGS 1
-#else
-#define WIDE_REGS 0
-#endif
-
-#define KFN(name, R, M, P, F) name##_k##R##_##M##_##P##_##F
-#define DEFK(name, R, M, P, F)                                                                     \
-    static __attribute__((noinline)) void KFN(name, R, M, P, F)(const job_t *J, int n0, int n1) { \
-        name##_range(R, M, P, F, ST_F32, J, n0, n1);                                               \
-    }
-/* quantized kernels: one instance per scales/biases type (float32 or bfloat16) */
-#define DEFQ(name, R, M, P, F)                                                                     \
-    static __attribute__((noinline)) void KFN(name, R, M, P, F)(const job_t *J, int n0, int n1) { \
-        if (J->st == ST_BF16) name##_range(R, M, P, F, ST_BF16, J, n0, n1);                       \
-        else name##_range(R, M, P, F, ST_F32, J, n0, n1);                                          \
-    }
-#define DEFQ_(args) DEFQ args
-#define DEFK_(args) DEFK args
-#define KFN_(args) KFN args
-
-/* dense (f32 and bf16 share the tables) */
-#define D_S1 1, 1, 4, 0
-#define D_S2 1, 2, 2, 0
-#define D_S3 1, 3, 2, 0
-#define D_S4 1, 4, 1, 0
-#define D_L1 4, 1, 2, 0
-#define D_L2 2, 2, 2, 0
-#define D_L3 2, 3, 1, 0
-#if WIDE_REGS
-#define D_L4 4, 4, 1, 0
-#define D_8 2, 8, 1, 0
-#else
-#define D_L4 2, 4, 1, 0
-#define D_8 1, 8, 1, 0
-#endif
-/* quantized (4- and 8-bit share the tables but for M = 1 and 4) */
-#define Q_S1 1, 1, 4, 1
-#define Q_2 1, 2, 2, 1
-#define Q_3 1, 3, 1, 1
-#define Q_8 1, 8, 1, 0
-#if WIDE_REGS
-#define Q4_L1 4, 1, 1, 1
-#define Q4_4 4, 4, 1, 0
-#define Q8_4 2, 4, 1, 1
-#else
-#define Q4_L1 2, 1, 2, 1
-#define Q4_4 1, 4, 1, 1
-#define Q8_4 1, 4, 1, 1
-#endif
-#define Q8_L1 2, 1, 2, 1
-
-#define DEF_DENSE(name)                                                                          \
-    DEFK_((name, D_S1)) DEFK_((name, D_S2)) DEFK_((name, D_S3)) DEFK_((name, D_S4))              \
-    DEFK_((name, D_L1)) DEFK_((name, D_L2)) DEFK_((name, D_L3)) DEFK_((name, D_L4))              \
-    DEFK_((name, D_8))                                                                           \
-    static void name##_rows(const job_t *J, int n0, int n1) {                                    \
-        const int L = J->long_rows;                                                              \
-        switch (J->M) {                                                                          \
-        case 1: (L ? KFN_((name, D_L1)) : KFN_((name, D_S1)))(J, n0, n1); break;                 \
-        case 2: (L ? KFN_((name, D_L2)) : KFN_((name, D_S2)))(J, n0, n1); break;                 \
-        case 3: (L ? KFN_((name, D_L3)) : KFN_((name, D_S3)))(J, n0, n1); break;                 \
-        case 4: (L ? KFN_((name, D_L4)) : KFN_((name, D_S4)))(J, n0, n1); break;                 \
-        default: KFN_((name, D_8))(J, n0, n1); break;                                            \
-        }                                                                                        \
-    }
-DEF_DENSE(f32)
-DEF_DENSE(bf16)
-
-DEFQ_((q4, Q_S1)) DEFQ_((q4, Q4_L1)) DEFQ_((q4, Q_2)) DEFQ_((q4, Q_3)) DEFQ_((q4, Q4_4)) DEFQ_((q4, Q_8))
-DEFQ_((q8, Q_S1)) DEFQ_((q8, Q8_L1)) DEFQ_((q8, Q_2)) DEFQ_((q8, Q_3)) DEFQ_((q8, Q8_4)) DEFQ_((q8, Q_8))
-
-#if VLMC_VNNI
-/* the int8-activation kernels: (R weight rows, M x rows) per M, as the float tables */
-#define DEF_INT8X(name)                                                                                  \
-    DEFQ(name, 1, 1, 1, 1) DEFQ(name, 4, 1, 1, 1) DEFQ(name, 2, 2, 1, 1) DEFQ(name, 2, 3, 1, 1)          \
-    DEFQ(name, 2, 4, 1, 1) DEFQ(name, 1, 5, 1, 1) DEFQ(name, 1, 6, 1, 1) DEFQ(name, 1, 7, 1, 1)          \
-    DEFQ(name, 1, 8, 1, 1)                                                                               \
-    static void name##_rows(const job_t *J, int n0, int n1) {                                            \
-        switch (J->M) {                                                                                  \
-        case 1: (J->long_rows ? KFN(name, 4, 1, 1, 1) : KFN(name, 1, 1, 1, 1))(J, n0, n1); break;        \
-        case 2: KFN(name, 2, 2, 1, 1)(J, n0, n1); break;                                                 \
-        case 3: KFN(name, 2, 3, 1, 1)(J, n0, n1); break;                                                 \
-        case 4: KFN(name, 2, 4, 1, 1)(J, n0, n1); break;                                                 \
-        case 5: KFN(name, 1, 5, 1, 1)(J, n0, n1); break;                                                 \
-        case 6: KFN(name, 1, 6, 1, 1)(J, n0, n1); break;                                                 \
-        case 7: KFN(name, 1, 7, 1, 1)(J, n0, n1); break;                                                 \
-        default: KFN(name, 1, 8, 1, 1)(J, n0, n1); break;                                                \
-        }                                                                                                \
-    }
-DEF_INT8X(q4v)
-DEF_INT8X(q8v)
-#if VLMC_CODES_PACKED
-DEF_INT8X(qpv)
-#endif
-static __attribute__((noinline)) void q4v_m1(const job_t *J, int n0, int n1) {
-    if (J->st == ST_BF16) qv_m1_range(4, ST_BF16, J, n0, n1);
-    else qv_m1_range(4, ST_F32, J, n0, n1);
-}
-static __attribute__((noinline)) void q8v_m1(const job_t *J, int n0, int n1) {
-    if (J->st == ST_BF16) qv_m1_range(8, ST_BF16, J, n0, n1);
-    else qv_m1_range(8, ST_F32, J, n0, n1);
-}
-#if VLMC_CODES_PACKED
-static __attribute__((noinline)) void qpv_m1(const job_t *J, int n0, int n1) {
-    if (J->st == ST_BF16) qv_m1_range(BITS_PACKED, ST_BF16, J, n0, n1);
-    else qv_m1_range(BITS_PACKED, ST_F32, J, n0, n1);
-}
-#endif
-/* whether qv_m1_range computes this job: nothing left for q_finish, one K chunk */
-static int qv_m1_ok(const job_t *J) { return J->M == 1 && !J->long_rows && J->bias_folded && J->kmain == J->K && J->kc >= J->K; }
-#endif
-static void q4_rows(const job_t *J, int n0, int n1) {
-#if VLMC_VNNI
-    if (J->x8) {
-        if (qv_m1_ok(J)) q4v_m1(J, n0, n1);
-        else q4v_rows(J, n0, n1);
-        return;
-    }
-#endif
-    switch (J->M) {
-    case 1: (J->long_rows ? KFN_((q4, Q4_L1)) : KFN_((q4, Q_S1)))(J, n0, n1); break;
-    case 2: KFN_((q4, Q_2))(J, n0, n1); break;
-    case 3: KFN_((q4, Q_3))(J, n0, n1); break;
-    case 4: KFN_((q4, Q4_4))(J, n0, n1); break;
-    default: KFN_((q4, Q_8))(J, n0, n1); break;
-    }
-}
-static void q8_rows(const job_t *J, int n0, int n1) {
-#if VLMC_VNNI
-    if (J->x8) {
-        if (qv_m1_ok(J)) q8v_m1(J, n0, n1);
-        else q8v_rows(J, n0, n1);
-        return;
-    }
-#endif
-    switch (J->M) {
-    case 1: (J->long_rows ? KFN_((q8, Q8_L1)) : KFN_((q8, Q_S1)))(J, n0, n1); break;
-    case 2: KFN_((q8, Q_2))(J, n0, n1); break;
-    case 3: KFN_((q8, Q_3))(J, n0, n1); break;
-    case 4: KFN_((q8, Q8_4))(J, n0, n1); break;
-    default: KFN_((q8, Q_8))(J, n0, n1); break;
-    }
-}
 #endif /* VLMC_SIMD */
 
 /* ---- portable paths (and any bit width): decode a row to float, then dot ----------- */
@@ -783,32 +855,18 @@ static int simd_ok(const job_t *J) {
     if (!VLMC_SIMD) return 0;
     if (J->kind != 2) return 1;
     if (J->st == ST_F16 || J->gs % 32) return 0; /* group loops step by up to 32 codes */
-    if (is_packed(J->bits)) return J->K % 64 == 0; /* widened to bytes, 64 codes at a time (packed_rows) */
+    if (is_packed(J->bits)) return J->K % 64 == 0; /* widened to bytes, 64 codes at a time */
     return J->bits == 8 || (J->bits == 4 && (J->gs == 32 || J->gs % 64 == 0)); /* 64-code blocks */
 }
 
 #if VLMC_SIMD
-/* 2/3/5/6-bit rows: with int8 x (VNNI) and up to 4 x rows straight from the codes,
- * widened in registers (codes_packed); otherwise a few rows at a time widened into scratch
- * (kept in L1/L2), then the 8-bit kernels on that copy (J8 is J with 8-bit rows, row n at
- * scratch + (n - s) * K). For one x row, widening into scratch would leave the weight
- * stream idle while the kernel reads the copy. */
-/* from this many int8 x rows the widening into scratch is shared by enough rows to beat
- * widening in registers, which costs the same per code and x row at every width */
-#ifndef PACKED_SCRATCH_M
-#define PACKED_SCRATCH_M 5
-#endif
+/* 2/3/5/6-bit rows with float x: a few rows at a time widened into scratch (kept in
+ * L1/L2), then the 8-bit kernels on that copy (J8 is J with 8-bit rows, row n at
+ * scratch + (n - s) * K). */
 #ifndef WIDEN_BYTES
 #define WIDEN_BYTES 24576
 #endif
-static void packed_rows(const job_t *J, int n0, int n1, uint8_t *scratch, int rows) {
-#if VLMC_VNNI && VLMC_CODES_PACKED
-    if (J->x8 && J->M < PACKED_SCRATCH_M) { /* int8 x: the codes widened in registers */
-        if (qv_m1_ok(J)) qpv_m1(J, n0, n1);
-        else qpv_rows(J, n0, n1);
-        return;
-    }
-#endif
+static void packed_rows(const job_t *J, int n0, int n1, uint8_t *scratch, int rows, float *part) {
     const int K = J->K;
     const size_t rb = (size_t)K / 8 * J->bits;
     job_t J8;
@@ -819,7 +877,7 @@ static void packed_rows(const job_t *J, int n0, int n1, uint8_t *scratch, int ro
         const int e = s + rows < n1 ? s + rows : n1;
         for (int n = s; n < e; n++) expand_packed(&J->pk, (const uint8_t *)J->w + (size_t)n * rb, scratch + (size_t)(n - s) * K, K);
         J8.w = (const void *)((uintptr_t)scratch - (uintptr_t)s * (uintptr_t)K);
-        q8_rows(&J8, s, e);
+        q8_rows(&J8, s, e, part);
     }
 }
 #endif
@@ -831,21 +889,51 @@ static void gemv_task(void *ctx, int ith, int nth) {
     int n0, n1;
 #if VLMC_SIMD
     if (simd_ok(J)) {
+#if VLMC_VNNI
+        if (J->x8) {
+            if (qv_m1_ok(J)) {
+                while (grab(J, &n0, &n1)) {
+                    if (J->bits == 4) qp4_rows_1(J, n0, n1);
+                    else if (J->bits == 8) qp8_rows_1(J, n0, n1);
+                    else qpp_rows_1(J, n0, n1);
+                }
+                return;
+            }
+            /* the panel kernels: parameter tables, the pairs' partial sums */
+            void *buf = aligned_alloc(64, sizeof(__m512) * 8 * (size_t)J->M + sizeof(float) * 2 * (size_t)J->G * QP);
+            if (!buf) return; /* out of memory: output left as is (as the portable path) */
+            __m512 *acc = buf;
+            float *tab = (float *)(acc + 8 * (size_t)J->M);
+            while (grab(J, &n0, &n1)) {
+                if (J->bits == 4) qp4_rows(J, n0, n1, tab, acc);
+                else if (J->bits == 8) qp8_rows(J, n0, n1, tab, acc);
+                else qpp_rows(J, n0, n1, tab, acc);
+            }
+            free(buf);
+            return;
+        }
+#endif
         uint8_t *scratch = NULL;
         int rows = 0;
         if (J->kind == 2 && is_packed(J->bits)) {
             rows = (WIDEN_BYTES / J->K) & ~7;
             if (rows < 8) rows = 8;
             scratch = malloc((size_t)rows * J->K);
-            if (!scratch) return; /* out of memory: output left as is (as the portable path) */
+        }
+        float *part = malloc(sizeof(float) * PART_W * (size_t)J->chunk * J->M);
+        if (!part || (J->kind == 2 && is_packed(J->bits) && !scratch)) {
+            free(part);
+            free(scratch);
+            return;
         }
         while (grab(J, &n0, &n1)) {
-            if (J->kind == 0) f32_rows(J, n0, n1);
-            else if (J->kind == 1) bf16_rows(J, n0, n1);
-            else if (J->bits == 4) q4_rows(J, n0, n1);
-            else if (is_packed(J->bits)) packed_rows(J, n0, n1, scratch, rows);
-            else q8_rows(J, n0, n1);
+            if (J->kind == 0) f32_rows(J, n0, n1, part);
+            else if (J->kind == 1) bf16_rows(J, n0, n1, part);
+            else if (J->bits == 4) q4_rows(J, n0, n1, part);
+            else if (is_packed(J->bits)) packed_rows(J, n0, n1, scratch, rows, part);
+            else q8_rows(J, n0, n1, part);
         }
+        free(part);
         free(scratch);
         return;
     }
@@ -856,38 +944,37 @@ static void gemv_task(void *ctx, int ith, int nth) {
     free(buf);
 }
 
-/* K chunking: kc a multiple of the kernel's unit (16, the 4-bit span, or gs) */
+/* float x: K chunks, kc a multiple of the kernel's unit (8, the 4-bit span, or gs) */
 static void plan_k(job_t *J) {
     const int K = J->K;
-    int unit = 16;
-    J->kmain = K;
+    int unit = DENSE_SEG;
+    J->kmain = K & ~31;
     if (J->kind == 0) J->rowbytes = (size_t)K * 4;
     else if (J->kind == 1) J->rowbytes = (size_t)K * 2;
     else {
         J->rowbytes = (size_t)K * J->bits / 8;
         unit = J->bits == 4 ? (J->gs < 64 ? 64 : J->gs) : J->gs;
-        if (J->bits == 4 && J->x8) unit = unit % 128 ? 2 * unit : unit; /* whole pairs of x8 (qv_block) */
-        else if (J->bits == 4) J->kmain = K / unit * unit;
+        J->kmain = J->bits == 4 ? K / unit * unit : K;
     }
     int kc = X_CHUNK_FLOATS / J->M / unit * unit;
     J->kc = kc < unit ? unit : kc;
-    /* bytes of x (int8 or float32) vs 16 KiB: with int8 x, a K = 8960 down projection still
-     * fits, and runs one weight row at a time like the short rows */
-    J->long_rows = (long)J->M * K * (J->x8 ? 1 : 4) > X_CHUNK_FLOATS * 4;
-    J->bias_folded = J->x8 && J->gs == 64 && (J->bits == 4 || J->M == 1); /* 2-8 bits: bytes_dots */
-    if (J->M < CHUNK_MIN_M) J->kc = J->kmain; /* one x row: keep the weight stream sequential */
+    J->long_rows = (long)J->M * K > X_CHUNK_FLOATS;
+    if (J->M < CHUNK_MIN_M || J->x8) J->kc = J->kmain; /* one x row: keep the weight stream sequential */
+    if (J->kc < 1) J->kc = 1;
 }
 
 static void run_gemv(job_t *J, double wbytes, int n_threads) {
     int nth = eff_threads(n_threads, wbytes, J->N);
     J->chunk = pick_chunk(J->N, nth);
+    if (J->x8) J->chunk = (J->chunk + QP - 1) / QP * QP; /* whole panels */
     plan_k(J);
     atomic_store(&J->next, 0);
     run_parallel(gemv_task, J, nth);
 }
 
-/* The SIMD kernels exist for M in {1, 2, 3, 4, 8}: M = 5..7 runs as 8 on zero-padded
- * copies of x (the extra outputs are dropped). Returns nonzero when out of memory. */
+/* The float-x SIMD kernels exist for M in {1, 2, 3, 4, 8}: M = 5..7 runs as 8 on
+ * zero-padded copies of x (the extra outputs are dropped). Returns nonzero when out of
+ * memory. */
 static int gemv_padded(job_t *J, double wbytes, int n_threads) {
     const int M = J->M, K = J->K, N = J->N, G = J->G;
     float *buf = calloc((size_t)8 * (2 * (size_t)K + G) + (size_t)8 * N, sizeof(float));
@@ -909,16 +996,16 @@ static int gemv_padded(job_t *J, double wbytes, int n_threads) {
     return 0;
 }
 
-/* Larger M: process x in slices of 8 rows (W is re-read per slice). */
+/* Larger M: x in slices (16 rows for the panel kernels, else 8; W is re-read per slice). */
 static int gemv_sliced(job_t *J, double wbytes, int n_threads) {
-    const int M = J->M, N = J->N;
+    const int M = J->M, N = J->N, S = J->x8 ? QP_MAX_M : 8;
     const float *x = J->x, *xq = J->xq, *xs = J->xs;
     const int8_t *x8 = J->x8, *x8r = J->x8r;
     const float *x8s = J->x8s;
     float *y = J->y;
     int rc = 0;
-    for (int m0 = 0; m0 < M && !rc; m0 += 8) {
-        J->M = M - m0 < 8 ? M - m0 : 8;
+    for (int m0 = 0; m0 < M && !rc; m0 += S) {
+        J->M = M - m0 < S ? M - m0 : S;
         J->x = x + (size_t)m0 * J->K;
         J->xq = xq + (size_t)m0 * J->K;
         J->xs = xs ? xs + (size_t)m0 * J->G : NULL;
@@ -951,7 +1038,7 @@ int vlmc_gemv_bf16(const float *x, int M, int K, const uint16_t *w, int N, const
     return gemv_sliced(&J, 2.0 * N * K, n_threads);
 }
 
-/* 4- and 8-bit GEMVs with int8 activations (VNNI); vlmc_set_int8_x(0) turns them off */
+/* 2- to 8-bit GEMVs with int8 activations (VNNI); vlmc_set_int8_x(0) turns them off */
 static int int8_x = 1;
 void vlmc_set_int8_x(int on) { int8_x = on; }
 /* the rounding residual of x for 8-bit codes (x8_block); off only to measure it */
@@ -999,11 +1086,13 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
     int8_t *x8 = NULL, *x8r = NULL;
     float *x8s = NULL;
 #if VLMC_VNNI
-    if (use8) { /* see qv_block */
+    if (use8) { /* see qp_panel */
         /* 8-bit weights also get x's rounding residual: one int8 rounding of x is as large
          * as their own error, while 2-6-bit weights' own error dwarfs it. It costs a second
-         * vpdpbusd per 64 codes. */
+         * vpdpbusd per 4 codes and x row. */
         const int residual = bits == 8 && vlmc_x8_residual;
+        const int order = bits != 4 ? X8_NATURAL : M == 1 ? X8_HALVES : X8_OCTETS;
+        J.x8_order = order;
         x8 = malloc((size_t)M * K * (residual ? 2 : 1));
         x8s = malloc(sizeof(float) * (size_t)M * (K / 64));
         if (!x8 || !x8s) { free(x8); free(x8s); free(xs); return -5; }
@@ -1014,8 +1103,11 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
             float *xg = xs + (size_t)m * G;
             for (int kb = 0; kb < K; kb += 64) {
                 int sum = 0;
-                const size_t e = bits == 4 ? x8_even(kb, K) : (size_t)kb, gap = bits == 4 ? x8_odd_gap(kb, K) : 32;
-                const float sc = x8_block(xr + kb, bits == 4, q + e, gap, qr ? qr + kb : NULL, &sum);
+                /* X8_HALVES: blocks A, B of a 128-aligned pair as A even, B even, A odd,
+                 * B odd (a last lone block: its even, then odd values) */
+                const int pair = (kb & ~127) + 128 <= K;
+                const size_t at = order == X8_HALVES && pair ? (size_t)(kb & ~127) + (kb & 64 ? 32 : 0) : (size_t)kb;
+                const float sc = x8_block(xr + kb, order, q + at, pair ? 64 : 32, qr ? qr + kb : NULL, &sum);
                 x8s[(size_t)m * (K / 64) + kb / 64] = sc;
                 /* the bias terms must see the same (quantized) x as the codes: the minimum
                  * and the codes' mean cancel, and with exact x here the rounding would not */
@@ -1035,4 +1127,3 @@ int vlmc_gemv_q(const float *x, int M, int K, const uint32_t *w, const void *sca
     free(xs);
     return rc;
 }
-

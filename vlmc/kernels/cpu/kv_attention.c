@@ -1,13 +1,18 @@
-/* vlmc CPU kernels: one decode step's attention over a KV cache, read in place, and the
- * encoding of a step's keys and values into affine codes (kv_affine_encode_rows).
+/* vlmc CPU kernels: decode-step attention over a KV cache, read in place, and the encoding
+ * of a step's keys and values into affine codes (kv_affine_encode_rows).
  *
  * The attention computes what vlmc.kernels.kv_quant.kv_{dense,affine,turbo}_decode do:
  * per (sequence, KV head), scores of its R = H / HKV query heads against every held key,
  * softmax, then the values accumulated. Buffers are [B, HKV, cap, *]; keys starts[b] <= i
- * < held count. Two drivers serve every layout, each instantiated per layout (kv_task_*):
- * with AVX-512 and D % 16 == 0 (affine 4-bit: D % 32), kv_group16 takes blocks of rows
- * (kv_rows_fn); otherwise kv_group takes one row at a time (kv_row_fn). A layout only says
- * how to turn stored rows into floats, and each row is decoded once for all R query heads. */
+ * < held count. A step may bring T tokens per sequence (speculative decoding verifies a
+ * draft's tokens at once): then the last T held rows are this step's and its query t sees
+ * the keys before row held - T + 1 + t (causal), and its result is, bit for bit, what the
+ * one-token kernel gives at that position: every query row runs the one-token arithmetic
+ * over its own keys; the T x R query rows only share the reading and decoding of the rows.
+ * Two drivers serve every layout, each instantiated per layout (kv_task_*): with AVX-512
+ * and D % 16 == 0 (affine 4-bit: D % 32), kv_group16 takes blocks of rows (kv_rows_fn);
+ * otherwise kv_group takes one row at a time (kv_row_fn). A layout only says how to turn
+ * stored rows into floats, and each row is decoded once for all query rows. */
 #include "vlmc.h"
 
 typedef struct kv_job kv_job;
@@ -18,35 +23,47 @@ typedef const float *(*kv_row_fn)(const kv_job *J, int v, size_t base, int i, fl
 struct kv_job {
     const float *q;
     const int32_t *starts;
-    int B, H, HKV, D, cap, held;
+    int B, H, HKV, D, T, cap, held;
     int sst;           /* stride of the score rows: max(cap, held) */
     float scale;
     float *out;
+    size_t q_sb, q_sh, q_st; /* element strides of q (sequence, head, token; D contiguous) */
+    size_t o_sb, o_sh, o_st; /* and of out */
     /* layout data: dense float32 rows; affine codes (bf16 scales/minimums); TurboQuant codes */
     const float *k, *v;
-    const float *xk, *xv; /* row held - 1 of every (sequence, KV head) from here, [B, HKV, D], not the cache (vlmc_kv_dense_decode) */
+    const float *xk, *xv; /* rows held - T .. held - 1 of every (sequence, KV head) from here, [B, HKV, T, D], not the cache (dense) */
     const uint8_t *kc, *vc;
     const uint16_t *ks, *kb, *vs, *vb;
-    const kv_codes *xkc, *xvc; /* affine: row held - 1 of every (sequence, KV head) from here, not the cache */
+    const kv_codes *xkc, *xvc; /* affine: those rows from here, [B, HKV, T, *], not the cache */
     const float *kn, *vn, *kcb, *vcb;
     int bits, gs, kbits, vbits;
     _Atomic int next;
 };
 
-/* Softmax over keys first <= i < n of each of R score rows (stride sst), in place, and
- * zero the R output rows of D floats that the value pass accumulates into. */
-static void kv_softmax_rows(float *sc, int R, int sst, int first, int n, float *out0, int D) {
-    for (int h = 0; h < R; h++) {
-        float *s = sc + (size_t)h * sst, m = -3.0e38f, total = 0.f;
-        for (int i = first; i < n; i++) m = s[i] > m ? s[i] : m;
-        for (int i = first; i < n; i++) {
-            s[i] = expf(s[i] - m);
-            total += s[i];
-        }
-        const float inv = total > 0.f ? 1.f / total : 0.f;
-        for (int i = first; i < n; i++) s[i] *= inv;
-        for (int d = 0; d < D; d++) out0[(size_t)h * D + d] = 0.f;
+/* query row j = h T + t of a (sequence b, KV head hk): local head h, token t */
+static ALWAYS const float *q_row(const kv_job *J, int b, int hk, int j) {
+    const int R = J->H / J->HKV;
+    return J->q + b * J->q_sb + (size_t)(hk * R + j / J->T) * J->q_sh + (size_t)(j % J->T) * J->q_st;
+}
+static ALWAYS float *o_row(const kv_job *J, int b, int hk, int j) {
+    const int R = J->H / J->HKV;
+    return J->out + b * J->o_sb + (size_t)(hk * R + j / J->T) * J->o_sh + (size_t)(j % J->T) * J->o_st;
+}
+/* the keys query row j sees end before this row (its token's own row included) */
+static ALWAYS int q_end(const kv_job *J, int j) { return J->held - J->T + 1 + j % J->T; }
+
+/* Softmax over keys first <= i < n of a score row, in place, and zero the output row of D
+ * floats that the value pass accumulates into. */
+static void kv_softmax_row(float *s, int first, int n, float *out, int D) {
+    float m = -3.0e38f, total = 0.f;
+    for (int i = first; i < n; i++) m = s[i] > m ? s[i] : m;
+    for (int i = first; i < n; i++) {
+        s[i] = expf(s[i] - m);
+        total += s[i];
     }
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    for (int i = first; i < n; i++) s[i] *= inv;
+    for (int d = 0; d < D; d++) out[d] = 0.f;
 }
 
 /* a . b over n floats with 16 independent partial sums: without -ffast-math a single
@@ -62,48 +79,54 @@ static ALWAYS float dot16(const float *a, const float *b, int n) {
     return s;
 }
 
-/* One (sequence, KV head). sc: R * sst floats; x: D floats of scratch. */
+/* this step's row i (>= held - T) of a (sequence, KV head) bk, dense: from xk / xv */
+static ALWAYS const float *x_row(const kv_job *J, int v, int bk, int i) {
+    return (v ? J->xv : J->xk) + ((size_t)bk * J->T + (size_t)(i - (J->held - J->T))) * J->D;
+}
+
+/* One (sequence, KV head). sc: R T * sst floats; x: D floats of scratch. */
 static ALWAYS void kv_group(const kv_job *J, kv_row_fn row, int bk, float *sc, float *x) {
-    const int D = J->D, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV;
+    const int D = J->D, RT = J->H / J->HKV * J->T, b = bk / J->HKV, hk = bk % J->HKV;
     const int first = J->starts[b], n = J->held, cap = J->cap, sst = J->sst;
     const size_t base = ((size_t)b * J->HKV + hk) * cap;
-    const float *q0 = J->q + ((size_t)b * J->H + (size_t)hk * R) * D;
-    float *out0 = J->out + ((size_t)b * J->H + (size_t)hk * R) * D;
-    const int xi = J->xk ? n - 1 : n; /* the extra row (dense), not in the cache */
+    const int xi = J->xk ? n - J->T : n; /* the rows from xk / xv (dense), not in the cache */
     for (int i = first; i < n; i++) {
         float f = 1.f;
-        const float *k = i == xi ? J->xk + (size_t)bk * D : row(J, 0, base, i, x, &f);
+        const float *k = i >= xi ? x_row(J, 0, bk, i) : row(J, 0, base, i, x, &f);
         f *= J->scale;
-        for (int h = 0; h < R; h++) sc[(size_t)h * sst + i] = dot16(q0 + (size_t)h * D, k, D) * f;
+        for (int j = 0; j < RT; j++)
+            if (i < q_end(J, j)) sc[(size_t)j * sst + i] = dot16(q_row(J, b, hk, j), k, D) * f;
     }
-    kv_softmax_rows(sc, R, sst, first, n, out0, D);
+    for (int j = 0; j < RT; j++) kv_softmax_row(sc + (size_t)j * sst, first, q_end(J, j), o_row(J, b, hk, j), D);
     for (int i = first; i < n; i++) {
         float f = 1.f;
-        const float *v = i == xi ? J->xv + (size_t)bk * D : row(J, 1, base, i, x, &f);
-        for (int h = 0; h < R; h++) {
-            const float p = sc[(size_t)h * sst + i] * f;
-            float *out = out0 + (size_t)h * D;
-            for (int j = 0; j < D; j++) out[j] += p * v[j];
+        const float *v = i >= xi ? x_row(J, 1, bk, i) : row(J, 1, base, i, x, &f);
+        for (int j = 0; j < RT; j++) {
+            if (i >= q_end(J, j)) continue;
+            const float p = sc[(size_t)j * sst + i] * f;
+            float *out = o_row(J, b, hk, j);
+            for (int d = 0; d < D; d++) out[d] += p * v[d];
         }
     }
 }
 
 /* the work loop, instantiated per layout below so that its row function is inlined */
 static ALWAYS void kv_task(kv_job *J, kv_row_fn row) {
-    const int R = J->H / J->HKV;
-    float *sc = malloc(sizeof(float) * ((size_t)R * J->sst + (size_t)J->D));
+    const int RT = J->H / J->HKV * J->T;
+    float *sc = malloc(sizeof(float) * ((size_t)RT * J->sst + (size_t)J->D));
     if (!sc) return;
     for (;;) {
         int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
         if (bk >= J->B * J->HKV) break;
-        kv_group(J, row, bk, sc, sc + (size_t)R * J->sst);
+        kv_group(J, row, bk, sc, sc + (size_t)RT * J->sst);
     }
     free(sc);
 }
 
 static int kv_run(kv_job *J, task_fn task, int n_threads) {
     const int extra = J->xk != NULL || J->xkc != NULL;
-    if (J->B < 1 || J->H < 1 || J->HKV < 1 || J->H % J->HKV || J->D < 1 || J->held < extra || J->held - extra > J->cap)
+    if (J->B < 1 || J->H < 1 || J->HKV < 1 || J->H % J->HKV || J->D < 1 || J->T < 1 || J->held < J->T
+        || J->held - (extra ? J->T : 0) > J->cap)
         return -1;
     J->sst = J->held > J->cap ? J->held : J->cap;
     atomic_store(&J->next, 0);
@@ -123,15 +146,15 @@ static const float *kv_row_dense(const kv_job *J, int v, size_t base, int i, flo
 /* affine codes (vlmc.runtime.kv_codecs.Affine): uint8 rows of D * bits / 8 bytes (8-bit:
  * one byte each; 4-bit: byte b holds codes 2b (low nibble) and 2b + 1), code * scale +
  * minimum per group of gs with bfloat16 scales and minimums [.., D / gs]. Row i of a
- * (sequence, KV head) comes from the cache, or, for row held - 1 when the caller passed
- * this step's rows apart (xkc / xvc), from there (it may lie past the capacity). */
+ * (sequence, KV head) comes from the cache, or, for this step's rows when the caller passed
+ * them apart (xkc / xvc), from there (they may lie past the capacity). */
 static ALWAYS kv_codes affine_row(const kv_job *J, int v, size_t base, int i) {
     const int G = J->D / J->gs;
     const size_t rb = (size_t)J->D * J->bits / 8, r = base + (size_t)i;
     const kv_codes *x = v ? J->xvc : J->xkc;
-    if (x && i == J->held - 1) {
-        const size_t bk = base / (size_t)J->cap;
-        return (kv_codes){x->codes + bk * rb, x->scales + bk * G, x->mins + bk * G};
+    if (x && i >= J->held - J->T) {
+        const size_t at = base / (size_t)J->cap * J->T + (size_t)(i - (J->held - J->T));
+        return (kv_codes){x->codes + at * rb, x->scales + at * G, x->mins + at * G};
     }
     return (kv_codes){(v ? J->vc : J->kc) + r * rb, (v ? J->vs : J->ks) + r * G, (v ? J->vb : J->kb) + r * G};
 }
@@ -192,10 +215,12 @@ typedef const float *(*kv_rows_fn)(const kv_job *J, int v, size_t base, int i0, 
 
 static const float *kv_rows_dense(const kv_job *J, int v, size_t base, int i0, int nr, float *buf) {
     const float *rows = (v ? J->v : J->k) + (base + (size_t)i0) * J->D;
-    if (!J->xk || i0 + nr < J->held) return rows;
-    /* the block ends with the extra row: the cached ones, then it, into buf */
-    memcpy(buf, rows, sizeof(float) * (size_t)(nr - 1) * J->D);
-    memcpy(buf + (size_t)(nr - 1) * J->D, (v ? J->xv : J->xk) + base / J->cap * J->D, sizeof(float) * J->D);
+    const int xi = J->held - J->T; /* this step's rows (with xk / xv) */
+    if (!J->xk || i0 + nr <= xi) return rows;
+    /* the block ends with rows from xk / xv: the cached ones, then those, into buf */
+    const int nc = xi > i0 ? xi - i0 : 0;
+    memcpy(buf, rows, sizeof(float) * (size_t)nc * J->D);
+    for (int r = nc; r < nr; r++) memcpy(buf + (size_t)r * J->D, x_row(J, v, (int)(base / J->cap), i0 + r), sizeof(float) * J->D);
     return buf;
 }
 
@@ -261,25 +286,27 @@ static const float *kv_rows_turbo(const kv_job *J, int v, size_t base, int i0, i
     return buf;
 }
 
-/* One (sequence, KV head) for D % 16 == 0, the query heads in passes of up to 6, the cache
- * in blocks of KVD_ROWS rows. Per key row one 16-float load feeds an FMA for every head (6
- * accumulator chains); the value pass keeps 6 heads x 64 output floats in 24 registers
- * across a block; the softmax uses exp8. The generic driver spends a scalar expf per score
- * and re-reads and re-writes the output rows for every cached token. sc: R * sst floats;
- * buf: KVD_ROWS * D. */
+/* One (sequence, KV head) for D % 16 == 0, its query rows (R heads x T tokens) in passes
+ * of up to 6, the cache in blocks of KVD_ROWS rows. Per key row one 16-float load feeds an
+ * FMA for every query row of a pass (6 accumulator chains); the value pass keeps 6 query
+ * rows x 64 output floats in 24 registers across a block; the softmax uses exp8. The
+ * generic driver spends a scalar expf per score and re-reads and re-writes the output
+ * rows for every cached token. Scores of keys past a query row's end are computed with the
+ * others and never read. sc: R T * sst floats; buf: KVD_ROWS * D. */
 static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv_rows_fn rows) {
-    const int D = J->D, R = J->H / J->HKV, b = bk / J->HKV, hk = bk % J->HKV, nz = D / 16;
+    const int D = J->D, RT = J->H / J->HKV * J->T, b = bk / J->HKV, hk = bk % J->HKV, nz = D / 16;
     const int first = J->starts[b], n = J->held, cap = J->cap, sst = J->sst;
+    const int common = n - J->T + 1; /* keys every query row sees end here */
     const size_t base = ((size_t)b * J->HKV + hk) * cap;
-    const float *q0 = J->q + ((size_t)b * J->H + (size_t)hk * R) * D;
-    float *out0 = J->out + ((size_t)b * J->H + (size_t)hk * R) * D;
-    memset(out0, 0, sizeof(float) * (size_t)R * D);
+    for (int j = 0; j < RT; j++) memset(o_row(J, b, hk, j), 0, sizeof(float) * (size_t)D);
     if (first >= n) return; /* nothing visible: zeros, as the generic driver gives */
     for (int i0 = first; i0 < n; i0 += KVD_ROWS) {
         const int nr = n - i0 < KVD_ROWS ? n - i0 : KVD_ROWS;
         const float *K = rows(J, 0, base, i0, nr, buf);
-        for (int h0 = 0; h0 < R; h0 += KVD_HB) {
-            const int hb = R - h0 < KVD_HB ? R - h0 : KVD_HB;
+        for (int h0 = 0; h0 < RT; h0 += KVD_HB) {
+            const int hb = RT - h0 < KVD_HB ? RT - h0 : KVD_HB;
+            const float *q[KVD_HB];
+            UNROLL for (int h = 0; h < KVD_HB; h++) q[h] = q_row(J, b, hk, h0 + (h < hb ? h : 0));
             for (int r = 0; r < nr; r++) {
                 const float *k = K + (size_t)r * D;
                 if (h0 == 0) kv_pf(k, D);
@@ -288,53 +315,61 @@ static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv
                 for (int z = 0; z < nz; z++) {
                     const __m512 kv = _mm512_loadu_ps(k + 16 * z);
                     UNROLL for (int h = 0; h < KVD_HB; h++)
-                        if (h < hb) acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + (size_t)(h0 + h) * D + 16 * z), kv, acc[h]);
+                        if (h < hb) acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q[h] + 16 * z), kv, acc[h]);
                 }
                 UNROLL for (int h = 0; h < KVD_HB; h++)
                     if (h < hb) sc[(size_t)(h0 + h) * sst + i0 + r] = _mm512_reduce_add_ps(acc[h]) * J->scale;
             }
         }
     }
-    for (int h = 0; h < R; h++) { /* softmax over [first, n) */
-        float *s = sc + (size_t)h * sst;
+    for (int j = 0; j < RT; j++) { /* softmax over [first, its end) */
+        float *s = sc + (size_t)j * sst;
+        const int e = q_end(J, j);
+        if (first >= e) continue;
         __m512 mv = _mm512_set1_ps(-3.0e38f);
         int i = first;
-        for (; i + 16 <= n; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
+        for (; i + 16 <= e; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
         float m = _mm512_reduce_max_ps(mv);
-        for (; i < n; i++) m = s[i] > m ? s[i] : m;
+        for (; i < e; i++) m = s[i] > m ? s[i] : m;
         const __m256 m8 = _mm256_set1_ps(m);
         __m256 tv = _mm256_setzero_ps();
-        for (i = first; i + 8 <= n; i += 8) {
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), m8));
-            _mm256_storeu_ps(s + i, e);
-            tv = _mm256_add_ps(tv, e);
+        for (i = first; i + 8 <= e; i += 8) {
+            const __m256 x = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), m8));
+            _mm256_storeu_ps(s + i, x);
+            tv = _mm256_add_ps(tv, x);
         }
         float total = hsum(tv);
-        for (; i < n; i++) {
+        for (; i < e; i++) {
             s[i] = exp1(s[i] - m);
             total += s[i];
         }
         const float inv = total > 0.f ? 1.f / total : 0.f;
-        for (i = first; i < n; i++) s[i] *= inv;
+        for (i = first; i < e; i++) s[i] *= inv;
     }
     for (int i0 = first; i0 < n; i0 += KVD_ROWS) {
         const int nr = n - i0 < KVD_ROWS ? n - i0 : KVD_ROWS;
+        const int nall = common - i0 < nr ? (common > i0 ? common - i0 : 0) : nr; /* rows every query row takes */
         const float *V = rows(J, 1, base, i0, nr, buf);
-        for (int h0 = 0; h0 < R; h0 += KVD_HB) {
-            const int hb = R - h0 < KVD_HB ? R - h0 : KVD_HB;
+        for (int h0 = 0; h0 < RT; h0 += KVD_HB) {
+            const int hb = RT - h0 < KVD_HB ? RT - h0 : KVD_HB;
+            float *o0[KVD_HB];
+            int end[KVD_HB];
+            UNROLL for (int h = 0; h < KVD_HB; h++) {
+                o0[h] = o_row(J, b, hk, h0 + (h < hb ? h : 0));
+                end[h] = q_end(J, h0 + (h < hb ? h : 0));
+            }
             for (int z0 = 0; z0 < nz; z0 += 4) {
                 const int zb = nz - z0 < 4 ? nz - z0 : 4;
                 __m512 o[KVD_HB][4];
                 UNROLL for (int h = 0; h < KVD_HB; h++) UNROLL for (int z = 0; z < 4; z++)
-                    o[h][z] = h < hb && z < zb ? _mm512_loadu_ps(out0 + (size_t)(h0 + h) * D + 16 * (z0 + z))
-                                               : _mm512_setzero_ps();
+                    o[h][z] = h < hb && z < zb ? _mm512_loadu_ps(o0[h] + 16 * (z0 + z)) : _mm512_setzero_ps();
                 for (int r = 0; r < nr; r++) {
                     const float *vr = V + (size_t)r * D + 16 * z0;
                     if (h0 == 0) kv_pf(vr, 16 * zb);
                     __m512 vv[4];
                     UNROLL for (int z = 0; z < 4; z++) vv[z] = z < zb ? _mm512_loadu_ps(vr + 16 * z) : _mm512_setzero_ps();
                     UNROLL for (int h = 0; h < KVD_HB; h++)
-                        if (h < hb) {
+                        if (h < hb && (r < nall || i0 + r < end[h])) {
                             const __m512 p = _mm512_set1_ps(sc[(size_t)(h0 + h) * sst + i0 + r]);
                             UNROLL for (int z = 0; z < 4; z++) o[h][z] = _mm512_fmadd_ps(p, vv[z], o[h][z]);
                         }
@@ -342,7 +377,7 @@ static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv
                 UNROLL for (int h = 0; h < KVD_HB; h++)
                     if (h < hb)
                         UNROLL for (int z = 0; z < 4; z++)
-                            if (z < zb) _mm512_storeu_ps(out0 + (size_t)(h0 + h) * D + 16 * (z0 + z), o[h][z]);
+                            if (z < zb) _mm512_storeu_ps(o0[h] + 16 * (z0 + z), o[h][z]);
             }
         }
     }
@@ -350,13 +385,13 @@ static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv
 
 /* the work loop of the AVX-512 path, per row provider */
 static ALWAYS void kv_task16(kv_job *J, kv_rows_fn rows) {
-    const int R = J->H / J->HKV;
-    float *sc = malloc(sizeof(float) * ((size_t)R * J->sst + (size_t)KVD_ROWS * J->D));
+    const int RT = J->H / J->HKV * J->T;
+    float *sc = malloc(sizeof(float) * ((size_t)RT * J->sst + (size_t)KVD_ROWS * J->D));
     if (!sc) return;
     for (;;) {
         const int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
         if (bk >= J->B * J->HKV) break;
-        kv_group16(J, bk, sc, sc + (size_t)R * J->sst, rows);
+        kv_group16(J, bk, sc, sc + (size_t)RT * J->sst, rows);
     }
     free(sc);
 }
@@ -385,36 +420,69 @@ KV_TASK(dense, J->D % 16 == 0)
 KV_TASK(affine, J->D % 32 == 0 && J->gs % 16 == 0)
 KV_TASK(turbo, J->D % 16 == 0 && J->kbits <= 4 && J->vbits <= 4)
 
-/* xk, xv (NULL: none): this step's keys and values [B, HKV, D], as row held - 1 of every
- * (sequence, KV head), so the caller can store them in the cache afterwards (lazily) and
- * the cache holds only the held - 1 rows before them (k/v may then be NULL when held is 1) */
+/* q [B, H, T, D]; out [B, H, T, D], or [B, T, H, D] (tok_major: the rows of the output
+ * projection's input) */
+static void kv_shape(kv_job *J, int tok_major) {
+    const size_t D = (size_t)J->D, H = (size_t)J->H, T = (size_t)J->T;
+    J->q_sb = H * T * D, J->q_sh = T * D, J->q_st = D;
+    J->o_sb = H * T * D;
+    J->o_sh = tok_major ? D : T * D;
+    J->o_st = tok_major ? H * D : D;
+}
+
+int kv_dense_decode_t(const float *q, const float *k, const float *v, const float *xk, const float *xv,
+                      const int32_t *starts, int B, int H, int HKV, int D, int T, int cap, int held, float scale,
+                      float *out, int tok_major, int n_threads) {
+    if ((xk == NULL) != (xv == NULL)) return -1;
+    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .T = T, .cap = cap, .held = held,
+                .scale = scale, .out = out, .k = k, .v = v, .xk = xk, .xv = xv};
+    kv_shape(&J, tok_major);
+    return kv_run(&J, kv_task_dense, n_threads);
+}
+
+/* xk, xv (NULL: none): this step's keys and values [B, HKV, T, D], as rows held - T ..
+ * held - 1 of every (sequence, KV head), so the caller can store them in the cache
+ * afterwards (lazily) and the cache holds only the held - T rows before them (k/v may then
+ * be NULL when held is T) */
+int vlmc_kv_dense_decode_n(const float *q, const float *k, const float *v, const float *xk, const float *xv,
+                           const int32_t *starts, int B, int H, int HKV, int D, int T, int cap, int held,
+                           float scale, float *out, int n_threads) {
+    return kv_dense_decode_t(q, k, v, xk, xv, starts, B, H, HKV, D, T, cap, held, scale, out, 0, n_threads);
+}
+
 int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const float *xk, const float *xv,
                          const int32_t *starts, int B, int H, int HKV, int D, int cap, int held, float scale,
                          float *out, int n_threads) {
-    if ((xk == NULL) != (xv == NULL) || (xk && held < 1)) return -1;
-    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held,
-                .scale = scale, .out = out, .k = k, .v = v, .xk = xk, .xv = xv};
-    return kv_run(&J, kv_task_dense, n_threads);
+    return kv_dense_decode_t(q, k, v, xk, xv, starts, B, H, HKV, D, 1, cap, held, scale, out, 0, n_threads);
+}
+
+int kv_affine_decode_x(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb, const uint8_t *vc,
+                       const uint16_t *vs, const uint16_t *vb, const kv_codes *xk, const kv_codes *xv,
+                       const int32_t *starts, int B, int H, int HKV, int D, int T, int cap, int held, int bits, int gs,
+                       float scale, float *out, int tok_major, int n_threads) {
+    if ((bits != 4 && bits != 8) || gs < 2 || D % gs || gs % 2) return -2;
+    if ((xk == NULL) != (xv == NULL)) return -1;
+    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .T = T, .cap = cap, .held = held,
+                .scale = scale, .out = out, .kc = kc, .vc = vc, .ks = ks, .kb = kb, .vs = vs, .vb = vb,
+                .xkc = xk, .xvc = xv, .bits = bits, .gs = gs};
+    kv_shape(&J, tok_major);
+    return kv_run(&J, kv_task_affine, n_threads);
+}
+
+int vlmc_kv_affine_decode_n(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
+                            const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const int32_t *starts,
+                            int B, int H, int HKV, int D, int T, int cap, int held, int bits, int gs, float scale,
+                            float *out, int n_threads) {
+    return kv_affine_decode_x(q, kc, ks, kb, vc, vs, vb, NULL, NULL, starts, B, H, HKV, D, T, cap, held, bits, gs,
+                              scale, out, 0, n_threads);
 }
 
 int vlmc_kv_affine_decode(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
                           const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const int32_t *starts,
                           int B, int H, int HKV, int D, int cap, int held, int bits, int gs, float scale,
                           float *out, int n_threads) {
-    return kv_affine_decode_x(q, kc, ks, kb, vc, vs, vb, NULL, NULL, starts, B, H, HKV, D, cap, held, bits, gs, scale,
-                              out, n_threads);
-}
-
-int kv_affine_decode_x(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb, const uint8_t *vc,
-                       const uint16_t *vs, const uint16_t *vb, const kv_codes *xk, const kv_codes *xv,
-                       const int32_t *starts, int B, int H, int HKV, int D, int cap, int held, int bits, int gs,
-                       float scale, float *out, int n_threads) {
-    if ((bits != 4 && bits != 8) || gs < 2 || D % gs || gs % 2) return -2;
-    if ((xk == NULL) != (xv == NULL)) return -1;
-    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held,
-                .scale = scale, .out = out, .kc = kc, .vc = vc, .ks = ks, .kb = kb, .vs = vs, .vb = vb,
-                .xkc = xk, .xvc = xv, .bits = bits, .gs = gs};
-    return kv_run(&J, kv_task_affine, n_threads);
+    return vlmc_kv_affine_decode_n(q, kc, ks, kb, vc, vs, vb, starts, B, H, HKV, D, 1, cap, held, bits, gs, scale,
+                                   out, n_threads);
 }
 
 /* ---- this step's keys or values as affine codes ------------------------------------------
@@ -472,12 +540,20 @@ int vlmc_kv_affine_encode(const float *x, int64_t rows, int D, int bits, int gs,
     return 0;
 }
 
+int vlmc_kv_turbo_decode_n(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
+                           const float *kcb, const float *vcb, const int32_t *starts, int B, int H, int HKV, int D,
+                           int T, int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads) {
+    if (D < 8 || D % 8 || kbits < 2 || kbits > 4 || vbits < 2 || vbits > 4) return -2;
+    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .T = T, .cap = cap, .held = held,
+                .scale = scale, .out = out, .kc = kc, .vc = vc, .kn = kn, .vn = vn, .kcb = kcb, .vcb = vcb,
+                .kbits = kbits, .vbits = vbits};
+    kv_shape(&J, 0);
+    return kv_run(&J, kv_task_turbo, n_threads);
+}
+
 int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
                          const float *kcb, const float *vcb, const int32_t *starts, int B, int H, int HKV, int D,
                          int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads) {
-    if (D < 8 || D % 8 || kbits < 2 || kbits > 4 || vbits < 2 || vbits > 4) return -2;
-    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .cap = cap, .held = held,
-                .scale = scale, .out = out, .kc = kc, .vc = vc, .kn = kn, .vn = vn, .kcb = kcb, .vcb = vcb,
-                .kbits = kbits, .vbits = vbits};
-    return kv_run(&J, kv_task_turbo, n_threads);
+    return vlmc_kv_turbo_decode_n(q, kc, kn, vc, vn, kcb, vcb, starts, B, H, HKV, D, 1, cap, held, kbits, vbits, scale,
+                                  out, n_threads);
 }

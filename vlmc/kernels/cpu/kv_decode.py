@@ -26,7 +26,8 @@ def _np(a) -> np.ndarray:
 
 def _run(fn, name: str, q, buffers: tuple, starts: mx.array, shape: tuple, held: int, *params):
     """Call C kernel ``fn`` with the arguments every KV decode kernel takes: host pointers
-    to q (float32), the cache buffers and starts (int32), then B, H, HKV, D, capacity, held,
+    to q (float32), the cache buffers and starts (int32), then B, H, HKV, D, (for q
+    [B, H, T, D], T tokens per sequence, to the kernel's ``_n`` variant: T), capacity, held,
     the layout's own ``params``, the output and the thread count. A numpy q (the cpu op
     library's host arrays) gets a numpy result, an mx.array q an mx.array."""
     host = type(q) is np.ndarray
@@ -41,25 +42,33 @@ def _run(fn, name: str, q, buffers: tuple, starts: mx.array, shape: tuple, held:
         q = q.astype(mx.float32)
         mx.eval(q, *(a for a in (starts, *buffers) if isinstance(a, mx.array)))
         qn = _np(q)
-    B, H, D = q.shape
+    B, H, D = q.shape[0], q.shape[1], q.shape[-1]
+    tokens = () if q.ndim == 3 else (q.shape[2],)
     hosts = [qn] + [None if a is None else _np(a) for a in (*buffers, starts)]
-    out = np.empty((B, H, D), np.float32)
+    out = np.empty(q.shape, np.float32)
     from . import n_threads  # the current setting (refresh() may change it)
-    _check(fn(*(None if h is None else h.ctypes.data for h in hosts), B, H, shape[1], D, shape[2], held, *params,
-              out.ctypes.data, n_threads), name)
+    _check(fn(*(None if h is None else h.ctypes.data for h in hosts), B, H, shape[1], D, *tokens, shape[2], held,
+              *params, out.ctypes.data, n_threads), name)
     return out if host else mx.array(out)
+
+
+def _n(lib, name: str, q):
+    """The kernel for q's form: ``name`` for [B, H, D], its ``_n`` variant for [B, H, T, D]."""
+    return getattr(lib, name if q.ndim == 3 else name + "_n")
 
 
 def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts, held: int, *,
                      scale: float, bits: int, group_size: int) -> mx.array:
-    """float32 [B, H, D] attention of q [B, H, D] over the first ``held`` coded tokens."""
+    """float32 [B, H, D] attention of q [B, H, D] over the first ``held`` coded tokens; for q
+    [B, H, T, D] (T tokens per sequence, the last T of ``held``; token t sees the keys up to
+    its own) [B, H, T, D], each token's row what the one-token kernel gives at its place."""
     lib = _get_lib()
-    B, H, D = q.shape
+    H, D = q.shape[1], q.shape[-1]
     if (lib is None or bits not in (4, 8) or k_scales.dtype != mx.bfloat16 or D % group_size
             or k_codes.ndim != 4 or H % k_codes.shape[1]):
         return _kv_quant.kv_affine_decode(_as_mx(q), k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts,
                                           held, scale=scale, bits=bits, group_size=group_size)
-    return _run(lib.vlmc_kv_affine_decode, "kv_affine_decode", q,
+    return _run(_n(lib, "vlmc_kv_affine_decode", q), "kv_affine_decode", q,
                 (k_codes, k_scales, k_biases, v_codes, v_scales, v_biases), starts, k_codes.shape, held,
                 bits, group_size, scale)
 
@@ -86,15 +95,16 @@ def kv_affine_encode(x: np.ndarray, bits: int, group_size: int) -> dict[str, np.
 def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook, starts, held: int, *,
                     scale: float, k_bits: int, v_bits: int) -> mx.array:
     """float32 [B, H, D] attention of q_rot [B, H, D] over the first ``held`` TurboQuant-coded
-    tokens, in the rotated space (the caller rotates the result back)."""
+    tokens, in the rotated space (the caller rotates the result back); q_rot [B, H, T, D]:
+    T tokens per sequence as ``kv_affine_decode``."""
     lib = _get_lib()
-    B, H, D = q_rot.shape
+    H, D = q_rot.shape[1], q_rot.shape[-1]
     if (lib is None or not {k_bits, v_bits} <= {2, 3, 4} or D % 8 or k_codes.ndim != 4
             or H % k_codes.shape[1]):
         return _kv_quant.kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_codebook,
                                          starts, held, scale=scale, k_bits=k_bits, v_bits=v_bits)
     f32 = [a.astype(mx.float32) for a in (k_norms, v_norms, k_codebook, v_codebook)]
-    return _run(lib.vlmc_kv_turbo_decode, "kv_turbo_decode", q_rot,
+    return _run(_n(lib, "vlmc_kv_turbo_decode", q_rot), "kv_turbo_decode", q_rot,
                 (k_codes, f32[0], v_codes, f32[1], f32[2], f32[3]), starts, k_codes.shape, held,
                 k_bits, v_bits, scale)
 
@@ -102,19 +112,23 @@ def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_cod
 def kv_dense_decode(q, keys, values, starts, held: int, *, scale: float, new_k=None, new_v=None) -> mx.array:
     """float32 [B, H, D] attention of q [B, H, D] over the first ``held`` tokens of float32
     buffers [B, HKV, cap, D]; with ``new_k, new_v`` ([B, HKV, D]) the last of those tokens
-    is that pair instead, and the buffers hold only the ``held - 1`` before it."""
+    is that pair instead, and the buffers hold only the ``held - 1`` before it. For q
+    [B, H, T, D] (T tokens per sequence, the last T of ``held``, as ``kv_affine_decode``):
+    [B, H, T, D], and ``new_k, new_v`` [B, HKV, T, D] stand for those T tokens."""
     lib = _get_lib()
-    B, H, D = q.shape
+    H = q.shape[1]
+    T = 1 if q.ndim == 3 else q.shape[2]
     if lib is None or keys.dtype != mx.float32 or values.dtype != mx.float32 or keys.ndim != 4 or H % keys.shape[1]:
         if new_k is not None:
-            keys = mx.concatenate([keys[:, :, :held - 1], _as_mx(new_k)[:, :, None]], axis=2)
-            values = mx.concatenate([values[:, :, :held - 1], _as_mx(new_v)[:, :, None]], axis=2)
+            nk, nv = (_as_mx(a) if q.ndim == 4 else _as_mx(a)[:, :, None] for a in (new_k, new_v))
+            keys = mx.concatenate([keys[:, :, :held - T], nk], axis=2)
+            values = mx.concatenate([values[:, :, :held - T], nv], axis=2)
         return _kv_quant.kv_dense_decode(_as_mx(q), keys, values, starts, held, scale=scale)
     if new_k is not None:
-        new_k, new_v = (np.asarray(a if type(a) is np.ndarray else _as_mx(a).astype(mx.float32), np.float32)
+        new_k, new_v = (np.ascontiguousarray(a if type(a) is np.ndarray else _as_mx(a).astype(mx.float32), np.float32)
                         for a in (new_k, new_v))
-    return _run(lib.vlmc_kv_dense_decode, "kv_dense_decode", q, (keys, values, new_k, new_v), starts, keys.shape,
-                held, scale)
+    return _run(_n(lib, "vlmc_kv_dense_decode", q), "kv_dense_decode", q, (keys, values, new_k, new_v), starts,
+                keys.shape, held, scale)
 
 
 # Caches whose last decode step's writes are still lazy MLX slice updates (host_dense_step,
@@ -193,16 +207,23 @@ def _mx_stored(a: np.ndarray, dtype) -> mx.array:
 def host_dense_step(q: np.ndarray, k, v, cache, mask, *, scale: float) -> np.ndarray | None:
     """A decode step of the cpu target's host arrays over a dense float32 cache: attention
     over the held tokens plus this step's k, v read from the host arrays (the kernel's
-    extra row), then k, v stored (``store``). None when this path does not apply (the
-    caller's path then runs)."""
-    if type(q) is not np.ndarray or q.shape[2] != 1 or _get_lib() is None:
+    extra rows), then k, v stored (``store``). A step of T <= GEMV_MAX_ROWS tokens per
+    sequence (verify) attends causally among them, each token as a one-token step would.
+    None when this path does not apply (the caller's path then runs)."""
+    from . import GEMV_MAX_ROWS
+    T = q.shape[2] if type(q) is np.ndarray else 0
+    if not 1 <= T <= GEMV_MAX_ROWS or _get_lib() is None:
         return None
     buffers = dense_buffers(cache)
     if buffers is None or q.shape[1] % buffers[0].shape[1]:
         return None
     kn, vn = (np.asarray(a, np.float32) if type(a) is np.ndarray else np.asarray(a.astype(mx.float32))
               for a in (k, v))
-    out = kv_dense_decode(q[:, :, 0], *buffers, host_starts(mask, q.shape[0]), cache.held + 1, scale=scale,
-                          new_k=kn[:, :, 0], new_v=vn[:, :, 0])
+    if T == 1:
+        out = kv_dense_decode(q[:, :, 0], *buffers, host_starts(mask, q.shape[0]), cache.held + 1, scale=scale,
+                              new_k=kn[:, :, 0], new_v=vn[:, :, 0])[:, :, None]
+    else:
+        out = kv_dense_decode(q, *buffers, host_starts(mask, q.shape[0]), cache.held + T, scale=scale, new_k=kn,
+                              new_v=vn)
     store(cache, kn, vn)
-    return out[:, :, None]
+    return out

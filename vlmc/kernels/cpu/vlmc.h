@@ -75,6 +75,13 @@ static MAYBE_UNUSED float f16_to_f32(uint16_t h) {
     return f;
 }
 
+/* 4 bytes as one int32 (memcpy: one load, without reading int8 data through an int32 lvalue) */
+static ALWAYS int32_t ld_i32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
 /* element i of a scales/biases array of type st */
 static ALWAYS float ld_param(const void *p, size_t i, int st) {
     if (st == ST_F32) return ((const float *)p)[i];
@@ -223,21 +230,30 @@ static ALWAYS __m256 exp8(__m256 x) {
 VLMC_INTERNAL extern int vlmc_x8_residual;
 
 #if VLMC_VNNI
-/* 64 values of x to int8 with scale amax / 127 (cvtps rounds to nearest even, as lrintf):
- * in natural order (odd = 32), or for 4-bit codes the 32 even-indexed values at q and the
- * odd ones at q + odd (the low and high nibbles of the block's 32 code bytes hold codes
- * 2b and 2b + 1; see qv_block for where the halves go). With qr (natural order only), the
- * rounding residual too: t = x / scale, q = rint(t), qr = rint(256 (t - q)) saturated to
- * int8 (t - q is exact), so x ~ scale (q + qr / 256) to ~1 / 65000 of the block's largest
- * value; *sum is then the sum of 256 q + qr and the returned scale that of 256 q + qr. */
-static ALWAYS float x8_block(const float *xr, int nibbles, int8_t *q, size_t odd, int8_t *qr, int *sum) {
+/* 64 values of x to int8 with scale amax / 127 (cvtps rounds to nearest even, as lrintf),
+ * stored in the order the codes they meet are read (4-bit codes: a byte holds codes 2b and
+ * 2b + 1 in its low and high nibble):
+ *   X8_NATURAL  byte codes;
+ *   X8_OCTETS   4-bit codes read a dword (8 codes) at a time: each 8 values as its 4
+ *               even-indexed ones, then its 4 odd ones (gemv.c's panel kernels);
+ *   X8_HALVES   4-bit codes read 32 bytes (64 codes) at a time: the 32 even-indexed values
+ *               at q, the odd ones at q + odd (gemv.c's one-row kernel).
+ * With qr (natural order only), the rounding residual too: t = x / scale, q = rint(t),
+ * qr = rint(256 (t - q)) saturated to int8 (t - q is exact), so x ~ scale (q + qr / 256)
+ * to ~1 / 65000 of the block's largest value; *sum is then the sum of 256 q + qr and the
+ * returned scale that of 256 q + qr. */
+enum { X8_NATURAL = 0, X8_OCTETS = 1, X8_HALVES = 2 };
+static ALWAYS float x8_block(const float *xr, int order, int8_t *q, size_t odd, int8_t *qr, int *sum) {
     __m512 v[4], a = _mm512_setzero_ps();
     UNROLL for (int i = 0; i < 4; i++) {
         v[i] = _mm512_loadu_ps(xr + 16 * i);
         a = _mm512_max_ps(a, _mm512_abs_ps(v[i]));
     }
     const float amax = _mm512_reduce_max_ps(a), inv = amax > 0.f ? 127.f / amax : 0.f;
-    if (nibbles) {
+    if (order == X8_OCTETS) {
+        const __m512i eo = _mm512_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+        UNROLL for (int i = 0; i < 4; i++) v[i] = _mm512_permutexvar_ps(eo, v[i]);
+    } else if (order == X8_HALVES) {
         const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
         const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
         const __m512 e0 = _mm512_permutex2var_ps(v[0], ev, v[1]), e1 = _mm512_permutex2var_ps(v[2], ev, v[3]);
@@ -250,7 +266,8 @@ static ALWAYS float x8_block(const float *xr, int nibbles, int8_t *q, size_t odd
         const __m512 t = _mm512_mul_ps(v[i], iv);
         const __m512i qi = _mm512_cvtps_epi32(t);
         s = _mm512_add_epi32(s, qi);
-        _mm_storeu_si128((__m128i *)(q + (i < 2 ? 16 * i : odd + 16 * (i - 2))), _mm512_cvtepi32_epi8(qi));
+        const size_t at = order == X8_HALVES && i >= 2 ? odd + 16 * (i - 2) : 16 * (size_t)i;
+        _mm_storeu_si128((__m128i *)(q + at), _mm512_cvtepi32_epi8(qi));
         if (qr) {
             __m512i ri = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(t, _mm512_cvtepi32_ps(qi)), _mm512_set1_ps(256.f)));
             ri = _mm512_min_epi32(ri, _mm512_set1_epi32(127)); /* t - q = +0.5 exactly: 128 */
@@ -318,13 +335,18 @@ typedef struct {
     const uint16_t *scales, *mins;
 } kv_codes;
 
-/* vlmc_kv_affine_decode with row held - 1 of every (sequence, KV head) taken from xk / xv
- * ([B, HKV, *] each; both NULL: none), not from the cache, which then holds the held - 1
- * rows before it */
+/* vlmc_kv_affine_decode_n with rows held - T .. held - 1 of every (sequence, KV head)
+ * taken from xk / xv ([B, HKV, T, *] each; both NULL: none), not from the cache, which then
+ * holds the held - T rows before them; out [B, T, H, D] where tok_major, else [B, H, T, D] */
 VLMC_INTERNAL int kv_affine_decode_x(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
                                      const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const kv_codes *xk,
-                                     const kv_codes *xv, const int32_t *starts, int B, int H, int HKV, int D, int cap,
-                                     int held, int bits, int gs, float scale, float *out, int n_threads);
+                                     const kv_codes *xv, const int32_t *starts, int B, int H, int HKV, int D, int T,
+                                     int cap, int held, int bits, int gs, float scale, float *out, int tok_major,
+                                     int n_threads);
+/* vlmc_kv_dense_decode_n, out [B, T, H, D] where tok_major */
+VLMC_INTERNAL int kv_dense_decode_t(const float *q, const float *k, const float *v, const float *xk, const float *xv,
+                                    const int32_t *starts, int B, int H, int HKV, int D, int T, int cap, int held,
+                                    float scale, float *out, int tok_major, int n_threads);
 /* vlmc_kv_affine_encode without the argument checks */
 VLMC_INTERNAL void kv_affine_encode_rows(const float *x, size_t rows, int D, int bits, int gs, uint8_t *codes,
                                          uint16_t *scales, uint16_t *mins);
@@ -352,12 +374,12 @@ enum { VLMC_KV_DENSE = 0, VLMC_KV_AFFINE = 1 };
 typedef struct {
     void *k, *v;                      /* dense: float32 [B, HKV, cap, D]; affine: codes [B, HKV, cap, D * bits / 8] */
     uint16_t *ks, *kb, *vs, *vb;      /* affine: bfloat16 scales and minimums [B, HKV, cap, D / gs] */
-    void *nk, *nv;                    /* out: this step's keys and values as stored, [B, HKV, D] / [B, HKV, D * bits / 8] */
-    uint16_t *nks, *nkb, *nvs, *nvb;  /* out, affine: their scales and minimums [B, HKV, D / gs] */
+    void *nk, *nv;                    /* out: this step's keys and values as stored, [B, HKV, T, D] / [B, HKV, T, D * bits / 8] */
+    uint16_t *nks, *nkb, *nvs, *nvb;  /* out, affine: their scales and minimums [B, HKV, T, D / gs] */
     int32_t layout;                   /* VLMC_KV_DENSE or VLMC_KV_AFFINE */
     int32_t bits, gs;                 /* affine: 4 or 8 bits, groups of gs (dividing D) */
     int32_t cap, held;                /* buffer columns; tokens held before this step (>= 1) */
-    int32_t inplace;                  /* also write this step into column held */
+    int32_t inplace;                  /* also write this step's T tokens into columns held .. held + T - 1 */
 } vlmc_kv;
 
 /* ---- exported functions (0 on success, a negative code for bad arguments or no memory,
@@ -396,6 +418,18 @@ int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, con
                          int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads);
 int vlmc_kv_affine_encode(const float *x, int64_t rows, int D, int bits, int gs, uint8_t *codes, uint16_t *scales,
                           uint16_t *mins);
+/* T query tokens per sequence: q [B, H, T, D] -> out [B, H, T, D]; the last T of the held
+ * rows are this step's, and query t sees the keys before row held - T + 1 + t */
+int vlmc_kv_dense_decode_n(const float *q, const float *k, const float *v, const float *xk, const float *xv,
+                           const int32_t *starts, int B, int H, int HKV, int D, int T, int cap, int held,
+                           float scale, float *out, int n_threads);
+int vlmc_kv_affine_decode_n(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,
+                            const uint8_t *vc, const uint16_t *vs, const uint16_t *vb, const int32_t *starts,
+                            int B, int H, int HKV, int D, int T, int cap, int held, int bits, int gs, float scale,
+                            float *out, int n_threads);
+int vlmc_kv_turbo_decode_n(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
+                           const float *kcb, const float *vcb, const int32_t *starts, int B, int H, int HKV, int D,
+                           int T, int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads);
 /* gemm_i8.c */
 int vlmc_gemm_q_i8_available(void);
 int vlmc_gemm_q_i8(const float *x, int M, int K, const uint32_t *w, const void *scales, const void *biases, int st,
@@ -411,8 +445,8 @@ int vlmc_rope(const float *x, int64_t A, int64_t H, int64_t L, int64_t D, int64_
               const float *cs, const float *sn, int64_t ca, int64_t cl, float *out, int n_threads);
 /* decode_layer.c */
 int vlmc_decode_layers(const vlmc_layer *const *L, const vlmc_kv *kv, int nl, const float *x, const float *normed,
-                       int B, const float *cs, const float *sn, int64_t ca, const int32_t *starts, float *out,
-                       int n_threads);
+                       int B, int T, const float *cs, const float *sn, int64_t ca, int64_t cl, const int32_t *starts,
+                       float *out, int n_threads);
 /* affine_search.c */
 int vlmc_affine_search(const float *w, int N, int K, int gs, int bits, const float *s0, const float *b0,
                        const float *shrink, int nshrink, int nrefit, float *scales, float *biases, int n_threads);

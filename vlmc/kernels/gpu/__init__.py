@@ -155,9 +155,12 @@ def kv_turbo_decode(q_rot, k_codes, k_norms, v_codes, v_norms, k_codebook, v_cod
 
 
 def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.array | None = None,
-                     *, scale: float) -> mx.array:
+                     *, scale: float, softcap: float | None = None) -> mx.array:
     """Decode steps over a quantized or TurboQuant cache read the codes in place (the
-    kernels above); everything else is the reference (decode the held tokens, then SDPA)."""
+    kernels above); everything else, and soft-capped scores (Gemma 2), is the reference
+    (decode the held tokens, then SDPA)."""
+    if softcap is not None:
+        return _reference.cached_attention(q, k, v, cache, mask, scale=scale, softcap=softcap)
     out = _kv_quant.coded_decode_step(q, k, v, cache, mask, scale=scale, affine=kv_affine_decode,
                                       turbo=kv_turbo_decode)
     return out if out is not None else _reference.cached_attention(q, k, v, cache, mask, scale=scale)

@@ -2,7 +2,7 @@
 
 A *processor spec* is a plain, JSON-serialisable dict the compiler stores in the artifact
 (``processor.json``): its ``kind`` names the processor (``processors``: the Qwen-VL
-dynamic-resolution one, CLIP/SigLIP fixed-resolution), and every other field is explicit:
+dynamic-resolution one, CLIP/SigLIP fixed-resolution, Idefics3's tiles), and every other field is explicit:
 ``processors.spec_from_preprocessor_config`` fills what a checkpoint's
 ``preprocessor_config.json`` leaves out with the defaults of the transformers class that
 would have read it. This module holds what every processor shares.
@@ -109,6 +109,7 @@ class ImageProcessor:
 
     kind = ""
     fields: tuple[str, ...] = ()
+    switches: tuple[str, ...] = ()  # UNSUPPORTED_SWITCHES this kind does implement
 
     @classmethod
     def spec_from_config(cls, cfg: dict, kind: str) -> dict:  # pragma: no cover - abstract

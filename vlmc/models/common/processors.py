@@ -8,13 +8,15 @@ from PIL import Image
 
 from ...errors import ArtifactError, SourceError
 from .clip_processor import ClipImageProcessor
+from .idefics3_processor import Idefics3ImageProcessor
 from .image_processing import COMMON_FIELDS, UNSUPPORTED_SWITCHES, ImageProcessor
 from .qwen_vl_processor import Qwen2VLImageProcessor
 
 # spec kind -> processor class, and config kind -> the class that makes its spec
-KINDS: dict[str, type[ImageProcessor]] = {"qwen2_vl": Qwen2VLImageProcessor, "clip": ClipImageProcessor}
+KINDS: dict[str, type[ImageProcessor]] = {"qwen2_vl": Qwen2VLImageProcessor, "clip": ClipImageProcessor,
+                                          "idefics3": Idefics3ImageProcessor}
 CONFIG_KINDS: dict[str, type[ImageProcessor]] = {"qwen2_vl": Qwen2VLImageProcessor, "clip": ClipImageProcessor,
-                                                 "siglip": ClipImageProcessor}
+                                                 "siglip": ClipImageProcessor, "idefics3": Idefics3ImageProcessor}
 
 
 def spec_from_preprocessor_config(cfg: dict, kind: str, **extra: Any) -> dict:
@@ -23,12 +25,12 @@ def spec_from_preprocessor_config(cfg: dict, kind: str, **extra: Any) -> dict:
     LLaVA family passes ``tokens_per_image=``). Raises SourceError for a config the
     processor cannot honour."""
     cfg = {k: v for k, v in dict(cfg).items() if v is not None}  # null means "class default"
-    for switch in UNSUPPORTED_SWITCHES:
-        if cfg.get(switch):
-            raise SourceError(f"preprocessor_config.json sets {switch}=true, which vlmc's {kind} preprocessing does not support")
     cls = CONFIG_KINDS.get(kind)
     if cls is None:
         raise SourceError(f"unknown image processor kind {kind!r}; known: {', '.join(sorted(CONFIG_KINDS))}")
+    for switch in UNSUPPORTED_SWITCHES:
+        if cfg.get(switch) and switch not in cls.switches:
+            raise SourceError(f"preprocessor_config.json sets {switch}=true, which vlmc's {kind} preprocessing does not support")
     spec = cls.spec_from_config(cfg, kind)
     spec.update(extra)
     try:

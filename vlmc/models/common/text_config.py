@@ -21,7 +21,8 @@ from ...frontend.config import rope_settings
 class Decoder:
     """A decoder flavour: transformers' defaults for absent fields, which projections carry
     biases (``"qwen"``: q/k/v only; ``"config"``: ``attention_bias`` / ``mlp_bias``), and
-    the rotary kind (``"mrope"`` takes ``mrope_section``, default ``mrope_sections``)."""
+    the rotary kind (``"mrope"`` and ``"mrope_interleaved"``, Qwen3-VL's, take
+    ``mrope_section``, default ``mrope_sections``)."""
 
     defaults: dict[str, Any]
     biases: str = "config"
@@ -49,7 +50,7 @@ class TextConfig:
     vocab_size: int
     rms_norm_eps: float
     rope_theta: float
-    rope_kind: str                      # "default" | "mrope"
+    rope_kind: str                      # "default" | "mrope" | "mrope_interleaved"
     mrope_sections: list[int] | None
     hidden_act: str
     max_position_embeddings: int
@@ -106,8 +107,8 @@ def text_config(raw: dict[str, Any], *, nested: bool, decoder: Decoder | None = 
     theta, rope_type, rope = rope_settings(cfg if ("rope_parameters" in cfg or "rope_scaling" in cfg
                                                   or "rope_theta" in cfg) else raw, d["rope_theta"])
     sections = None
-    if decoder.rope == "mrope":
-        rope_kind = "mrope"
+    if decoder.rope in ("mrope", "mrope_interleaved"):
+        rope_kind = decoder.rope
         sections = list(rope.get("mrope_section") or decoder.mrope_sections)
     elif rope_type in ("default", None):
         rope_kind = "default"

@@ -19,9 +19,9 @@ class Qwen2VL(Family):
         from ..common.processors import spec_from_preprocessor_config
         return spec_from_preprocessor_config(preprocessor_config, "qwen2_vl")
 
-    def inputs(self, meta: dict[str, Any], processor_spec: dict[str, Any]):
+    def inputs(self, meta: dict[str, Any], processor_spec: dict[str, Any], tokenizer: Any = None):
         from .inputs import QwenInputs
-        return QwenInputs(meta, processor_spec)
+        return QwenInputs(meta, processor_spec, tokenizer)
 
 
 FAMILY = Qwen2VL()
