@@ -9,12 +9,13 @@ comparison runs with cmake (Release, native CPU, static, nothing that needs the 
 llama-bench, llama-mtmd-cli, llama-batched-bench, llama-quantize. A finished build is
 marked by ``BUILD/.complete`` and reused.
 
-``convert`` writes, beside each other: the language model in bfloat16 (or ``--dtype f16``),
-its Q4_K_M and Q8_0 quantizations made with llama-quantize, and the vision projector
-(``mmproj``, f16) made with the converter's ``--mmproj``. The converter runs in an
-interpreter that has its imports (numpy, torch, transformers, safetensors, sentencepiece
-are enough for Qwen2-VL) with the vendored ``gguf-py`` first on its path, so the
-installed ``gguf`` package (if any) is not used.
+``convert`` writes, beside each other: the language model in bfloat16 (or ``--dtype f16``;
+``--dtype q8_0`` for big checkpoints: see ``convert``), its Q4_K_M and Q8_0 quantizations
+made with llama-quantize, and the vision projector (``mmproj``, f16) made with the
+converter's ``--mmproj`` (``--no-mmproj`` skips it). The converter runs in an interpreter
+that has its imports (numpy, torch, transformers, safetensors are enough for Qwen2-VL and
+LLaVA; sentencepiece only where there is a tokenizer.model) with the vendored ``gguf-py``
+first on its path, so the installed ``gguf`` package (if any) is not used.
 
 The rest of this file runs the tools for ``compare.py``'s llama.cpp worker and parses
 what they print; the parsers are pure functions (``tests/test_llamacpp_parsers.py``).
@@ -185,33 +186,44 @@ def run_converter(src: Path, argv: list[str]) -> None:
 
 
 def convert(checkpoint: Path, out: Path, build_dir: Path, python: str = sys.executable, dtype: str = "bf16",
-            quants: Sequence[str] = QUANTS, threads: int = 2, log: Callable[[str], None] = _log) -> dict[str, Path]:
+            quants: Sequence[str] = QUANTS, threads: int = 2, mmproj: bool = True,
+            log: Callable[[str], None] = _log) -> dict[str, Path]:
     """Write ``model-<dtype>.gguf``, ``model-<quant>.gguf`` per quant and ``mmproj-f16.gguf``
-    under ``out`` (each file kept once made; a partial one is written under a temporary name)."""
+    under ``out`` (each file kept once made; a partial one is written under a temporary name).
+
+    ``dtype="q8_0"`` has the converter write Q8_0 itself (``model-Q8_0.gguf``, half the disk of
+    bf16, for 7B checkpoints) and the other quants are made from it (``--allow-requantize``:
+    a second rounding, which changes the values, not the bytes or the work per token)."""
     src = Path(build_dir) / "src"
     if not (src / "convert_hf_to_gguf.py").is_file():
         sys.exit(f"error: {src} holds no convert_hf_to_gguf.py")
     out.mkdir(parents=True, exist_ok=True)
-    files = {dtype: out / f"model-{dtype}.gguf", "mmproj": out / "mmproj-f16.gguf"}
-    for key, extra in ((dtype, []), ("mmproj", ["--mmproj"])):
+    base = "Q8_0" if dtype == "q8_0" else dtype
+    files = {base: out / f"model-{base}.gguf"}
+    steps = [(base, dtype, [])]
+    if mmproj:
+        files["mmproj"] = out / "mmproj-f16.gguf"
+        steps.append(("mmproj", "f16", ["--mmproj"]))
+    for key, outtype, extra in steps:
         dst = files[key]
         if dst.is_file():
             continue
         part = dst.with_suffix(".part")
         t = time.perf_counter()
         _run([python, Path(__file__).resolve(), "run-converter", src, "--", checkpoint, "--outfile", part,
-              "--outtype", "f16" if key == "mmproj" else dtype, *extra], log)
+              "--outtype", outtype, *extra], log)
         produced = part if part.is_file() else next(iter(sorted(out.glob(f"*{part.name}*"))), None)
         if produced is None:
             sys.exit(f"error: the converter wrote no {part}")
         produced.rename(dst)
         log(f"  {dst} ({dst.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s")
+    requant = ["--allow-requantize"] if base == "Q8_0" else []
     for q in quants:
         dst = files[q] = out / f"model-{q}.gguf"
         if dst.is_file():
             continue
         part = dst.with_suffix(".part")
-        _run([tool(build_dir, "llama-quantize"), files[dtype], part, q, str(threads)], log)
+        _run([tool(build_dir, "llama-quantize"), *requant, files[base], part, q, str(threads)], log)
         part.rename(dst)
     return files
 
@@ -303,7 +315,7 @@ def mtmd_args(image: str, text: str) -> list[str]:
     in chat mode a second image in one session aborts (``GGML_ASSERT(offset <=
     batch->output_embd.size())`` in ``mtmd_batch_get_output_embd``: the previous turn's
     media batch is searched for the new image)."""
-    return ["--image", image, "-p", text, "-n", "1", "--temp", "0", "--log-jsonl", "--log-timestamps"]
+    return ["--image", image, "-p", text, "-n", "1", "--temp", "0", "--log-jsonl", "--log-timestamps", "-lv", "4"]
 
 
 def parse_mtmd(text: str) -> dict[str, Any]:
@@ -315,10 +327,11 @@ def parse_mtmd(text: str) -> dict[str, Any]:
     encoder + projector, then the image embeddings and text through the LM), prints "\\n",
     samples and prints the first piece. TTFT runs from the second warning line (so it
     includes reading the PNG, a few ms) to that piece; vision is the time between the two
-    encoding lines; prompt tokens are what ``llama_perf_context_print`` counts as prompt eval."""
+    encoding lines; prompt tokens are what ``llama_perf_context_print`` counts as prompt eval
+    and image tokens what the image's decode batches held (both logged at ``-lv 4``)."""
     recs = _log_records(text)
     t0 = t_enc = t_done = first = None
-    n_prompt = None
+    n_prompt = n_image = None
     newline_seen = False
     for r in recs:
         msg, level = str(r.get("msg", "")), str(r.get("level", ""))
@@ -338,10 +351,13 @@ def parse_mtmd(text: str) -> dict[str, Any]:
         m = re.search(r"prompt eval time =\s*[\d.]+ ms /\s*(\d+) tokens", msg)
         if m:
             n_prompt = int(m.group(1))
+        m = re.search(r"decoding image batch \d+/\d+, n_tokens_batch = (\d+)", msg)
+        if m:
+            n_image = (n_image or 0) + int(m.group(1))
     if t0 is None or first is None:
         raise ValueError("llama-mtmd-cli's log has no first token after its start marker")
     return {"ttft_ms": (first - t0) / 1e3, "vision_ms": (t_done - t_enc) / 1e3 if t_enc and t_done else None,
-            "prompt_tokens": n_prompt}
+            "prompt_tokens": n_prompt, "image_tokens": n_image}
 
 
 # ====================================================================== CLI
@@ -354,7 +370,8 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="Download the llama-cpp-python sdist and build the tools (once).")
-    b.add_argument("--sdist", type=Path, default=None, help="A llama_cpp_python-<version>.tar.gz (default: pip download).")
+    b.add_argument("--sdist", type=Path, default=None,
+                   help="A llama_cpp_python-<version>.tar.gz (default: pip download).")
     b.add_argument("--version", default=None, help="llama-cpp-python version to download (default: the newest).")
     b.add_argument("--out", type=Path, default=None,
                    help="Build folder (default: ~/.cache/vlmc-bench/llama.cpp-<version>).")
@@ -364,8 +381,11 @@ def main() -> None:
     c.add_argument("--build", type=Path, required=True, help="A folder `build` made.")
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--python", default=sys.executable, help="Interpreter for convert_hf_to_gguf.py (default: this).")
-    c.add_argument("--dtype", default="bf16", choices=("bf16", "f16", "f32"))
-    c.add_argument("--quant", action="append", default=None, help=f"llama-quantize types (default: {', '.join(QUANTS)}).")
+    c.add_argument("--dtype", default="bf16", choices=("bf16", "f16", "f32", "q8_0"),
+                   help="What the converter writes, which the quants are made from (default bf16).")
+    c.add_argument("--no-mmproj", action="store_true", help="Skip the vision projector (text timings only).")
+    c.add_argument("--quant", action="append", default=None,
+                   help=f"llama-quantize types (default: {', '.join(QUANTS)}).")
     r = sub.add_parser("run-converter", help=argparse.SUPPRESS)
     r.add_argument("src", type=Path)
     r.add_argument("args", nargs=argparse.REMAINDER)
@@ -380,7 +400,7 @@ def main() -> None:
         print(build(sdist.resolve(), out.expanduser().resolve(), a.threads))
     else:
         files = convert(a.checkpoint.resolve(), a.out.resolve(), a.build.resolve(), a.python, a.dtype,
-                        a.quant or QUANTS)
+                        a.quant or QUANTS, mmproj=not a.no_mmproj)
         for k, v in files.items():
             print(f"{k}\t{v}")
 
