@@ -2,10 +2,12 @@
 
     python benchmarks/make_checkpoint.py qwen2_vl /tmp/qwen2vl-2b-shapes [--dtype bfloat16]
 
-The shapes come from ``reference_configs/<family>.json`` (published config values of
+The shapes come from ``reference_configs/<preset>.json`` (published config values of
 Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct, llava-interleave-qwen-0.5b, gemma-3-4b-it,
-paligemma-3b-mix-224, Qwen3-VL-2B-Instruct, SmolVLM-256M-Instruct (``idefics3``) and
-SmolVLM2-256M-Video-Instruct (``smolvlm``)). Tensor names
+paligemma-3b-mix-224, Qwen3-VL-2B-Instruct, SmolVLM-256M-Instruct (``idefics3``),
+SmolVLM2-256M-Video-Instruct (``smolvlm``) and llava-1.5-7b-hf (``llava_1_5_7b``: a
+Llama-2-7B decoder, 7.06B parameters, 14.1 GB in bfloat16)). A preset is a family's name or one of
+``PRESETS``, a further model of a family. Tensor names
 and shapes are read from transformers' model class instantiated on the meta device (no
 memory); weights are drawn with numpy one tensor at a time and streamed to safetensors
 shards, so a 2B model needs no more RAM than its largest tensor. The tokenizer is the
@@ -39,6 +41,8 @@ FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_
             "llava": "LlavaForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
             "paligemma": "PaliGemmaForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
             "idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}
+# further published models of a family: preset -> (family, test tokenizer variant)
+PRESETS = {"llava_1_5_7b": ("llava", "llava15")}
 # families whose transformers 5 module names are the published ones
 SAME_NAMES = ("qwen3_vl", "idefics3", "smolvlm")
 # the hub names of the Gemma families (transformers 4.x): vision_tower.vision_model.*, language_model.model.*
@@ -77,8 +81,9 @@ def _tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.n
     return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
 
 
-def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
-    ref = json.loads((HERE / "reference_configs" / f"{family}.json").read_text())
+def make_checkpoint(preset: str, out: Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
+    ref = json.loads((HERE / "reference_configs" / f"{preset}.json").read_text())
+    family, variant = PRESETS.get(preset, (preset, "default"))
     config = dict(ref["config.json"])
     out.mkdir(parents=True, exist_ok=True)
     gemma = family in ("gemma3", "paligemma")
@@ -87,7 +92,7 @@ def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int =
     elif family in ("idefics3", "smolvlm"):
         tok = build_idefics3_tokenizer(out)
     else:
-        tok = (build_gemma_tokenizer if gemma else build_tokenizer)(out, "llava" if family == "llava" else family)
+        tok = build_gemma_tokenizer(out, family) if gemma else build_tokenizer(out, family, variant)
     ids = tok["special_token_ids"]
     if gemma:
         eos, bos = ids["<eos>"], ids["<bos>"]
@@ -113,8 +118,10 @@ def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int =
             config.update(image_token_index=ids["<image>"], **tokens)
     elif family == "llava":
         config["image_token_index"] = ids["<image>"]
-        config["text_config"] = {**config["text_config"], "eos_token_id": ids["<|im_end|>"],
-                                 "bos_token_id": ids["<|endoftext|>"]}
+        if variant == "llava15":   # Llama tokenizers: <s> ... </s>
+            eos, bos = ids["</s>"], ids["<s>"]
+            config["pad_token_id"] = ids["<|endoftext|>"]
+        config["text_config"] = {**config["text_config"], "eos_token_id": eos, "bos_token_id": bos}
     else:
         config.update(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                       vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
@@ -154,7 +161,8 @@ def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int =
         (out / "processor_config.json").write_text(json.dumps(
             {"processor_class": "LlavaProcessor", "patch_size": config["vision_config"]["patch_size"],
              "vision_feature_select_strategy": config.get("vision_feature_select_strategy", "full"),
-             "num_additional_image_tokens": 0}))
+             # CLIP towers have a CLS row, which the "default" strategy drops
+             "num_additional_image_tokens": int(config["vision_config"].get("model_type") == "clip_vision_model")}))
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=1))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos], "bos_token_id": bos}))
     return out
@@ -162,12 +170,12 @@ def make_checkpoint(family: str, out: Path, dtype: str = "bfloat16", seed: int =
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("family", choices=sorted(FAMILIES))
+    ap.add_argument("preset", choices=sorted([*FAMILIES, *PRESETS]))
     ap.add_argument("out", type=Path)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    print(make_checkpoint(a.family, a.out, a.dtype, a.seed))
+    print(make_checkpoint(a.preset, a.out, a.dtype, a.seed))
 
 
 if __name__ == "__main__":
