@@ -3,7 +3,7 @@ tools print, the batched-run arithmetic and merging rounds. No llama.cpp is need
 inputs under fixtures/llamacpp/ are the tools' own output, captured from the build
 ``benchmarks/llamacpp.py build`` makes (llama-cpp-python 0.3.36's vendored llama.cpp) on a
 Qwen2-VL-2B-shaped checkpoint: ``llama-bench -o json`` (-p 128; -n 32 -d 128),
-``llama-batched-bench --output-format jsonl`` (-npp 16 -ntg 4 -npl 1,2) and
+``llama-batched-bench --output-format jsonl`` (-npp 128 -ntg 32 -npl 1,8) and
 ``llama-mtmd-cli`` with ``mtmd_args`` on a 448x448 image."""
 from __future__ import annotations
 
@@ -57,15 +57,16 @@ def test_llama_bench_json_after_other_output_and_errors():
 
 
 def test_batched_bench_jsonl_rows():
-    rows = lc.parse_batched_bench(_captured("batched-bench-pp16-tg4.jsonl"))
-    assert [(r["pp"], r["tg"], r["pl"]) for r in rows] == [(16, 4, 1), (16, 4, 2)]
-    two = rows[1]
-    # its own arithmetic: S_TG = pl * tg / T_TG, S = pl * (pp + tg) / T
-    assert two["speed_tg"] == pytest.approx(2 * 4 / two["t_tg"], rel=1e-5)
-    assert two["speed"] == pytest.approx(2 * (16 + 4) / two["t"], rel=1e-5)
+    rows = lc.parse_batched_bench(_captured("batched-bench-pp128-tg32.jsonl"))
+    assert [(r["pp"], r["tg"], r["pl"]) for r in rows] == [(128, 32, 1), (128, 32, 8)]
+    eight = rows[1]
+    # its own arithmetic: S_PP = pl * pp / T_PP, S_TG = pl * tg / T_TG, S = pl * (pp + tg) / T
+    assert eight["speed_pp"] == pytest.approx(8 * 128 / eight["t_pp"], rel=1e-5)
+    assert eight["speed_tg"] == pytest.approx(8 * 32 / eight["t_tg"], rel=1e-5)
+    assert eight["speed"] == pytest.approx(8 * (128 + 32) / eight["t"], rel=1e-5)
     # log lines (JSON too, with --log-jsonl) and the markdown table are not rows
     log = '{"type":"log","time":11035342,"level":"info","msg":"cmn          init: llama threadpool init"}'
-    assert lc.parse_batched_bench(log + "\n|    PP |     TG |\n" + _captured("batched-bench-pp16-tg4.jsonl")) == rows
+    assert lc.parse_batched_bench(log + "\n|    PP |     TG |\n" + _captured("batched-bench-pp128-tg32.jsonl")) == rows
 
 
 def test_mtmd_log_gives_ttft_vision_and_prompt_length():
