@@ -3,13 +3,15 @@
     python benchmarks/make_checkpoint.py qwen2_vl /tmp/qwen2vl-2b-shapes [--dtype bfloat16]
     python benchmarks/make_checkpoint.py smolvlm_500m /tmp/smolvlm-500m-shapes
 
-The shapes come from ``reference_configs/<family>.json`` (published config values of
+The shapes come from ``reference_configs/<preset>.json`` (published config values of
 Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct, llava-interleave-qwen-0.5b, gemma-3-4b-it,
 paligemma-3b-mix-224, Qwen3-VL-2B-Instruct, SmolVLM-256M-Instruct (``idefics3``),
 SmolVLM2-256M-Video-Instruct (``smolvlm``) and Ministral-3-3B-Instruct-2512 (``mistral3``: the
 smallest published Mistral 3, 3.85B parameters, 7.7 GB in bfloat16, about 2 GB as q4; the hub
-repo ships FP8, the preset writes the BF16 layout)), plus named sizes of a family
-(``smolvlm_500m``: SmolVLM-500M-Instruct, an ``idefics3`` checkpoint). Tensor names
+repo ships FP8, the preset writes the BF16 layout)). A preset is a family's name or one of
+``PRESETS``, a further model of a family: ``smolvlm_500m`` (SmolVLM-500M-Instruct, an
+``idefics3`` checkpoint) and ``llava_1_5_7b`` (llava-1.5-7b-hf: a Llama-2-7B decoder, 7.06B
+parameters, 14.1 GB in bfloat16). Tensor names
 and shapes are read from transformers' model class instantiated on the meta device (no
 memory); weights are drawn with numpy one tensor at a time and streamed to safetensors
 shards, so a 2B model needs no more RAM than its largest tensor. The tokenizer is the
@@ -46,8 +48,8 @@ FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_
             "paligemma": "PaliGemmaForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
             "idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration",
             "mistral3": "Mistral3ForConditionalGeneration"}
-# other published sizes of a family: reference_configs/<name>.json, built as that family
-SIZES = {"smolvlm_500m": "idefics3"}
+# further published models of a family: preset -> (family, test tokenizer variant)
+PRESETS = {"smolvlm_500m": ("idefics3", "default"), "llava_1_5_7b": ("llava", "llava15")}
 # families whose transformers 5 module names are the published ones
 SAME_NAMES = ("qwen3_vl", "idefics3", "smolvlm")
 # the hub names of the Gemma families (transformers 4.x): vision_tower.vision_model.*, language_model.model.*
@@ -87,9 +89,9 @@ def _tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.n
     return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
 
 
-def make_checkpoint(name: str, out: Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
-    ref = json.loads((HERE / "reference_configs" / f"{name}.json").read_text())
-    family = SIZES.get(name, name)
+def make_checkpoint(preset: str, out: Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
+    ref = json.loads((HERE / "reference_configs" / f"{preset}.json").read_text())
+    family, variant = PRESETS.get(preset, (preset, "default"))
     config = dict(ref["config.json"])
     out.mkdir(parents=True, exist_ok=True)
     gemma = family in ("gemma3", "paligemma")
@@ -100,7 +102,7 @@ def make_checkpoint(name: str, out: Path, dtype: str = "bfloat16", seed: int = 0
     elif family == "mistral3":
         tok = build_pixtral_tokenizer(out)
     else:
-        tok = (build_gemma_tokenizer if gemma else build_tokenizer)(out, "llava" if family == "llava" else family)
+        tok = build_gemma_tokenizer(out, family) if gemma else build_tokenizer(out, family, variant)
     ids = tok["special_token_ids"]
     if gemma:
         eos, bos = ids["<eos>"], ids["<bos>"]
@@ -132,8 +134,10 @@ def make_checkpoint(name: str, out: Path, dtype: str = "bfloat16", seed: int = 0
                                  "pad_token_id": ids["<pad>"]}
     elif family == "llava":
         config["image_token_index"] = ids["<image>"]
-        config["text_config"] = {**config["text_config"], "eos_token_id": ids["<|im_end|>"],
-                                 "bos_token_id": ids["<|endoftext|>"]}
+        if variant == "llava15":   # Llama tokenizers: <s> ... </s>
+            eos, bos = ids["</s>"], ids["<s>"]
+            config["pad_token_id"] = ids["<|endoftext|>"]
+        config["text_config"] = {**config["text_config"], "eos_token_id": eos, "bos_token_id": bos}
     else:
         config.update(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                       vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
@@ -177,7 +181,8 @@ def make_checkpoint(name: str, out: Path, dtype: str = "bfloat16", seed: int = 0
         (out / "processor_config.json").write_text(json.dumps(
             {"processor_class": "LlavaProcessor", "patch_size": config["vision_config"]["patch_size"],
              "vision_feature_select_strategy": config.get("vision_feature_select_strategy", "full"),
-             "num_additional_image_tokens": 0}))
+             # CLIP towers have a CLS row, which the "default" strategy drops
+             "num_additional_image_tokens": int(config["vision_config"].get("model_type") == "clip_vision_model")}))
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=1))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos], "bos_token_id": bos}))
     return out
@@ -185,12 +190,12 @@ def make_checkpoint(name: str, out: Path, dtype: str = "bfloat16", seed: int = 0
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("family", choices=sorted([*FAMILIES, *SIZES]))
+    ap.add_argument("preset", choices=sorted([*FAMILIES, *PRESETS]))
     ap.add_argument("out", type=Path)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    print(make_checkpoint(a.family, a.out, a.dtype, a.seed))
+    print(make_checkpoint(a.preset, a.out, a.dtype, a.seed))
 
 
 if __name__ == "__main__":
