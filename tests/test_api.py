@@ -62,9 +62,9 @@ def test_seeded_sampling_is_reproducible(model):
 def test_image_counts_must_match(model):
     img = make_test_image(64, 64, 2)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}]
-    with pytest.raises(InputError, match="no image part"):
+    with pytest.raises(InputError, match="no image or video part"):
         model.generate(messages=msgs, images=[img, img], max_tokens=2)
-    with pytest.raises(InputError, match="no image"):
+    with pytest.raises(InputError, match="image or video part .* has no source"):
         model.generate(messages=msgs, max_tokens=2)
     with pytest.raises(InputError, match="max_tokens"):
         model.generate("hi", max_tokens=0)

@@ -150,7 +150,7 @@ class VLM:
             refs = filled
             leftover = list(extra_images) + list(extra_videos)
             if leftover:
-                raise InputError(f"{len(leftover)} image(s) or video(s) given that no part in the messages uses")
+                raise InputError(f"{len(leftover)} image(s) or video(s) given that no image or video part of the messages uses")
         if refs and self.image_token_id is None:
             raise InputError("this model takes no images")
         if any(isinstance(r, VideoRef) for r in refs) and self.inputs.video_processor is None:
