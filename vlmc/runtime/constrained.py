@@ -130,7 +130,7 @@ class GrammarCompiler:
 
     def _tag(self, text: str) -> str:
         """A Lark expression for a wrapper tag. When the tokenizer has the tag as one added token
-        (Qwen2.5: `<tool_call>` is an added, non-special token) the engine treats that token as
+        (e.g. `<tool_call>` as an added, non-special token) the engine treats that token as
         special, so a text literal alone would never match it: allow the token or the spelled text."""
         tid = self.tokenizer.token_to_id(text)
         if tid is not None and tid < self._n_real and self._lltok.is_special_token(tid):

@@ -17,8 +17,8 @@ The caches keep the accepted tokens and forget the rest (``Sequences.trim``).
 Drafters share one interface (``Drafter``): ``PromptLookup`` matches the context's last
 n-gram earlier in the prompt and the reply and proposes what followed; ``DraftModel`` runs a
 smaller artifact with a compatible tokenizer on the text. ``hidden_layers`` and
-``shares_target_kv`` are the hooks drafters that read the target's hidden states (EAGLE-3,
-DFlash) or its KV cache (Gemma 4's MTP assistant) declare; the step loop hands them what they
+``shares_target_kv`` are the hooks drafters that read the target's hidden states or share its
+KV cache declare (such drafters are built with their target's family); the step loop hands them what they
 ask for.
 """
 from __future__ import annotations

@@ -4,8 +4,8 @@ The key is a hash of the preprocessed pixels and their patch grid (what the visi
 actually reads; for a video also its sampled frame rate, which some families' positions
 depend on and the prefix cache keys on), never a path or URL, so a changed file behind the
 same name is a miss and the same picture sent twice (as a URL, then as a data URI) is a hit. Each image is encoded
-and stored on its own; the Qwen-VL tower attends within one image only, and a fixed-size
-(CLIP) tower encodes each image independently, so per-image encoding computes the same
+and stored on its own; the towers with dynamic resolution attend within one image only, and
+fixed-size towers encode each image independently, so per-image encoding computes the same
 features as encoding the images together.
 """
 from __future__ import annotations
