@@ -42,9 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -52,23 +49,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+# the checkpoint, prompt and timing helpers compare.py has (this script adds llama.cpp, batches
+# and rounds of its own): one copy of each
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import (IMAGE_PROMPT, _checkpoint_dtype, _fmt, _image, _loadavg, _max_rss_bytes,  # noqa: E402
+                     _median, _read_header, _text_timing, _vocab_size, _weight_files, hub_named_copy,
+                     image_messages, prompt_ids)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-IMAGE_PROMPT = "Describe this image."
-
-
-# ====================================================================== shared helpers (stdlib)
-def _max_rss_bytes() -> int:
-    import resource
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r) if sys.platform == "darwin" else int(r) * 1024
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def _cpus() -> int:
@@ -78,119 +67,12 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _median(xs: list[float]) -> float | None:
-    return float(statistics.median(xs)) if xs else None
-
-
-def prompt_ids(checkpoint: Path, n: int, seed: int = 0) -> list[int]:
-    """``n`` ordinary token ids of the checkpoint's tokenizer (no added/special tokens),
-    the same for every framework."""
-    tok = json.loads((checkpoint / "tokenizer.json").read_text())
-    added = {t["id"] for t in tok.get("added_tokens", [])}
-    vocab = tok["model"]["vocab"]
-    ids = sorted(v for v in (vocab.values() if isinstance(vocab, dict) else range(len(vocab))) if v not in added)
-    rng = random.Random(seed)
-    return [rng.choice(ids) for _ in range(n)]
-
-
-def image_messages() -> list[dict[str, Any]]:
-    """The image request, as vlmc's ``build_prompt(text, images=[img])`` renders it."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": IMAGE_PROMPT}]}]
-
-
-def _vocab_size(checkpoint: Path) -> int | None:
-    cfg = json.loads((checkpoint / "config.json").read_text())
-    return cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
-
-
-def _checkpoint_dtype(checkpoint: Path) -> str:
-    cfg = json.loads((checkpoint / "config.json").read_text())
-    d = cfg.get("torch_dtype") or cfg.get("dtype") or (cfg.get("text_config") or {}).get("dtype") or "float32"
-    return str(d)
-
-
-# ---------------------------------------------------------------------- hub-name copy
-TO_HUB = {
-    "qwen": [("model.language_model.", "model."), ("model.visual.", "visual.")],
-    "llava": [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-              ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector.")],
-}
-
-
-def _weight_files(ckpt: Path) -> list[Path]:
-    return sorted(ckpt.glob("*.safetensors"))
-
-
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)), 8 + n
-
-
 def uses_module_names(ckpt: Path) -> bool:
     for f in _weight_files(ckpt):
         header, _ = _read_header(f)
         if any(k.startswith(("model.language_model.", "model.visual.", "model.vision_tower.")) for k in header):
             return True
     return False
-
-
-def hub_named_copy(ckpt: Path, out: Path, log: Callable[[str], None]) -> Path:
-    """Copy ``ckpt`` with its tensors renamed to hub names (headers rewritten, bytes copied
-    as they are). Written once: a finished copy (marked by its ``.complete`` file) is reused."""
-    if (out / ".complete").is_file():
-        return out
-    cfg = json.loads((ckpt / "config.json").read_text())
-    rules = TO_HUB["llava" if cfg.get("model_type") == "llava" else "qwen"]
-
-    def rename(k: str) -> str:
-        for old, new in rules:
-            if k.startswith(old):
-                return new + k[len(old):]
-        return k
-
-    out.mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
-    for f in ckpt.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
-            (out / f.name).write_bytes(f.read_bytes())
-    index = ckpt / "model.safetensors.index.json"
-    if index.is_file():
-        idx = json.loads(index.read_text())
-        idx["weight_map"] = {rename(k): v for k, v in idx["weight_map"].items()}
-        (out / index.name).write_text(json.dumps(idx))
-    for f in _weight_files(ckpt):
-        header, start = _read_header(f)
-        new = json.dumps({rename(k): v for k, v in header.items()}, separators=(",", ":")).encode()
-        new += b" " * (-len(new) % 8)
-        with open(f, "rb") as src, open(out / f.name, "wb") as dst:
-            dst.write(struct.pack("<Q", len(new)) + new)
-            src.seek(start)
-            while chunk := src.read(64 << 20):
-                dst.write(chunk)
-        log(f"  wrote {out / f.name}")
-    (out / ".complete").write_text("")
-    log(f"hub-named copy of {ckpt} written to {out} in {time.perf_counter() - t:.1f} s")
-    return out
-
-
-# ====================================================================== workers
-def _image(spec: dict[str, Any], key: str) -> Any:
-    """The spec's PNG as an RGB PIL image, decoded before any timing (None: no image run)."""
-    if not spec.get(key):
-        return None
-    from PIL import Image
-    return Image.open(spec[key]).convert("RGB")
-
-
-def _text_timing(times: list[float], t0: float, spec: dict[str, Any]) -> dict[str, float]:
-    """times: when each new token became available (first = end of prefill)."""
-    n_new = spec["decode_tokens"] + 1
-    if len(times) != n_new:
-        raise RuntimeError(f"expected exactly {n_new} new tokens, got {len(times)}")
-    ttft = times[0] - t0
-    dec = times[-1] - times[0]
-    return {"ttft_s": ttft, "decode_s": dec}
 
 
 def _summarize(text_runs: list[dict[str, float]], image_runs: list[dict[str, Any]], spec: dict[str, Any]) -> dict:
@@ -675,10 +557,6 @@ def batch_lines(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
                      f"{_fmt(r.get('batch_decode_tps'), '.2f'):>11}{_fmt(r.get('batch_tps'), '.1f'):>13}"
                      f"{_fmt(r.get('batch_t_s'), '.1f'):>9}{_fmt(r.get('batch_single_tps'), '.1f'):>13}")
     return lines
-
-
-def _fmt(v: Any, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
