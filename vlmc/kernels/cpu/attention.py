@@ -21,6 +21,7 @@ import numpy as np
 from .. import reference as _reference
 from . import _as_mx
 from .host import table
+from .scratch import empty
 
 # Query rows, or cached keys, from which the BLAS path beats MLX's SDPA.
 MIN_QUERY_ROWS = 16
@@ -44,7 +45,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
     mn = None if mask is None else np.asarray(mask)  # [B or 1, 1, L or 1, S]
     group = H // Hk
     Dv = vn.shape[-1]
-    out = np.empty((B, H, L, Dv), np.float32)
+    out = empty((B, H, L, Dv), np.float32)
     for b in range(B):
         keep = None if mn is None else np.broadcast_to(mn[b if mn.shape[0] > 1 else 0, 0], (L, S))
         for r0, r1, k0, k1 in _blocks(keep, L, S, group):
