@@ -55,6 +55,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
             block_keep = None if keep is None else keep[r0:r1, k0:k1]
             if block_keep is not None:
                 block_keep = None if block_keep.all() else np.ascontiguousarray(block_keep)
+            if _fused(qn[b, :, r0:r1], kn[b, :, k0:k1], vn[b, :, k0:k1], out[b, :, r0:r1], scale, block_keep):
+                continue
             for h in range(Hk):
                 heads = slice(h * group, (h + 1) * group)
                 s = qn[b, heads, r0:r1].reshape(-1, D) @ kn[b, h, k0:k1].T  # [group * rows, keys]
@@ -64,6 +66,29 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
         return out
     y = mx.array(out)
     return y if out_dtype == mx.float32 else y.astype(out_dtype)
+
+
+def _fused(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, scale: float,
+           keep: np.ndarray | None) -> bool:
+    """One block through ``vlmc_attention_rows`` (q [Hq, rows, D], k/v [Hk, keys, D(v)],
+    every head at once, scores kept per tile of rows); False where it does not apply (no
+    AVX-512, a layout it does not read), so the BLAS path runs."""
+    from . import _get_lib, n_threads
+    lib = _get_lib()
+    if lib is None or scale <= 0 or any(a.dtype != np.float32 or a.strides[-1] != 4 or any(st % 4 for st in a.strides)
+                                        for a in (q, k, v, out)):
+        return False
+    (Hq, L, D), (Hk, S, _), Dv = q.shape, k.shape, v.shape[-1]
+    st = [a.strides[i] // 4 for a in (q, k, v, out) for i in (0, 1)]
+    rc = lib.vlmc_attention_rows(q.ctypes.data, st[0], st[1], k.ctypes.data, st[2], st[3], v.ctypes.data, st[4], st[5],
+                                 out.ctypes.data, st[6], st[7], Hq, Hk, L, S, D, Dv, scale,
+                                 None if keep is None else keep.view(np.uint8).ctypes.data,
+                                 0 if keep is None else keep.shape[1], n_threads)
+    if rc == -6:
+        return False
+    if rc != 0:
+        raise ValueError(f"vlmc cpu kernel attention_rows rejected its arguments (code {rc})")
+    return True
 
 
 def _blocks(keep: np.ndarray | None, L: int, S: int, group: int) -> list[tuple[int, int, int, int]]:

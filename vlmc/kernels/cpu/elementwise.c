@@ -64,7 +64,7 @@ static ALWAYS __mmask16 keep16(const uint8_t *keep, long c, long cols) {
 }
 
 /* One row in three passes over L1 (max, exp and sum, scale), 16 lanes at a time. */
-static void softmax_row(float *s, long cols, float scale, const uint8_t *keep) {
+void softmax_row(float *s, long cols, float scale, const uint8_t *keep) {
     __m512 mv = _mm512_set1_ps(-INFINITY);
     for (long c = 0; c < cols; c += 16) {
         const __mmask16 k = keep16(keep, c, cols);
@@ -91,7 +91,7 @@ static void softmax_row(float *s, long cols, float scale, const uint8_t *keep) {
     }
 }
 #else
-static void softmax_row(float *s, long cols, float scale, const uint8_t *keep) {
+void softmax_row(float *s, long cols, float scale, const uint8_t *keep) {
     float m = -INFINITY;
     for (long c = 0; c < cols; c++)
         if ((!keep || keep[c]) && s[c] > m) m = s[c];
