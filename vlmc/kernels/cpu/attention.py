@@ -1,4 +1,4 @@
-"""Attention over many query rows (prefill, vision) on the CPU through numpy's BLAS.
+"""Attention over many query rows (prefill, vision) on the CPU: a one-pass C kernel, or BLAS.
 
 MLX's CPU backend runs ``scaled_dot_product_attention`` on its reference matmul, several
 times slower than numpy's BLAS on a vision layer's attention. Decode steps over a short
@@ -10,7 +10,9 @@ Per (sequence, KV head) the queries of every head sharing that KV head are stack
 grouped-query attention is one GEMM ``[group * L, D] @ [D, S]`` per block of query rows;
 blocks bound the score matrix to ``SCORE_BLOCK_ELEMS`` floats, and each block reads only the
 keys its rows attend to (per-image and per-frame masks: a video's frames cost their own
-blocks, not the whole clip squared). Semantics are those of
+blocks, not the whole clip squared). Each block runs through the one-pass C kernel
+(``vlmc_attention_rows``: scores of 8 query rows at a time kept in cache) where the CPU has
+AVX-512, else through BLAS with the C softmax. Semantics are those of
 ``mx.fast.scaled_dot_product_attention`` with a boolean mask (True = attend) or none.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .scratch import empty
 MIN_QUERY_ROWS = 16
 MIN_KEYS = 1024
 SCORE_BLOCK_ELEMS = 16 * 1024 * 1024  # float32 scores held at once (64 MB)
+FUSED_MIN_ROWS = 8  # query rows per head from which the one-pass kernel runs
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None, *,
@@ -79,6 +82,8 @@ def _fused(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, scale: 
                                         for a in (q, k, v, out)):
         return False
     (Hq, L, D), (Hk, S, _), Dv = q.shape, k.shape, v.shape[-1]
+    if L < FUSED_MIN_ROWS:  # its tiles are 8 query rows: a decode row over a long cache would compute 8
+        return False
     st = [a.strides[i] // 4 for a in (q, k, v, out) for i in (0, 1)]
     rc = lib.vlmc_attention_rows(q.ctypes.data, st[0], st[1], k.ctypes.data, st[2], st[3], v.ctypes.data, st[4], st[5],
                                  out.ctypes.data, st[6], st[7], Hq, Hk, L, S, D, Dv, scale,
