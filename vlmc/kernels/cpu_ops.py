@@ -201,7 +201,7 @@ def layer_norm(x, w: mx.array, b: mx.array | None, eps: float):
 
 def add(a, b):
     if _is_host(a) or _is_host(b):
-        return np.add(_h.table(a), _h.table(b))
+        return _h.binary(np.add, a, b)
     return _reference.add(a, b)
 
 
@@ -231,7 +231,7 @@ def pad_axis(x, axis: int, after: int, before: int = 0):
 
 def mul(a, b):
     if _is_host(a) or _is_host(b):
-        return np.multiply(_h.table(a), _h.table(b))
+        return _h.binary(np.multiply, a, b)
     return _reference.mul(a, b)
 
 
