@@ -1,0 +1,276 @@
+"""Gemma 4 (``gemma4``, ``gemma4_text``) against transformers on the tiny checkpoints of
+``tests/fixtures/gemma4.py``.
+
+Parity (as ``test_parity_gemma.py``): prompt ids equal to transformers' Gemma4Processor
+(the PIL image processor), each image's real patches equal to its padded pixel rows
+(within 1e-5) and its patch grid to its positions, float32 logits within 1e-4 at the last
+prompt position and at each of 16 greedy steps, the 16 greedy tokens identical: text only,
+one image, two images, an image in an earlier turn (and wide/tall images); sharded and
+bfloat16 checkpoints. Then the ops Gemma 4 adds against the transformers modules they
+replace, the KV plan (only the layers that own a cache get one, each with its own head
+size; the KV-shared layers read their producer's) and the inputs it refuses.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import mlx.core as mx  # noqa: E402
+
+import vlmc  # noqa: E402
+from fixtures import checkpoints as ck  # noqa: E402
+from fixtures import gemma4 as g4  # noqa: E402
+from test_parity import (CASES, GREEDY_STEPS, LOGIT_ATOL, PIXEL_ATOL, ForcedSampler, _txt, _user,  # noqa: E402
+                         check_outputs, run_vlmc)
+from vlmc.compiler import compile as vlmc_compile  # noqa: E402
+from vlmc.errors import InputError, UnsupportedModelError  # noqa: E402
+
+FAMILY_CASES = {
+    "gemma4": ["text", "one_image", "two_images", "multi_turn", "wide", "tall"],
+    "gemma4_text": ["text", "chat"],
+}
+EXTRA_CASES = {
+    "chat": ([{"role": "system", "content": "Answer briefly."}, _user(_txt("What is the weather today?")),
+              {"role": "assistant", "content": [_txt("Sunny with a light wind.")]},
+              _user(_txt("And tomorrow?"))], []),
+}
+PARITY = [(f, c) for f, cases in FAMILY_CASES.items() for c in cases]
+
+
+def _case(name):
+    messages, sizes = {**CASES, **EXTRA_CASES}[name]
+    return messages, [ck.make_test_image(w, h, seed=10 + i) for i, (w, h) in enumerate(sizes)]
+
+
+class Store:
+    """Checkpoints built, compiled and loaded once per module; transformers references cached."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.ckpts, self.arts, self.models, self.hf, self.refs = {}, {}, {}, {}, {}
+
+    def ckpt(self, family, **kw):
+        key = (family, tuple(sorted(kw.items())))
+        if key not in self.ckpts:
+            name = "_".join([family] + [f"{k}-{v}" for k, v in sorted(kw.items())])
+            self.ckpts[key] = g4.build_gemma4_checkpoint(self.root / "ckpt" / name, family, **kw)
+        return self.ckpts[key]
+
+    def artifact(self, info, **kw):
+        kw = {"target": "cpu", **kw}
+        key = (info["path"], tuple(sorted(kw.items())))
+        if key not in self.arts:
+            tag = "-".join(f"{k}{v}" for k, v in sorted(kw.items()))
+            self.arts[key] = vlmc_compile(info["path"], self.root / "art" / f"{Path(info['path']).name}-{tag}", **kw)
+        return self.arts[key]
+
+    def vlm(self, info, **kw):
+        art = self.artifact(info, **kw)
+        if art not in self.models:
+            self.models[art] = vlmc.load(art)
+        return self.models[art]
+
+    def ref(self, info, case):
+        key = (info["path"], case)
+        if key not in self.refs:
+            fam = info["family"]
+            if info["path"] not in self.hf:
+                self.hf[info["path"]] = (g4.hf_processor(info["path"], fam), g4.hf_model(info["path"], fam))
+            proc, model = self.hf[info["path"]]
+            messages, images = _case(case)
+            self.refs[key] = g4.hf_reference(info["path"], fam, messages, images, greedy_steps=GREEDY_STEPS,
+                                             processor=proc, model=model)
+        return self.refs[key]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    torch.set_num_threads(2)
+    return Store(tmp_path_factory.mktemp("gemma4"))
+
+
+def build_prompt(m, case):
+    messages, images = _case(case)
+    return m.build_prompt(messages=messages, images=images)
+
+
+def assert_parity(m, ref, case, what):
+    p = build_prompt(m, case)
+    np.testing.assert_array_equal(np.asarray(p.ids, dtype=np.int64), ref["input_ids"],
+                                  err_msg=f"{what}: prompt ids differ from transformers' input_ids")
+    if ref["pixel_values"] is None:
+        assert p.images is None
+    else:
+        mine = np.asarray(p.images.pixel_values, dtype=np.float32)
+        assert mine.shape == ref["pixel_values"].shape, (mine.shape, ref["pixel_values"].shape)
+        np.testing.assert_allclose(mine, ref["pixel_values"], rtol=0, atol=PIXEL_ATOL)
+        for (_, h, w), pos in zip(p.images.grid_thw.tolist(), ref["image_position_ids"]):
+            real = pos[(pos != -1).all(-1)]
+            assert real[:, 0].max() + 1 == w and real[:, 1].max() + 1 == h and len(real) == h * w
+    toks, logits = run_vlmc(m, [p])
+    check_outputs(toks[0], logits[0], ref, what)
+
+
+# ------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize("family,case", PARITY, ids=[f"{f}-{c}" for f, c in PARITY])
+def test_parity(store, family, case):
+    info = store.ckpt(family)
+    assert_parity(store.vlm(info), store.ref(info, case), case, f"{family}/{case}")
+
+
+def test_sharded_checkpoint(store):
+    """Same seed in two shards: the single-file checkpoint's references apply."""
+    base, info = store.ckpt("gemma4"), store.ckpt("gemma4", sharded=True)
+    assert len(info["weight_files"]) == 2 and (Path(info["path"]) / "model.safetensors.index.json").is_file()
+    m = store.vlm(info)
+    for case in ("text", "two_images"):
+        assert_parity(m, store.ref(base, case), case, f"gemma4/sharded/{case}")
+
+
+def test_bfloat16_checkpoint(store):
+    """bf16-stored weights: a float32 artifact matches transformers on the upcast weights; a
+    bfloat16 artifact stays close to it (teacher-forced on its tokens)."""
+    info = store.ckpt("gemma4", dtype="bfloat16")
+    m32, m16 = store.vlm(info), store.vlm(info, dtype="bfloat16")
+    for case in ("text", "one_image"):
+        assert_parity(m32, store.ref(info, case), case, f"gemma4/bf16-ckpt/{case}")
+        t32, l32 = run_vlmc(m32, [build_prompt(m32, case)])
+        _, l16 = run_vlmc(m16, [build_prompt(m16, case)], sampler=ForcedSampler(t32[0]))
+        diff = np.abs(l16[0] - l32[0]).max(-1)
+        assert np.isfinite(l16).all() and diff.max() < 0.5, f"{case}: {diff.round(3)}"
+
+
+def test_batched_matches_single(store):
+    """A ragged batch of image and text prompts (left padding, rotating and shared caches)."""
+    m = store.vlm(store.ckpt("gemma4"))
+    batch = ("two_images", "text", "one_image")
+    prompts = [build_prompt(m, c) for c in batch]
+    toks, logits = run_vlmc(m, prompts)
+    for i, p in enumerate(prompts):
+        t1, l1 = run_vlmc(m, [p])
+        np.testing.assert_array_equal(toks[i], t1[0], err_msg=f"{batch[i]} in batch {batch}")
+        assert float(np.abs(logits[i] - l1[0]).max()) <= LOGIT_ATOL
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+def test_kv_plan_owns_caches_for_the_unshared_layers_only(store):
+    """6 layers, the last 3 KV-shared: 3 caches (sliding, sliding, global), the global one
+    with the global head size; the shared layers read layers 1 and 2."""
+    m = store.vlm(store.ckpt("gemma4"))
+    layers = m.kv_layers
+    assert [L["index"] for L in layers] == [0, 1, 2]
+    assert [L["kv"]["layout"] for L in layers] == ["rotating", "rotating", "dense"]
+    assert [L["kv"]["head_dim"] for L in layers] == [16, 16, 32]
+    caches = m.decoder.caches(1)
+    assert [(c.kv_heads, c.head_dim) for c in caches] == [(2, 16), (2, 16), (2, 32)]
+    blocks = {name: rows for name, rows in m.artifact.manifest["kv_plan"].items()}
+    assert "decoder" in blocks
+    prog_blocks = {b: [r.get("reads") for r in rows] for b, rows in _block_tables(m).items()}
+    assert prog_blocks["shared_sliding_layer"] == [1, 1] and prog_blocks["shared_global_layer"] == [2]
+
+
+def _block_tables(m):
+    import re
+    src = (m.artifact.path / "model.py").read_text()
+    return {name.lower(): eval(rows) for name, rows in re.findall(r"^(\w+_LAYER) = (\[.*\])$", src, re.M)}
+
+
+# ------------------------------------------------------------------------------ the new ops
+
+
+def test_proportional_rope_matches_transformers():
+    """rope_freqs(rotated=...) (reference and cpu libraries): Gemma4TextRotaryEmbedding's
+    global-layer tables (proportional rope, a quarter of the frequencies turning)."""
+    import transformers as tf
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRotaryEmbedding
+    from vlmc.kernels import cpu_ops, reference
+
+    cfg = g4.text_config({"<bos>": 2, "<eos>": 1, "<pad>": 0}, 128)
+    rot = Gemma4TextRotaryEmbedding(cfg)
+    pos = torch.arange(0, 300, 7)[None]
+    cos, sin = rot(torch.zeros(1, dtype=torch.float32), pos, "full_attention")
+    for ops in (reference, cpu_ops):
+        c, s = ops.rope_freqs(mx.array(pos.numpy().astype(np.int32)), kind="default", dim=32, theta=1000.0,
+                              rotated=4)
+        np.testing.assert_allclose(np.asarray(ops.result(c))[:, 0], cos.numpy(), atol=2e-6)
+        np.testing.assert_allclose(np.asarray(ops.result(s))[:, 0], sin.numpy(), atol=2e-6)
+    assert tf is not None
+
+
+def test_clip_and_unweighted_rms_norm_match_transformers():
+    """clip around a linear: Gemma4ClippableLinear; rms_norm with no weight: Gemma4RMSNorm
+    (with_scale=False)."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear, Gemma4RMSNorm
+    from vlmc.kernels import cpu_ops, reference
+
+    lin = Gemma4ClippableLinear(g4.vision_config(), 16, 8).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        lin.linear.weight.copy_(torch.randn(8, 16, generator=g))
+        lin.input_min.fill_(-0.7), lin.input_max.fill_(0.9), lin.output_min.fill_(-1.1), lin.output_max.fill_(1.3)
+    x = torch.randn(5, 16, generator=g)
+    norm = Gemma4RMSNorm(16, eps=1e-6, with_scale=False)
+    with torch.no_grad():
+        want, want_norm = lin(x).numpy(), norm(x).numpy()
+    b = {k: mx.array(getattr(lin, k).numpy()) for k in ("input_min", "input_max", "output_min", "output_max")}
+    for ops in (reference, cpu_ops):
+        y = ops.clip(mx.array(x.numpy()), b["input_min"], b["input_max"])
+        y = ops.clip(ops.linear(y, mx.array(lin.linear.weight.detach().numpy())), b["output_min"], b["output_max"])
+        np.testing.assert_allclose(np.asarray(ops.result(y)), want, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(ops.result(ops.rms_norm(mx.array(x.numpy()), None, eps=1e-6))),
+                                   want_norm, atol=1e-5)
+    assert (np.abs(want) >= 1.1 - 1e-6).any()  # the bounds bite
+
+
+@pytest.mark.parametrize("layout", [{"layout": "dense"}, {"layout": "rotating", "window": 5}])
+def test_shared_attention_reads_what_the_producer_wrote(layout):
+    """shared_attention over a cache equals the producer's cached_attention for the same
+    queries, and writes nothing (reference and cpu libraries)."""
+    from vlmc.kernels import cpu_ops, reference
+    from vlmc.runtime.kv_cache import attention_mask, make_caches
+
+    rng = np.random.default_rng(0)
+    for ops in (reference, cpu_ops):
+        (cache,) = make_caches([{"index": 0, "kv": layout}], 1, 2, 8)
+        for n in (6, 1, 1):
+            q, k, v = (mx.array(rng.standard_normal((1, h, n, 8)).astype(np.float32)) for h in (4, 2, 2))
+            mask = attention_mask(mx.zeros(1, mx.int32), cache.offset, n, n > 1)
+            want = ops.cached_attention(q, k, v, cache, mask, scale=1.0)
+            held = cache.held
+            got = ops.shared_attention(q, cache, mask, scale=1.0)
+            assert cache.held == held
+            np.testing.assert_allclose(np.asarray(ops.result(got)), np.asarray(ops.result(want)), atol=1e-5)
+
+
+def test_select_layer_takes_the_running_layers_slice():
+    from vlmc.kernels import reference
+    x = mx.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    np.testing.assert_array_equal(np.asarray(reference.select_layer(x, 2)), np.asarray(x)[:, :, 2])
+
+
+# ------------------------------------------------------------------------------ refusals
+
+
+def test_video_input_is_refused_naming_what_is_supported(store):
+    from vlmc.runtime.video import Video
+    m = store.vlm(store.ckpt("gemma4"))
+    fake = Video.__new__(Video)
+    with pytest.raises(InputError, match="text and images"):
+        m.inputs.preprocess_media([fake])
+
+
+@pytest.mark.parametrize("change,match", [({"enable_moe_block": True}, "mixture-of-experts"),
+                                          ({"use_bidirectional_attention": "vision"}, "use_bidirectional_attention")])
+def test_unsupported_configs_are_refused(change, match):
+    from vlmc.models.common.gemma4 import gemma4_text
+    with pytest.raises(UnsupportedModelError, match=match):
+        gemma4_text({"text_config": {"num_hidden_layers": 2, **change}}, nested=True)
