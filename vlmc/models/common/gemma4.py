@@ -108,7 +108,7 @@ def gemma4_text(raw: dict[str, Any], *, nested: bool, assistant: bool = False) -
     if cfg.get("enable_moe_block"):
         raise UnsupportedModelError("Gemma 4 mixture-of-experts decoders (enable_moe_block) are not supported yet; "
                                     "supported: dense Gemma 4 decoders")
-    if cfg.get("use_bidirectional_attention") is not None:
+    if cfg.get("use_bidirectional_attention"):
         raise UnsupportedModelError(f"Gemma 4 use_bidirectional_attention={cfg['use_bidirectional_attention']!r} is "
                                     "not supported yet; supported: causal decoders (null)")
     n = int(cfg["num_hidden_layers"])
