@@ -360,3 +360,49 @@ def test_assistant_for_another_target_is_refused(assisted, store):
                                 "kv_layers": other.kv_layers, "model": other.model})()
     with pytest.raises(Err, match="not made for this target"):
         SharedKVDrafter(assistant, bad_target)
+
+
+def test_ordered_logits_match_the_transformers_module():
+    """ordered_logits (reference and cpu libraries): Gemma4AssistantMaskedEmbedder."""
+    import transformers as tf
+    from transformers.models.gemma4_assistant.modeling_gemma4_assistant import Gemma4AssistantMaskedEmbedder
+    from vlmc.kernels import cpu_ops, reference
+
+    cfg = tf.Gemma4AssistantConfig(text_config=tf.Gemma4TextConfig(vocab_size=96, hidden_size=16, hidden_size_per_layer_input=0,
+                                                                             vocab_size_per_layer_input=0),
+                                   num_centroids=8, centroid_intermediate_top_k=3, use_ordered_embeddings=True)
+    emb = Gemma4AssistantMaskedEmbedder(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        emb.centroids.weight.copy_(torch.randn(8, 16, generator=g))
+        emb.token_ordering.copy_(torch.randperm(96, generator=g))
+    head, h = torch.randn(96, 16, generator=g), torch.randn(2, 3, 16, generator=g)
+    with torch.no_grad():
+        want = emb(h, head).numpy()
+    for ops in (reference, cpu_ops):
+        got = ops.ordered_logits(mx.array(h.numpy()), mx.array(emb.centroids.weight.detach().numpy()),
+                                 mx.array(emb.token_ordering.numpy().astype(np.int32)), mx.array(head.numpy()), top_k=3)
+        np.testing.assert_allclose(np.asarray(ops.result(got)), want, atol=1e-5)
+
+
+def test_assistant_with_ordered_embeddings_drafts_as_transformers(assisted, store):
+    """An assistant with ordered embeddings: its drafts after a prefill equal transformers'."""
+    from vlmc.runtime.speculative import SharedKVDrafter
+    from vlmc.runtime.step import Sequences
+    target_info, _, target, _ = assisted
+    info = g4.build_assistant_checkpoint(store.root / "ckpt" / "assistant_ordered", target_info, ordered=True)
+    assistant = vlmc.load(store.artifact(info))
+    hf_target, hf_assist = g4.hf_model(target_info["path"], "gemma4_text"), g4.hf_assistant(info["path"])
+    drafter = SharedKVDrafter(assistant, target)
+    for case in ("text", "chat"):
+        messages, _ = _case(case)
+        p = target.build_prompt(messages=messages)
+        seqs = Sequences.start(target.decoder, [target.prompt_inputs(p)])
+        context = list(p.ids) + [int(mx.argmax(seqs.prefill()[0]).item())]
+        state = drafter.start(p.ids, p, seqs)
+        draft = drafter.propose(state, context, 3)
+        want_tokens, want_logits = g4.hf_drafts(hf_target, hf_assist, context, 3)
+        assert draft.tokens == want_tokens, case
+        first = np.asarray(state.logits[0])
+        kept = want_logits[0] > want_logits[0].min()  # the scored tokens (the rest share the fill value)
+        assert float(np.abs(first - want_logits[0])[kept].max()) <= LOGIT_ATOL

@@ -388,6 +388,22 @@ def _shared_attention(t, a):
     return [q]
 
 
+@rule("ordered_logits")
+def _ordered_logits(t, a):
+    """(h [.., H], centroids [C, H], ordering [V], head [V, H]) -> logits [.., V] over the
+    tokens of the ``top_k`` best-scoring centroids only (h . centroids), each centroid
+    owning V / C tokens of ``ordering``; every other token gets the smallest of those
+    logits minus 1 (Gemma 4 assistants' ordered embeddings)."""
+    h, cent, order, head = t[:4]
+    _same_dim(h.shape[-1], cent.shape[-1], "ordered_logits centroids")
+    _same_dim(h.shape[-1], head.shape[-1], "ordered_logits head")
+    _same_dim(order.shape[0], head.shape[0], "ordered_logits ordering")
+    c, v, k = cent.shape[0], head.shape[0], int(a["top_k"])
+    if isinstance(c, int) and isinstance(v, int) and (v % c or not 1 <= k <= c):
+        raise ShapeError(f"ordered_logits: {v} tokens over {c} centroids, top {k}")
+    return [TensorType(h.shape[:-1] + (v,), h.dtype)]
+
+
 @rule("remap_ids")
 def _remap_ids(t, a):
     """Token ids with every one of ``tokens`` replaced by ``to`` (Gemma 4 looks its image,

@@ -59,7 +59,7 @@ def _on_mlx(name: str):
 
 for _name in ("embedding", "take", "broadcast_to", "prepend", "patchify", "merge_features", "avg_pool_tokens",
               "l2_norm", "rms_norm_gated", "delta_gates", "zero_padded", "causal_conv1d", "gated_delta_rule",
-              "moe_route", "shared_attention", "clip", "remap_ids"):
+              "moe_route", "shared_attention", "clip", "remap_ids", "ordered_logits"):
     globals()[_name] = _on_mlx(_name)
 
 _rope_freqs_mlx = _on_mlx("rope_freqs")

@@ -250,6 +250,17 @@ def shared_attention(q: mx.array, cache, mask: mx.array | None = None, *, scale:
                                                        mask=cache.mask_for(mask, q.shape[2])))
 
 
+def ordered_logits(h: mx.array, centroids: mx.array, ordering: mx.array, head: mx.array, *, top_k: int) -> mx.array:
+    lead, dim = h.shape[:-1], h.shape[-1]
+    c, v = centroids.shape[0], head.shape[0]
+    x = h.reshape(-1, dim)
+    top = mx.argpartition(-(x @ centroids.T.astype(x.dtype)), kth=top_k - 1, axis=-1)[:, :top_k]   # [N, K]
+    tokens = ordering.astype(mx.int32).reshape(c, v // c)[top].reshape(x.shape[0], -1)            # [N, K V/C]
+    picked = (head[tokens].astype(x.dtype) @ x[:, :, None])[..., 0]                               # [N, K V/C]
+    out = mx.full((x.shape[0], v), picked.min() - 1.0, dtype=x.dtype)
+    return mx.put_along_axis(out, tokens, picked, axis=-1).reshape(*lead, v)
+
+
 def remap_ids(ids: mx.array, tokens: list[int], to: int) -> mx.array:
     hit = mx.zeros(ids.shape, dtype=mx.bool_)
     for t in tokens:

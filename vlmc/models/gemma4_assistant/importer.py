@@ -7,7 +7,8 @@ last sliding-window layer's, its global layers over the target's last global lay
 [the target's embedding of the last token | a hidden state of the target's width] (the
 target's final hidden state before the first step, the assistant's own projected one
 after), at the last token's position, and returns the logits (``lm_head``, tied to the
-assistant's embeddings, not soft-capped) and ``post_projection`` of its final hidden state,
+assistant's embeddings, not soft-capped; with ``use_ordered_embeddings`` only the tokens of
+the ``centroid_intermediate_top_k`` best centroids get theirs, ``ordered_logits``) and ``post_projection`` of its final hidden state,
 the next step's hidden input. transformers' SinglePositionMultiTokenCandidateGenerator
 drafts this way; the runtime's ``SharedKVDrafter`` does the same through ``meta
 ["drafter"]``.
@@ -30,9 +31,6 @@ def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
         if text.get(key):
             raise UnsupportedModelError(f"a Gemma 4 assistant has no per-layer inputs; text_config {key} is "
                                         f"{text[key]}")
-    if raw.get("use_ordered_embeddings"):
-        raise UnsupportedModelError("Gemma 4 assistants with ordered (centroid-masked) embeddings "
-                                    "(use_ordered_embeddings) are not supported yet; supported: a full LM head")
     g = gemma4_text({**raw, "text_config": {**text, "hidden_size_per_layer_input": 0}}, nested=True, assistant=True)
     tc = g.tc
     h, v, hb = tc.hidden_size, tc.vocab_size, int(raw.get("backbone_hidden_size") or 1536)
@@ -58,7 +56,18 @@ def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
             for t in fb.op("rope_freqs", pos, n_out=2, name=f"rope_{table}", **attrs)]
     x = hybrid_stack(fb, x, rope, mask, caches, stack, tc.num_layers)
     x = fb.op("rms_norm", x, fb.param("text.norm.weight"), eps=tc.rms_norm_eps, name="hidden")
-    logits = fb.op("linear", x, fb.param(head), name="logits")
+    if raw.get("use_ordered_embeddings"):  # logits of the best centroids' tokens only
+        c = int(raw.get("num_centroids") or 2048)
+        if v % c:
+            raise UnsupportedModelError(f"Gemma 4 assistant: {v} tokens do not split over {c} centroids")
+        w.add("projector.masked_embedding.centroids.weight", (c, h), role="proj", part="projector")
+        w.add("projector.masked_embedding.token_ordering", (v,), role="proj", part="projector").dtype = "int32"
+        fb.param_types.update(w.types())
+        logits = fb.op("ordered_logits", x, fb.param("projector.masked_embedding.centroids.weight"),
+                       fb.param("projector.masked_embedding.token_ordering"), fb.param(head),
+                       top_k=int(raw.get("centroid_intermediate_top_k") or 32), name="logits")
+    else:
+        logits = fb.op("linear", x, fb.param(head), name="logits")
     prog.functions["draft"] = fb.output(logits, linear(fb, x, "projector.post_projection", bias=False))
     kinds = {lk.kind: lk for lk in g.kinds}
     prog.meta["inputs"] = {"position_streams": 1, "image_token_id": None, "tokens_per_image": 1}
