@@ -578,11 +578,11 @@ def test_unsupported_model_type_names_the_gemma_families(store, tmp_path):
     src = tmp_path / "other"
     shutil.copytree(store.ckpt("gemma3")["path"], src)
     cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma4"}))
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma5"}))
     with pytest.raises(UnsupportedModelError) as err:
         vlmc_compile(src, tmp_path / "out")
     line = str(err.value)
-    assert "\n" not in line and "'gemma4' is not supported" in line
+    assert "\n" not in line and "'gemma5' is not supported" in line
     from vlmc.models import supported_model_types
     assert {"gemma3", "gemma3_text", "paligemma"} <= set(supported_model_types())
     assert ", ".join(supported_model_types()) in line

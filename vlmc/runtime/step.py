@@ -72,6 +72,10 @@ class Sequences:
         self._pending: tuple[mx.array, np.ndarray] | None = None  # prompt columns not yet prefilled
         self.prefilled = 0
         self.spans: list[list[tuple[int, int]]] = [[] for _ in range(len(self.starts))]
+        # (column of the first row, rows [B, n, D]): the final hidden states of the last
+        # step, for programs whose entry points return them beside the logits (a drafter
+        # that reads the target's hidden state asks ``hidden_at``)
+        self.hidden: tuple[int, mx.array] | None = None
 
     # ------------------------------------------------------------------ making a batch
     @classmethod
@@ -152,11 +156,27 @@ class Sequences:
         embeds, positions = self._pending
         lo = self.prefilled
         hi = self.prompt_width if chunk is None else self._chunk_end(min(self.prompt_width, lo + chunk))
-        logits = self.decoder.model.prefill(embeds=embeds[:, lo:hi],
-                                            positions=self.decoder.program_positions(positions[..., lo:hi]),
-                                            mask=self._mask(hi - lo), caches=self.caches)[:, -1]
+        logits = self._keep_hidden(self.decoder.model.prefill(
+            embeds=embeds[:, lo:hi], positions=self.decoder.program_positions(positions[..., lo:hi]),
+            mask=self._mask(hi - lo), caches=self.caches), hi - 1)[:, -1]
         self.prefilled = hi
         return logits
+
+    def _keep_hidden(self, out, first: int) -> mx.array:
+        """The logits of an entry point's output; hidden states beside them are kept."""
+        if isinstance(out, (tuple, list)):
+            out, hidden = out
+            self.hidden = (first, hidden)
+        return out
+
+    def hidden_at(self, column: int) -> mx.array:
+        """The final hidden state [B, 1, D] the last step computed at this cache column."""
+        if self.hidden is None:
+            raise ValueError("this program's steps return no hidden states")
+        first, rows = self.hidden
+        if not 0 <= column - first < rows.shape[1]:
+            raise ValueError(f"column {column} is not among the last step's rows ({first}..{first + rows.shape[1] - 1})")
+        return rows[:, column - first:column - first + 1]
 
     def _new_positions(self, n: int) -> np.ndarray:
         pos = self.next_pos[:, None] + np.arange(n)[None]                  # [B, n]
@@ -165,8 +185,10 @@ class Sequences:
     def decode(self, tokens: mx.array) -> mx.array:
         """One new token per sequence ([B] or [B, 1]) -> the next-token logits [B, V]."""
         ids = tokens.reshape(-1, 1).astype(mx.int32)
-        logits = self.decoder.model.decode(ids=ids, positions=self.decoder.program_positions(self._new_positions(1)),
-                                           mask=self._mask(1), caches=self.caches)[:, -1]
+        first = self.offset
+        logits = self._keep_hidden(self.decoder.model.decode(
+            ids=ids, positions=self.decoder.program_positions(self._new_positions(1)), mask=self._mask(1),
+            caches=self.caches), first)[:, -1]
         self.next_pos = self.next_pos + 1
         return logits
 
@@ -174,8 +196,10 @@ class Sequences:
         """Several new tokens per sequence [B, n] -> the logits after each [B, n, V]."""
         ids = tokens.astype(mx.int32)
         n = ids.shape[1]
-        logits = self.decoder.model.verify(ids=ids, positions=self.decoder.program_positions(self._new_positions(n)),
-                                           mask=self._mask(n), caches=self.caches)
+        first = self.offset
+        logits = self._keep_hidden(self.decoder.model.verify(
+            ids=ids, positions=self.decoder.program_positions(self._new_positions(n)), mask=self._mask(n),
+            caches=self.caches), first)
         self.next_pos = self.next_pos + n
         return logits
 
