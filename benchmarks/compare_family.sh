@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One family, one command: build its real-shaped random-weight checkpoint (once), compile
-# the vlmc q4 artifact (once), then compare.py against mlx-vlm and transformers float32.
+# the vlmc q4 artifact (once), then compare.py against mlx-vlm and transformers float32
+# (and llama.cpp, given compare.py's --llama-cpp-* options: README section 3b).
 #
 #   benchmarks/compare_family.sh NAME [compare.py options...]
 #

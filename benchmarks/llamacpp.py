@@ -17,8 +17,8 @@ that has its imports (numpy, torch, transformers, safetensors are enough for Qwe
 LLaVA; sentencepiece only where there is a tokenizer.model) with the vendored ``gguf-py``
 first on its path, so the installed ``gguf`` package (if any) is not used.
 
-The rest of this file runs the tools for ``compare_llamacpp.py``'s llama.cpp worker and parses
-what they print; the parsers are pure functions (``tests/test_llamacpp_parsers.py``).
+The rest of this file times the tools for ``compare.py``'s llama.cpp worker (``measure``) and
+parses what they print; the parsers are pure functions (``tests/test_llamacpp_parsers.py``).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -267,6 +268,72 @@ def check(result: dict[str, Any], what: str) -> dict[str, Any]:
         tail = "\n".join((result["stdout"] + result["stderr"]).strip().splitlines()[-12:])
         raise RuntimeError(f"{what} failed (exit {result['returncode']}): {' '.join(result['cmd'])}\n{tail}")
     return result
+
+
+def measure(spec: dict[str, Any], image_prompt: str) -> dict[str, Any]:
+    """llama.cpp's own tools on a GGUF of the checkpoint (``build`` and ``convert`` make them),
+    with the spec ``compare.py`` gives every worker: llama-bench for prefill (``-p N``) and
+    decode (``-n D -d N``: D tokens after an N-token context; each after llama-bench's own
+    warm-up run), llama-mtmd-cli in single-turn mode for the image request (one process per
+    request: a warm-up with the small image, then ``image_runs`` requests; TTFT is read from
+    its timestamped log, so the process's model loading is not in it), llama-batched-bench
+    for the batched run. Max RSS is the largest of the tool processes' own."""
+    build_dir, gguf, threads = Path(spec["llama_cpp_build"]), spec["gguf"], str(spec["threads"])
+    n, d, runs = len(spec["ids"]), spec["decode_tokens"], spec["runs"]
+    tools: dict[str, list[dict[str, float]]] = {}
+
+    def median(xs: list[float]) -> float | None:
+        return float(statistics.median(xs)) if xs else None
+
+    def run(name: str, args: list[Any]) -> dict[str, Any]:
+        r = run_tool([tool(build_dir, name), *args], timeout=spec["tool_timeout"])
+        if spec.get("log_dir"):   # each tool's own output, kept beside the run's JSON
+            stem = f"{spec['slug']}.{name}.{sum(map(len, tools.values()))}"
+            (Path(spec["log_dir"]) / f"{stem}.stdout").write_text(r["stdout"])
+            (Path(spec["log_dir"]) / f"{stem}.stderr").write_text(r["stderr"])
+        check(r, name)
+        tools.setdefault(name, []).append({"seconds": r["seconds"], "max_rss_bytes": r["max_rss_bytes"]})
+        return r
+
+    common = ["-m", gguf, "-t", threads]
+    pp = parse_llama_bench(run("llama-bench", [*common, "-p", n, "-n", 0, "-r", runs, "-o", "json"])["stdout"])
+    tg = parse_llama_bench(run("llama-bench", [*common, "-p", 0, "-n", d, "-d", n, "-r", runs, "-o",
+                                               "json"])["stdout"])
+    prompt_tps = median(pp[0]["samples_ts"]) or pp[0]["avg_ts"]
+    decode_tps = median(tg[0]["samples_ts"]) or tg[0]["avg_ts"]
+    out: dict[str, Any] = {"prompt_tokens": n, "decode_tokens": d, "prompt_tps": prompt_tps,
+                           "ttft_ms": n / prompt_tps * 1e3, "decode_tps": decode_tps,
+                           "text_samples": {"prefill_tps": pp[0]["samples_ts"], "decode_tps": tg[0]["samples_ts"]},
+                           "llama_bench": {"prefill": pp[0], "decode": tg[0]}}
+    if spec.get("image") and spec.get("mmproj"):
+        image_args = [*common, "--mmproj", spec["mmproj"], "-c", spec["context"]]
+        run("llama-mtmd-cli", [*image_args, *mtmd_args(spec["warmup_image"], image_prompt)])   # warm-up
+        image_runs = [parse_mtmd(run("llama-mtmd-cli", [*image_args, *mtmd_args(spec["image"], image_prompt)])
+                                 ["stdout"]) for _ in range(spec.get("image_runs", runs))]
+        out.update(image_ttft_ms=median([t["ttft_ms"] for t in image_runs]),
+                   image_vision_ms=median([t["vision_ms"] for t in image_runs if t["vision_ms"] is not None]),
+                   image_prompt_tokens=image_runs[0]["prompt_tokens"], image_tokens=image_runs[0]["image_tokens"],
+                   image_samples=image_runs)
+    if spec.get("batch_ids"):
+        b = len(spec["batch_ids"])
+        rows = []
+        for _ in range(runs):
+            r = run("llama-batched-bench", [*common, "-c", spec["batch_context"], "-npp", n, "-ntg", d,
+                                            "-npl", f"1,{b}", "--output-format", "jsonl"])
+            rows.append({int(x["pl"]): x for x in parse_batched_bench(r["stdout"])})
+        if any(b not in r for r in rows):
+            raise RuntimeError(f"llama-batched-bench printed no row for {b} sequences")
+        pick = lambda key, pl=b: median([r[pl][key] for r in rows if pl in r])  # noqa: E731
+        out.update(batch=b, batch_prefill_tps=pick("speed_pp"), batch_decode_tps=pick("speed_tg"),
+                   batch_tps=pick("speed"), batch_t_pp_s=pick("t_pp"), batch_t_s=pick("t"),
+                   batch_single_tps=pick("speed", 1), batch_single_decode_tps=pick("speed_tg", 1),
+                   batch_samples=rows)
+    info = build_info(build_dir)
+    out.update(framework="llama.cpp", version=info.get("llama_cpp_python"), build=info.get("build"),
+               gguf=str(gguf), mmproj=spec.get("mmproj"),
+               dtype=spec.get("quant"), threads=int(threads), tools=tools, load_s=None,
+               max_rss_bytes=max(x["max_rss_bytes"] for v in tools.values() for x in v))
+    return out
 
 
 # ====================================================================== parse what they print

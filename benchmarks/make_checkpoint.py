@@ -6,9 +6,11 @@
 The shapes come from ``reference_configs/<preset>.json`` (published config values of
 Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct, llava-interleave-qwen-0.5b, gemma-3-4b-it,
 paligemma-3b-mix-224, Qwen3-VL-2B-Instruct, SmolVLM-256M-Instruct (``idefics3``),
-SmolVLM2-256M-Video-Instruct (``smolvlm``) and Ministral-3-3B-Instruct-2512 (``mistral3``: the
+SmolVLM2-256M-Video-Instruct (``smolvlm``), Ministral-3-3B-Instruct-2512 (``mistral3``: the
 smallest published Mistral 3, 3.85B parameters, 7.7 GB in bfloat16, about 2 GB as q4; the hub
-repo ships FP8, the preset writes the BF16 layout)). A preset is a family's name or one of
+repo ships FP8, the preset writes the BF16 layout) and gemma-4-E2B-it (``gemma4``: the smallest
+published Gemma 4 with vision, 5.1B parameters with its audio tower and 2.3B of per-layer
+embeddings; vlmc reads all but the audio tower)). A preset is a family's name or one of
 ``PRESETS``, a further model of a family: ``smolvlm_500m`` (SmolVLM-500M-Instruct, an
 ``idefics3`` checkpoint) and ``llava_1_5_7b`` (llava-1.5-7b-hf: a Llama-2-7B decoder, 7.06B
 parameters, 14.1 GB in bfloat16). Tensor names
@@ -36,6 +38,7 @@ sys.path.insert(0, str(HERE))
 
 from fixtures.checkpoints import build_tokenizer  # noqa: E402
 from fixtures.gemma import build_tokenizer as build_gemma_tokenizer  # noqa: E402
+from fixtures.gemma4 import build_tokenizer as build_gemma4_tokenizer  # noqa: E402
 from fixtures.idefics3 import build_tokenizer as build_idefics3_tokenizer  # noqa: E402
 from fixtures.pixtral import build_tokenizer as build_pixtral_tokenizer  # noqa: E402
 from fixtures.qwen3_vl import build_tokenizer as build_qwen3_tokenizer  # noqa: E402
@@ -47,11 +50,11 @@ FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_
             "llava": "LlavaForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
             "paligemma": "PaliGemmaForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
             "idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration",
-            "mistral3": "Mistral3ForConditionalGeneration"}
+            "mistral3": "Mistral3ForConditionalGeneration", "gemma4": "Gemma4ForConditionalGeneration"}
 # further published models of a family: preset -> (family, test tokenizer variant)
 PRESETS = {"smolvlm_500m": ("idefics3", "default"), "llava_1_5_7b": ("llava", "llava15")}
 # families whose transformers 5 module names are the published ones
-SAME_NAMES = ("qwen3_vl", "idefics3", "smolvlm")
+SAME_NAMES = ("qwen3_vl", "idefics3", "smolvlm", "gemma4")
 # the hub names of the Gemma families (transformers 4.x): vision_tower.vision_model.*, language_model.model.*
 GEMMA_TO_HUB = [("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower.vision_model."),
                 ("model.multi_modal_projector.", "multi_modal_projector.")]
@@ -82,6 +85,10 @@ def hub_name(name: str, family: str) -> str:
 
 
 def _tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if name.endswith("layer_scalar"):
+        return np.ones(shape, np.float32)
+    if name.endswith(("input_min", "output_min", "input_max", "output_max")):  # clip bounds: none binding
+        return np.full(shape, -1e4 if name.endswith("_min") else 1e4, np.float32)
     if name.endswith(".bias"):
         return np.zeros(shape, np.float32)
     if len(shape) == 1 and ("norm" in name or "ln_" in name):
@@ -101,6 +108,8 @@ def make_checkpoint(preset: str, out: Path, dtype: str = "bfloat16", seed: int =
         tok = build_idefics3_tokenizer(out)
     elif family == "mistral3":
         tok = build_pixtral_tokenizer(out)
+    elif family == "gemma4":
+        tok = build_gemma4_tokenizer(out)
     else:
         tok = build_gemma_tokenizer(out, family) if gemma else build_tokenizer(out, family, variant)
     ids = tok["special_token_ids"]
@@ -110,6 +119,8 @@ def make_checkpoint(preset: str, out: Path, dtype: str = "bfloat16", seed: int =
         eos, bos = ids["<end_of_utterance>"], ids["<|im_start|>"]
     elif family == "mistral3":
         eos, bos = ids["</s>"], ids["<s>"]
+    elif family == "gemma4":
+        eos, bos = ids["<eos>"], ids["<bos>"]
     else:
         eos, bos = ids["<|im_end|>"], ids["<|endoftext|>"]
     if family == "qwen3_vl":
@@ -128,6 +139,12 @@ def make_checkpoint(preset: str, out: Path, dtype: str = "bfloat16", seed: int =
                           image_token_index=ids["<image_soft_token>"], eos_token_id=[eos, ids["<end_of_turn>"]])
         else:
             config.update(image_token_index=ids["<image>"], **tokens)
+    elif family == "gemma4":
+        config.update(image_token_id=ids["<|image|>"], boi_token_id=ids["<|image>"], eoi_token_id=ids["<image|>"],
+                      video_token_id=ids["<|video|>"], audio_token_id=ids["<|audio|>"], boa_token_id=ids["<|audio>"],
+                      eoa_token_index=ids["<audio|>"])
+        config["text_config"] = {**config["text_config"], "eos_token_id": eos, "bos_token_id": bos,
+                                 "pad_token_id": ids["<pad>"]}
     elif family == "mistral3":
         config["image_token_index"] = ids["[IMG]"]
         config["text_config"] = {**config["text_config"], "eos_token_id": eos, "bos_token_id": bos,
@@ -175,7 +192,7 @@ def make_checkpoint(preset: str, out: Path, dtype: str = "bfloat16", seed: int =
         tile = (vc["image_size"] // vc["patch_size"]) // config["scale_factor"]
         (out / "processor_config.json").write_text(json.dumps(
             {"processor_class": pre["processor_class"], "image_seq_len": tile * tile}))
-    if family == "mistral3":
+    if family in ("mistral3", "gemma4"):
         (out / "processor_config.json").write_text(json.dumps(ref["processor_config.json"]))
     if family == "llava":
         (out / "processor_config.json").write_text(json.dumps(

@@ -34,6 +34,10 @@ Per level:
 * server RSS peak (the started server process and its children, sampled every 0.25 s) and
   the load average before and after.
 
+``--check-serial``: after the levels, the highest level's requests are sent again one at a
+time and every reply's text and token count must equal what it got under concurrency
+(greedy decoding: continuous batching must not change a reply); mismatches count as failures.
+
 ``--make-padded-copy SRC DST``: a copy of a random-weight benchmark checkpoint (or vlmc
 artifact) whose small tokenizer is padded to the model's vocab size, so that every sampled
 id streams text (see ``make_padded_copy``); the other files are symlinks.
@@ -225,7 +229,7 @@ def stream_chat(ep: Endpoint, body: dict[str, Any], timeout: float) -> dict[str,
     """One streaming chat completion; timestamps relative to the send."""
     rec: dict[str, Any] = {"ok": False, "error": None, "status": None, "ttft_s": None, "first_chunk_s": None,
                            "e2e_s": None, "completion_tokens": None, "prompt_tokens": None,
-                           "finish_reason": None, "content_chunks": 0, "chars": 0}
+                           "finish_reason": None, "content_chunks": 0, "chars": 0, "text": ""}
     payload = json.dumps(body).encode()
     t0 = time.perf_counter()
     rec["t_send"] = t0
@@ -269,6 +273,7 @@ def stream_chat(ep: Endpoint, body: dict[str, Any], timeout: float) -> dict[str,
                         rec["ttft_s"] = now
                     rec["content_chunks"] += 1
                     rec["chars"] += len(text)
+                    rec["text"] += text
                 if ch.get("finish_reason"):
                     rec["finish_reason"] = ch["finish_reason"]
             if obj.get("usage"):
@@ -362,6 +367,26 @@ def run_level(ep: Endpoint, maker: RequestMaker, concurrency: int, n_requests: i
     return summarize(concurrency, results, wall, t0, maker.max_tokens, la_before, loadavg(), rss.peak())
 
 
+def serial_check(ep: Endpoint, maker: RequestMaker, row: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """The replies of one level against the same requests sent again one at a time."""
+    done = [r for r in row["per_request"] if r["ok"]]
+    print(f"serve_load: serial check: {len(done)} requests of C={row['concurrency']} again, one at a time ...",
+          file=sys.stderr, flush=True)
+    differ, errors = [], 0
+    for r in done:
+        rec = stream_chat(ep, maker.body(r["id"]), timeout)
+        if not rec["ok"]:
+            errors += 1
+        elif rec["text"] != r["text"] or rec["completion_tokens"] != r["completion_tokens"]:
+            differ.append(r["id"])
+    out = {"concurrency": row["concurrency"], "requests": len(done), "identical": len(done) - len(differ) - errors,
+           "differ": differ, "errors": errors}
+    print(f"serve_load: serial check: {out['identical']} of {len(done)} identical"
+          + (f", differing: request(s) {differ}" if differ else "") + (f", {errors} failed" if errors else ""),
+          file=sys.stderr, flush=True)
+    return out
+
+
 def summarize(concurrency: int, results: list[dict[str, Any]], wall: float, t0: float, max_tokens: int,
               la_before, la_after, rss_peak) -> dict[str, Any]:
     ok = [r for r in results if r["ok"]]
@@ -383,7 +408,8 @@ def summarize(concurrency: int, results: list[dict[str, Any]], wall: float, t0: 
                      "start_s": round(r["t_send"] - t0, 4), "ttft_ms": ms(r["ttft_s"]),
                      "first_chunk_ms": ms(r["first_chunk_s"]), "e2e_ms": ms(r["e2e_s"]),
                      "prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
-                     "finish_reason": r["finish_reason"], "content_chunks": r["content_chunks"]})
+                     "finish_reason": r["finish_reason"], "content_chunks": r["content_chunks"],
+                     "text": r["text"]})
     return {
         "concurrency": concurrency, "requests": len(results), "ok": len(ok), "errors": len(errors),
         "error_samples": sorted({r["error"] for r in errors})[:5],
@@ -835,6 +861,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--fixed-length", action="store_true",
                    help="send min_tokens = max_tokens (vlmc, vLLM) so every reply has exactly max_tokens")
+    p.add_argument("--check-serial", action="store_true",
+                   help="after the levels, send the highest level's requests again one at a time and check "
+                        "that every reply's text is the same (greedy decoding: batching must not change outputs)")
     p.add_argument("--image-every", type=int, default=2,
                    help="every Nth request carries an image (0: text only; default 2 = half)")
     p.add_argument("--same-images", action="store_true",
@@ -956,8 +985,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"serve_load: level C={c}: {n} requests ...", file=sys.stderr, flush=True)
             row = run_level(ep, maker, c, n, next_id, args.timeout, rss)
             next_id += n
-            if not args.per_request:
-                row.pop("per_request")
             report["levels"].append(row)
             failed += row["errors"]
             print(f"serve_load:   {row['tok_s']} tok/s, TTFT p50 {row['ttft_p50_ms']} ms, "
@@ -967,6 +994,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"serve_load: the server exited ({proc.returncode}) during C={c}", file=sys.stderr)
                 report["server_exit"] = proc.returncode
                 break
+        if args.check_serial and report["levels"]:
+            report["serial_check"] = serial_check(ep, maker, max(report["levels"], key=lambda r: r["concurrency"]),
+                                                  args.timeout)
+            failed += len(report["serial_check"]["differ"]) + report["serial_check"]["errors"]
+        for row in report["levels"]:
+            if not args.per_request:
+                row.pop("per_request")
         base = next((r for r in report["levels"] if r["concurrency"] == 1), None)
         if base is None and report["levels"]:
             base = min(report["levels"], key=lambda r: r["concurrency"])

@@ -6,6 +6,8 @@ MLX the mean of v; neither is ever read, so those rows are excluded and checked 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -114,11 +116,35 @@ def test_per_frame_blocks_read_only_their_keys(monkeypatch):
     mask = (seg[:, None] == seg[None, :])[None, None]
     q, k, v = qkv(1, 4, 2, 153, 153, 16)
     seen = []
-    real = blas._masked_softmax
+    real, real_fused = blas._masked_softmax, blas._fused
     monkeypatch.setattr(blas, "_masked_softmax", lambda s, scale, keep: (seen.append(s.shape), real(s, scale, keep)))
+
+    def fused(q, k, v, out, scale, keep):  # the one-pass kernel: every head's rows of the block at once
+        done = real_fused(q, k, v, out, scale, keep)
+        if done:
+            seen.append((q.shape[0] * q.shape[1], k.shape[1]))
+        return done
+    monkeypatch.setattr(blas, "_fused", fused)
     out = blas.attention(q, k, v, mask, scale=0.25)
     assert rel_err(out, reference.attention(q, k, v, mask, scale=0.25)) < TOL
     assert max(cols for _, cols in seen) == 40 and sum(rows for rows, _ in seen) == 2 * 2 * 153
     causal = causal_padded(24, 40, [0, 5])  # rows differ one by one: fixed runs, keys trimmed per run
     q2, k2, v2 = qkv(2, 4, 2, 24, 40, 32)
     assert rel_err(blas.attention(q2, k2, v2, causal, scale=0.2), reference.attention(q2, k2, v2, causal, scale=0.2)) < TOL
+
+
+@pytest.mark.parametrize("D,L,S", [(72, 37, 53), (16, 20, 31), (128, 16, 300)])
+def test_one_pass_kernel_odd_widths_and_the_blas_fallback(monkeypatch, D, L, S):
+    """The one-pass kernel (vlmc_attention_rows) takes head widths that are not a multiple
+    of 32 (SigLIP-so400m's 72), row counts off its 8-row tiles and key counts off its
+    32-key blocks; with it declined the BLAS path gives the same result."""
+    q, k, v = qkv(1, 4, 2, L, S, D)
+    ran = []
+    real = blas._fused
+    monkeypatch.setattr(blas, "_fused", lambda *a: ran.append(real(*a)) or ran[-1])
+    ref = reference.attention(q, k, v, None, scale=D ** -0.5)
+    assert rel_err(blas.attention(q, k, v, None, scale=D ** -0.5), ref) < TOL
+    if Path("/proc/cpuinfo").exists() and " avx512bw" in Path("/proc/cpuinfo").read_text():
+        assert ran and all(ran)  # this CPU has AVX-512 (and the library is -march=native): the kernel ran
+    monkeypatch.setattr(blas, "_fused", lambda *a: False)
+    assert rel_err(blas.attention(q, k, v, None, scale=D ** -0.5), ref) < TOL

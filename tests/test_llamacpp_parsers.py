@@ -1,5 +1,6 @@
-"""The pure helpers behind benchmarks/compare_llamacpp.py's llama.cpp peer: parsing what llama.cpp's
-tools print, the batched-run arithmetic and merging rounds. No llama.cpp is needed: the
+"""The pure helpers behind benchmarks/compare.py's llama.cpp peer: parsing what llama.cpp's
+tools print, the batched-run arithmetic, the order of rounds and merging them, and tables
+from the JSON files earlier runs wrote. No llama.cpp is needed: the
 inputs under fixtures/llamacpp/ are the tools' own output, captured from the build
 ``benchmarks/llamacpp.py build`` makes (llama-cpp-python 0.3.36's vendored llama.cpp) on a
 Qwen2-VL-2B-shaped checkpoint: ``llama-bench -o json`` (-p 128; -n 32 -d 128),
@@ -30,7 +31,7 @@ def _load(name: str):
 
 
 lc = _load("llamacpp")
-compare = _load("compare_llamacpp")
+compare = _load("compare")
 
 
 def _captured(name: str) -> str:
@@ -133,13 +134,25 @@ def test_batch_speeds_count_only_tokens_after_the_last_prefill():
 
 def test_rounds_merge_to_medians_and_the_largest_memory():
     rows = [{"label": "x", "framework": "vlmc", "decode_tps": d, "prompt_tps": 100.0, "max_rss_bytes": m,
-             "load_average_before": [i], "load_average_after": [i]}
+             "load_average_before": [i], "load_average_after": [i], "round": i, "text_samples": [{"ttft_s": 1.0}]}
             for i, (d, m) in enumerate([(10.0, 5), (30.0, 7), (20.0, 6)])]
-    rows.append({"label": "x", "framework": "vlmc", "error": "timed out"})
+    rows[1].update(image_ttft_ms=900.0, image_prompt_tokens=70)      # only one round had the image request
+    rows.append({"label": "x", "framework": "vlmc", "error": "timed out", "round": 3})
     m = compare.merge_rounds(rows)
-    assert m["decode_tps"] == 20.0 and m["max_rss_bytes"] == 7 and m["failed_rounds"] == 1
+    assert m["decode_tps"] == 20.0 and m["max_rss_bytes"] == 7 and m["failed_rounds"] == ["round 4: timed out"]
+    assert m["image_ttft_ms"] == 900.0 and m["image_prompt_tokens"] == 70
     assert m["load_average_before"] == [0] and m["load_average_after"] == [2] and len(m["rounds"]) == 4
-    assert "error" in compare.merge_rounds([{"label": "x", "error": "e"}])
+    assert "text_samples" not in m and "round" not in m          # the samples stay in their round's row
+    assert "error" in compare.merge_rounds([{"label": "x", "error": "e"}, {"label": "x", "error": "e"}])
+    assert compare.merge_rounds(rows[:1]) is rows[0]
+
+
+def test_every_job_runs_once_in_every_position():
+    jobs = [("py", name, {"label": name}) for name in ("vlmc", "mlx-vlm", "transformers")]
+    orders = [[j[1] for j in compare.round_order(jobs, r)] for r in range(3)]
+    for name in ("vlmc", "mlx-vlm", "transformers"):
+        assert sorted(o.index(name) for o in orders) == [0, 1, 2]
+    assert compare.round_order(jobs, 3) == jobs and compare.round_order([], 1) == []
 
 
 def test_ratio_lines_include_the_batched_run():
@@ -156,3 +169,32 @@ def test_jobs_alternate_between_frameworks():
     jobs = [("py", "vlmc", {"label": "q4"}), ("py", "vlmc", {"label": "q8"}), ("py", "mlx-vlm", {"label": "m"}),
             ("py", "llama.cpp", {"label": "Q4"}), ("py", "llama.cpp", {"label": "Q8"})]
     assert [j[2]["label"] for j in compare.interleave(jobs)] == ["q4", "m", "Q4", "q8", "Q8"]
+
+
+def _row(label: str, framework: str, decode: float, **kw):
+    return {"label": label, "framework": framework, "version": "1", "dtype": "q4", "prompt_tps": 50.0,
+            "ttft_ms": 2560.0, "decode_tps": decode, "load_average_before": [1.0], "load_average_after": [1.0], **kw}
+
+
+def test_tables_from_files_of_both_former_layouts(tmp_path):
+    # rows as the former compare.py wrote them (a round count, each round's decode speed,
+    # failed rounds as text) and as the llama.cpp comparison did (each round's row, a count)
+    meta = {"checkpoint": "/ck", "prompt_tokens": 128, "decode_tokens": 32, "image_size": 0, "runs": 1,
+            "rounds": 2, "cpu_count": 2}
+    old = {"meta": {**meta, "image_runs": 1, "image_rounds": 1},
+           "results": [_row("vlmc q4", "vlmc", 6.0, rounds=2, round_decode_tps=[7.5, 4.5],
+                            failed_rounds=["round 1: timed out"])]}
+    lc_rounds = [_row("llama.cpp Q4_K_M", "llama.cpp", d, batch_tps=5.0) for d in (2.0, 4.0)]
+    lc_row = _row("llama.cpp Q4_K_M", "llama.cpp", 3.0, rounds=lc_rounds, failed_rounds=0, gguf="/g/model-Q4_K_M.gguf",
+                  tools={"llama-bench": [{"max_rss_bytes": 2e9}]}, threads=2)
+    new = {"meta": {**meta, "batch": 0, "threads": 2}, "results": [lc_row]}
+    (tmp_path / "a.json").write_text(json.dumps(old))
+    (tmp_path / "b.json").write_text(json.dumps(new))
+    table = compare.format_table(old["results"] + new["results"], meta)
+    assert "decode tok/s by round: vlmc q4: 7.50, 4.50" in table
+    assert "failed rounds (left out of the medians): vlmc q4 round 1: timed out" in table
+    assert "  llama.cpp Q4_K_M: 2.00 | 50.0 | - | 5.0;  4.00 | 50.0 | - | 5.0" in table
+    assert "vlmc q4 / llama.cpp Q4_K_M: decode 2.00x" in table
+    merged = tmp_path / "m.json"
+    compare.print_merged([tmp_path / "a.json", tmp_path / "b.json"], merged)   # no batch = batch 0
+    assert [r["label"] for r in json.loads(merged.read_text())["results"]] == ["vlmc q4", "llama.cpp Q4_K_M"]

@@ -578,18 +578,83 @@ def test_unsupported_model_type_names_the_gemma_families(store, tmp_path):
     src = tmp_path / "other"
     shutil.copytree(store.ckpt("gemma3")["path"], src)
     cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma4"}))
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma5"}))
     with pytest.raises(UnsupportedModelError) as err:
         vlmc_compile(src, tmp_path / "out")
     line = str(err.value)
-    assert "\n" not in line and "'gemma4' is not supported" in line
+    assert "\n" not in line and "'gemma5' is not supported" in line
     from vlmc.models import supported_model_types
     assert {"gemma3", "gemma3_text", "paligemma"} <= set(supported_model_types())
     assert ", ".join(supported_model_types()) in line
 
 
+PAN_AND_SCAN = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 20, "pan_and_scan_max_num_crops": 3,
+                "pan_and_scan_min_ratio_to_activate": 1.2}
+
+
+@pytest.fixture(scope="module")
+def pan_and_scan(store):
+    """The Gemma 3 checkpoint with pan-and-scan switched on (crops down to 20 pixels, so the
+    fixture's small images are cut), compiled and loaded, with transformers' processor and model."""
+    import shutil
+
+    src = store.root / "ckpt" / "gemma3-pan-and-scan"
+    if not src.exists():
+        shutil.copytree(store.ckpt("gemma3")["path"], src)
+        cfg = json.loads((src / "preprocessor_config.json").read_text())
+        (src / "preprocessor_config.json").write_text(json.dumps({**cfg, **PAN_AND_SCAN}))
+    info = {**store.ckpt("gemma3"), "path": src}
+    return info, store.vlm(info), _CallKwargs(gm.hf_processor(src, "gemma3"), PAN_AND_SCAN), gm.hf_model(src, "gemma3")
+
+
+class _CallKwargs:
+    """transformers' processor with keyword arguments added to every call: Gemma3Processor
+    (5.24) passes its own pan-and-scan defaults (off, 256, 4, 1.2) to the image processor
+    whatever the image processor was configured with, so pan-and-scan is a call option there."""
+
+    def __init__(self, processor, kwargs):
+        self._processor, self._kwargs = processor, kwargs
+
+    def __getattr__(self, name):
+        return getattr(self._processor, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._processor(*args, **{**kwargs, **self._kwargs})
+
+
+@pytest.mark.parametrize("case,crops", [("wide", [3]), ("tall", [3]), ("two_images", [2, 0]), ("multi_turn", [2])])
+def test_gemma3_pan_and_scan_matches_transformers(pan_and_scan, case, crops):
+    """do_pan_and_scan: each elongated image is followed by its crops (transformers' cut,
+    each crop resized through PIL), the prompt says so in Gemma3Processor's words with one
+    soft-token sequence per crop, and ids, pixels, bidirectional spans, logits and greedy
+    tokens equal transformers'."""
+    info, m, proc, model = pan_and_scan
+    messages, images = _case(case)
+    ref = gm.hf_reference(info["path"], "gemma3", messages, images, greedy_steps=GREEDY_STEPS, processor=proc,
+                          model=model)
+    p = build_prompt(m, case)
+    assert p.images.grid_thw[:, 0].tolist() == [1 + c for c in crops]
+    assert len(m.inputs.attention_spans(p.ids, p.images)) == sum(1 + c for c in crops)
+    if any(crops):
+        assert "here are some crops" in m.tokenizer.decode(p.ids)
+    assert_parity(m, ref, case, f"gemma3/{case} pan-and-scan")
+
+
+def test_pan_and_scan_is_gemma3s_alone(store, tmp_path):
+    """PaliGemma's SigLIP processor has no pan-and-scan: the switch is refused, not ignored."""
+    import shutil
+
+    from vlmc.errors import VlmcError
+
+    src = tmp_path / "pg"
+    shutil.copytree(store.ckpt("paligemma")["path"], src)
+    cfg = json.loads((src / "preprocessor_config.json").read_text())
+    (src / "preprocessor_config.json").write_text(json.dumps({**cfg, "do_pan_and_scan": True}))
+    with pytest.raises(VlmcError, match="do_pan_and_scan"):
+        vlmc_compile(src, tmp_path / "out")
+
+
 @pytest.mark.parametrize("change,message", [
-    (("preprocessor_config.json", {"do_pan_and_scan": True}), "do_pan_and_scan"),
     (("config.json", {"text_config": {"attn_logit_softcapping": 50.0}}), "attn_logit_softcapping"),
     (("config.json", {"text_config": {"use_bidirectional_attention": True}}), "use_bidirectional_attention"),
     (("config.json", {"mm_tokens_per_image": 9}), "mm_tokens_per_image 9"),

@@ -234,7 +234,7 @@ def test_speculation_is_lossless(store):
     class HalfRight(Drafter):
         name = "half-right"
 
-        def start(self, prompt_ids, prompt=None):
+        def start(self, prompt_ids, prompt=None, target=None):
             return list(prompt_ids)
 
         def propose(self, state, context, k, sampler=None, rng=None):

@@ -80,6 +80,11 @@ def test_each_fusion_switches_off_alone(ckpts, tmp_path):
     assert "add_rms_norm" in src and "+" not in "".join(_text_block_linears(only_norm))
     # the decode_layer fast path needs the plain fused layer: none for these bodies
     assert not any("decode_layer" in (a / "model.py").read_text() for a in (only_qkv, only_norm))
+    # and lower says why, naming the block and where its data flow leaves the pattern
+    notes = {a: next(p["summary"] for p in _manifest(a)["passes"] if p["name"] == "lower") for a in (only_qkv, only_norm)}
+    assert "no decode_layer fast path for text_layer: " in notes[only_qkv] and "where the pattern has" in notes[only_qkv]
+    assert "no decode_layer fast path for text_layer: " in notes[only_norm]
+    assert "vision_layer" not in notes[only_qkv]  # blocks without a KV cache are not decoder layers
 
 
 @pytest.mark.parametrize("family,quantize", [("qwen2_vl", "q4"), ("qwen2_5_vl", None), ("llava", "q8"),

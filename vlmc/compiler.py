@@ -139,6 +139,8 @@ def _warn_slow_on_target(options: CompileOptions) -> None:
 def _runtime_files(ckpt: Checkpoint, fam, meta: dict[str, Any]) -> dict[str, Any]:
     """processor.json (the family's image preprocessing spec) and generation.json (stop ids, defaults)."""
     pre = read_json(ckpt.folder / "preprocessor_config.json", required=False)
+    if pre is None:  # transformers 5 checkpoints may keep it in processor_config.json only
+        pre = (read_json(ckpt.folder / "processor_config.json", required=False) or {}).get("image_processor")
     if pre is not None:
         spec = fam.processor_spec(pre, meta)
         video_cfg = read_json(ckpt.folder / "video_preprocessor_config.json", required=False)

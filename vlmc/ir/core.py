@@ -33,7 +33,9 @@ ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2", "norm", 
          "patch_embed", "pos_embed", "class_embed", "proj",
          # mixture of experts: the router (and a shared expert's scalar gate), and the routed
          # experts' stacked [experts, out, in] gate+up and down projections
-         "router", "experts_gate_up", "experts_down")
+         "router", "experts_gate_up", "experts_down",
+         # a scalar bound a layer clamps its activations to (Gemma 4's clippable linears)
+         "clip")
 PARTS = ("text", "vision", "projector")
 
 # The KV-cache types a layer can have (the ``kv`` entry of a decoder block's layer table)

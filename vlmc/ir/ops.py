@@ -83,7 +83,10 @@ def _embedding(t, a):
 
 @rule("rms_norm")
 def _rms_norm(t, a):
-    _same_dim(t[0].shape[-1], t[1].shape[-1], "rms_norm weight")
+    """x / rms(x) over the last axis, times the weight (input 1); a None weight scales by
+    nothing (Gemma 4's value norm and its vision embedder's pre-projection norm)."""
+    if len(t) > 1 and t[1] is not None:
+        _same_dim(t[0].shape[-1], t[1].shape[-1], "rms_norm weight")
     return [t[0]]
 
 
@@ -101,7 +104,8 @@ def _add(t, a):
 @rule("add_rms_norm")
 def _add_rms_norm(t, a):
     """(a + b, rms_norm(a + b, w)): the residual add fused with the norm that reads it."""
-    _same_dim(t[0].shape[-1], t[2].shape[-1], "add_rms_norm weight")
+    if t[2] is not None:
+        _same_dim(t[0].shape[-1], t[2].shape[-1], "add_rms_norm weight")
     h = TensorType(broadcast(t[0].shape, t[1].shape), promote(t[0].dtype, t[1].dtype))
     return [h, h]
 
@@ -318,11 +322,16 @@ def _rope_freqs(t, a):
         and j < 3 * sections[2], stream t elsewhere)
 
     ``factor`` (default 1): linear rope scaling, the inverse frequencies divided by it.
+    ``rotated`` (kind "default", optional): only the first ``rotated`` of the D/2 inverse
+        frequencies are kept, the rest are 0 (cos 1, sin 0: those channels do not turn);
+        Gemma 4's "proportional" rope on its global layers.
     kind "yarn": positions [B, L] -> [B, 1, L, D]; YaRN's blend of plain and ``factor``-scaled
         frequencies (``beta_fast``, ``beta_slow``, ``original_max``, ``truncate``), cos and
         sin multiplied by ``attention_factor``.
     """
     pos, dim, kind = t[0], a["dim"], a["kind"]
+    if a.get("rotated") is not None and (kind != "default" or not 0 <= int(a["rotated"]) <= dim // 2):
+        raise ShapeError(f"rope_freqs rotated={a['rotated']!r} needs kind default and at most {dim // 2} frequencies")
     if kind in ("default", "yarn"):
         shape = (pos.shape[0], 1, pos.shape[1], dim)
     elif kind in ("mrope", "mrope_interleaved"):
@@ -366,6 +375,67 @@ def _cached_attention(t, a):
     if a.get("softcap") is not None and not float(a["softcap"]) > 0:
         raise ShapeError(f"cached_attention softcap must be positive, got {a['softcap']!r}")
     return [TensorType(q.shape[:-1] + (v.shape[-1],), q.dtype)]
+
+
+@rule("shared_attention")
+def _shared_attention(t, a):
+    """q [B, H, L, D] over the keys and values another layer's cache (input 1) holds, this
+    step's included, without writing to it (Gemma 4's KV-shared layers read the cache of
+    the last earlier layer of their kind); mask as cached_attention's."""
+    q = t[0]
+    if t[1].dtype != "kvcache":
+        raise ShapeError("shared_attention input 1 must be a kvcache")
+    return [q]
+
+
+@rule("ordered_logits")
+def _ordered_logits(t, a):
+    """(h [.., H], centroids [C, H], ordering [V], head [V, H]) -> logits [.., V] over the
+    tokens of the ``top_k`` best-scoring centroids only (h . centroids), each centroid
+    owning V / C tokens of ``ordering``; every other token gets the smallest of those
+    logits minus 1 (Gemma 4 assistants' ordered embeddings)."""
+    h, cent, order, head = t[:4]
+    _same_dim(h.shape[-1], cent.shape[-1], "ordered_logits centroids")
+    _same_dim(h.shape[-1], head.shape[-1], "ordered_logits head")
+    _same_dim(order.shape[0], head.shape[0], "ordered_logits ordering")
+    c, v, k = cent.shape[0], head.shape[0], int(a["top_k"])
+    if isinstance(c, int) and isinstance(v, int) and (v % c or not 1 <= k <= c):
+        raise ShapeError(f"ordered_logits: {v} tokens over {c} centroids, top {k}")
+    return [TensorType(h.shape[:-1] + (v,), h.dtype)]
+
+
+@rule("remap_ids")
+def _remap_ids(t, a):
+    """Token ids with every one of ``tokens`` replaced by ``to`` (Gemma 4 looks its image,
+    video and audio placeholders up as the pad token)."""
+    if t[0].dtype not in ("int32", "int64", "uint32"):
+        raise ShapeError(f"remap_ids takes token ids, not {t[0].dtype}")
+    if not all(isinstance(i, int) for i in [*a["tokens"], a["to"]]):
+        raise ShapeError("remap_ids tokens and to must be ints")
+    return [t[0]]
+
+
+@rule("select_layer")
+def _select_layer(t, a):
+    """x [.., N, D] -> x[.., index, :]: one layer's slice of an input every layer of a block
+    takes (Gemma 4's per-layer input embeddings). ``index`` is an int or ``"$attr"``: the
+    layer table's ``attr`` of the layer that runs."""
+    x, idx = t[0], a["index"]
+    if not (isinstance(idx, int) or (isinstance(idx, str) and idx.startswith("$"))):
+        raise ShapeError(f"select_layer index must be an int or a '$' layer attribute, got {idx!r}")
+    if len(x.shape) < 2:
+        raise ShapeError("select_layer needs a [.., N, D] input")
+    return [TensorType(x.shape[:-2] + x.shape[-1:], x.dtype)]
+
+
+@rule("clip")
+def _clip(t, a):
+    """x clamped to [lo, hi] (inputs 1 and 2: scalar params, either may be None): Gemma 4's
+    clippable linears bound their inputs and outputs so."""
+    for b in t[1:]:
+        if b is not None and len(b.shape) > 1:
+            raise ShapeError(f"clip bounds must be scalars, got {b}")
+    return [t[0]]
 
 
 @rule("prepend")

@@ -36,6 +36,9 @@ def _check_function(fn: Function, params: dict[str, TensorType], where: str,
                 if v not in defined:
                     raise VerifyError(f"{where}: op #{i} {op.op} uses {v} before it is defined")
                 types.append(fn.types[v])
+        for k, a in op.attrs.items():  # "$name": the layer table's entry, in a block only
+            if isinstance(a, str) and a.startswith("$") and (layer_attrs is None or a[1:] not in layer_attrs):
+                raise VerifyError(f"{where}: op #{i} {op.op} attribute {k}={a!r} names no layer attribute")
         if op.op == "call_block":
             blk = blocks.get(op.attrs.get("block"))
             if blk is None:

@@ -59,7 +59,7 @@ def _on_mlx(name: str):
 
 for _name in ("embedding", "take", "broadcast_to", "prepend", "patchify", "merge_features", "avg_pool_tokens",
               "l2_norm", "rms_norm_gated", "delta_gates", "zero_padded", "causal_conv1d", "gated_delta_rule",
-              "moe_route"):
+              "moe_route", "shared_attention", "clip", "remap_ids", "ordered_logits"):
     globals()[_name] = _on_mlx(_name)
 
 _rope_freqs_mlx = _on_mlx("rope_freqs")
@@ -72,7 +72,7 @@ def _inv_freq(theta: float, dim: int) -> np.ndarray:
 
 
 def rope_freqs(positions, kind: str, dim: int, theta: float, sections: list[int] | None = None,
-               factor: float = 1.0, **yarn):
+               factor: float = 1.0, rotated: int | None = None, **yarn):
     """The text rope tables (default, mrope) as host arrays: the same products as the
     reference, cos/sin rounded from float64 (through MLX a decode step's tables would be
     an evaluation of about ten small ops). Other kinds: the reference's."""
@@ -82,6 +82,8 @@ def rope_freqs(positions, kind: str, dim: int, theta: float, sections: list[int]
         inv = _yarn_inv_freq(theta, dim, factor, *(yarn.get(k, d) for k, d in _YARN_DEFAULTS))
     else:
         inv = _inv_freq(theta, dim) if factor == 1.0 else _inv_freq(theta, dim) / np.float32(factor)
+        if rotated is not None:  # proportional rope: the later frequencies are 0
+            inv = np.where(np.arange(dim // 2) < rotated, inv, np.float32(0))
     f = np.asarray(positions).astype(np.float32)[..., None] * inv
     if kind == "mrope":  # [3, B, L, D/2] -> each section from its own position row
         bounds = np.cumsum([0, *sections])
@@ -191,8 +193,14 @@ def glu(gate, up, kind: str):
     return mx.array(_h.glu(np.asarray(gate), np.asarray(up), kind))
 
 
-def rms_norm(x, w: mx.array, eps: float):
+def rms_norm(x, w: mx.array | None = None, eps: float = 1e-6):
+    if w is None:  # no scale (Gemma 4's value norm): MLX's norm
+        return _reference.rms_norm(_as_mx(x), None, eps)
     return _h.rms_norm(x, w, eps) if _is_host(x) else _reference.rms_norm(x, w, eps)
+
+
+def select_layer(x, index: int):
+    return x[..., index, :]
 
 
 def layer_norm(x, w: mx.array, b: mx.array | None, eps: float):
@@ -201,7 +209,7 @@ def layer_norm(x, w: mx.array, b: mx.array | None, eps: float):
 
 def add(a, b):
     if _is_host(a) or _is_host(b):
-        return np.add(_h.table(a), _h.table(b))
+        return _h.binary(np.add, a, b)
     return _reference.add(a, b)
 
 
@@ -231,7 +239,7 @@ def pad_axis(x, axis: int, after: int, before: int = 0):
 
 def mul(a, b):
     if _is_host(a) or _is_host(b):
-        return np.multiply(_h.table(a), _h.table(b))
+        return _h.binary(np.multiply, a, b)
     return _reference.mul(a, b)
 
 

@@ -24,7 +24,7 @@ def embedding(ids: mx.array, table: mx.array) -> mx.array:
     return table[ids]
 
 
-def rms_norm(x: mx.array, w: mx.array, eps: float) -> mx.array:
+def rms_norm(x: mx.array, w: mx.array | None = None, eps: float = 1e-6) -> mx.array:
     return mx.fast.rms_norm(x, w, eps)
 
 
@@ -159,13 +159,15 @@ def yarn_inv_freq(theta: float, dim: int, factor: float, beta_fast: float, beta_
 def rope_freqs(positions: mx.array, kind: str, dim: int, theta: float,
                sections: list[int] | None = None, factor: float = 1.0, beta_fast: float = 32.0,
                beta_slow: float = 1.0, original_max: int = 0, truncate: bool = True,
-               attention_factor: float = 1.0) -> tuple[mx.array, mx.array]:
+               attention_factor: float = 1.0, rotated: int | None = None) -> tuple[mx.array, mx.array]:
     pos = positions.astype(mx.float32)
     if kind in ("default", "yarn"):
         if kind == "yarn":
             inv = yarn_inv_freq(theta, dim, factor, beta_fast, beta_slow, original_max, truncate)
         else:
             inv = _inv_freq(theta, dim) if factor == 1.0 else _inv_freq(theta, dim) / factor  # linear scaling
+            if rotated is not None:  # proportional rope: the later frequencies are 0 (no rotation)
+                inv = mx.where(mx.arange(dim // 2) < rotated, inv, 0.0)
         freqs = pos[..., None] * inv                               # [B, L, D/2]
         freqs = freqs[:, None]                                     # [B, 1, L, D/2]
         if kind == "yarn":
@@ -239,6 +241,39 @@ def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.arra
     if softcap is not None:
         return finish(softcapped_attention(q, keys, values, mask, scale=scale, softcap=softcap))
     return finish(mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask))
+
+
+def shared_attention(q: mx.array, cache, mask: mx.array | None = None, *, scale: float) -> mx.array:
+    """Attention over every token another layer's cache holds, writing nothing."""
+    q, keys, values, finish = cache.read_inputs(q)
+    return finish(mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale,
+                                                       mask=cache.mask_for(mask, q.shape[2])))
+
+
+def ordered_logits(h: mx.array, centroids: mx.array, ordering: mx.array, head: mx.array, *, top_k: int) -> mx.array:
+    lead, dim = h.shape[:-1], h.shape[-1]
+    c, v = centroids.shape[0], head.shape[0]
+    x = h.reshape(-1, dim)
+    top = mx.argpartition(-(x @ centroids.T.astype(x.dtype)), kth=top_k - 1, axis=-1)[:, :top_k]   # [N, K]
+    tokens = ordering.astype(mx.int32).reshape(c, v // c)[top].reshape(x.shape[0], -1)            # [N, K V/C]
+    picked = (head[tokens].astype(x.dtype) @ x[:, :, None])[..., 0]                               # [N, K V/C]
+    out = mx.full((x.shape[0], v), picked.min() - 1.0, dtype=x.dtype)
+    return mx.put_along_axis(out, tokens, picked, axis=-1).reshape(*lead, v)
+
+
+def remap_ids(ids: mx.array, tokens: list[int], to: int) -> mx.array:
+    hit = mx.zeros(ids.shape, dtype=mx.bool_)
+    for t in tokens:
+        hit = mx.logical_or(hit, ids == t)
+    return mx.where(hit, mx.array(to, dtype=ids.dtype), ids)
+
+
+def select_layer(x: mx.array, index: int) -> mx.array:
+    return x[..., index, :]
+
+
+def clip(x: mx.array, lo: mx.array | None = None, hi: mx.array | None = None) -> mx.array:
+    return mx.clip(x, lo, hi)
 
 
 def softcapped_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None, *, scale: float,

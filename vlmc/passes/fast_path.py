@@ -22,25 +22,32 @@ def decode_layer_fast_path(fn: Function) -> Op | None:
     -> gate_up -> split -> glu (silu, quick_gelu, gelu_tanh) -> down [-> post-MLP norm]
     -> + h. The rotary tables may be block inputs or a per-layer choice among them (``$``:
     Gemma 3's local and global tables). Any other body (or wiring) gets None."""
+    return decode_layer_match(fn)[0]
+
+
+def decode_layer_match(fn: Function) -> tuple[Op | None, str]:
+    """(the ``decode_layer`` op, "") or (None, why this body is not one): the first place
+    where its data flow leaves the pattern, for ``lower``'s notes."""
     try:
-        return _match(fn)
-    except _NoMatch:
-        return None
+        return _match(fn), ""
+    except _NoMatch as e:
+        return None, str(e)
 
 
 def _match(fn: Function) -> Op:
     made = {o: op for op in fn.ops for o in op.outputs}
     seen: set[int] = set()
 
-    def need(cond) -> None:
+    def need(cond, why: str = "its wiring differs from the pattern") -> None:
         if not cond:
-            raise _NoMatch
+            raise _NoMatch(why)
 
     def prod(v: str, kind: str, **attrs) -> Op:
         """The op of this kind (proj: linear/qlinear) that makes v, with these attrs."""
         op = made.get(v)
-        need(op is not None and (op.op == kind or (kind == "proj" and op.op in _PROJ)))
-        need(all(op.attrs.get(k) == a for k, a in attrs.items()))
+        need(op is not None and (op.op == kind or (kind == "proj" and op.op in _PROJ)),
+             f"{v} is made by {'no op' if op is None else op.op} where the pattern has {kind}")
+        need(all(op.attrs.get(k) == a for k, a in attrs.items()), f"{op.op} making {v} has other attributes")
         seen.add(id(op))
         return op
 
@@ -61,21 +68,22 @@ def _match(fn: Function) -> Op:
         op = made.get(v)
         return norm(v) if op is not None and op.op == "rms_norm" else (v, None, None)
 
-    need(len(fn.outputs) == 1 and len(fn.inputs) >= 5)
+    need(len(fn.outputs) == 1 and len(fn.inputs) >= 5, "it does not take (x, rope tables, mask, cache)")
     x, mask, cache = fn.inputs[0], fn.inputs[-2], fn.inputs[-1]
-    need(fn.types[cache].dtype == "kvcache")
+    need(fn.types[cache].dtype == "kvcache", "its last input is not a KV cache")
     add2 = prod(fn.outputs[0], "add")
     for h, m in (add2.inputs, add2.inputs[::-1]):
         op = made.get(h)
         if op is not None and op.op == "add" and x in op.inputs:
             break
     else:
-        raise _NoMatch
+        raise _NoMatch("its output is not a second residual add")
     # the MLP: m = [post_ff](down(glu(split(gate_up(norm2(h))))))
     d_out, post_ff, eps_pf = maybe_norm(m)
     g, d_w, d_b = proj(d_out)
     glu = prod(g, "glu")
-    need(glu.attrs.get("kind") in _GATES and len(glu.inputs) == 2)
+    need(glu.attrs.get("kind") in _GATES and len(glu.inputs) == 2,
+         f"the MLP gate {glu.attrs.get('kind')} is not one the C layer computes ({', '.join(_GATES)})")
     sp2 = prod(glu.inputs[0], "split")
     inter = sp2.attrs.get("sizes", [None])[0]
     need(list(sp2.outputs) == glu.inputs and sp2.attrs.get("sizes") == [inter, inter] and isinstance(inter, int))
@@ -92,11 +100,12 @@ def _match(fn: Function) -> Op:
     rq, rk = prod(att.inputs[0], "rope"), prod(att.inputs[1], "rope")
     d = fn.types[rq.outputs[0]].shape[-1]
     heads, kv_heads = fn.types[rq.outputs[0]].shape[1], fn.types[rk.outputs[0]].shape[1]
-    need(all(isinstance(n, int) for n in (d, heads, kv_heads)))
+    need(all(isinstance(n, int) for n in (d, heads, kv_heads)), "its head counts are not fixed numbers")
     need(made[r_out].attrs.get("shape") == [0, 0, heads * d])
-    need(att.inputs[3:5] == [cache, mask] and len(att.inputs) == 5)
+    need(att.inputs[3:5] == [cache, mask] and len(att.inputs) == 5, "its attention does not read the block's cache and mask")
     cos, sin = rq.inputs[1:]
-    need(rk.inputs[1:] == [cos, sin] and all(t in fn.inputs or t.startswith("$") for t in (cos, sin)))
+    need(rk.inputs[1:] == [cos, sin] and all(t in fn.inputs or t.startswith("$") for t in (cos, sin)),
+         "q and k do not share rope tables that are block inputs")
 
     def head_of(v: str, n: int, normed: bool) -> tuple[str, str | None, float | None]:
         """The split output whose [B, n, L, D] heads v is (reshape, [rms_norm,] transpose)."""
@@ -113,7 +122,8 @@ def _match(fn: Function) -> Op:
     n1, qkv_w, qkv_b = proj(sp.inputs[0])
     x_in, norm1, eps1 = norm(n1)
     need(x_in == x and (q_norm is None) == (k_norm is None))
-    need(len(seen) == len(fn.ops))  # nothing else in the body
+    extra = [op.op for op in fn.ops if id(op) not in seen]
+    need(not extra, f"the body has ops beyond a decoder layer: {', '.join(sorted(set(extra)))}")
     attrs = {"eps1": eps1, "eps2": eps2, "heads": heads, "kv_heads": kv_heads, "head_dim": d, "inter": inter,
              "scale": att.attrs["scale"], "act": glu.attrs["kind"]}
     optional = [q_norm, k_norm, post_attn, post_ff]

@@ -97,7 +97,7 @@ def _fuse_add_norm(fn: Function) -> int:
     fused = 0
     for norm in [op for op in fn.ops if op.op == "rms_norm"]:
         add = sums.pop(norm.inputs[0], None)
-        if add is None or not norm.inputs[1].startswith("@"):
+        if add is None or len(norm.inputs) < 2 or norm.inputs[1] is None or not norm.inputs[1].startswith("@"):
             continue
         if not (fn.types[add.inputs[0]].shape == fn.types[add.inputs[1]].shape == fn.types[add.outputs[0]].shape):
             continue

@@ -12,6 +12,14 @@ which the runtime's caches follow):
 - ``turboquant``: rotated, codebook-coded vectors with ``k_bits``/``v_bits`` (2-4); a
   fractional ``kv_bits`` such as 3.5 means 3-bit keys and 4-bit values.
 
+A decoder whose attention layers differ in shape (Gemma 4: global layers with a wider head
+than the sliding-window ones) has one attention block per shape; each row names its
+decoder ``layer`` and, where they differ from the decoder's, its ``kv_heads`` and
+``head_dim``, which the plan copies into the layer's ``kv`` (the runtime's caches read
+them). The plan then lists the cache-owning layers in decoder order (``meta
+["cache_layers"]``). Layers that read another layer's cache (``shared_attention``: Gemma 4's
+KV-shared layers) own none.
+
 Linear-attention layers (a block with a ``gated_delta_rule``) keep a ``recurrent`` state
 instead: a fixed [heads, key_dim, value_dim] float32 matrix plus the causal convolution's
 last inputs per sequence, planned in bytes per sequence (``bytes_per_sequence``), whatever
@@ -74,11 +82,13 @@ def kv_layout(prog: Program, options: KVOptions | None = None, target: str = "cp
     blocks, states = attention_blocks(prog), recurrent_blocks(prog)
     if not blocks:
         return prog, "no attention layers with a KV cache: nothing to plan"
-    if len(blocks) > 1:
-        raise ValueError(f"one decoder block is planned; this program has {len(blocks)}")
-    blk = blocks[0]
     text = prog.meta["text"]
     compute = compute_dtype(target, prog.meta.get("dtype", "float32"))
+    if len(blocks) > 1 or any("head_dim" in L for L in blocks[0].layers):
+        if states:
+            raise ValueError("a decoder with several attention blocks and recurrent layers is not planned")
+        return _plan_blocks(prog, blocks, text, compute, options or KVOptions())
+    blk = blocks[0]
     specs, summary_meta, summary = plan(
         blk.layers, kv_heads=text["num_kv_heads"], head_dim=text["head_dim"], compute=compute,
         max_context=text["max_position_embeddings"], options=options or KVOptions())
@@ -99,6 +109,36 @@ def kv_layout(prog: Program, options: KVOptions | None = None, target: str = "cp
                    f"full-attention layers: {summary}")
     prog.meta["kv_plan"] = summary_meta
     return prog, summary
+
+
+def _plan_blocks(prog: Program, blocks: list[Block], text: dict[str, Any], compute: str,
+                 options: KVOptions) -> tuple[Program, str]:
+    """Several attention blocks (layers of different shapes): each planned with its own
+    head count and head dim; the cache list is their layers in decoder order."""
+    rows, metas, summaries = [], [], []
+    for blk in blocks:
+        first = blk.layers[0]
+        heads, dim = int(first.get("kv_heads", text["num_kv_heads"])), int(first.get("head_dim", text["head_dim"]))
+        specs, meta, summary = plan(blk.layers, kv_heads=heads, head_dim=dim, compute=compute,
+                                    max_context=text["max_position_embeddings"], options=options)
+        for layer, spec in zip(blk.layers, specs):
+            if "layer" not in layer:
+                raise ValueError(f"block {blk.name}: a decoder with several attention blocks names each row's layer")
+            extra = {k: int(layer[k]) for k in ("kv_heads", "head_dim") if k in layer}
+            layer["kv"] = {**spec, **extra}
+        rows += blk.layers
+        metas.append(meta)
+        summaries.append(f"{blk.name}: {summary}")
+    order = sorted(rows, key=lambda L: L["layer"])
+    if [L["layer"] for L in order] != list(range(len(order))):
+        raise ValueError("the attention blocks' layers must be the decoder's first layers, each once")
+    prog.meta["cache_layers"] = [{"index": L["layer"], "kv": L["kv"]} for L in order]
+    total = {k: sum(m[k] for m in metas) for k in ("bytes_per_token", "bytes_at_context",
+                                                     "dense_bfloat16_bytes_per_token")}
+    prog.meta["kv_plan"] = {**metas[0], **total, "notes": sorted({n for m in metas for n in m["notes"]}),
+                            "ratio_to_dense_bfloat16": round(total["bytes_per_token"]
+                                                             / total["dense_bfloat16_bytes_per_token"], 4)}
+    return prog, "; ".join(summaries)
 
 
 def bytes_per_token(spec: dict[str, Any], kv_heads: int, head_dim: int, compute: str) -> int:

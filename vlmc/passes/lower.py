@@ -19,7 +19,7 @@ from __future__ import annotations
 from ..ir.core import COMPUTE, Op, Program, TensorType
 from ..ir.infer import infer_types
 from ..ir.ops import fast_path_reads
-from .fast_path import decode_layer_fast_path
+from .fast_path import decode_layer_match
 from .manager import register
 
 LIBRARIES = {"cpu": "cpu_ops", "metal": "gpu_ops", "cuda": "gpu_ops"}
@@ -37,8 +37,10 @@ def lower(prog: Program, target: str = "cpu", decode_layer: bool = True) -> tupl
     notes = []
     if target == "cpu" and decode_layer:
         for blk in prog.blocks.values():
-            fast = decode_layer_fast_path(blk.body)
+            fast, why = decode_layer_match(blk.body)
             if fast is None:
+                if any(blk.body.types[v].dtype == "kvcache" for v in blk.body.inputs):  # a decoder block
+                    notes.append(f"no decode_layer fast path for {blk.name}: {why}")
                 continue
             unread = [L["index"] for L in blk.layers if not fast_path_reads(fast.op, L.get("kv", {}))]
             if unread:  # the planned caches decide: no fast path that could never fire

@@ -276,7 +276,7 @@ class VLM:
         rng = np.random.default_rng(params.seed)
         context = list(prompt.ids)
         drafter, length, cost = speculation.drafter, speculation.length(), speculation.cost()
-        state = drafter.start(prompt.ids, prompt)
+        state = drafter.start(prompt.ids, prompt, seqs)
         token, _ = decide(sampler.process(logits, [context] if penalty else None)[0], None, None,
                           greedy=params.greedy, rng=rng)
         if stats is not None:

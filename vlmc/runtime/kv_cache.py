@@ -144,6 +144,17 @@ class KVCache:
         values = vc.decode_rotated(self.parts("v")).astype(self.dtype)
         return q_rot, keys, values, lambda out: (out.astype(mx.float32) @ vc.rotation.T).astype(q.dtype)
 
+    def read_inputs(self, q: mx.array):
+        """As ``attention_inputs``, over the tokens held, storing nothing: a layer that reads
+        the keys and values another layer wrote this step (KV sharing)."""
+        kc, vc = self.codecs["k"], self.codecs["v"]
+        if not hasattr(kc, "decode_rotated"):
+            return q, kc.decode(self.parts("k"), self.dtype), vc.decode(self.parts("v"), self.dtype), lambda out: out
+        q_rot = (q.astype(mx.float32) @ kc.rotation).astype(q.dtype)
+        keys = kc.decode_rotated(self.parts("k")).astype(self.dtype)
+        values = vc.decode_rotated(self.parts("v")).astype(self.dtype)
+        return q_rot, keys, values, lambda out: (out.astype(mx.float32) @ vc.rotation.T).astype(q.dtype)
+
     def mask_for(self, mask: mx.array | None, queries: int) -> mx.array | None:
         """The attention mask over the held keys (the engine's mask covers all positions)."""
         return mask
@@ -333,7 +344,9 @@ def make_caches(plan: list[dict] | int, batch: int, kv_heads: int, head_dim: int
                 dtype=mx.float32) -> list[KVCache]:
     """One cache per layer of ``plan`` (the manifest's ``kv_plan`` layer entries, each with a
     ``kv`` layout), or ``plan`` dense caches when given a layer count. A ``recurrent``
-    layer (linear attention) gets a ``StateCache``."""
+    layer (linear attention) gets a ``StateCache``. A layer whose ``kv`` names its own
+    ``kv_heads`` / ``head_dim`` (a decoder whose layers differ, Gemma 4's global layers)
+    gets those instead of the decoder's."""
     if isinstance(plan, int):
         return [KVCache(batch, kv_heads, head_dim, dtype) for _ in range(plan)]
     caches: list[KVCache] = []
@@ -344,11 +357,12 @@ def make_caches(plan: list[dict] | int, batch: int, kv_heads: int, head_dim: int
             from .state_cache import StateCache
             caches.append(StateCache(batch, dtype, sizes=spec))
             continue
-        codecs = dict(k_codec=make_codec(spec, "k", head_dim, dtype, i), v_codec=make_codec(spec, "v", head_dim, dtype, i))
+        heads, dim = int(spec.get("kv_heads", kv_heads)), int(spec.get("head_dim", head_dim))
+        codecs = dict(k_codec=make_codec(spec, "k", dim, dtype, i), v_codec=make_codec(spec, "v", dim, dtype, i))
         if spec.get("window"):
-            caches.append(RotatingKVCache(batch, kv_heads, head_dim, dtype, window=int(spec["window"]), **codecs))
+            caches.append(RotatingKVCache(batch, heads, dim, dtype, window=int(spec["window"]), **codecs))
         else:
-            caches.append(KVCache(batch, kv_heads, head_dim, dtype, **codecs))
+            caches.append(KVCache(batch, heads, dim, dtype, **codecs))
     return caches
 
 

@@ -16,10 +16,10 @@ The caches keep the accepted tokens and forget the rest (``Sequences.trim``).
 
 Drafters share one interface (``Drafter``): ``PromptLookup`` matches the context's last
 n-gram earlier in the prompt and the reply and proposes what followed; ``DraftModel`` runs a
-smaller artifact with a compatible tokenizer on the text. ``hidden_layers`` and
-``shares_target_kv`` are the hooks drafters that read the target's hidden states or share its
-KV cache declare (such drafters are built with their target's family); the step loop hands them what they
-ask for.
+smaller artifact with a compatible tokenizer on the text; ``SharedKVDrafter`` runs a
+drafter artifact that has no cache of its own and reads the target's (a multi-token
+prediction assistant such as Gemma 4's): ``start`` hands every drafter the target's
+``Sequences``, whose caches and last hidden states (``hidden_at``) such a drafter reads.
 """
 from __future__ import annotations
 
@@ -148,18 +148,17 @@ class Draft:
 class Drafter:
     """Proposes up to k tokens to follow a sequence's context.
 
-    ``start(prompt_ids, prompt)`` makes the per-sequence state; ``propose(state, context, k,
-    sampler, rng)`` drafts (``context``: every token so far, prompt included; ``sampler``: the
-    request's, whose settings a sampling drafter applies to its own logits); ``accepted(state,
-    context)`` tells the drafter which context the target kept (it rewinds what it must).
-    ``hidden_layers``: target layers whose hidden states the drafter reads (EAGLE-3, DFlash);
-    ``shares_target_kv``: it reads the target's KV cache (MTP assistants)."""
+    ``start(prompt_ids, prompt, target)`` makes the per-sequence state (``target``: the
+    target's ``step.Sequences`` of this one sequence, prefilled: its caches and its last
+    step's hidden states, for drafters that read them); ``propose(state, context, k,
+    sampler, rng)`` drafts (``context``: every token so far, prompt included, the last one not
+    yet in the target's caches; ``sampler``: the request's, whose settings a sampling drafter
+    applies to its own logits); ``accepted(state, context)`` tells the drafter which context
+    the target kept (it rewinds what it must)."""
 
     name = "drafter"
-    hidden_layers: tuple[int, ...] = ()
-    shares_target_kv = False
 
-    def start(self, prompt_ids: Sequence[int], prompt: Any = None) -> Any:
+    def start(self, prompt_ids: Sequence[int], prompt: Any = None, target: Any = None) -> Any:
         return None
 
     def propose(self, state: Any, context: Sequence[int], k: int, sampler: Any = None,
@@ -189,7 +188,7 @@ class PromptLookup(Drafter):
         last: dict = field(default_factory=dict)        # n-gram -> end position of its latest occurrence
         prev: dict = field(default_factory=dict)        # ... and of the one before it
 
-    def start(self, prompt_ids: Sequence[int], prompt: Any = None) -> Any:
+    def start(self, prompt_ids: Sequence[int], prompt: Any = None, target: Any = None) -> Any:
         return PromptLookup._Index()
 
     def _index(self, state: "_Index", context: Sequence[int]) -> None:
@@ -237,7 +236,7 @@ class DraftModel(Drafter):
         seqs: Any = None
         fed: list = field(default_factory=list)          # the text tokens in the draft's caches
 
-    def start(self, prompt_ids: Sequence[int], prompt: Any = None) -> Any:
+    def start(self, prompt_ids: Sequence[int], prompt: Any = None, target: Any = None) -> Any:
         return DraftModel._State()
 
     def _text(self, context: Sequence[int]) -> list[int]:
@@ -315,6 +314,78 @@ class DraftModel(Drafter):
             state.fed = state.fed[:common]
 
 
+class SharedKVDrafter(Drafter):
+    """A drafter artifact with no cache of its own (``meta["drafter"]["kind"] == "shared_kv"``):
+    each step of its ``draft`` entry point takes [the target's embedding of the last token |
+    a hidden state of the target's width] at the last token's position and attends over the
+    target's caches (those ``meta["kv_producers"]`` names for the kinds the drafter lists),
+    and returns (logits, the next step's hidden state). The first step takes the target's
+    final hidden state at the token before the last (the one that predicted it); every
+    drafted token is fed back the same way, at the same position. Drafts greedily (a
+    deterministic drafter: exact under sampling too, by the acceptance rule)."""
+
+    name = "shared-kv"
+
+    def __init__(self, draft: Any, target: Any):
+        spec = draft.meta.get("drafter") or {}
+        if spec.get("kind") != "shared_kv":
+            raise InputError("the draft model is not a drafter that reads its target's caches")
+        producers = target.meta.get("kv_producers")
+        if not producers:
+            raise InputError("this target exposes no caches a shared-KV drafter can read "
+                             f"(its family: {target.meta.get('family')})")
+        if int(draft.meta["text"]["vocab_size"]) != int(target.meta["text"]["vocab_size"]) or \
+                int(spec["hidden_size"]) != int(target.meta["text"]["hidden_size"]):
+            raise InputError("the draft model was not made for this target (vocabulary or hidden size differ)")
+        layers = {int(L["index"]): L.get("kv") or {} for L in target.kv_layers}
+        self.sources: list[int | None] = []
+        for kind in spec["caches"]:
+            src = producers.get(kind)
+            want = (spec.get("cache_shapes") or {}).get(kind)
+            if want is not None:
+                if src is None:
+                    raise InputError(f"the draft model reads the target's {kind} cache, which it has none of")
+                kv = layers.get(int(src), {})
+                have = [int(kv.get("kv_heads", target.meta["text"]["num_kv_heads"])),
+                        int(kv.get("head_dim", target.meta["text"]["head_dim"]))]
+                if have != list(want):
+                    raise InputError(f"the draft model reads {kind} caches of {want} (heads, head dim); the "
+                                     f"target's are {have}")
+            self.sources.append(None if src is None else int(src))
+        self.vlm, self.target = draft, target
+        self.entry = getattr(draft.model, spec.get("entry", "draft"))
+        self.width = int(target.meta["text"]["hidden_size"])
+
+    @dataclass
+    class _State:
+        seqs: Any = None
+        logits: list = field(default_factory=list)   # the last draft's logits, one row per token
+
+    def start(self, prompt_ids: Sequence[int], prompt: Any = None, target: Any = None) -> Any:
+        """``target`` None (the batching loop, whose rows share one batch of caches): no drafts."""
+        return SharedKVDrafter._State(seqs=target)
+
+    def propose(self, state: "_State", context: Sequence[int], k: int, sampler: Any = None,
+                rng: np.random.Generator | None = None) -> Draft:
+        seqs = state.seqs
+        if seqs is None or seqs.batch != 1 or k <= 0 or len(context) < 2 or seqs.offset != len(context) - 1:
+            return Draft([])
+        room = self.vlm.max_context - len(context) - 1
+        k = min(k, room)
+        hidden = seqs.hidden_at(len(context) - 2)   # the target's state that predicted the last token
+        caches = [None if s is None else seqs.caches[s] for s in self.sources]
+        pos = mx.array([[len(context) - 1]], dtype=mx.int32)
+        token, tokens, state.logits = int(context[-1]), [], []
+        for _ in range(k):
+            emb = self.target.model.embed(ids=mx.array([[token]], dtype=mx.int32))[..., :self.width]
+            x = mx.concatenate([emb.astype(hidden.dtype), hidden], axis=-1)
+            logits, hidden = self.entry(x=x, positions=pos, mask=None, caches=caches)
+            token = int(mx.argmax(logits[0, -1]).item())
+            tokens.append(token)
+            state.logits.append(logits[0, -1])
+        return Draft(tokens)
+
+
 def check_tokenizers(draft: Any, target: Any) -> None:
     """A draft model must name every token id it can propose as the target does (the ids
     both vocabularies have), and must not be the target's own size or larger in a way that
@@ -341,7 +412,11 @@ def make_drafter(target: Any, *, draft: Any = None, prompt_lookup: bool = False,
     if draft is not None and prompt_lookup:
         raise InputError("give either a draft model or prompt lookup, not both")
     if draft is not None:
-        return draft if isinstance(draft, Drafter) else DraftModel(draft, target)
+        if isinstance(draft, Drafter):
+            return draft
+        if (draft.meta.get("drafter") or {}).get("kind") == "shared_kv":
+            return SharedKVDrafter(draft, target)
+        return DraftModel(draft, target)
     if prompt_lookup:
         return PromptLookup(ngram=ngram)
     return None

@@ -86,6 +86,10 @@ class Sequences:
         # (a prefill step ends there), and what was kept: row -> column -> one dict per such layer
         self.keep_states: list[set[int]] = [set() for _ in range(len(self.starts))]
         self.states: list[dict[int, list[dict[str, mx.array]]]] = [{} for _ in range(len(self.starts))]
+        # (column of the first row, rows [B, n, D]): the final hidden states of the last
+        # step, for programs whose entry points return them beside the logits (a drafter
+        # that reads the target's hidden state asks ``hidden_at``)
+        self.hidden: tuple[int, mx.array] | None = None
 
     # ------------------------------------------------------------------ making a batch
     @classmethod
@@ -168,9 +172,9 @@ class Sequences:
         lo = self.prefilled
         hi = self.prompt_width if chunk is None else min(self.prompt_width, lo + chunk)
         hi = self._chunk_end(min([hi, *(c for cols in self.keep_states for c in cols if lo < c < hi)]))
-        logits = self.decoder.model.prefill(embeds=embeds[:, lo:hi],
-                                            positions=self.decoder.program_positions(positions[..., lo:hi]),
-                                            mask=self._mask(hi - lo), caches=self.caches)[:, -1]
+        logits = self._keep_hidden(self.decoder.model.prefill(
+            embeds=embeds[:, lo:hi], positions=self.decoder.program_positions(positions[..., lo:hi]),
+            mask=self._mask(hi - lo), caches=self.caches), hi - 1)[:, -1]
         self.prefilled = hi
         kept = []
         for b, cols in enumerate(self.keep_states):
@@ -181,6 +185,22 @@ class Sequences:
             mx.eval(logits, kept)
         return logits
 
+    def _keep_hidden(self, out, first: int) -> mx.array:
+        """The logits of an entry point's output; hidden states beside them are kept."""
+        if isinstance(out, (tuple, list)):
+            out, hidden = out
+            self.hidden = (first, hidden)
+        return out
+
+    def hidden_at(self, column: int) -> mx.array:
+        """The final hidden state [B, 1, D] the last step computed at this cache column."""
+        if self.hidden is None:
+            raise ValueError("this program's steps return no hidden states")
+        first, rows = self.hidden
+        if not 0 <= column - first < rows.shape[1]:
+            raise ValueError(f"column {column} is not among the last step's rows ({first}..{first + rows.shape[1] - 1})")
+        return rows[:, column - first:column - first + 1]
+
     def _new_positions(self, n: int) -> np.ndarray:
         pos = self.next_pos[:, None] + np.arange(n)[None]                  # [B, n]
         return np.broadcast_to(pos[None], (self.decoder.position_streams, *pos.shape))
@@ -188,8 +208,10 @@ class Sequences:
     def decode(self, tokens: mx.array) -> mx.array:
         """One new token per sequence ([B] or [B, 1]) -> the next-token logits [B, V]."""
         ids = tokens.reshape(-1, 1).astype(mx.int32)
-        logits = self.decoder.model.decode(ids=ids, positions=self.decoder.program_positions(self._new_positions(1)),
-                                           mask=self._mask(1), caches=self.caches)[:, -1]
+        first = self.offset
+        logits = self._keep_hidden(self.decoder.model.decode(
+            ids=ids, positions=self.decoder.program_positions(self._new_positions(1)), mask=self._mask(1),
+            caches=self.caches), first)[:, -1]
         self.next_pos = self.next_pos + 1
         return logits
 
@@ -197,8 +219,10 @@ class Sequences:
         """Several new tokens per sequence [B, n] -> the logits after each [B, n, V]."""
         ids = tokens.astype(mx.int32)
         n = ids.shape[1]
-        logits = self.decoder.model.verify(ids=ids, positions=self.decoder.program_positions(self._new_positions(n)),
-                                           mask=self._mask(n), caches=self.caches)
+        first = self.offset
+        logits = self._keep_hidden(self.decoder.model.verify(
+            ids=ids, positions=self.decoder.program_positions(self._new_positions(n)), mask=self._mask(n),
+            caches=self.caches), first)
         self.next_pos = self.next_pos + n
         return logits
 

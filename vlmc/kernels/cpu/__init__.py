@@ -36,6 +36,7 @@ from ...errors import InputError
 from .. import quant as _quant
 from ..dtypes import bf16_bits
 from .. import reference as _reference
+from . import scratch as _scratch
 from . import build as _build
 
 __all__ = ["linear", "qlinear", "qembedding", "dequantize", "widen", "enabled", "available", "library",
@@ -210,11 +211,11 @@ def _x2d(x, K: int) -> np.ndarray:
     """Activations (an mx.array, or a float32 numpy array) as a C-contiguous float32
     [M, K] numpy array (evaluates an mx.array)."""
     if type(x) is np.ndarray:
-        n = np.ascontiguousarray(x, dtype=np.float32)
+        n = _scratch.contiguous(x)
     else:
         n = np.asarray(x if x.dtype == _F32 else x.astype(_F32))
         if not n.flags.c_contiguous:
-            n = np.ascontiguousarray(n)
+            n = _scratch.contiguous(n)
     return n if n.ndim == 2 else n.reshape(-1, K)
 
 
@@ -267,7 +268,7 @@ def linear(x: mx.array, w: mx.array, b: mx.array | None = None, *, host: bool = 
     wh = _host(w)
     bh = _host(b, as_f32=True) if b is not None else None
     if M <= GEMV_MAX_ROWS and lib is not None:
-        y = np.empty((M, N), np.float32)
+        y = _scratch.empty((M, N), np.float32)
         fn = lib.vlmc_gemv_f32 if w.dtype == mx.float32 else lib.vlmc_gemv_bf16
         _check(fn(xn.ctypes.data, M, K, wh.ptr, N, bh.ptr if bh else None, y.ctypes.data, n_threads), "gemv")
         return _finish(y, lead, out_dtype, host)
@@ -291,9 +292,9 @@ def _bf16_rows(lib, wh: _Host, n0: int, n1: int, K: int, out: np.ndarray) -> Non
 def _sliced_gemm(xn: np.ndarray, N: int, K: int, fill) -> np.ndarray:
     """x @ W.T where W's rows are produced as float32 slices by ``fill(n0, n1, out)``."""
     M = xn.shape[0]
-    y = np.empty((M, N), np.float32)
+    y = _scratch.empty((M, N), np.float32)
     rows = max(64, GEMM_SLICE_ELEMS // max(K, 1))
-    buf = np.empty((min(rows, N), K), np.float32)
+    buf = _scratch.empty((min(rows, N), K), np.float32)
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
         wf = buf[: n1 - n0]
@@ -386,13 +387,13 @@ def qlinear(x: mx.array, w, scales=None, biases=None, b: mx.array | None = None,
         return mx.zeros((*lead, N), out_dtype)
     bias = _host(b, as_f32=True) if b is not None else None
     if M <= GEMV_MAX_ROWS:
-        y = np.empty((M, N), np.float32)
+        y = _scratch.empty((M, N), np.float32)
         _check(lib.vlmc_gemv_q(xn.ctypes.data, M, K, wh.ptr, sh.ptr, bh_.ptr, st, N, bits, group_size,
                                bias.ptr if bias else None, y.ctypes.data, n_threads), "gemv_q")
         return _finish(y, lead, out_dtype, host)
     if (group_size % 64 == 0 and M * N * K >= INT8_GEMM_MIN_MACS and st in (0, 1)
             and _int8 and lib.vlmc_gemm_q_i8_available()):
-        y = np.empty((M, N), np.float32)
+        y = _scratch.empty((M, N), np.float32)
         rc = lib.vlmc_gemm_q_i8(xn.ctypes.data, M, K, wh.ptr, sh.ptr, bh_.ptr, st, N, bits, group_size,
                                 bias.ptr if bias else None, y.ctypes.data, n_threads)
         if rc != -6:  # -6: a shape the kernel does not cover; the float GEMM below does

@@ -1,4 +1,4 @@
-"""Attention over many query rows (prefill, vision) on the CPU through numpy's BLAS.
+"""Attention over many query rows (prefill, vision) on the CPU: a one-pass C kernel, or BLAS.
 
 MLX's CPU backend runs ``scaled_dot_product_attention`` on its reference matmul, several
 times slower than numpy's BLAS on a vision layer's attention. Decode steps over a short
@@ -10,7 +10,9 @@ Per (sequence, KV head) the queries of every head sharing that KV head are stack
 grouped-query attention is one GEMM ``[group * L, D] @ [D, S]`` per block of query rows;
 blocks bound the score matrix to ``SCORE_BLOCK_ELEMS`` floats, and each block reads only the
 keys its rows attend to (per-image and per-frame masks: a video's frames cost their own
-blocks, not the whole clip squared). Semantics are those of
+blocks, not the whole clip squared). Each block runs through the one-pass C kernel
+(``vlmc_attention_rows``: scores of 8 query rows at a time kept in cache) where the CPU has
+AVX-512, else through BLAS with the C softmax. Semantics are those of
 ``mx.fast.scaled_dot_product_attention`` with a boolean mask (True = attend) or none.
 """
 from __future__ import annotations
@@ -21,11 +23,13 @@ import numpy as np
 from .. import reference as _reference
 from . import _as_mx
 from .host import table
+from .scratch import empty
 
 # Query rows, or cached keys, from which the BLAS path beats MLX's SDPA.
 MIN_QUERY_ROWS = 16
 MIN_KEYS = 1024
 SCORE_BLOCK_ELEMS = 16 * 1024 * 1024  # float32 scores held at once (64 MB)
+FUSED_MIN_ROWS = 8  # query rows per head from which the one-pass kernel runs
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None, *,
@@ -44,7 +48,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
     mn = None if mask is None else np.asarray(mask)  # [B or 1, 1, L or 1, S]
     group = H // Hk
     Dv = vn.shape[-1]
-    out = np.empty((B, H, L, Dv), np.float32)
+    out = empty((B, H, L, Dv), np.float32)
     for b in range(B):
         keep = None if mn is None else np.broadcast_to(mn[b if mn.shape[0] > 1 else 0, 0], (L, S))
         for r0, r1, k0, k1 in _blocks(keep, L, S, group):
@@ -54,6 +58,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
             block_keep = None if keep is None else keep[r0:r1, k0:k1]
             if block_keep is not None:
                 block_keep = None if block_keep.all() else np.ascontiguousarray(block_keep)
+            if _fused(qn[b, :, r0:r1], kn[b, :, k0:k1], vn[b, :, k0:k1], out[b, :, r0:r1], scale, block_keep):
+                continue
             for h in range(Hk):
                 heads = slice(h * group, (h + 1) * group)
                 s = qn[b, heads, r0:r1].reshape(-1, D) @ kn[b, h, k0:k1].T  # [group * rows, keys]
@@ -63,6 +69,31 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
         return out
     y = mx.array(out)
     return y if out_dtype == mx.float32 else y.astype(out_dtype)
+
+
+def _fused(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, scale: float,
+           keep: np.ndarray | None) -> bool:
+    """One block through ``vlmc_attention_rows`` (q [Hq, rows, D], k/v [Hk, keys, D(v)],
+    every head at once, scores kept per tile of rows); False where it does not apply (no
+    AVX-512, a layout it does not read), so the BLAS path runs."""
+    from . import _get_lib, n_threads
+    lib = _get_lib()
+    if lib is None or scale <= 0 or any(a.dtype != np.float32 or a.strides[-1] != 4 or any(st % 4 for st in a.strides)
+                                        for a in (q, k, v, out)):
+        return False
+    (Hq, L, D), (Hk, S, _), Dv = q.shape, k.shape, v.shape[-1]
+    if L < FUSED_MIN_ROWS:  # its tiles are 8 query rows: a decode row over a long cache would compute 8
+        return False
+    st = [a.strides[i] // 4 for a in (q, k, v, out) for i in (0, 1)]
+    rc = lib.vlmc_attention_rows(q.ctypes.data, st[0], st[1], k.ctypes.data, st[2], st[3], v.ctypes.data, st[4], st[5],
+                                 out.ctypes.data, st[6], st[7], Hq, Hk, L, S, D, Dv, scale,
+                                 None if keep is None else keep.view(np.uint8).ctypes.data,
+                                 0 if keep is None else keep.shape[1], n_threads)
+    if rc == -6:
+        return False
+    if rc != 0:
+        raise ValueError(f"vlmc cpu kernel attention_rows rejected its arguments (code {rc})")
+    return True
 
 
 def _blocks(keep: np.ndarray | None, L: int, S: int, group: int) -> list[tuple[int, int, int, int]]:

@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import _check, _get_lib, _host
+from .scratch import contiguous, empty
 
 F32 = np.float32
 # x * sigmoid(a (x + c x^3)) activations: their (a, c). GELU-tanh, 0.5 x (1 + tanh(u)), is
@@ -48,8 +49,8 @@ def _norm_kernel(x: np.ndarray, w, b, eps: float, layer: int) -> np.ndarray | No
                                         for v in (wv, bv)):
         return None
     from . import n_threads
-    xc = np.ascontiguousarray(x, dtype=F32)
-    out = np.empty(x.shape, F32)
+    xc = contiguous(x)
+    out = empty(x.shape, F32)
     _check(lib.vlmc_norm(xc.ctypes.data, x.size // cols, cols, None if wv is None else wv.ctypes.data,
                          None if bv is None else bv.ctypes.data, eps, layer, out.ctypes.data, n_threads), "norm")
     return out
@@ -89,14 +90,14 @@ def _rows(a: np.ndarray):
     """(a, rows, cols, row stride) for a float32 array whose last axis is contiguous and
     whose leading axes collapse into one strided axis (column slices do); else a copy."""
     if a.dtype != F32 or a.ndim == 0:
-        a = np.ascontiguousarray(a, dtype=F32)
+        a = contiguous(a)
     cols = a.shape[-1] if a.ndim else 1
     rows = a.size // cols if cols else 0
     st = a.strides
     ok = (st[-1] == 4 and all(st[i] == st[i + 1] * a.shape[i + 1] for i in range(a.ndim - 2))
           and (rows <= 1 or st[-2] >= 4 * cols))  # no overlapping rows (broadcasts)
     if not ok:
-        a = np.ascontiguousarray(a)
+        a = contiguous(a)
         st = a.strides
     return a, rows, cols, (st[-2] // 4 if a.ndim > 1 and rows > 1 else cols)
 
@@ -110,7 +111,7 @@ def sigmoid_gate(x: np.ndarray, kind: str, up: np.ndarray | None = None) -> np.n
         from . import n_threads
         xa, rows, cols, x_ld = _rows(x)
         ua, _, _, up_ld = _rows(up) if up is not None else (None, 0, 0, 0)
-        out = np.empty(x.shape, F32)
+        out = empty(x.shape, F32)
         _check(lib.vlmc_sigmoid_gate(xa.ctypes.data, x_ld, None if ua is None else ua.ctypes.data, up_ld,
                                      out.ctypes.data, rows, cols, a, c, n_threads), "sigmoid_gate")
         return out
@@ -153,7 +154,21 @@ def glu(gate: np.ndarray, up: np.ndarray, kind: str) -> np.ndarray:
 
 
 def reshape(x: np.ndarray, shape: list) -> np.ndarray:
-    return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])
+    shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    try:
+        return np.reshape(x, shape, copy=False)
+    except ValueError:  # not expressible as a view: copy into pooled memory
+        return contiguous(x, x.dtype).reshape(shape)
+    except TypeError:  # numpy < 2.1 has no copy argument
+        return x.reshape(shape)
+
+
+def binary(ufunc, a, b) -> np.ndarray:
+    """``ufunc(a, b)`` for host operands, float32 results written to pooled memory."""
+    a, b = table(a), table(b)
+    if a.dtype == F32 and b.dtype == F32:
+        return ufunc(a, b, out=empty(np.broadcast_shapes(a.shape, b.shape), F32))
+    return ufunc(a, b)
 
 
 def split(x: np.ndarray, sizes: list[int], axis: int) -> list[np.ndarray]:
@@ -190,7 +205,7 @@ def _rope_kernel(x: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray | No
     ca = c.strides[0] // 4 if c.shape[0] > 1 else 0
     cl = c.strides[2] // 4 if nd == 4 and c.shape[2] > 1 else 0
     from . import n_threads
-    out = np.empty(x.shape, F32)
+    out = empty(x.shape, F32)
     _check(lib.vlmc_rope(x.ctypes.data, A, H, L, x.shape[-1], sa, sh, sl, c.ctypes.data, s.ctypes.data, ca, cl,
                          out.ctypes.data, n_threads), "rope")
     return out

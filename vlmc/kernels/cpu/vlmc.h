@@ -442,11 +442,18 @@ int vlmc_kv_affine_decode_n(const float *q, const uint8_t *kc, const uint16_t *k
 int vlmc_kv_turbo_decode_n(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
                            const float *kcb, const float *vcb, const int32_t *starts, int B, int H, int HKV, int D,
                            int T, int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads);
+/* attention_rows.c */
+int vlmc_attention_rows(const float *q, int64_t q_sh, int64_t q_sl, const float *k, int64_t k_sh, int64_t k_sl,
+                        const float *v, int64_t v_sh, int64_t v_sl, float *out, int64_t o_sh, int64_t o_sl,
+                        int64_t Hq, int64_t Hk, int64_t L, int64_t S, int64_t D, int64_t Dv, float scale,
+                        const uint8_t *keep, int64_t keep_ld, int n_threads);
 /* gemm_i8.c */
 int vlmc_gemm_q_i8_available(void);
 int vlmc_gemm_q_i8(const float *x, int M, int K, const uint32_t *w, const void *scales, const void *biases, int st,
                    int N, int bits, int gs, const float *bias, float *y, int n_threads);
 /* elementwise.c */
+/* softmax(scale * s) of one row in place; keep[c] = 0 masks key c (NULL: none) */
+VLMC_INTERNAL void softmax_row(float *s, long cols, float scale, const uint8_t *keep);
 int vlmc_softmax_rows(float *s, int64_t rows, int64_t cols, float scale, const uint8_t *keep, int64_t keep_rows,
                       int n_threads);
 int vlmc_sigmoid_gate(const float *x, int64_t x_ld, const float *up, int64_t up_ld, float *out, int64_t rows,

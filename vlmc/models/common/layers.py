@@ -316,28 +316,36 @@ def text_entry_points(prog: Program, w: Weights, tc: TextConfig, block: Block, p
         prog.functions[name] = fb.output(logits)
 
 
-def _hybrid_stack(fb: FunctionBuilder, x: str, rope: list[str], mask: str, caches: str,
-                  stack: Sequence[tuple[Block, Sequence[int]]], n_layers: int) -> str:
+def hybrid_stack(fb: FunctionBuilder, x: str, rope: list[str], mask: str, caches: str,
+                 stack: Sequence[tuple], n_layers: int, *, extra: Sequence[str] = ()) -> str:
     """The decoder layers of several blocks in decoder order: one ``select_caches`` per block,
-    one ``call_block`` per run of consecutive layers of the same block."""
+    one ``call_block`` per run of consecutive layers of the same block. A stack entry is
+    (block, its decoder layers) or (block, its decoder layers, the cache each layer reads):
+    by default a layer's own, the cache of another layer where it reads that one's (Gemma
+    4's KV-shared layers). ``extra``: inputs every block takes after the hidden state."""
     owner: dict[int, tuple[Block, int]] = {}
-    for blk, layers in stack:
+    for blk, layers, *_ in stack:
         for local, layer in enumerate(layers):
             owner[int(layer)] = (blk, local)
     if sorted(owner) != list(range(n_layers)):
         raise ValueError(f"the hybrid stack's blocks cover layers {sorted(owner)}, not 0..{n_layers - 1}")
-    mine = {blk.name: fb.op("select_caches", caches, layers=[int(i) for i in layers], name=f"caches_{blk.name}")
-            for blk, layers in stack}
+    mine = {entry[0].name: fb.op("select_caches", caches, layers=[int(i) for i in (entry[2] if len(entry) > 2
+                                                                                     else entry[1])],
+                                 name=f"caches_{entry[0].name}")
+            for entry in stack}
     layer = 0
     while layer < n_layers:
         blk, first = owner[layer]
         stop = layer
         while stop < n_layers and owner[stop][0] is blk:
             stop += 1
-        x = fb.op("call_block", x, *rope, mask, mine[blk.name], block=blk.name, start=first,
+        x = fb.op("call_block", x, *extra, *rope, mask, mine[blk.name], block=blk.name, start=first,
                   stop=first + stop - layer, name="x")
         layer = stop
     return x
+
+
+_hybrid_stack = hybrid_stack
 
 
 def finish(prog: Program, w: Weights, tc: TextConfig) -> Program:

@@ -8,6 +8,7 @@ from PIL import Image
 
 from ...errors import ArtifactError, SourceError
 from .clip_processor import ClipImageProcessor
+from .gemma4_processor import Gemma4ImageProcessor
 from .idefics3_processor import Idefics3ImageProcessor
 from .image_processing import COMMON_FIELDS, UNSUPPORTED_SWITCHES, ImageProcessor
 from .pixtral_processor import PixtralImageProcessor
@@ -15,10 +16,11 @@ from .qwen_vl_processor import Qwen2VLImageProcessor
 
 # spec kind -> processor class, and config kind -> the class that makes its spec
 KINDS: dict[str, type[ImageProcessor]] = {"qwen2_vl": Qwen2VLImageProcessor, "clip": ClipImageProcessor,
-                                          "idefics3": Idefics3ImageProcessor, "pixtral": PixtralImageProcessor}
+                                          "idefics3": Idefics3ImageProcessor, "pixtral": PixtralImageProcessor,
+                                          "gemma4": Gemma4ImageProcessor}
 CONFIG_KINDS: dict[str, type[ImageProcessor]] = {"qwen2_vl": Qwen2VLImageProcessor, "clip": ClipImageProcessor,
                                                  "siglip": ClipImageProcessor, "idefics3": Idefics3ImageProcessor,
-                                                 "pixtral": PixtralImageProcessor}
+                                                 "pixtral": PixtralImageProcessor, "gemma4": Gemma4ImageProcessor}
 
 
 def spec_from_preprocessor_config(cfg: dict, kind: str, **extra: Any) -> dict:

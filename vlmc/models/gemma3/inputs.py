@@ -5,7 +5,10 @@ The chat template writes ``<start_of_image>`` for an image; the processor replac
 "\\n\\n<start_of_image>" + ``<image_soft_token>`` x N + "<end_of_image>\\n\\n" in the *text*
 and then tokenizes, so the newlines merge with the text around them ("user\\n" + "\\n\\n"
 is one "\\n\\n\\n" token with Gemma's tokenizer). The expansion therefore re-tokenizes the
-prompt's text with the image sequences in place, with the artifact's tokenizer.
+prompt's text with the image sequences in place, with the artifact's tokenizer. An image
+that pan-and-scan cut into crops (rows > 1 in ``grid_thw``) becomes "Here is the original
+image <seq> and here are some crops to help you see better <seq> <seq> ...", one soft-token
+sequence per crop.
 """
 from __future__ import annotations
 
@@ -49,8 +52,14 @@ class Gemma3Inputs(Inputs):
         text = tok.decode(ids, skip_special_tokens=False)
         pieces = text.split(boi)
         out = pieces[0]
-        for piece, count in zip(pieces[1:], images.num_tokens):
-            out += f"\n\n{boi}{soft * count}{eoi}\n\n" + piece
+        per_row = int(self.settings["tokens_per_image"])
+        rows = images.grid_thw[:, 0].tolist() if images.grid_thw is not None else [1] * n_images
+        for piece, n in zip(pieces[1:], rows):
+            seq = f"\n\n{boi}{soft * per_row}{eoi}\n\n"
+            if n > 1:  # pan-and-scan: the image, then its crops, in Gemma3Processor's words
+                seq = (f"Here is the original image {seq} and here are some crops to help you see better "
+                       + " ".join([seq] * (n - 1)))
+            out += seq + piece
         expanded = tok.encode(out, add_special_tokens=False)
         if sum(1 for t in expanded if t == self.image_token_id) != sum(images.num_tokens):
             raise InputError(f"the prompt's text holds {soft!r} itself; images go in image parts")

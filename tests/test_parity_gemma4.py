@@ -1,0 +1,408 @@
+"""Gemma 4 (``gemma4``, ``gemma4_text``) against transformers on the tiny checkpoints of
+``tests/fixtures/gemma4.py``.
+
+Parity (as ``test_parity_gemma.py``): prompt ids equal to transformers' Gemma4Processor
+(the PIL image processor), each image's real patches equal to its padded pixel rows
+(within 1e-5) and its patch grid to its positions, float32 logits within 1e-4 at the last
+prompt position and at each of 16 greedy steps, the 16 greedy tokens identical: text only,
+one image, two images, an image in an earlier turn (and wide/tall images); sharded and
+bfloat16 checkpoints. Then the ops Gemma 4 adds against the transformers modules they
+replace, the KV plan (only the layers that own a cache get one, each with its own head
+size; the KV-shared layers read their producer's) and the inputs it refuses.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import mlx.core as mx  # noqa: E402
+
+import vlmc  # noqa: E402
+from fixtures import checkpoints as ck  # noqa: E402
+from fixtures import gemma4 as g4  # noqa: E402
+from test_parity import (CASES, GREEDY_STEPS, LOGIT_ATOL, PIXEL_ATOL, ForcedSampler, _txt, _user,  # noqa: E402
+                         check_outputs, run_vlmc)
+from vlmc.compiler import compile as vlmc_compile  # noqa: E402
+from vlmc.errors import InputError, UnsupportedModelError  # noqa: E402
+
+FAMILY_CASES = {
+    "gemma4": ["text", "one_image", "two_images", "multi_turn", "wide", "tall"],
+    "gemma4_text": ["text", "chat"],
+}
+EXTRA_CASES = {
+    "chat": ([{"role": "system", "content": "Answer briefly."}, _user(_txt("What is the weather today?")),
+              {"role": "assistant", "content": [_txt("Sunny with a light wind.")]},
+              _user(_txt("And tomorrow?"))], []),
+}
+PARITY = [(f, c) for f, cases in FAMILY_CASES.items() for c in cases]
+
+
+def _case(name):
+    messages, sizes = {**CASES, **EXTRA_CASES}[name]
+    return messages, [ck.make_test_image(w, h, seed=10 + i) for i, (w, h) in enumerate(sizes)]
+
+
+class Store:
+    """Checkpoints built, compiled and loaded once per module; transformers references cached."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.ckpts, self.arts, self.models, self.hf, self.refs = {}, {}, {}, {}, {}
+
+    def ckpt(self, family, **kw):
+        key = (family, tuple(sorted(kw.items())))
+        if key not in self.ckpts:
+            name = "_".join([family] + [f"{k}-{v}" for k, v in sorted(kw.items())])
+            self.ckpts[key] = g4.build_gemma4_checkpoint(self.root / "ckpt" / name, family, **kw)
+        return self.ckpts[key]
+
+    def artifact(self, info, **kw):
+        kw = {"target": "cpu", **kw}
+        key = (info["path"], tuple(sorted(kw.items())))
+        if key not in self.arts:
+            tag = "-".join(f"{k}{v}" for k, v in sorted(kw.items()))
+            self.arts[key] = vlmc_compile(info["path"], self.root / "art" / f"{Path(info['path']).name}-{tag}", **kw)
+        return self.arts[key]
+
+    def vlm(self, info, **kw):
+        art = self.artifact(info, **kw)
+        if art not in self.models:
+            self.models[art] = vlmc.load(art)
+        return self.models[art]
+
+    def ref(self, info, case):
+        key = (info["path"], case)
+        if key not in self.refs:
+            fam = info["family"]
+            if info["path"] not in self.hf:
+                self.hf[info["path"]] = (g4.hf_processor(info["path"], fam), g4.hf_model(info["path"], fam))
+            proc, model = self.hf[info["path"]]
+            messages, images = _case(case)
+            self.refs[key] = g4.hf_reference(info["path"], fam, messages, images, greedy_steps=GREEDY_STEPS,
+                                             processor=proc, model=model)
+        return self.refs[key]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    torch.set_num_threads(2)
+    return Store(tmp_path_factory.mktemp("gemma4"))
+
+
+def build_prompt(m, case):
+    messages, images = _case(case)
+    return m.build_prompt(messages=messages, images=images)
+
+
+def assert_parity(m, ref, case, what):
+    p = build_prompt(m, case)
+    np.testing.assert_array_equal(np.asarray(p.ids, dtype=np.int64), ref["input_ids"],
+                                  err_msg=f"{what}: prompt ids differ from transformers' input_ids")
+    if ref["pixel_values"] is None:
+        assert p.images is None
+    else:
+        mine = np.asarray(p.images.pixel_values, dtype=np.float32)
+        assert mine.shape == ref["pixel_values"].shape, (mine.shape, ref["pixel_values"].shape)
+        np.testing.assert_allclose(mine, ref["pixel_values"], rtol=0, atol=PIXEL_ATOL)
+        for (_, h, w), pos in zip(p.images.grid_thw.tolist(), ref["image_position_ids"]):
+            real = pos[(pos != -1).all(-1)]
+            assert real[:, 0].max() + 1 == w and real[:, 1].max() + 1 == h and len(real) == h * w
+    toks, logits = run_vlmc(m, [p])
+    check_outputs(toks[0], logits[0], ref, what)
+
+
+# ------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize("family,case", PARITY, ids=[f"{f}-{c}" for f, c in PARITY])
+def test_parity(store, family, case):
+    info = store.ckpt(family)
+    assert_parity(store.vlm(info), store.ref(info, case), case, f"{family}/{case}")
+
+
+def test_sharded_checkpoint(store):
+    """Same seed in two shards: the single-file checkpoint's references apply."""
+    base, info = store.ckpt("gemma4"), store.ckpt("gemma4", sharded=True)
+    assert len(info["weight_files"]) == 2 and (Path(info["path"]) / "model.safetensors.index.json").is_file()
+    m = store.vlm(info)
+    for case in ("text", "two_images"):
+        assert_parity(m, store.ref(base, case), case, f"gemma4/sharded/{case}")
+
+
+def test_bfloat16_checkpoint(store):
+    """bf16-stored weights: a float32 artifact matches transformers on the upcast weights; a
+    bfloat16 artifact stays close to it (teacher-forced on its tokens)."""
+    info = store.ckpt("gemma4", dtype="bfloat16")
+    m32, m16 = store.vlm(info), store.vlm(info, dtype="bfloat16")
+    for case in ("text", "one_image"):
+        assert_parity(m32, store.ref(info, case), case, f"gemma4/bf16-ckpt/{case}")
+        t32, l32 = run_vlmc(m32, [build_prompt(m32, case)])
+        _, l16 = run_vlmc(m16, [build_prompt(m16, case)], sampler=ForcedSampler(t32[0]))
+        diff = np.abs(l16[0] - l32[0]).max(-1)
+        assert np.isfinite(l16).all() and diff.max() < 0.5, f"{case}: {diff.round(3)}"
+
+
+def test_batched_matches_single(store):
+    """A ragged batch of image and text prompts (left padding, rotating and shared caches)."""
+    m = store.vlm(store.ckpt("gemma4"))
+    batch = ("two_images", "text", "one_image")
+    prompts = [build_prompt(m, c) for c in batch]
+    toks, logits = run_vlmc(m, prompts)
+    for i, p in enumerate(prompts):
+        t1, l1 = run_vlmc(m, [p])
+        np.testing.assert_array_equal(toks[i], t1[0], err_msg=f"{batch[i]} in batch {batch}")
+        assert float(np.abs(logits[i] - l1[0]).max()) <= LOGIT_ATOL
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+def test_kv_plan_owns_caches_for_the_unshared_layers_only(store):
+    """6 layers, the last 3 KV-shared: 3 caches (sliding, sliding, global), the global one
+    with the global head size; the shared layers read layers 1 and 2."""
+    m = store.vlm(store.ckpt("gemma4"))
+    layers = m.kv_layers
+    assert [L["index"] for L in layers] == [0, 1, 2]
+    assert [L["kv"]["layout"] for L in layers] == ["rotating", "rotating", "dense"]
+    assert [L["kv"]["head_dim"] for L in layers] == [16, 16, 32]
+    caches = m.decoder.caches(1)
+    assert [(c.kv_heads, c.head_dim) for c in caches] == [(2, 16), (2, 16), (2, 32)]
+    blocks = {name: rows for name, rows in m.artifact.manifest["kv_plan"].items()}
+    assert "decoder" in blocks
+    prog_blocks = {b: [r.get("reads") for r in rows] for b, rows in _block_tables(m).items()}
+    assert prog_blocks["shared_sliding_layer"] == [1, 1] and prog_blocks["shared_global_layer"] == [2]
+
+
+def _block_tables(m):
+    import re
+    src = (m.artifact.path / "model.py").read_text()
+    return {name.lower(): eval(rows) for name, rows in re.findall(r"^(\w+_LAYER) = (\[.*\])$", src, re.M)}
+
+
+# ------------------------------------------------------------------------------ the new ops
+
+
+def test_proportional_rope_matches_transformers():
+    """rope_freqs(rotated=...) (reference and cpu libraries): Gemma4TextRotaryEmbedding's
+    global-layer tables (proportional rope, a quarter of the frequencies turning)."""
+    import transformers as tf
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRotaryEmbedding
+    from vlmc.kernels import cpu_ops, reference
+
+    cfg = g4.text_config({"<bos>": 2, "<eos>": 1, "<pad>": 0}, 128)
+    rot = Gemma4TextRotaryEmbedding(cfg)
+    pos = torch.arange(0, 300, 7)[None]
+    cos, sin = rot(torch.zeros(1, dtype=torch.float32), pos, "full_attention")
+    for ops in (reference, cpu_ops):
+        c, s = ops.rope_freqs(mx.array(pos.numpy().astype(np.int32)), kind="default", dim=32, theta=1000.0,
+                              rotated=4)
+        np.testing.assert_allclose(np.asarray(ops.result(c))[:, 0], cos.numpy(), atol=2e-6)
+        np.testing.assert_allclose(np.asarray(ops.result(s))[:, 0], sin.numpy(), atol=2e-6)
+    assert tf is not None
+
+
+def test_clip_and_unweighted_rms_norm_match_transformers():
+    """clip around a linear: Gemma4ClippableLinear; rms_norm with no weight: Gemma4RMSNorm
+    (with_scale=False)."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear, Gemma4RMSNorm
+    from vlmc.kernels import cpu_ops, reference
+
+    lin = Gemma4ClippableLinear(g4.vision_config(), 16, 8).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        lin.linear.weight.copy_(torch.randn(8, 16, generator=g))
+        lin.input_min.fill_(-0.7), lin.input_max.fill_(0.9), lin.output_min.fill_(-1.1), lin.output_max.fill_(1.3)
+    x = torch.randn(5, 16, generator=g)
+    norm = Gemma4RMSNorm(16, eps=1e-6, with_scale=False)
+    with torch.no_grad():
+        want, want_norm = lin(x).numpy(), norm(x).numpy()
+    b = {k: mx.array(getattr(lin, k).numpy()) for k in ("input_min", "input_max", "output_min", "output_max")}
+    for ops in (reference, cpu_ops):
+        y = ops.clip(mx.array(x.numpy()), b["input_min"], b["input_max"])
+        y = ops.clip(ops.linear(y, mx.array(lin.linear.weight.detach().numpy())), b["output_min"], b["output_max"])
+        np.testing.assert_allclose(np.asarray(ops.result(y)), want, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(ops.result(ops.rms_norm(mx.array(x.numpy()), None, eps=1e-6))),
+                                   want_norm, atol=1e-5)
+    assert (np.abs(want) >= 1.1 - 1e-6).any()  # the bounds bite
+
+
+@pytest.mark.parametrize("layout", [{"layout": "dense"}, {"layout": "rotating", "window": 5}])
+def test_shared_attention_reads_what_the_producer_wrote(layout):
+    """shared_attention over a cache equals the producer's cached_attention for the same
+    queries, and writes nothing (reference and cpu libraries)."""
+    from vlmc.kernels import cpu_ops, reference
+    from vlmc.runtime.kv_cache import attention_mask, make_caches
+
+    rng = np.random.default_rng(0)
+    for ops in (reference, cpu_ops):
+        (cache,) = make_caches([{"index": 0, "kv": layout}], 1, 2, 8)
+        for n in (6, 1, 1):
+            q, k, v = (mx.array(rng.standard_normal((1, h, n, 8)).astype(np.float32)) for h in (4, 2, 2))
+            mask = attention_mask(mx.zeros(1, mx.int32), cache.offset, n, n > 1)
+            want = ops.cached_attention(q, k, v, cache, mask, scale=1.0)
+            held = cache.held
+            got = ops.shared_attention(q, cache, mask, scale=1.0)
+            assert cache.held == held
+            np.testing.assert_allclose(np.asarray(ops.result(got)), np.asarray(ops.result(want)), atol=1e-5)
+
+
+def test_select_layer_takes_the_running_layers_slice():
+    from vlmc.kernels import reference
+    x = mx.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    np.testing.assert_array_equal(np.asarray(reference.select_layer(x, 2)), np.asarray(x)[:, :, 2])
+
+
+# ------------------------------------------------------------------------------ refusals
+
+
+def test_video_input_is_refused_naming_what_is_supported(store):
+    from vlmc.runtime.video import Video
+    m = store.vlm(store.ckpt("gemma4"))
+    fake = Video.__new__(Video)
+    with pytest.raises(InputError, match="text and images"):
+        m.inputs.preprocess_media([fake])
+
+
+@pytest.mark.parametrize("change,match", [({"enable_moe_block": True}, "mixture-of-experts"),
+                                          ({"use_bidirectional_attention": "vision"}, "use_bidirectional_attention")])
+def test_unsupported_configs_are_refused(change, match):
+    from vlmc.models.common.gemma4 import gemma4_text
+    with pytest.raises(UnsupportedModelError, match=match):
+        gemma4_text({"text_config": {"num_hidden_layers": 2, **change}}, nested=True)
+
+
+# ------------------------------------------------------------------------------ MTP assistant
+
+ASSIST_WINDOW = 512  # the target's window holds every test context (see test_assistant_drafts_match_transformers)
+
+
+@pytest.fixture(scope="module")
+def assisted(store):
+    """(target info, target model, assistant model): a gemma4_text target whose window holds
+    the test contexts, its 2-layer assistant, both compiled."""
+    target = store.ckpt("gemma4_text", window=ASSIST_WINDOW)
+    info = g4.build_assistant_checkpoint(store.root / "ckpt" / "assistant", target)
+    return target, info, store.vlm(target), vlmc.load(store.artifact(info))
+
+
+def _recording(draft, target):
+    from vlmc.runtime.speculative import SharedKVDrafter
+
+    class Recording(SharedKVDrafter):
+        """Keeps every (context, drafted tokens, their logits) it proposed."""
+
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.log = []
+
+        def propose(self, state, context, k, sampler=None, rng=None):
+            d = super().propose(state, context, k, sampler, rng)
+            if d.tokens:
+                self.log.append((list(context), list(d.tokens), np.stack([np.asarray(lg) for lg in state.logits])))
+            return d
+
+    return Recording(draft, target)
+
+
+def test_assistant_is_detected_from_its_config(assisted, store):
+    """make_drafter and load(..., draft=<assistant artifact>) both pick the shared-KV drafter."""
+    from vlmc.runtime.speculative import SharedKVDrafter, make_drafter
+    target_info, info, target, assistant = assisted
+    assert assistant.meta["drafter"]["kind"] == "shared_kv"
+    assert isinstance(make_drafter(target, draft=assistant), SharedKVDrafter)
+    loaded = vlmc.load(store.artifact(target_info), draft=str(store.artifact(info)))
+    assert isinstance(loaded.speculation.drafter, SharedKVDrafter)
+
+
+def test_assistant_drafts_match_transformers(assisted, store):
+    """Every draft of a greedy speculative generation (after the prefill, and after verify
+    steps that kept some drafts and not others) equals transformers' assistant's drafts for
+    the same context: tokens identical, the first draft's logits within 1e-4. Each later
+    draft feeds the assistant's own projected state back, which compounds float noise:
+    transformers' own drafts differ by up to 3e-4 at the fourth draft between a cached and
+    an uncached target pass on this fixture, so later drafts are held to 1e-3."""
+    target_info, info, target, assistant = assisted
+    drafter = _recording(assistant, target)
+    messages, _ = _case("text")
+    out = target.generate(messages=messages, max_tokens=24, draft=drafter, num_draft_tokens=3)
+    assert len(drafter.log) >= 3
+    hf_target = g4.hf_model(target_info["path"], "gemma4_text")
+    hf_assist = g4.hf_assistant(info["path"])
+    for context, tokens, logits in drafter.log:
+        want_tokens, want_logits = g4.hf_drafts(hf_target, hf_assist, context, len(tokens))
+        assert tokens == want_tokens, (len(context), tokens, want_tokens)
+        diff = np.abs(logits - want_logits).max(-1)
+        assert diff[0] <= LOGIT_ATOL and diff.max() <= 10 * LOGIT_ATOL, (len(context), diff)
+    assert out.generation_tokens == 24
+
+
+def test_greedy_output_with_the_assistant_is_unchanged(assisted):
+    _, _, target, assistant = assisted
+    for case in ("text", "chat"):
+        messages, _ = _case(case)
+        plain = target.generate(messages=messages, max_tokens=20, draft=False)
+        spec = target.generate(messages=messages, max_tokens=20, draft=assistant, num_draft_tokens=4)
+        assert spec.token_ids == plain.token_ids, case
+
+
+def test_assistant_for_another_target_is_refused(assisted, store):
+    from vlmc.errors import InputError as Err
+    _, _, _, assistant = assisted
+    other = store.vlm(store.ckpt("gemma4"))  # a target with another window is fine; another width is not
+    from vlmc.runtime.speculative import SharedKVDrafter
+    bad = dict(other.meta)
+    bad_target = type("T", (), {"meta": {**bad, "text": {**bad["text"], "hidden_size": 99}},
+                                "kv_layers": other.kv_layers, "model": other.model})()
+    with pytest.raises(Err, match="not made for this target"):
+        SharedKVDrafter(assistant, bad_target)
+
+
+def test_ordered_logits_match_the_transformers_module():
+    """ordered_logits (reference and cpu libraries): Gemma4AssistantMaskedEmbedder."""
+    import transformers as tf
+    from transformers.models.gemma4_assistant.modeling_gemma4_assistant import Gemma4AssistantMaskedEmbedder
+    from vlmc.kernels import cpu_ops, reference
+
+    cfg = tf.Gemma4AssistantConfig(text_config=tf.Gemma4TextConfig(vocab_size=96, hidden_size=16, hidden_size_per_layer_input=0,
+                                                                             vocab_size_per_layer_input=0),
+                                   num_centroids=8, centroid_intermediate_top_k=3, use_ordered_embeddings=True)
+    emb = Gemma4AssistantMaskedEmbedder(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        emb.centroids.weight.copy_(torch.randn(8, 16, generator=g))
+        emb.token_ordering.copy_(torch.randperm(96, generator=g))
+    head, h = torch.randn(96, 16, generator=g), torch.randn(2, 3, 16, generator=g)
+    with torch.no_grad():
+        want = emb(h, head).numpy()
+    for ops in (reference, cpu_ops):
+        got = ops.ordered_logits(mx.array(h.numpy()), mx.array(emb.centroids.weight.detach().numpy()),
+                                 mx.array(emb.token_ordering.numpy().astype(np.int32)), mx.array(head.numpy()), top_k=3)
+        np.testing.assert_allclose(np.asarray(ops.result(got)), want, atol=1e-5)
+
+
+def test_assistant_with_ordered_embeddings_drafts_as_transformers(assisted, store):
+    """An assistant with ordered embeddings: its drafts after a prefill equal transformers'."""
+    from vlmc.runtime.speculative import SharedKVDrafter
+    from vlmc.runtime.step import Sequences
+    target_info, _, target, _ = assisted
+    info = g4.build_assistant_checkpoint(store.root / "ckpt" / "assistant_ordered", target_info, ordered=True)
+    assistant = vlmc.load(store.artifact(info))
+    hf_target, hf_assist = g4.hf_model(target_info["path"], "gemma4_text"), g4.hf_assistant(info["path"])
+    drafter = SharedKVDrafter(assistant, target)
+    for case in ("text", "chat"):
+        messages, _ = _case(case)
+        p = target.build_prompt(messages=messages)
+        seqs = Sequences.start(target.decoder, [target.prompt_inputs(p)])
+        context = list(p.ids) + [int(mx.argmax(seqs.prefill()[0]).item())]
+        state = drafter.start(p.ids, p, seqs)
+        draft = drafter.propose(state, context, 3)
+        want_tokens, want_logits = g4.hf_drafts(hf_target, hf_assist, context, 3)
+        assert draft.tokens == want_tokens, case
+        first = np.asarray(state.logits[0])
+        kept = want_logits[0] > want_logits[0].min()  # the scored tokens (the rest share the fill value)
+        assert float(np.abs(first - want_logits[0])[kept].max()) <= LOGIT_ATOL
