@@ -2,7 +2,9 @@
 modules they replace, in float32 within 1e-4: the gated delta rule's step and chunked forms
 (against transformers' recurrent and chunked torch forms, from a zero and a non-zero state,
 grouped value heads), the causal conv1d with state, the gated RMSNorm, the decay/rate
-gates; and the recurrent-state cache: steps continue each other, and trim rewinds exactly."""
+gates; and the recurrent-state cache: steps continue each other, trim rewinds exactly, and
+the snapshots the prefix cache keeps at block boundaries are transformers' recurrent state
+there and continue bitwise like the cache they came from."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,7 +17,7 @@ import mlx.core as mx  # noqa: E402
 
 from vlmc.kernels import reference as ref  # noqa: E402
 from vlmc.kernels import linear_attention as la  # noqa: E402
-from vlmc.runtime.state_cache import PREFIX_REFUSAL, StateCache  # noqa: E402
+from vlmc.runtime.state_cache import StateCache  # noqa: E402
 
 ATOL = 1e-4
 
@@ -99,10 +101,41 @@ def test_trim_rewinds_the_state_exactly():
     assert cache.trim(1) == 1 and cache.offset == before - 1
 
 
-def test_state_cache_refuses_prefix_blocks():
-    with pytest.raises(ValueError, match="prefix caching is off"):
-        StateCache(1).export_blocks(16)
-    assert "recurrent state" in PREFIX_REFUSAL
+@pytest.mark.parametrize("block", [3, 5, 8])
+def test_snapshots_at_block_boundaries_are_the_recurrent_state(block):
+    """A prefill cut into steps that end on block boundaries (steps longer than the chunked
+    form's chunk of 4, and not multiples of it): the snapshot after each boundary is
+    transformers' token-by-token state over that prefix; a fresh cache started from it
+    continues bitwise as the cache it was taken from (same steps after it)."""
+    n = 19
+    q, k, v, decay, beta, state = _inputs(11, n=n)
+    sl = lambda lo, hi: [t[:, lo:hi] for t in (q, k, v, decay, beta)]  # noqa: E731
+    cache = StateCache(2)
+    snaps, lo = {}, 0
+    for hi in [*range(block, n, block), n]:
+        _run(*sl(lo, hi), cache)
+        snaps[hi], lo = (cache.snapshot(0), cache.snapshot(1)), hi
+    assert cache.export_blocks(block) == [{}] * (n // block)
+    kw = dict(initial_state=None, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    for at, pair in snaps.items():
+        _, want = q35.torch_recurrent_gated_delta_rule(*sl(0, at), **kw)
+        got = np.concatenate([np.array(s["state"]) for s in pair])
+        np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)
+    at = block * 2
+    for row in (0, 1):
+        one = lambda lo, hi: [t[row:row + 1] for t in sl(lo, hi)]  # noqa: E731
+        source = StateCache(1)
+        _run(*one(0, block), source)
+        _run(*one(block, at), source)
+        snap = source.snapshot(0)
+        want = np.array(_run(*one(at, n), source))
+        fresh = StateCache(1)
+        fresh.import_state(snap, at)
+        assert fresh.offset == at
+        np.testing.assert_array_equal(np.array(_run(*one(at, n), fresh)), want)
+        np.testing.assert_array_equal(np.array(fresh.state), np.array(source.state))
+    with pytest.raises(ValueError, match="empty cache"):
+        cache.import_state(snaps[at][0], at)
 
 
 def test_causal_conv1d_matches_transformers():

@@ -8,7 +8,8 @@ turn, both config layouts. Then the hybrid stack layer by layer against transfor
 recurrent (token by token) and chunked forms, chunked prefill, ragged batches equal to
 serial runs, greedy decoding with prompt-lookup drafts equal to without (verify steps
 rewound through the recurrent states), the template's thinking default, the plan that
-``vlmc inspect`` shows, and prefix caching refused with its reason.
+``vlmc inspect`` shows. Prefix caching over the recurrent states:
+``test_prefix_cache_recurrent.py``.
 """
 from __future__ import annotations
 
@@ -249,28 +250,6 @@ def test_speculation_is_lossless(store):
     assert got == plain
     c = batcher.counters
     assert c["draft_proposed"] > c["draft_accepted"] > 0 and c["speculative_steps"] > 0
-
-
-def test_prefix_cache_is_refused_with_its_reason(store):
-    """Prefix blocks cannot hold a recurrent state: a batching loop given a prefix cache
-    says why and does not use it, and answers as without one."""
-    from vlmc.runtime.batcher import Batcher
-    from vlmc.runtime.prefix_cache import PrefixCache
-    from vlmc.runtime.state_cache import PREFIX_REFUSAL
-
-    m = store.vlm(store.ckpt())
-    assert m.decoder.prefix_refusal() == PREFIX_REFUSAL
-    p = m.build_prompt("Tell me a short story about the river. " * 3)
-    with pytest.warns(UserWarning, match="prefix caching is off"):
-        cached = Batcher(m, prefix_cache=PrefixCache(block_size=8))
-    try:
-        assert cached.prefix_cache is None and cached.prefix_refusal == PREFIX_REFUSAL
-        first, fin = _run_jobs(cached, [dict(prompt=p, max_tokens=8)])
-        again, fin2 = _run_jobs(cached, [dict(prompt=p, max_tokens=8)])
-    finally:
-        cached.shutdown()
-    assert first == again and fin2[0].cached_tokens == 0
-    assert first[0] == m.generate(prompt="Tell me a short story about the river. " * 3, max_tokens=8).token_ids
 
 
 # ------------------------------------------------------------------------------ template, plan

@@ -338,6 +338,8 @@ def _kv_summary(manifest: dict) -> str:
     if plan.get("bytes_per_sequence"):
         lines.append(f"  recurrent states: {plan['bytes_per_sequence']:,} B per sequence "
                      f"({plan['recurrent_layers']} layers)")
+        lines.append(f"  prefix cache: {plan['bytes_per_sequence']:,} B of recurrent states per stored block "
+                     f"boundary (a prompt's end, a branch point), beside {plan['bytes_per_token']:,} B/token of KV")
     lines += [f"  note: {n}" for n in plan.get("notes", [])]
     return "\n".join(lines)
 
@@ -454,6 +456,9 @@ main.add_command(bench_cmd)
 @click.option("--prefix-cache-dir", default=None,
               help="Disk tier: blocks evicted from memory (and all of them at shutdown) are kept here.")
 @click.option("--prefix-cache-disk-bytes", default=10 * 2**30, show_default=True, type=click.IntRange(min=0))
+@click.option("--prefix-state-every", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Models with recurrent layers (linear attention): also keep their states every this many "
+                   "blocks of a prompt, not only at its end and where it leaves a cached prefix (0).")
 @click.option("--top-logprobs-k", default=5, show_default=True, type=click.IntRange(0, 20))
 @click.option("--enable-thinking/--disable-thinking", default=None, help="Default for requests that do not say.")
 @click.option("--thinking-budget", default=None, type=click.IntRange(min=1))

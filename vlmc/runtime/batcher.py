@@ -154,6 +154,11 @@ class Batcher:
         self.prefix_cache = prefix_cache if self.prefix_refusal is None else None
         if self.prefix_refusal and prefix_cache.max_bytes > 0:
             warnings.warn(self.prefix_refusal, stacklevel=2)
+        # linear-attention layers: their states are kept as snapshots at chosen block boundaries
+        states = [L["kv"] for L in vlm.kv_layers if isinstance(L.get("kv"), dict) and L["kv"].get("layout") == "recurrent"]
+        self._recurrent = bool(states)
+        if self.prefix_cache is not None and states:
+            self.prefix_cache.state_bytes_per_snapshot = sum(int(k.get("bytes_per_sequence", 0)) for k in states)
         # blocks are only valid for this artifact and KV layout (the disk tier outlives us)
         self._prefix_salt = json.dumps([str(vlm.artifact.path), vlm.artifact.manifest.get("source", {}),
                                         vlm.kv_layers], sort_keys=True, default=str)
@@ -375,27 +380,61 @@ class Batcher:
         keys = [[] for _ in jobs]
         if self.prefix_cache is not None and self.prefix_cache.max_bytes > 0:
             keys = [self._block_keys(job) for job in jobs]
+            run = 0
             if len(jobs) == 1:
                 try:
-                    rows[0].cached = self._reuse_prefix(jobs[0], keys[0], seqs)
+                    rows[0].cached, run = self._reuse_prefix(jobs[0], keys[0], seqs)
                 except ValueError:  # blocks this cache cannot take (checked, so not expected): prefill it all
                     self.prefix_cache.discard(keys[0])
                     seqs = Sequences.start(vlm.decoder, inputs)
+            if self._recurrent:
+                for i, row in enumerate(rows):
+                    seqs.keep_states[i] = self._state_columns(seqs, i, row, run if len(jobs) == 1 else 0)
         self._prefill = {"rows": rows, "seqs": seqs, "keys": keys}
 
-    def _reuse_prefix(self, job: Job, keys: list[str], seqs: Sequences) -> int:
-        """Import the longest cached run of this prompt's leading blocks; tokens covered."""
+    def _state_columns(self, seqs: Sequences, i: int, row: _Row, run: int) -> set[int]:
+        """Where row ``i``'s prefill keeps its recurrent states for the prefix cache (columns,
+        each a block boundary past the reused prefix): after the last whole block a later
+        prompt can reuse (a repeat or a next turn of this one), at the end of the cached run
+        of blocks it found (``run``: the branch point, where prompts sharing this start part),
+        and every ``state_every`` blocks. None inside a bidirectional span."""
         pc = self.prefix_cache
-        found = pc.lookup(keys, usable=(len(job.prompt.ids) - 1) // pc.block_size,  # >= 1 token left to prefill
-                          expect=[block_spec(cache, pc.block_size) for cache in seqs.caches])
-        while found and seqs.safe_prefix(0, len(found) * pc.block_size) != len(found) * pc.block_size:
+        bs = pc.block_size
+        usable = (len(row.job.prompt.ids) - 1) // bs   # a prompt always prefills its last token
+        wanted = {usable, run, *range(pc.state_every, usable + 1, pc.state_every or usable + 1)}
+        start = int(seqs.starts[i])
+        cols = {start + n * bs for n in wanted if row.cached // bs < n <= usable}
+        return {c for c in cols if seqs.safe_prefix(i, c) == c}
+
+    def _reuse_prefix(self, job: Job, keys: list[str], seqs: Sequences) -> tuple[int, int]:
+        """Import the longest cached run of this prompt's leading blocks: (tokens covered,
+        blocks of the cached run found). With recurrent layers the run is cut back to the
+        last block after which their states were kept."""
+        pc = self.prefix_cache
+        bs = pc.block_size
+        found = pc.lookup(keys, usable=(len(job.prompt.ids) - 1) // bs,  # >= 1 token left to prefill
+                          expect=[block_spec(cache, bs) for cache in seqs.caches])
+        while found and seqs.safe_prefix(0, len(found) * bs) != len(found) * bs:
             found = found[:-1]  # a prefix that ends inside a bidirectional span is not reusable
+        run, snapshot = len(found), None
+        recurrent = [cache for cache in seqs.caches if cache.layout == "recurrent"]
+        if recurrent:
+            expect = [cache.snapshot_spec() for cache in recurrent]
+            n = len(found)
+            while n and (seqs.safe_prefix(0, n * bs) != n * bs
+                         or (snapshot := pc.lookup_state(keys[n - 1], expect)) is None):
+                n -= 1
+            found = found[:n]
+        done = len(found) * bs
+        states = iter(snapshot or [])
         for layer, cache in enumerate(seqs.caches):
-            cache.import_blocks([blocks[layer] for blocks in found])
-        done = len(found) * pc.block_size
+            if cache.layout != "recurrent":
+                cache.import_blocks([blocks[layer] for blocks in found])
+            elif found:
+                cache.import_state(next(states), done)
         seqs.skip(done)
         pc.count(done, len(job.prompt.ids))
-        return done
+        return done, run
 
     def _prefill_chunk(self) -> None:
         pf = self._prefill
@@ -414,10 +453,12 @@ class Batcher:
             if len(rows) > 1:  # (a lone prompt was counted when it looked its prefix up)
                 for r in rows:
                     self.prefix_cache.count(0, len(r.job.prompt.ids))
+            bs = self.prefix_cache.block_size
             for i, (row, keys) in enumerate(zip(rows, pf["keys"])):
                 if keys:
-                    self.prefix_cache.store(keys, seqs.caches, first=row.cached // self.prefix_cache.block_size,
-                                            row=i, start=int(seqs.starts[i]))
+                    start = int(seqs.starts[i])
+                    self.prefix_cache.store(keys, seqs.caches, first=row.cached // bs, row=i, start=start)
+                    self.prefix_cache.store_states(keys, {(c - start) // bs: snap for c, snap in seqs.states[i].items()})
         tokens, infos = self._sample(rows, logits)
         for row, token, info in zip(rows, tokens, infos):
             self._accept(row, token, info)

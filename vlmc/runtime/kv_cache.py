@@ -355,7 +355,7 @@ def make_caches(plan: list[dict] | int, batch: int, kv_heads: int, head_dim: int
         spec = {"layout": spec} if isinstance(spec, str) else spec
         if spec.get("layout") == "recurrent":  # a linear-attention layer: a state, not keys and values
             from .state_cache import StateCache
-            caches.append(StateCache(batch, dtype))
+            caches.append(StateCache(batch, dtype, sizes=spec))
             continue
         heads, dim = int(spec.get("kv_heads", kv_heads)), int(spec.get("head_dim", head_dim))
         codecs = dict(k_codec=make_codec(spec, "k", dim, dtype, i), v_codec=make_codec(spec, "v", dim, dtype, i))

@@ -10,6 +10,16 @@ recently used first beyond ``max_bytes``; with a disk folder they go there inste
 every block goes there on ``flush``), so a later lookup, or a restarted server with the same
 model and KV layout, can still use them.
 
+Layers whose cache is a recurrent state (linear attention) have nothing per token: their
+part of a block is empty, and their state is kept as a snapshot at a block boundary, an
+entry of its own under that block's key plus ``STATE``, holding each such layer's state
+and convolution inputs after the block. A prefix of n blocks is reusable when blocks
+0..n-1 are cached and so is the snapshot after block n-1. Snapshots cost a fixed size per
+boundary (all recurrent layers' states: often more than many blocks of KV), so the batching
+loop keeps them only where a later prompt can start: after a prompt's last whole block
+(a repeated prompt, a next turn), where a prompt left a cached run of blocks (the branch
+point of prompts sharing a start), and every ``state_every`` blocks if that is set.
+
 A block read back from disk is trusted only if it proves itself: its file's metadata holds a
 SHA-256 of its arrays and their names, shapes and dtypes, checked on load, and the block must
 have the shapes and dtypes the cache it goes into stores (``block_spec``). One that fails is
@@ -63,8 +73,9 @@ def block_keys(ids: list[int], spans: list[tuple[int, int, str]], block_size: in
     return keys
 
 
-Spec = dict[str, tuple[tuple[int, ...], str]]   # array name -> (shape, dtype) of one block of one layer
+Spec = dict[str, tuple[tuple[int, ...], str | None]]   # array name -> (shape, dtype or None: any) per layer
 FORMAT = "vlmc-prefix-block-1"
+STATE = "-state"   # a block key + this: the recurrent layers' snapshot after that block
 
 
 def block_spec(cache: Any, block_size: int) -> Spec | None:
@@ -85,7 +96,8 @@ def _fits(layers: list[dict], expect: list[Spec | None]) -> bool:
             continue
         if set(layer) != set(spec):
             return False
-        if any(tuple(layer[n].shape) != shape or str(layer[n].dtype) != dtype for n, (shape, dtype) in spec.items()):
+        if any(tuple(layer[n].shape) != shape or (dtype is not None and str(layer[n].dtype) != dtype)
+               for n, (shape, dtype) in spec.items()):
             return False
     return True
 
@@ -150,7 +162,7 @@ class DiskTier:
         tmp = self.folder / f".{key}.{os.getpid()}.{threading.get_ident()}.safetensors"
         try:
             mx.save_safetensors(str(tmp), arrays, metadata={"format": FORMAT, "key": key, "arrays": shapes,
-                                                            "sha256": digest})
+                                                            "sha256": digest, "layers": str(len(layers))})
             os.replace(tmp, self._path(key))
         except OSError:  # a full or read-only disk costs the cache, never the request
             tmp.unlink(missing_ok=True)
@@ -170,11 +182,12 @@ class DiskTier:
             if meta.get("format") != FORMAT or meta.get("key") != key or meta.get("sha256") != digest \
                     or json.loads(meta.get("arrays", "null")) != json.loads(shapes):
                 raise ValueError("checksum or shapes differ from the block's metadata")
-            layers: dict[int, dict] = {}
+            count = int(meta["layers"]) if "layers" in meta else None   # (files written before it was recorded)
+            layers: dict[int, dict] = {i: {} for i in range(count or 0)}
             for name, a in arrays.items():
                 i, part = name.split(".", 1)
                 layers.setdefault(int(i), {})[part] = a
-            if sorted(layers) != list(range(len(layers))):
+            if sorted(layers) != list(range(len(layers))) or (count is not None and len(layers) != count):
                 raise ValueError("layers missing")
             os.utime(path)
         except Exception:  # noqa: BLE001 - whatever is wrong with the file, it is not served
@@ -209,10 +222,17 @@ class DiskTier:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int = 1 << 30, block_size: int = 32, disk: DiskTier | None = None):
-        if block_size < 1:
-            raise ValueError("block_size must be >= 1")
+    def __init__(self, max_bytes: int = 1 << 30, block_size: int = 32, disk: DiskTier | None = None,
+                 state_every: int = 0):
+        """``state_every``: also keep recurrent snapshots every this many blocks of a prompt
+        (0: only at prompt ends and branch points)."""
+        if block_size < 1 or state_every < 0:
+            raise ValueError("block_size must be >= 1 and state_every >= 0")
         self.max_bytes, self.block_size, self.disk = int(max_bytes), block_size, disk
+        self.state_every = int(state_every)
+        self.state_entries = 0
+        self.state_bytes = 0
+        self.state_bytes_per_snapshot = 0
         self._blocks: OrderedDict[str, tuple[list[dict], int]] = OrderedDict()
         self._lock = threading.Lock()
         self.bytes = 0
@@ -244,13 +264,51 @@ class PrefixCache:
             found.append(layers)
         return found
 
+    def lookup_state(self, key: str, expect: list[Spec | None] | None = None) -> list[dict] | None:
+        """The recurrent layers' snapshot after the block of ``key`` (memory, then disk), or
+        None; one not matching ``expect`` is dropped and counted."""
+        key += STATE
+        with self._lock:
+            entry = self._blocks.get(key)
+            if entry is not None:
+                self._blocks.move_to_end(key)
+        layers = entry[0] if entry is not None else (self.disk.get(key) if self.disk else None)
+        if layers is None:
+            return None
+        if expect is not None and not _fits(layers, expect):
+            self.discard([key])
+            with self._lock:
+                self.corrupt_blocks += 1
+            return None
+        if entry is None:
+            self._insert([(key, layers)])
+        return layers
+
+    def store_states(self, keys: list[str], snapshots: dict[int, list[dict]]) -> None:
+        """Keep snapshots taken after ``n`` blocks ({n: one dict per recurrent layer}) under
+        the key of block n-1."""
+        if self.max_bytes <= 0:
+            return
+        fresh = [(keys[n - 1] + STATE, snap) for n, snap in sorted(snapshots.items())
+                 if 0 < n <= len(keys) and keys[n - 1] + STATE not in self._blocks]
+        mx.eval([a for _, layers in fresh for layer in layers for a in layer.values()])
+        self._insert(fresh)
+
+    def _count(self, key: str, size: int, sign: int) -> None:
+        """Bookkeeping of one entry coming (+1) or going (-1); the lock is held."""
+        self.bytes += sign * size
+        if key.endswith(STATE):
+            self.state_entries += sign
+            self.state_bytes += sign * size
+            self.state_bytes_per_snapshot = size
+
     def discard(self, keys: list[str]) -> None:
         """Forget these blocks in memory and on disk."""
         with self._lock:
             for key in keys:
                 entry = self._blocks.pop(key, None)
                 if entry is not None:
-                    self.bytes -= entry[1]
+                    self._count(key, entry[1], -1)
         if self.disk is not None:
             for key in keys:
                 if self.disk.has(key):
@@ -286,10 +344,10 @@ class PrefixCache:
                     continue
                 size = sum(a.nbytes for layer in layers for a in layer.values())
                 self._blocks[key] = (layers, size)
-                self.bytes += size
+                self._count(key, size, 1)
             while self.bytes > self.max_bytes and self._blocks:
                 key, (layers, size) = self._blocks.popitem(last=False)
-                self.bytes -= size
+                self._count(key, size, -1)
                 evicted.append((key, layers))
         if self.disk is not None:
             for key, layers in evicted:
@@ -307,13 +365,16 @@ class PrefixCache:
     def clear(self) -> None:
         with self._lock:
             self._blocks.clear()
-            self.bytes = 0
+            self.bytes = self.state_entries = self.state_bytes = 0
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            out = {"blocks": len(self._blocks), "block_size": self.block_size, "bytes": self.bytes,
+            out = {"blocks": len(self._blocks) - self.state_entries, "block_size": self.block_size, "bytes": self.bytes,
                    "max_bytes": self.max_bytes, "hit_tokens": self.hit_tokens, "miss_tokens": self.miss_tokens,
                    "corrupt_blocks": self.corrupt_blocks}
+            if self.state_entries or self.state_bytes_per_snapshot:  # a model with recurrent layers
+                out.update(state_snapshots=self.state_entries, state_bytes=self.state_bytes,
+                           state_bytes_per_snapshot=self.state_bytes_per_snapshot, state_every=self.state_every)
         if self.disk is not None:
             out.update(disk_bytes=self.disk.bytes(), disk_max_bytes=self.disk.max_bytes, disk_hits=self.disk.hits,
                        disk_corrupt_blocks=self.disk.corrupt)

@@ -14,7 +14,11 @@ start of the steps it drops whole and recomputes the recurrence over the kept to
 step it cuts, token by token, as decode would have computed them. Records cover the last
 ``history`` tokens (at least the last step), enough for a verify step's rejected drafts.
 
-Prefix caching would need states at block boundaries; ``export_blocks`` refuses.
+Prefix caching keeps a state only where a prompt's prefill stopped on a block boundary:
+``snapshot`` copies one sequence's conv inputs and state there, ``import_state`` starts a
+fresh cache from one. Its per-block exports are empty (a state is not per token), so the
+full-attention layers' KV blocks and these snapshots make up a cached prefix together
+(``runtime/prefix_cache.py``).
 """
 from __future__ import annotations
 
@@ -23,10 +27,6 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..kernels.linear_attention import delta_rule_steps
-
-PREFIX_REFUSAL = ("prefix caching is off for this model: its linear-attention layers keep a recurrent "
-                  "state, not per-token keys and values, and states at block boundaries are not stored")
-
 
 @dataclass
 class _Step:
@@ -49,8 +49,10 @@ class StateCache:
     layout = "recurrent"
     history = 64
 
-    def __init__(self, batch: int, dtype=mx.float32):
-        self.batch, self.dtype = batch, dtype
+    def __init__(self, batch: int, dtype=mx.float32, sizes: dict | None = None):
+        """``sizes``: the plan's heads, key_dim, value_dim, conv_channels and conv_width (what
+        a snapshot read back from the prefix cache must match)."""
+        self.batch, self.dtype, self.sizes = batch, dtype, sizes
         self.conv: mx.array | None = None
         self.state: mx.array | None = None
         self.offset = 0          # columns seen (padding included), as the KV caches count them
@@ -152,11 +154,35 @@ class StateCache:
         self.batch += other.batch
 
     # ---------------------------------------------------------------- prefix caching
-    def export_blocks(self, *args, **kwargs):
-        raise ValueError(PREFIX_REFUSAL)
+    def export_blocks(self, block_size: int, first: int = 0, *, row: int | None = None,
+                      start: int = 0) -> list[dict[str, mx.array]]:
+        """One empty entry per whole block (as ``KVCache.export_blocks`` counts them): the
+        state is not per token; ``snapshot`` keeps it at a boundary instead."""
+        return [{} for _ in range(first, (self.offset - start) // block_size)]
 
-    def import_blocks(self, blocks) -> None:
-        raise ValueError(PREFIX_REFUSAL)
+    def snapshot(self, row: int) -> dict[str, mx.array]:
+        """Sequence ``row``'s conv inputs [1, K-1, C] and state [1, H, Dk, Dv] now, as arrays
+        of their own ("* 1": not views keeping the batch's buffers alive)."""
+        if self.state is None:
+            raise ValueError("a recurrent cache that has seen no tokens has no state to keep")
+        return {"conv": self.conv[row:row + 1] * 1, "state": self.state[row:row + 1] * 1}
+
+    def snapshot_spec(self) -> dict[str, tuple[tuple[int, ...], str | None]] | None:
+        """The shapes and dtypes a ``snapshot`` of this cache has (None without planned sizes)."""
+        z = self.sizes
+        if not z:
+            return None
+        return {"conv": ((1, z["conv_width"], z["conv_channels"]), None),   # (the activations' dtype)
+                "state": ((1, z["heads"], z["key_dim"], z["value_dim"]), str(mx.float32))}
+
+    def import_state(self, snap: dict[str, mx.array], tokens: int) -> None:
+        """Start this (empty, one-sequence) cache from a ``snapshot`` taken after ``tokens``
+        tokens, as ``KVCache.import_blocks`` starts one from blocks."""
+        if self.offset or self.batch != 1:
+            raise ValueError("a snapshot goes into an empty cache of one sequence")
+        self.conv, self.state = snap["conv"], snap["state"]   # as the prefill kept them, uncast
+        self.offset = tokens
+        self._steps, self._open = [], None
 
     def host_writable(self) -> bool:
         return False

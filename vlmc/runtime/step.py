@@ -22,6 +22,9 @@ import numpy as np
 
 from .kv_cache import KVCache, attention_mask, make_caches
 
+PREFIX_LAYOUTS = ("dense", "rotating", "quantized", "turboquant", "recurrent")  # what the prefix cache stores
+STATE_SIZES = ("heads", "key_dim", "value_dim", "conv_channels", "conv_width")
+
 
 @dataclass
 class PromptInputs:
@@ -51,11 +54,18 @@ class Decoder:
         return make_caches(self.kv_layers, batch, self.kv_heads, self.head_dim, dtype)
 
     def prefix_refusal(self) -> str | None:
-        """Why prompt prefixes cannot be reused from the prefix cache (None when they can):
-        a layer whose cache is a recurrent state has no per-token blocks to store."""
-        if any((layer.get("kv") or {}).get("layout") == "recurrent" for layer in self.kv_layers):
-            from .state_cache import PREFIX_REFUSAL
-            return PREFIX_REFUSAL
+        """Why prompt prefixes cannot be reused from the prefix cache (None when they can): a
+        layer whose cache the prefix cache cannot store and check. A recurrent layer is
+        stored as snapshots of its state, checked against the sizes its plan records."""
+        for i, layer in enumerate(self.kv_layers):
+            spec = layer.get("kv") or {}
+            spec = {"layout": spec} if isinstance(spec, str) else spec
+            layout = spec.get("layout", "dense")
+            if layout not in PREFIX_LAYOUTS:
+                return f"prefix caching is off for this model: layer {i}'s {layout!r} cache has no stored form"
+            if layout == "recurrent" and not all(k in spec for k in STATE_SIZES):
+                return (f"prefix caching is off for this model: layer {i}'s recurrent state has no planned sizes "
+                        f"({', '.join(STATE_SIZES)}) to check a stored state against")
         return None
 
     def program_positions(self, positions: np.ndarray) -> mx.array:
@@ -72,6 +82,10 @@ class Sequences:
         self._pending: tuple[mx.array, np.ndarray] | None = None  # prompt columns not yet prefilled
         self.prefilled = 0
         self.spans: list[list[tuple[int, int]]] = [[] for _ in range(len(self.starts))]
+        # the prefix cache's state snapshots: columns where a row's recurrent states are kept
+        # (a prefill step ends there), and what was kept: row -> column -> one dict per such layer
+        self.keep_states: list[set[int]] = [set() for _ in range(len(self.starts))]
+        self.states: list[dict[int, list[dict[str, mx.array]]]] = [{} for _ in range(len(self.starts))]
         # (column of the first row, rows [B, n, D]): the final hidden states of the last
         # step, for programs whose entry points return them beside the logits (a drafter
         # that reads the target's hidden state asks ``hidden_at``)
@@ -152,14 +166,23 @@ class Sequences:
     def prefill(self, chunk: int | None = None) -> mx.array:
         """Run the next ``chunk`` prompt columns (all of them without a chunk size): the
         logits [B, V] after the last column run; once ``prefill_done``, the next-token
-        logits."""
+        logits. A step also ends where a row's recurrent states are to be kept
+        (``keep_states``), which it then snapshots."""
         embeds, positions = self._pending
         lo = self.prefilled
-        hi = self.prompt_width if chunk is None else self._chunk_end(min(self.prompt_width, lo + chunk))
+        hi = self.prompt_width if chunk is None else min(self.prompt_width, lo + chunk)
+        hi = self._chunk_end(min([hi, *(c for cols in self.keep_states for c in cols if lo < c < hi)]))
         logits = self._keep_hidden(self.decoder.model.prefill(
             embeds=embeds[:, lo:hi], positions=self.decoder.program_positions(positions[..., lo:hi]),
             mask=self._mask(hi - lo), caches=self.caches), hi - 1)[:, -1]
         self.prefilled = hi
+        kept = []
+        for b, cols in enumerate(self.keep_states):
+            if hi in cols:
+                self.states[b][hi] = [c.snapshot(b) for c in self.caches if c.layout == "recurrent"]
+                kept += [a for snap in self.states[b][hi] for a in snap.values()]
+        if kept:
+            mx.eval(logits, kept)
         return logits
 
     def _keep_hidden(self, out, first: int) -> mx.array:

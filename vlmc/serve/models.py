@@ -57,7 +57,8 @@ class Models:
     def __init__(self, sources: list[str], *, load_options: dict[str, Any] | None = None,
                  max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512, prefill_batch_tokens: int = 2048,
                  vision_cache_bytes: int = 512 * 2**20, prefix_cache_bytes: int = 2**30, prefix_block_size: int = 32,
-                 prefix_cache_dir: str | None = None, prefix_cache_disk_bytes: int = 10 * 2**30):
+                 prefix_cache_dir: str | None = None, prefix_cache_disk_bytes: int = 10 * 2**30,
+                 prefix_state_every: int = 0):
         if not sources:
             raise ValueError("at least one model source is needed")
         self.sources = {model_id(s): s for s in sources}
@@ -68,6 +69,7 @@ class Models:
         self.vision_cache_bytes = vision_cache_bytes
         self.prefix_cache_bytes, self.prefix_block_size = prefix_cache_bytes, prefix_block_size
         self.prefix_cache_dir, self.prefix_cache_disk_bytes = prefix_cache_dir, prefix_cache_disk_bytes
+        self.prefix_state_every = prefix_state_every
         self.resident: Resident | None = None
         self._lock = asyncio.Lock()
         self.loads = 0
@@ -80,7 +82,7 @@ class Models:
         vlm = load(self.sources[mid], **self.load_options)
         cache = VisionFeatureCache(self.vision_cache_bytes)
         disk = DiskTier(self.prefix_cache_dir, self.prefix_cache_disk_bytes) if self.prefix_cache_dir else None
-        prefix = PrefixCache(self.prefix_cache_bytes, self.prefix_block_size, disk)
+        prefix = PrefixCache(self.prefix_cache_bytes, self.prefix_block_size, disk, state_every=self.prefix_state_every)
         batcher = Batcher(vlm, vision_cache=cache, prefix_cache=prefix, speculation=vlm.speculation,
                           **self.batch_options)
         self.loads += 1

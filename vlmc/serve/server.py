@@ -26,7 +26,7 @@ def serve(sources: list[str], *, kv: dict[str, Any], host: str, port: int, lazy:
           max_request_pixels: int = 80_000_000, allow_private_fetch: bool = False,
           allow_fetch_network: tuple[str, ...] = (), read_timeout: float = 15.0, keep_alive_timeout: int = 5,
           vision_cache_bytes: int, prefix_cache_bytes: int, prefix_block_size: int, prefix_cache_dir: str | None,
-          prefix_cache_disk_bytes: int, top_logprobs_k: int,
+          prefix_cache_disk_bytes: int, top_logprobs_k: int, prefix_state_every: int = 0,
           enable_thinking: bool | None,
           thinking_budget: int | None, thinking_start_token: str, thinking_end_token: str, dtype: str,
           generation_config: str = "auto", draft: str | None = None, num_draft_tokens: int = 4,
@@ -52,7 +52,8 @@ def serve(sources: list[str], *, kv: dict[str, Any], host: str, port: int, lazy:
                     prefill_chunk=prefill_chunk, prefill_batch_tokens=prefill_batch_tokens,
                     vision_cache_bytes=vision_cache_bytes,
                     prefix_cache_bytes=prefix_cache_bytes, prefix_block_size=prefix_block_size,
-                    prefix_cache_dir=prefix_cache_dir, prefix_cache_disk_bytes=prefix_cache_disk_bytes)
+                    prefix_cache_dir=prefix_cache_dir, prefix_cache_disk_bytes=prefix_cache_disk_bytes,
+                    prefix_state_every=prefix_state_every)
     if not lazy:
         models.load_now()  # (no reference kept here: /unload must be able to free it)
         print(f"vlmc: serving {models.resident.id} (context {models.resident.vlm.max_context} tokens)",
