@@ -115,10 +115,25 @@ def test_per_frame_blocks_read_only_their_keys(monkeypatch):
     q, k, v = qkv(1, 4, 2, 153, 153, 16)
     seen = []
     real = blas._masked_softmax
-    monkeypatch.setattr(blas, "_masked_softmax", lambda s, scale, keep: (seen.append(s.shape), real(s, scale, keep)))
+    monkeypatch.setattr(blas, "_masked_softmax",
+                        lambda s, scale, keep, *threads: (seen.append(s.shape), real(s, scale, keep, *threads)))
     out = blas.attention(q, k, v, mask, scale=0.25)
     assert rel_err(out, reference.attention(q, k, v, mask, scale=0.25)) < TOL
     assert max(cols for _, cols in seen) == 40 and sum(rows for rows, _ in seen) == 2 * 2 * 153
     causal = causal_padded(24, 40, [0, 5])  # rows differ one by one: fixed runs, keys trimmed per run
     q2, k2, v2 = qkv(2, 4, 2, 24, 40, 32)
     assert rel_err(blas.attention(q2, k2, v2, causal, scale=0.2), reference.attention(q2, k2, v2, causal, scale=0.2)) < TOL
+
+
+def test_heads_side_by_side_give_the_serial_result(monkeypatch):
+    """The (KV head, block) products on the head pool (single-threaded BLAS each) give what
+    the serial loop gives, bit for bit; where the pool exists at all (a per-thread BLAS
+    setting and more than one thread)."""
+    if blas._pool() is None:
+        pytest.skip("no per-thread BLAS thread count here, or one thread: no head pool")
+    seg = mx.array(sum(([f] * n for f, n in enumerate([70, 61])), []))
+    mask = (seg[:, None] == seg[None, :])[None, None]
+    q, k, v = qkv(2, 6, 2, 131, 131, 32)
+    pooled = np.asarray(blas.attention(q, k, v, mask, scale=0.2))
+    monkeypatch.setattr(blas, "_pool", lambda: None)
+    assert np.array_equal(pooled, np.asarray(blas.attention(q, k, v, mask, scale=0.2)))
