@@ -20,7 +20,7 @@
 #define GI8_COLS 32
 #define GI8_ROWS 6
 #ifndef GI8_KC
-#define GI8_KC 1024 /* k per pass over the rows: the panel's 32 x GI8_KC codes stay in L1 */
+#define GI8_KC 1024 /* k per pass over the rows (32 KB of the panel's codes; 256 and 512 measured the same) */
 #endif
 typedef struct {
     const float *x;        /* [M, K] */
