@@ -117,7 +117,8 @@ def test_per_frame_blocks_read_only_their_keys(monkeypatch):
     q, k, v = qkv(1, 4, 2, 153, 153, 16)
     seen = []
     real, real_fused = blas._masked_softmax, blas._fused
-    monkeypatch.setattr(blas, "_masked_softmax", lambda s, scale, keep: (seen.append(s.shape), real(s, scale, keep)))
+    monkeypatch.setattr(blas, "_masked_softmax",
+                        lambda s, scale, keep, *threads: (seen.append(s.shape), real(s, scale, keep, *threads)))
 
     def fused(q, k, v, out, scale, keep):  # the one-pass kernel: every head's rows of the block at once
         done = real_fused(q, k, v, out, scale, keep)
@@ -148,3 +149,18 @@ def test_one_pass_kernel_odd_widths_and_the_blas_fallback(monkeypatch, D, L, S):
         assert ran and all(ran)  # this CPU has AVX-512 (and the library is -march=native): the kernel ran
     monkeypatch.setattr(blas, "_fused", lambda *a: False)
     assert rel_err(blas.attention(q, k, v, None, scale=D ** -0.5), ref) < TOL
+
+
+def test_heads_side_by_side_give_the_serial_result(monkeypatch):
+    """The (KV head, block) products on the head pool (single-threaded BLAS each) give what
+    the serial loop gives, bit for bit; where the pool exists at all (a per-thread BLAS
+    setting and more than one thread)."""
+    if blas._pool() is None:
+        pytest.skip("no per-thread BLAS thread count here, or one thread: no head pool")
+    monkeypatch.setattr(blas, "_fused", lambda *a: False)  # the BLAS path, where the pool works
+    seg = mx.array(sum(([f] * n for f, n in enumerate([70, 61])), []))
+    mask = (seg[:, None] == seg[None, :])[None, None]
+    q, k, v = qkv(2, 6, 2, 131, 131, 32)
+    pooled = np.asarray(blas.attention(q, k, v, mask, scale=0.2))
+    monkeypatch.setattr(blas, "_pool", lambda: None)
+    assert np.array_equal(pooled, np.asarray(blas.attention(q, k, v, mask, scale=0.2)))

@@ -14,8 +14,20 @@ blocks, not the whole clip squared). Each block runs through the one-pass C kern
 (``vlmc_attention_rows``: scores of 8 query rows at a time kept in cache) where the CPU has
 AVX-512, else through BLAS with the C softmax. Semantics are those of
 ``mx.fast.scaled_dot_product_attention`` with a boolean mask (True = attend) or none.
+
+On the BLAS path, where numpy's OpenBLAS can set its thread count per calling thread
+(``openblas_set_num_threads_local``), the (KV head, block) products run on a small pool
+of Python threads, one single-threaded BLAS call and softmax each (numpy and ctypes
+release the GIL): on a busy host the GEMMs' own threads wait on each other at every one
+of the many small calls (a vision layer took 4x the single-threaded time), and heads side
+by side need no such handoffs.
 """
 from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import numpy as np
@@ -49,9 +61,11 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
     group = H // Hk
     Dv = vn.shape[-1]
     out = empty((B, H, L, Dv), np.float32)
+    pool = _pool()
+    work = []  # (b, h, r0, r1, k0, k1, keep of the block or None)
     for b in range(B):
         keep = None if mn is None else np.broadcast_to(mn[b if mn.shape[0] > 1 else 0, 0], (L, S))
-        for r0, r1, k0, k1 in _blocks(keep, L, S, group):
+        for r0, r1, k0, k1 in _blocks(keep, L, S, group, SCORE_BLOCK_ELEMS // (pool[1] if pool else 1)):
             if k0 >= k1:  # these query rows see no key (left padding): zeros
                 out[b, :, r0:r1] = 0
                 continue
@@ -60,11 +74,20 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
                 block_keep = None if block_keep.all() else np.ascontiguousarray(block_keep)
             if _fused(qn[b, :, r0:r1], kn[b, :, k0:k1], vn[b, :, k0:k1], out[b, :, r0:r1], scale, block_keep):
                 continue
-            for h in range(Hk):
-                heads = slice(h * group, (h + 1) * group)
-                s = qn[b, heads, r0:r1].reshape(-1, D) @ kn[b, h, k0:k1].T  # [group * rows, keys]
-                _masked_softmax(s, scale, block_keep)
-                out[b, heads, r0:r1] = (s @ vn[b, h, k0:k1]).reshape(group, r1 - r0, Dv)
+            work += [(b, h, r0, r1, k0, k1, block_keep) for h in range(Hk)]
+
+    def one(item, threads: int | None = None) -> None:
+        b, h, r0, r1, k0, k1, block_keep = item
+        heads = slice(h * group, (h + 1) * group)
+        s = qn[b, heads, r0:r1].reshape(-1, D) @ kn[b, h, k0:k1].T  # [group * rows, keys]
+        _masked_softmax(s, scale, block_keep, threads)
+        out[b, heads, r0:r1] = (s @ vn[b, h, k0:k1]).reshape(group, r1 - r0, Dv)
+
+    if pool and len(work) > 1:
+        list(pool[0].map(lambda item: one(item, 1), work))
+    else:
+        for item in work:
+            one(item)
     if host and out_dtype == mx.float32:
         return out
     y = mx.array(out)
@@ -96,14 +119,15 @@ def _fused(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, scale: 
     return True
 
 
-def _blocks(keep: np.ndarray | None, L: int, S: int, group: int) -> list[tuple[int, int, int, int]]:
+def _blocks(keep: np.ndarray | None, L: int, S: int, group: int,
+            elems: int = SCORE_BLOCK_ELEMS) -> list[tuple[int, int, int, int]]:
     """(row start, row end, key start, key end) blocks covering the query rows: each block's
     keys are the span its rows attend to (a block-diagonal mask, one block per image or video
     frame, then costs its blocks, not L x S), and its score matrix fits SCORE_BLOCK_ELEMS.
     Rows are grouped by the key span they attend to where such groups are long (masks made of
     segments), else in fixed runs."""
     if keep is None:
-        rows = max(1, SCORE_BLOCK_ELEMS // max(1, group * S))
+        rows = max(1, elems // max(1, group * S))
         return [(r0, min(L, r0 + rows), 0, S) for r0 in range(0, L, rows)]
     any_key = keep.any(axis=1)
     first = np.where(any_key, keep.argmax(axis=1), S)
@@ -116,7 +140,7 @@ def _blocks(keep: np.ndarray | None, L: int, S: int, group: int) -> list[tuple[i
     out = []
     for g0, g1 in groups:
         span = max(1, int(last[g0:g1].max()) - int(first[g0:g1].min()))
-        rows = max(1, SCORE_BLOCK_ELEMS // max(1, group * span))
+        rows = max(1, elems // max(1, group * span))
         for r0 in range(g0, g1, rows):
             r1 = min(g1, r0 + rows)
             k0, k1 = int(first[r0:r1].min()), int(last[r0:r1].max())
@@ -124,15 +148,16 @@ def _blocks(keep: np.ndarray | None, L: int, S: int, group: int) -> list[tuple[i
     return out
 
 
-def _masked_softmax(s: np.ndarray, scale: float, keep: np.ndarray | None) -> None:
+def _masked_softmax(s: np.ndarray, scale: float, keep: np.ndarray | None, threads: int | None = None) -> None:
     """softmax(scale * s) in place along rows of s [n * R, S], where ``keep`` [R, S] (True =
-    attend) masks each block of R rows: the C kernel (threads, one exp pass) or numpy."""
+    attend) masks each block of R rows: the C kernel (``threads``, default all; one exp
+    pass) or numpy."""
     from . import _get_lib, n_threads
     lib = _get_lib()
     if lib is not None and s.flags.c_contiguous and s.dtype == np.float32 and scale > 0:
         rc = lib.vlmc_softmax_rows(s.ctypes.data, s.shape[0], s.shape[1], scale,
                                    None if keep is None else keep.view(np.uint8).ctypes.data,
-                                   0 if keep is None else keep.shape[0], n_threads)
+                                   0 if keep is None else keep.shape[0], threads or n_threads)
         if rc == 0:
             return
     s *= np.float32(scale)
@@ -152,3 +177,39 @@ def _softmax_rows(s: np.ndarray) -> None:
     total = s.sum(-1, keepdims=True)
     np.maximum(total, np.float32(1e-30), out=total)
     s /= total
+
+
+_pool_state: list = []  # [(executor, workers) or None, pid], built on first use and in a forked child
+_pool_lock = threading.Lock()
+
+
+def _blas_local_setter():
+    """numpy's OpenBLAS ``openblas_set_num_threads_local`` (the calling thread's BLAS
+    thread count), or None where the loaded BLAS has no such function."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            paths = {p for p in (line.split()[-1] for line in f) if "openblas" in p.lower() and ".so" in p}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            fn = getattr(ctypes.CDLL(path), "openblas_set_num_threads_local")
+        except (OSError, AttributeError):
+            continue
+        fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int]
+        return fn
+    return None
+
+
+def _pool():
+    """(executor, workers) for head-parallel attention, or None (one thread, or no
+    per-thread BLAS setting: the BLAS calls then use their own threads)."""
+    from . import n_threads
+    with _pool_lock:
+        if not _pool_state or _pool_state[1] != os.getpid() or (_pool_state[0] and _pool_state[0][1] != n_threads):
+            np.ones((2, 2), np.float32) @ np.ones((2, 2), np.float32)  # the BLAS is loaded
+            setter = _blas_local_setter() if n_threads > 1 else None
+            _pool_state[:] = [(ThreadPoolExecutor(n_threads, thread_name_prefix="vlmc-attn",
+                                                  initializer=setter, initargs=(1,)), n_threads)
+                              if setter else None, os.getpid()]
+        return _pool_state[0]

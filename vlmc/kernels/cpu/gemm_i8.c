@@ -1,14 +1,18 @@
 /* vlmc CPU kernels: 2- to 8-bit weights x int8 activations, many rows (prefill, vision;
  * AVX512-VNNI): y[M, N] = x @ dequantize(w)^T (+ bias). x is rounded to int8 per 64 values
- * of a row (scale amax / 127), as in the GEMV (qv_block), by all threads. Output columns go
- * in panels of 32: a thread unpacks the panel's 32 weight rows into uint8 codes laid out
- * [K / 4][32][4], so two 64-byte loads feed vpdpbusd for 32 columns x 4 k, against a
- * broadcast of 4 bytes of an x row. Six x rows at a time keep 12 integer and 12 float
- * accumulators (24 of the 32 vector registers): 12 vpdpbusd per 8 loads, where 16 columns
- * x 8 rows need 9 loads per 8. K goes in chunks of GI8_KC (partial sums kept per row).
+ * of a row (scale amax / 127), as in the GEMV (qv_block), by all threads, into tiles of
+ * 6 rows whose 4-byte groups at one k lie together (one stream per tile). Output columns
+ * go in panels of 32: a thread unpacks the panel's 32 weight rows to bytes and transposes
+ * them in registers (16 x 16 dwords) into codes laid out [K / 4][32][4] (64-byte aligned),
+ * so two loads feed vpdpbusd for 32 columns x 4 k against a broadcast of 4 bytes of an x
+ * row. A tile of 6 rows keeps 12 integer and 12 float accumulators in registers; the dots
+ * of each 64-block are assembly (GI8_DOTS), as compiled intrinsics moved the accumulators
+ * through copies and the stack. K goes in chunks of GI8_KC (partial sums kept per row).
  * Every 64 k the integer sums are scaled by the weight group's scales (a vector over the
  * panel) times the x block's scale. The bias terms use group sums of the rounded x (see
- * qv_block). Needs gs % 64 == 0. */
+ * qv_block); the last chunk adds the output bias and stores into y with masks. The float
+ * arithmetic is per block in the same order as before the assembly: the same bits. Needs
+ * gs % 64 == 0. */
 #include "vlmc.h"
 
 #if VLMC_VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
@@ -16,14 +20,14 @@
 #define GI8_COLS 32
 #define GI8_ROWS 6
 #ifndef GI8_KC
-#define GI8_KC 1024 /* k per pass over the rows: the panel's 32 x GI8_KC codes stay in L1 */
+#define GI8_KC 1024 /* k per pass over the rows (32 KB of the panel's codes; 256 and 512 measured the same) */
 #endif
 typedef struct {
     const float *x;        /* [M, K] */
-    int8_t *x8;            /* [Mp, K] rounded x, Mp = M rounded up to GI8_ROWS (zero rows) */
-    int8_t *x8r;           /* [Mp, K] 8-bit codes: x's rounding residual (x8_block), else NULL */
-    float *xsc;            /* [Mp, K / 64] x block scales (with x8r: of 256 x8 + x8r) */
-    float *xsum;           /* [Mp, G] group sums of the rounded x */
+    int8_t *x8;            /* rounded x in tiles of GI8_ROWS rows: [Mp / GI8_ROWS][K / 4][GI8_ROWS][4] */
+    int8_t *x8r;           /* the same layout: x's rounding residual (8-bit codes, x8_block), else NULL */
+    float *xsc;            /* [Mp / GI8_ROWS][K / 64][GI8_ROWS] x block scales (with x8r: of 256 x8 + x8r) */
+    float *xsum;           /* [Mp / GI8_ROWS][G][GI8_ROWS] group sums of the rounded x */
     const uint8_t *w;
     const void *sc, *bi;
     const float *bias;
@@ -33,18 +37,28 @@ typedef struct {
     _Atomic int next;
 } gi8_t;
 
-/* rows [M ith / nth, M (ith + 1) / nth) of x to int8 per 64-block, in natural order */
+/* rows [M ith / nth, M (ith + 1) / nth) of x to int8 per 64-block, into the tile layout: a
+ * tile's 4 bytes of its GI8_ROWS rows at one k4 lie together, so the dots read one stream
+ * (the rows' dwords are constant offsets from one pointer) */
 static void gi8_quant_task(void *ctx, int ith, int nth) {
     gi8_t *J = ctx;
-    const int K = J->K, nb = K / 64, m0 = (int)((long)J->M * ith / nth), m1 = (int)((long)J->M * (ith + 1) / nth);
-    for (int m = m0; m < m1; m++)
+    const int K = J->K, nb = K / 64, G = J->G, m0 = (int)((long)J->M * ith / nth), m1 = (int)((long)J->M * (ith + 1) / nth);
+    int8_t q[64], qr[64];
+    for (int m = m0; m < m1; m++) {
+        const int t = m / GI8_ROWS, i = m % GI8_ROWS;
+        int8_t *xt = J->x8 + (size_t)t * GI8_ROWS * K, *xtr = J->x8r ? J->x8r + (size_t)t * GI8_ROWS * K : NULL;
         for (int b = 0; b < nb; b++) {
             int sum;
-            const float sc = x8_block(J->x + (size_t)m * K + b * 64, X8_NATURAL, J->x8 + (size_t)m * K + b * 64, 32,
-                                      J->x8r ? J->x8r + (size_t)m * K + b * 64 : NULL, &sum);
-            J->xsc[(size_t)m * nb + b] = sc;
-            J->xsum[(size_t)m * J->G + b * 64 / J->gs] += sc * (float)sum;
+            const float sc = x8_block(J->x + (size_t)m * K + b * 64, X8_NATURAL, q, 32, xtr ? qr : NULL, &sum);
+            for (int e = 0; e < 16; e++) {
+                const size_t at = ((size_t)(b * 16 + e) * GI8_ROWS + i) * 4;
+                memcpy(xt + at, q + 4 * e, 4);
+                if (xtr) memcpy(xtr + at, qr + 4 * e, 4);
+            }
+            J->xsc[((size_t)t * nb + b) * GI8_ROWS + i] = sc;
+            J->xsum[((size_t)t * G + b * 64 / J->gs) * GI8_ROWS + i] += sc * (float)sum;
         }
+    }
 }
 
 /* codes of weight row n in natural order, one byte each (K bytes) */
@@ -69,83 +83,141 @@ static ALWAYS void gi8_unpack_row(const gi8_t *J, int n, uint8_t *out) {
     }
 }
 
-/* iacc += one 64-block's integer dots: 32 columns of codes (pk, from k4 = k40) x GI8_ROWS rows of x */
-static ALWAYS void gi8_block_dots(const uint32_t *pk, const int8_t *xr, int K, int k40, __m512i iacc[GI8_ROWS][2]) {
-    for (int k4 = k40; k4 < k40 + 16; k4++) {
-        const __m512i w0 = _mm512_loadu_si512((const void *)(pk + (size_t)k4 * GI8_COLS));
-        const __m512i w1 = _mm512_loadu_si512((const void *)(pk + (size_t)k4 * GI8_COLS + 16));
-        UNROLL for (int i = 0; i < GI8_ROWS; i++) {
-            const __m512i xv = _mm512_set1_epi32(ld_i32(xr + (size_t)i * K + 4 * k4));
-            iacc[i][0] = _mm512_dpbusd_epi32(iacc[i][0], w0, xv);
-            iacc[i][1] = _mm512_dpbusd_epi32(iacc[i][1], w1, xv);
-        }
+/* 16 rows x 64 codes (16 dwords each, rows `stride` bytes apart) -> dst[e * GI8_COLS + i] =
+ * dword e of row i: a 16 x 16 dword transpose in registers (the panel's [K / 4][32][4] layout) */
+static ALWAYS void gi8_transpose16(const uint8_t *src, size_t stride, uint32_t *dst) {
+    __m512i r[16], t[16], u[16];
+    UNROLL for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512((const void *)(src + (size_t)i * stride));
+    UNROLL for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    UNROLL for (int g = 0; g < 4; g++) { /* u[4g + j], 128-bit lane L: rows 4g..4g+3 of dword 4L + j */
+        u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    UNROLL for (int j = 0; j < 4; j++) { /* lane L of u[j], u[4 + j], u[8 + j], u[12 + j] -> dword 4L + j */
+        const __m512i ab0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), ab1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
+        const __m512i cd0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44), cd1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
+        _mm512_store_si512((void *)(dst + (size_t)j * GI8_COLS), _mm512_shuffle_i32x4(ab0, cd0, 0x88));
+        _mm512_store_si512((void *)(dst + (size_t)(4 + j) * GI8_COLS), _mm512_shuffle_i32x4(ab0, cd0, 0xDD));
+        _mm512_store_si512((void *)(dst + (size_t)(8 + j) * GI8_COLS), _mm512_shuffle_i32x4(ab1, cd1, 0x88));
+        _mm512_store_si512((void *)(dst + (size_t)(12 + j) * GI8_COLS), _mm512_shuffle_i32x4(ab1, cd1, 0xDD));
     }
 }
 
-static void gi8_panel(const gi8_t *J, int n0, uint32_t *pk, float *ps, float *pb, uint8_t *row, float *acc) {
-    const int K = J->K, G = J->G, K4 = K / 4, nb = K / 64, cols = J->N - n0 < GI8_COLS ? J->N - n0 : GI8_COLS;
+/* The dots of one 64-block: 16 steps of 4 k, each 2 loads of 16 columns' codes, 6 broadcasts
+ * of 4 bytes of a row of the tile and 12 vpdpbusd, in assembly: compiled from intrinsics
+ * the 12 accumulators (beside 12 float ones) were shuffled through copies and the stack
+ * in every step, and the core ran at about half the vpdpbusd rate. w: 16 x 32 dwords of
+ * codes, x: 16 x GI8_ROWS dwords of the tile's rows (gi8_quant_task's layout). */
+#define GI8_ROW(i, ox) "vpdpbusd " ox "+" #i "*4(%[x])%{1to16%}, %[w0], %[a" #i "0]\n\t" \
+    "vpdpbusd " ox "+" #i "*4(%[x])%{1to16%}, %[w1], %[a" #i "1]\n\t"
+#define GI8_STEP(ow, ox) "vmovdqa32 " ow "(%[w]), %[w0]\n\t" "vmovdqa32 " ow "+64(%[w]), %[w1]\n\t" \
+    GI8_ROW(0, ox) GI8_ROW(1, ox) GI8_ROW(2, ox) GI8_ROW(3, ox) GI8_ROW(4, ox) GI8_ROW(5, ox)
+#define GI8_STEPS GI8_STEP("0", "0") GI8_STEP("128", "24") GI8_STEP("256", "48") GI8_STEP("384", "72") \
+                GI8_STEP("512", "96") GI8_STEP("640", "120") GI8_STEP("768", "144") GI8_STEP("896", "168") \
+                GI8_STEP("1024", "192") GI8_STEP("1152", "216") GI8_STEP("1280", "240") GI8_STEP("1408", "264") \
+                GI8_STEP("1536", "288") GI8_STEP("1664", "312") GI8_STEP("1792", "336") GI8_STEP("1920", "360") \
+               
+#define GI8_DOTS(wp, xp)                                                                              \
+    do {                                                                                              \
+        __m512i w0_, w1_, xv_;                                                                        \
+        __asm__(GI8_STEPS                                                                             \
+                : [a00] "+v"(a00), [a01] "+v"(a01), [a10] "+v"(a10), [a11] "+v"(a11), [a20] "+v"(a20), \
+                  [a21] "+v"(a21), [a30] "+v"(a30), [a31] "+v"(a31), [a40] "+v"(a40), [a41] "+v"(a41), \
+                  [a50] "+v"(a50), [a51] "+v"(a51), [w0] "=&v"(w0_), [w1] "=&v"(w1_), [xv] "=&v"(xv_)    \
+                : [w] "r"(wp), [x] "r"(xp)                                                            \
+                : "memory");                                                                          \
+    } while (0)
+#define GI8_ROWS_DO(F) F(0) F(1) F(2) F(3) F(4) F(5)
+
+/* per-thread buffers: the panel's codes and parameters, partial sums across K chunks */
+typedef struct {
+    uint32_t *pk;   /* [K / 4][32] dwords of codes, 64-byte aligned */
+    uint8_t *rows;  /* [32][K] codes of the panel's weight rows */
+    float *ps, *pb; /* [G][32] scales and biases */
+    float *acc;     /* [Mp][32] */
+    float pbias[GI8_COLS];
+} gi8_buf;
+
+/* the panel's 32 weight rows from n0 (zeros past N) -> pk, ps, pb, pbias */
+static void gi8_pack(const gi8_t *J, int n0, int cols, gi8_buf *B) {
+    const int K = J->K, G = J->G;
     for (int c = 0; c < GI8_COLS; c++) {
-        if (c < cols) {
-            gi8_unpack_row(J, n0 + c, row);
-            for (int k4 = 0; k4 < K4; k4++) pk[(size_t)k4 * GI8_COLS + c] = (uint32_t)ld_i32(row + 4 * (size_t)k4);
-            for (int g = 0; g < G; g++) {
-                ps[g * GI8_COLS + c] = ld_param(J->sc, (size_t)(n0 + c) * G + g, J->st);
-                pb[g * GI8_COLS + c] = ld_param(J->bi, (size_t)(n0 + c) * G + g, J->st);
-            }
-        } else {
-            for (int k4 = 0; k4 < K4; k4++) pk[(size_t)k4 * GI8_COLS + c] = 0;
-            for (int g = 0; g < G; g++) ps[g * GI8_COLS + c] = pb[g * GI8_COLS + c] = 0.f;
+        if (c < cols) gi8_unpack_row(J, n0 + c, B->rows + (size_t)c * K);
+        else memset(B->rows + (size_t)c * K, 0, (size_t)K);
+        B->pbias[c] = c < cols && J->bias ? J->bias[n0 + c] : 0.f;
+        for (int g = 0; g < G; g++) {
+            B->ps[g * GI8_COLS + c] = c < cols ? ld_param(J->sc, (size_t)(n0 + c) * G + g, J->st) : 0.f;
+            B->pb[g * GI8_COLS + c] = c < cols ? ld_param(J->bi, (size_t)(n0 + c) * G + g, J->st) : 0.f;
         }
     }
+    for (int k = 0; k < K; k += 64)
+        for (int h = 0; h < GI8_COLS; h += 16)
+            gi8_transpose16(B->rows + (size_t)h * K + k, (size_t)K, B->pk + (size_t)(k / 4) * GI8_COLS + h);
+}
+
+static void gi8_panel(const gi8_t *J, int n0, gi8_buf *B) {
+    const int K = J->K, G = J->G, nb = K / 64, N = J->N, cols = N - n0 < GI8_COLS ? N - n0 : GI8_COLS;
+    gi8_pack(J, n0, cols, B);
+    const uint32_t *pk = B->pk;
+    const float *ps = B->ps, *pb = B->pb;
+    const __mmask16 mk0 = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
+    const __mmask16 mk1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
+    const __m512 bias0 = _mm512_loadu_ps(B->pbias), bias1 = _mm512_loadu_ps(B->pbias + 16);
     const int bpg = J->gs / 64;                                 /* x blocks per weight group */
     const int gpc = J->gs >= GI8_KC ? 1 : GI8_KC / J->gs;        /* weight groups per K chunk */
     for (int g0 = 0; g0 < G; g0 += gpc) {
         const int g1 = g0 + gpc < G ? g0 + gpc : G;
         for (int m0 = 0; m0 < J->Mp; m0 += GI8_ROWS) {
-            __m512 facc[GI8_ROWS][2];
-            float *ar = acc + (size_t)m0 * GI8_COLS;
-            UNROLL for (int i = 0; i < GI8_ROWS; i++) {
-                facc[i][0] = g0 ? _mm512_loadu_ps(ar + i * GI8_COLS) : _mm512_setzero_ps();
-                facc[i][1] = g0 ? _mm512_loadu_ps(ar + i * GI8_COLS + 16) : _mm512_setzero_ps();
-            }
-            const int8_t *xr = J->x8 + (size_t)m0 * K;
+            const size_t t = (size_t)(m0 / GI8_ROWS);
+            float *ar = B->acc + (size_t)m0 * GI8_COLS;
+#define GI8_F_INIT(i) __m512 f##i##0 = g0 ? _mm512_load_ps(ar + i * GI8_COLS) : _mm512_setzero_ps(), \
+                             f##i##1 = g0 ? _mm512_load_ps(ar + i * GI8_COLS + 16) : _mm512_setzero_ps();
+            GI8_ROWS_DO(GI8_F_INIT)
+            const int8_t *xt = J->x8 + t * GI8_ROWS * K, *xtr = J->x8r ? J->x8r + t * GI8_ROWS * K : NULL;
+            const float *xs_t = J->xsc + t * nb * GI8_ROWS, *xsum_t = J->xsum + t * G * GI8_ROWS;
             for (int g = g0; g < g1; g++) {
-                const __m512 sv0 = _mm512_loadu_ps(ps + g * GI8_COLS), sv1 = _mm512_loadu_ps(ps + g * GI8_COLS + 16);
+                const __m512 sv0 = _mm512_load_ps(ps + g * GI8_COLS), sv1 = _mm512_load_ps(ps + g * GI8_COLS + 16);
                 for (int xb = 0; xb < bpg; xb++) {
                     const int b = g * bpg + xb, k40 = b * 16;
-                    __m512i iacc[GI8_ROWS][2];
-                    UNROLL for (int i = 0; i < GI8_ROWS; i++) iacc[i][0] = iacc[i][1] = _mm512_setzero_si512();
-                    gi8_block_dots(pk, xr, K, k40, iacc);
-                    if (J->x8r) { /* 8-bit codes: 256 x (the dots so far) + the residual's dots */
-                        UNROLL for (int i = 0; i < GI8_ROWS; i++) {
-                            iacc[i][0] = _mm512_slli_epi32(iacc[i][0], 8);
-                            iacc[i][1] = _mm512_slli_epi32(iacc[i][1], 8);
-                        }
-                        gi8_block_dots(pk, J->x8r + (size_t)m0 * K, K, k40, iacc);
+#define GI8_A_ZERO(i) __m512i a##i##0 = _mm512_setzero_si512(), a##i##1 = _mm512_setzero_si512();
+                    GI8_ROWS_DO(GI8_A_ZERO)
+                    GI8_DOTS(pk + (size_t)k40 * GI8_COLS, xt + (size_t)k40 * GI8_ROWS * 4);
+                    if (xtr) { /* 8-bit codes: 256 x (the dots so far) + the residual's dots */
+#define GI8_A_SHIFT(i) a##i##0 = _mm512_slli_epi32(a##i##0, 8), a##i##1 = _mm512_slli_epi32(a##i##1, 8);
+                        GI8_ROWS_DO(GI8_A_SHIFT)
+                        GI8_DOTS(pk + (size_t)k40 * GI8_COLS, xtr + (size_t)k40 * GI8_ROWS * 4);
                     }
-                    UNROLL for (int i = 0; i < GI8_ROWS; i++) {
-                        const __m512 xs = _mm512_set1_ps(J->xsc[(size_t)(m0 + i) * nb + b]);
-                        facc[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i][0]), _mm512_mul_ps(sv0, xs), facc[i][0]);
-                        facc[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i][1]), _mm512_mul_ps(sv1, xs), facc[i][1]);
-                    }
+#define GI8_SCALE(i) {                                                                                    \
+        const __m512 xs = _mm512_set1_ps(xs_t[b * GI8_ROWS + i]);                                          \
+        f##i##0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a##i##0), _mm512_mul_ps(sv0, xs), f##i##0);            \
+        f##i##1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a##i##1), _mm512_mul_ps(sv1, xs), f##i##1); }
+                    GI8_ROWS_DO(GI8_SCALE)
                 }
-                const __m512 bv0 = _mm512_loadu_ps(pb + g * GI8_COLS), bv1 = _mm512_loadu_ps(pb + g * GI8_COLS + 16);
-                UNROLL for (int i = 0; i < GI8_ROWS; i++) {
-                    const __m512 xs = _mm512_set1_ps(J->xsum[(size_t)(m0 + i) * G + g]);
-                    facc[i][0] = _mm512_fmadd_ps(bv0, xs, facc[i][0]);
-                    facc[i][1] = _mm512_fmadd_ps(bv1, xs, facc[i][1]);
-                }
+                const __m512 bv0 = _mm512_load_ps(pb + g * GI8_COLS), bv1 = _mm512_load_ps(pb + g * GI8_COLS + 16);
+#define GI8_BIAS(i) {                                                                                     \
+        const __m512 xs = _mm512_set1_ps(xsum_t[g * GI8_ROWS + i]);                                        \
+        f##i##0 = _mm512_fmadd_ps(bv0, xs, f##i##0);                                                       \
+        f##i##1 = _mm512_fmadd_ps(bv1, xs, f##i##1); }
+                GI8_ROWS_DO(GI8_BIAS)
             }
-            UNROLL for (int i = 0; i < GI8_ROWS; i++) {
-                _mm512_storeu_ps(ar + i * GI8_COLS, facc[i][0]);
-                _mm512_storeu_ps(ar + i * GI8_COLS + 16, facc[i][1]);
+            if (g1 < G) {
+#define GI8_KEEP(i) _mm512_store_ps(ar + i * GI8_COLS, f##i##0), _mm512_store_ps(ar + i * GI8_COLS + 16, f##i##1);
+                GI8_ROWS_DO(GI8_KEEP)
+            } else { /* the last chunk: + bias, straight into y (rows past M are the tile's padding) */
+#define GI8_OUT(i)                                                                                        \
+    if (m0 + i < J->M) {                                                                                   \
+        float *yr = J->y + (size_t)(m0 + i) * N + n0;                                                      \
+        _mm512_mask_storeu_ps(yr, mk0, _mm512_add_ps(f##i##0, bias0));                                     \
+        _mm512_mask_storeu_ps(yr + 16, mk1, _mm512_add_ps(f##i##1, bias1));                                \
+    }
+                GI8_ROWS_DO(GI8_OUT)
             }
         }
-    }
-    for (int m = 0; m < J->M; m++) {
-        const float *ar = acc + (size_t)m * GI8_COLS;
-        float *yr = J->y + (size_t)m * J->N + n0;
-        for (int c = 0; c < cols; c++) yr[c] = ar[c] + (J->bias ? J->bias[n0 + c] : 0.f);
     }
 }
 
@@ -153,17 +225,18 @@ static void gi8_task(void *ctx, int ith, int nth) {
     (void)ith;
     (void)nth;
     gi8_t *J = ctx;
-    const int K = J->K, G = J->G;
-    uint8_t *buf = malloc((size_t)GI8_COLS * K + sizeof(float) * GI8_COLS * (2 * (size_t)G + J->Mp) + (size_t)K + 64);
+    const size_t K = (size_t)J->K, G = (size_t)J->G;
+    const size_t pk_bytes = GI8_COLS * K, par = sizeof(float) * GI8_COLS * (2 * G + (size_t)J->Mp);
+    uint8_t *buf = aligned_alloc(64, pk_bytes + par + GI8_COLS * K + 64);
     if (!buf) return;
-    uint32_t *pk = (uint32_t *)buf;
-    float *ps = (float *)(buf + (size_t)GI8_COLS * K), *pb = ps + GI8_COLS * (size_t)G;
-    float *acc = pb + GI8_COLS * (size_t)G; /* [Mp][32] partial sums across K chunks */
-    uint8_t *row = (uint8_t *)(acc + GI8_COLS * (size_t)J->Mp);
+    gi8_buf B = {.pk = (uint32_t *)buf, .ps = (float *)(buf + pk_bytes)};
+    B.pb = B.ps + GI8_COLS * G;
+    B.acc = B.pb + GI8_COLS * G;
+    B.rows = (uint8_t *)(B.acc + GI8_COLS * (size_t)J->Mp);
     for (;;) {
         const int p = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
         if (p * GI8_COLS >= J->N) break;
-        gi8_panel(J, p * GI8_COLS, pk, ps, pb, row, acc);
+        gi8_panel(J, p * GI8_COLS, &B);
     }
     free(buf);
 }
