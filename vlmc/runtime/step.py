@@ -171,7 +171,7 @@ class Sequences:
         embeds, positions = self._pending
         lo = self.prefilled
         hi = self.prompt_width if chunk is None else min(self.prompt_width, lo + chunk)
-        hi = self._chunk_end(min([hi, *(c for cols in self.keep_states for c in cols if lo < c < hi)]))
+        hi = min(self.prompt_width, self._chunk_end(min([hi, *(c for cols in self.keep_states for c in cols if lo < c < hi)])))
         logits = self._keep_hidden(self.decoder.model.prefill(
             embeds=embeds[:, lo:hi], positions=self.decoder.program_positions(positions[..., lo:hi]),
             mask=self._mask(hi - lo), caches=self.caches), hi - 1)[:, -1]
