@@ -2,6 +2,7 @@
 
     python benchmarks/batched_step.py ARTIFACT [--rows 1,2,4,8,16] [--reps 7]
                                       [--lib A.so --lib B.so] [--no-int8] [--by-proj]
+                                      [--cpu-time]
 
 Every projection a decode step of ARTIFACT's text decoder runs (per layer qkv, o, gate_up,
 down; then the LM head) is called through ``vlmc_gemv_q`` / ``vlmc_gemv_bf16`` /
@@ -14,6 +15,8 @@ them in one process, so the machine's load moves all of them alike; the report g
 medians over ``--reps`` rounds and the ratio to the first library. ``--by-proj`` adds the
 step's time split by projection (qkv, o, gate_up, down summed over the layers, and the LM
 head), each against its share of the read floor (its bytes at the floor's rate).
+``--cpu-time`` runs everything on one thread and times it in thread CPU time: what the
+kernels cost a core, which other jobs on a loaded machine move far less than wall time.
 """
 from __future__ import annotations
 
@@ -73,11 +76,12 @@ def proj_bytes(p) -> int:
     return p.N * p.K * (4 if p.kind == 0 else 2)
 
 
-def run_step(lib, projs, xs: dict, ys: dict, M: int, threads: int, names=None, split=None) -> None:
+def run_step(lib, projs, xs: dict, ys: dict, M: int, threads: int, names=None, split=None,
+             clock=time.perf_counter) -> None:
     """One step's GEMVs; with ``split`` (a dict) each call's seconds are added under its name."""
     for i, p in enumerate(projs):
         x, y = xs[p.K], ys[p.N]
-        t = time.perf_counter() if split is not None else 0.0
+        t = clock() if split is not None else 0.0
         if p.kind == 2:
             rc = lib.vlmc_gemv_q(x.ctypes.data, M, p.K, p.w, p.scales, p.biases, p.st, p.N, p.bits, p.gs, p.bias,
                                  y.ctypes.data, threads)
@@ -87,7 +91,7 @@ def run_step(lib, projs, xs: dict, ys: dict, M: int, threads: int, names=None, s
         if rc:
             raise RuntimeError(f"gemv rejected its arguments ({rc})")
         if split is not None:
-            split[names[i]] = split.get(names[i], 0.0) + time.perf_counter() - t
+            split[names[i]] = split.get(names[i], 0.0) + clock() - t
 
 
 def main() -> None:
@@ -99,7 +103,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=cpu.n_threads)
     ap.add_argument("--no-int8", action="store_true", help="float32 x (vlmc_set_int8_x(0))")
     ap.add_argument("--by-proj", action="store_true", help="also the step's time split by projection")
+    ap.add_argument("--cpu-time", action="store_true", help="one thread, timed in thread CPU time")
     args = ap.parse_args()
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    if args.cpu_time:
+        args.threads = 1
     libs = [open_lib(p) for p in args.lib] if args.lib else [cpu.library()]
     names = args.lib or ["current"]
     for lib in libs:
@@ -117,12 +125,12 @@ def main() -> None:
     for rep in range(args.reps + 1):  # round 0 warms up
         for M in rows:
             for li, lib in enumerate(libs):
-                t = time.perf_counter()
+                t = clock()
                 lib.vlmc_stream_read(floor.ctypes.data, floor.size, args.threads)
-                t1 = time.perf_counter()
+                t1 = clock()
                 split = {} if args.by_proj else None
-                run_step(lib, projs, xs, ys, M, args.threads, pnames, split)
-                t2 = time.perf_counter()
+                run_step(lib, projs, xs, ys, M, args.threads, pnames, split, clock)
+                t2 = clock()
                 if rep:
                     times.setdefault(("floor", li), []).append(t1 - t)
                     times.setdefault((M, li), []).append(t2 - t1)
@@ -130,7 +138,8 @@ def main() -> None:
                         times.setdefault((M, li, name), []).append(sec)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     floor_ms = statistics.median([med[("floor", li)] for li in range(len(libs))])
-    print(f"step weights {total / 1e9:.3f} GB in {len(projs)} GEMVs, threads {args.threads}, "
+    print(f"step weights {total / 1e9:.3f} GB in {len(projs)} GEMVs, threads {args.threads}"
+          f"{' (thread CPU time)' if args.cpu_time else ''}, "
           f"int8 x {'off' if args.no_int8 else 'on'}; read floor {floor_ms:.1f} ms "
           f"({total / floor_ms / 1e6:.1f} GB/s), medians of {args.reps}")
     head = "rows " + "".join(f"{Path(n).name:>26s}" for n in names)
