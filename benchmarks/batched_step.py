@@ -1,7 +1,8 @@
 """The GEMVs of one whole decode step at 1-16 x rows, against the weight-read floor.
 
     python benchmarks/batched_step.py ARTIFACT [--rows 1,2,4,8,16] [--reps 7]
-                                      [--lib A.so --lib B.so] [--no-int8]
+                                      [--lib A.so --lib B.so] [--no-int8] [--by-proj]
+                                      [--cpu-time]
 
 Every projection a decode step of ARTIFACT's text decoder runs (per layer qkv, o, gate_up,
 down; then the LM head) is called through ``vlmc_gemv_q`` / ``vlmc_gemv_bf16`` /
@@ -11,7 +12,11 @@ call, as in decode with M sequences (or M tokens of one sequence in verify). Bes
 takes (the floor). With several ``--lib`` (shared libraries built from different sources,
 e.g. a copy of the cached build of another commit) every measurement alternates between
 them in one process, so the machine's load moves all of them alike; the report gives
-medians over ``--reps`` rounds and the ratio to the first library.
+medians over ``--reps`` rounds and the ratio to the first library. ``--by-proj`` adds the
+step's time split by projection (qkv, o, gate_up, down summed over the layers, and the LM
+head), each against its share of the read floor (its bytes at the floor's rate).
+``--cpu-time`` runs everything on one thread and times it in thread CPU time: what the
+kernels cost a core, which other jobs on a loaded machine move far less than wall time.
 """
 from __future__ import annotations
 
@@ -46,17 +51,23 @@ def open_lib(path: str) -> ctypes.CDLL:
     return lib
 
 
-def step_projections(model) -> list:
-    """The decoder's projections in a decode step's order, as decode_layer's _Proj structs."""
-    projs = []
+PROJ_NAMES = ("qkv", "o", "gate_up", "down")
+
+
+def step_projections(model) -> tuple[list, list]:
+    """The decoder's projections in a decode step's order, as decode_layer's _Proj structs,
+    and each one's name (PROJ_NAMES, or "head")."""
+    projs, names = [], []
     for weights in model.text_layer_fast:
         _, qkv_w, qkv_b, o_w, o_b, _, gu_w, gu_b, d_w, d_b = weights
         projs += [_proj(qkv_w, qkv_b), _proj(o_w, o_b), _proj(gu_w, gu_b), _proj(d_w, d_b)]
+        names += PROJ_NAMES
     head = model.params.get("text.lm_head.weight", model.params.get("text.embed_tokens.weight"))
     projs.append(_proj(head, None))
+    names.append("head")
     if any(p is None for p in projs):
         sys.exit("a projection is not one the GEMV kernels read")
-    return projs
+    return projs, names
 
 
 def proj_bytes(p) -> int:
@@ -65,9 +76,12 @@ def proj_bytes(p) -> int:
     return p.N * p.K * (4 if p.kind == 0 else 2)
 
 
-def run_step(lib, projs, xs: dict, ys: dict, M: int, threads: int) -> None:
-    for p in projs:
+def run_step(lib, projs, xs: dict, ys: dict, M: int, threads: int, names=None, split=None,
+             clock=time.perf_counter) -> None:
+    """One step's GEMVs; with ``split`` (a dict) each call's seconds are added under its name."""
+    for i, p in enumerate(projs):
         x, y = xs[p.K], ys[p.N]
+        t = clock() if split is not None else 0.0
         if p.kind == 2:
             rc = lib.vlmc_gemv_q(x.ctypes.data, M, p.K, p.w, p.scales, p.biases, p.st, p.N, p.bits, p.gs, p.bias,
                                  y.ctypes.data, threads)
@@ -76,6 +90,8 @@ def run_step(lib, projs, xs: dict, ys: dict, M: int, threads: int) -> None:
             rc = fn(x.ctypes.data, M, p.K, p.w, p.N, p.bias, y.ctypes.data, threads)
         if rc:
             raise RuntimeError(f"gemv rejected its arguments ({rc})")
+        if split is not None:
+            split[names[i]] = split.get(names[i], 0.0) + clock() - t
 
 
 def main() -> None:
@@ -86,13 +102,18 @@ def main() -> None:
     ap.add_argument("--lib", action="append", help="kernel libraries to compare (default: the current build)")
     ap.add_argument("--threads", type=int, default=cpu.n_threads)
     ap.add_argument("--no-int8", action="store_true", help="float32 x (vlmc_set_int8_x(0))")
+    ap.add_argument("--by-proj", action="store_true", help="also the step's time split by projection")
+    ap.add_argument("--cpu-time", action="store_true", help="one thread, timed in thread CPU time")
     args = ap.parse_args()
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    if args.cpu_time:
+        args.threads = 1
     libs = [open_lib(p) for p in args.lib] if args.lib else [cpu.library()]
     names = args.lib or ["current"]
     for lib in libs:
         lib.vlmc_set_int8_x(0 if args.no_int8 else 1)
     model = load_artifact(args.artifact).model
-    projs = step_projections(model)
+    projs, pnames = step_projections(model)
     total = sum(proj_bytes(p) for p in projs)
     rows = [int(r) for r in args.rows.split(",")]
     rng = np.random.default_rng(0)
@@ -104,17 +125,21 @@ def main() -> None:
     for rep in range(args.reps + 1):  # round 0 warms up
         for M in rows:
             for li, lib in enumerate(libs):
-                t = time.perf_counter()
+                t = clock()
                 lib.vlmc_stream_read(floor.ctypes.data, floor.size, args.threads)
-                t1 = time.perf_counter()
-                run_step(lib, projs, xs, ys, M, args.threads)
-                t2 = time.perf_counter()
+                t1 = clock()
+                split = {} if args.by_proj else None
+                run_step(lib, projs, xs, ys, M, args.threads, pnames, split, clock)
+                t2 = clock()
                 if rep:
                     times.setdefault(("floor", li), []).append(t1 - t)
                     times.setdefault((M, li), []).append(t2 - t1)
+                    for name, sec in (split or {}).items():
+                        times.setdefault((M, li, name), []).append(sec)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     floor_ms = statistics.median([med[("floor", li)] for li in range(len(libs))])
-    print(f"step weights {total / 1e9:.3f} GB in {len(projs)} GEMVs, threads {args.threads}, "
+    print(f"step weights {total / 1e9:.3f} GB in {len(projs)} GEMVs, threads {args.threads}"
+          f"{' (thread CPU time)' if args.cpu_time else ''}, "
           f"int8 x {'off' if args.no_int8 else 'on'}; read floor {floor_ms:.1f} ms "
           f"({total / floor_ms / 1e6:.1f} GB/s), medians of {args.reps}")
     head = "rows " + "".join(f"{Path(n).name:>26s}" for n in names)
@@ -128,6 +153,28 @@ def main() -> None:
                 cell += f" {ms / med[(M, 0)]:4.2f}"
             cells.append(f"{cell:>26s}")
         print(f"{M:4d} " + "".join(cells))
+    if args.by_proj:
+        print_split(med, projs, pnames, rows, names, total, floor_ms)
+
+
+def print_split(med: dict, projs: list, pnames: list, rows: list, libs: list, total: int, floor_ms: float) -> None:
+    """Per projection kind: ms per step (medians), x its floor share, and the library's
+    ratio to the first."""
+    kinds = [n for n in (*PROJ_NAMES, "head") if n in pnames]
+    share = {n: sum(proj_bytes(p) for p, m in zip(projs, pnames) if m == n) / total for n in kinds}
+    print("by projection: ms per step, x its share of the read floor" + (", ratio to the first library"
+                                                                        if len(libs) > 1 else ""))
+    print("rows lib " + "".join(f"{n:>22s}" for n in kinds))
+    for M in rows:
+        for li in range(len(libs)):
+            cells = []
+            for n in kinds:
+                ms = med[(M, li, n)]
+                cell = f"{ms:6.2f} {ms / (floor_ms * share[n]):4.2f}xF"
+                if li:
+                    cell += f" {ms / med[(M, 0, n)]:4.2f}"
+                cells.append(f"{cell:>22s}")
+            print(f"{M:4d} {li:3d} " + "".join(cells))
 
 
 if __name__ == "__main__":

@@ -377,6 +377,34 @@ def test_gemv_rows_are_exact_for_any_row_count(int8, monkeypatch):
         cpu.refresh()
 
 
+def test_gemv_rows_exact_across_threads_and_chunks(monkeypatch):
+    """Weights large enough for several threads and many scheduling chunks (which shrink
+    towards the end of a call, each thread prefetching the next chunk it takes): every row
+    of an M-row call, with 1 or 3 threads, is bit for bit that row computed alone on one
+    thread, for the 4-bit panel kernel and that of 2/3/5/6-bit codes."""
+    if not cpu.int8_activations():
+        pytest.skip("no AVX512-VNNI on this CPU (or turned off)")
+    rng = np.random.default_rng(7)
+    N, K = 1001, 1536  # N odd: a last panel of 9 rows
+    w = mx.array(rng.standard_normal((N, K)).astype(np.float32) * 0.02)
+    x = rng.standard_normal((16, K)).astype(np.float32)
+    bias = mx.array(rng.standard_normal(N).astype(np.float32))
+    for bits in (4, 6, 3, 5):
+        wq, s, b = mx.quantize(w.astype(mx.bfloat16), group_size=64, bits=bits)
+
+        def call(xs, wq=wq, s=s, b=b, bits=bits):
+            return np.asarray(cpu.qlinear(mx.array(xs), wq, s, b, bias, bits=bits, group_size=64))
+
+        monkeypatch.setattr(cpu, "n_threads", 1)
+        alone = np.concatenate([call(x[r:r + 1]) for r in range(16)])
+        for threads in (1, 3):
+            monkeypatch.setattr(cpu, "n_threads", threads)
+            for M in (2, 5, 8, 9, 16):
+                rows = rng.permutation(16)[:M]
+                got = call(x[rows])
+                assert np.array_equal(got.view(np.uint32), alone[rows].view(np.uint32)), (bits, threads, M)
+
+
 # ---- build, cache, fallbacks -------------------------------------------------------------
 
 def test_portable_build_matches(monkeypatch, tmp_path):

@@ -28,7 +28,8 @@
  *   weight rows against x rows with fixed accumulators per pair, carried across K chunks
  *   (x chunk kept in L1 for M >= 2), summed horizontally once at the end.
  * Both walk rows in dynamic chunks shared by the calling thread and a small persistent
- * pthread pool (threadpool.c). Without AVX2+FMA a portable scalar path computes the same
+ * pthread pool (threadpool.c); the panel kernels' chunks shrink towards the end of a call
+ * and each thread takes its next chunk one panel early, to prefetch it. Without AVX2+FMA a portable scalar path computes the same
  * arithmetic up to summation order.
  */
 #include "vlmc.h"
@@ -45,6 +46,9 @@
 #define DENSE_SEG 512 /* float32 / bfloat16 weights: elements per segment (dense_block) */
 #define QP 16 /* weight rows per panel of the int8-x kernels (lanes of a vector) */
 #define QP_MAX_M 16 /* x rows per pass of the panel kernels */
+#ifndef SHRINK_CHUNKS
+#define SHRINK_CHUNKS 1 /* the panel kernels' chunks shrink towards a job's end (grab) */
+#endif
 
 typedef struct {
     int kind;          /* 0 f32, 1 bf16, 2 quantized */
@@ -67,15 +71,29 @@ typedef struct {
     int kmain;         /* float x: K covered by the SIMD blocks (the rest: the finish) */
     int long_rows;     /* float x: M x K floats of x exceed X_CHUNK_FLOATS (x re-read from L2) */
     size_t rowbytes;   /* bytes of one weight row */
-    int chunk;
+    int chunk;         /* rows per grab (with shrink: the most) */
+    int shrink, nth;   /* panel kernels: chunks shrink towards the end (grab) */
     _Atomic int next;
 } job_t;
 
 static ALWAYS int grab(job_t *J, int *n0, int *n1) {
-    int s = atomic_fetch_add_explicit(&J->next, J->chunk, memory_order_relaxed);
-    if (s >= J->N) return 0;
+    if (!J->shrink) {
+        const int s = atomic_fetch_add_explicit(&J->next, J->chunk, memory_order_relaxed);
+        if (s >= J->N) return 0;
+        *n0 = s;
+        *n1 = s + J->chunk < J->N ? s + J->chunk : J->N;
+        return 1;
+    }
+    /* chunks shrink with the rows left (a quarter of each thread's share, whole panels, at
+     * most J->chunk): the threads then finish within about one panel of each other */
+    int s = atomic_load_explicit(&J->next, memory_order_relaxed), c;
+    do {
+        if (s >= J->N) return 0;
+        c = (J->N - s) / (4 * J->nth);
+        c = c < QP ? QP : c > J->chunk ? J->chunk : (c + QP - 1) / QP * QP;
+    } while (!atomic_compare_exchange_weak_explicit(&J->next, &s, s + c, memory_order_relaxed, memory_order_relaxed));
     *n0 = s;
-    *n1 = s + J->chunk < J->N ? s + J->chunk : J->N;
+    *n1 = s + c < J->N ? s + c : J->N;
     return 1;
 }
 
@@ -450,9 +468,6 @@ DEF_ROWS(q8, Q_1, Q_2, Q_3, Q_4, Q_8)
 #ifndef PF_HINT
 #define PF_HINT _MM_HINT_T1 /* the next panel into L2 (a panel of long rows would crowd L1) */
 #endif
-#ifndef PF_PANELS
-#define PF_PANELS 1
-#endif
 #ifndef PF_M1
 #define PF_M1 8192 /* one x row: bytes ahead, into L2 (codes in flight would crowd x out of L1) */
 #endif
@@ -722,6 +737,28 @@ static void qp_params(const void *par, int st, int G, const int *rows, void *tab
         }
 }
 
+/* The panel kernels' prefetch, during block b, of the next panel's codes (at next; pshare
+ * bytes a block: the panel as one sequential run spread over the blocks) */
+static ALWAYS void pf_panel(const char *next, int b, size_t pshare) {
+    for (size_t o = (size_t)b * pshare; o < (size_t)(b + 1) * pshare; o += 64) _mm_prefetch(next + o, PF_HINT);
+}
+
+/* and of the next panel's scales and biases (plines lines each), PF_PARAM_LINES lines of
+ * each per block: asked for within the first quarter of a panel (float32 parameters of 16
+ * rows are a line per block: one a block, the last came just before qp_params read them) */
+#ifndef PF_PARAM_LINES
+#define PF_PARAM_LINES 4
+#endif
+static ALWAYS void pf_params(const char *nsc, const char *nbi, size_t plines, int b) {
+    UNROLL for (int i = 0; i < PF_PARAM_LINES; i++) {
+        const size_t l = (size_t)b * PF_PARAM_LINES + i;
+        if (l < plines) {
+            _mm_prefetch(nsc + 64 * l, PF_HINT);
+            _mm_prefetch(nbi + 64 * l, PF_HINT);
+        }
+    }
+}
+
 /* the 16 rows' parameters of group g from a qp_params table */
 static ALWAYS __m512 qp_pvec(int st, const void *tab, int g) {
     if (st != ST_BF16) return _mm512_loadu_ps((const float *)tab + (size_t)g * QP);
@@ -730,11 +767,12 @@ static ALWAYS __m512 qp_pvec(int st, const void *tab, int g) {
 }
 
 /* One panel of 8-bit or 2/3/5/6-bit codes (4-bit codes: qp4_panel): weight rows p0 ..
- * p0 + 15 (past N: the last row again, not stored), all M x rows. For each block the 16
+ * p0 + 15 (past N: the last row again, not stored), all M x rows; pn: the first row of the
+ * panel that follows (prefetched meanwhile), or -1. For each block the 16
  * rows' codes become Q[q], dword i = codes 4q .. 4q + 3 of row i. tab: the scales' and the
  * biases' qp_params tables (2 G x 16 floats of room); acc: M x 8 vectors (the pairs'
  * A_0 .. A_7). */
-static ALWAYS void qp_panel(const int BITS, const int ST, const job_t *J, int p0, float *tab, __m512 *acc) {
+static ALWAYS void qp_panel(const int BITS, const int ST, const job_t *J, int p0, int pn, float *tab, __m512 *acc) {
     const int K = J->K, M = J->M, N = J->N, G = J->G, nb = K / 64, bpg = J->gs / 64;
     const int bits = BITS == BITS_PACKED ? J->bits : BITS;
     const size_t rb = (size_t)K / 8 * bits, bb = (size_t)8 * bits; /* bytes per row, per 64-block */
@@ -752,24 +790,22 @@ static ALWAYS void qp_panel(const int BITS, const int ST, const job_t *J, int p0
     /* the next panel (16 rows: one contiguous run) as one sequential stream, a block's
      * share of it per block: 16 row streams a panel apart are more than the hardware
      * prefetcher follows */
-    const char *next = (const char *)J->w + (size_t)(p0 + PF_PANELS * QP) * rb;
+    const int pr = pn < 0 ? p0 : pn; /* none: the panel itself again (in cache, no traffic) */
+    const char *next = (const char *)J->w + (size_t)pr * rb;
     const size_t pshare = ((size_t)QP * rb / nb + 63) & ~(size_t)63;
     /* and the next panel's scales and biases (a contiguous run of 16 rows each, G x 16 x
      * 2 or 4 bytes: at most one line per block), which qp_params would otherwise wait for */
     const size_t pb = (size_t)G * (J->st == ST_BF16 ? 2 : 4), plines = (QP * pb + 63) / 64;
-    const char *nsc = (const char *)J->sc + (size_t)(p0 + PF_PANELS * QP) * pb;
-    const char *nbi = (const char *)J->bi + (size_t)(p0 + PF_PANELS * QP) * pb;
+    const char *nsc = (const char *)J->sc + (size_t)pr * pb;
+    const char *nbi = (const char *)J->bi + (size_t)pr * pb;
 #if VLMC_CODES_PACKED
     const packed_v u = packed_regs(&J->pk);
 #endif
     for (int b = 0, g = 0, in_g = 0; b < nb; b++) {
         const int last = ++in_g == bpg; /* the group's bias term follows, in the same A */
         const size_t off = (size_t)b * bb;
-        for (size_t o = (size_t)b * pshare; o < (size_t)(b + 1) * pshare; o += 64) _mm_prefetch(next + o, PF_HINT);
-        if ((size_t)b < plines) {
-            _mm_prefetch(nsc + 64 * (size_t)b, PF_HINT);
-            _mm_prefetch(nbi + 64 * (size_t)b, PF_HINT);
-        }
+        pf_panel(next, b, pshare);
+        pf_params(nsc, nbi, plines, b);
         __m512i Q[16];
         if (BITS == 8) {
             t16x8(rp, off, Q);
@@ -864,7 +900,7 @@ static ALWAYS void qp4_tile(const int T, const job_t *J, const __m512i V[8], int
     }
 }
 
-static ALWAYS void qp4_panel(const int M, const job_t *J, int p0, float *tab, __m512 *acc) {
+static ALWAYS void qp4_panel(const int M, const job_t *J, int p0, int pn, float *tab, __m512 *acc) {
     const int K = J->K, N = J->N, G = J->G, nb = K / 64, bpg = J->gs / 64;
     const size_t rb = (size_t)K / 2; /* bytes per row; 32 per block */
     const int rows = N - p0 < QP ? N - p0 : QP;
@@ -878,11 +914,12 @@ static ALWAYS void qp4_panel(const int M, const job_t *J, int p0, float *tab, __
     qp_params(J->sc, J->st, G, idx, ts);
     qp_params(J->bi, J->st, G, idx, tb);
     for (int i = 0; i < 8 * M; i++) acc[i] = _mm512_setzero_ps();
-    const char *next = (const char *)J->w + (size_t)(p0 + PF_PANELS * QP) * rb; /* see qp_panel */
+    const int pr = pn < 0 ? p0 : pn; /* see qp_panel */
+    const char *next = (const char *)J->w + (size_t)pr * rb;
     const size_t pshare = ((size_t)QP * rb / nb + 63) & ~(size_t)63;
     const size_t pb = (size_t)G * (J->st == ST_BF16 ? 2 : 4), plines = (QP * pb + 63) / 64;
-    const char *nsc = (const char *)J->sc + (size_t)(p0 + PF_PANELS * QP) * pb;
-    const char *nbi = (const char *)J->bi + (size_t)(p0 + PF_PANELS * QP) * pb;
+    const char *nsc = (const char *)J->sc + (size_t)pr * pb;
+    const char *nbi = (const char *)J->bi + (size_t)pr * pb;
     const int nt = (M + 7) / 8; /* tiles of x rows, as even as they come: 9 rows as 5 + 4 */
     __m512i V[8];
     t16x8(rp, 0, V);
@@ -890,11 +927,8 @@ static ALWAYS void qp4_panel(const int M, const job_t *J, int p0, float *tab, __
         const int last = ++in_g == bpg; /* the group's bias term follows, in the same A */
         __m512i Vn[8];
         t16x8(rp, (size_t)(b + 1 < nb ? b + 1 : b) * 32, Vn); /* past the last block: that block again */
-        for (size_t o = (size_t)b * pshare; o < (size_t)(b + 1) * pshare; o += 64) _mm_prefetch(next + o, PF_HINT);
-        if ((size_t)b < plines) {
-            _mm_prefetch(nsc + 64 * (size_t)b, PF_HINT);
-            _mm_prefetch(nbi + 64 * (size_t)b, PF_HINT);
-        }
+        pf_panel(next, b, pshare);
+        pf_params(nsc, nbi, plines, b);
         const __m512 sv = qp_pvec(J->st, ts, g);
         /* not a group's last block: a zero bias term (as the one-row kernel adds one) */
         const __m512 bv = last ? qp_pvec(J->st, tb, g) : _mm512_setzero_ps();
@@ -925,18 +959,30 @@ static ALWAYS void qp4_panel(const int M, const job_t *J, int p0, float *tab, __
     }
 }
 
+/* A thread's panels: it grabs its next chunk as it starts the last panel of the one it
+ * has, so that panel prefetches the next chunk's first (a chunk would start cold) */
+#define PANEL_WALK(J, CALL)                                                                        \
+    do {                                                                                           \
+        int n0, n1, m0 = 0, m1 = 0;                                                                \
+        for (int more = grab(J, &n0, &n1); more; n0 = m0, n1 = m1)                                 \
+            for (int p = n0; p < n1; p += QP) {                                                    \
+                int pn = p + QP;                                                                   \
+                if (pn >= n1) pn = (more = grab(J, &m0, &m1)) ? m0 : -1;                           \
+                CALL;                                                                              \
+            }                                                                                      \
+    } while (0)
 #define QP4_M(M)                                                                                   \
-    static __attribute__((noinline)) void qp4_rows_m##M(const job_t *J, int n0, int n1, float *tab, __m512 *acc) { \
-        for (int p = n0; p < n1; p += QP) qp4_panel(M, J, p, tab, acc);                            \
+    static __attribute__((noinline)) void qp4_rows_m##M(job_t *J, float *tab, __m512 *acc) {       \
+        PANEL_WALK(J, qp4_panel(M, J, p, pn, tab, acc));                                           \
     }
 QP4_M(1) QP4_M(2) QP4_M(3) QP4_M(4) QP4_M(5) QP4_M(6) QP4_M(7) QP4_M(8)
 QP4_M(9) QP4_M(10) QP4_M(11) QP4_M(12) QP4_M(13) QP4_M(14) QP4_M(15) QP4_M(16)
-static void qp4_rows(const job_t *J, int n0, int n1, float *tab, __m512 *acc) {
-    static void (*const fn[QP_MAX_M + 1])(const job_t *, int, int, float *, __m512 *) = {
+static void qp4_rows(job_t *J, float *tab, __m512 *acc) {
+    static void (*const fn[QP_MAX_M + 1])(job_t *, float *, __m512 *) = {
         NULL, qp4_rows_m1, qp4_rows_m2, qp4_rows_m3, qp4_rows_m4, qp4_rows_m5, qp4_rows_m6, qp4_rows_m7,
         qp4_rows_m8, qp4_rows_m9, qp4_rows_m10, qp4_rows_m11, qp4_rows_m12, qp4_rows_m13, qp4_rows_m14,
         qp4_rows_m15, qp4_rows_m16};
-    fn[J->M](J, n0, n1, tab, acc);
+    fn[J->M](J, tab, acc);
 }
 
 /* whether the one-row kernel computes this job (4-bit codes: x8 in its order) */
@@ -950,16 +996,15 @@ static int qv_m1_ok(const job_t *J) { return J->M == 1 && (J->bits != 4 || J->x8
         else qv_m1_range(BITS, ST_F32, J, n0, n1);                                                 \
     }
 #define DEF_QP(name, BITS)                                                                         \
-    static __attribute__((noinline)) void name(const job_t *J, int n0, int n1, float *tab, __m512 *acc) { \
-        for (int p = n0; p < n1; p += QP) {                                                        \
-            if (J->st == ST_BF16) qp_panel(BITS, ST_BF16, J, p, tab, acc);                         \
-            else qp_panel(BITS, ST_F32, J, p, tab, acc);                                           \
-        }                                                                                          \
+    static __attribute__((noinline)) void name(job_t *J, float *tab, __m512 *acc) {               \
+        if (J->st == ST_BF16) PANEL_WALK(J, qp_panel(BITS, ST_BF16, J, p, pn, tab, acc));          \
+        else PANEL_WALK(J, qp_panel(BITS, ST_F32, J, p, pn, tab, acc));                            \
     }                                                                                              \
     DEF_QV1(name, BITS)
 DEF_QV1(qp4_rows, 4)
 DEF_QP(qp8_rows, 8)
 DEF_QP(qpp_rows, BITS_PACKED)
+
 #endif /* VLMC_VNNI */
 #endif /* VLMC_SIMD */
 
@@ -1053,11 +1098,9 @@ static void gemv_task(void *ctx, int ith, int nth) {
             if (!buf) return; /* out of memory: output left as is (as the portable path) */
             __m512 *acc = buf;
             float *tab = (float *)(acc + 8 * (size_t)J->M);
-            while (grab(J, &n0, &n1)) {
-                if (J->bits == 4) qp4_rows(J, n0, n1, tab, acc);
-                else if (J->bits == 8) qp8_rows(J, n0, n1, tab, acc);
-                else qpp_rows(J, n0, n1, tab, acc);
-            }
+            if (J->bits == 4) qp4_rows(J, tab, acc);
+            else if (J->bits == 8) qp8_rows(J, tab, acc);
+            else qpp_rows(J, tab, acc);
             free(buf);
             return;
         }
@@ -1115,7 +1158,12 @@ static void plan_k(job_t *J) {
 static void run_gemv(job_t *J, double wbytes, int n_threads) {
     int nth = eff_threads(n_threads, wbytes, J->N);
     J->chunk = pick_chunk(J->N, nth);
+    J->nth = nth;
+    J->shrink = 0;
     if (J->x8) J->chunk = (J->chunk + QP - 1) / QP * QP; /* whole panels */
+#if VLMC_VNNI
+    if (J->x8 && !qv_m1_ok(J)) J->shrink = SHRINK_CHUNKS; /* the panel kernels */
+#endif
     plan_k(J);
     atomic_store(&J->next, 0);
     run_parallel(gemv_task, J, nth);
