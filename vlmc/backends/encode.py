@@ -155,17 +155,13 @@ def _quantize_block(w, q: dict[str, Any], dtype: str):
     """A float32 [r, K] MLX block -> (packed codes, [scales(, biases)] as stored, (squared
     error, squared norm) as float32 scalars)."""
     import mlx.core as mx
-    from .quantize import quantize_array
+    from .quantize import dequantized, quantize_array
     qw = quantize_array(w, bits=q["bits"], group_size=q["group_size"], mode=q["mode"],
                         param_dtype=getattr(mx, dtype))
     # the error of the stored parameters and codes, dequantized in float32 as the CPU kernels
-    # do; written as one expression so that MLX reuses the dequantized block's buffer for the
-    # difference and its square (one block-sized temporary)
-    if qw.mode == "affine":
-        deq = mx.dequantize(qw.weight, qw.scales.astype(mx.float32), qw.biases.astype(mx.float32),
-                            group_size=qw.group_size, bits=qw.bits, mode=qw.mode)
-    else:
-        deq = qw.dequantize()
+    # do; the dequantized block is not held here, so MLX reuses its buffer for the
+    # difference and its square
+    deq = dequantized(qw)
     diff = mx.sum(mx.square(deq - w))
     del deq
     mx.eval(diff)

@@ -66,6 +66,29 @@ def _quantize_in_blocks(w: mx.array, group_size: int, bits: int, mode: str) -> l
     return [mx.concatenate([b[i] for b in blocks]) for i in range(len(blocks[0]))]
 
 
+def dequantized(qw: QuantWeight) -> mx.array:
+    """``qw``'s float32 values as the CPU kernels compute them (affine: from float32 scales
+    and biases), dequantized BLOCK_ELEMENTS values at a time and concatenated: MLX's CPU
+    dequantize makes temporaries of several float32 copies of its output (7 at 6 bits)."""
+    f32 = mx.float32
+    n, k = qw.shape
+
+    def rows(r0: int, r1: int) -> mx.array:
+        if qw.mode == "affine":
+            return mx.dequantize(qw.weight[r0:r1], qw.scales[r0:r1].astype(f32), qw.biases[r0:r1].astype(f32),
+                                 group_size=qw.group_size, bits=qw.bits, mode=qw.mode)
+        return mx.dequantize(qw.weight[r0:r1], qw.scales[r0:r1], None, group_size=qw.group_size, bits=qw.bits,
+                             mode=qw.mode).astype(f32)
+    step = _block_rows(k)
+    if n <= step:
+        return rows(0, n)
+    parts = []
+    for r0 in range(0, n, step):
+        parts.append(rows(r0, min(n, r0 + step)))
+        mx.eval(parts[-1])
+    return mx.concatenate(parts)
+
+
 # Affine widths up to this get a searched range per group, and the range shrink factors
 # tried: clipping a few extreme values buys finer steps for the rest, which pays at 2-4
 # bits (tests/test_passes.py bounds the gain) and little from 5 bits up.
