@@ -4,9 +4,10 @@ Everything goes into a hidden temp folder beside the destination; ``manifest.jso
 written last, then the folder is renamed into place. A killed compile leaves only the
 temp folder, which no loader accepts (no manifest, hidden name).
 
-``write_artifact`` materializes every weight from the checkpoint; ``write_replanned``
-makes an artifact that differs from an existing one only in its KV plan and lowering,
-sharing that artifact's weight shards (hard links, or copies where links cannot be made).
+``write_artifact`` materializes every weight from the checkpoint, a block of rows at a time
+(``encode``); ``write_replanned`` makes an artifact that differs from an existing one only
+in its KV plan and lowering, sharing that artifact's weight shards (hard links, or copies
+where links cannot be made).
 """
 from __future__ import annotations
 
@@ -18,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from .. import __version__
 from ..artifact_format import FORMAT_VERSION, SOURCE_FILES
 from ..errors import ArtifactError
@@ -27,79 +26,10 @@ from ..ir.core import Param, Program
 from ..ir.printer import format_program
 from ..ir.serialize import to_json
 from .codegen import generate_model_py
-from .safetensors_io import ShardWriter, to_storage
+from .encode import stored_tensors, write_param
+from .safetensors_io import ShardWriter
 
 SHARD_BYTES = 2 << 30
-
-
-def materialize(p: Param, read: Callable) -> np.ndarray:
-    """Apply a param's pending transforms to its source tensors (float32 math)."""
-    arrays = [read(ref) for ref in p.sources]
-    x = arrays[0] if len(arrays) == 1 else None
-    for name, opts in p.transforms:
-        if name == "concat":
-            x = np.concatenate(arrays, axis=opts.get("axis", 0))
-        elif name == "stack":  # per-expert tensors -> one [experts, ...] tensor
-            x = np.stack(arrays, axis=opts.get("axis", 0))
-        elif name == "reshape":
-            x = x.reshape(opts["shape"])
-        elif name == "transpose":
-            x = x.transpose(opts["axes"])
-        elif name == "add":
-            x = x.astype(np.float32) + opts["value"]
-        elif name == "scale":
-            x = x.astype(np.float32) * opts["value"]
-        else:
-            raise ValueError(f"unknown weight transform {name!r}")
-    if x is None:
-        raise ValueError(f"param {p.name} has several sources but no concat or stack transform")
-    if tuple(x.shape) != tuple(p.shape):
-        raise ValueError(f"param {p.name}: transforms give shape {x.shape}, IR says {p.shape}")
-    return x
-
-
-def stored_tensors(p: Param) -> list[tuple[str, tuple[int, ...], str]]:
-    """The (name, shape, dtype) tensors a param becomes in the artifact."""
-    q = p.attrs.get("quant")
-    if not q:
-        return [(p.name, tuple(p.shape), p.dtype)]
-    *rows, k = p.shape   # [N, K], or stacked experts [E, N, K] (each row quantized on its own)
-    rows, groups = tuple(rows), k // q["group_size"]
-    out = [(p.name, rows + (k * q["bits"] // 32,), "uint32")]
-    if q["mode"] == "affine":
-        out += [(p.name + ".scales", rows + (groups,), p.dtype), (p.name + ".biases", rows + (groups,), p.dtype)]
-    else:
-        out += [(p.name + ".scales", rows + (groups,), "uint8")]
-    return out
-
-
-def encode(p: Param, x: np.ndarray, report: dict[str, Any]) -> dict[str, np.ndarray]:
-    """A materialized float32 param -> its stored arrays (quantized when the IR says so)."""
-    q = p.attrs.get("quant")
-    if not q:
-        return {p.name: to_storage(x, p.dtype)}
-    import mlx.core as mx
-    from .quantize import quantize_array
-    lead = x.shape[:-1]   # stacked experts quantize as their rows: groups never cross a row
-    w = mx.array(x.reshape(-1, x.shape[-1]))
-    qw = quantize_array(w, bits=q["bits"], group_size=q["group_size"], mode=q["mode"],
-                        param_dtype=getattr(mx, p.dtype))
-    # the error of the stored parameters and codes, dequantized in float32 as the CPU kernels do
-    deq = mx.dequantize(qw.weight, qw.scales.astype(mx.float32),
-                        None if qw.biases is None else qw.biases.astype(mx.float32),
-                        group_size=qw.group_size, bits=qw.bits, mode=qw.mode) if qw.mode == "affine" else qw.dequantize()
-    err = float(mx.sqrt(mx.sum(mx.square(deq - w)) / mx.maximum(mx.sum(mx.square(w)), 1e-30)).item())
-    report[p.name] = {**q, "rel_error": round(err, 6), "bytes": p.nbytes}
-    def shaped(a: np.ndarray) -> np.ndarray:
-        return a.reshape(*lead, a.shape[-1])
-
-    out = {p.name: shaped(np.asarray(qw.weight))}
-    if q["mode"] == "affine":
-        out[p.name + ".scales"] = shaped(to_storage(np.asarray(qw.scales.astype(mx.float32)), p.dtype))
-        out[p.name + ".biases"] = shaped(to_storage(np.asarray(qw.biases.astype(mx.float32)), p.dtype))
-    else:
-        out[p.name + ".scales"] = shaped(np.asarray(qw.scales))
-    return out
 
 
 def _plan_shards(params: list[Param]) -> list[list[Param]]:
@@ -131,9 +61,8 @@ def write_artifact(prog: Program, out: Path, *, read: Callable, source_folder: P
             fname = f"weights-{si + 1:05d}-of-{len(shards):05d}.safetensors"
             writer = ShardWriter(tmp / fname, [t for p in shard for t in stored_tensors(p)])
             for p in shard:
-                for (name, shape, dtype), (_, arr) in zip(stored_tensors(p), encode(p, materialize(p, read),
-                                                                                   quant_report).items()):
-                    writer.write(name, arr)
+                write_param(writer, p, read, quant_report)   # one block of rows at a time
+                for name, shape, dtype in stored_tensors(p):
                     tensors[name] = {"file": fname, "shape": list(shape), "dtype": dtype,
                                      "role": p.role, "part": p.part}
                 done += 1

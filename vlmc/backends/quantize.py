@@ -1,5 +1,5 @@
 """Compile-time quantization of weights: what the ``quantize`` pass's choices become in
-an artifact (``artifact.encode``). Affine codes of up to SEARCH_BITS get each group's
+an artifact (``encode.write_param``, a block of rows at a time). Affine codes of up to SEARCH_BITS get each group's
 range searched; every width with bf16/f16-stored parameters gets the codes nearest for
 the stored parameters. The runtime side (``QuantWeight``, ``widen``) lives in
 ``vlmc.kernels.quant``; the search and the code choice run in C where the CPU kernels are
@@ -13,9 +13,13 @@ import numpy as np
 from ..kernels import cpu
 from ..kernels.quant import QuantWeight
 
-# rows of a weight searched or coded at a time by the MLX fallbacks (temporaries of a few
-# float32 copies of a block)
-BLOCK_ROWS = 4096
+# values of a weight searched or coded at a time by the MLX fallbacks, in whole rows
+# (temporaries of a few float32 copies of a block: a few times 16 MB, whatever the width)
+BLOCK_ELEMENTS = 1 << 22
+
+
+def _block_rows(k: int) -> int:
+    return max(1, BLOCK_ELEMENTS // k)
 
 # What quantize_array writes for given options; part of the compile cache's key, so an
 # artifact quantized by older code is rebuilt rather than reused. 1: mx.quantize's codes
@@ -38,7 +42,7 @@ def quantize_array(w: mx.array, *, bits: int, group_size: int, mode: str,
         if param_dtype is not None:
             scales, biases = scales.astype(param_dtype), biases.astype(param_dtype)
         return QuantWeight(nearest_codes(w, scales, biases, bits, group_size), scales, biases, bits, group_size, mode)
-    parts = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
+    parts = _quantize_in_blocks(w, group_size, bits, mode)
     if mode != "affine":
         return QuantWeight(parts[0], parts[1], None, bits, group_size, mode)
     scales, biases = parts[1], parts[2]
@@ -46,6 +50,43 @@ def quantize_array(w: mx.array, *, bits: int, group_size: int, mode: str,
         return QuantWeight(parts[0], scales, biases, bits, group_size, mode)
     scales, biases = scales.astype(param_dtype), biases.astype(param_dtype)
     return QuantWeight(nearest_codes(w, scales, biases, bits, group_size), scales, biases, bits, group_size, mode)
+
+
+def _quantize_in_blocks(w: mx.array, group_size: int, bits: int, mode: str) -> list[mx.array]:
+    """``mx.quantize`` over blocks of BLOCK_ELEMENTS values (whole rows), concatenated: the
+    same codes and scales (every group is quantized alone), without the temporaries MLX's
+    CPU quantizer makes of the whole input (about 19 float32 copies for mxfp4 and nvfp4)."""
+    step = _block_rows(w.shape[1])
+    if w.shape[0] <= step:
+        return list(mx.quantize(w, group_size=group_size, bits=bits, mode=mode))
+    blocks = []
+    for r0 in range(0, w.shape[0], step):
+        blocks.append(mx.quantize(w[r0:r0 + step], group_size=group_size, bits=bits, mode=mode))
+        mx.eval(blocks[-1])
+    return [mx.concatenate([b[i] for b in blocks]) for i in range(len(blocks[0]))]
+
+
+def dequantized(qw: QuantWeight) -> mx.array:
+    """``qw``'s float32 values as the CPU kernels compute them (affine: from float32 scales
+    and biases), dequantized BLOCK_ELEMENTS values at a time and concatenated: MLX's CPU
+    dequantize makes temporaries of several float32 copies of its output (7 at 6 bits)."""
+    f32 = mx.float32
+    n, k = qw.shape
+
+    def rows(r0: int, r1: int) -> mx.array:
+        if qw.mode == "affine":
+            return mx.dequantize(qw.weight[r0:r1], qw.scales[r0:r1].astype(f32), qw.biases[r0:r1].astype(f32),
+                                 group_size=qw.group_size, bits=qw.bits, mode=qw.mode)
+        return mx.dequantize(qw.weight[r0:r1], qw.scales[r0:r1], None, group_size=qw.group_size, bits=qw.bits,
+                             mode=qw.mode).astype(f32)
+    step = _block_rows(k)
+    if n <= step:
+        return rows(0, n)
+    parts = []
+    for r0 in range(0, n, step):
+        parts.append(rows(r0, min(n, r0 + step)))
+        mx.eval(parts[-1])
+    return mx.concatenate(parts)
 
 
 # Affine widths up to this get a searched range per group, and the range shrink factors
@@ -87,11 +128,12 @@ def _searched_params_mlx(w: mx.array, bits: int, group_size: int, s0: mx.array,
     n, k = w.shape
     top = (1 << bits) - 1
     out_s, out_b = [], []
-    for r0 in range(0, n, BLOCK_ROWS):
-        g = w[r0:r0 + BLOCK_ROWS].astype(mx.float32).reshape(-1, k // group_size, group_size)
+    step = _block_rows(k)
+    for r0 in range(0, n, step):
+        g = w[r0:r0 + step].astype(mx.float32).reshape(-1, k // group_size, group_size)
         lo, hi = mx.min(g, axis=-1, keepdims=True), mx.max(g, axis=-1, keepdims=True)
         mid, half = (lo + hi) / 2, (hi - lo) / 2
-        best_s, best_b = s0[r0:r0 + BLOCK_ROWS][..., None], b0[r0:r0 + BLOCK_ROWS][..., None]
+        best_s, best_b = s0[r0:r0 + step][..., None], b0[r0:r0 + step][..., None]
         best_e = _group_sse(g, best_s, best_b, top)
         for f in SHRINK:
             s, b = 2 * half * f / top, mid - half * f
@@ -130,10 +172,11 @@ def _nearest_codes_mlx(w: mx.array, scales: mx.array, biases: mx.array, bits: in
     n, k = w.shape
     top = (1 << bits) - 1
     out = []
-    for r0 in range(0, n, BLOCK_ROWS):
-        rows = w[r0:r0 + BLOCK_ROWS].astype(mx.float32).reshape(-1, k // group_size, group_size)
-        s = scales[r0:r0 + BLOCK_ROWS].astype(mx.float32)[..., None]
-        b = biases[r0:r0 + BLOCK_ROWS].astype(mx.float32)[..., None]
+    step = _block_rows(k)
+    for r0 in range(0, n, step):
+        rows = w[r0:r0 + step].astype(mx.float32).reshape(-1, k // group_size, group_size)
+        s = scales[r0:r0 + step].astype(mx.float32)[..., None]
+        b = biases[r0:r0 + step].astype(mx.float32)[..., None]
         q = _codes(rows, s, b, top)
         out.append(pack_codes(np.asarray(q.astype(mx.uint32)).reshape(rows.shape[0], k), bits))
     return mx.array(np.concatenate(out) if len(out) > 1 else out[0])

@@ -1,5 +1,6 @@
-"""Streaming safetensors writer: header first (sizes are known from the IR), then one
-tensor at a time, so writing never holds more than one materialized weight."""
+"""Streaming safetensors writer: header first (sizes are known from the IR), then each
+tensor's bytes in order, whole or in consecutive parts, so writing never holds more than
+the part at hand."""
 from __future__ import annotations
 
 import json
@@ -38,18 +39,24 @@ class ShardWriter:
         self._f = open(path, "wb")
         self._f.write(struct.pack("<Q", len(blob)))
         self._f.write(blob)
-        self._expected = [(n, header[n]) for n, _, _ in entries]
+        self._expected = [(n, header[n]["data_offsets"][1] - header[n]["data_offsets"][0]) for n, _, _ in entries]
         self._i = 0
+        self._done = 0   # bytes of the current tensor written so far
 
     def write(self, name: str, data: np.ndarray) -> None:
-        exp_name, info = self._expected[self._i]
+        """Write ``data`` as tensor ``name``, or as the next part of it: a tensor may come in
+        several consecutive C-ordered parts (blocks of rows)."""
+        exp_name, size = self._expected[self._i]
         assert name == exp_name, (name, exp_name)
-        raw = data.tobytes()
-        assert len(raw) == info["data_offsets"][1] - info["data_offsets"][0], name
-        self._f.write(raw)
-        self._i += 1
+        data = np.ascontiguousarray(data)
+        self._done += data.nbytes
+        assert self._done <= size, name
+        self._f.write(memoryview(data).cast("B"))   # (no bytes copy of the array)
+        if self._done == size:
+            self._i, self._done = self._i + 1, 0
 
     def close(self) -> None:
+        assert self._i == len(self._expected), f"{len(self._expected) - self._i} tensors not written"
         self._f.flush()
         import os
         os.fsync(self._f.fileno())

@@ -1,8 +1,9 @@
 """Lazy, memory-mapped safetensors reading (single file or sharded with an index).
 
-Only headers are parsed up front; a tensor's bytes are mapped when it is read, so a
-compile never holds two full copies of a model. Truncated files are detected from the
-header's offsets before any tensor is used.
+Only headers are parsed up front; a tensor's bytes (or a block of its rows) are mapped when
+they are read and unmapped when the returned array is dropped, so the pages a compile reads
+do not pile up in its resident memory and it never holds two full copies of a model.
+Truncated files are detected from the header's offsets before any tensor is used.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ class TensorStore:
         self.folder = folder
         self.refs: dict[str, TensorRef] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
-        self._maps: dict[str, np.memmap] = {}
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -86,15 +86,25 @@ class TensorStore:
             self.refs[key] = TensorRef(path.name, key, shape, dtype)
             self._offsets[key] = (data_start + begin, data_start + end)
 
-    def read(self, ref: TensorRef) -> np.ndarray:
-        """The tensor as float32 (floating types) or its integer type, memory-mapped when possible."""
-        if ref.file not in self._maps:
-            self._maps[ref.file] = np.memmap(self.folder / ref.file, dtype=np.uint8, mode="r")
+    def read(self, ref: TensorRef, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor as float32 (floating types) or its integer type, memory-mapped when possible;
+        with ``rows`` = (start, stop), only those rows of the tensor viewed as [-1, last dim]."""
         begin, end = self._offsets[ref.key]
-        raw = self._maps[ref.file][begin:end]
-        arr = raw.view(_NP[ref.dtype]).reshape(ref.shape)
+        shape = ref.shape
+        if rows is not None:
+            k = ref.shape[-1] if ref.shape else 1
+            row_bytes = k * np.dtype(_NP[ref.dtype]).itemsize
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape = (rows[1] - rows[0], k)
+        # a mapping per read (not one per file kept open): its pages leave the process's
+        # resident memory with the last array that uses them
+        raw = np.memmap(self.folder / ref.file, dtype=np.uint8, mode="r", offset=begin, shape=(end - begin,)) \
+            if end > begin else np.zeros(0, np.uint8)
+        arr = raw.view(_NP[ref.dtype]).reshape(shape)
         if ref.dtype == "bfloat16":
-            return (arr.astype(np.uint32) << 16).view(np.float32)
+            out = arr.astype(np.uint32)
+            out <<= 16   # (in place: one float32-sized array, not two)
+            return out.view(np.float32)
         if ref.dtype in ("float16", "float64"):
             return arr.astype(np.float32)
         return arr

@@ -9,4 +9,9 @@ def bf16_bits(arr: np.ndarray) -> np.ndarray:
     """float32 values -> their nearest bfloat16 values' bits (uint16, ties to even, as torch
     and MLX round)."""
     u = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
-    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    r = u >> np.uint32(16)   # (in place from here: one uint32 temporary, not four)
+    r &= np.uint32(1)
+    r += np.uint32(0x7FFF)
+    r += u
+    r >>= np.uint32(16)
+    return r.astype(np.uint16)
