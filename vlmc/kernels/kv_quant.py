@@ -91,10 +91,27 @@ def _attend(q: mx.array, keys: mx.array, values: mx.array, starts: mx.array, hel
     return out[:, :, 0] if one else out
 
 
+def query_int8(q: mx.array, group_size: int) -> mx.array:
+    """q (float32) with every group of ``group_size`` values along the last axis replaced by
+    its symmetric int8 code times the group's scale: a = max|q| / 127, code = round(q * (127 /
+    max|q|)) (ties to even; a group of zeros stays zeros). The cpu kernels score affine-coded
+    keys with these values, in the integer domain (``docs/kv-cache.md``)."""
+    *lead, d = q.shape
+    g = q.astype(mx.float32).reshape(*lead, d // group_size, group_size)
+    amax = mx.abs(g).max(-1, keepdims=True)
+    inv = mx.where(amax > 0, mx.array(127, mx.float32) / amax, mx.array(0, mx.float32))
+    codes = mx.clip(mx.round(g * inv), -127, 127)
+    return (codes * (amax / mx.array(127, mx.float32))).reshape(*lead, d)
+
+
 def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts, held: int, *,
-                     scale: float, bits: int, group_size: int) -> mx.array:
+                     scale: float, bits: int, group_size: int, int8_query: bool = False) -> mx.array:
     """One decode step's attention over affine-coded keys/values (float32 [B, H, D], or
-    [B, H, T, D] for q [B, H, T, D]: T tokens per sequence, the last T of ``held``)."""
+    [B, H, T, D] for q [B, H, T, D]: T tokens per sequence, the last T of ``held``).
+    ``int8_query``: q as ``query_int8`` gives it, what the cpu kernels compute (the GPU
+    kernels score with q as it is)."""
+    if int8_query:
+        q = query_int8(q, group_size)
     return _attend(q, affine_decode(k_codes, k_scales, k_biases, bits, group_size),
                    affine_decode(v_codes, v_scales, v_biases, bits, group_size), starts, held, scale)
 
