@@ -8,8 +8,9 @@ Qwen2-VL-2B shapes by default (12 query heads over 2 KV heads of 128), batch 1, 
 token, random keys and values stored by the runtime's own codecs (affine codes in groups of
 64, TurboQuant 3-bit keys and 4-bit values; q4f / q8f: the float driver over the same
 codes, VLMC_KV_FLOAT=1). Each round times every layout at every context
-in turn (the machine's load moves them alike); prints the median ms per call over the rounds
-and the cache bytes the call reads per second (held tokens x stored bytes per token).
+in turn (the machine's load moves them alike); prints per layout the fastest call of each
+round (median over the rounds), its CPU time, and the cache bytes the call reads per second
+(held tokens x stored bytes per token).
 """
 from __future__ import annotations
 
@@ -100,23 +101,32 @@ def main() -> None:
             nbytes[n, name] = cache.held * cache.bytes_per_token()
             calls[n, name]()  # warm (library load, first-touch)
     times = {key: [] for key in calls}
+    cpu = {key: [] for key in calls}
+    load = [os.getloadavg()[0]]
     for _ in range(args.rounds):
         for key, fn in calls.items():
-            t = []
+            t, c = [], []
             for _ in range(args.reps):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 t.append(time.perf_counter() - t0)
-            times[key].append(statistics.median(t))
-    print(f"load {os.getloadavg()[0]:.1f}; {args.heads} heads over {args.kv_heads} KV heads of {args.dim}, "
-          f"batch 1, median of {args.rounds} rounds x {args.reps} calls")
-    print(f"{'context':>8s} {'layout':>7s} {'ms':>8s} {'x dense':>8s} {'MB read':>8s} {'GB/s':>6s}")
+                c.append(time.process_time() - c0)
+            times[key].append(min(t))
+            cpu[key].append(min(c))
+    load.append(os.getloadavg()[0])
+    print(f"load {load[0]:.1f} -> {load[1]:.1f}; {args.heads} heads over {args.kv_heads} KV heads of {args.dim}, "
+          f"batch 1; per round the fastest of {args.reps} calls, median of {args.rounds} rounds; cpu ms: the "
+          f"process's CPU time per call (both threads), which other jobs on the machine disturb less")
+    print(f"{'context':>8s} {'layout':>7s} {'ms':>8s} {'x dense':>8s} {'cpu ms':>8s} {'x dense':>8s} {'MB read':>8s} "
+          f"{'GB/s':>6s}")
     for n in contexts:
         for name in layouts:
             ms = statistics.median(times[n, name]) * 1e3
+            cms = statistics.median(cpu[n, name]) * 1e3
             dense = statistics.median(times[n, "dense"]) * 1e3 if "dense" in layouts else float("nan")
-            print(f"{n:8d} {name:>7s} {ms:8.3f} {dense / ms:8.2f} {nbytes[n, name] / 1e6:8.1f} "
-                  f"{nbytes[n, name] / ms / 1e6:6.1f}")
+            cdense = statistics.median(cpu[n, "dense"]) * 1e3 if "dense" in layouts else float("nan")
+            print(f"{n:8d} {name:>7s} {ms:8.3f} {dense / ms:8.2f} {cms:8.3f} {cdense / cms:8.2f} "
+                  f"{nbytes[n, name] / 1e6:8.1f} {nbytes[n, name] / ms / 1e6:6.1f}")
 
 
 if __name__ == "__main__":

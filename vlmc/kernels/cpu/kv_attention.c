@@ -45,7 +45,7 @@ struct kv_job {
     const kv_codes *xkc, *xvc; /* affine: those rows from here, [B, HKV, T, *], not the cache */
     const float *kn, *vn, *kcb, *vcb;
     int bits, gs, kbits, vbits;
-    const int8_t *qi;      /* affine: q as int8 codes per group of gs (kv_query_int8), or NULL */
+    const int8_t *qi, *qr; /* affine: q as int8 codes and residuals per group of gs (kv_query_int8), or NULL */
     const float *qa, *qs;  /* their scale and scale x sum per group, [B H T, D / gs] */
     int nch;               /* the VNNI driver's chunks per (sequence, KV head) */
     float *po, *pm, *pl;   /* and their partial outputs, largest scores, exp sums */
@@ -303,9 +303,16 @@ static const float *kv_rows_turbo(const kv_job *J, int v, size_t base, int i0, i
         const __m512 f = _mm512_set1_ps(nrm[row] * inv_sqrt_d);
         float *x = buf + (size_t)r * D;
         for (int j = 0; j < D; j += 16, c += 2 * bits) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+            /* the 2 bits bytes of 16 codes in one masked load (a memcpy of a variable size
+             * per 8 codes was a library call) */
+            const uint64_t u = (uint64_t)_mm_cvtsi128_si64(_mm_maskz_loadu_epi8((__mmask16)((1u << (2 * bits)) - 1), c));
+            const uint32_t w0 = (uint32_t)(u & ((1ull << (8 * bits)) - 1)), w1 = (uint32_t)(u >> (8 * bits));
+#else
             uint32_t w0 = 0, w1 = 0;
             memcpy(&w0, c, (size_t)bits);
             memcpy(&w1, c + bits, (size_t)bits);
+#endif
             const __m512i w = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32((int)w0), _mm512_set1_epi32((int)w1));
             const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(w, shifts), mask);
             _mm512_storeu_ps(x + j, _mm512_mul_ps(_mm512_permutexvar_ps(idx, cbv), f));
@@ -446,10 +453,10 @@ static ALWAYS void kv_task16(kv_job *J, kv_rows_fn rows) {
 }
 #if VLMC_VNNI
 /* ---- affine codes, keys scored in the integer domain (VNNI) ------------------------------
- * The query rows come as int8 codes per group of gs (kv_query_int8: qi, with scale qa and
- * qa * sum of the group's codes in qs), so the score of a key row is, per group, its scale
- * s times qa times the integer sum of code x query code plus its minimum m times qs: one
- * vpdpbusd per 4 codes and query row. A block of 16 key rows is transposed in dwords so
+ * The query rows come as int8 codes and rounding residuals per group of gs (kv_query_int8:
+ * qi, qr, with scale qa and qa * the group's sum of 256 qi + qr in qs), so the score of a
+ * key row is, per group, its scale s times qa times the integer sum of code x (256 qi + qr)
+ * plus its minimum m times qs: two vpdpbusd per 4 codes and query row. A block of 16 key rows is transposed in dwords so
  * that each lane holds one row: the scores then come out as 16 lanes, no horizontal sums.
  * The values stay in float: out += (p s) x code per row and group, plus sum(p m) per group
  * at the end, the codes widened in registers (no decoded copy of the rows). */
@@ -537,15 +544,15 @@ static ALWAYS void kvq_scores(const kv_job *J, int bk, int r0, int r1, float *sc
         kvq_lanes(mp, G, nr, mv);
         for (int h0 = 0; h0 < RT; h0 += KVD_HB) {
             const int hb = RT - h0 < KVD_HB ? RT - h0 : KVD_HB;
-            const int8_t *qi[KVD_HB];
+            const int8_t *qi[KVD_HB], *qr[KVD_HB];
             const float *qa[KVD_HB], *qs[KVD_HB];
             __m512 s[KVD_HB];
-            __m512i acc[KVD_HB];
+            __m512i acc[KVD_HB], accr[KVD_HB]; /* code x query code, code x residual */
             UNROLL for (int h = 0; h < KVD_HB; h++) {
                 const size_t row = kvq_row(J, b, hk, h0 + (h < hb ? h : 0));
-                qi[h] = J->qi + row * D, qa[h] = J->qa + row * G, qs[h] = J->qs + row * G;
+                qi[h] = J->qi + row * D, qr[h] = J->qr + row * D, qa[h] = J->qa + row * G, qs[h] = J->qs + row * G;
                 s[h] = _mm512_setzero_ps();
-                acc[h] = _mm512_setzero_si512();
+                acc[h] = accr[h] = _mm512_setzero_si512();
             }
             for (int c0 = 0; c0 < P; c0 += 16) {
                 const int np = P - c0 < 16 ? P - c0 : 16;
@@ -558,7 +565,10 @@ static ALWAYS void kvq_scores(const kv_job *J, int bk, int r0, int r1, float *sc
                     const int pa = c0 + p;
                     if (bits == 8) {
                         UNROLL for (int h = 0; h < KVD_HB; h++)
-                            if (h < hb) acc[h] = _mm512_dpbusd_epi32(acc[h], t[p], _mm512_set1_epi32(ld_i32(qi[h] + 4 * pa)));
+                            if (h < hb) {
+                                acc[h] = _mm512_dpbusd_epi32(acc[h], t[p], _mm512_set1_epi32(ld_i32(qi[h] + 4 * pa)));
+                                accr[h] = _mm512_dpbusd_epi32(accr[h], t[p], _mm512_set1_epi32(ld_i32(qr[h] + 4 * pa)));
+                            }
                     } else { /* a dword holds 8 codes: the low nibbles the even ones, the high the odd */
                         const __m512i lo = _mm512_and_si512(t[p], lo4);
                         const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(t[p], 4), lo4);
@@ -566,6 +576,8 @@ static ALWAYS void kvq_scores(const kv_job *J, int bk, int r0, int r1, float *sc
                             if (h < hb) {
                                 acc[h] = _mm512_dpbusd_epi32(acc[h], lo, _mm512_set1_epi32(ld_i32(qi[h] + 4 * pa)));
                                 acc[h] = _mm512_dpbusd_epi32(acc[h], hi, _mm512_set1_epi32(ld_i32(qi[h] + D / 2 + 4 * pa)));
+                                accr[h] = _mm512_dpbusd_epi32(accr[h], lo, _mm512_set1_epi32(ld_i32(qr[h] + 4 * pa)));
+                                accr[h] = _mm512_dpbusd_epi32(accr[h], hi, _mm512_set1_epi32(ld_i32(qr[h] + D / 2 + 4 * pa)));
                             }
                     }
                     if ((pa + 1) % dpg == 0) { /* the end of group g: s qa sum + m qs */
@@ -573,9 +585,11 @@ static ALWAYS void kvq_scores(const kv_job *J, int bk, int r0, int r1, float *sc
                         const __m512 gs_ = _mm512_loadu_ps(sv[g]), gm = _mm512_loadu_ps(mv[g]);
                         UNROLL for (int h = 0; h < KVD_HB; h++)
                             if (h < hb) {
-                                const __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[h]), _mm512_set1_ps(qa[h][g]));
+                                const __m512 i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[h]), _mm512_set1_ps(256.f),
+                                                                 _mm512_cvtepi32_ps(accr[h])); /* sum code (256 c + r) */
+                                const __m512 d = _mm512_mul_ps(i, _mm512_set1_ps(qa[h][g]));
                                 s[h] = _mm512_fmadd_ps(gm, _mm512_set1_ps(qs[h][g]), _mm512_fmadd_ps(d, gs_, s[h]));
-                                acc[h] = _mm512_setzero_si512();
+                                acc[h] = accr[h] = _mm512_setzero_si512();
                             }
                     }
                 }
@@ -907,29 +921,35 @@ int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const f
 }
 
 /* The query rows [rows, D] as the scores over affine codes take them, per group of gs values:
- * a = max|q| / 127, codes rint(q * (127 / max|q|)) (ties to even; an all-zero group: 0),
- * qt = code * a (the float values every driver scores with: vlmc.kernels.kv_quant.query_int8
- * computes the same), and for the VNNI driver the codes qi in the order the key codes are
- * read (8-bit: natural; 4-bit: the even-indexed values of each 8 as D / 8 dwords, then the
- * odd ones), qa = a and qs = a x the group's code sum. */
-static void kv_query_int8(const float *q, size_t rows, int D, int gs, int bits, float *qt, int8_t *qi, float *qa,
-                          float *qs) {
+ * a = max|q| / 127, t = q * (127 / max|q|), code c = rint(t) and residual r = rint(256 (t -
+ * c)) (ties to even, t - c is exact; r saturated to 127; an all-zero group: 0), so q ~ a (c +
+ * r / 256) to ~1 / 65000 of the group's largest value; qt = (256 c + r) (a / 256), the float
+ * values every driver scores with (vlmc.kernels.kv_quant.query_int8 computes the same). For
+ * the VNNI driver: c in qi and r in qr in the order the key codes are read (8-bit: natural;
+ * 4-bit: the even-indexed values of each 8 as D / 8 dwords, then the odd ones), qa = a / 256
+ * and qs = qa x the group's sum of 256 c + r. */
+static void kv_query_int8(const float *q, size_t rows, int D, int gs, int bits, float *qt, int8_t *qi, int8_t *qr,
+                          float *qa, float *qs) {
     const int G = D / gs;
     for (size_t r = 0; r < rows; r++)
         for (int g = 0; g < G; g++) {
             const float *x = q + r * D + (size_t)g * gs;
             float amax = 0.f;
             for (int i = 0; i < gs; i++) amax = fmaxf(amax, fabsf(x[i]));
-            const float inv = amax > 0.f ? 127.f / amax : 0.f, a = amax / 127.f;
+            const float inv = amax > 0.f ? 127.f / amax : 0.f, a = amax / 127.f / 256.f;
             int sum = 0;
             for (int i = 0; i < gs; i++) {
-                float c = rintf(x[i] * inv);
-                c = c > 127.f ? 127.f : c < -127.f ? -127.f : c; /* NaN stays: (int) below is then unspecified */
-                const int ci = c == c ? (int)c : 0, k = g * gs + i;
-                sum += ci;
-                qt[r * D + k] = (float)ci * a;
+                const float t = x[i] * inv;
+                float c = rintf(t);
+                c = c > 127.f ? 127.f : c < -127.f ? -127.f : c;
+                float e = rintf((t - c) * 256.f);
+                e = e > 127.f ? 127.f : e < -128.f ? -128.f : e;
+                const int ci = c == c ? (int)c : 0, ri = e == e ? (int)e : 0, k = g * gs + i; /* NaN: 0 */
+                sum += 256 * ci + ri;
+                qt[r * D + k] = (float)(256 * ci + ri) * a;
                 const int at = bits == 8 ? k : (k % 2 ? D / 2 : 0) + k / 8 * 4 + k % 8 / 2;
                 qi[r * D + at] = (int8_t)ci;
+                qr[r * D + at] = (int8_t)ri;
             }
             qa[r * G + g] = a;
             qs[r * G + g] = a * (float)sum;
@@ -944,15 +964,15 @@ int kv_affine_decode_x(const float *q, const uint8_t *kc, const uint16_t *ks, co
     if ((xk == NULL) != (xv == NULL) || window < 0 || softcap < 0.f) return -1;
     if (B < 1 || H < 1 || T < 1 || D < 1) return -1;
     const size_t rows = (size_t)B * H * T, G = (size_t)(D / gs);
-    float *qt = malloc(rows * D * sizeof(float) + rows * G * 2 * sizeof(float) + rows * D);
+    float *qt = malloc(rows * D * sizeof(float) + rows * G * 2 * sizeof(float) + 2 * rows * D);
     if (!qt) return -5;
     float *qa = qt + rows * D, *qs = qa + rows * G;
-    int8_t *qi = (int8_t *)(qs + rows * G);
-    kv_query_int8(q, rows, D, gs, bits, qt, qi, qa, qs);
+    int8_t *qi = (int8_t *)(qs + rows * G), *qr = qi + rows * D;
+    kv_query_int8(q, rows, D, gs, bits, qt, qi, qr, qa, qs);
     const char *flt = getenv("VLMC_KV_FLOAT"); /* 1: the float driver (to measure against) */
     kv_job J = {.q = qt, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .T = T, .cap = cap, .held = held,
                 .scale = scale, .window = window, .softcap = softcap, .out = out, .kc = kc, .vc = vc, .ks = ks, .kb = kb, .vs = vs, .vb = vb,
-                .xkc = xk, .xvc = xv, .bits = bits, .gs = gs, .qi = flt && flt[0] == '1' ? NULL : qi, .qa = qa, .qs = qs};
+                .xkc = xk, .xvc = xv, .bits = bits, .gs = gs, .qi = flt && flt[0] == '1' ? NULL : qi, .qr = qr, .qa = qa, .qs = qs};
     kv_shape(&J, tok_major);
     int rc;
 #if VLMC_VNNI
