@@ -464,7 +464,7 @@ def _host_kernels_match() -> None:
         if spec["layout"] == "quantized":
             args = (qd, kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"], vb["biases"], starts, 200)
             kw = dict(scale=0.125, bits=4, group_size=32)
-            close(kv_affine_decode(*args, **kw), kv_quant.kv_affine_decode(*args, **kw), 1e-5)
+            close(kv_affine_decode(*args, **kw), kv_quant.kv_affine_decode(*args, **kw, int8_query=True), 1e-5)
             for bits in (4, 8):  # the decode_layer path's encode: the codec's bytes
                 codec, xs = cache.codecs["k"], np.asarray(kv[:, :, :3])
                 codec = type(codec)(bits, 32)

@@ -533,13 +533,117 @@ def test_cpu_kernel_reads_affine_codes_like_the_reference(bits, gs, dim, monkeyp
     args = (q, kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"], vb["biases"],
             mx.array([0, 11], mx.int32), cache.held)
     kw = dict(scale=dim ** -0.5, bits=bits, group_size=gs)
-    out, ref = kv_affine_decode(*args, **kw), kv_quant.kv_affine_decode(*args, **kw)
+    out, ref = kv_affine_decode(*args, **kw), kv_quant.kv_affine_decode(*args, **kw, int8_query=True)
     assert cache.capacity > cache.held
     assert float(mx.abs(out - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
     calls = []
     monkeypatch.setattr(cpu_ops, "_kv_affine_decode", lambda *a, **kw: calls.append(1) or kv_affine_decode(*a, **kw))
     step = cpu_ops.cached_attention(q[:, :, None], k[:, :, :1], v[:, :, :1], cache, None, scale=0.125)
     assert calls == [1] and step.shape == (B, H, 1, dim)
+
+
+def _affine_attention_np(q, cache, starts, held, T, scale, window, softcap, gs):
+    """float64 numpy attention of the int8-coded queries (kv_quant.query_int8) over an affine
+    cache's decoded keys and values: query t of a step of T sees keys starts[b] <= i < held -
+    T + 1 + t, and with a window none before its end - window; soft-capped scores."""
+    from vlmc.kernels import kv_quant
+    c = cache.codecs["k"]
+    kb, vb = cache.buffers["k"], cache.buffers["v"]
+    keys = np.asarray(kv_quant.affine_decode(kb["codes"], kb["scales"], kb["biases"], c.bits, gs), np.float64)
+    vals = np.asarray(kv_quant.affine_decode(vb["codes"], vb["scales"], vb["biases"], c.bits, gs), np.float64)
+    qt = np.asarray(kv_quant.query_int8(q, gs), np.float64)  # [B, H, T, D]
+    Bn, Hn = qt.shape[:2]
+    R = Hn // keys.shape[1]
+    out = np.zeros(qt.shape)
+    for b in range(Bn):
+        for h in range(Hn):
+            for t in range(T):
+                end = held - T + 1 + t
+                beg = max(int(starts[b]), end - window if window else 0)
+                if beg >= end:
+                    continue
+                s = keys[b, h // R, beg:end] @ qt[b, h, t] * scale
+                if softcap:
+                    s = softcap * np.tanh(s / softcap)
+                p = np.exp(s - s.max())
+                out[b, h, t] = p @ vals[b, h // R, beg:end] / p.sum()
+    return out
+
+
+@pytest.mark.parametrize("bits,gs,dim", [(4, 32, 64), (4, 64, 128), (8, 16, 64), (8, 64, 128), (4, 16, 64),
+                                         (4, 128, 128)])
+def test_cpu_affine_kernel_scores_int8_queries_like_the_reference(bits, gs, dim, monkeypatch):
+    """The affine decode kernel (where the CPU has VNNI and the groups fit: keys scored in the
+    integer domain, values widened in registers; else the float driver) against float64
+    attention of the int8-coded queries over the decoded codes: a ragged batch (one sequence
+    sees nothing), one and several query tokens, sliding windows and soft-capped scores,
+    rows that cross the 16- and 64-row blocks; the float driver (VLMC_KV_FLOAT=1) agrees.
+    And the coded query (int8 codes and residuals) changes the result by far less than the
+    codes themselves do against dense attention."""
+    from vlmc.kernels import cpu
+    from vlmc.kernels.cpu.kv_decode import kv_affine_decode
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    batch, heads, held = 3, 6, 203
+    spec = {"layout": "quantized", "bits": bits, "group_size": gs}
+    cache = make_caches([{"index": 0, "kv": spec}], batch, HKV, dim)[0]
+    k, v = kv(held, 5, batch=batch, dim=dim)
+    cache.append(k, v)
+    kb, vb = cache.buffers["k"], cache.buffers["v"]
+    starts = np.array([0, 37, held], np.int32)
+    rng = np.random.default_rng(bits * gs + dim)
+    for T, window, softcap in [(1, 0, 0.0), (3, 0, 0.0), (1, 50, 0.0), (4, 70, 5.0), (1, 0, 3.0)]:
+        q = mx.array((rng.standard_normal((batch, heads, T, dim)) * 2).astype(np.float32))
+        args = (q if T > 1 else q[:, :, 0], kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"],
+                vb["biases"], mx.array(starts), held)
+        kw = dict(scale=dim ** -0.5, bits=bits, group_size=gs, window=window, softcap=softcap)
+        out = np.asarray(kv_affine_decode(*args, **kw)).reshape(batch, heads, T, dim)
+        ref = _affine_attention_np(q, cache, starts, held, T, dim ** -0.5, window, softcap, gs)
+        err = np.abs(out - ref).max()
+        assert err <= 1e-5 * np.abs(ref).max(), (T, window, softcap, err)
+        assert not np.any(out[2])  # a sequence that sees no key: zeros
+        monkeypatch.setenv("VLMC_KV_FLOAT", "1")
+        flt = np.asarray(kv_affine_decode(*args, **kw)).reshape(batch, heads, T, dim)
+        monkeypatch.delenv("VLMC_KV_FLOAT")
+        assert np.abs(flt - out).max() <= 1e-5 * np.abs(ref).max()
+    dense = make_caches([{"index": 0, "kv": "dense"}], batch, HKV, dim)[0]
+    dense.append(k, v)
+    q = mx.array(rng.standard_normal((batch, heads, dim)).astype(np.float32))
+    st = mx.array(starts[:2])
+    out = kv_affine_decode(q[:2], kb["codes"][:2], kb["scales"][:2], kb["biases"][:2], vb["codes"][:2],
+                           vb["scales"][:2], vb["biases"][:2], st, held, scale=dim ** -0.5, bits=bits, group_size=gs)
+    from vlmc.kernels import kv_quant
+    ref = kv_quant.kv_dense_decode(q[:2], dense.buffers["k"]["x"][:2], dense.buffers["v"]["x"][:2], st, held,
+                                   scale=dim ** -0.5)
+    flt = kv_quant.kv_affine_decode(q[:2], kb["codes"][:2], kb["scales"][:2], kb["biases"][:2], vb["codes"][:2],
+                                    vb["scales"][:2], vb["biases"][:2], st, held, scale=dim ** -0.5, bits=bits,
+                                    group_size=gs)  # float queries
+    assert rel_rms(out, flt) < 2e-4 < rel_rms(flt, ref)  # far below what the codes themselves cost
+
+
+@pytest.mark.parametrize("bits,gs", [(4, 32), (8, 64)])
+def test_cpu_prompt_over_affine_codes_dequantizes_in_c(bits, gs, monkeypatch):
+    """A prompt chunk over a 4/8-bit cache on the cpu target (more query tokens than the decode
+    kernels take) reads the held codes dequantized by the C kernel, then BLAS attention: the
+    MLX reference's result (codes decoded by MLX), for a left-padded batch and a host q."""
+    from vlmc.kernels import cpu, cpu_ops
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    spec = {"layout": "quantized", "bits": bits, "group_size": gs}
+    fast, ref_cache = cache_for(spec), cache_for(spec)
+    k, v = kv(300, 9)
+    for c in (fast, ref_cache):
+        c.append(k[:, :, :260], v[:, :, :260])
+    q = mx.random.normal((B, H, 40, D))
+    mask = attention_mask(mx.array([0, 23]), 260, 40, True)
+    calls = []
+    real = cpu_ops._affine_values
+    monkeypatch.setattr(cpu_ops, "_affine_values", lambda c: calls.append(1) or real(c))
+    out = cpu_ops.cached_attention(np.asarray(q), np.asarray(k[:, :, 260:]), np.asarray(v[:, :, 260:]), fast, mask,
+                                   scale=D ** -0.5)
+    ref = reference.cached_attention(q, k[:, :, 260:], v[:, :, 260:], ref_cache, mask, scale=D ** -0.5)
+    assert calls == [1] and isinstance(out, np.ndarray) and fast.held == 300
+    assert float(np.abs(out - np.asarray(ref)).max()) <= 1e-5 * float(mx.abs(ref).max())
 
 
 # ---------------------------------------------------------------- the cpu decode_layer fast path over quantized caches
@@ -769,7 +873,7 @@ def _bits(a) -> np.ndarray:
     return np.asarray(a, np.float32).view(np.uint32)
 
 
-@pytest.mark.parametrize("layout", ["dense", "dense_rows", "affine4", "affine8", "turbo3.5"])
+@pytest.mark.parametrize("layout", ["dense", "dense_rows", "affine4", "affine8", "affine4g32", "turbo3.5"])
 @pytest.mark.parametrize("heads,dim", [(4, 64), (14, 48), (4, 24)])
 def test_kv_kernels_take_several_query_tokens_exactly(layout, heads, dim):
     """T query tokens per sequence through one call of the KV decode kernels (q [B, H, T,
@@ -785,8 +889,11 @@ def test_kv_kernels_take_several_query_tokens_exactly(layout, heads, dim):
         pytest.skip("no C compiler")
     if layout.startswith("affine") and dim % 16:
         pytest.skip("affine KV groups are 16-128 wide (D = 48 takes the row-at-a-time driver for them)")
-    gs = 16
+    gs = 32 if layout == "affine4g32" else 16  # 4-bit groups of 32 take the VNNI driver, of 16 the float one
+    if dim % gs:
+        pytest.skip("the group size does not divide the head dim")
     spec = {"dense": "dense", "dense_rows": "dense", "affine4": {"layout": "quantized", "bits": 4, "group_size": gs},
+            "affine4g32": {"layout": "quantized", "bits": 4, "group_size": gs},
             "affine8": {"layout": "quantized", "bits": 8, "group_size": gs}, "turbo3.5": LAYOUTS["turbo3.5"][0]}[layout]
     rng = np.random.default_rng(heads * dim)
     batch = 3

@@ -437,6 +437,10 @@ def run_context_bench(vlm: Any, contexts: Sequence[int], *, decode_tokens: int =
                 shape = (1, text["num_kv_heads"], m, text["head_dim"])
                 c.append(mx.random.normal(shape).astype(dtype), mx.random.normal(shape).astype(dtype))
                 mx.eval([a for parts in c.buffers.values() for a in parts.values()])
+            # room for the decode steps now: a context at a multiple of the cache's growth
+            # step would otherwise copy the whole cache inside the timed steps
+            c.reserve(decode_tokens + 1)
+            mx.eval([a for parts in c.buffers.values() for a in parts.values()])
         kv_bytes = sum(c.nbytes for c in caches)
         token = mx.array([synthetic_ids(vlm.tokenizer, 1)[0]], dtype=mx.int32)
         seqs.next_pos[:] = n

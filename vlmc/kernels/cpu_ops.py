@@ -28,6 +28,7 @@ from . import kv_quant as _kv_quant
 from .cpu.attention import attention as _blas_attention
 from .cpu.moe import routed_experts as _routed_experts
 from .cpu.decode_layer import decode_layer as _decode_layer, decode_layers as _decode_layers
+from .cpu.kv_decode import affine_values as _affine_values
 from .cpu.kv_decode import host_dense_step as _host_dense_step, kv_affine_decode as _kv_affine_decode, \
     kv_dense_decode as _kv_dense_decode, kv_turbo_decode as _kv_turbo_decode
 
@@ -157,6 +158,14 @@ def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: flo
     if softcap is not None:  # soft-capped scores (Gemma 2) elsewhere: the reference
         out = _reference.cached_attention(_as_mx(q), _as_mx(k), _as_mx(v), cache, mask, scale=scale, softcap=softcap)
         return _host_out(out) if host else out
+    if _cpu.enabled() and getattr(cache, "layout", None) == "affine" and cache.codecs["k"].bits in (4, 8):
+        # a prompt over 4/8-bit codes: the held codes dequantized in C, then BLAS attention
+        cache.append(k, v)
+        held = _affine_values(cache)
+        if held is not None:
+            return attention(q, held[0], held[1], cache.mask_for(mask, q.shape[2]), scale=scale)
+        keys, values = (cache.codecs[w].decode(cache.parts(w), cache.dtype) for w in ("k", "v"))
+        return attention(q, keys, values, cache.mask_for(mask, q.shape[2]), scale=scale)
     qm = _as_mx(q)
     q2, keys, values, finish = cache.attention_inputs(qm, k, v)
     if q2 is qm:  # no rotation to undo (TurboQuant's finish rotates back in MLX)

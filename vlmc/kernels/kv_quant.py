@@ -91,10 +91,30 @@ def _attend(q: mx.array, keys: mx.array, values: mx.array, starts: mx.array, hel
     return out[:, :, 0] if one else out
 
 
+def query_int8(q: mx.array, group_size: int) -> mx.array:
+    """q (float32) as the cpu kernels score affine-coded keys with it, in the integer domain:
+    per group of ``group_size`` values along the last axis, a = max|q| / 127, t = q * (127 /
+    max|q|), an int8 code c = round(t) and an int8 residual r = round(256 (t - c)) (ties to
+    even, r at most 127; a group of zeros stays zeros), the value (256 c + r) * (a / 256):
+    q to ~1 / 65000 of its group's largest value (``docs/kv-cache.md``)."""
+    *lead, d = q.shape
+    g = q.astype(mx.float32).reshape(*lead, d // group_size, group_size)
+    amax = mx.abs(g).max(-1, keepdims=True)
+    f32 = lambda v: mx.array(v, mx.float32)  # noqa: E731
+    t = g * mx.where(amax > 0, f32(127) / amax, f32(0))
+    c = mx.clip(mx.round(t), -127, 127)
+    r = mx.clip(mx.round((t - c) * f32(256)), -128, 127)
+    return ((c * f32(256) + r) * (amax / f32(127) / f32(256))).reshape(*lead, d)
+
+
 def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts, held: int, *,
-                     scale: float, bits: int, group_size: int) -> mx.array:
+                     scale: float, bits: int, group_size: int, int8_query: bool = False) -> mx.array:
     """One decode step's attention over affine-coded keys/values (float32 [B, H, D], or
-    [B, H, T, D] for q [B, H, T, D]: T tokens per sequence, the last T of ``held``)."""
+    [B, H, T, D] for q [B, H, T, D]: T tokens per sequence, the last T of ``held``).
+    ``int8_query``: q as ``query_int8`` gives it, what the cpu kernels compute (the GPU
+    kernels score with q as it is)."""
+    if int8_query:
+        q = query_int8(q, group_size)
     return _attend(q, affine_decode(k_codes, k_scales, k_biases, bits, group_size),
                    affine_decode(v_codes, v_scales, v_biases, bits, group_size), starts, held, scale)
 

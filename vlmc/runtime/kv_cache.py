@@ -63,6 +63,12 @@ class KVCache:
                 fresh[which][name] = buf
         self.buffers = fresh
 
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` more tokens now (one copy of the held ones if the buffers must
+        grow), so that the next ``n`` appends or in-place writes move nothing."""
+        if self.buffers is not None:
+            self._reserve(n)
+
     def _write(self, which: str, parts: dict[str, mx.array]) -> None:
         n = next(iter(parts.values())).shape[2]
         for name, arr in parts.items():

@@ -15,7 +15,10 @@
  * Two drivers serve every layout, each instantiated per layout (kv_task_*): with AVX-512
  * and D % 16 == 0 (affine 4-bit: D % 32), kv_group16 takes blocks of rows (kv_rows_fn);
  * otherwise kv_group takes one row at a time (kv_row_fn). A layout only says how to turn
- * stored rows into floats, and each row is decoded once for all query rows. */
+ * stored rows into floats, and each row is decoded once for all query rows. Affine codes
+ * score the keys against the query's int8 codes per group (kv_query_int8; the float
+ * drivers read those values as floats): with VNNI a third driver (kvq_*) scores them in the
+ * integer domain and splits the sequence into chunks for the threads. */
 #include "vlmc.h"
 
 typedef struct kv_job kv_job;
@@ -42,6 +45,11 @@ struct kv_job {
     const kv_codes *xkc, *xvc; /* affine: those rows from here, [B, HKV, T, *], not the cache */
     const float *kn, *vn, *kcb, *vcb;
     int bits, gs, kbits, vbits;
+    const int8_t *qi, *qr; /* affine: q as int8 codes and residuals per group of gs (kv_query_int8), or NULL */
+    const float *qa, *qs;  /* their scale and scale x sum per group, [B H T, D / gs] */
+    int nch;               /* the VNNI driver's chunks per (sequence, KV head) */
+    float *po, *pm, *pl;   /* and their partial outputs, largest scores, exp sums */
+    _Atomic int failed;
     _Atomic int next;
 };
 
@@ -137,11 +145,17 @@ static ALWAYS void kv_task(kv_job *J, kv_row_fn row) {
     free(sc);
 }
 
-static int kv_run(kv_job *J, task_fn task, int n_threads) {
+/* the job's shapes, checked (0, or -1) */
+static int kv_check(const kv_job *J) {
     const int extra = J->xk != NULL || J->xkc != NULL;
     if (J->B < 1 || J->H < 1 || J->HKV < 1 || J->H % J->HKV || J->D < 1 || J->T < 1 || J->held < J->T
         || J->held - (extra ? J->T : 0) > J->cap)
         return -1;
+    return 0;
+}
+
+static int kv_run(kv_job *J, task_fn task, int n_threads) {
+    if (kv_check(J)) return -1;
     J->sst = J->held > J->cap ? J->held : J->cap;
     atomic_store(&J->next, 0);
     int nth = n_threads < 1 ? 1 : n_threads;
@@ -289,9 +303,16 @@ static const float *kv_rows_turbo(const kv_job *J, int v, size_t base, int i0, i
         const __m512 f = _mm512_set1_ps(nrm[row] * inv_sqrt_d);
         float *x = buf + (size_t)r * D;
         for (int j = 0; j < D; j += 16, c += 2 * bits) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+            /* the 2 bits bytes of 16 codes in one masked load (a memcpy of a variable size
+             * per 8 codes was a library call) */
+            const uint64_t u = (uint64_t)_mm_cvtsi128_si64(_mm_maskz_loadu_epi8((__mmask16)((1u << (2 * bits)) - 1), c));
+            const uint32_t w0 = (uint32_t)(u & ((1ull << (8 * bits)) - 1)), w1 = (uint32_t)(u >> (8 * bits));
+#else
             uint32_t w0 = 0, w1 = 0;
             memcpy(&w0, c, (size_t)bits);
             memcpy(&w1, c + bits, (size_t)bits);
+#endif
             const __m512i w = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32((int)w0), _mm512_set1_epi32((int)w1));
             const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(w, shifts), mask);
             _mm512_storeu_ps(x + j, _mm512_mul_ps(_mm512_permutexvar_ps(idx, cbv), f));
@@ -307,14 +328,10 @@ static const float *kv_rows_turbo(const kv_job *J, int v, size_t base, int i0, i
  * generic driver spends a scalar expf per score and re-reads and re-writes the output
  * rows for every cached token. Scores of keys past a query row's end are computed with the
  * others and never read. sc: R T * sst floats; buf: KVD_ROWS * D. */
-static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv_rows_fn rows) {
+static ALWAYS void kv_scores16(const kv_job *J, int bk, float *sc, float *buf, kv_rows_fn rows) {
     const int D = J->D, RT = J->H / J->HKV * J->T, b = bk / J->HKV, hk = bk % J->HKV, nz = D / 16;
     const int first = J->starts[b], n = J->held, cap = J->cap, sst = J->sst;
-    const int common = n - J->T + 1; /* keys every query row sees end here */
-    const int lo_all = q_begin(J, J->T - 1, first); /* and begin here (a window's bound grows with the token) */
     const size_t base = ((size_t)b * J->HKV + hk) * cap;
-    for (int j = 0; j < RT; j++) memset(o_row(J, b, hk, j), 0, sizeof(float) * (size_t)D);
-    if (first >= n) return; /* nothing visible: zeros, as the generic driver gives */
     for (int i0 = first; i0 < n; i0 += KVD_ROWS) {
         const int nr = n - i0 < KVD_ROWS ? n - i0 : KVD_ROWS;
         const float *K = rows(J, 0, base, i0, nr, buf);
@@ -337,7 +354,12 @@ static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv
             }
         }
     }
-    for (int j = 0; j < RT; j++) { /* softmax over [its begin, its end) */
+}
+
+/* the softmax of every query row's scores over [its begin, its end), in place */
+static ALWAYS void kv_softmax16(const kv_job *J, int bk, float *sc) {
+    const int RT = J->H / J->HKV * J->T, first = J->starts[bk / J->HKV], sst = J->sst;
+    for (int j = 0; j < RT; j++) {
         float *s = sc + (size_t)j * sst;
         const int e = q_end(J, j), beg = q_begin(J, j, first);
         if (beg >= e) continue;
@@ -361,6 +383,15 @@ static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv
         const float inv = total > 0.f ? 1.f / total : 0.f;
         for (i = beg; i < e; i++) s[i] *= inv;
     }
+}
+
+/* out += probabilities x value rows (the output rows zeroed by the caller) */
+static ALWAYS void kv_values16(const kv_job *J, int bk, const float *sc, float *buf, kv_rows_fn rows) {
+    const int D = J->D, RT = J->H / J->HKV * J->T, b = bk / J->HKV, hk = bk % J->HKV, nz = D / 16;
+    const int first = J->starts[b], n = J->held, cap = J->cap, sst = J->sst;
+    const int common = n - J->T + 1; /* keys every query row sees end here */
+    const int lo_all = q_begin(J, J->T - 1, first); /* and begin here (a window's bound grows with the token) */
+    const size_t base = ((size_t)b * J->HKV + hk) * cap;
     for (int i0 = first; i0 < n; i0 += KVD_ROWS) {
         const int nr = n - i0 < KVD_ROWS ? n - i0 : KVD_ROWS;
         const int nall = common - i0 < nr ? (common > i0 ? common - i0 : 0) : nr; /* rows every query row takes */
@@ -399,6 +430,15 @@ static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv
     }
 }
 
+static ALWAYS void kv_group16(const kv_job *J, int bk, float *sc, float *buf, kv_rows_fn rows) {
+    const int RT = J->H / J->HKV * J->T, b = bk / J->HKV, hk = bk % J->HKV;
+    for (int j = 0; j < RT; j++) memset(o_row(J, b, hk, j), 0, sizeof(float) * (size_t)J->D);
+    if (J->starts[b] >= J->held) return; /* nothing visible: zeros, as the generic driver gives */
+    kv_scores16(J, bk, sc, buf, rows);
+    kv_softmax16(J, bk, sc);
+    kv_values16(J, bk, sc, buf, rows);
+}
+
 /* the work loop of the AVX-512 path, per row provider */
 static ALWAYS void kv_task16(kv_job *J, kv_rows_fn rows) {
     const int RT = J->H / J->HKV * J->T;
@@ -411,6 +451,412 @@ static ALWAYS void kv_task16(kv_job *J, kv_rows_fn rows) {
     }
     free(sc);
 }
+#if VLMC_VNNI
+/* ---- affine codes, keys scored in the integer domain (VNNI) ------------------------------
+ * The query rows come as int8 codes and rounding residuals per group of gs (kv_query_int8:
+ * qi, qr, with scale qa and qa * the group's sum of 256 qi + qr in qs), so the score of a
+ * key row is, per group, its scale s times qa times the integer sum of code x (256 qi + qr)
+ * plus its minimum m times qs: two vpdpbusd per 4 codes and query row. A block of 16 key rows is transposed in dwords so
+ * that each lane holds one row: the scores then come out as 16 lanes, no horizontal sums.
+ * The values stay in float: out += (p s) x code per row and group, plus sum(p m) per group
+ * at the end, the codes widened in registers (no decoded copy of the rows). */
+#define KVQ_GMAX 8 /* groups per row this path takes */
+
+/* t[c] lane r := t[r] lane c, 16 x 16 dwords */
+static ALWAYS void tr16x16(__m512i t[16]) {
+    __m512i a[16], c[16];
+    UNROLL for (int i = 0; i < 8; i++) {
+        a[2 * i] = _mm512_unpacklo_epi32(t[2 * i], t[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi32(t[2 * i], t[2 * i + 1]);
+    }
+    UNROLL for (int i = 0; i < 4; i++) { /* lane L of c[4 i + k]: dword 4 L + k of rows 4 i .. 4 i + 3 */
+        c[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+        c[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+        c[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+        c[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+    UNROLL for (int k = 0; k < 4; k++) {
+        const __m512i e0 = _mm512_shuffle_i32x4(c[k], c[4 + k], 0x88), e1 = _mm512_shuffle_i32x4(c[k], c[4 + k], 0xDD);
+        const __m512i e2 = _mm512_shuffle_i32x4(c[8 + k], c[12 + k], 0x88);
+        const __m512i e3 = _mm512_shuffle_i32x4(c[8 + k], c[12 + k], 0xDD);
+        t[k] = _mm512_shuffle_i32x4(e0, e2, 0x88);
+        t[4 + k] = _mm512_shuffle_i32x4(e1, e3, 0x88);
+        t[8 + k] = _mm512_shuffle_i32x4(e0, e2, 0xDD);
+        t[12 + k] = _mm512_shuffle_i32x4(e1, e3, 0xDD);
+    }
+}
+
+/* out[g][r] = the bfloat16 values p[r][g] (G per row) of rows r < 16 as floats; rows whose
+ * G values lie one after another (the cache's rows) in two vector loads */
+static ALWAYS void kvq_lanes(const uint16_t *const p[16], int G, int nr, float out[][16]) {
+    int contiguous = G <= 4;
+    for (int r = 1; r < nr && contiguous; r++) contiguous = p[r] == p[0] + (size_t)r * G;
+    if (contiguous) {
+        const int n = nr * G; /* <= 64 values */
+        const __m512i a = _mm512_maskz_loadu_epi16(n >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << n) - 1), p[0]);
+        const __m512i b = _mm512_maskz_loadu_epi16(n >= 64 ? 0xFFFFFFFFu : n > 32 ? (__mmask32)((1u << (n - 32)) - 1) : 0,
+                                                   p[0] + 32);
+        const __m512i rg = _mm512_mullo_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17,
+                                                               16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi16((short)G));
+        for (int g = 0; g < G; g++) {
+            const __m512i sel = _mm512_permutex2var_epi16(a, _mm512_add_epi16(rg, _mm512_set1_epi16((short)g)), b);
+            const __m512i w = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(sel));
+            _mm512_storeu_ps(out[g], _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+        }
+        return;
+    }
+    for (int g = 0; g < G; g++)
+        for (int r = 0; r < 16; r++) out[g][r] = bf16_to_f32(p[r < nr ? r : nr - 1][g]);
+}
+
+/* the codes, scales and minimums of rows i0 .. i0 + 15 of the keys (v = 0) or values; rows
+ * past n repeat row n - 1 (their results are never read) */
+static ALWAYS void kvq_block(const kv_job *J, int v, size_t base, int i0, int nr, const uint8_t *c[16],
+                             const uint16_t *s[16], const uint16_t *m[16]) {
+    UNROLL for (int r = 0; r < 16; r++) {
+        const kv_codes x = affine_row(J, v, base, i0 + (r < nr ? r : nr - 1));
+        c[r] = x.codes, s[r] = x.scales, m[r] = x.mins;
+    }
+}
+
+/* query row j of (sequence b, KV head hk) among the B H T rows of q */
+static ALWAYS size_t kvq_row(const kv_job *J, int b, int hk, int j) {
+    return ((size_t)b * J->H + (size_t)hk * (J->H / J->HKV)) * J->T + (size_t)j;
+}
+
+/* scores of key rows r0 .. r1 - 1 of one (sequence, KV head) for every query row j, into
+ * sc[j sst + i - r0] */
+static ALWAYS void kvq_scores(const kv_job *J, int bk, int r0, int r1, float *sc, int sst) {
+    const int D = J->D, G = D / J->gs, bits = J->bits, RT = J->H / J->HKV * J->T, b = bk / J->HKV, hk = bk % J->HKV;
+    const int P = D * bits / 32, dpg = J->gs * bits / 32; /* dwords of codes per row, per group */
+    const size_t base = ((size_t)b * J->HKV + hk) * J->cap, rb = (size_t)D * bits / 8;
+    const __m512i lo4 = _mm512_set1_epi8(15);
+    for (int i0 = r0; i0 < r1; i0 += 16) {
+        const int nr = r1 - i0 < 16 ? r1 - i0 : 16;
+        const uint8_t *c[16];
+        const uint16_t *sp[16], *mp[16];
+        kvq_block(J, 0, base, i0, nr, c, sp, mp);
+        if (nr == 16 && c[15] == c[0] + 15 * rb) /* the next blocks' codes, 4 KB ahead */
+            for (size_t z = 0; z < 16 * rb; z += 64) _mm_prefetch((const char *)c[0] + 4096 + z, _MM_HINT_T0);
+        float sv[KVQ_GMAX][16], mv[KVQ_GMAX][16];
+        kvq_lanes(sp, G, nr, sv);
+        kvq_lanes(mp, G, nr, mv);
+        for (int h0 = 0; h0 < RT; h0 += KVD_HB) {
+            const int hb = RT - h0 < KVD_HB ? RT - h0 : KVD_HB;
+            const int8_t *qi[KVD_HB], *qr[KVD_HB];
+            const float *qa[KVD_HB], *qs[KVD_HB];
+            __m512 s[KVD_HB];
+            __m512i acc[KVD_HB], accr[KVD_HB]; /* code x query code, code x residual */
+            UNROLL for (int h = 0; h < KVD_HB; h++) {
+                const size_t row = kvq_row(J, b, hk, h0 + (h < hb ? h : 0));
+                qi[h] = J->qi + row * D, qr[h] = J->qr + row * D, qa[h] = J->qa + row * G, qs[h] = J->qs + row * G;
+                s[h] = _mm512_setzero_ps();
+                acc[h] = accr[h] = _mm512_setzero_si512();
+            }
+            for (int c0 = 0; c0 < P; c0 += 16) {
+                const int np = P - c0 < 16 ? P - c0 : 16;
+                const __mmask16 km = np == 16 ? 0xFFFF : (__mmask16)((1u << np) - 1);
+                __m512i t[16];
+                UNROLL for (int r = 0; r < 16; r++) t[r] = _mm512_maskz_loadu_epi32(km, c[r] + 4 * (size_t)c0);
+                tr16x16(t); /* t[p] lane r: dword c0 + p of row r */
+                UNROLL for (int p = 0; p < 16; p++) {
+                    if (p >= np) break;
+                    const int pa = c0 + p;
+                    if (bits == 8) {
+                        UNROLL for (int h = 0; h < KVD_HB; h++)
+                            if (h < hb) {
+                                acc[h] = _mm512_dpbusd_epi32(acc[h], t[p], _mm512_set1_epi32(ld_i32(qi[h] + 4 * pa)));
+                                accr[h] = _mm512_dpbusd_epi32(accr[h], t[p], _mm512_set1_epi32(ld_i32(qr[h] + 4 * pa)));
+                            }
+                    } else { /* a dword holds 8 codes: the low nibbles the even ones, the high the odd */
+                        const __m512i lo = _mm512_and_si512(t[p], lo4);
+                        const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(t[p], 4), lo4);
+                        UNROLL for (int h = 0; h < KVD_HB; h++)
+                            if (h < hb) {
+                                acc[h] = _mm512_dpbusd_epi32(acc[h], lo, _mm512_set1_epi32(ld_i32(qi[h] + 4 * pa)));
+                                acc[h] = _mm512_dpbusd_epi32(acc[h], hi, _mm512_set1_epi32(ld_i32(qi[h] + D / 2 + 4 * pa)));
+                                accr[h] = _mm512_dpbusd_epi32(accr[h], lo, _mm512_set1_epi32(ld_i32(qr[h] + 4 * pa)));
+                                accr[h] = _mm512_dpbusd_epi32(accr[h], hi, _mm512_set1_epi32(ld_i32(qr[h] + D / 2 + 4 * pa)));
+                            }
+                    }
+                    if ((pa + 1) % dpg == 0) { /* the end of group g: s qa sum + m qs */
+                        const int g = pa / dpg;
+                        const __m512 gs_ = _mm512_loadu_ps(sv[g]), gm = _mm512_loadu_ps(mv[g]);
+                        UNROLL for (int h = 0; h < KVD_HB; h++)
+                            if (h < hb) {
+                                const __m512 i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[h]), _mm512_set1_ps(256.f),
+                                                                 _mm512_cvtepi32_ps(accr[h])); /* sum code (256 c + r) */
+                                const __m512 d = _mm512_mul_ps(i, _mm512_set1_ps(qa[h][g]));
+                                s[h] = _mm512_fmadd_ps(gm, _mm512_set1_ps(qs[h][g]), _mm512_fmadd_ps(d, gs_, s[h]));
+                                acc[h] = accr[h] = _mm512_setzero_si512();
+                            }
+                    }
+                }
+            }
+            const __mmask16 out = nr == 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
+            UNROLL for (int h = 0; h < KVD_HB; h++)
+                if (h < hb) {
+                    float *dst = sc + (size_t)(h0 + h) * sst + (i0 - r0);
+                    const __m512 x = _mm512_mul_ps(s[h], _mm512_set1_ps(J->scale));
+                    if (J->softcap > 0.f) {
+                        float tmp[16];
+                        _mm512_storeu_ps(tmp, x);
+                        for (int r = 0; r < nr; r++) dst[r] = kv_cap(J, tmp[r]);
+                    } else {
+                        _mm512_mask_storeu_ps(dst, out, x);
+                    }
+                }
+        }
+    }
+}
+
+/* group of output vector z (vectors of 16 floats; 4-bit: in the order the nibbles give
+ * them, vector 2 m the even codes of 32 m .. 32 m + 31, 2 m + 1 the odd ones) */
+static ALWAYS int kvq_gz(int bits, int gs, int z) { return bits == 4 ? (z >> 1) * 32 / gs : z * 16 / gs; }
+
+/* the codes of vectors z0 .. z0 + 3 of a value row as floats */
+static ALWAYS void kvq_widen(const uint8_t *c, int bits, int z0, int zb, __m512 cv[4]) {
+    if (bits == 8) {
+        UNROLL for (int z = 0; z < 4; z++)
+            cv[z] = z < zb ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 16 * (z0 + z)))))
+                           : _mm512_setzero_ps();
+        return;
+    }
+    UNROLL for (int m = 0; m < 2; m++) {
+        if (2 * m < zb) {
+            const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 8 * z0 + 16 * m)));
+            cv[2 * m] = _mm512_cvtepi32_ps(_mm512_and_si512(w, _mm512_set1_epi32(15)));
+            cv[2 * m + 1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(w, 4));
+        } else {
+            cv[2 * m] = cv[2 * m + 1] = _mm512_setzero_ps();
+        }
+    }
+}
+
+#define KVQ_ROWS 64 /* value rows per block */
+/* po[j D ..] = sum over the visible rows i of r0 .. r1 - 1 of p (s code + m), p = sc[j sst +
+ * i - r0], as sum of (p s) code per group plus sum(p m) per group (po zeroed by the caller) */
+static ALWAYS void kvq_values(const kv_job *J, int bk, int r0, int r1, const float *sc, int sst, float *po) {
+    const int D = J->D, G = D / J->gs, gs = J->gs, bits = J->bits, nz = D / 16;
+    const int RT = J->H / J->HKV * J->T, b = bk / J->HKV, hk = bk % J->HKV;
+    const int first = J->starts[b];
+    const size_t base = ((size_t)b * J->HKV + hk) * J->cap;
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int h0 = 0; h0 < RT; h0 += KVD_HB) {
+        const int hb = RT - h0 < KVD_HB ? RT - h0 : KVD_HB;
+        float *o0[KVD_HB];
+        int end[KVD_HB], beg[KVD_HB];
+        float ws[KVD_HB][KVQ_GMAX][KVQ_ROWS];
+        __m512 mt[KVD_HB][KVQ_GMAX];
+        for (int h = 0; h < KVD_HB; h++) {
+            o0[h] = po + (size_t)(h0 + (h < hb ? h : 0)) * D;
+            end[h] = q_end(J, h0 + (h < hb ? h : 0));
+            beg[h] = q_begin(J, h0 + (h < hb ? h : 0), first);
+            for (int g = 0; g < KVQ_GMAX; g++) mt[h][g] = _mm512_setzero_ps();
+        }
+        for (int i0 = r0; i0 < r1; i0 += KVQ_ROWS) {
+            const int nr = r1 - i0 < KVQ_ROWS ? r1 - i0 : KVQ_ROWS;
+            const uint8_t *c[KVQ_ROWS];
+            for (int u = 0; u < nr; u += 16) { /* weights p s per row and group; sum of p m */
+                const int nu = nr - u < 16 ? nr - u : 16;
+                const uint8_t *cu[16];
+                const uint16_t *sp[16], *mp[16];
+                kvq_block(J, 1, base, i0 + u, nu, cu, sp, mp);
+                for (int r = 0; r < nu; r++) c[u + r] = cu[r];
+                float sv[KVQ_GMAX][16], mv[KVQ_GMAX][16];
+                kvq_lanes(sp, G, nu, sv);
+                kvq_lanes(mp, G, nu, mv);
+                const __m512i at = _mm512_add_epi32(lane, _mm512_set1_epi32(i0 + u));
+                for (int h = 0; h < hb; h++) {
+                    const __mmask16 vis = _mm512_cmpge_epi32_mask(at, _mm512_set1_epi32(beg[h]))
+                                          & _mm512_cmplt_epi32_mask(at, _mm512_set1_epi32(end[h]))
+                                          & (__mmask16)(nu == 16 ? 0xFFFF : (1u << nu) - 1);
+                    const __m512 p = _mm512_maskz_loadu_ps(vis, sc + (size_t)(h0 + h) * sst + (i0 - r0) + u);
+                    for (int g = 0; g < G; g++) {
+                        _mm512_storeu_ps(ws[h][g] + u, _mm512_mul_ps(p, _mm512_loadu_ps(sv[g])));
+                        mt[h][g] = _mm512_fmadd_ps(p, _mm512_loadu_ps(mv[g]), mt[h][g]);
+                    }
+                }
+            }
+            for (int z0 = 0; z0 < nz; z0 += 4) {
+                const int zb = nz - z0 < 4 ? nz - z0 : 4;
+                int gz[4];
+                UNROLL for (int z = 0; z < 4; z++) gz[z] = kvq_gz(bits, gs, z0 + (z < zb ? z : zb - 1));
+                __m512 o[KVD_HB][4];
+                UNROLL for (int h = 0; h < KVD_HB; h++) UNROLL for (int z = 0; z < 4; z++)
+                    o[h][z] = h < hb && z < zb ? _mm512_loadu_ps(o0[h] + 16 * (z0 + z)) : _mm512_setzero_ps();
+                if (gz[0] == gz[3]) { /* one group: one weight per row and query row */
+                    for (int r = 0; r < nr; r++) {
+                        __m512 cv[4];
+                        kvq_widen(c[r], bits, z0, zb, cv);
+                        UNROLL for (int h = 0; h < KVD_HB; h++)
+                            if (h < hb) {
+                                const __m512 w = _mm512_set1_ps(ws[h][gz[0]][r]);
+                                UNROLL for (int z = 0; z < 4; z++) o[h][z] = _mm512_fmadd_ps(w, cv[z], o[h][z]);
+                            }
+                    }
+                } else {
+                    for (int r = 0; r < nr; r++) {
+                        __m512 cv[4];
+                        kvq_widen(c[r], bits, z0, zb, cv);
+                        UNROLL for (int h = 0; h < KVD_HB; h++)
+                            if (h < hb)
+                                UNROLL for (int z = 0; z < 4; z++)
+                                    o[h][z] = _mm512_fmadd_ps(_mm512_set1_ps(ws[h][gz[z]][r]), cv[z], o[h][z]);
+                    }
+                }
+                UNROLL for (int h = 0; h < KVD_HB; h++)
+                    if (h < hb)
+                        UNROLL for (int z = 0; z < 4; z++)
+                            if (z < zb) _mm512_storeu_ps(o0[h] + 16 * (z0 + z), o[h][z]);
+            }
+        }
+        /* + sum(p m) of each group, then (4-bit) the nibble order back to the natural one */
+        const __m512i lo_hi = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        const __m512i lo_hi2 = _mm512_add_epi32(lo_hi, _mm512_set1_epi32(8));
+        for (int h = 0; h < hb; h++) {
+            float *o = o0[h];
+            for (int z = 0; z < nz; z++) {
+                const __m512 m = _mm512_set1_ps(_mm512_reduce_add_ps(mt[h][kvq_gz(bits, gs, z)]));
+                _mm512_storeu_ps(o + 16 * z, _mm512_add_ps(_mm512_loadu_ps(o + 16 * z), m));
+            }
+            if (bits == 4)
+                for (int z = 0; z < nz; z += 2) {
+                    const __m512 ev = _mm512_loadu_ps(o + 16 * z), od = _mm512_loadu_ps(o + 16 * z + 16);
+                    _mm512_storeu_ps(o + 16 * z, _mm512_permutex2var_ps(ev, lo_hi, od));
+                    _mm512_storeu_ps(o + 16 * z + 16, _mm512_permutex2var_ps(ev, lo_hi2, od));
+                }
+        }
+    }
+}
+
+/* Softmax pieces of rows r0 .. r1 - 1: per query row j, over its visible rows among them,
+ * m = the largest score, sc = exp(score - m) in place and l = their sum (l = 0: none) */
+static ALWAYS void kvq_softmax_part(const kv_job *J, int bk, int r0, int r1, float *sc, int sst, float *pm,
+                                    float *pl) {
+    const int RT = J->H / J->HKV * J->T, first = J->starts[bk / J->HKV];
+    for (int j = 0; j < RT; j++) {
+        float *s = sc + (size_t)j * sst - r0; /* s[i]: row i's score */
+        const int e0 = q_end(J, j), b0 = q_begin(J, j, first);
+        const int e = e0 < r1 ? e0 : r1, beg = b0 > r0 ? b0 : r0;
+        pm[j] = -3.0e38f, pl[j] = 0.f;
+        if (beg >= e) continue;
+        __m512 mv = _mm512_set1_ps(-3.0e38f);
+        int i = beg;
+        for (; i + 16 <= e; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
+        float m = _mm512_reduce_max_ps(mv);
+        for (; i < e; i++) m = s[i] > m ? s[i] : m;
+        const __m256 m8 = _mm256_set1_ps(m);
+        __m256 tv = _mm256_setzero_ps();
+        for (i = beg; i + 8 <= e; i += 8) {
+            const __m256 x = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), m8));
+            _mm256_storeu_ps(s + i, x);
+            tv = _mm256_add_ps(tv, x);
+        }
+        float total = hsum(tv);
+        for (; i < e; i++) {
+            s[i] = exp1(s[i] - m);
+            total += s[i];
+        }
+        pm[j] = m, pl[j] = total;
+    }
+}
+
+/* whether the VNNI driver takes an affine job: whole dwords of codes per group, the value
+ * vectors within one group, at most KVQ_GMAX groups */
+static int kvq_fits(const kv_job *J) {
+    const int G = J->D / J->gs;
+    return J->D % 32 == 0 && G <= KVQ_GMAX && J->gs % (J->bits == 4 ? 32 : 16) == 0;
+}
+
+/* The sequence is split into chunks of KVQ_CHUNK rows from each sequence's first visible
+ * one, so both threads work whatever the batch and KV heads, and a thread the machine
+ * delays holds up one chunk, not half the step. Each (sequence, KV head, chunk) leaves per
+ * query row its unnormalized output, largest score and exp sum; kvq_merge rescales them
+ * to the largest score of all chunks (exact softmax). Chunks are fixed by the rows, not by
+ * the number of held rows, so a query row's result does not depend on the rows after it
+ * (several query tokens per step equal one-token steps, bit for bit). */
+#define KVQ_CHUNK 1024
+
+static void kv_task_affine_q(void *ctx, int ith, int nth) {
+    (void)ith;
+    (void)nth;
+    kv_job *J = (kv_job *)ctx;
+    const int RT = J->H / J->HKV * J->T, D = J->D, sst = KVQ_CHUNK + 16;
+    float *sc = malloc(sizeof(float) * (size_t)RT * sst);
+    if (!sc) {
+        atomic_store(&J->failed, 1);
+        return;
+    }
+    for (;;) {
+        const int u = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
+        if (u >= J->B * J->HKV * J->nch) break;
+        const int bk = u / J->nch, c = u % J->nch, first = J->starts[bk / J->HKV];
+        const int r0 = first + c * KVQ_CHUNK, r1 = J->held - r0 < KVQ_CHUNK ? J->held : r0 + KVQ_CHUNK;
+        float *po = J->po + (size_t)u * RT * D, *pm = J->pm + (size_t)u * RT, *pl = J->pl + (size_t)u * RT;
+        if (r0 >= J->held) {
+            for (int j = 0; j < RT; j++) pm[j] = -3.0e38f, pl[j] = 0.f;
+            continue;
+        }
+        memset(po, 0, sizeof(float) * (size_t)RT * D);
+        kvq_scores(J, bk, r0, r1, sc, sst);
+        kvq_softmax_part(J, bk, r0, r1, sc, sst, pm, pl);
+        kvq_values(J, bk, r0, r1, sc, sst, po);
+    }
+    free(sc);
+}
+
+/* out row = sum over chunks of exp(m_c - M) o_c / sum of exp(m_c - M) l_c, M the largest m_c
+ * of the chunks that saw a key (none: zeros) */
+static void kvq_merge(const kv_job *J) {
+    const int RT = J->H / J->HKV * J->T, D = J->D, nch = J->nch;
+    for (int bk = 0; bk < J->B * J->HKV; bk++)
+        for (int j = 0; j < RT; j++) {
+            float M = -3.0e38f, L = 0.f;
+            for (int c = 0; c < nch; c++) {
+                const size_t u = (size_t)bk * nch + c;
+                if (J->pl[u * RT + j] > 0.f && J->pm[u * RT + j] > M) M = J->pm[u * RT + j];
+            }
+            float *o = o_row(J, bk / J->HKV, bk % J->HKV, j);
+            memset(o, 0, sizeof(float) * (size_t)D);
+            for (int c = 0; c < nch; c++) {
+                const size_t u = (size_t)bk * nch + c;
+                if (!(J->pl[u * RT + j] > 0.f)) continue;
+                const float w = expf(J->pm[u * RT + j] - M);
+                const float *p = J->po + (u * RT + j) * D;
+                L += w * J->pl[u * RT + j];
+                for (int d = 0; d < D; d += 16)
+                    _mm512_storeu_ps(o + d, _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(p + d), _mm512_loadu_ps(o + d)));
+            }
+            const float inv = L > 0.f ? 1.f / L : 0.f;
+            for (int d = 0; d < D; d++) o[d] *= inv;
+        }
+}
+
+static int kvq_run(kv_job *J, int n_threads) {
+    if (kv_check(J)) return -1;
+    int longest = 0;
+    for (int b = 0; b < J->B; b++) {
+        const int first = J->starts[b] > 0 ? J->starts[b] : 0;
+        if (J->held - first > longest) longest = J->held - first;
+    }
+    J->nch = longest > 0 ? (longest + KVQ_CHUNK - 1) / KVQ_CHUNK : 1;
+    const size_t units = (size_t)J->B * J->HKV * J->nch, RT = (size_t)(J->H / J->HKV * J->T);
+    float *buf = malloc(sizeof(float) * units * RT * (J->D + 2));
+    if (!buf) return -5;
+    J->po = buf, J->pm = buf + units * RT * J->D, J->pl = J->pm + units * RT;
+    atomic_store(&J->next, 0);
+    atomic_store(&J->failed, 0);
+    int nth = n_threads < 1 ? 1 : n_threads;
+    if ((size_t)nth > units) nth = (int)units;
+    run_parallel(kv_task_affine_q, J, nth);
+    const int rc = atomic_load(&J->failed) ? -5 : 0;
+    if (!rc) kvq_merge(J);
+    free(buf);
+    return rc;
+}
+#endif
 #else
 #define KVD_SIMD 0
 #endif
@@ -474,17 +920,69 @@ int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const f
                              n_threads);
 }
 
+/* The query rows [rows, D] as the scores over affine codes take them, per group of gs values:
+ * a = max|q| / 127, t = q * (127 / max|q|), code c = rint(t) and residual r = rint(256 (t -
+ * c)) (ties to even, t - c is exact; r saturated to 127; an all-zero group: 0), so q ~ a (c +
+ * r / 256) to ~1 / 65000 of the group's largest value; qt = (256 c + r) (a / 256), the float
+ * values every driver scores with (vlmc.kernels.kv_quant.query_int8 computes the same). For
+ * the VNNI driver: c in qi and r in qr in the order the key codes are read (8-bit: natural;
+ * 4-bit: the even-indexed values of each 8 as D / 8 dwords, then the odd ones), qa = a / 256
+ * and qs = qa x the group's sum of 256 c + r. */
+static void kv_query_int8(const float *q, size_t rows, int D, int gs, int bits, float *qt, int8_t *qi, int8_t *qr,
+                          float *qa, float *qs) {
+    const int G = D / gs;
+    for (size_t r = 0; r < rows; r++)
+        for (int g = 0; g < G; g++) {
+            const float *x = q + r * D + (size_t)g * gs;
+            float amax = 0.f;
+            for (int i = 0; i < gs; i++) amax = fmaxf(amax, fabsf(x[i]));
+            const float inv = amax > 0.f ? 127.f / amax : 0.f, a = amax / 127.f / 256.f;
+            int sum = 0;
+            for (int i = 0; i < gs; i++) {
+                const float t = x[i] * inv;
+                float c = rintf(t);
+                c = c > 127.f ? 127.f : c < -127.f ? -127.f : c;
+                float e = rintf((t - c) * 256.f);
+                e = e > 127.f ? 127.f : e < -128.f ? -128.f : e;
+                const int ci = c == c ? (int)c : 0, ri = e == e ? (int)e : 0, k = g * gs + i; /* NaN: 0 */
+                sum += 256 * ci + ri;
+                qt[r * D + k] = (float)(256 * ci + ri) * a;
+                const int at = bits == 8 ? k : (k % 2 ? D / 2 : 0) + k / 8 * 4 + k % 8 / 2;
+                qi[r * D + at] = (int8_t)ci;
+                qr[r * D + at] = (int8_t)ri;
+            }
+            qa[r * G + g] = a;
+            qs[r * G + g] = a * (float)sum;
+        }
+}
+
 int kv_affine_decode_x(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb, const uint8_t *vc,
                        const uint16_t *vs, const uint16_t *vb, const kv_codes *xk, const kv_codes *xv,
                        const int32_t *starts, int B, int H, int HKV, int D, int T, int cap, int held, int bits, int gs,
                        float scale, int window, float softcap, float *out, int tok_major, int n_threads) {
     if ((bits != 4 && bits != 8) || gs < 2 || D % gs || gs % 2) return -2;
     if ((xk == NULL) != (xv == NULL) || window < 0 || softcap < 0.f) return -1;
-    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .T = T, .cap = cap, .held = held,
+    if (B < 1 || H < 1 || T < 1 || D < 1) return -1;
+    const size_t rows = (size_t)B * H * T, G = (size_t)(D / gs);
+    float *qt = malloc(rows * D * sizeof(float) + rows * G * 2 * sizeof(float) + 2 * rows * D);
+    if (!qt) return -5;
+    float *qa = qt + rows * D, *qs = qa + rows * G;
+    int8_t *qi = (int8_t *)(qs + rows * G), *qr = qi + rows * D;
+    kv_query_int8(q, rows, D, gs, bits, qt, qi, qr, qa, qs);
+    const char *flt = getenv("VLMC_KV_FLOAT"); /* 1: the float driver (to measure against) */
+    kv_job J = {.q = qt, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .T = T, .cap = cap, .held = held,
                 .scale = scale, .window = window, .softcap = softcap, .out = out, .kc = kc, .vc = vc, .ks = ks, .kb = kb, .vs = vs, .vb = vb,
-                .xkc = xk, .xvc = xv, .bits = bits, .gs = gs};
+                .xkc = xk, .xvc = xv, .bits = bits, .gs = gs, .qi = flt && flt[0] == '1' ? NULL : qi, .qr = qr, .qa = qa, .qs = qs};
     kv_shape(&J, tok_major);
-    return kv_run(&J, kv_task_affine, n_threads);
+    int rc;
+#if VLMC_VNNI
+    if (J.qi && kvq_fits(&J))
+        rc = kvq_run(&J, n_threads);
+    else
+#endif
+        rc = kv_run(&J, kv_task_affine, n_threads);
+    free(qt);
+    return rc;
 }
 
 int vlmc_kv_affine_decode_n(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *kb,

@@ -63,7 +63,9 @@ def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases
     [B, H, T, D] (T tokens per sequence, the last T of ``held``; token t sees the keys up to
     its own) [B, H, T, D], each token's row what the one-token kernel gives at its place.
     ``window`` > 0: a query sees no key more than window - 1 rows before its own (the rows
-    of a rotating cache); ``softcap`` > 0: soft-capped scores (both C only)."""
+    of a rotating cache); ``softcap`` > 0: soft-capped scores (both C only). The keys are
+    scored against q's int8 codes per group (``kv_quant.query_int8``), in the integer
+    domain where the CPU has VNNI."""
     lib = _get_lib()
     H, D = q.shape[1], q.shape[-1]
     if (lib is None or bits not in (4, 8) or k_scales.dtype != mx.bfloat16 or D % group_size
@@ -71,7 +73,7 @@ def kv_affine_decode(q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases
         if window or softcap:
             raise ValueError("windowed or soft-capped KV attention needs the C kernels")
         return _kv_quant.kv_affine_decode(_as_mx(q), k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, starts,
-                                          held, scale=scale, bits=bits, group_size=group_size)
+                                          held, scale=scale, bits=bits, group_size=group_size, int8_query=True)
     return _run(_n(lib, "vlmc_kv_affine_decode", q), "kv_affine_decode", q,
                 (k_codes, k_scales, k_biases, v_codes, v_scales, v_biases), starts, k_codes.shape, held,
                 bits, group_size, scale, int(window), float(softcap))
@@ -137,6 +139,36 @@ def kv_dense_decode(q, keys, values, starts, held: int, *, scale: float, new_k=N
                         for a in (new_k, new_v))
     return _run(_n(lib, "vlmc_kv_dense_decode", q), "kv_dense_decode", q, (keys, values, new_k, new_v), starts,
                 keys.shape, held, scale, int(window), float(softcap))
+
+
+def affine_values(cache) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every held key and value of a 4- or 8-bit affine cache as float32 host arrays [B, HKV,
+    held, D] (code * scale + minimum), dequantized by the threaded C kernel (vlmc_dequantize:
+    the codes are MLX's packing, the scales and minimums bfloat16) instead of MLX's unpack
+    and multiply-add, which at long contexts cost a prefill chunk more than its attention;
+    None for any other cache or without the kernels. The prompt's attention (BLAS) then reads
+    these."""
+    lib = _get_lib()
+    codec = getattr(cache, "codecs", {}).get("k")
+    if (lib is None or getattr(cache, "layout", None) != "affine" or cache.buffers is None or not cache.held
+            or codec.bits not in (4, 8) or cache.head_dim % codec.group_size):
+        return None
+    settle(cache)
+    out = []
+    for w in ("k", "v"):
+        parts = cache.buffers[w]
+        if parts["scales"].dtype != mx.bfloat16 or parts["biases"].dtype != mx.bfloat16:
+            return None
+        mx.eval(*parts.values())
+        codes, scales, mins = (_np(parts[name]) for name in ("codes", "scales", "biases"))
+        B, HKV, cap, _ = codes.shape
+        x = np.empty((B, HKV, cap, cache.head_dim), np.float32)
+        from . import n_threads
+        _check(lib.vlmc_dequantize(codes.ctypes.data, scales.ctypes.data, mins.ctypes.data, 1, B * HKV * cap,
+                                   cache.head_dim, codec.bits, codec.group_size, x.ctypes.data, n_threads),
+               "dequantize")
+        out.append(x[:, :, :cache.held])
+    return out[0], out[1]
 
 
 # Caches whose last decode step's writes are still lazy MLX slice updates (host_dense_step,
