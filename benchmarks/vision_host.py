@@ -1,0 +1,102 @@
+"""The host path's vision costs: buffer reuse on and off, and the attention kernels.
+
+    python benchmarks/vision_host.py tower ARTIFACT [--tiles 17] [--size 512] [--rounds 2]
+    python benchmarks/vision_host.py attention [--shape 2,12,1024,1024,64] [--rounds 5]
+
+``tower``: one ``vision_encode`` of TILES random tiles (a fixed-resolution tower's input,
+e.g. SmolVLM's 512x512 tiles), in a fresh process per measurement, alternating
+``VLMC_HOST_POOL_MB=0`` (every large op result a fresh allocation) with the default pool;
+prints wall, user and system CPU seconds and minor page faults of the encode (after one
+one-tile warm-up). ``attention``: ``cpu.attention`` on random q, k, v of shape
+(B, H, L, S, D), the one-pass C kernel against the BLAS path (the kernel declined),
+alternating in one process; ms per (sequence, head), medians.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import vlmc  # noqa: E402,F401  (first: it sets OPENBLAS_THREAD_TIMEOUT before numpy loads)
+
+
+def encode_once(artifact: str, tiles: int, size: int) -> dict:
+    import mlx.core as mx
+    m = vlmc.load(artifact)
+    pos = mx.arange((size // 16) ** 2, dtype=mx.int32)
+    pix = mx.random.normal((tiles, 3, size, size))
+    mx.eval(m.model.vision_encode(pix[:1], pos))
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    mx.eval(m.model.vision_encode(pix, pos))
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {"wall_s": time.perf_counter() - t0, "user_s": r1.ru_utime - r0.ru_utime,
+            "sys_s": r1.ru_stime - r0.ru_stime, "minflt": r1.ru_minflt - r0.ru_minflt}
+
+
+def tower(args) -> None:
+    rows: dict[str, list[dict]] = {"pool off": [], "pool on": []}
+    for r in range(args.rounds):
+        for label in rows:
+            env = dict(os.environ)
+            if label == "pool off":
+                env["VLMC_HOST_POOL_MB"] = "0"
+            else:
+                env.pop("VLMC_HOST_POOL_MB", None)
+            out = subprocess.run([sys.executable, __file__, "_encode", args.artifact, str(args.tiles), str(args.size)],
+                                 env=env, capture_output=True, text=True, check=True)
+            rows[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"round {r + 1} {label}: {rows[label][-1]}  load {os.getloadavg()[0]:.2f}", flush=True)
+    for label, runs in rows.items():
+        med = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+        print(f"{label}: wall {med['wall_s']:.2f} s, user {med['user_s']:.2f} s, system {med['sys_s']:.2f} s, "
+              f"minor faults {med['minflt']:.0f}")
+
+
+def attention(args) -> None:
+    import numpy as np
+    from vlmc.kernels.cpu import attention as A
+    B, H, L, S, D = (int(x) for x in args.shape.split(","))
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((B, H, L, D), dtype=np.float32)
+    k, v = (rng.standard_normal((B, H, S, D), dtype=np.float32) for _ in range(2))
+    fused = A._fused
+    times: dict[str, list[float]] = {"one-pass kernel": [], "BLAS": []}
+    for _ in range(args.rounds):
+        for label in times:
+            A._fused = fused if label == "one-pass kernel" else (lambda *a: False)
+            t = time.perf_counter()
+            A.attention(q, k, v, None, scale=D ** -0.5, host=True)
+            times[label].append((time.perf_counter() - t) * 1e3 / (B * H))
+    A._fused = fused
+    for label, ts in times.items():
+        print(f"{label}: {statistics.median(ts):.2f} ms per (sequence, head)  (B, H, L, S, D) = {(B, H, L, S, D)}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_encode":
+        print(json.dumps(encode_once(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("tower")
+    t.add_argument("artifact")
+    t.add_argument("--tiles", type=int, default=17)
+    t.add_argument("--size", type=int, default=512)
+    t.add_argument("--rounds", type=int, default=2)
+    a = sub.add_parser("attention")
+    a.add_argument("--shape", default="2,12,1024,1024,64")
+    a.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args()
+    tower(args) if args.what == "tower" else attention(args)
+
+
+if __name__ == "__main__":
+    main()
