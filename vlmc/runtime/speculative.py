@@ -18,7 +18,7 @@ Drafters share one interface (``Drafter``): ``PromptLookup`` matches the context
 n-gram earlier in the prompt and the reply and proposes what followed; ``DraftModel`` runs a
 smaller artifact with a compatible tokenizer on the text; ``SharedKVDrafter`` runs a
 drafter artifact that has no cache of its own and reads the target's (a multi-token
-prediction assistant such as Gemma 4's): ``start`` hands every drafter the target's
+prediction assistant that shares the target's KV): ``start`` hands every drafter the target's
 ``Sequences``, whose caches and last hidden states (``hidden_at``) such a drafter reads.
 """
 from __future__ import annotations
