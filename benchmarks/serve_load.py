@@ -85,7 +85,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-DEFAULT_VLMC = "/tmp/venv/bin/vlmc"
+# the vlmc of the environment running this script (its console script beside the Python)
+DEFAULT_VLMC = str(Path(sys.executable).parent / "vlmc")
 DEFAULT_MLX_VLM_PYTHON = "/tmp/mlxvlm-venv/bin/python"
 
 TEXT_PROMPTS = [

@@ -120,8 +120,8 @@ def test_per_frame_blocks_read_only_their_keys(monkeypatch):
     monkeypatch.setattr(blas, "_masked_softmax",
                         lambda s, scale, keep, *threads: (seen.append(s.shape), real(s, scale, keep, *threads)))
 
-    def fused(q, k, v, out, scale, keep):  # the one-pass kernel: every head's rows of the block at once
-        done = real_fused(q, k, v, out, scale, keep)
+    def fused(q, k, v, out, scale, keep, **kw):  # the one-pass kernel: every head's rows of the block at once
+        done = real_fused(q, k, v, out, scale, keep, **kw)
         if done:
             seen.append((q.shape[0] * q.shape[1], k.shape[1]))
         return done
@@ -142,12 +142,12 @@ def test_one_pass_kernel_odd_widths_and_the_blas_fallback(monkeypatch, D, L, S):
     q, k, v = qkv(1, 4, 2, L, S, D)
     ran = []
     real = blas._fused
-    monkeypatch.setattr(blas, "_fused", lambda *a: ran.append(real(*a)) or ran[-1])
+    monkeypatch.setattr(blas, "_fused", lambda *a, **kw: ran.append(real(*a, **kw)) or ran[-1])
     ref = reference.attention(q, k, v, None, scale=D ** -0.5)
     assert rel_err(blas.attention(q, k, v, None, scale=D ** -0.5), ref) < TOL
     if Path("/proc/cpuinfo").exists() and " avx512bw" in Path("/proc/cpuinfo").read_text():
         assert ran and all(ran)  # this CPU has AVX-512 (and the library is -march=native): the kernel ran
-    monkeypatch.setattr(blas, "_fused", lambda *a: False)
+    monkeypatch.setattr(blas, "_fused", lambda *a, **kw: False)
     assert rel_err(blas.attention(q, k, v, None, scale=D ** -0.5), ref) < TOL
 
 
@@ -157,7 +157,7 @@ def test_heads_side_by_side_give_the_serial_result(monkeypatch):
     setting and more than one thread)."""
     if blas._pool() is None:
         pytest.skip("no per-thread BLAS thread count here, or one thread: no head pool")
-    monkeypatch.setattr(blas, "_fused", lambda *a: False)  # the BLAS path, where the pool works
+    monkeypatch.setattr(blas, "_fused", lambda *a, **kw: False)  # the BLAS path, where the pool works
     seg = mx.array(sum(([f] * n for f, n in enumerate([70, 61])), []))
     mask = (seg[:, None] == seg[None, :])[None, None]
     q, k, v = qkv(2, 6, 2, 131, 131, 32)

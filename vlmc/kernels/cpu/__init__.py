@@ -391,8 +391,16 @@ def qlinear(x: mx.array, w, scales=None, biases=None, b: mx.array | None = None,
         _check(lib.vlmc_gemv_q(xn.ctypes.data, M, K, wh.ptr, sh.ptr, bh_.ptr, st, N, bits, group_size,
                                bias.ptr if bias else None, y.ctypes.data, n_threads), "gemv_q")
         return _finish(y, lead, out_dtype, host)
-    if (group_size % 64 == 0 and M * N * K >= INT8_GEMM_MIN_MACS and st in (0, 1)
-            and _int8 and lib.vlmc_gemm_q_i8_available()):
+    int8_rows = group_size % 64 == 0 and st in (0, 1) and _int8
+    if int8_rows and M * N * K < INT8_GEMM_MIN_MACS:
+        # int8 GEMVs in passes of rows: the int8 GEMM's arithmetic, bit for bit, where the
+        # float GEMM below would round differently (a row's result must not depend on the
+        # number of rows sharing the call)
+        y = _scratch.empty((M, N), np.float32)
+        _check(lib.vlmc_gemv_q(xn.ctypes.data, M, K, wh.ptr, sh.ptr, bh_.ptr, st, N, bits, group_size,
+                               bias.ptr if bias else None, y.ctypes.data, n_threads), "gemv_q")
+        return _finish(y, lead, out_dtype, host)
+    if int8_rows and lib.vlmc_gemm_q_i8_available():
         y = _scratch.empty((M, N), np.float32)
         rc = lib.vlmc_gemm_q_i8(xn.ctypes.data, M, K, wh.ptr, sh.ptr, bh_.ptr, st, N, bits, group_size,
                                 bias.ptr if bias else None, y.ctypes.data, n_threads)

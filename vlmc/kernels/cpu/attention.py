@@ -52,7 +52,11 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
         return _reference.attention(_as_mx(q), _as_mx(k), _as_mx(v), mask, scale=scale)
     B, H, L, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
-    if (not enabled or (L < MIN_QUERY_ROWS and S < MIN_KEYS) or H % Hk
+    # Several query rows (prefill, a prefill chunk, verify) always take the one-pass kernel
+    # where it runs, at any row count: a row's bits must not depend on how many rows the
+    # call holds (a short prompt alone and the same prompt left-padded in a batch).
+    rows_fused = L > 1 and _fused_available()
+    if (not enabled or (L < MIN_QUERY_ROWS and S < MIN_KEYS and not rows_fused) or H % Hk
             or (mask is not None and (mask.dtype != mx.bool_ or mask.ndim != 4 or mask.shape[1] != 1))):
         return _reference.attention(_as_mx(q), _as_mx(k), _as_mx(v), mask, scale=scale)
     out_dtype = mx.float32 if type(q) is np.ndarray else q.dtype
@@ -72,7 +76,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
             block_keep = None if keep is None else keep[r0:r1, k0:k1]
             if block_keep is not None:
                 block_keep = None if block_keep.all() else np.ascontiguousarray(block_keep)
-            if _fused(qn[b, :, r0:r1], kn[b, :, k0:k1], vn[b, :, k0:k1], out[b, :, r0:r1], scale, block_keep):
+            if _fused(qn[b, :, r0:r1], kn[b, :, k0:k1], vn[b, :, k0:k1], out[b, :, r0:r1], scale, block_keep,
+                      any_rows=rows_fused):
                 continue
             work += [(b, h, r0, r1, k0, k1, block_keep) for h in range(Hk)]
 
@@ -94,18 +99,26 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
     return y if out_dtype == mx.float32 else y.astype(out_dtype)
 
 
+def _fused_available() -> bool:
+    """Whether ``vlmc_attention_rows`` runs on this machine (the kernels built with AVX-512)."""
+    from . import _get_lib
+    lib = _get_lib()
+    return lib is not None and bool(lib.vlmc_attention_rows_available())
+
+
 def _fused(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, scale: float,
-           keep: np.ndarray | None) -> bool:
+           keep: np.ndarray | None, any_rows: bool = False) -> bool:
     """One block through ``vlmc_attention_rows`` (q [Hq, rows, D], k/v [Hk, keys, D(v)],
     every head at once, scores kept per tile of rows); False where it does not apply (no
-    AVX-512, a layout it does not read), so the BLAS path runs."""
+    AVX-512, a layout it does not read), so the BLAS path runs. Blocks of fewer than
+    FUSED_MIN_ROWS rows per head go to BLAS unless ``any_rows``."""
     from . import _get_lib, n_threads
     lib = _get_lib()
     if lib is None or scale <= 0 or any(a.dtype != np.float32 or a.strides[-1] != 4 or any(st % 4 for st in a.strides)
                                         for a in (q, k, v, out)):
         return False
     (Hq, L, D), (Hk, S, _), Dv = q.shape, k.shape, v.shape[-1]
-    if L < FUSED_MIN_ROWS:  # its tiles are 8 query rows: a decode row over a long cache would compute 8
+    if L < FUSED_MIN_ROWS and not any_rows:  # its tiles are 8 query rows: a decode row over a long cache would compute 8
         return False
     st = [a.strides[i] // 4 for a in (q, k, v, out) for i in (0, 1)]
     rc = lib.vlmc_attention_rows(q.ctypes.data, st[0], st[1], k.ctypes.data, st[2], st[3], v.ctypes.data, st[4], st[5],

@@ -121,6 +121,14 @@ static void rows_task(void *ctx, int ith, int nth) {
  * head h reads KV head h / (Hq / Hk)). keep [L, S] bytes with row stride keep_ld (0: one
  * row for all), 0 = masked, or NULL. A row that sees no key gets zeros. Returns 0; -1 bad
  * arguments; -2 out of memory; -6 no AVX-512 here (use another path). */
+int vlmc_attention_rows_available(void) {
+#if VLMC_SIMD && defined(__AVX512F__) && defined(__AVX512BW__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 int vlmc_attention_rows(const float *q, int64_t q_sh, int64_t q_sl, const float *k, int64_t k_sh, int64_t k_sl,
                         const float *v, int64_t v_sh, int64_t v_sl, float *out, int64_t o_sh, int64_t o_sl,
                         int64_t Hq, int64_t Hk, int64_t L, int64_t S, int64_t D, int64_t Dv, float scale,

@@ -11,7 +11,7 @@ import ctypes
 # The version of the interface below. Change it with any signature or shared struct
 # (vlmc_layer, ...): build.py compiles it into the library (-DVLMC_ABI) and load refuses a
 # library that reports another.
-ABI_VERSION = 19
+ABI_VERSION = 20
 
 P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
@@ -47,6 +47,7 @@ SIGNATURES: dict[str, tuple] = {
     "vlmc_gemm_q_i8": (I, [P, I, I, P, P, P, I, I, I, I, P, P, I]),
     # elementwise.c
     "vlmc_softmax_rows": (I, [P, L, L, F, P, L, I]),
+    "vlmc_attention_rows_available": (I, []),
     "vlmc_attention_rows": (I, [P, L, L, P, L, L, P, L, L, P, L, L, L, L, L, L, L, L, F, P, L, I]),
     "vlmc_sigmoid_gate": (I, [P, L, P, L, P, L, L, F, F, I]),
     "vlmc_norm": (I, [P, L, L, P, P, F, I, P, I]),

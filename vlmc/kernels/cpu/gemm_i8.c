@@ -11,16 +11,17 @@
  * Every 64 k the integer sums are scaled by the weight group's scales (a vector over the
  * panel) times the x block's scale. The bias terms use group sums of the rounded x (see
  * qv_block); the last chunk adds the output bias and stores into y with masks. The float
- * arithmetic is per block in the same order as before the assembly: the same bits. Needs
- * gs % 64 == 0. */
+ * arithmetic is the GEMV's, bit for bit (see gi8_panel). Needs gs % 64 == 0. */
 #include "vlmc.h"
 
 #if VLMC_VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
 #define VLMC_GEMM_I8 1
 #define GI8_COLS 32
 #define GI8_ROWS 6
+#define GI8_CLASSES 8 /* partial sums per (row, column): blocks b with the same b mod 8 */
 #ifndef GI8_KC
-#define GI8_KC 1024 /* k per pass over the rows (32 KB of the panel's codes; 256 and 512 measured the same) */
+#define GI8_KC 4096 /* k per pass over the rows (the panel's codes, 128 KB, stay in L2): fewer chunks
+                     * mean fewer spills of the eight partial sums (1024: ~10% slower at vision shapes) */
 #endif
 typedef struct {
     const float *x;        /* [M, K] */
@@ -139,7 +140,8 @@ typedef struct {
     uint32_t *pk;   /* [K / 4][32] dwords of codes, 64-byte aligned */
     uint8_t *rows;  /* [32][K] codes of the panel's weight rows */
     float *ps, *pb; /* [G][32] scales and biases */
-    float *acc;     /* [Mp][32] */
+    float *acc;     /* [Mp / GI8_ROWS][GI8_CLASSES][GI8_ROWS][32] partial sums between K chunks */
+    float *fin;     /* [GI8_CLASSES][GI8_ROWS][32]: one tile's sums after the last chunk */
     float pbias[GI8_COLS];
 } gi8_buf;
 
@@ -160,8 +162,16 @@ static void gi8_pack(const gi8_t *J, int n0, int cols, gi8_buf *B) {
             gi8_transpose16(B->rows + (size_t)h * K + k, (size_t)K, B->pk + (size_t)(k / 4) * GI8_COLS + h);
 }
 
+/* The float arithmetic per (x row, column) is the GEMV's (gemv.c, "codes x int8 x"), to
+ * the last bit, so that a row's result does not depend on how many rows share the call
+ * (batch invariance: a prompt alone and in a batch, a decode row and a prefill row): eight
+ * partial sums A_0 .. A_7, block b adding float(dot_b) x (s_g x xs_b) to A_(b mod 8) and,
+ * right after the last block of group g, b_g x (group sum of the rounded x) to the same
+ * A; then y = ((A_0 + A_1) + (A_2 + A_3)) + ((A_4 + A_5) + (A_6 + A_7)) + bias. A chunk of
+ * K visits its blocks one class (b mod 8) at a time, so a tile keeps one class's 12
+ * accumulators in registers and the eight classes wait in acc between visits. */
 static void gi8_panel(const gi8_t *J, int n0, gi8_buf *B) {
-    const int K = J->K, G = J->G, nb = K / 64, N = J->N, cols = N - n0 < GI8_COLS ? N - n0 : GI8_COLS;
+    const int K = J->K, G = J->G, N = J->N, cols = N - n0 < GI8_COLS ? N - n0 : GI8_COLS;
     gi8_pack(J, n0, cols, B);
     const uint32_t *pk = B->pk;
     const float *ps = B->ps, *pb = B->pb;
@@ -170,20 +180,24 @@ static void gi8_panel(const gi8_t *J, int n0, gi8_buf *B) {
     const __m512 bias0 = _mm512_loadu_ps(B->pbias), bias1 = _mm512_loadu_ps(B->pbias + 16);
     const int bpg = J->gs / 64;                                 /* x blocks per weight group */
     const int gpc = J->gs >= GI8_KC ? 1 : GI8_KC / J->gs;        /* weight groups per K chunk */
+    const size_t tile_acc = (size_t)GI8_CLASSES * GI8_ROWS * GI8_COLS; /* floats of a tile's partial sums */
     for (int g0 = 0; g0 < G; g0 += gpc) {
-        const int g1 = g0 + gpc < G ? g0 + gpc : G;
+        const int g1 = g0 + gpc < G ? g0 + gpc : G, b0 = g0 * bpg, b1 = g1 * bpg;
         for (int m0 = 0; m0 < J->Mp; m0 += GI8_ROWS) {
             const size_t t = (size_t)(m0 / GI8_ROWS);
-            float *ar = B->acc + (size_t)m0 * GI8_COLS;
+            const int8_t *xt = J->x8 + t * GI8_ROWS * K, *xtr = J->x8r ? J->x8r + t * GI8_ROWS * K : NULL;
+            const float *xs_t = J->xsc + t * (size_t)(K / 64) * GI8_ROWS, *xsum_t = J->xsum + t * G * GI8_ROWS;
+            float *at = B->acc + t * tile_acc;
+            for (int c = 0; c < GI8_CLASSES; c++) {
+                float *ar = at + (size_t)c * GI8_ROWS * GI8_COLS;
+                /* the last chunk's sums go to the tile's small buffer (in L1) for the final sum */
+                float *keep = g1 == G ? B->fin + (size_t)c * GI8_ROWS * GI8_COLS : ar;
 #define GI8_F_INIT(i) __m512 f##i##0 = g0 ? _mm512_load_ps(ar + i * GI8_COLS) : _mm512_setzero_ps(), \
                              f##i##1 = g0 ? _mm512_load_ps(ar + i * GI8_COLS + 16) : _mm512_setzero_ps();
-            GI8_ROWS_DO(GI8_F_INIT)
-            const int8_t *xt = J->x8 + t * GI8_ROWS * K, *xtr = J->x8r ? J->x8r + t * GI8_ROWS * K : NULL;
-            const float *xs_t = J->xsc + t * nb * GI8_ROWS, *xsum_t = J->xsum + t * G * GI8_ROWS;
-            for (int g = g0; g < g1; g++) {
-                const __m512 sv0 = _mm512_load_ps(ps + g * GI8_COLS), sv1 = _mm512_load_ps(ps + g * GI8_COLS + 16);
-                for (int xb = 0; xb < bpg; xb++) {
-                    const int b = g * bpg + xb, k40 = b * 16;
+                GI8_ROWS_DO(GI8_F_INIT)
+                for (int b = b0 + ((c - b0 % GI8_CLASSES) + GI8_CLASSES) % GI8_CLASSES; b < b1; b += GI8_CLASSES) {
+                    const int g = b / bpg, k40 = b * 16;
+                    const __m512 sv0 = _mm512_load_ps(ps + g * GI8_COLS), sv1 = _mm512_load_ps(ps + g * GI8_COLS + 16);
 #define GI8_A_ZERO(i) __m512i a##i##0 = _mm512_setzero_si512(), a##i##1 = _mm512_setzero_si512();
                     GI8_ROWS_DO(GI8_A_ZERO)
                     GI8_DOTS(pk + (size_t)k40 * GI8_COLS, xt + (size_t)k40 * GI8_ROWS * 4);
@@ -197,23 +211,30 @@ static void gi8_panel(const gi8_t *J, int n0, gi8_buf *B) {
         f##i##0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a##i##0), _mm512_mul_ps(sv0, xs), f##i##0);            \
         f##i##1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a##i##1), _mm512_mul_ps(sv1, xs), f##i##1); }
                     GI8_ROWS_DO(GI8_SCALE)
-                }
-                const __m512 bv0 = _mm512_load_ps(pb + g * GI8_COLS), bv1 = _mm512_load_ps(pb + g * GI8_COLS + 16);
+                    if ((b + 1) % bpg == 0) { /* the group's last block: its bias term */
+                        const __m512 bv0 = _mm512_load_ps(pb + g * GI8_COLS), bv1 = _mm512_load_ps(pb + g * GI8_COLS + 16);
 #define GI8_BIAS(i) {                                                                                     \
         const __m512 xs = _mm512_set1_ps(xsum_t[g * GI8_ROWS + i]);                                        \
         f##i##0 = _mm512_fmadd_ps(bv0, xs, f##i##0);                                                       \
         f##i##1 = _mm512_fmadd_ps(bv1, xs, f##i##1); }
-                GI8_ROWS_DO(GI8_BIAS)
-            }
-            if (g1 < G) {
-#define GI8_KEEP(i) _mm512_store_ps(ar + i * GI8_COLS, f##i##0), _mm512_store_ps(ar + i * GI8_COLS + 16, f##i##1);
+                        GI8_ROWS_DO(GI8_BIAS)
+                    }
+                }
+#define GI8_KEEP(i) _mm512_store_ps(keep + i * GI8_COLS, f##i##0), _mm512_store_ps(keep + i * GI8_COLS + 16, f##i##1);
                 GI8_ROWS_DO(GI8_KEEP)
-            } else { /* the last chunk: + bias, straight into y (rows past M are the tile's padding) */
+            }
+            if (g1 == G) { /* the last chunk: the classes' pairwise sum + bias, straight into y
+                            * (rows past M are the tile's padding) */
+#define GI8_A(c, i, h) _mm512_load_ps(B->fin + ((size_t)(c) * GI8_ROWS + (i)) * GI8_COLS + 16 * (h))
+#define GI8_SUM8(i, h) _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(GI8_A(0, i, h), GI8_A(1, i, h)),          \
+                                                   _mm512_add_ps(GI8_A(2, i, h), GI8_A(3, i, h))),         \
+                                     _mm512_add_ps(_mm512_add_ps(GI8_A(4, i, h), GI8_A(5, i, h)),          \
+                                                   _mm512_add_ps(GI8_A(6, i, h), GI8_A(7, i, h))))
 #define GI8_OUT(i)                                                                                        \
     if (m0 + i < J->M) {                                                                                   \
         float *yr = J->y + (size_t)(m0 + i) * N + n0;                                                      \
-        _mm512_mask_storeu_ps(yr, mk0, _mm512_add_ps(f##i##0, bias0));                                     \
-        _mm512_mask_storeu_ps(yr + 16, mk1, _mm512_add_ps(f##i##1, bias1));                                \
+        _mm512_mask_storeu_ps(yr, mk0, _mm512_add_ps(GI8_SUM8(i, 0), bias0));                              \
+        _mm512_mask_storeu_ps(yr + 16, mk1, _mm512_add_ps(GI8_SUM8(i, 1), bias1));                         \
     }
                 GI8_ROWS_DO(GI8_OUT)
             }
@@ -226,13 +247,14 @@ static void gi8_task(void *ctx, int ith, int nth) {
     (void)nth;
     gi8_t *J = ctx;
     const size_t K = (size_t)J->K, G = (size_t)J->G;
-    const size_t pk_bytes = GI8_COLS * K, par = sizeof(float) * GI8_COLS * (2 * G + (size_t)J->Mp);
+    const size_t pk_bytes = GI8_COLS * K, par = sizeof(float) * GI8_COLS * (2 * G + (size_t)GI8_CLASSES * (J->Mp + GI8_ROWS));
     uint8_t *buf = aligned_alloc(64, pk_bytes + par + GI8_COLS * K + 64);
     if (!buf) return;
     gi8_buf B = {.pk = (uint32_t *)buf, .ps = (float *)(buf + pk_bytes)};
     B.pb = B.ps + GI8_COLS * G;
     B.acc = B.pb + GI8_COLS * G;
-    B.rows = (uint8_t *)(B.acc + GI8_COLS * (size_t)J->Mp);
+    B.fin = B.acc + GI8_COLS * (size_t)GI8_CLASSES * J->Mp;
+    B.rows = (uint8_t *)(B.fin + GI8_COLS * GI8_CLASSES * GI8_ROWS);
     for (;;) {
         const int p = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
         if (p * GI8_COLS >= J->N) break;

@@ -473,6 +473,7 @@ int vlmc_kv_turbo_decode_n(const float *q, const uint8_t *kc, const float *kn, c
                            const float *kcb, const float *vcb, const int32_t *starts, int B, int H, int HKV, int D,
                            int T, int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads);
 /* attention_rows.c */
+int vlmc_attention_rows_available(void);
 int vlmc_attention_rows(const float *q, int64_t q_sh, int64_t q_sl, const float *k, int64_t k_sh, int64_t k_sl,
                         const float *v, int64_t v_sh, int64_t v_sl, float *out, int64_t o_sh, int64_t o_sl,
                         int64_t Hq, int64_t Hk, int64_t L, int64_t S, int64_t D, int64_t Dv, float scale,
