@@ -25,6 +25,7 @@ from .reference import *  # noqa: F401,F403  (every op not overridden below)
 from . import cpu as _cpu
 from .cpu import _as_mx, host as _h
 from . import kv_quant as _kv_quant
+from .step_rows import in_prompt as _in_prompt
 from .cpu.attention import attention as _blas_attention
 from .cpu.moe import routed_experts as _routed_experts
 from .cpu.decode_layer import decode_layer as _decode_layer, decode_layers as _decode_layers
@@ -143,13 +144,15 @@ def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: flo
                      softcap: float | None = None):
     host = _is_host(q)
     # decode and verify steps read the cache in place (C kernels): dense, affine or TurboQuant;
-    # sliding windows and soft-capped scores (Gemma 2/3) too, except over TurboQuant codes
-    if host and _cpu.enabled() and _kv_quant.causal_step(mask, q.shape[2]):
+    # sliding windows and soft-capped scores (Gemma 2/3) too, except over TurboQuant codes.
+    # A prompt's rows take the prompt path below at any count (kernels/step_rows.py).
+    step = _cpu.enabled() and not _in_prompt() and _kv_quant.causal_step(mask, q.shape[2])
+    if host and step:
         out = _host_dense_step(q, k, v, cache, mask, scale=scale, softcap=softcap)
         if out is not None:
             return out
     k, v = _as_mx(k), _as_mx(v)  # the cache stores mx.arrays
-    if _cpu.enabled() and _kv_quant.causal_step(mask, q.shape[2]):
+    if step:
         out = _kv_quant.coded_decode_step(q, k, v, cache, mask, scale=scale, affine=_kv_affine_decode,
                                           turbo=_kv_turbo_decode, dense=_kv_dense_decode,
                                           max_tokens=_cpu.GEMV_MAX_ROWS, windows=True, softcap=softcap)

@@ -20,6 +20,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..kernels.step_rows import prompt_rows
 from .kv_cache import KVCache, attention_mask, make_caches
 
 PREFIX_LAYOUTS = ("dense", "rotating", "quantized", "turboquant", "recurrent")  # what the prefix cache stores
@@ -172,9 +173,10 @@ class Sequences:
         lo = self.prefilled
         hi = self.prompt_width if chunk is None else min(self.prompt_width, lo + chunk)
         hi = min(self.prompt_width, self._chunk_end(min([hi, *(c for cols in self.keep_states for c in cols if lo < c < hi)])))
-        logits = self._keep_hidden(self.decoder.model.prefill(
-            embeds=embeds[:, lo:hi], positions=self.decoder.program_positions(positions[..., lo:hi]),
-            mask=self._mask(hi - lo), caches=self.caches), hi - 1)[:, -1]
+        with prompt_rows():  # the prompt kernels at any chunk size (kernels/step_rows.py)
+            logits = self._keep_hidden(self.decoder.model.prefill(
+                embeds=embeds[:, lo:hi], positions=self.decoder.program_positions(positions[..., lo:hi]),
+                mask=self._mask(hi - lo), caches=self.caches), hi - 1)[:, -1]
         self.prefilled = hi
         kept = []
         for b, cols in enumerate(self.keep_states):

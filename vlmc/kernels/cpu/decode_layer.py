@@ -7,8 +7,8 @@ tables).
 The layer's ops stay in the generated code and compute the same thing; this runs instead
 of them when it applies (B sequences of T new tokens each with B x T up to
 GEMV_MAX_ROWS: a decode step, or the draft tokens ``verify`` checks; a cache of a layout
-in ``SUPPORTED_KV`` that holds some tokens, weights the GEMV kernels read) and returns
-None otherwise. A rotating (sliding-window) cache first drops the tokens its next append
+in ``SUPPORTED_KV`` that holds some tokens, weights the GEMV kernels read; never a
+prompt's rows, ``kernels/step_rows.py``) and returns None otherwise. A rotating (sliding-window) cache first drops the tokens its next append
 would drop (``make_room``), so its step goes in place like any other's. T tokens give, row for row and in the caches,
 what T one-token steps give, to the last bit (which makes speculative decoding lossless).
 It calls the same kernels in the same order, so the result is the op-by-op path's to the
@@ -33,6 +33,7 @@ import numpy as np
 
 from .. import kv_quant as _kv_quant
 from .. import reference as _reference
+from ..step_rows import in_prompt
 from . import GEMV_MAX_ROWS, _check, _get_lib, _host, _unpack, enabled, qplan
 from .host import SIGMOID_SCALE, param
 from .kv_decode import append_lazy, append_parts_lazy, host_starts, settle
@@ -161,7 +162,7 @@ def _step_inputs(x, cos, sin, head_dim: int, nl: int):
     head_dim] (one pair, or a list of nl pairs: each layer's) can take the C path, else None."""
     lib = _get_lib()
     f32 = x.dtype == np.float32 if type(x) is np.ndarray else isinstance(x, mx.array) and x.dtype == mx.float32
-    if (lib is None or not enabled() or not f32 or x.ndim != 3 or x.shape[0] < 1 or x.shape[1] < 1
+    if (lib is None or not enabled() or in_prompt() or not f32 or x.ndim != 3 or x.shape[0] < 1 or x.shape[1] < 1
             or x.shape[0] * x.shape[1] > GEMV_MAX_ROWS):
         return None
     B, T = x.shape[:2]
