@@ -414,8 +414,12 @@ def make_drafter(target: Any, *, draft: Any = None, prompt_lookup: bool = False,
     if draft is not None:
         if isinstance(draft, Drafter):
             return draft
-        if (draft.meta.get("drafter") or {}).get("kind") == "shared_kv":
+        kind = (draft.meta.get("drafter") or {}).get("kind")
+        if kind == "shared_kv":
             return SharedKVDrafter(draft, target)
+        if kind == "eagle3":
+            from .eagle3 import Eagle3Drafter
+            return Eagle3Drafter(draft, target)
         return DraftModel(draft, target)
     if prompt_lookup:
         return PromptLookup(ngram=ngram)

@@ -1,0 +1,215 @@
+"""EAGLE-3 drafters in the speculators format: the target returns the hidden states entering
+the layers the drafter names (as transformers computes them), the drafter's logits and
+greedy drafts match a torch forward of the published architecture on the same states, greedy
+output with EAGLE-3 speculation is the target's own, and malformed drafters or mismatched
+targets are one clear error."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import vlmc
+from vlmc.errors import InputError, VlmcError
+from vlmc.runtime.eagle3 import Eagle3Drafter, Eagle3Model
+from vlmc.runtime.step import Sequences
+
+FAMILY = "qwen2_5_vl"      # a 3-layer fixture: layers 0, 1, 2 can all be captured
+LAYERS = [2, 0, 1]         # not sorted: the drafter's order is the concatenation's order
+DRAFT_VOCAB = 48
+
+
+def _eagle3_checkpoint(out: Path, *, hidden: int, vocab: int, layers=LAYERS, seed: int = 0,
+                       drop: tuple[str, ...] = (), target_hidden: int | None = None,
+                       norm_before_residual: bool = False) -> dict:
+    """A random EAGLE-3 checkpoint as speculators saves one (config.json + safetensors)."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    h, heads, kv, hd, ff = hidden, 4, 2, hidden // 4, 2 * hidden
+    th = target_hidden or hidden
+
+    def rnd(*shape, std=0.08):
+        return torch.randn(*shape, generator=g) * std
+
+    keep = torch.randperm(vocab, generator=g)[:DRAFT_VOCAB].sort().values
+    t2d = torch.zeros(vocab, dtype=torch.bool)
+    t2d[keep] = True
+    tensors = {
+        "fc.weight": rnd(h, 3 * th), "norm.weight": 1 + rnd(h), "lm_head.weight": rnd(DRAFT_VOCAB, h, std=0.6),
+        "d2t": (keep - torch.arange(DRAFT_VOCAB)).to(torch.int64), "t2d": t2d,
+        "layers.0.input_layernorm.weight": 1 + rnd(h), "layers.0.hidden_norm.weight": 1 + rnd(h),
+        "layers.0.post_attention_layernorm.weight": 1 + rnd(h),
+        "layers.0.self_attn.q_proj.weight": rnd(heads * hd, 2 * h), "layers.0.self_attn.k_proj.weight": rnd(kv * hd, 2 * h),
+        "layers.0.self_attn.v_proj.weight": rnd(kv * hd, 2 * h), "layers.0.self_attn.o_proj.weight": rnd(h, heads * hd),
+        "layers.0.mlp.gate_proj.weight": rnd(ff, h), "layers.0.mlp.up_proj.weight": rnd(ff, h),
+        "layers.0.mlp.down_proj.weight": rnd(h, ff)}
+    for name in drop:
+        tensors.pop(name)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    config = {
+        "architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3", "draft_vocab_size": DRAFT_VOCAB,
+        "norm_before_residual": norm_before_residual, "target_hidden_size": target_hidden,
+        "eagle_aux_hidden_state_layer_ids": layers,
+        "speculators_config": {"algorithm": "eagle3", "verifier": {"name_or_path": "tiny-target"}},
+        "transformer_layer_config": {
+            "model_type": "llama", "hidden_size": h, "num_attention_heads": heads, "num_key_value_heads": kv,
+            "head_dim": hd, "intermediate_size": ff, "num_hidden_layers": 1, "vocab_size": vocab,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 4096, "hidden_act": "silu"}}
+    (out / "config.json").write_text(json.dumps(config))
+    return {k: v.double() if v.dtype != torch.bool else v for k, v in tensors.items()}
+
+
+def _reference_drafts(w: dict, embed: np.ndarray, aux: np.ndarray, context: list[int], k: int,
+                      norm_before_residual: bool = False) -> list[np.ndarray]:
+    """The speculators EAGLE-3 forward in float64 torch: row p = (embedding of token p + 1,
+    fc(captured states at p)); each draft appends (embedding of the drafted token, the layer's
+    last output). Returns each draft step's logits over the draft vocabulary."""
+    import torch
+    import torch.nn.functional as F
+
+    def rms(x, wt):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * wt
+
+    p = "layers.0."
+    heads, kv = 4, 2
+    h = w["fc.weight"].shape[0]
+    hd = h // heads
+    emb_t = torch.tensor(embed, dtype=torch.float64)
+
+    def layer(e, x):
+        n = x.shape[0]
+        hn = rms(x, w[p + "hidden_norm.weight"])
+        z = torch.cat([rms(e, w[p + "input_layernorm.weight"]), hn], -1)
+        q = (z @ w[p + "self_attn.q_proj.weight"].T).view(n, heads, hd).transpose(0, 1)
+        kk = (z @ w[p + "self_attn.k_proj.weight"].T).view(n, kv, hd).transpose(0, 1)
+        v = (z @ w[p + "self_attn.v_proj.weight"].T).view(n, kv, hd).transpose(0, 1)
+        inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        ang = torch.arange(n, dtype=torch.float64)[:, None] * inv[None]
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+        def rot(t):
+            return t * cos + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin
+        q, kk = rot(q), rot(kk)
+        kk, v = kk.repeat_interleave(heads // kv, 0), v.repeat_interleave(heads // kv, 0)
+        a = F.scaled_dot_product_attention(q[None], kk[None], v[None], is_causal=True)[0]
+        a = a.transpose(0, 1).reshape(n, heads * hd) @ w[p + "self_attn.o_proj.weight"].T
+        x = (hn if norm_before_residual else x) + a
+        m = rms(x, w[p + "post_attention_layernorm.weight"])
+        m = F.silu(m @ w[p + "mlp.gate_proj.weight"].T) * (m @ w[p + "mlp.up_proj.weight"].T)
+        return x + m @ w[p + "mlp.down_proj.weight"].T
+
+    d2t = w["d2t"].long()
+    n = aux.shape[0]
+    tokens = list(context[1:n + 1])
+    hidden = torch.tensor(aux, dtype=torch.float64) @ w["fc.weight"].T
+    out = []
+    for _ in range(k):
+        y = layer(emb_t[tokens], hidden)
+        logits = rms(y[-1], w["norm.weight"]) @ w["lm_head.weight"].T
+        out.append(logits.numpy())
+        d = int(logits.argmax())
+        tokens.append(d + int(d2t[d]))
+        hidden = torch.cat([hidden, y[-1:]], 0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def target_ckpt(tmp_path_factory):
+    from fixtures.checkpoints import build_checkpoint
+    root = tmp_path_factory.mktemp("eagle3")
+    build_checkpoint(root / "target", FAMILY)
+    return root / "target"
+
+
+@pytest.fixture(scope="module")
+def setup(target_ckpt, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eagle3d")
+    cfg = json.loads((target_ckpt / "config.json").read_text())
+    text = cfg.get("text_config") or cfg
+    weights = _eagle3_checkpoint(root / "eagle", hidden=int(text["hidden_size"]), vocab=int(text["vocab_size"]))
+    target = vlmc.compile(target_ckpt, root / "target_art")
+    drafter = vlmc.compile(root / "eagle", root / "eagle_art")
+    return {"target": target, "drafter": drafter, "weights": weights, "root": root}
+
+
+def test_target_returns_the_hidden_states_entering_the_named_layers(setup, target_ckpt):
+    import torch
+    from fixtures.checkpoints import hf_model
+    draft = vlmc.load(setup["drafter"])
+    m = vlmc.load(setup["target"], draft=draft)
+    assert m.meta["captured_layers"] == LAYERS
+    p = m.build_prompt("The river runs past the old mill.")
+    seqs = Sequences.start(m.decoder, [m.prompt_inputs(p)])
+    seqs.prefill()
+    first, aux = seqs.hidden
+    assert first == 0 and aux.shape[1] == len(p.ids)
+    with torch.no_grad():
+        ref = hf_model(target_ckpt, FAMILY)(input_ids=torch.tensor([p.ids]), output_hidden_states=True).hidden_states
+    h = ref[0].shape[-1]
+    for i, j in enumerate(LAYERS):
+        got = np.asarray(aux[0, :, i * h:(i + 1) * h])
+        np.testing.assert_allclose(got, ref[j][0].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_drafts_match_the_reference_forward(setup):
+    draft = vlmc.load(setup["drafter"])
+    assert isinstance(draft, Eagle3Model)
+    m = vlmc.load(setup["target"], draft=draft)
+    drafter = m.speculation.drafter
+    assert isinstance(drafter, Eagle3Drafter)
+    p = m.build_prompt("Tell me about the mill by the river.")
+    seqs = Sequences.start(m.decoder, [m.prompt_inputs(p)])
+    logits = seqs.prefill()
+    context = list(p.ids) + [int(mx.argmax(logits[0]).item())]
+    state = drafter.start(p.ids, p, seqs)
+    aux = np.asarray(seqs.hidden[1][0], dtype=np.float64)
+    k = 5
+    got = drafter.propose(state, context, k)
+    embed = np.asarray(m.model.params["text.embed_tokens.weight"], dtype=np.float64)
+    ref = _reference_drafts(setup["weights"], embed, aux, context, k)
+    d2t = setup["weights"]["d2t"].numpy()
+    assert got.tokens == [int(r.argmax()) + int(d2t[int(r.argmax())]) for r in ref]
+    for have, want in zip(state.logits, ref):
+        np.testing.assert_allclose(np.asarray(have), want, rtol=1e-4, atol=1e-4)
+    # the drafter's cache follows the context: its own rows are gone, a second proposal agrees
+    assert state.caches[0].offset == len(context) - 1
+    assert drafter.propose(state, context, k).tokens == got.tokens
+
+
+def test_greedy_output_with_eagle3_is_the_targets(setup):
+    plain = vlmc.load(setup["target"])
+    m = vlmc.load(setup["target"], draft=str(setup["drafter"]), num_draft_tokens=3)
+    from fixtures.checkpoints import make_test_image
+    image = make_test_image(100, 70, seed=3)
+    for case in (dict(prompt="Describe the picture.", images=[image]),
+                 dict(prompt="Tell me a short story about the river. " * 3)):
+        want = plain.generate(max_tokens=24, **case)
+        got = m.generate(max_tokens=24, **case)
+        assert got.token_ids == want.token_ids, case
+    stats = list(m.stream_generate("Tell me a story.", max_tokens=16))[-1].stats
+    assert stats["draft_proposed"] > 0
+
+
+def test_malformed_drafters_and_mismatched_targets_are_clear_errors(setup, target_ckpt, tmp_path):
+    cfg = json.loads((target_ckpt / "config.json").read_text())
+    text = cfg.get("text_config") or cfg
+    h, v = int(text["hidden_size"]), int(text["vocab_size"])
+    _eagle3_checkpoint(tmp_path / "no_d2t", hidden=h, vocab=v, drop=("d2t",))
+    with pytest.raises(VlmcError, match="lacks 'd2t'"):
+        vlmc.compile(tmp_path / "no_d2t", tmp_path / "a1")
+    _eagle3_checkpoint(tmp_path / "wide", hidden=h, vocab=v, target_hidden=2 * h)
+    wide = vlmc.load(vlmc.compile(tmp_path / "wide", tmp_path / "a2"))
+    with pytest.raises(InputError, match="hidden states of width"):
+        vlmc.load(setup["target"], draft=wide)
+    _eagle3_checkpoint(tmp_path / "deep", hidden=h, vocab=v, layers=[0, 1, 7])
+    with pytest.raises(InputError, match="reads layers"):
+        vlmc.load(setup["target"], draft=vlmc.load(vlmc.compile(tmp_path / "deep", tmp_path / "a3")))
+    plain = vlmc.load(setup["target"])   # loaded without the drafter: no captured states
+    with pytest.raises(InputError, match="does not return the hidden states"):
+        plain.generate("Hi", max_tokens=2, draft=vlmc.load(setup["drafter"]))
