@@ -210,6 +210,44 @@ def test_malformed_drafters_and_mismatched_targets_are_clear_errors(setup, targe
     _eagle3_checkpoint(tmp_path / "deep", hidden=h, vocab=v, layers=[0, 1, 7])
     with pytest.raises(InputError, match="reads layers"):
         vlmc.load(setup["target"], draft=vlmc.load(vlmc.compile(tmp_path / "deep", tmp_path / "a3")))
+    from vlmc.runtime.batcher import Batcher
+    m = vlmc.load(setup["target"], draft=vlmc.load(setup["drafter"]))
+    with pytest.raises(InputError, match="batching loop"):
+        Batcher(m, speculation=m.speculation)
     plain = vlmc.load(setup["target"])   # loaded without the drafter: no captured states
     with pytest.raises(InputError, match="does not return the hidden states"):
         plain.generate("Hi", max_tokens=2, draft=vlmc.load(setup["drafter"]))
+
+
+def test_the_drafters_cache_follows_accepted_steps(setup):
+    """Steps of every kind (verify with some drafts rejected, plain decode steps) leave the
+    drafter in the state a fresh one reaches on the same context in one prefill."""
+    m = vlmc.load(setup["target"], draft=vlmc.load(setup["drafter"]))
+    drafter = m.speculation.drafter
+    p = m.build_prompt("Tell me about the mill by the river.")
+    seqs = Sequences.start(m.decoder, [m.prompt_inputs(p)])
+    context = list(p.ids) + [int(mx.argmax(seqs.prefill()[0]).item())]
+    state = drafter.start(p.ids, p, seqs)
+    drafter.propose(state, context, 3)
+    rows = seqs.verify(mx.array([[context[-1], 5, 6, 7]], dtype=mx.int32))[0]
+    seqs.trim(2)                                     # kept: the last token and draft 5
+    context += [5, int(mx.argmax(rows[1]).item())]
+    drafter.accepted(state, context[:-1])
+    rows = seqs.decode(mx.array([context[-1]], dtype=mx.int32))   # a step without a draft
+    context.append(int(mx.argmax(rows[0]).item()))
+    drafter.accepted(state, context[:-1])
+    got = drafter.propose(state, context, 4)
+    got_logits = [np.asarray(x) for x in state.logits]
+
+    fresh = Sequences.start(m.decoder, [m.prompt_inputs(p)])    # the same context, prefilled then one step
+    fresh.prefill()
+    prompt_rows = np.asarray(fresh.hidden[1])
+    fresh.verify(mx.array([context[len(p.ids):-1]], dtype=mx.int32))
+    full = np.concatenate([prompt_rows, np.asarray(fresh.hidden[1])], axis=1)
+    want = _reference_drafts(setup["weights"], np.asarray(m.model.params["text.embed_tokens.weight"], np.float64),
+                             full[0].astype(np.float64), context, 4)
+    d2t = setup["weights"]["d2t"].numpy()
+    assert got.tokens == [int(r.argmax()) + int(d2t[int(r.argmax())]) for r in want]
+    for have, ref in zip(got_logits, want):
+        np.testing.assert_allclose(have, ref, rtol=1e-4, atol=1e-4)
+

@@ -188,6 +188,8 @@ def run_cmd(src: str, prompt: str, images: tuple[str, ...], videos: tuple[str, .
     # given the drafter, the target loads as it needs (an EAGLE-3 drafter reads its hidden states)
     model = load(src, dtype=dtype, progress=True, generation_config=generation_config, draft=draft,
                  num_draft_tokens=num_draft_tokens, **pop_kv(kv_kw))
+    if not hasattr(model, "sampling_params"):
+        raise VlmcError(f"{src} is a drafter, not a model that generates: give it to a target with --draft-model")
     params = model.sampling_params(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                    repetition_penalty=repetition_penalty, seed=seed)
     last = None

@@ -59,6 +59,8 @@ class Eagle3Drafter(Drafter):
     (a deterministic drafter: exact under sampling too, by the acceptance rule)."""
 
     name = "eagle3"
+    batch_refusal = ("EAGLE-3 drafters draft for one request at a time (vlmc run, generate); the batching loop "
+                     "and the server do not take them")
 
     def __init__(self, draft: Eagle3Model, target: Any):
         spec, text = draft.spec, target.meta["text"]

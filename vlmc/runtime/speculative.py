@@ -157,6 +157,7 @@ class Drafter:
     the target kept (it rewinds what it must)."""
 
     name = "drafter"
+    batch_refusal: str | None = None   # why the batching loop cannot draft with it (None: it can)
 
     def start(self, prompt_ids: Sequence[int], prompt: Any = None, target: Any = None) -> Any:
         return None
