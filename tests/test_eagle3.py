@@ -24,7 +24,7 @@ DRAFT_VOCAB = 48
 
 def _eagle3_checkpoint(out: Path, *, hidden: int, vocab: int, layers=LAYERS, seed: int = 0,
                        drop: tuple[str, ...] = (), target_hidden: int | None = None,
-                       norm_before_residual: bool = False) -> dict:
+                       norm_before_residual: bool = False, own_embeddings: bool = False) -> dict:
     """A random EAGLE-3 checkpoint as speculators saves one (config.json + safetensors)."""
     import torch
     from safetensors.torch import save_file
@@ -48,6 +48,8 @@ def _eagle3_checkpoint(out: Path, *, hidden: int, vocab: int, layers=LAYERS, see
         "layers.0.self_attn.v_proj.weight": rnd(kv * hd, 2 * h), "layers.0.self_attn.o_proj.weight": rnd(h, heads * hd),
         "layers.0.mlp.gate_proj.weight": rnd(ff, h), "layers.0.mlp.up_proj.weight": rnd(ff, h),
         "layers.0.mlp.down_proj.weight": rnd(h, ff)}
+    if own_embeddings:
+        tensors["embed_tokens.weight"] = rnd(vocab, h, std=0.5)
     for name in drop:
         tensors.pop(name)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,10 +68,12 @@ def _eagle3_checkpoint(out: Path, *, hidden: int, vocab: int, layers=LAYERS, see
 
 
 def _reference_drafts(w: dict, embed: np.ndarray, aux: np.ndarray, context: list[int], k: int,
-                      norm_before_residual: bool = False) -> list[np.ndarray]:
+                      norm_before_residual: bool = False, prompt_embeds: np.ndarray | None = None) -> list[np.ndarray]:
     """The speculators EAGLE-3 forward in float64 torch: row p = (embedding of token p + 1,
     fc(captured states at p)); each draft appends (embedding of the drafted token, the layer's
-    last output). Returns each draft step's logits over the draft vocabulary."""
+    last output). ``prompt_embeds``: the rows of the first context positions as the target
+    took them (image features merged). Returns each draft step's logits over the draft
+    vocabulary."""
     import torch
     import torch.nn.functional as F
 
@@ -108,9 +112,16 @@ def _reference_drafts(w: dict, embed: np.ndarray, aux: np.ndarray, context: list
     n = aux.shape[0]
     tokens = list(context[1:n + 1])
     hidden = torch.tensor(aux, dtype=torch.float64) @ w["fc.weight"].T
+    given = 0 if prompt_embeds is None else prompt_embeds.shape[0]
+
+    def rows():
+        e = emb_t[tokens]
+        if given > 1:
+            e[:given - 1] = torch.tensor(prompt_embeds[1:given], dtype=torch.float64)
+        return e
     out = []
     for _ in range(k):
-        y = layer(emb_t[tokens], hidden)
+        y = layer(rows(), hidden)
         logits = rms(y[-1], w["norm.weight"]) @ w["lm_head.weight"].T
         out.append(logits.numpy())
         d = int(logits.argmax())
@@ -157,23 +168,36 @@ def test_target_returns_the_hidden_states_entering_the_named_layers(setup, targe
         np.testing.assert_allclose(got, ref[j][0].numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_drafts_match_the_reference_forward(setup):
-    draft = vlmc.load(setup["drafter"])
+@pytest.mark.parametrize("variant", ["text", "image", "norm_before_residual+own_embeddings"])
+def test_drafts_match_the_reference_forward(setup, tmp_path, variant):
+    from fixtures.checkpoints import make_test_image
+    weights, drafter_art = setup["weights"], setup["drafter"]
+    own = variant.startswith("norm_before_residual")
+    if own:
+        h, v = int(weights["fc.weight"].shape[0]), int(weights["t2d"].shape[0])
+        weights = _eagle3_checkpoint(tmp_path / "e", hidden=h, vocab=v, norm_before_residual=True,
+                                     own_embeddings=True, seed=1)
+        drafter_art = vlmc.compile(tmp_path / "e", tmp_path / "e_art")
+    draft = vlmc.load(drafter_art)
     assert isinstance(draft, Eagle3Model)
     m = vlmc.load(setup["target"], draft=draft)
     drafter = m.speculation.drafter
     assert isinstance(drafter, Eagle3Drafter)
-    p = m.build_prompt("Tell me about the mill by the river.")
-    seqs = Sequences.start(m.decoder, [m.prompt_inputs(p)])
+    images = [make_test_image(100, 70, seed=3)] if variant == "image" else None
+    p = m.build_prompt("Tell me about the mill by the river.", images=images)
+    inputs = m.prompt_inputs(p)
+    seqs = Sequences.start(m.decoder, [inputs])
     logits = seqs.prefill()
     context = list(p.ids) + [int(mx.argmax(logits[0]).item())]
     state = drafter.start(p.ids, p, seqs)
     aux = np.asarray(seqs.hidden[1][0], dtype=np.float64)
     k = 5
     got = drafter.propose(state, context, k)
-    embed = np.asarray(m.model.params["text.embed_tokens.weight"], dtype=np.float64)
-    ref = _reference_drafts(setup["weights"], embed, aux, context, k)
-    d2t = setup["weights"]["d2t"].numpy()
+    table = weights["embed_tokens.weight"].numpy() if own else \
+        np.asarray(m.model.params["text.embed_tokens.weight"], dtype=np.float64)
+    ref = _reference_drafts(weights, table, aux, context, k, norm_before_residual=own,
+                            prompt_embeds=None if own else np.asarray(inputs.embeds[0], dtype=np.float64))
+    d2t = weights["d2t"].numpy()
     assert got.tokens == [int(r.argmax()) + int(d2t[int(r.argmax())]) for r in ref]
     for have, want in zip(state.logits, ref):
         np.testing.assert_allclose(np.asarray(have), want, rtol=1e-4, atol=1e-4)

@@ -93,6 +93,7 @@ class Eagle3Drafter(Drafter):
         pending: list = field(default_factory=list)      # captured rows [1, n, 3 Ht] for positions fed..
         logits: list = field(default_factory=list)       # the last draft's logits, one row per token
         last: Any = None                                 # the captured row of the last position fed
+        prompt_embeds: Any = None                        # the target's prompt rows, image features merged
 
     def start(self, prompt_ids: Sequence[int], prompt: Any = None, target: Any = None) -> Any:
         """``target`` None (the batching loop, whose rows share one batch of caches): no drafts."""
@@ -100,6 +101,8 @@ class Eagle3Drafter(Drafter):
             return None
         state = Eagle3Drafter._State(seqs=target, caches=make_caches(self.vlm.kv_layers, 1, self.vlm.kv_heads,
                                                                      self.vlm.head_dim))
+        if not self.vlm.spec.get("own_embeddings") and target.prompt_embeds is not None:
+            state.prompt_embeds = target.prompt_embeds[..., :self.width]   # image positions: their features
         self._collect(state)
         return state
 
@@ -116,6 +119,17 @@ class Eagle3Drafter(Drafter):
             raise ValueError(f"the EAGLE-3 drafter missed the target's states of positions {have}..{lo - 1}")
         if hi > lo:
             state.pending.append(rows[:, lo - first:hi - first])
+
+    def _embed_context(self, state: "_State", context: Sequence[int], lo: int, hi: int) -> mx.array:
+        """The embeddings of context[lo:hi]: the target's prompt rows where it has them (the
+        drafter then sees the image features the target saw), the token embeddings after."""
+        n = 0 if state.prompt_embeds is None else int(state.prompt_embeds.shape[1])
+        parts = []
+        if lo < n:
+            parts.append(state.prompt_embeds[:, lo:min(hi, n)])
+        if hi > max(lo, n):
+            parts.append(self._embed(context[max(lo, n):hi]))
+        return parts[0] if len(parts) == 1 else mx.concatenate([parts[0], parts[1].astype(parts[0].dtype)], axis=1)
 
     def _embed(self, tokens: Sequence[int]) -> mx.array:
         ids = mx.array([list(tokens)], dtype=mx.int32)
@@ -154,7 +168,8 @@ class Eagle3Drafter(Drafter):
         state.pending = []
         lo = state.fed
         hi = lo + int(aux.shape[1])                      # == seqs.offset
-        logits, hidden = self._run(state, self._embed(context[lo + 1:hi + 1]), self.vlm.model.fuse(aux=aux))
+        logits, hidden = self._run(state, self._embed_context(state, context, lo + 1, hi + 1),
+                                  self.vlm.model.fuse(aux=aux))
         state.fed, state.last = hi, aux[:, -1:]
         tokens: list[int] = []
         state.logits = []

@@ -125,6 +125,12 @@ class Sequences:
         return 0 if self._pending is None else self._pending[0].shape[1]
 
     @property
+    def prompt_embeds(self) -> mx.array | None:
+        """The prompt's input rows [B, W, D] (image features merged in, left-padded), while
+        the batch still holds them."""
+        return None if self._pending is None else self._pending[0]
+
+    @property
     def prefill_done(self) -> bool:
         return self._pending is None or self.prefilled >= self.prompt_width
 
