@@ -275,3 +275,35 @@ def test_the_drafters_cache_follows_accepted_steps(setup):
     for have, ref in zip(got_logits, want):
         np.testing.assert_allclose(have, ref, rtol=1e-4, atol=1e-4)
 
+
+
+@pytest.mark.parametrize("family,layers", [("llava", [1, 0]), ("qwen3_5", [3, 1, 4])])
+def test_captured_states_on_other_decoders(tmp_path, family, layers):
+    """``capture_hidden`` on a Llama decoder (LLaVA) and on a hybrid stack whose layers
+    several blocks hold (Qwen3.5: linear- and full-attention layers): the states entering
+    the named layers are transformers' ``hidden_states`` there."""
+    import torch
+    from vlmc.api import Model
+    from vlmc.compiler import replan
+    from vlmc.runtime.artifact import load_artifact
+    if family == "llava":
+        from fixtures.checkpoints import build_checkpoint, hf_model
+        build_checkpoint(tmp_path / "ckpt", "llava", variant="clip")
+        hf = hf_model(tmp_path / "ckpt", "llava")
+    else:
+        from fixtures import qwen3_5 as q35
+        q35.build_qwen3_5_checkpoint(tmp_path / "ckpt")
+        hf = q35.hf_model(tmp_path / "ckpt")
+    m = Model(load_artifact(replan(vlmc.compile(tmp_path / "ckpt", tmp_path / "art"), capture=layers)))
+    p = m.build_prompt("The river runs past the old mill.")
+    seqs = Sequences.start(m.decoder, [m.prompt_inputs(p)])
+    seqs.prefill()
+    aux = seqs.hidden[1]
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([p.ids]), output_hidden_states=True).hidden_states
+    h = ref[0].shape[-1]
+    assert aux.shape == (1, len(p.ids), len(layers) * h)
+    for i, j in enumerate(layers):
+        np.testing.assert_allclose(np.asarray(aux[0, :, i * h:(i + 1) * h]), ref[j][0].numpy(), rtol=1e-4, atol=1e-4)
+    out = seqs.decode(mx.array([7], dtype=mx.int32))           # decode steps return one row each
+    assert out.shape[0] == 1 and seqs.hidden[1].shape == (1, 1, len(layers) * h) and seqs.hidden[0] == len(p.ids)
