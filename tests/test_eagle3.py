@@ -307,3 +307,25 @@ def test_captured_states_on_other_decoders(tmp_path, family, layers):
         np.testing.assert_allclose(np.asarray(aux[0, :, i * h:(i + 1) * h]), ref[j][0].numpy(), rtol=1e-4, atol=1e-4)
     out = seqs.decode(mx.array([7], dtype=mx.int32))           # decode steps return one row each
     assert out.shape[0] == 1 and seqs.hidden[1].shape == (1, 1, len(layers) * h) and seqs.hidden[0] == len(p.ids)
+
+
+def test_the_cli_drafts_with_an_eagle3_drafter(setup, tmp_path):
+    from click.testing import CliRunner
+    from vlmc.cli import main
+
+    def run(*args):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    ask = ["run", setup["target"], "-p", "Tell me a story about the river.", "--max-tokens", "12"]
+    plain = run(*ask)
+    spec = run(*ask, "--draft-model", setup["drafter"], "-v")
+    assert plain.exit_code == 0 and spec.exit_code == 0, spec.output
+    assert "speculation:" in spec.output and spec.output.startswith(plain.output.rstrip("\n"))
+    alone = run("run", setup["drafter"], "-p", "Hi")
+    assert alone.exit_code != 0 and "give it to a target with --draft-model" in alone.output
+    cfg = json.loads((setup["root"] / "eagle" / "config.json").read_text())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({**cfg, "draft_vocab_size": 0}))
+    (bad / "model.safetensors").write_bytes((setup["root"] / "eagle" / "model.safetensors").read_bytes())
+    out = run("compile", bad, "-o", tmp_path / "bad_art")
+    assert out.exit_code != 0 and "error: an EAGLE-3 config needs a positive draft_vocab_size" in out.output
