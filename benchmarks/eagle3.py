@@ -54,7 +54,8 @@ def random_drafter(target: Path, out: Path, draft_vocab: int = 32000, seed: int 
                "d2t": (keep - np.arange(vd)).astype(np.int64), "t2d": t2d,
                p + "input_layernorm.weight": np.ones(h, np.float32), p + "hidden_norm.weight": np.ones(h, np.float32),
                p + "post_attention_layernorm.weight": np.ones(h, np.float32),
-               p + "self_attn.q_proj.weight": rnd(heads * hd, 2 * h), p + "self_attn.k_proj.weight": rnd(kv * hd, 2 * h),
+               p + "self_attn.q_proj.weight": rnd(heads * hd, 2 * h),
+               p + "self_attn.k_proj.weight": rnd(kv * hd, 2 * h),
                p + "self_attn.v_proj.weight": rnd(kv * hd, 2 * h), p + "self_attn.o_proj.weight": rnd(h, heads * hd),
                p + "mlp.gate_proj.weight": rnd(ff, h), p + "mlp.up_proj.weight": rnd(ff, h),
                p + "mlp.down_proj.weight": rnd(h, ff)}

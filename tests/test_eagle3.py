@@ -44,7 +44,8 @@ def _eagle3_checkpoint(out: Path, *, hidden: int, vocab: int, layers=LAYERS, see
         "d2t": (keep - torch.arange(DRAFT_VOCAB)).to(torch.int64), "t2d": t2d,
         "layers.0.input_layernorm.weight": 1 + rnd(h), "layers.0.hidden_norm.weight": 1 + rnd(h),
         "layers.0.post_attention_layernorm.weight": 1 + rnd(h),
-        "layers.0.self_attn.q_proj.weight": rnd(heads * hd, 2 * h), "layers.0.self_attn.k_proj.weight": rnd(kv * hd, 2 * h),
+        "layers.0.self_attn.q_proj.weight": rnd(heads * hd, 2 * h),
+        "layers.0.self_attn.k_proj.weight": rnd(kv * hd, 2 * h),
         "layers.0.self_attn.v_proj.weight": rnd(kv * hd, 2 * h), "layers.0.self_attn.o_proj.weight": rnd(h, heads * hd),
         "layers.0.mlp.gate_proj.weight": rnd(ff, h), "layers.0.mlp.up_proj.weight": rnd(ff, h),
         "layers.0.mlp.down_proj.weight": rnd(h, ff)}

@@ -12,9 +12,10 @@ one), ``layers.0.*`` (``hidden_norm`` beside the usual norms; q/k/v read 2 * hid
 its own (else it embeds with the target's).
 
 Entry points: ``fuse`` (the target's captured states [B, L, 3 * Ht] -> [B, L, H]), ``embed``
-(when the drafter has embeddings), ``target_ids`` (draft ids -> d2t offsets) and ``draft``: (token embeddings, hidden states) at
-their positions, over the drafter's own one-layer KV cache -> (logits over the draft
-vocabulary, the layer's output: the next step's hidden state). ``meta["drafter"]`` tells
+(when the drafter has embeddings), ``target_ids`` (draft ids -> d2t offsets) and ``draft``:
+(token embeddings, hidden states) at their positions, over the drafter's own one-layer KV
+cache -> (logits over the draft vocabulary, the layer's output: the next step's hidden
+state). ``meta["drafter"]`` tells
 the runtime what it needs (``runtime.eagle3``).
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _config(raw: dict[str, Any]):
 
 def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
     tc = _config(raw)
-    h, hd, nh, nkv, ff = tc.hidden_size, tc.head_dim, tc.num_heads, tc.num_kv_heads, tc.intermediate_size
+    h, hd = tc.hidden_size, tc.head_dim
     ht = int(raw.get("target_hidden_size") or h)
     vd = int(raw.get("draft_vocab_size") or 0)
     if vd <= 0:
@@ -111,7 +112,6 @@ def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
         "kind": "eagle3", "hidden_size": h, "target_hidden_size": ht, "aux_states": n_aux,
         "layers": None if aux_ids is None else [int(i) for i in aux_ids], "draft_vocab_size": vd,
         "target_vocab_size": tc.vocab_size, "own_embeddings": own_embed, "verifier": verifier}
-    del nh, nkv, ff
     return finish(prog, w, tc)
 
 
@@ -135,7 +135,8 @@ def _layer(w: Weights, tc, norm_before_residual: bool):
         spec.update({"mlp.gate_proj.bias": ((ff,), "gate"), "mlp.up_proj.bias": ((ff,), "up"),
                      "mlp.down_proj.bias": ((h,), "down")})
     ptypes, roles = declare_layer_params(w, PREFIX, 1, spec, part="text")
-    fb = FunctionBuilder("eagle3_layer", ptypes, doc="EAGLE-3 decoder layer: [embeddings | hidden] attention + gated MLP")
+    fb = FunctionBuilder("eagle3_layer", ptypes,
+                         doc="EAGLE-3 decoder layer: [embeddings | hidden] attention + gated MLP")
     x = fb.input("x", ("B", "L", h), COMPUTE)
     emb = fb.input("embeds", ("B", "L", h), COMPUTE)
     cos = fb.input("cos", ("B", 1, "L", hd), "float32")
