@@ -219,6 +219,12 @@ def test_greedy_output_with_eagle3_is_the_targets(setup):
         assert got.token_ids == want.token_ids, case
     stats = list(m.stream_generate("Tell me a story.", max_tokens=16))[-1].stats
     assert stats["draft_proposed"] > 0
+    # KV options re-plan the target and capture its states in the same re-plan
+    plain8 = vlmc.load(setup["target"], kv_bits=8)
+    m8 = vlmc.load(setup["target"], draft=str(setup["drafter"]), kv_bits=8)
+    case = dict(prompt="Tell me a short story about the river.", max_tokens=16)
+    assert m8.meta["captured_layers"] == LAYERS and m8.kv_plan == plain8.kv_plan
+    assert m8.generate(**case).token_ids == plain8.generate(**case).token_ids
 
 
 def test_malformed_drafters_and_mismatched_targets_are_clear_errors(setup, target_ckpt, tmp_path):
