@@ -8,8 +8,8 @@ each one (all rows, before any slice to the last position) and returns
 (logits, [B, L, len(layers) * hidden]) in the order the layers are given. It reads only
 the program's structure (``call_block`` ranges and the layer tables' decoder indices), so
 it works for every family whose decoder runs through blocks; a program built otherwise is
-refused with one clear error. Programs that are not asked for it are not touched: the
-runtime compiles this variant only when such a drafter is loaded.
+refused with one clear error. It is in no preset: ``vlmc.load(target, draft=...)`` re-plans
+the target with it (``compiler.replan``) only when such a drafter is given.
 """
 from __future__ import annotations
 

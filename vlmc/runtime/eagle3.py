@@ -1,5 +1,5 @@
 """EAGLE-3 drafting: a one-layer drafter that reads hidden states the target computes at a
-few of its layers (``meta["drafter"]["kind"] == "eagle3"``, the ``eagle3`` family).
+few of its layers (an artifact whose ``meta["drafter"]["kind"]`` is "eagle3").
 
 The drafter keeps its own KV cache, one entry per context position p: the row for
 (the embedding of token p + 1, ``fuse`` of the target's captured states at p). Feeding the
