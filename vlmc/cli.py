@@ -177,9 +177,6 @@ def run_cmd(src: str, prompt: str, images: tuple[str, ...], videos: tuple[str, .
     are compiled once and cached). Without SRC, the bundled demo model (synthetic shapes)."""
     from .api import load
     src = src or _default_model()
-    model = load(src, dtype=dtype, progress=True, generation_config=generation_config, **pop_kv(kv_kw))
-    params = model.sampling_params(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                                   repetition_penalty=repetition_penalty, seed=seed)
     draft = None
     if draft_model is not None and prompt_lookup:
         raise VlmcError("give either --draft-model or --prompt-lookup, not both")
@@ -188,6 +185,13 @@ def run_cmd(src: str, prompt: str, images: tuple[str, ...], videos: tuple[str, .
     elif prompt_lookup:
         from .runtime.speculative import PromptLookup
         draft = PromptLookup(ngram=ngram)
+    # given the drafter, the target loads as it needs (an EAGLE-3 drafter reads its hidden states)
+    model = load(src, dtype=dtype, progress=True, generation_config=generation_config, draft=draft,
+                 num_draft_tokens=num_draft_tokens, **pop_kv(kv_kw))
+    if not hasattr(model, "sampling_params"):
+        raise VlmcError(f"{src} is a drafter, not a model that generates: give it to a target with --draft-model")
+    params = model.sampling_params(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                   repetition_penalty=repetition_penalty, seed=seed)
     last = None
     if (fps is not None or max_frames is not None) and not videos:
         raise VlmcError("--fps and --max-frames apply to videos; give one with --video")

@@ -99,26 +99,36 @@ def compile_with(src: str | os.PathLike, out: str | os.PathLike | None, options:
                           progress=_progress_bar(prog) if progress else None)
 
 
-def replan(artifact: str | os.PathLike, kv: KVOptions) -> Path:
-    """The artifact with its KV caches planned by ``kv`` instead: the plan and lowering
-    passes run again on its program.json (so fast paths follow the new layouts), the
-    result is cached by content next to compiled artifacts, and the weights are shared."""
+def replan(artifact: str | os.PathLike, kv: KVOptions | None = None, *, capture: list[int] | None = None) -> Path:
+    """The artifact with its KV caches planned by ``kv`` instead (None: as the artifact
+    planned them) and, with ``capture``, text entry points that also return the hidden states
+    entering those decoder layers (the ``capture_hidden`` pass, for a drafter that reads
+    them): the plan and lowering passes run again on its program.json (so fast paths follow
+    the new layouts), the result is cached by content next to compiled artifacts, and the
+    weights are shared."""
     base = Path(artifact).expanduser().resolve()
     manifest = json.loads((base / "manifest.json").read_text())
     if "program.json" not in manifest.get("files", []):
         raise ArtifactError(f"{base} has no program.json to re-plan its KV cache from: recompile it")
+    if kv is None:  # the plan the artifact was made with
+        recorded = next((h["options"] for h in manifest["passes"] if h["name"] == "kv_layout"), {})
+        kv = KVOptions(**(recorded.get("options") or {}))
     lowered = next((h["options"] for h in manifest["passes"] if h["name"] == "lower"), None)
     base_id = hashlib.sha256((base / "manifest.json").read_bytes()).hexdigest()
-    key = hashlib.sha256(json.dumps({"base": base_id, "kv": kv.changed(), **_revisions()},
+    key = hashlib.sha256(json.dumps({"base": base_id, "kv": kv.changed(), "capture": capture, **_revisions()},
                                     sort_keys=True).encode()).hexdigest()[:24]
     out = cache_dir() / "artifacts" / f"replan-{key}"
     if (out / "manifest.json").is_file():
         return out
     pre_plan = from_json(json.loads((base / "program.json").read_text()))
-    options = {"kv_layout": {"options": kv, "target": manifest["target"]}}
+    options: dict[str, Any] = {"kv_layout": {"options": kv, "target": manifest["target"]}}
+    names = [n for n in PLAN_PASSES if n != "lower" or lowered is not None]
+    if capture:
+        names.insert(0, "capture_hidden")
+        options["capture_hidden"] = {"layers": list(capture)}
     if lowered is not None:
         options["lower"] = lowered
-    prog: Program = run_passes(pre_plan, [n for n in PLAN_PASSES if n != "lower" or lowered is not None], options)
+    prog: Program = run_passes(pre_plan, names, options)
     prog.meta["target"] = manifest["target"]
     return write_replanned(prog, out, base=base, base_manifest=manifest, pre_plan=pre_plan)
 

@@ -44,4 +44,7 @@ def fingerprint(folder: Path) -> str:
 def open_checkpoint(src: str | os.PathLike, *, progress: bool = True) -> Checkpoint:
     folder = resolve_source(src, progress=progress)
     config = read_json(folder / "config.json")
+    if config.get("model_type") in (None, "speculator_model") and config.get("speculators_model_type"):
+        # a speculators drafter names its kind here (e.g. "eagle3"), the family's model type
+        config = {**config, "model_type": config["speculators_model_type"]}
     return Checkpoint(folder, config, TensorStore(folder), fingerprint(folder))

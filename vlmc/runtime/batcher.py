@@ -141,6 +141,9 @@ class Batcher:
         the size the decode kernels take in one pass."""
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or max_step_tokens < 1:
             raise ValueError("max_batch, prefill_chunk and max_step_tokens must be >= 1 and max_queue >= 0")
+        refusal = None if speculation is None else speculation.drafter.batch_refusal
+        if refusal:
+            raise InputError(refusal)
         vlm.materialize()
         self.vlm = vlm
         self.speculation = speculation

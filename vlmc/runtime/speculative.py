@@ -157,6 +157,7 @@ class Drafter:
     the target kept (it rewinds what it must)."""
 
     name = "drafter"
+    batch_refusal: str | None = None   # why the batching loop cannot draft with it (None: it can)
 
     def start(self, prompt_ids: Sequence[int], prompt: Any = None, target: Any = None) -> Any:
         return None
@@ -414,8 +415,12 @@ def make_drafter(target: Any, *, draft: Any = None, prompt_lookup: bool = False,
     if draft is not None:
         if isinstance(draft, Drafter):
             return draft
-        if (draft.meta.get("drafter") or {}).get("kind") == "shared_kv":
+        kind = (draft.meta.get("drafter") or {}).get("kind")
+        if kind == "shared_kv":
             return SharedKVDrafter(draft, target)
+        if kind == "eagle3":
+            from .eagle3 import Eagle3Drafter
+            return Eagle3Drafter(draft, target)
         return DraftModel(draft, target)
     if prompt_lookup:
         return PromptLookup(ngram=ngram)

@@ -126,6 +126,12 @@ class Sequences:
         return 0 if self._pending is None else self._pending[0].shape[1]
 
     @property
+    def prompt_embeds(self) -> mx.array | None:
+        """The prompt's input rows [B, W, D] (image features merged in, left-padded), while
+        the batch still holds them."""
+        return None if self._pending is None else self._pending[0]
+
+    @property
     def prefill_done(self) -> bool:
         return self._pending is None or self.prefilled >= self.prompt_width
 
@@ -176,7 +182,7 @@ class Sequences:
         with prompt_rows():  # the prompt kernels at any chunk size (kernels/step_rows.py)
             logits = self._keep_hidden(self.decoder.model.prefill(
                 embeds=embeds[:, lo:hi], positions=self.decoder.program_positions(positions[..., lo:hi]),
-                mask=self._mask(hi - lo), caches=self.caches), hi - 1)[:, -1]
+                mask=self._mask(hi - lo), caches=self.caches), hi)[:, -1]
         self.prefilled = hi
         kept = []
         for b, cols in enumerate(self.keep_states):
@@ -187,11 +193,13 @@ class Sequences:
             mx.eval(logits, kept)
         return logits
 
-    def _keep_hidden(self, out, first: int) -> mx.array:
-        """The logits of an entry point's output; hidden states beside them are kept."""
+    def _keep_hidden(self, out, end: int) -> mx.array:
+        """The logits of an entry point's output; hidden states beside them are kept: one row
+        per column the step ran, or the last ones only (prefill's final state), ending
+        before column ``end``."""
         if isinstance(out, (tuple, list)):
             out, hidden = out
-            self.hidden = (first, hidden)
+            self.hidden = (end - int(hidden.shape[1]), hidden)
         return out
 
     def hidden_at(self, column: int) -> mx.array:
@@ -213,7 +221,7 @@ class Sequences:
         first = self.offset
         logits = self._keep_hidden(self.decoder.model.decode(
             ids=ids, positions=self.decoder.program_positions(self._new_positions(1)), mask=self._mask(1),
-            caches=self.caches), first)[:, -1]
+            caches=self.caches), first + 1)[:, -1]
         self.next_pos = self.next_pos + 1
         return logits
 
@@ -224,7 +232,7 @@ class Sequences:
         first = self.offset
         logits = self._keep_hidden(self.decoder.model.verify(
             ids=ids, positions=self.decoder.program_positions(self._new_positions(n)), mask=self._mask(n),
-            caches=self.caches), first)
+            caches=self.caches), first + n)
         self.next_pos = self.next_pos + n
         return logits
 
