@@ -113,6 +113,15 @@ class Inputs:
             raise InputError("this model takes no images")
         return self.processor.process(images)
 
+    def matched_images(self, ids: list[int], images: ProcessedImages | None, placeholder: int | None) -> int:
+        """The number of images given, which must equal the prompt's ``placeholder`` ids (none
+        where the family has no placeholder): one clear error otherwise."""
+        n_slots = sum(1 for i in ids if i == placeholder) if placeholder is not None else 0
+        n_images = 0 if images is None else len(images.num_tokens)
+        if n_slots != n_images:
+            raise InputError(f"the prompt has {n_slots} image placeholder(s) but {n_images} image(s) were given")
+        return n_images
+
     def expand(self, ids: list[int], images: ProcessedImages | None) -> list[int]:
         """The rendered prompt's ids with each image placeholder repeated to its token count."""
         slots = set(self.placeholder_ids)

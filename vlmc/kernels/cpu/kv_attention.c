@@ -356,6 +356,29 @@ static ALWAYS void kv_scores16(const kv_job *J, int bk, float *sc, float *buf, k
     }
 }
 
+/* s[i] = exp(s[i] - m) over [beg, e) (beg < e), m the largest of them: their sum; m in *pm */
+static ALWAYS float kv_exp_span(float *s, int beg, int e, float *pm) {
+    __m512 mv = _mm512_set1_ps(-3.0e38f);
+    int i = beg;
+    for (; i + 16 <= e; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
+    float m = _mm512_reduce_max_ps(mv);
+    for (; i < e; i++) m = s[i] > m ? s[i] : m;
+    const __m256 m8 = _mm256_set1_ps(m);
+    __m256 tv = _mm256_setzero_ps();
+    for (i = beg; i + 8 <= e; i += 8) {
+        const __m256 x = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), m8));
+        _mm256_storeu_ps(s + i, x);
+        tv = _mm256_add_ps(tv, x);
+    }
+    float total = hsum(tv);
+    for (; i < e; i++) {
+        s[i] = exp1(s[i] - m);
+        total += s[i];
+    }
+    *pm = m;
+    return total;
+}
+
 /* the softmax of every query row's scores over [its begin, its end), in place */
 static ALWAYS void kv_softmax16(const kv_job *J, int bk, float *sc) {
     const int RT = J->H / J->HKV * J->T, first = J->starts[bk / J->HKV], sst = J->sst;
@@ -363,25 +386,10 @@ static ALWAYS void kv_softmax16(const kv_job *J, int bk, float *sc) {
         float *s = sc + (size_t)j * sst;
         const int e = q_end(J, j), beg = q_begin(J, j, first);
         if (beg >= e) continue;
-        __m512 mv = _mm512_set1_ps(-3.0e38f);
-        int i = beg;
-        for (; i + 16 <= e; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
-        float m = _mm512_reduce_max_ps(mv);
-        for (; i < e; i++) m = s[i] > m ? s[i] : m;
-        const __m256 m8 = _mm256_set1_ps(m);
-        __m256 tv = _mm256_setzero_ps();
-        for (i = beg; i + 8 <= e; i += 8) {
-            const __m256 x = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), m8));
-            _mm256_storeu_ps(s + i, x);
-            tv = _mm256_add_ps(tv, x);
-        }
-        float total = hsum(tv);
-        for (; i < e; i++) {
-            s[i] = exp1(s[i] - m);
-            total += s[i];
-        }
+        float m;
+        const float total = kv_exp_span(s, beg, e, &m);
         const float inv = total > 0.f ? 1.f / total : 0.f;
-        for (i = beg; i < e; i++) s[i] *= inv;
+        for (int i = beg; i < e; i++) s[i] *= inv;
     }
 }
 
@@ -742,24 +750,7 @@ static ALWAYS void kvq_softmax_part(const kv_job *J, int bk, int r0, int r1, flo
         const int e = e0 < r1 ? e0 : r1, beg = b0 > r0 ? b0 : r0;
         pm[j] = -3.0e38f, pl[j] = 0.f;
         if (beg >= e) continue;
-        __m512 mv = _mm512_set1_ps(-3.0e38f);
-        int i = beg;
-        for (; i + 16 <= e; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
-        float m = _mm512_reduce_max_ps(mv);
-        for (; i < e; i++) m = s[i] > m ? s[i] : m;
-        const __m256 m8 = _mm256_set1_ps(m);
-        __m256 tv = _mm256_setzero_ps();
-        for (i = beg; i + 8 <= e; i += 8) {
-            const __m256 x = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), m8));
-            _mm256_storeu_ps(s + i, x);
-            tv = _mm256_add_ps(tv, x);
-        }
-        float total = hsum(tv);
-        for (; i < e; i++) {
-            s[i] = exp1(s[i] - m);
-            total += s[i];
-        }
-        pm[j] = m, pl[j] = total;
+        pl[j] = kv_exp_span(s, beg, e, &pm[j]);
     }
 }
 

@@ -59,10 +59,7 @@ class PixtralInputs(Inputs):
 
     def expand(self, ids: list[int], images: ProcessedImages | None) -> list[int]:
         tok_id = self.image_token_id
-        n_slots = sum(1 for i in ids if i == tok_id) if tok_id is not None else 0
-        n_images = 0 if images is None else len(images.num_tokens)
-        if n_slots != n_images:
-            raise InputError(f"the prompt has {n_slots} image placeholder(s) but {n_images} image(s) were given")
+        n_images = self.matched_images(ids, images, tok_id)
         if not n_images:
             return list(ids)
         if self.tokenizer is None:

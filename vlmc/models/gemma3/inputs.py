@@ -39,10 +39,7 @@ class Gemma3Inputs(Inputs):
         self.eoi_token_id: int | None = self.settings.get("eoi_token_id")
 
     def expand(self, ids: list[int], images: ProcessedImages | None) -> list[int]:
-        n_images = 0 if images is None else len(images.num_tokens)
-        n_slots = sum(1 for i in ids if i == self.boi_token_id) if self.image_token_id is not None else 0
-        if n_slots != n_images:
-            raise InputError(f"the prompt has {n_slots} image placeholder(s) but {n_images} image(s) were given")
+        n_images = self.matched_images(ids, images, self.boi_token_id if self.image_token_id is not None else None)
         if not n_images:
             return list(ids)
         tok = self.tokenizer

@@ -54,11 +54,7 @@ class Gemma4Inputs(Inputs):
 
     def expand(self, ids: list[int], images: ProcessedImages | None) -> list[int]:
         tok = self.image_token_id
-        n_slots = sum(1 for i in ids if i == tok) if tok is not None else 0
-        n_images = 0 if images is None else len(images.num_tokens)
-        if n_slots != n_images:
-            raise InputError(f"the prompt has {n_slots} image placeholder(s) but {n_images} image(s) were given")
-        if not n_images:
+        if not self.matched_images(ids, images, tok):
             return list(ids)
         counts = iter(images.num_tokens)
         out: list[int] = []

@@ -105,10 +105,7 @@ class Idefics3Inputs(Inputs):
         if images is not None and any(t is not None for t in images.item_timing()):
             return self._expand_with_videos(ids, images)
         tok_id = self.image_token_id
-        n_slots = sum(1 for i in ids if i == tok_id) if tok_id is not None else 0
-        n_images = 0 if images is None else len(images.num_tokens)
-        if n_slots != n_images:
-            raise InputError(f"the prompt has {n_slots} image placeholder(s) but {n_images} image(s) were given")
+        n_images = self.matched_images(ids, images, tok_id)
         if not n_images:
             return list(ids)
         tok = self.tokenizer
