@@ -213,32 +213,21 @@ def check_ids(p, ref, what):
                                   err_msg=f"{what}: prompt ids differ from transformers' input_ids")
 
 
-def check_inputs(p, ref, family):
-    """Prompt ids and pixels against a Qwen-VL or LLaVA style reference: LLaVA's pixel tensor
-    as it is, a Qwen processor's flattened patches (and their grids) reshaped to the reference's."""
-    np.testing.assert_array_equal(np.asarray(p.ids, dtype=np.int64), ref["input_ids"],
-                                  err_msg="prompt ids differ from transformers' input_ids")
-    if ref["pixel_values"] is None:
-        assert p.images is None
-        return
-    assert p.images is not None
-    mine = np.asarray(p.images.pixel_values, dtype=np.float32)
-    theirs = ref["pixel_values"]
-    if family == "llava":
-        assert mine.shape == theirs.shape, (mine.shape, theirs.shape)
-    else:
-        # patches: (sum of patches, C*T*p*p) on both sides
-        assert mine.size == theirs.size, (mine.shape, theirs.shape)
-        mine = mine.reshape(theirs.shape)
-        np.testing.assert_array_equal(np.asarray(p.images.grid_thw, dtype=np.int64), ref["image_grid_thw"])
-    np.testing.assert_allclose(mine, theirs, rtol=0, atol=PIXEL_ATOL)
-
-
 def check_same_pixels(p, ref):
     """The prompt's pixel tensor has the reference's shape and values (within PIXEL_ATOL)."""
     mine = np.asarray(p.images.pixel_values, dtype=np.float32)
     assert mine.shape == ref["pixel_values"].shape, (mine.shape, ref["pixel_values"].shape)
     np.testing.assert_allclose(mine, ref["pixel_values"], rtol=0, atol=PIXEL_ATOL)
+
+
+def check_patches(p, ref):
+    """A Qwen-VL style processor's flattened patches ([sum of patches, C*T*p*p] on both
+    sides, within PIXEL_ATOL) and their grids (equal)."""
+    mine = np.asarray(p.images.pixel_values, dtype=np.float32)
+    theirs = ref["pixel_values"]
+    assert mine.size == theirs.size, (mine.shape, theirs.shape)
+    np.testing.assert_array_equal(np.asarray(p.images.grid_thw, dtype=np.int64), ref["image_grid_thw"])
+    np.testing.assert_allclose(mine.reshape(theirs.shape), theirs, rtol=0, atol=PIXEL_ATOL)
 
 
 def assert_parity(m, p, ref, what, pixels=check_same_pixels, also=None):
@@ -275,12 +264,15 @@ def check_bf16_artifact(m32, m16, prompt, what, *, flips=True):
 # other config layout / shards of the same seed: the v5 checkpoint's references apply
 LAYOUTS = {"v4_hub": dict(layout="v4"), "v4_sharded": dict(layout="v4", sharded=True),
            "v5_sharded": dict(sharded=True)}
+# and where a family's fixture also writes transformers 4.52-4.57's "module" weight names
+LAYOUTS_AND_MODULE_NAMES = {"v4_hub": dict(layout="v4"), "v5_module_names": dict(weight_names="module"),
+                            "v4_sharded": dict(layout="v4", sharded=True), "v5_sharded": dict(sharded=True)}
 
 
-def layout_checkpoints(store, kw, family=None):
-    """(the v5 checkpoint, the same seed built with ``kw``); a sharded one has two shards
+def layout_checkpoints(store, kw, family=None, **same):
+    """(the v5 checkpoint, the same one built with ``kw``); a sharded one has two shards
     and an index."""
-    base, info = store.ckpt(family), store.ckpt(family, **kw)
+    base, info = store.ckpt(family, **same), store.ckpt(family, **same, **kw)
     if kw.get("sharded"):
         check_sharded(info)
     return base, info
@@ -301,6 +293,14 @@ def check_batched_matches_single(m, prompts, names, what, ref=None, ragged=True)
         assert d <= LOGIT_ATOL, f"{name} in batch {lengths}: max logits diff {d}"
         if ref is not None:
             check_outputs(toks[i], logits[i], ref(name), f"{what}/{name}")
+
+
+def check_batch_against_refs(store, info, batch, what):
+    """The ragged batch of cases ``batch`` gives each row's single-prompt outputs and
+    transformers' references."""
+    m = store.vlm(info)
+    prompts = [store.cases.prompt(m, c) for c in batch]
+    check_batched_matches_single(m, prompts, batch, what, ref=lambda c: store.ref(info, c))
 
 
 # ------------------------------------------------------------------------------ the batching loop and caches
@@ -359,6 +359,16 @@ def run_with_prefix_cache(m, prompts, max_tokens=12, timeout=180):
         cached.shutdown()
     assert [g[0] for g in got] == ref
     return [g[1][0].cached_tokens for g in got]
+
+
+def check_prefix_cache_reuses_the_image(m):
+    """A second turn over the same image reuses the first's blocks up to past the image's
+    last token; the other image behind the same ids reuses nothing past the image's start."""
+    prompts = second_turn_prompts(m)
+    hits = run_with_prefix_cache(m, prompts)
+    ids = prompts[1].ids
+    last_image = len(ids) - ids[::-1].index(m.image_token_id)
+    assert hits[0] == 0 and hits[1] >= last_image and hits[2] <= ids.index(m.image_token_id)
 
 
 def check_batching_loop_with_images_and_text(m, second_image=(64, 64), timeout=180):

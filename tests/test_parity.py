@@ -20,7 +20,6 @@ ragged batches (left padding); and an artifact run with torch/transformers unimp
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,8 +34,7 @@ except ImportError:  # plain `pytest` (rootdir/tests on sys.path)
     from fixtures import checkpoints as ck
 
 import parity_kit as kit  # noqa: E402
-from parity_kit import (CASES, GREEDY_STEPS, LOGIT_STEPS, ForcedSampler, check_inputs, check_outputs,  # noqa: E402
-                        run_vlmc)
+from parity_kit import CASES, GREEDY_STEPS, LOGIT_STEPS, ForcedSampler, run_vlmc  # noqa: E402
 
 FAMILIES = [
     ("qwen2_vl", "default"),
@@ -58,10 +56,9 @@ store = kit.store_fixture(
 
 
 def assert_parity(m, ref, case, family, what):
-    p = build_prompt(m, case)
-    check_inputs(p, ref, family)
-    toks, logits = run_vlmc(m, [p])
-    check_outputs(toks[0], logits[0], ref, what)
+    """LLaVA's pixel tensor as it is, a Qwen processor's flattened patches and grids."""
+    pixels = kit.check_same_pixels if family == "llava" else kit.check_patches
+    kit.assert_parity(m, build_prompt(m, case), ref, what, pixels=pixels)
 
 
 # --------------------------------------------------------------------------------------
@@ -86,23 +83,14 @@ def test_parity(store, family, variant, case):
 # (a) hub (v4) config layout + hub weight names; (a') the 4.52-4.57 "module" naming;
 # (b) two shards + model.safetensors.index.json. Same seed -> same weights and tokenizer,
 # so the v5 checkpoint's transformers references apply.
-LAYOUTS = {
-    "v4_hub": dict(layout="v4"),
-    "v5_module_names": dict(weight_names="module"),
-    "v4_sharded": dict(layout="v4", sharded=True),
-    "v5_sharded": dict(sharded=True),
-}
+LAYOUTS = kit.LAYOUTS_AND_MODULE_NAMES
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("family,variant", FAMILIES, ids=FAMILY_IDS)
 def test_checkpoint_layouts(store, family, variant, layout):
     kw = LAYOUTS[layout]
-    base = store.ckpt(family, variant=variant)
-    info = store.ckpt(family, variant=variant, **kw)
-    if kw.get("sharded"):
-        assert (Path(info["path"]) / "model.safetensors.index.json").is_file()
-        assert len(info["weight_files"]) == 2
+    base, info = kit.layout_checkpoints(store, kw, family, variant=variant)
     if kw.get("layout") == "v4" and family != "llava":
         assert "text_config" not in info["config"]
     m = store.vlm(info)
@@ -158,13 +146,9 @@ BATCHES = {
 @pytest.mark.parametrize("family,variant", FAMILIES, ids=FAMILY_IDS)
 def test_batched_matches_single(store, family, variant, batch):
     """(d) ragged batch: left padding, masks and per-sequence positions."""
-    info = store.ckpt(family, variant=variant)
-    m = store.vlm(info)
-    cases = BATCHES[batch]
-    prompts = [build_prompt(m, c) for c in cases]
     # ragged: every row padded differently; and therefore still transformers' numbers
-    kit.check_batched_matches_single(m, prompts, cases, f"{family}-{variant}/batch {batch}",
-                                     ref=lambda c: store.ref(info, c))
+    kit.check_batch_against_refs(store, store.ckpt(family, variant=variant), BATCHES[batch],
+                                 f"{family}-{variant}/batch {batch}")
 
 
 @pytest.mark.parametrize("family,variant", [FAMILIES[1], FAMILIES[3]], ids=[FAMILY_IDS[1], FAMILY_IDS[3]])

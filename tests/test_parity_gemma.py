@@ -97,12 +97,7 @@ def test_gemma3_expands_images_in_the_text(store):
     assert p.ids[boi - 1] != m.tokenizer.encode("\n\n")[0]  # "user\n" + "\n\n" merged
 
 
-LAYOUTS = {
-    "v4_hub": dict(layout="v4"),
-    "v5_module_names": dict(weight_names="module"),
-    "v4_sharded": dict(layout="v4", sharded=True),
-    "v5_sharded": dict(sharded=True),
-}
+LAYOUTS = kit.LAYOUTS_AND_MODULE_NAMES
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -143,10 +138,7 @@ BATCHES = {
                          ids=[f"{f}-{'+'.join(b)}" for f, bs in BATCHES.items() for b in bs])
 def test_batched_matches_single(store, family, batch):
     """Ragged batches of image and text prompts (left padding moves every span)."""
-    info = store.ckpt(family)
-    m = store.vlm(info)
-    prompts = [build_prompt(m, c) for c in batch]
-    kit.check_batched_matches_single(m, prompts, batch, f"{family}/batch", ref=lambda c: store.ref(info, c))
+    kit.check_batch_against_refs(store, store.ckpt(family), batch, f"{family}/batch")
 
 
 # ------------------------------------------------------------------------------ the new IR ops

@@ -31,7 +31,7 @@ import parity_kit as kit  # noqa: E402
 import vlmc  # noqa: E402
 from fixtures import checkpoints as ck  # noqa: E402
 from fixtures import qwen3_vl as q3  # noqa: E402
-from parity_kit import IMG, LOGIT_ATOL, _txt, _user, check_inputs  # noqa: E402
+from parity_kit import IMG, LOGIT_ATOL, _txt, _user  # noqa: E402
 
 CASE_NAMES = ["text", "one_image", "two_images", "wide", "tall", "multi_turn"]
 THINKING_HISTORY = ([{"role": "system", "content": "Answer briefly."}, _user(IMG, _txt("What is in the image?")),
@@ -47,9 +47,7 @@ store = kit.store_fixture(
 
 
 def assert_parity(m, ref, case, what):
-    p = build_prompt(m, case)
-    check_inputs(p, ref, "qwen3_vl")
-    kit.check_generation(m, p, ref, what)
+    kit.assert_parity(m, build_prompt(m, case), ref, what, pixels=kit.check_patches)
 
 
 # ------------------------------------------------------------------------------ parity
@@ -136,10 +134,7 @@ BATCHES = [("two_images", "text"), ("multi_turn", "text", "one_image"), ("wide",
 @pytest.mark.parametrize("batch", BATCHES, ids=["+".join(b) for b in BATCHES])
 def test_batched_matches_single(store, batch):
     """Ragged batches of image and text prompts (left padding; text rows' DeepStack blocks are zeros)."""
-    info = store.ckpt()
-    m = store.vlm(info)
-    prompts = [build_prompt(m, c) for c in batch]
-    kit.check_batched_matches_single(m, prompts, batch, "qwen3_vl/batch", ref=lambda c: store.ref(info, c))
+    kit.check_batch_against_refs(store, store.ckpt(), batch, "qwen3_vl/batch")
 
 
 # ------------------------------------------------------------------------------ the new IR pieces

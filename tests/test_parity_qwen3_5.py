@@ -27,7 +27,7 @@ import parity_kit as kit  # noqa: E402
 import vlmc  # noqa: E402
 from fixtures import checkpoints as ck  # noqa: E402
 from fixtures import qwen3_5 as q35  # noqa: E402
-from parity_kit import LOGIT_ATOL, check_inputs  # noqa: E402
+from parity_kit import LOGIT_ATOL  # noqa: E402
 
 CASE_NAMES = ["text", "one_image", "two_images", "multi_turn"]
 CASES = kit.Cases()
@@ -45,11 +45,8 @@ store = kit.store_fixture(
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_parity(store, case):
     info = store.ckpt()
-    ref = store.ref(info, case)
     m = store.vlm(info)
-    p = build_prompt(m, case)
-    check_inputs(p, ref, "qwen3_5")
-    kit.check_generation(m, p, ref, f"qwen3_5/{case}")
+    kit.assert_parity(m, build_prompt(m, case), store.ref(info, case), f"qwen3_5/{case}", pixels=kit.check_patches)
 
 
 def test_v4_layout(store):

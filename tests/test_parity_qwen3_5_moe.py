@@ -26,7 +26,7 @@ import parity_kit as kit  # noqa: E402
 from fixtures import checkpoints as ck  # noqa: E402
 from fixtures import qwen3_5 as q35  # noqa: E402
 from fixtures import qwen3_5_moe as qm  # noqa: E402
-from parity_kit import LOGIT_ATOL, check_inputs, run_vlmc  # noqa: E402
+from parity_kit import LOGIT_ATOL, run_vlmc  # noqa: E402
 from vlmc.compiler import compile as vlmc_compile  # noqa: E402
 
 CASE_NAMES = ["text", "one_image", "multi_turn"]
@@ -45,11 +45,8 @@ store = kit.store_fixture(
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_parity(store, case):
     info = store.ckpt()
-    ref = store.ref(info, case)
     m = store.vlm(info)
-    p = build_prompt(m, case)
-    check_inputs(p, ref, "qwen3_5_moe")
-    kit.check_generation(m, p, ref, f"qwen3_5_moe/{case}")
+    kit.assert_parity(m, build_prompt(m, case), store.ref(info, case), f"qwen3_5_moe/{case}", pixels=kit.check_patches)
 
 
 @pytest.mark.parametrize("kw", [dict(layout="v4"), dict(experts="fused")], ids=["v4", "fused_experts"])
