@@ -23,7 +23,6 @@ holds the test prompts, not their generated tokens.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,11 +32,11 @@ pytest.importorskip("transformers")
 
 import mlx.core as mx  # noqa: E402
 
+import parity_kit as kit  # noqa: E402
 import vlmc  # noqa: E402
 from fixtures import checkpoints as ck  # noqa: E402
 from fixtures import gemma as gm  # noqa: E402
-from test_parity import (CASES, GREEDY_STEPS, IMG, LOGIT_ATOL, PIXEL_ATOL, ForcedSampler, _txt,  # noqa: E402
-                         _user, check_outputs, run_vlmc)
+from parity_kit import GREEDY_STEPS, IMG, _txt, _user  # noqa: E402
 from vlmc.compiler import compile as vlmc_compile  # noqa: E402
 from vlmc.runtime.kv_cache import RotatingKVCache  # noqa: E402
 
@@ -47,90 +46,29 @@ FAMILY_CASES = {
     "paligemma": ["text", "one_image", "two_images", "wide", "tall"],
     "paligemma2": ["text", "one_image", "two_images", "wide"],
 }
-EXTRA_CASES = {
-    "chat": ([{"role": "system", "content": "Answer briefly."}, _user(_txt("What is the weather today?")),
-              {"role": "assistant", "content": [_txt("Sunny with a light wind.")]},
-              _user(_txt("And tomorrow?"))], []),
-}
+CASES = kit.Cases(chat=kit.CHAT)
+_case, build_prompt = CASES.inputs, CASES.prompt
 PARITY = [(f, c) for f, cases in FAMILY_CASES.items() for c in cases]
 
-
-def _case(name):
-    messages, sizes = {**CASES, **EXTRA_CASES}[name]
-    return messages, [ck.make_test_image(w, h, seed=10 + i) for i, (w, h) in enumerate(sizes)]
-
-
-class Store:
-    """Checkpoints built, compiled and loaded once per module; transformers references cached."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.ckpts, self.arts, self.models, self.hf, self.refs = {}, {}, {}, {}, {}
-
-    def ckpt(self, family, **kw):
-        key = (family, tuple(sorted(kw.items())))
-        if key not in self.ckpts:
-            name = "_".join([family] + [f"{k}-{v}" for k, v in sorted(kw.items())])
-            self.ckpts[key] = gm.build_gemma_checkpoint(self.root / "ckpt" / name, family, **kw)
-        return self.ckpts[key]
-
-    def artifact(self, info, **kw):
-        kw = {"target": "cpu", **kw}
-        key = (info["path"], tuple(sorted(kw.items())))
-        if key not in self.arts:
-            tag = "-".join(f"{k}{v}" for k, v in sorted(kw.items()))
-            self.arts[key] = vlmc_compile(info["path"], self.root / "art" / f"{Path(info['path']).name}-{tag}", **kw)
-        return self.arts[key]
-
-    def vlm(self, info, **kw):
-        art = self.artifact(info, **kw)
-        if art not in self.models:
-            self.models[art] = vlmc.load(art)
-        return self.models[art]
-
-    def ref(self, info, case):
-        key = (info["path"], case)
-        if key not in self.refs:
-            fam = info["family"]
-            if info["path"] not in self.hf:
-                self.hf[info["path"]] = (gm.hf_processor(info["path"], fam), gm.hf_model(info["path"], fam))
-            proc, model = self.hf[info["path"]]
-            messages, images = _case(case)
-            self.refs[key] = gm.hf_reference(info["path"], fam, messages, images, greedy_steps=GREEDY_STEPS,
-                                             processor=proc, model=model)
-        return self.refs[key]
+store = kit.store_fixture(
+    "gemma", build=gm.build_gemma_checkpoint, cases=CASES,
+    hf=lambda info: (gm.hf_processor(info["path"], info["family"]), gm.hf_model(info["path"], info["family"])),
+    reference=lambda info, *a, **kw: gm.hf_reference(info["path"], info["family"], *a, **kw))
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    torch.set_num_threads(2)
-    return Store(tmp_path_factory.mktemp("gemma"))
-
-
-def build_prompt(m, case):
-    messages, images = _case(case)
-    return m.build_prompt(messages=messages, images=images)
-
-
-def assert_parity(m, ref, case, what):
-    p = build_prompt(m, case)
-    np.testing.assert_array_equal(np.asarray(p.ids, dtype=np.int64), ref["input_ids"],
-                                  err_msg=f"{what}: prompt ids differ from transformers' input_ids")
-    if ref["pixel_values"] is None:
-        assert p.images is None
-    else:
-        mine = np.asarray(p.images.pixel_values, dtype=np.float32)
-        assert mine.shape == ref["pixel_values"].shape
-        np.testing.assert_allclose(mine, ref["pixel_values"], rtol=0, atol=PIXEL_ATOL)
-    if ref["token_type_ids"] is not None:  # the bidirectional spans are transformers' token types
+def check_spans(m, p, ref):
+    """The bidirectional spans are transformers' token types."""
+    if ref["token_type_ids"] is not None:
         spans = m.inputs.attention_spans(p.ids, p.images)
         marked = np.zeros(len(p.ids), dtype=bool)
         for s, e in spans:
             marked[s:e] = True
         prefix_lm = m.meta["family"] == "paligemma"
         np.testing.assert_array_equal(marked, ref["token_type_ids"] == (0 if prefix_lm else 1))
-    toks, logits = run_vlmc(m, [p])
-    check_outputs(toks[0], logits[0], ref, what)
+
+
+def assert_parity(m, ref, case, what):
+    kit.assert_parity(m, build_prompt(m, case), ref, what, also=check_spans)
 
 
 # ------------------------------------------------------------------------------ parity
@@ -159,12 +97,7 @@ def test_gemma3_expands_images_in_the_text(store):
     assert p.ids[boi - 1] != m.tokenizer.encode("\n\n")[0]  # "user\n" + "\n\n" merged
 
 
-LAYOUTS = {
-    "v4_hub": dict(layout="v4"),
-    "v5_module_names": dict(weight_names="module"),
-    "v4_sharded": dict(layout="v4", sharded=True),
-    "v5_sharded": dict(sharded=True),
-}
+LAYOUTS = kit.LAYOUTS_AND_MODULE_NAMES
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -173,9 +106,7 @@ def test_checkpoint_layouts(store, family, layout):
     """Same seed, other config layout / weight names / shards: the v5 checkpoint's
     transformers references apply."""
     kw = LAYOUTS[layout]
-    base, info = store.ckpt(family), store.ckpt(family, **kw)
-    if kw.get("sharded"):
-        assert len(info["weight_files"]) == 2 and (Path(info["path"]) / "model.safetensors.index.json").is_file()
+    base, info = kit.layout_checkpoints(store, kw, family)
     if kw.get("layout") == "v4" and not family.startswith("paligemma"):
         text = info["config"] if family == "gemma3_text" else info["config"]["text_config"]
         assert "layer_types" not in text and "rope_parameters" not in text and "rope_local_base_freq" in text
@@ -193,13 +124,7 @@ def test_bfloat16_checkpoint(store, family):
     cases = [c for c in ("text", "wide", "chat") if c in FAMILY_CASES[family]]
     for case in cases:
         assert_parity(m32, store.ref(info, case), case, f"{family}/bf16-ckpt/{case}")
-        t32, l32 = run_vlmc(m32, [build_prompt(m32, case)])
-        _, l16 = run_vlmc(m16, [build_prompt(m16, case)], sampler=ForcedSampler(t32[0]))
-        diff = np.abs(l16[0] - l32[0]).max(-1)
-        assert np.isfinite(l16).all() and diff.max() < 0.5, f"{family}/{case}: {diff.round(3)}"
-        top2 = np.sort(l32[0], -1)[:, -2:]
-        agree = l16[0].argmax(-1) == t32[0]
-        assert agree[top2[:, 1] - top2[:, 0] > 0.25].all()
+        kit.check_bf16_artifact(m32, m16, lambda m: build_prompt(m, case), f"{family}/{case}")
 
 
 BATCHES = {
@@ -213,16 +138,7 @@ BATCHES = {
                          ids=[f"{f}-{'+'.join(b)}" for f, bs in BATCHES.items() for b in bs])
 def test_batched_matches_single(store, family, batch):
     """Ragged batches of image and text prompts (left padding moves every span)."""
-    info = store.ckpt(family)
-    m = store.vlm(info)
-    prompts = [build_prompt(m, c) for c in batch]
-    assert len({len(p.ids) for p in prompts}) == len(prompts)
-    toks, logits = run_vlmc(m, prompts)
-    for i, (case, p) in enumerate(zip(batch, prompts)):
-        t1, l1 = run_vlmc(m, [p])
-        np.testing.assert_array_equal(toks[i], t1[0], err_msg=f"{case} in batch {batch}")
-        assert float(np.abs(logits[i] - l1[0]).max()) <= LOGIT_ATOL
-        check_outputs(toks[i], logits[i], store.ref(info, case), f"{family}/batch/{case}")
+    kit.check_batch_against_refs(store, store.ckpt(family), batch, f"{family}/batch")
 
 
 # ------------------------------------------------------------------------------ the new IR ops
@@ -373,109 +289,35 @@ def test_decode_layer_fast_path_is_the_ops(store, family, options, monkeypatch):
     assert_fast_path_is_the_ops(fast, plain, prompts, gm.GEMMA3_WINDOW + 36, monkeypatch)
 
 
-def _quality_prompts(m):
-    return [m.build_prompt("Describe the picture.", images=[ck.make_test_image(100, 70, seed=10)]),
-            m.build_prompt("Tell me a short story about the river.")]
-
-
-KV_OPTIONS = {"kv8": {"kv_bits": 8}, "kv4": {"kv_bits": 4},
-              "turbo3.5": {"kv_bits": 3.5, "kv_quant_scheme": "turboquant"}}
-
-
 @pytest.mark.parametrize("family", ["gemma3", "paligemma", "paligemma2"])
 def test_quantized_kv_caches(store, family):
     """Every KV layout on the global layers (the last one too), the sliding-window layers kept
     rotating: 8-bit codes track float32 (top-1 >= 0.9, mean KL < 0.02); coarser codes cost
     more, never less (random fixtures: their near-flat distributions flip easily)."""
-    from vlmc.quality import compare
-
-    art = store.artifact(store.ckpt(family))
-    base = store.vlm(store.ckpt(family))
-    prompts = _quality_prompts(base)
-    kls = []
-    for name, kw in KV_OPTIONS.items():
-        m = vlmc.load(art, **kw, kv_quantize_last=True)
+    def windows_stay_rotating(m, wanted):
         layouts = [L["kv"]["layout"] for L in m.kv_layers]
-        wanted = "turboquant" if "turbo" in name else "quantized"
         assert layouts == ["rotating" if L.get("window") else wanted for L in m.kv_layers], layouts
         assert ("rotating" in layouts) == (family != "paligemma")
-        report = compare(base, m, prompts, steps=16)
-        kls.append(report.mean_kl)
-        if name == "kv8":
-            assert report.top1_agreement >= 0.9 and report.mean_kl < 0.02, report
-        assert report.mean_kl < 1.5, (name, report)
-    assert kls == sorted(kls), kls
+
+    kit.check_quantized_kv_caches(store.vlm(store.ckpt(family)), store.artifact(store.ckpt(family)),
+                                  layouts=windows_stay_rotating)
 
 
 @pytest.mark.parametrize("family", ["gemma3", "paligemma"])
 def test_quantized_weights(store, family):
     """q8 weights track float32 (top-1 >= 0.9, mean KL < 0.02); q4 weights run and cost more."""
-    from vlmc.quality import compare
-
-    info = store.ckpt(family)
-    base = store.vlm(info)
-    prompts = _quality_prompts(base)
-    q8 = compare(base, store.vlm(info, quantize="q8"), prompts, steps=16)
-    q4 = compare(base, store.vlm(info, quantize="q4"), prompts, steps=16)
-    assert q8.top1_agreement >= 0.9 and q8.mean_kl < 0.02, q8
-    assert q8.mean_kl < q4.mean_kl < 1.5, q4
-    manifest = json.loads((store.artifact(info, quantize="q4") / "manifest.json").read_text())
-    assert any(k.startswith("text.layers.0.") for k in manifest["quantized"])
-    assert any(k.startswith(("vision.", "projector.")) for k in manifest["quantized"])
+    kit.check_quantized_weights(store, store.ckpt(family), ("vision.", "projector."))
 
 
 # ------------------------------------------------------------------------------ caches and batching
 
 
-def _run_jobs(batcher, jobs, timeout=120):
-    import threading
-
-    from vlmc.runtime.batcher import Job, TokenEvent
-
-    tokens, finish, done = [[] for _ in jobs], [None] * len(jobs), threading.Event()
-
-    def emit(i):
-        def on_event(ev):
-            if isinstance(ev, TokenEvent):
-                tokens[i].append(ev.token)
-            else:
-                finish[i] = ev
-                if all(f is not None for f in finish):
-                    done.set()
-        return on_event
-
-    for i, kw in enumerate(jobs):
-        batcher.submit(Job(emit=emit(i), **kw))
-    assert done.wait(timeout), "jobs did not finish"
-    return tokens, finish
-
-
-def _turn(m, image, question):
-    return m.build_prompt(messages=[
-        _user(IMG, _txt("What is in the image?")),
-        {"role": "assistant", "content": [_txt("A red square and a blue circle.")]},
-        _user(_txt(question))], images=[image])
-
-
 def test_prefix_cache_reuses_gemma3_blocks_up_to_a_span_and_changes_nothing(store):
     """A second turn over the same image reuses the first's blocks (never a prefix that ends
     inside the image's bidirectional soft tokens); another image behind the same ids does not."""
-    from vlmc.runtime.batcher import Batcher
-    from vlmc.runtime.prefix_cache import PrefixCache
-
     m = store.vlm(store.ckpt("gemma3"))
-    one, two = ck.make_test_image(120, 90, seed=10), ck.make_test_image(120, 90, seed=11)
-    prompts = [_turn(m, one, "How many shapes are there?"), _turn(m, one, "Describe the image."),
-               _turn(m, two, "Describe the image.")]
-    plain, cached = Batcher(m), Batcher(m, prefix_cache=PrefixCache(block_size=8))
-    try:
-        ref = [_run_jobs(plain, [dict(prompt=p, max_tokens=12)])[0] for p in prompts]
-        got = [_run_jobs(cached, [dict(prompt=p, max_tokens=12)]) for p in prompts]
-    finally:
-        plain.shutdown()
-        cached.shutdown()
-    assert [g[0] for g in got] == ref
-    hits = [g[1][0].cached_tokens for g in got]
+    prompts = kit.second_turn_prompts(m)
+    hits = kit.run_with_prefix_cache(m, prompts, timeout=120)
     (start, end), = m.inputs.attention_spans(prompts[1].ids, prompts[1].images)
     assert hits[0] == 0 and hits[1] >= end and hits[1] % 8 == 0
     assert hits[2] <= start and all(not start < h < end for h in hits)
@@ -483,20 +325,10 @@ def test_prefix_cache_reuses_gemma3_blocks_up_to_a_span_and_changes_nothing(stor
 
 def test_prefix_lm_prompts_reuse_nothing_and_change_nothing(store):
     """PaliGemma's whole prompt is one bidirectional span: no proper prefix is reusable."""
-    from vlmc.runtime.batcher import Batcher
-    from vlmc.runtime.prefix_cache import PrefixCache
-
     m = store.vlm(store.ckpt("paligemma"))
     image = ck.make_test_image(120, 90, seed=10)
     prompts = [m.build_prompt("caption en", images=[image]), m.build_prompt("caption en: what shapes?", images=[image])]
-    plain, cached = Batcher(m), Batcher(m, prefix_cache=PrefixCache(block_size=8))
-    try:
-        ref = [_run_jobs(plain, [dict(prompt=p, max_tokens=8)])[0] for p in prompts]
-        got = [_run_jobs(cached, [dict(prompt=p, max_tokens=8)]) for p in prompts]
-    finally:
-        plain.shutdown()
-        cached.shutdown()
-    assert [g[0] for g in got] == ref and [g[1][0].cached_tokens for g in got] == [0, 0]
+    assert kit.run_with_prefix_cache(m, prompts, max_tokens=8, timeout=120) == [0, 0]
 
 
 @pytest.mark.parametrize("family", ["gemma3", "paligemma"])
@@ -504,28 +336,7 @@ def test_batching_loop_with_images_and_text(store, family):
     """Joined batches of image and text requests (chunked prefills between decode steps,
     a chunk never ending inside a span) give one-at-a-time outputs; the vision cache serves
     a repeated image."""
-    from vlmc.runtime.batcher import Batcher
-    from vlmc.runtime.vision_cache import VisionFeatureCache
-
-    m = store.vlm(store.ckpt(family))
-    a, b = ck.make_test_image(100, 70, seed=10), ck.make_test_image(64, 64, seed=11)
-    prompts = [m.build_prompt("Describe the picture.", images=[a]), m.build_prompt("Tell me about shapes"),
-               m.build_prompt("What is on the left side?", images=[b]), m.build_prompt("Compare them.", images=[a, b]),
-               m.build_prompt("circle square " * 20)]
-    jobs = [dict(prompt=p, max_tokens=6 + 3 * i) for i, p in enumerate(prompts)]
-    vision = VisionFeatureCache()
-    batcher = Batcher(m, max_batch=8, prefill_chunk=16, vision_cache=vision)
-    try:
-        alone = [_run_jobs(batcher, [j])[0][0] for j in jobs]
-        together, _ = _run_jobs(batcher, jobs * 2)
-    finally:
-        batcher.shutdown()
-    assert together == alone * 2
-    assert batcher.counters["decode_steps"] < batcher.counters["batched_tokens"]
-    assert vision.hits >= 4 and vision.misses == 2
-    for p, toks in zip(prompts[:2], alone):  # and the engine's own step loop agrees
-        t, _ = run_vlmc(m, [p], steps=len(toks))
-        assert t[0].tolist() == toks
+    kit.check_batching_loop_with_images_and_text(store.vlm(store.ckpt(family)), timeout=120)
 
 
 # ------------------------------------------------------------------------------ serve, bench, errors
@@ -534,26 +345,13 @@ def test_batching_loop_with_images_and_text(store, family):
 def test_serve_answers_gemma3_and_paligemma_image_chats(store, tmp_path):
     """Both families behind one `vlmc serve`: an image chat answers what the Python API
     generates for the same messages."""
-    import io
+    from serve_helpers import LiveServer
 
-    from serve_helpers import LiveServer, data_uri, image_message
-
-    arts = {f: store.artifact(store.ckpt(f)) for f in ("gemma3", "paligemma")}
-    buf = io.BytesIO()
-    ck.make_test_image(100, 70, seed=10).save(buf, format="PNG")
-    messages = image_message("Describe the picture.", data_uri(buf.getvalue()))
-    server = LiveServer(*(str(a) for a in arts.values()))
+    infos = [store.ckpt(f) for f in ("gemma3", "paligemma")]
+    server = LiveServer(*(str(store.artifact(i)) for i in infos))
     try:
-        status, models = server.get("/v1/models")[0], json.loads(server.get("/v1/models")[2])
-        ids = [m["id"] for m in models["data"]]
-        assert status == 200 and len(ids) == 2
-        for family, model_id in zip(arts, ids):
-            status, body = server.post("/v1/chat/completions", {"model": model_id, "messages": messages,
-                                                                 "temperature": 0, "max_tokens": 8})
-            assert status == 200, body
-            want = store.vlm(store.ckpt(family)).generate(messages=messages, max_tokens=8, temperature=0)
-            assert body["choices"][0]["message"]["content"] == want.text
-            assert body["usage"]["prompt_tokens"] == want.prompt_tokens
+        assert server.get("/v1/models")[0] == 200
+        ids = kit.check_serve_answers(server, [store.vlm(i) for i in infos], kit.image_chat())
         bad = server.post("/v1/chat/completions", {"model": ids[1], "max_tokens": 4, "messages": [
             {"role": "system", "content": "Be brief."}, {"role": "user", "content": "caption en"}]})
         assert bad[0] == 400 and "one user message" in json.dumps(bad[1])
@@ -563,29 +361,14 @@ def test_serve_answers_gemma3_and_paligemma_image_chats(store, tmp_path):
 
 @pytest.mark.parametrize("family", ["gemma3", "paligemma"])
 def test_bench_smoke(store, family):
-    from vlmc.bench import bench, format_report
-
-    r = bench(str(store.artifact(store.ckpt(family))), prompt_lengths=[8], decode_tokens=4, image_size=64, runs=1)
-    assert r["family"] == family and r["decode"]["decode_tps"] > 0 and "image" in r
-    assert family in format_report(r)
+    kit.check_bench_smoke(store.artifact(store.ckpt(family)), family)
 
 
 def test_unsupported_model_type_names_the_gemma_families(store, tmp_path):
-    import shutil
-
-    from vlmc.errors import UnsupportedModelError
-
-    src = tmp_path / "other"
-    shutil.copytree(store.ckpt("gemma3")["path"], src)
-    cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma5"}))
-    with pytest.raises(UnsupportedModelError) as err:
-        vlmc_compile(src, tmp_path / "out")
-    line = str(err.value)
-    assert "\n" not in line and "'gemma5' is not supported" in line
     from vlmc.models import supported_model_types
+
+    kit.unsupported_model_type_error(store.ckpt("gemma3")["path"], tmp_path, "gemma5")
     assert {"gemma3", "gemma3_text", "paligemma"} <= set(supported_model_types())
-    assert ", ".join(supported_model_types()) in line
 
 
 PAN_AND_SCAN = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 20, "pan_and_scan_max_num_crops": 3,
@@ -662,20 +445,7 @@ def test_pan_and_scan_is_gemma3s_alone(store, tmp_path):
      "rope type 'yarn'"),
 ])
 def test_gemma3_configs_vlmc_cannot_honour_are_refused(store, tmp_path, change, message):
-    import shutil
-
-    from vlmc.errors import VlmcError
-
-    src = tmp_path / "ck"
-    shutil.copytree(store.ckpt("gemma3")["path"], src)
-    name, patch = change
-    cfg = json.loads((src / name).read_text())
-    for key, value in patch.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
-    (src / name).write_text(json.dumps(cfg))
-    with pytest.raises(VlmcError, match=message):
-        vlmc_compile(src, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    kit.check_refused(store.ckpt("gemma3")["path"], tmp_path, change, message)
 
 
 def test_paligemma_with_another_decoder_is_refused(store, tmp_path):
@@ -727,27 +497,5 @@ def test_gemma3_text_checkpoint_without_a_preprocessor_config(store, tmp_path):
 def test_gemma3_artifact_runs_without_torch(store, tmp_path):
     """The families' runtime halves import nothing of torch or transformers: the CLI runs a
     Gemma 3 image prompt where importing them fails, and says what the Python API says."""
-    import os
-    import subprocess
-    import sys
-    import textwrap
-
-    from test_parity import _BLOCKER, REPO_ROOT
-
-    art = store.artifact(store.ckpt("gemma3"))
-    img = tmp_path / "img.png"
-    ck.make_test_image(100, 70, seed=3).save(img)
-    expect = store.vlm(store.ckpt("gemma3")).generate("hi", images=[str(img)], max_tokens=4)
-    cli = _BLOCKER + textwrap.dedent(f"""
-        import runpy
-        sys.argv = ["vlmc", "run", {str(art)!r}, "-p", "hi", "-i", {str(img)!r}, "--max-tokens", "4"]
-        try:
-            runpy.run_module("vlmc.cli", run_name="__main__")
-        except SystemExit as e:
-            assert not e.code, e.code
-        assert not any(k.split(".")[0] in ("torch", "transformers") for k in sys.modules)
-    """)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0 and "blocked import" not in r.stderr, r.stderr
-    assert r.stdout == expect.text + "\n"
+    info = store.ckpt("gemma3")
+    kit.check_cli_runs_without_torch(store.vlm(info), store.artifact(info), tmp_path)

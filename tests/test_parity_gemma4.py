@@ -12,8 +12,6 @@ size; the KV-shared layers read their producer's) and the inputs it refuses.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -22,98 +20,36 @@ pytest.importorskip("transformers")
 
 import mlx.core as mx  # noqa: E402
 
+import parity_kit as kit  # noqa: E402
 import vlmc  # noqa: E402
-from fixtures import checkpoints as ck  # noqa: E402
 from fixtures import gemma4 as g4  # noqa: E402
-from test_parity import (CASES, GREEDY_STEPS, LOGIT_ATOL, PIXEL_ATOL, ForcedSampler, _txt, _user,  # noqa: E402
-                         check_outputs, run_vlmc)
-from vlmc.compiler import compile as vlmc_compile  # noqa: E402
+from parity_kit import LOGIT_ATOL  # noqa: E402
 from vlmc.errors import InputError, UnsupportedModelError  # noqa: E402
 
 FAMILY_CASES = {
     "gemma4": ["text", "one_image", "two_images", "multi_turn", "wide", "tall"],
     "gemma4_text": ["text", "chat"],
 }
-EXTRA_CASES = {
-    "chat": ([{"role": "system", "content": "Answer briefly."}, _user(_txt("What is the weather today?")),
-              {"role": "assistant", "content": [_txt("Sunny with a light wind.")]},
-              _user(_txt("And tomorrow?"))], []),
-}
+CASES = kit.Cases(chat=kit.CHAT)
+_case, build_prompt = CASES.inputs, CASES.prompt
 PARITY = [(f, c) for f, cases in FAMILY_CASES.items() for c in cases]
 
-
-def _case(name):
-    messages, sizes = {**CASES, **EXTRA_CASES}[name]
-    return messages, [ck.make_test_image(w, h, seed=10 + i) for i, (w, h) in enumerate(sizes)]
-
-
-class Store:
-    """Checkpoints built, compiled and loaded once per module; transformers references cached."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.ckpts, self.arts, self.models, self.hf, self.refs = {}, {}, {}, {}, {}
-
-    def ckpt(self, family, **kw):
-        key = (family, tuple(sorted(kw.items())))
-        if key not in self.ckpts:
-            name = "_".join([family] + [f"{k}-{v}" for k, v in sorted(kw.items())])
-            self.ckpts[key] = g4.build_gemma4_checkpoint(self.root / "ckpt" / name, family, **kw)
-        return self.ckpts[key]
-
-    def artifact(self, info, **kw):
-        kw = {"target": "cpu", **kw}
-        key = (info["path"], tuple(sorted(kw.items())))
-        if key not in self.arts:
-            tag = "-".join(f"{k}{v}" for k, v in sorted(kw.items()))
-            self.arts[key] = vlmc_compile(info["path"], self.root / "art" / f"{Path(info['path']).name}-{tag}", **kw)
-        return self.arts[key]
-
-    def vlm(self, info, **kw):
-        art = self.artifact(info, **kw)
-        if art not in self.models:
-            self.models[art] = vlmc.load(art)
-        return self.models[art]
-
-    def ref(self, info, case):
-        key = (info["path"], case)
-        if key not in self.refs:
-            fam = info["family"]
-            if info["path"] not in self.hf:
-                self.hf[info["path"]] = (g4.hf_processor(info["path"], fam), g4.hf_model(info["path"], fam))
-            proc, model = self.hf[info["path"]]
-            messages, images = _case(case)
-            self.refs[key] = g4.hf_reference(info["path"], fam, messages, images, greedy_steps=GREEDY_STEPS,
-                                             processor=proc, model=model)
-        return self.refs[key]
+store = kit.store_fixture(
+    "gemma4", build=g4.build_gemma4_checkpoint, cases=CASES,
+    hf=lambda info: (g4.hf_processor(info["path"], info["family"]), g4.hf_model(info["path"], info["family"])),
+    reference=lambda info, *a, **kw: g4.hf_reference(info["path"], info["family"], *a, **kw))
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    torch.set_num_threads(2)
-    return Store(tmp_path_factory.mktemp("gemma4"))
-
-
-def build_prompt(m, case):
-    messages, images = _case(case)
-    return m.build_prompt(messages=messages, images=images)
+def check_patches(p, ref):
+    """Each image's real patches equal its padded pixel rows; its patch grid its positions."""
+    kit.check_same_pixels(p, ref)
+    for (_, h, w), pos in zip(p.images.grid_thw.tolist(), ref["image_position_ids"]):
+        real = pos[(pos != -1).all(-1)]
+        assert real[:, 0].max() + 1 == w and real[:, 1].max() + 1 == h and len(real) == h * w
 
 
 def assert_parity(m, ref, case, what):
-    p = build_prompt(m, case)
-    np.testing.assert_array_equal(np.asarray(p.ids, dtype=np.int64), ref["input_ids"],
-                                  err_msg=f"{what}: prompt ids differ from transformers' input_ids")
-    if ref["pixel_values"] is None:
-        assert p.images is None
-    else:
-        mine = np.asarray(p.images.pixel_values, dtype=np.float32)
-        assert mine.shape == ref["pixel_values"].shape, (mine.shape, ref["pixel_values"].shape)
-        np.testing.assert_allclose(mine, ref["pixel_values"], rtol=0, atol=PIXEL_ATOL)
-        for (_, h, w), pos in zip(p.images.grid_thw.tolist(), ref["image_position_ids"]):
-            real = pos[(pos != -1).all(-1)]
-            assert real[:, 0].max() + 1 == w and real[:, 1].max() + 1 == h and len(real) == h * w
-    toks, logits = run_vlmc(m, [p])
-    check_outputs(toks[0], logits[0], ref, what)
+    kit.assert_parity(m, build_prompt(m, case), ref, what, pixels=check_patches)
 
 
 # ------------------------------------------------------------------------------ parity
@@ -127,8 +63,7 @@ def test_parity(store, family, case):
 
 def test_sharded_checkpoint(store):
     """Same seed in two shards: the single-file checkpoint's references apply."""
-    base, info = store.ckpt("gemma4"), store.ckpt("gemma4", sharded=True)
-    assert len(info["weight_files"]) == 2 and (Path(info["path"]) / "model.safetensors.index.json").is_file()
+    base, info = kit.layout_checkpoints(store, dict(sharded=True), "gemma4")
     m = store.vlm(info)
     for case in ("text", "two_images"):
         assert_parity(m, store.ref(base, case), case, f"gemma4/sharded/{case}")
@@ -141,22 +76,14 @@ def test_bfloat16_checkpoint(store):
     m32, m16 = store.vlm(info), store.vlm(info, dtype="bfloat16")
     for case in ("text", "one_image"):
         assert_parity(m32, store.ref(info, case), case, f"gemma4/bf16-ckpt/{case}")
-        t32, l32 = run_vlmc(m32, [build_prompt(m32, case)])
-        _, l16 = run_vlmc(m16, [build_prompt(m16, case)], sampler=ForcedSampler(t32[0]))
-        diff = np.abs(l16[0] - l32[0]).max(-1)
-        assert np.isfinite(l16).all() and diff.max() < 0.5, f"{case}: {diff.round(3)}"
+        kit.check_bf16_artifact(m32, m16, lambda m: build_prompt(m, case), case, flips=False)
 
 
 def test_batched_matches_single(store):
     """A ragged batch of image and text prompts (left padding, rotating and shared caches)."""
     m = store.vlm(store.ckpt("gemma4"))
     batch = ("two_images", "text", "one_image")
-    prompts = [build_prompt(m, c) for c in batch]
-    toks, logits = run_vlmc(m, prompts)
-    for i, p in enumerate(prompts):
-        t1, l1 = run_vlmc(m, [p])
-        np.testing.assert_array_equal(toks[i], t1[0], err_msg=f"{batch[i]} in batch {batch}")
-        assert float(np.abs(logits[i] - l1[0]).max()) <= LOGIT_ATOL
+    kit.check_batched_matches_single(m, [build_prompt(m, c) for c in batch], batch, "gemma4/batch", ragged=False)
 
 
 # ------------------------------------------------------------------------------ the plan

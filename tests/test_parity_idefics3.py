@@ -14,9 +14,6 @@ batching loop, ``vlmc serve``, ``vlmc bench``, speculative decoding and refused 
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -26,94 +23,32 @@ pytest.importorskip("num2words")  # SmolVLMProcessor needs it
 
 import mlx.core as mx  # noqa: E402
 
-import vlmc  # noqa: E402
+import parity_kit as kit  # noqa: E402
 from fixtures import checkpoints as ck  # noqa: E402
 from fixtures import idefics3 as i3  # noqa: E402
-from test_parity import (CASES, GREEDY_STEPS, IMG, LOGIT_ATOL, PIXEL_ATOL, ForcedSampler, _txt, _user,  # noqa: E402
-                         check_outputs, run_vlmc)
-from vlmc.compiler import compile as vlmc_compile  # noqa: E402
+from parity_kit import PIXEL_ATOL  # noqa: E402
 
 CASE_NAMES = ["text", "one_image", "two_images", "wide", "tall", "multi_turn"]
-EXTRA_CASES = {
-    "small": ([_user(IMG, _txt("What is this?"))], [(40, 30)]),
-    "chat": ([{"role": "system", "content": "Answer briefly."}, _user(_txt("What is the weather today?")),
-              {"role": "assistant", "content": [_txt("Sunny with a light wind.")]}, _user(_txt("And tomorrow?"))], []),
-}
+CASES = kit.Cases(small=kit.SMALL, chat=kit.CHAT)
+_case, build_prompt = CASES.inputs, CASES.prompt
 SEEDS = {"idefics3": 0, "smolvlm": 1}
 
-
-def _case(name):
-    messages, sizes = {**CASES, **EXTRA_CASES}[name]
-    return messages, [ck.make_test_image(w, h, seed=10 + i) for i, (w, h) in enumerate(sizes)]
-
-
-class Store:
-    """Checkpoints built, compiled and loaded once per module; transformers references cached."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.ckpts, self.arts, self.models, self.hf, self.refs = {}, {}, {}, {}, {}
-
-    def ckpt(self, family, **kw):
-        kw = {"seed": SEEDS[family], **kw}
-        key = (family, tuple(sorted(kw.items())))
-        if key not in self.ckpts:
-            name = "_".join([family] + [f"{k}-{v}" for k, v in sorted(kw.items())])
-            self.ckpts[key] = i3.build_idefics3_checkpoint(self.root / "ckpt" / name, family, **kw)
-        return self.ckpts[key]
-
-    def artifact(self, info, **kw):
-        kw = {"target": "cpu", **kw}
-        key = (info["path"], tuple(sorted(kw.items())))
-        if key not in self.arts:
-            tag = "-".join(f"{k}{v}" for k, v in sorted(kw.items()))
-            self.arts[key] = vlmc_compile(info["path"], self.root / "art" / f"{Path(info['path']).name}-{tag}", **kw)
-        return self.arts[key]
-
-    def vlm(self, info, **kw):
-        art = self.artifact(info, **kw)
-        if art not in self.models:
-            self.models[art] = vlmc.load(art)
-        return self.models[art]
-
-    def ref(self, info, case):
-        key = (info["path"], case)
-        if key not in self.refs:
-            fam = info["family"]
-            if info["path"] not in self.hf:
-                self.hf[info["path"]] = (i3.hf_processor(info["path"], fam), i3.hf_model(info["path"], fam))
-            proc, model = self.hf[info["path"]]
-            messages, images = _case(case)
-            self.refs[key] = i3.hf_reference(info["path"], fam, messages, images, greedy_steps=GREEDY_STEPS,
-                                             processor=proc, model=model)
-        return self.refs[key]
+store = kit.store_fixture(
+    "idefics3", build=i3.build_idefics3_checkpoint, cases=CASES, defaults=lambda family: {"seed": SEEDS[family]},
+    hf=lambda info: (i3.hf_processor(info["path"], info["family"]), i3.hf_model(info["path"], info["family"])),
+    reference=lambda info, *a, **kw: i3.hf_reference(info["path"], info["family"], *a, **kw))
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    torch.set_num_threads(2)
-    return Store(tmp_path_factory.mktemp("idefics3"))
-
-
-def build_prompt(m, case):
-    messages, images = _case(case)
-    return m.build_prompt(messages=messages, images=images)
+def check_tiles(p, ref):
+    (theirs,) = ref["pixel_values"]  # [1, tiles, 3, T, T]: one prompt
+    assert ref["pixel_attention_mask"].all()  # the tiles of one prompt are never padded
+    mine = np.asarray(p.images.pixel_values, dtype=np.float32)
+    assert mine.shape == theirs.shape, (mine.shape, theirs.shape)
+    np.testing.assert_allclose(mine, theirs, rtol=0, atol=PIXEL_ATOL)
 
 
 def assert_parity(m, ref, case, what):
-    p = build_prompt(m, case)
-    np.testing.assert_array_equal(np.asarray(p.ids, dtype=np.int64), ref["input_ids"],
-                                  err_msg=f"{what}: prompt ids differ from transformers' input_ids")
-    if ref["pixel_values"] is None:
-        assert p.images is None
-    else:
-        (theirs,) = ref["pixel_values"]  # [1, tiles, 3, T, T]: one prompt
-        assert ref["pixel_attention_mask"].all()  # the tiles of one prompt are never padded
-        mine = np.asarray(p.images.pixel_values, dtype=np.float32)
-        assert mine.shape == theirs.shape, (mine.shape, theirs.shape)
-        np.testing.assert_allclose(mine, theirs, rtol=0, atol=PIXEL_ATOL)
-    toks, logits = run_vlmc(m, [p])
-    check_outputs(toks[0], logits[0], ref, what)
+    kit.assert_parity(m, build_prompt(m, case), ref, what, pixels=check_tiles)
 
 
 # ------------------------------------------------------------------------------ parity
@@ -146,18 +81,12 @@ def test_images_are_spelled_out_in_the_text(store):
     assert sum(1 for t in one.ids if t == m.image_token_id) == i3.TILE_TOKENS
 
 
-LAYOUTS = {"v4_hub": dict(layout="v4"), "v4_sharded": dict(layout="v4", sharded=True),
-           "v5_sharded": dict(sharded=True)}
-
-
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", list(kit.LAYOUTS))
 @pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
 def test_checkpoint_layouts(store, family, layout):
     """Same seed, other config layout / shards: the v5 checkpoint's references apply."""
-    kw = LAYOUTS[layout]
-    base, info = store.ckpt(family), store.ckpt(family, **kw)
-    if kw.get("sharded"):
-        assert len(info["weight_files"]) == 2 and (Path(info["path"]) / "model.safetensors.index.json").is_file()
+    kw = kit.LAYOUTS[layout]
+    base, info = kit.layout_checkpoints(store, kw, family)
     if kw.get("layout") == "v4":
         text = info["config"]["text_config"]
         assert "rope_parameters" not in text and text["rope_theta"] == 100.0
@@ -174,13 +103,7 @@ def test_bfloat16_checkpoint(store, family):
     m32, m16 = store.vlm(info), store.vlm(info, dtype="bfloat16")
     for case in ("text", "wide"):
         assert_parity(m32, store.ref(info, case), case, f"{family}/bf16-ckpt/{case}")
-        t32, l32 = run_vlmc(m32, [build_prompt(m32, case)])
-        _, l16 = run_vlmc(m16, [build_prompt(m16, case)], sampler=ForcedSampler(t32[0]))
-        diff = np.abs(l16[0] - l32[0]).max(-1)
-        assert np.isfinite(l16).all() and diff.max() < 0.5, f"{case}: {diff.round(3)}"
-        top2 = np.sort(l32[0], -1)[:, -2:]
-        agree = l16[0].argmax(-1) == t32[0]
-        assert agree[top2[:, 1] - top2[:, 0] > 0.25].all()
+        kit.check_bf16_artifact(m32, m16, lambda m: build_prompt(m, case), case)
 
 
 def test_without_image_splitting(store):
@@ -198,16 +121,7 @@ BATCHES = [("two_images", "text"), ("multi_turn", "chat", "one_image"), ("wide",
 
 @pytest.mark.parametrize("batch", BATCHES, ids=["+".join(b) for b in BATCHES])
 def test_batched_matches_single(store, batch):
-    info = store.ckpt("smolvlm")
-    m = store.vlm(info)
-    prompts = [build_prompt(m, c) for c in batch]
-    assert len({len(p.ids) for p in prompts}) == len(prompts)
-    toks, logits = run_vlmc(m, prompts)
-    for i, (case, p) in enumerate(zip(batch, prompts)):
-        t1, l1 = run_vlmc(m, [p])
-        np.testing.assert_array_equal(toks[i], t1[0], err_msg=f"{case} in batch {batch}")
-        assert float(np.abs(logits[i] - l1[0]).max()) <= LOGIT_ATOL
-        check_outputs(toks[i], logits[i], store.ref(info, case), f"smolvlm/batch/{case}")
+    kit.check_batch_against_refs(store, store.ckpt("smolvlm"), batch, "smolvlm/batch")
 
 
 # ------------------------------------------------------------------------------ processor and tower pieces
@@ -292,144 +206,38 @@ def test_connector_matches_transformers(store):
 # ------------------------------------------------------------------------------ quantization, caches
 
 
-def _quality_prompts(m):
-    return [m.build_prompt("Describe the picture.", images=[ck.make_test_image(100, 70, seed=10)]),
-            m.build_prompt("Tell me a short story about the river.")]
-
-
 def test_quantized_kv_caches(store):
     """Every KV layout: 8-bit codes track float32 (top-1 >= 0.9, mean KL < 0.02); coarser
     codes cost more, never less; the cpu decode_layer fast path serves the Llama layers."""
-    from vlmc.quality import compare
-
     info = store.ckpt("smolvlm")
     art = store.artifact(info)
     assert "decode_layer" in (art / "model.py").read_text()
-    base = store.vlm(info)
-    prompts = _quality_prompts(base)
-    kls = []
-    for kw in ({"kv_bits": 8}, {"kv_bits": 4}, {"kv_bits": 3.5, "kv_quant_scheme": "turboquant"}):
-        m = vlmc.load(art, **kw, kv_quantize_last=True)
-        want = "turboquant" if "kv_quant_scheme" in kw else "quantized"
-        assert [L["kv"]["layout"] for L in m.kv_layers] == [want] * len(m.kv_layers)
-        report = compare(base, m, prompts, steps=16)
-        kls.append(report.mean_kl)
-        if kw["kv_bits"] == 8:
-            assert report.top1_agreement >= 0.9 and report.mean_kl < 0.02, report
-        assert report.mean_kl < 1.5, (kw, report)
-    assert kls == sorted(kls), kls
-    rot = vlmc.load(art, max_kv_size=24)
-    assert all(L["kv"]["layout"] == "rotating" for L in rot.kv_layers)
-    assert rot.generate("Tell me a short story about the river. " * 3, max_tokens=8).generation_tokens == 8
+    kit.check_quantized_kv_caches(store.vlm(info), art, layouts=kit.every_layer_is)
+    kit.check_rotating_window_runs(art)
 
 
 def test_quantized_weights(store):
     """q8 weights track float32 (top-1 >= 0.9, mean KL < 0.02); q4 weights run and cost more."""
-    from vlmc.quality import compare
-
-    info = store.ckpt("idefics3")
-    base = store.vlm(info)
-    prompts = _quality_prompts(base)
-    q8 = compare(base, store.vlm(info, quantize="q8"), prompts, steps=16)
-    q4 = compare(base, store.vlm(info, quantize="q4"), prompts, steps=16)
-    assert q8.top1_agreement >= 0.9 and q8.mean_kl < 0.02, q8
-    assert q8.mean_kl < q4.mean_kl < 1.5, q4
-    manifest = json.loads((store.artifact(info, quantize="q4") / "manifest.json").read_text())
-    assert any(k.startswith("text.layers.0.") for k in manifest["quantized"])
-    assert any(k.startswith(("vision.", "projector.")) for k in manifest["quantized"])
-
-
-def _run_jobs(batcher, jobs, timeout=180):
-    import threading
-
-    from vlmc.runtime.batcher import Job, TokenEvent
-
-    tokens, finish, done = [[] for _ in jobs], [None] * len(jobs), threading.Event()
-
-    def emit(i):
-        def on_event(ev):
-            if isinstance(ev, TokenEvent):
-                tokens[i].append(ev.token)
-            else:
-                finish[i] = ev
-                if all(f is not None for f in finish):
-                    done.set()
-        return on_event
-
-    for i, kw in enumerate(jobs):
-        batcher.submit(Job(emit=emit(i), **kw))
-    assert done.wait(timeout), "jobs did not finish"
-    return tokens, finish
-
-
-def _turn(m, image, question):
-    return m.build_prompt(messages=[
-        _user(IMG, _txt("What is in the image?")),
-        {"role": "assistant", "content": [_txt("A red square and a blue circle.")]},
-        _user(_txt(question))], images=[image])
+    kit.check_quantized_weights(store, store.ckpt("idefics3"), ("vision.", "projector."))
 
 
 def test_prefix_cache_reuses_image_blocks_and_changes_nothing(store):
     """A second turn over the same image reuses the first's blocks (the whole tiled image
     sequence); another image behind the same ids reuses nothing past its first tile."""
-    from vlmc.runtime.batcher import Batcher
-    from vlmc.runtime.prefix_cache import PrefixCache
-
     m = store.vlm(store.ckpt("idefics3"))
-    one, two = ck.make_test_image(120, 90, seed=10), ck.make_test_image(120, 90, seed=11)
-    prompts = [_turn(m, one, "How many shapes are there?"), _turn(m, one, "Describe the image."),
-               _turn(m, two, "Describe the image.")]
-    plain, cached = Batcher(m), Batcher(m, prefix_cache=PrefixCache(block_size=8))
-    try:
-        ref = [_run_jobs(plain, [dict(prompt=p, max_tokens=12)])[0] for p in prompts]
-        got = [_run_jobs(cached, [dict(prompt=p, max_tokens=12)]) for p in prompts]
-    finally:
-        plain.shutdown()
-        cached.shutdown()
-    assert [g[0] for g in got] == ref
-    hits = [g[1][0].cached_tokens for g in got]
-    ids = prompts[1].ids
-    last_image = len(ids) - ids[::-1].index(m.image_token_id)
-    assert hits[0] == 0 and hits[1] >= last_image and hits[2] <= ids.index(m.image_token_id)
+    kit.check_prefix_cache_reuses_the_image(m)
 
 
 def test_batching_loop_with_images_and_text(store):
     """Joined batches of image and text requests give one-at-a-time outputs; the vision
     cache serves a repeated image (all its tiles)."""
-    from vlmc.runtime.batcher import Batcher
-    from vlmc.runtime.vision_cache import VisionFeatureCache
-
-    m = store.vlm(store.ckpt("smolvlm"))
-    a, b = ck.make_test_image(100, 70, seed=10), ck.make_test_image(40, 30, seed=11)
-    prompts = [m.build_prompt("Describe the picture.", images=[a]), m.build_prompt("Tell me about shapes"),
-               m.build_prompt("What is on the left side?", images=[b]), m.build_prompt("Compare them.", images=[a, b]),
-               m.build_prompt("circle square " * 20)]
-    jobs = [dict(prompt=p, max_tokens=6 + 3 * i) for i, p in enumerate(prompts)]
-    vision = VisionFeatureCache()
-    batcher = Batcher(m, max_batch=8, prefill_chunk=16, vision_cache=vision)
-    try:
-        alone = [_run_jobs(batcher, [j])[0][0] for j in jobs]
-        together, _ = _run_jobs(batcher, jobs * 2)
-    finally:
-        batcher.shutdown()
-    assert together == alone * 2
-    assert batcher.counters["decode_steps"] < batcher.counters["batched_tokens"]
-    assert vision.hits >= 4 and vision.misses == 2
-    for p, toks in zip(prompts[:2], alone):
-        t, _ = run_vlmc(m, [p], steps=len(toks))
-        assert t[0].tolist() == toks
+    kit.check_batching_loop_with_images_and_text(store.vlm(store.ckpt("smolvlm")), second_image=(40, 30))
 
 
 def test_speculative_decoding_is_lossless(store):
     """Greedy output with prompt-lookup drafts (and with the model drafting for itself) is
     the output without them."""
-    m = store.vlm(store.ckpt("idefics3"))
-    image = ck.make_test_image(100, 70, seed=3)
-    for case in (dict(prompt="Describe the picture.", images=[image]),
-                 dict(prompt="Tell me a short story about the river. " * 3)):
-        plain = m.generate(max_tokens=24, **case)
-        for draft in ("prompt-lookup", m):
-            assert m.generate(max_tokens=24, draft=draft, **case).token_ids == plain.token_ids, (draft, case)
+    kit.check_speculation_is_lossless(store.vlm(store.ckpt("idefics3")))
 
 
 # ------------------------------------------------------------------------------ serve, bench, errors
@@ -438,37 +246,20 @@ def test_speculative_decoding_is_lossless(store):
 def test_serve_answers_image_chats(store):
     """Both model types behind one `vlmc serve`: an image chat answers what the Python API
     generates for the same messages."""
-    import io
-
-    from serve_helpers import LiveServer, data_uri, image_message
+    from serve_helpers import LiveServer
 
     infos = [store.ckpt(f) for f in ("idefics3", "smolvlm")]
-    buf = io.BytesIO()
-    ck.make_test_image(100, 70, seed=10).save(buf, format="PNG")
-    messages = image_message("Describe the picture.", data_uri(buf.getvalue()))
     server = LiveServer(*(str(store.artifact(i)) for i in infos))
     try:
-        ids = [m["id"] for m in json.loads(server.get("/v1/models")[2])["data"]]
-        assert len(ids) == 2
-        for info, model_id in zip(infos, ids):
-            status, body = server.post("/v1/chat/completions", {"model": model_id, "messages": messages,
-                                                                 "temperature": 0, "max_tokens": 8})
-            assert status == 200, body
-            want = store.vlm(info).generate(messages=messages, max_tokens=8, temperature=0)
-            # (the server trims the reply's outer whitespace: " The ..." here)
-            assert body["choices"][0]["message"]["content"] == want.text.strip()
-            assert body["usage"]["prompt_tokens"] == want.prompt_tokens
+        # (the server trims the reply's outer whitespace: " The ..." here)
+        kit.check_serve_answers(server, [store.vlm(i) for i in infos], kit.image_chat(), strip=True)
     finally:
         server.stop()
 
 
 @pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
 def test_bench_smoke(store, family):
-    from vlmc.bench import bench, format_report
-
-    r = bench(str(store.artifact(store.ckpt(family))), prompt_lengths=[8], decode_tokens=4, image_size=64, runs=1)
-    assert r["family"] == "idefics3" and r["decode"]["decode_tps"] > 0 and "image" in r
-    assert "idefics3" in format_report(r)
+    kit.check_bench_smoke(store.artifact(store.ckpt(family)), "idefics3")
 
 
 @pytest.mark.parametrize("change,message", [
@@ -479,20 +270,7 @@ def test_bench_smoke(store, family):
     (("config.json", {"text_config": {"model_type": "gpt2"}}), "'gpt2' is not supported"),
 ])
 def test_configs_vlmc_cannot_honour_are_refused(store, tmp_path, change, message):
-    import shutil
-
-    from vlmc.errors import VlmcError
-
-    src = tmp_path / "ck"
-    shutil.copytree(store.ckpt("idefics3")["path"], src)
-    name, patch = change
-    cfg = json.loads((src / name).read_text())
-    for key, value in patch.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and key != "size" else value
-    (src / name).write_text(json.dumps(cfg))
-    with pytest.raises(VlmcError, match=message):
-        vlmc_compile(src, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    kit.check_refused(store.ckpt("idefics3")["path"], tmp_path, change, message, replace=("size",))
 
 
 def test_literal_image_tokens_in_text_are_refused(store):

@@ -23,66 +23,20 @@ pytest.importorskip("transformers")
 
 import mlx.core as mx  # noqa: E402
 
+import parity_kit as kit  # noqa: E402
 import vlmc  # noqa: E402
 from fixtures import checkpoints as ck  # noqa: E402
 from fixtures import qwen3_5 as q35  # noqa: E402
-from test_parity import CASES, GREEDY_STEPS, LOGIT_ATOL, check_inputs, check_outputs, run_vlmc  # noqa: E402
-from vlmc.compiler import compile as vlmc_compile  # noqa: E402
+from parity_kit import LOGIT_ATOL  # noqa: E402
 
 CASE_NAMES = ["text", "one_image", "two_images", "multi_turn"]
+CASES = kit.Cases()
+build_prompt = CASES.prompt
 
-
-def _case(name):
-    messages, sizes = CASES[name]
-    return messages, [ck.make_test_image(w, h, seed=10 + i) for i, (w, h) in enumerate(sizes)]
-
-
-class Store:
-    def __init__(self, root: Path):
-        self.root = root
-        self.ckpts, self.arts, self.models, self.hf, self.refs = {}, {}, {}, {}, {}
-
-    def ckpt(self, **kw):
-        key = tuple(sorted(kw.items()))
-        if key not in self.ckpts:
-            name = "_".join(["qwen3_5"] + [f"{k}-{v}" for k, v in sorted(kw.items())])
-            self.ckpts[key] = q35.build_qwen3_5_checkpoint(self.root / "ckpt" / name, **kw)
-        return self.ckpts[key]
-
-    def vlm(self, info, **kw):
-        kw = {"target": "cpu", **kw}
-        key = (info["path"], tuple(sorted(kw.items())))
-        if key not in self.models:
-            tag = "-".join(f"{k}{v}" for k, v in sorted(kw.items()))
-            art = vlmc_compile(info["path"], self.root / "art" / f"{Path(info['path']).name}-{tag}", **kw)
-            self.arts[key] = art
-            self.models[key] = vlmc.load(art)
-        return self.models[key]
-
-    def hf_model(self, info):
-        if info["path"] not in self.hf:
-            self.hf[info["path"]] = (q35.hf_processor(info["path"]), q35.hf_model(info["path"]))
-        return self.hf[info["path"]]
-
-    def ref(self, info, case):
-        key = (info["path"], case)
-        if key not in self.refs:
-            proc, model = self.hf_model(info)
-            messages, images = _case(case)
-            self.refs[key] = q35.hf_reference(info["path"], messages, images, greedy_steps=GREEDY_STEPS,
-                                              processor=proc, model=model)
-        return self.refs[key]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    torch.set_num_threads(2)
-    return Store(tmp_path_factory.mktemp("qwen3_5"))
-
-
-def build_prompt(m, case):
-    messages, images = _case(case)
-    return m.build_prompt(messages=messages, images=images)
+store = kit.store_fixture(
+    "qwen3_5", build=q35.build_qwen3_5_checkpoint, cases=CASES,
+    hf=lambda info: (q35.hf_processor(info["path"]), q35.hf_model(info["path"])),
+    reference=lambda info, *a, **kw: q35.hf_reference(info["path"], *a, **kw))
 
 
 # ------------------------------------------------------------------------------ parity
@@ -91,20 +45,15 @@ def build_prompt(m, case):
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_parity(store, case):
     info = store.ckpt()
-    ref = store.ref(info, case)
     m = store.vlm(info)
-    p = build_prompt(m, case)
-    check_inputs(p, ref, "qwen3_5")
-    toks, logits = run_vlmc(m, [p])
-    check_outputs(toks[0], logits[0], ref, f"qwen3_5/{case}")
+    kit.assert_parity(m, build_prompt(m, case), store.ref(info, case), f"qwen3_5/{case}", pixels=kit.check_patches)
 
 
 def test_v4_layout(store):
     info = store.ckpt(layout="v4")
     ref = store.ref(store.ckpt(), "one_image")  # the same weights (seed 0)
     m = store.vlm(info)
-    toks, logits = run_vlmc(m, [build_prompt(m, "one_image")])
-    check_outputs(toks[0], logits[0], ref, "qwen3_5/v4/one_image")
+    kit.check_generation(m, build_prompt(m, "one_image"), ref, "qwen3_5/v4/one_image")
 
 
 # ------------------------------------------------------------------------------ the hybrid stack
@@ -133,7 +82,7 @@ def test_hybrid_layers_step_by_step_match_transformers_recurrent_and_chunked(sto
     from vlmc.runtime.step import Sequences
 
     info = store.ckpt()
-    _, model = store.hf_model(info)
+    _, model = store.hf_pair(info)
     m = store.vlm(info)
     p = m.build_prompt("Tell me a short story about the river and the old mill by the bridge.")
     ids = torch.tensor([p.ids])
@@ -158,36 +107,8 @@ def test_batched_prompts_equal_serial(store):
     through prefill and decode give what each gives alone; padding columns never reach a
     recurrent state."""
     m = store.vlm(store.ckpt())
-    prompts = [build_prompt(m, "one_image"), build_prompt(m, "text")]
-    assert len(prompts[0].ids) != len(prompts[1].ids)
-    toks, logits = run_vlmc(m, prompts)
-    for i, p in enumerate(prompts):
-        t1, l1 = run_vlmc(m, [p])
-        np.testing.assert_array_equal(toks[i], t1[0])
-        assert float(np.abs(logits[i] - l1[0]).max()) <= LOGIT_ATOL
-
-
-def _run_jobs(batcher, jobs, timeout=300):
-    import threading
-
-    from vlmc.runtime.batcher import Job, TokenEvent
-
-    tokens, finish, done = [[] for _ in jobs], [None] * len(jobs), threading.Event()
-
-    def emit(i):
-        def on_event(ev):
-            if isinstance(ev, TokenEvent):
-                tokens[i].append(ev.token)
-            else:
-                finish[i] = ev
-                if all(f is not None for f in finish):
-                    done.set()
-        return on_event
-
-    for i, kw in enumerate(jobs):
-        batcher.submit(Job(emit=emit(i), **kw))
-    assert done.wait(timeout), "jobs did not finish"
-    return tokens, finish
+    names = ("one_image", "text")
+    kit.check_batched_matches_single(m, [build_prompt(m, c) for c in names], names, "qwen3_5/batch")
 
 
 def test_batching_loop_joins_and_keeps_rows(store):
@@ -202,8 +123,8 @@ def test_batching_loop_joins_and_keeps_rows(store):
     jobs = [dict(prompt=p, max_tokens=5 + 4 * i) for i, p in enumerate(prompts)]
     batcher = Batcher(m, max_batch=8, prefill_chunk=16)
     try:
-        alone = [_run_jobs(batcher, [j])[0][0] for j in jobs]
-        together, _ = _run_jobs(batcher, jobs * 2)
+        alone = [kit.run_jobs(batcher, [j], timeout=300)[0][0] for j in jobs]
+        together, _ = kit.run_jobs(batcher, jobs * 2, timeout=300)
     finally:
         batcher.shutdown()
     assert together == alone * 2
@@ -244,7 +165,7 @@ def test_speculation_is_lossless(store):
 
     batcher = Batcher(m, speculation=Speculation(HalfRight(), num_draft_tokens=4, adaptive=False))
     try:
-        got, _ = _run_jobs(batcher, [dict(prompt=p, max_tokens=24) for p in prompts])
+        got, _ = kit.run_jobs(batcher, [dict(prompt=p, max_tokens=24) for p in prompts], timeout=300)
     finally:
         batcher.shutdown()
     assert got == plain
@@ -259,7 +180,7 @@ def test_thinking_is_on_by_default(store):
     """The template opens a think block unless enable_thinking is false, as transformers
     renders it."""
     info = store.ckpt()
-    proc, _ = store.hf_model(info)
+    proc, _ = store.hf_pair(info)
     m = store.vlm(info)
     messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
     on = m.build_prompt(messages=messages)
@@ -283,8 +204,7 @@ def test_plan_and_inspect_show_recurrent_states(store):
     from vlmc.cli import main
 
     info = store.ckpt()
-    store.vlm(info)
-    art = next(a for k, a in store.arts.items() if k[0] == info["path"])
+    art = store.artifact(info)
     manifest = json.loads((Path(art) / "manifest.json").read_text())
     layers = manifest["kv_plan"]["decoder"]
     assert [L["kv"]["layout"] for L in layers] == ["recurrent", "dense", "recurrent", "recurrent", "dense"]
@@ -312,7 +232,7 @@ def test_blocks_match_transformers_decoder_layers(store, kind):
     from vlmc.runtime.state_cache import StateCache
 
     info = store.ckpt()
-    _, model = store.hf_model(info)
+    _, model = store.hf_pair(info)
     m = store.vlm(info)
     layer = q35.LAYER_TYPES.index(kind)
     n = 9
@@ -340,8 +260,7 @@ def test_bench_and_long_context_report(store):
     from vlmc.bench import bench, format_report
 
     info = store.ckpt()
-    store.vlm(info)
-    art = next(a for k, a in store.arts.items() if k[0] == info["path"])
+    art = store.artifact(info)
     r = bench(str(art), prompt_lengths=[8], decode_tokens=4, image_size=64, runs=1)
     assert r["family"] == "qwen3_5" and r["decode"]["decode_tps"] > 0 and "image" in r
     assert "qwen3_5" in format_report(r)

@@ -22,58 +22,21 @@ pytest.importorskip("transformers")
 
 import mlx.core as mx  # noqa: E402
 
-import vlmc  # noqa: E402
+import parity_kit as kit  # noqa: E402
 from fixtures import checkpoints as ck  # noqa: E402
 from fixtures import qwen3_5 as q35  # noqa: E402
 from fixtures import qwen3_5_moe as qm  # noqa: E402
-from test_parity import GREEDY_STEPS, LOGIT_ATOL, check_inputs, check_outputs, run_vlmc  # noqa: E402
-from test_parity_qwen3_5 import _case, build_prompt  # noqa: E402
+from parity_kit import LOGIT_ATOL, run_vlmc  # noqa: E402
 from vlmc.compiler import compile as vlmc_compile  # noqa: E402
 
 CASE_NAMES = ["text", "one_image", "multi_turn"]
+CASES = kit.Cases()
+_case, build_prompt = CASES.inputs, CASES.prompt
 
-
-class Store:
-    def __init__(self, root: Path):
-        self.root = root
-        self.ckpts, self.arts, self.models, self.hf, self.refs = {}, {}, {}, {}, {}
-
-    def ckpt(self, **kw):
-        key = tuple(sorted(kw.items()))
-        if key not in self.ckpts:
-            name = "_".join(["qwen3_5_moe"] + [f"{k}-{v}" for k, v in sorted(kw.items())])
-            self.ckpts[key] = qm.build_qwen3_5_moe_checkpoint(self.root / "ckpt" / name, **kw)
-        return self.ckpts[key]
-
-    def vlm(self, info, **kw):
-        kw = {"target": "cpu", **kw}
-        key = (info["path"], tuple(sorted(kw.items())))
-        if key not in self.models:
-            tag = "-".join(f"{k}{v}" for k, v in sorted(kw.items()))
-            art = vlmc_compile(info["path"], self.root / "art" / f"{Path(info['path']).name}-{tag}", **kw)
-            self.arts[key] = art
-            self.models[key] = vlmc.load(art)
-        return self.models[key]
-
-    def hf_model(self, info):
-        if info["path"] not in self.hf:
-            self.hf[info["path"]] = (q35.hf_processor(info["path"]), qm.hf_model(info["path"]))
-        return self.hf[info["path"]]
-
-    def ref(self, info, case):
-        key = (info["path"], case)
-        if key not in self.refs:
-            proc, model = self.hf_model(info)
-            messages, images = _case(case)
-            self.refs[key] = qm.hf_reference(info["path"], messages, images, greedy_steps=GREEDY_STEPS,
-                                             processor=proc, model=model)
-        return self.refs[key]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    torch.set_num_threads(2)
-    return Store(tmp_path_factory.mktemp("qwen3_5_moe"))
+store = kit.store_fixture(
+    "qwen3_5_moe", build=qm.build_qwen3_5_moe_checkpoint, cases=CASES,
+    hf=lambda info: (q35.hf_processor(info["path"]), qm.hf_model(info["path"])),
+    reference=lambda info, *a, **kw: qm.hf_reference(info["path"], *a, **kw))
 
 
 # ------------------------------------------------------------------------------ parity
@@ -82,12 +45,8 @@ def store(tmp_path_factory):
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_parity(store, case):
     info = store.ckpt()
-    ref = store.ref(info, case)
     m = store.vlm(info)
-    p = build_prompt(m, case)
-    check_inputs(p, ref, "qwen3_5_moe")
-    toks, logits = run_vlmc(m, [p])
-    check_outputs(toks[0], logits[0], ref, f"qwen3_5_moe/{case}")
+    kit.assert_parity(m, build_prompt(m, case), store.ref(info, case), f"qwen3_5_moe/{case}", pixels=kit.check_patches)
 
 
 @pytest.mark.parametrize("kw", [dict(layout="v4"), dict(experts="fused")], ids=["v4", "fused_experts"])
@@ -97,15 +56,14 @@ def test_other_layouts(store, kw):
     info = store.ckpt(**kw)
     ref = store.ref(store.ckpt(), "one_image")
     m = store.vlm(info)
-    toks, logits = run_vlmc(m, [build_prompt(m, "one_image")])
-    check_outputs(toks[0], logits[0], ref, f"qwen3_5_moe/{kw}/one_image")
+    kit.check_generation(m, build_prompt(m, "one_image"), ref, f"qwen3_5_moe/{kw}/one_image")
 
 
 # ------------------------------------------------------------------------------ the MoE ops
 
 
 def _sparse_block(store, layer=0):
-    _, model = store.hf_model(store.ckpt())
+    _, model = store.hf_pair(store.ckpt())
     return model.model.language_model.layers[layer].mlp
 
 
@@ -254,7 +212,7 @@ def test_routing_matches_transformers_router(store, monkeypatch, case):
     from vlmc.runtime.step import Sequences
 
     info = store.ckpt()
-    proc, model = store.hf_model(info)
+    proc, model = store.hf_pair(info)
     m = store.vlm(info)
     messages, images = _case(case)
     prompt = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -379,8 +337,7 @@ def test_quantized_weights_run_and_stay_close(store, monkeypatch):
     forced, free, agree, flips = {}, {}, {}, {}
     for scheme, bits in (("q8", 8), ("q4", 4)):
         q = store.vlm(info, quantize=scheme)
-        art = next(a for k, a in store.arts.items() if k[0] == info["path"] and ("quantize", scheme) in k[1])
-        manifest = json.loads((Path(art) / "manifest.json").read_text())
+        manifest = json.loads((store.artifact(info, quantize=scheme) / "manifest.json").read_text())
         for layer in ("attn_layers.0", "linear_layers.2"):
             name = f"text.{layer}.mlp.experts.gate_up_proj"
             assert manifest["quantized"][name]["bits"] == bits
@@ -419,13 +376,8 @@ def test_batched_prompts_equal_serial(store):
     """Two different prompts (one with an image, left padding for the shorter) batched
     through prefill and decode give what each gives alone: routing is per token."""
     m = store.vlm(store.ckpt())
-    prompts = [build_prompt(m, "one_image"), build_prompt(m, "text")]
-    assert len(prompts[0].ids) != len(prompts[1].ids)
-    toks, logits = run_vlmc(m, prompts)
-    for i, p in enumerate(prompts):
-        t1, l1 = run_vlmc(m, [p])
-        np.testing.assert_array_equal(toks[i], t1[0])
-        assert float(np.abs(logits[i] - l1[0]).max()) <= LOGIT_ATOL
+    names = ("one_image", "text")
+    kit.check_batched_matches_single(m, [build_prompt(m, c) for c in names], names, "qwen3_5_moe/batch")
 
 
 def test_reference_op_library_matches_cpu_target(store):
@@ -437,8 +389,7 @@ def test_reference_op_library_matches_cpu_target(store):
     p = build_prompt(cpu, "one_image")
     toks, logits = run_vlmc(cpu, [p], steps=8)
     ref = store.vlm(info, target="cuda")
-    assert "from vlmc.kernels import gpu_ops as ops" in (Path(store.arts[(info["path"], (("target", "cuda"),))])
-                                                        / "model.py").read_text()
+    assert "from vlmc.kernels import gpu_ops as ops" in (store.artifact(info, target="cuda") / "model.py").read_text()
     t2, l2 = run_vlmc(ref, [build_prompt(ref, "one_image")], steps=8)
     np.testing.assert_array_equal(t2, toks)
     assert float(np.abs(l2 - logits).max()) <= LOGIT_ATOL
@@ -477,9 +428,7 @@ def test_bench_roofline_counts_routed_experts_only(store):
     from vlmc.bench import weight_roofline
 
     info = store.ckpt()
-    store.vlm(info)
-    art = next(a for k, a in store.arts.items() if k[0] == info["path"] and len(k[1]) == 1)
-    manifest = json.loads((Path(art) / "manifest.json").read_text())
+    manifest = json.loads((store.artifact(info) / "manifest.json").read_text())
     roof = weight_roofline(manifest)
     experts = sum(4 * int(np.prod(t["shape"])) for n, t in manifest["tensors"].items() if ".mlp.experts." in n)
     assert experts > 0

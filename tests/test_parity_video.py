@@ -33,7 +33,7 @@ if import_torchvision() is None:
 import vlmc  # noqa: E402
 from vlmc.compiler import compile as vlmc_compile  # noqa: E402
 
-from test_parity import GREEDY_STEPS, LOGIT_STEPS, check_outputs, run_vlmc  # noqa: E402
+from parity_kit import GREEDY_STEPS, LOGIT_STEPS, check_outputs, run_vlmc  # noqa: E402
 
 # name -> (clips: (frames, width, height, fps), the sampling, images (w, h), content order)
 CASES = {
