@@ -594,12 +594,37 @@ class Batcher:
             top = sorted(zip(order.tolist(), vals.tolist()), key=lambda t: -t[1])[:k]
         return float(lp[token].item()), top
 
+    @staticmethod
+    def _plain_greedy(row: _Row) -> bool:
+        """Whether the row's next token is the argmax of its logits with at most EOS held back
+        (no forced token, constraint, penalty or sampling)."""
+        job, p = row.job, row.sampler.params
+        return (not row.forced and job.constraint is None and p.greedy and p.repetition_penalty == 1.0
+                and not job.presence_penalty and not job.frequency_penalty)
+
+    def _greedy_picks(self, rows: list[_Row], logits: mx.array, which: list[int]) -> mx.array:
+        """The argmax of rows ``which`` (plain greedy ones), in one masked argmax over them all:
+        the values each row's own ``_masked`` and sampler would take the argmax of."""
+        sub = logits if len(which) == len(rows) else logits[mx.array(which, dtype=mx.int32)]
+        hold = np.array([rows[i].generated < rows[i].job.min_tokens for i in which])
+        sub = sub.astype(mx.float32)
+        if hold.any():
+            sub = mx.where(self._eos_hide(sub.shape[-1]) & mx.array(hold)[:, None], float("-inf"), sub)
+        return mx.argmax(sub, axis=-1).astype(mx.int32)
+
     def _sample(self, rows: list[_Row], logits: mx.array) -> tuple[list[int], list[Any]]:
-        """One next token per row, each with its own sampler, constraint and forced tokens."""
+        """One next token per row, each with its own sampler, constraint and forced tokens.
+        Plain greedy rows (most of a served batch) share one argmax: a step's sampling is
+        then a few MLX ops, not a few per row."""
+        greedy = [i for i, row in enumerate(rows) if self._plain_greedy(row)] if len(rows) > 1 else []
+        shared = self._greedy_picks(rows, logits, greedy) if greedy else None
+        in_shared = set(greedy)
         picks, lps = [], []
         for i, row in enumerate(rows):
             row_logits = logits[i:i + 1]
-            if row.forced:
+            if i in in_shared:
+                pass
+            elif row.forced:
                 picks.append(mx.array([row.forced[0]], dtype=mx.int32))
             else:
                 row_logits = self._masked(row, row_logits)
@@ -607,21 +632,26 @@ class Batcher:
                 picks.append(row.sampler(row_logits, [row.history] if penalty else None))
             lps.append(None if row.job.logprobs is None else
                        logits[i].astype(mx.float32) - mx.logsumexp(logits[i].astype(mx.float32)))
-        tokens = mx.concatenate(picks)
-        mx.eval(tokens, *[lp for lp in lps if lp is not None])
-        tokens = tokens.tolist()
+        own = mx.concatenate(picks) if picks else None
+        mx.eval(*[a for a in (shared, own) if a is not None], *[lp for lp in lps if lp is not None])
+        shared_ids = dict(zip(greedy, shared.tolist())) if shared is not None else {}
+        own_ids = iter(own.tolist() if own is not None else [])
+        tokens = [shared_ids[i] if i in shared_ids else next(own_ids) for i in range(len(rows))]
         infos = []
         for row, token, lp in zip(rows, tokens, lps):
             infos.append(None if lp is None else self._logprob_info(row, lp, token))
         return tokens, infos
 
-    def _mask_eos(self, logits: mx.array) -> mx.array:
-        vocab = logits.shape[-1]
-        if self._eos_mask is None or self._eos_mask.shape[-1] != vocab:  # built once, not per step
+    def _eos_hide(self, vocab: int) -> mx.array:
+        """[1, vocab]: True at the EOS ids (built once, not per step)."""
+        if self._eos_mask is None or self._eos_mask.shape[-1] != vocab:
             hide = np.zeros(vocab, dtype=bool)
             hide[[i for i in self.vlm.eos_ids if i < vocab]] = True
             self._eos_mask = mx.array(hide)[None]
-        return mx.where(self._eos_mask, float("-inf"), logits.astype(mx.float32))
+        return self._eos_mask
+
+    def _mask_eos(self, logits: mx.array) -> mx.array:
+        return mx.where(self._eos_hide(logits.shape[-1]), float("-inf"), logits.astype(mx.float32))
 
     @staticmethod
     def _penalize(row: _Row, logits: mx.array) -> mx.array:
