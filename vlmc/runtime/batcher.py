@@ -602,27 +602,33 @@ class Batcher:
         return (not row.forced and job.constraint is None and p.greedy and p.repetition_penalty == 1.0
                 and not job.presence_penalty and not job.frequency_penalty)
 
-    def _greedy_picks(self, rows: list[_Row], logits: mx.array, which: list[int]) -> mx.array:
-        """The argmax of rows ``which`` (plain greedy ones), in one masked argmax over them all:
-        the values each row's own ``_masked`` and sampler would take the argmax of."""
-        sub = logits if len(which) == len(rows) else logits[mx.array(which, dtype=mx.int32)]
-        hold = np.array([rows[i].generated < rows[i].job.min_tokens for i in which])
-        sub = sub.astype(mx.float32)
-        if hold.any():
-            sub = mx.where(self._eos_hide(sub.shape[-1]) & mx.array(hold)[:, None], float("-inf"), sub)
-        return mx.argmax(sub, axis=-1).astype(mx.int32)
+    def _greedy_picks(self, rows: list[_Row], logits: mx.array, which: list[int]) -> dict[int, int]:
+        """Row -> its token for rows ``which`` (plain greedy ones), picked on the host: numpy's
+        argmax picks what MLX's does (the first of equal maxima, the first NaN) at a small
+        part of its cost over a large vocabulary. A row holding EOS back whose pick is an EOS
+        id is picked again with those ids at -inf, as ``_masked`` has them (any other pick
+        is also the masked row's first maximum)."""
+        if not which:
+            return {}
+        host = np.asarray(logits if logits.dtype == mx.float32 else logits.astype(mx.float32))
+        out = {}
+        for i in which:
+            pick = int(np.argmax(host[i]))
+            if rows[i].generated < rows[i].job.min_tokens:
+                hide = np.asarray(self._eos_hide(host.shape[-1]))[0]
+                if hide[pick]:
+                    pick = int(np.argmax(np.where(hide, np.float32(-np.inf), host[i])))
+            out[i] = pick
+        return out
 
     def _sample(self, rows: list[_Row], logits: mx.array) -> tuple[list[int], list[Any]]:
         """One next token per row, each with its own sampler, constraint and forced tokens.
-        Plain greedy rows (most of a served batch) share one argmax: a step's sampling is
-        then a few MLX ops, not a few per row."""
-        greedy = [i for i, row in enumerate(rows) if self._plain_greedy(row)] if len(rows) > 1 else []
-        shared = self._greedy_picks(rows, logits, greedy) if greedy else None
-        in_shared = set(greedy)
+        Plain greedy rows (most of a served batch) are picked on the host."""
+        shared = self._greedy_picks(rows, logits, [i for i, row in enumerate(rows) if self._plain_greedy(row)])
         picks, lps = [], []
         for i, row in enumerate(rows):
             row_logits = logits[i:i + 1]
-            if i in in_shared:
+            if i in shared:
                 pass
             elif row.forced:
                 picks.append(mx.array([row.forced[0]], dtype=mx.int32))
@@ -633,10 +639,9 @@ class Batcher:
             lps.append(None if row.job.logprobs is None else
                        logits[i].astype(mx.float32) - mx.logsumexp(logits[i].astype(mx.float32)))
         own = mx.concatenate(picks) if picks else None
-        mx.eval(*[a for a in (shared, own) if a is not None], *[lp for lp in lps if lp is not None])
-        shared_ids = dict(zip(greedy, shared.tolist())) if shared is not None else {}
-        own_ids = iter(own.tolist() if own is not None else [])
-        tokens = [shared_ids[i] if i in shared_ids else next(own_ids) for i in range(len(rows))]
+        mx.eval(*([] if own is None else [own]), *[lp for lp in lps if lp is not None])
+        own_ids = iter([] if own is None else own.tolist())
+        tokens = [shared[i] if i in shared else next(own_ids) for i in range(len(rows))]
         infos = []
         for row, token, lp in zip(rows, tokens, lps):
             infos.append(None if lp is None else self._logprob_info(row, lp, token))
