@@ -16,7 +16,9 @@ every layer's and the head's, B rows, one ctypes call each) right after. Artifac
 batch sizes alternate within each round; medians over the rounds. ``--cpu-time``: one
 kernel thread (``VLMC_CPU_THREADS=1`` is set here) timed in thread CPU time, which a
 loaded machine moves far less than wall time (sampling's MLX ops run on MLX's own thread
-and are missed there).
+and are missed there). Last, the sampling alone: each B's greedy picks as ``_sample``
+makes them against MLX's argmax per row (what each row's own sampler computes),
+alternating, on one artifact's logits.
 """
 from __future__ import annotations
 
@@ -123,13 +125,31 @@ def main() -> None:
                     phases[(mi, B, k)].append(v / args.steps)
                 print(f"round {r + 1} {Path(paths[mi]).name} B={B:2d}: step {statistics.median(times) * 1e3:7.2f} ms, "
                       f"GEMVs alone {gemvs * 1e3:7.2f} ms  load {os.getloadavg()[0]:.2f}", flush=True)
-    print(f"\nmedians of {args.rounds} round(s), ms per step{' (thread CPU time, one thread)' if args.cpu_time else ''}")
+    clock_note = " (thread CPU time, one thread)" if args.cpu_time else ""
+    print(f"\nmedians of {args.rounds} round(s), ms per step{clock_note}")
     labels = ["C call", *OPS, "mask", "sampling"]
-    print(f"{'artifact':>24s} {'B':>3s} {'step':>7s} {'GEMVs':>7s} {'tok/s':>7s} " + " ".join(f"{k[:13]:>13s}" for k in labels))
+    print(f"{'artifact':>24s} {'B':>3s} {'step':>7s} {'GEMVs':>7s} {'tok/s':>7s} "
+          + " ".join(f"{k[:13]:>13s}" for k in labels))
     for (mi, B), rows in sorted(steps.items()):
         st, g = (statistics.median(x[i] for x in rows) * 1e3 for i in (0, 1))
         cells = " ".join(f"{statistics.median(phases.get((mi, B, k), [0])) * 1e3:13.3f}" for k in labels)
         print(f"{Path(paths[mi]).name[-24:]:>24s} {B:3d} {st:7.2f} {g:7.2f} {B / st * 1e3:7.2f} {cells}")
+    print("\ngreedy picks alone (wall ms, medians of 20): Batcher._sample | MLX argmax per row")
+    for B in sizes:
+        rows = [batcher._Row(batcher.Job(Prompt(ids=[1]), lambda ev: None, SamplingParams(), max_tokens=10 ** 4,
+                                         min_tokens=10 ** 4), models[0], 10 ** 5) for _ in range(B)]
+        logits = mx.array(np.random.default_rng(B).standard_normal((B, projs[-1].N)).astype(np.float32))  # N: vocab
+        mx.eval(logits)
+
+        def per_row(rows=rows, logits=logits) -> None:
+            mx.eval(mx.concatenate([r.sampler(loop._masked(r, logits[i:i + 1])) for i, r in enumerate(rows)]))
+        took: dict[str, list[float]] = {"host": [], "mlx": []}
+        for _ in range(20):
+            for name, fn in (("host", lambda rows=rows, logits=logits: loop._sample(rows, logits)), ("mlx", per_row)):
+                t = time.perf_counter()
+                fn()
+                took[name].append(time.perf_counter() - t)
+        print(f"B={B:2d}: {statistics.median(took['host']) * 1e3:7.3f} | {statistics.median(took['mlx']) * 1e3:7.3f}")
 
 
 if __name__ == "__main__":
