@@ -33,10 +33,12 @@ from vlmc.runtime.sampling import Sampler, SamplingParams  # noqa: E402
 CONFIGS = {
     "bfloat16": ({"dtype": "bfloat16"}, True),
     "q8": ({"quantize": "q8"}, True),
+    "q8 f32 params": ({"quantize": "q8", "quant_params": "float32"}, True),
     "q8, float x": ({"quantize": "q8"}, False),
     "q8 g32": ({"quantize": "q8", "group_size": 32}, True),
     "q6": ({"quantize": "q6"}, True),
     "q4 (head q6)": ({"quantize": "q4"}, True),
+    "q4 f32 params": ({"quantize": "q4", "quant_params": "float32"}, True),
 }
 
 

@@ -384,3 +384,34 @@ def run_alone(m, p):
         return run_jobs(b, [dict(prompt=p, max_tokens=6)]).tokens[0]
     finally:
         b.shutdown()
+
+
+def test_greedy_rows_picked_on_the_host_get_what_mlx_picks(demo):
+    """Plain greedy rows are picked with numpy's argmax; every row still gets the token its
+    own MLX path (EOS held under min_tokens, ties, NaN, forced tokens, penalties, sampling)
+    gives."""
+    from vlmc.runtime.batcher import _Row
+    b = Batcher(demo)
+    b.shutdown()
+    p = Prompt(ids=[5, 6, 7])
+    eos = sorted(demo.eos_ids)[0]
+    kinds = [dict(), dict(min_tokens=4), dict(frequency_penalty=1.5), dict(), dict(min_tokens=4),
+             dict(params=SamplingParams(temperature=0.8, seed=3)), dict(), dict(min_tokens=4), dict(min_tokens=4)]
+    rows = [_Row(Job(prompt=p, emit=lambda ev: None, max_tokens=8, **kw), demo, 4096) for kw in kinds]
+    rows[3].forced.append(9)
+    for row in rows:
+        row.history += [11, 11, 12]
+    vocab = demo.tokenizer.vocab_size
+    host = np.random.default_rng(0).standard_normal((len(rows), vocab)).astype(np.float32)
+    host[:, eos] = 50.0  # EOS is every row's argmax: the held rows must pick the next best
+    host[2, 11] = 49.0   # under the penalty row 2's second best loses its place
+    host[7, [20, 30]] = 60.0  # a tie: the first
+    host[8, [40, 45]] = np.nan  # NaN: the first, as MLX's argmax
+    logits = mx.array(host)
+    tokens, _ = b._sample(rows, logits)
+    in_mlx = [int(row.sampler(b._masked(row, logits[i:i + 1]))[0].item()) for i, row in enumerate(rows)]
+    for i in (0, 1, 2, 4, 6, 7, 8):
+        assert tokens[i] == in_mlx[i], i
+    assert tokens[0] == eos and tokens[1] != eos and tokens[3] == 9 and tokens[7] == 20 and tokens[8] == 40
+    assert [b._sample([row], logits[i:i + 1])[0][0] for i, row in enumerate(rows) if i != 5] == \
+        [t for i, t in enumerate(tokens) if i != 5]

@@ -59,6 +59,9 @@ TARGET = click.Choice(["cpu", "metal", "cuda"])
               help="Scheme for embeddings and LM head: auto (q6 under q2-q4, q8 under q5-q6, mxfp8 under mxfp4/nvfp4), none (float), or a scheme.")
 @click.option("--recipe", type=click.Choice(["uniform", "mixed"]), default="uniform", show_default=True,
               help="mixed: first/last decoder layers, v_proj and down_proj at 6 bits (8 for q2/q3).")
+@click.option("--quant-params", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="dtype of affine codes' scales and biases (auto: bfloat16 for --target cpu "
+                                      "under float32 weights, else the weights' dtype).")
 @click.option("--quantize-activations", is_flag=True,
               help="With -q mxfp8/nvfp4 and --target cuda: round each quantized linear layer's input to its "
                    "weight's format too (MLX's qqmm on the GPU; emulated where it cannot run).")
@@ -69,13 +72,14 @@ TARGET = click.Choice(["cpu", "metal", "cuda"])
 @kv_flags
 @exit_on_user_error
 def compile_cmd(src: str, out: Path | None, dtype: str, target: str | None, preset: str, quantize: str | None,
-                group_size: int, quantize_vision: bool, head: str, recipe: str, quantize_activations: bool,
-                no_fuse: tuple[str, ...], fuse: tuple[str, ...], **kv_kw) -> None:
+                group_size: int, quantize_vision: bool, head: str, recipe: str, quant_params: str,
+                quantize_activations: bool, no_fuse: tuple[str, ...], fuse: tuple[str, ...], **kv_kw) -> None:
     """Compile SRC (a checkpoint folder or Hugging Face hub id) into an MLX artifact."""
     from .compiler import compile as compile_checkpoint
     path = compile_checkpoint(src, out, dtype=dtype, target=target, preset=preset, quantize=quantize,
                               group_size=group_size, quantize_vision=quantize_vision, head=head, recipe=recipe,
-                              no_fuse=no_fuse, fuse=fuse, quantize_activations=quantize_activations, progress=True,
+                              no_fuse=no_fuse, fuse=fuse, quantize_activations=quantize_activations,
+                              quant_params=quant_params, progress=True,
                               **pop_kv(kv_kw))
     click.echo(str(path))
 

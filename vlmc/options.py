@@ -15,6 +15,7 @@ from typing import Any
 from .errors import VlmcError
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+QUANT_PARAM_DTYPES = ("auto", *FLOAT_DTYPES)  # scales and biases of affine codes
 TARGETS = ("cpu", "metal", "cuda")
 PRESETS = ("default", "none")
 AFFINE_SCHEMES = {"q2": 2, "q3": 3, "q4": 4, "q5": 5, "q6": 6, "q8": 8}
@@ -116,6 +117,7 @@ class CompileOptions:
     no_fuse: tuple[str, ...] = ()
     fuse: tuple[str, ...] = ()
     quantize_activations: bool = False
+    quant_params: str = "auto"
     kv: KVOptions = field(default_factory=KVOptions)
 
     def __post_init__(self) -> None:
@@ -132,6 +134,7 @@ class CompileOptions:
         one_of("--recipe", self.recipe, RECIPES)
         if self.quantize is not None:
             one_of("--quantize", self.quantize, QUANT_SCHEMES)
+        one_of("--quant-params", self.quant_params, QUANT_PARAM_DTYPES)
         if self.head not in ("auto", "none") and self.head not in QUANT_SCHEMES:
             raise VlmcError(f"--head must be auto, none or one of {', '.join(QUANT_SCHEMES)}, got {self.head!r}")
         if self.quantize_activations and self.quantize not in ACTIVATION_SCHEMES:
@@ -153,10 +156,23 @@ class CompileOptions:
             fusing["enable"] = list(self.fuse)
         quant = {"scheme": self.quantize, "group_size": self.group_size, "vision": self.quantize_vision,
                  "head": self.head, "recipe": self.recipe, "activations": self.quantize_activations}
+        params = self.affine_param_dtype()
+        if params is not None:
+            quant["params"] = params
         return {"fuse": fusing, "storage_dtype": {"dtype": self.dtype},
                 "quantize": quant if self.quantize else {},
                 "kv_layout": {"options": self.kv},
                 "lower": {"target": self.target, "decode_layer": "decode_layer" not in self.no_fuse}}
+
+    def affine_param_dtype(self) -> str | None:
+        """The dtype affine codes' scales and biases are stored in (None: the weights' own).
+        ``auto`` on the cpu target: bfloat16 under float32 weights, since its kernels read
+        bfloat16 parameters natively and a decode step reads a tenth fewer bytes of q4
+        weights (the compile's rel_error and a quality check barely move:
+        benchmarks/README.md); elsewhere the weights' dtype."""
+        if self.quant_params != "auto":
+            return self.quant_params
+        return "bfloat16" if self.target == "cpu" and self.dtype == "float32" else None
 
     def key(self) -> dict[str, Any]:
         """A JSON-ready form for cache keys and manifests (KV options as their changes only)."""

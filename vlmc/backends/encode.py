@@ -121,7 +121,8 @@ def stored_tensors(p: Param) -> list[tuple[str, tuple[int, ...], str]]:
     rows, groups = tuple(rows), k // q["group_size"]
     out = [(p.name, rows + (k * q["bits"] // 32,), "uint32")]
     if q["mode"] == "affine":
-        out += [(p.name + ".scales", rows + (groups,), p.dtype), (p.name + ".biases", rows + (groups,), p.dtype)]
+        pd = q.get("param_dtype", p.dtype)
+        out += [(p.name + ".scales", rows + (groups,), pd), (p.name + ".biases", rows + (groups,), pd)]
     else:
         out += [(p.name + ".scales", rows + (groups,), "uint8")]
     return out
@@ -140,7 +141,7 @@ def write_param(writer: ShardWriter, p: Param, read: Callable, report: dict[str,
     sums: list[tuple[mx.array, mx.array]] = []
     for load in row_blocks(p, read):
         w = mx.array(load())   # (the float32 block is dropped once MLX has its copy)
-        codes, block_params, squared = _quantize_block(w, q, p.dtype)
+        codes, block_params, squared = _quantize_block(w, q, q.get("param_dtype", p.dtype))
         del w
         writer.write(p.name, codes)
         params.append(block_params)
@@ -152,8 +153,8 @@ def write_param(writer: ShardWriter, p: Param, read: Callable, report: dict[str,
 
 
 def _quantize_block(w, q: dict[str, Any], dtype: str):
-    """A float32 [r, K] MLX block -> (packed codes, [scales(, biases)] as stored, (squared
-    error, squared norm) as float32 scalars)."""
+    """A float32 [r, K] MLX block -> (packed codes, [scales(, biases)] as stored in ``dtype``,
+    (squared error, squared norm) as float32 scalars)."""
     import mlx.core as mx
     from .quantize import dequantized, quantize_array
     qw = quantize_array(w, bits=q["bits"], group_size=q["group_size"], mode=q["mode"],

@@ -122,7 +122,7 @@ class Param:
             return n * dtype_size(self.dtype)
         groups = n // q["group_size"]
         if q["mode"] == "affine":
-            return n * q["bits"] // 8 + 2 * groups * dtype_size(self.dtype)
+            return n * q["bits"] // 8 + 2 * groups * dtype_size(q.get("param_dtype", self.dtype))
         return n * q["bits"] // 8 + groups  # one uint8 scale per group
 
 

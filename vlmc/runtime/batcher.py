@@ -597,12 +597,43 @@ class Batcher:
             top = sorted(zip(order.tolist(), vals.tolist()), key=lambda t: -t[1])[:k]
         return float(lp[token].item()), top
 
+    @staticmethod
+    def _plain_greedy(row: _Row) -> bool:
+        """Whether the row's next token is the argmax of its logits with at most EOS held back
+        (no forced token, constraint, penalty or sampling)."""
+        job, p = row.job, row.sampler.params
+        return (not row.forced and job.constraint is None and p.greedy and p.repetition_penalty == 1.0
+                and not job.presence_penalty and not job.frequency_penalty)
+
+    def _greedy_picks(self, rows: list[_Row], logits: mx.array, which: list[int]) -> dict[int, int]:
+        """Row -> its token for rows ``which`` (plain greedy ones), picked on the host: numpy's
+        argmax picks what MLX's does (the first of equal maxima, the first NaN) at a small
+        part of its cost over a large vocabulary. A row holding EOS back whose pick is an EOS
+        id is picked again with those ids at -inf, as ``_masked`` has them (any other pick
+        is also the masked row's first maximum)."""
+        if not which:
+            return {}
+        host = np.asarray(logits if logits.dtype == mx.float32 else logits.astype(mx.float32))
+        out = {}
+        for i in which:
+            pick = int(np.argmax(host[i]))
+            if rows[i].generated < rows[i].job.min_tokens:
+                hide = np.asarray(self._eos_hide(host.shape[-1]))[0]
+                if hide[pick]:
+                    pick = int(np.argmax(np.where(hide, np.float32(-np.inf), host[i])))
+            out[i] = pick
+        return out
+
     def _sample(self, rows: list[_Row], logits: mx.array) -> tuple[list[int], list[Any]]:
-        """One next token per row, each with its own sampler, constraint and forced tokens."""
+        """One next token per row, each with its own sampler, constraint and forced tokens.
+        Plain greedy rows (most of a served batch) are picked on the host."""
+        shared = self._greedy_picks(rows, logits, [i for i, row in enumerate(rows) if self._plain_greedy(row)])
         picks, lps = [], []
         for i, row in enumerate(rows):
             row_logits = logits[i:i + 1]
-            if row.forced:
+            if i in shared:
+                pass
+            elif row.forced:
                 picks.append(mx.array([row.forced[0]], dtype=mx.int32))
             else:
                 row_logits = self._masked(row, row_logits)
@@ -610,21 +641,25 @@ class Batcher:
                 picks.append(row.sampler(row_logits, [row.history] if penalty else None))
             lps.append(None if row.job.logprobs is None else
                        logits[i].astype(mx.float32) - mx.logsumexp(logits[i].astype(mx.float32)))
-        tokens = mx.concatenate(picks)
-        mx.eval(tokens, *[lp for lp in lps if lp is not None])
-        tokens = tokens.tolist()
+        own = mx.concatenate(picks) if picks else None
+        mx.eval(*([] if own is None else [own]), *[lp for lp in lps if lp is not None])
+        own_ids = iter([] if own is None else own.tolist())
+        tokens = [shared[i] if i in shared else next(own_ids) for i in range(len(rows))]
         infos = []
         for row, token, lp in zip(rows, tokens, lps):
             infos.append(None if lp is None else self._logprob_info(row, lp, token))
         return tokens, infos
 
-    def _mask_eos(self, logits: mx.array) -> mx.array:
-        vocab = logits.shape[-1]
-        if self._eos_mask is None or self._eos_mask.shape[-1] != vocab:  # built once, not per step
+    def _eos_hide(self, vocab: int) -> mx.array:
+        """[1, vocab]: True at the EOS ids (built once, not per step)."""
+        if self._eos_mask is None or self._eos_mask.shape[-1] != vocab:
             hide = np.zeros(vocab, dtype=bool)
             hide[[i for i in self.vlm.eos_ids if i < vocab]] = True
             self._eos_mask = mx.array(hide)[None]
-        return mx.where(self._eos_mask, float("-inf"), logits.astype(mx.float32))
+        return self._eos_mask
+
+    def _mask_eos(self, logits: mx.array) -> mx.array:
+        return mx.where(self._eos_hide(logits.shape[-1]), float("-inf"), logits.astype(mx.float32))
 
     @staticmethod
     def _penalize(row: _Row, logits: mx.array) -> mx.array:
