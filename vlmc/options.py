@@ -36,6 +36,12 @@ class KVLayoutError(VlmcError, ValueError):
     """A KV option the model cannot honour, or a budget nothing fits."""
 
 
+# ``--quant-params auto`` rounds affine scales and biases to bfloat16 only for codes of up
+# to this many bits: a parameter's rounding (2^-9 relative) moves the largest code of a
+# 4-bit group by ~3% of a step, of an 8-bit one by ~50% (+1.3% relative error measured).
+AUTO_PARAMS_MAX_BITS = 4
+
+
 @dataclass(frozen=True)
 class KVOptions:
     """How the KV caches are planned (the ``kv_layout`` pass): bits and scheme of their
@@ -157,6 +163,8 @@ class CompileOptions:
         quant = {"scheme": self.quantize, "group_size": self.group_size, "vision": self.quantize_vision,
                  "head": self.head, "recipe": self.recipe, "activations": self.quantize_activations}
         params = self.affine_param_dtype()
+        if params is not None and self.quant_params == "auto":
+            quant["params_max_bits"] = AUTO_PARAMS_MAX_BITS
         if params is not None:
             quant["params"] = params
         return {"fuse": fusing, "storage_dtype": {"dtype": self.dtype},
@@ -166,10 +174,10 @@ class CompileOptions:
 
     def affine_param_dtype(self) -> str | None:
         """The dtype affine codes' scales and biases are stored in (None: the weights' own).
-        ``auto`` on the cpu target: bfloat16 under float32 weights, since its kernels read
-        bfloat16 parameters natively and a decode step reads a tenth fewer bytes of q4
-        weights (the compile's rel_error and a quality check barely move:
-        benchmarks/README.md); elsewhere the weights' dtype."""
+        ``auto`` on the cpu target: bfloat16 under float32 weights of up to
+        AUTO_PARAMS_MAX_BITS bits, since its kernels read bfloat16 parameters natively and
+        a decode step reads a tenth fewer bytes of q4 weights (the compile's rel_error and
+        a quality check barely move: benchmarks/README.md); elsewhere the weights' dtype."""
         if self.quant_params != "auto":
             return self.quant_params
         return "bfloat16" if self.target == "cpu" and self.dtype == "float32" else None

@@ -107,7 +107,7 @@ def auto_head(base: dict[str, Any]) -> str | None:
 @register("quantize")
 def quantize(prog: Program, scheme: str | None = None, group_size: int = 64, vision: bool = True,
              head: str | None = "auto", recipe: str = "uniform", activations: bool = False,
-             params: str | None = None) -> tuple[Program, str]:
+             params: str | None = None, params_max_bits: int | None = None) -> tuple[Program, str]:
     if scheme is None:
         if activations:
             raise ValueError("quantized activations need a weight scheme (mxfp8 or nvfp4)")
@@ -151,7 +151,8 @@ def quantize(prog: Program, scheme: str | None = None, group_size: int = 64, vis
             continue
         if activations and not is_head and spec["mode"] in ACTIVATION_MODES and use == {"linear"}:
             spec = {**spec, "activations": spec["mode"]}
-        if params is not None and spec["mode"] == "affine" and "embedding" not in use:
+        if (params is not None and spec["mode"] == "affine" and "embedding" not in use
+                and spec["bits"] <= (params_max_bits or spec["bits"])):
             # scales and biases stored as ``params`` (a table that embeds keeps the weights'
             # dtype: its gathered rows take the parameters' dtype, as MLX's dequantize does)
             spec = {**spec, "param_dtype": params}
@@ -175,7 +176,8 @@ def quantize(prog: Program, scheme: str | None = None, group_size: int = 64, vis
         counts[key] = counts.get(key, 0) + 1
     prog.meta["quantization"] = {"scheme": scheme, "group_size": base["group_size"], "vision": vision,
                                  "head": head, "recipe": recipe, "activations": activations, "kept_float": kept,
-                                 **({"params": params} if params is not None else {})}
+                                 **({"params": params} if params is not None else {}),
+                                 **({"params_max_bits": params_max_bits} if params_max_bits else {})}
     summary = ", ".join(f"{v} weights {k}" for k, v in sorted(counts.items()))
     if kept:
         summary += f"; {len(kept)} kept float (group size does not divide): {', '.join(kept[:4])}"
