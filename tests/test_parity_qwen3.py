@@ -220,9 +220,10 @@ def test_chunked_prefill_matches_whole(store):
 @pytest.mark.parametrize("options", [{}, {"quantize": "q4"}], ids=["f32", "q4"])
 def test_decode_layer_fast_path_is_the_ops(store, options, monkeypatch):
     """The cpu fast path takes Qwen3's layer (QK-norm): decode steps of an image prompt and a
-    text prompt, and a prefill in chunks of 7 through two images (the stack call split at the
-    DeepStack layers, their features added between the calls), give the op-by-op logits bit
-    for bit."""
+    text prompt give the op-by-op logits bit for bit. A prefill in chunks of 7 through two
+    images (DeepStack features added at three layers) takes the prompt kernels in both
+    artifacts, not the stack call (a prompt's rows: vlmc/kernels/step_rows.py), and gives
+    the same logits bit for bit."""
     from test_decode_layer_variants import assert_fast_path_is_the_ops
     from vlmc.kernels import cpu, cpu_ops
     from vlmc.runtime.step import Sequences
@@ -241,7 +242,7 @@ def test_decode_layer_fast_path_is_the_ops(store, options, monkeypatch):
         while not seqs.prefill_done:
             logits = seqs.prefill(7)
         chunked.append(np.array(logits))
-    assert sum(r is not None for r in ran) > len(q3.DEEPSTACK)  # chunks took the split stack calls
+    assert ran and all(r is None for r in ran)  # the chunks declined the stack calls
     assert np.array_equal(chunked[0].view(np.uint32), chunked[1].view(np.uint32))
 
 
