@@ -11,7 +11,7 @@ import ctypes
 # The version of the interface below. Change it with any signature or shared struct
 # (vlmc_layer, ...): build.py compiles it into the library (-DVLMC_ABI) and load refuses a
 # library that reports another.
-ABI_VERSION = 19
+ABI_VERSION = 20
 
 P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
@@ -52,7 +52,7 @@ SIGNATURES: dict[str, tuple] = {
     "vlmc_norm": (I, [P, L, L, P, P, F, I, P, I]),
     "vlmc_rope": (I, [P, L, L, L, L, L, L, L, P, P, L, L, P, I]),
     # decode_layer.c
-    "vlmc_decode_layers": (I, [P, P, I, P, P, I, I, P, P, L, L, P, I]),
+    "vlmc_decode_layers": (I, [P, P, I, P, P, I, I, P, P, L, L, P, L, P, I]),
     # affine_search.c
     "vlmc_affine_search": (I, [P, I, I, I, I, P, P, P, I, I, P, P, I]),
     "vlmc_affine_codes": (I, [P, I, I, I, I, P, P, P, I]),

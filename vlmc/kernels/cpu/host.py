@@ -69,7 +69,8 @@ def rms_norm(x: np.ndarray, w, eps: float) -> np.ndarray:
     if out is not None:
         return out
     out = x / _inv_rms(x, eps)
-    out *= param(w)
+    if w is not None:
+        out *= param(w)
     return out
 
 
