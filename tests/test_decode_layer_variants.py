@@ -243,11 +243,12 @@ def test_decode_layers_variant_equals_the_ops(name, batch, fmt):
     assert fast_steps == len(STEPS)
 
 
-def assert_fast_path_is_the_ops(fast_model, plain_model, prompts: list, steps: int, monkeypatch) -> None:
-    """A compiled model's greedy decode through the fast path (``fast_model``, the stack call
-    counted: it must run in every decode step) and op by op (``plain_model``, compiled with
-    ``--no-fuse decode_layer``): the same tokens and the same logits to the last bit. The
-    parity tests of the families with the options above call this."""
+def assert_fast_path_is_the_ops(fast_model, plain_model, prompts: list, steps: int, monkeypatch,
+                                stacks: int = 1) -> None:
+    """A compiled model's greedy decode through the fast path (``fast_model``, the stack calls
+    counted: each of the ``stacks`` per step must run in every decode step) and op by op
+    (``plain_model``, compiled with ``--no-fuse decode_layer``): the same tokens and the same
+    logits to the last bit. The parity tests of the families with the options above call this."""
     from vlmc.runtime.sampling import Sampler, SamplingParams
     ran, real = [], cpu_ops._decode_layers
 
@@ -261,5 +262,5 @@ def assert_fast_path_is_the_ops(fast_model, plain_model, prompts: list, steps: i
         ran.clear()
         outs.append(np.stack([np.array(lg) for _, lg in m.generate_steps(prompts, Sampler(SamplingParams()), steps)]))
         if m is fast_model:
-            assert ran.count(True) == steps - 1, ran  # every decode step (the first call is the prompt's)
+            assert ran.count(True) == (steps - 1) * stacks, ran  # every decode step (the first is the prompt's)
     assert np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))

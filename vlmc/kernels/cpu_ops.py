@@ -213,13 +213,26 @@ _shared_attention_mlx = _on_mlx("shared_attention")
 
 
 def shared_attention(q, cache, mask: mx.array | None = None, *, scale: float):
-    """Attention over another layer's cache: decode and verify steps of host rows read its
-    buffers in place (C kernels, as cached_attention's), anything else MLX's reference."""
-    if _is_host(q) and _cpu.enabled() and _kv_quant.causal_step(mask, q.shape[2]):
+    """Attention over another layer's cache, as cached_attention attends over its own: decode
+    and verify steps of host rows read the buffers in place (C kernels), a prompt's rows go
+    through the BLAS attention over the held keys and values (4/8-bit codes dequantized in
+    C); without the kernels, MLX's reference."""
+    if not _cpu.enabled():
+        return _shared_attention_mlx(q, cache, mask, scale=scale)
+    if _is_host(q) and _kv_quant.causal_step(mask, q.shape[2]):
         out = _host_shared_step(q, cache, mask, scale=scale)
         if out is not None:
             return out
-    return _shared_attention_mlx(q, cache, mask, scale=scale)
+    if getattr(cache, "layout", None) == "affine" and cache.codecs["k"].bits in (4, 8):
+        held = _affine_values(cache)
+        if held is not None:
+            return attention(q, held[0], held[1], cache.mask_for(mask, q.shape[2]), scale=scale)
+    qm = _as_mx(q)
+    q2, keys, values, finish = cache.read_inputs(qm)
+    if q2 is qm:  # no rotation to undo (TurboQuant's finish rotates back in MLX)
+        return attention(q, keys, values, cache.mask_for(mask, q2.shape[2]), scale=scale)
+    out = finish(attention(q2, keys, values, cache.mask_for(mask, q2.shape[2]), scale=scale))
+    return _host_out(out) if _is_host(q) else out
 
 
 def select_layer(x, index: int):

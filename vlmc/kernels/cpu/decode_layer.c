@@ -42,11 +42,11 @@ static int proj_run(const vlmc_proj *p, const float *x, int M, float *y, int n_t
  * and this step's tokens 0..t), so token t's output is what T one-token steps give. */
 /* each token's heads (n rows of D at offset `at` of its qkv row) RMS-normed in place: the
  * ops norm the [B, T, n, D] view row by row, with the same arithmetic per row */
-static int heads_norm(float *qkv, int BT, int QKV, size_t at, int n, int D, const float *w, float eps) {
+static int heads_norm(float *qkv, int BT, int QKV, size_t at, int n, int D, const float *w, float eps, int mode) {
     int rc = 0;
     for (int r = 0; r < BT && !rc; r++) {
         float *row = qkv + (size_t)r * QKV + at;
-        rc = vlmc_norm(row, n, D, w, NULL, eps, 0, row, 1);
+        rc = vlmc_norm(row, n, D, w, NULL, eps, mode, row, 1);
     }
     return rc;
 }
@@ -98,10 +98,11 @@ static int decode_layer(const vlmc_layer *L, const float *x, const float *normed
     if (normed) memcpy(n1, normed, sizeof(float) * (size_t)BT * hid);
     else rc = vlmc_norm(x, BT, hid, L->norm1, NULL, L->eps1, 0, n1, n_threads);
     if (!rc) rc = proj_run(&L->qkv, n1, BT, qkv, n_threads);
-    if (!rc && L->q_norm) rc = heads_norm(qkv, BT, QKV, 0, H, D, L->q_norm, L->eps_q);
-    if (!rc && L->k_norm && !shared) rc = heads_norm(qkv, BT, QKV, (size_t)H * D, HKV, D, L->k_norm, L->eps_k);
+    if (!rc && L->q_norm) rc = heads_norm(qkv, BT, QKV, 0, H, D, L->q_norm, L->eps_q, 0);
+    if (!rc && L->k_norm && !shared) rc = heads_norm(qkv, BT, QKV, (size_t)H * D, HKV, D, L->k_norm, L->eps_k, 0);
     if (!rc && L->v_norm && !shared)
-        rc = heads_norm(qkv, BT, QKV, (size_t)(H + HKV) * D, HKV, D, L->v_norm_w, L->eps_v);
+        /* unweighted: MLX's arithmetic, as the op library's unweighted norm (host.rms_norm) */
+        rc = heads_norm(qkv, BT, QKV, (size_t)(H + HKV) * D, HKV, D, L->v_norm_w, L->eps_v, L->v_norm_w ? 0 : 2);
     if (kv->cs) cs = kv->cs, sn = kv->sn;
     /* rope of q and k straight from the qkv rows ([B, T positions, heads, D] views): q
      * [B, H, T, D], k [B, HKV, T, D] */
