@@ -15,8 +15,9 @@ embeddings; vlmc reads all but the audio tower)). A preset is a family's name or
 ``idefics3`` checkpoint) and ``llava_1_5_7b`` (llava-1.5-7b-hf: a Llama-2-7B decoder, 7.06B
 parameters, 14.1 GB in bfloat16). Tensor names
 and shapes are read from transformers' model class instantiated on the meta device (no
-memory); weights are drawn with numpy one tensor at a time and streamed to safetensors
-shards, so a 2B model needs no more RAM than its largest tensor. The tokenizer is the
+memory); weights are drawn with numpy one tensor at a time (one block of rows at a time for
+tensors over ``BLOCK_VALUES``) and streamed to safetensors shards, so a 2B model needs no
+more RAM than its largest tensor, a 5B one no more than 4 GB. The tokenizer is the
 test suite's small BPE with the family's special tokens and chat template (token ids in
 config.json are rewritten to match it); vocab_size keeps the real value so the embedding
 and LM head have their real cost.
@@ -46,6 +47,7 @@ from compare import TO_HUB  # noqa: E402  (one table of hub names; compare.py re
 from vlmc.backends.safetensors_io import ShardWriter, to_storage  # noqa: E402
 
 SHARD_BYTES = 2 << 30
+BLOCK_VALUES = 1 << 30  # tensors larger than this are drawn and written in blocks of rows
 FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
             "llava": "LlavaForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
             "paligemma": "PaliGemmaForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
@@ -179,7 +181,13 @@ def make_checkpoint(preset: str, out: Path, dtype: str = "bfloat16", seed: int =
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         writer = ShardWriter(out / fname, [(n, shapes[n], dtype) for n in names])
         for n in names:
-            writer.write(n, to_storage(_tensor(n, shapes[n], rng), dtype))
+            shape = shapes[n]
+            if int(np.prod(shape)) <= BLOCK_VALUES:
+                writer.write(n, to_storage(_tensor(n, shape, rng), dtype))
+            else:  # blocks of rows: gemma-4-E2B's per-layer embeddings (2.3B values) in one draw need 20 GB
+                rows = max(1, BLOCK_VALUES // int(np.prod(shape[1:])))
+                for r in range(0, shape[0], rows):
+                    writer.write(n, to_storage(_tensor(n, (min(rows, shape[0] - r), *shape[1:]), rng), dtype))
             weight_map[n] = fname
         writer.close()
         print(f"wrote {fname}", file=sys.stderr)

@@ -37,6 +37,21 @@ def arr(rng, *shape, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
+@pytest.mark.parametrize("shape,eps", [((3, 7, 1), 1e-6), ((2, 5, 40), 1e-6), ((5, 3, 16), 0.5),
+                                       ((300, 260), 1e-6), ((7, 1536), 1e-6)])  # 78k values: threads
+def test_unweighted_rms_norm_is_mlx_to_the_bit(rng, shape, eps):
+    """The unweighted RMSNorm (Gemma 4's value norm) of host rows computes MLX's arithmetic
+    (vlmc_norm mode 2): the same float32 as mx.fast.rms_norm, which the op library uses for
+    mx.arrays, so its numbers do not depend on where the rows live (the decode_layer fast
+    path calls the same kernel)."""
+    x = arr(rng, *shape, scale=3.0)
+    x[0] *= 0.01  # a row where eps matters
+    got = cpu_ops.rms_norm(x, None, eps=eps)
+    assert type(got) is np.ndarray
+    want = np.asarray(reference.rms_norm(mx.array(x), None, eps))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 @pytest.mark.parametrize("shape,eps", [((2, 5, 96), 1e-6), ((300, 260), 0.5)])  # 78k values: threads
 def test_norms_match_reference(rng, shape, eps):
     x = arr(rng, *shape, scale=3.0) + 1.5  # a mean for LayerNorm to remove

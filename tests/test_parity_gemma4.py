@@ -86,6 +86,28 @@ def test_batched_matches_single(store):
     kit.check_batched_matches_single(m, [build_prompt(m, c) for c in batch], batch, "gemma4/batch", ragged=False)
 
 
+@pytest.mark.parametrize("family,options", [("gemma4", {}), ("gemma4", {"quantize": "q4", "kv_bits": 4}),
+                                             ("gemma4_text", {"dtype": "bfloat16"})])
+def test_decode_layer_fast_path_is_the_ops(store, family, options, monkeypatch):
+    """The cpu fast path takes all four Gemma 4 blocks (value norm, per-layer inputs, layer
+    scalars, sliding and global head sizes, KV-shared layers reading rotating and dense
+    caches, 4-bit caches): a batch of an image prompt and a text prompt decodes to the
+    op-by-op logits bit for bit, past the window plus the rotating caches' slack."""
+    from test_decode_layer_variants import assert_fast_path_is_the_ops
+    from vlmc.kernels import cpu
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    info = store.ckpt(family)
+    fast, plain = store.vlm(info, **options), store.vlm(info, no_fuse=("decode_layer",), **options)
+    src = (store.artifact(info, **options) / "model.py").read_text()
+    assert src.count("fast = ops.decode_layer(") == 4  # every block: sliding, global and their shared kinds
+    text = "Tell me a short story about the river."
+    prompts = [fast.build_prompt(text)] if family == "gemma4_text" else \
+        [build_prompt(fast, "one_image"), fast.build_prompt(text)]
+    stacks = src.split("def decode(", 1)[1].split("def ", 1)[0].count("ops.decode_layers(")  # runs of layers
+    assert_fast_path_is_the_ops(fast, plain, prompts, g4.WINDOW + 36, monkeypatch, stacks=stacks)
+
+
 # ------------------------------------------------------------------------------ the plan
 
 

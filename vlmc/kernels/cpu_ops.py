@@ -30,6 +30,7 @@ from .cpu.attention import attention as _blas_attention
 from .cpu.moe import routed_experts as _routed_experts
 from .cpu.decode_layer import decode_layer as _decode_layer, decode_layers as _decode_layers
 from .cpu.kv_decode import affine_values as _affine_values
+from .cpu.kv_decode import host_shared_step as _host_shared_step
 from .cpu.kv_decode import host_dense_step as _host_dense_step, kv_affine_decode as _kv_affine_decode, \
     kv_dense_decode as _kv_dense_decode, kv_turbo_decode as _kv_turbo_decode
 
@@ -61,7 +62,7 @@ def _on_mlx(name: str):
 
 for _name in ("embedding", "take", "broadcast_to", "prepend", "patchify", "merge_features", "avg_pool_tokens",
               "l2_norm", "rms_norm_gated", "delta_gates", "zero_padded", "causal_conv1d", "gated_delta_rule",
-              "moe_route", "shared_attention", "clip", "remap_ids", "ordered_logits"):
+              "moe_route", "clip", "remap_ids", "ordered_logits"):
     globals()[_name] = _on_mlx(_name)
 
 _rope_freqs_mlx = _on_mlx("rope_freqs")
@@ -136,8 +137,8 @@ def decode_layer(x, cos, sin, mask, cache, *weights, **attrs):
     return _decode_layer(x, cos, sin, mask, cache, *weights, **attrs)
 
 
-def decode_layers(x, cos, sin, mask, caches, layers, **attrs):
-    return _decode_layers(x, cos, sin, mask, caches, layers, **attrs)
+def decode_layers(x, cos, sin, mask, caches, *args, **attrs):
+    return _decode_layers(x, cos, sin, mask, caches, *args, **attrs)
 
 
 def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: float,
@@ -206,9 +207,35 @@ def glu(gate, up, kind: str):
 
 
 def rms_norm(x, w: mx.array | None = None, eps: float = 1e-6):
-    if w is None:  # no scale (Gemma 4's value norm): MLX's norm
-        return _reference.rms_norm(_as_mx(x), None, eps)
+    # no scale (w None: Gemma 4's value norm) on host rows too: the C kernel, which the
+    # decode_layer fast path calls the same way
     return _h.rms_norm(x, w, eps) if _is_host(x) else _reference.rms_norm(x, w, eps)
+
+
+_shared_attention_mlx = _on_mlx("shared_attention")
+
+
+def shared_attention(q, cache, mask: mx.array | None = None, *, scale: float):
+    """Attention over another layer's cache, as cached_attention attends over its own: decode
+    and verify steps of host rows read the buffers in place (C kernels), a prompt's rows go
+    through the BLAS attention over the held keys and values (4/8-bit codes dequantized in
+    C); without the kernels, MLX's reference."""
+    if not _cpu.enabled():
+        return _shared_attention_mlx(q, cache, mask, scale=scale)
+    if _is_host(q) and _kv_quant.causal_step(mask, q.shape[2]):
+        out = _host_shared_step(q, cache, mask, scale=scale)
+        if out is not None:
+            return out
+    if getattr(cache, "layout", None) == "affine" and cache.codecs["k"].bits in (4, 8):
+        held = _affine_values(cache)
+        if held is not None:
+            return attention(q, held[0], held[1], cache.mask_for(mask, q.shape[2]), scale=scale)
+    qm = _as_mx(q)
+    q2, keys, values, finish = cache.read_inputs(qm)
+    if q2 is qm:  # no rotation to undo (TurboQuant's finish rotates back in MLX)
+        return attention(q, keys, values, cache.mask_for(mask, q2.shape[2]), scale=scale)
+    out = finish(attention(q2, keys, values, cache.mask_for(mask, q2.shape[2]), scale=scale))
+    return _host_out(out) if _is_host(q) else out
 
 
 def select_layer(x, index: int):

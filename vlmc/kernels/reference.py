@@ -228,9 +228,10 @@ def decode_layer(x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2,
     return None
 
 
-def decode_layers(x, cos, sin, mask, caches, layers, **attrs):
-    """The same for a whole stack of such layers (layers[i]: layer i's weights in
-    decode_layer's order); the generated loop over the layers runs when this returns None."""
+def decode_layers(x, cos, sin, mask, caches, *args, **attrs):
+    """The same for a whole stack of such layers (args: [the per-layer inputs,] each layer's
+    weights in decode_layer's order); the generated loop over the layers runs when this
+    returns None."""
     return None
 
 

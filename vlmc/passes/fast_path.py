@@ -1,7 +1,8 @@
 """The body patterns the cpu target's fast paths replace: ``decode_layer_fast_path`` finds a
 decoder layer (``layers.decoder_layer`` after the ``qkv`` and ``gate_up`` fusions, with any
-of its Gemma and Qwen3 options) by its data flow and gives the ``decode_layer`` op that
-``lower`` attaches to the block (``Block.fast_path``)."""
+of its Gemma and Qwen3 options, and the Gemma 4 layer's: value norm, KV-shared attention,
+a per-layer input branch, an output scalar) by its data flow and gives the ``decode_layer``
+op that ``lower`` attaches to the block (``Block.fast_path``)."""
 from __future__ import annotations
 
 from ..ir.core import Function, Op
@@ -20,8 +21,12 @@ def decode_layer_fast_path(fn: Function) -> Op | None:
     x -> rms_norm -> qkv -> split -> q/k/v heads [-> q_norm, k_norm] -> rope(q), rope(k)
     -> cached_attention [softcap] -> o_proj [-> post-attention norm] -> + x -> rms_norm
     -> gate_up -> split -> glu (silu, quick_gelu, gelu_tanh) -> down [-> post-MLP norm]
-    -> + h. The rotary tables may be block inputs or a per-layer choice among them (``$``:
-    Gemma 3's local and global tables). Any other body (or wiring) gets None."""
+    -> + h [-> + norm(proj(act(gate(.)) * select_layer(per-layer inputs)))] [-> * scalar].
+    Values may be RMS-normed per head (weighted or not). A layer may instead project
+    queries only and read another layer's cache (``shared_attention``; ``lower`` then fills
+    in that cache's KV head count). The rotary tables may be block inputs or a per-layer
+    choice among them (``$``: Gemma 3's local and global tables). Any other body (or
+    wiring) gets None."""
     return decode_layer_match(fn)[0]
 
 
@@ -71,7 +76,17 @@ def _match(fn: Function) -> Op:
     need(len(fn.outputs) == 1 and len(fn.inputs) >= 5, "it does not take (x, rope tables, mask, cache)")
     x, mask, cache = fn.inputs[0], fn.inputs[-2], fn.inputs[-1]
     need(fn.types[cache].dtype == "kvcache", "its last input is not a KV cache")
-    add2 = prod(fn.outputs[0], "add")
+    # the tail: [* scalar] after [the per-layer input branch] after the MLP's residual add
+    y, out_scale = fn.outputs[0], None
+    tail = made.get(y)
+    if tail is not None and tail.op == "mul" and any(v.startswith("@") for v in tail.inputs):
+        prod(y, "mul")
+        y, out_scale = sorted(tail.inputs, key=lambda v: v.startswith("@"))
+    ple = _ple_branch(y, made, prod, proj, norm, need) if any(op.op == "select_layer" for op in fn.ops) else None
+    if ple is not None:
+        y = ple["residual"]
+        need(ple["input"] in fn.inputs, "its per-layer inputs are not a block input")
+    add2 = prod(y, "add")
     for h, m in (add2.inputs, add2.inputs[::-1]):
         op = made.get(h)
         if op is not None and op.op == "add" and x in op.inputs:
@@ -96,15 +111,18 @@ def _match(fn: Function) -> Op:
     need(sorted(add1.inputs) == sorted([x, a]))
     o_out, post_attn, eps_pa = maybe_norm(a)
     r_out, o_w, o_b = proj(o_out)
-    att = prod(prod(prod(r_out, "reshape").inputs[0], "transpose", axes=[0, 2, 1, 3]).inputs[0], "cached_attention")
-    rq, rk = prod(att.inputs[0], "rope"), prod(att.inputs[1], "rope")
+    a_in = prod(prod(r_out, "reshape").inputs[0], "transpose", axes=[0, 2, 1, 3]).inputs[0]
+    shared = made.get(a_in) is not None and made[a_in].op == "shared_attention"
+    att = prod(a_in, "shared_attention" if shared else "cached_attention")
+    rq = prod(att.inputs[0], "rope")
+    rk = None if shared else prod(att.inputs[1], "rope")
     d = fn.types[rq.outputs[0]].shape[-1]
-    heads, kv_heads = fn.types[rq.outputs[0]].shape[1], fn.types[rk.outputs[0]].shape[1]
+    heads, kv_heads = fn.types[rq.outputs[0]].shape[1], 0 if shared else fn.types[rk.outputs[0]].shape[1]
     need(all(isinstance(n, int) for n in (d, heads, kv_heads)), "its head counts are not fixed numbers")
     need(made[r_out].attrs.get("shape") == [0, 0, heads * d])
-    need(att.inputs[3:5] == [cache, mask] and len(att.inputs) == 5, "its attention does not read the block's cache and mask")
+    need(att.inputs[1 if shared else 3:] == [cache, mask], "its attention does not read the block's cache and mask")
     cos, sin = rq.inputs[1:]
-    need(rk.inputs[1:] == [cos, sin] and all(t in fn.inputs or t.startswith("$") for t in (cos, sin)),
+    need((shared or rk.inputs[1:] == [cos, sin]) and all(t in fn.inputs or t.startswith("$") for t in (cos, sin)),
          "q and k do not share rope tables that are block inputs")
 
     def head_of(v: str, n: int, normed: bool) -> tuple[str, str | None, float | None]:
@@ -115,24 +133,64 @@ def _match(fn: Function) -> Op:
         return r.inputs[0], w, eps
 
     q_s, q_norm, eps_q = head_of(rq.inputs[0], heads, True)
-    k_s, k_norm, eps_k = head_of(rk.inputs[0], kv_heads, True)
-    v_s, _, _ = head_of(att.inputs[2], kv_heads, False)
-    sp = prod(q_s, "split")
-    need(list(sp.outputs) == [q_s, k_s, v_s] and sp.attrs.get("sizes") == [heads * d, kv_heads * d, kv_heads * d])
-    n1, qkv_w, qkv_b = proj(sp.inputs[0])
+    k_norm = eps_k = v_norm = eps_v = None
+    if shared:  # queries only: the projection makes q's heads
+        n1, qkv_w, qkv_b = proj(q_s)
+    else:
+        k_s, k_norm, eps_k = head_of(rk.inputs[0], kv_heads, True)
+        v_s, v_norm, eps_v = head_of(att.inputs[2], kv_heads, True)
+        sp = prod(q_s, "split")
+        need(list(sp.outputs) == [q_s, k_s, v_s] and sp.attrs.get("sizes") == [heads * d, kv_heads * d, kv_heads * d])
+        n1, qkv_w, qkv_b = proj(sp.inputs[0])
     x_in, norm1, eps1 = norm(n1)
-    need(x_in == x and (q_norm is None) == (k_norm is None))
+    need(x_in == x and (shared or (q_norm is None) == (k_norm is None)))
+    # a norm the C layer takes only with its weight (an unweighted one there means none)
+    need(all(w is not None for w, e in ((q_norm, eps_q), (k_norm, eps_k), (post_attn, eps_pa), (post_ff, eps_pf))
+             if e is not None), "it has an unweighted query, key or sandwich norm")
     extra = [op.op for op in fn.ops if id(op) not in seen]
     need(not extra, f"the body has ops beyond a decoder layer: {', '.join(sorted(set(extra)))}")
     attrs = {"eps1": eps1, "eps2": eps2, "heads": heads, "kv_heads": kv_heads, "head_dim": d, "inter": inter,
              "scale": att.attrs["scale"], "act": glu.attrs["kind"]}
-    optional = [q_norm, k_norm, post_attn, post_ff]
-    for name, eps in (("eps_q", eps_q), ("eps_k", eps_k), ("eps_pa", eps_pa), ("eps_pf", eps_pf)):
+    optional = [q_norm, k_norm, post_attn, post_ff, v_norm,
+                *((ple["gate"], ple["proj"], ple["norm"]) if ple else (None,) * 3), out_scale]
+    for name, eps in (("eps_q", eps_q), ("eps_k", eps_k), ("eps_pa", eps_pa), ("eps_pf", eps_pf), ("eps_v", eps_v)):
         if eps is not None:
             attrs[name] = eps
     if att.attrs.get("softcap") is not None:
         attrs["softcap"] = att.attrs["softcap"]
+    if shared:
+        attrs["shared"] = True
+    if ple:
+        attrs.update(ple_act=ple["act"], eps_ple=ple["eps"], ple_layer=ple["index"])
     while optional and optional[-1] is None:
         optional.pop()
-    return Op("decode_layer", [x, cos, sin, mask, cache, norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b,
-                               *optional], ["%fast"], attrs)
+    return Op("decode_layer", [x, cos, sin, mask, cache, *([ple["input"]] if ple else []), norm1, qkv_w, qkv_b, o_w,
+                               o_b, norm2, gu_w, gu_b, d_w, d_b, *optional], ["%fast"], attrs)
+
+
+def _ple_branch(y: str, made: dict, prod, proj, norm, need) -> dict:
+    """The per-layer input branch ending in y = residual + norm(proj(act(gate(residual)) *
+    select_layer(inputs))) (Gemma 4's per-layer embeddings): its parts."""
+    add = prod(y, "add")
+    for residual, branch in (add.inputs, add.inputs[::-1]):
+        op = made.get(branch)
+        if op is not None and op.op == "rms_norm":
+            break
+    else:
+        raise _NoMatch("its per-layer input branch does not end in a normed residual add")
+    p_out, norm_w, eps = norm(branch)
+    need(norm_w is not None, "its per-layer input branch's norm has no weight")
+    g, proj_w, proj_b = proj(p_out)
+    mul = prod(g, "mul")
+    a_out, sel_out = mul.inputs if made.get(mul.inputs[0]) is not None and made[mul.inputs[0]].op == "act" \
+        else mul.inputs[::-1]
+    act, sel = prod(a_out, "act"), prod(sel_out, "select_layer")
+    need(act.attrs.get("kind") in _GATES, f"the per-layer input gate {act.attrs.get('kind')} is not one the C "
+                                          f"layer computes ({', '.join(_GATES)})")
+    g_in, gate_w, gate_b = proj(act.inputs[0])
+    need(g_in == residual and gate_b is None and proj_b is None, "its per-layer input branch is wired otherwise")
+    index = sel.attrs.get("index")
+    need(isinstance(index, int) or (isinstance(index, str) and index.startswith("$")),
+         "its per-layer input slot is neither a number nor a per-layer attribute")
+    return {"residual": residual, "gate": gate_w, "proj": proj_w, "norm": norm_w, "eps": eps,
+            "act": act.attrs["kind"], "input": sel.inputs[0], "index": index}

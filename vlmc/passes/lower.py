@@ -30,19 +30,38 @@ def compute_dtype(target: str, storage: str) -> str:
     return "float32" if target == "cpu" else storage
 
 
+def _shared_reads(fast: Op, blk, owners: dict) -> tuple[Op | None, str]:
+    """A KV-shared layer's fast path with the KV head count of the caches its layers read
+    (the producers' rows in the plan), or None and why."""
+    rows = [owners.get(L.get("reads")) for L in blk.layers]
+    if any(r is None for r in rows):
+        return None, "some of its layers read no cache-owning layer's cache"
+    shapes = {(r.get("kv_heads"), r.get("head_dim")) for r in rows}
+    if len(shapes) != 1 or next(iter(shapes)) != (next(iter(shapes))[0], fast.attrs["head_dim"]) \
+            or not isinstance(next(iter(shapes))[0], int):
+        return None, "the caches its layers read differ in shape from each other or from its heads"
+    fast.attrs["kv_heads"] = next(iter(shapes))[0]
+    return fast, ""
+
+
 @register("lower")
 def lower(prog: Program, target: str = "cpu", decode_layer: bool = True) -> tuple[Program, str]:
     if target not in LIBRARIES:
         raise ValueError(f"unknown target {target!r}; known: {', '.join(LIBRARIES)}")
     notes = []
     if target == "cpu" and decode_layer:
+        # the cache-owning layers' rows by decoder layer: what a layer reading another's cache reads
+        owners = {L["layer"]: L for b in prog.blocks.values() for L in b.layers if "kv" in L and "layer" in L}
         for blk in prog.blocks.values():
             fast, why = decode_layer_match(blk.body)
+            if fast is not None and fast.attrs.get("shared"):
+                fast, why = _shared_reads(fast, blk, owners)
             if fast is None:
                 if any(blk.body.types[v].dtype == "kvcache" for v in blk.body.inputs):  # a decoder block
                     notes.append(f"no decode_layer fast path for {blk.name}: {why}")
                 continue
-            unread = [L["index"] for L in blk.layers if not fast_path_reads(fast.op, L.get("kv", {}))]
+            unread = [L["index"] for L in blk.layers
+                      if not fast_path_reads(fast.op, L.get("kv") or owners.get(L.get("reads"), {}).get("kv", {}))]
             if unread:  # the planned caches decide: no fast path that could never fire
                 blk.fast_path = None
                 notes.append(f"no {fast.op} fast path: layers {unread[0]}..{unread[-1]} have KV caches it does "

@@ -53,7 +53,7 @@ SIGNATURES: dict[str, tuple] = {
     "vlmc_norm": (I, [P, L, L, P, P, F, I, P, I]),
     "vlmc_rope": (I, [P, L, L, L, L, L, L, L, P, P, L, L, P, I]),
     # decode_layer.c
-    "vlmc_decode_layers": (I, [P, P, I, P, P, I, I, P, P, L, L, P, I]),
+    "vlmc_decode_layers": (I, [P, P, I, P, P, I, I, P, P, L, L, P, L, P, I]),
     # affine_search.c
     "vlmc_affine_search": (I, [P, I, I, I, I, P, P, P, I, I, P, P, I]),
     "vlmc_affine_codes": (I, [P, I, I, I, I, P, P, P, I]),

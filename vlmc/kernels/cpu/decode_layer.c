@@ -12,6 +12,12 @@
  *   h = x + post_attn(o_proj(attention(rope(q), rope(k), v; cache + this step)))
  *   gate,up = split(gate_up(rms_norm(h)))
  *   out = h + post_ff(down(act(gate) * up))           post_attn, post_ff: optional norms
+ *
+ * and the options of vlmc_layer that Gemma 4 brought, each usable alone: a value norm
+ * (RMSNorm of each value head, weighted or not); a shared-cache layer (queries only,
+ * attending over the keys and values another layer stored this step); a per-layer input
+ * branch after the MLP (out += norm(proj(act(gate(out)) * input row of this layer)));
+ * the output times a per-layer scalar.
  */
 #include "vlmc.h"
 
@@ -36,52 +42,88 @@ static int proj_run(const vlmc_proj *p, const float *x, int M, float *y, int n_t
  * and this step's tokens 0..t), so token t's output is what T one-token steps give. */
 /* each token's heads (n rows of D at offset `at` of its qkv row) RMS-normed in place: the
  * ops norm the [B, T, n, D] view row by row, with the same arithmetic per row */
-static int heads_norm(float *qkv, int BT, int QKV, size_t at, int n, int D, const float *w, float eps) {
+static int heads_norm(float *qkv, int BT, int QKV, size_t at, int n, int D, const float *w, float eps, int mode) {
     int rc = 0;
     for (int r = 0; r < BT && !rc; r++) {
         float *row = qkv + (size_t)r * QKV + at;
-        rc = vlmc_norm(row, n, D, w, NULL, eps, 0, row, 1);
+        rc = vlmc_norm(row, n, D, w, NULL, eps, mode, row, 1);
     }
     return rc;
 }
 
+/* the per-layer input branch, out [BT, hid] in place: out += ple_norm(ple_proj(act(ple_gate(out))
+ * * input)), input row r at in + r in_ld; g [BT, P], y [BT, hid] scratch. The ops compute
+ * act, the product, the projection, the norm and the sum one after another, as here. */
+static int ple_branch(const vlmc_layer *L, float *out, int BT, const float *in, int64_t in_ld, float *g, float *y,
+                      int n_threads) {
+    const int hid = L->hidden, P = L->ple_dim;
+    int rc = proj_run(&L->ple_gate, out, BT, g, n_threads);
+    if (!rc) rc = vlmc_sigmoid_gate(g, P, NULL, 0, g, BT, P, L->ple_act_a, L->ple_act_c, n_threads);
+    if (!rc)
+        for (int r = 0; r < BT; r++)
+            for (int j = 0; j < P; j++) g[(size_t)r * P + j] *= in[r * in_ld + j];
+    if (!rc) rc = proj_run(&L->ple_proj, g, BT, y, n_threads);
+    if (!rc) rc = vlmc_norm(y, BT, hid, L->ple_norm, NULL, L->eps_ple, 0, y, n_threads);
+    if (!rc)
+        for (size_t i = 0; i < (size_t)BT * hid; i++) out[i] = out[i] + y[i];
+    return rc;
+}
+
 static int decode_layer(const vlmc_layer *L, const float *x, const float *normed, int B, int T, const float *cs,
-                        const float *sn, int64_t ca, int64_t cl, const vlmc_kv *kv, float *out, int n_threads) {
+                        const float *sn, int64_t ca, int64_t cl, const vlmc_kv *kv, const float *in, int64_t in_ld,
+                        float *out, int n_threads) {
     const int hid = L->hidden, H = L->heads, HKV = L->kv_heads, D = L->head_dim, I = L->inter, BT = B * T;
-    const int QKV = (H + 2 * HKV) * D, held = kv->held, cap = kv->cap, affine = kv->layout == VLMC_KV_AFFINE;
+    const int shared = L->shared, P = L->ple_dim;
+    const int QKV = (H + (shared ? 0 : 2 * HKV)) * D, held = kv->held, cap = kv->cap;
+    const int affine = kv->layout == VLMC_KV_AFFINE;
     if (B < 1 || T < 1 || held < 1 || held > cap || L->qkv.N != QKV || L->qkv.K != hid
         || L->o.K != H * D || L->o.N != hid || L->gate_up.N != 2 * I || L->gate_up.K != hid || L->down.K != I
-        || L->down.N != hid)
+        || L->down.N != hid || (shared && held < T) || P < 0)
+        return -1;
+    if (P && (!in || in_ld < P || !L->ple_norm || L->ple_gate.N != P || L->ple_gate.K != hid
+              || L->ple_proj.N != hid || L->ple_proj.K != P))
         return -1;
     if (kv->layout != VLMC_KV_DENSE && !affine) return -2;
     if (affine && ((kv->bits != 4 && kv->bits != 8) || kv->gs < 2 || kv->gs % 2 || D % kv->gs)) return -2;
-    const size_t nkv = (size_t)BT * HKV * D;
-    const size_t per = (size_t)hid + QKV + 2 * (size_t)H * D + hid + 2 * (size_t)I + I;
+    const size_t nkv = shared ? 0 : (size_t)BT * HKV * D;
+    const size_t per = (size_t)hid + QKV + 2 * (size_t)H * D + hid + 2 * (size_t)I + I + (P ? (size_t)P + hid : 0);
     float *buf = malloc(sizeof(float) * (per * BT + (affine ? 2 * nkv : 0)));
     if (!buf) return -5;
     float *n1 = buf, *qkv = n1 + (size_t)BT * hid, *q = qkv + (size_t)BT * QKV, *att = q + (size_t)BT * H * D;
     float *h = att + (size_t)BT * H * D, *gu = h + (size_t)BT * hid, *m = gu + (size_t)BT * 2 * I;
+    float *pg = m + (size_t)BT * I, *py = pg + (size_t)BT * P; /* the per-layer input branch's */
     /* this step's roped keys and values as floats [B, HKV, T, D]: what a dense cache stores, else scratch */
-    float *nk = affine ? m + (size_t)BT * I : (float *)kv->nk, *nv = affine ? nk + nkv : (float *)kv->nv;
+    float *nk = affine ? py + (size_t)BT * (P ? hid : 0) : (float *)kv->nk, *nv = affine ? nk + nkv : (float *)kv->nv;
     int rc = 0;
     if (normed) memcpy(n1, normed, sizeof(float) * (size_t)BT * hid);
     else rc = vlmc_norm(x, BT, hid, L->norm1, NULL, L->eps1, 0, n1, n_threads);
     if (!rc) rc = proj_run(&L->qkv, n1, BT, qkv, n_threads);
-    if (!rc && L->q_norm) rc = heads_norm(qkv, BT, QKV, 0, H, D, L->q_norm, L->eps_q);
-    if (!rc && L->k_norm) rc = heads_norm(qkv, BT, QKV, (size_t)H * D, HKV, D, L->k_norm, L->eps_k);
+    if (!rc && L->q_norm) rc = heads_norm(qkv, BT, QKV, 0, H, D, L->q_norm, L->eps_q, 0);
+    if (!rc && L->k_norm && !shared) rc = heads_norm(qkv, BT, QKV, (size_t)H * D, HKV, D, L->k_norm, L->eps_k, 0);
+    if (!rc && L->v_norm && !shared)
+        /* unweighted: MLX's arithmetic, as the op library's unweighted norm (host.rms_norm) */
+        rc = heads_norm(qkv, BT, QKV, (size_t)(H + HKV) * D, HKV, D, L->v_norm_w, L->eps_v, L->v_norm_w ? 0 : 2);
     if (kv->cs) cs = kv->cs, sn = kv->sn;
     /* rope of q and k straight from the qkv rows ([B, T positions, heads, D] views): q
      * [B, H, T, D], k [B, HKV, T, D] */
     if (!rc) rc = vlmc_rope(qkv, B, H, T, D, (int64_t)T * QKV, D, QKV, cs, sn, ca, cl, q, n_threads);
-    if (!rc) rc = vlmc_rope(qkv + (size_t)H * D, B, HKV, T, D, (int64_t)T * QKV, D, QKV, cs, sn, ca, cl, nk, n_threads);
-    if (!rc)
+    if (!rc && !shared)
+        rc = vlmc_rope(qkv + (size_t)H * D, B, HKV, T, D, (int64_t)T * QKV, D, QKV, cs, sn, ca, cl, nk, n_threads);
+    if (!rc && !shared)
         for (int b = 0; b < B; b++)
             for (int g = 0; g < HKV; g++)
                 for (int t = 0; t < T; t++)
                     memcpy(nv + (((size_t)b * HKV + g) * T + t) * D,
                            qkv + ((size_t)b * T + t) * QKV + (size_t)(H + HKV + g) * D, sizeof(float) * D);
-    /* attention into [B, T, H, D]: the output projection's rows */
-    if (!rc && affine) {
+    /* attention into [B, T, H, D]: the output projection's rows; a shared-cache layer's
+     * queries are the last T of the held rows, all in the cache already */
+    if (!rc && shared && affine) {
+        rc = kv_affine_decode_x(q, kv->k, kv->ks, kv->kb, kv->v, kv->vs, kv->vb, NULL, NULL, kv->starts, B, H, HKV, D,
+                                T, cap, held, kv->bits, kv->gs, L->scale, kv->window, L->softcap, att, 1, n_threads);
+    } else if (!rc && shared) {
+        rc = kv_dense_decode_t(q, kv->k, kv->v, NULL, NULL, kv->starts, B, H, HKV, D, T, cap, held, L->scale,
+                               kv->window, L->softcap, att, 1, n_threads);
+    } else if (!rc && affine) {
         const size_t rows = (size_t)BT * HKV;
         kv_affine_encode_rows(nk, rows, D, kv->bits, kv->gs, kv->nk, kv->nks, kv->nkb);
         kv_affine_encode_rows(nv, rows, D, kv->bits, kv->gs, kv->nv, kv->nvs, kv->nvb);
@@ -105,6 +147,11 @@ static int decode_layer(const vlmc_layer *L, const float *x, const float *normed
     if (!rc && L->post_ff) rc = vlmc_norm(out, BT, hid, L->post_ff, NULL, L->eps_pf, 0, out, n_threads);
     if (!rc)
         for (size_t i = 0; i < (size_t)BT * hid; i++) out[i] = h[i] + out[i];
+    if (!rc && P) rc = ple_branch(L, out, BT, in, in_ld, pg, py, n_threads);
+    if (!rc && L->out_scale) {
+        const float s = L->out_scale[0];
+        for (size_t i = 0; i < (size_t)BT * hid; i++) out[i] = out[i] * s;
+    }
     free(buf);
     return rc;
 }
@@ -140,16 +187,20 @@ static void store_step(const vlmc_kv *kv, size_t rows, int D, int T) {
  * freely); each layer's keys and values go to kv[i].nk / nv (and scales / minimums),
  * [B, HKV, T, *], and where kv[i].inplace also into the cache's columns kv[i].held .. +
  * T - 1 (the caller has checked that no array can see them). cs, sn: the rotary tables of
- * the layers whose kv[i].cs is NULL. */
+ * the layers whose kv[i].cs is NULL. inputs[i] (inputs NULL: none): layer i's per-layer input
+ * rows (token t of sequence b at (b T + t) in_ld), for the layers with a ple_dim. A
+ * shared-cache layer's kv[i] is a cache an earlier call (or layer) wrote, held counting
+ * this step's tokens; it stores nothing. */
 int vlmc_decode_layers(const vlmc_layer *const *L, const vlmc_kv *kv, int nl, const float *x, const float *normed,
-                       int B, int T, const float *cs, const float *sn, int64_t ca, int64_t cl, float *out,
-                       int n_threads) {
+                       int B, int T, const float *cs, const float *sn, int64_t ca, int64_t cl,
+                       const float *const *inputs, int64_t in_ld, float *out, int n_threads) {
     if (nl < 1 || B < 1 || T < 1) return -1;
     const int hid = L[0]->hidden;
     for (int i = 1; i < nl; i++)
         if (L[i]->hidden != hid) return -1;
     for (int i = 0; i < nl; i++)
-        if (kv[i].inplace && kv[i].held + T > kv[i].cap) return -1;
+        if ((kv[i].inplace && (L[i]->shared || kv[i].held + T > kv[i].cap)) || (L[i]->ple_dim && !inputs))
+            return -1;
     const size_t n = (size_t)B * T * hid;
     float *buf = nl > 1 ? malloc(sizeof(float) * 2 * n) : NULL;
     if (nl > 1 && !buf) return -5;
@@ -157,7 +208,8 @@ int vlmc_decode_layers(const vlmc_layer *const *L, const vlmc_kv *kv, int nl, co
     int rc = 0;
     for (int i = 0; i < nl && !rc; i++) {
         float *dst = i == nl - 1 ? out : buf + (size_t)(i % 2) * n;
-        rc = decode_layer(L[i], cur, i == 0 ? normed : NULL, B, T, cs, sn, ca, cl, &kv[i], dst, n_threads);
+        rc = decode_layer(L[i], cur, i == 0 ? normed : NULL, B, T, cs, sn, ca, cl, &kv[i], inputs ? inputs[i] : NULL,
+                          in_ld, dst, n_threads);
         if (!rc && kv[i].inplace) store_step(&kv[i], (size_t)B * L[i]->kv_heads, L[i]->head_dim, T);
         cur = dst;
     }

@@ -76,11 +76,16 @@ class _Layer(ctypes.Structure):
                 ("eps1", _F), ("eps2", _F), ("scale", _F), ("act_a", _F), ("act_c", _F),
                 ("eps_q", _F), ("eps_k", _F), ("eps_pa", _F), ("eps_pf", _F), ("softcap", _F),
                 ("norm1", _P), ("norm2", _P), ("q_norm", _P), ("k_norm", _P), ("post_attn", _P), ("post_ff", _P),
-                ("qkv", _Proj), ("o", _Proj), ("gate_up", _Proj), ("down", _Proj)]
+                ("qkv", _Proj), ("o", _Proj), ("gate_up", _Proj), ("down", _Proj),
+                ("v_norm", _I), ("eps_v", _F), ("v_norm_w", _P), ("shared", _I),
+                ("ple_dim", _I), ("ple_act_a", _F), ("ple_act_c", _F), ("eps_ple", _F), ("ple_norm", _P),
+                ("ple_gate", _Proj), ("ple_proj", _Proj), ("out_scale", _P)]
 
 
-# the optional weights after the ten every layer has: QK-norm, then the sandwich norms
-_OPTIONAL = ("q_norm", "k_norm", "post_attn", "post_ff")
+# the optional weights after the ten every layer has: QK-norm, the sandwich norms, the
+# value norm's weight, the per-layer input branch (gate, projection, norm), the output scalar
+_OPTIONAL = ("q_norm", "k_norm", "post_attn", "post_ff", "v_norm", "ple_gate", "ple_proj", "ple_norm", "out_scale")
+_N_WEIGHTS = 10 + len(_OPTIONAL)
 
 
 def _proj(w, b) -> _Proj | None:
@@ -113,21 +118,33 @@ def _layer(weights: tuple, attrs: tuple) -> _Layer | None:
             and hit[1] == attrs:
         return hit[2]
     norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b = weights[:10]
-    extra = dict(zip(_OPTIONAL, tuple(weights[10:]) + (None,) * (14 - len(weights))))
-    eps1, eps2, heads, kv_heads, head_dim, inter, scale, act, eps_q, eps_k, eps_pa, eps_pf, softcap = attrs
+    extra = dict(zip(_OPTIONAL, tuple(weights[10:]) + (None,) * (_N_WEIGHTS - len(weights))))
+    (eps1, eps2, heads, kv_heads, head_dim, inter, scale, act, eps_q, eps_k, eps_pa, eps_pf, softcap, eps_v, shared,
+     ple_act, eps_ple) = attrs
     projs = [_proj(qkv_w, qkv_b), _proj(o_w, o_b), _proj(gu_w, gu_b), _proj(d_w, d_b)]
+    ple = extra["ple_gate"] is not None or extra["ple_proj"] is not None or extra["ple_norm"] is not None
+    ple_projs = [_proj(extra["ple_gate"], None), _proj(extra["ple_proj"], None)] if ple else [_Proj(), _Proj()]
     hidden = param(norm1).shape[0]  # Gemma's may differ from heads x head_dim
-    sizes = {"q_norm": head_dim, "k_norm": head_dim, "post_attn": hidden, "post_ff": hidden}
-    eps = {"q_norm": eps_q, "k_norm": eps_k, "post_attn": eps_pa, "post_ff": eps_pf}
-    norms = {name: None if w is None else param(w) for name, w in extra.items()}
-    if (any(p is None for p in projs) or act not in SIGMOID_SCALE or len(weights) > 14
-            or any(n is not None and (n.shape != (sizes[k],) or eps[k] is None) for k, n in norms.items())):
+    ple_dim = ple_projs[0].N if ple and ple_projs[0] is not None else 0
+    sizes = {"q_norm": head_dim, "k_norm": head_dim, "post_attn": hidden, "post_ff": hidden, "v_norm": head_dim,
+             "ple_norm": hidden, "out_scale": 1}
+    eps = {"q_norm": eps_q, "k_norm": eps_k, "post_attn": eps_pa, "post_ff": eps_pf, "v_norm": eps_v,
+           "ple_norm": eps_ple, "out_scale": 0.0}
+    norms = {name: None if w is None else param(w) for name, w in extra.items() if name in sizes}
+    if (any(p is None for p in projs + ple_projs) or act not in SIGMOID_SCALE or len(weights) > _N_WEIGHTS
+            or any(n is not None and (n.shape != (sizes[k],) or eps[k] is None) for k, n in norms.items())
+            or (ple and (ple_act not in SIGMOID_SCALE or norms["ple_norm"] is None or eps_ple is None
+                         or ple_projs[0].K != hidden or ple_projs[1].N != hidden or ple_projs[1].K != ple_dim))):
         layer = None
     else:
         ptr = {k: None if n is None else n.ctypes.data for k, n in norms.items()}
         layer = _Layer(hidden, heads, kv_heads, head_dim, inter, eps1, eps2, scale, *SIGMOID_SCALE[act],
                        *(0.0 if e is None else e for e in (eps_q, eps_k, eps_pa, eps_pf)), softcap or 0.0,
-                       param(norm1).ctypes.data, param(norm2).ctypes.data, *(ptr[k] for k in _OPTIONAL), *projs)
+                       param(norm1).ctypes.data, param(norm2).ctypes.data,
+                       *(ptr[k] for k in ("q_norm", "k_norm", "post_attn", "post_ff")), *projs,
+                       int(eps_v is not None), eps_v or 0.0, ptr["v_norm"], int(bool(shared)),
+                       ple_dim, *(SIGMOID_SCALE[ple_act] if ple else (0.0, 0.0)), eps_ple or 0.0, ptr["ple_norm"],
+                       *ple_projs, ptr["out_scale"])
     if hit is None:
         weakref.finalize(norm1, _layers.pop, key, None)
     _layers[key] = (weights[1:], attrs, layer)
@@ -215,15 +232,19 @@ def _address(a: mx.array) -> int | None:
     return ctypes.addressof(ctypes.c_char.from_buffer(view)) if view.c_contiguous else None
 
 
-def _step_kv(views: list, caches: list, B: int, T: int, kv_heads: int, head_dim: int, tables: list, mask):
+def _step_kv(views: list, caches: list, B: int, T: int, kv_heads: int, head_dim: int, tables: list, mask,
+             shared: bool = False):
     """The vlmc_kv array for these caches (with each layer's rope tables and first visible
     keys), the buffer receiving each layer's keys and values of this step's T tokens as
     stored, each layer's (offset, sizes) in it, and the starts arrays it points to; None
-    where a buffer is not contiguous."""
+    where a buffer is not contiguous. ``shared``: the layers only read the caches (which
+    hold this step's tokens already): nothing to receive, nothing written in place."""
     rows = B * kv_heads * T
     layouts, off = [], 0
     for kind, bits, gs, _ in views:
-        if kind == _DENSE:
+        if shared:
+            sizes = ()
+        elif kind == _DENSE:
             sizes = (rows * head_dim * 4,) * 2
         else:
             cb, gb = rows * head_dim * bits // 8, rows * (head_dim // gs) * 2
@@ -243,10 +264,11 @@ def _step_kv(views: list, caches: list, B: int, T: int, kv_heads: int, head_dim:
         if None in ptrs:
             return None
         if kind == _DENSE:  # k, v, then no scales / minimums
-            ptrs, outs = ptrs + [0] * 4, outs + [0] * 4
+            ptrs = ptrs + [0] * 4
+        outs = outs + [0] * (6 - len(outs))
         # outs: k, v, k scales, k minimums, v scales, v minimums (the order of _KV's n* fields)
         # in place: host_writable() covers one token; T need that many free columns
-        inplace = cache.host_writable() and cache.held + T <= bufs[0].shape[2]
+        inplace = not shared and cache.host_writable() and cache.held + T <= bufs[0].shape[2]
         starts.append(host_starts(mask, B, cache.start))
         records.append((*ptrs, *outs, c_ptr, s_ptr, starts[-1].ctypes.data, kind, bits, gs, bufs[0].shape[2],
                         cache.held, inplace, getattr(cache, "window", None) or 0))
@@ -279,26 +301,52 @@ def _host_input(x, norm1, eps1: float):
 def decode_layer(x, cos, sin, mask, cache, *weights, **attrs):
     """The layer's output [B, 1, hidden] as a host array, or None (the caller runs the ops):
     ``decode_layers`` over this one layer, for one token per sequence (several take the
-    stack call, which the generated code tries first, or the ops)."""
+    stack call, which the generated code tries first, or the ops). With ``ple_layer`` (the
+    layer's slot of the per-layer inputs) the first of ``weights`` is those inputs."""
     if getattr(x, "ndim", 0) != 3 or x.shape[1] != 1:
         return None
-    return decode_layers(x, cos, sin, mask, [cache], [weights], **attrs)
+    if attrs.get("ple_layer") is None:
+        return decode_layers(x, cos, sin, mask, [cache], [weights], **attrs)
+    attrs["ple_layer"] = [attrs["ple_layer"]]
+    return decode_layers(x, cos, sin, mask, [cache], weights[0], [weights[1:]], **attrs)
 
 
-def decode_layers(x, cos, sin, mask, caches, layers, *, eps1: float, eps2: float, heads: int, kv_heads: int,
+def _layer_inputs(ple, slots: list, B: int, T: int, width: int):
+    """(the per-layer inputs [B, T, layers, width] as a contiguous float32 host array, each
+    called layer's row address in it, the row stride in floats), or None."""
+    if isinstance(ple, mx.array):
+        ple = ple if ple.dtype == mx.float32 else ple.astype(mx.float32)
+    a = np.asarray(ple)
+    if a.dtype != np.float32 or a.ndim != 4 or a.shape[:2] != (B, T) or a.shape[3] != width \
+            or not all(isinstance(s, int) and 0 <= s < a.shape[2] for s in slots):
+        return None
+    a = np.ascontiguousarray(a)
+    rows = np.array([a.ctypes.data + s * width * 4 for s in slots], np.uintp)
+    return a, rows, a.shape[2] * width
+
+
+def decode_layers(x, cos, sin, mask, caches, *args, eps1: float, eps2: float, heads: int, kv_heads: int,
                   head_dim: int, inter: int, scale: float, act: str, eps_q: float | None = None,
                   eps_k: float | None = None, eps_pa: float | None = None, eps_pf: float | None = None,
-                  softcap: float | None = None):
-    """A stack of such layers in one C call (``vlmc_decode_layers``): layers[i] holds layer
-    i's weights as decode_layer takes them (norm1, qkv weight and bias, o weight and bias,
-    norm2, gate_up weight and bias, down weight and bias, then optionally q_norm, k_norm,
-    post_attn, post_ff: None where the layer has none), caches[i] its cache; cos, sin: the
-    step's rope tables, or a list of each layer's. The last layer's output, or None when any
+                  softcap: float | None = None, eps_v: float | None = None, shared: bool = False,
+                  ple_act: str | None = None, eps_ple: float | None = None, ple_layer: list | None = None):
+    """A stack of such layers in one C call (``vlmc_decode_layers``): args is (layers,), or
+    (per-layer inputs [B, T, n, P], layers) with ``ple_layer`` (each layer's slot among the n).
+    layers[i] holds layer i's weights as decode_layer takes them (norm1, qkv weight and
+    bias, o weight and bias, norm2, gate_up weight and bias, down weight and bias, then
+    optionally q_norm, k_norm, post_attn, post_ff, v_norm, ple_gate, ple_proj, ple_norm,
+    out_scale: None where the layer has none), caches[i] its cache; cos, sin: the step's
+    rope tables, or a list of each layer's. ``eps_v``: values RMS-normed (v_norm: the
+    weight, None: unscaled); ``shared``: the qkv weight makes queries only and the layers
+    read caches other layers wrote this step. The last layer's output, or None when any
     layer could not take the C path (the caller then runs the layers one by one; nothing
     has been computed or stored)."""
-    # one cache object per layer: a cache given twice would get both layers' keys in one
-    # column (the kernel writes each layer's at the cache's current end)
-    if not layers or len(layers) != len(caches) or len({id(c) for c in caches}) != len(caches):
+    if len(args) != (1 if ple_layer is None else 2):
+        return None
+    ple, layers = (None, args[0]) if ple_layer is None else args
+    # one cache object per writing layer: a cache given twice would get both layers' keys in
+    # one column (the kernel writes each layer's at the cache's current end); readers share
+    if not layers or len(layers) != len(caches) or (not shared and len({id(c) for c in caches}) != len(caches)):
         return None
     step = _step_inputs(x, cos, sin, head_dim, len(layers))
     if step is None:
@@ -306,19 +354,27 @@ def decode_layers(x, cos, sin, mask, caches, layers, *, eps1: float, eps2: float
     lib, B, T, hidden, tables, ca, cl = step
     if not _kv_quant.causal_step(mask, T):
         return None  # the kernels attend causally from each sequence's start: not a family's spans
-    attrs = (eps1, eps2, heads, kv_heads, head_dim, inter, scale, act, eps_q, eps_k, eps_pa, eps_pf, softcap)
+    attrs = (eps1, eps2, heads, kv_heads, head_dim, inter, scale, act, eps_q, eps_k, eps_pa, eps_pf, softcap, eps_v,
+             bool(shared), ple_act, eps_ple)
     structs = [_layer(w, attrs) for w in layers]
-    if any(lay is None or lay.hidden != hidden for lay in structs):
+    if any(lay is None or lay.hidden != hidden or (lay.ple_dim > 0) != (ple is not None) for lay in structs):
         return None
+    inputs = None
+    if ple is not None:
+        if len(ple_layer) != len(layers) or len({lay.ple_dim for lay in structs}) != 1:
+            return None
+        inputs = _layer_inputs(ple, list(ple_layer), B, T, structs[0].ple_dim)
+        if inputs is None:
+            return None
     views = [_cache_view(c, B, kv_heads, head_dim) for c in caches]
-    if any(v is None for v in views):
+    if any(v is None for v in views) or (shared and any(c.held < T for c in caches)):
         return None
     nl = len(layers)
     for c in caches:
-        settle(c)  # deferred writes of earlier steps, before reading the buffers
-        if getattr(c, "window", None):
+        settle(c)  # deferred writes of earlier steps (or, read by a shared layer, of this one)
+        if getattr(c, "window", None) and not shared:
             c.make_room()  # what the ops' append would drop first (one copy every ``slack`` steps)
-    step_kv = _step_kv(views, caches, B, T, kv_heads, head_dim, tables, mask)
+    step_kv = _step_kv(views, caches, B, T, kv_heads, head_dim, tables, mask, shared)
     if step_kv is None:
         return None
     kv, new, layouts, _starts = step_kv
@@ -328,7 +384,10 @@ def decode_layers(x, cos, sin, mask, caches, layers, *, eps1: float, eps2: float
     from . import n_threads  # the current setting (refresh() may change it)
     _check(lib.vlmc_decode_layers(ptrs.ctypes.data, kv.ctypes.data, nl, xn.ctypes.data,
                                   None if normed is None else normed.ctypes.data, B, T, tables[0][0], tables[0][1],
-                                  ca, cl, out.ctypes.data, n_threads), "decode_layers")
+                                  ca, cl, None if inputs is None else inputs[1].ctypes.data,
+                                  0 if inputs is None else inputs[2], out.ctypes.data, n_threads), "decode_layers")
+    if shared:
+        return out
     for cache, view, rec, (off, sizes) in zip(caches, views, kv, layouts):
         if rec["inplace"]:
             for _ in range(T):

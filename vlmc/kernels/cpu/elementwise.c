@@ -3,7 +3,7 @@
  *   vlmc_softmax_rows   in place, softmax(scale * s) along rows, with an optional keep
  *                       mask shared by blocks of rows (attention scores);
  *   vlmc_sigmoid_gate   out = x * sigmoid(a (x + c x^3)) [* up]  (silu, quick_gelu, GELU-tanh, their GLUs);
- *   vlmc_norm           RMSNorm / LayerNorm of rows;
+ *   vlmc_norm           RMSNorm / LayerNorm of rows (RMSNorm also in MLX's arithmetic);
  *   vlmc_rope           rotary embedding of strided rows.
  *
  * numpy evaluates these one pass per operation on one core; here they are one or two
@@ -170,12 +170,37 @@ typedef struct {
     float *out;
     long rows, cols;
     float eps;
-    int layer; /* 0: RMSNorm x * w / rms(x); 1: LayerNorm (x - mean) * w / std + b */
+    int layer; /* 0: RMSNorm x * w / rms(x); 1: LayerNorm (x - mean) * w / std + b; 2: RMSNorm as MLX */
 } norm_job;
+
+/* One row's RMSNorm as MLX's CPU backend computes mx.fast.rms_norm (its composed fallback):
+ * the squares summed in order, times 1/n, plus eps, 1 / sqrt, times x, then w: the same
+ * float32 to the last bit. The unweighted norm (Gemma 4's value norm) is MLX's elsewhere in
+ * the op library, so this keeps its numbers where the host computes it. No fused
+ * multiply-add: the squares round before they are summed, as MLX's square op stores them. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+static void norm_row_mlx(const float *x, float *o, long n, const float *w, float eps) {
+    float s = 0.f;
+    for (long i = 0; i < n; i++) {
+        const float q = x[i] * x[i];
+        s += q;
+    }
+    const float inv = 1.f / sqrtf(s * (1.f / (float)n) + eps);
+    for (long i = 0; i < n; i++) {
+        const float v = x[i] * inv;
+        o[i] = w ? v * w[i] : v;
+    }
+}
 
 static void norm_task(void *ctx, int ith, int nth) {
     const norm_job *J = (const norm_job *)ctx;
     const long r0 = J->rows * ith / nth, r1 = J->rows * (ith + 1) / nth, n = J->cols;
+    if (J->layer == 2) {
+        for (long r = r0; r < r1; r++) norm_row_mlx(J->x + r * n, J->out + r * n, n, J->w, J->eps);
+        return;
+    }
     for (long r = r0; r < r1; r++) {
         const float *x = J->x + r * n;
         float *o = J->out + r * n;
@@ -210,7 +235,8 @@ static void norm_task(void *ctx, int ith, int nth) {
 }
 
 /* out [rows, cols] = norm of each row of x (contiguous), scaled by w (NULL: 1) and, for
- * LayerNorm, shifted by b (NULL: 0). */
+ * LayerNorm, shifted by b (NULL: 0). layer: 0 RMSNorm, 1 LayerNorm, 2 RMSNorm in MLX's
+ * arithmetic (norm_row_mlx). */
 int vlmc_norm(const float *x, int64_t rows, int64_t cols, const float *w, const float *b, float eps, int layer,
               float *out, int n_threads) {
     if (!x || !out || rows < 0 || cols < 1) return -1;

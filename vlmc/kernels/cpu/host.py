@@ -40,7 +40,8 @@ def table(a) -> np.ndarray:
 
 
 def _norm_kernel(x: np.ndarray, w, b, eps: float, layer: int) -> np.ndarray | None:
-    """RMSNorm (layer=0) / LayerNorm (1) of x's rows through the C kernel, or None."""
+    """RMSNorm (layer=0) / LayerNorm (1) / RMSNorm in MLX's arithmetic (2) of x's rows through
+    the C kernel, or None."""
     lib = _get_lib()
     cols = x.shape[-1] if x.ndim else 0
     wv = None if w is None else param(w)
@@ -65,11 +66,14 @@ def _inv_rms(x: np.ndarray, eps: float) -> np.ndarray:
 
 
 def rms_norm(x: np.ndarray, w, eps: float) -> np.ndarray:
-    out = _norm_kernel(x, w, None, eps, 0)
+    # unweighted: in MLX's arithmetic (the op library's norm for mx.arrays), so the result
+    # does not depend on which side of the host boundary the rows are
+    out = _norm_kernel(x, w, None, eps, 0 if w is not None else 2)
     if out is not None:
         return out
     out = x / _inv_rms(x, eps)
-    out *= param(w)
+    if w is not None:
+        out *= param(w)
     return out
 
 

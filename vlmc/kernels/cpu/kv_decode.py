@@ -275,3 +275,37 @@ def host_dense_step(q: np.ndarray, k, v, cache, mask, *, scale: float, softcap: 
         out = kv_dense_decode(q, *buffers, starts, cache.held + T, scale=scale, new_k=kn, new_v=vn, **extra)
     store(cache, kn, vn)
     return out
+
+
+def host_shared_step(q: np.ndarray, cache, mask, *, scale: float) -> np.ndarray | None:
+    """A decode step of a layer that reads another layer's cache (KV sharing: the cache holds
+    this step's T tokens already, the writer stored them) through the C kernels, storing
+    nothing: q [B, H, T, D] attends as its T tokens would in ``host_dense_step``, over dense
+    float32 or 4/8-bit affine buffers, within a rotating cache's window. None when this
+    path does not apply (the caller's path then runs)."""
+    from . import GEMV_MAX_ROWS
+    T = q.shape[2] if type(q) is np.ndarray and q.ndim == 4 else 0
+    layout = getattr(cache, "layout", None)
+    if (not 1 <= T <= GEMV_MAX_ROWS or _get_lib() is None or cache.buffers is None or cache.held < T
+            or q.shape[1] % cache.kv_heads or layout not in ("dense", "affine")):
+        return None
+    settle(cache)
+    starts = host_starts(mask, q.shape[0], cache.start)
+    window = getattr(cache, "window", None) or 0
+    qk = q[:, :, 0] if T == 1 else q
+    kb, vb = cache.buffers["k"], cache.buffers["v"]
+    if layout == "dense":
+        if kb["x"].dtype != mx.float32 or vb["x"].dtype != mx.float32:
+            return None
+        out = kv_dense_decode(qk, kb["x"], vb["x"], starts, cache.held, scale=scale, window=window)
+    else:
+        codec = cache.codecs["k"]
+        vc = cache.codecs["v"]
+        if (codec.bits not in (4, 8) or (vc.bits, vc.group_size) != (codec.bits, codec.group_size)
+                or kb["scales"].dtype != mx.bfloat16
+                or cache.head_dim % codec.group_size):
+            return None
+        out = kv_affine_decode(qk, kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"], vb["biases"],
+                               starts, cache.held, scale=scale, bits=codec.bits, group_size=codec.group_size,
+                               window=window)
+    return out[:, :, None] if T == 1 else out

@@ -405,6 +405,18 @@ typedef struct {
     const float *q_norm, *k_norm;                 /* [head_dim] or NULL: QK-norm */
     const float *post_attn, *post_ff;             /* [hidden] or NULL: sandwich norms */
     vlmc_proj qkv, o, gate_up, down;
+    /* options any family may combine (Gemma 4 uses them all) */
+    int v_norm;                                   /* 1: values RMS-normed per head, by v_norm_w (NULL: unscaled) */
+    float eps_v;
+    const float *v_norm_w;                        /* [head_dim] or NULL */
+    int shared;                                   /* 1: qkv makes queries only; the attention reads the tokens
+                                                   * kv holds (another layer wrote this step's) and stores none */
+    int ple_dim;                                  /* > 0: after the MLP, a per-layer input branch of that width:
+                                                   * out += ple_norm(ple_proj(act(ple_gate(out)) * input)) */
+    float ple_act_a, ple_act_c, eps_ple;          /* its activation (SIGMOID_SCALE) and norm epsilon */
+    const float *ple_norm;                        /* [hidden] */
+    vlmc_proj ple_gate, ple_proj;                 /* [ple_dim, hidden], [hidden, ple_dim] */
+    const float *out_scale;                       /* [1] or NULL: the layer's output times this scalar */
 } vlmc_layer;
 
 /* A layer's KV cache as vlmc_decode_layers reads and extends it (bindings.py mirrors it) */
@@ -495,8 +507,8 @@ int vlmc_rope(const float *x, int64_t A, int64_t H, int64_t L, int64_t D, int64_
               const float *cs, const float *sn, int64_t ca, int64_t cl, float *out, int n_threads);
 /* decode_layer.c */
 int vlmc_decode_layers(const vlmc_layer *const *L, const vlmc_kv *kv, int nl, const float *x, const float *normed,
-                       int B, int T, const float *cs, const float *sn, int64_t ca, int64_t cl, float *out,
-                       int n_threads);
+                       int B, int T, const float *cs, const float *sn, int64_t ca, int64_t cl,
+                       const float *const *inputs, int64_t in_ld, float *out, int n_threads);
 /* affine_search.c */
 int vlmc_affine_search(const float *w, int N, int K, int gs, int bits, const float *s0, const float *b0,
                        const float *shrink, int nshrink, int nrefit, float *scales, float *biases, int n_threads);
