@@ -1,15 +1,17 @@
 """The host path's vision costs: buffer reuse on and off, and the attention kernels.
 
-    python benchmarks/vision_host.py tower ARTIFACT [--tiles 17] [--size 512] [--rounds 2]
+    python benchmarks/vision_host.py tower ARTIFACT [--tiles 17] [--size 512] [--rounds 2] [--compare pool]
     python benchmarks/vision_host.py attention [--shape 2,12,1024,1024,64] [--rounds 5]
 
 ``tower``: one ``vision_encode`` of TILES random tiles (a fixed-resolution tower's input,
 e.g. SmolVLM's 512x512 tiles), in a fresh process per measurement, alternating
 ``VLMC_HOST_POOL_MB=0`` (every large op result a fresh allocation) with the default pool;
 prints wall, user and system CPU seconds and minor page faults of the encode (after one
-one-tile warm-up). ``attention``: ``cpu.attention`` on random q, k, v of shape
-(B, H, L, S, D), the one-pass C kernel against the BLAS path (the kernel declined),
-alternating in one process; ms per (sequence, head), medians.
+one-tile warm-up). ``--compare kernels`` alternates instead the attention kernels of
+unmasked long blocks: the rows kernel (the lanes kernel declined) against the lanes kernel.
+``attention``: ``cpu.attention`` on random q, k, v of shape (B, H, L, S, D), the lanes
+kernel, the rows kernel and the BLAS path (the kernels declined), alternating in one
+process; ms per (sequence, head), medians.
 """
 from __future__ import annotations
 
@@ -28,8 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlmc  # noqa: E402,F401  (first: it sets OPENBLAS_THREAD_TIMEOUT before numpy loads)
 
 
-def encode_once(artifact: str, tiles: int, size: int) -> dict:
+def encode_once(artifact: str, tiles: int, size: int, config: str) -> dict:
     import mlx.core as mx
+    if config == "rows kernel":
+        from vlmc.kernels.cpu import attention as A
+        A.LANES_MIN_KEYS = 1 << 62
     m = vlmc.load(artifact)
     pos = mx.arange((size // 16) ** 2, dtype=mx.int32)
     pix = mx.random.normal((tiles, 3, size, size))
@@ -42,7 +47,8 @@ def encode_once(artifact: str, tiles: int, size: int) -> dict:
 
 
 def tower(args) -> None:
-    rows: dict[str, list[dict]] = {"pool off": [], "pool on": []}
+    labels = ["pool off", "pool on"] if args.compare == "pool" else ["rows kernel", "lanes kernel"]
+    rows: dict[str, list[dict]] = {label: [] for label in labels}
     for r in range(args.rounds):
         for label in rows:
             env = dict(os.environ)
@@ -50,7 +56,8 @@ def tower(args) -> None:
                 env["VLMC_HOST_POOL_MB"] = "0"
             else:
                 env.pop("VLMC_HOST_POOL_MB", None)
-            out = subprocess.run([sys.executable, __file__, "_encode", args.artifact, str(args.tiles), str(args.size)],
+            out = subprocess.run([sys.executable, __file__, "_encode", args.artifact, str(args.tiles), str(args.size),
+                                  label],
                                  env=env, capture_output=True, text=True, check=True)
             rows[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1} {label}: {rows[label][-1]}  load {os.getloadavg()[0]:.2f}", flush=True)
@@ -67,22 +74,23 @@ def attention(args) -> None:
     rng = np.random.default_rng(0)
     q = rng.standard_normal((B, H, L, D), dtype=np.float32)
     k, v = (rng.standard_normal((B, H, S, D), dtype=np.float32) for _ in range(2))
-    fused = A._fused
-    times: dict[str, list[float]] = {"one-pass kernel": [], "BLAS": []}
+    fused, lanes_min = A._fused, A.LANES_MIN_KEYS
+    times: dict[str, list[float]] = {"lanes kernel": [], "rows kernel": [], "BLAS": []}
     for _ in range(args.rounds):
         for label in times:
-            A._fused = fused if label == "one-pass kernel" else (lambda *a: False)
+            A._fused = (lambda *a: False) if label == "BLAS" else fused
+            A.LANES_MIN_KEYS = 1 << 62 if label == "rows kernel" else lanes_min
             t = time.perf_counter()
             A.attention(q, k, v, None, scale=D ** -0.5, host=True)
             times[label].append((time.perf_counter() - t) * 1e3 / (B * H))
-    A._fused = fused
+    A._fused, A.LANES_MIN_KEYS = fused, lanes_min
     for label, ts in times.items():
         print(f"{label}: {statistics.median(ts):.2f} ms per (sequence, head)  (B, H, L, S, D) = {(B, H, L, S, D)}")
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_encode":
-        print(json.dumps(encode_once(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+        print(json.dumps(encode_once(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])))
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -91,6 +99,7 @@ def main() -> None:
     t.add_argument("--tiles", type=int, default=17)
     t.add_argument("--size", type=int, default=512)
     t.add_argument("--rounds", type=int, default=2)
+    t.add_argument("--compare", choices=["pool", "kernels"], default="pool")
     a = sub.add_parser("attention")
     a.add_argument("--shape", default="2,12,1024,1024,64")
     a.add_argument("--rounds", type=int, default=5)
