@@ -35,12 +35,15 @@ def encode_once(artifact: str, tiles: int, size: int, config: str) -> dict:
     if config == "rows kernel":
         from vlmc.kernels.cpu import attention as A
         A.LANES_MIN_KEYS = 1 << 62
+    import inspect
     m = vlmc.load(artifact)
-    pos = mx.arange((size // 16) ** 2, dtype=mx.int32)
     pix = mx.random.normal((tiles, 3, size, size))
-    mx.eval(m.model.vision_encode(pix[:1], pos))
+    # towers with learned positions (SigLIP) take pixels only; others also patch positions
+    extra = (mx.arange((size // 16) ** 2, dtype=mx.int32),) \
+        if len(inspect.signature(m.model.vision_encode).parameters) > 1 else ()
+    mx.eval(m.model.vision_encode(pix[:1], *extra))
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    mx.eval(m.model.vision_encode(pix, pos))
+    mx.eval(m.model.vision_encode(pix, *extra))
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     return {"wall_s": time.perf_counter() - t0, "user_s": r1.ru_utime - r0.ru_utime,
             "sys_s": r1.ru_stime - r0.ru_stime, "minflt": r1.ru_minflt - r0.ru_minflt}
