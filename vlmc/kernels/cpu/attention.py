@@ -51,9 +51,11 @@ LANES_MIN_ROWS = 32
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None, *,
-              scale: float, enabled: bool = True, host: bool = False) -> mx.array:
+              scale: float, enabled: bool = True, host: bool = False, bf16: bool = False) -> mx.array:
     """softmax(q k^T * scale, masked) v for q [B, H, L, D], k/v [B, Hkv, S, D(v)].
-    q, k, v may be float32 numpy arrays; ``host=True`` returns a float32 result as one."""
+    q, k, v may be float32 numpy arrays; ``host=True`` returns a float32 result as one.
+    ``bf16``: the lanes kernel may multiply bfloat16-rounded operands (where the CPU has
+    AVX512-BF16); every other path computes in float32."""
     if q.ndim != 4 or k.ndim != 4:
         return _reference.attention(_as_mx(q), _as_mx(k), _as_mx(v), mask, scale=scale)
     B, H, L, D = q.shape
@@ -78,7 +80,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
             block_keep = None if keep is None else keep[r0:r1, k0:k1]
             if block_keep is not None:
                 block_keep = None if block_keep.all() else np.ascontiguousarray(block_keep)
-            if _fused(qn[b, :, r0:r1], kn[b, :, k0:k1], vn[b, :, k0:k1], out[b, :, r0:r1], scale, block_keep):
+            if _fused(qn[b, :, r0:r1], kn[b, :, k0:k1], vn[b, :, k0:k1], out[b, :, r0:r1], scale, block_keep, bf16):
                 continue
             work += [(b, h, r0, r1, k0, k1, block_keep) for h in range(Hk)]
 
@@ -101,7 +103,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
 
 
 def _fused(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, scale: float,
-           keep: np.ndarray | None) -> bool:
+           keep: np.ndarray | None, bf16: bool = False) -> bool:
     """One block through ``vlmc_attention_lanes`` (unmasked, long key runs) or
     ``vlmc_attention_rows`` (q [Hq, rows, D], k/v [Hk, keys, D(v)], every head at once,
     scores kept per tile of rows); False where it does not apply (no
@@ -117,7 +119,12 @@ def _fused(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, scale: 
     st = [a.strides[i] // 4 for a in (q, k, v, out) for i in (0, 1)]
     if keep is None and S >= LANES_MIN_KEYS and L >= LANES_MIN_ROWS:
         rc = lib.vlmc_attention_lanes(q.ctypes.data, st[0], st[1], k.ctypes.data, st[2], st[3], v.ctypes.data, st[4],
-                                      st[5], out.ctypes.data, st[6], st[7], Hq, Hk, L, S, D, Dv, scale, n_threads)
+                                      st[5], out.ctypes.data, st[6], st[7], Hq, Hk, L, S, D, Dv, scale, int(bf16),
+                                      n_threads)
+        if rc == -7:  # no AVX512-BF16 here: float32 products
+            rc = lib.vlmc_attention_lanes(q.ctypes.data, st[0], st[1], k.ctypes.data, st[2], st[3], v.ctypes.data,
+                                          st[4], st[5], out.ctypes.data, st[6], st[7], Hq, Hk, L, S, D, Dv, scale, 0,
+                                          n_threads)
         if rc == 0:
             return True
         if rc != -6:
