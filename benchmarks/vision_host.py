@@ -2,6 +2,7 @@
 
     python benchmarks/vision_host.py tower ARTIFACT [--tiles 17] [--size 512] [--rounds 2] [--compare pool]
     python benchmarks/vision_host.py attention [--shape 2,12,1024,1024,64] [--rounds 5]
+    python benchmarks/vision_host.py tower-attention ARTIFACT [--tiles 1] [--size 896] [--rounds 2]
 
 ``tower``: one ``vision_encode`` of TILES random tiles (a fixed-resolution tower's input,
 e.g. SmolVLM's 512x512 tiles), in a fresh process per measurement, alternating
@@ -11,7 +12,11 @@ one-tile warm-up). ``--compare kernels`` alternates instead the attention kernel
 unmasked long blocks: the rows kernel (the lanes kernel declined) against the lanes kernel.
 ``attention``: ``cpu.attention`` on random q, k, v of shape (B, H, L, S, D), the lanes
 kernel, the rows kernel and the BLAS path (the kernels declined), alternating in one
-process; ms per (sequence, head), medians.
+process; ms per (sequence, head), medians. ``tower-attention``: one process, one warm-up
+encode, then per round the tower with each attention path in turn: the rows kernel in
+float32, the lanes kernel in float32, and the artifact as compiled (a quantized tower's
+attention allows bfloat16 products: the lanes kernel's vdpbf16ps path); wall and
+process CPU seconds (user + system, both cores), medians.
 """
 from __future__ import annotations
 
@@ -91,6 +96,35 @@ def attention(args) -> None:
         print(f"{label}: {statistics.median(ts):.2f} ms per (sequence, head)  (B, H, L, S, D) = {(B, H, L, S, D)}")
 
 
+def tower_attention(args) -> None:
+    import mlx.core as mx
+    from vlmc.kernels import cpu_ops
+    from vlmc.kernels.cpu import attention as A
+    import inspect
+    m = vlmc.load(args.artifact)
+    pix = mx.random.normal((args.tiles, 3, args.size, args.size))
+    extra = (mx.arange((args.size // 16) ** 2, dtype=mx.int32),) \
+        if len(inspect.signature(m.model.vision_encode).parameters) > 1 else ()
+    mx.eval(m.model.vision_encode(pix, *extra))
+    real_attention, lanes_min = cpu_ops._blas_attention, A.LANES_MIN_KEYS
+    configs = ["rows kernel, float32", "lanes kernel, float32", "as compiled"]
+    rows: dict[str, list[tuple[float, float]]] = {c: [] for c in configs}
+    for r in range(args.rounds):
+        for c in configs:
+            A.LANES_MIN_KEYS = 1 << 62 if c.startswith("rows") else lanes_min
+            cpu_ops._blas_attention = real_attention if c == "as compiled" else \
+                (lambda *a, bf16=False, **kw: real_attention(*a, **kw))
+            t, u = time.perf_counter(), time.process_time()
+            mx.eval(m.model.vision_encode(pix, *extra))
+            rows[c].append((time.perf_counter() - t, time.process_time() - u))
+            print(f"round {r + 1} {c}: wall {rows[c][-1][0]:.2f} s, CPU {rows[c][-1][1]:.2f} s  "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+    cpu_ops._blas_attention, A.LANES_MIN_KEYS = real_attention, lanes_min
+    for c, runs in rows.items():
+        print(f"{c}: wall {statistics.median(w for w, _ in runs):.2f} s, "
+              f"CPU {statistics.median(u for _, u in runs):.2f} s (medians of {len(runs)})")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_encode":
         print(json.dumps(encode_once(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])))
@@ -106,8 +140,13 @@ def main() -> None:
     a = sub.add_parser("attention")
     a.add_argument("--shape", default="2,12,1024,1024,64")
     a.add_argument("--rounds", type=int, default=5)
+    ta = sub.add_parser("tower-attention")
+    ta.add_argument("artifact")
+    ta.add_argument("--tiles", type=int, default=1)
+    ta.add_argument("--size", type=int, default=896)
+    ta.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
-    tower(args) if args.what == "tower" else attention(args)
+    {"tower": tower, "attention": attention, "tower-attention": tower_attention}[args.what](args)
 
 
 if __name__ == "__main__":
