@@ -120,8 +120,8 @@ def test_per_frame_blocks_read_only_their_keys(monkeypatch):
     monkeypatch.setattr(blas, "_masked_softmax",
                         lambda s, scale, keep, *threads: (seen.append(s.shape), real(s, scale, keep, *threads)))
 
-    def fused(q, k, v, out, scale, keep, **kw):  # the one-pass kernel: every head's rows of the block at once
-        done = real_fused(q, k, v, out, scale, keep, **kw)
+    def fused(q, k, v, out, scale, keep, *rest, **kw):  # the one-pass kernel: every head's rows of the block at once
+        done = real_fused(q, k, v, out, scale, keep, *rest, **kw)
         if done:
             seen.append((q.shape[0] * q.shape[1], k.shape[1]))
         return done
@@ -164,3 +164,93 @@ def test_heads_side_by_side_give_the_serial_result(monkeypatch):
     pooled = np.asarray(blas.attention(q, k, v, mask, scale=0.2))
     monkeypatch.setattr(blas, "_pool", lambda: None)
     assert np.array_equal(pooled, np.asarray(blas.attention(q, k, v, mask, scale=0.2)))
+
+
+def _avx512() -> bool:
+    return Path("/proc/cpuinfo").exists() and " avx512f" in Path("/proc/cpuinfo").read_text()
+
+
+@pytest.mark.parametrize("Hq,Hk,L,S,D,Dv", [(4, 2, 37, 53, 72, 72), (2, 1, 33, 241, 17, 20), (3, 3, 70, 501, 72, 72),
+                                            (2, 2, 5, 13, 128, 128), (1, 1, 64, 480, 72, 40)])
+@pytest.mark.parametrize("bf16", [0, 1])
+def test_lanes_kernel_at_awkward_shapes(Hq, Hk, L, S, D, Dv, bf16):
+    """vlmc_attention_lanes against float64 softmax attention: head widths off the 12-column
+    steps (72, 20, 40), rows off its 32-row tiles, keys off its 12-key groups and 240-key
+    blocks (so the online softmax rescales), odd key counts (bfloat16 pairs of keys),
+    grouped-query heads, strided views. bfloat16 products: within 1.5e-2 of the output's
+    scale (rounding q, k, p and v to 8-bit mantissas gives ~4e-3 here), and not the float32
+    result (where the CPU has AVX512-BF16, the rounded products ran)."""
+    from vlmc.kernels.cpu import _get_lib
+    lib = _get_lib()
+    if lib is None or not _avx512():
+        pytest.skip("no C kernels or no AVX-512 here")
+    has_bf16 = " avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    rng = np.random.default_rng(L * S)
+    q = rng.standard_normal((Hq, L, D + 3), dtype=np.float32)[..., :D] * 2  # scores spread over ~10
+    k = rng.standard_normal((Hk, S, D), dtype=np.float32)
+    v = rng.standard_normal((Hk, S, Dv), dtype=np.float32) + 1
+    out = np.full((Hq, L, Dv + 5), np.nan, np.float32)
+    o = out[..., :Dv]
+    st = [a.strides[i] // 4 for a in (q, k, v, o) for i in (0, 1)]
+    rc = lib.vlmc_attention_lanes(q.ctypes.data, st[0], st[1], k.ctypes.data, st[2], st[3], v.ctypes.data, st[4],
+                                  st[5], o.ctypes.data, st[6], st[7], Hq, Hk, L, S, D, Dv, D ** -0.5, bf16, 2)
+    if bf16 and not has_bf16:
+        assert rc == -7  # the caller then asks for float32 products
+        return
+    assert rc == 0
+    g = Hq // Hk
+    s = np.einsum("hld,hsd->hls", q.astype(np.float64), np.repeat(k, g, 0).astype(np.float64)) * D ** -0.5
+    p = np.exp(s - s.max(-1, keepdims=True))
+    ref = (p / p.sum(-1, keepdims=True)) @ np.repeat(v, g, 0).astype(np.float64)
+    assert np.isnan(out[..., Dv:]).all()  # nothing written past each row's Dv columns
+    if not bf16:
+        assert rel_err(o, ref) < TOL
+        return
+    err = rel_err(o, ref)
+    assert 1e-4 < err < 1.5e-2
+
+
+def test_long_unmasked_blocks_take_the_lanes_kernel(monkeypatch):
+    """cpu.attention routes unmasked blocks over LANES_MIN_KEYS or more keys to the lanes
+    kernel, masked ones to the rows kernel; both match MLX's attention."""
+    from vlmc.kernels.cpu import _get_lib
+    if _get_lib() is None or not _avx512():
+        pytest.skip("no C kernels or no AVX-512 here")
+    monkeypatch.setattr(blas, "LANES_MIN_KEYS", 100)
+    lib = _get_lib()
+    calls = []
+    real = lib.vlmc_attention_lanes
+    monkeypatch.setattr(lib, "vlmc_attention_lanes", lambda *a: calls.append(a[14:18]) or real(*a))
+    q, k, v = qkv(2, 4, 2, 150, 150, 72)
+    assert rel_err(blas.attention(q, k, v, None, scale=72 ** -0.5), reference.attention(q, k, v, None, scale=72 ** -0.5)) < TOL
+    assert calls == [(150, 150, 72, 72)] * 2  # one call per sequence, every head at once
+    seg = mx.array([0] * 80 + [1] * 70)
+    mask = (seg[:, None] == seg[None, :])[None, None]
+    calls.clear()
+    assert rel_err(blas.attention(q, k, v, mask, scale=0.2), reference.attention(q, k, v, mask, scale=0.2)) < TOL
+    assert calls == []  # per-segment blocks under 100 keys: the rows kernel
+
+
+def test_bf16_allowance_reaches_the_lanes_kernel_only(monkeypatch):
+    """cpu_ops.attention(dot="bfloat16") asks the lanes kernel for bfloat16 products; masked
+    blocks (rows kernel) stay float32 to 1e-5; the reference ignores the allowance."""
+    from vlmc.kernels.cpu import _get_lib
+    if _get_lib() is None or not _avx512():
+        pytest.skip("no C kernels or no AVX-512 here")
+    monkeypatch.setattr(blas, "LANES_MIN_KEYS", 100)
+    lib = _get_lib()
+    flags = []
+    real = lib.vlmc_attention_lanes
+    monkeypatch.setattr(lib, "vlmc_attention_lanes", lambda *a: flags.append(a[19]) or real(*a))
+    q, k, v = qkv(1, 4, 4, 150, 150, 72)
+    ref = reference.attention(q, k, v, None, scale=72 ** -0.5, dot="bfloat16")
+    assert rel_err(ref, reference.attention(q, k, v, None, scale=72 ** -0.5)) == 0
+    assert rel_err(cpu_ops.attention(q, k, v, None, scale=72 ** -0.5, dot="bfloat16"), ref) < 1.5e-2
+    assert flags[-1] == 1
+    assert rel_err(cpu_ops.attention(q, k, v, None, scale=72 ** -0.5), ref) < TOL
+    assert flags[-1] == 0
+    seg = mx.array([0] * 80 + [1] * 70)
+    mask = (seg[:, None] == seg[None, :])[None, None]
+    n = len(flags)
+    out = cpu_ops.attention(q, k, v, mask, scale=0.2, dot="bfloat16")
+    assert rel_err(out, reference.attention(q, k, v, mask, scale=0.2)) < TOL and len(flags) == n

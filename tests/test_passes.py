@@ -410,10 +410,17 @@ def test_mixed_recipe_raises_sensitive_weights(ckpts, tmp_path):
 
 
 def test_vision_can_stay_float(ckpts, tmp_path):
-    q = _manifest(compile(ckpts["llava"], tmp_path / "nv", quantize="q8", quantize_vision=False))["quantized"]
+    """A float tower keeps float32 attention products; a quantized one allows bfloat16."""
+    art = compile(ckpts["llava"], tmp_path / "nv", quantize="q8", quantize_vision=False)
+    q = _manifest(art)["quantized"]
     assert not any(k.startswith(("vision.", "projector.")) for k in q)
-    q = _manifest(compile(ckpts["llava"], tmp_path / "v", quantize="q8"))["quantized"]
+    assert "dot=" not in (art / "model.py").read_text()
+    art = compile(ckpts["llava"], tmp_path / "v", quantize="q8")
+    q = _manifest(art)["quantized"]
     assert any(k.startswith("vision.encoder.layers.0.") for k in q)
+    calls = [line for line in (art / "model.py").read_text().splitlines() if "ops.attention(" in line]
+    assert calls and all("dot='bfloat16'" in line for line in calls)  # the tower's attention only
+    assert "bfloat16 attention products in vision_layer" in json.dumps(_manifest(art)["passes"])
 
 
 def test_quantization_shrinks_the_artifact(ckpts, tmp_path):

@@ -357,9 +357,13 @@ def _rope(t, a):
 
 @rule("attention")
 def _attention(t, a):
-    """q [B, H, L, D], k/v [B, Hkv, S, D], optional mask broadcastable to [B, H, L, S]."""
+    """q [B, H, L, D], k/v [B, Hkv, S, D], optional mask broadcastable to [B, H, L, S].
+    ``dot`` (optional): "float32" (default) or "bfloat16", which allows the products to be
+    taken of bfloat16-rounded operands (set by the quantize pass on a quantized tower)."""
     q, k, v = t[0], t[1], t[2]
     _same_dim(q.shape[-1], k.shape[-1], "attention head dim")
+    if a.get("dot", "float32") not in ("float32", "bfloat16"):
+        raise ShapeError(f"attention dot must be float32 or bfloat16, got {a['dot']!r}")
     return [TensorType(q.shape[:-1] + (v.shape[-1],), q.dtype)]
 
 

@@ -129,8 +129,9 @@ def qembedding(ids, w, scales=None, biases=None, **kw):
     return _cpu.qembedding(_as_mx(ids), w, scales, biases, host=True, **kw)
 
 
-def attention(q, k, v, mask: mx.array | None = None, *, scale: float):
-    return _blas_attention(q, k, v, mask, scale=scale, enabled=_cpu.enabled(), host=_is_host(q))
+def attention(q, k, v, mask: mx.array | None = None, *, scale: float, dot: str = "float32"):
+    return _blas_attention(q, k, v, mask, scale=scale, enabled=_cpu.enabled(), host=_is_host(q),
+                           bf16=dot == "bfloat16")
 
 
 def decode_layer(x, cos, sin, mask, cache, *weights, **attrs):

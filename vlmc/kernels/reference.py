@@ -217,7 +217,10 @@ def rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None, *,
-              scale: float) -> mx.array:
+              scale: float, dot: str = "float32") -> mx.array:
+    """``dot="bfloat16"`` allows products of bfloat16-rounded operands (a quantized vision
+    tower's attention, see the quantize pass); computing them more precisely, as here, is
+    within that allowance."""
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 

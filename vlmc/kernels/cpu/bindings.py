@@ -49,6 +49,7 @@ SIGNATURES: dict[str, tuple] = {
     "vlmc_softmax_rows": (I, [P, L, L, F, P, L, I]),
     "vlmc_attention_rows_available": (I, []),
     "vlmc_attention_rows": (I, [P, L, L, P, L, L, P, L, L, P, L, L, L, L, L, L, L, L, F, P, L, I]),
+    "vlmc_attention_lanes": (I, [P, L, L, P, L, L, P, L, L, P, L, L, L, L, L, L, L, L, F, I, I]),
     "vlmc_sigmoid_gate": (I, [P, L, P, L, P, L, L, F, F, I]),
     "vlmc_norm": (I, [P, L, L, P, P, F, I, P, I]),
     "vlmc_rope": (I, [P, L, L, L, L, L, L, L, P, P, L, L, P, I]),

@@ -490,6 +490,11 @@ int vlmc_attention_rows(const float *q, int64_t q_sh, int64_t q_sl, const float 
                         const float *v, int64_t v_sh, int64_t v_sl, float *out, int64_t o_sh, int64_t o_sl,
                         int64_t Hq, int64_t Hk, int64_t L, int64_t S, int64_t D, int64_t Dv, float scale,
                         const uint8_t *keep, int64_t keep_ld, int n_threads);
+/* attention_lanes.c */
+int vlmc_attention_lanes(const float *q, int64_t q_sh, int64_t q_sl, const float *k, int64_t k_sh, int64_t k_sl,
+                         const float *v, int64_t v_sh, int64_t v_sl, float *out, int64_t o_sh, int64_t o_sl,
+                         int64_t Hq, int64_t Hk, int64_t L, int64_t S, int64_t D, int64_t Dv, float scale,
+                         int bf16, int n_threads);
 /* gemm_i8.c */
 int vlmc_gemm_q_i8_available(void);
 int vlmc_gemm_q_i8(const float *x, int M, int K, const uint32_t *w, const void *scales, const void *biases, int st,
