@@ -35,6 +35,7 @@ AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-mno-avx512f", "-shared", "-f
 
 _loaded: dict[tuple, ctypes.CDLL | None] = {}
 _warned = False
+COMPILE_TIMEOUT_S = 900
 
 
 def enabled() -> bool:
@@ -97,7 +98,8 @@ def _compile(cc: str, flags: list[str], out: Path) -> None:
     os.close(fd)
     try:
         cmd = [cc, *flags, *_defines(), "-o", tmp, *map(str, sources()), "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        # ~30 s on 2 idle cores; a loaded machine takes several times that
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.strip()[-2000:]}")
         os.replace(tmp, out)  # atomic on POSIX
@@ -141,6 +143,10 @@ def build(native: bool = True, *, flags: list[str] | None = None,
             return _load(path), path, compiled
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             errors.append(str(e))
+            if flags is NATIVE_FLAGS and len(candidates) > 1:  # say so: the portable build is much slower
+                print(f"vlmc: the CPU kernels for this machine's instruction set did not build ({str(e)[:300]}); "
+                      "trying the portable build, which is much slower (it retries the native one next time)",
+                      file=sys.stderr)
     raise RuntimeError("; ".join(errors))
 
 
