@@ -219,8 +219,8 @@ _shared_attention_mlx = _on_mlx("shared_attention")
 def shared_attention(q, cache, mask: mx.array | None = None, *, scale: float):
     """Attention over another layer's cache, as cached_attention attends over its own: decode
     and verify steps of host rows read the buffers in place (C kernels), a prompt's rows (at
-    any count: kernels/step_rows.py) go through the BLAS attention over the held keys and values (4/8-bit codes dequantized in
-    C); without the kernels, MLX's reference."""
+    any count: kernels/step_rows.py) go through the BLAS attention over the held keys and
+    values (4/8-bit codes dequantized in C); without the kernels, MLX's reference."""
     if not _cpu.enabled():
         return _shared_attention_mlx(q, cache, mask, scale=scale)
     if _is_host(q) and not _in_prompt() and _kv_quant.causal_step(mask, q.shape[2]):
