@@ -125,7 +125,7 @@ def test_large_weights_are_written_in_blocks_of_rows_with_the_same_bytes(tiny, t
     errors = {n: q["rel_error"] for n, q in json.loads((whole / "manifest.json").read_text())["quantized"].items()}
     split = {n: q["rel_error"] for n, q in json.loads((blocks / "manifest.json").read_text())["quantized"].items()}
     assert split.keys() == errors.keys()
-    # the same error up to float32 rounding: a whole weight's sums of squares are float32
-    # sums over millions of values, a split one's add its blocks' sums in float64
-    assert all(abs(split[n] - errors[n]) <= 1e-3 * errors[n] + 1e-6 for n in errors), \
+    # the same error: row sums in float32, added in float64 whether whole or split (6 digits
+    # in the manifest)
+    assert all(abs(split[n] - errors[n]) <= 1e-5 * errors[n] + 2e-6 for n in errors), \
         [(n, split[n], errors[n]) for n in errors if split[n] != errors[n]]

@@ -154,7 +154,7 @@ def write_param(writer: ShardWriter, p: Param, read: Callable, report: dict[str,
 
 def _quantize_block(w, q: dict[str, Any], dtype: str):
     """A float32 [r, K] MLX block -> (packed codes, [scales(, biases)] as stored in ``dtype``,
-    (squared error, squared norm) as float32 scalars)."""
+    (squared error, squared norm) as float64 numbers)."""
     import mlx.core as mx
     from .quantize import dequantized, quantize_array
     qw = quantize_array(w, bits=q["bits"], group_size=q["group_size"], mode=q["mode"],
@@ -163,11 +163,12 @@ def _quantize_block(w, q: dict[str, Any], dtype: str):
     # do; the dequantized block is not held here, so MLX reuses its buffer for the
     # difference and its square
     deq = dequantized(qw)
-    diff = mx.sum(mx.square(deq - w))
+    # per row in float32 (a few thousand values), the rows added in float64 below: one
+    # float32 sum over millions of values drifts (0.1-10%), and then the error would depend
+    # on how the weight was split into blocks
+    diff = np.asarray(mx.sum(mx.square(deq - w), axis=-1), np.float64).sum()
     del deq
-    mx.eval(diff)
-    norm = mx.sum(mx.square(w))
-    mx.eval(norm)
+    norm = np.asarray(mx.sum(mx.square(w), axis=-1), np.float64).sum()
     codes = np.asarray(qw.weight)
     if q["mode"] == "affine":
         stored = [to_storage(np.asarray(a.astype(mx.float32)), dtype) for a in (qw.scales, qw.biases)]
@@ -177,12 +178,8 @@ def _quantize_block(w, q: dict[str, Any], dtype: str):
 
 
 def _rel_error(sums) -> float:
-    """sqrt(squared error / squared norm) over the whole weight from its blocks' sums (one
-    block: the float32 arithmetic of a single pass over the weight)."""
-    import mlx.core as mx
-    if len(sums) == 1:
-        diff, norm = sums[0]
-    else:   # the blocks' float32 sums added in float64
-        diff = mx.array(sum(float(d.item()) for d, _ in sums), mx.float32)
-        norm = mx.array(sum(float(n.item()) for _, n in sums), mx.float32)
-    return float(mx.sqrt(diff / mx.maximum(norm, 1e-30)).item())
+    """sqrt(squared error / squared norm) over the whole weight from its blocks' sums (each
+    block's row sums added in float64: the same number however the weight was split)."""
+    diff = sum(float(d) for d, _ in sums)
+    norm = sum(float(n) for _, n in sums)
+    return float(np.sqrt(diff / max(norm, 1e-30)))
