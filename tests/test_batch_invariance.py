@@ -11,6 +11,9 @@ the float GEMM and BLAS attention round per call shape; those tests skip).
 """
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -18,6 +21,8 @@ import pytest
 import vlmc
 from vlmc.kernels import cpu
 from vlmc.kernels.cpu import attention as cpu_attention
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 pytestmark = pytest.mark.skipif(
     not cpu.int8_activations() or not cpu._get_lib().vlmc_gemm_q_i8_available()
@@ -70,15 +75,11 @@ def demo_q4(tmp_path_factory):
 
 
 def _logits(model, prompts: list[list[int]], steps: int) -> list[np.ndarray]:
-    from vlmc.runtime.engine import Prompt
-    from vlmc.runtime.step import Sequences
-    seqs = Sequences.start(model.decoder, [model.prompt_inputs(Prompt(ids=p)) for p in prompts])
-    logits = seqs.prefill()
-    out = [np.array(logits)]
-    for _ in range(steps):
-        logits = seqs.decode(mx.argmax(logits, -1).astype(mx.int32))
-        out.append(np.array(logits))
-    return out
+    """The logits after the prefill and each greedy step: benchmarks/batch_invariance.py's run."""
+    spec = importlib.util.spec_from_file_location("bench_batch_invariance", BENCH / "batch_invariance.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.run(model, prompts, steps)
 
 
 def test_q4_model_rows_equal_their_lone_runs(demo_q4):

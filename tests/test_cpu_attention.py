@@ -210,17 +210,23 @@ def test_lanes_kernel_at_awkward_shapes(Hq, Hk, L, S, D, Dv, bf16):
     assert 1e-4 < err < 1.5e-2
 
 
-def test_long_unmasked_blocks_take_the_lanes_kernel(monkeypatch):
-    """cpu.attention routes unmasked blocks over LANES_MIN_KEYS or more keys to the lanes
-    kernel, masked ones to the rows kernel; both match MLX's attention."""
+def _lanes_spy(monkeypatch, pick) -> list:
+    """LANES_MIN_KEYS lowered to 100 and vlmc_attention_lanes wrapped: ``pick(args)`` of each
+    call, in order (skips without the C kernels or AVX-512)."""
     from vlmc.kernels.cpu import _get_lib
     if _get_lib() is None or not _avx512():
         pytest.skip("no C kernels or no AVX-512 here")
     monkeypatch.setattr(blas, "LANES_MIN_KEYS", 100)
-    lib = _get_lib()
-    calls = []
+    lib, seen = _get_lib(), []
     real = lib.vlmc_attention_lanes
-    monkeypatch.setattr(lib, "vlmc_attention_lanes", lambda *a: calls.append(a[14:18]) or real(*a))
+    monkeypatch.setattr(lib, "vlmc_attention_lanes", lambda *a: seen.append(pick(a)) or real(*a))
+    return seen
+
+
+def test_long_unmasked_blocks_take_the_lanes_kernel(monkeypatch):
+    """cpu.attention routes unmasked blocks over LANES_MIN_KEYS or more keys to the lanes
+    kernel, masked ones to the rows kernel; both match MLX's attention."""
+    calls = _lanes_spy(monkeypatch, lambda a: a[14:18])
     q, k, v = qkv(2, 4, 2, 150, 150, 72)
     assert rel_err(blas.attention(q, k, v, None, scale=72 ** -0.5), reference.attention(q, k, v, None, scale=72 ** -0.5)) < TOL
     assert calls == [(150, 150, 72, 72)] * 2  # one call per sequence, every head at once
@@ -234,14 +240,7 @@ def test_long_unmasked_blocks_take_the_lanes_kernel(monkeypatch):
 def test_bf16_allowance_reaches_the_lanes_kernel_only(monkeypatch):
     """cpu_ops.attention(dot="bfloat16") asks the lanes kernel for bfloat16 products; masked
     blocks (rows kernel) stay float32 to 1e-5; the reference ignores the allowance."""
-    from vlmc.kernels.cpu import _get_lib
-    if _get_lib() is None or not _avx512():
-        pytest.skip("no C kernels or no AVX-512 here")
-    monkeypatch.setattr(blas, "LANES_MIN_KEYS", 100)
-    lib = _get_lib()
-    flags = []
-    real = lib.vlmc_attention_lanes
-    monkeypatch.setattr(lib, "vlmc_attention_lanes", lambda *a: flags.append(a[19]) or real(*a))
+    flags = _lanes_spy(monkeypatch, lambda a: a[19])
     q, k, v = qkv(1, 4, 4, 150, 150, 72)
     ref = reference.attention(q, k, v, None, scale=72 ** -0.5, dot="bfloat16")
     assert rel_err(ref, reference.attention(q, k, v, None, scale=72 ** -0.5)) == 0

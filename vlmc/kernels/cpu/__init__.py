@@ -386,16 +386,11 @@ def qlinear(x: mx.array, w, scales=None, biases=None, b: mx.array | None = None,
     if M == 0:
         return mx.zeros((*lead, N), out_dtype)
     bias = _host(b, as_f32=True) if b is not None else None
-    if M <= GEMV_MAX_ROWS:
-        y = _scratch.empty((M, N), np.float32)
-        _check(lib.vlmc_gemv_q(xn.ctypes.data, M, K, wh.ptr, sh.ptr, bh_.ptr, st, N, bits, group_size,
-                               bias.ptr if bias else None, y.ctypes.data, n_threads), "gemv_q")
-        return _finish(y, lead, out_dtype, host)
     int8_rows = group_size % 64 == 0 and st in (0, 1) and _int8
-    if int8_rows and M * N * K < INT8_GEMM_MIN_MACS:
-        # int8 GEMVs in passes of rows: the int8 GEMM's arithmetic, bit for bit, where the
-        # float GEMM below would round differently (a row's result must not depend on the
-        # number of rows sharing the call)
+    # few rows: the GEMVs; more rows of a small product with int8 x: GEMVs in passes of rows,
+    # the int8 GEMM's arithmetic bit for bit, where the float GEMM below would round
+    # differently (a row's result must not depend on the number of rows sharing the call)
+    if M <= GEMV_MAX_ROWS or (int8_rows and M * N * K < INT8_GEMM_MIN_MACS):
         y = _scratch.empty((M, N), np.float32)
         _check(lib.vlmc_gemv_q(xn.ctypes.data, M, K, wh.ptr, sh.ptr, bh_.ptr, st, N, bits, group_size,
                                bias.ptr if bias else None, y.ctypes.data, n_threads), "gemv_q")
