@@ -1,5 +1,6 @@
 """EAGLE-3 drafters in the speculators format: the target returns the hidden states entering
-the layers the drafter names (as transformers computes them), the drafter's logits and
+the layers the drafter names (transformers' ``hidden_states[j]``, vLLM's indices, in
+increasing layer order; the default layers when it names none), the drafter's logits and
 greedy drafts match a torch forward of the published architecture on the same states, greedy
 output with EAGLE-3 speculation is the target's own, and malformed drafters or mismatched
 targets are one clear error."""
@@ -18,14 +19,15 @@ from vlmc.runtime.eagle3 import Eagle3Drafter, Eagle3Model
 from vlmc.runtime.step import Sequences
 
 FAMILY = "qwen2_5_vl"      # a 3-layer fixture: layers 0, 1, 2 can all be captured
-LAYERS = [2, 0, 1]         # not sorted: the drafter's order is the concatenation's order
+LAYERS = [2, 0, 1]         # not sorted: fc takes the states in increasing layer order all the same
 DRAFT_VOCAB = 48
 
 
 def _eagle3_checkpoint(out: Path, *, hidden: int, vocab: int, layers=LAYERS, seed: int = 0,
                        drop: tuple[str, ...] = (), target_hidden: int | None = None,
-                       norm_before_residual: bool = False, own_embeddings: bool = False) -> dict:
-    """A random EAGLE-3 checkpoint as speculators saves one (config.json + safetensors)."""
+                       norm_before_residual: bool = False, own_embeddings: bool = False, **extra) -> dict:
+    """A random EAGLE-3 checkpoint as speculators saves one (config.json + safetensors);
+    ``layers`` None: a config without layer ids; ``extra``: further config keys."""
     import torch
     from safetensors.torch import save_file
 
@@ -58,7 +60,7 @@ def _eagle3_checkpoint(out: Path, *, hidden: int, vocab: int, layers=LAYERS, see
     config = {
         "architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3", "draft_vocab_size": DRAFT_VOCAB,
         "norm_before_residual": norm_before_residual, "target_hidden_size": target_hidden,
-        "eagle_aux_hidden_state_layer_ids": layers,
+        **({} if layers is None else {"eagle_aux_hidden_state_layer_ids": layers}), **extra,
         "speculators_config": {"algorithm": "eagle3", "verifier": {"name_or_path": "tiny-target"}},
         "transformer_layer_config": {
             "model_type": "llama", "hidden_size": h, "num_attention_heads": heads, "num_key_value_heads": kv,
@@ -150,23 +152,68 @@ def setup(target_ckpt, tmp_path_factory):
     return {"target": target, "drafter": drafter, "weights": weights, "root": root}
 
 
-def test_target_returns_the_hidden_states_entering_the_named_layers(setup, target_ckpt):
+def _hf_states(ckpt: Path, ids: list[int]) -> tuple[tuple, np.ndarray]:
+    """transformers' ``hidden_states`` (index 0: the embeddings, j: the output of layer j - 1,
+    the last one after the final norm) and the input of the final norm."""
     import torch
     from fixtures.checkpoints import hf_model
-    draft = vlmc.load(setup["drafter"])
-    m = vlmc.load(setup["target"], draft=draft)
-    assert m.meta["captured_layers"] == LAYERS
-    p = m.build_prompt("The river runs past the old mill.")
+    hf = hf_model(ckpt, FAMILY)
+    norm = hf.get_decoder().norm
+    seen = []
+    hook = norm.register_forward_pre_hook(lambda mod, args: seen.append(args[0][0].numpy().copy()))
+    try:
+        with torch.no_grad():
+            states = hf(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    finally:
+        hook.remove()
+    return tuple(s[0].numpy() for s in states), seen[-1]
+
+
+def _captured(m, text: str = "The river runs past the old mill.") -> tuple[list[int], np.ndarray]:
+    p = m.build_prompt(text)
     seqs = Sequences.start(m.decoder, [m.prompt_inputs(p)])
     seqs.prefill()
     first, aux = seqs.hidden
     assert first == 0 and aux.shape[1] == len(p.ids)
-    with torch.no_grad():
-        ref = hf_model(target_ckpt, FAMILY)(input_ids=torch.tensor([p.ids]), output_hidden_states=True).hidden_states
+    return list(p.ids), np.asarray(aux[0])
+
+
+def test_target_returns_the_hidden_states_entering_the_named_layers(setup, target_ckpt):
+    """The layer ids as vLLM reads them: id j is the state entering layer j, transformers'
+    ``hidden_states[j]`` (not the output of layer j, ``hidden_states[j + 1]``, which some
+    training scripts captured), and the states are concatenated in increasing layer order
+    whatever order the config lists them in (vLLM appends them as its layer loop meets them)."""
+    draft = vlmc.load(setup["drafter"])
+    m = vlmc.load(setup["target"], draft=draft)
+    assert m.meta["captured_layers"] == sorted(LAYERS) == [0, 1, 2]
+    ids, aux = _captured(m)
+    ref, _ = _hf_states(target_ckpt, ids)
     h = ref[0].shape[-1]
-    for i, j in enumerate(LAYERS):
-        got = np.asarray(aux[0, :, i * h:(i + 1) * h])
-        np.testing.assert_allclose(got, ref[j][0].numpy(), rtol=1e-4, atol=1e-4)
+    assert aux.shape[-1] == len(LAYERS) * h
+    for i, j in enumerate(sorted(LAYERS)):
+        np.testing.assert_allclose(aux[:, i * h:(i + 1) * h], ref[j], rtol=1e-4, atol=1e-4)
+
+
+def test_default_layers_and_the_last_layers_output(setup, target_ckpt, tmp_path):
+    """A config without layer ids reads layers 2, n // 2 and n - 3 of an n-layer target (the
+    default of vLLM, SGLang, EAGLE and speculators alike); id n, one past the last layer, is
+    the last layer's output before the final norm (vLLM's index for it)."""
+    from vlmc.runtime.eagle3 import default_layers
+    assert default_layers(32) == [2, 16, 29] and default_layers(36) == [2, 18, 33]   # Llama-3.1-8B, Qwen3-8B
+    h, v = (int(setup["weights"]["fc.weight"].shape[1]) // 3, int(setup["weights"]["t2d"].shape[0]))
+    n = 3
+    cases = {"default": (None, [0, 1, 2]), "last": ([3, 1, 0], [0, 1, 3])}
+    for name, (layers, want) in cases.items():
+        _eagle3_checkpoint(tmp_path / name, hidden=h, vocab=v, layers=layers)
+        draft = vlmc.load(vlmc.compile(tmp_path / name, tmp_path / f"{name}_art"))
+        m = vlmc.load(setup["target"], draft=draft)
+        assert int(m.meta["text"]["num_layers"]) == n and m.meta["captured_layers"] == want, name
+        ids, aux = _captured(m)
+        ref, pre_norm = _hf_states(target_ckpt, ids)
+        for i, j in enumerate(want):
+            np.testing.assert_allclose(aux[:, i * h:(i + 1) * h], pre_norm if j == n else ref[j],
+                                       rtol=1e-4, atol=1e-4)
+    assert not np.allclose(pre_norm, ref[n], atol=1e-2)     # transformers' last state is after the norm
 
 
 @pytest.mark.parametrize("variant", ["text", "image", "norm_before_residual+own_embeddings"])
@@ -223,7 +270,7 @@ def test_greedy_output_with_eagle3_is_the_targets(setup):
     plain8 = vlmc.load(setup["target"], kv_bits=8)
     m8 = vlmc.load(setup["target"], draft=str(setup["drafter"]), kv_bits=8)
     case = dict(prompt="Tell me a short story about the river.", max_tokens=16)
-    assert m8.meta["captured_layers"] == LAYERS and m8.kv_plan == plain8.kv_plan
+    assert m8.meta["captured_layers"] == sorted(LAYERS) and m8.kv_plan == plain8.kv_plan
     assert m8.generate(**case).token_ids == plain8.generate(**case).token_ids
 
 
@@ -238,9 +285,14 @@ def test_malformed_drafters_and_mismatched_targets_are_clear_errors(setup, targe
     wide = vlmc.load(vlmc.compile(tmp_path / "wide", tmp_path / "a2"))
     with pytest.raises(InputError, match="hidden states of width"):
         vlmc.load(setup["target"], draft=wide)
-    _eagle3_checkpoint(tmp_path / "deep", hidden=h, vocab=v, layers=[0, 1, 7])
-    with pytest.raises(InputError, match="reads layers"):
-        vlmc.load(setup["target"], draft=vlmc.load(vlmc.compile(tmp_path / "deep", tmp_path / "a3")))
+    for i, layers in enumerate(([0, 1, 4], [0, 1, 1])):     # past the 3-layer target's output; twice the same
+        _eagle3_checkpoint(tmp_path / f"deep{i}", hidden=h, vocab=v, layers=layers)
+        with pytest.raises(InputError, match="reads layers"):
+            vlmc.load(setup["target"], draft=vlmc.load(vlmc.compile(tmp_path / f"deep{i}", tmp_path / f"a3{i}")))
+    for key in ("norm_before_fc", "fc_norm", "norm_output"):   # speculators options not built: refused
+        _eagle3_checkpoint(tmp_path / key, hidden=h, vocab=v, **{key: True})
+        with pytest.raises(VlmcError, match=f"EAGLE-3 drafters with {key} "):
+            vlmc.compile(tmp_path / key, tmp_path / f"{key}_art")
     from vlmc.runtime.batcher import Batcher
     m = vlmc.load(setup["target"], draft=vlmc.load(setup["drafter"]))
     with pytest.raises(InputError, match="batching loop"):
@@ -288,7 +340,7 @@ def test_the_drafters_cache_follows_accepted_steps(setup):
 def test_captured_states_on_other_decoders(tmp_path, family, layers):
     """``capture_hidden`` on a Llama decoder (LLaVA) and on a hybrid stack whose layers
     several blocks hold (Qwen3.5: linear- and full-attention layers): the states entering
-    the named layers are transformers' ``hidden_states`` there."""
+    the named layers are transformers' ``hidden_states`` there, in increasing layer order."""
     import torch
     from vlmc.api import Model
     from vlmc.compiler import replan
@@ -310,7 +362,7 @@ def test_captured_states_on_other_decoders(tmp_path, family, layers):
         ref = hf(input_ids=torch.tensor([p.ids]), output_hidden_states=True).hidden_states
     h = ref[0].shape[-1]
     assert aux.shape == (1, len(p.ids), len(layers) * h)
-    for i, j in enumerate(layers):
+    for i, j in enumerate(sorted(layers)):
         np.testing.assert_allclose(np.asarray(aux[0, :, i * h:(i + 1) * h]), ref[j][0].numpy(), rtol=1e-4, atol=1e-4)
     out = seqs.decode(mx.array([7], dtype=mx.int32))           # decode steps return one row each
     assert out.shape[0] == 1 and seqs.hidden[1].shape == (1, 1, len(layers) * h) and seqs.hidden[0] == len(p.ids)

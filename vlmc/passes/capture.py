@@ -5,7 +5,11 @@ A drafter that reads the target's intermediate states (EAGLE-3: three layers, ea
 middle, late) needs them beside the logits at every position a step runs. The pass splits
 each text entry point's ``call_block`` ops at those layers, keeps the value that enters
 each one (all rows, before any slice to the last position) and returns
-(logits, [B, L, len(layers) * hidden]) in the order the layers are given. It reads only
+(logits, [B, L, len(layers) * hidden]), concatenated in increasing layer order whatever
+order the layers are given in. Layer j < n is the state entering layer j (transformers'
+``hidden_states[j]``, the embeddings for j = 0); j = n, one past the last layer, is the
+last layer's output before the final norm. These are vLLM's hidden-state indices, which
+EAGLE-3 drafters are trained and served with (docs/speculative-decoding.md). It reads only
 the program's structure (``call_block`` ranges and the layer tables' decoder indices), so
 it works for every family whose decoder runs through blocks; a program built otherwise is
 refused with one clear error. It is in no preset: ``vlmc.load(target, draft=...)`` re-plans
@@ -36,7 +40,7 @@ def _fresh(fn: Function, base: str) -> str:
     return name
 
 
-def _capture(prog: Program, fn: Function, layers: Sequence[int]) -> None:
+def _capture(prog: Program, fn: Function, layers: Sequence[int], n: int) -> None:
     want = {int(j): None for j in layers}
     ops: list[Op] = []
     for op in fn.ops:
@@ -56,27 +60,30 @@ def _capture(prog: Program, fn: Function, layers: Sequence[int]) -> None:
                 fn.types[out] = fn.types[op.outputs[0]]
             pieces.append(Op("call_block", [x, *op.inputs[1:]], [out], {**op.attrs, "start": lo, "stop": hi}))
             x = out
+        if n in want and _decoder_layer(prog, op, stop - 1) == n - 1:   # leaving the last layer
+            want[n] = op.outputs[0]
         ops.extend(pieces)
     missing = [j for j, v in want.items() if v is None]
     if missing:
         raise UnsupportedModelError(f"{fn.name}: no decoder layer {missing} runs through a block here, so its "
                                     f"hidden state cannot be returned")
-    values = [want[int(j)] for j in layers]
+    values = [want[j] for j in sorted(want)]
     out = _fresh(fn, "aux_hidden")
     fn.types[out] = OPS["concat"]([fn.types[v] for v in values], {"axis": -1})[0]
     ops.append(Op("concat", values, [out], {"axis": -1}))
     fn.ops = ops
     fn.outputs = [fn.outputs[0], out]
-    fn.doc += f"; and the hidden states entering decoder layers {list(layers)}, concatenated"
+    fn.doc += f"; and the hidden states entering decoder layers {sorted(want)}, concatenated"
 
 
 @register("capture_hidden")
 def capture_hidden(prog: Program, layers: Sequence[int] = ()) -> tuple[Program, str]:
     n = int(prog.meta.get("text", {}).get("num_layers", 0))
     layers = [int(j) for j in layers]
-    if not layers or len(set(layers)) != len(layers) or any(not 0 <= j < n for j in layers):
-        raise UnsupportedModelError(f"hidden states to capture must be distinct decoder layers in 0..{n - 1}, "
-                                    f"got {layers}")
+    if not layers or len(set(layers)) != len(layers) or any(not 0 <= j <= n for j in layers):
+        raise UnsupportedModelError(f"hidden states to capture must be distinct layer indices in 0..{n} (n: the "
+                                    f"last layer's output), got {layers}")
+    layers = sorted(layers)
     for name in ENTRIES:
         fn = prog.functions.get(name)
         if fn is None:
@@ -84,6 +91,6 @@ def capture_hidden(prog: Program, layers: Sequence[int] = ()) -> tuple[Program, 
         if len(fn.outputs) != 1:
             raise UnsupportedModelError(f"{name} already returns more than its logits; its hidden states "
                                         f"cannot be added")
-        _capture(prog, fn, layers)
+        _capture(prog, fn, layers, n)
     prog.meta["captured_layers"] = layers
     return prog, f"prefill/decode/verify also return the hidden states entering layers {layers}"

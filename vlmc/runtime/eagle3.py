@@ -28,7 +28,8 @@ from .speculative import Draft, Drafter
 
 def default_layers(num_layers: int) -> list[int]:
     """The target layers an EAGLE-3 drafter reads when its config names none: an early, the
-    middle and a late one (the hidden states entering them)."""
+    middle and a late one (the hidden states entering them), as vLLM, SGLang, EAGLE and
+    speculators all default to."""
     return [2, num_layers // 2, num_layers - 3]
 
 
@@ -46,12 +47,15 @@ class Eagle3Model:
         self.kv_heads, self.head_dim = int(text["num_kv_heads"]), int(text["head_dim"])
 
     def layers_for(self, target_layers: int) -> list[int]:
-        """The target layers whose entering hidden states this drafter reads."""
-        layers = self.spec.get("layers") or default_layers(target_layers)
-        if len(set(layers)) != len(layers) or any(not 0 <= j < target_layers for j in layers) or \
+        """The target layers whose entering hidden states this drafter reads, in increasing
+        order: the order its ``fc`` takes them in, whatever order the config lists them in
+        (an index equal to the target's layer count: the last layer's output, before the
+        final norm)."""
+        layers = [int(j) for j in self.spec.get("layers") or default_layers(target_layers)]
+        if len(set(layers)) != len(layers) or any(not 0 <= j <= target_layers for j in layers) or \
                 len(layers) != int(self.spec["aux_states"]):
             raise InputError(f"the EAGLE-3 drafter reads layers {layers} of its target, which has {target_layers}")
-        return [int(j) for j in layers]
+        return sorted(layers)
 
 
 class Eagle3Drafter(Drafter):

@@ -4,7 +4,8 @@ config.json: ``speculators_model_type: "eagle3"``, ``transformer_layer_config`` 
 config of the drafter's one decoder layer), ``draft_vocab_size``, ``target_hidden_size``
 (None: the drafter's width), ``norm_before_residual``, optionally
 ``eagle_aux_hidden_state_layer_ids`` (the target layers whose entering hidden states it
-reads; None: early, middle and late ones, chosen at load) and ``speculators_config.
+reads, vLLM's indices; None: early, middle and late ones, chosen at load; ``fc`` takes them
+in increasing layer order) and ``speculators_config.
 verifier`` (the target it was trained for). Weights: ``fc`` (3 target hidden states ->
 one), ``layers.0.*`` (``hidden_norm`` beside the usual norms; q/k/v read 2 * hidden),
 ``norm``, ``lm_head`` over the draft vocabulary, ``d2t`` (draft id -> target id offset),
@@ -46,8 +47,18 @@ def _config(raw: dict[str, Any]):
     return tc
 
 
+# speculators options that change the drafter's arithmetic and are not built here: refused,
+# since a drafter that ignored one would compile but not compute what it was trained to
+_UNSUPPORTED = {"norm_before_fc": "a norm over the concatenated target states before fc",
+                "fc_norm": "a norm on each target state before fc",
+                "norm_output": "the final norm applied to the state the next draft step reads"}
+
+
 def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
     tc = _config(raw)
+    for key, what in _UNSUPPORTED.items():
+        if raw.get(key):
+            raise UnsupportedModelError(f"EAGLE-3 drafters with {key} ({what}) are not supported")
     h, hd = tc.hidden_size, tc.head_dim
     ht = int(raw.get("target_hidden_size") or h)
     vd = int(raw.get("draft_vocab_size") or 0)
