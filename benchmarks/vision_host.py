@@ -3,6 +3,7 @@
     python benchmarks/vision_host.py tower ARTIFACT [--tiles 17] [--size 512] [--rounds 2] [--compare pool]
     python benchmarks/vision_host.py attention [--shape 2,12,1024,1024,64] [--rounds 5]
     python benchmarks/vision_host.py tower-attention ARTIFACT [--tiles 1] [--size 896] [--rounds 2]
+    python benchmarks/vision_host.py towers ARTIFACT [ARTIFACT ...] [--tiles 1] [--size 896] [--rounds 3]
 
 ``tower``: one ``vision_encode`` of TILES random tiles (a fixed-resolution tower's input,
 e.g. SmolVLM's 512x512 tiles), in a fresh process per measurement, alternating
@@ -16,7 +17,10 @@ process; ms per (sequence, head), medians. ``tower-attention``: one process, one
 encode, then per round the tower with each attention path in turn: the rows kernel in
 float32, the lanes kernel in float32, and the artifact as compiled (a quantized tower's
 attention allows bfloat16 products: the lanes kernel's vdpbf16ps path); wall and
-process CPU seconds (user + system, both cores), medians.
+process CPU seconds (user + system, both cores), medians. ``towers``: the same encode of
+the same random pixels through several artifacts of one model (e.g. compiled by two
+versions), all loaded in one process and taken in turn each round; wall and process CPU
+seconds, medians, and each artifact's ratio to the first.
 """
 from __future__ import annotations
 
@@ -125,6 +129,31 @@ def tower_attention(args) -> None:
               f"CPU {statistics.median(u for _, u in runs):.2f} s (medians of {len(runs)})")
 
 
+def towers(args) -> None:
+    import mlx.core as mx
+    import inspect
+    models = [vlmc.load(a) for a in args.artifacts]
+    pix = mx.random.normal((args.tiles, 3, args.size, args.size))
+    extra = (mx.arange((args.size // 16) ** 2, dtype=mx.int32),) \
+        if len(inspect.signature(models[0].model.vision_encode).parameters) > 1 else ()
+    for m in models:  # warm-up: kernel plans, host buffers
+        mx.eval(m.model.vision_encode(pix[:1], *extra))
+    runs: list[list[tuple[float, float]]] = [[] for _ in models]
+    for r in range(args.rounds):
+        for i, m in enumerate(models):
+            t, u = time.perf_counter(), time.process_time()
+            mx.eval(m.model.vision_encode(pix, *extra))
+            runs[i].append((time.perf_counter() - t, time.process_time() - u))
+            print(f"round {r + 1} {args.artifacts[i]}: wall {runs[i][-1][0]:.2f} s, CPU {runs[i][-1][1]:.2f} s  "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+    base = None
+    for a, rs in zip(args.artifacts, runs):
+        wall, cpu = statistics.median(w for w, _ in rs), statistics.median(u for _, u in rs)
+        base = base or (wall, cpu)
+        print(f"{a}: wall {wall:.2f} s ({wall / base[0]:.2f}x), CPU {cpu:.2f} s ({cpu / base[1]:.2f}x) "
+              f"(medians of {len(rs)})")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_encode":
         print(json.dumps(encode_once(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])))
@@ -145,8 +174,13 @@ def main() -> None:
     ta.add_argument("--tiles", type=int, default=1)
     ta.add_argument("--size", type=int, default=896)
     ta.add_argument("--rounds", type=int, default=2)
+    tw = sub.add_parser("towers")
+    tw.add_argument("artifacts", nargs="+")
+    tw.add_argument("--tiles", type=int, default=1)
+    tw.add_argument("--size", type=int, default=896)
+    tw.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    {"tower": tower, "attention": attention, "tower-attention": tower_attention}[args.what](args)
+    {"tower": tower, "attention": attention, "tower-attention": tower_attention, "towers": towers}[args.what](args)
 
 
 if __name__ == "__main__":

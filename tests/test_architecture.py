@@ -276,7 +276,7 @@ def test_options_are_validated_where_they_are_defined():
         vlmc.load("anything", context=5)
     assert KVOptions(kv_bits=4).changed() == {"kv_bits": 4}
     assert CompileOptions(no_fuse=["qkv", "qkv"]).no_fuse == ("qkv",)
-    assert set(CompileOptions().pass_options()) == {"fuse", "storage_dtype", "quantize", "kv_layout", "lower"}
+    assert set(CompileOptions().pass_options()) == {"fuse", "storage_dtype", "pad_hidden", "quantize", "kv_layout", "lower"}
 
 
 # ---------------------------------------------------------------- bidirectional spans

@@ -157,6 +157,7 @@ class CompileOptions:
 
     def pass_options(self) -> dict[str, dict[str, Any]]:
         """Each pass's keyword options."""
+        from .passes.pad_hidden import options_for as pad_hidden_options
         fusing: dict[str, Any] = {"disable": list(self.no_fuse)} if self.no_fuse else {}
         if self.fuse:
             fusing["enable"] = list(self.fuse)
@@ -168,6 +169,7 @@ class CompileOptions:
         if params is not None:
             quant["params"] = params
         return {"fuse": fusing, "storage_dtype": {"dtype": self.dtype},
+                "pad_hidden": pad_hidden_options(quant),
                 "quantize": quant if self.quantize else {},
                 "kv_layout": {"options": self.kv},
                 "lower": {"target": self.target, "decode_layer": "decode_layer" not in self.no_fuse}}

@@ -41,6 +41,8 @@ def materialize(p: Param, read: Callable) -> np.ndarray:
             x = x.transpose(opts["axes"])
         elif name in _ELEMENTWISE:
             x = _elementwise(x, name, opts)
+        elif name == "pad":  # zeros after each of ``parts`` equal parts of an axis (pad_hidden)
+            x = _pad(x, opts["axis"], opts["after"], opts.get("parts", 1))
         else:
             raise ValueError(f"unknown weight transform {name!r}")
     if x is None:
@@ -54,6 +56,13 @@ def _elementwise(x: np.ndarray, name: str, opts: dict[str, Any]) -> np.ndarray:
     if name == "add":
         return x.astype(np.float32) + opts["value"]
     return x.astype(np.float32) * opts["value"]
+
+
+def _pad(x: np.ndarray, axis: int, after: int, parts: int) -> np.ndarray:
+    pieces = np.split(x, parts, axis=axis)
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, after)
+    return np.concatenate([np.pad(p, widths) for p in pieces], axis=axis)
 
 
 def _by_rows(p: Param) -> bool:

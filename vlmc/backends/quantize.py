@@ -24,8 +24,9 @@ def _block_rows(k: int) -> int:
 # What quantize_array writes for given options; part of the compile cache's key, so an
 # artifact quantized by older code is rebuilt rather than reused. 1: mx.quantize's codes
 # and parameters; 2: codes nearest for the stored (bf16/f16) parameters, and searched
-# ranges up to SEARCH_BITS.
-QUANT_REVISION = 2
+# ranges up to SEARCH_BITS; 3: vision MLP hidden states widened to whole groups
+# (passes/pad_hidden.py), so their down projections are quantized too.
+QUANT_REVISION = 3
 
 
 def quantize_array(w: mx.array, *, bits: int, group_size: int, mode: str,

@@ -17,7 +17,8 @@ PASSES: dict[str, PassFn] = {}
 # Presets name an ordered list of passes; options come from the compile call.
 PRESETS: dict[str, list[str]] = {
     "none": [],
-    "default": ["fuse", "cleanup", "fold_transforms", "storage_dtype", "quantize", "kv_layout", "lower"],
+    "default": ["fuse", "cleanup", "fold_transforms", "storage_dtype", "pad_hidden", "quantize", "kv_layout",
+                "lower"],
 }
 # The passes a KV re-plan at load runs again, on the program saved before them.
 PLAN_PASSES = ("kv_layout", "lower")
