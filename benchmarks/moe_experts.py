@@ -19,6 +19,7 @@ import numpy as np
 
 from vlmc.kernels import cpu as _cpu
 from vlmc.kernels import cpu_ops, reference
+from vlmc.kernels.cpu import moe as cm
 from vlmc.kernels.quant import QuantWeight
 
 H, E, I, K = 2048, 256, 512, 8
@@ -55,7 +56,11 @@ def main(rounds: int) -> None:
         return mx.array(rng.choice(E, K, replace=False).reshape(1, 1, K).astype(np.int32))
 
     def routed():
-        return np.asarray(cpu_ops.qmoe_experts(x, weights, draw(), gate_up, down, kind="silu"))
+        return np.asarray(cm.routed_experts(x, weights, draw(), gate_up, down, glu=lambda g, u: cpu_ops.glu(g, u, "silu"),
+                                            linear=cpu_ops.linear, qlinear=cpu_ops.qlinear))
+
+    def fused():
+        return np.asarray(cm.fused_experts(x, weights, draw(), gate_up, down, "silu"))
 
     def gathered():
         return np.asarray(reference.qmoe_experts(mx.array(x), weights, draw(), gate_up, down, kind="silu"))
@@ -68,7 +73,7 @@ def main(rounds: int) -> None:
     for e0 in range(0, E, K):  # every expert's kernel arguments, once
         cpu_ops.qmoe_experts(x, weights, mx.arange(e0, e0 + K, dtype=mx.int32).reshape(1, 1, K), gate_up, down,
                              kind="silu")
-    fns = {"routed: cpu per-expert loop": (routed, 10), "routed: MLX gather_qmm": (gathered, 3),
+    fns = {"routed: fused C call": (fused, 10), "routed: cpu per-expert loop": (routed, 10), "routed: MLX gather_qmm": (gathered, 3),
            "every expert: cpu GEMV": (every, 3)}
     for f, _ in fns.values():
         f()
