@@ -139,3 +139,18 @@ def test_bad_routes_are_refused():
     twice[0, 0, 1] = twice[0, 0, 0]
     with pytest.raises(Exception, match="moe_experts"):
         cpu_moe.fused_experts(x, w, mx.array(twice), gate_up, down, "silu")
+
+
+def test_the_kernel_arguments_do_not_keep_weights_alive():
+    """The cached kernel arguments of a stacked weight pair leave with the gate_up weight
+    (an unloaded model's experts are freed)."""
+    import gc
+    import weakref
+
+    gate_up, down = _stack((E, 2 * I, H), 1, "q4g64"), _stack((E, H, I), 2, "q4g64")
+    x, w, idx = _routes(1, 3)
+    assert cpu_moe.fused_experts(x, w, mx.array(idx), gate_up, down, "silu") is not None
+    before, ref = len(cpu_moe._plans), weakref.ref(gate_up)
+    del gate_up
+    gc.collect()
+    assert ref() is None and len(cpu_moe._plans) == before - 1

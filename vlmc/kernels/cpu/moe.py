@@ -64,15 +64,16 @@ def _stacked(w) -> _Experts | None:
                           None), h.arr[0].nbytes, 0, 0)
 
 
-# (id(gate_up), id(down), kind) -> (gate_up, down, _Moe or None); the entry leaves with gate_up
+# (id(gate_up), id(down), kind) -> (down, _Moe or None); the entry leaves with gate_up (it
+# holds down, which the same layer owns anyway, never gate_up: that would keep it alive)
 _plans: dict[tuple, tuple] = {}
 
 
 def _plan(gate_up, down, kind: str) -> _Moe | None:
     key = (id(gate_up), id(down), kind)
     hit = _plans.get(key)
-    if hit is not None and hit[0] is gate_up and hit[1] is down:
-        return hit[2]
+    if hit is not None and hit[0] is down:
+        return hit[1]
     gu, dn = _stacked(gate_up), _stacked(down)
     plan = None
     if gu is not None and dn is not None and kind in SIGMOID_SCALE:
@@ -85,7 +86,7 @@ def _plan(gate_up, down, kind: str) -> _Moe | None:
         weakref.finalize(gate_up, _plans.pop, key, None)
     except TypeError:  # not weak-referenceable: nothing to key a cache on
         return plan
-    _plans[key] = (gate_up, down, plan)
+    _plans[key] = (down, plan)
     return plan
 
 
