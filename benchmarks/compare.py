@@ -329,6 +329,11 @@ def worker_mlx_vlm(spec: dict[str, Any]) -> dict[str, Any]:
 
     t = time.perf_counter()
     model, processor = mlx_vlm.load(spec["checkpoint"])
+    if spec.get("mlx_vlm_quantize"):
+        from mlx.utils import tree_flatten as _flat
+        from mlx_vlm.quant_utils import quantize_model
+        model, _ = quantize_model(model, {}, 64, spec["mlx_vlm_quantize"])
+        mx.eval([v for _, v in _flat(model.parameters())])
     load_s = time.perf_counter() - t
     tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
     # Fixed token counts: stream_generate stops when tokenizer.stopping_criteria(token) is
@@ -431,6 +436,10 @@ def _hf_family(ckpt: Path, family: str) -> tuple[Any, Any, Callable[[Any], Any]]
         from fixtures import qwen3_vl
         processor = qwen3_vl.hf_processor(ckpt)
         return tf.Qwen3VLForConditionalGeneration, processor, chat(processor)
+    if family == "qwen3_5_moe":
+        from fixtures import qwen3_5
+        processor = qwen3_5.hf_processor(ckpt)
+        return tf.Qwen3_5MoeForConditionalGeneration, processor, chat(processor)
     if family in ("idefics3", "smolvlm"):
         from fixtures import idefics3
         tiles = json.loads((ckpt / "processor_config.json").read_text())["image_seq_len"]
@@ -469,7 +478,8 @@ def worker_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     family = json.loads((ckpt / "config.json").read_text())["model_type"]
     t = time.perf_counter()
     model_class, processor, image_inputs = _hf_family(ckpt, family)
-    model = model_class.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    dtype = spec.get("torch_dtype", "float32")
+    model = model_class.from_pretrained(str(ckpt), dtype=getattr(torch, dtype)).eval()
     load_s = time.perf_counter() - t
     image = _image(spec, "image")
     eos = model.generation_config.eos_token_id
@@ -532,7 +542,7 @@ def worker_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     image_runs = [run_image(image) for _ in range(spec.get("image_runs", spec["runs"]) if image is not None else 0)]
     out = _summarize(text_runs, image_runs, spec)
     out.update(framework="transformers", version=transformers.__version__, torch=torch.__version__,
-               torch_threads=torch.get_num_threads(), load_s=load_s, dtype="float32")
+               torch_threads=torch.get_num_threads(), load_s=load_s, dtype=dtype)
     return out
 
 
@@ -793,6 +803,12 @@ def _add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--vlmc-python", default=sys.executable, help="Interpreter with vlmc (default: this one).")
     ap.add_argument("--mlx-vlm-python", default=os.environ.get("MLX_VLM_PYTHON"),
                     help="Interpreter of a venv with mlx-vlm (default: $MLX_VLM_PYTHON; unset skips mlx-vlm).")
+    ap.add_argument("--transformers-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="transformers' weights (default float32; bfloat16 where float32 would not fit in RAM).")
+    ap.add_argument("--mlx-vlm-quantize", type=int, default=0, choices=[0, 4, 8],
+                    help="mlx-vlm quantizes the loaded model in memory to these bits (affine, group 64: what "
+                         "mlx_vlm.convert -q writes, without the disk copy; 0: as stored). MLX's CPU backend runs "
+                         "bfloat16 mixture-of-experts layers not at all (gather_mm: float32 only).")
     ap.add_argument("--transformers-python", default=sys.executable,
                     help="Interpreter with torch + transformers (default: this one).")
     ap.add_argument("--llama-cpp-build", type=Path, default=os.environ.get("LLAMA_CPP_BUILD"),
@@ -871,11 +887,15 @@ def _jobs(a: argparse.Namespace, ckpt: Path, base: dict[str, Any], log: Callable
                                                  "label": f"vlmc {d}"}))
     if "mlx-vlm" not in a.skip:
         if a.mlx_vlm_python:
-            jobs.append((a.mlx_vlm_python, "mlx-vlm", {**base, "label": "mlx-vlm"}))
+            q = a.mlx_vlm_quantize
+            jobs.append((a.mlx_vlm_python, "mlx-vlm", {**base, "mlx_vlm_quantize": q,
+                                                       "label": f"mlx-vlm q{q}" if q else "mlx-vlm"}))
         else:
             log("mlx-vlm skipped: pass --mlx-vlm-python (a venv with mlx-vlm) or set MLX_VLM_PYTHON")
     if "transformers" not in a.skip:
-        jobs.append((a.transformers_python, "transformers", {**base, "label": "transformers f32"}))
+        short = {"float32": "f32", "bfloat16": "bf16"}[a.transformers_dtype]
+        jobs.append((a.transformers_python, "transformers", {**base, "torch_dtype": a.transformers_dtype,
+                                                              "label": f"transformers {short}"}))
     if "llama.cpp" not in a.skip:
         if a.llama_cpp_build:
             if a.image_size and not a.llama_cpp_mmproj:

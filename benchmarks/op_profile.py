@@ -1,6 +1,6 @@
-"""Where a prefill and a vision tower spend their time on the cpu target, per op kind.
+"""Where a prefill, decode steps and a vision tower spend their time on the cpu target, per op kind.
 
-    python benchmarks/op_profile.py ARTIFACT [--prompt-tokens 128] [--image-size 448] [--runs 2]
+    python benchmarks/op_profile.py ARTIFACT [--prompt-tokens 128] [--decode-tokens 0] [--image-size 448] [--runs 2]
 
 Every function of ``vlmc.kernels.cpu_ops`` (what the generated code calls, one op at a
 time) is wrapped with a wall-clock timer; matmuls are keyed by their shape (M x K -> N),
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 
 from vlmc import api  # noqa: E402
-from vlmc.bench import synthetic_ids, synthetic_image, time_generation  # noqa: E402
+from vlmc.bench import _greedy, synthetic_ids, synthetic_image, time_generation  # noqa: E402
 from vlmc.kernels import cpu_ops  # noqa: E402
 from vlmc.runtime.engine import Prompt  # noqa: E402
 
@@ -84,6 +84,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("artifact")
     ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=0,
+                    help="Also profile this many decode steps after the prompt (greedy, EOS ignored).")
     ap.add_argument("--image-size", type=int, default=448)
     ap.add_argument("--runs", type=int, default=2)
     args = ap.parse_args()
@@ -100,6 +102,17 @@ def main() -> None:
         wall = time.perf_counter() - t
         if run == args.runs - 1:
             report(f"prefill {args.prompt_tokens} tokens (+1 token)", wall)
+    if args.decode_tokens:
+        for run in range(args.runs):
+            steps = vlm.generate_steps([prompt], _greedy(), args.decode_tokens + 1)
+            next(steps)  # the prompt's token: the decode steps start here
+            _acc.clear()
+            _calls.clear()
+            t = time.perf_counter()
+            n = sum(1 for _ in steps)
+            wall = time.perf_counter() - t
+            if run == args.runs - 1:
+                report(f"{n} decode steps", wall)
     if args.image_size:
         seen = []
         original = vlm.encode_images

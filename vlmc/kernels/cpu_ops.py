@@ -27,7 +27,7 @@ from .cpu import _as_mx, host as _h
 from . import kv_quant as _kv_quant
 from .step_rows import in_prompt as _in_prompt
 from .cpu.attention import attention as _blas_attention
-from .cpu.moe import routed_experts as _routed_experts
+from .cpu.moe import fused_experts as _fused_experts, routed_experts as _routed_experts
 from .cpu.decode_layer import decode_layer as _decode_layer, decode_layers as _decode_layers
 from .cpu.kv_decode import affine_values as _affine_values
 from .cpu.kv_decode import host_shared_step as _host_shared_step
@@ -322,12 +322,16 @@ def cast(x, dtype: str):
     return _reference.cast(x, dtype)
 
 
-# ---- mixture of experts: a loop over the selected experts through the matmul kernels ----
+# ---- mixture of experts: the selected experts through the matmul kernels ----
 
 def moe_experts(x, weights, experts, gate_up, down, *, kind: str):
-    """``reference.moe_experts`` reading only the selected experts (``cpu/moe.py``); a host array."""
+    """``reference.moe_experts`` reading only the selected experts (``cpu/moe.py``): one C call
+    for a step's few rows, else a loop over the experts; a host array."""
     if not _cpu.enabled():
         return _reference.moe_experts(_as_mx(x), _as_mx(weights), _as_mx(experts), gate_up, down, kind=kind)
+    fused = _fused_experts(x, weights, experts, gate_up, down, kind)
+    if fused is not None:
+        return fused
     return _routed_experts(x, weights, experts, gate_up, down, glu=lambda g, u: glu(g, u, kind),
                            linear=linear, qlinear=qlinear)
 

@@ -1,13 +1,22 @@
-"""Routed experts on the cpu target: a loop over the experts a step selected, each running
-the tokens routed to it through the compact-weight kernels (GEMV for a decode step's few
-rows, GEMM for prefill), so a step reads only the selected experts' weights, in whatever
-format they are stored (float, bf16, affine or microscaling codes).
+"""Routed experts on the cpu target, reading only the experts a step selected, in whatever
+format they are stored (float, bf16, affine codes of any width).
 
-Each expert's [out, in] weight is a zero-copy slice of the stacked tensor (a QuantWeight's
-codes, scales and biases sliced alike), made once per stacked weight.
+``fused_experts``: one C call per MoE layer and step (``vlmc_moe_experts`` in ``moe.c``)
+that runs, per selected expert, its rows' gate_up GEMV, the gated activation and the down
+GEMV, and sums the results with the routing weights: the same kernels in the same order as
+the loop below, so the same float32 to the last bit, without a Python round trip per expert.
+It covers the rows the GEMVs serve (a decode step, a verify chunk: up to ``FUSED_MAX_ROWS``);
+its weights' kernel arguments are built once per stacked weight pair.
+
+``routed_experts``: the loop over the selected experts through the compact-weight kernels
+(GEMV for few rows, the int8 GEMM for prefill: each row's result the GEMV's bit for bit
+where the int8 kernels run), each expert's [out, in] weight a zero-copy slice of the
+stacked tensor (a QuantWeight's codes, scales and biases sliced alike), made once per
+stacked weight. It runs where the fused call does not apply.
 """
 from __future__ import annotations
 
+import ctypes
 import weakref
 from typing import Callable
 
@@ -15,6 +24,96 @@ import mlx.core as mx
 import numpy as np
 
 from ..quant import QuantWeight
+from . import SUPPORTED_BITS, _ST, _check, _get_lib, _host, _q_params, enabled
+from .decode_layer import _Proj
+from .host import SIGMOID_SCALE
+
+# rows (tokens) up to which the fused call runs: past it, prefill's many rows per expert
+# go through the int8 GEMM of the loop, which reads each expert once for all of them
+FUSED_MAX_ROWS = 64
+
+_I, _F, _L = ctypes.c_int, ctypes.c_float, ctypes.c_int64
+
+
+class _Experts(ctypes.Structure):
+    _fields_ = [("p", _Proj), ("w_stride", _L), ("s_stride", _L), ("b_stride", _L)]
+
+
+class _Moe(ctypes.Structure):
+    _fields_ = [("experts", _I), ("hidden", _I), ("inter", _I), ("act_a", _F), ("act_c", _F),
+                ("gate_up", _Experts), ("down", _Experts)]
+
+
+def _stacked(w) -> _Experts | None:
+    """The kernel's view of a stacked [E, N, K] expert weight, or None where it reads none."""
+    if isinstance(w, QuantWeight):
+        c, s, b = w.weight, w.scales, w.biases
+        if (w.mode != "affine" or b is None or w.bits not in SUPPORTED_BITS or c.ndim != 3 or c.dtype != mx.uint32
+                or s.ndim != 3 or s.shape != b.shape or s.shape[:2] != c.shape[:2] or s.dtype not in _ST
+                or b.dtype not in _ST or (c.shape[2] * 32) % w.bits
+                or s.shape[2] * w.group_size != c.shape[2] * 32 // w.bits):
+            return None
+        sh, bh, st = _q_params(s, b)
+        E, N, K = c.shape[0], c.shape[1], c.shape[2] * 32 // w.bits
+        return _Experts(_Proj(2, N, K, w.bits, w.group_size, st, _host(c).ptr, sh.ptr, bh.ptr, None),
+                        c[0].nbytes, sh.arr[0].nbytes, bh.arr[0].nbytes)
+    if not isinstance(w, mx.array) or w.ndim != 3 or w.dtype not in (mx.float32, mx.bfloat16):
+        return None
+    h = _host(w)
+    return _Experts(_Proj(0 if w.dtype == mx.float32 else 1, w.shape[1], w.shape[2], 0, 0, 0, h.ptr, None, None,
+                          None), h.arr[0].nbytes, 0, 0)
+
+
+# (id(gate_up), id(down), kind) -> (down, _Moe or None); the entry leaves with gate_up (it
+# holds down, which the same layer owns anyway, never gate_up: that would keep it alive)
+_plans: dict[tuple, tuple] = {}
+
+
+def _plan(gate_up, down, kind: str) -> _Moe | None:
+    key = (id(gate_up), id(down), kind)
+    hit = _plans.get(key)
+    if hit is not None and hit[0] is down:
+        return hit[1]
+    gu, dn = _stacked(gate_up), _stacked(down)
+    plan = None
+    if gu is not None and dn is not None and kind in SIGMOID_SCALE:
+        E = (gate_up.weight if isinstance(gate_up, QuantWeight) else gate_up).shape[0]
+        E_down = (down.weight if isinstance(down, QuantWeight) else down).shape[0]
+        H, I2 = gu.p.K, gu.p.N
+        if E == E_down and I2 % 2 == 0 and dn.p.N == H and dn.p.K == I2 // 2:
+            plan = _Moe(E, H, I2 // 2, *SIGMOID_SCALE[kind], gu, dn)
+    try:
+        weakref.finalize(gate_up, _plans.pop, key, None)
+    except TypeError:  # not weak-referenceable: nothing to key a cache on
+        return plan
+    _plans[key] = (down, plan)
+    return plan
+
+
+def fused_experts(x, weights, experts, gate_up, down, kind: str) -> np.ndarray | None:
+    """``reference.moe_experts`` in one C call, as a float32 host array [.., H], or None
+    (the caller runs the loop): no kernels, more than FUSED_MAX_ROWS rows, weights the
+    kernels do not read."""
+    lib = _get_lib()
+    if lib is None or not enabled():
+        return None
+    lead = tuple(x.shape[:-1])
+    rows = int(np.prod(lead)) if lead else 1
+    if not 1 <= rows <= FUSED_MAX_ROWS:
+        return None
+    plan = _plan(gate_up, down, kind)
+    if plan is None or x.shape[-1] != plan.hidden:
+        return None
+    xh = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(rows, plan.hidden))
+    k = experts.shape[-1]
+    idx = np.ascontiguousarray(np.asarray(experts).reshape(rows, k), dtype=np.int32)
+    wts = np.ascontiguousarray(np.asarray(weights, dtype=np.float32).reshape(rows, k))
+    out = np.empty((rows, plan.hidden), np.float32)
+    from . import n_threads  # the current setting (refresh() may change it)
+    _check(lib.vlmc_moe_experts(ctypes.addressof(plan), xh.ctypes.data, rows, k, idx.ctypes.data, wts.ctypes.data,
+                                out.ctypes.data, n_threads), "moe_experts")
+    return out.reshape(*lead, plan.hidden)
+
 
 _views: dict[int, list] = {}
 

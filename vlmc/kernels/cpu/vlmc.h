@@ -1,6 +1,7 @@
 /* vlmc CPU kernels: what the library's source files share. Each .c file holds one
  * concern (threadpool.c, gemv.c, dequant.c, kv_attention.c, gemm_i8.c, elementwise.c,
- * decode_layer.c, affine_search.c, probe.c) and includes this header first; build.py
+ * decode_layer.c, affine_search.c, probe.c,
+ * moe.c) and includes this header first; build.py
  * compiles them into one shared library. Here: the instruction-set switches, the
  * scalar and SIMD helpers several files inline, the thread pool's interface, and the
  * prototype of every exported function (vlmc/kernels/cpu/bindings.py declares the same
@@ -419,6 +420,21 @@ typedef struct {
     const float *out_scale;                       /* [1] or NULL: the layer's output times this scalar */
 } vlmc_layer;
 
+/* Stacked expert weights (moe.c): expert e's [N, K] projection is p with its w, scales and
+ * biases advanced by e times these byte strides. */
+typedef struct {
+    vlmc_proj p;
+    int64_t w_stride, s_stride, b_stride;
+} vlmc_experts;
+
+/* A mixture-of-experts layer's routed experts: gate_up [E, 2 inter, hidden] (gate rows
+ * first), down [E, hidden, inter]; act_a, act_c: SIGMOID_SCALE of the activation */
+typedef struct {
+    int experts, hidden, inter;
+    float act_a, act_c;
+    vlmc_experts gate_up, down;
+} vlmc_moe;
+
 /* A layer's KV cache as vlmc_decode_layers reads and extends it (bindings.py mirrors it) */
 enum { VLMC_KV_DENSE = 0, VLMC_KV_AFFINE = 1 };
 typedef struct {
@@ -519,5 +535,9 @@ int vlmc_affine_search(const float *w, int N, int K, int gs, int bits, const flo
                        const float *shrink, int nshrink, int nrefit, float *scales, float *biases, int n_threads);
 int vlmc_affine_codes(const float *w, int N, int K, int gs, int bits, const float *scales, const float *biases,
                       uint8_t *out, int n_threads);
+
+/* moe.c */
+int vlmc_moe_experts(const vlmc_moe *moe, const float *x, int M, int topk, const int32_t *idx, const float *wts,
+                     float *out, int n_threads);
 
 #endif /* VLMC_H */
