@@ -21,7 +21,8 @@ machine.
 (b) Derived: the speedup those costs predict at per-token acceptance a (each drafted token
     right with probability a, independently): a step drafting k tokens yields
     (1 - a^(k+1)) / (1 - a) tokens and costs verify(k+1) + k draft calls, against one
-    decode step per token; the best k in 1..--k and k = --k.
+    decode step per token; the best k and the largest k the loop allows at that batch
+    (--k, and rows x (k + 1) <= 16, the loop's max_step_tokens).
 (c) Measured in the server (``vlmc serve`` subprocesses, one at a time, plain and
     --draft-model alternating per round): C concurrent greedy chats of --tokens tokens
     each (min_tokens = max_tokens), tok/s = completion tokens / wall time, with the
@@ -137,9 +138,11 @@ def step_costs(m, drafter, batch: int, prompt_tokens: int, k: int, reps: int) ->
     return {name: statistics.median(v[1:]) for name, v in times.items()}
 
 
-def predict(costs: dict, k_max: int, rates=(0.5, 0.7, 0.9)) -> list[dict]:
-    """Speedup over plain decoding at per-token acceptance a, from the measured costs."""
+def predict(costs: dict, k_max: int, rates=(0.5, 0.7, 0.9), max_step_tokens: int = 16) -> list[dict]:
+    """Speedup over plain decoding at per-token acceptance a, from the measured costs; k as
+    the loop allows it (rows x (k + 1) <= max_step_tokens)."""
     out = []
+    k_max = max(1, min(k_max, max_step_tokens // costs["batch"] - 1))
     for a in rates:
         best = None
         for k in range(1, k_max + 1):
@@ -151,7 +154,8 @@ def predict(costs: dict, k_max: int, rates=(0.5, 0.7, 0.9)) -> list[dict]:
                 best = (k, s)
             if k == k_max:
                 at_k = s
-        out.append({"acceptance": a, "best_k": best[0], "speedup_best_k": best[1], f"speedup_k{k_max}": at_k})
+        out.append({"acceptance": a, "best_k": best[0], "speedup_best_k": best[1], "k_max": k_max,
+                    "speedup_k_max": at_k})
     return out
 
 

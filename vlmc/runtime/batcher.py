@@ -601,9 +601,12 @@ class Batcher:
         keep = min(live) if live else n
         for row, f, v in zip(rows, fed, valid):
             row.refeed = f[keep:v] if not row.finished else []
-        # before the trim: each row's accepted columns are all still in the caches
-        self._draft_ahead(rows, self._batch, [self._batch.offset - n + v for v in valid], len(live))
-        self._batch.trim(n - keep)
+        # the columns no row accepted go first; then the drafter reads each row's accepted ones
+        # (where all rows kept as many, as for one sequence), then the trim to what all rows keep
+        top = max(live, default=n)
+        self._batch.trim(n - top)
+        self._draft_ahead(rows, self._batch, [self._batch.offset - top + v for v in valid], len(live))
+        self._batch.trim(max(0, top - keep))
         self.counters["speculative_steps"] += 1
         self.counters["draft_proposed"] += proposed
         self.counters["draft_accepted"] += accepted

@@ -138,8 +138,10 @@ class SharedKVDrafter(Drafter):
         k = max(ks, default=0)
         if k <= 0:
             return [[] for _ in ks]
-        ends = np.maximum(np.asarray(ends, dtype=np.int64), seqs.starts + 1)
         offset = seqs.offset
+        # a row that drafts nothing reads where the caches end (it then takes no ragged path)
+        ends = np.where(np.asarray(ks) > 0, np.asarray(ends, dtype=np.int64), offset)
+        ends = np.maximum(ends, seqs.starts + 1)
         hidden = seqs.hidden_rows(ends - 1)          # each row's state that predicted its last token
         positions = mx.array((seqs.next_pos - offset + ends)[:, None].astype(np.int32))
         caches = [None if s is None else seqs.caches[s] for s in self.sources]
