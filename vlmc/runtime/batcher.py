@@ -536,8 +536,8 @@ class Batcher:
         in one drafter call per drafted token, now that the step just taken left each row's
         context in the caches up to ``ends`` (columns; a speculative step's rejected columns
         after it are trimmed afterwards) and its hidden states in ``seqs.hidden``. ``batch``:
-        the rows the next step will have (its per-row share of ``max_step_tokens``). A step
-        whose drafts are all shorter than asked (or empty) still counts its drafted tokens."""
+        the rows the next step will have (its per-row share of ``max_step_tokens``). The
+        drafter's time per call joins the cost the adaptive draft length weighs."""
         if not self._reads_batch:
             return
         spec = self.speculation
