@@ -20,10 +20,11 @@ class Model(VLM):
 
     def batch_generate(self, requests: Sequence[str | dict[str, Any]], *, max_tokens: int = 256,
                        max_batch: int = 8, stop: Sequence[str] | None = None,
-                       sampling: SamplingParams | None = None, **sampling_kw: Any) -> list[GenerationResult]:
+                       sampling: SamplingParams | None = None, draft: Any = None,
+                       num_draft_tokens: int | None = None, **sampling_kw: Any) -> list[GenerationResult]:
         """Replies to many requests at once, in request order (``runtime.batcher.batch_generate``)."""
         return batch_generate(self, requests, max_tokens=max_tokens, max_batch=max_batch, stop=stop,
-                              sampling=sampling, **sampling_kw)
+                              sampling=sampling, draft=draft, num_draft_tokens=num_draft_tokens, **sampling_kw)
 
 
 def load(src: str | os.PathLike, *, dtype: str = "float32", target: str | None = None,

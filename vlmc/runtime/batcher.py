@@ -37,7 +37,7 @@ from .detokenizer import StopStringMatcher, StreamingDetokenizer
 from .engine import VLM, GenerationResult, Prompt
 from .sampling import Sampler, SamplingParams
 from .prefix_cache import PrefixCache, block_keys, block_spec, image_spans
-from .speculative import Speculation, decide
+from .speculative import Draft, Speculation, decide
 from .step import Sequences
 from .vision_cache import VisionFeatureCache
 
@@ -123,6 +123,7 @@ class _Row:
         self.cached = 0            # prompt tokens whose KV came from the prefix cache
         self.draft_state: Any = None
         self.draft_length: Any = None
+        self.draft: list[int] = []   # a drafter that reads the batch: its proposal for the next step
         self.rng = np.random.default_rng(job.params.seed)
 
     @property
@@ -145,9 +146,15 @@ class Batcher:
         if refusal:
             raise InputError(refusal)
         vlm.materialize()
+        draft_model = getattr(speculation.drafter, "vlm", None) if speculation is not None else None
+        if hasattr(draft_model, "materialize"):  # the loop's thread runs it too
+            draft_model.materialize()
         self.vlm = vlm
         self.speculation = speculation
         self.step_cost = speculation.cost() if speculation is not None else None
+        # a drafter that reads the batch's caches drafts for every row after each step (_draft_ahead)
+        self._reads_batch = speculation is not None and speculation.drafter.reads_batch
+        self._draft_step: float | None = None    # seconds of one such drafter call (moving average)
         self.max_step_tokens = max_step_tokens
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.prefill_batch_tokens = prefill_batch_tokens
@@ -465,6 +472,7 @@ class Batcher:
         tokens, infos = self._sample(rows, logits)
         for row, token, info in zip(rows, tokens, infos):
             self._accept(row, token, info)
+        self._draft_ahead(rows, seqs, [seqs.offset] * len(rows), len(self._active) + len(rows))
         if not self._active:
             self._active, self._batch = list(rows), seqs
         else:
@@ -489,6 +497,7 @@ class Batcher:
         tokens, infos = self._sample(rows, logits)
         for row, token, info in zip(rows, tokens, infos):
             self._accept(row, token, info)
+        self._draft_ahead(rows, self._batch, [self._batch.offset] * B, sum(not r.finished for r in rows))
         self.counters["decode_steps"] += 1
         self.counters["batched_tokens"] += B
         self.decode_time += time.perf_counter() - t0
@@ -505,18 +514,59 @@ class Batcher:
         out, any_draft = [], False
         for row in rows:
             k = 0
-            if row.job.speculate and not row.forced:
-                if row.draft_length is None:
-                    row.draft_length = spec.length()
-                    row.draft_state = spec.drafter.start(row.job.prompt.ids, row.job.prompt)
-                k = min(row.draft_length.next(cost), row.budget - row.generated - 1, per_row - len(row.pending),
-                        self.vlm.max_context - len(row.history) - 1)
-            draft = spec.drafter.propose(row.draft_state, row.history, k, row.sampler, row.rng) if k > 0 else None
+            if self._reads_batch:  # drafted after the last step (_draft_ahead); this step may take fewer
+                k = min(len(row.draft), row.budget - row.generated - 1, per_row - len(row.pending))
+                draft, row.draft = (Draft(row.draft) if k > 0 else None), []
+            else:
+                if row.job.speculate and not row.forced:
+                    if row.draft_length is None:
+                        row.draft_length = spec.length()
+                        row.draft_state = spec.drafter.start(row.job.prompt.ids, row.job.prompt)
+                    k = min(row.draft_length.next(cost), row.budget - row.generated - 1,
+                            per_row - len(row.pending), self.vlm.max_context - len(row.history) - 1)
+                draft = spec.drafter.propose(row.draft_state, row.history, k, row.sampler, row.rng) if k > 0 else None
             pairs = [] if draft is None else \
                 [(t, None if draft.q is None else draft.q[i]) for i, t in enumerate(draft.tokens[:k])]
             any_draft = any_draft or bool(pairs)
             out.append(pairs)
         return out if any_draft else None
+
+    def _draft_ahead(self, rows: list[_Row], seqs: Sequences, ends: list[int], batch: int) -> None:
+        """For a drafter that reads the batch's caches: every row's draft for the next step,
+        in one drafter call per drafted token, now that the step just taken left each row's
+        context in the caches up to ``ends`` (columns; a speculative step's rejected columns
+        after it are trimmed afterwards) and its hidden states in ``seqs.hidden``. ``batch``:
+        the rows the next step will have (its per-row share of ``max_step_tokens``). The
+        drafter's time per call joins the cost the adaptive draft length weighs."""
+        if not self._reads_batch:
+            return
+        spec = self.speculation
+        batch = max(batch, 1)
+        per_row = max(1, self.max_step_tokens // batch)
+        base = self.step_cost.seconds.get(batch)
+
+        def cost(k: int) -> float:  # the verify step's cost plus k drafter calls, relative to a decode step
+            extra = k * self._draft_step / base if self._draft_step is not None and base else 0.0
+            return self.step_cost.ratio(batch * (k + 1), batch) + extra
+        ks = []
+        for row in rows:
+            row.draft, k = [], 0
+            if not row.finished and row.job.speculate and not row.forced:
+                if row.draft_length is None:
+                    row.draft_length = spec.length()
+                k = max(0, min(row.draft_length.next(cost), row.budget - row.generated - 1,
+                               per_row - len(row.pending), self.vlm.max_context - len(row.history) - 1))
+            ks.append(k)
+        if not any(ks):
+            return
+        t = time.perf_counter()
+        drafts = spec.drafter.propose_rows(seqs, [r.last for r in rows], ends, ks)
+        calls = max(ks)
+        per_call = (time.perf_counter() - t) / calls
+        self._draft_step = per_call if self._draft_step is None else 0.8 * self._draft_step + 0.2 * per_call
+        self.counters["draft_calls"] += calls
+        for row, draft in zip(rows, drafts):
+            row.draft = list(draft)
 
     def _speculative_step(self, rows: list[_Row], drafts: list[list[Any]], t0: float) -> None:
         """Feed every row its pending tokens and its draft in one verify step, accept by the
@@ -551,7 +601,12 @@ class Batcher:
         keep = min(live) if live else n
         for row, f, v in zip(rows, fed, valid):
             row.refeed = f[keep:v] if not row.finished else []
-        self._batch.trim(n - keep)
+        # the columns no row accepted go first; then the drafter reads each row's accepted ones
+        # (where all rows kept as many, as for one sequence), then the trim to what all rows keep
+        top = max(live, default=n)
+        self._batch.trim(n - top)
+        self._draft_ahead(rows, self._batch, [self._batch.offset - top + v for v in valid], len(live))
+        self._batch.trim(max(0, top - keep))
         self.counters["speculative_steps"] += 1
         self.counters["draft_proposed"] += proposed
         self.counters["draft_accepted"] += accepted
@@ -740,14 +795,17 @@ class Batcher:
 
 def batch_generate(vlm: VLM, requests: Sequence[str | dict[str, Any]], *, max_tokens: int = 256,
                    max_batch: int = 8, stop: Sequence[str] | None = None, sampling: SamplingParams | None = None,
+                   draft: Any = None, num_draft_tokens: int | None = None,
                    **sampling_kw: Any) -> list[GenerationResult]:
     """Generate replies to many requests at once through the continuous-batching loop
     (the server's): each request is a prompt string or a dict of ``build_prompt``
     arguments (``prompt``, ``images``, ``messages``, ``system``) plus optional
     ``max_tokens`` and ``stop``. Results come back in request order; tok/s are over the
     whole batch's time. Batched matmuls round differently from single ones, so a greedy
-    reply can differ from ``generate``'s where two tokens are nearly tied."""
+    reply can differ from ``generate``'s where two tokens are nearly tied. ``draft`` and
+    ``num_draft_tokens``: speculation as in ``generate`` (the model's default when None)."""
     params = sampling or vlm.sampling_params(**sampling_kw)
+    speculation = vlm.speculation_for(draft, num_draft_tokens)
     jobs, texts, tokens, finishes = [], [], [], []
     done = threading.Event()
     left = [len(requests)]
@@ -774,7 +832,7 @@ def batch_generate(vlm: VLM, requests: Sequence[str | dict[str, Any]], *, max_to
         jobs.append(Job(prompt, emit, params, limit, stops))
     if not jobs:
         return []
-    batcher = Batcher(vlm, max_batch=max_batch, max_queue=len(jobs))
+    batcher = Batcher(vlm, max_batch=max_batch, max_queue=len(jobs), speculation=speculation)
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     try:

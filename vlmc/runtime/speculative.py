@@ -18,8 +18,10 @@ Drafters share one interface (``Drafter``): ``PromptLookup`` matches the context
 n-gram earlier in the prompt and the reply and proposes what followed; ``DraftModel`` runs a
 smaller artifact with a compatible tokenizer on the text; ``SharedKVDrafter`` runs a
 drafter artifact that has no cache of its own and reads the target's (a multi-token
-prediction assistant that shares the target's KV): ``start`` hands every drafter the target's
-``Sequences``, whose caches and last hidden states (``hidden_at``) such a drafter reads.
+prediction assistant that shares the target's KV; ``shared_kv.py``): ``start`` hands every
+drafter the target's ``Sequences``, whose caches and last hidden states (``hidden_at``) such a
+drafter reads. The batching loop asks a drafter that reads its batch (``reads_batch``) for
+every row's draft at once, after each step (``propose_rows``).
 """
 from __future__ import annotations
 
@@ -158,6 +160,7 @@ class Drafter:
 
     name = "drafter"
     batch_refusal: str | None = None   # why the batching loop cannot draft with it (None: it can)
+    reads_batch = False                # the batching loop drafts with ``propose_rows`` (see there)
 
     def start(self, prompt_ids: Sequence[int], prompt: Any = None, target: Any = None) -> Any:
         return None
@@ -168,6 +171,15 @@ class Drafter:
 
     def accepted(self, state: Any, context: Sequence[int]) -> None:
         pass
+
+    def propose_rows(self, seqs: Any, tokens: Sequence[int], ends: Sequence[int], ks: Sequence[int]) -> list[list[int]]:
+        """For a drafter that reads the target's batch (``reads_batch``): every row's draft at
+        once, the batching loop's ``Sequences`` just after a step (``seqs.hidden`` holds that
+        step's hidden states): ``tokens[b]`` is row b's last token (not in the caches), its
+        context fills the cache columns before ``ends[b]`` (columns after it are the step's
+        rejected ones, trimmed later), ``ks[b]`` the tokens wanted (0: none). One draft per
+        row, at most ``ks[b]`` tokens."""
+        raise NotImplementedError
 
 
 class PromptLookup(Drafter):
@@ -315,78 +327,6 @@ class DraftModel(Drafter):
             state.fed = state.fed[:common]
 
 
-class SharedKVDrafter(Drafter):
-    """A drafter artifact with no cache of its own (``meta["drafter"]["kind"] == "shared_kv"``):
-    each step of its ``draft`` entry point takes [the target's embedding of the last token |
-    a hidden state of the target's width] at the last token's position and attends over the
-    target's caches (those ``meta["kv_producers"]`` names for the kinds the drafter lists),
-    and returns (logits, the next step's hidden state). The first step takes the target's
-    final hidden state at the token before the last (the one that predicted it); every
-    drafted token is fed back the same way, at the same position. Drafts greedily (a
-    deterministic drafter: exact under sampling too, by the acceptance rule)."""
-
-    name = "shared-kv"
-
-    def __init__(self, draft: Any, target: Any):
-        spec = draft.meta.get("drafter") or {}
-        if spec.get("kind") != "shared_kv":
-            raise InputError("the draft model is not a drafter that reads its target's caches")
-        producers = target.meta.get("kv_producers")
-        if not producers:
-            raise InputError("this target exposes no caches a shared-KV drafter can read "
-                             f"(its family: {target.meta.get('family')})")
-        if int(draft.meta["text"]["vocab_size"]) != int(target.meta["text"]["vocab_size"]) or \
-                int(spec["hidden_size"]) != int(target.meta["text"]["hidden_size"]):
-            raise InputError("the draft model was not made for this target (vocabulary or hidden size differ)")
-        layers = {int(L["index"]): L.get("kv") or {} for L in target.kv_layers}
-        self.sources: list[int | None] = []
-        for kind in spec["caches"]:
-            src = producers.get(kind)
-            want = (spec.get("cache_shapes") or {}).get(kind)
-            if want is not None:
-                if src is None:
-                    raise InputError(f"the draft model reads the target's {kind} cache, which it has none of")
-                kv = layers.get(int(src), {})
-                have = [int(kv.get("kv_heads", target.meta["text"]["num_kv_heads"])),
-                        int(kv.get("head_dim", target.meta["text"]["head_dim"]))]
-                if have != list(want):
-                    raise InputError(f"the draft model reads {kind} caches of {want} (heads, head dim); the "
-                                     f"target's are {have}")
-            self.sources.append(None if src is None else int(src))
-        self.vlm, self.target = draft, target
-        self.entry = getattr(draft.model, spec.get("entry", "draft"))
-        self.width = int(target.meta["text"]["hidden_size"])
-
-    @dataclass
-    class _State:
-        seqs: Any = None
-        logits: list = field(default_factory=list)   # the last draft's logits, one row per token
-
-    def start(self, prompt_ids: Sequence[int], prompt: Any = None, target: Any = None) -> Any:
-        """``target`` None (the batching loop, whose rows share one batch of caches): no drafts."""
-        return SharedKVDrafter._State(seqs=target)
-
-    def propose(self, state: "_State", context: Sequence[int], k: int, sampler: Any = None,
-                rng: np.random.Generator | None = None) -> Draft:
-        seqs = state.seqs
-        if seqs is None or seqs.batch != 1 or k <= 0 or len(context) < 2 or seqs.offset != len(context) - 1:
-            return Draft([])
-        room = self.vlm.max_context - len(context) - 1
-        k = min(k, room)
-        hidden = seqs.hidden_at(len(context) - 2)   # the target's state that predicted the last token
-        caches = [None if s is None else seqs.caches[s] for s in self.sources]
-        pos = mx.array([[len(context) - 1]], dtype=mx.int32)
-        token, tokens, state.logits = int(context[-1]), [], []
-        for _ in range(k):
-            emb = self.target.model.embed(ids=mx.array([[token]], dtype=mx.int32))[..., :self.width]
-            x = mx.concatenate([emb.astype(hidden.dtype), hidden], axis=-1)
-            logits, hidden = self.entry(x=x, positions=pos, mask=None, caches=caches)
-            token = int(mx.argmax(logits[0, -1]).item())
-            tokens.append(token)
-            state.logits.append(logits[0, -1])
-        return Draft(tokens)
-
-
 def check_tokenizers(draft: Any, target: Any) -> None:
     """A draft model must name every token id it can propose as the target does (the ids
     both vocabularies have), and must not be the target's own size or larger in a way that
@@ -448,3 +388,6 @@ class Speculation:
 
     def cost(self) -> StepCost:
         return StepCost(self.extra_cost)
+
+
+from .shared_kv import SharedKVDrafter  # noqa: E402,F401 - importable from here, as the other drafters

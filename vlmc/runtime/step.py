@@ -211,6 +211,17 @@ class Sequences:
             raise ValueError(f"column {column} is not among the last step's rows ({first}..{first + rows.shape[1] - 1})")
         return rows[:, column - first:column - first + 1]
 
+    def hidden_rows(self, columns: np.ndarray) -> mx.array:
+        """[B, 1, D]: row b's final hidden state at cache column ``columns[b]`` (the last step's)."""
+        if self.hidden is None:
+            raise ValueError("this program's steps return no hidden states")
+        first, rows = self.hidden
+        at = np.asarray(columns, dtype=np.int64) - first
+        if at.min() < 0 or at.max() >= rows.shape[1]:
+            raise ValueError(f"columns {list(columns)} are not all among the last step's rows "
+                             f"({first}..{first + rows.shape[1] - 1})")
+        return rows[mx.arange(self.batch), mx.array(at.astype(np.int32))][:, None]
+
     def _new_positions(self, n: int) -> np.ndarray:
         pos = self.next_pos[:, None] + np.arange(n)[None]                  # [B, n]
         return np.broadcast_to(pos[None], (self.decoder.position_streams, *pos.shape))
