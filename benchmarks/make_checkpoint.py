@@ -10,7 +10,10 @@ SmolVLM2-256M-Video-Instruct (``smolvlm``), Ministral-3-3B-Instruct-2512 (``mist
 smallest published Mistral 3, 3.85B parameters, 7.7 GB in bfloat16, about 2 GB as q4; the hub
 repo ships FP8, the preset writes the BF16 layout) and gemma-4-E2B-it (``gemma4``: the smallest
 published Gemma 4 with vision, 5.1B parameters with its audio tower and 2.3B of per-layer
-embeddings; vlmc reads all but the audio tower)). A preset is a family's name or one of
+embeddings; vlmc reads all but the audio tower) and Qwen3.5-0.8B (``qwen3_5``: the smallest
+published Qwen3.5 with vision, 0.85B parameters, 18 Gated DeltaNet + 6 gated full-attention
+layers; the published values, which transformers' Qwen3_5Config defaults (a 9B) do not give;
+its multi-token-prediction layer is not written, as transformers' class has none)). A preset is a family's name or one of
 ``PRESETS``, a further model of a family: ``smolvlm_500m`` (SmolVLM-500M-Instruct, an
 ``idefics3`` checkpoint) and ``llava_1_5_7b`` (llava-1.5-7b-hf: a Llama-2-7B decoder, 7.06B
 parameters, 14.1 GB in bfloat16). Tensor names
@@ -43,6 +46,7 @@ from fixtures.gemma4 import build_tokenizer as build_gemma4_tokenizer  # noqa: E
 from fixtures.idefics3 import build_tokenizer as build_idefics3_tokenizer  # noqa: E402
 from fixtures.pixtral import build_tokenizer as build_pixtral_tokenizer  # noqa: E402
 from fixtures.qwen3_vl import build_tokenizer as build_qwen3_tokenizer  # noqa: E402
+from fixtures.qwen3_5 import build_tokenizer as build_qwen3_5_tokenizer  # noqa: E402
 from compare import TO_HUB  # noqa: E402  (one table of hub names; compare.py renames older checkpoints)
 from vlmc.backends.safetensors_io import ShardWriter, to_storage  # noqa: E402
 
@@ -52,11 +56,12 @@ FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_
             "llava": "LlavaForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
             "paligemma": "PaliGemmaForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
             "idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration",
-            "mistral3": "Mistral3ForConditionalGeneration", "gemma4": "Gemma4ForConditionalGeneration"}
+            "mistral3": "Mistral3ForConditionalGeneration", "gemma4": "Gemma4ForConditionalGeneration",
+            "qwen3_5": "Qwen3_5ForConditionalGeneration"}
 # further published models of a family: preset -> (family, test tokenizer variant)
 PRESETS = {"smolvlm_500m": ("idefics3", "default"), "llava_1_5_7b": ("llava", "llava15")}
 # families whose transformers 5 module names are the published ones
-SAME_NAMES = ("qwen3_vl", "idefics3", "smolvlm", "gemma4")
+SAME_NAMES = ("qwen3_vl", "idefics3", "smolvlm", "gemma4", "qwen3_5")
 # the hub names of the Gemma families (transformers 4.x): vision_tower.vision_model.*, language_model.model.*
 GEMMA_TO_HUB = [("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower.vision_model."),
                 ("model.multi_modal_projector.", "multi_modal_projector.")]
@@ -106,6 +111,8 @@ def make_checkpoint(preset: str, out: Path, dtype: str = "bfloat16", seed: int =
     gemma = family in ("gemma3", "paligemma")
     if family == "qwen3_vl":
         tok = build_qwen3_tokenizer(out)
+    elif family == "qwen3_5":
+        tok = build_qwen3_5_tokenizer(out)
     elif family in ("idefics3", "smolvlm"):
         tok = build_idefics3_tokenizer(out)
     elif family == "mistral3":
@@ -125,7 +132,7 @@ def make_checkpoint(preset: str, out: Path, dtype: str = "bfloat16", seed: int =
         eos, bos = ids["<eos>"], ids["<bos>"]
     else:
         eos, bos = ids["<|im_end|>"], ids["<|endoftext|>"]
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_5"):
         config.update(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                       vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
         config["text_config"] = {**config["text_config"], "eos_token_id": eos, "bos_token_id": bos}

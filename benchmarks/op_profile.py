@@ -1,6 +1,7 @@
-"""Where a prefill and a vision tower spend their time on the cpu target, per op kind.
+"""Where a prefill, decode steps and a vision tower spend their time on the cpu target, per op kind.
 
     python benchmarks/op_profile.py ARTIFACT [--prompt-tokens 128] [--image-size 448] [--runs 2]
+        [--decode-tokens 16]
 
 Every function of ``vlmc.kernels.cpu_ops`` (what the generated code calls, one op at a
 time) is wrapped with a wall-clock timer; matmuls are keyed by their shape (M x K -> N),
@@ -8,7 +9,9 @@ so each GEMM shape shows its G multiply-adds per second. Then one prompt of
 ``--prompt-tokens`` text tokens and one ``--image-size`` image request (its vision tower
 timed on its own) run ``--runs`` times after a warm-up; per phase the report lists each
 op's total milliseconds per run (the last run) and "between ops": the phase's wall time
-less its ops' (Python, MLX glue, the generated code's loop). Host arrays make the ops
+less its ops' (Python, MLX glue, the generated code's loop). ``--decode-tokens N`` adds
+the N greedy decode steps after the prompt (totals over the N steps, from the first
+token's yield to the last's). Host arrays make the ops
 synchronous, so an op's time is its own (an op handed a lazy MLX array pays for it).
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 
 from vlmc import api  # noqa: E402
-from vlmc.bench import synthetic_ids, synthetic_image, time_generation  # noqa: E402
+from vlmc.bench import _greedy, synthetic_ids, synthetic_image, time_generation  # noqa: E402
 from vlmc.kernels import cpu_ops  # noqa: E402
 from vlmc.runtime.engine import Prompt  # noqa: E402
 
@@ -86,6 +89,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--image-size", type=int, default=448)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--decode-tokens", type=int, default=0)
     args = ap.parse_args()
     vlm = api.load(args.artifact)
     install()
@@ -100,6 +104,16 @@ def main() -> None:
         wall = time.perf_counter() - t
         if run == args.runs - 1:
             report(f"prefill {args.prompt_tokens} tokens (+1 token)", wall)
+    for run in range(args.runs if args.decode_tokens else 0):
+        steps = vlm.generate_steps([prompt], _greedy(), args.decode_tokens + 1)
+        next(steps)  # the prompt's token: not counted
+        _acc.clear()
+        _calls.clear()
+        t = time.perf_counter()
+        n = sum(1 for _ in steps)
+        wall = time.perf_counter() - t
+        if run == args.runs - 1:
+            report(f"decode {n} steps after {args.prompt_tokens} prompt tokens", wall)
     if args.image_size:
         seen = []
         original = vlm.encode_images

@@ -58,6 +58,8 @@ SIGNATURES: dict[str, tuple] = {
     # affine_search.c
     "vlmc_affine_search": (I, [P, I, I, I, I, P, P, P, I, I, P, P, I]),
     "vlmc_affine_codes": (I, [P, I, I, I, I, P, P, P, I]),
+    # deltanet.c
+    "vlmc_deltanet_layers": (I, [P, P, I, P, P, I, P, I]),
 }
 
 

@@ -216,3 +216,8 @@ int vlmc_decode_layers(const vlmc_layer *const *L, const vlmc_kv *kv, int nl, co
     free(buf);
     return rc;
 }
+
+/* proj_run for the other layer kinds (deltanet.c) */
+int vlmc_proj_run(const vlmc_proj *p, const float *x, int M, float *y, int n_threads) {
+    return proj_run(p, x, M, y, n_threads);
+}
