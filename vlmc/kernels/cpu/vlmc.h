@@ -417,6 +417,10 @@ typedef struct {
     const float *ple_norm;                        /* [hidden] */
     vlmc_proj ple_gate, ple_proj;                 /* [ple_dim, hidden], [hidden, ple_dim] */
     const float *out_scale;                       /* [1] or NULL: the layer's output times this scalar */
+    /* Qwen3.5's gated attention */
+    int rope_dim;                                 /* > 0: rotary on the first rope_dim of each head only */
+    int q_gate;                                   /* 1: each query head's qkv columns are [q (D), gate (D)];
+                                                   * the attention output times sigmoid(gate) */
 } vlmc_layer;
 
 /* A layer's KV cache as vlmc_decode_layers reads and extends it (bindings.py mirrors it) */
