@@ -1,8 +1,9 @@
 """The body patterns the cpu target's fast paths replace: ``decode_layer_fast_path`` finds a
 decoder layer (``layers.decoder_layer`` after the ``qkv`` and ``gate_up`` fusions, with any
 of its Gemma and Qwen3 options, and the Gemma 4 layer's: value norm, KV-shared attention,
-a per-layer input branch, an output scalar) by its data flow and gives the ``decode_layer``
-op that ``lower`` attaches to the block (``Block.fast_path``)."""
+a per-layer input branch, an output scalar; Qwen3.5's: rotary on part of each head, an
+output gate from q_proj) by its data flow and gives the ``decode_layer`` op that ``lower``
+attaches to the block (``Block.fast_path``). Gated DeltaNet layers: ``deltanet_path.py``."""
 from __future__ import annotations
 
 from ..ir.core import Function, Op

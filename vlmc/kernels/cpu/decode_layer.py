@@ -2,7 +2,8 @@
 ``decode_layer.c``), the cpu target's fast path for the ``decode_layer`` lowering: the
 Llama/Qwen2 layer and its Gemma (1, 2, 3) and Qwen3 options (QK-norm, sandwich norms,
 GELU-tanh MLPs, soft-capped attention scores, sliding-window layers with their own rotary
-tables).
+tables) and Qwen3.5's gated full attention (partial rotary, sigmoid output gate: to float32
+rounding, see ``decode_layers``).
 
 The layer's ops stay in the generated code and compute the same thing; this runs instead
 of them when it applies (B sequences of T new tokens each with B x T up to
