@@ -153,6 +153,7 @@ def deltanet_layers(x, mask, caches, layers, *, eps1: float, eps2: float, eps_o:
             at += n
         rows, conv_after, state_after, k, v, g, beta = parts
         cache.conv_step(conv, rows.reshape(B, 1, chans), conv_after.reshape(conv_shape))
-        cache.delta_step(state, k.reshape(B, value_heads, 1, key_dim), v.reshape(B, value_heads, 1, value_dim),
-                         g.reshape(B, value_heads, 1), beta.reshape(B, value_heads, 1), state_after.reshape(state_shape))
+        heads = (B, value_heads, 1)
+        cache.delta_step(state, k.reshape(*heads, key_dim), v.reshape(*heads, value_dim), g.reshape(heads),
+                         beta.reshape(heads), state_after.reshape(state_shape))
     return out
