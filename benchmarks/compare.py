@@ -440,6 +440,10 @@ def _hf_family(ckpt: Path, family: str) -> tuple[Any, Any, Callable[[Any], Any]]
         from fixtures import qwen3_5
         processor = qwen3_5.hf_processor(ckpt)
         return tf.Qwen3_5MoeForConditionalGeneration, processor, chat(processor)
+    if family == "qwen3_5":
+        from fixtures import qwen3_5
+        processor = qwen3_5.hf_processor(ckpt)
+        return tf.Qwen3_5ForConditionalGeneration, processor, chat(processor)
     if family in ("idefics3", "smolvlm"):
         from fixtures import idefics3
         tiles = json.loads((ckpt / "processor_config.json").read_text())["image_seq_len"]

@@ -10,8 +10,12 @@ SmolVLM2-256M-Video-Instruct (``smolvlm``), Ministral-3-3B-Instruct-2512 (``mist
 smallest published Mistral 3, 3.85B parameters, 7.7 GB in bfloat16, about 2 GB as q4; the hub
 repo ships FP8, the preset writes the BF16 layout) and gemma-4-E2B-it (``gemma4``: the smallest
 published Gemma 4 with vision, 5.1B parameters with its audio tower and 2.3B of per-layer
-embeddings; vlmc reads all but the audio tower), and ``qwen3_5_moe``: Qwen3.5-35B-A3B's layer
-shapes, vocabulary and vision tower with its depth REDUCED to 2 decoder layers (of 40: one linear-attention, one full-attention; 6.2 GB in
+embeddings; vlmc reads all but the audio tower), Qwen3.5-0.8B (``qwen3_5``: the smallest
+published Qwen3.5 with vision, 0.85B parameters, 18 Gated DeltaNet + 6 gated full-attention
+layers; the published values, which transformers' Qwen3_5Config defaults (a 9B) do not give;
+its multi-token-prediction layer is not written, as transformers' class has none) and
+``qwen3_5_moe``: Qwen3.5-35B-A3B's layer shapes, vocabulary and vision tower with its depth
+REDUCED to 2 decoder layers (of 40: one linear-attention, one full-attention; 6.2 GB in
 bfloat16; the reference config's ``about`` says where each value comes from)). A preset is a family's name or one of
 ``PRESETS``, a further model of a family: ``smolvlm_500m`` (SmolVLM-500M-Instruct, an
 ``idefics3`` checkpoint) and ``llava_1_5_7b`` (llava-1.5-7b-hf: a Llama-2-7B decoder, 7.06B
@@ -56,11 +60,11 @@ FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_
             "paligemma": "PaliGemmaForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
             "idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration",
             "mistral3": "Mistral3ForConditionalGeneration", "gemma4": "Gemma4ForConditionalGeneration",
-            "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
+            "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
 # further published models of a family: preset -> (family, test tokenizer variant)
 PRESETS = {"smolvlm_500m": ("idefics3", "default"), "llava_1_5_7b": ("llava", "llava15")}
 # families whose transformers 5 module names are the published ones
-SAME_NAMES = ("qwen3_vl", "idefics3", "smolvlm", "gemma4", "qwen3_5_moe")
+SAME_NAMES = ("qwen3_vl", "idefics3", "smolvlm", "gemma4", "qwen3_5", "qwen3_5_moe")
 # the hub names of the Gemma families (transformers 4.x): vision_tower.vision_model.*, language_model.model.*
 GEMMA_TO_HUB = [("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower.vision_model."),
                 ("model.multi_modal_projector.", "multi_modal_projector.")]
@@ -110,7 +114,7 @@ def make_checkpoint(preset: str, out: Path, dtype: str = "bfloat16", seed: int =
     gemma = family in ("gemma3", "paligemma")
     if family == "qwen3_vl":
         tok = build_qwen3_tokenizer(out)
-    elif family == "qwen3_5_moe":
+    elif family in ("qwen3_5", "qwen3_5_moe"):
         tok = build_qwen3_5_tokenizer(out)
     elif family in ("idefics3", "smolvlm"):
         tok = build_idefics3_tokenizer(out)
@@ -131,7 +135,7 @@ def make_checkpoint(preset: str, out: Path, dtype: str = "bfloat16", seed: int =
         eos, bos = ids["<eos>"], ids["<bos>"]
     else:
         eos, bos = ids["<|im_end|>"], ids["<|endoftext|>"]
-    if family in ("qwen3_vl", "qwen3_5_moe"):
+    if family in ("qwen3_vl", "qwen3_5", "qwen3_5_moe"):
         config.update(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                       vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
         config["text_config"] = {**config["text_config"], "eos_token_id": eos, "bos_token_id": bos}

@@ -8,7 +8,9 @@ so each GEMM shape shows its G multiply-adds per second. Then one prompt of
 ``--prompt-tokens`` text tokens and one ``--image-size`` image request (its vision tower
 timed on its own) run ``--runs`` times after a warm-up; per phase the report lists each
 op's total milliseconds per run (the last run) and "between ops": the phase's wall time
-less its ops' (Python, MLX glue, the generated code's loop). Host arrays make the ops
+less its ops' (Python, MLX glue, the generated code's loop). ``--decode-tokens N`` adds
+the N greedy decode steps after the prompt (totals over the N steps, from the first
+token's yield to the last's). Host arrays make the ops
 synchronous, so an op's time is its own (an op handed a lazy MLX array pays for it).
 """
 from __future__ import annotations

@@ -131,6 +131,40 @@ def test_batching_loop_joins_and_keeps_rows(store):
     assert batcher.counters["decode_steps"] < batcher.counters["batched_tokens"]
 
 
+@pytest.mark.parametrize("options", [{}, {"quantize": "q4"}], ids=["f32", "q4"])
+def test_decode_fast_paths_are_the_ops_within_rounding(store, options, monkeypatch):
+    """The cpu fast paths take every decode step's layers: the Gated DeltaNet layers (one C
+    call per run of consecutive such layers: layer 0, then layers 2-3) and the gated
+    full-attention layers (``decode_layer`` with partial rotary and the output gate; layers
+    1 and 4). A batch of an image prompt and a text prompt decodes the op-by-op artifact's
+    greedy tokens (``--no-fuse decode_layer``), its logits within float32 rounding."""
+    from vlmc.kernels import cpu, cpu_ops
+    from vlmc.runtime.sampling import Sampler, SamplingParams
+    if cpu._get_lib() is None:
+        pytest.skip("no C compiler")
+    info = store.ckpt()
+    fast, plain = store.vlm(info, **options), store.vlm(info, no_fuse=("decode_layer",), **options)
+    ran = {"_deltanet_layers": [], "_decode_layers": []}
+    for name, got in ran.items():
+        def counted(*a, _real=getattr(cpu_ops, name), _got=got, **k):
+            out = _real(*a, **k)
+            _got.append(out is not None)
+            return out
+        monkeypatch.setattr(cpu_ops, name, counted)
+    steps, outs = 12, []
+    for m in (fast, plain):
+        for got in ran.values():
+            got.clear()
+        prompts = [build_prompt(m, "one_image"), m.build_prompt("Tell me a short story about the river.")]
+        got = list(m.generate_steps(prompts, Sampler(SamplingParams()), steps))
+        outs.append((np.stack([np.asarray(t) for t, _ in got]), np.stack([np.array(lg) for _, lg in got])))
+        for calls in ran.values():  # two stack calls of each kind per decode step, none in the plain model
+            assert calls.count(True) == (2 * (steps - 1) if m is fast else 0), ran
+    assert np.array_equal(outs[0][0], outs[1][0])
+    diff = float(np.abs(outs[0][1] - outs[1][1]).max())
+    assert 0 < diff <= 1e-5 * max(1.0, float(np.abs(outs[1][1]).max())), diff
+
+
 def test_speculation_is_lossless(store):
     """Greedy output with drafts is the output without them. Prompt lookup, and the model
     drafting for itself (its own hybrid caches rewound over several decode steps), through

@@ -115,6 +115,7 @@ def _add_rms_norm(t, a):
 # block's fast path only when every layer's cache is listed). ``quantized`` lists its bits.
 FAST_PATH_KV: dict[str, dict[str, tuple[int, ...] | None]] = {
     "decode_layer": {"dense": None, "rotating": None, "quantized": (4, 8)},
+    "deltanet_layer": {"recurrent": None},
 }
 
 
@@ -130,6 +131,12 @@ def fast_path_reads(op: str, spec: dict) -> bool:
 @rule("decode_layer")
 def _decode_layer(t, a):
     """A block's fast path (``Block.fast_path``): the layer output, x's type."""
+    return [t[0]]
+
+
+@rule("deltanet_layer")
+def _deltanet_layer(t, a):
+    """A Gated DeltaNet block's fast path: the layer output, x's type."""
     return [t[0]]
 
 

@@ -29,6 +29,7 @@ from .step_rows import in_prompt as _in_prompt
 from .cpu.attention import attention as _blas_attention
 from .cpu.moe import fused_experts as _fused_experts, routed_experts as _routed_experts
 from .cpu.decode_layer import decode_layer as _decode_layer, decode_layers as _decode_layers
+from .cpu.deltanet import deltanet_layer as _deltanet_layer, deltanet_layers as _deltanet_layers
 from .cpu.kv_decode import affine_values as _affine_values
 from .cpu.kv_decode import host_shared_step as _host_shared_step
 from .cpu.kv_decode import host_dense_step as _host_dense_step, kv_affine_decode as _kv_affine_decode, \
@@ -140,6 +141,14 @@ def decode_layer(x, cos, sin, mask, cache, *weights, **attrs):
 
 def decode_layers(x, cos, sin, mask, caches, *args, **attrs):
     return _decode_layers(x, cos, sin, mask, caches, *args, **attrs)
+
+
+def deltanet_layer(x, mask, cache, *weights, **attrs):
+    return _deltanet_layer(x, mask, cache, *weights, **attrs)
+
+
+def deltanet_layers(x, mask, caches, layers, **attrs):
+    return _deltanet_layers(x, mask, caches, layers, **attrs)
 
 
 def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: float,

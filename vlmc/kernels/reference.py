@@ -238,6 +238,17 @@ def decode_layers(x, cos, sin, mask, caches, *args, **attrs):
     return None
 
 
+def deltanet_layer(x, mask, cache, *weights, **attrs):
+    """A Gated DeltaNet layer's optional one-call decode step (the ``deltanet_layer``
+    lowering, cpu target); the generated layer runs its own ops when this returns None."""
+    return None
+
+
+def deltanet_layers(x, mask, caches, layers, **attrs):
+    """The same for consecutive such layers; the generated loop runs when this returns None."""
+    return None
+
+
 def cached_attention(q: mx.array, k: mx.array, v: mx.array, cache, mask: mx.array | None = None,
                      *, scale: float, softcap: float | None = None) -> mx.array:
     q, keys, values, finish = cache.attention_inputs(q, k, v)  # every held token, from the cache's layout

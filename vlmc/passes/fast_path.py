@@ -1,8 +1,9 @@
 """The body patterns the cpu target's fast paths replace: ``decode_layer_fast_path`` finds a
 decoder layer (``layers.decoder_layer`` after the ``qkv`` and ``gate_up`` fusions, with any
 of its Gemma and Qwen3 options, and the Gemma 4 layer's: value norm, KV-shared attention,
-a per-layer input branch, an output scalar) by its data flow and gives the ``decode_layer``
-op that ``lower`` attaches to the block (``Block.fast_path``)."""
+a per-layer input branch, an output scalar; Qwen3.5's: rotary on part of each head, an
+output gate from q_proj) by its data flow and gives the ``decode_layer`` op that ``lower``
+attaches to the block (``Block.fast_path``). Gated DeltaNet layers: ``deltanet_path.py``."""
 from __future__ import annotations
 
 from ..ir.core import Function, Op
@@ -111,13 +112,38 @@ def _match(fn: Function) -> Op:
     need(sorted(add1.inputs) == sorted([x, a]))
     o_out, post_attn, eps_pa = maybe_norm(a)
     r_out, o_w, o_b = proj(o_out)
+    gate_in = None  # Qwen3.5: the attention output times sigmoid(gate columns of q_proj)
+    if made.get(r_out) is not None and made[r_out].op == "mul":
+        g0, g1 = prod(r_out, "mul").inputs
+        sig, r_out = (g1, g0) if made.get(g1) is not None and made[g1].op == "act" else (g0, g1)
+        gate = prod(sig, "act")
+        need(gate.attrs.get("kind") == "sigmoid", "its attention output is gated by another activation")
+        gate_in = gate.inputs[0]
     a_in = prod(prod(r_out, "reshape").inputs[0], "transpose", axes=[0, 2, 1, 3]).inputs[0]
     shared = made.get(a_in) is not None and made[a_in].op == "shared_attention"
     att = prod(a_in, "shared_attention" if shared else "cached_attention")
-    rq = prod(att.inputs[0], "rope")
-    rk = None if shared else prod(att.inputs[1], "rope")
-    d = fn.types[rq.outputs[0]].shape[-1]
-    heads, kv_heads = fn.types[rq.outputs[0]].shape[1], 0 if shared else fn.types[rk.outputs[0]].shape[1]
+
+    def roped(v: str) -> tuple[Op, str, int | None]:
+        """(the rope op, the heads it reads, the rotary width where only part of each head
+        is rotated: concat(rope(first part), rest) of one split)."""
+        op = made.get(v)
+        if op is None or op.op != "concat":
+            r = prod(v, "rope")
+            return r, r.inputs[0], None
+        cat = prod(v, "concat")
+        r = prod(cat.inputs[0], "rope")
+        sp = prod(r.inputs[0], "split")
+        need(len(cat.inputs) == 2 and list(sp.outputs) == [r.inputs[0], cat.inputs[1]]
+             and cat.attrs.get("axis") in (-1, 3) and sp.attrs.get("axis") in (-1, 3),
+             "its partial rotary is not concat(rope(first part), rest) of one split")
+        return r, sp.inputs[0], sp.attrs["sizes"][0]
+
+    rq, q_heads, rope_dim = roped(att.inputs[0])
+    rk, k_heads, k_rope = (None, None, None) if shared else roped(att.inputs[1])
+    need(shared or k_rope == rope_dim, "q and k rotate different widths")
+    need(gate_in is None or not shared, "a gated layer reads another layer's cache")
+    d = fn.types[q_heads].shape[-1]
+    heads, kv_heads = fn.types[q_heads].shape[1], 0 if shared else fn.types[k_heads].shape[1]
     need(all(isinstance(n, int) for n in (d, heads, kv_heads)), "its head counts are not fixed numbers")
     need(made[r_out].attrs.get("shape") == [0, 0, heads * d])
     need(att.inputs[1 if shared else 3:] == [cache, mask], "its attention does not read the block's cache and mask")
@@ -125,22 +151,29 @@ def _match(fn: Function) -> Op:
     need((shared or rk.inputs[1:] == [cos, sin]) and all(t in fn.inputs or t.startswith("$") for t in (cos, sin)),
          "q and k do not share rope tables that are block inputs")
 
-    def head_of(v: str, n: int, normed: bool) -> tuple[str, str | None, float | None]:
-        """The split output whose [B, n, L, D] heads v is (reshape, [rms_norm,] transpose)."""
+    def head_of(v: str, n: int, normed: bool, gated: bool = False) -> tuple[str, str | None, float | None]:
+        """The split output whose [B, n, L, D] heads v is (reshape, [rms_norm,] transpose);
+        gated: reshape to [q, gate] per head, split, the gate half reshaped to gate_in."""
         t = prod(v, "transpose", axes=[0, 2, 1, 3]).inputs[0]
         t, w, eps = maybe_norm(t) if normed else (t, None, None)
-        r = prod(t, "reshape", shape=[0, 0, n, d])
-        return r.inputs[0], w, eps
+        if not gated:
+            return prod(t, "reshape", shape=[0, 0, n, d]).inputs[0], w, eps
+        sp = prod(t, "split")
+        g = prod(gate_in, "reshape", shape=[0, 0, n * d])
+        need(list(sp.outputs) == [t, g.inputs[0]] and sp.attrs.get("sizes") == [d, d]
+             and sp.attrs.get("axis") in (-1, 3), "its query heads and output gate are not one split")
+        return prod(sp.inputs[0], "reshape", shape=[0, 0, n, 2 * d]).inputs[0], w, eps
 
-    q_s, q_norm, eps_q = head_of(rq.inputs[0], heads, True)
+    q_s, q_norm, eps_q = head_of(q_heads, heads, True, gate_in is not None)
     k_norm = eps_k = v_norm = eps_v = None
     if shared:  # queries only: the projection makes q's heads
         n1, qkv_w, qkv_b = proj(q_s)
     else:
-        k_s, k_norm, eps_k = head_of(rk.inputs[0], kv_heads, True)
+        k_s, k_norm, eps_k = head_of(k_heads, kv_heads, True)
         v_s, v_norm, eps_v = head_of(att.inputs[2], kv_heads, True)
         sp = prod(q_s, "split")
-        need(list(sp.outputs) == [q_s, k_s, v_s] and sp.attrs.get("sizes") == [heads * d, kv_heads * d, kv_heads * d])
+        q_cols = heads * d * (2 if gate_in is not None else 1)
+        need(list(sp.outputs) == [q_s, k_s, v_s] and sp.attrs.get("sizes") == [q_cols, kv_heads * d, kv_heads * d])
         n1, qkv_w, qkv_b = proj(sp.inputs[0])
     x_in, norm1, eps1 = norm(n1)
     need(x_in == x and (shared or (q_norm is None) == (k_norm is None)))
@@ -160,6 +193,10 @@ def _match(fn: Function) -> Op:
         attrs["softcap"] = att.attrs["softcap"]
     if shared:
         attrs["shared"] = True
+    if rope_dim is not None and rope_dim != d:
+        attrs["rope_dim"] = rope_dim
+    if gate_in is not None:
+        attrs["q_gate"] = True
     if ple:
         attrs.update(ple_act=ple["act"], eps_ple=ple["eps"], ple_layer=ple["index"])
     while optional and optional[-1] is None:

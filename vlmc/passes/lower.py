@@ -6,7 +6,9 @@ the fast paths the target has for the layouts planned before it (``kv_layout`` r
   or int8 GEMM for prefill). Weights stay stored as compiled (bf16 / quantized). A
   pre-norm decoder block gets the ``decode_layer`` fast path (one C call per layer, or per
   stack of layers, and decode step) unless ``--no-fuse decode_layer``, and only when every
-  layer's planned KV cache is one the fast path reads (``ir.ops.FAST_PATH_KV``).
+  layer's planned KV cache is one the fast path reads (``ir.ops.FAST_PATH_KV``); a Gated
+  DeltaNet block (Qwen3.5's linear attention) gets the ``deltanet_layer`` fast path
+  (``passes/deltanet_path.py``) under the same switch.
 - ``metal`` / ``cuda``: MLX's own kernels plus vlmc's GPU kernels (``vlmc.kernels.gpu_ops``:
   Metal and CUDA sources in ``vlmc/kernels/gpu/``); activations in the storage dtype.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 from ..ir.core import COMPUTE, Op, Program, TensorType
 from ..ir.infer import infer_types
 from ..ir.ops import fast_path_reads
+from .deltanet_path import deltanet_match
 from .fast_path import decode_layer_match
 from .manager import register
 
@@ -54,6 +57,8 @@ def lower(prog: Program, target: str = "cpu", decode_layer: bool = True) -> tupl
         owners = {L["layer"]: L for b in prog.blocks.values() for L in b.layers if "kv" in L and "layer" in L}
         for blk in prog.blocks.values():
             fast, why = decode_layer_match(blk.body)
+            if fast is None and any(op.op == "gated_delta_rule" for op in blk.body.ops):
+                fast, why = deltanet_match(blk.body, blk.param_shapes)
             if fast is not None and fast.attrs.get("shared"):
                 fast, why = _shared_reads(fast, blk, owners)
             if fast is None:

@@ -51,6 +51,33 @@ static int heads_norm(float *qkv, int BT, int QKV, size_t at, int n, int D, cons
     return rc;
 }
 
+/* the same for query heads hs apart in the row (gated queries: [q, gate] per head) */
+static int heads_norm_strided(float *qkv, int BT, int QKV, int n, int D, int hs, const float *w, float eps) {
+    int rc = 0;
+    for (int r = 0; r < BT && !rc; r++)
+        for (int h = 0; h < n && !rc; h++) {
+            float *row = qkv + (size_t)r * QKV + (size_t)h * hs;
+            rc = vlmc_norm(row, 1, D, w, NULL, eps, 0, row, 1);
+        }
+    return rc;
+}
+
+/* rotary on the first RD of each head (rows of x as vlmc_rope reads them), the other D - RD
+ * copied: out [A, H, L, D]; tmp [A, H, L, RD] scratch */
+static int rope_partial(const float *x, int A, int H, int L, int D, int RD, int64_t sa, int64_t sh, int64_t sl,
+                        const float *cs, const float *sn, int64_t ca, int64_t cl, float *tmp, float *out,
+                        int n_threads) {
+    int rc = vlmc_rope(x, A, H, L, RD, sa, sh, sl, cs, sn, ca, cl, tmp, n_threads);
+    for (int a = 0; a < A && !rc; a++)
+        for (int h = 0; h < H; h++)
+            for (int l = 0; l < L; l++) {
+                const size_t r = ((size_t)a * H + h) * L + l;
+                memcpy(out + r * D, tmp + r * RD, sizeof(float) * RD);
+                memcpy(out + r * D + RD, x + a * sa + h * sh + l * sl + RD, sizeof(float) * (D - RD));
+            }
+    return rc;
+}
+
 /* the per-layer input branch, out [BT, hid] in place: out += ple_norm(ple_proj(act(ple_gate(out))
  * * input)), input row r at in + r in_ld; g [BT, P], y [BT, hid] scratch. The ops compute
  * act, the product, the projection, the norm and the sum one after another, as here. */
@@ -73,12 +100,13 @@ static int decode_layer(const vlmc_layer *L, const float *x, const float *normed
                         const float *sn, int64_t ca, int64_t cl, const vlmc_kv *kv, const float *in, int64_t in_ld,
                         float *out, int n_threads) {
     const int hid = L->hidden, H = L->heads, HKV = L->kv_heads, D = L->head_dim, I = L->inter, BT = B * T;
-    const int shared = L->shared, P = L->ple_dim;
-    const int QKV = (H + (shared ? 0 : 2 * HKV)) * D, held = kv->held, cap = kv->cap;
+    const int shared = L->shared, P = L->ple_dim, gated = L->q_gate, RD = L->rope_dim ? L->rope_dim : D;
+    const int QW = gated ? 2 * D : D; /* a query head's columns in the qkv row */
+    const int QKV = H * QW + (shared ? 0 : 2 * HKV * D), held = kv->held, cap = kv->cap;
     const int affine = kv->layout == VLMC_KV_AFFINE;
     if (B < 1 || T < 1 || held < 1 || held > cap || L->qkv.N != QKV || L->qkv.K != hid
         || L->o.K != H * D || L->o.N != hid || L->gate_up.N != 2 * I || L->gate_up.K != hid || L->down.K != I
-        || L->down.N != hid || (shared && held < T) || P < 0)
+        || L->down.N != hid || (shared && held < T) || P < 0 || RD < 2 || RD > D || RD % 2 || (gated && shared))
         return -1;
     if (P && (!in || in_ld < P || !L->ple_norm || L->ple_gate.N != P || L->ple_gate.K != hid
               || L->ple_proj.N != hid || L->ple_proj.K != P))
@@ -87,34 +115,44 @@ static int decode_layer(const vlmc_layer *L, const float *x, const float *normed
     if (affine && ((kv->bits != 4 && kv->bits != 8) || kv->gs < 2 || kv->gs % 2 || D % kv->gs)) return -2;
     const size_t nkv = shared ? 0 : (size_t)BT * HKV * D;
     const size_t per = (size_t)hid + QKV + 2 * (size_t)H * D + hid + 2 * (size_t)I + I + (P ? (size_t)P + hid : 0);
-    float *buf = malloc(sizeof(float) * (per * BT + (affine ? 2 * nkv : 0)));
+    const size_t rtmp = RD < D ? (size_t)BT * (H + HKV) * RD : 0; /* partial rotary's scratch */
+    float *buf = malloc(sizeof(float) * (per * BT + (affine ? 2 * nkv : 0) + rtmp));
     if (!buf) return -5;
     float *n1 = buf, *qkv = n1 + (size_t)BT * hid, *q = qkv + (size_t)BT * QKV, *att = q + (size_t)BT * H * D;
     float *h = att + (size_t)BT * H * D, *gu = h + (size_t)BT * hid, *m = gu + (size_t)BT * 2 * I;
     float *pg = m + (size_t)BT * I, *py = pg + (size_t)BT * P; /* the per-layer input branch's */
     /* this step's roped keys and values as floats [B, HKV, T, D]: what a dense cache stores, else scratch */
     float *nk = affine ? py + (size_t)BT * (P ? hid : 0) : (float *)kv->nk, *nv = affine ? nk + nkv : (float *)kv->nv;
+    float *rt = (affine ? nk + 2 * nkv : py + (size_t)BT * (P ? hid : 0)); /* rtmp floats */
+    const size_t k_at = (size_t)H * QW, v_at = k_at + (size_t)HKV * D;
     int rc = 0;
     if (normed) memcpy(n1, normed, sizeof(float) * (size_t)BT * hid);
     else rc = vlmc_norm(x, BT, hid, L->norm1, NULL, L->eps1, 0, n1, n_threads);
     if (!rc) rc = proj_run(&L->qkv, n1, BT, qkv, n_threads);
-    if (!rc && L->q_norm) rc = heads_norm(qkv, BT, QKV, 0, H, D, L->q_norm, L->eps_q, 0);
-    if (!rc && L->k_norm && !shared) rc = heads_norm(qkv, BT, QKV, (size_t)H * D, HKV, D, L->k_norm, L->eps_k, 0);
+    if (!rc && L->q_norm)
+        rc = gated ? heads_norm_strided(qkv, BT, QKV, H, D, QW, L->q_norm, L->eps_q)
+                   : heads_norm(qkv, BT, QKV, 0, H, D, L->q_norm, L->eps_q, 0);
+    if (!rc && L->k_norm && !shared) rc = heads_norm(qkv, BT, QKV, k_at, HKV, D, L->k_norm, L->eps_k, 0);
     if (!rc && L->v_norm && !shared)
         /* unweighted: MLX's arithmetic, as the op library's unweighted norm (host.rms_norm) */
-        rc = heads_norm(qkv, BT, QKV, (size_t)(H + HKV) * D, HKV, D, L->v_norm_w, L->eps_v, L->v_norm_w ? 0 : 2);
+        rc = heads_norm(qkv, BT, QKV, v_at, HKV, D, L->v_norm_w, L->eps_v, L->v_norm_w ? 0 : 2);
     if (kv->cs) cs = kv->cs, sn = kv->sn;
     /* rope of q and k straight from the qkv rows ([B, T positions, heads, D] views): q
      * [B, H, T, D], k [B, HKV, T, D] */
-    if (!rc) rc = vlmc_rope(qkv, B, H, T, D, (int64_t)T * QKV, D, QKV, cs, sn, ca, cl, q, n_threads);
-    if (!rc && !shared)
-        rc = vlmc_rope(qkv + (size_t)H * D, B, HKV, T, D, (int64_t)T * QKV, D, QKV, cs, sn, ca, cl, nk, n_threads);
+    if (!rc && RD == D) rc = vlmc_rope(qkv, B, H, T, D, (int64_t)T * QKV, QW, QKV, cs, sn, ca, cl, q, n_threads);
+    if (!rc && RD < D)
+        rc = rope_partial(qkv, B, H, T, D, RD, (int64_t)T * QKV, QW, QKV, cs, sn, ca, cl, rt, q, n_threads);
+    if (!rc && !shared && RD == D)
+        rc = vlmc_rope(qkv + k_at, B, HKV, T, D, (int64_t)T * QKV, D, QKV, cs, sn, ca, cl, nk, n_threads);
+    if (!rc && !shared && RD < D)
+        rc = rope_partial(qkv + k_at, B, HKV, T, D, RD, (int64_t)T * QKV, D, QKV, cs, sn, ca, cl,
+                          rt + (size_t)BT * H * RD, nk, n_threads);
     if (!rc && !shared)
         for (int b = 0; b < B; b++)
             for (int g = 0; g < HKV; g++)
                 for (int t = 0; t < T; t++)
                     memcpy(nv + (((size_t)b * HKV + g) * T + t) * D,
-                           qkv + ((size_t)b * T + t) * QKV + (size_t)(H + HKV + g) * D, sizeof(float) * D);
+                           qkv + ((size_t)b * T + t) * QKV + v_at + (size_t)g * D, sizeof(float) * D);
     /* attention into [B, T, H, D]: the output projection's rows; a shared-cache layer's
      * queries are the last T of the held rows, all in the cache already */
     if (!rc && shared && affine) {
@@ -135,6 +173,13 @@ static int decode_layer(const vlmc_layer *L, const float *x, const float *normed
         rc = kv_dense_decode_t(q, kv->k, kv->v, nk, nv, kv->starts, B, H, HKV, D, T, cap, held + T, L->scale,
                                kv->window, L->softcap, att, 1, n_threads);
     }
+    if (!rc && gated) /* the output gate: sigmoid of each query head's gate columns */
+        for (int r = 0; r < BT; r++)
+            for (int hh = 0; hh < H; hh++) {
+                const float *g = qkv + (size_t)r * QKV + (size_t)hh * QW + D;
+                float *o = att + ((size_t)r * H + hh) * D;
+                for (int j = 0; j < D; j++) o[j] = o[j] * (1.f / (1.f + expf(-g[j])));
+            }
     if (!rc) rc = proj_run(&L->o, att, BT, h, n_threads);
     if (!rc && L->post_attn) rc = vlmc_norm(h, BT, hid, L->post_attn, NULL, L->eps_pa, 0, h, n_threads);
     if (!rc) {
@@ -215,4 +260,9 @@ int vlmc_decode_layers(const vlmc_layer *const *L, const vlmc_kv *kv, int nl, co
     }
     free(buf);
     return rc;
+}
+
+/* proj_run for the other layer kinds (deltanet.c) */
+int vlmc_proj_run(const vlmc_proj *p, const float *x, int M, float *y, int n_threads) {
+    return proj_run(p, x, M, y, n_threads);
 }

@@ -2,7 +2,8 @@
 ``decode_layer.c``), the cpu target's fast path for the ``decode_layer`` lowering: the
 Llama/Qwen2 layer and its Gemma (1, 2, 3) and Qwen3 options (QK-norm, sandwich norms,
 GELU-tanh MLPs, soft-capped attention scores, sliding-window layers with their own rotary
-tables).
+tables) and Qwen3.5's gated full attention (partial rotary, sigmoid output gate: to float32
+rounding, see ``decode_layers``).
 
 The layer's ops stay in the generated code and compute the same thing; this runs instead
 of them when it applies (B sequences of T new tokens each with B x T up to
@@ -79,7 +80,7 @@ class _Layer(ctypes.Structure):
                 ("qkv", _Proj), ("o", _Proj), ("gate_up", _Proj), ("down", _Proj),
                 ("v_norm", _I), ("eps_v", _F), ("v_norm_w", _P), ("shared", _I),
                 ("ple_dim", _I), ("ple_act_a", _F), ("ple_act_c", _F), ("eps_ple", _F), ("ple_norm", _P),
-                ("ple_gate", _Proj), ("ple_proj", _Proj), ("out_scale", _P)]
+                ("ple_gate", _Proj), ("ple_proj", _Proj), ("out_scale", _P), ("rope_dim", _I), ("q_gate", _I)]
 
 
 # the optional weights after the ten every layer has: QK-norm, the sandwich norms, the
@@ -120,7 +121,7 @@ def _layer(weights: tuple, attrs: tuple) -> _Layer | None:
     norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, d_w, d_b = weights[:10]
     extra = dict(zip(_OPTIONAL, tuple(weights[10:]) + (None,) * (_N_WEIGHTS - len(weights))))
     (eps1, eps2, heads, kv_heads, head_dim, inter, scale, act, eps_q, eps_k, eps_pa, eps_pf, softcap, eps_v, shared,
-     ple_act, eps_ple) = attrs
+     ple_act, eps_ple, rope_dim, q_gate) = attrs
     projs = [_proj(qkv_w, qkv_b), _proj(o_w, o_b), _proj(gu_w, gu_b), _proj(d_w, d_b)]
     ple = extra["ple_gate"] is not None or extra["ple_proj"] is not None or extra["ple_norm"] is not None
     ple_projs = [_proj(extra["ple_gate"], None), _proj(extra["ple_proj"], None)] if ple else [_Proj(), _Proj()]
@@ -144,7 +145,7 @@ def _layer(weights: tuple, attrs: tuple) -> _Layer | None:
                        *(ptr[k] for k in ("q_norm", "k_norm", "post_attn", "post_ff")), *projs,
                        int(eps_v is not None), eps_v or 0.0, ptr["v_norm"], int(bool(shared)),
                        ple_dim, *(SIGMOID_SCALE[ple_act] if ple else (0.0, 0.0)), eps_ple or 0.0, ptr["ple_norm"],
-                       *ple_projs, ptr["out_scale"])
+                       *ple_projs, ptr["out_scale"], rope_dim or 0, int(bool(q_gate)))
     if hit is None:
         weakref.finalize(norm1, _layers.pop, key, None)
     _layers[key] = (weights[1:], attrs, layer)
@@ -329,7 +330,8 @@ def decode_layers(x, cos, sin, mask, caches, *args, eps1: float, eps2: float, he
                   head_dim: int, inter: int, scale: float, act: str, eps_q: float | None = None,
                   eps_k: float | None = None, eps_pa: float | None = None, eps_pf: float | None = None,
                   softcap: float | None = None, eps_v: float | None = None, shared: bool = False,
-                  ple_act: str | None = None, eps_ple: float | None = None, ple_layer: list | None = None):
+                  ple_act: str | None = None, eps_ple: float | None = None, ple_layer: list | None = None,
+                  rope_dim: int | None = None, q_gate: bool = False):
     """A stack of such layers in one C call (``vlmc_decode_layers``): args is (layers,), or
     (per-layer inputs [B, T, n, P], layers) with ``ple_layer`` (each layer's slot among the n).
     layers[i] holds layer i's weights as decode_layer takes them (norm1, qkv weight and
@@ -338,7 +340,11 @@ def decode_layers(x, cos, sin, mask, caches, *args, eps1: float, eps2: float, he
     out_scale: None where the layer has none), caches[i] its cache; cos, sin: the step's
     rope tables, or a list of each layer's. ``eps_v``: values RMS-normed (v_norm: the
     weight, None: unscaled); ``shared``: the qkv weight makes queries only and the layers
-    read caches other layers wrote this step. The last layer's output, or None when any
+    read caches other layers wrote this step; ``rope_dim``: rotary on the first rope_dim of
+    each head only (the tables' width); ``q_gate``: the qkv weight makes [query, gate] per
+    query head and the attention output is gated by sigmoid(gate) (Qwen3.5's full
+    attention; the sigmoid's exp is the C library's, so such a layer is the ops' to float32
+    rounding, not to the bit). The last layer's output, or None when any
     layer could not take the C path (the caller then runs the layers one by one; nothing
     has been computed or stored)."""
     if len(args) != (1 if ple_layer is None else 2):
@@ -348,14 +354,16 @@ def decode_layers(x, cos, sin, mask, caches, *args, eps1: float, eps2: float, he
     # one column (the kernel writes each layer's at the cache's current end); readers share
     if not layers or len(layers) != len(caches) or (not shared and len({id(c) for c in caches}) != len(caches)):
         return None
-    step = _step_inputs(x, cos, sin, head_dim, len(layers))
+    if q_gate and shared:
+        return None
+    step = _step_inputs(x, cos, sin, rope_dim or head_dim, len(layers))
     if step is None:
         return None
     lib, B, T, hidden, tables, ca, cl = step
     if not _kv_quant.causal_step(mask, T):
         return None  # the kernels attend causally from each sequence's start: not a family's spans
     attrs = (eps1, eps2, heads, kv_heads, head_dim, inter, scale, act, eps_q, eps_k, eps_pa, eps_pf, softcap, eps_v,
-             bool(shared), ple_act, eps_ple)
+             bool(shared), ple_act, eps_ple, rope_dim, bool(q_gate))
     structs = [_layer(w, attrs) for w in layers]
     if any(lay is None or lay.hidden != hidden or (lay.ple_dim > 0) != (ple is not None) for lay in structs):
         return None

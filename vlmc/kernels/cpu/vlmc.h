@@ -418,6 +418,10 @@ typedef struct {
     const float *ple_norm;                        /* [hidden] */
     vlmc_proj ple_gate, ple_proj;                 /* [ple_dim, hidden], [hidden, ple_dim] */
     const float *out_scale;                       /* [1] or NULL: the layer's output times this scalar */
+    /* Qwen3.5's gated attention */
+    int rope_dim;                                 /* > 0: rotary on the first rope_dim of each head only */
+    int q_gate;                                   /* 1: each query head's qkv columns are [q (D), gate (D)];
+                                                   * the attention output times sigmoid(gate) */
 } vlmc_layer;
 
 /* Stacked expert weights (moe.c): expert e's [N, K] projection is p with its w, scales and
@@ -539,5 +543,31 @@ int vlmc_affine_codes(const float *w, int N, int K, int gs, int bits, const floa
 /* moe.c */
 int vlmc_moe_experts(const vlmc_moe *moe, const float *x, int M, int topk, const int32_t *idx, const float *wts,
                      float *out, int n_threads);
+
+/* ---- deltanet.c: a Gated DeltaNet layer's decode step ---------------------------------- */
+
+/* decode_layer.c's projection runner (f32 / bf16 / affine codes GEMV), shared */
+VLMC_INTERNAL int vlmc_proj_run(const vlmc_proj *p, const float *x, int M, float *y, int n_threads);
+
+/* A Gated DeltaNet decoder layer (pre-norm linear attention + gated MLP, Qwen3.5's): the
+ * in-projections of the conv channels (q, k, v: C = 2 Hk Dk + Hv Dv), the output gate z
+ * [Hv Dv], the rate b and decay a [Hv]; the conv taps [C, K]; the gated norm's weight [Dv]. */
+typedef struct {
+    int hidden, key_heads, value_heads, key_dim, value_dim, conv_kernel, inter;
+    float eps1, eps2, eps_o, scale, act_a, act_c; /* eps_o: the gated norm's; scale: the queries' */
+    const float *norm1, *norm2, *conv_w, *a_log, *dt_bias, *o_norm;
+    vlmc_proj qkv, z, b, a, out, gate_up, down;
+} vlmc_deltanet;
+
+/* A layer's recurrent cache as vlmc_deltanet_layers reads it (before) and writes its step
+ * (after, and the step's inputs a rewind replays) */
+typedef struct {
+    const float *conv, *state; /* [B, K-1, C], [B, Hv, Dk, Dv] */
+    float *rows, *conv_out, *state_out; /* [B, C] conv inputs, [B, K-1, C], [B, Hv, Dk, Dv] */
+    float *k, *v, *g, *beta;   /* [B, Hv, Dk] (l2-normed), [B, Hv, Dv], [B, Hv], [B, Hv] */
+} vlmc_dn_state;
+
+int vlmc_deltanet_layers(const vlmc_deltanet *const *L, const vlmc_dn_state *st, int nl, const float *x,
+                         const float *normed, int B, float *out, int n_threads);
 
 #endif /* VLMC_H */
