@@ -479,7 +479,8 @@ def worker_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     family = json.loads((ckpt / "config.json").read_text())["model_type"]
     t = time.perf_counter()
     model_class, processor, image_inputs = _hf_family(ckpt, family)
-    model = model_class.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    dtype = spec.get("torch_dtype", "float32")
+    model = model_class.from_pretrained(str(ckpt), dtype=getattr(torch, dtype)).eval()
     load_s = time.perf_counter() - t
     image = _image(spec, "image")
     eos = model.generation_config.eos_token_id
@@ -542,7 +543,7 @@ def worker_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     image_runs = [run_image(image) for _ in range(spec.get("image_runs", spec["runs"]) if image is not None else 0)]
     out = _summarize(text_runs, image_runs, spec)
     out.update(framework="transformers", version=transformers.__version__, torch=torch.__version__,
-               torch_threads=torch.get_num_threads(), load_s=load_s, dtype="float32")
+               torch_threads=torch.get_num_threads(), load_s=load_s, dtype=dtype)
     return out
 
 
@@ -806,6 +807,8 @@ def _add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="Interpreter of a venv with mlx-vlm (default: $MLX_VLM_PYTHON; unset skips mlx-vlm).")
     ap.add_argument("--transformers-python", default=sys.executable,
                     help="Interpreter with torch + transformers (default: this one).")
+    ap.add_argument("--transformers-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="transformers' weights and compute (bfloat16 where float32 does not fit in memory).")
     ap.add_argument("--llama-cpp-build", type=Path, default=os.environ.get("LLAMA_CPP_BUILD"),
                     help="A llama.cpp build made by `benchmarks/llamacpp.py build` (default: $LLAMA_CPP_BUILD; "
                          "unset skips llama.cpp).")
@@ -888,7 +891,9 @@ def _jobs(a: argparse.Namespace, ckpt: Path, base: dict[str, Any], log: Callable
         else:
             log("mlx-vlm skipped: pass --mlx-vlm-python (a venv with mlx-vlm) or set MLX_VLM_PYTHON")
     if "transformers" not in a.skip:
-        jobs.append((a.transformers_python, "transformers", {**base, "label": "transformers f32"}))
+        short = {"float32": "f32", "bfloat16": "bf16"}[a.transformers_dtype]
+        jobs.append((a.transformers_python, "transformers", {**base, "label": f"transformers {short}",
+                                                              "torch_dtype": a.transformers_dtype}))
     if "llama.cpp" not in a.skip:
         if a.llama_cpp_build:
             if a.image_size and not a.llama_cpp_mmproj:
