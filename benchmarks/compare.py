@@ -469,6 +469,16 @@ def _hf_family(ckpt: Path, family: str) -> tuple[Any, Any, Callable[[Any], Any]]
         bos = not text.startswith(processor.tokenizer.bos_token)   # the template writes <bos> itself
         return tf.Gemma3ForConditionalGeneration, processor, \
             lambda img: processor(text=[text], images=[img], add_special_tokens=bos, return_tensors="pt")
+    if family == "mistral3":
+        from fixtures import pixtral
+        pp = json.loads((ckpt / "preprocessor_config.json").read_text())
+        pc = json.loads((ckpt / "processor_config.json").read_text())
+        image_processor = pixtral.hf_image_processor(
+            **{k: v for k, v in pp.items() if k not in ("image_processor_type", "processor_class")})
+        processor = pixtral._processor_class()(
+            image_processor=image_processor, tokenizer=ck.hf_tokenizer(ckpt), patch_size=pc["patch_size"],
+            spatial_merge_size=pc["spatial_merge_size"], chat_template=ck.read_chat_template(ckpt))
+        return tf.Mistral3ForConditionalGeneration, processor, chat(processor)
     raise SystemExit(f"compare.py has no transformers setup for model_type {family!r}")
 
 
@@ -726,9 +736,10 @@ def batch_lines(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
 
 def _setup_line(meta: dict[str, Any]) -> str:
     image, runs, rounds = meta["image_size"], meta["runs"], meta.get("rounds", 1)
+    height = meta.get("image_height") or image
     image_rounds = min(meta.get("image_rounds") or rounds, rounds)
     return (f"checkpoint {meta['checkpoint']}  |  {meta['prompt_tokens']} prompt tokens, {meta['decode_tokens']} "
-            "decode tokens (no EOS stop), " + (f"{image}x{image} image, " if image else "no image, ")
+            "decode tokens (no EOS stop), " + (f"{image}x{height} image, " if image else "no image, ")
             + f"{runs} run(s)" + (f" ({meta.get('image_runs') or runs} with the image)" if image else "")
             + " after 1 warm-up"
             + (f", {rounds} rounds (medians of the rounds)" if rounds > 1 else "")
@@ -776,7 +787,7 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SAME_SETTINGS = ("checkpoint", "prompt_tokens", "decode_tokens", "image_size", "runs", "batch")
+SAME_SETTINGS = ("checkpoint", "prompt_tokens", "decode_tokens", "image_size", "image_height", "runs", "batch")
 
 
 def print_merged(paths: list[Path], out: Path | None) -> None:
@@ -830,6 +841,8 @@ def _add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=448, help="Synthetic image side (0: no image request).")
+    ap.add_argument("--image-height", type=int, default=None,
+                    help="Its height, for a non-square image (default: --image-size; the width stays --image-size).")
     ap.add_argument("--batch", type=int, default=0,
                     help="Also time N sequences at once (vlmc's batching loop, llama-batched-bench), each "
                          "PROMPT_TOKENS + DECODE_TOKENS; 0 (default) skips it.")
@@ -858,9 +871,9 @@ def _check_arguments(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None
     a.image_runs = a.runs if a.image_runs is None else a.image_runs
     a.image_rounds = a.rounds if a.image_rounds is None else a.image_rounds
     counts = (a.prompt_tokens, a.decode_tokens, a.runs, a.rounds, a.image_runs, a.image_rounds, a.threads)
-    if min(counts) < 1 or a.batch < 0 or 0 < a.image_size < 28:
+    if min(counts) < 1 or a.batch < 0 or 0 < a.image_size < 28 or (a.image_height is not None and a.image_height < 28):
         ap.error("--prompt-tokens, --decode-tokens, --runs, --image-runs, --rounds, --image-rounds and --threads "
-                 "must be >= 1, --batch >= 0, --image-size 0 (none) or >= 28")
+                 "must be >= 1, --batch >= 0, --image-size 0 (none) or >= 28, --image-height >= 28")
     if a.llama_cpp_build and "llama.cpp" not in a.skip:
         sys.path.insert(0, str(HERE))
         import llamacpp
@@ -949,7 +962,7 @@ def main() -> None:
     log(f"specs, results and the llama.cpp tools' output go to {tmp}")
     png, warm_png = tmp / "image.png", tmp / "warmup.png"
     if a.image_size:
-        synthetic_image(a.image_size).save(png)
+        synthetic_image(a.image_size, height=a.image_height).save(png)
         synthetic_image(min(a.image_size, WARMUP_IMAGE), seed=1).save(warm_png)
     base = {"checkpoint": str(ckpt), "ids": prompt_ids(ckpt, a.prompt_tokens), "decode_tokens": a.decode_tokens,
             "image": str(png) if a.image_size else None,
@@ -967,7 +980,8 @@ def main() -> None:
             per_label[spec["label"]].append(run_worker(py, name, spec, tmp, a.timeout, log))
     rows = [merge_rounds(v) for v in per_label.values()]
     meta = {"checkpoint": str(ckpt), "prompt_tokens": a.prompt_tokens, "decode_tokens": a.decode_tokens,
-            "image_size": a.image_size, "runs": a.runs, "image_runs": a.image_runs, "rounds": a.rounds,
+            "image_size": a.image_size, "image_height": a.image_height, "runs": a.runs, "image_runs": a.image_runs,
+            "rounds": a.rounds,
             "image_rounds": min(a.image_rounds, a.rounds), "batch": a.batch, "threads": a.threads,
             "cpu_count": os.cpu_count(), "load_average_end": _loadavg(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "command": " ".join(sys.argv), "total_s": time.perf_counter() - t_all}

@@ -182,13 +182,15 @@ def synthetic_ids(tokenizer: Any, n: int, seed: int = 0) -> list[int]:
     return pool[np.random.default_rng(seed).integers(0, len(pool), n)].tolist()
 
 
-def synthetic_image(size: int, seed: int = 0):
-    """A deterministic RGB test image: smooth gradients plus noise (never a flat image, so
-    no processor can take a shortcut)."""
+def synthetic_image(size: int, seed: int = 0, height: int | None = None):
+    """A deterministic RGB test image, ``size`` wide and ``height`` (default ``size``) high:
+    smooth gradients plus noise (never a flat image, so no processor can take a shortcut)."""
     import numpy as np
     from PIL import Image
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
-    noise = np.random.default_rng(seed).integers(0, 48, (size, size, 3)).astype(np.float32)
+    h = size if height is None else height
+    y, x = np.mgrid[0:h, 0:size].astype(np.float32)
+    y, x = y / max(h - 1, 1), x / max(size - 1, 1)
+    noise = np.random.default_rng(seed).integers(0, 48, (h, size, 3)).astype(np.float32)
     rgb = np.stack([200 * x, 200 * y, 200 * (1 - x) * y], axis=-1) + noise
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
 
