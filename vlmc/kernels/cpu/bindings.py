@@ -42,6 +42,9 @@ SIGNATURES: dict[str, tuple] = {
     "vlmc_kv_dense_decode_n": (I, [P, P, P, P, P, P, I, I, I, I, I, I, I, F, I, F, P, I]),
     "vlmc_kv_affine_decode_n": (I, [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, I, F, I, F, P, I]),
     "vlmc_kv_turbo_decode_n": (I, [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, I, F, P, I]),
+    # kv_turbo.c
+    "vlmc_kv_turbo_encode": (I, [P, L, I, I, P, P, P, P]),
+    "vlmc_kv_rotate": (I, [P, L, I, P, P]),
     # gemm_i8.c
     "vlmc_gemm_q_i8_available": (I, []),
     "vlmc_gemm_q_i8": (I, [P, I, I, P, P, P, I, I, I, I, P, P, I]),

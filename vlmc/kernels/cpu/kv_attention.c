@@ -44,6 +44,7 @@ struct kv_job {
     const uint16_t *ks, *kb, *vs, *vb;
     const kv_codes *xkc, *xvc; /* affine: those rows from here, [B, HKV, T, *], not the cache */
     const float *kn, *vn, *kcb, *vcb;
+    const kv_turbo *xtk, *xtv; /* TurboQuant: those rows from here, [B, HKV, T, *], not the cache */
     int bits, gs, kbits, vbits;
     const int8_t *qi, *qr; /* affine: q as int8 codes and residuals per group of gs (kv_query_int8), or NULL */
     const float *qa, *qs;  /* their scale and scale x sum per group, [B H T, D / gs] */
@@ -147,7 +148,7 @@ static ALWAYS void kv_task(kv_job *J, kv_row_fn row) {
 
 /* the job's shapes, checked (0, or -1) */
 static int kv_check(const kv_job *J) {
-    const int extra = J->xk != NULL || J->xkc != NULL;
+    const int extra = J->xk != NULL || J->xkc != NULL || J->xtk != NULL;
     if (J->B < 1 || J->H < 1 || J->HKV < 1 || J->H % J->HKV || J->D < 1 || J->T < 1 || J->held < J->T
         || J->held - (extra ? J->T : 0) > J->cap)
         return -1;
@@ -211,10 +212,25 @@ static const float *kv_row_affine(const kv_job *J, int v, size_t base, int i, fl
 /* TurboQuant codes (vlmc.runtime.kv_codecs.Turbo), in the rotated space: codebook levels
  * packed as vlmc.kernels.kv_quant.pack (8 codes in `bits` bytes, code i at bit i * bits of
  * their little-endian word), times the row's float32 norm / sqrt(D) */
+/* row i of a (sequence, KV head) at cache row `base`: its codes and norm, from the cache or,
+ * for this step's rows when the caller passed them apart (xtk / xtv), from there */
+static ALWAYS const uint8_t *turbo_row(const kv_job *J, int v, size_t base, int i, const float **nrm) {
+    const int bits = v ? J->vbits : J->kbits;
+    const size_t rb = (size_t)(J->D * bits / 8);
+    const kv_turbo *x = v ? J->xtv : J->xtk;
+    if (x && i >= J->held - J->T) {
+        const size_t at = base / (size_t)J->cap * J->T + (size_t)(i - (J->held - J->T));
+        *nrm = x->norms + at;
+        return x->codes + at * rb;
+    }
+    *nrm = (v ? J->vn : J->kn) + base + (size_t)i;
+    return (v ? J->vc : J->kc) + (base + (size_t)i) * rb;
+}
+
 static const float *kv_row_turbo(const kv_job *J, int v, size_t base, int i, float *x, float *f) {
     const int D = J->D, bits = v ? J->vbits : J->kbits;
-    const size_t r = base + (size_t)i;
-    const uint8_t *c = (v ? J->vc : J->kc) + r * (size_t)(D * bits / 8);
+    const float *nrm;
+    const uint8_t *c = turbo_row(J, v, base, i, &nrm);
     const float *cb = v ? J->vcb : J->kcb;
     const uint32_t mask = (1u << bits) - 1;
     for (int g = 0; g < D / 8; g++, c += bits) {
@@ -223,7 +239,7 @@ static const float *kv_row_turbo(const kv_job *J, int v, size_t base, int i, flo
         if (bits > 3) w |= (uint32_t)c[3] << 24;
         for (int i = 0; i < 8; i++) x[g * 8 + i] = cb[(w >> (i * bits)) & mask];
     }
-    *f = (v ? J->vn : J->kn)[r] / sqrtf((float)D);
+    *f = *nrm / sqrtf((float)D);
     return x;
 }
 
@@ -289,7 +305,7 @@ static const float *kv_rows_affine(const kv_job *J, int v, size_t base, int i0, 
  * times the row's norm / sqrt(D) */
 static const float *kv_rows_turbo(const kv_job *J, int v, size_t base, int i0, int nr, float *buf) {
     const int D = J->D, bits = v ? J->vbits : J->kbits;
-    const float *cb = v ? J->vcb : J->kcb, *nrm = v ? J->vn : J->kn;
+    const float *cb = v ? J->vcb : J->kcb;
     float levels[16] = {0};
     memcpy(levels, cb, sizeof(float) * ((size_t)1 << bits));
     const __m512 cbv = _mm512_loadu_ps(levels);
@@ -298,9 +314,9 @@ static const float *kv_rows_turbo(const kv_job *J, int v, size_t base, int i0, i
                                               _mm512_set1_epi32(bits));
     const float inv_sqrt_d = 1.f / sqrtf((float)D);
     for (int r = 0; r < nr; r++) {
-        const size_t row = base + (size_t)i0 + r;
-        const uint8_t *c = (v ? J->vc : J->kc) + row * (size_t)(D * bits / 8);
-        const __m512 f = _mm512_set1_ps(nrm[row] * inv_sqrt_d);
+        const float *nrm;
+        const uint8_t *c = turbo_row(J, v, base, i0 + r, &nrm);
+        const __m512 f = _mm512_set1_ps(*nrm * inv_sqrt_d);
         float *x = buf + (size_t)r * D;
         for (int j = 0; j < D; j += 16, c += 2 * bits) {
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -1047,15 +1063,24 @@ int vlmc_kv_affine_encode(const float *x, int64_t rows, int D, int bits, int gs,
     return 0;
 }
 
+int kv_turbo_decode_x(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
+                      const float *kcb, const float *vcb, const kv_turbo *xk, const kv_turbo *xv,
+                      const int32_t *starts, int B, int H, int HKV, int D, int T, int cap, int held, int kbits,
+                      int vbits, float scale, int window, float softcap, float *out, int tok_major, int n_threads) {
+    if (D < 8 || D % 8 || kbits < 2 || kbits > 4 || vbits < 2 || vbits > 4) return -2;
+    if ((xk == NULL) != (xv == NULL) || window < 0 || softcap < 0.f) return -1;
+    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .T = T, .cap = cap, .held = held,
+                .scale = scale, .window = window, .softcap = softcap, .out = out, .kc = kc, .vc = vc, .kn = kn,
+                .vn = vn, .kcb = kcb, .vcb = vcb, .xtk = xk, .xtv = xv, .kbits = kbits, .vbits = vbits};
+    kv_shape(&J, tok_major);
+    return kv_run(&J, kv_task_turbo, n_threads);
+}
+
 int vlmc_kv_turbo_decode_n(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
                            const float *kcb, const float *vcb, const int32_t *starts, int B, int H, int HKV, int D,
                            int T, int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads) {
-    if (D < 8 || D % 8 || kbits < 2 || kbits > 4 || vbits < 2 || vbits > 4) return -2;
-    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .T = T, .cap = cap, .held = held,
-                .scale = scale, .out = out, .kc = kc, .vc = vc, .kn = kn, .vn = vn, .kcb = kcb, .vcb = vcb,
-                .kbits = kbits, .vbits = vbits};
-    kv_shape(&J, 0);
-    return kv_run(&J, kv_task_turbo, n_threads);
+    return kv_turbo_decode_x(q, kc, kn, vc, vn, kcb, vcb, NULL, NULL, starts, B, H, HKV, D, T, cap, held, kbits,
+                             vbits, scale, 0, 0.f, out, 0, n_threads);
 }
 
 int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
