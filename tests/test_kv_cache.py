@@ -1015,16 +1015,14 @@ def test_verify_entry_point_equals_decode_steps(tiny_checkpoint, tmp_path, kv, p
     """A compiled q4 model's ``verify`` entry point (ids [B, n] -> logits [B, n, V], as
     speculative decoding calls it) gives, bit for bit, the logits of n ``decode`` steps one
     after another, and leaves the same caches (the next decode step's logits agree): through
-    decode_layers in one call (dense and 4/8-bit caches), and op by op (the GEMVs' rows and
-    the KV kernels' query tokens are exact; TurboQuant caches always go this way). One
-    sequence and a left-padded batch of three."""
+    decode_layers in one call (dense, 4/8-bit and TurboQuant caches), and op by op (the
+    GEMVs' rows and the KV kernels' query tokens are exact). One sequence and a left-padded
+    batch of three."""
     import vlmc
     from vlmc.kernels import cpu, cpu_ops
     from vlmc.runtime.step import Sequences
     if cpu._get_lib() is None:
         pytest.skip("no C compiler")
-    if path == "one_call" and kv.get("kv_quant_scheme") == "turboquant":
-        pytest.skip("TurboQuant caches have no one-call path")
     art = vlmc.compile(tiny_checkpoint, tmp_path / "a", target="cpu", quantize="q4", **kv)
     m = vlmc.load(art)
     ran, real = [], cpu_ops._decode_layers

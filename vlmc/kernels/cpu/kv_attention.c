@@ -863,6 +863,112 @@ static int kvq_run(kv_job *J, int n_threads) {
     free(buf);
     return rc;
 }
+
+/* ---- TurboQuant keys scored with the rows across the lanes --------------------------------
+ * A block of 16 key rows' packed codes is transposed in dwords (lane r: row r), each
+ * coordinate's codes are cut out of it for the 16 rows at once and looked up in the codebook
+ * (levels [D][16], in L1), and each query row's scores of the 16 rows accumulate over the
+ * coordinates in order, one lane per row, times the row's norm / sqrt(D) and the scale at
+ * the end: no key row decoded to floats and read back, no horizontal sums (the block
+ * driver spent ~200 operations per key row on those, twice a dense row's). A row's score is
+ * the same arithmetic in whichever lane it falls. */
+#define KVT_LANES 1
+/* a key row's codes in at most 16 whole dwords */
+static ALWAYS int kvt_fits(const kv_job *J) { return J->D % 32 == 0 && J->D * J->kbits <= 512; }
+
+/* acc[h] lane r = sum over d, in order, of q[h][d] x lv[d][r], for KVD_HB (6) query rows: a
+ * function of its own so that the six sums stay in registers (inlined into the block loop
+ * they went through the stack at every step) */
+static __attribute__((noinline)) void kvt_pass(const float *lv, int D, const float *const q[KVD_HB],
+                                               __m512 acc[KVD_HB]) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+    const float *q0 = q[0], *q1 = q[1], *q2 = q[2], *q3 = q[3], *q4 = q[4], *q5 = q[5];
+    for (int d = 0; d < D; d++) {
+        const __m512 l = _mm512_loadu_ps(lv + 16 * (size_t)d);
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d]), l, a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[d]), l, a1);
+        a2 = _mm512_fmadd_ps(_mm512_set1_ps(q2[d]), l, a2);
+        a3 = _mm512_fmadd_ps(_mm512_set1_ps(q3[d]), l, a3);
+        a4 = _mm512_fmadd_ps(_mm512_set1_ps(q4[d]), l, a4);
+        a5 = _mm512_fmadd_ps(_mm512_set1_ps(q5[d]), l, a5);
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5;
+}
+
+static ALWAYS void kvt_scores(const kv_job *J, int bk, float *sc, float *lv) {
+    const int D = J->D, bits = J->kbits, P = D * bits / 32, RT = J->H / J->HKV * J->T;
+    const int b = bk / J->HKV, hk = bk % J->HKV, first = J->starts[b], n = J->held, sst = J->sst;
+    const size_t base = ((size_t)b * J->HKV + hk) * J->cap, rb = (size_t)D * bits / 8;
+    float levels[16] = {0};
+    memcpy(levels, J->kcb, sizeof(float) << bits);
+    const __m512 cbv = _mm512_loadu_ps(levels);
+    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+    const __mmask16 km = P == 16 ? 0xFFFF : (__mmask16)((1u << P) - 1);
+    const float fd = J->scale / sqrtf((float)D);
+    for (int i0 = first; i0 < n; i0 += 16) {
+        const int nr = n - i0 < 16 ? n - i0 : 16;
+        __m512i t[16];
+        float f[16];
+        const uint8_t *c0 = NULL, *c15 = NULL;
+        UNROLL for (int r = 0; r < 16; r++) {
+            const float *nrm;
+            const uint8_t *c = turbo_row(J, 0, base, i0 + (r < nr ? r : nr - 1), &nrm);
+            if (r == 0) c0 = c;
+            if (r == 15) c15 = c;
+            t[r] = _mm512_maskz_loadu_epi32(km, c);
+            f[r] = *nrm * fd;
+        }
+        if (nr == 16 && c15 == c0 + 15 * rb) /* the next blocks' codes, 4 KB ahead */
+            for (size_t z = 0; z < 16 * rb; z += 64) _mm_prefetch((const char *)c0 + 4096 + z, _MM_HINT_T0);
+        tr16x16(t); /* t[p] lane r: dword p of row r */
+        for (int d = 0; d < D; d++) {
+            const int bit = d * bits, p = bit >> 5, o = bit & 31;
+            __m512i x = _mm512_srl_epi32(t[p], _mm_cvtsi32_si128(o));
+            if (o + bits > 32) x = _mm512_or_si512(x, _mm512_sll_epi32(t[p + 1], _mm_cvtsi32_si128(32 - o)));
+            _mm512_storeu_ps(lv + 16 * (size_t)d, _mm512_permutexvar_ps(_mm512_and_si512(x, mask), cbv));
+        }
+        const __m512 fv = _mm512_loadu_ps(f);
+        const __mmask16 out = nr == 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
+        for (int h0 = 0; h0 < RT; h0 += KVD_HB) {
+            const int hb = RT - h0 < KVD_HB ? RT - h0 : KVD_HB;
+            const float *q[KVD_HB];
+            __m512 acc[KVD_HB];
+            UNROLL for (int h = 0; h < KVD_HB; h++) q[h] = q_row(J, b, hk, h0 + (h < hb ? h : 0));
+            kvt_pass(lv, D, q, acc);
+            UNROLL for (int h = 0; h < KVD_HB; h++)
+                if (h < hb) {
+                    float *dst = sc + (size_t)(h0 + h) * sst + i0;
+                    const __m512 x = _mm512_mul_ps(acc[h], fv);
+                    if (J->softcap > 0.f) {
+                        float tmp[16];
+                        _mm512_storeu_ps(tmp, x);
+                        for (int r = 0; r < nr; r++) dst[r] = kv_cap(J, tmp[r]);
+                    } else {
+                        _mm512_mask_storeu_ps(dst, out, x);
+                    }
+                }
+        }
+    }
+}
+
+/* kv_group16 with the keys scored by kvt_scores; lv: D x 16 floats */
+static void kv_task_turbo_lanes(kv_job *J) {
+    const int RT = J->H / J->HKV * J->T;
+    float *sc = malloc(sizeof(float) * ((size_t)RT * J->sst + (size_t)KVD_ROWS * J->D));
+    if (!sc) return;
+    float *buf = sc + (size_t)RT * J->sst;
+    for (;;) {
+        const int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
+        if (bk >= J->B * J->HKV) break;
+        const int b = bk / J->HKV, hk = bk % J->HKV;
+        for (int j = 0; j < RT; j++) memset(o_row(J, b, hk, j), 0, sizeof(float) * (size_t)J->D);
+        if (J->starts[b] >= J->held) continue;
+        kvt_scores(J, bk, sc, buf);
+        kv_softmax16(J, bk, sc);
+        kv_values16(J, bk, sc, buf, kv_rows_turbo);
+    }
+    free(sc);
+}
 #endif
 #else
 #define KVD_SIMD 0
@@ -887,7 +993,22 @@ static int kvq_run(kv_job *J, int n_threads) {
     }
 KV_TASK(dense, J->D % 16 == 0)
 KV_TASK(affine, J->D % 32 == 0 && J->gs % 16 == 0)
+#ifdef KVT_LANES
+static void kv_task_turbo(void *ctx, int ith, int nth) {
+    (void)ith;
+    (void)nth;
+    kv_job *J = (kv_job *)ctx;
+    const char *blk = getenv("VLMC_KV_TURBO_BLOCKS"); /* 1: the block driver's key scores (to measure against) */
+    if (J->D % 16 == 0 && kvt_fits(J) && !(blk && blk[0] == '1'))
+        kv_task_turbo_lanes(J);
+    else if (J->D % 16 == 0)
+        kv_task16(J, kv_rows_turbo);
+    else
+        kv_task(J, kv_row_turbo);
+}
+#else
 KV_TASK(turbo, J->D % 16 == 0 && J->kbits <= 4 && J->vbits <= 4)
+#endif
 
 /* q [B, H, T, D]; out [B, H, T, D], or [B, T, H, D] (tok_major: the rows of the output
  * projection's input) */
