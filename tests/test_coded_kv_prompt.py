@@ -69,11 +69,15 @@ def _stored(cache) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("layout", list(SPECS))
 @pytest.mark.parametrize("heads,kv_heads,dim", [(6, 2, 128), (14, 2, 64), (3, 3, 64)])
-def test_prompt_chunk_over_codes_equals_the_reference(layout, heads, kv_heads, dim):
+@pytest.mark.parametrize("score_floats", [None, 3000])
+def test_prompt_chunk_over_codes_equals_the_reference(layout, heads, kv_heads, dim, score_floats, monkeypatch):
     """A prompt of 37 tokens then a chunk of 150 (awkward lengths across the kernels' 16-,
     128- and 1024-row blocks) over a left-padded batch of two: each valid row within
     float32 rounding of the MLX reference over the same codes, and the codes stored are
-    the codec's (affine: its bytes; TurboQuant: up to a coordinate on a codebook boundary)."""
+    the codec's (affine: its bytes; TurboQuant: up to a coordinate on a codebook boundary).
+    ``score_floats``: the kernel calls take a few query tokens each (else one call)."""
+    if score_floats:
+        monkeypatch.setattr(kv_decode, "PROMPT_SCORE_FLOATS", score_floats)
     spec = SPECS[layout]
     if spec.get("group_size", 8) > dim:
         pytest.skip("group wider than the head")
@@ -100,11 +104,13 @@ def test_prompt_chunk_over_codes_equals_the_reference(layout, heads, kv_heads, d
 
 
 @pytest.mark.parametrize("layout", ["affine4", "affine8", "turbo3.5"])
-def test_prompt_rows_do_not_depend_on_chunks_prefix_hits_or_the_batch(layout):
+def test_prompt_rows_do_not_depend_on_chunks_prefix_hits_or_the_batch(layout, monkeypatch):
     """A 203-token prompt whole, in chunks (1, 5, 16, 64, 117 tokens), after a prefix-cache
     hit (whole blocks imported from another cache, the rest prefilled), and left-padded in a
     batch beside another prompt: every row's output and every stored byte are equal, bit for
-    bit, and a decode step after each is equal too."""
+    bit, and a decode step after each is equal too. The kernel calls take a few query tokens
+    each, so the calls' boundaries move with the chunks."""
+    monkeypatch.setattr(kv_decode, "PROMPT_SCORE_FLOATS", 5000)
     spec = SPECS[layout]
     H, HKV, D, n = 6, 2, 128, 203
     rng = np.random.default_rng(1)
