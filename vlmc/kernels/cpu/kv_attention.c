@@ -951,6 +951,101 @@ static ALWAYS void kvt_scores(const kv_job *J, int bk, float *sc, float *lv) {
     }
 }
 
+/* the codebook levels of codes j .. j + 15 of a row of packed codes (16 codes in 2 bits bytes) */
+static ALWAYS __m512 kvt_levels16(const uint8_t *c, int D, int bits, int j, __m512 cbv) {
+    const uint8_t *p = c + (size_t)j * bits / 8;
+    const __m512i m = _mm512_set1_epi32((1 << bits) - 1);
+#if defined(__AVX512VBMI__)
+    /* the 16 codes in one qword, broadcast; byte 0 of dword lane l cut from bit l bits of it */
+    __m512i w;
+    if (bits == 4 || j + 16 < D) { /* 8 bytes within the row (or its next one) */
+        uint64_t u;
+        memcpy(&u, p, 8);
+        w = _mm512_set1_epi64((long long)u);
+    } else {
+        w = _mm512_broadcastq_epi64(_mm_maskz_loadu_epi8((__mmask16)((1u << (2 * bits)) - 1), p));
+    }
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    /* control byte 4 (l % 2) of qword l / 2: l bits; the other bytes are masked off */
+    const __m512i ctrl = _mm512_mullo_epi32(lane, _mm512_set1_epi32(bits));
+    const __m512i idx = _mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, w), m);
+#else
+    uint64_t u = 0;
+    memcpy(&u, p, (size_t)(2 * bits));
+    const __m512i shifts = _mm512_mullo_epi32(_mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(bits));
+    const __m512i w = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32((int)(uint32_t)(u & ((1ull << (8 * bits)) - 1))),
+                                              _mm512_set1_epi32((int)(uint32_t)(u >> (8 * bits))));
+    const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(w, shifts), m);
+#endif
+    return _mm512_permutexvar_ps(idx, cbv);
+}
+
+/* The value pass: out += p x value rows (the output rows zeroed by the caller), each row's
+ * norm / sqrt(D) folded into its weights p f, the levels cut from the codes in registers as
+ * the row is accumulated where one pass of query rows takes them all (a decode step: the
+ * block driver decoded the rows into a buffer and read them back), else once per block of
+ * rows into lv (KVD_ROWS x D floats) for every pass to read. Rows a query row does not see
+ * weigh 0 (their scores were never made): adding 0 x level changes no sum, so a row's
+ * result is the one-token kernel's whatever the query rows beside it. */
+static ALWAYS void kvt_values(const kv_job *J, int bk, const float *sc, float *lv) {
+    const int D = J->D, bits = J->vbits, RT = J->H / J->HKV * J->T, b = bk / J->HKV, hk = bk % J->HKV, nz = D / 16;
+    const int first = J->starts[b], n = J->held, sst = J->sst, one = RT <= KVD_HB;
+    const int common = n - J->T + 1, lo_all = q_begin(J, J->T - 1, first);
+    const int a0 = lo_all > first ? lo_all : first, a1 = common < n ? common : n; /* rows all query rows see */
+    const size_t base = ((size_t)b * J->HKV + hk) * J->cap;
+    float levels[16] = {0}, fb[KVD_ROWS];
+    memcpy(levels, J->vcb, sizeof(float) << bits);
+    const __m512 cbv = _mm512_loadu_ps(levels);
+    const float inv_sqrt_d = 1.f / sqrtf((float)D);
+    for (int i0 = first; i0 < n; i0 += KVD_ROWS) {
+        const int nr = n - i0 < KVD_ROWS ? n - i0 : KVD_ROWS;
+        const uint8_t *rows[KVD_ROWS];
+        for (int r = 0; r < nr; r++) {
+            const float *nrm;
+            rows[r] = turbo_row(J, 1, base, i0 + r, &nrm);
+            fb[r] = *nrm * inv_sqrt_d;
+            if (!one)
+                for (int z = 0; z < nz; z++)
+                    _mm512_storeu_ps(lv + (size_t)r * D + 16 * z, kvt_levels16(rows[r], D, bits, 16 * z, cbv));
+        }
+        for (int h0 = 0; h0 < RT; h0 += KVD_HB) {
+            const int hb = RT - h0 < KVD_HB ? RT - h0 : KVD_HB;
+            float *o0[KVD_HB];
+            int end[KVD_HB], beg[KVD_HB];
+            const float *s0[KVD_HB];
+            UNROLL for (int h = 0; h < KVD_HB; h++) {
+                const int j = h0 + (h < hb ? h : 0);
+                o0[h] = o_row(J, b, hk, j), end[h] = q_end(J, j), beg[h] = q_begin(J, j, first);
+                s0[h] = sc + (size_t)j * sst;
+            }
+            for (int z0 = 0; z0 < nz; z0 += 4) {
+                const int zb = nz - z0 < 4 ? nz - z0 : 4;
+                __m512 o[KVD_HB][4];
+                UNROLL for (int h = 0; h < KVD_HB; h++) UNROLL for (int z = 0; z < 4; z++)
+                    o[h][z] = h < hb && z < zb ? _mm512_loadu_ps(o0[h] + 16 * (z0 + z)) : _mm512_setzero_ps();
+                for (int r = 0; r < nr; r++) {
+                    const int i = i0 + r, all = i >= a0 && i < a1;
+                    __m512 cv[4];
+                    UNROLL for (int z = 0; z < 4; z++)
+                        cv[z] = z >= zb ? _mm512_setzero_ps()
+                                : one ? kvt_levels16(rows[r], D, bits, 16 * (z0 + z), cbv)
+                                      : _mm512_loadu_ps(lv + (size_t)r * D + 16 * (z0 + z));
+                    UNROLL for (int h = 0; h < KVD_HB; h++) {
+                        const float w = h < hb && (all || (i < end[h] && i >= beg[h])) ? s0[h][i] * fb[r] : 0.f;
+                        const __m512 p = _mm512_set1_ps(w);
+                        UNROLL for (int z = 0; z < 4; z++) o[h][z] = _mm512_fmadd_ps(p, cv[z], o[h][z]);
+                    }
+                }
+                UNROLL for (int h = 0; h < KVD_HB; h++)
+                    if (h < hb)
+                        UNROLL for (int z = 0; z < 4; z++)
+                            if (z < zb) _mm512_storeu_ps(o0[h] + 16 * (z0 + z), o[h][z]);
+            }
+        }
+    }
+}
+
 /* kv_group16 with the keys scored by kvt_scores; lv: D x 16 floats */
 static void kv_task_turbo_lanes(kv_job *J) {
     const int RT = J->H / J->HKV * J->T;
@@ -965,7 +1060,7 @@ static void kv_task_turbo_lanes(kv_job *J) {
         if (J->starts[b] >= J->held) continue;
         kvt_scores(J, bk, sc, buf);
         kv_softmax16(J, bk, sc);
-        kv_values16(J, bk, sc, buf, kv_rows_turbo);
+        kvt_values(J, bk, sc, buf);
     }
     free(sc);
 }
