@@ -1,7 +1,7 @@
 /* vlmc CPU kernels: what the library's source files share. Each .c file holds one
  * concern (threadpool.c, gemv.c, dequant.c, kv_attention.c, gemm_i8.c, elementwise.c,
  * decode_layer.c, affine_search.c, probe.c,
- * moe.c) and includes this header first; build.py
+ * moe.c, kv_turbo.c) and includes this header first; build.py
  * compiles them into one shared library. Here: the instruction-set switches, the
  * scalar and SIMD helpers several files inline, the thread pool's interface, and the
  * prototype of every exported function (vlmc/kernels/cpu/bindings.py declares the same
