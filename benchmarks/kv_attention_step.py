@@ -7,7 +7,8 @@ what `vlmc bench --context` spends per layer in attention, without the weights.
 Qwen2-VL-2B shapes by default (12 query heads over 2 KV heads of 128), batch 1, one query
 token, random keys and values stored by the runtime's own codecs (affine codes in groups of
 64, TurboQuant 3-bit keys and 4-bit values; q4f / q8f: the float driver over the same
-codes, VLMC_KV_FLOAT=1). Each round times every layout at every context
+codes, VLMC_KV_FLOAT=1; tq3.5b: TurboQuant keys scored by the block driver,
+VLMC_KV_TURBO_BLOCKS=1). Each round times every layout at every context
 in turn (the machine's load moves them alike); prints per layout the fastest call of each
 round (median over the rounds), its CPU time, and the cache bytes the call reads per second
 (held tokens x stored bytes per token).
@@ -33,6 +34,8 @@ SPECS = {"dense": "dense", "q4": {"layout": "quantized", "bits": 4, "group_size"
          "q8": {"layout": "quantized", "bits": 8, "group_size": 64},
          "tq3.5": {"layout": "turboquant", "k_bits": 3, "v_bits": 4}}
 SPECS |= {"q4f": SPECS["q4"], "q8f": SPECS["q8"]}  # the float driver (VLMC_KV_FLOAT=1) over the same codes
+SPECS |= {"tq3.5b": SPECS["tq3.5"]}  # TurboQuant keys scored by the block driver (VLMC_KV_TURBO_BLOCKS=1)
+ENV = {"q4f": "VLMC_KV_FLOAT", "q8f": "VLMC_KV_FLOAT", "tq3.5b": "VLMC_KV_TURBO_BLOCKS"}
 
 
 def filled_cache(spec, n: int, kv_heads: int, dim: int, rng):
@@ -46,19 +49,20 @@ def filled_cache(spec, n: int, kv_heads: int, dim: int, rng):
     return cache
 
 
-def step_fn(cache, heads: int, dim: int, rng, float_driver: bool = False):
-    """A call of the layout's decode kernel over the whole cache (host q, as decode_layer's path)."""
+def step_fn(cache, heads: int, dim: int, rng, env: str | None = None):
+    """A call of the layout's decode kernel over the whole cache (host q, as decode_layer's path);
+    ``env``: a variable set to 1 around the call (another driver over the same codes)."""
     call = _step_fn(cache, heads, dim, rng)
-    if not float_driver:
+    if not env:
         return call
 
-    def flt():
-        os.environ["VLMC_KV_FLOAT"] = "1"
+    def other():
+        os.environ[env] = "1"
         try:
             return call()
         finally:
-            del os.environ["VLMC_KV_FLOAT"]
-    return flt
+            del os.environ[env]
+    return other
 
 
 def _step_fn(cache, heads: int, dim: int, rng):
@@ -83,7 +87,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="4096,16384,32000")
     ap.add_argument("--layouts", default="dense,q4,q8,tq3.5,q4f,q8f",
-                    help="q4f, q8f: the float driver over 4/8-bit codes (VLMC_KV_FLOAT=1), the kernel before VNNI")
+                    help="q4f, q8f: the float driver over 4/8-bit codes (VLMC_KV_FLOAT=1), the kernel before VNNI; "
+                         "tq3.5b: TurboQuant keys scored by the block driver (VLMC_KV_TURBO_BLOCKS=1)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--heads", type=int, default=12)
@@ -97,7 +102,7 @@ def main() -> None:
     for n in contexts:
         for name in layouts:
             cache = filled_cache(SPECS[name], n, args.kv_heads, args.dim, rng)
-            calls[n, name] = step_fn(cache, args.heads, args.dim, rng, float_driver=name.endswith("f"))
+            calls[n, name] = step_fn(cache, args.heads, args.dim, rng, env=ENV.get(name))
             nbytes[n, name] = cache.held * cache.bytes_per_token()
             calls[n, name]()  # warm (library load, first-touch)
     times = {key: [] for key in calls}

@@ -726,13 +726,15 @@ def _layer_weights(rng, hidden, heads, kv_heads, dim, inter):
 
 STACK = [{"layout": "dense"}, {"layout": "quantized", "bits": 4, "group_size": 32},
          {"layout": "quantized", "bits": 8, "group_size": 64}, {"layout": "quantized", "bits": 4, "group_size": 16},
+         {"layout": "turboquant", "k_bits": 3, "v_bits": 4}, {"layout": "turboquant", "k_bits": 2, "v_bits": 2},
          {"layout": "dense"}]
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_decode_layers_over_mixed_caches_equal_the_ops(batch):
     """decode_layers over a stack mixing dense, 4-bit and 8-bit caches (groups of 16, 32, 64)
-    gives the op-by-op layers' outputs and leaves the same cache bytes, to the last bit,
+    and TurboQuant ones (3/4 and 2/2 bits: coded and rotated in C on both paths) gives the
+    op-by-op layers' outputs and leaves the same cache bytes, to the last bit,
     step after step: in place while there is room, appended lazily where the step crosses
     the capacity (256 -> 512 columns) and where its column was exported; a pinned export
     makes those lazy writes move the buffer, and the next in-place writes must follow it.
@@ -827,15 +829,19 @@ def test_quantized_kv_artifact_decodes_through_the_one_call_path(tiny_checkpoint
 
 def test_supported_kv_layouts_for_the_compiler():
     """What the lower pass reads to attach the fast path: dense layouts (sliding windows
-    too) and 4/8-bit affine ones, never TurboQuant."""
+    too), 4/8-bit affine ones and TurboQuant ones of 2-4 bits (head dims divisible by 8)."""
+    from vlmc.ir.ops import fast_path_reads
     from vlmc.kernels.cpu.decode_layer import SUPPORTED_KV, supports_kv
-    assert SUPPORTED_KV == {"dense": None, "rotating": None, "quantized": (4, 8)}
+    assert SUPPORTED_KV == {"dense": None, "rotating": None, "quantized": (4, 8), "turboquant": (2, 3, 4)}
+    assert fast_path_reads("decode_layer", {"layout": "turboquant", "k_bits": 3, "v_bits": 4})
     assert supports_kv("dense") and supports_kv({"layout": "dense"})
     assert supports_kv({"layout": "quantized", "bits": 4, "group_size": 32}, head_dim=128)
     assert supports_kv({"layout": "quantized", "bits": 8, "group_size": 64})
     assert not supports_kv({"layout": "quantized", "bits": 4, "group_size": 64}, head_dim=48)
     assert not supports_kv({"layout": "quantized", "bits": 2, "group_size": 32})
-    assert not supports_kv({"layout": "turboquant", "k_bits": 4, "v_bits": 4})
+    assert supports_kv({"layout": "turboquant", "k_bits": 3, "v_bits": 4}, head_dim=128)
+    assert not supports_kv({"layout": "turboquant", "k_bits": 3, "v_bits": 4}, head_dim=36)
+    assert not supports_kv({"layout": "turboquant", "k_bits": 5, "v_bits": 4})
     assert supports_kv({"layout": "rotating", "window": 4096}) and not supports_kv("paged")
 
 
@@ -1009,16 +1015,14 @@ def test_verify_entry_point_equals_decode_steps(tiny_checkpoint, tmp_path, kv, p
     """A compiled q4 model's ``verify`` entry point (ids [B, n] -> logits [B, n, V], as
     speculative decoding calls it) gives, bit for bit, the logits of n ``decode`` steps one
     after another, and leaves the same caches (the next decode step's logits agree): through
-    decode_layers in one call (dense and 4/8-bit caches), and op by op (the GEMVs' rows and
-    the KV kernels' query tokens are exact; TurboQuant caches always go this way). One
-    sequence and a left-padded batch of three."""
+    decode_layers in one call (dense, 4/8-bit and TurboQuant caches), and op by op (the
+    GEMVs' rows and the KV kernels' query tokens are exact). One sequence and a left-padded
+    batch of three."""
     import vlmc
     from vlmc.kernels import cpu, cpu_ops
     from vlmc.runtime.step import Sequences
     if cpu._get_lib() is None:
         pytest.skip("no C compiler")
-    if path == "one_call" and kv.get("kv_quant_scheme") == "turboquant":
-        pytest.skip("TurboQuant caches have no one-call path")
     art = vlmc.compile(tiny_checkpoint, tmp_path / "a", target="cpu", quantize="q4", **kv)
     m = vlmc.load(art)
     ran, real = [], cpu_ops._decode_layers

@@ -114,7 +114,7 @@ def _add_rms_norm(t, a):
 # writes: a layer whose planned cache is not listed here runs its ops (``lower`` attaches a
 # block's fast path only when every layer's cache is listed). ``quantized`` lists its bits.
 FAST_PATH_KV: dict[str, dict[str, tuple[int, ...] | None]] = {
-    "decode_layer": {"dense": None, "rotating": None, "quantized": (4, 8)},
+    "decode_layer": {"dense": None, "rotating": None, "quantized": (4, 8), "turboquant": None},
     "deltanet_layer": {"recurrent": None},
 }
 

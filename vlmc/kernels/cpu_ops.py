@@ -32,6 +32,7 @@ from .cpu.decode_layer import decode_layer as _decode_layer, decode_layers as _d
 from .cpu.deltanet import deltanet_layer as _deltanet_layer, deltanet_layers as _deltanet_layers
 from .cpu.kv_decode import affine_values as _affine_values
 from .cpu.kv_decode import host_shared_step as _host_shared_step
+from .cpu.kv_decode import host_coded_prompt as _host_coded_prompt, host_coded_step as _host_coded_step
 from .cpu.kv_decode import host_dense_step as _host_dense_step, kv_affine_decode as _kv_affine_decode, \
     kv_dense_decode as _kv_dense_decode, kv_turbo_decode as _kv_turbo_decode
 
@@ -160,8 +161,16 @@ def cached_attention(q, k, v, cache, mask: mx.array | None = None, *, scale: flo
     step = _cpu.enabled() and not _in_prompt() and _kv_quant.causal_step(mask, q.shape[2])
     if host and step:
         out = _host_dense_step(q, k, v, cache, mask, scale=scale, softcap=softcap)
+        if out is None and softcap is None:  # TurboQuant: coded and rotated in C, as decode_layers does
+            out = _host_coded_step(q, k, v, cache, mask, scale=scale)
         if out is not None:
             return out
+    if _cpu.enabled() and softcap is None and not step:
+        # a prompt (chunk) over 4/8-bit or TurboQuant codes: coded in C, attention on the
+        # decode kernels, each row as a decode step at its place computes it
+        out = _host_coded_prompt(q, k, v, cache, mask, scale=scale)
+        if out is not None:
+            return out if host else mx.array(out).astype(q.dtype)
     k, v = _as_mx(k), _as_mx(v)  # the cache stores mx.arrays
     if step:
         out = _kv_quant.coded_decode_step(q, k, v, cache, mask, scale=scale, affine=_kv_affine_decode,

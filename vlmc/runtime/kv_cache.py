@@ -102,9 +102,10 @@ class KVCache:
         """Whether one step's keys/values may go into the buffers' memory in place at column
         ``held``: no array can see that column (it lies past every held token, within the
         capacity, past every exported block, and no oldest tokens were dropped), and the
-        buffers are ones the host kernels write: dense float32, or affine codes (uint8)
-        with bfloat16 scales and minimums. write_host stores dense steps so; a kernel that
-        wrote a step there itself then calls ``advance_host``."""
+        buffers are ones the host kernels write: dense float32, affine codes (uint8)
+        with bfloat16 scales and minimums, or TurboQuant codes with float32 norms.
+        write_host stores dense steps so; a kernel that wrote a step there itself then
+        calls ``advance_host``."""
         if self.buffers is None or self.held + 1 > self.capacity or self.held < self.exported or not self._room():
             return False
         if self.layout == "dense":
@@ -112,6 +113,9 @@ class KVCache:
         if self.layout == "affine":
             return all(parts["codes"].dtype == mx.uint8 and parts["scales"].dtype == mx.bfloat16
                        and parts["biases"].dtype == mx.bfloat16 for parts in self.buffers.values())
+        if self.layout == "turboquant":
+            return all(parts["codes"].dtype == mx.uint8 and parts["norms"].dtype == mx.float32
+                       for parts in self.buffers.values())
         return False
 
     def _room(self) -> bool:

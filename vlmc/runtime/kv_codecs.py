@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import numpy as np
 
 from ..kernels.kv_quant import affine_decode, lloyd_max, pack, rotation, turbo_decode_rotated, unpack  # noqa: F401  (pack/unpack: the codecs' packing)
 
@@ -106,6 +107,9 @@ class Turbo(_Codec):
             raise ValueError(f"TurboQuant KV needs a head dim divisible by 8, not {dim}")
         self.bits, self.dim, self.seed = bits, dim, seed
         self.rotation = mx.array(rotation(dim, seed))            # y = x @ R
+        # host copies for the cpu kernels: R, R^T and the levels, float32 C-contiguous
+        self.host = {"rotation": rotation(dim, seed), "rotation_t": np.ascontiguousarray(rotation(dim, seed).T),
+                     "codebook": lloyd_max(bits)}
         self.codebook = mx.array(lloyd_max(bits))                 # centroids of N(0, 1)
         self.bounds = mx.array((lloyd_max(bits)[1:] + lloyd_max(bits)[:-1]) / 2)
 

@@ -11,7 +11,7 @@ import ctypes
 # The version of the interface below. Change it with any signature or shared struct
 # (vlmc_layer, ...): build.py compiles it into the library (-DVLMC_ABI) and load refuses a
 # library that reports another.
-ABI_VERSION = 23
+ABI_VERSION = 24
 
 P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
@@ -42,6 +42,9 @@ SIGNATURES: dict[str, tuple] = {
     "vlmc_kv_dense_decode_n": (I, [P, P, P, P, P, P, I, I, I, I, I, I, I, F, I, F, P, I]),
     "vlmc_kv_affine_decode_n": (I, [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, I, F, I, F, P, I]),
     "vlmc_kv_turbo_decode_n": (I, [P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, I, I, F, P, I]),
+    # kv_turbo.c
+    "vlmc_kv_turbo_encode": (I, [P, L, I, I, P, P, P, P]),
+    "vlmc_kv_rotate": (I, [P, L, I, P, P]),
     # gemm_i8.c
     "vlmc_gemm_q_i8_available": (I, []),
     "vlmc_gemm_q_i8": (I, [P, I, I, P, P, P, I, I, I, I, P, P, I]),

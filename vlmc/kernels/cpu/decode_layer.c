@@ -6,7 +6,9 @@
  * decode step on a small CPU. The cache of each layer is dense float32 or affine codes
  * (vlmc.runtime.kv_codecs.Affine, 4 or 8 bits), possibly a sliding window: for affine codes
  * this step's keys and values are encoded here as the codec encodes them
- * (kv_affine_encode_rows), and the attention reads them as codes, as the ops do.
+ * (kv_affine_encode_rows), and the attention reads them as codes, as the ops do. A
+ * TurboQuant cache's step (kv_turbo.c) codes its keys and values, rotates the queries in
+ * and the attention's output back around the attention over the codes.
  *
  *   q,k,v = split(qkv(rms_norm(x)));  q,k = qk_norm(q), qk_norm(k)  (optional, per head)
  *   h = x + post_attn(o_proj(attention(rope(q), rope(k), v; cache + this step)))
@@ -111,19 +113,25 @@ static int decode_layer(const vlmc_layer *L, const float *x, const float *normed
     if (P && (!in || in_ld < P || !L->ple_norm || L->ple_gate.N != P || L->ple_gate.K != hid
               || L->ple_proj.N != hid || L->ple_proj.K != P))
         return -1;
-    if (kv->layout != VLMC_KV_DENSE && !affine) return -2;
+    const int turbo = kv->layout == VLMC_KV_TURBO, coded = affine || turbo;
+    if (kv->layout != VLMC_KV_DENSE && !coded) return -2;
     if (affine && ((kv->bits != 4 && kv->bits != 8) || kv->gs < 2 || kv->gs % 2 || D % kv->gs)) return -2;
-    const size_t nkv = shared ? 0 : (size_t)BT * HKV * D;
+    if (turbo && (shared || kv->kbits < 2 || kv->kbits > 4 || kv->vbits < 2 || kv->vbits > 4 || D % 8 || !kv->krot
+                  || !kv->vrot || !kv->vrot_t || !kv->kcb || !kv->vcb || !kv->kn || !kv->vn))
+        return -2;
+    const size_t nkv = shared ? 0 : (size_t)BT * HKV * D, nq = (size_t)BT * H * D;
     const size_t per = (size_t)hid + QKV + 2 * (size_t)H * D + hid + 2 * (size_t)I + I + (P ? (size_t)P + hid : 0);
     const size_t rtmp = RD < D ? (size_t)BT * (H + HKV) * RD : 0; /* partial rotary's scratch */
-    float *buf = malloc(sizeof(float) * (per * BT + (affine ? 2 * nkv : 0) + rtmp));
+    const size_t tq = turbo ? 2 * nq + D : 0;                        /* TurboQuant's */
+    float *buf = malloc(sizeof(float) * (per * BT + (coded ? 2 * nkv : 0) + tq + rtmp));
     if (!buf) return -5;
     float *n1 = buf, *qkv = n1 + (size_t)BT * hid, *q = qkv + (size_t)BT * QKV, *att = q + (size_t)BT * H * D;
     float *h = att + (size_t)BT * H * D, *gu = h + (size_t)BT * hid, *m = gu + (size_t)BT * 2 * I;
     float *pg = m + (size_t)BT * I, *py = pg + (size_t)BT * P; /* the per-layer input branch's */
     /* this step's roped keys and values as floats [B, HKV, T, D]: what a dense cache stores, else scratch */
-    float *nk = affine ? py + (size_t)BT * (P ? hid : 0) : (float *)kv->nk, *nv = affine ? nk + nkv : (float *)kv->nv;
-    float *rt = (affine ? nk + 2 * nkv : py + (size_t)BT * (P ? hid : 0)); /* rtmp floats */
+    float *nk = coded ? py + (size_t)BT * (P ? hid : 0) : (float *)kv->nk, *nv = coded ? nk + nkv : (float *)kv->nv;
+    float *qr = coded ? nk + 2 * nkv : py + (size_t)BT * (P ? hid : 0), *ar = qr + nq, *tmp = ar + nq; /* TurboQuant: q R_k, the output before R_v^T */
+    float *rt = qr + tq; /* rtmp floats */
     const size_t k_at = (size_t)H * QW, v_at = k_at + (size_t)HKV * D;
     int rc = 0;
     if (normed) memcpy(n1, normed, sizeof(float) * (size_t)BT * hid);
@@ -169,6 +177,16 @@ static int decode_layer(const vlmc_layer *L, const float *x, const float *normed
         rc = kv_affine_decode_x(q, kv->k, kv->ks, kv->kb, kv->v, kv->vs, kv->vb, &xk, &xv, kv->starts, B, H, HKV, D,
                                 T, cap, held + T, kv->bits, kv->gs, L->scale, kv->window, L->softcap, att, 1,
                                 n_threads);
+    } else if (!rc && turbo) {
+        const size_t rows = (size_t)BT * HKV;
+        kv_turbo_encode_rows(nk, rows, D, kv->kbits, kv->krot, kv->kcb, kv->nk, kv->nkn, tmp);
+        kv_turbo_encode_rows(nv, rows, D, kv->vbits, kv->vrot, kv->vcb, kv->nv, kv->nvn, tmp);
+        const kv_turbo xk = {kv->nk, kv->nkn}, xv = {kv->nv, kv->nvn};
+        kv_rotate_rows(q, (size_t)BT * H, D, kv->krot, qr);
+        rc = kv_turbo_decode_x(qr, kv->k, kv->kn, kv->v, kv->vn, kv->kcb, kv->vcb, &xk, &xv, kv->starts, B, H, HKV, D,
+                               T, cap, held + T, kv->kbits, kv->vbits, L->scale, kv->window, L->softcap, ar, 1,
+                               n_threads);
+        if (!rc) kv_rotate_rows(ar, (size_t)BT * H, D, kv->vrot_t, att);
     } else if (!rc) {
         rc = kv_dense_decode_t(q, kv->k, kv->v, nk, nv, kv->starts, B, H, HKV, D, T, cap, held + T, L->scale,
                                kv->window, L->softcap, att, 1, n_threads);
@@ -214,6 +232,13 @@ static void store_step(const vlmc_kv *kv, size_t rows, int D, int T) {
     if (kv->layout == VLMC_KV_DENSE) {
         store_columns(kv->k, kv->nk, rows, sizeof(float) * D, kv->cap, kv->held, T);
         store_columns(kv->v, kv->nv, rows, sizeof(float) * D, kv->cap, kv->held, T);
+        return;
+    }
+    if (kv->layout == VLMC_KV_TURBO) {
+        store_columns(kv->k, kv->nk, rows, (size_t)D * kv->kbits / 8, kv->cap, kv->held, T);
+        store_columns(kv->v, kv->nv, rows, (size_t)D * kv->vbits / 8, kv->cap, kv->held, T);
+        store_columns((void *)kv->kn, kv->nkn, rows, sizeof(float), kv->cap, kv->held, T);
+        store_columns((void *)kv->vn, kv->nvn, rows, sizeof(float), kv->cap, kv->held, T);
         return;
     }
     const size_t rb = (size_t)D * kv->bits / 8, gb = sizeof(uint16_t) * (D / kv->gs);

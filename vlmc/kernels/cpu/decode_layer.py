@@ -44,7 +44,7 @@ _I, _F, _P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 # The KV layouts (kv_plan ``layout``) whose caches this path reads and extends, each with the
 # bit widths it takes (None: any); ``rotating`` is a dense sliding window. The compiler
 # attaches the fast path only where every layer's layout is here.
-SUPPORTED_KV = {"dense": None, "rotating": None, "quantized": (4, 8)}
+SUPPORTED_KV = {"dense": None, "rotating": None, "quantized": (4, 8), "turboquant": (2, 3, 4)}
 
 
 def supports_kv(spec, head_dim: int | None = None) -> bool:
@@ -56,6 +56,8 @@ def supports_kv(spec, head_dim: int | None = None) -> bool:
     bits = SUPPORTED_KV[layout]
     if bits is None:
         return True
+    if layout == "turboquant":
+        return all(int(spec.get(f"{w}_bits", 0)) in bits for w in "kv") and (head_dim is None or head_dim % 8 == 0)
     gs = int(spec.get("group_size", 0))
     return int(spec.get("bits", 0)) in bits and gs > 0 and (head_dim is None or head_dim % gs == 0)
 
@@ -63,8 +65,10 @@ def supports_kv(spec, head_dim: int | None = None) -> bool:
 # vlmc_kv (vlmc.h): a layer's cache as the C path reads and extends it
 _KV = np.dtype([(name, np.uintp) for name in ("k", "v", "ks", "kb", "vs", "vb", "nk", "nv", "nks", "nkb", "nvs", "nvb",
                                               "cs", "sn", "starts")]
-               + [(name, np.int32) for name in ("layout", "bits", "gs", "cap", "held", "inplace", "window")], align=True)
-_DENSE, _AFFINE = 0, 1
+               + [(name, np.int32) for name in ("layout", "bits", "gs", "cap", "held", "inplace", "window")]
+               + [(name, np.uintp) for name in ("kn", "vn", "nkn", "nvn", "krot", "vrot", "vrot_t", "kcb", "vcb")]
+               + [(name, np.int32) for name in ("kbits", "vbits")], align=True)
+_DENSE, _AFFINE, _TURBO = 0, 1, 2
 
 
 class _Proj(ctypes.Structure):
@@ -220,6 +224,14 @@ def _cache_view(cache, batch: int, kv_heads: int, head_dim: int):
                 or any(b.dtype != mx.bfloat16 for b in bufs[2:])):
             return None
         view = (_AFFINE, bits, gs, bufs)
+    elif cache.layout == "turboquant" and not getattr(cache, "window", None):
+        kc, vc = cache.codecs["k"], cache.codecs["v"]
+        bufs = (k["codes"], v["codes"], k["norms"], v["norms"])
+        if (kc.bits not in SUPPORTED_KV["turboquant"] or vc.bits not in SUPPORTED_KV["turboquant"] or head_dim % 8
+                or bufs[0].dtype != mx.uint8 or bufs[1].dtype != mx.uint8
+                or any(b.dtype != mx.float32 for b in bufs[2:])):
+            return None
+        view = (_TURBO, (kc.bits, vc.bits), 0, bufs)
     else:
         return None
     return view if bufs[0].shape[:2] == (batch, kv_heads) else None
@@ -247,6 +259,8 @@ def _step_kv(views: list, caches: list, B: int, T: int, kv_heads: int, head_dim:
             sizes = ()
         elif kind == _DENSE:
             sizes = (rows * head_dim * 4,) * 2
+        elif kind == _TURBO:  # k codes, v codes, k norms, v norms
+            sizes = (rows * head_dim * bits[0] // 8, rows * head_dim * bits[1] // 8, rows * 4, rows * 4)
         else:
             cb, gb = rows * head_dim * bits // 8, rows * (head_dim // gs) * 2
             sizes = (cb, cb, gb, gb, gb, gb)
@@ -264,7 +278,14 @@ def _step_kv(views: list, caches: list, B: int, T: int, kv_heads: int, head_dim:
         ptrs = [_address(b) for b in bufs]
         if None in ptrs:
             return None
-        if kind == _DENSE:  # k, v, then no scales / minimums
+        turbo = [0] * 9 + [0, 0]  # kn, vn, nkn, nvn, krot, vrot, vrot_t, kcb, vcb, kbits, vbits
+        if kind == _TURBO:  # codes, then the norms apart from the affine fields
+            hk, hv = cache.codecs["k"].host, cache.codecs["v"].host
+            outs = outs or [0] * 4
+            turbo = [ptrs[2], ptrs[3], outs[2], outs[3], hk["rotation"].ctypes.data, hv["rotation"].ctypes.data,
+                     hv["rotation_t"].ctypes.data, hk["codebook"].ctypes.data, hv["codebook"].ctypes.data, *bits]
+            ptrs, outs, bits = ptrs[:2] + [0] * 4, outs[:2], 0
+        elif kind == _DENSE:  # k, v, then no scales / minimums
             ptrs = ptrs + [0] * 4
         outs = outs + [0] * (6 - len(outs))
         # outs: k, v, k scales, k minimums, v scales, v minimums (the order of _KV's n* fields)
@@ -272,7 +293,7 @@ def _step_kv(views: list, caches: list, B: int, T: int, kv_heads: int, head_dim:
         inplace = not shared and cache.host_writable() and cache.held + T <= bufs[0].shape[2]
         starts.append(host_starts(mask, B, cache.start))
         records.append((*ptrs, *outs, c_ptr, s_ptr, starts[-1].ctypes.data, kind, bits, gs, bufs[0].shape[2],
-                        cache.held, inplace, getattr(cache, "window", None) or 0))
+                        cache.held, inplace, getattr(cache, "window", None) or 0, *turbo))
     return np.array(records, _KV), new, layouts, starts
 
 
@@ -282,7 +303,7 @@ def _stored_step(new: np.ndarray, kind: int, off: int, sizes: tuple, B: int, T: 
     k, v float32; affine k codes, v codes, k scales, k minimums, v scales, v minimums)."""
     out, at = [], off
     for i, n in enumerate(sizes):
-        dtype = np.float32 if kind == _DENSE else np.uint8 if i < 2 else np.uint16
+        dtype = np.float32 if kind == _DENSE or (kind == _TURBO and i >= 2) else np.uint8 if i < 2 else np.uint16
         part = new[at:at + n].view(dtype)
         out.append(part.reshape(B, kv_heads, T, part.size // (B * kv_heads * T)))
         at += (n + 63) // 64 * 64
@@ -377,6 +398,8 @@ def decode_layers(x, cos, sin, mask, caches, *args, eps1: float, eps2: float, he
     views = [_cache_view(c, B, kv_heads, head_dim) for c in caches]
     if any(v is None for v in views) or (shared and any(c.held < T for c in caches)):
         return None
+    if (shared or softcap) and any(v[0] == _TURBO for v in views):
+        return None  # the ops take those over TurboQuant codes to MLX's reference
     nl = len(layers)
     for c in caches:
         settle(c)  # deferred writes of earlier steps (or, read by a shared layer, of this one)
@@ -404,6 +427,9 @@ def decode_layers(x, cos, sin, mask, caches, *args, eps1: float, eps2: float, he
         parts = _stored_step(new, view[0], off, sizes, B, T, kv_heads)
         if view[0] == _DENSE:
             append_lazy(cache, *parts)
+        elif view[0] == _TURBO:
+            kc, vc, kn, vn = parts
+            append_parts_lazy(cache, {"k": {"codes": kc, "norms": kn}, "v": {"codes": vc, "norms": vn}})
         else:
             kc, vc, ks, kb, vs, vb = parts
             append_parts_lazy(cache, {"k": {"codes": kc, "scales": ks, "biases": kb},

@@ -44,6 +44,7 @@ struct kv_job {
     const uint16_t *ks, *kb, *vs, *vb;
     const kv_codes *xkc, *xvc; /* affine: those rows from here, [B, HKV, T, *], not the cache */
     const float *kn, *vn, *kcb, *vcb;
+    const kv_turbo *xtk, *xtv; /* TurboQuant: those rows from here, [B, HKV, T, *], not the cache */
     int bits, gs, kbits, vbits;
     const int8_t *qi, *qr; /* affine: q as int8 codes and residuals per group of gs (kv_query_int8), or NULL */
     const float *qa, *qs;  /* their scale and scale x sum per group, [B H T, D / gs] */
@@ -147,7 +148,7 @@ static ALWAYS void kv_task(kv_job *J, kv_row_fn row) {
 
 /* the job's shapes, checked (0, or -1) */
 static int kv_check(const kv_job *J) {
-    const int extra = J->xk != NULL || J->xkc != NULL;
+    const int extra = J->xk != NULL || J->xkc != NULL || J->xtk != NULL;
     if (J->B < 1 || J->H < 1 || J->HKV < 1 || J->H % J->HKV || J->D < 1 || J->T < 1 || J->held < J->T
         || J->held - (extra ? J->T : 0) > J->cap)
         return -1;
@@ -211,10 +212,25 @@ static const float *kv_row_affine(const kv_job *J, int v, size_t base, int i, fl
 /* TurboQuant codes (vlmc.runtime.kv_codecs.Turbo), in the rotated space: codebook levels
  * packed as vlmc.kernels.kv_quant.pack (8 codes in `bits` bytes, code i at bit i * bits of
  * their little-endian word), times the row's float32 norm / sqrt(D) */
+/* row i of a (sequence, KV head) at cache row `base`: its codes and norm, from the cache or,
+ * for this step's rows when the caller passed them apart (xtk / xtv), from there */
+static ALWAYS const uint8_t *turbo_row(const kv_job *J, int v, size_t base, int i, const float **nrm) {
+    const int bits = v ? J->vbits : J->kbits;
+    const size_t rb = (size_t)(J->D * bits / 8);
+    const kv_turbo *x = v ? J->xtv : J->xtk;
+    if (x && i >= J->held - J->T) {
+        const size_t at = base / (size_t)J->cap * J->T + (size_t)(i - (J->held - J->T));
+        *nrm = x->norms + at;
+        return x->codes + at * rb;
+    }
+    *nrm = (v ? J->vn : J->kn) + base + (size_t)i;
+    return (v ? J->vc : J->kc) + (base + (size_t)i) * rb;
+}
+
 static const float *kv_row_turbo(const kv_job *J, int v, size_t base, int i, float *x, float *f) {
     const int D = J->D, bits = v ? J->vbits : J->kbits;
-    const size_t r = base + (size_t)i;
-    const uint8_t *c = (v ? J->vc : J->kc) + r * (size_t)(D * bits / 8);
+    const float *nrm;
+    const uint8_t *c = turbo_row(J, v, base, i, &nrm);
     const float *cb = v ? J->vcb : J->kcb;
     const uint32_t mask = (1u << bits) - 1;
     for (int g = 0; g < D / 8; g++, c += bits) {
@@ -223,7 +239,7 @@ static const float *kv_row_turbo(const kv_job *J, int v, size_t base, int i, flo
         if (bits > 3) w |= (uint32_t)c[3] << 24;
         for (int i = 0; i < 8; i++) x[g * 8 + i] = cb[(w >> (i * bits)) & mask];
     }
-    *f = (v ? J->vn : J->kn)[r] / sqrtf((float)D);
+    *f = *nrm / sqrtf((float)D);
     return x;
 }
 
@@ -289,7 +305,7 @@ static const float *kv_rows_affine(const kv_job *J, int v, size_t base, int i0, 
  * times the row's norm / sqrt(D) */
 static const float *kv_rows_turbo(const kv_job *J, int v, size_t base, int i0, int nr, float *buf) {
     const int D = J->D, bits = v ? J->vbits : J->kbits;
-    const float *cb = v ? J->vcb : J->kcb, *nrm = v ? J->vn : J->kn;
+    const float *cb = v ? J->vcb : J->kcb;
     float levels[16] = {0};
     memcpy(levels, cb, sizeof(float) * ((size_t)1 << bits));
     const __m512 cbv = _mm512_loadu_ps(levels);
@@ -298,9 +314,9 @@ static const float *kv_rows_turbo(const kv_job *J, int v, size_t base, int i0, i
                                               _mm512_set1_epi32(bits));
     const float inv_sqrt_d = 1.f / sqrtf((float)D);
     for (int r = 0; r < nr; r++) {
-        const size_t row = base + (size_t)i0 + r;
-        const uint8_t *c = (v ? J->vc : J->kc) + row * (size_t)(D * bits / 8);
-        const __m512 f = _mm512_set1_ps(nrm[row] * inv_sqrt_d);
+        const float *nrm;
+        const uint8_t *c = turbo_row(J, v, base, i0 + r, &nrm);
+        const __m512 f = _mm512_set1_ps(*nrm * inv_sqrt_d);
         float *x = buf + (size_t)r * D;
         for (int j = 0; j < D; j += 16, c += 2 * bits) {
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -847,6 +863,207 @@ static int kvq_run(kv_job *J, int n_threads) {
     free(buf);
     return rc;
 }
+
+/* ---- TurboQuant keys scored with the rows across the lanes --------------------------------
+ * A block of 16 key rows' packed codes is transposed in dwords (lane r: row r), each
+ * coordinate's codes are cut out of it for the 16 rows at once and looked up in the codebook
+ * (levels [D][16], in L1), and each query row's scores of the 16 rows accumulate over the
+ * coordinates in order, one lane per row, times the row's norm / sqrt(D) and the scale at
+ * the end: no key row decoded to floats and read back, no horizontal sums (the block
+ * driver spent ~200 operations per key row on those, twice a dense row's). A row's score is
+ * the same arithmetic in whichever lane it falls. */
+#define KVT_LANES 1
+/* a key row's codes in at most 16 whole dwords */
+static ALWAYS int kvt_fits(const kv_job *J) { return J->D % 32 == 0 && J->D * J->kbits <= 512; }
+
+/* acc[h] lane r = sum over d, in order, of q[h][d] x lv[d][r], for KVD_HB (6) query rows: a
+ * function of its own so that the six sums stay in registers (inlined into the block loop
+ * they went through the stack at every step) */
+static __attribute__((noinline)) void kvt_pass(const float *lv, int D, const float *const q[KVD_HB],
+                                               __m512 acc[KVD_HB]) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+    const float *q0 = q[0], *q1 = q[1], *q2 = q[2], *q3 = q[3], *q4 = q[4], *q5 = q[5];
+    for (int d = 0; d < D; d++) {
+        const __m512 l = _mm512_loadu_ps(lv + 16 * (size_t)d);
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d]), l, a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[d]), l, a1);
+        a2 = _mm512_fmadd_ps(_mm512_set1_ps(q2[d]), l, a2);
+        a3 = _mm512_fmadd_ps(_mm512_set1_ps(q3[d]), l, a3);
+        a4 = _mm512_fmadd_ps(_mm512_set1_ps(q4[d]), l, a4);
+        a5 = _mm512_fmadd_ps(_mm512_set1_ps(q5[d]), l, a5);
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5;
+}
+
+static ALWAYS void kvt_scores(const kv_job *J, int bk, float *sc, float *lv) {
+    const int D = J->D, bits = J->kbits, P = D * bits / 32, RT = J->H / J->HKV * J->T;
+    const int b = bk / J->HKV, hk = bk % J->HKV, first = J->starts[b], n = J->held, sst = J->sst;
+    const size_t base = ((size_t)b * J->HKV + hk) * J->cap, rb = (size_t)D * bits / 8;
+    float levels[16] = {0};
+    memcpy(levels, J->kcb, sizeof(float) << bits);
+    const __m512 cbv = _mm512_loadu_ps(levels);
+    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+    const __mmask16 km = P == 16 ? 0xFFFF : (__mmask16)((1u << P) - 1);
+    const float fd = J->scale / sqrtf((float)D);
+    for (int i0 = first; i0 < n; i0 += 16) {
+        const int nr = n - i0 < 16 ? n - i0 : 16;
+        __m512i t[16];
+        float f[16];
+        const uint8_t *c0 = NULL, *c15 = NULL;
+        UNROLL for (int r = 0; r < 16; r++) {
+            const float *nrm;
+            const uint8_t *c = turbo_row(J, 0, base, i0 + (r < nr ? r : nr - 1), &nrm);
+            if (r == 0) c0 = c;
+            if (r == 15) c15 = c;
+            t[r] = _mm512_maskz_loadu_epi32(km, c);
+            f[r] = *nrm * fd;
+        }
+        if (nr == 16 && c15 == c0 + 15 * rb) /* the next blocks' codes, 4 KB ahead */
+            for (size_t z = 0; z < 16 * rb; z += 64) _mm_prefetch((const char *)c0 + 4096 + z, _MM_HINT_T0);
+        tr16x16(t); /* t[p] lane r: dword p of row r */
+        for (int d = 0; d < D; d++) {
+            const int bit = d * bits, p = bit >> 5, o = bit & 31;
+            __m512i x = _mm512_srl_epi32(t[p], _mm_cvtsi32_si128(o));
+            if (o + bits > 32) x = _mm512_or_si512(x, _mm512_sll_epi32(t[p + 1], _mm_cvtsi32_si128(32 - o)));
+            _mm512_storeu_ps(lv + 16 * (size_t)d, _mm512_permutexvar_ps(_mm512_and_si512(x, mask), cbv));
+        }
+        const __m512 fv = _mm512_loadu_ps(f);
+        const __mmask16 out = nr == 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
+        for (int h0 = 0; h0 < RT; h0 += KVD_HB) {
+            const int hb = RT - h0 < KVD_HB ? RT - h0 : KVD_HB;
+            const float *q[KVD_HB];
+            __m512 acc[KVD_HB];
+            UNROLL for (int h = 0; h < KVD_HB; h++) q[h] = q_row(J, b, hk, h0 + (h < hb ? h : 0));
+            kvt_pass(lv, D, q, acc);
+            UNROLL for (int h = 0; h < KVD_HB; h++)
+                if (h < hb) {
+                    float *dst = sc + (size_t)(h0 + h) * sst + i0;
+                    const __m512 x = _mm512_mul_ps(acc[h], fv);
+                    if (J->softcap > 0.f) {
+                        float tmp[16];
+                        _mm512_storeu_ps(tmp, x);
+                        for (int r = 0; r < nr; r++) dst[r] = kv_cap(J, tmp[r]);
+                    } else {
+                        _mm512_mask_storeu_ps(dst, out, x);
+                    }
+                }
+        }
+    }
+}
+
+/* the codebook levels of codes j .. j + 15 of a row of packed codes (16 codes in 2 bits bytes) */
+static ALWAYS __m512 kvt_levels16(const uint8_t *c, int D, int bits, int j, __m512 cbv) {
+    const uint8_t *p = c + (size_t)j * bits / 8;
+    const __m512i m = _mm512_set1_epi32((1 << bits) - 1);
+#if defined(__AVX512VBMI__)
+    /* the 16 codes in one qword, broadcast; byte 0 of dword lane l cut from bit l bits of it */
+    __m512i w;
+    if (bits == 4 || j + 16 < D) { /* 8 bytes within the row (or its next one) */
+        uint64_t u;
+        memcpy(&u, p, 8);
+        w = _mm512_set1_epi64((long long)u);
+    } else {
+        w = _mm512_broadcastq_epi64(_mm_maskz_loadu_epi8((__mmask16)((1u << (2 * bits)) - 1), p));
+    }
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    /* control byte 4 (l % 2) of qword l / 2: l bits; the other bytes are masked off */
+    const __m512i ctrl = _mm512_mullo_epi32(lane, _mm512_set1_epi32(bits));
+    const __m512i idx = _mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, w), m);
+#else
+    uint64_t u = 0;
+    memcpy(&u, p, (size_t)(2 * bits));
+    const __m512i shifts = _mm512_mullo_epi32(_mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(bits));
+    const __m512i w = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32((int)(uint32_t)(u & ((1ull << (8 * bits)) - 1))),
+                                              _mm512_set1_epi32((int)(uint32_t)(u >> (8 * bits))));
+    const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(w, shifts), m);
+#endif
+    return _mm512_permutexvar_ps(idx, cbv);
+}
+
+/* The value pass: out += p x value rows (the output rows zeroed by the caller), each row's
+ * norm / sqrt(D) folded into its weights p f, the levels cut from the codes in registers as
+ * the row is accumulated where one pass of query rows takes them all (a decode step: the
+ * block driver decoded the rows into a buffer and read them back), else once per block of
+ * rows into lv (KVD_ROWS x D floats) for every pass to read. Rows a query row does not see
+ * weigh 0 (their scores were never made): adding 0 x level changes no sum, so a row's
+ * result is the one-token kernel's whatever the query rows beside it. */
+static ALWAYS void kvt_values(const kv_job *J, int bk, const float *sc, float *lv) {
+    const int D = J->D, bits = J->vbits, RT = J->H / J->HKV * J->T, b = bk / J->HKV, hk = bk % J->HKV, nz = D / 16;
+    const int first = J->starts[b], n = J->held, sst = J->sst, one = RT <= KVD_HB;
+    const int common = n - J->T + 1, lo_all = q_begin(J, J->T - 1, first);
+    const int a0 = lo_all > first ? lo_all : first, a1 = common < n ? common : n; /* rows all query rows see */
+    const size_t base = ((size_t)b * J->HKV + hk) * J->cap;
+    float levels[16] = {0}, fb[KVD_ROWS];
+    memcpy(levels, J->vcb, sizeof(float) << bits);
+    const __m512 cbv = _mm512_loadu_ps(levels);
+    const float inv_sqrt_d = 1.f / sqrtf((float)D);
+    for (int i0 = first; i0 < n; i0 += KVD_ROWS) {
+        const int nr = n - i0 < KVD_ROWS ? n - i0 : KVD_ROWS;
+        const uint8_t *rows[KVD_ROWS];
+        for (int r = 0; r < nr; r++) {
+            const float *nrm;
+            rows[r] = turbo_row(J, 1, base, i0 + r, &nrm);
+            fb[r] = *nrm * inv_sqrt_d;
+            if (!one)
+                for (int z = 0; z < nz; z++)
+                    _mm512_storeu_ps(lv + (size_t)r * D + 16 * z, kvt_levels16(rows[r], D, bits, 16 * z, cbv));
+        }
+        for (int h0 = 0; h0 < RT; h0 += KVD_HB) {
+            const int hb = RT - h0 < KVD_HB ? RT - h0 : KVD_HB;
+            float *o0[KVD_HB];
+            int end[KVD_HB], beg[KVD_HB];
+            const float *s0[KVD_HB];
+            UNROLL for (int h = 0; h < KVD_HB; h++) {
+                const int j = h0 + (h < hb ? h : 0);
+                o0[h] = o_row(J, b, hk, j), end[h] = q_end(J, j), beg[h] = q_begin(J, j, first);
+                s0[h] = sc + (size_t)j * sst;
+            }
+            for (int z0 = 0; z0 < nz; z0 += 4) {
+                const int zb = nz - z0 < 4 ? nz - z0 : 4;
+                __m512 o[KVD_HB][4];
+                UNROLL for (int h = 0; h < KVD_HB; h++) UNROLL for (int z = 0; z < 4; z++)
+                    o[h][z] = h < hb && z < zb ? _mm512_loadu_ps(o0[h] + 16 * (z0 + z)) : _mm512_setzero_ps();
+                for (int r = 0; r < nr; r++) {
+                    const int i = i0 + r, all = i >= a0 && i < a1;
+                    __m512 cv[4];
+                    UNROLL for (int z = 0; z < 4; z++)
+                        cv[z] = z >= zb ? _mm512_setzero_ps()
+                                : one ? kvt_levels16(rows[r], D, bits, 16 * (z0 + z), cbv)
+                                      : _mm512_loadu_ps(lv + (size_t)r * D + 16 * (z0 + z));
+                    UNROLL for (int h = 0; h < KVD_HB; h++) {
+                        const float w = h < hb && (all || (i < end[h] && i >= beg[h])) ? s0[h][i] * fb[r] : 0.f;
+                        const __m512 p = _mm512_set1_ps(w);
+                        UNROLL for (int z = 0; z < 4; z++) o[h][z] = _mm512_fmadd_ps(p, cv[z], o[h][z]);
+                    }
+                }
+                UNROLL for (int h = 0; h < KVD_HB; h++)
+                    if (h < hb)
+                        UNROLL for (int z = 0; z < 4; z++)
+                            if (z < zb) _mm512_storeu_ps(o0[h] + 16 * (z0 + z), o[h][z]);
+            }
+        }
+    }
+}
+
+/* kv_group16 with the keys scored by kvt_scores; lv: D x 16 floats */
+static void kv_task_turbo_lanes(kv_job *J) {
+    const int RT = J->H / J->HKV * J->T;
+    float *sc = malloc(sizeof(float) * ((size_t)RT * J->sst + (size_t)KVD_ROWS * J->D));
+    if (!sc) return;
+    float *buf = sc + (size_t)RT * J->sst;
+    for (;;) {
+        const int bk = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
+        if (bk >= J->B * J->HKV) break;
+        const int b = bk / J->HKV, hk = bk % J->HKV;
+        for (int j = 0; j < RT; j++) memset(o_row(J, b, hk, j), 0, sizeof(float) * (size_t)J->D);
+        if (J->starts[b] >= J->held) continue;
+        kvt_scores(J, bk, sc, buf);
+        kv_softmax16(J, bk, sc);
+        kvt_values(J, bk, sc, buf);
+    }
+    free(sc);
+}
 #endif
 #else
 #define KVD_SIMD 0
@@ -871,7 +1088,22 @@ static int kvq_run(kv_job *J, int n_threads) {
     }
 KV_TASK(dense, J->D % 16 == 0)
 KV_TASK(affine, J->D % 32 == 0 && J->gs % 16 == 0)
+#ifdef KVT_LANES
+static void kv_task_turbo(void *ctx, int ith, int nth) {
+    (void)ith;
+    (void)nth;
+    kv_job *J = (kv_job *)ctx;
+    const char *blk = getenv("VLMC_KV_TURBO_BLOCKS"); /* 1: the block driver's key scores (to measure against) */
+    if (J->D % 16 == 0 && kvt_fits(J) && !(blk && blk[0] == '1'))
+        kv_task_turbo_lanes(J);
+    else if (J->D % 16 == 0)
+        kv_task16(J, kv_rows_turbo);
+    else
+        kv_task(J, kv_row_turbo);
+}
+#else
 KV_TASK(turbo, J->D % 16 == 0 && J->kbits <= 4 && J->vbits <= 4)
+#endif
 
 /* q [B, H, T, D]; out [B, H, T, D], or [B, T, H, D] (tok_major: the rows of the output
  * projection's input) */
@@ -1047,15 +1279,24 @@ int vlmc_kv_affine_encode(const float *x, int64_t rows, int D, int bits, int gs,
     return 0;
 }
 
+int kv_turbo_decode_x(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
+                      const float *kcb, const float *vcb, const kv_turbo *xk, const kv_turbo *xv,
+                      const int32_t *starts, int B, int H, int HKV, int D, int T, int cap, int held, int kbits,
+                      int vbits, float scale, int window, float softcap, float *out, int tok_major, int n_threads) {
+    if (D < 8 || D % 8 || kbits < 2 || kbits > 4 || vbits < 2 || vbits > 4) return -2;
+    if ((xk == NULL) != (xv == NULL) || window < 0 || softcap < 0.f) return -1;
+    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .T = T, .cap = cap, .held = held,
+                .scale = scale, .window = window, .softcap = softcap, .out = out, .kc = kc, .vc = vc, .kn = kn,
+                .vn = vn, .kcb = kcb, .vcb = vcb, .xtk = xk, .xtv = xv, .kbits = kbits, .vbits = vbits};
+    kv_shape(&J, tok_major);
+    return kv_run(&J, kv_task_turbo, n_threads);
+}
+
 int vlmc_kv_turbo_decode_n(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,
                            const float *kcb, const float *vcb, const int32_t *starts, int B, int H, int HKV, int D,
                            int T, int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads) {
-    if (D < 8 || D % 8 || kbits < 2 || kbits > 4 || vbits < 2 || vbits > 4) return -2;
-    kv_job J = {.q = q, .starts = starts, .B = B, .H = H, .HKV = HKV, .D = D, .T = T, .cap = cap, .held = held,
-                .scale = scale, .out = out, .kc = kc, .vc = vc, .kn = kn, .vn = vn, .kcb = kcb, .vcb = vcb,
-                .kbits = kbits, .vbits = vbits};
-    kv_shape(&J, 0);
-    return kv_run(&J, kv_task_turbo, n_threads);
+    return kv_turbo_decode_x(q, kc, kn, vc, vn, kcb, vcb, NULL, NULL, starts, B, H, HKV, D, T, cap, held, kbits,
+                             vbits, scale, 0, 0.f, out, 0, n_threads);
 }
 
 int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc, const float *vn,

@@ -8,6 +8,7 @@ attention path in decode steps: one pass over the cached rows, decoded once for 
 query heads that share them."""
 from __future__ import annotations
 
+import ctypes
 import weakref
 
 import mlx.core as mx
@@ -309,3 +310,142 @@ def host_shared_step(q: np.ndarray, cache, mask, *, scale: float) -> np.ndarray 
                                starts, cache.held, scale=scale, bits=codec.bits, group_size=codec.group_size,
                                window=window)
     return out[:, :, None] if T == 1 else out
+
+
+# ---- TurboQuant steps and prompts over coded caches, all in C ---------------------------
+
+def rotate(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """x [..., D] @ m [D, D] row by row (``vlmc_kv_rotate``: each row's sums in a fixed order,
+    whatever the row count)."""
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty_like(x)
+    _check(_get_lib().vlmc_kv_rotate(x.ctypes.data, x.size // x.shape[-1], x.shape[-1], m.ctypes.data,
+                                     out.ctypes.data), "kv_rotate")
+    return out
+
+
+def kv_turbo_encode(x: np.ndarray, codec) -> dict[str, np.ndarray]:
+    """Vectors x [..., D] (float32) as ``kv_codecs.Turbo`` stores them, coded in C
+    (``vlmc_kv_turbo_encode``): {"codes": uint8 [..., D * bits / 8], "norms": float32 [..., 1]}.
+    The rotation's rounding is the C kernel's, not MLX's matmul: a coordinate within float32
+    rounding of a codebook boundary may take the neighbouring code."""
+    x = np.ascontiguousarray(x, np.float32)
+    *lead, d = x.shape
+    out = {"codes": np.empty((*lead, d * codec.bits // 8), np.uint8), "norms": np.empty((*lead, 1), np.float32)}
+    _check(_get_lib().vlmc_kv_turbo_encode(x.ctypes.data, x.size // d if d else 0, d, codec.bits,
+                                           codec.host["rotation"].ctypes.data, codec.host["codebook"].ctypes.data,
+                                           out["codes"].ctypes.data, out["norms"].ctypes.data), "kv_turbo_encode")
+    return out
+
+
+def _encode_host(cache, x: np.ndarray, which: str) -> dict[str, np.ndarray] | None:
+    """This step's (or chunk's) keys or values as the cache stores them, coded in C."""
+    codec = cache.codecs[which]
+    if cache.layout == "turboquant":
+        return kv_turbo_encode(x, codec)
+    return kv_affine_encode(x, codec.bits, codec.group_size)
+
+
+def _coded_ok(cache, head_dim_of_q: int) -> bool:
+    """Whether the C kernels read and write this cache in a step or prompt of host rows:
+    4/8-bit affine codes with bfloat16 scales, or TurboQuant codes; no sliding window."""
+    layout = getattr(cache, "layout", None)
+    if _get_lib() is None or layout not in ("affine", "turboquant") or getattr(cache, "window", None) \
+            or cache.start or cache.head_dim != head_dim_of_q:
+        return False
+    kc, vc = cache.codecs["k"], cache.codecs["v"]
+    if layout == "turboquant":
+        return kc.bits in (2, 3, 4) and vc.bits in (2, 3, 4) and cache.head_dim % 8 == 0
+    return (kc.bits in (4, 8) and (vc.bits, vc.group_size) == (kc.bits, kc.group_size)
+            and cache.head_dim % kc.group_size == 0 and (cache.buffers is None or all(
+                parts["scales"].dtype == mx.bfloat16 for parts in cache.buffers.values())))
+
+
+def _store_parts(cache, parts: dict[str, dict[str, np.ndarray]]) -> None:
+    """Append T tokens in stored form ({"k": {name: [B, Hkv, T, width]}, "v": ...}): into the
+    buffers' memory in place where that is safe (``host_writable`` and T free columns), else
+    through MLX, evaluated now (the kernels read the buffers next)."""
+    T = next(iter(parts["k"].values())).shape[2]
+    settle(cache)
+    if cache.host_writable() and cache.held + T <= cache.capacity:
+        mx.eval(*(b for p in cache.buffers.values() for b in p.values()))
+        views = {(w, name): _writable(cache.buffers[w][name], arr.dtype) for w, named in parts.items()
+                 for name, arr in named.items()}
+        if all(view is not None for view in views.values()):
+            for (w, name), view in views.items():
+                view[:, :, cache.held:cache.held + T] = parts[w][name]
+            cache.offset += T
+            return
+    append_parts_lazy(cache, parts)
+    settle(cache)
+
+
+def _writable(a: mx.array, dtype) -> np.ndarray | None:
+    """A writable numpy view of an evaluated array's memory as ``dtype`` (bfloat16 as its uint16
+    bits), or None when it is not one C-contiguous block."""
+    view = memoryview(a)
+    if not view.c_contiguous:
+        return None
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    flat = np.ctypeslib.as_array((ctypes.c_uint8 * a.nbytes).from_address(addr))
+    return flat.view(dtype).reshape(a.shape)
+
+
+# query tokens per kernel call of a prompt: the score rows a call holds (R T x the cache's
+# columns, per thread) stay near 16 MB
+PROMPT_SCORE_FLOATS = 4 * 1024 * 1024
+
+
+def _attend_coded(qn: np.ndarray, cache, starts: np.ndarray, held: int, scale: float) -> np.ndarray:
+    """The attention of q [B, H, T, D] (host, float32; the last T of ``held`` rows, causal)
+    over the cache's codes, TurboQuant's in its rotated space and rotated back."""
+    kb, vb = cache.buffers["k"], cache.buffers["v"]
+    kc, vc = cache.codecs["k"], cache.codecs["v"]
+    if cache.layout == "turboquant":
+        out = kv_turbo_decode(rotate(qn, kc.host["rotation"]), kb["codes"], kb["norms"], vb["codes"], vb["norms"],
+                              kc.codebook, vc.codebook, starts, held, scale=scale, k_bits=kc.bits, v_bits=vc.bits)
+        return rotate(out, vc.host["rotation_t"])
+    return kv_affine_decode(qn, kb["codes"], kb["scales"], kb["biases"], vb["codes"], vb["scales"], vb["biases"],
+                            starts, held, scale=scale, bits=kc.bits, group_size=kc.group_size)
+
+
+def host_coded_step(q, k, v, cache, mask, *, scale: float) -> np.ndarray | None:
+    """A decode (or verify) step of host rows q [B, H, T, D] over a TurboQuant cache, all in
+    C as ``decode_layers`` computes it: this step's keys and values coded (``kv_turbo_encode``)
+    and stored, q rotated into the keys' space, attention over the codes, the output rotated
+    back. None when this path does not apply (the caller's path then runs)."""
+    from . import GEMV_MAX_ROWS
+    T = q.shape[2] if type(q) is np.ndarray and q.ndim == 4 else 0
+    if (not 1 <= T <= GEMV_MAX_ROWS or getattr(cache, "layout", None) != "turboquant" or not cache.held
+            or not _coded_ok(cache, q.shape[-1]) or q.shape[1] % cache.kv_heads):
+        return None
+    kn, vn = (np.asarray(a, np.float32) if type(a) is np.ndarray else np.asarray(a.astype(mx.float32)) for a in (k, v))
+    _store_parts(cache, {"k": _encode_host(cache, kn, "k"), "v": _encode_host(cache, vn, "v")})
+    return _attend_coded(np.ascontiguousarray(q, np.float32), cache, host_starts(mask, q.shape[0]), cache.held, scale)
+
+
+def host_coded_prompt(q, k, v, cache, mask, *, scale: float) -> np.ndarray | None:
+    """A prompt chunk's rows q [B, H, L, D] over a 4/8-bit affine or TurboQuant cache on the
+    C kernels: the chunk's keys and values coded in C and stored, then each query row
+    attends over the codes (the chunk's own included, causal from each sequence's first
+    visible key) through the decode kernels' several-token form, in blocks of query tokens.
+    Every row is computed as a one-token decode step at its place would compute it, so its
+    result does not depend on the batch, the chunking or the block. Returns a float32 host
+    array, or None when this path does not apply (nothing stored)."""
+    if q.ndim != 4 or not _coded_ok(cache, q.shape[-1]) or q.shape[1] % cache.kv_heads:
+        return None
+    B, H, L, D = q.shape
+    if not _kv_quant.causal_step(mask, L):
+        return None
+    kn, vn = (np.asarray(a, np.float32) if type(a) is np.ndarray else np.asarray(_as_mx(a).astype(mx.float32))
+              for a in (k, v))
+    _store_parts(cache, {"k": _encode_host(cache, kn, "k"), "v": _encode_host(cache, vn, "v")})
+    qn = np.ascontiguousarray(q if type(q) is np.ndarray else np.asarray(_as_mx(q).astype(mx.float32)), np.float32)
+    starts = host_starts(mask, B)
+    held = cache.held
+    block = max(1, min(L, PROMPT_SCORE_FLOATS // max(1, H // cache.kv_heads * held)))
+    out = np.empty((B, H, L, D), np.float32)
+    for t0 in range(0, L, block):
+        t1 = min(L, t0 + block)
+        out[:, :, t0:t1] = _attend_coded(np.ascontiguousarray(qn[:, :, t0:t1]), cache, starts, held - L + t1, scale)
+    return out

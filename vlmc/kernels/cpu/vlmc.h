@@ -1,7 +1,7 @@
 /* vlmc CPU kernels: what the library's source files share. Each .c file holds one
  * concern (threadpool.c, gemv.c, dequant.c, kv_attention.c, gemm_i8.c, elementwise.c,
  * decode_layer.c, affine_search.c, probe.c,
- * moe.c) and includes this header first; build.py
+ * moe.c, kv_turbo.c) and includes this header first; build.py
  * compiles them into one shared library. Here: the instruction-set switches, the
  * scalar and SIMD helpers several files inline, the thread pool's interface, and the
  * prototype of every exported function (vlmc/kernels/cpu/bindings.py declares the same
@@ -378,6 +378,22 @@ VLMC_INTERNAL int kv_affine_decode_x(const float *q, const uint8_t *kc, const ui
 VLMC_INTERNAL int kv_dense_decode_t(const float *q, const float *k, const float *v, const float *xk, const float *xv,
                                     const int32_t *starts, int B, int H, int HKV, int D, int T, int cap, int held,
                                     float scale, int window, float softcap, float *out, int tok_major, int n_threads);
+/* rows of TurboQuant codes with their float32 norms (vlmc.runtime.kv_codecs.Turbo) */
+typedef struct {
+    const uint8_t *codes;
+    const float *norms;
+} kv_turbo;
+/* vlmc_kv_turbo_decode_n with this step's rows from xk / xv (as kv_affine_decode_x), a
+ * sliding window, soft-capped scores; out [B, T, H, D] where tok_major */
+VLMC_INTERNAL int kv_turbo_decode_x(const float *q, const uint8_t *kc, const float *kn, const uint8_t *vc,
+                                    const float *vn, const float *kcb, const float *vcb, const kv_turbo *xk,
+                                    const kv_turbo *xv, const int32_t *starts, int B, int H, int HKV, int D, int T,
+                                    int cap, int held, int kbits, int vbits, float scale, int window, float softcap,
+                                    float *out, int tok_major, int n_threads);
+/* kv_turbo.c: y = x @ M per row of D; TurboQuant codes and norms of rows (tmp: D floats) */
+VLMC_INTERNAL void kv_rotate_rows(const float *x, size_t rows, int D, const float *M, float *y);
+VLMC_INTERNAL void kv_turbo_encode_rows(const float *x, size_t rows, int D, int bits, const float *R,
+                                        const float *cb, uint8_t *codes, float *norms, float *tmp);
 /* vlmc_kv_affine_encode without the argument checks */
 VLMC_INTERNAL void kv_affine_encode_rows(const float *x, size_t rows, int D, int bits, int gs, uint8_t *codes,
                                          uint16_t *scales, uint16_t *mins);
@@ -440,7 +456,7 @@ typedef struct {
 } vlmc_moe;
 
 /* A layer's KV cache as vlmc_decode_layers reads and extends it (bindings.py mirrors it) */
-enum { VLMC_KV_DENSE = 0, VLMC_KV_AFFINE = 1 };
+enum { VLMC_KV_DENSE = 0, VLMC_KV_AFFINE = 1, VLMC_KV_TURBO = 2 };
 typedef struct {
     void *k, *v;                      /* dense: float32 [B, HKV, cap, D]; affine: codes [B, HKV, cap, D * bits / 8] */
     uint16_t *ks, *kb, *vs, *vb;      /* affine: bfloat16 scales and minimums [B, HKV, cap, D / gs] */
@@ -453,6 +469,13 @@ typedef struct {
     int32_t cap, held;                /* buffer columns; tokens held before this step (>= 1) */
     int32_t inplace;                  /* also write this step's T tokens into columns held .. held + T - 1 */
     int32_t window;                   /* > 0: a sliding window (a rotating cache, its oldest rows first) */
+    /* TurboQuant (VLMC_KV_TURBO): k, v codes [B, HKV, cap, D * kbits / 8] / [.., D * vbits / 8], nk, nv
+     * this step's; the attention runs in the rotated space (q R_k, its output times R_v^T) */
+    const float *kn, *vn;             /* float32 norms [B, HKV, cap] */
+    float *nkn, *nvn;                 /* out: this step's norms [B, HKV, T] */
+    const float *krot, *vrot, *vrot_t; /* [D, D]: R_k, R_v (y = x R), R_v^T */
+    const float *kcb, *vcb;           /* codebooks of 2^kbits / 2^vbits levels */
+    int32_t kbits, vbits;
 } vlmc_kv;
 
 /* ---- exported functions (0 on success, a negative code for bad arguments or no memory,
@@ -491,6 +514,10 @@ int vlmc_kv_turbo_decode(const float *q, const uint8_t *kc, const float *kn, con
                          int cap, int held, int kbits, int vbits, float scale, float *out, int n_threads);
 int vlmc_kv_affine_encode(const float *x, int64_t rows, int D, int bits, int gs, uint8_t *codes, uint16_t *scales,
                           uint16_t *mins);
+/* kv_turbo.c */
+int vlmc_kv_turbo_encode(const float *x, int64_t rows, int D, int bits, const float *R, const float *cb,
+                         uint8_t *codes, float *norms);
+int vlmc_kv_rotate(const float *x, int64_t rows, int D, const float *M, float *y);
 /* T query tokens per sequence: q [B, H, T, D] -> out [B, H, T, D]; the last T of the held
  * rows are this step's, and query t sees the keys before row held - T + 1 + t (and, with a
  * window > 0, none before row held - T + 1 + t - window); softcap > 0: soft-capped scores */
