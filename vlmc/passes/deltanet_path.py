@@ -5,7 +5,7 @@ block (``Block.fast_path``; ``kernels/cpu/deltanet.py`` runs it)."""
 from __future__ import annotations
 
 from ..ir.core import Function, Op
-from .fast_path import _GATES, _PROJ, _NoMatch
+from .fast_path import _GATES, _NoMatch, _matcher
 
 
 def deltanet_match(fn: Function, params: dict) -> tuple[Op | None, str]:
@@ -18,20 +18,7 @@ def deltanet_match(fn: Function, params: dict) -> tuple[Op | None, str]:
 
 
 def _match(fn: Function, params: dict) -> Op:
-    made = {o: op for op in fn.ops for o in op.outputs}
-    seen: set[int] = set()
-
-    def need(cond, why: str = "its wiring differs from the Gated DeltaNet layer") -> None:
-        if not cond:
-            raise _NoMatch(why)
-
-    def prod(v: str, kind: str, **attrs) -> Op:
-        op = made.get(v)
-        need(op is not None and (op.op == kind or (kind == "proj" and op.op in _PROJ)),
-             f"{v} is made by {'no op' if op is None else op.op} where the pattern has {kind}")
-        need(all(op.attrs.get(k) == a for k, a in attrs.items()), f"{op.op} making {v} has other attributes")
-        seen.add(id(op))
-        return op
+    made, seen, need, prod = _matcher(fn, "its wiring differs from the Gated DeltaNet layer")
 
     def param(v: str) -> str:
         need(isinstance(v, str) and v.startswith("@"), f"{v} is not a parameter")

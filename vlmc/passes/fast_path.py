@@ -40,22 +40,31 @@ def decode_layer_match(fn: Function) -> tuple[Op | None, str]:
         return None, str(e)
 
 
-def _match(fn: Function) -> Op:
+def _matcher(fn: Function, mismatch: str):
+    """The pattern matchers' shared pieces over ``fn``: (made: value -> the op making it,
+    seen: ids of the ops matched so far, need(cond, why=mismatch): raise _NoMatch unless
+    cond, prod(v, kind, **attrs): the op of this kind (proj: linear/qlinear) that makes v,
+    with these attrs, recorded in seen)."""
     made = {o: op for op in fn.ops for o in op.outputs}
     seen: set[int] = set()
 
-    def need(cond, why: str = "its wiring differs from the pattern") -> None:
+    def need(cond, why: str = mismatch) -> None:
         if not cond:
             raise _NoMatch(why)
 
     def prod(v: str, kind: str, **attrs) -> Op:
-        """The op of this kind (proj: linear/qlinear) that makes v, with these attrs."""
         op = made.get(v)
         need(op is not None and (op.op == kind or (kind == "proj" and op.op in _PROJ)),
              f"{v} is made by {'no op' if op is None else op.op} where the pattern has {kind}")
         need(all(op.attrs.get(k) == a for k, a in attrs.items()), f"{op.op} making {v} has other attributes")
         seen.add(id(op))
         return op
+
+    return made, seen, need, prod
+
+
+def _match(fn: Function) -> Op:
+    made, seen, need, prod = _matcher(fn, "its wiring differs from the pattern")
 
     def param(v: str | None) -> str | None:
         need(v is None or v.startswith("@"))
