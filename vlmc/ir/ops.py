@@ -112,9 +112,10 @@ def _add_rms_norm(t, a):
 
 # The KV-cache types (``kv`` of a layer, ``ir.core.KV_LAYOUTS``) each fast path reads and
 # writes: a layer whose planned cache is not listed here runs its ops (``lower`` attaches a
-# block's fast path only when every layer's cache is listed). ``quantized`` lists its bits.
+# block's fast path only when every layer's cache is listed). ``quantized`` lists its bits,
+# ``turboquant`` the bits its keys and values may each have.
 FAST_PATH_KV: dict[str, dict[str, tuple[int, ...] | None]] = {
-    "decode_layer": {"dense": None, "rotating": None, "quantized": (4, 8), "turboquant": None},
+    "decode_layer": {"dense": None, "rotating": None, "quantized": (4, 8), "turboquant": (2, 3, 4)},
     "deltanet_layer": {"recurrent": None},
 }
 
@@ -125,7 +126,11 @@ def fast_path_reads(op: str, spec: dict) -> bool:
     if spec.get("layout") not in layouts:
         return False
     bits = layouts[spec["layout"]]
-    return bits is None or spec.get("bits") in bits
+    if bits is None:
+        return True
+    if spec["layout"] == "turboquant":
+        return spec.get("k_bits") in bits and spec.get("v_bits") in bits
+    return spec.get("bits") in bits
 
 
 @rule("decode_layer")
