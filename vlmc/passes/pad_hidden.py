@@ -48,10 +48,11 @@ def _only_use(v: str, uses: dict[str, int]) -> bool:
     return uses.get(v, 0) == 1
 
 
-def _widened_rows(op: Op, made: dict[str, Op], uses: dict[str, int],
-                  width: int) -> list[tuple[Op, int, Op | None]] | None:
+def _widened_rows(op: Op, made: dict[str, Op], uses: dict[str, int], width: int,
+                  ndim: int) -> list[tuple[Op, int, Op | None]] | None:
     """The linears (with their row split into ``parts`` equal parts, and the split op
-    between, if any) that make ``op``'s hidden input of ``width`` units, or None."""
+    between, if any) that make ``op``'s hidden input of ``width`` units (``ndim`` axes), or
+    None."""
     h = op.inputs[0]
     src = made.get(h)
     if src is None or not _only_use(h, uses):
@@ -68,7 +69,7 @@ def _widened_rows(op: Op, made: dict[str, Op], uses: dict[str, int],
     if pg is None or pu is None or not (_only_use(g, uses) and _only_use(u, uses)):
         return None
     if pg is pu and pg.op == "split" and list(pg.attrs.get("sizes", [])) == [width, width] \
-            and pg.attrs.get("axis") in (-1, 2) and pg.outputs == [g, u]:
+            and pg.attrs.get("axis") in (-1, ndim - 1) and pg.outputs == [g, u]:
         lin = made.get(pg.inputs[0])
         if lin is not None and lin.op == "linear" and _only_use(pg.inputs[0], uses):
             return [(lin, 2, pg)]
@@ -100,7 +101,7 @@ def _rewrite(prog: Program, fn: Function, prefixes: list[str], multiple: int, sh
         if len(w2.shape) != 2 or w2.part not in PARTS or w2.shape[-1] % multiple == 0:
             continue
         width = w2.shape[-1]
-        producers = _widened_rows(op, made, uses, width)
+        producers = _widened_rows(op, made, uses, width, len(fn.types[op.inputs[0]].shape))
         if producers is None:
             continue
         extra = -width % multiple
