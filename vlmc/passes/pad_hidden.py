@@ -7,8 +7,8 @@ then run as float GEMMs, a third of a Gemma 3 tower's time.
 
 Where that input is an MLP's hidden state this pass widens the hidden state instead, at
 no cost at run time: the projections that produce it get zero rows (and zero bias), so
-the extra hidden units are act(0) = 0 for every activation vlmc knows (``ZERO_AT_ZERO``),
-and the projection that reads it gets the same number of zero columns, which multiply
+the extra hidden units are act(0) = 0 (``ZERO_AT_ZERO``: every activation vlmc knows but
+sigmoid), and the projection that reads it gets the same number of zero columns, which multiply
 those zeros. The model computes the same function; the widened weights quantize. Matched
 shapes (one consumer each step, in a vision or projector block):
 
