@@ -187,6 +187,24 @@ def run_vlmc(m, prompts, steps=GREEDY_STEPS, *, sampler=None, logit_steps=LOGIT_
     return np.stack(toks, 1).astype(np.int64), np.stack(logits, 1)
 
 
+def chunked_prefill_logits(m, ids, sizes, decode_steps=3):
+    """A prompt of token ``ids`` prefilled in chunks of ``sizes`` ([None]: whole; the last
+    size repeats until the prompt is in), then ``decode_steps`` greedy steps: the logits
+    after the prefill and after each step, as numpy arrays."""
+    from vlmc.runtime.engine import Prompt
+    from vlmc.runtime.step import Sequences
+    seqs = Sequences.start(m.decoder, [m.prompt_inputs(Prompt(ids=ids))])
+    for size in sizes:
+        logits = seqs.prefill(size)
+    while not seqs.prefill_done:
+        logits = seqs.prefill(sizes[-1])
+    out = [np.array(logits)]
+    for _ in range(decode_steps):
+        logits = seqs.decode(mx.argmax(logits, -1).astype(mx.int32))
+        out.append(np.array(logits))
+    return out
+
+
 def check_outputs(tokens, logits, ref, what=""):
     """tokens [steps], logits [n, V] of one sequence against a reference."""
     top2 = np.sort(ref["greedy_logits"], -1)[:, -2:]

@@ -100,22 +100,9 @@ def test_q4_prompt_in_chunks_equals_the_whole_prefill(demo_q4, chunks):
     """A prompt prefilled in chunks (the server's budgeted prefill, the rest of a prompt after
     a prefix-cache hit) takes the prompt kernels even where a chunk is as short as a decode
     step: the logits after it and after every decode step equal the whole prefill's."""
-    from vlmc.runtime.engine import Prompt
-    from vlmc.runtime.step import Sequences
+    from parity_kit import chunked_prefill_logits
     rng = np.random.default_rng(4)
     ids = [int(t) for t in rng.integers(10, demo_q4.tokenizer.vocab_size - 10, 37)]
-
-    def run(sizes):
-        seqs = Sequences.start(demo_q4.decoder, [demo_q4.prompt_inputs(Prompt(ids=ids))])
-        for size in sizes:
-            logits = seqs.prefill(size)
-        while not seqs.prefill_done:
-            logits = seqs.prefill(sizes[-1])
-        out = [np.array(logits)]
-        for _ in range(3):
-            logits = seqs.decode(mx.argmax(logits, -1).astype(mx.int32))
-            out.append(np.array(logits))
-        return out
-
-    for step, (a, b) in enumerate(zip(run([None]), run(chunks))):
+    whole, chunked = (chunked_prefill_logits(demo_q4, ids, sizes) for sizes in ([None], chunks))
+    for step, (a, b) in enumerate(zip(whole, chunked)):
         assert np.array_equal(a, b), (chunks, step, float(np.abs(a - b).max()))

@@ -67,6 +67,20 @@ def _stored(cache) -> dict[str, np.ndarray]:
             for w in ("k", "v") for name, buf in cache.parts(w).items()}
 
 
+def _coded_prompt_calls(monkeypatch) -> list[bool]:
+    """Whether each call of the C coded-prompt path took the call (it returns None where it
+    declines), recorded in the list returned, from now on."""
+    calls: list[bool] = []
+    real = kv_decode.host_coded_prompt
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setattr(cpu_ops, "_host_coded_prompt", spy)
+    return calls
+
+
 @pytest.mark.parametrize("layout", list(SPECS))
 @pytest.mark.parametrize("heads,kv_heads,dim", [(6, 2, 128), (14, 2, 64), (3, 3, 64)])
 @pytest.mark.parametrize("score_floats", [None, 3000])
@@ -169,14 +183,7 @@ def test_prompt_over_codes_takes_the_c_path_for_mlx_inputs_too(monkeypatch):
     host = _prompt(_cache(spec, 1, 2, 64), q, k, v, np.array([0]))
     mlx = _prompt(_cache(spec, 1, 2, 64), q, k, v, np.array([0]), host=False)
     assert np.array_equal(host, mlx)
-    calls = []
-    real = kv_decode.host_coded_prompt
-
-    def spy(*a, **kw):
-        out = real(*a, **kw)
-        calls.append(out is not None)
-        return out
-    monkeypatch.setattr(cpu_ops, "_host_coded_prompt", spy)
+    calls = _coded_prompt_calls(monkeypatch)
     cache = _cache(spec, 1, 2, 64)
     mask = attention_mask(mx.array([0], dtype=mx.int32), 0, 40, True)
     mask = mask | (mx.arange(40)[None, None, :, None] < 8) & (mx.arange(40)[None, None, None, :] < 8)  # an image span
@@ -206,32 +213,17 @@ def test_model_prefill_over_codes_in_chunks(tiny_art, name, monkeypatch):
     cache). The trained demo model moves 0.05 nats under 8-bit KV already, so a difference
     of rounding size in each layer's attention (int8 query codes) shows as ~0.05 here: the
     attention itself is checked against its reference above."""
+    from parity_kit import chunked_prefill_logits
     from vlmc.runtime.engine import Prompt
     from vlmc.runtime.step import Sequences
     m = tiny_art[name]
     rng = np.random.default_rng(5)
     ids = [int(t) for t in rng.integers(10, m.tokenizer.vocab_size - 10, 45)]
-    calls = []
-    real = kv_decode.host_coded_prompt
-
-    def spy(*a, **kw):
-        out = real(*a, **kw)
-        calls.append(out is not None)
-        return out
 
     def run(sizes):
-        seqs = Sequences.start(m.decoder, [m.prompt_inputs(Prompt(ids=ids))])
-        for size in sizes:
-            logits = seqs.prefill(size)
-        while not seqs.prefill_done:
-            logits = seqs.prefill(sizes[-1])
-        out = [np.array(logits)]
-        for _ in range(3):
-            logits = seqs.decode(mx.argmax(logits, -1).astype(mx.int32))
-            out.append(np.array(logits))
-        return out
+        return chunked_prefill_logits(m, ids, sizes)
 
-    monkeypatch.setattr(cpu_ops, "_host_coded_prompt", spy)
+    calls = _coded_prompt_calls(monkeypatch)
     whole = run([None])
     assert calls and all(calls)
     for chunks in ([7], [30, 3, 4]):

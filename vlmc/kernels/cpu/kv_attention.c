@@ -244,6 +244,17 @@ static const float *kv_row_turbo(const kv_job *J, int v, size_t base, int i, flo
 }
 
 #if defined(__AVX512F__)
+/* nr (<= 16) scaled scores of 16 key rows, soft-capped where the job says, to dst */
+static ALWAYS void kv_store16(const kv_job *J, float *dst, __m512 x, int nr) {
+    if (J->softcap > 0.f) {
+        float tmp[16];
+        _mm512_storeu_ps(tmp, x);
+        for (int r = 0; r < nr; r++) dst[r] = kv_cap(J, tmp[r]);
+    } else {
+        _mm512_mask_storeu_ps(dst, nr == 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1), x);
+    }
+}
+
 #define KVD_SIMD 1
 #define KVD_HB 6     /* query heads per pass (a 7:1 or wider group takes two) */
 #define KVD_ROWS 128 /* cached rows per block */
@@ -618,19 +629,9 @@ static ALWAYS void kvq_scores(const kv_job *J, int bk, int r0, int r1, float *sc
                     }
                 }
             }
-            const __mmask16 out = nr == 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
             UNROLL for (int h = 0; h < KVD_HB; h++)
-                if (h < hb) {
-                    float *dst = sc + (size_t)(h0 + h) * sst + (i0 - r0);
-                    const __m512 x = _mm512_mul_ps(s[h], _mm512_set1_ps(J->scale));
-                    if (J->softcap > 0.f) {
-                        float tmp[16];
-                        _mm512_storeu_ps(tmp, x);
-                        for (int r = 0; r < nr; r++) dst[r] = kv_cap(J, tmp[r]);
-                    } else {
-                        _mm512_mask_storeu_ps(dst, out, x);
-                    }
-                }
+                if (h < hb)
+                    kv_store16(J, sc + (size_t)(h0 + h) * sst + (i0 - r0), _mm512_mul_ps(s[h], _mm512_set1_ps(J->scale)), nr);
         }
     }
 }
@@ -928,7 +929,6 @@ static ALWAYS void kvt_scores(const kv_job *J, int bk, float *sc, float *lv) {
             _mm512_storeu_ps(lv + 16 * (size_t)d, _mm512_permutexvar_ps(_mm512_and_si512(x, mask), cbv));
         }
         const __m512 fv = _mm512_loadu_ps(f);
-        const __mmask16 out = nr == 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
         for (int h0 = 0; h0 < RT; h0 += KVD_HB) {
             const int hb = RT - h0 < KVD_HB ? RT - h0 : KVD_HB;
             const float *q[KVD_HB];
@@ -936,17 +936,7 @@ static ALWAYS void kvt_scores(const kv_job *J, int bk, float *sc, float *lv) {
             UNROLL for (int h = 0; h < KVD_HB; h++) q[h] = q_row(J, b, hk, h0 + (h < hb ? h : 0));
             kvt_pass(lv, D, q, acc);
             UNROLL for (int h = 0; h < KVD_HB; h++)
-                if (h < hb) {
-                    float *dst = sc + (size_t)(h0 + h) * sst + i0;
-                    const __m512 x = _mm512_mul_ps(acc[h], fv);
-                    if (J->softcap > 0.f) {
-                        float tmp[16];
-                        _mm512_storeu_ps(tmp, x);
-                        for (int r = 0; r < nr; r++) dst[r] = kv_cap(J, tmp[r]);
-                    } else {
-                        _mm512_mask_storeu_ps(dst, out, x);
-                    }
-                }
+                if (h < hb) kv_store16(J, sc + (size_t)(h0 + h) * sst + i0, _mm512_mul_ps(acc[h], fv), nr);
         }
     }
 }
