@@ -126,16 +126,21 @@ def deltanet_layers(x, mask, caches, layers, *, eps1: float, eps2: float, eps_o:
         if hc is None or hs is None:
             return None
         befores.append((conv, state, hc, hs))
-    # each layer's step outputs, in one buffer: rows, conv after, state after, k, v, g, beta
+    # each layer's step outputs: the state after in one buffer, its records (rows, conv after,
+    # k, v, g, beta) in another, so the records a cache keeps for many steps do not pin the
+    # states it drops (a row slice keeps its whole buffer alive)
     sizes = [B * chans, B * (conv_kernel - 1) * chans, B * value_heads * key_dim * value_dim,
              B * value_heads * key_dim, B * value_heads * value_dim, B * value_heads, B * value_heads]
-    per = sum(sizes)
-    outs = np.empty((len(layers), per), np.float32)
+    outs = np.empty((len(layers), sizes[2]), np.float32)
+    rec_outs = np.empty((len(layers), sum(sizes) - sizes[2]), np.float32)
     recs = []
     for i, (_, _, hc, hs) in enumerate(befores):
         parts, at = [], 0
-        for n in sizes:
-            parts.append(outs[i, at:at + n])
+        for j, n in enumerate(sizes):
+            if j == 2:
+                parts.append(outs[i])
+                continue
+            parts.append(rec_outs[i, at:at + n])
             at += n
         recs.append((hc.ctypes.data, hs.ctypes.data, *(p.ctypes.data for p in parts)))
     states = (_State * len(layers))(*(_State(*r) for r in recs))
@@ -146,12 +151,12 @@ def deltanet_layers(x, mask, caches, layers, *, eps1: float, eps2: float, eps_o:
     _check(lib.vlmc_deltanet_layers(ptrs, states, len(layers), xn.ctypes.data,
                                     None if normed is None else normed.ctypes.data, B, out.ctypes.data, n_threads),
            "deltanet_layers")
-    for cache, (conv, state, _, _), row in zip(caches, befores, mx.array(outs)):
+    for cache, (conv, state, _, _), row, state_after in zip(caches, befores, mx.array(rec_outs), mx.array(outs)):
         parts, at = [], 0
-        for n in sizes:
+        for n in sizes[:2] + sizes[3:]:
             parts.append(row[at:at + n])
             at += n
-        rows, conv_after, state_after, k, v, g, beta = parts
+        rows, conv_after, k, v, g, beta = parts
         cache.conv_step(conv, rows.reshape(B, 1, chans), conv_after.reshape(conv_shape))
         heads = (B, value_heads, 1)
         cache.delta_step(state, k.reshape(*heads, key_dim), v.reshape(*heads, value_dim), g.reshape(heads),
