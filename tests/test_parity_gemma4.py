@@ -282,6 +282,10 @@ def test_moe_quantized_tracks_float(store, scheme):
     info = store.ckpt("gemma4_text", moe=True)
     src = (store.artifact(info, quantize=scheme) / "model.py").read_text()
     assert src.count("ops.qmoe_experts(") == 4 and "ops.moe_experts(" not in src
+    from vlmc.bench import weight_roofline
+    from vlmc.runtime.artifact import read_manifest
+    roof = weight_roofline(read_manifest(store.artifact(info, quantize=scheme)))
+    assert roof["routed_expert_bytes"] == roof["all_expert_bytes"] * 2 // 6 > 0  # top 2 of 6 experts read
     moe, dense = strays(info), strays(store.ckpt("gemma4_text"))
     assert moe < 1.5 * dense, (moe, dense)
 
