@@ -65,6 +65,8 @@ SIGNATURES: dict[str, tuple] = {
     "vlmc_moe_experts": (I, [P, P, I, I, P, P, P, I]),
     # deltanet.c
     "vlmc_deltanet_layers": (I, [P, P, I, P, P, I, P, I]),
+    # deltanet_prompt.c
+    "vlmc_deltanet_prompt": (I, [P, P, I, I, P, P, P, P, P, I]),
 }
 
 
