@@ -5,14 +5,19 @@ L2-normed heads, the gates, the delta-rule recurrence, the gated norm, the outpu
 projection and the gated MLP, instead of some 25 op calls, several of them lazy MLX graphs.
 
 It applies to a decode step (one new token per sequence, up to GEMV_MAX_ROWS sequences,
-never a prompt's rows) whose caches are ``StateCache``s holding a state (after a prompt),
-and returns None otherwise (the generated layer then runs its ops). The C code reads the
-cache's conv inputs and state and writes new ones; the step is then recorded in the cache
-through its own interface (``conv_step``, ``delta_step``) with the same inputs the ops
-would record (conv inputs; l2-normed keys, values, decays, rates), so rewinding (``trim``),
-batch reshaping and prefix snapshots work on it as on an op step. The result is the ops'
-to float32 rounding (the C reductions sum in their own order), and a row's result does not
-depend on the other rows of the batch.
+never a prompt's rows) whose caches are ``StateCache``s holding a state (after a prompt).
+Any other step of ``StateCache``s (a prompt chunk, a verify step's several tokens, a fresh
+cache, more sequences) takes the prompt path (``_prompt_layers``): the layer's norms,
+projections and MLP as the generated body's ``cpu_ops`` calls, the part between the in-
+and output projections in one C call (``vlmc_deltanet_prompt`` in ``deltanet_prompt.c``,
+the recurrence token by token). Otherwise it returns None (the generated layer then runs
+its ops). The C code reads the cache's conv inputs and state and writes new ones; the step
+is then recorded in the cache through its own interface (``conv_step``, ``delta_step``)
+with the same inputs the ops would record (conv inputs; l2-normed keys, values, decays,
+rates), so rewinding (``trim``), batch reshaping and prefix snapshots work on it as on an
+op step. The result is the ops' to float32 rounding (the C reductions sum in their own
+order, the ops' prompts use the chunked form), and a row's result depends neither on the
+other rows of the batch nor on where its prompt was cut into chunks.
 """
 from __future__ import annotations
 
