@@ -302,3 +302,22 @@ def test_trim_into_a_prompt_chunk_restores_the_ops_states():
     for c, o in zip(caches, shorter):
         for name, a, b in zip(("conv", "state"), _state(c), _state(o)):
             _close(a, b, f"{name} after trim", 5e-5)
+
+
+def test_steps_the_decode_call_does_not_take_run_the_prompt_call():
+    """Several tokens per sequence outside a prompt (a verify step) and more sequences than
+    the decode call takes: the C prompt path, the ops' result within rounding."""
+    s, layers, _, _ = _setup("conv3", "f32", 1, n_layers=2, seed=9)
+    rng = np.random.default_rng(10)
+    for B, T in ((2, 4), (cpu.GEMV_MAX_ROWS + 1, 1)):
+        xs = mx.array(rng.standard_normal((B, PROMPT + T, s["hidden"])).astype(np.float32))
+        pad = [0] * B
+        fast_caches, ops_caches = (_prompted(s, layers, xs[:, :PROMPT], pad) for _ in range(2))
+        mask = attention_mask(B, T, PROMPT, pad)
+        x = np.array(xs[:, PROMPT:])
+        fast = cpu_ops.deltanet_layers(x, mask, fast_caches, layers, **_attrs(s))
+        assert fast is not None
+        _close(fast, _ops_stack(s, layers, x, mask, ops_caches), f"{B} x {T} step", 5e-5)
+        for fc, oc in zip(fast_caches, ops_caches):
+            for name, a, b in zip(("conv", "state"), _state(fc), _state(oc)):
+                _close(a, b, f"{B} x {T} step {name}", 5e-5)
