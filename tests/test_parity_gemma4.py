@@ -8,7 +8,8 @@ prompt position and at each of 16 greedy steps, the 16 greedy tokens identical: 
 one image, two images, an image in an earlier turn (and wide/tall images); sharded and
 bfloat16 checkpoints. Then the ops Gemma 4 adds against the transformers modules they
 replace, the KV plan (only the layers that own a cache get one, each with its own head
-size; the KV-shared layers read their producer's) and the inputs it refuses. The MoE
+size; the KV-shared layers read their producer's) and the inputs it refuses (video parity:
+``test_parity_video.py``). The MoE
 decoder (``enable_moe_block``) on its own fixture: parity, routing, batching, quantized.
 """
 from __future__ import annotations
@@ -210,12 +211,19 @@ def test_select_layer_takes_the_running_layers_slice():
 # ------------------------------------------------------------------------------ refusals
 
 
-def test_video_input_is_refused_naming_what_is_supported(store):
-    from vlmc.runtime.video import Video
+def test_audio_and_videos_without_a_tower_are_refused(store, tmp_path):
+    """The audio tower is not read: an audio placeholder in a prompt is one error naming what
+    is taken; ``gemma4_text`` (no vision tower) takes no media, before any decoding."""
     m = store.vlm(store.ckpt("gemma4"))
-    fake = Video.__new__(Video)
-    with pytest.raises(InputError, match="text and images"):
-        m.inputs.preprocess_media([fake])
+    assert m.inputs.video_processor is not None  # the fixture's nested video processor config
+    with pytest.raises(InputError, match="text, images and videos here; audio inputs are not supported"):
+        m.build_prompt("Listen: <|audio|>")
+    with pytest.raises(InputError, match="video placeholder"):
+        m.build_prompt("Watch: <|video|>")
+    text = store.vlm(store.ckpt("gemma4_text"))
+    assert text.inputs.video_processor is None
+    with pytest.raises(InputError, match="takes no (images|videos)"):
+        text.build_prompt("What moves?", videos=[tmp_path / "clip.mp4"])
 
 
 # ------------------------------------------------------------------------------ routed experts (26B-A4B)
