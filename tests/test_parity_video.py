@@ -8,6 +8,9 @@ float32 logits within 1e-4 at the prompt's last position and over 16 greedy step
 greedy tokens identical. Qwen2.5-VL's temporal positions depend on the sampled frame rate
 (``second_per_grid_ts``), so its cases sample at rates that give uneven spacing; Qwen3-VL's
 prompt carries each temporal patch's time (``<1.5 seconds>``) and its own frame sampler.
+SmolVLM2 and Gemma 4 (each frame an image after its ``mm:ss`` time, under the video
+processor's own soft-token budget; pixel rows equal to the real rows of
+``pixel_values_videos`` exactly) follow.
 """
 from __future__ import annotations
 
