@@ -226,6 +226,36 @@ def test_audio_and_videos_without_a_tower_are_refused(store, tmp_path):
         text.build_prompt("What moves?", videos=[tmp_path / "clip.mp4"])
 
 
+def test_server_takes_videos_as_generate_does(store, tmp_path):
+    """A ``video_url`` data URI to ``vlmc serve`` on a Gemma 4 artifact: the prompt
+    ``generate`` builds for the same clip and sampling (its parity with transformers:
+    ``test_parity_video.py``), and the same greedy answer; ``/v1/models`` lists video."""
+    pytest.importorskip("av")
+    import json
+
+    from fixtures.videos import make_clip
+    from serve_helpers import LiveServer, data_uri
+    info = store.ckpt("gemma4")
+    m = store.vlm(info)
+    clip = make_clip(tmp_path / "clip.mp4", n=13, width=56, height=40, fps=4)
+    question = [{"type": "text", "text": "What moves?"}]
+    want = m.generate(messages=[{"role": "user", "content": [
+        {"type": "video", "video": str(clip), "num_frames": 3}, *question]}], max_tokens=4, temperature=0)
+    server = LiveServer(str(store.artifact(info)))
+    try:
+        models = json.loads(server.get("/v1/models")[2])["data"]
+        assert "video" in json.dumps(models)
+        status, body = server.post("/v1/chat/completions", {
+            "model": models[0]["id"], "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": data_uri(clip, "video/mp4"), "num_frames": 3}},
+                *question]}]})
+    finally:
+        server.stop()
+    assert status == 200, body
+    assert body["usage"]["prompt_tokens"] == want.prompt_tokens and want.text
+    assert body["choices"][0]["message"]["content"] == want.text
+
+
 # ------------------------------------------------------------------------------ routed experts (26B-A4B)
 
 MOE_CASES = [("gemma4_text", "text"), ("gemma4_text", "chat"), ("gemma4", "one_image"), ("gemma4", "multi_turn")]
