@@ -83,3 +83,15 @@ def test_frames_patched_row_major():
     row = 1 * 18 + 2 * 6 + 5   # frame 1, patch row 2, patch column 5
     want = frames[1, 8:12, 20:24].reshape(-1).astype(np.float32) / np.float32(255)
     np.testing.assert_array_equal(out.pixel_values[row], want)
+
+
+def test_hub_processor_config_gives_the_video_budget_not_the_image_one():
+    """gemma-4-E2B-it's processor_config.json (``benchmarks/reference_configs``): the nested
+    video processor, 70 soft tokens and 32 frames, where its image processor has 280."""
+    import json
+    from pathlib import Path
+    ref = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "reference_configs" / "gemma4.json")
+                     .read_text())["processor_config.json"]
+    spec = video_spec_from_config(ref["video_processor"])
+    assert (spec["max_soft_tokens"], spec["num_frames"], spec["do_normalize"]) == (70, 32, True)
+    assert ref["image_processor"]["max_soft_tokens"] == 280

@@ -226,6 +226,32 @@ def test_audio_and_videos_without_a_tower_are_refused(store, tmp_path):
         text.build_prompt("What moves?", videos=[tmp_path / "clip.mp4"])
 
 
+def test_video_processor_config_is_read_in_transformers_order(store, tmp_path):
+    """``processor_config.json``'s ``video_processor``, else ``video_preprocessor_config.json``,
+    else the image config (hub checkpoints have the image config in both files and a video
+    budget of its own only in the first)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from vlmc.compiler import compile as vlmc_compile
+    folder = Path(shutil.copytree(store.ckpt("gemma4")["path"], tmp_path / "ckpt"))
+    nested = json.loads((folder / "processor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps(nested["image_processor"]))
+    (folder / "video_preprocessor_config.json").write_text(json.dumps({**nested["video_processor"],
+                                                                       "max_soft_tokens": 280}))
+
+    def budget(name):
+        art = Path(vlmc_compile(str(folder), tmp_path / name, dtype="float32", target="cpu"))
+        return json.loads((art / "processor.json").read_text())["video"]["max_soft_tokens"]
+    assert budget("nested") == nested["video_processor"]["max_soft_tokens"] == 140
+    (folder / "processor_config.json").write_text(json.dumps({k: v for k, v in nested.items()
+                                                              if k != "video_processor"}))
+    assert budget("own-file") == 280
+    (folder / "video_preprocessor_config.json").unlink()
+    assert budget("image-config") == nested["image_processor"]["max_soft_tokens"] == 70
+
+
 def test_server_takes_videos_as_generate_does(store, tmp_path):
     """A ``video_url`` data URI to ``vlmc serve`` on a Gemma 4 artifact: the prompt
     ``generate`` builds for the same clip and sampling (its parity with transformers:
