@@ -13,14 +13,14 @@ Image and video tokens attend causally, as the text does (the decoders of
 
 The encoder runs on every image's (and video frame's) real patches packed one after
 another: each patch's table rows (its column, and the table size plus its row), its
-(column, row) for the 2D rope, a block mask that keeps each image and frame to itself, and for each soft token the
-k x k patches of its cell (cells row-major, as transformers' pooler orders them).
+(column, row) for the 2D rope, a block mask that keeps each image and frame to itself,
+and for each soft token the k x k patches of its cell (cells row-major, as transformers'
+pooler orders them).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import re
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
