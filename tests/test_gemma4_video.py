@@ -22,7 +22,8 @@ def _proc(**cfg):
     (50, 10.0, None, 16, 32), (15, 5.0, 1.5, None, None), (300, 29.97, 1.0, None, None), (7, 5.0, 30.0, None, None)])
 def test_sampler_matches_transformers(total, video_fps, fps, num, config_frames):
     """transformers' sampler: ``num_frames`` (the call's, else the processor's) wins over
-    ``fps``, so fps sampling is compared against a processor whose num_frames is None."""
+    ``fps`` (its processor call refuses the two together), so fps sampling is compared
+    against a processor whose num_frames is None."""
     from fixtures.torchvision_loader import import_torchvision
     if import_torchvision() is None:
         pytest.skip("torchvision (the test extra) is not installed")

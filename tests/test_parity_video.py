@@ -275,7 +275,7 @@ def gemma4(tmp_path_factory):
     cfg = json.loads((path / "processor_config.json").read_text())
     strip = lambda d, key: {k: v for k, v in d.items() if k != key}  # noqa: E731
     procs = {}
-    for fps_sampling in (False, True):  # with num_frames set, transformers' sampler ignores fps
+    for fps_sampling in (False, True):  # transformers refuses fps beside a num_frames, its default included
         video_cfg = strip(cfg["video_processor"], "video_processor_type")
         video = Gemma4VideoProcessor(**(dict(video_cfg, num_frames=None) if fps_sampling else video_cfg))
         procs[fps_sampling] = Gemma4Processor(
