@@ -282,6 +282,54 @@ def test_server_takes_videos_as_generate_does(store, tmp_path):
     assert body["choices"][0]["message"]["content"] == want.text
 
 
+def test_second_question_about_a_video_reuses_features_and_prefix_blocks(store, tmp_path):
+    """Through the batching loop: the same clip again encodes nothing and imports the KV
+    blocks of its frames (their times and soft tokens), and answers as a fresh model does.
+    The prompt fits one prefill chunk: past it the sliding-window caches drop their oldest
+    tokens and the prefix cache keeps no blocks of any Gemma 4 prompt (video or not)."""
+    pytest.importorskip("av")
+    import threading
+
+    from fixtures.videos import make_clip
+    from vlmc.runtime.batcher import Batcher, FinishEvent, Job, TokenEvent
+    from vlmc.runtime.prefix_cache import PrefixCache
+    from vlmc.runtime.vision_cache import VisionFeatureCache
+    m = store.vlm(store.ckpt("gemma4"))
+    clip = make_clip(tmp_path / "clip.mp4", n=13, width=56, height=40, fps=4)
+
+    def prompt(question):
+        return m.build_prompt(messages=[{"role": "user", "content": [
+            {"type": "video", "video": str(clip), "num_frames": 3}, {"type": "text", "text": question}]}])
+
+    def ask(batcher, p):
+        done, seen = threading.Event(), {"tokens": []}
+
+        def emit(ev):
+            if isinstance(ev, TokenEvent):
+                seen["tokens"].append(ev.token)
+            if isinstance(ev, FinishEvent):
+                seen["cached"] = ev.cached_tokens
+                done.set()
+        batcher.submit(Job(p, emit, max_tokens=4))
+        assert done.wait(120)
+        return seen["cached"], seen["tokens"]
+
+    vision = VisionFeatureCache()
+    batcher = Batcher(m, vision_cache=vision, prefix_cache=PrefixCache(), max_batch=1)
+    try:
+        assert ask(batcher, prompt("What moves first?"))[0] == 0
+        second = prompt("Where does the disc go?")
+        cached, tokens = ask(batcher, second)
+        assert vision.stats()["hits"] == 1 and vision.stats()["misses"] == 1
+        last_frame = len(second.ids) - 1 - second.ids[::-1].index(m.inputs.video_token_id)
+        assert cached > last_frame - 32  # every whole block up to the question
+    finally:
+        batcher.shutdown()
+    assert tokens == m.generate(messages=[{"role": "user", "content": [
+        {"type": "video", "video": str(clip), "num_frames": 3}, {"type": "text", "text": "Where does the disc go?"}]}],
+        max_tokens=4, temperature=0).token_ids
+
+
 # ------------------------------------------------------------------------------ routed experts (26B-A4B)
 
 MOE_CASES = [("gemma4_text", "text"), ("gemma4_text", "chat"), ("gemma4", "one_image"), ("gemma4", "multi_turn")]
