@@ -285,8 +285,9 @@ def test_server_takes_videos_as_generate_does(store, tmp_path):
 def test_second_question_about_a_video_reuses_features_and_prefix_blocks(store, tmp_path):
     """Through the batching loop: the same clip again encodes nothing and imports the KV
     blocks of its frames (their times and soft tokens), and answers as a fresh model does.
-    The prompt fits one prefill chunk: past it the sliding-window caches drop their oldest
-    tokens and the prefix cache keeps no blocks of any Gemma 4 prompt (video or not)."""
+    The prompt fits one prefill chunk: a prompt that runs well past the sliding window has
+    its oldest tokens dropped from those caches, and the prefix cache then keeps none of
+    its blocks (video or not)."""
     pytest.importorskip("av")
     import threading
 
