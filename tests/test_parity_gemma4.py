@@ -8,7 +8,8 @@ prompt position and at each of 16 greedy steps, the 16 greedy tokens identical: 
 one image, two images, an image in an earlier turn (and wide/tall images); sharded and
 bfloat16 checkpoints. Then the ops Gemma 4 adds against the transformers modules they
 replace, the KV plan (only the layers that own a cache get one, each with its own head
-size; the KV-shared layers read their producer's) and the inputs it refuses. The MoE
+size; the KV-shared layers read their producer's) and the inputs it refuses (video parity:
+``test_parity_video.py``). The MoE
 decoder (``enable_moe_block``) on its own fixture: parity, routing, batching, quantized.
 """
 from __future__ import annotations
@@ -210,12 +211,124 @@ def test_select_layer_takes_the_running_layers_slice():
 # ------------------------------------------------------------------------------ refusals
 
 
-def test_video_input_is_refused_naming_what_is_supported(store):
-    from vlmc.runtime.video import Video
+def test_audio_and_videos_without_a_tower_are_refused(store, tmp_path):
+    """The audio tower is not read: an audio placeholder in a prompt is one error naming what
+    is taken; ``gemma4_text`` (no vision tower) takes no media, before any decoding."""
     m = store.vlm(store.ckpt("gemma4"))
-    fake = Video.__new__(Video)
-    with pytest.raises(InputError, match="text and images"):
-        m.inputs.preprocess_media([fake])
+    assert m.inputs.video_processor is not None  # the fixture's nested video processor config
+    with pytest.raises(InputError, match="text, images and videos here; audio inputs are not supported"):
+        m.build_prompt("Listen: <|audio|>")
+    with pytest.raises(InputError, match="video placeholder"):
+        m.build_prompt("Watch: <|video|>")
+    text = store.vlm(store.ckpt("gemma4_text"))
+    assert text.inputs.video_processor is None
+    with pytest.raises(InputError, match="takes no (images|videos)"):
+        text.build_prompt("What moves?", videos=[tmp_path / "clip.mp4"])
+
+
+def test_video_processor_config_is_read_in_transformers_order(store, tmp_path):
+    """``processor_config.json``'s ``video_processor``, else ``video_preprocessor_config.json``,
+    else the image config (hub checkpoints have the image config in both files and a video
+    budget of its own only in the first)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from vlmc.compiler import compile as vlmc_compile
+    folder = Path(shutil.copytree(store.ckpt("gemma4")["path"], tmp_path / "ckpt"))
+    nested = json.loads((folder / "processor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps(nested["image_processor"]))
+    (folder / "video_preprocessor_config.json").write_text(json.dumps({**nested["video_processor"],
+                                                                       "max_soft_tokens": 280}))
+
+    def budget(name):
+        art = Path(vlmc_compile(str(folder), tmp_path / name, dtype="float32", target="cpu"))
+        return json.loads((art / "processor.json").read_text())["video"]["max_soft_tokens"]
+    assert budget("nested") == nested["video_processor"]["max_soft_tokens"] == 140
+    (folder / "processor_config.json").write_text(json.dumps({k: v for k, v in nested.items()
+                                                              if k != "video_processor"}))
+    assert budget("own-file") == 280
+    (folder / "video_preprocessor_config.json").unlink()
+    assert budget("image-config") == nested["image_processor"]["max_soft_tokens"] == 70
+
+
+def test_server_takes_videos_as_generate_does(store, tmp_path):
+    """A ``video_url`` data URI to ``vlmc serve`` on a Gemma 4 artifact: the prompt
+    ``generate`` builds for the same clip and sampling (its parity with transformers:
+    ``test_parity_video.py``), and the same greedy answer; ``/v1/models`` lists video."""
+    pytest.importorskip("av")
+    import json
+
+    from fixtures.videos import make_clip
+    from serve_helpers import LiveServer, data_uri
+    info = store.ckpt("gemma4")
+    m = store.vlm(info)
+    clip = make_clip(tmp_path / "clip.mp4", n=13, width=56, height=40, fps=4)
+    question = [{"type": "text", "text": "What moves?"}]
+    want = m.generate(messages=[{"role": "user", "content": [
+        {"type": "video", "video": str(clip), "num_frames": 3}, *question]}], max_tokens=4, temperature=0)
+    server = LiveServer(str(store.artifact(info)))
+    try:
+        models = json.loads(server.get("/v1/models")[2])["data"]
+        assert "video" in json.dumps(models)
+        status, body = server.post("/v1/chat/completions", {
+            "model": models[0]["id"], "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": data_uri(clip, "video/mp4"), "num_frames": 3}},
+                *question]}]})
+    finally:
+        server.stop()
+    assert status == 200, body
+    assert body["usage"]["prompt_tokens"] == want.prompt_tokens and want.text
+    assert body["choices"][0]["message"]["content"] == want.text
+
+
+def test_second_question_about_a_video_reuses_features_and_prefix_blocks(store, tmp_path):
+    """Through the batching loop: the same clip again encodes nothing and imports the KV
+    blocks of its frames (their times and soft tokens), and answers as a fresh model does.
+    The prompt fits one prefill chunk: a prompt that runs well past the sliding window has
+    its oldest tokens dropped from those caches, and the prefix cache then keeps none of
+    its blocks (video or not)."""
+    pytest.importorskip("av")
+    import threading
+
+    from fixtures.videos import make_clip
+    from vlmc.runtime.batcher import Batcher, FinishEvent, Job, TokenEvent
+    from vlmc.runtime.prefix_cache import PrefixCache
+    from vlmc.runtime.vision_cache import VisionFeatureCache
+    m = store.vlm(store.ckpt("gemma4"))
+    clip = make_clip(tmp_path / "clip.mp4", n=13, width=56, height=40, fps=4)
+
+    def prompt(question):
+        return m.build_prompt(messages=[{"role": "user", "content": [
+            {"type": "video", "video": str(clip), "num_frames": 3}, {"type": "text", "text": question}]}])
+
+    def ask(batcher, p):
+        done, seen = threading.Event(), {"tokens": []}
+
+        def emit(ev):
+            if isinstance(ev, TokenEvent):
+                seen["tokens"].append(ev.token)
+            if isinstance(ev, FinishEvent):
+                seen["cached"] = ev.cached_tokens
+                done.set()
+        batcher.submit(Job(p, emit, max_tokens=4))
+        assert done.wait(120)
+        return seen["cached"], seen["tokens"]
+
+    vision = VisionFeatureCache()
+    batcher = Batcher(m, vision_cache=vision, prefix_cache=PrefixCache(), max_batch=1)
+    try:
+        assert ask(batcher, prompt("What moves first?"))[0] == 0
+        second = prompt("Where does the disc go?")
+        cached, tokens = ask(batcher, second)
+        assert vision.stats()["hits"] == 1 and vision.stats()["misses"] == 1
+        last_frame = len(second.ids) - 1 - second.ids[::-1].index(m.inputs.video_token_id)
+        assert cached > last_frame - 32  # every whole block up to the question
+    finally:
+        batcher.shutdown()
+    assert tokens == m.generate(messages=[{"role": "user", "content": [
+        {"type": "video", "video": str(clip), "num_frames": 3}, {"type": "text", "text": "Where does the disc go?"}]}],
+        max_tokens=4, temperature=0).token_ids
 
 
 # ------------------------------------------------------------------------------ routed experts (26B-A4B)

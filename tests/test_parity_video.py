@@ -8,6 +8,9 @@ float32 logits within 1e-4 at the prompt's last position and over 16 greedy step
 greedy tokens identical. Qwen2.5-VL's temporal positions depend on the sampled frame rate
 (``second_per_grid_ts``), so its cases sample at rates that give uneven spacing; Qwen3-VL's
 prompt carries each temporal patch's time (``<1.5 seconds>``) and its own frame sampler.
+SmolVLM2 and Gemma 4 (each frame an image after its ``mm:ss`` time, under the video
+processor's own soft-token budget; pixel rows equal to the real rows of
+``pixel_values_videos`` exactly) follow.
 """
 from __future__ import annotations
 
@@ -127,8 +130,8 @@ def store(tmp_path_factory):
     return Store(tmp_path_factory.mktemp("video-parity"))
 
 
-def _case(tmp_path, name):
-    specs, sampling, image_sizes, order = CASES[name]
+def _case(tmp_path, name, cases=CASES):
+    specs, sampling, image_sizes, order = cases[name]
     clips = [make_clip(tmp_path / f"{name}-{i}.mp4", n=n, width=w, height=h, fps=fps, seed=i)
              for i, (n, w, h, fps) in enumerate(specs)]
     images = [ck.make_test_image(w, h, seed=20 + i) for i, (w, h) in enumerate(image_sizes)]
@@ -247,3 +250,82 @@ def test_llava_and_idefics3_refuse_videos(tmp_path):
         assert m.inputs.video_processor is None
         with pytest.raises(InputError, match="takes no videos"):
             m.generate("What moves?", videos=[clip], max_tokens=1)
+
+
+# ------------------------------------------------------------------------------ Gemma 4
+# name -> (clips: (frames, width, height, fps), the sampling, images (w, h), content order);
+# no sampling: the checkpoint's num_frames (6)
+GEMMA4_CASES = {
+    "one_video": ([(23, 100, 70, 8)], {}, [], "v"),
+    "video_num_frames": ([(17, 64, 90, 6)], {"num_frames": 5}, [], "v"),
+    "image_then_video_fps": ([(15, 90, 60, 5)], {"fps": 1.5}, [(80, 56)], "iv"),
+    "video_image_video": ([(11, 90, 60, 10), (13, 56, 56, 3)], {"num_frames": 3}, [(60, 60)], "viv"),
+}
+
+
+@pytest.fixture(scope="module")
+def gemma4(tmp_path_factory):
+    from fixtures import gemma4 as g4
+    from transformers import Gemma4Processor, Gemma4VideoProcessor
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+    root = tmp_path_factory.mktemp("gemma4-video")
+    info = g4.build_gemma4_checkpoint(root / "ckpt")
+    path = Path(info["path"])
+    cfg = json.loads((path / "processor_config.json").read_text())
+    strip = lambda d, key: {k: v for k, v in d.items() if k != key}  # noqa: E731
+    procs = {}
+    for fps_sampling in (False, True):  # transformers refuses fps beside a num_frames, its default included
+        video_cfg = strip(cfg["video_processor"], "video_processor_type")
+        video = Gemma4VideoProcessor(**(dict(video_cfg, num_frames=None) if fps_sampling else video_cfg))
+        procs[fps_sampling] = Gemma4Processor(
+            feature_extractor=Gemma4AudioFeatureExtractor(),
+            image_processor=Gemma4ImageProcessorPil(**strip(cfg["image_processor"], "image_processor_type")),
+            tokenizer=ck.hf_tokenizer(path), video_processor=video, chat_template=ck.read_chat_template(path),
+            image_seq_length=g4.MAX_SOFT_TOKENS)
+    art = vlmc_compile(str(path), root / "art", dtype="float32", target="cpu")
+    return vlmc.load(art), procs, g4.hf_model(path, "gemma4")
+
+
+@pytest.mark.parametrize("case", list(GEMMA4_CASES))
+def test_gemma4_video_parity(gemma4, tmp_path, case):
+    """Gemma 4: each frame as an image after its mm:ss time, through the same vision tower."""
+    from fixtures import gemma4 as g4
+    from transformers.video_utils import read_video_pyav
+    m, procs, model = gemma4
+    sampling = GEMMA4_CASES[case][1]
+    messages, images, clips, _ = _case(tmp_path, case, GEMMA4_CASES)
+    proc = procs["fps" in sampling]
+    hf_messages = [{"role": "user", "content": [
+        {"type": "video"} if p["type"] == "video" else p for p in messages[0]["content"]]}]
+    prompt = proc.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=False)
+    videos, metas = [], []
+    for clip in clips:
+        frames, meta = read_video_pyav(str(clip), sample_indices_fn=lambda metadata, **kw: np.arange(
+            metadata.total_num_frames))
+        meta.frames_indices = None
+        videos.append(frames)
+        metas.append(meta)
+    inputs = proc(text=[prompt], images=images or None, videos=videos, video_metadata=metas, return_tensors="pt",
+                  add_special_tokens=False, **sampling)
+    for key in ("num_soft_tokens_per_image", "num_soft_tokens_per_video", "video_metadata"):
+        inputs.pop(key, None)
+    ref = ck.hf_greedy(model, dict(inputs), GREEDY_STEPS, LOGIT_STEPS,
+                       eos_token_id=[model.config.get_text_config().vocab_size + 1000])
+    assert len(ref["greedy_tokens"]) == GREEDY_STEPS
+
+    p = m.build_prompt(messages=messages, images=images)
+    np.testing.assert_array_equal(np.asarray(p.ids), inputs["input_ids"][0].numpy(), err_msg="prompt ids differ")
+    kinds = p.images.item_token_ids(m.image_token_id)
+    rows = np.cumsum([0] + [int(np.prod(g)) for g in p.images.grid_thw])
+    pick = lambda tok: [p.images.pixel_values[rows[k]:rows[k + 1]] for k, t in enumerate(kinds) if t == tok]  # noqa
+    theirs = g4.real_patches(inputs["pixel_values_videos"].numpy(), inputs["video_position_ids"].numpy())
+    np.testing.assert_array_equal(np.concatenate(pick(m.inputs.video_token_id)), theirs)
+    frames = [int(g[0]) for g, t in zip(p.images.grid_thw, kinds) if t == m.inputs.video_token_id]
+    assert frames == inputs["num_frames_per_video"].tolist()
+    if images:
+        theirs = g4.real_patches(inputs["pixel_values"].numpy(), inputs["image_position_ids"].numpy())
+        np.testing.assert_allclose(np.concatenate(pick(m.image_token_id)), theirs, rtol=0, atol=1e-5)
+    toks, logits = run_vlmc(m, [p])
+    check_outputs(toks[0], logits[0], ref, f"gemma4/{case}")
+

@@ -149,11 +149,14 @@ def _warn_slow_on_target(options: CompileOptions) -> None:
 def _runtime_files(ckpt: Checkpoint, fam, meta: dict[str, Any]) -> dict[str, Any]:
     """processor.json (the family's image preprocessing spec) and generation.json (stop ids, defaults)."""
     pre = read_json(ckpt.folder / "preprocessor_config.json", required=False)
+    nested = read_json(ckpt.folder / "processor_config.json", required=False) or {}
     if pre is None:  # transformers 5 checkpoints may keep it in processor_config.json only
-        pre = (read_json(ckpt.folder / "processor_config.json", required=False) or {}).get("image_processor")
+        pre = nested.get("image_processor")
     if pre is not None:
         spec = fam.processor_spec(pre, meta)
-        video_cfg = read_json(ckpt.folder / "video_preprocessor_config.json", required=False)
+        # transformers' order: the nested video processor, its own file, the image config
+        video_cfg = nested.get("video_processor") or read_json(ckpt.folder / "video_preprocessor_config.json",
+                                                                required=False)
         video = fam.video_spec(pre if video_cfg is None else video_cfg, meta)
         if video is not None:
             spec["video"] = video

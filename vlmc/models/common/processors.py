@@ -73,9 +73,11 @@ def make_image_processor(spec: dict) -> ImageProcessor:
 
 def make_video_processor(spec: dict) -> Any:
     """The video processor a ``processor.json`` ``video`` spec describes."""
+    from .gemma4_video import Gemma4VideoProcessor
     from .qwen_vl_video import Qwen3VideoProcessor, QwenVideoProcessor
     from .smolvlm_video import SmolVLMVideoProcessor
-    kinds = {"qwen2_vl": QwenVideoProcessor, "qwen3_vl": Qwen3VideoProcessor, "smolvlm": SmolVLMVideoProcessor}
+    kinds = {"qwen2_vl": QwenVideoProcessor, "qwen3_vl": Qwen3VideoProcessor, "smolvlm": SmolVLMVideoProcessor,
+             "gemma4": Gemma4VideoProcessor}
     if not isinstance(spec, dict) or spec.get("kind") not in kinds:
         kind = spec.get("kind") if isinstance(spec, dict) else spec
         raise ArtifactError(f"video processor spec has unknown kind {kind!r}; expected one of {', '.join(kinds)}")

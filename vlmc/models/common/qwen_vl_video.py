@@ -22,7 +22,7 @@ from ...errors import InputError, SourceError
 from .image_processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ProcessedImages
 from .qwen_vl_processor import smart_resize
 from .image_processing import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
-from .video import Sampler, Video, qwen2_vl_sampler, qwen3_vl_sampler
+from .video import Sampler, Video, qwen2_vl_sampler, qwen3_vl_sampler, value_table
 from .video_resize import resize_frames
 
 DEFAULT_FPS = 2.0  # vlmc's sampling rate when neither the request nor the checkpoint sets one
@@ -102,19 +102,7 @@ class QwenVideoProcessor:
                                 min_frames=min(int(self.spec["min_frames"]), cap), max_frames=cap)
 
     def _lookup_table(self) -> np.ndarray:
-        """[256, 3] float32: each uint8 value of each channel after the fused rescale + normalise
-        (torch: mean and std as float32 tensors times 1/rescale_factor, then (x - mean) / std)."""
-        s = self.spec
-        x = np.arange(256, dtype=np.float32)[:, None]
-        if s["do_rescale"] and s["do_normalize"]:
-            mean = np.asarray(s["image_mean"], np.float32) * np.float32(1.0 / s["rescale_factor"])
-            std = np.asarray(s["image_std"], np.float32) * np.float32(1.0 / s["rescale_factor"])
-            return ((x - mean) / std).astype(np.float32)
-        if s["do_normalize"]:
-            return ((x - np.asarray(s["image_mean"], np.float32)) / np.asarray(s["image_std"], np.float32))
-        if s["do_rescale"]:
-            return np.repeat(x * np.float32(s["rescale_factor"]), 3, axis=1)
-        return np.repeat(x, 3, axis=1)
+        return value_table(self.spec)
 
     def target_size(self, height: int, width: int, frames: int) -> tuple[int, int]:
         if self.spec["do_resize"]:

@@ -55,6 +55,23 @@ class Video:
 Sampler = Callable[[VideoMeta], np.ndarray]
 
 
+def value_table(s: dict) -> np.ndarray:
+    """[256, 3] float32: each uint8 value of each channel after a video processor's rescale
+    and normalise (``s``: do_rescale, do_normalize, rescale_factor, image_mean, image_std).
+    Both on: torch's fused step, mean and std as float32 tensors times 1/rescale_factor,
+    then (x - mean) / std."""
+    x = np.arange(256, dtype=np.float32)[:, None]
+    if s["do_rescale"] and s["do_normalize"]:
+        mean = np.asarray(s["image_mean"], np.float32) * np.float32(1.0 / s["rescale_factor"])
+        std = np.asarray(s["image_std"], np.float32) * np.float32(1.0 / s["rescale_factor"])
+        return ((x - mean) / std).astype(np.float32)
+    if s["do_normalize"]:
+        return ((x - np.asarray(s["image_mean"], np.float32)) / np.asarray(s["image_std"], np.float32))
+    if s["do_rescale"]:
+        return np.repeat(x * np.float32(s["rescale_factor"]), 3, axis=1)
+    return np.repeat(x, 3, axis=1)
+
+
 def _check_count(num_frames: int, meta: VideoMeta) -> None:
     if num_frames > meta.total_frames:
         raise InputError(f"cannot sample {num_frames} frames from a video of {meta.total_frames} frames; "

@@ -2,8 +2,8 @@
 pooling to a variable number of soft tokens between ``<|image>`` and ``<image|>``) and a
 Gemma 4 decoder (sliding-window and global layers of different head sizes, KV sharing,
 per-layer input embeddings, routed experts with ``enable_moe_block``); ``gemma4_text`` is
-the decoder alone. Text and images; the checkpoints' audio tower and video inputs are not
-supported."""
+the decoder alone. Text, images and videos (each sampled frame an image of its own, after
+its time as text); the checkpoints' audio tower is not supported."""
 from __future__ import annotations
 
 from typing import Any
@@ -23,6 +23,13 @@ class Gemma4(Family):
     def processor_spec(self, preprocessor_config: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
         from ..common.processors import spec_from_preprocessor_config
         return spec_from_preprocessor_config(preprocessor_config, "gemma4")
+
+    def video_spec(self, video_config: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any] | None:
+        """Gemma4VideoProcessor's spec; ``gemma4_text`` (no vision tower) takes no videos."""
+        if meta["inputs"].get("video_token_id") is None:
+            return None
+        from ..common.gemma4_video import video_spec_from_config
+        return video_spec_from_config(video_config)
 
     def inputs(self, meta: dict[str, Any], processor_spec: dict[str, Any], tokenizer: Any = None):
         from .inputs import Gemma4Inputs

@@ -17,7 +17,7 @@ and the pooling windows):
 - the embedder: an unweighted RMSNorm and ``embedding_projection`` to the text width,
   then the pad token's per-layer embeddings (see ``common.gemma4``).
 
-The audio tower of the checkpoints is not read: vlmc takes text and images.
+The audio tower of the checkpoints is not read: vlmc takes text, images and videos.
 """
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
         inputs.update(vision_encoder(prog, w, g, vc))
         inputs.update({k: int(raw.get(k) if raw.get(k) is not None else v) for k, v in TOKENS.items()})
         inputs["pad_token_id"] = g.pad_token_id
+        inputs["audio_token_id"] = placeholders[2]   # refused in prompts: the audio tower is not read
     prog.meta["inputs"] = inputs
     if g.moe:  # what decode reads of the experts (``vlmc bench``'s roofline)
         prog.meta["moe"] = g.moe.meta()
