@@ -63,6 +63,7 @@ SIGNATURES: dict[str, tuple] = {
     "vlmc_affine_codes": (I, [P, I, I, I, I, P, P, P, I]),
     # moe.c
     "vlmc_moe_experts": (I, [P, P, I, I, P, P, P, I]),
+    "vlmc_moe_block": (I, [P, P, I, P, P, P, I]),
     # deltanet.c
     "vlmc_deltanet_layers": (I, [P, P, I, P, P, I, P, I]),
 }

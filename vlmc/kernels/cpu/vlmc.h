@@ -571,6 +571,20 @@ int vlmc_affine_codes(const float *w, int N, int K, int gs, int bits, const floa
 int vlmc_moe_experts(const vlmc_moe *moe, const float *x, int M, int topk, const int32_t *idx, const float *wts,
                      float *out, int n_threads);
 
+/* A whole mixture-of-experts block (Qwen3.5-MoE, Qwen3-MoE): the router [experts, hidden],
+ * softmax, top_k (renormalised when normalize), the routed experts, and when shared_inter
+ * > 0 the shared expert (gate_up [2 shared_inter, hidden], down [hidden, shared_inter]; the
+ * strides of these two unused) times sigmoid(shared_gate [1, hidden] x) */
+typedef struct {
+    vlmc_moe moe;
+    vlmc_proj router;
+    int top_k, normalize, shared_inter;
+    vlmc_experts shared_gate_up, shared_down;
+    vlmc_proj shared_gate;
+} vlmc_moe_layer;
+int vlmc_moe_block(const vlmc_moe_layer *L, const float *x, int M, float *out, int32_t *experts, float *weights,
+                   int n_threads);
+
 /* ---- deltanet.c: a Gated DeltaNet layer's decode step ---------------------------------- */
 
 /* decode_layer.c's projection runner (f32 / bf16 / affine codes GEMV), shared */
