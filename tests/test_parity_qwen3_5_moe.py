@@ -249,7 +249,7 @@ def test_routing_matches_transformers_router(store, monkeypatch, case):
 
 
 def test_decode_reads_only_the_routed_experts(store, monkeypatch):
-    """A decode step of two sequences takes the fused experts call in each MoE layer, and
+    """A decode step of two sequences takes the one-call MoE block in each MoE layer, and
     reads only the experts its router chose for them (at most 2 x top_k of the 8): with
     every other expert's weights NaN the step's output is the same, bit for bit."""
     from vlmc.kernels import cpu_ops
@@ -258,17 +258,20 @@ def test_decode_reads_only_the_routed_experts(store, monkeypatch):
     m = store.vlm(store.ckpt())
     prompts = [build_prompt(m, "text"), m.build_prompt("circle square " * 5)]
     ran: list[tuple[set, bool]] = []
-    original = cpu_moe.fused_experts
+    original = cpu_moe.fused_block
 
-    def poisoned(x, weights, experts, gate_up, down, kind):
-        out = original(x, weights, experts, gate_up, down, kind)
-        if out is not None and np.asarray(x).reshape(-1, 64).shape[0] == 2:  # a decode step of both rows
-            routed = set(np.asarray(experts).reshape(-1).tolist())
+    def poisoned(x, router, gate_up, down, *shared, **kw):
+        got = original(x, router, gate_up, down, *shared, routing=True, **kw)
+        if got is None:
+            return None
+        out, experts, _ = got
+        if np.asarray(x).reshape(-1, 64).shape[0] == 2:  # a decode step of both rows
+            routed = set(experts.reshape(-1).tolist())
             keep = mx.array([e in routed for e in range(qm.EXPERTS)])[:, None, None]
-            bad = original(x, weights, experts, mx.where(keep, gate_up, mx.nan), mx.where(keep, down, mx.nan), kind)
+            bad = original(x, router, mx.where(keep, gate_up, mx.nan), mx.where(keep, down, mx.nan), *shared, **kw)
             ran.append((routed, np.array_equal(bad, out)))
         return out
-    monkeypatch.setattr(cpu_ops, "_fused_experts", poisoned)
+    monkeypatch.setattr(cpu_ops, "_fused_block", poisoned)
     run_vlmc(m, prompts, steps=3)
     assert len(ran) == 2 * len(q35.LAYER_TYPES)  # decode steps 2 and 3 (step 1 ends the prefill)
     for routed, same in ran:
@@ -287,6 +290,9 @@ def _routed_trace(monkeypatch, m, prompt, sampler, steps, forced_routes=None):
     from vlmc.quality import _trace
 
     with monkeypatch.context() as mp:
+        # decode steps through the separate ops, whose moe_route can be recorded and forced
+        # (the one-call MoE block routes in C)
+        mp.setattr(cpu_ops, "_fused_block", lambda *a, **kw: None)
         if forced_routes is not None:
             calls = iter(forced_routes)
 
