@@ -11,7 +11,8 @@ op's total milliseconds per run (the last run) and "between ops": the phase's wa
 less its ops' (Python, MLX glue, the generated code's loop). ``--decode-tokens N`` adds
 the N greedy decode steps after the prompt (totals over the N steps, from the first
 token's yield to the last's). Host arrays make the ops
-synchronous, so an op's time is its own (an op handed a lazy MLX array pays for it).
+synchronous, so an op's time is its own (an op handed a lazy MLX array pays for it); an op
+that calls others (a fast path running some of the layer's ops) counts only its own time.
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ from vlmc.runtime.engine import Prompt  # noqa: E402
 
 _acc: dict = defaultdict(float)
 _calls: dict = defaultdict(int)
-_depth = [0]
 
 
 def _key(name: str, args: tuple) -> tuple:
@@ -47,18 +47,24 @@ def _key(name: str, args: tuple) -> tuple:
     return (name,)
 
 
+_children: list[float] = []  # per open timed call: the time of the timed calls inside it
+
+
 def _wrap(name: str, fn):
+    """fn timed by its own time: a fast path's ops (e.g. the projections of
+    ``deltanet_layers``' prompt path) count under their own keys, not under the caller's."""
     def timed(*args, **kwargs):
-        if _depth[0]:
-            return fn(*args, **kwargs)
-        _depth[0] += 1
+        _children.append(0.0)
         t = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            _acc[_key(name, args)] += time.perf_counter() - t
+            total = time.perf_counter() - t
+            inner = _children.pop()
+            _acc[_key(name, args)] += total - inner
             _calls[_key(name, args)] += 1
-            _depth[0] -= 1
+            if _children:
+                _children[-1] += total
     return timed
 
 

@@ -6,8 +6,10 @@ replies of serial runs (`benchmarks/batch_invariance.py` and `serve_load.py
 What it takes: every kernel a row passes through computes that row with the same
 arithmetic whatever the row count of the call (GEMV, int8 GEMM, GEMV passes for small
 products; the one-pass attention kernel for any number of query rows) and left padding
-changes nothing. Holds where the kernels run on int8 activations and AVX-512 (elsewhere
-the float GEMM and BLAS attention round per call shape; those tests skip).
+changes nothing; for Qwen3.5's Gated DeltaNet layers, a recurrence that runs token by
+token whatever the chunk (the C prompt path) and padding rows that leave a zero state zero.
+Holds where the kernels run on int8 activations and AVX-512 (elsewhere the float GEMM and
+BLAS attention round per call shape; those tests skip).
 """
 from __future__ import annotations
 
@@ -74,6 +76,21 @@ def demo_q4(tmp_path_factory):
     return vlmc.load(vlmc.compile(MODEL_DIR, tmp_path_factory.mktemp("inv") / "q4", quantize="q4"))
 
 
+@pytest.fixture(scope="module")
+def qwen3_5_q4(tmp_path_factory):
+    """The tiny Qwen3.5 (Gated DeltaNet layers between gated full-attention ones): its
+    prompt chunks run the recurrence token by token in C (``vlmc_deltanet_prompt``)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from fixtures import qwen3_5 as q35
+    root = tmp_path_factory.mktemp("inv_qwen3_5")
+    info = q35.build_qwen3_5_checkpoint(root / "ckpt")
+    return vlmc.load(vlmc.compile(info["path"], root / "q4", quantize="q4"))
+
+
+MODELS = ["demo_q4", "qwen3_5_q4"]
+
+
 def _logits(model, prompts: list[list[int]], steps: int) -> list[np.ndarray]:
     """The logits after the prefill and each greedy step: benchmarks/batch_invariance.py's run."""
     spec = importlib.util.spec_from_file_location("bench_batch_invariance", BENCH / "batch_invariance.py")
@@ -82,27 +99,31 @@ def _logits(model, prompts: list[list[int]], steps: int) -> list[np.ndarray]:
     return bench.run(model, prompts, steps)
 
 
-def test_q4_model_rows_equal_their_lone_runs(demo_q4):
+@pytest.mark.parametrize("model", MODELS)
+def test_q4_model_rows_equal_their_lone_runs(model, request):
     """Prompts of 1-40 ids prefilled together (left-padded) and decoded greedily: each row's
     logits after the prefill and every step equal its lone run's, bit for bit."""
+    m = request.getfixturevalue(model)
     rng = np.random.default_rng(3)
-    vocab = demo_q4.tokenizer.vocab_size
+    vocab = m.tokenizer.vocab_size
     prompts = [[int(t) for t in rng.integers(10, vocab - 10, n)] for n in (1, 3, 9, 15, 17, 40)]
-    together = _logits(demo_q4, prompts, 3)
+    together = _logits(m, prompts, 3)
     for i, p in enumerate(prompts):
-        alone = _logits(demo_q4, [p], 3)
+        alone = _logits(m, [p], 3)
         for step, (a, t) in enumerate(zip(alone, together)):
             assert np.array_equal(a[0], t[i]), (len(p), step, float(np.abs(a[0] - t[i]).max()))
 
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("chunks", [[5], [16], [30, 3, 4]])
-def test_q4_prompt_in_chunks_equals_the_whole_prefill(demo_q4, chunks):
+def test_q4_prompt_in_chunks_equals_the_whole_prefill(model, chunks, request):
     """A prompt prefilled in chunks (the server's budgeted prefill, the rest of a prompt after
     a prefix-cache hit) takes the prompt kernels even where a chunk is as short as a decode
     step: the logits after it and after every decode step equal the whole prefill's."""
     from parity_kit import chunked_prefill_logits
+    m = request.getfixturevalue(model)
     rng = np.random.default_rng(4)
-    ids = [int(t) for t in rng.integers(10, demo_q4.tokenizer.vocab_size - 10, 37)]
-    whole, chunked = (chunked_prefill_logits(demo_q4, ids, sizes) for sizes in ([None], chunks))
+    ids = [int(t) for t in rng.integers(10, m.tokenizer.vocab_size - 10, 37)]
+    whole, chunked = (chunked_prefill_logits(m, ids, sizes) for sizes in ([None], chunks))
     for step, (a, b) in enumerate(zip(whole, chunked)):
         assert np.array_equal(a, b), (chunks, step, float(np.abs(a - b).max()))

@@ -28,6 +28,9 @@ from vlmc.runtime.state_cache import StateCache
 EPS = 1e-6
 SHAPES = {"conv4": dict(hidden=96, hk=3, hv=6, dk=20, dv=16, kern=4, inter=160),  # 4-bit: K % 32 == 0
           "conv3": dict(hidden=40, hk=2, hv=2, dk=9, dv=17, kern=3, inter=56)}
+# every matmul's K a multiple of 64 and groups of 64 (the int8 blocks, as the compiled q4
+# models have them): what bit-exact rows need of 4-bit weights
+EXACT = dict(hidden=128, hk=2, hv=4, dk=24, dv=32, kern=4, inter=192, gs=64)
 CASES = [(shape, fmt) for shape in SHAPES for fmt in ("f32", "bf16", "q4") if fmt != "q4" or shape == "conv4"]
 PROMPT = 11
 STEPS = 6
@@ -53,7 +56,8 @@ def _weights(rng, s: dict, fmt: str) -> tuple:
         w = w.astype(mx.bfloat16)
         if fmt == "bf16":
             return w
-        return QuantWeight(*mx.quantize(w, group_size=32, bits=4), 4, 32, "affine")
+        gs = s.get("gs", 32)
+        return QuantWeight(*mx.quantize(w, group_size=gs, bits=4), 4, gs, "affine")
 
     h, hk, hv, dk, dv, kern, inter = (s[k] for k in ("hidden", "hk", "hv", "dk", "dv", "kern", "inter"))
     chans = 2 * hk * dk + hv * dv
@@ -118,7 +122,7 @@ def _close(a, b, what: str, rtol: float = 2e-5) -> None:
 
 
 def _setup(shape: str, fmt: str, batch: int, n_layers: int = 3, seed: int = 0):
-    s = SHAPES[shape]
+    s = EXACT if shape == "exact" else SHAPES[shape]
     rng = np.random.default_rng(seed)
     layers = [_weights(rng, s, fmt) for _ in range(n_layers)]
     xs = mx.array(rng.standard_normal((batch, PROMPT + STEPS, s["hidden"])).astype(np.float32))
@@ -189,14 +193,131 @@ def test_trim_after_fast_steps_restores_the_ops_states():
         assert np.array_equal(np.array(c.conv), conv) and np.array_equal(np.array(c.state), state)
 
 
-def test_declines_prompts_and_fresh_caches():
+def test_declines_what_it_cannot_read():
     s, layers, xs, pad = _setup("conv3", "f32", 1, n_layers=1)
     x = np.array(xs[:, :1])
     mask = attention_mask(1, 1, 0, [0])
-    assert cpu_ops.deltanet_layers(x, mask, [StateCache(1)], layers, **_attrs(s)) is None  # nothing held yet
-    caches = _prompted(s, layers, xs[:, :PROMPT], pad)
+    caches = [StateCache(1)]
+    assert cpu_ops.deltanet_layers(x.astype(np.float16), mask, caches, layers, **_attrs(s)) is None
+    caches[0].conv_step(mx.zeros((1, s["kern"] - 1, 2)), mx.zeros((1, 1, 2)), mx.zeros((1, s["kern"] - 1, 2)))
+    assert cpu_ops.deltanet_layers(x, mask, caches, layers, **_attrs(s)) is None  # a step half recorded
+    assert caches[0].offset == 0
+
+
+# ---- prompt chunks (``vlmc_deltanet_prompt``: the recurrence token by token in C) ----------
+
+def _fast_prompt(s, layers, xs, pad: list[int], chunks: list[int], caches=None):
+    """The C path over the prompt rows xs [B, L, hidden] in chunks of these sizes: (the
+    outputs [B, L, hidden], the caches)."""
+    B = xs.shape[0]
+    caches = caches if caches is not None else [StateCache(B) for _ in layers]
+    outs, at = [], 0
+    for n in chunks:
+        with prompt_rows():
+            out = cpu_ops.deltanet_layers(xs[:, at:at + n], attention_mask(B, n, at, pad), caches, layers,
+                                          **_attrs(s))
+        assert out is not None, "the fast path declined a prompt chunk"
+        outs.append(np.asarray(out))
+        at += n
+    return np.concatenate(outs, axis=1), caches
+
+
+def _ops_prompt(s, layers, xs, pad: list[int]):
+    B, L = xs.shape[:2]
+    caches = [StateCache(B) for _ in layers]
     with prompt_rows():
-        assert cpu_ops.deltanet_layers(x, attention_mask(1, 1, PROMPT, [0]), caches, layers, **_attrs(s)) is None
-    two = np.array(xs[:, PROMPT:PROMPT + 2])
-    assert cpu_ops.deltanet_layers(two, attention_mask(1, 2, PROMPT, [0]), caches, layers, **_attrs(s)) is None
-    assert caches[0].offset == PROMPT
+        out = _ops_stack(s, layers, xs, attention_mask(B, L, 0, pad), caches)
+    return np.array(out), caches
+
+
+def _exact_rows() -> bool:
+    """Whether the prompt matmuls give a row the same bits in any batch (the int8 GEMM on
+    AVX512-VNNI; BLAS rounds per call shape)."""
+    return cpu.int8_activations() and bool(cpu._get_lib().vlmc_gemm_q_i8_available())
+
+
+@pytest.mark.parametrize("length", [PROMPT, 70])  # 70: past the ops' 64-token chunks
+@pytest.mark.parametrize("shape,fmt", CASES)
+def test_prompt_equals_the_ops(shape, fmt, length):
+    """Outputs, kept conv inputs and states of a left-padded batch's prompt, whole and in
+    chunks, against the ops (chunked delta rule); then decode steps from either agree."""
+    s, layers, _, pad = _setup(shape, fmt, 3)
+    xs = mx.array(np.random.default_rng(7).standard_normal((3, length + 2, s["hidden"])).astype(np.float32))
+    ref, ops_caches = _ops_prompt(s, layers, xs[:, :length], pad)
+    whole, caches = _fast_prompt(s, layers, xs[:, :length], pad, [length])
+    cut = [5, 1, length - 6]
+    chunked, chunked_caches = _fast_prompt(s, layers, xs[:, :length], pad, cut)
+    for got, cs, what in ((whole, caches, "whole"), (chunked, chunked_caches, "chunked")):
+        _close(got, ref, f"{what} prompt output", 5e-5)
+        for i, (fc, oc) in enumerate(zip(cs, ops_caches)):
+            for name, a, b in zip(("conv", "state"), _state(fc), _state(oc)):
+                _close(a, b, f"{what} layer {i} {name}", 5e-5)
+            assert fc.offset == oc.offset == length
+    for t in range(2):  # decode steps (the decode C path) from the C prompt's and the ops' states
+        mask = attention_mask(3, 1, length + t, pad)
+        x = np.array(xs[:, length + t:length + t + 1])
+        fast = cpu_ops.deltanet_layers(x, mask, caches, layers, **_attrs(s))
+        _close(fast, _ops_stack(s, layers, x, mask, ops_caches), f"step {t} after the prompt", 5e-5)
+
+
+@pytest.mark.skipif(not _exact_rows(), reason="bit-exact rows need the int8 GEMM (AVX512-VNNI)")
+def test_a_prompt_cut_anywhere_gives_the_same_bits():
+    s, layers, _, pad = _setup("exact", "q4", 2, n_layers=2, seed=6)
+    xs = mx.array(np.random.default_rng(8).standard_normal((2, 40, s["hidden"])).astype(np.float32))
+    whole, caches = _fast_prompt(s, layers, xs, pad[:2], [40])
+    for cut in ([5, 1, 34], [17, 23], [1] * 3 + [37]):
+        chunked, chunked_caches = _fast_prompt(s, layers, xs, pad[:2], cut)
+        assert np.array_equal(whole, chunked), cut
+        for a, b in zip(caches, chunked_caches):
+            assert np.array_equal(np.array(a.state), np.array(b.state)), cut
+            assert np.array_equal(np.array(a.conv), np.array(b.conv)), cut
+
+
+@pytest.mark.skipif(not _exact_rows(), reason="bit-exact rows need the int8 GEMM (AVX512-VNNI)")
+def test_prompt_rows_do_not_depend_on_the_batch():
+    """A row's prompt alone and left-padded in a batch of three: the same bits (q4)."""
+    s, layers, _, _ = _setup("exact", "q4", 3, n_layers=2, seed=3)
+    rng = np.random.default_rng(4)
+    lengths = [9, 14, 5]
+    width = max(lengths)
+    xs = rng.standard_normal((3, width, s["hidden"])).astype(np.float32)
+    pad = [width - n for n in lengths]
+    batch, caches = _fast_prompt(s, layers, mx.array(xs), pad, [width])
+    for r, n in enumerate(lengths):
+        alone, one = _fast_prompt(s, layers, mx.array(xs[r:r + 1, width - n:]), [0], [n])
+        assert np.array_equal(batch[r:r + 1, width - n:], alone), f"row {r} differs alone"
+        for c_all, c_one in zip(caches, one):
+            assert np.array_equal(np.array(c_all.state[r:r + 1]), np.array(c_one.state))
+            assert np.array_equal(np.array(c_all.conv[r:r + 1]), np.array(c_one.conv))
+
+
+def test_trim_into_a_prompt_chunk_restores_the_ops_states():
+    """Rewinding into a chunk the C path ran replays its recorded inputs (the cache's own
+    ``trim``): the states of a prompt that many tokens shorter."""
+    s, layers, xs, pad = _setup("conv3", "f32", 2, n_layers=2, seed=5)
+    _, caches = _fast_prompt(s, layers, xs[:, :PROMPT], pad, [4, PROMPT - 4])
+    _, shorter = _ops_prompt(s, layers, xs[:, :PROMPT - 3], pad)
+    for c in caches:
+        assert c.trim(3) == 3 and c.offset == PROMPT - 3
+    for c, o in zip(caches, shorter):
+        for name, a, b in zip(("conv", "state"), _state(c), _state(o)):
+            _close(a, b, f"{name} after trim", 5e-5)
+
+
+def test_steps_the_decode_call_does_not_take_run_the_prompt_call():
+    """Several tokens per sequence outside a prompt (a verify step) and more sequences than
+    the decode call takes: the C prompt path, the ops' result within rounding."""
+    s, layers, _, _ = _setup("conv3", "f32", 1, n_layers=2, seed=9)
+    rng = np.random.default_rng(10)
+    for B, T in ((2, 4), (cpu.GEMV_MAX_ROWS + 1, 1)):
+        xs = mx.array(rng.standard_normal((B, PROMPT + T, s["hidden"])).astype(np.float32))
+        pad = [0] * B
+        fast_caches, ops_caches = (_prompted(s, layers, xs[:, :PROMPT], pad) for _ in range(2))
+        mask = attention_mask(B, T, PROMPT, pad)
+        x = np.array(xs[:, PROMPT:])
+        fast = cpu_ops.deltanet_layers(x, mask, fast_caches, layers, **_attrs(s))
+        assert fast is not None
+        _close(fast, _ops_stack(s, layers, x, mask, ops_caches), f"{B} x {T} step", 5e-5)
+        for fc, oc in zip(fast_caches, ops_caches):
+            for name, a, b in zip(("conv", "state"), _state(fc), _state(oc)):
+                _close(a, b, f"{B} x {T} step {name}", 5e-5)

@@ -136,7 +136,7 @@ def test_batch_generate_with_the_assistant_is_unchanged(store):
 
 def test_the_server_drafts_with_the_assistant_under_concurrency(store):
     """vlmc serve --draft-model <assistant>: four concurrent greedy chats answer what a
-    server without it answers, and /metrics counts the assistant's drafted tokens."""
+    server without it answers, and /metrics counts the assistant's drafted tokens and its calls."""
     from serve_helpers import LiveServer
 
     t_art, a_art, _, _ = _pair(store, g4.WINDOW)
@@ -153,6 +153,7 @@ def test_the_server_drafts_with_the_assistant_under_concurrency(store):
     plain = LiveServer(str(t_art), "--max-batch-size", "4")
     try:
         want = replies(plain)
+        assert json.loads(plain.request("GET", "/metrics")[2])["draft_calls_total"] == 0
     finally:
         plain.stop()
     spec = LiveServer(str(t_art), "--draft-model", str(a_art), "--num-draft-tokens", "3", "--max-batch-size", "4")
@@ -160,5 +161,7 @@ def test_the_server_drafts_with_the_assistant_under_concurrency(store):
         assert replies(spec) == want
         metrics = json.loads(spec.request("GET", "/metrics")[2])
         assert metrics["draft_tokens_proposed_total"] > 0 and metrics["speculative_steps_total"] > 0
+        # the assistant drafts every row's next position in one call
+        assert 0 < metrics["draft_calls_total"] <= metrics["draft_tokens_proposed_total"]
     finally:
         spec.stop()

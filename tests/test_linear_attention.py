@@ -2,7 +2,8 @@
 modules they replace, in float32 within 1e-4: the gated delta rule's step and chunked forms
 (against transformers' recurrent and chunked torch forms, from a zero and a non-zero state,
 grouped value heads), the causal conv1d with state, the gated RMSNorm, the decay/rate
-gates; and the recurrent-state cache: steps continue each other, trim rewinds exactly, and
+gates; and the recurrent-state cache: steps continue each other, trim rewinds exactly (from
+the few states it keeps), and
 the snapshots the prefix cache keeps at block boundaries are transformers' recurrent state
 there and continue bitwise like the cache they came from."""
 from __future__ import annotations
@@ -99,6 +100,47 @@ def test_trim_rewinds_the_state_exactly():
     assert cache.trim(cache.rewindable() + 1) == 0
     before = cache.offset
     assert cache.trim(1) == 1 and cache.offset == before - 1
+
+
+def test_decode_steps_keep_few_states_and_every_rewind_is_exact():
+    """30 one-token steps after a 3-token prompt step: the cache keeps a state only every
+    ``stride`` tokens (not one per step: 1 MiB each at real shapes), its records still reach
+    ``history`` tokens back, and every rewind over them (into a step, onto a checkpoint,
+    between checkpoints, past a partial rewind) gives the state and conv window a cache that
+    never saw the dropped tokens holds."""
+    n = 33
+    q, k, v, decay, beta, state = _inputs(13, n=n)
+    sl = lambda lo, hi: [t[:, lo:hi] for t in (q, k, v, decay, beta)]  # noqa: E731
+
+    def fed(upto):  # the cache after tokens [0, upto): a 3-token step, then one token a step
+        c = _cache_with(state)
+        _run(*sl(0, 3), c)
+        for t in range(3, upto):
+            _run(*sl(t, t + 1), c)
+        return c
+
+    full = fed(n)
+    kept = [s for s in full._steps if s.state_before is not None]
+    assert full.rewindable() >= StateCache.history
+    assert len(kept) <= StateCache.history // StateCache.stride + 2 < len(full._steps)
+    for back in range(1, full.rewindable() + 1):
+        cache = fed(n)
+        assert cache.trim(back) == back and cache.offset == n - back
+        want = _cache_with(state)
+        _run(*sl(0, 3), want)
+        for t in range(3, n - back):
+            _run(*sl(t, t + 1), want)
+        np.testing.assert_allclose(np.array(cache.state), np.array(want.state), atol=1e-5, rtol=0)
+        # the cache goes on from there: one more step, then a second rewind across it
+        _run(*sl(n - back, n - back + 1), cache)
+        _run(*sl(n - back, n - back + 1), want)
+        if back == full.rewindable():  # nothing older was kept: only the new step rewinds
+            assert cache.rewindable() == 1
+            continue
+        assert cache.trim(2) == 2
+        want2 = fed(n - back - 1)
+        np.testing.assert_allclose(np.array(cache.state), np.array(want2.state), atol=1e-5, rtol=0)
+    assert fed(n).trim(full.rewindable() + 1) == 0
 
 
 @pytest.mark.parametrize("block", [3, 5, 8])

@@ -134,7 +134,8 @@ def test_batching_loop_joins_and_keeps_rows(store):
 @pytest.mark.parametrize("options", [{}, {"quantize": "q4"}], ids=["f32", "q4"])
 def test_decode_fast_paths_are_the_ops_within_rounding(store, options, monkeypatch):
     """The cpu fast paths take every decode step's layers: the Gated DeltaNet layers (one C
-    call per run of consecutive such layers: layer 0, then layers 2-3) and the gated
+    call per run of consecutive such layers: layer 0, then layers 2-3; their prompt chunks
+    too, ``vlmc_deltanet_prompt``) and the gated
     full-attention layers (``decode_layer`` with partial rotary and the output gate; layers
     1 and 4). A batch of an image prompt and a text prompt decodes the op-by-op artifact's
     greedy tokens (``--no-fuse decode_layer``), its logits within float32 rounding."""
@@ -144,22 +145,25 @@ def test_decode_fast_paths_are_the_ops_within_rounding(store, options, monkeypat
         pytest.skip("no C compiler")
     info = store.ckpt()
     fast, plain = store.vlm(info, **options), store.vlm(info, no_fuse=("decode_layer",), **options)
+    from vlmc.kernels.step_rows import in_prompt
     ran = {"_deltanet_layers": [], "_decode_layers": []}
+    prompt_calls = []  # the DeltaNet stacks' prompt chunks (``vlmc_deltanet_prompt``)
     for name, got in ran.items():
-        def counted(*a, _real=getattr(cpu_ops, name), _got=got, **k):
+        def counted(*a, _real=getattr(cpu_ops, name), _got=got, _name=name, **k):
             out = _real(*a, **k)
-            _got.append(out is not None)
+            (prompt_calls if in_prompt() and _name == "_deltanet_layers" else _got).append(out is not None)
             return out
         monkeypatch.setattr(cpu_ops, name, counted)
     steps, outs = 12, []
     for m in (fast, plain):
-        for got in ran.values():
+        for got in (*ran.values(), prompt_calls):
             got.clear()
         prompts = [build_prompt(m, "one_image"), m.build_prompt("Tell me a short story about the river.")]
         got = list(m.generate_steps(prompts, Sampler(SamplingParams()), steps))
         outs.append((np.stack([np.asarray(t) for t, _ in got]), np.stack([np.array(lg) for _, lg in got])))
         for calls in ran.values():  # two stack calls of each kind per decode step, none in the plain model
             assert calls.count(True) == (2 * (steps - 1) if m is fast else 0), ran
+        assert prompt_calls.count(True) == (len(prompt_calls) if m is fast else 0) and (m is plain or prompt_calls)
     assert np.array_equal(outs[0][0], outs[1][0])
     diff = float(np.abs(outs[0][1] - outs[1][1]).max())
     assert 0 < diff <= 1e-5 * max(1.0, float(np.abs(outs[1][1]).max())), diff

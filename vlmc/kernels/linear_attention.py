@@ -8,7 +8,9 @@ key (the delta rule, at rate beta), and the query reads it:
 
 ``delta_rule_steps`` runs that token by token (decode, and rewinding a cache exactly);
 ``delta_rule_chunked`` computes the same in chunks of C tokens, where the C sequential
-writes of a chunk become one unit-lower-triangular inverse and a few matmuls (prefill).
+writes of a chunk become one unit-lower-triangular inverse and a few matmuls (the ops'
+prefill; the cpu target's prompt path runs the recurrence token by token in C instead,
+``kernels/cpu/deltanet_prompt.c``).
 ``causal_conv1d`` is the short depthwise convolution before it, over the previous
 kernel-1 inputs that a cache keeps.
 """

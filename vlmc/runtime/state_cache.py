@@ -8,11 +8,16 @@ It answers the same batch interface as the KV caches (``offset``, ``pad_left``,
 unchanged. Left padding needs nothing here: the layer zeroes padding rows before they
 reach the state (``zero_padded``), and columns put before held tokens are never read.
 
-Rewinding cannot slice a state. Each step records the state it started from and the
-inputs it folded in (conv inputs; keys, values, decays and rates); ``trim`` restores the
-start of the steps it drops whole and recomputes the recurrence over the kept tokens of a
-step it cuts, token by token, as decode would have computed them. Records cover the last
-``history`` tokens (at least the last step), enough for a verify step's rejected drafts.
+Rewinding cannot slice a state. Each step records the inputs it folded in (conv inputs;
+keys, values, decays and rates) and its conv window before it; the state it started from
+is kept only at checkpoints: the oldest record, the last step (what a verify step's
+rejected drafts need back) and a step starting ``stride`` or more tokens after the previous
+checkpoint. ``trim`` restores the nearest checkpoint at or before the cut and recomputes the
+recurrence from there over the kept tokens, token by token, as decode would have computed
+them. Records cover the last ``history`` tokens (at least the last step): a draft model
+rewinds at most its 15 drafted tokens. A state is H x Dk x Dv floats per sequence (1 MiB at
+Qwen3.5-0.8B's shapes), so one per decode step would hold ~1 GiB per sequence over 18
+layers; checkpoints hold a handful.
 
 Prefix caching keeps a state only where a prompt's prefill stopped on a block boundary:
 ``snapshot`` copies one sequence's conv inputs and state there, ``import_state`` starts a
@@ -47,7 +52,8 @@ class _Step:
 
 class StateCache:
     layout = "recurrent"
-    history = 64
+    history = 16   # tokens of records kept at least (a draft of up to 15 tokens, one re-fed)
+    stride = 4     # tokens between kept states: a rewind recomputes at most stride - 1 tokens
 
     def __init__(self, batch: int, dtype=mx.float32, sizes: dict | None = None):
         """``sizes``: the plan's heads, key_dim, value_dim, conv_channels and conv_width (what
@@ -85,13 +91,23 @@ class StateCache:
         self.state = after
         self.offset += step.n
         self._steps.append(step)
-        kept, total = [], 0
-        for s in reversed(self._steps):  # the last step always, then older ones within the history
-            if kept and total + s.n > self.history:
-                break
-            kept.append(s)
-            total += s.n
-        self._steps = kept[::-1]
+        self._prune()
+
+    def _prune(self) -> None:
+        """Keep the records of at least the last ``history`` tokens (the last step always),
+        from a step that kept its state on, and the states only at the checkpoints."""
+        first, total = len(self._steps) - 1, self._steps[-1].n
+        while first > 0 and total < self.history:
+            first -= 1
+            total += self._steps[first].n
+        while first > 0 and self._steps[first].state_before is None:
+            first -= 1
+        self._steps = self._steps[first:]
+        since = 0  # tokens from the previous checkpoint's start to this step's
+        for i, s in enumerate(self._steps):
+            if s.state_before is not None and 0 < i < len(self._steps) - 1 and since < self.stride:
+                s.state_before = None
+            since = s.n if s.state_before is not None else since + s.n
 
     # ---------------------------------------------------------------- rewinding
     @property
@@ -104,30 +120,41 @@ class StateCache:
     def trim(self, n: int) -> int:
         """Forget the last ``n`` tokens: the states as they were before them. Returns how many
         (fewer when the records do not reach back that far: nothing is changed then)."""
-        if n <= 0:
+        if n <= 0 or n > self.rewindable():
             return 0
-        if n > self.rewindable():
-            return 0
-        left = n
-        while left:
-            step = self._steps[-1]
-            if left >= step.n:
-                self._steps.pop()
-                self.conv, self.state = step.conv_before, step.state_before
-                left -= step.n
-                continue
-            keep = step.n - left
-            width = step.conv_before.shape[1]
+        cut, start = self.rewindable() - n, 0   # the cut, in tokens from the oldest record
+        for i, step in enumerate(self._steps):
+            if cut < start + step.n:
+                break
+            start += step.n
+        keep = cut - start
+        before = self._start_state(step, self._steps[:i])
+        del self._steps[i:]
+        if keep == 0:
+            self.conv, self.state = step.conv_before, before
+        else:  # the cut falls inside this step: its kept tokens again, as decode ran them
             window = mx.concatenate([step.conv_before, step.rows[:, :keep]], axis=1)
-            self.conv = window[:, window.shape[1] - width:]
+            self.conv = window[:, window.shape[1] - step.conv_before.shape[1]:]
             _, self.state = delta_rule_steps(None, step.k[:, :, :keep], step.v[:, :, :keep], step.g[:, :, :keep],
-                                             step.beta[:, :, :keep], step.state_before)
-            self._steps[-1] = _Step(keep, step.conv_before, step.rows[:, :keep], step.state_before,
-                                    step.k[:, :, :keep], step.v[:, :, :keep], step.g[:, :, :keep],
-                                    step.beta[:, :, :keep])
-            left = 0
+                                             step.beta[:, :, :keep], before)
+            self._steps.append(_Step(keep, step.conv_before, step.rows[:, :keep], before, step.k[:, :, :keep],
+                                     step.v[:, :, :keep], step.g[:, :, :keep], step.beta[:, :, :keep]))
         self.offset -= n
         return n
+
+    @staticmethod
+    def _start_state(step: _Step, earlier: list[_Step]) -> mx.array:
+        """The state ``step`` started from: its own record, or the last checkpoint among the
+        ``earlier`` steps carried over their recorded inputs."""
+        if step.state_before is not None:
+            return step.state_before
+        i = len(earlier) - 1
+        while earlier[i].state_before is None:
+            i -= 1
+        run = earlier[i:]
+        cat = lambda name: mx.concatenate([getattr(s, name) for s in run], axis=2)  # noqa: E731
+        _, state = delta_rule_steps(None, cat("k"), cat("v"), cat("g"), cat("beta"), run[0].state_before)
+        return state
 
     # ---------------------------------------------------------------- batch reshaping
     def pad_left(self, n: int) -> None:

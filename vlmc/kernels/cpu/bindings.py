@@ -11,7 +11,7 @@ import ctypes
 # The version of the interface below. Change it with any signature or shared struct
 # (vlmc_layer, ...): build.py compiles it into the library (-DVLMC_ABI) and load refuses a
 # library that reports another.
-ABI_VERSION = 24
+ABI_VERSION = 25
 
 P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
@@ -66,6 +66,8 @@ SIGNATURES: dict[str, tuple] = {
     "vlmc_moe_block": (I, [P, P, I, P, P, P, I]),
     # deltanet.c
     "vlmc_deltanet_layers": (I, [P, P, I, P, P, I, P, I]),
+    # deltanet_prompt.c
+    "vlmc_deltanet_prompt": (I, [P, P, I, I, P, P, P, P, P, I]),
 }
 
 

@@ -611,4 +611,9 @@ typedef struct {
 int vlmc_deltanet_layers(const vlmc_deltanet *const *L, const vlmc_dn_state *st, int nl, const float *x,
                          const float *normed, int B, float *out, int n_threads);
 
+/* deltanet_prompt.c: a prompt chunk's conv, heads, gates, recurrence and gated norm (T
+ * tokens per sequence; st's rows are read, its records are [B, Hv, T, *]) */
+int vlmc_deltanet_prompt(const vlmc_deltanet *L, const vlmc_dn_state *st, int B, int T, const float *a,
+                         const float *b, float *z, float *o, float *work, int n_threads);
+
 #endif /* VLMC_H */

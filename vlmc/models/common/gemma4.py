@@ -19,6 +19,13 @@ Gemma 3 layer (sandwich norms, QK-norm, GELU-tanh MLP, embeddings times sqrt(hid
   (``per_layer_model_projection``, times hidden^-0.5, RMS-normed per layer) are averaged
   (times 2^-0.5); after its MLP each layer adds
   ``post_per_layer_input_norm(per_layer_projection(gelu(per_layer_input_gate(h)) * ple_i))``;
+- with ``enable_moe_block`` (the 26B-A4B) every layer also runs routed experts beside its
+  dense MLP: a router on the residual (an unweighted RMSNorm, times ``router.scale`` and
+  hidden^-0.5, a linear to the experts, softmax, the top ``top_k_experts`` renormalised,
+  then times each chosen expert's ``per_expert_scale``) picks experts that run on
+  ``pre_feedforward_layernorm_2`` of the residual; the dense MLP's output is normed by
+  ``post_feedforward_layernorm_1``, the experts' by ``post_feedforward_layernorm_2``, and
+  their sum by ``post_feedforward_layernorm``;
 - every layer's output is multiplied by its ``layer_scalar``;
 - the logits are soft-capped (``final_logit_softcapping``).
 
@@ -37,6 +44,7 @@ from ...frontend.weights import Weights
 from ...ir.builder import FunctionBuilder, make_block
 from ...ir.core import COMPUTE, Block, Program
 from .layers import LayerSpec, act_kind, declare_layer_params, hybrid_stack, linear
+from .moe import SparseMoe
 from .text_config import TextConfig
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -51,7 +59,8 @@ DEFAULTS: dict[str, Any] = dict(
     hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072, rms_norm_eps=1e-6, pad_token_id=0,
     attention_bias=False, sliding_window=512, final_logit_softcapping=None, use_bidirectional_attention=None,
     vocab_size_per_layer_input=262_144, hidden_size_per_layer_input=256, attention_k_eq_v=False,
-    num_kv_shared_layers=0, enable_moe_block=False, use_double_wide_mlp=False)
+    num_kv_shared_layers=0, enable_moe_block=False, use_double_wide_mlp=False, num_experts=None, top_k_experts=None,
+    moe_intermediate_size=None)
 _ROPE_DEFAULTS = {SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
                   FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0}}
 
@@ -82,6 +91,7 @@ class Gemma4Text:
     ple_vocab: int
     pad_token_id: int
     final_softcap: float | None
+    moe: SparseMoe | None = None      # the routed experts beside every layer's MLP
 
 
 def _rope(cfg: dict[str, Any], kind: str, head_dim: int) -> dict[str, Any]:
@@ -105,9 +115,15 @@ def gemma4_text(raw: dict[str, Any], *, nested: bool, assistant: bool = False) -
     cfg = {**DEFAULTS, **{k: v for k, v in (dict(raw.get("text_config") or {}) if nested else dict(raw)).items()
                           if v is not None or k in ("final_logit_softcapping", "use_bidirectional_attention",
                                                     "num_global_key_value_heads")}}
+    moe = None
     if cfg.get("enable_moe_block"):
-        raise UnsupportedModelError("Gemma 4 mixture-of-experts decoders (enable_moe_block) are not supported yet; "
-                                    "supported: dense Gemma 4 decoders")
+        sizes = {k: cfg.get(k) for k in ("num_experts", "top_k_experts", "moe_intermediate_size")}
+        if any(v is None for v in sizes.values()):
+            raise UnsupportedModelError(f"Gemma 4 enable_moe_block needs num_experts, top_k_experts and "
+                                        f"moe_intermediate_size; the config has {sizes}")
+        moe = SparseMoe.from_config({"num_experts": sizes["num_experts"], "num_experts_per_tok": sizes["top_k_experts"],
+                                     "moe_intermediate_size": sizes["moe_intermediate_size"],
+                                     "shared_expert_intermediate_size": 0})
     if cfg.get("use_bidirectional_attention"):
         raise UnsupportedModelError(f"Gemma 4 use_bidirectional_attention={cfg['use_bidirectional_attention']!r} is "
                                     "not supported yet; supported: causal decoders (null)")
@@ -165,7 +181,7 @@ def gemma4_text(raw: dict[str, Any], *, nested: bool, assistant: bool = False) -
                       ple_dim=int(cfg.get("hidden_size_per_layer_input") or 0),
                       ple_vocab=int(cfg.get("vocab_size_per_layer_input") or 0),
                       pad_token_id=int(cfg.get("pad_token_id") or 0),
-                      final_softcap=None if softcap is None else float(softcap))
+                      final_softcap=None if softcap is None else float(softcap), moe=moe)
 
 
 def _rope_inputs(fb: FunctionBuilder, g: Gemma4Text) -> dict[str, tuple[str, str]]:
@@ -201,6 +217,15 @@ def gemma4_layer(w: Weights, g: Gemma4Text, lk: LayerKind, name: str) -> Block:
             spec["self_attn.v_proj.weight"] = ((nkv * hd, h), "v")
             if bias:
                 spec["self_attn.v_proj.bias"] = ((nkv * hd,), "v")
+    if g.moe:
+        e, i = g.moe.experts, g.moe.expert_dim
+        spec.update({"router.proj.weight": ((e, h), "router"), "router.scale": ((h,), "norm"),
+                     "router.per_expert_scale": ((e,), "norm"),
+                     "experts.gate_up_proj": ((e, 2 * i, h), "experts_gate_up"),
+                     "experts.down_proj": ((e, h, i), "experts_down"),
+                     "pre_feedforward_layernorm_2.weight": ((h,), "norm"),
+                     "post_feedforward_layernorm_1.weight": ((h,), "norm"),
+                     "post_feedforward_layernorm_2.weight": ((h,), "norm")})
     if g.ple_dim:
         p = g.ple_dim
         spec.update({"per_layer_input_gate.weight": ((p, h), "gate"), "per_layer_projection.weight": ((h, p), "down"),
@@ -241,7 +266,11 @@ def gemma4_layer(w: Weights, g: Gemma4Text, lk: LayerKind, name: str) -> Block:
     act = act_kind(tc.hidden_act)
     m = fb.op("glu", linear(fb, n, "mlp.gate_proj", bias=False), linear(fb, n, "mlp.up_proj", bias=False),
               kind=act, name="mlp")
-    m = norm(linear(fb, m, "mlp.down_proj", bias=False), "post_feedforward_layernorm.weight")
+    m = linear(fb, m, "mlp.down_proj", bias=False)
+    if g.moe:
+        m = fb.op("add", norm(m, "post_feedforward_layernorm_1.weight"),
+                  norm(_routed_experts(fb, x, g.moe, h, eps, act), "post_feedforward_layernorm_2.weight"), name="mlp")
+    m = norm(m, "post_feedforward_layernorm.weight")
     x = fb.op("add", x, m, name="x")
     if ple is not None:
         gate = fb.op("act", linear(fb, x, "per_layer_input_gate", bias=False), kind=act, name="ple")
@@ -260,6 +289,19 @@ def gemma4_layer(w: Weights, g: Gemma4Text, lk: LayerKind, name: str) -> Block:
             row.update(kv_heads=nkv, head_dim=hd, kv={"layout": "dense"})
         rows.append(row)
     return make_block(name, fb.output(x), f"text.{name}.{{i}}.", ptypes, rows, roles)
+
+
+def _routed_experts(fb: FunctionBuilder, x: str, moe: SparseMoe, h: int, eps: float, act: str) -> str:
+    """The experts' output for the residual ``x`` (Gemma4TextRouter, Gemma4TextExperts)."""
+    r = fb.op("rms_norm", x, None, eps=eps, name="router")
+    r = fb.op("scale", fb.op("mul", r, fb.param("router.scale"), name="router"), value=float(h ** -0.5), name="router")
+    weights, experts = fb.op("moe_route", linear(fb, r, "router.proj", bias=False), top_k=moe.top_k, normalize=True,
+                             n_out=2, name="route")
+    weights = fb.op("mul", weights, fb.op("take", fb.param("router.per_expert_scale"), experts, axis=0,
+                                          name="route"), name="route")
+    n = fb.op("rms_norm", x, fb.param("pre_feedforward_layernorm_2.weight"), eps=eps, name="experts")
+    return fb.op("moe_experts", n, weights, experts, fb.param("experts.gate_up_proj"), fb.param("experts.down_proj"),
+                 kind=act, name="experts")
 
 
 def decoder_blocks(prog: Program, w: Weights, g: Gemma4Text) -> list[tuple[Block, list[int], list[int]]]:

@@ -1,8 +1,9 @@
 """Gemma 4: a vision encoder over each image's own patch grid (2D rope, 3 x 3 average
 pooling to a variable number of soft tokens between ``<|image>`` and ``<image|>``) and a
 Gemma 4 decoder (sliding-window and global layers of different head sizes, KV sharing,
-per-layer input embeddings); ``gemma4_text`` is the decoder alone. Text and images;
-the checkpoints' audio tower and video inputs are not supported."""
+per-layer input embeddings, routed experts with ``enable_moe_block``); ``gemma4_text`` is
+the decoder alone. Text and images; the checkpoints' audio tower and video inputs are not
+supported."""
 from __future__ import annotations
 
 from typing import Any

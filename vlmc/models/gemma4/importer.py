@@ -56,6 +56,8 @@ def build_program(raw: dict[str, Any], w: Weights, name: str) -> Program:
         inputs.update({k: int(raw.get(k) if raw.get(k) is not None else v) for k, v in TOKENS.items()})
         inputs["pad_token_id"] = g.pad_token_id
     prog.meta["inputs"] = inputs
+    if g.moe:  # what decode reads of the experts (``vlmc bench``'s roofline)
+        prog.meta["moe"] = g.moe.meta()
     return finish(prog, w, g.tc)
 
 
