@@ -63,11 +63,12 @@ SIGNATURES: dict[str, tuple] = {
     "vlmc_affine_codes": (I, [P, I, I, I, I, P, P, P, I]),
     # moe.c
     "vlmc_moe_experts": (I, [P, P, I, I, P, P, P, I]),
-    "vlmc_moe_block": (I, [P, P, I, P, P, P, I]),
     # deltanet.c
     "vlmc_deltanet_layers": (I, [P, P, I, P, P, I, P, I]),
     # deltanet_prompt.c
     "vlmc_deltanet_prompt": (I, [P, P, I, I, P, P, P, P, P, I]),
+    # moe.c: the whole block
+    "vlmc_moe_block": (I, [P, P, I, P, P, P, I]),
 }
 
 
