@@ -188,7 +188,8 @@ def test_bad_blocks_are_refused():
     plan = cm._block_plan(w[0], w[1], w[2], w[3:], 3, True, "silu")
     assert plan is not None
     x = _x(2, SMALL["hidden"], 1)
-    out, idx, wts = np.empty((2, SMALL["hidden"]), np.float32), np.empty((2, 11), np.int32), np.empty((2, 11), np.float32)
+    out = np.empty((2, SMALL["hidden"]), np.float32)
+    idx, wts = np.empty((2, 11), np.int32), np.empty((2, 11), np.float32)  # room for the top_k tried below
     lib = cpu._get_lib()
 
     def run(p) -> int:
