@@ -8,6 +8,10 @@ the loop below, so the same float32 to the last bit, without a Python round trip
 It covers the rows the GEMVs serve (a decode step, a verify chunk: up to ``FUSED_MAX_ROWS``);
 its weights' kernel arguments are built once per stacked weight pair.
 
+``fused_block``: the whole MoE block (``moe_block``: router GEMV, softmax, top-k, the routed
+experts and the gated shared expert) in one C call (``vlmc_moe_block``) for a decode or
+verify step's rows (up to ``GEMV_MAX_ROWS``); the op falls back to the separate ops.
+
 ``routed_experts``: the loop over the selected experts through the compact-weight kernels
 (GEMV for few rows, the int8 GEMM for prefill: each row's result the GEMV's bit for bit
 where the int8 kernels run), each expert's [out, in] weight a zero-copy slice of the
