@@ -249,7 +249,7 @@ def test_routing_matches_transformers_router(store, monkeypatch, case):
 
 
 def test_decode_reads_only_the_routed_experts(store, monkeypatch):
-    """A decode step of two sequences takes the fused experts call in each MoE layer, and
+    """A decode step of two sequences takes the one-call MoE block in each MoE layer, and
     reads only the experts its router chose for them (at most 2 x top_k of the 8): with
     every other expert's weights NaN the step's output is the same, bit for bit."""
     from vlmc.kernels import cpu_ops
@@ -258,21 +258,58 @@ def test_decode_reads_only_the_routed_experts(store, monkeypatch):
     m = store.vlm(store.ckpt())
     prompts = [build_prompt(m, "text"), m.build_prompt("circle square " * 5)]
     ran: list[tuple[set, bool]] = []
-    original = cpu_moe.fused_experts
+    original = cpu_moe.fused_block
 
-    def poisoned(x, weights, experts, gate_up, down, kind):
-        out = original(x, weights, experts, gate_up, down, kind)
-        if out is not None and np.asarray(x).reshape(-1, 64).shape[0] == 2:  # a decode step of both rows
-            routed = set(np.asarray(experts).reshape(-1).tolist())
+    def poisoned(x, router, gate_up, down, *shared, **kw):
+        got = original(x, router, gate_up, down, *shared, routing=True, **kw)
+        if got is None:
+            return None
+        out, experts, _ = got
+        if np.asarray(x).reshape(-1, 64).shape[0] == 2:  # a decode step of both rows
+            routed = set(experts.reshape(-1).tolist())
             keep = mx.array([e in routed for e in range(qm.EXPERTS)])[:, None, None]
-            bad = original(x, weights, experts, mx.where(keep, gate_up, mx.nan), mx.where(keep, down, mx.nan), kind)
+            bad = original(x, router, mx.where(keep, gate_up, mx.nan), mx.where(keep, down, mx.nan), *shared, **kw)
             ran.append((routed, np.array_equal(bad, out)))
         return out
-    monkeypatch.setattr(cpu_ops, "_fused_experts", poisoned)
+    monkeypatch.setattr(cpu_ops, "_fused_block", poisoned)
     run_vlmc(m, prompts, steps=3)
     assert len(ran) == 2 * len(q35.LAYER_TYPES)  # decode steps 2 and 3 (step 1 ends the prefill)
     for routed, same in ran:
         assert same and len(routed) <= 2 * qm.TOP_K < qm.EXPERTS
+
+
+def test_lower_makes_each_moe_block_one_op(store):
+    """On the cpu target ``lower`` turns each MoE layer's router, routing, routed experts
+    and gated shared expert into one ``moe_block`` op (``--no-fuse decode_layer`` keeps the
+    ops): greedy tokens identical and logits within 1e-5 of the op-by-op artifact's over
+    two sequences' decode steps. Wiring it does not know stays as it is: router logits
+    read elsewhere (no rewrite), a shared gate other than a sigmoid (the routed part only)."""
+    import copy
+    from vlmc.ir.serialize import from_json
+    from vlmc.passes.moe_path import fuse_moe_blocks
+
+    info = store.ckpt()
+    fused, plain = store.artifact(info), store.artifact(info, no_fuse=("decode_layer",))
+    src = (Path(fused) / "model.py").read_text()
+    assert src.count("ops.moe_block(") == 2 and "moe_route" not in src and "moe_experts" not in src
+    assert "moe_block" not in (Path(plain) / "model.py").read_text()
+    m = store.vlm(info)
+    prompts = [build_prompt(m, "text"), m.build_prompt("circle square " * 5)]
+    toks, logits = run_vlmc(m, prompts, steps=8)
+    ref_toks, ref_logits = run_vlmc(store.vlm(info, no_fuse=("decode_layer",)), prompts, steps=8)
+    np.testing.assert_array_equal(toks, ref_toks)
+    np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-5)
+    prog = from_json(json.loads((Path(fused) / "program.json").read_text()))  # before lowering
+    body = next(b.body for b in prog.blocks.values() if any(op.op == "moe_route" for op in b.body.ops))
+    assert fuse_moe_blocks(copy.deepcopy(body)) == 1
+    read_elsewhere = copy.deepcopy(body)
+    read_elsewhere.outputs.append(next(op for op in read_elsewhere.ops if op.op == "moe_route").inputs[0])
+    assert fuse_moe_blocks(read_elsewhere) == 0
+    other_gate = copy.deepcopy(body)
+    next(op for op in other_gate.ops if op.op == "act" and op.attrs.get("kind") == "sigmoid").attrs["kind"] = "tanh"
+    assert fuse_moe_blocks(other_gate) == 1
+    block = next(op for op in other_gate.ops if op.op == "moe_block")
+    assert len(block.inputs) == 4 and any(op.op == "glu" for op in other_gate.ops)
 
 
 # ------------------------------------------------------------------------------ weights, batching
@@ -287,6 +324,9 @@ def _routed_trace(monkeypatch, m, prompt, sampler, steps, forced_routes=None):
     from vlmc.quality import _trace
 
     with monkeypatch.context() as mp:
+        # decode steps through the separate ops, whose moe_route can be recorded and forced
+        # (the one-call MoE block routes in C)
+        mp.setattr(cpu_ops, "_fused_block", lambda *a, **kw: None)
         if forced_routes is not None:
             calls = iter(forced_routes)
 

@@ -599,3 +599,35 @@ def _qmoe_experts(t, a):
     """moe_experts with quantized expert weights (each expert quantized on its own rows; the
     scheme travels with the weight)."""
     return _moe_experts_rule(t, a, "qmoe_experts")
+
+
+@rule("moe_block")
+def _moe_block(t, a):
+    """(x [.., H], router [E, H], gate_up [E, 2I, H], down [E, H, I][, shared_gate_up [2S, H],
+    shared_down [H, S], shared_gate [1, H]]) -> [.., H]: a whole MoE block, ``moe_route``
+    (``top_k``, ``normalize``) over the router's logits, the routed experts (``kind``), plus
+    the shared expert (gate rows first) times sigmoid(shared_gate x) where given. What the
+    cpu target's ``lower`` makes of those ops for one C call per layer and step."""
+    x, router, gate_up, down = t[:4]
+    shared = [s for s in t[4:7] if s is not None]
+    if len(shared) not in (0, 3):
+        raise ShapeError("moe_block: the shared expert needs its gate_up, down and gate weights")
+    if len(router.shape) != 2:
+        raise ShapeError("moe_block: the router weight must be [experts, hidden]")
+    _same_dim(router.shape[0], gate_up.shape[0], "moe_block router outputs")
+    _same_dim(router.shape[1], x.shape[-1], "moe_block router in-features")
+    k = int(a["top_k"])
+    if k < 1 or (isinstance(router.shape[0], int) and k > router.shape[0]):
+        raise ShapeError(f"moe_block: top_k {k} is not in 1..{router.shape[0]} experts")
+    out = _moe_experts_rule([x, TensorType(x.shape[:-1] + (k,), "float32"),
+                             TensorType(x.shape[:-1] + (k,), "int32"), gate_up, down], a, "moe_block")[0]
+    if shared:
+        sgu, sdn, sg = shared
+        _same_dim(sgu.shape[-1], x.shape[-1], "moe_block shared gate_up in-features")
+        _same_dim(sdn.shape[0], x.shape[-1], "moe_block shared down out-features")
+        if isinstance(sgu.shape[0], int) and isinstance(sdn.shape[-1], int) and sgu.shape[0] != 2 * sdn.shape[-1]:
+            raise ShapeError(f"moe_block: shared gate_up has {sgu.shape[0]} rows, not twice down's "
+                             f"{sdn.shape[-1]} inputs")
+        if tuple(sg.shape) != (1, x.shape[-1]):
+            raise ShapeError(f"moe_block: the shared expert's gate must be [1, {x.shape[-1]}], got {list(sg.shape)}")
+    return [out]

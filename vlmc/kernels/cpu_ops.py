@@ -15,6 +15,7 @@ mx.arrays. Entry points hand their outputs to MLX through ``result``.
 from __future__ import annotations
 
 import functools
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -27,7 +28,8 @@ from .cpu import _as_mx, host as _h
 from . import kv_quant as _kv_quant
 from .step_rows import in_prompt as _in_prompt
 from .cpu.attention import attention as _blas_attention
-from .cpu.moe import fused_experts as _fused_experts, routed_experts as _routed_experts
+from .cpu.moe import fused_block as _fused_block, fused_experts as _fused_experts, routed_experts as _routed_experts
+from .moe import block_ops as _moe_block_ops
 from .cpu.decode_layer import decode_layer as _decode_layer, decode_layers as _decode_layers
 from .cpu.deltanet import deltanet_layer as _deltanet_layer, deltanet_layers as _deltanet_layers
 from .cpu.kv_decode import affine_values as _affine_values
@@ -355,3 +357,16 @@ def moe_experts(x, weights, experts, gate_up, down, *, kind: str):
 
 
 qmoe_experts = moe_experts  # the weight's type picks the kernel
+
+
+def moe_block(x, router, gate_up, down, shared_gate_up=None, shared_down=None, shared_gate=None, *, top_k: int,
+              normalize: bool, kind: str):
+    """``reference.moe_block``: one C call for a decode step's rows (``cpu/moe.py``
+    ``fused_block``), else the separate ops of this library; a host array."""
+    if _cpu.enabled():
+        out = _fused_block(x, router, gate_up, down, shared_gate_up, shared_down, shared_gate, top_k=top_k,
+                           normalize=normalize, kind=kind)
+        if out is not None:
+            return out
+    return _moe_block_ops(sys.modules[__name__], x, router, gate_up, down, shared_gate_up, shared_down, shared_gate,
+                          top_k=top_k, normalize=normalize, kind=kind)

@@ -42,3 +42,25 @@ def experts_swiglu(x: mx.array, weights: mx.array, experts: mx.array, gate_up, d
     y = expert_matmul(act(gu[..., :half]) * gu[..., half:], down, idx)[..., 0, :]   # [T, K, H]
     y = mx.sum(y * weights.reshape(-1, k, 1).astype(y.dtype), axis=1)
     return y.reshape(*lead, y.shape[-1])
+
+
+def block_ops(ops, x, router, gate_up, down, shared_gate_up=None, shared_down=None, shared_gate=None, *,
+              top_k: int, normalize: bool, kind: str):
+    """A whole MoE block (``moe_block``) as the separate ops of op library ``ops`` compute it,
+    in the order ``models/common/moe.py`` emits them: router, ``moe_route``, the routed
+    experts, and, with ``shared_gate_up`` (the shared expert's gate and up rows stacked,
+    gate first), the shared expert times sigmoid(``shared_gate`` x), added last."""
+    from .quant import QuantWeight
+
+    def proj(v, w):
+        return ops.qlinear(v, w) if isinstance(w, QuantWeight) else ops.linear(v, w)
+
+    weights, experts = ops.moe_route(proj(x, router), top_k=top_k, normalize=normalize)
+    quantized = isinstance(gate_up, QuantWeight) or isinstance(down, QuantWeight)
+    y = (ops.qmoe_experts if quantized else ops.moe_experts)(x, weights, experts, gate_up, down, kind=kind)
+    if shared_gate_up is None:
+        return y
+    half = (shared_gate_up.weight if isinstance(shared_gate_up, QuantWeight) else shared_gate_up).shape[0] // 2
+    g, u = ops.split(proj(x, shared_gate_up), sizes=[half, half], axis=-1)
+    s = proj(ops.glu(g, u, kind=kind), shared_down)
+    return ops.add(y, ops.mul(s, ops.act(proj(x, shared_gate), kind="sigmoid")))

@@ -6,6 +6,7 @@ them. They are written for clarity and float32 parity with transformers.
 from __future__ import annotations
 
 import math
+import sys
 
 import mlx.core as mx
 
@@ -436,3 +437,12 @@ def moe_experts(x: mx.array, weights: mx.array, experts: mx.array, gate_up, down
 def qmoe_experts(x: mx.array, weights: mx.array, experts: mx.array, gate_up, down, *, kind: str) -> mx.array:
     """moe_experts with quantized (QuantWeight) expert weights, read through ``gather_qmm``."""
     return moe_experts(x, weights, experts, gate_up, down, kind=kind)
+
+
+def moe_block(x: mx.array, router, gate_up, down, shared_gate_up=None, shared_down=None, shared_gate=None, *,
+              top_k: int, normalize: bool, kind: str) -> mx.array:
+    """A whole MoE block: router, ``moe_route``, the routed experts, and the shared expert
+    (gate and up rows stacked in ``shared_gate_up``) times sigmoid(``shared_gate`` x), if
+    any; the separate ops it stands for, in their order (``kernels/moe.py``)."""
+    return _moe.block_ops(sys.modules[__name__], x, router, gate_up, down, shared_gate_up, shared_down, shared_gate,
+                          top_k=top_k, normalize=normalize, kind=kind)

@@ -8,7 +8,9 @@ the fast paths the target has for the layouts planned before it (``kv_layout`` r
   stack of layers, and decode step) unless ``--no-fuse decode_layer``, and only when every
   layer's planned KV cache is one the fast path reads (``ir.ops.FAST_PATH_KV``); a Gated
   DeltaNet block (Qwen3.5's linear attention) gets the ``deltanet_layer`` fast path
-  (``passes/deltanet_path.py``) under the same switch.
+  (``passes/deltanet_path.py``) under the same switch, and a MoE block's router, routing,
+  routed and shared experts become one ``moe_block`` op (``passes/moe_path.py``), again
+  under that switch.
 - ``metal`` / ``cuda``: MLX's own kernels plus vlmc's GPU kernels (``vlmc.kernels.gpu_ops``:
   Metal and CUDA sources in ``vlmc/kernels/gpu/``); activations in the storage dtype.
 
@@ -23,6 +25,7 @@ from ..ir.infer import infer_types
 from ..ir.ops import fast_path_reads
 from .deltanet_path import deltanet_match
 from .fast_path import decode_layer_match
+from .moe_path import fuse_moe_blocks
 from .manager import register
 
 LIBRARIES = {"cpu": "cpu_ops", "metal": "gpu_ops", "cuda": "gpu_ops"}
@@ -53,6 +56,11 @@ def lower(prog: Program, target: str = "cpu", decode_layer: bool = True) -> tupl
         raise ValueError(f"unknown target {target!r}; known: {', '.join(LIBRARIES)}")
     notes = []
     if target == "cpu" and decode_layer:
+        for blk in prog.blocks.values():  # MoE blocks: one op (one C call per decode step)
+            if fuse_moe_blocks(blk.body):
+                prog.meta.setdefault("fusions", {})["moe_block"] = \
+                    prog.meta.get("fusions", {}).get("moe_block", 0) + len(blk.layers)
+                notes.append(f"moe_block for the {len(blk.layers)} layers of {blk.name}")
         # the cache-owning layers' rows by decoder layer: what a layer reading another's cache reads
         owners = {L["layer"]: L for b in prog.blocks.values() for L in b.layers if "kv" in L and "layer" in L}
         for blk in prog.blocks.values():

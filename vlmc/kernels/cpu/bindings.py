@@ -67,6 +67,8 @@ SIGNATURES: dict[str, tuple] = {
     "vlmc_deltanet_layers": (I, [P, P, I, P, P, I, P, I]),
     # deltanet_prompt.c
     "vlmc_deltanet_prompt": (I, [P, P, I, I, P, P, P, P, P, I]),
+    # moe.c: the whole block
+    "vlmc_moe_block": (I, [P, P, I, P, P, P, I]),
 }
 
 

@@ -68,19 +68,21 @@ static int expert_rows(const vlmc_experts *X, int e, int n0, int n, const float 
     }
 }
 
+/* one expert's share of a step: its rows' gate_up GEMV and activation, then down, in tiles */
 typedef struct {
-    const vlmc_moe *moe;
-    int ne;                 /* experts chosen by some row */
-    const int *ex;          /* [ne] those experts, ascending */
-    const int *first, *cnt; /* [ne] each one's slots: slot[first .. first + cnt) */
-    const int *slot;        /* (expert, row) slots sorted by expert then row: row * topk + k */
-    int topk, M;
-    const float *const *xe; /* [ne] each expert's rows of x, gathered [cnt, H] */
-    float *h;               /* [M topk, I]: act(gate) * up of each slot (in slot order) */
-    float *y;               /* [M topk, H]: down of each slot (in slot order) */
-    int tw, td;             /* gate_up tile width (gate rows), down tile rows */
-    int tiles_gu, tiles_d;  /* tiles per expert */
-    int phase;              /* 0: gate_up and activation, 1: down */
+    const vlmc_experts *gu, *dn; /* its stacked weights and its index e in them */
+    int e, inter, n;             /* intermediate width, rows */
+    const float *x;              /* [n, H]: its rows of x */
+    float *h, *y;                /* [n, inter]: act(gate) * up; [n, H]: down */
+    int tw, td;                  /* gate_up tile width (gate rows), down tile rows */
+    int t0[2];                   /* its first tile in each phase's numbering */
+} moe_unit;
+
+typedef struct {
+    const moe_unit *u;
+    int nu, H, phase, total; /* units, hidden size, 0: gate_up and activation / 1: down, tiles */
+    float act_a, act_c;
+    size_t need;             /* scratch floats per thread */
     _Atomic int next, err;
 } moe_job;
 
@@ -88,35 +90,134 @@ static void moe_task(void *ctx, int ith, int nth) {
     (void)ith;
     (void)nth;
     moe_job *J = ctx;
-    const vlmc_moe *m = J->moe;
-    const int H = m->hidden, I = m->inter, M = J->M;
-    const size_t need = J->phase == 0 ? 3 * (size_t)M * J->tw : (size_t)M * J->td;
-    float *buf = malloc(sizeof(float) * need);
+    const int H = J->H, ph = J->phase;
+    float *buf = malloc(sizeof(float) * J->need);
     if (!buf) {
         atomic_store(&J->err, -5);
         return;
     }
-    const int per = J->phase == 0 ? J->tiles_gu : J->tiles_d, total = per * J->ne;
     for (;;) {
         const int t = atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed);
-        if (t >= total || atomic_load_explicit(&J->err, memory_order_relaxed)) break;
-        const int i = t / per, tile = t % per, e = J->ex[i], n = J->cnt[i], f = J->first[i];
+        if (t >= J->total || atomic_load_explicit(&J->err, memory_order_relaxed)) break;
+        int lo = 0, hi = J->nu - 1; /* the unit whose tiles hold t: the last with t0 <= t */
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (J->u[mid].t0[ph] <= t) lo = mid;
+            else hi = mid - 1;
+        }
+        const moe_unit *U = &J->u[lo];
+        const int tile = t - U->t0[ph], n = U->n, I = U->inter;
         int rc;
-        if (J->phase == 0) {
-            const int j0 = tile * J->tw, w = I - j0 < J->tw ? I - j0 : J->tw;
+        if (ph == 0) {
+            const int j0 = tile * U->tw, w = I - j0 < U->tw ? I - j0 : U->tw;
             float *g = buf, *u = g + (size_t)n * w, *a = u + (size_t)n * w;
-            rc = expert_rows(&m->gate_up, e, j0, w, J->xe[i], n, g);
-            if (!rc) rc = expert_rows(&m->gate_up, e, I + j0, w, J->xe[i], n, u);
-            if (!rc) rc = vlmc_sigmoid_gate(g, w, u, w, a, n, w, m->act_a, m->act_c, 1);
-            for (int r = 0; r < n && !rc; r++) memcpy(J->h + (size_t)(f + r) * I + j0, a + (size_t)r * w, sizeof(float) * w);
+            rc = expert_rows(U->gu, U->e, j0, w, U->x, n, g);
+            if (!rc) rc = expert_rows(U->gu, U->e, I + j0, w, U->x, n, u);
+            if (!rc) rc = vlmc_sigmoid_gate(g, w, u, w, a, n, w, J->act_a, J->act_c, 1);
+            for (int r = 0; r < n && !rc; r++) memcpy(U->h + (size_t)r * I + j0, a + (size_t)r * w, sizeof(float) * w);
         } else {
-            const int c0 = tile * J->td, w = H - c0 < J->td ? H - c0 : J->td;
-            rc = expert_rows(&m->down, e, c0, w, J->h + (size_t)f * I, n, buf);
-            for (int r = 0; r < n && !rc; r++) memcpy(J->y + (size_t)(f + r) * H + c0, buf + (size_t)r * w, sizeof(float) * w);
+            const int c0 = tile * U->td, w = H - c0 < U->td ? H - c0 : U->td;
+            rc = expert_rows(U->dn, U->e, c0, w, U->h, n, buf);
+            for (int r = 0; r < n && !rc; r++) memcpy(U->y + (size_t)r * H + c0, buf + (size_t)r * w, sizeof(float) * w);
         }
         if (rc) atomic_store(&J->err, rc);
     }
     free(buf);
+}
+
+/* both phases over the units: one parallel region each, the tiles taken from one counter */
+static int moe_run(moe_unit *u, int nu, int H, float act_a, float act_c, int n_threads) {
+    moe_job J = {.u = u, .nu = nu, .H = H, .act_a = act_a, .act_c = act_c};
+    size_t need[2] = {0, 0};
+    int total[2] = {0, 0};
+    for (int i = 0; i < nu; i++) {
+        /* tiles: gate_up's width a multiple of 16 (the activation's vector steps fall on the
+         * same columns as in one call over the whole row), down's rows a multiple of 16 */
+        const size_t gb = 2 * row_bytes(&u[i].gu->p), db = row_bytes(&u[i].dn->p);
+        const int tw = (int)(TILE_BYTES / gb) / 16 * 16, td = (int)(TILE_BYTES / db) / 16 * 16, I = u[i].inter;
+        u[i].tw = tw < 16 ? 16 : tw > I ? I : tw;
+        u[i].td = td < 16 ? 16 : td > H ? H : td;
+        u[i].t0[0] = total[0];
+        u[i].t0[1] = total[1];
+        total[0] += (I + u[i].tw - 1) / u[i].tw;
+        total[1] += (H + u[i].td - 1) / u[i].td;
+        if (3 * (size_t)u[i].n * u[i].tw > need[0]) need[0] = 3 * (size_t)u[i].n * u[i].tw;
+        if ((size_t)u[i].n * u[i].td > need[1]) need[1] = (size_t)u[i].n * u[i].td;
+    }
+    atomic_store(&J.err, 0);
+    for (int ph = 0; ph < 2 && !atomic_load(&J.err); ph++) {
+        J.phase = ph;
+        J.total = total[ph];
+        J.need = need[ph];
+        atomic_store(&J.next, 0);
+        run_parallel(moe_task, &J, n_threads < total[ph] ? n_threads : total[ph]);
+    }
+    return atomic_load(&J.err);
+}
+
+/* x [M, hidden] through the routed experts (idx, wts [M, topk]: each row's experts, distinct
+ * and in range, and routing weights) and, when S > 0, the shared expert (gate_up sgu [2S,
+ * hidden], down sdn [hidden, S]) on every row with weight sw[r]:
+ *     out[r] = sum over r's experts e ascending of y_e[r] * w  (+ y_shared[r] * sw[r]) */
+static int moe_forward(const vlmc_moe *moe, const float *x, int M, int topk, const int32_t *idx, const float *wts,
+                       const vlmc_experts *sgu, const vlmc_experts *sdn, int S, const float *sw, float *out,
+                       int n_threads) {
+    const int E = moe->experts, H = moe->hidden, I = moe->inter;
+    const size_t MK = (size_t)M * topk, MS = S > 0 ? (size_t)M : 0;
+    /* counting sort of the (expert, row) slots: by expert, rows ascending within one */
+    int *ints = calloc((size_t)E + 1 + 4 * MK, sizeof(int));
+    float *buf = malloc(sizeof(float) * (MK * ((size_t)I + 2 * (size_t)H) + MS * ((size_t)S + H)));
+    moe_unit *u = calloc(MK + 1, sizeof(moe_unit));
+    int rc = 0;
+    if (!ints || !buf || !u) {
+        rc = -5;
+        goto done;
+    }
+    int *start = ints, *slot = start + E + 1, *first = slot + MK;
+    for (size_t i = 0; i < MK; i++) start[idx[i] + 1]++;
+    for (int e = 0; e < E; e++) start[e + 1] += start[e];
+    int ne = 0;
+    float *h = buf, *y = h + MK * I, *xg = y + MK * H, *hs = xg + MK * H, *ys = hs + MS * S;
+    for (int e = 0; e < E; e++)
+        if (start[e + 1] > start[e]) {
+            const int f = start[e], n = start[e + 1] - start[e];
+            first[ne] = f;
+            u[ne++] = (moe_unit){.gu = &moe->gate_up, .dn = &moe->down, .e = e, .inter = I, .n = n,
+                                 .h = h + (size_t)f * I, .y = y + (size_t)f * H};
+        }
+    for (size_t i = 0; i < MK; i++) slot[start[idx[i]]++] = (int)i; /* i ascending: rows ascending */
+    for (int i = 0; i < ne; i++) { /* each expert's rows of x: x itself when every row chose it */
+        const int *s = slot + first[i];
+        if (u[i].n == M) {
+            u[i].x = x;
+            continue;
+        }
+        float *dst = xg + (size_t)first[i] * H;
+        for (int r = 0; r < u[i].n; r++) memcpy(dst + (size_t)r * H, x + (size_t)(s[r] / topk) * H, sizeof(float) * H);
+        u[i].x = dst;
+    }
+    if (S > 0) u[ne] = (moe_unit){.gu = sgu, .dn = sdn, .e = 0, .inter = S, .n = M, .x = x, .h = hs, .y = ys};
+    rc = moe_run(u, ne + (S > 0), H, moe->act_a, moe->act_c, n_threads);
+    if (!rc) { /* the weighted sum, experts ascending (the loop's order), then the shared expert */
+        memset(out, 0, sizeof(float) * (size_t)M * H);
+        for (int i = 0; i < ne; i++)
+            for (int r = 0; r < u[i].n; r++) {
+                const int s = slot[first[i] + r];
+                add_weighted(out + (size_t)(s / topk) * H, u[i].y + (size_t)r * H, wts[s], H);
+            }
+        for (size_t r = 0; r < MS; r++) add_weighted(out + r * H, ys + r * H, sw[r], H);
+    }
+done:
+    free(ints);
+    free(buf);
+    free(u);
+    return rc;
+}
+
+static int moe_valid(const vlmc_moe *moe) {
+    const int H = moe->hidden, I = moe->inter;
+    return moe->experts >= 1 && H >= 1 && I >= 1 && moe->gate_up.p.N == 2 * I && moe->gate_up.p.K == H
+           && moe->down.p.N == H && moe->down.p.K == I;
 }
 
 /* x [M, hidden] -> out [M, hidden]; idx, wts [M, topk]: each row's experts (distinct, in
@@ -124,10 +225,8 @@ static void moe_task(void *ctx, int ith, int nth) {
  * memory, or a GEMV's error. */
 int vlmc_moe_experts(const vlmc_moe *moe, const float *x, int M, int topk, const int32_t *idx, const float *wts,
                      float *out, int n_threads) {
-    const int E = moe ? moe->experts : 0, H = moe ? moe->hidden : 0, I = moe ? moe->inter : 0;
-    if (!moe || !x || !idx || !wts || !out || M < 1 || topk < 1 || topk > E || H < 1 || I < 1
-        || moe->gate_up.p.N != 2 * I || moe->gate_up.p.K != H || moe->down.p.N != H || moe->down.p.K != I)
-        return -1;
+    if (!moe || !x || !idx || !wts || !out || M < 1 || topk < 1 || topk > moe->experts || !moe_valid(moe)) return -1;
+    const int E = moe->experts;
     const size_t MK = (size_t)M * topk;
     for (size_t i = 0; i < MK; i++)
         if (idx[i] < 0 || idx[i] >= E) return -1;
@@ -135,66 +234,70 @@ int vlmc_moe_experts(const vlmc_moe *moe, const float *x, int M, int topk, const
         for (int a = 0; a < topk; a++)
             for (int b = a + 1; b < topk; b++)
                 if (idx[(size_t)m * topk + a] == idx[(size_t)m * topk + b]) return -1;
-    /* counting sort of the (expert, row) slots: by expert, rows ascending within one */
-    int *ints = calloc((size_t)E + 1 + 4 * MK, sizeof(int));
-    float *buf = malloc(sizeof(float) * MK * ((size_t)I + 2 * (size_t)H));
-    const float **xe = malloc(sizeof(float *) * MK);
+    return moe_forward(moe, x, M, topk, idx, wts, NULL, NULL, 0, NULL, out, n_threads);
+}
+
+/* ---- the whole block: router, routing, routed and shared experts ---------------------- */
+
+/* one row's routing: probabilities p [E] (the softmax of its router logits) -> its top k
+ * experts, most probable first, equal probabilities in ascending expert order (a stable
+ * sort's order, as the op path's argsort); their probabilities, renormalised to sum to 1
+ * when `normalize` (the sum in that order) */
+static void route_row(const float *p, int E, int k, int normalize, int32_t *idx, float *w) {
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int i = 0; i < j && !taken; i++) taken = idx[i] == e;
+            if (!taken && (best < 0 || p[e] > p[best])) best = e;
+        }
+        idx[j] = best;
+        w[j] = p[best];
+    }
+    if (normalize) {
+        float s = 0.f;
+        for (int j = 0; j < k; j++) s += w[j];
+        for (int j = 0; j < k; j++) w[j] = w[j] / s;
+    }
+}
+
+static int proj_is(const vlmc_proj *p, int N, int K) { return p->N == N && p->K == K && p->w && !p->bias; }
+
+/* x [M, hidden] (a MoE layer's normed input) -> out [M, hidden]; experts, weights [M, top_k]
+ * (or NULL): the routing it chose. Returns 0, -1 for a bad layer description or
+ * arguments, -5 without memory, or a GEMV's error. */
+int vlmc_moe_block(const vlmc_moe_layer *L, const float *x, int M, float *out, int32_t *experts, float *weights,
+                   int n_threads) {
+    if (!L || !x || !out || M < 1 || !moe_valid(&L->moe)) return -1;
+    const int E = L->moe.experts, H = L->moe.hidden, K = L->top_k, S = L->shared_inter;
+    if (K < 1 || K > E || S < 0 || !proj_is(&L->router, E, H)
+        || (S > 0 && (!proj_is(&L->shared_gate_up.p, 2 * S, H) || !proj_is(&L->shared_down.p, H, S)
+                      || !proj_is(&L->shared_gate, 1, H))))
+        return -1;
+    const size_t MK = (size_t)M * K;
+    float *f = malloc(sizeof(float) * ((size_t)M * E + MK + 2 * (size_t)M));
+    int32_t *idx = malloc(sizeof(int32_t) * MK);
     int rc = 0;
-    if (!ints || !buf || !xe) {
+    if (!f || !idx) {
         rc = -5;
         goto done;
     }
-    int *start = ints, *slot = start + E + 1, *ex = slot + MK, *first = ex + MK, *cnt = first + MK;
-    for (size_t i = 0; i < MK; i++) start[idx[i] + 1]++;
-    for (int e = 0; e < E; e++) start[e + 1] += start[e];
-    int ne = 0;
-    for (int e = 0; e < E; e++)
-        if (start[e + 1] > start[e]) ex[ne] = e, first[ne] = start[e], cnt[ne] = start[e + 1] - start[e], ne++;
-    for (size_t i = 0; i < MK; i++) slot[start[idx[i]]++] = (int)i; /* i ascending: rows ascending */
-    float *h = buf, *y = h + MK * I, *xg = y + MK * H;
-    for (int i = 0; i < ne; i++) { /* each expert's rows of x: x itself when every row chose it */
-        const int *s = slot + first[i];
-        if (cnt[i] == M) {
-            xe[i] = x;
-            continue;
-        }
-        float *dst = xg + (size_t)first[i] * H;
-        for (int r = 0; r < cnt[i]; r++) memcpy(dst + (size_t)r * H, x + (size_t)(s[r] / topk) * H, sizeof(float) * H);
-        xe[i] = dst;
+    float *p = f, *w = p + (size_t)M * E, *sw = w + MK;
+    rc = vlmc_proj_run(&L->router, x, M, p, n_threads);
+    for (int r = 0; r < M && !rc; r++) {
+        softmax_row(p + (size_t)r * E, E, 1.f, NULL);
+        route_row(p + (size_t)r * E, E, K, L->normalize, idx + (size_t)r * K, w + (size_t)r * K);
     }
-    moe_job J = {.moe = moe, .ne = ne, .ex = ex, .first = first, .cnt = cnt, .slot = slot, .topk = topk, .M = M,
-                 .xe = xe, .h = h, .y = y};
-    /* tiles: gate_up's width a multiple of 16 (the activation's vector steps fall on the same
-     * columns as in one call over the whole row), down's rows a multiple of 16 */
-    const size_t gb = 2 * row_bytes(&moe->gate_up.p), db = row_bytes(&moe->down.p);
-    int tw = (int)(TILE_BYTES / gb) / 16 * 16, td = (int)(TILE_BYTES / db) / 16 * 16;
-    J.tw = tw < 16 ? 16 : tw > I ? I : tw;
-    J.td = td < 16 ? 16 : td > H ? H : td;
-    J.tiles_gu = (I + J.tw - 1) / J.tw;
-    J.tiles_d = (H + J.td - 1) / J.td;
-    const int nth_gu = n_threads < J.tiles_gu * ne ? n_threads : J.tiles_gu * ne;
-    const int nth_d = n_threads < J.tiles_d * ne ? n_threads : J.tiles_d * ne;
-    atomic_store(&J.next, 0);
-    atomic_store(&J.err, 0);
-    run_parallel(moe_task, &J, nth_gu);
-    rc = atomic_load(&J.err);
-    if (!rc) {
-        J.phase = 1;
-        atomic_store(&J.next, 0);
-        run_parallel(moe_task, &J, nth_d);
-        rc = atomic_load(&J.err);
+    if (!rc && S > 0) { /* the shared expert's gate: sigmoid of one output per row */
+        rc = vlmc_proj_run(&L->shared_gate, x, M, sw, 1);
+        for (int r = 0; r < M && !rc; r++) sw[r] = 1.f / (1.f + expf(-sw[r]));
     }
-    if (!rc) { /* the weighted sum, experts ascending (the loop's order) */
-        memset(out, 0, sizeof(float) * (size_t)M * H);
-        for (int i = 0; i < ne; i++)
-            for (int r = 0; r < cnt[i]; r++) {
-                const int s = slot[first[i] + r];
-                add_weighted(out + (size_t)(s / topk) * H, y + (size_t)(first[i] + r) * H, wts[s], H);
-            }
-    }
+    if (!rc)
+        rc = moe_forward(&L->moe, x, M, K, idx, w, &L->shared_gate_up, &L->shared_down, S, sw, out, n_threads);
+    if (!rc && experts) memcpy(experts, idx, sizeof(int32_t) * MK);
+    if (!rc && weights) memcpy(weights, w, sizeof(float) * MK);
 done:
-    free(ints);
-    free(buf);
-    free(xe);
+    free(f);
+    free(idx);
     return rc;
 }

@@ -8,6 +8,10 @@ the loop below, so the same float32 to the last bit, without a Python round trip
 It covers the rows the GEMVs serve (a decode step, a verify chunk: up to ``FUSED_MAX_ROWS``);
 its weights' kernel arguments are built once per stacked weight pair.
 
+``fused_block``: the whole MoE block (``moe_block``: router GEMV, softmax, top-k, the routed
+experts and the gated shared expert) in one C call (``vlmc_moe_block``) for a decode or
+verify step's rows (up to ``GEMV_MAX_ROWS``); the op falls back to the separate ops.
+
 ``routed_experts``: the loop over the selected experts through the compact-weight kernels
 (GEMV for few rows, the int8 GEMM for prefill: each row's result the GEMV's bit for bit
 where the int8 kernels run), each expert's [out, in] weight a zero-copy slice of the
@@ -25,7 +29,7 @@ import numpy as np
 
 from ..quant import QuantWeight
 from . import SUPPORTED_BITS, _ST, _check, _get_lib, _host, _q_params, enabled
-from .decode_layer import _Proj
+from .decode_layer import _Proj, _proj
 from .host import SIGMOID_SCALE
 
 # rows (tokens) up to which the fused call runs: past it, prefill's many rows per expert
@@ -113,6 +117,66 @@ def fused_experts(x, weights, experts, gate_up, down, kind: str) -> np.ndarray |
     _check(lib.vlmc_moe_experts(ctypes.addressof(plan), xh.ctypes.data, rows, k, idx.ctypes.data, wts.ctypes.data,
                                 out.ctypes.data, n_threads), "moe_experts")
     return out.reshape(*lead, plan.hidden)
+
+
+class _MoeLayer(ctypes.Structure):
+    _fields_ = [("moe", _Moe), ("router", _Proj), ("top_k", _I), ("normalize", _I), ("shared_inter", _I),
+                ("shared_gate_up", _Experts), ("shared_down", _Experts), ("shared_gate", _Proj)]
+
+
+# id(router) -> (the block's other weights, top_k, normalize, kind, _MoeLayer or None); the
+# entry leaves with the router (it holds the other weights, which the same layer owns)
+_blocks: dict[int, tuple] = {}
+
+
+def _block_plan(router, gate_up, down, shared: tuple, top_k: int, normalize: bool, kind: str) -> _MoeLayer | None:
+    key, rest = id(router), (gate_up, down, *shared)
+    hit = _blocks.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], rest)) and hit[1:4] == (top_k, normalize, kind):
+        return hit[4]
+    plan = None
+    moe, rp = _plan(gate_up, down, kind), _proj(router, None)
+    sp = [None if w is None else _proj(w, None) for w in shared]
+    if moe is not None and rp is not None and rp.N == moe.experts and 1 <= top_k <= moe.experts and \
+            (shared[0] is None or None not in sp):
+        s_inter = sp[0].N // 2 if sp[0] is not None else 0
+        gu, dn = (_Experts(p, 0, 0, 0) if p is not None else _Experts() for p in sp[:2])
+        plan = _MoeLayer(moe, rp, top_k, int(bool(normalize)), s_inter, gu, dn, sp[2] or _Proj())
+    try:
+        weakref.finalize(router, _blocks.pop, key, None)
+    except TypeError:  # not weak-referenceable: nothing to key a cache on
+        return plan
+    _blocks[key] = (rest, top_k, normalize, kind, plan)
+    return plan
+
+
+def fused_block(x, router, gate_up, down, shared_gate_up=None, shared_down=None, shared_gate=None, *, top_k: int,
+                normalize: bool, kind: str, routing: bool = False):
+    """``reference.moe_block`` in one C call (``vlmc_moe_block``), as a float32 host array
+    [.., H] (with ``routing``: and the experts [.., K] int32 and weights [.., K] it chose),
+    or None (the caller runs the separate ops): no kernels, more rows than the GEMVs take
+    (``GEMV_MAX_ROWS``: the router's logits are then the op path's to the bit), weights the
+    kernels do not read, a shared expert without all three of its weights."""
+    from . import GEMV_MAX_ROWS, n_threads  # the current settings (refresh() may change them)
+    lib = _get_lib()
+    if lib is None or not enabled():
+        return None
+    lead = tuple(x.shape[:-1])
+    rows = int(np.prod(lead)) if lead else 1
+    shared = (shared_gate_up, shared_down, shared_gate)
+    if not 1 <= rows <= GEMV_MAX_ROWS or (shared_gate_up is None) != (shared_down is None) \
+            or (shared_gate_up is None) != (shared_gate is None):
+        return None
+    plan = _block_plan(router, gate_up, down, shared, top_k, normalize, kind)
+    if plan is None or x.shape[-1] != plan.moe.hidden:
+        return None
+    xh = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(rows, plan.moe.hidden))
+    out = np.empty((rows, plan.moe.hidden), np.float32)
+    idx, wts = np.empty((rows, top_k), np.int32), np.empty((rows, top_k), np.float32)
+    _check(lib.vlmc_moe_block(ctypes.addressof(plan), xh.ctypes.data, rows, out.ctypes.data, idx.ctypes.data,
+                              wts.ctypes.data, n_threads), "moe_block")
+    out = out.reshape(*lead, plan.moe.hidden)
+    return (out, idx.reshape(*lead, top_k), wts.reshape(*lead, top_k)) if routing else out
 
 
 _views: dict[int, list] = {}

@@ -602,4 +602,19 @@ int vlmc_deltanet_layers(const vlmc_deltanet *const *L, const vlmc_dn_state *st,
 int vlmc_deltanet_prompt(const vlmc_deltanet *L, const vlmc_dn_state *st, int B, int T, const float *a,
                          const float *b, float *z, float *o, float *work, int n_threads);
 
+/* ---- moe.c: a whole MoE block's decode step ------------------------------------------ */
+/* A whole mixture-of-experts block (Qwen3.5-MoE, Qwen3-MoE): the router [experts, hidden],
+ * softmax, top_k (renormalised when normalize), the routed experts, and when shared_inter
+ * > 0 the shared expert (gate_up [2 shared_inter, hidden], down [hidden, shared_inter]; the
+ * strides of these two unused) times sigmoid(shared_gate [1, hidden] x) */
+typedef struct {
+    vlmc_moe moe;
+    vlmc_proj router;
+    int top_k, normalize, shared_inter;
+    vlmc_experts shared_gate_up, shared_down;
+    vlmc_proj shared_gate;
+} vlmc_moe_layer;
+int vlmc_moe_block(const vlmc_moe_layer *L, const float *x, int M, float *out, int32_t *experts, float *weights,
+                   int n_threads);
+
 #endif /* VLMC_H */
