@@ -11,7 +11,7 @@ import ctypes
 # The version of the interface below. Change it with any signature or shared struct
 # (vlmc_layer, ...): build.py compiles it into the library (-DVLMC_ABI) and load refuses a
 # library that reports another.
-ABI_VERSION = 25
+ABI_VERSION = 26
 
 P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
