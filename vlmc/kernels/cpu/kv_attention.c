@@ -560,11 +560,83 @@ static ALWAYS size_t kvq_row(const kv_job *J, int b, int hk, int j) {
     return ((size_t)b * J->H + (size_t)hk * (J->H / J->HKV)) * J->T + (size_t)j;
 }
 
-/* scores of key rows r0 .. r1 - 1 of one (sequence, KV head) for every query row j, into
- * sc[j sst + i - r0] */
-static ALWAYS void kvq_scores(const kv_job *J, int bk, int r0, int r1, float *sc, int sst) {
-    const int D = J->D, G = D / J->gs, bits = J->bits, RT = J->H / J->HKV * J->T, b = bk / J->HKV, hk = bk % J->HKV;
+/* one pass of hb (<= KVD_HB) query rows from h0 over a block of 16 key rows: the rows' dwords
+ * of codes, transposed (lane r: row r), come from t (the pass transposes them itself, in
+ * registers) or, buffered, from tb (8-bit: P vectors; 4-bit: the low nibbles' P, then the
+ * high ones'), transposed once for every pass; integer sums are exact, so both give the
+ * same scores */
+static ALWAYS void kvq_pass(const kv_job *J, int b, int hk, int h0, int hb, const uint8_t *const c[16],
+                            const __m512i *tb, float sv[][16], float mv[][16], float *dst, int sst, int nr,
+                            int buffered) {
+    const int D = J->D, G = D / J->gs, bits = J->bits;
     const int P = D * bits / 32, dpg = J->gs * bits / 32; /* dwords of codes per row, per group */
+    const __m512i lo4 = _mm512_set1_epi8(15);
+    const int8_t *qi[KVD_HB], *qr[KVD_HB];
+    const float *qa[KVD_HB], *qs[KVD_HB];
+    __m512 s[KVD_HB];
+    __m512i acc[KVD_HB], accr[KVD_HB]; /* code x query code, code x residual */
+    UNROLL for (int h = 0; h < KVD_HB; h++) {
+        const size_t row = kvq_row(J, b, hk, h0 + (h < hb ? h : 0));
+        qi[h] = J->qi + row * D, qr[h] = J->qr + row * D, qa[h] = J->qa + row * G, qs[h] = J->qs + row * G;
+        s[h] = _mm512_setzero_ps();
+        acc[h] = accr[h] = _mm512_setzero_si512();
+    }
+    for (int c0 = 0; c0 < P; c0 += 16) {
+        const int np = P - c0 < 16 ? P - c0 : 16;
+        __m512i t[16];
+        if (!buffered) {
+            const __mmask16 km = np == 16 ? 0xFFFF : (__mmask16)((1u << np) - 1);
+            UNROLL for (int r = 0; r < 16; r++) t[r] = _mm512_maskz_loadu_epi32(km, c[r] + 4 * (size_t)c0);
+            tr16x16(t); /* t[p] lane r: dword c0 + p of row r */
+        }
+        UNROLL for (int p = 0; p < 16; p++) {
+            if (p >= np) break;
+            const int pa = c0 + p;
+            if (bits == 8) {
+                const __m512i x = buffered ? _mm512_load_si512(tb + pa) : t[p];
+                UNROLL for (int h = 0; h < KVD_HB; h++)
+                    if (h < hb) {
+                        acc[h] = _mm512_dpbusd_epi32(acc[h], x, _mm512_set1_epi32(ld_i32(qi[h] + 4 * pa)));
+                        accr[h] = _mm512_dpbusd_epi32(accr[h], x, _mm512_set1_epi32(ld_i32(qr[h] + 4 * pa)));
+                    }
+            } else { /* a dword holds 8 codes: the low nibbles the even ones, the high the odd */
+                const __m512i lo = buffered ? _mm512_load_si512(tb + pa) : _mm512_and_si512(t[p], lo4);
+                const __m512i hi = buffered ? _mm512_load_si512(tb + P + pa) : _mm512_and_si512(_mm512_srli_epi32(t[p], 4), lo4);
+                UNROLL for (int h = 0; h < KVD_HB; h++)
+                    if (h < hb) {
+                        acc[h] = _mm512_dpbusd_epi32(acc[h], lo, _mm512_set1_epi32(ld_i32(qi[h] + 4 * pa)));
+                        acc[h] = _mm512_dpbusd_epi32(acc[h], hi, _mm512_set1_epi32(ld_i32(qi[h] + D / 2 + 4 * pa)));
+                        accr[h] = _mm512_dpbusd_epi32(accr[h], lo, _mm512_set1_epi32(ld_i32(qr[h] + 4 * pa)));
+                        accr[h] = _mm512_dpbusd_epi32(accr[h], hi, _mm512_set1_epi32(ld_i32(qr[h] + D / 2 + 4 * pa)));
+                    }
+            }
+            if ((pa + 1) % dpg == 0) { /* the end of group g: s qa sum + m qs */
+                const int g = pa / dpg;
+                const __m512 gs_ = _mm512_loadu_ps(sv[g]), gm = _mm512_loadu_ps(mv[g]);
+                UNROLL for (int h = 0; h < KVD_HB; h++)
+                    if (h < hb) {
+                        const __m512 i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[h]), _mm512_set1_ps(256.f),
+                                                         _mm512_cvtepi32_ps(accr[h])); /* sum code (256 c + r) */
+                        const __m512 d = _mm512_mul_ps(i, _mm512_set1_ps(qa[h][g]));
+                        s[h] = _mm512_fmadd_ps(gm, _mm512_set1_ps(qs[h][g]), _mm512_fmadd_ps(d, gs_, s[h]));
+                        acc[h] = accr[h] = _mm512_setzero_si512();
+                    }
+            }
+        }
+    }
+    UNROLL for (int h = 0; h < KVD_HB; h++)
+        if (h < hb) kv_store16(J, dst + (size_t)(h0 + h) * sst, _mm512_mul_ps(s[h], _mm512_set1_ps(J->scale)), nr);
+}
+
+/* scores of key rows r0 .. r1 - 1 of one (sequence, KV head) for every query row j, into
+ * sc[j sst + i - r0]. With one pass of query rows (a decode step) the pass transposes a
+ * block's codes in registers; with several (a prompt's rows) they are transposed once per
+ * block into tb (2 D bits / 32 vectors, 64-byte aligned) for every pass: transposing them
+ * again for each 6 query rows cost ~40% of the integer dot products. */
+static ALWAYS void kvq_scores_x(const kv_job *J, int bk, int r0, int r1, float *sc, int sst, __m512i *tb,
+                                int buffered) {
+    const int D = J->D, G = D / J->gs, bits = J->bits, RT = J->H / J->HKV * J->T, b = bk / J->HKV, hk = bk % J->HKV;
+    const int P = D * bits / 32;
     const size_t base = ((size_t)b * J->HKV + hk) * J->cap, rb = (size_t)D * bits / 8;
     const __m512i lo4 = _mm512_set1_epi8(15);
     for (int i0 = r0; i0 < r1; i0 += 16) {
@@ -577,63 +649,33 @@ static ALWAYS void kvq_scores(const kv_job *J, int bk, int r0, int r1, float *sc
         float sv[KVQ_GMAX][16], mv[KVQ_GMAX][16];
         kvq_lanes(sp, G, nr, sv);
         kvq_lanes(mp, G, nr, mv);
-        for (int h0 = 0; h0 < RT; h0 += KVD_HB) {
-            const int hb = RT - h0 < KVD_HB ? RT - h0 : KVD_HB;
-            const int8_t *qi[KVD_HB], *qr[KVD_HB];
-            const float *qa[KVD_HB], *qs[KVD_HB];
-            __m512 s[KVD_HB];
-            __m512i acc[KVD_HB], accr[KVD_HB]; /* code x query code, code x residual */
-            UNROLL for (int h = 0; h < KVD_HB; h++) {
-                const size_t row = kvq_row(J, b, hk, h0 + (h < hb ? h : 0));
-                qi[h] = J->qi + row * D, qr[h] = J->qr + row * D, qa[h] = J->qa + row * G, qs[h] = J->qs + row * G;
-                s[h] = _mm512_setzero_ps();
-                acc[h] = accr[h] = _mm512_setzero_si512();
-            }
+        if (buffered)
             for (int c0 = 0; c0 < P; c0 += 16) {
                 const int np = P - c0 < 16 ? P - c0 : 16;
                 const __mmask16 km = np == 16 ? 0xFFFF : (__mmask16)((1u << np) - 1);
                 __m512i t[16];
                 UNROLL for (int r = 0; r < 16; r++) t[r] = _mm512_maskz_loadu_epi32(km, c[r] + 4 * (size_t)c0);
-                tr16x16(t); /* t[p] lane r: dword c0 + p of row r */
-                UNROLL for (int p = 0; p < 16; p++) {
-                    if (p >= np) break;
-                    const int pa = c0 + p;
+                tr16x16(t);
+                for (int p = 0; p < np; p++) {
                     if (bits == 8) {
-                        UNROLL for (int h = 0; h < KVD_HB; h++)
-                            if (h < hb) {
-                                acc[h] = _mm512_dpbusd_epi32(acc[h], t[p], _mm512_set1_epi32(ld_i32(qi[h] + 4 * pa)));
-                                accr[h] = _mm512_dpbusd_epi32(accr[h], t[p], _mm512_set1_epi32(ld_i32(qr[h] + 4 * pa)));
-                            }
-                    } else { /* a dword holds 8 codes: the low nibbles the even ones, the high the odd */
-                        const __m512i lo = _mm512_and_si512(t[p], lo4);
-                        const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(t[p], 4), lo4);
-                        UNROLL for (int h = 0; h < KVD_HB; h++)
-                            if (h < hb) {
-                                acc[h] = _mm512_dpbusd_epi32(acc[h], lo, _mm512_set1_epi32(ld_i32(qi[h] + 4 * pa)));
-                                acc[h] = _mm512_dpbusd_epi32(acc[h], hi, _mm512_set1_epi32(ld_i32(qi[h] + D / 2 + 4 * pa)));
-                                accr[h] = _mm512_dpbusd_epi32(accr[h], lo, _mm512_set1_epi32(ld_i32(qr[h] + 4 * pa)));
-                                accr[h] = _mm512_dpbusd_epi32(accr[h], hi, _mm512_set1_epi32(ld_i32(qr[h] + D / 2 + 4 * pa)));
-                            }
-                    }
-                    if ((pa + 1) % dpg == 0) { /* the end of group g: s qa sum + m qs */
-                        const int g = pa / dpg;
-                        const __m512 gs_ = _mm512_loadu_ps(sv[g]), gm = _mm512_loadu_ps(mv[g]);
-                        UNROLL for (int h = 0; h < KVD_HB; h++)
-                            if (h < hb) {
-                                const __m512 i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[h]), _mm512_set1_ps(256.f),
-                                                                 _mm512_cvtepi32_ps(accr[h])); /* sum code (256 c + r) */
-                                const __m512 d = _mm512_mul_ps(i, _mm512_set1_ps(qa[h][g]));
-                                s[h] = _mm512_fmadd_ps(gm, _mm512_set1_ps(qs[h][g]), _mm512_fmadd_ps(d, gs_, s[h]));
-                                acc[h] = accr[h] = _mm512_setzero_si512();
-                            }
+                        _mm512_store_si512(tb + c0 + p, t[p]);
+                    } else {
+                        _mm512_store_si512(tb + c0 + p, _mm512_and_si512(t[p], lo4));
+                        _mm512_store_si512(tb + P + c0 + p, _mm512_and_si512(_mm512_srli_epi32(t[p], 4), lo4));
                     }
                 }
             }
-            UNROLL for (int h = 0; h < KVD_HB; h++)
-                if (h < hb)
-                    kv_store16(J, sc + (size_t)(h0 + h) * sst + (i0 - r0), _mm512_mul_ps(s[h], _mm512_set1_ps(J->scale)), nr);
-        }
+        for (int h0 = 0; h0 < RT; h0 += KVD_HB)
+            kvq_pass(J, b, hk, h0, RT - h0 < KVD_HB ? RT - h0 : KVD_HB, c, tb, sv, mv, sc + (i0 - r0), sst, nr,
+                     buffered);
     }
+}
+
+static ALWAYS void kvq_scores(const kv_job *J, int bk, int r0, int r1, float *sc, int sst, __m512i *tb) {
+    if (J->H / J->HKV * J->T <= KVD_HB)
+        kvq_scores_x(J, bk, r0, r1, sc, sst, tb, 0);
+    else
+        kvq_scores_x(J, bk, r0, r1, sc, sst, tb, 1);
 }
 
 /* group of output vector z (vectors of 16 floats; 4-bit: in the order the nibbles give
@@ -792,7 +834,8 @@ static void kv_task_affine_q(void *ctx, int ith, int nth) {
     (void)nth;
     kv_job *J = (kv_job *)ctx;
     const int RT = J->H / J->HKV * J->T, D = J->D, sst = KVQ_CHUNK + 16;
-    float *sc = malloc(sizeof(float) * (size_t)RT * sst);
+    const size_t nsc = ((size_t)RT * sst + 15) / 16 * 16; /* then kvq_scores' transposed codes */
+    float *sc = aligned_alloc(64, sizeof(float) * (nsc + (size_t)2 * D * J->bits / 32 * 16));
     if (!sc) {
         atomic_store(&J->failed, 1);
         return;
@@ -808,7 +851,7 @@ static void kv_task_affine_q(void *ctx, int ith, int nth) {
             continue;
         }
         memset(po, 0, sizeof(float) * (size_t)RT * D);
-        kvq_scores(J, bk, r0, r1, sc, sst);
+        kvq_scores(J, bk, r0, r1, sc, sst, (__m512i *)(sc + nsc));
         kvq_softmax_part(J, bk, r0, r1, sc, sst, pm, pl);
         kvq_values(J, bk, r0, r1, sc, sst, po);
     }
