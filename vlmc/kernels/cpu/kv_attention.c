@@ -1305,9 +1305,59 @@ int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const f
  * the VNNI driver: c in qi and r in qr in the order the key codes are read (8-bit: natural;
  * 4-bit: the even-indexed values of each 8 as D / 8 dwords, then the odd ones), qa = a / 256
  * and qs = qa x the group's sum of 256 c + r. */
+#if defined(__AVX512F__)
+/* one group of kv_query_int8 (gs % 16 == 0), 16 values at a time, each lane the scalar
+ * loop's operations on its value (NaN kept through the clamps as fminf / fmaxf would not:
+ * the scalar comparisons leave it, and it becomes code 0); the codes to c and r */
+static ALWAYS void kv_query_group16(const float *x, int gs, float *qt, int *c, int *r, float *pa, int *psum) {
+    const __m512 sign = _mm512_set1_ps(-0.f);
+    __m512 am = _mm512_setzero_ps();
+    for (int i = 0; i < gs; i += 16) am = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_loadu_ps(x + i)), am); /* NaN: am */
+    const float amax = _mm512_reduce_max_ps(am);
+    const float inv = amax > 0.f ? 127.f / amax : 0.f, a = amax / 127.f / 256.f;
+    __m512i sum = _mm512_setzero_si512();
+    for (int i = 0; i < gs; i += 16) {
+        const __m512 t = _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(inv));
+        __m512 cf = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        cf = _mm512_max_ps(_mm512_set1_ps(-127.f), _mm512_min_ps(_mm512_set1_ps(127.f), cf)); /* NaN stays */
+        __m512 ef = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(t, cf), _mm512_set1_ps(256.f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        ef = _mm512_max_ps(_mm512_set1_ps(-128.f), _mm512_min_ps(_mm512_set1_ps(127.f), ef));
+        const __m512i ci = _mm512_maskz_cvttps_epi32(_mm512_cmp_ps_mask(cf, cf, _CMP_ORD_Q), cf);
+        const __m512i ri = _mm512_maskz_cvttps_epi32(_mm512_cmp_ps_mask(ef, ef, _CMP_ORD_Q), ef);
+        const __m512i v = _mm512_add_epi32(_mm512_slli_epi32(ci, 8), ri);
+        sum = _mm512_add_epi32(sum, v);
+        _mm512_storeu_ps(qt + i, _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(a)));
+        _mm512_storeu_si512(c + i, ci);
+        _mm512_storeu_si512(r + i, ri);
+    }
+    *pa = a;
+    *psum = _mm512_reduce_add_epi32(sum);
+}
+#endif
+
 static void kv_query_int8(const float *q, size_t rows, int D, int gs, int bits, float *qt, int8_t *qi, int8_t *qr,
                           float *qa, float *qs) {
     const int G = D / gs;
+#if defined(__AVX512F__)
+    if (gs % 16 == 0 && gs <= 256) {
+        int c[256], e[256];
+        for (size_t r = 0; r < rows; r++)
+            for (int g = 0; g < G; g++) {
+                float a;
+                int sum;
+                kv_query_group16(q + r * D + (size_t)g * gs, gs, qt + r * D + (size_t)g * gs, c, e, &a, &sum);
+                for (int i = 0; i < gs; i++) {
+                    const int k = g * gs + i, at = bits == 8 ? k : (k % 2 ? D / 2 : 0) + k / 8 * 4 + k % 8 / 2;
+                    qi[r * D + at] = (int8_t)c[i];
+                    qr[r * D + at] = (int8_t)e[i];
+                }
+                qa[r * G + g] = a;
+                qs[r * G + g] = a * (float)sum;
+            }
+        return;
+    }
+#endif
     for (size_t r = 0; r < rows; r++)
         for (int g = 0; g < G; g++) {
             const float *x = q + r * D + (size_t)g * gs;
