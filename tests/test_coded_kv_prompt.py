@@ -117,14 +117,18 @@ def test_prompt_chunk_over_codes_equals_the_reference(layout, heads, kv_heads, d
             np.testing.assert_allclose(out[b, :, rows], ref[b, :, rows], rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("layout", ["affine4", "affine8", "turbo3.5"])
-def test_prompt_rows_do_not_depend_on_chunks_prefix_hits_or_the_batch(layout, monkeypatch):
+@pytest.mark.parametrize("layout,score_floats", [("affine4", 5000), ("affine8", 5000), ("turbo3.5", 5000),
+                                                 ("affine4", None), ("affine8", None)])
+def test_prompt_rows_do_not_depend_on_chunks_prefix_hits_or_the_batch(layout, score_floats, monkeypatch):
     """A 203-token prompt whole, in chunks (1, 5, 16, 64, 117 tokens), after a prefix-cache
     hit (whole blocks imported from another cache, the rest prefilled), and left-padded in a
     batch beside another prompt: every row's output and every stored byte are equal, bit for
-    bit, and a decode step after each is equal too. The kernel calls take a few query tokens
-    each, so the calls' boundaries move with the chunks."""
-    monkeypatch.setattr(kv_decode, "PROMPT_SCORE_FLOATS", 5000)
+    bit, and a decode step after each is equal too. ``score_floats`` 5000: the kernel calls
+    take a few query tokens each, so the calls' boundaries move with the chunks; None: a
+    call takes a whole chunk, so the affine kernel splits its 3 x 203 query rows into groups
+    (KVQ_QROWS, 96) that the one-token rows (chunks of 1) must match from any group."""
+    if score_floats:
+        monkeypatch.setattr(kv_decode, "PROMPT_SCORE_FLOATS", score_floats)
     spec = SPECS[layout]
     H, HKV, D, n = 6, 2, 128, 203
     rng = np.random.default_rng(1)

@@ -560,11 +560,84 @@ static ALWAYS size_t kvq_row(const kv_job *J, int b, int hk, int j) {
     return ((size_t)b * J->H + (size_t)hk * (J->H / J->HKV)) * J->T + (size_t)j;
 }
 
-/* scores of key rows r0 .. r1 - 1 of one (sequence, KV head) for every query row j, into
- * sc[j sst + i - r0] */
-static ALWAYS void kvq_scores(const kv_job *J, int bk, int r0, int r1, float *sc, int sst) {
-    const int D = J->D, G = D / J->gs, bits = J->bits, RT = J->H / J->HKV * J->T, b = bk / J->HKV, hk = bk % J->HKV;
+/* one pass of hb (<= KVD_HB) query rows from h0 over a block of 16 key rows, their scores to
+ * dst + h sst (h < hb): the rows' dwords
+ * of codes, transposed (lane r: row r), come from t (the pass transposes them itself, in
+ * registers) or, buffered, from tb (8-bit: P vectors; 4-bit: the low nibbles' P, then the
+ * high ones'), transposed once for every pass; integer sums are exact, so both give the
+ * same scores */
+static ALWAYS void kvq_pass(const kv_job *J, int b, int hk, int h0, int hb, const uint8_t *const c[16],
+                            const __m512i *tb, float sv[][16], float mv[][16], float *dst, int sst, int nr,
+                            int buffered) {
+    const int D = J->D, G = D / J->gs, bits = J->bits;
     const int P = D * bits / 32, dpg = J->gs * bits / 32; /* dwords of codes per row, per group */
+    const __m512i lo4 = _mm512_set1_epi8(15);
+    const int8_t *qi[KVD_HB], *qr[KVD_HB];
+    const float *qa[KVD_HB], *qs[KVD_HB];
+    __m512 s[KVD_HB];
+    __m512i acc[KVD_HB], accr[KVD_HB]; /* code x query code, code x residual */
+    UNROLL for (int h = 0; h < KVD_HB; h++) {
+        const size_t row = kvq_row(J, b, hk, h0 + (h < hb ? h : 0));
+        qi[h] = J->qi + row * D, qr[h] = J->qr + row * D, qa[h] = J->qa + row * G, qs[h] = J->qs + row * G;
+        s[h] = _mm512_setzero_ps();
+        acc[h] = accr[h] = _mm512_setzero_si512();
+    }
+    for (int c0 = 0; c0 < P; c0 += 16) {
+        const int np = P - c0 < 16 ? P - c0 : 16;
+        __m512i t[16];
+        if (!buffered) {
+            const __mmask16 km = np == 16 ? 0xFFFF : (__mmask16)((1u << np) - 1);
+            UNROLL for (int r = 0; r < 16; r++) t[r] = _mm512_maskz_loadu_epi32(km, c[r] + 4 * (size_t)c0);
+            tr16x16(t); /* t[p] lane r: dword c0 + p of row r */
+        }
+        UNROLL for (int p = 0; p < 16; p++) {
+            if (p >= np) break;
+            const int pa = c0 + p;
+            if (bits == 8) {
+                const __m512i x = buffered ? _mm512_load_si512(tb + pa) : t[p];
+                UNROLL for (int h = 0; h < KVD_HB; h++)
+                    if (h < hb) {
+                        acc[h] = _mm512_dpbusd_epi32(acc[h], x, _mm512_set1_epi32(ld_i32(qi[h] + 4 * pa)));
+                        accr[h] = _mm512_dpbusd_epi32(accr[h], x, _mm512_set1_epi32(ld_i32(qr[h] + 4 * pa)));
+                    }
+            } else { /* a dword holds 8 codes: the low nibbles the even ones, the high the odd */
+                const __m512i lo = buffered ? _mm512_load_si512(tb + pa) : _mm512_and_si512(t[p], lo4);
+                const __m512i hi = buffered ? _mm512_load_si512(tb + P + pa) : _mm512_and_si512(_mm512_srli_epi32(t[p], 4), lo4);
+                UNROLL for (int h = 0; h < KVD_HB; h++)
+                    if (h < hb) {
+                        acc[h] = _mm512_dpbusd_epi32(acc[h], lo, _mm512_set1_epi32(ld_i32(qi[h] + 4 * pa)));
+                        acc[h] = _mm512_dpbusd_epi32(acc[h], hi, _mm512_set1_epi32(ld_i32(qi[h] + D / 2 + 4 * pa)));
+                        accr[h] = _mm512_dpbusd_epi32(accr[h], lo, _mm512_set1_epi32(ld_i32(qr[h] + 4 * pa)));
+                        accr[h] = _mm512_dpbusd_epi32(accr[h], hi, _mm512_set1_epi32(ld_i32(qr[h] + D / 2 + 4 * pa)));
+                    }
+            }
+            if ((pa + 1) % dpg == 0) { /* the end of group g: s qa sum + m qs */
+                const int g = pa / dpg;
+                const __m512 gs_ = _mm512_loadu_ps(sv[g]), gm = _mm512_loadu_ps(mv[g]);
+                UNROLL for (int h = 0; h < KVD_HB; h++)
+                    if (h < hb) {
+                        const __m512 i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[h]), _mm512_set1_ps(256.f),
+                                                         _mm512_cvtepi32_ps(accr[h])); /* sum code (256 c + r) */
+                        const __m512 d = _mm512_mul_ps(i, _mm512_set1_ps(qa[h][g]));
+                        s[h] = _mm512_fmadd_ps(gm, _mm512_set1_ps(qs[h][g]), _mm512_fmadd_ps(d, gs_, s[h]));
+                        acc[h] = accr[h] = _mm512_setzero_si512();
+                    }
+            }
+        }
+    }
+    UNROLL for (int h = 0; h < KVD_HB; h++)
+        if (h < hb) kv_store16(J, dst + (size_t)h * sst, _mm512_mul_ps(s[h], _mm512_set1_ps(J->scale)), nr);
+}
+
+/* scores of key rows r0 .. r1 - 1 of one (sequence, KV head) for query rows j0 <= j < j0 + nq,
+ * into sc[(j - j0) sst + i - r0]. With one pass of query rows (a decode step) the pass transposes a
+ * block's codes in registers; with several (a prompt's rows) they are transposed once per
+ * block into tb (2 D bits / 32 vectors, 64-byte aligned) for every pass: transposing them
+ * again for each 6 query rows cost ~40% of the integer dot products. */
+static ALWAYS void kvq_scores_x(const kv_job *J, int bk, int r0, int r1, int j0, int nq, float *sc, int sst,
+                                __m512i *tb, int buffered) {
+    const int D = J->D, G = D / J->gs, bits = J->bits, b = bk / J->HKV, hk = bk % J->HKV;
+    const int P = D * bits / 32;
     const size_t base = ((size_t)b * J->HKV + hk) * J->cap, rb = (size_t)D * bits / 8;
     const __m512i lo4 = _mm512_set1_epi8(15);
     for (int i0 = r0; i0 < r1; i0 += 16) {
@@ -577,63 +650,37 @@ static ALWAYS void kvq_scores(const kv_job *J, int bk, int r0, int r1, float *sc
         float sv[KVQ_GMAX][16], mv[KVQ_GMAX][16];
         kvq_lanes(sp, G, nr, sv);
         kvq_lanes(mp, G, nr, mv);
-        for (int h0 = 0; h0 < RT; h0 += KVD_HB) {
-            const int hb = RT - h0 < KVD_HB ? RT - h0 : KVD_HB;
-            const int8_t *qi[KVD_HB], *qr[KVD_HB];
-            const float *qa[KVD_HB], *qs[KVD_HB];
-            __m512 s[KVD_HB];
-            __m512i acc[KVD_HB], accr[KVD_HB]; /* code x query code, code x residual */
-            UNROLL for (int h = 0; h < KVD_HB; h++) {
-                const size_t row = kvq_row(J, b, hk, h0 + (h < hb ? h : 0));
-                qi[h] = J->qi + row * D, qr[h] = J->qr + row * D, qa[h] = J->qa + row * G, qs[h] = J->qs + row * G;
-                s[h] = _mm512_setzero_ps();
-                acc[h] = accr[h] = _mm512_setzero_si512();
-            }
+        if (buffered)
             for (int c0 = 0; c0 < P; c0 += 16) {
                 const int np = P - c0 < 16 ? P - c0 : 16;
                 const __mmask16 km = np == 16 ? 0xFFFF : (__mmask16)((1u << np) - 1);
                 __m512i t[16];
                 UNROLL for (int r = 0; r < 16; r++) t[r] = _mm512_maskz_loadu_epi32(km, c[r] + 4 * (size_t)c0);
-                tr16x16(t); /* t[p] lane r: dword c0 + p of row r */
-                UNROLL for (int p = 0; p < 16; p++) {
-                    if (p >= np) break;
-                    const int pa = c0 + p;
+                tr16x16(t);
+                for (int p = 0; p < np; p++) {
                     if (bits == 8) {
-                        UNROLL for (int h = 0; h < KVD_HB; h++)
-                            if (h < hb) {
-                                acc[h] = _mm512_dpbusd_epi32(acc[h], t[p], _mm512_set1_epi32(ld_i32(qi[h] + 4 * pa)));
-                                accr[h] = _mm512_dpbusd_epi32(accr[h], t[p], _mm512_set1_epi32(ld_i32(qr[h] + 4 * pa)));
-                            }
-                    } else { /* a dword holds 8 codes: the low nibbles the even ones, the high the odd */
-                        const __m512i lo = _mm512_and_si512(t[p], lo4);
-                        const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(t[p], 4), lo4);
-                        UNROLL for (int h = 0; h < KVD_HB; h++)
-                            if (h < hb) {
-                                acc[h] = _mm512_dpbusd_epi32(acc[h], lo, _mm512_set1_epi32(ld_i32(qi[h] + 4 * pa)));
-                                acc[h] = _mm512_dpbusd_epi32(acc[h], hi, _mm512_set1_epi32(ld_i32(qi[h] + D / 2 + 4 * pa)));
-                                accr[h] = _mm512_dpbusd_epi32(accr[h], lo, _mm512_set1_epi32(ld_i32(qr[h] + 4 * pa)));
-                                accr[h] = _mm512_dpbusd_epi32(accr[h], hi, _mm512_set1_epi32(ld_i32(qr[h] + D / 2 + 4 * pa)));
-                            }
-                    }
-                    if ((pa + 1) % dpg == 0) { /* the end of group g: s qa sum + m qs */
-                        const int g = pa / dpg;
-                        const __m512 gs_ = _mm512_loadu_ps(sv[g]), gm = _mm512_loadu_ps(mv[g]);
-                        UNROLL for (int h = 0; h < KVD_HB; h++)
-                            if (h < hb) {
-                                const __m512 i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[h]), _mm512_set1_ps(256.f),
-                                                                 _mm512_cvtepi32_ps(accr[h])); /* sum code (256 c + r) */
-                                const __m512 d = _mm512_mul_ps(i, _mm512_set1_ps(qa[h][g]));
-                                s[h] = _mm512_fmadd_ps(gm, _mm512_set1_ps(qs[h][g]), _mm512_fmadd_ps(d, gs_, s[h]));
-                                acc[h] = accr[h] = _mm512_setzero_si512();
-                            }
+                        _mm512_store_si512(tb + c0 + p, t[p]);
+                    } else {
+                        _mm512_store_si512(tb + c0 + p, _mm512_and_si512(t[p], lo4));
+                        _mm512_store_si512(tb + P + c0 + p, _mm512_and_si512(_mm512_srli_epi32(t[p], 4), lo4));
                     }
                 }
             }
-            UNROLL for (int h = 0; h < KVD_HB; h++)
-                if (h < hb)
-                    kv_store16(J, sc + (size_t)(h0 + h) * sst + (i0 - r0), _mm512_mul_ps(s[h], _mm512_set1_ps(J->scale)), nr);
-        }
+        for (int h0 = j0; h0 < j0 + nq; h0 += KVD_HB)
+            kvq_pass(J, b, hk, h0, j0 + nq - h0 < KVD_HB ? j0 + nq - h0 : KVD_HB, c, tb, sv, mv,
+                     sc + (size_t)(h0 - j0) * sst + (i0 - r0), sst, nr, buffered);
     }
+}
+
+/* the two forms as functions of their own: inlined into the task loop, the prompt's form
+ * made the decode step's ~5% slower */
+static __attribute__((noinline)) void kvq_scores_step(const kv_job *J, int bk, int r0, int r1, int j0, int nq,
+                                                      float *sc, int sst) {
+    kvq_scores_x(J, bk, r0, r1, j0, nq, sc, sst, NULL, 0);
+}
+static __attribute__((noinline)) void kvq_scores_rows(const kv_job *J, int bk, int r0, int r1, int j0, int nq,
+                                                      float *sc, int sst, __m512i *tb) {
+    kvq_scores_x(J, bk, r0, r1, j0, nq, sc, sst, tb, 1);
 }
 
 /* group of output vector z (vectors of 16 floats; 4-bit: in the order the nibbles give
@@ -660,6 +707,26 @@ static ALWAYS void kvq_widen(const uint8_t *c, int bits, int z0, int zb, __m512 
 }
 
 #define KVQ_ROWS 64 /* value rows per block */
+/* the value pass's end for n query rows: output row h (po + h D) plus the sum of p m of
+ * each group (the lanes of mt[h ms + g]), then (4-bit) the nibble order back to the natural one */
+static ALWAYS void kvq_values_end_x(const kv_job *J, int n, float *po, const __m512 *mt, int ms) {
+    const int D = J->D, nz = D / 16;
+    const __m512i lo_hi = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i lo_hi2 = _mm512_add_epi32(lo_hi, _mm512_set1_epi32(8));
+    for (int h = 0; h < n; h++) {
+        float *o = po + (size_t)h * D;
+        for (int z = 0; z < nz; z++) {
+            const __m512 m = _mm512_set1_ps(_mm512_reduce_add_ps(mt[(size_t)h * ms + kvq_gz(J->bits, J->gs, z)]));
+            _mm512_storeu_ps(o + 16 * z, _mm512_add_ps(_mm512_loadu_ps(o + 16 * z), m));
+        }
+        if (J->bits == 4)
+            for (int z = 0; z < nz; z += 2) {
+                const __m512 ev = _mm512_loadu_ps(o + 16 * z), od = _mm512_loadu_ps(o + 16 * z + 16);
+                _mm512_storeu_ps(o + 16 * z, _mm512_permutex2var_ps(ev, lo_hi, od));
+                _mm512_storeu_ps(o + 16 * z + 16, _mm512_permutex2var_ps(ev, lo_hi2, od));
+            }
+    }
+}
 /* po[j D ..] = sum over the visible rows i of r0 .. r1 - 1 of p (s code + m), p = sc[j sst +
  * i - r0], as sum of (p s) code per group plus sum(p m) per group (po zeroed by the caller) */
 static ALWAYS void kvq_values(const kv_job *J, int bk, int r0, int r1, const float *sc, int sst, float *po) {
@@ -737,32 +804,110 @@ static ALWAYS void kvq_values(const kv_job *J, int bk, int r0, int r1, const flo
                             if (z < zb) _mm512_storeu_ps(o0[h] + 16 * (z0 + z), o[h][z]);
             }
         }
-        /* + sum(p m) of each group, then (4-bit) the nibble order back to the natural one */
-        const __m512i lo_hi = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-        const __m512i lo_hi2 = _mm512_add_epi32(lo_hi, _mm512_set1_epi32(8));
-        for (int h = 0; h < hb; h++) {
-            float *o = o0[h];
-            for (int z = 0; z < nz; z++) {
-                const __m512 m = _mm512_set1_ps(_mm512_reduce_add_ps(mt[h][kvq_gz(bits, gs, z)]));
-                _mm512_storeu_ps(o + 16 * z, _mm512_add_ps(_mm512_loadu_ps(o + 16 * z), m));
-            }
-            if (bits == 4)
-                for (int z = 0; z < nz; z += 2) {
-                    const __m512 ev = _mm512_loadu_ps(o + 16 * z), od = _mm512_loadu_ps(o + 16 * z + 16);
-                    _mm512_storeu_ps(o + 16 * z, _mm512_permutex2var_ps(ev, lo_hi, od));
-                    _mm512_storeu_ps(o + 16 * z + 16, _mm512_permutex2var_ps(ev, lo_hi2, od));
-                }
-        }
+        kvq_values_end_x(J, hb, o0[0], mt[0], KVQ_GMAX);
     }
 }
 
-/* Softmax pieces of rows r0 .. r1 - 1: per query row j, over its visible rows among them,
- * m = the largest score, sc = exp(score - m) in place and l = their sum (l = 0: none) */
-static ALWAYS void kvq_softmax_part(const kv_job *J, int bk, int r0, int r1, float *sc, int sst, float *pm,
-                                    float *pl) {
-    const int RT = J->H / J->HKV * J->T, first = J->starts[bk / J->HKV];
-    for (int j = 0; j < RT; j++) {
-        float *s = sc + (size_t)j * sst - r0; /* s[i]: row i's score */
+/* kvq_values for query rows j0 .. j0 + nq - 1 in several passes (a prompt's; their
+ * probabilities sc[(j - j0) sst + i - r0]), the same sums in the same order:
+ * the block loop outside the passes, so each block of KVQ_ROWS value rows is widened to
+ * floats once (into vf, KVQ_ROWS x D) for every pass and its scales and minimums read once;
+ * each query row's sums of p m per group wait in mt (RT x G vectors) between blocks. The
+ * pass-major loop widened every row's codes again for each 6 query rows. */
+static ALWAYS void kvq_values_rows(const kv_job *J, int bk, int r0, int r1, int j0, int nq, const float *sc, int sst,
+                                   float *po, float *vf, __m512 *mt) {
+    const int D = J->D, G = D / J->gs, gs = J->gs, bits = J->bits, nz = D / 16;
+    const int b = bk / J->HKV, hk = bk % J->HKV;
+    const int first = J->starts[b];
+    const size_t base = ((size_t)b * J->HKV + hk) * J->cap;
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int j = 0; j < nq * G; j++) mt[j] = _mm512_setzero_ps();
+    for (int i0 = r0; i0 < r1; i0 += KVQ_ROWS) {
+        const int nr = r1 - i0 < KVQ_ROWS ? r1 - i0 : KVQ_ROWS;
+        float sv[KVQ_ROWS / 16][KVQ_GMAX][16], mv[KVQ_ROWS / 16][KVQ_GMAX][16];
+        for (int u = 0; u < nr; u += 16) {
+            const int nu = nr - u < 16 ? nr - u : 16;
+            const uint8_t *cu[16];
+            const uint16_t *sp[16], *mp[16];
+            kvq_block(J, 1, base, i0 + u, nu, cu, sp, mp);
+            kvq_lanes(sp, G, nu, sv[u / 16]);
+            kvq_lanes(mp, G, nu, mv[u / 16]);
+            for (int r = 0; r < nu; r++)
+                for (int z0 = 0; z0 < nz; z0 += 4) {
+                    const int zb = nz - z0 < 4 ? nz - z0 : 4;
+                    __m512 cv[4];
+                    kvq_widen(cu[r], bits, z0, zb, cv);
+                    UNROLL for (int z = 0; z < 4; z++)
+                        if (z < zb) _mm512_store_ps(vf + (size_t)(u + r) * D + 16 * (z0 + z), cv[z]);
+                }
+        }
+        for (int h0 = j0; h0 < j0 + nq; h0 += KVD_HB) {
+            const int hb = j0 + nq - h0 < KVD_HB ? j0 + nq - h0 : KVD_HB;
+            float *o0[KVD_HB];
+            float ws[KVD_HB][KVQ_GMAX][KVQ_ROWS];
+            UNROLL for (int h = 0; h < KVD_HB; h++) o0[h] = po + (size_t)(h0 + (h < hb ? h : 0)) * D;
+            for (int h = 0; h < hb; h++) { /* weights p s per row and group; sum of p m */
+                const int end = q_end(J, h0 + h), beg = q_begin(J, h0 + h, first);
+                __m512 *m = mt + (size_t)(h0 - j0 + h) * G;
+                for (int u = 0; u < nr; u += 16) {
+                    const int nu = nr - u < 16 ? nr - u : 16;
+                    const __m512i at = _mm512_add_epi32(lane, _mm512_set1_epi32(i0 + u));
+                    const __mmask16 vis = _mm512_cmpge_epi32_mask(at, _mm512_set1_epi32(beg))
+                                          & _mm512_cmplt_epi32_mask(at, _mm512_set1_epi32(end))
+                                          & (__mmask16)(nu == 16 ? 0xFFFF : (1u << nu) - 1);
+                    const __m512 p = _mm512_maskz_loadu_ps(vis, sc + (size_t)(h0 - j0 + h) * sst + (i0 - r0) + u);
+                    for (int g = 0; g < G; g++) {
+                        _mm512_storeu_ps(ws[h][g] + u, _mm512_mul_ps(p, _mm512_loadu_ps(sv[u / 16][g])));
+                        m[g] = _mm512_fmadd_ps(p, _mm512_loadu_ps(mv[u / 16][g]), m[g]);
+                    }
+                }
+            }
+            for (int z0 = 0; z0 < nz; z0 += 4) {
+                const int zb = nz - z0 < 4 ? nz - z0 : 4;
+                int gz[4];
+                UNROLL for (int z = 0; z < 4; z++) gz[z] = kvq_gz(bits, gs, z0 + (z < zb ? z : zb - 1));
+                __m512 o[KVD_HB][4];
+                UNROLL for (int h = 0; h < KVD_HB; h++) UNROLL for (int z = 0; z < 4; z++)
+                    o[h][z] = h < hb && z < zb ? _mm512_loadu_ps(o0[h] + 16 * (z0 + z)) : _mm512_setzero_ps();
+                const float *v0 = vf + 16 * z0;
+                if (gz[0] == gz[3]) { /* one group: one weight per row and query row */
+                    for (int r = 0; r < nr; r++) {
+                        __m512 cv[4];
+                        UNROLL for (int z = 0; z < 4; z++) cv[z] = z < zb ? _mm512_load_ps(v0 + (size_t)r * D + 16 * z) : _mm512_setzero_ps();
+                        UNROLL for (int h = 0; h < KVD_HB; h++)
+                            if (h < hb) {
+                                const __m512 w = _mm512_set1_ps(ws[h][gz[0]][r]);
+                                UNROLL for (int z = 0; z < 4; z++) o[h][z] = _mm512_fmadd_ps(w, cv[z], o[h][z]);
+                            }
+                    }
+                } else {
+                    for (int r = 0; r < nr; r++) {
+                        __m512 cv[4];
+                        UNROLL for (int z = 0; z < 4; z++) cv[z] = z < zb ? _mm512_load_ps(v0 + (size_t)r * D + 16 * z) : _mm512_setzero_ps();
+                        UNROLL for (int h = 0; h < KVD_HB; h++)
+                            if (h < hb)
+                                UNROLL for (int z = 0; z < 4; z++)
+                                    o[h][z] = _mm512_fmadd_ps(_mm512_set1_ps(ws[h][gz[z]][r]), cv[z], o[h][z]);
+                    }
+                }
+                UNROLL for (int h = 0; h < KVD_HB; h++)
+                    if (h < hb)
+                        UNROLL for (int z = 0; z < 4; z++)
+                            if (z < zb) _mm512_storeu_ps(o0[h] + 16 * (z0 + z), o[h][z]);
+            }
+        }
+    }
+    kvq_values_end_x(J, nq, po + (size_t)j0 * D, mt, G);
+}
+
+/* Softmax pieces of rows r0 .. r1 - 1: per query row j0 <= j < j0 + nq, over its visible
+ * rows among them, m = the largest score, sc = exp(score - m) in place and l = their sum (l
+ * = 0: none) */
+static ALWAYS void kvq_softmax_part(const kv_job *J, int bk, int r0, int r1, int j0, int nq, float *sc, int sst,
+                                    float *pm, float *pl) {
+    const int first = J->starts[bk / J->HKV];
+    for (int j = j0; j < j0 + nq; j++) {
+        float *s = sc + (size_t)(j - j0) * sst - r0; /* s[i]: row i's score */
         const int e0 = q_end(J, j), b0 = q_begin(J, j, first);
         const int e = e0 < r1 ? e0 : r1, beg = b0 > r0 ? b0 : r0;
         pm[j] = -3.0e38f, pl[j] = 0.f;
@@ -786,13 +931,23 @@ static int kvq_fits(const kv_job *J) {
  * the number of held rows, so a query row's result does not depend on the rows after it
  * (several query tokens per step equal one-token steps, bit for bit). */
 #define KVQ_CHUNK 1024
+/* query rows a unit takes at a time: their score rows (KVQ_QROWS x ~KVQ_CHUNK floats) stay
+ * in L2 through the scores, the softmax and the value pass (a prompt's ~1,000 query rows at
+ * once went through L3 three times) */
+#define KVQ_QROWS 96
 
 static void kv_task_affine_q(void *ctx, int ith, int nth) {
     (void)ith;
     (void)nth;
     kv_job *J = (kv_job *)ctx;
     const int RT = J->H / J->HKV * J->T, D = J->D, sst = KVQ_CHUNK + 16;
-    float *sc = malloc(sizeof(float) * (size_t)RT * sst);
+    const int nq = RT < KVQ_QROWS ? RT : KVQ_QROWS;
+    /* the score rows, then (several passes of query rows) kvq_scores' transposed codes and
+     * kvq_values_rows' widened rows and sums of p m, each 64-byte aligned */
+    const int rows = RT > KVD_HB;
+    const size_t nsc = ((size_t)nq * sst + 15) / 16 * 16, ntb = rows ? (size_t)2 * D * J->bits / 32 * 16 : 0;
+    const size_t nvf = rows ? (size_t)KVQ_ROWS * D : 0, nmt = rows ? (size_t)nq * (D / J->gs) * 16 : 0;
+    float *sc = aligned_alloc(64, sizeof(float) * (nsc + ntb + nvf + nmt));
     if (!sc) {
         atomic_store(&J->failed, 1);
         return;
@@ -808,9 +963,18 @@ static void kv_task_affine_q(void *ctx, int ith, int nth) {
             continue;
         }
         memset(po, 0, sizeof(float) * (size_t)RT * D);
-        kvq_scores(J, bk, r0, r1, sc, sst);
-        kvq_softmax_part(J, bk, r0, r1, sc, sst, pm, pl);
-        kvq_values(J, bk, r0, r1, sc, sst, po);
+        for (int j0 = 0; j0 < RT; j0 += nq) {
+            const int n = RT - j0 < nq ? RT - j0 : nq;
+            if (!rows)
+                kvq_scores_step(J, bk, r0, r1, j0, n, sc, sst);
+            else
+                kvq_scores_rows(J, bk, r0, r1, j0, n, sc, sst, (__m512i *)(sc + nsc));
+            kvq_softmax_part(J, bk, r0, r1, j0, n, sc, sst, pm, pl);
+            if (!rows)
+                kvq_values(J, bk, r0, r1, sc, sst, po);
+            else
+                kvq_values_rows(J, bk, r0, r1, j0, n, sc, sst, po, sc + nsc + ntb, (__m512 *)(sc + nsc + ntb + nvf));
+        }
     }
     free(sc);
 }
@@ -1141,9 +1305,59 @@ int vlmc_kv_dense_decode(const float *q, const float *k, const float *v, const f
  * the VNNI driver: c in qi and r in qr in the order the key codes are read (8-bit: natural;
  * 4-bit: the even-indexed values of each 8 as D / 8 dwords, then the odd ones), qa = a / 256
  * and qs = qa x the group's sum of 256 c + r. */
+#if defined(__AVX512F__)
+/* one group of kv_query_int8 (gs % 16 == 0), 16 values at a time, each lane the scalar
+ * loop's operations on its value (NaN kept through the clamps as fminf / fmaxf would not:
+ * the scalar comparisons leave it, and it becomes code 0); the codes to c and r */
+static ALWAYS void kv_query_group16(const float *x, int gs, float *qt, int *c, int *r, float *pa, int *psum) {
+    const __m512 sign = _mm512_set1_ps(-0.f);
+    __m512 am = _mm512_setzero_ps();
+    for (int i = 0; i < gs; i += 16) am = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_loadu_ps(x + i)), am); /* NaN: am */
+    const float amax = _mm512_reduce_max_ps(am);
+    const float inv = amax > 0.f ? 127.f / amax : 0.f, a = amax / 127.f / 256.f;
+    __m512i sum = _mm512_setzero_si512();
+    for (int i = 0; i < gs; i += 16) {
+        const __m512 t = _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(inv));
+        __m512 cf = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        cf = _mm512_max_ps(_mm512_set1_ps(-127.f), _mm512_min_ps(_mm512_set1_ps(127.f), cf)); /* NaN stays */
+        __m512 ef = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(t, cf), _mm512_set1_ps(256.f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        ef = _mm512_max_ps(_mm512_set1_ps(-128.f), _mm512_min_ps(_mm512_set1_ps(127.f), ef));
+        const __m512i ci = _mm512_maskz_cvttps_epi32(_mm512_cmp_ps_mask(cf, cf, _CMP_ORD_Q), cf);
+        const __m512i ri = _mm512_maskz_cvttps_epi32(_mm512_cmp_ps_mask(ef, ef, _CMP_ORD_Q), ef);
+        const __m512i v = _mm512_add_epi32(_mm512_slli_epi32(ci, 8), ri);
+        sum = _mm512_add_epi32(sum, v);
+        _mm512_storeu_ps(qt + i, _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(a)));
+        _mm512_storeu_si512(c + i, ci);
+        _mm512_storeu_si512(r + i, ri);
+    }
+    *pa = a;
+    *psum = _mm512_reduce_add_epi32(sum);
+}
+#endif
+
 static void kv_query_int8(const float *q, size_t rows, int D, int gs, int bits, float *qt, int8_t *qi, int8_t *qr,
                           float *qa, float *qs) {
     const int G = D / gs;
+#if defined(__AVX512F__)
+    if (gs % 16 == 0 && gs <= 256) {
+        int c[256], e[256];
+        for (size_t r = 0; r < rows; r++)
+            for (int g = 0; g < G; g++) {
+                float a;
+                int sum;
+                kv_query_group16(q + r * D + (size_t)g * gs, gs, qt + r * D + (size_t)g * gs, c, e, &a, &sum);
+                for (int i = 0; i < gs; i++) {
+                    const int k = g * gs + i, at = bits == 8 ? k : (k % 2 ? D / 2 : 0) + k / 8 * 4 + k % 8 / 2;
+                    qi[r * D + at] = (int8_t)c[i];
+                    qr[r * D + at] = (int8_t)e[i];
+                }
+                qa[r * G + g] = a;
+                qs[r * G + g] = a * (float)sum;
+            }
+        return;
+    }
+#endif
     for (size_t r = 0; r < rows; r++)
         for (int g = 0; g < G; g++) {
             const float *x = q + r * D + (size_t)g * gs;
