@@ -20,22 +20,29 @@
  * depend on the batch. */
 #include "vlmc.h"
 
-/* the l2-normed, heads-first q (times scale), k and v of one sequence's conv output c' */
-static void qkv_heads(const vlmc_deltanet *L, const float *cv, float *q, float *k, float *v) {
-    const int Hk = L->key_heads, Hv = L->value_heads, Dk = L->key_dim, Dv = L->value_dim, G = Hv / Hk;
+/* the l2-normed q (times scale) and k of one token's conv output c', one row per value head
+ * (key head kh serves value heads kh G .. kh G + G - 1), value head h's rows at q + h stride
+ * and k + h stride (the decode step's heads-first rows, and the prompt path's [B, Hv, T, Dk]) */
+void dn_qk_heads(const vlmc_deltanet *L, const float *cv, float *q, float *k, size_t stride) {
+    const int Hk = L->key_heads, Hv = L->value_heads, Dk = L->key_dim, G = Hv / Hk;
     for (int kh = 0; kh < Hk; kh++) {
         const float *qs = cv + (size_t)kh * Dk, *ks = cv + (size_t)(Hk + kh) * Dk;
         float sq = 0.f, sk = 0.f;
         for (int i = 0; i < Dk; i++) sq += qs[i] * qs[i];
         for (int i = 0; i < Dk; i++) sk += ks[i] * ks[i];
         const float rq = 1.f / sqrtf(sq + 1e-6f), rk = 1.f / sqrtf(sk + 1e-6f);
-        for (int r = 0; r < G; r++) { /* key head kh serves value heads kh G .. kh G + G - 1 */
-            float *qd = q + (size_t)(kh * G + r) * Dk, *kd = k + (size_t)(kh * G + r) * Dk;
+        for (int r = 0; r < G; r++) {
+            float *qd = q + (size_t)(kh * G + r) * stride, *kd = k + (size_t)(kh * G + r) * stride;
             for (int i = 0; i < Dk; i++) qd[i] = (qs[i] * rq) * L->scale;
             for (int i = 0; i < Dk; i++) kd[i] = ks[i] * rk;
         }
     }
-    memcpy(v, cv + (size_t)2 * Hk * Dk, sizeof(float) * (size_t)Hv * Dv);
+}
+
+/* the l2-normed, heads-first q (times scale), k and v of one sequence's conv output c' */
+static void qkv_heads(const vlmc_deltanet *L, const float *cv, float *q, float *k, float *v) {
+    dn_qk_heads(L, cv, q, k, (size_t)L->key_dim);
+    memcpy(v, cv + (size_t)2 * L->key_heads * L->key_dim, sizeof(float) * (size_t)L->value_heads * L->value_dim);
 }
 
 typedef struct {

@@ -60,24 +60,14 @@ static void heads_task(void *ctx, int ith, int nth) {
     const prep_job *J = (const prep_job *)ctx;
     const vlmc_deltanet *L = J->L;
     const vlmc_dn_state *st = J->st;
-    const int Hk = L->key_heads, Hv = L->value_heads, Dk = L->key_dim, Dv = L->value_dim, G = Hv / Hk, T = J->T;
+    const int Hk = L->key_heads, Hv = L->value_heads, Dk = L->key_dim, Dv = L->value_dim, T = J->T;
     const int C = 2 * Hk * Dk + Hv * Dv;
     const long rows = (long)J->B * T, r0 = rows * ith / nth, r1 = rows * (ith + 1) / nth;
     for (long r = r0; r < r1; r++) {
         const int b = (int)(r / T), t = (int)(r % T);
         const float *cv = J->cv + (size_t)r * C;
-        for (int kh = 0; kh < Hk; kh++) {
-            const float *qs = cv + (size_t)kh * Dk, *ks = cv + (size_t)(Hk + kh) * Dk;
-            float sq = 0.f, sk = 0.f;
-            for (int i = 0; i < Dk; i++) sq += qs[i] * qs[i];
-            for (int i = 0; i < Dk; i++) sk += ks[i] * ks[i];
-            const float rq = 1.f / sqrtf(sq + 1e-6f), rk = 1.f / sqrtf(sk + 1e-6f);
-            for (int g = 0; g < G; g++) { /* key head kh serves value heads kh G .. kh G + G - 1 */
-                const size_t at = (((size_t)b * Hv + kh * G + g) * T + t) * Dk;
-                for (int i = 0; i < Dk; i++) J->q[at + i] = (qs[i] * rq) * L->scale;
-                for (int i = 0; i < Dk; i++) st->k[at + i] = ks[i] * rk;
-            }
-        }
+        const size_t at = ((size_t)b * Hv * T + t) * Dk; /* value head 0's row; head h's T Dk further */
+        dn_qk_heads(L, cv, J->q + at, st->k + at, (size_t)T * Dk);
         for (int h = 0; h < Hv; h++) {
             memcpy(st->v + (((size_t)b * Hv + h) * T + t) * Dv, cv + (size_t)2 * Hk * Dk + (size_t)h * Dv,
                    sizeof(float) * Dv);

@@ -585,6 +585,8 @@ typedef struct {
     const float *norm1, *norm2, *conv_w, *a_log, *dt_bias, *o_norm;
     vlmc_proj qkv, z, b, a, out, gate_up, down;
 } vlmc_deltanet;
+/* deltanet.c, shared with deltanet_prompt.c: one token's l2-normed q and k rows per value head */
+void dn_qk_heads(const vlmc_deltanet *L, const float *cv, float *q, float *k, size_t stride);
 
 /* A layer's recurrent cache as vlmc_deltanet_layers reads it (before) and writes its step
  * (after, and the step's inputs a rewind replays) */
