@@ -207,7 +207,8 @@ def test_routing_matches_transformers_router(store, monkeypatch, case):
     """For every prompt token (image tokens included) and every layer, the experts vlmc's
     prefill routes to are the ones transformers' router picks, its router logits within
     1e-4 of transformers'; the fixture's top-k choice is clear of near-ties (a
-    precondition: margins above 10x the router logits' measured difference)."""
+    precondition: every token's k-th and (k+1)-th logits more than twice the router logits'
+    measured difference apart, so the same choices follow from the logits, not from luck)."""
     from vlmc.kernels import cpu_ops
     from vlmc.runtime.step import Sequences
 
@@ -240,9 +241,11 @@ def test_routing_matches_transformers_router(store, monkeypatch, case):
     assert len(seen) == len(routers) == len(q35.LAYER_TYPES)
     err = max(float(np.abs(got.reshape(hf.shape) - hf).max()) for (got, _), (hf, _) in zip(seen, want))
     assert err <= LOGIT_ATOL, f"router logits differ by {err}"
-    # a precondition on the fixture: every token's k-th and (k+1)-th router logits apart by
-    # 10x what the two implementations differ by, so identical choices are not luck
-    assert min(margins) >= 10 * err, f"near-tie in the fixture's routing: {margins} (router logits differ by {err})"
+    # a precondition on the fixture: with every logit within err of transformers', a gap above
+    # 2 err between each token's k-th and (k+1)-th logits keeps the same top-k set. (The
+    # measured err moves with the machine's kernels: 6.3e-5 on an AVX-512 Xeon, where the
+    # closest gap is 6.2e-4.)
+    assert min(margins) > 2 * err, f"near-tie in the fixture's routing: {margins} (router logits differ by {err})"
     for layer, ((_, got), (_, hf)) in enumerate(zip(seen, want)):
         np.testing.assert_array_equal(np.sort(got.reshape(-1, qm.TOP_K), -1), np.sort(hf, -1),
                                       err_msg=f"layer {layer}: experts differ")
