@@ -378,6 +378,23 @@ def test_moe_routing_is_transformers_choice():
     np.testing.assert_allclose(np.array(w), want_w.detach().numpy(), atol=1e-6, rtol=0)
 
 
+def test_roofline_reads_the_tied_head_not_the_per_layer_table(store):
+    """`vlmc bench`'s bytes per decode token: the tied head reads the whole token embedding
+    (codes, scales, biases), but the per-layer input table is a lookup of one row per token,
+    not part of the head (it once was: 2.41 GB counted for E2B's 0.35 GB head)."""
+    from vlmc.bench import _tensor_bytes, weight_roofline
+    from vlmc.runtime.artifact import read_manifest
+    manifest = read_manifest(store.artifact(store.ckpt(), quantize="q4"))
+    tensors = manifest["tensors"]
+    table = sum(_tensor_bytes(t) for n, t in tensors.items() if n.startswith("text.embed_tokens.weight"))
+    per_layer = sum(_tensor_bytes(t) for n, t in tensors.items() if n.startswith("text.embed_tokens_per_layer."))
+    assert table > 0 and per_layer > 0
+    roof = weight_roofline(manifest)
+    assert roof["lm_head_tied"] and roof["lm_head_bytes"] == table
+    assert roof["embedding_bytes"] == table + per_layer
+    assert roof["decode_bytes_per_token"] == roof["decoder_bytes"] + table
+
+
 @pytest.mark.parametrize("scheme", ["q8", "q4"])
 def test_moe_quantized_tracks_float(store, scheme):
     """Quantized (the experts per expert, the router kept float) and fed float32's greedy

@@ -116,9 +116,11 @@ def weight_roofline(manifest: dict[str, Any], widened: dict[str, int] | None = N
 
     Every decoder weight is read once per token; of the embedding only one row per token
     (negligible), unless the LM head is tied to it: then the whole matrix is read by the
-    final projection. The vision tower and projector are not used by decode. ``widened``
-    (tensor name -> bits, ``runtime.artifact.cpu_widening``) counts codes the runtime repacked at load at
-    their wider size: that is what each step reads. A mixture-of-experts decoder
+    final projection. Other embedding tables (Gemma 4's per-layer token inputs) stay
+    lookups, a row per token, whether or not the head is tied. The vision tower and
+    projector are not used by decode. ``widened`` (tensor name -> bits,
+    ``runtime.artifact.cpu_widening``) counts codes the runtime repacked at load at their
+    wider size: that is what each step reads. A mixture-of-experts decoder
     (``meta["moe"]``) reads top_k / experts of its routed experts' weights per token
     (``routed_expert_bytes``, beside ``all_expert_bytes`` and the dense equivalent that
     would read them all).
@@ -127,6 +129,7 @@ def weight_roofline(manifest: dict[str, Any], widened: dict[str, int] | None = N
     moe = manifest.get("meta", {}).get("moe")
     experts = 0  # the routed experts' stacked weights (all of them)
     has_lm_head = False
+    tied_table = 0  # the token embedding (its codes, scales and biases): what a tied head reads
     quantized = manifest.get("quantized", {})
     for name, info in manifest["tensors"].items():
         b = _tensor_bytes(info)
@@ -141,12 +144,14 @@ def weight_roofline(manifest: dict[str, Any], widened: dict[str, int] | None = N
             has_lm_head = True
         elif role == "embed":
             groups["embedding"] += b
+            if name.split(".weight")[0].endswith("embed_tokens"):
+                tied_table += b
         elif moe and role in ("experts_gate_up", "experts_down"):
             experts += b
         else:
             groups["decoder"] += b
     tied = not has_lm_head
-    head = groups["embedding"] if tied else groups["lm_head"]
+    head = tied_table if tied else groups["lm_head"]
     out: dict[str, Any] = {}
     if moe:  # a token reads only its top_k routed experts per layer (plus the shared one)
         routed = experts * int(moe["top_k"]) // int(moe["experts"])
