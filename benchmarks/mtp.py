@@ -1,16 +1,18 @@
 """Gemma 4 MTP drafting (a shared-KV assistant): what a draft step costs against a target
 step, what that predicts at a given acceptance, and tok/s with and without it.
 
-    python benchmarks/mtp.py make-target OUT [--vocab 65536]           # E2B shapes, a smaller vocabulary
+    python benchmarks/mtp.py make-target OUT [--vocab 262144]          # E2B shapes (a smaller vocabulary if asked)
     python benchmarks/mtp.py make-assistant TARGET_CHECKPOINT OUT      # a random assistant for it
     python benchmarks/mtp.py run TARGET_ARTIFACT ASSISTANT_ARTIFACT [--prompt-tokens 128]
         [--tokens 32] [--rounds 3] [--concurrency 1,4,8] [--steered 0.5,0.7,0.9] [--json out.json]
 
 ``make-assistant``: a Gemma4AssistantForCausalLM with random weights for the target's
-widths (its hidden size, KV heads, head sizes, window and rope); the assistant's own shape
-(4 layers, 3 sliding + 1 global, width 256, 4 heads, MLP 2048, ordered embeddings of 2048
-centroids, 32 scored) is an assumption: the published assistant's config is not on this
-machine.
+widths (its hidden size, KV heads, head sizes, window and rope) and the assistant's own
+shape of google/gemma-4-E2B-it-assistant's config.json (4 layers, 3 sliding + 1 global, all
+reading the target's KV; width 256, 4 heads, MLP 2048, no soft-capping, ordered embeddings
+of 2048 centroids, 32 scored). With an E2B target (1 KV head, window 512, 131,072
+positions) that is the published assistant's config, as public code quoting it gives
+(the hub is not reachable here); the larger targets' assistants are wider (1024).
 
 ``run``, all in one process except (c), each comparison alternating within rounds:
 (a) Measured step costs at batch B in --concurrency, after B prompts of --prompt-tokens:
@@ -64,8 +66,9 @@ from vlmc.runtime.step import Sequences  # noqa: E402
 
 def make_target(out: Path, vocab: int) -> Path:
     """gemma-4-E2B-it's shapes (``make_checkpoint.py gemma4``) with a vocabulary of ``vocab``
-    tokens for the embeddings, the tied head and the per-layer input table, and no audio
-    tower: the real one's 4.7 GB per-layer table and 10 GB in all do not fit the disk here."""
+    tokens for the embeddings, the tied head and the per-layer input table (the real
+    262,144 by default: ~10 GB in bfloat16, 4.7 GB of it the per-layer table; smaller where
+    the disk is short), and no audio tower (vlmc does not read it)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import make_checkpoint as mc
     ref = json.loads((mc.HERE / "reference_configs" / "gemma4.json").read_text())
@@ -286,7 +289,7 @@ def main() -> None:
     ap.add_argument("what", choices=["make-target", "make-assistant", "run"])
     ap.add_argument("target")
     ap.add_argument("assistant", nargs="?")
-    ap.add_argument("--vocab", type=int, default=65536, help="make-target: the vocabulary size")
+    ap.add_argument("--vocab", type=int, default=262144, help="make-target: the vocabulary size (E2B: 262144)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--k", type=int, default=4)
