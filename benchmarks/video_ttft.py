@@ -5,8 +5,10 @@ reused).
     python benchmarks/video_ttft.py ARTIFACT --checkpoint CKPT [--seconds 10 --fps 2 --size 448]
         [--rounds 3] [--no-transformers]
 
-ARTIFACT is a compiled Qwen-VL artifact (e.g. Qwen2-VL-2B shapes, q4) and CKPT the checkpoint
-it was compiled from (transformers runs it in float32). The clip is made here with PyAV:
+ARTIFACT is a compiled artifact of a family that takes videos (e.g. Qwen2-VL-2B or
+gemma-4-E2B shapes, q4) and CKPT the checkpoint it was compiled from (transformers runs it in
+float32; the transformers side is written for Qwen2-VL, so other families run with
+``--no-transformers``). The clip is made here with PyAV:
 ``--seconds`` of ``--size`` x ``--size`` video at 30 fps with moving shapes, h264; both sides
 sample it at ``--fps`` (transformers' Qwen2VLVideoProcessor with do_sample_frames) and time
 from the file on disk: decoding, sampling, preprocessing, the vision tower, prefill and one
@@ -80,7 +82,8 @@ def vlmc_round(model, clip: Path, fps: float) -> dict:
             out[f"q{k + 1}"] = seen["first"] - t0
             out[f"q{k + 1}_cached"] = seen["cached"]
             out["prompt_tokens"] = seen["prompt"]
-            out["grid"] = prompt.images.grid_thw.tolist()
+            imgs = prompt.images  # Qwen-VL: each video's (t, h, w) patch grid; else its soft tokens per frame
+            out["grid"] = imgs.grid_thw.tolist() if imgs.grid_thw is not None else list(imgs.num_tokens)
     finally:
         batcher.shutdown()
     return out
