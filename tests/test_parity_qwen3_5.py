@@ -230,6 +230,38 @@ def test_thinking_is_on_by_default(store):
                                                 enable_thinking=False)
 
 
+def test_server_follows_the_templates_thinking_default(store):
+    """A chat request that does not say enable_thinking, to a server that does not either,
+    thinks as Qwen3.5's template does by default: the reply is split into reasoning_content
+    and content, and a thinking budget applies; enable_thinking: false (request or server)
+    renders the closed empty block and leaves the reply whole."""
+    from vlmc.runtime.prefix_cache import PrefixCache
+    from vlmc.runtime.vision_cache import VisionFeatureCache
+    from vlmc.serve.jobs import Settings, draft_chat, plan_chat
+    from vlmc.serve.models import Resident
+    from vlmc.serve.parsers import OutputParser
+    from vlmc.serve.protocol import ChatCompletionRequest
+
+    resident = Resident("m", store.vlm(store.ckpt()), None, VisionFeatureCache(), PrefixCache())
+    reply = "the user greets me</think>\n\nHello!"
+
+    def plan(settings=Settings(), **extra):
+        req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "Hi"}], **extra)
+        return plan_chat(resident, req, settings, draft_chat(resident, req, settings), [])
+
+    default = plan()
+    assert default.prompt.text.endswith("<think>\n") and default.parser["starts_in_thinking"]
+    out = OutputParser(**default.parser)
+    out.feed(reply)
+    out.finish()
+    got = out.result()
+    assert (got.reasoning_content, got.content) == ("the user greets me", "Hello!")
+    assert plan(thinking_budget=4).thinking is not None
+    for off in (plan(enable_thinking=False), plan(Settings(enable_thinking=False))):
+        assert off.prompt.text.endswith("<think>\n\n</think>\n\n") and not off.parser["thinking"]
+        assert off.thinking is None
+
+
 def test_plan_and_inspect_show_recurrent_states(store):
     """kv_layout plans a recurrent state per linear-attention layer (bytes per sequence)
     beside the full-attention layers' KV caches; the manifest lists every decoder layer's

@@ -179,9 +179,13 @@ def plan_chat(resident: Resident, req: ChatCompletionRequest, settings: Settings
     tools, names, thinking, choice = draft.tools, draft.names, draft.thinking, req.tool_choice
     prompt = vlm.build_prompt(messages=draft.messages, loaded_images=images, template_vars=draft.template_vars)
     check_prompt(prompt, resident, settings)
-    starts_inside = bool(thinking) and prompt.text.rstrip().endswith(settings.think_start)
+    opened = prompt.text.rstrip().endswith(settings.think_start)
+    if thinking is None and opened:  # neither request nor server said: the template's default
+        thinking = True              # opened a think block (Qwen3.5's is on unless told off)
+    starts_inside = bool(thinking) and opened
     if req.thinking_budget is not None and not thinking:
-        raise InputError("thinking_budget needs thinking on (enable_thinking: true, or the server's --enable-thinking)")
+        raise InputError("thinking_budget needs thinking on (enable_thinking: true, the server's --enable-thinking, "
+                         "or a chat template that thinks by default)")
     budget = req.thinking_budget or settings.thinking_budget
     think = None
     if budget and thinking:
