@@ -250,8 +250,8 @@ class KVCache:
         A rotating cache exports only blocks it still holds whole (ValueError otherwise)."""
         whole = (self.offset - start) // block_size
         if first < whole and start + first * block_size < self.start:
-            raise ValueError(f"this cache no longer holds block {first} (its oldest token is at column "
-                             f"{self.start}): it can export only the blocks it still holds")
+            raise ValueError(f"this cache no longer holds block {first} (it holds positions {self.start} on): "
+                             "it can export only the blocks it still holds")
         rows = slice(None) if row is None else slice(row, row + 1)
         self.exported = max(self.exported, start + whole * block_size - self.start)  # in buffer columns
         blocks = []
