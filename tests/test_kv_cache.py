@@ -186,6 +186,27 @@ def test_rotating_blocks_export_after_each_chunk_and_import_as_a_prefill_leaves_
     assert mx.array_equal(got, want)
 
 
+def test_rotating_cache_keeps_positions_from_keep_from():
+    """``keep_from`` holds back make_room's drop (a block the prefix cache has yet to store)
+    and nothing else: the window's attention over the held keys is unchanged."""
+    W = 6
+    held, plain = RotatingKVCache(1, HKV, D, window=W), RotatingKVCache(1, HKV, D, window=W)
+    held.slack = plain.slack = 2
+    k, v = kv(40, 4, batch=1)
+    held.keep_from = 16
+    for lo in range(0, 40, 8):
+        q = mx.random.normal((1, H, 8, D))
+        mask = attention_mask(mx.array([0]), lo, 8, False)
+        outs = [reference.cached_attention(q, k[:, :, lo:lo + 8], v[:, :, lo:lo + 8], c, mask, scale=0.125)
+                for c in (held, plain)]
+        assert rel_rms(outs[0], outs[1]) < 1e-6
+    assert held.start == 16 and plain.start == 27   # plain kept window - 1 = 5 before its last 8
+    assert mx.array_equal(held.export_blocks(8, 2)[0]["k.x"], k[:, :, 16:24])
+    held.keep_from = None
+    held.append(*kv(1, 6, batch=1))
+    assert held.start == 35 and held.held == W   # the drop it held back, then the new token
+
+
 def test_rotating_cache_writes_in_place_again_after_dropping_exported_columns():
     """Exported columns move left when the window drops its oldest tokens, so the in-place
     decode store (``host_writable``) resumes once past them instead of stopping for good."""

@@ -94,16 +94,18 @@ def shared_start(a, b):
     return next(i for i, (x, y) in enumerate(zip(a.ids, b.ids)) if x != y)
 
 
-CASES = [("gemma4", {}), ("gemma4", {"kv_bits": 4}), ("gemma3", {}), ("mistral3", {})]
+CASES = [("gemma4", {}, BLOCK), ("gemma4", {"kv_bits": 4}, BLOCK), ("gemma3", {}, BLOCK), ("mistral3", {}, BLOCK),
+         ("gemma4", {}, 32)]   # blocks larger than the 12-token window: chunk ends cut through them
 
 
-@pytest.mark.parametrize("family,options", CASES, ids=[f + "".join(f"-{k}{v}" for k, v in o.items()) for f, o in CASES])
-def test_long_prompts_reuse_blocks_past_the_window(models, family, options):
+@pytest.mark.parametrize("family,options,block", CASES,
+                         ids=[f + "".join(f"-{k}{v}" for k, v in o.items()) + f"-block{b}" for f, o, b in CASES])
+def test_long_prompts_reuse_blocks_past_the_window(models, family, options, block):
     m = models(family, **options)
     assert any(layer["kv"].get("window") for layer in m.kv_layers)
     long, branch, _ = prompts_for(m, BUILDERS[family][1])
     plain = Batcher(m, prefill_chunk=CHUNK)
-    cached = Batcher(m, prefill_chunk=CHUNK, prefix_cache=PrefixCache(block_size=BLOCK))
+    cached = Batcher(m, prefill_chunk=CHUNK, prefix_cache=PrefixCache(block_size=block))
     try:
         ref = [ask(plain, [p])[0] for p in (long, branch)]
         got = [ask(cached, [p])[0] for p in (long, long, branch)]
@@ -114,8 +116,8 @@ def test_long_prompts_reuse_blocks_past_the_window(models, family, options):
         same(g, r)
     same(got[1], got[0])
     hits = [g[2] for g in got]
-    assert hits[0] == 0 and hits[1] == (len(long.ids) - 1) // BLOCK * BLOCK
-    assert hits[2] == shared_start(long, branch) // BLOCK * BLOCK
+    assert hits[0] == 0 and hits[1] == (len(long.ids) - 1) // block * block
+    assert hits[2] == shared_start(long, branch) // block * block
     assert cached.prefix_cache.stats()["hit_tokens"] == hits[1] + hits[2]
 
 

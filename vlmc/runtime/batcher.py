@@ -35,6 +35,7 @@ from ..errors import InputError
 from . import memory
 from .detokenizer import StopStringMatcher, StreamingDetokenizer
 from .engine import VLM, GenerationResult, Prompt
+from .kv_cache import RotatingKVCache
 from .sampling import Sampler, SamplingParams
 from .prefix_cache import PrefixCache, block_keys, block_spec, image_spans
 from .speculative import Draft, Speculation, decide
@@ -484,15 +485,22 @@ class Batcher:
     def _store_blocks(self, pf: dict) -> None:
         """Keep the prompt blocks this chunk completed, in every layer. Right after the chunk
         is the one time a sliding window surely holds them: it keeps the chunk and at least
-        ``window - 1`` tokens before it, and the next chunk drops the oldest. (Exporting at
-        the end of the prompt instead would find a long prompt's first blocks gone.)"""
+        ``window - 1`` tokens before it (and, through ``keep_from``, the start of a block the
+        chunk left unfinished), and the next chunk drops the oldest. (Exporting at the end of
+        the prompt instead would find a long prompt's first blocks gone.)"""
         if self.prefix_cache is None:
             return
-        seqs = pf["seqs"]
+        seqs, bs = pf["seqs"], self.prefix_cache.block_size
         for i, keys in enumerate(pf["keys"]):
             if keys:
                 pf["stored"][i] = self.prefix_cache.store(keys, seqs.caches, first=pf["stored"][i], row=i,
                                                           start=int(seqs.starts[i]))
+        # a window smaller than a block keeps the start of each row's next block until it is stored
+        pending = [int(seqs.starts[i]) + n * bs for i, (keys, n) in enumerate(zip(pf["keys"], pf["stored"]))
+                   if n < len(keys)]
+        for cache in seqs.caches:
+            if isinstance(cache, RotatingKVCache):
+                cache.keep_from = min(pending) if pending and not seqs.prefill_done else None
 
     # ------------------------------------------------------------------ decode
     def _decode_step(self) -> None:

@@ -11,8 +11,9 @@ batching need no different cache.
 Every cache can ``trim`` its last tokens (speculative decoding rewinds this way) and
 ``export_blocks`` / ``import_blocks`` whole blocks of tokens in their stored form (prefix
 caching stores them). A rotating cache exports only the blocks it still holds whole
-(the prefix cache takes them after each prefill chunk, before the next one drops them),
-and an import keeps only the blocks its window can still show a later query.
+(the prefix cache takes them after each prefill chunk, and ``keep_from`` keeps a block
+the chunks have not finished yet), and an import keeps only the blocks its window can still
+show a later query.
 """
 from __future__ import annotations
 
@@ -299,6 +300,7 @@ class RotatingKVCache(KVCache):
         if window < 1:
             raise ValueError(f"a rotating KV window must hold at least 1 token, not {window}")
         self.window = window
+        self.keep_from: int | None = None   # a position make_room keeps (a prefix-cache block not yet stored)
 
     def append(self, k: mx.array, v: mx.array) -> None:
         self.make_room()
@@ -307,9 +309,15 @@ class RotatingKVCache(KVCache):
     def make_room(self) -> None:
         """Drop the oldest tokens (those no query can see any more) where it holds more than
         ``window - 1 + slack``: what ``append`` does first, so the cpu kernels that write a
-        step in place (``host_writable``) call it before they read the cache."""
+        step in place (``host_writable``) call it before they read the cache. Positions from
+        ``keep_from`` on stay (during a prefill, a block the prefix cache has yet to store:
+        with a window smaller than a block, a chunk would otherwise drop its first tokens)."""
         if self.held > self.window - 1 + self.slack:
             drop = self.held - (self.window - 1)
+            if self.keep_from is not None and self.keep_from >= self.start:  # (below start: gone already)
+                drop = min(drop, self.keep_from - self.start)
+            if drop <= 0:
+                return
             for parts in self.buffers.values():
                 for name, buf in parts.items():
                     moved = buf[:, :, drop:self.held]

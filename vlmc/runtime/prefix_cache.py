@@ -12,10 +12,10 @@ model and KV layout, can still use them.
 
 Sliding-window (rotating) layers: the batching loop stores the blocks each prefill chunk
 completed right after that chunk, when the window surely holds them (the chunk plus at
-least ``window - 1`` tokens before it; with a window smaller than a block, a block cut by a
-chunk boundary may be gone, and the run ends there). A block holds every layer's part,
-sliding ones included, since any block may end a later prompt's shared prefix; an import
-keeps in a rotating cache only the blocks its window still shows.
+least ``window - 1`` tokens before it, and, for a window smaller than a block, the start
+of the block a chunk left unfinished: ``RotatingKVCache.keep_from``). A block holds every
+layer's part, sliding ones included, since any block may end a later prompt's shared
+prefix; an import keeps in a rotating cache only the blocks its window still shows.
 
 Layers whose cache is a recurrent state (linear attention) have nothing per token: their
 part of a block is empty, and their state is kept as a snapshot at a block boundary, an
@@ -337,7 +337,7 @@ class PrefixCache:
             return first
         try:
             per_layer = [c.export_blocks(self.block_size, first, row=row, start=start) for c in caches]
-        except ValueError:  # a window smaller than a block dropped part of one between chunks
+        except ValueError:  # a rotating cache dropped part of a block (no keep_from held it)
             return len(keys)
         count = min([len(keys) - first, *(len(blocks) for blocks in per_layer)])
         fresh = []
