@@ -140,6 +140,84 @@ def test_blocks_export_and_import_exactly(name):
         cache_for("dense").import_blocks(blocks) if name != "dense" else cache_for(LAYOUTS["affine8"][0]).import_blocks(blocks)
 
 
+@pytest.mark.parametrize("spec", [{"layout": "rotating"}, {"layout": "quantized", "bits": 4, "group_size": 32}],
+                         ids=["dense", "affine4"])
+def test_rotating_blocks_export_after_each_chunk_and_import_as_a_prefill_leaves_them(spec):
+    """A sliding window exports, right after each prefill chunk, exactly the blocks that
+    chunk completed (every one, though the window forgets old tokens between chunks), for a
+    left-padded row; a block it forgot is refused, not exported short. Importing all of
+    them (far more tokens than the window) holds what a prefill holds for every later query
+    (the last window - 1 positions, same stored values) at the same offset."""
+    W, bs, pad = 12, 4, 3
+    spec = {**spec, "window": W}
+    src, twin = cache_for(spec), cache_for(spec)
+    src.slack = twin.slack = 2
+    k, v = kv(pad + 70, 5)
+    blocks, pos = [], 0
+    for chunk in (9, 16, 5, 21, 13, 9):   # chunk ends off block boundaries
+        sl = slice(pos, pos + chunk)
+        src.append(k[:, :, sl], v[:, :, sl])
+        twin.append(k[:, :, sl], v[:, :, sl])
+        blocks += src.export_blocks(bs, len(blocks), row=1, start=pad)
+        pos += chunk
+    assert src.start > 0 and len(blocks) == 70 // bs
+    for b, block in enumerate(blocks):   # each block is its own tokens' stored form
+        lo = pad + b * bs
+        want = {f"{w}.{n}": a[1:2] for w, x in (("k", k), ("v", v))
+                for n, a in src.codecs[w].encode(x[:, :, lo:lo + bs]).items()}
+        assert set(block) == set(want) and all(mx.array_equal(block[n], want[n]) for n in want)
+    with pytest.raises(ValueError, match="no longer holds block 0"):
+        src.export_blocks(bs, 0, row=1, start=pad)
+
+    into = cache_for(spec, batch=1)
+    into.import_blocks(blocks)
+    twin.select([1])
+    twin.drop_left(pad)
+    assert into.offset == twin.offset - 70 % bs == 68 and into.start <= into.offset - (W - 1) < into.start + bs
+    seen = W - 1 - 70 % bs   # the positions both hold that a later query can see
+    for w in ("k", "v"):
+        for name, arr in into.parts(w).items():
+            theirs = twin.parts(w)[name][:, :, twin.held - 70 % bs - seen:twin.held - 70 % bs]
+            assert mx.array_equal(arr[:, :, into.held - seen:], theirs)
+    rest = slice(pad + 68, pad + 70)   # then both go on alike: the same keys over the window
+    got = into.update(k[1:2, :, rest], v[1:2, :, rest])[0][:, :, -(W - 1):]
+    twin.trim(70 % bs)
+    want = twin.update(k[1:2, :, rest], v[1:2, :, rest])[0][:, :, -(W - 1):]
+    assert mx.array_equal(got, want)
+
+
+def test_rotating_cache_keeps_positions_from_keep_from():
+    """``keep_from`` holds back make_room's drop (a block the prefix cache has yet to store)
+    and nothing else: the window's attention over the held keys is unchanged."""
+    W = 6
+    held, plain = RotatingKVCache(1, HKV, D, window=W), RotatingKVCache(1, HKV, D, window=W)
+    held.slack = plain.slack = 2
+    k, v = kv(40, 4, batch=1)
+    held.keep_from = 16
+    for lo in range(0, 40, 8):
+        q = mx.random.normal((1, H, 8, D))
+        mask = attention_mask(mx.array([0]), lo, 8, False)
+        outs = [reference.cached_attention(q, k[:, :, lo:lo + 8], v[:, :, lo:lo + 8], c, mask, scale=0.125)
+                for c in (held, plain)]
+        assert rel_rms(outs[0], outs[1]) < 1e-6
+    assert held.start == 16 and plain.start == 27   # plain kept window - 1 = 5 before its last 8
+    assert mx.array_equal(held.export_blocks(8, 2)[0]["k.x"], k[:, :, 16:24])
+    held.keep_from = None
+    held.append(*kv(1, 6, batch=1))
+    assert held.start == 35 and held.held == W   # the drop it held back, then the new token
+
+
+def test_rotating_cache_writes_in_place_again_after_dropping_exported_columns():
+    """Exported columns move left when the window drops its oldest tokens, so the in-place
+    decode store (``host_writable``) resumes once past them instead of stopping for good."""
+    window = RotatingKVCache(B, HKV, D, window=8)
+    window.append(*kv(40, 1))
+    window.export_blocks(8)
+    assert window.exported == 40
+    window.append(*kv(1, 2))   # drops 33 columns first
+    assert window.start == 33 and window.exported == 7 and window.host_writable()
+
+
 def test_batch_rows_are_independent():
     spec = LAYOUTS["turbo3.5"][0]
     both, one = cache_for(spec), cache_for(spec, batch=1)

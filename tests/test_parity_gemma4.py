@@ -285,9 +285,9 @@ def test_server_takes_videos_as_generate_does(store, tmp_path):
 def test_second_question_about_a_video_reuses_features_and_prefix_blocks(store, tmp_path):
     """Through the batching loop: the same clip again encodes nothing and imports the KV
     blocks of its frames (their times and soft tokens), and answers as a fresh model does.
-    The prompt fits one prefill chunk: a prompt that runs well past the sliding window has
-    its oldest tokens dropped from those caches, and the prefix cache then keeps none of
-    its blocks (video or not)."""
+    The prompt runs far past the 12-token sliding window and is prefilled in 16-token
+    chunks: each chunk's blocks are kept before the window drops them (blocks of 32, more
+    than the window holds)."""
     pytest.importorskip("av")
     import threading
 
@@ -316,10 +316,11 @@ def test_second_question_about_a_video_reuses_features_and_prefix_blocks(store, 
         return seen["cached"], seen["tokens"]
 
     vision = VisionFeatureCache()
-    batcher = Batcher(m, vision_cache=vision, prefix_cache=PrefixCache(), max_batch=1)
+    batcher = Batcher(m, vision_cache=vision, prefix_cache=PrefixCache(), max_batch=1, prefill_chunk=16)
     try:
         assert ask(batcher, prompt("What moves first?"))[0] == 0
         second = prompt("Where does the disc go?")
+        assert len(second.ids) > 4 * g4.WINDOW
         cached, tokens = ask(batcher, second)
         assert vision.stats()["hits"] == 1 and vision.stats()["misses"] == 1
         last_frame = len(second.ids) - 1 - second.ids[::-1].index(m.inputs.video_token_id)

@@ -35,6 +35,7 @@ from ..errors import InputError
 from . import memory
 from .detokenizer import StopStringMatcher, StreamingDetokenizer
 from .engine import VLM, GenerationResult, Prompt
+from .kv_cache import RotatingKVCache
 from .sampling import Sampler, SamplingParams
 from .prefix_cache import PrefixCache, block_keys, block_spec, image_spans
 from .speculative import Draft, Speculation, decide
@@ -400,7 +401,8 @@ class Batcher:
             if self._recurrent:
                 for i, row in enumerate(rows):
                     seqs.keep_states[i] = self._state_columns(seqs, i, row, run if len(jobs) == 1 else 0)
-        self._prefill = {"rows": rows, "seqs": seqs, "keys": keys}
+        stored = [row.cached // self.prefix_cache.block_size if self.prefix_cache else 0 for row in rows]
+        self._prefill = {"rows": rows, "seqs": seqs, "keys": keys, "stored": stored}
 
     def _state_columns(self, seqs: Sequences, i: int, row: _Row, run: int) -> set[int]:
         """Where row ``i``'s prefill keeps its recurrent states for the prefix cache (columns,
@@ -454,6 +456,7 @@ class Batcher:
         logits = seqs.prefill(max(1, self.prefill_chunk // seqs.batch))
         self.counters["prefill_steps"] += 1
         mx.eval(logits)  # this chunk's work now, between the running batch's decode steps
+        self._store_blocks(pf)
         if not seqs.prefill_done:
             return
         self._prefill = None
@@ -464,10 +467,9 @@ class Batcher:
                 for r in rows:
                     self.prefix_cache.count(0, len(r.job.prompt.ids))
             bs = self.prefix_cache.block_size
-            for i, (row, keys) in enumerate(zip(rows, pf["keys"])):
+            for i, keys in enumerate(pf["keys"]):
                 if keys:
                     start = int(seqs.starts[i])
-                    self.prefix_cache.store(keys, seqs.caches, first=row.cached // bs, row=i, start=start)
                     self.prefix_cache.store_states(keys, {(c - start) // bs: snap for c, snap in seqs.states[i].items()})
         tokens, infos = self._sample(rows, logits)
         for row, token, info in zip(rows, tokens, infos):
@@ -479,6 +481,26 @@ class Batcher:
             self._batch.join(seqs)
             self._active.extend(rows)
         self._compact()  # rows that finished on their first token leave again
+
+    def _store_blocks(self, pf: dict) -> None:
+        """Keep the prompt blocks this chunk completed, in every layer. Right after the chunk
+        is the one time a sliding window surely holds them: it keeps the chunk and at least
+        ``window - 1`` tokens before it (and, through ``keep_from``, the start of a block the
+        chunk left unfinished), and the next chunk drops the oldest. (Exporting at the end of
+        the prompt instead would find a long prompt's first blocks gone.)"""
+        if self.prefix_cache is None:
+            return
+        seqs, bs = pf["seqs"], self.prefix_cache.block_size
+        for i, keys in enumerate(pf["keys"]):
+            if keys:
+                pf["stored"][i] = self.prefix_cache.store(keys, seqs.caches, first=pf["stored"][i], row=i,
+                                                          start=int(seqs.starts[i]))
+        # a window smaller than a block keeps the start of each row's next block until it is stored
+        pending = [int(seqs.starts[i]) + n * bs for i, (keys, n) in enumerate(zip(pf["keys"], pf["stored"]))
+                   if n < len(keys)]
+        for cache in seqs.caches:
+            if isinstance(cache, RotatingKVCache):
+                cache.keep_from = min(pending) if pending and not seqs.prefill_done else None
 
     # ------------------------------------------------------------------ decode
     def _decode_step(self) -> None:

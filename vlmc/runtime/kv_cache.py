@@ -10,7 +10,10 @@ batching need no different cache.
 
 Every cache can ``trim`` its last tokens (speculative decoding rewinds this way) and
 ``export_blocks`` / ``import_blocks`` whole blocks of tokens in their stored form (prefix
-caching stores them); a rotating cache can do both only for tokens it still holds.
+caching stores them). A rotating cache exports only the blocks it still holds whole
+(the prefix cache takes them after each prefill chunk, and ``keep_from`` keeps a block
+the chunks have not finished yet), and an import keeps only the blocks its window can still
+show a later query.
 """
 from __future__ import annotations
 
@@ -244,14 +247,17 @@ class KVCache:
                       start: int = 0) -> list[dict[str, mx.array]]:
         """Whole blocks of ``block_size`` tokens from block ``first`` on, in stored form:
         {"k.NAME": [B, Hkv, block_size, w], "v.NAME": ...}. With ``row``, only that
-        sequence's ([1, ...]), whose tokens begin at column ``start`` (its left padding)."""
-        if self.start:
-            raise ValueError("this cache has dropped its oldest tokens; it cannot export from position 0")
+        sequence's ([1, ...]), whose tokens begin at column ``start`` (its left padding).
+        A rotating cache exports only blocks it still holds whole (ValueError otherwise)."""
+        whole = (self.offset - start) // block_size
+        if first < whole and start + first * block_size < self.start:
+            raise ValueError(f"this cache no longer holds block {first} (it holds positions {self.start} on): "
+                             "it can export only the blocks it still holds")
         rows = slice(None) if row is None else slice(row, row + 1)
-        self.exported = max(self.exported, start + (self.offset - start) // block_size * block_size)
+        self.exported = max(self.exported, start + whole * block_size - self.start)  # in buffer columns
         blocks = []
-        for b in range(first, (self.offset - start) // block_size):
-            lo, hi = start + b * block_size, start + (b + 1) * block_size
+        for b in range(first, whole):
+            lo, hi = start + b * block_size - self.start, start + (b + 1) * block_size - self.start
             blocks.append({f"{w}.{name}": buf[rows, :, lo:hi] for w in ("k", "v")
                            for name, buf in self.buffers[w].items()})
         return blocks
@@ -294,6 +300,7 @@ class RotatingKVCache(KVCache):
         if window < 1:
             raise ValueError(f"a rotating KV window must hold at least 1 token, not {window}")
         self.window = window
+        self.keep_from: int | None = None   # a position make_room keeps (a prefix-cache block not yet stored)
 
     def append(self, k: mx.array, v: mx.array) -> None:
         self.make_room()
@@ -302,14 +309,21 @@ class RotatingKVCache(KVCache):
     def make_room(self) -> None:
         """Drop the oldest tokens (those no query can see any more) where it holds more than
         ``window - 1 + slack``: what ``append`` does first, so the cpu kernels that write a
-        step in place (``host_writable``) call it before they read the cache."""
+        step in place (``host_writable``) call it before they read the cache. Positions from
+        ``keep_from`` on stay (during a prefill, a block the prefix cache has yet to store:
+        with a window smaller than a block, a chunk would otherwise drop its first tokens)."""
         if self.held > self.window - 1 + self.slack:
             drop = self.held - (self.window - 1)
+            if self.keep_from is not None and self.keep_from >= self.start:  # (below start: gone already)
+                drop = min(drop, self.keep_from - self.start)
+            if drop <= 0:
+                return
             for parts in self.buffers.values():
                 for name, buf in parts.items():
                     moved = buf[:, :, drop:self.held]
                     buf[:, :, :moved.shape[2]] = moved
             self.start += drop
+            self.exported = max(0, self.exported - drop)  # exported columns moved left with the rest
 
     def _room(self) -> bool:
         return self.held <= self.window - 1 + self.slack  # the next append drops nothing
@@ -337,6 +351,20 @@ class RotatingKVCache(KVCache):
         self.start -= forgotten
         self.offset -= forgotten
         super().drop_left(n - forgotten)
+
+    def import_blocks(self, blocks: list[dict[str, mx.array]]) -> None:
+        """As a prefill of these blocks' tokens leaves the window: blocks that end before the
+        last ``window - 1`` positions (no later query sees them) are counted, not stored, and
+        so is anything held before them; the rest are appended."""
+        sizes = [next(iter(block.values())).shape[2] for block in blocks]
+        visible = self.offset + sum(sizes) - (self.window - 1)   # the oldest position a later query sees
+        skip, end = 0, self.offset
+        while skip < len(blocks) and end + sizes[skip] <= visible:
+            end += sizes[skip]
+            skip += 1
+        if skip:
+            self.offset = self.start = end
+        super().import_blocks(blocks[skip:])
 
     def trim(self, n: int) -> int:
         if self.start and n > self.held - (self.window - 1):

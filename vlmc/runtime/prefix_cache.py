@@ -10,6 +10,13 @@ recently used first beyond ``max_bytes``; with a disk folder they go there inste
 every block goes there on ``flush``), so a later lookup, or a restarted server with the same
 model and KV layout, can still use them.
 
+Sliding-window (rotating) layers: the batching loop stores the blocks each prefill chunk
+completed right after that chunk, when the window surely holds them (the chunk plus at
+least ``window - 1`` tokens before it, and, for a window smaller than a block, the start
+of the block a chunk left unfinished: ``RotatingKVCache.keep_from``). A block holds every
+layer's part, sliding ones included, since any block may end a later prompt's shared
+prefix; an import keeps in a rotating cache only the blocks its window still shows.
+
 Layers whose cache is a recurrent state (linear attention) have nothing per token: their
 part of a block is empty, and their state is kept as a snapshot at a block boundary, an
 entry of its own under that block's key plus ``STATE``, holding each such layer's state
@@ -319,22 +326,28 @@ class PrefixCache:
             self.hit_tokens += hit
             self.miss_tokens += total - hit
 
-    def store(self, keys: list[str], caches: list, first: int, *, row: int = 0, start: int = 0) -> None:
-        """Keep blocks ``first`` .. ``len(keys)`` of sequence ``row`` of a cache list, whose
-        tokens begin at column ``start`` (left padding of a batch prefilled together)."""
+    def store(self, keys: list[str], caches: list, first: int, *, row: int = 0, start: int = 0) -> int:
+        """Keep the whole blocks from ``first`` on that sequence ``row`` of a cache list holds
+        now, whose tokens begin at column ``start`` (left padding of a batch prefilled
+        together); returns the block to store from next time. The batching loop calls it
+        after every prefill chunk, while a sliding window still holds the blocks the chunk
+        completed. A block some cache no longer holds ends the run for good (``len(keys)``):
+        later blocks' keys chain through it, so no lookup could reach them."""
         if self.max_bytes <= 0 or first >= len(keys):
-            return
+            return first
         try:
             per_layer = [c.export_blocks(self.block_size, first, row=row, start=start) for c in caches]
-        except ValueError:  # a rotating cache that has already dropped tokens
-            return
+        except ValueError:  # a rotating cache dropped part of a block (no keep_from held it)
+            return len(keys)
+        count = min([len(keys) - first, *(len(blocks) for blocks in per_layer)])
         fresh = []
-        for i, key in enumerate(keys[first:]):
-            if i < len(per_layer[0]) and key not in self._blocks:
+        for i, key in enumerate(keys[first:first + count]):
+            if key not in self._blocks:
                 # "* 1": a block of its own, not a view that would keep the whole cache buffer alive
                 fresh.append((key, [{name: a * 1 for name, a in blocks[i].items()} for blocks in per_layer]))
         mx.eval([a for _, layers in fresh for layer in layers for a in layer.values()])
         self._insert(fresh)
+        return first + count
 
     def _insert(self, entries: list[tuple[str, list[dict]]]) -> None:
         evicted = []
