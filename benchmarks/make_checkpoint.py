@@ -19,7 +19,10 @@ REDUCED to 2 decoder layers (of 40: one linear-attention, one full-attention; 6.
 bfloat16; the reference config's ``about`` says where each value comes from)). A preset is a family's name or one of
 ``PRESETS``, a further model of a family: ``smolvlm_500m`` (SmolVLM-500M-Instruct, an
 ``idefics3`` checkpoint) and ``llava_1_5_7b`` (llava-1.5-7b-hf: a Llama-2-7B decoder, 7.06B
-parameters, 14.1 GB in bfloat16). Tensor names
+parameters, 14.1 GB in bfloat16) and ``gemma4_moe`` (gemma-4-26B-A4B's text shapes, 128 experts
+of 704 with 8 per token beside a dense MLP in every layer, with its depth REDUCED to 6
+decoder layers of 30: one period of 5 sliding + 1 full attention layers, about 11.5 GB in
+bfloat16; the vision tower gemma-4-E2B's, as its reference config's ``about`` says). Tensor names
 and shapes are read from transformers' model class instantiated on the meta device (no
 memory); weights are drawn with numpy one tensor at a time (one block of rows at a time for
 tensors over ``BLOCK_VALUES``) and streamed to safetensors shards, so a 2B model needs no
@@ -62,7 +65,8 @@ FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_
             "mistral3": "Mistral3ForConditionalGeneration", "gemma4": "Gemma4ForConditionalGeneration",
             "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
 # further published models of a family: preset -> (family, test tokenizer variant)
-PRESETS = {"smolvlm_500m": ("idefics3", "default"), "llava_1_5_7b": ("llava", "llava15")}
+PRESETS = {"smolvlm_500m": ("idefics3", "default"), "llava_1_5_7b": ("llava", "llava15"),
+           "gemma4_moe": ("gemma4", "default")}
 # families whose transformers 5 module names are the published ones
 SAME_NAMES = ("qwen3_vl", "idefics3", "smolvlm", "gemma4", "qwen3_5", "qwen3_5_moe")
 # the hub names of the Gemma families (transformers 4.x): vision_tower.vision_model.*, language_model.model.*
@@ -95,7 +99,7 @@ def hub_name(name: str, family: str) -> str:
 
 
 def _tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    if name.endswith("layer_scalar"):
+    if name.endswith(("layer_scalar", "router.scale", "per_expert_scale")):
         return np.ones(shape, np.float32)
     if name.endswith(("input_min", "output_min", "input_max", "output_max")):  # clip bounds: none binding
         return np.full(shape, -1e4 if name.endswith("_min") else 1e4, np.float32)

@@ -604,11 +604,23 @@ def _qmoe_experts(t, a):
 @rule("moe_block")
 def _moe_block(t, a):
     """(x [.., H], router [E, H], gate_up [E, 2I, H], down [E, H, I][, shared_gate_up [2S, H],
-    shared_down [H, S], shared_gate [1, H]]) -> [.., H]: a whole MoE block, ``moe_route``
-    (``top_k``, ``normalize``) over the router's logits, the routed experts (``kind``), plus
-    the shared expert (gate rows first) times sigmoid(shared_gate x) where given. What the
-    cpu target's ``lower`` makes of those ops for one C call per layer and step."""
+    shared_down [H, S], shared_gate [1, H]][, router_x [.., H], expert_scale [E]]) -> [.., H]:
+    a whole MoE block, ``moe_route`` (``top_k``, ``normalize``) over the router's logits (of
+    router_x where given, else of x), the weights times expert_scale of their experts where
+    given, the routed experts (``kind``), plus the shared expert (gate rows first) times
+    sigmoid(shared_gate x) where given. What the cpu target's ``lower`` makes of those ops
+    for one C call per layer and step."""
     x, router, gate_up, down = t[:4]
+    rx, scale = (list(t[7:9]) + [None, None])[:2]
+    if rx is not None:
+        if len(rx.shape) != len(x.shape):
+            raise ShapeError(f"moe_block: the router's input {list(rx.shape)} is not shaped as x {list(x.shape)}")
+        for a_, b_ in zip(rx.shape, x.shape):
+            _same_dim(a_, b_, "moe_block router input vs x")
+    if scale is not None:
+        if len(scale.shape) != 1:
+            raise ShapeError(f"moe_block: expert_scale must be [experts], got {list(scale.shape)}")
+        _same_dim(scale.shape[0], router.shape[0], "moe_block expert_scale vs router outputs")
     shared = [s for s in t[4:7] if s is not None]
     if len(shared) not in (0, 3):
         raise ShapeError("moe_block: the shared expert needs its gate_up, down and gate weights")

@@ -359,14 +359,14 @@ def moe_experts(x, weights, experts, gate_up, down, *, kind: str):
 qmoe_experts = moe_experts  # the weight's type picks the kernel
 
 
-def moe_block(x, router, gate_up, down, shared_gate_up=None, shared_down=None, shared_gate=None, *, top_k: int,
-              normalize: bool, kind: str):
+def moe_block(x, router, gate_up, down, shared_gate_up=None, shared_down=None, shared_gate=None, router_x=None,
+              expert_scale=None, *, top_k: int, normalize: bool, kind: str):
     """``reference.moe_block``: one C call for a decode step's rows (``cpu/moe.py``
     ``fused_block``), else the separate ops of this library; a host array."""
     if _cpu.enabled():
-        out = _fused_block(x, router, gate_up, down, shared_gate_up, shared_down, shared_gate, top_k=top_k,
-                           normalize=normalize, kind=kind)
+        out = _fused_block(x, router, gate_up, down, shared_gate_up, shared_down, shared_gate, router_x, expert_scale,
+                           top_k=top_k, normalize=normalize, kind=kind)
         if out is not None:
             return out
     return _moe_block_ops(sys.modules[__name__], x, router, gate_up, down, shared_gate_up, shared_down, shared_gate,
-                          top_k=top_k, normalize=normalize, kind=kind)
+                          router_x, expert_scale, top_k=top_k, normalize=normalize, kind=kind)

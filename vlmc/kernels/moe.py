@@ -44,18 +44,23 @@ def experts_swiglu(x: mx.array, weights: mx.array, experts: mx.array, gate_up, d
     return y.reshape(*lead, y.shape[-1])
 
 
-def block_ops(ops, x, router, gate_up, down, shared_gate_up=None, shared_down=None, shared_gate=None, *,
-              top_k: int, normalize: bool, kind: str):
+def block_ops(ops, x, router, gate_up, down, shared_gate_up=None, shared_down=None, shared_gate=None,
+              router_x=None, expert_scale=None, *, top_k: int, normalize: bool, kind: str):
     """A whole MoE block (``moe_block``) as the separate ops of op library ``ops`` compute it,
-    in the order ``models/common/moe.py`` emits them: router, ``moe_route``, the routed
-    experts, and, with ``shared_gate_up`` (the shared expert's gate and up rows stacked,
-    gate first), the shared expert times sigmoid(``shared_gate`` x), added last."""
+    in the order the models emit them: router (on ``router_x`` where given, else on x),
+    ``moe_route``, the weights times ``expert_scale`` of their experts where given (Gemma 4's
+    per-expert scale), the routed experts, and, with ``shared_gate_up`` (the shared expert's
+    gate and up rows stacked, gate first), the shared expert times sigmoid(``shared_gate``
+    x), added last (``models/common/moe.py``)."""
     from .quant import QuantWeight
 
     def proj(v, w):
         return ops.qlinear(v, w) if isinstance(w, QuantWeight) else ops.linear(v, w)
 
-    weights, experts = ops.moe_route(proj(x, router), top_k=top_k, normalize=normalize)
+    weights, experts = ops.moe_route(proj(x if router_x is None else router_x, router), top_k=top_k,
+                                     normalize=normalize)
+    if expert_scale is not None:
+        weights = ops.mul(weights, ops.take(expert_scale, experts, axis=0))
     quantized = isinstance(gate_up, QuantWeight) or isinstance(down, QuantWeight)
     y = (ops.qmoe_experts if quantized else ops.moe_experts)(x, weights, experts, gate_up, down, kind=kind)
     if shared_gate_up is None:

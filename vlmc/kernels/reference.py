@@ -439,10 +439,12 @@ def qmoe_experts(x: mx.array, weights: mx.array, experts: mx.array, gate_up, dow
     return moe_experts(x, weights, experts, gate_up, down, kind=kind)
 
 
-def moe_block(x: mx.array, router, gate_up, down, shared_gate_up=None, shared_down=None, shared_gate=None, *,
-              top_k: int, normalize: bool, kind: str) -> mx.array:
-    """A whole MoE block: router, ``moe_route``, the routed experts, and the shared expert
-    (gate and up rows stacked in ``shared_gate_up``) times sigmoid(``shared_gate`` x), if
-    any; the separate ops it stands for, in their order (``kernels/moe.py``)."""
+def moe_block(x: mx.array, router, gate_up, down, shared_gate_up=None, shared_down=None, shared_gate=None,
+              router_x=None, expert_scale=None, *, top_k: int, normalize: bool, kind: str) -> mx.array:
+    """A whole MoE block: router (on ``router_x`` where given, else on x), ``moe_route``, the
+    weights times ``expert_scale`` of their experts where given, the routed experts, and the
+    shared expert (gate and up rows stacked in ``shared_gate_up``) times
+    sigmoid(``shared_gate`` x), if any; the separate ops it stands for, in their order
+    (``kernels/moe.py``)."""
     return _moe.block_ops(sys.modules[__name__], x, router, gate_up, down, shared_gate_up, shared_down, shared_gate,
-                          top_k=top_k, normalize=normalize, kind=kind)
+                          router_x, expert_scale, top_k=top_k, normalize=normalize, kind=kind)

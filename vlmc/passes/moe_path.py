@@ -7,9 +7,16 @@ gate and up projections and ``quantize`` chose linear / qlinear) by their data f
     n -> shared_expert_gate -> act(sigmoid)                                 = g
     y + s * g             (or y alone: no shared expert)
 
+or Gemma 4's routed experts (``models/common/gemma4.py``), whose router reads its own input
+r and whose weights are scaled per expert before the experts run:
+
+    r -> router -> moe_route -> (w, e);  w * take(@per_expert_scale, e)
+      -> (q)moe_experts(n, .., e)                                           = y
+
 and replaces them with one ``moe_block`` op (``kernels/cpu/moe.py``: router, routing,
 routed and shared experts in one C call per layer and decode step; the separate ops
-otherwise). Intermediate values read by anything else leave the ops as they are.
+otherwise). The ops making n and r (norms) stay. Intermediate values read by anything
+else leave the ops as they are.
 """
 from __future__ import annotations
 
@@ -58,18 +65,34 @@ def _match(fn: Function, route: Op) -> tuple[list[Op], Op]:
         need(op.inputs[1].startswith("@"))
         return op.inputs[0], op.inputs[1]
 
-    n, router = proj(route.inputs[0])
+    rx, router = proj(route.inputs[0])
     seen.add(id(route))
     only(route.inputs[0])
     w_v, e_v = route.outputs
-    experts = only(w_v)
-    need(experts.op in ("moe_experts", "qmoe_experts") and only(e_v) is experts and experts.inputs[:3] == [n, w_v, e_v])
+    need(e_v not in fn.outputs)
+    first, scale, w_in = only(w_v), None, w_v
+    if first.op == "mul":  # Gemma 4: the weights times their experts' per_expert_scale
+        other = first.inputs[1] if first.inputs[0] == w_v else first.inputs[0]
+        take = prod(other, "take", axis=0)
+        only(other)
+        need(take.inputs[1] == e_v and isinstance(take.inputs[0], str) and take.inputs[0].startswith("@"))
+        scale, w_in = take.inputs[0], first.outputs[0]
+        prod(w_in, "mul")
+        experts = only(w_in)
+        need({id(op) for op in users[e_v]} == {id(take), id(experts)} and len(users[e_v]) == 2)
+    else:
+        experts = first
+        need(only(e_v) is experts)
+    need(experts.op in ("moe_experts", "qmoe_experts") and experts.inputs[1:3] == [w_in, e_v])
     need(all(isinstance(v, str) and v.startswith("@") for v in experts.inputs[3:5]))
     seen.add(id(experts))
+    n = experts.inputs[0]  # the experts' input; the router's may be its own (Gemma 4)
     attrs = {"top_k": route.attrs["top_k"], "normalize": route.attrs.get("normalize", True),
              "kind": experts.attrs["kind"]}
     y = experts.outputs[0]
     inputs = [n, router, *experts.inputs[3:5]]
+    extra = [rx if rx != n else None, scale]
+    routed = set(seen)
     users_y = [op for op in users.get(y, [])]
     shared = users_y[0] if len(users_y) == 1 and users_y[0].op == "add" and y not in fn.outputs else None
     out = y
@@ -104,6 +127,10 @@ def _match(fn: Function, route: Op) -> tuple[list[Op], Op]:
             out = shared.outputs[0]
         except _NoMatch:
             seen.clear()
-            seen.update({id(route), id(experts), id(made[route.inputs[0]])})
+            seen.update(routed)
+    if any(v is not None for v in extra):
+        inputs += [None] * (7 - len(inputs)) + extra
+        while inputs[-1] is None:
+            inputs.pop()
     matched = [op for op in fn.ops if id(op) in seen]
     return matched, Op("moe_block", inputs, [out], attrs)

@@ -263,11 +263,20 @@ static void route_row(const float *p, int E, int k, int normalize, int32_t *idx,
 
 static int proj_is(const vlmc_proj *p, int N, int K) { return p->N == N && p->K == K && p->w && !p->bias; }
 
-/* x [M, hidden] (a MoE layer's normed input) -> out [M, hidden]; experts, weights [M, top_k]
- * (or NULL): the routing it chose. Returns 0, -1 for a bad layer description or
- * arguments, -5 without memory, or a GEMV's error. */
+/* x [M, hidden] (a MoE layer's normed input) -> out [M, hidden]: vlmc_moe_block_ex with the
+ * router reading x and no per-expert scale (Qwen3.5-MoE, Qwen3-MoE) */
 int vlmc_moe_block(const vlmc_moe_layer *L, const float *x, int M, float *out, int32_t *experts, float *weights,
                    int n_threads) {
+    return vlmc_moe_block_ex(L, x, x, NULL, M, out, experts, weights, n_threads);
+}
+
+/* x [M, hidden] (the experts' and the shared expert's input) -> out [M, hidden], the router
+ * reading router_x [M, hidden] (NULL: x); expert_scale [experts] (or NULL) multiplies each
+ * chosen expert's weight after the renormalisation (Gemma 4's per_expert_scale); experts,
+ * weights [M, top_k] (or NULL): the routing it chose, scaled. Returns 0, -1 for a bad layer
+ * description or arguments, -5 without memory, or a GEMV's error. */
+int vlmc_moe_block_ex(const vlmc_moe_layer *L, const float *x, const float *router_x, const float *expert_scale,
+                      int M, float *out, int32_t *experts, float *weights, int n_threads) {
     if (!L || !x || !out || M < 1 || !moe_valid(&L->moe)) return -1;
     const int E = L->moe.experts, H = L->moe.hidden, K = L->top_k, S = L->shared_inter;
     if (K < 1 || K > E || S < 0 || !proj_is(&L->router, E, H)
@@ -283,11 +292,13 @@ int vlmc_moe_block(const vlmc_moe_layer *L, const float *x, int M, float *out, i
         goto done;
     }
     float *p = f, *w = p + (size_t)M * E, *sw = w + MK;
-    rc = vlmc_proj_run(&L->router, x, M, p, n_threads);
+    rc = vlmc_proj_run(&L->router, router_x ? router_x : x, M, p, n_threads);
     for (int r = 0; r < M && !rc; r++) {
         softmax_row(p + (size_t)r * E, E, 1.f, NULL);
         route_row(p + (size_t)r * E, E, K, L->normalize, idx + (size_t)r * K, w + (size_t)r * K);
     }
+    if (!rc && expert_scale) /* one product per weight, as the op path's multiply */
+        for (size_t i = 0; i < MK; i++) w[i] = w[i] * expert_scale[idx[i]];
     if (!rc && S > 0) { /* the shared expert's gate: sigmoid of one output per row */
         rc = vlmc_proj_run(&L->shared_gate, x, M, sw, 1);
         for (int r = 0; r < M && !rc; r++) sw[r] = 1.f / (1.f + expf(-sw[r]));

@@ -9,7 +9,8 @@ It covers the rows the GEMVs serve (a decode step, a verify chunk: up to ``FUSED
 its weights' kernel arguments are built once per stacked weight pair.
 
 ``fused_block``: the whole MoE block (``moe_block``: router GEMV, softmax, top-k, the routed
-experts and the gated shared expert) in one C call (``vlmc_moe_block``) for a decode or
+experts and the gated shared expert; or Gemma 4's routed part: the router on its own input,
+per-expert scales, no shared expert) in one C call (``vlmc_moe_block_ex``) for a decode or
 verify step's rows (up to ``GEMV_MAX_ROWS``); the op falls back to the separate ops.
 
 ``routed_experts``: the loop over the selected experts through the compact-weight kernels
@@ -150,13 +151,14 @@ def _block_plan(router, gate_up, down, shared: tuple, top_k: int, normalize: boo
     return plan
 
 
-def fused_block(x, router, gate_up, down, shared_gate_up=None, shared_down=None, shared_gate=None, *, top_k: int,
-                normalize: bool, kind: str, routing: bool = False):
-    """``reference.moe_block`` in one C call (``vlmc_moe_block``), as a float32 host array
-    [.., H] (with ``routing``: and the experts [.., K] int32 and weights [.., K] it chose),
-    or None (the caller runs the separate ops): no kernels, more rows than the GEMVs take
-    (``GEMV_MAX_ROWS``: the router's logits are then the op path's to the bit), weights the
-    kernels do not read, a shared expert without all three of its weights."""
+def fused_block(x, router, gate_up, down, shared_gate_up=None, shared_down=None, shared_gate=None,
+                router_x=None, expert_scale=None, *, top_k: int, normalize: bool, kind: str, routing: bool = False):
+    """``reference.moe_block`` in one C call (``vlmc_moe_block_ex``), as a float32 host array
+    [.., H] (with ``routing``: and the experts [.., K] int32 and weights [.., K] it chose,
+    per-expert scales applied), or None (the caller runs the separate ops): no kernels, more
+    rows than the GEMVs take (``GEMV_MAX_ROWS``: the router's logits are then the op path's
+    to the bit), weights the kernels do not read, a shared expert without all three of its
+    weights, a router input or expert scales of another shape."""
     from . import GEMV_MAX_ROWS, n_threads  # the current settings (refresh() may change them)
     lib = _get_lib()
     if lib is None or not enabled():
@@ -170,13 +172,37 @@ def fused_block(x, router, gate_up, down, shared_gate_up=None, shared_down=None,
     plan = _block_plan(router, gate_up, down, shared, top_k, normalize, kind)
     if plan is None or x.shape[-1] != plan.moe.hidden:
         return None
+    if (router_x is not None and tuple(router_x.shape) != tuple(x.shape)) or \
+            (expert_scale is not None and tuple(expert_scale.shape) != (plan.moe.experts,)):
+        return None
     xh = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(rows, plan.moe.hidden))
+    rx = None if router_x is None else np.ascontiguousarray(np.asarray(router_x, dtype=np.float32)).reshape(rows, -1)
+    es = None if expert_scale is None else _scales(expert_scale)
     out = np.empty((rows, plan.moe.hidden), np.float32)
     idx, wts = np.empty((rows, top_k), np.int32), np.empty((rows, top_k), np.float32)
-    _check(lib.vlmc_moe_block(ctypes.addressof(plan), xh.ctypes.data, rows, out.ctypes.data, idx.ctypes.data,
-                              wts.ctypes.data, n_threads), "moe_block")
+    _check(lib.vlmc_moe_block_ex(ctypes.addressof(plan), xh.ctypes.data, None if rx is None else rx.ctypes.data,
+                                 None if es is None else es.ctypes.data, rows, out.ctypes.data, idx.ctypes.data,
+                                 wts.ctypes.data, n_threads), "moe_block")
     out = out.reshape(*lead, plan.moe.hidden)
     return (out, idx.reshape(*lead, top_k), wts.reshape(*lead, top_k)) if routing else out
+
+
+# id(expert scales) -> their float32 host copy (a parameter, converted once); the entry
+# leaves with them
+_scale_copies: dict[int, np.ndarray] = {}
+
+
+def _scales(s) -> np.ndarray:
+    got = _scale_copies.get(id(s))
+    if got is not None:
+        return got
+    got = np.ascontiguousarray(np.asarray(s.astype(mx.float32) if isinstance(s, mx.array) else s, dtype=np.float32))
+    try:
+        weakref.finalize(s, _scale_copies.pop, id(s), None)
+    except TypeError:  # not weak-referenceable: nothing to key a cache on
+        return got
+    _scale_copies[id(s)] = got
+    return got
 
 
 _views: dict[int, list] = {}

@@ -619,4 +619,9 @@ typedef struct {
 int vlmc_moe_block(const vlmc_moe_layer *L, const float *x, int M, float *out, int32_t *experts, float *weights,
                    int n_threads);
 
+/* moe.c: the block with the router reading its own input router_x (NULL: x) and each chosen
+ * expert's weight times expert_scale[expert] after the renormalisation (NULL: none) */
+int vlmc_moe_block_ex(const vlmc_moe_layer *L, const float *x, const float *router_x, const float *expert_scale,
+                      int M, float *out, int32_t *experts, float *weights, int n_threads);
+
 #endif /* VLMC_H */
