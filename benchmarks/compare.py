@@ -479,6 +479,11 @@ def _hf_family(ckpt: Path, family: str) -> tuple[Any, Any, Callable[[Any], Any]]
             image_processor=image_processor, tokenizer=ck.hf_tokenizer(ckpt), patch_size=pc["patch_size"],
             spatial_merge_size=pc["spatial_merge_size"], chat_template=ck.read_chat_template(ckpt))
         return tf.Mistral3ForConditionalGeneration, processor, chat(processor)
+    if family == "gemma4":
+        from fixtures import gemma4
+        processor = gemma4.hf_processor(ckpt, family)
+        return tf.Gemma4ForConditionalGeneration, processor, \
+            lambda img: gemma4.hf_inputs(processor, family, messages, [img])[1]
     raise SystemExit(f"compare.py has no transformers setup for model_type {family!r}")
 
 
