@@ -100,6 +100,15 @@ def _apply_int8_activations() -> None:
         _lib.vlmc_set_int8_x(int(_int8))
 
 
+def amx() -> bool:
+    """Whether the int8-x GEMVs of several x rows (batched decode, speculative verify) run
+    on Intel AMX tiles: the library has the AMX kernels (built on an AMX CPU), the CPU and
+    the OS allow them, and ``VLMC_CPU_AMX`` is not 0. Their output is the VNNI kernels',
+    bit for bit."""
+    lib = _get_lib()
+    return lib is not None and bool(lib.vlmc_amx())
+
+
 def load_width(bits: int, group_size: int) -> int | None:
     """The width an affine weight of ``bits`` is repacked into at load (``widen``, exact),
     or None where the kernels read it fastest as it is.

@@ -29,6 +29,14 @@
 #else
 #define VLMC_VNNI 0
 #endif
+/* Intel AMX tiles for the int8-x GEMVs of several x rows (gemv.c's amx panels): compiled
+ * where the compiler targets AMX (-march=native on a CPU that has it); used only where
+ * amx.c finds the CPU, the OS and the process allowed to use the tiles */
+#if VLMC_VNNI && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__) && defined(__x86_64__)
+#define VLMC_AMX 1
+#else
+#define VLMC_AMX 0
+#endif
 /* 2/3/5/6-bit codes widened in registers (codes_packed) */
 #if VLMC_SIMD && defined(__AVX512VBMI__) && defined(__AVX512BW__)
 #define VLMC_CODES_PACKED 1
@@ -618,5 +626,14 @@ typedef struct {
 } vlmc_moe_layer;
 int vlmc_moe_block(const vlmc_moe_layer *L, const float *x, int M, float *out, int32_t *experts, float *weights,
                    int n_threads);
+
+/* ---- amx.c: whether the AMX tile kernels run ----------------------------------------- */
+/* 1 when the library has the AMX kernels, the CPU has AMX-TILE and AMX-INT8, the OS enables
+ * the tile state, the process got permission for it and VLMC_CPU_AMX is not 0 (and no
+ * vlmc_set_amx(0) since) */
+int vlmc_amx(void);
+/* turn the AMX kernels off (0) or back on (1, where available); returns vlmc_amx() */
+int vlmc_set_amx(int on);
+VLMC_INTERNAL int amx_on(void);
 
 #endif /* VLMC_H */
