@@ -4,8 +4,9 @@ edge (a last panel of fewer than 16 weight rows, K a multiple of 64 but not of 1
 of 64 to 192, 2 to 16 x rows and more in slices, bfloat16 and float32 scales, with and
 without bias, 8-bit codes with and without x's rounding residual, 1 and 2 threads).
 
-They run only where the CPU has AMX-TILE and AMX-INT8 (Intel Sapphire Rapids and later);
-elsewhere they skip and say so.
+The comparison runs the AMX kernels on every call of 2 or more x rows (``vlmc_set_amx(2)``;
+by default they take only calls of more than 8). The tests run only where the CPU has
+AMX-TILE and AMX-INT8 (Intel Sapphire Rapids and later); elsewhere they skip and say so.
 """
 from __future__ import annotations
 
@@ -32,12 +33,10 @@ def _cpu_flags() -> set[str]:
 
 
 CPU_AMX = {"amx_tile", "amx_int8"} <= _cpu_flags()
-ENV_OFF = os.environ.get("VLMC_CPU_AMX", "1").strip().lower() in ("0", "false", "no", "off")
 
 pytestmark = [
     pytest.mark.skipif(cpu._get_lib() is None, reason="no C compiler: CPU kernels unavailable"),
     pytest.mark.skipif(not CPU_AMX, reason="this CPU has no AMX-TILE/AMX-INT8 (/proc/cpuinfo): nothing to compare"),
-    pytest.mark.skipif(ENV_OFF, reason="VLMC_CPU_AMX=0 turns the AMX kernels off in this process"),
 ]
 
 # (N, K, group size): N with a last panel of 1, 15, 1 and 5 rows (and one of 16 rows);
@@ -69,17 +68,18 @@ def lib():
     lib = cpu.library()
     if not cpu.int8_activations():
         pytest.skip("int8 activations are off (VLMC_CPU_INT8_ACTIVATIONS=0 or no AVX512-VNNI)")
+    mode = lib.vlmc_amx()
     yield lib
-    lib.vlmc_set_amx(1)
+    lib.vlmc_set_amx(mode)
     lib.vlmc_set_x8_residual(1)
 
 
-def test_amx_in_use_on_an_amx_cpu(lib):
+def test_amx_available_on_an_amx_cpu(lib):
     """-march=native on this CPU compiles the kernels in, and the CPU, the OS and the
-    process permission (arch_prctl) let them run."""
-    assert lib.vlmc_amx() == 1
-    assert lib.vlmc_set_amx(0) == 0 and lib.vlmc_amx() == 0
-    assert lib.vlmc_set_amx(1) == 1
+    process permission (arch_prctl) let them run, in every mode."""
+    for mode in (2, 0, 1):
+        assert lib.vlmc_set_amx(mode) == mode and lib.vlmc_amx() == mode
+    assert cpu.amx() == 1
 
 
 @pytest.mark.parametrize("bits,residual", [(4, True), (8, True), (8, False)])
@@ -97,33 +97,36 @@ def test_amx_equals_vnni_bit_for_bit(lib, bits, residual, st):
                 for bi in (None, bias) if M % 2 else (bias,):
                     assert lib.vlmc_set_amx(0) == 0
                     want = _gemv(lib, x, w, s, b, st, N, bits, gs, bi, threads)
-                    assert lib.vlmc_set_amx(1) == 1
+                    assert lib.vlmc_set_amx(2) == 2
                     got = _gemv(lib, x, w, s, b, st, N, bits, gs, bi, threads)
                     assert np.isfinite(want).all()
                     assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (N, K, gs, M, threads, bi is None)
 
 
-def test_amx_rows_equal_their_lone_runs(lib):
+@pytest.mark.parametrize("mode", [1, 2])
+def test_amx_rows_equal_their_lone_runs(lib, mode):
     """A row's output does not depend on the other rows of its call (speculative verify,
-    batched decode): each row of an M-row call on AMX equals that row alone (one x row:
-    the one-row VNNI kernel)."""
+    batched decode): each row of an M-row call equals that row alone (one x row: the
+    one-row VNNI kernel), with the AMX kernels on calls of 2+ rows, or only of 9+ rows."""
+    assert lib.vlmc_set_amx(mode) == mode
     rng = np.random.default_rng(3)
     N, K, gs = 1001, 1536, 64
     for bits in (4, 8):
         w, s, b = _weights(rng, N, K, bits, gs, 1)
         x = rng.standard_normal((16, K)).astype(np.float32)
         alone = np.concatenate([_gemv(lib, x[r:r + 1], w, s, b, 1, N, bits, gs, None, 2) for r in range(16)])
-        for M in (2, 7, 8, 9, 16):
+        for M in (2, 7, 8, 9, 16, 25):
             rows = rng.permutation(16)[:M]
             got = _gemv(lib, np.ascontiguousarray(x[rows]), w, s, b, 1, N, bits, gs, None, 2)
             assert np.array_equal(got.view(np.uint32), alone[rows].view(np.uint32)), (bits, M)
 
 
-def test_env_turns_amx_off():
-    """VLMC_CPU_AMX=0 keeps a process on the VNNI kernels (read once, at first use)."""
+def test_env_sets_the_mode():
+    """VLMC_CPU_AMX (read once, at first use): 0 keeps a process on the VNNI kernels, 2
+    puts every call of 2+ rows on AMX, unset means 1."""
     path = build.build()[1]
     code = f"import ctypes; print(ctypes.CDLL({str(path)!r}).vlmc_amx())"
-    for value, want in (("0", "0"), ("1", "1")):
+    for value, want in (("0", "0"), ("", "1"), ("1", "1"), ("2", "2")):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                              env={**os.environ, "VLMC_CPU_AMX": value})
         assert out.returncode == 0, out.stderr

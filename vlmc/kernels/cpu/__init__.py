@@ -100,13 +100,14 @@ def _apply_int8_activations() -> None:
         _lib.vlmc_set_int8_x(int(_int8))
 
 
-def amx() -> bool:
-    """Whether the int8-x GEMVs of several x rows (batched decode, speculative verify) run
-    on Intel AMX tiles: the library has the AMX kernels (built on an AMX CPU), the CPU and
-    the OS allow them, and ``VLMC_CPU_AMX`` is not 0. Their output is the VNNI kernels',
-    bit for bit."""
+def amx() -> int:
+    """The mode of the Intel AMX kernels for the int8-x GEMVs of several x rows (batched
+    decode, speculative verify): 0 off (no AMX kernels in the library, a CPU, OS or process
+    without the tiles, or ``VLMC_CPU_AMX=0``), 1 for more than 8 x rows (the default: the
+    only calls where they measured faster than the VNNI kernels), 2 for 2 or more x rows
+    (``VLMC_CPU_AMX=2``). Every mode gives the same output bits."""
     lib = _get_lib()
-    return lib is not None and bool(lib.vlmc_amx())
+    return int(lib.vlmc_amx()) if lib is not None else 0
 
 
 def load_width(bits: int, group_size: int) -> int | None:

@@ -1,11 +1,16 @@
-/* vlmc CPU kernels: whether the AMX tile kernels (gemv.c's amx panels) may run.
+/* vlmc CPU kernels: whether the AMX tile kernels (gemv.c's amx panels) run, and for which
+ * jobs.
  *
  * Compiling them in (VLMC_AMX: -march=native on an AMX CPU) is not enough: the OS must
  * enable the tile state in XCR0, and Linux gives a process the (8 KiB) tile data only after
  * it asks, once, with arch_prctl(ARCH_REQ_XCOMP_PERM); a thread touching the tiles without
  * that permission dies of SIGILL. So the kernels run only after all three checks passed,
- * made once per process before the first job that could use them, and never where
- * VLMC_CPU_AMX is 0 (the VNNI kernels then compute the same bits). */
+ * made once per process before the first job that could use them.
+ *
+ * Modes (VLMC_CPU_AMX, read once; vlmc_set_amx): 0 never; 1 (the default) the jobs of
+ * more than 8 x rows, the only ones where they measured faster than the VNNI kernels
+ * (benchmarks/README.md); 2 every job of 2 or more x rows (tests, A/B runs). Each mode
+ * gives the same output bits: the AMX kernels compute exactly what the VNNI ones do. */
 #include "vlmc.h"
 
 #include <pthread.h>
@@ -20,15 +25,8 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-static int env_off(void) {
-    const char *v = getenv("VLMC_CPU_AMX");
-    if (!v) return 0;
-    return !strcmp(v, "0") || !strcasecmp(v, "false") || !strcasecmp(v, "no") || !strcasecmp(v, "off");
-}
-
 static int detect(void) {
     unsigned a, b, c, d;
-    if (env_off()) return 0;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     if (!(d & (1u << 24)) || !(d & (1u << 25))) return 0; /* AMX-TILE, AMX-INT8 */
     if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE */
@@ -47,19 +45,36 @@ static int detect(void) { return 0; }
 #endif
 
 static int available = 0;
-static _Atomic int wanted = 1;
+static _Atomic int mode = -1; /* -1: VLMC_CPU_AMX not read yet */
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static void detect_once(void) { available = detect(); }
 
-/* called by a job's caller before its threads start (so the permission precedes any tile use) */
-int amx_on(void) {
-    pthread_once(&once, detect_once);
-    return available && atomic_load_explicit(&wanted, memory_order_relaxed);
+static int env_mode(void) {
+    const char *v = getenv("VLMC_CPU_AMX");
+    if (!v || !*v) return 1;
+    if (!strcmp(v, "2") || !strcasecmp(v, "all")) return 2;
+    if (!strcmp(v, "0") || !strcasecmp(v, "false") || !strcasecmp(v, "no") || !strcasecmp(v, "off")) return 0;
+    return 1;
 }
 
-int vlmc_amx(void) { return amx_on(); }
+/* the mode in effect, 0 where the tiles are unavailable; detection (and the permission
+ * request) happens at the first call with a mode above 0, by a job's caller before its
+ * threads start, so the permission precedes any tile use */
+int amx_mode(void) {
+    int m = atomic_load_explicit(&mode, memory_order_relaxed);
+    if (m < 0) {
+        int want = env_mode(), unset = -1;
+        atomic_compare_exchange_strong(&mode, &unset, want);
+        m = atomic_load(&mode);
+    }
+    if (m == 0) return 0;
+    pthread_once(&once, detect_once);
+    return available ? m : 0;
+}
 
-int vlmc_set_amx(int on) {
-    atomic_store(&wanted, on != 0);
-    return amx_on();
+int vlmc_amx(void) { return amx_mode(); }
+
+int vlmc_set_amx(int m) {
+    atomic_store(&mode, m < 0 ? 0 : m > 2 ? 2 : m);
+    return amx_mode();
 }

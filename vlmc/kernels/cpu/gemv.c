@@ -998,8 +998,11 @@ static void qp4_rows(job_t *J, float *tab, __m512 *acc) {
  * the dot of weight row i and x row m (exact integers, as vpdpbusd's). The float steps of
  * each pair are qp_panel's, op for op, on vectors over the x rows (lane m) instead of the
  * weight rows: the same values rounded in the same order, so the output is the same bits.
- * The float work no longer grows with M (16 rows x a few vector ops a block, lanes past M
- * wasted), nor do the dots (one tdpbusd, 16 cycles), where vpdpbusd took 16 x M. */
+ * Up to 8 x rows, tiles B and C are 8 x rows wide and a vector holds two weight rows' pairs.
+ * The dots no longer grow with M (one tdpbusd, where vpdpbusd took 16 x M), but the codes'
+ * staging (4-bit: unpacked to bytes), the tile loads and stores and the float steps cost
+ * about as much as the VNNI kernels up to 8 x rows on the Xeon this was measured on, and
+ * ~1.1x less at 16 (benchmarks/README.md): amx.c's default mode uses them above 8 rows. */
 typedef struct {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
@@ -1111,8 +1114,9 @@ static ALWAYS void amx_stage_a(const int Q4, const uint8_t *const *rp, int b, ui
  * long after its instructions issue: a tile store right after its dots waits for them, and
  * a vector load of bytes a tile store has not yet written costs far more (measured: a load
  * of the C stored a block before made a block take ~9x as long). So block b's dots issue
- * at step b, its C is stored at step b + 2 (the residual's: b + 1, having fewer tiles), its
- * float steps run at step b + AMX_LAG, and A is staged AMX_STAGE steps ahead. */
+ * at step b on tiles of their own (tilezero renames C: no wait for C's last store), its C
+ * is stored at step b + 2 (the residual's: b + 1, having fewer tiles), its float steps run
+ * at step b + AMX_LAG, and A is staged AMX_STAGE steps ahead. */
 #ifndef AMX_LAG
 #define AMX_LAG 5
 #endif
@@ -1448,9 +1452,13 @@ static void run_gemv(job_t *J, double wbytes, int n_threads) {
     atomic_store(&J->next, 0);
     void *amx = NULL;
 #if VLMC_AMX
-    /* the panel kernels' jobs of 4- and 8-bit codes; out of memory for the tables: VNNI */
+    /* the panel kernels' jobs of 4- and 8-bit codes (mode 1: of more than 8 x rows, where
+     * the tiles measured faster); out of memory for the tables: VNNI */
     J->amx = 0;
-    if (J->x8 && !qv_m1_ok(J) && (J->bits == 4 || J->bits == 8) && amx_on()) J->amx = (amx = amx_prep(J)) != NULL;
+    if (J->x8 && !qv_m1_ok(J) && (J->bits == 4 || J->bits == 8)) {
+        const int mode = amx_mode();
+        if (mode == 2 || (mode == 1 && J->M > 8)) J->amx = (amx = amx_prep(J)) != NULL;
+    }
 #endif
     run_parallel(gemv_task, J, nth);
     free(amx);

@@ -628,12 +628,12 @@ int vlmc_moe_block(const vlmc_moe_layer *L, const float *x, int M, float *out, i
                    int n_threads);
 
 /* ---- amx.c: whether the AMX tile kernels run ----------------------------------------- */
-/* 1 when the library has the AMX kernels, the CPU has AMX-TILE and AMX-INT8, the OS enables
- * the tile state, the process got permission for it and VLMC_CPU_AMX is not 0 (and no
- * vlmc_set_amx(0) since) */
+/* The mode in effect (amx.c): 0 off (also where the library lacks the AMX kernels, or the
+ * CPU, the OS or the process's permission rules them out), 1 jobs of more than 8 x rows
+ * (the default), 2 every job of 2 or more x rows. VLMC_CPU_AMX sets the first mode. */
 int vlmc_amx(void);
-/* turn the AMX kernels off (0) or back on (1, where available); returns vlmc_amx() */
-int vlmc_set_amx(int on);
-VLMC_INTERNAL int amx_on(void);
+/* set the mode (0, 1 or 2); returns vlmc_amx() */
+int vlmc_set_amx(int mode);
+VLMC_INTERNAL int amx_mode(void);
 
 #endif /* VLMC_H */
