@@ -17,9 +17,9 @@ step's time split by projection (qkv, o, gate_up, down summed over the layers, a
 head), each against its share of the read floor (its bytes at the floor's rate).
 ``--cpu-time`` runs everything on one thread and times it in thread CPU time: what the
 kernels cost a core, which other jobs on a loaded machine move far less than wall time.
-``--amx-ab`` measures each library twice, with its AMX kernels on and off
-(``vlmc_set_amx``; on a machine without AMX both are the VNNI kernels), alternating like
-the libraries.
+``--amx-ab`` measures each library twice, with its AMX kernels on for every call of 2+
+rows and off (``vlmc_set_amx``; on a machine without AMX both are the VNNI kernels),
+alternating like the libraries.
 """
 from __future__ import annotations
 
@@ -58,9 +58,10 @@ def open_lib(path: str) -> ctypes.CDLL:
 
 
 def set_amx(lib, on: bool | None) -> None:
-    """AMX kernels on or off where the library has the switch (None: leave as is)."""
+    """AMX kernels on for every call of 2+ rows (mode 2) or off, where the library has the
+    switch (None: leave as is)."""
     if on is not None and hasattr(lib, "vlmc_set_amx"):
-        lib.vlmc_set_amx(int(on))
+        lib.vlmc_set_amx(2 if on else 0)
 
 
 PROJ_NAMES = ("qkv", "o", "gate_up", "down")
@@ -130,10 +131,10 @@ def main() -> None:
         amx = [True, False] * (len(libs) // 2)
     for lib in libs:
         lib.vlmc_set_int8_x(0 if args.no_int8 else 1)
-    amx_in_use = []  # what each one runs
+    amx_in_use = []  # the mode each one runs (0 off, 1 above 8 rows, 2 from 2 rows)
     for li, lib in enumerate(libs):
         set_amx(lib, amx[li])
-        amx_in_use.append(hasattr(lib, "vlmc_amx") and bool(lib.vlmc_amx()))
+        amx_in_use.append(int(lib.vlmc_amx()) if hasattr(lib, "vlmc_amx") else 0)
     model = load_artifact(args.artifact).model
     projs, pnames = step_projections(model)
     total = sum(proj_bytes(p) for p in projs)
@@ -163,7 +164,7 @@ def main() -> None:
     floor_ms = statistics.median([med[("floor", li)] for li in range(len(libs))])
     print(f"step weights {total / 1e9:.3f} GB in {len(projs)} GEMVs, threads {args.threads}"
           f"{' (thread CPU time)' if args.cpu_time else ''}, "
-          f"int8 x {'off' if args.no_int8 else 'on'}, AMX {'/'.join('on' if a else 'off' for a in amx_in_use)}"
+          f"int8 x {'off' if args.no_int8 else 'on'}, AMX mode {'/'.join(map(str, amx_in_use))}"
           f"; read floor {floor_ms:.1f} ms "
           f"({total / floor_ms / 1e6:.1f} GB/s), medians of {args.reps}")
     head = "rows " + "".join(f"{Path(n).name:>26s}" for n in names)
