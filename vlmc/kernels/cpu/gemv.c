@@ -1113,7 +1113,7 @@ static ALWAYS void amx_stage_a(const int Q4, const uint8_t *const *rp, int b, ui
  * acc the pairs' partial sums [16][8] (vectors over x rows). The tiles' work is in flight
  * long after its instructions issue: a tile store right after its dots waits for them, and
  * a vector load of bytes a tile store has not yet written costs far more (measured: a load
- * of the C stored a block before made a block take ~9x as long). So block b's dots issue
+ * of the C stored a block before made a block take ~3x as long). So block b's dots issue
  * at step b on tiles of their own (tilezero renames C: no wait for C's last store), its C
  * is stored at step b + 2 (the residual's: b + 1, having fewer tiles), its float steps run
  * at step b + AMX_LAG, and A is staged AMX_STAGE steps ahead. */
