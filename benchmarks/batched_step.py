@@ -131,7 +131,7 @@ def main() -> None:
         amx = [True, False] * (len(libs) // 2)
     for lib in libs:
         lib.vlmc_set_int8_x(0 if args.no_int8 else 1)
-    amx_in_use = []  # the mode each one runs (0 off, 1 above 8 rows, 2 from 2 rows)
+    amx_in_use = []  # the mode each one runs (0 off, 1 the default's rows, 2 from 2 rows)
     for li, lib in enumerate(libs):
         set_amx(lib, amx[li])
         amx_in_use.append(int(lib.vlmc_amx()) if hasattr(lib, "vlmc_amx") else 0)

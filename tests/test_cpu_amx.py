@@ -5,7 +5,7 @@ of 64 to 192, 2 to 16 x rows and more in slices, bfloat16 and float32 scales, wi
 without bias, 8-bit codes with and without x's rounding residual, 1 and 2 threads).
 
 The comparison runs the AMX kernels on every call of 2 or more x rows (``vlmc_set_amx(2)``;
-by default they take only calls of more than 8). The tests run only where the CPU has
+by default they take calls of 5+ rows of 8-bit codes and 9+ rows of 4-bit codes). The tests run only where the CPU has
 AMX-TILE and AMX-INT8 (Intel Sapphire Rapids and later); elsewhere they skip and say so.
 """
 from __future__ import annotations
@@ -107,7 +107,7 @@ def test_amx_equals_vnni_bit_for_bit(lib, bits, residual, st):
 def test_amx_rows_equal_their_lone_runs(lib, mode):
     """A row's output does not depend on the other rows of its call (speculative verify,
     batched decode): each row of an M-row call equals that row alone (one x row: the
-    one-row VNNI kernel), with the AMX kernels on calls of 2+ rows, or only of 9+ rows."""
+    one-row VNNI kernel), with the AMX kernels on calls of 2+ rows, or the default's."""
     assert lib.vlmc_set_amx(mode) == mode
     rng = np.random.default_rng(3)
     N, K, gs = 1001, 1536, 64

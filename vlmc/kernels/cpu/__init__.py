@@ -103,9 +103,9 @@ def _apply_int8_activations() -> None:
 def amx() -> int:
     """The mode of the Intel AMX kernels for the int8-x GEMVs of several x rows (batched
     decode, speculative verify): 0 off (no AMX kernels in the library, a CPU, OS or process
-    without the tiles, or ``VLMC_CPU_AMX=0``), 1 for more than 8 x rows (the default: the
-    only calls where they measured faster than the VNNI kernels), 2 for 2 or more x rows
-    (``VLMC_CPU_AMX=2``). Every mode gives the same output bits."""
+    without the tiles, or ``VLMC_CPU_AMX=0``), 1 (the default) where they measured faster
+    than the VNNI kernels: 8-bit codes from 5 x rows, 4-bit codes from 9; 2 for 2 or more
+    x rows (``VLMC_CPU_AMX=2``). Every mode gives the same output bits."""
     lib = _get_lib()
     return int(lib.vlmc_amx()) if lib is not None else 0
 

@@ -7,9 +7,9 @@
  * that permission dies of SIGILL. So the kernels run only after all three checks passed,
  * made once per process before the first job that could use them.
  *
- * Modes (VLMC_CPU_AMX, read once; vlmc_set_amx): 0 never; 1 (the default) the jobs of
- * more than 8 x rows, the only ones where they measured faster than the VNNI kernels
- * (benchmarks/README.md); 2 every job of 2 or more x rows (tests, A/B runs). Each mode
+ * Modes (VLMC_CPU_AMX, read once; vlmc_set_amx): 0 never; 1 (the default) the jobs where
+ * they measured faster than the VNNI kernels (benchmarks/README.md): 8-bit codes from 5 x
+ * rows, 4-bit codes from 9; 2 every job of 2 or more x rows (tests, A/B runs). Each mode
  * gives the same output bits: the AMX kernels compute exactly what the VNNI ones do. */
 #include "vlmc.h"
 

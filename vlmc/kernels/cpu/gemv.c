@@ -1001,8 +1001,15 @@ static void qp4_rows(job_t *J, float *tab, __m512 *acc) {
  * Up to 8 x rows, tiles B and C are 8 x rows wide and a vector holds two weight rows' pairs.
  * The dots no longer grow with M (one tdpbusd, where vpdpbusd took 16 x M), but the codes'
  * staging (4-bit: unpacked to bytes), the tile loads and stores and the float steps cost
- * about as much as the VNNI kernels up to 8 x rows on the Xeon this was measured on, and
- * ~1.1x less at 16 (benchmarks/README.md): amx.c's default mode uses them above 8 rows. */
+ * about as much as the VNNI kernels take at 8 x rows of 4-bit codes or 4 of 8-bit codes
+ * on the Xeon this was measured on (benchmarks/README.md): amx.c's default mode uses them
+ * from AMX_MIN_M8 x rows of 8-bit codes and AMX_MIN_M4 of 4-bit codes. */
+#ifndef AMX_MIN_M8
+#define AMX_MIN_M8 5 /* 8-bit codes: 1.08x the VNNI panels at 5 rows, 1.4x at 8, 1.5x at 16 */
+#endif
+#ifndef AMX_MIN_M4
+#define AMX_MIN_M4 9 /* 4-bit codes: 0.95-1.04x at 8 rows, 1.03-1.2x at 16 */
+#endif
 typedef struct {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
@@ -1452,12 +1459,14 @@ static void run_gemv(job_t *J, double wbytes, int n_threads) {
     atomic_store(&J->next, 0);
     void *amx = NULL;
 #if VLMC_AMX
-    /* the panel kernels' jobs of 4- and 8-bit codes (mode 1: of more than 8 x rows, where
-     * the tiles measured faster); out of memory for the tables: VNNI */
+    /* the panel kernels' jobs of 4- and 8-bit codes (mode 1: 8-bit codes from 5 x rows,
+     * 4-bit codes from 9, where the tiles measured faster); out of memory for the tables:
+     * VNNI */
     J->amx = 0;
     if (J->x8 && !qv_m1_ok(J) && (J->bits == 4 || J->bits == 8)) {
         const int mode = amx_mode();
-        if (mode == 2 || (mode == 1 && J->M > 8)) J->amx = (amx = amx_prep(J)) != NULL;
+        if (mode == 2 || (mode == 1 && J->M >= (J->bits == 8 ? AMX_MIN_M8 : AMX_MIN_M4)))
+            J->amx = (amx = amx_prep(J)) != NULL;
     }
 #endif
     run_parallel(gemv_task, J, nth);

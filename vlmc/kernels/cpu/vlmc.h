@@ -629,8 +629,9 @@ int vlmc_moe_block(const vlmc_moe_layer *L, const float *x, int M, float *out, i
 
 /* ---- amx.c: whether the AMX tile kernels run ----------------------------------------- */
 /* The mode in effect (amx.c): 0 off (also where the library lacks the AMX kernels, or the
- * CPU, the OS or the process's permission rules them out), 1 jobs of more than 8 x rows
- * (the default), 2 every job of 2 or more x rows. VLMC_CPU_AMX sets the first mode. */
+ * CPU, the OS or the process's permission rules them out), 1 (the default) jobs of 5+ x
+ * rows of 8-bit codes and 9+ of 4-bit codes, 2 every job of 2 or more x rows.
+ * VLMC_CPU_AMX sets the first mode. */
 int vlmc_amx(void);
 /* set the mode (0, 1 or 2); returns vlmc_amx() */
 int vlmc_set_amx(int mode);
