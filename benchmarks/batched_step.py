@@ -2,7 +2,7 @@
 
     python benchmarks/batched_step.py ARTIFACT [--rows 1,2,4,8,16] [--reps 7]
                                       [--lib A.so --lib B.so] [--no-int8] [--by-proj]
-                                      [--cpu-time]
+                                      [--cpu-time] [--amx-ab]
 
 Every projection a decode step of ARTIFACT's text decoder runs (per layer qkv, o, gate_up,
 down; then the LM head) is called through ``vlmc_gemv_q`` / ``vlmc_gemv_bf16`` /
@@ -17,6 +17,9 @@ step's time split by projection (qkv, o, gate_up, down summed over the layers, a
 head), each against its share of the read floor (its bytes at the floor's rate).
 ``--cpu-time`` runs everything on one thread and times it in thread CPU time: what the
 kernels cost a core, which other jobs on a loaded machine move far less than wall time.
+``--amx-ab`` measures each library twice, with its AMX kernels on for every call of 2+
+rows and off (``vlmc_set_amx``; on a machine without AMX both are the VNNI kernels),
+alternating like the libraries.
 """
 from __future__ import annotations
 
@@ -45,10 +48,20 @@ def open_lib(path: str) -> ctypes.CDLL:
     for name, res, args in (("vlmc_gemv_q", I, [P, I, I, P, P, P, I, I, I, I, P, P, I]),
                             ("vlmc_gemv_bf16", I, [P, I, I, P, I, P, P, I]),
                             ("vlmc_gemv_f32", I, [P, I, I, P, I, P, P, I]),
-                            ("vlmc_stream_read", F, [P, L, I]), ("vlmc_set_int8_x", None, [I])):
-        fn = getattr(lib, name)
+                            ("vlmc_stream_read", F, [P, L, I]), ("vlmc_set_int8_x", None, [I]),
+                            ("vlmc_set_amx", I, [I])):
+        fn = getattr(lib, name, None)
+        if fn is None and name == "vlmc_set_amx":  # a library from before the AMX kernels
+            continue
         fn.restype, fn.argtypes = res, args
     return lib
+
+
+def set_amx(lib, on: bool | None) -> None:
+    """AMX kernels on for every call of 2+ rows (mode 2) or off, where the library has the
+    switch (None: leave as is)."""
+    if on is not None and hasattr(lib, "vlmc_set_amx"):
+        lib.vlmc_set_amx(2 if on else 0)
 
 
 PROJ_NAMES = ("qkv", "o", "gate_up", "down")
@@ -104,14 +117,24 @@ def main() -> None:
     ap.add_argument("--no-int8", action="store_true", help="float32 x (vlmc_set_int8_x(0))")
     ap.add_argument("--by-proj", action="store_true", help="also the step's time split by projection")
     ap.add_argument("--cpu-time", action="store_true", help="one thread, timed in thread CPU time")
+    ap.add_argument("--amx-ab", action="store_true", help="each library with its AMX kernels on and off")
     args = ap.parse_args()
     clock = time.thread_time if args.cpu_time else time.perf_counter
     if args.cpu_time:
         args.threads = 1
     libs = [open_lib(p) for p in args.lib] if args.lib else [cpu.library()]
     names = args.lib or ["current"]
+    amx: list = [None] * len(libs)
+    if args.amx_ab:  # each library as two: AMX on, then off
+        libs = [lib for lib in libs for _ in (0, 1)]
+        names = [f"{Path(n).name} amx {'on' if on else 'off'}" for n in names for on in (1, 0)]
+        amx = [True, False] * (len(libs) // 2)
     for lib in libs:
         lib.vlmc_set_int8_x(0 if args.no_int8 else 1)
+    amx_in_use = []  # the mode each one runs (0 off, 1 the default's rows, 2 from 2 rows)
+    for li, lib in enumerate(libs):
+        set_amx(lib, amx[li])
+        amx_in_use.append(int(lib.vlmc_amx()) if hasattr(lib, "vlmc_amx") else 0)
     model = load_artifact(args.artifact).model
     projs, pnames = step_projections(model)
     total = sum(proj_bytes(p) for p in projs)
@@ -125,6 +148,7 @@ def main() -> None:
     for rep in range(args.reps + 1):  # round 0 warms up
         for M in rows:
             for li, lib in enumerate(libs):
+                set_amx(lib, amx[li])
                 t = clock()
                 lib.vlmc_stream_read(floor.ctypes.data, floor.size, args.threads)
                 t1 = clock()
@@ -140,7 +164,8 @@ def main() -> None:
     floor_ms = statistics.median([med[("floor", li)] for li in range(len(libs))])
     print(f"step weights {total / 1e9:.3f} GB in {len(projs)} GEMVs, threads {args.threads}"
           f"{' (thread CPU time)' if args.cpu_time else ''}, "
-          f"int8 x {'off' if args.no_int8 else 'on'}; read floor {floor_ms:.1f} ms "
+          f"int8 x {'off' if args.no_int8 else 'on'}, AMX mode {'/'.join(map(str, amx_in_use))}"
+          f"; read floor {floor_ms:.1f} ms "
           f"({total / floor_ms / 1e6:.1f} GB/s), medians of {args.reps}")
     head = "rows " + "".join(f"{Path(n).name:>26s}" for n in names)
     print(head)

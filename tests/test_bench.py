@@ -29,3 +29,7 @@ def test_bench_reports_decode_against_the_read_bandwidth(tiny_checkpoint, tmp_pa
     assert ro["read_bandwidth_gbs"] > 0.5  # a real streaming read, not a placeholder
     assert ro["fraction_of_read_bandwidth"] == pytest.approx(ro["implied_bandwidth_gbs"] / ro["read_bandwidth_gbs"])
     assert f"of the {ro['read_bandwidth_gbs']:.1f} GB/s this machine reads" in format_report(r)
+    # which kernels ran: int8 activations and the AMX mode (0 where the CPU has no AMX)
+    k = r["system"]["cpu_kernels"]
+    assert k == {"int8_activations": cpu.int8_activations(), "amx_mode": cpu.amx()}
+    assert f"AMX mode {k['amx_mode']} " in format_report(r)

@@ -483,6 +483,10 @@ def bench(src: str, *, dtype: str = "float32", log: Callable[[str], None] | None
     result = {"source": str(src), "artifact": str(vlm.artifact.path), "name": vlm.artifact.manifest.get("name"),
               "dtype": vlm.artifact.manifest.get("dtype") or vlm.meta.get("dtype"), "target": vlm.meta.get("target"), "family": vlm.meta.get("family"),
               "load_s": load_s, "system": info, "kv_plan": vlm.kv_plan, "kv_options": kv or {}}
+    if result["target"] == "cpu":
+        from .kernels import cpu
+        if cpu.available():  # which kernels the numbers come from (several-row GEMVs on AMX tiles or not)
+            info["cpu_kernels"] = {"int8_activations": cpu.int8_activations(), "amx_mode": cpu.amx()}
     if contexts:
         result["contexts"] = run_context_bench(vlm, contexts, decode_tokens=kwargs.get("decode_tokens", 32), log=log)
         result["system"]["load_average_after"] = load_average()
@@ -549,6 +553,10 @@ def format_report(r: dict[str, Any]) -> str:
               f"{d['decode_tps']:.2f} tok/s = {ro['implied_bandwidth_gbs']:.2f} GB/s"
               + (f", {ro['fraction_of_read_bandwidth']:.0%} of the {ro['read_bandwidth_gbs']:.1f} GB/s this machine "
                  f"reads (C streaming sum, same run)" if "read_bandwidth_gbs" in ro else "")]
+    if "cpu_kernels" in s:
+        k = s["cpu_kernels"]
+        lines.append(f"cpu kernels: int8 activations {'on' if k['int8_activations'] else 'off'}, AMX mode "
+                     f"{k['amx_mode']} (0 off, 1 default, 2 every call of 2+ rows)")
     return "\n".join(lines)
 
 

@@ -100,6 +100,16 @@ def _apply_int8_activations() -> None:
         _lib.vlmc_set_int8_x(int(_int8))
 
 
+def amx() -> int:
+    """The mode of the Intel AMX kernels for the int8-x GEMVs of several x rows (batched
+    decode, speculative verify): 0 off (no AMX kernels in the library, a CPU, OS or process
+    without the tiles, or ``VLMC_CPU_AMX=0``), 1 (the default) where they measured faster
+    than the VNNI kernels: 8-bit codes from 5 x rows, 4-bit codes from 9; 2 for 2 or more
+    x rows (``VLMC_CPU_AMX=2``). Every mode gives the same output bits."""
+    lib = _get_lib()
+    return int(lib.vlmc_amx()) if lib is not None else 0
+
+
 def load_width(bits: int, group_size: int) -> int | None:
     """The width an affine weight of ``bits`` is repacked into at load (``widen``, exact),
     or None where the kernels read it fastest as it is.

@@ -11,7 +11,7 @@ import ctypes
 # The version of the interface below. Change it with any signature or shared struct
 # (vlmc_layer, ...): build.py compiles it into the library (-DVLMC_ABI) and load refuses a
 # library that reports another.
-ABI_VERSION = 27
+ABI_VERSION = 28
 
 P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
@@ -71,6 +71,10 @@ SIGNATURES: dict[str, tuple] = {
     "vlmc_moe_block": (I, [P, P, I, P, P, P, I]),
     # moe.c: the block with its router's own input and per-expert scales
     "vlmc_moe_block_ex": (I, [P, P, P, P, I, P, P, P, I]),
+
+    # amx.c
+    "vlmc_amx": (I, []),
+    "vlmc_set_amx": (I, [I]),
 }
 
 

@@ -73,6 +73,9 @@ typedef struct {
     size_t rowbytes;   /* bytes of one weight row */
     int chunk;         /* rows per grab (with shrink: the most) */
     int shrink, nth;   /* panel kernels: chunks shrink towards the end (grab) */
+    int amx;           /* the panel kernels on AMX tiles (amx_rows), with these tables: */
+    const int8_t *bx, *bxr; /* x8, x8r per 64-block as tile B (amx_prep) */
+    const float *tx8s, *txs; /* x8s per block, xs per group: 16 floats each (x rows; 0 past M) */
     _Atomic int next;
 } job_t;
 
@@ -985,6 +988,288 @@ static void qp4_rows(job_t *J, float *tab, __m512 *acc) {
     fn[J->M](J, tab, acc);
 }
 
+#if VLMC_AMX
+/* ---- several x rows on AMX tiles ------------------------------------------------------
+ * The panel kernels' arithmetic (qp_panel, qp4_panel) with each block's integer dots of
+ * 16 weight rows and up to 16 x rows from one tdpbusd: tile A = the 16 rows' 64 codes as
+ * unsigned bytes (8-bit codes as stored; 4-bit codes unpacked, a row's even codes then its
+ * odd ones), tile B = the x rows' int8 values of the block in the VNNI layout (row q: bytes
+ * 4q .. 4q + 3 of x rows 0 .. 15, rows past M zero, in A's code order: amx_prep), C[i][m] =
+ * the dot of weight row i and x row m (exact integers, as vpdpbusd's). The float steps of
+ * each pair are qp_panel's, op for op, on vectors over the x rows (lane m) instead of the
+ * weight rows: the same values rounded in the same order, so the output is the same bits.
+ * Up to 8 x rows, tiles B and C are 8 x rows wide and a vector holds two weight rows' pairs.
+ * The dots no longer grow with M (one tdpbusd, where vpdpbusd took 16 x M), but the codes'
+ * staging (4-bit: unpacked to bytes), the tile loads and stores and the float steps cost
+ * about as much as the VNNI kernels take at 8 x rows of 4-bit codes or 4 of 8-bit codes
+ * on the Xeon this was measured on (benchmarks/README.md): amx.c's default mode uses them
+ * from AMX_MIN_M8 x rows of 8-bit codes and AMX_MIN_M4 of 4-bit codes. */
+#ifndef AMX_MIN_M8
+#define AMX_MIN_M8 5 /* 8-bit codes: 1.08x the VNNI panels at 5 rows, 1.4x at 8, 1.5x at 16 */
+#endif
+#ifndef AMX_MIN_M4
+#define AMX_MIN_M4 9 /* 4-bit codes: 0.95-1.04x at 8 rows, 1.03-1.2x at 16 */
+#endif
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_cfg;
+
+/* the tables every thread reads (job-wide, before the threads start); NULL: out of memory */
+static void *amx_prep(job_t *J) {
+    const int M = J->M, K = J->K, nb = K / 64, G = J->G, q4 = J->bits == 4, mc = M <= 8 ? 8 : 16;
+    const size_t tb = (size_t)nb * 1024, nt = J->x8r ? 2 : 1;
+    char *buf = aligned_alloc(64, tb * nt + sizeof(float) * 16 * ((size_t)nb + G));
+    if (!buf) return NULL;
+    memset(buf, 0, tb * nt + sizeof(float) * 16 * ((size_t)nb + G));
+    int8_t *bx = (int8_t *)buf, *bxr = J->x8r ? bx + tb : NULL;
+    float *tx8s = (float *)(buf + tb * nt), *txs = tx8s + (size_t)16 * nb;
+    int src[64]; /* A's code c of a block, as an index into the block's x8 */
+    for (int c = 0; c < 64; c++) {
+        const int k = !q4 ? c : c < 32 ? 2 * c : 2 * (c - 32) + 1; /* the code at A's position c */
+        src[c] = !q4 ? k : 8 * (k / 8) + (k % 2 ? 4 : 0) + (k % 8) / 2; /* X8_OCTETS */
+    }
+    for (int m = 0; m < M; m++) {
+        for (int b = 0; b < nb; b++) {
+            const int8_t *x = J->x8 + (size_t)m * K + 64 * (size_t)b;
+            int8_t *t = bx + (size_t)b * 1024 + 4 * m;
+            for (int c = 0; c < 64; c++) t[(c / 4) * 4 * mc + c % 4] = x[src[c]];
+            if (bxr) {
+                const int8_t *xr = J->x8r + (size_t)m * K + 64 * (size_t)b;
+                int8_t *tr = bxr + (size_t)b * 1024 + 4 * m;
+                for (int c = 0; c < 64; c++) tr[(c / 4) * 4 * mc + c % 4] = xr[c];
+            }
+            for (int l = m; l < 16; l += mc) tx8s[(size_t)b * 16 + l] = J->x8s[(size_t)m * nb + b];
+        }
+        for (int g = 0; g < G; g++)
+            for (int l = m; l < 16; l += mc) txs[(size_t)g * 16 + l] = J->xs[(size_t)m * G + g];
+    }
+    J->bx = bx;
+    J->bxr = bxr;
+    J->tx8s = tx8s;
+    J->txs = txs;
+    return buf;
+}
+
+/* block b's float steps from its dots (c: C as stored, cr: the residual's). MC x rows per
+ * tile (8 or 16): vector v holds weight row v's pairs (MC = 16), or rows 2v and 2v + 1 in
+ * its halves (MC = 8); tsf, tbf: the panel's scales and biases as float [G][16] */
+static ALWAYS void amx_block(const int MC, const int RES, const job_t *J, const int32_t *c, const int32_t *cr, int b,
+                             int g, int last, const float *tsf, const float *tbf, __m512 *acc) {
+    const __m512 xv = _mm512_load_ps(J->tx8s + (size_t)16 * b), xg = _mm512_load_ps(J->txs + (size_t)16 * g);
+    const __m512 sv = _mm512_load_ps(tsf + (size_t)16 * g);
+    /* not a group's last block: a zero bias term, as qp_panel adds one */
+    const __m512 bv = last ? _mm512_load_ps(tbf + (size_t)16 * g) : _mm512_setzero_ps();
+    const __m512i hi8 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m512 *A = acc + (b & 7);
+    UNROLL for (int v = 0; v < MC; v++) {
+        __m512i d = _mm512_load_si512((const void *)(c + 16 * v));
+        if (RES) d = _mm512_add_epi32(_mm512_slli_epi32(d, 8), _mm512_load_si512((const void *)(cr + 16 * v)));
+        __m512 s, bb;
+        if (MC == 16) {
+            s = _mm512_set1_ps(tsf[(size_t)16 * g + v]);
+            bb = last ? _mm512_set1_ps(tbf[(size_t)16 * g + v]) : _mm512_setzero_ps();
+        } else {
+            const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(2 * v), hi8);
+            s = _mm512_permutexvar_ps(at, sv);
+            bb = _mm512_permutexvar_ps(at, bv);
+        }
+        const __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, xv), A[8 * v]);
+        A[8 * v] = _mm512_fmadd_ps(bb, xg, a);
+    }
+}
+
+/* tile A of block b at a (4-bit codes unpacked, or a last panel's rows copied) */
+static ALWAYS void amx_stage_a(const int Q4, const uint8_t *const *rp, int b, uint8_t *a) {
+    if (Q4) {
+        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        UNROLL for (int i = 0; i < QP; i++) { /* bytes 0-31: low nibbles (even codes), 32-63: high */
+            const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(rp[i] + (size_t)b * 32)));
+            _mm512_store_si512((void *)(a + 64 * i), _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xFFFF0000u, v, 4), m4));
+        }
+    } else {
+        UNROLL for (int i = 0; i < QP; i++)
+            _mm512_store_si512((void *)(a + 64 * i), _mm512_loadu_si512((const void *)(rp[i] + (size_t)b * 64)));
+    }
+}
+
+/* block b's dots on tiles TA (codes), TB (x), TC (C), and the residual's on TBR, TCR
+ * (tilezero gives TC a new register: the dots do not wait for the last reader of TC) */
+#define AMX_DO(TA, TB, TC, TBR, TCR)                                                               \
+    do {                                                                                           \
+        _tile_loadd(TA, a, as);                                                                    \
+        _tile_loadd(TB, J->bx + (size_t)b * 1024, 4 * MC);                                         \
+        _tile_zero(TC);                                                                            \
+        _tile_dpbusd(TC, TA, TB);                                                                  \
+        if (RES) {                                                                                 \
+            _tile_loadd(TBR, J->bxr + (size_t)b * 1024, 4 * MC);                                   \
+            _tile_zero(TCR);                                                                       \
+            _tile_dpbusd(TCR, TA, TBR);                                                            \
+        }                                                                                          \
+    } while (0)
+/* block sb's C tile TC (and the residual's TCR) to its slot of cbuf (crbuf) */
+#define AMX_STORE(TC, TCR)                                                                         \
+    do {                                                                                           \
+        _tile_stored(TC, cbuf + (size_t)(sb & AMX_SLOTM) * 256, 4 * MC);                                   \
+        if (RES) _tile_stored(TCR, crbuf + (size_t)(sb & AMX_SLOTM) * 256, 4 * MC);                        \
+    } while (0)
+
+/* One panel (rows p0 .. p0 + 15 as qp_panel; pn the next panel's first row, or -1). w:
+ * this thread's buffers (8 KiB of staged A tiles, 8 KiB of C, 8 KiB of the residual's C),
+ * acc the pairs' partial sums [16][8] (vectors over x rows). The tiles' work is in flight
+ * long after its instructions issue: a tile store right after its dots waits for them, and
+ * a vector load of bytes a tile store has not yet written costs far more (measured: a load
+ * of the C stored a block before made a block take ~3x as long). So block b's dots issue
+ * at step b on tiles of their own (tilezero renames C: no wait for C's last store), its C
+ * is stored at step b + 2 (the residual's: b + 1, having fewer tiles), its float steps run
+ * at step b + AMX_LAG, and A is staged AMX_STAGE steps ahead. */
+#ifndef AMX_LAG
+#define AMX_LAG 5
+#endif
+#ifndef AMX_STAGE
+#define AMX_STAGE 4
+#endif
+#ifndef AMX_SLOTS
+#define AMX_SLOTS 8 /* blocks' buffers per thread (a power of 2 above AMX_LAG, AMX_STAGE) */
+#endif
+#define AMX_SLOTM (AMX_SLOTS - 1)
+static ALWAYS void amx_panel(const int MC, const int Q4, const int RES, const job_t *J, int p0, int pn, float *tab,
+                             __m512 *acc, uint8_t *w) {
+    const int K = J->K, M = J->M, N = J->N, G = J->G, nb = K / 64, bpg = J->gs / 64;
+    const size_t rb = Q4 ? (size_t)K / 2 : (size_t)K, bb = Q4 ? 32 : 64; /* bytes per row, per block */
+    const int rows = N - p0 < QP ? N - p0 : QP;
+    int idx[QP];
+    const uint8_t *rp[QP];
+    for (int i = 0; i < QP; i++) {
+        idx[i] = p0 + (i < rows ? i : rows - 1);
+        rp[i] = (const uint8_t *)J->w + (size_t)idx[i] * rb;
+    }
+    /* the parameters as qp_panel's tables, then as float32 [G][16] (bfloat16: widened) */
+    float *ts = tab, *tb = tab + (size_t)G * QP, *tsf = tb + (size_t)G * QP, *tbf = tsf + (size_t)G * QP;
+    qp_params(J->sc, J->st, G, idx, ts);
+    qp_params(J->bi, J->st, G, idx, tb);
+    if (J->st == ST_BF16) {
+        for (int g = 0; g < G; g++) {
+            _mm512_store_ps(tsf + (size_t)16 * g, qp_pvec(J->st, ts, g));
+            _mm512_store_ps(tbf + (size_t)16 * g, qp_pvec(J->st, tb, g));
+        }
+    } else {
+        tsf = ts;
+        tbf = tb;
+    }
+    for (int i = 0; i < 8 * MC; i++) acc[i] = _mm512_setzero_ps();
+    const int pr = pn < 0 ? p0 : pn; /* see qp_panel */
+    const char *next = (const char *)J->w + (size_t)pr * rb;
+    const size_t pshare = ((size_t)QP * rb / nb + 63) & ~(size_t)63;
+    const size_t pb = (size_t)G * (J->st == ST_BF16 ? 2 : 4), plines = (QP * pb + 63) / 64;
+    const char *nsc = (const char *)J->sc + (size_t)pr * pb;
+    const char *nbi = (const char *)J->bi + (size_t)pr * pb;
+    uint8_t *abuf = w; /* slot b & 7 */
+    int32_t *cbuf = (int32_t *)(w + AMX_SLOTS * 1024), *crbuf = (int32_t *)(w + 2 * AMX_SLOTS * 1024);
+    const int staged = Q4 || rows < QP; /* else 8-bit codes: tile A straight from the rows */
+    if (staged)
+        for (int b = 0; b < AMX_STAGE && b < nb; b++) amx_stage_a(Q4, rp, b, abuf + (size_t)(b & AMX_SLOTM) * 1024);
+    /* tiles of block b: A b & 1; B 2 + (b & 1), C 4 + (b & 3); with the residual B 2, 3 and
+     * C 4 + 2 (b & 1) and the next */
+    for (int b = 0, g = 0, in_g = 0; b < nb + AMX_LAG; b++) { /* g: block b - AMX_LAG's group */
+        if (b < nb) {
+            pf_panel(next, b, pshare);
+            pf_params(nsc, nbi, plines, b);
+            const void *a = staged ? (const void *)(abuf + (size_t)(b & AMX_SLOTM) * 1024) : (const void *)(rp[0] + (size_t)b * bb);
+            const long as = staged ? 64 : (long)rb;
+            if (RES) {
+                if (b & 1) AMX_DO(1, 2, 6, 3, 7);
+                else AMX_DO(0, 2, 4, 3, 5);
+            } else {
+                switch (b & 3) {
+                case 0: AMX_DO(0, 2, 4, 0, 0); break;
+                case 1: AMX_DO(1, 3, 5, 0, 0); break;
+                case 2: AMX_DO(0, 2, 6, 0, 0); break;
+                default: AMX_DO(1, 3, 7, 0, 0); break;
+                }
+            }
+        }
+        const int sb = b - (RES ? 1 : 2);
+        if (sb >= 0 && sb < nb) {
+            if (RES) {
+                if (sb & 1) AMX_STORE(6, 7);
+                else AMX_STORE(4, 5);
+            } else {
+                switch (sb & 3) {
+                case 0: AMX_STORE(4, 0); break;
+                case 1: AMX_STORE(5, 0); break;
+                case 2: AMX_STORE(6, 0); break;
+                default: AMX_STORE(7, 0); break;
+                }
+            }
+        }
+        if (staged && b + AMX_STAGE < nb) amx_stage_a(Q4, rp, b + AMX_STAGE, abuf + (size_t)((b + AMX_STAGE) & AMX_SLOTM) * 1024);
+        const int e = b - AMX_LAG;
+        if (e >= 0) {
+            const int last = ++in_g == bpg; /* the group's bias term follows, in the same A */
+            amx_block(MC, RES, J, cbuf + (size_t)(e & AMX_SLOTM) * 256, crbuf + (size_t)(e & AMX_SLOTM) * 256, e, g, last,
+                      tsf, tbf, acc);
+            if (last) g++, in_g = 0;
+        }
+    }
+    /* each pair's ((A0 + A1) + (A2 + A3)) + ((A4 + A5) + (A6 + A7)) (+ bias), as qp_panel;
+     * then the 16 x 16 block turned back to [x row][weight row] */
+    float out[QP * QP] __attribute__((aligned(64))), bias[QP] __attribute__((aligned(64)));
+    for (int i = 0; i < QP; i++) bias[i] = J->bias ? J->bias[idx[i]] : 0.f;
+    const __m512i hi8 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    for (int v = 0; v < MC; v++) {
+        const __m512 *A = acc + 8 * v;
+        __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(A[0], A[1]), _mm512_add_ps(A[2], A[3])),
+                                 _mm512_add_ps(_mm512_add_ps(A[4], A[5]), _mm512_add_ps(A[6], A[7])));
+        if (J->bias)
+            y = _mm512_add_ps(y, MC == 16 ? _mm512_set1_ps(bias[v])
+                                          : _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(2 * v), hi8),
+                                                                  _mm512_load_ps(bias)));
+        if (MC == 16) {
+            _mm512_store_ps(out + QP * v, y);
+        } else { /* rows 2v, 2v + 1 */
+            _mm256_store_ps(out + QP * 2 * v, _mm512_castps512_ps256(y));
+            _mm256_store_ps(out + QP * (2 * v + 1), _mm512_extractf32x8_ps(y, 1));
+        }
+    }
+    const __mmask16 keep = (__mmask16)(rows == QP ? 0xFFFFu : (1u << rows) - 1);
+    const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(QP));
+    for (int m = 0; m < M; m++)
+        _mm512_mask_storeu_ps(J->y + (size_t)m * N + p0, keep, _mm512_i32gather_ps(col, out + m, 4));
+}
+
+#define AMX_ROWS(name, Q4, RES)                                                                    \
+    static __attribute__((noinline)) void name(job_t *J, float *tab, __m512 *acc, uint8_t *w) {   \
+        if (J->M <= 8) PANEL_WALK(J, amx_panel(8, Q4, RES, J, p, pn, tab, acc, w));                \
+        else PANEL_WALK(J, amx_panel(16, Q4, RES, J, p, pn, tab, acc, w));                         \
+    }
+AMX_ROWS(amx_rows_q4, 1, 0)
+AMX_ROWS(amx_rows_q8, 0, 0)
+AMX_ROWS(amx_rows_q8r, 0, 1)
+
+/* a thread's share of an AMX job: its tile configuration (per thread, released after) */
+static void amx_rows(job_t *J) {
+    void *buf = aligned_alloc(64, sizeof(__m512) * 8 * QP + 3 * AMX_SLOTS * 1024 + sizeof(float) * 4 * (size_t)J->G * QP);
+    if (!buf) return; /* out of memory: output left as is (as the other paths) */
+    __m512 *acc = buf;
+    uint8_t *w = (uint8_t *)(acc + 8 * QP);
+    float *tab = (float *)(w + 3 * AMX_SLOTS * 1024);
+    amx_cfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    const int mc = J->M <= 8 ? 8 : 16; /* x rows per tile: B and C are 4 mc bytes wide */
+    for (int t = 0; t < 8; t++) cfg.colsb[t] = t < 2 ? 64 : 4 * mc, cfg.rows[t] = 16;
+    _tile_loadconfig(&cfg);
+    if (J->bits == 4) amx_rows_q4(J, tab, acc, w);
+    else if (J->bx && J->bxr) amx_rows_q8r(J, tab, acc, w);
+    else amx_rows_q8(J, tab, acc, w);
+    _tile_release();
+    free(buf);
+}
+#endif /* VLMC_AMX */
+
 /* whether the one-row kernel computes this job (4-bit codes: x8 in its order) */
 static int qv_m1_ok(const job_t *J) { return J->M == 1 && (J->bits != 4 || J->x8_order == X8_HALVES); }
 
@@ -1093,6 +1378,12 @@ static void gemv_task(void *ctx, int ith, int nth) {
                 }
                 return;
             }
+#if VLMC_AMX
+            if (J->amx) {
+                amx_rows(J);
+                return;
+            }
+#endif
             /* the panel kernels: parameter tables, the pairs' partial sums */
             void *buf = aligned_alloc(64, sizeof(__m512) * 8 * (size_t)J->M + sizeof(float) * 2 * (size_t)J->G * QP);
             if (!buf) return; /* out of memory: output left as is (as the portable path) */
@@ -1166,7 +1457,20 @@ static void run_gemv(job_t *J, double wbytes, int n_threads) {
 #endif
     plan_k(J);
     atomic_store(&J->next, 0);
+    void *amx = NULL;
+#if VLMC_AMX
+    /* the panel kernels' jobs of 4- and 8-bit codes (mode 1: 8-bit codes from 5 x rows,
+     * 4-bit codes from 9, where the tiles measured faster); out of memory for the tables:
+     * VNNI */
+    J->amx = 0;
+    if (J->x8 && !qv_m1_ok(J) && (J->bits == 4 || J->bits == 8)) {
+        const int mode = amx_mode();
+        if (mode == 2 || (mode == 1 && J->M >= (J->bits == 8 ? AMX_MIN_M8 : AMX_MIN_M4)))
+            J->amx = (amx = amx_prep(J)) != NULL;
+    }
+#endif
     run_parallel(gemv_task, J, nth);
+    free(amx);
 }
 
 /* The float-x SIMD kernels exist for M in {1, 2, 3, 4, 8}: M = 5..7 runs as 8 on

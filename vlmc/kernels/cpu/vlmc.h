@@ -29,6 +29,14 @@
 #else
 #define VLMC_VNNI 0
 #endif
+/* Intel AMX tiles for the int8-x GEMVs of several x rows (gemv.c's amx panels): compiled
+ * where the compiler targets AMX (-march=native on a CPU that has it); used only where
+ * amx.c finds the CPU, the OS and the process allowed to use the tiles */
+#if VLMC_VNNI && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__) && defined(__x86_64__)
+#define VLMC_AMX 1
+#else
+#define VLMC_AMX 0
+#endif
 /* 2/3/5/6-bit codes widened in registers (codes_packed) */
 #if VLMC_SIMD && defined(__AVX512VBMI__) && defined(__AVX512BW__)
 #define VLMC_CODES_PACKED 1
@@ -623,5 +631,15 @@ int vlmc_moe_block(const vlmc_moe_layer *L, const float *x, int M, float *out, i
  * expert's weight times expert_scale[expert] after the renormalisation (NULL: none) */
 int vlmc_moe_block_ex(const vlmc_moe_layer *L, const float *x, const float *router_x, const float *expert_scale,
                       int M, float *out, int32_t *experts, float *weights, int n_threads);
+
+/* ---- amx.c: whether the AMX tile kernels run ----------------------------------------- */
+/* The mode in effect (amx.c): 0 off (also where the library lacks the AMX kernels, or the
+ * CPU, the OS or the process's permission rules them out), 1 (the default) jobs of 5+ x
+ * rows of 8-bit codes and 9+ of 4-bit codes, 2 every job of 2 or more x rows.
+ * VLMC_CPU_AMX sets the first mode. */
+int vlmc_amx(void);
+/* set the mode (0, 1 or 2); returns vlmc_amx() */
+int vlmc_set_amx(int mode);
+VLMC_INTERNAL int amx_mode(void);
 
 #endif /* VLMC_H */
