@@ -71,7 +71,6 @@ SIGNATURES: dict[str, tuple] = {
     "vlmc_moe_block": (I, [P, P, I, P, P, P, I]),
     # moe.c: the block with its router's own input and per-expert scales
     "vlmc_moe_block_ex": (I, [P, P, P, P, I, P, P, P, I]),
-
     # amx.c
     "vlmc_amx": (I, []),
     "vlmc_set_amx": (I, [I]),
