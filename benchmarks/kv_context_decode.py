@@ -10,7 +10,9 @@ what is measured), each layer's cache gets C - 1 columns of random keys and valu
 the cache's own ``append`` (coded by the layout's codec, as a prefill's would be), the
 sequence skips those columns as a prefix-cache hit would, the last prompt token is prefilled,
 and ``--steps`` greedy decode steps are timed (the first after the prefill not counted).
-Layouts alternate within each round; medians over rounds, with each round's tok/s and each
+Each layout of each round runs in a process of its own (in one process, a dense 32k cache
+allocated after the other layouts' caches had been freed decoded at half its speed), layouts
+alternating within each round; medians over rounds, with each round's tok/s and each
 layout's ratio to dense in the same round.
 
 ``--check-prefill N``: first, for the dense layout at N tokens, the same decode after a real
@@ -20,8 +22,10 @@ within the machine's noise, which is what licenses the shortcut.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,6 +75,11 @@ def decode_rate(seqs: Sequences, tok: mx.array, steps: int) -> float:
     return steps / (time.perf_counter() - t)
 
 
+def one(artifact: str, layout: str, context: int, steps: int) -> float:
+    seqs, tok = filled(vlmc.load(artifact, **LAYOUTS[layout]), context, synthetic=True)
+    return decode_rate(seqs, tok, steps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifact")
@@ -79,16 +88,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--layouts", default="dense,8,4,tq3.5")
     ap.add_argument("--check-prefill", type=int, default=0, metavar="N")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # one layout's measurement, in its own process
     args = ap.parse_args()
+    if args.worker:
+        print(json.dumps({"tok_s": one(args.artifact, args.worker, args.context, args.steps)}))
+        return
     names = args.layouts.split(",")
     unknown = [n for n in names if n not in LAYOUTS]
     if unknown:
         raise SystemExit(f"unknown layouts {unknown}; known: {', '.join(LAYOUTS)}")
-    models = {n: vlmc.load(args.artifact, **LAYOUTS[n]) for n in names}
     print(f"load {os.getloadavg()[0]:.2f}; context {args.context}, {args.steps} timed steps", flush=True)
 
     if args.check_prefill:
-        m = models.get("dense") or vlmc.load(args.artifact)
+        m = vlmc.load(args.artifact)
         real, synth = [], []
         for _ in range(3):
             real.append(decode_rate(*filled(m, args.check_prefill, synthetic=False), args.steps))
@@ -97,14 +109,18 @@ def main() -> None:
                   f"{synth[-1]:.2f} tok/s", flush=True)
         print(f"check medians: prefill {statistics.median(real):.2f}, synthetic {statistics.median(synth):.2f} "
               f"tok/s", flush=True)
+        del m
+
+    def measure(layout: str) -> float:
+        cmd = [sys.executable, __file__, args.artifact, "--worker", layout, "--context", str(args.context),
+               "--steps", str(args.steps)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])["tok_s"]
 
     rates: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for n in order:
-            seqs, tok = filled(models[n], args.context, synthetic=True)
-            rates[n].append(decode_rate(seqs, tok, args.steps))
-            del seqs
+        for n in names if r % 2 == 0 else names[::-1]:
+            rates[n].append(measure(n))
         line = ", ".join(f"{n} {rates[n][-1]:.2f}" for n in names)
         ratios = ", ".join(f"{n} {rates[n][-1] / rates['dense'][-1]:.2f}x" for n in names
                            if n != "dense" and "dense" in rates)
