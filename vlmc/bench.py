@@ -151,7 +151,7 @@ def weight_roofline(manifest: dict[str, Any], widened: dict[str, int] | None = N
         else:
             groups["decoder"] += b
     tied = not has_lm_head
-    head = tied_table if tied else groups["lm_head"]
+    head = (tied_table or groups["embedding"]) if tied else groups["lm_head"]  # no embed_tokens: all of it
     out: dict[str, Any] = {}
     if moe:  # a token reads only its top_k routed experts per layer (plus the shared one)
         routed = experts * int(moe["top_k"]) // int(moe["experts"])
