@@ -49,6 +49,9 @@ def filled(m, context: int, *, synthetic: bool) -> tuple[Sequences, mx.array]:
     ids = synthetic_ids(m.tokenizer, context, seed=7)
     seqs = Sequences.start(m.decoder, [m.prompt_inputs(Prompt(ids=ids))])
     if synthetic:
+        if not all(hasattr(c, "kv_heads") for c in seqs.caches):
+            raise SystemExit("kv_context_decode.py fills KV caches; this model has recurrent-state layers "
+                             "(linear attention), whose state a random fill would not stand for")
         key = mx.random.key(0)
         for c in seqs.caches:
             heads, dim = c.kv_heads, c.head_dim
@@ -114,8 +117,10 @@ def main() -> None:
     def measure(layout: str) -> float:
         cmd = [sys.executable, __file__, args.artifact, "--worker", layout, "--context", str(args.context),
                "--steps", str(args.steps)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        return json.loads(out.strip().splitlines()[-1])["tok_s"]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode:
+            raise SystemExit(f"the {layout} measurement failed:\n{run.stderr.strip()[-2000:]}")
+        return json.loads(run.stdout.strip().splitlines()[-1])["tok_s"]
 
     rates: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
