@@ -769,6 +769,43 @@ static ALWAYS __m512 qp_pvec(int st, const void *tab, int g) {
     return _mm512_castsi512_ps(g % 2 ? _mm512_and_si512(w, _mm512_set1_epi32((int)0xFFFF0000u)) : _mm512_slli_epi32(w, 16));
 }
 
+/* A panel of the kernels below: its rows p0 .. p0 + 15 (past N the last row again), their
+ * scales' and biases' qp_params tables (ts, tb), and what of the next panel (first row pn,
+ * or -1: none) to prefetch while this one runs: its codes as one sequential stream, a
+ * block's share of it per block (16 row streams a panel apart are more than the hardware
+ * prefetcher follows), and its scales and biases (a contiguous run of 16 rows each, G x 16
+ * x 2 or 4 bytes: at most one line per block), which qp_params would otherwise wait for */
+typedef struct {
+    int rows, idx[QP];
+    const uint8_t *rp[QP];
+    const char *next, *nsc, *nbi;
+    size_t pshare, plines;
+} panel_t;
+
+static ALWAYS void panel_open(panel_t *P, const job_t *J, int st, size_t rb, int p0, int pn, float *ts, float *tb) {
+    const int G = J->G, nb = J->K / 64;
+    P->rows = J->N - p0 < QP ? J->N - p0 : QP;
+    for (int i = 0; i < QP; i++) {
+        P->idx[i] = p0 + (i < P->rows ? i : P->rows - 1);
+        P->rp[i] = (const uint8_t *)J->w + (size_t)P->idx[i] * rb;
+    }
+    qp_params(J->sc, st, G, P->idx, ts);
+    qp_params(J->bi, st, G, P->idx, tb);
+    const int pr = pn < 0 ? p0 : pn; /* none: the panel itself again (in cache, no traffic) */
+    P->next = (const char *)J->w + (size_t)pr * rb;
+    P->pshare = ((size_t)QP * rb / nb + 63) & ~(size_t)63;
+    const size_t pb = (size_t)G * (J->st == ST_BF16 ? 2 : 4);
+    P->plines = (QP * pb + 63) / 64;
+    P->nsc = (const char *)J->sc + (size_t)pr * pb;
+    P->nbi = (const char *)J->bi + (size_t)pr * pb;
+}
+
+/* during block b: its share of the next panel's codes, scales and biases */
+static ALWAYS void panel_prefetch(const panel_t *P, int b) {
+    pf_panel(P->next, b, P->pshare);
+    pf_params(P->nsc, P->nbi, P->plines, b);
+}
+
 /* One panel of 8-bit or 2/3/5/6-bit codes (4-bit codes: qp4_panel): weight rows p0 ..
  * p0 + 15 (past N: the last row again, not stored), all M x rows; pn: the first row of the
  * panel that follows (prefetched meanwhile), or -1. For each block the 16
@@ -779,36 +816,19 @@ static ALWAYS void qp_panel(const int BITS, const int ST, const job_t *J, int p0
     const int K = J->K, M = J->M, N = J->N, G = J->G, nb = K / 64, bpg = J->gs / 64;
     const int bits = BITS == BITS_PACKED ? J->bits : BITS;
     const size_t rb = (size_t)K / 8 * bits, bb = (size_t)8 * bits; /* bytes per row, per 64-block */
-    const int rows = N - p0 < QP ? N - p0 : QP;
-    int idx[QP];
-    const uint8_t *rp[QP];
-    for (int i = 0; i < QP; i++) {
-        idx[i] = p0 + (i < rows ? i : rows - 1);
-        rp[i] = (const uint8_t *)J->w + (size_t)idx[i] * rb;
-    }
     float *ts = tab, *tb = tab + (size_t)G * QP;
-    qp_params(J->sc, ST, G, idx, ts);
-    qp_params(J->bi, ST, G, idx, tb);
+    panel_t P;
+    panel_open(&P, J, ST, rb, p0, pn, ts, tb);
+    const int rows = P.rows;
+    const uint8_t *const *rp = P.rp;
     for (int i = 0; i < 8 * M; i++) acc[i] = _mm512_setzero_ps();
-    /* the next panel (16 rows: one contiguous run) as one sequential stream, a block's
-     * share of it per block: 16 row streams a panel apart are more than the hardware
-     * prefetcher follows */
-    const int pr = pn < 0 ? p0 : pn; /* none: the panel itself again (in cache, no traffic) */
-    const char *next = (const char *)J->w + (size_t)pr * rb;
-    const size_t pshare = ((size_t)QP * rb / nb + 63) & ~(size_t)63;
-    /* and the next panel's scales and biases (a contiguous run of 16 rows each, G x 16 x
-     * 2 or 4 bytes: at most one line per block), which qp_params would otherwise wait for */
-    const size_t pb = (size_t)G * (J->st == ST_BF16 ? 2 : 4), plines = (QP * pb + 63) / 64;
-    const char *nsc = (const char *)J->sc + (size_t)pr * pb;
-    const char *nbi = (const char *)J->bi + (size_t)pr * pb;
 #if VLMC_CODES_PACKED
     const packed_v u = packed_regs(&J->pk);
 #endif
     for (int b = 0, g = 0, in_g = 0; b < nb; b++) {
         const int last = ++in_g == bpg; /* the group's bias term follows, in the same A */
         const size_t off = (size_t)b * bb;
-        pf_panel(next, b, pshare);
-        pf_params(nsc, nbi, plines, b);
+        panel_prefetch(&P, b);
         __m512i Q[16];
         if (BITS == 8) {
             t16x8(rp, off, Q);
@@ -906,23 +926,12 @@ static ALWAYS void qp4_tile(const int T, const job_t *J, const __m512i V[8], int
 static ALWAYS void qp4_panel(const int M, const job_t *J, int p0, int pn, float *tab, __m512 *acc) {
     const int K = J->K, N = J->N, G = J->G, nb = K / 64, bpg = J->gs / 64;
     const size_t rb = (size_t)K / 2; /* bytes per row; 32 per block */
-    const int rows = N - p0 < QP ? N - p0 : QP;
-    int idx[QP];
-    const uint8_t *rp[QP];
-    for (int i = 0; i < QP; i++) {
-        idx[i] = p0 + (i < rows ? i : rows - 1);
-        rp[i] = (const uint8_t *)J->w + (size_t)idx[i] * rb;
-    }
     float *ts = tab, *tb = tab + (size_t)G * QP;
-    qp_params(J->sc, J->st, G, idx, ts);
-    qp_params(J->bi, J->st, G, idx, tb);
+    panel_t P;
+    panel_open(&P, J, J->st, rb, p0, pn, ts, tb);
+    const int rows = P.rows;
+    const uint8_t *const *rp = P.rp;
     for (int i = 0; i < 8 * M; i++) acc[i] = _mm512_setzero_ps();
-    const int pr = pn < 0 ? p0 : pn; /* see qp_panel */
-    const char *next = (const char *)J->w + (size_t)pr * rb;
-    const size_t pshare = ((size_t)QP * rb / nb + 63) & ~(size_t)63;
-    const size_t pb = (size_t)G * (J->st == ST_BF16 ? 2 : 4), plines = (QP * pb + 63) / 64;
-    const char *nsc = (const char *)J->sc + (size_t)pr * pb;
-    const char *nbi = (const char *)J->bi + (size_t)pr * pb;
     const int nt = (M + 7) / 8; /* tiles of x rows, as even as they come: 9 rows as 5 + 4 */
     __m512i V[8];
     t16x8(rp, 0, V);
@@ -930,8 +939,7 @@ static ALWAYS void qp4_panel(const int M, const job_t *J, int p0, int pn, float 
         const int last = ++in_g == bpg; /* the group's bias term follows, in the same A */
         __m512i Vn[8];
         t16x8(rp, (size_t)(b + 1 < nb ? b + 1 : b) * 32, Vn); /* past the last block: that block again */
-        pf_panel(next, b, pshare);
-        pf_params(nsc, nbi, plines, b);
+        panel_prefetch(&P, b);
         const __m512 sv = qp_pvec(J->st, ts, g);
         /* not a group's last block: a zero bias term (as the one-row kernel adds one) */
         const __m512 bv = last ? qp_pvec(J->st, tb, g) : _mm512_setzero_ps();
@@ -1138,17 +1146,13 @@ static ALWAYS void amx_panel(const int MC, const int Q4, const int RES, const jo
                              __m512 *acc, uint8_t *w) {
     const int K = J->K, M = J->M, N = J->N, G = J->G, nb = K / 64, bpg = J->gs / 64;
     const size_t rb = Q4 ? (size_t)K / 2 : (size_t)K, bb = Q4 ? 32 : 64; /* bytes per row, per block */
-    const int rows = N - p0 < QP ? N - p0 : QP;
-    int idx[QP];
-    const uint8_t *rp[QP];
-    for (int i = 0; i < QP; i++) {
-        idx[i] = p0 + (i < rows ? i : rows - 1);
-        rp[i] = (const uint8_t *)J->w + (size_t)idx[i] * rb;
-    }
     /* the parameters as qp_panel's tables, then as float32 [G][16] (bfloat16: widened) */
     float *ts = tab, *tb = tab + (size_t)G * QP, *tsf = tb + (size_t)G * QP, *tbf = tsf + (size_t)G * QP;
-    qp_params(J->sc, J->st, G, idx, ts);
-    qp_params(J->bi, J->st, G, idx, tb);
+    panel_t P;
+    panel_open(&P, J, J->st, rb, p0, pn, ts, tb);
+    const int rows = P.rows;
+    const int *idx = P.idx;
+    const uint8_t *const *rp = P.rp;
     if (J->st == ST_BF16) {
         for (int g = 0; g < G; g++) {
             _mm512_store_ps(tsf + (size_t)16 * g, qp_pvec(J->st, ts, g));
@@ -1159,12 +1163,6 @@ static ALWAYS void amx_panel(const int MC, const int Q4, const int RES, const jo
         tbf = tb;
     }
     for (int i = 0; i < 8 * MC; i++) acc[i] = _mm512_setzero_ps();
-    const int pr = pn < 0 ? p0 : pn; /* see qp_panel */
-    const char *next = (const char *)J->w + (size_t)pr * rb;
-    const size_t pshare = ((size_t)QP * rb / nb + 63) & ~(size_t)63;
-    const size_t pb = (size_t)G * (J->st == ST_BF16 ? 2 : 4), plines = (QP * pb + 63) / 64;
-    const char *nsc = (const char *)J->sc + (size_t)pr * pb;
-    const char *nbi = (const char *)J->bi + (size_t)pr * pb;
     uint8_t *abuf = w; /* slot b & 7 */
     int32_t *cbuf = (int32_t *)(w + AMX_SLOTS * 1024), *crbuf = (int32_t *)(w + 2 * AMX_SLOTS * 1024);
     const int staged = Q4 || rows < QP; /* else 8-bit codes: tile A straight from the rows */
@@ -1174,8 +1172,7 @@ static ALWAYS void amx_panel(const int MC, const int Q4, const int RES, const jo
      * C 4 + 2 (b & 1) and the next */
     for (int b = 0, g = 0, in_g = 0; b < nb + AMX_LAG; b++) { /* g: block b - AMX_LAG's group */
         if (b < nb) {
-            pf_panel(next, b, pshare);
-            pf_params(nsc, nbi, plines, b);
+            panel_prefetch(&P, b);
             const void *a = staged ? (const void *)(abuf + (size_t)(b & AMX_SLOTM) * 1024) : (const void *)(rp[0] + (size_t)b * bb);
             const long as = staged ? 64 : (long)rb;
             if (RES) {
