@@ -16,8 +16,8 @@ checkpoint. ``trim`` restores the nearest checkpoint at or before the cut and re
 recurrence from there over the kept tokens, token by token, as decode would have computed
 them. Records cover the last ``history`` tokens (at least the last step): a draft model
 rewinds at most its 15 drafted tokens. A state is H x Dk x Dv floats per sequence (1 MiB at
-Qwen3.5-0.8B's shapes), so one per decode step would hold ~1 GiB per sequence over 18
-layers; checkpoints hold a handful.
+16 heads of 128 x 128), so one per decode step would hold ~1 GiB per sequence over 18 such
+layers in 60 steps; checkpoints hold a handful.
 
 Prefix caching keeps a state only where a prompt's prefill stopped on a block boundary:
 ``snapshot`` copies one sequence's conv inputs and state there, ``import_state`` starts a

@@ -180,8 +180,8 @@ def plan_chat(resident: Resident, req: ChatCompletionRequest, settings: Settings
     prompt = vlm.build_prompt(messages=draft.messages, loaded_images=images, template_vars=draft.template_vars)
     check_prompt(prompt, resident, settings)
     opened = prompt.text.rstrip().endswith(settings.think_start)
-    if thinking is None and opened:  # neither request nor server said: the template's default
-        thinking = True              # opened a think block (Qwen3.5's is on unless told off)
+    if thinking is None and opened:  # neither request nor server said, and the template's
+        thinking = True              # default opened a think block: it thinks
     starts_inside = bool(thinking) and opened
     if req.thinking_budget is not None and not thinking:
         raise InputError("thinking_budget needs thinking on (enable_thinking: true, the server's --enable-thinking, "
